@@ -1,0 +1,220 @@
+"""Key/value caches: `DynamicCache` (grows by concatenation) and `StaticCache` (preallocated).
+
+Legend: B batch, G kv heads, S cached slots, T new tokens, d head_dim.
+Both keep the number of cached tokens as a host-side integer, so that no decode step needs to read
+a device value. They also keep the rotary positions of cached tokens and which LongRoPE factor set
+their keys were encoded with, so that crossing the LongRoPE threshold re-encodes the keys in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+KeyReencoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Cache:
+    """Common interface, as in Transformers: `update`, `get_seq_length`, `reorder_cache`, ..."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.positions: torch.Tensor | None = None  # [B, S] rotary positions of cached slots
+        self.rope_long = False  # cached keys use the LongRoPE long factors
+        self._seen = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of cached tokens (a host integer; no device read)."""
+        return self._seen if len(self.keys) > layer_idx else 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int | None:
+        return None
+
+    def kv_length(self, new_tokens: int) -> int:
+        """Key length the attention sees after adding `new_tokens`."""
+        return self.get_seq_length() + new_tokens
+
+    @property
+    def is_static(self) -> bool:
+        return False
+
+    def reencode_keys(self, fn: KeyReencoder) -> None:
+        """Apply `fn(keys, positions)` to every layer's keys in place (LongRoPE switch)."""
+        if self.positions is None:
+            return
+        for i, k in enumerate(self.keys):
+            S = self.positions.shape[1]
+            k[:, :, :S].copy_(fn(k[:, :, :S], self.positions))
+
+
+class DynamicCache(Cache):
+    """A cache that grows by concatenation on every update."""
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if layer_idx == 0:
+            self._seen += key_states.shape[-2]
+        if len(self.keys) <= layer_idx:
+            self.keys.append(key_states)
+            self.values.append(value_states)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def record_positions(self, position_ids_BT: torch.Tensor, cache_position_T: torch.Tensor, batch: int) -> None:
+        pos = position_ids_BT.expand(batch, -1)
+        self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=1)
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` tokens (negative: drop that many from the end)."""
+        if max_length < 0:
+            max_length = self.get_seq_length() + max_length
+        if self.get_seq_length() <= max_length:
+            return
+        self._seen = max_length
+        self.keys = [k[..., :max_length, :] for k in self.keys]
+        self.values = [v[..., :max_length, :] for v in self.values]
+        if self.positions is not None:
+            self.positions = self.positions[:, :max_length]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keys = [k[indices] for k in self.keys]
+        self.values = [v[indices] for v in self.values]
+        if self.positions is not None:
+            self.positions = self.positions[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch (beam search)."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.keys = [k.repeat_interleave(repeats, dim=0) for k in self.keys]
+        self.values = [v.repeat_interleave(repeats, dim=0) for v in self.values]
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return tuple(zip(self.keys, self.values))
+
+    @classmethod
+    def from_legacy_cache(cls, past: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> DynamicCache:
+        cache = cls()
+        for i, (k, v) in enumerate(past):
+            cache.update(k, v, i)
+        return cache
+
+
+class StaticCache(Cache):
+    """A preallocated cache of `max_cache_len` slots, written in place at `cache_position`.
+
+    Decode steps write without allocating or reading device values, so a step can be captured in
+    a CUDA graph. Storage is allocated at the first update (batch, heads, dtype and device taken
+    from the keys) unless `max_batch_size`, `device` and `dtype` are given up front.
+    """
+
+    def __init__(
+        self,
+        config=None,
+        max_cache_len: int | None = None,
+        max_batch_size: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        num_layers: int | None = None,
+    ) -> None:
+        super().__init__()
+        if max_cache_len is None:
+            if config is None:
+                raise ValueError("StaticCache needs `max_cache_len` (or a config with max_position_embeddings)")
+            max_cache_len = config.max_position_embeddings
+        if max_cache_len <= 0:
+            raise ValueError(f"StaticCache: max_cache_len must be positive, got {max_cache_len}")
+        self.max_cache_len = int(max_cache_len)
+        self.num_layers = num_layers or (config.num_hidden_layers if config is not None else None)
+        self._config = config
+        if max_batch_size is not None and device is not None and dtype is not None and config is not None:
+            kv_heads, head_dim = _kv_shape(config)
+            self._allocate(max_batch_size, kv_heads, head_dim, torch.device(device), dtype)
+
+    @property
+    def is_static(self) -> bool:
+        return True
+
+    def _allocate(self, B: int, G: int, d: int, device: torch.device, dtype: torch.dtype) -> None:
+        n = self.num_layers
+        if n is None:
+            raise ValueError("StaticCache needs `config` or `num_layers` to allocate its storage")
+        shape = (B, G, self.max_cache_len, d)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.positions = torch.zeros(B, self.max_cache_len, dtype=torch.long, device=device)
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_cache_len
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._seen
+
+    def kv_length(self, new_tokens: int) -> int:
+        if self._seen + new_tokens > self.max_cache_len:
+            raise ValueError(
+                f"StaticCache is full: {self._seen} cached + {new_tokens} new tokens exceed "
+                f"max_cache_len={self.max_cache_len}"
+            )
+        return self.max_cache_len
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        B, G, T, d = key_states.shape
+        if not self.keys:
+            self._allocate(B, G, d, key_states.device, key_states.dtype)
+        cache_position = (cache_kwargs or {}).get("cache_position")
+        if cache_position is None:
+            cache_position = torch.arange(self._seen, self._seen + T, device=key_states.device)
+        if layer_idx == 0:
+            self._seen += T
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if k.shape[0] != B:
+            raise ValueError(f"StaticCache holds batch {k.shape[0]}, got keys for batch {B}")
+        k.index_copy_(2, cache_position, key_states.to(k.dtype))
+        v.index_copy_(2, cache_position, value_states.to(v.dtype))
+        return k, v
+
+    def record_positions(self, position_ids_BT: torch.Tensor, cache_position_T: torch.Tensor, batch: int) -> None:
+        if self.positions is not None:
+            self.positions.index_copy_(1, cache_position_T, position_ids_BT.expand(batch, -1))
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self._seen + max_length
+        self._seen = min(self._seen, max_length)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for t in [*self.keys, *self.values]:
+            t.copy_(t.index_select(0, beam_idx))
+        if self.positions is not None:
+            self.positions.copy_(self.positions.index_select(0, beam_idx))
+
+    def reset(self) -> None:
+        """Forget the cached tokens, keeping the storage (no reallocation)."""
+        self._seen = 0
+        self.rope_long = False
+        for t in [*self.keys, *self.values]:
+            t.zero_()
+
+
+def _kv_shape(config) -> tuple[int, int]:
+    head_dim = getattr(config, "kv_channels", None) or config.hidden_size // config.num_attention_heads
+    return config.num_key_value_heads, head_dim

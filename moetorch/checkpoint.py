@@ -1,0 +1,257 @@
+"""Checkpoint I/O: the one place where on-disk tensor names meet moetorch's module names.
+
+moetorch's parameter names are Transformers-5's in-memory names (`mlp.experts.gate_up_proj`,
+`mlp.router.weight`, ...). On disk we read both those and the original per-expert names, and we
+write what Transformers 5 itself writes for each architecture (for PhiMoE the original
+`block_sparse_moe.experts.E.w1/w2/w3.weight` + `block_sparse_moe.gate.weight` names), as sharded
+safetensors with an index, so that Transformers loads our checkpoints unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("moetorch")
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# Classifier / LM heads that may legitimately be absent or extra when a checkpoint of one head
+# type is loaded into another (e.g. fine-tuning a classifier from a causal-LM checkpoint).
+HEAD_WEIGHTS = ("score.weight", "lm_head.weight", "lm_head.bias")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not fit the model; the message names the file/tensor."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a disk tensor goes: parameter `name`, at `index` (None = the whole tensor)."""
+
+    name: str
+    index: tuple | None = None
+
+
+# ---- name mapping -------------------------------------------------------------------------------
+
+_PHIMOE_EXPERT = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_PHIMOE_GATE = re.compile(r"^(.*)\.block_sparse_moe\.gate\.weight$")
+
+
+def phimoe_from_disk(key: str, config) -> Target:
+    if m := _PHIMOE_EXPERT.match(key):
+        prefix, e, w = m.group(1), int(m.group(2)), m.group(3)
+        I = config.intermediate_size
+        if w == "w2":
+            return Target(f"{prefix}.mlp.experts.down_proj", (e,))
+        rows = slice(0, I) if w == "w1" else slice(I, 2 * I)
+        return Target(f"{prefix}.mlp.experts.gate_up_proj", (e, rows))
+    if m := _PHIMOE_GATE.match(key):
+        return Target(f"{m.group(1)}.mlp.router.weight")
+    return Target(key)
+
+
+def phimoe_to_disk(name: str, tensor: torch.Tensor, config) -> Iterator[tuple[str, torch.Tensor]]:
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        prefix = name.removesuffix(".mlp.experts.gate_up_proj")
+        I = config.intermediate_size
+        for e in range(tensor.shape[0]):
+            yield f"{prefix}.block_sparse_moe.experts.{e}.w1.weight", tensor[e, :I]
+            yield f"{prefix}.block_sparse_moe.experts.{e}.w3.weight", tensor[e, I:]
+    elif name.endswith(".mlp.experts.down_proj"):
+        prefix = name.removesuffix(".mlp.experts.down_proj")
+        for e in range(tensor.shape[0]):
+            yield f"{prefix}.block_sparse_moe.experts.{e}.w2.weight", tensor[e]
+    elif name.endswith(".mlp.router.weight"):
+        yield name.replace(".mlp.router.weight", ".block_sparse_moe.gate.weight"), tensor
+    else:
+        yield name, tensor
+
+
+def _identity_from_disk(key: str, config) -> Target:
+    return Target(key)
+
+
+def _identity_to_disk(name: str, tensor: torch.Tensor, config) -> Iterator[tuple[str, torch.Tensor]]:
+    yield name, tensor
+
+
+NAME_MAPS = {
+    "phimoe": (phimoe_from_disk, phimoe_to_disk),
+}
+
+
+def name_maps(model_type: str):
+    return NAME_MAPS.get(model_type, (_identity_from_disk, _identity_to_disk))
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[str]:
+    """The safetensors files of a checkpoint directory, in index order."""
+    path = os.fspath(path)
+    index = os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
+    single = os.path.join(path, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist in {path}: {missing}")
+        return [os.path.join(path, f) for f in files]
+    if os.path.isfile(single):
+        return [single]
+    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
+    if shards:
+        return [os.path.join(path, f) for f in shards]
+    if any(os.path.exists(os.path.join(path, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise CheckpointError(f"{path} holds PyTorch .bin weights; moetorch reads safetensors only")
+    raise CheckpointError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} found in {path}")
+
+
+def _adapt_prefix(key: str, own: dict[str, torch.Tensor], prefix: str) -> str:
+    """Map a head-model key onto a base model and back (`model.x` <-> `x`)."""
+    if key in own:
+        return key
+    if key.startswith(prefix + ".") and key[len(prefix) + 1 :] in own:
+        return key[len(prefix) + 1 :]
+    if f"{prefix}.{key}" in own:
+        return f"{prefix}.{key}"
+    return key
+
+
+@torch.no_grad()
+def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_prefix: str = "model") -> None:
+    """Copy a checkpoint's tensors into `model`'s (already allocated) parameters and buffers.
+
+    Every parameter must be written exactly once, with the right shape; anything else raises
+    `CheckpointError` naming the tensor and file.
+    """
+    files = checkpoint_files(path)
+    from_disk, _ = name_maps(config.model_type)
+    own = dict(model.state_dict(keep_vars=True))
+    tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in own
+    written = {name: 0 for name in own}
+    unexpected: list[str] = []
+    for file in tqdm(files, desc="Loading checkpoint shards", disable=len(files) < 2, unit="shard"):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    target = from_disk(_adapt_prefix(key, own, base_prefix), config)
+                    name = _adapt_prefix(target.name, own, base_prefix)
+                    if name not in own or (tied and name == "lm_head.weight"):
+                        unexpected.append(key)
+                        continue
+                    dst = own[name] if target.index is None else own[name][target.index]
+                    src = f.get_tensor(key)
+                    if tuple(src.shape) != tuple(dst.shape):
+                        raise CheckpointError(
+                            f"tensor {key!r} in {file} has shape {tuple(src.shape)}, but the model "
+                            f"expects {tuple(dst.shape)} for {name} (check config.json)"
+                        )
+                    dst.copy_(src)
+                    written[name] += dst.numel()
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"cannot read {file}: {e}") from e
+    over = [n for n, c in written.items() if c > own[n].numel()]
+    if over:
+        raise CheckpointError(f"checkpoint {path} writes these tensors more than once: {over[:10]}")
+    missing = [n for n, c in written.items() if c < own[n].numel() and not (tied and n == "lm_head.weight")]
+    heads_missing = [n for n in missing if n in HEAD_WEIGHTS]
+    heads_extra = [k for k in unexpected if k in HEAD_WEIGHTS]
+    missing = [n for n in missing if n not in HEAD_WEIGHTS]
+    unexpected = [k for k in unexpected if k not in HEAD_WEIGHTS]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:8]}; "
+            "refusing to leave them randomly initialised"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} has {len(unexpected)} tensor(s) this {type(model).__name__} does not use, "
+            f"e.g. {unexpected[:8]} (is config.json for this checkpoint?)"
+        )
+    if heads_missing:
+        logger.warning("%s: head weights %s not in the checkpoint; they keep their fresh initialisation", path, heads_missing)
+    if heads_extra:
+        logger.warning("%s: head weights %s in the checkpoint are not used by %s", path, heads_extra, type(model).__name__)
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or a string like "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int) and size > 0:
+        return size
+    m = _SIZE.match(str(size))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"max_shard_size must be a positive size like '5GB' or a byte count, got {size!r}")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+def save_into(model: torch.nn.Module, save_directory: str | os.PathLike, config, max_shard_size: int | str = "5GB") -> None:
+    """Write the model's tensors as (sharded) safetensors in the names Transformers loads."""
+    limit = parse_size(max_shard_size)
+    _, to_disk = name_maps(config.model_type)
+    tied = getattr(config, "tie_word_embeddings", False)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        for key, piece in to_disk(name, t, config):
+            tensors[key] = piece.detach().to("cpu").contiguous()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        n = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += n
+    os.makedirs(save_directory, exist_ok=True)
+    names = (
+        [SAFE_WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    _remove_stale_weights(save_directory, keep=set(names))
+    for name, shard in tqdm(list(zip(names, shards)), desc="Writing shards", disable=len(shards) < 2, unit="shard"):
+        tmp = os.path.join(save_directory, name + ".tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(save_directory, name))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s},
+        }
+        with open(os.path.join(save_directory, SAFE_WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+
+
+def _remove_stale_weights(directory: str | os.PathLike, keep: set[str]) -> None:
+    pattern = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+    for f in os.listdir(directory):
+        if pattern.match(f) and f not in keep:
+            os.remove(os.path.join(directory, f))

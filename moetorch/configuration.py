@@ -1,0 +1,355 @@
+"""Model configurations: plain dataclasses that read and write Transformers' `config.json`.
+
+`MoeConfig` holds what every architecture shares (I/O, labels, output flags, RoPE normalisation);
+each architecture's config (e.g. `PhimoeConfig`) lists its own fields in the spec's order and
+validates them in `__post_init__`, naming the field at fault.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import numbers
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .ops.activations import ACTIVATIONS
+
+CONFIG_NAME = "config.json"
+
+# Keys that Transformers writes for every model and that carry no meaning here.
+_IGNORED_KEYS = {"transformers_version", "_name_or_path", "auto_map", "torch_dtype", "_commit_hash"}
+# Fields that describe the runtime, not the checkpoint: never written to config.json.
+_RUNTIME_FIELDS = {"attn_implementation", "extra"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"invalid config field `{field_name}`: {msg}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_positive_ints(cfg: Any, names: list[str]) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        _check(_is_int(v) and v > 0, name, f"must be a positive integer, got {v!r}")
+
+
+@dataclass(kw_only=True)
+class MoeConfig:
+    """Fields and behaviour shared by every moetorch model config."""
+
+    model_type: ClassVar[str] = ""
+    architectures: list[str] | None = None
+    dtype: str | None = None
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    return_dict: bool = True
+    num_labels: int | None = None
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
+    # Runtime choice of attention backend ("sdpa", "eager", "flash_attention_2"); not saved.
+    attn_implementation: str | None = None
+    # Unknown keys read from config.json, kept so that saving loses nothing.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- shared validation -------------------------------------------------------------------
+    def _post_init_common(self) -> None:
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            if self.num_labels is None:
+                self.num_labels = len(self.id2label)
+            _check(
+                len(self.id2label) == self.num_labels,
+                "num_labels",
+                f"{self.num_labels} does not match id2label with {len(self.id2label)} entries",
+            )
+        if self.num_labels is None:
+            self.num_labels = 2
+        _check(_is_int(self.num_labels) and self.num_labels > 0, "num_labels", "must be a positive integer")
+        if self.id2label is None:
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.label2id is None:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        allowed = (None, "regression", "single_label_classification", "multi_label_classification")
+        _check(self.problem_type in allowed, "problem_type", f"must be one of {allowed}, got {self.problem_type!r}")
+        allowed_attn = (None, "eager", "sdpa", "flash_attention_2")
+        _check(
+            self.attn_implementation in allowed_attn,
+            "attn_implementation",
+            f"must be one of {allowed_attn[1:]}, got {self.attn_implementation!r}",
+        )
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            self.dtype = str(self.dtype).removeprefix("torch.")
+        act = getattr(self, "hidden_act", None)
+        if act is not None:
+            _check(act in ACTIVATIONS, "hidden_act", f"unknown activation {act!r}; allowed: {sorted(ACTIVATIONS)}")
+
+    def _normalize_rope(self, allowed_types: tuple[str, ...]) -> None:
+        """Merge the Transformers-4 form (rope_theta + rope_scaling) into `rope_parameters` (v5)."""
+        params = dict(self.rope_parameters or {})
+        if self.rope_scaling:
+            _check(isinstance(self.rope_scaling, dict), "rope_scaling", "must be a dict")
+            for k, v in self.rope_scaling.items():
+                params.setdefault(k, v)
+        if "type" in params:
+            params.setdefault("rope_type", params.pop("type"))
+        params.setdefault("rope_type", "default")
+        if params["rope_type"] == "su":  # Phi-3's earlier name for LongRoPE
+            params["rope_type"] = "longrope"
+        theta = params.get("rope_theta", self.rope_theta)
+        if theta is None:
+            theta = self.default_rope_theta
+        params["rope_theta"] = theta
+        _check(_is_number(theta) and theta > 0, "rope_theta", f"must be a positive number, got {theta!r}")
+        _check(
+            params["rope_type"] in allowed_types,
+            "rope_parameters.rope_type",
+            f"{params['rope_type']!r} is not supported; allowed: {allowed_types}",
+        )
+        self.rope_parameters = params
+        self.rope_theta = float(theta)
+        self.rope_scaling = None
+
+    # ---- Transformers compatibility ----------------------------------------------------------
+    @property
+    def _attn_implementation(self) -> str:
+        return self.attn_implementation or "sdpa"
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str) -> None:
+        self.attn_implementation = value
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> MoeConfig:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # Unknown keys from config.json read as attributes, as in Transformers.
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    # ---- dict / json I/O ---------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> MoeConfig:
+        """Build a config from a `config.json`-style dict; unknown keys are kept in `extra`."""
+        data = {**config_dict, **overrides}
+        model_type = data.pop("model_type", None)
+        if model_type is not None and model_type != cls.model_type:
+            raise ConfigError(
+                f"config has model_type {model_type!r}, but {cls.__name__} expects {cls.model_type!r}"
+            )
+        data = cls._rename_legacy_keys(data)
+        if "torch_dtype" in data and "dtype" not in data:
+            data["dtype"] = data["torch_dtype"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        extra = dict(kwargs.pop("extra", {}) or {})
+        extra.update({k: v for k, v in data.items() if k not in names and k not in _IGNORED_KEYS})
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def _rename_legacy_keys(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `config.json` content, in the Transformers-5 form."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in _RUNTIME_FIELDS:
+                continue
+            out[f.name] = copy.deepcopy(getattr(self, f.name))
+        # The v5 form keeps RoPE in rope_parameters only.
+        out.pop("rope_scaling", None)
+        out.pop("rope_theta", None)
+        if out.get("original_max_position_embeddings", 0) is None:
+            out.pop("original_max_position_embeddings")
+        if out.get("id2label") is not None and len(out["id2label"]) != self.num_labels:
+            out["id2label"] = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+            out["label2id"] = {v: k for k, v in out["id2label"].items()}
+        if out.get("id2label") is not None:
+            out["id2label"] = {str(k): v for k, v in out["id2label"].items()}
+        out["model_type"] = self.model_type
+        out.update(copy.deepcopy(self.extra))
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `config.json` into `save_directory` (created if missing)."""
+        if os.path.isfile(save_directory):
+            raise ConfigError(f"save_pretrained expects a directory, but {save_directory} is a file")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> MoeConfig:
+        """Read `config.json` from a checkpoint directory (or a path to the json file itself)."""
+        return cls.from_dict(read_config_dict(path), **overrides)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> MoeConfig:
+        return cls.from_dict(read_config_dict(path))
+
+    def update(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            setattr(self, k, v)
+
+    def copy(self) -> MoeConfig:
+        return copy.deepcopy(self)
+
+
+def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a config.json as a dict, with errors that name the file."""
+    path = os.fspath(path)
+    file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        if os.path.exists(path) or os.sep in path or path.startswith("."):
+            raise FileNotFoundError(f"no {CONFIG_NAME} found at {file}")
+        raise FileNotFoundError(
+            f"{path!r} is not a local directory. moetorch loads checkpoints from disk only "
+            f"(no hub downloads): pass the path of a directory that holds {CONFIG_NAME} and the weights."
+        )
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+@dataclass
+class PhimoeConfig(MoeConfig):
+    """Configuration of a PhiMoE model (Phi-3.5-MoE). Defaults match microsoft/Phi-3.5-MoE-instruct.
+
+    RoPE can be given in the Transformers-4 form (`rope_theta` and `rope_scaling` with
+    `type: longrope`) or the Transformers-5 form (`rope_parameters`); both end in `rope_parameters`.
+    """
+
+    model_type: ClassVar[str] = "phimoe"
+    default_rope_theta: ClassVar[float] = 1000000.0
+
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 6400
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 8
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096 * 32
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_theta: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None
+    attention_dropout: float = 0.0
+    num_experts_per_tok: int = 2
+    num_local_experts: int = 16
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    router_jitter_noise: float = 0.01
+    input_jitter_noise: float = 0.0
+    attention_bias: bool = False
+    lm_head_bias: bool = False
+    rope_parameters: dict[str, Any] | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self._post_init_common()
+        check_positive_ints(
+            self,
+            ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "num_local_experts", "num_experts_per_tok"],
+        )
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
+        )
+        _check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"num_attention_heads {self.num_attention_heads} is not divisible by "
+            f"num_key_value_heads {self.num_key_value_heads}",
+        )
+        _check(
+            self.num_experts_per_tok <= self.num_local_experts,
+            "num_experts_per_tok",
+            f"{self.num_experts_per_tok} is larger than num_local_experts {self.num_local_experts}",
+        )
+        # sparsemixer is defined for exactly two experts (Phi-3.5-MoE and Transformers always pick 2).
+        _check(self.num_experts_per_tok == 2, "num_experts_per_tok", "PhiMoE's sparsemixer routing selects exactly 2 experts")
+        _check(
+            self.sliding_window is None or (_is_int(self.sliding_window) and self.sliding_window > 0),
+            "sliding_window",
+            f"must be None or a positive integer, got {self.sliding_window!r}",
+        )
+        for name in ("router_jitter_noise", "input_jitter_noise", "router_aux_loss_coef", "rms_norm_eps", "initializer_range"):
+            v = getattr(self, name)
+            _check(_is_number(v) and v >= 0, name, f"must be a non-negative number, got {v!r}")
+        _check(0 <= self.attention_dropout < 1, "attention_dropout", "must be in [0, 1)")
+        self._normalize_rope(("default", "longrope"))
+        if self.rope_parameters["rope_type"] == "longrope":
+            self._validate_longrope()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def _validate_longrope(self) -> None:
+        p = self.rope_parameters
+        # As in Transformers, a top-level original_max_position_embeddings wins over the dict's.
+        omp = self.original_max_position_embeddings or p.get("original_max_position_embeddings")
+        omp = omp or self.max_position_embeddings
+        _check(_is_int(omp) and omp > 0, "rope_parameters.original_max_position_embeddings", "must be a positive integer")
+        p["original_max_position_embeddings"] = int(omp)
+        self.original_max_position_embeddings = int(omp)
+        half = self.head_dim // 2
+        for name in ("short_factor", "long_factor"):
+            v = p.get(name)
+            _check(
+                isinstance(v, (list, tuple)) and all(_is_number(x) for x in v),
+                f"rope_parameters.{name}",
+                f"must be a list of numbers, got {v!r}",
+            )
+            _check(
+                len(v) == half,
+                f"rope_parameters.{name}",
+                f"must have head_dim // 2 = {half} entries, got {len(v)}",
+            )
+        for name in ("short_mscale", "long_mscale"):
+            v = p.get(name)
+            _check(_is_number(v), f"rope_parameters.{name}", f"must be a number, got {v!r}")

@@ -1,0 +1,388 @@
+"""The Transformers-compatible façade shared by every architecture: loading, saving, init,
+embedding resizing, gradient checkpointing, and the argument handling at the top of `forward`.
+
+Model files keep their modules small and explicit; what is the same for every model lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .cache import Cache, DynamicCache
+from .configuration import MoeConfig
+from .ops.attention import check_attn_implementation
+
+logger = logging.getLogger("moetorch")
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: Any, config: MoeConfig) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        dtype = config.dtype or "float32"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto', a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[name]
+
+
+def resolve_device(device: Any, device_map: Any) -> torch.device:
+    if device is None and device_map is not None:
+        if isinstance(device_map, dict):
+            targets = set(device_map.values())
+            if len(targets) != 1:
+                raise ValueError("device_map with several devices is not supported; use one device")
+            device = targets.pop()
+        elif device_map == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            device = device_map
+    if isinstance(device, int):
+        device = f"cuda:{device}"
+    return torch.device(device or "cpu")
+
+
+class PreTrainedModel(nn.Module):
+    """Base of every moetorch model: `from_pretrained`, `save_pretrained` and Transformers' helpers."""
+
+    config_class: type[MoeConfig] = MoeConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: MoeConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.attn_implementation = check_attn_implementation(config.attn_implementation)
+        self.gradient_checkpointing = False
+
+    # ---- initialisation --------------------------------------------------------------------
+    def post_init(self) -> None:
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random init as Transformers does: normal(0, initializer_range), zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if hasattr(module, "init_parameters") and module is not self:
+                module.init_parameters(std)
+            elif isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        self.tie_weights()
+
+    # ---- properties and small helpers ------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        skip = {id(self.get_input_embeddings().weight)} if exclude_embeddings else set()
+        seen: set[int] = set()
+        total = 0
+        for p in self.parameters():
+            if id(p) in seen or id(p) in skip or (only_trainable and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.base_model.embed_tokens = value
+        self.tie_weights()
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return getattr(self, "lm_head", None)
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        head = self.get_output_embeddings()
+        if head is not None and self.config.tie_word_embeddings:
+            head.weight = self.get_input_embeddings().weight
+
+    def can_generate(self) -> bool:
+        return self.get_output_embeddings() is not None
+
+    def set_attn_implementation(self, attn_implementation: str) -> None:
+        """Switch the attention backend ("eager", "sdpa", "flash_attention_2") of every layer."""
+        impl = check_attn_implementation(attn_implementation)
+        self.config.attn_implementation = impl
+        for m in self.modules():
+            if hasattr(m, "attn_implementation"):
+                m.attn_implementation = impl
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    # ---- embeddings resizing ---------------------------------------------------------------
+    @torch.no_grad()
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Grow or shrink the vocabulary; new rows start at the mean of the old ones (or random)."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return old
+        n = new_num_tokens if new_num_tokens is not None else old.num_embeddings
+        if pad_to_multiple_of is not None:
+            if not (isinstance(pad_to_multiple_of, int) and pad_to_multiple_of > 0):
+                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+            n = math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of
+        if not (isinstance(n, int) and n > 0):
+            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
+        new = nn.Embedding(n, old.embedding_dim, old.padding_idx if (old.padding_idx or 0) < n else None,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        _resize_rows(old.weight, new.weight, mean_resizing, self.config.initializer_range)
+        self.base_model.embed_tokens = new
+        head = self.get_output_embeddings()
+        if head is not None:
+            new_head = nn.Linear(head.in_features, n, bias=head.bias is not None,
+                                 device=head.weight.device, dtype=head.weight.dtype)
+            if not self.config.tie_word_embeddings:
+                _resize_rows(head.weight, new_head.weight, mean_resizing, self.config.initializer_range)
+            if head.bias is not None:
+                _resize_rows(head.bias[:, None], new_head.bias[:, None], mean_resizing, 0.0)
+            self.lm_head = new_head
+        self.config.vocab_size = n
+        self.tie_weights()
+        return new
+
+    # ---- loading and saving ----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        config: MoeConfig | None = None,
+        dtype: Any = None,
+        torch_dtype: Any = None,
+        device: Any = None,
+        device_map: Any = None,
+        attn_implementation: str | None = None,
+        **config_overrides: Any,
+    ) -> PreTrainedModel:
+        """Load a checkpoint directory (config.json + safetensors) into `dtype` on `device`.
+
+        `dtype="auto"` (the default) uses the checkpoint's dtype. Weights are memory-mapped and
+        copied straight into the allocated parameters: no random init happens first.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        if config is None:
+            config = cls.config_class.from_pretrained(path, **config_overrides)
+        elif config_overrides:
+            config = config.copy()
+            config.update(config_overrides)
+        if attn_implementation is not None:
+            config.attn_implementation = attn_implementation
+        target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+        target_device = resolve_device(device, device_map)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(target_dtype)
+        try:
+            with torch.device("meta"):
+                model = cls(config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.to_empty(device=target_device)
+        for m in model.modules():
+            if hasattr(m, "init_buffers"):
+                m.init_buffers()
+        model.tie_weights()
+        if hasattr(model, "score"):  # a classifier head may be absent from an LM checkpoint
+            nn.init.normal_(model.score.weight, 0.0, config.initializer_range)
+        checkpoint.load_into(model, path, config, cls.base_model_prefix)
+        model.config.dtype = str(target_dtype).removeprefix("torch.")
+        model.name_or_path = path
+        return model.eval()
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write config.json and (sharded) safetensors that Transformers and moetorch both load."""
+        if not safe_serialization:
+            raise ValueError("moetorch writes safetensors only (safe_serialization=False is not supported)")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained expects a directory, but {save_directory} is a file")
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.dtype = str(self.dtype).removeprefix("torch.")
+        self.config.architectures = [type(self).__name__]
+        checkpoint.save_into(self, save_directory, self.config, max_shard_size)
+        self.config.save_pretrained(save_directory)
+        gen = getattr(self, "generation_config", None)
+        if gen is not None and hasattr(gen, "save_pretrained"):
+            gen.save_pretrained(save_directory)
+
+
+def _resize_rows(old: torch.Tensor, new: torch.Tensor, mean_resizing: bool, std: float) -> None:
+    n = min(old.shape[0], new.shape[0])
+    new[:n].copy_(old[:n])
+    if new.shape[0] > n:
+        if mean_resizing:
+            new[n:].copy_(old.float().mean(0, keepdim=True).to(new.dtype).expand_as(new[n:]))
+        else:
+            new[n:].normal_(0.0, std)
+
+
+# ---- shared forward plumbing ----------------------------------------------------------------
+
+
+@dataclass
+class DecoderInputs:
+    """What every decoder needs before its first layer, derived from the HF-style arguments."""
+
+    embeds_BTD: torch.Tensor
+    cache: Cache | None
+    cache_position_T: torch.Tensor
+    position_ids_BT: torch.Tensor
+    past_len: int
+    kv_len: int
+
+
+def prepare_decoder_inputs(
+    embed: nn.Embedding,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    past_key_values: Cache | None,
+    use_cache: bool,
+    cache_position: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> DecoderInputs:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if past_key_values is not None and not isinstance(past_key_values, Cache):
+        if isinstance(past_key_values, (tuple, list)):
+            past_key_values = DynamicCache.from_legacy_cache(tuple(past_key_values))
+        else:
+            raise TypeError(f"past_key_values must be a moetorch Cache, got {type(past_key_values).__name__}")
+    if use_cache and past_key_values is None:
+        past_key_values = DynamicCache()
+    if inputs_embeds is None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
+        inputs_embeds = embed(input_ids)
+    T = inputs_embeds.shape[1]
+    if T == 0:
+        raise ValueError("input sequence is empty (sequence length 0)")
+    past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+    if cache_position is None:
+        cache_position = torch.arange(past_len, past_len + T, device=inputs_embeds.device)
+    if position_ids is None:
+        position_ids = cache_position.unsqueeze(0)
+    elif position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    kv_len = past_key_values.kv_length(T) if past_key_values is not None else T
+    return DecoderInputs(inputs_embeds, past_key_values, cache_position, position_ids, past_len, kv_len)
+
+
+def keep_last(hidden_BTD: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """Slice positions whose logits are wanted: last N (0 = all), or given indices."""
+    if isinstance(logits_to_keep, int):
+        return hidden_BTD if logits_to_keep == 0 else hidden_BTD[:, -logits_to_keep:]
+    return hidden_BTD[:, logits_to_keep]
+
+
+def run_layers(
+    layers: nn.ModuleList,
+    x_BTD: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    cache: Cache | None,
+    cache_position_T: torch.Tensor,
+    norm: nn.Module,
+    output_attentions: bool,
+    output_hidden_states: bool,
+    checkpointing: bool,
+) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple]:
+    """The decoder stack. Each layer maps (x, ...) -> (x, attention weights, router logits tuple).
+
+    Returns the normed output and, as Transformers does, hidden states (embeddings, each layer's
+    output, the last one after the final norm), attentions and all router logits.
+    """
+    hidden, attns, routers = [], [], []
+    for layer in layers:
+        if output_hidden_states:
+            hidden.append(x_BTD)
+        args = (x_BTD, rope, mask, is_causal, cache, cache_position_T, output_attentions)
+        if checkpointing:
+            x_BTD, w, logits = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+        else:
+            x_BTD, w, logits = layer(*args)
+        attns.append(w)
+        routers.extend(logits)
+    x_BTD = norm(x_BTD)
+    if output_hidden_states:
+        hidden.append(x_BTD)
+    return (
+        x_BTD,
+        tuple(hidden) if output_hidden_states else None,
+        tuple(attns) if output_attentions else None,
+        tuple(routers),
+    )
+
+
+def sync_rope_cache(rotary, cache: Cache | None, inputs: DecoderInputs) -> bool:
+    """Choose LongRoPE's factor set for this step and bring the cached keys to it.
+
+    Returns True when the long factors apply. Decided from host integers only (no device read).
+    """
+    T = inputs.embeds_BTD.shape[1]
+    long = rotary.use_long(inputs.past_len + T)
+    if cache is not None and rotary.longrope:
+        if cache.rope_long != long and inputs.past_len > 0:
+            cache.reencode_keys(lambda k, pos: rotary.reencode_keys(k, pos, to_long=long))
+        cache.rope_long = long
+        cache.record_positions(inputs.position_ids_BT, inputs.cache_position_T, inputs.embeds_BTD.shape[0])
+    return long

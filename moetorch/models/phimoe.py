@@ -1,0 +1,255 @@
+"""PhiMoE (Phi-3.5-MoE): GQA attention with LongRoPE, LayerNorm, and 16 SwiGLU experts routed
+top-2 by sparsemixer.
+
+Legend: B batch, T new tokens, S key slots, D hidden, H query heads, G kv heads, d head_dim,
+E experts, K experts per token (2), I expert hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import Cache
+from ..configuration import PhimoeConfig
+from ..modeling_utils import (
+    PreTrainedModel,
+    keep_last,
+    prepare_decoder_inputs,
+    run_layers,
+    sync_rope_cache,
+)
+from ..ops.activations import ACTIVATIONS
+from ..ops.attention import attention, build_mask
+from ..ops.losses import causal_lm_loss
+from ..ops.moe import experts_forward
+from ..ops.rope import RotaryEmbedding, apply_rotary
+from ..ops.routing import sparsemixer, switch_aux_loss
+from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from .heads import classify
+
+
+class PhimoeAttention(nn.Module):
+    def __init__(self, config: PhimoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.attn_implementation = config._attn_implementation
+        D, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=bias)
+
+    def forward(self, x_BTD, rope, mask, is_causal, cache: Cache | None, cache_position_T, need_weights):
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position_T})
+        out_BTHd, weights = attention(
+            q, k, v, mask, is_causal, self.scale, self.attn_implementation,
+            dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
+        )
+        return self.o_proj(out_BTHd.reshape(B, T, -1)), weights
+
+
+class PhimoeExperts(nn.Module):
+    """E SwiGLU experts stored as stacked `[E, out, in]` tensors (Transformers-5 layout)."""
+
+    def __init__(self, config: PhimoeConfig) -> None:
+        super().__init__()
+        E, D, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.backend: str | None = None  # None: chosen per call (see ops.moe.pick_backend)
+
+    def init_parameters(self, std: float) -> None:
+        nn.init.normal_(self.gate_up_proj, 0.0, std)
+        nn.init.normal_(self.down_proj, 0.0, std)
+
+    def forward(self, x_TD, ids_TK, weights_TK):
+        return experts_forward(x_TD, self.gate_up_proj, self.down_proj, ids_TK, weights_TK, self.act, self.backend)
+
+
+class PhimoeSparseMoeBlock(nn.Module):
+    def __init__(self, config: PhimoeConfig) -> None:
+        super().__init__()
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = PhimoeExperts(config)
+        self.router_jitter = config.router_jitter_noise
+        self.input_jitter = config.input_jitter_noise
+
+    def forward(self, x_BTD):
+        B, T, D = x_BTD.shape
+        if self.training and self.input_jitter > 0:
+            # Once, as in the original model (Transformers applies it twice, in place).
+            x_BTD = x_BTD * torch.empty_like(x_BTD).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
+        x_TD = x_BTD.reshape(-1, D)
+        logits_TE = self.router(x_TD)
+        weights_TK, ids_TK = sparsemixer(logits_TE, self.router_jitter, self.training)
+        return self.experts(x_TD, ids_TK, weights_TK).view(B, T, D), logits_TE
+
+
+class PhimoeDecoderLayer(nn.Module):
+    def __init__(self, config: PhimoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = PhimoeAttention(config, layer_idx)
+        self.mlp = PhimoeSparseMoeBlock(config)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x_BTD, rope, mask, is_causal, cache, cache_position_T, need_weights):
+        a, weights = self.self_attn(self.input_layernorm(x_BTD), rope, mask, is_causal, cache, cache_position_T, need_weights)
+        x_BTD = x_BTD + a
+        m, logits_TE = self.mlp(self.post_attention_layernorm(x_BTD))
+        return x_BTD + m, weights, (logits_TE,)
+
+
+class PhimoePreTrainedModel(PreTrainedModel):
+    config_class = PhimoeConfig
+    base_model_prefix = "model"
+
+
+class PhimoeModel(PhimoePreTrainedModel):
+    """The bare PhiMoE decoder, returning hidden states (`MoeModelOutputWithPast`)."""
+
+    def __init__(self, config: PhimoeConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(PhimoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_parameters)
+        self.post_init()
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+    ) -> MoeModelOutputWithPast | tuple:
+        cfg = self.config
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
+        checkpointing = self.gradient_checkpointing and self.training
+        use_cache = (cfg.use_cache if use_cache is None else use_cache) and not checkpointing
+        inp = prepare_decoder_inputs(
+            self.embed_tokens, input_ids, inputs_embeds, past_key_values, use_cache, cache_position, position_ids
+        )
+        B = inp.embeds_BTD.shape[0]
+        long = sync_rope_cache(self.rotary_emb, inp.cache, inp)
+        rope = self.rotary_emb(inp.position_ids_BT, inp.embeds_BTD.dtype, long)
+        mask, is_causal = build_mask(
+            attention_mask, inp.cache_position_T, inp.kv_len, cfg.sliding_window, B,
+            queries_at_end=inp.cache is None or not inp.cache.is_static,
+        )
+        x, hidden, attns, routers = run_layers(
+            self.layers, inp.embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, self.norm,
+            output_attentions, output_hidden_states, checkpointing,
+        )
+        out = MoeModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=inp.cache if use_cache else None,
+            hidden_states=hidden,
+            attentions=attns,
+            router_logits=routers if output_router_logits else None,
+        )
+        return out if (cfg.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+
+class PhimoeForCausalLM(PhimoePreTrainedModel):
+    """PhiMoE with a language-modelling head (biased when `lm_head_bias`)."""
+
+    def __init__(self, config: PhimoeConfig) -> None:
+        super().__init__(config)
+        self.model = PhimoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> MoeCausalLMOutputWithPast | tuple:
+        cfg = self.config
+        output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
+        out = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict=True,
+        )
+        logits = self.lm_head(keep_last(out.last_hidden_state, logits_to_keep))
+        loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
+        aux_loss = None
+        if output_router_logits:
+            T = out.last_hidden_state.shape[1]
+            pad_mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.dim() == 2 else None
+            aux_loss = switch_aux_loss(out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok, pad_mask)
+            if loss is not None:
+                loss = loss + cfg.router_aux_loss_coef * aux_loss.to(loss.device)
+        result = MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
+        )
+        return result if (cfg.return_dict if return_dict is None else return_dict) else result.to_tuple()
+
+
+class PhimoeForSequenceClassification(PhimoePreTrainedModel):
+    """PhiMoE with a linear classifier on the last non-padding token."""
+
+    def __init__(self, config: PhimoeConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = PhimoeModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+    ):
+        out = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, False, cache_position, return_dict=True,
+        )
+        return classify(self, out, input_ids, inputs_embeds, labels, return_dict)

@@ -1,0 +1,146 @@
+"""Attention backends (eager, sdpa, flash_attention_2) and mask construction.
+
+Legend: B batch, H query heads, G kv heads, T queries, S keys, d head_dim.
+`kv_layout` says which kv head a query head reads: "grouped" (head i -> i // (H/G), GQA as in
+Llama/PhiMoE) or "tiled" (head i -> i % G, JetMoE's MoA). No backend repeats K/V in memory except
+eager, which must return the full attention weights anyway.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def check_attn_implementation(impl: str | None) -> str:
+    impl = impl or "sdpa"
+    if impl not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "flash_attention_2" and not flash_attn_available():
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the `flash-attn` package and a CUDA GPU; "
+            "use 'sdpa' (the default) otherwise"
+        )
+    return impl
+
+
+def build_mask(
+    attention_mask: torch.Tensor | None,
+    cache_position_T: torch.Tensor,
+    kv_len: int,
+    sliding_window: int | None,
+    batch: int,
+    queries_at_end: bool = True,
+) -> tuple[torch.Tensor | None, bool]:
+    """Boolean mask [B, 1, T, S] (True = attend), or None with `is_causal` when no mask is needed.
+
+    Key slot j is visible to query slot q when j <= q, q - j < sliding_window, and the 2D
+    `attention_mask` (covering all S slots) is 1 at j. Built on device with no host sync.
+    `queries_at_end` says the T queries are the last T of the S slots (a dynamic cache).
+    """
+    T = cache_position_T.shape[0]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        m = attention_mask
+        if m.dtype != torch.bool:
+            m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m.bool()
+        return m, False
+    if attention_mask is None and sliding_window is None:
+        if kv_len == T:
+            return None, True
+        if T == 1 and queries_at_end:
+            return None, False
+    kv_S = torch.arange(kv_len, device=cache_position_T.device)
+    q_T1 = cache_position_T[:, None]
+    allowed_TS = kv_S[None, :] <= q_T1
+    if sliding_window is not None:
+        allowed_TS = allowed_TS & (kv_S[None, :] > q_T1 - sliding_window)
+    mask = allowed_TS[None, None].expand(batch, 1, T, kv_len)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be 2D [batch, seq] or 4D, got shape {tuple(attention_mask.shape)}")
+        pad_BS = attention_mask.bool()
+        if pad_BS.shape[-1] < kv_len:  # a static cache is longer than the mask: unseen slots are masked anyway
+            pad_BS = F.pad(pad_BS, (0, kv_len - pad_BS.shape[-1]), value=True)
+        mask = mask & pad_BS[:, None, None, :kv_len]
+    return mask, False
+
+
+def _to_grouped(q_BHTd: torch.Tensor, groups: int) -> torch.Tensor:
+    """Reorder tiled query heads (i -> kv i % G) so that kv head of new head j is j // (H/G)."""
+    B, H, T, d = q_BHTd.shape
+    return q_BHTd.view(B, H // groups, groups, T, d).transpose(1, 2).reshape(B, H, T, d)
+
+
+def _from_grouped(o_BHTd: torch.Tensor, groups: int) -> torch.Tensor:
+    B, H, T, d = o_BHTd.shape
+    return o_BHTd.view(B, groups, H // groups, T, d).transpose(1, 2).reshape(B, H, T, d)
+
+
+def attention(
+    q_BHTd: torch.Tensor,
+    k_BGSd: torch.Tensor,
+    v_BGSd: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    impl: str = "sdpa",
+    dropout_p: float = 0.0,
+    kv_layout: str = "grouped",
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled dot-product attention; returns (out [B, T, H, d], weights [B, H, T, S] or None).
+
+    `need_weights` forces the eager path, the only one that materialises the weights.
+    """
+    G = k_BGSd.shape[1]
+    if kv_layout == "tiled" and G > 1:
+        q_BHTd = _to_grouped(q_BHTd, G)
+    if need_weights or impl == "eager":
+        out, weights = _eager(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, scale, dropout_p)
+    elif impl == "flash_attention_2" and mask is None:
+        out, weights = _flash(q_BHTd, k_BGSd, v_BGSd, is_causal, scale, dropout_p), None
+    else:
+        out = F.scaled_dot_product_attention(
+            q_BHTd, k_BGSd, v_BGSd, attn_mask=mask, dropout_p=dropout_p,
+            is_causal=is_causal and mask is None, scale=scale, enable_gqa=G != q_BHTd.shape[1],
+        )
+        weights = None
+    if kv_layout == "tiled" and G > 1:
+        out = _from_grouped(out, G)
+        if weights is not None:
+            weights = _from_grouped(weights, G)
+    return out.transpose(1, 2), weights
+
+
+def _eager(q, k, v, mask, is_causal, scale, dropout_p):
+    H, G = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(H // G, dim=1)
+    v = v.repeat_interleave(H // G, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if is_causal and mask is None:
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        # Additive minimum rather than -inf: a fully masked (padding) row stays finite.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
+    return torch.matmul(weights, v), weights
+
+
+def _flash(q, k, v, is_causal, scale, dropout_p):
+    from flash_attn import flash_attn_func
+
+    out = flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        dropout_p=dropout_p, softmax_scale=scale, causal=is_causal,
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,61 @@
+"""Losses with Transformers' semantics: causal-LM cross-entropy and sequence classification."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_lm_loss(
+    logits_BTV: torch.Tensor,
+    labels_BT: torch.Tensor,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32; labels are shifted here (position t predicts t+1).
+
+    With `num_items_in_batch` the sum is divided by it instead (gradient accumulation).
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels_BT, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])
+    target = shift_labels.reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
+    if num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def classification_loss(pooled_BL: torch.Tensor, labels: torch.Tensor, num_labels: int, problem_type: str) -> torch.Tensor:
+    labels = labels.to(pooled_BL.device)
+    if problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(pooled_BL.squeeze(), labels.squeeze())
+        return F.mse_loss(pooled_BL, labels)
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(pooled_BL.view(-1, num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(pooled_BL, labels)
+
+
+def last_token_index(input_ids_BT: torch.Tensor | None, pad_token_id: int | None, batch: int, device) -> torch.Tensor | int:
+    """Index of the rightmost non-padding token per row (works for left and right padding)."""
+    if pad_token_id is None:
+        if batch != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (set config.pad_token_id).")
+        return -1
+    if input_ids_BT is None:
+        return -1
+    not_pad = (input_ids_BT != pad_token_id).to(device, torch.int32)
+    idx = torch.arange(input_ids_BT.shape[-1], device=device, dtype=torch.int32)
+    return (idx * not_pad).argmax(-1)

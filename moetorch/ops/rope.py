@@ -1,0 +1,78 @@
+"""Rotary position embeddings: plain RoPE and Phi-3's LongRoPE (short/long factors and mscales).
+
+Legend: B batch, T new tokens, S cached tokens, H heads, d head_dim.
+LongRoPE follows the original Phi-3.5-MoE code: the long factors and mscale are used once the
+sequence length (cached + new tokens) exceeds `original_max_position_embeddings`. Transformers 5
+switches only the mscale there; see docs/differences.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x_BHTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos_BTd.unsqueeze(1), sin_BTd.unsqueeze(1)
+    return x_BHTd * cos + rotate_half(x_BHTd) * sin
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes (cos, sin) for given positions; holds both LongRoPE factor sets when configured."""
+
+    def __init__(self, head_dim: int, rope_parameters: dict) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.params = dict(rope_parameters)
+        self.longrope = self.params["rope_type"] == "longrope"
+        self.original_max = self.params.get("original_max_position_embeddings") if self.longrope else None
+        self.short_mscale = float(self.params.get("short_mscale", 1.0)) if self.longrope else 1.0
+        self.long_mscale = float(self.params.get("long_mscale", 1.0)) if self.longrope else 1.0
+        self.register_buffer("inv_freq_short", torch.empty(head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq_long", torch.empty(head_dim // 2), persistent=False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the frequency tables; called after a model is materialised from `meta`."""
+        device = self.inv_freq_short.device
+        if device.type == "meta":
+            return
+        base = float(self.params["rope_theta"])
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        inv_freq = 1.0 / (base**exponents)
+        if self.longrope:
+            short = torch.tensor(self.params["short_factor"], dtype=torch.float32, device=device)
+            long = torch.tensor(self.params["long_factor"], dtype=torch.float32, device=device)
+            self.inv_freq_short.copy_(1.0 / (short * base**exponents))
+            self.inv_freq_long.copy_(1.0 / (long * base**exponents))
+        else:
+            self.inv_freq_short.copy_(inv_freq)
+            self.inv_freq_long.copy_(inv_freq)
+
+    def use_long(self, seq_len: int) -> bool:
+        """Whether a sequence of `seq_len` tokens (cached + new) uses the long factors."""
+        return self.longrope and seq_len > self.original_max
+
+    @torch.no_grad()
+    def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype, long: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq_long if long else self.inv_freq_short
+        mscale = self.long_mscale if long else self.short_mscale
+        freqs = position_ids_BT[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * mscale).to(dtype), (emb.sin() * mscale).to(dtype)
+
+    @torch.no_grad()
+    def reencode_keys(self, k_BHSd: torch.Tensor, positions_BS: torch.Tensor, to_long: bool) -> torch.Tensor:
+        """Re-rotate keys encoded with one factor set into the other (rotation is invertible)."""
+        src, dst = (self.inv_freq_short, self.inv_freq_long) if to_long else (self.inv_freq_long, self.inv_freq_short)
+        ratio = (self.long_mscale / self.short_mscale) if to_long else (self.short_mscale / self.long_mscale)
+        freqs = positions_BS[..., None].float() * (dst - src)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        out = apply_rotary(k_BHSd.float(), emb.cos() * ratio, emb.sin() * ratio)
+        return out.to(k_BHSd.dtype)
