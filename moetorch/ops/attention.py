@@ -129,8 +129,9 @@ def _eager(q, k, v, mask, is_causal, scale, dropout_p):
         T, S = q.shape[2], k.shape[2]
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
-        # Additive minimum rather than -inf: a fully masked (padding) row stays finite.
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # Add the dtype's minimum rather than -inf, as Transformers does: a fully masked (padding)
+        # row stays finite and uniform, and its gradient is the same as Transformers'.
+        scores = scores + torch.where(mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
     return torch.matmul(weights, v), weights

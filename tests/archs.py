@@ -1,0 +1,98 @@
+"""The architectures under test and their Transformers oracles.
+
+Each entry gives tiny config kwargs (shared by both libraries) and the four classes on each side.
+Test modules parameterise over ARCHS, so every architecture goes through the same checks.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+
+import moetorch
+
+
+@dataclass
+class Arch:
+    name: str
+    ours: dict[str, Any]
+    hf: dict[str, Any]
+    base: dict[str, Any]
+    # Variants every parity test runs: name -> config overrides.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Parameter names (ours) whose values are noise-free in training (all of them, normally).
+    expert_count_key: str = "num_local_experts"
+
+    def config_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        return {**self.base, **overrides}
+
+    def hf_config(self, **overrides: Any):
+        return self.hf["config"](**self.config_kwargs(**overrides))
+
+    def our_config(self, **overrides: Any):
+        return self.ours["config"](**self.config_kwargs(**overrides))
+
+
+def longrope_scaling(head_dim: int, original: int = 8, seed: int = 0) -> dict[str, Any]:
+    rng = random.Random(seed)
+    return {
+        "type": "longrope",
+        "short_factor": [round(rng.uniform(1.0, 1.5), 3) for _ in range(head_dim // 2)],
+        "long_factor": [round(rng.uniform(2.0, 8.0), 3) for _ in range(head_dim // 2)],
+        "short_mscale": 1.1,
+        "long_mscale": 1.3,
+        "original_max_position_embeddings": original,
+    }
+
+
+PHIMOE = Arch(
+    name="phimoe",
+    ours={
+        "config": moetorch.PhimoeConfig,
+        "model": moetorch.PhimoeModel,
+        "causal_lm": moetorch.PhimoeForCausalLM,
+        "seq_cls": moetorch.PhimoeForSequenceClassification,
+    },
+    hf={
+        "config": transformers.PhimoeConfig,
+        "model": transformers.PhimoeModel,
+        "causal_lm": transformers.PhimoeForCausalLM,
+        "seq_cls": transformers.PhimoeForSequenceClassification,
+    },
+    base=dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        router_jitter_noise=0.3,
+    ),
+    variants={
+        "default": {},
+        "biases": {"attention_bias": True, "lm_head_bias": True},
+        "mqa": {"num_key_value_heads": 1},
+        "mha": {"num_key_value_heads": 4},
+        "sliding_window": {"sliding_window": 3},
+        "longrope": {"rope_scaling": longrope_scaling(8, original=16), "max_position_embeddings": 64},
+    },
+)
+
+ARCHS = [PHIMOE]
+ARCH_IDS = [a.name for a in ARCHS]
+
+
+def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+    """Give every parameter (norms and biases too) fresh random values, so nothing is trivially 0/1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            shift = 1.0 if p.dim() == 1 and "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * std + shift)

@@ -1,0 +1,74 @@
+"""The shared parity runner: build a tiny model on one side, save it, load it on the other, and
+compare every output field against Transformers."""
+
+from __future__ import annotations
+
+import torch
+from archs import Arch, randomize_
+
+ATOL = 1e-5
+RTOL = 1e-5
+
+
+def make_pair(arch: Arch, tmp_path, head: str = "causal_lm", direction: str = "hf_to_ours", seed: int = 0, **overrides):
+    """(hf_model, our_model) with identical random weights, moved through one library's save and
+    the other's load. Both in eval mode, float32, eager attention."""
+    torch.manual_seed(seed)
+    if direction == "hf_to_ours":
+        hf = arch.hf[head](arch.hf_config(**overrides))
+        randomize_(hf, seed)
+        hf.save_pretrained(tmp_path / "hf")
+        ours = arch.ours[head].from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    else:
+        ours = arch.ours[head](arch.our_config(**overrides))
+        randomize_(ours, seed)
+        ours.save_pretrained(tmp_path / "ours")
+        hf = arch.hf[head].from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    hf.set_attn_implementation("eager")
+    ours.set_attn_implementation("eager")
+    return hf.eval(), ours.eval()
+
+
+def make_inputs(vocab: int, batch: int, seq: int, padding: str | None, seed: int = 1, pad_id: int = 0):
+    """Random ids and a 2D mask. padding: None (no mask), "none" (all-ones mask), "left", "right"."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    if padding is None:
+        return ids, None
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for b in range(1, batch):
+        n = min(b + 1, seq - 1)
+        if padding == "left":
+            mask[b, :n] = 0
+        elif padding == "right":
+            mask[b, seq - n :] = 0
+    ids = ids.masked_fill(mask == 0, pad_id)
+    return ids, mask
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL, rtol: float = RTOL) -> None:
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def compare_outputs(hf_out, our_out, mask, fields=("logits", "hidden_states", "attentions", "router_logits", "loss", "aux_loss")):
+    """Compare output fields; with a padding mask, only positions that are real tokens count
+    (Transformers' own backends disagree on padding rows)."""
+    valid = None if mask is None else mask.bool()
+    for name in fields:
+        a, b = getattr(hf_out, name), getattr(our_out, name)
+        if a is None or (isinstance(a, tuple) and len(a) == 0):
+            assert b is None or len(b) == 0, f"{name}: Transformers returned none, we returned some"
+            continue
+        assert b is not None, f"{name}: missing from our output"
+        if isinstance(a, torch.Tensor):
+            a, b = (a,), (b,)
+        assert len(a) == len(b), f"{name}: {len(a)} tensors vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert x.shape == y.shape, f"{name}[{i}]: shape {tuple(x.shape)} vs {tuple(y.shape)}"
+            if valid is not None and name in ("logits", "hidden_states") and x.dim() == 3 and x.shape[:2] == valid.shape:
+                x, y = x[valid], y[valid]
+            elif valid is not None and name == "router_logits":
+                x, y = x[valid.reshape(-1)], y[valid.reshape(-1)]
+            elif valid is not None and name == "attentions":
+                x, y = x.transpose(1, 2)[valid], y.transpose(1, 2)[valid]
+            close(x, y, f"{name}[{i}]")
