@@ -24,8 +24,8 @@ class Arch:
     base: dict[str, Any]
     # Variants every parity test runs: name -> config overrides.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Parameter names (ours) whose values are noise-free in training (all of them, normally).
-    expert_count_key: str = "num_local_experts"
+    # Config overrides for the training-gradient test (as many trainable pieces as possible).
+    train_overrides: dict[str, Any] = field(default_factory=dict)
 
     def config_kwargs(self, **overrides: Any) -> dict[str, Any]:
         return {**self.base, **overrides}
@@ -83,6 +83,7 @@ PHIMOE = Arch(
         "sliding_window": {"sliding_window": 3},
         "longrope": {"rope_scaling": longrope_scaling(8, original=16), "max_position_embeddings": 64},
     },
+    train_overrides={"attention_bias": True, "lm_head_bias": True, "sliding_window": 4},
 )
 
 ARCHS = [PHIMOE]

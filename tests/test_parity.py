@@ -10,12 +10,13 @@ from parity import close, compare_outputs, make_inputs, make_pair
 ALL = {"output_hidden_states": True, "output_attentions": True, "output_router_logits": True}
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+VARIANTS = [(a, v) for a in ARCHS for v in a.variants]
+VARIANT_IDS = [f"{a.name}-{v}" for a, v in VARIANTS]
+
+
+@pytest.mark.parametrize(("arch", "variant_name"), VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("direction", ["hf_to_ours", "ours_to_hf"])
-@pytest.mark.parametrize("variant_name", ["default", "biases", "mqa", "mha", "sliding_window", "longrope"])
-def test_causal_lm_parity(arch, direction, variant_name, tmp_path):
-    if variant_name not in arch.variants:
-        pytest.fail(f"{arch.name} defines no variant {variant_name!r}")
+def test_causal_lm_parity(arch, variant_name, direction, tmp_path):
     hf, ours = make_pair(arch, tmp_path, "causal_lm", direction, seed=3, **arch.variants[variant_name])
     for padding in (None, "none", "left", "right"):
         ids, mask = make_inputs(hf.config.vocab_size, 3, 9, padding, seed=7)
@@ -28,7 +29,7 @@ def test_causal_lm_parity(arch, direction, variant_name, tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
 def test_base_model_parity_and_inputs_embeds(arch, tmp_path):
-    hf, ours = make_pair(arch, tmp_path, "model", "hf_to_ours", seed=4, **arch.variants["biases"])
+    hf, ours = make_pair(arch, tmp_path, "model", "hf_to_ours", seed=4)
     ids, mask = make_inputs(hf.config.vocab_size, 2, 6, "left", seed=2)
     with torch.no_grad():
         a = hf(ids, attention_mask=mask, output_hidden_states=True)
@@ -39,9 +40,9 @@ def test_base_model_parity_and_inputs_embeds(arch, tmp_path):
     close(b.last_hidden_state, c.last_hidden_state, "inputs_embeds path")
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
-def test_sdpa_and_eager_agree_with_transformers(arch, tmp_path):
-    hf, ours = make_pair(arch, tmp_path, "causal_lm", "hf_to_ours", seed=5, **arch.variants["sliding_window"])
+@pytest.mark.parametrize(("arch", "variant_name"), VARIANTS, ids=VARIANT_IDS)
+def test_sdpa_and_eager_agree_with_transformers(arch, variant_name, tmp_path):
+    hf, ours = make_pair(arch, tmp_path, "causal_lm", "hf_to_ours", seed=5, **arch.variants[variant_name])
     ids, mask = make_inputs(hf.config.vocab_size, 3, 8, "left", seed=9)
     valid = mask.bool()
     with torch.no_grad():
@@ -91,7 +92,7 @@ def test_sequence_classification_without_pad_token(arch, tmp_path):
 def test_training_gradients_match(arch, tmp_path):
     """Train mode, no input jitter: with the same seed both libraries draw the same routing
     samples, so losses and every parameter gradient agree."""
-    hf, ours = make_pair(arch, tmp_path, "causal_lm", "hf_to_ours", seed=8, **arch.variants["biases"])
+    hf, ours = make_pair(arch, tmp_path, "causal_lm", "hf_to_ours", seed=8, **arch.train_overrides)
     hf.train()
     ours.train()
     ids, mask = make_inputs(hf.config.vocab_size, 2, 7, "left", seed=4)
