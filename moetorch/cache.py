@@ -2,17 +2,19 @@
 
 Legend: B batch, G kv heads, S cached slots, T new tokens, d head_dim.
 Both keep the number of cached tokens as a host-side integer, so that no decode step needs to read
-a device value. They also keep the rotary positions of cached tokens and which LongRoPE factor set
-their keys were encoded with, so that crossing the LongRoPE threshold re-encodes the keys in place.
+a device value.
+
+LongRoPE models also keep a replay record: the decoder inputs (embeddings and rotary positions) of
+the first `original_max_position_embeddings` tokens, and which factor set the cached K/V were
+computed with. When a sequence crosses the threshold, the model rebuilds the cache from that
+record with the other factors, which gives exactly what a forward from scratch gives. (Rotating
+the cached keys alone would fix only the first layer: deeper layers' keys and values depend on
+hidden states that were themselves computed with the old factors.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-
-KeyReencoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Cache:
@@ -21,8 +23,9 @@ class Cache:
     def __init__(self) -> None:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.positions: torch.Tensor | None = None  # [B, S] rotary positions of cached slots
-        self.rope_long = False  # cached keys use the LongRoPE long factors
+        self.rope_long = False  # cached K/V were computed with the LongRoPE long factors
+        self.replay_embeds: torch.Tensor | None = None  # [B, L, D] inputs of the first L tokens
+        self.replay_positions: torch.Tensor | None = None  # [B, L] their rotary positions
         self._seen = 0
 
     def __len__(self) -> int:
@@ -49,13 +52,35 @@ class Cache:
     def is_static(self) -> bool:
         return False
 
-    def reencode_keys(self, fn: KeyReencoder) -> None:
-        """Apply `fn(keys, positions)` to every layer's keys in place (LongRoPE switch)."""
-        if self.positions is None:
+    def record_inputs(self, embeds_BTD: torch.Tensor, position_ids_BT: torch.Tensor, past_len: int, limit: int) -> None:
+        """Keep the inputs of tokens at slots < `limit` (preallocated once; slices are host-known)."""
+        B, T, D = embeds_BTD.shape
+        keep = min(T, limit - past_len)
+        if keep <= 0:
             return
-        for i, k in enumerate(self.keys):
-            S = self.positions.shape[1]
-            k[:, :, :S].copy_(fn(k[:, :, :S], self.positions))
+        if self.replay_embeds is None or self.replay_embeds.shape[0] != B:
+            self.replay_embeds = embeds_BTD.new_zeros(B, limit, D)
+            self.replay_positions = torch.zeros(B, limit, dtype=torch.long, device=embeds_BTD.device)
+        self.replay_embeds[:, past_len : past_len + keep] = embeds_BTD[:, :keep].detach()
+        self.replay_positions[:, past_len : past_len + keep] = position_ids_BT.expand(B, -1)[:, :keep]
+
+    def replay(self, past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and positions of the `past_len` cached tokens, for rebuilding the cache."""
+        if self.replay_embeds is None or self.replay_embeds.shape[1] < past_len:
+            raise RuntimeError(
+                f"cannot rebuild a LongRoPE cache of {past_len} tokens: its inputs were not recorded "
+                "(was this cache filled by another model?)"
+            )
+        return self.replay_embeds[:, :past_len], self.replay_positions[:, :past_len]
+
+    def clear(self) -> None:
+        """Forget the cached keys and values (the replay record stays)."""
+        self._seen = 0
+
+    def _batch_apply_replay(self, fn) -> None:
+        if self.replay_embeds is not None:
+            self.replay_embeds = fn(self.replay_embeds)
+            self.replay_positions = fn(self.replay_positions)
 
 
 class DynamicCache(Cache):
@@ -72,9 +97,9 @@ class DynamicCache(Cache):
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def record_positions(self, position_ids_BT: torch.Tensor, cache_position_T: torch.Tensor, batch: int) -> None:
-        pos = position_ids_BT.expand(batch, -1)
-        self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=1)
+    def clear(self) -> None:
+        super().clear()
+        self.keys, self.values = [], []
 
     def crop(self, max_length: int) -> None:
         """Keep the first `max_length` tokens (negative: drop that many from the end)."""
@@ -85,14 +110,11 @@ class DynamicCache(Cache):
         self._seen = max_length
         self.keys = [k[..., :max_length, :] for k in self.keys]
         self.values = [v[..., :max_length, :] for v in self.values]
-        if self.positions is not None:
-            self.positions = self.positions[:, :max_length]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.keys = [k[indices] for k in self.keys]
         self.values = [v[indices] for v in self.values]
-        if self.positions is not None:
-            self.positions = self.positions[indices]
+        self._batch_apply_replay(lambda t: t[indices])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch (beam search)."""
@@ -101,8 +123,7 @@ class DynamicCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.keys = [k.repeat_interleave(repeats, dim=0) for k in self.keys]
         self.values = [v.repeat_interleave(repeats, dim=0) for v in self.values]
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+        self._batch_apply_replay(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
         self.__init__()
@@ -160,7 +181,6 @@ class StaticCache(Cache):
         shape = (B, G, self.max_cache_len, d)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
-        self.positions = torch.zeros(B, self.max_cache_len, dtype=torch.long, device=device)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len
@@ -192,10 +212,6 @@ class StaticCache(Cache):
         v.index_copy_(2, cache_position, value_states.to(v.dtype))
         return k, v
 
-    def record_positions(self, position_ids_BT: torch.Tensor, cache_position_T: torch.Tensor, batch: int) -> None:
-        if self.positions is not None:
-            self.positions.index_copy_(1, cache_position_T, position_ids_BT.expand(batch, -1))
-
     def crop(self, max_length: int) -> None:
         if max_length < 0:
             max_length = self._seen + max_length
@@ -204,8 +220,7 @@ class StaticCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for t in [*self.keys, *self.values]:
             t.copy_(t.index_select(0, beam_idx))
-        if self.positions is not None:
-            self.positions.copy_(self.positions.index_select(0, beam_idx))
+        self._batch_apply_replay(lambda t: t.index_select(0, beam_idx))
 
     def reset(self) -> None:
         """Forget the cached tokens, keeping the storage (no reallocation)."""

@@ -227,13 +227,13 @@ def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Load a config.json as a dict, with errors that name the file."""
     path = os.fspath(path)
     file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
-    if not os.path.exists(file):
-        if os.path.exists(path) or os.sep in path or path.startswith("."):
-            raise FileNotFoundError(f"no {CONFIG_NAME} found at {file}")
+    if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path!r} is not a local directory. moetorch loads checkpoints from disk only "
             f"(no hub downloads): pass the path of a directory that holds {CONFIG_NAME} and the weights."
         )
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"no {CONFIG_NAME} found at {file}")
     try:
         with open(file, encoding="utf-8") as f:
             data = json.load(f)

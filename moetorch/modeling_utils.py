@@ -373,16 +373,39 @@ def run_layers(
     )
 
 
-def sync_rope_cache(rotary, cache: Cache | None, inputs: DecoderInputs) -> bool:
-    """Choose LongRoPE's factor set for this step and bring the cached keys to it.
+def sync_rope_cache(rotary, inputs: DecoderInputs) -> tuple[DecoderInputs, bool, int]:
+    """Choose LongRoPE's factor set for this step; rebuild the cache if it was computed with the other.
 
-    Returns True when the long factors apply. Decided from host integers only (no device read).
+    Returns (inputs, long, prefix): when the cache is rebuilt, `inputs` is extended by the replayed
+    `prefix` cached tokens and the caller drops their outputs. Decided from host integers only.
     """
-    T = inputs.embeds_BTD.shape[1]
+    cache, T = inputs.cache, inputs.embeds_BTD.shape[1]
     long = rotary.use_long(inputs.past_len + T)
+    prefix = 0
     if cache is not None and rotary.longrope:
         if cache.rope_long != long and inputs.past_len > 0:
-            cache.reencode_keys(lambda k, pos: rotary.reencode_keys(k, pos, to_long=long))
+            prefix = inputs.past_len
+            embeds, positions = cache.replay(prefix)
+            cache.clear()
+            B = inputs.embeds_BTD.shape[0]
+            inputs = DecoderInputs(
+                embeds_BTD=torch.cat([embeds.to(inputs.embeds_BTD.dtype), inputs.embeds_BTD], dim=1),
+                cache=cache,
+                cache_position_T=torch.arange(prefix + T, device=inputs.embeds_BTD.device),
+                position_ids_BT=torch.cat([positions, inputs.position_ids_BT.expand(B, -1)], dim=1),
+                past_len=0,
+                kv_len=cache.kv_length(prefix + T),
+            )
         cache.rope_long = long
-        cache.record_positions(inputs.position_ids_BT, inputs.cache_position_T, inputs.embeds_BTD.shape[0])
-    return long
+        cache.record_inputs(inputs.embeds_BTD, inputs.position_ids_BT, inputs.past_len, rotary.original_max)
+    return inputs, long, prefix
+
+
+def drop_prefix(x, hidden, attns, routers, prefix: int, batch: int):
+    """Keep only the outputs of the tokens after a replayed prefix of `prefix` tokens."""
+    if prefix == 0:
+        return x, hidden, attns, routers
+    hidden = tuple(h[:, prefix:] for h in hidden) if hidden is not None else None
+    attns = tuple(a[:, :, prefix:] for a in attns) if attns is not None else None
+    routers = tuple(r.view(batch, -1, r.shape[-1])[:, prefix:].reshape(-1, r.shape[-1]) for r in routers)
+    return x[:, prefix:], hidden, attns, routers

@@ -14,6 +14,7 @@ from ..cache import Cache
 from ..configuration import PhimoeConfig
 from ..modeling_utils import (
     PreTrainedModel,
+    drop_prefix,
     keep_last,
     prepare_decoder_inputs,
     run_layers,
@@ -156,7 +157,7 @@ class PhimoeModel(PhimoePreTrainedModel):
             self.embed_tokens, input_ids, inputs_embeds, past_key_values, use_cache, cache_position, position_ids
         )
         B = inp.embeds_BTD.shape[0]
-        long = sync_rope_cache(self.rotary_emb, inp.cache, inp)
+        inp, long, prefix = sync_rope_cache(self.rotary_emb, inp)
         rope = self.rotary_emb(inp.position_ids_BT, inp.embeds_BTD.dtype, long)
         mask, is_causal = build_mask(
             attention_mask, inp.cache_position_T, inp.kv_len, cfg.sliding_window, B,
@@ -166,6 +167,7 @@ class PhimoeModel(PhimoePreTrainedModel):
             self.layers, inp.embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, self.norm,
             output_attentions, output_hidden_states, checkpointing,
         )
+        x, hidden, attns, routers = drop_prefix(x, hidden, attns, routers, prefix, B)
         out = MoeModelOutputWithPast(
             last_hidden_state=x,
             past_key_values=inp.cache if use_cache else None,

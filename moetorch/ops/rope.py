@@ -66,13 +66,3 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids_BT[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * mscale).to(dtype), (emb.sin() * mscale).to(dtype)
-
-    @torch.no_grad()
-    def reencode_keys(self, k_BHSd: torch.Tensor, positions_BS: torch.Tensor, to_long: bool) -> torch.Tensor:
-        """Re-rotate keys encoded with one factor set into the other (rotation is invertible)."""
-        src, dst = (self.inv_freq_short, self.inv_freq_long) if to_long else (self.inv_freq_long, self.inv_freq_short)
-        ratio = (self.long_mscale / self.short_mscale) if to_long else (self.short_mscale / self.long_mscale)
-        freqs = positions_BS[..., None].float() * (dst - src)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        out = apply_rotary(k_BHSd.float(), emb.cos() * ratio, emb.sin() * ratio)
-        return out.to(k_BHSd.dtype)

@@ -1,0 +1,147 @@
+"""Caches: prefill-then-decode equals a full forward (dynamic and static), LongRoPE threshold
+crossing re-encodes cached keys, and the cache API (crop, reorder, reset, legacy tuples)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling, randomize_
+from parity import close, make_inputs
+
+from moetorch import DynamicCache, PhimoeForCausalLM, StaticCache
+
+
+def tiny(arch, seed=0, **overrides):
+    model = arch.ours["causal_lm"](arch.our_config(**overrides))
+    randomize_(model, seed)
+    return model.eval()
+
+
+def new_cache(kind, model, max_len=32):
+    return DynamicCache() if kind == "dynamic" else StaticCache(model.config, max_cache_len=max_len)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("padding", [None, "left"])
+@torch.no_grad()
+def test_prefill_then_decode_equals_full_forward(arch, kind, padding):
+    model = tiny(arch, seed=1)
+    ids, mask = make_inputs(model.config.vocab_size, 2, 10, padding, seed=3)
+    full = model(ids, attention_mask=mask).logits
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    cache = new_cache(kind, model)
+    out = model(ids[:, :4], attention_mask=None if mask is None else mask[:, :4], past_key_values=cache, use_cache=True)
+    assert out.past_key_values is cache
+    close(out.logits[valid[:, :4]], full[:, :4][valid[:, :4]], "prefill")
+    for t in range(4, 10):
+        step_mask = None if mask is None else mask[:, : t + 1]
+        out = model(ids[:, t : t + 1], attention_mask=step_mask, past_key_values=cache)
+        close(out.logits[:, 0], full[:, t], f"decode step {t}")
+    assert cache.get_seq_length() == 10
+
+
+WINDOWED = [a for a in ARCHS if "sliding_window" in a.variants]
+
+
+@pytest.mark.parametrize("arch", WINDOWED, ids=[a.name for a in WINDOWED])
+@torch.no_grad()
+def test_sliding_window_decode(arch):
+    model = tiny(arch, seed=2, sliding_window=3)
+    ids, _ = make_inputs(model.config.vocab_size, 1, 9, None)
+    full = model(ids).logits
+    cache = DynamicCache()
+    model(ids[:, :2], past_key_values=cache, use_cache=True)
+    for t in range(2, 9):
+        close(model(ids[:, t : t + 1], past_key_values=cache).logits[:, 0], full[:, t], f"step {t}")
+
+
+def longrope_model(seed=0, original=8):
+    return tiny(PHIMOE, seed=seed, rope_scaling=longrope_scaling(8, original=original), max_position_embeddings=64)
+
+
+@torch.no_grad()
+def test_long_factors_match_the_original_model_rule():
+    """Beyond original_max_position_embeddings we use long_factor and long_mscale (the original
+    Phi-3.5-MoE rule). Oracle: Transformers with short_factor/mscale replaced by the long ones."""
+    ours = longrope_model(seed=3)
+    scaling = ours.config.rope_parameters
+    hf_cfg = transformers.PhimoeConfig(**PHIMOE.config_kwargs(
+        max_position_embeddings=64,
+        rope_scaling={**longrope_scaling(8, original=8), "short_factor": scaling["long_factor"], "short_mscale": scaling["long_mscale"]},
+    ))
+    hf = transformers.PhimoeForCausalLM(hf_cfg).eval()
+    hf.load_state_dict(ours.state_dict())
+    hf.set_attn_implementation("eager")
+    ids, _ = make_inputs(64, 2, 12, None)
+    close(hf(ids).logits, ours(ids).logits, "12 tokens > original 8")
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_crossing_threshold_reencodes_cached_keys(kind):
+    model = longrope_model(seed=4)
+    ids, _ = make_inputs(64, 2, 14, None, seed=5)
+    cache = new_cache(kind, model)
+    model(ids[:, :5], past_key_values=cache, use_cache=True)
+    assert not cache.rope_long
+    for t in range(5, 14):
+        out = model(ids[:, t : t + 1], past_key_values=cache)
+        scratch = model(ids[:, : t + 1]).logits[:, -1]
+        close(out.logits[:, 0], scratch, f"step {t} (sequence length {t + 1})")
+    assert cache.rope_long
+
+
+@torch.no_grad()
+def test_crossing_inside_a_chunk_and_cropping_back():
+    model = longrope_model(seed=6)
+    ids, _ = make_inputs(64, 1, 12, None, seed=8)
+    cache = DynamicCache()
+    model(ids[:, :6], past_key_values=cache, use_cache=True)
+    out = model(ids[:, 6:11], past_key_values=cache)  # 6 cached + 5 new crosses 8
+    close(out.logits, model(ids[:, :11]).logits[:, 6:], "chunk across the threshold")
+    cache.crop(7)  # back below the threshold: keys go back to the short factors
+    out = model(ids[:, 7:8], past_key_values=cache)
+    close(out.logits[:, 0], model(ids[:, :8]).logits[:, -1], "after crop")
+    assert not cache.rope_long
+
+
+@torch.no_grad()
+def test_static_cache_is_preallocated_and_checked():
+    model = tiny(PHIMOE)
+    cache = StaticCache(model.config, max_cache_len=8, max_batch_size=2, device="cpu", dtype=torch.float32)
+    k0 = cache.keys[0]
+    ids, _ = make_inputs(97, 2, 8, None)
+    model(ids[:, :6], past_key_values=cache, use_cache=True)
+    model(ids[:, 6:7], past_key_values=cache)
+    assert cache.keys[0] is k0 and k0.shape == (2, 2, 8, 8)
+    model(ids[:, 7:8], past_key_values=cache)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        model(ids[:, :1], past_key_values=cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.keys[0] is k0
+    with pytest.raises(ValueError, match="batch"):
+        model(torch.ones(3, 2, dtype=torch.long), past_key_values=cache)
+
+
+@torch.no_grad()
+def test_cache_api():
+    model = tiny(PHIMOE, seed=9)
+    ids, _ = make_inputs(97, 3, 6, None)
+    cache = model(ids, use_cache=True).past_key_values
+    assert isinstance(cache, DynamicCache) and len(cache) == 2 and cache.get_seq_length() == 6
+    legacy = cache.to_legacy_cache()
+    assert legacy[0][0].shape == (3, 2, 6, 8)
+    again = DynamicCache.from_legacy_cache(legacy)
+    nxt = torch.tensor([[5], [6], [7]])
+    close(model(nxt, past_key_values=again).logits, model(nxt, past_key_values=legacy).logits, "legacy tuple input")
+    # reorder: continuing a permuted cache equals continuing the permuted batch
+    perm = torch.tensor([2, 0, 1])
+    c1 = model(ids, use_cache=True).past_key_values
+    c1.reorder_cache(perm)
+    c2 = model(ids[perm], use_cache=True).past_key_values
+    close(model(nxt, past_key_values=c1).logits, model(nxt, past_key_values=c2).logits, "reorder_cache")
+    c1.crop(4)
+    assert c1.get_seq_length() == 4 and c1.keys[0].shape[2] == 4
+    assert model(ids, use_cache=False).past_key_values is None

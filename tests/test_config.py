@@ -1,0 +1,128 @@
+"""PhimoeConfig: defaults, both RoPE forms, config.json round trips, validation errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+from archs import longrope_scaling
+
+from moetorch import ConfigError, PhimoeConfig
+
+SPEC_DEFAULTS = dict(
+    vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, hidden_act="silu", max_position_embeddings=131072, initializer_range=0.02,
+    rms_norm_eps=1e-5, use_cache=True, pad_token_id=None, bos_token_id=1, eos_token_id=2,
+    tie_word_embeddings=False, sliding_window=None, attention_dropout=0.0, num_experts_per_tok=2,
+    num_local_experts=16, output_router_logits=False, router_aux_loss_coef=0.001, router_jitter_noise=0.01,
+    input_jitter_noise=0.0, attention_bias=False, lm_head_bias=False,
+)
+
+
+def test_spec_defaults():
+    cfg = PhimoeConfig()
+    for k, v in SPEC_DEFAULTS.items():
+        assert getattr(cfg, k) == v, k
+    assert cfg.rope_parameters == {"rope_type": "default", "rope_theta": 1000000.0}
+    assert cfg.rope_theta == 1000000.0
+
+
+def test_defaults_match_transformers():
+    ours = PhimoeConfig().to_dict()
+    theirs = transformers.PhimoeConfig().to_dict()
+    for k in set(ours) & set(theirs) - {"id2label"}:
+        assert ours[k] == theirs[k], k
+
+
+def test_v4_form_becomes_rope_parameters():
+    scaling = longrope_scaling(128, original=4096)
+    cfg = PhimoeConfig(rope_theta=10000.0, rope_scaling=scaling, num_attention_heads=32, hidden_size=4096)
+    p = cfg.rope_parameters
+    assert p["rope_type"] == "longrope" and p["rope_theta"] == 10000.0
+    assert p["short_factor"] == scaling["short_factor"] and p["long_mscale"] == 1.3
+    assert cfg.original_max_position_embeddings == 4096
+    out = cfg.to_dict()
+    assert "rope_scaling" not in out and "rope_theta" not in out and out["rope_parameters"]["rope_type"] == "longrope"
+
+
+def test_v5_form_equals_v4_form():
+    scaling = longrope_scaling(128, original=4096)
+    v4 = PhimoeConfig(rope_theta=10000.0, rope_scaling=scaling)
+    v5 = PhimoeConfig(rope_parameters={**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "longrope", "rope_theta": 10000.0})
+    assert v4.rope_parameters == v5.rope_parameters
+
+
+def test_original_phi35_config_json(tmp_path):
+    """The original checkpoint's config.json (architectures PhiMoEForCausalLM, v4 rope form,
+    top-level original_max_position_embeddings and extra keys) loads and round-trips."""
+    original = {
+        "architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe", "attention_bias": True, "lm_head_bias": True,
+        "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_dropout": 0.0,
+        "original_max_position_embeddings": 4096, "max_position_embeddings": 131072, "rope_theta": 10000.0,
+        "rope_scaling": longrope_scaling(128, original=4096), "sliding_window": 131072, "torch_dtype": "bfloat16",
+        "auto_map": {"AutoConfig": "configuration_phimoe.PhiMoEConfig"}, "transformers_version": "4.43.3",
+        "eos_token_id": 32000, "router_aux_loss_coef": 0.0, "input_jitter_noise": 0.01,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(original))
+    cfg = PhimoeConfig.from_pretrained(tmp_path)
+    assert cfg.attention_bias and cfg.lm_head_bias and cfg.dtype == "bfloat16"
+    assert cfg.rope_parameters["original_max_position_embeddings"] == 4096
+    assert cfg.hidden_dropout == 0.0  # unknown keys survive as attributes
+    cfg.save_pretrained(tmp_path / "out")
+    again = PhimoeConfig.from_pretrained(tmp_path / "out")
+    assert again == cfg
+    hf = transformers.PhimoeConfig.from_pretrained(tmp_path / "out")
+    assert hf.rope_parameters["rope_type"] == "longrope" and hf.hidden_size == 4096
+
+
+def test_round_trip_and_transformers_reads_it(tmp_path):
+    cfg = PhimoeConfig(vocab_size=100, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                       sliding_window=16, num_labels=3, problem_type="single_label_classification")
+    cfg.save_pretrained(tmp_path)
+    assert PhimoeConfig.from_pretrained(tmp_path) == cfg
+    assert PhimoeConfig.from_dict(cfg.to_dict()) == cfg
+    hf = transformers.PhimoeConfig.from_pretrained(tmp_path)
+    assert (hf.vocab_size, hf.num_key_value_heads, hf.sliding_window, hf.num_labels) == (100, 1, 16, 3)
+    # and the reverse
+    hf.save_pretrained(tmp_path / "hf")
+    back = PhimoeConfig.from_pretrained(tmp_path / "hf")
+    assert (back.vocab_size, back.sliding_window, back.num_labels) == (100, 16, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_attention_heads": 32, "num_key_value_heads": 5}, "num_key_value_heads"),
+        ({"num_experts_per_tok": 4, "num_local_experts": 3}, "num_experts_per_tok"),
+        ({"num_experts_per_tok": 1}, "num_experts_per_tok"),
+        ({"hidden_act": "swishy"}, "hidden_act"),
+        ({"hidden_size": 100, "num_attention_heads": 32}, "num_attention_heads"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"sliding_window": -1}, "sliding_window"),
+        ({"rope_scaling": {**longrope_scaling(128), "short_factor": [1.0] * 3}}, "short_factor"),
+        ({"rope_scaling": {**longrope_scaling(128), "long_factor": ["a"] * 64}}, "long_factor"),
+        ({"rope_scaling": {**longrope_scaling(128), "short_mscale": "big"}}, "short_mscale"),
+        ({"rope_scaling": {**longrope_scaling(128), "long_mscale": None}}, "long_mscale"),
+        ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_type"),
+        ({"attention_dropout": 1.5}, "attention_dropout"),
+        ({"num_labels": 2, "id2label": {0: "a", 1: "b", 2: "c"}}, "num_labels"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        PhimoeConfig(**kwargs)
+
+
+def test_wrong_model_type_and_bad_files(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="llama"):
+        PhimoeConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        PhimoeConfig.from_pretrained(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        PhimoeConfig.from_pretrained(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="local directory"):
+        PhimoeConfig.from_pretrained("microsoft/Phi-3.5-MoE-instruct")
