@@ -33,9 +33,19 @@ class RotaryEmbedding(nn.Module):
         self.original_max = self.params.get("original_max_position_embeddings") if self.longrope else None
         self.short_mscale = float(self.params.get("short_mscale", 1.0)) if self.longrope else 1.0
         self.long_mscale = float(self.params.get("long_mscale", 1.0)) if self.longrope else 1.0
-        self.register_buffer("inv_freq_short", torch.empty(head_dim // 2), persistent=False)
-        self.register_buffer("inv_freq_long", torch.empty(head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq_short", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
+        self.register_buffer("inv_freq_long", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
         self.init_buffers()
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(bfloat16)` must not round the frequency tables: recompute them in float32.
+        super()._apply(fn, recurse)
+        if self.inv_freq_short.dtype != torch.float32:
+            device = self.inv_freq_short.device
+            self.inv_freq_short = torch.empty(self.head_dim // 2, dtype=torch.float32, device=device)
+            self.inv_freq_long = torch.empty(self.head_dim // 2, dtype=torch.float32, device=device)
+            self.init_buffers()
+        return self
 
     @torch.no_grad()
     def init_buffers(self) -> None:

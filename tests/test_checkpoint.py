@@ -1,0 +1,173 @@
+"""Checkpoint I/O: both PhiMoE naming schemes, sharding, dtype placement, and the promised errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import transformers
+from archs import ARCH_IDS, ARCHS, PHIMOE, randomize_
+from parity import close, make_inputs
+from safetensors.torch import load_file, save_file
+
+from moetorch import CheckpointError, ConfigError, PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
+from moetorch.checkpoint import parse_size
+
+
+def hf_phimoe(seed=0, **overrides):
+    model = transformers.PhimoeForCausalLM(PHIMOE.hf_config(**overrides))
+    randomize_(model, seed)
+    return model.eval()
+
+
+def our_model(arch, seed=0, **overrides):
+    model = arch.ours["causal_lm"](arch.our_config(**overrides))
+    randomize_(model, seed)
+    return model.eval()
+
+
+def test_reads_transformers5_fused_names(tmp_path):
+    hf = hf_phimoe(seed=1, attention_bias=True)
+    hf.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ours = PhimoeForCausalLM.from_pretrained(tmp_path)
+    ids, _ = make_inputs(97, 2, 6, None)
+    with torch.no_grad():
+        close(hf(ids).logits, ours(ids).logits, "logits from fused-name checkpoint")
+
+
+def test_writes_original_names_like_transformers(tmp_path):
+    ours = our_model(PHIMOE)
+    ours.save_pretrained(tmp_path / "ours")
+    hf_phimoe().save_pretrained(tmp_path / "hf")
+    ours_keys = set(load_file(str(tmp_path / "ours" / "model.safetensors")))
+    hf_keys = set(load_file(str(tmp_path / "hf" / "model.safetensors")))
+    assert ours_keys == hf_keys
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in ours_keys
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["architectures"] == ["PhimoeForCausalLM"] and config["model_type"] == "phimoe"
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_sharded_round_trip_both_libraries(arch, tmp_path):
+    ours = our_model(arch, seed=2)
+    ours.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+    again = arch.ours["causal_lm"].from_pretrained(tmp_path)
+    for (n1, t1), (n2, t2) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2), n1
+    hf = arch.hf["causal_lm"].from_pretrained(tmp_path)
+    ids, _ = make_inputs(arch.base["vocab_size"], 2, 5, None)
+    with torch.no_grad():
+        close(hf(ids).logits, again(ids).logits, "Transformers on our shards")
+    # Saving again unsharded removes the stale shards.
+    again.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / shards[0]).exists()
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+
+
+def test_dtype_and_device_placement(tmp_path):
+    our_model(PHIMOE).save_pretrained(tmp_path)
+    m = PhimoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
+    assert m.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in m.parameters())
+    assert m.model.rotary_emb.inv_freq_short.dtype == torch.float32  # rope tables stay fp32
+    assert PhimoeForCausalLM.from_pretrained(tmp_path, torch_dtype="float16").dtype == torch.float16
+    m.save_pretrained(tmp_path / "bf16")
+    assert PhimoeForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16
+    assert not m.training
+    with pytest.raises(ValueError, match="dtype"):
+        PhimoeForCausalLM.from_pretrained(tmp_path, dtype="int7")
+
+
+def test_head_and_base_models_from_a_causal_lm_checkpoint(tmp_path, caplog):
+    lm = our_model(PHIMOE, seed=3)
+    lm.save_pretrained(tmp_path)
+    base = PhimoeModel.from_pretrained(tmp_path)
+    ids, _ = make_inputs(97, 1, 5, None)
+    with torch.no_grad():
+        close(base(ids).last_hidden_state, lm.model(ids).last_hidden_state, "base model from LM checkpoint")
+    with caplog.at_level(logging.WARNING, logger="moetorch"):
+        cls = PhimoeForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    assert "score.weight" in caplog.text and cls.score.weight.abs().sum() > 0
+    base.save_pretrained(tmp_path / "base")
+    PhimoeModel.from_pretrained(tmp_path / "base")
+
+
+def _corrupt(tmp_path, edit):
+    our_model(PHIMOE).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_an_error(tmp_path):
+    _corrupt(tmp_path, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
+    with pytest.raises(CheckpointError, match="gate_up_proj"):
+        PhimoeForCausalLM.from_pretrained(tmp_path)
+
+
+def test_unexpected_tensor_is_an_error(tmp_path):
+    _corrupt(tmp_path, lambda t: t.update({"model.layers.0.mystery.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match="mystery"):
+        PhimoeForCausalLM.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_is_an_error(tmp_path):
+    _corrupt(tmp_path, lambda t: t.update({"model.norm.weight": torch.zeros(31)}))
+    with pytest.raises(CheckpointError, match=r"model.norm.weight.*\(31,\).*\(32,\)"):
+        PhimoeForCausalLM.from_pretrained(tmp_path)
+
+
+def test_config_that_does_not_fit_the_weights(tmp_path):
+    our_model(PHIMOE).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 40
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        PhimoeForCausalLM.from_pretrained(tmp_path)
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    our_model(PHIMOE).save_pretrained(tmp_path, max_shard_size="30KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = tmp_path / sorted(set(index["weight_map"].values()))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=shard.name):
+        PhimoeForCausalLM.from_pretrained(tmp_path)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="do not exist"):
+        PhimoeForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="index"):
+        PhimoeForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        PhimoeForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        PhimoeForCausalLM.from_pretrained(tmp_path)
+
+
+def test_checkpoint_of_another_model_type(tmp_path):
+    our_model(PHIMOE).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "mixtral"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="mixtral"):
+        PhimoeForCausalLM.from_pretrained(tmp_path)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
+    for bad in ("-1GB", "lots", 0):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            parse_size(bad)
