@@ -1,0 +1,78 @@
+"""`AutoModelForCausalLM` and friends: pick the architecture from a checkpoint's config.json."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .configuration import ConfigError, read_config_dict
+
+# Architecture names used by original (remote-code) checkpoints.
+ARCHITECTURE_ALIASES = {"PhiMoEForCausalLM": "phimoe", "JetMoEForCausalLM": "jetmoe"}
+
+
+def registry() -> dict[str, dict[str, type]]:
+    """model_type -> the classes for each role ("config", "model", "causal_lm", "seq_cls")."""
+    from .configuration import JetMoeConfig, PhimoeConfig
+    from .models import jetmoe, phimoe
+
+    return {
+        "phimoe": {"config": PhimoeConfig, "model": phimoe.PhimoeModel, "causal_lm": phimoe.PhimoeForCausalLM,
+                   "seq_cls": phimoe.PhimoeForSequenceClassification},
+        "jetmoe": {"config": JetMoeConfig, "model": jetmoe.JetMoeModel, "causal_lm": jetmoe.JetMoeForCausalLM,
+                   "seq_cls": jetmoe.JetMoeForSequenceClassification},
+    }
+
+
+def model_type_of(config_dict: dict[str, Any], source: str) -> str:
+    """The model_type of a config.json, falling back to its `architectures` entry."""
+    reg = registry()
+    model_type = config_dict.get("model_type")
+    if model_type is None:
+        for arch in config_dict.get("architectures") or []:
+            names = {c["causal_lm"].__name__: t for t, c in reg.items()}
+            model_type = ARCHITECTURE_ALIASES.get(arch) or names.get(arch)
+            if model_type:
+                break
+    if model_type not in reg:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported by moetorch; supported: {sorted(reg)}"
+        )
+    return model_type
+
+
+class _Auto:
+    role = ""
+
+    def __init__(self) -> None:
+        raise TypeError(f"use {type(self).__name__}.from_pretrained(path) or .from_config(config)")
+
+    @classmethod
+    def class_for(cls, path: str | os.PathLike) -> type:
+        data = read_config_dict(path)
+        return registry()[model_type_of(data, os.fspath(path))][cls.role]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """Load the checkpoint with the class its config.json names."""
+        return cls.class_for(pretrained_model_name_or_path).from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_config(cls, config):
+        return registry()[config.model_type][cls.role](config)
+
+
+class AutoConfig(_Auto):
+    role = "config"
+
+
+class AutoModel(_Auto):
+    role = "model"
+
+
+class AutoModelForCausalLM(_Auto):
+    role = "causal_lm"
+
+
+class AutoModelForSequenceClassification(_Auto):
+    role = "seq_cls"

@@ -1,0 +1,165 @@
+"""The Transformers-style surface: outputs, flags, argument errors, embeddings resizing, gradient
+checkpointing, and a decode step that never reads a device value back to the host."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from archs import ARCH_IDS, ARCHS, randomize_
+from parity import close, make_inputs
+
+from moetorch import DynamicCache, StaticCache
+
+
+def tiny(arch, seed=0, head="causal_lm", **overrides):
+    model = arch.ours[head](arch.our_config(**overrides))
+    randomize_(model, seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_outputs_by_attribute_key_and_index(arch):
+    model = tiny(arch)
+    ids, _ = make_inputs(arch.base["vocab_size"], 2, 5, None)
+    out = model(ids, labels=ids, output_router_logits=True)
+    assert out["logits"] is out.logits and out[0] is out.loss and out[1] is out.aux_loss and out[2] is out.logits
+    assert list(out.keys()) == ["loss", "aux_loss", "logits", "past_key_values", "router_logits"]
+    loss, aux, logits, *_ = out.to_tuple()
+    as_tuple = model(ids, labels=ids, output_router_logits=True, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 5
+    close(as_tuple[2], logits, "return_dict=False")
+    plain = model(ids, use_cache=False)
+    assert plain.loss is None and plain.aux_loss is None and plain.router_logits is None
+    assert plain[0] is plain.logits and len(plain) == 1
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_config_output_flags_are_defaults(arch):
+    model = tiny(arch, output_hidden_states=True, output_router_logits=True, use_cache=False)
+    out = model(torch.ones(1, 3, dtype=torch.long))
+    assert len(out.hidden_states) == arch.base["num_hidden_layers"] + 1 and out.aux_loss is not None
+    assert out.past_key_values is None
+    assert model(torch.ones(1, 3, dtype=torch.long), output_hidden_states=False).hidden_states is None
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_argument_errors(arch):
+    model = tiny(arch)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(ids, inputs_embeds=model.get_input_embeddings()(ids))
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model()
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        model(torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.ones(1, 0, dtype=torch.long))
+    with pytest.raises(TypeError, match="past_key_values"):
+        model(ids, past_key_values="cache")
+    with pytest.raises(ImportError, match="flash"):
+        model.set_attn_implementation("flash_attention_2")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        model.set_attn_implementation("fastest")
+    with pytest.raises(TypeError, match="needs a"):
+        arch.ours["causal_lm"](object())
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_resize_token_embeddings(arch, tmp_path):
+    model = tiny(arch, seed=1)
+    V = model.config.vocab_size
+    old_emb = model.get_input_embeddings().weight.detach().clone()
+    new = model.resize_token_embeddings(V + 5, pad_to_multiple_of=8)
+    n = ((V + 5 + 7) // 8) * 8
+    assert new.num_embeddings == n and model.config.vocab_size == n
+    assert model.get_output_embeddings().out_features == n
+    w = model.get_input_embeddings().weight
+    assert torch.equal(w[:V], old_emb)
+    close(w[V:], old_emb.mean(0, keepdim=True).expand(n - V, -1), "new rows start at the mean")
+    assert model(torch.tensor([[n - 1, 1]])).logits.shape == (1, 2, n)
+    if model.config.tie_word_embeddings:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    model.save_pretrained(tmp_path)
+    again = arch.ours["causal_lm"].from_pretrained(tmp_path)
+    assert again.config.vocab_size == n
+    small = again.resize_token_embeddings(V - 3)
+    assert small.num_embeddings == V - 3
+    with pytest.raises(ValueError, match="new_num_tokens"):
+        again.resize_token_embeddings(0)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_gradient_checkpointing_gives_the_same_gradients(arch):
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 6, "left")
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(arch, seed=2).train()
+        if ckpt:
+            model.gradient_checkpointing_enable()
+            assert model.is_gradient_checkpointing
+        torch.manual_seed(5)
+        out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+        assert out.past_key_values is None or not ckpt
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        close(grads[0][n], grads[1][n], f"grad {n}", atol=1e-6, rtol=1e-5)
+
+
+@contextlib.contextmanager
+def forbid_host_sync():
+    """Fail on any call that reads a tensor's value back to the host (a sync on CUDA)."""
+    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "cpu", "unique"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    saved_fns = {n: getattr(torch, n) for n in ("nonzero", "unique", "bincount", "where")}
+
+    def boom(name):
+        def f(*a, **k):
+            raise AssertionError(f"host sync: Tensor.{name} called on the decode path")
+        return f
+
+    def where(cond, *rest, **k):
+        if not rest:
+            raise AssertionError("host sync: torch.where(cond) called on the decode path")
+        return saved_fns["where"](cond, *rest, **k)
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, boom(n))
+        for n in ("nonzero", "unique", "bincount"):
+            setattr(torch, n, boom(n))
+        torch.where = where
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+        for n, f in saved_fns.items():
+            setattr(torch, n, f)
+
+
+SYNC_CASES = [(a, v) for a in ARCHS for v in ("default", "longrope") if v in a.variants]
+
+
+@pytest.mark.parametrize(("arch", "variant"), SYNC_CASES, ids=[f"{a.name}-{v}" for a, v in SYNC_CASES])
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+@torch.no_grad()
+def test_decode_step_never_syncs_with_the_host(arch, variant, kind):
+    model = tiny(arch, seed=3, **arch.variants[variant])
+    ids, mask = make_inputs(arch.base["vocab_size"], 4, 6, "left")
+    cache = StaticCache(model.config, max_cache_len=16) if kind == "static" else DynamicCache()
+    model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    nxt = torch.ones(4, 1, dtype=torch.long)
+    full_mask = torch.cat([mask, torch.ones(4, 1, dtype=torch.long)], 1)
+    with forbid_host_sync():
+        out = model(nxt, attention_mask=full_mask, past_key_values=cache, cache_position=torch.tensor([6]),
+                    position_ids=torch.full((4, 1), 6))
+    assert out.logits.shape == (4, 1, arch.base["vocab_size"])
+
+
+def test_forbid_host_sync_catches_a_sync():
+    with forbid_host_sync(), pytest.raises(AssertionError, match="host sync"):
+        torch.tensor([1.0]).item()
