@@ -38,6 +38,11 @@ def test_reads_transformers5_fused_names(tmp_path):
     ids, _ = make_inputs(97, 2, 6, None)
     with torch.no_grad():
         close(hf(ids).logits, ours(ids).logits, "logits from fused-name checkpoint")
+    # ... and round-trips through our save (original names) into both libraries.
+    ours.save_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        close(hf(ids).logits, PhimoeForCausalLM.from_pretrained(tmp_path / "again")(ids).logits, "moetorch reload")
+        close(hf(ids).logits, transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "again")(ids).logits, "hf reload")
 
 
 def test_writes_original_names_like_transformers(tmp_path):
