@@ -189,15 +189,16 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_pref
             f"e.g. {unexpected[:8]} (is config.json for this checkpoint?)"
         )
     if heads_missing:
-        logger.warning("%s: head weights %s not in the checkpoint; they keep their fresh initialisation", path, heads_missing)
+        logger.warning("%s: head weights %s not in the checkpoint; they keep their fresh init", path, heads_missing)
     if heads_extra:
-        logger.warning("%s: head weights %s in the checkpoint are not used by %s", path, heads_extra, type(model).__name__)
+        logger.warning("%s: checkpoint head weights %s unused by %s", path, heads_extra, type(model).__name__)
 
 
 # ---- writing ------------------------------------------------------------------------------------
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 
 def parse_size(size: int | str) -> int:
@@ -210,7 +211,9 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
-def save_into(model: torch.nn.Module, save_directory: str | os.PathLike, config, max_shard_size: int | str = "5GB") -> None:
+def save_into(
+    model: torch.nn.Module, save_directory: str | os.PathLike, config, max_shard_size: int | str = "5GB"
+) -> None:
     """Write the model's tensors as (sharded) safetensors in the names Transformers loads."""
     limit = parse_size(max_shard_size)
     _, to_disk = name_maps(config.model_type)

@@ -37,7 +37,9 @@ def infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
     return "multi_label_classification"
 
 
-def classification_loss(pooled_BL: torch.Tensor, labels: torch.Tensor, num_labels: int, problem_type: str) -> torch.Tensor:
+def classification_loss(
+    pooled_BL: torch.Tensor, labels: torch.Tensor, num_labels: int, problem_type: str
+) -> torch.Tensor:
     labels = labels.to(pooled_BL.device)
     if problem_type == "regression":
         if num_labels == 1:
@@ -48,7 +50,9 @@ def classification_loss(pooled_BL: torch.Tensor, labels: torch.Tensor, num_label
     return F.binary_cross_entropy_with_logits(pooled_BL, labels)
 
 
-def last_token_index(input_ids_BT: torch.Tensor | None, pad_token_id: int | None, batch: int, device) -> torch.Tensor | int:
+def last_token_index(
+    input_ids_BT: torch.Tensor | None, pad_token_id: int | None, batch: int, device
+) -> torch.Tensor | int:
     """Index of the rightmost non-padding token per row (works for left and right padding)."""
     if pad_token_id is None:
         if batch != 1:

@@ -70,7 +70,9 @@ class RotaryEmbedding(nn.Module):
         return self.longrope and seq_len > self.original_max
 
     @torch.no_grad()
-    def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype, long: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids_BT: torch.Tensor, dtype: torch.dtype, long: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq_long if long else self.inv_freq_short
         mscale = self.long_mscale if long else self.short_mscale
         freqs = position_ids_BT[..., None].float() * inv_freq

@@ -1,0 +1,142 @@
+"""GPU checks run on the device before any benchmark (not part of the CPU suite: CI has no GPU).
+
+    python bench/gpu_check.py [--out results.json]
+
+1. bf16 on CUDA vs float32 on CPU, same random weights: relative error of the logits < 1e-2.
+2. Expert backends on CUDA in bf16 vs the float32 reference loop, at decode and prefill sizes.
+3. A decode step with a StaticCache under `torch.cuda.set_sync_debug_mode("error")`: any host
+   synchronisation on the decode path raises.
+4. LongRoPE threshold crossing on CUDA equals a forward from scratch.
+Exits non-zero if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import moetorch
+from moetorch.ops.moe import experts_forward, experts_reference
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def configs():
+    phi = moetorch.PhimoeConfig(
+        vocab_size=4096, hidden_size=1024, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=16,
+        num_key_value_heads=4, num_local_experts=8, max_position_embeddings=4096, attention_bias=True,
+        lm_head_bias=True, pad_token_id=0,
+    )
+    out = {"phimoe": (phi, moetorch.PhimoeForCausalLM)}
+    if hasattr(moetorch, "JetMoeConfig"):
+        jet = moetorch.JetMoeConfig(
+            vocab_size=4096, hidden_size=1024, intermediate_size=1536, num_hidden_layers=4, num_key_value_heads=8,
+            kv_channels=64, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+        )
+        out["jetmoe"] = (jet, moetorch.JetMoeForCausalLM)
+    return out
+
+
+@torch.no_grad()
+def check_model(name, config, cls, results):
+    torch.manual_seed(0)
+    ref = cls(config).eval()
+    gpu = cls(config).to("cuda", torch.bfloat16).eval()
+    gpu.load_state_dict(ref.state_dict())
+    ids = torch.randint(1, config.vocab_size, (2, 48))
+    err = rel_err(gpu(ids.cuda()).logits, ref(ids).logits)
+    results[f"{name}.bf16_cuda_vs_fp32_cpu_rel_err"] = err
+    ok = err < 1e-2
+    # decode without host sync
+    cache = moetorch.StaticCache(config, max_cache_len=64)
+    gpu(ids.cuda(), past_key_values=cache, use_cache=True)
+    nxt = torch.ones(2, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([48], device="cuda")
+    gpu(nxt, past_key_values=cache, cache_position=pos)  # warm-up allocations
+    cache.crop(48)
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        gpu(nxt, past_key_values=cache, cache_position=pos)
+        results[f"{name}.decode_step_host_sync"] = "none"
+    except RuntimeError as e:
+        results[f"{name}.decode_step_host_sync"] = f"SYNC: {e}"
+        ok = False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return ok
+
+
+@torch.no_grad()
+def check_experts(results):
+    ok = True
+    E, D, I, K = 16, 1024, 1536, 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(E, 2 * I, D, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(E, D, I, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    for T in (1, 64, 1024):
+        x = torch.randn(T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T)])
+        w = torch.rand(T, K, device="cuda", generator=g, dtype=torch.bfloat16)
+        want = experts_reference(x.float(), w13.float(), w2.float(), ids, w.float(), F.silu)
+        for backend in ("gather", "grouped_mm"):
+            if backend == "gather" and T > 64:
+                continue
+            err = rel_err(experts_forward(x, w13, w2, ids, w, F.silu, backend=backend), want)
+            results[f"experts.{backend}.T{T}.rel_err"] = err
+            ok &= err < 1e-2
+    return ok
+
+
+@torch.no_grad()
+def check_longrope(results):
+    head = 64
+    scaling = {"type": "longrope", "short_factor": [1.0 + i / head for i in range(head // 2)],
+               "long_factor": [2.0 + i / 4 for i in range(head // 2)], "short_mscale": 1.1, "long_mscale": 1.3,
+               "original_max_position_embeddings": 32}
+    cfg = moetorch.PhimoeConfig(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                max_position_embeddings=256, rope_scaling=scaling)
+    torch.manual_seed(1)
+    m = moetorch.PhimoeForCausalLM(cfg).cuda().eval()
+    ids = torch.randint(0, 512, (2, 40), device="cuda")
+    cache = moetorch.StaticCache(cfg, max_cache_len=64)
+    m(ids[:, :30], past_key_values=cache, use_cache=True)
+    worst = 0.0
+    for t in range(30, 40):
+        step = m(ids[:, t : t + 1], past_key_values=cache, cache_position=torch.tensor([t], device="cuda")).logits
+        worst = max(worst, rel_err(step[:, 0], m(ids[:, : t + 1]).logits[:, -1]))
+    results["longrope.crossing_vs_scratch_rel_err"] = worst
+    return worst < 1e-4
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device", file=sys.stderr)
+        return 2
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    ok = check_experts(results)
+    for name, (cfg, cls) in configs().items():
+        ok &= check_model(name, cfg, cls, results)
+    ok &= check_longrope(results)
+    results["ok"] = bool(ok)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
