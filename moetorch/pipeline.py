@@ -1,0 +1,123 @@
+"""`pipeline("text-generation", model=..., tokenizer=...)`: strings, lists of strings and chats."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .tokenizer import Tokenizer
+
+TASKS = ("text-generation",)
+
+
+def pipeline(
+    task: str,
+    model: Any = None,
+    tokenizer: Tokenizer | str | os.PathLike | None = None,
+    device: Any = None,
+    device_map: Any = None,
+    dtype: Any = None,
+    torch_dtype: Any = None,
+    **kwargs: Any,
+) -> TextGenerationPipeline:
+    """Build a pipeline; `model` is a loaded model or a checkpoint directory."""
+    if task not in TASKS:
+        raise ValueError(f"unsupported task {task!r}; moetorch pipelines support {TASKS}")
+    if model is None:
+        raise ValueError("pipeline needs model= (a loaded moetorch model or a checkpoint directory)")
+    if isinstance(model, (str, os.PathLike)):
+        from .auto import AutoModelForCausalLM
+
+        path = model
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype if dtype is not None else torch_dtype, device=device, device_map=device_map
+        )
+        tokenizer = tokenizer if tokenizer is not None else path
+    elif device is not None or device_map is not None:
+        from .modeling_utils import resolve_device
+
+        model = model.to(resolve_device(device, device_map))
+    if tokenizer is None:
+        name = getattr(model, "name_or_path", None)
+        if name is None:
+            raise ValueError("pipeline needs tokenizer= when the model was not loaded from a directory")
+        tokenizer = name
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = Tokenizer.from_pretrained(tokenizer)
+    return TextGenerationPipeline(model, tokenizer, **kwargs)
+
+
+def _is_chat(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
+
+
+class TextGenerationPipeline:
+    """Generate continuations; returns [{"generated_text": ...}] per input, as Transformers does."""
+
+    def __init__(self, model, tokenizer: Tokenizer, **generate_defaults: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generate_defaults = generate_defaults
+
+    def __call__(
+        self,
+        text_inputs: str | list[str] | list[dict] | list[list[dict]],
+        return_full_text: bool = True,
+        return_tensors: bool = False,
+        skip_special_tokens: bool = True,
+        clean_up_tokenization_spaces: bool | None = None,
+        continue_final_message: bool | None = None,
+        **generate_kwargs: Any,
+    ):
+        if isinstance(text_inputs, str) or _is_chat(text_inputs):
+            return self._one(text_inputs, return_full_text, return_tensors, skip_special_tokens,
+                             clean_up_tokenization_spaces, continue_final_message, generate_kwargs)
+        if isinstance(text_inputs, (list, tuple)) and text_inputs:
+            return [
+                self._one(x, return_full_text, return_tensors, skip_special_tokens, clean_up_tokenization_spaces,
+                          continue_final_message, generate_kwargs)
+                for x in text_inputs
+            ]
+        raise TypeError("text_inputs must be a string, a chat (list of {'role', 'content'} dicts) or a list of those")
+
+    @torch.no_grad()
+    def _one(self, prompt, return_full_text, return_tensors, skip_special_tokens, clean_up, continue_final, gen_kwargs):
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            enc = tok(prompt, return_tensors="pt")
+        elif _is_chat(prompt):
+            if continue_final is None:
+                continue_final = prompt[-1]["role"] == "assistant"
+            enc = tok.apply_chat_template(
+                list(prompt), add_generation_prompt=not continue_final, continue_final_message=continue_final,
+                return_tensors="pt",
+            )
+        else:
+            raise TypeError(f"each input must be a string or a chat, got {type(prompt).__name__}")
+        input_ids = enc["input_ids"].to(self.model.device)
+        kwargs = {**self.generate_defaults, **gen_kwargs}
+        if kwargs.get("max_new_tokens") is None and kwargs.get("max_length") is None:
+            kwargs["max_new_tokens"] = 256
+        kwargs.setdefault("tokenizer", tok)
+        sequences = self.model.generate(input_ids, attention_mask=enc["attention_mask"].to(input_ids.device), **kwargs)
+        if not torch.is_tensor(sequences):
+            sequences = sequences.sequences
+        results = []
+        for seq in sequences.tolist():
+            if return_tensors:
+                results.append({"generated_token_ids": seq})
+                continue
+            new_text = tok.decode(seq[input_ids.shape[1]:], skip_special_tokens=skip_special_tokens,
+                                  clean_up_tokenization_spaces=clean_up)
+            if not return_full_text:
+                results.append({"generated_text": new_text})
+            elif isinstance(prompt, str):
+                results.append({"generated_text": prompt + new_text})
+            elif continue_final:
+                last = dict(prompt[-1], content=prompt[-1]["content"] + new_text)
+                results.append({"generated_text": [*prompt[:-1], last]})
+            else:
+                results.append({"generated_text": [*prompt, {"role": "assistant", "content": new_text}]})
+        return results

@@ -1,0 +1,125 @@
+"""The tokenizer against Transformers' fast tokenizer on the same files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tok_util import build_tokenizer
+
+from moetorch import AutoTokenizer, Tokenizer
+
+TEXTS = ["The experts route bananas.", "Dragonfruits!", "x = 2, so 2x + 3 = 7 ✓ — ünïcode"]
+CHAT = [
+    {"role": "system", "content": "You are a helpful AI assistant."},
+    {"role": "user", "content": "Can you provide ways to eat bananas?"},
+    {"role": "assistant", "content": "Sure! A smoothie with milk and honey."},
+    {"role": "user", "content": "What about solving 2x + 3 = 7?"},
+]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    path = build_tokenizer(tmp_path_factory.mktemp("tok"))
+    return transformers.AutoTokenizer.from_pretrained(path), Tokenizer.from_pretrained(path), path
+
+
+def test_encode_decode_match_transformers(pair):
+    hf, ours, _ = pair
+    for text in TEXTS:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special) == hf.encode(text, add_special_tokens=special)
+        ids = hf.encode(text)
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+        assert ours.decode(torch.tensor(ids)) == hf.decode(ids)
+    assert ours.batch_decode([hf.encode(t) for t in TEXTS]) == hf.batch_decode([hf.encode(t) for t in TEXTS])
+
+
+def test_special_tokens_match_transformers(pair):
+    hf, ours, _ = pair
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        assert getattr(ours, name) == getattr(hf, name)
+        assert getattr(ours, name + "_id") == getattr(hf, name + "_id")
+    assert ours.all_special_ids == hf.all_special_ids
+    assert len(ours) == len(hf)
+    assert ours.convert_tokens_to_ids("<|end|>") == hf.convert_tokens_to_ids("<|end|>")
+    assert ours.convert_ids_to_tokens([0, 5]) == hf.convert_ids_to_tokens([0, 5])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_and_tensors_match_transformers(pair, side):
+    hf, ours, _ = pair
+    hf.padding_side = ours.padding_side = side
+    a = hf(TEXTS, padding=True, return_tensors="pt")
+    b = ours(TEXTS, padding=True, return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+    a = hf(TEXTS, padding="max_length", max_length=40)
+    b = ours(TEXTS, padding="max_length", max_length=40)
+    assert a["input_ids"] == b["input_ids"] and a["attention_mask"] == b["attention_mask"]
+    a = hf(TEXTS, truncation=True, max_length=5)
+    assert ours(TEXTS, truncation=True, max_length=5)["input_ids"] == a["input_ids"]
+    assert b.input_ids is b["input_ids"]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_transformers(pair, add_generation_prompt):
+    hf, ours, _ = pair
+    text = ours.apply_chat_template(CHAT, add_generation_prompt=add_generation_prompt, tokenize=False)
+    assert text == hf.apply_chat_template(CHAT, add_generation_prompt=add_generation_prompt, tokenize=False)
+    if add_generation_prompt:
+        assert text.startswith("<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n")
+        assert text.endswith("<|end|>\n<|assistant|>\n")
+    a = hf.apply_chat_template(CHAT, add_generation_prompt=add_generation_prompt, return_tensors="pt")
+    b = ours.apply_chat_template(CHAT, add_generation_prompt=add_generation_prompt, return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    ids = ours.apply_chat_template(CHAT, add_generation_prompt=add_generation_prompt, return_dict=False)
+    assert ids == b["input_ids"][0].tolist()
+    batch_a = hf.apply_chat_template([CHAT, CHAT[:2]], tokenize=False)
+    assert ours.apply_chat_template([CHAT, CHAT[:2]], tokenize=False) == batch_a
+
+
+def test_continue_final_message(pair):
+    hf, ours, _ = pair
+    chat = [*CHAT, {"role": "assistant", "content": "Subtract three"}]
+    a = hf.apply_chat_template(chat, continue_final_message=True, tokenize=False)
+    assert ours.apply_chat_template(chat, continue_final_message=True, tokenize=False) == a
+    assert a.endswith("Subtract three")
+
+
+def test_save_round_trips_both_ways(pair, tmp_path):
+    hf, ours, _ = pair
+    ours.save_pretrained(tmp_path / "ours")
+    hf2 = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert hf2.encode(TEXTS[0]) == hf.encode(TEXTS[0]) and hf2.chat_template == ours.chat_template
+    assert hf2.pad_token == "<pad>" and hf2.eos_token == "<|end|>"
+    hf.save_pretrained(tmp_path / "hf")  # Transformers 5 writes the template to chat_template.jinja
+    again = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert again.apply_chat_template(CHAT, tokenize=False) == hf.apply_chat_template(CHAT, tokenize=False)
+    assert again.encode(TEXTS[2]) == hf.encode(TEXTS[2])
+
+
+def test_errors_are_clear(pair, tmp_path):
+    _, ours, path = pair
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="local directory"):
+        Tokenizer.from_pretrained("microsoft/Phi-3.5-MoE-instruct")
+    with pytest.raises(ValueError, match="padding=True"):
+        ours(TEXTS, return_tensors="pt")
+    with pytest.raises(ValueError, match="return_tensors"):
+        ours(TEXTS[0], return_tensors="np")
+    with pytest.raises(ValueError, match="empty conversation"):
+        ours.apply_chat_template([])
+    no_pad = Tokenizer.from_pretrained(path, pad_token=None)
+    with pytest.raises(ValueError, match="pad_token"):
+        no_pad(TEXTS, padding=True)
+    no_pad.pad_token = no_pad.eos_token
+    assert no_pad(TEXTS, padding=True)["attention_mask"][1][-1] == 0
+    with pytest.raises(ValueError, match="chat_template"):
+        Tokenizer.from_pretrained(path, chat_template=None).apply_chat_template(CHAT)
+    with pytest.raises(ValueError, match="jinja"):
+        ours.apply_chat_template(CHAT, chat_template="{% for %}")
+    with pytest.raises(TypeError, match="unexpected tokenizer arguments"):
+        ours("hi", return_offsets="yes")
+    assert Tokenizer.from_pretrained(path, trust_remote_code=True).eos_token == "<|end|>"
