@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any, ClassVar
 from .ops.activations import ACTIVATIONS
 
 CONFIG_NAME = "config.json"
+
+logger = logging.getLogger("moetorch")
 
 # Keys that Transformers writes for every model and that carry no meaning here.
 _IGNORED_KEYS = {"transformers_version", "_name_or_path", "auto_map", "torch_dtype", "_commit_hash"}
@@ -153,6 +156,10 @@ class MoeConfig:
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> MoeConfig:
         """Build a config from a `config.json`-style dict; unknown keys are kept in `extra`."""
         data = {**config_dict, **overrides}
+        if "num_labels" in overrides and "id2label" not in overrides:
+            # A new label count replaces the stored label names, as in Transformers.
+            data.pop("id2label", None)
+            data.pop("label2id", None)
         model_type = data.pop("model_type", None)
         if model_type is not None and model_type != cls.model_type:
             raise ConfigError(
@@ -311,13 +318,19 @@ class PhimoeConfig(MoeConfig):
             f"{self.num_experts_per_tok} is larger than num_local_experts {self.num_local_experts}",
         )
         # sparsemixer is defined for exactly two experts (Phi-3.5-MoE and Transformers always pick 2).
-        _check(self.num_experts_per_tok == 2, "num_experts_per_tok", "PhiMoE's sparsemixer routing selects exactly 2 experts")
+        _check(
+            self.num_experts_per_tok == 2,
+            "num_experts_per_tok",
+            "PhiMoE's sparsemixer routing selects exactly 2 experts",
+        )
         _check(
             self.sliding_window is None or (_is_int(self.sliding_window) and self.sliding_window > 0),
             "sliding_window",
             f"must be None or a positive integer, got {self.sliding_window!r}",
         )
-        for name in ("router_jitter_noise", "input_jitter_noise", "router_aux_loss_coef", "rms_norm_eps", "initializer_range"):
+        for name in (
+            "router_jitter_noise", "input_jitter_noise", "router_aux_loss_coef", "rms_norm_eps", "initializer_range"
+        ):
             v = getattr(self, name)
             _check(_is_number(v) and v >= 0, name, f"must be a non-negative number, got {v!r}")
         _check(0 <= self.attention_dropout < 1, "attention_dropout", "must be in [0, 1)")
@@ -334,7 +347,9 @@ class PhimoeConfig(MoeConfig):
         # As in Transformers, a top-level original_max_position_embeddings wins over the dict's.
         omp = self.original_max_position_embeddings or p.get("original_max_position_embeddings")
         omp = omp or self.max_position_embeddings
-        _check(_is_int(omp) and omp > 0, "rope_parameters.original_max_position_embeddings", "must be a positive integer")
+        _check(
+            _is_int(omp) and omp > 0, "rope_parameters.original_max_position_embeddings", "must be a positive integer"
+        )
         p["original_max_position_embeddings"] = int(omp)
         self.original_max_position_embeddings = int(omp)
         half = self.head_dim // 2
@@ -353,3 +368,140 @@ class PhimoeConfig(MoeConfig):
         for name in ("short_mscale", "long_mscale"):
             v = p.get(name)
             _check(_is_number(v), f"rope_parameters.{name}", f"must be a number, got {v!r}")
+
+
+@dataclass
+class JetMoeConfig(MoeConfig):
+    """Configuration of a JetMoE model. Field names and defaults match Transformers' `JetMoeConfig`.
+
+    `num_attention_heads` is derived (`num_key_value_heads * num_experts_per_tok`: each of a token's
+    K attention experts brings `num_key_value_heads` query heads) and cannot be set. The original
+    JetMoE names `ffn_hidden_size`, `moe_num_experts` and `moe_top_k` are read as aliases of
+    `intermediate_size`, `num_local_experts` and `num_experts_per_tok`; `head_dim` of `kv_channels`.
+
+    `router_loss_recipe` picks the router loss behind `aux_loss` (a moetorch option, written to
+    config.json only when not the default):
+    - "transformers": Transformers' Switch loss over [attention router, attention router again,
+      MLP router] of every layer; `loss += aux_loss_coef * aux_loss`.
+    - "jetmoe": the original JetMoE training recipe: every router counted once, each contributing
+      its own Switch loss (assignment fractions normalised over all T*K assignments) plus
+      `router_z_loss_coef` times its z-loss; the router terms are summed.
+    """
+
+    model_type: ClassVar[str] = "jetmoe"
+    default_rope_theta: ClassVar[float] = 10000.0
+    # Other names for fields: the original JetMoE code's, and Transformers' `head_dim` attribute.
+    aliases: ClassVar[dict[str, str]] = {
+        "ffn_hidden_size": "intermediate_size",
+        "moe_num_experts": "num_local_experts",
+        "moe_top_k": "num_experts_per_tok",
+        "head_dim": "kv_channels",
+    }
+    router_loss_recipes: ClassVar[tuple[str, ...]] = ("transformers", "jetmoe")
+    # moetorch-only options, left out of config.json at these values so that the file stays Transformers'.
+    option_defaults: ClassVar[dict[str, Any]] = {"router_loss_recipe": "transformers", "router_z_loss_coef": 0.1}
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_hidden_layers: int = 12
+    num_key_value_heads: int = 16
+    kv_channels: int = 128
+    intermediate_size: int = 5632
+    max_position_embeddings: int = 4096
+    activation_function: str = "silu"
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    output_router_logits: bool = False
+    aux_loss_coef: float = 0.01
+    use_cache: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    rope_theta: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+    rope_parameters: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.01
+    attention_dropout: float = 0.0
+    router_loss_recipe: str = "transformers"
+    router_z_loss_coef: float = 0.1
+
+    def __post_init__(self) -> None:
+        self._post_init_common()
+        check_positive_ints(
+            self,
+            ["vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels",
+             "intermediate_size", "max_position_embeddings", "num_local_experts", "num_experts_per_tok"],
+        )
+        _check(
+            self.num_experts_per_tok <= self.num_local_experts,
+            "num_experts_per_tok",
+            f"{self.num_experts_per_tok} is larger than num_local_experts {self.num_local_experts}",
+        )
+        # RoPE rotates pairs of channels. (hidden_size needs no divisibility: kv_channels sets the head size.)
+        _check(
+            self.kv_channels % 2 == 0,
+            "kv_channels",
+            f"must be even (RoPE rotates channel pairs), got {self.kv_channels}",
+        )
+        _check(
+            self.activation_function in ACTIVATIONS,
+            "activation_function",
+            f"unknown activation {self.activation_function!r}; allowed: {sorted(ACTIVATIONS)}",
+        )
+        for name in ("aux_loss_coef", "router_z_loss_coef", "rms_norm_eps", "initializer_range"):
+            v = getattr(self, name)
+            _check(_is_number(v) and v >= 0, name, f"must be a non-negative number, got {v!r}")
+        _check(
+            _is_number(self.attention_dropout) and 0 <= self.attention_dropout < 1,
+            "attention_dropout",
+            f"must be in [0, 1), got {self.attention_dropout!r}",
+        )
+        _check(
+            self.router_loss_recipe in self.router_loss_recipes,
+            "router_loss_recipe",
+            f"must be one of {self.router_loss_recipes}, got {self.router_loss_recipe!r}",
+        )
+        self._normalize_rope(("default",))
+
+    @property
+    def num_attention_heads(self) -> int:
+        """Query heads per token: K attention experts of `num_key_value_heads` heads each."""
+        return self.num_key_value_heads * self.num_experts_per_tok
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @classmethod
+    def _rename_legacy_keys(cls, data: dict[str, Any]) -> dict[str, Any]:
+        data = dict(data)
+        for old, new in cls.aliases.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            if new in data and data[new] != value:
+                raise ConfigError(
+                    f"invalid config field `{old}`: {value!r} conflicts with `{new}` = {data[new]!r} (same field)"
+                )
+            data[new] = value
+        # Derived, not read. Transformers lets a stored value override the attribute but its model
+        # never uses it, so a mismatch is only worth a warning.
+        heads = data.pop("num_attention_heads", None)
+        kv = data.get("num_key_value_heads", cls.num_key_value_heads)
+        k = data.get("num_experts_per_tok", cls.num_experts_per_tok)
+        if heads is not None and _is_int(kv) and _is_int(k) and heads != kv * k:
+            logger.warning(
+                "config field `num_attention_heads` = %r ignored: JetMoE derives it as "
+                "num_key_value_heads * num_experts_per_tok = %d", heads, kv * k,
+            )
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["num_attention_heads"] = self.num_attention_heads  # Transformers writes the derived value too
+        for name, default in self.option_defaults.items():
+            if out.get(name) == default:
+                out.pop(name)
+        return dict(sorted(out.items()))

@@ -18,7 +18,8 @@ from torch import nn
 from . import checkpoint
 from .cache import Cache, DynamicCache
 from .configuration import MoeConfig
-from .ops.attention import check_attn_implementation
+from .ops.attention import build_mask, check_attn_implementation
+from .outputs import MoeModelOutputWithPast
 
 logger = logging.getLogger("moetorch")
 
@@ -54,6 +55,13 @@ def resolve_device(device: Any, device_map: Any) -> torch.device:
     if isinstance(device, int):
         device = f"cuda:{device}"
     return torch.device(device or "cpu")
+
+
+# Options of Transformers' from_pretrained that concern downloads or remote code, accepted and ignored.
+_LOADER_ONLY_KWARGS = {
+    "trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "force_download",
+    "low_cpu_mem_usage", "use_safetensors", "resume_download", "proxies",
+}
 
 
 class PreTrainedModel(nn.Module):
@@ -215,6 +223,10 @@ class PreTrainedModel(nn.Module):
         copied straight into the allocated parameters: no random init happens first.
         """
         path = os.fspath(pretrained_model_name_or_path)
+        for key in _LOADER_ONLY_KWARGS & config_overrides.keys():
+            config_overrides.pop(key)  # hub/remote-code options: meaningless for a local checkpoint
+        if "subfolder" in config_overrides:
+            path = os.path.join(path, config_overrides.pop("subfolder"))
         if config is None:
             config = cls.config_class.from_pretrained(path, **config_overrides)
         elif config_overrides:
@@ -409,3 +421,54 @@ def drop_prefix(x, hidden, attns, routers, prefix: int, batch: int):
     attns = tuple(a[:, :, prefix:] for a in attns) if attns is not None else None
     routers = tuple(r.view(batch, -1, r.shape[-1])[:, prefix:].reshape(-1, r.shape[-1]) for r in routers)
     return x[:, prefix:], hidden, attns, routers
+
+
+def decoder_forward(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_key_values: Cache | None,
+    inputs_embeds: torch.Tensor | None,
+    use_cache: bool | None,
+    output_attentions: bool | None,
+    output_hidden_states: bool | None,
+    output_router_logits: bool | None,
+    cache_position: torch.Tensor | None,
+    return_dict: bool | None,
+    sliding_window: int | None = None,
+) -> MoeModelOutputWithPast | tuple:
+    """The body of every decoder's `forward`: embed, RoPE, mask, layers, final norm, outputs.
+
+    `model` holds `embed_tokens`, `rotary_emb`, `layers` (see `run_layers`) and `norm`; the output
+    flags left None take the config's values.
+    """
+    cfg = model.config
+    output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+    output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+    output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
+    checkpointing = model.gradient_checkpointing and model.training
+    use_cache = (cfg.use_cache if use_cache is None else use_cache) and not checkpointing
+    inp = prepare_decoder_inputs(
+        model.embed_tokens, input_ids, inputs_embeds, past_key_values, use_cache, cache_position, position_ids
+    )
+    B = inp.embeds_BTD.shape[0]
+    inp, long, prefix = sync_rope_cache(model.rotary_emb, inp)
+    rope = model.rotary_emb(inp.position_ids_BT, inp.embeds_BTD.dtype, long)
+    mask, is_causal = build_mask(
+        attention_mask, inp.cache_position_T, inp.kv_len, sliding_window, B,
+        queries_at_end=inp.cache is None or not inp.cache.is_static,
+    )
+    x, hidden, attns, routers = run_layers(
+        model.layers, inp.embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, model.norm,
+        output_attentions, output_hidden_states, checkpointing,
+    )
+    x, hidden, attns, routers = drop_prefix(x, hidden, attns, routers, prefix, B)
+    out = MoeModelOutputWithPast(
+        last_hidden_state=x,
+        past_key_values=inp.cache if use_cache else None,
+        hidden_states=hidden,
+        attentions=attns,
+        router_logits=routers if output_router_logits else None,
+    )
+    return out if (cfg.return_dict if return_dict is None else return_dict) else out.to_tuple()

@@ -86,7 +86,44 @@ PHIMOE = Arch(
     train_overrides={"attention_bias": True, "lm_head_bias": True, "sliding_window": 4},
 )
 
-ARCHS = [PHIMOE]
+JETMOE = Arch(
+    name="jetmoe",
+    ours={
+        "config": moetorch.JetMoeConfig,
+        "model": moetorch.JetMoeModel,
+        "causal_lm": moetorch.JetMoeForCausalLM,
+        "seq_cls": moetorch.JetMoeForSequenceClassification,
+    },
+    hf={
+        "config": transformers.JetMoeConfig,
+        "model": transformers.JetMoeModel,
+        "causal_lm": transformers.JetMoeForCausalLM,
+        "seq_cls": transformers.JetMoeForSequenceClassification,
+    },
+    base=dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        kv_channels=8,
+        intermediate_size=24,
+        num_local_experts=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    ),
+    variants={
+        "default": {},  # tied embeddings, 4 query heads tiled over 2 kv heads
+        "mqa": {"num_key_value_heads": 1},
+        "untied": {"tie_word_embeddings": False},
+        "top1": {"num_experts_per_tok": 1},
+        "top3": {"num_experts_per_tok": 3, "num_key_value_heads": 3, "kv_channels": 6},
+        # A large eps shows which norms read rms_norm_eps (only the final one, as in Transformers).
+        "large_eps": {"rms_norm_eps": 0.5},
+    },
+    train_overrides={"tie_word_embeddings": False},
+)
+
+ARCHS = [PHIMOE, JETMOE]
 ARCH_IDS = [a.name for a in ARCHS]
 
 

@@ -9,7 +9,7 @@ import transformers
 from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling, randomize_
 from parity import close, make_inputs
 
-from moetorch import DynamicCache, PhimoeForCausalLM, StaticCache
+from moetorch import DynamicCache, StaticCache
 
 
 def tiny(arch, seed=0, **overrides):

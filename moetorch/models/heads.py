@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ..ops.losses import classification_loss, infer_problem_type, last_token_index
-from ..outputs import SequenceClassifierOutputWithPast
+from ..modeling_utils import keep_last
+from ..ops.losses import causal_lm_loss, classification_loss, infer_problem_type, last_token_index
+from ..outputs import MoeCausalLMOutputWithPast, SequenceClassifierOutputWithPast
+
+# (router logits, 2D padding mask of the new tokens or None) -> router loss
+RouterLoss = Callable[[tuple, torch.Tensor | None], torch.Tensor]
 
 
 def classify(model, out, input_ids, inputs_embeds, labels, return_dict):
@@ -24,5 +30,36 @@ def classify(model, out, input_ids, inputs_embeds, labels, return_dict):
     result = SequenceClassifierOutputWithPast(
         loss=loss, logits=pooled_BL, past_key_values=out.past_key_values,
         hidden_states=out.hidden_states, attentions=out.attentions,
+    )
+    return result if (cfg.return_dict if return_dict is None else return_dict) else result.to_tuple()
+
+
+def causal_lm(
+    model,
+    out,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    logits_to_keep: int | torch.Tensor,
+    output_router_logits: bool,
+    num_items_in_batch: int | torch.Tensor | None,
+    return_dict: bool | None,
+    router_loss: RouterLoss,
+    router_loss_coef: float,
+):
+    """LM logits of the kept positions, next-token loss, and `aux_loss = router_loss(...)` when
+    router logits are output (added to the loss, times `router_loss_coef`, when labels are given)."""
+    cfg = model.config
+    logits = model.lm_head(keep_last(out.last_hidden_state, logits_to_keep))
+    loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
+    aux_loss = None
+    if output_router_logits:
+        T = out.last_hidden_state.shape[1]
+        pad_mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        aux_loss = router_loss(out.router_logits, pad_mask)
+        if loss is not None:
+            loss = loss + router_loss_coef * aux_loss.to(loss.device)
+    result = MoeCausalLMOutputWithPast(
+        loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
+        hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
     )
     return result if (cfg.return_dict if return_dict is None else return_dict) else result.to_tuple()

@@ -12,22 +12,14 @@ from torch import nn
 
 from ..cache import Cache
 from ..configuration import PhimoeConfig
-from ..modeling_utils import (
-    PreTrainedModel,
-    drop_prefix,
-    keep_last,
-    prepare_decoder_inputs,
-    run_layers,
-    sync_rope_cache,
-)
+from ..modeling_utils import PreTrainedModel, decoder_forward
 from ..ops.activations import ACTIVATIONS
-from ..ops.attention import attention, build_mask
-from ..ops.losses import causal_lm_loss
+from ..ops.attention import attention
 from ..ops.moe import experts_forward
 from ..ops.rope import RotaryEmbedding, apply_rotary
 from ..ops.routing import sparsemixer, switch_aux_loss
 from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from .heads import classify
+from .heads import causal_lm, classify
 
 
 class PhimoeAttention(nn.Module):
@@ -107,7 +99,8 @@ class PhimoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x_BTD, rope, mask, is_causal, cache, cache_position_T, need_weights):
-        a, weights = self.self_attn(self.input_layernorm(x_BTD), rope, mask, is_causal, cache, cache_position_T, need_weights)
+        h = self.input_layernorm(x_BTD)
+        a, weights = self.self_attn(h, rope, mask, is_causal, cache, cache_position_T, need_weights)
         x_BTD = x_BTD + a
         m, logits_TE = self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD + m, weights, (logits_TE,)
@@ -147,35 +140,11 @@ class PhimoeModel(PhimoePreTrainedModel):
         cache_position: torch.LongTensor | None = None,
         return_dict: bool | None = None,
     ) -> MoeModelOutputWithPast | tuple:
-        cfg = self.config
-        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
-        checkpointing = self.gradient_checkpointing and self.training
-        use_cache = (cfg.use_cache if use_cache is None else use_cache) and not checkpointing
-        inp = prepare_decoder_inputs(
-            self.embed_tokens, input_ids, inputs_embeds, past_key_values, use_cache, cache_position, position_ids
+        return decoder_forward(
+            self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict,
+            sliding_window=self.config.sliding_window,
         )
-        B = inp.embeds_BTD.shape[0]
-        inp, long, prefix = sync_rope_cache(self.rotary_emb, inp)
-        rope = self.rotary_emb(inp.position_ids_BT, inp.embeds_BTD.dtype, long)
-        mask, is_causal = build_mask(
-            attention_mask, inp.cache_position_T, inp.kv_len, cfg.sliding_window, B,
-            queries_at_end=inp.cache is None or not inp.cache.is_static,
-        )
-        x, hidden, attns, routers = run_layers(
-            self.layers, inp.embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, self.norm,
-            output_attentions, output_hidden_states, checkpointing,
-        )
-        x, hidden, attns, routers = drop_prefix(x, hidden, attns, routers, prefix, B)
-        out = MoeModelOutputWithPast(
-            last_hidden_state=x,
-            past_key_values=inp.cache if use_cache else None,
-            hidden_states=hidden,
-            attentions=attns,
-            router_logits=routers if output_router_logits else None,
-        )
-        return out if (cfg.return_dict if return_dict is None else return_dict) else out.to_tuple()
 
 
 class PhimoeForCausalLM(PhimoePreTrainedModel):
@@ -210,20 +179,15 @@ class PhimoeForCausalLM(PhimoePreTrainedModel):
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict=True,
         )
-        logits = self.lm_head(keep_last(out.last_hidden_state, logits_to_keep))
-        loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
-        aux_loss = None
-        if output_router_logits:
-            T = out.last_hidden_state.shape[1]
-            pad_mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.dim() == 2 else None
-            aux_loss = switch_aux_loss(out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok, pad_mask)
-            if loss is not None:
-                loss = loss + cfg.router_aux_loss_coef * aux_loss.to(loss.device)
-        result = MoeCausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
+        return causal_lm(
+            self, out, attention_mask, labels, logits_to_keep, output_router_logits, num_items_in_batch, return_dict,
+            self.router_loss, cfg.router_aux_loss_coef,
         )
-        return result if (cfg.return_dict if return_dict is None else return_dict) else result.to_tuple()
+
+    def router_loss(self, router_logits: tuple[torch.Tensor, ...], pad_mask_BT: torch.Tensor | None) -> torch.Tensor:
+        """Switch load-balancing loss over every layer's router (plain softmax + top-k, not sparsemixer)."""
+        cfg = self.config
+        return switch_aux_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok, pad_mask_BT)
 
 
 class PhimoeForSequenceClassification(PhimoePreTrainedModel):

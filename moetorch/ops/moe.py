@@ -8,6 +8,8 @@ Backends (all compute the same function):
 - "gather": per-assignment weight gather + bmm; no host sync, for decode-sized T.
 - "grouped_mm": tokens sorted by expert on device, one `torch._grouped_mm` per projection (CUDA).
 `experts_forward(..., backend=None)` picks one; Triton kernels plug in here as well.
+`expert_map` / `expert_reduce` are the same seam for single-projection experts (JetMoE's attention
+experts: per-(token, slot) query projection, then weighted output projection), same backends.
 """
 
 from __future__ import annotations
@@ -48,13 +50,22 @@ def experts_gather(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act) -> torc
     return y_ND.view(T, K, -1).sum(1).to(x_TD.dtype)
 
 
+def group_offsets(ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """End offset of each expert's rows once rows are sorted by expert (int32, for grouped_mm).
+
+    Counted with scatter_add: `torch.bincount` would read the largest id back to the host on CUDA.
+    """
+    counts_E = torch.zeros(num_experts, dtype=torch.int32, device=ids_N.device)
+    counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N, dtype=torch.int32))
+    return torch.cumsum(counts_E, 0, dtype=torch.int32)
+
+
 def experts_grouped_mm(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act) -> torch.Tensor:
     T, K = ids_TK.shape
     E = w13_E2ID.shape[0]
     ids_N = ids_TK.reshape(-1)
     order_N = torch.argsort(ids_N, stable=True)
-    counts_E = torch.bincount(ids_N, minlength=E)
-    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    offs_E = group_offsets(ids_N, E)
     xs_ND = x_TD[order_N // K]
     h = torch._grouped_mm(xs_ND, w13_E2ID.transpose(1, 2), offs=offs_E)
     y = torch._grouped_mm(_swiglu(h, act), w2_EDI.transpose(1, 2), offs=offs_E)
@@ -85,3 +96,96 @@ def experts_forward(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act, backen
     if name not in EXPERT_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(EXPERT_BACKENDS)}")
     return EXPERT_BACKENDS[name](x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act)
+
+
+# ---- Single-projection experts: JetMoE's attention experts (MoA) ------------------------------
+# An attention expert is a query projection ("map": token -> one row per (token, slot)) and an
+# output projection ("reduce": rows per (token, slot) -> weighted sum per token). Attention runs
+# in between, so unlike `experts_forward` the two halves are separate calls.
+# Legend here: O a projection's output size, C its input size (for reduce).
+
+
+def expert_map_reference(x_TD, w_EOD, ids_TK) -> torch.Tensor:
+    T, K = ids_TK.shape
+    out_TKO = x_TD.new_zeros(T, K, w_EOD.shape[1])
+    for e in range(w_EOD.shape[0]):
+        tok, slot = torch.where(ids_TK == e)
+        if tok.numel() == 0:
+            continue
+        out_TKO[tok, slot] = x_TD[tok] @ w_EOD[e].T
+    return out_TKO
+
+
+def expert_map_gather(x_TD, w_EOD, ids_TK) -> torch.Tensor:
+    T, K = ids_TK.shape
+    x_ND1 = x_TD.repeat_interleave(K, dim=0).unsqueeze(-1)
+    y_NO = torch.bmm(w_EOD[ids_TK.reshape(-1)], x_ND1).squeeze(-1)
+    return y_NO.view(T, K, -1)
+
+
+def expert_map_grouped_mm(x_TD, w_EOD, ids_TK) -> torch.Tensor:
+    T, K = ids_TK.shape
+    ids_N = ids_TK.reshape(-1)
+    order_N = torch.argsort(ids_N, stable=True)
+    ys_NO = torch._grouped_mm(x_TD[order_N // K], w_EOD.transpose(1, 2), offs=group_offsets(ids_N, w_EOD.shape[0]))
+    y_NO = torch.empty_like(ys_NO).index_copy_(0, order_N, ys_NO)
+    return y_NO.view(T, K, -1)
+
+
+def expert_reduce_reference(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
+    T = ids_TK.shape[0]
+    out_TO = h_TKC.new_zeros(T, w_EOC.shape[1])
+    for e in range(w_EOC.shape[0]):
+        tok, slot = torch.where(ids_TK == e)
+        if tok.numel() == 0:
+            continue
+        y = (h_TKC[tok, slot] @ w_EOC[e].T) * weights_TK[tok, slot, None]
+        out_TO.index_add_(0, tok, y.to(out_TO.dtype))
+    return out_TO
+
+
+def expert_reduce_gather(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
+    T, K = ids_TK.shape
+    y_NO = torch.bmm(w_EOC[ids_TK.reshape(-1)], h_TKC.reshape(T * K, -1, 1)).squeeze(-1)
+    y_NO = y_NO * weights_TK.reshape(-1, 1)
+    return y_NO.view(T, K, -1).sum(1).to(h_TKC.dtype)
+
+
+def expert_reduce_grouped_mm(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
+    T, K = ids_TK.shape
+    ids_N = ids_TK.reshape(-1)
+    order_N = torch.argsort(ids_N, stable=True)
+    hs_NC = h_TKC.reshape(T * K, -1)[order_N]
+    y = torch._grouped_mm(hs_NC, w_EOC.transpose(1, 2), offs=group_offsets(ids_N, w_EOC.shape[0]))
+    y = y * weights_TK.reshape(-1)[order_N, None]
+    out_TO = torch.zeros(T, w_EOC.shape[1], dtype=y.dtype, device=h_TKC.device)
+    out_TO.index_add_(0, order_N // K, y)
+    return out_TO.to(h_TKC.dtype)
+
+
+MAP_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": expert_map_reference,
+    "gather": expert_map_gather,
+    "grouped_mm": expert_map_grouped_mm,
+}
+REDUCE_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": expert_reduce_reference,
+    "gather": expert_reduce_gather,
+    "grouped_mm": expert_reduce_grouped_mm,
+}
+
+
+def expert_map(x_TD, w_EOD, ids_TK, backend: str | None = None) -> torch.Tensor:
+    """y[t, k] = W[e] x_t with e = ids[t, k]: one projection per (token, slot), shape [T, K, O]."""
+    name = backend or pick_backend(x_TD, ids_TK)
+    if name not in MAP_BACKENDS:
+        raise ValueError(f"unknown expert backend {name!r}; available: {sorted(MAP_BACKENDS)}")
+    return MAP_BACKENDS[name](x_TD, w_EOD, ids_TK)
+
+
+def expert_reduce(h_TKC, w_EOC, ids_TK, weights_TK, backend: str | None = None) -> torch.Tensor:
+    """y_t = sum_k weights[t, k] * W[e] h[t, k] with e = ids[t, k]: shape [T, O]."""
+    name = backend or pick_backend(h_TKC, ids_TK)
+    if name not in REDUCE_BACKENDS:
+        raise ValueError(f"unknown expert backend {name!r}; available: {sorted(REDUCE_BACKENDS)}")
+    return REDUCE_BACKENDS[name](h_TKC, w_EOC, ids_TK, weights_TK)

@@ -109,9 +109,19 @@ def switch_aux_loss(
     return (counts_E / rows * (probs_E / rows)).sum() * num_experts
 
 
-def z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Router z-loss (ST-MoE): mean of logsumexp(logits)^2, averaged over routers."""
-    terms = [torch.logsumexp(x.float(), dim=-1).square().mean() for x in router_logits]
+def z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean of logsumexp(logits)^2, averaged over routers.
+
+    With a 2D attention mask the mean runs over non-padding tokens only.
+    """
+    terms = []
+    for x in router_logits:
+        lse2_N = torch.logsumexp(x.float(), dim=-1).square()
+        if attention_mask_BT is None:
+            terms.append(lse2_N.mean())
+        else:
+            w_N = attention_mask_BT.reshape(-1).to(device=lse2_N.device, dtype=torch.float32)
+            terms.append((lse2_N * w_N).sum() / w_N.sum())
     return torch.stack(terms).mean()
 
 

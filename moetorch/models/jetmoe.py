@@ -1,0 +1,312 @@
+"""JetMoE: a Mixture of Attention heads (MoA) and a mixture of SwiGLU MLP experts, both routed
+top-k per token, with RMSNorm and (by default) tied embeddings.
+
+Legend: B batch, T new tokens, S key slots, N = B*T tokens, D hidden, E experts, K experts per token,
+G kv heads, d head dim (kv_channels), C = G*d (an attention expert's width), H = K*G query heads,
+I MLP expert hidden size.
+
+MoA: a token's K attention experts each project it to G query heads; the H = K*G heads share one
+K/V projection, and head h = k*G + g reads kv head g = h % G ("tiled", not GQA's h // (H/G)).
+The cache therefore holds G heads of size d, never tiled copies.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import Cache
+from ..configuration import JetMoeConfig
+from ..modeling_utils import PreTrainedModel, decoder_forward
+from ..ops.activations import ACTIVATIONS
+from ..ops.attention import attention
+from ..ops.moe import expert_map, expert_reduce, experts_forward
+from ..ops.rope import RotaryEmbedding, apply_rotary
+from ..ops.routing import switch_aux_loss, topk_softmax, z_loss
+from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from .heads import causal_lm, classify
+
+# Transformers builds the per-layer norms with its default eps, whatever `rms_norm_eps` says (only
+# the final norm reads it). Checkpoints were trained that way.
+LAYER_NORM_EPS = 1e-6
+
+
+class JetMoeRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def init_parameters(self, std: float) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class JetMoeExpertWeights(nn.Module):
+    """E stacked projections `[E, out, in]` (one module so the checkpoint name is `<name>.weight`)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+    def init_parameters(self, std: float) -> None:
+        nn.init.normal_(self.weight, 0.0, std)
+
+
+class JetMoeRouter(nn.Module):
+    """Top-k of float32 logits, softmax over the k chosen; weights in the input's dtype."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(hidden_size, num_experts, bias=False)
+        self.top_k = top_k
+
+    def forward(self, x_ND):
+        logits_NE = self.layer(x_ND).float()
+        weights_NK, ids_NK = topk_softmax(logits_NE, self.top_k)
+        return weights_NK.to(x_ND.dtype), ids_NK, logits_NE
+
+
+class JetMoeMoA(nn.Module):
+    """The attention experts: query projections (`map`), output projections (`reduce`) and the
+    output bias added after the K experts are combined."""
+
+    def __init__(self, config: JetMoeConfig) -> None:
+        super().__init__()
+        E, D, C = config.num_local_experts, config.hidden_size, config.num_key_value_heads * config.kv_channels
+        self.router = JetMoeRouter(D, E, config.num_experts_per_tok)
+        self.input_linear = JetMoeExpertWeights(E, D, C)
+        self.output_linear = JetMoeExpertWeights(E, C, D)
+        self.bias = nn.Parameter(torch.empty(D))
+        self.backend: str | None = None  # None: chosen per call (see ops.moe.pick_backend)
+
+    def init_parameters(self, std: float) -> None:
+        nn.init.zeros_(self.bias)
+
+    def map(self, x_ND, ids_NK):
+        return expert_map(x_ND, self.input_linear.weight, ids_NK, self.backend)
+
+    def reduce(self, o_NKC, ids_NK, weights_NK):
+        return expert_reduce(o_NKC, self.output_linear.weight, ids_NK, weights_NK, self.backend) + self.bias
+
+
+class JetMoeAttention(nn.Module):
+    def __init__(self, config: JetMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.top_k, self.n_kv, self.head_dim = (
+            config.num_experts_per_tok, config.num_key_value_heads, config.kv_channels
+        )
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.attn_implementation = config._attn_implementation
+        self.experts = JetMoeMoA(config)
+        self.kv_proj = nn.Linear(config.hidden_size, 2 * self.n_kv * self.head_dim, bias=False)
+
+    def forward(self, x_BTD, rope, mask, is_causal, cache: Cache | None, cache_position_T, need_weights):
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        weights_NK, ids_NK, logits_NE = self.experts.router(x_ND)
+        # [N, K, G*d] -> [B, H, T, d]: head h = k*G + g
+        q = self.experts.map(x_ND, ids_NK).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k, v = self.kv_proj(x_BTD).chunk(2, dim=-1)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position_T})
+        out_BTHd, weights = attention(
+            q, k, v, mask, is_causal, self.scale, self.attn_implementation,
+            dropout_p=self.dropout if self.training else 0.0, kv_layout="tiled", need_weights=need_weights,
+        )
+        y_ND = self.experts.reduce(out_BTHd.reshape(B * T, self.top_k, -1), ids_NK, weights_NK)
+        return y_ND.view(B, T, D), weights, logits_NE
+
+
+class JetMoeMoE(nn.Module):
+    """E SwiGLU experts `[E, 2I, D]` / `[E, D, I]`, routed top-k, plus an output bias."""
+
+    def __init__(self, config: JetMoeConfig) -> None:
+        super().__init__()
+        E, D, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.router = JetMoeRouter(D, E, config.num_experts_per_tok)
+        self.input_linear = JetMoeExpertWeights(E, D, 2 * I)
+        self.output_linear = JetMoeExpertWeights(E, I, D)
+        self.bias = nn.Parameter(torch.empty(D))
+        self.act = ACTIVATIONS[config.activation_function]
+        self.backend: str | None = None
+
+    def init_parameters(self, std: float) -> None:
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x_BTD):
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        weights_NK, ids_NK, logits_NE = self.router(x_ND)
+        y_ND = experts_forward(
+            x_ND, self.input_linear.weight, self.output_linear.weight, ids_NK, weights_NK, self.act, self.backend
+        )
+        return y_ND.view(B, T, D) + self.bias, logits_NE
+
+
+class JetMoeDecoderLayer(nn.Module):
+    def __init__(self, config: JetMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attention = JetMoeAttention(config, layer_idx)
+        self.mlp = JetMoeMoE(config)
+        self.input_layernorm = JetMoeRMSNorm(config.hidden_size, LAYER_NORM_EPS)
+        self.post_attention_layernorm = JetMoeRMSNorm(config.hidden_size, LAYER_NORM_EPS)
+
+    def forward(self, x_BTD, rope, mask, is_causal, cache, cache_position_T, need_weights):
+        h = self.input_layernorm(x_BTD)
+        a, weights, attn_logits_NE = self.self_attention(
+            h, rope, mask, is_causal, cache, cache_position_T, need_weights
+        )
+        x_BTD = x_BTD + a
+        m, mlp_logits_NE = self.mlp(self.post_attention_layernorm(x_BTD))
+        # Transformers records the attention router twice per layer (as the router's output and as the
+        # attention's), and its router_logits and aux loss carry both copies: so do ours.
+        return x_BTD + m, weights, (attn_logits_NE, attn_logits_NE, mlp_logits_NE)
+
+
+class JetMoePreTrainedModel(PreTrainedModel):
+    config_class = JetMoeConfig
+    base_model_prefix = "model"
+
+
+class JetMoeModel(JetMoePreTrainedModel):
+    """The bare JetMoE decoder, returning hidden states (`MoeModelOutputWithPast`).
+
+    `router_logits` holds three `[B*T, E]` float32 tensors per layer, as in Transformers:
+    attention router, attention router again, MLP router.
+    """
+
+    def __init__(self, config: JetMoeConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(JetMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = JetMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.kv_channels, config.rope_parameters)
+        self.post_init()
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+    ) -> MoeModelOutputWithPast | tuple:
+        return decoder_forward(
+            self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict,
+        )
+
+
+def jetmoe_router_loss(
+    router_logits: tuple[torch.Tensor, ...], config: JetMoeConfig, pad_mask_BT: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The router loss of `config.router_loss_recipe` over a model's `router_logits` (3 per layer).
+
+    "transformers": one Switch loss over all entries, the attention router counted twice per layer.
+    "jetmoe": sum over the 2 routers of each layer of (Switch loss with assignment fractions over all
+    T*K assignments + router_z_loss_coef * z-loss), as the original JetMoE code trains.
+    Padding tokens (0 in `pad_mask_BT`) count in neither.
+    """
+    E, K = config.num_local_experts, config.num_experts_per_tok
+    if config.router_loss_recipe == "transformers":
+        return switch_aux_loss(router_logits, E, K, pad_mask_BT)
+    once = [r for i, r in enumerate(router_logits) if i % 3 != 1]  # drop the attention router's copy
+    terms = [
+        switch_aux_loss((r,), E, K, pad_mask_BT) / K + config.router_z_loss_coef * z_loss((r,), pad_mask_BT)
+        for r in once
+    ]
+    return torch.stack(terms).sum()
+
+
+class JetMoeForCausalLM(JetMoePreTrainedModel):
+    """JetMoE with a language-modelling head, tied to the input embeddings when `tie_word_embeddings`."""
+
+    def __init__(self, config: JetMoeConfig) -> None:
+        super().__init__(config)
+        self.model = JetMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> MoeCausalLMOutputWithPast | tuple:
+        cfg = self.config
+        output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
+        out = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict=True,
+        )
+        return causal_lm(
+            self, out, attention_mask, labels, logits_to_keep, output_router_logits, num_items_in_batch, return_dict,
+            self.router_loss, cfg.aux_loss_coef,
+        )
+
+    def router_loss(self, router_logits: tuple[torch.Tensor, ...], pad_mask_BT: torch.Tensor | None) -> torch.Tensor:
+        """See `jetmoe_router_loss`."""
+        return jetmoe_router_loss(router_logits, self.config, pad_mask_BT)
+
+
+class JetMoeForSequenceClassification(JetMoePreTrainedModel):
+    """JetMoE with a linear classifier on the last non-padding token."""
+
+    def __init__(self, config: JetMoeConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = JetMoeModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+    ):
+        out = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, False, cache_position, return_dict=True,
+        )
+        return classify(self, out, input_ids, inputs_embeds, labels, return_dict)
