@@ -285,7 +285,9 @@ class Tokenizer:
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         text = self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
-        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        clean = clean_up_tokenization_spaces
+        if clean is None:
+            clean = self.clean_up_tokenization_spaces
         return _clean_up(text) if clean else text
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs: Any) -> list[str]:
@@ -312,7 +314,7 @@ class Tokenizer:
         return_dict=False) unless tokenize=False. Special tokens come from the template only."""
         template = chat_template or self.chat_template
         if template is None:
-            raise ValueError("this tokenizer has no chat_template; pass chat_template=... or set tokenizer.chat_template")
+            raise ValueError("this tokenizer has no chat_template: pass chat_template= or set tokenizer.chat_template")
         if not conversation:
             raise ValueError("cannot apply a chat template to an empty conversation")
         if add_generation_prompt and continue_final_message:
@@ -365,7 +367,9 @@ def _compile(template: str):
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
