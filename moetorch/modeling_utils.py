@@ -18,6 +18,7 @@ from torch import nn
 from . import checkpoint
 from .cache import Cache, DynamicCache
 from .configuration import MoeConfig
+from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from .ops.attention import build_mask, check_attn_implementation
 from .outputs import MoeModelOutputWithPast
 
@@ -251,6 +252,8 @@ class PreTrainedModel(nn.Module):
         if hasattr(model, "score"):  # a classifier head may be absent from an LM checkpoint
             nn.init.normal_(model.score.weight, 0.0, config.initializer_range)
         checkpoint.load_into(model, path, config, cls.base_model_prefix)
+        if hasattr(model, "generate") and os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
+            model.generation_config = GenerationConfig.from_pretrained(path)
         model.config.dtype = str(target_dtype).removeprefix("torch.")
         model.name_or_path = path
         return model.eval()

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..cache import Cache
 from ..configuration import JetMoeConfig
+from ..generation import GenerationMixin
 from ..modeling_utils import PreTrainedModel, decoder_forward
 from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
@@ -239,7 +240,7 @@ def jetmoe_router_loss(
     return torch.stack(terms).sum()
 
 
-class JetMoeForCausalLM(JetMoePreTrainedModel):
+class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
     """JetMoE with a language-modelling head, tied to the input embeddings when `tie_word_embeddings`."""
 
     def __init__(self, config: JetMoeConfig) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..cache import Cache
 from ..configuration import PhimoeConfig
+from ..generation import GenerationMixin
 from ..modeling_utils import PreTrainedModel, decoder_forward
 from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
@@ -147,7 +148,7 @@ class PhimoeModel(PhimoePreTrainedModel):
         )
 
 
-class PhimoeForCausalLM(PhimoePreTrainedModel):
+class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
     """PhiMoE with a language-modelling head (biased when `lm_head_bias`)."""
 
     def __init__(self, config: PhimoeConfig) -> None:

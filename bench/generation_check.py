@@ -1,0 +1,128 @@
+"""GPU checks of generate() (not part of the CPU suite: CI has no GPU).
+
+    python bench/generation_check.py [--out results.json]
+
+1. float32 generate on CUDA gives the CPU's tokens: greedy (left-padded batch), beam search,
+   static cache, sampling with the same seed is only reported (CUDA and CPU random streams differ).
+2. Host synchronisation in the decode loop, under `torch.cuda.set_sync_debug_mode`, switched on by a
+   logits processor after the prefill: none per step when only max_length can stop, one per step
+   (the stop check) with an EOS id.
+3. Decode speed (informative): greedy tokens/s with a dynamic and a static cache, batch 1.
+Exits non-zero if check 1 or 2 fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+import torch
+
+import moetorch
+from moetorch import LogitsProcessor, LogitsProcessorList
+
+
+def configs():
+    phi = moetorch.PhimoeConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, num_local_experts=8, max_position_embeddings=1024, pad_token_id=0,
+    )
+    jet = moetorch.JetMoeConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=4, num_key_value_heads=4,
+        kv_channels=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024, pad_token_id=0,
+    )
+    return {"phimoe": (phi, moetorch.PhimoeForCausalLM), "jetmoe": (jet, moetorch.JetMoeForCausalLM)}
+
+
+class SyncDebugAfterPrefill(LogitsProcessor):
+    """Turns on CUDA sync debugging at its first call, i.e. once the prefill is done."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, input_ids, scores):
+        torch.cuda.set_sync_debug_mode(self.mode)
+        return scores
+
+
+def randomize(model, seed: int, std: float = 0.2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            shift = 1.0 if p.dim() == 1 and "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * std + shift)
+
+
+@torch.no_grad()
+def check(name, config, cls, results) -> bool:
+    ok = True
+    torch.manual_seed(0)
+    cpu = cls(config).eval()
+    randomize(cpu, 0)
+    gpu = cls(config).eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.to("cuda")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, config.vocab_size, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :5] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    cases = {
+        "greedy": dict(max_new_tokens=24),
+        "beam4": dict(max_new_tokens=16, num_beams=4, num_return_sequences=2),
+        "static": dict(max_new_tokens=24, cache_implementation="static"),
+    }
+    for case, kwargs in cases.items():
+        a = cpu.generate(ids, attention_mask=mask, **kwargs)
+        b = gpu.generate(ids.cuda(), attention_mask=mask.cuda(), **kwargs).cpu()
+        same = torch.equal(a, b)
+        results[f"{name}.{case}.cuda_equals_cpu"] = same
+        ok &= same
+
+    for eos, want_per_step in ((None, 0), (config.vocab_size - 1, 1)):
+        counts = {}
+        for n in (8, 8, 16):  # the first run pays one-time costs (lazy initialisation), not counted
+            procs = LogitsProcessorList([SyncDebugAfterPrefill("warn")])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    gpu.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=n, eos_token_id=eos,
+                                 logits_processor=procs)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts[n] = sum("synchroniz" in str(w.message) for w in caught)
+        per_step = (counts[16] - counts[8]) / 8
+        results[f"{name}.host_syncs_per_step.eos={eos}"] = per_step
+        ok &= per_step == want_per_step
+
+    prompt = ids[:1, 5:].cuda()
+    for cache in ("dynamic", "static"):
+        gpu.generate(prompt, max_new_tokens=8, eos_token_id=None, cache_implementation=cache)  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        gpu.generate(prompt, max_new_tokens=256, eos_token_id=None, cache_implementation=cache)
+        torch.cuda.synchronize()
+        results[f"{name}.greedy_tokens_per_s.{cache}"] = round(256 / (time.perf_counter() - t), 1)
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    results = {"device": torch.cuda.get_device_name()}
+    ok = all([check(name, cfg, cls, results) for name, (cfg, cls) in configs().items()])
+    results["ok"] = ok
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""`GenerationConfig`: the settings of `generate`, read from and written to `generation_config.json`.
+
+Every field has Transformers' default. The config also remembers which fields were set explicitly
+(by the constructor, the json file or an assignment): `generate` layers the model's config, the
+caller's config and keyword arguments by that, as Transformers does with its `None`-means-unset
+fields, and a `max_length` left at its default means "20 new tokens", not "20 in all".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from numbers import Real
+from typing import Any
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+DEFAULTS: dict[str, Any] = {
+    # length
+    "max_length": 20,
+    "max_new_tokens": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "early_stopping": False,
+    "max_time": None,
+    "stop_strings": None,
+    # strategy
+    "do_sample": False,
+    "num_beams": 1,
+    "use_cache": True,
+    "cache_implementation": None,
+    # logits manipulation
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "min_p": None,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "renormalize_logits": False,
+    "guidance_scale": None,
+    # outputs
+    "num_return_sequences": 1,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "output_scores": False,
+    "output_logits": None,
+    "return_dict_in_generate": False,
+    # special tokens
+    "pad_token_id": None,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    # assisted decoding
+    "num_assistant_tokens": 20,
+}
+
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+# Arguments of generate() itself, which a config must not carry.
+_GENERATE_ARGUMENTS = (
+    "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
+    "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
+)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+class GenerationConfig:
+    """The parameters of `generate`, with Transformers' names and defaults.
+
+    `GenerationConfig(max_new_tokens=32, do_sample=True, top_p=0.9)`; unknown keys are kept as
+    attributes and written back by `save_pretrained`. Invalid combinations raise `ValueError`
+    (see `validate`).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        object.__setattr__(self, "_explicit", set())
+        object.__setattr__(self, "_extra", [])
+        for name, value in DEFAULTS.items():
+            object.__setattr__(self, name, copy.deepcopy(value))
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+        self.validate()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in DEFAULTS:
+            self._explicit.add(name)
+        elif not name.startswith("_") and name not in self._extra:
+            self._extra.append(name)
+
+    def is_set(self, name: str) -> bool:
+        """Whether `name` was given explicitly (as opposed to holding its default)."""
+        return name in self._explicit
+
+    def explicit_items(self) -> dict[str, Any]:
+        """The explicitly set fields and the unknown keys, by name."""
+        names = [n for n in DEFAULTS if n in self._explicit] + list(self._extra)
+        return {n: getattr(self, n) for n in names}
+
+    # ---- validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise `ValueError`, naming the field, for values or combinations that cannot work."""
+
+        def fail(name: str, msg: str) -> None:
+            raise ValueError(f"GenerationConfig: `{name}` {msg}")
+
+        for arg in _GENERATE_ARGUMENTS:
+            if arg in self._extra:
+                fail(arg, "is an argument of generate(), not a generation setting: pass it to generate() directly")
+        for name in ("max_length", "num_beams", "num_return_sequences", "num_assistant_tokens"):
+            v = getattr(self, name)
+            if not (_is_int(v) and v > 0):
+                fail(name, f"must be a positive integer, got {v!r}")
+        if self.max_new_tokens is not None and not (_is_int(self.max_new_tokens) and self.max_new_tokens > 0):
+            fail("max_new_tokens", f"must be a positive integer, got {self.max_new_tokens!r}")
+        for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size"):
+            v = getattr(self, name)
+            if v is not None and not (_is_int(v) and v >= 0):
+                fail(name, f"must be a non-negative integer, got {v!r}")
+        if self.early_stopping not in (True, False, "never"):
+            fail("early_stopping", f"must be True, False or 'never', got {self.early_stopping!r}")
+        if self.cache_implementation not in (None, *CACHE_IMPLEMENTATIONS):
+            fail("cache_implementation", f"must be one of {CACHE_IMPLEMENTATIONS}, got {self.cache_implementation!r}")
+        if self.max_time is not None and not (_is_number(self.max_time) and self.max_time > 0):
+            fail("max_time", f"must be a positive number of seconds, got {self.max_time!r}")
+        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
+            fail("repetition_penalty", f"must be a positive number, got {self.repetition_penalty!r}")
+        if not _is_number(self.length_penalty):
+            fail("length_penalty", f"must be a number, got {self.length_penalty!r}")
+        if self.guidance_scale is not None and not _is_number(self.guidance_scale):
+            fail("guidance_scale", f"must be a number, got {self.guidance_scale!r}")
+        if self.do_sample:
+            if not (_is_number(self.temperature) and self.temperature > 0):
+                hint = " (for greedy decoding set do_sample=False)" if self.temperature == 0 else ""
+                fail("temperature", f"must be a positive number when do_sample=True, got {self.temperature!r}{hint}")
+            if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+                fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
+            if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 0):
+                fail("top_k", f"must be a non-negative integer (0 disables it), got {self.top_k!r}")
+            if self.min_p is not None and not (_is_number(self.min_p) and 0 <= self.min_p <= 1):
+                fail("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        if self.num_return_sequences > 1:
+            if self.num_beams == 1 and not self.do_sample:
+                fail("num_return_sequences", f"must be 1 with greedy decoding, got {self.num_return_sequences} "
+                     "(use num_beams > 1 or do_sample=True)")
+            if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+                fail("num_return_sequences", f"({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
+        for name in ("pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (_is_int(v) and v >= 0):
+                fail(name, f"must be a non-negative integer, got {v!r}")
+        eos = self.eos_token_id
+        if eos is not None:
+            ids = [eos] if _is_int(eos) else eos
+            if not (isinstance(ids, (list, tuple)) and ids and all(_is_int(i) and i >= 0 for i in ids)):
+                fail("eos_token_id", f"must be a non-negative integer or a non-empty list of them, got {eos!r}")
+        if self.bad_words_ids is not None:
+            ok = isinstance(self.bad_words_ids, list) and self.bad_words_ids and all(
+                isinstance(w, list) and w and all(_is_int(i) and i >= 0 for i in w) for w in self.bad_words_ids
+            )
+            if not ok:
+                fail("bad_words_ids", f"must be a non-empty list of token id lists, got {self.bad_words_ids!r}")
+        if self.stop_strings is not None:
+            s = [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
+            if not (isinstance(s, (list, tuple)) and s and all(isinstance(x, str) and x for x in s)):
+                fail("stop_strings", f"must be a non-empty string or list of them, got {self.stop_strings!r}")
+
+    # ---- construction and I/O --------------------------------------------------------------
+    @classmethod
+    def from_model_config(cls, model_config: Any) -> GenerationConfig:
+        """The generation settings a model config carries: its special tokens and any generation
+        field it sets to a non-default value."""
+        data = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+        kwargs = {k: data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(k) is not None}
+        for name, default in DEFAULTS.items():
+            if name not in kwargs and data.get(name) is not None and data[name] != default:
+                kwargs[name] = data[name]
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> GenerationConfig:
+        return cls(**{**config_dict, **kwargs})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name: str | os.PathLike, config_file_name: str | None = None,
+                        **kwargs: Any) -> GenerationConfig:
+        """Read `generation_config.json` from a directory (or a path to the json file itself)."""
+        path = os.fspath(pretrained_model_name)
+        if os.path.isdir(path):
+            path = os.path.join(path, config_file_name or GENERATION_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {GENERATION_CONFIG_NAME} at {path}")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        data.pop("_from_model_config", None)
+        return cls.from_dict(data, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field and unknown key."""
+        out = {name: copy.deepcopy(getattr(self, name)) for name in DEFAULTS}
+        out.update({name: copy.deepcopy(getattr(self, name)) for name in self._extra})
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Fields that differ from the defaults, and the unknown keys (what `save_pretrained` writes)."""
+        return {k: v for k, v in self.to_dict().items() if k not in DEFAULTS or v != DEFAULTS[k]}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> None:
+        """Write `generation_config.json` (non-default fields only) into `save_directory`."""
+        self.validate()
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained expects a directory, but {save_directory} is a file")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, config_file_name or GENERATION_CONFIG_NAME)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+        os.replace(path + ".tmp", path)
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the given fields; return the keys that are not fields (they are left untouched)."""
+        unused = {}
+        for name, value in kwargs.items():
+            if name in DEFAULTS or name in self._extra:
+                setattr(self, name, value)
+            else:
+                unused[name] = value
+        return unused
+
+    def copy(self) -> GenerationConfig:
+        return copy.deepcopy(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GenerationConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"GenerationConfig {self.to_json_string()}"

@@ -1,0 +1,372 @@
+"""Logits processors: each maps (input_ids [B, L], scores [B, V]) -> new scores [B, V].
+
+Names and semantics are Transformers'. All work on the device; only `PrefixConstrainedLogitsProcessor`
+(which calls user Python per row) and the first call of the bias processors read the host.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = -float("inf")
+
+
+def _as_id_tensor(ids: int | Iterable[int] | torch.Tensor, device=None) -> torch.Tensor:
+    if isinstance(ids, torch.Tensor):
+        return ids.reshape(-1).to(device=device, dtype=torch.long)
+    return torch.tensor([ids] if isinstance(ids, int) else list(ids), dtype=torch.long, device=device)
+
+
+class LogitsProcessor:
+    """Base class: `__call__(input_ids, scores) -> scores`."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(input_ids, scores)")
+
+
+class LogitsProcessorList(list):
+    """Applies its processors in order. Extra keyword arguments go to processors that take them."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
+        for processor in self:
+            if kwargs and len(inspect.signature(processor.__call__).parameters) > 2:
+                scores = processor(input_ids, scores, **kwargs)
+            else:
+                scores = processor(input_ids, scores)
+        return scores
+
+
+# ---- length and token constraints -----------------------------------------------------------
+
+
+class MinLengthLogitsProcessor(LogitsProcessor):
+    """Forbid EOS while the sequence (prompt included) is shorter than `min_length`."""
+
+    def __init__(self, min_length: int, eos_token_id: int | list[int] | torch.Tensor, device: str = "cpu"):
+        if not (isinstance(min_length, int) and min_length >= 0):
+            raise ValueError(f"`min_length` must be a non-negative integer, got {min_length!r}")
+        self.min_length = min_length
+        self.eos_token_id = _as_id_tensor(eos_token_id, device)
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] >= self.min_length:
+            return scores
+        return _ban(scores, self.eos_token_id)
+
+
+class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
+    """Forbid EOS until `min_new_tokens` tokens follow the first `prompt_length_to_skip`."""
+
+    def __init__(self, prompt_length_to_skip: int, min_new_tokens: int, eos_token_id, device: str = "cpu"):
+        for name, v in (("prompt_length_to_skip", prompt_length_to_skip), ("min_new_tokens", min_new_tokens)):
+            if not (isinstance(v, int) and v >= 0):
+                raise ValueError(f"`{name}` must be a non-negative integer, got {v!r}")
+        self.prompt_length_to_skip = prompt_length_to_skip
+        self.min_new_tokens = min_new_tokens
+        self.eos_token_id = _as_id_tensor(eos_token_id, device)
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] - self.prompt_length_to_skip >= self.min_new_tokens:
+            return scores
+        return _ban(scores, self.eos_token_id)
+
+
+def _ban(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    banned_V = torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids.to(scores.device))
+    return scores.masked_fill(banned_V, NEG_INF)
+
+
+class RepetitionPenaltyLogitsProcessor(LogitsProcessor):
+    """CTRL's penalty on tokens already in the sequence: negative scores times `penalty`, positive
+    ones divided by it. `prompt_ignore_length` (an int, or one per row) skips that many leading
+    tokens, e.g. left padding."""
+
+    def __init__(self, penalty: float, prompt_ignore_length: int | torch.Tensor | None = None):
+        if not (isinstance(penalty, (int, float)) and penalty > 0):
+            raise ValueError(f"`penalty` must be a positive number, got {penalty!r}")
+        if isinstance(prompt_ignore_length, torch.Tensor) and prompt_ignore_length.dim() != 1:
+            raise ValueError("`prompt_ignore_length` must be an int or a 1D tensor (one per row)")
+        self.penalty = float(penalty)
+        self.prompt_ignore_length = prompt_ignore_length
+
+    def __call__(self, input_ids, scores):
+        V = scores.shape[-1]
+        skip = self.prompt_ignore_length
+        if isinstance(skip, int):
+            input_ids = input_ids[:, skip:]
+        elif isinstance(skip, torch.Tensor):
+            if skip.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"`prompt_ignore_length` has {skip.shape[0]} rows, input_ids {input_ids.shape[0]}")
+            pos_L = torch.arange(input_ids.shape[1], device=input_ids.device)
+            # ignored positions point at an extra column that is dropped below
+            input_ids = input_ids.masked_fill(pos_L[None] < skip.to(input_ids.device)[:, None], V)
+        padded = F.pad(scores, (0, 1))
+        ids = input_ids.clamp(max=V)
+        seen = padded.gather(1, ids)
+        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        return padded.scatter(1, ids, seen)[:, :V]
+
+
+class NoRepeatNGramLogitsProcessor(LogitsProcessor):
+    """Forbid any token that would repeat an n-gram already in the sequence (prompt included)."""
+
+    def __init__(self, ngram_size: int):
+        if not (isinstance(ngram_size, int) and ngram_size > 0):
+            raise ValueError(f"`ngram_size` must be a positive integer, got {ngram_size!r}")
+        self.ngram_size = ngram_size
+
+    def __call__(self, input_ids, scores):
+        n, L = self.ngram_size, input_ids.shape[-1]
+        if L < n:
+            return scores
+        V = scores.shape[-1]
+        prefix_B1N = input_ids[:, L + 1 - n :][:, None]  # the last n-1 tokens
+        grams_BWN = input_ids.unfold(1, n, 1)
+        hit_BW = (grams_BWN[..., :-1] == prefix_B1N).all(-1)
+        banned = torch.where(hit_BW, grams_BWN[..., -1].clamp(max=V), V)  # V: an extra, dropped column
+        mask = torch.zeros(scores.shape[0], V + 1, dtype=torch.bool, device=scores.device)
+        mask.scatter_(1, banned, True)
+        return scores.masked_fill(mask[:, :V], NEG_INF)
+
+
+class SequenceBiasLogitsProcessor(LogitsProcessor):
+    """Add a bias to the token that would complete a given sequence.
+
+    `sequence_bias`: `[[token ids], bias]` pairs (or a `{tuple: bias}` dict). A one-token
+    sequence biases that token always; a longer one biases its last token when the sequence ends
+    with the rest of it.
+    """
+
+    def __init__(self, sequence_bias):
+        if isinstance(sequence_bias, dict):
+            items = list(sequence_bias.items())
+        elif isinstance(sequence_bias, list):
+            items = [(tuple(seq), bias) for seq, bias in sequence_bias]
+        else:
+            raise ValueError(f"`sequence_bias` must be a list of [token ids, bias] pairs, got {sequence_bias!r}")
+        for seq, bias in items:
+            if not (seq and all(isinstance(t, int) and t >= 0 for t in seq) and isinstance(bias, (int, float))):
+                raise ValueError(f"`sequence_bias`: {list(seq)!r} -> {bias!r} is not (non-empty token ids, number)")
+        self.sequence_bias = {tuple(seq): float(bias) for seq, bias in items}
+        self._prepared = False
+
+    def _prepare(self, scores: torch.Tensor) -> None:
+        V, device = scores.shape[-1], scores.device
+        too_big = [t for seq in self.sequence_bias for t in seq if t >= V]
+        if too_big:
+            raise ValueError(f"the vocabulary has {V} tokens, but these biased tokens are out of range: {too_big}")
+        self._single_V = torch.zeros(V, device=device)
+        groups: dict[int, list] = {}
+        for seq, bias in self.sequence_bias.items():
+            if len(seq) == 1:
+                self._single_V[seq[0]] = bias
+            else:
+                groups.setdefault(len(seq) - 1, []).append((seq, bias))
+        # one (prefixes [N, P], last tokens [N], biases [N]) triple per prefix length P
+        self._multi = [
+            (
+                torch.tensor([s[:-1] for s, _ in group], device=device),
+                torch.tensor([s[-1] for s, _ in group], device=device),
+                torch.tensor([b for _, b in group], device=device),
+            )
+            for group in groups.values()
+        ]
+        self._prepared = True
+
+    def __call__(self, input_ids, scores):
+        if not self._prepared:
+            self._prepare(scores)
+        bias = torch.zeros_like(scores) + self._single_V
+        for prefixes_NP, last_N, bias_N in self._multi:
+            P = prefixes_NP.shape[1]
+            if P > input_ids.shape[1]:
+                continue
+            hit_BN = (input_ids[:, None, -P:] == prefixes_NP).all(-1)
+            bias.index_add_(1, last_N, torch.where(hit_BN, bias_N, 0.0).to(bias.dtype))
+        return scores + bias
+
+
+class NoBadWordsLogitsProcessor(SequenceBiasLogitsProcessor):
+    """Forbid the given token sequences (a single EOS token is never banned, as in Transformers)."""
+
+    def __init__(self, bad_words_ids: list[list[int]], eos_token_id: int | list[int] | torch.Tensor | None = None):
+        if not (isinstance(bad_words_ids, list) and bad_words_ids and all(isinstance(w, list) for w in bad_words_ids)):
+            raise ValueError(f"`bad_words_ids` must be a non-empty list of lists of token ids, got {bad_words_ids!r}")
+        eos = set(_as_id_tensor(eos_token_id).tolist()) if eos_token_id is not None else set()
+        kept = [w for w in bad_words_ids if not (len(w) == 1 and w[0] in eos)]
+        super().__init__({tuple(w): NEG_INF for w in kept} if kept else {})
+        self.bad_words_ids = bad_words_ids
+
+
+class PrefixConstrainedLogitsProcessor(LogitsProcessor):
+    """Allow only `prefix_allowed_tokens_fn(batch_id, row_ids)` at each step (calls Python per row)."""
+
+    def __init__(self, prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]], num_beams: int):
+        self._fn = prefix_allowed_tokens_fn
+        self._num_beams = num_beams
+
+    def __call__(self, input_ids, scores):
+        mask = torch.full_like(scores, NEG_INF)
+        batch = input_ids.shape[0] // self._num_beams
+        for row in range(input_ids.shape[0]):
+            allowed = self._fn(row // self._num_beams, input_ids[row])
+            if len(allowed) == 0:
+                raise ValueError(f"prefix_allowed_tokens_fn returned no allowed token for batch id "
+                                 f"{row // self._num_beams}: the constraint cannot be satisfied")
+            mask[row, allowed] = 0
+        out = scores + mask
+        # When every beam's allowed tokens are already -inf, fall back to the bare constraint.
+        stuck = out.amax(-1).isneginf().view(batch, -1).all(-1, keepdim=True)
+        return torch.where(stuck.repeat_interleave(self._num_beams, 0), mask, out)
+
+
+# ---- sampling warpers -----------------------------------------------------------------------
+
+
+class TemperatureLogitsWarper(LogitsProcessor):
+    """Divide the scores by `temperature` (> 0)."""
+
+    def __init__(self, temperature: float):
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"`temperature` must be a positive number, got {temperature!r}"
+                             + (" (for greedy decoding set do_sample=False)" if temperature == 0 else ""))
+        self.temperature = float(temperature)
+
+    def __call__(self, input_ids, scores):
+        return scores / self.temperature
+
+
+class TopKLogitsWarper(LogitsProcessor):
+    """Keep the `top_k` highest scores (ties with the k-th included)."""
+
+    def __init__(self, top_k: int, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
+        if not (isinstance(top_k, int) and top_k > 0):
+            raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
+        self.top_k = max(top_k, min_tokens_to_keep)
+        self.filter_value = filter_value
+
+    def __call__(self, input_ids, scores):
+        k = min(self.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k)[0][..., -1:]
+        return scores.masked_fill(scores < kth, self.filter_value)
+
+
+class TopPLogitsWarper(LogitsProcessor):
+    """Nucleus sampling: keep the smallest set of top tokens whose probability reaches `top_p`."""
+
+    def __init__(self, top_p: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
+        top_p = float(top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
+        if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
+            raise ValueError(f"`min_tokens_to_keep` must be a positive integer, got {min_tokens_to_keep!r}")
+        self.top_p, self.filter_value, self.min_tokens_to_keep = top_p, filter_value, min_tokens_to_keep
+
+    def __call__(self, input_ids, scores):
+        # Ascending sort: drop the low tail whose cumulative mass stays within 1 - top_p.
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop_sorted = sorted_scores.softmax(-1).cumsum(-1) <= 1 - self.top_p
+        drop_sorted[..., -self.min_tokens_to_keep :] = False
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        return scores.masked_fill(drop, self.filter_value)
+
+
+class MinPLogitsWarper(LogitsProcessor):
+    """Keep tokens whose probability is at least `min_p` times the top token's."""
+
+    def __init__(self, min_p: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
+        if not 0 <= min_p <= 1:
+            raise ValueError(f"`min_p` must be in [0, 1], got {min_p!r}")
+        if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
+            raise ValueError(f"`min_tokens_to_keep` must be a positive integer, got {min_tokens_to_keep!r}")
+        self.min_p, self.filter_value, self.min_tokens_to_keep = min_p, filter_value, min_tokens_to_keep
+
+    def __call__(self, input_ids, scores):
+        probs = scores.softmax(-1)
+        drop = probs < self.min_p * probs.amax(-1, keepdim=True)
+        keep = torch.topk(probs, min(self.min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
+        drop.scatter_(-1, keep, False)
+        return scores.masked_fill(drop, self.filter_value)
+
+
+class LogitNormalization(LogitsProcessor):
+    """Turn scores into log-probabilities (`renormalize_logits=True`), after every other processor."""
+
+    def __call__(self, input_ids, scores):
+        return scores.log_softmax(-1)
+
+
+# ---- classifier-free guidance ---------------------------------------------------------------
+
+
+class UnbatchedClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
+    """Classifier-free guidance with a second forward of `model` on the negative prompt.
+
+    Returns `u + guidance_scale * (c - u)` on log-probabilities, where c is the conditional
+    distribution (the scores) and u the unconditional one: the model run on `unconditional_ids`
+    (default: the prompt's last token) and then on each generated token, with its own cache.
+    The processor keeps state, so use one instance per `generate` call.
+    """
+
+    def __init__(
+        self,
+        guidance_scale: float,
+        model,
+        unconditional_ids: torch.LongTensor | None = None,
+        unconditional_attention_mask: torch.LongTensor | None = None,
+        use_cache: bool = True,
+    ):
+        self.guidance_scale = guidance_scale
+        self.model = model
+        self.ids = unconditional_ids
+        self.mask = unconditional_attention_mask
+        self.use_cache = use_cache
+        self.cache = None
+        self.first = True
+
+    def _unconditional_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            self.first = False
+            if self.ids is None:
+                self.ids = input_ids[:, -1:]
+            if self.mask is None:
+                self.mask = torch.ones_like(self.ids, dtype=torch.long)
+            ids = self.ids
+        else:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+            ids = input_ids[:, -1:] if self.use_cache else torch.cat([self.ids, input_ids[:, -1:]], dim=1)
+            self.ids = ids
+        out = self.model(ids, attention_mask=self.mask, past_key_values=self.cache, use_cache=self.use_cache,
+                         return_dict=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+    def __call__(self, input_ids, scores):
+        scores = scores.log_softmax(-1)
+        if self.guidance_scale == 1:
+            return scores
+        uncond = self._unconditional_logits(input_ids).float().log_softmax(-1)
+        return self.guidance_scale * (scores - uncond) + uncond
+
+
+__all__ = [
+    "LogitNormalization",
+    "LogitsProcessor",
+    "LogitsProcessorList",
+    "MinLengthLogitsProcessor",
+    "MinNewTokensLengthLogitsProcessor",
+    "MinPLogitsWarper",
+    "NoBadWordsLogitsProcessor",
+    "NoRepeatNGramLogitsProcessor",
+    "PrefixConstrainedLogitsProcessor",
+    "RepetitionPenaltyLogitsProcessor",
+    "SequenceBiasLogitsProcessor",
+    "TemperatureLogitsWarper",
+    "TopKLogitsWarper",
+    "TopPLogitsWarper",
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+]

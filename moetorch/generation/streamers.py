@@ -1,0 +1,112 @@
+"""Streamers: `generate(..., streamer=s)` calls `s.put(token_ids)` with the prompt, then each new
+token (batch size 1), and `s.end()` when done. They only need `tokenizer.decode(ids, **kwargs)`."""
+
+from __future__ import annotations
+
+from queue import Queue
+from typing import Any
+
+import torch
+
+
+class BaseStreamer:
+    """Receives tokens from `generate`: `put(ids)` for each chunk, `end()` once at the end."""
+
+    def put(self, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        raise NotImplementedError
+
+
+class TextStreamer(BaseStreamer):
+    """Print text to stdout as it is generated, a whole word (or line) at a time.
+
+    Text is released up to the last space, at each newline, and after each CJK character, so that a
+    word split over several tokens is never printed half-decoded. `skip_prompt=True` leaves out the
+    prompt; `decode_kwargs` (e.g. `skip_special_tokens=True`) go to `tokenizer.decode`.
+    """
+
+    def __init__(self, tokenizer: Any, skip_prompt: bool = False, **decode_kwargs: Any) -> None:
+        self.tokenizer = tokenizer
+        self.skip_prompt = skip_prompt
+        self.decode_kwargs = decode_kwargs
+        self.token_cache: list[int] = []
+        self.print_len = 0
+        self.next_tokens_are_prompt = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1:
+            if value.shape[0] > 1:
+                raise ValueError(f"{type(self).__name__} supports batch size 1 only, got {value.shape[0]} rows")
+            value = value[0]
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.next_tokens_are_prompt = False
+        self.token_cache.extend(value.tolist())
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        if text.endswith("\n"):
+            printable = text[self.print_len :]
+            self.token_cache, self.print_len = [], 0
+        elif text and _is_cjk(ord(text[-1])):
+            printable = text[self.print_len :]
+            self.print_len += len(printable)
+        else:
+            printable = text[self.print_len : text.rfind(" ") + 1]
+            self.print_len += len(printable)
+        self.on_finalized_text(printable)
+
+    def end(self) -> None:
+        printable = ""
+        if self.token_cache:
+            printable = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)[self.print_len :]
+        self.token_cache, self.print_len = [], 0
+        self.next_tokens_are_prompt = True
+        self.on_finalized_text(printable, stream_end=True)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        """Print `text`; a newline ends the stream."""
+        print(text, flush=True, end=None if stream_end else "")
+
+
+class TextIteratorStreamer(TextStreamer):
+    """Queue the text for another thread: `for chunk in streamer: ...` while `generate` runs.
+
+    `timeout` (seconds) bounds each wait on the queue, so a consumer is not stuck forever if
+    `generate` fails in its thread (`queue.Empty` is raised instead).
+    """
+
+    def __init__(self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None,
+                 **decode_kwargs: Any) -> None:
+        super().__init__(tokenizer, skip_prompt, **decode_kwargs)
+        self.text_queue: Queue = Queue()
+        self.stop_signal = None
+        self.timeout = timeout
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.text_queue.put(text, timeout=self.timeout)
+        if stream_end:
+            self.text_queue.put(self.stop_signal, timeout=self.timeout)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        value = self.text_queue.get(timeout=self.timeout)
+        if value is self.stop_signal:
+            raise StopIteration
+        return value
+
+
+def _is_cjk(cp: int) -> bool:
+    """Whether code point `cp` is a CJK ideograph (these are printed one by one, having no spaces)."""
+    return any(lo <= cp <= hi for lo, hi in _CJK_RANGES)
+
+
+_CJK_RANGES = (
+    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
+)
+
+__all__ = ["BaseStreamer", "TextIteratorStreamer", "TextStreamer"]

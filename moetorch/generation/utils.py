@@ -1,0 +1,682 @@
+"""`GenerationMixin.generate`: greedy search, multinomial sampling, beam search (and beam sampling),
+assisted decoding and classifier-free guidance, with Transformers' arguments, processors, stopping
+rules and outputs.
+
+Legend: B prompts, R rows (prompts times beams or returned sequences), N beams per prompt,
+K candidates kept per prompt and step, L tokens in the id sequence, V vocabulary.
+
+Each step feeds the model only the tokens its cache lacks and asks for the last logits only
+(`logits_to_keep`). The loop reads the device once per step to decide whether to stop, and not at
+all when only `max_length` can stop it (no EOS, stop strings or custom criteria).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..cache import Cache, DynamicCache, StaticCache
+from ..outputs import ModelOutput
+from .configuration import DEFAULTS, GenerationConfig
+from .logits_process import (
+    LogitNormalization,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    UnbatchedClassifierFreeGuidanceLogitsProcessor,
+)
+from .stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
+
+logger = logging.getLogger("moetorch")
+
+# Keyword arguments of generate() that are model inputs rather than GenerationConfig fields.
+MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values", "tokenizer")
+# Transformers settings moetorch does not implement, with their no-op values: a config file that
+# sets them otherwise gets a warning (as keyword arguments of generate() they are an error).
+_UNSUPPORTED = {
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "encoder_repetition_penalty": 1.0,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "exponential_decay_length_penalty": None, "penalty_alpha": None,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None, "force_words_ids": None,
+    "prompt_lookup_num_tokens": None, "dola_layers": None, "watermarking_config": None, "token_healing": False,
+}
+# Transformers' "impossible" score: large enough to never win, small enough to stay finite.
+_NEVER = -1.0e9
+
+
+@dataclass(repr=False, eq=False)
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)` for greedy search, sampling and assisted decoding.
+
+    `scores`/`logits`: one [R, V] tensor per generated token (processed / raw); `attentions` and
+    `hidden_states`: the model's, per step; `past_key_values`: the cache.
+    """
+
+    sequences: torch.LongTensor | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    past_key_values: Any = None
+
+
+@dataclass(repr=False, eq=False)
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)` for beam search.
+
+    `sequences_scores` (with `output_scores`): each returned beam's length-penalised log-probability;
+    `scores`: the processed log-probabilities of every running beam, per step; `beam_indices`: for
+    each returned sequence and step, the (batch-flattened) beam its token was chosen from.
+    """
+
+    sequences: torch.LongTensor | None = None
+    sequences_scores: torch.FloatTensor | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
+    beam_indices: torch.LongTensor | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    past_key_values: Any = None
+
+
+class _Context:
+    """What a forward needs beside the token ids.
+
+    `mask`/`positions`: the prompt's padding mask and position ids (None without padding; later
+    tokens are real and follow the last prompt position). `embeds`: prompt embeddings, fed by the
+    first forward only. `offset`: leading context tokens that are not in the id sequence (a prompt
+    given only as embeddings).
+    """
+
+    def __init__(self, mask, positions, embeds, offset: int) -> None:
+        self.mask_BP, self.positions_BP, self.embeds, self.offset = mask, positions, embeds, offset
+
+    def mask(self, end: int) -> torch.Tensor | None:
+        m = self.mask_BP
+        if m is None or end <= m.shape[1]:
+            return m if m is None else m[:, :end]
+        return torch.cat([m, m.new_ones(m.shape[0], end - m.shape[1])], dim=1)
+
+    def positions(self, start: int, end: int) -> torch.Tensor | None:
+        p = self.positions_BP
+        if p is None:
+            return None
+        P = p.shape[1]
+        parts = [p[:, start:end]] if start < P else []
+        if end > P:
+            parts.append(p[:, -1:] + torch.arange(max(start, P) - P + 1, end - P + 1, device=p.device))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, keep: int,
+             output_attentions: bool = False, output_hidden_states: bool = False):
+    """Run `model` on the tokens of `seq_RL` (plus context) that `cache` does not hold yet."""
+    past = cache.get_seq_length() if cache is not None else 0
+    end = ctx.offset + seq_RL.shape[1]
+    if ctx.embeds is not None:
+        ids, embeds, ctx.embeds = None, ctx.embeds[:, past:], None
+    else:
+        ids, embeds = seq_RL[:, past - ctx.offset :], None
+    start = end - (ids if ids is not None else embeds).shape[1]
+    device = seq_RL.device
+    return model(
+        input_ids=ids,
+        inputs_embeds=embeds,
+        attention_mask=ctx.mask(end),
+        position_ids=ctx.positions(start, end),
+        past_key_values=cache,
+        use_cache=cache is not None,
+        cache_position=torch.arange(start, end, device=device) if cache is not None else None,
+        logits_to_keep=keep,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+        output_router_logits=False,
+        return_dict=True,
+    )
+
+
+class _Record:
+    """The per-step outputs `return_dict_in_generate` asked for (None where not asked)."""
+
+    def __init__(self, gen: GenerationConfig) -> None:
+        on = bool(gen.return_dict_in_generate)
+        self.scores = () if on and gen.output_scores else None
+        self.logits = () if on and gen.output_logits else None
+        self.attentions = () if on and gen.output_attentions else None
+        self.hidden_states = () if on and gen.output_hidden_states else None
+
+    def add(self, scores, logits, out) -> None:
+        if self.scores is not None:
+            self.scores += (scores,)
+        if self.logits is not None:
+            self.logits += (logits,)
+        if self.attentions is not None:
+            self.attentions += (out.attentions,)
+        if self.hidden_states is not None:
+            self.hidden_states += (out.hidden_states,)
+
+
+def _merge(default: list, custom: list | None, kind: str) -> list:
+    """Transformers' merge: a custom item replaces the default of the same class, the rest follow."""
+    if not custom:
+        return default
+    merged = type(default)()
+    for item in default:
+        same = next((c for c in custom if type(c) is type(item)), None)
+        if same is not None:
+            logger.warning("a custom %s %s replaces the one generate() built from its settings",
+                           kind, type(item).__name__)
+        merged.append(same if same is not None else item)
+    merged.extend(c for c in custom if not any(c is m for m in merged))
+    return merged
+
+
+def _gather_beams(t: torch.Tensor, idx_BN: torch.Tensor) -> torch.Tensor:
+    """t[b, idx[b, n], ...] for a [B, M, ...] tensor."""
+    idx = idx_BN.reshape(*idx_BN.shape, *([1] * (t.dim() - 2)))
+    return torch.take_along_dim(t, idx, dim=1)
+
+
+class GenerationMixin:
+    """`generate()` for causal LMs whose forward takes Transformers' arguments (moetorch models).
+
+    `model.generation_config` starts from the model config's special tokens and is replaced by
+    `generation_config.json` when `from_pretrained` finds one.
+    """
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        gen = self.__dict__.get("_generation_config")
+        if gen is None:
+            gen = GenerationConfig.from_model_config(self.config)
+            self.__dict__["_generation_config"] = gen
+        return gen
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig) -> None:
+        if not isinstance(value, GenerationConfig):
+            raise TypeError(f"generation_config must be a GenerationConfig, got {type(value).__name__}")
+        self.__dict__["_generation_config"] = value
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
+        synced_gpus: bool | None = None,
+        assistant_model: Any = None,
+        streamer: Any = None,
+        negative_prompt_ids: torch.LongTensor | None = None,
+        negative_prompt_attention_mask: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> torch.LongTensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
+        """Generate token ids after a prompt, as Transformers' `generate` does.
+
+        The prompt is `inputs` (or `input_ids=`) [B, L], with `attention_mask` for left padding, or
+        `inputs_embeds` [B, L, D]. Settings come from `generation_config` (default:
+        `self.generation_config`) and keyword arguments, which override it: e.g.
+        `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `num_beams`,
+        `repetition_penalty`, `eos_token_id`, `stop_strings` (with `tokenizer=`), `use_cache`,
+        `cache_implementation`, `return_dict_in_generate`, `output_scores`, `output_logits`.
+        A `past_key_values` cache may be passed to continue from it.
+
+        Strategy: beam search when `num_beams > 1`, assisted decoding with `assistant_model`
+        (greedy, batch 1), otherwise greedy search or sampling (`do_sample`). `guidance_scale != 1`
+        adds classifier-free guidance against `negative_prompt_ids` (default: the prompt's last
+        token). `streamer.put`/`end` receive the tokens as they come (batch 1, not beam search).
+
+        Returns the sequences [R, L + new] (for an embeddings-only prompt: the new tokens only),
+        or a `GenerateDecoderOnlyOutput` / `GenerateBeamDecoderOnlyOutput` with
+        `return_dict_in_generate=True`. Finished rows are padded with `pad_token_id`.
+        """
+        if synced_gpus:
+            raise ValueError("synced_gpus=True is not supported: moetorch generates on a single process")
+        gen, model_inputs = self._generation_settings(generation_config, kwargs)
+        tokenizer = model_inputs.pop("tokenizer", None)
+        seq, embeds, offset, mask = self._prompt(inputs, gen, model_inputs)
+        cache = model_inputs.pop("past_key_values", None)
+        device = seq.device
+
+        eos = None if gen.eos_token_id is None else torch.tensor(
+            [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id), device=device
+        )
+        pad_id = gen.pad_token_id if gen.pad_token_id is not None else _first_eos(gen)
+        mask, positions = _padding(seq, embeds, mask, pad_id, eos)
+
+        expand = max(gen.num_beams, gen.num_return_sequences)
+        if cache is not None:
+            _check_user_cache(cache, gen, expand)
+        if expand > 1:
+            seq = seq.repeat_interleave(expand, dim=0)
+            mask, positions, embeds = (
+                None if t is None else t.repeat_interleave(expand, dim=0) for t in (mask, positions, embeds)
+            )
+        max_length, min_length = self._lengths(gen, seq.shape[1], offset)
+        if cache is None and gen.use_cache:
+            if gen.cache_implementation == "static":
+                # The last token is never fed back, hence the -1.
+                cache = StaticCache(config=self.config, max_cache_len=max_length - 1 + offset)
+            else:
+                cache = DynamicCache()
+
+        processors = self._logits_processors(
+            gen, seq.shape[1], min_length, mask, eos, prefix_allowed_tokens_fn, logits_processor,
+            negative_prompt_ids, negative_prompt_attention_mask,
+        )
+        criteria = self._stopping_criteria(gen, max_length, eos, tokenizer, stopping_criteria)
+        ctx = _Context(mask, positions, embeds, offset)
+        if streamer is not None:
+            if gen.num_beams > 1:
+                raise ValueError("`streamer` cannot be used with beam search: set num_beams=1")
+            streamer.put(seq.cpu())
+
+        if assistant_model is not None:
+            if gen.num_beams > 1 or gen.do_sample:
+                raise ValueError("assistant_model supports greedy decoding only (num_beams=1, do_sample=False)")
+            if gen.guidance_scale not in (None, 1):
+                raise ValueError("assistant_model cannot be combined with guidance_scale != 1")
+            return self._assisted_decoding(seq, ctx, cache, gen, processors, criteria, max_length, eos,
+                                           assistant_model, streamer)
+        if gen.num_beams > 1:
+            return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id)
+        return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer)
+
+    # ---- preparation -------------------------------------------------------------------------
+    def _generation_settings(self, generation_config, kwargs: dict) -> tuple[GenerationConfig, dict]:
+        """Layer the model's config, the caller's config and keyword arguments (later wins for
+        fields each sets explicitly); split off the model inputs."""
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
+        gen = GenerationConfig()
+        for layer in (self.generation_config, generation_config):
+            for k, v in (layer.explicit_items() if layer is not None else {}).items():
+                setattr(gen, k, copy.deepcopy(v))
+        model_inputs, unknown = {}, []
+        for k, v in kwargs.items():
+            if k in DEFAULTS:
+                setattr(gen, k, v)
+            elif k in MODEL_INPUTS:
+                model_inputs[k] = v
+            else:
+                unknown.append(k)
+        if unknown:
+            raise TypeError(
+                f"generate() got unknown keyword arguments {unknown}: they are neither GenerationConfig fields "
+                f"nor model inputs {list(MODEL_INPUTS)}"
+            )
+        ignored = [k for k, noop in _UNSUPPORTED.items() if getattr(gen, k, noop) not in (None, noop)]
+        if ignored:
+            logger.warning("generate(): these generation settings are not supported by moetorch and are "
+                           "ignored: %s", ignored)
+        gen.validate()
+        return gen, model_inputs
+
+    def _prompt(self, inputs, gen: GenerationConfig, model_inputs: dict):
+        """(ids [B, L], embeds or None, offset, mask or None) from the caller's prompt arguments."""
+        ids = model_inputs.pop("input_ids", None)
+        if inputs is not None and ids is not None:
+            raise ValueError("pass the prompt as `inputs` or as `input_ids`, not both")
+        ids = inputs if inputs is not None else ids
+        embeds = model_inputs.pop("inputs_embeds", None)
+        mask = model_inputs.pop("attention_mask", None)
+        device = self.device
+        if ids is not None:
+            if not (torch.is_tensor(ids) and ids.dim() == 2 and not ids.is_floating_point()):
+                shape = tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__
+                raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {shape} "
+                                 "(pass embeddings as inputs_embeds=)")
+            ids = ids.to(device=device, dtype=torch.long)
+        offset = 0
+        if embeds is not None:
+            if not (torch.is_tensor(embeds) and embeds.dim() == 3):
+                shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+                raise ValueError(f"inputs_embeds must be a [batch, seq, hidden] tensor, got {shape}")
+            embeds = embeds.to(device=device, dtype=self.dtype)
+            if ids is None:
+                ids, offset = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=device), embeds.shape[1]
+            elif ids.shape != embeds.shape[:2]:
+                raise ValueError(f"input_ids {tuple(ids.shape)} and inputs_embeds {tuple(embeds.shape)} "
+                                 "must cover the same tokens")
+            gen.use_cache = True  # the embeddings feed the first forward only, then the cache carries them
+        if ids is None:
+            if gen.bos_token_id is None:
+                raise ValueError("generate() needs input_ids, inputs_embeds or a bos_token_id to start from")
+            ids = torch.full((1, 1), gen.bos_token_id, dtype=torch.long, device=device)
+        if mask is not None:
+            if not (torch.is_tensor(mask) and mask.shape == (ids.shape[0], offset + ids.shape[1])):
+                raise ValueError(f"attention_mask must be 2D [batch, seq] like the prompt "
+                                 f"{(ids.shape[0], offset + ids.shape[1])}, got {getattr(mask, 'shape', mask)}")
+            mask = mask.to(device=device, dtype=torch.long)
+        if ids.shape[1] + offset == 0:
+            raise ValueError("the prompt is empty")
+        return ids, embeds, offset, mask
+
+    def _lengths(self, gen: GenerationConfig, L: int, offset: int) -> tuple[int, int]:
+        """(max_length, min_length) of the id sequence, as Transformers derives them."""
+        max_pos = getattr(self.config, "max_position_embeddings", None)
+        if max_pos is not None and L + offset > max_pos:
+            raise ValueError(f"the prompt has {L + offset} tokens, more than the model's "
+                             f"max_position_embeddings ({max_pos})")
+        if gen.max_new_tokens is not None:
+            max_length = gen.max_new_tokens + L
+        elif not gen.is_set("max_length"):
+            # The default max_length (20) means 20 new tokens, within the model's positions.
+            max_length = gen.max_length + L
+            if max_pos is not None:
+                max_length = min(max_length, max_pos)
+        else:
+            max_length = gen.max_length - offset
+        if L >= max_length:
+            raise ValueError(f"the prompt has {L} tokens but max_length is {max_length}: nothing to generate "
+                             "(set max_new_tokens, or a larger max_length)")
+        if gen.min_new_tokens is not None:
+            min_length = gen.min_new_tokens + L
+        else:
+            min_length = max((gen.min_length or 0) - offset, 0)
+        return max_length, min_length
+
+    def _logits_processors(self, gen, L, min_length, mask, eos, prefix_fn, custom, neg_ids, neg_mask):
+        """Transformers' processors for these settings, in its order; `custom` merged; warpers last."""
+        procs = LogitsProcessorList()
+        if gen.guidance_scale is not None and gen.guidance_scale != 1:
+            procs.append(UnbatchedClassifierFreeGuidanceLogitsProcessor(
+                gen.guidance_scale, self, neg_ids, neg_mask, use_cache=gen.use_cache))
+        if gen.sequence_bias is not None:
+            procs.append(SequenceBiasLogitsProcessor(gen.sequence_bias))
+        if gen.repetition_penalty != 1.0:
+            # Left padding is not part of the prompt: skip it, per row.
+            skip = (mask != 0).int().argmax(dim=1) if mask is not None else None
+            procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty, prompt_ignore_length=skip))
+        if gen.no_repeat_ngram_size:
+            procs.append(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size))
+        if gen.bad_words_ids is not None:
+            procs.append(NoBadWordsLogitsProcessor(gen.bad_words_ids, eos))
+        if eos is not None and min_length > 0:
+            procs.append(MinLengthLogitsProcessor(min_length, eos))
+        if eos is not None and gen.min_new_tokens:
+            procs.append(MinNewTokensLengthLogitsProcessor(L, gen.min_new_tokens, eos))
+        if prefix_fn is not None:
+            procs.append(PrefixConstrainedLogitsProcessor(prefix_fn, gen.num_beams))
+        procs = _merge(procs, custom, "logits processor")
+        if gen.do_sample:
+            # Beam sampling keeps one non-EOS token beyond the EOS ones, so a beam can always go on.
+            keep = (len(eos) + 1 if eos is not None else 2) if gen.num_beams > 1 else 1
+            if gen.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(gen.temperature))
+            if gen.top_k:
+                procs.append(TopKLogitsWarper(gen.top_k, min_tokens_to_keep=keep))
+            if gen.top_p < 1.0:
+                procs.append(TopPLogitsWarper(gen.top_p, min_tokens_to_keep=keep))
+            if gen.min_p is not None:
+                procs.append(MinPLogitsWarper(gen.min_p, min_tokens_to_keep=keep))
+        if gen.renormalize_logits:
+            procs.append(LogitNormalization())
+        return procs
+
+    def _stopping_criteria(self, gen, max_length, eos, tokenizer, custom) -> StoppingCriteriaList:
+        max_pos = getattr(self.config, "max_position_embeddings", None)
+        crit = StoppingCriteriaList([MaxLengthCriteria(max_length, max_pos)])
+        if gen.max_time is not None:
+            crit.append(MaxTimeCriteria(gen.max_time))
+        if gen.stop_strings is not None:
+            if tokenizer is None:
+                raise ValueError("stop_strings need the tokenizer: call generate(..., stop_strings=..., tokenizer=tok)")
+            crit.append(StopStringCriteria(tokenizer, gen.stop_strings))
+        if eos is not None:
+            crit.append(EosTokenCriteria(eos))
+        return _merge(crit, custom, "stopping criterion")
+
+    # ---- strategies --------------------------------------------------------------------------
+    def _sample(self, seq, ctx, cache, gen, processors, criteria, pad_id, streamer):
+        """Greedy search (argmax) or multinomial sampling, one token per step."""
+        record = _Record(gen)
+        running_R = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
+        eos_criteria = [c for c in criteria if hasattr(c, "eos_token_id")]
+        if eos_criteria and pad_id is None:
+            pad_id = int(eos_criteria[0].eos_token_id.reshape(-1)[0])
+        # With max_length the only rule, the host knows when to stop without reading the device.
+        max_length = criteria.max_length
+        host_only = streamer is None and max_length is not None and all(
+            isinstance(c, MaxLengthCriteria) for c in criteria
+        )
+        while True:
+            out = _forward(self, seq, ctx, cache, 1, record.attentions is not None, record.hidden_states is not None)
+            logits_RV = out.logits[:, -1].to(dtype=torch.float32, copy=True)
+            scores_RV = processors(seq, logits_RV)
+            record.add(scores_RV, logits_RV, out)
+            if gen.do_sample:
+                next_R = torch.multinomial(scores_RV.softmax(dim=-1), num_samples=1).squeeze(1)
+            else:
+                next_R = scores_RV.argmax(dim=-1)
+            if eos_criteria:
+                next_R = torch.where(running_R, next_R, pad_id)
+            seq = torch.cat([seq, next_R[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(next_R.cpu())
+            if host_only:
+                if seq.shape[1] >= max_length:
+                    break
+                continue
+            running_R = running_R & ~criteria(seq, record.scores)
+            if not bool(running_R.any()):
+                break
+        if streamer is not None:
+            streamer.end()
+        if not gen.return_dict_in_generate:
+            return seq
+        return GenerateDecoderOnlyOutput(
+            sequences=seq, scores=record.scores, logits=record.logits, attentions=record.attentions,
+            hidden_states=record.hidden_states, past_key_values=cache,
+        )
+
+    def _beam_search(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id):
+        """Beam search (or beam sampling with do_sample), as Transformers' vectorised version.
+
+        Per prompt it keeps N running beams and the N best finished ones. Each step scores every
+        continuation of every running beam, takes the K = N * max(2, 1 + #EOS) best (or samples
+        them), moves the ones that hit a stopping rule into the finished set (length-penalised)
+        and continues with the N best others.
+        """
+        N, lp, early = gen.num_beams, gen.length_penalty, gen.early_stopping
+        R, prompt_len = seq.shape
+        B, device = R // N, seq.device
+        K = max(2, 1 + (len(eos) if eos is not None else 0)) * N
+        first_N_K = torch.arange(K, device=device) < N
+        record = _Record(gen)
+        # Finished beams shorter than the longest are padded (-1 when there is no pad or EOS id).
+        fill = pad_id if pad_id is not None else -1
+        running_seq = torch.full((B, N, max_length), fill, dtype=torch.long, device=device)
+        running_seq[:, :, :prompt_len] = seq.view(B, N, prompt_len)
+        done_seq = running_seq.clone()
+        # Only beam 0 starts live, so the first step does not pick the same token N times.
+        running_lp = torch.zeros(B, N, device=device)
+        running_lp[:, 1:] = _NEVER
+        done_lp = torch.full((B, N), _NEVER, device=device)
+        done_BN = torch.zeros(B, N, dtype=torch.bool, device=device)
+        improvable_B1 = torch.ones(B, 1, dtype=torch.bool, device=device)
+        running_src = torch.full((B, N, max_length - prompt_len), -1, dtype=torch.long, device=device)
+        done_src = running_src.clone()
+        batch_offset_B1 = torch.arange(B, device=device)[:, None] * N
+        cur_len, flat = prompt_len, seq
+        while True:
+            out = _forward(self, flat, ctx, cache, 1, record.attentions is not None, record.hidden_states is not None)
+            logits_RV = out.logits[:, -1].to(dtype=torch.float32, copy=True)
+            logp_RV = processors(flat, logits_RV.log_softmax(dim=-1))
+            record.add(logp_RV, logits_RV, out)
+            V = logp_RV.shape[-1]
+            total_BNV = (logp_RV.view(B, N, V) + running_lp[:, :, None]).view(B, N * V)
+            if gen.do_sample:
+                top_idx = torch.multinomial(total_BNV.softmax(dim=-1), num_samples=K)
+                top_lp = total_BNV.gather(1, top_idx)
+            else:
+                top_lp, top_idx = torch.topk(total_BNV, K)
+            beam_BK, token_BK = top_idx // V, top_idx % V
+            top_src = _gather_beams(running_src, beam_BK)
+            top_seq = _gather_beams(running_seq, beam_BK)
+            top_seq[:, :, cur_len] = token_BK
+            top_src[:, :, cur_len - prompt_len] = beam_BK + batch_offset_B1
+            hits_BK = criteria(top_seq[:, :, : cur_len + 1].reshape(B * K, -1), record.scores).view(B, K)
+
+            # The N best continuations that did not just stop keep running.
+            live_lp = top_lp + hits_BK.to(torch.float32) * _NEVER
+            keep = torch.topk(live_lp, N)[1]
+            running_seq, running_lp, running_src = (_gather_beams(t, keep) for t in (top_seq, live_lp, top_src))
+
+            # Continuations that stopped (among the top N) compete with the finished beams.
+            stopped_BK = hits_BK & first_N_K
+            cand_lp = top_lp / ((cur_len + 1 - prompt_len) ** lp)
+            cand_lp += (done_BN.all(-1, keepdim=True) & (early is True)).to(torch.float32) * _NEVER
+            cand_lp += (~improvable_B1).to(torch.float32) * _NEVER
+            cand_lp += (~stopped_BK) * _NEVER
+            best = torch.topk(torch.cat([done_lp, cand_lp], dim=1), N)[1]
+            done_seq = _gather_beams(torch.cat([done_seq, top_seq], dim=1), best)
+            done_lp = _gather_beams(torch.cat([done_lp, cand_lp], dim=1), best)
+            done_src = _gather_beams(torch.cat([done_src, top_src], dim=1), best)
+            done_BN = _gather_beams(torch.cat([done_BN, stopped_BK], dim=1), best)
+
+            if cache is not None:
+                cache.reorder_cache(running_src[..., cur_len - prompt_len].reshape(-1))
+            cur_len += 1
+            # Can a running beam still beat the worst finished one? (Transformers' heuristic.)
+            best_len = max_length - prompt_len if (early == "never" and lp > 0) else cur_len - prompt_len
+            best_running = running_lp[:, :1] / (best_len**lp)
+            worst_done = torch.where(done_BN, done_lp.min(dim=1, keepdim=True)[0], _NEVER)
+            improvable_B1 = improvable_B1 & (best_running > worst_done).any(dim=-1, keepdim=True)
+            go_on = improvable_B1.any() & ~(done_BN.all() & (early is True)) & ~hits_BK.all()
+            if not bool(go_on):
+                break
+            flat = running_seq[:, :, :cur_len].reshape(R, cur_len)
+
+        n_ret = gen.num_return_sequences
+        sequences = done_seq[:, :n_ret].reshape(B * n_ret, -1)
+        beam_indices = done_src[:, :n_ret].reshape(B * n_ret, -1)
+        new_tokens = int((beam_indices >= 0).sum(dim=1).max())
+        sequences, beam_indices = sequences[:, : prompt_len + new_tokens], beam_indices[:, :new_tokens]
+        if not gen.return_dict_in_generate:
+            return sequences
+        return GenerateBeamDecoderOnlyOutput(
+            sequences=sequences,
+            sequences_scores=done_lp[:, :n_ret].reshape(-1) if gen.output_scores else None,
+            scores=record.scores, logits=record.logits, beam_indices=beam_indices,
+            attentions=record.attentions, hidden_states=record.hidden_states, past_key_values=cache,
+        )
+
+    def _assisted_decoding(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, assistant, streamer):
+        """Greedy search checked in chunks: the assistant drafts up to `num_assistant_tokens` tokens
+        greedily, one forward of this model scores them all, and the longest agreeing prefix plus
+        this model's next token is kept. The result equals plain greedy search."""
+        if seq.shape[0] != 1:
+            raise ValueError(f"assisted decoding supports batch size 1 only, got {seq.shape[0]}")
+        if cache is None or cache.is_static:
+            raise ValueError("assisted decoding needs a dynamic cache (use_cache=True, no static cache)")
+        if ctx.offset or ctx.embeds is not None:
+            raise ValueError("assisted decoding needs input_ids (inputs_embeds cannot be shared with the assistant)")
+        if gen.output_attentions or gen.output_hidden_states:
+            raise ValueError("assisted decoding does not return attentions or hidden states")
+        if getattr(assistant.config, "vocab_size", None) != getattr(self.config, "vocab_size", None):
+            raise ValueError("assistant_model must share this model's vocabulary (same vocab_size)")
+        record = _Record(gen)
+        draft_cache = DynamicCache()
+        while True:
+            L = seq.shape[1]
+            # Drafts may run past EOS: verification cuts there, and checking would cost a device read.
+            cand = seq
+            draft_cache.crop(L - 1)
+            for _ in range(min(gen.num_assistant_tokens, max_length - L - 1)):
+                logits = _forward(assistant, cand, ctx, draft_cache, 1).logits[:, -1]
+                cand = torch.cat([cand, logits.argmax(dim=-1, keepdim=True)], dim=-1)
+            n_cand = cand.shape[1] - L
+            out = _forward(self, cand, ctx, cache, n_cand + 1)
+            raw = out.logits[:, -(n_cand + 1) :].to(dtype=torch.float32)
+            scores = raw.clone()
+            for i in range(n_cand + 1):
+                scores[:, i] = processors(cand[:, : L + i], scores[:, i])
+            chosen = scores.argmax(dim=-1)
+            n_ok = int(((cand[:, L:] != chosen[:, :-1]).cumsum(dim=-1) < 1).sum())
+            new = chosen[:, : min(n_ok + 1, max_length - L)]
+            if eos is not None:
+                at_eos = torch.isin(new[0], eos).nonzero()
+                if at_eos.numel():
+                    new = new[:, : int(at_eos[0]) + 1]
+            n_ok = new.shape[1] - 1
+            seq = torch.cat([seq, new], dim=-1)
+            if streamer is not None:
+                streamer.put(new.cpu())
+            cache.crop(L + n_ok)  # drop the rejected drafts; the last new token is fed next round
+            if record.scores is not None:
+                record.scores += tuple(scores[:, i] for i in range(n_ok + 1))
+            if record.logits is not None:
+                record.logits += tuple(raw[:, i] for i in range(n_ok + 1))
+            if bool(criteria(seq, record.scores).all()):
+                break
+        if streamer is not None:
+            streamer.end()
+        if not gen.return_dict_in_generate:
+            return seq
+        return GenerateDecoderOnlyOutput(sequences=seq, scores=record.scores, logits=record.logits,
+                                         past_key_values=cache)
+
+
+def _first_eos(gen: GenerationConfig) -> int | None:
+    """The first EOS id (the pad id Transformers falls back to), or None."""
+    eos = gen.eos_token_id
+    if eos is None:
+        return None
+    return eos if isinstance(eos, int) else eos[0]
+
+
+def _padding(seq, embeds, mask, pad_id, eos):
+    """(mask, positions) for the prompt, both None when nothing is padded.
+
+    Without a mask, padding is inferred from `pad_id` in the ids (unless it is an EOS id), as in
+    Transformers. Positions count real tokens only: cumsum(mask) - 1 (0 on padding).
+    """
+    if mask is None and embeds is None and pad_id is not None:
+        pad_is_eos = eos is not None and bool(torch.isin(eos, torch.tensor(pad_id, device=eos.device)).any())
+        if not pad_is_eos and bool((seq == pad_id).any()):
+            mask = (seq != pad_id).long()
+    if mask is None or bool((mask == 1).all()):
+        return None, None
+    if bool((mask[:, -1] == 0).any()):
+        logger.warning("generate(): the prompt looks right-padded; decoder-only models need left padding "
+                       "(tokenizer.padding_side = 'left') for correct results")
+    positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 0)
+    return mask, positions
+
+
+def _check_user_cache(cache, gen: GenerationConfig, expand: int) -> None:
+    if not isinstance(cache, Cache):
+        raise TypeError(f"past_key_values must be a moetorch Cache (DynamicCache or StaticCache), "
+                        f"got {type(cache).__name__}")
+    if gen.cache_implementation is not None:
+        raise ValueError("pass either past_key_values or cache_implementation, not both")
+    if not gen.use_cache:
+        raise ValueError("past_key_values was given with use_cache=False")
+    if expand > 1:
+        raise ValueError("past_key_values cannot be combined with num_beams or num_return_sequences > 1")
+
+
+__all__ = ["GenerateBeamDecoderOnlyOutput", "GenerateDecoderOnlyOutput", "GenerationMixin"]

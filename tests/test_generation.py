@@ -1,0 +1,522 @@
+"""generate() against Transformers' generate, token for token, for every architecture in ARCHS:
+greedy, sampling, beam search, processors, stopping rules, caches, outputs, assisted decoding,
+classifier-free guidance, stop strings, streamers and GenerationConfig I/O."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+
+import pytest
+import torch
+import transformers
+from archs import ARCH_IDS, ARCHS, randomize_
+from parity import make_inputs, make_pair
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.pre_tokenizers import ByteLevel
+
+import moetorch
+from moetorch import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    TextStreamer,
+)
+from moetorch.generation import MaxLengthCriteria, TopKLogitsWarper
+
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy machine idle OpenMP workers spin
+    # (a 50x slowdown seen with 2 threads on 2 loaded cores).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
+def pair(request, tmp_path_factory):
+    """(Transformers model, moetorch model) with the same random weights (Transformers saved them)."""
+    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name), seed=0)
+
+
+def both(pair, *args, seed=None, **kwargs):
+    """Transformers' and our generate() on the same arguments (and the same RNG seed, if given)."""
+    hf, ours = pair
+    outs = []
+    for model in (hf, ours):
+        if seed is not None:
+            torch.manual_seed(seed)
+        outs.append(model.generate(*args, **kwargs))
+    return outs
+
+
+def assert_same_tokens(a, b, what=""):
+    assert torch.equal(a, b), f"{what}\nTransformers:\n{a}\nmoetorch:\n{b}"
+
+
+def close(a, b, what):
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"{what}: {m}")
+
+
+def prompts(batch=3, seq=6, padding="left", seed=1):
+    return make_inputs(VOCAB, batch, seq, padding, seed=seed)
+
+
+def greedy_new_tokens(pair, ids, mask, n=10):
+    return pair[1].generate(ids, attention_mask=mask, max_new_tokens=n)[:, ids.shape[1] :]
+
+
+# ---- decoding strategies ------------------------------------------------------------------------
+
+
+def test_greedy_matches_transformers(pair):
+    for padding in ("left", None):
+        ids, mask = prompts(padding=padding)
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=12)
+        assert_same_tokens(a, b, f"greedy, padding={padding}")
+        assert b.shape == (3, 6 + 12)
+    # The spec's usage example: a total max_length, no mask.
+    a, b = both(pair, ids[:1], max_length=15)
+    assert_same_tokens(a, b, "max_length=15") and b.shape[1] == 15
+    # The default max_length (20) means 20 new tokens, as in Transformers.
+    a, b = both(pair, ids[:1])
+    assert_same_tokens(a, b, "default length")
+    assert b.shape[1] == 6 + 20
+
+
+def test_left_padded_batch_equals_each_prompt_alone(pair):
+    ids, mask = prompts(batch=4, seq=7)
+    batched = greedy_new_tokens(pair, ids, mask, n=8)
+    for row in range(4):
+        alone = ids[row : row + 1, mask[row].bool()]
+        assert_same_tokens(batched[row : row + 1], greedy_new_tokens(pair, alone, None, n=8), f"row {row}")
+    # Padding inferred from pad_token_id when no mask is given, as in Transformers.
+    inferred = pair[1].generate(ids, max_new_tokens=8)[:, 7:]
+    assert_same_tokens(batched, inferred, "mask inferred from pad_token_id")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.7, top_k=10),
+        dict(top_p=0.8, top_k=0),
+        dict(min_p=0.2, temperature=1.3),
+        dict(top_k=20, top_p=0.9, num_return_sequences=2),
+    ],
+    ids=["temperature-top_k", "top_p", "min_p", "num_return_sequences"],
+)
+def test_sampling_matches_transformers_random_stream(pair, settings):
+    ids, mask = prompts()
+    torch.manual_seed(11)
+    a = pair[0].generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=10, **settings)
+    after_hf = torch.rand(4)
+    torch.manual_seed(11)
+    b = pair[1].generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=10, **settings)
+    after_ours = torch.rand(4)
+    assert_same_tokens(a, b, f"sampling {settings}")
+    # Both drew exactly the same random numbers from the global generator.
+    assert torch.equal(after_hf, after_ours)
+    greedy = pair[1].generate(ids, attention_mask=mask, max_new_tokens=10)
+    assert not torch.equal(b[:: settings.get("num_return_sequences", 1)], greedy), "sampling drew nothing"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(num_beams=2),
+        dict(num_beams=4, num_return_sequences=3, length_penalty=0.5, early_stopping=True),
+        dict(num_beams=3, num_return_sequences=2, length_penalty=2.0, early_stopping="never"),
+        dict(num_beams=3, length_penalty=-1.0, early_stopping=False),
+    ],
+    ids=["2-beams", "4-beams-early", "3-beams-never", "3-beams-negative-penalty"],
+)
+def test_beam_search_matches_transformers(pair, settings):
+    ids, mask = prompts()
+    # EOS ids that greedy search produces, so that beams finish at different lengths.
+    new = greedy_new_tokens(pair, ids, mask, n=6)
+    eos = sorted({int(new[0, 2]), int(new[1, 4])})
+    kwargs = dict(attention_mask=mask, max_new_tokens=9, eos_token_id=eos, pad_token_id=VOCAB - 1,
+                  return_dict_in_generate=True, output_scores=True, output_logits=True, **settings)
+    a, b = both(pair, ids, **kwargs)
+    assert_same_tokens(a.sequences, b.sequences, f"beam search {settings}")
+    close(a.sequences_scores, b.sequences_scores, "sequences_scores")
+    assert torch.equal(a.beam_indices.long(), b.beam_indices)
+    assert len(a.scores) == len(b.scores) and len(a.logits) == len(b.logits)
+    for i, (x, y) in enumerate(zip(a.scores, b.scores)):
+        close(x, y, f"scores[{i}]")
+    plain = pair[1].generate(ids, **{k: v for k, v in kwargs.items() if not k.startswith(("return", "output"))})
+    assert_same_tokens(b.sequences, plain, "return_dict_in_generate changes nothing")
+
+
+def test_beam_sampling_matches_transformers(pair):
+    ids, mask = prompts(batch=2)
+    # pad_token_id != 0: with 0, Transformers pads finished beams with EOS instead (see docs/generation.md).
+    a, b = both(pair, ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=True, top_k=30,
+                num_return_sequences=2, pad_token_id=VOCAB - 1, seed=5)
+    assert_same_tokens(a, b, "beam sampling")
+
+
+# ---- processors and stopping rules --------------------------------------------------------------
+
+
+def test_logits_processors_match_transformers(pair):
+    ids, mask = prompts()
+    new = greedy_new_tokens(pair, ids, mask, n=8)
+    cases = {
+        "repetition_penalty": dict(repetition_penalty=1.5),
+        "no_repeat_ngram_size": dict(no_repeat_ngram_size=2),
+        # Ban tokens and a 2-token sequence that greedy search produces, and the EOS id (never banned alone).
+        "bad_words_ids": dict(bad_words_ids=[[int(new[0, 1])], new[1, 2:4].tolist(), [int(new[2, 0])]]),
+        "min_new_tokens": dict(min_new_tokens=6, eos_token_id=[int(new[0, 1]), int(new[1, 0])]),
+        "prefix_allowed_tokens_fn": dict(prefix_allowed_tokens_fn=lambda b, row: [int(row[-1]) % 7 + b, 30, 40 + b]),
+        "custom": dict(logits_processor=LogitsProcessorList([TopKLogitsWarper(3)]), do_sample=True),
+    }
+    for name, settings in cases.items():
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=8, seed=3, **settings)
+        assert_same_tokens(a, b, name)
+        if name != "custom":
+            assert not torch.equal(b[:, 6:], new), f"{name} changed nothing"
+    rep = pair[1].generate(ids, attention_mask=mask, max_new_tokens=8, no_repeat_ngram_size=1)
+    for row in rep.tolist():
+        assert len(set(row[6:])) == 8, "no_repeat_ngram_size=1 repeats no token"
+
+
+def test_eos_ids_stop_rows_and_pad(pair):
+    ids, mask = prompts()
+    new = greedy_new_tokens(pair, ids, mask, n=10)
+    eos = [int(new[0, 2]), int(new[2, 5])]
+    pad = VOCAB - 2
+    a, b = both(pair, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=pad)
+    assert_same_tokens(a, b, "several eos ids")
+    out = b[:, 6:]
+    ends = []
+    for row in range(3):
+        hits = [i for i, t in enumerate(new[row].tolist()) if t in eos]
+        ends.append(hits[0] + 1 if hits else 10)
+        # each row stops at its first EOS; the rest is padding
+        assert out[row, : ends[-1]].tolist() == new[row, : ends[-1]].tolist()
+        assert out[row, ends[-1] :].tolist() == [pad] * (out.shape[1] - ends[-1])
+    assert out.shape[1] == max(ends) and ends[0] <= 3
+    # Once every row is done, generation stops before max_new_tokens.
+    first = pair[1].generate(ids[:1], attention_mask=mask[:1], max_new_tokens=10, eos_token_id=eos)
+    assert first.shape[1] == 6 + ends[0] and int(first[0, -1]) in eos
+    # A custom stopping criterion replaces the default of its type.
+    stop = StoppingCriteriaList([MaxLengthCriteria(9)])
+    a, b = both(pair, ids, attention_mask=mask, max_new_tokens=10, stopping_criteria=stop)
+    assert_same_tokens(a, b, "custom max length") and b.shape[1] == 9
+
+
+def test_static_cache_and_no_cache_match(pair):
+    ids, mask = prompts()
+    for settings in (dict(cache_implementation="static"), dict(use_cache=False),
+                     dict(cache_implementation="static", num_beams=2)):
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=9, **settings)
+        assert_same_tokens(a, b, str(settings))
+    out = pair[1].generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
+                           return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, moetorch.StaticCache) and cache.max_cache_len == 6 + 9 - 1
+    assert pair[1].generate(ids, attention_mask=mask, max_new_tokens=9, use_cache=False,
+                            return_dict_in_generate=True).past_key_values is None
+
+
+def test_return_dict_scores_and_logits_match(pair):
+    ids, mask = prompts()
+    for settings in (dict(), dict(do_sample=True, top_k=8, temperature=0.8)):
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True,
+                    output_scores=True, output_logits=True, seed=2, **settings)
+        assert isinstance(b, moetorch.GenerateDecoderOnlyOutput)
+        assert_same_tokens(a.sequences, b.sequences, "sequences")
+        assert len(b.scores) == len(b.logits) == 6 and isinstance(b.past_key_values, DynamicCache)
+        for i in range(6):
+            close(a.scores[i], b.scores[i], f"scores[{i}]")
+            close(a.logits[i], b.logits[i], f"logits[{i}]")
+        assert b.past_key_values.get_seq_length() == 6 + 6 - 1
+    out = pair[1].generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True,
+                           output_attentions=True, output_hidden_states=True)
+    L = pair[1].config.num_hidden_layers
+    assert len(out.attentions) == 3 and len(out.attentions[0]) == L
+    assert out.attentions[0][0].shape[-2:] == (6, 6) and out.attentions[1][0].shape[-2:] == (1, 7)
+    assert len(out.hidden_states[2]) == L + 1 and out.hidden_states[2][0].shape[1] == 1
+
+
+def test_inputs_embeds_and_cache_continuation(pair):
+    hf, ours = pair
+    ids, mask = prompts(padding="left")
+    embeds = ours.get_input_embeddings()(ids)
+    a, b = both(pair, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=7)
+    assert_same_tokens(a, b, "inputs_embeds")
+    assert b.shape == (3, 7)  # new tokens only
+    assert_same_tokens(b, greedy_new_tokens(pair, ids, mask, n=7), "embeddings prompt = ids prompt")
+    # Continue from the cache a first call returned: the same tokens as one longer call.
+    first = ours.generate(ids[:1], max_new_tokens=4, return_dict_in_generate=True)
+    cont = ours.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=5)
+    assert_same_tokens(ours.generate(ids[:1], max_new_tokens=9), cont, "cache continuation")
+
+
+def test_assisted_decoding_equals_greedy(pair):
+    hf, ours = pair
+    arch = next(a for a in ARCHS if isinstance(ours, a.ours["causal_lm"]))
+    # A one-layer assistant sharing the embeddings, first layer and head: it agrees often, not always.
+    assistant = arch.ours["causal_lm"](arch.our_config(num_hidden_layers=1)).eval()
+    assistant.load_state_dict(ours.state_dict(), strict=False)
+    ids, _ = prompts(batch=2, padding=None)
+    calls, new_tokens = [], 0
+    for row in range(2):
+        prompt = ids[row : row + 1]
+        new = greedy_new_tokens(pair, prompt, None, n=12)
+        for eos in (None, [int(new[0, 7])]):
+            kwargs = dict(max_new_tokens=12, eos_token_id=eos, return_dict_in_generate=True, output_scores=True)
+            want = ours.generate(prompt, **kwargs)
+            hook = ours.register_forward_hook(lambda *_: calls.append(1))
+            try:
+                got = ours.generate(prompt, assistant_model=assistant, num_assistant_tokens=4, **kwargs)
+            finally:
+                hook.remove()
+            assert_same_tokens(want.sequences, got.sequences, f"assisted, eos={eos}")
+            assert_same_tokens(hf.generate(prompt, **kwargs).sequences, got.sequences, "Transformers greedy")
+            assert len(got.scores) == len(want.scores)
+            for x, y in zip(want.scores, got.scores):
+                close(x, y, "assisted scores")
+            new_tokens += got.sequences.shape[1] - prompt.shape[1]
+    assert len(calls) < new_tokens, "no draft was ever accepted"
+
+
+def test_classifier_free_guidance(pair):
+    ids, _ = prompts(batch=2, padding=None)
+    plain = pair[1].generate(ids, max_new_tokens=8)
+    assert_same_tokens(plain, pair[1].generate(ids, max_new_tokens=8, guidance_scale=1.0), "guidance_scale=1")
+    negative = make_inputs(VOCAB, 2, 3, None, seed=9)[0]
+    for settings in (dict(guidance_scale=1.8), dict(guidance_scale=1.5, negative_prompt_ids=negative),
+                     dict(guidance_scale=2.0, negative_prompt_ids=negative, use_cache=False)):
+        a, b = both(pair, ids, max_new_tokens=8, **settings)
+        assert_same_tokens(a, b, f"cfg {settings.get('guidance_scale')}")
+        assert not torch.equal(b, plain), "guidance changed nothing"
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count calls that read a tensor's value back to the host (each one a sync on CUDA)."""
+    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "cpu"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    counter = {"reads": 0}
+
+    def counting(orig):
+        def f(*args, **kwargs):
+            counter["reads"] += 1
+            return orig(*args, **kwargs)
+        return f
+
+    try:
+        for n, orig in saved.items():
+            setattr(torch.Tensor, n, counting(orig))
+        yield counter
+    finally:
+        for n, orig in saved.items():
+            setattr(torch.Tensor, n, orig)
+
+
+def test_decode_loop_reads_the_device_only_to_decide_to_stop(pair):
+    ids, mask = prompts()
+    unused = next(t for t in range(3, VOCAB) if t not in greedy_new_tokens(pair, ids, mask, n=8))
+
+    def reads(n, **kwargs):
+        with count_host_reads() as counter:
+            pair[1].generate(ids, attention_mask=mask, max_new_tokens=n, **kwargs)
+        return counter["reads"]
+
+    # Only max_length can stop: the host counts steps itself, whatever the length.
+    assert reads(8, eos_token_id=None) == reads(4, eos_token_id=None)
+    # With an EOS id: one read per step, whether the rows are done.
+    assert reads(8, eos_token_id=unused) - reads(4, eos_token_id=unused) == 4
+    assert reads(8, eos_token_id=unused, num_beams=2) - reads(4, eos_token_id=unused, num_beams=2) == 4
+
+
+# ---- text: stop strings and streamers -----------------------------------------------------------
+
+
+def bpe_tokenizer():
+    """Byte-level BPE: the 256 bytes plus a few merged pairs, so that some tokens span 2 characters."""
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    merges = [("s", "t"), ("o", "p"), ("a", "b"), ("t", "o")]
+    for x, y in merges:
+        vocab[x + y] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
+    return tok
+
+
+class TinyTokenizer:
+    """The smallest tokenizer generate() uses: encode/decode over a `tokenizers.Tokenizer`."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
+def text_pair(request, tmp_path_factory):
+    tok = bpe_tokenizer()
+    hf, ours = make_pair(request.param, tmp_path_factory.mktemp(f"text-{request.param.name}"), seed=2,
+                         vocab_size=tok.get_vocab_size())
+    return hf, ours, tok
+
+
+def allow(tok, pieces):
+    """A prefix_allowed_tokens_fn allowing only these tokens (keeps the text ASCII)."""
+    ids = [tok.token_to_id(p) for p in pieces]
+    return lambda batch_id, row: ids
+
+
+def test_stop_strings_match_transformers(text_pair):
+    hf, ours, tok = text_pair
+    mine, theirs = TinyTokenizer(tok), transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    prompt = torch.tensor([mine.encode("ab st")])
+    fn = allow(tok, ["st", "op", "ab", "to"])  # 2-character tokens only
+    seq = ours.generate(prompt, max_new_tokens=14, prefix_allowed_tokens_fn=fn)[0].tolist()
+    pieces = [mine.decode([t]) for t in seq[prompt.shape[1] :]]
+    # A stop string ending inside a token, one made of two whole tokens, and a list (the 2nd matches).
+    stops = [pieces[3][-1] + pieces[4][0], pieces[5] + pieces[6], ["qq", pieces[-3][1] + pieces[-2]]]
+    for stop in stops:
+        kwargs = dict(max_new_tokens=14, prefix_allowed_tokens_fn=fn, stop_strings=stop)
+        a = hf.generate(prompt, tokenizer=theirs, **kwargs)
+        b = ours.generate(prompt, tokenizer=mine, **kwargs)
+        assert_same_tokens(a, b, f"stop_strings={stop!r}")
+        # It stops at the first token whose text completes a stop string.
+        targets = [stop] if isinstance(stop, str) else stop
+        want = next(n for n in range(prompt.shape[1] + 1, len(seq) + 1)
+                    if any(s in mine.decode(seq[:n]) for s in targets))
+        assert b.shape[1] == want, (stop, b.shape[1], want)
+    with pytest.raises(ValueError, match="tokenizer"):
+        ours.generate(prompt, max_new_tokens=3, stop_strings="x")
+
+
+def test_streamers_yield_the_decoded_text(text_pair, capsys):
+    hf, ours, tok = text_pair
+    mine = TinyTokenizer(tok)
+    prompt = torch.tensor([mine.encode("ab to\nst ")])
+    fn = allow(tok, ["st", "op", "ab", "to", "Ġ", "Ċ", "a"])
+    kwargs = dict(max_new_tokens=16, prefix_allowed_tokens_fn=fn)
+    full = ours.generate(prompt, **kwargs)[0]
+    capsys.readouterr()
+    ours.generate(prompt, streamer=TextStreamer(mine), **kwargs)
+    assert capsys.readouterr().out == mine.decode(full) + "\n"
+
+    streamer = TextIteratorStreamer(mine, skip_prompt=True, timeout=60)
+    worker = threading.Thread(target=ours.generate, kwargs=dict(inputs=prompt, streamer=streamer, **kwargs))
+    worker.start()
+    chunks = list(streamer)
+    worker.join()
+    assert "".join(chunks) == mine.decode(full[prompt.shape[1] :])
+    assert len(chunks) > 2, "the text arrived in one piece"
+
+
+# ---- GenerationConfig -------------------------------------------------------------------------
+
+
+def test_generation_config_io_and_overrides(pair, tmp_path):
+    hf, ours = pair
+    gc = GenerationConfig(max_new_tokens=7, do_sample=True, top_k=5, eos_token_id=[3, 4], my_custom_key="x")
+    gc.save_pretrained(tmp_path / "gc")
+    saved = json.loads((tmp_path / "gc" / "generation_config.json").read_text())
+    assert saved == {"max_new_tokens": 7, "do_sample": True, "top_k": 5, "eos_token_id": [3, 4], "my_custom_key": "x"}
+    back = GenerationConfig.from_pretrained(tmp_path / "gc")
+    assert back == gc and back.my_custom_key == "x" and back.is_set("top_k") and not back.is_set("top_p")
+    theirs = transformers.GenerationConfig.from_pretrained(tmp_path / "gc")
+    assert (theirs.max_new_tokens, theirs.top_k, theirs.eos_token_id) == (7, 5, [3, 4])
+
+    # The model's config comes from generation_config.json (Transformers wrote one) or the model config.
+    assert (ours.generation_config.bos_token_id, ours.generation_config.eos_token_id) == (1, 2)
+    fresh = type(ours)(ours.config)
+    assert fresh.generation_config.pad_token_id == ours.config.pad_token_id
+    ids, mask = prompts()
+    new = greedy_new_tokens(pair, ids, mask, n=8)
+    eos = int(new[0, 1])
+    ours.generation_config = GenerationConfig(eos_token_id=eos, max_new_tokens=8, pad_token_id=0)
+    try:
+        ours.save_pretrained(tmp_path / "model")
+        loaded = type(ours).from_pretrained(tmp_path / "model")
+        assert loaded.generation_config.eos_token_id == eos
+        out = loaded.generate(ids[:1], attention_mask=mask[:1])
+        assert out.shape[1] == 6 + 2 and int(out[0, -1]) == eos
+        # generate() kwargs beat the caller's config, which beats the model's.
+        assert loaded.generate(ids[:1], generation_config=GenerationConfig(max_new_tokens=3),
+                               eos_token_id=None).shape[1] == 6 + 3
+        assert loaded.generate(ids[:1], generation_config=GenerationConfig(max_new_tokens=3),
+                               max_new_tokens=5, eos_token_id=None).shape[1] == 6 + 5
+        assert_same_tokens(hf.generate(ids[:1], max_new_tokens=5, eos_token_id=eos),
+                           loaded.generate(ids[:1], max_new_tokens=5), "EOS from generation_config.json")
+    finally:
+        ours.generation_config = GenerationConfig.from_model_config(ours.config)
+        ours.generation_config.bos_token_id = 1
+
+
+INVALID = [
+    (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
+    (dict(do_sample=True, top_p=1.5), ValueError, "top_p"),
+    (dict(do_sample=True, top_p=0.0), ValueError, "top_p"),
+    (dict(do_sample=True, min_p=2.0), ValueError, "min_p"),
+    (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
+    (dict(num_return_sequences=2), ValueError, "num_return_sequences"),
+    (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+    (dict(max_length=4), ValueError, "max_length"),
+    (dict(early_stopping="sometimes"), ValueError, "early_stopping"),
+    (dict(cache_implementation="paged"), ValueError, "cache_implementation"),
+    (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
+    (dict(bad_words_ids=[[]]), ValueError, "bad_words_ids"),
+    (dict(eos_token_id=-3), ValueError, "eos_token_id"),
+    (dict(max_new_token=3), TypeError, "max_new_token"),
+    (dict(generation_config={"max_new_tokens": 3}), TypeError, "generation_config"),
+    (dict(num_beams=2, streamer=TextStreamer(None)), ValueError, "streamer"),
+    (dict(num_beams=2, assistant_model="x"), ValueError, "assistant_model"),
+    (dict(past_key_values=(1, 2)), TypeError, "past_key_values"),
+    (dict(attention_mask=torch.ones(1, 3)), ValueError, "attention_mask"),
+]
+
+
+@pytest.mark.parametrize(("settings", "error", "match"), INVALID, ids=[m for _, _, m in INVALID])
+def test_invalid_settings_raise(pair, settings, error, match):
+    ids, _ = prompts(batch=1, padding=None)
+    with pytest.raises(error, match=match):
+        pair[1].generate(ids, **settings)
+
+
+def test_invalid_prompts_and_configs_raise(pair):
+    ours = pair[1]
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ours.generate(torch.ones(1, ours.config.max_position_embeddings + 1, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
+        ours.generate(torch.ones(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="generate\\(\\)"):
+        GenerationConfig(logits_processor=LogitsProcessorList())
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(do_sample=True, temperature=-1.0)
+    # temperature=0 is fine when not sampling (the spec's pipeline example passes it).
+    ids, _ = prompts(batch=1, padding=None)
+    assert ours.generate(ids, max_new_tokens=2, temperature=0.0, do_sample=False).shape[1] == 8
+
+
+def test_bos_start_and_randomized_assistant_vocab_mismatch(pair):
+    arch = next(a for a in ARCHS if isinstance(pair[1], a.ours["causal_lm"]))
+    a, b = both(pair, max_new_tokens=5)  # no prompt: start from bos_token_id
+    assert_same_tokens(a, b, "from bos") and b.shape == (1, 6) and int(b[0, 0]) == 1
+    other = arch.ours["causal_lm"](arch.our_config(vocab_size=50, num_hidden_layers=1))
+    randomize_(other, 0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        pair[1].generate(torch.ones(1, 3, dtype=torch.long), assistant_model=other.eval(), max_new_tokens=3)
