@@ -8,6 +8,8 @@
 3. A decode step with a StaticCache under `torch.cuda.set_sync_debug_mode("error")`: any host
    synchronisation on the decode path raises.
 4. LongRoPE threshold crossing on CUDA equals a forward from scratch.
+5. The triton expert backend at real sizes (PhiMoE and JetMoE MLP experts, JetMoE attention experts)
+   in bf16 vs the float32 reference loop (rel err < 1e-2), float32 vs float32 (< 1e-4), no host sync.
 Exits non-zero if any check fails.
 """
 
@@ -21,7 +23,14 @@ import torch
 import torch.nn.functional as F
 
 import moetorch
-from moetorch.ops.moe import expert_map, expert_reduce, experts_forward, experts_reference
+from moetorch.ops.moe import (
+    expert_map,
+    expert_map_reference,
+    expert_reduce,
+    expert_reduce_reference,
+    experts_forward,
+    experts_reference,
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,7 +102,7 @@ def check_experts(results):
         ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T)])
         w = torch.rand(T, K, device="cuda", generator=g, dtype=torch.bfloat16)
         want = experts_reference(x.float(), w13.float(), w2.float(), ids, w.float(), F.silu)
-        for backend in ("gather", "grouped_mm"):
+        for backend in ("gather", "grouped_mm", "triton"):
             if backend == "gather" and T > 64:
                 continue
             err = rel_err(experts_forward(x, w13, w2, ids, w, F.silu, backend=backend), want)
@@ -114,19 +123,73 @@ def check_moa_experts(results):
              "one_expert": torch.full((T, K), E - 1, device="cuda")}
     for case, ids in cases.items():
         outs = {}
-        for backend in ("reference", "gather", "grouped_mm"):
+        for backend in ("reference", "gather", "grouped_mm", "triton"):
             dt = torch.float32 if backend == "reference" else torch.bfloat16
             args = [t.detach().to(dt).clone().requires_grad_() for t in base]
             x, wm, wr, h, gates = args
             y1, y2 = expert_map(x, wm, ids, backend), expert_reduce(h, wr, ids, gates, backend)
             (y1.float().square().sum() + y2.float().square().sum()).backward()
             outs[backend] = [y1.detach(), y2.detach(), *(a.grad for a in args)]
-        for backend in ("gather", "grouped_mm"):
+        for backend in ("gather", "grouped_mm", "triton"):
             # gather is the decode path (no training): its bf16 weight-gradient accumulation is not used.
             pairs = list(zip(outs[backend], outs["reference"]))[: 2 if backend == "gather" else None]
             err = max(rel_err(a, b) for a, b in pairs)
             results[f"moa.{backend}.{case}.max_rel_err"] = err
             ok &= err < 1e-2
+    return ok
+
+
+# Real sizes: kind, E, D, and I (SwiGLU experts) or C = kv heads * head dim (attention experts).
+REAL_SIZES = {"phimoe": ("experts", 16, 4096, 6400), "jetmoe_mlp": ("experts", 8, 2048, 5632),
+              "jetmoe_moa": ("moa", 8, 2048, 16 * 128)}
+
+
+@torch.no_grad()
+def check_triton(results):
+    """The triton backend at real sizes against the float32 reference loop: bf16 at T in 1..4096
+    (random routing; every token's first expert the same one at T=512), float32 at T=64, and a
+    call under sync debug mode (any host sync raises)."""
+    ok, K = True, 2
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for name, (kind, E, D, H) in REAL_SIZES.items():
+        w_a = torch.randn(E, 2 * H if kind == "experts" else H, D, device="cuda", generator=g).bfloat16() * 0.02
+        w_b = torch.randn(E, D, H, device="cuda", generator=g).bfloat16() * 0.02
+        w32 = (w_a.float(), w_b.float())
+        for T, case in ((1, "random"), (8, "random"), (64, "random"), (512, "random"), (4096, "random"),
+                        (512, "one_expert"), (64, "fp32"), (64, "no_sync")):
+            x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+            h = torch.randn(T, K, H, device="cuda", generator=g).bfloat16()
+            gates = torch.rand(T, K, device="cuda", generator=g).bfloat16()
+            ids = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
+            if case == "one_expert":
+                ids = torch.stack([torch.full((T,), E - 1, device="cuda"), ids[:, 1] % (E - 1)], dim=1)
+            args32 = (x.float(), h.float(), gates.float())
+            if kind == "experts":
+                want = [experts_reference(args32[0], *w32, ids, args32[2], F.silu)]
+            else:
+                want = [expert_map_reference(args32[0], w32[0], ids), expert_reduce_reference(args32[1], w32[1], ids,
+                                                                                              args32[2])]
+            fp32 = case == "fp32"
+            (xx, hh, gg), (wa, wb) = (args32, w32) if fp32 else ((x, h, gates), (w_a, w_b))
+            if case == "no_sync":
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                if kind == "experts":
+                    got = [experts_forward(xx, wa, wb, ids, gg, F.silu, backend="triton")]
+                else:
+                    got = [expert_map(xx, wa, ids, "triton"), expert_reduce(hh, wb, ids, gg, "triton")]
+            except RuntimeError as e:
+                results[f"triton.{name}.host_sync"] = f"SYNC: {e}"
+                ok = False
+                continue
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            err = max(rel_err(a, b) for a, b in zip(got, want))
+            results[f"triton.{name}.T{T}.{case}.rel_err"] = err
+            ok &= err < (1e-4 if fp32 else 1e-2)
+        del w_a, w_b, w32
+        torch.cuda.empty_cache()
     return ok
 
 
@@ -162,6 +225,7 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     ok = check_experts(results)
     ok &= check_moa_experts(results)
+    ok &= check_triton(results)
     for name, (cfg, cls) in configs().items():
         ok &= check_model(name, cfg, cls, results)
     ok &= check_longrope(results)

@@ -7,13 +7,17 @@ Backends (all compute the same function):
 - "reference": a loop over experts (the oracle; synchronises with the host to find each expert's tokens).
 - "gather": per-assignment weight gather + bmm; no host sync, for decode-sized T.
 - "grouped_mm": tokens sorted by expert on device, one `torch._grouped_mm` per projection (CUDA).
-`experts_forward(..., backend=None)` picks one; Triton kernels plug in here as well.
+- "triton": fused Triton kernels (ops/triton_moe.py): sort by expert, gather, SwiGLU and routing
+  weight inside two grouped GEMMs; forward-only kernels, gradients by recomputation (CUDA).
+`experts_forward(..., backend=None)` picks one (`pick_backend`).
 `expert_map` / `expert_reduce` are the same seam for single-projection experts (JetMoE's attention
 experts: per-(token, slot) query projection, then weighted output projection), same backends.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -22,6 +26,23 @@ Act = Callable[[torch.Tensor], torch.Tensor]
 
 # Assignments up to which the sync-free gather path is used when no backend is forced.
 GATHER_MAX_ROWS = 64
+
+
+def _lazy_triton(name: str) -> Callable[..., torch.Tensor]:
+    """A backend entry that imports triton_moe (and triton) only when first called."""
+
+    def backend(*args):
+        from . import triton_moe
+
+        return getattr(triton_moe, name)(*args)
+
+    backend.__name__ = name
+    return backend
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _swiglu(h_N2I: torch.Tensor, act: Act) -> torch.Tensor:
@@ -79,10 +100,15 @@ EXPERT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": experts_reference,
     "gather": experts_gather,
     "grouped_mm": experts_grouped_mm,
+    "triton": _lazy_triton("experts_triton"),
 }
 
 
 def pick_backend(x_TD: torch.Tensor, ids_TK: torch.Tensor) -> str:
+    """Triton on CUDA for inference; grouped_mm when autograd records (the Triton kernels are
+    forward-only and their backward would recompute); gather for small T; else the reference."""
+    if x_TD.is_cuda and triton_available() and not (torch.is_grad_enabled() and x_TD.requires_grad):
+        return "triton"
     if x_TD.is_cuda and hasattr(torch, "_grouped_mm") and x_TD.dtype == torch.bfloat16:
         return "grouped_mm"
     if ids_TK.numel() <= GATHER_MAX_ROWS:
@@ -90,8 +116,19 @@ def pick_backend(x_TD: torch.Tensor, ids_TK: torch.Tensor) -> str:
     return "reference"
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast floating inputs to the autocast dtype when autocast is on, as autocast does for a
+    matmul: the grouped and gathered products below are not autocast ops themselves."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def experts_forward(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act, backend: str | None = None) -> torch.Tensor:
     """y_T = sum_k weights[t, k] * W2[e] (act(W1[e] x_t) * W3[e] x_t), with e = ids[t, k]."""
+    x_TD, w13_E2ID, w2_EDI, weights_TK = autocast_inputs(x_TD, w13_E2ID, w2_EDI, weights_TK)
     name = backend or pick_backend(x_TD, ids_TK)
     if name not in EXPERT_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(EXPERT_BACKENDS)}")
@@ -112,7 +149,8 @@ def expert_map_reference(x_TD, w_EOD, ids_TK) -> torch.Tensor:
         tok, slot = torch.where(ids_TK == e)
         if tok.numel() == 0:
             continue
-        out_TKO[tok, slot] = x_TD[tok] @ w_EOD[e].T
+        # .to: under autocast the matmul yields bf16 while the buffer keeps x's float32 (index_put needs one dtype)
+        out_TKO[tok, slot] = (x_TD[tok] @ w_EOD[e].T).to(out_TKO.dtype)
     return out_TKO
 
 
@@ -167,16 +205,19 @@ MAP_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": expert_map_reference,
     "gather": expert_map_gather,
     "grouped_mm": expert_map_grouped_mm,
+    "triton": _lazy_triton("expert_map_triton"),
 }
 REDUCE_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": expert_reduce_reference,
     "gather": expert_reduce_gather,
     "grouped_mm": expert_reduce_grouped_mm,
+    "triton": _lazy_triton("expert_reduce_triton"),
 }
 
 
 def expert_map(x_TD, w_EOD, ids_TK, backend: str | None = None) -> torch.Tensor:
     """y[t, k] = W[e] x_t with e = ids[t, k]: one projection per (token, slot), shape [T, K, O]."""
+    x_TD, w_EOD = autocast_inputs(x_TD, w_EOD)
     name = backend or pick_backend(x_TD, ids_TK)
     if name not in MAP_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(MAP_BACKENDS)}")
@@ -185,6 +226,7 @@ def expert_map(x_TD, w_EOD, ids_TK, backend: str | None = None) -> torch.Tensor:
 
 def expert_reduce(h_TKC, w_EOC, ids_TK, weights_TK, backend: str | None = None) -> torch.Tensor:
     """y_t = sum_k weights[t, k] * W[e] h[t, k] with e = ids[t, k]: shape [T, O]."""
+    h_TKC, w_EOC, weights_TK = autocast_inputs(h_TKC, w_EOC, weights_TK)
     name = backend or pick_backend(h_TKC, ids_TK)
     if name not in REDUCE_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(REDUCE_BACKENDS)}")

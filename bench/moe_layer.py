@@ -1,0 +1,199 @@
+"""One MoE layer (router + experts) per token count, per expert backend, against its floors.
+
+    PYTHONPATH=. python bench/moe_layer.py --out results.json [--tokens 1,8,64,512,4096,16384]
+
+Layers at real sizes, bf16: PhiMoE (16 SwiGLU experts, sparsemixer top-2), JetMoE MLP (8 SwiGLU
+experts, top-2 softmax) and JetMoE attention experts (router + query projection `map` + output
+projection `reduce`, the attention between them left out). Backends: triton, grouped_mm, and gather
+for T <= 64. Each layer is captured in a CUDA graph (decode runs that way) and its replay timed with
+`triton.testing.do_bench` (median; L2 flushed before each run so weights come from HBM); the eager
+call is timed too, and the router alone (graph). The same run measures the two ceilings: device
+copy bandwidth (a 4 GiB copy, bytes read + written) and the bf16 matmul rate (8192^3). Floors:
+memory = bytes of the expert weights
+actually touched (distinct experts routed to) + router weight + activations in and out, over the
+copy bandwidth; compute = FLOPs over the matmul rate.
+
+Legend: T tokens, D model dim, I expert hidden dim, C attention-expert width, E experts, K = 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from moetorch.ops.moe import expert_map, expert_reduce, experts_forward
+from moetorch.ops.routing import sparsemixer, topk_softmax
+
+K = 2
+LAYERS = {
+    "phimoe": dict(kind="experts", E=16, D=4096, I=6400, router="sparsemixer"),
+    "jetmoe_mlp": dict(kind="experts", E=8, D=2048, I=5632, router="topk"),
+    "jetmoe_moa": dict(kind="moa", E=8, D=2048, C=2048, router="topk"),
+}
+TOKENS = (1, 8, 64, 512, 4096, 16384)
+GATHER_MAX_T = 64
+
+
+def median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
+def ceilings() -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s, measured here."""
+    a = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    copy_s = median_ms(lambda: b.copy_(a)) / 1e3
+    n = 8192
+    x, y = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mm_s = median_ms(lambda: x @ y) / 1e3
+    return {"copy_bytes_per_s": 2 * 2**32 / copy_s, "bf16_flop_per_s": 2 * n**3 / mm_s}
+
+
+def make_layer(spec: dict, g: torch.Generator) -> dict:
+    E, D = spec["E"], spec["D"]
+
+    def new(*s):
+        return torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+
+    layer = {"router": new(E, D)}
+    if spec["kind"] == "experts":
+        layer.update(w13=new(E, 2 * spec["I"], D), w2=new(E, D, spec["I"]))
+    else:
+        layer.update(w_map=new(E, spec["C"], D), w_red=new(E, D, spec["C"]))
+    return layer
+
+
+def route(spec: dict, layer: dict, x_TD: torch.Tensor):
+    logits_TE = x_TD @ layer["router"].T
+    if spec["router"] == "sparsemixer":
+        return sparsemixer(logits_TE, 0.01, False)
+    weights_TK, ids_TK = topk_softmax(logits_TE.float(), K)
+    return weights_TK.to(x_TD.dtype), ids_TK
+
+
+def layer_fn(spec: dict, layer: dict, x_TD: torch.Tensor, backend: str):
+    def run():
+        weights_TK, ids_TK = route(spec, layer, x_TD)
+        if spec["kind"] == "experts":
+            return experts_forward(x_TD, layer["w13"], layer["w2"], ids_TK, weights_TK, F.silu, backend)
+        q_TKC = expert_map(x_TD, layer["w_map"], ids_TK, backend)
+        return expert_reduce(q_TKC, layer["w_red"], ids_TK, weights_TK, backend)
+
+    return run
+
+
+def floors(spec: dict, layer: dict, x_TD: torch.Tensor, ceil: dict) -> dict:
+    """Bytes and FLOPs the layer cannot avoid, and the times they take at the measured ceilings."""
+    T, D, E = x_TD.shape[0], spec["D"], spec["E"]
+    _, ids_TK = route(spec, layer, x_TD)
+    touched = torch.unique(ids_TK).numel()  # host sync: outside the timed region
+    if spec["kind"] == "experts":
+        per_expert = 3 * spec["I"] * D * 2
+        flops = 2 * T * K * 3 * D * spec["I"]
+        act_bytes = 2 * T * D * 2  # x in, y out
+    else:
+        per_expert = 2 * spec["C"] * D * 2
+        flops = 2 * T * K * 2 * D * spec["C"]
+        act_bytes = 2 * T * D * 2 + 2 * T * K * spec["C"] * 2  # x in, y out; q out and back in
+    flops += 2 * T * D * E  # router
+    nbytes = touched * per_expert + E * D * 2 + act_bytes
+    return {"experts_touched": touched, "bytes": nbytes, "flops": flops,
+            "memory_floor_ms": nbytes / ceil["copy_bytes_per_s"] * 1e3,
+            "compute_floor_ms": flops / ceil["bf16_flop_per_s"] * 1e3}
+
+
+def graph_ms(fn) -> float | None:
+    """Median replay time of fn captured in a CUDA graph (None if it cannot be captured)."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = median_ms(graph.replay)
+        del graph
+        return ms
+    except Exception as e:
+        print(f"  graph capture failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        return None
+
+
+@torch.no_grad()
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--layers", default=",".join(LAYERS))
+    parser.add_argument("--backends", default="grouped_mm,triton,gather")
+    args = parser.parse_args()
+    ceil = ceilings()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "triton": triton.__version__, "ceilings": ceil, "rows": []}
+    print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s",
+          flush=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name in args.layers.split(","):
+        spec = LAYERS[name]
+        layer = make_layer(spec, g)
+        for T in map(int, args.tokens.split(",")):
+            x_TD = torch.randn(T, spec["D"], device="cuda", dtype=torch.bfloat16, generator=g)
+            floor = floors(spec, layer, x_TD, ceil)
+            # the router alone (matmul + routing function): the part of the layer outside the seam
+            floor["router_graph_ms"] = graph_ms(functools.partial(route, spec, layer, x_TD))
+            outputs = {}
+            for backend in args.backends.split(","):
+                if backend == "gather" and T > GATHER_MAX_T:
+                    continue
+                fn = layer_fn(spec, layer, x_TD, backend)
+                outputs[backend] = fn().float()
+                row = {"layer": name, "T": T, "backend": backend, **floor,
+                       "eager_ms": median_ms(fn), "graph_ms": graph_ms(fn)}
+                if "grouped_mm" in outputs:  # a sanity check of the tuned configs: same layer output
+                    ref = outputs["grouped_mm"]
+                    row["rel_diff_vs_grouped_mm"] = ((outputs[backend] - ref).norm() / ref.norm()).item()
+                best = row["graph_ms"] or row["eager_ms"]
+                row["pct_memory_floor"] = 100 * floor["memory_floor_ms"] / best
+                row["pct_compute_floor"] = 100 * floor["compute_floor_ms"] / best
+                results["rows"].append(row)
+                print(f"{name:11s} T={T:6d} {backend:10s} graph {row['graph_ms'] or float('nan'):8.3f} ms  eager "
+                      f"{row['eager_ms']:8.3f} ms  mem {row['pct_memory_floor']:5.1f}%  "
+                      f"compute {row['pct_compute_floor']:5.1f}%  "
+                      f"diff vs grouped_mm {row.get('rel_diff_vs_grouped_mm', float('nan')):.1e}", flush=True)
+            del x_TD, outputs
+        del layer
+        torch.cuda.empty_cache()
+    by_key = {(r["layer"], r["T"], r["backend"]): r for r in results["rows"]}
+    for r in results["rows"]:
+        ref = by_key.get((r["layer"], r["T"], "grouped_mm"))
+        if ref is not None:
+            r["speedup_vs_grouped_mm"] = (ref["graph_ms"] or ref["eager_ms"]) / (r["graph_ms"] or r["eager_ms"])
+    print_table(results["rows"])
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def print_table(rows) -> None:
+    print(f"\n{'layer':11s} {'T':>6s} {'backend':10s} {'graph ms':>9s} {'eager ms':>9s} {'mem floor':>9s} "
+          f"{'%mem':>6s} {'cmp floor':>9s} {'%cmp':>6s} {'vs gmm':>6s} {'router ms':>9s}")
+    for r in rows:
+        graph = f"{r['graph_ms']:9.3f}" if r["graph_ms"] else f"{'-':>9s}"
+        print(f"{r['layer']:11s} {r['T']:6d} {r['backend']:10s} {graph} {r['eager_ms']:9.3f} "
+              f"{r['memory_floor_ms']:9.3f} {r['pct_memory_floor']:6.1f} {r['compute_floor_ms']:9.3f} "
+              f"{r['pct_compute_floor']:6.1f} {r.get('speedup_vs_grouped_mm', float('nan')):6.2f} "
+              f"{r['router_graph_ms'] or float('nan'):9.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,599 @@
+"""Fused Triton kernels for the expert seam (`ops.moe`): the "triton" backend.
+
+Legend: T tokens, D model dim, I expert hidden dim, E experts, K experts per token, N = T*K
+assignments (row n = t*K + k), O a projection's output size, C its input size (reduce),
+P rows of the padded sorted layout, B row blocks of BLOCK_M rows in it.
+
+The machinery, shared by the SwiGLU experts and JetMoE's attention experts:
+1. `moe_align` sorts the N assignments by expert on the GPU with no host sync: each expert's
+   assignments get a run of rows padded to a multiple of BLOCK_M, so every block of BLOCK_M rows
+   belongs to one expert. It writes `sorted_P` (assignment of each row, N for a padding row) and
+   `block_expert_B` (expert of each block, E past the end). Two launches (per-chunk counts, then
+   placement), no atomics: a stable, deterministic layout. The GEMM grid is sized from the
+   host-known bound B = cdiv(N, BLOCK_M) + min(N, E); blocks past the end exit at once.
+2. `moe_gemm` is one grouped GEMM over all experts: program (block, column tile) gathers its A rows
+   by `sorted_P` inside the kernel and multiplies them by its expert's weight `[E, out, in]`.
+   Epilogues: SwiGLU (gate and up tiles computed together, `act(gate) * up`), the routing weight.
+3. SwiGLU experts = align + gate/up GEMM (writes h in the padded sorted layout [P, I]) + down GEMM
+   (reads h rows in order, multiplies the routing weight, writes one row per assignment [N, D]) +
+   a sum over K. The sum is a separate cheap reduction rather than atomics: deterministic.
+4. Decode sizes (N <= SMALL_MAX_ROWS) skip the alignment and the sum: `_moe_small_kernel` keeps all
+   N rows in one tile, each program (a column tile) walks the experts present, and the down/reduce
+   GEMM folds the K rows of each token in registers. Two launches per SwiGLU layer, one per map or
+   reduce: at decode, launches and their gaps rather than bytes are what the alignment would cost.
+
+Kernels are forward-only; gradients (when asked for) recompute through the grouped_mm or reference
+backend inside a `torch.autograd.Function` (training picks grouped_mm directly: `ops.moe.pick_backend`).
+Block sizes come from a JSON file per GPU name in `ops/configs/` (bench/tune_moe.py writes it),
+else from `default_config`. Triton is imported when this module is, and this module only when the
+backend is first used, so moetorch imports without triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from .activations import ACTIVATIONS
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Activation callables the kernel fuses, by the name its epilogue switches on.
+_ACT_CODES = {
+    ACTIVATIONS["silu"]: "silu",
+    ACTIVATIONS["gelu"]: "gelu",
+    ACTIVATIONS["gelu_new"]: "gelu_tanh",
+    ACTIVATIONS["gelu_pytorch_tanh"]: "gelu_tanh",
+    ACTIVATIONS["relu"]: "relu",
+    ACTIVATIONS["tanh"]: "tanh",
+    ACTIVATIONS["sigmoid"]: "sigmoid",
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _count_kernel(ids_ptr, counts_ptr, num_rows, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    # Per-chunk expert histogram, counts_CE[chunk, e]: the scan over chunks happens in _place_kernel.
+    pid = tl.program_id(0)
+    n = pid * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + n, mask=n < num_rows, other=E_PAD).to(tl.int32)
+    e_E = tl.arange(0, E_PAD)
+    tl.store(counts_ptr + pid * E_PAD + e_E, tl.sum((ids[:, None] == e_E[None, :]).to(tl.int32), axis=0))
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_chunks", "num_blocks"])
+def _place_kernel(
+    ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_rows, num_chunks, num_blocks,
+    E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, TABLE: tl.constexpr,
+):
+    # Program `pid` places the assignments of chunk `pid` (stable: chunk order, then order within
+    # the chunk), writes the sentinel into the padding rows among positions [pid*CHUNK, +CHUNK),
+    # and the expert of blocks [pid*CHUNK, +CHUNK). Every program rescans the small count table
+    # rather than waiting on another: no atomics, no inter-program order, a deterministic layout.
+    pid = tl.program_id(0)
+    e_E = tl.arange(0, E_PAD)
+    total_E = tl.zeros((E_PAD,), dtype=tl.int32)
+    before_E = tl.zeros((E_PAD,), dtype=tl.int32)
+    for c0 in range(0, num_chunks, TABLE):
+        c = c0 + tl.arange(0, TABLE)
+        counts_CE = tl.load(counts_ptr + c[:, None] * E_PAD + e_E[None, :], mask=(c < num_chunks)[:, None], other=0)
+        total_E += tl.sum(counts_CE, axis=0)
+        before_E += tl.sum(tl.where((c < pid)[:, None], counts_CE, 0), axis=0)
+    padded_E = (total_E + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends_E = tl.cumsum(padded_E, axis=0)
+    starts_E = ends_E - padded_E
+
+    n = pid * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + n, mask=n < num_rows, other=E_PAD).to(tl.int32)
+    hit = (ids[:, None] == e_E[None, :]).to(tl.int32)
+    rank = tl.cumsum(hit, axis=0)
+    pos = tl.sum(tl.where(hit == 1, (starts_E + before_E)[None, :] + rank - 1, 0), axis=1)
+    tl.store(sorted_ptr + pos, n, mask=n < num_rows)
+
+    # Padding rows get the sentinel `num_rows`; rows an assignment fills are skipped, so no two
+    # programs write one address.
+    p = pid * CHUNK + tl.arange(0, CHUNK)
+    owner = tl.sum(((ends_E[None, :] <= p[:, None]) & (e_E[None, :] < E)).to(tl.int32), axis=1)
+    mine = e_E[None, :] == owner[:, None]
+    first = tl.sum(tl.where(mine, starts_E[None, :], 0), axis=1)
+    count = tl.sum(tl.where(mine, total_E[None, :], 0), axis=1)
+    tl.store(sorted_ptr + p, num_rows, mask=(p < num_blocks * BLOCK_M) & (p - first >= count))
+
+    b = pid * CHUNK + tl.arange(0, CHUNK)
+    owner = tl.sum(((ends_E[None, :] <= b[:, None] * BLOCK_M) & (e_E[None, :] < E)).to(tl.int32), axis=1)
+    tl.store(block_expert_ptr + b, owner, mask=b < num_blocks)
+
+
+@triton.jit
+def _activate(x, ACT: tl.constexpr):
+    if ACT == "silu":
+        y = x * tl.sigmoid(x)
+    elif ACT == "gelu":
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == "gelu_tanh":
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * inner))  # 1 + tanh(u) = 2 sigmoid(2u)
+    elif ACT == "relu":
+        y = tl.maximum(x, 0.0)
+    elif ACT == "tanh":
+        y = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    else:
+        y = tl.sigmoid(x)
+    return y
+
+
+# Row and block counts change with T and only bound loops and masks: not specialised on, so one
+# compiled kernel serves every T (and every E) of a shape.
+@triton.jit(do_not_specialize=["num_rows", "num_experts", "num_blocks"])
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, route_w_ptr,
+    num_rows, num_experts, num_blocks, n_out, k_dim, up_offset,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    A_DIV: tl.constexpr, OUT_PADDED: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Program order: GROUP_M row blocks sweep all column tiles together, so their A rows stay in
+    # L2 while the expert's weight columns stream past (blocks of one expert are contiguous).
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(n_out, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert >= num_experts:
+        return  # past the last padded block: the grid is a host-side upper bound
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_ptr + offs_p)
+    valid = rows < num_rows
+    # A's row: the token (n // K), the assignment (n), or the padded position itself (A_DIV == 0).
+    # Padding rows read row 0 (any real row): their results are never stored.
+    if A_DIV == 0:
+        a_rows = offs_p.to(tl.int64)
+    else:
+        a_rows = (tl.where(valid, rows, 0) // A_DIV).to(tl.int64)
+    # Columns past n_out wrap onto real ones so the inner loop needs no column mask.
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % n_out
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_step in range(0, tl.cdiv(k_dim, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < k_dim - k_step * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            # Triton's CPU interpreter multiplies bf16 dot operands as raw integers.
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if GATED:
+            if EVEN_K:
+                w_up = tl.load(w_ptrs + up_offset * stride_wn)
+            else:
+                w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None], other=0.0)
+            if UPCAST:
+                w_up = w_up.to(tl.float32)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if GATED:
+        acc = _activate(acc, ACT) * acc_up
+    if WEIGHTED:
+        acc = acc * tl.load(route_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+    if OUT_PADDED:
+        o_rows = offs_p.to(tl.int64)
+    else:
+        o_rows = tl.where(valid, rows, 0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ptrs = out_ptr + o_rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols < n_out)[None, :])
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _moe_small_kernel(
+    a_ptr, w_ptr, out_ptr, ids_ptr, route_w_ptr,
+    num_rows, n_out, k_dim, up_offset,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    E_PAD: tl.constexpr, TOPK: tl.constexpr, A_DIV: tl.constexpr, SUM_K: tl.constexpr, GATED: tl.constexpr,
+    ACT: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Decode sizes (all N assignments fit in one BLOCK_M tile): no alignment pass. A program owns a
+    # column tile and walks the experts present, one flat loop over (expert, K step) so software
+    # pipelining runs across expert boundaries; each step adds W[e] a for the rows routed to e
+    # (other rows load zeros). SUM_K folds the K rows of a token in registers: no follow-up sum.
+    pid_n = tl.program_id(0)
+    n = tl.arange(0, BLOCK_M)
+    in_range = n < num_rows
+    ids = tl.load(ids_ptr + n, mask=in_range, other=E_PAD).to(tl.int32)
+    e_E = tl.arange(0, E_PAD)
+    present_E = (tl.sum((ids[:, None] == e_E[None, :]).to(tl.int32), axis=0) > 0).to(tl.int32)
+    rank_E = tl.cumsum(present_E, axis=0) - 1
+    k_steps = tl.cdiv(k_dim, BLOCK_K)
+    a_rows = (tl.where(in_range, n, 0) // A_DIV).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % n_out
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, tl.sum(present_E, axis=0) * k_steps):
+        j = step // k_steps
+        k0 = (step - j * k_steps) * BLOCK_K
+        expert = tl.sum(tl.where((present_E == 1) & (rank_E == j), e_E, 0), axis=0)
+        mine = ids == expert
+        k_ok = offs_k < k_dim - k0
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k0 + offs_k)[None, :] * stride_ak
+        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+                  + (k0 + offs_k)[:, None] * stride_wk)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mine[:, None], other=0.0)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:  # see _moe_gemm_kernel
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if GATED:
+            if EVEN_K:
+                w_up = tl.load(w_ptrs + up_offset * stride_wn)
+            else:
+                w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None], other=0.0)
+            if UPCAST:
+                w_up = w_up.to(tl.float32)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+
+    if GATED:
+        acc = _activate(acc, ACT) * acc_up
+    if WEIGHTED:
+        acc = acc * tl.load(route_w_ptr + n, mask=in_range, other=0.0).to(tl.float32)[:, None]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SUM_K:
+        # row n = t*TOPK + k: padding rows are zero, so whole groups of TOPK rows sum cleanly
+        y = tl.sum(tl.reshape(acc, (BLOCK_M // TOPK, TOPK, BLOCK_N)), axis=1)
+        t = tl.arange(0, BLOCK_M // TOPK)
+        o_ptrs = out_ptr + t.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(t < num_rows // TOPK)[:, None] & (cols < n_out)[None, :])
+    else:
+        o_ptrs = out_ptr + n.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & (cols < n_out)[None, :])
+
+
+# ---- configs -----------------------------------------------------------------------------------
+
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def config_key(op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype) -> str:
+    """The JSON key of one GEMM shape: op in {gate_up, down, map, reduce}, its output columns
+    (per half for gate_up) and its reduction length."""
+    return f"{op},E={E},N={n_out},K={k_dim},{str(dtype).removeprefix('torch.')}"
+
+
+def default_config(num_rows: int, dtype: torch.dtype, gated: bool = False) -> dict:
+    """Block sizes when no tuned entry matches: a decode regime (few rows per expert: small BLOCK_M,
+    many weight columns in flight) and a prefill regime (large tiles for the matrix units)."""
+    if num_rows <= 32:
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    elif num_rows <= 256:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    elif num_rows <= 2048:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3 if gated else 4)
+    if torch.empty((), dtype=dtype).element_size() == 4:
+        # fp32 tiles take twice the shared memory per stage.
+        cfg.update(BLOCK_K=32, num_stages=2)
+    return cfg
+
+
+def _device_file(device: torch.device) -> Path | None:
+    if device.type != "cuda":
+        return None
+    return CONFIG_DIR / (torch.cuda.get_device_name(device).replace(" ", "_") + ".json")
+
+
+@functools.cache
+def _load_configs(path: str) -> dict:
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def get_config(op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype, T: int, num_rows: int,
+               device: torch.device) -> dict:
+    """Tuned block sizes for one GEMM at T tokens (num_rows = T*K assignments): the entry of the
+    nearest T bucket (in log scale) in this GPU's JSON file, else `default_config`."""
+    path = _device_file(device)
+    table = _load_configs(str(path)).get(config_key(op, E, n_out, k_dim, dtype), {}) if path else {}
+    if table:
+        bucket = min(table, key=lambda b: abs(math.log2(int(b)) - math.log2(max(T, 1))))
+        return dict(table[bucket])
+    return default_config(num_rows, dtype, gated=op == "gate_up")
+
+
+# ---- launchers ---------------------------------------------------------------------------------
+
+
+def num_blocks_bound(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Host-side upper bound on padded blocks: each non-empty expert wastes less than one block."""
+    return triton.cdiv(num_rows, block_m) + min(num_rows, num_experts)
+
+
+def moe_align(
+    ids_N: torch.Tensor, num_experts: int, block_m: int, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort assignments by expert into blocks of `block_m` rows, on the device, without host sync.
+
+    Returns `sorted_P` (int32 [B*block_m]: the assignment in each row, `N` in padding rows; stable
+    within an expert) and `block_expert_B` (int32 [B]: each block's expert, `num_experts` for blocks
+    past the end), with B = `num_blocks_bound(N, E, block_m)`. Two launches: per-chunk expert counts,
+    then placement (each program scans the count table itself).
+    """
+    N = ids_N.numel()
+    B = num_blocks_bound(N, num_experts, block_m)
+    E_PAD = triton.next_power_of_2(num_experts)
+    ids_N = ids_N.contiguous()
+    sorted_P = torch.empty(B * block_m, dtype=torch.int32, device=ids_N.device)
+    block_expert_B = torch.empty(B, dtype=torch.int32, device=ids_N.device)
+    num_chunks = triton.cdiv(N, chunk)
+    counts_CE = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=ids_N.device)
+    _count_kernel[(num_chunks,)](ids_N, counts_CE, N, E_PAD=E_PAD, CHUNK=chunk, num_warps=4)
+    # positions (B * block_m >= N) outnumber assignments and blocks: they size the grid
+    _place_kernel[(triton.cdiv(B * block_m, chunk),)](
+        ids_N, counts_CE, sorted_P, block_expert_B, N, num_chunks, B,
+        E=num_experts, E_PAD=E_PAD, BLOCK_M=block_m, CHUNK=chunk, TABLE=64, num_warps=8,  # 8: no spills
+    )
+    return sorted_P, block_expert_B
+
+
+def moe_gemm(
+    a: torch.Tensor, w_EOC: torch.Tensor, out: torch.Tensor, sorted_P: torch.Tensor,
+    block_expert_B: torch.Tensor, num_rows: int, cfg: dict, *, a_div: int, out_padded: bool = False,
+    n_out: int | None = None, act: str | None = None, route_w_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One grouped GEMM over all experts: out[row] = W[e] a[row'] for each sorted row of expert e.
+
+    a_div: A's row is the assignment n // a_div (K: token rows, 1: assignment rows), or the padded
+    position when 0. out_padded: write at the padded position (else at row n). act: fuse SwiGLU
+    (W's first `n_out` rows are the gate, the next `n_out` the up projection). route_w_N: multiply
+    row n by it.
+    """
+    E, O, C = w_EOC.shape
+    n_out = n_out or O
+    B = block_expert_B.numel()
+    grid = (B * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    _moe_gemm_kernel[grid](
+        a, w_EOC, out, sorted_P, block_expert_B, route_w_N if route_w_N is not None else a,
+        num_rows, E, B, n_out, C, n_out if act else 0,
+        a.stride(0), a.stride(1), w_EOC.stride(0), w_EOC.stride(1), w_EOC.stride(2), out.stride(0), out.stride(1),
+        A_DIV=a_div, OUT_PADDED=out_padded, GATED=act is not None, ACT=act or "none",
+        WEIGHTED=route_w_N is not None, EVEN_K=C % cfg["BLOCK_K"] == 0, UPCAST=_interpreting(),
+        PRECISION=precision, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+# Assignments up to which the alignment-free small-T kernel runs (all of them in one row tile).
+SMALL_MAX_ROWS = 32
+
+
+def use_small_kernel(num_rows: int, K: int) -> bool:
+    """Decode sizes take `_moe_small_kernel`: N rows in one tile, K a power of two (folded in registers)."""
+    return 0 < num_rows <= SMALL_MAX_ROWS and K & (K - 1) == 0
+
+
+def moe_gemm_small(
+    a: torch.Tensor, w_EOC: torch.Tensor, out: torch.Tensor, ids_N: torch.Tensor, K: int, cfg: dict, *,
+    a_div: int, sum_k: bool = False, n_out: int | None = None, act: str | None = None,
+    route_w_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`moe_gemm` for N <= SMALL_MAX_ROWS without the alignment: A's row is n // a_div; out gets one
+    row per assignment, or with `sum_k` one row per token (the sum over its K assignments)."""
+    E, O, C = w_EOC.shape
+    n_out = n_out or O
+    N = ids_N.numel()
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    _moe_small_kernel[(triton.cdiv(n_out, cfg["BLOCK_N"]),)](
+        a, w_EOC, out, ids_N, route_w_N if route_w_N is not None else a,
+        N, n_out, C, n_out if act else 0,
+        a.stride(0), a.stride(1), w_EOC.stride(0), w_EOC.stride(1), w_EOC.stride(2), out.stride(0), out.stride(1),
+        E_PAD=triton.next_power_of_2(E), TOPK=K, A_DIV=a_div, SUM_K=sum_k, GATED=act is not None, ACT=act or "none",
+        WEIGHTED=route_w_N is not None, EVEN_K=C % cfg["BLOCK_K"] == 0, UPCAST=_interpreting(),
+        PRECISION=precision, BLOCK_M=max(16, triton.next_power_of_2(N)), BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _sum_over_k(y_NO: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    return y_NO.view(T, K, -1).sum(1) if K > 1 else y_NO.view(T, -1)
+
+
+def experts_fused(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: str, configs=None, small=None) -> torch.Tensor:
+    """SwiGLU experts through the fused kernels (forward only). `configs`: (gate_up, down) block
+    sizes, else tuned or default ones; the down GEMM uses gate_up's BLOCK_M (one alignment).
+    `small`: force (True) or forbid (False) the alignment-free kernel; by default N decides."""
+    T, K = ids_TK.shape
+    E, I2, D = w13_E2ID.shape
+    I, N = I2 // 2, T * K
+    if N == 0:
+        return x_TD.new_zeros(T, D)
+    if configs is None:
+        configs = (get_config("gate_up", E, I, D, x_TD.dtype, T, N, x_TD.device),
+                   get_config("down", E, D, I, x_TD.dtype, T, N, x_TD.device))
+    up_cfg, down_cfg = configs
+    ids_N, route_w_N = ids_TK.reshape(-1).contiguous(), weights_TK.reshape(-1).contiguous()
+    if use_small_kernel(N, K) if small is None else small:
+        h_NI = torch.empty(N, I, dtype=x_TD.dtype, device=x_TD.device)
+        moe_gemm_small(x_TD, w13_E2ID, h_NI, ids_N, K, up_cfg, a_div=K, n_out=I, act=act)
+        y_TD = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
+        return moe_gemm_small(h_NI, w2_EDI, y_TD, ids_N, K, down_cfg, a_div=1, sum_k=True, route_w_N=route_w_N)
+    down_cfg = {**down_cfg, "BLOCK_M": up_cfg["BLOCK_M"]}
+    sorted_P, block_expert_B = moe_align(ids_N, E, up_cfg["BLOCK_M"])
+    h_PI = torch.empty(sorted_P.numel(), I, dtype=x_TD.dtype, device=x_TD.device)
+    moe_gemm(x_TD, w13_E2ID, h_PI, sorted_P, block_expert_B, N, up_cfg, a_div=K, out_padded=True, n_out=I, act=act)
+    y_ND = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device)
+    moe_gemm(h_PI, w2_EDI, y_ND, sorted_P, block_expert_B, N, down_cfg, a_div=0, route_w_N=route_w_N)
+    return _sum_over_k(y_ND, T, K)
+
+
+def map_fused(x_TD, w_EOD, ids_TK, config=None, small=None) -> torch.Tensor:
+    """y[t, k] = W[ids[t, k]] x_t through the fused kernel (forward only): [T, K, O]."""
+    T, K = ids_TK.shape
+    E, O, D = w_EOD.shape
+    y_NO = torch.empty(T * K, O, dtype=x_TD.dtype, device=x_TD.device)
+    if T * K == 0:
+        return y_NO.view(T, K, O)
+    cfg = config or get_config("map", E, O, D, x_TD.dtype, T, T * K, x_TD.device)
+    ids_N = ids_TK.reshape(-1).contiguous()
+    if use_small_kernel(T * K, K) if small is None else small:
+        return moe_gemm_small(x_TD, w_EOD, y_NO, ids_N, K, cfg, a_div=K).view(T, K, O)
+    sorted_P, block_expert_B = moe_align(ids_N, E, cfg["BLOCK_M"])
+    moe_gemm(x_TD, w_EOD, y_NO, sorted_P, block_expert_B, T * K, cfg, a_div=K)
+    return y_NO.view(T, K, O)
+
+
+def reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK, config=None, small=None) -> torch.Tensor:
+    """y_t = sum_k weights[t, k] W[ids[t, k]] h[t, k] through the fused kernel (forward only): [T, O]."""
+    T, K = ids_TK.shape
+    E, O, C = w_EOC.shape
+    if T * K == 0:
+        return h_TKC.new_zeros(T, O)
+    cfg = config or get_config("reduce", E, O, C, h_TKC.dtype, T, T * K, h_TKC.device)
+    ids_N, route_w_N = ids_TK.reshape(-1).contiguous(), weights_TK.reshape(-1).contiguous()
+    h_NC = h_TKC.reshape(T * K, C)
+    if use_small_kernel(T * K, K) if small is None else small:
+        y_TO = torch.empty(T, O, dtype=h_TKC.dtype, device=h_TKC.device)
+        return moe_gemm_small(h_NC, w_EOC, y_TO, ids_N, K, cfg, a_div=1, sum_k=True, route_w_N=route_w_N)
+    sorted_P, block_expert_B = moe_align(ids_N, E, cfg["BLOCK_M"])
+    y_NO = torch.empty(T * K, O, dtype=h_TKC.dtype, device=h_TKC.device)
+    moe_gemm(h_NC, w_EOC, y_NO, sorted_P, block_expert_B, T * K, cfg, a_div=1, route_w_N=route_w_N)
+    return _sum_over_k(y_NO, T, K)
+
+
+# ---- autograd: forward through the kernels, backward through a differentiable backend ----------
+
+
+def _differentiable(name: str, x: torch.Tensor):
+    from . import moe
+
+    use_grouped = x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+    return getattr(moe, f"{name}_{'grouped_mm' if use_grouped else 'reference'}")
+
+
+def _recompute_grads(fn, inputs, needs, grad_out):
+    """Gradients of fn(*inputs) wrt the inputs flagged in `needs`, by recomputation."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
+        out = fn(*leaves)
+        got = iter(torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_out))
+    return [next(got) if need else None for need in needs]
+
+
+class _Experts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, w13_E2ID, w2_EDI, weights_TK, ids_TK, act_fn, act_name):
+        ctx.save_for_backward(x_TD, w13_E2ID, w2_EDI, weights_TK, ids_TK)
+        ctx.act_fn = act_fn
+        return experts_fused(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act_name)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        x, w13, w2, weights, ids = ctx.saved_tensors
+        fn = _differentiable("experts", x)
+        grads = _recompute_grads(lambda x, w13, w2, wt: fn(x, w13, w2, ids, wt, ctx.act_fn),
+                                 [x, w13, w2, weights], ctx.needs_input_grad[:4], grad_TD)
+        return (*grads, None, None, None)
+
+
+class _Map(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, w_EOD, ids_TK):
+        ctx.save_for_backward(x_TD, w_EOD, ids_TK)
+        return map_fused(x_TD, w_EOD, ids_TK)
+
+    @staticmethod
+    def backward(ctx, grad_TKO):
+        x, w, ids = ctx.saved_tensors
+        fn = _differentiable("expert_map", x)
+        grads = _recompute_grads(lambda x, w: fn(x, w, ids), [x, w], ctx.needs_input_grad[:2], grad_TKO)
+        return (*grads, None)
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_TKC, w_EOC, weights_TK, ids_TK):
+        ctx.save_for_backward(h_TKC, w_EOC, weights_TK, ids_TK)
+        return reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK)
+
+    @staticmethod
+    def backward(ctx, grad_TO):
+        h, w, weights, ids = ctx.saved_tensors
+        fn = _differentiable("expert_reduce", h)
+        grads = _recompute_grads(lambda h, w, wt: fn(h, w, ids, wt), [h, w, weights], ctx.needs_input_grad[:3],
+                                 grad_TO)
+        return (*grads, None)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def experts_triton(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act) -> torch.Tensor:
+    """The "triton" backend of `ops.moe.experts_forward` (same signature and result)."""
+    name = _ACT_CODES.get(act)
+    if name is None:
+        # An activation the epilogue does not fuse: use the unfused differentiable backend.
+        return _differentiable("experts", x_TD)(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act)
+    if _needs_grad(x_TD, w13_E2ID, w2_EDI, weights_TK):
+        return _Experts.apply(x_TD, w13_E2ID, w2_EDI, weights_TK, ids_TK, act, name)
+    return experts_fused(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, name)
+
+
+def expert_map_triton(x_TD, w_EOD, ids_TK) -> torch.Tensor:
+    """The "triton" backend of `ops.moe.expert_map`."""
+    if _needs_grad(x_TD, w_EOD):
+        return _Map.apply(x_TD, w_EOD, ids_TK)
+    return map_fused(x_TD, w_EOD, ids_TK)
+
+
+def expert_reduce_triton(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
+    """The "triton" backend of `ops.moe.expert_reduce`."""
+    if _needs_grad(h_TKC, w_EOC, weights_TK):
+        return _Reduce.apply(h_TKC, w_EOC, weights_TK, ids_TK)
+    return reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK)
+
+
+__all__ = [
+    "config_key", "default_config", "experts_fused", "experts_triton", "expert_map_triton",
+    "expert_reduce_triton", "get_config", "map_fused", "moe_align", "moe_gemm", "moe_gemm_small", "num_blocks_bound",
+    "reduce_fused", "use_small_kernel",
+]

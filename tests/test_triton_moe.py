@@ -1,0 +1,207 @@
+"""The Triton expert kernels (ops/triton_moe.py) under Triton's CPU interpreter, against the
+reference loops: alignment invariants, SwiGLU experts, JetMoE's map/reduce, gradients, configs.
+
+The interpreter runs each program in numpy, so shapes are tiny; explicit small block sizes make the
+kernels loop over several column tiles and K steps, with ragged edges.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moetorch.ops.activations import ACTIVATIONS
+from moetorch.ops.moe import (
+    EXPERT_BACKENDS,
+    MAP_BACKENDS,
+    REDUCE_BACKENDS,
+    expert_map,
+    expert_map_reference,
+    expert_reduce,
+    expert_reduce_reference,
+    experts_forward,
+    experts_reference,
+    pick_backend,
+)
+
+# Padding rows of the padded sorted layout hold uninitialised values that the kernels multiply
+# but never store; numpy (the interpreter) warns about the NaNs and overflows among them.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
+E, K, D, I, C = 5, 2, 40, 24, 24  # D, I not multiples of the 16-wide tiles: ragged edges
+
+
+@pytest.fixture(scope="module")
+def tm():
+    """ops.triton_moe, its kernels interpreted (tests/conftest.py sets TRITON_INTERPRET=1 before
+    triton can be imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    module = importlib.import_module("moetorch.ops.triton_moe")
+    assert isinstance(module._count_kernel, InterpretedFunction), "TRITON_INTERPRET=1 was not set before triton"
+    return module
+
+
+def routing(T, kind, gen):
+    if kind == "random":
+        return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    if kind == "one_hot_expert":  # every token's first choice is expert 3
+        return torch.stack([torch.tensor([3, (4 + t) % E]) for t in range(T)])
+    if kind == "repeated_expert":  # both slots of a token on one expert (no router does it; still defined)
+        return torch.randint(0, E, (T, 1), generator=gen).expand(T, K)
+    return torch.randint(0, 2, (T, K), generator=gen) * (E - 1)  # experts 1..E-2 stay empty
+
+
+# (T, small): the alignment-free decode kernel (N <= 32) and the sorted path on the same sizes
+PATHS = [(1, True), (1, False), (7, True), (7, False), (33, False)]
+PATH_IDS = [f"T{T}-{'small' if small else 'sorted'}" for T, small in PATHS]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def check(got, want, dtype, what):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=what)
+    else:  # bf16 intermediates and output: a few ulps of bf16
+        torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2, msg=what)
+        assert rel(got, want) < 1e-2, what
+
+
+def test_backends_registered():
+    for table in (EXPERT_BACKENDS, MAP_BACKENDS, REDUCE_BACKENDS):
+        assert "triton" in table
+    assert pick_backend(torch.ones(2, 4), torch.zeros(2, 2, dtype=torch.long)) != "triton"  # CPU
+
+
+# chunk 16: several chunks, and at T=600 more chunks than one pass over the count table holds
+ALIGN_CASES = [(T, chunk, kind) for T, chunk in [(1, 256), (7, 16), (50, 16), (50, 256)]
+               for kind in ("random", "one_hot_expert", "empty_experts")] + [(600, 16, "random")]
+
+
+@pytest.mark.parametrize(("T", "chunk", "kind"), ALIGN_CASES)
+def test_align_invariants(tm, T, chunk, kind):
+    gen = torch.Generator().manual_seed(T)
+    ids_N = routing(T, kind, gen).reshape(-1)
+    N, BM = ids_N.numel(), 16
+    sorted_P, block_expert_B = tm.moe_align(ids_N, E, BM, chunk=chunk)
+    B = tm.num_blocks_bound(N, E, BM)
+    assert sorted_P.shape == (B * BM,) and block_expert_B.shape == (B,)
+    rows = sorted_P.view(B, BM)
+    real = rows < N
+    # every assignment exactly once, each in a block of its own expert, in order within an expert
+    assert sorted(sorted_P[sorted_P < N].tolist()) == list(range(N))
+    assert (rows == N).logical_or(real).all()
+    for b in range(B):
+        got = rows[b][real[b]]
+        if block_expert_B[b] == E:
+            assert got.numel() == 0
+        else:
+            assert (ids_N[got.long()] == block_expert_B[b]).all()
+    order = sorted_P[sorted_P < N].long()
+    assert (ids_N[order].diff() >= 0).all() and all(
+        (order[ids_N[order] == e].diff() > 0).all() for e in range(E)
+    )
+    # used blocks come first, in expert order; each expert's padding is under one block
+    used = block_expert_B < E
+    assert used.sum() == sum(-(-(ids_N == e).sum().item() // BM) for e in range(E))
+    assert not used[used.sum():].any() and (block_expert_B[used].diff() >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("T", "small"), PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("kind", ["random", "one_hot_expert", "empty_experts", "repeated_expert"])
+def test_experts_match_reference(tm, T, small, kind, dtype):
+    gen = torch.Generator().manual_seed(100 + T)
+    x = torch.randn(T, D, generator=gen).to(dtype)
+    w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=gen) * 0.3).to(dtype)
+    weights = torch.rand(T, K, generator=gen).to(dtype)
+    ids = routing(T, kind, gen)
+    want = experts_reference(x.float(), w13.float(), w2.float(), ids, weights.float(), F.silu)
+    got = tm.experts_fused(x, w13, w2, ids, weights, "silu", configs=(SMALL, {**SMALL, "BLOCK_N": 32}), small=small)
+    assert got.dtype == dtype and got.shape == (T, D)
+    check(got, want, dtype, f"experts {kind} T={T}")
+
+
+def test_experts_through_the_seam(tm):
+    """The registered backend with its default (untuned) blocks, another fused activation, K=1."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(9, D, generator=gen)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=gen) * 0.3, torch.randn(E, D, I, generator=gen) * 0.3
+    for act, ids in ((F.silu, routing(9, "random", gen)), (ACTIVATIONS["gelu_new"], routing(9, "random", gen)[:, :1])):
+        weights = torch.rand(ids.shape, generator=gen)
+        want = experts_reference(x, w13, w2, ids, weights, act)
+        check(experts_forward(x, w13, w2, ids, weights, act, backend="triton"), want, torch.float32, str(act))
+    assert experts_forward(x[:0], w13, w2, ids[:0], weights[:0], F.silu, backend="triton").shape == (0, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("T", "small"), PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("kind", ["random", "one_hot_expert", "empty_experts"])
+def test_map_reduce_match_reference(tm, T, small, kind, dtype):
+    gen = torch.Generator().manual_seed(200 + T)
+    x = torch.randn(T, D, generator=gen).to(dtype)
+    w_map = (torch.randn(E, C, D, generator=gen) * 0.3).to(dtype)
+    h = torch.randn(T, K, C, generator=gen).to(dtype)
+    w_red = (torch.randn(E, D, C, generator=gen) * 0.3).to(dtype)
+    weights = torch.rand(T, K, generator=gen).to(dtype)
+    ids = routing(T, kind, gen)
+    got = tm.map_fused(x, w_map, ids, SMALL, small=small)
+    check(got, expert_map_reference(x.float(), w_map.float(), ids), dtype, f"map {kind}")
+    got = tm.reduce_fused(h, w_red, ids, weights, SMALL, small=small)
+    check(got, expert_reduce_reference(h.float(), w_red.float(), ids, weights.float()), dtype, f"reduce {kind}")
+
+
+def test_gradients_match_reference(tm):
+    """Training through the triton backend: kernels forward, reference backward by recomputation."""
+    gen = torch.Generator().manual_seed(3)
+    T = 5
+    ids = routing(T, "random", gen)
+    inputs = [torch.randn(T, D, generator=gen), torch.randn(E, 2 * I, D, generator=gen) * 0.3,
+              torch.randn(E, D, I, generator=gen) * 0.3, torch.rand(T, K, generator=gen),
+              torch.randn(E, C, D, generator=gen) * 0.3, torch.randn(T, K, C, generator=gen),
+              torch.randn(E, D, C, generator=gen) * 0.3]
+    grads = {}
+    for backend in ("reference", "triton"):
+        x, w13, w2, wt, wm, h, wr = leaves = [t.clone().requires_grad_() for t in inputs]
+        y = experts_forward(x, w13, w2, ids, wt, F.silu, backend)
+        q = expert_map(x, wm, ids, backend)
+        o = expert_reduce(h, wr, ids, wt, backend)
+        (y.square().sum() + q.square().sum() + o.square().sum()).backward()
+        grads[backend] = [y, q, o, *(t.grad for t in leaves)]
+    for i, (a, b) in enumerate(zip(grads["triton"], grads["reference"])):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"output/grad {i}")
+
+
+def test_config_lookup(tm, tmp_path, monkeypatch):
+    key = tm.config_key("down", 16, 4096, 6400, torch.bfloat16)
+    assert key == "down,E=16,N=4096,K=6400,bfloat16"
+    small, large = dict(SMALL), {**SMALL, "BLOCK_M": 64}
+    path = tmp_path / "GPU.json"
+    path.write_text(json.dumps({key: {"1": small, "4096": large}}))
+    monkeypatch.setattr(tm, "_device_file", lambda device: path)
+    assert tm.get_config("down", 16, 4096, 6400, torch.bfloat16, 8, 16, None) == small
+    assert tm.get_config("down", 16, 4096, 6400, torch.bfloat16, 2000, 4000, None) == large
+    # no entry: the defaults' decode and prefill regimes
+    assert tm.get_config("map", 16, 4096, 6400, torch.bfloat16, 1, 2, None)["BLOCK_M"] == 16
+    assert tm.get_config("map", 16, 4096, 6400, torch.bfloat16, 8192, 16384, None)["BLOCK_M"] == 128
+
+
+def test_shipped_configs_are_complete(tm):
+    for path in tm.CONFIG_DIR.glob("*.json"):
+        tables = json.loads(path.read_text())
+        for key, table in tables.items():
+            op, e, n, k, dtype = key.split(",")
+            assert op in ("gate_up", "down", "map", "reduce"), key
+            for bucket, cfg in table.items():
+                assert int(bucket) >= 1 and set(cfg) == set(tm.CONFIG_KEYS), (path.name, key, bucket)
+            if op == "gate_up":  # the down GEMM (output D = gate_up's K) shares the alignment: same BLOCK_M
+                down = tables[f"down,{e},N={k[2:]},K={n[2:]},{dtype}"]
+                assert {b: c["BLOCK_M"] for b, c in table.items()} == {b: c["BLOCK_M"] for b, c in down.items()}
