@@ -52,21 +52,22 @@ class Cache:
     def is_static(self) -> bool:
         return False
 
-    def record_inputs(self, embeds_BTD: torch.Tensor, position_ids_BT: torch.Tensor, past_len: int, limit: int) -> None:
-        """Keep the inputs of tokens at slots < `limit` (preallocated once; slices are host-known)."""
+    def record_inputs(
+        self, embeds_BTD: torch.Tensor, position_ids_BT: torch.Tensor, cache_position_T: torch.Tensor, limit: int
+    ) -> None:
+        """Keep the inputs of tokens at slots < `limit`. Written at `cache_position` on the device
+        (slots past the limit land in one spare slot), so a CUDA-graph replay records correctly."""
         B, T, D = embeds_BTD.shape
-        keep = min(T, limit - past_len)
-        if keep <= 0:
-            return
         if self.replay_embeds is None or self.replay_embeds.shape[0] != B:
-            self.replay_embeds = embeds_BTD.new_zeros(B, limit, D)
-            self.replay_positions = torch.zeros(B, limit, dtype=torch.long, device=embeds_BTD.device)
-        self.replay_embeds[:, past_len : past_len + keep] = embeds_BTD[:, :keep].detach()
-        self.replay_positions[:, past_len : past_len + keep] = position_ids_BT.expand(B, -1)[:, :keep]
+            self.replay_embeds = embeds_BTD.new_zeros(B, limit + 1, D)
+            self.replay_positions = torch.zeros(B, limit + 1, dtype=torch.long, device=embeds_BTD.device)
+        slot_T = cache_position_T.clamp(max=limit)
+        self.replay_embeds.index_copy_(1, slot_T, embeds_BTD.detach().to(self.replay_embeds.dtype))
+        self.replay_positions.index_copy_(1, slot_T, position_ids_BT.expand(B, -1))
 
     def replay(self, past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and positions of the `past_len` cached tokens, for rebuilding the cache."""
-        if self.replay_embeds is None or self.replay_embeds.shape[1] < past_len:
+        if self.replay_embeds is None or past_len > self.replay_embeds.shape[1] - 1:
             raise RuntimeError(
                 f"cannot rebuild a LongRoPE cache of {past_len} tokens: its inputs were not recorded "
                 "(was this cache filled by another model?)"

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..cache import Cache, DynamicCache, StaticCache
+from ..engine.cuda_graph import GraphedDecodeStep
 from ..outputs import ModelOutput
 from .configuration import DEFAULTS, GenerationConfig
 from .logits_process import (
@@ -110,6 +111,7 @@ class _Context:
 
     def __init__(self, mask, positions, embeds, offset: int) -> None:
         self.mask_BP, self.positions_BP, self.embeds, self.offset = mask, positions, embeds, offset
+        self.step = None  # a GraphedDecodeStep for single-token steps, when one is in use
 
     def mask(self, end: int) -> torch.Tensor | None:
         m = self.mask_BP
@@ -139,6 +141,14 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         ids, embeds = seq_RL[:, past - ctx.offset :], None
     start = end - (ids if ids is not None else embeds).shape[1]
     device = seq_RL.device
+    if ctx.step is not None and ids is not None and ids.shape[1] == 1 and past > 0 and not (
+        output_attentions or output_hidden_states
+    ):
+        positions = ctx.positions(start, end)
+        if positions is None:
+            positions = torch.full((ids.shape[0], 1), start, dtype=torch.long, device=device)
+        logits = ctx.step(ids, ctx.mask(end), positions, torch.tensor([start], device=device))
+        return _StepOutput(logits[:, None])
     return model(
         input_ids=ids,
         inputs_embeds=embeds,
@@ -153,6 +163,15 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         output_router_logits=False,
         return_dict=True,
     )
+
+
+class _StepOutput:
+    """The part of a model output the decode loop reads, from a graphed step."""
+
+    attentions = hidden_states = None
+
+    def __init__(self, logits) -> None:
+        self.logits = logits
 
 
 class _Record:
@@ -203,6 +222,9 @@ class GenerationMixin:
     `model.generation_config` starts from the model config's special tokens and is replaced by
     `generation_config.json` when `from_pretrained` finds one.
     """
+
+    # Replay single-token decode steps on a StaticCache as CUDA graphs (on CUDA devices).
+    decode_graphs: bool = True
 
     @property
     def generation_config(self) -> GenerationConfig:
@@ -276,7 +298,10 @@ class GenerationMixin:
             )
         max_length, min_length = self._lengths(gen, seq.shape[1], offset)
         if cache is None and gen.use_cache:
-            if gen.cache_implementation == "static":
+            # On a GPU, plain decoding defaults to the static cache, whose steps replay as CUDA graphs.
+            default_static = (gen.cache_implementation is None and self.device.type == "cuda"
+                              and gen.num_beams == 1 and assistant_model is None)
+            if gen.cache_implementation == "static" or default_static:
                 # The last token is never fed back, hence the -1.
                 cache = StaticCache(config=self.config, max_cache_len=max_length - 1 + offset)
             else:
@@ -302,6 +327,10 @@ class GenerationMixin:
                                            assistant_model, streamer)
         if gen.num_beams > 1:
             return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id)
+        if isinstance(cache, StaticCache) and self.decode_graphs and not (
+            gen.output_attentions or gen.output_hidden_states
+        ):
+            ctx.step = GraphedDecodeStep(self, cache, seq.shape[0])
         return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer)
 
     # ---- preparation -------------------------------------------------------------------------

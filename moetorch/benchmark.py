@@ -1,0 +1,253 @@
+"""`moetorch bench`: decode and prefill speed at the real model sizes, against Transformers and
+against the hardware floor, in one run on one GPU. Random weights (speed does not depend on them).
+
+Floors: a decode step must read every weight it uses once (bytes / measured copy bandwidth); a
+prefill must do 2 FLOPs per active parameter per token (FLOPs / measured bf16 matmul rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    "jetmoe": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                   num_key_value_heads=16, kv_channels=128, num_local_experts=8, num_experts_per_tok=2,
+                   max_position_embeddings=4096),
+    "phimoe": dict(vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2,
+                   max_position_embeddings=131072, attention_bias=True, lm_head_bias=True),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def cuda_time(fn, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds of `fn()` by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_ceilings() -> dict:
+    n = 2 * 1024**3 // 2
+    x = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    t = cuda_time(partial(y.copy_, x), repeats=10)
+    bw = 2 * x.numel() * 2 / t
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    t = cuda_time(partial(torch.matmul, a, b), repeats=10)
+    return {"copy_bytes_per_s": bw, "bf16_flops_per_s": 2 * 8192**3 / t}
+
+
+def param_bytes(cfg: dict, name: str) -> dict:
+    """Bytes (bf16) of: one expert of the MLP, the rest of a layer, embeddings and head."""
+    D, I, E, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], \
+        cfg["num_hidden_layers"], cfg["vocab_size"]
+    expert = 3 * D * I * 2
+    if name == "phimoe":
+        G, H = cfg["num_key_value_heads"], cfg["num_attention_heads"]
+        d = D // H
+        attn = (2 * D * D + 2 * D * G * d) * 2
+        attn_expert = 0
+    else:
+        C = cfg["num_key_value_heads"] * cfg["kv_channels"]
+        attn = 2 * D * C * 2  # shared kv_proj
+        attn_expert = 2 * D * C * 2  # one attention expert: query map + output reduce
+    return {"expert": expert, "attn": attn, "attn_expert": attn_expert, "layers": L, "experts": E,
+            "embed": V * D * 2, "head": V * D * 2, "top_k": cfg["num_experts_per_tok"]}
+
+
+def decode_floor_s(pb: dict, batch: int, ceil: dict) -> float:
+    """Weights a decode step must read: the expected number of distinct experts hit by `batch`
+    tokens (top-k of E, uniform), attention, and the LM head."""
+    E, k = pb["experts"], pb["top_k"]
+    hit = E * (1 - (1 - k / E) ** batch)
+    per_layer = pb["attn"] + hit * (pb["expert"] + pb["attn_expert"])
+    return (pb["layers"] * per_layer + pb["head"]) / ceil["copy_bytes_per_s"]
+
+
+def active_params(pb: dict) -> float:
+    per_layer = (pb["attn"] + pb["top_k"] * (pb["expert"] + pb["attn_expert"])) / 2
+    return pb["layers"] * per_layer + pb["head"] / 2
+
+
+def build(name: str, lib: str, cfg: dict):
+    """A random-weight bf16 model on the GPU, without a CPU copy."""
+    if lib == "moetorch":
+        import moetorch as m
+    else:
+        import transformers as m
+    cls_cfg = {"jetmoe": "JetMoeConfig", "phimoe": "PhimoeConfig"}[name]
+    cls = {"jetmoe": "JetMoeForCausalLM", "phimoe": "PhimoeForCausalLM"}[name]
+    config = getattr(m, cls_cfg)(**cfg)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = getattr(m, cls)(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+@torch.no_grad()
+def bench_model(name: str, lib: str, cfg: dict, batches, prompt: int, steps: int, prefills) -> dict:
+    log(f"{name}/{lib}: building")
+    torch.cuda.reset_peak_memory_stats()
+    model = build(name, lib, cfg)
+    V = cfg["vocab_size"]
+    out = {"decode_tokens_per_s": {}, "decode_ms_per_step": {}, "prefill_tokens_per_s": {}}
+    for B in batches:
+        ids = torch.randint(0, V, (B, prompt), device="cuda")
+        if lib == "moetorch":
+            t = cuda_time(_ours_decode(model, ids, steps), repeats=3, warmup=1) / steps
+        else:
+            total = cuda_time(partial(_hf_decode, model, ids, steps), repeats=1, warmup=1)
+            pre = cuda_time(partial(model, ids, use_cache=False, logits_to_keep=1), repeats=1, warmup=0)
+            t = max(total - pre, 1e-9) / steps
+        out["decode_ms_per_step"][B] = t * 1e3
+        out["decode_tokens_per_s"][B] = B / t
+        log(f"{name}/{lib}: decode batch {B}: {t * 1e3:.2f} ms/step, {B / t:.1f} tok/s")
+    for T in prefills:
+        ids = torch.randint(0, V, (1, T), device="cuda")
+        t = cuda_time(partial(model, ids, use_cache=False, logits_to_keep=1), repeats=3, warmup=1)
+        out["prefill_tokens_per_s"][T] = T / t
+        log(f"{name}/{lib}: prefill {T}: {T / t:.0f} tok/s")
+    out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def _ours_decode(model, ids, steps: int):
+    """A callable that decodes `steps` tokens after the prompt with graphed steps (prompt cached once)."""
+    from moetorch import StaticCache
+    from moetorch.engine import GraphedDecodeStep
+
+    B, prompt = ids.shape
+    cache = StaticCache(model.config, max_cache_len=prompt + steps + 8)
+    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    step = GraphedDecodeStep(model, cache, B)
+    tok = torch.zeros(B, 1, dtype=torch.long, device=ids.device)
+    positions = [torch.full((B, 1), prompt + t, device=ids.device) for t in range(steps)]
+    slots = [torch.tensor([prompt + t], device=ids.device) for t in range(steps)]
+
+    def run():
+        cache.crop(prompt)
+        for t in range(steps):
+            step(tok, None, positions[t], slots[t])
+
+    return run
+
+
+def _hf_decode(model, ids, steps: int) -> None:
+    """Transformers' default path: a dynamic cache, one forward per token (prefill included)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    tok = ids[:, -1:]
+    for _ in range(steps):
+        model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moetorch bench", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="jetmoe,phimoe")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--prefill", default="2048,8192")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke runs)")
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/<gpu>-<date>.json)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("moetorch bench needs a CUDA GPU")
+    batches = [int(x) for x in args.batches.split(",")]
+    prefills = [int(x) for x in args.prefill.split(",") if x]
+    gpu = torch.cuda.get_device_name()
+    result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "models": {}}
+    try:
+        import transformers
+
+        result["transformers"] = transformers.__version__
+    except ImportError:
+        args.no_transformers = True
+    result["ceilings"] = ceil = measure_ceilings()
+    log(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    for name in args.models.split(","):
+        cfg = dict(SIZES[name])
+        if args.layers:
+            cfg["num_hidden_layers"] = args.layers
+        pb = param_bytes(cfg, name)
+        entry = {"config": cfg, "floors": {
+            "decode_ms_per_step": {B: decode_floor_s(pb, B, ceil) * 1e3 for B in batches},
+            "prefill_tokens_per_s": ceil["bf16_flops_per_s"] / (2 * active_params(pb)),
+        }}
+        libs = ["moetorch"] + ([] if args.no_transformers else ["transformers"])
+        for lib in libs:
+            try:
+                entry[lib] = bench_model(name, lib, cfg, batches, args.prompt, args.steps, prefills)
+            except Exception as e:  # record and go on: one library failing must not lose the other's numbers
+                entry[lib] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"{name}/{lib} failed: {e}")
+            gc.collect()
+            torch.cuda.empty_cache()
+        result["models"][name] = entry
+    out = Path(args.out or f"bench/results/{gpu.replace(' ', '_').lower()}-{result['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(summary(result))
+    return 0
+
+
+def summary(result: dict) -> str:
+    lines = [f"{'model':8} {'work':16} {'moetorch':>12} {'transformers':>13} {'floor':>10} {'x HF':>7} {'% floor':>8}"]
+    for name, e in result["models"].items():
+        ours, hf = e.get("moetorch", {}), e.get("transformers", {})
+        for B, floor_ms in e["floors"]["decode_ms_per_step"].items():
+            o = ours.get("decode_tokens_per_s", {}).get(B)
+            h = hf.get("decode_tokens_per_s", {}).get(B)
+            f = B / (floor_ms / 1e3)
+            lines.append(f"{name:8} {'decode b' + str(B):16} {_n(o):>12} {_n(h):>13} {f:>10.0f} "
+                         f"{_r(o, h):>7} {_p(o, f):>8}")
+        for T, o in ours.get("prefill_tokens_per_s", {}).items():
+            h = hf.get("prefill_tokens_per_s", {}).get(T)
+            f = e["floors"]["prefill_tokens_per_s"]
+            lines.append(f"{name:8} {'prefill ' + str(T):16} {_n(o):>12} {_n(h):>13} {f:>10.0f} "
+                         f"{_r(o, h):>7} {_p(o, f):>8}")
+    return "\n".join(lines)
+
+
+def _n(x):
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _r(a, b):
+    return "-" if not a or not b else f"{a / b:.1f}"
+
+
+def _p(a, f):
+    return "-" if not a else f"{100 * a / f:.0f}%"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

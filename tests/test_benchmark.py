@@ -1,0 +1,42 @@
+"""The pieces of `moetorch bench` that do not need a GPU: floors, the decode driver, the table."""
+
+from __future__ import annotations
+
+import torch
+from archs import PHIMOE, randomize_
+
+from moetorch import benchmark
+
+
+def test_floors_count_the_weights_a_step_reads():
+    pb = benchmark.param_bytes(benchmark.SIZES["phimoe"], "phimoe")
+    ceil = {"copy_bytes_per_s": 4.27e12, "bf16_flops_per_s": 777e12}
+    one = benchmark.decode_floor_s(pb, 1, ceil)
+    # batch 1 reads 2 of 16 experts per layer plus attention and the head: ~6.6B params, ~3.1 ms
+    assert 2.8e-3 < one < 3.4e-3
+    assert benchmark.decode_floor_s(pb, 64, ceil) > 6 * one  # nearly every expert is hit
+    assert 6.0e9 < benchmark.active_params(pb) < 7.0e9
+    jet = benchmark.param_bytes(benchmark.SIZES["jetmoe"], "jetmoe")
+    assert 1.9e9 < benchmark.active_params(jet) < 2.6e9
+
+
+@torch.no_grad()
+def test_decode_driver_runs_and_resets_between_repeats():
+    model = PHIMOE.ours["causal_lm"](PHIMOE.our_config())
+    randomize_(model, 0)
+    model.eval()
+    ids = torch.randint(0, 97, (2, 5))
+    run = benchmark._ours_decode(model, ids, steps=3)
+    run()
+    run()
+    assert model.generation_config is not None
+
+
+def test_summary_table():
+    result = {"models": {"jetmoe": {
+        "floors": {"decode_ms_per_step": {1: 1.0}, "prefill_tokens_per_s": 100000.0},
+        "moetorch": {"decode_tokens_per_s": {1: 800.0}, "prefill_tokens_per_s": {2048: 60000.0}},
+        "transformers": {"decode_tokens_per_s": {1: 12.0}, "prefill_tokens_per_s": {2048: 40000.0}},
+    }}}
+    table = benchmark.summary(result)
+    assert "decode b1" in table and "80%" in table and "66.7" in table and "60%" in table
