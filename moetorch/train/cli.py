@@ -1,0 +1,147 @@
+"""`moetorch train` and `moetorch train-tokenizer`: argument definitions and commands.
+
+moetorch/cli.py adds them with `add_train_commands(sub)`. Every `train` flag maps onto one
+`TrainingConfig` field; flags left out keep the field's default, or, with --resume, the value the
+resumed run was started with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import CONFIG_FILE, TrainingConfig, TrainingConfigError
+
+
+def _model_value(text: str) -> Any:
+    """A --set value: JSON when it parses (numbers, true/false, null, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# flag -> (TrainingConfig field, type, help); every default lives in TrainingConfig.
+_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--model", "model", str, "preset (tiny-phimoe, tiny-jetmoe), model config .json, or checkpoint dir"),
+    ("--data", "data", str, "'stdlib', a directory, a glob of .txt/.py/.md files, or a .npy/.bin token file"),
+    ("--tokenizer", "tokenizer", str, "tokenizer directory (tokenizer.json); needed for text data"),
+    ("--eval-data", "eval_data", str, "separate held-out data (then nothing is split off --data)"),
+    ("--seq-len", "seq_len", int, "tokens per packed sequence"),
+    ("--data-dtype", "data_dtype", str, "element type of a raw .bin token file (uint16, uint32, int32, int64)"),
+    ("--max-files", "max_files", int, "use only the first N text files (sorted): quick runs"),
+    ("--eval-split", "eval_split", str, "auto, file (whole files by path hash) or fraction (tail of the stream)"),
+    ("--eval-fraction", "eval_fraction", float, "share of the data held out"),
+    ("--batch-size", "batch_size", int, "sequences per micro-batch"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--max-steps", "max_steps", int, "optimizer steps (sets the cosine schedule's length)"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--min-lr-ratio", "min_lr_ratio", float, "final learning rate as a fraction of --lr"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay (matrices only)"),
+    ("--beta1", "beta1", float, "AdamW beta1"),
+    ("--beta2", "beta2", float, "AdamW beta2"),
+    ("--grad-clip", "grad_clip", float, "max gradient norm (0: no clipping)"),
+    ("--eval-every", "eval_every", int, "evaluate every N steps (0: only at the end)"),
+    ("--eval-batch-size", "eval_batch_size", int, "sequences per evaluation batch"),
+    ("--eval-max-batches", "eval_max_batches", int, "cap each evaluation at N batches"),
+    ("--save-every", "save_every", int, "checkpoint every N steps (0: only at the end)"),
+    ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept (the newest)"),
+    ("--log-every", "log_every", int, "log every N steps"),
+    ("--progress", "progress", _bool, "show a progress bar (true/false)"),
+    ("--seed", "seed", int, "seed of model init, data order and sampling"),
+    ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
+    ("--precision", "precision", str, "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32"),
+]
+
+
+def add_train_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `train` and `train-tokenizer` to the `moetorch` subcommands."""
+    train = sub.add_parser("train", help="train a PhiMoE or JetMoE causal LM (see docs/training.md)")
+    train.add_argument("--output-dir", required=True, help="where checkpoints and train_log.jsonl go")
+    train.add_argument("--train-config", default=None,
+                       help="JSON file of TrainingConfig fields; flags given here override it")
+    for flag, dest, type_, help_ in _FLAGS:
+        train.add_argument(flag, dest=dest, type=type_, default=argparse.SUPPRESS, help=help_)
+    train.add_argument("--set", dest="model_set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a model config field, e.g. --set num_hidden_layers=2 (repeatable)")
+    train.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
+                       default=argparse.SUPPRESS, help="recompute activations in backward to save memory")
+    train.add_argument("--resume", nargs="?", const=True, default=argparse.SUPPRESS, metavar="CHECKPOINT",
+                       help="continue the run in --output-dir from its latest checkpoint, or from CHECKPOINT; "
+                            "'auto': resume if there is a checkpoint, else start")
+    train.set_defaults(func=cmd_train)
+
+    tok = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
+    tok.add_argument("--data", default="stdlib", help="'stdlib' (default), a directory, a glob or a text file")
+    tok.add_argument("--output", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    tok.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size, special tokens included")
+    tok.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge")
+    tok.add_argument("--max-files", type=int, default=None, help="use only the first N files (sorted)")
+    tok.add_argument("--model-max-length", type=int, default=None, help="written to tokenizer_config.json")
+    tok.set_defaults(func=cmd_train_tokenizer)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The run's TrainingConfig: defaults < the resumed run's saved config < --train-config < flags."""
+    fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    base: dict[str, Any] = {}
+    resume = given.get("resume", False)
+    if resume:
+        in_output_dir = resume is True or resume in ("latest", "auto")
+        saved = (Path(args.output_dir) if in_output_dir else Path(resume)) / CONFIG_FILE
+        if saved.is_file():
+            base = TrainingConfig.from_json(saved).to_dict()
+    if args.train_config:
+        base.update(TrainingConfig.from_json(args.train_config).to_dict())
+    base.update(given)
+    base["output_dir"] = args.output_dir
+    overrides = dict(base.get("model_overrides") or {})
+    for item in args.model_set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TrainingConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = _model_value(value)
+    base["model_overrides"] = overrides
+    return TrainingConfig.from_dict(base)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import Trainer
+
+    try:
+        config = config_from_args(args)
+        trainer = Trainer(config)
+    except (TrainingConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"moetorch train: {e}") from e
+    summary = trainer.train()
+    print(json.dumps(summary))
+    if summary.get("eval_ppl") is not None:
+        print(f"[moetorch] held-out perplexity {summary['eval_ppl']:.3f} at step {summary['step']}; "
+              f"checkpoint {summary['checkpoint']}", file=sys.stderr)
+    return 0
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from .tokenizer_trainer import train_tokenizer
+
+    try:
+        out = train_tokenizer(args.data, args.output, args.vocab_size, args.min_frequency, args.max_files,
+                              args.model_max_length)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"moetorch train-tokenizer: {e}") from e
+    print(f"[moetorch] tokenizer written to {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,140 @@
+"""`TrainingConfig`: every knob of a training run, as a plain dataclass that round-trips through JSON.
+
+A run writes its config to `<output_dir>/training_config.json` and into every checkpoint, so that
+`moetorch train --resume --output-dir DIR` needs no other argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "training_config.json"
+PRECISIONS = ("auto", "bf16", "fp32")
+EVAL_SPLITS = ("auto", "file", "fraction")
+
+
+class TrainingConfigError(ValueError):
+    """A training option has a bad value; the message names the option."""
+
+
+@dataclass
+class TrainingConfig:
+    """Options of `moetorch.train.Trainer` (and of `moetorch train`, one flag per field).
+
+    model: a preset name (see `moetorch.train.presets.PRESETS`), a model config (dict or .json
+        file, with "model_type"), or a checkpoint directory to continue from (its weights).
+    data: text (Python's standard library as "stdlib", a directory, a glob, a file, or a list of
+        files; .txt/.py/.md) tokenized with `tokenizer`, or a pre-tokenized .npy/.bin array.
+    eval_split: "file" holds out whole text files chosen by a hash of their path, "fraction" the
+        last `eval_fraction` of the token stream; "auto" is "file" for text and "fraction" for arrays.
+        `eval_data` instead gives a separate held-out source (then nothing is split off `data`).
+    """
+
+    model: str | dict[str, Any] = "tiny-phimoe"
+    data: str | list[str] = "stdlib"
+    output_dir: str = "runs/moetorch"
+    tokenizer: str | None = None
+    eval_data: str | list[str] | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # data
+    seq_len: int = 256
+    data_dtype: str = "uint16"  # element type of a raw .bin token file
+    max_files: int | None = None  # use only the first N text files (after sorting): quick runs
+    eval_split: str = "auto"
+    eval_fraction: float = 0.05
+    # optimisation
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    # evaluation, checkpoints, logging
+    eval_every: int = 200  # steps; 0: only at the end
+    eval_batch_size: int | None = None  # default: batch_size
+    eval_max_batches: int | None = None  # cap each evaluation (None: the whole held-out set)
+    save_every: int = 500  # steps; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    progress: bool = True  # tqdm progress bar on stderr
+    # runtime
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    resume: bool | str = False  # True: the latest checkpoint in output_dir; or a checkpoint directory
+
+    def __post_init__(self) -> None:
+        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "keep_checkpoints", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TrainingConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TrainingConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("eval_batch_size", "eval_max_batches", "max_files"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise TrainingConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("lr", "weight_decay", "grad_clip", "adam_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise TrainingConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainingConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 <= self.eval_fraction < 1:
+            raise TrainingConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TrainingConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainingConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.eval_split not in EVAL_SPLITS:
+            raise TrainingConfigError(f"eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
+        if self.data_dtype not in ("uint16", "uint32", "int32", "int64"):
+            raise TrainingConfigError(
+                f"data_dtype must be one of uint16, uint32, int32, int64, got {self.data_dtype!r}"
+            )
+        if not isinstance(self.model_overrides, dict):
+            raise TrainingConfigError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
+
+    # ---- dict / json ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        """Build from a dict; unknown keys raise (a typo must not silently train something else)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise TrainingConfigError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> TrainingConfig:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrainingConfigError(f"cannot read training config {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise TrainingConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,398 @@
+"""`Trainer`: causal-LM training of PhiMoE and JetMoE models on one device.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` packed sequences; each micro-batch's
+loss is the model's own `loss` (cross-entropy + its router aux-loss coefficient times `aux_loss`,
+with `output_router_logits=True`), divided by `grad_accum`. Every micro-batch holds the same number
+of label tokens, so accumulating N micro-batches gives the cross-entropy gradient of one N-times
+larger batch; the router loss, a product of per-batch statistics, is per micro-batch (as in
+Transformers' Trainer and Megatron). PhiMoE's sparsemixer samples its experts in train mode: the
+sampling draws from torch's RNG, which checkpoints save and `resume` restores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..tokenizer import Tokenizer
+from . import checkpointing as ckpt
+from .config import CONFIG_FILE, TrainingConfig
+from .data import ShuffledStream, build_data
+from .presets import aux_loss_coef, build_model, has_weights
+
+logger = logging.getLogger("moetorch")
+
+LOG_FILE = "train_log.jsonl"
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """The learning-rate multiplier of optimizer step `step` (0-based): linear warmup to 1 over
+    `warmup_steps`, then a cosine from 1 down to `min_lr_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def expert_load_stats(counts_RE: torch.Tensor) -> dict[str, Any]:
+    """Load balance from per-router expert counts: the fraction of assignments per expert, and
+    max/mean of those fractions (1.0 = perfectly balanced, E = everything on one expert)."""
+    frac_RE = counts_RE / counts_RE.sum(-1, keepdim=True).clamp(min=1)
+    imbalance_R = frac_RE.max(-1).values * frac_RE.shape[-1]
+    return {
+        "load_imbalance": round(float(imbalance_R.mean()), 4),
+        "load_imbalance_max": round(float(imbalance_R.max()), 4),
+        "expert_load": [[round(x, 4) for x in row] for row in frac_RE.tolist()],
+    }
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device: {name!r} is not a device name (cpu, cuda, cuda:N or auto)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} asked for, but CUDA is not available")
+    return device
+
+
+class Trainer:
+    """Trains a causal-LM model as `config` (a `TrainingConfig` or its dict) says.
+
+    `model` and `tokenizer` (a `moetorch.Tokenizer` or a directory) replace the ones the config
+    names. With `config.resume`, the model, optimizer, scheduler, data position and RNG states come
+    from a checkpoint, and training continues exactly where that checkpoint left off.
+    """
+
+    def __init__(self, config: TrainingConfig | dict[str, Any], model=None, tokenizer=None) -> None:
+        cfg = config if isinstance(config, TrainingConfig) else TrainingConfig.from_dict(config)
+        self.config = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_temporary(self.output_dir)
+        self.log_path = self.output_dir / LOG_FILE
+        self.device = _resolve_device(cfg.device)
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        resume_dir = self._resume_dir()
+        if resume_dir is None and ckpt.list_checkpoints(self.output_dir):
+            raise FileExistsError(
+                f"output_dir: {self.output_dir} already holds checkpoints; pass resume=True (--resume) to "
+                "continue that run, or choose another output_dir"
+            )
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        self.tokenizer, self.tokenizer_dir = self._tokenizer(tokenizer, resume_dir)
+        if model is not None:
+            if resume_dir is not None:
+                raise ValueError("model: a resumed run loads its model from the checkpoint; pass no model")
+            self.model = model.to(self.device)
+        elif resume_dir is not None:
+            from ..auto import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(resume_dir, dtype=torch.float32, device=self.device)
+        else:
+            self.model = build_model(cfg.model, self.tokenizer, cfg.model_overrides, cfg.seed, self.device)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.aux_coef = aux_loss_coef(self.model.config)
+
+        tokenizer_files = [self.tokenizer_dir / n for n in ckpt.TOKENIZER_FILES] if self.tokenizer_dir else []
+        self.data = build_data(cfg, self.tokenizer, self.model.config.vocab_size, self.output_dir / "data",
+                               tokenizer_files)
+        self.order = ShuffledStream(len(self.data.train), cfg.seed)
+
+        self.params = list(dict.fromkeys(p for p in self.model.parameters() if p.requires_grad))
+        decay = [p for p in self.params if p.dim() >= 2]  # matrices and expert stacks; not biases/norms
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=self.device.type == "cuda",
+        )
+        # A closure, not an object: LambdaLR saves no state for it, so a resumed run's max_steps applies.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.config.warmup_steps, self.config.max_steps,
+                                                self.config.min_lr_ratio)
+        )
+        self.step = 0  # optimizer steps done
+        self.data_position = 0  # sequences of the shuffled stream consumed
+        self.tokens_seen = 0
+        self.last_eval: dict[str, Any] | None = None
+        self.last_checkpoint: Path | None = None
+        self._reset_interval()
+        if resume_dir is not None:
+            self._restore(resume_dir)  # restores the RNGs last: nothing may draw after it
+        else:
+            (self.output_dir / CONFIG_FILE).write_text(cfg.replace(resume=False).to_json(), encoding="utf-8")
+            self.log_path.write_text("")
+            self._log({"event": "start", **self._describe()})
+
+    # ---- setup helpers ---------------------------------------------------------------------------
+    def _resume_dir(self) -> Path | None:
+        resume = self.config.resume
+        if resume in (False, None, ""):
+            return None
+        if resume is True or resume in ("latest", "auto"):
+            found = ckpt.latest_checkpoint(self.output_dir)
+            if found is None and resume != "auto":
+                raise FileNotFoundError(f"resume: no complete checkpoint in {self.output_dir}")
+            return found
+        path = Path(resume)
+        if not (path.is_dir() and ckpt.is_complete(path)):
+            raise FileNotFoundError(f"resume: {path} is not a complete training checkpoint directory")
+        return path
+
+    def _tokenizer(self, tokenizer, resume_dir: Path | None) -> tuple[Tokenizer | None, Path | None]:
+        """The tokenizer and the directory its files are copied from into checkpoints: the one
+        passed in, else the resumed checkpoint's copy, else `config.tokenizer`, else the one beside
+        the weights `config.model` names; None when there is none (token-array data)."""
+        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+            return tokenizer, None
+        model = self.config.model
+
+        def beside(path) -> bool:
+            return path is not None and (Path(path) / "tokenizer.json").is_file()
+
+        if tokenizer is not None:
+            path = Path(tokenizer)
+        elif beside(resume_dir):
+            path = resume_dir
+        elif self.config.tokenizer is not None:
+            path = Path(self.config.tokenizer)
+        elif has_weights(model) and beside(model):
+            path = Path(model)
+        else:
+            return None, None
+        try:
+            return Tokenizer.from_pretrained(path), path
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"tokenizer: {e}") from e
+
+    def _describe(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "step": self.step, "model_type": m.config.model_type, "model_class": type(m).__name__,
+            "parameters": m.num_parameters(), "device": str(self.device),
+            "precision": "bf16-autocast" if self.amp_dtype else "fp32", "data": self.data.info,
+            "config": self.config.to_dict(),
+        }
+
+    def _restore(self, path: Path) -> None:
+        cfg = self.config
+        state = ckpt.load_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.data_position, self.tokens_seen = state["step"], state["data_position"], state["tokens_seen"]
+        # The config in force wins over the saved hyperparameters (identical unless changed on resume).
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        factor = lr_factor(self.step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        for group, wd in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            group.update(lr=cfg.lr * factor, weight_decay=wd, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.last_checkpoint = path
+        if path.resolve().parent == self.output_dir.resolve():
+            ckpt.drop_later_checkpoints(self.output_dir, self.step)
+        self._truncate_log(self.step)
+        self._log({"event": "resume", "step": self.step, "checkpoint": str(path)})
+        self._write(f"resumed from {path} at step {self.step}")
+        ckpt.restore_rng(state["rng"])
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log records after `step`: they describe steps the resumed run redoes."""
+        if not self.log_path.exists():
+            return
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("step", 0) <= step and record.get("event") != "end":
+                kept.append(line)
+        tmp = self.log_path.with_name(f"{ckpt.TMP_PREFIX}{LOG_FILE}")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.log_path)
+
+    # ---- logging ---------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+    def _write(self, message: str) -> None:
+        tqdm.write(f"[moetorch] {message}", file=sys.stderr)
+
+    def _reset_interval(self) -> None:
+        self._acc = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, aux, grad norm
+        self._acc_steps = 0
+        self._load: torch.Tensor | None = None
+        self._t0 = time.perf_counter()
+        self._paused = 0.0  # seconds of evaluation and checkpointing inside the interval
+
+    def _count_load(self, router_logits: tuple[torch.Tensor, ...]) -> None:
+        # JetMoE lists its attention router twice per layer (Transformers' convention): count it once.
+        routers = list({id(r): r for r in router_logits}.values())
+        K, E = self.model.config.num_experts_per_tok, routers[0].shape[-1]
+        if self._load is None:
+            self._load = torch.zeros(len(routers), E, device=self.device)
+        for i, logits_NE in enumerate(routers):
+            ids_N = logits_NE.detach().topk(K, dim=-1).indices.reshape(-1)
+            self._load[i].scatter_add_(0, ids_N, torch.ones_like(ids_N, dtype=self._load.dtype))
+
+    def _log_train(self, bar: tqdm) -> None:
+        loss, aux, norm = (x / self._acc_steps for x in self._acc.tolist())  # one host sync per record
+        seconds = max(time.perf_counter() - self._t0 - self._paused, 1e-9)
+        cfg = self.config
+        tokens = self._acc_steps * cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        record = {
+            "event": "train", "step": self.step, "loss": loss, "ce": loss - self.aux_coef * aux, "aux_loss": aux,
+            "lr": self._lr, "grad_norm": norm, "tokens": self.tokens_seen, "tokens_per_s": round(tokens / seconds, 1),
+            **expert_load_stats(self._load),
+        }
+        self._log(record)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self._lr:.2e}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+        self._write(
+            f"step {self.step}/{cfg.max_steps}  loss {loss:.4f}  ce {record['ce']:.4f}  aux {aux:.4f}  "
+            f"lr {self._lr:.2e}  |g| {norm:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"load max/mean {record['load_imbalance']:.2f} (worst {record['load_imbalance_max']:.2f})"
+        )
+        self._reset_interval()
+
+    # ---- training --------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self) -> None:
+        cfg, model = self.config, self.model
+        model.train()
+        self._lr = self.scheduler.get_last_lr()[0]
+        for _ in range(cfg.grad_accum):
+            idx = self.order.take(self.data_position, cfg.batch_size)
+            self.data_position += cfg.batch_size
+            ids = self.data.train.get(idx).to(self.device, non_blocking=True)
+            with self._autocast():
+                out = model(ids, labels=ids, output_router_logits=True, use_cache=False)
+            (out.loss / cfg.grad_accum).backward()
+            self._acc[0] += out.loss.detach().double() / cfg.grad_accum
+            self._acc[1] += out.aux_loss.detach().double() / cfg.grad_accum
+            self._count_load(out.router_logits)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        self._acc[2] += torch.nn.utils.clip_grad_norm_(self.params, max_norm).double()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._acc_steps += 1
+        self.step += 1
+        self.tokens_seen += cfg.grad_accum * cfg.batch_size * cfg.seq_len
+
+    def train(self, until_step: int | None = None) -> dict[str, Any]:
+        """Train to `config.max_steps` (or stop after step `until_step`, keeping the schedule).
+
+        Logs every `log_every` steps, evaluates every `eval_every` steps and checkpoints every
+        `save_every` steps, and always evaluates and checkpoints after the last step. Returns a
+        summary: step, last held-out loss/perplexity, last checkpoint.
+        """
+        cfg = self.config
+        stop = cfg.max_steps if until_step is None else min(until_step, cfg.max_steps)
+        if self.step == 0:
+            m = self.model
+            self._write(
+                f"training {type(m).__name__} ({m.num_parameters() / 1e6:.2f}M parameters) on {self.device}"
+                f"{' with bf16 autocast' if self.amp_dtype else ' in fp32'}: {self.data.info['train_tokens']:,} "
+                f"training tokens, {self.data.info['eval_tokens']:,} held-out; {cfg.max_steps} steps of "
+                f"{cfg.grad_accum * cfg.batch_size * cfg.seq_len:,} tokens; log {self.log_path}"
+            )
+        self._reset_interval()
+        with tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                  disable=not cfg.progress, dynamic_ncols=True) as bar:
+            while self.step < stop:
+                self._train_step()
+                bar.update(1)
+                last = self.step == cfg.max_steps
+                if self.step % cfg.log_every == 0 or self.step == stop:
+                    self._log_train(bar)
+                paused = time.perf_counter()
+                if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                    self.evaluate()
+                if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                    self.save_checkpoint()
+                self._paused += time.perf_counter() - paused
+        if self.step == cfg.max_steps:
+            if self.last_eval is None or self.last_eval["step"] != self.step:
+                self.evaluate()
+            if self.last_checkpoint is None or ckpt.checkpoint_step(self.last_checkpoint) != self.step:
+                self.save_checkpoint()
+        summary = {"step": self.step, "tokens": self.tokens_seen,
+                   "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+        if self.last_eval is not None:
+            summary.update({k: v for k, v in self.last_eval.items() if k != "event"})
+            summary["step"] = self.step
+        if self.step == cfg.max_steps:
+            self._log({"event": "end", **summary})
+        return summary
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any] | None:
+        """Held-out loss (mean token cross-entropy, no router loss) and perplexity (its exp).
+
+        Runs in eval mode under a forked RNG, so it changes nothing a later training step draws.
+        """
+        held = self.data.eval
+        if held is None:
+            return None
+        cfg, model = self.config, self.model
+        bs = cfg.eval_batch_size or cfg.batch_size
+        n = len(held) if cfg.eval_max_batches is None else min(len(held), bs * cfg.eval_max_batches)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        was_training = model.training
+        model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for start in tqdm(range(0, n, bs), desc="eval", leave=False, file=sys.stderr,
+                              disable=not cfg.progress or n <= bs):
+                ids = held.get(np.arange(start, min(start + bs, n))).to(self.device)
+                with self._autocast():
+                    out = model(ids, labels=ids, output_router_logits=False, use_cache=False)
+                total += out.loss.double() * ids.shape[0] * (cfg.seq_len - 1)
+        model.train(was_training)
+        count = n * (cfg.seq_len - 1)
+        loss = total.item() / count
+        self.last_eval = {"event": "eval", "step": self.step, "eval_loss": loss,
+                          "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": count}
+        self._log(self.last_eval)
+        self._write(f"step {self.step}: held-out loss {loss:.4f}, perplexity {self.last_eval['eval_ppl']:.2f} "
+                    f"({count:,} tokens)")
+        return self.last_eval
+
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoint-<step>` (model, tokenizer, trainer state) atomically; see `checkpointing`."""
+        state = {
+            "version": 1, "step": self.step, "data_position": self.data_position, "tokens_seen": self.tokens_seen,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.capture_rng(),
+        }
+        path = ckpt.save_checkpoint(
+            self.output_dir, self.step, self.model, state, self.config.replace(resume=False).to_json(),
+            self.tokenizer, self.tokenizer_dir, self.config.keep_checkpoints,
+        )
+        self.last_checkpoint = path
+        self._log({"event": "checkpoint", "step": self.step, "path": str(path)})
+        return path

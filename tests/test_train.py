@@ -1,0 +1,396 @@
+"""Training: loss goes down, accumulation equals a big batch, resume is exact, checkpoint writes are
+atomic, the tokenizer trainer's output loads in moetorch and Transformers, and the CLI runs end to end.
+
+Everything is tiny and on CPU: a corpus of a few standard-library files, a 320-token BPE, 2-layer models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from moetorch import AutoModelForCausalLM, Tokenizer
+from moetorch.cli import main as cli_main
+from moetorch.train import PRESETS, Trainer, TrainingConfig, TrainingConfigError, lr_factor, train_tokenizer
+from moetorch.train import checkpointing as ckpt
+from moetorch.train.data import split_by_file, stdlib_files, stdlib_root, text_corpus
+from moetorch.train.tokenizer_trainer import SPECIAL_TOKENS
+
+REPO = Path(__file__).resolve().parents[1]
+PHI = {
+    "model_type": "phimoe", "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "max_position_embeddings": 64,
+    "rope_theta": 10000.0, "attention_bias": True, "lm_head_bias": True,
+}
+JET = {
+    "model_type": "jetmoe", "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
+    "num_key_value_heads": 2, "kv_channels": 8, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "max_position_embeddings": 64,
+}
+ARCHS = {"phimoe": PHI, "jetmoe": JET}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Matrices this small run fastest on one thread, and several threads on a busy 2-core machine
+    # spin against each other (100x slower steps).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A few small standard-library files (and a .md and .txt) in one directory."""
+    root = tmp_path_factory.mktemp("corpus")
+    files = [f for f in stdlib_files() if f.stat().st_size < 20_000][:12]
+    for f in files:
+        shutil.copyfile(f, root / f.relative_to(stdlib_root()).as_posix().replace("/", "__"))
+    (root / "notes.md").write_text("# Notes\n\nExperts route tokens; the router learns to balance them.\n" * 20)
+    (root / "story.txt").write_text("Once upon a time a mixture of experts learned Python.\n" * 20)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tok_dir(corpus, tmp_path_factory) -> Path:
+    return train_tokenizer(str(corpus), tmp_path_factory.mktemp("tok"), vocab_size=320, show_progress=False)
+
+
+def make_config(tmp: Path, tok_dir: Path, corpus: Path, arch: str = "phimoe", **kw) -> TrainingConfig:
+    base = dict(
+        model=dict(ARCHS[arch]), tokenizer=str(tok_dir), data=str(corpus), output_dir=str(tmp), seq_len=32,
+        batch_size=4, max_steps=6, lr=3e-3, warmup_steps=2, eval_every=0, save_every=0, log_every=1,
+        eval_max_batches=4, progress=False, eval_fraction=0.2,
+    )
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def records(out: Path, event: str) -> list[dict]:
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+# ---- corpus and tokenizer -----------------------------------------------------------------------
+
+
+def test_stdlib_corpus_is_sorted_and_excludes_tests():
+    files = stdlib_files()
+    root = stdlib_root()
+    names = [f.relative_to(root).as_posix() for f in files]
+    assert len(files) > 100 and names == sorted(names)
+    assert all(n.endswith(".py") for n in names)
+    for n in names:
+        parts = n.split("/")
+        assert not {"test", "tests", "idle_test", "site-packages", "encodings"} & set(parts[:-1]), n
+        assert not parts[-1].startswith("test_"), n
+    assert all(f.stat().st_size <= 200_000 for f in files)
+    assert text_corpus("stdlib", max_files=5).files == files[:5]
+
+
+def test_split_by_file_is_deterministic_and_stable():
+    names = [f"pkg/module_{i}.py" for i in range(400)]
+    train, held = split_by_file(names, 0.1)
+    assert 20 <= len(held) <= 60 and sorted(train + held) == list(range(400))
+    assert split_by_file(names, 0.1) == (train, held)
+    # Adding files never moves an existing file across the split.
+    more = names + [f"other/extra_{i}.py" for i in range(100)]
+    _, held_more = split_by_file(more, 0.1)
+    assert {more[i] for i in held_more if i < 400} == {names[i] for i in held}
+    # At least one file is held out and one kept, however small the fraction or the corpus.
+    assert len(split_by_file(["a.py", "b.py"], 0.001)[1]) == 1
+    assert len(split_by_file(["a.py", "b.py"], 0.999)[0]) == 1
+
+
+def test_trained_tokenizer_loads_in_moetorch_and_transformers(tok_dir):
+    ours = Tokenizer.from_pretrained(tok_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    assert len(ours) == len(hf) == 320
+    assert [ours.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(8))
+    assert (ours.bos_token, ours.eos_token, ours.unk_token, ours.pad_token) == ("<s>", "</s>", "<unk>", "<pad>")
+    assert (hf.bos_token, hf.eos_token, hf.pad_token) == ("<s>", "</s>", "<pad>")
+    for text in ["def f(x):\n    return x + 1  # ünïcode ✓", "The router balances experts."]:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text) and ids[0] == ours.bos_token_id
+        assert ours.decode(ids, skip_special_tokens=True) == text == hf.decode(ids, skip_special_tokens=True)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}]
+    text = ours.apply_chat_template(chat, tokenize=False)
+    assert text == hf.apply_chat_template(chat, tokenize=False)
+    assert text == "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n</s>"
+    prompt = ours.apply_chat_template(chat[:2], add_generation_prompt=True, return_dict=False)
+    assert prompt == hf.apply_chat_template(chat[:2], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ours.convert_tokens_to_ids("<|end|>") in prompt
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["phimoe", "jetmoe"])
+def test_training_reduces_loss(tmp_path, tok_dir, corpus, arch):
+    trainer = Trainer(make_config(tmp_path, tok_dir, corpus, arch, max_steps=30, log_every=5))
+    before = trainer.evaluate()["eval_loss"]
+    summary = trainer.train()
+    assert summary["step"] == 30 and summary["eval_loss"] < before - 0.5
+    train = records(tmp_path, "train")
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    r = train[-1]
+    assert r["loss"] == pytest.approx(r["ce"] + trainer.aux_coef * r["aux_loss"])
+    assert r["tokens"] == 30 * 4 * 32 and r["tokens_per_s"] > 0 and 0 < r["lr"] < 3e-3
+    n_routers = 2 if arch == "phimoe" else 4  # JetMoE: attention and MLP router per layer, each counted once
+    assert len(r["expert_load"]) == n_routers and all(len(row) == 4 for row in r["expert_load"])
+    assert all(sum(row) == pytest.approx(1.0, abs=1e-3) for row in r["expert_load"])
+    assert 1.0 <= r["load_imbalance"] <= r["load_imbalance_max"] <= 4.0
+    end = records(tmp_path, "end")[-1]
+    assert end["eval_ppl"] == pytest.approx(math.exp(end["eval_loss"]))
+    assert os.readlink(tmp_path / "latest") == "checkpoint-30"
+
+
+@pytest.mark.parametrize("arch", ["phimoe", "jetmoe"])
+def test_grad_accumulation_equals_one_larger_batch(tmp_path, tok_dir, corpus, arch):
+    # Router loss off: it multiplies per-batch statistics, so only its per-micro-batch form accumulates
+    # (see trainer.py). PhiMoE with router_jitter_noise=0: sparsemixer's mask keeps only the argmax, so
+    # its training-mode sample is deterministic however the RNG is consumed.
+    overrides = {"router_aux_loss_coef": 0.0, "router_jitter_noise": 0.0} if arch == "phimoe" else {"aux_loss_coef": 0.0}
+    params = []
+    for batch, accum in ((8, 1), (2, 4)):
+        cfg = make_config(tmp_path / f"b{batch}", tok_dir, corpus, arch, batch_size=batch, grad_accum=accum,
+                          max_steps=1, warmup_steps=0, model_overrides=overrides, eval_fraction=0.0)
+        trainer = Trainer(cfg)
+        initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.train()
+        params.append(trainer.model.state_dict())
+    changed = 0
+    for name, p in params[0].items():
+        torch.testing.assert_close(params[1][name], p, rtol=0, atol=2e-6, msg=name)
+        changed += not torch.equal(p, initial[name])
+    assert changed > 10  # the step did move the weights
+
+
+@pytest.mark.parametrize("arch", ["phimoe", "jetmoe"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, tok_dir, corpus, arch):
+    # A large jitter threshold makes PhiMoE's sparsemixer really sample: its draws must replay exactly.
+    overrides = {"router_jitter_noise": 0.5} if arch == "phimoe" else {}
+    kw = dict(batch_size=2, grad_accum=2, eval_every=2, save_every=2, model_overrides=overrides)
+    whole = Trainer(make_config(tmp_path / "whole", tok_dir, corpus, arch, **kw))
+    whole.train()
+
+    first = Trainer(make_config(tmp_path / "cut", tok_dir, corpus, arch, **kw))
+    first.train(until_step=3)  # checkpoint at 2; step 3 is lost and redone
+    assert ckpt.latest_checkpoint(tmp_path / "cut").name == "checkpoint-2"
+    resumed = Trainer(make_config(tmp_path / "cut", tok_dir, corpus, arch, resume=True, **kw))
+    assert resumed.step == 2
+    resumed.train()
+
+    def trace(out, event, keys):
+        return [tuple(r[k] for k in keys) for r in records(out, event)]
+
+    keys = ("step", "loss", "aux_loss", "grad_norm", "lr", "expert_load")
+    assert trace(tmp_path / "cut", "train", keys) == trace(tmp_path / "whole", "train", keys)
+    assert [r["step"] for r in records(tmp_path / "cut", "train")] == [1, 2, 3, 4, 5, 6]
+    keys = ("step", "eval_loss")
+    assert trace(tmp_path / "cut", "eval", keys) == trace(tmp_path / "whole", "eval", keys)
+    for name, p in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], p), name
+    assert len(records(tmp_path / "cut", "resume")) == 1
+
+
+@pytest.mark.parametrize("arch", ["phimoe", "jetmoe"])
+def test_bf16_autocast_training(tmp_path, tok_dir, corpus, arch):
+    # The GPU default (bf16 autocast over float32 weights), here on CPU: experts see float32
+    # activations but get bf16 matmul outputs.
+    trainer = Trainer(make_config(tmp_path, tok_dir, corpus, arch, precision="bf16", max_steps=2, batch_size=2))
+    assert trainer.amp_dtype == torch.bfloat16
+    summary = trainer.train()
+    assert math.isfinite(summary["eval_loss"]) and trainer.model.dtype == torch.float32
+
+
+def test_gradient_checkpointing_replays_sparsemixer_draws(tmp_path, tok_dir, corpus):
+    # Recomputation in backward must redraw the same experts, so the run is unchanged.
+    losses = []
+    for flag in (False, True):
+        cfg = make_config(tmp_path / str(flag), tok_dir, corpus, max_steps=3, gradient_checkpointing=flag,
+                          model_overrides={"router_jitter_noise": 0.5}, eval_fraction=0.0)
+        trainer = Trainer(cfg)
+        assert trainer.model.is_gradient_checkpointing == flag
+        trainer.train()
+        losses.append([r["loss"] for r in records(tmp_path / str(flag), "train")])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+
+
+def test_phimoe_training_routing_samples_from_the_torch_rng():
+    # What the resume test guards: in train mode sparsemixer's choices depend on the RNG state.
+    from moetorch import PhimoeConfig, PhimoeForCausalLM
+
+    cfg = PhimoeConfig(**{k: v for k, v in PHI.items() if k != "model_type"}, vocab_size=64, router_jitter_noise=0.5)
+    model = PhimoeForCausalLM(cfg).train()
+    ids = torch.randint(0, 64, (2, 16))
+    losses = []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        losses.append(model(ids, labels=ids).loss.item())
+    assert losses[0] == losses[2] != losses[1]
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, tok_dir, corpus, monkeypatch):
+    cfg = make_config(tmp_path, tok_dir, corpus, save_every=2, max_steps=6)
+    real = ckpt.fsync_tree
+
+    def failing(path):
+        if "checkpoint-4" in path.name:
+            raise OSError("disk full (simulated)")
+        real(path)
+
+    monkeypatch.setattr(ckpt, "fsync_tree", failing)
+    with pytest.raises(OSError, match="simulated"):
+        Trainer(cfg).train()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert os.readlink(tmp_path / "latest") == "checkpoint-2"
+    assert any(p.name.startswith(".tmp-checkpoint-4") for p in tmp_path.iterdir())
+    AutoModelForCausalLM.from_pretrained(tmp_path / "latest")
+    monkeypatch.setattr(ckpt, "fsync_tree", real)
+    resumed = Trainer(cfg.replace(resume=True))
+    assert resumed.step == 2 and not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+    assert resumed.train()["step"] == 6
+
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from moetorch.train import Trainer, TrainingConfig
+
+    real_save = torch.save
+    def save_then_die(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 4:  # the second checkpoint: die half-way
+            with open(f, "wb") as fh:
+                fh.write(b"half a trainer state")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = save_then_die
+    Trainer(TrainingConfig.from_json(sys.argv[1])).train()
+""")
+
+
+def test_process_killed_mid_write_leaves_a_loadable_checkpoint(tmp_path, tok_dir, corpus):
+    out = tmp_path / "run"
+    cfg = make_config(out, tok_dir, corpus, save_every=2, max_steps=6, seq_len=16, batch_size=2)
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", _KILLER, str(tmp_path / "cfg.json")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    half = [p for p in out.iterdir() if p.name.startswith(".tmp-checkpoint-4")]
+    assert len(half) == 1 and (half[0] / "model.safetensors").exists()
+    assert not (out / "checkpoint-4").exists() and os.readlink(out / "latest") == "checkpoint-2"
+    assert ckpt.latest_checkpoint(out).name == "checkpoint-2"
+    AutoModelForCausalLM.from_pretrained(out / "latest")
+    resumed = Trainer(cfg.replace(resume=True))
+    assert resumed.step == 2 and not half[0].exists()
+    assert resumed.train()["step"] == 6
+
+
+# ---- data sources, presets, options -------------------------------------------------------------
+
+
+def test_pretokenized_npy_and_bin(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 64, 4000)
+    np.save(tmp_path / "tokens.npy", tokens.astype(np.int32))
+    tokens.astype(np.uint16).tofile(tmp_path / "tokens.bin")
+    for name in ("tokens.npy", "tokens.bin"):
+        cfg = TrainingConfig(model={**PHI, "vocab_size": 64}, data=str(tmp_path / name), output_dir=str(tmp_path / name[-3:]),
+                             seq_len=32, batch_size=2, max_steps=2, progress=False, eval_fraction=0.1)
+        trainer = Trainer(cfg)
+        assert trainer.data.info["split"] == "fraction"
+        assert trainer.data.info["eval_sequences"] == 12 and trainer.data.info["train_sequences"] == 113
+        held = trainer.data.eval.get(np.arange(1))[0].numpy()
+        assert (held == tokens[113 * 32 : 114 * 32]).all()  # the tail is held out
+        assert math.isfinite(trainer.train()["eval_ppl"])
+    bad = TrainingConfig(model={**PHI, "vocab_size": 32}, data=str(tmp_path / "tokens.npy"),
+                         output_dir=str(tmp_path / "bad"), progress=False)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        Trainer(bad)
+
+
+def test_presets_fit_in_16_mb():
+    from moetorch.auto import registry
+
+    for name, preset in PRESETS.items():
+        classes = registry()[preset["model_type"]]
+        config = classes["config"].from_dict({**preset, "vocab_size": 4096})
+        with torch.device("meta"):
+            model = classes["causal_lm"](config)
+        n = model.num_parameters()
+        assert 2.5e6 < n and n * 4 <= 16e6, (name, n)
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(500, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_errors_name_the_option(tmp_path, tok_dir, corpus):
+    with pytest.raises(TrainingConfigError, match="batch_size"):
+        TrainingConfig(batch_size=0)
+    with pytest.raises(TrainingConfigError, match="precision"):
+        TrainingConfig(precision="fp8")
+    with pytest.raises(TrainingConfigError, match="unknown training option"):
+        TrainingConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(FileNotFoundError, match="data"):
+        Trainer(make_config(tmp_path / "a", tok_dir, corpus, data=str(tmp_path / "nothing" / "*.txt")))
+    with pytest.raises(ValueError, match="model"):
+        Trainer(make_config(tmp_path / "b", tok_dir, corpus, model="no-such-preset"))
+    with pytest.raises(FileNotFoundError, match="resume"):
+        Trainer(make_config(tmp_path / "c", tok_dir, corpus, resume=True))
+    cfg = make_config(tmp_path / "d", tok_dir, corpus, max_steps=1)
+    Trainer(cfg).train()
+    with pytest.raises(FileExistsError, match="output_dir"):
+        Trainer(cfg)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def test_cli_train_tokenizer_train_and_resume(tmp_path, corpus, capsys):
+    tok = tmp_path / "tok"
+    assert cli_main(["train-tokenizer", "--data", str(corpus), "--output", str(tok), "--vocab-size", "300"]) == 0
+    assert len(Tokenizer.from_pretrained(tok)) == 300
+    (tmp_path / "model.json").write_text(json.dumps(JET))
+    out = tmp_path / "run"
+    args = ["train", "--output-dir", str(out), "--model", str(tmp_path / "model.json"), "--tokenizer", str(tok),
+            "--data", f"{corpus}/*.py", "--seq-len", "32", "--batch-size", "2", "--max-steps", "3",
+            "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--progress", "false",
+            "--set", "num_hidden_layers=1", "--eval-split", "fraction", "--eval-fraction", "0.1"]
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 3 and math.isfinite(summary["eval_ppl"])
+    # Resume from the output dir alone, extending the run.
+    assert cli_main(["train", "--output-dir", str(out), "--resume", "--max-steps", "4", "--progress", "false"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 4 and Path(summary["checkpoint"]).name == "checkpoint-4"
+    saved = json.loads((out / "latest" / "training_config.json").read_text())
+    assert saved["max_steps"] == 4 and saved["model_overrides"] == {"num_hidden_layers": 1}
+    # The checkpoint is a Transformers checkpoint too.
+    ours = AutoModelForCausalLM.from_pretrained(out / "latest")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "latest")
+    ids = torch.tensor([Tokenizer.from_pretrained(out / "latest").encode("def main():")])
+    torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+    assert ours.config.num_hidden_layers == 1
