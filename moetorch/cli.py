@@ -1,7 +1,9 @@
 """The `moetorch` command line.
 
-    moetorch generate [--model DIR] [--max-new-tokens N] "prompt"
+    moetorch generate [--model DIR] [--max-new-tokens N] [--temperature T] "prompt"
+    moetorch chat [--model DIR] [--system TEXT]
     moetorch info [--model DIR]
+    moetorch bench [--models jetmoe,phimoe] [--batches 1,16,64] [--out FILE]   (CUDA GPU)
 
 Without --model, the embedded default model is used (see moetorch.defaults).
 """
@@ -29,58 +31,96 @@ def _load(model_arg: str | None, device: str, dtype: str):
 
 
 def _tokenizer(path: Path):
-    from tokenizers import Tokenizer
+    from .tokenizer import Tokenizer
 
-    file = path / "tokenizer.json"
-    if not file.exists():
+    if not (path / "tokenizer.json").exists():
         raise SystemExit(f"moetorch: {path} has no tokenizer.json")
-    return Tokenizer.from_file(str(file))
+    return Tokenizer.from_pretrained(path)
+
+
+def _sampling_kwargs(args: argparse.Namespace, tok) -> dict:
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if tok.pad_token_id is not None:
+        kwargs["pad_token_id"] = tok.pad_token_id
+    return kwargs
+
+
+def _banner(path: Path, model, is_random: bool) -> None:
+    name = RANDOM_MODEL if is_random else str(path)
+    note = " (random weights: the text is noise)" if is_random else ""
+    print(f"[moetorch] model {name}{note}, {model.num_parameters() / 1e6:.2f}M parameters on {model.device}",
+          file=sys.stderr)
 
 
 @torch.no_grad()
-def greedy_tokens(model, ids_BT: torch.Tensor, max_new_tokens: int, eos_ids: set[int]):
-    """Yield greedy next tokens one at a time, decoding from a preallocated static cache."""
-    from .cache import StaticCache
+def _stream(model, tok, input_ids: torch.Tensor, kwargs: dict) -> tuple[str, int, float]:
+    """Generate after `input_ids`, printing text as it arrives; returns (text, tokens, seconds)."""
+    from .generation import TextStreamer
 
-    B, T = ids_BT.shape
-    cache = StaticCache(model.config, max_cache_len=T + max_new_tokens)
-    logits = model(ids_BT, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    for step in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        token = int(nxt[0, 0])
-        yield token
-        if token in eos_ids or step == max_new_tokens - 1:
-            return
-        position = torch.tensor([T + step], device=ids_BT.device)
-        logits = model(nxt, past_key_values=cache, cache_position=position, logits_to_keep=1).logits
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+    elapsed = time.perf_counter() - start
+    new = out[0, input_ids.shape[1]:]
+    return tok.decode(new, skip_special_tokens=True), int(new.numel()), elapsed
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     path, model, is_random = _load(args.model, args.device, args.dtype)
     tok = _tokenizer(path)
-    name = RANDOM_MODEL if is_random else str(path)
-    note = " (random weights: the text is noise)" if is_random else ""
-    print(f"[moetorch] model {name}{note}, {model.num_parameters() / 1e6:.2f}M parameters on {model.device}",
-          file=sys.stderr)
-    ids = tok.encode(args.prompt).ids
+    _banner(path, model, is_random)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    ids = tok(args.prompt)["input_ids"]
     if not ids:
         raise SystemExit("moetorch: the prompt encodes to no tokens")
-    eos = model.config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    input_ids = torch.tensor([ids], device=model.device)
     print(args.prompt, end="", flush=True)
-    out: list[int] = []
-    shown = ""
-    start = time.perf_counter()
-    for token in greedy_tokens(model, input_ids, args.max_new_tokens, eos_ids):
-        out.append(token)
-        text = tok.decode(out, skip_special_tokens=True)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
-    elapsed = time.perf_counter() - start
-    print()
-    print(f"[moetorch] {len(out)} tokens in {elapsed:.2f}s ({len(out) / max(elapsed, 1e-9):.1f} tokens/s)",
-          file=sys.stderr)
+    _, n, elapsed = _stream(model, tok, torch.tensor([ids], device=model.device), _sampling_kwargs(args, tok))
+    print(f"[moetorch] {n} tokens in {elapsed:.2f}s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    path, model, is_random = _load(args.model, args.device, args.dtype)
+    tok = _tokenizer(path)
+    if tok.chat_template is None:
+        raise SystemExit(f"moetorch: {path} has no chat template (tokenizer_config.json 'chat_template')")
+    _banner(path, model, is_random)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("[moetorch] chat: type a message; /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    kwargs = _sampling_kwargs(args, tok)
+    end_id = tok.convert_tokens_to_ids("<|end|>")
+    if end_id is not None:  # a turn ends at <|end|> as well as at the model's eos
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+        kwargs["eos_token_id"] = list(dict.fromkeys([*eos, end_id]))
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history.clear()
+            print("[moetorch] history cleared", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        enc = tok.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt")
+        print("assistant> ", end="", flush=True)
+        reply, _, _ = _stream(model, tok, enc["input_ids"].to(model.device), kwargs)
+        history.append({"role": "assistant", "content": reply})
     return 0
 
 
@@ -104,22 +144,46 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
         p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), bfloat16, float16 or float32")
 
-    gen = sub.add_parser("generate", help="greedy-decode a continuation of a prompt, streamed")
+    def sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=50)
+        p.add_argument("--seed", type=int, default=None)
+
+    gen = sub.add_parser("generate", help="continue a prompt, streaming the text")
     common(gen)
     gen.add_argument("prompt", help="the text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    sampling(gen, 64)
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with the model's chat template; keeps history")
+    common(chat)
+    chat.add_argument("--system", default=None, help="a system message")
+    sampling(chat, 256)
+    chat.set_defaults(func=cmd_chat)
 
     info = sub.add_parser("info", help="print a checkpoint's architecture and size")
     common(info)
     info.set_defaults(func=cmd_info)
+
+    from .train.cli import add_train_commands  # train, train-tokenizer: defined in moetorch/train/cli.py
+
+    add_train_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own argument parser: see moetorch/benchmark.py
+        from .benchmark import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "max_new_tokens", 1) < 1:
         raise SystemExit("moetorch: --max-new-tokens must be at least 1")
+    if getattr(args, "temperature", 0.0) < 0:
+        raise SystemExit("moetorch: --temperature must be >= 0")
     return args.func(args)
 
 

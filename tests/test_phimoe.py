@@ -33,7 +33,9 @@ def test_input_jitter_is_applied_once_and_leaves_the_input_alone():
 
 def test_eval_mode_ignores_jitter():
     cfg = PhimoeConfig(**PHIMOE.config_kwargs(input_jitter_noise=0.5))
-    block = PhimoeSparseMoeBlock(cfg).eval()
+    block = PhimoeSparseMoeBlock(cfg)
+    randomize_(block, 2)
+    block.eval()
     x = torch.randn(1, 4, cfg.hidden_size)
     a, _ = block(x)
     b, _ = block(x)

@@ -1,0 +1,160 @@
+"""The spec's "How to use PhiMoE" script, the pipeline, Auto classes and the CLI, end to end on a
+tiny checkpoint with a tokenizer trained in the test."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from archs import ARCH_IDS, ARCHS, randomize_
+from tok_util import build_tokenizer
+
+import moetorch
+from moetorch import cli
+
+# The spec's usage example (shared/spec/000, "How to use PhiMoE"), verbatim but for the import
+# line, the checkpoint path and a print of the result's type.
+SPEC_SCRIPT = '''
+import torch
+from {lib} import AutoModelForCausalLM, AutoTokenizer, pipeline 
+
+torch.random.manual_seed(0) 
+
+model = AutoModelForCausalLM.from_pretrained( 
+    "{path}",  
+    device_map="auto",  
+    dtype="auto",
+) 
+
+tokenizer = AutoTokenizer.from_pretrained("{path}") 
+
+messages = [ 
+    {{"role": "system", "content": "You are a helpful AI assistant."}}, 
+    {{"role": "user", "content": "Can you provide ways to eat combinations of bananas and dragonfruits?"}}, 
+    {{"role": "assistant", "content": "Sure! Here are some ways to eat bananas and dragonfruits together: 1. Banana and dragonfruit smoothie: Blend bananas and dragonfruits together with some milk and honey. 2. Banana and dragonfruit salad: Mix sliced bananas and dragonfruits together with some lemon juice and honey."}}, 
+    {{"role": "user", "content": "What about solving an 2x + 3 = 7 equation?"}}, 
+] 
+
+pipe = pipeline( 
+    "text-generation", 
+    model=model, 
+    tokenizer=tokenizer, 
+) 
+
+generation_args = {{ 
+    "max_new_tokens": 500, 
+    "return_full_text": False, 
+    "temperature": 0.0, 
+    "do_sample": False, 
+}} 
+
+output = pipe(messages, **generation_args) 
+print(output[0]['generated_text'])
+'''
+
+
+def tiny_checkpoint(arch, directory, seed=0):
+    build_tokenizer(directory)
+    tok = moetorch.Tokenizer.from_pretrained(directory)
+    config = arch.our_config(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, max_position_embeddings=1024)
+    model = arch.ours["causal_lm"](config)
+    randomize_(model, seed, std=0.3)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
+def checkpoint(request, tmp_path_factory):
+    return tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param.name))
+
+
+def run_script(lib, path):
+    code = SPEC_SCRIPT.format(lib=lib, path=path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_spec_usage_script_runs_unchanged_and_matches_transformers(checkpoint):
+    ours = run_script("moetorch", checkpoint)
+    theirs = run_script("transformers", checkpoint)
+    assert ours == theirs
+    assert len(ours.strip()) > 0
+
+
+def test_pipeline_inputs_and_outputs(checkpoint):
+    pipe = moetorch.pipeline("text-generation", model=str(checkpoint))
+    hf_pipe = transformers.pipeline("text-generation", model=str(checkpoint))
+    args = {"max_new_tokens": 6, "do_sample": False}
+    for prompt in ("The experts", ["Bananas and", "Solve 2x"]):
+        assert pipe(prompt, **args) == hf_pipe(prompt, **args)
+    chat = [{"role": "user", "content": "What about 2x + 3 = 7?"}]
+    out = pipe(chat, **args)
+    assert out == hf_pipe(chat, **args)
+    assert out[0]["generated_text"][-1]["role"] == "assistant"
+    assert isinstance(pipe(chat, return_full_text=False, **args)[0]["generated_text"], str)
+    torch.manual_seed(1)
+    sampled = pipe("The experts", do_sample=True, temperature=0.7, max_new_tokens=5)
+    assert sampled[0]["generated_text"].startswith("The experts")
+    with pytest.raises(ValueError, match="unsupported task"):
+        moetorch.pipeline("summarization", model=str(checkpoint))
+
+
+def test_auto_classes_pick_the_architecture(checkpoint, tmp_path):
+    model = moetorch.AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)
+    model_type = json.loads((checkpoint / "config.json").read_text())["model_type"]
+    assert model.config.model_type == model_type
+    assert type(moetorch.AutoConfig.from_pretrained(checkpoint)).__name__.lower().startswith(model_type[:3])
+    base = moetorch.AutoModel.from_pretrained(checkpoint)
+    assert not hasattr(base, "lm_head")
+    # an original-style config.json naming only `architectures`
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    original = {"phimoe": "PhiMoEForCausalLM", "jetmoe": "JetMoEForCausalLM"}[model_type]
+    cfg.pop("model_type")
+    cfg["architectures"] = [original]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert moetorch.AutoModelForCausalLM.class_for(tmp_path) is type(model)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(moetorch.ConfigError, match="not supported"):
+        moetorch.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_cli_generate_streams_the_continuation(checkpoint, capsys):
+    assert cli.main(["generate", "--model", str(checkpoint), "The experts", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr()
+    tok = moetorch.Tokenizer.from_pretrained(checkpoint)
+    model = moetorch.AutoModelForCausalLM.from_pretrained(checkpoint)
+    enc = tok("The experts", return_tensors="pt")
+    ids = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    expected = "The experts" + tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert out.out.strip() == expected.strip()
+    assert "tokens/s" in out.err
+
+
+def test_cli_chat_keeps_history(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nAnd then?\n/reset\nAgain\n/exit\nnever read\n"))
+    assert cli.main(["chat", "--model", str(checkpoint), "--max-new-tokens", "5", "--system", "Be brief."]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("assistant> ") == 3 and "history cleared" in out.err
+
+
+def test_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        cli.main(["generate", "--model", str(tmp_path / "nope"), "hi"])
+    with pytest.raises(SystemExit, match="max-new-tokens"):
+        cli.main(["generate", "hi", "--max-new-tokens", "0"])
+
+
+def test_cli_default_model_runs_without_download(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOETORCH_HOME", str(tmp_path))
+    assert cli.main(["generate", "Hello", "--max-new-tokens", "4"]) == 0
+    assert "random weights" in capsys.readouterr().err
+    assert cli.main(["info"]) == 0
+    assert "phimoe" in capsys.readouterr().out
