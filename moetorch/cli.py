@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .defaults import RANDOM_MODEL, resolve_model
+from .defaults import DEFAULT_MODEL, EMBEDDED, RANDOM_MODEL, resolve_model
 
 
 def _load(model_arg: str | None, device: str, dtype: str):
@@ -48,7 +48,7 @@ def _sampling_kwargs(args: argparse.Namespace, tok) -> dict:
 
 
 def _banner(path: Path, model, is_random: bool) -> None:
-    name = RANDOM_MODEL if is_random else str(path)
+    name = RANDOM_MODEL if is_random else (path.name if path.name in EMBEDDED else str(path))
     note = " (random weights: the text is noise)" if is_random else ""
     print(f"[moetorch] model {name}{note}, {model.num_parameters() / 1e6:.2f}M parameters on {model.device}",
           file=sys.stderr)
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=None, help=f"checkpoint directory (default: embedded {RANDOM_MODEL})")
+        p.add_argument("--model", default=None, help=f"checkpoint directory or embedded model name: "
+                       f"{', '.join([*EMBEDDED, RANDOM_MODEL])} (default: {DEFAULT_MODEL})")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
         p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), bfloat16, float16 or float32")
 

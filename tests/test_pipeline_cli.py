@@ -154,7 +154,10 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_cli_default_model_runs_without_download(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOETORCH_HOME", str(tmp_path))
-    assert cli.main(["generate", "Hello", "--max-new-tokens", "4"]) == 0
+    assert cli.main(["generate", "def main():", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def main():") and "tiny-phimoe" in out.err and "random" not in out.err
+    assert cli.main(["generate", "Hello", "--max-new-tokens", "4", "--model", "tiny-phimoe-random"]) == 0
     assert "random weights" in capsys.readouterr().err
-    assert cli.main(["info"]) == 0
-    assert "phimoe" in capsys.readouterr().out
+    assert cli.main(["info", "--model", "tiny-jetmoe"]) == 0
+    assert "jetmoe" in capsys.readouterr().out
