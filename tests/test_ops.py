@@ -147,3 +147,20 @@ def test_build_mask_padding_window_and_static_slots():
     assert mask[0, 0, 0].tolist() == [True, True, True, False, False, False]
     assert build_mask(None, torch.arange(3), 3, None, 2) == (None, True)
     assert build_mask(None, torch.tensor([5]), 6, None, 2) == (None, False)
+
+
+@pytest.mark.parametrize("backend", ["gather", "grouped_mm"])
+def test_moa_map_and_reduce_forward_match_reference(backend):
+    """Forward of JetMoE's attention-expert map/reduce (grouped_mm runs forward-only on CPU, fp32)."""
+    from moetorch.ops.moe import expert_map, expert_reduce
+
+    g = torch.Generator().manual_seed(5)
+    T, K, E, D, C = 9, 2, 4, 16, 24
+    x, h = torch.randn(T, D, generator=g), torch.randn(T, K, C, generator=g)
+    w_map, w_red = torch.randn(E, C, D, generator=g), torch.randn(E, D, C, generator=g)
+    gates = torch.rand(T, K, generator=g)
+    for ids in (torch.randint(0, E, (T, K), generator=g), torch.full((T, K), E - 1)):
+        torch.testing.assert_close(expert_map(x, w_map, ids, backend), expert_map(x, w_map, ids, "reference"))
+        torch.testing.assert_close(
+            expert_reduce(h, w_red, ids, gates, backend), expert_reduce(h, w_red, ids, gates, "reference")
+        )

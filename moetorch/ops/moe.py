@@ -81,19 +81,26 @@ def group_offsets(ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.cumsum(counts_E, 0, dtype=torch.int32)
 
 
+def _sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order_N, offs_E): assignments sorted by expert (stable) and each expert's end offset."""
+    ids_N = ids_TK.reshape(-1)
+    return torch.argsort(ids_N, stable=True), group_offsets(ids_N, num_experts)
+
+
+def _combine_sorted(y_NO, order_N, weights_TK, T: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """sum_k weights[t, k] * y[t, k], from rows in expert-sorted order."""
+    y_NO = y_NO * weights_TK.reshape(-1)[order_N, None]
+    out_TO = torch.zeros(T, y_NO.shape[1], dtype=y_NO.dtype, device=y_NO.device)
+    out_TO.index_add_(0, order_N // K, y_NO)
+    return out_TO.to(dtype)
+
+
 def experts_grouped_mm(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act) -> torch.Tensor:
     T, K = ids_TK.shape
-    E = w13_E2ID.shape[0]
-    ids_N = ids_TK.reshape(-1)
-    order_N = torch.argsort(ids_N, stable=True)
-    offs_E = group_offsets(ids_N, E)
-    xs_ND = x_TD[order_N // K]
-    h = torch._grouped_mm(xs_ND, w13_E2ID.transpose(1, 2), offs=offs_E)
+    order_N, offs_E = _sort_by_expert(ids_TK, w13_E2ID.shape[0])
+    h = torch._grouped_mm(x_TD[order_N // K], w13_E2ID.transpose(1, 2), offs=offs_E)
     y = torch._grouped_mm(_swiglu(h, act), w2_EDI.transpose(1, 2), offs=offs_E)
-    y = y * weights_TK.reshape(-1)[order_N, None]
-    out_TD = torch.zeros(T, x_TD.shape[1], dtype=y.dtype, device=x_TD.device)
-    out_TD.index_add_(0, order_N // K, y)
-    return out_TD.to(x_TD.dtype)
+    return _combine_sorted(y, order_N, weights_TK, T, K, x_TD.dtype)
 
 
 EXPERT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
@@ -163,9 +170,8 @@ def expert_map_gather(x_TD, w_EOD, ids_TK) -> torch.Tensor:
 
 def expert_map_grouped_mm(x_TD, w_EOD, ids_TK) -> torch.Tensor:
     T, K = ids_TK.shape
-    ids_N = ids_TK.reshape(-1)
-    order_N = torch.argsort(ids_N, stable=True)
-    ys_NO = torch._grouped_mm(x_TD[order_N // K], w_EOD.transpose(1, 2), offs=group_offsets(ids_N, w_EOD.shape[0]))
+    order_N, offs_E = _sort_by_expert(ids_TK, w_EOD.shape[0])
+    ys_NO = torch._grouped_mm(x_TD[order_N // K], w_EOD.transpose(1, 2), offs=offs_E)
     y_NO = torch.empty_like(ys_NO).index_copy_(0, order_N, ys_NO)
     return y_NO.view(T, K, -1)
 
@@ -191,14 +197,9 @@ def expert_reduce_gather(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
 
 def expert_reduce_grouped_mm(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
     T, K = ids_TK.shape
-    ids_N = ids_TK.reshape(-1)
-    order_N = torch.argsort(ids_N, stable=True)
-    hs_NC = h_TKC.reshape(T * K, -1)[order_N]
-    y = torch._grouped_mm(hs_NC, w_EOC.transpose(1, 2), offs=group_offsets(ids_N, w_EOC.shape[0]))
-    y = y * weights_TK.reshape(-1)[order_N, None]
-    out_TO = torch.zeros(T, w_EOC.shape[1], dtype=y.dtype, device=h_TKC.device)
-    out_TO.index_add_(0, order_N // K, y)
-    return out_TO.to(h_TKC.dtype)
+    order_N, offs_E = _sort_by_expert(ids_TK, w_EOC.shape[0])
+    y = torch._grouped_mm(h_TKC.reshape(T * K, -1)[order_N], w_EOC.transpose(1, 2), offs=offs_E)
+    return _combine_sorted(y, order_N, weights_TK, T, K, h_TKC.dtype)
 
 
 MAP_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {

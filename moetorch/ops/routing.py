@@ -6,7 +6,6 @@ Legend: T tokens, E experts, K experts per token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 class _SparseMixerGrad(torch.autograd.Function):
@@ -123,8 +122,3 @@ def z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask_BT: torch.Ten
             w_N = attention_mask_BT.reshape(-1).to(device=lse2_N.device, dtype=torch.float32)
             terms.append((lse2_N * w_N).sum() / w_N.sum())
     return torch.stack(terms).mean()
-
-
-def one_hot_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert, as a device tensor (no host sync)."""
-    return F.one_hot(ids_TK.reshape(-1), num_experts).sum(0)
