@@ -10,6 +10,9 @@
 4. LongRoPE threshold crossing on CUDA equals a forward from scratch.
 5. The triton expert backend at real sizes (PhiMoE and JetMoE MLP experts, JetMoE attention experts)
    in bf16 vs the float32 reference loop (rel err < 1e-2), float32 vs float32 (< 1e-4), no host sync.
+6. The fused inference kernels (ops/triton_fused.py) at real sizes in bf16 against the torch code
+   they replace (rel err < 1e-2; routing ids equal): add + LayerNorm / RMSNorm, sparsemixer,
+   top-k softmax, rotary embedding, decode attention over a half-filled static cache.
 Exits non-zero if any check fails.
 """
 
@@ -194,6 +197,69 @@ def check_triton(results):
 
 
 @torch.no_grad()
+def check_fused(results):
+    from moetorch.ops import fused
+    from moetorch.ops.attention import attention, build_mask
+    from moetorch.ops.norms import LayerNorm, RMSNorm
+    from moetorch.ops.rope import apply_rotary_qk
+    from moetorch.ops.routing import route_topk, sparsemixer
+
+    ok = True
+    dev, bf = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(3)
+
+    def both(fn, *args):
+        with fused.forced(False):
+            want = fn(*args)
+        return fn(*args), want
+
+    def record(name, got, want, limit=1e-2):
+        nonlocal ok
+        err = max(rel_err(a, b) for a, b in zip(got, want))
+        results[f"fused.{name}.rel_err"] = err
+        ok &= err < limit
+
+    for B in (1, 64):
+        x = torch.randn(B, 1, 4096, device=dev, generator=g).to(bf)
+        a = torch.randn(B, 1, 4096, device=dev, generator=g).to(bf)
+        ln = LayerNorm(4096).to(dev, bf)
+        ln.weight.normal_(1.0, 0.1, generator=g)
+        ln.bias.normal_(0.0, 0.1, generator=g)
+        record(f"add_layernorm.B{B}", *both(ln.add_norm, x, a))
+        rms = RMSNorm(2048, 1e-6).to(dev, bf)
+        rms.weight.normal_(1.0, 0.1, generator=g)
+        bias = torch.randn(2048, device=dev, generator=g).to(bf)
+        record(f"add_rmsnorm.B{B}", *both(rms.add_norm, x[..., :2048], a[..., :2048], bias))
+        logits = torch.randn(B * 8, 16, device=dev, generator=g).to(bf)
+        # ids compared by the logits they pick: bf16 logits tie often, and either tied expert is right
+        (w, ids), (w0, ids0) = both(sparsemixer, logits, 0.01, False)
+        same = torch.equal(logits.gather(1, ids), logits.gather(1, ids0))
+        results[f"fused.sparsemixer.B{B}.picks_equal"] = same
+        ok &= same
+        record(f"sparsemixer.B{B}", [w], [w0])
+        (w, ids, l32), (w0, ids0, l0) = both(route_topk, logits[:, :8], 2, bf)
+        same = torch.equal(logits.gather(1, ids), logits.gather(1, ids0))
+        results[f"fused.topk.B{B}.picks_equal"] = same
+        ok &= same
+        record(f"topk.B{B}", [w, l32], [w0, l0])
+        for name, H, G, layout in (("phimoe", 32, 8, "grouped"), ("jetmoe", 32, 16, "tiled")):
+            d, S = 128, 4096
+            q = torch.randn(B, 1, H * 128, device=dev, generator=g).to(bf).view(B, 1, H, d).transpose(1, 2)
+            k = torch.randn(B, 1, G * 128, device=dev, generator=g).to(bf).view(B, 1, G, d).transpose(1, 2)
+            ang = torch.randn(B, 1, d // 2, device=dev, generator=g) * 100
+            cos, sin = torch.cat((ang, ang), -1).cos().to(bf), torch.cat((ang, ang), -1).sin().to(bf)
+            record(f"rope.{name}.B{B}", *both(apply_rotary_qk, q, k, cos, sin), limit=1e-6)
+            kc = torch.randn(B, G, S, d, device=dev, generator=g).to(bf)
+            vc = torch.randn(B, G, S, d, device=dev, generator=g).to(bf)
+            pad = torch.ones(B, S, dtype=torch.long, device=dev)
+            pad[0, :7] = 0
+            mask, _ = build_mask(pad, torch.tensor([S // 2], device=dev), S, None, B, queries_at_end=False)
+            got, want = both(attention, q, kc, vc, mask, False, d**-0.5, "sdpa", 0.0, layout)
+            record(f"decode_attention.{name}.B{B}", [got[0]], [want[0]])
+    return ok
+
+
+@torch.no_grad()
 def check_longrope(results):
     head = 64
     scaling = {"type": "longrope", "short_factor": [1.0 + i / head for i in range(head // 2)],
@@ -226,6 +292,7 @@ def main() -> int:
     ok = check_experts(results)
     ok &= check_moa_experts(results)
     ok &= check_triton(results)
+    ok &= check_fused(results)
     for name, (cfg, cls) in configs().items():
         ok &= check_model(name, cfg, cls, results)
     ok &= check_longrope(results)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .ops import fused
+
 
 class Cache:
     """Common interface, as in Transformers: `update`, `get_seq_length`, `reorder_cache`, ..."""
@@ -209,8 +211,11 @@ class StaticCache(Cache):
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if k.shape[0] != B:
             raise ValueError(f"StaticCache holds batch {k.shape[0]}, got keys for batch {B}")
-        k.index_copy_(2, cache_position, key_states.to(k.dtype))
-        v.index_copy_(2, cache_position, value_states.to(v.dtype))
+        if fused.active(key_states, value_states, k) and k.stride(-1) == 1:
+            fused.kernels().kv_write(key_states, value_states, k, v, cache_position)
+        else:
+            k.index_copy_(2, cache_position, key_states.to(k.dtype))
+            v.index_copy_(2, cache_position, value_states.to(v.dtype))
         return k, v
 
     def crop(self, max_length: int) -> None:

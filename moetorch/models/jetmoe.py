@@ -22,8 +22,9 @@ from ..modeling_utils import PreTrainedModel, decoder_forward
 from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
 from ..ops.moe import expert_map, expert_reduce, experts_forward
-from ..ops.rope import RotaryEmbedding, apply_rotary
-from ..ops.routing import switch_aux_loss, topk_softmax, z_loss
+from ..ops.norms import RMSNorm, residual_add
+from ..ops.rope import RotaryEmbedding, apply_rotary_qk
+from ..ops.routing import route_topk, switch_aux_loss, z_loss
 from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from .heads import causal_lm, classify
 
@@ -32,19 +33,8 @@ from .heads import causal_lm, classify
 LAYER_NORM_EPS = 1e-6
 
 
-class JetMoeRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def init_parameters(self, std: float) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+class JetMoeRMSNorm(RMSNorm):
+    """RMSNorm: float32 normalisation, rounded to the input dtype, then scaled (ops.norms)."""
 
 
 class JetMoeExpertWeights(nn.Module):
@@ -67,14 +57,12 @@ class JetMoeRouter(nn.Module):
         self.top_k = top_k
 
     def forward(self, x_ND):
-        logits_NE = self.layer(x_ND).float()
-        weights_NK, ids_NK = topk_softmax(logits_NE, self.top_k)
-        return weights_NK.to(x_ND.dtype), ids_NK, logits_NE
+        return route_topk(self.layer(x_ND), self.top_k, x_ND.dtype)
 
 
 class JetMoeMoA(nn.Module):
     """The attention experts: query projections (`map`), output projections (`reduce`) and the
-    output bias added after the K experts are combined."""
+    output bias, which the decoder layer adds with the residual (after the K experts are combined)."""
 
     def __init__(self, config: JetMoeConfig) -> None:
         super().__init__()
@@ -92,7 +80,7 @@ class JetMoeMoA(nn.Module):
         return expert_map(x_ND, self.input_linear.weight, ids_NK, self.backend)
 
     def reduce(self, o_NKC, ids_NK, weights_NK):
-        return expert_reduce(o_NKC, self.output_linear.weight, ids_NK, weights_NK, self.backend) + self.bias
+        return expert_reduce(o_NKC, self.output_linear.weight, ids_NK, weights_NK, self.backend)
 
 
 class JetMoeAttention(nn.Module):
@@ -118,7 +106,7 @@ class JetMoeAttention(nn.Module):
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_qk(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position_T})
         out_BTHd, weights = attention(
@@ -130,7 +118,8 @@ class JetMoeAttention(nn.Module):
 
 
 class JetMoeMoE(nn.Module):
-    """E SwiGLU experts `[E, 2I, D]` / `[E, D, I]`, routed top-k, plus an output bias."""
+    """E SwiGLU experts `[E, 2I, D]` / `[E, D, I]`, routed top-k, plus an output bias (which the
+    decoder layer adds with the residual)."""
 
     def __init__(self, config: JetMoeConfig) -> None:
         super().__init__()
@@ -152,7 +141,7 @@ class JetMoeMoE(nn.Module):
         y_ND = experts_forward(
             x_ND, self.input_linear.weight, self.output_linear.weight, ids_NK, weights_NK, self.act, self.backend
         )
-        return y_ND.view(B, T, D) + self.bias, logits_NE
+        return y_ND.view(B, T, D), logits_NE
 
 
 class JetMoeDecoderLayer(nn.Module):
@@ -168,11 +157,12 @@ class JetMoeDecoderLayer(nn.Module):
         a, weights, attn_logits_NE = self.self_attention(
             h, rope, mask, is_causal, cache, cache_position_T, need_weights
         )
-        x_BTD = x_BTD + a
-        m, mlp_logits_NE = self.mlp(self.post_attention_layernorm(x_BTD))
+        # x + (attention + bias), then the norm: one kernel at inference
+        x_BTD, h = self.post_attention_layernorm.add_norm(x_BTD, a, self.self_attention.experts.bias)
+        m, mlp_logits_NE = self.mlp(h)
         # Transformers records the attention router twice per layer (as the router's output and as the
         # attention's), and its router_logits and aux loss carry both copies: so do ours.
-        return x_BTD + m, weights, (attn_logits_NE, attn_logits_NE, mlp_logits_NE)
+        return residual_add(x_BTD, m, self.mlp.bias), weights, (attn_logits_NE, attn_logits_NE, mlp_logits_NE)
 
 
 class JetMoePreTrainedModel(PreTrainedModel):

@@ -17,7 +17,8 @@ from ..modeling_utils import PreTrainedModel, decoder_forward
 from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
 from ..ops.moe import experts_forward
-from ..ops.rope import RotaryEmbedding, apply_rotary
+from ..ops.norms import LayerNorm
+from ..ops.rope import RotaryEmbedding, apply_rotary_qk
 from ..ops.routing import sparsemixer, switch_aux_loss
 from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from .heads import causal_lm, classify
@@ -43,7 +44,7 @@ class PhimoeAttention(nn.Module):
         k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_qk(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position_T})
         out_BTHd, weights = attention(
@@ -96,14 +97,14 @@ class PhimoeDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = PhimoeAttention(config, layer_idx)
         self.mlp = PhimoeSparseMoeBlock(config)
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x_BTD, rope, mask, is_causal, cache, cache_position_T, need_weights):
         h = self.input_layernorm(x_BTD)
         a, weights = self.self_attn(h, rope, mask, is_causal, cache, cache_position_T, need_weights)
-        x_BTD = x_BTD + a
-        m, logits_TE = self.mlp(self.post_attention_layernorm(x_BTD))
+        x_BTD, h = self.post_attention_layernorm.add_norm(x_BTD, a)
+        m, logits_TE = self.mlp(h)
         return x_BTD + m, weights, (logits_TE,)
 
 
@@ -119,7 +120,7 @@ class PhimoeModel(PhimoePreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(PhimoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_parameters)
         self.post_init()
 

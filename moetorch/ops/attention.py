@@ -13,6 +13,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 
@@ -98,9 +100,13 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention; returns (out [B, T, H, d], weights [B, H, T, S] or None).
 
-    `need_weights` forces the eager path, the only one that materialises the weights.
+    `need_weights` forces the eager path, the only one that materialises the weights. One query
+    per row (decode) at inference runs the fused decode kernel, which reads the cache in place.
     """
     G = k_BGSd.shape[1]
+    if _decode_fusable(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, impl, dropout_p, need_weights):
+        out = fused.kernels().decode_attention(q_BHTd, k_BGSd, v_BGSd, mask, scale, kv_layout == "tiled")
+        return out, None
     if kv_layout == "tiled" and G > 1:
         q_BHTd = _to_grouped(q_BHTd, G)
     if need_weights or impl == "eager":
@@ -118,6 +124,16 @@ def attention(
         if weights is not None:
             weights = _from_grouped(weights, G)
     return out.transpose(1, 2), weights
+
+
+def _decode_fusable(q, k, v, mask, is_causal, impl, dropout_p, need_weights) -> bool:
+    if q.shape[2] != 1 or need_weights or impl == "eager" or dropout_p > 0:
+        return False
+    if is_causal and mask is None and k.shape[2] != 1:  # sdpa's top-left causal: not a decode step
+        return False
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1):
+        return False
+    return q.shape[1] % k.shape[1] == 0 and fused.active(q, k, v)
 
 
 def _eager(q, k, v, mask, is_causal, scale, dropout_p):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import fused
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -20,6 +22,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x_BHTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
     cos, sin = cos_BTd.unsqueeze(1), sin_BTd.unsqueeze(1)
     return x_BHTd * cos + rotate_half(x_BHTd) * sin
+
+
+def apply_rotary_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary` on queries and keys (one kernel at inference)."""
+    if fused.active(q_BHTd, k_BGTd, cos_BTd, sin_BTd) and q_BHTd.shape[-1] % 2 == 0:
+        return fused.kernels().rope_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd)
+    return apply_rotary(q_BHTd, cos_BTd, sin_BTd), apply_rotary(k_BGTd, cos_BTd, sin_BTd)
 
 
 class RotaryEmbedding(nn.Module):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
+
 
 class _SparseMixerGrad(torch.autograd.Function):
     """Forward: the selected gate (scaled by the midpoint mask); backward: the softmax gradient
@@ -61,6 +63,8 @@ def sparsemixer(scores_TE: torch.Tensor, jitter_eps: float, training: bool) -> t
     softmax over the logits within a relative distance `2 * jitter_eps` of the maximum. The second
     repeats this with the first masked out. Weights need not sum to one.
     """
+    if not training and fused.active(scores_TE):
+        return fused.kernels().sparsemixer_eval(scores_TE, jitter_eps)
     weights, ids = [], []
     masked = scores_TE
     for second in (False, True):
@@ -78,6 +82,15 @@ def topk_softmax(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     """Top-k of float32 logits, softmax over the k chosen (JetMoE). Weights are float32."""
     top_TK, ids_TK = torch.topk(logits_TE.float(), k, dim=-1)
     return torch.softmax(top_TK, dim=-1), ids_TK
+
+
+def route_topk(logits_TE: torch.Tensor, k: int, weight_dtype: torch.dtype):
+    """JetMoE's router on raw logits: (weights [T, k] in weight_dtype, ids [T, k], float32 logits)."""
+    if fused.active(logits_TE):
+        return fused.kernels().topk_softmax(logits_TE, k, weight_dtype)
+    logits32_TE = logits_TE.float()
+    weights_TK, ids_TK = topk_softmax(logits32_TE, k)
+    return weights_TK.to(weight_dtype), ids_TK, logits32_TE
 
 
 def switch_aux_loss(

@@ -1,0 +1,50 @@
+"""When the fused inference kernels (`ops.triton_fused`) run instead of the torch code.
+
+They run on CUDA tensors, with triton installed, when nothing asks for gradients; everything else
+(training, CPU, `MOETORCH_FUSED=0`) takes the torch code, which stays the reference. Tests run the
+kernels on CPU under Triton's interpreter with `forced()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .moe import triton_available
+
+_state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}
+
+
+def active(*tensors: torch.Tensor | None) -> bool:
+    """Whether the fused kernels serve an op on these tensors: the first one decides the device,
+    all must share its dtype (torch would promote), and none may need gradients or autocast."""
+    if not _state["enabled"]:
+        return False
+    first = tensors[0]
+    if not (_state["forced"] or first.is_cuda) or not triton_available():
+        return False
+    if torch.is_autocast_enabled(first.device.type):
+        return False
+    present = [t for t in tensors if t is not None]
+    if any(t.dtype != first.dtype for t in present):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+
+
+@contextlib.contextmanager
+def forced(on: bool = True):
+    """Use the fused kernels on any device (CPU under TRITON_INTERPRET=1), or (on=False) never."""
+    before = dict(_state)
+    _state.update(forced=on, enabled=on)
+    try:
+        yield
+    finally:
+        _state.update(before)
+
+
+def kernels():
+    from . import triton_fused
+
+    return triton_fused

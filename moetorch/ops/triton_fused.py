@@ -1,0 +1,473 @@
+"""Fused Triton kernels for the non-expert part of a layer at inference: residual add + norm,
+routing (sparsemixer, top-k softmax), rotary embedding, and decode attention over a KV cache.
+
+Legend: R rows (tokens), D model dim, E experts, K experts per token, B batch, T new tokens,
+H query heads, G kv heads, d head dim, S key slots.
+
+At decode a layer is a few dozen tiny operations whose launches, not bytes, set the speed; each
+kernel here replaces several of them (sparsemixer alone is twenty). They compute what the torch
+code in `ops.fused` computes, in the same order and with the same intermediate roundings: a bf16
+op in torch computes in float32 and rounds its result, and the kernels round at the same points
+(`_round`), so outputs agree with the torch path bit for bit in most elements and within one
+rounding step elsewhere (reduction order, `exp`).
+
+Forward-only: `ops.fused` uses them when nothing needs gradients, and the torch code otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# How intermediate values are rounded: to the tensors' dtype, as torch rounds each op's output.
+_ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def round_code(dtype: torch.dtype) -> int:
+    if dtype not in _ROUND_CODES:
+        raise TypeError(f"fused kernels support float32, bfloat16 and float16, got {dtype}")
+    return _ROUND_CODES[dtype]
+
+
+@triton.jit
+def _round(x, ROUND: tl.constexpr):
+    # Round float32 values to the storage dtype and back. bf16 by bit arithmetic (round to nearest
+    # even) rather than a cast: Triton's CPU interpreter truncates bf16 casts.
+    if ROUND == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        y = bits.to(tl.float32, bitcast=True)
+    elif ROUND == 2:
+        y = x.to(tl.float16).to(tl.float32)
+    else:
+        y = x
+    return y
+
+
+# ---- residual add + norm -------------------------------------------------------------------------
+
+
+@triton.jit
+def _add_norm_kernel(
+    x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr,
+    D, eps, stride_x, stride_a, stride_xo, stride_h,
+    HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr,
+    ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One row: s = x + (a + bias), then LayerNorm or RMSNorm of s. torch rounds `a + bias` and the
+    # sum before the norm reads it, and so does this.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    ok = cols < D
+    s = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_A:
+        a = tl.load(a_ptr + row * stride_a + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            a = _round(a + tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32), ROUND)
+        s = _round(s + a, ROUND)
+        tl.store(x_out_ptr + row * stride_xo + cols, s.to(x_out_ptr.dtype.element_ty), mask=ok)
+    if NORM != 0:
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        if NORM == 1:
+            mean = tl.sum(s, axis=0) / D
+            c = tl.where(ok, s - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=0) / D + eps)
+            h = c * rstd * w
+            if HAS_NB:
+                h += tl.load(nb_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        else:
+            # JetMoE / Llama RMSNorm: normalise in float32, round to the dtype, then scale.
+            rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / D + eps)
+            h = w * _round(s * rstd, ROUND)
+        tl.store(h_ptr + row * stride_h + cols, _round(h, ROUND).to(h_ptr.dtype.element_ty), mask=ok)
+
+
+def add_norm(x_RD, a_RD, bias_D, norm: int, weight_D, norm_bias_D, eps: float):
+    """(x + (a + bias), norm(x + (a + bias))) over the last dim; `a`/`bias`/norm optional
+    (None, None, NORM_NONE): returns (sum or x, normed or None)."""
+    D = x_RD.shape[-1]
+    x2 = x_RD.reshape(-1, D)
+    R = x2.shape[0]
+    a2 = a_RD.reshape(-1, D) if a_RD is not None else x2
+    x_out = torch.empty_like(x2) if a_RD is not None else x2
+    h = torch.empty_like(x2) if norm != NORM_NONE else x2
+    if R:
+        _add_norm_kernel[(R,)](
+            x2, a2, bias_D if bias_D is not None else x2, weight_D if weight_D is not None else x2,
+            norm_bias_D if norm_bias_D is not None else x2, x_out, h,
+            D, eps, x2.stride(0), a2.stride(0), x_out.stride(0), h.stride(0),
+            HAS_A=a_RD is not None, HAS_BIAS=bias_D is not None, NORM=norm, HAS_NB=norm_bias_D is not None,
+            ROUND=round_code(x_RD.dtype), BLOCK_D=triton.next_power_of_2(D), num_warps=_row_warps(D),
+        )
+    shape = x_RD.shape
+    return x_out.view(shape), (h.view(shape) if norm != NORM_NONE else None)
+
+
+def _row_warps(D: int) -> int:
+    return 1 if D <= 512 else 4 if D <= 4096 else 8
+
+
+# ---- routing -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_pick(g, cols, pick, ROUND: tl.constexpr):
+    # softmax(g)[pick] along axis 1, rounded like torch's softmax output
+    m = tl.max(g, axis=1)
+    p = tl.exp(g - m[:, None])
+    total = tl.sum(p, axis=1)
+    sel = tl.sum(tl.where(cols[None, :] == pick[:, None], p, 0.0), axis=1)
+    return _round(tl.math.div_rn(sel, total), ROUND)
+
+
+@triton.jit
+def _sparsemixer_pick(s, masked, cols, thr, ROUND: tl.constexpr):
+    # One eval-mode sparsemixer step (ops.routing._sparsemixer_pick): argmax of `masked`, and its
+    # softmax weight among the logits within relative distance `thr` of the maximum.
+    top = tl.max(masked, axis=1)
+    pick = tl.argmax(masked, axis=1)
+    factor = tl.maximum(tl.abs(s), top[:, None])
+    rel = _round(tl.math.div_rn(_round(top[:, None] - s, ROUND), factor), ROUND)
+    gates = tl.where(rel > thr, float("-inf"), masked)
+    return pick, _softmax_pick(gates, cols, pick, ROUND)
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, w_ptr, ids_ptr, f32_ptr, R, E, stride_l, thr,
+    SPARSEMIXER: tl.constexpr, K: tl.constexpr, WRITE_F32: tl.constexpr, ROUND: tl.constexpr,
+    BLOCK_R: tl.constexpr, E_PAD: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, E_PAD)
+    r_ok = rows < R
+    ok = r_ok[:, None] & (cols < E)[None, :]
+    rows64 = rows.to(tl.int64)
+    s = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :], mask=ok, other=float("-inf"))
+    s = s.to(tl.float32)
+    if WRITE_F32:
+        tl.store(f32_ptr + rows64[:, None] * E + cols[None, :], s, mask=ok)
+    if SPARSEMIXER:
+        id0, w0 = _sparsemixer_pick(s, s, cols, thr, ROUND)
+        id1, w1 = _sparsemixer_pick(s, tl.where(cols[None, :] == id0[:, None], float("-inf"), s), cols, thr, ROUND)
+        tl.store(w_ptr + rows64 * 2, w0.to(w_ptr.dtype.element_ty), mask=r_ok)
+        tl.store(w_ptr + rows64 * 2 + 1, w1.to(w_ptr.dtype.element_ty), mask=r_ok)
+        tl.store(ids_ptr + rows64 * 2, id0.to(tl.int64), mask=r_ok)
+        tl.store(ids_ptr + rows64 * 2 + 1, id1.to(tl.int64), mask=r_ok)
+    else:
+        # top-K by repeated argmax, then a float32 softmax over the K values (JetMoE's router)
+        first = tl.max(s, axis=1)
+        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        rest = s
+        for k in tl.static_range(K):
+            v = tl.max(rest, axis=1)
+            i = tl.argmax(rest, axis=1)
+            total += tl.exp(v - first)
+            tl.store(ids_ptr + rows64 * K + k, i.to(tl.int64), mask=r_ok)
+            rest = tl.where(cols[None, :] == i[:, None], float("-inf"), rest)
+        rest = s
+        for k in tl.static_range(K):
+            v = tl.max(rest, axis=1)
+            i = tl.argmax(rest, axis=1)
+            w = _round(tl.math.div_rn(tl.exp(v - first), total), ROUND)
+            tl.store(w_ptr + rows64 * K + k, w.to(w_ptr.dtype.element_ty), mask=r_ok)
+            rest = tl.where(cols[None, :] == i[:, None], float("-inf"), rest)
+
+
+def _route(logits_RE, k: int, sparsemixer: bool, thr: float, weight_dtype: torch.dtype, write_f32: bool):
+    R, E = logits_RE.shape
+    if logits_RE.stride(1) != 1:
+        logits_RE = logits_RE.contiguous()
+    w = torch.empty(R, k, dtype=weight_dtype, device=logits_RE.device)
+    ids = torch.empty(R, k, dtype=torch.long, device=logits_RE.device)
+    f32 = torch.empty(R, E, dtype=torch.float32, device=logits_RE.device) if write_f32 else w
+    block_r = 16
+    if R:
+        _route_kernel[(triton.cdiv(R, block_r),)](
+            logits_RE, w, ids, f32, R, E, logits_RE.stride(0), thr,
+            SPARSEMIXER=sparsemixer, K=k, WRITE_F32=write_f32, ROUND=round_code(weight_dtype),
+            BLOCK_R=block_r, E_PAD=max(triton.next_power_of_2(E), 2), num_warps=1,
+        )
+    return w, ids, (f32 if write_f32 else None)
+
+
+def sparsemixer_eval(logits_RE: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode sparsemixer: (weights [R, 2] in the logits' dtype, ids [R, 2])."""
+    # torch compares the quotient with `2 * eps` in the logits' dtype: round the threshold alike.
+    thr = torch.tensor(2 * jitter_eps, dtype=logits_RE.dtype).item()
+    w, ids, _ = _route(logits_RE, 2, True, thr, logits_RE.dtype, False)
+    return w, ids
+
+
+def topk_softmax(logits_RE: torch.Tensor, k: int, weight_dtype: torch.dtype):
+    """Top-k softmax: (weights [R, k] in weight_dtype, ids [R, k], the logits in float32)."""
+    return _route(logits_RE, k, False, 0.0, weight_dtype, True)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---- rotary embedding ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_rows(x_ptr, o_ptr, b, t, c1, c2, s1, s2, sx_b, sx_t, sx_h, so_b, so_t, so_h,
+               NH: tl.constexpr, NH_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+               ROUND: tl.constexpr):
+    h = tl.arange(0, NH_PAD)
+    i = tl.arange(0, HALF_PAD)
+    ok = (h < NH)[:, None] & (i < HALF)[None, :]
+    base = x_ptr + b * sx_b + t * sx_t + h[:, None] * sx_h + i[None, :]
+    x1 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=ok, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product and the sum rounded
+    y1 = _round(_round(x1 * c1[None, :], ROUND) + _round(-x2 * s1[None, :], ROUND), ROUND)
+    y2 = _round(_round(x2 * c2[None, :], ROUND) + _round(x1 * s2[None, :], ROUND), ROUND)
+    out = o_ptr + b * so_b + t * so_t + h[:, None] * so_h + i[None, :]
+    tl.store(out, y1.to(o_ptr.dtype.element_ty), mask=ok)
+    tl.store(out + HALF, y2.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sqo_b, sqo_t, sqo_h, sko_b, sko_t, sko_h, sc_b, sc_t,
+    HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr, HK_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROUND: tl.constexpr,
+):
+    # Program (token, 0) rotates the token's query heads, (token, 1) its key heads.
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    i = tl.arange(0, HALF_PAD)
+    c_ok = i < HALF
+    c_base = b * sc_b + t * sc_t
+    c1 = tl.load(cos_ptr + c_base + i, mask=c_ok, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + c_base + HALF + i, mask=c_ok, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + c_base + i, mask=c_ok, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + c_base + HALF + i, mask=c_ok, other=0.0).to(tl.float32)
+    if tl.program_id(1) == 0:
+        _rope_rows(q_ptr, qo_ptr, b, t, c1, c2, s1, s2, sq_b, sq_t, sq_h, sqo_b, sqo_t, sqo_h,
+                   HQ, HQ_PAD, HALF, HALF_PAD, ROUND)
+    else:
+        _rope_rows(k_ptr, ko_ptr, b, t, c1, c2, s1, s2, sk_b, sk_t, sk_h, sko_b, sko_t, sko_h,
+                   HK, HK_PAD, HALF, HALF_PAD, ROUND)
+
+
+def rope_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd):
+    """(apply_rotary(q), apply_rotary(k)) in one launch; outputs keep the inputs' memory layout."""
+    B, H, T, d = q_BHTd.shape
+    G = k_BGTd.shape[1]
+    q_BHTd, k_BGTd = _unit_last(q_BHTd), _unit_last(k_BGTd)
+    if cos_BTd.stride() != sin_BTd.stride() or cos_BTd.stride(-1) != 1:
+        cos_BTd, sin_BTd = cos_BTd.contiguous(), sin_BTd.contiguous()
+    # [B, T, H, d] memory, seen as [B, H, T, d]: what the torch expression yields for a transposed input
+    q_out = torch.empty(B, T, H, d, dtype=q_BHTd.dtype, device=q_BHTd.device).transpose(1, 2)
+    k_out = torch.empty(B, T, G, d, dtype=k_BGTd.dtype, device=k_BGTd.device).transpose(1, 2)
+    cb, ct = (cos_BTd.stride(0) if cos_BTd.shape[0] > 1 else 0), cos_BTd.stride(1)
+    half = d // 2
+    if B * T:
+        _rope_kernel[(B * T, 2)](
+            q_BHTd, k_BGTd, q_out, k_out, cos_BTd, sin_BTd, T,
+            q_BHTd.stride(0), q_BHTd.stride(2), q_BHTd.stride(1), k_BGTd.stride(0), k_BGTd.stride(2), k_BGTd.stride(1),
+            q_out.stride(0), q_out.stride(2), q_out.stride(1), k_out.stride(0), k_out.stride(2), k_out.stride(1),
+            cb, ct,
+            HQ=H, HQ_PAD=triton.next_power_of_2(H), HK=G, HK_PAD=triton.next_power_of_2(G),
+            HALF=half, HALF_PAD=triton.next_power_of_2(half), ROUND=round_code(q_BHTd.dtype),
+            num_warps=4 if H * d >= 2048 else 1,
+        )
+    return q_out, k_out
+
+
+# ---- KV cache write ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kv_write_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, T,
+    sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, sc_b, sc_g, sc_s, svc_b, svc_g, svc_s,
+    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
+):
+    # Program (b, t): token t's G key and value heads into cache slot pos[t].
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = pid % T
+    slot = tl.load(pos_ptr + t).to(tl.int64)
+    g = tl.arange(0, G_PAD)[:, None].to(tl.int64)
+    dd = tl.arange(0, D_PAD)[None, :]
+    ok = (g < G) & (dd < HEAD_D)
+    t64 = t.to(tl.int64)
+    k = tl.load(k_ptr + b * sk_b + g * sk_g + t64 * sk_t + dd, mask=ok)
+    v = tl.load(v_ptr + b * sv_b + g * sv_g + t64 * sv_t + dd, mask=ok)
+    tl.store(kc_ptr + b * sc_b + g * sc_g + slot * sc_s + dd, k.to(kc_ptr.dtype.element_ty), mask=ok)
+    tl.store(vc_ptr + b * svc_b + g * svc_g + slot * svc_s + dd, v.to(vc_ptr.dtype.element_ty), mask=ok)
+
+
+def kv_write(k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T) -> None:
+    """k_cache[:, :, pos[t]] = k[:, :, t] (and v): both index_copy_ calls of a static cache in one launch."""
+    B, G, T, d = k_BGTd.shape
+    k_BGTd, v_BGTd = _unit_last(k_BGTd), _unit_last(v_BGTd)
+    if B * T:
+        _kv_write_kernel[(B * T,)](
+            k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T, T,
+            *k_BGTd.stride()[:3], *v_BGTd.stride()[:3], *k_cache_BGSd.stride()[:3], *v_cache_BGSd.stride()[:3],
+            G=G, G_PAD=triton.next_power_of_2(G), HEAD_D=d, D_PAD=triton.next_power_of_2(d),
+            num_warps=1 if G * d <= 1024 else 4,
+        )
+
+
+# ---- decode attention ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_attn_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    S, chunk, num_splits, scale,
+    sq_b, sq_h, sk_b, sk_g, sk_s, sv_b, sv_g, sv_s, sm_b, sm_s, so_b, so_h,
+    G: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, TILED: tl.constexpr, HAS_MASK: tl.constexpr,
+    SPLIT: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Program (b*G + g, split): the R query heads that read kv head g, over keys [split*chunk, +chunk).
+    # One pass of online softmax; K/V are read once per kv head, never repeated per query head.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // G).to(tl.int64)
+    g = pid % G
+    r = tl.arange(0, R_PAD)
+    if TILED:
+        heads = r * G + g  # JetMoE's MoA: head h reads kv head h % G
+    else:
+        heads = g * R + r  # GQA: head h reads kv head h // R
+    r_ok = r < R
+    dd = tl.arange(0, D_PAD)
+    d_ok = dd < HEAD_D
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dd[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((R_PAD,), dtype=tl.float32)
+    acc = tl.zeros((R_PAD, D_PAD), dtype=tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, S)
+    k_base = k_ptr + b * sk_b + g.to(tl.int64) * sk_g
+    v_base = v_ptr + b * sv_b + g.to(tl.int64) * sv_g
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        vis = n < end
+        if HAS_MASK:
+            vis = vis & (tl.load(mask_ptr + b * sm_b + n.to(tl.int64) * sm_s, mask=vis, other=0) != 0)
+        if tl.max(vis.to(tl.int32), axis=0) > 0:  # a block with no visible key costs its mask read only
+            kv_ok = vis[:, None] & d_ok[None, :]
+            k = tl.load(k_base + n.to(tl.int64)[:, None] * sk_s + dd[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_s + dd[None, :], mask=kv_ok, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(vis[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    if SPLIT:
+        part = (b * G * R_PAD + g * R_PAD + r) * num_splits + split
+        tl.store(part_m_ptr + part, m_i)
+        tl.store(part_l_ptr + part, l_i)
+        tl.store(part_acc_ptr + part[:, None] * D_PAD + dd[None, :], acc)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b * so_b + heads[:, None] * so_h + dd[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_combine_kernel(
+    part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_splits, so_b, so_h,
+    G: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, TILED: tl.constexpr,
+    HEAD_D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b*G + g)*R + r
+    r = pid % R
+    g = (pid // R) % G
+    b = (pid // (R * G)).to(tl.int64)
+    if TILED:
+        head = r * G + g
+    else:
+        head = g * R + r
+    sp = tl.arange(0, SPLITS_PAD)
+    sp_ok = sp < num_splits
+    part = (b * G * R_PAD + g * R_PAD + r) * num_splits + sp
+    m = tl.load(part_m_ptr + part, mask=sp_ok, other=float("-inf"))
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+    l_sum = tl.sum(w * tl.load(part_l_ptr + part, mask=sp_ok, other=0.0), axis=0)
+    dd = tl.arange(0, D_PAD)
+    acc = tl.load(part_acc_ptr + part[:, None] * D_PAD + dd[None, :], mask=sp_ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
+    tl.store(out_ptr + b * so_b + head * so_h + dd, out.to(out_ptr.dtype.element_ty), mask=dd < HEAD_D)
+
+
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool):
+    """Attention of one query per row over S cached keys: out [B, 1, H, d] (queries' dtype).
+
+    `mask_B11S` (bool, any strides, or None for all keys visible) already holds causality,
+    padding and the sliding window. Splits S across programs when B*G alone cannot fill the GPU.
+    """
+    B, H, _, d = q_BH1d.shape
+    G, S = k_BGSd.shape[1], k_BGSd.shape[2]
+    R = H // G
+    q_BH1d, k_BGSd, v_BGSd = _unit_last(q_BH1d), _unit_last(k_BGSd), _unit_last(v_BGSd)
+    block_n = 64 if d <= 128 else 32
+    programs = 4 * (_sm_count(q_BH1d.device.index) if q_BH1d.is_cuda else 4)
+    splits = max(1, min(triton.cdiv(S, block_n), triton.cdiv(programs, B * G)))
+    chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
+    splits = triton.cdiv(S, chunk)
+    r_pad = max(16, triton.next_power_of_2(R))
+    d_pad = max(16, triton.next_power_of_2(d))
+    out = torch.empty(B, 1, H, d, dtype=q_BH1d.dtype, device=q_BH1d.device)
+    if splits > 1:
+        part_m = torch.empty(B * G * r_pad * splits, dtype=torch.float32, device=q_BH1d.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(B * G * r_pad * splits, d_pad, dtype=torch.float32, device=q_BH1d.device)
+    else:
+        part_m = part_l = part_acc = out
+    if mask_B11S is not None:
+        m8 = mask_B11S.view(torch.uint8)
+        sm_b, sm_s = (m8.stride(0) if m8.shape[0] > 1 else 0), m8.stride(3)
+    else:
+        m8, sm_b, sm_s = out, 0, 0
+    fp32 = q_BH1d.dtype == torch.float32
+    _decode_attn_kernel[(B * G, splits)](
+        q_BH1d, k_BGSd, v_BGSd, m8, out, part_m, part_l, part_acc,
+        S, chunk, splits, scale,
+        q_BH1d.stride(0), q_BH1d.stride(1), k_BGSd.stride(0), k_BGSd.stride(1), k_BGSd.stride(2),
+        v_BGSd.stride(0), v_BGSd.stride(1), v_BGSd.stride(2), sm_b, sm_s, out.stride(0), out.stride(2),
+        G=G, R=R, R_PAD=r_pad, TILED=tiled, HAS_MASK=mask_B11S is not None, SPLIT=splits > 1,
+        HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    if splits > 1:
+        _decode_combine_kernel[(B * G * R,)](
+            part_m, part_l, part_acc, out, splits, out.stride(0), out.stride(2),
+            G=G, R=R, R_PAD=r_pad, TILED=tiled, HEAD_D=d, D_PAD=d_pad,
+            SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1,
+        )
+    return out

@@ -1,0 +1,270 @@
+"""The fused inference kernels (ops/triton_fused.py) under Triton's CPU interpreter, against the
+torch code they replace: residual add + LayerNorm/RMSNorm, sparsemixer and top-k routing, rotary
+embedding, decode attention over a cache (GQA and MoA head layouts, masks, split keys), and whole
+tiny models decoding with and without them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from archs import JETMOE, PHIMOE, randomize_
+from parity import make_inputs
+
+from moetorch import DynamicCache, StaticCache
+from moetorch.engine import GraphedDecodeStep
+from moetorch.ops import fused, triton_fused
+from moetorch.ops.attention import attention, build_mask
+from moetorch.ops.norms import LayerNorm, RMSNorm, residual_add
+from moetorch.ops.rope import apply_rotary, apply_rotary_qk
+from moetorch.ops.routing import route_topk, sparsemixer, topk_softmax
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def close(a, b, dtype, what=""):
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what}: {m}")
+
+
+# ---- norms ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [32, 48])
+def test_layernorm_and_add_norm(dtype, D):
+    norm = LayerNorm(D, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=gen(1)))
+        norm.bias.copy_(torch.randn(D, generator=gen(2)))
+    x = torch.randn(3, 5, D, generator=gen(3)).to(dtype)
+    a = torch.randn(3, 5, D, generator=gen(4)).to(dtype)
+    with torch.no_grad():
+        want_h = F.layer_norm(x, (D,), norm.weight, norm.bias, 1e-5)
+        want_s = x + a
+        want_h2 = F.layer_norm(want_s, (D,), norm.weight, norm.bias, 1e-5)
+        with fused.forced():
+            h = norm(x)
+            s, h2 = norm.add_norm(x, a)
+    close(h, want_h, dtype, "layernorm")
+    assert torch.equal(s, want_s), "the residual sum is rounded exactly as torch rounds it"
+    close(h2, want_h2, dtype, "add + layernorm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_add_with_bias_and_residual_add(dtype):
+    D = 40
+    norm = RMSNorm(D, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=gen(1)))
+    x, a = (torch.randn(7, D, generator=gen(s)).to(dtype) for s in (2, 3))
+    bias = torch.randn(D, generator=gen(4)).to(dtype)
+    with torch.no_grad():
+        want_s = x + (a + bias)
+        want_h = norm._norm(want_s)
+        with fused.forced():
+            s, h = norm.add_norm(x, a, bias)
+            h_only = norm(x)
+            r = residual_add(x, a, bias)
+    assert torch.equal(s, want_s) and torch.equal(r, want_s)
+    close(h, want_h, dtype, "add + rmsnorm")
+    close(h_only, norm._norm(x), dtype, "rmsnorm")
+
+
+def test_norms_keep_torch_path_when_gradients_are_needed():
+    norm = LayerNorm(16)
+    x = torch.randn(2, 16, requires_grad=True)
+    with fused.forced():
+        s, h = norm.add_norm(x, torch.randn(2, 16))
+    h.sum().backward()  # the torch path: differentiable
+    assert x.grad is not None
+
+
+# ---- routing ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,eps", [(16, 0.01), (5, 0.3), (8, 2.0)])
+def test_sparsemixer_kernel_matches_torch(dtype, E, eps):
+    logits = (torch.randn(37, E, generator=gen(E)) * 2).to(dtype)
+    logits[3] = logits[3, 0]  # a row of ties
+    logits[4, :2] = logits[4, :2].max()  # a tie for the top
+    want_w, want_ids = sparsemixer(logits, eps, training=False)
+    with fused.forced():
+        w, ids = sparsemixer(logits, eps, training=False)
+    assert torch.equal(ids, want_ids)
+    assert w.dtype == want_w.dtype == dtype
+    close(w, want_w, dtype, "sparsemixer weights")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,k", [(8, 2), (5, 1), (6, 3)])
+def test_topk_route_kernel_matches_torch(dtype, E, k):
+    logits = (torch.randn(21, E, generator=gen(E + k)) * 3).to(dtype)
+    want_w, want_ids = topk_softmax(logits.float(), k)
+    with fused.forced():
+        w, ids, logits32 = route_topk(logits, k, dtype)
+    assert torch.equal(ids, want_ids)
+    assert torch.equal(logits32, logits.float())
+    close(w, want_w.to(dtype), dtype, "top-k softmax weights")
+
+
+# ---- rotary -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,cos_batch", [(2, 2), (3, 1)])
+def test_rope_kernel_matches_apply_rotary(dtype, B, cos_batch):
+    T, H, G, d = 5, 4, 2, 16
+    # projections are [B, T, heads*d], viewed as [B, heads, T, d] (what the models pass)
+    q = torch.randn(B, T, H * d, generator=gen(1)).to(dtype).view(B, T, H, d).transpose(1, 2)
+    k = torch.randn(B, T, G * d, generator=gen(2)).to(dtype).view(B, T, G, d).transpose(1, 2)
+    ang = torch.randn(cos_batch, T, d // 2, generator=gen(3))
+    emb = torch.cat((ang, ang), -1)
+    cos, sin = (emb.cos() * 1.2).to(dtype), (emb.sin() * 1.2).to(dtype)
+    with fused.forced():
+        q2, k2 = apply_rotary_qk(q, k, cos, sin)
+    want_q, want_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    # every product and sum is rounded where torch rounds it: bit-equal
+    assert torch.equal(q2, want_q) and torch.equal(k2, want_k)
+    assert q2.stride() == want_q.stride()
+
+
+# ---- decode attention -------------------------------------------------------------------------
+
+
+def _reference_attention(q, k, v, mask, scale, layout):
+    return attention(q, k, v, mask, False, scale, "eager", kv_layout=layout)[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout,H,G", [("grouped", 8, 2), ("tiled", 6, 3), ("grouped", 4, 4), ("tiled", 4, 1)])
+@pytest.mark.parametrize("S", [1, 37, 150])
+def test_decode_attention_matches_eager(dtype, layout, H, G, S):
+    B, d = 2, 16
+    q = torch.randn(B, H, 1, d, generator=gen(1)).to(dtype)
+    k = torch.randn(B, G, S, d, generator=gen(2)).to(dtype)
+    v = torch.randn(B, G, S, d, generator=gen(3)).to(dtype)
+    # a static cache whose first S-20 slots are filled, left padding on row 1, a sliding window
+    seen = max(S - 20, 1)
+    pad = torch.ones(B, S, dtype=torch.long)
+    pad[1, : min(3, seen - 1)] = 0
+    mask, _ = build_mask(pad, torch.tensor([seen - 1]), S, 100, B, queries_at_end=False)
+    scale = d**-0.5
+    want = _reference_attention(q, k, v, mask, scale, layout)
+    with fused.forced(), torch.no_grad():
+        out, w = attention(q, k, v, mask, False, scale, "sdpa", kv_layout=layout)
+        out_all, _ = attention(q, k, v, None, False, scale, "sdpa", kv_layout=layout)
+    assert w is None
+    close(out, want, dtype, "masked decode attention")
+    close(out_all, _reference_attention(q, k, v, None, scale, layout), dtype, "unmasked decode attention")
+
+
+def test_decode_attention_splits_keys_and_reads_strided_cache():
+    # Many keys over few (B*G) programs: the keys are split and the partial softmaxes combined.
+    B, H, G, S, d = 1, 4, 2, 300, 128
+    q = torch.randn(B, 1, H, d, generator=gen(1)).transpose(1, 2)  # [B, H, 1, d], strided
+    cache = torch.randn(2, B, G, S + 5, d, generator=gen(2))
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+    mask = torch.rand(B, 1, 1, S, generator=gen(3)) > 0.3
+    out = triton_fused.decode_attention(q, k, v, mask, 0.1, tiled=False)
+    close(out, _reference_attention(q, k, v, mask, 0.1, "grouped"), torch.float32, "split decode attention")
+
+
+# ---- whole models -----------------------------------------------------------------------------
+
+
+def _tiny(arch, **overrides):
+    torch.manual_seed(0)
+    model = arch.ours["causal_lm"](arch.our_config(**overrides)).eval()
+    randomize_(model, 3)
+    return model
+
+
+@pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
+def test_fused_forward_matches_torch_path(arch):
+    model = _tiny(arch)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 9, "left", seed=5)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        with fused.forced():
+            got = model(ids, attention_mask=mask).logits
+    close(got, want, torch.float32, "prefill logits")
+
+
+@pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_fused_decode_gives_the_same_tokens(arch, cache_kind):
+    model = _tiny(arch)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 6, "left", seed=7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)
+    if cache_kind == "static":
+        kwargs["cache_implementation"] = "static"
+    want = model.generate(ids, **kwargs)
+    with fused.forced():
+        got = model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        close(a, b, torch.float32, "decode scores")
+
+
+def test_fused_graphed_step_fallback_matches_dynamic_decode():
+    model = _tiny(PHIMOE, sliding_window=4)
+    B, P = 2, 5
+    ids = torch.randint(1, 97, (B, P), generator=gen(9))
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        model(ids, past_key_values=ref_cache, use_cache=True)
+        cache = StaticCache(model.config, max_cache_len=P + 4)
+        model(ids, past_key_values=cache, use_cache=True)
+        step = GraphedDecodeStep(model, cache, B)
+        tok = ids[:, -1:]
+        for t in range(3):
+            want = model(tok, past_key_values=ref_cache, use_cache=True).logits[:, -1]
+            with fused.forced():
+                got = step(tok, None, torch.full((B, 1), P + t), torch.tensor([P + t]))
+            close(got, want, torch.float32, f"graphed-step fallback, step {t}")
+            tok = want.argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("arch,expected", [
+    (PHIMOE, {"add_norm", "sparsemixer_eval", "rope_qk", "decode_attention", "kv_write"}),
+    (JETMOE, {"add_norm", "topk_softmax", "rope_qk", "decode_attention", "kv_write"}),
+], ids=["phimoe", "jetmoe"])
+def test_inference_decode_runs_every_fused_kernel(arch, expected, monkeypatch):
+    # The models must take the fused path when it is on (a silent fallback would go unnoticed:
+    # both paths give the same numbers), and must not take it when gradients are needed.
+    called = set()
+    for name in expected:
+        original = getattr(triton_fused, name)
+        monkeypatch.setattr(triton_fused, name, lambda *a, _f=original, _n=name, **k: called.add(_n) or _f(*a, **k))
+    model = _tiny(arch)
+    ids = torch.randint(1, 97, (2, 5), generator=gen(4))
+    with fused.forced():
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+        assert called == expected
+        called.clear()
+        model(ids, labels=ids).loss.backward()
+    assert not called
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_static_cache_write_kernel(dtype):
+    B, G, T, d, S = 2, 3, 4, 16, 12
+    k = torch.randn(B, T, G, d, generator=gen(1)).to(dtype).transpose(1, 2)  # strided, as the models pass
+    v = torch.randn(B, G, T, d, generator=gen(2)).to(dtype)
+    pos = torch.tensor([5, 6, 7, 8])
+    want_k, want_v = torch.zeros(B, G, S, d, dtype=dtype), torch.zeros(B, G, S, d, dtype=dtype)
+    want_k.index_copy_(2, pos, k)
+    want_v.index_copy_(2, pos, v)
+    got_k, got_v = torch.zeros_like(want_k), torch.zeros_like(want_v)
+    triton_fused.kv_write(k, v, got_k, got_v, pos)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
