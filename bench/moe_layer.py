@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton.testing
 
 from moetorch.ops.moe import expert_map, expert_reduce, experts_forward
-from moetorch.ops.routing import sparsemixer, topk_softmax
+from moetorch.ops.routing import route_topk, sparsemixer
 
 K = 2
 LAYERS = {
@@ -73,8 +73,8 @@ def route(spec: dict, layer: dict, x_TD: torch.Tensor):
     logits_TE = x_TD @ layer["router"].T
     if spec["router"] == "sparsemixer":
         return sparsemixer(logits_TE, 0.01, False)
-    weights_TK, ids_TK = topk_softmax(logits_TE.float(), K)
-    return weights_TK.to(x_TD.dtype), ids_TK
+    weights_TK, ids_TK, _ = route_topk(logits_TE, K, x_TD.dtype)  # the model's router (fused kernel on CUDA)
+    return weights_TK, ids_TK
 
 
 def layer_fn(spec: dict, layer: dict, x_TD: torch.Tensor, backend: str):

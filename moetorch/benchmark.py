@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke runs)")
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--skip-check", action="store_true", help="do not run the GPU correctness checks first")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<gpu>-<date>.json)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -191,6 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         result["transformers"] = transformers.__version__
     except ImportError:
         args.no_transformers = True
+    if not args.skip_check:
+        # Kernels against the reference at real sizes first: a fast wrong kernel is not a result.
+        from .gpu_check import run_checks
+
+        log("running the GPU checks (moetorch.gpu_check)")
+        result["gpu_check"] = checks = run_checks()
+        if not checks["ok"]:
+            failed = [k for k, v in checks.items() if v is False or (isinstance(v, str) and v.startswith("SYNC"))]
+            raise SystemExit(f"GPU checks failed ({failed or 'see the tolerances in moetorch.gpu_check'}); "
+                             "not benchmarking. --skip-check measures anyway.")
+        log("GPU checks passed")
     result["ceilings"] = ceil = measure_ceilings()
     log(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s")
     for name in args.models.split(","):

@@ -328,7 +328,7 @@ def _routing(case: str, T: int, K: int, E: int, g: torch.Generator) -> torch.Ten
     return torch.full((T, K), E - 1)  # every assignment on one expert
 
 
-# grouped_mm runs on CUDA only: bench/gpu_check.py checks it there against the same reference.
+# grouped_mm runs on CUDA only: moetorch/gpu_check.py checks it there against the same reference.
 BACKENDS = ["gather"]
 
 

@@ -1,0 +1,315 @@
+"""GPU checks, run by `moetorch bench` before it measures anything (and not by the CPU suite: CI
+has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or bench/gpu_check.py).
+
+1. float32 on CUDA vs float32 on CPU, same random weights: relative error of the logits < 1e-4
+   (bf16 vs float32 is reported too, for information: random routers flip near-ties in bf16).
+2. Expert backends on CUDA in bf16 vs the float32 reference loop, at decode and prefill sizes.
+3. A decode step with a StaticCache under `torch.cuda.set_sync_debug_mode("error")`: any host
+   synchronisation on the decode path raises.
+4. LongRoPE threshold crossing on CUDA equals a forward from scratch.
+5. The triton expert backend at real sizes (PhiMoE and JetMoE MLP experts, JetMoE attention experts)
+   in bf16 vs the float32 reference loop (rel err < 1e-2), float32 vs float32 (< 1e-4), no host sync.
+6. The fused inference kernels (ops/triton_fused.py) at real sizes in bf16 against the torch code
+   they replace (rel err < 1e-2; routing ids equal): add + LayerNorm / RMSNorm, sparsemixer,
+   top-k softmax, rotary embedding, decode attention over a half-filled static cache.
+Exits non-zero if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import moetorch
+from moetorch.ops.moe import (
+    expert_map,
+    expert_map_reference,
+    expert_reduce,
+    expert_reduce_reference,
+    experts_forward,
+    experts_reference,
+)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def configs():
+    phi = moetorch.PhimoeConfig(
+        vocab_size=4096, hidden_size=1024, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=16,
+        num_key_value_heads=4, num_local_experts=8, max_position_embeddings=4096, attention_bias=True,
+        lm_head_bias=True, pad_token_id=0,
+    )
+    out = {"phimoe": (phi, moetorch.PhimoeForCausalLM)}
+    if hasattr(moetorch, "JetMoeConfig"):
+        jet = moetorch.JetMoeConfig(
+            vocab_size=4096, hidden_size=1024, intermediate_size=1536, num_hidden_layers=4, num_key_value_heads=8,
+            kv_channels=64, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+        )
+        out["jetmoe"] = (jet, moetorch.JetMoeForCausalLM)
+    return out
+
+
+@torch.no_grad()
+def check_model(name, config, cls, results):
+    torch.manual_seed(0)
+    ref = cls(config).eval()
+    ids = torch.randint(1, config.vocab_size, (2, 48))
+    want = ref(ids).logits
+    fp32 = cls(config).to("cuda").eval()
+    fp32.load_state_dict(ref.state_dict())
+    err = rel_err(fp32(ids.cuda()).logits, want)
+    results[f"{name}.fp32_cuda_vs_fp32_cpu_rel_err"] = err
+    ok = err < 1e-4
+    del fp32
+    gpu = cls(config).to("cuda", torch.bfloat16).eval()
+    gpu.load_state_dict(ref.state_dict())
+    # Informative only: with random routers, bf16 rounding flips near-tied expert choices.
+    results[f"{name}.bf16_cuda_vs_fp32_cpu_rel_err"] = rel_err(gpu(ids.cuda()).logits, want)
+    # decode without host sync
+    cache = moetorch.StaticCache(config, max_cache_len=64)
+    gpu(ids.cuda(), past_key_values=cache, use_cache=True)
+    nxt = torch.ones(2, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([48], device="cuda")
+    gpu(nxt, past_key_values=cache, cache_position=pos)  # warm-up allocations
+    cache.crop(48)
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        gpu(nxt, past_key_values=cache, cache_position=pos)
+        results[f"{name}.decode_step_host_sync"] = "none"
+    except RuntimeError as e:
+        results[f"{name}.decode_step_host_sync"] = f"SYNC: {e}"
+        ok = False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return ok
+
+
+@torch.no_grad()
+def check_experts(results):
+    ok = True
+    E, D, I, K = 16, 1024, 1536, 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(E, 2 * I, D, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(E, D, I, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    for T in (1, 64, 1024):
+        x = torch.randn(T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T)])
+        w = torch.rand(T, K, device="cuda", generator=g, dtype=torch.bfloat16)
+        want = experts_reference(x.float(), w13.float(), w2.float(), ids, w.float(), F.silu)
+        for backend in ("gather", "grouped_mm", "triton"):
+            if backend == "gather" and T > 64:
+                continue
+            err = rel_err(experts_forward(x, w13, w2, ids, w, F.silu, backend=backend), want)
+            results[f"experts.{backend}.T{T}.rel_err"] = err
+            ok &= err < 1e-2
+    return ok
+
+
+def check_moa_experts(results):
+    """JetMoE's attention-expert map/reduce: each backend's output and gradients vs the reference."""
+    ok = True
+    E, D, C, K, T = 8, 1024, 512, 2, 256
+    g = torch.Generator(device="cuda").manual_seed(1)
+    base = [torch.randn(T, D, device="cuda", generator=g), torch.randn(E, C, D, device="cuda", generator=g) * 0.03,
+            torch.randn(E, D, C, device="cuda", generator=g) * 0.03, torch.randn(T, K, C, device="cuda", generator=g),
+            torch.rand(T, K, device="cuda", generator=g)]
+    cases = {"random": torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T)]),
+             "one_expert": torch.full((T, K), E - 1, device="cuda")}
+    for case, ids in cases.items():
+        outs = {}
+        for backend in ("reference", "gather", "grouped_mm", "triton"):
+            dt = torch.float32 if backend == "reference" else torch.bfloat16
+            args = [t.detach().to(dt).clone().requires_grad_() for t in base]
+            x, wm, wr, h, gates = args
+            y1, y2 = expert_map(x, wm, ids, backend), expert_reduce(h, wr, ids, gates, backend)
+            (y1.float().square().sum() + y2.float().square().sum()).backward()
+            outs[backend] = [y1.detach(), y2.detach(), *(a.grad for a in args)]
+        for backend in ("gather", "grouped_mm", "triton"):
+            # gather is the decode path (no training): its bf16 weight-gradient accumulation is not used.
+            pairs = list(zip(outs[backend], outs["reference"]))[: 2 if backend == "gather" else None]
+            err = max(rel_err(a, b) for a, b in pairs)
+            results[f"moa.{backend}.{case}.max_rel_err"] = err
+            ok &= err < 1e-2
+    return ok
+
+
+# Real sizes: kind, E, D, and I (SwiGLU experts) or C = kv heads * head dim (attention experts).
+REAL_SIZES = {"phimoe": ("experts", 16, 4096, 6400), "jetmoe_mlp": ("experts", 8, 2048, 5632),
+              "jetmoe_moa": ("moa", 8, 2048, 16 * 128)}
+
+
+@torch.no_grad()
+def check_triton(results):
+    """The triton backend at real sizes against the float32 reference loop: bf16 at T in 1..4096
+    (random routing; every token's first expert the same one at T=512), float32 at T=64, and a
+    call under sync debug mode (any host sync raises)."""
+    ok, K = True, 2
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for name, (kind, E, D, H) in REAL_SIZES.items():
+        w_a = torch.randn(E, 2 * H if kind == "experts" else H, D, device="cuda", generator=g).bfloat16() * 0.02
+        w_b = torch.randn(E, D, H, device="cuda", generator=g).bfloat16() * 0.02
+        w32 = (w_a.float(), w_b.float())
+        for T, case in ((1, "random"), (8, "random"), (64, "random"), (512, "random"), (4096, "random"),
+                        (512, "one_expert"), (64, "fp32"), (64, "no_sync")):
+            x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+            h = torch.randn(T, K, H, device="cuda", generator=g).bfloat16()
+            gates = torch.rand(T, K, device="cuda", generator=g).bfloat16()
+            ids = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
+            if case == "one_expert":
+                ids = torch.stack([torch.full((T,), E - 1, device="cuda"), ids[:, 1] % (E - 1)], dim=1)
+            args32 = (x.float(), h.float(), gates.float())
+            if kind == "experts":
+                want = [experts_reference(args32[0], *w32, ids, args32[2], F.silu)]
+            else:
+                want = [expert_map_reference(args32[0], w32[0], ids), expert_reduce_reference(args32[1], w32[1], ids,
+                                                                                              args32[2])]
+            fp32 = case == "fp32"
+            (xx, hh, gg), (wa, wb) = (args32, w32) if fp32 else ((x, h, gates), (w_a, w_b))
+            if case == "no_sync":
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                if kind == "experts":
+                    got = [experts_forward(xx, wa, wb, ids, gg, F.silu, backend="triton")]
+                else:
+                    got = [expert_map(xx, wa, ids, "triton"), expert_reduce(hh, wb, ids, gg, "triton")]
+            except RuntimeError as e:
+                results[f"triton.{name}.host_sync"] = f"SYNC: {e}"
+                ok = False
+                continue
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            err = max(rel_err(a, b) for a, b in zip(got, want))
+            results[f"triton.{name}.T{T}.{case}.rel_err"] = err
+            ok &= err < (1e-4 if fp32 else 1e-2)
+        del w_a, w_b, w32
+        torch.cuda.empty_cache()
+    return ok
+
+
+@torch.no_grad()
+def check_fused(results):
+    from moetorch.ops import fused
+    from moetorch.ops.attention import attention, build_mask
+    from moetorch.ops.norms import LayerNorm, RMSNorm
+    from moetorch.ops.rope import apply_rotary_qk
+    from moetorch.ops.routing import route_topk, sparsemixer
+
+    ok = True
+    dev, bf = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(3)
+
+    def both(fn, *args):
+        with fused.forced(False):
+            want = fn(*args)
+        return fn(*args), want
+
+    def record(name, got, want, limit=1e-2):
+        nonlocal ok
+        err = max(rel_err(a, b) for a, b in zip(got, want))
+        results[f"fused.{name}.rel_err"] = err
+        ok &= err < limit
+
+    for B in (1, 64):
+        x = torch.randn(B, 1, 4096, device=dev, generator=g).to(bf)
+        a = torch.randn(B, 1, 4096, device=dev, generator=g).to(bf)
+        ln = LayerNorm(4096).to(dev, bf)
+        ln.weight.normal_(1.0, 0.1, generator=g)
+        ln.bias.normal_(0.0, 0.1, generator=g)
+        record(f"add_layernorm.B{B}", *both(ln.add_norm, x, a))
+        rms = RMSNorm(2048, 1e-6).to(dev, bf)
+        rms.weight.normal_(1.0, 0.1, generator=g)
+        bias = torch.randn(2048, device=dev, generator=g).to(bf)
+        record(f"add_rmsnorm.B{B}", *both(rms.add_norm, x[..., :2048], a[..., :2048], bias))
+        logits = torch.randn(B * 8, 16, device=dev, generator=g).to(bf)
+        # ids compared by the logits they pick: bf16 logits tie often, and either tied expert is right
+        (w, ids), (w0, ids0) = both(sparsemixer, logits, 0.01, False)
+        same = torch.equal(logits.gather(1, ids), logits.gather(1, ids0))
+        results[f"fused.sparsemixer.B{B}.picks_equal"] = same
+        ok &= same
+        record(f"sparsemixer.B{B}", [w], [w0])
+        (w, ids, l32), (w0, ids0, l0) = both(route_topk, logits[:, :8], 2, bf)
+        same = torch.equal(logits.gather(1, ids), logits.gather(1, ids0))
+        results[f"fused.topk.B{B}.picks_equal"] = same
+        ok &= same
+        record(f"topk.B{B}", [w, l32], [w0, l0])
+        for name, H, G, layout in (("phimoe", 32, 8, "grouped"), ("jetmoe", 32, 16, "tiled")):
+            d, S = 128, 4096
+            q = torch.randn(B, 1, H * 128, device=dev, generator=g).to(bf).view(B, 1, H, d).transpose(1, 2)
+            k = torch.randn(B, 1, G * 128, device=dev, generator=g).to(bf).view(B, 1, G, d).transpose(1, 2)
+            ang = torch.randn(B, 1, d // 2, device=dev, generator=g) * 100
+            cos, sin = torch.cat((ang, ang), -1).cos().to(bf), torch.cat((ang, ang), -1).sin().to(bf)
+            record(f"rope.{name}.B{B}", *both(apply_rotary_qk, q, k, cos, sin), limit=1e-6)
+            kc = torch.randn(B, G, S, d, device=dev, generator=g).to(bf)
+            vc = torch.randn(B, G, S, d, device=dev, generator=g).to(bf)
+            pad = torch.ones(B, S, dtype=torch.long, device=dev)
+            pad[0, :7] = 0
+            mask, _ = build_mask(pad, torch.tensor([S // 2], device=dev), S, None, B, queries_at_end=False)
+            got, want = both(attention, q, kc, vc, mask, False, d**-0.5, "sdpa", 0.0, layout)
+            record(f"decode_attention.{name}.B{B}", [got[0]], [want[0]])
+    return ok
+
+
+@torch.no_grad()
+def check_longrope(results):
+    head = 64
+    scaling = {"type": "longrope", "short_factor": [1.0 + i / head for i in range(head // 2)],
+               "long_factor": [2.0 + i / 4 for i in range(head // 2)], "short_mscale": 1.1, "long_mscale": 1.3,
+               "original_max_position_embeddings": 32}
+    cfg = moetorch.PhimoeConfig(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                max_position_embeddings=256, rope_scaling=scaling)
+    torch.manual_seed(1)
+    m = moetorch.PhimoeForCausalLM(cfg).cuda().eval()
+    ids = torch.randint(0, 512, (2, 40), device="cuda")
+    cache = moetorch.StaticCache(cfg, max_cache_len=64)
+    m(ids[:, :30], past_key_values=cache, use_cache=True)
+    worst = 0.0
+    for t in range(30, 40):
+        step = m(ids[:, t : t + 1], past_key_values=cache, cache_position=torch.tensor([t], device="cuda")).logits
+        worst = max(worst, rel_err(step[:, 0], m(ids[:, : t + 1]).logits[:, -1]))
+    results["longrope.crossing_vs_scratch_rel_err"] = worst
+    return worst < 1e-4
+
+
+def run_checks() -> dict:
+    """Every check; the results, with "ok" saying whether all passed."""
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    ok = check_experts(results)
+    ok &= check_moa_experts(results)
+    ok &= check_triton(results)
+    ok &= check_fused(results)
+    for name, (cfg, cls) in configs().items():
+        ok &= check_model(name, cfg, cls, results)
+    ok &= check_longrope(results)
+    results["ok"] = bool(ok)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moetorch.gpu_check")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device", file=sys.stderr)
+        return 2
+    results = run_checks()
+    ok = results["ok"]
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
