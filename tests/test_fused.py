@@ -268,3 +268,18 @@ def test_static_cache_write_kernel(dtype):
     got_k, got_v = torch.zeros_like(want_k), torch.zeros_like(want_v)
     triton_fused.kv_write(k, v, got_k, got_v, pos)
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+def test_float64_and_mixed_dtypes_take_the_torch_path():
+    model = _tiny(PHIMOE).double()
+    ids = torch.randint(1, 97, (2, 5), generator=gen(6))
+    with torch.no_grad():
+        want = model(ids).logits
+        with fused.forced():
+            got = model(ids).logits  # no kernel supports float64: the torch code runs, unchanged
+    assert torch.equal(got, want)
+    norm = LayerNorm(16)  # float32 weights, bfloat16 input: torch promotes, so no fused kernel
+    with fused.forced(), torch.no_grad():
+        assert not fused.active(torch.ones(2, 16, dtype=torch.bfloat16), norm.weight)
+    with pytest.raises(TypeError, match="float64"):
+        triton_fused.round_code(torch.float64)

@@ -14,6 +14,9 @@ import torch
 
 from .moe import triton_available
 
+# What the kernels compute in (float32 accumulation, rounding to these); float64 takes the torch code.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}
 
 
@@ -28,7 +31,7 @@ def active(*tensors: torch.Tensor | None) -> bool:
     if torch.is_autocast_enabled(first.device.type):
         return False
     present = [t for t in tensors if t is not None]
-    if any(t.dtype != first.dtype for t in present):
+    if first.dtype not in KERNEL_DTYPES or any(t.dtype != first.dtype for t in present):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
