@@ -283,3 +283,17 @@ def test_float64_and_mixed_dtypes_take_the_torch_path():
         assert not fused.active(torch.ones(2, 16, dtype=torch.bfloat16), norm.weight)
     with pytest.raises(TypeError, match="float64"):
         triton_fused.round_code(torch.float64)
+
+
+@pytest.mark.parametrize("affine,bias", [(False, False), (True, False)])
+def test_layernorm_without_weight_or_bias(affine, bias):
+    # nn.LayerNorm's optional parameters: the fused path must normalise exactly as torch does
+    norm = LayerNorm(24, elementwise_affine=affine, bias=bias)
+    x, a = torch.randn(4, 24, generator=gen(1)), torch.randn(4, 24, generator=gen(2))
+    with torch.no_grad():
+        want_s = x + a
+        want = F.layer_norm(want_s, (24,), norm.weight, norm.bias, norm.eps)
+        with fused.forced():
+            s, h = norm.add_norm(x, a)
+    assert torch.equal(s, want_s)
+    close(h, want, torch.float32, "layernorm without affine parameters")

@@ -60,7 +60,7 @@ def _round(x, ROUND: tl.constexpr):
 def _add_norm_kernel(
     x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr,
     D, eps, stride_x, stride_a, stride_xo, stride_h,
-    HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr,
+    HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
     ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One row: s = x + (a + bias), then LayerNorm or RMSNorm of s. torch rounds `a + bias` and the
@@ -76,7 +76,10 @@ def _add_norm_kernel(
         s = _round(s + a, ROUND)
         tl.store(x_out_ptr + row * stride_xo + cols, s.to(x_out_ptr.dtype.element_ty), mask=ok)
     if NORM != 0:
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        else:
+            w = tl.full((BLOCK_D,), 1.0, dtype=tl.float32)
         if NORM == 1:
             mean = tl.sum(s, axis=0) / D
             c = tl.where(ok, s - mean, 0.0)
@@ -93,7 +96,8 @@ def _add_norm_kernel(
 
 def add_norm(x_RD, a_RD, bias_D, norm: int, weight_D, norm_bias_D, eps: float):
     """(x + (a + bias), norm(x + (a + bias))) over the last dim; `a`/`bias`/norm optional
-    (None, None, NORM_NONE): returns (sum or x, normed or None)."""
+    (None, None, NORM_NONE): returns (sum or x, normed or None). The norm's weight and bias
+    (`norm_bias_D`) may be None, as in a LayerNorm without affine parameters."""
     D = x_RD.shape[-1]
     x2 = x_RD.reshape(-1, D)
     R = x2.shape[0]
@@ -105,7 +109,8 @@ def add_norm(x_RD, a_RD, bias_D, norm: int, weight_D, norm_bias_D, eps: float):
             x2, a2, bias_D if bias_D is not None else x2, weight_D if weight_D is not None else x2,
             norm_bias_D if norm_bias_D is not None else x2, x_out, h,
             D, eps, x2.stride(0), a2.stride(0), x_out.stride(0), h.stride(0),
-            HAS_A=a_RD is not None, HAS_BIAS=bias_D is not None, NORM=norm, HAS_NB=norm_bias_D is not None,
+            HAS_A=a_RD is not None, HAS_BIAS=bias_D is not None, NORM=norm, HAS_W=weight_D is not None,
+            HAS_NB=norm_bias_D is not None,
             ROUND=round_code(x_RD.dtype), BLOCK_D=triton.next_power_of_2(D), num_warps=_row_warps(D),
         )
     shape = x_RD.shape
