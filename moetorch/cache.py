@@ -211,7 +211,7 @@ class StaticCache(Cache):
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if k.shape[0] != B:
             raise ValueError(f"StaticCache holds batch {k.shape[0]}, got keys for batch {B}")
-        if fused.active(key_states, value_states, k) and k.stride(-1) == 1:
+        if fused.active(key_states, value_states, k):
             fused.kernels().kv_write(key_states, value_states, k, v, cache_position)
         else:
             k.index_copy_(2, cache_position, key_states.to(k.dtype))

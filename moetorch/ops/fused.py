@@ -17,6 +17,9 @@ from .moe import triton_available
 # What the kernels compute in (float32 accumulation, rounding to these); float64 takes the torch code.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Which norm `triton_fused.add_norm` applies after the residual add.
+NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
+
 _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}
 
 

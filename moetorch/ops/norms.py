@@ -18,7 +18,7 @@ def _add(x, delta, bias):
 def residual_add(x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x + (delta + bias), one kernel at inference."""
     if fused.active(x, delta, bias):
-        return fused.kernels().add_norm(x, delta, bias, 0, None, None, 0.0)[0]
+        return fused.kernels().add_norm(x, delta, bias, fused.NORM_NONE, None, None, 0.0)[0]
     return _add(x, delta, bias)
 
 
@@ -40,7 +40,7 @@ class LayerNorm(nn.LayerNorm):
         return len(self.normalized_shape) == 1 and fused.active(*tensors, self.weight, self.bias)
 
     def _fused(self, x, delta, bias):
-        return fused.kernels().add_norm(x, delta, bias, 1, self.weight, self.bias, self.eps)
+        return fused.kernels().add_norm(x, delta, bias, fused.NORM_LAYER, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -57,12 +57,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.active(x, self.weight):
-            return fused.kernels().add_norm(x, None, None, 2, self.weight, None, self.eps)[1]
+            return fused.kernels().add_norm(x, None, None, fused.NORM_RMS, self.weight, None, self.eps)[1]
         return self._norm(x)
 
     def add_norm(self, x, delta, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
         if fused.active(x, delta, bias, self.weight):
-            return fused.kernels().add_norm(x, delta, bias, 2, self.weight, None, self.eps)
+            return fused.kernels().add_norm(x, delta, bias, fused.NORM_RMS, self.weight, None, self.eps)
         s = _add(x, delta, bias)
         return s, self._norm(s)
 

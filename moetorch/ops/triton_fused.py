@@ -6,7 +6,8 @@ H query heads, G kv heads, d head dim, S key slots.
 
 At decode a layer is a few dozen tiny operations whose launches, not bytes, set the speed; each
 kernel here replaces several of them (sparsemixer alone is twenty). They compute what the torch
-code in `ops.fused` computes, in the same order and with the same intermediate roundings: a bf16
+code they replace computes (ops.norms, ops.routing, ops.rope, ops.attention, cache), in the same
+order and with the same intermediate roundings: a bf16
 op in torch computes in float32 and rounds its result, and the kernels round at the same points
 (`_round`), so outputs agree with the torch path bit for bit in most elements and within one
 rounding step elsewhere (reduction order, `exp`).
@@ -17,19 +18,16 @@ Forward-only: `ops.fused` uses them when nothing needs gradients, and the torch 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .fused import NORM_NONE
+from .triton_moe import _interpreting
+
 # How intermediate values are rounded: to the tensors' dtype, as torch rounds each op's output.
 _ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def round_code(dtype: torch.dtype) -> int:
@@ -63,8 +61,8 @@ def _add_norm_kernel(
     HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
     ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One row: s = x + (a + bias), then LayerNorm or RMSNorm of s. torch rounds `a + bias` and the
-    # sum before the norm reads it, and so does this.
+    # One row: s = x + (a + bias), then LayerNorm or RMSNorm of s (NORM: fused.NORM_NONE, _LAYER,
+    # _RMS = 0, 1, 2). torch rounds `a + bias` and the sum before the norm reads it, and so does this.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
@@ -205,11 +203,15 @@ def _route(logits_RE, k: int, sparsemixer: bool, thr: float, weight_dtype: torch
     return w, ids, (f32 if write_f32 else None)
 
 
+@functools.cache
+def _threshold(jitter_eps: float, dtype: torch.dtype) -> float:
+    # torch compares the quotient with `2 * eps` in the logits' dtype: round the threshold alike.
+    return torch.tensor(2 * jitter_eps, dtype=dtype).item()
+
+
 def sparsemixer_eval(logits_RE: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode sparsemixer: (weights [R, 2] in the logits' dtype, ids [R, 2])."""
-    # torch compares the quotient with `2 * eps` in the logits' dtype: round the threshold alike.
-    thr = torch.tensor(2 * jitter_eps, dtype=logits_RE.dtype).item()
-    w, ids, _ = _route(logits_RE, 2, True, thr, logits_RE.dtype, False)
+    w, ids, _ = _route(logits_RE, 2, True, _threshold(jitter_eps, logits_RE.dtype), logits_RE.dtype, False)
     return w, ids
 
 
