@@ -38,9 +38,15 @@ TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 DTYPE = torch.bfloat16
 
 
-def candidates(T: int, gated: bool) -> list[dict]:
-    """Block configurations worth timing at T tokens: few rows per expert want a small BLOCK_M and
-    many weight columns in flight; many rows want large tiles for the matrix units."""
+SMS = 132  # H100/H200: where a decode grid of column tiles leaves SMs idle
+SPLIT_KS = (2, 4, 8)
+
+
+def candidates(T: int, gated: bool, n_out: int) -> list[dict]:
+    """Block configurations worth timing at T tokens for a GEMM of `n_out` output columns (per half
+    for gate_up): few rows per expert want a small BLOCK_M and many weight columns in flight; many
+    rows want large tiles for the matrix units. The alignment-free kernel's grid is one program per
+    column tile: under 2 per SM, split-K candidates (up to 4 programs per SM) fill the GPU."""
     from moetorch.ops.triton_moe import use_small_kernel
 
     N = T * K
@@ -62,8 +68,14 @@ def candidates(T: int, gated: bool) -> list[dict]:
             smem = stages * (bm * bk + bk * bn * (2 if gated else 1)) * 2
             if smem > 220 * 1024:
                 continue
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1 if N <= 256 else 8,
-                            num_warps=warps, num_stages=stages))
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1 if N <= 256 else 8,
+                       num_warps=warps, num_stages=stages)
+            if use_small_kernel(N, K):
+                tiles = -(-n_out // bn)
+                out += [{**cfg, "SPLIT_K": s} for s in (1, *SPLIT_KS)
+                        if s == 1 or (tiles < 2 * SMS and tiles * s <= 4 * SMS)]
+            else:
+                out.append(cfg)
     return out
 
 
@@ -173,9 +185,9 @@ def tune_shape(name: str, spec: dict, T: int, log: dict) -> dict[str, tuple[dict
     goes to `log`."""
     inp, aligned = make_inputs(spec, T, fill=True), {}
     timed: dict[str, list[tuple[float, dict]]] = {}
-    for op, _, _, gated in ops_of(spec):
+    for op, n_out, _, gated in ops_of(spec):
         timed[op] = []
-        for cfg in candidates(T, gated):
+        for cfg in candidates(T, gated, n_out):
             try:
                 timed[op].append((bench(op_runner(spec, inp, op, cfg, aligned)), cfg))
             except Exception as e:
@@ -223,7 +235,7 @@ def main() -> int:
     start = time.time()
     # One compile per (shape, GEMM, config, kernel): kernels do not specialise on T.
     jobs = {(n, op, tuple(cfg.items()), tm.use_small_kernel(T * K, K)): (n, T, op, cfg) for n in names
-            for T in tokens for op, _, _, g in ops_of(SPECS[n]) for cfg in candidates(T, g)}
+            for T in tokens for op, o, _, g in ops_of(SPECS[n]) for cfg in candidates(T, g, o)}
     jobs = list(jobs.values())
     try:
         precompile(jobs, args.workers)

@@ -1,5 +1,6 @@
 """The Triton expert kernels (ops/triton_moe.py) under Triton's CPU interpreter, against the
-reference loops: alignment invariants, SwiGLU experts, JetMoE's map/reduce, gradients, configs.
+reference loops: alignment invariants, SwiGLU experts, JetMoE's map/reduce, gradients, configs,
+the decode kernel's split-K (partials summed by the last program of a column tile to arrive).
 
 The interpreter runs each program in numpy, so shapes are tiny; explicit small block sizes make the
 kernels loop over several column tiles and K steps, with ragged edges.
@@ -13,6 +14,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from interp import shuffle_programs
 
 from moetorch.ops.activations import ACTIVATIONS
 from moetorch.ops.moe import (
@@ -201,7 +203,112 @@ def test_shipped_configs_are_complete(tm):
             op, e, n, k, dtype = key.split(",")
             assert op in ("gate_up", "down", "map", "reduce"), key
             for bucket, cfg in table.items():
-                assert int(bucket) >= 1 and set(cfg) == set(tm.CONFIG_KEYS), (path.name, key, bucket)
+                assert int(bucket) >= 1, (path.name, key, bucket)
+                assert set(tm.CONFIG_KEYS) <= set(cfg) <= {*tm.CONFIG_KEYS, *tm.OPTIONAL_CONFIG_KEYS}, (path.name, key, bucket)
+                assert cfg.get("SPLIT_K", 1) >= 1, (path.name, key, bucket)
             if op == "gate_up":  # the down GEMM (output D = gate_up's K) shares the alignment: same BLOCK_M
                 down = tables[f"down,{e},N={k[2:]},K={n[2:]},{dtype}"]
                 assert {b: c["BLOCK_M"] for b, c in table.items()} == {b: c["BLOCK_M"] for b, c in down.items()}
+
+
+# ---- split-K of the alignment-free kernel ------------------------------------------------------
+
+SPLITS = [2, 3, 4]
+# (T, routing, BLOCK_K): odd token counts (N = 2..30 rows, BLOCK_M 16 and 32); with BLOCK_K 16 the
+# gate_up GEMM (k_dim D = 40) has 3 K steps per expert, the down/reduce GEMM (I = C = 24) 2; with 32,
+# 2 and 1: on one expert, fewer (expert, K step) iterations than SPLIT_K, so some slices are empty.
+SPLIT_CASES = [(3, "random", 16), (5, "one_expert", 16), (1, "one_expert", 32), (15, "random", 32)]
+SPLIT_IDS = [f"T{T}-{kind}-bk{bk}" for T, kind, bk in SPLIT_CASES]
+
+
+def split_routing(T, kind, gen):
+    if kind == "one_expert":  # every assignment on expert 3: one expert present
+        return torch.full((T, K), 3)
+    return routing(T, kind, gen)
+
+
+def split_cfg(split_k, block_k, block_n=16):
+    return {**SMALL, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k}
+
+
+def empty_slices(ids, k_dim, block_k, split_k):
+    """How many of a column tile's SPLIT_K programs get no (expert, K step) iteration."""
+    total = ids.unique().numel() * -(-k_dim // block_k)
+    per = -(-total // split_k)
+    return sum(s * per >= total for s in range(split_k))
+
+
+def assert_counters_zero(tm):
+    assert tm._ARRIVAL_COUNTERS, "no split-K launch ran"
+    for key, counters in tm._ARRIVAL_COUNTERS.items():
+        assert not counters.any(), f"arrival counters {key} not reset: {counters.nonzero().flatten().tolist()}"
+
+
+def split_inputs(T, kind, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        x=torch.randn(T, D, generator=gen).to(dtype),
+        w13=(torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(dtype),
+        w2=(torch.randn(E, D, I, generator=gen) * 0.3).to(dtype),
+        w_map=(torch.randn(E, C, D, generator=gen) * 0.3).to(dtype),
+        h=torch.randn(T, K, C, generator=gen).to(dtype),
+        w_red=(torch.randn(E, D, C, generator=gen) * 0.3).to(dtype),
+        weights=torch.rand(T, K, generator=gen).to(dtype),
+        ids=split_routing(T, kind, gen),
+    )
+
+
+def run_split(tm, inp, split_k, block_k):
+    """experts (gated gate_up + weighted down with the K fold), map, reduce through the split kernel."""
+    up, down = split_cfg(split_k, block_k), split_cfg(split_k, block_k, block_n=32)
+    return (
+        tm.experts_fused(inp["x"], inp["w13"], inp["w2"], inp["ids"], inp["weights"], "silu", configs=(up, down),
+                         small=True),
+        tm.map_fused(inp["x"], inp["w_map"], inp["ids"], split_cfg(split_k, block_k), small=True),
+        tm.reduce_fused(inp["h"], inp["w_red"], inp["ids"], inp["weights"], split_cfg(split_k, block_k), small=True),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("T", "kind", "block_k"), SPLIT_CASES, ids=SPLIT_IDS)
+@pytest.mark.parametrize("split_k", SPLITS)
+def test_split_k_matches_reference(tm, split_k, T, kind, block_k, dtype):
+    inp = split_inputs(T, kind, dtype, seed=300 + T)
+    if kind == "one_expert" and block_k == 32:  # the case is there for its empty slices
+        assert empty_slices(inp["ids"], I, block_k, split_k) > 0
+    f = {k: v.float() if v.is_floating_point() else v for k, v in inp.items()}
+    y, q, o = run_split(tm, inp, split_k, block_k)
+    assert y.dtype == q.dtype == o.dtype == dtype
+    assert y.shape == (T, D) and q.shape == (T, K, C) and o.shape == (T, D)
+    check(y, experts_reference(f["x"], f["w13"], f["w2"], f["ids"], f["weights"], F.silu), dtype, f"experts {kind}")
+    check(q, expert_map_reference(f["x"], f["w_map"], f["ids"]), dtype, f"map {kind}")
+    check(o, expert_reduce_reference(f["h"], f["w_red"], f["ids"], f["weights"]), dtype, f"reduce {kind}")
+    assert_counters_zero(tm)
+
+
+def test_split_k_deterministic_and_self_resetting(tm, monkeypatch):
+    """Bitwise the same result on every call and whichever program of a tile arrives last; the
+    counters are back at zero after every launch, and grow when a launch needs more tiles."""
+    # One expert, BLOCK_K 8, 3 splits: each split holds K steps of every row (gate_up and map have 5,
+    # down and reduce 3), so all 3 partials of an output are non-zero and float32 shows their order.
+    inp = split_inputs(5, "one_expert", torch.float32, seed=11)
+    first = run_split(tm, inp, 3, 8)
+    assert_counters_zero(tm)
+    assert all(torch.equal(a, b) for a, b in zip(first, run_split(tm, inp, 3, 8)))
+    # no split: the same sums in another order, so equal only to rounding
+    for got, want in zip(first, run_split(tm, inp, 1, 8)):
+        check(got, want, torch.float32, "SPLIT_K=1 vs 3")
+    for seed in range(2):
+        with monkeypatch.context() as m:
+            shuffled = shuffle_programs(m, seed)
+            assert all(torch.equal(a, b) for a, b in zip(first, run_split(tm, inp, 3, 8))), f"order {seed}"
+            assert shuffled["other_last"] > 0
+        assert_counters_zero(tm)
+    # a counter buffer smaller than the grid's column tiles is replaced by a larger zeroed one; the
+    # old one stays referenced (a captured CUDA graph would still use it)
+    key = next(iter(tm._ARRIVAL_COUNTERS))
+    small = torch.zeros(1, dtype=torch.int32)
+    monkeypatch.setitem(tm._ARRIVAL_COUNTERS, key, small)
+    assert all(torch.equal(a, b) for a, b in zip(first, run_split(tm, inp, 3, 8)))
+    assert tm._ARRIVAL_COUNTERS[key].numel() >= 3 and any(c is small for c in tm._RETIRED_COUNTERS)
+    assert_counters_zero(tm)

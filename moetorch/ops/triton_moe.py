@@ -21,6 +21,10 @@ The machinery, shared by the SwiGLU experts and JetMoE's attention experts:
    N rows in one tile, each program (a column tile) walks the experts present, and the down/reduce
    GEMM folds the K rows of each token in registers. Two launches per SwiGLU layer, one per map or
    reduce: at decode, launches and their gaps rather than bytes are what the alignment would cost.
+   Few column tiles leave SMs idle, so a config's SPLIT_K > 1 splits each tile's (expert, K step)
+   loop over SPLIT_K programs: each writes a float32 partial to a workspace and bumps the tile's
+   counter; the last to arrive sums the partials in split order (deterministic), runs the epilogue
+   and resets the counter to zero, so no memset is needed between launches (or CUDA-graph replays).
 
 Kernels are forward-only; gradients (when asked for) recompute through the grouped_mm or reference
 backend inside a `torch.autograd.Function` (training picks grouped_mm directly: `ops.moe.pick_backend`).
@@ -214,19 +218,48 @@ def _moe_gemm_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols < n_out)[None, :])
 
 
+@triton.jit
+def _small_epilogue(
+    acc, acc_up, out_ptr, route_w_ptr, num_rows, n_out, pid_n, stride_om, stride_on,
+    TOPK: tl.constexpr, SUM_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, WEIGHTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # `_moe_small_kernel`'s epilogue on the full float32 sums of one column tile (acc_up: the up
+    # projection's when GATED, else unused): activation, routing weight, the fold over K, the store.
+    n = tl.arange(0, BLOCK_M)
+    in_range = n < num_rows
+    if GATED:
+        acc = _activate(acc, ACT) * acc_up
+    if WEIGHTED:
+        acc = acc * tl.load(route_w_ptr + n, mask=in_range, other=0.0).to(tl.float32)[:, None]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SUM_K:
+        # row n = t*TOPK + k: padding rows are zero, so whole groups of TOPK rows sum cleanly
+        y = tl.sum(tl.reshape(acc, (BLOCK_M // TOPK, TOPK, BLOCK_N)), axis=1)
+        t = tl.arange(0, BLOCK_M // TOPK)
+        o_ptrs = out_ptr + t.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(t < num_rows // TOPK)[:, None] & (cols < n_out)[None, :])
+    else:
+        o_ptrs = out_ptr + n.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & (cols < n_out)[None, :])
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _moe_small_kernel(
-    a_ptr, w_ptr, out_ptr, ids_ptr, route_w_ptr,
+    a_ptr, w_ptr, out_ptr, ids_ptr, route_w_ptr, ws_ptr, counter_ptr,
     num_rows, n_out, k_dim, up_offset,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     E_PAD: tl.constexpr, TOPK: tl.constexpr, A_DIV: tl.constexpr, SUM_K: tl.constexpr, GATED: tl.constexpr,
     ACT: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     # Decode sizes (all N assignments fit in one BLOCK_M tile): no alignment pass. A program owns a
     # column tile and walks the experts present, one flat loop over (expert, K step) so software
     # pipelining runs across expert boundaries; each step adds W[e] a for the rows routed to e
     # (other rows load zeros). SUM_K folds the K rows of a token in registers: no follow-up sum.
+    # SPLIT_K > 1: program (pid_n, s) takes slice s of that flat loop and the last of the tile's
+    # SPLIT_K programs to arrive sums the partials (see below). ws_ptr/counter_ptr unused when 1.
     pid_n = tl.program_id(0)
     n = tl.arange(0, BLOCK_M)
     in_range = n < num_rows
@@ -235,13 +268,22 @@ def _moe_small_kernel(
     present_E = (tl.sum((ids[:, None] == e_E[None, :]).to(tl.int32), axis=0) > 0).to(tl.int32)
     rank_E = tl.cumsum(present_E, axis=0) - 1
     k_steps = tl.cdiv(k_dim, BLOCK_K)
+    total = tl.sum(present_E, axis=0) * k_steps
+    if SPLIT_K == 1:
+        lo = 0
+        hi = total
+    else:
+        # total depends on the routing: sliced here, on the device. A slice may be empty (lo >= hi:
+        # fewer steps than SPLIT_K); its program still stores zeros as its partial and counts in.
+        per = tl.cdiv(total, SPLIT_K)
+        lo = tl.program_id(1) * per
+        hi = tl.minimum(lo + per, total)
     a_rows = (tl.where(in_range, n, 0) // A_DIV).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % n_out
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, tl.sum(present_E, axis=0) * k_steps):
+    acc_up = acc  # the up projection's sums when GATED; otherwise unused
+    for step in range(lo, hi):
         j = step // k_steps
         k0 = (step - j * k_steps) * BLOCK_K
         expert = tl.sum(tl.where((present_E == 1) & (rank_E == j), e_E, 0), axis=0)
@@ -269,25 +311,46 @@ def _moe_small_kernel(
                 w_up = w_up.to(tl.float32)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
 
-    if GATED:
-        acc = _activate(acc, ACT) * acc_up
-    if WEIGHTED:
-        acc = acc * tl.load(route_w_ptr + n, mask=in_range, other=0.0).to(tl.float32)[:, None]
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if SUM_K:
-        # row n = t*TOPK + k: padding rows are zero, so whole groups of TOPK rows sum cleanly
-        y = tl.sum(tl.reshape(acc, (BLOCK_M // TOPK, TOPK, BLOCK_N)), axis=1)
-        t = tl.arange(0, BLOCK_M // TOPK)
-        o_ptrs = out_ptr + t.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(t < num_rows // TOPK)[:, None] & (cols < n_out)[None, :])
+    if SPLIT_K == 1:
+        _small_epilogue(acc, acc_up, out_ptr, route_w_ptr, num_rows, n_out, pid_n, stride_om, stride_on,
+                        TOPK, SUM_K, GATED, ACT, WEIGHTED, BLOCK_M, BLOCK_N)
     else:
-        o_ptrs = out_ptr + n.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & (cols < n_out)[None, :])
+        # Partials, before the (nonlinear) activation, in ws[s, pid_n, GATED + 1, num_rows, BLOCK_N]
+        # float32; only the num_rows real rows are written and read.
+        halves: tl.constexpr = 2 if GATED else 1
+        num_tiles = tl.num_programs(0)
+        offs = n[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        rows_ok = in_range[:, None]
+        part = num_rows * BLOCK_N
+        mine_ptr = ws_ptr + (tl.program_id(1) * num_tiles + pid_n).to(tl.int64) * (halves * part)
+        tl.store(mine_ptr + offs, acc, mask=rows_ok)
+        if GATED:
+            tl.store(mine_ptr + part + offs, acc_up, mask=rows_ok)
+        # Every thread's stores are issued before the (single-thread, gpu-scope) release of the
+        # counter increment; the tile's last arriver acquires all the others' partials through it.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            # Sum in split order whichever program came last: deterministic. ".cg" reads through
+            # L2 (the other SMs' writes), not this SM's non-coherent L1.
+            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            tot_up = tot
+            for s in tl.static_range(SPLIT_K):
+                s_ptr = ws_ptr + (s * num_tiles + pid_n).to(tl.int64) * (halves * part)
+                tot += tl.load(s_ptr + offs, mask=rows_ok, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    tot_up += tl.load(s_ptr + part + offs, mask=rows_ok, other=0.0, cache_modifier=".cg")
+            _small_epilogue(tot, tot_up, out_ptr, route_w_ptr, num_rows, n_out, pid_n, stride_om, stride_on,
+                            TOPK, SUM_K, GATED, ACT, WEIGHTED, BLOCK_M, BLOCK_N)
+            # Back to zero for the next launch (or CUDA-graph replay): no memset per call.
+            tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
 # ---- configs -----------------------------------------------------------------------------------
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+# Optional keys: only `moe_gemm_small` reads SPLIT_K (1 when absent); the sorted path ignores it.
+OPTIONAL_CONFIG_KEYS = ("SPLIT_K",)
 
 
 def config_key(op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype) -> str:
@@ -410,25 +473,60 @@ def use_small_kernel(num_rows: int, K: int) -> bool:
     return 0 < num_rows <= SMALL_MAX_ROWS and K & (K - 1) == 0
 
 
+# Arrival counters by (device, stream), and the buffers they outgrew (see arrival_counters).
+_ARRIVAL_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
+
+
+def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Arrival counters (int32, at least `tiles`) for kernels whose programs meet at a last arriver
+    (split-K here, the norm + router kernel in ops.triton_fused), launched on the current stream of
+    `device`: zeros between launches (each last arriver resets its own), so allocated and zeroed
+    once per (device, stream), and again only to grow. Kernels on one stream run one after another,
+    so they share the buffer. A grown-out buffer stays referenced: a CUDA graph captured with it
+    keeps using it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counters = _ARRIVAL_COUNTERS.get(key)
+    if counters is None or counters.numel() < tiles:
+        if counters is not None:
+            _RETIRED_COUNTERS.append(counters)
+        counters = torch.zeros(max(256, triton.next_power_of_2(tiles)), dtype=torch.int32, device=device)
+        _ARRIVAL_COUNTERS[key] = counters
+    return counters
+
+
 def moe_gemm_small(
     a: torch.Tensor, w_EOC: torch.Tensor, out: torch.Tensor, ids_N: torch.Tensor, K: int, cfg: dict, *,
     a_div: int, sum_k: bool = False, n_out: int | None = None, act: str | None = None,
     route_w_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`moe_gemm` for N <= SMALL_MAX_ROWS without the alignment: A's row is n // a_div; out gets one
-    row per assignment, or with `sum_k` one row per token (the sum over its K assignments)."""
+    row per assignment, or with `sum_k` one row per token (the sum over its K assignments).
+    cfg["SPLIT_K"] (default 1) splits each column tile's (expert, K step) loop over that many programs."""
     E, O, C = w_EOC.shape
     n_out = n_out or O
     N = ids_N.numel()
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
-    _moe_small_kernel[(triton.cdiv(n_out, cfg["BLOCK_N"]),)](
-        a, w_EOC, out, ids_N, route_w_N if route_w_N is not None else a,
+    split_k = cfg.get("SPLIT_K", 1)
+    if split_k < 1:
+        raise ValueError(f"SPLIT_K must be a positive integer, got {split_k}")
+    tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
+    if split_k > 1:
+        # float32 partials ws[s, tile, gate/up, row, column]; never zeroed: every program writes its own
+        ws = torch.empty(split_k * tiles * (2 if act else 1) * N * cfg["BLOCK_N"], dtype=torch.float32,
+                         device=a.device)
+        counters = arrival_counters(a.device, tiles)
+    else:
+        ws = counters = out  # unused
+    _moe_small_kernel[(tiles, split_k)](
+        a, w_EOC, out, ids_N, route_w_N if route_w_N is not None else a, ws, counters,
         N, n_out, C, n_out if act else 0,
         a.stride(0), a.stride(1), w_EOC.stride(0), w_EOC.stride(1), w_EOC.stride(2), out.stride(0), out.stride(1),
         E_PAD=triton.next_power_of_2(E), TOPK=K, A_DIV=a_div, SUM_K=sum_k, GATED=act is not None, ACT=act or "none",
         WEIGHTED=route_w_N is not None, EVEN_K=C % cfg["BLOCK_K"] == 0, UPCAST=_interpreting(),
         PRECISION=precision, BLOCK_M=max(16, triton.next_power_of_2(N)), BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
@@ -593,7 +691,7 @@ def expert_reduce_triton(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
 
 
 __all__ = [
-    "config_key", "default_config", "experts_fused", "experts_triton", "expert_map_triton",
+    "arrival_counters", "config_key", "default_config", "experts_fused", "experts_triton", "expert_map_triton",
     "expert_reduce_triton", "get_config", "map_fused", "moe_align", "moe_gemm", "moe_gemm_small", "num_blocks_bound",
     "reduce_fused", "use_small_kernel",
 ]
