@@ -199,6 +199,7 @@ def check_triton(results):
 def check_fused(results):
     from moetorch.ops import fused
     from moetorch.ops.attention import attention, build_mask
+    from moetorch.ops.linear import linears
     from moetorch.ops.norms import LayerNorm, RMSNorm
     from moetorch.ops.rope import apply_rotary_qk
     from moetorch.ops.routing import route_topk, sparsemixer
@@ -221,11 +222,11 @@ def check_fused(results):
     for B in (1, 64):
         x = torch.randn(B, 1, 4096, device=dev, generator=g).to(bf)
         a = torch.randn(B, 1, 4096, device=dev, generator=g).to(bf)
-        ln = LayerNorm(4096).to(dev, bf)
+        ln = LayerNorm(4096).to(dev, bf).eval()
         ln.weight.normal_(1.0, 0.1, generator=g)
         ln.bias.normal_(0.0, 0.1, generator=g)
         record(f"add_layernorm.B{B}", *both(ln.add_norm, x, a))
-        rms = RMSNorm(2048, 1e-6).to(dev, bf)
+        rms = RMSNorm(2048, 1e-6).to(dev, bf).eval()
         rms.weight.normal_(1.0, 0.1, generator=g)
         bias = torch.randn(2048, device=dev, generator=g).to(bf)
         record(f"add_rmsnorm.B{B}", *both(rms.add_norm, x[..., :2048], a[..., :2048], bias))
@@ -255,6 +256,29 @@ def check_fused(results):
             mask, _ = build_mask(pad, torch.tensor([S // 2], device=dev), S, None, B, queries_at_end=False)
             got, want = both(attention, q, kc, vc, mask, False, d**-0.5, "sdpa", 0.0, layout)
             record(f"decode_attention.{name}.B{B}", [got[0]], [want[0]])
+        # norm + router in one kernel, against the norm then the router's GEMV and routing
+        for name, norm, D, E, delta, add_bias, eps in (
+            ("phimoe", ln, 4096, 16, a, None, 0.01), ("jetmoe", rms, 2048, 8, a[..., :2048], bias, None),
+        ):
+            router = (torch.randn(E, D, device=dev, generator=g) / 16).to(bf)
+            x_in = x[..., :D]
+            s, h, (w, ids, lg) = norm.add_norm_route(x_in, delta, add_bias, router, 2, eps, eps is None)
+            s0, h0 = norm.add_norm(x_in, delta, add_bias)
+            with fused.forced(False):
+                lg0 = torch.nn.functional.linear(h0, router).reshape(-1, E)
+            record(f"add_norm_route.{name}.B{B}", [s, h, lg], [s0, h0, lg0.to(lg.dtype)])
+            with fused.forced(False):  # the torch routing of the kernel's own logits
+                w0, ids0 = sparsemixer(lg, eps, False) if eps is not None else route_topk(lg, 2, bf)[:2]
+            same = torch.equal(lg.gather(1, ids), lg.gather(1, ids0))
+            results[f"fused.add_norm_route.{name}.B{B}.picks_equal"] = same
+            ok &= same
+            record(f"add_norm_route.{name}.B{B}.weights", [w], [w0])
+        # q, k, v (and o, kv_proj) as one small-row GEMV against torch's Linear
+        if B <= fused.LINEAR_MAX_ROWS:
+            for name, D, outs, has_bias in (("phimoe.qkv", 4096, (4096, 1024, 1024), True),
+                                            ("phimoe.o", 4096, (4096,), True), ("jetmoe.kv", 2048, (4096,), False)):
+                layers = [torch.nn.Linear(D, n, bias=has_bias).to(dev, bf) for n in outs]
+                record(f"linears.{name}.B{B}", *both(linears, x[..., :D], *layers))
     return ok
 
 

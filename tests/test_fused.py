@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from archs import JETMOE, PHIMOE, randomize_
+from interp import shuffle_programs
 from parity import make_inputs
 
 from moetorch import DynamicCache, StaticCache
 from moetorch.engine import GraphedDecodeStep
 from moetorch.ops import fused, triton_fused
 from moetorch.ops.attention import attention, build_mask
+from moetorch.ops.linear import linears
 from moetorch.ops.norms import LayerNorm, RMSNorm, residual_add
 from moetorch.ops.rope import apply_rotary, apply_rotary_qk
 from moetorch.ops.routing import route_topk, sparsemixer, topk_softmax
@@ -114,6 +116,126 @@ def test_topk_route_kernel_matches_torch(dtype, E, k):
     assert torch.equal(ids, want_ids)
     assert torch.equal(logits32, logits.float())
     close(w, want_w.to(dtype), dtype, "top-k softmax weights")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_kind,E,k,eps,with_delta", [
+    ("layer", 16, 2, 0.01, True),   # PhiMoE: x + attention, LayerNorm, sparsemixer
+    ("layer", 5, 2, 0.3, False),
+    ("rms", 8, 2, None, True),      # JetMoE: x + (attention + bias), RMSNorm, top-k softmax
+    ("rms", 6, 3, None, False),     # JetMoE's input norm: the norm alone
+])
+def test_add_norm_route_matches_norm_then_router(dtype, norm_kind, E, k, eps, with_delta):
+    D, R = 48, 7
+    norm = (LayerNorm(D, eps=1e-5) if norm_kind == "layer" else RMSNorm(D, eps=1e-6)).to(dtype).eval()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=gen(1)))
+        if norm_kind == "layer":
+            norm.bias.copy_(torch.randn(D, generator=gen(2)))
+    x = torch.randn(R, D, generator=gen(3)).to(dtype)
+    delta = torch.randn(R, D, generator=gen(4)).to(dtype) if with_delta else None
+    bias = torch.randn(D, generator=gen(5)).to(dtype) if with_delta and norm_kind == "rms" else None
+    router = (torch.randn(E, D, generator=gen(6)) / 4).to(dtype)
+    f32 = eps is None
+    with torch.no_grad():
+        want_s, want_h = norm.add_norm(x, delta, bias) if with_delta else (x, norm(x))
+        want_logits = F.linear(want_h, router)
+        unfused = norm.add_norm_route(x, delta, bias, router, k, eps, f32)
+        with fused.forced():
+            s, h, (w, ids, logits) = norm.add_norm_route(x, delta, bias, router, k, eps, f32)
+    assert unfused[2] is None, "off the fused path the caller routes"
+    assert torch.equal(s, want_s)
+    close(h, want_h, dtype, "normed rows")
+    assert logits.dtype == (torch.float32 if f32 else dtype)
+    close(logits, want_logits.to(logits.dtype), dtype, "router logits")
+    # the routing of the kernel's own logits is exactly the torch routing of those logits
+    # (the sums' order may differ from torch's GEMV by an ulp, which can flip a near tie)
+    if eps is not None:
+        want_w, want_ids = sparsemixer(logits, eps, training=False)
+    else:
+        want_w, want_ids = topk_softmax(logits, k)
+    assert torch.equal(ids, want_ids)
+    assert w.dtype == dtype
+    close(w, want_w.to(dtype), dtype, "routing weights")
+
+
+def test_add_norm_route_any_program_may_arrive_last(monkeypatch):
+    # A row's E programs meet at a counter; whichever arrives last routes the row and resets it.
+    from moetorch.ops.triton_moe import _ARRIVAL_COUNTERS
+
+    norm, router = RMSNorm(32, 1e-6).eval(), torch.randn(6, 32, generator=gen(1))
+    x = torch.randn(5, 32, generator=gen(2))
+    with torch.no_grad(), fused.forced():
+        want = norm.add_norm_route(x, None, None, router, 2)
+        for seed in range(2):
+            with monkeypatch.context() as m:
+                order = shuffle_programs(m, seed)
+                got = norm.add_norm_route(x, None, None, router, 2)
+            assert order["other_last"] > 0
+            for g, w in zip(got[:2] + got[2], want[:2] + want[2]):
+                assert torch.equal(g, w)
+    assert all(not c.any() for c in _ARRIVAL_COUNTERS.values()), "the last arriver resets the counter"
+
+
+def test_add_norm_route_falls_back_when_training_or_large():
+    norm, router = RMSNorm(16, 1e-6).eval(), torch.randn(4, 16)
+    x = torch.randn(fused.ROUTE_MAX_ROWS + 1, 16)
+    with torch.no_grad(), fused.forced():
+        assert norm.add_norm_route(x, None, None, router, 2)[2] is None  # too many rows: GEMM + routing
+        assert norm.add_norm_route(x[:3], None, None, router, 2)[2] is not None
+        norm.train()
+        assert norm.add_norm_route(x[:3], None, None, router, 2)[2] is None  # training routes its own way
+    with pytest.raises(ValueError, match="sparsemixer routes to 2 experts"):
+        triton_fused.add_norm_route(x[:3], None, None, fused.NORM_RMS, norm.weight.detach(), None, 1e-6,
+                                    router, 3, 0.1, False)
+
+
+# ---- small-row linear layers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("outs,bias", [((40, 24, 24), True), ((48,), False), ((8, 72), True), ((16, 16, 16), False)])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_linears_kernel_matches_nn_linear(dtype, outs, bias, rows):
+    K = 40  # not a multiple of the K block: masked tail
+    torch.manual_seed(len(outs) + rows)
+    layers = [torch.nn.Linear(K, n, bias=bias).to(dtype) for n in outs]
+    x = torch.randn(rows, 2, K + 3, generator=gen(rows)).to(dtype)[:, 1, 2:-1]  # strided rows
+    with torch.no_grad():
+        want = [layer(x) for layer in layers]
+        with fused.forced():
+            got = linears(x, *layers)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == dtype
+        close(g, w, dtype, "linear")
+
+
+def test_linears_block_sizes_and_leading_dims():
+    K, layers = 64, [torch.nn.Linear(64, n) for n in (96, 32)]
+    x = torch.randn(2, 3, K, generator=gen(1))
+    with torch.no_grad():
+        for cfg in (dict(BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1), dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)):
+            out = triton_fused.linear_small(x.view(-1, K), [l.weight for l in layers], [l.bias for l in layers], cfg)
+            close(out, torch.cat([l(x.view(-1, K)) for l in layers], -1), torch.float32, f"linear_small {cfg}")
+        with fused.forced():
+            a, b = linears(x, *layers)
+        assert a.shape == (2, 3, 96) and b.shape == (2, 3, 32)
+        close(a, layers[0](x), torch.float32, "3d input")
+
+
+def test_linears_takes_torch_path_outside_decode_sizes(monkeypatch):
+    calls, original = [], triton_fused.linear_small
+    monkeypatch.setattr(triton_fused, "linear_small", lambda *a, **k: calls.append(1))
+    lin, lin_nb = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8, bias=False)
+    small, large = torch.randn(2, 16), torch.randn(fused.LINEAR_MAX_ROWS + 1, 16)
+    with torch.no_grad(), fused.forced():
+        linears(large, lin)  # too many rows
+        linears(small, lin, lin_nb)  # mixed biases
+        linears(small, lin, lin, lin, lin)  # more than three layers
+    linears(small, lin)  # gradients needed (and not forced)
+    assert not calls
+    with pytest.raises(ValueError, match="1 to 3 weights and at most 16 rows"):
+        original(torch.randn(17, 16), [lin.weight], [None])
 
 
 # ---- rotary -----------------------------------------------------------------------------------
@@ -236,8 +358,8 @@ def test_fused_graphed_step_fallback_matches_dynamic_decode():
 
 
 @pytest.mark.parametrize("arch,expected", [
-    (PHIMOE, {"add_norm", "sparsemixer_eval", "rope_qk", "decode_attention", "kv_write"}),
-    (JETMOE, {"add_norm", "topk_softmax", "rope_qk", "decode_attention", "kv_write"}),
+    (PHIMOE, {"add_norm", "add_norm_route", "linear_small", "rope_qk", "decode_attention", "kv_write"}),
+    (JETMOE, {"add_norm", "add_norm_route", "linear_small", "rope_qk", "decode_attention", "kv_write"}),
 ], ids=["phimoe", "jetmoe"])
 def test_inference_decode_runs_every_fused_kernel(arch, expected, monkeypatch):
     # The models must take the fused path when it is on (a silent fallback would go unnoticed:

@@ -21,6 +21,7 @@ from ..generation import GenerationMixin
 from ..modeling_utils import PreTrainedModel, decoder_forward
 from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
+from ..ops.linear import linears
 from ..ops.moe import expert_map, expert_reduce, experts_forward
 from ..ops.norms import RMSNorm, residual_add
 from ..ops.rope import RotaryEmbedding, apply_rotary_qk
@@ -96,13 +97,13 @@ class JetMoeAttention(nn.Module):
         self.experts = JetMoeMoA(config)
         self.kv_proj = nn.Linear(config.hidden_size, 2 * self.n_kv * self.head_dim, bias=False)
 
-    def forward(self, x_BTD, rope, mask, is_causal, cache: Cache | None, cache_position_T, need_weights):
+    def forward(self, x_BTD, rope, mask, is_causal, cache: Cache | None, cache_position_T, need_weights, routing=None):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
-        weights_NK, ids_NK, logits_NE = self.experts.router(x_ND)
+        weights_NK, ids_NK, logits_NE = routing if routing is not None else self.experts.router(x_ND)
         # [N, K, G*d] -> [B, H, T, d]: head h = k*G + g
         q = self.experts.map(x_ND, ids_NK).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k, v = self.kv_proj(x_BTD).chunk(2, dim=-1)
+        k, v = linears(x_BTD, self.kv_proj)[0].chunk(2, dim=-1)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
@@ -134,10 +135,10 @@ class JetMoeMoE(nn.Module):
     def init_parameters(self, std: float) -> None:
         nn.init.zeros_(self.bias)
 
-    def forward(self, x_BTD):
+    def forward(self, x_BTD, routing=None):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
-        weights_NK, ids_NK, logits_NE = self.router(x_ND)
+        weights_NK, ids_NK, logits_NE = routing if routing is not None else self.router(x_ND)
         y_ND = experts_forward(
             x_ND, self.input_linear.weight, self.output_linear.weight, ids_NK, weights_NK, self.act, self.backend
         )
@@ -153,13 +154,19 @@ class JetMoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = JetMoeRMSNorm(config.hidden_size, LAYER_NORM_EPS)
 
     def forward(self, x_BTD, rope, mask, is_causal, cache, cache_position_T, need_weights):
-        h = self.input_layernorm(x_BTD)
-        a, weights, attn_logits_NE = self.self_attention(
-            h, rope, mask, is_causal, cache, cache_position_T, need_weights
+        # Each norm and (at decode) the router reading its output: one kernel at inference.
+        attn_router, mlp_router = self.self_attention.experts.router, self.mlp.router
+        _, h, routing = self.input_layernorm.add_norm_route(
+            x_BTD, None, None, attn_router.layer.weight, attn_router.top_k, logits_f32=True
         )
-        # x + (attention + bias), then the norm: one kernel at inference
-        x_BTD, h = self.post_attention_layernorm.add_norm(x_BTD, a, self.self_attention.experts.bias)
-        m, mlp_logits_NE = self.mlp(h)
+        a, weights, attn_logits_NE = self.self_attention(
+            h, rope, mask, is_causal, cache, cache_position_T, need_weights, routing
+        )
+        # x + (attention + bias), then the norm
+        x_BTD, h, routing = self.post_attention_layernorm.add_norm_route(
+            x_BTD, a, self.self_attention.experts.bias, mlp_router.layer.weight, mlp_router.top_k, logits_f32=True
+        )
+        m, mlp_logits_NE = self.mlp(h, routing)
         # Transformers records the attention router twice per layer (as the router's output and as the
         # attention's), and its router_logits and aux loss carry both copies: so do ours.
         return residual_add(x_BTD, m, self.mlp.bias), weights, (attn_logits_NE, attn_logits_NE, mlp_logits_NE)

@@ -16,6 +16,7 @@ from ..generation import GenerationMixin
 from ..modeling_utils import PreTrainedModel, decoder_forward
 from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
+from ..ops.linear import linears
 from ..ops.moe import experts_forward
 from ..ops.norms import LayerNorm
 from ..ops.rope import RotaryEmbedding, apply_rotary_qk
@@ -40,9 +41,10 @@ class PhimoeAttention(nn.Module):
 
     def forward(self, x_BTD, rope, mask, is_causal, cache: Cache | None, cache_position_T, need_weights):
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = linears(x_BTD, self.q_proj, self.k_proj, self.v_proj)  # one kernel at decode
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rotary_qk(q, k, cos, sin)
         if cache is not None:
@@ -51,7 +53,7 @@ class PhimoeAttention(nn.Module):
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
         )
-        return self.o_proj(out_BTHd.reshape(B, T, -1)), weights
+        return linears(out_BTHd.reshape(B, T, -1), self.o_proj)[0], weights
 
 
 class PhimoeExperts(nn.Module):
@@ -81,14 +83,18 @@ class PhimoeSparseMoeBlock(nn.Module):
         self.router_jitter = config.router_jitter_noise
         self.input_jitter = config.input_jitter_noise
 
-    def forward(self, x_BTD):
+    def forward(self, x_BTD, routing=None):
+        """`routing`: (weights, ids, logits) when the norm's kernel already routed x (inference)."""
         B, T, D = x_BTD.shape
         if self.training and self.input_jitter > 0:
             # Once, as in the original model (Transformers applies it twice, in place).
             x_BTD = x_BTD * torch.empty_like(x_BTD).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
         x_TD = x_BTD.reshape(-1, D)
-        logits_TE = self.router(x_TD)
-        weights_TK, ids_TK = sparsemixer(logits_TE, self.router_jitter, self.training)
+        if routing is None:
+            logits_TE = self.router(x_TD)
+            weights_TK, ids_TK = sparsemixer(logits_TE, self.router_jitter, self.training)
+        else:
+            weights_TK, ids_TK, logits_TE = routing
         return self.experts(x_TD, ids_TK, weights_TK).view(B, T, D), logits_TE
 
 
@@ -103,8 +109,11 @@ class PhimoeDecoderLayer(nn.Module):
     def forward(self, x_BTD, rope, mask, is_causal, cache, cache_position_T, need_weights):
         h = self.input_layernorm(x_BTD)
         a, weights = self.self_attn(h, rope, mask, is_causal, cache, cache_position_T, need_weights)
-        x_BTD, h = self.post_attention_layernorm.add_norm(x_BTD, a)
-        m, logits_TE = self.mlp(h)
+        # x + attention, the norm, and (at decode) the router: one kernel at inference
+        x_BTD, h, routing = self.post_attention_layernorm.add_norm_route(
+            x_BTD, a, None, self.mlp.router.weight, 2, sparsemixer_eps=self.mlp.router_jitter
+        )
+        m, logits_TE = self.mlp(h, routing)
         return x_BTD + m, weights, (logits_TE,)
 
 

@@ -20,6 +20,14 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Which norm `triton_fused.add_norm` applies after the residual add.
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 
+# Rows up to which a norm runs the following router in its kernel (`add_norm_route`): each row's
+# program reads the whole router weight (E x D), which at decode sizes costs less than the two
+# launches (router GEMV, routing) it saves.
+ROUTE_MAX_ROWS = 64
+
+# Rows up to which `ops.linear.linears` runs the layers in one GEMV kernel.
+LINEAR_MAX_ROWS = 8
+
 _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}
 
 

@@ -1,6 +1,10 @@
 """Norm layers with a fused residual add: `norm.add_norm(x, delta, bias)` returns
 `(x + (delta + bias), norm(x + (delta + bias)))` in one kernel at inference (`ops.fused`), and
 computes exactly that in torch otherwise. `residual_add(x, delta, bias)` is the same add alone.
+
+`norm.add_norm_route(...)` also runs the MoE router that reads the normed rows (its GEMV and the
+routing) in the same kernel, at decode sizes in inference; elsewhere it returns no routing and the
+MoE block routes as usual.
 """
 
 from __future__ import annotations
@@ -22,7 +26,29 @@ def residual_add(x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None
     return _add(x, delta, bias)
 
 
-class LayerNorm(nn.LayerNorm):
+class _AddNormRoute:
+    """`add_norm_route` for a norm that describes itself by `_kernel_args()` (mode, weight, bias, eps)."""
+
+    def add_norm_route(
+        self, x, delta, bias, router_weight_ED: torch.Tensor, top_k: int,
+        sparsemixer_eps: float | None = None, logits_f32: bool = False,
+    ):
+        """`(sum, normed, routing)`: `add_norm(x, delta, bias)` (delta None: the norm alone), and the
+        router `router_weight_ED` applied to the normed rows with its routing, which is sparsemixer's
+        eval mode when `sparsemixer_eps` is given, else a top-k softmax. `routing` is (weights, ids,
+        logits) from one fused kernel at decode sizes in inference, else None: the caller routes."""
+        rows = x.numel() // x.shape[-1]
+        if self.training or not 0 < rows <= fused.ROUTE_MAX_ROWS or not self._fusable(x, delta, bias, router_weight_ED):
+            if delta is None:
+                return x, self(x), None
+            return (*self.add_norm(x, delta, bias), None)
+        mode, w, nb, eps = self._kernel_args()
+        return fused.kernels().add_norm_route(
+            x, delta, bias, mode, w, nb, eps, router_weight_ED, top_k, sparsemixer_eps, logits_f32
+        )
+
+
+class LayerNorm(_AddNormRoute, nn.LayerNorm):
     """`nn.LayerNorm` (same parameters and state dict) with a fused inference path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,11 +65,14 @@ class LayerNorm(nn.LayerNorm):
     def _fusable(self, *tensors) -> bool:
         return len(self.normalized_shape) == 1 and fused.active(*tensors, self.weight, self.bias)
 
+    def _kernel_args(self):
+        return fused.NORM_LAYER, self.weight, self.bias, self.eps
+
     def _fused(self, x, delta, bias):
-        return fused.kernels().add_norm(x, delta, bias, fused.NORM_LAYER, self.weight, self.bias, self.eps)
+        return fused.kernels().add_norm(x, delta, bias, *self._kernel_args())
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(_AddNormRoute, nn.Module):
     """RMSNorm as JetMoE (and Llama) compute it: normalise in float32, round to the input dtype,
     then scale by the weight."""
 
@@ -56,15 +85,21 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.active(x, self.weight):
-            return fused.kernels().add_norm(x, None, None, fused.NORM_RMS, self.weight, None, self.eps)[1]
+        if self._fusable(x):
+            return fused.kernels().add_norm(x, None, None, *self._kernel_args())[1]
         return self._norm(x)
 
     def add_norm(self, x, delta, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
-        if fused.active(x, delta, bias, self.weight):
-            return fused.kernels().add_norm(x, delta, bias, fused.NORM_RMS, self.weight, None, self.eps)
+        if self._fusable(x, delta, bias):
+            return fused.kernels().add_norm(x, delta, bias, *self._kernel_args())
         s = _add(x, delta, bias)
         return s, self._norm(s)
+
+    def _fusable(self, *tensors) -> bool:
+        return fused.active(*tensors, self.weight)
+
+    def _kernel_args(self):
+        return fused.NORM_RMS, self.weight, None, self.eps
 
     def _norm(self, x):
         x32 = x.float()

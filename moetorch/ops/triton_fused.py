@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .fused import NORM_NONE
-from .triton_moe import _interpreting
+from .triton_moe import _interpreting, arrival_counters
 
 # How intermediate values are rounded: to the tensors' dtype, as torch rounds each op's output.
 _ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -55,15 +55,15 @@ def _round(x, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _add_norm_kernel(
-    x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr,
+def _add_norm_row(
+    x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
     D, eps, stride_x, stride_a, stride_xo, stride_h,
     HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
-    ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROUND: tl.constexpr, BLOCK_D: tl.constexpr, store,
 ):
     # One row: s = x + (a + bias), then LayerNorm or RMSNorm of s (NORM: fused.NORM_NONE, _LAYER,
     # _RMS = 0, 1, 2). torch rounds `a + bias` and the sum before the norm reads it, and so does this.
-    row = tl.program_id(0).to(tl.int64)
+    # Stores s and h where `store`; returns h in float32 (rounded to the dtype; zeros past D).
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
     s = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
@@ -72,7 +72,9 @@ def _add_norm_kernel(
         if HAS_BIAS:
             a = _round(a + tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32), ROUND)
         s = _round(s + a, ROUND)
-        tl.store(x_out_ptr + row * stride_xo + cols, s.to(x_out_ptr.dtype.element_ty), mask=ok)
+        if store:
+            tl.store(x_out_ptr + row * stride_xo + cols, s.to(x_out_ptr.dtype.element_ty), mask=ok)
+    h = s
     if NORM != 0:
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
@@ -89,28 +91,53 @@ def _add_norm_kernel(
             # JetMoE / Llama RMSNorm: normalise in float32, round to the dtype, then scale.
             rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / D + eps)
             h = w * _round(s * rstd, ROUND)
-        tl.store(h_ptr + row * stride_h + cols, _round(h, ROUND).to(h_ptr.dtype.element_ty), mask=ok)
+        h = tl.where(ok, _round(h, ROUND), 0.0)
+        if store:
+            tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=ok)
+    return h
+
+
+@triton.jit
+def _add_norm_kernel(
+    x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr,
+    D, eps, stride_x, stride_a, stride_xo, stride_h,
+    HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
+    ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    _add_norm_row(
+        x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, tl.program_id(0).to(tl.int64),
+        D, eps, stride_x, stride_a, stride_xo, stride_h, HAS_A, HAS_BIAS, NORM, HAS_W, HAS_NB, ROUND, BLOCK_D,
+        True,
+    )
+
+
+def _add_norm_launch(x_RD, a_RD, bias_D, norm: int, weight_D, norm_bias_D, eps: float):
+    # (rows R, kernel arguments, constexprs, x_out, h) shared by the add_norm kernels
+    D = x_RD.shape[-1]
+    x2 = x_RD.reshape(-1, D)
+    a2 = a_RD.reshape(-1, D) if a_RD is not None else x2
+    x_out = torch.empty_like(x2) if a_RD is not None else x2
+    h = torch.empty_like(x2) if norm != NORM_NONE else x2
+    args = (
+        x2, a2, bias_D if bias_D is not None else x2, weight_D if weight_D is not None else x2,
+        norm_bias_D if norm_bias_D is not None else x2, x_out, h,
+        D, eps, x2.stride(0), a2.stride(0), x_out.stride(0), h.stride(0),
+    )
+    meta = dict(
+        HAS_A=a_RD is not None, HAS_BIAS=bias_D is not None, NORM=norm, HAS_W=weight_D is not None,
+        HAS_NB=norm_bias_D is not None, ROUND=round_code(x_RD.dtype), BLOCK_D=triton.next_power_of_2(D),
+        num_warps=_row_warps(D),
+    )
+    return x2.shape[0], args, meta, x_out, h
 
 
 def add_norm(x_RD, a_RD, bias_D, norm: int, weight_D, norm_bias_D, eps: float):
     """(x + (a + bias), norm(x + (a + bias))) over the last dim; `a`/`bias`/norm optional
     (None, None, NORM_NONE): returns (sum or x, normed or None). The norm's weight and bias
     (`norm_bias_D`) may be None, as in a LayerNorm without affine parameters."""
-    D = x_RD.shape[-1]
-    x2 = x_RD.reshape(-1, D)
-    R = x2.shape[0]
-    a2 = a_RD.reshape(-1, D) if a_RD is not None else x2
-    x_out = torch.empty_like(x2) if a_RD is not None else x2
-    h = torch.empty_like(x2) if norm != NORM_NONE else x2
+    R, args, meta, x_out, h = _add_norm_launch(x_RD, a_RD, bias_D, norm, weight_D, norm_bias_D, eps)
     if R:
-        _add_norm_kernel[(R,)](
-            x2, a2, bias_D if bias_D is not None else x2, weight_D if weight_D is not None else x2,
-            norm_bias_D if norm_bias_D is not None else x2, x_out, h,
-            D, eps, x2.stride(0), a2.stride(0), x_out.stride(0), h.stride(0),
-            HAS_A=a_RD is not None, HAS_BIAS=bias_D is not None, NORM=norm, HAS_W=weight_D is not None,
-            HAS_NB=norm_bias_D is not None,
-            ROUND=round_code(x_RD.dtype), BLOCK_D=triton.next_power_of_2(D), num_warps=_row_warps(D),
-        )
+        _add_norm_kernel[(R,)](*args, **meta)
     shape = x_RD.shape
     return x_out.view(shape), (h.view(shape) if norm != NORM_NONE else None)
 
@@ -145,20 +172,11 @@ def _sparsemixer_pick(s, masked, cols, thr, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _route_kernel(
-    logits_ptr, w_ptr, ids_ptr, f32_ptr, R, E, stride_l, thr,
-    SPARSEMIXER: tl.constexpr, K: tl.constexpr, WRITE_F32: tl.constexpr, ROUND: tl.constexpr,
-    BLOCK_R: tl.constexpr, E_PAD: tl.constexpr,
+def _route_rows(
+    s, cols, rows64, r_ok, w_ptr, ids_ptr, thr,
+    SPARSEMIXER: tl.constexpr, K: tl.constexpr, ROUND: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, E_PAD)
-    r_ok = rows < R
-    ok = r_ok[:, None] & (cols < E)[None, :]
-    rows64 = rows.to(tl.int64)
-    s = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :], mask=ok, other=float("-inf"))
-    s = s.to(tl.float32)
-    if WRITE_F32:
-        tl.store(f32_ptr + rows64[:, None] * E + cols[None, :], s, mask=ok)
+    # Routing of float32 logits s [BLOCK_R, E_PAD] (-inf past E): weights and ids [row, K].
     if SPARSEMIXER:
         id0, w0 = _sparsemixer_pick(s, s, cols, thr, ROUND)
         id1, w1 = _sparsemixer_pick(s, tl.where(cols[None, :] == id0[:, None], float("-inf"), s), cols, thr, ROUND)
@@ -184,6 +202,24 @@ def _route_kernel(
             w = _round(tl.math.div_rn(tl.exp(v - first), total), ROUND)
             tl.store(w_ptr + rows64 * K + k, w.to(w_ptr.dtype.element_ty), mask=r_ok)
             rest = tl.where(cols[None, :] == i[:, None], float("-inf"), rest)
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, w_ptr, ids_ptr, f32_ptr, R, E, stride_l, thr,
+    SPARSEMIXER: tl.constexpr, K: tl.constexpr, WRITE_F32: tl.constexpr, ROUND: tl.constexpr,
+    BLOCK_R: tl.constexpr, E_PAD: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, E_PAD)
+    r_ok = rows < R
+    ok = r_ok[:, None] & (cols < E)[None, :]
+    rows64 = rows.to(tl.int64)
+    s = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :], mask=ok, other=float("-inf"))
+    s = s.to(tl.float32)
+    if WRITE_F32:
+        tl.store(f32_ptr + rows64[:, None] * E + cols[None, :], s, mask=ok)
+    _route_rows(s, cols, rows64, r_ok, w_ptr, ids_ptr, thr, SPARSEMIXER, K, ROUND, BLOCK_R)
 
 
 def _route(logits_RE, k: int, sparsemixer: bool, thr: float, weight_dtype: torch.dtype, write_f32: bool):
@@ -220,8 +256,185 @@ def topk_softmax(logits_RE: torch.Tensor, k: int, weight_dtype: torch.dtype):
     return _route(logits_RE, k, False, 0.0, weight_dtype, True)
 
 
+# ---- residual add + norm + router ----------------------------------------------------------------
+
+@triton.jit
+def _add_norm_route_kernel(
+    x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr,
+    D, eps, stride_x, stride_a, stride_xo, stride_h,
+    rw_ptr, logits_ptr, rweights_ptr, ids_ptr, counter_ptr, E, stride_rw, thr,
+    HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
+    ROUND: tl.constexpr, BLOCK_D: tl.constexpr, SPARSEMIXER: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr,
+):
+    # Program (row, e): the row's add + norm (every program of the row computes it; the e = 0 one
+    # stores s and h), then expert e's logit h . W_router[e] (a float32 sum rounded to the dtype, as
+    # the Linear rounds its output). The row's last program to arrive routes its E logits and resets
+    # the row's counter to zero for the next launch: one launch for norm, router GEMV and routing,
+    # with E programs per row sharing the router's bytes.
+    row = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    ok = cols < D
+    h = _add_norm_row(
+        x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
+        D, eps, stride_x, stride_a, stride_xo, stride_h, HAS_A, HAS_BIAS, NORM, HAS_W, HAS_NB, ROUND, BLOCK_D,
+        e == 0,
+    )
+    wr = tl.load(rw_ptr + e.to(tl.int64) * stride_rw + cols, mask=ok, other=0.0).to(tl.float32)
+    logit = _round(tl.sum(h * wr, axis=0), ROUND)
+    tl.store(logits_ptr + row * E + e, logit.to(logits_ptr.dtype.element_ty))
+    # Every program's logit is stored before its (gpu-scope, acq_rel) arrival; the last arriver
+    # reads them all through L2 (".cg": other SMs wrote them).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu")
+    if arrived == E - 1:
+        ee = tl.arange(0, E_PAD)
+        lg = tl.load(logits_ptr + row * E + ee, mask=ee < E, other=float("-inf"), cache_modifier=".cg")
+        rows64 = row + tl.arange(0, 1)
+        _route_rows(tl.reshape(lg.to(tl.float32), (1, E_PAD)), ee, rows64, rows64 >= 0, rweights_ptr, ids_ptr,
+                    thr, SPARSEMIXER, K, ROUND, 1)
+        tl.atomic_xchg(counter_ptr + row, 0)
+
+
+def add_norm_route(
+    x_RD, a_RD, bias_D, norm: int, weight_D, norm_bias_D, eps: float,
+    router_ED, k: int, sparsemixer_eps: float | None, logits_f32: bool,
+):
+    """`add_norm`, then the router of the normed rows in the same kernel: returns
+    (sum or x, normed, (routing weights [R, k], ids [R, k], logits [R, E])). Routing is sparsemixer's
+    (eval mode, k = 2) when `sparsemixer_eps` is given, else a top-k softmax; weights are in the
+    rows' dtype, logits too unless `logits_f32`."""
+    R, args, meta, x_out, h = _add_norm_launch(x_RD, a_RD, bias_D, norm, weight_D, norm_bias_D, eps)
+    E = router_ED.shape[0]
+    dtype, device = x_RD.dtype, x_RD.device
+    logits = torch.empty(R, E, dtype=torch.float32 if logits_f32 else dtype, device=device)
+    weights = torch.empty(R, k, dtype=dtype, device=device)
+    ids = torch.empty(R, k, dtype=torch.long, device=device)
+    sparsemixer = sparsemixer_eps is not None
+    if sparsemixer and k != 2:
+        raise ValueError(f"sparsemixer routes to 2 experts, got k={k}")
+    thr = _threshold(sparsemixer_eps, dtype) if sparsemixer else 0.0
+    router_ED = _unit_last(router_ED)
+    if R:
+        _add_norm_route_kernel[(R, E)](
+            *args, router_ED, logits, weights, ids, arrival_counters(device, R), E, router_ED.stride(0), thr,
+            **meta, SPARSEMIXER=sparsemixer, K=k, E_PAD=max(triton.next_power_of_2(E), 2),
+        )
+    shape = x_RD.shape
+    return x_out.view(shape), h.view(shape), (weights, ids, logits)
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---- small-row linear layers ---------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["N1", "N2", "N3"])
+def _linear_small_kernel(
+    x_ptr, w1_ptr, w2_ptr, w3_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr,
+    M, K, N1, N2, N3, stride_xm, stride_om, stride_w1, stride_w2, stride_w3,
+    HAS_BIAS: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # Program = one BLOCK_N slice of the outputs of one of up to three linear layers that read the
+    # same rows (q, k and v, say); out holds them side by side. All M (<= BLOCK_M) rows in one tile,
+    # so each weight is read once, and no split-K reduction kernel follows. BLOCK_M = 1: a plain
+    # GEMV on the CUDA cores; else the matrix units on a 16-row tile.
+    pid = tl.program_id(0)
+    t1 = tl.cdiv(N1, BLOCK_N)
+    t2 = tl.cdiv(N2, BLOCK_N)
+    if pid < t1:
+        w_ptr, b_ptr, n_seg, col0, blk, stride_w = w1_ptr, b1_ptr, N1, 0 * N1, pid, stride_w1
+    elif pid < t1 + t2:
+        w_ptr, b_ptr, n_seg, col0, blk, stride_w = w2_ptr, b2_ptr, N2, N1, pid - t1, stride_w2
+    else:
+        w_ptr, b_ptr, n_seg, col0, blk, stride_w = w3_ptr, b3_ptr, N3, N1 + N2, pid - t1 - t2, stride_w3
+    n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_seg
+    kk = tl.arange(0, BLOCK_K)
+    if BLOCK_M == 1:
+        # one row: multiply-adds along contiguous K, summed across K once at the end
+        w_ptrs = w_ptr + n.to(tl.int64)[:, None] * stride_w + kk[None, :]
+        part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+                x = tl.load(x_ptr + k0 + kk)
+            else:
+                k_ok = kk < K - k0
+                w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(x_ptr + k0 + kk, mask=k_ok, other=0.0)
+            part += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w_ptrs += BLOCK_K
+        acc = tl.reshape(tl.sum(part, axis=1), (1, BLOCK_N))
+    else:
+        w_ptrs = w_ptr + n.to(tl.int64)[None, :] * stride_w + kk[:, None]
+        x_ptrs = x_ptr + tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * stride_xm + kk[None, :]
+        x_ok = tl.arange(0, BLOCK_M) < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=x_ok[:, None], other=0.0)
+            else:
+                k_ok = kk < K - k0
+                w = tl.load(w_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+                x = tl.load(x_ptrs, mask=x_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:  # the interpreter's dot wants float32
+                w = w.to(tl.float32)
+                x = x.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    m = tl.arange(0, BLOCK_M)
+    out = out_ptr + m.to(tl.int64)[:, None] * stride_om + (col0 + n)[None, :]
+    tl.store(out, _round(acc, ROUND).to(out_ptr.dtype.element_ty), mask=(m < M)[:, None] & n_ok[None, :])
+
+
+def linear_small_config(n_total: int, k_dim: int, sm_count: int, rows: int) -> dict:
+    """Block sizes for `linear_small`: enough column slices to give every SM a few of them (one
+    row: the CUDA-core GEMV, which takes slices as narrow as 4 columns)."""
+    block_m = 1 if rows == 1 else 16
+    block_n, narrowest = (32, 4) if block_m == 1 else (64, 16)
+    while block_n > narrowest and triton.cdiv(n_total, block_n) < 3 * sm_count:
+        block_n //= 2
+    block_k = min(512 if block_m == 1 else 256, max(16, triton.next_power_of_2(k_dim)))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
+
+
+def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None) -> torch.Tensor:
+    """[x W1^T + b1, x W2^T + b2, ...] side by side in one [M, N1 + N2 + ...] tensor, for up to
+    three weights [Ni, K] with the same K and M <= 16 rows. Sums in float32, bias added, rounded once
+    (what torch's Linear computes, up to the order of the sums)."""
+    M, K = x_MK.shape
+    if not 1 <= len(weights) <= 3 or M > 16:
+        raise ValueError(f"linear_small takes 1 to 3 weights and at most 16 rows, got {len(weights)} and {M}")
+    x_MK = _unit_last(x_MK)
+    weights = [_unit_last(w) for w in weights]
+    ns = [w.shape[0] for w in weights]
+    out = torch.empty(M, sum(ns), dtype=x_MK.dtype, device=x_MK.device)
+    has_bias = biases[0] is not None
+    pad = 3 - len(weights)
+    ws = weights + [weights[0]] * pad
+    bs = (list(biases) if has_bias else [x_MK] * len(weights)) + [x_MK] * pad
+    ns_p = ns + [0] * pad
+    sms = _sm_count(x_MK.device.index) if x_MK.is_cuda else 4
+    cfg = config or linear_small_config(sum(ns), K, sms, M)
+    grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
+    block_m = 1 if M == 1 and cfg.get("BLOCK_M", 1) == 1 else 16  # the one-row GEMV serves one row only
+    if M:
+        _linear_small_kernel[grid](
+            x_MK, *ws, *bs, out, M, K, *ns_p, x_MK.stride(0), out.stride(0), *(w.stride(0) for w in ws),
+            HAS_BIAS=has_bias, ROUND=round_code(x_MK.dtype), UPCAST=_interpreting(),
+            PRECISION="ieee" if x_MK.dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return out
 
 
 # ---- rotary embedding ----------------------------------------------------------------------------
