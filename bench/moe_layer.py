@@ -1,17 +1,19 @@
-"""One MoE layer (router + experts) per token count, per expert backend, against its floors.
+"""One MoE layer (the norm before it, router + experts) per token count, per expert backend,
+against its floors.
 
     PYTHONPATH=. python bench/moe_layer.py --out results.json [--tokens 1,8,64,512,4096,16384]
 
 Layers at real sizes, bf16: PhiMoE (16 SwiGLU experts, sparsemixer top-2), JetMoE MLP (8 SwiGLU
 experts, top-2 softmax) and JetMoE attention experts (router + query projection `map` + output
-projection `reduce`, the attention between them left out). Backends: triton, grouped_mm, and gather
-for T <= 64. Each layer is captured in a CUDA graph (decode runs that way) and its replay timed with
-`triton.testing.do_bench` (median; L2 flushed before each run so weights come from HBM); the eager
-call is timed too, and the router alone (graph). The same run measures the two ceilings: device
-copy bandwidth (a 4 GiB copy, bytes read + written) and the bf16 matmul rate (8192^3). Floors:
-memory = bytes of the expert weights
-actually touched (distinct experts routed to) + router weight + activations in and out, over the
-copy bandwidth; compute = FLOPs over the matmul rate.
+projection `reduce`, the attention between them left out). Each starts at the norm that feeds it, as
+the models run it: at decode sizes the router runs inside the norm's kernel (`add_norm_route`).
+Backends: triton, grouped_mm, and gather for T <= 64. Each layer is captured in a CUDA graph
+(decode runs that way) and its replay timed with `triton.testing.do_bench` (median; L2 flushed
+before each run so weights come from HBM); the eager call is timed too, and the norm + router alone
+(graph). The same run measures the two ceilings: device copy bandwidth (a 4 GiB copy, bytes read +
+written) and the bf16 matmul rate (8192^3). Floors: memory = bytes of the expert weights actually
+touched (distinct experts routed to) + router weight + activations in and out (the norm's too), over
+the copy bandwidth; compute = FLOPs over the matmul rate.
 
 Legend: T tokens, D model dim, I expert hidden dim, C attention-expert width, E experts, K = 2.
 """
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 import triton.testing
 
 from moetorch.ops.moe import expert_map, expert_reduce, experts_forward
+from moetorch.ops.norms import LayerNorm, RMSNorm
 from moetorch.ops.routing import route_topk, sparsemixer
 
 K = 2
@@ -62,6 +65,8 @@ def make_layer(spec: dict, g: torch.Generator) -> dict:
         return torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
 
     layer = {"router": new(E, D)}
+    norm = LayerNorm(D) if spec["router"] == "sparsemixer" else RMSNorm(D, 1e-6)
+    layer["norm"] = norm.to("cuda", torch.bfloat16).eval()
     if spec["kind"] == "experts":
         layer.update(w13=new(E, 2 * spec["I"], D), w2=new(E, D, spec["I"]))
     else:
@@ -69,29 +74,33 @@ def make_layer(spec: dict, g: torch.Generator) -> dict:
     return layer
 
 
-def route(spec: dict, layer: dict, x_TD: torch.Tensor):
-    logits_TE = x_TD @ layer["router"].T
-    if spec["router"] == "sparsemixer":
-        return sparsemixer(logits_TE, 0.01, False)
-    weights_TK, ids_TK, _ = route_topk(logits_TE, K, x_TD.dtype)  # the model's router (fused kernel on CUDA)
-    return weights_TK, ids_TK
+def route(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None):
+    """The norm and the router as the models run them: (normed rows, weights, ids)."""
+    sparse = spec["router"] == "sparsemixer"
+    _, h_TD, routing = layer["norm"].add_norm_route(
+        x_TD, delta_TD, None, layer["router"], K, 0.01 if sparse else None, logits_f32=not sparse
+    )
+    if routing is None:  # prefill sizes: the router's GEMM, then the routing kernel
+        logits_TE = h_TD @ layer["router"].T
+        routing = (*sparsemixer(logits_TE, 0.01, False), None) if sparse else route_topk(logits_TE, K, h_TD.dtype)
+    return h_TD, routing[0], routing[1]
 
 
-def layer_fn(spec: dict, layer: dict, x_TD: torch.Tensor, backend: str):
+def layer_fn(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str):
     def run():
-        weights_TK, ids_TK = route(spec, layer, x_TD)
+        h_TD, weights_TK, ids_TK = route(spec, layer, x_TD, delta_TD)
         if spec["kind"] == "experts":
-            return experts_forward(x_TD, layer["w13"], layer["w2"], ids_TK, weights_TK, F.silu, backend)
-        q_TKC = expert_map(x_TD, layer["w_map"], ids_TK, backend)
+            return experts_forward(h_TD, layer["w13"], layer["w2"], ids_TK, weights_TK, F.silu, backend)
+        q_TKC = expert_map(h_TD, layer["w_map"], ids_TK, backend)
         return expert_reduce(q_TKC, layer["w_red"], ids_TK, weights_TK, backend)
 
     return run
 
 
-def floors(spec: dict, layer: dict, x_TD: torch.Tensor, ceil: dict) -> dict:
+def floors(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, ceil: dict) -> dict:
     """Bytes and FLOPs the layer cannot avoid, and the times they take at the measured ceilings."""
     T, D, E = x_TD.shape[0], spec["D"], spec["E"]
-    _, ids_TK = route(spec, layer, x_TD)
+    _, _, ids_TK = route(spec, layer, x_TD, delta_TD)
     touched = torch.unique(ids_TK).numel()  # host sync: outside the timed region
     if spec["kind"] == "experts":
         per_expert = 3 * spec["I"] * D * 2
@@ -102,6 +111,7 @@ def floors(spec: dict, layer: dict, x_TD: torch.Tensor, ceil: dict) -> dict:
         flops = 2 * T * K * 2 * D * spec["C"]
         act_bytes = 2 * T * D * 2 + 2 * T * K * spec["C"] * 2  # x in, y out; q out and back in
     flops += 2 * T * D * E  # router
+    act_bytes += T * D * 2 * (4 if delta_TD is not None else 1)  # the norm: x, delta in; sum, normed out
     nbytes = touched * per_expert + E * D * 2 + act_bytes
     return {"experts_touched": touched, "bytes": nbytes, "flops": flops,
             "memory_floor_ms": nbytes / ceil["copy_bytes_per_s"] * 1e3,
@@ -147,14 +157,16 @@ def main() -> int:
         layer = make_layer(spec, g)
         for T in map(int, args.tokens.split(",")):
             x_TD = torch.randn(T, spec["D"], device="cuda", dtype=torch.bfloat16, generator=g)
-            floor = floors(spec, layer, x_TD, ceil)
-            # the router alone (matmul + routing function): the part of the layer outside the seam
-            floor["router_graph_ms"] = graph_ms(functools.partial(route, spec, layer, x_TD))
+            # the MLPs follow x + attention's output; the attention experts read the norm of x alone
+            delta_TD = torch.randn_like(x_TD) if spec["kind"] == "experts" else None
+            floor = floors(spec, layer, x_TD, delta_TD, ceil)
+            # the norm and the router alone: the part of the layer outside the seam
+            floor["router_graph_ms"] = graph_ms(functools.partial(route, spec, layer, x_TD, delta_TD))
             outputs = {}
             for backend in args.backends.split(","):
                 if backend == "gather" and T > GATHER_MAX_T:
                     continue
-                fn = layer_fn(spec, layer, x_TD, backend)
+                fn = layer_fn(spec, layer, x_TD, delta_TD, backend)
                 outputs[backend] = fn().float()
                 row = {"layer": name, "T": T, "backend": backend, **floor,
                        "eager_ms": median_ms(fn), "graph_ms": graph_ms(fn)}
