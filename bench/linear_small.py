@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.runtime.errors
 import triton.testing
+from moe_layer import ceilings, graph_ms  # bench/ is the script's directory
 
 from moetorch.ops import triton_fused
 
@@ -34,33 +35,13 @@ GEMV_CONFIGS = [dict(BLOCK_M=1, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
                 for n in (4, 8, 16) for k in (256, 512, 1024) for w in (2, 4) for s in (3, 4)]
 
 
-def graph_ms(fn) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 4 GiB device copy."""
-    a = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * a.numel() * 2 / (triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") / 1e3)
-
-
 @torch.no_grad()
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", default="1,2,4,8,16")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    bw = copy_bandwidth()
+    bw = ceilings()["copy_bytes_per_s"]
     result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "rows": []}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, (K, outs, bias) in SHAPES.items():
