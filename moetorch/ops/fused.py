@@ -20,9 +20,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Which norm `triton_fused.add_norm` applies after the residual add.
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 
-# Rows up to which a norm runs the following router in its kernel (`add_norm_route`): each row's
-# program reads the whole router weight (E x D), which at decode sizes costs less than the two
-# launches (router GEMV, routing) it saves.
+# Rows up to which a norm runs the following router in its kernel (`add_norm_route`): each of a
+# row's E programs recomputes the row's norm for its one logit, which at decode sizes costs less
+# than the two launches (router GEMV, routing) it saves; more rows take the GEMM and `_route_kernel`.
 ROUTE_MAX_ROWS = 64
 
 # Rows up to which `ops.linear.linears` runs the layers in one GEMV kernel.

@@ -304,15 +304,15 @@ def add_norm_route(
     (sum or x, normed, (routing weights [R, k], ids [R, k], logits [R, E])). Routing is sparsemixer's
     (eval mode, k = 2) when `sparsemixer_eps` is given, else a top-k softmax; weights are in the
     rows' dtype, logits too unless `logits_f32`."""
+    sparsemixer = sparsemixer_eps is not None
+    if sparsemixer and k != 2:
+        raise ValueError(f"sparsemixer routes to 2 experts, got k={k}")
     R, args, meta, x_out, h = _add_norm_launch(x_RD, a_RD, bias_D, norm, weight_D, norm_bias_D, eps)
     E = router_ED.shape[0]
     dtype, device = x_RD.dtype, x_RD.device
     logits = torch.empty(R, E, dtype=torch.float32 if logits_f32 else dtype, device=device)
     weights = torch.empty(R, k, dtype=dtype, device=device)
     ids = torch.empty(R, k, dtype=torch.long, device=device)
-    sparsemixer = sparsemixer_eps is not None
-    if sparsemixer and k != 2:
-        raise ValueError(f"sparsemixer routes to 2 experts, got k={k}")
     thr = _threshold(sparsemixer_eps, dtype) if sparsemixer else 0.0
     router_ED = _unit_last(router_ED)
     if R:
