@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .ops import fused
+from .ops.rope import apply_rotary_qk
 
 
 class Cache:
@@ -84,6 +85,13 @@ class Cache:
         if self.replay_embeds is not None:
             self.replay_embeds = fn(self.replay_embeds)
             self.replay_positions = fn(self.replay_positions)
+
+
+    def update_rotated(self, query_states, key_states, value_states, cos, sin, layer_idx, cache_kwargs=None):
+        """The rotary embedding of queries and keys, then `update`: (queries, all keys, all values).
+        A static cache at inference does it in one kernel, rotating the keys into their slots."""
+        query_states, key_states = apply_rotary_qk(query_states, key_states, cos, sin)
+        return (query_states, *self.update(key_states, value_states, layer_idx, cache_kwargs))
 
 
 class DynamicCache(Cache):
@@ -199,7 +207,8 @@ class StaticCache(Cache):
             )
         return self.max_cache_len
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def _slots(self, key_states, layer_idx, cache_kwargs):
+        # (key storage, value storage, slots of the new tokens), allocating on first use
         B, G, T, d = key_states.shape
         if not self.keys:
             self._allocate(B, G, d, key_states.device, key_states.dtype)
@@ -211,6 +220,22 @@ class StaticCache(Cache):
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if k.shape[0] != B:
             raise ValueError(f"StaticCache holds batch {k.shape[0]}, got keys for batch {B}")
+        return k, v, cache_position
+
+    def update_rotated(self, query_states, key_states, value_states, cos, sin, layer_idx, cache_kwargs=None):
+        k, v, cache_position = self._slots(key_states, layer_idx, cache_kwargs)
+        if fused.active(query_states, key_states, value_states, cos, sin, k) and key_states.shape[-1] % 2 == 0:
+            q = fused.kernels().rope_qk_cache(query_states, key_states, value_states, cos, sin, k, v, cache_position)
+            return q, k, v
+        query_states, key_states = apply_rotary_qk(query_states, key_states, cos, sin)
+        return (query_states, *self._write(key_states, value_states, k, v, cache_position))
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        k, v, cache_position = self._slots(key_states, layer_idx, cache_kwargs)
+        return self._write(key_states, value_states, k, v, cache_position)
+
+    @staticmethod
+    def _write(key_states, value_states, k, v, cache_position):
         if fused.active(key_states, value_states, k):
             fused.kernels().kv_write(key_states, value_states, k, v, cache_position)
         else:

@@ -12,6 +12,7 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
 6. The fused inference kernels (ops/triton_fused.py) at real sizes in bf16 against the torch code
    they replace (rel err < 1e-2; routing ids equal): add + LayerNorm / RMSNorm, sparsemixer,
    top-k softmax, rotary embedding, decode attention over a half-filled static cache.
+7. CUDA-graph decode with programmatic dependent launch equals it without, bit for bit.
 Exits non-zero if any check fails.
 """
 
@@ -304,6 +305,48 @@ def check_longrope(results):
     return worst < 1e-4
 
 
+@torch.no_grad()
+def check_pdl(results):
+    """Graphed decode launched with programmatic dependent launch gives bitwise the logits it gives
+    without (MOETORCH_PDL=0): a kernel that touched memory before waiting for the one before it
+    would race, and show here as a difference."""
+    import os
+
+    from moetorch.engine import GraphedDecodeStep
+    from moetorch.ops.triton_moe import pdl_enabled
+
+    results["pdl.enabled"] = pdl_enabled(torch.device("cuda"))
+    ok, before = True, os.environ.get("MOETORCH_PDL")
+    try:
+        for name, (cfg, cls) in configs().items():
+            torch.manual_seed(0)
+            model = cls(cfg).to("cuda", torch.bfloat16).eval()
+            for B in (1, 4):
+                prompt = torch.randint(1, cfg.vocab_size, (B, 40), device="cuda")
+                runs = []
+                for pdl in ("1", "0"):
+                    os.environ["MOETORCH_PDL"] = pdl
+                    cache = moetorch.StaticCache(cfg, max_cache_len=80)
+                    tok = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    step = GraphedDecodeStep(model, cache, B, enabled=True)
+                    steps = []
+                    for t in range(40, 72):
+                        pos = torch.full((B, 1), t, device="cuda")
+                        steps.append(step(tok, None, pos, torch.tensor([t], device="cuda")).clone())
+                        tok = steps[-1].argmax(-1, keepdim=True)
+                    runs.append(torch.stack(steps))
+                same = torch.equal(runs[0], runs[1])
+                results[f"pdl.{name}.B{B}.graph_decode_bitwise_equal"] = same
+                ok &= same
+            del model
+    finally:
+        if before is None:
+            os.environ.pop("MOETORCH_PDL", None)
+        else:
+            os.environ["MOETORCH_PDL"] = before
+    return ok
+
+
 def run_checks() -> dict:
     """Every check; the results, with "ok" saying whether all passed."""
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -314,6 +357,7 @@ def run_checks() -> dict:
     for name, (cfg, cls) in configs().items():
         ok &= check_model(name, cfg, cls, results)
     ok &= check_longrope(results)
+    ok &= check_pdl(results)
     results["ok"] = bool(ok)
     return results
 

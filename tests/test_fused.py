@@ -300,6 +300,23 @@ def test_decode_attention_splits_keys_and_reads_strided_cache():
     close(out, _reference_attention(q, k, v, mask, 0.1, "grouped"), torch.float32, "split decode attention")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_visible_span_inside_splits(dtype):
+    # Visible keys in the middle only (a filled window of a static cache, left padding before it),
+    # so whole splits and whole blocks inside the scanned span see no key; one row sees a single key.
+    B, H, G, S, d = 2, 4, 2, 300, 32
+    q = torch.randn(B, H, 1, d, generator=gen(4)).to(dtype)
+    k = torch.randn(B, G, S, d, generator=gen(5)).to(dtype)
+    v = torch.randn(B, G, S, d, generator=gen(6)).to(dtype)
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., 70:75] = True
+    mask[0, ..., 140:230] = True
+    mask[1, ..., 299] = True
+    with torch.no_grad():
+        out = triton_fused.decode_attention(q, k, v, mask, d**-0.5, tiled=False)
+    close(out, _reference_attention(q, k, v, mask, d**-0.5, "grouped"), dtype, "span decode attention")
+
+
 # ---- whole models -----------------------------------------------------------------------------
 
 
@@ -358,8 +375,8 @@ def test_fused_graphed_step_fallback_matches_dynamic_decode():
 
 
 @pytest.mark.parametrize("arch,expected", [
-    (PHIMOE, {"add_norm", "add_norm_route", "linear_small", "rope_qk", "decode_attention", "kv_write"}),
-    (JETMOE, {"add_norm", "add_norm_route", "linear_small", "rope_qk", "decode_attention", "kv_write"}),
+    (PHIMOE, {"add_norm", "add_norm_route", "linear_small", "rope_qk_cache", "decode_attention"}),
+    (JETMOE, {"add_norm", "add_norm_route", "linear_small", "rope_qk_cache", "decode_attention"}),
 ], ids=["phimoe", "jetmoe"])
 def test_inference_decode_runs_every_fused_kernel(arch, expected, monkeypatch):
     # The models must take the fused path when it is on (a silent fallback would go unnoticed:
@@ -390,6 +407,33 @@ def test_static_cache_write_kernel(dtype):
     got_k, got_v = torch.zeros_like(want_k), torch.zeros_like(want_v)
     triton_fused.kv_write(k, v, got_k, got_v, pos)
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cache_cls", [StaticCache, DynamicCache])
+def test_update_rotated_matches_rotary_then_update(dtype, cache_cls):
+    # Strided q/k/v as the models pass them; the static cache rotates keys straight into their slots.
+    B, H, G, T, d = 2, 4, 2, 3, 16
+    q = torch.randn(B, T, H, d, generator=gen(1)).to(dtype).transpose(1, 2)
+    k = torch.randn(B, T, G, d, generator=gen(2)).to(dtype).transpose(1, 2)
+    v = torch.randn(B, T, G, d, generator=gen(3)).to(dtype).transpose(1, 2)
+    ang = torch.randn(B, T, d // 2, generator=gen(4)) * 50
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    kwargs = {"cache_position": torch.tensor([4, 5, 6])}
+
+    def make():
+        cache = cache_cls(num_layers=2, max_cache_len=9) if cache_cls is StaticCache else cache_cls()
+        cache.update(torch.zeros(B, G, 4, d, dtype=dtype), torch.zeros(B, G, 4, d, dtype=dtype), 0)
+        return cache
+
+    want_cache = make()
+    want_q, want_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    want_k, want_v = want_cache.update(want_k, v, 0, kwargs)
+    got_cache = make()
+    with fused.forced(), torch.no_grad():
+        got_q, got_k, got_v = got_cache.update_rotated(q, k, v, cos, sin, 0, kwargs)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    assert got_cache.get_seq_length() == want_cache.get_seq_length() == 7
 
 
 def test_float64_and_mixed_dtypes_take_the_torch_path():

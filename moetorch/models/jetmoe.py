@@ -107,9 +107,10 @@ class JetMoeAttention(nn.Module):
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
-        q, k = apply_rotary_qk(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position_T})
+        if cache is not None:  # rotates the keys into the cache (one kernel with a static cache)
+            q, k, v = cache.update_rotated(q, k, v, cos, sin, self.layer_idx, {"cache_position": cache_position_T})
+        else:
+            q, k = apply_rotary_qk(q, k, cos, sin)
         out_BTHd, weights = attention(
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, kv_layout="tiled", need_weights=need_weights,

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .fused import NORM_NONE
-from .triton_moe import _interpreting, arrival_counters
+from .triton_moe import _interpreting, _pdl_release, _pdl_start, arrival_counters, pdl_meta, sm_count
 
 # How intermediate values are rounded: to the tensors' dtype, as torch rounds each op's output.
 _ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -103,7 +103,9 @@ def _add_norm_kernel(
     D, eps, stride_x, stride_a, stride_xo, stride_h,
     HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
     ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_start(PDL)
     _add_norm_row(
         x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, tl.program_id(0).to(tl.int64),
         D, eps, stride_x, stride_a, stride_xo, stride_h, HAS_A, HAS_BIAS, NORM, HAS_W, HAS_NB, ROUND, BLOCK_D,
@@ -137,7 +139,7 @@ def add_norm(x_RD, a_RD, bias_D, norm: int, weight_D, norm_bias_D, eps: float):
     (`norm_bias_D`) may be None, as in a LayerNorm without affine parameters."""
     R, args, meta, x_out, h = _add_norm_launch(x_RD, a_RD, bias_D, norm, weight_D, norm_bias_D, eps)
     if R:
-        _add_norm_kernel[(R,)](*args, **meta)
+        _add_norm_kernel[(R,)](*args, **meta, **pdl_meta(x_RD.device, R))
     shape = x_RD.shape
     return x_out.view(shape), (h.view(shape) if norm != NORM_NONE else None)
 
@@ -209,7 +211,9 @@ def _route_kernel(
     logits_ptr, w_ptr, ids_ptr, f32_ptr, R, E, stride_l, thr,
     SPARSEMIXER: tl.constexpr, K: tl.constexpr, WRITE_F32: tl.constexpr, ROUND: tl.constexpr,
     BLOCK_R: tl.constexpr, E_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, E_PAD)
     r_ok = rows < R
@@ -235,6 +239,7 @@ def _route(logits_RE, k: int, sparsemixer: bool, thr: float, weight_dtype: torch
             logits_RE, w, ids, f32, R, E, logits_RE.stride(0), thr,
             SPARSEMIXER=sparsemixer, K=k, WRITE_F32=write_f32, ROUND=round_code(weight_dtype),
             BLOCK_R=block_r, E_PAD=max(triton.next_power_of_2(E), 2), num_warps=1,
+            **pdl_meta(logits_RE.device, triton.cdiv(R, block_r)),
         )
     return w, ids, (f32 if write_f32 else None)
 
@@ -265,7 +270,9 @@ def _add_norm_route_kernel(
     rw_ptr, logits_ptr, rweights_ptr, ids_ptr, counter_ptr, E, stride_rw, thr,
     HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
     ROUND: tl.constexpr, BLOCK_D: tl.constexpr, SPARSEMIXER: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_start(PDL)
     # Program (row, e): the row's add + norm (every program of the row computes it; the e = 0 one
     # stores s and h), then expert e's logit h . W_router[e] (a float32 sum rounded to the dtype, as
     # the Linear rounds its output). The row's last program to arrive routes its E logits and resets
@@ -318,7 +325,7 @@ def add_norm_route(
     if R:
         _add_norm_route_kernel[(R, E)](
             *args, router_ED, logits, weights, ids, arrival_counters(device, R), E, router_ED.stride(0), thr,
-            **meta, SPARSEMIXER=sparsemixer, K=k, E_PAD=max(triton.next_power_of_2(E), 2),
+            **meta, SPARSEMIXER=sparsemixer, K=k, E_PAD=max(triton.next_power_of_2(E), 2), **pdl_meta(device, R * E),
         )
     shape = x_RD.shape
     return x_out.view(shape), h.view(shape), (weights, ids, logits)
@@ -337,7 +344,9 @@ def _linear_small_kernel(
     M, K, N1, N2, N3, stride_xm, stride_om, stride_w1, stride_w2, stride_w3,
     HAS_BIAS: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_start(PDL)
     # Program = one BLOCK_N slice of the outputs of one of up to three linear layers that read the
     # same rows (q, k and v, say); out holds them side by side. All M (<= BLOCK_M) rows in one tile,
     # so each weight is read once, and no split-K reduction kernel follows. BLOCK_M = 1: a plain
@@ -388,6 +397,7 @@ def _linear_small_kernel(
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+    _pdl_release(PDL)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     m = tl.arange(0, BLOCK_M)
@@ -422,7 +432,7 @@ def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None
     ws = weights + [weights[0]] * pad
     bs = (list(biases) if has_bias else [x_MK] * len(weights)) + [x_MK] * pad
     ns_p = ns + [0] * pad
-    sms = _sm_count(x_MK.device.index) if x_MK.is_cuda else 4
+    sms = sm_count(x_MK.device.index) if x_MK.is_cuda else 4
     cfg = config or linear_small_config(sum(ns), K, sms, M)
     grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
     block_m = 1 if M == 1 and cfg.get("BLOCK_M", 1) == 1 else 16  # the one-row GEMV serves one row only
@@ -432,7 +442,7 @@ def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None
             HAS_BIAS=has_bias, ROUND=round_code(x_MK.dtype), UPCAST=_interpreting(),
             PRECISION="ieee" if x_MK.dtype == torch.float32 else "tf32",
             BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(x_MK.device),
         )
     return out
 
@@ -460,12 +470,17 @@ def _rope_rows(x_ptr, o_ptr, b, t, c1, c2, s1, s2, sx_b, sx_t, sx_h, so_b, so_t,
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sqo_b, sqo_t, sqo_h, sko_b, sko_t, sko_h, sc_b, sc_t,
+    q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, T,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sqo_b, sqo_t, sqo_h, sko_b, sko_t, sko_h,
+    svc_b, svc_s, svc_h, sc_b, sc_t,
     HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr, HK_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROUND: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROUND: tl.constexpr, TO_CACHE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    # Program (token, 0) rotates the token's query heads, (token, 1) its key heads.
+    _pdl_start(PDL)
+    # Program (token, 0) rotates the token's query heads, (token, 1) its key heads. TO_CACHE: the
+    # keys go straight into cache slot pos[t] (ko_ptr is the key cache; sko_t unused), and the
+    # values are copied into the value cache's slot.
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
@@ -479,34 +494,64 @@ def _rope_kernel(
     if tl.program_id(1) == 0:
         _rope_rows(q_ptr, qo_ptr, b, t, c1, c2, s1, s2, sq_b, sq_t, sq_h, sqo_b, sqo_t, sqo_h,
                    HQ, HQ_PAD, HALF, HALF_PAD, ROUND)
+    elif TO_CACHE:
+        slot = tl.load(pos_ptr + t).to(tl.int64)
+        # the cache row of slot `slot` is addressed as token 0 of a cache offset by that slot
+        _rope_rows(k_ptr, ko_ptr + slot * sko_t, b, t, c1, c2, s1, s2, sk_b, sk_t, sk_h, sko_b, 0, sko_h,
+                   HK, HK_PAD, HALF, HALF_PAD, ROUND)
+        h = tl.arange(0, HK_PAD)[:, None]
+        dd = tl.arange(0, 2 * HALF_PAD)[None, :]
+        ok = (h < HK) & (dd < 2 * HALF)
+        val = tl.load(v_ptr + b * sv_b + t * sv_t + h * sv_h + dd, mask=ok)
+        tl.store(vc_ptr + b * svc_b + slot * svc_s + h * svc_h + dd, val.to(vc_ptr.dtype.element_ty), mask=ok)
     else:
         _rope_rows(k_ptr, ko_ptr, b, t, c1, c2, s1, s2, sk_b, sk_t, sk_h, sko_b, sko_t, sko_h,
                    HK, HK_PAD, HALF, HALF_PAD, ROUND)
 
 
-def rope_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd):
-    """(apply_rotary(q), apply_rotary(k)) in one launch; outputs keep the inputs' memory layout."""
+def _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_out, v=None, v_cache=None, cache_position_T=None):
+    # rotated queries [B, H, T, d] in [B, T, H, d] memory (what the torch expression yields for a
+    # transposed input); keys into k_out [B, G, T, d], or with v_cache into cache slots
     B, H, T, d = q_BHTd.shape
     G = k_BGTd.shape[1]
     q_BHTd, k_BGTd = _unit_last(q_BHTd), _unit_last(k_BGTd)
     if cos_BTd.stride() != sin_BTd.stride() or cos_BTd.stride(-1) != 1:
         cos_BTd, sin_BTd = cos_BTd.contiguous(), sin_BTd.contiguous()
-    # [B, T, H, d] memory, seen as [B, H, T, d]: what the torch expression yields for a transposed input
     q_out = torch.empty(B, T, H, d, dtype=q_BHTd.dtype, device=q_BHTd.device).transpose(1, 2)
-    k_out = torch.empty(B, T, G, d, dtype=k_BGTd.dtype, device=k_BGTd.device).transpose(1, 2)
+    to_cache = v_cache is not None
+    if to_cache:
+        v = _unit_last(v)
+        if k_out.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            raise ValueError("rope_qk_cache writes caches whose last dim is contiguous")
+    else:
+        v, v_cache, cache_position_T = k_BGTd, k_out, k_BGTd  # unused
     cb, ct = (cos_BTd.stride(0) if cos_BTd.shape[0] > 1 else 0), cos_BTd.stride(1)
     half = d // 2
     if B * T:
         _rope_kernel[(B * T, 2)](
-            q_BHTd, k_BGTd, q_out, k_out, cos_BTd, sin_BTd, T,
+            q_BHTd, k_BGTd, v, q_out, k_out, v_cache, cos_BTd, sin_BTd, cache_position_T, T,
             q_BHTd.stride(0), q_BHTd.stride(2), q_BHTd.stride(1), k_BGTd.stride(0), k_BGTd.stride(2), k_BGTd.stride(1),
-            q_out.stride(0), q_out.stride(2), q_out.stride(1), k_out.stride(0), k_out.stride(2), k_out.stride(1),
+            v.stride(0), v.stride(2), v.stride(1), q_out.stride(0), q_out.stride(2), q_out.stride(1),
+            k_out.stride(0), k_out.stride(2), k_out.stride(1), v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
             cb, ct,
             HQ=H, HQ_PAD=triton.next_power_of_2(H), HK=G, HK_PAD=triton.next_power_of_2(G),
-            HALF=half, HALF_PAD=triton.next_power_of_2(half), ROUND=round_code(q_BHTd.dtype),
-            num_warps=4 if H * d >= 2048 else 1,
+            HALF=half, HALF_PAD=triton.next_power_of_2(half), ROUND=round_code(q_BHTd.dtype), TO_CACHE=to_cache,
+            num_warps=4 if H * d >= 2048 else 1, **pdl_meta(q_BHTd.device, 2 * B * T),
         )
-    return q_out, k_out
+    return q_out
+
+
+def rope_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd):
+    """(apply_rotary(q), apply_rotary(k)) in one launch; outputs keep the inputs' memory layout."""
+    B, G, T, d = k_BGTd.shape
+    k_out = torch.empty(B, T, G, d, dtype=k_BGTd.dtype, device=k_BGTd.device).transpose(1, 2)
+    return _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_out), k_out
+
+
+def rope_qk_cache(q_BHTd, k_BGTd, v_BGTd, cos_BTd, sin_BTd, k_cache_BGSd, v_cache_BGSd, cache_position_T):
+    """`rope_qk`, then `kv_write` of the rotated keys and the values, in one launch: returns the
+    rotated queries (in `rope_qk`'s layout); the keys are rotated straight into the cache."""
+    return _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_cache_BGSd, v_BGTd, v_cache_BGSd, cache_position_T)
 
 
 # ---- KV cache write ------------------------------------------------------------------------------
@@ -517,7 +562,9 @@ def _kv_write_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, T,
     sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, sc_b, sc_g, sc_s, svc_b, svc_g, svc_s,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_start(PDL)
     # Program (b, t): token t's G key and value heads into cache slot pos[t].
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
@@ -542,7 +589,7 @@ def kv_write(k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T) -> No
             k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T, T,
             *k_BGTd.stride()[:3], *v_BGTd.stride()[:3], *k_cache_BGSd.stride()[:3], *v_cache_BGSd.stride()[:3],
             G=G, G_PAD=triton.next_power_of_2(G), HEAD_D=d, D_PAD=triton.next_power_of_2(d),
-            num_warps=1 if G * d <= 1024 else 4,
+            num_warps=1 if G * d <= 1024 else 4, **pdl_meta(k_BGTd.device, B * T),
         )
 
 
@@ -556,8 +603,10 @@ def _decode_attn_kernel(
     sq_b, sq_h, sk_b, sk_g, sk_s, sv_b, sv_g, sv_s, sm_b, sm_s, so_b, so_h,
     G: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, TILED: tl.constexpr, HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_start(PDL)
     # Program (b*G + g, split): the R query heads that read kv head g, over keys [split*chunk, +chunk).
     # One pass of online softmax; K/V are read once per kv head, never repeated per query head.
     pid = tl.program_id(0)
@@ -582,26 +631,44 @@ def _decode_attn_kernel(
     end = tl.minimum(start + chunk, S)
     k_base = k_ptr + b * sk_b + g.to(tl.int64) * sk_g
     v_base = v_ptr + b * sv_b + g.to(tl.int64) * sv_g
-    for n0 in range(start, end, BLOCK_N):
+    m_row = mask_ptr + b * sm_b
+    if HAS_MASK:
+        # First a pass over the mask bytes alone for the span [lo, hi) of visible keys: the K/V
+        # loads below then depend on nothing but the loop index, so they pipeline, and the slots
+        # of a static cache past its filled part are never read.
+        lo = end
+        hi = start
+        for n0 in range(start, end, MASK_BLOCK):
+            n = n0 + tl.arange(0, MASK_BLOCK)
+            seen = (tl.load(m_row + n.to(tl.int64) * sm_s, mask=n < end, other=0) != 0) & (n < end)
+            lo = tl.minimum(lo, tl.min(tl.where(seen, n, end), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.where(seen, n + 1, start), axis=0))
+        lo = start + (lo - start) // BLOCK_N * BLOCK_N
+    else:
+        lo = start
+        hi = end
+    for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        vis = n < end
+        inside = n < hi
+        kv_ok = inside[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n.to(tl.int64)[:, None] * sk_s + dd[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_s + dd[None, :], mask=kv_ok, other=0.0)
         if HAS_MASK:
-            vis = vis & (tl.load(mask_ptr + b * sm_b + n.to(tl.int64) * sm_s, mask=vis, other=0) != 0)
-        if tl.max(vis.to(tl.int32), axis=0) > 0:  # a block with no visible key costs its mask read only
-            kv_ok = vis[:, None] & d_ok[None, :]
-            k = tl.load(k_base + n.to(tl.int64)[:, None] * sk_s + dd[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_s + dd[None, :], mask=kv_ok, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(vis[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            vis = inside & (tl.load(m_row + n.to(tl.int64) * sm_s, mask=inside, other=0) != 0)
+        else:
+            vis = inside
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(vis[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a block with no visible key (inside [lo, hi): padding, a window) leaves m at -inf
+        alpha = tl.where(m_new > float("-inf"), tl.exp(m_i - m_new), 1.0)
+        p = tl.exp(s - tl.where(m_new > float("-inf"), m_new, 0.0)[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
     if SPLIT:
         part = (b * G * R_PAD + g * R_PAD + r) * num_splits + split
         tl.store(part_m_ptr + part, m_i)
@@ -618,7 +685,9 @@ def _decode_combine_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_splits, so_b, so_h,
     G: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, TILED: tl.constexpr,
     HEAD_D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_start(PDL)
     pid = tl.program_id(0)  # (b*G + g)*R + r
     r = pid % R
     g = (pid // R) % G
@@ -640,11 +709,6 @@ def _decode_combine_kernel(
     tl.store(out_ptr + b * so_b + head * so_h + dd, out.to(out_ptr.dtype.element_ty), mask=dd < HEAD_D)
 
 
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool):
     """Attention of one query per row over S cached keys: out [B, 1, H, d] (queries' dtype).
 
@@ -656,7 +720,7 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
     R = H // G
     q_BH1d, k_BGSd, v_BGSd = _unit_last(q_BH1d), _unit_last(k_BGSd), _unit_last(v_BGSd)
     block_n = 64 if d <= 128 else 32
-    programs = 4 * (_sm_count(q_BH1d.device.index) if q_BH1d.is_cuda else 4)
+    programs = 4 * (sm_count(q_BH1d.device.index) if q_BH1d.is_cuda else 4)
     splits = max(1, min(triton.cdiv(S, block_n), triton.cdiv(programs, B * G)))
     chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, chunk)
@@ -681,13 +745,15 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
         q_BH1d.stride(0), q_BH1d.stride(1), k_BGSd.stride(0), k_BGSd.stride(1), k_BGSd.stride(2),
         v_BGSd.stride(0), v_BGSd.stride(1), v_BGSd.stride(2), sm_b, sm_s, out.stride(0), out.stride(2),
         G=G, R=R, R_PAD=r_pad, TILED=tiled, HAS_MASK=mask_B11S is not None, SPLIT=splits > 1,
-        HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32",
-        num_warps=4, num_stages=2,
+        HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCK=min(1024, triton.next_power_of_2(chunk)),
+        UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32",
+        num_warps=4, num_stages=2, **pdl_meta(q_BH1d.device, B * G * splits),
     )
     if splits > 1:
         _decode_combine_kernel[(B * G * R,)](
             part_m, part_l, part_acc, out, splits, out.stride(0), out.stride(2),
             G=G, R=R, R_PAD=r_pad, TILED=tiled, HEAD_D=d, D_PAD=d_pad,
             SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1,
+            **pdl_meta(q_BH1d.device, B * G * R),
         )
     return out

@@ -65,11 +65,84 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# ---- programmatic dependent launch --------------------------------------------------------------
+# On Hopper a kernel launched with PDL may start while the kernel before it on the stream is still
+# running: its programs get scheduled, then wait at `gdc_wait` until that kernel has completed and
+# its writes are visible. That hides a launch's latency and the previous kernel's tail, which at
+# decode (a dozen small kernels a layer) are a large share of the step.
+#
+# The rule every kernel here keeps: its first statement is `_pdl_start(PDL)`, which waits for the
+# previous kernel. No kernel touches memory before it, and none lets the next kernel launch before
+# it, so a kernel's reads and writes follow the previous kernel's completion, and by induction every
+# earlier one's. tests/test_pdl.py checks the rule in the PTX of each kernel.
+#
+# When the next kernel may launch: the GEMM kernels (`_pdl_release`) once their main loop is done;
+# the small kernels at their start (PDL=2) when they have at most one program per 8 SMs, else at
+# their end (PDL=1). Early programs of the next kernel take SM slots while they wait: next to a
+# few programs that costs nothing, but next to programs spread over many SMs they land unevenly,
+# and an expert GEMM with about one program per SM then runs some SMs twice (measured on the H200:
+# batch-16 PhiMoE decode lost 6% with every small kernel releasing at its start, and one JetMoE MoE
+# layer at 8 tokens, whose norm + router kernel has 64 programs, 15%).
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    # PDL: 0 a plain launch; 1 wait for the previous kernel; 2 wait, then let the next launch
+    if PDL >= 1:
+        tl.extra.cuda.gdc_wait()
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_release(PDL: tl.constexpr):
+    # the next kernel may launch (a GEMM's main loop is done); after `_pdl_start`
+    if PDL >= 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    # Hopper or newer, and a Triton whose launcher takes `launch_pdl`.
+    if torch.cuda.get_device_capability(device_index)[0] < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@functools.cache
+def sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL: a CUDA device that supports it, not under the
+    interpreter, and MOETORCH_PDL not set to 0."""
+    if device.type != "cuda" or _interpreting() or os.environ.get("MOETORCH_PDL", "1") == "0":
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_meta(device: torch.device, programs: int = 0) -> dict:
+    """Keyword arguments for a kernel launch: the kernel's PDL constexpr and the launcher's flag.
+    `programs`: a small kernel's grid size (it releases the next kernel at its start when that is at
+    most one program per 8 SMs); 0 for the GEMM kernels, which release after their main loop."""
+    if not pdl_enabled(device):
+        return {"PDL": 0}
+    early = 0 < programs <= sm_count(device.index) // 8
+    return {"PDL": 2 if early else 1, "launch_pdl": True}
+
+
 # ---- kernels -----------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["num_rows"])
-def _count_kernel(ids_ptr, counts_ptr, num_rows, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, num_rows, E_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     # Per-chunk expert histogram, counts_CE[chunk, e]: the scan over chunks happens in _place_kernel.
     pid = tl.program_id(0)
     n = pid * CHUNK + tl.arange(0, CHUNK)
@@ -82,7 +155,9 @@ def _count_kernel(ids_ptr, counts_ptr, num_rows, E_PAD: tl.constexpr, CHUNK: tl.
 def _place_kernel(
     ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_rows, num_chunks, num_blocks,
     E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, TABLE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_start(PDL)
     # Program `pid` places the assignments of chunk `pid` (stable: chunk order, then order within
     # the chunk), writes the sentinel into the padding rows among positions [pid*CHUNK, +CHUNK),
     # and the expert of blocks [pid*CHUNK, +CHUNK). Every program rescans the small count table
@@ -149,7 +224,9 @@ def _moe_gemm_kernel(
     A_DIV: tl.constexpr, OUT_PADDED: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_start(PDL)
     # Program order: GROUP_M row blocks sweep all column tiles together, so their A rows stay in
     # L2 while the expert's weight columns stream past (blocks of one expert are contiguous).
     pid = tl.program_id(0)
@@ -204,6 +281,7 @@ def _moe_gemm_kernel(
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+    _pdl_release(PDL)
 
     if GATED:
         acc = _activate(acc, ACT) * acc_up
@@ -253,7 +331,9 @@ def _moe_small_kernel(
     ACT: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_start(PDL)
     # Decode sizes (all N assignments fit in one BLOCK_M tile): no alignment pass. A program owns a
     # column tile and walks the experts present, one flat loop over (expert, K step) so software
     # pipelining runs across expert boundaries; each step adds W[e] a for the rows routed to e
@@ -310,6 +390,7 @@ def _moe_small_kernel(
             if UPCAST:
                 w_up = w_up.to(tl.float32)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+    _pdl_release(PDL)
 
     if SPLIT_K == 1:
         _small_epilogue(acc, acc_up, out_ptr, route_w_ptr, num_rows, n_out, pid_n, stride_om, stride_on,
@@ -426,11 +507,13 @@ def moe_align(
     block_expert_B = torch.empty(B, dtype=torch.int32, device=ids_N.device)
     num_chunks = triton.cdiv(N, chunk)
     counts_CE = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=ids_N.device)
-    _count_kernel[(num_chunks,)](ids_N, counts_CE, N, E_PAD=E_PAD, CHUNK=chunk, num_warps=4)
+    _count_kernel[(num_chunks,)](ids_N, counts_CE, N, E_PAD=E_PAD, CHUNK=chunk, num_warps=4,
+                                   **pdl_meta(ids_N.device, num_chunks))
     # positions (B * block_m >= N) outnumber assignments and blocks: they size the grid
     _place_kernel[(triton.cdiv(B * block_m, chunk),)](
         ids_N, counts_CE, sorted_P, block_expert_B, N, num_chunks, B,
         E=num_experts, E_PAD=E_PAD, BLOCK_M=block_m, CHUNK=chunk, TABLE=64, num_warps=8,  # 8: no spills
+        **pdl_meta(ids_N.device, triton.cdiv(B * block_m, chunk)),
     )
     return sorted_P, block_expert_B
 
@@ -459,7 +542,7 @@ def moe_gemm(
         A_DIV=a_div, OUT_PADDED=out_padded, GATED=act is not None, ACT=act or "none",
         WEIGHTED=route_w_N is not None, EVEN_K=C % cfg["BLOCK_K"] == 0, UPCAST=_interpreting(),
         PRECISION=precision, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(a.device),
     )
     return out
 
@@ -527,6 +610,7 @@ def moe_gemm_small(
         WEIGHTED=route_w_N is not None, EVEN_K=C % cfg["BLOCK_K"] == 0, UPCAST=_interpreting(),
         PRECISION=precision, BLOCK_M=max(16, triton.next_power_of_2(N)), BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl_meta(a.device),
     )
     return out
 

@@ -1,0 +1,195 @@
+"""Programmatic dependent launch (ops.triton_moe: `pdl_enabled`, `pdl_meta`, `_pdl_start`).
+
+With PDL a kernel may start while the one before it is finishing, so each kernel must wait for it
+before touching memory. These tests check that rule where it can fail: in the PTX Triton compiles
+for Hopper (sm_90, no GPU needed) from the launches of real decode and prefill steps, every global
+load, store and atomic comes after `griddepcontrol.wait`.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from archs import JETMOE, PHIMOE, randomize_
+
+from moetorch import StaticCache
+from moetorch.ops import fused, moe, triton_fused, triton_moe
+
+MODULES = (triton_fused, triton_moe)
+KERNELS = [(m, n) for m in MODULES for n in sorted(vars(m)) if n.startswith("_") and n.endswith("_kernel")]
+
+
+def test_every_kernel_is_listed():
+    names = {n for _, n in KERNELS}
+    assert {"_moe_small_kernel", "_moe_gemm_kernel", "_decode_attn_kernel", "_add_norm_route_kernel",
+            "_linear_small_kernel"} <= names
+
+
+@pytest.mark.parametrize("module,name", KERNELS, ids=[n for _, n in KERNELS])
+def test_kernel_source_starts_with_the_wait(module, name):
+    fn = getattr(module, name).fn
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    func = tree.body[0]
+    assert func.args.args[-1].arg == "PDL", f"{name}: PDL is the last parameter"
+    first = func.body[0]
+    assert isinstance(first, ast.Expr) and isinstance(first.value, ast.Call), f"{name}: first statement"
+    call = first.value
+    assert isinstance(call.func, ast.Name) and call.func.id == "_pdl_start", f"{name} must begin with _pdl_start"
+    assert [a.id for a in call.args] == ["PDL"]
+
+
+def test_pdl_off_on_cpu_under_the_interpreter_and_by_env(monkeypatch):
+    assert triton_moe.pdl_meta(torch.device("cpu"), 4) == {"PDL": 0}
+    monkeypatch.setattr(triton_moe, "_pdl_capable", lambda index: True)
+    monkeypatch.setattr(triton_moe, "sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not triton_moe.pdl_enabled(cuda), "the interpreter takes no launch_pdl"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # GEMMs (no program count) release the next kernel after their main loop; grids of at most one
+    # program per 8 SMs at their start; larger grids at their end
+    assert triton_moe.pdl_meta(cuda) == {"PDL": 1, "launch_pdl": True}
+    assert triton_moe.pdl_meta(cuda, 1) == {"PDL": 2, "launch_pdl": True}
+    assert triton_moe.pdl_meta(cuda, 16) == {"PDL": 2, "launch_pdl": True}
+    assert triton_moe.pdl_meta(cuda, 17) == {"PDL": 1, "launch_pdl": True}
+    monkeypatch.setenv("MOETORCH_PDL", "0")
+    assert triton_moe.pdl_meta(cuda, 16) == {"PDL": 0}
+    monkeypatch.setenv("MOETORCH_PDL", "1")
+    monkeypatch.setattr(triton_moe, "_pdl_capable", lambda index: False)
+    assert triton_moe.pdl_meta(cuda, 16) == {"PDL": 0}
+
+
+@pytest.mark.parametrize("capability,want", [((8, 0), False), ((9, 0), True), ((10, 0), True)])
+def test_pdl_needs_hopper(capability, want, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    assert triton_moe._pdl_capable.__wrapped__(0) is want
+
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.int64: "i64",
+           torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
+_OPTIONS = ("num_warps", "num_stages", "launch_pdl")
+
+
+def _record_launches(monkeypatch) -> list[dict]:
+    """Launch specs (kernel, argument types, constexprs, options) seen while the wrapped code runs."""
+    specs = {}
+
+    class Recorder:
+        def __init__(self, module, name, kernel):
+            self.module, self.name, self.kernel = module, name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                sig = []
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        sig.append("*" + _DTYPES[a.dtype])
+                    elif isinstance(a, bool):
+                        sig.append("i1")
+                    elif isinstance(a, int):
+                        sig.append("i32" if -2**31 <= a < 2**31 else "i64")
+                    else:
+                        sig.append("fp32")
+                const = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+                opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+                spec = {"module": self.module.__name__, "kernel": self.name, "sig": sig, "const": const, "opts": opts}
+                specs.setdefault(self.name, spec)  # one compile per kernel: the rule is at its start
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for module, name in KERNELS:
+        monkeypatch.setattr(module, name, Recorder(module, name, getattr(module, name)))
+    return specs
+
+
+# Run without the interpreter, so the kernels are JIT functions that compile.
+_COMPILE = r"""
+import importlib, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+MEMORY = re.compile(r"^\s*(?:@%p\d+\s+)?(ld\.global|st\.global|atom\.|red\.|cp\.async|ld\.volatile)", re.M)
+import triton.language as tl
+from moetorch.ops.triton_moe import _pdl_start
+
+
+@triton.jit
+def _control_kernel(x_ptr, y_ptr, PDL: tl.constexpr):
+    x = tl.load(x_ptr)  # read before the wait: what the check must catch
+    _pdl_start(PDL)
+    tl.store(y_ptr, x)
+
+
+control = {"module": "__main__", "kernel": "_control_kernel", "sig": ["*fp32", "*fp32"], "const": {},
+           "opts": {"num_warps": 1}}
+failures = []
+for spec in json.load(open(sys.argv[1])) + [control]:
+    kernel = getattr(sys.modules[spec["module"]] if spec["module"] == "__main__"
+                     else importlib.import_module(spec["module"]), spec["kernel"])
+    names = kernel.arg_names
+    const = dict(spec["const"], PDL=2)  # wait, and release the next kernel (at the start or later)
+    sig, it = {}, iter(spec["sig"])
+    for n in names:
+        sig[n] = "constexpr" if n in const else next(it)
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(spec["opts"], launch_pdl=True)).asm["ptx"]
+    body = ptx[ptx.index(".entry"):]
+    wait = body.find("griddepcontrol.wait")
+    first = MEMORY.search(body)
+    if wait < 0 or "griddepcontrol.launch_dependents" not in body:
+        failures.append(f"{spec['kernel']}: no griddepcontrol")
+    elif first is not None and first.start() < wait:
+        failures.append(f"{spec['kernel']}: {first.group(1)} before griddepcontrol.wait")
+print(json.dumps({"compiled": len(json.load(open(sys.argv[1]))) + 1, "failures": failures}))
+"""
+
+
+def _tiny(arch):
+    torch.manual_seed(0)
+    model = arch.ours["causal_lm"](arch.our_config(max_position_embeddings=128)).eval()
+    randomize_(model, 3)
+    return model
+
+
+def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
+    specs = _record_launches(monkeypatch)
+    monkeypatch.setattr(moe, "pick_backend", lambda *args: "triton")  # as on a GPU
+    gen = torch.Generator().manual_seed(0)
+    # A prompt longer than the fused router's and the small expert kernel's row limits (so the
+    # routing kernel, alignment and grouped GEMM run), then decode steps over enough keys to split.
+    prompt = max(fused.ROUTE_MAX_ROWS, triton_moe.SMALL_MAX_ROWS) + 4
+    with torch.no_grad(), fused.forced():
+        for arch in (PHIMOE, JETMOE):
+            model = _tiny(arch).to(torch.bfloat16)
+            ids = torch.randint(1, 97, (2, prompt), generator=gen)
+            model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+            model.generate(ids[:, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)  # dynamic cache
+        kv = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
+        StaticCache(num_layers=1, max_cache_len=4).update(kv, kv, 0)  # a static cache written directly
+    seen = set(specs)
+    assert seen == {n for _, n in KERNELS}, f"not launched: {sorted({n for _, n in KERNELS} - seen)}"
+    path = tmp_path / "specs.json"
+    path.write_text(json.dumps(list(specs.values())))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's moetorch, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    script = tmp_path / "compile_ptx.py"  # a file: Triton reads a @jit function's source from it
+    script.write_text(_COMPILE)
+    done = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["compiled"] == len(specs) + 1, report
+    # the control kernel (a load before the wait) must be caught, and only it
+    assert report["failures"] == ["_control_kernel: ld.global before griddepcontrol.wait"], report
