@@ -436,6 +436,15 @@ def test_update_rotated_matches_rotary_then_update(dtype, cache_cls):
     assert got_cache.get_seq_length() == want_cache.get_seq_length() == 7
 
 
+def test_rope_qk_cache_rejects_a_cache_with_strided_head_dim():
+    q = torch.randn(1, 2, 1, 8)
+    k = v = torch.randn(1, 1, 1, 8)
+    cos = sin = torch.ones(1, 1, 8)
+    cache = torch.zeros(1, 1, 8, 4).transpose(2, 3)  # [B, G, S, d] with d not contiguous
+    with pytest.raises(ValueError, match="last dim is contiguous"):
+        triton_fused.rope_qk_cache(q, k, v, cos, sin, cache, torch.zeros(1, 1, 4, 8), torch.tensor([0]))
+
+
 def test_float64_and_mixed_dtypes_take_the_torch_path():
     model = _tiny(PHIMOE).double()
     ids = torch.randint(1, 97, (2, 5), generator=gen(6))
