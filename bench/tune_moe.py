@@ -39,7 +39,7 @@ DTYPE = torch.bfloat16
 
 
 SMS = 132  # H100/H200: where a decode grid of column tiles leaves SMs idle
-SPLIT_KS = (2, 4, 8)
+SPLIT_KS = (2, 3, 4, 6, 8)
 
 
 def candidates(T: int, gated: bool, n_out: int) -> list[dict]:

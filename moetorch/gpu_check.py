@@ -227,6 +227,9 @@ def check_fused(results):
         ln.weight.normal_(1.0, 0.1, generator=g)
         ln.bias.normal_(0.0, 0.1, generator=g)
         record(f"add_layernorm.B{B}", *both(ln.add_norm, x, a))
+        # a MoE output handed over with its K axis: the add sums it
+        a_k = torch.randn(B, 1, 2, 4096, device=dev, generator=g).to(bf)
+        record(f"add_layernorm_sum_k.B{B}", *both(ln.add_norm, x, a_k))
         rms = RMSNorm(2048, 1e-6).to(dev, bf).eval()
         rms.weight.normal_(1.0, 0.1, generator=g)
         bias = torch.randn(2048, device=dev, generator=g).to(bf)

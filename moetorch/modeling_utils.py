@@ -20,6 +20,7 @@ from .cache import Cache, DynamicCache
 from .configuration import MoeConfig
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from .ops.attention import build_mask, check_attn_implementation
+from .ops.norms import Residual
 from .outputs import MoeModelOutputWithPast
 
 logger = logging.getLogger("moetorch")
@@ -361,23 +362,27 @@ def run_layers(
     output_hidden_states: bool,
     checkpointing: bool,
 ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple]:
-    """The decoder stack. Each layer maps (x, ...) -> (x, attention weights, router logits tuple).
+    """The decoder stack. Each layer maps (Residual, ...) -> (Residual, attention weights, router
+    logits tuple): its output's last add is left pending (`ops.norms.Residual`) for the next
+    layer's first norm, or the final norm, to run in its kernel.
 
     Returns the normed output and, as Transformers does, hidden states (embeddings, each layer's
     output, the last one after the final norm), attentions and all router logits.
     """
     hidden, attns, routers = [], [], []
+    r = Residual(x_BTD)
     for layer in layers:
         if output_hidden_states:
-            hidden.append(x_BTD)
-        args = (x_BTD, rope, mask, is_causal, cache, cache_position_T, output_attentions)
+            r = Residual(r.value())
+            hidden.append(r.x)
+        args = (r, rope, mask, is_causal, cache, cache_position_T, output_attentions)
         if checkpointing:
-            x_BTD, w, logits = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            r, w, logits = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
         else:
-            x_BTD, w, logits = layer(*args)
+            r, w, logits = layer(*args)
         attns.append(w)
         routers.extend(logits)
-    x_BTD = norm(x_BTD)
+    x_BTD = norm.add_norm(*r)[1]
     if output_hidden_states:
         hidden.append(x_BTD)
     return (

@@ -18,7 +18,7 @@ from moetorch.engine import GraphedDecodeStep
 from moetorch.ops import fused, triton_fused
 from moetorch.ops.attention import attention, build_mask
 from moetorch.ops.linear import linears
-from moetorch.ops.norms import LayerNorm, RMSNorm, residual_add
+from moetorch.ops.norms import LayerNorm, Residual, RMSNorm, residual_add
 from moetorch.ops.rope import apply_rotary, apply_rotary_qk
 from moetorch.ops.routing import route_topk, sparsemixer, topk_softmax
 
@@ -78,6 +78,64 @@ def test_rmsnorm_add_with_bias_and_residual_add(dtype):
     assert torch.equal(s, want_s) and torch.equal(r, want_s)
     close(h, want_h, dtype, "add + rmsnorm")
     close(h_only, norm._norm(x), dtype, "rmsnorm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_kind", ["layer", "rms"])
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_add_sums_a_delta_with_an_expert_axis(dtype, norm_kind, K):
+    # The MoE's K weighted outputs [..., K, D] go to the residual add unsummed: the add's kernel
+    # sums them (float32, rounded once) where torch's `sum(-2)` did in a kernel of its own.
+    D = 40
+    norm = (LayerNorm(D, eps=1e-5) if norm_kind == "layer" else RMSNorm(D, eps=1e-6)).to(dtype).eval()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=gen(1)))
+    x = torch.randn(3, 5, D, generator=gen(2)).to(dtype)
+    delta = torch.randn(3, 5, K, D, generator=gen(3)).to(dtype)
+    bias = torch.randn(D, generator=gen(4)).to(dtype)
+    router = (torch.randn(6, D, generator=gen(5)) / 4).to(dtype)
+    with torch.no_grad():
+        want_s = x + (delta.sum(-2) + bias)
+        want_h = norm(want_s)
+        torch_s, torch_h = norm.add_norm(x, delta, bias)
+        with fused.forced():
+            s, h = norm.add_norm(x, delta, bias)
+            r = residual_add(x, delta, bias)
+            s2, h2, routing = norm.add_norm_route(x.view(15, D), delta.view(15, K, D), bias, router, 2)
+    assert torch.equal(torch_s, want_s) and torch.equal(torch_h, want_h), "the torch path sums the axis too"
+    if K <= 2:  # two float32 terms sum alike in any order
+        for got in (s, r, s2.view_as(x)):
+            assert torch.equal(got, want_s)
+    else:
+        for got in (s, r, s2.view_as(x)):
+            close(got, want_s, dtype, "sum over K")
+    close(h, want_h, dtype, "normed")
+    close(h2.view_as(x), want_h, dtype, "normed (with the router)")
+    assert routing is not None
+
+
+def test_add_rejects_a_delta_of_the_wrong_shape():
+    norm = RMSNorm(8, 1e-6)
+    x = torch.randn(2, 3, 8)
+    for bad in (torch.randn(2, 3, 9), torch.randn(2, 4, 2, 8), torch.randn(2, 3, 2, 9), torch.randn(6, 8)):
+        for on in (False, True):
+            with torch.no_grad(), fused.forced(on), pytest.raises(ValueError, match="residual delta of shape"):
+                norm.add_norm(x, bad)
+            with torch.no_grad(), fused.forced(on), pytest.raises(ValueError, match="residual delta of shape"):
+                residual_add(x, bad)
+
+
+def test_residual_value_and_norm_of_a_pending_add():
+    norm = LayerNorm(8).eval()
+    x, delta, bias = torch.randn(2, 8), torch.randn(2, 3, 8), torch.randn(8)
+    want = x + (delta.sum(-2) + bias)
+    with torch.no_grad():
+        assert torch.equal(Residual(x).value(), x)
+        assert torch.equal(Residual(x, delta, bias).value(), want)
+        s, h = norm.add_norm(*Residual(x, delta, bias))
+        s0, h0 = norm.add_norm(*Residual(x))
+    assert torch.equal(s, want) and torch.equal(h, norm(want))
+    assert s0 is x and torch.equal(h0, norm(x))
 
 
 def test_norms_keep_torch_path_when_gradients_are_needed():
@@ -301,7 +359,9 @@ def test_decode_attention_splits_keys_and_reads_strided_cache():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_attention_visible_span_inside_splits(dtype):
+@pytest.mark.parametrize("config", [None, dict(BLOCK_N=16, num_warps=2, num_stages=3),
+                                    dict(BLOCK_N=64, num_warps=4, num_stages=1)], ids=["default", "n16", "n64"])
+def test_decode_attention_visible_span_inside_splits(dtype, config):
     # Visible keys in the middle only (a filled window of a static cache, left padding before it),
     # so whole splits and whole blocks inside the scanned span see no key; one row sees a single key.
     B, H, G, S, d = 2, 4, 2, 300, 32
@@ -313,8 +373,15 @@ def test_decode_attention_visible_span_inside_splits(dtype):
     mask[0, ..., 140:230] = True
     mask[1, ..., 299] = True
     with torch.no_grad():
-        out = triton_fused.decode_attention(q, k, v, mask, d**-0.5, tiled=False)
+        out = triton_fused.decode_attention(q, k, v, mask, d**-0.5, tiled=False, config=config)
     close(out, _reference_attention(q, k, v, mask, d**-0.5, "grouped"), dtype, "span decode attention")
+
+
+def test_decode_attention_config():
+    # 32 keys per step; 2 warps once batch x kv heads gives every SM a program
+    assert triton_fused.decode_attn_config(128, 1024, 132) == dict(BLOCK_N=32, num_warps=2, num_stages=2)
+    assert triton_fused.decode_attn_config(128, 16, 132)["num_warps"] == 4
+    assert triton_fused.decode_attn_config(512, 16, 132)["BLOCK_N"] == 16
 
 
 # ---- whole models -----------------------------------------------------------------------------
@@ -353,6 +420,35 @@ def test_fused_decode_gives_the_same_tokens(arch, cache_kind):
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.scores, want.scores):
         close(a, b, torch.float32, "decode scores")
+
+
+@pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
+def test_triton_experts_leave_their_sum_to_the_next_norm(arch, monkeypatch):
+    # A prefill big enough for the experts' sorted path: each MoE output reaches the following
+    # residual add with its K axis (no sum kernel of its own), and logits and hidden states match
+    # the torch path's.
+    model = _tiny(arch)
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = "triton"
+    deltas = []
+    launch = triton_fused._add_norm_launch
+    monkeypatch.setattr(triton_fused, "_add_norm_launch",
+                        lambda x, a, *r: deltas.append(None if a is None else a.dim() - x.dim()) or launch(x, a, *r))
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 20, "left", seed=11)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, output_hidden_states=True)
+        with fused.forced():
+            got = model(ids, attention_mask=mask, output_hidden_states=True)
+            deltas_with_states = list(deltas)
+            deltas.clear()
+            logits = model(ids, attention_mask=mask).logits
+    close(got.logits, want.logits, torch.float32, "prefill logits")
+    close(logits, want.logits, torch.float32, "prefill logits without hidden states")
+    for i, (a, b) in enumerate(zip(got.hidden_states, want.hidden_states, strict=True)):
+        close(a, b, torch.float32, f"hidden state {i}")
+    assert 1 in deltas, "an expert axis reached the residual add"
+    assert 1 in deltas_with_states
 
 
 def test_fused_graphed_step_fallback_matches_dynamic_decode():

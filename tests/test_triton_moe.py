@@ -82,8 +82,9 @@ def test_backends_registered():
     assert pick_backend(torch.ones(2, 4), torch.zeros(2, 2, dtype=torch.long)) != "triton"  # CPU
 
 
-# chunk 16: several chunks, and at T=600 more chunks than one pass over the count table holds
-ALIGN_CASES = [(T, chunk, kind) for T, chunk in [(1, 256), (7, 16), (50, 16), (50, 256)]
+# chunk 16: several chunks, and at T=600 more chunks than one pass over the count table holds;
+# one chunk (T=1, 7, 8 at 16 and 50 at 256): the placement counts for itself, over several programs
+ALIGN_CASES = [(T, chunk, kind) for T, chunk in [(1, 256), (7, 16), (8, 16), (50, 16), (50, 256)]
                for kind in ("random", "one_hot_expert", "empty_experts")] + [(600, 16, "random")]
 
 
@@ -159,6 +160,34 @@ def test_map_reduce_match_reference(tm, T, small, kind, dtype):
     check(got, expert_map_reference(x.float(), w_map.float(), ids), dtype, f"map {kind}")
     got = tm.reduce_fused(h, w_red, ids, weights, SMALL, small=small)
     check(got, expert_reduce_reference(h.float(), w_red.float(), ids, weights.float()), dtype, f"reduce {kind}")
+
+
+@pytest.mark.parametrize(("T", "small"), [(7, True), (7, False), (33, False)], ids=["T7-small", "T7-sorted", "T33-sorted"])
+def test_uncombined_outputs_sum_to_the_combined_ones(tm, T, small):
+    # combine=False: the sorted path hands the K weighted terms to the caller (whose residual add
+    # sums them); summed, they are the combined output bit for bit. The small kernel sums anyway.
+    gen = torch.Generator().manual_seed(300 + T)
+    x = torch.randn(T, D, generator=gen).to(torch.bfloat16)
+    w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(torch.bfloat16)
+    w2 = (torch.randn(E, D, I, generator=gen) * 0.3).to(torch.bfloat16)
+    h = torch.randn(T, K, C, generator=gen).to(torch.bfloat16)
+    w_red = (torch.randn(E, D, C, generator=gen) * 0.3).to(torch.bfloat16)
+    weights = torch.rand(T, K, generator=gen).to(torch.bfloat16)
+    ids = routing(T, "random", gen)
+    cfgs = (SMALL, {**SMALL, "BLOCK_N": 32})
+    for combined, terms in (
+        (tm.experts_fused(x, w13, w2, ids, weights, "silu", cfgs, small),
+         tm.experts_fused(x, w13, w2, ids, weights, "silu", cfgs, small, combine=False)),
+        (tm.reduce_fused(h, w_red, ids, weights, SMALL, small),
+         tm.reduce_fused(h, w_red, ids, weights, SMALL, small, combine=False)),
+    ):
+        assert combined.shape == (T, D)
+        assert terms.shape == ((T, D) if small else (T, K, D))
+        assert torch.equal(terms if small else terms.sum(-2), combined)
+    # through the seam: the other backends combine whatever is asked
+    for backend in ("reference", "gather"):
+        y = experts_forward(x.float(), w13.float(), w2.float(), ids, weights.float(), F.silu, backend, combine=False)
+        assert y.shape == (T, D)
 
 
 def test_gradients_match_reference(tm):

@@ -23,7 +23,7 @@ from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
 from ..ops.linear import linears
 from ..ops.moe import expert_map, expert_reduce, experts_forward
-from ..ops.norms import RMSNorm, residual_add
+from ..ops.norms import Residual, RMSNorm
 from ..ops.rope import RotaryEmbedding, apply_rotary_qk
 from ..ops.routing import route_topk, switch_aux_loss, z_loss
 from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -80,8 +80,8 @@ class JetMoeMoA(nn.Module):
     def map(self, x_ND, ids_NK):
         return expert_map(x_ND, self.input_linear.weight, ids_NK, self.backend)
 
-    def reduce(self, o_NKC, ids_NK, weights_NK):
-        return expert_reduce(o_NKC, self.output_linear.weight, ids_NK, weights_NK, self.backend)
+    def reduce(self, o_NKC, ids_NK, weights_NK, combine: bool = True):
+        return expert_reduce(o_NKC, self.output_linear.weight, ids_NK, weights_NK, self.backend, combine)
 
 
 class JetMoeAttention(nn.Module):
@@ -115,8 +115,9 @@ class JetMoeAttention(nn.Module):
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, kv_layout="tiled", need_weights=need_weights,
         )
-        y_ND = self.experts.reduce(out_BTHd.reshape(B * T, self.top_k, -1), ids_NK, weights_NK)
-        return y_ND.view(B, T, D), weights, logits_NE
+        # [N, D], or [N, K, D] left for the residual add to sum (ops.norms)
+        y = self.experts.reduce(out_BTHd.reshape(B * T, self.top_k, -1), ids_NK, weights_NK, combine=False)
+        return y.view(B, T, *y.shape[1:]), weights, logits_NE
 
 
 class JetMoeMoE(nn.Module):
@@ -136,14 +137,17 @@ class JetMoeMoE(nn.Module):
     def init_parameters(self, std: float) -> None:
         nn.init.zeros_(self.bias)
 
-    def forward(self, x_BTD, routing=None):
+    def forward(self, x_BTD, routing=None, combine: bool = True):
+        """(output without the bias, router logits); combine=False: the output may be [B, T, K, D],
+        for a residual add to sum (ops.norms.Residual)."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         weights_NK, ids_NK, logits_NE = routing if routing is not None else self.router(x_ND)
-        y_ND = experts_forward(
-            x_ND, self.input_linear.weight, self.output_linear.weight, ids_NK, weights_NK, self.act, self.backend
+        y = experts_forward(
+            x_ND, self.input_linear.weight, self.output_linear.weight, ids_NK, weights_NK, self.act, self.backend,
+            combine,
         )
-        return y_ND.view(B, T, D), logits_NE
+        return y.view(B, T, *y.shape[1:]), logits_NE
 
 
 class JetMoeDecoderLayer(nn.Module):
@@ -154,11 +158,12 @@ class JetMoeDecoderLayer(nn.Module):
         self.input_layernorm = JetMoeRMSNorm(config.hidden_size, LAYER_NORM_EPS)
         self.post_attention_layernorm = JetMoeRMSNorm(config.hidden_size, LAYER_NORM_EPS)
 
-    def forward(self, x_BTD, rope, mask, is_causal, cache, cache_position_T, need_weights):
-        # Each norm and (at decode) the router reading its output: one kernel at inference.
+    def forward(self, r: Residual, rope, mask, is_causal, cache, cache_position_T, need_weights):
+        # Each norm with the residual add before it and (at decode) the router reading its output:
+        # one kernel at inference. The first adds the previous layer's MLP output.
         attn_router, mlp_router = self.self_attention.experts.router, self.mlp.router
-        _, h, routing = self.input_layernorm.add_norm_route(
-            x_BTD, None, None, attn_router.layer.weight, attn_router.top_k, logits_f32=True
+        x_BTD, h, routing = self.input_layernorm.add_norm_route(
+            *r, attn_router.layer.weight, attn_router.top_k, logits_f32=True
         )
         a, weights, attn_logits_NE = self.self_attention(
             h, rope, mask, is_causal, cache, cache_position_T, need_weights, routing
@@ -167,10 +172,10 @@ class JetMoeDecoderLayer(nn.Module):
         x_BTD, h, routing = self.post_attention_layernorm.add_norm_route(
             x_BTD, a, self.self_attention.experts.bias, mlp_router.layer.weight, mlp_router.top_k, logits_f32=True
         )
-        m, mlp_logits_NE = self.mlp(h, routing)
+        m, mlp_logits_NE = self.mlp(h, routing, combine=False)
         # Transformers records the attention router twice per layer (as the router's output and as the
         # attention's), and its router_logits and aux loss carry both copies: so do ours.
-        return residual_add(x_BTD, m, self.mlp.bias), weights, (attn_logits_NE, attn_logits_NE, mlp_logits_NE)
+        return Residual(x_BTD, m, self.mlp.bias), weights, (attn_logits_NE, attn_logits_NE, mlp_logits_NE)
 
 
 class JetMoePreTrainedModel(PreTrainedModel):

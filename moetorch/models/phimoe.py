@@ -18,7 +18,7 @@ from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
 from ..ops.linear import linears
 from ..ops.moe import experts_forward
-from ..ops.norms import LayerNorm
+from ..ops.norms import LayerNorm, Residual
 from ..ops.rope import RotaryEmbedding, apply_rotary_qk
 from ..ops.routing import sparsemixer, switch_aux_loss
 from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -72,8 +72,11 @@ class PhimoeExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, 0.0, std)
         nn.init.normal_(self.down_proj, 0.0, std)
 
-    def forward(self, x_TD, ids_TK, weights_TK):
-        return experts_forward(x_TD, self.gate_up_proj, self.down_proj, ids_TK, weights_TK, self.act, self.backend)
+    def forward(self, x_TD, ids_TK, weights_TK, combine: bool = True):
+        """[T, D]; combine=False: maybe [T, K, D], summed by the residual add (ops.moe.experts_forward)."""
+        return experts_forward(
+            x_TD, self.gate_up_proj, self.down_proj, ids_TK, weights_TK, self.act, self.backend, combine
+        )
 
 
 class PhimoeSparseMoeBlock(nn.Module):
@@ -84,8 +87,9 @@ class PhimoeSparseMoeBlock(nn.Module):
         self.router_jitter = config.router_jitter_noise
         self.input_jitter = config.input_jitter_noise
 
-    def forward(self, x_BTD, routing=None):
-        """`routing`: (weights, ids, logits) when the norm's kernel already routed x (inference)."""
+    def forward(self, x_BTD, routing=None, combine: bool = True):
+        """`routing`: (weights, ids, logits) when the norm's kernel already routed x (inference).
+        combine=False: the output may be [B, T, K, D], for a residual add to sum (ops.norms.Residual)."""
         B, T, D = x_BTD.shape
         if self.training and self.input_jitter > 0:
             # Once, as in the original model (Transformers applies it twice, in place).
@@ -96,7 +100,8 @@ class PhimoeSparseMoeBlock(nn.Module):
             weights_TK, ids_TK = sparsemixer(logits_TE, self.router_jitter, self.training)
         else:
             weights_TK, ids_TK, logits_TE = routing
-        return self.experts(x_TD, ids_TK, weights_TK).view(B, T, D), logits_TE
+        y = self.experts(x_TD, ids_TK, weights_TK, combine)
+        return y.view(B, T, *y.shape[1:]), logits_TE
 
 
 class PhimoeDecoderLayer(nn.Module):
@@ -107,15 +112,16 @@ class PhimoeDecoderLayer(nn.Module):
         self.input_layernorm = LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x_BTD, rope, mask, is_causal, cache, cache_position_T, need_weights):
-        h = self.input_layernorm(x_BTD)
+    def forward(self, r: Residual, rope, mask, is_causal, cache, cache_position_T, need_weights):
+        # the previous layer's pending add, then the norm: one kernel at inference
+        x_BTD, h = self.input_layernorm.add_norm(*r)
         a, weights = self.self_attn(h, rope, mask, is_causal, cache, cache_position_T, need_weights)
         # x + attention, the norm, and (at decode) the router: one kernel at inference
         x_BTD, h, routing = self.post_attention_layernorm.add_norm_route(
             x_BTD, a, None, self.mlp.router.weight, 2, sparsemixer_eps=self.mlp.router_jitter
         )
-        m, logits_TE = self.mlp(h, routing)
-        return x_BTD + m, weights, (logits_TE,)
+        m, logits_TE = self.mlp(h, routing, combine=False)
+        return Residual(x_BTD, m), weights, (logits_TE,)
 
 
 class PhimoePreTrainedModel(PreTrainedModel):

@@ -31,10 +31,10 @@ GATHER_MAX_ROWS = 64
 def _lazy_triton(name: str) -> Callable[..., torch.Tensor]:
     """A backend entry that imports triton_moe (and triton) only when first called."""
 
-    def backend(*args):
+    def backend(*args, **kwargs):
         from . import triton_moe
 
-        return getattr(triton_moe, name)(*args)
+        return getattr(triton_moe, name)(*args, **kwargs)
 
     backend.__name__ = name
     return backend
@@ -133,13 +133,20 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
-def experts_forward(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act, backend: str | None = None) -> torch.Tensor:
-    """y_T = sum_k weights[t, k] * W2[e] (act(W1[e] x_t) * W3[e] x_t), with e = ids[t, k]."""
+def experts_forward(
+    x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act, backend: str | None = None, combine: bool = True
+) -> torch.Tensor:
+    """y_T = sum_k weights[t, k] * W2[e] (act(W1[e] x_t) * W3[e] x_t), with e = ids[t, k].
+
+    combine=False: the result may keep the K axis ([T, K, D], the terms of that sum) where the sum
+    would cost a kernel of its own (the Triton backend's sorted path); a residual add (`ops.norms`)
+    sums it in its own kernel. Elsewhere the result is [T, D] either way."""
     x_TD, w13_E2ID, w2_EDI, weights_TK = autocast_inputs(x_TD, w13_E2ID, w2_EDI, weights_TK)
     name = backend or pick_backend(x_TD, ids_TK)
     if name not in EXPERT_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(EXPERT_BACKENDS)}")
-    return EXPERT_BACKENDS[name](x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act)
+    args = (x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act)
+    return EXPERT_BACKENDS[name](*args) if combine or name != "triton" else EXPERT_BACKENDS[name](*args, combine=False)
 
 
 # ---- Single-projection experts: JetMoE's attention experts (MoA) ------------------------------
@@ -225,10 +232,12 @@ def expert_map(x_TD, w_EOD, ids_TK, backend: str | None = None) -> torch.Tensor:
     return MAP_BACKENDS[name](x_TD, w_EOD, ids_TK)
 
 
-def expert_reduce(h_TKC, w_EOC, ids_TK, weights_TK, backend: str | None = None) -> torch.Tensor:
-    """y_t = sum_k weights[t, k] * W[e] h[t, k] with e = ids[t, k]: shape [T, O]."""
+def expert_reduce(h_TKC, w_EOC, ids_TK, weights_TK, backend: str | None = None, combine: bool = True) -> torch.Tensor:
+    """y_t = sum_k weights[t, k] * W[e] h[t, k] with e = ids[t, k]: shape [T, O] (combine=False:
+    maybe [T, K, O], as in `experts_forward`)."""
     h_TKC, w_EOC, weights_TK = autocast_inputs(h_TKC, w_EOC, weights_TK)
     name = backend or pick_backend(h_TKC, ids_TK)
     if name not in REDUCE_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(REDUCE_BACKENDS)}")
-    return REDUCE_BACKENDS[name](h_TKC, w_EOC, ids_TK, weights_TK)
+    args = (h_TKC, w_EOC, ids_TK, weights_TK)
+    return REDUCE_BACKENDS[name](*args) if combine or name != "triton" else REDUCE_BACKENDS[name](*args, combine=False)

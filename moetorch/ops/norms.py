@@ -9,21 +9,56 @@ MoE block routes as usual.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from . import fused
 
 
+def delta_terms(x: torch.Tensor, delta: torch.Tensor) -> int:
+    """How many terms a residual delta holds per row: 1 when it has x's shape, K when it is
+    `[..., K, D]` over x's `[..., D]` (K experts' weighted outputs, which the add sums first)."""
+    if delta.shape == x.shape:
+        return 1
+    if delta.dim() == x.dim() + 1 and delta.shape[:-2] == x.shape[:-1] and delta.shape[-1] == x.shape[-1]:
+        return delta.shape[-2]
+    raise ValueError(f"residual delta of shape {tuple(delta.shape)} fits neither x's {tuple(x.shape)} "
+                     f"nor {tuple(x.shape[:-1])} + (K, {x.shape[-1]})")
+
+
 def _add(x, delta, bias):
+    if delta is None:
+        return x
+    delta_terms(x, delta)  # checks the shape
+    if delta.dim() > x.dim():
+        delta = delta.sum(-2)
     return x + (delta if bias is None else delta + bias)
 
 
-def residual_add(x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x + (delta + bias), one kernel at inference."""
+def residual_add(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x + (delta + bias), one kernel at inference; delta None: x."""
+    if delta is None:
+        return x
     if fused.active(x, delta, bias):
         return fused.kernels().add_norm(x, delta, bias, fused.NORM_NONE, None, None, 0.0)[0]
     return _add(x, delta, bias)
+
+
+class Residual(NamedTuple):
+    """A hidden state `x + (delta + bias)` whose add has not run yet. A decoder layer returns its
+    MoE output this way, and the next layer's first norm (or the final norm) adds it in its own
+    kernel: `norm.add_norm(*residual)`, one launch where the add and the norm took two. `delta` may
+    carry a K axis (`[..., K, D]`, see `delta_terms`): the add sums it."""
+
+    x: torch.Tensor
+    delta: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def value(self) -> torch.Tensor:
+        """The hidden state itself (one add kernel unless nothing is pending)."""
+        return residual_add(self.x, self.delta, self.bias)
 
 
 class _AddNormRoute:

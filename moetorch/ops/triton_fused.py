@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .fused import NORM_NONE
+from .norms import delta_terms
 from .triton_moe import _interpreting, _pdl_release, _pdl_start, arrival_counters, pdl_meta, sm_count
 
 # How intermediate values are rounded: to the tensors' dtype, as torch rounds each op's output.
@@ -57,18 +58,24 @@ def _round(x, ROUND: tl.constexpr):
 @triton.jit
 def _add_norm_row(
     x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
-    D, eps, stride_x, stride_a, stride_xo, stride_h,
-    HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
-    ROUND: tl.constexpr, BLOCK_D: tl.constexpr, store,
+    D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h,
+    HAS_A: tl.constexpr, A_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_NB: tl.constexpr, ROUND: tl.constexpr, BLOCK_D: tl.constexpr, store,
 ):
     # One row: s = x + (a + bias), then LayerNorm or RMSNorm of s (NORM: fused.NORM_NONE, _LAYER,
     # _RMS = 0, 1, 2). torch rounds `a + bias` and the sum before the norm reads it, and so does this.
+    # A_K > 1: a is the sum of A_K rows (stride_ak apart: the experts' outputs of a token), summed in
+    # float32 in order and rounded once, as torch's sum over that axis.
     # Stores s and h where `store`; returns h in float32 (rounded to the dtype; zeros past D).
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
     s = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_A:
         a = tl.load(a_ptr + row * stride_a + cols, mask=ok, other=0.0).to(tl.float32)
+        if A_K > 1:
+            for k in tl.static_range(1, A_K):
+                a += tl.load(a_ptr + row * stride_a + k * stride_ak + cols, mask=ok, other=0.0).to(tl.float32)
+            a = _round(a, ROUND)
         if HAS_BIAS:
             a = _round(a + tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32), ROUND)
         s = _round(s + a, ROUND)
@@ -100,33 +107,34 @@ def _add_norm_row(
 @triton.jit
 def _add_norm_kernel(
     x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr,
-    D, eps, stride_x, stride_a, stride_xo, stride_h,
-    HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
-    ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
+    D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h,
+    HAS_A: tl.constexpr, A_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_NB: tl.constexpr, ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
     _add_norm_row(
         x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, tl.program_id(0).to(tl.int64),
-        D, eps, stride_x, stride_a, stride_xo, stride_h, HAS_A, HAS_BIAS, NORM, HAS_W, HAS_NB, ROUND, BLOCK_D,
-        True,
+        D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h, HAS_A, A_K, HAS_BIAS, NORM, HAS_W, HAS_NB,
+        ROUND, BLOCK_D, True,
     )
 
 
 def _add_norm_launch(x_RD, a_RD, bias_D, norm: int, weight_D, norm_bias_D, eps: float):
     # (rows R, kernel arguments, constexprs, x_out, h) shared by the add_norm kernels
     D = x_RD.shape[-1]
-    x2 = x_RD.reshape(-1, D)
-    a2 = a_RD.reshape(-1, D) if a_RD is not None else x2
+    x2 = _unit_last(x_RD.reshape(-1, D))
+    a_k = delta_terms(x_RD, a_RD) if a_RD is not None else 1
+    a3 = _unit_last(a_RD.reshape(-1, a_k, D)) if a_RD is not None else x2.unsqueeze(1)
     x_out = torch.empty_like(x2) if a_RD is not None else x2
     h = torch.empty_like(x2) if norm != NORM_NONE else x2
     args = (
-        x2, a2, bias_D if bias_D is not None else x2, weight_D if weight_D is not None else x2,
+        x2, a3, bias_D if bias_D is not None else x2, weight_D if weight_D is not None else x2,
         norm_bias_D if norm_bias_D is not None else x2, x_out, h,
-        D, eps, x2.stride(0), a2.stride(0), x_out.stride(0), h.stride(0),
+        D, eps, x2.stride(0), a3.stride(0), a3.stride(1), x_out.stride(0), h.stride(0),
     )
     meta = dict(
-        HAS_A=a_RD is not None, HAS_BIAS=bias_D is not None, NORM=norm, HAS_W=weight_D is not None,
+        HAS_A=a_RD is not None, A_K=a_k, HAS_BIAS=bias_D is not None, NORM=norm, HAS_W=weight_D is not None,
         HAS_NB=norm_bias_D is not None, ROUND=round_code(x_RD.dtype), BLOCK_D=triton.next_power_of_2(D),
         num_warps=_row_warps(D),
     )
@@ -266,10 +274,11 @@ def topk_softmax(logits_RE: torch.Tensor, k: int, weight_dtype: torch.dtype):
 @triton.jit
 def _add_norm_route_kernel(
     x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr,
-    D, eps, stride_x, stride_a, stride_xo, stride_h,
+    D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h,
     rw_ptr, logits_ptr, rweights_ptr, ids_ptr, counter_ptr, E, stride_rw, thr,
-    HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
-    ROUND: tl.constexpr, BLOCK_D: tl.constexpr, SPARSEMIXER: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr,
+    HAS_A: tl.constexpr, A_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_NB: tl.constexpr, ROUND: tl.constexpr, BLOCK_D: tl.constexpr, SPARSEMIXER: tl.constexpr,
+    K: tl.constexpr, E_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -284,8 +293,8 @@ def _add_norm_route_kernel(
     ok = cols < D
     h = _add_norm_row(
         x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
-        D, eps, stride_x, stride_a, stride_xo, stride_h, HAS_A, HAS_BIAS, NORM, HAS_W, HAS_NB, ROUND, BLOCK_D,
-        e == 0,
+        D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h, HAS_A, A_K, HAS_BIAS, NORM, HAS_W, HAS_NB,
+        ROUND, BLOCK_D, e == 0,
     )
     wr = tl.load(rw_ptr + e.to(tl.int64) * stride_rw + cols, mask=ok, other=0.0).to(tl.float32)
     logit = _round(tl.sum(h * wr, axis=0), ROUND)
@@ -709,18 +718,29 @@ def _decode_combine_kernel(
     tl.store(out_ptr + b * so_b + head * so_h + dd, out.to(out_ptr.dtype.element_ty), mask=dd < HEAD_D)
 
 
-def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool):
+def decode_attn_config(d: int, rows: int, sms: int) -> dict:
+    """Block sizes of `_decode_attn_kernel` for head dim d and `rows` = batch x kv heads: BLOCK_N
+    keys per step, warps, pipeline stages. 32 keys per step keep a program's K/V buffers small, so
+    more programs share an SM; with a program per SM or more, 2 warps each (measured on the H200,
+    bench/decode_attn.py: 5-10% faster than 64 keys and 4 warps at batch 16 and 64)."""
+    return dict(BLOCK_N=32 if d <= 256 else 16, num_warps=2 if rows >= sms else 4, num_stages=2)
+
+
+def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool, config: dict | None = None):
     """Attention of one query per row over S cached keys: out [B, 1, H, d] (queries' dtype).
 
     `mask_B11S` (bool, any strides, or None for all keys visible) already holds causality,
     padding and the sliding window. Splits S across programs when B*G alone cannot fill the GPU.
+    `config`: block sizes (`decode_attn_config`'s keys), else the defaults.
     """
     B, H, _, d = q_BH1d.shape
     G, S = k_BGSd.shape[1], k_BGSd.shape[2]
     R = H // G
     q_BH1d, k_BGSd, v_BGSd = _unit_last(q_BH1d), _unit_last(k_BGSd), _unit_last(v_BGSd)
-    block_n = 64 if d <= 128 else 32
-    programs = 4 * (sm_count(q_BH1d.device.index) if q_BH1d.is_cuda else 4)
+    sms = sm_count(q_BH1d.device.index) if q_BH1d.is_cuda else 4
+    cfg = config or decode_attn_config(d, B * G, sms)
+    block_n = cfg["BLOCK_N"]
+    programs = 4 * sms
     splits = max(1, min(triton.cdiv(S, block_n), triton.cdiv(programs, B * G)))
     chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, chunk)
@@ -747,7 +767,7 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
         G=G, R=R, R_PAD=r_pad, TILED=tiled, HAS_MASK=mask_B11S is not None, SPLIT=splits > 1,
         HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCK=min(1024, triton.next_power_of_2(chunk)),
         UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32",
-        num_warps=4, num_stages=2, **pdl_meta(q_BH1d.device, B * G * splits),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q_BH1d.device, B * G * splits),
     )
     if splits > 1:
         _decode_combine_kernel[(B * G * R,)](

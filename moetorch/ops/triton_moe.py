@@ -155,6 +155,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_rows, E_PAD: tl.constexpr, CHUNK: tl.
 def _place_kernel(
     ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_rows, num_chunks, num_blocks,
     E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, TABLE: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -162,15 +163,24 @@ def _place_kernel(
     # the chunk), writes the sentinel into the padding rows among positions [pid*CHUNK, +CHUNK),
     # and the expert of blocks [pid*CHUNK, +CHUNK). Every program rescans the small count table
     # rather than waiting on another: no atomics, no inter-program order, a deterministic layout.
+    # ONE_CHUNK (all assignments in chunk 0): each program counts the ids itself, and no
+    # _count_kernel runs before.
     pid = tl.program_id(0)
     e_E = tl.arange(0, E_PAD)
-    total_E = tl.zeros((E_PAD,), dtype=tl.int32)
-    before_E = tl.zeros((E_PAD,), dtype=tl.int32)
-    for c0 in range(0, num_chunks, TABLE):
-        c = c0 + tl.arange(0, TABLE)
-        counts_CE = tl.load(counts_ptr + c[:, None] * E_PAD + e_E[None, :], mask=(c < num_chunks)[:, None], other=0)
-        total_E += tl.sum(counts_CE, axis=0)
-        before_E += tl.sum(tl.where((c < pid)[:, None], counts_CE, 0), axis=0)
+    if ONE_CHUNK:
+        n0 = tl.arange(0, CHUNK)
+        ids0 = tl.load(ids_ptr + n0, mask=n0 < num_rows, other=E_PAD).to(tl.int32)
+        total_E = tl.sum((ids0[:, None] == e_E[None, :]).to(tl.int32), axis=0)
+        before_E = tl.where(pid > 0, total_E, 0)
+    else:
+        total_E = tl.zeros((E_PAD,), dtype=tl.int32)
+        before_E = tl.zeros((E_PAD,), dtype=tl.int32)
+        for c0 in range(0, num_chunks, TABLE):
+            c = c0 + tl.arange(0, TABLE)
+            counts_CE = tl.load(counts_ptr + c[:, None] * E_PAD + e_E[None, :], mask=(c < num_chunks)[:, None],
+                                other=0)
+            total_E += tl.sum(counts_CE, axis=0)
+            before_E += tl.sum(tl.where((c < pid)[:, None], counts_CE, 0), axis=0)
     padded_E = (total_E + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends_E = tl.cumsum(padded_E, axis=0)
     starts_E = ends_E - padded_E
@@ -497,7 +507,8 @@ def moe_align(
     Returns `sorted_P` (int32 [B*block_m]: the assignment in each row, `N` in padding rows; stable
     within an expert) and `block_expert_B` (int32 [B]: each block's expert, `num_experts` for blocks
     past the end), with B = `num_blocks_bound(N, E, block_m)`. Two launches: per-chunk expert counts,
-    then placement (each program scans the count table itself).
+    then placement (each program scans the count table itself); one when N <= chunk (placement
+    counts the ids itself).
     """
     N = ids_N.numel()
     B = num_blocks_bound(N, num_experts, block_m)
@@ -506,13 +517,17 @@ def moe_align(
     sorted_P = torch.empty(B * block_m, dtype=torch.int32, device=ids_N.device)
     block_expert_B = torch.empty(B, dtype=torch.int32, device=ids_N.device)
     num_chunks = triton.cdiv(N, chunk)
-    counts_CE = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=ids_N.device)
-    _count_kernel[(num_chunks,)](ids_N, counts_CE, N, E_PAD=E_PAD, CHUNK=chunk, num_warps=4,
-                                   **pdl_meta(ids_N.device, num_chunks))
+    if num_chunks > 1:
+        counts_CE = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=ids_N.device)
+        _count_kernel[(num_chunks,)](ids_N, counts_CE, N, E_PAD=E_PAD, CHUNK=chunk, num_warps=4,
+                                       **pdl_meta(ids_N.device, num_chunks))
+    else:
+        counts_CE = block_expert_B  # unused
     # positions (B * block_m >= N) outnumber assignments and blocks: they size the grid
     _place_kernel[(triton.cdiv(B * block_m, chunk),)](
         ids_N, counts_CE, sorted_P, block_expert_B, N, num_chunks, B,
-        E=num_experts, E_PAD=E_PAD, BLOCK_M=block_m, CHUNK=chunk, TABLE=64, num_warps=8,  # 8: no spills
+        E=num_experts, E_PAD=E_PAD, BLOCK_M=block_m, CHUNK=chunk, TABLE=64, ONE_CHUNK=num_chunks <= 1,
+        num_warps=8,  # 8: no spills
         **pdl_meta(ids_N.device, triton.cdiv(B * block_m, chunk)),
     )
     return sorted_P, block_expert_B
@@ -619,10 +634,14 @@ def _sum_over_k(y_NO: torch.Tensor, T: int, K: int) -> torch.Tensor:
     return y_NO.view(T, K, -1).sum(1) if K > 1 else y_NO.view(T, -1)
 
 
-def experts_fused(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: str, configs=None, small=None) -> torch.Tensor:
+def experts_fused(
+    x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: str, configs=None, small=None, combine: bool = True
+) -> torch.Tensor:
     """SwiGLU experts through the fused kernels (forward only). `configs`: (gate_up, down) block
     sizes, else tuned or default ones; the down GEMM uses gate_up's BLOCK_M (one alignment).
-    `small`: force (True) or forbid (False) the alignment-free kernel; by default N decides."""
+    `small`: force (True) or forbid (False) the alignment-free kernel; by default N decides.
+    combine=False: the sorted path returns [T, K, D], each expert's weighted output, and leaves the
+    sum over K to the caller's residual add (`ops.norms`); the small kernel sums in registers anyway."""
     T, K = ids_TK.shape
     E, I2, D = w13_E2ID.shape
     I, N = I2 // 2, T * K
@@ -644,7 +663,7 @@ def experts_fused(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: str, configs=
     moe_gemm(x_TD, w13_E2ID, h_PI, sorted_P, block_expert_B, N, up_cfg, a_div=K, out_padded=True, n_out=I, act=act)
     y_ND = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device)
     moe_gemm(h_PI, w2_EDI, y_ND, sorted_P, block_expert_B, N, down_cfg, a_div=0, route_w_N=route_w_N)
-    return _sum_over_k(y_ND, T, K)
+    return _sum_over_k(y_ND, T, K) if combine else y_ND.view(T, K, D)
 
 
 def map_fused(x_TD, w_EOD, ids_TK, config=None, small=None) -> torch.Tensor:
@@ -663,8 +682,9 @@ def map_fused(x_TD, w_EOD, ids_TK, config=None, small=None) -> torch.Tensor:
     return y_NO.view(T, K, O)
 
 
-def reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK, config=None, small=None) -> torch.Tensor:
-    """y_t = sum_k weights[t, k] W[ids[t, k]] h[t, k] through the fused kernel (forward only): [T, O]."""
+def reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK, config=None, small=None, combine: bool = True) -> torch.Tensor:
+    """y_t = sum_k weights[t, k] W[ids[t, k]] h[t, k] through the fused kernel (forward only): [T, O].
+    combine=False: as in `experts_fused`, the sorted path returns [T, K, O] unsummed."""
     T, K = ids_TK.shape
     E, O, C = w_EOC.shape
     if T * K == 0:
@@ -678,7 +698,7 @@ def reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK, config=None, small=None) -> t
     sorted_P, block_expert_B = moe_align(ids_N, E, cfg["BLOCK_M"])
     y_NO = torch.empty(T * K, O, dtype=h_TKC.dtype, device=h_TKC.device)
     moe_gemm(h_NC, w_EOC, y_NO, sorted_P, block_expert_B, T * K, cfg, a_div=1, route_w_N=route_w_N)
-    return _sum_over_k(y_NO, T, K)
+    return _sum_over_k(y_NO, T, K) if combine else y_NO.view(T, K, O)
 
 
 # ---- autograd: forward through the kernels, backward through a differentiable backend ----------
@@ -749,7 +769,7 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def experts_triton(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act) -> torch.Tensor:
+def experts_triton(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act, combine: bool = True) -> torch.Tensor:
     """The "triton" backend of `ops.moe.experts_forward` (same signature and result)."""
     name = _ACT_CODES.get(act)
     if name is None:
@@ -757,7 +777,7 @@ def experts_triton(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act) -> torch.Ten
         return _differentiable("experts", x_TD)(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act)
     if _needs_grad(x_TD, w13_E2ID, w2_EDI, weights_TK):
         return _Experts.apply(x_TD, w13_E2ID, w2_EDI, weights_TK, ids_TK, act, name)
-    return experts_fused(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, name)
+    return experts_fused(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, name, combine=combine)
 
 
 def expert_map_triton(x_TD, w_EOD, ids_TK) -> torch.Tensor:
@@ -767,11 +787,11 @@ def expert_map_triton(x_TD, w_EOD, ids_TK) -> torch.Tensor:
     return map_fused(x_TD, w_EOD, ids_TK)
 
 
-def expert_reduce_triton(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
+def expert_reduce_triton(h_TKC, w_EOC, ids_TK, weights_TK, combine: bool = True) -> torch.Tensor:
     """The "triton" backend of `ops.moe.expert_reduce`."""
     if _needs_grad(h_TKC, w_EOC, weights_TK):
         return _Reduce.apply(h_TKC, w_EOC, weights_TK, ids_TK)
-    return reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK)
+    return reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK, combine=combine)
 
 
 __all__ = [

@@ -1,0 +1,81 @@
+"""Decode attention over a static cache (`ops.triton_fused.decode_attention`) per model layout,
+batch and block configuration, against the bytes of the keys and values it must read.
+
+    PYTHONPATH=. python bench/decode_attn.py --out r.json [--batches 1,16,64] [--visible 150]
+
+The cache has the decode benchmark's shape (128-token prompt + 40 slots); `--visible` keys of each
+row are unmasked. Each case is a CUDA-graph replay timed with `triton.testing.do_bench` (median, L2
+flushed). Floor: visible K and V bytes (+ queries and outputs) over the copy bandwidth measured in
+the same run. Every configuration's output is checked against the default one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+import torch
+import triton.runtime.errors
+from moe_layer import ceilings, graph_ms  # bench/ is the script's directory
+
+from moetorch.ops import triton_fused
+
+LAYOUTS = {  # name: (kv heads G, query heads per kv head R, head dim, MoA's tiled heads)
+    "jetmoe": (16, 2, 128, True),
+    "phimoe": (8, 4, 128, False),
+}
+CONFIGS = [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n in (16, 32, 64, 128) for w in (2, 4, 8) for s in (1, 2, 3)]
+
+
+@torch.no_grad()
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--slots", type=int, default=168)
+    p.add_argument("--visible", type=int, default=150)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    bw = ceilings()["copy_bytes_per_s"]
+    result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "rows": []}
+    S, vis = args.slots, args.visible
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, (G, R, d, tiled) in LAYOUTS.items():
+        for B in map(int, args.batches.split(",")):
+            q = torch.randn(B, G * R, 1, d, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(B, G, S, d, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(B, G, S, d, device="cuda", dtype=torch.bfloat16)
+            mask = (torch.arange(S, device="cuda") < vis).view(1, 1, 1, S).expand(B, 1, 1, S)
+            floor_ms = (2 * B * G * vis * d + 2 * B * G * R * d) * 2 / bw * 1e3
+            default = triton_fused.decode_attn_config(d, B * G, sms)
+            want = triton_fused.decode_attention(q, k, v, mask, d**-0.5, tiled)
+            run = functools.partial(triton_fused.decode_attention, q, k, v, mask, d**-0.5, tiled)
+            timed = []
+            for cfg in [default] + [c for c in CONFIGS if c != default]:
+                try:
+                    got = run(cfg)
+                except triton.runtime.errors.OutOfResources:
+                    continue
+                err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+                ms = graph_ms(functools.partial(run, cfg))
+                if ms is not None:
+                    timed.append((ms, cfg, err))
+            default_ms = timed[0][0]
+            best_ms, best_cfg, best_err = min(timed, key=lambda t: t[0])
+            row = {"layout": name, "B": B, "floor_ms": floor_ms, "default_ms": default_ms, "default_config": default,
+                   "best_ms": best_ms, "best_config": best_cfg, "best_rel_err_vs_default": best_err,
+                   "pct_floor_default": floor_ms / default_ms * 100, "pct_floor_best": floor_ms / best_ms * 100,
+                   "top5": [dict(ms=t, **c) for t, c, _ in sorted(timed, key=lambda t: t[0])[:5]]}
+            result["rows"].append(row)
+            print(f"{name} B={B:3d}: floor {floor_ms * 1e3:6.1f} us  default {default_ms * 1e3:6.1f} us "
+                  f"({row['pct_floor_default']:.0f}%)  best {best_ms * 1e3:6.1f} us ({row['pct_floor_best']:.0f}%) "
+                  f"{best_cfg}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
