@@ -97,7 +97,12 @@ class JetMoeAttention(nn.Module):
         self.experts = JetMoeMoA(config)
         self.kv_proj = nn.Linear(config.hidden_size, 2 * self.n_kv * self.head_dim, bias=False)
 
-    def forward(self, x_BTD, rope, mask, is_causal, cache: Cache | None, cache_position_T, need_weights, routing=None):
+    def forward(
+        self, x_BTD, rope, mask, is_causal, cache: Cache | None, cache_position_T, need_weights, routing=None,
+        combine: bool = True,
+    ):
+        """(output without the bias, attention weights, router logits); combine=False: the output may be
+        [B, T, K, D], for a residual add to sum (ops.norms.Residual)."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         weights_NK, ids_NK, logits_NE = routing if routing is not None else self.experts.router(x_ND)
@@ -115,8 +120,7 @@ class JetMoeAttention(nn.Module):
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, kv_layout="tiled", need_weights=need_weights,
         )
-        # [N, D], or [N, K, D] left for the residual add to sum (ops.norms)
-        y = self.experts.reduce(out_BTHd.reshape(B * T, self.top_k, -1), ids_NK, weights_NK, combine=False)
+        y = self.experts.reduce(out_BTHd.reshape(B * T, self.top_k, -1), ids_NK, weights_NK, combine)
         return y.view(B, T, *y.shape[1:]), weights, logits_NE
 
 
@@ -166,7 +170,7 @@ class JetMoeDecoderLayer(nn.Module):
             *r, attn_router.layer.weight, attn_router.top_k, logits_f32=True
         )
         a, weights, attn_logits_NE = self.self_attention(
-            h, rope, mask, is_causal, cache, cache_position_T, need_weights, routing
+            h, rope, mask, is_causal, cache, cache_position_T, need_weights, routing, combine=False
         )
         # x + (attention + bias), then the norm
         x_BTD, h, routing = self.post_attention_layernorm.add_norm_route(
