@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 
 import torch
 import triton.runtime.errors
-from moe_layer import ceilings, graph_ms  # bench/ is the script's directory
+from moe_layer import ceilings, graph_ms, save_json  # bench/ is the script's directory
 
 from moetorch.ops import triton_fused
 
@@ -71,9 +70,7 @@ def main() -> int:
             print(f"{name} B={B:3d}: floor {floor_ms * 1e3:6.1f} us  default {default_ms * 1e3:6.1f} us "
                   f"({row['pct_floor_default']:.0f}%)  best {best_ms * 1e3:6.1f} us ({row['pct_floor_best']:.0f}%) "
                   f"{best_cfg}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.out, result)
     return 0
 
 

@@ -12,14 +12,13 @@ copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 import triton
 import triton.runtime.errors
 import triton.testing
-from moe_layer import ceilings, graph_ms  # bench/ is the script's directory
+from moe_layer import ceilings, graph_ms, save_json  # bench/ is the script's directory
 
 from moetorch.ops import triton_fused
 
@@ -73,9 +72,7 @@ def main() -> int:
                   f"({row['pct_floor_torch']:4.1f}%)  ours {timed[0][0] * 1e3:6.1f} us "
                   f"({row['pct_floor_default']:4.1f}%, err {timed[0][2]:.1e})  "
                   f"best {best[0] * 1e3:6.1f} us {best[1]}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.out, result)
     return 0
 
 

@@ -118,6 +118,13 @@ def floors(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor |
             "compute_floor_ms": flops / ceil["bf16_flop_per_s"] * 1e3}
 
 
+def save_json(path: str | None, result: dict) -> None:
+    """Write a bench result (when a path was given)."""
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+
+
 def graph_ms(fn) -> float | None:
     """Median replay time of fn captured in a CUDA graph (None if it cannot be captured)."""
     try:
@@ -190,9 +197,7 @@ def main() -> int:
         if ref is not None:
             r["speedup_vs_grouped_mm"] = (ref["graph_ms"] or ref["eager_ms"]) / (r["graph_ms"] or r["eager_ms"])
     print_table(results["rows"])
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(json.dumps(results, indent=1) + "\n")
+    save_json(args.out, results)
     return 0
 
 
