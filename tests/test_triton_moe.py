@@ -162,6 +162,44 @@ def test_map_reduce_match_reference(tm, T, small, kind, dtype):
     check(got, expert_reduce_reference(h.float(), w_red.float(), ids, weights.float()), dtype, f"reduce {kind}")
 
 
+def test_reduce_reuses_the_maps_alignment(tm, monkeypatch):
+    # JetMoE's attention runs map then reduce on one ids tensor: one alignment serves both, with the
+    # map's BLOCK_M. Only that very tensor, unchanged, matches.
+    gen = torch.Generator().manual_seed(41)
+    T = 21
+    x = torch.randn(T, D, generator=gen)
+    w_map = torch.randn(E, C, D, generator=gen) * 0.3
+    h = torch.randn(T, K, C, generator=gen)
+    w_red = torch.randn(E, D, C, generator=gen) * 0.3
+    weights = torch.rand(T, K, generator=gen)
+    ids = routing(T, "random", gen)
+    block_ms = []
+    real_align = tm.moe_align
+    monkeypatch.setattr(tm, "moe_align", lambda ids_N, E_, block_m: block_ms.append(block_m) or real_align(ids_N, E_, block_m))
+    used = []
+    real_gemm = tm.moe_gemm
+    monkeypatch.setattr(tm, "moe_gemm", lambda *a, **kw: used.append(a[6]["BLOCK_M"]) or real_gemm(*a, **kw))
+
+    def reduce_and_check():
+        got = tm.reduce_fused(h, w_red, ids, weights, {**SMALL, "BLOCK_M": 32}, small=False)
+        check(got, expert_reduce_reference(h, w_red, ids, weights), torch.float32, "reduce")
+
+    tm.map_fused(x, w_map, ids, SMALL, small=False)
+    reduce_and_check()
+    assert block_ms == [16] and used == [16, 16]  # the reduce ran on the map's 16-row blocks
+    tm.reduce_fused(h, w_red, ids.clone(), weights, {**SMALL, "BLOCK_M": 32}, small=False)
+    assert block_ms == [16, 32]  # an equal but other tensor: aligned anew
+    tm.map_fused(x, w_map, ids, SMALL, small=False)
+    ids[0] = (ids[0] + 1) % E  # rerouted in place after the map: the old alignment is stale
+    reduce_and_check()
+    assert block_ms == [16, 32, 16, 32]
+    tm.map_fused(x, w_map, ids, SMALL, small=False)
+    tm.reduce_fused(h, w_red, ids, weights, SMALL, small=False)
+    # another layer's experts (other E) on the same ids do not match either
+    tm.reduce_fused(h, torch.randn(E + 1, D, C, generator=gen), ids, weights, SMALL, small=False)
+    assert block_ms == [16, 32, 16, 32, 16, 16]
+
+
 @pytest.mark.parametrize(("T", "small"), [(7, True), (7, False), (33, False)], ids=["T7-small", "T7-sorted", "T33-sorted"])
 def test_uncombined_outputs_sum_to_the_combined_ones(tm, T, small):
     # combine=False: the sorted path hands the K weighted terms to the caller (whose residual add

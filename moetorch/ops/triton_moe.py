@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -666,6 +667,28 @@ def experts_fused(
     return _sum_over_k(y_ND, T, K) if combine else y_ND.view(T, K, D)
 
 
+# JetMoE's attention experts route each token once and run map, then reduce, on the same ids: the
+# reduce reuses the map's alignment (and so its BLOCK_M). One entry, held by a weak reference to
+# the ids tensor: it matches only that live tensor, unchanged since (its version counter, shared
+# with its views, moves on any in-place write).
+_LAST_ALIGNMENT: tuple | None = None
+
+
+def _remember_alignment(ids_TK: torch.Tensor, num_experts: int, block_m: int, alignment: tuple) -> None:
+    global _LAST_ALIGNMENT
+    _LAST_ALIGNMENT = (weakref.ref(ids_TK), ids_TK._version, num_experts, block_m, alignment)
+
+
+def _shared_alignment(ids_TK: torch.Tensor, num_experts: int) -> tuple[int, tuple] | None:
+    """(BLOCK_M, (sorted_P, block_expert_B)) of the last alignment of this very ids tensor, if any."""
+    if _LAST_ALIGNMENT is None:
+        return None
+    ref, version, E, block_m, alignment = _LAST_ALIGNMENT
+    if ref() is not ids_TK or version != ids_TK._version or E != num_experts:
+        return None
+    return block_m, alignment
+
+
 def map_fused(x_TD, w_EOD, ids_TK, config=None, small=None) -> torch.Tensor:
     """y[t, k] = W[ids[t, k]] x_t through the fused kernel (forward only): [T, K, O]."""
     T, K = ids_TK.shape
@@ -677,7 +700,8 @@ def map_fused(x_TD, w_EOD, ids_TK, config=None, small=None) -> torch.Tensor:
     ids_N = ids_TK.reshape(-1).contiguous()
     if use_small_kernel(T * K, K) if small is None else small:
         return moe_gemm_small(x_TD, w_EOD, y_NO, ids_N, K, cfg, a_div=K).view(T, K, O)
-    sorted_P, block_expert_B = moe_align(ids_N, E, cfg["BLOCK_M"])
+    sorted_P, block_expert_B = alignment = moe_align(ids_N, E, cfg["BLOCK_M"])
+    _remember_alignment(ids_TK, E, cfg["BLOCK_M"], alignment)
     moe_gemm(x_TD, w_EOD, y_NO, sorted_P, block_expert_B, T * K, cfg, a_div=K)
     return y_NO.view(T, K, O)
 
@@ -695,7 +719,12 @@ def reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK, config=None, small=None, comb
     if use_small_kernel(T * K, K) if small is None else small:
         y_TO = torch.empty(T, O, dtype=h_TKC.dtype, device=h_TKC.device)
         return moe_gemm_small(h_NC, w_EOC, y_TO, ids_N, K, cfg, a_div=1, sum_k=True, route_w_N=route_w_N)
-    sorted_P, block_expert_B = moe_align(ids_N, E, cfg["BLOCK_M"])
+    shared = _shared_alignment(ids_TK, E)
+    if shared is not None:  # the map's, on these ids
+        block_m, (sorted_P, block_expert_B) = shared
+        cfg = {**cfg, "BLOCK_M": block_m}
+    else:
+        sorted_P, block_expert_B = moe_align(ids_N, E, cfg["BLOCK_M"])
     y_NO = torch.empty(T * K, O, dtype=h_TKC.dtype, device=h_TKC.device)
     moe_gemm(h_NC, w_EOC, y_NO, sorted_P, block_expert_B, T * K, cfg, a_div=1, route_w_N=route_w_N)
     return _sum_over_k(y_NO, T, K) if combine else y_NO.view(T, K, O)
