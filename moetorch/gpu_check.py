@@ -150,8 +150,14 @@ REAL_SIZES = {"phimoe": ("experts", 16, 4096, 6400), "jetmoe_mlp": ("experts", 8
 @torch.no_grad()
 def check_triton(results):
     """The triton backend at real sizes against the float32 reference loop: bf16 at T in 1..4096
-    (random routing; every token's first expert the same one at T=512), float32 at T=64, and a
-    call under sync debug mode (any host sync raises)."""
+    (random routing; every token's first expert the same one at T=512), float32 at T=64, pointer
+    loads in place of tensor descriptors (MOETORCH_TMA=0) at T=512 and 4096, and a call under sync
+    debug mode (any host sync raises)."""
+    import os
+
+    from moetorch.ops.triton_moe import tma_enabled
+
+    results["tma.enabled"] = tma_enabled(torch.device("cuda"))
     ok, K = True, 2
     g = torch.Generator(device="cuda").manual_seed(2)
     for name, (kind, E, D, H) in REAL_SIZES.items():
@@ -159,7 +165,7 @@ def check_triton(results):
         w_b = torch.randn(E, D, H, device="cuda", generator=g).bfloat16() * 0.02
         w32 = (w_a.float(), w_b.float())
         for T, case in ((1, "random"), (8, "random"), (64, "random"), (512, "random"), (4096, "random"),
-                        (512, "one_expert"), (64, "fp32"), (64, "no_sync")):
+                        (512, "one_expert"), (64, "fp32"), (64, "no_sync"), (512, "no_tma"), (4096, "no_tma")):
             x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
             h = torch.randn(T, K, H, device="cuda", generator=g).bfloat16()
             gates = torch.rand(T, K, device="cuda", generator=g).bfloat16()
@@ -177,6 +183,9 @@ def check_triton(results):
             if case == "no_sync":
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
+            user_tma = os.environ.get("MOETORCH_TMA")
+            if case == "no_tma":
+                os.environ["MOETORCH_TMA"] = "0"
             try:
                 if kind == "experts":
                     got = [experts_forward(xx, wa, wb, ids, gg, F.silu, backend="triton")]
@@ -188,6 +197,10 @@ def check_triton(results):
                 continue
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+                if user_tma is None:
+                    os.environ.pop("MOETORCH_TMA", None)
+                else:
+                    os.environ["MOETORCH_TMA"] = user_tma
             err = max(rel_err(a, b) for a, b in zip(got, want))
             results[f"triton.{name}.T{T}.{case}.rel_err"] = err
             ok &= err < (1e-4 if fp32 else 1e-2)

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from archs import JETMOE, PHIMOE, randomize_
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moetorch import StaticCache
 from moetorch.ops import fused, moe, triton_fused, triton_moe
@@ -31,7 +33,7 @@ KERNELS = [(m, n) for m in MODULES for n in sorted(vars(m)) if n.startswith("_")
 def test_every_kernel_is_listed():
     names = {n for _, n in KERNELS}
     assert {"_moe_small_kernel", "_moe_gemm_kernel", "_decode_attn_kernel", "_add_norm_route_kernel",
-            "_linear_small_kernel"} <= names
+            "_linear_small_kernel", "_gather_rows_kernel"} <= names
 
 
 @pytest.mark.parametrize("module,name", KERNELS, ids=[n for _, n in KERNELS])
@@ -91,7 +93,9 @@ def _record_launches(monkeypatch) -> list[dict]:
             def launch(*args, **kwargs):
                 sig = []
                 for a in args:
-                    if isinstance(a, torch.Tensor):
+                    if isinstance(a, TensorDescriptor):
+                        sig.append(mangle_type(a))  # tensordesc<dtype[tile]>
+                    elif isinstance(a, torch.Tensor):
                         sig.append("*" + _DTYPES[a.dtype])
                     elif isinstance(a, bool):
                         sig.append("i1")
@@ -165,6 +169,8 @@ def _tiny(arch):
 def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
     specs = _record_launches(monkeypatch)
     monkeypatch.setattr(moe, "pick_backend", lambda *args: "triton")  # as on a GPU
+    monkeypatch.setattr(triton_moe, "tma_enabled", lambda device: True)  # as on Hopper: descriptors,
+    monkeypatch.setattr(triton_moe, "GATHER_MIN_ROWS", 0)  # and the gate/up rows gathered first
     gen = torch.Generator().manual_seed(0)
     # A prompt longer than the fused router's and the small expert kernel's row limits (so the
     # routing kernel, alignment and grouped GEMM run), then decode steps over enough keys to split.
@@ -178,6 +184,7 @@ def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
         kv = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
         StaticCache(num_layers=1, max_cache_len=4).update(kv, kv, 0)  # a static cache written directly
     seen = set(specs)
+    assert any(t.startswith("tensordesc") for t in specs["_moe_gemm_kernel"]["sig"]), "the descriptor variant"
     assert seen == {n for _, n in KERNELS}, f"not launched: {sorted({n for _, n in KERNELS} - seen)}"
     path = tmp_path / "specs.json"
     path.write_text(json.dumps(list(specs.values())))

@@ -162,6 +162,91 @@ def test_map_reduce_match_reference(tm, T, small, kind, dtype):
     check(got, expert_reduce_reference(h.float(), w_red.float(), ids, weights.float()), dtype, f"reduce {kind}")
 
 
+@pytest.fixture
+def tma(tm, monkeypatch):
+    """The copy-engine path as on a Hopper GPU (the interpreter runs tensor descriptors), the gate/up
+    rows gathered first at any size; yields the list of tiles each descriptor was built with."""
+    built = []
+    real = tm._tma_descriptor
+
+    def spy(t, block):
+        d = real(t, block)
+        built.append(None if d is None else tuple(block))
+        return d
+
+    monkeypatch.setattr(tm, "tma_enabled", lambda device: True)
+    monkeypatch.setattr(tm, "GATHER_MIN_ROWS", 0)
+    monkeypatch.setattr(tm, "_tma_descriptor", spy)
+    return built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["random", "one_hot_expert", "empty_experts"])
+@pytest.mark.parametrize("T", [7, 33])
+def test_tma_path_matches_reference(tm, tma, T, kind, dtype):
+    # D = 40 is no multiple of BLOCK_K = 16: the descriptors zero-fill the ragged K edge; I = 24 not
+    # of BLOCK_N either: the gate tile's last columns read up rows, never stored.
+    gen = torch.Generator().manual_seed(500 + T)
+    x = torch.randn(T, D, generator=gen).to(dtype)
+    w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=gen) * 0.3).to(dtype)
+    w_map = (torch.randn(E, C, D, generator=gen) * 0.3).to(dtype)
+    h = torch.randn(T, K, C, generator=gen).to(dtype)
+    w_red = (torch.randn(E, D, C, generator=gen) * 0.3).to(dtype)
+    weights = torch.rand(T, K, generator=gen).to(dtype)
+    ids = routing(T, kind, gen)
+    f = lambda t: t.float()  # noqa: E731
+    got = tm.experts_fused(x, w13, w2, ids, weights, "silu", (SMALL, SMALL), small=False)
+    check(got, experts_reference(f(x), f(w13), f(w2), ids, f(weights), F.silu), dtype, f"experts {kind}")
+    # gate/up: x gathered, then A and W by descriptor; down: h (padded sorted) and W by descriptor
+    assert tma == [(1, 16, 16), (16, 16), (1, 16, 16), (16, 16)]
+    got = tm.map_fused(x, w_map, ids, SMALL, small=False)
+    check(got, expert_map_reference(f(x), f(w_map), ids), dtype, f"map {kind}")
+    got = tm.reduce_fused(h, w_red, ids, weights, SMALL, small=False)
+    check(got, expert_reduce_reference(f(h), f(w_red), ids, f(weights)), dtype, f"reduce {kind}")
+    assert tma[4:] == [(1, 16, 16), (1, 16, 16)]  # map and reduce gather A in the kernel: W only
+
+
+def test_gather_rows(tm):
+    gen = torch.Generator().manual_seed(8)
+    T = 29
+    ids_N = routing(T, "random", gen).reshape(-1)
+    N = ids_N.numel()
+    sorted_P, _ = tm.moe_align(ids_N, E, 16)
+    x = torch.randn(T, 1500, generator=gen).to(torch.bfloat16)  # over one 1024-column chunk
+    got = tm.gather_rows(x[:, ::1], sorted_P, N, K)
+    real = sorted_P < N
+    assert torch.equal(got[real], x[sorted_P[real].long() // K])
+    assert not got[~real].any()  # padding rows are zeros
+    strided = torch.randn(1500, T, generator=gen).to(torch.bfloat16).T
+    assert torch.equal(tm.gather_rows(strided, sorted_P, N, K)[real], strided[sorted_P[real].long() // K])
+
+
+def test_tma_descriptor_refusals(tm, monkeypatch):
+    w = torch.zeros(4, 64, 48, dtype=torch.bfloat16)
+    assert tm._tma_descriptor(w, [1, 16, 16]) is not None
+    assert tm._tma_descriptor(w.transpose(1, 2), [1, 16, 16]) is None  # last dimension strided
+    assert tm._tma_descriptor(w[:, :, :33], [1, 16, 16]) is not None  # a view: strides still aligned
+    assert tm._tma_descriptor(torch.zeros(4, 64, 33, dtype=torch.bfloat16), [1, 16, 16]) is None  # 66-byte rows
+    assert tm._tma_descriptor(w.view(-1)[1:1 + 4 * 64 * 47].view(4, 64, 47), [1, 16, 16]) is None  # base + 2 bytes
+    assert tm._tma_descriptor(w, [1, 16, 512]) is None  # tile side over 256
+    assert tm._tma_descriptor(w, [1, 16, 4]) is None  # 8-byte tile rows
+    assert tm._tma_descriptor(w.double(), [1, 16, 16]) is None
+    # only on a CUDA device of Hopper or newer, off under the interpreter and by MOETORCH_TMA=0
+    assert not tm.tma_enabled(torch.device("cpu"))
+    monkeypatch.setattr(tm, "_tma_capable", lambda index: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert tm.tma_enabled(torch.device("cuda", 0))
+    monkeypatch.setenv("MOETORCH_TMA", "0")
+    assert not tm.tma_enabled(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("capability,want", [((8, 0), False), ((9, 0), True)])
+def test_tma_needs_hopper(tm, capability, want, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    assert tm._tma_capable.__wrapped__(0) is want
+
+
 def test_reduce_reuses_the_maps_alignment(tm, monkeypatch):
     # JetMoE's attention runs map then reduce on one ids tensor: one alignment serves both, with the
     # map's BLOCK_M. Only that very tensor, unchanged, matches.

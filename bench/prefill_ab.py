@@ -1,0 +1,63 @@
+"""Whole-model prefill, A/B in one process: the grouped GEMMs with pointer loads (MOETORCH_TMA=0),
+with tensor descriptors, and with the gate/up rows gathered first (ops.triton_moe.GATHER_MIN_ROWS).
+
+    PYTHONPATH=. python bench/prefill_ab.py --models jetmoe,phimoe --out results.json
+
+Random weights at the real sizes (moetorch.benchmark.SIZES), prompts of 2048 and 8192 tokens,
+three interleaved rounds; the best round of each variant is printed, all rounds go to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+from functools import partial
+
+import torch
+
+import moetorch.ops.triton_moe as tm
+from moetorch.benchmark import SIZES, build, cuda_time
+
+# name: (MOETORCH_TMA, GATHER_MIN_ROWS)
+VARIANTS = {"pointer": ("0", 10**9), "tma": ("1", 10**9), "tma+gather": ("1", tm.GATHER_MIN_ROWS)}
+
+
+@torch.no_grad()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="jetmoe,phimoe")
+    p.add_argument("--tokens", default="2048,8192")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    before = os.environ.get("MOETORCH_TMA"), tm.GATHER_MIN_ROWS
+    res = {"device": torch.cuda.get_device_name(), "tokens_per_s": {}}
+    for name in args.models.split(","):
+        model = build(name, "moetorch", dict(SIZES[name]))
+        for T in map(int, args.tokens.split(",")):
+            ids = torch.randint(0, SIZES[name]["vocab_size"], (1, T), device="cuda")
+            runs = {}
+            for _ in range(args.rounds):
+                for tag, (tma, gather_min) in VARIANTS.items():
+                    os.environ["MOETORCH_TMA"], tm.GATHER_MIN_ROWS = tma, gather_min
+                    t = cuda_time(partial(model, ids, use_cache=False, logits_to_keep=1), repeats=3, warmup=1)
+                    runs.setdefault(tag, []).append(T / t)
+            res["tokens_per_s"][f"{name}.{T}"] = runs
+            print(name, T, {tag: round(max(v)) for tag, v in runs.items()}, "tok/s", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    if before[0] is None:
+        os.environ.pop("MOETORCH_TMA", None)
+    else:
+        os.environ["MOETORCH_TMA"] = before[0]
+    tm.GATHER_MIN_ROWS = before[1]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
