@@ -59,7 +59,8 @@ def candidates(T: int, gated: bool, n_out: int) -> list[dict]:
     elif N <= 2048:
         bms, shapes = (32, 64), [(64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
     else:
-        bms, shapes = (64, 128), [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4)]
+        bms, shapes = (64, 128), [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4),
+                                  (64, 64, 4, 4)]
     out = []
     for bm in bms:
         for bn, bk, warps, stages in shapes:
@@ -115,8 +116,11 @@ def op_runner(spec: dict, inp: dict, op: str, cfg: dict, aligned: dict):
     P, x, w_a, w_b = sorted_P.numel(), inp["x_TD"], inp["w_a"], inp["w_b"]
     if op == "gate_up":
         h = torch.empty(P, spec["I"], device="cuda", dtype=DTYPE)
-        return lambda: tm.moe_gemm(x, w_a, h, sorted_P, blocks_B, N, cfg, a_div=K, out_padded=True, n_out=spec["I"],
-                                   act="silu")
+        a, a_div = x, K
+        if gathers_first(N):  # as experts_fused runs it: rows gathered once (not timed), A by descriptor
+            a, a_div = tm.gather_rows(x, sorted_P, N, K), 0
+        return lambda: tm.moe_gemm(a, w_a, h, sorted_P, blocks_B, N, cfg, a_div=a_div, out_padded=True,
+                                   n_out=spec["I"], act="silu")
     if op == "down":
         h = torch.randn(P, spec["I"], device="cuda", dtype=DTYPE)
         y = torch.empty(N, spec["D"], device="cuda", dtype=DTYPE)
@@ -127,6 +131,13 @@ def op_runner(spec: dict, inp: dict, op: str, cfg: dict, aligned: dict):
         return lambda: tm.moe_gemm(x, w_a, y, sorted_P, blocks_B, N, cfg, a_div=K)
     w = inp["weights_TK"].reshape(-1)
     return lambda: tm.moe_gemm(inp["h_NC"], w_b, y, sorted_P, blocks_B, N, cfg, a_div=1, route_w_N=w)
+
+
+def gathers_first(N: int) -> bool:
+    """Whether `experts_fused` gathers the gate/up GEMM's rows first at N assignments on this GPU."""
+    from moetorch.ops import triton_moe as tm
+
+    return N >= tm.GATHER_MIN_ROWS and tm.tma_enabled(torch.device("cuda"))
 
 
 def small_op_runner(spec: dict, inp: dict, op: str, cfg: dict):
@@ -234,7 +245,8 @@ def main() -> int:
     out = Path(args.out or tm.CONFIG_DIR / (torch.cuda.get_device_name().replace(" ", "_") + ".json"))
     start = time.time()
     # One compile per (shape, GEMM, config, kernel): kernels do not specialise on T.
-    jobs = {(n, op, tuple(cfg.items()), tm.use_small_kernel(T * K, K)): (n, T, op, cfg) for n in names
+    jobs = {(n, op, tuple(cfg.items()), tm.use_small_kernel(T * K, K), op == "gate_up" and gathers_first(T * K)):
+            (n, T, op, cfg) for n in names
             for T in tokens for op, o, _, g in ops_of(SPECS[n]) for cfg in candidates(T, g, o)}
     jobs = list(jobs.values())
     try:
