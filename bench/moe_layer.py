@@ -10,10 +10,11 @@ the models run it: at decode sizes the router runs inside the norm's kernel (`ad
 Backends: triton, grouped_mm, and gather for T <= 64. Each layer is captured in a CUDA graph
 (decode runs that way) and its replay timed with `triton.testing.do_bench` (median; L2 flushed
 before each run so weights come from HBM); the eager call is timed too, and the norm + router alone
-(graph). The same run measures the two ceilings: device copy bandwidth (a 4 GiB copy, bytes read +
-written) and the bf16 matmul rate (8192^3). Floors: memory = bytes of the expert weights actually
-touched (distinct experts routed to) + router weight + activations in and out (the norm's too), over
-the copy bandwidth; compute = FLOPs over the matmul rate.
+(graph). The same run measures the two ceilings as `moetorch bench` does (fastest of 30): device
+copy bandwidth (a 4 GiB copy, bytes read + written) and the bf16 matmul rate (8192^3). Floors:
+memory = bytes of the expert weights actually touched (distinct experts routed to) + router weight
++ activations in and out (the norm's too), over the copy bandwidth; compute = FLOPs over the
+matmul rate.
 
 Legend: T tokens, D model dim, I expert hidden dim, C attention-expert width, E experts, K = 2.
 """
@@ -48,14 +49,12 @@ def median_ms(fn) -> float:
 
 
 def ceilings() -> dict:
-    """Copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s, measured here."""
-    a = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    copy_s = median_ms(lambda: b.copy_(a)) / 1e3
-    n = 8192
-    x, y = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    mm_s = median_ms(lambda: x @ y) / 1e3
-    return {"copy_bytes_per_s": 2 * 2**32 / copy_s, "bf16_flop_per_s": 2 * n**3 / mm_s}
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s, measured here: each
+    the fastest of 30 runs, as `moetorch bench` takes them (a median moves by several percent)."""
+    from moetorch.benchmark import measure_ceilings
+
+    ceil = measure_ceilings()
+    return {"copy_bytes_per_s": ceil["copy_bytes_per_s"], "bf16_flop_per_s": ceil["bf16_flops_per_s"]}
 
 
 def make_layer(spec: dict, g: torch.Generator) -> dict:
