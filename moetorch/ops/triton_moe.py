@@ -580,9 +580,10 @@ def moe_align(
 # ---- tensor-copy engine (TMA) ---------------------------------------------------------------------
 # On Hopper the sorted-path GEMM loads its weight tiles, and A when it is in padded sorted order,
 # through tensor descriptors: the copy engine moves whole tiles into shared memory while the warps
-# multiply, where pointer loads spend their issue slots on addresses. Measured on the H200 at 16384
-# tokens: PhiMoE's down GEMM 669 -> 743 TFLOP/s, JetMoE's attention experts 630 -> 680, and
-# with A gathered first (`gather_rows`) PhiMoE's gate/up 570 -> 701 (bench/results, "tma").
+# multiply, where pointer loads spend their issue slots on addresses. Measured on the H200
+# (bench/prefill_ab.py, bench/results/h200-2026-11-29-prefill-ab.json): 8192-token prefill, PhiMoE
+# 35.5k -> 37.8k tok/s, JetMoE 75.9k -> 80.9k. Building descriptors costs host time per launch,
+# which shows only where a prefill waits on the host anyway (JetMoE at 2048 tokens).
 
 # Assignments from which the gate/up GEMM gathers its token rows into padded sorted order first
 # (one copy of N rows) so A comes through the copy engine too; below it the in-kernel gather wins.
