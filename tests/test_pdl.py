@@ -166,6 +166,9 @@ def _tiny(arch):
     return model
 
 
+# The grouped GEMMs multiply the uninitialised padding rows of the padded sorted layout (their
+# results are never stored); numpy, running the interpreted kernels, warns about the NaNs among them.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
     specs = _record_launches(monkeypatch)
     monkeypatch.setattr(moe, "pick_backend", lambda *args: "triton")  # as on a GPU
