@@ -8,18 +8,22 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
    synchronisation on the decode path raises.
 4. LongRoPE threshold crossing on CUDA equals a forward from scratch.
 5. The triton expert backend at real sizes (PhiMoE and JetMoE MLP experts, JetMoE attention experts)
-   in bf16 vs the float32 reference loop (rel err < 1e-2), float32 vs float32 (< 1e-4), no host sync.
+   in bf16 vs the float32 reference loop (rel err < 1e-2), float32 vs float32 (< 1e-4), no host sync,
+   with tensor descriptors and with pointer loads.
 6. The fused inference kernels (ops/triton_fused.py) at real sizes in bf16 against the torch code
    they replace (rel err < 1e-2; routing ids equal): add + LayerNorm / RMSNorm, sparsemixer,
    top-k softmax, rotary embedding, decode attention over a half-filled static cache.
-7. CUDA-graph decode with programmatic dependent launch equals it without, bit for bit.
+7. CUDA-graph decode with programmatic dependent launch equals it without, bit for bit; at batch 24
+   (the sorted expert path) with tensor descriptors it matches pointer loads.
 Exits non-zero if any check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 import torch
@@ -34,6 +38,22 @@ from moetorch.ops.moe import (
     experts_forward,
     experts_reference,
 )
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Environment variables set for the block (the kernels read MOETORCH_PDL / MOETORCH_TMA at each
+    launch), then put back as they were."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -153,8 +173,6 @@ def check_triton(results):
     (random routing; every token's first expert the same one at T=512), float32 at T=64, pointer
     loads in place of tensor descriptors (MOETORCH_TMA=0) at T=512 and 4096, and a call under sync
     debug mode (any host sync raises)."""
-    import os
-
     from moetorch.ops.triton_moe import tma_enabled
 
     results["tma.enabled"] = tma_enabled(torch.device("cuda"))
@@ -183,24 +201,18 @@ def check_triton(results):
             if case == "no_sync":
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
-            user_tma = os.environ.get("MOETORCH_TMA")
-            if case == "no_tma":
-                os.environ["MOETORCH_TMA"] = "0"
             try:
-                if kind == "experts":
-                    got = [experts_forward(xx, wa, wb, ids, gg, F.silu, backend="triton")]
-                else:
-                    got = [expert_map(xx, wa, ids, "triton"), expert_reduce(hh, wb, ids, gg, "triton")]
+                with _env(MOETORCH_TMA="0") if case == "no_tma" else contextlib.nullcontext():
+                    if kind == "experts":
+                        got = [experts_forward(xx, wa, wb, ids, gg, F.silu, backend="triton")]
+                    else:
+                        got = [expert_map(xx, wa, ids, "triton"), expert_reduce(hh, wb, ids, gg, "triton")]
             except RuntimeError as e:
                 results[f"triton.{name}.host_sync"] = f"SYNC: {e}"
                 ok = False
                 continue
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-                if user_tma is None:
-                    os.environ.pop("MOETORCH_TMA", None)
-                else:
-                    os.environ["MOETORCH_TMA"] = user_tma
             err = max(rel_err(a, b) for a, b in zip(got, want))
             results[f"triton.{name}.T{T}.{case}.rel_err"] = err
             ok &= err < (1e-4 if fp32 else 1e-2)
@@ -328,23 +340,20 @@ def check_pdl(results):
     would race, and show here as a difference. At batch 24 (the experts' sorted path, whose GEMMs
     load through tensor descriptors inside the graph) it also matches pointer loads (MOETORCH_TMA=0).
     The steps are fed fixed tokens, so every run sees the same inputs."""
-    import os
-
     from moetorch.engine import GraphedDecodeStep
     from moetorch.ops.triton_moe import pdl_enabled
 
     results["pdl.enabled"] = pdl_enabled(torch.device("cuda"))
-    ok, before = True, {k: os.environ.get(k) for k in ("MOETORCH_PDL", "MOETORCH_TMA")}
-    try:
-        for name, (cfg, cls) in configs().items():
-            torch.manual_seed(0)
-            model = cls(cfg).to("cuda", torch.bfloat16).eval()
-            for B in (1, 4, 24):
-                prompt = torch.randint(1, cfg.vocab_size, (B, 40), device="cuda")
-                toks = torch.randint(1, cfg.vocab_size, (32, B, 1), device="cuda")
-                runs = []
-                for pdl, tma in (("1", "1"), ("0", "1")) + ((("1", "0"),) if B == 24 else ()):
-                    os.environ["MOETORCH_PDL"], os.environ["MOETORCH_TMA"] = pdl, tma
+    ok = True
+    for name, (cfg, cls) in configs().items():
+        torch.manual_seed(0)
+        model = cls(cfg).to("cuda", torch.bfloat16).eval()
+        for B in (1, 4, 24):
+            prompt = torch.randint(1, cfg.vocab_size, (B, 40), device="cuda")
+            toks = torch.randint(1, cfg.vocab_size, (32, B, 1), device="cuda")
+            runs = []
+            for pdl, tma in (("1", "1"), ("0", "1")) + ((("1", "0"),) if B == 24 else ()):
+                with _env(MOETORCH_PDL=pdl, MOETORCH_TMA=tma):
                     cache = moetorch.StaticCache(cfg, max_cache_len=80)
                     model(prompt, past_key_values=cache, use_cache=True)
                     step = GraphedDecodeStep(model, cache, B, enabled=True)
@@ -353,20 +362,14 @@ def check_pdl(results):
                         pos = torch.full((B, 1), t, device="cuda")
                         steps.append(step(toks[i], None, pos, torch.tensor([t], device="cuda")).clone())
                     runs.append(torch.stack(steps))
-                same = torch.equal(runs[0], runs[1])
-                results[f"pdl.{name}.B{B}.graph_decode_bitwise_equal"] = same
-                ok &= same
-                if len(runs) > 2:
-                    err = rel_err(runs[0], runs[2])
-                    results[f"tma.{name}.B{B}.graph_decode_rel_err_vs_pointer_loads"] = err
-                    ok &= err < 1e-2
-            del model
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            same = torch.equal(runs[0], runs[1])
+            results[f"pdl.{name}.B{B}.graph_decode_bitwise_equal"] = same
+            ok &= same
+            if len(runs) > 2:
+                err = rel_err(runs[0], runs[2])
+                results[f"tma.{name}.B{B}.graph_decode_rel_err_vs_pointer_loads"] = err
+                ok &= err < 1e-2
+        del model
     return ok
 
 
