@@ -46,7 +46,8 @@ def candidates(T: int, gated: bool, n_out: int) -> list[dict]:
     """Block configurations worth timing at T tokens for a GEMM of `n_out` output columns (per half
     for gate_up): few rows per expert want a small BLOCK_M and many weight columns in flight; many
     rows want large tiles for the matrix units. The alignment-free kernel's grid is one program per
-    column tile: under 2 per SM, split-K candidates (up to 4 programs per SM) fill the GPU."""
+    column tile: under 2 per SM, split-K candidates (up to 4 programs per SM) fill the GPU. At one
+    token the CUDA-core kernel (GEMV) is a candidate too."""
     from moetorch.ops.triton_moe import use_small_kernel
 
     N = T * K
@@ -77,6 +78,9 @@ def candidates(T: int, gated: bool, n_out: int) -> list[dict]:
                         if s == 1 or (tiles < 2 * SMS and tiles * s <= 4 * SMS)]
             else:
                 out.append(cfg)
+    if T == 1:  # one token: also the CUDA-core kernel, whose programs each take whole dot products
+        out += [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=w, num_stages=s, GEMV=True)
+                for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (2, 4) for s in (2, 3)]
     return out
 
 

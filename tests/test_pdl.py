@@ -33,7 +33,7 @@ KERNELS = [(m, n) for m in MODULES for n in sorted(vars(m)) if n.startswith("_")
 def test_every_kernel_is_listed():
     names = {n for _, n in KERNELS}
     assert {"_moe_small_kernel", "_moe_gemm_kernel", "_decode_attn_kernel", "_add_norm_route_kernel",
-            "_linear_small_kernel", "_gather_rows_kernel"} <= names
+            "_linear_small_kernel", "_gather_rows_kernel", "_moe_gemv_kernel"} <= names
 
 
 @pytest.mark.parametrize("module,name", KERNELS, ids=[n for _, n in KERNELS])
@@ -174,6 +174,8 @@ def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
     monkeypatch.setattr(moe, "pick_backend", lambda *args: "triton")  # as on a GPU
     monkeypatch.setattr(triton_moe, "tma_enabled", lambda device: True)  # as on Hopper: descriptors,
     monkeypatch.setattr(triton_moe, "GATHER_MIN_ROWS", 0)  # and the gate/up rows gathered first
+    tuned = triton_moe.get_config  # one-token steps take the CUDA-core expert kernel
+    monkeypatch.setattr(triton_moe, "get_config", lambda *a, **kw: {**tuned(*a, **kw), "GEMV": True})
     gen = torch.Generator().manual_seed(0)
     # A prompt longer than the fused router's and the small expert kernel's row limits (so the
     # routing kernel, alignment and grouped GEMM run), then decode steps over enough keys to split.
@@ -184,6 +186,7 @@ def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
             ids = torch.randint(1, 97, (2, prompt), generator=gen)
             model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
             model.generate(ids[:, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)  # dynamic cache
+            model.generate(ids[:1, :4], max_new_tokens=2, do_sample=False, cache_implementation="static")  # one row
         kv = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
         StaticCache(num_layers=1, max_cache_len=4).update(kv, kv, 0)  # a static cache written directly
     seen = set(specs)

@@ -465,3 +465,59 @@ def test_split_k_deterministic_and_self_resetting(tm, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, run_split(tm, inp, 3, 8)))
     assert tm._ARRIVAL_COUNTERS[key].numel() >= 3 and any(c is small for c in tm._RETIRED_COUNTERS)
     assert_counters_zero(tm)
+
+
+# ---- the one-token CUDA-core kernel (config GEMV) ------------------------------------------------
+
+# BLOCK_K 16: D = 40 leaves a ragged last K step (I = C = 24 too); 8 divides all three. BLOCK_N 16
+# leaves a ragged column tile on I and C (24), 8 does not.
+GEMV_CASES = [(16, 16, "random"), (8, 8, "random"), (16, 8, "repeated_expert")]
+
+
+def gemv_cfg(block_n, block_k):
+    return {**SMALL, "GEMV": True, "BLOCK_N": block_n, "BLOCK_K": block_k}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("block_n", "block_k", "kind"), GEMV_CASES)
+@pytest.mark.parametrize("topk", [1, 2, 4])
+def test_gemv_matches_reference(tm, monkeypatch, topk, block_n, block_k, kind, dtype):
+    gen = torch.Generator().manual_seed(700 + 10 * topk + block_k)
+    ids = (torch.randperm(E, generator=gen)[:topk] if kind == "random"
+           else torch.randint(0, E, (1,), generator=gen).expand(topk))[None]
+    x = torch.randn(1, D, generator=gen).to(dtype)
+    w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=gen) * 0.3).to(dtype)
+    w_map = (torch.randn(E, C, D, generator=gen) * 0.3).to(dtype)
+    w_red = (torch.randn(E, D, C, generator=gen) * 0.3).to(dtype)
+    h = torch.randn(1, topk, C, generator=gen).to(dtype)
+    weights = torch.rand(1, topk, generator=gen).to(dtype)
+    calls = []
+    gemv = tm.moe_gemv
+    monkeypatch.setattr(tm, "moe_gemv", lambda *a, **kw: calls.append(kw.get("sum_k")) or gemv(*a, **kw))
+    cfg = gemv_cfg(block_n, block_k)
+    y = tm.experts_fused(x, w13, w2, ids, weights, "silu", configs=(cfg, cfg), small=True)
+    q = tm.map_fused(x, w_map, ids, cfg, small=True)
+    o = tm.reduce_fused(h, w_red, ids, weights, cfg, small=True)
+    assert calls == [False, True, False, True], "gate_up, down, map, reduce through the one-token kernel"
+    assert y.dtype == q.dtype == o.dtype == dtype
+    assert y.shape == (1, D) and q.shape == (1, topk, C) and o.shape == (1, D)
+    f = [t.float() for t in (x, w13, w2, w_map, w_red, h, weights)]
+    check(y, experts_reference(f[0], f[1], f[2], ids, f[6], F.silu), dtype, "experts")
+    check(q, expert_map_reference(f[0], f[3], ids), dtype, "map")
+    check(o, expert_reduce_reference(f[5], f[4], ids, f[6]), dtype, "reduce")
+
+
+def test_gemv_config_only_serves_one_token(tm, monkeypatch):
+    """At more than one token the same config runs the tiled small kernel (GEMV is ignored there)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, D, generator=gen)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=gen) * 0.3, torch.randn(E, D, I, generator=gen) * 0.3
+    ids, weights = routing(3, "random", gen), torch.rand(3, K, generator=gen)
+    real = tm.moe_gemv
+    monkeypatch.setattr(tm, "moe_gemv", lambda *a, **kw: pytest.fail("one-token kernel at 3 tokens"))
+    cfg = gemv_cfg(16, 16)
+    got = tm.experts_fused(x, w13, w2, ids, weights, "silu", configs=(cfg, cfg), small=True)
+    check(got, experts_reference(x, w13, w2, ids, weights, F.silu), torch.float32, "experts at T=3")
+    with pytest.raises(ValueError, match="one token"):
+        real(x, w13, torch.empty(3 * K, 2 * I), ids.reshape(-1), K, cfg, a_div=K)

@@ -481,11 +481,69 @@ def _moe_small_kernel(
             tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
+@triton.jit
+def _moe_gemv_kernel(
+    a_ptr, w_ptr, out_ptr, ids_ptr, route_w_ptr, n_out, k_dim, up_offset,
+    stride_am, stride_we, stride_wn, stride_om,
+    TOPK: tl.constexpr, A_DIV: tl.constexpr, SUM_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    _pdl_start(PDL)
+    # One token (its TOPK assignments) on the CUDA cores: a program owns
+    # BLOCK_N output columns of one assignment (or, with SUM_K, of all TOPK, summed in registers) and
+    # takes each dot product over the whole reduction length itself, so no split-K partials or last
+    # arriver are needed to give every SM work. Weight tiles [BLOCK_N, BLOCK_K] run along the
+    # contiguous reduction axis. A_DIV: assignment k reads row k // A_DIV of a.
+    tiles = tl.cdiv(n_out, BLOCK_N)
+    pid = tl.program_id(0)
+    tile = pid % tiles
+    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    rows = tl.minimum(n, n_out - 1).to(tl.int64)  # in range: loads need no column mask
+    kk = tl.arange(0, BLOCK_K)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOPK if SUM_K else 1):
+        k = j if SUM_K else pid // tiles
+        expert = tl.load(ids_ptr + k).to(tl.int64)
+        a_row = a_ptr + (k // A_DIV).to(tl.int64) * stride_am
+        w_rows = w_ptr + expert * stride_we + rows[:, None] * stride_wn
+        part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        part_up = part  # the up projection's products when GATED; otherwise unused
+        for k0 in range(0, k_dim, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_row + k0 + kk).to(tl.float32)
+                w = tl.load(w_rows + (k0 + kk)[None, :])
+            else:
+                k_ok = kk < k_dim - k0
+                a = tl.load(a_row + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_rows + (k0 + kk)[None, :], mask=k_ok[None, :], other=0.0)
+            part += w.to(tl.float32) * a[None, :]
+            if GATED:
+                if EVEN_K:
+                    w_up = tl.load(w_rows + up_offset * stride_wn + (k0 + kk)[None, :])
+                else:
+                    w_up = tl.load(w_rows + up_offset * stride_wn + (k0 + kk)[None, :], mask=k_ok[None, :], other=0.0)
+                part_up += w_up.to(tl.float32) * a[None, :]
+        acc = tl.sum(part, axis=1)
+        if GATED:
+            acc = _activate(acc, ACT) * tl.sum(part_up, axis=1)
+        if WEIGHTED:
+            acc = acc * tl.load(route_w_ptr + k).to(tl.float32)
+        if SUM_K:
+            total += acc
+        else:
+            tl.store(out_ptr + k.to(tl.int64) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    if SUM_K:
+        tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 # ---- configs -----------------------------------------------------------------------------------
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-# Optional keys: only `moe_gemm_small` reads SPLIT_K (1 when absent); the sorted path ignores it.
-OPTIONAL_CONFIG_KEYS = ("SPLIT_K",)
+# Optional keys: only `moe_gemm_small` reads SPLIT_K (1 when absent) and GEMV (at one token, the
+# CUDA-core kernel `_moe_gemv_kernel` when true); the sorted path ignores both.
+OPTIONAL_CONFIG_KEYS = ("SPLIT_K", "GEMV")
 
 
 def config_key(op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype) -> str:
@@ -715,6 +773,9 @@ def moe_gemm_small(
     E, O, C = w_EOC.shape
     n_out = n_out or O
     N = ids_N.numel()
+    if cfg.get("GEMV") and N == K and a.stride(1) == 1 and w_EOC.stride(2) == 1:
+        return moe_gemv(a, w_EOC, out, ids_N, K, cfg, a_div=a_div, sum_k=sum_k, n_out=n_out, act=act,
+                        route_w_N=route_w_N)
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     split_k = cfg.get("SPLIT_K", 1)
     if split_k < 1:
@@ -736,6 +797,30 @@ def moe_gemm_small(
         PRECISION=precision, BLOCK_M=max(16, triton.next_power_of_2(N)), BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **pdl_meta(a.device),
+    )
+    return out
+
+
+def moe_gemv(
+    a: torch.Tensor, w_EOC: torch.Tensor, out: torch.Tensor, ids_N: torch.Tensor, K: int, cfg: dict, *,
+    a_div: int, sum_k: bool = False, n_out: int | None = None, act: str | None = None,
+    route_w_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`moe_gemm_small` for one token (N = K assignments) on the CUDA cores (`_moe_gemv_kernel`):
+    a program per BLOCK_N output columns of an assignment (all K with `sum_k`). A and W must be
+    contiguous along the reduction axis."""
+    O, C = w_EOC.shape[1:]
+    n_out = n_out or O
+    N = ids_N.numel()
+    if N != K:
+        raise ValueError(f"moe_gemv serves one token: {N} assignments for {K} experts per token")
+    tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
+    _moe_gemv_kernel[(tiles * (1 if sum_k else N),)](
+        a, w_EOC, out, ids_N, route_w_N if route_w_N is not None else a, n_out, C, n_out if act else 0,
+        a.stride(0), w_EOC.stride(0), w_EOC.stride(1), out.stride(0),
+        TOPK=K, A_DIV=a_div, SUM_K=sum_k, GATED=act is not None, ACT=act or "none",
+        WEIGHTED=route_w_N is not None, EVEN_K=C % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(a.device),
     )
     return out
 
