@@ -48,7 +48,7 @@ EXPERT_OPS = {  # name: (layer shape in tune_moe.SPECS, op)
     "jetmoe.map": ("jetmoe_moa", "map"), "jetmoe.reduce": ("jetmoe_moa", "reduce"),
 }
 GEMV_CONFIGS = [dict(BLOCK_M=1, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-                for n in (4, 8, 16) for k in (256, 512, 1024) for w in (2, 4, 8) for s in (2, 3, 4)]
+                for n in (2, 4, 8, 16) for k in (256, 512, 1024) for w in (2, 4, 8) for s in (2, 3, 4)]
 
 
 def expert_dims(op_name: str) -> tuple[int, int, int, bool]:

@@ -80,7 +80,7 @@ def candidates(T: int, gated: bool, n_out: int) -> list[dict]:
                 out.append(cfg)
     if T == 1:  # one token: also the CUDA-core kernel, whose programs each take whole dot products
         out += [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=w, num_stages=s, GEMV=True)
-                for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (2, 4) for s in (2, 3)]
+                for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (2, 4) for s in (2, 3)]
     return out
 
 

@@ -471,7 +471,7 @@ def test_split_k_deterministic_and_self_resetting(tm, monkeypatch):
 
 # BLOCK_K 16: D = 40 leaves a ragged last K step (I = C = 24 too); 8 divides all three. BLOCK_N 16
 # leaves a ragged column tile on I and C (24), 8 does not.
-GEMV_CASES = [(16, 16, "random"), (8, 8, "random"), (16, 8, "repeated_expert")]
+GEMV_CASES = [(16, 16, "random"), (8, 8, "random"), (16, 8, "repeated_expert"), (2, 16, "random")]
 
 
 def gemv_cfg(block_n, block_k):

@@ -1,0 +1,66 @@
+"""Graphed decode of one model with and without a code path, interleaved in one process on the same
+weights: differences of a percent or two are below the spread between machines (and between runs
+that rebuild the model), so an A/B must not span two of them.
+
+    PYTHONPATH=. python bench/decode_ab.py --model phimoe --batch 1 \
+        --b moetorch.ops.triton_moe:pdl_enabled=off [--rounds 4] [--out r.json]
+
+`--b module:attribute=off` replaces that function with one returning False for the B runs (a
+feature's or a fusion's gate: PDL above); `=<int>` sets an integer attribute instead. A runs as
+the code stands. Each arm captures its own graphs, so the path is chosen as decode would choose it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+from moe_layer import save_json  # bench/ is the script's directory
+
+from moetorch.benchmark import SIZES, _ours_decode, build, cuda_time
+
+
+def patch(spec: str):
+    """(module, attribute, B value) from `module:attribute=off|<int>`."""
+    target, value = spec.split("=")
+    module_name, attr = target.split(":")
+    module = importlib.import_module(module_name)
+    getattr(module, attr)  # fails early on a typo
+    return module, attr, (lambda *a, **k: False) if value == "off" else int(value)
+
+
+@torch.no_grad()
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="phimoe", choices=sorted(SIZES))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--b", required=True, help="module:attribute=off|<int>")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    module, attr, b_value = patch(args.b)
+    a_value = getattr(module, attr)
+    model = build(args.model, "moetorch", SIZES[args.model])
+    ids = torch.randint(0, SIZES[args.model]["vocab_size"], (args.batch, 128), device="cuda")
+    times = {"A": [], "B": []}
+    for _ in range(args.rounds):
+        for arm, value in (("A", a_value), ("B", b_value)):
+            setattr(module, attr, value)
+            try:  # a new graph per arm: the path is chosen while capturing
+                t = cuda_time(_ours_decode(model, ids, args.steps), repeats=3, warmup=1) / args.steps
+            finally:
+                setattr(module, attr, a_value)
+            times[arm].append(args.batch / t)
+            print(f"{args.model} b{args.batch} {arm}: {args.batch / t:8.1f} tok/s", flush=True)
+    best = {arm: max(v) for arm, v in times.items()}
+    print(f"best A {best['A']:.1f}  B {best['B']:.1f}  A/B {best['A'] / best['B']:.4f}")
+    save_json(args.out, {"device": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch,
+                         "b": args.b, "tokens_per_s": times, "best": best})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
