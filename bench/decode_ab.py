@@ -6,8 +6,10 @@ that rebuild the model), so an A/B must not span two of them.
         --b moetorch.ops.triton_moe:pdl_enabled=off [--rounds 4] [--out r.json]
 
 `--b module:attribute=off` replaces that function with one returning False for the B runs (a
-feature's or a fusion's gate: PDL above); `=<int>` sets an integer attribute instead. A runs as
-the code stands. Each arm captures its own graphs, so the path is chosen as decode would choose it.
+feature's or a fusion's gate: PDL above); `=<int>` sets an integer attribute instead.
+`--b-configs FILE` runs B with the expert kernels' block sizes from FILE (a config JSON, such as
+the committed one at an older revision) in place of this GPU's. A runs as the code stands. Each arm
+captures its own graphs, so the path is chosen as decode would choose it.
 """
 
 from __future__ import annotations
@@ -15,11 +17,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 import torch
 from moe_layer import save_json  # bench/ is the script's directory
 
 from moetorch.benchmark import SIZES, _ours_decode, build, cuda_time
+
+
+def configs_from(path: str):
+    """(module, attribute, B value) that make `triton_moe.get_config` read the table at path."""
+    from moetorch.ops import triton_moe
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--b-configs: no file {path}")
+    return triton_moe, "_device_file", lambda device: Path(path)
 
 
 def patch(spec: str):
@@ -36,12 +48,14 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="phimoe", choices=sorted(SIZES))
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--b", required=True, help="module:attribute=off|<int>")
+    arm_b = p.add_mutually_exclusive_group(required=True)
+    arm_b.add_argument("--b", help="module:attribute=off|<int>")
+    arm_b.add_argument("--b-configs", help="a config JSON for the expert kernels")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    module, attr, b_value = patch(args.b)
+    module, attr, b_value = patch(args.b) if args.b else configs_from(args.b_configs)
     a_value = getattr(module, attr)
     model = build(args.model, "moetorch", SIZES[args.model])
     ids = torch.randint(0, SIZES[args.model]["vocab_size"], (args.batch, 128), device="cuda")
@@ -58,7 +72,7 @@ def main() -> int:
     best = {arm: max(v) for arm, v in times.items()}
     print(f"best A {best['A']:.1f}  B {best['B']:.1f}  A/B {best['A'] / best['B']:.4f}")
     save_json(args.out, {"device": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch,
-                         "b": args.b, "tokens_per_s": times, "best": best})
+                         "b": args.b or f"configs {args.b_configs}", "tokens_per_s": times, "best": best})
     return 0
 
 
