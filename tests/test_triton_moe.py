@@ -508,16 +508,30 @@ def test_gemv_matches_reference(tm, monkeypatch, topk, block_n, block_k, kind, d
     check(o, expert_reduce_reference(f[5], f[4], ids, f[6]), dtype, "reduce")
 
 
+def test_gemv_reads_strided_inputs_and_weights(tm):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 2 * D, generator=gen)[:, ::2]  # every other element
+    w_map = torch.randn(E, D, C, generator=gen).transpose(1, 2) * 0.3  # [E, C, D], D not contiguous
+    ids = torch.tensor([[4, 1]])
+    assert x.stride(1) == 2 and w_map.stride(2) != 1
+    got = tm.map_fused(x, w_map, ids, gemv_cfg(8, 16), small=True)
+    check(got, expert_map_reference(x, w_map, ids), torch.float32, "strided map")
+
+
 def test_gemv_config_only_serves_one_token(tm, monkeypatch):
-    """At more than one token the same config runs the tiled small kernel (GEMV is ignored there)."""
+    """At more than one token a GEMV entry runs the tiled small kernel with the default block sizes
+    (its narrow column slices would not fit the matrix units)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, D, generator=gen)
     w13, w2 = torch.randn(E, 2 * I, D, generator=gen) * 0.3, torch.randn(E, D, I, generator=gen) * 0.3
     ids, weights = routing(3, "random", gen), torch.rand(3, K, generator=gen)
     real = tm.moe_gemv
     monkeypatch.setattr(tm, "moe_gemv", lambda *a, **kw: pytest.fail("one-token kernel at 3 tokens"))
-    cfg = gemv_cfg(16, 16)
+    cfg = gemv_cfg(2, 1024)  # as tuned entries read: 2 columns, 1024-element steps
+    defaults, default_config = [], tm.default_config
+    monkeypatch.setattr(tm, "default_config", lambda *a, **kw: defaults.append(a) or default_config(*a, **kw))
     got = tm.experts_fused(x, w13, w2, ids, weights, "silu", configs=(cfg, cfg), small=True)
     check(got, experts_reference(x, w13, w2, ids, weights, F.silu), torch.float32, "experts at T=3")
+    assert len(defaults) == 2, "gate_up and down each fall back to the default block sizes"
     with pytest.raises(ValueError, match="one token"):
         real(x, w13, torch.empty(3 * K, 2 * I), ids.reshape(-1), K, cfg, a_div=K)

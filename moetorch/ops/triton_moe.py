@@ -484,7 +484,7 @@ def _moe_small_kernel(
 @triton.jit
 def _moe_gemv_kernel(
     a_ptr, w_ptr, out_ptr, ids_ptr, route_w_ptr, n_out, k_dim, up_offset,
-    stride_am, stride_we, stride_wn, stride_om,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om,
     TOPK: tl.constexpr, A_DIV: tl.constexpr, SUM_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
@@ -494,7 +494,7 @@ def _moe_gemv_kernel(
     # BLOCK_N output columns of one assignment (or, with SUM_K, of all TOPK, summed in registers) and
     # takes each dot product over the whole reduction length itself, so no split-K partials or last
     # arriver are needed to give every SM work. Weight tiles [BLOCK_N, BLOCK_K] run along the
-    # contiguous reduction axis. A_DIV: assignment k reads row k // A_DIV of a.
+    # reduction axis (contiguous in the checkpoint layout). A_DIV: assignment k reads row k // A_DIV of a.
     tiles = tl.cdiv(n_out, BLOCK_N)
     pid = tl.program_id(0)
     tile = pid % tiles
@@ -511,19 +511,21 @@ def _moe_gemv_kernel(
         part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         part_up = part  # the up projection's products when GATED; otherwise unused
         for k0 in range(0, k_dim, BLOCK_K):
+            a_ptrs = a_row + (k0 + kk) * stride_ak
+            w_ptrs = w_rows + (k0 + kk)[None, :] * stride_wk
             if EVEN_K:
-                a = tl.load(a_row + k0 + kk).to(tl.float32)
-                w = tl.load(w_rows + (k0 + kk)[None, :])
+                a = tl.load(a_ptrs).to(tl.float32)
+                w = tl.load(w_ptrs)
             else:
                 k_ok = kk < k_dim - k0
-                a = tl.load(a_row + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-                w = tl.load(w_rows + (k0 + kk)[None, :], mask=k_ok[None, :], other=0.0)
+                a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
             part += w.to(tl.float32) * a[None, :]
             if GATED:
                 if EVEN_K:
-                    w_up = tl.load(w_rows + up_offset * stride_wn + (k0 + kk)[None, :])
+                    w_up = tl.load(w_ptrs + up_offset * stride_wn)
                 else:
-                    w_up = tl.load(w_rows + up_offset * stride_wn + (k0 + kk)[None, :], mask=k_ok[None, :], other=0.0)
+                    w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[None, :], other=0.0)
                 part_up += w_up.to(tl.float32) * a[None, :]
         acc = tl.sum(part, axis=1)
         if GATED:
@@ -542,7 +544,8 @@ def _moe_gemv_kernel(
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 # Optional keys: only `moe_gemm_small` reads SPLIT_K (1 when absent) and GEMV (at one token, the
-# CUDA-core kernel `_moe_gemv_kernel` when true); the sorted path ignores both.
+# CUDA-core kernel `_moe_gemv_kernel` when true; at more tokens such an entry's column slices are
+# too narrow for the matrix units, and the default block sizes serve); the sorted path ignores both.
 OPTIONAL_CONFIG_KEYS = ("SPLIT_K", "GEMV")
 
 
@@ -773,9 +776,11 @@ def moe_gemm_small(
     E, O, C = w_EOC.shape
     n_out = n_out or O
     N = ids_N.numel()
-    if cfg.get("GEMV") and N == K and a.stride(1) == 1 and w_EOC.stride(2) == 1:
-        return moe_gemv(a, w_EOC, out, ids_N, K, cfg, a_div=a_div, sum_k=sum_k, n_out=n_out, act=act,
-                        route_w_N=route_w_N)
+    if cfg.get("GEMV"):
+        if N == K:
+            return moe_gemv(a, w_EOC, out, ids_N, K, cfg, a_div=a_div, sum_k=sum_k, n_out=n_out, act=act,
+                            route_w_N=route_w_N)
+        cfg = default_config(N, a.dtype, gated=act is not None)
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     split_k = cfg.get("SPLIT_K", 1)
     if split_k < 1:
@@ -807,8 +812,7 @@ def moe_gemv(
     route_w_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`moe_gemm_small` for one token (N = K assignments) on the CUDA cores (`_moe_gemv_kernel`):
-    a program per BLOCK_N output columns of an assignment (all K with `sum_k`). A and W must be
-    contiguous along the reduction axis."""
+    a program per BLOCK_N output columns of an assignment (all K with `sum_k`)."""
     O, C = w_EOC.shape[1:]
     n_out = n_out or O
     N = ids_N.numel()
@@ -817,7 +821,7 @@ def moe_gemv(
     tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
     _moe_gemv_kernel[(tiles * (1 if sum_k else N),)](
         a, w_EOC, out, ids_N, route_w_N if route_w_N is not None else a, n_out, C, n_out if act else 0,
-        a.stride(0), w_EOC.stride(0), w_EOC.stride(1), out.stride(0),
+        a.stride(0), a.stride(1), w_EOC.stride(0), w_EOC.stride(1), w_EOC.stride(2), out.stride(0),
         TOPK=K, A_DIV=a_div, SUM_K=sum_k, GATED=act is not None, ACT=act or "none",
         WEIGHTED=route_w_N is not None, EVEN_K=C % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(a.device),
