@@ -28,6 +28,10 @@ The machinery, shared by the SwiGLU experts and JetMoE's attention experts:
    loop over SPLIT_K programs: each writes a float32 partial to a workspace and bumps the tile's
    counter; the last to arrive sums the partials in split order (deterministic), runs the epilogue
    and resets the counter to zero, so no memset is needed between launches (or CUDA-graph replays).
+5. One token (N = K), where the config entry says GEMV: `_moe_gemv_kernel` on the CUDA cores. A
+   program takes a few output columns of one assignment (of all K for down/reduce) and whole dot
+   products, so a thousand-odd programs fill the GPU with no split-K partials (bench/decode_chain.py
+   chose it for the down, map and reduce GEMMs on the H200; gate/up stays on the tiled kernel).
 
 Kernels are forward-only; gradients (when asked for) recompute through the grouped_mm or reference
 backend inside a `torch.autograd.Function` (training picks grouped_mm directly: `ops.moe.pick_backend`).
@@ -490,11 +494,11 @@ def _moe_gemv_kernel(
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
-    # One token (its TOPK assignments) on the CUDA cores: a program owns
-    # BLOCK_N output columns of one assignment (or, with SUM_K, of all TOPK, summed in registers) and
-    # takes each dot product over the whole reduction length itself, so no split-K partials or last
-    # arriver are needed to give every SM work. Weight tiles [BLOCK_N, BLOCK_K] run along the
-    # reduction axis (contiguous in the checkpoint layout). A_DIV: assignment k reads row k // A_DIV of a.
+    # One token (its TOPK assignments) on the CUDA cores: a program owns BLOCK_N output columns of
+    # one assignment (or, with SUM_K, of all TOPK, summed in registers) and takes each dot product
+    # over the whole reduction length itself, so no split-K partials or last arriver are needed to
+    # give every SM work. Weight tiles [BLOCK_N, BLOCK_K] run along the reduction axis (contiguous
+    # in the checkpoint layout). A_DIV: assignment k reads row k // A_DIV of a.
     tiles = tl.cdiv(n_out, BLOCK_N)
     pid = tl.program_id(0)
     tile = pid % tiles
@@ -772,7 +776,8 @@ def moe_gemm_small(
 ) -> torch.Tensor:
     """`moe_gemm` for N <= SMALL_MAX_ROWS without the alignment: A's row is n // a_div; out gets one
     row per assignment, or with `sum_k` one row per token (the sum over its K assignments).
-    cfg["SPLIT_K"] (default 1) splits each column tile's (expert, K step) loop over that many programs."""
+    cfg["SPLIT_K"] (default 1) splits each column tile's (expert, K step) loop over that many programs;
+    cfg["GEMV"] runs one token (N = K) through `moe_gemv` instead."""
     E, O, C = w_EOC.shape
     n_out = n_out or O
     N = ids_N.numel()
