@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-import triton
-import triton.testing
-from moe_layer import ceilings, save_json  # bench/ is the script's directory
-from tune_moe import SPECS, candidates
+from moe_layer import ceilings, graph_ms, save_json  # bench/ is the script's directory
+from tune_moe import SPECS, candidates, precompile
 
 from moetorch.ops import triton_fused
 from moetorch.ops import triton_moe as tm
@@ -118,23 +114,6 @@ def weight_bytes(op_name: str, link: tuple) -> int:
     return ids.unique().numel() * w[0].numel() * w.element_size()
 
 
-def chain_ms(fns) -> float:
-    """Median time of one CUDA-graph replay of fns called in turn (L2 flushed before each replay)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=40, return_mode="median")
-    del graph
-    return ms
-
-
 def _compile(jobs: list[tuple[str, int, dict]]) -> int:
     """Worker: launch each (op, T, config) once, filling Triton's disk cache for the timing process."""
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -150,13 +129,6 @@ def _compile(jobs: list[tuple[str, int, dict]]) -> int:
             print(f"compile failed: {op_name} {cfg}: {type(e).__name__}", file=sys.stderr)
     torch.cuda.synchronize()
     return done
-
-
-def precompile(jobs, workers: int) -> None:
-    jobs = sorted(jobs, key=lambda j: (j[0], j[1]))
-    chunks = [jobs[i::workers] for i in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        print(f"precompiled {sum(pool.map(_compile, chunks))}/{len(jobs)} kernels", flush=True)
 
 
 def write_configs(path: str, rows: list[dict]) -> None:
@@ -186,7 +158,7 @@ def main() -> int:
     ops = list(LINEARS) + list(EXPERT_OPS) if args.ops == "all" else args.ops.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
     start = time.time()
-    precompile([(o, T, c) for o in ops for T in tokens for c in configs_of(o, T)], args.workers)
+    precompile([(o, T, c) for o in ops for T in tokens for c in configs_of(o, T)], args.workers, worker=_compile)
     print(f"compiled in {time.time() - start:.0f} s", flush=True)
     bw = ceilings()["copy_bytes_per_s"]
     result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "links": args.links, "rows": []}
@@ -198,10 +170,15 @@ def main() -> int:
             timed = []
             for cfg in configs_of(op_name, T):
                 try:
-                    us = chain_ms([launcher(op_name, T, lk, cfg) for lk in links]) * 1e3 / len(links)
+                    fns = [launcher(op_name, T, lk, cfg) for lk in links]
                 except Exception as e:
                     print(f"  skip {cfg}: {type(e).__name__}", flush=True)
                     continue
+                # one graph of all links (the L2 is flushed before each replay, not between links)
+                ms = graph_ms(lambda fns=fns: [fn() for fn in fns], warmup=5, rep=40)
+                if ms is None:
+                    continue
+                us = ms * 1e3 / len(links)
                 timed.append(dict(us=us, pct_floor=100 * floor_us / us, **cfg))
             now, best = timed[0], min(timed, key=lambda r: r["us"])
             result["rows"].append(dict(op=op_name, T=T, floor_us=floor_us, current=now, best=best,

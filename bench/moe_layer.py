@@ -44,8 +44,8 @@ TOKENS = (1, 8, 64, 512, 4096, 16384)
 GATHER_MAX_T = 64
 
 
-def median_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+def median_ms(fn, warmup: int = 10, rep: int = 100) -> float:
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
 def ceilings() -> dict:
@@ -124,8 +124,9 @@ def save_json(path: str | None, result: dict) -> None:
             f.write(json.dumps(result, indent=1) + "\n")
 
 
-def graph_ms(fn) -> float | None:
-    """Median replay time of fn captured in a CUDA graph (None if it cannot be captured)."""
+def graph_ms(fn, warmup: int = 10, rep: int = 100) -> float | None:
+    """Median replay time of fn captured in a CUDA graph (None if it cannot be captured); `warmup`
+    and `rep`: milliseconds of replays before and while timing."""
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -136,7 +137,7 @@ def graph_ms(fn) -> float | None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        ms = median_ms(graph.replay)
+        ms = median_ms(graph.replay, warmup, rep)
         del graph
         return ms
     except Exception as e:

@@ -179,13 +179,15 @@ def _compile_jobs(jobs: list[tuple[str, int, str, dict]]) -> int:
     return done
 
 
-def precompile(jobs, workers: int) -> None:
+def precompile(jobs, workers: int, worker=None) -> None:
+    """Compile in `workers` processes: `worker` (default `_compile_jobs`) gets a share of the jobs,
+    sorted by their first two fields (shape, T), launches each once and returns how many compiled."""
     # Spawned processes: the parent's CUDA context must not be forked. Jobs are dealt out by shape
     # so each worker allocates few shapes.
     chunks = [jobs[i::workers] for i in range(workers)]
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        done = sum(pool.map(_compile_jobs, [sorted(c, key=lambda j: (j[0], j[1])) for c in chunks]))
+        done = sum(pool.map(worker or _compile_jobs, [sorted(c, key=lambda j: (j[0], j[1])) for c in chunks]))
     print(f"precompiled {done}/{len(jobs)} kernels", flush=True)
 
 
