@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from moe_layer import ceilings, graph_ms, save_json  # bench/ is the script's directory
-from tune_moe import SPECS, candidates, precompile
+from tune_moe import SPECS, candidates, ops_of, precompile
 
 from moetorch.ops import triton_fused
 from moetorch.ops import triton_moe as tm
@@ -50,12 +50,8 @@ GEMV_CONFIGS = [dict(BLOCK_M=1, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
 def expert_dims(op_name: str) -> tuple[int, int, int, bool]:
     """(E, output columns, reduction length, gated) of an expert GEMM."""
     shape, op = EXPERT_OPS[op_name]
-    s = SPECS[shape]
-    if op == "gate_up":
-        return s["E"], s["I"], s["D"], True
-    if op == "down":
-        return s["E"], s["D"], s["I"], False
-    return s["E"], (s["C"] if op == "map" else s["D"]), (s["D"] if op == "map" else s["C"]), False
+    _, n_out, k_dim, gated = next(o for o in ops_of(SPECS[shape]) if o[0] == op)
+    return SPECS[shape]["E"], n_out, k_dim, gated
 
 
 def configs_of(op_name: str, T: int) -> list[dict]:
