@@ -3,6 +3,11 @@ profiler, summed by kernel name) and the CUDA-graph step time at two layer count
 is the cost of one layer. Random bf16 weights at the real layer sizes.
 
     PYTHONPATH=. python bench/profile_decode.py --out r.json
+
+`--timeline`: instead, the kernels of one graph replay in launch order, each with its start
+relative to the replay's first kernel, its duration and the gap after the previous kernel's end
+(negative where programmatic dependent launch started it early), to see which kernel boundaries
+cost what. `PYTHONPATH=. python bench/profile_decode.py --timeline --layers 4 --batches 1`
 """
 
 from __future__ import annotations
@@ -50,6 +55,50 @@ def kernel_table(run, steps: int = 3) -> list[tuple[str, float, int]]:
     return sorted(((k[:90], v, count[k] // steps) for k, v in total.items()), key=lambda r: -r[1])
 
 
+def timeline(run, steps: int = 3) -> list[dict]:
+    """The kernels of the last of `steps` runs, in start order: name, start (us from the run's first
+    kernel), duration, gap after the previous kernel's end."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+            torch.cuda.synchronize()
+    kernels = sorted(
+        (ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+        if ev.device_type == torch.autograd.DeviceType.CUDA
+    )
+    # runs are separated by host syncs: split at the largest gaps
+    gaps = sorted(range(1, len(kernels)), key=lambda i: kernels[i][0] - kernels[i - 1][1])[-(steps - 1):]
+    last = kernels[max(gaps):] if gaps else kernels
+    t0, prev_end, rows = last[0][0], last[0][0], []
+    for start, end, name in last:
+        rows.append({"name": name[:60], "start_us": round(start - t0, 2), "us": round(end - start, 2),
+                     "gap_us": round(start - prev_end, 2)})
+        prev_end = max(prev_end, end)
+    return rows
+
+
+@torch.no_grad()
+def main_timeline(args) -> int:
+    result = {"gpu": torch.cuda.get_device_name(), "models": {}}
+    L = int(args.layers.split(",")[0])
+    for name in args.models.split(","):
+        model = build(name, "moetorch", dict(SIZES[name], num_hidden_layers=L))
+        for B in (int(b) for b in args.batches.split(",")):
+            rows = timeline(_step_fn(model, B, args.prompt, True))
+            result["models"].setdefault(name, {})[B] = rows
+            print(f"\n== {name} B={B}, {L} layers: graph replay {rows[-1]['start_us'] + rows[-1]['us']:.1f} us")
+            for r in rows:
+                print(f"  {r['start_us']:8.2f} {r['us']:7.2f} gap {r['gap_us']:6.2f}  {r['name']}")
+        del model
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
 @torch.no_grad()
 def main() -> int:
     p = argparse.ArgumentParser()
@@ -58,7 +107,10 @@ def main() -> int:
     p.add_argument("--layers", default="2,6")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--out", default=None)
+    p.add_argument("--timeline", action="store_true")
     args = p.parse_args()
+    if args.timeline:
+        return main_timeline(args)
     lo, hi = (int(x) for x in args.layers.split(","))
     result = {"gpu": torch.cuda.get_device_name(), "models": {}}
     for name in args.models.split(","):
