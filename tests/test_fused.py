@@ -183,8 +183,9 @@ def test_topk_route_kernel_matches_torch(dtype, E, k):
     ("rms", 8, 2, None, True),      # JetMoE: x + (attention + bias), RMSNorm, top-k softmax
     ("rms", 6, 3, None, False),     # JetMoE's input norm: the norm alone
 ])
-def test_add_norm_route_matches_norm_then_router(dtype, norm_kind, E, k, eps, with_delta):
-    D, R = 48, 7
+@pytest.mark.parametrize("R", [1, 7])  # 1: one program takes all E logits (batch-1 decode)
+def test_add_norm_route_matches_norm_then_router(dtype, norm_kind, E, k, eps, with_delta, R):
+    D = 48
     norm = (LayerNorm(D, eps=1e-5) if norm_kind == "layer" else RMSNorm(D, eps=1e-6)).to(dtype).eval()
     with torch.no_grad():
         norm.weight.copy_(torch.randn(D, generator=gen(1)))
@@ -215,6 +216,27 @@ def test_add_norm_route_matches_norm_then_router(dtype, norm_kind, E, k, eps, wi
     assert torch.equal(ids, want_ids)
     assert w.dtype == dtype
     close(w, want_w.to(dtype), dtype, "routing weights")
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_add_norm_route_one_program_per_row_equals_the_arrival_path(sparse, monkeypatch):
+    # The same rows routed by one program each (all E logits) and by E programs and an arrival.
+    E, D, R = 16 if sparse else 8, 64, 4
+    norm = (LayerNorm(D) if sparse else RMSNorm(D, 1e-6)).to(torch.bfloat16).eval()
+    x = torch.randn(R, D, generator=gen(7)).bfloat16()
+    delta = torch.randn(R, 2, D, generator=gen(8)).bfloat16()
+    router = (torch.randn(E, D, generator=gen(9)) / 4).bfloat16()
+    eps = 0.01 if sparse else None
+    out = {}
+    for rows in (0, R):
+        monkeypatch.setattr(triton_fused, "ROUTE_ONE_PROGRAM_ROWS", rows)
+        with torch.no_grad(), fused.forced():
+            out[rows] = norm.add_norm_route(x, delta, None, router, 2, eps, not sparse)
+    (s0, h0, (w0, ids0, lg0)), (s1, h1, (w1, ids1, lg1)) = out[0], out[R]
+    assert torch.equal(s0, s1) and torch.equal(h0, h1)
+    close(lg1, lg0, torch.bfloat16, "router logits")
+    assert torch.equal(ids0, ids1)
+    close(w1, w0, torch.bfloat16, "routing weights")
 
 
 def test_add_norm_route_any_program_may_arrive_last(monkeypatch):

@@ -278,7 +278,7 @@ def _add_norm_route_kernel(
     rw_ptr, logits_ptr, rweights_ptr, ids_ptr, counter_ptr, E, stride_rw, thr,
     HAS_A: tl.constexpr, A_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
     HAS_NB: tl.constexpr, ROUND: tl.constexpr, BLOCK_D: tl.constexpr, SPARSEMIXER: tl.constexpr,
-    K: tl.constexpr, E_PAD: tl.constexpr,
+    K: tl.constexpr, E_PAD: tl.constexpr, ALL_E: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -287,29 +287,57 @@ def _add_norm_route_kernel(
     # the Linear rounds its output). The row's last program to arrive routes its E logits and resets
     # the row's counter to zero for the next launch: one launch for norm, router GEMV and routing,
     # with E programs per row sharing the router's bytes.
+    # ALL_E: program (row, 0) alone takes all E logits, its router loads issued with the row's, and
+    # routes them itself: no arrival, whose atomic and reload sit on the step's critical path.
     row = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
-    h = _add_norm_row(
-        x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
-        D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h, HAS_A, A_K, HAS_BIAS, NORM, HAS_W, HAS_NB,
-        ROUND, BLOCK_D, e == 0,
-    )
-    wr = tl.load(rw_ptr + e.to(tl.int64) * stride_rw + cols, mask=ok, other=0.0).to(tl.float32)
-    logit = _round(tl.sum(h * wr, axis=0), ROUND)
-    tl.store(logits_ptr + row * E + e, logit.to(logits_ptr.dtype.element_ty))
-    # Every program's logit is stored before its (gpu-scope, acq_rel) arrival; the last arriver
-    # reads them all through L2 (".cg": other SMs wrote them).
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu")
-    if arrived == E - 1:
+    if ALL_E:
         ee = tl.arange(0, E_PAD)
-        lg = tl.load(logits_ptr + row * E + ee, mask=ee < E, other=float("-inf"), cache_modifier=".cg")
+        e_ok = ee < E
+        wr_all = tl.load(rw_ptr + ee.to(tl.int64)[:, None] * stride_rw + cols[None, :],
+                         mask=e_ok[:, None] & ok[None, :], other=0.0)
+        h = _add_norm_row(
+            x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
+            D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h, HAS_A, A_K, HAS_BIAS, NORM, HAS_W, HAS_NB,
+            ROUND, BLOCK_D, True,
+        )
+        lg = _round(tl.sum(wr_all.to(tl.float32) * h[None, :], axis=1), ROUND)
+        tl.store(logits_ptr + row * E + ee, lg.to(logits_ptr.dtype.element_ty), mask=e_ok)
+        # the stored logit's value, as the arrival path reloads it
+        lg = tl.where(e_ok, lg.to(logits_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
         rows64 = row + tl.arange(0, 1)
-        _route_rows(tl.reshape(lg.to(tl.float32), (1, E_PAD)), ee, rows64, rows64 >= 0, rweights_ptr, ids_ptr,
+        _route_rows(tl.reshape(lg, (1, E_PAD)), ee, rows64, rows64 >= 0, rweights_ptr, ids_ptr,
                     thr, SPARSEMIXER, K, ROUND, 1)
-        tl.atomic_xchg(counter_ptr + row, 0)
+    else:
+        wr = tl.load(rw_ptr + e.to(tl.int64) * stride_rw + cols, mask=ok, other=0.0)  # issued with the row's
+        h = _add_norm_row(
+            x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
+            D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h, HAS_A, A_K, HAS_BIAS, NORM, HAS_W, HAS_NB,
+            ROUND, BLOCK_D, e == 0,
+        )
+        logit = _round(tl.sum(h * wr.to(tl.float32), axis=0), ROUND)
+        tl.store(logits_ptr + row * E + e, logit.to(logits_ptr.dtype.element_ty))
+        # Every program's logit is stored before its (gpu-scope, acq_rel) arrival; the last arriver
+        # reads them all through L2 (".cg": other SMs wrote them).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu")
+        if arrived == E - 1:
+            ee = tl.arange(0, E_PAD)
+            lg = tl.load(logits_ptr + row * E + ee, mask=ee < E, other=float("-inf"), cache_modifier=".cg")
+            rows64 = row + tl.arange(0, 1)
+            _route_rows(tl.reshape(lg.to(tl.float32), (1, E_PAD)), ee, rows64, rows64 >= 0, rweights_ptr,
+                        ids_ptr, thr, SPARSEMIXER, K, ROUND, 1)
+            tl.atomic_xchg(counter_ptr + row, 0)
+
+
+# `add_norm_route` gives each row one program that computes all E logits and routes them, rather
+# than E programs per row whose last arriver routes, up to this many rows and router values (E x D).
+# On the H200 at batch-1 decode (bench/decode_ab.py): JetMoE's 8 x 2048 router 2-6% faster that
+# way; PhiMoE's 16 x 4096 2.5% slower (one SM loading 128 KB takes longer than the arrival).
+ROUTE_ONE_PROGRAM_ROWS = 1
+ROUTE_ONE_PROGRAM_VALUES = 16384
 
 
 def add_norm_route(
@@ -332,9 +360,14 @@ def add_norm_route(
     thr = _threshold(sparsemixer_eps, dtype) if sparsemixer else 0.0
     router_ED = _unit_last(router_ED)
     if R:
-        _add_norm_route_kernel[(R, E)](
+        all_e = R <= ROUTE_ONE_PROGRAM_ROWS and E * router_ED.shape[1] <= ROUTE_ONE_PROGRAM_VALUES
+        if all_e:  # the router's E x D values spread over more warps than the row alone needs
+            meta["num_warps"] = min(16, max(meta["num_warps"], E * router_ED.shape[1] // 2048))
+        programs = R if all_e else R * E
+        _add_norm_route_kernel[(R, 1 if all_e else E)](
             *args, router_ED, logits, weights, ids, arrival_counters(device, R), E, router_ED.stride(0), thr,
-            **meta, SPARSEMIXER=sparsemixer, K=k, E_PAD=max(triton.next_power_of_2(E), 2), **pdl_meta(device, R * E),
+            **meta, SPARSEMIXER=sparsemixer, K=k, E_PAD=max(triton.next_power_of_2(E), 2), ALL_E=all_e,
+            **pdl_meta(device, programs),
         )
     shape = x_RD.shape
     return x_out.view(shape), h.view(shape), (weights, ids, logits)
