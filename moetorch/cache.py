@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .ops import fused
+from .ops.linear import linears_rotated
 from .ops.rope import apply_rotary_qk
 
 
@@ -92,6 +93,12 @@ class Cache:
         A static cache at inference does it in one kernel, rotating the keys into their slots."""
         query_states, key_states = apply_rotary_qk(query_states, key_states, cos, sin)
         return (query_states, *self.update(key_states, value_states, layer_idx, cache_kwargs))
+
+    def project_rotated(self, x_BTD, layers, head_dim, cos, sin, layer_idx, cache_kwargs=None):
+        """(rotated queries, all keys, all values) from the q/k/v projections `layers` of x, the
+        cache updated, in one kernel; None where no such kernel serves (a static cache at inference
+        has one), and the caller then projects and calls `update_rotated`."""
+        return None
 
 
 class DynamicCache(Cache):
@@ -229,6 +236,21 @@ class StaticCache(Cache):
             return q, k, v
         query_states, key_states = apply_rotary_qk(query_states, key_states, cos, sin)
         return (query_states, *self._write(key_states, value_states, k, v, cache_position))
+
+    def project_rotated(self, x_BTD, layers, head_dim, cos, sin, layer_idx, cache_kwargs=None):
+        B, T, _ = x_BTD.shape
+        if not self.keys:
+            if not fused.active(x_BTD):
+                return None  # `update` allocates
+            self._allocate(B, layers[1].out_features // head_dim, head_dim, x_BTD.device, x_BTD.dtype)
+        cache_position = (cache_kwargs or {}).get("cache_position")
+        if cache_position is None:
+            cache_position = torch.arange(self._seen, self._seen + T, device=x_BTD.device)
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        out = linears_rotated(x_BTD, layers, head_dim, cos, sin, (k, v, cache_position))
+        if out is not None and layer_idx == 0:
+            self._seen += T
+        return out
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         k, v, cache_position = self._slots(key_states, layer_idx, cache_kwargs)

@@ -17,7 +17,7 @@ from moetorch import DynamicCache, StaticCache
 from moetorch.engine import GraphedDecodeStep
 from moetorch.ops import fused, triton_fused
 from moetorch.ops.attention import attention, build_mask
-from moetorch.ops.linear import linears
+from moetorch.ops.linear import linears, linears_rotated
 from moetorch.ops.norms import LayerNorm, Residual, RMSNorm, residual_add
 from moetorch.ops.rope import apply_rotary, apply_rotary_qk
 from moetorch.ops.routing import route_topk, sparsemixer, topk_softmax
@@ -316,6 +316,81 @@ def test_linears_takes_torch_path_outside_decode_sizes(monkeypatch):
     assert not calls
     with pytest.raises(ValueError, match="1 to 3 weights and at most 16 rows"):
         original(torch.randn(17, 16), [lin.weight], [None])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,cos_batch,bias", [(1, 1, 1, False), (1, 1, 1, True), (4, 1, 4, False), (2, 3, 1, True)])
+@pytest.mark.parametrize("to_cache", [True, False])
+def test_linears_rotated_matches_linears_then_rotary(dtype, B, T, cos_batch, bias, to_cache):
+    # q/k/v projections with q and k rotated (and k, v written into cache slots) in one kernel,
+    # against the two kernels it replaces (exactly at one row, where both sum alike) and torch
+    D, H, G, d, S = 40, 4, 2, 16, 9
+    torch.manual_seed(B * 10 + T)
+    layers = [torch.nn.Linear(D, n * d, bias=bias).to(dtype) for n in (H, G, G)]
+    x = torch.randn(B, T, D, generator=gen(1)).to(dtype)
+    ang = torch.randn(cos_batch, T, d // 2, generator=gen(2)) * 30
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    slots = torch.arange(4, 4 + T)
+    kwargs = {"cache_position": slots}
+
+    def reference(on):
+        with torch.no_grad(), fused.forced(on):
+            q, k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in linears(x, *layers))
+            if not to_cache:
+                return (*apply_rotary_qk(q, k, cos, sin), v)
+            cache = StaticCache(num_layers=1, max_cache_len=S)
+            cache.update(torch.zeros(B, G, 4, d, dtype=dtype), torch.zeros(B, G, 4, d, dtype=dtype), 0)
+            return cache.update_rotated(q, k, v, cos, sin, 0, kwargs)
+
+    want_fused, want_torch = reference(True), reference(False)
+    with torch.no_grad(), fused.forced():
+        if to_cache:
+            cache = StaticCache(num_layers=1, max_cache_len=S)
+            cache.update(torch.zeros(B, G, 4, d, dtype=dtype), torch.zeros(B, G, 4, d, dtype=dtype), 0)
+            got = cache.project_rotated(x, layers, d, cos, sin, 0, kwargs)
+            assert cache.get_seq_length() == 4 + T
+        else:
+            got = linears_rotated(x, layers, d, cos, sin)
+    assert got is not None, "the one-kernel path serves these shapes"
+    for name, g, wf, wt in zip("qkv", got, want_fused, want_torch):
+        assert g.shape == wt.shape and g.dtype == dtype
+        if B * T == 1:
+            assert torch.equal(g, wf), f"{name}: the same sums and roundings as linears + rope_qk(_cache)"
+        close(g, wf, dtype, f"{name} vs the two kernels")
+        close(g, wt, dtype, f"{name} vs torch")
+
+
+def test_linears_rotated_declines_what_it_cannot_serve():
+    D, d = 32, 12  # half a head (6) is no multiple of the 16-column tile's 8 pairs
+    layers = [torch.nn.Linear(D, n * d) for n in (4, 2, 2)]
+    cos = sin = torch.ones(1, 1, d)
+    with torch.no_grad(), fused.forced():
+        assert linears_rotated(torch.randn(1, 1, D), layers, d, cos, sin) is not None  # 4-column GEMV slices
+        assert linears_rotated(torch.randn(3, 1, D), layers, d, cos.expand(3, 1, d), sin.expand(3, 1, d)) is None
+        assert linears_rotated(torch.randn(1, 1, D), layers[:2], d, cos, sin) is None  # not q, k and v
+        assert linears_rotated(torch.randn(1, 1, D), layers, d, cos[..., :8], sin[..., :8]) is None
+        wrong_batch = (torch.zeros(2, 2, 5, d), torch.zeros(2, 2, 5, d), torch.tensor([0]))
+        assert linears_rotated(torch.randn(1, 1, D), layers, d, cos, sin, wrong_batch) is None
+    assert linears_rotated(torch.randn(1, 1, D), layers, d, cos, sin) is None  # not forced: torch on CPU
+    with pytest.raises(ValueError, match="rope needs q, k and v weights"):
+        triton_fused.linear_small(torch.randn(1, D), [layers[0].weight], [None], rope=(cos, sin, 1, None, None, None))
+
+
+def test_phimoe_decode_projects_rotates_and_caches_in_one_kernel(monkeypatch):
+    # A static-cache decode step takes the one-kernel q/k/v path in every layer (prefill rows
+    # exceed the small-row kernel and keep linears + rope_qk_cache); tokens match the torch path.
+    ropes, original = [], triton_fused.linear_small
+    monkeypatch.setattr(triton_fused, "linear_small",
+                        lambda *a, rope=None, **k: ropes.append(rope is not None) or original(*a, rope=rope, **k))
+    model = _tiny(PHIMOE)
+    ids = torch.randint(1, 97, (1, 5), generator=gen(6))
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        with fused.forced():
+            got = model.generate(ids, **kwargs)
+    assert torch.equal(got, want)
+    assert ropes.count(True) == 2 * model.config.num_hidden_layers, "two decode steps, each layer"
 
 
 # ---- rotary -----------------------------------------------------------------------------------

@@ -41,15 +41,23 @@ class PhimoeAttention(nn.Module):
 
     def forward(self, x_BTD, rope, mask, is_causal, cache: Cache | None, cache_position_T, need_weights):
         B, T, _ = x_BTD.shape
-        q, k, v = linears(x_BTD, self.q_proj, self.k_proj, self.v_proj)  # one kernel at decode
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
-        if cache is not None:  # rotates the keys into the cache (one kernel with a static cache)
-            q, k, v = cache.update_rotated(q, k, v, cos, sin, self.layer_idx, {"cache_position": cache_position_T})
+        layers, slots = (self.q_proj, self.k_proj, self.v_proj), {"cache_position": cache_position_T}
+        # at decode with a static cache: projections, rotary and the cache write in one kernel
+        qkv = None
+        if cache is not None:
+            qkv = cache.project_rotated(x_BTD, layers, self.head_dim, cos, sin, self.layer_idx, slots)
+        if qkv is not None:
+            q, k, v = qkv
         else:
-            q, k = apply_rotary_qk(q, k, cos, sin)
+            q, k, v = linears(x_BTD, *layers)  # one kernel at decode
+            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            if cache is not None:  # rotates the keys into the cache (one kernel with a static cache)
+                q, k, v = cache.update_rotated(q, k, v, cos, sin, self.layer_idx, slots)
+            else:
+                q, k = apply_rotary_qk(q, k, cos, sin)
         out_BTHd, weights = attention(
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,

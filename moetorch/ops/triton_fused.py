@@ -384,8 +384,10 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 def _linear_small_kernel(
     x_ptr, w1_ptr, w2_ptr, w3_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr,
     M, K, N1, N2, N3, stride_xm, stride_om, stride_w1, stride_w2, stride_w3,
+    cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, T, sc_b, sc_t, s_cb, s_cg, s_cs,
     HAS_BIAS: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ROPE: tl.constexpr, HALF: tl.constexpr, TO_CACHE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -393,6 +395,10 @@ def _linear_small_kernel(
     # same rows (q, k and v, say); out holds them side by side. All M (<= BLOCK_M) rows in one tile,
     # so each weight is read once, and no split-K reduction kernel follows. BLOCK_M = 1: a plain
     # GEMV on the CUDA cores; else the matrix units on a 16-row tile.
+    # ROPE (q, k, v of heads of 2 * HALF dims; rows are B x T tokens): the first two layers' outputs
+    # leave rotated, as ops.rope's kernel rotates them. Their slices then hold BLOCK_N / 2 pairs
+    # (column j of a head next to column j + HALF), so each program rotates its own columns.
+    # TO_CACHE: k and v go into cache slot slots[t] of [B, G, S, 2 * HALF] caches, not into out.
     pid = tl.program_id(0)
     t1 = tl.cdiv(N1, BLOCK_N)
     t2 = tl.cdiv(N2, BLOCK_N)
@@ -402,8 +408,15 @@ def _linear_small_kernel(
         w_ptr, b_ptr, n_seg, col0, blk, stride_w = w2_ptr, b2_ptr, N2, N1, pid - t1, stride_w2
     else:
         w_ptr, b_ptr, n_seg, col0, blk, stride_w = w3_ptr, b3_ptr, N3, N1 + N2, pid - t1 - t2, stride_w3
-    n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    i = tl.arange(0, BLOCK_N)
+    n = blk * BLOCK_N + i
+    if ROPE:
+        if pid < t1 + t2:
+            pair = blk * (BLOCK_N // 2) + i // 2
+            n = (pair // HALF) * (2 * HALF) + pair % HALF + (i % 2) * HALF
     n_ok = n < n_seg
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < M
     kk = tl.arange(0, BLOCK_K)
     if BLOCK_M == 1:
         # one row: multiply-adds along contiguous K, summed across K once at the end
@@ -422,17 +435,16 @@ def _linear_small_kernel(
         acc = tl.reshape(tl.sum(part, axis=1), (1, BLOCK_N))
     else:
         w_ptrs = w_ptr + n.to(tl.int64)[None, :] * stride_w + kk[:, None]
-        x_ptrs = x_ptr + tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * stride_xm + kk[None, :]
-        x_ok = tl.arange(0, BLOCK_M) < M
+        x_ptrs = x_ptr + m.to(tl.int64)[:, None] * stride_xm + kk[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-                x = tl.load(x_ptrs, mask=x_ok[:, None], other=0.0)
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
             else:
                 k_ok = kk < K - k0
                 w = tl.load(w_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-                x = tl.load(x_ptrs, mask=x_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if UPCAST:  # the interpreter's dot wants float32
                 w = w.to(tl.float32)
                 x = x.to(tl.float32)
@@ -442,9 +454,37 @@ def _linear_small_kernel(
     _pdl_release(PDL)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    m = tl.arange(0, BLOCK_M)
-    out = out_ptr + m.to(tl.int64)[:, None] * stride_om + (col0 + n)[None, :]
-    tl.store(out, _round(acc, ROUND).to(out_ptr.dtype.element_ty), mask=(m < M)[:, None] & n_ok[None, :])
+    y = _round(acc, ROUND)  # the layer's output as torch stores it
+    if ROPE:
+        if pid < t1 + t2:
+            # x * cos + rotate_half(x) * sin, each product and the sum rounded (ops.rope's kernel),
+            # with the rows' cos / sin at this slice's pair indices. Loaded here, not before the main
+            # loop: held through it they cost the registers of a sixth program per SM (q/k/v of
+            # PhiMoE then ran in two waves, 18 us against 14.5 us in a graph chain).
+            j = tl.split(tl.reshape(n % (2 * HALF), (BLOCK_N // 2, 2)))[0]
+            c_off = (m // T).to(tl.int64)[:, None] * sc_b + (m % T).to(tl.int64)[:, None] * sc_t + j[None, :]
+            c_at = cos_ptr + c_off
+            s_at = sin_ptr + c_off
+            c_ok = m_ok[:, None] & (j < HALF)[None, :]
+            c1 = tl.load(c_at, mask=c_ok, other=0.0).to(tl.float32)
+            c2 = tl.load(c_at + HALF, mask=c_ok, other=0.0).to(tl.float32)
+            s1 = tl.load(s_at, mask=c_ok, other=0.0).to(tl.float32)
+            s2 = tl.load(s_at + HALF, mask=c_ok, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
+            y1 = _round(_round(x1 * c1, ROUND) + _round(-x2 * s1, ROUND), ROUND)
+            y2 = _round(_round(x2 * c2, ROUND) + _round(x1 * s2, ROUND), ROUND)
+            y = tl.reshape(tl.join(y1, y2), (BLOCK_M, BLOCK_N))
+    dst = out_ptr + m.to(tl.int64)[:, None] * stride_om + (col0 + n)[None, :]
+    if TO_CACHE:
+        if pid >= t1:
+            if pid < t1 + t2:
+                cache_ptr = k_cache_ptr
+            else:
+                cache_ptr = v_cache_ptr
+            slot = tl.load(slots_ptr + m % T, mask=m_ok, other=0).to(tl.int64)
+            dst = (cache_ptr + (m // T).to(tl.int64)[:, None] * s_cb + slot[:, None] * s_cs
+                   + (n // (2 * HALF)).to(tl.int64)[None, :] * s_cg + (n % (2 * HALF))[None, :])
+    tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def linear_small_config(n_total: int, k_dim: int, sm_count: int, rows: int) -> dict:
@@ -467,10 +507,15 @@ def linear_small_config(n_total: int, k_dim: int, sm_count: int, rows: int) -> d
     return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
 
 
-def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None) -> torch.Tensor:
+def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None, rope=None) -> torch.Tensor:
     """[x W1^T + b1, x W2^T + b2, ...] side by side in one [M, N1 + N2 + ...] tensor, for up to
     three weights [Ni, K] with the same K and M <= 16 rows. Sums in float32, bias added, rounded once
-    (what torch's Linear computes, up to the order of the sums)."""
+    (what torch's Linear computes, up to the order of the sums).
+
+    `rope` (three weights: q, k, v): (cos [B or 1, T, d], sin, T, k_cache, v_cache, slots) with the
+    M = B*T rows in (b, t) order. q and k leave rotated (`rope_qk`), and with caches [B, G, S, d]
+    given, k and v are written into slots[t] of them instead of `out` (`rope_qk_cache`). The caller
+    checks `linear_rope_fits` first."""
     M, K = x_MK.shape
     if not 1 <= len(weights) <= 3 or M > 16:
         raise ValueError(f"linear_small takes 1 to 3 weights and at most 16 rows, got {len(weights)} and {M}")
@@ -485,17 +530,56 @@ def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None
     ns_p = ns + [0] * pad
     sms = sm_count(x_MK.device.index) if x_MK.is_cuda else 4
     cfg = config or linear_small_config(sum(ns), K, sms, M)
-    grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
     block_m = 1 if M == 1 and cfg.get("BLOCK_M", 1) == 1 else 16  # the one-row GEMV serves one row only
+    block_n = cfg["BLOCK_N"]
+    if rope is None:
+        rope_args, half, to_cache = (x_MK, x_MK, x_MK, x_MK, x_MK, 1, 0, 0, 0, 0, 0), 1, False
+    else:
+        cos, sin, T, k_cache, v_cache, slots = rope
+        half = cos.shape[-1] // 2
+        block_n = _rope_block_n(block_n, block_m, half)
+        if len(weights) != 3 or block_n is None or M % T or cos.stride(-1) != 1 or cos.stride() != sin.stride():
+            raise ValueError("linear_small: rope needs q, k and v weights, rows in (b, t) order and "
+                             "unit-stride cos/sin; check linear_rope_fits first")
+        to_cache = k_cache is not None
+        if not to_cache:
+            k_cache = v_cache = slots = x_MK
+        elif k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+            raise ValueError("linear_small: the key and value caches need the same strides, unit in the last dim")
+        cb = cos.stride(0) if cos.shape[0] > 1 else 0
+        cache_strides = k_cache.stride()[:3] if to_cache else (0, 0, 0)
+        rope_args = (cos, sin, k_cache, v_cache, slots, T, cb, cos.stride(1), *cache_strides)
+    grid = (sum(triton.cdiv(n, block_n) for n in ns),)
     if M:
         _linear_small_kernel[grid](
             x_MK, *ws, *bs, out, M, K, *ns_p, x_MK.stride(0), out.stride(0), *(w.stride(0) for w in ws),
+            *rope_args,
             HAS_BIAS=has_bias, ROUND=round_code(x_MK.dtype), UPCAST=_interpreting(),
             PRECISION="ieee" if x_MK.dtype == torch.float32 else "tf32",
-            BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
+            ROPE=rope is not None, HALF=half, TO_CACHE=to_cache,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(x_MK.device),
         )
     return out
+
+
+def _rope_block_n(block_n: int, block_m: int, half: int) -> int | None:
+    # a slice of rotated columns holds whole pairs of one head: block_n / 2 must divide half
+    # (the matrix-unit tile needs 16 columns at least)
+    while block_n >= 4 and half % (block_n // 2):
+        block_n //= 2
+    return block_n if block_n >= (4 if block_m == 1 else 16) and half % (block_n // 2) == 0 else None
+
+
+def linear_rope_fits(x_MK: torch.Tensor, ns, head_dim: int) -> bool:
+    """Whether `linear_small(..., rope=...)` serves q/k/v of these output widths and head size."""
+    if head_dim % 2 or any(n % head_dim for n in ns[:2]):
+        return False
+    M, K = x_MK.shape
+    sms = sm_count(x_MK.device.index) if x_MK.is_cuda else 4
+    cfg = linear_small_config(sum(ns), K, sms, M)
+    block_m = 1 if M == 1 else 16
+    return _rope_block_n(cfg["BLOCK_N"], block_m, head_dim // 2) is not None
 
 
 # ---- rotary embedding ----------------------------------------------------------------------------
