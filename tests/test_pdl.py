@@ -63,6 +63,11 @@ def test_pdl_off_on_cpu_under_the_interpreter_and_by_env(monkeypatch):
     assert triton_moe.pdl_meta(cuda, 1) == {"PDL": 2, "launch_pdl": True}
     assert triton_moe.pdl_meta(cuda, 16) == {"PDL": 2, "launch_pdl": True}
     assert triton_moe.pdl_meta(cuda, 17) == {"PDL": 1, "launch_pdl": True}
+    # serving one token (batch-1 decode): at its start up to one program per SM
+    assert triton_moe.pdl_meta(cuda, 132, tokens=1) == {"PDL": 2, "launch_pdl": True}
+    assert triton_moe.pdl_meta(cuda, 133, tokens=1) == {"PDL": 1, "launch_pdl": True}
+    assert triton_moe.pdl_meta(cuda, 56, tokens=2) == {"PDL": 1, "launch_pdl": True}
+    assert triton_moe.pdl_meta(cuda, 0, tokens=1) == {"PDL": 1, "launch_pdl": True}
     monkeypatch.setenv("MOETORCH_PDL", "0")
     assert triton_moe.pdl_meta(cuda, 16) == {"PDL": 0}
     monkeypatch.setenv("MOETORCH_PDL", "1")

@@ -147,7 +147,7 @@ def add_norm(x_RD, a_RD, bias_D, norm: int, weight_D, norm_bias_D, eps: float):
     (`norm_bias_D`) may be None, as in a LayerNorm without affine parameters."""
     R, args, meta, x_out, h = _add_norm_launch(x_RD, a_RD, bias_D, norm, weight_D, norm_bias_D, eps)
     if R:
-        _add_norm_kernel[(R,)](*args, **meta, **pdl_meta(x_RD.device, R))
+        _add_norm_kernel[(R,)](*args, **meta, **pdl_meta(x_RD.device, R, R))
     shape = x_RD.shape
     return x_out.view(shape), (h.view(shape) if norm != NORM_NONE else None)
 
@@ -247,7 +247,7 @@ def _route(logits_RE, k: int, sparsemixer: bool, thr: float, weight_dtype: torch
             logits_RE, w, ids, f32, R, E, logits_RE.stride(0), thr,
             SPARSEMIXER=sparsemixer, K=k, WRITE_F32=write_f32, ROUND=round_code(weight_dtype),
             BLOCK_R=block_r, E_PAD=max(triton.next_power_of_2(E), 2), num_warps=1,
-            **pdl_meta(logits_RE.device, triton.cdiv(R, block_r)),
+            **pdl_meta(logits_RE.device, triton.cdiv(R, block_r), R),
         )
     return w, ids, (f32 if write_f32 else None)
 
@@ -367,7 +367,7 @@ def add_norm_route(
         _add_norm_route_kernel[(R, 1 if all_e else E)](
             *args, router_ED, logits, weights, ids, arrival_counters(device, R), E, router_ED.stride(0), thr,
             **meta, SPARSEMIXER=sparsemixer, K=k, E_PAD=max(triton.next_power_of_2(E), 2), ALL_E=all_e,
-            **pdl_meta(device, programs),
+            **pdl_meta(device, programs, R),
         )
     shape = x_RD.shape
     return x_out.view(shape), h.view(shape), (weights, ids, logits)
@@ -671,7 +671,7 @@ def _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_out, v=None, v_cache=None, 
             cb, ct,
             HQ=H, HQ_PAD=triton.next_power_of_2(H), HK=G, HK_PAD=triton.next_power_of_2(G),
             HALF=half, HALF_PAD=triton.next_power_of_2(half), ROUND=round_code(q_BHTd.dtype), TO_CACHE=to_cache,
-            num_warps=4 if H * d >= 2048 else 1, **pdl_meta(q_BHTd.device, 2 * B * T),
+            num_warps=4 if H * d >= 2048 else 1, **pdl_meta(q_BHTd.device, 2 * B * T, B * T),
         )
     return q_out
 
@@ -724,7 +724,7 @@ def kv_write(k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T) -> No
             k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T, T,
             *k_BGTd.stride()[:3], *v_BGTd.stride()[:3], *k_cache_BGSd.stride()[:3], *v_cache_BGSd.stride()[:3],
             G=G, G_PAD=triton.next_power_of_2(G), HEAD_D=d, D_PAD=triton.next_power_of_2(d),
-            num_warps=1 if G * d <= 1024 else 4, **pdl_meta(k_BGTd.device, B * T),
+            num_warps=1 if G * d <= 1024 else 4, **pdl_meta(k_BGTd.device, B * T, B * T),
         )
 
 
@@ -893,13 +893,13 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
         G=G, R=R, R_PAD=r_pad, TILED=tiled, HAS_MASK=mask_B11S is not None, SPLIT=splits > 1,
         HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCK=min(1024, triton.next_power_of_2(chunk)),
         UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q_BH1d.device, B * G * splits),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q_BH1d.device, B * G * splits, B),
     )
     if splits > 1:
         _decode_combine_kernel[(B * G * R,)](
             part_m, part_l, part_acc, out, splits, out.stride(0), out.stride(2),
             G=G, R=R, R_PAD=r_pad, TILED=tiled, HEAD_D=d, D_PAD=d_pad,
             SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1,
-            **pdl_meta(q_BH1d.device, B * G * R),
+            **pdl_meta(q_BH1d.device, B * G * R, B),
         )
     return out

@@ -135,13 +135,25 @@ def pdl_enabled(device: torch.device) -> bool:
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def pdl_meta(device: torch.device, programs: int = 0) -> dict:
+# A small kernel releases the next one at its start when it has at most one program per this many
+# SMs, or, serving one token (batch-1 decode), at most one program per SM this many: there the
+# expert kernels are GEMVs of about a thousand programs, which early programs of the next kernel
+# do not unbalance (graphed batch-1 decode on the H200, `bench/decode_ab.py`: PhiMoE +0.9%,
+# JetMoE +1.4% against the 8-SM rule alone).
+PDL_EARLY_SMS_PER_PROGRAM = 8
+PDL_EARLY_ONE_TOKEN = 1
+
+
+def pdl_meta(device: torch.device, programs: int = 0, tokens: int = 0) -> dict:
     """Keyword arguments for a kernel launch: the kernel's PDL constexpr and the launcher's flag.
-    `programs`: a small kernel's grid size (it releases the next kernel at its start when that is at
-    most one program per 8 SMs); 0 for the GEMM kernels, which release after their main loop."""
+    `programs`: a small kernel's grid size, `tokens` the rows it serves (see
+    PDL_EARLY_SMS_PER_PROGRAM for when it releases the next kernel at its start); 0 for the GEMM
+    kernels, which release after their main loop."""
     if not pdl_enabled(device):
         return {"PDL": 0}
-    early = 0 < programs <= sm_count(device.index) // 8
+    sms = sm_count(device.index)
+    early = 0 < programs <= sms // PDL_EARLY_SMS_PER_PROGRAM
+    early = early or (PDL_EARLY_ONE_TOKEN and tokens == 1 and 0 < programs <= sms)
     return {"PDL": 2 if early else 1, "launch_pdl": True}
 
 
