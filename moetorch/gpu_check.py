@@ -308,7 +308,37 @@ def check_fused(results):
                                             ("phimoe.o", 4096, (4096,), True), ("jetmoe.kv", 2048, (4096,), False)):
                 layers = [torch.nn.Linear(D, n, bias=has_bias).to(dev, bf) for n in outs]
                 record(f"linears.{name}.B{B}", *both(linears, x[..., :D], *layers))
+            # PhiMoE's q/k/v GEMV with the rotary and the cache write, against linears + rotary
+            # kernel + cache write (the same sums and roundings: exact) and against torch
+            got, fused_want, torch_want = _check_qkv_rotated(x, g)
+            record(f"qkv_rotated.phimoe.B{B}.vs_two_kernels", got, fused_want, limit=1e-6)
+            record(f"qkv_rotated.phimoe.B{B}", got, torch_want)
     return ok
+
+
+def _check_qkv_rotated(x, g):
+    # (q, k cache, v cache) from cache.project_rotated, from linears + update_rotated (fused
+    # kernels), and from torch, at PhiMoE's sizes
+    from moetorch import StaticCache
+    from moetorch.ops import fused
+    from moetorch.ops.linear import linears
+
+    B, d, S, pos = x.shape[0], 128, 256, 100
+    layers = [torch.nn.Linear(4096, n, bias=True).to(x.device, x.dtype) for n in (4096, 1024, 1024)]
+    ang = torch.randn(B, 1, d // 2, device=x.device, generator=g) * 100
+    cos, sin = torch.cat((ang, ang), -1).cos().to(x.dtype), torch.cat((ang, ang), -1).sin().to(x.dtype)
+    slots = {"cache_position": torch.tensor([pos], device=x.device)}
+
+    def two_kernels(fused_on):
+        cache = StaticCache(num_layers=1, max_cache_len=S)
+        with contextlib.nullcontext() if fused_on else fused.forced(False):
+            q, k, v = (t.view(B, 1, -1, d).transpose(1, 2) for t in linears(x, *layers))
+            q, kc, vc = cache.update_rotated(q, k, v, cos, sin, 0, slots)
+        return [q, kc[:, :, pos], vc[:, :, pos]]
+
+    cache = StaticCache(num_layers=1, max_cache_len=S)
+    q, kc, vc = cache.project_rotated(x, layers, d, cos, sin, 0, slots)
+    return [q, kc[:, :, pos], vc[:, :, pos]], two_kernels(True), two_kernels(False)
 
 
 @torch.no_grad()
