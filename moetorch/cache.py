@@ -97,7 +97,8 @@ class Cache:
     def project_rotated(self, x_BTD, layers, head_dim, cos, sin, layer_idx, cache_kwargs=None):
         """(rotated queries, all keys, all values) from the q/k/v projections `layers` of x, the
         cache updated, in one kernel; None where no such kernel serves (a static cache at inference
-        has one), and the caller then projects and calls `update_rotated`."""
+        has one), and the caller then projects and calls `update_rotated`. `layers` = (kv_proj,),
+        whose outputs are keys then values: the queries come back None (see ops.linear.linears_rotated)."""
         return None
 
 
@@ -242,7 +243,8 @@ class StaticCache(Cache):
         if not self.keys:
             if not fused.active(x_BTD):
                 return None  # `update` allocates
-            self._allocate(B, layers[1].out_features // head_dim, head_dim, x_BTD.device, x_BTD.dtype)
+            kv_width = layers[1].out_features if len(layers) == 3 else layers[0].out_features // 2
+            self._allocate(B, kv_width // head_dim, head_dim, x_BTD.device, x_BTD.dtype)
         cache_position = (cache_kwargs or {}).get("cache_position")
         if cache_position is None:
             cache_position = torch.arange(self._seen, self._seen + T, device=x_BTD.device)

@@ -372,17 +372,84 @@ def test_linears_rotated_declines_what_it_cannot_serve():
         wrong_batch = (torch.zeros(2, 2, 5, d), torch.zeros(2, 2, 5, d), torch.tensor([0]))
         assert linears_rotated(torch.randn(1, 1, D), layers, d, cos, sin, wrong_batch) is None
     assert linears_rotated(torch.randn(1, 1, D), layers, d, cos, sin) is None  # not forced: torch on CPU
-    with pytest.raises(ValueError, match="rope needs q, k and v weights"):
+    with pytest.raises(ValueError, match=r"rope needs q, k and v \(or k and v\) weights"):
         triton_fused.linear_small(torch.randn(1, D), [layers[0].weight], [None], rope=(cos, sin, 1, None, None, None))
 
 
-def test_phimoe_decode_projects_rotates_and_caches_in_one_kernel(monkeypatch):
-    # A static-cache decode step takes the one-kernel q/k/v path in every layer (prefill rows
-    # exceed the small-row kernel and keep linears + rope_qk_cache); tokens match the torch path.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (2, 2)])
+@pytest.mark.parametrize("to_cache", [True, False])
+def test_kv_projection_rotated_matches_linears_then_rotary(dtype, B, T, to_cache):
+    # JetMoE's single kv projection (keys, then values): the keys rotated and both written into
+    # the cache in one kernel; no queries come back
+    D, G, d, S = 40, 2, 16, 9
+    torch.manual_seed(B + 3 * T)
+    kv_proj = torch.nn.Linear(D, 2 * G * d, bias=False).to(dtype)
+    x = torch.randn(B, T, D, generator=gen(1)).to(dtype)
+    ang = torch.randn(B, T, d // 2, generator=gen(2)) * 30
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    kwargs = {"cache_position": torch.arange(4, 4 + T)}
+    q_any = torch.zeros(B, G, T, d, dtype=dtype)
+
+    def fresh():
+        cache = StaticCache(num_layers=1, max_cache_len=S)
+        cache.update(torch.zeros(B, G, 4, d, dtype=dtype), torch.zeros(B, G, 4, d, dtype=dtype), 0)
+        return cache
+
+    with torch.no_grad(), fused.forced():
+        k, v = (t.view(B, T, G, d).transpose(1, 2) for t in linears(x, kv_proj)[0].chunk(2, dim=-1))
+        if to_cache:
+            _, want_k, want_v = fresh().update_rotated(q_any, k, v, cos, sin, 0, kwargs)
+            cache = fresh()
+            got = cache.project_rotated(x, (kv_proj,), d, cos, sin, 0, kwargs)
+            assert cache.get_seq_length() == 4 + T
+        else:
+            want_k, want_v = apply_rotary_qk(q_any, k, cos, sin)[1], v
+            got = linears_rotated(x, (kv_proj,), d, cos, sin)
+    assert got is not None and got[0] is None, "k and v only"
+    for name, g, w in (("k", got[1], want_k), ("v", got[2], want_v)):
+        if B * T == 1:
+            assert torch.equal(g, w), name
+        close(g, w, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout,H,G", [("grouped", 8, 2), ("tiled", 8, 4)])
+@pytest.mark.parametrize("cos_batch", [1, 3])
+def test_decode_attention_rotates_unrotated_queries(dtype, layout, H, G, cos_batch):
+    # rope_q: the decode kernel rotates the queries as it loads them; the same numbers as rotating
+    # them first, and the other paths (need_weights: eager) rotate them first themselves
+    B, S, d = 3, 40, 16
+    q = torch.randn(B, 1, H * d, generator=gen(1)).to(dtype).view(B, 1, H, d).transpose(1, 2)
+    k = torch.randn(B, G, S, d, generator=gen(2)).to(dtype)
+    v = torch.randn(B, G, S, d, generator=gen(3)).to(dtype)
+    ang = torch.randn(cos_batch, 1, d // 2, generator=gen(4)) * 30
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    pad = torch.ones(B, S, dtype=torch.long)
+    pad[0, :5] = 0
+    mask, _ = build_mask(pad, torch.tensor([S - 9]), S, None, B, queries_at_end=False)
+    q_rot = apply_rotary(q, cos, sin)
+    with torch.no_grad(), fused.forced():
+        want, _ = attention(q_rot, k, v, mask, False, d**-0.5, "sdpa", 0.0, layout)
+        got, _ = attention(q, k, v, mask, False, d**-0.5, "sdpa", 0.0, layout, rope_q=(cos, sin))
+        eager, _ = attention(q, k, v, mask, False, d**-0.5, "sdpa", 0.0, layout, need_weights=True,
+                             rope_q=(cos, sin))
+    assert torch.equal(got, want)
+    close(eager, want, dtype, "eager path rotates first")
+    with pytest.raises(ValueError, match="rope_q must be cos/sin"):
+        triton_fused.decode_attention(q, k, v, mask, d**-0.5, False, rope_q=(cos[..., :8], sin[..., :8]))
+
+
+@pytest.mark.parametrize("arch,weights", [(PHIMOE, 3), (JETMOE, 2)], ids=["phimoe", "jetmoe"])
+def test_decode_projects_rotates_and_caches_in_one_kernel(arch, weights, monkeypatch):
+    # A static-cache decode step takes the one-kernel q/k/v (PhiMoE) or kv (JetMoE) path in every
+    # layer (prefill rows exceed the small-row kernel and keep linears + rope_qk_cache); tokens
+    # match the torch path's.
     ropes, original = [], triton_fused.linear_small
     monkeypatch.setattr(triton_fused, "linear_small",
-                        lambda *a, rope=None, **k: ropes.append(rope is not None) or original(*a, rope=rope, **k))
-    model = _tiny(PHIMOE)
+                        lambda x, ws, *a, rope=None, **k: ropes.append(rope is not None and len(ws))
+                        or original(x, ws, *a, rope=rope, **k))
+    model = _tiny(arch)
     ids = torch.randint(1, 97, (1, 5), generator=gen(6))
     kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
     with torch.no_grad():
@@ -390,7 +457,7 @@ def test_phimoe_decode_projects_rotates_and_caches_in_one_kernel(monkeypatch):
         with fused.forced():
             got = model.generate(ids, **kwargs)
     assert torch.equal(got, want)
-    assert ropes.count(True) == 2 * model.config.num_hidden_layers, "two decode steps, each layer"
+    assert ropes.count(weights) == 2 * model.config.num_hidden_layers, "two decode steps, each layer"
 
 
 # ---- rotary -----------------------------------------------------------------------------------

@@ -108,17 +108,29 @@ class JetMoeAttention(nn.Module):
         weights_NK, ids_NK, logits_NE = routing if routing is not None else self.experts.router(x_ND)
         # [N, K, G*d] -> [B, H, T, d]: head h = k*G + g
         q = self.experts.map(x_ND, ids_NK).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k, v = linears(x_BTD, self.kv_proj)[0].chunk(2, dim=-1)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
-        if cache is not None:  # rotates the keys into the cache (one kernel with a static cache)
-            q, k, v = cache.update_rotated(q, k, v, cos, sin, self.layer_idx, {"cache_position": cache_position_T})
+        slots = {"cache_position": cache_position_T}
+        # at decode with a static cache: kv projection, rotary of the keys and the cache write in one
+        # kernel; the attention kernel then rotates the queries as it loads them
+        kv = None
+        if cache is not None:
+            kv = cache.project_rotated(x_BTD, (self.kv_proj,), self.head_dim, cos, sin, self.layer_idx, slots)
+        rope_q = None
+        if kv is not None:
+            _, k, v = kv
+            rope_q = (cos, sin)
         else:
-            q, k = apply_rotary_qk(q, k, cos, sin)
+            k, v = linears(x_BTD, self.kv_proj)[0].chunk(2, dim=-1)
+            k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            if cache is not None:  # rotates the keys into the cache (one kernel with a static cache)
+                q, k, v = cache.update_rotated(q, k, v, cos, sin, self.layer_idx, slots)
+            else:
+                q, k = apply_rotary_qk(q, k, cos, sin)
         out_BTHd, weights = attention(
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, kv_layout="tiled", need_weights=need_weights,
+            rope_q=rope_q,
         )
         y = self.experts.reduce(out_BTHd.reshape(B * T, self.top_k, -1), ids_NK, weights_NK, combine)
         return y.view(B, T, *y.shape[1:]), weights, logits_NE

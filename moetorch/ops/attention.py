@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused
+from .rope import apply_rotary
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
@@ -97,16 +98,24 @@ def attention(
     dropout_p: float = 0.0,
     kv_layout: str = "grouped",
     need_weights: bool = False,
+    rope_q: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention; returns (out [B, T, H, d], weights [B, H, T, S] or None).
 
     `need_weights` forces the eager path, the only one that materialises the weights. One query
     per row (decode) at inference runs the fused decode kernel, which reads the cache in place.
+    `rope_q` = (cos, sin [B or 1, T, d]): the queries are not yet rotated; the decode kernel rotates
+    them as it loads them, every other path first (`ops.rope.apply_rotary`).
     """
     G = k_BGSd.shape[1]
     if _decode_fusable(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, impl, dropout_p, need_weights):
-        out = fused.kernels().decode_attention(q_BHTd, k_BGSd, v_BGSd, mask, scale, kv_layout == "tiled")
-        return out, None
+        if rope_q is None or fused.active(q_BHTd, *rope_q):
+            out = fused.kernels().decode_attention(
+                q_BHTd, k_BGSd, v_BGSd, mask, scale, kv_layout == "tiled", rope_q=rope_q
+            )
+            return out, None
+    if rope_q is not None:
+        q_BHTd = apply_rotary(q_BHTd, *rope_q)
     if kv_layout == "tiled" and G > 1:
         q_BHTd = _to_grouped(q_BHTd, G)
     if need_weights or impl == "eager":

@@ -5,8 +5,9 @@ weights (`triton_fused.linear_small`): a GEMV with no split-K reduction kernel a
 for up to three layers. Elsewhere each layer runs as torch runs it.
 
 `linears_rotated` adds the rotary embedding of q and k to that kernel, and with a static cache's
-storage the write of k and v into their slots: at decode, a layer's q/k/v projections, rotary and
-cache write are one launch.
+storage the write of k and v into their slots: at decode, a layer's q/k/v projections (PhiMoE) or
+kv projection (JetMoE, whose queries the attention kernel rotates), rotary and cache write are one
+launch.
 """
 
 from __future__ import annotations
@@ -28,19 +29,28 @@ def linears(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
 
 
 def linears_rotated(x_BTD, layers, head_dim: int, cos_BTd, sin_BTd, cache_kv=None):
-    """q [B, H, T, d], k and v of `layers` = (q_proj, k_proj, v_proj), with q and k rotated
-    (`ops.rope.apply_rotary`); `cache_kv` = (k_cache, v_cache [B, G, S, d], slots [T]): k and v are
-    written into those slots and the caches returned in their place. One kernel; None where it does
-    not serve these inputs (the caller then runs `linears` and the rotary itself)."""
-    if len(layers) != 3 or not _fusable(x_BTD, layers) or not fused.active(x_BTD, cos_BTd, sin_BTd):
+    """(q [B, H, T, d], k, v) of `layers` = (q_proj, k_proj, v_proj), with q and k rotated
+    (`ops.rope.apply_rotary`); `layers` = (kv_proj,), whose outputs are k then v (JetMoE): q is None.
+    `cache_kv` = (k_cache, v_cache [B, G, S, d], slots [T]): k and v are written into those slots
+    and the caches returned in their place. One kernel; None where it does not serve these inputs
+    (the caller then runs `linears` and the rotary itself)."""
+    if len(layers) not in (1, 3) or not _fusable(x_BTD, layers) or not fused.active(x_BTD, cos_BTd, sin_BTd):
         return None
     if cos_BTd.dim() != 3 or cos_BTd.shape[-1] != head_dim or cos_BTd.shape != sin_BTd.shape:
         return None
     B, T, D = x_BTD.shape
     if cos_BTd.shape[1] != T or cos_BTd.shape[0] not in (1, B):
         return None
+    if len(layers) == 3:
+        weights, biases = [layer.weight for layer in layers], [layer.bias for layer in layers]
+    else:  # one kv projection: its two halves
+        (kv,) = layers
+        if kv.out_features % 2:
+            return None
+        weights = list(kv.weight.chunk(2, dim=0))
+        biases = list(kv.bias.chunk(2)) if kv.bias is not None else [None, None]
+    ns = [w.shape[0] for w in weights]
     x_MK = x_BTD.reshape(-1, D)
-    ns = [layer.out_features for layer in layers]
     kernels = fused.kernels()
     if not kernels.linear_rope_fits(x_MK, ns, head_dim):
         return None
@@ -48,18 +58,18 @@ def linears_rotated(x_BTD, layers, head_dim: int, cos_BTd, sin_BTd, cache_kv=Non
         k_cache, v_cache, _ = cache_kv
         if not fused.active(x_BTD, k_cache, v_cache) or k_cache.shape != v_cache.shape:
             return None
-        if k_cache.shape[0] != B or k_cache.shape[1] * head_dim != ns[1] or k_cache.shape[-1] != head_dim:
+        if k_cache.shape[0] != B or k_cache.shape[1] * head_dim != ns[-2] or k_cache.shape[-1] != head_dim:
             return None
     cos_BTd, sin_BTd = cos_BTd.contiguous(), sin_BTd.contiguous()
     out = kernels.linear_small(
-        x_MK, [layer.weight for layer in layers], [layer.bias for layer in layers],
+        x_MK, weights, biases,
         rope=(cos_BTd, sin_BTd, T, *(cache_kv if cache_kv is not None else (None, None, None))),
     )
-    q, k, v = out.view(B, T, -1).split(ns, dim=-1)
-    q = q.view(B, T, -1, head_dim).transpose(1, 2)
+    parts = [t.view(B, T, -1, head_dim).transpose(1, 2) for t in out.view(B, T, -1).split(ns, dim=-1)]
+    q = parts[0] if len(parts) == 3 else None
     if cache_kv is not None:
         return q, cache_kv[0], cache_kv[1]
-    return q, k.view(B, T, -1, head_dim).transpose(1, 2), v.view(B, T, -1, head_dim).transpose(1, 2)
+    return q, parts[-2], parts[-1]
 
 
 def _fusable(x: torch.Tensor, layers) -> bool:

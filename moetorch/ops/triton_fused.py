@@ -387,7 +387,7 @@ def _linear_small_kernel(
     cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, T, sc_b, sc_t, s_cb, s_cg, s_cs,
     HAS_BIAS: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    ROPE: tl.constexpr, HALF: tl.constexpr, TO_CACHE: tl.constexpr,
+    ROPE: tl.constexpr, HAS_Q: tl.constexpr, HALF: tl.constexpr, TO_CACHE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -395,8 +395,8 @@ def _linear_small_kernel(
     # same rows (q, k and v, say); out holds them side by side. All M (<= BLOCK_M) rows in one tile,
     # so each weight is read once, and no split-K reduction kernel follows. BLOCK_M = 1: a plain
     # GEMV on the CUDA cores; else the matrix units on a 16-row tile.
-    # ROPE (q, k, v of heads of 2 * HALF dims; rows are B x T tokens): the first two layers' outputs
-    # leave rotated, as ops.rope's kernel rotates them. Their slices then hold BLOCK_N / 2 pairs
+    # ROPE (q, k, v of heads of 2 * HALF dims, or k, v without HAS_Q; rows are B x T tokens): q and
+    # k leave rotated, as ops.rope's kernel rotates them. Their slices then hold BLOCK_N / 2 pairs
     # (column j of a head next to column j + HALF), so each program rotates its own columns.
     # TO_CACHE: k and v go into cache slot slots[t] of [B, G, S, 2 * HALF] caches, not into out.
     pid = tl.program_id(0)
@@ -410,8 +410,9 @@ def _linear_small_kernel(
         w_ptr, b_ptr, n_seg, col0, blk, stride_w = w3_ptr, b3_ptr, N3, N1 + N2, pid - t1 - t2, stride_w3
     i = tl.arange(0, BLOCK_N)
     n = blk * BLOCK_N + i
+    rotated_end = t1 + t2 if HAS_Q else t1  # programs below it rotate their slice
     if ROPE:
-        if pid < t1 + t2:
+        if pid < rotated_end:
             pair = blk * (BLOCK_N // 2) + i // 2
             n = (pair // HALF) * (2 * HALF) + pair % HALF + (i % 2) * HALF
     n_ok = n < n_seg
@@ -456,7 +457,7 @@ def _linear_small_kernel(
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y = _round(acc, ROUND)  # the layer's output as torch stores it
     if ROPE:
-        if pid < t1 + t2:
+        if pid < rotated_end:
             # x * cos + rotate_half(x) * sin, each product and the sum rounded (ops.rope's kernel),
             # with the rows' cos / sin at this slice's pair indices. Loaded here, not before the main
             # loop: held through it they cost the registers of a sixth program per SM (q/k/v of
@@ -476,8 +477,9 @@ def _linear_small_kernel(
             y = tl.reshape(tl.join(y1, y2), (BLOCK_M, BLOCK_N))
     dst = out_ptr + m.to(tl.int64)[:, None] * stride_om + (col0 + n)[None, :]
     if TO_CACHE:
-        if pid >= t1:
-            if pid < t1 + t2:
+        cache_start = t1 if HAS_Q else 0  # the k programs, then the v programs
+        if pid >= cache_start:
+            if pid < rotated_end:
                 cache_ptr = k_cache_ptr
             else:
                 cache_ptr = v_cache_ptr
@@ -512,8 +514,8 @@ def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None
     three weights [Ni, K] with the same K and M <= 16 rows. Sums in float32, bias added, rounded once
     (what torch's Linear computes, up to the order of the sums).
 
-    `rope` (three weights: q, k, v): (cos [B or 1, T, d], sin, T, k_cache, v_cache, slots) with the
-    M = B*T rows in (b, t) order. q and k leave rotated (`rope_qk`), and with caches [B, G, S, d]
+    `rope` (weights q, k, v, or k, v): (cos [B or 1, T, d], sin, T, k_cache, v_cache, slots) with
+    the M = B*T rows in (b, t) order. q and k leave rotated (`rope_qk`), and with caches [B, G, S, d]
     given, k and v are written into slots[t] of them instead of `out` (`rope_qk_cache`). The caller
     checks `linear_rope_fits` first."""
     M, K = x_MK.shape
@@ -538,9 +540,9 @@ def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None
         cos, sin, T, k_cache, v_cache, slots = rope
         half = cos.shape[-1] // 2
         block_n = _rope_block_n(block_n, block_m, half)
-        if len(weights) != 3 or block_n is None or M % T or cos.stride(-1) != 1 or cos.stride() != sin.stride():
-            raise ValueError("linear_small: rope needs q, k and v weights, rows in (b, t) order and "
-                             "unit-stride cos/sin; check linear_rope_fits first")
+        if len(weights) < 2 or block_n is None or M % T or cos.stride(-1) != 1 or cos.stride() != sin.stride():
+            raise ValueError("linear_small: rope needs q, k and v (or k and v) weights, rows in (b, t) order "
+                             "and unit-stride cos/sin; check linear_rope_fits first")
         to_cache = k_cache is not None
         if not to_cache:
             k_cache = v_cache = slots = x_MK
@@ -557,7 +559,7 @@ def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None
             HAS_BIAS=has_bias, ROUND=round_code(x_MK.dtype), UPCAST=_interpreting(),
             PRECISION="ieee" if x_MK.dtype == torch.float32 else "tf32",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
-            ROPE=rope is not None, HALF=half, TO_CACHE=to_cache,
+            ROPE=rope is not None, HAS_Q=len(weights) == 3, HALF=half, TO_CACHE=to_cache,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(x_MK.device),
         )
     return out
@@ -572,8 +574,8 @@ def _rope_block_n(block_n: int, block_m: int, half: int) -> int | None:
 
 
 def linear_rope_fits(x_MK: torch.Tensor, ns, head_dim: int) -> bool:
-    """Whether `linear_small(..., rope=...)` serves q/k/v of these output widths and head size."""
-    if head_dim % 2 or any(n % head_dim for n in ns[:2]):
+    """Whether `linear_small(..., rope=...)` serves q/k/v (or k/v) of these output widths and head size."""
+    if head_dim % 2 or any(n % head_dim for n in ns[:-1]):
         return False
     M, K = x_MK.shape
     sms = sm_count(x_MK.device.index) if x_MK.is_cuda else 4
@@ -733,12 +735,13 @@ def kv_write(k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T) -> No
 
 @triton.jit
 def _decode_attn_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, cos_ptr, sin_ptr,
     S, chunk, num_splits, scale,
-    sq_b, sq_h, sk_b, sk_g, sk_s, sv_b, sv_g, sv_s, sm_b, sm_s, so_b, so_h,
+    sq_b, sq_h, sk_b, sk_g, sk_s, sv_b, sv_g, sv_s, sm_b, sm_s, so_b, so_h, sc_b,
     G: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, TILED: tl.constexpr, HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROPE_Q: tl.constexpr,
+    ROUND: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -756,7 +759,19 @@ def _decode_attn_kernel(
     r_ok = r < R
     dd = tl.arange(0, D_PAD)
     d_ok = dd < HEAD_D
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dd[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    q_rows = q_ptr + b * sq_b + heads[:, None] * sq_h
+    q = tl.load(q_rows + dd[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if ROPE_Q:
+        # the queries arrive unrotated: x * cos + rotate_half(x) * sin, each product and the sum
+        # rounded as ops.rope's kernel rounds them (rotate_half pairs dim j with j +- d/2)
+        HALF: tl.constexpr = HEAD_D // 2
+        partner = tl.load(q_rows + ((dd + HALF) % HEAD_D)[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                          other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + b * sc_b + dd, mask=d_ok, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + b * sc_b + dd, mask=d_ok, other=0.0).to(tl.float32)
+        sign = tl.where(dd < HALF, -1.0, 1.0)
+        q = _round(_round(q.to(tl.float32) * c[None, :], ROUND) + _round(sign[None, :] * partner * sn[None, :], ROUND),
+                   ROUND).to(q_ptr.dtype.element_ty)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
@@ -852,12 +867,15 @@ def decode_attn_config(d: int, rows: int, sms: int) -> dict:
     return dict(BLOCK_N=32 if d <= 256 else 16, num_warps=2 if rows >= sms else 4, num_stages=2)
 
 
-def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool, config: dict | None = None):
+def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool, config: dict | None = None,
+                     rope_q=None):
     """Attention of one query per row over S cached keys: out [B, 1, H, d] (queries' dtype).
 
     `mask_B11S` (bool, any strides, or None for all keys visible) already holds causality,
     padding and the sliding window. Splits S across programs when B*G alone cannot fill the GPU.
-    `config`: block sizes (`decode_attn_config`'s keys), else the defaults.
+    `config`: block sizes (`decode_attn_config`'s keys), else the defaults. `rope_q` = (cos, sin
+    [B or 1, 1, d]): the queries are not yet rotated, and the kernel rotates them as it loads them
+    (`apply_rotary`, the same roundings).
     """
     B, H, _, d = q_BH1d.shape
     G, S = k_BGSd.shape[1], k_BGSd.shape[2]
@@ -885,14 +903,24 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
     else:
         m8, sm_b, sm_s = out, 0, 0
     fp32 = q_BH1d.dtype == torch.float32
+    if rope_q is not None:
+        cos, sin = rope_q
+        if d % 2 or cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, B) or cos.shape[1:] != (1, d):
+            raise ValueError(f"decode_attention: rope_q must be cos/sin [B or 1, 1, {d}] (even d), "
+                             f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        cos, sin = cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous()
+        sc_b = cos.stride(0) if cos.shape[0] > 1 else 0
+    else:
+        cos, sin, sc_b = out, out, 0
     _decode_attn_kernel[(B * G, splits)](
-        q_BH1d, k_BGSd, v_BGSd, m8, out, part_m, part_l, part_acc,
+        q_BH1d, k_BGSd, v_BGSd, m8, out, part_m, part_l, part_acc, cos, sin,
         S, chunk, splits, scale,
         q_BH1d.stride(0), q_BH1d.stride(1), k_BGSd.stride(0), k_BGSd.stride(1), k_BGSd.stride(2),
-        v_BGSd.stride(0), v_BGSd.stride(1), v_BGSd.stride(2), sm_b, sm_s, out.stride(0), out.stride(2),
+        v_BGSd.stride(0), v_BGSd.stride(1), v_BGSd.stride(2), sm_b, sm_s, out.stride(0), out.stride(2), sc_b,
         G=G, R=R, R_PAD=r_pad, TILED=tiled, HAS_MASK=mask_B11S is not None, SPLIT=splits > 1,
         HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCK=min(1024, triton.next_power_of_2(chunk)),
-        UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32",
+        UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32", ROPE_Q=rope_q is not None,
+        ROUND=round_code(q_BH1d.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q_BH1d.device, B * G * splits, B),
     )
     if splits > 1:
