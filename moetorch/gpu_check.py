@@ -308,37 +308,52 @@ def check_fused(results):
                                             ("phimoe.o", 4096, (4096,), True), ("jetmoe.kv", 2048, (4096,), False)):
                 layers = [torch.nn.Linear(D, n, bias=has_bias).to(dev, bf) for n in outs]
                 record(f"linears.{name}.B{B}", *both(linears, x[..., :D], *layers))
-            # PhiMoE's q/k/v GEMV with the rotary and the cache write, against linears + rotary
-            # kernel + cache write (the same sums and roundings: exact) and against torch
-            got, fused_want, torch_want = _check_qkv_rotated(x, g)
-            record(f"qkv_rotated.phimoe.B{B}.vs_two_kernels", got, fused_want, limit=1e-6)
-            record(f"qkv_rotated.phimoe.B{B}", got, torch_want)
+            # the q/k/v (PhiMoE) and kv (JetMoE) GEMVs with the rotary and the cache write, against
+            # linears + rotary kernel + cache write (the same sums and roundings: exact) and torch
+            for name, D, outs, has_bias in (("phimoe", 4096, (4096, 1024, 1024), True),
+                                            ("jetmoe", 2048, (4096,), False)):
+                layers = [torch.nn.Linear(D, n, bias=has_bias).to(dev, bf) for n in outs]
+                got, fused_want, torch_want = _check_projection_rotated(x[..., :D], layers, g)
+                record(f"projection_rotated.{name}.B{B}.vs_two_kernels", got, fused_want, limit=1e-6)
+                record(f"projection_rotated.{name}.B{B}", got, torch_want)
     return ok
 
 
-def _check_qkv_rotated(x, g):
-    # (q, k cache, v cache) from cache.project_rotated, from linears + update_rotated (fused
-    # kernels), and from torch, at PhiMoE's sizes
+def _check_projection_rotated(x, layers, g):
+    # (q, k cache slot, v cache slot) from cache.project_rotated, from linears + update_rotated
+    # (fused kernels), and from torch. One layer: JetMoE's kv_proj, whose queries (here: random)
+    # the attention kernel rotates, compared through `attention(..., rope_q=)`.
     from moetorch import StaticCache
     from moetorch.ops import fused
+    from moetorch.ops.attention import attention
     from moetorch.ops.linear import linears
 
     B, d, S, pos = x.shape[0], 128, 256, 100
-    layers = [torch.nn.Linear(4096, n, bias=True).to(x.device, x.dtype) for n in (4096, 1024, 1024)]
     ang = torch.randn(B, 1, d // 2, device=x.device, generator=g) * 100
     cos, sin = torch.cat((ang, ang), -1).cos().to(x.dtype), torch.cat((ang, ang), -1).sin().to(x.dtype)
     slots = {"cache_position": torch.tensor([pos], device=x.device)}
+    kv_only = len(layers) == 1
+    q_in = torch.randn(B, 32, 1, d, device=x.device, generator=g).to(x.dtype) if kv_only else None
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=x.device)
+    mask[..., : pos + 1] = True
+
+    def attend(q, kc, vc, rope_q=None):  # JetMoE: the queries' rotation shows in the attention
+        return attention(q, kc, vc, mask, False, d**-0.5, "sdpa", 0.0, "tiled", rope_q=rope_q)[0]
 
     def two_kernels(fused_on):
         cache = StaticCache(num_layers=1, max_cache_len=S)
         with contextlib.nullcontext() if fused_on else fused.forced(False):
-            q, k, v = (t.view(B, 1, -1, d).transpose(1, 2) for t in linears(x, *layers))
-            q, kc, vc = cache.update_rotated(q, k, v, cos, sin, 0, slots)
-        return [q, kc[:, :, pos], vc[:, :, pos]]
+            outs = linears(x, *layers)
+            outs = [q_in, *outs[0].chunk(2, -1)] if kv_only else outs
+            parts = [t if t is q_in else t.view(B, 1, -1, d).transpose(1, 2) for t in outs]
+            q, kc, vc = cache.update_rotated(*parts, cos, sin, 0, slots)
+            first = attend(q, kc, vc) if kv_only else q
+        return [first, kc[:, :, pos], vc[:, :, pos]]
 
     cache = StaticCache(num_layers=1, max_cache_len=S)
     q, kc, vc = cache.project_rotated(x, layers, d, cos, sin, 0, slots)
-    return [q, kc[:, :, pos], vc[:, :, pos]], two_kernels(True), two_kernels(False)
+    first = attend(q_in, kc, vc, rope_q=(cos, sin)) if kv_only else q
+    return [first, kc[:, :, pos], vc[:, :, pos]], two_kernels(True), two_kernels(False)
 
 
 @torch.no_grad()
