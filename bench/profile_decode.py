@@ -40,39 +40,35 @@ def _step_fn(model, B: int, prompt: int, graphs: bool):
     return run
 
 
-def kernel_table(run, steps: int = 3) -> list[tuple[str, float, int]]:
+def cuda_events(run, steps: int, sync_each: bool) -> list:
+    """The CUDA events of `steps` runs (after one unprofiled run), with a host sync after each run
+    when `sync_each` (which separates the runs in time)."""
     run()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             run()
+            if sync_each:
+                torch.cuda.synchronize()
         torch.cuda.synchronize()
+    return [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def kernel_table(run, steps: int = 3) -> list[tuple[str, float, int]]:
     total, count = defaultdict(float), defaultdict(int)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            total[ev.name] += ev.time_range.elapsed_us() / steps
-            count[ev.name] += 1
+    for ev in cuda_events(run, steps, sync_each=False):
+        total[ev.name] += ev.time_range.elapsed_us() / steps
+        count[ev.name] += 1
     return sorted(((k[:90], v, count[k] // steps) for k, v in total.items()), key=lambda r: -r[1])
 
 
-def timeline(run, steps: int = 3) -> list[dict]:
-    """The kernels of the last of `steps` runs, in start order: name, start (us from the run's first
-    kernel), duration, gap after the previous kernel's end."""
-    run()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            run()
-            torch.cuda.synchronize()
-    kernels = sorted(
-        (ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
-        if ev.device_type == torch.autograd.DeviceType.CUDA
-    )
-    # runs are separated by host syncs: split at the largest gaps
-    gaps = sorted(range(1, len(kernels)), key=lambda i: kernels[i][0] - kernels[i - 1][1])[-(steps - 1):]
-    last = kernels[max(gaps):] if gaps else kernels
-    t0, prev_end, rows = last[0][0], last[0][0], []
-    for start, end, name in last:
+def timeline(run) -> list[dict]:
+    """The kernels of one run (after an unprofiled one), in start order: name, start (us from the
+    run's first kernel), duration, gap after the previous kernel's end. One run only: the host
+    gaps inside a step (its input copies) can be longer than those between steps."""
+    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in cuda_events(run, 1, True))
+    t0, prev_end, rows = kernels[0][0], kernels[0][0], []
+    for start, end, name in kernels:
         rows.append({"name": name[:60], "start_us": round(start - t0, 2), "us": round(end - start, 2),
                      "gap_us": round(start - prev_end, 2)})
         prev_end = max(prev_end, end)

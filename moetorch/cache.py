@@ -285,6 +285,15 @@ class StaticCache(Cache):
             t.zero_()
 
 
+def rotate_and_update(cache: Cache | None, q, k, v, cos, sin, layer_idx: int, cache_kwargs=None):
+    """The rotary embedding of queries and keys, then the cache update when there is a cache:
+    (queries, keys, values) to attend over."""
+    if cache is not None:
+        return cache.update_rotated(q, k, v, cos, sin, layer_idx, cache_kwargs)
+    q, k = apply_rotary_qk(q, k, cos, sin)
+    return q, k, v
+
+
 def _kv_shape(config) -> tuple[int, int]:
     head_dim = getattr(config, "kv_channels", None) or config.hidden_size // config.num_attention_heads
     return config.num_key_value_heads, head_dim

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import Cache
+from ..cache import Cache, rotate_and_update
 from ..configuration import JetMoeConfig
 from ..generation import GenerationMixin
 from ..modeling_utils import PreTrainedModel, decoder_forward
@@ -24,7 +24,7 @@ from ..ops.attention import attention
 from ..ops.linear import linears
 from ..ops.moe import expert_map, expert_reduce, experts_forward
 from ..ops.norms import Residual, RMSNorm
-from ..ops.rope import RotaryEmbedding, apply_rotary_qk
+from ..ops.rope import RotaryEmbedding
 from ..ops.routing import route_topk, switch_aux_loss, z_loss
 from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from .heads import causal_lm, classify
@@ -123,10 +123,7 @@ class JetMoeAttention(nn.Module):
             k, v = linears(x_BTD, self.kv_proj)[0].chunk(2, dim=-1)
             k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
             v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-            if cache is not None:  # rotates the keys into the cache (one kernel with a static cache)
-                q, k, v = cache.update_rotated(q, k, v, cos, sin, self.layer_idx, slots)
-            else:
-                q, k = apply_rotary_qk(q, k, cos, sin)
+            q, k, v = rotate_and_update(cache, q, k, v, cos, sin, self.layer_idx, slots)
         out_BTHd, weights = attention(
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, kv_layout="tiled", need_weights=need_weights,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import Cache
+from ..cache import Cache, rotate_and_update
 from ..configuration import PhimoeConfig
 from ..generation import GenerationMixin
 from ..modeling_utils import PreTrainedModel, decoder_forward
@@ -19,7 +19,7 @@ from ..ops.attention import attention
 from ..ops.linear import linears
 from ..ops.moe import experts_forward
 from ..ops.norms import LayerNorm, Residual
-from ..ops.rope import RotaryEmbedding, apply_rotary_qk
+from ..ops.rope import RotaryEmbedding
 from ..ops.routing import sparsemixer, switch_aux_loss
 from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from .heads import causal_lm, classify
@@ -54,10 +54,7 @@ class PhimoeAttention(nn.Module):
             q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
             k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
             v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-            if cache is not None:  # rotates the keys into the cache (one kernel with a static cache)
-                q, k, v = cache.update_rotated(q, k, v, cos, sin, self.layer_idx, slots)
-            else:
-                q, k = apply_rotary_qk(q, k, cos, sin)
+            q, k, v = rotate_and_update(cache, q, k, v, cos, sin, self.layer_idx, slots)
         out_BTHd, weights = attention(
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
