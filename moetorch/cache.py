@@ -215,14 +215,17 @@ class StaticCache(Cache):
             )
         return self.max_cache_len
 
+    def _positions(self, T, device, cache_kwargs):
+        # the new tokens' slots: `cache_position` when given, else the next T
+        cache_position = (cache_kwargs or {}).get("cache_position")
+        return cache_position if cache_position is not None else torch.arange(self._seen, self._seen + T, device=device)
+
     def _slots(self, key_states, layer_idx, cache_kwargs):
         # (key storage, value storage, slots of the new tokens), allocating on first use
         B, G, T, d = key_states.shape
         if not self.keys:
             self._allocate(B, G, d, key_states.device, key_states.dtype)
-        cache_position = (cache_kwargs or {}).get("cache_position")
-        if cache_position is None:
-            cache_position = torch.arange(self._seen, self._seen + T, device=key_states.device)
+        cache_position = self._positions(T, key_states.device, cache_kwargs)
         if layer_idx == 0:
             self._seen += T
         k, v = self.keys[layer_idx], self.values[layer_idx]
@@ -245,11 +248,8 @@ class StaticCache(Cache):
                 return None  # `update` allocates
             kv_width = layers[1].out_features if len(layers) == 3 else layers[0].out_features // 2
             self._allocate(B, kv_width // head_dim, head_dim, x_BTD.device, x_BTD.dtype)
-        cache_position = (cache_kwargs or {}).get("cache_position")
-        if cache_position is None:
-            cache_position = torch.arange(self._seen, self._seen + T, device=x_BTD.device)
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        out = linears_rotated(x_BTD, layers, head_dim, cos, sin, (k, v, cache_position))
+        out = linears_rotated(x_BTD, layers, head_dim, cos, sin, (k, v, self._positions(T, x_BTD.device, cache_kwargs)))
         if out is not None and layer_idx == 0:
             self._seen += T
         return out

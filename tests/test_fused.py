@@ -413,6 +413,29 @@ def test_kv_projection_rotated_matches_linears_then_rotary(dtype, B, T, to_cache
         close(g, w, dtype, name)
 
 
+def test_project_rotated_allocates_and_takes_the_next_slots():
+    # An empty static cache allocates from the projections' shapes; without cache_position the new
+    # tokens take the next slots; only layer 0 advances the count; bad batches fall back to
+    # update(), which names the problem.
+    D, H, G, d = 32, 4, 2, 8
+    layers = [torch.nn.Linear(D, n * d) for n in (H, G, G)]
+    x = torch.randn(1, 1, D, generator=gen(1))
+    cos = sin = torch.ones(1, 1, d)
+    with torch.no_grad(), fused.forced():
+        cache, want = StaticCache(num_layers=2, max_cache_len=6), StaticCache(num_layers=2, max_cache_len=6)
+        for step in range(2):
+            for layer in range(2):
+                got = cache.project_rotated(x, layers, d, cos, sin, layer)
+                q, k, v = (t.view(1, 1, -1, d).transpose(1, 2) for t in linears(x, *layers))
+                expect = want.update_rotated(q, k, v, cos, sin, layer)
+                assert all(torch.equal(a, b) for a, b in zip(got, expect))
+            assert cache.get_seq_length() == want.get_seq_length() == step + 1
+        assert cache.keys[0].shape == (1, G, 6, d) and cache.keys[1][:, :, :2].abs().sum() > 0
+        assert cache.project_rotated(torch.randn(2, 1, D), layers, d, cos, sin, 0) is None  # batch 1 cache
+        with pytest.raises(ValueError, match="StaticCache holds batch 1"):
+            cache.update(torch.zeros(2, G, 1, d), torch.zeros(2, G, 1, d), 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout,H,G", [("grouped", 8, 2), ("tiled", 8, 4)])
 @pytest.mark.parametrize("cos_batch", [1, 3])
