@@ -293,30 +293,28 @@ def _add_norm_route_kernel(
     e = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
+    ee = tl.arange(0, E_PAD)
+    e_ok = ee < E
+    # the router's rows (all E, or expert e's), loaded with the row's
     if ALL_E:
-        ee = tl.arange(0, E_PAD)
-        e_ok = ee < E
-        wr_all = tl.load(rw_ptr + ee.to(tl.int64)[:, None] * stride_rw + cols[None, :],
-                         mask=e_ok[:, None] & ok[None, :], other=0.0)
-        h = _add_norm_row(
-            x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
-            D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h, HAS_A, A_K, HAS_BIAS, NORM, HAS_W, HAS_NB,
-            ROUND, BLOCK_D, True,
-        )
-        lg = _round(tl.sum(wr_all.to(tl.float32) * h[None, :], axis=1), ROUND)
+        wr = tl.load(rw_ptr + ee.to(tl.int64)[:, None] * stride_rw + cols[None, :],
+                     mask=e_ok[:, None] & ok[None, :], other=0.0)
+    else:
+        wr = tl.load(rw_ptr + e.to(tl.int64) * stride_rw + cols, mask=ok, other=0.0)
+    h = _add_norm_row(  # stored by program e == 0 (under ALL_E the only one of its row)
+        x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
+        D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h, HAS_A, A_K, HAS_BIAS, NORM, HAS_W, HAS_NB,
+        ROUND, BLOCK_D, e == 0,
+    )
+    rows64 = row + tl.arange(0, 1)
+    if ALL_E:
+        lg = _round(tl.sum(wr.to(tl.float32) * h[None, :], axis=1), ROUND)
         tl.store(logits_ptr + row * E + ee, lg.to(logits_ptr.dtype.element_ty), mask=e_ok)
         # the stored logit's value, as the arrival path reloads it
         lg = tl.where(e_ok, lg.to(logits_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
-        rows64 = row + tl.arange(0, 1)
         _route_rows(tl.reshape(lg, (1, E_PAD)), ee, rows64, rows64 >= 0, rweights_ptr, ids_ptr,
                     thr, SPARSEMIXER, K, ROUND, 1)
     else:
-        wr = tl.load(rw_ptr + e.to(tl.int64) * stride_rw + cols, mask=ok, other=0.0)  # issued with the row's
-        h = _add_norm_row(
-            x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
-            D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h, HAS_A, A_K, HAS_BIAS, NORM, HAS_W, HAS_NB,
-            ROUND, BLOCK_D, e == 0,
-        )
         logit = _round(tl.sum(h * wr.to(tl.float32), axis=0), ROUND)
         tl.store(logits_ptr + row * E + e, logit.to(logits_ptr.dtype.element_ty))
         # Every program's logit is stored before its (gpu-scope, acq_rel) arrival; the last arriver
@@ -324,9 +322,7 @@ def _add_norm_route_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu")
         if arrived == E - 1:
-            ee = tl.arange(0, E_PAD)
-            lg = tl.load(logits_ptr + row * E + ee, mask=ee < E, other=float("-inf"), cache_modifier=".cg")
-            rows64 = row + tl.arange(0, 1)
+            lg = tl.load(logits_ptr + row * E + ee, mask=e_ok, other=float("-inf"), cache_modifier=".cg")
             _route_rows(tl.reshape(lg.to(tl.float32), (1, E_PAD)), ee, rows64, rows64 >= 0, rweights_ptr,
                         ids_ptr, thr, SPARSEMIXER, K, ROUND, 1)
             tl.atomic_xchg(counter_ptr + row, 0)
