@@ -10,7 +10,10 @@ the models run it: at decode sizes the router runs inside the norm's kernel (`ad
 Backends: triton, grouped_mm, and gather for T <= 64. Each layer is captured in a CUDA graph
 (decode runs that way) and its replay timed with `triton.testing.do_bench` (median; L2 flushed
 before each run so weights come from HBM); the eager call is timed too, and the norm + router alone
-(graph). The same run measures the two ceilings as `moetorch bench` does (fastest of 30): device
+(graph). With `--chain L` (default 8) the triton backend is also timed as L such layers, each
+with its own weights, back to back in one graph, each feeding the next (as a model runs them): per
+layer, that excludes a lone graph's launch and drain, which at decode sizes are a large share of a
+short layer. The same run measures the two ceilings as `moetorch bench` does (fastest of 30): device
 copy bandwidth (a 4 GiB copy, bytes read + written) and the bf16 matmul rate (8192^3). Floors:
 memory = bytes of the expert weights actually touched (distinct experts routed to) + router weight
 + activations in and out (the norm's too), over the copy bandwidth; compute = FLOPs over the
@@ -73,25 +76,54 @@ def make_layer(spec: dict, g: torch.Generator) -> dict:
     return layer
 
 
-def route(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None):
-    """The norm and the router as the models run them: (normed rows, weights, ids)."""
+def route(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, with_sum: bool = False):
+    """The norm and the router as the models run them: (normed rows, weights, ids), with_sum: and
+    first the residual sum x + delta."""
     sparse = spec["router"] == "sparsemixer"
-    _, h_TD, routing = layer["norm"].add_norm_route(
+    sum_TD, h_TD, routing = layer["norm"].add_norm_route(
         x_TD, delta_TD, None, layer["router"], K, 0.01 if sparse else None, logits_f32=not sparse
     )
     if routing is None:  # prefill sizes: the router's GEMM, then the routing kernel
         logits_TE = h_TD @ layer["router"].T
         routing = (*sparsemixer(logits_TE, 0.01, False), None) if sparse else route_topk(logits_TE, K, h_TD.dtype)
-    return h_TD, routing[0], routing[1]
+    return (sum_TD, h_TD, routing[0], routing[1]) if with_sum else (h_TD, routing[0], routing[1])
+
+
+def run_layer(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str):
+    """One layer: (the residual sum, the layer's output [T, D])."""
+    sum_TD, h_TD, weights_TK, ids_TK = route(spec, layer, x_TD, delta_TD, with_sum=True)
+    if spec["kind"] == "experts":
+        return sum_TD, experts_forward(h_TD, layer["w13"], layer["w2"], ids_TK, weights_TK, F.silu, backend)
+    q_TKC = expert_map(h_TD, layer["w_map"], ids_TK, backend)
+    return sum_TD, expert_reduce(q_TKC, layer["w_red"], ids_TK, weights_TK, backend)
 
 
 def layer_fn(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str):
     def run():
-        h_TD, weights_TK, ids_TK = route(spec, layer, x_TD, delta_TD)
-        if spec["kind"] == "experts":
-            return experts_forward(h_TD, layer["w13"], layer["w2"], ids_TK, weights_TK, F.silu, backend)
-        q_TKC = expert_map(h_TD, layer["w_map"], ids_TK, backend)
-        return expert_reduce(q_TKC, layer["w_red"], ids_TK, weights_TK, backend)
+        return run_layer(spec, layer, x_TD, delta_TD, backend)[1]
+
+    return run
+
+
+def chain_inputs(spec: dict, layers: list, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str):
+    """Each layer's (x, delta) when the layers run one after another as in a model: an MLP layer's
+    residual sum and output are the next layer's x and delta; an attention-expert layer's output
+    (attention left out) is the next x."""
+    inputs = []
+    for layer in layers:
+        inputs.append((x_TD, delta_TD))
+        sum_TD, y_TD = run_layer(spec, layer, x_TD, delta_TD, backend)
+        x_TD, delta_TD = (sum_TD, y_TD) if delta_TD is not None else (y_TD, None)
+    return inputs
+
+
+def chain_fn(spec: dict, layers: list, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str):
+    def run():
+        x, delta = x_TD, delta_TD
+        for layer in layers:
+            sum_TD, y_TD = run_layer(spec, layer, x, delta, backend)
+            x, delta = (sum_TD, y_TD) if delta is not None else (y_TD, None)
+        return x
 
     return run
 
@@ -115,6 +147,23 @@ def floors(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor |
     return {"experts_touched": touched, "bytes": nbytes, "flops": flops,
             "memory_floor_ms": nbytes / ceil["copy_bytes_per_s"] * 1e3,
             "compute_floor_ms": flops / ceil["bf16_flop_per_s"] * 1e3}
+
+
+def chain_row(spec: dict, layers: list, x_TD, delta_TD, backend: str, ceil: dict) -> dict:
+    """The layer as decode and prefill run it: len(layers) layers (each its own weights) back to
+    back in one CUDA graph, each feeding the next. Per layer: replay time and floors (the sum of
+    each layer's floors on its actual input: routing, and so the experts touched, differ)."""
+    L = len(layers)
+    ms = graph_ms(chain_fn(spec, layers, x_TD, delta_TD, backend))
+    inputs = chain_inputs(spec, layers, x_TD, delta_TD, backend)
+    per = [floors(spec, layer, x, d, ceil) for layer, (x, d) in zip(layers, inputs)]
+    mem = sum(f["memory_floor_ms"] for f in per) / L
+    cmp = sum(f["compute_floor_ms"] for f in per) / L
+    ms_layer = ms / L if ms else None
+    return {"chain_layers": L, "chain_ms_per_layer": ms_layer, "chain_memory_floor_ms": mem,
+            "chain_compute_floor_ms": cmp, "chain_experts_touched": [f["experts_touched"] for f in per],
+            "pct_memory_floor_chain": 100 * mem / ms_layer if ms_layer else float("nan"),
+            "pct_compute_floor_chain": 100 * cmp / ms_layer if ms_layer else float("nan")}
 
 
 def save_json(path: str | None, result: dict) -> None:
@@ -152,6 +201,8 @@ def main() -> int:
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--layers", default=",".join(LAYERS))
     parser.add_argument("--backends", default="grouped_mm,triton,gather")
+    parser.add_argument("--chain", type=int, default=8,
+                        help="also time the triton backend as this many layers back to back in one graph (0: off)")
     args = parser.parse_args()
     ceil = ceilings()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -162,6 +213,7 @@ def main() -> int:
     for name in args.layers.split(","):
         spec = LAYERS[name]
         layer = make_layer(spec, g)
+        chain = [layer] + [make_layer(spec, g) for _ in range(args.chain - 1)] if args.chain > 1 else []
         for T in map(int, args.tokens.split(",")):
             x_TD = torch.randn(T, spec["D"], device="cuda", dtype=torch.bfloat16, generator=g)
             # the MLPs follow x + attention's output; the attention experts read the norm of x alone
@@ -183,13 +235,20 @@ def main() -> int:
                 best = row["graph_ms"] or row["eager_ms"]
                 row["pct_memory_floor"] = 100 * floor["memory_floor_ms"] / best
                 row["pct_compute_floor"] = 100 * floor["compute_floor_ms"] / best
+                if chain and backend == "triton":
+                    row.update(chain_row(spec, chain, x_TD, delta_TD, backend, ceil))
                 results["rows"].append(row)
                 print(f"{name:11s} T={T:6d} {backend:10s} graph {row['graph_ms'] or float('nan'):8.3f} ms  eager "
                       f"{row['eager_ms']:8.3f} ms  mem {row['pct_memory_floor']:5.1f}%  "
                       f"compute {row['pct_compute_floor']:5.1f}%  "
                       f"diff vs grouped_mm {row.get('rel_diff_vs_grouped_mm', float('nan')):.1e}", flush=True)
+                if "chain_ms_per_layer" in row:
+                    chain_ms = row["chain_ms_per_layer"] or float("nan")
+                    print(f"{'':11s} {'':8s} {'in a chain':10s} {chain_ms:8.3f} ms a layer  mem "
+                          f"{row['pct_memory_floor_chain']:5.1f}%  compute {row['pct_compute_floor_chain']:5.1f}%",
+                          flush=True)
             del x_TD, outputs
-        del layer
+        del layer, chain
         torch.cuda.empty_cache()
     by_key = {(r["layer"], r["T"], r["backend"]): r for r in results["rows"]}
     for r in results["rows"]:
