@@ -94,11 +94,12 @@ class Cache:
         query_states, key_states = apply_rotary_qk(query_states, key_states, cos, sin)
         return (query_states, *self.update(key_states, value_states, layer_idx, cache_kwargs))
 
-    def project_rotated(self, x_BTD, layers, head_dim, cos, sin, layer_idx, cache_kwargs=None):
+    def project_rotated(self, x_BTD, layers, head_dim, cos, sin, layer_idx, cache_kwargs=None, experts=None):
         """(rotated queries, all keys, all values) from the q/k/v projections `layers` of x, the
         cache updated, in one kernel; None where no such kernel serves (a static cache at inference
         has one), and the caller then projects and calls `update_rotated`. `layers` = (kv_proj,),
-        whose outputs are keys then values: the queries come back None (see ops.linear.linears_rotated)."""
+        whose outputs are keys then values: the queries come back None, or with `experts` (JetMoE's
+        MoA map weight and ids) at one row its unrotated projection (see ops.linear.linears_rotated)."""
         return None
 
 
@@ -241,7 +242,7 @@ class StaticCache(Cache):
         query_states, key_states = apply_rotary_qk(query_states, key_states, cos, sin)
         return (query_states, *self._write(key_states, value_states, k, v, cache_position))
 
-    def project_rotated(self, x_BTD, layers, head_dim, cos, sin, layer_idx, cache_kwargs=None):
+    def project_rotated(self, x_BTD, layers, head_dim, cos, sin, layer_idx, cache_kwargs=None, experts=None):
         B, T, _ = x_BTD.shape
         if not self.keys:
             if not fused.active(x_BTD):
@@ -249,7 +250,8 @@ class StaticCache(Cache):
             kv_width = layers[1].out_features if len(layers) == 3 else layers[0].out_features // 2
             self._allocate(B, kv_width // head_dim, head_dim, x_BTD.device, x_BTD.dtype)
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        out = linears_rotated(x_BTD, layers, head_dim, cos, sin, (k, v, self._positions(T, x_BTD.device, cache_kwargs)))
+        slots = (k, v, self._positions(T, x_BTD.device, cache_kwargs))
+        out = linears_rotated(x_BTD, layers, head_dim, cos, sin, slots, experts)
         if out is not None and layer_idx == 0:
             self._seen += T
         return out

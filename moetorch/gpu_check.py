@@ -316,7 +316,36 @@ def check_fused(results):
                 got, fused_want, torch_want = _check_projection_rotated(x[..., :D], layers, g)
                 record(f"projection_rotated.{name}.B{B}.vs_two_kernels", got, fused_want, limit=1e-6)
                 record(f"projection_rotated.{name}.B{B}", got, torch_want)
+            if B == 1:  # JetMoE's MoA map in the kv kernel: against the map's own kernel, and torch
+                got, alone, torch_want = _check_map_with_kv(x[..., :2048], g)
+                record("projection_rotated.jetmoe_map.B1.vs_separate", got, alone)
+                record("projection_rotated.jetmoe_map.B1", got, torch_want)
     return ok
+
+
+def _check_map_with_kv(x, g):
+    # (q, k, v) of ops.linear.linears_rotated with the experts, without them (k, v) with the map by
+    # ops.moe.expert_map (triton), and with torch's (reference) map
+    from moetorch.ops import fused
+    from moetorch.ops.linear import linears_rotated
+    from moetorch.ops.moe import expert_map
+
+    d, E = 128, 8
+    kv_proj = torch.nn.Linear(2048, 4096, bias=False).to(x.device, x.dtype)
+    w_map = (torch.randn(E, 2048, 2048, device=x.device, generator=g) / 45).to(x.dtype)
+    ids = torch.randperm(E, device=x.device, generator=g)[:2].view(1, 2)
+    ang = torch.randn(1, 1, d // 2, device=x.device, generator=g) * 100
+    cos, sin = torch.cat((ang, ang), -1).cos().to(x.dtype), torch.cat((ang, ang), -1).sin().to(x.dtype)
+    got = linears_rotated(x, (kv_proj,), d, cos, sin, None, (w_map, ids))
+    _, k, v = linears_rotated(x, (kv_proj,), d, cos, sin)
+
+    def as_heads(q):
+        return q.view(1, 1, -1, d).transpose(1, 2)
+
+    alone = as_heads(expert_map(x.view(1, -1), w_map, ids, "triton"))
+    with fused.forced(False):
+        ref = as_heads(expert_map(x.view(1, -1), w_map, ids, "reference"))
+    return list(got), [alone, k, v], [ref, k, v]
 
 
 def _check_projection_rotated(x, layers, g):

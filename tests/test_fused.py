@@ -18,6 +18,7 @@ from moetorch.engine import GraphedDecodeStep
 from moetorch.ops import fused, triton_fused
 from moetorch.ops.attention import attention, build_mask
 from moetorch.ops.linear import linears, linears_rotated
+from moetorch.ops.moe import expert_map
 from moetorch.ops.norms import LayerNorm, Residual, RMSNorm, residual_add
 from moetorch.ops.rope import apply_rotary, apply_rotary_qk
 from moetorch.ops.routing import route_topk, sparsemixer, topk_softmax
@@ -413,6 +414,83 @@ def test_kv_projection_rotated_matches_linears_then_rotary(dtype, B, T, to_cache
         close(g, w, dtype, name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("to_cache", [True, False])
+@pytest.mark.parametrize("ids", [[2, 0], [1, 1], [3, 2, 0]], ids=["two", "same-twice", "three"])
+def test_kv_projection_takes_the_moa_map_at_one_row(dtype, to_cache, ids):
+    # JetMoE at one token: the same kernel also projects the row with each routed attention expert
+    # (ops.moe.expert_map); q comes back unrotated in the attention's [B, H, T, d] layout, and k and
+    # v as without the experts
+    D, G, d, E, S = 40, 2, 16, 4, 9
+    C = G * d
+    torch.manual_seed(len(ids))
+    kv_proj = torch.nn.Linear(D, 2 * G * d, bias=False).to(dtype)
+    w_map = (torch.randn(E, C, D, generator=gen(3)) * 0.2).to(dtype)
+    ids_NK = torch.tensor([ids])
+    x = torch.randn(1, 1, D, generator=gen(1)).to(dtype)
+    ang = torch.randn(1, 1, d // 2, generator=gen(2)) * 30
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    kwargs = {"cache_position": torch.tensor([4])}
+
+    def project(experts):
+        if not to_cache:
+            return linears_rotated(x, (kv_proj,), d, cos, sin, None, experts)
+        cache = StaticCache(num_layers=1, max_cache_len=S)
+        cache.update(torch.zeros(1, G, 4, d, dtype=dtype), torch.zeros(1, G, 4, d, dtype=dtype), 0)
+        return [t.clone() for t in cache.project_rotated(x, (kv_proj,), d, cos, sin, 0, kwargs, experts)[1:]]
+
+    with torch.no_grad(), fused.forced():
+        want_q = expert_map(x.view(1, D), w_map, ids_NK, "reference").view(1, 1, -1, d).transpose(1, 2)
+        want_kv = project(None)[-2:]
+        got = linears_rotated(x, (kv_proj,), d, cos, sin, None, (w_map, ids_NK))
+        got_kv = project((w_map, ids_NK))[-2:]
+    assert got[0].shape == (1, len(ids) * G, 1, d) and got[0].dtype == dtype
+    close(got[0], want_q, dtype, "map")
+    for name, g, w in zip("kv", got_kv, want_kv):
+        close(g, w, dtype, name)
+
+
+def test_kv_projection_leaves_the_map_where_it_cannot_take_it(monkeypatch):
+    # more than one row, biases, expert widths off the slice multiple, a forced-off gate: k and v
+    # still come from the fused kernel, q stays None (the caller maps); bad direct calls name the problem
+    from moetorch.ops import linear
+
+    D, G, d, E = 32, 2, 16, 4
+    kv_proj, kv_bias = torch.nn.Linear(D, 2 * G * d, bias=False), torch.nn.Linear(D, 2 * G * d)
+    w_map, w_odd = torch.randn(E, G * d, D), torch.randn(E, 24, D)  # 24: not whole heads
+    ang = torch.randn(2, 1, d // 2)
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    x1, x2 = torch.randn(1, 1, D), torch.randn(2, 1, D)
+    ids1, ids2 = torch.tensor([[0, 1]]), torch.tensor([[0, 1], [2, 3]])
+    with torch.no_grad(), fused.forced():
+        assert linears_rotated(x2, (kv_proj,), d, cos, sin, None, (w_map, ids2))[0] is None
+        assert linears_rotated(x1, (kv_bias,), d, cos[:1], sin[:1], None, (w_map, ids1))[0] is None
+        assert linears_rotated(x1, (kv_proj,), d, cos[:1], sin[:1], None, (w_odd, ids1))[0] is None
+        assert linears_rotated(x1, (kv_proj,), d, cos[:1], sin[:1], None, (w_map, ids1.float()))[0] is None
+        monkeypatch.setattr(linear, "MAP_WITH_KV", 0)
+        off = linears_rotated(x1, (kv_proj,), d, cos[:1], sin[:1], None, (w_map, ids1))
+        assert off is not None and off[0] is None and off[1] is not None
+        with pytest.raises(ValueError, match="experts take one row"):
+            triton_fused.linear_small(x2.view(2, D), [kv_proj.weight], [None], experts=(w_map, ids2))
+        with pytest.raises(ValueError, match="not a multiple of the 4-column slices"):
+            triton_fused.linear_small(x1.view(1, D), [kv_proj.weight], [None], experts=(w_map[:, :18], ids1))
+        with pytest.raises(ValueError, match="no biases"):
+            triton_fused.linear_small(x1.view(1, D), [kv_bias.weight], [kv_bias.bias], experts=(w_map, ids1))
+
+
+def test_linear_small_experts_alone_and_after_one_weight():
+    # the expert layer as the only one (an empty second slot) or after one dense weight
+    D, E, C = 64, 3, 32
+    dense, w_map = torch.randn(24, D), torch.randn(E, C, D)
+    x, ids = torch.randn(1, D), torch.tensor([2, 0])
+    want = expert_map(x, w_map, ids.view(1, 2), "reference").reshape(1, -1)
+    with torch.no_grad(), fused.forced():
+        alone = triton_fused.linear_small(x, [dense[:0]], [None], experts=(w_map, ids))
+        after = triton_fused.linear_small(x, [dense], [None], experts=(w_map, ids))
+    close(alone, want, torch.float32, "experts alone")
+    close(after, torch.cat([x @ dense.T, want], -1), torch.float32, "after a dense layer")
+
+
 def test_project_rotated_allocates_and_takes_the_next_slots():
     # An empty static cache allocates from the projections' shapes; without cache_position the new
     # tokens take the next slots; only layer 0 advances the count; bad batches fall back to
@@ -468,10 +546,10 @@ def test_decode_projects_rotates_and_caches_in_one_kernel(arch, weights, monkeyp
     # A static-cache decode step takes the one-kernel q/k/v (PhiMoE) or kv (JetMoE) path in every
     # layer (prefill rows exceed the small-row kernel and keep linears + rope_qk_cache); tokens
     # match the torch path's.
-    ropes, original = [], triton_fused.linear_small
+    ropes, maps, original = [], [], triton_fused.linear_small
     monkeypatch.setattr(triton_fused, "linear_small",
-                        lambda x, ws, *a, rope=None, **k: ropes.append(rope is not None and len(ws))
-                        or original(x, ws, *a, rope=rope, **k))
+                        lambda x, ws, *a, rope=None, experts=None, **k: ropes.append(rope is not None and len(ws))
+                        or maps.append(experts is not None) or original(x, ws, *a, rope=rope, experts=experts, **k))
     model = _tiny(arch)
     ids = torch.randint(1, 97, (1, 5), generator=gen(6))
     kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
@@ -481,6 +559,8 @@ def test_decode_projects_rotates_and_caches_in_one_kernel(arch, weights, monkeyp
             got = model.generate(ids, **kwargs)
     assert torch.equal(got, want)
     assert ropes.count(weights) == 2 * model.config.num_hidden_layers, "two decode steps, each layer"
+    # JetMoE's MoA map rides in that kernel at one row
+    assert maps.count(True) == (2 * model.config.num_hidden_layers if arch is JETMOE else 0)
 
 
 # ---- rotary -----------------------------------------------------------------------------------

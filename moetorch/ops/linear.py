@@ -28,12 +28,21 @@ def linears(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
     return tuple(layer(x) for layer in layers)
 
 
-def linears_rotated(x_BTD, layers, head_dim: int, cos_BTd, sin_BTd, cache_kv=None):
+# Whether `linears_rotated` may take JetMoE's MoA map into its kernel (`experts=`); an int so that
+# bench/decode_ab.py can run decode without it.
+MAP_WITH_KV = 1
+
+
+def linears_rotated(x_BTD, layers, head_dim: int, cos_BTd, sin_BTd, cache_kv=None, experts=None):
     """(q [B, H, T, d], k, v) of `layers` = (q_proj, k_proj, v_proj), with q and k rotated
     (`ops.rope.apply_rotary`); `layers` = (kv_proj,), whose outputs are k then v (JetMoE): q is None.
     `cache_kv` = (k_cache, v_cache [B, G, S, d], slots [T]): k and v are written into those slots
     and the caches returned in their place. One kernel; None where it does not serve these inputs
-    (the caller then runs `linears` and the rotary itself)."""
+    (the caller then runs `linears` and the rotary itself).
+
+    `experts` = (w [E, C, D], ids [B*T, k]) with (kv_proj,): the same kernel also projects the row
+    with each of its k experts (`ops.moe.expert_map`) and q is that, [B, k*C/d, T, d], unrotated.
+    Only for one row; elsewhere q stays None and the caller maps."""
     if len(layers) not in (1, 3) or not _fusable(x_BTD, layers) or not fused.active(x_BTD, cos_BTd, sin_BTd):
         return None
     if cos_BTd.dim() != 3 or cos_BTd.shape[-1] != head_dim or cos_BTd.shape != sin_BTd.shape:
@@ -61,15 +70,31 @@ def linears_rotated(x_BTD, layers, head_dim: int, cos_BTd, sin_BTd, cache_kv=Non
         if k_cache.shape[0] != B or k_cache.shape[1] * head_dim != ns[-2] or k_cache.shape[-1] != head_dim:
             return None
     cos_BTd, sin_BTd = cos_BTd.contiguous(), sin_BTd.contiguous()
+    if experts is not None and not (MAP_WITH_KV and len(layers) == 1
+                                    and _experts_fit(x_MK, weights, biases, head_dim, *experts)):
+        experts = None
     out = kernels.linear_small(
         x_MK, weights, biases,
-        rope=(cos_BTd, sin_BTd, T, *(cache_kv if cache_kv is not None else (None, None, None))),
+        rope=(cos_BTd, sin_BTd, T, *(cache_kv if cache_kv is not None else (None, None, None))), experts=experts,
     )
-    parts = [t.view(B, T, -1, head_dim).transpose(1, 2) for t in out.view(B, T, -1).split(ns, dim=-1)]
-    q = parts[0] if len(parts) == 3 else None
+    out = out.view(B, T, -1)
+    parts = [t.view(B, T, -1, head_dim).transpose(1, 2) for t in out.split([*ns, out.shape[-1] - sum(ns)], dim=-1)]
+    q = parts[0] if len(ns) == 3 else parts[-1] if experts is not None else None
     if cache_kv is not None:
         return q, cache_kv[0], cache_kv[1]
-    return q, parts[-2], parts[-1]
+    return q, parts[len(ns) - 2], parts[len(ns) - 1]
+
+
+def _experts_fit(x_MK, weights, biases, head_dim: int, w_EOD, ids_NK) -> bool:
+    # one row, no biases, and an expert weight the kernel takes as it is (see triton_fused.linear_small)
+    if not fused.active(w_EOD) or x_MK.shape[0] != 1 or biases[0] is not None or w_EOD.dim() != 3:
+        return False
+    if ids_NK.is_floating_point() or ids_NK.device != w_EOD.device or ids_NK.numel() < 1:
+        return False
+    E, C, D = w_EOD.shape
+    if D != x_MK.shape[1] or C % head_dim or w_EOD.dtype != weights[0].dtype:
+        return False
+    return fused.kernels().linear_experts_fit(x_MK, [w.shape[0] for w in weights], head_dim, C, ids_NK.numel())
 
 
 def _fusable(x: torch.Tensor, layers) -> bool:

@@ -381,9 +381,11 @@ def _linear_small_kernel(
     x_ptr, w1_ptr, w2_ptr, w3_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr,
     M, K, N1, N2, N3, stride_xm, stride_om, stride_w1, stride_w2, stride_w3,
     cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, T, sc_b, sc_t, s_cb, s_cg, s_cs,
+    ids_ptr, stride_e3, C3,
     HAS_BIAS: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     ROPE: tl.constexpr, HAS_Q: tl.constexpr, HALF: tl.constexpr, TO_CACHE: tl.constexpr,
+    EXPERT3: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -395,6 +397,10 @@ def _linear_small_kernel(
     # k leave rotated, as ops.rope's kernel rotates them. Their slices then hold BLOCK_N / 2 pairs
     # (column j of a head next to column j + HALF), so each program rotates its own columns.
     # TO_CACHE: k and v go into cache slot slots[t] of [B, G, S, 2 * HALF] caches, not into out.
+    # EXPERT3 (one row): the third layer is an expert projection [E, C3, K] taken once per routed
+    # expert, N3 = k * C3 outputs for the row's k experts ids[0..k) (JetMoE's MoA map next to its
+    # kv projection: both read the same normed row, so one launch). C3 % BLOCK_N == 0: a slice
+    # lies within one expert's outputs.
     pid = tl.program_id(0)
     t1 = tl.cdiv(N1, BLOCK_N)
     t2 = tl.cdiv(N2, BLOCK_N)
@@ -404,6 +410,11 @@ def _linear_small_kernel(
         w_ptr, b_ptr, n_seg, col0, blk, stride_w = w2_ptr, b2_ptr, N2, N1, pid - t1, stride_w2
     else:
         w_ptr, b_ptr, n_seg, col0, blk, stride_w = w3_ptr, b3_ptr, N3, N1 + N2, pid - t1 - t2, stride_w3
+        if EXPERT3:
+            slot = blk * BLOCK_N // C3
+            expert = tl.load(ids_ptr + slot).to(tl.int64)
+            # row n of the segment is row n - slot * C3 of that expert's weight
+            w_ptr = w3_ptr + expert * stride_e3 - (slot * C3).to(tl.int64) * stride_w3
     i = tl.arange(0, BLOCK_N)
     n = blk * BLOCK_N + i
     rotated_end = t1 + t2 if HAS_Q else t1  # programs below it rotate their slice
@@ -474,7 +485,7 @@ def _linear_small_kernel(
     dst = out_ptr + m.to(tl.int64)[:, None] * stride_om + (col0 + n)[None, :]
     if TO_CACHE:
         cache_start = t1 if HAS_Q else 0  # the k programs, then the v programs
-        if pid >= cache_start:
+        if pid >= cache_start and (HAS_Q or pid < t1 + t2):  # not the EXPERT3 programs
             if pid < rotated_end:
                 cache_ptr = k_cache_ptr
             else:
@@ -485,16 +496,21 @@ def _linear_small_kernel(
     tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+# Column slices per SM that a one-row `linear_small` aims for at least (see linear_small_config).
+ONE_ROW_SLICES_PER_SM = 5
+
+
 def linear_small_config(n_total: int, k_dim: int, sm_count: int, rows: int) -> dict:
     """Block sizes for `linear_small`: enough column slices to give every SM a few of them.
 
-    One row takes the CUDA-core GEMV, with slices as narrow as 4 columns: at least 5 per SM, each
-    step a 4096-element weight tile, one warp per 2 columns. Timed inside CUDA graphs of many layers
-    as decode runs them (bench/decode_chain.py on the H200): the 4096 x 4096 projections take 10.4
-    us this way against 11.4 us with 8-column slices (the floor is 7.9 us)."""
+    One row takes the CUDA-core GEMV, with slices as narrow as 4 columns: at least
+    ONE_ROW_SLICES_PER_SM (5) per SM, each step a 4096-element weight tile, one warp per 2 columns.
+    Timed inside CUDA graphs of many layers as decode runs them (bench/decode_chain.py on the H200):
+    the 4096 x 4096 projections take 10.4 us this way against 11.4 us with 8-column slices (the
+    floor is 7.9 us)."""
     if rows == 1:
         block_n = 32
-        while block_n > 4 and triton.cdiv(n_total, block_n) < 5 * sm_count:
+        while block_n > 4 and triton.cdiv(n_total, block_n) < ONE_ROW_SLICES_PER_SM * sm_count:
             block_n //= 2
         block_k = min(4096 // block_n, max(16, triton.next_power_of_2(k_dim)))
         return dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=max(1, block_n // 2), num_stages=4)
@@ -505,7 +521,8 @@ def linear_small_config(n_total: int, k_dim: int, sm_count: int, rows: int) -> d
     return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
 
 
-def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None, rope=None) -> torch.Tensor:
+def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None, rope=None,
+                 experts=None) -> torch.Tensor:
     """[x W1^T + b1, x W2^T + b2, ...] side by side in one [M, N1 + N2 + ...] tensor, for up to
     three weights [Ni, K] with the same K and M <= 16 rows. Sums in float32, bias added, rounded once
     (what torch's Linear computes, up to the order of the sums).
@@ -513,15 +530,30 @@ def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None
     `rope` (weights q, k, v, or k, v): (cos [B or 1, T, d], sin, T, k_cache, v_cache, slots) with
     the M = B*T rows in (b, t) order. q and k leave rotated (`rope_qk`), and with caches [B, G, S, d]
     given, k and v are written into slots[t] of them instead of `out` (`rope_qk_cache`). The caller
-    checks `linear_rope_fits` first."""
+    checks `linear_rope_fits` first.
+
+    `experts` = (w [E, C, K], ids [k]) for one row and at most two weights without biases: a last
+    layer taken once per expert ids[j], its k * C outputs (expert j's at columns j * C) after the
+    others' (`EXPERT3` in the kernel; C a multiple of the slice width: `linear_experts_fit`)."""
     M, K = x_MK.shape
     if not 1 <= len(weights) <= 3 or M > 16:
         raise ValueError(f"linear_small takes 1 to 3 weights and at most 16 rows, got {len(weights)} and {M}")
     x_MK = _unit_last(x_MK)
     weights = [_unit_last(w) for w in weights]
     ns = [w.shape[0] for w in weights]
-    out = torch.empty(M, sum(ns), dtype=x_MK.dtype, device=x_MK.device)
     has_bias = biases[0] is not None
+    expert_args = (x_MK, 0, 1)
+    if experts is not None:
+        w_EOK, ids = _unit_last(experts[0]), experts[1].reshape(-1)
+        if (M != 1 or len(weights) > 2 or has_bias or w_EOK.dim() != 3 or w_EOK.shape[2] != K
+                or w_EOK.dtype != weights[0].dtype):
+            raise ValueError(f"linear_small: experts take one row, at most two other weights, no biases and a "
+                             f"[E, C, {K}] weight of their dtype; got {M} rows, {len(weights)} weights, "
+                             f"experts {tuple(w_EOK.shape)} {w_EOK.dtype}")
+        expert_args = (ids, w_EOK.stride(0), w_EOK.shape[1])
+        weights = [*weights, w_EOK[0]] if len(weights) == 2 else [*weights, weights[0][:0], w_EOK[0]]
+        ns = [*ns, ids.numel() * w_EOK.shape[1]] if len(ns) == 2 else [*ns, 0, ids.numel() * w_EOK.shape[1]]
+    out = torch.empty(M, sum(ns), dtype=x_MK.dtype, device=x_MK.device)
     pad = 3 - len(weights)
     ws = weights + [weights[0]] * pad
     bs = (list(biases) if has_bias else [x_MK] * len(weights)) + [x_MK] * pad
@@ -547,16 +579,20 @@ def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None
         cb = cos.stride(0) if cos.shape[0] > 1 else 0
         cache_strides = k_cache.stride()[:3] if to_cache else (0, 0, 0)
         rope_args = (cos, sin, k_cache, v_cache, slots, T, cb, cos.stride(1), *cache_strides)
+    if experts is not None and expert_args[2] % block_n:
+        raise ValueError(f"linear_small: an expert's {expert_args[2]} outputs are not a multiple of the "
+                         f"{block_n}-column slices (check linear_experts_fit first)")
     grid = (sum(triton.cdiv(n, block_n) for n in ns),)
     if M:
         _linear_small_kernel[grid](
             x_MK, *ws, *bs, out, M, K, *ns_p, x_MK.stride(0), out.stride(0), *(w.stride(0) for w in ws),
-            *rope_args,
+            *rope_args, *expert_args,
             HAS_BIAS=has_bias, ROUND=round_code(x_MK.dtype), UPCAST=_interpreting(),
             PRECISION="ieee" if x_MK.dtype == torch.float32 else "tf32",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
-            ROPE=rope is not None, HAS_Q=len(weights) == 3, HALF=half, TO_CACHE=to_cache,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(x_MK.device),
+            ROPE=rope is not None, HAS_Q=len(weights) == 3 and experts is None, HALF=half, TO_CACHE=to_cache,
+            EXPERT3=experts is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **pdl_meta(x_MK.device),
         )
     return out
 
@@ -578,6 +614,17 @@ def linear_rope_fits(x_MK: torch.Tensor, ns, head_dim: int) -> bool:
     cfg = linear_small_config(sum(ns), K, sms, M)
     block_m = 1 if M == 1 else 16
     return _rope_block_n(cfg["BLOCK_N"], block_m, head_dim // 2) is not None
+
+
+def linear_experts_fit(x_MK: torch.Tensor, ns, head_dim: int, C: int, k: int) -> bool:
+    """Whether `linear_small(..., rope=..., experts=)` takes k experts of C outputs after the k and
+    v widths ns: one row, and C a whole number of the kernel's column slices."""
+    M, K = x_MK.shape
+    if M != 1 or len(ns) > 2 or head_dim % 2:
+        return False
+    sms = sm_count(x_MK.device.index) if x_MK.is_cuda else 4
+    block_n = _rope_block_n(linear_small_config(sum(ns) + k * C, K, sms, M)["BLOCK_N"], 1, head_dim // 2)
+    return block_n is not None and C % block_n == 0
 
 
 # ---- rotary embedding ----------------------------------------------------------------------------
