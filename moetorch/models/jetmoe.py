@@ -111,17 +111,17 @@ class JetMoeAttention(nn.Module):
         # at decode with a static cache: kv projection, rotary of the keys and the cache write in one
         # kernel (at one token the MoA map too); the attention kernel then rotates the queries as it
         # loads them
-        kv = q = None
+        kv = None
         if cache is not None:
             experts = (self.experts.input_linear.weight, ids_NK) if self.experts.backend is None else None
             kv = cache.project_rotated(x_BTD, (self.kv_proj,), self.head_dim, cos, sin, self.layer_idx, slots, experts)
-        if kv is None or kv[0] is None:
+        q = kv[0] if kv is not None else None  # the map, where the kv kernel took it
+        if q is None:
             # [N, K, G*d] -> [B, H, T, d]: head h = k*G + g
             q = self.experts.map(x_ND, ids_NK).view(B, T, -1, self.head_dim).transpose(1, 2)
         rope_q = None
         if kv is not None:
-            q_map, k, v = kv
-            q = q if q_map is None else q_map
+            _, k, v = kv
             rope_q = (cos, sin)
         else:
             k, v = linears(x_BTD, self.kv_proj)[0].chunk(2, dim=-1)
