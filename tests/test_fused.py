@@ -476,6 +476,8 @@ def test_kv_projection_leaves_the_map_where_it_cannot_take_it(monkeypatch):
             triton_fused.linear_small(x1.view(1, D), [kv_proj.weight], [None], experts=(w_map[:, :18], ids1))
         with pytest.raises(ValueError, match="no biases"):
             triton_fused.linear_small(x1.view(1, D), [kv_bias.weight], [kv_bias.bias], experts=(w_map, ids1))
+        with pytest.raises(ValueError, match="integer ids"):
+            triton_fused.linear_small(x1.view(1, D), [kv_proj.weight], [None], experts=(w_map, ids1.float()))
 
 
 def test_linear_small_experts_alone_and_after_one_weight():

@@ -70,31 +70,22 @@ def linears_rotated(x_BTD, layers, head_dim: int, cos_BTd, sin_BTd, cache_kv=Non
         if k_cache.shape[0] != B or k_cache.shape[1] * head_dim != ns[-2] or k_cache.shape[-1] != head_dim:
             return None
     cos_BTd, sin_BTd = cos_BTd.contiguous(), sin_BTd.contiguous()
-    if experts is not None and not (MAP_WITH_KV and len(layers) == 1
-                                    and _experts_fit(x_MK, weights, biases, head_dim, *experts)):
+    if experts is not None and not (MAP_WITH_KV and len(layers) == 1 and fused.active(experts[0])
+                                    and kernels.linear_experts_fit(x_MK, weights, biases, head_dim, *experts)):
         experts = None
     out = kernels.linear_small(
         x_MK, weights, biases,
         rope=(cos_BTd, sin_BTd, T, *(cache_kv if cache_kv is not None else (None, None, None))), experts=experts,
-    )
-    out = out.view(B, T, -1)
-    parts = [t.view(B, T, -1, head_dim).transpose(1, 2) for t in out.split([*ns, out.shape[-1] - sum(ns)], dim=-1)]
-    q = parts[0] if len(ns) == 3 else parts[-1] if experts is not None else None
+    ).view(B, T, -1)
+
+    def heads(t):
+        return t.view(B, T, -1, head_dim).transpose(1, 2)
+
+    parts = [heads(t) for t in out[..., : sum(ns)].split(ns, dim=-1)]
+    q = parts[0] if len(ns) == 3 else heads(out[..., sum(ns):]) if experts is not None else None
     if cache_kv is not None:
         return q, cache_kv[0], cache_kv[1]
-    return q, parts[len(ns) - 2], parts[len(ns) - 1]
-
-
-def _experts_fit(x_MK, weights, biases, head_dim: int, w_EOD, ids_NK) -> bool:
-    # one row, no biases, and an expert weight the kernel takes as it is (see triton_fused.linear_small)
-    if not fused.active(w_EOD) or x_MK.shape[0] != 1 or biases[0] is not None or w_EOD.dim() != 3:
-        return False
-    if ids_NK.is_floating_point() or ids_NK.device != w_EOD.device or ids_NK.numel() < 1:
-        return False
-    E, C, D = w_EOD.shape
-    if D != x_MK.shape[1] or C % head_dim or w_EOD.dtype != weights[0].dtype:
-        return False
-    return fused.kernels().linear_experts_fit(x_MK, [w.shape[0] for w in weights], head_dim, C, ids_NK.numel())
+    return q, parts[-2], parts[-1]
 
 
 def _fusable(x: torch.Tensor, layers) -> bool:

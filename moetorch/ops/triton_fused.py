@@ -376,6 +376,11 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 # ---- small-row linear layers ---------------------------------------------------------------------
 
 
+def _sms(x: torch.Tensor) -> int:
+    # SMs of x's GPU (a nominal 4 on CPU, under the interpreter)
+    return sm_count(x.device.index) if x.is_cuda else 4
+
+
 @triton.jit(do_not_specialize=["N1", "N2", "N3"])
 def _linear_small_kernel(
     x_ptr, w1_ptr, w2_ptr, w3_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr,
@@ -544,22 +549,20 @@ def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None
     has_bias = biases[0] is not None
     expert_args = (x_MK, 0, 1)
     if experts is not None:
+        problem = _experts_problem(x_MK, weights, has_bias, *experts)
+        if problem:
+            raise ValueError(f"linear_small: {problem}")
         w_EOK, ids = _unit_last(experts[0]), experts[1].reshape(-1)
-        if (M != 1 or len(weights) > 2 or has_bias or w_EOK.dim() != 3 or w_EOK.shape[2] != K
-                or w_EOK.dtype != weights[0].dtype):
-            raise ValueError(f"linear_small: experts take one row, at most two other weights, no biases and a "
-                             f"[E, C, {K}] weight of their dtype; got {M} rows, {len(weights)} weights, "
-                             f"experts {tuple(w_EOK.shape)} {w_EOK.dtype}")
         expert_args = (ids, w_EOK.stride(0), w_EOK.shape[1])
-        weights = [*weights, w_EOK[0]] if len(weights) == 2 else [*weights, weights[0][:0], w_EOK[0]]
-        ns = [*ns, ids.numel() * w_EOK.shape[1]] if len(ns) == 2 else [*ns, 0, ids.numel() * w_EOK.shape[1]]
+        if len(weights) == 1:  # an empty second layer: the experts are always the third
+            weights, ns = [*weights, weights[0][:0]], [*ns, 0]
+        weights, ns = [*weights, w_EOK[0]], [*ns, ids.numel() * w_EOK.shape[1]]
     out = torch.empty(M, sum(ns), dtype=x_MK.dtype, device=x_MK.device)
     pad = 3 - len(weights)
     ws = weights + [weights[0]] * pad
     bs = (list(biases) if has_bias else [x_MK] * len(weights)) + [x_MK] * pad
     ns_p = ns + [0] * pad
-    sms = sm_count(x_MK.device.index) if x_MK.is_cuda else 4
-    cfg = config or linear_small_config(sum(ns), K, sms, M)
+    cfg = config or linear_small_config(sum(ns), K, _sms(x_MK), M)
     block_m = 1 if M == 1 and cfg.get("BLOCK_M", 1) == 1 else 16  # the one-row GEMV serves one row only
     block_n = cfg["BLOCK_N"]
     if rope is None:
@@ -605,26 +608,40 @@ def _rope_block_n(block_n: int, block_m: int, half: int) -> int | None:
     return block_n if block_n >= (4 if block_m == 1 else 16) and half % (block_n // 2) == 0 else None
 
 
+def _rope_slice_width(x_MK: torch.Tensor, n_total: int, head_dim: int) -> int | None:
+    # the column slice `linear_small(..., rope=...)` takes for n_total outputs (its default config)
+    M, K = x_MK.shape
+    return _rope_block_n(linear_small_config(n_total, K, _sms(x_MK), M)["BLOCK_N"], 1 if M == 1 else 16, head_dim // 2)
+
+
 def linear_rope_fits(x_MK: torch.Tensor, ns, head_dim: int) -> bool:
     """Whether `linear_small(..., rope=...)` serves q/k/v (or k/v) of these output widths and head size."""
     if head_dim % 2 or any(n % head_dim for n in ns[:-1]):
         return False
-    M, K = x_MK.shape
-    sms = sm_count(x_MK.device.index) if x_MK.is_cuda else 4
-    cfg = linear_small_config(sum(ns), K, sms, M)
-    block_m = 1 if M == 1 else 16
-    return _rope_block_n(cfg["BLOCK_N"], block_m, head_dim // 2) is not None
+    return _rope_slice_width(x_MK, sum(ns), head_dim) is not None
 
 
-def linear_experts_fit(x_MK: torch.Tensor, ns, head_dim: int, C: int, k: int) -> bool:
-    """Whether `linear_small(..., rope=..., experts=)` takes k experts of C outputs after the k and
-    v widths ns: one row, and C a whole number of the kernel's column slices."""
+def _experts_problem(x_MK, weights, has_bias: bool, w_EOK, ids) -> str | None:
+    # what keeps `linear_small(..., experts=(w_EOK, ids))` from serving, or None
     M, K = x_MK.shape
-    if M != 1 or len(ns) > 2 or head_dim % 2:
+    if (M != 1 or len(weights) > 2 or has_bias or w_EOK.dim() != 3 or w_EOK.shape[2] != K
+            or w_EOK.dtype != weights[0].dtype or ids.is_floating_point() or ids.device != w_EOK.device
+            or ids.numel() < 1):
+        return (f"experts take one row, at most two other weights, no biases, a [E, C, {K}] weight of their "
+                f"dtype and integer ids on its device; got {M} rows, {len(weights)} weights, experts "
+                f"{tuple(w_EOK.shape)} {w_EOK.dtype}, ids {tuple(ids.shape)} {ids.dtype}")
+    return None
+
+
+def linear_experts_fit(x_MK: torch.Tensor, weights, biases, head_dim: int, w_EOK, ids) -> bool:
+    """Whether `linear_small(..., rope=..., experts=(w_EOK, ids))` serves the k and v `weights` with
+    these experts: what it takes (one row, ...), and each expert's C outputs whole heads and a whole
+    number of the kernel's column slices."""
+    if _experts_problem(x_MK, weights, biases[0] is not None, w_EOK, ids) or head_dim % 2:
         return False
-    sms = sm_count(x_MK.device.index) if x_MK.is_cuda else 4
-    block_n = _rope_block_n(linear_small_config(sum(ns) + k * C, K, sms, M)["BLOCK_N"], 1, head_dim // 2)
-    return block_n is not None and C % block_n == 0
+    C = w_EOK.shape[1]
+    width = _rope_slice_width(x_MK, sum(w.shape[0] for w in weights) + ids.numel() * C, head_dim)
+    return width is not None and C % head_dim == 0 and C % width == 0
 
 
 # ---- rotary embedding ----------------------------------------------------------------------------
@@ -924,7 +941,7 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
     G, S = k_BGSd.shape[1], k_BGSd.shape[2]
     R = H // G
     q_BH1d, k_BGSd, v_BGSd = _unit_last(q_BH1d), _unit_last(k_BGSd), _unit_last(v_BGSd)
-    sms = sm_count(q_BH1d.device.index) if q_BH1d.is_cuda else 4
+    sms = _sms(q_BH1d)
     cfg = config or decode_attn_config(d, B * G, sms)
     block_n = cfg["BLOCK_N"]
     programs = 4 * sms
