@@ -207,6 +207,61 @@ def test_tma_path_matches_reference(tm, tma, T, kind, dtype):
     assert tma[4:] == [(1, 16, 16), (1, 16, 16)]  # map and reduce gather A in the kernel: W only
 
 
+# Persistent grids (programs per SM; under the interpreter, programs in all): fewer programs than
+# tiles (each walks several, across row blocks and experts), and more (the extra ones get none).
+PERSISTENT_CASES = [(1, 7, "random"), (3, 33, "random"), (3, 33, "one_hot_expert"), (5, 7, "empty_experts"),
+                    (200, 7, "random")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("descriptors", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize(("programs", "T", "kind"), PERSISTENT_CASES)
+def test_persistent_matches_reference(tm, monkeypatch, programs, T, kind, descriptors, dtype):
+    if descriptors:
+        monkeypatch.setattr(tm, "tma_enabled", lambda device: True)
+        monkeypatch.setattr(tm, "GATHER_MIN_ROWS", 0)
+    gen = torch.Generator().manual_seed(700 + T + programs)
+    x = torch.randn(T, D, generator=gen).to(dtype)
+    w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=gen) * 0.3).to(dtype)
+    w_map = (torch.randn(E, C, D, generator=gen) * 0.3).to(dtype)
+    h = torch.randn(T, K, C, generator=gen).to(dtype)
+    w_red = (torch.randn(E, D, C, generator=gen) * 0.3).to(dtype)
+    weights = torch.rand(T, K, generator=gen).to(dtype)
+    ids = routing(T, kind, gen)
+    cfg = {**SMALL, "PERSISTENT": programs}
+    f = lambda t: t.float()  # noqa: E731
+    got = tm.experts_fused(x, w13, w2, ids, weights, "silu", (cfg, {**cfg, "BLOCK_N": 32}), small=False)
+    check(got, experts_reference(f(x), f(w13), f(w2), ids, f(weights), F.silu), dtype, f"experts {kind}")
+    got = tm.map_fused(x, w_map, ids, cfg, small=False)
+    check(got, expert_map_reference(f(x), f(w_map), ids), dtype, f"map {kind}")
+    got = tm.reduce_fused(h, w_red, ids, weights, cfg, small=False)
+    check(got, expert_reduce_reference(f(h), f(w_red), ids, f(weights)), dtype, f"reduce {kind}")
+
+
+def test_persistent_grid_size(tm, monkeypatch):
+    """A persistent launch has min(tiles, programs) programs; without the key, one per tile of the
+    host-side bound."""
+    grids = []
+    real = tm._moe_gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid[0])
+            return real[grid]
+
+    monkeypatch.setattr(tm, "_moe_gemm_kernel", Spy())
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(33, D, generator=gen), torch.randn(E, C, D, generator=gen)
+    ids = routing(33, "random", gen)
+    tiles = tm.num_blocks_bound(33 * K, E, 16) * -(-C // 16)
+    for programs, want in ((3, 3), (10_000, tiles), (0, tiles), (None, tiles)):
+        cfg = SMALL if programs is None else {**SMALL, "PERSISTENT": programs}
+        got = tm.map_fused(x, w, ids, cfg, small=False)
+        check(got, expert_map_reference(x, w, ids), torch.float32, f"map, PERSISTENT={programs}")
+        assert grids.pop() == want, programs
+
+
 def test_gather_rows(tm):
     gen = torch.Generator().manual_seed(8)
     T = 29

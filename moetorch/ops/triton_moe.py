@@ -16,7 +16,8 @@ The machinery, shared by the SwiGLU experts and JetMoE's attention experts:
    Epilogues: SwiGLU (gate and up tiles computed together, `act(gate) * up`), the routing weight.
    On Hopper the weight tiles, and A when it is in padded sorted order, load through tensor
    descriptors (the copy engine, TMA); from GATHER_MIN_ROWS assignments the gate/up GEMM first
-   copies its token rows into that order (`gather_rows`) so that A does too.
+   copies its token rows into that order (`gather_rows`) so that A does too. A config's PERSISTENT
+   runs it as a persistent grid (a few programs per SM walking the tiles in use).
 3. SwiGLU experts = align + gate/up GEMM (writes h in the padded sorted layout [P, I]) + down GEMM
    (reads h rows in order, multiplies the routing weight, writes one row per assignment [N, D]) +
    a sum over K. The sum is a separate cheap reduction rather than atomics: deterministic.
@@ -254,26 +255,74 @@ def _moe_gemm_kernel(
     A_DIV: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, OUT_PADDED: tl.constexpr,
     GATED: tl.constexpr, ACT: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
-    # Program order: GROUP_M row blocks sweep all column tiles together, so their A rows stay in
-    # L2 while the expert's weight columns stream past (blocks of one expert are contiguous).
     # W_TMA: weight tiles come through the tensor-copy engine (w_desc over [E, out, in], tiles
     # [1, BLOCK_N, BLOCK_K]; rows past the end read as zeros); A_TMA likewise for A in padded
     # sorted order (A_DIV == 0; a_desc over [P, in]). Otherwise pointer loads (a_desc/w_desc unused).
-    pid = tl.program_id(0)
+    # PERSISTENT: a grid of a few programs per SM, each walking tiles pid, pid + grid, ... over the
+    # blocks in use (counted from block_expert). Ungated, the tile and K loops are flattened into
+    # one pipelined loop, so the next tile's first loads fly during this tile's epilogue. Gated
+    # (two accumulators), the flattened loop took all 255 registers and ran 25-35% slower on the
+    # H200; there the tile loop stays a loop of its own. Else one program per tile of the
+    # host-side bound, and programs past the used blocks exit at once.
     num_pid_n = tl.cdiv(n_out, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    if PERSISTENT:
+        used = 0
+        for b0 in range(0, num_blocks, 1024):
+            b = b0 + tl.arange(0, 1024)
+            used += tl.sum((tl.load(block_expert_ptr + b, mask=b < num_blocks, other=num_experts) < num_experts)
+                           .to(tl.int32))
+        for tile in tl.range(tl.program_id(0), used * num_pid_n, tl.num_programs(0), flatten=not GATED):
+            _moe_gemm_tile(
+                tile, used, a_ptr, w_ptr, a_desc, w_desc, out_ptr, sorted_ptr, block_expert_ptr, route_w_ptr,
+                num_rows, n_out, k_dim, up_offset,
+                stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+                A_DIV, A_TMA, W_TMA, OUT_PADDED, GATED, ACT, WEIGHTED, EVEN_K, UPCAST, PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            )
+        _pdl_release(PDL)
+    else:
+        # past the last padded block: the grid is a host-side upper bound
+        pid_m, _ = _tile_coords(tl.program_id(0), num_blocks, num_pid_n, GROUP_M)
+        if tl.load(block_expert_ptr + pid_m) < num_experts:
+            _moe_gemm_tile(
+                tl.program_id(0), num_blocks, a_ptr, w_ptr, a_desc, w_desc, out_ptr, sorted_ptr,
+                block_expert_ptr, route_w_ptr, num_rows, n_out, k_dim, up_offset,
+                stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+                A_DIV, A_TMA, W_TMA, OUT_PADDED, GATED, ACT, WEIGHTED, EVEN_K, UPCAST, PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PDL,
+            )
 
+
+@triton.jit
+def _tile_coords(tile, num_blocks, num_pid_n, GROUP_M: tl.constexpr):
+    # (row block, column tile) of a tile. Tile order: GROUP_M row blocks sweep all column tiles
+    # together, so their A rows stay in L2 while the expert's weight columns stream past (blocks of
+    # one expert are contiguous).
+    per_group = GROUP_M * num_pid_n
+    first_m = (tile // per_group) * GROUP_M
+    group_m = tl.minimum(num_blocks - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
+
+
+@triton.jit
+def _moe_gemm_tile(
+    tile, num_blocks, a_ptr, w_ptr, a_desc, w_desc, out_ptr, sorted_ptr, block_expert_ptr, route_w_ptr,
+    num_rows, n_out, k_dim, up_offset,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    A_DIV: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, OUT_PADDED: tl.constexpr,
+    GATED: tl.constexpr, ACT: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PDL: tl.constexpr = 0,
+):
+    # One output tile [BLOCK_M rows of block pid_m, BLOCK_N columns]: `tile` in the grouped order of
+    # `_tile_coords`. PDL: release the next kernel after the main loop (the persistent kernel
+    # releases after its last tile instead).
+    pid_m, pid_n = _tile_coords(tile, num_blocks, tl.cdiv(n_out, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
-    if expert >= num_experts:
-        return  # past the last padded block: the grid is a host-side upper bound
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.load(sorted_ptr + offs_p)
     valid = rows < num_rows
@@ -562,7 +611,9 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_sta
 # Optional keys: only `moe_gemm_small` reads SPLIT_K (1 when absent) and GEMV (at one token, the
 # CUDA-core kernel `_moe_gemv_kernel` when true; at more tokens such an entry's column slices are
 # too narrow for the matrix units, and the default block sizes serve); the sorted path ignores both.
-OPTIONAL_CONFIG_KEYS = ("SPLIT_K", "GEMV")
+# Only the sorted path reads PERSISTENT: programs per SM of a persistent grid (0 or absent: one
+# program per tile; on a CPU, under the interpreter, that many programs in all).
+OPTIONAL_CONFIG_KEYS = ("SPLIT_K", "GEMV", "PERSISTENT")
 
 
 def config_key(op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype) -> str:
@@ -716,7 +767,8 @@ def moe_gemm(
     n_out = n_out or O
     B = block_expert_B.numel()
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    grid = (B * triton.cdiv(n_out, BN),)
+    tiles, per_sm = B * triton.cdiv(n_out, BN), cfg.get("PERSISTENT", 0)
+    grid = (min(tiles, per_sm * (sm_count(a.device.index) if a.is_cuda else 1)) if per_sm else tiles,)
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     w_desc = a_desc = None
     if tma_enabled(a.device):
@@ -730,7 +782,8 @@ def moe_gemm(
         A_DIV=a_div, A_TMA=a_desc is not None, W_TMA=w_desc is not None, OUT_PADDED=out_padded,
         GATED=act is not None, ACT=act or "none", WEIGHTED=route_w_N is not None, EVEN_K=C % BK == 0,
         UPCAST=_interpreting(), PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(a.device),
+        GROUP_M=cfg["GROUP_M"], PERSISTENT=bool(per_sm), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl_meta(a.device),
     )
     return out
 
