@@ -20,6 +20,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -47,7 +48,8 @@ def candidates(T: int, gated: bool, n_out: int) -> list[dict]:
     for gate_up): few rows per expert want a small BLOCK_M and many weight columns in flight; many
     rows want large tiles for the matrix units. The alignment-free kernel's grid is one program per
     column tile: under 2 per SM, split-K candidates (up to 4 programs per SM) fill the GPU. At one
-    token the CUDA-core kernel (GEMV) is a candidate too."""
+    token the CUDA-core kernel (GEMV) is a candidate too; past 2048 assignments every sorted-path
+    candidate also as a persistent grid."""
     from moetorch.ops.triton_moe import use_small_kernel
 
     N = T * K
@@ -78,6 +80,8 @@ def candidates(T: int, gated: bool, n_out: int) -> list[dict]:
                         if s == 1 or (tiles < 2 * SMS and tiles * s <= 4 * SMS)]
             else:
                 out.append(cfg)
+                if N > 2048:  # prefill sizes: also as a persistent grid, 1 (and where shared memory allows, 2) per SM
+                    out += [{**cfg, "PERSISTENT": p} for p in (1, 2) if p == 1 or 2 * smem <= 220 * 1024]
     if T == 1:  # one token: also the CUDA-core kernel, whose programs each take whole dot products
         out += [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=w, num_stages=s, GEMV=True)
                 for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (2, 4) for s in (2, 3)]
@@ -197,18 +201,24 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def tune_shape(name: str, spec: dict, T: int, log: dict) -> dict[str, tuple[dict, float]]:
+def tune_shape(name: str, spec: dict, T: int, log: dict, rounds: int = 3) -> dict[str, tuple[dict, float]]:
     """Best config (and its median ms) of each GEMM of one layer shape at T tokens; every timing
-    goes to `log`."""
+    goes to `log`. Candidates are timed in `rounds` interleaved rounds and each keeps its median:
+    on the H200 one timing of a prefill-size GEMM moves by up to 10% from run to run (more than
+    most candidates differ), and interleaving spreads clock and thermal drift over all of them."""
     inp, aligned = make_inputs(spec, T, fill=True), {}
     timed: dict[str, list[tuple[float, dict]]] = {}
     for op, n_out, _, gated in ops_of(spec):
-        timed[op] = []
+        runners = []
         for cfg in candidates(T, gated, n_out):
             try:
-                timed[op].append((bench(op_runner(spec, inp, op, cfg, aligned)), cfg))
+                fn = op_runner(spec, inp, op, cfg, aligned)
+                fn()
+                runners.append((fn, cfg))
             except Exception as e:
                 print(f"  skip {op} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        times = [[bench(fn) for fn, _ in runners] for _ in range(rounds)]
+        timed[op] = [(statistics.median(ts), cfg) for ts, (_, cfg) in zip(zip(*times), runners)]
     for op, runs in timed.items():
         log[f"{name}.{op}.T{T}.all"] = [dict(ms=t, **c) for t, c in sorted(runs, key=lambda tc: tc[0])]
     best = {}
@@ -243,6 +253,7 @@ def main() -> int:
     parser.add_argument("--shapes", default=",".join(SPECS))
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--log", default=None, help="also write every best time here (JSON)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median kept)")
     args = parser.parse_args()
     from moetorch.ops import triton_moe as tm
 
@@ -268,7 +279,7 @@ def main() -> int:
             if time.time() - start > args.budget_s:
                 print(f"budget spent: {n} T={T} keeps its defaults", flush=True)
                 continue
-            for op, (cfg, ms) in tune_shape(n, spec, T, log).items():
+            for op, (cfg, ms) in tune_shape(n, spec, T, log, args.rounds).items():
                 n_out, k_dim = next((o, k) for name, o, k, _ in ops_of(spec) if name == op)
                 table.setdefault(tm.config_key(op, spec["E"], n_out, k_dim, DTYPE), {})[str(T)] = cfg
                 log[f"{n}.{op}.T{T}"] = dict(ms=ms, **cfg)
