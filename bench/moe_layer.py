@@ -11,13 +11,14 @@ Backends: triton, grouped_mm, and gather for T <= 64. Each layer is captured in 
 (decode runs that way) and its replay timed with `triton.testing.do_bench` (median; L2 flushed
 before each run so weights come from HBM); the eager call is timed too, and the norm + router alone
 (graph). With `--chain L` (default 8) the triton backend is also timed as L such layers, each
-with its own weights, back to back in one graph, each feeding the next (as a model runs them): per
+with its own weights, back to back in one graph, each feeding the next as a model runs them (an
+MLP's output keeps its K axis where the backend leaves it, and the next layer's norm sums it). Per
 layer, that excludes a lone graph's launch and drain, which at decode sizes are a large share of a
-short layer. The same run measures the two ceilings as `moetorch bench` does (fastest of 30): device
-copy bandwidth (a 4 GiB copy, bytes read + written) and the bf16 matmul rate (8192^3). Floors:
-memory = bytes of the expert weights actually touched (distinct experts routed to) + router weight
-+ activations in and out (the norm's too), over the copy bandwidth; compute = FLOPs over the
-matmul rate.
+short layer, and the separate sum over K. The same run measures the two ceilings as `moetorch
+bench` does (fastest of 30): device copy bandwidth (a 4 GiB copy, bytes read + written) and the
+bf16 matmul rate (8192^3). Floors: memory = bytes of the expert weights actually touched (distinct
+experts routed to) + router weight + activations in and out (the norm's too), over the copy
+bandwidth; compute = FLOPs over the matmul rate.
 
 Legend: T tokens, D model dim, I expert hidden dim, C attention-expert width, E experts, K = 2.
 """
@@ -89,11 +90,14 @@ def route(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | 
     return (sum_TD, h_TD, routing[0], routing[1]) if with_sum else (h_TD, routing[0], routing[1])
 
 
-def run_layer(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str):
-    """One layer: (the residual sum, the layer's output [T, D])."""
+def run_layer(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str,
+              combine: bool = True):
+    """One layer: (the residual sum, the layer's output [T, D]; combine=False: an MLP's output may
+    keep its K axis, [T, K, D], which the next layer's norm sums as the models run it)."""
     sum_TD, h_TD, weights_TK, ids_TK = route(spec, layer, x_TD, delta_TD, with_sum=True)
     if spec["kind"] == "experts":
-        return sum_TD, experts_forward(h_TD, layer["w13"], layer["w2"], ids_TK, weights_TK, F.silu, backend)
+        y = experts_forward(h_TD, layer["w13"], layer["w2"], ids_TK, weights_TK, F.silu, backend, combine=combine)
+        return sum_TD, y
     q_TKC = expert_map(h_TD, layer["w_map"], ids_TK, backend)
     return sum_TD, expert_reduce(q_TKC, layer["w_red"], ids_TK, weights_TK, backend)
 
@@ -107,12 +111,12 @@ def layer_fn(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor
 
 def chain_inputs(spec: dict, layers: list, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str):
     """Each layer's (x, delta) when the layers run one after another as in a model: an MLP layer's
-    residual sum and output are the next layer's x and delta; an attention-expert layer's output
-    (attention left out) is the next x."""
+    residual sum and output (uncombined where the backend leaves the K axis) are the next layer's x
+    and delta; an attention-expert layer's output (attention left out) is the next x."""
     inputs = []
     for layer in layers:
         inputs.append((x_TD, delta_TD))
-        sum_TD, y_TD = run_layer(spec, layer, x_TD, delta_TD, backend)
+        sum_TD, y_TD = run_layer(spec, layer, x_TD, delta_TD, backend, combine=False)
         x_TD, delta_TD = (sum_TD, y_TD) if delta_TD is not None else (y_TD, None)
     return inputs
 
@@ -121,7 +125,7 @@ def chain_fn(spec: dict, layers: list, x_TD: torch.Tensor, delta_TD: torch.Tenso
     def run():
         x, delta = x_TD, delta_TD
         for layer in layers:
-            sum_TD, y_TD = run_layer(spec, layer, x, delta, backend)
+            sum_TD, y_TD = run_layer(spec, layer, x, delta, backend, combine=False)
             x, delta = (sum_TD, y_TD) if delta is not None else (y_TD, None)
         return x
 
