@@ -402,6 +402,14 @@ def test_config_lookup(tm, tmp_path, monkeypatch):
     # no entry: the defaults' decode and prefill regimes
     assert tm.get_config("map", 16, 4096, 6400, torch.bfloat16, 1, 2, None)["BLOCK_M"] == 16
     assert tm.get_config("map", 16, 4096, 6400, torch.bfloat16, 8192, 16384, None)["BLOCK_M"] == 128
+    # answers are remembered, but each call gets its own dict, and another file its own answers
+    got = tm.get_config("down", 16, 4096, 6400, torch.bfloat16, 8, 16, None)
+    got["BLOCK_M"] = 999
+    assert tm.get_config("down", 16, 4096, 6400, torch.bfloat16, 8, 16, None) == small
+    other = tmp_path / "OTHER.json"
+    other.write_text(json.dumps({key: {"1": large}}))
+    monkeypatch.setattr(tm, "_device_file", lambda device: other)
+    assert tm.get_config("down", 16, 4096, 6400, torch.bfloat16, 8, 16, None) == large
 
 
 def test_shipped_configs_are_complete(tm):
