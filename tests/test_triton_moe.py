@@ -83,17 +83,20 @@ def test_backends_registered():
 
 
 # chunk 16: several chunks, and at T=600 more chunks than one pass over the count table holds;
-# one chunk (T=1, 7, 8 at 16 and 50 at 256): the placement counts for itself, over several programs
-ALIGN_CASES = [(T, chunk, kind) for T, chunk in [(1, 256), (7, 16), (8, 16), (50, 16), (50, 256)]
-               for kind in ("random", "one_hot_expert", "empty_experts")] + [(600, 16, "random")]
+# one chunk (T=1, 7, 8 at 16 and 50 at 256): the placement counts for itself, over several programs.
+# Several chunks are placed both ways: after the count kernel (self_count_max 0), and by a
+# placement that counts all the ids itself, chunk by chunk (the default up to SELF_COUNT_MAX_ROWS).
+ALIGN_CASES = [(T, chunk, kind, self_max) for T, chunk in [(1, 256), (7, 16), (8, 16), (50, 16), (50, 256)]
+               for kind in ("random", "one_hot_expert", "empty_experts") for self_max in (0, None)]
+ALIGN_CASES += [(600, 16, "random", 0), (600, 16, "random", None)]
 
 
-@pytest.mark.parametrize(("T", "chunk", "kind"), ALIGN_CASES)
-def test_align_invariants(tm, T, chunk, kind):
+@pytest.mark.parametrize(("T", "chunk", "kind", "self_max"), ALIGN_CASES)
+def test_align_invariants(tm, T, chunk, kind, self_max):
     gen = torch.Generator().manual_seed(T)
     ids_N = routing(T, kind, gen).reshape(-1)
     N, BM = ids_N.numel(), 16
-    sorted_P, block_expert_B = tm.moe_align(ids_N, E, BM, chunk=chunk)
+    sorted_P, block_expert_B = tm.moe_align(ids_N, E, BM, chunk=chunk, self_count_max=self_max)
     B = tm.num_blocks_bound(N, E, BM)
     assert sorted_P.shape == (B * BM,) and block_expert_B.shape == (B,)
     rows = sorted_P.view(B, BM)
@@ -115,6 +118,27 @@ def test_align_invariants(tm, T, chunk, kind):
     used = block_expert_B < E
     assert used.sum() == sum(-(-(ids_N == e).sum().item() // BM) for e in range(E))
     assert not used[used.sum():].any() and (block_expert_B[used].diff() >= 0).all()
+
+
+def test_align_launches(tm, monkeypatch):
+    """The count kernel launches only past SELF_COUNT_MAX_ROWS assignments (and more than one chunk)."""
+    counted = []
+    real = tm._count_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            counted.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(tm, "_count_kernel", Spy())
+    ids_N = routing(300, "random", torch.Generator().manual_seed(0)).reshape(-1)  # 600 assignments
+    monkeypatch.setattr(tm, "SELF_COUNT_MAX_ROWS", 600)
+    one = tm.moe_align(ids_N, E, 16, chunk=16)
+    assert counted == []
+    monkeypatch.setattr(tm, "SELF_COUNT_MAX_ROWS", 599)
+    two = tm.moe_align(ids_N, E, 16, chunk=16)
+    assert counted == [(38,)]
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

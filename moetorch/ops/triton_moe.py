@@ -9,8 +9,9 @@ The machinery, shared by the SwiGLU experts and JetMoE's attention experts:
    assignments get a run of rows padded to a multiple of BLOCK_M, so every block of BLOCK_M rows
    belongs to one expert. It writes `sorted_P` (assignment of each row, N for a padding row) and
    `block_expert_B` (expert of each block, E past the end). Two launches (per-chunk counts, then
-   placement), no atomics: a stable, deterministic layout. The GEMM grid is sized from the
-   host-known bound B = cdiv(N, BLOCK_M) + min(N, E); blocks past the end exit at once.
+   placement; up to SELF_COUNT_MAX_ROWS assignments the placement counts for itself), no atomics:
+   a stable, deterministic layout. The GEMM grid is sized from the host-known bound
+   B = cdiv(N, BLOCK_M) + min(N, E); blocks past the end exit at once.
 2. `moe_gemm` is one grouped GEMM over all experts: program (block, column tile) gathers its A rows
    by `sorted_P` inside the kernel and multiplies them by its expert's weight `[E, out, in]`.
    Epilogues: SwiGLU (gate and up tiles computed together, `act(gate) * up`), the routing weight.
@@ -176,7 +177,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_rows, E_PAD: tl.constexpr, CHUNK: tl.
 def _place_kernel(
     ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_rows, num_chunks, num_blocks,
     E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, TABLE: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    SELF_COUNT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -184,15 +185,19 @@ def _place_kernel(
     # the chunk), writes the sentinel into the padding rows among positions [pid*CHUNK, +CHUNK),
     # and the expert of blocks [pid*CHUNK, +CHUNK). Every program rescans the small count table
     # rather than waiting on another: no atomics, no inter-program order, a deterministic layout.
-    # ONE_CHUNK (all assignments in chunk 0): each program counts the ids itself, and no
+    # SELF_COUNT (few assignments): each program counts all the ids itself, chunk by chunk, and no
     # _count_kernel runs before.
     pid = tl.program_id(0)
     e_E = tl.arange(0, E_PAD)
-    if ONE_CHUNK:
-        n0 = tl.arange(0, CHUNK)
-        ids0 = tl.load(ids_ptr + n0, mask=n0 < num_rows, other=E_PAD).to(tl.int32)
-        total_E = tl.sum((ids0[:, None] == e_E[None, :]).to(tl.int32), axis=0)
-        before_E = tl.where(pid > 0, total_E, 0)
+    if SELF_COUNT:
+        total_E = tl.zeros((E_PAD,), dtype=tl.int32)
+        before_E = tl.zeros((E_PAD,), dtype=tl.int32)
+        for c0 in range(0, num_rows, CHUNK):
+            n_c = c0 + tl.arange(0, CHUNK)
+            ids_c = tl.load(ids_ptr + n_c, mask=n_c < num_rows, other=E_PAD).to(tl.int32)
+            hits_E = tl.sum((ids_c[:, None] == e_E[None, :]).to(tl.int32), axis=0)
+            total_E += hits_E
+            before_E += tl.where(c0 < pid * CHUNK, hits_E, 0)
     else:
         total_E = tl.zeros((E_PAD,), dtype=tl.int32)
         before_E = tl.zeros((E_PAD,), dtype=tl.int32)
@@ -683,16 +688,23 @@ def num_blocks_bound(num_rows: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_rows, block_m) + min(num_rows, num_experts)
 
 
+# Assignments up to which the placement kernel counts the ids itself (each program reads all of
+# them: a few KB) instead of a count kernel launching first: one launch fewer per alignment, which
+# an eager prefill waits on the host for (~40 us a launch on an H200 machine's host,
+# bench/host_profile.py).
+SELF_COUNT_MAX_ROWS = 8192
+
+
 def moe_align(
-    ids_N: torch.Tensor, num_experts: int, block_m: int, chunk: int = 256
+    ids_N: torch.Tensor, num_experts: int, block_m: int, chunk: int = 256, self_count_max: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort assignments by expert into blocks of `block_m` rows, on the device, without host sync.
 
     Returns `sorted_P` (int32 [B*block_m]: the assignment in each row, `N` in padding rows; stable
     within an expert) and `block_expert_B` (int32 [B]: each block's expert, `num_experts` for blocks
     past the end), with B = `num_blocks_bound(N, E, block_m)`. Two launches: per-chunk expert counts,
-    then placement (each program scans the count table itself); one when N <= chunk (placement
-    counts the ids itself).
+    then placement (each program scans the count table itself); one, placement counting the ids
+    itself, when N is at most `self_count_max` (default SELF_COUNT_MAX_ROWS) or one chunk.
     """
     N = ids_N.numel()
     B = num_blocks_bound(N, num_experts, block_m)
@@ -701,7 +713,8 @@ def moe_align(
     sorted_P = torch.empty(B * block_m, dtype=torch.int32, device=ids_N.device)
     block_expert_B = torch.empty(B, dtype=torch.int32, device=ids_N.device)
     num_chunks = triton.cdiv(N, chunk)
-    if num_chunks > 1:
+    self_count = num_chunks <= 1 or N <= (SELF_COUNT_MAX_ROWS if self_count_max is None else self_count_max)
+    if not self_count:
         counts_CE = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=ids_N.device)
         _count_kernel[(num_chunks,)](ids_N, counts_CE, N, E_PAD=E_PAD, CHUNK=chunk, num_warps=4,
                                        **pdl_meta(ids_N.device, num_chunks))
@@ -710,7 +723,7 @@ def moe_align(
     # positions (B * block_m >= N) outnumber assignments and blocks: they size the grid
     _place_kernel[(triton.cdiv(B * block_m, chunk),)](
         ids_N, counts_CE, sorted_P, block_expert_B, N, num_chunks, B,
-        E=num_experts, E_PAD=E_PAD, BLOCK_M=block_m, CHUNK=chunk, TABLE=64, ONE_CHUNK=num_chunks <= 1,
+        E=num_experts, E_PAD=E_PAD, BLOCK_M=block_m, CHUNK=chunk, TABLE=64, SELF_COUNT=self_count,
         num_warps=8,  # 8: no spills
         **pdl_meta(ids_N.device, triton.cdiv(B * block_m, chunk)),
     )
