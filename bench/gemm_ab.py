@@ -1,6 +1,6 @@
 """The expert GEMMs with and without a code path, interleaved in one process.
 
-    PYTHONPATH=. python bench/gemm_ab.py --b moetorch.ops.triton_moe:OUT_TMA=0 [--tokens 2048,4096,16384]
+    PYTHONPATH=. python bench/gemm_ab.py --b moetorch.ops.triton_moe:tma_enabled=off [--tokens 2048,4096,16384]
         [--shapes phimoe,jetmoe,jetmoe_moa] [--ops gate_up] [--rounds 5] [--out r.json]
 
 Each GEMM of each layer shape (`tune_moe.py`'s: PhiMoE and JetMoE SwiGLU experts, JetMoE attention

@@ -270,9 +270,9 @@ def _moe_gemm_kernel(
     # PERSISTENT: a grid of a few programs per SM, each walking tiles pid, pid + grid, ... over the
     # blocks in use (counted from block_expert). Ungated, the tile and K loops are flattened into
     # one pipelined loop, so the next tile's first loads fly during this tile's epilogue. Gated
-    # (two accumulators), the flattened loop took all 255 registers and ran 25-35% slower on the
-    # H200; there the tile loop stays a loop of its own. Else one program per tile of the
-    # host-side bound, and programs past the used blocks exit at once.
+    # (two accumulators), the flattened loop ran 25-35% slower on the H200 (docs/performance.md);
+    # there the tile loop stays a loop of its own. Else one program per tile of the host-side
+    # bound, and programs past the used blocks exit at once.
     num_pid_n = tl.cdiv(n_out, BLOCK_N)
     if PERSISTENT:
         used = 0
