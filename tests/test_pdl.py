@@ -192,6 +192,9 @@ def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
             model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
             model.generate(ids[:, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)  # dynamic cache
             model.generate(ids[:1, :4], max_new_tokens=2, do_sample=False, cache_implementation="static")  # one row
+        # the two-launch alignment, which these sizes otherwise skip
+        monkeypatch.setattr(triton_moe, "SELF_COUNT_MAX_ROWS", 0)
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
         kv = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
         StaticCache(num_layers=1, max_cache_len=4).update(kv, kv, 0)  # a static cache written directly
     seen = set(specs)
