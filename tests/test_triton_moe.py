@@ -204,30 +204,50 @@ def tma(tm, monkeypatch):
     return built
 
 
+def expert_inputs(T, kind, dtype, seed):
+    """A layer's inputs at T tokens: activations, both expert shapes' weights, routing weights and ids."""
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        x=torch.randn(T, D, generator=gen).to(dtype),
+        w13=(torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(dtype),
+        w2=(torch.randn(E, D, I, generator=gen) * 0.3).to(dtype),
+        w_map=(torch.randn(E, C, D, generator=gen) * 0.3).to(dtype),
+        h=torch.randn(T, K, C, generator=gen).to(dtype),
+        w_red=(torch.randn(E, D, C, generator=gen) * 0.3).to(dtype),
+        weights=torch.rand(T, K, generator=gen).to(dtype),
+        # "one_expert": every assignment on expert 3, one expert present
+        ids=torch.full((T, K), 3) if kind == "one_expert" else routing(T, kind, gen),
+    )
+
+
+def check_sorted_path(tm, inp, configs, cfg, dtype, what, between=None):
+    """experts (gate_up, down `configs`), then map and reduce (`cfg`) on the sorted path against the
+    reference loops; `between()` runs after the experts."""
+    f = lambda t: t.float()  # noqa: E731
+    x, ids, weights = inp["x"], inp["ids"], inp["weights"]
+    got = tm.experts_fused(x, inp["w13"], inp["w2"], ids, weights, "silu", configs, small=False)
+    want = experts_reference(f(x), f(inp["w13"]), f(inp["w2"]), ids, f(weights), F.silu)
+    check(got, want, dtype, f"experts {what}")
+    if between is not None:
+        between()
+    got = tm.map_fused(x, inp["w_map"], ids, cfg, small=False)
+    check(got, expert_map_reference(f(x), f(inp["w_map"]), ids), dtype, f"map {what}")
+    got = tm.reduce_fused(inp["h"], inp["w_red"], ids, weights, cfg, small=False)
+    check(got, expert_reduce_reference(f(inp["h"]), f(inp["w_red"]), ids, f(weights)), dtype, f"reduce {what}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["random", "one_hot_expert", "empty_experts"])
 @pytest.mark.parametrize("T", [7, 33])
 def test_tma_path_matches_reference(tm, tma, T, kind, dtype):
     # D = 40 is no multiple of BLOCK_K = 16: the descriptors zero-fill the ragged K edge; I = 24 not
     # of BLOCK_N either: the gate tile's last columns read up rows, never stored.
-    gen = torch.Generator().manual_seed(500 + T)
-    x = torch.randn(T, D, generator=gen).to(dtype)
-    w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(dtype)
-    w2 = (torch.randn(E, D, I, generator=gen) * 0.3).to(dtype)
-    w_map = (torch.randn(E, C, D, generator=gen) * 0.3).to(dtype)
-    h = torch.randn(T, K, C, generator=gen).to(dtype)
-    w_red = (torch.randn(E, D, C, generator=gen) * 0.3).to(dtype)
-    weights = torch.rand(T, K, generator=gen).to(dtype)
-    ids = routing(T, kind, gen)
-    f = lambda t: t.float()  # noqa: E731
-    got = tm.experts_fused(x, w13, w2, ids, weights, "silu", (SMALL, SMALL), small=False)
-    check(got, experts_reference(f(x), f(w13), f(w2), ids, f(weights), F.silu), dtype, f"experts {kind}")
-    # gate/up: x gathered, then A and W by descriptor; down: h (padded sorted) and W by descriptor
-    assert tma == [(1, 16, 16), (16, 16), (1, 16, 16), (16, 16)]
-    got = tm.map_fused(x, w_map, ids, SMALL, small=False)
-    check(got, expert_map_reference(f(x), f(w_map), ids), dtype, f"map {kind}")
-    got = tm.reduce_fused(h, w_red, ids, weights, SMALL, small=False)
-    check(got, expert_reduce_reference(f(h), f(w_red), ids, f(weights)), dtype, f"reduce {kind}")
+    def experts_descriptors():
+        # gate/up: x gathered, then A and W by descriptor; down: h (padded sorted) and W by descriptor
+        assert tma == [(1, 16, 16), (16, 16), (1, 16, 16), (16, 16)]
+
+    inp = expert_inputs(T, kind, dtype, seed=500 + T)
+    check_sorted_path(tm, inp, (SMALL, SMALL), SMALL, dtype, kind, between=experts_descriptors)
     assert tma[4:] == [(1, 16, 16), (1, 16, 16)]  # map and reduce gather A in the kernel: W only
 
 
@@ -244,23 +264,9 @@ def test_persistent_matches_reference(tm, monkeypatch, programs, T, kind, descri
     if descriptors:
         monkeypatch.setattr(tm, "tma_enabled", lambda device: True)
         monkeypatch.setattr(tm, "GATHER_MIN_ROWS", 0)
-    gen = torch.Generator().manual_seed(700 + T + programs)
-    x = torch.randn(T, D, generator=gen).to(dtype)
-    w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(dtype)
-    w2 = (torch.randn(E, D, I, generator=gen) * 0.3).to(dtype)
-    w_map = (torch.randn(E, C, D, generator=gen) * 0.3).to(dtype)
-    h = torch.randn(T, K, C, generator=gen).to(dtype)
-    w_red = (torch.randn(E, D, C, generator=gen) * 0.3).to(dtype)
-    weights = torch.rand(T, K, generator=gen).to(dtype)
-    ids = routing(T, kind, gen)
     cfg = {**SMALL, "PERSISTENT": programs}
-    f = lambda t: t.float()  # noqa: E731
-    got = tm.experts_fused(x, w13, w2, ids, weights, "silu", (cfg, {**cfg, "BLOCK_N": 32}), small=False)
-    check(got, experts_reference(f(x), f(w13), f(w2), ids, f(weights), F.silu), dtype, f"experts {kind}")
-    got = tm.map_fused(x, w_map, ids, cfg, small=False)
-    check(got, expert_map_reference(f(x), f(w_map), ids), dtype, f"map {kind}")
-    got = tm.reduce_fused(h, w_red, ids, weights, cfg, small=False)
-    check(got, expert_reduce_reference(f(h), f(w_red), ids, f(weights)), dtype, f"reduce {kind}")
+    inp = expert_inputs(T, kind, dtype, seed=700 + T + programs)
+    check_sorted_path(tm, inp, (cfg, {**cfg, "BLOCK_N": 32}), cfg, dtype, kind)
 
 
 def test_persistent_grid_size(tm, monkeypatch):
@@ -461,12 +467,6 @@ SPLIT_CASES = [(3, "random", 16), (5, "one_expert", 16), (1, "one_expert", 32), 
 SPLIT_IDS = [f"T{T}-{kind}-bk{bk}" for T, kind, bk in SPLIT_CASES]
 
 
-def split_routing(T, kind, gen):
-    if kind == "one_expert":  # every assignment on expert 3: one expert present
-        return torch.full((T, K), 3)
-    return routing(T, kind, gen)
-
-
 def split_cfg(split_k, block_k, block_n=16):
     return {**SMALL, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k}
 
@@ -484,20 +484,6 @@ def assert_counters_zero(tm):
         assert not counters.any(), f"arrival counters {key} not reset: {counters.nonzero().flatten().tolist()}"
 
 
-def split_inputs(T, kind, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return dict(
-        x=torch.randn(T, D, generator=gen).to(dtype),
-        w13=(torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(dtype),
-        w2=(torch.randn(E, D, I, generator=gen) * 0.3).to(dtype),
-        w_map=(torch.randn(E, C, D, generator=gen) * 0.3).to(dtype),
-        h=torch.randn(T, K, C, generator=gen).to(dtype),
-        w_red=(torch.randn(E, D, C, generator=gen) * 0.3).to(dtype),
-        weights=torch.rand(T, K, generator=gen).to(dtype),
-        ids=split_routing(T, kind, gen),
-    )
-
-
 def run_split(tm, inp, split_k, block_k):
     """experts (gated gate_up + weighted down with the K fold), map, reduce through the split kernel."""
     up, down = split_cfg(split_k, block_k), split_cfg(split_k, block_k, block_n=32)
@@ -513,7 +499,7 @@ def run_split(tm, inp, split_k, block_k):
 @pytest.mark.parametrize(("T", "kind", "block_k"), SPLIT_CASES, ids=SPLIT_IDS)
 @pytest.mark.parametrize("split_k", SPLITS)
 def test_split_k_matches_reference(tm, split_k, T, kind, block_k, dtype):
-    inp = split_inputs(T, kind, dtype, seed=300 + T)
+    inp = expert_inputs(T, kind, dtype, seed=300 + T)
     if kind == "one_expert" and block_k == 32:  # the case is there for its empty slices
         assert empty_slices(inp["ids"], I, block_k, split_k) > 0
     f = {k: v.float() if v.is_floating_point() else v for k, v in inp.items()}
@@ -531,7 +517,7 @@ def test_split_k_deterministic_and_self_resetting(tm, monkeypatch):
     counters are back at zero after every launch, and grow when a launch needs more tiles."""
     # One expert, BLOCK_K 8, 3 splits: each split holds K steps of every row (gate_up and map have 5,
     # down and reduce 3), so all 3 partials of an output are non-zero and float32 shows their order.
-    inp = split_inputs(5, "one_expert", torch.float32, seed=11)
+    inp = expert_inputs(5, "one_expert", torch.float32, seed=11)
     first = run_split(tm, inp, 3, 8)
     assert_counters_zero(tm)
     assert all(torch.equal(a, b) for a, b in zip(first, run_split(tm, inp, 3, 8)))
