@@ -1,7 +1,9 @@
 """Whole-model prefill, A/B in one process: the grouped GEMMs with pointer loads (MOETORCH_TMA=0),
-with tensor descriptors, and with the gate/up rows gathered first (ops.triton_moe.GATHER_MIN_ROWS).
+with tensor descriptors, and with the gate/up rows gathered first (ops.triton_moe.GATHER_MIN_ROWS);
+or, with `--b module:attribute=off|<int>`, the code as it is (A) against that attribute set (B).
 
     PYTHONPATH=. python bench/prefill_ab.py --models jetmoe,phimoe --out results.json
+    PYTHONPATH=. python bench/prefill_ab.py --b moetorch.ops.triton_moe:SELF_COUNT_MAX_ROWS=0
 
 Random weights at the real sizes (moetorch.benchmark.SIZES), prompts of 2048 and 8192 tokens,
 three interleaved rounds; the best round of each variant is printed, all rounds go to the JSON.
@@ -16,6 +18,7 @@ import os
 from functools import partial
 
 import torch
+from decode_ab import patch  # bench/ is the script's directory
 
 import moetorch.ops.triton_moe as tm
 from moetorch.benchmark import SIZES, build, cuda_time
@@ -24,14 +27,25 @@ from moetorch.benchmark import SIZES, build, cuda_time
 VARIANTS = {"pointer": ("0", 10**9), "tma": ("1", 10**9), "tma+gather": ("1", tm.GATHER_MIN_ROWS)}
 
 
+def load_mode(tma: str, gather_min: int) -> None:
+    os.environ["MOETORCH_TMA"], tm.GATHER_MIN_ROWS = tma, gather_min
+
+
 @torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="jetmoe,phimoe")
     p.add_argument("--tokens", default="2048,8192")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--b", default=None, help="module:attribute=off|<int>: A/B that instead of the load modes")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.b:
+        module, attr, b_value = patch(args.b)
+        arms = {"A": getattr(module, attr), "B": b_value}
+        variants = {tag: partial(setattr, module, attr, value) for tag, value in arms.items()}
+    else:
+        variants = {tag: partial(load_mode, tma, gather_min) for tag, (tma, gather_min) in VARIANTS.items()}
     before = os.environ.get("MOETORCH_TMA"), tm.GATHER_MIN_ROWS
     res = {"device": torch.cuda.get_device_name(), "tokens_per_s": {}}
     for name in args.models.split(","):
@@ -40,8 +54,8 @@ def main() -> None:
             ids = torch.randint(0, SIZES[name]["vocab_size"], (1, T), device="cuda")
             runs = {}
             for _ in range(args.rounds):
-                for tag, (tma, gather_min) in VARIANTS.items():
-                    os.environ["MOETORCH_TMA"], tm.GATHER_MIN_ROWS = tma, gather_min
+                for tag, select in variants.items():
+                    select()
                     t = cuda_time(partial(model, ids, use_cache=False, logits_to_keep=1), repeats=3, warmup=1)
                     runs.setdefault(tag, []).append(T / t)
             res["tokens_per_s"][f"{name}.{T}"] = runs
@@ -54,6 +68,9 @@ def main() -> None:
     else:
         os.environ["MOETORCH_TMA"] = before[0]
     tm.GATHER_MIN_ROWS = before[1]
+    if args.b:
+        variants["A"]()
+        res["b"] = args.b
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
