@@ -452,6 +452,7 @@ def test_shipped_configs_are_complete(tm):
                 assert int(bucket) >= 1, (path.name, key, bucket)
                 assert set(tm.CONFIG_KEYS) <= set(cfg) <= {*tm.CONFIG_KEYS, *tm.OPTIONAL_CONFIG_KEYS}, (path.name, key, bucket)
                 assert cfg.get("SPLIT_K", 1) >= 1, (path.name, key, bucket)
+                assert cfg.get("PERSISTENT", 0) in (0, 1, 2, 3, 4), (path.name, key, bucket)
             if op == "gate_up":  # the down GEMM (output D = gate_up's K) shares the alignment: same BLOCK_M
                 down = tables[f"down,{e},N={k[2:]},K={n[2:]},{dtype}"]
                 assert {b: c["BLOCK_M"] for b, c in table.items()} == {b: c["BLOCK_M"] for b, c in down.items()}
