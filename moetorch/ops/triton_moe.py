@@ -189,9 +189,9 @@ def _place_kernel(
     # _count_kernel runs before.
     pid = tl.program_id(0)
     e_E = tl.arange(0, E_PAD)
+    total_E = tl.zeros((E_PAD,), dtype=tl.int32)  # assignments of each expert, in all chunks
+    before_E = tl.zeros((E_PAD,), dtype=tl.int32)  # and in the chunks before this program's
     if SELF_COUNT:
-        total_E = tl.zeros((E_PAD,), dtype=tl.int32)
-        before_E = tl.zeros((E_PAD,), dtype=tl.int32)
         for c0 in range(0, num_rows, CHUNK):
             n_c = c0 + tl.arange(0, CHUNK)
             ids_c = tl.load(ids_ptr + n_c, mask=n_c < num_rows, other=E_PAD).to(tl.int32)
@@ -199,8 +199,6 @@ def _place_kernel(
             total_E += hits_E
             before_E += tl.where(c0 < pid * CHUNK, hits_E, 0)
     else:
-        total_E = tl.zeros((E_PAD,), dtype=tl.int32)
-        before_E = tl.zeros((E_PAD,), dtype=tl.int32)
         for c0 in range(0, num_chunks, TABLE):
             c = c0 + tl.arange(0, TABLE)
             counts_CE = tl.load(counts_ptr + c[:, None] * E_PAD + e_E[None, :], mask=(c < num_chunks)[:, None],
