@@ -66,14 +66,20 @@ def main() -> None:
             f.write(text.getvalue())
 
 
+def queue_gpu_work(a: torch.Tensor) -> None:
+    """Once the device is idle, queue ~80 ms of matmuls on it (a: bf16 [8192, 8192]), so that no
+    launch after this waits on the device."""
+    torch.cuda.synchronize()
+    for _ in range(60):
+        a @ a
+
+
 def host_alone(forward) -> list[str]:
     """Host time of forwards queued behind ~80 ms of GPU work: the host's own cost."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     out = []
     for _ in range(3):
-        torch.cuda.synchronize()
-        for _ in range(60):
-            a @ a
+        queue_gpu_work(a)
         start = time.perf_counter()
         forward()
         out.append((time.perf_counter() - start) * 1e3)
@@ -131,9 +137,7 @@ def seam_costs(size: dict, T: int) -> list[str]:
     }
     out = [f"host us per call ({E} experts, D={D}, I={I}, T={T}):"]
     for name, (fn, n) in calls.items():
-        torch.cuda.synchronize()
-        for _ in range(60):
-            busy @ busy
+        queue_gpu_work(busy)
         out.append(f"  {name:20s} {per_call_us(fn, n):8.1f}")
         torch.cuda.synchronize()
     return out
