@@ -64,6 +64,20 @@ PATHS = [(1, True), (1, False), (7, True), (7, False), (33, False)]
 PATH_IDS = [f"T{T}-{'small' if small else 'sorted'}" for T, small in PATHS]
 
 
+def launch_grids(monkeypatch, module, kernel: str) -> list:
+    """The grid of each launch of `module.kernel` from now on (the kernel still runs)."""
+    grids = []
+    real = getattr(module, kernel)
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return real[grid]
+
+    monkeypatch.setattr(module, kernel, Spy())
+    return grids
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
@@ -122,15 +136,7 @@ def test_align_invariants(tm, T, chunk, kind, self_max):
 
 def test_align_launches(tm, monkeypatch):
     """The count kernel launches only past SELF_COUNT_MAX_ROWS assignments (and more than one chunk)."""
-    counted = []
-    real = tm._count_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            counted.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(tm, "_count_kernel", Spy())
+    counted = launch_grids(monkeypatch, tm, "_count_kernel")
     ids_N = routing(300, "random", torch.Generator().manual_seed(0)).reshape(-1)  # 600 assignments
     monkeypatch.setattr(tm, "SELF_COUNT_MAX_ROWS", 600)
     one = tm.moe_align(ids_N, E, 16, chunk=16)
@@ -272,15 +278,7 @@ def test_persistent_matches_reference(tm, monkeypatch, programs, T, kind, descri
 def test_persistent_grid_size(tm, monkeypatch):
     """A persistent launch has min(tiles, programs) programs; without the key, one per tile of the
     host-side bound."""
-    grids = []
-    real = tm._moe_gemm_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            grids.append(grid[0])
-            return real[grid]
-
-    monkeypatch.setattr(tm, "_moe_gemm_kernel", Spy())
+    grids = launch_grids(monkeypatch, tm, "_moe_gemm_kernel")
     gen = torch.Generator().manual_seed(3)
     x, w = torch.randn(33, D, generator=gen), torch.randn(E, C, D, generator=gen)
     ids = routing(33, "random", gen)
@@ -289,7 +287,7 @@ def test_persistent_grid_size(tm, monkeypatch):
         cfg = SMALL if programs is None else {**SMALL, "PERSISTENT": programs}
         got = tm.map_fused(x, w, ids, cfg, small=False)
         check(got, expert_map_reference(x, w, ids), torch.float32, f"map, PERSISTENT={programs}")
-        assert grids.pop() == want, programs
+        assert grids.pop() == (want,), programs
 
 
 def test_gather_rows(tm):
