@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
+from moetorch.benchmark import kernel_lines, kernel_times
 from moetorch.ops.moe import expert_map, expert_reduce, experts_forward
 from moetorch.ops.norms import LayerNorm, RMSNorm
 from moetorch.ops.routing import route_topk, sparsemixer
@@ -207,6 +208,8 @@ def main() -> int:
     parser.add_argument("--backends", default="grouped_mm,triton,gather")
     parser.add_argument("--chain", type=int, default=8,
                         help="also time the triton backend as this many layers back to back in one graph (0: off)")
+    parser.add_argument("--kernels", type=int, default=0,
+                        help="list this many of the triton layer's kernels by time (one eager call) per row")
     args = parser.parse_args()
     ceil = ceilings()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -241,6 +244,10 @@ def main() -> int:
                 row["pct_compute_floor"] = 100 * floor["compute_floor_ms"] / best
                 if chain and backend == "triton":
                     row.update(chain_row(spec, chain, x_TD, delta_TD, backend, ceil))
+                if args.kernels and backend == "triton":
+                    times = kernel_times(fn)
+                    row["kernels_us"] = {name: us for name, (us, _) in times.items()}
+                    print("\n".join(kernel_lines(times, args.kernels)), flush=True)
                 results["rows"].append(row)
                 print(f"{name:11s} T={T:6d} {backend:10s} graph {row['graph_ms'] or float('nan'):8.3f} ms  eager "
                       f"{row['eager_ms']:8.3f} ms  mem {row['pct_memory_floor']:5.1f}%  "

@@ -46,6 +46,27 @@ def cuda_time(fn, repeats: int = 5, warmup: int = 2, fastest: bool = False) -> f
     return min(times) if fastest else sorted(times)[len(times) // 2]
 
 
+def kernel_times(fn) -> dict[str, tuple[float, int]]:
+    """One call of `fn` under the profiler: {kernel name (first 80 characters): (total us, calls)}."""
+    total: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            name = ev.name[:80]
+            total[name] = total.get(name, 0.0) + ev.time_range.elapsed_us()
+            calls[name] = calls.get(name, 0) + 1
+    return {name: (us, calls[name]) for name, us in sorted(total.items(), key=lambda x: -x[1])}
+
+
+def kernel_lines(times: dict[str, tuple[float, int]], top: int) -> list[str]:
+    """`kernel_times` as lines: total us, share of all kernel time, calls, name."""
+    busy = sum(us for us, _ in times.values()) or 1.0
+    return [f"{us:9.1f} {100 * us / busy:5.1f}% x{n:<4d} {name}" for name, (us, n) in list(times.items())[:top]]
+
+
 def measure_ceilings() -> dict:
     """Device copy bandwidth and bf16 matmul rate: peaks, so each is its fastest of 30 timed runs
     (a median moved by about 3% between runs on one H200, and a low ceiling flatters the floors)."""
