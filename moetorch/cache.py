@@ -89,7 +89,8 @@ class Cache:
 
 
     def update_rotated(self, query_states, key_states, value_states, cos, sin, layer_idx, cache_kwargs=None):
-        """The rotary embedding of queries and keys, then `update`: (queries, all keys, all values).
+        """The rotary embedding of queries and keys, then `update`: (queries, all keys, all values);
+        queries None: the keys alone are rotated (None comes back).
         A static cache at inference does it in one kernel, rotating the keys into their slots."""
         query_states, key_states = apply_rotary_qk(query_states, key_states, cos, sin)
         return (query_states, *self.update(key_states, value_states, layer_idx, cache_kwargs))
@@ -236,7 +237,7 @@ class StaticCache(Cache):
 
     def update_rotated(self, query_states, key_states, value_states, cos, sin, layer_idx, cache_kwargs=None):
         k, v, cache_position = self._slots(key_states, layer_idx, cache_kwargs)
-        if fused.active(query_states, key_states, value_states, cos, sin, k) and key_states.shape[-1] % 2 == 0:
+        if fused.active(key_states, query_states, value_states, cos, sin, k) and key_states.shape[-1] % 2 == 0:
             q = fused.kernels().rope_qk_cache(query_states, key_states, value_states, cos, sin, k, v, cache_position)
             return q, k, v
         query_states, key_states = apply_rotary_qk(query_states, key_states, cos, sin)
@@ -289,7 +290,8 @@ class StaticCache(Cache):
 
 def rotate_and_update(cache: Cache | None, q, k, v, cos, sin, layer_idx: int, cache_kwargs=None):
     """The rotary embedding of queries and keys, then the cache update when there is a cache:
-    (queries, keys, values) to attend over."""
+    (queries, keys, values) to attend over. q None: the keys alone (the attention then rotates the
+    queries, `ops.attention.attention(rope_q=)`)."""
     if cache is not None:
         return cache.update_rotated(q, k, v, cos, sin, layer_idx, cache_kwargs)
     q, k = apply_rotary_qk(q, k, cos, sin)

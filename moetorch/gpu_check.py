@@ -320,6 +320,15 @@ def check_fused(results):
                 got, alone, torch_want = _check_map_with_kv(x[..., :2048], g)
                 record("projection_rotated.jetmoe_map.B1.vs_separate", got, alone)
                 record("projection_rotated.jetmoe_map.B1", got, torch_want)
+    # JetMoE prefill attention: one kernel rotates the queries into the grouped head order, sdpa,
+    # one kernel brings the output back to the tiled order; against rotating and reordering in torch
+    T, H, G, d = 2048, 32, 16, 128
+    q = torch.randn(1, T, H * d, device=dev, generator=g).to(bf).view(1, T, H, d).transpose(1, 2)
+    k, v = (torch.randn(1, G, T, d, device=dev, generator=g).to(bf) for _ in range(2))
+    ang = torch.randn(1, T, d // 2, device=dev, generator=g) * 100
+    cos, sin = torch.cat((ang, ang), -1).cos().to(bf), torch.cat((ang, ang), -1).sin().to(bf)
+    got, want = both(attention, q, k, v, None, True, d**-0.5, "sdpa", 0.0, "tiled", False, (cos, sin))
+    record("prefill_attention.jetmoe.T2048", [got[0]], [want[0]])
     return ok
 
 

@@ -586,6 +586,87 @@ def test_rope_kernel_matches_apply_rotary(dtype, B, cos_batch):
     assert q2.stride() == want_q.stride()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_kernel_one_side_and_grouped_queries(dtype):
+    # q None: the keys alone; k None: the queries alone, optionally written in the grouped head
+    # order of a tiled kv layout (ops.attention); the numbers are apply_rotary's, bit for bit
+    B, T, H, G, d = 2, 5, 6, 3, 16
+    q = torch.randn(B, T, H * d, generator=gen(1)).to(dtype).view(B, T, H, d).transpose(1, 2)
+    k = torch.randn(B, T, 2 * G * d, generator=gen(2)).to(dtype)[..., : G * d].view(B, T, G, d).transpose(1, 2)
+    ang = torch.randn(1, T, d // 2, generator=gen(3))
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    want_q, want_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    with fused.forced():
+        none_q, only_k = apply_rotary_qk(None, k, cos, sin)
+        only_q, none_k = triton_fused.rope_qk(q, None, cos, sin)
+        grouped, _ = triton_fused.rope_qk(q, None, cos, sin, q_groups=G)
+        with pytest.raises(ValueError, match="q_groups must divide the 6 query heads"):
+            triton_fused.rope_qk(q, None, cos, sin, q_groups=4)
+    assert none_q is None and none_k is None
+    assert torch.equal(only_k, want_k) and torch.equal(only_q, want_q)
+    # grouped position j = g * (H/G) + r holds head r * G + g (the head that reads kv head g)
+    order = [r * G + g for g in range(G) for r in range(H // G)]
+    assert torch.equal(grouped, want_q[:, order])
+    assert grouped.transpose(1, 2).is_contiguous(), "[B, T, H, d] memory, as sdpa reads a projection"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_rotates_and_groups_tiled_queries(dtype):
+    # a tiled kv layout (JetMoE) at prefill: one kernel rotates the queries into the grouped head
+    # order, and the output comes back in the tiled order as [B, T, H, d] memory; the same numbers
+    # as rotating first on the torch path
+    B, T, H, G, d = 2, 7, 6, 3, 16
+    q = torch.randn(B, T, H * d, generator=gen(1)).to(dtype).view(B, T, H, d).transpose(1, 2)
+    k = torch.randn(B, G, T, d, generator=gen(2)).to(dtype)
+    v = torch.randn(B, G, T, d, generator=gen(3)).to(dtype)
+    ang = torch.randn(B, T, d // 2, generator=gen(4)) * 30
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    with torch.no_grad():
+        want, _ = attention(apply_rotary(q, cos, sin), k, v, None, True, d**-0.5, "sdpa", 0.0, "tiled")
+        with fused.forced():
+            got, _ = attention(q, k, v, None, True, d**-0.5, "sdpa", 0.0, "tiled", rope_q=(cos, sin))
+    close(got, want, dtype, "fused rotate + group")
+    assert got.is_contiguous()
+    for h in range(H):  # head h reads kv head h % G
+        ref = F.scaled_dot_product_attention(apply_rotary(q, cos, sin)[:, h : h + 1].float(), k[:, h % G : h % G + 1].float(),
+                                             v[:, h % G : h % G + 1].float(), is_causal=True, scale=d**-0.5)
+        close(got[:, :, h].float(), ref[:, 0], dtype, f"head {h}")
+
+
+@pytest.mark.parametrize("B,T,H,G", [(2, 5, 6, 3), (1, 3, 32, 16), (3, 1, 4, 1)])
+def test_tiled_heads_undoes_the_grouped_order(B, T, H, G):
+    # grouped position j = g * R + r holds tiled head r * G + g; the kernel puts each back, from
+    # any [B, T, H, d] view whose last dim is contiguous, into contiguous memory
+    d = 8
+    x = torch.randn(B, H, T, d, generator=gen(1)).transpose(1, 2)  # sdpa's head-major output
+    R = H // G
+    want = torch.stack([x[:, :, (h % G) * R + h // G] for h in range(H)], dim=2)
+    with fused.forced():
+        got = triton_fused.tiled_heads(x, G)
+        with pytest.raises(ValueError, match="5 groups do not divide"):
+            triton_fused.tiled_heads(x, 5)
+    assert got.is_contiguous() and torch.equal(got, want)
+
+
+def test_rope_qk_cache_keys_alone():
+    # a static cache's update with no queries (JetMoE's attention rotates its own): the keys are
+    # rotated into their slots and the values copied, as with queries
+    B, T, H, G, d, S = 2, 3, 4, 2, 8, 6
+    q = torch.randn(B, T, H * d, generator=gen(1)).view(B, T, H, d).transpose(1, 2)
+    k = torch.randn(B, T, G * d, generator=gen(2)).view(B, T, G, d).transpose(1, 2)
+    v = torch.randn(B, T, G * d, generator=gen(3)).view(B, T, G, d).transpose(1, 2)
+    ang = torch.randn(1, T, d // 2, generator=gen(4))
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    slots = torch.tensor([1, 4, 2])
+    caches = [(torch.zeros(B, G, S, d), torch.zeros(B, G, S, d)) for _ in range(2)]
+    with fused.forced():
+        assert triton_fused.rope_qk_cache(None, k, v, cos, sin, *caches[0], slots) is None
+        triton_fused.rope_qk_cache(q, k, v, cos, sin, *caches[1], slots)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    assert torch.equal(caches[0][0][:, :, slots], apply_rotary(k, cos, sin))
+    assert torch.equal(caches[0][1][:, :, slots], v)
+
+
 # ---- decode attention -------------------------------------------------------------------------
 
 

@@ -109,8 +109,8 @@ class JetMoeAttention(nn.Module):
         cos, sin = rope
         slots = {"cache_position": cache_position_T}
         # at decode with a static cache: kv projection, rotary of the keys and the cache write in one
-        # kernel (at one token the MoA map too); the attention kernel then rotates the queries as it
-        # loads them
+        # kernel (at one token the MoA map too). The queries go to the attention unrotated, which
+        # rotates them as it reorders their heads for the kv heads (or, at decode, as it loads them).
         kv = None
         if cache is not None:
             experts = (self.experts.input_linear.weight, ids_NK) if self.experts.backend is None else None
@@ -119,19 +119,17 @@ class JetMoeAttention(nn.Module):
         if q is None:
             # [N, K, G*d] -> [B, H, T, d]: head h = k*G + g
             q = self.experts.map(x_ND, ids_NK).view(B, T, -1, self.head_dim).transpose(1, 2)
-        rope_q = None
         if kv is not None:
             _, k, v = kv
-            rope_q = (cos, sin)
         else:
             k, v = linears(x_BTD, self.kv_proj)[0].chunk(2, dim=-1)
             k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
             v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k, v = rotate_and_update(cache, q, k, v, cos, sin, self.layer_idx, slots)
+            _, k, v = rotate_and_update(cache, None, k, v, cos, sin, self.layer_idx, slots)
         out_BTHd, weights = attention(
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, kv_layout="tiled", need_weights=need_weights,
-            rope_q=rope_q,
+            rope_q=(cos, sin),
         )
         y = self.experts.reduce(out_BTHd.reshape(B * T, self.top_k, -1), ids_NK, weights_NK, combine)
         return y.view(B, T, *y.shape[1:]), weights, logits_NE

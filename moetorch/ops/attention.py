@@ -105,7 +105,9 @@ def attention(
     `need_weights` forces the eager path, the only one that materialises the weights. One query
     per row (decode) at inference runs the fused decode kernel, which reads the cache in place.
     `rope_q` = (cos, sin [B or 1, T, d]): the queries are not yet rotated; the decode kernel rotates
-    them as it loads them, every other path first (`ops.rope.apply_rotary`).
+    them as it loads them, every other path first (`ops.rope.apply_rotary`). With the tiled layout
+    the sdpa / flash kernels read the query heads in the grouped order; at inference one kernel
+    rotates and reorders them, and one copy brings the output back to the tiled order.
     """
     G = k_BGSd.shape[1]
     if _decode_fusable(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, impl, dropout_p, need_weights):
@@ -114,10 +116,15 @@ def attention(
                 q_BHTd, k_BGSd, v_BGSd, mask, scale, kv_layout == "tiled", rope_q=rope_q
             )
             return out, None
-    if rope_q is not None:
-        q_BHTd = apply_rotary(q_BHTd, *rope_q)
-    if kv_layout == "tiled" and G > 1:
-        q_BHTd = _to_grouped(q_BHTd, G)
+    tiled = kv_layout == "tiled" and G > 1
+    if rope_q is not None and tiled and q_BHTd.shape[-1] % 2 == 0 and fused.active(q_BHTd, *rope_q):
+        # one kernel rotates the queries and writes them in the grouped head order
+        q_BHTd = fused.kernels().rope_qk(q_BHTd, None, *rope_q, q_groups=G)[0]
+    else:
+        if rope_q is not None:
+            q_BHTd = apply_rotary(q_BHTd, *rope_q)
+        if tiled:
+            q_BHTd = _to_grouped(q_BHTd, G)
     if need_weights or impl == "eager":
         out, weights = _eager(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, scale, dropout_p)
     elif impl == "flash_attention_2" and mask is None:
@@ -128,10 +135,14 @@ def attention(
             is_causal=is_causal and mask is None, scale=scale, enable_gqa=G != q_BHTd.shape[1],
         )
         weights = None
-    if kv_layout == "tiled" and G > 1:
-        out = _from_grouped(out, G)
-        if weights is not None:
-            weights = _from_grouped(weights, G)
+    if tiled:
+        # back to the tiled head order, as [B, T, H, d] in its own memory: one copy
+        if fused.active(out):
+            out = fused.kernels().tiled_heads(out.transpose(1, 2), G)
+        else:
+            B, H, T, d = out.shape
+            out = out.transpose(1, 2).unflatten(2, (G, H // G)).transpose(2, 3).reshape(B, T, H, d)
+        return out, (_from_grouped(weights, G) if weights is not None else None)
     return out.transpose(1, 2), weights
 
 

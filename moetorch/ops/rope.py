@@ -24,11 +24,12 @@ def apply_rotary(x_BHTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Ten
     return x_BHTd * cos + rotate_half(x_BHTd) * sin
 
 
-def apply_rotary_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd) -> tuple[torch.Tensor, torch.Tensor]:
-    """`apply_rotary` on queries and keys (one kernel at inference)."""
-    if fused.active(q_BHTd, k_BGTd, cos_BTd, sin_BTd) and q_BHTd.shape[-1] % 2 == 0:
+def apply_rotary_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`apply_rotary` on queries and keys (one kernel at inference); q None: the keys alone."""
+    if fused.active(k_BGTd, q_BHTd, cos_BTd, sin_BTd) and k_BGTd.shape[-1] % 2 == 0:
         return fused.kernels().rope_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd)
-    return apply_rotary(q_BHTd, cos_BTd, sin_BTd), apply_rotary(k_BGTd, cos_BTd, sin_BTd)
+    q = apply_rotary(q_BHTd, cos_BTd, sin_BTd) if q_BHTd is not None else None
+    return q, apply_rotary(k_BGTd, cos_BTd, sin_BTd)
 
 
 class RotaryEmbedding(nn.Module):

@@ -650,7 +650,8 @@ def linear_experts_fit(x_MK: torch.Tensor, weights, biases, head_dim: int, w_EOK
 @triton.jit
 def _rope_rows(x_ptr, o_ptr, b, t, c1, c2, s1, s2, sx_b, sx_t, sx_h, so_b, so_t, so_h,
                NH: tl.constexpr, NH_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-               ROUND: tl.constexpr):
+               ROUND: tl.constexpr, GROUPS: tl.constexpr = 1):
+    # GROUPS > 1: head h leaves at position (h % GROUPS) * (NH / GROUPS) + h // GROUPS
     h = tl.arange(0, NH_PAD)
     i = tl.arange(0, HALF_PAD)
     ok = (h < NH)[:, None] & (i < HALF)[None, :]
@@ -660,6 +661,8 @@ def _rope_rows(x_ptr, o_ptr, b, t, c1, c2, s1, s2, sx_b, sx_t, sx_h, so_b, so_t,
     # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product and the sum rounded
     y1 = _round(_round(x1 * c1[None, :], ROUND) + _round(-x2 * s1[None, :], ROUND), ROUND)
     y2 = _round(_round(x2 * c2[None, :], ROUND) + _round(x1 * s2[None, :], ROUND), ROUND)
+    if GROUPS > 1:
+        h = (h % GROUPS) * (NH // GROUPS) + h // GROUPS
     out = o_ptr + b * so_b + t * so_t + h[:, None] * so_h + i[None, :]
     tl.store(out, y1.to(o_ptr.dtype.element_ty), mask=ok)
     tl.store(out + HALF, y2.to(o_ptr.dtype.element_ty), mask=ok)
@@ -672,12 +675,14 @@ def _rope_kernel(
     svc_b, svc_s, svc_h, sc_b, sc_t,
     HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr, HK_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROUND: tl.constexpr, TO_CACHE: tl.constexpr,
+    FIRST: tl.constexpr, Q_GROUPS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
-    # Program (token, 0) rotates the token's query heads, (token, 1) its key heads. TO_CACHE: the
-    # keys go straight into cache slot pos[t] (ko_ptr is the key cache; sko_t unused), and the
-    # values are copied into the value cache's slot.
+    # Program (token, part): part 0 rotates the token's query heads (Q_GROUPS > 1: written in the
+    # grouped order, see `_rope_rows`), part 1 its key heads; FIRST = 1 when there are no queries
+    # (one part, the keys). TO_CACHE: the keys go straight into cache slot pos[t] (ko_ptr is the
+    # key cache; sko_t unused), and the values are copied into the value cache's slot.
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
@@ -688,9 +693,9 @@ def _rope_kernel(
     c2 = tl.load(cos_ptr + c_base + HALF + i, mask=c_ok, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + c_base + i, mask=c_ok, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + c_base + HALF + i, mask=c_ok, other=0.0).to(tl.float32)
-    if tl.program_id(1) == 0:
+    if tl.program_id(1) + FIRST == 0:
         _rope_rows(q_ptr, qo_ptr, b, t, c1, c2, s1, s2, sq_b, sq_t, sq_h, sqo_b, sqo_t, sqo_h,
-                   HQ, HQ_PAD, HALF, HALF_PAD, ROUND)
+                   HQ, HQ_PAD, HALF, HALF_PAD, ROUND, Q_GROUPS)
     elif TO_CACHE:
         slot = tl.load(pos_ptr + t).to(tl.int64)
         # the cache row of slot `slot` is addressed as token 0 of a cache offset by that slot
@@ -706,49 +711,100 @@ def _rope_kernel(
                    HK, HK_PAD, HALF, HALF_PAD, ROUND)
 
 
-def _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_out, v=None, v_cache=None, cache_position_T=None):
+def _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_out, v=None, v_cache=None, cache_position_T=None,
+                 q_groups: int = 1):
     # rotated queries [B, H, T, d] in [B, T, H, d] memory (what the torch expression yields for a
-    # transposed input); keys into k_out [B, G, T, d], or with v_cache into cache slots
-    B, H, T, d = q_BHTd.shape
-    G = k_BGTd.shape[1]
-    q_BHTd, k_BGTd = _unit_last(q_BHTd), _unit_last(k_BGTd)
+    # transposed input; q_groups > 1: in the grouped head order); keys into k_out [B, G, T, d], or
+    # with v_cache into cache slots. q or k may be None: only the other is rotated (q None: None).
+    x = q_BHTd if q_BHTd is not None else k_BGTd
+    B, _, T, d = x.shape
+    heads = max(t.shape[1] for t in (q_BHTd, k_BGTd) if t is not None)
+    q_BHTd = _unit_last(q_BHTd) if q_BHTd is not None else None
+    k_BGTd = _unit_last(k_BGTd) if k_BGTd is not None else None
     if cos_BTd.stride() != sin_BTd.stride() or cos_BTd.stride(-1) != 1:
         cos_BTd, sin_BTd = cos_BTd.contiguous(), sin_BTd.contiguous()
-    q_out = torch.empty(B, T, H, d, dtype=q_BHTd.dtype, device=q_BHTd.device).transpose(1, 2)
+    q_out = None
+    if q_BHTd is not None:
+        H = q_BHTd.shape[1]
+        if q_groups < 1 or H % q_groups:
+            raise ValueError(f"rope: q_groups must divide the {H} query heads, got {q_groups}")
+        q_out = torch.empty(B, T, H, d, dtype=x.dtype, device=x.device).transpose(1, 2)
     to_cache = v_cache is not None
     if to_cache:
         v = _unit_last(v)
         if k_out.stride(-1) != 1 or v_cache.stride(-1) != 1:
             raise ValueError("rope_qk_cache writes caches whose last dim is contiguous")
-    else:
-        v, v_cache, cache_position_T = k_BGTd, k_out, k_BGTd  # unused
+    q, qo = (q_BHTd, q_out) if q_BHTd is not None else (k_BGTd, k_out)  # (the latter unused)
+    k, ko = (k_BGTd, k_out) if k_BGTd is not None else (q_BHTd, q_out)  # (the latter unused)
+    if not to_cache:
+        v, v_cache, cache_position_T = k, ko, k  # unused
     cb, ct = (cos_BTd.stride(0) if cos_BTd.shape[0] > 1 else 0), cos_BTd.stride(1)
     half = d // 2
+    parts = (q_BHTd is not None) + (k_BGTd is not None)
     if B * T:
-        _rope_kernel[(B * T, 2)](
-            q_BHTd, k_BGTd, v, q_out, k_out, v_cache, cos_BTd, sin_BTd, cache_position_T, T,
-            q_BHTd.stride(0), q_BHTd.stride(2), q_BHTd.stride(1), k_BGTd.stride(0), k_BGTd.stride(2), k_BGTd.stride(1),
-            v.stride(0), v.stride(2), v.stride(1), q_out.stride(0), q_out.stride(2), q_out.stride(1),
-            k_out.stride(0), k_out.stride(2), k_out.stride(1), v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
+        _rope_kernel[(B * T, parts)](
+            q, k, v, qo, ko, v_cache, cos_BTd, sin_BTd, cache_position_T, T,
+            q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
+            v.stride(0), v.stride(2), v.stride(1), qo.stride(0), qo.stride(2), qo.stride(1),
+            ko.stride(0), ko.stride(2), ko.stride(1), v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
             cb, ct,
-            HQ=H, HQ_PAD=triton.next_power_of_2(H), HK=G, HK_PAD=triton.next_power_of_2(G),
-            HALF=half, HALF_PAD=triton.next_power_of_2(half), ROUND=round_code(q_BHTd.dtype), TO_CACHE=to_cache,
-            num_warps=4 if H * d >= 2048 else 1, **pdl_meta(q_BHTd.device, 2 * B * T, B * T),
+            HQ=q.shape[1], HQ_PAD=triton.next_power_of_2(q.shape[1]), HK=k.shape[1],
+            HK_PAD=triton.next_power_of_2(k.shape[1]), HALF=half, HALF_PAD=triton.next_power_of_2(half),
+            ROUND=round_code(x.dtype), TO_CACHE=to_cache, FIRST=int(q_BHTd is None), Q_GROUPS=q_groups,
+            num_warps=4 if heads * d >= 2048 else 1, **pdl_meta(x.device, parts * B * T, B * T),
         )
     return q_out
 
 
-def rope_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd):
-    """(apply_rotary(q), apply_rotary(k)) in one launch; outputs keep the inputs' memory layout."""
-    B, G, T, d = k_BGTd.shape
-    k_out = torch.empty(B, T, G, d, dtype=k_BGTd.dtype, device=k_BGTd.device).transpose(1, 2)
-    return _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_out), k_out
+def rope_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd, q_groups: int = 1):
+    """(apply_rotary(q), apply_rotary(k)) in one launch, each [B, heads, T, d] in [B, T, heads, d]
+    memory. Either may be None (not rotated; None returned). `q_groups` = G > 1: the query heads
+    leave in the grouped order of `ops.attention` (head h at position (h % G) * (H/G) + h // G)."""
+    k_out = None
+    if k_BGTd is not None:
+        B, G, T, d = k_BGTd.shape
+        k_out = torch.empty(B, T, G, d, dtype=k_BGTd.dtype, device=k_BGTd.device).transpose(1, 2)
+    return _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_out, q_groups=q_groups), k_out
 
 
 def rope_qk_cache(q_BHTd, k_BGTd, v_BGTd, cos_BTd, sin_BTd, k_cache_BGSd, v_cache_BGSd, cache_position_T):
     """`rope_qk`, then `kv_write` of the rotated keys and the values, in one launch: returns the
-    rotated queries (in `rope_qk`'s layout); the keys are rotated straight into the cache."""
+    rotated queries (in `rope_qk`'s layout; None for q None); the keys are rotated straight into
+    the cache."""
     return _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_cache_BGSd, v_BGTd, v_cache_BGSd, cache_position_T)
+
+
+@triton.jit
+def _tiled_heads_kernel(x_ptr, out_ptr, T, sx_b, sx_t, sx_h, G: tl.constexpr, R: tl.constexpr, H_PAD: tl.constexpr,
+                        HEAD_D: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
+    # Program (b*T + t): out[b, t, h] = x[b, t, (h % G) * R + h // G], out contiguous.
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    h = tl.arange(0, H_PAD)
+    dd = tl.arange(0, D_PAD)
+    ok = (h < G * R)[:, None] & (dd < HEAD_D)[None, :]
+    src = (h % G) * R + h // G
+    val = tl.load(x_ptr + b * sx_b + t * sx_t + src[:, None] * sx_h + dd[None, :], mask=ok)
+    tl.store(out_ptr + pid.to(tl.int64) * (G * R * HEAD_D) + h[:, None] * HEAD_D + dd[None, :], val, mask=ok)
+
+
+def tiled_heads(x_BTHd: torch.Tensor, groups: int) -> torch.Tensor:
+    """Query heads in the grouped order of `ops.attention` (kv head g's at positions g*R .. g*R+R-1)
+    back to the tiled order (head h reads kv head h % G), as a contiguous [B, T, H, d]."""
+    B, T, H, d = x_BTHd.shape
+    if H % groups:
+        raise ValueError(f"tiled_heads: {groups} groups do not divide {H} heads")
+    x_BTHd = _unit_last(x_BTHd)
+    out = torch.empty(B, T, H, d, dtype=x_BTHd.dtype, device=x_BTHd.device)
+    if B * T:
+        _tiled_heads_kernel[(B * T,)](
+            x_BTHd, out, T, *x_BTHd.stride()[:3], G=groups, R=H // groups, H_PAD=triton.next_power_of_2(H),
+            HEAD_D=d, D_PAD=triton.next_power_of_2(d), num_warps=4 if H * d >= 2048 else 1,
+            **pdl_meta(x_BTHd.device, B * T, B * T),
+        )
+    return out
 
 
 # ---- KV cache write ------------------------------------------------------------------------------
