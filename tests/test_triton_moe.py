@@ -397,6 +397,18 @@ def test_uncombined_outputs_sum_to_the_combined_ones(tm, T, small):
         assert y.shape == (T, D)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("T", "k", "O"), [(5, 2, 37), (3, 3, 2100), (2, 1, 16)])
+def test_sum_over_k(tm, T, k, O, dtype):
+    # the combined output: the K rows of each token summed in float32 and rounded once, as torch's
+    # sum over the axis; more columns than one program's block (2048) take two
+    y = torch.randn(T * k, O, generator=torch.Generator().manual_seed(T * O)).to(dtype)
+    got = tm._sum_over_k(y, T, k)
+    want = y.view(T, k, O).float().sum(1).to(dtype)
+    assert got.shape == (T, O) and got.is_contiguous()
+    assert torch.equal(got, want)
+
+
 def test_gradients_match_reference(tm):
     """Training through the triton backend: kernels forward, reference backward by recomputation."""
     gen = torch.Generator().manual_seed(3)

@@ -25,32 +25,16 @@ import triton.language as tl
 
 from .fused import NORM_NONE
 from .norms import delta_terms
-from .triton_moe import _interpreting, _pdl_release, _pdl_start, arrival_counters, pdl_meta, sm_count
-
-# How intermediate values are rounded: to the tensors' dtype, as torch rounds each op's output.
-_ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def round_code(dtype: torch.dtype) -> int:
-    if dtype not in _ROUND_CODES:
-        raise TypeError(f"fused kernels support float32, bfloat16 and float16, got {dtype}")
-    return _ROUND_CODES[dtype]
-
-
-@triton.jit
-def _round(x, ROUND: tl.constexpr):
-    # Round float32 values to the storage dtype and back. bf16 by bit arithmetic (round to nearest
-    # even) rather than a cast: Triton's CPU interpreter truncates bf16 casts.
-    if ROUND == 1:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        y = bits.to(tl.float32, bitcast=True)
-    elif ROUND == 2:
-        y = x.to(tl.float16).to(tl.float32)
-    else:
-        y = x
-    return y
-
+from .triton_moe import (
+    _interpreting,
+    _pdl_release,
+    _pdl_start,
+    _round,
+    arrival_counters,
+    pdl_meta,
+    round_code,
+    sm_count,
+)
 
 # ---- residual add + norm -------------------------------------------------------------------------
 
