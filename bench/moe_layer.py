@@ -11,8 +11,10 @@ Backends: triton, grouped_mm, and gather for T <= 64. Each layer is captured in 
 (decode runs that way) and its replay timed with `triton.testing.do_bench` (median; L2 flushed
 before each run so weights come from HBM); the eager call is timed too, and the norm + router alone
 (graph). With `--chain L` (default 8) the triton backend is also timed as L such layers, each
-with its own weights, back to back in one graph, each feeding the next as a model runs them (an
-MLP's output keeps its K axis where the backend leaves it, and the next layer's norm sums it). Per
+with its own weights, back to back in one graph, each feeding the next as a model runs them (a
+layer's output keeps its K axis where the backend leaves it, and the next layer's norm adds it to
+the residual and sums it; the attention experts' too, whose output in the models goes to the
+residual add before the MLP's norm). Per
 layer, that excludes a lone graph's launch and drain, which at decode sizes are a large share of a
 short layer, and the separate sum over K. The same run measures the two ceilings as `moetorch
 bench` does (fastest of 30): device copy bandwidth (a 4 GiB copy, bytes read + written) and the
@@ -93,14 +95,14 @@ def route(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | 
 
 def run_layer(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str,
               combine: bool = True):
-    """One layer: (the residual sum, the layer's output [T, D]; combine=False: an MLP's output may
-    keep its K axis, [T, K, D], which the next layer's norm sums as the models run it)."""
+    """One layer: (the residual sum, the layer's output [T, D]; combine=False: the output may keep
+    its K axis, [T, K, D], which the next layer's norm sums as the models run it)."""
     sum_TD, h_TD, weights_TK, ids_TK = route(spec, layer, x_TD, delta_TD, with_sum=True)
     if spec["kind"] == "experts":
         y = experts_forward(h_TD, layer["w13"], layer["w2"], ids_TK, weights_TK, F.silu, backend, combine=combine)
         return sum_TD, y
     q_TKC = expert_map(h_TD, layer["w_map"], ids_TK, backend)
-    return sum_TD, expert_reduce(q_TKC, layer["w_red"], ids_TK, weights_TK, backend)
+    return sum_TD, expert_reduce(q_TKC, layer["w_red"], ids_TK, weights_TK, backend, combine=combine)
 
 
 def layer_fn(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str):
@@ -111,14 +113,13 @@ def layer_fn(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor
 
 
 def chain_inputs(spec: dict, layers: list, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str):
-    """Each layer's (x, delta) when the layers run one after another as in a model: an MLP layer's
-    residual sum and output (uncombined where the backend leaves the K axis) are the next layer's x
-    and delta; an attention-expert layer's output (attention left out) is the next x."""
+    """Each layer's (x, delta) when the layers run one after another as in a model: a layer's
+    residual sum and output (uncombined where the backend leaves the K axis; for the attention
+    experts, the attention left out) are the next layer's x and delta."""
     inputs = []
     for layer in layers:
         inputs.append((x_TD, delta_TD))
-        sum_TD, y_TD = run_layer(spec, layer, x_TD, delta_TD, backend, combine=False)
-        x_TD, delta_TD = (sum_TD, y_TD) if delta_TD is not None else (y_TD, None)
+        x_TD, delta_TD = run_layer(spec, layer, x_TD, delta_TD, backend, combine=False)
     return inputs
 
 
@@ -126,8 +127,7 @@ def chain_fn(spec: dict, layers: list, x_TD: torch.Tensor, delta_TD: torch.Tenso
     def run():
         x, delta = x_TD, delta_TD
         for layer in layers:
-            sum_TD, y_TD = run_layer(spec, layer, x, delta, backend, combine=False)
-            x, delta = (sum_TD, y_TD) if delta is not None else (y_TD, None)
+            x, delta = run_layer(spec, layer, x, delta, backend, combine=False)
         return x
 
     return run

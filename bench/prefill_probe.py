@@ -16,6 +16,7 @@ import argparse
 from functools import partial
 
 import torch
+from host_profile import queue_gpu_work
 
 from moetorch.benchmark import SIZES, build, cuda_time, kernel_lines, kernel_times
 from moetorch.ops import fused
@@ -27,20 +28,47 @@ def kernel_table(model, ids, top: int) -> list[str]:
     wall = cuda_time(run, repeats=3, warmup=1)
     times = kernel_times(run)
     busy = sum(us for us, _ in times.values())
-    return [f"# {ids.shape[1]} tokens: wall {wall * 1e6:.0f} us (median of 3), kernels {busy:.0f} us",
-            *kernel_lines(times, top), *idle_lines(run, top)]
+    return [f"# {ids.shape[1]} tokens: wall {wall * 1e6:.0f} us (median of 3), kernels {busy:.0f} us, "
+            f"wall behind ~80 ms of queued GPU work {wall_behind(run) * 1e6:.0f} us (median of 3)",
+            *kernel_lines(times, top), *idle_lines(run, top), *idle_lines(run, top, behind=True)]
 
 
-def idle_lines(run, top: int) -> list[str]:
+def wall_behind(run) -> float:
+    """Seconds from the forward's first to its last GPU work when it is launched behind ~80 ms of
+    queued matmuls: the host has that long to run ahead of the device."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    times = []
+    for _ in range(3):
+        queue_gpu_work(a)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[1]
+
+
+def idle_lines(run, top: int, behind: bool = False) -> list[str]:
     """One forward with host and GPU activity: the GPU's idle time between its first and last
-    kernel, the longest idle stretches, and the host's CUDA runtime calls by total time."""
+    kernel, the longest idle stretches, and the host's CUDA runtime calls by total time. `behind`:
+    the forward is launched behind ~80 ms of queued matmuls (left out of the stretches), so what
+    idle remains is not the host's."""
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) if behind else None
+    if behind:
+        queue_gpu_work(a)
     with torch.profiler.profile(activities=acts) as prof:
+        if behind:
+            queue_gpu_work(a)
         run()
         torch.cuda.synchronize()
     events = prof.events()
     kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name[:50]) for ev in events
                      if ev.device_type == torch.autograd.DeviceType.CUDA)
+    if behind:  # the queued matmuls: the leading run of one kernel name
+        lead = next((i for i, k in enumerate(kernels) if k[2] != kernels[0][2]), len(kernels))
+        kernels = kernels[lead:]
     gaps, end, before = [], kernels[0][1], kernels[0][2]
     for start, stop, name in kernels[1:]:
         if start > end:
@@ -48,7 +76,11 @@ def idle_lines(run, top: int) -> list[str]:
         if stop > end:
             end, before = stop, name
     idle = sum(g for g, _, _ in gaps)
-    lines = [f"# GPU idle {idle:.0f} us of {end - kernels[0][0]:.0f} us, in {len(gaps)} stretches; the longest:"]
+    lines = [f"# GPU idle {idle:.0f} us of {end - kernels[0][0]:.0f} us, in {len(gaps)} stretches"
+             f"{' (behind queued work)' if behind else ''}; the longest:"]
+    for lo, hi in ((0, 5), (5, 20), (20, 100), (100, float("inf"))):
+        part = [g for g, _, _ in gaps if lo <= g < hi]
+        lines.append(f"#   {lo}-{hi} us: {len(part)} stretches, {sum(part):.0f} us")
     lines += [f"{g:9.1f} us after {a} / before {b}" for g, a, b in sorted(gaps, reverse=True)[:top]]
     calls: dict[str, list[float]] = {}
     for ev in events:
