@@ -66,8 +66,9 @@ def idle_lines(run, top: int, behind: bool = False) -> list[str]:
     events = prof.events()
     kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name[:50]) for ev in events
                      if ev.device_type == torch.autograd.DeviceType.CUDA)
-    if behind:  # the queued matmuls: the leading run of one kernel name
-        lead = next((i for i, k in enumerate(kernels) if k[2] != kernels[0][2]), len(kernels))
+    if behind:  # the queued matmuls: the leading run of one kernel name (and cuBLAS's memsets)
+        lead = next((i for i, k in enumerate(kernels) if k[2] not in (kernels[0][2], "Memset (Device)")),
+                    len(kernels))
         kernels = kernels[lead:]
     gaps, end, before = [], kernels[0][1], kernels[0][2]
     for start, stop, name in kernels[1:]:
