@@ -964,7 +964,19 @@ def decode_attn_config(d: int, rows: int, sms: int) -> dict:
     keys per step, warps, pipeline stages. 32 keys per step keep a program's K/V buffers small, so
     more programs share an SM; with a program per SM or more, 2 warps each (measured on the H200,
     bench/decode_attn.py: 5-10% faster than 64 keys and 4 warps at batch 16 and 64)."""
-    return dict(BLOCK_N=32 if d <= 256 else 16, num_warps=2 if rows >= sms else 4, num_stages=2)
+    return dict(BLOCK_N=DECODE_BLOCK_N if d <= 256 else 16, num_warps=2 if rows >= sms else 4, num_stages=2)
+
+
+# Keys per step of the decode attention for head dims up to 256. 16 (twice the splits at a short
+# context) read 0.7% slower for JetMoE and 1.0% for PhiMoE at batch 1, level at JetMoE batch 16
+# (h200-2026-11-30-ab-block16-*.json).
+DECODE_BLOCK_N = 32
+
+
+# Cache slots a split of the decode attention covers at least. Longer splits (fewer programs and
+# partials) decoded slower at batch 1: 128 or 256 slots, JetMoE 560-563 against 595-596 tok/s,
+# PhiMoE 251-252 against 262 (h200-2026-11-30-ab-split-*-b1.json).
+DECODE_MIN_SPLIT_KEYS = 32
 
 
 def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool, config: dict | None = None,
@@ -985,7 +997,7 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
     cfg = config or decode_attn_config(d, B * G, sms)
     block_n = cfg["BLOCK_N"]
     programs = 4 * sms
-    splits = max(1, min(triton.cdiv(S, block_n), triton.cdiv(programs, B * G)))
+    splits = max(1, min(triton.cdiv(S, max(block_n, DECODE_MIN_SPLIT_KEYS)), triton.cdiv(programs, B * G)))
     chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, chunk)
     r_pad = max(16, triton.next_power_of_2(R))
