@@ -37,16 +37,7 @@ def wall_behind(run) -> float:
     """Seconds from the forward's first to its last GPU work when it is launched behind ~80 ms of
     queued matmuls: the host has that long to run ahead of the device."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    times = []
-    for _ in range(3):
-        queue_gpu_work(a)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[1]
+    return cuda_time(run, repeats=3, warmup=0, before=partial(queue_gpu_work, a))
 
 
 def idle_lines(run, top: int, behind: bool = False) -> list[str]:

@@ -31,12 +31,15 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def cuda_time(fn, repeats: int = 5, warmup: int = 2, fastest: bool = False) -> float:
-    """Median (or with `fastest` the smallest) seconds of `fn()` by CUDA events."""
+def cuda_time(fn, repeats: int = 5, warmup: int = 2, fastest: bool = False, before=None) -> float:
+    """Median (or with `fastest` the smallest) seconds of `fn()` by CUDA events; `before()`, if
+    given, runs ahead of each timed call, outside the events."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
