@@ -285,6 +285,7 @@ def main() -> int:
                 log[f"{n}.{op}.T{T}"] = dict(ms=ms, **cfg)
                 print(f"{n:11s} T={T:6d} {op:8s} {ms * 1e3:9.1f} us  {cfg}", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
+            tm.check_configs(table, str(out))  # what the kernels will accept when they read it
             out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
             if args.log:
                 Path(args.log).write_text(json.dumps(log, indent=1) + "\n")

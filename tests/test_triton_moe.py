@@ -452,6 +452,35 @@ def test_config_lookup(tm, tmp_path, monkeypatch):
     assert tm.get_config("down", 16, 4096, 6400, torch.bfloat16, 8, 16, None) == large
 
 
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"PERSISTENT": -1}, "PERSISTENT must be an integer >= 0, got -1"),
+    ({"BLOCK_M": 48}, "BLOCK_M must be a power of two, got 48"),
+    ({"num_warps": 0}, "num_warps must be a power of two, got 0"),
+    ({"num_stages": 2.5}, "num_stages must be a positive integer, got 2.5"),
+    ({"SPLIT_K": True}, "SPLIT_K must be a positive integer, got True"),
+    ({"GEMV": 1}, "GEMV must be true or false, got 1"),
+    ({"BLOCK_Q": 16}, r"missing keys \[\], unknown keys \['BLOCK_Q'\]"),
+])
+def test_config_file_errors_name_the_entry(tm, tmp_path, monkeypatch, bad, message):
+    # a hand-edited or foreign config file fails at its first lookup, naming the file, entry,
+    # bucket and key, not inside a kernel launch
+    key = tm.config_key("down", 16, 4096, 6400, torch.bfloat16)
+    path = tmp_path / "GPU.json"
+    path.write_text(json.dumps({key: {"1": SMALL, "64": {**SMALL, **bad}}}))
+    monkeypatch.setattr(tm, "_device_file", lambda device: path)
+    with pytest.raises(ValueError, match=f"GPU.json: {key}, bucket '64': {message}"):
+        tm.get_config("down", 16, 4096, 6400, torch.bfloat16, 8, 16, None)
+    missing = {k: v for k, v in SMALL.items() if k != "GROUP_M"}
+    for text, want in ((json.dumps({key: {"1": missing}}), r"missing keys \['GROUP_M'\]"),
+                       (json.dumps({key: {"0": SMALL}}), "bucket '0': a token bucket must be a positive integer"),
+                       ("{not json", "not a JSON config file")):
+        path = tmp_path / f"GPU{len(text)}.json"
+        path.write_text(text)
+        monkeypatch.setattr(tm, "_device_file", lambda device, path=path: path)
+        with pytest.raises(ValueError, match=want):
+            tm.get_config("down", 16, 4096, 6400, torch.bfloat16, 8, 16, None)
+
+
 def test_shipped_configs_are_complete(tm):
     for path in tm.CONFIG_DIR.glob("*.json"):
         tables = json.loads(path.read_text())

@@ -681,7 +681,47 @@ def _gpu_file(index: int) -> Path:
 @functools.cache
 def _load_configs(path: str) -> dict:
     p = Path(path)
-    return json.loads(p.read_text()) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        tables = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not a JSON config file ({e})") from e
+    check_configs(tables, str(p))
+    return tables
+
+
+def check_configs(tables, where: str) -> None:
+    """Raise a ValueError naming the file, entry, token bucket and key of the first bad value in a
+    config table ({config_key: {bucket: config}}): block sizes and warps are powers of two, stages,
+    GROUP_M and SPLIT_K positive integers, PERSISTENT a count of programs per SM (0: off), GEMV a
+    bool, and no key outside CONFIG_KEYS and OPTIONAL_CONFIG_KEYS."""
+    if not isinstance(tables, dict):
+        raise ValueError(f"{where}: expected an object of config entries, got {type(tables).__name__}")
+    for key, table in tables.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{where}: {key}: expected an object of token buckets")
+        for bucket, cfg in table.items():
+            at = f"{where}: {key}, bucket {bucket!r}"
+            if not bucket.isdigit() or int(bucket) < 1:
+                raise ValueError(f"{at}: a token bucket must be a positive integer")
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{at}: expected an object of block sizes")
+            missing = [k for k in CONFIG_KEYS if k not in cfg]
+            unknown = [k for k in cfg if k not in CONFIG_KEYS + OPTIONAL_CONFIG_KEYS]
+            if missing or unknown:
+                raise ValueError(f"{at}: missing keys {missing}, unknown keys {unknown}")
+            for k, value in cfg.items():
+                if k == "GEMV":
+                    ok = isinstance(value, bool)
+                else:
+                    least = 0 if k == "PERSISTENT" else 1
+                    ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
+                    ok = ok and (not k.startswith(("BLOCK_", "num_warps")) or value & (value - 1) == 0)
+                if not ok:
+                    rule = {"GEMV": "true or false", "PERSISTENT": "an integer >= 0"}.get(
+                        k, "a power of two" if k.startswith(("BLOCK_", "num_warps")) else "a positive integer")
+                    raise ValueError(f"{at}: {k} must be {rule}, got {value!r}")
 
 
 def get_config(op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype, T: int, num_rows: int,
