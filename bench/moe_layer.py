@@ -90,7 +90,21 @@ def route(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | 
     if routing is None:  # prefill sizes: the router's GEMM, then the routing kernel
         logits_TE = h_TD @ layer["router"].T
         routing = (*sparsemixer(logits_TE, 0.01, False), None) if sparse else route_topk(logits_TE, K, h_TD.dtype)
-    return (sum_TD, h_TD, routing[0], routing[1]) if with_sum else (h_TD, routing[0], routing[1])
+    weights_TK, ids_TK = routing[0], routing[1]
+    if BALANCED:  # the router still runs; the experts see every expert get T*K/E rows
+        ids_TK = balanced_ids(x_TD.shape[0], spec["E"], x_TD.device)
+    return (sum_TD, h_TD, weights_TK, ids_TK) if with_sum else (h_TD, weights_TK, ids_TK)
+
+
+# --balanced: token t goes to experts t % E and (t + E/2) % E, so each expert gets T*K/E rows and,
+# where that is a multiple of BLOCK_M, no alignment block is padded.
+BALANCED = False
+
+
+@functools.cache
+def balanced_ids(T: int, E: int, device) -> torch.Tensor:
+    t = torch.arange(T, device=device)
+    return torch.stack((t % E, (t + E // 2) % E), dim=1)
 
 
 def run_layer(spec: dict, layer: dict, x_TD: torch.Tensor, delta_TD: torch.Tensor | None, backend: str,
@@ -208,12 +222,17 @@ def main() -> int:
     parser.add_argument("--backends", default="grouped_mm,triton,gather")
     parser.add_argument("--chain", type=int, default=8,
                         help="also time the triton backend as this many layers back to back in one graph (0: off)")
+    parser.add_argument("--balanced", action="store_true",
+                        help="route token t to experts t %% E and (t + E/2) %% E (no padded blocks at T*K/E = "
+                             "a multiple of BLOCK_M): what the expert kernels reach without the padding")
     parser.add_argument("--kernels", type=int, default=0,
                         help="list this many of the triton layer's kernels by time (one eager call) per row")
     args = parser.parse_args()
+    global BALANCED
+    BALANCED = args.balanced
     ceil = ceilings()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "triton": triton.__version__, "ceilings": ceil, "rows": []}
+               "triton": triton.__version__, "ceilings": ceil, "balanced": args.balanced, "rows": []}
     print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s",
           flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
