@@ -632,10 +632,17 @@ def linear_experts_fit(x_MK: torch.Tensor, weights, biases, head_dim: int, w_EOK
 
 
 @triton.jit
+def _grouped_position(h, G: tl.constexpr, H: tl.constexpr):
+    # Where tiled head h (it reads kv head h % G) sits in the grouped order that sdpa reads: kv head
+    # g's H/G query heads at positions g*(H/G) .. g*(H/G) + H/G - 1 (ops.attention._to_grouped).
+    return (h % G) * (H // G) + h // G
+
+
+@triton.jit
 def _rope_rows(x_ptr, o_ptr, b, t, c1, c2, s1, s2, sx_b, sx_t, sx_h, so_b, so_t, so_h,
                NH: tl.constexpr, NH_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
                ROUND: tl.constexpr, GROUPS: tl.constexpr = 1):
-    # GROUPS > 1: head h leaves at position (h % GROUPS) * (NH / GROUPS) + h // GROUPS
+    # GROUPS > 1: head h leaves at its grouped position (`_grouped_position`)
     h = tl.arange(0, NH_PAD)
     i = tl.arange(0, HALF_PAD)
     ok = (h < NH)[:, None] & (i < HALF)[None, :]
@@ -646,7 +653,7 @@ def _rope_rows(x_ptr, o_ptr, b, t, c1, c2, s1, s2, sx_b, sx_t, sx_h, so_b, so_t,
     y1 = _round(_round(x1 * c1[None, :], ROUND) + _round(-x2 * s1[None, :], ROUND), ROUND)
     y2 = _round(_round(x2 * c2[None, :], ROUND) + _round(x1 * s2[None, :], ROUND), ROUND)
     if GROUPS > 1:
-        h = (h % GROUPS) * (NH // GROUPS) + h // GROUPS
+        h = _grouped_position(h, GROUPS, NH)
     out = o_ptr + b * so_b + t * so_t + h[:, None] * so_h + i[None, :]
     tl.store(out, y1.to(o_ptr.dtype.element_ty), mask=ok)
     tl.store(out + HALF, y2.to(o_ptr.dtype.element_ty), mask=ok)
@@ -762,14 +769,14 @@ def rope_qk_cache(q_BHTd, k_BGTd, v_BGTd, cos_BTd, sin_BTd, k_cache_BGSd, v_cach
 def _tiled_heads_kernel(x_ptr, out_ptr, T, sx_b, sx_t, sx_h, G: tl.constexpr, R: tl.constexpr, H_PAD: tl.constexpr,
                         HEAD_D: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
-    # Program (b*T + t): out[b, t, h] = x[b, t, (h % G) * R + h // G], out contiguous.
+    # Program (b*T + t): out[b, t, h] = x[b, t, grouped position of h], out contiguous.
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
     h = tl.arange(0, H_PAD)
     dd = tl.arange(0, D_PAD)
     ok = (h < G * R)[:, None] & (dd < HEAD_D)[None, :]
-    src = (h % G) * R + h // G
+    src = _grouped_position(h, G, G * R)
     val = tl.load(x_ptr + b * sx_b + t * sx_t + src[:, None] * sx_h + dd[None, :], mask=ok)
     tl.store(out_ptr + pid.to(tl.int64) * (G * R * HEAD_D) + h[:, None] * HEAD_D + dd[None, :], val, mask=ok)
 
@@ -959,18 +966,18 @@ def _decode_combine_kernel(
     tl.store(out_ptr + b * so_b + head * so_h + dd, out.to(out_ptr.dtype.element_ty), mask=dd < HEAD_D)
 
 
+# Keys per step of the decode attention for head dims up to 256. 16 (twice the splits at a short
+# context) read 0.7% slower for JetMoE and 1.0% for PhiMoE at batch 1, level at JetMoE batch 16
+# (h200-2026-11-30-ab-block16-*.json).
+DECODE_BLOCK_N = 32
+
+
 def decode_attn_config(d: int, rows: int, sms: int) -> dict:
     """Block sizes of `_decode_attn_kernel` for head dim d and `rows` = batch x kv heads: BLOCK_N
     keys per step, warps, pipeline stages. 32 keys per step keep a program's K/V buffers small, so
     more programs share an SM; with a program per SM or more, 2 warps each (measured on the H200,
     bench/decode_attn.py: 5-10% faster than 64 keys and 4 warps at batch 16 and 64)."""
     return dict(BLOCK_N=DECODE_BLOCK_N if d <= 256 else 16, num_warps=2 if rows >= sms else 4, num_stages=2)
-
-
-# Keys per step of the decode attention for head dims up to 256. 16 (twice the splits at a short
-# context) read 0.7% slower for JetMoE and 1.0% for PhiMoE at batch 1, level at JetMoE batch 16
-# (h200-2026-11-30-ab-block16-*.json).
-DECODE_BLOCK_N = 32
 
 
 # Cache slots a split of the decode attention covers at least. Longer splits (fewer programs and
