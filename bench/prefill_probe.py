@@ -47,8 +47,6 @@ def idle_lines(run, top: int, behind: bool = False) -> list[str]:
     idle remains is not the host's."""
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) if behind else None
-    if behind:
-        queue_gpu_work(a)
     with torch.profiler.profile(activities=acts) as prof:
         if behind:
             queue_gpu_work(a)
