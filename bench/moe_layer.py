@@ -213,6 +213,22 @@ def graph_ms(fn, warmup: int = 10, rep: int = 100) -> float | None:
         return None
 
 
+def override_configs(values: dict) -> None:
+    """Make `triton_moe.get_config` answer with `values` (integers) set in each sorted-path entry."""
+    from moetorch.ops import triton_moe as tm
+
+    real = tm.get_config
+
+    def get_config(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        if cfg.get("GEMV") or tm.use_small_kernel(args[6], K):
+            return cfg
+        cfg.update({k: int(v) for k, v in values.items()})
+        return cfg
+
+    tm.get_config = get_config
+
+
 @torch.no_grad()
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -227,12 +243,18 @@ def main() -> int:
                              "a multiple of BLOCK_M): what the expert kernels reach without the padding")
     parser.add_argument("--kernels", type=int, default=0,
                         help="list this many of the triton layer's kernels by time (one eager call) per row")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key in every config of the triton backend's sorted path (an integer, "
+                             "e.g. num_stages=3): an A/B of one setting on every shape; repeatable")
     args = parser.parse_args()
     global BALANCED
     BALANCED = args.balanced
+    if args.set:
+        override_configs(dict(kv.split("=", 1) for kv in args.set))
     ceil = ceilings()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "triton": triton.__version__, "ceilings": ceil, "balanced": args.balanced, "rows": []}
+               "triton": triton.__version__, "ceilings": ceil, "balanced": args.balanced, "set": args.set,
+               "rows": []}
     print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s",
           flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
