@@ -2,7 +2,11 @@
 against the hardware floor, in one run on one GPU. Random weights (speed does not depend on them).
 
 Floors: a decode step must read every weight it uses once (bytes / measured copy bandwidth); a
-prefill must do 2 FLOPs per active parameter per token (FLOPs / measured bf16 matmul rate).
+prefill must do 2 FLOPs per active parameter per token (FLOPs / measured bf16 matmul rate, the
+peak: fastest of 30 runs). The matmul rate sustained over seconds is measured too and the prefill
+rows also quoted against it: under sustained load an H200 holds its power cap (about 690 W) by
+lowering its clocks from 1980 MHz to about 1450-1550, and cuBLAS then runs about 15% below its
+peak (bench/results/h200-2026-11-30-clocks.txt).
 """
 
 from __future__ import annotations
@@ -70,9 +74,11 @@ def kernel_lines(times: dict[str, tuple[float, int]], top: int) -> list[str]:
     return [f"{us:9.1f} {100 * us / busy:5.1f}% x{n:<4d} {name}" for name, (us, n) in list(times.items())[:top]]
 
 
-def measure_ceilings() -> dict:
+def measure_ceilings(sustain_s: float = 3.0) -> dict:
     """Device copy bandwidth and bf16 matmul rate: peaks, so each is its fastest of 30 timed runs
-    (a median moved by about 3% between runs on one H200, and a low ceiling flatters the floors)."""
+    (a median moved by about 3% between runs on one H200, and a low ceiling flatters the floors).
+    Also `bf16_flops_per_s_sustained`: the median rate of back-to-back batches of the same matmul
+    over the last two thirds of `sustain_s` seconds, once the clocks have settled under load."""
     n = 2 * 1024**3 // 2
     x = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
     y = torch.empty_like(x)
@@ -81,7 +87,21 @@ def measure_ceilings() -> dict:
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     t = cuda_time(partial(torch.matmul, a, b), repeats=30, warmup=5, fastest=True)
-    return {"copy_bytes_per_s": bw, "bf16_flops_per_s": 2 * 8192**3 / t}
+    return {"copy_bytes_per_s": bw, "bf16_flops_per_s": 2 * 8192**3 / t,
+            "bf16_flops_per_s_sustained": sustained_rate(a, b, sustain_s)}
+
+
+def sustained_rate(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+    """FLOP/s of a @ b run back to back for `seconds`: the median of 10-matmul batches timed over
+    the last two thirds (the first third lets the clocks settle)."""
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] * 10
+    start, rates = time.perf_counter(), []
+    while time.perf_counter() - start < seconds:
+        t = cuda_time(lambda: [torch.matmul(a, b) for _ in range(10)], repeats=1, warmup=0)
+        if time.perf_counter() - start > seconds / 3:
+            rates.append(flops / t)
+    rates.sort()
+    return rates[len(rates) // 2] if rates else float("nan")
 
 
 def param_bytes(cfg: dict, name: str) -> dict:
@@ -230,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                              "not benchmarking. --skip-check measures anyway.")
         log("GPU checks passed")
     result["ceilings"] = ceil = measure_ceilings()
-    log(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    log(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s "
+        f"(sustained {ceil['bf16_flops_per_s_sustained'] / 1e12:.0f})")
     for name in args.models.split(","):
         cfg = dict(SIZES[name])
         if args.layers:
@@ -239,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"config": cfg, "floors": {
             "decode_ms_per_step": {B: decode_floor_s(pb, B, ceil) * 1e3 for B in batches},
             "prefill_tokens_per_s": ceil["bf16_flops_per_s"] / (2 * active_params(pb)),
+            "prefill_tokens_per_s_sustained": ceil["bf16_flops_per_s_sustained"] / (2 * active_params(pb)),
         }}
         libs = ["moetorch"] + ([] if args.no_transformers else ["transformers"])
         for lib in libs:
@@ -258,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(result: dict) -> str:
-    lines = [f"{'model':8} {'work':16} {'moetorch':>12} {'transformers':>13} {'floor':>10} {'x HF':>7} {'% floor':>8}"]
+    """The results as a table: each row against Transformers and the floor; prefill rows also
+    against the floor at the sustained matmul rate (`% sust.`), where the run measured it."""
+    lines = [f"{'model':8} {'work':16} {'moetorch':>12} {'transformers':>13} {'floor':>10} {'x HF':>7} {'% floor':>8} "
+             f"{'% sust.':>8}"]
     for name, e in result["models"].items():
         ours, hf = e.get("moetorch", {}), e.get("transformers", {})
         for B, floor_ms in e["floors"]["decode_ms_per_step"].items():
@@ -266,12 +291,13 @@ def summary(result: dict) -> str:
             h = hf.get("decode_tokens_per_s", {}).get(B)
             f = B / (floor_ms / 1e3)
             lines.append(f"{name:8} {'decode b' + str(B):16} {_n(o):>12} {_n(h):>13} {f:>10.0f} "
-                         f"{_r(o, h):>7} {_p(o, f):>8}")
+                         f"{_r(o, h):>7} {_p(o, f):>8} {'-':>8}")
         for T, o in ours.get("prefill_tokens_per_s", {}).items():
             h = hf.get("prefill_tokens_per_s", {}).get(T)
             f = e["floors"]["prefill_tokens_per_s"]
+            s = e["floors"].get("prefill_tokens_per_s_sustained")
             lines.append(f"{name:8} {'prefill ' + str(T):16} {_n(o):>12} {_n(h):>13} {f:>10.0f} "
-                         f"{_r(o, h):>7} {_p(o, f):>8}")
+                         f"{_r(o, h):>7} {_p(o, f):>8} {_p(o, s) if s else '-':>8}")
     return "\n".join(lines)
 
 

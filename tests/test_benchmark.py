@@ -40,3 +40,6 @@ def test_summary_table():
     }}}
     table = benchmark.summary(result)
     assert "decode b1" in table and "80%" in table and "66.7" in table and "60%" in table
+    assert "% sust." in table and table.splitlines()[2].split()[-1] == "-"  # a run without the sustained rate
+    result["models"]["jetmoe"]["floors"]["prefill_tokens_per_s_sustained"] = 80000.0
+    assert benchmark.summary(result).splitlines()[2].split()[-1] == "75%"
