@@ -43,3 +43,20 @@ def test_summary_table():
     assert "% sust." in table and table.splitlines()[2].split()[-1] == "-"  # a run without the sustained rate
     result["models"]["jetmoe"]["floors"]["prefill_tokens_per_s_sustained"] = 80000.0
     assert benchmark.summary(result).splitlines()[2].split()[-1] == "75%"
+
+
+def test_sustained_rate_skips_the_first_third(monkeypatch):
+    """The sustained matmul rate is the median over the last two thirds of the run: a fast start
+    (clocks still at their boost) is left out."""
+    import time
+
+    start = time.perf_counter()
+
+    def fake_cuda_time(fn, repeats, warmup):
+        time.sleep(0.002)
+        return 0.5 if time.perf_counter() - start < 0.04 else 1.0  # seconds per 10 matmuls
+
+    monkeypatch.setattr(benchmark, "cuda_time", fake_cuda_time)
+    a = torch.empty(4, 8)
+    b = torch.empty(8, 2)
+    assert benchmark.sustained_rate(a, b, 0.3) == 2 * 4 * 8 * 2 * 10 / 1.0
