@@ -9,8 +9,8 @@ experts) runs at T tokens with the block sizes the config JSON gives it, as `tun
 (random routing, `triton.testing.do_bench` medians with L2 flushed). Arm A runs the code as it is,
 arm B with `module:attribute` set to the value given (an int, or `off`: a function returning
 False), or with `--b-config` keys set in each GEMM's config (a down GEMM keeps gate/up's BLOCK_M,
-which the alignment fixes). The arms alternate for `--rounds` rounds, so clock and thermal drift fall on both; the
-median of each arm is reported with its spread. One timing of a prefill-size GEMM moves by up to
+which the alignment fixes). The arms alternate for `--rounds` rounds, so clock and thermal drift
+fall on both; the median of each arm is reported with its spread. One timing of a prefill-size GEMM moves by up to
 10% between runs on the H200, more than most changes it is meant to judge.
 """
 
@@ -26,11 +26,13 @@ import triton.testing
 from decode_ab import patch
 from tune_moe import DTYPE, SPECS, K, make_inputs, op_runner, ops_of
 
+from moetorch.benchmark import config_override
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--b", default=None, help="module:attribute=off|<int>")
-    p.add_argument("--b-config", action="append", default=[], metavar="KEY=INT",
+    p.add_argument("--b-config", action="append", default=[], metavar="KEY=INT", type=config_override,
                    help="arm B: this key of each GEMM's config set to this value (repeatable)")
     p.add_argument("--tokens", default="2048,4096,16384")
     p.add_argument("--shapes", default=",".join(SPECS))
@@ -42,7 +44,7 @@ def main() -> int:
 
     if (args.b is None) == (not args.b_config):
         p.error("give --b or --b-config (either, not both)")
-    b_config = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.b_config)}
+    b_config = dict(args.b_config)
     if args.b:
         module, attr, b_value = patch(args.b)
         a_value = getattr(module, attr)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from moetorch.benchmark import kernel_lines, kernel_times
+from moetorch.benchmark import config_override, kernel_lines, kernel_times
 from moetorch.ops.moe import expert_map, expert_reduce, experts_forward
 from moetorch.ops.norms import LayerNorm, RMSNorm
 from moetorch.ops.routing import route_topk, sparsemixer
@@ -217,7 +217,7 @@ def graph_ms(fn, warmup: int = 10, rep: int = 100) -> float | None:
 
 
 def override_configs(values: dict) -> None:
-    """Make `triton_moe.get_config` answer with `values` (integers) set in each sorted-path entry."""
+    """Make `triton_moe.get_config` answer with `values` set in each sorted-path entry."""
     from moetorch.ops import triton_moe as tm
 
     real = tm.get_config
@@ -226,7 +226,7 @@ def override_configs(values: dict) -> None:
         cfg = real(*args, **kwargs)
         if cfg.get("GEMV") or tm.use_small_kernel(args[6], K):
             return cfg
-        cfg.update({k: int(v) for k, v in values.items()})
+        cfg.update(values)
         return cfg
 
     tm.get_config = get_config
@@ -246,17 +246,17 @@ def main() -> int:
                              "a multiple of BLOCK_M): what the expert kernels reach without the padding")
     parser.add_argument("--kernels", type=int, default=0,
                         help="list this many of the triton layer's kernels by time (one eager call) per row")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=INT", type=config_override,
                         help="override a key in every config of the triton backend's sorted path (an integer, "
                              "e.g. num_stages=3): an A/B of one setting on every shape; repeatable")
     args = parser.parse_args()
     global BALANCED
     BALANCED = args.balanced
     if args.set:
-        override_configs(dict(kv.split("=", 1) for kv in args.set))
+        override_configs(dict(args.set))
     ceil = ceilings()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "triton": triton.__version__, "ceilings": ceil, "balanced": args.balanced, "set": args.set,
+               "triton": triton.__version__, "ceilings": ceil, "balanced": args.balanced, "set": dict(args.set),
                "rows": []}
     print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s "
           f"(sustained {ceil['bf16_flop_per_s_sustained'] / 1e12:.0f})",

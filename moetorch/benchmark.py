@@ -94,14 +94,32 @@ def measure_ceilings(sustain_s: float = 3.0) -> dict:
 def sustained_rate(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
     """FLOP/s of a @ b run back to back for `seconds`: the median of 10-matmul batches timed over
     the last two thirds (the first third lets the clocks settle)."""
+    def ten():
+        for _ in range(10):
+            torch.matmul(a, b)
+
     flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] * 10
     start, rates = time.perf_counter(), []
     while time.perf_counter() - start < seconds:
-        t = cuda_time(lambda: [torch.matmul(a, b) for _ in range(10)], repeats=1, warmup=0)
+        t = cuda_time(ten, repeats=1, warmup=0)
         if time.perf_counter() - start > seconds / 3:
             rates.append(flops / t)
     rates.sort()
     return rates[len(rates) // 2] if rates else float("nan")
+
+
+def config_override(text: str) -> tuple[str, int]:
+    """An argparse type for bench scripts' `KEY=INT` config overrides: (key, value), the key one of
+    the expert kernels' config keys."""
+    from moetorch.ops.triton_moe import CONFIG_KEYS, OPTIONAL_CONFIG_KEYS
+
+    key, sep, value = text.partition("=")
+    if not sep or not value.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=INT, e.g. num_stages=3")
+    if key not in CONFIG_KEYS + OPTIONAL_CONFIG_KEYS:
+        raise argparse.ArgumentTypeError(f"{text!r}: {key} is not a config key "
+                                         f"({', '.join(CONFIG_KEYS + OPTIONAL_CONFIG_KEYS)})")
+    return key, int(value)
 
 
 def param_bytes(cfg: dict, name: str) -> dict:

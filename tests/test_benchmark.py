@@ -60,3 +60,16 @@ def test_sustained_rate_skips_the_first_third(monkeypatch):
     a = torch.empty(4, 8)
     b = torch.empty(8, 2)
     assert benchmark.sustained_rate(a, b, 0.3) == 2 * 4 * 8 * 2 * 10 / 1.0
+
+
+def test_config_override_names_the_bad_part():
+    import argparse
+
+    import pytest
+
+    assert benchmark.config_override("num_stages=3") == ("num_stages", 3)
+    assert benchmark.config_override("PERSISTENT=0") == ("PERSISTENT", 0)
+    for bad, says in (("num_stages", "expected KEY=INT"), ("num_stages=three", "expected KEY=INT"),
+                      ("BLOCK_Q=64", "BLOCK_Q is not a config key")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            benchmark.config_override(bad)
