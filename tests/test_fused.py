@@ -602,6 +602,8 @@ def test_rope_kernel_one_side_and_grouped_queries(dtype):
         grouped, _ = triton_fused.rope_qk(q, None, cos, sin, q_groups=G)
         with pytest.raises(ValueError, match="q_groups must divide the 6 query heads"):
             triton_fused.rope_qk(q, None, cos, sin, q_groups=4)
+        with pytest.raises(ValueError, match="queries and keys are both None"):
+            triton_fused.rope_qk(None, None, cos, sin)
     assert none_q is None and none_k is None
     assert torch.equal(only_k, want_k) and torch.equal(only_q, want_q)
     # grouped position j = g * (H/G) + r holds head r * G + g (the head that reads kv head g)

@@ -751,6 +751,8 @@ def rope_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd, q_groups: int = 1):
     """(apply_rotary(q), apply_rotary(k)) in one launch, each [B, heads, T, d] in [B, T, heads, d]
     memory. Either may be None (not rotated; None returned). `q_groups` = G > 1: the query heads
     leave in the grouped order of `ops.attention` (head h at position (h % G) * (H/G) + h // G)."""
+    if q_BHTd is None and k_BGTd is None:
+        raise ValueError("rope_qk: queries and keys are both None: nothing to rotate")
     k_out = None
     if k_BGTd is not None:
         B, G, T, d = k_BGTd.shape
