@@ -10,8 +10,8 @@ experts) runs at T tokens with the block sizes the config JSON gives it, as `tun
 arm B with `module:attribute` set to the value given (an int, or `off`: a function returning
 False), or with `--b-config` keys set in each GEMM's config (a down GEMM keeps gate/up's BLOCK_M,
 which the alignment fixes). The arms alternate for `--rounds` rounds, so clock and thermal drift
-fall on both; the median of each arm is reported with its spread. One timing of a prefill-size GEMM moves by up to
-10% between runs on the H200, more than most changes it is meant to judge.
+fall on both; the median of each arm is reported with its spread. One timing of a prefill-size
+GEMM moves by up to 10% between runs on the H200, more than most changes it is meant to judge.
 """
 
 from __future__ import annotations
