@@ -6,7 +6,8 @@ launch and ramp-up in full; inside a decode graph most of that hides behind the 
     PYTHONPATH=. python bench/decode_chain.py [--tokens 1] [--links 16] [--ops all] --out r.json
 
 For each op (the dense q/k/v, o and JetMoE k/v projections through `linear_small`; the expert
-GEMMs through `moe_gemm_small`) every candidate block configuration is timed as a graph of
+GEMMs through `moe_gemm_small`, and past its size the MoA map and reduce through the sorted path:
+alignment + grouped GEMM) every candidate block configuration is timed as a graph of
 `--links` launches, and the time per launch is set against the floor: the weight bytes it must read
 over the copy bandwidth measured in the same run. The configuration the library picks today is
 timed first, so the table shows what a change of configuration would gain.
@@ -95,6 +96,17 @@ def launcher(op_name: str, T: int, link: tuple, cfg: dict):
     _, op = EXPERT_OPS[op_name]
     E, n_out, k_dim, gated = expert_dims(op_name)
     a, w, ids, route_w = link
+    if not tm.use_small_kernel(T * K, K):
+        # sorted path: the alignment and the grouped GEMM, as a layer runs them (the reduce then
+        # shares the map's alignment; here each link aligns its own ids)
+        if op not in ("map", "reduce"):
+            raise ValueError(f"{op_name} at {T} tokens: the sorted path is timed for map and reduce only "
+                             "(gate/up and down share one alignment and BLOCK_M; bench/tune_moe.py times them)")
+        ids_TK, route_w_TK = ids.view(T, K), route_w.view(T, K)
+        if op == "map":
+            return lambda: tm.map_fused(a, w, ids_TK, config=cfg)
+        h_TKC = a.view(T, K, k_dim)
+        return lambda: tm.reduce_fused(h_TKC, w, ids_TK, route_w_TK, config=cfg, combine=False)
     if op in ("gate_up", "map"):
         y = torch.empty(T * K, n_out, device="cuda", dtype=DTYPE)
         return lambda: tm.moe_gemm_small(a, w, y, ids, K, cfg, a_div=K, n_out=n_out, act="silu" if gated else None)
