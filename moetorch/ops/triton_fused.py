@@ -850,7 +850,7 @@ def _decode_attn_kernel(
     G: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, TILED: tl.constexpr, HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROPE_Q: tl.constexpr,
-    ROUND: tl.constexpr,
+    ROUND: tl.constexpr, ONE_BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -891,10 +891,11 @@ def _decode_attn_kernel(
     k_base = k_ptr + b * sk_b + g.to(tl.int64) * sk_g
     v_base = v_ptr + b * sv_b + g.to(tl.int64) * sv_g
     m_row = mask_ptr + b * sm_b
-    if HAS_MASK:
+    if HAS_MASK and not ONE_BLOCK:
         # First a pass over the mask bytes alone for the span [lo, hi) of visible keys: the K/V
         # loads below then depend on nothing but the loop index, so they pipeline, and the slots
-        # of a static cache past its filled part are never read.
+        # of a static cache past its filled part are never read. A split of one block (ONE_BLOCK)
+        # skips it: its mask, K and V then load together, one round trip instead of two.
         lo = end
         hi = start
         for n0 in range(start, end, MASK_BLOCK):
@@ -914,6 +915,8 @@ def _decode_attn_kernel(
         v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_s + dd[None, :], mask=kv_ok, other=0.0)
         if HAS_MASK:
             vis = inside & (tl.load(m_row + n.to(tl.int64) * sm_s, mask=inside, other=0) != 0)
+            # a hidden slot (stale, never written) adds nothing, even if it holds inf or nan
+            v = tl.where(vis[:, None], v, 0.0)
         else:
             vis = inside
         if UPCAST:
@@ -987,6 +990,10 @@ def decode_attn_config(d: int, rows: int, sms: int) -> dict:
 # PhiMoE 251-252 against 262 (h200-2026-11-30-ab-split-*-b1.json).
 DECODE_MIN_SPLIT_KEYS = 32
 
+# A split of one key block loads its mask bytes with its K and V, with no pass for the visible span
+# first (0: the span pass in every split, for an A/B).
+DECODE_ONE_BLOCK_LOADS = 1
+
 
 def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool, config: dict | None = None,
                      rope_q=None):
@@ -1041,7 +1048,7 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
         G=G, R=R, R_PAD=r_pad, TILED=tiled, HAS_MASK=mask_B11S is not None, SPLIT=splits > 1,
         HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCK=min(1024, triton.next_power_of_2(chunk)),
         UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32", ROPE_Q=rope_q is not None,
-        ROUND=round_code(q_BH1d.dtype),
+        ROUND=round_code(q_BH1d.dtype), ONE_BLOCK=bool(DECODE_ONE_BLOCK_LOADS) and chunk <= block_n,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q_BH1d.device, B * G * splits, B),
     )
     if splits > 1:
