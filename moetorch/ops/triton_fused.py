@@ -990,6 +990,11 @@ def decode_attn_config(d: int, rows: int, sms: int) -> dict:
 # PhiMoE 251-252 against 262 (h200-2026-11-30-ab-split-*-b1.json).
 DECODE_MIN_SPLIT_KEYS = 32
 
+# Programs per SM the decode attention's key splits aim for (batch x kv heads x splits). 16 (more,
+# shorter splits at batch 16 and 64) decoded 3% slower for JetMoE at batch 16 and 64, 0.5% for
+# PhiMoE at 64 (h200-2026-11-30-ab-split16-*.json).
+DECODE_PROGRAMS_PER_SM = 4
+
 # A split of one key block loads its mask bytes with its K and V, with no pass for the visible span
 # first (0: the span pass in every split, for an A/B).
 DECODE_ONE_BLOCK_LOADS = 1
@@ -1012,7 +1017,7 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
     sms = _sms(q_BH1d)
     cfg = config or decode_attn_config(d, B * G, sms)
     block_n = cfg["BLOCK_N"]
-    programs = 4 * sms
+    programs = DECODE_PROGRAMS_PER_SM * sms
     splits = max(1, min(triton.cdiv(S, max(block_n, DECODE_MIN_SPLIT_KEYS)), triton.cdiv(programs, B * G)))
     chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, chunk)
