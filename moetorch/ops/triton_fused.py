@@ -22,6 +22,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .fused import NORM_NONE
 from .norms import delta_terms
@@ -629,6 +630,65 @@ def linear_experts_fit(x_MK: torch.Tensor, weights, biases, head_dim: int, w_EOK
 
 
 # ---- rotary embedding ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_tables_kernel(
+    pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, mscale, R, T, sp_b, sp_t,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROUND: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    _pdl_start(PDL)
+    # RotaryEmbedding.forward's nine torch ops (float, * inv_freq, cat, cos, * mscale, to, sin, ...)
+    # in one launch. Rows of BLOCK_R positions; both halves of a row get the same HALF values (the
+    # cat). The same float32 steps as torch: the position rounded to float32, one multiply, cos / sin
+    # of the CUDA math library (LIBDEVICE; tl.cos may compile to the approximate instruction, and the
+    # interpreter has no libdevice), the multiply by mscale, then one rounding to the output dtype.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i = tl.arange(0, HALF_PAD)
+    r_ok = rows < R
+    pos = tl.load(pos_ptr + (rows // T).to(tl.int64) * sp_b + (rows % T).to(tl.int64) * sp_t, mask=r_ok, other=0)
+    inv = tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
+    freqs = pos.to(tl.float32)[:, None] * inv[None, :]
+    if LIBDEVICE:
+        c = libdevice.cos(freqs)
+        s = libdevice.sin(freqs)
+    else:
+        c = tl.cos(freqs)
+        s = tl.sin(freqs)
+    c = _round(c * mscale, ROUND).to(cos_ptr.dtype.element_ty)
+    s = _round(s * mscale, ROUND).to(sin_ptr.dtype.element_ty)
+    ok = r_ok[:, None] & (i < HALF)[None, :]
+    out = rows.to(tl.int64)[:, None] * (2 * HALF) + i[None, :]
+    tl.store(cos_ptr + out, c, mask=ok)
+    tl.store(cos_ptr + out + HALF, c, mask=ok)
+    tl.store(sin_ptr + out, s, mask=ok)
+    tl.store(sin_ptr + out + HALF, s, mask=ok)
+
+
+def rope_tables(position_ids_BT: torch.Tensor, inv_freq: torch.Tensor, mscale: float, dtype: torch.dtype):
+    """(cos, sin) [*position_ids.shape, 2 * len(inv_freq)] in `dtype`, contiguous: what
+    `RotaryEmbedding.forward` computes in torch (cos(pos * inv_freq) * mscale, each half of the head
+    dim the same), bit for bit on the GPU, in one launch. `inv_freq` float32."""
+    if inv_freq.dtype != torch.float32 or inv_freq.dim() != 1:
+        raise TypeError(f"rope_tables: inv_freq must be a float32 vector, got {inv_freq.dtype} {tuple(inv_freq.shape)}")
+    half = inv_freq.shape[0]
+    shape = (*position_ids_BT.shape, 2 * half)
+    cos = torch.empty(shape, dtype=dtype, device=inv_freq.device)
+    sin = torch.empty(shape, dtype=dtype, device=inv_freq.device)
+    R = position_ids_BT.numel()
+    if R:
+        pos = position_ids_BT.reshape(-1, position_ids_BT.shape[-1])  # [B, T] (a view where the strides allow)
+        half_pad = triton.next_power_of_2(half)
+        block_r = min(triton.next_power_of_2(R), max(1, 2048 // half_pad))
+        programs = triton.cdiv(R, block_r)
+        _rope_tables_kernel[(programs,)](
+            pos, inv_freq, cos, sin, mscale, R, pos.shape[1], pos.stride(0), pos.stride(1),
+            HALF=half, HALF_PAD=half_pad, BLOCK_R=block_r, ROUND=round_code(dtype), LIBDEVICE=not _interpreting(),
+            num_warps=4 if block_r * half_pad >= 1024 else 1, **pdl_meta(inv_freq.device, programs, R),
+        )
+    return cos, sin
 
 
 @triton.jit
