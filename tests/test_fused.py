@@ -643,6 +643,77 @@ def test_rope_tables_kernel_takes_expanded_positions_and_keeps_exact_steps():
     assert got[0].shape == (B, T, d) and torch.equal(got[0][0], got[0][2])
 
 
+def _padding_mask(B: int, L: int, g: torch.Generator, kind: str) -> torch.Tensor | None:
+    # random 2D masks with zeros anywhere, the first row left-padded, in the dtypes callers pass
+    if kind == "none":
+        return None
+    am = (torch.rand(B, L, generator=g) > 0.3).long()
+    am[0, : L // 2] = 0
+    am[-1] = 1
+    return {"long": am, "bool": am.bool(), "float": am.float(), "one_row": am[:1]}[kind]
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("kind,length", [("none", 0), ("long", 0), ("bool", -3), ("float", 2), ("one_row", 0)])
+def test_mask_kernel_matches_build_mask(T, static, window, kind, length):
+    # A static cache's queries sit anywhere among its slots and its mask may be shorter (the rest
+    # visible: unseen slots are masked by position anyway); a dynamic cache's queries are the last
+    # T slots. length: the 2D mask's length against what was seen (past + T), longer or shorter.
+    B, past, slots = 3, 7, 20
+    g = gen(T * 100 + static * 10 + (window or 0))
+    pos = torch.arange(past, past + T)
+    kv_len = slots if static else past + T
+    am = _padding_mask(B, past + T + length, g, kind)
+    args = (am, pos, kv_len, window, B)
+    want, want_causal = build_mask(*args, queries_at_end=not static)
+    with fused.forced():
+        got, causal = build_mask(*args, queries_at_end=not static)
+    assert causal == want_causal
+    if want is None:  # build_mask's early returns stay
+        assert got is None
+        return
+    assert got.dtype == torch.bool and got.shape == want.shape == (B, 1, T, kv_len)
+    assert torch.equal(got, want)
+    if am is not None:
+        assert got.is_contiguous()
+
+
+def test_mask_kernel_keeps_build_mask_early_returns_and_errors(monkeypatch):
+    launched = []
+    kernel = triton_fused.causal_mask
+    monkeypatch.setattr(triton_fused, "causal_mask", lambda *a: launched.append(a) or kernel(*a))
+    m4 = torch.ones(2, 1, 3, 5)
+    with fused.forced():
+        assert build_mask(m4, torch.arange(2, 5), 5, None, 2)[0].dtype == torch.bool  # 4D: as given
+        assert build_mask(None, torch.arange(3), 3, None, 2) == (None, True)
+        assert build_mask(None, torch.tensor([5]), 6, None, 2) == (None, False)
+        with pytest.raises(ValueError, match="must be 2D"):
+            build_mask(torch.ones(2, 1, 5), torch.tensor([4]), 5, None, 2)
+        assert not launched
+        build_mask(torch.ones(2, 5, dtype=torch.long), torch.tensor([4]), 5, None, 2)
+        assert len(launched) == 1
+    with fused.forced(False):
+        build_mask(torch.ones(2, 5, dtype=torch.long), torch.tensor([4]), 5, None, 2)
+    assert len(launched) == 1, "the torch code without the fused kernels"
+
+
+@pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
+def test_decode_builds_rotary_tables_and_mask_in_kernels(arch, monkeypatch):
+    # every forward of a static-cache generate (prefill and decode steps) takes both kernels
+    called = []
+    for name in ("rope_tables", "causal_mask"):
+        original = getattr(triton_fused, name)
+        monkeypatch.setattr(triton_fused, name, lambda *a, _f=original, _n=name: called.append(_n) or _f(*a))
+    model = _tiny(arch)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 5, "left", seed=3)
+    with fused.forced():
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
+    assert called.count("rope_tables") == called.count("causal_mask") == 3
+
+
 # ---- rotary -----------------------------------------------------------------------------------
 
 

@@ -33,7 +33,8 @@ KERNELS = [(m, n) for m in MODULES for n in sorted(vars(m)) if n.startswith("_")
 def test_every_kernel_is_listed():
     names = {n for _, n in KERNELS}
     assert {"_moe_small_kernel", "_moe_gemm_kernel", "_decode_attn_kernel", "_add_norm_route_kernel",
-            "_linear_small_kernel", "_gather_rows_kernel", "_moe_gemv_kernel", "_rope_tables_kernel"} <= names
+            "_linear_small_kernel", "_gather_rows_kernel", "_moe_gemv_kernel", "_rope_tables_kernel",
+            "_causal_mask_kernel"} <= names
 
 
 @pytest.mark.parametrize("module,name", KERNELS, ids=[n for _, n in KERNELS])

@@ -860,6 +860,62 @@ def tiled_heads(x_BTHd: torch.Tensor, groups: int) -> torch.Tensor:
     return out
 
 
+# ---- attention mask ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _causal_mask_kernel(
+    pos_ptr, am_ptr, out_ptr, T, S, L, window, sp_t, sa_b, sa_s,
+    HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    _pdl_start(PDL)
+    # ops.attention.build_mask's torch ops (arange, <=, the window's compare, expand, bool, pad, &)
+    # in one launch. Program (b*T + t, block of key slots): slot j is visible to the query at
+    # cache position q = pos[t] when j <= q, j > q - window, and the 2D mask is nonzero at (b, j);
+    # slots past its L columns count as attended, as torch pads them with True.
+    row = tl.program_id(0)
+    b = (row // T).to(tl.int64)
+    t = row % T
+    j = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_s = j < S
+    q = tl.load(pos_ptr + t.to(tl.int64) * sp_t).to(tl.int64)
+    vis = j <= q
+    if HAS_WINDOW:
+        vis = vis & (j > q - window)
+    if HAS_PAD:
+        pad = tl.load(am_ptr + b * sa_b + j.to(tl.int64) * sa_s, mask=in_s & (j < L), other=1)
+        vis = vis & (pad != 0)
+    tl.store(out_ptr + row.to(tl.int64) * S + j, vis.to(tl.uint8), mask=in_s)
+
+
+def causal_mask(attention_mask_BL: torch.Tensor | None, cache_position_T: torch.Tensor, kv_len: int,
+                sliding_window: int | None, batch: int) -> torch.Tensor:
+    """`build_mask`'s general case in one launch: bool [B, 1, T, kv_len], key slot j visible to query
+    t when j <= pos[t], pos[t] - j < sliding_window, and the 2D `attention_mask_BL` (any dtype,
+    shorter than kv_len: the rest visible) is nonzero at j. B is `batch` broadcast with the mask's
+    rows; contiguous, or with no 2D mask one [1, 1, T, kv_len] expanded to `batch`, as torch gives."""
+    T = cache_position_T.shape[0]
+    device = cache_position_T.device
+    if attention_mask_BL is not None:
+        B = torch.broadcast_shapes((batch,), (attention_mask_BL.shape[0],))[0]
+        am = attention_mask_BL.view(torch.uint8) if attention_mask_BL.dtype == torch.bool else attention_mask_BL
+        L, sa_b, sa_s = am.shape[1], (am.stride(0) if am.shape[0] > 1 else 0), am.stride(1)
+    else:
+        B, am, L, sa_b, sa_s = 1, cache_position_T, 0, 0, 0
+    out = torch.empty(B, 1, T, kv_len, dtype=torch.bool, device=device)
+    block_s = min(4096, triton.next_power_of_2(max(kv_len, 1)))
+    grid = (B * T, triton.cdiv(kv_len, block_s))
+    if B * T * kv_len:
+        _causal_mask_kernel[grid](
+            cache_position_T, am, out.view(torch.uint8), T, kv_len, L,
+            sliding_window if sliding_window is not None else 0, cache_position_T.stride(0), sa_b, sa_s,
+            HAS_WINDOW=sliding_window is not None, HAS_PAD=attention_mask_BL is not None, BLOCK_S=block_s,
+            num_warps=4 if block_s >= 2048 else 1, **pdl_meta(device, grid[0] * grid[1], B * T),
+        )
+    return out if attention_mask_BL is not None else out.expand(batch, 1, T, kv_len)
+
+
 # ---- KV cache write ------------------------------------------------------------------------------
 
 
