@@ -13,7 +13,10 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
 6. The fused inference kernels (ops/triton_fused.py) at real sizes in bf16 against the torch code
    they replace (rel err < 1e-2; routing ids equal): add + LayerNorm / RMSNorm, sparsemixer,
    top-k softmax, rotary embedding, decode attention over a half-filled static cache.
-7. CUDA-graph decode with programmatic dependent launch equals it without, bit for bit; at batch 24
+7. The kernels before the first layer (rotary tables, attention mask) bit for bit against the torch
+   code: bf16 tables at head dim 128 (LongRoPE short and long factors, plain RoPE), masks with
+   padding, static-cache slots and a sliding window.
+8. CUDA-graph decode with programmatic dependent launch equals it without, bit for bit; at batch 24
    (the sorted expert path) with tensor descriptors it matches pointer loads.
 Exits non-zero if any check fails.
 """
@@ -395,6 +398,69 @@ def _check_projection_rotated(x, layers, g):
 
 
 @torch.no_grad()
+def check_prelayer(results):
+    """The two kernels before the first layer against the torch code they replace, bit for bit:
+    `rope_tables` (cos / sin in bf16 at head dim 128: PhiMoE's LongRoPE short and long factor sets,
+    JetMoE's plain RoPE, and the bench's PhiMoE (plain, theta 1e6); every position up to 128k, and
+    [B, T] positions) and `causal_mask`
+    (`build_mask`'s general case: padding, static-cache slots past the mask, sliding window). fp32
+    tables are reported too: their equality says libdevice's cos / sin are torch's."""
+    from moetorch.ops import fused
+    from moetorch.ops.attention import build_mask
+    from moetorch.ops.rope import RotaryEmbedding
+
+    ok = True
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(4)
+    # factor sets shaped like Phi-3.5-MoE's (rising from 1 to ~2.5 and to ~64 across the 64 frequencies)
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
+                "short_factor": torch.logspace(0, 0.4, 64, dtype=torch.float64).tolist(),
+                "long_factor": torch.logspace(0, 1.8, 64, dtype=torch.float64).tolist(),
+                "short_mscale": 1.243163121016122, "long_mscale": 1.243163121016122}
+    ropes = {"phimoe.short": (longrope, False), "phimoe.long": (longrope, True),
+             "jetmoe": ({"rope_type": "default", "rope_theta": 10000.0}, False),
+             "phimoe.bench": ({"rope_type": "default", "rope_theta": 1e6}, False)}  # the bench's config
+    every = torch.arange(131072, device=dev)[None]
+    batch = torch.randint(0, 131072, (4, 37), device=dev, generator=g)
+    for name, (params, long) in ropes.items():
+        rotary = RotaryEmbedding(128, params).to(dev)
+        for dtype in (torch.bfloat16, torch.float32):
+            for pname, pos in (("all", every), ("B4", batch)):
+                got = rotary(pos, dtype, long)
+                with fused.forced(False):
+                    want = rotary(pos, dtype, long)
+                same = all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want))
+                key = f"prelayer.rope_tables.{name}.{'bf16' if dtype == torch.bfloat16 else 'fp32'}.{pname}"
+                results[f"{key}.bitwise_equal"] = same
+                if not same:
+                    results[f"{key}.differing"] = sum(int((a != b).sum()) for a, b in zip(got, want))
+                if dtype == torch.bfloat16:  # what the models use; fp32 is reported for information
+                    ok &= same
+    S = 4096
+    pad = torch.ones(3, S, dtype=torch.long, device=dev)
+    pad[0, :7] = 0
+    pad[1, :1000] = 0
+    short = pad[:, : S // 2].bool()
+    cases = {  # (2D mask, cache positions, kv_len, sliding window)
+        "decode.static": (pad, torch.tensor([S // 2], device=dev), S, None),
+        "decode.static.window": (pad, torch.tensor([S // 2], device=dev), S, 2047),
+        "decode.short_mask": (short, torch.tensor([S // 2 - 1], device=dev), S, None),
+        "prefill.dynamic": (pad[:, :512], torch.arange(512, device=dev), 512, None),
+        "prefill.window": (pad[:, :512], torch.arange(512, device=dev), 512, 100),
+        "prefill.window_no_mask": (None, torch.arange(512, device=dev), 512, 100),
+        "chunk.static": (pad, torch.arange(1000, 1064, device=dev), S, None),
+    }
+    for name, (am, pos, kv_len, window) in cases.items():
+        got, _ = build_mask(am, pos, kv_len, window, 3, queries_at_end=False)
+        with fused.forced(False):
+            want, _ = build_mask(am, pos, kv_len, window, 3, queries_at_end=False)
+        same = got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+        results[f"prelayer.causal_mask.{name}.equal"] = same
+        ok &= same
+    return ok
+
+
+@torch.no_grad()
 def check_longrope(results):
     head = 64
     scaling = {"type": "longrope", "short_factor": [1.0 + i / head for i in range(head // 2)],
@@ -463,6 +529,7 @@ def run_checks() -> dict:
     ok &= check_moa_experts(results)
     ok &= check_triton(results)
     ok &= check_fused(results)
+    ok &= check_prelayer(results)
     for name, (cfg, cls) in configs().items():
         ok &= check_model(name, cfg, cls, results)
     ok &= check_longrope(results)

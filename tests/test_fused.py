@@ -6,6 +6,7 @@ tiny models decoding with and without them.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from moetorch.ops.attention import attention, build_mask
 from moetorch.ops.linear import linears, linears_rotated
 from moetorch.ops.moe import expert_map
 from moetorch.ops.norms import LayerNorm, Residual, RMSNorm, residual_add
-from moetorch.ops.rope import apply_rotary, apply_rotary_qk
+from moetorch.ops.rope import RotaryEmbedding, apply_rotary, apply_rotary_qk
 from moetorch.ops.routing import route_topk, sparsemixer, topk_softmax
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -563,6 +564,154 @@ def test_decode_projects_rotates_and_caches_in_one_kernel(arch, weights, monkeyp
     assert ropes.count(weights) == 2 * model.config.num_hidden_layers, "two decode steps, each layer"
     # JetMoE's MoA map rides in that kernel at one row
     assert maps.count(True) == (2 * model.config.num_hidden_layers if arch is JETMOE else 0)
+
+
+# ---- before the first layer: rotary tables and attention mask ---------------------------------
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between a and b in steps of their (float) dtype: the bit patterns as
+    sign-magnitude integers, made monotonic."""
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    magnitude = torch.iinfo(ints).max
+
+    def ordered(x):
+        i = x.view(ints).long()
+        return torch.where(i < 0, -(i & magnitude), i)
+
+    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "short_mscale": 1.19, "long_mscale": 1.31}
+
+
+def _tables_with(cos_sin, pos, inv_freq, mscale, dtype):
+    # RotaryEmbedding.forward's steps, with cos / sin given as float32 numpy functions
+    freqs = pos[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1).numpy()
+    return tuple((torch.from_numpy(f(emb)) * mscale).to(dtype) for f in cos_sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,longrope", [((1, 9), False), ((3, 5), True), ((2, 1), True), ((4,), False)])
+def test_rope_tables_kernel_matches_rotary_embedding(dtype, shape, longrope):
+    d = 32
+    g = gen(len(shape) * 100 + shape[0] * 10 + longrope)
+    params = {"rope_type": "default", "rope_theta": 10000.0}
+    if longrope:  # LongRoPE: rescaled frequencies, and an mscale that is not 1
+        params = dict(LONGROPE, short_factor=(1 + 2 * torch.rand(d // 2, generator=g)).tolist(),
+                      long_factor=(1 + 60 * torch.rand(d // 2, generator=g)).tolist())
+    rotary = RotaryEmbedding(d, params)
+    pos = torch.randint(0, 200_000, shape, generator=g)
+    pos.view(-1)[0], pos.view(-1)[-1] = 100_000, 0
+    for long in (False, True) if longrope else (False,):
+        want = rotary(pos, dtype, long)
+        with fused.forced():
+            got = rotary(pos, dtype, long)
+        # The interpreter has no libdevice: its cos / sin are numpy's. With those in torch's steps
+        # (position to float32, one multiply, * mscale, one rounding), the kernel is exact.
+        inv_freq = rotary.inv_freq_long if long else rotary.inv_freq_short
+        mscale = rotary.long_mscale if long else rotary.short_mscale
+        numpy_steps = _tables_with((np.cos, np.sin), pos, inv_freq, mscale, dtype)
+        for a, b, c, what in zip(got, want, numpy_steps, ("cos", "sin")):
+            assert a.shape == b.shape == (*shape, d) and a.dtype == dtype and a.is_contiguous()
+            assert torch.equal(a, c), f"{what} {dtype} long={long}: the steps differ from torch's"
+            if not torch.equal(a, b):
+                # Against torch's own CPU cos / sin (not numpy's), float32 values may be an ulp
+                # apart: then one step of a bf16 / fp16 output, and in float32 up to two once
+                # scaled by an mscale != 1. On the GPU both sides are libdevice's cosf / sinf and
+                # equal bit for bit (gpu_check: prelayer).
+                limit = 2 if dtype == torch.float32 and mscale != 1.0 else 1
+                assert _ulps(a, b) <= limit, f"{what} {dtype} long={long}: {_ulps(a, b)} ulps"
+
+
+def test_rope_tables_kernel_takes_expanded_positions_and_keeps_exact_steps():
+    # positions [B, T] as a stride-0 view (the models expand one row), and frequencies whose cos /
+    # sin are exact (zero: cos 1, sin 0), so the multiply by mscale and the rounding are checked
+    # exactly: 1.31 * 1 rounded to bf16 is 1.3125
+    d, B, T = 16, 3, 4
+    rotary = RotaryEmbedding(d, dict(LONGROPE, short_factor=[1.0] * (d // 2), long_factor=[2.0] * (d // 2)))
+    pos = torch.arange(5, 5 + T)[None].expand(B, -1)
+    with fused.forced():
+        got = rotary(pos, torch.bfloat16, True)
+        rotary.inv_freq_long.zero_()
+        ones, zeros = rotary(pos, torch.bfloat16, True)
+    want = rotary(pos, torch.bfloat16, True)  # torch, of the zeroed frequencies
+    assert torch.equal(ones, want[0]) and torch.equal(zeros, want[1])
+    assert (ones == 1.3125).all() and (zeros == 0).all()
+    assert got[0].shape == (B, T, d) and torch.equal(got[0][0], got[0][2])
+
+
+def _padding_mask(B: int, L: int, g: torch.Generator, kind: str) -> torch.Tensor | None:
+    # random 2D masks with zeros anywhere, the first row left-padded, in the dtypes callers pass
+    if kind == "none":
+        return None
+    am = (torch.rand(B, L, generator=g) > 0.3).long()
+    am[0, : L // 2] = 0
+    am[-1] = 1
+    return {"long": am, "bool": am.bool(), "float": am.float(), "one_row": am[:1]}[kind]
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("kind,length", [("none", 0), ("long", 0), ("bool", -3), ("float", 2), ("one_row", 0)])
+def test_mask_kernel_matches_build_mask(T, static, window, kind, length):
+    # A static cache's queries sit anywhere among its slots and its mask may be shorter (the rest
+    # visible: unseen slots are masked by position anyway); a dynamic cache's queries are the last
+    # T slots. length: the 2D mask's length against what was seen (past + T), longer or shorter.
+    B, past, slots = 3, 7, 20
+    g = gen(T * 100 + static * 10 + (window or 0))
+    pos = torch.arange(past, past + T)
+    kv_len = slots if static else past + T
+    am = _padding_mask(B, past + T + length, g, kind)
+    args = (am, pos, kv_len, window, B)
+    want, want_causal = build_mask(*args, queries_at_end=not static)
+    with fused.forced():
+        got, causal = build_mask(*args, queries_at_end=not static)
+    assert causal == want_causal
+    if want is None:  # build_mask's early returns stay
+        assert got is None
+        return
+    assert got.dtype == torch.bool and got.shape == want.shape == (B, 1, T, kv_len)
+    assert torch.equal(got, want)
+    if am is not None:
+        assert got.is_contiguous()
+
+
+def test_mask_kernel_keeps_build_mask_early_returns_and_errors(monkeypatch):
+    launched = []
+    kernel = triton_fused.causal_mask
+    monkeypatch.setattr(triton_fused, "causal_mask", lambda *a: launched.append(a) or kernel(*a))
+    m4 = torch.ones(2, 1, 3, 5)
+    with fused.forced():
+        assert build_mask(m4, torch.arange(2, 5), 5, None, 2)[0].dtype == torch.bool  # 4D: as given
+        assert build_mask(None, torch.arange(3), 3, None, 2) == (None, True)
+        assert build_mask(None, torch.tensor([5]), 6, None, 2) == (None, False)
+        with pytest.raises(ValueError, match="must be 2D"):
+            build_mask(torch.ones(2, 1, 5), torch.tensor([4]), 5, None, 2)
+        assert not launched
+        build_mask(torch.ones(2, 5, dtype=torch.long), torch.tensor([4]), 5, None, 2)
+        assert len(launched) == 1
+    with fused.forced(False):
+        build_mask(torch.ones(2, 5, dtype=torch.long), torch.tensor([4]), 5, None, 2)
+    assert len(launched) == 1, "the torch code without the fused kernels"
+
+
+@pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
+def test_decode_builds_rotary_tables_and_mask_in_kernels(arch, monkeypatch):
+    # every forward of a static-cache generate (prefill and decode steps) takes both kernels
+    called = []
+    for name in ("rope_tables", "causal_mask"):
+        original = getattr(triton_fused, name)
+        monkeypatch.setattr(triton_fused, name, lambda *a, _f=original, _n=name: called.append(_n) or _f(*a))
+    model = _tiny(arch)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 5, "left", seed=3)
+    with fused.forced():
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
+    assert called.count("rope_tables") == called.count("causal_mask") == 3
 
 
 # ---- rotary -----------------------------------------------------------------------------------

@@ -60,15 +60,19 @@ def build_mask(
             return None, True
         if T == 1 and queries_at_end:
             return None, False
-    kv_S = torch.arange(kv_len, device=cache_position_T.device)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be 2D [batch, seq] or 4D, got shape {tuple(attention_mask.shape)}")
+    device = cache_position_T.device
+    if fused.serves(device) and (attention_mask is None or attention_mask.device == device):
+        # the torch ops below in one kernel (the same mask)
+        return fused.kernels().causal_mask(attention_mask, cache_position_T, kv_len, sliding_window, batch), False
+    kv_S = torch.arange(kv_len, device=device)
     q_T1 = cache_position_T[:, None]
     allowed_TS = kv_S[None, :] <= q_T1
     if sliding_window is not None:
         allowed_TS = allowed_TS & (kv_S[None, :] > q_T1 - sliding_window)
     mask = allowed_TS[None, None].expand(batch, 1, T, kv_len)
     if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be 2D [batch, seq] or 4D, got shape {tuple(attention_mask.shape)}")
         pad_BS = attention_mask.bool()
         if pad_BS.shape[-1] < kv_len:  # a static cache is longer than the mask: unseen slots are masked anyway
             pad_BS = F.pad(pad_BS, (0, kv_len - pad_BS.shape[-1]), value=True)

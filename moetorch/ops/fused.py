@@ -31,13 +31,18 @@ LINEAR_MAX_ROWS = 8
 _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}
 
 
+def serves(device: torch.device) -> bool:
+    """Whether the fused kernels run on `device` at all: CUDA (any device under `forced()`), triton
+    installed, MOETORCH_FUSED not 0. For ops with no float inputs (the attention mask); `active`
+    checks the tensors of the others."""
+    return _state["enabled"] and (_state["forced"] or device.type == "cuda") and triton_available()
+
+
 def active(*tensors: torch.Tensor | None) -> bool:
     """Whether the fused kernels serve an op on these tensors: the first one decides the device,
     all must share its dtype (torch would promote), and none may need gradients or autocast."""
-    if not _state["enabled"]:
-        return False
     first = tensors[0]
-    if not (_state["forced"] or first.is_cuda) or not triton_available():
+    if not serves(first.device):
         return False
     if torch.is_autocast_enabled(first.device.type):
         return False

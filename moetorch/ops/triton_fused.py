@@ -22,6 +22,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .fused import NORM_NONE
 from .norms import delta_terms
@@ -632,6 +633,65 @@ def linear_experts_fit(x_MK: torch.Tensor, weights, biases, head_dim: int, w_EOK
 
 
 @triton.jit
+def _rope_tables_kernel(
+    pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, mscale, R, T, sp_b, sp_t,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROUND: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    _pdl_start(PDL)
+    # RotaryEmbedding.forward's nine torch ops (float, * inv_freq, cat, cos, * mscale, to, sin, ...)
+    # in one launch. Rows of BLOCK_R positions; both halves of a row get the same HALF values (the
+    # cat). The same float32 steps as torch: the position rounded to float32, one multiply, cos / sin
+    # of the CUDA math library (LIBDEVICE; tl.cos may compile to the approximate instruction, and the
+    # interpreter has no libdevice), the multiply by mscale, then one rounding to the output dtype.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i = tl.arange(0, HALF_PAD)
+    r_ok = rows < R
+    pos = tl.load(pos_ptr + (rows // T).to(tl.int64) * sp_b + (rows % T).to(tl.int64) * sp_t, mask=r_ok, other=0)
+    inv = tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
+    freqs = pos.to(tl.float32)[:, None] * inv[None, :]
+    if LIBDEVICE:
+        c = libdevice.cos(freqs)
+        s = libdevice.sin(freqs)
+    else:
+        c = tl.cos(freqs)
+        s = tl.sin(freqs)
+    c = _round(c * mscale, ROUND).to(cos_ptr.dtype.element_ty)
+    s = _round(s * mscale, ROUND).to(sin_ptr.dtype.element_ty)
+    ok = r_ok[:, None] & (i < HALF)[None, :]
+    out = rows.to(tl.int64)[:, None] * (2 * HALF) + i[None, :]
+    tl.store(cos_ptr + out, c, mask=ok)
+    tl.store(cos_ptr + out + HALF, c, mask=ok)
+    tl.store(sin_ptr + out, s, mask=ok)
+    tl.store(sin_ptr + out + HALF, s, mask=ok)
+
+
+def rope_tables(position_ids_BT: torch.Tensor, inv_freq: torch.Tensor, mscale: float, dtype: torch.dtype):
+    """(cos, sin) [*position_ids.shape, 2 * len(inv_freq)] in `dtype`, contiguous: what
+    `RotaryEmbedding.forward` computes in torch (cos(pos * inv_freq) * mscale, each half of the head
+    dim the same), bit for bit on the GPU, in one launch. `inv_freq` float32."""
+    if inv_freq.dtype != torch.float32 or inv_freq.dim() != 1:
+        raise TypeError(f"rope_tables: inv_freq must be a float32 vector, got {inv_freq.dtype} {tuple(inv_freq.shape)}")
+    half = inv_freq.shape[0]
+    shape = (*position_ids_BT.shape, 2 * half)
+    cos = torch.empty(shape, dtype=dtype, device=inv_freq.device)
+    sin = torch.empty(shape, dtype=dtype, device=inv_freq.device)
+    R = position_ids_BT.numel()
+    if R:
+        pos = position_ids_BT.reshape(-1, position_ids_BT.shape[-1])  # [B, T] (a view where the strides allow)
+        half_pad = triton.next_power_of_2(half)
+        block_r = min(triton.next_power_of_2(R), max(1, 2048 // half_pad))
+        programs = triton.cdiv(R, block_r)
+        _rope_tables_kernel[(programs,)](
+            pos, inv_freq, cos, sin, mscale, R, pos.shape[1], pos.stride(0), pos.stride(1),
+            HALF=half, HALF_PAD=half_pad, BLOCK_R=block_r, ROUND=round_code(dtype), LIBDEVICE=not _interpreting(),
+            num_warps=4 if block_r * half_pad >= 1024 else 1, **pdl_meta(inv_freq.device, programs, R),
+        )
+    return cos, sin
+
+
+@triton.jit
 def _grouped_position(h, G: tl.constexpr, H: tl.constexpr):
     # Where tiled head h (it reads kv head h % G) sits in the grouped order that sdpa reads: kv head
     # g's H/G query heads at positions g*(H/G) .. g*(H/G) + H/G - 1 (ops.attention._to_grouped).
@@ -798,6 +858,62 @@ def tiled_heads(x_BTHd: torch.Tensor, groups: int) -> torch.Tensor:
             **pdl_meta(x_BTHd.device, B * T, B * T),
         )
     return out
+
+
+# ---- attention mask ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _causal_mask_kernel(
+    pos_ptr, am_ptr, out_ptr, T, S, L, window, sp_t, sa_b, sa_s,
+    HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    _pdl_start(PDL)
+    # ops.attention.build_mask's torch ops (arange, <=, the window's compare, expand, bool, pad, &)
+    # in one launch. Program (b*T + t, block of key slots): slot j is visible to the query at
+    # cache position q = pos[t] when j <= q, j > q - window, and the 2D mask is nonzero at (b, j);
+    # slots past its L columns count as attended, as torch pads them with True.
+    row = tl.program_id(0)
+    b = (row // T).to(tl.int64)
+    t = row % T
+    j = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_s = j < S
+    q = tl.load(pos_ptr + t.to(tl.int64) * sp_t).to(tl.int64)
+    vis = j <= q
+    if HAS_WINDOW:
+        vis = vis & (j > q - window)
+    if HAS_PAD:
+        pad = tl.load(am_ptr + b * sa_b + j.to(tl.int64) * sa_s, mask=in_s & (j < L), other=1)
+        vis = vis & (pad != 0)
+    tl.store(out_ptr + row.to(tl.int64) * S + j, vis.to(tl.uint8), mask=in_s)
+
+
+def causal_mask(attention_mask_BL: torch.Tensor | None, cache_position_T: torch.Tensor, kv_len: int,
+                sliding_window: int | None, batch: int) -> torch.Tensor:
+    """`build_mask`'s general case in one launch: bool [B, 1, T, kv_len], key slot j visible to query
+    t when j <= pos[t], pos[t] - j < sliding_window, and the 2D `attention_mask_BL` (any dtype,
+    shorter than kv_len: the rest visible) is nonzero at j. B is `batch` broadcast with the mask's
+    rows; contiguous, or with no 2D mask one [1, 1, T, kv_len] expanded to `batch`, as torch gives."""
+    T = cache_position_T.shape[0]
+    device = cache_position_T.device
+    if attention_mask_BL is not None:
+        B = torch.broadcast_shapes((batch,), (attention_mask_BL.shape[0],))[0]
+        am = attention_mask_BL.view(torch.uint8) if attention_mask_BL.dtype == torch.bool else attention_mask_BL
+        L, sa_b, sa_s = am.shape[1], (am.stride(0) if am.shape[0] > 1 else 0), am.stride(1)
+    else:
+        B, am, L, sa_b, sa_s = 1, cache_position_T, 0, 0, 0
+    out = torch.empty(B, 1, T, kv_len, dtype=torch.bool, device=device)
+    block_s = min(4096, triton.next_power_of_2(max(kv_len, 1)))
+    grid = (B * T, triton.cdiv(kv_len, block_s))
+    if B * T * kv_len:
+        _causal_mask_kernel[grid](
+            cache_position_T, am, out.view(torch.uint8), T, kv_len, L,
+            sliding_window if sliding_window is not None else 0, cache_position_T.stride(0), sa_b, sa_s,
+            HAS_WINDOW=sliding_window is not None, HAS_PAD=attention_mask_BL is not None, BLOCK_S=block_s,
+            num_warps=4 if block_s >= 2048 else 1, **pdl_meta(device, grid[0] * grid[1], B * T),
+        )
+    return out if attention_mask_BL is not None else out.expand(batch, 1, T, kv_len)
 
 
 # ---- KV cache write ------------------------------------------------------------------------------
