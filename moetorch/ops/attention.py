@@ -63,7 +63,8 @@ def build_mask(
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be 2D [batch, seq] or 4D, got shape {tuple(attention_mask.shape)}")
     device = cache_position_T.device
-    if fused.serves(device) and (attention_mask is None or attention_mask.device == device):
+    same_device = attention_mask is None or attention_mask.device == device
+    if fused.STEP_INPUT_KERNELS and fused.serves(device) and same_device:
         # the torch ops below in one kernel (the same mask)
         return fused.kernels().causal_mask(attention_mask, cache_position_T, kv_len, sliding_window, batch), False
     kv_S = torch.arange(kv_len, device=device)

@@ -28,6 +28,10 @@ ROUTE_MAX_ROWS = 64
 # Rows up to which `ops.linear.linears` runs the layers in one GEMV kernel.
 LINEAR_MAX_ROWS = 8
 
+# The rotary tables and the attention mask of a step each in one kernel (`rope_tables`,
+# `causal_mask`); 0: their torch ops (the B arm of bench/decode_ab.py's A/B).
+STEP_INPUT_KERNELS = 1
+
 _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}
 
 

@@ -85,7 +85,8 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq_long if long else self.inv_freq_short
         mscale = self.long_mscale if long else self.short_mscale
-        if fused.active(inv_freq) and dtype in fused.KERNEL_DTYPES:  # one kernel, the same values
+        # one kernel, the same values
+        if fused.STEP_INPUT_KERNELS and fused.active(inv_freq) and dtype in fused.KERNEL_DTYPES:
             return fused.kernels().rope_tables(position_ids_BT, inv_freq, mscale, dtype)
         freqs = position_ids_BT[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
