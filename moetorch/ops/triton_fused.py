@@ -1031,8 +1031,10 @@ def _decode_attn_kernel(
         v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_s + dd[None, :], mask=kv_ok, other=0.0)
         if HAS_MASK:
             vis = inside & (tl.load(m_row + n.to(tl.int64) * sm_s, mask=inside, other=0) != 0)
-            # a hidden slot (stale, never written) adds nothing, even if it holds inf or nan
-            v = tl.where(vis[:, None], v, 0.0)
+            if ONE_BLOCK:
+                # the block is the whole split, past the visible span too: a hidden slot (a static
+                # cache's unwritten tail, stale) adds nothing, even if it holds inf or nan
+                v = tl.where(vis[:, None], v, 0.0)
         else:
             vis = inside
         if UPCAST:
