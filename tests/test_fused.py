@@ -859,6 +859,14 @@ def test_decode_attention_splits_keys_and_reads_strided_cache():
     close(out, _reference_attention(q, k, v, mask, 0.1, "grouped"), torch.float32, "split decode attention")
 
 
+def _decode_inputs(B, H, G, S, d, dtype, seed):
+    """One query per row, a cache of S random keys and values, and an all-hidden mask to fill in."""
+    q = torch.randn(B, H, 1, d, generator=gen(seed)).to(dtype)
+    k = torch.randn(B, G, S, d, generator=gen(seed + 1)).to(dtype)
+    v = torch.randn(B, G, S, d, generator=gen(seed + 2)).to(dtype)
+    return q, k, v, torch.zeros(B, 1, 1, S, dtype=torch.bool)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", [None, dict(BLOCK_N=16, num_warps=2, num_stages=3),
                                     dict(BLOCK_N=64, num_warps=4, num_stages=1)], ids=["default", "n16", "n64"])
@@ -866,10 +874,7 @@ def test_decode_attention_visible_span_inside_splits(dtype, config):
     # Visible keys in the middle only (a filled window of a static cache, left padding before it),
     # so whole splits and whole blocks inside the scanned span see no key; one row sees a single key.
     B, H, G, S, d = 2, 4, 2, 300, 32
-    q = torch.randn(B, H, 1, d, generator=gen(4)).to(dtype)
-    k = torch.randn(B, G, S, d, generator=gen(5)).to(dtype)
-    v = torch.randn(B, G, S, d, generator=gen(6)).to(dtype)
-    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool)
+    q, k, v, mask = _decode_inputs(B, H, G, S, d, dtype, seed=4)
     mask[0, ..., 70:75] = True
     mask[0, ..., 140:230] = True
     mask[1, ..., 299] = True
@@ -885,10 +890,7 @@ def test_decode_attention_ignores_non_finite_hidden_slots(dtype, config):
     # output. 100 slots over 4 splits of 32 keys: one block a split by default (mask, K and V load
     # together, the tail too), two blocks of 16 with the span pass (the tail never read).
     B, H, G, S, d = 1, 4, 2, 100, 32
-    q = torch.randn(B, H, 1, d, generator=gen(7)).to(dtype)
-    k = torch.randn(B, G, S, d, generator=gen(8)).to(dtype)
-    v = torch.randn(B, G, S, d, generator=gen(9)).to(dtype)
-    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool)
+    q, k, v, mask = _decode_inputs(B, H, G, S, d, dtype, seed=7)
     mask[..., :60] = True
     mask[..., 10:15] = False
     want = _reference_attention(q, k, v, mask, d**-0.5, "grouped")
