@@ -7,12 +7,16 @@ The cache has the decode benchmark's shape (128-token prompt + 40 slots); `--vis
 row are unmasked. Each case is a CUDA-graph replay timed with `triton.testing.do_bench` (median, L2
 flushed). Floor: visible K and V bytes (+ queries and outputs) over the copy bandwidth measured in
 the same run. Every configuration's output is checked against the default one's.
+
+`--b module:attribute=off|<int>`: instead of the sweep, the default configuration as the code
+stands (A) and with that attribute set (B), alternating for `--rounds` rounds (medians).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import sys
 
 import torch
@@ -34,12 +38,49 @@ def main() -> int:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--slots", type=int, default=168)
     p.add_argument("--visible", type=int, default=150)
+    p.add_argument("--b", default=None, metavar="MODULE:ATTR=off|INT",
+                   help="instead of the config sweep: the default config with and without this setting, "
+                        "interleaved for --rounds rounds")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    bw = ceilings()["copy_bytes_per_s"]
-    result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "rows": []}
-    S, vis = args.slots, args.visible
+    if args.b:
+        return ab_main(args)
+    result = {"device": torch.cuda.get_device_name(), "rows": []}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, B, tiled, q, k, v, mask, floor_ms in cases(args):
+        G, d = k.shape[1], k.shape[-1]
+        default = triton_fused.decode_attn_config(d, B * G, sms)
+        want = triton_fused.decode_attention(q, k, v, mask, d**-0.5, tiled)
+        run = functools.partial(triton_fused.decode_attention, q, k, v, mask, d**-0.5, tiled)
+        timed = []
+        for cfg in [default] + [c for c in CONFIGS if c != default]:
+            try:
+                got = run(cfg)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            ms = graph_ms(functools.partial(run, cfg))
+            if ms is not None:
+                timed.append((ms, cfg, err))
+        default_ms = timed[0][0]
+        best_ms, best_cfg, best_err = min(timed, key=lambda t: t[0])
+        row = {"layout": name, "B": B, "floor_ms": floor_ms, "default_ms": default_ms, "default_config": default,
+               "best_ms": best_ms, "best_config": best_cfg, "best_rel_err_vs_default": best_err,
+               "pct_floor_default": floor_ms / default_ms * 100, "pct_floor_best": floor_ms / best_ms * 100,
+               "top5": [dict(ms=t, **c) for t, c, _ in sorted(timed, key=lambda t: t[0])[:5]]}
+        result["rows"].append(row)
+        print(f"{name} B={B:3d}: floor {floor_ms * 1e3:6.1f} us  default {default_ms * 1e3:6.1f} us "
+              f"({row['pct_floor_default']:.0f}%)  best {best_ms * 1e3:6.1f} us ({row['pct_floor_best']:.0f}%) "
+              f"{best_cfg}", flush=True)
+    save_json(args.out, result)
+    return 0
+
+
+def cases(args):
+    """(layout, B, q, k, v, mask, floor ms) per layout and batch: the decode bench's cache shape."""
+    bw = ceilings()["copy_bytes_per_s"]
+    S, vis = args.slots, args.visible
     for name, (G, R, d, tiled) in LAYOUTS.items():
         for B in map(int, args.batches.split(",")):
             q = torch.randn(B, G * R, 1, d, device="cuda", dtype=torch.bfloat16)
@@ -47,29 +88,36 @@ def main() -> int:
             v = torch.randn(B, G, S, d, device="cuda", dtype=torch.bfloat16)
             mask = (torch.arange(S, device="cuda") < vis).view(1, 1, 1, S).expand(B, 1, 1, S)
             floor_ms = (2 * B * G * vis * d + 2 * B * G * R * d) * 2 / bw * 1e3
-            default = triton_fused.decode_attn_config(d, B * G, sms)
-            want = triton_fused.decode_attention(q, k, v, mask, d**-0.5, tiled)
-            run = functools.partial(triton_fused.decode_attention, q, k, v, mask, d**-0.5, tiled)
-            timed = []
-            for cfg in [default] + [c for c in CONFIGS if c != default]:
+            yield name, B, tiled, q, k, v, mask, floor_ms
+
+
+def ab_main(args) -> int:
+    """The default configuration with the code as it is (A) and with `--b` set (B), alternating."""
+    from decode_ab import patch
+
+    module, attr, b_value = patch(args.b)
+    a_value = getattr(module, attr)
+    result = {"device": torch.cuda.get_device_name(), "b": args.b, "rows": []}
+    for name, B, tiled, q, k, v, mask, floor_ms in cases(args):
+        run = functools.partial(triton_fused.decode_attention, q, k, v, mask, q.shape[-1] ** -0.5, tiled)
+        times = {"A": [], "B": []}
+        outs = {}
+        for _ in range(args.rounds):
+            for arm, value in (("B", b_value), ("A", a_value)):
+                setattr(module, attr, value)
                 try:
-                    got = run(cfg)
-                except triton.runtime.errors.OutOfResources:
-                    continue
-                err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-                ms = graph_ms(functools.partial(run, cfg))
-                if ms is not None:
-                    timed.append((ms, cfg, err))
-            default_ms = timed[0][0]
-            best_ms, best_cfg, best_err = min(timed, key=lambda t: t[0])
-            row = {"layout": name, "B": B, "floor_ms": floor_ms, "default_ms": default_ms, "default_config": default,
-                   "best_ms": best_ms, "best_config": best_cfg, "best_rel_err_vs_default": best_err,
-                   "pct_floor_default": floor_ms / default_ms * 100, "pct_floor_best": floor_ms / best_ms * 100,
-                   "top5": [dict(ms=t, **c) for t, c, _ in sorted(timed, key=lambda t: t[0])[:5]]}
-            result["rows"].append(row)
-            print(f"{name} B={B:3d}: floor {floor_ms * 1e3:6.1f} us  default {default_ms * 1e3:6.1f} us "
-                  f"({row['pct_floor_default']:.0f}%)  best {best_ms * 1e3:6.1f} us ({row['pct_floor_best']:.0f}%) "
-                  f"{best_cfg}", flush=True)
+                    outs[arm] = run()
+                    times[arm].append(graph_ms(run))
+                finally:
+                    setattr(module, attr, a_value)
+        med = {arm: statistics.median(t) for arm, t in times.items()}
+        diff = ((outs["A"].float() - outs["B"].float()).norm() / outs["B"].float().norm()).item()
+        us = {arm: [t * 1e3 for t in ts] for arm, ts in times.items()}
+        result["rows"].append({"layout": name, "B": B, "floor_us": floor_ms * 1e3, "us": us,
+                               "median_us": {arm: m * 1e3 for arm, m in med.items()}, "rel_diff_a_vs_b": diff})
+        a_us, b_us, f_us = med["A"] * 1e3, med["B"] * 1e3, floor_ms * 1e3
+        print(f"{name} B={B:3d}: floor {f_us:6.1f} us  A {a_us:6.1f} us ({f_us / a_us * 100:.0f}%)  "
+              f"B {b_us:6.1f} us ({f_us / b_us * 100:.0f}%)  B/A {b_us / a_us:.3f}  rel diff {diff:.1e}", flush=True)
     save_json(args.out, result)
     return 0
 
