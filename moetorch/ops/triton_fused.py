@@ -966,7 +966,7 @@ def _decode_attn_kernel(
     G: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, TILED: tl.constexpr, HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROPE_Q: tl.constexpr,
-    ROUND: tl.constexpr, ONE_BLOCK: tl.constexpr, DENSE_SPAN: tl.constexpr,
+    ROUND: tl.constexpr, ONE_BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -1012,20 +1012,14 @@ def _decode_attn_kernel(
         # loads below then depend on nothing but the loop index, so they pipeline, and the slots
         # of a static cache past its filled part are never read. A split of one block (ONE_BLOCK)
         # skips it: its mask, K and V then load together, one round trip instead of two.
-        # A span with no hidden key inside (the usual case: left padding and a sliding window
-        # hide keys before it, a static cache's tail after it) needs no mask bytes in the loop,
-        # whose loads would wait there each step: visibility is then lo <= key < hi.
         lo = end
         hi = start
-        seen_keys = 0
         for n0 in range(start, end, MASK_BLOCK):
             n = n0 + tl.arange(0, MASK_BLOCK)
             seen = (tl.load(m_row + n.to(tl.int64) * sm_s, mask=n < end, other=0) != 0) & (n < end)
             lo = tl.minimum(lo, tl.min(tl.where(seen, n, end), axis=0))
             hi = tl.maximum(hi, tl.max(tl.where(seen, n + 1, start), axis=0))
-            seen_keys += tl.sum(seen.to(tl.int32), axis=0)
-        # keys below `read_to` read their mask byte: none when no key in [lo, hi) is hidden
-        read_to = tl.where(seen_keys != hi - lo, hi, lo)
+        lo = start + (lo - start) // BLOCK_N * BLOCK_N
     else:
         lo = start
         hi = end
@@ -1036,11 +1030,7 @@ def _decode_attn_kernel(
         k = tl.load(k_base + n.to(tl.int64)[:, None] * sk_s + dd[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_s + dd[None, :], mask=kv_ok, other=0.0)
         if HAS_MASK:
-            m_ptrs = m_row + n.to(tl.int64) * sm_s
-            if ONE_BLOCK or not DENSE_SPAN:
-                vis = inside & (tl.load(m_ptrs, mask=inside, other=0) != 0)
-            else:  # a dense span predicates the mask load off: no memory access, no wait
-                vis = inside & (tl.load(m_ptrs, mask=n < read_to, other=1) != 0)
+            vis = inside & (tl.load(m_row + n.to(tl.int64) * sm_s, mask=inside, other=0) != 0)
             if ONE_BLOCK:
                 # the block is the whole split, past the visible span too: a hidden slot (a static
                 # cache's unwritten tail, stale) adds nothing, even if it holds inf or nan
@@ -1118,10 +1108,6 @@ def decode_attn_config(d: int, rows: int, sms: int) -> dict:
 # PhiMoE 251-252 against 262 (h200-2026-11-30-ab-split-*-b1.json).
 DECODE_MIN_SPLIT_KEYS = 32
 
-# A split whose visible keys form one run (no hidden key between the first and the last) takes
-# visibility from the span alone, with no mask bytes loaded in its loop (0: always load them).
-DECODE_DENSE_SPAN = 1
-
 # Programs per SM the decode attention's key splits aim for (batch x kv heads x splits). 16 (more,
 # shorter splits at batch 16 and 64) decoded 3% slower for JetMoE at batch 16 and 64, 0.5% for
 # PhiMoE at 64 (h200-2026-11-30-ab-split16-*.json).
@@ -1186,7 +1172,6 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
         HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCK=min(1024, triton.next_power_of_2(chunk)),
         UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32", ROPE_Q=rope_q is not None,
         ROUND=round_code(q_BH1d.dtype), ONE_BLOCK=bool(DECODE_ONE_BLOCK_LOADS) and chunk <= block_n,
-        DENSE_SPAN=bool(DECODE_DENSE_SPAN),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q_BH1d.device, B * G * splits, B),
     )
     if splits > 1:
