@@ -46,9 +46,10 @@ def main() -> int:
     args = p.parse_args()
     if args.b:
         return ab_main(args)
-    result = {"device": torch.cuda.get_device_name(), "rows": []}
+    bw = ceilings()["copy_bytes_per_s"]
+    result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "rows": []}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for name, B, tiled, q, k, v, mask, floor_ms in cases(args):
+    for name, B, tiled, q, k, v, mask, floor_ms in cases(args, bw):
         G, d = k.shape[1], k.shape[-1]
         default = triton_fused.decode_attn_config(d, B * G, sms)
         want = triton_fused.decode_attention(q, k, v, mask, d**-0.5, tiled)
@@ -77,9 +78,9 @@ def main() -> int:
     return 0
 
 
-def cases(args):
-    """(layout, B, q, k, v, mask, floor ms) per layout and batch: the decode bench's cache shape."""
-    bw = ceilings()["copy_bytes_per_s"]
+def cases(args, bw: float):
+    """(layout, B, tiled, q, k, v, mask, floor ms) per layout and batch: the decode bench's cache
+    shape; the floor at copy bandwidth `bw`."""
     S, vis = args.slots, args.visible
     for name, (G, R, d, tiled) in LAYOUTS.items():
         for B in map(int, args.batches.split(",")):
@@ -97,8 +98,9 @@ def ab_main(args) -> int:
 
     module, attr, b_value = patch(args.b)
     a_value = getattr(module, attr)
-    result = {"device": torch.cuda.get_device_name(), "b": args.b, "rows": []}
-    for name, B, tiled, q, k, v, mask, floor_ms in cases(args):
+    bw = ceilings()["copy_bytes_per_s"]
+    result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "b": args.b, "rows": []}
+    for name, B, tiled, q, k, v, mask, floor_ms in cases(args, bw):
         run = functools.partial(triton_fused.decode_attention, q, k, v, mask, q.shape[-1] ** -0.5, tiled)
         times = {"A": [], "B": []}
         outs = {}
