@@ -699,6 +699,20 @@ def test_mask_kernel_keeps_build_mask_early_returns_and_errors(monkeypatch):
     assert len(launched) == 1, "the torch code without the fused kernels"
 
 
+def test_step_input_kernels_setting_takes_the_torch_code(monkeypatch):
+    # fused.STEP_INPUT_KERNELS = 0 (an A/B's B arm) runs the torch ops for the tables and the mask
+    called = []
+    for name in ("rope_tables", "causal_mask"):
+        monkeypatch.setattr(triton_fused, name, lambda *a, _n=name: called.append(_n))
+    monkeypatch.setattr(fused, "STEP_INPUT_KERNELS", 0)
+    rotary = RotaryEmbedding(16, {"rope_type": "default", "rope_theta": 10000.0})
+    with fused.forced():
+        cos, sin = rotary(torch.arange(4)[None], torch.bfloat16, False)
+        mask, _ = build_mask(torch.ones(2, 6, dtype=torch.long), torch.tensor([4]), 6, None, 2)
+    assert not called
+    assert cos.shape == (1, 4, 16) and mask.shape == (2, 1, 1, 6)
+
+
 @pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
 def test_decode_builds_rotary_tables_and_mask_in_kernels(arch, monkeypatch):
     # every forward of a static-cache generate (prefill and decode steps) takes both kernels
