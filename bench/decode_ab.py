@@ -15,6 +15,7 @@ captures its own graphs, so the path is chosen as decode would choose it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import statistics
 import sys
@@ -33,6 +34,17 @@ def configs_from(path: str):
     if not Path(path).is_file():
         raise FileNotFoundError(f"--b-configs: no file {path}")
     return triton_moe, "_device_file", lambda device: Path(path)
+
+
+@contextlib.contextmanager
+def setting(module, attr: str, value):
+    """`module.attr` set to `value` inside the block, back to what it was after."""
+    before = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, before)
 
 
 def patch(spec: str):
@@ -65,11 +77,8 @@ def main() -> int:
     # above every later round of either arm (clocks settle), which would favour arm A
     for rnd in range(args.rounds + 1):
         for arm, value in (("A", a_value), ("B", b_value)):
-            setattr(module, attr, value)
-            try:  # a new graph per arm: the path is chosen while capturing
+            with setting(module, attr, value):  # a new graph per arm: the path is chosen while capturing
                 t = cuda_time(_ours_decode(model, ids, args.steps), repeats=3, warmup=1) / args.steps
-            finally:
-                setattr(module, attr, a_value)
             if rnd:
                 times[arm].append(args.batch / t)
             print(f"{args.model} b{args.batch} {arm}: {args.batch / t:8.1f} tok/s{'' if rnd else ' (warm-up)'}",

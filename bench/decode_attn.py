@@ -94,7 +94,7 @@ def cases(args, bw: float):
 
 def ab_main(args) -> int:
     """The default configuration with the code as it is (A) and with `--b` set (B), alternating."""
-    from decode_ab import patch
+    from decode_ab import patch, setting
 
     module, attr, b_value = patch(args.b)
     a_value = getattr(module, attr)
@@ -106,12 +106,9 @@ def ab_main(args) -> int:
         outs = {}
         for _ in range(args.rounds):
             for arm, value in (("B", b_value), ("A", a_value)):
-                setattr(module, attr, value)
-                try:
+                with setting(module, attr, value):
                     outs[arm] = run()
                     times[arm].append(graph_ms(run))
-                finally:
-                    setattr(module, attr, a_value)
         med = {arm: statistics.median(t) for arm, t in times.items()}
         diff = ((outs["A"].float() - outs["B"].float()).norm() / outs["B"].float().norm()).item()
         us = {arm: [t * 1e3 for t in ts] for arm, ts in times.items()}

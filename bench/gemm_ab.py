@@ -23,7 +23,7 @@ import sys
 
 import torch
 import triton.testing
-from decode_ab import patch
+from decode_ab import patch, setting
 from tune_moe import DTYPE, SPECS, K, make_inputs, op_runner, ops_of
 
 from moetorch.benchmark import config_override
@@ -47,15 +47,11 @@ def main() -> int:
     b_config = dict(args.b_config)
     if args.b:
         module, attr, b_value = patch(args.b)
-        a_value = getattr(module, attr)
 
     def arm_b(fn):
         def run():
-            setattr(module, attr, b_value)
-            try:
+            with setting(module, attr, b_value):
                 fn()
-            finally:
-                setattr(module, attr, a_value)
         return run
     rows = []
     for name in args.shapes.split(","):
