@@ -643,6 +643,13 @@ def test_rope_tables_kernel_takes_expanded_positions_and_keeps_exact_steps():
     assert got[0].shape == (B, T, d) and torch.equal(got[0][0], got[0][2])
 
 
+def test_rope_tables_kernel_rejects_non_float32_frequencies():
+    pos = torch.arange(3)[None]
+    for inv_freq in (torch.ones(4, dtype=torch.bfloat16), torch.ones(2, 4)):
+        with pytest.raises(TypeError, match="inv_freq must be a float32 vector"):
+            triton_fused.rope_tables(pos, inv_freq, 1.0, torch.float32)
+
+
 def _padding_mask(B: int, L: int, g: torch.Generator, kind: str) -> torch.Tensor | None:
     # random 2D masks with zeros anywhere, the first row left-padded, in the dtypes callers pass
     if kind == "none":
