@@ -321,7 +321,8 @@ def test_linears_takes_torch_path_outside_decode_sizes(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,T,cos_batch,bias", [(1, 1, 1, False), (1, 1, 1, True), (4, 1, 4, False), (2, 3, 1, True)])
+@pytest.mark.parametrize("B,T,cos_batch,bias", [(1, 1, 1, False), (1, 1, 1, True), (4, 1, 4, False), (2, 3, 1, True),
+                                                  (16, 1, 16, True)])  # 16 rows: LINEAR_MAX_ROWS
 @pytest.mark.parametrize("to_cache", [True, False])
 def test_linears_rotated_matches_linears_then_rotary(dtype, B, T, cos_batch, bias, to_cache):
     # q/k/v projections with q and k rotated (and k, v written into cache slots) in one kernel,

@@ -25,8 +25,11 @@ NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 # than the two launches (router GEMV, routing) it saves; more rows take the GEMM and `_route_kernel`.
 ROUTE_MAX_ROWS = 64
 
-# Rows up to which `ops.linear.linears` runs the layers in one GEMV kernel.
-LINEAR_MAX_ROWS = 8
+# Rows up to which `ops.linear.linears` (and `linears_rotated`, with the rotary and the cache write)
+# runs the layers in one GEMV kernel. At 16 rows, graphed decode on the H200 (bench/decode_ab.py):
+# PhiMoE 898 -> 918 tok/s, JetMoE 3287 -> 3326 against cuBLAS and the rotary kernel. A 64-row tile
+# of the same kernel decoded JetMoE at batch 64 2% slower, PhiMoE level (docs/performance.md).
+LINEAR_MAX_ROWS = 16
 
 # The rotary tables and the attention mask of a step each in one kernel (`rope_tables`,
 # `causal_mask`); 0: their torch ops (the B arm of bench/decode_ab.py's A/B).
