@@ -256,17 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         result["transformers"] = transformers.__version__
     except ImportError:
         args.no_transformers = True
-    if not args.skip_check:
-        # Kernels against the reference at real sizes first: a fast wrong kernel is not a result.
-        from .gpu_check import run_checks
-
-        log("running the GPU checks (moetorch.gpu_check)")
-        result["gpu_check"] = checks = run_checks()
-        if not checks["ok"]:
-            failed = [k for k, v in checks.items() if v is False or (isinstance(v, str) and v.startswith("SYNC"))]
-            raise SystemExit(f"GPU checks failed ({failed or 'see the tolerances in moetorch.gpu_check'}); "
-                             "not benchmarking. --skip-check measures anyway.")
-        log("GPU checks passed")
+    result["gpu_check"] = gpu_checks(args.skip_check)
     result["ceilings"] = ceil = measure_ceilings()
     log(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s "
         f"(sustained {ceil['bf16_flops_per_s_sustained'] / 1e12:.0f})")
@@ -295,6 +285,25 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(summary(result))
     return 0
+
+
+def gpu_checks(skip: bool) -> dict | str:
+    """The kernels against the reference at real sizes (`moetorch.gpu_check`), before anything is
+    timed: a fast wrong kernel is not a result. Their results for the bench JSON, or a note that
+    they were skipped, so that a results file says which it was. Exits when a check fails."""
+    if skip:
+        log("GPU checks skipped (--skip-check)")
+        return "skipped (--skip-check)"
+    from .gpu_check import run_checks
+
+    log("running the GPU checks (moetorch.gpu_check)")
+    checks = run_checks()
+    if not checks["ok"]:
+        failed = [k for k, v in checks.items() if v is False or (isinstance(v, str) and v.startswith("SYNC"))]
+        raise SystemExit(f"GPU checks failed ({failed or 'see the tolerances in moetorch.gpu_check'}); "
+                         "not benchmarking. --skip-check measures anyway.")
+    log("GPU checks passed")
+    return checks
 
 
 def summary(result: dict) -> str:

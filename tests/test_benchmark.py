@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from archs import PHIMOE, randomize_
 
@@ -73,3 +74,17 @@ def test_config_override_names_the_bad_part():
                       ("BLOCK_Q=64", "BLOCK_Q is not a config key")):
         with pytest.raises(argparse.ArgumentTypeError, match=says):
             benchmark.config_override(bad)
+
+
+def test_gpu_checks_are_recorded_skipped_or_stop_the_bench(monkeypatch, capsys):
+    # a results file says whether the checks ran; a failed check stops the bench, naming the check
+    from moetorch import gpu_check
+
+    assert benchmark.gpu_checks(skip=True) == "skipped (--skip-check)"
+    assert "skipped" in capsys.readouterr().err
+    passed = {"ok": True, "fused.linears.jetmoe.kv.B16.rel_err": 0.0}
+    monkeypatch.setattr(gpu_check, "run_checks", lambda: passed)
+    assert benchmark.gpu_checks(skip=False) is passed
+    monkeypatch.setattr(gpu_check, "run_checks", lambda: {"ok": False, "fused.topk.B16.picks_equal": False})
+    with pytest.raises(SystemExit, match="fused.topk.B16.picks_equal"):
+        benchmark.gpu_checks(skip=False)
