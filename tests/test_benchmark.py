@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from archs import PHIMOE, randomize_
@@ -64,10 +66,6 @@ def test_sustained_rate_skips_the_first_third(monkeypatch):
 
 
 def test_config_override_names_the_bad_part():
-    import argparse
-
-    import pytest
-
     assert benchmark.config_override("num_stages=3") == ("num_stages", 3)
     assert benchmark.config_override("PERSISTENT=0") == ("PERSISTENT", 0)
     for bad, says in (("num_stages", "expected KEY=INT"), ("num_stages=three", "expected KEY=INT"),
