@@ -6,7 +6,7 @@ from `GATHER_MIN_ROWS` assignments on.
     PYTHONPATH=.:bench python bench/moa_gather.py [--tokens 2048,4096,8192,16384]
 
 JetMoE's shapes (8 experts, 2048 x 2048, top-2, random routing), each GEMM with the config the
-JSON gives it. Times in us: `triton.testing.do_bench` (median, L2 flushed), the fastest of three:
+JSON gives it. Times in us: `triton.testing.do_bench` (its mean, L2 flushed), the fastest of three:
 pointer A; descriptor A on rows gathered beforehand (the GEMM alone); the gather alone; gather and
 GEMM together. Floor: the GEMM's FLOPs at 797 TFLOP/s. The outputs of both ways are compared.
 """
