@@ -47,7 +47,8 @@ def candidates(T: int, gated: bool, n_out: int) -> list[dict]:
     """Block configurations worth timing at T tokens for a GEMM of `n_out` output columns (per half
     for gate_up): few rows per expert want a small BLOCK_M and many weight columns in flight; many
     rows want large tiles for the matrix units. The alignment-free kernel's grid is one program per
-    column tile: under 2 per SM, split-K candidates (up to 4 programs per SM) fill the GPU. At one
+    column tile: under 2 per SM, split-K candidates (up to 4 programs per SM, each also split by
+    expert: `triton_moe.splits_by_expert`) fill the GPU. At one
     token the CUDA-core kernel (GEMV) is a candidate too; past 2048 assignments every sorted-path
     candidate also as a persistent grid."""
     from moetorch.ops.triton_moe import use_small_kernel
@@ -77,8 +78,10 @@ def candidates(T: int, gated: bool, n_out: int) -> list[dict]:
                        num_warps=warps, num_stages=stages)
             if use_small_kernel(N, K):
                 tiles = -(-n_out // bn)
-                out += [{**cfg, "SPLIT_K": s} for s in (1, *SPLIT_KS)
-                        if s == 1 or (tiles < 2 * SMS and tiles * s <= 4 * SMS)]
+                splits = [s for s in SPLIT_KS if tiles < 2 * SMS and tiles * s <= 4 * SMS]
+                # each split both ways: the flat (expert, K step) loop, and whole experts a program
+                out += [{**cfg, "SPLIT_K": 1}] + [{**cfg, "SPLIT_K": s, **by} for s in splits
+                                                   for by in ({}, {"SPLIT_E": True})]
             else:
                 out.append(cfg)
                 if N > 2048:  # prefill sizes: also as a persistent grid, 1 (and where shared memory allows, 2) per SM
@@ -150,7 +153,8 @@ def gathers_first(N: int) -> bool:
 
 
 def small_op_runner(spec: dict, inp: dict, op: str, cfg: dict):
-    """`op_runner` for decode sizes: the alignment-free kernel, K rows folded in the down/reduce GEMM."""
+    """`op_runner` for decode sizes: the alignment-free kernel, K rows folded in the down/reduce GEMM
+    (left unsummed where the config splits by expert, as the models' decode runs it)."""
     from moetorch.ops import triton_moe as tm
 
     x, w_a, w_b = inp["x_TD"], inp["w_a"], inp["w_b"]
@@ -162,8 +166,9 @@ def small_op_runner(spec: dict, inp: dict, op: str, cfg: dict):
         act = "silu" if op == "gate_up" else None
         return lambda: tm.moe_gemm_small(x, w_a, y, ids, K, cfg, a_div=K, n_out=cols, act=act)
     h = inp["h_NC"] if op == "reduce" else torch.randn(N, spec["I"], device="cuda", dtype=DTYPE)
-    y = torch.empty(T, spec["D"], device="cuda", dtype=DTYPE)
-    return lambda: tm.moe_gemm_small(h, w_b, y, ids, K, cfg, a_div=1, sum_k=True, route_w_N=w)
+    sum_k = not tm.splits_by_expert(cfg)
+    y = torch.empty(T if sum_k else N, spec["D"], device="cuda", dtype=DTYPE)
+    return lambda: tm.moe_gemm_small(h, w_b, y, ids, K, cfg, a_div=1, sum_k=sum_k, route_w_N=w)
 
 
 def _compile_jobs(jobs: list[tuple[str, int, str, dict]]) -> int:

@@ -174,7 +174,8 @@ REAL_SIZES = {"phimoe": ("experts", 16, 4096, 6400), "jetmoe_mlp": ("experts", 8
 def check_triton(results):
     """The triton backend at real sizes against the float32 reference loop: bf16 at T in 1..4096
     (random routing; every token's first expert the same one at T=512), float32 at T=64, pointer
-    loads in place of tensor descriptors (MOETORCH_TMA=0) at T=512 and 4096, and a call under sync
+    loads in place of tensor descriptors (MOETORCH_TMA=0) at T=512 and 4096, the K terms left
+    uncombined (combine=False, as the models call it; summed here) at T=16, and a call under sync
     debug mode (any host sync raises)."""
     from moetorch.ops.triton_moe import tma_enabled
 
@@ -186,7 +187,8 @@ def check_triton(results):
         w_b = torch.randn(E, D, H, device="cuda", generator=g).bfloat16() * 0.02
         w32 = (w_a.float(), w_b.float())
         for T, case in ((1, "random"), (8, "random"), (64, "random"), (512, "random"), (4096, "random"),
-                        (512, "one_expert"), (64, "fp32"), (64, "no_sync"), (512, "no_tma"), (4096, "no_tma")):
+                        (512, "one_expert"), (64, "fp32"), (64, "no_sync"), (512, "no_tma"), (4096, "no_tma"),
+                        (16, "uncombined")):
             x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
             h = torch.randn(T, K, H, device="cuda", generator=g).bfloat16()
             gates = torch.rand(T, K, device="cuda", generator=g).bfloat16()
@@ -206,10 +208,13 @@ def check_triton(results):
                 torch.cuda.set_sync_debug_mode("error")
             try:
                 with _env(MOETORCH_TMA="0") if case == "no_tma" else contextlib.nullcontext():
+                    combine = case != "uncombined"
                     if kind == "experts":
-                        got = [experts_forward(xx, wa, wb, ids, gg, F.silu, backend="triton")]
+                        got = [experts_forward(xx, wa, wb, ids, gg, F.silu, "triton", combine)]
                     else:
-                        got = [expert_map(xx, wa, ids, "triton"), expert_reduce(hh, wb, ids, gg, "triton")]
+                        got = [expert_map(xx, wa, ids, "triton"), expert_reduce(hh, wb, ids, gg, "triton", combine)]
+                    if not combine:  # [T, K, D] terms where the kernels left them
+                        got[-1] = got[-1].float().sum(-2) if got[-1].dim() == 3 else got[-1]
             except RuntimeError as e:
                 results[f"triton.{name}.host_sync"] = f"SYNC: {e}"
                 ok = False

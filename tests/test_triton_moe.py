@@ -372,7 +372,8 @@ def test_reduce_reuses_the_maps_alignment(tm, monkeypatch):
 @pytest.mark.parametrize(("T", "small"), [(7, True), (7, False), (33, False)], ids=["T7-small", "T7-sorted", "T33-sorted"])
 def test_uncombined_outputs_sum_to_the_combined_ones(tm, T, small):
     # combine=False: the sorted path hands the K weighted terms to the caller (whose residual add
-    # sums them); summed, they are the combined output bit for bit. The small kernel sums anyway.
+    # sums them); summed, they are the combined output bit for bit. The small kernel without a
+    # split sums anyway (split by expert, it leaves the terms too: test_split_k_matches_reference).
     gen = torch.Generator().manual_seed(300 + T)
     x = torch.randn(T, D, generator=gen).to(torch.bfloat16)
     w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(torch.bfloat16)
@@ -459,6 +460,7 @@ def test_config_lookup(tm, tmp_path, monkeypatch):
     ({"num_stages": 2.5}, "num_stages must be a positive integer, got 2.5"),
     ({"SPLIT_K": True}, "SPLIT_K must be a positive integer, got True"),
     ({"GEMV": 1}, "GEMV must be true or false, got 1"),
+    ({"SPLIT_E": "yes"}, "SPLIT_E must be true or false, got 'yes'"),
     ({"BLOCK_Q": 16}, r"missing keys \[\], unknown keys \['BLOCK_Q'\]"),
 ])
 def test_config_file_errors_name_the_entry(tm, tmp_path, monkeypatch, bad, message):
@@ -507,8 +509,8 @@ SPLIT_CASES = [(3, "random", 16), (5, "one_expert", 16), (1, "one_expert", 32), 
 SPLIT_IDS = [f"T{T}-{kind}-bk{bk}" for T, kind, bk in SPLIT_CASES]
 
 
-def split_cfg(split_k, block_k, block_n=16):
-    return {**SMALL, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k}
+def split_cfg(split_k, block_k, block_n=16, by_expert=False):
+    return {**SMALL, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "SPLIT_E": by_expert}
 
 
 def empty_slices(ids, k_dim, block_k, split_k):
@@ -524,32 +526,77 @@ def assert_counters_zero(tm):
         assert not counters.any(), f"arrival counters {key} not reset: {counters.nonzero().flatten().tolist()}"
 
 
-def run_split(tm, inp, split_k, block_k):
-    """experts (gated gate_up + weighted down with the K fold), map, reduce through the split kernel."""
-    up, down = split_cfg(split_k, block_k), split_cfg(split_k, block_k, block_n=32)
+def run_split(tm, inp, split_k, block_k, combine=True, by_expert=False):
+    """experts (gated gate_up + weighted down with the K fold), map, reduce through the split kernel
+    (by_expert: configs that say SPLIT_E)."""
+    cfg = split_cfg(split_k, block_k, by_expert=by_expert)
+    down = split_cfg(split_k, block_k, block_n=32, by_expert=by_expert)
     return (
-        tm.experts_fused(inp["x"], inp["w13"], inp["w2"], inp["ids"], inp["weights"], "silu", configs=(up, down),
-                         small=True),
-        tm.map_fused(inp["x"], inp["w_map"], inp["ids"], split_cfg(split_k, block_k), small=True),
-        tm.reduce_fused(inp["h"], inp["w_red"], inp["ids"], inp["weights"], split_cfg(split_k, block_k), small=True),
+        tm.experts_fused(inp["x"], inp["w13"], inp["w2"], inp["ids"], inp["weights"], "silu", configs=(cfg, down),
+                         small=True, combine=combine),
+        tm.map_fused(inp["x"], inp["w_map"], inp["ids"], cfg, small=True),
+        tm.reduce_fused(inp["h"], inp["w_red"], inp["ids"], inp["weights"], cfg, small=True, combine=combine),
     )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("T", "kind", "block_k"), SPLIT_CASES, ids=SPLIT_IDS)
 @pytest.mark.parametrize("split_k", SPLITS)
-def test_split_k_matches_reference(tm, split_k, T, kind, block_k, dtype):
+@pytest.mark.parametrize("by_expert", [True, False], ids=["by-expert", "flat"])
+def test_split_k_matches_reference(tm, by_expert, split_k, T, kind, block_k, dtype):
+    # Configs with SPLIT_E: the GEMMs without a sum over K (gate_up, map; down and reduce with
+    # combine=False) give each program whole experts; the combined down and reduce keep the flat
+    # split and its partials either way.
     inp = expert_inputs(T, kind, dtype, seed=300 + T)
     if kind == "one_expert" and block_k == 32:  # the case is there for its empty slices
         assert empty_slices(inp["ids"], I, block_k, split_k) > 0
     f = {k: v.float() if v.is_floating_point() else v for k, v in inp.items()}
-    y, q, o = run_split(tm, inp, split_k, block_k)
+    want_y = experts_reference(f["x"], f["w13"], f["w2"], f["ids"], f["weights"], F.silu)
+    want_o = expert_reduce_reference(f["h"], f["w_red"], f["ids"], f["weights"])
+    y, q, o = run_split(tm, inp, split_k, block_k, by_expert=by_expert)
     assert y.dtype == q.dtype == o.dtype == dtype
     assert y.shape == (T, D) and q.shape == (T, K, C) and o.shape == (T, D)
-    check(y, experts_reference(f["x"], f["w13"], f["w2"], f["ids"], f["weights"], F.silu), dtype, f"experts {kind}")
+    check(y, want_y, dtype, f"experts {kind}")
     check(q, expert_map_reference(f["x"], f["w_map"], f["ids"]), dtype, f"map {kind}")
-    check(o, expert_reduce_reference(f["h"], f["w_red"], f["ids"], f["weights"]), dtype, f"reduce {kind}")
+    check(o, want_o, dtype, f"reduce {kind}")
     assert_counters_zero(tm)
+    # combine=False: split by expert, each token's K weighted terms, which sum to the output; the
+    # flat split sums them in registers
+    y_terms, _, o_terms = run_split(tm, inp, split_k, block_k, combine=False, by_expert=by_expert)
+    assert y_terms.shape == o_terms.shape == ((T, K, D) if by_expert else (T, D))
+    if by_expert:
+        y_terms, o_terms = y_terms.float().sum(-2), o_terms.float().sum(-2)
+    check(y_terms, want_y, dtype, f"experts {kind}, uncombined")
+    check(o_terms, want_o, dtype, f"reduce {kind}, uncombined")
+
+
+def test_split_by_expert_needs_no_partials(tm, monkeypatch):
+    """Split by expert, the GEMMs without a sum over K meet at no last arriver: arrival counters
+    stay untouched, and the result is the same whatever order the programs run in, with as many
+    splits as experts present or more (empty slices), and agrees with the flat split."""
+    inp = expert_inputs(6, "random", torch.float32, seed=21)
+    assert inp["ids"].unique().numel() == E  # 5 experts present: 4 splits take 1-2 each, 8 leave 3 empty
+    # counters at a value no launch leaves behind: a split-K program's arrival would move it
+    sentinel = torch.full((256,), 1000, dtype=torch.int32)
+    flat = run_split(tm, inp, 4, 16, combine=False)
+    for split_k in (4, 8):
+        with monkeypatch.context() as m:
+            m.setattr(tm, "arrival_counters", lambda device, tiles: sentinel)
+            first = run_split(tm, inp, split_k, 16, combine=False, by_expert=True)
+            for seed in range(2):
+                with monkeypatch.context() as order:
+                    shuffle_programs(order, seed)
+                    again = run_split(tm, inp, split_k, 16, combine=False, by_expert=True)
+                assert all(torch.equal(a, b) for a, b in zip(first, again)), f"{split_k} splits, order {seed}"
+        assert (sentinel == 1000).all(), "a split-by-expert launch used arrival counters"
+        assert first[0].shape == first[2].shape == (6, K, D)  # the K terms, for the caller to sum
+        check(first[0].sum(-2), flat[0], torch.float32, f"experts: {split_k} splits by expert vs flat")
+        check(first[1], flat[1], torch.float32, f"map: {split_k} splits by expert vs flat")
+        check(first[2].sum(-2), flat[2], torch.float32, f"reduce: {split_k} splits by expert vs flat")
+    # SPLIT_BY_EXPERT = 0 turns SPLIT_E off: the flat split, which sums over K in registers
+    monkeypatch.setattr(tm, "SPLIT_BY_EXPERT", 0)
+    off = run_split(tm, inp, 4, 16, combine=False, by_expert=True)
+    assert off[0].shape == (6, D) and all(torch.equal(a, b) for a, b in zip(flat, off))
 
 
 def test_split_k_deterministic_and_self_resetting(tm, monkeypatch):
@@ -648,3 +695,26 @@ def test_gemv_config_only_serves_one_token(tm, monkeypatch):
     assert len(defaults) == 2, "gate_up and down each fall back to the default block sizes"
     with pytest.raises(ValueError, match="one token"):
         real(x, w13, torch.empty(3 * K, 2 * I), ids.reshape(-1), K, cfg, a_div=K)
+
+
+def test_tuner_offers_both_splits(tm):
+    """bench/tune_moe.py's candidates are valid config entries, and at decode sizes every split-K
+    candidate comes both ways: the flat split and whole experts a program (SPLIT_E)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "tune_moe.py"
+    spec = importlib.util.spec_from_file_location("tune_moe_under_test", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    for T, gated, n_out in ((8, False, 2048), (16, True, 5632), (4096, False, 2048), (1, False, 4096)):
+        cands = tune.candidates(T, gated, n_out)
+        tm.check_configs({"op": {str(i + 1): c for i, c in enumerate(cands)}}, f"candidates at T={T}")
+        by_expert = [c for c in cands if c.get("SPLIT_E")]
+        assert all(c["SPLIT_K"] > 1 for c in by_expert)
+        flat = [c for c in cands if c.get("SPLIT_K", 1) > 1 and not c.get("SPLIT_E")]
+        assert sorted(map(str, flat)) == sorted(str({k: v for k, v in c.items() if k != "SPLIT_E"}) for c in by_expert)
+        if T == 8:
+            assert by_expert, "decode sizes: split candidates expected"
+        if not tm.use_small_kernel(T * K, K):
+            assert not by_expert and not flat

@@ -30,6 +30,9 @@ The machinery, shared by the SwiGLU experts and JetMoE's attention experts:
    loop over SPLIT_K programs: each writes a float32 partial to a workspace and bumps the tile's
    counter; the last to arrive sums the partials in split order (deterministic), runs the epilogue
    and resets the counter to zero, so no memset is needed between launches (or CUDA-graph replays).
+   Where a config also says SPLIT_E and no output row sums over experts (map, gate/up; down and
+   reduce when the caller takes the K terms uncombined), each program takes whole experts instead
+   and stores their rows itself: no partials, no last arriver.
 5. One token (N = K), where the config entry says GEMV: `_moe_gemv_kernel` on the CUDA cores. A
    program takes a few output columns of one assignment (of all K for down/reduce) and whole dot
    products, so a thousand-odd programs fill the GPU with no split-K partials (bench/decode_chain.py
@@ -445,14 +448,15 @@ def _gather_rows_kernel(
 
 @triton.jit
 def _small_epilogue(
-    acc, acc_up, out_ptr, route_w_ptr, num_rows, n_out, pid_n, stride_om, stride_on,
+    acc, acc_up, out_ptr, route_w_ptr, num_rows, n_out, pid_n, stride_om, stride_on, rows_ok,
     TOPK: tl.constexpr, SUM_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, WEIGHTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # `_moe_small_kernel`'s epilogue on the full float32 sums of one column tile (acc_up: the up
     # projection's when GATED, else unused): activation, routing weight, the fold over K, the store.
+    # rows_ok: the rows [BLOCK_M] this program stores (without SUM_K).
     n = tl.arange(0, BLOCK_M)
-    in_range = n < num_rows
+    in_range = rows_ok
     if GATED:
         acc = _activate(acc, ACT) * acc_up
     if WEIGHTED:
@@ -477,7 +481,7 @@ def _moe_small_kernel(
     E_PAD: tl.constexpr, TOPK: tl.constexpr, A_DIV: tl.constexpr, SUM_K: tl.constexpr, GATED: tl.constexpr,
     ACT: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, SPLIT_E: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -487,6 +491,10 @@ def _moe_small_kernel(
     # (other rows load zeros). SUM_K folds the K rows of a token in registers: no follow-up sum.
     # SPLIT_K > 1: program (pid_n, s) takes slice s of that flat loop and the last of the tile's
     # SPLIT_K programs to arrive sums the partials (see below). ws_ptr/counter_ptr unused when 1.
+    # SPLIT_E (with SPLIT_K > 1, not SUM_K): slice s is whole experts instead (ranks
+    # s*P // SPLIT_K up to (s+1)*P // SPLIT_K of the P present; with fewer than SPLIT_K present some
+    # slices are empty), so each output row, which one expert computes, is complete in one program:
+    # it stores its experts' rows itself, with no partials and no last arriver.
     pid_n = tl.program_id(0)
     n = tl.arange(0, BLOCK_M)
     in_range = n < num_rows
@@ -495,10 +503,19 @@ def _moe_small_kernel(
     present_E = (tl.sum((ids[:, None] == e_E[None, :]).to(tl.int32), axis=0) > 0).to(tl.int32)
     rank_E = tl.cumsum(present_E, axis=0) - 1
     k_steps = tl.cdiv(k_dim, BLOCK_K)
-    total = tl.sum(present_E, axis=0) * k_steps
+    n_present = tl.sum(present_E, axis=0)
+    total = n_present * k_steps
+    rows_ok = in_range
     if SPLIT_K == 1:
         lo = 0
         hi = total
+    elif SPLIT_E:
+        r_lo = tl.program_id(1) * n_present // SPLIT_K
+        r_hi = (tl.program_id(1) + 1) * n_present // SPLIT_K
+        lo = r_lo * k_steps
+        hi = r_hi * k_steps
+        row_rank = tl.sum(tl.where(ids[:, None] == e_E[None, :], rank_E[None, :], 0), axis=1)
+        rows_ok = in_range & (row_rank >= r_lo) & (row_rank < r_hi)
     else:
         # total depends on the routing: sliced here, on the device. A slice may be empty (lo >= hi:
         # fewer steps than SPLIT_K); its program still stores zeros as its partial and counts in.
@@ -539,39 +556,52 @@ def _moe_small_kernel(
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
     _pdl_release(PDL)
 
-    if SPLIT_K == 1:
-        _small_epilogue(acc, acc_up, out_ptr, route_w_ptr, num_rows, n_out, pid_n, stride_om, stride_on,
+    if SPLIT_K == 1 or SPLIT_E:  # each row complete in this program
+        _small_epilogue(acc, acc_up, out_ptr, route_w_ptr, num_rows, n_out, pid_n, stride_om, stride_on, rows_ok,
                         TOPK, SUM_K, GATED, ACT, WEIGHTED, BLOCK_M, BLOCK_N)
     else:
-        # Partials, before the (nonlinear) activation, in ws[s, pid_n, GATED + 1, num_rows, BLOCK_N]
-        # float32; only the num_rows real rows are written and read.
-        halves: tl.constexpr = 2 if GATED else 1
-        num_tiles = tl.num_programs(0)
-        offs = n[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        rows_ok = in_range[:, None]
-        part = num_rows * BLOCK_N
-        mine_ptr = ws_ptr + (tl.program_id(1) * num_tiles + pid_n).to(tl.int64) * (halves * part)
-        tl.store(mine_ptr + offs, acc, mask=rows_ok)
-        if GATED:
-            tl.store(mine_ptr + part + offs, acc_up, mask=rows_ok)
-        # Every thread's stores are issued before the (single-thread, gpu-scope) release of the
-        # counter increment; the tile's last arriver acquires all the others' partials through it.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            # Sum in split order whichever program came last: deterministic. ".cg" reads through
-            # L2 (the other SMs' writes), not this SM's non-coherent L1.
-            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            tot_up = tot
-            for s in tl.static_range(SPLIT_K):
-                s_ptr = ws_ptr + (s * num_tiles + pid_n).to(tl.int64) * (halves * part)
-                tot += tl.load(s_ptr + offs, mask=rows_ok, other=0.0, cache_modifier=".cg")
-                if GATED:
-                    tot_up += tl.load(s_ptr + part + offs, mask=rows_ok, other=0.0, cache_modifier=".cg")
-            _small_epilogue(tot, tot_up, out_ptr, route_w_ptr, num_rows, n_out, pid_n, stride_om, stride_on,
-                            TOPK, SUM_K, GATED, ACT, WEIGHTED, BLOCK_M, BLOCK_N)
-            # Back to zero for the next launch (or CUDA-graph replay): no memset per call.
-            tl.atomic_xchg(counter_ptr + pid_n, 0)
+        _small_split_k_sum(acc, acc_up, out_ptr, route_w_ptr, ws_ptr, counter_ptr, num_rows, n_out, pid_n,
+                           stride_om, stride_on, TOPK, SUM_K, GATED, ACT, WEIGHTED, BLOCK_M, BLOCK_N, SPLIT_K)
+
+
+@triton.jit
+def _small_split_k_sum(
+    acc, acc_up, out_ptr, route_w_ptr, ws_ptr, counter_ptr, num_rows, n_out, pid_n, stride_om, stride_on,
+    TOPK: tl.constexpr, SUM_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, WEIGHTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # `_moe_small_kernel`'s flat split: partials, before the (nonlinear) activation, in
+    # ws[s, pid_n, GATED + 1, num_rows, BLOCK_N] float32 (only the num_rows real rows are written and
+    # read); the tile's last program to arrive sums them and runs the epilogue.
+    n = tl.arange(0, BLOCK_M)
+    in_range = n < num_rows
+    halves: tl.constexpr = 2 if GATED else 1
+    num_tiles = tl.num_programs(0)
+    offs = n[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    rows_ok = in_range[:, None]
+    part = num_rows * BLOCK_N
+    mine_ptr = ws_ptr + (tl.program_id(1) * num_tiles + pid_n).to(tl.int64) * (halves * part)
+    tl.store(mine_ptr + offs, acc, mask=rows_ok)
+    if GATED:
+        tl.store(mine_ptr + part + offs, acc_up, mask=rows_ok)
+    # Every thread's stores are issued before the (single-thread, gpu-scope) release of the
+    # counter increment; the tile's last arriver acquires all the others' partials through it.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        # Sum in split order whichever program came last: deterministic. ".cg" reads through
+        # L2 (the other SMs' writes), not this SM's non-coherent L1.
+        tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        tot_up = tot
+        for s in tl.static_range(SPLIT_K):
+            s_ptr = ws_ptr + (s * num_tiles + pid_n).to(tl.int64) * (halves * part)
+            tot += tl.load(s_ptr + offs, mask=rows_ok, other=0.0, cache_modifier=".cg")
+            if GATED:
+                tot_up += tl.load(s_ptr + part + offs, mask=rows_ok, other=0.0, cache_modifier=".cg")
+        _small_epilogue(tot, tot_up, out_ptr, route_w_ptr, num_rows, n_out, pid_n, stride_om, stride_on,
+                        in_range, TOPK, SUM_K, GATED, ACT, WEIGHTED, BLOCK_M, BLOCK_N)
+        # Back to zero for the next launch (or CUDA-graph replay): no memset per call.
+        tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -636,12 +666,14 @@ def _moe_gemv_kernel(
 # ---- configs -----------------------------------------------------------------------------------
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-# Optional keys: only `moe_gemm_small` reads SPLIT_K (1 when absent) and GEMV (at one token, the
-# CUDA-core kernel `_moe_gemv_kernel` when true; at more tokens such an entry's column slices are
-# too narrow for the matrix units, and the default block sizes serve); the sorted path ignores both.
+# Optional keys: only `moe_gemm_small` reads SPLIT_K (1 when absent), SPLIT_E (split by expert,
+# see `splits_by_expert`) and GEMV (at one token, the CUDA-core kernel `_moe_gemv_kernel` when true;
+# at more tokens such an entry's column slices are too narrow for the matrix units, and the default
+# block sizes serve); the sorted path ignores them.
 # Only the sorted path reads PERSISTENT: programs per SM of a persistent grid (0 or absent: one
 # program per tile; on a CPU, under the interpreter, that many programs in all).
-OPTIONAL_CONFIG_KEYS = ("SPLIT_K", "GEMV", "PERSISTENT")
+OPTIONAL_CONFIG_KEYS = ("SPLIT_K", "SPLIT_E", "GEMV", "PERSISTENT")
+BOOL_CONFIG_KEYS = ("SPLIT_E", "GEMV")
 
 
 def config_key(op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype) -> str:
@@ -694,8 +726,8 @@ def _load_configs(path: str) -> dict:
 def check_configs(tables, where: str) -> None:
     """Raise a ValueError naming the file, entry, token bucket and key of the first bad value in a
     config table ({config_key: {bucket: config}}): block sizes and warps are powers of two, stages,
-    GROUP_M and SPLIT_K positive integers, PERSISTENT a count of programs per SM (0: off), GEMV a
-    bool, and no key outside CONFIG_KEYS and OPTIONAL_CONFIG_KEYS."""
+    GROUP_M and SPLIT_K positive integers, PERSISTENT a count of programs per SM (0: off), GEMV and
+    SPLIT_E bools, and no key outside CONFIG_KEYS and OPTIONAL_CONFIG_KEYS."""
     if not isinstance(tables, dict):
         raise ValueError(f"{where}: expected an object of config entries, got {type(tables).__name__}")
     for key, table in tables.items():
@@ -712,15 +744,15 @@ def check_configs(tables, where: str) -> None:
             if missing or unknown:
                 raise ValueError(f"{at}: missing keys {missing}, unknown keys {unknown}")
             for k, value in cfg.items():
-                if k == "GEMV":
+                if k in BOOL_CONFIG_KEYS:
                     ok = isinstance(value, bool)
                 else:
                     least = 0 if k == "PERSISTENT" else 1
                     ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
                     ok = ok and (not k.startswith(("BLOCK_", "num_warps")) or value & (value - 1) == 0)
                 if not ok:
-                    rule = {"GEMV": "true or false", "PERSISTENT": "an integer >= 0"}.get(
-                        k, "a power of two" if k.startswith(("BLOCK_", "num_warps")) else "a positive integer")
+                    rule = ("true or false" if k in BOOL_CONFIG_KEYS else "an integer >= 0" if k == "PERSISTENT"
+                            else "a power of two" if k.startswith(("BLOCK_", "num_warps")) else "a positive integer")
                     raise ValueError(f"{at}: {k} must be {rule}, got {value!r}")
 
 
@@ -923,6 +955,20 @@ def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return counters
 
 
+# The alignment-free kernel's split where a config says SPLIT_E and no output row sums over experts
+# (no `sum_k`): whole experts a program, each storing its own rows, instead of the flat (expert,
+# K step) loop cut evenly and summed by a last arriver. 0 turns it off everywhere (A/B runs).
+SPLIT_BY_EXPERT = 1
+
+
+def splits_by_expert(cfg: dict) -> bool:
+    """Whether `moe_gemm_small` with this config splits by expert once nothing sums over K: the
+    down and reduce GEMMs then leave their K terms to the caller (combine=False), as the sorted path
+    does, rather than fold them through split-K partials."""
+    return (bool(SPLIT_BY_EXPERT) and bool(cfg.get("SPLIT_E")) and cfg.get("SPLIT_K", 1) > 1
+            and not cfg.get("GEMV"))
+
+
 def moe_gemm_small(
     a: torch.Tensor, w_EOC: torch.Tensor, out: torch.Tensor, ids_N: torch.Tensor, K: int, cfg: dict, *,
     a_div: int, sum_k: bool = False, n_out: int | None = None, act: str | None = None,
@@ -930,8 +976,9 @@ def moe_gemm_small(
 ) -> torch.Tensor:
     """`moe_gemm` for N <= SMALL_MAX_ROWS without the alignment: A's row is n // a_div; out gets one
     row per assignment, or with `sum_k` one row per token (the sum over its K assignments).
-    cfg["SPLIT_K"] (default 1) splits each column tile's (expert, K step) loop over that many programs;
-    cfg["GEMV"] runs one token (N = K) through `moe_gemv` instead."""
+    cfg["SPLIT_K"] (default 1) splits each column tile's (expert, K step) loop over that many programs
+    (without `sum_k` and where `splits_by_expert`: whole experts a program); cfg["GEMV"] runs one token
+    (N = K) through `moe_gemv` instead."""
     E, O, C = w_EOC.shape
     n_out = n_out or O
     N = ids_N.numel()
@@ -945,7 +992,8 @@ def moe_gemm_small(
     if split_k < 1:
         raise ValueError(f"SPLIT_K must be a positive integer, got {split_k}")
     tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
-    if split_k > 1:
+    split_e = not sum_k and splits_by_expert(cfg)
+    if split_k > 1 and not split_e:
         # float32 partials ws[s, tile, gate/up, row, column]; never zeroed: every program writes its own
         ws = torch.empty(split_k * tiles * (2 if act else 1) * N * cfg["BLOCK_N"], dtype=torch.float32,
                          device=a.device)
@@ -959,8 +1007,8 @@ def moe_gemm_small(
         E_PAD=triton.next_power_of_2(E), TOPK=K, A_DIV=a_div, SUM_K=sum_k, GATED=act is not None, ACT=act or "none",
         WEIGHTED=route_w_N is not None, EVEN_K=C % cfg["BLOCK_K"] == 0, UPCAST=_interpreting(),
         PRECISION=precision, BLOCK_M=max(16, triton.next_power_of_2(N)), BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **pdl_meta(a.device),
+        BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split_k, SPLIT_E=split_e, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl_meta(a.device),
     )
     return out
 
@@ -1025,7 +1073,8 @@ def experts_fused(
     sizes, else tuned or default ones; the down GEMM uses gate_up's BLOCK_M (one alignment).
     `small`: force (True) or forbid (False) the alignment-free kernel; by default N decides.
     combine=False: the sorted path returns [T, K, D], each expert's weighted output, and leaves the
-    sum over K to the caller's residual add (`ops.norms`); the small kernel sums in registers anyway."""
+    sum over K to the caller's residual add (`ops.norms`); so does the small kernel where its down
+    GEMM splits by expert (`splits_by_expert`), and otherwise it sums in registers."""
     T, K = ids_TK.shape
     E, I2, D = w13_E2ID.shape
     I, N = I2 // 2, T * K
@@ -1039,6 +1088,9 @@ def experts_fused(
     if use_small_kernel(N, K) if small is None else small:
         h_NI = torch.empty(N, I, dtype=x_TD.dtype, device=x_TD.device)
         moe_gemm_small(x_TD, w13_E2ID, h_NI, ids_N, K, up_cfg, a_div=K, n_out=I, act=act)
+        if not combine and splits_by_expert(down_cfg):
+            y_ND = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device)
+            return moe_gemm_small(h_NI, w2_EDI, y_ND, ids_N, K, down_cfg, a_div=1, route_w_N=route_w_N).view(T, K, D)
         y_TD = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
         return moe_gemm_small(h_NI, w2_EDI, y_TD, ids_N, K, down_cfg, a_div=1, sum_k=True, route_w_N=route_w_N)
     down_cfg = {**down_cfg, "BLOCK_M": up_cfg["BLOCK_M"]}
@@ -1094,7 +1146,8 @@ def map_fused(x_TD, w_EOD, ids_TK, config=None, small=None) -> torch.Tensor:
 
 def reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK, config=None, small=None, combine: bool = True) -> torch.Tensor:
     """y_t = sum_k weights[t, k] W[ids[t, k]] h[t, k] through the fused kernel (forward only): [T, O].
-    combine=False: as in `experts_fused`, the sorted path returns [T, K, O] unsummed."""
+    combine=False: as in `experts_fused`, the sorted path (and the small kernel where it splits by
+    expert) returns [T, K, O] unsummed."""
     T, K = ids_TK.shape
     E, O, C = w_EOC.shape
     if T * K == 0:
@@ -1103,6 +1156,9 @@ def reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK, config=None, small=None, comb
     ids_N, route_w_N = ids_TK.reshape(-1).contiguous(), weights_TK.reshape(-1).contiguous()
     h_NC = h_TKC.reshape(T * K, C)
     if use_small_kernel(T * K, K) if small is None else small:
+        if not combine and splits_by_expert(cfg):
+            y_NO = torch.empty(T * K, O, dtype=h_TKC.dtype, device=h_TKC.device)
+            return moe_gemm_small(h_NC, w_EOC, y_NO, ids_N, K, cfg, a_div=1, route_w_N=route_w_N).view(T, K, O)
         y_TO = torch.empty(T, O, dtype=h_TKC.dtype, device=h_TKC.device)
         return moe_gemm_small(h_NC, w_EOC, y_TO, ids_N, K, cfg, a_div=1, sum_k=True, route_w_N=route_w_N)
     shared = _shared_alignment(ids_TK, E)
