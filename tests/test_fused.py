@@ -997,6 +997,33 @@ def test_triton_experts_leave_their_sum_to_the_next_norm(arch, monkeypatch):
     assert 1 in deltas_with_states
 
 
+@pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
+def test_small_expert_kernel_split_by_expert_leaves_its_sum_to_the_next_norm(arch, monkeypatch):
+    # Decode sizes (the alignment-free expert kernel) with every expert GEMM split by expert
+    # (SPLIT_E): the down and reduce outputs reach the next residual add with their K axis, and the
+    # logits match the torch path's.
+    from moetorch.ops import triton_moe
+
+    model = _tiny(arch)
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = "triton"
+    tuned = triton_moe.get_config
+    monkeypatch.setattr(triton_moe, "get_config", lambda *a, **kw: {**tuned(*a, **kw), "SPLIT_K": 2, "SPLIT_E": True})
+    deltas = []
+    launch = triton_fused._add_norm_launch
+    monkeypatch.setattr(triton_fused, "_add_norm_launch",
+                        lambda x, a, *r: deltas.append(None if a is None else a.dim() - x.dim()) or launch(x, a, *r))
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 3, "left", seed=12)
+    assert ids.numel() * model.config.num_experts_per_tok <= triton_moe.SMALL_MAX_ROWS
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        with fused.forced():
+            got = model(ids, attention_mask=mask).logits
+    close(got, want, torch.float32, "logits, experts split by expert")
+    assert 1 in deltas, "no expert axis reached the residual add"
+
+
 def test_fused_graphed_step_fallback_matches_dynamic_decode():
     model = _tiny(PHIMOE, sliding_window=4)
     B, P = 2, 5
