@@ -1,5 +1,5 @@
 """The small-row linear kernel (`ops.triton_fused.linear_small`) against torch's Linear, at the
-decode projections of both models, per row count and block configuration.
+decode projections and LM heads of both models, per row count and block configuration.
 
     PYTHONPATH=. python bench/linear_small.py --out r.json
 
@@ -26,6 +26,8 @@ SHAPES = {  # name: (K, output sizes, bias)
     "phimoe.qkv": (4096, (4096, 1024, 1024), True),
     "phimoe.o": (4096, (4096,), True),
     "jetmoe.kv": (2048, (4096,), False),
+    "phimoe.lm_head": (4096, (32064,), True),
+    "jetmoe.lm_head": (2048, (32000,), False),
 }
 # the matrix-unit tile (16 rows), and for one row the CUDA-core GEMV (BLOCK_M 1)
 CONFIGS = [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, num_warps=4, num_stages=s)
@@ -38,12 +40,14 @@ GEMV_CONFIGS = [dict(BLOCK_M=1, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", default="1,2,4,8,16")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {sorted(SHAPES)}")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     bw = ceilings()["copy_bytes_per_s"]
     result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "rows": []}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for name, (K, outs, bias) in SHAPES.items():
+    for name in args.shapes.split(","):
+        K, outs, bias = SHAPES[name]
         layers = [torch.nn.Linear(K, n, bias=bias, device="cuda", dtype=torch.bfloat16) for n in outs]
         ws, bs = [lay.weight for lay in layers], [lay.bias for lay in layers]
         for M in map(int, args.rows.split(",")):
