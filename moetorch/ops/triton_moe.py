@@ -495,6 +495,7 @@ def _moe_small_kernel(
     # s*P // SPLIT_K up to (s+1)*P // SPLIT_K of the P present; with fewer than SPLIT_K present some
     # slices are empty), so each output row, which one expert computes, is complete in one program:
     # it stores its experts' rows itself, with no partials and no last arriver.
+    tl.static_assert(not (SPLIT_E and SUM_K), "a split by expert stores whole rows: no fold over K")
     pid_n = tl.program_id(0)
     n = tl.arange(0, BLOCK_M)
     in_range = n < num_rows
