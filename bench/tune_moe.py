@@ -48,9 +48,8 @@ def candidates(T: int, gated: bool, n_out: int) -> list[dict]:
     for gate_up): few rows per expert want a small BLOCK_M and many weight columns in flight; many
     rows want large tiles for the matrix units. The alignment-free kernel's grid is one program per
     column tile: under 2 per SM, split-K candidates (up to 4 programs per SM, each also split by
-    expert: `triton_moe.splits_by_expert`) fill the GPU. At one
-    token the CUDA-core kernel (GEMV) is a candidate too; past 2048 assignments every sorted-path
-    candidate also as a persistent grid."""
+    expert: `triton_moe.splits_by_expert`) fill the GPU. At one token the CUDA-core kernel (GEMV) is
+    a candidate too; past 2048 assignments every sorted-path candidate also as a persistent grid."""
     from moetorch.ops.triton_moe import use_small_kernel
 
     N = T * K
