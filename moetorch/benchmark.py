@@ -242,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke runs)")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--skip-check", action="store_true", help="do not run the GPU correctness checks first")
+    p.add_argument("--layer-tokens", default="1,8,64,512,4096,16384",
+                   help="one MoE layer of each model per token count against its floors (moetorch.layer_bench); "
+                        "empty: none")
+    p.add_argument("--layer-chain", type=int, default=8,
+                   help="each MoE layer also timed as this many back to back in one graph, as a model runs them")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<gpu>-<date>.json)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -280,6 +285,16 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             torch.cuda.empty_cache()
         result["models"][name] = entry
+    layer_tokens = [int(x) for x in args.layer_tokens.split(",") if x]
+    if layer_tokens:
+        from .layer_bench import LAYERS, measure
+
+        log(f"one MoE layer per token count ({', '.join(map(str, layer_tokens))}), the triton experts")
+        try:
+            result["moe_layers"] = measure(LAYERS, layer_tokens, ("triton",), ceil, chain=args.layer_chain, log=log)
+        except Exception as e:  # as for the models: record it, and keep the numbers above
+            result["moe_layers"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"MoE layers failed: {e}")
     out = Path(args.out or f"bench/results/{gpu.replace(' ', '_').lower()}-{result['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -308,7 +323,8 @@ def gpu_checks(skip: bool) -> dict | str:
 
 def summary(result: dict) -> str:
     """The results as a table: each row against Transformers and the floor; prefill rows also
-    against the floor at the sustained matmul rate (`% sust.`), where the run measured it."""
+    against the floor at the sustained matmul rate (`% sust.`), where the run measured it. Then the
+    MoE layers' table, where the run measured them (`layer_bench.table_lines`)."""
     lines = [f"{'model':8} {'work':16} {'moetorch':>12} {'transformers':>13} {'floor':>10} {'x HF':>7} {'% floor':>8} "
              f"{'% sust.':>8}"]
     for name, e in result["models"].items():
@@ -325,6 +341,11 @@ def summary(result: dict) -> str:
             s = e["floors"].get("prefill_tokens_per_s_sustained")
             lines.append(f"{name:8} {'prefill ' + str(T):16} {_n(o):>12} {_n(h):>13} {f:>10.0f} "
                          f"{_r(o, h):>7} {_p(o, f):>8} {_p(o, s) if s else '-':>8}")
+    if isinstance(result.get("moe_layers"), list):
+        from .layer_bench import table_lines
+
+        lines += ["", "one MoE layer against its floors (ms; % of the memory and compute floors, alone and in a "
+                  "chain of layers)", *table_lines(result["moe_layers"])]
     return "\n".join(lines)
 
 
