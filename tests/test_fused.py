@@ -968,11 +968,10 @@ def test_fused_decode_gives_the_same_tokens(arch, cache_kind):
         close(a, b, torch.float32, "decode scores")
 
 
-@pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
-def test_triton_experts_leave_their_sum_to_the_next_norm(arch, monkeypatch):
-    # A prefill big enough for the experts' sorted path: each MoE output reaches the following
-    # residual add with its K axis (no sum kernel of its own), and logits and hidden states match
-    # the torch path's.
+def _triton_experts_and_residual_deltas(arch, monkeypatch):
+    """A tiny model whose expert layers take the triton backend, and the list that each fused
+    residual add's delta rank (minus its input's) will be appended to: 1 where a MoE output arrives
+    with its K axis, None where there is no delta."""
     model = _tiny(arch)
     for module in model.modules():
         if hasattr(module, "backend"):
@@ -981,6 +980,15 @@ def test_triton_experts_leave_their_sum_to_the_next_norm(arch, monkeypatch):
     launch = triton_fused._add_norm_launch
     monkeypatch.setattr(triton_fused, "_add_norm_launch",
                         lambda x, a, *r: deltas.append(None if a is None else a.dim() - x.dim()) or launch(x, a, *r))
+    return model, deltas
+
+
+@pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
+def test_triton_experts_leave_their_sum_to_the_next_norm(arch, monkeypatch):
+    # A prefill big enough for the experts' sorted path: each MoE output reaches the following
+    # residual add with its K axis (no sum kernel of its own), and logits and hidden states match
+    # the torch path's.
+    model, deltas = _triton_experts_and_residual_deltas(arch, monkeypatch)
     ids, mask = make_inputs(arch.base["vocab_size"], 2, 20, "left", seed=11)
     with torch.no_grad():
         want = model(ids, attention_mask=mask, output_hidden_states=True)
@@ -1004,16 +1012,9 @@ def test_small_expert_kernel_split_by_expert_leaves_its_sum_to_the_next_norm(arc
     # logits match the torch path's.
     from moetorch.ops import triton_moe
 
-    model = _tiny(arch)
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = "triton"
+    model, deltas = _triton_experts_and_residual_deltas(arch, monkeypatch)
     tuned = triton_moe.get_config
     monkeypatch.setattr(triton_moe, "get_config", lambda *a, **kw: {**tuned(*a, **kw), "SPLIT_K": 2, "SPLIT_E": True})
-    deltas = []
-    launch = triton_fused._add_norm_launch
-    monkeypatch.setattr(triton_fused, "_add_norm_launch",
-                        lambda x, a, *r: deltas.append(None if a is None else a.dim() - x.dim()) or launch(x, a, *r))
     ids, mask = make_inputs(arch.base["vocab_size"], 2, 3, "left", seed=12)
     assert ids.numel() * model.config.num_experts_per_tok <= triton_moe.SMALL_MAX_ROWS
     with torch.no_grad():
