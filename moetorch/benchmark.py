@@ -122,6 +122,25 @@ def config_override(text: str) -> tuple[str, int]:
     return key, int(value)
 
 
+def counts(text: str) -> list[int]:
+    """An argparse type for a comma list of positive integers (token counts, batch sizes); empty: none."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        if not item.isdigit() or int(item) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r} in {text!r}: expected positive integers, comma-separated")
+        out.append(int(item))
+    return out
+
+
+def model_names(text: str) -> list[str]:
+    """An argparse type for `--models`: a comma list of the bench's model sizes (SIZES)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in SIZES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(SIZES)}")
+    return names
+
+
 def param_bytes(cfg: dict, name: str) -> dict:
     """Bytes (bf16) of: one expert of the MLP, the rest of a layer, embeddings and head."""
     D, I, E, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], \
@@ -234,15 +253,15 @@ def _hf_decode(model, ids, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moetorch bench", description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="jetmoe,phimoe")
-    p.add_argument("--batches", default="1,16,64")
-    p.add_argument("--prefill", default="2048,8192")
+    p.add_argument("--models", default="jetmoe,phimoe", type=model_names)
+    p.add_argument("--batches", default="1,16,64", type=counts)
+    p.add_argument("--prefill", default="2048,8192", type=counts, help="prefill token counts (empty: none)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke runs)")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--skip-check", action="store_true", help="do not run the GPU correctness checks first")
-    p.add_argument("--layer-tokens", default="1,8,64,512,4096,16384",
+    p.add_argument("--layer-tokens", default="1,8,64,512,4096,16384", type=counts,
                    help="one MoE layer of each model per token count against its floors (moetorch.layer_bench); "
                         "empty: none")
     p.add_argument("--layer-chain", type=int, default=8,
@@ -251,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("moetorch bench needs a CUDA GPU")
-    batches = [int(x) for x in args.batches.split(",")]
-    prefills = [int(x) for x in args.prefill.split(",") if x]
+    batches, prefills = args.batches, args.prefill
     gpu = torch.cuda.get_device_name()
     result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "models": {}}
     try:
@@ -265,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     result["ceilings"] = ceil = measure_ceilings()
     log(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s "
         f"(sustained {ceil['bf16_flops_per_s_sustained'] / 1e12:.0f})")
-    for name in args.models.split(","):
+    for name in args.models:
         cfg = dict(SIZES[name])
         if args.layers:
             cfg["num_hidden_layers"] = args.layers
@@ -285,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             torch.cuda.empty_cache()
         result["models"][name] = entry
-    layer_tokens = [int(x) for x in args.layer_tokens.split(",") if x]
+    layer_tokens = args.layer_tokens
     if layer_tokens:
         from .layer_bench import LAYERS, measure
 

@@ -86,3 +86,15 @@ def test_gpu_checks_are_recorded_skipped_or_stop_the_bench(monkeypatch, capsys):
     monkeypatch.setattr(gpu_check, "run_checks", lambda: {"ok": False, "fused.topk.B16.picks_equal": False})
     with pytest.raises(SystemExit, match="fused.topk.B16.picks_equal"):
         benchmark.gpu_checks(skip=False)
+
+
+def test_bench_arguments_are_checked_before_anything_runs(capsys):
+    # lists parse into integers and known model names; a bad item is named, before the GPU check
+    assert benchmark.counts("1, 16,64") == [1, 16, 64] and benchmark.counts("") == []
+    assert benchmark.model_names("phimoe") == ["phimoe"]
+    for argv, named in ((["--batches", "1,x"], "'x' in '1,x'"), (["--prefill", "0"], "'0' in '0'"),
+                        (["--layer-tokens", "8,-1"], "'-1' in '8,-1'"), (["--models", "jetmoe,mixtral"], "mixtral")):
+        with pytest.raises(SystemExit) as exc:
+            benchmark.main(argv)
+        assert exc.value.code == 2, argv
+        assert named in capsys.readouterr().err, argv
