@@ -220,7 +220,9 @@ def bench_model(name: str, lib: str, cfg: dict, batches, prompt: int, steps: int
 
 
 def _ours_decode(model, ids, steps: int):
-    """A callable that decodes `steps` tokens after the prompt with graphed steps (prompt cached once)."""
+    """A callable that decodes `steps` tokens after the prompt with graphed steps (prompt cached once).
+    Each step feeds every row its prompt's last token, as `_hf_decode` does: rows fed one shared
+    token route alike in the first layer (bench/routing_spread.py)."""
     from moetorch import StaticCache
     from moetorch.engine import GraphedDecodeStep
 
@@ -228,7 +230,7 @@ def _ours_decode(model, ids, steps: int):
     cache = StaticCache(model.config, max_cache_len=prompt + steps + 8)
     model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     step = GraphedDecodeStep(model, cache, B)
-    tok = torch.zeros(B, 1, dtype=torch.long, device=ids.device)
+    tok = ids[:, -1:].clone()
     positions = [torch.full((B, 1), prompt + t, device=ids.device) for t in range(steps)]
     slots = [torch.tensor([prompt + t], device=ids.device) for t in range(steps)]
 

@@ -24,15 +24,21 @@ def test_floors_count_the_weights_a_step_reads():
 
 
 @torch.no_grad()
-def test_decode_driver_runs_and_resets_between_repeats():
+def test_decode_driver_runs_and_resets_between_repeats(monkeypatch):
+    from moetorch.engine import GraphedDecodeStep
+
+    fed, step = [], GraphedDecodeStep.__call__
+    monkeypatch.setattr(GraphedDecodeStep, "__call__", lambda self, tok, *a: fed.append(tok.clone()) or step(self, tok, *a))
     model = PHIMOE.ours["causal_lm"](PHIMOE.our_config())
     randomize_(model, 0)
     model.eval()
-    ids = torch.randint(0, 97, (2, 5))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
     run = benchmark._ours_decode(model, ids, steps=3)
     run()
     run()
     assert model.generation_config is not None
+    # every step feeds each row its prompt's last token, as the Transformers driver does
+    assert len(fed) == 6 and all(torch.equal(tok, ids[:, -1:]) for tok in fed)
 
 
 def test_summary_table():
