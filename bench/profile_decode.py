@@ -29,7 +29,7 @@ def _step_fn(model, B: int, prompt: int, graphs: bool):
     ids = torch.randint(0, model.config.vocab_size, (B, prompt), device="cuda")
     model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     step = GraphedDecodeStep(model, cache, B, enabled=graphs)
-    tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    tok = ids[:, -1:].clone()  # each row its own token, as moetorch bench's decode driver feeds them
     pos = torch.full((B, 1), prompt, device="cuda")
     slot = torch.tensor([prompt], device="cuda")
 
