@@ -196,13 +196,15 @@ def chain_row(spec: dict, layers: list, x_TD, delta_TD, backend: str, ceil: dict
             "pct_compute_floor_chain": 100 * cmp / ms_layer if ms_layer else float("nan")}
 
 
+@torch.no_grad()
 def measure(specs: dict, tokens, backends, ceil: dict, chain: int = 8, kernels: int = 0,
             log: Callable[[str], None] = print, device="cuda") -> list[dict]:
     """One row per layer (`specs`: name -> a LAYERS entry), token count and backend: the floors
     (`ceil`: `benchmark.measure_ceilings`), the eager and graphed times and each as % of its floor;
     for the triton backend with chain > 1 also the time a layer takes as `chain` of them run back to
     back in one graph (`chain_row`); with kernels > 0 the triton layer's longest kernels. Where
-    grouped_mm ran too, each row's output difference from it and speed-up over it."""
+    grouped_mm ran too, each row's output difference from it and speed-up over it. Without
+    gradients, as inference runs the layers (the norms' weights are parameters)."""
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
     for name, spec in specs.items():

@@ -38,7 +38,13 @@ def fake_timers(monkeypatch):
     return calls
 
 
-def test_measure_rows_floors_and_chain(fake_timers):
+def test_measure_rows_floors_and_chain(fake_timers, monkeypatch):
+    # the layers run as inference runs them: no autograd graph (the norm's weights are parameters,
+    # and a layer that needs gradients takes the unfused path)
+    grad_modes = []
+    run_layer = layer_bench.run_layer
+    monkeypatch.setattr(layer_bench, "run_layer",
+                        lambda *a, **k: grad_modes.append(torch.is_grad_enabled()) or run_layer(*a, **k))
     lines = []
     rows = layer_bench.measure(TINY, [3, 70], ("triton", "gather"), CEIL, chain=2, log=lines.append, device="cpu")
     # gather runs up to GATHER_MAX_T tokens only
@@ -72,6 +78,7 @@ def test_measure_rows_floors_and_chain(fake_timers):
         else:
             assert "chain_layers" not in r
     assert any("in a chain" in line for line in lines)
+    assert grad_modes and not any(grad_modes)
     table = layer_bench.table_lines(rows)
     assert len(table) == 1 + len(rows) and "%mem ch" in table[0]
 
