@@ -141,6 +141,11 @@ def model_names(text: str) -> list[str]:
     return names
 
 
+def layer_model(layer: str) -> str:
+    """The model a `layer_bench.LAYERS` entry belongs to ("jetmoe_moa" -> "jetmoe")."""
+    return layer.split("_")[0]
+
+
 def param_bytes(cfg: dict, name: str) -> dict:
     """Bytes (bf16) of: one expert of the MLP, the rest of a layer, embeddings and head."""
     D, I, E, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], \
@@ -310,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         from .layer_bench import LAYERS, measure
 
         log(f"one MoE layer per token count ({', '.join(map(str, layer_tokens))}), the triton experts")
+        specs = {n: spec for n, spec in LAYERS.items() if layer_model(n) in args.models}
         try:
-            result["moe_layers"] = measure(LAYERS, layer_tokens, ("triton",), ceil, chain=args.layer_chain, log=log)
+            result["moe_layers"] = measure(specs, layer_tokens, ("triton",), ceil, chain=args.layer_chain, log=log)
         except Exception as e:  # as for the models: record it, and keep the numbers above
             result["moe_layers"] = {"error": f"{type(e).__name__}: {e}"}
             log(f"MoE layers failed: {e}")

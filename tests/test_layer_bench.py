@@ -115,3 +115,9 @@ def test_bench_summary_lists_the_layers(fake_timers):
     assert "one MoE layer" not in benchmark.summary({"models": {}})
     # a failed layer run is recorded as an error, and the summary leaves its table out
     assert "one MoE layer" not in benchmark.summary({"models": {}, "moe_layers": {"error": "RuntimeError: x"}})
+
+
+def test_every_bench_layer_belongs_to_a_bench_model():
+    # `moetorch bench --models` picks the layers of the models it runs
+    assert {benchmark.layer_model(n) for n in layer_bench.LAYERS} == set(benchmark.SIZES)
+    assert [n for n in layer_bench.LAYERS if benchmark.layer_model(n) == "jetmoe"] == ["jetmoe_mlp", "jetmoe_moa"]
