@@ -110,9 +110,8 @@ def launcher(op_name: str, T: int, link: tuple, cfg: dict):
     if op in ("gate_up", "map"):
         y = torch.empty(T * K, n_out, device="cuda", dtype=DTYPE)
         return lambda: tm.moe_gemm_small(a, w, y, ids, K, cfg, a_div=K, n_out=n_out, act="silu" if gated else None)
-    sum_k = not tm.splits_by_expert(cfg)  # split by expert: the K terms left for the next norm, as decode runs it
-    y = torch.empty(T if sum_k else T * K, n_out, device="cuda", dtype=DTYPE)
-    return lambda: tm.moe_gemm_small(a, w, y, ids, K, cfg, a_div=1, sum_k=sum_k, route_w_N=route_w)
+    # uncombined where the config splits by expert: the K terms left for the next norm, as decode runs it
+    return lambda: tm.moe_gemm_small_weighted(a, w, ids, K, cfg, route_w, combine=False)
 
 
 def weight_bytes(op_name: str, link: tuple) -> int:

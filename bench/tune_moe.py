@@ -165,6 +165,7 @@ def small_op_runner(spec: dict, inp: dict, op: str, cfg: dict):
         act = "silu" if op == "gate_up" else None
         return lambda: tm.moe_gemm_small(x, w_a, y, ids, K, cfg, a_div=K, n_out=cols, act=act)
     h = inp["h_NC"] if op == "reduce" else torch.randn(N, spec["I"], device="cuda", dtype=DTYPE)
+    # the output allocated here, outside the timed call: `moe_gemm_small_weighted`'s choice of shape
     sum_k = not tm.splits_by_expert(cfg)
     y = torch.empty(T if sum_k else N, spec["D"], device="cuda", dtype=DTYPE)
     return lambda: tm.moe_gemm_small(h, w_b, y, ids, K, cfg, a_div=1, sum_k=sum_k, route_w_N=w)

@@ -1014,6 +1014,18 @@ def moe_gemm_small(
     return out
 
 
+def moe_gemm_small_weighted(h_NC, w_EOC, ids_N, K: int, cfg: dict, route_w_N, combine: bool = True) -> torch.Tensor:
+    """The down or reduce GEMM at decode sizes: sum_k route_w[n] W[ids[n]] h[n] per token, [T, O]
+    (the K terms folded in registers), or with combine=False where the config splits by expert
+    (`splits_by_expert`) the K weighted terms themselves, [T, K, O], for the caller to sum."""
+    N, O = ids_N.numel(), w_EOC.shape[1]
+    if not combine and splits_by_expert(cfg):
+        y_NO = torch.empty(N, O, dtype=h_NC.dtype, device=h_NC.device)
+        return moe_gemm_small(h_NC, w_EOC, y_NO, ids_N, K, cfg, a_div=1, route_w_N=route_w_N).view(N // K, K, O)
+    y_TO = torch.empty(N // K, O, dtype=h_NC.dtype, device=h_NC.device)
+    return moe_gemm_small(h_NC, w_EOC, y_TO, ids_N, K, cfg, a_div=1, sum_k=True, route_w_N=route_w_N)
+
+
 def moe_gemv(
     a: torch.Tensor, w_EOC: torch.Tensor, out: torch.Tensor, ids_N: torch.Tensor, K: int, cfg: dict, *,
     a_div: int, sum_k: bool = False, n_out: int | None = None, act: str | None = None,
@@ -1089,11 +1101,7 @@ def experts_fused(
     if use_small_kernel(N, K) if small is None else small:
         h_NI = torch.empty(N, I, dtype=x_TD.dtype, device=x_TD.device)
         moe_gemm_small(x_TD, w13_E2ID, h_NI, ids_N, K, up_cfg, a_div=K, n_out=I, act=act)
-        if not combine and splits_by_expert(down_cfg):
-            y_ND = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device)
-            return moe_gemm_small(h_NI, w2_EDI, y_ND, ids_N, K, down_cfg, a_div=1, route_w_N=route_w_N).view(T, K, D)
-        y_TD = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
-        return moe_gemm_small(h_NI, w2_EDI, y_TD, ids_N, K, down_cfg, a_div=1, sum_k=True, route_w_N=route_w_N)
+        return moe_gemm_small_weighted(h_NI, w2_EDI, ids_N, K, down_cfg, route_w_N, combine)
     down_cfg = {**down_cfg, "BLOCK_M": up_cfg["BLOCK_M"]}
     sorted_P, block_expert_B = moe_align(ids_N, E, up_cfg["BLOCK_M"])
     a, a_div = x_TD, K
@@ -1157,11 +1165,7 @@ def reduce_fused(h_TKC, w_EOC, ids_TK, weights_TK, config=None, small=None, comb
     ids_N, route_w_N = ids_TK.reshape(-1).contiguous(), weights_TK.reshape(-1).contiguous()
     h_NC = h_TKC.reshape(T * K, C)
     if use_small_kernel(T * K, K) if small is None else small:
-        if not combine and splits_by_expert(cfg):
-            y_NO = torch.empty(T * K, O, dtype=h_TKC.dtype, device=h_TKC.device)
-            return moe_gemm_small(h_NC, w_EOC, y_NO, ids_N, K, cfg, a_div=1, route_w_N=route_w_N).view(T, K, O)
-        y_TO = torch.empty(T, O, dtype=h_TKC.dtype, device=h_TKC.device)
-        return moe_gemm_small(h_NC, w_EOC, y_TO, ids_N, K, cfg, a_div=1, sum_k=True, route_w_N=route_w_N)
+        return moe_gemm_small_weighted(h_NC, w_EOC, ids_N, K, cfg, route_w_N, combine)
     shared = _shared_alignment(ids_TK, E)
     if shared is not None:  # the map's, on these ids
         block_m, (sorted_P, block_expert_B) = shared
