@@ -14,9 +14,8 @@ import time
 
 import torch
 
-import moetorch
 from moetorch import StaticCache
-from moetorch.benchmark import SIZES
+from moetorch.benchmark import SIZES, build
 
 
 @torch.no_grad()
@@ -29,14 +28,7 @@ def main() -> int:
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = {**SIZES[args.model], "num_hidden_layers": args.layers}
-    names = {"jetmoe": ("JetMoeConfig", "JetMoeForCausalLM"), "phimoe": ("PhimoeConfig", "PhimoeForCausalLM")}
-    config_cls, model_cls = (getattr(moetorch, n) for n in names[args.model])
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = model_cls(config_cls(**cfg)).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    model = build(args.model, "moetorch", cfg, device="cpu")
     B, P, k, E = args.batch, args.prompt, cfg["num_experts_per_tok"], cfg["num_local_experts"]
     ids = torch.randint(0, cfg["vocab_size"], (B, P))
     start = time.time()

@@ -178,8 +178,8 @@ def active_params(pb: dict) -> float:
     return pb["layers"] * per_layer + pb["head"] / 2
 
 
-def build(name: str, lib: str, cfg: dict):
-    """A random-weight bf16 model on the GPU, without a CPU copy."""
+def build(name: str, lib: str, cfg: dict, device="cuda"):
+    """A random-weight bf16 model on `device` (the GPU: without a CPU copy)."""
     if lib == "moetorch":
         import moetorch as m
     else:
@@ -190,7 +190,7 @@ def build(name: str, lib: str, cfg: dict):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = getattr(m, cls)(config)
     finally:
         torch.set_default_dtype(previous)
