@@ -241,8 +241,9 @@ def measure(specs: dict, tokens, backends, ceil: dict, chain: int = 8, kernels: 
                 rows.append(row)
                 log(f"{name:11s} T={T:6d} {backend:10s} graph {row['graph_ms'] or float('nan'):8.3f} ms  eager "
                     f"{row['eager_ms']:8.3f} ms  mem {row['pct_memory_floor']:5.1f}%  "
-                    f"compute {row['pct_compute_floor']:5.1f}% (sust. {row['pct_compute_floor_sustained']:5.1f}%)  "
-                    f"diff vs grouped_mm {row.get('rel_diff_vs_grouped_mm', float('nan')):.1e}")
+                    f"compute {row['pct_compute_floor']:5.1f}% (sust. {row['pct_compute_floor_sustained']:5.1f}%)"
+                    + (f"  diff vs grouped_mm {row['rel_diff_vs_grouped_mm']:.1e}"
+                       if "rel_diff_vs_grouped_mm" in row else ""))
                 if "chain_ms_per_layer" in row:
                     chain_ms = row["chain_ms_per_layer"] or float("nan")
                     log(f"{'':11s} {'':8s} {'in a chain':10s} {chain_ms:8.3f} ms a layer  mem "
@@ -270,9 +271,10 @@ def table_lines(rows) -> list[str]:
         if r.get("chain_ms_per_layer"):
             chain = (f"{r['chain_ms_per_layer']:9.3f} {r['pct_memory_floor_chain']:7.1f} "
                      f"{r['pct_compute_floor_chain']:7.1f}")
+        vs_gmm = f"{r['speedup_vs_grouped_mm']:6.2f}" if "speedup_vs_grouped_mm" in r else f"{'-':>6s}"
         lines.append(f"{r['layer']:11s} {r['T']:6d} {r['backend']:10s} {graph} {r['eager_ms']:9.3f} "
                      f"{r['memory_floor_ms']:9.3f} {r['pct_memory_floor']:6.1f} {r['compute_floor_ms']:9.3f} "
-                     f"{r['pct_compute_floor']:6.1f} {r.get('speedup_vs_grouped_mm', float('nan')):6.2f} "
+                     f"{r['pct_compute_floor']:6.1f} {vs_gmm} "
                      f"{r['router_graph_ms'] or float('nan'):9.3f} {chain}")
     return lines
 

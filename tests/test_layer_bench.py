@@ -78,6 +78,7 @@ def test_measure_rows_floors_and_chain(fake_timers, monkeypatch):
         else:
             assert "chain_layers" not in r
     assert any("in a chain" in line for line in lines)
+    assert not any("nan" in line for line in lines)  # no grouped_mm ran: no difference against it is quoted
     assert grad_modes and not any(grad_modes)
     table = layer_bench.table_lines(rows)
     assert len(table) == 1 + len(rows) and "%mem ch" in table[0]
@@ -112,6 +113,8 @@ def test_bench_summary_lists_the_layers(fake_timers):
     result = {"models": {}, "moe_layers": rows}
     text = benchmark.summary(result)
     assert "one MoE layer against its floors" in text and "tiny_moa" in text
+    # with no grouped_mm run beside it (as `moetorch bench` runs it), nothing compares against one
+    assert "nan" not in text and "vs gmm" in text
     assert "one MoE layer" not in benchmark.summary({"models": {}})
     # a failed layer run is recorded as an error, and the summary leaves its table out
     assert "one MoE layer" not in benchmark.summary({"models": {}, "moe_layers": {"error": "RuntimeError: x"}})
