@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -104,3 +105,51 @@ def test_bench_arguments_are_checked_before_anything_runs(capsys):
             benchmark.main(argv)
         assert exc.value.code == 2, argv
         assert named in capsys.readouterr().err, argv
+
+
+def _layer_row(layer, T, mem, cmp, chain=None):
+    row = {"layer": layer, "T": T, "graph_ms": 0.5, "eager_ms": 0.9, "pct_memory_floor": mem, "pct_compute_floor": cmp}
+    if chain:
+        row.update(chain_ms_per_layer=0.4, pct_memory_floor_chain=chain[0], pct_compute_floor_chain=chain[1])
+    return row
+
+
+def test_markdown_tables_from_a_results_file(tmp_path, capsys):
+    # `moetorch bench --markdown FILE` builds the README's tables from a results file (JSON: string
+    # keys) and measures nothing, so it runs without a GPU
+    result = {"gpu": "NVIDIA H200", "date": "2026-11-30", "transformers": "5.17.0", "models": {"jetmoe": {
+        "floors": {"decode_ms_per_step": {"1": 1.0}, "prefill_tokens_per_s": 100000.0,
+                   "prefill_tokens_per_s_sustained": 80000.0},
+        "moetorch": {"decode_tokens_per_s": {"1": 800.0}, "prefill_tokens_per_s": {"2048": 60000.0}},
+        "transformers": {"decode_tokens_per_s": {"1": 12.0}, "prefill_tokens_per_s": {"2048": 40000.0}},
+    }}, "moe_layers": [
+        _layer_row("jetmoe_moa", 8, 50.0, 0.7, chain=(71.0, 0.8)),  # decode size: judged in the chain
+        _layer_row("jetmoe_moa", 512, 30.0, 20.0),  # no target between 64 and 4096 tokens
+        _layer_row("jetmoe_mlp", 4096, 15.0, 74.9, chain=(14.0, 80.0)),  # prefill size: judged alone
+    ]}
+    path = tmp_path / "h200.json"
+    path.write_text(json.dumps(result))
+    assert benchmark.main(["--markdown", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Results: `h200.json` (NVIDIA H200, 2026-11-30; Transformers 5.17.0)"
+    assert "| jetmoe | decode, batch 1 | 800 | 12.0 | 66.7x | 80% of 1000 |" in lines
+    assert "| jetmoe | prefill, 2048 tokens | 60000 | 40000 | 1.5x | 60% of 100000 (75% of 80000 sustained) |" in lines
+    assert "| jetmoe_moa | 8 | 0.500 | 50.0% | 0.7% | 0.400, 71.0%, 0.8% | memory >= 70% (chain): met |" in lines
+    assert "| jetmoe_moa | 512 | 0.500 | 30.0% | 20.0% | - | - |" in lines
+    assert "| jetmoe_mlp | 4096 | 0.500 | 15.0% | 74.9% | 0.400, 14.0%, 80.0% | compute >= 75%: not met |" in lines
+    # a run without Transformers or without layer rows still gives its table
+    del result["moe_layers"], result["models"]["jetmoe"]["transformers"]
+    text = benchmark.markdown(result)
+    assert "| jetmoe | decode, batch 1 | 800 | - | - | 80% of 1000 |" in text and "| layer |" not in text
+
+
+def test_markdown_names_a_file_it_cannot_use(tmp_path):
+    for name, text in (("broken.json", "{"), ("other.json", '{"rows": []}')):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(SystemExit) as exc:
+            benchmark.main(["--markdown", str(path)])
+        assert name in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["--markdown", str(tmp_path / "missing.json")])
+    assert "missing.json" in str(exc.value)
