@@ -315,9 +315,12 @@ def _add_norm_route_kernel(
 
 # `add_norm_route` gives each row one program that computes all E logits and routes them, rather
 # than E programs per row whose last arriver routes, up to this many rows and router values (E x D).
-# On the H200 at batch-1 decode (bench/decode_ab.py): JetMoE's 8 x 2048 router 2-6% faster that
-# way; PhiMoE's 16 x 4096 2.5% slower (one SM loading 128 KB takes longer than the arrival).
-ROUTE_ONE_PROGRAM_ROWS = 1
+# On the H200 (bench/decode_ab.py): JetMoE's 8 x 2048 router 2-6% faster that way at batch 1, and
+# at every row count the fused router serves (fused.ROUTE_MAX_ROWS): batch-64 decode 11476 against
+# 11285 tok/s, batch 16 3200 against 3173, batch 4 1118 against 1094 (one program a row against E
+# programs and an arrival, h200-2026-11-30-ab-route-all-e-*.json); PhiMoE's 16 x 4096 2.5% slower at batch 1 (one SM
+# loading 128 KB takes longer than the arrival), so its router keeps the arrival.
+ROUTE_ONE_PROGRAM_ROWS = 64
 ROUTE_ONE_PROGRAM_VALUES = 16384
 
 
