@@ -403,6 +403,9 @@ def markdown(result: dict, source: str = "") -> str:
     def speedup(a, b):
         return "-" if not a or not b else f"{a / b:.1f}x"
 
+    def pct(a, f):  # one decimal: some rows sit within a few tenths of their target
+        return "-" if not a else f"{100 * a / f:.1f}%"
+
     lines = [f"Results: `{source}` ({result.get('gpu', '?')}, {result.get('date', '?')}; Transformers "
              f"{result.get('transformers', 'not run')})" if source else "",
              "| model | work | moetorch | Transformers | speed-up | vs floor |", "|---|---|---|---|---|---|"]
@@ -413,14 +416,14 @@ def markdown(result: dict, source: str = "") -> str:
             h = hf.get("decode_tokens_per_s", {}).get(B)
             f = int(B) / (floor_ms / 1e3)
             lines.append(f"| {name} | decode, batch {B} | {tok(o)} | {tok(h)} | {speedup(o, h)} | "
-                         f"{_p(o, f)} of {f:.0f} |")
+                         f"{pct(o, f)} of {f:.0f} |")
         for T, o in ours.get("prefill_tokens_per_s", {}).items():
             h = hf.get("prefill_tokens_per_s", {}).get(T)
             f = e["floors"]["prefill_tokens_per_s"]
             s = e["floors"].get("prefill_tokens_per_s_sustained")
-            sust = f" ({_p(o, s)} of {s:.0f} sustained)" if s else ""
+            sust = f" ({pct(o, s)} of {s:.0f} sustained)" if s else ""
             lines.append(f"| {name} | prefill, {T} tokens | {tok(o)} | {tok(h)} | {speedup(o, h)} | "
-                         f"{_p(o, f)} of {f:.0f}{sust} |")
+                         f"{pct(o, f)} of {f:.0f}{sust} |")
     layers = result.get("moe_layers")
     if isinstance(layers, list) and layers:
         lines += ["", "| layer | tokens | ms | % of memory floor | % of compute floor "

@@ -132,15 +132,15 @@ def test_markdown_tables_from_a_results_file(tmp_path, capsys):
     assert benchmark.main(["--markdown", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "Results: `h200.json` (NVIDIA H200, 2026-11-30; Transformers 5.17.0)"
-    assert "| jetmoe | decode, batch 1 | 800 | 12.0 | 66.7x | 80% of 1000 |" in lines
-    assert "| jetmoe | prefill, 2048 tokens | 60000 | 40000 | 1.5x | 60% of 100000 (75% of 80000 sustained) |" in lines
+    assert "| jetmoe | decode, batch 1 | 800 | 12.0 | 66.7x | 80.0% of 1000 |" in lines
+    assert "| jetmoe | prefill, 2048 tokens | 60000 | 40000 | 1.5x | 60.0% of 100000 (75.0% of 80000 sustained) |" in lines
     assert "| jetmoe_moa | 8 | 0.500 | 50.0% | 0.7% | 0.400, 71.0%, 0.8% | memory >= 70% (chain): met |" in lines
     assert "| jetmoe_moa | 512 | 0.500 | 30.0% | 20.0% | - | - |" in lines
     assert "| jetmoe_mlp | 4096 | 0.500 | 15.0% | 74.9% | 0.400, 14.0%, 80.0% | compute >= 75%: not met |" in lines
     # a run without Transformers or without layer rows still gives its table
     del result["moe_layers"], result["models"]["jetmoe"]["transformers"]
     text = benchmark.markdown(result)
-    assert "| jetmoe | decode, batch 1 | 800 | - | - | 80% of 1000 |" in text and "| layer |" not in text
+    assert "| jetmoe | decode, batch 1 | 800 | - | - | 80.0% of 1000 |" in text and "| layer |" not in text
 
 
 def test_markdown_names_a_file_it_cannot_use(tmp_path):
