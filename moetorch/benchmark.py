@@ -359,26 +359,29 @@ def gpu_checks(skip: bool) -> dict | str:
     return checks
 
 
+def _work_rows(result: dict):
+    """The results' rows: (model, "decode" or "prefill", batch or tokens, moetorch's tokens/s,
+    Transformers', the floor's, the sustained-rate floor's for prefill rows where measured)."""
+    for name, e in result["models"].items():
+        ours, hf, floors = e.get("moetorch", {}), e.get("transformers", {}), e["floors"]
+        for B, floor_ms in floors["decode_ms_per_step"].items():
+            yield (name, "decode", B, ours.get("decode_tokens_per_s", {}).get(B),
+                   hf.get("decode_tokens_per_s", {}).get(B), int(B) / (floor_ms / 1e3), None)
+        for T, o in ours.get("prefill_tokens_per_s", {}).items():
+            yield (name, "prefill", T, o, hf.get("prefill_tokens_per_s", {}).get(T), floors["prefill_tokens_per_s"],
+                   floors.get("prefill_tokens_per_s_sustained"))
+
+
 def summary(result: dict) -> str:
     """The results as a table: each row against Transformers and the floor; prefill rows also
     against the floor at the sustained matmul rate (`% sust.`), where the run measured it. Then the
     MoE layers' table, where the run measured them (`layer_bench.table_lines`)."""
     lines = [f"{'model':8} {'work':16} {'moetorch':>12} {'transformers':>13} {'floor':>10} {'x HF':>7} {'% floor':>8} "
              f"{'% sust.':>8}"]
-    for name, e in result["models"].items():
-        ours, hf = e.get("moetorch", {}), e.get("transformers", {})
-        for B, floor_ms in e["floors"]["decode_ms_per_step"].items():
-            o = ours.get("decode_tokens_per_s", {}).get(B)
-            h = hf.get("decode_tokens_per_s", {}).get(B)
-            f = B / (floor_ms / 1e3)
-            lines.append(f"{name:8} {'decode b' + str(B):16} {_n(o):>12} {_n(h):>13} {f:>10.0f} "
-                         f"{_r(o, h):>7} {_p(o, f):>8} {'-':>8}")
-        for T, o in ours.get("prefill_tokens_per_s", {}).items():
-            h = hf.get("prefill_tokens_per_s", {}).get(T)
-            f = e["floors"]["prefill_tokens_per_s"]
-            s = e["floors"].get("prefill_tokens_per_s_sustained")
-            lines.append(f"{name:8} {'prefill ' + str(T):16} {_n(o):>12} {_n(h):>13} {f:>10.0f} "
-                         f"{_r(o, h):>7} {_p(o, f):>8} {_p(o, s) if s else '-':>8}")
+    for name, kind, n, o, h, f, s in _work_rows(result):
+        work = f"decode b{n}" if kind == "decode" else f"prefill {n}"
+        lines.append(f"{name:8} {work:16} {_n(o):>12} {_n(h):>13} {f:>10.0f} "
+                     f"{_r(o, h):>7} {_p(o, f):>8} {_p(o, s) if s else '-':>8}")
     if isinstance(result.get("moe_layers"), list):
         from .layer_bench import table_lines
 
@@ -409,21 +412,10 @@ def markdown(result: dict, source: str = "") -> str:
     lines = [f"Results: `{source}` ({result.get('gpu', '?')}, {result.get('date', '?')}; Transformers "
              f"{result.get('transformers', 'not run')})" if source else "",
              "| model | work | moetorch | Transformers | speed-up | vs floor |", "|---|---|---|---|---|---|"]
-    for name, e in result["models"].items():
-        ours, hf = e.get("moetorch", {}), e.get("transformers", {})
-        for B, floor_ms in e["floors"]["decode_ms_per_step"].items():
-            o = ours.get("decode_tokens_per_s", {}).get(B)
-            h = hf.get("decode_tokens_per_s", {}).get(B)
-            f = int(B) / (floor_ms / 1e3)
-            lines.append(f"| {name} | decode, batch {B} | {tok(o)} | {tok(h)} | {speedup(o, h)} | "
-                         f"{pct(o, f)} of {f:.0f} |")
-        for T, o in ours.get("prefill_tokens_per_s", {}).items():
-            h = hf.get("prefill_tokens_per_s", {}).get(T)
-            f = e["floors"]["prefill_tokens_per_s"]
-            s = e["floors"].get("prefill_tokens_per_s_sustained")
-            sust = f" ({pct(o, s)} of {s:.0f} sustained)" if s else ""
-            lines.append(f"| {name} | prefill, {T} tokens | {tok(o)} | {tok(h)} | {speedup(o, h)} | "
-                         f"{pct(o, f)} of {f:.0f}{sust} |")
+    for name, kind, n, o, h, f, s in _work_rows(result):
+        work = f"decode, batch {n}" if kind == "decode" else f"prefill, {n} tokens"
+        sust = f" ({pct(o, s)} of {s:.0f} sustained)" if s else ""
+        lines.append(f"| {name} | {work} | {tok(o)} | {tok(h)} | {speedup(o, h)} | {pct(o, f)} of {f:.0f}{sust} |")
     layers = result.get("moe_layers")
     if isinstance(layers, list) and layers:
         lines += ["", "| layer | tokens | ms | % of memory floor | % of compute floor "
