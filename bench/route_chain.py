@@ -1,6 +1,7 @@
 """The norm + router kernel at one row in a CUDA graph of 16 launches, for PhiMoE's and JetMoE's
-sizes: E programs meeting at an arrival against one program taking all E logits
-(`triton_fused.ROUTE_ONE_PROGRAM_*`); then the registers of each compiled variant.
+sizes: E programs meeting at an arrival, 4 experts a program (an arrival among E/4), and one
+program taking all E logits (`triton_fused.ROUTE_PROGRAM_VALUES`); then the registers of each
+compiled variant.
 
     PYTHONPATH=.:bench python bench/route_chain.py
 """
@@ -25,10 +26,10 @@ for name, D, E, norm, sm in (("phimoe", 4096, 16, fused.NORM_LAYER, 0.01), ("jet
         for l in range(L):
             tf.add_norm_route(x, a, None, norm, w, nb, 1e-5, routers[l], 2, sm, sm is None)
 
-    for rows, vals in ((0, 16384), (1, 16384 * 4), (0, 16384), (1, 16384 * 4)):
-        tf.ROUTE_ONE_PROGRAM_ROWS, tf.ROUTE_ONE_PROGRAM_VALUES = rows, vals
+    for epp in (1, 4, E, 1, 4, E):
+        tf.ROUTE_PROGRAM_VALUES = epp * D
         ms = graph_ms(run)
-        print(f"{name} one_program={bool(rows)}: {ms * 1e3 / L:6.2f} us per kernel", flush=True)
+        print(f"{name} {epp:2d} experts a program: {ms * 1e3 / L:6.2f} us per kernel", flush=True)
 k = tf._add_norm_route_kernel
 for _device, tup in k.device_caches.items():
     for key, kern in tup[0].items():

@@ -221,8 +221,9 @@ def test_add_norm_route_matches_norm_then_router(dtype, norm_kind, E, k, eps, wi
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_add_norm_route_one_program_per_row_equals_the_arrival_path(sparse, monkeypatch):
-    # The same rows routed by one program each (all E logits) and by E programs and an arrival.
+def test_add_norm_route_any_split_of_the_experts_routes_alike(sparse, monkeypatch):
+    # The same rows routed with every expert's logit in its own program (an arrival), with a few
+    # experts a program (an arrival among fewer), and with all of them in one program (none).
     E, D, R = 16 if sparse else 8, 64, 4
     norm = (LayerNorm(D) if sparse else RMSNorm(D, 1e-6)).to(torch.bfloat16).eval()
     x = torch.randn(R, D, generator=gen(7)).bfloat16()
@@ -230,24 +231,37 @@ def test_add_norm_route_one_program_per_row_equals_the_arrival_path(sparse, monk
     router = (torch.randn(E, D, generator=gen(9)) / 4).bfloat16()
     eps = 0.01 if sparse else None
     out = {}
-    for rows in (0, R):
-        monkeypatch.setattr(triton_fused, "ROUTE_ONE_PROGRAM_ROWS", rows)
+    for values, epp in ((D, 1), (4 * D, 4), (E * D, E)):
+        monkeypatch.setattr(triton_fused, "ROUTE_PROGRAM_VALUES", values)
+        assert triton_fused.route_experts_per_program(E, D) == epp
         with torch.no_grad(), fused.forced():
-            out[rows] = norm.add_norm_route(x, delta, None, router, 2, eps, not sparse)
-    (s0, h0, (w0, ids0, lg0)), (s1, h1, (w1, ids1, lg1)) = out[0], out[R]
-    assert torch.equal(s0, s1) and torch.equal(h0, h1)
-    close(lg1, lg0, torch.bfloat16, "router logits")
-    assert torch.equal(ids0, ids1)
-    close(w1, w0, torch.bfloat16, "routing weights")
+            out[epp] = norm.add_norm_route(x, delta, None, router, 2, eps, not sparse)
+    s0, h0, (w0, ids0, lg0) = out[1]
+    for epp in (4, E):
+        s1, h1, (w1, ids1, lg1) = out[epp]
+        assert torch.equal(s0, s1) and torch.equal(h0, h1)
+        close(lg1, lg0, torch.bfloat16, "router logits")
+        assert torch.equal(ids0, ids1)
+        close(w1, w0, torch.bfloat16, "routing weights")
 
 
-def test_add_norm_route_any_program_may_arrive_last(monkeypatch):
-    # A row's E programs meet at a counter; whichever arrives last routes the row and resets it.
-    # (Routers of a few values take one program a row by default: here every row takes the arrival.)
+def test_route_experts_per_program_at_the_models_sizes():
+    # JetMoE's 8 x 2048 router: one program a row, no arrival; PhiMoE's 16 x 4096: 4 experts a program
+    assert triton_fused.route_experts_per_program(8, 2048) == 8
+    assert triton_fused.route_experts_per_program(16, 4096) == 4
+    assert triton_fused.route_experts_per_program(6, 64) == 8  # all E, padded to a power of two
+    assert triton_fused.route_experts_per_program(16, 65536) == 1  # wider than the budget: one each
+
+
+@pytest.mark.parametrize("values", [32, 64])
+def test_add_norm_route_any_program_may_arrive_last(values, monkeypatch):
+    # A row's programs (one expert each, or two) meet at a counter; whichever arrives last routes the
+    # row and resets it.
     from moetorch.ops.triton_moe import _ARRIVAL_COUNTERS
 
-    monkeypatch.setattr(triton_fused, "ROUTE_ONE_PROGRAM_ROWS", 0)
+    monkeypatch.setattr(triton_fused, "ROUTE_PROGRAM_VALUES", values)
     norm, router = RMSNorm(32, 1e-6).eval(), torch.randn(6, 32, generator=gen(1))
+    assert triton_fused.route_experts_per_program(6, 32) == values // 32
     x = torch.randn(5, 32, generator=gen(2))
     with torch.no_grad(), fused.forced():
         want = norm.add_norm_route(x, None, None, router, 2)

@@ -263,65 +263,74 @@ def _add_norm_route_kernel(
     rw_ptr, logits_ptr, rweights_ptr, ids_ptr, counter_ptr, E, stride_rw, thr,
     HAS_A: tl.constexpr, A_K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
     HAS_NB: tl.constexpr, ROUND: tl.constexpr, BLOCK_D: tl.constexpr, SPARSEMIXER: tl.constexpr,
-    K: tl.constexpr, E_PAD: tl.constexpr, ALL_E: tl.constexpr,
+    K: tl.constexpr, E_PAD: tl.constexpr, EPP: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
-    # Program (row, e): the row's add + norm (every program of the row computes it; the e = 0 one
-    # stores s and h), then expert e's logit h . W_router[e] (a float32 sum rounded to the dtype, as
-    # the Linear rounds its output). The row's last program to arrive routes its E logits and resets
-    # the row's counter to zero for the next launch: one launch for norm, router GEMV and routing,
-    # with E programs per row sharing the router's bytes.
-    # ALL_E: program (row, 0) alone takes all E logits, its router loads issued with the row's, and
-    # routes them itself: no arrival, whose atomic and reload sit on the step's critical path.
+    # Program (row, g): the row's add + norm (every program of the row computes it; the g = 0 one
+    # stores s and h), then the logits of experts [g * EPP, g * EPP + EPP): h . W_router[e], a
+    # float32 sum rounded to the dtype, as the Linear rounds its output. One launch for norm, router
+    # GEMV and routing.
+    # EPP >= E_PAD: the row's one program takes all E logits, its router loads issued with the row's,
+    # and routes them itself: no arrival, whose atomic and reload sit on the step's critical path.
+    # Else the row's last program to arrive routes its E logits and resets the row's counter to zero
+    # for the next launch: the row's programs share the router's bytes.
     row = tl.program_id(0).to(tl.int64)
-    e = tl.program_id(1)
+    g = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
     ee = tl.arange(0, E_PAD)
     e_ok = ee < E
-    # the router's rows (all E, or expert e's), loaded with the row's
-    if ALL_E:
-        wr = tl.load(rw_ptr + ee.to(tl.int64)[:, None] * stride_rw + cols[None, :],
-                     mask=e_ok[:, None] & ok[None, :], other=0.0)
-    else:
-        wr = tl.load(rw_ptr + e.to(tl.int64) * stride_rw + cols, mask=ok, other=0.0)
-    h = _add_norm_row(  # stored by program e == 0 (under ALL_E the only one of its row)
+    mine = g * EPP + tl.arange(0, EPP)  # this program's experts, their router rows loaded with the row
+    mine_ok = mine < E
+    wr = tl.load(rw_ptr + mine.to(tl.int64)[:, None] * stride_rw + cols[None, :],
+                 mask=mine_ok[:, None] & ok[None, :], other=0.0)
+    h = _add_norm_row(  # stored by program g == 0 (with EPP >= E_PAD the only one of its row)
         x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr, row,
         D, eps, stride_x, stride_a, stride_ak, stride_xo, stride_h, HAS_A, A_K, HAS_BIAS, NORM, HAS_W, HAS_NB,
-        ROUND, BLOCK_D, e == 0,
+        ROUND, BLOCK_D, g == 0,
     )
     rows64 = row + tl.arange(0, 1)
-    if ALL_E:
-        lg = _round(tl.sum(wr.to(tl.float32) * h[None, :], axis=1), ROUND)
-        tl.store(logits_ptr + row * E + ee, lg.to(logits_ptr.dtype.element_ty), mask=e_ok)
+    lg = _round(tl.sum(wr.to(tl.float32) * h[None, :], axis=1), ROUND)
+    tl.store(logits_ptr + row * E + mine, lg.to(logits_ptr.dtype.element_ty), mask=mine_ok)
+    if EPP >= E_PAD:
         # the stored logit's value, as the arrival path reloads it
         lg = tl.where(e_ok, lg.to(logits_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
         _route_rows(tl.reshape(lg, (1, E_PAD)), ee, rows64, rows64 >= 0, rweights_ptr, ids_ptr,
                     thr, SPARSEMIXER, K, ROUND, 1)
     else:
-        logit = _round(tl.sum(h * wr.to(tl.float32), axis=0), ROUND)
-        tl.store(logits_ptr + row * E + e, logit.to(logits_ptr.dtype.element_ty))
-        # Every program's logit is stored before its (gpu-scope, acq_rel) arrival; the last arriver
+        # Every program's logits are stored before its (gpu-scope, acq_rel) arrival; the last arriver
         # reads them all through L2 (".cg": other SMs wrote them).
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu")
-        if arrived == E - 1:
-            lg = tl.load(logits_ptr + row * E + ee, mask=e_ok, other=float("-inf"), cache_modifier=".cg")
-            _route_rows(tl.reshape(lg.to(tl.float32), (1, E_PAD)), ee, rows64, rows64 >= 0, rweights_ptr,
+        if arrived == tl.cdiv(E, EPP) - 1:
+            row_lg = tl.load(logits_ptr + row * E + ee, mask=e_ok, other=float("-inf"), cache_modifier=".cg")
+            _route_rows(tl.reshape(row_lg.to(tl.float32), (1, E_PAD)), ee, rows64, rows64 >= 0, rweights_ptr,
                         ids_ptr, thr, SPARSEMIXER, K, ROUND, 1)
             tl.atomic_xchg(counter_ptr + row, 0)
 
 
-# `add_norm_route` gives each row one program that computes all E logits and routes them, rather
-# than E programs per row whose last arriver routes, up to this many rows and router values (E x D).
-# On the H200 (bench/decode_ab.py): JetMoE's 8 x 2048 router 2-6% faster that way at batch 1, and
-# at every row count the fused router serves (fused.ROUTE_MAX_ROWS): batch-64 decode 11476 against
-# 11285 tok/s, batch 16 3200 against 3173, batch 4 1118 against 1094 (one program a row against E
-# programs and an arrival, h200-2026-11-30-ab-route-all-e-*.json); PhiMoE's 16 x 4096 2.5% slower at batch 1 (one SM
-# loading 128 KB takes longer than the arrival), so its router keeps the arrival.
-ROUTE_ONE_PROGRAM_ROWS = 64
-ROUTE_ONE_PROGRAM_VALUES = 16384
+# Router values (experts x D) one program of `add_norm_route` takes at most: each program computes
+# the logits of as many experts as fit (a power of two), and a row whose experts all fit in one
+# program routes them there, with no arrival. On the H200 (bench/decode_ab.py), JetMoE's 8 x 2048
+# router in one program a row: batch-1 decode 2-6% faster than 8 programs and an arrival, batch 4
+# 1118 against 1094 tok/s, batch 16 3200 against 3173, batch 64 11476 against 11285
+# (h200-2026-11-30-ab-route-all-e-*.json). PhiMoE's 16 x 4096 in one program was 2.5% slower at
+# batch 1 (one SM loading 128 KB takes longer than the arrival). It takes 4 experts a program, an
+# arrival among 4: batch-1 decode 266.2 against 265.4 tok/s with one expert a program
+# (h200-2026-11-30-ab-route-epp4-phimoe-b1.json), though alone in a graph chain 5.1 against 5.0 us.
+ROUTE_PROGRAM_VALUES = 16384
+
+
+def route_experts_per_program(E: int, D: int) -> int:
+    """Experts whose logits one program of `add_norm_route` computes: the largest power of two whose
+    router rows hold at most ROUTE_PROGRAM_VALUES values (at least 1), all E (padded to a power of
+    two) where they fit."""
+    e_pad = max(triton.next_power_of_2(E), 2)
+    epp = 1
+    while epp < e_pad and 2 * epp * D <= ROUTE_PROGRAM_VALUES:
+        epp *= 2
+    return epp
 
 
 def add_norm_route(
@@ -344,14 +353,14 @@ def add_norm_route(
     thr = _threshold(sparsemixer_eps, dtype) if sparsemixer else 0.0
     router_ED = _unit_last(router_ED)
     if R:
-        all_e = R <= ROUTE_ONE_PROGRAM_ROWS and E * router_ED.shape[1] <= ROUTE_ONE_PROGRAM_VALUES
-        if all_e:  # the router's E x D values spread over more warps than the row alone needs
-            meta["num_warps"] = min(16, max(meta["num_warps"], E * router_ED.shape[1] // 2048))
-        programs = R if all_e else R * E
-        _add_norm_route_kernel[(R, 1 if all_e else E)](
+        epp = route_experts_per_program(E, router_ED.shape[1])
+        # a program's router values spread over more warps than the row alone needs
+        meta["num_warps"] = min(16, max(meta["num_warps"], epp * router_ED.shape[1] // 2048))
+        per_row = triton.cdiv(E, epp)
+        _add_norm_route_kernel[(R, per_row)](
             *args, router_ED, logits, weights, ids, arrival_counters(device, R), E, router_ED.stride(0), thr,
-            **meta, SPARSEMIXER=sparsemixer, K=k, E_PAD=max(triton.next_power_of_2(E), 2), ALL_E=all_e,
-            **pdl_meta(device, programs, R),
+            **meta, SPARSEMIXER=sparsemixer, K=k, E_PAD=max(triton.next_power_of_2(E), 2), EPP=epp,
+            **pdl_meta(device, R * per_row, R),
         )
     shape = x_RD.shape
     return x_out.view(shape), h.view(shape), (weights, ids, logits)
