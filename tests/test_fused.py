@@ -185,9 +185,11 @@ def test_topk_route_kernel_matches_torch(dtype, E, k):
     ("rms", 8, 2, None, True),      # JetMoE: x + (attention + bias), RMSNorm, top-k softmax
     ("rms", 6, 3, None, False),     # JetMoE's input norm: the norm alone
 ])
-@pytest.mark.parametrize("R", [1, 7])  # 1: one program takes all E logits (batch-1 decode)
-def test_add_norm_route_matches_norm_then_router(dtype, norm_kind, E, k, eps, with_delta, R):
+@pytest.mark.parametrize("R", [1, 7])
+@pytest.mark.parametrize("values", [48, 96, 16384])  # per program: 1 expert, 2 (arrivals among them), all
+def test_add_norm_route_matches_norm_then_router(dtype, norm_kind, E, k, eps, with_delta, R, values, monkeypatch):
     D = 48
+    monkeypatch.setattr(triton_fused, "ROUTE_PROGRAM_VALUES", values)
     norm = (LayerNorm(D, eps=1e-5) if norm_kind == "layer" else RMSNorm(D, eps=1e-6)).to(dtype).eval()
     with torch.no_grad():
         norm.weight.copy_(torch.randn(D, generator=gen(1)))
