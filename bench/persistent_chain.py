@@ -67,17 +67,23 @@ def _prefetch_l2(ptr, nbytes):
 
 
 @triton.jit
+def _prefetch_tile(w_ptr, tile, K, BLOCK_N: tl.constexpr):
+    # one column tile of a link's weights: BLOCK_N whole rows, contiguous
+    _prefetch_l2(w_ptr + tile.to(tl.int64) * BLOCK_N * K, (BLOCK_N * K * 2).to(tl.int32))
+
+
+@triton.jit
 def _prefetch_slice(w_ptr, pid, P, n_tiles, K, BLOCK_N: tl.constexpr):
-    # this program's tiles of one link: BLOCK_N whole weight rows each, contiguous
+    # this program's tiles of one link
     for tile in range(pid, n_tiles, P):
-        _prefetch_l2(w_ptr + tile.to(tl.int64) * BLOCK_N * K, (BLOCK_N * K * 2).to(tl.int32))
+        _prefetch_tile(w_ptr, tile, K, BLOCK_N)
 
 
 @triton.jit
 def _grid_barrier(count_ptr, target):
-    # every program arrives once; all wait until `target` arrivals (the count only grows)
-    tl.debug_barrier()  # the program's stores are done before its one thread arrives
-    tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+    # every program arrives once; all wait until `target` arrivals (the count only grows), every
+    # thread polling
+    _arrive(count_ptr)
     seen = tl.load(count_ptr, volatile=True)
     while seen < target:
         seen = tl.load(count_ptr, volatile=True)
@@ -172,7 +178,7 @@ def _gemv_links(w_ptr, y_ptr, count_ptr, l0, L, N, K, S, P,
                     w_next = tl.load(w_l + N * K + first, mask=pid < n_tiles, other=0.0)
                 if PREFETCH == 4:
                     if pid < n_tiles:
-                        _prefetch_l2(w_l + N * K + pid.to(tl.int64) * BLOCK_N * K, (BLOCK_N * K * 2).to(tl.int32))
+                        _prefetch_tile(w_l + N * K, pid, K, BLOCK_N)
                 _wait(count_ptr, (l - l0 + 1) * P)
     _pdl_release(PDL)
 
