@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling, randomize_
@@ -9,6 +12,7 @@ from parity import close, make_inputs
 
 from moetorch import DynamicCache, StaticCache
 from moetorch.engine import GraphedDecodeStep
+from moetorch.generation import utils as generation
 
 
 def tiny(arch, seed=0, **overrides):
@@ -78,3 +82,131 @@ def test_graphed_step_needs_a_static_cache():
     model = tiny(PHIMOE)
     with pytest.raises(TypeError, match="StaticCache"):
         GraphedDecodeStep(model, DynamicCache(), batch=1)
+
+
+def _static(model, ids, mask=None, **kw):
+    return model.generate(ids, attention_mask=mask, do_sample=False, cache_implementation="static", **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_generate_reuses_its_static_cache_and_step(arch):
+    model = tiny(arch, seed=5)
+    V = arch.base["vocab_size"]
+    ids, mask = make_inputs(V, 2, 4, "left")
+    first = _static(model, ids, mask, max_new_tokens=6)
+    held = model._held_decode()
+    cache, step = held.cache, held.step
+    assert cache is not None and step is not None
+    # rounded up to the bucket, within the model's positions (64 here)
+    assert cache.max_cache_len == min(generation.STATIC_CACHE_BUCKET, model.config.max_position_embeddings)
+    assert torch.equal(_static(model, ids, mask, max_new_tokens=6), first)
+    assert held.cache is cache and held.step is step
+    # other prompts of the same batch and length bucket: the zeroed cache, the same graphs
+    for seed, n in ((7, 6), (8, 9)):
+        other, other_mask = make_inputs(V, 2, 6, "left", seed=seed)
+        got = _static(model, other, other_mask, max_new_tokens=n)
+        assert held.cache is cache and held.step is step
+        assert torch.equal(got, model.generate(other, attention_mask=other_mask, max_new_tokens=n, do_sample=False))
+    # another batch size: a new cache and step
+    one, _ = make_inputs(V, 1, 4, None, seed=9)
+    got = _static(model, one, max_new_tokens=5)
+    assert held.cache is not cache and held.cache.max_cache_len == cache.max_cache_len
+    assert torch.equal(got, model.generate(one, max_new_tokens=5, do_sample=False))
+    model.release_decode_cache()
+    assert held.cache is None and held.step is None
+
+
+def test_generate_keeps_no_cache_it_hands_back_or_that_beam_search_used():
+    model = tiny(PHIMOE, seed=6)
+    ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 4, None)
+    out = _static(model, ids, max_new_tokens=4, return_dict_in_generate=True)
+    assert model._held_decode().cache is None
+    returned = out.past_key_values
+    assert returned.get_seq_length() == 7
+    _static(model, ids, max_new_tokens=4)
+    assert model._held_decode().cache is not returned and returned.get_seq_length() == 7
+    model.release_decode_cache()
+    _static(model, ids, max_new_tokens=4, num_beams=2)
+    assert model._held_decode().cache is None
+
+
+def test_the_held_cache_follows_the_weights():
+    model = tiny(PHIMOE, seed=7)
+    ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 4, None)
+    _static(model, ids, max_new_tokens=4)
+    cache = model._held_decode().cache
+    # a replaced parameter: the old graphs would read the old tensor
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 2)
+    got = _static(model, ids, max_new_tokens=4)
+    assert model._held_decode().cache is not cache
+    assert torch.equal(got, model.generate(ids, max_new_tokens=4, do_sample=False))
+    # in-place changes keep the tensors (and the graphs read the new values)
+    cache = model._held_decode().cache
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    got = _static(model, ids, max_new_tokens=4)
+    assert model._held_decode().cache is cache
+    assert torch.equal(got, model.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_copies_and_pickles_of_a_model_hold_no_cache():
+    model = tiny(PHIMOE, seed=8)
+    ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 4, None)
+    want = _static(model, ids, max_new_tokens=4)
+    copied = copy.deepcopy(model)
+    assert copied._held_decode().cache is None and model._held_decode().cache is not None
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded._held_decode().cache is None
+    assert torch.equal(_static(copied, ids, max_new_tokens=4), want)
+    assert torch.equal(_static(loaded, ids, max_new_tokens=4), want)
+
+
+@torch.no_grad()
+def test_a_reused_cache_after_the_longrope_switch():
+    model = tiny(PHIMOE, seed=2, rope_scaling=longrope_scaling(8, original=8), max_position_embeddings=64)
+    ids, _ = make_inputs(97, 1, 12, None, seed=4)
+    fresh = tiny(PHIMOE, seed=2, rope_scaling=longrope_scaling(8, original=8), max_position_embeddings=64)
+    long_run = _static(model, ids[:, :5], max_new_tokens=7)  # crosses 8 tokens: the cache is rebuilt long
+    assert model._held_decode().cache.rope_long
+    short_run = _static(model, ids[:, 2:6], max_new_tokens=3)  # stays short: the reset cache starts short
+    assert torch.equal(long_run, fresh.generate(ids[:, :5], max_new_tokens=7, do_sample=False))
+    assert torch.equal(short_run, fresh.generate(ids[:, 2:6], max_new_tokens=3, do_sample=False))
+
+
+@torch.no_grad()
+def test_graphed_step_writes_its_mask_buffer_only_when_the_mask_changes():
+    model = tiny(PHIMOE, seed=9)
+    ids, mask = make_inputs(PHIMOE.base["vocab_size"], 2, 4, "left")
+    cache = StaticCache(model.config, max_cache_len=12)
+    model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    step = GraphedDecodeStep(model, cache, batch=2)
+    tok = torch.tensor([[3], [4]])
+
+    def run(m, t):
+        pos = torch.full((2, 1), t) if m is None else (torch.cat([m, torch.ones(2, t - 3, dtype=torch.long)], 1)
+                                                      .cumsum(-1) - 1)[:, -1:]
+        got = step(tok, m, pos, t)
+        full = torch.ones(2, 12, dtype=torch.long)
+        if m is not None:
+            full[:, : m.shape[1]] = m
+        assert torch.equal(step.mask_BS, full) and int(step.cpos_1) == t and torch.equal(step.pos_B1, pos)
+        return got
+
+    run(mask, 4)
+    version = step.mask_BS._version
+    run(mask, 5)  # the same prompt mask: nothing to write
+    assert step.mask_BS._version == version
+    other = mask.clone()
+    other[0, 0] = 0
+    run(other, 6)  # another tensor
+    other[1, 3] = 0
+    run(other, 7)  # the same tensor, written in place
+    run(None, 8)  # all ones
+    version = step.mask_BS._version
+    run(None, 9)
+    assert step.mask_BS._version == version
+    step(tok, None, 10, 10)  # ints for every row
+    assert torch.equal(step.pos_B1, torch.full((2, 1), 10)) and int(step.cpos_1) == 10

@@ -15,6 +15,8 @@ buffers: the fallback the tests exercise.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..cache import StaticCache
@@ -35,6 +37,7 @@ class GraphedDecodeStep:
         self.pos_B1 = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cpos_1 = torch.zeros(1, dtype=torch.long, device=device)
         self.mask_BS = torch.ones(batch, S, dtype=torch.long, device=device)
+        self._mask_src: object = "ones"  # what mask_BS holds: "ones", or (weakref to a mask, its version)
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
         self.rotary = rotary if rotary is not None and rotary.longrope else None
@@ -49,15 +52,34 @@ class GraphedDecodeStep:
     def _regime(self, past: int) -> bool:
         return self.rotary is not None and self.rotary.use_long(past + 1)
 
+    def _set_mask(self, mask_BP: torch.Tensor | None) -> None:
+        # The buffer holds mask_BP's columns, then ones. Rewritten only when the caller's mask is
+        # another tensor (or was written to) since the last step: a decode loop passes the same
+        # prompt mask every step, and each write is a kernel launch per token.
+        if mask_BP is None:
+            if self._mask_src != "ones":
+                self.mask_BS.fill_(1)
+                self._mask_src = "ones"
+            return
+        src = self._mask_src
+        if isinstance(src, tuple) and src[0]() is mask_BP and src[1] == mask_BP._version:
+            return
+        self.mask_BS.fill_(1)
+        self.mask_BS[:, : mask_BP.shape[1]].copy_(mask_BP)
+        self._mask_src = (weakref.ref(mask_BP), mask_BP._version)
+
     @torch.no_grad()
     def __call__(self, ids_B1, attention_mask_BS, position_ids_B1, cache_position_1) -> torch.Tensor:
+        """One step. `attention_mask_BS`: the mask of the first columns (the rest are ones), or None
+        for all ones. `position_ids_B1` and `cache_position_1`: tensors, or an int for every row."""
         past = self.cache.get_seq_length()
         self.ids_B1.copy_(ids_B1)
-        self.pos_B1.copy_(position_ids_B1.expand(self.B, 1))
-        self.cpos_1.copy_(cache_position_1)
-        self.mask_BS.fill_(1)
-        if attention_mask_BS is not None:
-            self.mask_BS[:, : attention_mask_BS.shape[1]].copy_(attention_mask_BS)
+        for buf, value in ((self.pos_B1, position_ids_B1), (self.cpos_1, cache_position_1)):
+            if isinstance(value, int):
+                buf.fill_(value)
+            else:
+                buf.copy_(value.expand_as(buf))
+        self._set_mask(attention_mask_BS)
         long = self._regime(past)
         if not self.enabled or self.cache.rope_long != long:
             return self._run()  # CPU fallback, or a LongRoPE switch (rebuilds the cache eagerly)

@@ -51,6 +51,8 @@ from .stopping_criteria import (
 logger = logging.getLogger("moetorch")
 
 # Keyword arguments of generate() that are model inputs rather than GenerationConfig fields.
+# Slots a reused static cache rounds its length up to, so that calls of nearby lengths share it.
+STATIC_CACHE_BUCKET = 256
 MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values", "tokenizer")
 # Transformers settings moetorch does not implement, with their no-op values: a config file that
 # sets them otherwise gets a warning (as keyword arguments of generate() they are an error).
@@ -144,10 +146,10 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
     if ctx.step is not None and ids is not None and ids.shape[1] == 1 and past > 0 and not (
         output_attentions or output_hidden_states
     ):
+        # the prompt's mask (later columns are ones) and host ints where every row shares the value:
+        # the step then writes its buffers only where they change
         positions = ctx.positions(start, end)
-        if positions is None:
-            positions = torch.full((ids.shape[0], 1), start, dtype=torch.long, device=device)
-        logits = ctx.step(ids, ctx.mask(end), positions, torch.tensor([start], device=device))
+        logits = ctx.step(ids, ctx.mask_BP, start if positions is None else positions, start)
         return _StepOutput(logits[:, None])
     return model(
         input_ids=ids,
@@ -163,6 +165,26 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         output_router_logits=False,
         return_dict=True,
     )
+
+
+class _HeldDecode:
+    """The static cache and graphed decode step a model keeps between `generate` calls. Copies and
+    pickles of the model carry an empty one (graphs cannot be copied)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.key, self.cache, self.step = None, None, None
+
+    def __deepcopy__(self, memo) -> _HeldDecode:
+        return _HeldDecode()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()
 
 
 class _StepOutput:
@@ -302,8 +324,10 @@ class GenerationMixin:
             default_static = (gen.cache_implementation is None and self.device.type == "cuda"
                               and gen.num_beams == 1 and assistant_model is None)
             if gen.cache_implementation == "static" or default_static:
-                # The last token is never fed back, hence the -1.
-                cache = StaticCache(config=self.config, max_cache_len=max_length - 1 + offset)
+                # The last token is never fed back, hence the -1. Plain decoding whose cache is not
+                # handed back may reuse the last call's cache and its captured decode graphs.
+                reuse = gen.num_beams == 1 and assistant_model is None and not gen.return_dict_in_generate
+                cache = self._static_cache(seq.shape[0], max_length - 1 + offset, reuse)
             else:
                 cache = DynamicCache()
 
@@ -330,8 +354,51 @@ class GenerationMixin:
         if isinstance(cache, StaticCache) and self.decode_graphs and not (
             gen.output_attentions or gen.output_hidden_states
         ):
-            ctx.step = GraphedDecodeStep(self, cache, seq.shape[0])
+            ctx.step = self._decode_step(cache, seq.shape[0])
         return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer)
+
+    # ---- the reusable static cache --------------------------------------------------------------
+    def _static_cache(self, batch: int, length: int, reuse: bool) -> StaticCache:
+        """A StaticCache of at least `length` slots. With `reuse`, its length rounds up to a multiple
+        of STATIC_CACHE_BUCKET (within max_position_embeddings) and the model holds it with its
+        decode step after the call: the next such call with the same batch, length bucket, weights
+        (the same tensors), dtype, device and mode zeroes it and replays the decode graphs captured
+        before, instead of allocating a cache and capturing again. One is held at a time."""
+        if not reuse:
+            return StaticCache(config=self.config, max_cache_len=length)
+        max_pos = getattr(self.config, "max_position_embeddings", None)
+        S = -(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+        if max_pos is not None:
+            S = max(length, min(S, max_pos))
+        # graphs read the weights by address: other tensors (a `.to()`, a replaced parameter) make a new key
+        tensors = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
+        key = (batch, S, self.device, self.dtype, self.training, tensors)
+        held = self._held_decode()
+        if held.key == key:
+            held.cache.reset()
+            return held.cache
+        held.clear()  # let the old cache and graphs go before allocating
+        held.key, held.cache = key, StaticCache(config=self.config, max_cache_len=S)
+        return held.cache
+
+    def _decode_step(self, cache: StaticCache, batch: int) -> GraphedDecodeStep:
+        """The graphed decode step of `cache`: the held one's, kept with it, or a new one."""
+        held = self._held_decode()
+        if held.cache is not cache:
+            return GraphedDecodeStep(self, cache, batch)
+        if held.step is None:
+            held.step = GraphedDecodeStep(self, cache, batch)
+        return held.step
+
+    def _held_decode(self) -> _HeldDecode:
+        held = self.__dict__.get("_held")
+        if held is None:
+            held = self.__dict__["_held"] = _HeldDecode()
+        return held
+
+    def release_decode_cache(self) -> None:
+        """Free the static cache and decode graphs that `generate` keeps between calls."""
+        self._held_decode().clear()
 
     # ---- preparation -------------------------------------------------------------------------
     def _generation_settings(self, generation_config, kwargs: dict) -> tuple[GenerationConfig, dict]:
