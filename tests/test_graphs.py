@@ -11,7 +11,7 @@ from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling, randomize_
 from parity import close, make_inputs
 
 from moetorch import DynamicCache, StaticCache
-from moetorch.engine import GraphedDecodeStep
+from moetorch.engine import GraphedDecodeStep, GraphedPrefill
 from moetorch.generation import utils as generation
 
 
@@ -210,3 +210,74 @@ def test_graphed_step_writes_its_mask_buffer_only_when_the_mask_changes():
     assert step.mask_BS._version == version
     step(tok, None, 10, 10)  # ints for every row
     assert torch.equal(step.pos_B1, torch.full((2, 1), 10)) and int(step.cpos_1) == 10
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("padding", [None, "left"])
+@torch.no_grad()
+def test_graphed_prefill_fallback_pads_to_its_bucket_and_decodes_on(arch, padding):
+    model = tiny(arch, seed=10)
+    V = arch.base["vocab_size"]
+    ids, mask = make_inputs(V, 2, 5, padding, seed=11)
+    pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = StaticCache(model.config, max_cache_len=24)
+    prefill = GraphedPrefill(model, cache, batch=2)
+    assert not prefill.enabled and prefill.bucket(5) == 16
+    first = prefill(ids, mask, pos)  # padded to 16 tokens
+    cache.reset()
+    got = prefill(ids, mask, pos)
+    assert torch.equal(got, first)  # one prompt, the same logits on every call
+    assert cache.get_seq_length() == 5
+    ref_cache = DynamicCache()
+    want = model(ids, attention_mask=mask, position_ids=pos, past_key_values=ref_cache).logits[:, -1]
+    close(got, want, "prefill")
+    # decoding on: the padding's keys in slots 5..15 must not be seen
+    tok = got.argmax(-1, keepdim=True)
+    m = mask
+    for t in range(5, 9):
+        m = None if mask is None else torch.cat([m, torch.ones(2, 1, dtype=torch.long)], 1)
+        p = torch.full((2, 1), t) if m is None else (m.cumsum(-1) - 1)[:, -1:]
+        got = model(tok, attention_mask=m, position_ids=p, past_key_values=cache,
+                    cache_position=torch.tensor([t])).logits[:, -1]
+        want = model(tok, attention_mask=m, position_ids=p, past_key_values=ref_cache).logits[:, -1]
+        close(got, want, f"step {t}")
+        tok = want.argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def test_graphed_prefill_declines_what_it_cannot_pad():
+    model = tiny(PHIMOE, seed=12, rope_scaling=longrope_scaling(8, original=32), max_position_embeddings=64)
+    ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 20, None)
+    cache = StaticCache(model.config, max_cache_len=48)
+    prefill = GraphedPrefill(model, cache, batch=1)
+    assert prefill.bucket(16) == 16 and prefill.bucket(17) == 32
+    assert prefill.bucket(33) is None  # a bucket of 64 would switch LongRoPE to its long factors
+    assert GraphedPrefill(tiny(PHIMOE), StaticCache(model.config, max_cache_len=20), 1).bucket(17) is None  # past the cache
+    assert GraphedPrefill(tiny(PHIMOE), StaticCache(max_cache_len=4096, num_layers=1), 1).bucket(2049) is None
+    assert prefill(ids[:, :20], None, None) is not None  # bucket 32
+    model(ids[:, :2], past_key_values=cache, use_cache=True, cache_position=torch.arange(20, 22))
+    assert prefill(ids[:, :20], None, None) is None  # a cache that holds tokens already
+    other = StaticCache(model.config, max_cache_len=48)
+    assert GraphedPrefill(model, other, batch=2)(ids[:, :3], None, None) is None  # another batch size
+
+
+def test_generate_pads_every_prompt_of_a_bucket(monkeypatch):
+    model = tiny(PHIMOE, seed=13)
+    ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 6, None)
+    calls = []
+    original = GraphedPrefill._run
+
+    def counting(self, buf):
+        calls.append(buf["ids"].shape[1])
+        return original(self, buf)
+
+    monkeypatch.setattr(GraphedPrefill, "_run", counting)
+    want = model.generate(ids, max_new_tokens=5, do_sample=False)
+    runs = [_static(model, ids, max_new_tokens=5) for _ in range(3)]
+    assert calls == [16, 16, 16]  # every call's prompt padded to 16 tokens (on CPU never captured)
+    assert all(torch.equal(r, want) for r in runs)
+    _static(model, ids, max_new_tokens=5, return_dict_in_generate=True)  # a cache used once pads alike
+    assert calls == [16] * 4
+    model.prefill_graphs = False
+    _static(model, ids, max_new_tokens=5)
+    assert calls == [16] * 4

@@ -1,5 +1,5 @@
-"""Execution engines around the models: CUDA-graph decode (and later continuous batching)."""
+"""Execution engines around the models: CUDA-graph decode and prefill (and later continuous batching)."""
 
-from .cuda_graph import GraphedDecodeStep
+from .cuda_graph import GraphedDecodeStep, GraphedPrefill
 
-__all__ = ["GraphedDecodeStep"]
+__all__ = ["GraphedDecodeStep", "GraphedPrefill"]

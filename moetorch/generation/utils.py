@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..cache import Cache, DynamicCache, StaticCache
-from ..engine.cuda_graph import GraphedDecodeStep
+from ..engine.cuda_graph import GraphedDecodeStep, GraphedPrefill
 from ..outputs import ModelOutput
 from .configuration import DEFAULTS, GenerationConfig
 from .logits_process import (
@@ -114,6 +114,7 @@ class _Context:
     def __init__(self, mask, positions, embeds, offset: int) -> None:
         self.mask_BP, self.positions_BP, self.embeds, self.offset = mask, positions, embeds, offset
         self.step = None  # a GraphedDecodeStep for single-token steps, when one is in use
+        self.prefill = None  # a GraphedPrefill for the prompt, when one is in use
 
     def mask(self, end: int) -> torch.Tensor | None:
         m = self.mask_BP
@@ -143,6 +144,12 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         ids, embeds = seq_RL[:, past - ctx.offset :], None
     start = end - (ids if ids is not None else embeds).shape[1]
     device = seq_RL.device
+    if ctx.prefill is not None and ids is not None and past == 0 and keep == 1 and not (
+        output_attentions or output_hidden_states
+    ):
+        logits = ctx.prefill(ids, ctx.mask(end), ctx.positions(start, end))
+        if logits is not None:
+            return _StepOutput(logits[:, None])
     if ctx.step is not None and ids is not None and ids.shape[1] == 1 and past > 0 and not (
         output_attentions or output_hidden_states
     ):
@@ -175,7 +182,15 @@ class _HeldDecode:
         self.clear()
 
     def clear(self) -> None:
-        self.key, self.cache, self.step = None, None, None
+        self.key, self.cache, self.step, self.prefill = None, None, None, None
+
+    def prefill_for(self, model, cache: StaticCache, batch: int) -> GraphedPrefill | None:
+        """The held cache's graphed prefill (made on first use); None for any other cache."""
+        if self.cache is not cache:
+            return None
+        if self.prefill is None:
+            self.prefill = GraphedPrefill(model, cache, batch)
+        return self.prefill
 
     def __deepcopy__(self, memo) -> _HeldDecode:
         return _HeldDecode()
@@ -247,6 +262,8 @@ class GenerationMixin:
 
     # Replay single-token decode steps on a StaticCache as CUDA graphs (on CUDA devices).
     decode_graphs: bool = True
+    # With them, replay prompts of a length bucket seen before from CUDA graphs too (GraphedPrefill).
+    prefill_graphs: bool = True
 
     @property
     def generation_config(self) -> GenerationConfig:
@@ -355,21 +372,24 @@ class GenerationMixin:
             gen.output_attentions or gen.output_hidden_states
         ):
             ctx.step = self._decode_step(cache, seq.shape[0])
+            if self.prefill_graphs:  # a cache used once pads its prompt alike, without capturing
+                ctx.prefill = (self._held_decode().prefill_for(self, cache, seq.shape[0])
+                               or GraphedPrefill(self, cache, seq.shape[0], capture=False))
         return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer)
 
     # ---- the reusable static cache --------------------------------------------------------------
     def _static_cache(self, batch: int, length: int, reuse: bool) -> StaticCache:
-        """A StaticCache of at least `length` slots. With `reuse`, its length rounds up to a multiple
-        of STATIC_CACHE_BUCKET (within max_position_embeddings) and the model holds it with its
-        decode step after the call: the next such call with the same batch, length bucket, weights
+        """A StaticCache of at least `length` slots: rounded up to a multiple of STATIC_CACHE_BUCKET
+        (within max_position_embeddings). With `reuse` the model holds it with its decode step
+        after the call: the next such call with the same batch, length bucket, weights
         (the same tensors), dtype, device and mode zeroes it and replays the decode graphs captured
         before, instead of allocating a cache and capturing again. One is held at a time."""
-        if not reuse:
-            return StaticCache(config=self.config, max_cache_len=length)
         max_pos = getattr(self.config, "max_position_embeddings", None)
         S = -(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
         if max_pos is not None:
             S = max(length, min(S, max_pos))
+        if not reuse:  # the same length, so that the prompt is padded alike (GraphedPrefill)
+            return StaticCache(config=self.config, max_cache_len=S)
         # graphs read the weights by address: other tensors (a `.to()`, a replaced parameter) make a new key
         tensors = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
         key = (batch, S, self.device, self.dtype, self.training, tensors)
