@@ -22,6 +22,7 @@ from moe_layer import save_json  # bench/ is the script's directory
 
 from moetorch import StaticCache
 from moetorch.benchmark import SIZES, build, cuda_time, model_names
+from moetorch.engine import capture
 
 
 def wall_s(fn, repeats: int = 7) -> float:
@@ -47,16 +48,8 @@ def measure(model, T: int, V: int) -> dict:
 
     want = eager().clone()
     eager_s = wall_s(eager)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            eager()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            got = eager()
+        graph, got = capture(eager)
     except Exception as e:  # a host sync or an unsupported op on the prefill path
         return {"tokens": T, "eager_ms": eager_s * 1e3, "capture_error": f"{type(e).__name__}: {str(e)[:300]}"}
     graph.replay()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .benchmark import kernel_lines, kernel_times
+from .engine import capture
 from .ops.moe import expert_map, expert_reduce, experts_forward
 from .ops.norms import LayerNorm, RMSNorm
 from .ops.routing import route_topk, sparsemixer
@@ -56,15 +57,7 @@ def graph_ms(fn, warmup: int = 10, rep: int = 100) -> float | None:
     """Median replay time of fn captured in a CUDA graph (None if it cannot be captured); `warmup`
     and `rep`: milliseconds of replays before and while timing."""
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph, _ = capture(fn, warmups=3)
         ms = median_ms(graph.replay, warmup, rep)
         del graph
         return ms

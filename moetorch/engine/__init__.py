@@ -1,5 +1,5 @@
 """Execution engines around the models: CUDA-graph decode and prefill (and later continuous batching)."""
 
-from .cuda_graph import GraphedDecodeStep, GraphedPrefill
+from .cuda_graph import GraphedDecodeStep, GraphedPrefill, capture
 
-__all__ = ["GraphedDecodeStep", "GraphedPrefill"]
+__all__ = ["GraphedDecodeStep", "GraphedPrefill", "capture"]

@@ -22,6 +22,26 @@ import torch
 from ..cache import StaticCache
 
 
+def capture(fn, warmups: int = 2, before=None, pool=None):
+    """(graph, output) of `fn()` captured in a CUDA graph, after `warmups` runs on a side stream
+    (lazy allocations, Triton compiles and autotuning happen there, not in the graph). `before()`
+    runs ahead of each run and of the capture, on the host; `pool`: a graph memory pool to share."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            if before is not None:
+                before()
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    if before is not None:
+        before()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class GraphedDecodeStep:
     """Runs `model(ids_B1, attention_mask, position_ids, cache_position)` for one token per row,
     replaying a captured CUDA graph when possible. Returns the last-position logits [B, V]."""
@@ -91,20 +111,11 @@ class GraphedDecodeStep:
         return logits
 
     def _capture(self, long: bool, past: int) -> None:
-        # Warm up on a side stream (lazy allocations, autotuning), then capture the same step;
-        # each run writes the same cache slot with the same values, so the repeats are harmless.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.cache._seen = past
-                self._run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        self.cache._seen = past
-        with torch.cuda.graph(graph):
-            logits = self._run()
-        self.graphs[long] = (graph, logits)
+        # each run writes the same cache slot with the same values, so the repeats are harmless
+        def rewind():
+            self.cache._seen = past
+
+        self.graphs[long] = capture(self._run, before=rewind)
 
 
 # Prompt lengths a graphed prefill pads to: powers of two up to 256, then multiples of 256. A
@@ -207,18 +218,9 @@ class GraphedPrefill:
         return logits
 
     def _capture(self, buf: dict) -> tuple:
-        # Warm up on a side stream (lazy allocations, autotuning), then capture. The runs write the
-        # empty cache's first slots, which the replay that follows writes again.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run(buf)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
+        # The runs write the empty cache's first slots, which the replay that follows writes again.
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._run(buf)
+        graph, logits = capture(lambda: self._run(buf), pool=self.pool)
         self.cache._seen = 0
         return graph, buf, logits
