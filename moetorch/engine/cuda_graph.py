@@ -131,16 +131,15 @@ class GraphedPrefill:
     bucket (`PREFILL_BUCKETS`). Short prompts wait on the host's kernel launches, not on the GPU
     (`bench/prefill_graph.py`: a 128-token JetMoE prompt 38 ms eagerly, 7 ms replayed).
 
-    Every prompt of a bucket runs padded, captured or not, so that one prompt gives the same
-    logits on every call; `capture=False` (a cache used once) never captures. The prompt is padded
-    on the right to its bucket. Under the causal mask no prompt token sees the
+    The prompt is padded on the right to its bucket. Under the causal mask no prompt token sees the
     padding; the padding's keys land in cache slots past the prompt, which later tokens overwrite
     and decode's mask hides, and the cache's count is set back to the prompt's length. The logits
     are those of the last prompt token (`logits_to_keep` as an index). A bucket is captured on its
-    `PREFILL_CAPTURE_AFTER`-th use and runs eagerly before. Past the last bucket, with LongRoPE's
-    long factors, or past the cache's length, the call returns None and the caller runs the prompt
-    unpadded. On CPU (or `enabled=False`) the padded buffers always run eagerly: the fallback the
-    tests exercise. Returns the last prompt token's logits [B, V]."""
+    `PREFILL_CAPTURE_AFTER`-th use and runs eagerly, padded alike, before: one prompt gives the
+    same logits on every call. `capture=False` (a cache used once) never captures. Past the last
+    bucket, with LongRoPE's long factors, or past the cache's length, the call returns None and the
+    caller runs the prompt unpadded. On CPU (or `enabled=False`) the padded buffers always run
+    eagerly: the fallback the tests exercise. Returns the last prompt token's logits [B, V]."""
 
     def __init__(self, model, cache: StaticCache, batch: int, enabled: bool | None = None,
                  capture: bool = True) -> None:

@@ -50,9 +50,9 @@ from .stopping_criteria import (
 
 logger = logging.getLogger("moetorch")
 
-# Keyword arguments of generate() that are model inputs rather than GenerationConfig fields.
-# Slots a reused static cache rounds its length up to, so that calls of nearby lengths share it.
+# Slots a static cache's length rounds up to, so that calls of nearby lengths share a kept one.
 STATIC_CACHE_BUCKET = 256
+# Keyword arguments of generate() that are model inputs rather than GenerationConfig fields.
 MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values", "tokenizer")
 # Transformers settings moetorch does not implement, with their no-op values: a config file that
 # sets them otherwise gets a warning (as keyword arguments of generate() they are an error).
@@ -175,14 +175,22 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
 
 
 class _HeldDecode:
-    """The static cache and graphed decode step a model keeps between `generate` calls. Copies and
-    pickles of the model carry an empty one (graphs cannot be copied)."""
+    """The static cache, graphed decode step and graphed prefill a model keeps between `generate`
+    calls. Copies and pickles of the model carry an empty one (graphs cannot be copied)."""
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
         self.key, self.cache, self.step, self.prefill = None, None, None, None
+
+    def step_for(self, model, cache: StaticCache, batch: int) -> GraphedDecodeStep | None:
+        """The held cache's graphed decode step (made on first use); None for any other cache."""
+        if self.cache is not cache:
+            return None
+        if self.step is None:
+            self.step = GraphedDecodeStep(model, cache, batch)
+        return self.step
 
     def prefill_for(self, model, cache: StaticCache, batch: int) -> GraphedPrefill | None:
         """The held cache's graphed prefill (made on first use); None for any other cache."""
@@ -371,10 +379,10 @@ class GenerationMixin:
         if isinstance(cache, StaticCache) and self.decode_graphs and not (
             gen.output_attentions or gen.output_hidden_states
         ):
-            ctx.step = self._decode_step(cache, seq.shape[0])
+            held, B = self._held_decode(), seq.shape[0]
+            ctx.step = held.step_for(self, cache, B) or GraphedDecodeStep(self, cache, B)
             if self.prefill_graphs:  # a cache used once pads its prompt alike, without capturing
-                ctx.prefill = (self._held_decode().prefill_for(self, cache, seq.shape[0])
-                               or GraphedPrefill(self, cache, seq.shape[0], capture=False))
+                ctx.prefill = held.prefill_for(self, cache, B) or GraphedPrefill(self, cache, B, capture=False)
         return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer)
 
     # ---- the reusable static cache --------------------------------------------------------------
@@ -401,15 +409,6 @@ class GenerationMixin:
         held.key, held.cache = key, StaticCache(config=self.config, max_cache_len=S)
         return held.cache
 
-    def _decode_step(self, cache: StaticCache, batch: int) -> GraphedDecodeStep:
-        """The graphed decode step of `cache`: the held one's, kept with it, or a new one."""
-        held = self._held_decode()
-        if held.cache is not cache:
-            return GraphedDecodeStep(self, cache, batch)
-        if held.step is None:
-            held.step = GraphedDecodeStep(self, cache, batch)
-        return held.step
-
     def _held_decode(self) -> _HeldDecode:
         held = self.__dict__.get("_held")
         if held is None:
@@ -417,7 +416,7 @@ class GenerationMixin:
         return held
 
     def release_decode_cache(self) -> None:
-        """Free the static cache and decode graphs that `generate` keeps between calls."""
+        """Free the static cache and the decode and prompt graphs that `generate` keeps between calls."""
         self._held_decode().clear()
 
     # ---- preparation -------------------------------------------------------------------------
