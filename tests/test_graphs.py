@@ -82,6 +82,8 @@ def test_graphed_step_needs_a_static_cache():
     model = tiny(PHIMOE)
     with pytest.raises(TypeError, match="StaticCache"):
         GraphedDecodeStep(model, DynamicCache(), batch=1)
+    with pytest.raises(TypeError, match="StaticCache"):
+        GraphedPrefill(model, DynamicCache(), batch=1)
 
 
 def _static(model, ids, mask=None, **kw):
@@ -281,3 +283,20 @@ def test_generate_pads_every_prompt_of_a_bucket(monkeypatch):
     model.prefill_graphs = False
     _static(model, ids, max_new_tokens=5)
     assert calls == [16] * 4
+
+
+def test_generate_pads_and_continues_a_static_cache_passed_in():
+    model = tiny(PHIMOE, seed=14)
+    ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 6, None)
+
+    def run(prefill_graphs: bool):
+        model.prefill_graphs = prefill_graphs
+        cache = StaticCache(model.config, max_cache_len=40)
+        first = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+        assert cache.get_seq_length() == 9 and model._held_decode().cache is None  # the caller's, never kept
+        # the padding's keys sit in slots 9..15: the continuation must not see them
+        return first, model.generate(first, past_key_values=cache, max_new_tokens=4, do_sample=False)
+
+    padded, unpadded = run(True), run(False)
+    assert torch.equal(padded[0], model.generate(ids, max_new_tokens=4, do_sample=False))
+    assert torch.equal(padded[0], unpadded[0]) and torch.equal(padded[1], unpadded[1])
