@@ -42,6 +42,12 @@ def capture(fn, warmups: int = 2, before=None, pool=None):
     return graph, out
 
 
+def _longrope(model):
+    """The model's rotary embedding where it switches LongRoPE factors with the length, else None."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    return rotary if rotary is not None and rotary.longrope else None
+
+
 class GraphedDecodeStep:
     """Runs `model(ids_B1, attention_mask, position_ids, cache_position)` for one token per row,
     replaying a captured CUDA graph when possible. Returns the last-position logits [B, V]."""
@@ -59,8 +65,7 @@ class GraphedDecodeStep:
         self.mask_BS = torch.ones(batch, S, dtype=torch.long, device=device)
         self._mask_src: object = "ones"  # what mask_BS holds: "ones", or (weakref to a mask, its version)
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-        self.rotary = rotary if rotary is not None and rotary.longrope else None
+        self.rotary = _longrope(model)
 
     def _run(self) -> torch.Tensor:
         out = self.model(
@@ -151,8 +156,7 @@ class GraphedPrefill:
         self.uses: dict[tuple, int] = {}
         self.graphs: dict[tuple, tuple] = {}  # key -> (graph or None, buffers, logits)
         self.pool = None  # one memory pool for every bucket's graph: they never run at once
-        rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-        self.rotary = rotary if rotary is not None and rotary.longrope else None
+        self.rotary = _longrope(model)
 
     def bucket(self, T: int) -> int | None:
         """The padded length of a T-token prompt (None: it runs eagerly)."""
