@@ -85,7 +85,8 @@ def test_greedy_matches_transformers(pair):
         assert b.shape == (3, 6 + 12)
     # The spec's usage example: a total max_length, no mask.
     a, b = both(pair, ids[:1], max_length=15)
-    assert_same_tokens(a, b, "max_length=15") and b.shape[1] == 15
+    assert_same_tokens(a, b, "max_length=15")
+    assert b.shape[1] == 15
     # The default max_length (20) means 20 new tokens, as in Transformers.
     a, b = both(pair, ids[:1])
     assert_same_tokens(a, b, "default length")
@@ -211,7 +212,8 @@ def test_eos_ids_stop_rows_and_pad(pair):
     # A custom stopping criterion replaces the default of its type.
     stop = StoppingCriteriaList([MaxLengthCriteria(9)])
     a, b = both(pair, ids, attention_mask=mask, max_new_tokens=10, stopping_criteria=stop)
-    assert_same_tokens(a, b, "custom max length") and b.shape[1] == 9
+    assert_same_tokens(a, b, "custom max length")
+    assert b.shape[1] == 9
 
 
 def test_static_cache_and_no_cache_match(pair):
@@ -518,7 +520,8 @@ def test_invalid_prompts_and_configs_raise(pair):
 def test_bos_start_and_randomized_assistant_vocab_mismatch(pair):
     arch = next(a for a in ARCHS if isinstance(pair[1], a.ours["causal_lm"]))
     a, b = both(pair, max_new_tokens=5)  # no prompt: start from bos_token_id
-    assert_same_tokens(a, b, "from bos") and b.shape == (1, 6) and int(b[0, 0]) == 1
+    assert_same_tokens(a, b, "from bos")
+    assert b.shape == (1, 6) and int(b[0, 0]) == 1
     other = arch.ours["causal_lm"](arch.our_config(vocab_size=50, num_hidden_layers=1))
     randomize_(other, 0)
     with pytest.raises(ValueError, match="vocabulary"):
