@@ -216,6 +216,122 @@ def test_eos_ids_stop_rows_and_pad(pair):
     assert b.shape[1] == 9
 
 
+@contextlib.contextmanager
+def lagged_stop(model, monkeypatch):
+    """Turn the one-step-late stop check on (it is on for CUDA only) and record the stop flag each
+    push read (None: not read)."""
+    reads = []
+    push = moetorch.generation.utils._OneStepLate.push
+
+    def recording(self, running, tokens):
+        out = push(self, running, tokens)
+        reads.append(out[0])
+        return out
+
+    monkeypatch.setattr(moetorch.generation.utils._OneStepLate, "push", recording)
+    model.lagged_stop = True
+    try:
+        yield reads
+    finally:
+        del model.lagged_stop
+
+
+class RecordingStreamer:
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+def test_lagged_stop_check_drops_its_extra_step(pair, monkeypatch):
+    hf, ours = pair
+    ids, mask = prompts()
+    new = greedy_new_tokens(pair, ids, mask, n=10)
+    eos = [int(new[0, 1]), int(new[1, 3]), int(new[2, 5])]  # every row is done within 6 tokens
+    with lagged_stop(ours, monkeypatch) as reads:
+        # Rows stop at different steps, all before max_new_tokens: one step past the last is computed
+        # (its flag read shows all rows done) and dropped.
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=VOCAB - 2)
+        assert_same_tokens(a, b, "lagged stop, several eos ids")
+        assert b.shape[1] <= 6 + 6 and reads[-1] is False and reads[:-1].count(False) == 0
+        # One row done at its first EOS; and max_new_tokens reached first, with nothing dropped.
+        a, b = both(pair, ids[:1], attention_mask=mask[:1], max_new_tokens=10, eos_token_id=eos)
+        assert_same_tokens(a, b, "lagged stop, one row")
+        reads.clear()
+        unused = next(t for t in range(3, VOCAB) if t not in new)
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=4, eos_token_id=unused)
+        assert_same_tokens(a, b, "lagged stop, max_new_tokens first")
+        assert b.shape[1] == 6 + 4
+        assert False not in reads
+        # Sampling: the dropped step gives its draw back, so the global generator ends where
+        # Transformers' does.
+        torch.manual_seed(5)
+        sampled = ours.generate(ids, attention_mask=mask, do_sample=True, top_k=10, max_new_tokens=10,
+                                eos_token_id=None)[:, 6:]
+        stop = sorted({int(t) for t in sampled[:, 1]})
+        outs, after = [], []
+        for model in (hf, ours):
+            torch.manual_seed(5)
+            outs.append(model.generate(ids, attention_mask=mask, do_sample=True, top_k=10, max_new_tokens=10,
+                                       eos_token_id=stop))
+            after.append(torch.rand(4))
+        assert_same_tokens(*outs, "lagged stop, sampling")
+        assert outs[1].shape[1] == 6 + 2
+        assert torch.equal(*after) and reads[-1] is False
+
+
+def test_lagged_stop_check_streams_the_same_tokens(pair, monkeypatch):
+    ours = pair[1]
+    ids, mask = prompts(batch=1)
+    new = greedy_new_tokens(pair, ids, mask, n=10)[0].tolist()
+    unused = next(t for t in range(3, VOCAB) if t not in new)
+    for eos in (new[4], unused, None):  # EOS met, max_new_tokens first, only max_length can stop
+        streams = []
+        for lag in (False, True):
+            ours.lagged_stop = lag
+            streamer = RecordingStreamer()
+            out = ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, streamer=streamer)
+            streams.append((out, streamer.puts, streamer.ended))
+        del ours.lagged_stop
+        (a, puts_a, ended_a), (b, puts_b, ended_b) = streams
+        assert_same_tokens(a, b, f"streamed, eos {eos}")
+        assert puts_a == puts_b and ended_a == ended_b == 1
+        assert puts_b[0] == ids.tolist() and [p[0] for p in puts_b[1:]] == b[0, ids.shape[1] :].tolist()
+    with lagged_stop(ours, monkeypatch) as reads:
+        ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=new[4], streamer=RecordingStreamer())
+        assert reads[-1] is False  # the step past the end was computed, and not streamed
+
+
+class NeverStop(moetorch.generation.StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def test_lagged_stop_check_is_off_where_the_extra_step_would_show(pair, monkeypatch):
+    hf, ours = pair
+    ids, mask = prompts()
+    eos = int(greedy_new_tokens(pair, ids, mask, n=3)[0, 1])
+    one = dict(attention_mask=mask[:1], max_new_tokens=6, eos_token_id=eos)
+    with lagged_stop(ours, monkeypatch) as reads:
+        # A cache the caller passed holds exactly the tokens it would without the lag; returned
+        # outputs, custom processors and criteria see every step.
+        cache = DynamicCache()
+        out = ours.generate(ids[:1], past_key_values=cache, **one)
+        assert out.shape[1] == 6 + 2 and cache.get_seq_length() == 6 + 1
+        ours.generate(ids[:1], return_dict_in_generate=True, output_scores=True, **one)
+        ours.generate(ids[:1], logits_processor=LogitsProcessorList([TopKLogitsWarper(5)]), **one)
+        ours.generate(ids[:1], stopping_criteria=StoppingCriteriaList([NeverStop()]), **one)
+        ours.generate(ids[:1], prefix_allowed_tokens_fn=lambda b, s: list(range(VOCAB)), **one)
+        assert reads == []
+        # Its own classes, passed by the caller, stay on the device: the lag holds.
+        ours.generate(ids[:1], stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(12)]), **one)
+        assert reads == [None, True, False]
+
+
 def test_static_cache_and_no_cache_match(pair):
     ids, mask = prompts()
     for settings in (dict(cache_implementation="static"), dict(use_cache=False),
@@ -342,6 +458,12 @@ def test_decode_loop_reads_the_device_only_to_decide_to_stop(pair):
     # With an EOS id: one read per step, whether the rows are done.
     assert reads(8, eos_token_id=unused) - reads(4, eos_token_id=unused) == 4
     assert reads(8, eos_token_id=unused, num_beams=2) - reads(4, eos_token_id=unused, num_beams=2) == 4
+    # Read one step late (as on CUDA), it is still one read per step.
+    pair[1].lagged_stop = True
+    try:
+        assert reads(8, eos_token_id=unused) - reads(4, eos_token_id=unused) == 4
+    finally:
+        del pair[1].lagged_stop
 
 
 # ---- text: stop strings and streamers -----------------------------------------------------------

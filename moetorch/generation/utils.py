@@ -7,7 +7,8 @@ K candidates kept per prompt and step, L tokens in the id sequence, V vocabulary
 
 Each step feeds the model only the tokens its cache lacks and asks for the last logits only
 (`logits_to_keep`). The loop reads the device once per step to decide whether to stop, and not at
-all when only `max_length` can stop it (no EOS, stop strings or custom criteria).
+all when only `max_length` can stop it (no EOS, stop strings or custom criteria). On a GPU it reads
+the step before's stop flag (`_OneStepLate`), so the next step is queued before the host waits.
 """
 
 from __future__ import annotations
@@ -272,6 +273,10 @@ class GenerationMixin:
     decode_graphs: bool = True
     # With them, replay prompts of a length bucket seen before from CUDA graphs too (GraphedPrefill).
     prefill_graphs: bool = True
+    # Greedy search and sampling read whether to stop (and a streamer's tokens) one step late
+    # (`_OneStepLate`): None on CUDA devices only, True or False everywhere. Only where nothing
+    # outside generate() sees the step past the end that this computes.
+    lagged_stop: bool | None = None
 
     @property
     def generation_config(self) -> GenerationConfig:
@@ -327,6 +332,7 @@ class GenerationMixin:
         tokenizer = model_inputs.pop("tokenizer", None)
         seq, embeds, offset, mask = self._prompt(inputs, gen, model_inputs)
         cache = model_inputs.pop("past_key_values", None)
+        user_cache = cache is not None
         device = seq.device
 
         eos = None if gen.eos_token_id is None else torch.tensor(
@@ -383,7 +389,16 @@ class GenerationMixin:
             ctx.step = held.step_for(self, cache, B) or GraphedDecodeStep(self, cache, B)
             if self.prefill_graphs:  # a cache used once pads its prompt alike, without capturing
                 ctx.prefill = held.prefill_for(self, cache, B) or GraphedPrefill(self, cache, B, capture=False)
-        return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer)
+        # A step past the last one is computed, then dropped: only where no one sees its cache write,
+        # scores or callbacks (built-in stopping rules that stay on the device, no custom processors).
+        # A streamer gets each step's tokens one step late.
+        lag = (self.lagged_stop if self.lagged_stop is not None else device.type == "cuda") and not (
+            user_cache or gen.return_dict_in_generate or logits_processor
+            or prefix_allowed_tokens_fn is not None
+            or any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in criteria)
+        )
+        return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer,
+                            _OneStepLate(device, seq.shape[0]) if lag else None)
 
     # ---- the reusable static cache --------------------------------------------------------------
     def _static_cache(self, batch: int, length: int, reuse: bool) -> StaticCache:
@@ -565,8 +580,10 @@ class GenerationMixin:
         return _merge(crit, custom, "stopping criterion")
 
     # ---- strategies --------------------------------------------------------------------------
-    def _sample(self, seq, ctx, cache, gen, processors, criteria, pad_id, streamer):
-        """Greedy search (argmax) or multinomial sampling, one token per step."""
+    def _sample(self, seq, ctx, cache, gen, processors, criteria, pad_id, streamer, lag=None):
+        """Greedy search (argmax) or multinomial sampling, one token per step. With `lag` (a
+        _OneStepLate) the loop stops one step after the device's flag says so and drops that step,
+        and the streamer gets each step's tokens one step late."""
         record = _Record(gen)
         running_R = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
         eos_criteria = [c for c in criteria if hasattr(c, "eos_token_id")]
@@ -574,29 +591,56 @@ class GenerationMixin:
             pad_id = int(eos_criteria[0].eos_token_id.reshape(-1)[0])
         # With max_length the only rule, the host knows when to stop without reading the device.
         max_length = criteria.max_length
-        host_only = streamer is None and max_length is not None and all(
-            isinstance(c, MaxLengthCriteria) for c in criteria
-        )
+        host_only = max_length is not None and all(isinstance(c, MaxLengthCriteria) for c in criteria)
+        if host_only and streamer is None:
+            lag = None  # nothing to read
+        if lag is not None and not host_only:
+            eos_ids = torch.cat([c.eos_token_id.to(seq.device).reshape(-1) for c in eos_criteria])
+        # Plain greedy (nothing recorded) takes the argmax of the model's logits as they come: the
+        # float32 copy holds the same values, so the same index.
+        plain_argmax = not (processors or gen.do_sample or gen.return_dict_in_generate)
+        rng = None
         while True:
             out = _forward(self, seq, ctx, cache, 1, record.attentions is not None, record.hidden_states is not None)
-            logits_RV = out.logits[:, -1].to(dtype=torch.float32, copy=True)
-            scores_RV = processors(seq, logits_RV)
-            record.add(scores_RV, logits_RV, out)
-            if gen.do_sample:
-                next_R = torch.multinomial(scores_RV.softmax(dim=-1), num_samples=1).squeeze(1)
+            if plain_argmax:
+                next_R = out.logits[:, -1].argmax(dim=-1)
             else:
-                next_R = scores_RV.argmax(dim=-1)
+                logits_RV = out.logits[:, -1].to(dtype=torch.float32, copy=True)
+                scores_RV = processors(seq, logits_RV)
+                record.add(scores_RV, logits_RV, out)
+                if not gen.do_sample:
+                    next_R = scores_RV.argmax(dim=-1)
+                else:
+                    if lag is not None:  # a dropped step gives back its draw, as if it never ran
+                        rng = _rng_state(seq.device)
+                    next_R = torch.multinomial(scores_RV.softmax(dim=-1), num_samples=1).squeeze(1)
             if eos_criteria:
                 next_R = torch.where(running_R, next_R, pad_id)
             seq = torch.cat([seq, next_R[:, None]], dim=-1)
-            if streamer is not None:
-                streamer.put(next_R.cpu())
-            if host_only:
-                if seq.shape[1] >= max_length:
+            if lag is None:
+                if streamer is not None:
+                    streamer.put(next_R.cpu())
+                if host_only:
+                    if seq.shape[1] >= max_length:
+                        break
+                    continue
+                running_R = running_R & ~criteria(seq, record.scores)
+                if not bool(running_R.any()):
                     break
                 continue
-            running_R = running_R & ~criteria(seq, record.scores)
-            if not bool(running_R.any()):
+            if not host_only:  # lag mode's rules: EOS ids (EosTokenCriteria in 3 kernels), max_length
+                running_R = running_R & (next_R[:, None] != eos_ids).all(dim=1)
+            ran, shown = lag.push(None if host_only else running_R, None if streamer is None else next_R)
+            if shown is not None:
+                streamer.put(shown)  # the step before's tokens
+            if ran is False:  # every row had stopped by the step before: drop this step
+                seq = seq[:, :-1]
+                if rng is not None:
+                    _set_rng_state(seq.device, rng)
+                break
+            if seq.shape[1] >= max_length:  # known on the host
+                if streamer is not None:
+                    streamer.put(lag.latest_tokens())
                 break
         if streamer is not None:
             streamer.end()
@@ -753,6 +797,60 @@ class GenerationMixin:
             return seq
         return GenerateDecoderOnlyOutput(sequences=seq, scores=record.scores, logits=record.logits,
                                          past_key_values=cache)
+
+
+class _OneStepLate:
+    """What the host reads from the device each step (whether any row runs; the new tokens, for a
+    streamer), read one step late. Each step's values are copied into pinned host memory behind an
+    event, and the host waits only for the step before's: the step just queued keeps the GPU busy
+    meanwhile, where reading its own values would leave the GPU idle while the host prepares the
+    next step."""
+
+    def __init__(self, device: torch.device, rows: int) -> None:
+        self.cuda = device.type == "cuda"
+        pin = self.cuda
+        self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=pin) for _ in range(2)]
+        self.tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self.steps = 0
+
+    def push(self, running_R: torch.Tensor | None, next_R: torch.Tensor | None):
+        """Queue this step's values (None: not wanted); return the step before's (flag, tokens), each
+        None where not wanted or at the first step."""
+        now, before = self.steps % 2, (self.steps + 1) % 2
+        if running_R is not None:
+            self.flags[now].copy_(running_R.any(), non_blocking=self.cuda)
+        if next_R is not None:
+            self.tokens[now].copy_(next_R, non_blocking=self.cuda)
+        if self.cuda:
+            self.events[now].record()
+        self.steps += 1
+        if self.steps == 1:
+            return None, None
+        self._wait(before)
+        return (None if running_R is None else bool(self.flags[before]),
+                None if next_R is None else self.tokens[before].clone())
+
+    def latest_tokens(self) -> torch.Tensor:
+        """The tokens of the last step pushed."""
+        last = (self.steps + 1) % 2
+        self._wait(last)
+        return self.tokens[last].clone()
+
+    def _wait(self, i: int) -> None:
+        if self.cuda:
+            self.events[i].synchronize()
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _first_eos(gen: GenerationConfig) -> int | None:
