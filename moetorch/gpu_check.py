@@ -18,6 +18,9 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
    padding, static-cache slots and a sliding window.
 8. CUDA-graph decode with programmatic dependent launch equals it without, bit for bit; at batch 24
    (the sorted expert path) with tensor descriptors it matches pointer loads.
+9. `generate()` reading its stop flag one step late (the CUDA default) returns the tokens of reading
+   it each step, greedy and sampled, with EOS ids that stop rows early, and leaves the random
+   generator where reading each step does.
 Exits non-zero if any check fails.
 """
 
@@ -527,6 +530,30 @@ def check_pdl(results):
     return ok
 
 
+@torch.no_grad()
+def check_lagged_stop(results):
+    ok = True
+    for name, (cfg, cls) in configs().items():
+        torch.manual_seed(0)
+        model = cls(cfg).to("cuda", torch.bfloat16).eval()
+        ids = torch.randint(1, cfg.vocab_size, (3, 24), device="cuda")
+        free = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)[:, 24:]
+        eos = [int(free[r, 3 + 6 * r]) for r in range(3)]  # rows stop at different steps, all before the end
+        for how, settings in (("greedy", {}), ("sample", dict(do_sample=True, top_k=3, temperature=0.5))):
+            outs, after = [], []
+            for lag in (False, True):
+                model.lagged_stop = lag
+                torch.manual_seed(3)
+                outs.append(model.generate(ids, max_new_tokens=24, eos_token_id=eos, **settings))
+                after.append(torch.rand(2, device="cuda"))
+            same = torch.equal(*outs) and torch.equal(*after)
+            results[f"lagged_stop.{name}.{how}.same_tokens_and_rng"] = same
+            results[f"lagged_stop.{name}.{how}.new_tokens"] = outs[1].shape[1] - 24
+            ok &= same
+        del model
+    return ok
+
+
 def run_checks() -> dict:
     """Every check; the results, with "ok" saying whether all passed."""
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -539,6 +566,7 @@ def run_checks() -> dict:
         ok &= check_model(name, cfg, cls, results)
     ok &= check_longrope(results)
     ok &= check_pdl(results)
+    ok &= check_lagged_stop(results)
     results["ok"] = bool(ok)
     return results
 
