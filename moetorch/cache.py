@@ -276,8 +276,12 @@ class StaticCache(Cache):
         self._seen = min(self._seen, max_length)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for t in [*self.keys, *self.values]:
-            t.copy_(t.index_select(0, beam_idx))
+        """Reorder the batch in place (beam search), so that graphs keep reading the same storage.
+        Only the filled slots move: the others hold nothing a later step reads."""
+        n = self._seen
+        for t in [*self.keys, *self.values] if n else []:
+            filled = t[:, :, :n]
+            filled.copy_(filled.index_select(0, beam_idx))
         self._batch_apply_replay(lambda t: t.index_select(0, beam_idx))
 
     def reset(self) -> None:

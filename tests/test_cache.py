@@ -145,3 +145,12 @@ def test_cache_api():
     c1.crop(4)
     assert c1.get_seq_length() == 4 and c1.keys[0].shape[2] == 4
     assert model(ids, use_cache=False).past_key_values is None
+    # A static cache reorders in place (graphs keep reading its storage), its filled slots only.
+    s1, s2 = StaticCache(model.config, max_cache_len=10), StaticCache(model.config, max_cache_len=10)
+    model(ids, past_key_values=s1, use_cache=True)
+    model(ids[perm], past_key_values=s2, use_cache=True)
+    s1.keys[0][:, :, 6:] = 7.0  # unfilled slots: not moved
+    storage = s1.keys[0].data_ptr()
+    s1.reorder_cache(perm)
+    assert s1.keys[0].data_ptr() == storage and bool((s1.keys[0][:, :, 6:] == 7.0).all())
+    close(model(nxt, past_key_values=s1).logits, model(nxt, past_key_values=s2).logits, "static reorder_cache")
