@@ -118,7 +118,7 @@ def test_generate_reuses_its_static_cache_and_step(arch):
     assert held.cache is None and held.step is None
 
 
-def test_generate_keeps_no_cache_it_hands_back_or_that_beam_search_used():
+def test_generate_keeps_no_cache_it_hands_back():
     model = tiny(PHIMOE, seed=6)
     ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 4, None)
     out = _static(model, ids, max_new_tokens=4, return_dict_in_generate=True)
@@ -128,8 +128,37 @@ def test_generate_keeps_no_cache_it_hands_back_or_that_beam_search_used():
     _static(model, ids, max_new_tokens=4)
     assert model._held_decode().cache is not returned and returned.get_seq_length() == 7
     model.release_decode_cache()
-    _static(model, ids, max_new_tokens=4, num_beams=2)
-    assert model._held_decode().cache is None
+    out = _static(model, ids, max_new_tokens=4, num_beams=2, return_dict_in_generate=True)
+    assert model._held_decode().cache is None and out.past_key_values.get_seq_length() > 4
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_beam_search_replays_the_graphed_step_on_its_reordered_cache(arch, monkeypatch):
+    model = tiny(arch, seed=11)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 5, "left", seed=3)
+    calls = []
+    original = GraphedDecodeStep.__call__
+
+    def counting(self, *args):
+        calls.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(GraphedDecodeStep, "__call__", counting)
+    beams = dict(max_new_tokens=6, eos_token_id=None, num_beams=3, num_return_sequences=2)
+    for settings in (dict(do_sample=False), dict(do_sample=True, top_k=8)):
+        torch.manual_seed(4)
+        static = model.generate(ids, attention_mask=mask, cache_implementation="static", **beams, **settings)
+        assert len(calls) == 5  # every token after the first, for all 2 x 3 beams at once
+        torch.manual_seed(4)
+        assert torch.equal(static, model.generate(ids, attention_mask=mask, **beams, **settings))
+        calls.clear()
+    # The next call with as many rows replays the same step on the held cache.
+    held = model._held_decode()
+    step = held.step
+    other, other_mask = make_inputs(arch.base["vocab_size"], 2, 5, "left", seed=4)
+    got = _static(model, other, other_mask, **beams)
+    assert held.step is step and set(calls) == {step}
+    assert torch.equal(got, model.generate(other, attention_mask=other_mask, **beams, do_sample=False))
 
 
 def test_the_held_cache_follows_the_weights():

@@ -351,13 +351,14 @@ class GenerationMixin:
             )
         max_length, min_length = self._lengths(gen, seq.shape[1], offset)
         if cache is None and gen.use_cache:
-            # On a GPU, plain decoding defaults to the static cache, whose steps replay as CUDA graphs.
+            # On a GPU, greedy search, sampling and beam search default to the static cache, whose
+            # steps replay as CUDA graphs.
             default_static = (gen.cache_implementation is None and self.device.type == "cuda"
-                              and gen.num_beams == 1 and assistant_model is None)
+                              and assistant_model is None)
             if gen.cache_implementation == "static" or default_static:
-                # The last token is never fed back, hence the -1. Plain decoding whose cache is not
-                # handed back may reuse the last call's cache and its captured decode graphs.
-                reuse = gen.num_beams == 1 and assistant_model is None and not gen.return_dict_in_generate
+                # The last token is never fed back, hence the -1. A cache that is not handed back
+                # may be the last call's, with its captured decode graphs.
+                reuse = assistant_model is None and not gen.return_dict_in_generate
                 cache = self._static_cache(seq.shape[0], max_length - 1 + offset, reuse)
             else:
                 cache = DynamicCache()
@@ -380,15 +381,15 @@ class GenerationMixin:
                 raise ValueError("assistant_model cannot be combined with guidance_scale != 1")
             return self._assisted_decoding(seq, ctx, cache, gen, processors, criteria, max_length, eos,
                                            assistant_model, streamer)
-        if gen.num_beams > 1:
-            return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id)
         if isinstance(cache, StaticCache) and self.decode_graphs and not (
             gen.output_attentions or gen.output_hidden_states
         ):
-            held, B = self._held_decode(), seq.shape[0]
-            ctx.step = held.step_for(self, cache, B) or GraphedDecodeStep(self, cache, B)
+            held, R = self._held_decode(), seq.shape[0]
+            ctx.step = held.step_for(self, cache, R) or GraphedDecodeStep(self, cache, R)
             if self.prefill_graphs:  # a cache used once pads its prompt alike, without capturing
-                ctx.prefill = held.prefill_for(self, cache, B) or GraphedPrefill(self, cache, B, capture=False)
+                ctx.prefill = held.prefill_for(self, cache, R) or GraphedPrefill(self, cache, R, capture=False)
+        if gen.num_beams > 1:  # the cache is reordered in place between the graphed steps
+            return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id)
         # A step past the last one is computed, then dropped: only where no one sees its cache write,
         # scores or callbacks (built-in stopping rules that stay on the device, no custom processors).
         # A streamer gets each step's tokens one step late.
@@ -808,6 +809,7 @@ class _OneStepLate:
 
     def __init__(self, device: torch.device, rows: int) -> None:
         self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.current_stream(device) if self.cuda else None
         pin = self.cuda
         self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=pin) for _ in range(2)]
         self.tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
@@ -823,7 +825,7 @@ class _OneStepLate:
         if next_R is not None:
             self.tokens[now].copy_(next_R, non_blocking=self.cuda)
         if self.cuda:
-            self.events[now].record()
+            self.events[now].record(self.stream)
         self.steps += 1
         if self.steps == 1:
             return None, None
