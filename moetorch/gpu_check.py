@@ -21,6 +21,8 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
 9. `generate()` reading its stop flag one step late (the CUDA default) returns the tokens of reading
    it each step, greedy and sampled, with EOS ids that stop rows early, and leaves the random
    generator where reading each step does.
+10. Beam search on the static cache with graphed steps (the CUDA default) returns the tokens of the
+   same cache stepped eagerly (a prompt of a prefill bucket's length, so no padding either way).
 Exits non-zero if any check fails.
 """
 
@@ -554,6 +556,25 @@ def check_lagged_stop(results):
     return ok
 
 
+@torch.no_grad()
+def check_beam_graphs(results):
+    ok = True
+    for name, (cfg, cls) in configs().items():
+        torch.manual_seed(0)
+        model = cls(cfg).to("cuda", torch.bfloat16).eval()
+        ids = torch.randint(1, cfg.vocab_size, (2, 32), device="cuda")
+        outs = []
+        for graphs in (True, False):
+            model.decode_graphs = graphs
+            outs.append(model.generate(ids, max_new_tokens=12, num_beams=3, num_return_sequences=2,
+                                       eos_token_id=None, do_sample=False))
+        same = torch.equal(*outs)
+        results[f"beam_graphs.{name}.same_tokens_as_eager_steps"] = same
+        ok &= same
+        del model
+    return ok
+
+
 def run_checks() -> dict:
     """Every check; the results, with "ok" saying whether all passed."""
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -567,6 +588,7 @@ def run_checks() -> dict:
     ok &= check_longrope(results)
     ok &= check_pdl(results)
     ok &= check_lagged_stop(results)
+    ok &= check_beam_graphs(results)
     results["ok"] = bool(ok)
     return results
 
