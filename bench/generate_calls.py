@@ -27,10 +27,12 @@ from moe_layer import save_json  # bench/ is the script's directory
 from moetorch.benchmark import SIZES, build, model_names
 
 
-def call_s(model, ids, new: int) -> tuple[float, torch.Tensor]:
+def call_s(model, ids, new: int, eos_token_id=None, **settings) -> tuple[float, torch.Tensor]:
+    """Seconds of one generate() call (greedy unless `settings` say otherwise; synchronized around
+    it) and its output."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None)
+    out = model.generate(ids, max_new_tokens=new, eos_token_id=eos_token_id, **{"do_sample": False, **settings})
     torch.cuda.synchronize()
     return time.perf_counter() - t0, out
 

@@ -1,0 +1,85 @@
+"""What each part of a sampling step costs on the GPU: the logits processors a chat server's
+settings add (temperature, top-k, top-p), the softmax and `torch.multinomial`, against greedy's argmax.
+
+Each part runs alone on random float32 logits [B, V], 20 times under the profiler; a row is its
+CUDA kernels' time per call (what a decode step waits for when the host runs ahead, as `generate`
+does on a GPU) and the host's time per call (what `generate` must hide behind the step before).
+
+    PYTHONPATH=.:bench python bench/sampling_cost.py [--batches 1,16] [--vocab 32000] --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from moe_layer import save_json  # bench/ is the script's directory
+from torch.profiler import ProfilerActivity, profile
+
+from moetorch.benchmark import counts
+from moetorch.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+CALLS = 20
+
+
+def cost_us(fn) -> tuple[float, float]:
+    """(CUDA kernel time, host time) per call, in us."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(CALLS):
+            fn()
+        host = time.perf_counter() - t0
+        torch.cuda.synchronize()
+    gpu = sum(e.self_device_time_total for e in prof.key_averages())
+    return gpu / CALLS, host * 1e6 / CALLS
+
+
+def parts(B: int, V: int) -> dict:
+    """The timed calls on random logits [B, V]."""
+    logits = torch.randn(B, V, device="cuda") * 3
+    ids = torch.zeros(B, 8, dtype=torch.long, device="cuda")
+    temp, top_k, top_p = TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.9)
+    chain = LogitsProcessorList([temp, top_k, top_p])
+    probs = logits.softmax(-1)
+    return {
+        "float32 copy": lambda: logits.to(torch.float32, copy=True),
+        "temperature 0.7": lambda: temp(ids, logits),
+        "top_k 50": lambda: top_k(ids, logits),
+        "top_p 0.9": lambda: top_p(ids, logits),
+        "softmax": lambda: logits.softmax(-1),
+        "multinomial": lambda: torch.multinomial(probs, 1),
+        "all of a sampled step": lambda: torch.multinomial(
+            chain(ids, logits.to(torch.float32, copy=True)).softmax(-1), 1),
+        "greedy argmax": lambda: logits.argmax(-1),
+    }
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for B in counts(args.batches):
+        for name, fn in parts(B, args.vocab).items():
+            gpu, host = cost_us(fn)
+            rows.append({"batch": B, "vocab": args.vocab, "part": name, "gpu_us": gpu, "host_us": host})
+            print(f"B{B:<3d} {name:22s} GPU {gpu:7.1f} us  host {host:7.1f} us", flush=True)
+    save_json(args.out, {"device": torch.cuda.get_device_name(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
