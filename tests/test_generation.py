@@ -153,8 +153,15 @@ def test_beam_search_matches_transformers(pair, settings):
     assert len(a.scores) == len(b.scores) and len(a.logits) == len(b.logits)
     for i, (x, y) in enumerate(zip(a.scores, b.scores)):
         close(x, y, f"scores[{i}]")
-    plain = pair[1].generate(ids, **{k: v for k, v in kwargs.items() if not k.startswith(("return", "output"))})
+    plain_kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("return", "output"))}
+    plain = pair[1].generate(ids, **plain_kwargs)
     assert_same_tokens(b.sequences, plain, "return_dict_in_generate changes nothing")
+    # Deciding to go on one step late (as on CUDA) drops the step past the last.
+    pair[1].lagged_stop = True
+    try:
+        assert_same_tokens(b.sequences, pair[1].generate(ids, **plain_kwargs), "beam search, lagged stop")
+    finally:
+        del pair[1].lagged_stop
 
 
 def test_beam_sampling_matches_transformers(pair):
@@ -163,6 +170,30 @@ def test_beam_sampling_matches_transformers(pair):
     a, b = both(pair, ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=True, top_k=30,
                 num_return_sequences=2, pad_token_id=VOCAB - 1, seed=5)
     assert_same_tokens(a, b, "beam sampling")
+
+
+def test_beam_search_with_lagged_stop_drops_its_extra_step(pair, monkeypatch):
+    hf, ours = pair
+    ids, mask = prompts(batch=2)
+    new = greedy_new_tokens(pair, ids, mask, n=6)
+    for settings in (dict(early_stopping=True), dict(do_sample=True, top_k=3, early_stopping=True)):
+        # EOS ids greedy search meets early (more of them for sampling), so that beams stop before the end
+        eos = sorted({int(new[0, 1]), int(new[1, 2])} | (set(new[:, :3].flatten().tolist()) if "top_k" in settings
+                                                         else set()))
+        outs, after = [], []
+        with lagged_stop(ours, monkeypatch) as reads:
+            for model in (hf, ours):
+                torch.manual_seed(6)
+                outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=2,
+                                           eos_token_id=eos, pad_token_id=VOCAB - 1, **settings))
+                after.append(torch.rand(3))
+        assert_same_tokens(*outs, f"beam search, lagged stop, {settings}")
+        # the random draws of the dropped step are given back
+        assert torch.equal(*after)
+        # greedy beams stop before max_new_tokens (sampled ones may not): the step after was dropped
+        assert outs[1].shape[1] < 6 + 12 or "top_k" in settings
+        if outs[1].shape[1] < 6 + 12:
+            assert reads[-1] is False and reads.count(False) == 1
 
 
 # ---- processors and stopping rules --------------------------------------------------------------

@@ -388,8 +388,6 @@ class GenerationMixin:
             ctx.step = held.step_for(self, cache, R) or GraphedDecodeStep(self, cache, R)
             if self.prefill_graphs:  # a cache used once pads its prompt alike, without capturing
                 ctx.prefill = held.prefill_for(self, cache, R) or GraphedPrefill(self, cache, R, capture=False)
-        if gen.num_beams > 1:  # the cache is reordered in place between the graphed steps
-            return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id)
         # A step past the last one is computed, then dropped: only where no one sees its cache write,
         # scores or callbacks (built-in stopping rules that stay on the device, no custom processors).
         # A streamer gets each step's tokens one step late.
@@ -398,8 +396,10 @@ class GenerationMixin:
             or prefix_allowed_tokens_fn is not None
             or any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in criteria)
         )
-        return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer,
-                            _OneStepLate(device, seq.shape[0]) if lag else None)
+        lag = _OneStepLate(device, seq.shape[0]) if lag else None
+        if gen.num_beams > 1:  # the cache is reordered in place between the graphed steps
+            return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id, lag)
+        return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer, lag)
 
     # ---- the reusable static cache --------------------------------------------------------------
     def _static_cache(self, batch: int, length: int, reuse: bool) -> StaticCache:
@@ -652,13 +652,14 @@ class GenerationMixin:
             hidden_states=record.hidden_states, past_key_values=cache,
         )
 
-    def _beam_search(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id):
+    def _beam_search(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id, lag=None):
         """Beam search (or beam sampling with do_sample), as Transformers' vectorised version.
 
         Per prompt it keeps N running beams and the N best finished ones. Each step scores every
         continuation of every running beam, takes the K = N * max(2, 1 + #EOS) best (or samples
         them), moves the ones that hit a stopping rule into the finished set (length-penalised)
-        and continues with the N best others.
+        and continues with the N best others. With `lag` (a _OneStepLate) it reads whether to go on
+        one step late, and a step past the last gives back its finished set and random draws.
         """
         N, lp, early = gen.num_beams, gen.length_penalty, gen.early_stopping
         R, prompt_len = seq.shape
@@ -681,6 +682,7 @@ class GenerationMixin:
         done_src = running_src.clone()
         batch_offset_B1 = torch.arange(B, device=device)[:, None] * N
         cur_len, flat = prompt_len, seq
+        kept, rng = None, None  # with `lag`: the step before's finished set; this step's generator state
         while True:
             out = _forward(self, flat, ctx, cache, 1, record.attentions is not None, record.hidden_states is not None)
             logits_RV = out.logits[:, -1].to(dtype=torch.float32, copy=True)
@@ -689,6 +691,8 @@ class GenerationMixin:
             V = logp_RV.shape[-1]
             total_BNV = (logp_RV.view(B, N, V) + running_lp[:, :, None]).view(B, N * V)
             if gen.do_sample:
+                if lag is not None:
+                    rng = _rng_state(device)
                 top_idx = torch.multinomial(total_BNV.softmax(dim=-1), num_samples=K)
                 top_lp = total_BNV.gather(1, top_idx)
             else:
@@ -726,8 +730,18 @@ class GenerationMixin:
             worst_done = torch.where(done_BN, done_lp.min(dim=1, keepdim=True)[0], _NEVER)
             improvable_B1 = improvable_B1 & (best_running > worst_done).any(dim=-1, keepdim=True)
             go_on = improvable_B1.any() & ~(done_BN.all() & (early is True)) & ~hits_BK.all()
-            if not bool(go_on):
-                break
+            if lag is None:
+                if not bool(go_on):
+                    break
+            else:
+                if lag.push(go_on, None)[0] is False:  # the step before was the last: drop this one
+                    done_seq, done_lp, done_src = kept
+                    if rng is not None:
+                        _set_rng_state(device, rng)
+                    break
+                if cur_len >= max_length:  # every continuation hits max_length: go_on is False
+                    break
+                kept = (done_seq, done_lp, done_src)
             flat = running_seq[:, :, :cur_len].reshape(R, cur_len)
 
         n_ret = gen.num_return_sequences
