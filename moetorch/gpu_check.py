@@ -22,7 +22,8 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
    it each step, greedy and sampled, with EOS ids that stop rows early, and leaves the random
    generator where reading each step does.
 10. Beam search on the static cache with graphed steps (the CUDA default) returns the tokens of the
-   same cache stepped eagerly (a prompt of a prefill bucket's length, so no padding either way).
+   same cache stepped eagerly (a prompt of a prefill bucket's length, so no padding either way), and
+   deciding to go on one step late (the CUDA default) returns those of deciding each step.
 Exits non-zero if any check fails.
 """
 
@@ -563,14 +564,18 @@ def check_beam_graphs(results):
         torch.manual_seed(0)
         model = cls(cfg).to("cuda", torch.bfloat16).eval()
         ids = torch.randint(1, cfg.vocab_size, (2, 32), device="cuda")
+        free = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)[:, 32:]
+        eos = [int(free[0, 3]), int(free[1, 6])]  # beams that finish early, so the lagged stop drops a step
         outs = []
-        for graphs in (True, False):
-            model.decode_graphs = graphs
+        for graphs, lag in ((True, True), (False, True), (True, False)):
+            model.decode_graphs, model.lagged_stop = graphs, lag
             outs.append(model.generate(ids, max_new_tokens=12, num_beams=3, num_return_sequences=2,
-                                       eos_token_id=None, do_sample=False))
-        same = torch.equal(*outs)
+                                       eos_token_id=eos, do_sample=False))
+        same = torch.equal(outs[0], outs[1])
         results[f"beam_graphs.{name}.same_tokens_as_eager_steps"] = same
-        ok &= same
+        results[f"beam_graphs.{name}.lagged_stop_same_tokens"] = torch.equal(outs[0], outs[2])
+        results[f"beam_graphs.{name}.new_tokens"] = outs[0].shape[1] - 32
+        ok &= same and torch.equal(outs[0], outs[2])
         del model
     return ok
 
