@@ -1,11 +1,13 @@
 """Beam search through `generate()`: the static cache with graphed steps against eager steps.
 
 On a GPU, beam search now decodes from a static cache (reordered in place between steps) whose steps
-replay a captured CUDA graph, kept between calls, as greedy search does. Arms, taking turns call by
-call on one model: `graphed` (the default), `static_eager` (the same cache, `decode_graphs = False`:
-the same kernels launched one by one, so the same tokens) and `dynamic` (`cache_implementation="dynamic"`:
-eager steps on a growing cache, what beam search ran before). With `--hf`,
-Transformers' `generate` on the same sizes (random weights of its own) for one call, for scale.
+replay a captured CUDA graph, kept between calls, as greedy search does, and decides whether to go
+on one step late. Arms, taking turns call by call on one model: `graphed` (the default),
+`graphed_each_step` (`lagged_stop = False`: the decision read every step), `static_eager` (the same
+cache, `decode_graphs = False`: the same kernels launched one by one, so the same tokens) and
+`dynamic` (`cache_implementation="dynamic"`: eager steps on a growing cache, what beam search ran
+before). With `--hf`, Transformers' `generate` on the same sizes (random weights of its own) for
+one call, for scale.
 
 Random weights at the real sizes, a 128-token prompt, `--beams` beams, `--new` new tokens (no EOS,
 so every call runs them all), medians of `--calls` calls after a warm-up call per arm. The prompt's
@@ -31,6 +33,7 @@ from moetorch.benchmark import SIZES, build, model_names
 
 def run(model, ids, arm: str, beams: int, new: int) -> tuple[float, torch.Tensor]:
     model.decode_graphs = arm != "static_eager"
+    model.lagged_stop = arm != "graphed_each_step"
     cache = "dynamic" if arm == "dynamic" else None
     return call_s(model, ids, new, num_beams=beams, cache_implementation=cache)
 
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
         V = SIZES[name]["vocab_size"]
         ids = torch.randint(0, V, (1, args.prompt), device="cuda")
         model = build(name, "moetorch", SIZES[name])
-        arms = ("graphed", "static_eager", "dynamic")
+        arms = ("graphed", "graphed_each_step", "static_eager", "dynamic")
         ms, outs = {a: [] for a in arms}, {}
         for arm in arms:
             outs[arm] = run(model, ids, arm, args.beams, args.new)[1]  # compile, capture
