@@ -329,3 +329,20 @@ def test_generate_pads_and_continues_a_static_cache_passed_in():
     padded, unpadded = run(True), run(False)
     assert torch.equal(padded[0], model.generate(ids, max_new_tokens=4, do_sample=False))
     assert torch.equal(padded[0], unpadded[0]) and torch.equal(padded[1], unpadded[1])
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_lagged_stop_on_the_held_cache(arch):
+    """The step past the last writes the held cache; the next call zeroes it and gives the same tokens."""
+    model = tiny(arch, seed=13)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 5, "left", seed=6)
+    free = _static(model, ids, mask, max_new_tokens=8, eos_token_id=None)[:, 5:]
+    eos = [int(free[0, 2]), int(free[1, 4])]  # both rows stop within 5 tokens
+    # references: a dynamic cache, the stop read each step (the CPU default)
+    want = {n: model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos, do_sample=False,
+                              num_beams=n) for n in (1, 2)}
+    assert want[1].shape[1] <= 5 + 5
+    model.lagged_stop = True
+    for beams in (1, 1, 2, 2):
+        got = _static(model, ids, mask, max_new_tokens=8, eos_token_id=eos, num_beams=beams)
+        assert torch.equal(got, want[beams]), f"{beams} beams"
