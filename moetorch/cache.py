@@ -20,6 +20,9 @@ from .ops import fused
 from .ops.linear import linears_rotated
 from .ops.rope import apply_rotary_qk
 
+# The most bytes one step of StaticCache.reorder_cache copies at once (its temporary's size).
+REORDER_CHUNK_BYTES = 256 * 2**20
+
 
 class Cache:
     """Common interface, as in Transformers: `update`, `get_seq_length`, `reorder_cache`, ..."""
@@ -199,9 +202,11 @@ class StaticCache(Cache):
         n = self.num_layers
         if n is None:
             raise ValueError("StaticCache needs `config` or `num_layers` to allocate its storage")
-        shape = (B, G, self.max_cache_len, d)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        # One tensor each for all layers' keys and values (a layer's are views of it): reordering
+        # and zeroing them take a launch or two, not one per layer.
+        shape = (n, B, G, self.max_cache_len, d)
+        self._all = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self.keys, self.values = list(self._all[0].unbind(0)), list(self._all[1].unbind(0))
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len
@@ -277,18 +282,24 @@ class StaticCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch in place (beam search), so that graphs keep reading the same storage.
-        Only the filled slots move: the others hold nothing a later step reads."""
+        Only the filled slots move: the others hold nothing a later step reads. All layers move
+        at once, in groups whose copy stays within REORDER_CHUNK_BYTES."""
         n = self._seen
-        for t in [*self.keys, *self.values] if n else []:
-            filled = t[:, :, :n]
-            filled.copy_(filled.index_select(0, beam_idx))
+        if n and self.keys:
+            L = len(self.keys)
+            layer_bytes = self.keys[0][:, :, :n].numel() * self.keys[0].element_size()
+            group = max(1, min(L, REORDER_CHUNK_BYTES // max(layer_bytes, 1)))
+            for t in self._all:
+                for first in range(0, L, group):
+                    filled = t[first : first + group, :, :, :n]
+                    filled.copy_(filled.index_select(1, beam_idx))
         self._batch_apply_replay(lambda t: t.index_select(0, beam_idx))
 
     def reset(self) -> None:
         """Forget the cached tokens, keeping the storage (no reallocation)."""
         self._seen = 0
         self.rope_long = False
-        for t in [*self.keys, *self.values]:
+        for t in self._all if self.keys else ():
             t.zero_()
 
 

@@ -3,12 +3,15 @@ crossing re-encodes cached keys, and the cache API (crop, reorder, reset, legacy
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
 from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling, randomize_
 from parity import close, make_inputs
 
+import moetorch.cache
 from moetorch import DynamicCache, StaticCache
 
 
@@ -126,7 +129,7 @@ def test_static_cache_is_preallocated_and_checked():
 
 
 @torch.no_grad()
-def test_cache_api():
+def test_cache_api(monkeypatch):
     model = tiny(PHIMOE, seed=9)
     ids, _ = make_inputs(97, 3, 6, None)
     cache = model(ids, use_cache=True).past_key_values
@@ -150,7 +153,12 @@ def test_cache_api():
     model(ids, past_key_values=s1, use_cache=True)
     model(ids[perm], past_key_values=s2, use_cache=True)
     s1.keys[0][:, :, 6:] = 7.0  # unfilled slots: not moved
-    storage = s1.keys[0].data_ptr()
+    storage = [t.data_ptr() for t in (*s1.keys, *s1.values)]
+    s3 = copy.deepcopy(s1)
     s1.reorder_cache(perm)
-    assert s1.keys[0].data_ptr() == storage and bool((s1.keys[0][:, :, 6:] == 7.0).all())
+    assert [t.data_ptr() for t in (*s1.keys, *s1.values)] == storage and bool((s1.keys[0][:, :, 6:] == 7.0).all())
+    # layer by layer (a copy budget below one layer's slots) moves the same
+    monkeypatch.setattr(moetorch.cache, "REORDER_CHUNK_BYTES", 1)
+    s3.reorder_cache(perm)
+    assert all(torch.equal(a, b) for a, b in zip((*s1.keys, *s1.values), (*s3.keys, *s3.values)))
     close(model(nxt, past_key_values=s1).logits, model(nxt, past_key_values=s2).logits, "static reorder_cache")
