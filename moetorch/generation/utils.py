@@ -8,7 +8,8 @@ K candidates kept per prompt and step, L tokens in the id sequence, V vocabulary
 Each step feeds the model only the tokens its cache lacks and asks for the last logits only
 (`logits_to_keep`). The loop reads the device once per step to decide whether to stop, and not at
 all when only `max_length` can stop it (no EOS, stop strings or custom criteria). On a GPU it reads
-the step before's stop flag (`_OneStepLate`), so the next step is queued before the host waits.
+the step before's stop flag (`_OneStepLate`), so the next step is queued before the host waits, and
+drops the step past the last.
 """
 
 from __future__ import annotations
@@ -273,9 +274,9 @@ class GenerationMixin:
     decode_graphs: bool = True
     # With them, replay prompts of a length bucket seen before from CUDA graphs too (GraphedPrefill).
     prefill_graphs: bool = True
-    # Greedy search and sampling read whether to stop (and a streamer's tokens) one step late
-    # (`_OneStepLate`): None on CUDA devices only, True or False everywhere. Only where nothing
-    # outside generate() sees the step past the end that this computes.
+    # Greedy search, sampling and beam search read whether to stop (and a streamer's tokens) one
+    # step late (`_OneStepLate`): None on CUDA devices only, True or False everywhere. Only where
+    # nothing outside generate() sees the step past the end that this computes.
     lagged_stop: bool | None = None
 
     @property
