@@ -86,6 +86,13 @@ def configs():
     return out
 
 
+def bf16_models():
+    """(name, config, model) for each architecture: its small config, random bf16 weights on the GPU."""
+    for name, (cfg, cls) in configs().items():
+        torch.manual_seed(0)
+        yield name, cfg, cls(cfg).to("cuda", torch.bfloat16).eval()
+
+
 @torch.no_grad()
 def check_model(name, config, cls, results):
     torch.manual_seed(0)
@@ -505,9 +512,7 @@ def check_pdl(results):
 
     results["pdl.enabled"] = pdl_enabled(torch.device("cuda"))
     ok = True
-    for name, (cfg, cls) in configs().items():
-        torch.manual_seed(0)
-        model = cls(cfg).to("cuda", torch.bfloat16).eval()
+    for name, cfg, model in bf16_models():
         for B in (1, 4, 24):
             prompt = torch.randint(1, cfg.vocab_size, (B, 40), device="cuda")
             toks = torch.randint(1, cfg.vocab_size, (32, B, 1), device="cuda")
@@ -536,9 +541,7 @@ def check_pdl(results):
 @torch.no_grad()
 def check_lagged_stop(results):
     ok = True
-    for name, (cfg, cls) in configs().items():
-        torch.manual_seed(0)
-        model = cls(cfg).to("cuda", torch.bfloat16).eval()
+    for name, cfg, model in bf16_models():
         ids = torch.randint(1, cfg.vocab_size, (3, 24), device="cuda")
         free = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)[:, 24:]
         eos = [int(free[r, 3 + 6 * r]) for r in range(3)]  # rows stop at different steps, all before the end
@@ -560,9 +563,7 @@ def check_lagged_stop(results):
 @torch.no_grad()
 def check_beam_graphs(results):
     ok = True
-    for name, (cfg, cls) in configs().items():
-        torch.manual_seed(0)
-        model = cls(cfg).to("cuda", torch.bfloat16).eval()
+    for name, cfg, model in bf16_models():
         ids = torch.randint(1, cfg.vocab_size, (2, 32), device="cuda")
         free = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)[:, 32:]
         eos = [int(free[0, 3]), int(free[1, 6])]  # beams that finish early, so the lagged stop drops a step
