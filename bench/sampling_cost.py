@@ -3,7 +3,8 @@ settings add (temperature, top-k, top-p), the softmax and `torch.multinomial`, a
 
 Each part runs alone on random float32 logits [B, V], 20 times under the profiler; a row is its
 CUDA kernels' time per call (what a decode step waits for when the host runs ahead, as `generate`
-does on a GPU) and the host's time per call (what `generate` must hide behind the step before).
+does on a GPU) and the host's time per call (what `generate` must hide behind the step before;
+taken under the profiler, so an upper bound).
 
     PYTHONPATH=.:bench python bench/sampling_cost.py [--batches 1,16] [--vocab 32000] --out r.json
 """
@@ -16,9 +17,8 @@ import time
 
 import torch
 from moe_layer import save_json  # bench/ is the script's directory
-from torch.profiler import ProfilerActivity, profile
 
-from moetorch.benchmark import counts
+from moetorch.benchmark import counts, kernel_times
 from moetorch.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -30,18 +30,21 @@ CALLS = 20
 
 
 def cost_us(fn) -> tuple[float, float]:
-    """(CUDA kernel time, host time) per call, in us."""
+    """(CUDA kernel time, host time) per call, in us; the host time is taken under the profiler,
+    which adds its own cost to each launch (an upper bound)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    host = []
+
+    def calls():
         t0 = time.perf_counter()
         for _ in range(CALLS):
             fn()
-        host = time.perf_counter() - t0
-        torch.cuda.synchronize()
-    gpu = sum(e.self_device_time_total for e in prof.key_averages())
-    return gpu / CALLS, host * 1e6 / CALLS
+        host.append(time.perf_counter() - t0)
+
+    gpu = sum(us for us, _ in kernel_times(calls).values())
+    return gpu / CALLS, host[0] * 1e6 / CALLS
 
 
 def parts(B: int, V: int) -> dict:
