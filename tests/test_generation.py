@@ -129,6 +129,90 @@ def test_sampling_matches_transformers_random_stream(pair, settings):
     assert not torch.equal(b[:: settings.get("num_return_sequences", 1)], greedy), "sampling drew nothing"
 
 
+@contextlib.contextmanager
+def sampling_kernel(monkeypatch):
+    """Let generate() draw with ops.triton_sample on the CPU (under the interpreter) while the model
+    itself runs its torch code; yields the kernel's calls."""
+    from types import SimpleNamespace
+
+    from moetorch.ops import triton_sample
+
+    calls = []
+    sample = triton_sample.sample
+
+    def counting(*args, **kwargs):
+        calls.append(args[1:])
+        return sample(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(moetorch.generation.utils, "fused", SimpleNamespace(SAMPLE_KERNEL=1, serves=lambda device: True))
+        m.setattr(triton_sample, "sample", counting)
+        yield calls
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.5, top_k=10),
+        dict(top_k=20, top_p=0.9, num_return_sequences=2),
+        dict(top_k=0),
+        dict(top_k=VOCAB + 5, top_p=0.7, temperature=2.0),
+    ],
+    ids=["temperature-top_k", "top_k-top_p", "no-warpers", "top_k-beyond-vocab"],
+)
+def test_sampling_kernel_matches_transformers(pair, monkeypatch, settings):
+    ids, mask = prompts()
+    torch.manual_seed(12)
+    a = pair[0].generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=8, **settings)
+    after_hf = torch.rand(4)
+    with sampling_kernel(monkeypatch) as calls:
+        torch.manual_seed(12)
+        b = pair[1].generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=8, **settings)
+    after_ours = torch.rand(4)
+    assert len(calls) == 8, "the kernel drew every step"
+    assert_same_tokens(a, b, f"sampling kernel {settings}")
+    assert torch.equal(after_hf, after_ours)
+
+
+def test_sampling_kernel_only_where_it_computes_the_processors(pair, monkeypatch):
+    ours = pair[1]
+    ids, mask = prompts(batch=1)
+    served = [dict(), dict(top_k=5, top_p=0.5, temperature=0.7)]
+    not_served = [
+        dict(top_p=0.9, top_k=0),  # top-p alone sorts the whole row
+        dict(min_p=0.1),
+        dict(repetition_penalty=1.2),
+        dict(min_new_tokens=3, eos_token_id=1),
+        dict(return_dict_in_generate=True, output_scores=True),
+        dict(num_beams=2),
+        dict(logits_processor=LogitsProcessorList([TopKLogitsWarper(3)])),
+        dict(top_k=2000),  # beyond triton_sample.MAX_K
+    ]
+    for settings in served + not_served:
+        with sampling_kernel(monkeypatch) as calls:
+            ours.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=2, **settings)
+        assert bool(calls) == (settings in served), settings
+
+
+def test_sampling_kernel_with_lagged_stop(pair, monkeypatch):
+    # The step past the last is drawn by the kernel too, and gives its draw back.
+    hf, ours = pair
+    ids, mask = prompts()
+    torch.manual_seed(5)
+    free = ours.generate(ids, attention_mask=mask, do_sample=True, top_k=10, max_new_tokens=10)[:, 6:]
+    stop = sorted({int(t) for t in free[:, 1]})
+    torch.manual_seed(5)
+    a = hf.generate(ids, attention_mask=mask, do_sample=True, top_k=10, max_new_tokens=10, eos_token_id=stop)
+    after_hf = torch.rand(4)
+    with sampling_kernel(monkeypatch) as calls, lagged_stop(ours, monkeypatch) as reads:
+        torch.manual_seed(5)
+        b = ours.generate(ids, attention_mask=mask, do_sample=True, top_k=10, max_new_tokens=10, eos_token_id=stop)
+    after_ours = torch.rand(4)
+    assert_same_tokens(a, b, "sampling kernel, lagged stop")
+    assert b.shape[1] == 6 + 2 and len(calls) == 3 and reads[-1] is False
+    assert torch.equal(after_hf, after_ours)
+
+
 @pytest.mark.parametrize(
     "settings",
     [

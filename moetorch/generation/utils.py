@@ -24,9 +24,11 @@ import torch
 
 from ..cache import Cache, DynamicCache, StaticCache
 from ..engine.cuda_graph import GraphedDecodeStep, GraphedPrefill
+from ..ops import fused
 from ..outputs import ModelOutput
 from .configuration import DEFAULTS, GenerationConfig
 from .logits_process import (
+    NEG_INF,
     LogitNormalization,
     LogitsProcessorList,
     MinLengthLogitsProcessor,
@@ -601,11 +603,16 @@ class GenerationMixin:
         # Plain greedy (nothing recorded) takes the argmax of the model's logits as they come: the
         # float32 copy holds the same values, so the same index.
         plain_argmax = not (processors or gen.do_sample or gen.return_dict_in_generate)
+        sampler = _fused_sampler(processors, gen, seq.device)
         rng = None
         while True:
             out = _forward(self, seq, ctx, cache, 1, record.attentions is not None, record.hidden_states is not None)
             if plain_argmax:
                 next_R = out.logits[:, -1].argmax(dim=-1)
+            elif sampler is not None:
+                if lag is not None:
+                    rng = _rng_state(seq.device)
+                next_R = sampler(out.logits[:, -1])
             else:
                 logits_RV = out.logits[:, -1].to(dtype=torch.float32, copy=True)
                 scores_RV = processors(seq, logits_RV)
@@ -857,6 +864,35 @@ class _OneStepLate:
     def _wait(self, i: int) -> None:
         if self.cuda:
             self.events[i].synchronize()
+
+
+def _fused_sampler(processors: LogitsProcessorList, gen: GenerationConfig, device: torch.device):
+    """`ops.triton_sample.sample` with these settings, where it computes what the processors, the
+    softmax and `torch.multinomial` would: sampling (not beams) with no processors but Transformers'
+    own temperature, top-k (at most `MAX_K`) and top-p (only after a top-k) warpers, in that
+    order, nothing recorded, on a device the fused kernels serve. None otherwise (the
+    processors run)."""
+    if not (gen.do_sample and gen.num_beams == 1 and not gen.return_dict_in_generate):
+        return None
+    if not (fused.SAMPLE_KERNEL and fused.serves(device)):
+        return None
+    warpers = list(processors)
+    temperature = top_k = top_p = None
+    if warpers and type(warpers[0]) is TemperatureLogitsWarper:
+        temperature = warpers.pop(0).temperature
+    if warpers and type(warpers[0]) is TopKLogitsWarper and warpers[0].filter_value == NEG_INF:
+        top_k = warpers.pop(0).top_k
+    if warpers and type(warpers[0]) is TopPLogitsWarper:
+        top_p_warper = warpers.pop(0)
+        if top_p_warper.filter_value != NEG_INF or top_p_warper.min_tokens_to_keep != 1:
+            return None
+        top_p = top_p_warper.top_p
+    from ..ops import triton_sample
+
+    # top-p needs a top-k: the survivors it orders are the ones top-k's select found
+    if warpers or (top_k is not None and top_k > triton_sample.MAX_K) or (top_p is not None and top_k is None):
+        return None
+    return lambda logits_RV: triton_sample.sample(logits_RV, temperature, top_k, top_p)
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:

@@ -35,6 +35,11 @@ LINEAR_MAX_ROWS = 16
 # `causal_mask`); 0: their torch ops (the B arm of bench/decode_ab.py's A/B).
 STEP_INPUT_KERNELS = 1
 
+# Sampled decode steps (`generate(do_sample=True)` with at most temperature, top-k and top-p) draw
+# their token in one kernel (`ops.triton_sample.sample`); 0: the processors, softmax and
+# torch.multinomial (the B arm of bench/stop_check.py's A/B).
+SAMPLE_KERNEL = 1
+
 _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}
 
 
