@@ -1,5 +1,6 @@
 """What each part of a sampling step costs on the GPU: the logits processors a chat server's
-settings add (temperature, top-k, top-p), the softmax and `torch.multinomial`, against greedy's argmax.
+settings add (temperature, top-k, top-p), the softmax and `torch.multinomial`, against greedy's argmax
+and the sampling kernel (`ops.triton_sample.sample`, which `generate` uses for these settings).
 
 Each part runs alone on random float32 logits [B, V], 20 times under the profiler; a row is its
 CUDA kernels' time per call (what a decode step waits for when the host runs ahead, as `generate`
@@ -25,6 +26,7 @@ from moetorch.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from moetorch.ops import triton_sample
 
 CALLS = 20
 
@@ -54,6 +56,7 @@ def parts(B: int, V: int) -> dict:
     temp, top_k, top_p = TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.9)
     chain = LogitsProcessorList([temp, top_k, top_p])
     probs = logits.softmax(-1)
+    logits_bf16 = logits.bfloat16()
     return {
         "float32 copy": lambda: logits.to(torch.float32, copy=True),
         "temperature 0.7": lambda: temp(ids, logits),
@@ -64,6 +67,10 @@ def parts(B: int, V: int) -> dict:
         "all of a sampled step": lambda: torch.multinomial(
             chain(ids, logits.to(torch.float32, copy=True)).softmax(-1), 1),
         "greedy argmax": lambda: logits.argmax(-1),
+        "sampling kernel (T 0.7, top-k 50, top-p 0.9)": lambda: triton_sample.sample(logits, 0.7, 50, 0.9),
+        "sampling kernel (top-k 50)": lambda: triton_sample.sample(logits, None, 50, None),
+        "sampling kernel (T 0.7, top-k 50, top-p 0.9), bf16 logits": lambda: triton_sample.sample(
+            logits_bf16, 0.7, 50, 0.9),
     }
 
 
@@ -79,7 +86,7 @@ def main(argv=None) -> int:
         for name, fn in parts(B, args.vocab).items():
             gpu, host = cost_us(fn)
             rows.append({"batch": B, "vocab": args.vocab, "part": name, "gpu_us": gpu, "host_us": host})
-            print(f"B{B:<3d} {name:22s} GPU {gpu:7.1f} us  host {host:7.1f} us", flush=True)
+            print(f"B{B:<3d} {name:48s} GPU {gpu:7.1f} us  host {host:7.1f} us", flush=True)
     save_json(args.out, {"device": torch.cuda.get_device_name(), "rows": rows})
     return 0
 

@@ -24,6 +24,11 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
 10. Beam search on the static cache with graphed steps (the CUDA default) returns the tokens of the
    same cache stepped eagerly (a prompt of a prefill bucket's length, so no padding either way), and
    deciding to go on one step late (the CUDA default) returns those of deciding each step.
+11. The sampling kernel (ops/triton_sample.py) at 32064 logits, bf16 as the models give them (ties
+   among them), draws the tokens torch's processors, softmax and `torch.multinomial` draw from the
+   same seed, and leaves the generator where they do (at most one draw in a thousand may differ: the
+   two sum the probabilities in another order). CUDA's sort of a row keeps equal values in index
+   order, as the kernel's top-p assumes. `generate` draws the same tokens with it and without.
 Exits non-zero if any check fails.
 """
 
@@ -581,6 +586,60 @@ def check_beam_graphs(results):
     return ok
 
 
+@torch.no_grad()
+def check_sampling_kernel(results):
+    from moetorch.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+    from moetorch.ops import fused, triton_sample
+
+    V = 32064
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ties = (torch.randn(1, V, device="cuda", generator=g) * 3).bfloat16().float()
+    values, order = torch.sort(ties, descending=False)
+    same_value = values[0, 1:] == values[0, :-1]
+    stable = bool((order[0, 1:][same_value] > order[0, :-1][same_value]).all())
+    results["sampling.cuda_sort_keeps_ties_in_index_order"] = stable
+    ok, draws, differ, rng_differ = stable, 0, 0, 0
+    for temperature, top_k, top_p in ((0.7, 50, 0.9), (None, 50, None), (1.3, 256, 0.8), (None, 200, 0.95),
+                                      (0.5, None, None)):
+        warpers = LogitsProcessorList(
+            ([TemperatureLogitsWarper(temperature)] if temperature is not None else [])
+            + ([TopKLogitsWarper(top_k)] if top_k is not None else [])
+            + ([TopPLogitsWarper(top_p)] if top_p is not None else []))
+        for R in (1, 16):
+            for seed in range(25):
+                logits = (torch.randn(R, V, device="cuda", generator=g) * 3).bfloat16()
+                torch.manual_seed(seed)
+                want = torch.multinomial(warpers(None, logits.float()).softmax(-1), 1).squeeze(1)
+                after_want = torch.rand(2, device="cuda")
+                torch.manual_seed(seed)
+                got = triton_sample.sample(logits, temperature, top_k, top_p)
+                after_got = torch.rand(2, device="cuda")
+                draws += R
+                differ += int((want != got).sum())
+                rng_differ += not torch.equal(after_want, after_got)
+    results["sampling.draws"] = draws
+    results["sampling.draws_that_differ"] = differ
+    results["sampling.generator_states_that_differ"] = rng_differ
+    ok &= differ * 1000 <= draws and rng_differ == 0
+    name, cfg, model = next(bf16_models())
+    ids = torch.randint(1, cfg.vocab_size, (3, 24), device="cuda")
+    outs = []
+    for kernel in (1, 0):
+        fused.SAMPLE_KERNEL = kernel
+        torch.manual_seed(7)
+        outs.append(model.generate(ids, max_new_tokens=24, do_sample=True, temperature=0.7, top_k=50, top_p=0.9,
+                                   eos_token_id=None))
+    fused.SAMPLE_KERNEL = 1
+    same = torch.equal(*outs)
+    results[f"sampling.{name}.generate_same_tokens"] = same
+    return ok and same
+
+
 def run_checks() -> dict:
     """Every check; the results, with "ok" saying whether all passed."""
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -595,6 +654,7 @@ def run_checks() -> dict:
     ok &= check_pdl(results)
     ok &= check_lagged_stop(results)
     ok &= check_beam_graphs(results)
+    ok &= check_sampling_kernel(results)
     results["ok"] = bool(ok)
     return results
 
