@@ -150,17 +150,22 @@ def sampling_kernel(monkeypatch):
         yield calls
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        dict(temperature=0.5, top_k=10),
-        dict(top_k=20, top_p=0.9, num_return_sequences=2),
-        dict(top_k=0),
-        dict(top_k=VOCAB + 5, top_p=0.7, temperature=2.0),
-    ],
-    ids=["temperature-top_k", "top_k-top_p", "no-warpers", "top_k-beyond-vocab"],
-)
-def test_sampling_kernel_matches_transformers(pair, monkeypatch, settings):
+# settings -> what the kernel computes (temperature, top_k, top_p); the processors before run in torch
+KERNEL_SAMPLING = {
+    "temperature-top_k": (dict(temperature=0.5, top_k=10), (0.5, 10, None)),
+    "top_k-top_p": (dict(top_k=20, top_p=0.9, num_return_sequences=2), (None, 20, 0.9)),
+    "no-warpers": (dict(top_k=0), (None, None, None)),
+    "top_k-beyond-vocab": (dict(top_k=VOCAB + 5, top_p=0.7, temperature=2.0), (2.0, VOCAB + 5, 0.7)),
+    "repetition-penalty-first": (dict(repetition_penalty=1.3, top_k=10, top_p=0.8), (None, 10, 0.8)),
+    "top_p-alone-in-torch": (dict(top_p=0.8, top_k=0, temperature=0.5), (None, None, None)),
+    "min_p-last-in-torch": (dict(min_p=0.2, temperature=0.5), (None, None, None)),
+    "top_k-beyond-the-kernel": (dict(top_k=300, top_p=0.9), (None, None, None)),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_SAMPLING))
+def test_sampling_kernel_matches_transformers(pair, monkeypatch, case):
+    settings, computes = KERNEL_SAMPLING[case]
     ids, mask = prompts()
     torch.manual_seed(12)
     a = pair[0].generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=8, **settings)
@@ -169,29 +174,17 @@ def test_sampling_kernel_matches_transformers(pair, monkeypatch, settings):
         torch.manual_seed(12)
         b = pair[1].generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=8, **settings)
     after_ours = torch.rand(4)
-    assert len(calls) == 8, "the kernel drew every step"
+    assert calls == [computes] * 8, "the kernel drew every step, with these warpers"
     assert_same_tokens(a, b, f"sampling kernel {settings}")
     assert torch.equal(after_hf, after_ours)
 
 
-def test_sampling_kernel_only_where_it_computes_the_processors(pair, monkeypatch):
-    ours = pair[1]
+def test_sampling_kernel_not_where_scores_are_recorded_or_for_beams(pair, monkeypatch):
     ids, mask = prompts(batch=1)
-    served = [dict(), dict(top_k=5, top_p=0.5, temperature=0.7)]
-    not_served = [
-        dict(top_p=0.9, top_k=0),  # top-p alone sorts the whole row
-        dict(min_p=0.1),
-        dict(repetition_penalty=1.2),
-        dict(min_new_tokens=3, eos_token_id=1),
-        dict(return_dict_in_generate=True, output_scores=True),
-        dict(num_beams=2),
-        dict(logits_processor=LogitsProcessorList([TopKLogitsWarper(3)])),
-        dict(top_k=2000),  # beyond triton_sample.MAX_K
-    ]
-    for settings in served + not_served:
+    for settings in (dict(return_dict_in_generate=True, output_scores=True), dict(num_beams=2)):
         with sampling_kernel(monkeypatch) as calls:
-            ours.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=2, **settings)
-        assert bool(calls) == (settings in served), settings
+            pair[1].generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=2, **settings)
+        assert not calls, settings
 
 
 def test_sampling_kernel_with_lagged_stop(pair, monkeypatch):

@@ -612,7 +612,7 @@ class GenerationMixin:
             elif sampler is not None:
                 if lag is not None:
                     rng = _rng_state(seq.device)
-                next_R = sampler(out.logits[:, -1])
+                next_R = sampler(seq, out.logits[:, -1])
             else:
                 logits_RV = out.logits[:, -1].to(dtype=torch.float32, copy=True)
                 scores_RV = processors(seq, logits_RV)
@@ -867,32 +867,39 @@ class _OneStepLate:
 
 
 def _fused_sampler(processors: LogitsProcessorList, gen: GenerationConfig, device: torch.device):
-    """`ops.triton_sample.sample` with these settings, where it computes what the processors, the
-    softmax and `torch.multinomial` would: sampling (not beams) with no processors but Transformers'
-    own temperature, top-k (at most `MAX_K`) and top-p (only after a top-k) warpers, in that
-    order, nothing recorded, on a device the fused kernels serve. None otherwise (the
-    processors run)."""
+    """A step's draw through `ops.triton_sample.sample`, or None (the processors, softmax and
+    `torch.multinomial`): for sampling (not beams) with nothing recorded, on a device the fused
+    kernels serve. The kernel computes Transformers' temperature, top-k (at most `MAX_K`) and top-p
+    (after such a top-k) warpers where they end the processor list, as they do unless another
+    warper (min-p) follows; the processors before them run first, in torch on float32 logits."""
     if not (gen.do_sample and gen.num_beams == 1 and not gen.return_dict_in_generate):
         return None
     if not (fused.SAMPLE_KERNEL and fused.serves(device)):
         return None
-    warpers = list(processors)
-    temperature = top_k = top_p = None
-    if warpers and type(warpers[0]) is TemperatureLogitsWarper:
-        temperature = warpers.pop(0).temperature
-    if warpers and type(warpers[0]) is TopKLogitsWarper and warpers[0].filter_value == NEG_INF:
-        top_k = warpers.pop(0).top_k
-    if warpers and type(warpers[0]) is TopPLogitsWarper:
-        top_p_warper = warpers.pop(0)
-        if top_p_warper.filter_value != NEG_INF or top_p_warper.min_tokens_to_keep != 1:
-            return None
-        top_p = top_p_warper.top_p
     from ..ops import triton_sample
 
-    # top-p needs a top-k: the survivors it orders are the ones top-k's select found
-    if warpers or (top_k is not None and top_k > triton_sample.MAX_K) or (top_p is not None and top_k is None):
-        return None
-    return lambda logits_RV: triton_sample.sample(logits_RV, temperature, top_k, top_p)
+    procs = list(processors)
+    end, temperature, top_k, top_p = len(procs), None, None, None
+    last = procs[end - 1] if end else None
+    if type(last) is TopPLogitsWarper and last.filter_value == NEG_INF and last.min_tokens_to_keep == 1:
+        top_p, end = last.top_p, end - 1
+    last = procs[end - 1] if end else None
+    if type(last) is TopKLogitsWarper and last.filter_value == NEG_INF:
+        top_k, end = last.top_k, end - 1
+    last = procs[end - 1] if end else None
+    if type(last) is TemperatureLogitsWarper:
+        temperature, end = last.temperature, end - 1
+    # top-p orders the survivors of the kernel's own top-k; otherwise the kernel only draws
+    if (top_k is not None and top_k > triton_sample.MAX_K) or (top_p is not None and top_k is None):
+        end, temperature, top_k, top_p = len(procs), None, None, None
+    head = LogitsProcessorList(procs[:end])
+
+    def draw(seq_RL: torch.Tensor, logits_RV: torch.Tensor) -> torch.Tensor:
+        if head:
+            logits_RV = head(seq_RL, logits_RV.to(dtype=torch.float32, copy=True))
+        return triton_sample.sample(logits_RV, temperature, top_k, top_p)
+
+    return draw
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
