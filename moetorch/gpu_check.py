@@ -28,7 +28,8 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
    among them), draws the tokens torch's processors, softmax and `torch.multinomial` draw from the
    same seed, and leaves the generator where they do (at most one draw in a thousand may differ: the
    two sum the probabilities in another order). CUDA's sort of a row keeps equal values in index
-   order, as the kernel's top-p assumes. `generate` draws the same tokens with it and without.
+   order, as the kernel's top-p assumes. `generate` draws the same tokens with it and without: with
+   the warpers alone, after a repetition penalty, and (min-p closing the list) for the draw only.
 Exits non-zero if any check fails.
 """
 
@@ -628,16 +629,19 @@ def check_sampling_kernel(results):
     ok &= differ * 1000 <= draws and rng_differ == 0
     name, cfg, model = next(bf16_models())
     ids = torch.randint(1, cfg.vocab_size, (3, 24), device="cuda")
-    outs = []
-    for kernel in (1, 0):
-        fused.SAMPLE_KERNEL = kernel
-        torch.manual_seed(7)
-        outs.append(model.generate(ids, max_new_tokens=24, do_sample=True, temperature=0.7, top_k=50, top_p=0.9,
-                                   eos_token_id=None))
-    fused.SAMPLE_KERNEL = 1
-    same = torch.equal(*outs)
-    results[f"sampling.{name}.generate_same_tokens"] = same
-    return ok and same
+    for how, settings in (("warpers", dict(temperature=0.7, top_k=50, top_p=0.9)),
+                          ("after_processors", dict(repetition_penalty=1.2, top_k=40, top_p=0.8)),
+                          ("draw_only", dict(temperature=0.7, min_p=0.05))):
+        outs = []
+        for kernel in (1, 0):
+            fused.SAMPLE_KERNEL = kernel
+            torch.manual_seed(7)
+            outs.append(model.generate(ids, max_new_tokens=24, do_sample=True, eos_token_id=None, **settings))
+        fused.SAMPLE_KERNEL = 1
+        same = torch.equal(*outs)
+        results[f"sampling.{name}.generate_{how}_same_tokens"] = same
+        ok &= same
+    return ok
 
 
 def run_checks() -> dict:
