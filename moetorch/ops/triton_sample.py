@@ -65,6 +65,15 @@ def _scaled_row(logits_ptr, row, stride_row, idx, V, inv_t, TEMPERATURE: tl.cons
 
 
 @triton.jit
+def _row_block(logits_ptr, row, stride_row, start, V, inv_t, thr, BLOCK: tl.constexpr, TEMPERATURE: tl.constexpr):
+    """One block of the row: (indices, scaled values, their keys, which survive top-k)."""
+    idx = start + tl.arange(0, BLOCK)
+    x = _scaled_row(logits_ptr, row, stride_row, idx, V, inv_t, TEMPERATURE)
+    key = _order_key(x)
+    return idx, x, key, (idx < V) & (key >= thr)
+
+
+@triton.jit
 def _exp(x, LIBDEVICE: tl.constexpr):
     if LIBDEVICE:
         return libdevice.exp(x)
@@ -138,10 +147,7 @@ def _draw_kernel(
     total = tl.zeros((), tl.float32)
     n_tie = tl.zeros((), tl.int32)
     for start in range(0, V, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        x = _scaled_row(logits_ptr, row, stride_row, idx, V, inv_t, TEMPERATURE)
-        key = _order_key(x)
-        keep = (idx < V) & (key >= thr)
+        idx, x, key, keep = _row_block(logits_ptr, row, stride_row, start, V, inv_t, thr, BLOCK, TEMPERATURE)
         total += tl.sum(tl.where(keep, _exp(x - m, LIBDEVICE), 0.0), 0)
         n_tie += tl.sum((keep & (key == thr)).to(tl.int32), 0)
     total_kept = total
@@ -184,10 +190,7 @@ def _draw_kernel(
     # pass 2: argmax(p / q), the first index on ties (torch.multinomial's argmax)
     seen_tie = tl.zeros((), tl.int32)
     for start in range(0, V, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        x = _scaled_row(logits_ptr, row, stride_row, idx, V, inv_t, TEMPERATURE)
-        key = _order_key(x)
-        keep = (idx < V) & (key >= thr)
+        idx, x, key, keep = _row_block(logits_ptr, row, stride_row, start, V, inv_t, thr, BLOCK, TEMPERATURE)
         if TOP_P:  # the values above the threshold came from the pool; here the kept ties
             tie = keep & (key == thr)
             rank = seen_tie + tl.cumsum(tie.to(tl.int32), 0)
