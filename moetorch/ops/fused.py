@@ -35,9 +35,9 @@ LINEAR_MAX_ROWS = 16
 # `causal_mask`); 0: their torch ops (the B arm of bench/decode_ab.py's A/B).
 STEP_INPUT_KERNELS = 1
 
-# Sampled decode steps (`generate(do_sample=True)` with at most temperature, top-k and top-p) draw
-# their token in one kernel (`ops.triton_sample.sample`); 0: the processors, softmax and
-# torch.multinomial (the B arm of bench/stop_check.py's A/B).
+# Sampled decode steps (`generate(do_sample=True)`, not beams) draw their tokens with the sampling
+# kernels (`ops.triton_sample.sample`), which also compute the closing temperature, top-k and top-p
+# warpers; 0: the warpers, softmax and torch.multinomial (the B arm of bench/stop_check.py's A/B).
 SAMPLE_KERNEL = 1
 
 _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}
