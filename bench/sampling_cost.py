@@ -1,5 +1,5 @@
 """What each part of a sampling step costs on the GPU: the logits processors a chat server's
-settings add (temperature, top-k, top-p), the softmax and `torch.multinomial`, against greedy's argmax
+settings add (temperature, top-k, top-p, min-p), the softmax and `torch.multinomial`, against greedy's argmax
 and the sampling kernel (`ops.triton_sample.sample`, which `generate` uses for these settings).
 
 Each part runs alone on random float32 logits [B, V], 20 times under the profiler; a row is its
@@ -22,6 +22,7 @@ from moe_layer import save_json  # bench/ is the script's directory
 from moetorch.benchmark import counts, kernel_times
 from moetorch.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -55,6 +56,7 @@ def parts(B: int, V: int) -> dict:
     ids = torch.zeros(B, 8, dtype=torch.long, device="cuda")
     temp, top_k, top_p = TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.9)
     chain = LogitsProcessorList([temp, top_k, top_p])
+    chain_min_p = LogitsProcessorList([temp, top_k, top_p, MinPLogitsWarper(0.05)])
     probs = logits.softmax(-1)
     logits_bf16 = logits.bfloat16()
     return {
@@ -66,11 +68,16 @@ def parts(B: int, V: int) -> dict:
         "multinomial": lambda: torch.multinomial(probs, 1),
         "all of a sampled step": lambda: torch.multinomial(
             chain(ids, logits.to(torch.float32, copy=True)).softmax(-1), 1),
+        "all of a sampled step, min-p 0.05 too": lambda: torch.multinomial(
+            chain_min_p(ids, logits.to(torch.float32, copy=True)).softmax(-1), 1),
         "greedy argmax": lambda: logits.argmax(-1),
         "sampling kernel (T 0.7, top-k 50, top-p 0.9)": lambda: triton_sample.sample(logits, 0.7, 50, 0.9),
         "sampling kernel (top-k 50)": lambda: triton_sample.sample(logits, None, 50, None),
         "sampling kernel (T 0.7, top-k 50, top-p 0.9), bf16 logits": lambda: triton_sample.sample(
             logits_bf16, 0.7, 50, 0.9),
+        "sampling kernel (T 0.7, top-k 50, top-p 0.9, min-p 0.05)": lambda: triton_sample.sample(
+            logits, 0.7, 50, 0.9, 0.05),
+        "sampling kernel (T 0.7, min-p 0.1)": lambda: triton_sample.sample(logits, 0.7, None, None, 0.1),
     }
 
 

@@ -24,12 +24,13 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
 10. Beam search on the static cache with graphed steps (the CUDA default) returns the tokens of the
    same cache stepped eagerly (a prompt of a prefill bucket's length, so no padding either way), and
    deciding to go on one step late (the CUDA default) returns those of deciding each step.
-11. The sampling kernel (ops/triton_sample.py) at 32064 logits, bf16 as the models give them (ties
-   among them), draws the tokens torch's processors, softmax and `torch.multinomial` draw from the
-   same seed, and leaves the generator where they do (at most one draw in a thousand may differ: the
-   two sum the probabilities in another order). CUDA's sort of a row keeps equal values in index
-   order, as the kernel's top-p assumes. `generate` draws the same tokens with it and without: with
-   the warpers alone, after a repetition penalty, and (min-p closing the list) for the draw only.
+11. The sampling kernels (ops/triton_sample.py) at 32064 logits, bf16 as the models give them (ties
+   among them), draw the tokens that torch's warpers (min-p too), softmax and `torch.multinomial`
+   draw from the same seed, and leave the generator where they do (at most one draw in a thousand
+   may differ: the two sum the probabilities in another order). CUDA's sort of a row keeps equal
+   values in index order, as the kernels' top-p assumes. `generate` draws the same tokens with the
+   kernels and without: the warpers alone, after a repetition penalty, with min-p, and the draw only
+   (top-p alone).
 Exits non-zero if any check fails.
 """
 
@@ -591,6 +592,7 @@ def check_beam_graphs(results):
 def check_sampling_kernel(results):
     from moetorch.generation.logits_process import (
         LogitsProcessorList,
+        MinPLogitsWarper,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
@@ -605,12 +607,14 @@ def check_sampling_kernel(results):
     stable = bool((order[0, 1:][same_value] > order[0, :-1][same_value]).all())
     results["sampling.cuda_sort_keeps_ties_in_index_order"] = stable
     ok, draws, differ, rng_differ = stable, 0, 0, 0
-    for temperature, top_k, top_p in ((0.7, 50, 0.9), (None, 50, None), (1.3, 256, 0.8), (None, 200, 0.95),
-                                      (0.5, None, None)):
+    for temperature, top_k, top_p, min_p in ((0.7, 50, 0.9, None), (None, 50, None, None), (1.3, 256, 0.8, None),
+                                             (None, 200, 0.95, None), (0.5, None, None, None), (0.7, 50, 0.9, 0.05),
+                                             (1.0, None, None, 0.1)):
         warpers = LogitsProcessorList(
             ([TemperatureLogitsWarper(temperature)] if temperature is not None else [])
             + ([TopKLogitsWarper(top_k)] if top_k is not None else [])
-            + ([TopPLogitsWarper(top_p)] if top_p is not None else []))
+            + ([TopPLogitsWarper(top_p)] if top_p is not None else [])
+            + ([MinPLogitsWarper(min_p)] if min_p is not None else []))
         for R in (1, 16):
             for seed in range(25):
                 logits = (torch.randn(R, V, device="cuda", generator=g) * 3).bfloat16()
@@ -618,7 +622,7 @@ def check_sampling_kernel(results):
                 want = torch.multinomial(warpers(None, logits.float()).softmax(-1), 1).squeeze(1)
                 after_want = torch.rand(2, device="cuda")
                 torch.manual_seed(seed)
-                got = triton_sample.sample(logits, temperature, top_k, top_p)
+                got = triton_sample.sample(logits, temperature, top_k, top_p, min_p)
                 after_got = torch.rand(2, device="cuda")
                 draws += R
                 differ += int((want != got).sum())
@@ -631,7 +635,8 @@ def check_sampling_kernel(results):
     ids = torch.randint(1, cfg.vocab_size, (3, 24), device="cuda")
     for how, settings in (("warpers", dict(temperature=0.7, top_k=50, top_p=0.9)),
                           ("after_processors", dict(repetition_penalty=1.2, top_k=40, top_p=0.8)),
-                          ("draw_only", dict(temperature=0.7, min_p=0.05))):
+                          ("min_p", dict(temperature=0.7, min_p=0.05)),
+                          ("draw_only", dict(top_k=0, top_p=0.9))):
         outs = []
         for kernel in (1, 0):
             fused.SAMPLE_KERNEL = kernel

@@ -150,16 +150,16 @@ def sampling_kernel(monkeypatch):
         yield calls
 
 
-# settings -> what the kernel computes (temperature, top_k, top_p); the processors before run in torch
+# settings -> what the kernel computes (temperature, top_k, top_p, min_p); the processors before run in torch
 KERNEL_SAMPLING = {
-    "temperature-top_k": (dict(temperature=0.5, top_k=10), (0.5, 10, None)),
-    "top_k-top_p": (dict(top_k=20, top_p=0.9, num_return_sequences=2), (None, 20, 0.9)),
-    "no-warpers": (dict(top_k=0), (None, None, None)),
-    "top_k-beyond-vocab": (dict(top_k=VOCAB + 5, top_p=0.7, temperature=2.0), (2.0, VOCAB + 5, 0.7)),
-    "repetition-penalty-first": (dict(repetition_penalty=1.3, top_k=10, top_p=0.8), (None, 10, 0.8)),
-    "top_p-alone-in-torch": (dict(top_p=0.8, top_k=0, temperature=0.5), (None, None, None)),
-    "min_p-last-in-torch": (dict(min_p=0.2, temperature=0.5), (None, None, None)),
-    "top_k-beyond-the-kernel": (dict(top_k=300, top_p=0.9), (None, None, None)),
+    "temperature-top_k": (dict(temperature=0.5, top_k=10), (0.5, 10, None, None)),
+    "top_k-top_p": (dict(top_k=20, top_p=0.9, num_return_sequences=2), (None, 20, 0.9, None)),
+    "no-warpers": (dict(top_k=0), (None, None, None, None)),
+    "top_k-beyond-vocab": (dict(top_k=VOCAB + 5, top_p=0.7, temperature=2.0), (2.0, VOCAB + 5, 0.7, None)),
+    "repetition-penalty-first": (dict(repetition_penalty=1.3, top_k=10, top_p=0.8), (None, 10, 0.8, None)),
+    "min_p": (dict(min_p=0.2, temperature=0.5, top_k=30), (0.5, 30, None, 0.2)),
+    "top_p-alone-in-torch": (dict(top_p=0.8, top_k=0, temperature=0.5), (None, None, None, None)),
+    "top_k-beyond-the-kernel": (dict(top_k=300, top_p=0.9), (None, None, None, None)),
 }
 
 

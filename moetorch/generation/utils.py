@@ -869,9 +869,9 @@ class _OneStepLate:
 def _fused_sampler(processors: LogitsProcessorList, gen: GenerationConfig, device: torch.device):
     """A step's draw through `ops.triton_sample.sample`, or None (the processors, softmax and
     `torch.multinomial`): for sampling (not beams) with nothing recorded, on a device the fused
-    kernels serve. The kernel computes Transformers' temperature, top-k (at most `MAX_K`) and top-p
-    (after such a top-k) warpers where they end the processor list, as they do unless another
-    warper (min-p) follows; the processors before them run first, in torch on float32 logits."""
+    kernels serve. The kernel computes Transformers' temperature, top-k (at most `MAX_K`), top-p
+    (after such a top-k) and min-p warpers, which end the processor list in that order; the
+    processors before them run first, in torch on float32 logits."""
     if not (gen.do_sample and gen.num_beams == 1 and not gen.return_dict_in_generate):
         return None
     if not (fused.SAMPLE_KERNEL and fused.serves(device)):
@@ -879,7 +879,10 @@ def _fused_sampler(processors: LogitsProcessorList, gen: GenerationConfig, devic
     from ..ops import triton_sample
 
     procs = list(processors)
-    end, temperature, top_k, top_p = len(procs), None, None, None
+    end, temperature, top_k, top_p, min_p = len(procs), None, None, None, None
+    last = procs[end - 1] if end else None
+    if type(last) is MinPLogitsWarper and last.filter_value == NEG_INF and last.min_tokens_to_keep == 1:
+        min_p, end = last.min_p, end - 1
     last = procs[end - 1] if end else None
     if type(last) is TopPLogitsWarper and last.filter_value == NEG_INF and last.min_tokens_to_keep == 1:
         top_p, end = last.top_p, end - 1
@@ -891,13 +894,13 @@ def _fused_sampler(processors: LogitsProcessorList, gen: GenerationConfig, devic
         temperature, end = last.temperature, end - 1
     # top-p orders the survivors of the kernel's own top-k; otherwise the kernel only draws
     if (top_k is not None and top_k > triton_sample.MAX_K) or (top_p is not None and top_k is None):
-        end, temperature, top_k, top_p = len(procs), None, None, None
+        end, temperature, top_k, top_p, min_p = len(procs), None, None, None, None
     head = LogitsProcessorList(procs[:end])
 
     def draw(seq_RL: torch.Tensor, logits_RV: torch.Tensor) -> torch.Tensor:
         if head:
             logits_RV = head(seq_RL, logits_RV.to(dtype=torch.float32, copy=True))
-        return triton_sample.sample(logits_RV, temperature, top_k, top_p)
+        return triton_sample.sample(logits_RV, temperature, top_k, top_p, min_p)
 
     return draw
 

@@ -36,8 +36,8 @@ LINEAR_MAX_ROWS = 16
 STEP_INPUT_KERNELS = 1
 
 # Sampled decode steps (`generate(do_sample=True)`, not beams) draw their tokens with the sampling
-# kernels (`ops.triton_sample.sample`), which also compute the closing temperature, top-k and top-p
-# warpers; 0: the warpers, softmax and torch.multinomial (the B arm of bench/stop_check.py's A/B).
+# kernels (`ops.triton_sample.sample`), which also compute the closing temperature, top-k, top-p and
+# min-p warpers; 0: the warpers, softmax and torch.multinomial (the B arm of bench/stop_check.py's A/B).
 SAMPLE_KERNEL = 1
 
 _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}

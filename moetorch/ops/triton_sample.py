@@ -1,4 +1,4 @@
-"""Two kernels for a sampled decode step: temperature, top-k, top-p, softmax and the draw.
+"""Two kernels for a sampled decode step: temperature, top-k, top-p, min-p, softmax and the draw.
 
 `generate(do_sample=True)` with Transformers' warpers runs ~40 torch kernels a step on 32000
 logits: `torch.topk` (45 us on the H200 at batch 1), a full sort, softmax and cumulative sum for
@@ -15,7 +15,9 @@ top-p (68 us), softmax and `torch.multinomial` (45 us). `sample` computes the sa
    CUDA's sort leaves them), drops the prefix whose cumulative probability stays <= 1 - top_p and
    always keeps the last token. The survivors of top-k in that order are the values tied at the
    k-th (index order), then the fewer than k above it, all in the pool, which one program sorts;
-4. the draw: `torch.multinomial(probs, 1)` is `argmax(probs / q)` with `q` drawn by
+4. min-p (optional): drops what is less likely than min_p times the top token, as
+   `MinPLogitsWarper` does after the others;
+5. the draw: `torch.multinomial(probs, 1)` is `argmax(probs / q)` with `q` drawn by
    `exponential_` on a tensor of the row's shape. `sample` draws `q` with torch (same generator,
    same draws, same generator state after) and the kernel takes the argmax (first index on ties).
 
@@ -125,11 +127,11 @@ def _chunk_top_kernel(logits_ptr, work_ptr, V, stride_row, inv_t, n_chunks,
 
 @triton.jit
 def _draw_kernel(
-    logits_ptr, q_ptr, work_ptr, out_ptr, V, stride_row, inv_t, k, drop_mass, pool_size, n_rows,
+    logits_ptr, q_ptr, work_ptr, out_ptr, V, stride_row, inv_t, k, drop_mass, min_p, pool_size, n_rows,
     POOL: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr, ALL: tl.constexpr, TEMPERATURE: tl.constexpr,
-    TOP_P: tl.constexpr, LIBDEVICE: tl.constexpr,
+    TOP_P: tl.constexpr, MIN_P: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
-    """Program per row: top-k's threshold from the chunks' best, top-p, softmax and the draw."""
+    """Program per row: top-k's threshold from the chunks' best, top-p, min-p, softmax and the draw."""
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, POOL)
     if ALL:  # no top-k: every value stays
@@ -180,8 +182,23 @@ def _draw_kernel(
         cum_g = n_tie.to(tl.float32) * p_tie + tl.cumsum(e_g / total, 0, reverse=True)
         kept_g = above & ((cum_g > drop_mass) | (i == 0))
         total_kept = tl.sum(tl.where(kept_g, e_g, 0.0), 0) + (n_tie - d_tie).to(tl.float32) * e_tie
+    total_final = total_kept
+    if MIN_P:
+        # min-p drops what is less likely than min_p times the top token (whose e is exp(0) = 1)
+        cut = min_p * (1.0 / total_kept)
+        if TOP_P:
+            kept_g = kept_g & (e_g / total_kept >= cut)
+            d_tie = tl.where(e_tie / total_kept >= cut, d_tie, n_tie)
+            total_final = tl.sum(tl.where(kept_g, e_g, 0.0), 0) + (n_tie - d_tie).to(tl.float32) * e_tie
+        else:
+            total_final = tl.zeros((), tl.float32)
+            for start in range(0, V, BLOCK):
+                idx, x, key, keep = _row_block(logits_ptr, row, stride_row, start, V, inv_t, thr, BLOCK, TEMPERATURE)
+                e = tl.where(keep, _exp(x - m, LIBDEVICE), 0.0)
+                total_final += tl.sum(tl.where(keep & (e / total_kept >= cut), e, 0.0), 0)
+    if TOP_P:
         q_g = tl.load(q_ptr + row * V + g_idx, mask=kept_g, other=1.0)
-        ratio_g = tl.where(kept_g, (e_g / total_kept) / q_g, -1.0)
+        ratio_g = tl.where(kept_g, (e_g / total_final) / q_g, -1.0)
         best = tl.max(ratio_g, 0)
         best_idx = tl.min(tl.where(ratio_g == best, g_idx, 2**31 - 1), 0)
     else:
@@ -191,13 +208,16 @@ def _draw_kernel(
     seen_tie = tl.zeros((), tl.int32)
     for start in range(0, V, BLOCK):
         idx, x, key, keep = _row_block(logits_ptr, row, stride_row, start, V, inv_t, thr, BLOCK, TEMPERATURE)
+        e = _exp(x - m, LIBDEVICE)
         if TOP_P:  # the values above the threshold came from the pool; here the kept ties
             tie = keep & (key == thr)
             rank = seen_tie + tl.cumsum(tie.to(tl.int32), 0)
             seen_tie += tl.sum(tie.to(tl.int32), 0)
             keep = tie & (rank > d_tie)
+        elif MIN_P:
+            keep = keep & (e / total_kept >= cut)
         q = tl.load(q_ptr + row * V + idx, mask=keep, other=1.0)
-        ratio = tl.where(keep, (_exp(x - m, LIBDEVICE) / total_kept) / q, -1.0)
+        ratio = tl.where(keep, (e / total_final) / q, -1.0)
         b = tl.max(ratio, 0)
         b_idx = tl.min(tl.where(ratio == b, idx, 2**31 - 1), 0)
         better = (b > best) | ((b == best) & (b_idx < best_idx))
@@ -213,9 +233,10 @@ def reciprocal(temperature: float) -> float:
 
 
 def sample(logits_RV: torch.Tensor, temperature: float | None, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           min_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `logits_RV` [R, V], as `torch.multinomial(softmax(scores), 1)` draws it
-    from `scores = top_p(top_k(logits / temperature))` (Transformers' warpers; None: not applied)."""
+    from `scores = min_p(top_p(top_k(logits / temperature)))` (Transformers' warpers; None: not
+    applied)."""
     R, V = logits_RV.shape
     if logits_RV.stride(1) != 1:
         logits_RV = logits_RV.contiguous()
@@ -242,9 +263,11 @@ def sample(logits_RV: torch.Tensor, temperature: float | None, top_k: int | None
                                          CH=chunk, KC=kc, TEMPERATURE=temperature is not None,
                                          num_warps=4, enable_fp_fusion=False)
     _draw_kernel[(R,)](
-        logits_RV, q_RV, work, out_R, V, logits_RV.stride(0), inv_t, k, drop_mass, n_chunks * kc, R,
+        logits_RV, q_RV, work, out_R, V, logits_RV.stride(0), inv_t, k, drop_mass,
+        float(torch.tensor(min_p, dtype=torch.float32)) if min_p is not None else 0.0, n_chunks * kc, R,
         POOL=triton.next_power_of_2(n_chunks * kc), KC=kc, BLOCK=min(ROW_BLOCK, triton.next_power_of_2(V)), ALL=every,
-        TEMPERATURE=temperature is not None, TOP_P=top_p is not None, LIBDEVICE=logits_RV.is_cuda,
+        TEMPERATURE=temperature is not None, TOP_P=top_p is not None, MIN_P=min_p is not None,
+        LIBDEVICE=logits_RV.is_cuda,
         num_warps=8,
         enable_fp_fusion=False,  # torch rounds x * (1 / t) before subtracting the max
     )
