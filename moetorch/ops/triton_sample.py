@@ -29,6 +29,8 @@ whose `p / q` lie within one, can come out the other way (gpu_check counts such 
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -226,10 +228,15 @@ def _draw_kernel(
     tl.store(out_ptr + row, best_idx.to(tl.int64))
 
 
+def _f32(x: float) -> float:
+    """x rounded to float32, as torch rounds a Python number it combines with a float32 tensor."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def reciprocal(temperature: float) -> float:
-    """1 / temperature as torch's CUDA division by a scalar computes it (in float32)."""
-    t = torch.tensor(float(temperature), dtype=torch.float32)
-    return float(torch.tensor(1.0, dtype=torch.float32) / t)
+    """1 / temperature as torch's CUDA division by a scalar computes it (in float32; the quotient of
+    two float32 values, taken in double and rounded once to float32, is float32's own quotient)."""
+    return _f32(1.0 / _f32(temperature))
 
 
 def sample(logits_RV: torch.Tensor, temperature: float | None, top_k: int | None, top_p: float | None,
@@ -252,7 +259,7 @@ def sample(logits_RV: torch.Tensor, temperature: float | None, top_k: int | None
     k = V if every else min(int(top_k), V)
     inv_t = reciprocal(temperature) if temperature is not None else 1.0
     # fp32(1 - top_p): the comparison `cumsum <= 1 - top_p` rounds the Python float to float32
-    drop_mass = float(torch.tensor(1.0 - top_p, dtype=torch.float32)) if top_p is not None else 0.0
+    drop_mass = _f32(1.0 - top_p) if top_p is not None else 0.0
     kc = triton.next_power_of_2(k)  # > k - 1: top-p's values above the threshold fit
     chunk = max(min(CHUNK, triton.next_power_of_2(V)), kc)
     n_chunks = triton.cdiv(V, chunk)
@@ -264,7 +271,7 @@ def sample(logits_RV: torch.Tensor, temperature: float | None, top_k: int | None
                                          num_warps=4, enable_fp_fusion=False)
     _draw_kernel[(R,)](
         logits_RV, q_RV, work, out_R, V, logits_RV.stride(0), inv_t, k, drop_mass,
-        float(torch.tensor(min_p, dtype=torch.float32)) if min_p is not None else 0.0, n_chunks * kc, R,
+        _f32(min_p) if min_p is not None else 0.0, n_chunks * kc, R,
         POOL=triton.next_power_of_2(n_chunks * kc), KC=kc, BLOCK=min(ROW_BLOCK, triton.next_power_of_2(V)), ALL=every,
         TEMPERATURE=temperature is not None, TOP_P=top_p is not None, MIN_P=min_p is not None,
         LIBDEVICE=logits_RV.is_cuda,
