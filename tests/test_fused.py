@@ -899,6 +899,37 @@ def test_decode_attention_splits_keys_and_reads_strided_cache():
     close(out, _reference_attention(q, k, v, mask, 0.1, "grouped"), torch.float32, "split decode attention")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout,H,G,S,d", [("grouped", 8, 2, 37, 16), ("tiled", 6, 3, 150, 16),
+                                           ("grouped", 4, 2, 300, 128)], ids=["grouped", "tiled", "split"])
+def test_decode_attention_reads_keys_through_slot_rows(dtype, layout, H, G, S, d):
+    # kv_rows (a beam-search cache's slot_rows): slot s of row b lies in row rows[b, s]. Oracle:
+    # the keys and values copied into place slot by slot, then the eager path.
+    B = 3
+    q = torch.randn(B, H, 1, d, generator=gen(5)).to(dtype)
+    k = torch.randn(B, G, S, d, generator=gen(6)).to(dtype)
+    v = torch.randn(B, G, S, d, generator=gen(7)).to(dtype)
+    rows = torch.randint(0, B, (B, S), generator=gen(8))
+    k_own, v_own = torch.empty_like(k), torch.empty_like(v)
+    for b in range(B):
+        for s in range(S):
+            k_own[b, :, s], v_own[b, :, s] = k[rows[b, s], :, s], v[rows[b, s], :, s]
+    pad = torch.ones(B, S, dtype=torch.long)
+    pad[2, :4] = 0
+    mask, _ = build_mask(pad, torch.tensor([S - 6]), S, None, B, queries_at_end=False)
+    scale = d**-0.5
+    want = _reference_attention(q, k_own, v_own, mask, scale, layout)
+    with fused.forced(), torch.no_grad():
+        got, _ = attention(q, k, v, mask, False, scale, "sdpa", kv_layout=layout, kv_rows=rows)
+        torch_path, _ = attention(q, k, v, mask, False, scale, "sdpa", kv_layout=layout, kv_rows=rows,
+                                  need_weights=True)
+        assert not torch.equal(got, attention(q, k, v, mask, False, scale, "sdpa", kv_layout=layout)[0])
+        with pytest.raises(ValueError, match="kv_rows must be"):
+            attention(q, k, v, mask, False, scale, "sdpa", kv_layout=layout, kv_rows=rows[:, :-1])
+    close(got, want, dtype, "decode kernel through slot rows")
+    assert torch.equal(torch_path, want)
+
+
 def _decode_inputs(B, H, G, S, d, dtype, seed):
     """One query per row, a cache of S random keys and values, and an all-hidden mask to fill in."""
     q = torch.randn(B, H, 1, d, generator=gen(seed)).to(dtype)

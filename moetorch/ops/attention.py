@@ -104,6 +104,7 @@ def attention(
     kv_layout: str = "grouped",
     need_weights: bool = False,
     rope_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention; returns (out [B, T, H, d], weights [B, H, T, S] or None).
 
@@ -113,14 +114,21 @@ def attention(
     them as it loads them, every other path first (`ops.rope.apply_rotary`). With the tiled layout
     the sdpa / flash kernels read the query heads in the grouped order; at inference one kernel
     rotates and reorders them, and one copy brings the output back to the tiled order.
+    `kv_rows` [B, S] (a cache's `slot_rows`): key and value slot s of row b are in row kv_rows[b, s]
+    of k and v; the decode kernel reads them there, the other paths gather them first.
     """
     G = k_BGSd.shape[1]
+    if kv_rows is not None and kv_rows.shape != (k_BGSd.shape[0], k_BGSd.shape[2]):
+        raise ValueError(f"kv_rows must be [batch, keys] = {(k_BGSd.shape[0], k_BGSd.shape[2])}, "
+                         f"got {tuple(kv_rows.shape)}")
     if _decode_fusable(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, impl, dropout_p, need_weights):
         if rope_q is None or fused.active(q_BHTd, *rope_q):
             out = fused.kernels().decode_attention(
-                q_BHTd, k_BGSd, v_BGSd, mask, scale, kv_layout == "tiled", rope_q=rope_q
+                q_BHTd, k_BGSd, v_BGSd, mask, scale, kv_layout == "tiled", rope_q=rope_q, kv_rows=kv_rows
             )
             return out, None
+    if kv_rows is not None:
+        k_BGSd, v_BGSd = gather_slot_rows(k_BGSd, kv_rows), gather_slot_rows(v_BGSd, kv_rows)
     tiled = kv_layout == "tiled" and G > 1
     if rope_q is not None and tiled and q_BHTd.shape[-1] % 2 == 0 and fused.active(q_BHTd, *rope_q):
         # one kernel rotates the queries and writes them in the grouped head order
@@ -149,6 +157,13 @@ def attention(
             out = out.transpose(1, 2).unflatten(2, (G, H // G)).transpose(2, 3).reshape(B, T, H, d)
         return out, (_from_grouped(weights, G) if weights is not None else None)
     return out.transpose(1, 2), weights
+
+
+def gather_slot_rows(x_BGSd: torch.Tensor, rows_BS: torch.Tensor) -> torch.Tensor:
+    """x[rows[b, s], :, s] at [b, :, s]: each row's keys (or values) gathered from the rows that
+    hold them (a copy)."""
+    slots = torch.arange(x_BGSd.shape[2], device=x_BGSd.device)
+    return x_BGSd[rows_BS, :, slots].permute(0, 2, 1, 3)
 
 
 def _decode_fusable(q, k, v, mask, is_causal, impl, dropout_p, need_weights) -> bool:

@@ -972,18 +972,19 @@ def kv_write(k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T) -> No
 
 @triton.jit
 def _decode_attn_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, cos_ptr, sin_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, cos_ptr, sin_ptr, rows_ptr,
     S, chunk, num_splits, scale,
-    sq_b, sq_h, sk_b, sk_g, sk_s, sv_b, sv_g, sv_s, sm_b, sm_s, so_b, so_h, sc_b,
+    sq_b, sq_h, sk_b, sk_g, sk_s, sv_b, sv_g, sv_s, sm_b, sm_s, so_b, so_h, sc_b, sr_b,
     G: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, TILED: tl.constexpr, HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROPE_Q: tl.constexpr,
-    ROUND: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    ROUND: tl.constexpr, ONE_BLOCK: tl.constexpr, ROWS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
     # Program (b*G + g, split): the R query heads that read kv head g, over keys [split*chunk, +chunk).
     # One pass of online softmax; K/V are read once per kv head, never repeated per query head.
+    # ROWS: key slot n of row b lies in row rows[b, n] of K and V (a beam-search cache's slot_rows).
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // G).to(tl.int64)
@@ -1016,8 +1017,12 @@ def _decode_attn_kernel(
     acc = tl.zeros((R_PAD, D_PAD), dtype=tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, S)
-    k_base = k_ptr + b * sk_b + g.to(tl.int64) * sk_g
-    v_base = v_ptr + b * sv_b + g.to(tl.int64) * sv_g
+    if ROWS:
+        k_base = k_ptr + g.to(tl.int64) * sk_g
+        v_base = v_ptr + g.to(tl.int64) * sv_g
+    else:
+        k_base = k_ptr + b * sk_b + g.to(tl.int64) * sk_g
+        v_base = v_ptr + b * sv_b + g.to(tl.int64) * sv_g
     m_row = mask_ptr + b * sm_b
     if HAS_MASK and not ONE_BLOCK:
         # First a pass over the mask bytes alone for the span [lo, hi) of visible keys: the K/V
@@ -1039,8 +1044,13 @@ def _decode_attn_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         inside = n < hi
         kv_ok = inside[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n.to(tl.int64)[:, None] * sk_s + dd[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_s + dd[None, :], mask=kv_ok, other=0.0)
+        if ROWS:
+            src = tl.load(rows_ptr + b * sr_b + n, mask=inside, other=0).to(tl.int64)[:, None]
+            k = tl.load(k_base + src * sk_b + n.to(tl.int64)[:, None] * sk_s + dd[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_base + src * sv_b + n.to(tl.int64)[:, None] * sv_s + dd[None, :], mask=kv_ok, other=0.0)
+        else:
+            k = tl.load(k_base + n.to(tl.int64)[:, None] * sk_s + dd[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_s + dd[None, :], mask=kv_ok, other=0.0)
         if HAS_MASK:
             vis = inside & (tl.load(m_row + n.to(tl.int64) * sm_s, mask=inside, other=0) != 0)
             if ONE_BLOCK:
@@ -1131,14 +1141,15 @@ DECODE_ONE_BLOCK_LOADS = 1
 
 
 def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool, config: dict | None = None,
-                     rope_q=None):
+                     rope_q=None, kv_rows=None):
     """Attention of one query per row over S cached keys: out [B, 1, H, d] (queries' dtype).
 
     `mask_B11S` (bool, any strides, or None for all keys visible) already holds causality,
     padding and the sliding window. Splits S across programs when B*G alone cannot fill the GPU.
     `config`: block sizes (`decode_attn_config`'s keys), else the defaults. `rope_q` = (cos, sin
     [B or 1, 1, d]): the queries are not yet rotated, and the kernel rotates them as it loads them
-    (`apply_rotary`, the same roundings).
+    (`apply_rotary`, the same roundings). `kv_rows` [B, S] (integers): slot s of row b is read from
+    row kv_rows[b, s] of K and V (`ops.attention.attention`).
     """
     B, H, _, d = q_BH1d.shape
     G, S = k_BGSd.shape[1], k_BGSd.shape[2]
@@ -1175,16 +1186,19 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
         sc_b = cos.stride(0) if cos.shape[0] > 1 else 0
     else:
         cos, sin, sc_b = out, out, 0
+    rows = out if kv_rows is None else kv_rows if kv_rows.stride(1) == 1 else kv_rows.contiguous()
     _decode_attn_kernel[(B * G, splits)](
-        q_BH1d, k_BGSd, v_BGSd, m8, out, part_m, part_l, part_acc, cos, sin,
+        q_BH1d, k_BGSd, v_BGSd, m8, out, part_m, part_l, part_acc, cos, sin, rows,
         S, chunk, splits, scale,
         q_BH1d.stride(0), q_BH1d.stride(1), k_BGSd.stride(0), k_BGSd.stride(1), k_BGSd.stride(2),
         v_BGSd.stride(0), v_BGSd.stride(1), v_BGSd.stride(2), sm_b, sm_s, out.stride(0), out.stride(2), sc_b,
+        rows.stride(0) if kv_rows is not None else 0,
         G=G, R=R, R_PAD=r_pad, TILED=tiled, HAS_MASK=mask_B11S is not None, SPLIT=splits > 1,
         HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCK=min(1024, triton.next_power_of_2(chunk)),
         UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32", ROPE_Q=rope_q is not None,
         ROUND=round_code(q_BH1d.dtype), ONE_BLOCK=bool(DECODE_ONE_BLOCK_LOADS) and chunk <= block_n,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q_BH1d.device, B * G * splits, B),
+        ROWS=kv_rows is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl_meta(q_BH1d.device, B * G * splits, B),
     )
     if splits > 1:
         _decode_combine_kernel[(B * G * R,)](
