@@ -35,6 +35,10 @@ class Cache:
         self.replay_positions: torch.Tensor | None = None  # [B, L] their rotary positions
         self._seen = 0
 
+    # [B, S] or None: the row whose storage holds each slot's key and value (StaticCache under beam
+    # search, `use_slot_rows`); None: row b's slots are its own.
+    slot_rows: torch.Tensor | None = None
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -79,6 +83,10 @@ class Cache:
                 f"cannot rebuild a LongRoPE cache of {past_len} tokens: its inputs were not recorded "
                 "(was this cache filled by another model?)"
             )
+        rows = self.slot_rows
+        if rows is not None:  # recorded like the keys: slot s of row b in row rows[b, s]
+            slots = torch.arange(past_len, device=rows.device)
+            return self.replay_embeds[rows[:, :past_len], slots], self.replay_positions[rows[:, :past_len], slots]
         return self.replay_embeds[:, :past_len], self.replay_positions[:, :past_len]
 
     def clear(self) -> None:
@@ -188,6 +196,7 @@ class StaticCache(Cache):
         if max_cache_len <= 0:
             raise ValueError(f"StaticCache: max_cache_len must be positive, got {max_cache_len}")
         self.max_cache_len = int(max_cache_len)
+        self._rows: torch.Tensor | None = None  # slot_rows' storage, once used (graphs keep its address)
         self.num_layers = num_layers or (config.num_hidden_layers if config is not None else None)
         self._config = config
         if max_batch_size is not None and device is not None and dtype is not None and config is not None:
@@ -282,18 +291,76 @@ class StaticCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch in place (beam search), so that graphs keep reading the same storage.
-        Only the filled slots move: the others hold nothing a later step reads. All layers move
-        at once, in groups whose copy stays within REORDER_CHUNK_BYTES."""
+        With `slot_rows` in use only that index table moves. Otherwise the filled slots move: the
+        others hold nothing a later step reads. All layers move at once, in groups whose copy stays
+        within REORDER_CHUNK_BYTES."""
         n = self._seen
-        if n and self.keys:
-            L = len(self.keys)
-            layer_bytes = self.keys[0][:, :, :n].numel() * self.keys[0].element_size()
-            group = max(1, min(L, REORDER_CHUNK_BYTES // max(layer_bytes, 1)))
-            for t in self._all:
-                for first in range(0, L, group):
-                    filled = t[first : first + group, :, :, :n]
-                    filled.copy_(filled.index_select(1, beam_idx))
-        self._batch_apply_replay(lambda t: t.index_select(0, beam_idx))
+        if self.slot_rows is not None:
+            if n:
+                self.slot_rows[:, :n] = self.slot_rows[beam_idx, :n]
+            return
+        for filled in self._filled(n):
+            filled.copy_(filled.index_select(1, beam_idx))
+        for t in self._replay_record(n):
+            t.copy_(t.index_select(0, beam_idx))
+
+    def _filled(self, n: int):
+        # the keys' and values' first n slots, [layers, B, G, n, d] views of groups of layers whose
+        # copy stays within REORDER_CHUNK_BYTES
+        if not (n and self.keys):
+            return
+        L = len(self.keys)
+        layer_bytes = self.keys[0][:, :, :n].numel() * self.keys[0].element_size()
+        group = max(1, min(L, REORDER_CHUNK_BYTES // max(layer_bytes, 1)))
+        for t in self._all:
+            for first in range(0, L, group):
+                yield t[first : first + group, :, :, :n]
+
+    def _replay_record(self, n: int) -> tuple[torch.Tensor, ...]:
+        # LongRoPE's record of the first n slots (views: reordered in place, as graphs write there)
+        if self.replay_embeds is None:
+            return ()
+        m = min(n, self.replay_embeds.shape[1])
+        return self.replay_embeds[:, :m], self.replay_positions[:, :m]
+
+    def use_slot_rows(self) -> None:
+        """Beam search without moving keys and values: from now on `reorder_cache` reorders
+        `slot_rows` ([B, S], each slot's row of storage), and attention reads each row's keys and
+        values through it. A step writes every row's new slot into that row's own storage, and no
+        slot is written twice, so rows share the slots of their common past. `settle_slot_rows`
+        moves the slots into their own rows and ends it."""
+        if not self.keys:
+            raise RuntimeError("StaticCache.use_slot_rows: no storage yet (it is allocated by the first update)")
+        if self._rows is None:
+            self._rows = self._identity_rows()
+        self.slot_rows = self._rows
+
+    def _identity_rows(self) -> torch.Tensor:
+        B, S = self.keys[0].shape[0], self.max_cache_len
+        return torch.arange(B, device=self.keys[0].device)[:, None].expand(B, S).contiguous()
+
+    def settle_slot_rows(self) -> None:
+        """Move each filled slot's key and value (and LongRoPE's record) into the row that reads it,
+        so that every row's slots are its own again (what `reorder_cache` would have left)."""
+        rows = self.slot_rows
+        if rows is None:
+            return
+        n = self._seen
+        src_Bn, slots = rows[:, :n], torch.arange(n, device=rows.device)
+        for filled in self._filled(n):
+            # [B, n, layers, G, d] gathered (a copy), then written back as [layers, B, G, n, d]
+            filled.copy_(filled[:, src_Bn, :, slots].permute(2, 0, 3, 1, 4))
+        for t in self._replay_record(n):
+            m = t.shape[1]
+            t.copy_(t[src_Bn[:, :m], slots[:m]])
+        rows.copy_(self._identity_rows())
+        self.slot_rows = None
+
+    def clear(self) -> None:
+        """Forget the cached keys and values (the replay record stays); rows read their own slots."""
+        super().clear()
+        if self.slot_rows is not None:  # the LongRoPE rebuild rewrites every slot in its own row
+            self.slot_rows.copy_(self._identity_rows())
 
     def reset(self) -> None:
         """Forget the cached tokens, keeping the storage (no reallocation)."""
@@ -301,6 +368,9 @@ class StaticCache(Cache):
         self.rope_long = False
         for t in self._all if self.keys else ():
             t.zero_()
+        if self._rows is not None:
+            self._rows.copy_(self._identity_rows())
+        self.slot_rows = None
 
 
 def rotate_and_update(cache: Cache | None, q, k, v, cos, sin, layer_idx: int, cache_kwargs=None):

@@ -162,3 +162,48 @@ def test_cache_api(monkeypatch):
     s3.reorder_cache(perm)
     assert all(torch.equal(a, b) for a, b in zip((*s1.keys, *s1.values), (*s3.keys, *s3.values)))
     close(model(nxt, past_key_values=s1).logits, model(nxt, past_key_values=s2).logits, "static reorder_cache")
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "longrope"], ids=[*ARCH_IDS, "phimoe-longrope"])
+@torch.no_grad()
+def test_static_cache_slot_rows_match_moving_the_cache(arch):
+    # Beam-search reorders through slot_rows (no key or value moves) against the same reorders
+    # moving the filled slots: the same logits at every step, LongRoPE's rebuild across its
+    # threshold included (its record read through the rows too), and settling leaves the storage
+    # the moving cache holds.
+    model = longrope_model(seed=12) if arch == "longrope" else tiny(arch, seed=12)
+    V = model.config.vocab_size
+    ids, _ = make_inputs(V, 3, 5, None, seed=13)
+    rows_cache, moved = StaticCache(model.config, max_cache_len=16), StaticCache(model.config, max_cache_len=16)
+    close(model(ids, past_key_values=rows_cache).logits, model(ids, past_key_values=moved).logits, "prompt")
+    rows_cache.use_slot_rows()
+    assert rows_cache.slot_rows.shape == (3, 16)
+    g = torch.Generator().manual_seed(14)
+    for step in range(8):
+        beam_idx = torch.randint(0, 3, (3,), generator=g)  # duplicates: rows share their past
+        before = [t.clone() for t in rows_cache._all]
+        rows_cache.reorder_cache(beam_idx)
+        moved.reorder_cache(beam_idx)
+        assert all(torch.equal(a, b) for a, b in zip(before, rows_cache._all)), "no key or value moves"
+        nxt = torch.randint(0, V, (3, 1), generator=g)
+        a, b = model(nxt, past_key_values=rows_cache).logits, model(nxt, past_key_values=moved).logits
+        assert torch.equal(a, b), f"step {step}"
+    assert arch != "longrope" or rows_cache.rope_long  # crossed the threshold (8) on the way
+    n = moved.get_seq_length()
+    rows_cache.settle_slot_rows()
+    assert rows_cache.slot_rows is None
+    for a, b in zip(rows_cache._all, moved._all):
+        assert torch.equal(a[:, :, :, :n], b[:, :, :, :n])
+    if arch == "longrope":
+        kept = moved.replay_embeds.shape[1] - 1  # the record holds the first `original` slots
+        assert all(torch.equal(a, b) for a, b in zip(rows_cache.replay(kept), moved.replay(kept)))
+    # reset reads rows as their own again (the table stays, for graphs that captured it)
+    table = rows_cache._rows
+    rows_cache.use_slot_rows()
+    rows_cache.reorder_cache(torch.tensor([2, 2, 0]))
+    rows_cache.reset()
+    assert rows_cache.slot_rows is None and torch.equal(table, torch.arange(3)[:, None].expand(3, 16))
+    rows_cache.use_slot_rows()
+    assert rows_cache.slot_rows is table
+    with pytest.raises(RuntimeError, match="no storage yet"):
+        StaticCache(model.config, max_cache_len=8).use_slot_rows()

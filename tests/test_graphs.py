@@ -161,6 +161,36 @@ def test_beam_search_replays_the_graphed_step_on_its_reordered_cache(arch, monke
     assert torch.equal(got, model.generate(other, attention_mask=other_mask, **beams, do_sample=False))
 
 
+@pytest.mark.parametrize("arch", [*ARCHS, "longrope"], ids=[*ARCH_IDS, "phimoe-longrope"])
+def test_beam_search_reads_its_static_cache_through_slot_rows(arch, monkeypatch):
+    # Beam search on a static cache reorders the cache's slot_rows, not its keys and values: the same
+    # beams as moving the cache (beam_slot_rows = False) and as a dynamic cache, LongRoPE's switch
+    # during the search included; the cache handed back holds each row's own keys and values.
+    model = (tiny(PHIMOE, seed=12, rope_scaling=longrope_scaling(8, original=8), max_position_embeddings=64)
+             if arch == "longrope" else tiny(arch, seed=12))
+    ids, mask = make_inputs(model.config.vocab_size, 2, 5, "left", seed=3)
+    beams = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=None, num_beams=3, num_return_sequences=2,
+                 do_sample=False, return_dict_in_generate=True)
+    moves = []
+    original = StaticCache.reorder_cache
+    monkeypatch.setattr(StaticCache, "reorder_cache",
+                        lambda self, idx: moves.append(self.slot_rows is None) or original(self, idx))
+    rows = model.generate(ids, cache_implementation="static", **beams)
+    assert moves and not any(moves)
+    monkeypatch.setattr(model, "beam_slot_rows", False, raising=False)
+    moves.clear()
+    moved = model.generate(ids, cache_implementation="static", **beams)
+    assert moves and all(moves)
+    dynamic = model.generate(ids, cache_implementation="dynamic", **beams)
+    assert torch.equal(rows.sequences, moved.sequences) and torch.equal(rows.sequences, dynamic.sequences)
+    assert torch.equal(rows.beam_indices, moved.beam_indices)
+    a, b = rows.past_key_values, moved.past_key_values
+    n = b.get_seq_length()
+    assert a.slot_rows is None and a.get_seq_length() == n
+    assert all(torch.equal(x[:, :, :, :n], y[:, :, :, :n]) for x, y in zip(a._all, b._all))
+    assert arch != "longrope" or a.rope_long
+
+
 def test_the_held_cache_follows_the_weights():
     model = tiny(PHIMOE, seed=7)
     ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 4, None)

@@ -64,7 +64,8 @@ class GraphedDecodeStep:
         self.cpos_1 = torch.zeros(1, dtype=torch.long, device=device)
         self.mask_BS = torch.ones(batch, S, dtype=torch.long, device=device)
         self._mask_src: object = "ones"  # what mask_BS holds: "ones", or (weakref to a mask, its version)
-        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # by (LongRoPE's long factors, keys read through the cache's slot_rows)
+        self.graphs: dict[tuple[bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.rotary = _longrope(model)
 
     def _run(self) -> torch.Tensor:
@@ -108,19 +109,20 @@ class GraphedDecodeStep:
         long = self._regime(past)
         if not self.enabled or self.cache.rope_long != long:
             return self._run()  # CPU fallback, or a LongRoPE switch (rebuilds the cache eagerly)
-        if long not in self.graphs:
-            self._capture(long, past)
-        graph, logits = self.graphs[long]
+        key = (long, self.cache.slot_rows is not None)
+        if key not in self.graphs:
+            self._capture(key, past)
+        graph, logits = self.graphs[key]
         graph.replay()
         self.cache._seen = past + 1  # what the captured forward did to the host count
         return logits
 
-    def _capture(self, long: bool, past: int) -> None:
+    def _capture(self, key: tuple[bool, bool], past: int) -> None:
         # each run writes the same cache slot with the same values, so the repeats are harmless
         def rewind():
             self.cache._seen = past
 
-        self.graphs[long] = capture(self._run, before=rewind)
+        self.graphs[key] = capture(self._run, before=rewind)
 
 
 # Prompt lengths a graphed prefill pads to: powers of two up to 256, then multiples of 256. A
@@ -189,7 +191,7 @@ class GraphedPrefill:
     @torch.no_grad()
     def __call__(self, ids_BT, attention_mask_BT, position_ids_BT) -> torch.Tensor | None:
         T = ids_BT.shape[1]
-        if self.cache.get_seq_length() != 0 or ids_BT.shape[0] != self.B:
+        if self.cache.get_seq_length() != 0 or ids_BT.shape[0] != self.B or self.cache.slot_rows is not None:
             return None
         Tb = self.bucket(T)
         if Tb is None:

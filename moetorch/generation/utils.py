@@ -280,6 +280,9 @@ class GenerationMixin:
     # step late (`_OneStepLate`): None on CUDA devices only, True or False everywhere. Only where
     # nothing outside generate() sees the step past the end that this computes.
     lagged_stop: bool | None = None
+    # Beam search on a StaticCache reorders the cache's slot_rows (one index per row and slot) and
+    # leaves the keys and values in place (`StaticCache.use_slot_rows`); False moves them instead.
+    beam_slot_rows: bool = True
 
     @property
     def generation_config(self) -> GenerationConfig:
@@ -730,6 +733,8 @@ class GenerationMixin:
             done_BN = _gather_beams(torch.cat([done_BN, stopped_BK], dim=1), best)
 
             if cache is not None:
+                if cache.is_static and self.beam_slot_rows and cache.slot_rows is None:
+                    cache.use_slot_rows()
                 cache.reorder_cache(running_src[..., cur_len - prompt_len].reshape(-1))
             cur_len += 1
             # Can a running beam still beat the worst finished one? (Transformers' heuristic.)
@@ -752,6 +757,8 @@ class GenerationMixin:
                 kept = (done_seq, done_lp, done_src)
             flat = running_seq[:, :, :cur_len].reshape(R, cur_len)
 
+        if cache is not None and cache.is_static:
+            cache.settle_slot_rows()  # each row's keys and values in its own storage again
         n_ret = gen.num_return_sequences
         sequences = done_seq[:, :n_ret].reshape(B * n_ret, -1)
         beam_indices = done_src[:, :n_ret].reshape(B * n_ret, -1)

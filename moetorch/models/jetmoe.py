@@ -130,6 +130,7 @@ class JetMoeAttention(nn.Module):
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, kv_layout="tiled", need_weights=need_weights,
             rope_q=(cos, sin),
+            kv_rows=cache.slot_rows if cache is not None else None,
         )
         y = self.experts.reduce(out_BTHd.reshape(B * T, self.top_k, -1), ids_NK, weights_NK, combine)
         return y.view(B, T, *y.shape[1:]), weights, logits_NE

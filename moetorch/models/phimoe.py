@@ -58,6 +58,7 @@ class PhimoeAttention(nn.Module):
         out_BTHd, weights = attention(
             q, k, v, mask, is_causal, self.scale, self.attn_implementation,
             dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
+            kv_rows=cache.slot_rows if cache is not None else None,
         )
         return linears(out_BTHd.reshape(B, T, -1), self.o_proj)[0], weights
 
