@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -313,6 +314,11 @@ def check_fused(results):
             mask, _ = build_mask(pad, torch.tensor([S // 2], device=dev), S, None, B, queries_at_end=False)
             got, want = both(attention, q, kc, vc, mask, False, d**-0.5, "sdpa", 0.0, layout)
             record(f"decode_attention.{name}.B{B}", [got[0]], [want[0]])
+            # a beam-search cache's slot_rows: the kernel reads them; torch gathers the keys first
+            rows = torch.randint(0, B, (B, S), device=dev, generator=g)
+            got, want = both(functools.partial(attention, kv_rows=rows), q, kc, vc, mask, False, d**-0.5, "sdpa",
+                             0.0, layout)
+            record(f"decode_attention_slot_rows.{name}.B{B}", [got[0]], [want[0]])
         # norm + router in one kernel, against the norm then the router's GEMV and routing
         for name, norm, D, E, delta, add_bias, eps in (
             ("phimoe", ln, 4096, 16, a, None, 0.01), ("jetmoe", rms, 2048, 8, a[..., :2048], bias, None),
@@ -575,15 +581,19 @@ def check_beam_graphs(results):
         free = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)[:, 32:]
         eos = [int(free[0, 3]), int(free[1, 6])]  # beams that finish early, so the lagged stop drops a step
         outs = []
-        for graphs, lag in ((True, True), (False, True), (True, False)):
-            model.decode_graphs, model.lagged_stop = graphs, lag
+        # graphed, eager steps, stop read each step, the cache moved instead of read through slot_rows
+        for graphs, lag, slot_rows in ((True, True, True), (False, True, True), (True, False, True),
+                                       (True, True, False)):
+            model.decode_graphs, model.lagged_stop, model.beam_slot_rows = graphs, lag, slot_rows
             outs.append(model.generate(ids, max_new_tokens=12, num_beams=3, num_return_sequences=2,
                                        eos_token_id=eos, do_sample=False))
+        model.beam_slot_rows = True
         same = torch.equal(outs[0], outs[1])
         results[f"beam_graphs.{name}.same_tokens_as_eager_steps"] = same
         results[f"beam_graphs.{name}.lagged_stop_same_tokens"] = torch.equal(outs[0], outs[2])
+        results[f"beam_graphs.{name}.same_tokens_as_moving_the_cache"] = torch.equal(outs[0], outs[3])
         results[f"beam_graphs.{name}.new_tokens"] = outs[0].shape[1] - 32
-        ok &= same and torch.equal(outs[0], outs[2])
+        ok &= same and torch.equal(outs[0], outs[2]) and torch.equal(outs[0], outs[3])
         del model
     return ok
 
