@@ -2,19 +2,24 @@
 
 On a GPU, beam search now decodes from a static cache (reordered in place between steps) whose steps
 replay a captured CUDA graph, kept between calls, as greedy search does, and decides whether to go
-on one step late. Arms, taking turns call by call on one model: `graphed` (the default),
-`graphed_each_step` (`lagged_stop = False`: the decision read every step), `static_eager` (the same
+on one step late. Arms, taking turns call by call on one model: `graphed` (the default: the cache's
+keys and values stay in place, read through its `slot_rows`), `graphed_moved` (`beam_slot_rows =
+False`: each step moves the cache's filled slots into the reordered rows), `graphed_each_step`
+(`lagged_stop = False`: the decision read every step), `static_eager` (the same
 cache, `decode_graphs = False`: the same kernels launched one by one, so the same tokens) and
 `dynamic` (`cache_implementation="dynamic"`: eager steps on a growing cache, what beam search ran
 before). With `--hf`, Transformers' `generate` on the same sizes (random weights of its own) for
-one call, for scale.
+one call, for scale. With `--profile`, one call of each graphed arm and of greedy search at as
+many rows under the profiler: its kernels by total time and the GPU's idle stretches (what the
+host's bookkeeping between steps leaves idle).
 
 Random weights at the real sizes, a 128-token prompt, `--beams` beams, `--new` new tokens (no EOS,
 so every call runs them all), medians of `--calls` calls after a warm-up call per arm. The prompt's
 length is a prefill bucket, so the graphed arm's prompt is not padded and its tokens must equal the
 eager arm's.
 
-    PYTHONPATH=.:bench python bench/beam_calls.py [--models jetmoe,phimoe] [--beams 4] [--new 64] [--hf] --out r.json
+    PYTHONPATH=.:bench python bench/beam_calls.py [--models jetmoe,phimoe] [--beams 4] [--new 64] [--prompt 128]
+        [--hf] [--profile] --out r.json
 """
 
 from __future__ import annotations
@@ -23,17 +28,20 @@ import argparse
 import gc
 import statistics
 import sys
+from functools import partial
 
 import torch
 from generate_calls import call_s  # bench/ is the script's directory
 from moe_layer import save_json
+from prefill_probe import idle_lines
 
-from moetorch.benchmark import SIZES, build, model_names
+from moetorch.benchmark import SIZES, build, kernel_lines, kernel_times, model_names
 
 
 def run(model, ids, arm: str, beams: int, new: int) -> tuple[float, torch.Tensor]:
     model.decode_graphs = arm != "static_eager"
     model.lagged_stop = arm != "graphed_each_step"
+    model.beam_slot_rows = arm != "graphed_moved"
     cache = "dynamic" if arm == "dynamic" else None
     return call_s(model, ids, new, num_beams=beams, cache_implementation=cache)
 
@@ -47,6 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--hf", action="store_true", help="also time Transformers' generate (one call)")
+    p.add_argument("--profile", action="store_true", help="list one call's kernels and GPU idle stretches")
+    p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rows = []
@@ -54,7 +64,7 @@ def main(argv=None) -> int:
         V = SIZES[name]["vocab_size"]
         ids = torch.randint(0, V, (1, args.prompt), device="cuda")
         model = build(name, "moetorch", SIZES[name])
-        arms = ("graphed", "graphed_each_step", "static_eager", "dynamic")
+        arms = ("graphed", "graphed_moved", "graphed_each_step", "static_eager", "dynamic")
         ms, outs = {a: [] for a in arms}, {}
         for arm in arms:
             outs[arm] = run(model, ids, arm, args.beams, args.new)[1]  # compile, capture
@@ -74,6 +84,20 @@ def main(argv=None) -> int:
                   flush=True)
         if not same:
             print(f"{name}: graphed beam search returned other tokens than its eager steps", flush=True)
+        if args.profile:
+            model.decode_graphs, model.lagged_stop, model.beam_slot_rows = True, True, True
+            profiles = {
+                f"{args.beams} beams": partial(run, model, ids, "graphed", args.beams, args.new),
+                f"{args.beams} beams, sampled": partial(call_s, model, ids, args.new, num_beams=args.beams,
+                                                        do_sample=True),
+                f"greedy, {args.beams} rows": partial(call_s, model, ids.expand(args.beams, -1), args.new),
+            }
+            for title, fn in profiles.items():
+                fn()  # capture what this arm needs first
+                lines = [f"# {name}, {title}, {args.new} new tokens",
+                         *kernel_lines(kernel_times(fn), args.top), *idle_lines(fn, args.top)]
+                rows.append({"model": name, "profile": title, "lines": lines})
+                print("\n".join(lines), flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
