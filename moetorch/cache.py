@@ -356,6 +356,35 @@ class StaticCache(Cache):
         rows.copy_(self._identity_rows())
         self.slot_rows = None
 
+    def rows_view(self, step: int, batch: int, device, dtype) -> StaticCache:
+        """A StaticCache over rows 0, step, 2*step, ... of this one's storage (allocated here first
+        for `batch` rows if it is not yet), empty, with its own token count and LongRoPE state:
+        what a forward writes into it lands in those rows. `take_prompt` then hands the prompt over."""
+        if not self.keys:
+            if self._config is None:
+                raise ValueError("StaticCache.rows_view needs the config to allocate the storage")
+            self._allocate(batch, *_kv_shape(self._config), torch.device(device), dtype)
+        view = StaticCache(self._config, max_cache_len=self.max_cache_len, num_layers=self.num_layers)
+        view._all = tuple(t[:, ::step] for t in self._all)
+        view.keys, view.values = list(view._all[0].unbind(0)), list(view._all[1].unbind(0))
+        return view
+
+    def take_prompt(self, view: StaticCache, step: int) -> None:
+        """After a forward of one row per group of `step` into `view` (`rows_view(step)`): every row
+        of a group reads the prompt's slots from the group's first row, through `slot_rows`."""
+        n, B = view._seen, self.keys[0].shape[0]
+        self._seen, self.rope_long = n, view.rope_long
+        if view.replay_embeds is not None:  # LongRoPE's record, in place where graphs write it
+            shape = (B, *view.replay_embeds.shape[1:])
+            if self.replay_embeds is None or self.replay_embeds.shape != shape:
+                self.replay_embeds = view.replay_embeds.new_zeros(shape)
+                self.replay_positions = view.replay_positions.new_zeros(shape[:2])
+            self.replay_embeds[::step].copy_(view.replay_embeds)
+            self.replay_positions[::step].copy_(view.replay_positions)
+        self.use_slot_rows()
+        first = torch.arange(B, device=self.slot_rows.device) // step * step
+        self.slot_rows[:, :n] = first[:, None]
+
     def clear(self) -> None:
         """Forget the cached keys and values (the replay record stays); rows read their own slots."""
         super().clear()

@@ -163,32 +163,60 @@ def test_beam_search_replays_the_graphed_step_on_its_reordered_cache(arch, monke
 
 @pytest.mark.parametrize("arch", [*ARCHS, "longrope"], ids=[*ARCH_IDS, "phimoe-longrope"])
 def test_beam_search_reads_its_static_cache_through_slot_rows(arch, monkeypatch):
-    # Beam search on a static cache reorders the cache's slot_rows, not its keys and values: the same
-    # beams as moving the cache (beam_slot_rows = False) and as a dynamic cache, LongRoPE's switch
-    # during the search included; the cache handed back holds each row's own keys and values.
+    # Beam search on a static cache reorders the cache's slot_rows, not its keys and values, and runs
+    # each prompt once for its beams: the same beams as moving the cache with every beam's prompt
+    # (beam_slot_rows = False) and as a dynamic cache, LongRoPE's switch during the search included;
+    # the cache handed back holds each row's own keys and values.
     model = (tiny(PHIMOE, seed=12, rope_scaling=longrope_scaling(8, original=8), max_position_embeddings=64)
              if arch == "longrope" else tiny(arch, seed=12))
     ids, mask = make_inputs(model.config.vocab_size, 2, 5, "left", seed=3)
     beams = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=None, num_beams=3, num_return_sequences=2,
-                 do_sample=False, return_dict_in_generate=True)
-    moves = []
-    original = StaticCache.reorder_cache
+                 do_sample=False, return_dict_in_generate=True, output_scores=True)
+    moves, prompts = [], []
+    reorder, take = StaticCache.reorder_cache, StaticCache.take_prompt
     monkeypatch.setattr(StaticCache, "reorder_cache",
-                        lambda self, idx: moves.append(self.slot_rows is None) or original(self, idx))
-    rows = model.generate(ids, cache_implementation="static", **beams)
-    assert moves and not any(moves)
-    monkeypatch.setattr(model, "beam_slot_rows", False, raising=False)
-    moves.clear()
-    moved = model.generate(ids, cache_implementation="static", **beams)
-    assert moves and all(moves)
+                        lambda self, idx: moves.append(self.slot_rows is None) or reorder(self, idx))
+    monkeypatch.setattr(StaticCache, "take_prompt",
+                        lambda self, view, step: prompts.append(view.keys[0].shape[0]) or take(self, view, step))
+    outs = {}
+    for name, rows, once in (("once", True, True), ("rows", True, False), ("moved", False, False)):
+        monkeypatch.setattr(model, "beam_slot_rows", rows, raising=False)
+        monkeypatch.setattr(model, "beam_prompt_once", once, raising=False)
+        moves.clear()
+        outs[name] = model.generate(ids, cache_implementation="static", **beams)
+        assert moves and all(moves) != rows
+    assert prompts == [2]  # "once": the prompt ran for 2 rows (one per prompt), not 6
     dynamic = model.generate(ids, cache_implementation="dynamic", **beams)
-    assert torch.equal(rows.sequences, moved.sequences) and torch.equal(rows.sequences, dynamic.sequences)
-    assert torch.equal(rows.beam_indices, moved.beam_indices)
-    a, b = rows.past_key_values, moved.past_key_values
-    n = b.get_seq_length()
-    assert a.slot_rows is None and a.get_seq_length() == n
-    assert all(torch.equal(x[:, :, :, :n], y[:, :, :, :n]) for x, y in zip(a._all, b._all))
-    assert arch != "longrope" or a.rope_long
+    for name in ("once", "rows", "moved"):
+        assert torch.equal(outs[name].sequences, dynamic.sequences), name
+        assert torch.equal(outs[name].beam_indices, dynamic.beam_indices), name
+        close(outs[name].scores[0], dynamic.scores[0], f"{name}: first step's scores")
+    caches = {name: out.past_key_values for name, out in outs.items()}
+    n = caches["moved"].get_seq_length()
+    assert all(c.slot_rows is None and c.get_seq_length() == n for c in caches.values())
+    # reading through slot_rows leaves the storage moving the cache leaves; the prompt run once
+    # per group differs from six rows' only by rounding (other row counts)
+    for x, y, z in zip(caches["rows"]._all, caches["moved"]._all, caches["once"]._all):
+        assert torch.equal(x[:, :, :, :n], y[:, :, :, :n])
+        close(z[:, :, :, :n], y[:, :, :, :n], "prompt once")
+    assert arch != "longrope" or all(c.rope_long for c in caches.values())
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_beam_search_keeps_the_prompt_view_of_its_held_cache(arch):
+    # Without a handed-back cache, the held cache's view of each group's first row and its graphed
+    # prefill are kept and reused by the next call with as many beams; the tokens equal moving the cache.
+    model = tiny(arch, seed=13)
+    ids, mask = make_inputs(model.config.vocab_size, 2, 5, "left", seed=5)
+    beams = dict(attention_mask=mask, max_new_tokens=6, eos_token_id=None, num_beams=3, do_sample=False)
+    first = model.generate(ids, cache_implementation="static", **beams)
+    held = model._held_decode()
+    view, prefill = held.beam_prompts[3]
+    assert view.keys[0].shape[0] == 2 and view.keys[0].data_ptr() == held.cache.keys[0].data_ptr()
+    assert torch.equal(model.generate(ids, cache_implementation="static", **beams), first)
+    assert held.beam_prompts[3][1] is prefill
+    model.beam_prompt_once = False
+    assert torch.equal(model.generate(ids, cache_implementation="static", **beams), first)
 
 
 def test_the_held_cache_follows_the_weights():

@@ -187,6 +187,7 @@ class _HeldDecode:
 
     def clear(self) -> None:
         self.key, self.cache, self.step, self.prefill = None, None, None, None
+        self.beam_prompts: dict[int, tuple[StaticCache, GraphedPrefill]] = {}  # beams -> (rows view, prefill)
 
     def step_for(self, model, cache: StaticCache, batch: int) -> GraphedDecodeStep | None:
         """The held cache's graphed decode step (made on first use); None for any other cache."""
@@ -203,6 +204,16 @@ class _HeldDecode:
         if self.prefill is None:
             self.prefill = GraphedPrefill(model, cache, batch)
         return self.prefill
+
+    def beam_prompt_for(self, model, cache: StaticCache, beams: int, rows: int):
+        """(The held cache's view of every `beams`-th of its `rows` rows, that view's graphed
+        prefill), made on first use, for beam search's prompt; None for any other cache."""
+        if self.cache is not cache:
+            return None
+        if beams not in self.beam_prompts:
+            view = cache.rows_view(beams, rows, model.device, model.dtype)
+            self.beam_prompts[beams] = view, GraphedPrefill(model, view, rows // beams)
+        return self.beam_prompts[beams]
 
     def __deepcopy__(self, memo) -> _HeldDecode:
         return _HeldDecode()
@@ -283,6 +294,9 @@ class GenerationMixin:
     # Beam search on a StaticCache reorders the cache's slot_rows (one index per row and slot) and
     # leaves the keys and values in place (`StaticCache.use_slot_rows`); False moves them instead.
     beam_slot_rows: bool = True
+    # With them, beam search runs each prompt once (not once per beam) into the first row of its
+    # group, which the group's other rows read through slot_rows (`_beam_prompt`).
+    beam_prompt_once: bool = True
 
     @property
     def generation_config(self) -> GenerationConfig:
@@ -694,8 +708,14 @@ class GenerationMixin:
         batch_offset_B1 = torch.arange(B, device=device)[:, None] * N
         cur_len, flat = prompt_len, seq
         kept, rng = None, None  # with `lag`: the step before's finished set; this step's generator state
+        recording = record.attentions is not None or record.hidden_states is not None
         while True:
-            out = _forward(self, flat, ctx, cache, 1, record.attentions is not None, record.hidden_states is not None)
+            if (cur_len == prompt_len and N > 1 and isinstance(cache, StaticCache) and self.beam_slot_rows
+                    and self.beam_prompt_once and not recording and cache.get_seq_length() == 0):
+                out = self._beam_prompt(flat, ctx, cache, N)
+            else:
+                out = _forward(self, flat, ctx, cache, 1, record.attentions is not None,
+                               record.hidden_states is not None)
             logits_RV = out.logits[:, -1].to(dtype=torch.float32, copy=True)
             logp_RV = processors(flat, logits_RV.log_softmax(dim=-1))
             record.add(logp_RV, logits_RV, out)
@@ -772,6 +792,27 @@ class GenerationMixin:
             scores=record.scores, logits=record.logits, beam_indices=beam_indices,
             attentions=record.attentions, hidden_states=record.hidden_states, past_key_values=cache,
         )
+
+    def _beam_prompt(self, seq_RL: torch.Tensor, ctx: _Context, cache: StaticCache, N: int) -> _StepOutput:
+        """Beam search's prompt forward on a static cache, once per prompt instead of once per beam:
+        the first row of each group of N (the rows of a group are the same prompt) into those rows
+        of the cache, whose other rows then read the prompt's slots through `slot_rows`
+        (`StaticCache.take_prompt`). Its logits, repeated for every beam: [R, 1, V]."""
+        R = seq_RL.shape[0]
+        held = self._held_decode().beam_prompt_for(self, cache, N, R)
+        if held is not None:
+            view, prefill = held
+            view._seen, view.rope_long = 0, False
+        else:
+            view = cache.rows_view(N, R, self.device, self.dtype)
+            prefill = GraphedPrefill(self, view, R // N, capture=False)
+        sub = _Context(*(None if t is None else t[::N] for t in (ctx.mask_BP, ctx.positions_BP, ctx.embeds)),
+                       ctx.offset)
+        sub.prefill = prefill if ctx.prefill is not None else None
+        ctx.embeds = None  # consumed, as `_forward` does
+        out = _forward(self, seq_RL[::N], sub, view, 1)
+        cache.take_prompt(view, N)
+        return _StepOutput(out.logits.repeat_interleave(N, dim=0))
 
     def _assisted_decoding(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, assistant, streamer):
         """Greedy search checked in chunks: the assistant drafts up to `num_assistant_tokens` tokens
