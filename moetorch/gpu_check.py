@@ -581,19 +581,28 @@ def check_beam_graphs(results):
         free = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)[:, 32:]
         eos = [int(free[0, 3]), int(free[1, 6])]  # beams that finish early, so the lagged stop drops a step
         outs = []
-        # graphed, eager steps, stop read each step, the cache moved instead of read through slot_rows
-        for graphs, lag, slot_rows in ((True, True, True), (False, True, True), (True, False, True),
-                                       (True, True, False)):
+        # graphed three times (the prompt's view captured on its second use, replayed on the third),
+        # eager steps, stop read each step; then with every beam's prompt run (not once per prompt),
+        # read through slot_rows, and moved instead
+        for graphs, lag, slot_rows, once in ((True, True, True, True), (True, True, True, True),
+                                             (True, True, True, True), (False, True, True, True),
+                                             (True, False, True, True), (True, True, True, False),
+                                             (True, True, False, False)):
             model.decode_graphs, model.lagged_stop, model.beam_slot_rows = graphs, lag, slot_rows
+            model.beam_prompt_once = once
             outs.append(model.generate(ids, max_new_tokens=12, num_beams=3, num_return_sequences=2,
                                        eos_token_id=eos, do_sample=False))
-        model.beam_slot_rows = True
-        same = torch.equal(outs[0], outs[1])
+        model.beam_slot_rows = model.beam_prompt_once = True
+        replays = torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        same = torch.equal(outs[0], outs[3])
+        results[f"beam_graphs.{name}.same_tokens_replayed"] = replays
         results[f"beam_graphs.{name}.same_tokens_as_eager_steps"] = same
-        results[f"beam_graphs.{name}.lagged_stop_same_tokens"] = torch.equal(outs[0], outs[2])
-        results[f"beam_graphs.{name}.same_tokens_as_moving_the_cache"] = torch.equal(outs[0], outs[3])
+        results[f"beam_graphs.{name}.lagged_stop_same_tokens"] = torch.equal(outs[0], outs[4])
+        results[f"beam_graphs.{name}.slot_rows_same_tokens_as_moving_the_cache"] = torch.equal(outs[5], outs[6])
+        # the prompt once per group of beams rounds differently from every beam's (other row counts)
+        results[f"beam_graphs.{name}.prompt_once_same_tokens_as_every_beams"] = torch.equal(outs[0], outs[5])
         results[f"beam_graphs.{name}.new_tokens"] = outs[0].shape[1] - 32
-        ok &= same and torch.equal(outs[0], outs[2]) and torch.equal(outs[0], outs[3])
+        ok &= replays and same and torch.equal(outs[0], outs[4]) and torch.equal(outs[5], outs[6])
         del model
     return ok
 
