@@ -2,9 +2,11 @@
 
 On a GPU, beam search now decodes from a static cache (reordered in place between steps) whose steps
 replay a captured CUDA graph, kept between calls, as greedy search does, and decides whether to go
-on one step late. Arms, taking turns call by call on one model: `graphed` (the default: the cache's
-keys and values stay in place, read through its `slot_rows`), `graphed_moved` (`beam_slot_rows =
-False`: each step moves the cache's filled slots into the reordered rows), `graphed_each_step`
+on one step late. Arms, taking turns call by call on one model: `graphed` (the default: each prompt
+runs once for its beams, and the cache's keys and values stay in place, read through its
+`slot_rows`), `graphed_rows` (`beam_prompt_once = False`: every beam's prompt runs),
+`graphed_moved` (`beam_slot_rows = False` too: each step moves the cache's filled slots into the
+reordered rows), `graphed_each_step`
 (`lagged_stop = False`: the decision read every step), `static_eager` (the same
 cache, `decode_graphs = False`: the same kernels launched one by one, so the same tokens) and
 `dynamic` (`cache_implementation="dynamic"`: eager steps on a growing cache, what beam search ran
@@ -42,6 +44,7 @@ def run(model, ids, arm: str, beams: int, new: int) -> tuple[float, torch.Tensor
     model.decode_graphs = arm != "static_eager"
     model.lagged_stop = arm != "graphed_each_step"
     model.beam_slot_rows = arm != "graphed_moved"
+    model.beam_prompt_once = arm not in ("graphed_moved", "graphed_rows")
     cache = "dynamic" if arm == "dynamic" else None
     return call_s(model, ids, new, num_beams=beams, cache_implementation=cache)
 
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
         V = SIZES[name]["vocab_size"]
         ids = torch.randint(0, V, (1, args.prompt), device="cuda")
         model = build(name, "moetorch", SIZES[name])
-        arms = ("graphed", "graphed_moved", "graphed_each_step", "static_eager", "dynamic")
+        arms = ("graphed", "graphed_rows", "graphed_moved", "graphed_each_step", "static_eager", "dynamic")
         ms, outs = {a: [] for a in arms}, {}
         for arm in arms:
             outs[arm] = run(model, ids, arm, args.beams, args.new)[1]  # compile, capture
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
         if not same:
             print(f"{name}: graphed beam search returned other tokens than its eager steps", flush=True)
         if args.profile:
-            model.decode_graphs, model.lagged_stop, model.beam_slot_rows = True, True, True
+            model.decode_graphs, model.lagged_stop = True, True
+            model.beam_slot_rows = model.beam_prompt_once = True
             profiles = {
                 f"{args.beams} beams": partial(run, model, ids, "graphed", args.beams, args.new),
                 f"{args.beams} beams, sampled": partial(call_s, model, ids, args.new, num_beams=args.beams,
