@@ -219,6 +219,24 @@ def test_beam_search_keeps_the_prompt_view_of_its_held_cache(arch):
     assert torch.equal(model.generate(ids, cache_implementation="static", **beams), first)
 
 
+@pytest.mark.parametrize("arch", [*ARCHS, "longrope"], ids=[*ARCH_IDS, "phimoe-longrope-long-prompt"])
+def test_beam_search_prompt_once_with_embeddings_sampling_and_a_long_prompt(arch):
+    # The prompt run once per group of beams: given as embeddings, for beam sampling, and (LongRoPE)
+    # past the threshold from its start, against a dynamic cache, which runs every beam's prompt.
+    model = (tiny(PHIMOE, seed=3, rope_scaling=longrope_scaling(8, original=8), max_position_embeddings=64)
+             if arch == "longrope" else tiny(arch, seed=3))
+    ids, mask = make_inputs(model.config.vocab_size, 2, 10 if arch == "longrope" else 6, "left", seed=3)
+    beams = dict(attention_mask=mask, max_new_tokens=6, eos_token_id=None, num_beams=3)
+    embeds = model.get_input_embeddings()(ids).detach()
+    for inputs, settings in ((dict(inputs_embeds=embeds), dict(do_sample=False)),
+                             (dict(input_ids=ids), dict(do_sample=True, top_k=5))):
+        outs = []
+        for cache in ("static", "dynamic"):
+            torch.manual_seed(1)
+            outs.append(model.generate(**inputs, cache_implementation=cache, **beams, **settings))
+        assert torch.equal(*outs), f"{list(inputs)} {settings}"
+
+
 def test_the_held_cache_follows_the_weights():
     model = tiny(PHIMOE, seed=7)
     ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 4, None)
