@@ -207,3 +207,6 @@ def test_static_cache_slot_rows_match_moving_the_cache(arch):
     assert rows_cache.slot_rows is table
     with pytest.raises(RuntimeError, match="no storage yet"):
         StaticCache(model.config, max_cache_len=8).use_slot_rows()
+    for step in (0, 2):
+        with pytest.raises(ValueError, match="positive divisor of the 3 rows"):
+            rows_cache.rows_view(step, 3, "cpu", torch.float32)
