@@ -590,10 +590,10 @@ def check_beam_graphs(results):
                                              (True, False, True, True), (True, True, True, False),
                                              (True, True, False, False)):
             model.decode_graphs, model.lagged_stop, model.beam_slot_rows = graphs, lag, slot_rows
-            model.beam_prompt_once = once
+            model.prompt_once = once
             outs.append(model.generate(ids, max_new_tokens=12, num_beams=3, num_return_sequences=2,
                                        eos_token_id=eos, do_sample=False))
-        model.beam_slot_rows = model.beam_prompt_once = True
+        model.beam_slot_rows = model.prompt_once = True
         replays = torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
         same = torch.equal(outs[0], outs[3])
         results[f"beam_graphs.{name}.same_tokens_replayed"] = replays

@@ -181,7 +181,7 @@ def test_beam_search_reads_its_static_cache_through_slot_rows(arch, monkeypatch)
     outs = {}
     for name, rows, once in (("once", True, True), ("rows", True, False), ("moved", False, False)):
         monkeypatch.setattr(model, "beam_slot_rows", rows, raising=False)
-        monkeypatch.setattr(model, "beam_prompt_once", once, raising=False)
+        monkeypatch.setattr(model, "prompt_once", once, raising=False)
         moves.clear()
         outs[name] = model.generate(ids, cache_implementation="static", **beams)
         assert moves and all(moves) != rows
@@ -211,11 +211,11 @@ def test_beam_search_keeps_the_prompt_view_of_its_held_cache(arch):
     beams = dict(attention_mask=mask, max_new_tokens=6, eos_token_id=None, num_beams=3, do_sample=False)
     first = model.generate(ids, cache_implementation="static", **beams)
     held = model._held_decode()
-    view, prefill = held.beam_prompts[3]
+    view, prefill = held.prompt_views[3]
     assert view.keys[0].shape[0] == 2 and view.keys[0].data_ptr() == held.cache.keys[0].data_ptr()
     assert torch.equal(model.generate(ids, cache_implementation="static", **beams), first)
-    assert held.beam_prompts[3][1] is prefill
-    model.beam_prompt_once = False
+    assert held.prompt_views[3][1] is prefill
+    model.prompt_once = False
     assert torch.equal(model.generate(ids, cache_implementation="static", **beams), first)
 
 
@@ -235,6 +235,43 @@ def test_beam_search_prompt_once_with_embeddings_sampling_and_a_long_prompt(arch
             torch.manual_seed(1)
             outs.append(model.generate(**inputs, cache_implementation=cache, **beams, **settings))
         assert torch.equal(*outs), f"{list(inputs)} {settings}"
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "longrope"], ids=[*ARCH_IDS, "phimoe-longrope"])
+def test_sampling_several_sequences_runs_each_prompt_once(arch, monkeypatch):
+    # num_return_sequences > 1 on a static cache: each prompt runs once for its rows (which read it
+    # through slot_rows), the draws equal a dynamic cache's (every row's prompt), and the cache
+    # handed back holds each row's own keys and values.
+    model = (tiny(PHIMOE, seed=14, rope_scaling=longrope_scaling(8, original=8), max_position_embeddings=64)
+             if arch == "longrope" else tiny(arch, seed=14))
+    ids, mask = make_inputs(model.config.vocab_size, 2, 5, "left", seed=6)
+    settings = dict(attention_mask=mask, max_new_tokens=7, eos_token_id=None, do_sample=True, top_k=8,
+                    num_return_sequences=3)
+    prompts = []
+    take = StaticCache.take_prompt
+    monkeypatch.setattr(StaticCache, "take_prompt",
+                        lambda self, view, step: prompts.append((view.keys[0].shape[0], step)) or take(self, view, step))
+    outs = []
+    for cache, once in (("static", True), ("static", False), ("dynamic", True)):
+        monkeypatch.setattr(model, "prompt_once", once, raising=False)
+        torch.manual_seed(2)
+        outs.append(model.generate(ids, cache_implementation=cache, **settings))
+    assert prompts == [(2, 3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    # held between calls: the view is kept and the next call's draws come out alike
+    monkeypatch.setattr(model, "prompt_once", True, raising=False)
+    torch.manual_seed(2)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **settings), outs[0])
+    assert model._held_decode().cache.slot_rows is None  # settled
+    torch.manual_seed(2)
+    out = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **settings)
+    n = out.past_key_values.get_seq_length()
+    torch.manual_seed(2)
+    monkeypatch.setattr(model, "prompt_once", False, raising=False)
+    every = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **settings)
+    assert torch.equal(out.sequences, every.sequences)
+    for x, y in zip(out.past_key_values._all, every.past_key_values._all):
+        close(x[:, :, :, :n], y[:, :, :, :n], "prompt once, handed back")
 
 
 def test_the_held_cache_follows_the_weights():

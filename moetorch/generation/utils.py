@@ -187,7 +187,9 @@ class _HeldDecode:
 
     def clear(self) -> None:
         self.key, self.cache, self.step, self.prefill = None, None, None, None
-        self.beam_prompts: dict[int, tuple[StaticCache, GraphedPrefill]] = {}  # beams -> (rows view, prefill)
+        # rows that repeat a prompt (beams, num_return_sequences) -> (the cache's view of one row per
+        # prompt, that view's graphed prefill)
+        self.prompt_views: dict[int, tuple[StaticCache, GraphedPrefill]] = {}
 
     def step_for(self, model, cache: StaticCache, batch: int) -> GraphedDecodeStep | None:
         """The held cache's graphed decode step (made on first use); None for any other cache."""
@@ -205,15 +207,16 @@ class _HeldDecode:
             self.prefill = GraphedPrefill(model, cache, batch)
         return self.prefill
 
-    def beam_prompt_for(self, model, cache: StaticCache, beams: int, rows: int):
-        """(The held cache's view of every `beams`-th of its `rows` rows, that view's graphed
-        prefill), made on first use, for beam search's prompt; None for any other cache."""
+    def prompt_view_for(self, model, cache: StaticCache, repeats: int, rows: int):
+        """(The held cache's view of every `repeats`-th of its `rows` rows, that view's graphed
+        prefill), made on first use, for a prompt run once for the rows that repeat it; None for
+        any other cache."""
         if self.cache is not cache:
             return None
-        if beams not in self.beam_prompts:
-            view = cache.rows_view(beams, rows, model.device, model.dtype)
-            self.beam_prompts[beams] = view, GraphedPrefill(model, view, rows // beams)
-        return self.beam_prompts[beams]
+        if repeats not in self.prompt_views:
+            view = cache.rows_view(repeats, rows, model.device, model.dtype)
+            self.prompt_views[repeats] = view, GraphedPrefill(model, view, rows // repeats)
+        return self.prompt_views[repeats]
 
     def __deepcopy__(self, memo) -> _HeldDecode:
         return _HeldDecode()
@@ -294,9 +297,10 @@ class GenerationMixin:
     # Beam search on a StaticCache reorders the cache's slot_rows (one index per row and slot) and
     # leaves the keys and values in place (`StaticCache.use_slot_rows`); False moves them instead.
     beam_slot_rows: bool = True
-    # With them, beam search runs each prompt once (not once per beam) into the first row of its
-    # group, which the group's other rows read through slot_rows (`_beam_prompt`).
-    beam_prompt_once: bool = True
+    # On a StaticCache, a prompt repeated for several rows (beams, num_return_sequences) runs once,
+    # into the first row of its group, which the group's other rows read through the cache's
+    # slot_rows (`_prompt_once`); for beam search only with beam_slot_rows.
+    prompt_once: bool = True
 
     @property
     def generation_config(self) -> GenerationConfig:
@@ -622,8 +626,15 @@ class GenerationMixin:
         plain_argmax = not (processors or gen.do_sample or gen.return_dict_in_generate)
         sampler = _fused_sampler(processors, gen, seq.device)
         rng = None
+        N = gen.num_return_sequences
+        once = (N > 1 and isinstance(cache, StaticCache) and self.prompt_once and cache.get_seq_length() == 0
+                and record.attentions is None and record.hidden_states is None)
         while True:
-            out = _forward(self, seq, ctx, cache, 1, record.attentions is not None, record.hidden_states is not None)
+            if once:  # the first step: each prompt once for the N rows that repeat it
+                out, once = self._prompt_once(seq, ctx, cache, N), False
+            else:
+                out = _forward(self, seq, ctx, cache, 1, record.attentions is not None,
+                               record.hidden_states is not None)
             if plain_argmax:
                 next_R = out.logits[:, -1].argmax(dim=-1)
             elif sampler is not None:
@@ -670,6 +681,8 @@ class GenerationMixin:
                 break
         if streamer is not None:
             streamer.end()
+        if isinstance(cache, StaticCache):
+            cache.settle_slot_rows()  # each row's keys and values in its own storage again
         if not gen.return_dict_in_generate:
             return seq
         return GenerateDecoderOnlyOutput(
@@ -711,8 +724,8 @@ class GenerationMixin:
         recording = record.attentions is not None or record.hidden_states is not None
         while True:
             if (cur_len == prompt_len and N > 1 and isinstance(cache, StaticCache) and self.beam_slot_rows
-                    and self.beam_prompt_once and not recording and cache.get_seq_length() == 0):
-                out = self._beam_prompt(flat, ctx, cache, N)
+                    and self.prompt_once and not recording and cache.get_seq_length() == 0):
+                out = self._prompt_once(flat, ctx, cache, N)
             else:
                 out = _forward(self, flat, ctx, cache, 1, record.attentions is not None,
                                record.hidden_states is not None)
@@ -793,13 +806,13 @@ class GenerationMixin:
             attentions=record.attentions, hidden_states=record.hidden_states, past_key_values=cache,
         )
 
-    def _beam_prompt(self, seq_RL: torch.Tensor, ctx: _Context, cache: StaticCache, N: int) -> _StepOutput:
-        """Beam search's prompt forward on a static cache, once per prompt instead of once per beam:
-        the first row of each group of N (the rows of a group are the same prompt) into those rows
+    def _prompt_once(self, seq_RL: torch.Tensor, ctx: _Context, cache: StaticCache, N: int) -> _StepOutput:
+        """The prompt's forward on a static cache once per prompt instead of once per row that
+        repeats it (beams, num_return_sequences): the first row of each group of N into those rows
         of the cache, whose other rows then read the prompt's slots through `slot_rows`
-        (`StaticCache.take_prompt`). Its logits, repeated for every beam: [R, 1, V]."""
+        (`StaticCache.take_prompt`). Its logits, repeated for every row: [R, 1, V]."""
         R = seq_RL.shape[0]
-        held = self._held_decode().beam_prompt_for(self, cache, N, R)
+        held = self._held_decode().prompt_view_for(self, cache, N, R)
         if held is not None:
             view, prefill = held
             view._seen, view.rope_long = 0, False
@@ -864,6 +877,8 @@ class GenerationMixin:
                 break
         if streamer is not None:
             streamer.end()
+        if isinstance(cache, StaticCache):
+            cache.settle_slot_rows()  # each row's keys and values in its own storage again
         if not gen.return_dict_in_generate:
             return seq
         return GenerateDecoderOnlyOutput(sequences=seq, scores=record.scores, logits=record.logits,
