@@ -23,7 +23,10 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
    generator where reading each step does.
 10. Beam search on the static cache with graphed steps (the CUDA default) returns the tokens of the
    same cache stepped eagerly (a prompt of a prefill bucket's length, so no padding either way), and
-   deciding to go on one step late (the CUDA default) returns those of deciding each step.
+   deciding to go on one step late (the CUDA default) returns those of deciding each step. Its
+   cache read through `slot_rows` returns the tokens of moving the cache; its prompt, run once per
+   group of beams, replays from its graph alike, and sampling several sequences per prompt does
+   too (whether they equal every row's prompt, which rounds differently, is reported).
 11. The sampling kernels (ops/triton_sample.py) at 32064 logits, bf16 as the models give them (ties
    among them), draw the tokens that torch's warpers (min-p too), softmax and `torch.multinomial`
    draw from the same seed, and leave the generator where they do (at most one draw in a thousand
@@ -576,6 +579,7 @@ def check_lagged_stop(results):
 
 @torch.no_grad()
 def check_beam_graphs(results):
+    # beam search, and sampling several sequences per prompt, on the held cache's graphs
     ok = True
     for name, cfg, model in bf16_models():
         ids = torch.randint(1, cfg.vocab_size, (2, 32), device="cuda")
@@ -604,6 +608,18 @@ def check_beam_graphs(results):
         results[f"beam_graphs.{name}.prompt_once_same_tokens_as_every_beams"] = torch.equal(outs[0], outs[5])
         results[f"beam_graphs.{name}.new_tokens"] = outs[0].shape[1] - 32
         ok &= replays and same and torch.equal(outs[0], outs[4]) and torch.equal(outs[5], outs[6])
+        # sampling several sequences per prompt: the prompt once (captured on its second use), then every row's
+        draws = []
+        for once in (True, True, True, False):
+            model.prompt_once = once
+            torch.manual_seed(3)
+            draws.append(model.generate(ids, max_new_tokens=12, do_sample=True, top_k=20, num_return_sequences=3,
+                                        eos_token_id=eos))
+        model.prompt_once = True
+        replays = torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+        results[f"sequences.{name}.same_tokens_replayed"] = replays
+        results[f"sequences.{name}.prompt_once_same_tokens_as_every_rows"] = torch.equal(draws[0], draws[3])
+        ok &= replays
         del model
     return ok
 
