@@ -112,7 +112,9 @@ def _record_launches(monkeypatch) -> list[dict]:
                 const = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
                 opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
                 spec = {"module": self.module.__name__, "kernel": self.name, "sig": sig, "const": const, "opts": opts}
-                specs.setdefault(self.name, spec)  # one compile per kernel: the rule is at its start
+                # one compile per kernel (the rule is at its start), and one for the decode attention
+                # reading a beam-search cache through its slot_rows (a load more, after the wait)
+                specs.setdefault(self.name + ("[ROWS]" if const.get("ROWS") else ""), spec)
                 return self.kernel[grid](*args, **kwargs)
 
             return launch
@@ -195,6 +197,7 @@ def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
             model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
             model.generate(ids[:, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)  # dynamic cache
             model.generate(ids[:1, :4], max_new_tokens=2, do_sample=False, cache_implementation="static")  # one row
+        model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, num_beams=2, cache_implementation="static")
         # the two-launch alignment, which these sizes otherwise skip
         monkeypatch.setattr(triton_moe, "SELF_COUNT_MAX_ROWS", 0)
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
@@ -202,7 +205,8 @@ def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
         StaticCache(num_layers=1, max_cache_len=4).update(kv, kv, 0)  # a static cache written directly
         triton_moe._sum_over_k(torch.zeros(6, 8, dtype=torch.bfloat16), 3, 2)  # combined outputs, which the
         # models leave to their norms
-    seen = set(specs)
+    assert "_decode_attn_kernel[ROWS]" in specs, "beam search reads its cache through slot_rows"
+    seen = {name.removesuffix("[ROWS]") for name in specs}
     assert any(t.startswith("tensordesc") for t in specs["_moe_gemm_kernel"]["sig"]), "the descriptor variant"
     assert seen == {n for _, n in KERNELS}, f"not launched: {sorted({n for _, n in KERNELS} - seen)}"
     path = tmp_path / "specs.json"
