@@ -360,8 +360,8 @@ class StaticCache(Cache):
         """A StaticCache over rows 0, step, 2*step, ... of this one's storage (allocated here first
         for `batch` rows if it is not yet), empty, with its own token count and LongRoPE state:
         what a forward writes into it lands in those rows. `take_prompt` then hands the prompt over."""
-        if step < 1 or (self.keys and self.keys[0].shape[0] % step) or (not self.keys and batch % step):
-            rows = self.keys[0].shape[0] if self.keys else batch
+        rows = self.keys[0].shape[0] if self.keys else batch
+        if step < 1 or rows % step:
             raise ValueError(f"StaticCache.rows_view: step must be a positive divisor of the {rows} rows, got {step}")
         if not self.keys:
             if self._config is None:

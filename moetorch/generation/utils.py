@@ -627,8 +627,7 @@ class GenerationMixin:
         sampler = _fused_sampler(processors, gen, seq.device)
         rng = None
         N = gen.num_return_sequences
-        once = (N > 1 and isinstance(cache, StaticCache) and self.prompt_once and cache.get_seq_length() == 0
-                and record.attentions is None and record.hidden_states is None)
+        once = self._runs_prompt_once(cache, N, record)
         while True:
             if once:  # the first step: each prompt once for the N rows that repeat it
                 out, once = self._prompt_once(seq, ctx, cache, N), False
@@ -721,11 +720,10 @@ class GenerationMixin:
         batch_offset_B1 = torch.arange(B, device=device)[:, None] * N
         cur_len, flat = prompt_len, seq
         kept, rng = None, None  # with `lag`: the step before's finished set; this step's generator state
-        recording = record.attentions is not None or record.hidden_states is not None
+        once = self.beam_slot_rows and self._runs_prompt_once(cache, N, record)
         while True:
-            if (cur_len == prompt_len and N > 1 and isinstance(cache, StaticCache) and self.beam_slot_rows
-                    and self.prompt_once and not recording and cache.get_seq_length() == 0):
-                out = self._prompt_once(flat, ctx, cache, N)
+            if once:  # the first step: each prompt once for its N beams
+                out, once = self._prompt_once(flat, ctx, cache, N), False
             else:
                 out = _forward(self, flat, ctx, cache, 1, record.attentions is not None,
                                record.hidden_states is not None)
@@ -806,6 +804,13 @@ class GenerationMixin:
             attentions=record.attentions, hidden_states=record.hidden_states, past_key_values=cache,
         )
 
+    def _runs_prompt_once(self, cache: Cache | None, N: int, record: _Record) -> bool:
+        """Whether the first step runs each prompt once for the N rows that repeat it (`_prompt_once`):
+        on an empty static cache, with `prompt_once`, where no step's attentions or hidden states
+        are recorded (those need every row's forward)."""
+        return (N > 1 and isinstance(cache, StaticCache) and self.prompt_once and cache.get_seq_length() == 0
+                and record.attentions is None and record.hidden_states is None)
+
     def _prompt_once(self, seq_RL: torch.Tensor, ctx: _Context, cache: StaticCache, N: int) -> _StepOutput:
         """The prompt's forward on a static cache once per prompt instead of once per row that
         repeats it (beams, num_return_sequences): the first row of each group of N into those rows
@@ -877,8 +882,6 @@ class GenerationMixin:
                 break
         if streamer is not None:
             streamer.end()
-        if isinstance(cache, StaticCache):
-            cache.settle_slot_rows()  # each row's keys and values in its own storage again
         if not gen.return_dict_in_generate:
             return seq
         return GenerateDecoderOnlyOutput(sequences=seq, scores=record.scores, logits=record.logits,
