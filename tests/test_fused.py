@@ -972,6 +972,22 @@ def test_decode_attention_ignores_non_finite_hidden_slots(dtype, config):
     close(out, want, dtype, "decode attention with non-finite hidden slots")
 
 
+@pytest.mark.parametrize("combine_splits", [16, 0], ids=["blocked", "one-step"])
+@pytest.mark.parametrize("layout,H,G", [("grouped", 8, 2), ("tiled", 4, 2)])
+def test_decode_attention_combines_many_splits(monkeypatch, combine_splits, layout, H, G):
+    # A long cache over few rows: 37 key splits, more than the combine sums in one step (16) and
+    # not a multiple of it; some splits see no key. Partials are kept for the R real heads only.
+    monkeypatch.setattr(triton_fused, "DECODE_PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(triton_fused, "DECODE_COMBINE_SPLITS", combine_splits)
+    B, S, d = 1, 37 * 32 - 5, 32
+    q, k, v, mask = _decode_inputs(B, H, G, S, d, torch.float32, seed=11)
+    mask[...] = torch.rand(B, 1, 1, S, generator=gen(12)) > 0.4
+    mask[..., 200:330] = False
+    with torch.no_grad():
+        out = triton_fused.decode_attention(q, k, v, mask, d**-0.5, tiled=layout == "tiled")
+    close(out, _reference_attention(q, k, v, mask, d**-0.5, layout), torch.float32, "many-split decode attention")
+
+
 def test_decode_attention_config():
     # 32 keys per step; 2 warps once batch x kv heads gives every SM a program
     assert triton_fused.decode_attn_config(128, 1024, 132) == dict(BLOCK_N=32, num_warps=2, num_stages=2)

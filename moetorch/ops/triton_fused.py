@@ -1072,10 +1072,11 @@ def _decode_attn_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     if SPLIT:
-        part = (b * G * R_PAD + g * R_PAD + r) * num_splits + split
-        tl.store(part_m_ptr + part, m_i)
-        tl.store(part_l_ptr + part, l_i)
-        tl.store(part_acc_ptr + part[:, None] * D_PAD + dd[None, :], acc)
+        # partials of the R real heads only (R_PAD pads the rows of the dots, not the partials)
+        part = ((b * G + g) * R + r) * num_splits + split
+        tl.store(part_m_ptr + part, m_i, mask=r_ok)
+        tl.store(part_l_ptr + part, l_i, mask=r_ok)
+        tl.store(part_acc_ptr + part[:, None] * D_PAD + dd[None, :], acc, mask=r_ok[:, None])
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * so_b + heads[:, None] * so_h + dd[None, :], out.to(out_ptr.dtype.element_ty),
@@ -1085,12 +1086,12 @@ def _decode_attn_kernel(
 @triton.jit
 def _decode_combine_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_splits, so_b, so_h,
-    G: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, TILED: tl.constexpr,
-    HEAD_D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, TILED: tl.constexpr,
+    HEAD_D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
-    pid = tl.program_id(0)  # (b*G + g)*R + r
+    pid = tl.program_id(0)  # (b*G + g)*R + r: one head's partials, num_splits of them in a row
     r = pid % R
     g = (pid // R) % G
     b = (pid // (R * G)).to(tl.int64)
@@ -1098,16 +1099,25 @@ def _decode_combine_kernel(
         head = r * G + g
     else:
         head = g * R + r
+    base = pid.to(tl.int64) * num_splits
     sp = tl.arange(0, SPLITS_PAD)
     sp_ok = sp < num_splits
-    part = (b * G * R_PAD + g * R_PAD + r) * num_splits + sp
-    m = tl.load(part_m_ptr + part, mask=sp_ok, other=float("-inf"))
+    m = tl.load(part_m_ptr + base + sp, mask=sp_ok, other=float("-inf"))
     m_max = tl.max(m, axis=0)
     w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
-    l_sum = tl.sum(w * tl.load(part_l_ptr + part, mask=sp_ok, other=0.0), axis=0)
+    l_sum = tl.sum(w * tl.load(part_l_ptr + base + sp, mask=sp_ok, other=0.0), axis=0)
     dd = tl.arange(0, D_PAD)
-    acc = tl.load(part_acc_ptr + part[:, None] * D_PAD + dd[None, :], mask=sp_ok[:, None], other=0.0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
+    # the accumulators SPLIT_BLOCK splits at a time: a long cache's many splits never sit in a
+    # program's registers at once
+    out = tl.zeros((D_PAD,), dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        s = s0 + tl.arange(0, SPLIT_BLOCK)
+        s_ok = s < num_splits
+        ms = tl.load(part_m_ptr + base + s, mask=s_ok, other=float("-inf"))
+        ws = tl.where(ms > float("-inf"), tl.exp(ms - m_max), 0.0)
+        acc = tl.load(part_acc_ptr + (base + s)[:, None] * D_PAD + dd[None, :], mask=s_ok[:, None], other=0.0)
+        out += tl.sum(ws[:, None] * acc, axis=0)
+    out = out / tl.where(l_sum > 0, l_sum, 1.0)
     tl.store(out_ptr + b * so_b + head * so_h + dd, out.to(out_ptr.dtype.element_ty), mask=dd < HEAD_D)
 
 
@@ -1134,6 +1144,11 @@ DECODE_MIN_SPLIT_KEYS = 32
 # shorter splits at batch 16 and 64) decoded 3% slower for JetMoE at batch 16 and 64, 0.5% for
 # PhiMoE at 64 (h200-2026-11-30-ab-split16-*.json).
 DECODE_PROGRAMS_PER_SM = 4
+
+# Splits the combine kernel sums per step, with 4 warps once a step holds more than 2048 values
+# (one warp for a short cache's few splits). 0: every split in one step with one warp (a long
+# cache's 64 splits of 128 values then spill the warp's registers), for an A/B.
+DECODE_COMBINE_SPLITS = 16
 
 # A split of one key block loads its mask bytes with its K and V, with no pass for the visible span
 # first (0: the span pass in every split, for an A/B).
@@ -1166,9 +1181,9 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
     d_pad = max(16, triton.next_power_of_2(d))
     out = torch.empty(B, 1, H, d, dtype=q_BH1d.dtype, device=q_BH1d.device)
     if splits > 1:
-        part_m = torch.empty(B * G * r_pad * splits, dtype=torch.float32, device=q_BH1d.device)
+        part_m = torch.empty(B * H * splits, dtype=torch.float32, device=q_BH1d.device)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(B * G * r_pad * splits, d_pad, dtype=torch.float32, device=q_BH1d.device)
+        part_acc = torch.empty(B * H * splits, d_pad, dtype=torch.float32, device=q_BH1d.device)
     else:
         part_m = part_l = part_acc = out
     if mask_B11S is not None:
@@ -1201,10 +1216,12 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
         **pdl_meta(q_BH1d.device, B * G * splits, B),
     )
     if splits > 1:
-        _decode_combine_kernel[(B * G * R,)](
+        splits_pad = max(2, triton.next_power_of_2(splits))
+        block = min(splits_pad, DECODE_COMBINE_SPLITS or splits_pad)
+        _decode_combine_kernel[(B * H,)](
             part_m, part_l, part_acc, out, splits, out.stride(0), out.stride(2),
-            G=G, R=R, R_PAD=r_pad, TILED=tiled, HEAD_D=d, D_PAD=d_pad,
-            SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1,
-            **pdl_meta(q_BH1d.device, B * G * R, B),
+            G=G, R=R, TILED=tiled, HEAD_D=d, D_PAD=d_pad, SPLITS_PAD=splits_pad, SPLIT_BLOCK=block,
+            num_warps=1 if block * d_pad <= 2048 or not DECODE_COMBINE_SPLITS else 4,
+            **pdl_meta(q_BH1d.device, B * H, B),
         )
     return out
