@@ -66,12 +66,13 @@ def main() -> int:
     arm_b.add_argument("--b-configs", help="a config JSON for the expert kernels")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens of each row (the cache's filled part)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     module, attr, b_value = patch(args.b) if args.b else configs_from(args.b_configs)
     a_value = getattr(module, attr)
     model = build(args.model, "moetorch", SIZES[args.model])
-    ids = torch.randint(0, SIZES[args.model]["vocab_size"], (args.batch, 128), device="cuda")
+    ids = torch.randint(0, SIZES[args.model]["vocab_size"], (args.batch, args.prompt), device="cuda")
     times = {"A": [], "B": []}
     # round 0 is a warm-up, not recorded: on the H200 the first arm timed in a process reads 2-4%
     # above every later round of either arm (clocks settle), which would favour arm A
@@ -88,6 +89,7 @@ def main() -> int:
     print(f"median A {median['A']:.1f}  B {median['B']:.1f}  A/B {median['A'] / median['B']:.4f}; "
           f"best A {best['A']:.1f}  B {best['B']:.1f}")
     save_json(args.out, {"device": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch,
+                         "prompt": args.prompt,
                          "b": args.b or f"configs {args.b_configs}", "tokens_per_s": times, "best": best,
                          "median": median})
     return 0
