@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from moetorch.benchmark import SIZES, build, cuda_time, decode_floor_s, log, measure_ceilings, param_bytes
+from moetorch.benchmark import SIZES, _ours_decode, build, cuda_time, decode_floor_s, log, measure_ceilings, param_bytes
 
 CASES = {"jetmoe": "1x2048,1x4000,16x4000", "phimoe": "1x2048,1x8192,1x32768,16x8192"}
 # Phi-3.5-MoE's rotary: LongRoPE over 4096 original positions (factors rising across the 64
@@ -65,25 +65,9 @@ def kv_bytes_per_token(cfg: dict, name: str) -> int:
 
 
 def ours_ms(model, ids: torch.Tensor, steps: int) -> float:
-    """Milliseconds a graphed decode step takes after `ids` is prefilled into a static cache."""
-    from moetorch import StaticCache
-    from moetorch.engine import GraphedDecodeStep
-
-    B, prompt = ids.shape
-    cache = StaticCache(model.config, max_cache_len=prompt + steps + 8)
-    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    step = GraphedDecodeStep(model, cache, B)
-    tok = ids[:, -1:].clone()
-    positions = [torch.full((B, 1), prompt + t, device=ids.device) for t in range(steps)]
-    slots = [torch.tensor([prompt + t], device=ids.device) for t in range(steps)]
-
-    def run():
-        cache.crop(prompt)
-        for t in range(steps):
-            step(tok, None, positions[t], slots[t])
-
-    ms = cuda_time(run, repeats=3, warmup=1) / steps * 1e3
-    return ms
+    """Milliseconds a graphed decode step takes after `ids` is prefilled into a static cache (the
+    decode driver of `moetorch bench`)."""
+    return cuda_time(_ours_decode(model, ids, steps), repeats=3, warmup=1) / steps * 1e3
 
 
 def hf_ms(model, ids: torch.Tensor, steps: int) -> float:
@@ -113,6 +97,8 @@ def main() -> int:
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/long_context.py needs a CUDA GPU")
     from moe_layer import save_json  # bench/ is the script's directory
 
     ceil = measure_ceilings()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from archs import PHIMOE, randomize_
+from archs import JETMOE, PHIMOE, randomize_
 
 from moetorch import benchmark
 
@@ -40,6 +42,46 @@ def test_decode_driver_runs_and_resets_between_repeats(monkeypatch):
     assert model.generation_config is not None
     # every step feeds each row its prompt's last token, as the Transformers driver does
     assert len(fed) == 6 and all(torch.equal(tok, ids[:, -1:]) for tok in fed)
+
+
+def _long_context():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        import long_context
+    finally:
+        sys.path.pop(0)
+    return long_context
+
+
+@pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
+def test_long_context_floor_counts_what_the_static_cache_stores(arch):
+    # bench/long_context.py adds each row's cached keys and values to the decode floor: its bytes per
+    # token must be what a StaticCache of the model holds per slot
+    from moetorch import StaticCache
+
+    name = "phimoe" if arch is PHIMOE else "jetmoe"
+    cfg = arch.our_config()
+    cache = StaticCache(cfg, max_cache_len=24, max_batch_size=1, device="cpu", dtype=torch.bfloat16)
+    stored = sum(t.numel() * t.element_size() for t in cache._all) // 24
+    assert _long_context().kv_bytes_per_token(cfg.to_dict(), name) == stored
+
+
+def test_long_context_config_and_cases():
+    lc = _long_context()
+    assert lc.parse_cases("1x2048, 16X8192".replace(" ", "")) == [(1, 2048), (16, 8192)]
+    for bad in ("2048", "1x", "0x64", "ax8"):
+        with pytest.raises(SystemExit, match="BATCHxCONTEXT|positive"):
+            lc.parse_cases(bad)
+    # PhiMoE runs with LongRoPE over 4096 original positions, which both libraries read
+    import transformers
+
+    import moetorch
+
+    cfg = lc.config("phimoe")
+    for lib in (moetorch, transformers):
+        params = lib.PhimoeConfig(**cfg).rope_parameters
+        assert params["rope_type"] == "longrope" and len(params["long_factor"]) == 64
+    assert "rope_parameters" not in lc.config("jetmoe")
 
 
 def test_summary_table():
