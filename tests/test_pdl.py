@@ -112,9 +112,11 @@ def _record_launches(monkeypatch) -> list[dict]:
                 const = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
                 opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
                 spec = {"module": self.module.__name__, "kernel": self.name, "sig": sig, "const": const, "opts": opts}
-                # one compile per kernel (the rule is at its start), and one for the decode attention
-                # reading a beam-search cache through its slot_rows (a load more, after the wait)
-                specs.setdefault(self.name + ("[ROWS]" if const.get("ROWS") else ""), spec)
+                # one compile per kernel (the rule is at its start), one for the decode attention
+                # reading a beam-search cache through its slot_rows (a load more, after the wait), and
+                # one for a persistent grouped GEMM splitting its last round (atomics after the wait)
+                variant = "[ROWS]" if const.get("ROWS") else "[TAIL]" if const.get("TAIL_SPLIT") else ""
+                specs.setdefault(self.name + variant, spec)
                 return self.kernel[grid](*args, **kwargs)
 
             return launch
@@ -205,8 +207,12 @@ def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
         StaticCache(num_layers=1, max_cache_len=4).update(kv, kv, 0)  # a static cache written directly
         triton_moe._sum_over_k(torch.zeros(6, 8, dtype=torch.bfloat16), 3, 2)  # combined outputs, which the
         # models leave to their norms
+        x, w = torch.zeros(8, 32, dtype=torch.bfloat16), torch.zeros(2, 48, 32, dtype=torch.bfloat16)
+        persistent = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, PERSISTENT=2)
+        triton_moe.map_fused(x, w, torch.zeros(8, 2, dtype=torch.long), persistent, small=False)
     assert "_decode_attn_kernel[ROWS]" in specs, "beam search reads its cache through slot_rows"
-    seen = {name.removesuffix("[ROWS]") for name in specs}
+    assert "_moe_gemm_kernel[TAIL]" in specs, "a persistent grid that may split its last round"
+    seen = {name.removesuffix("[ROWS]").removesuffix("[TAIL]") for name in specs}
     assert any(t.startswith("tensordesc") for t in specs["_moe_gemm_kernel"]["sig"]), "the descriptor variant"
     assert seen == {n for _, n in KERNELS}, f"not launched: {sorted({n for _, n in KERNELS} - seen)}"
     path = tmp_path / "specs.json"

@@ -275,6 +275,52 @@ def test_persistent_matches_reference(tm, monkeypatch, programs, T, kind, descri
     check_sorted_path(tm, inp, (cfg, {**cfg, "BLOCK_N": 32}), cfg, dtype, kind)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("programs", [6, 8])
+def test_persistent_tail_split_matches_reference(tm, monkeypatch, programs, dtype):
+    # A persistent grid whose tiles' last round fills at most half of it splits those tiles along K
+    # (TAIL_SPLIT); the last program to arrive at a tile sums the partials in split order. Token
+    # counts give every remainder of tiles over programs; programs run in a shuffled order so that
+    # any split may arrive last; map (stored at row n) and reduce (routing weights) both split.
+    Dk, Ck = 128, 48  # 8 and 3 K steps of 16
+    cfg = {**SMALL, "PERSISTENT": programs}
+    gen = torch.Generator().manual_seed(programs)
+    split = 0
+    for T in range(5, 41, 3):
+        x = torch.randn(T, Dk, generator=gen).to(dtype)
+        w_map = (torch.randn(E, Ck, Dk, generator=gen) * 0.1).to(dtype)  # outputs of order 1 over 128 terms
+        h = torch.randn(T, K, Dk, generator=gen).to(dtype)
+        w_red = (torch.randn(E, Ck, Dk, generator=gen) * 0.1).to(dtype)
+        weights = torch.rand(T, K, generator=gen).to(dtype)
+        ids = routing(T, "random", gen)
+        used = int((tm.moe_align(ids.reshape(-1), E, 16)[1] < E).sum())
+        left = used * 3 % programs
+        split += left > 0 and min(programs // left, 8, tm.TAIL_SPLIT) > 1
+        with monkeypatch.context() as m:
+            shuffle_programs(m, seed=T)
+            got_map = tm.map_fused(x, w_map, ids, cfg, small=False)
+            got_red = tm.reduce_fused(h, w_red, ids, weights, cfg, small=False)
+        f = lambda t: t.float()  # noqa: E731
+        check(got_map, expert_map_reference(f(x), f(w_map), ids), dtype, f"map, T={T}")
+        check(got_red, expert_reduce_reference(f(h), f(w_red), ids, f(weights)), dtype, f"reduce, T={T}")
+        # the same call again: the same bits (partials summed in a fixed order), and the arrival
+        # counters are back to zero
+        assert torch.equal(tm.map_fused(x, w_map, ids, cfg, small=False), got_map)
+        assert all(int(c.count_nonzero()) == 0 for c in tm._TAIL_COUNTS.values())
+    assert split >= 2, split  # calls that did split
+
+
+def test_persistent_tail_split_off_matches(tm, monkeypatch):
+    # TAIL_SPLIT = 0 runs every tile whole: the same results within rounding
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(23, 128, generator=gen), torch.randn(E, 48, 128, generator=gen)
+    ids = routing(23, "random", gen)
+    cfg = {**SMALL, "PERSISTENT": 8}
+    got = tm.map_fused(x, w, ids, cfg, small=False)
+    monkeypatch.setattr(tm, "TAIL_SPLIT", 0)
+    check(tm.map_fused(x, w, ids, cfg, small=False), got, torch.float32, "map without the tail split")
+
+
 def test_persistent_grid_size(tm, monkeypatch):
     """A persistent launch has min(tiles, programs) programs; without the key, one per tile of the
     host-side bound."""

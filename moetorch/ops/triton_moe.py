@@ -280,13 +280,13 @@ def _activate(x, ACT: tl.constexpr):
 # compiled kernel serves every T (and every E) of a shape.
 @triton.jit(do_not_specialize=["num_rows", "num_experts", "num_blocks"])
 def _moe_gemm_kernel(
-    a_ptr, w_ptr, a_desc, w_desc, out_ptr, sorted_ptr, block_expert_ptr, route_w_ptr,
+    a_ptr, w_ptr, a_desc, w_desc, out_ptr, sorted_ptr, block_expert_ptr, route_w_ptr, part_ptr, count_ptr,
     num_rows, num_experts, num_blocks, n_out, k_dim, up_offset,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     A_DIV: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, OUT_PADDED: tl.constexpr,
     GATED: tl.constexpr, ACT: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, TAIL_SPLIT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -299,6 +299,10 @@ def _moe_gemm_kernel(
     # (two accumulators), the flattened loop ran 25-35% slower on the H200 (docs/performance.md);
     # there the tile loop stays a loop of its own. Else one program per tile of the host-side
     # bound, and programs past the used blocks exit at once.
+    # TAIL_SPLIT (persistent, ungated; 0: off): when the tiles' last round would fill at most half
+    # the programs, those tiles are instead split along K over up to TAIL_SPLIT programs each; each
+    # writes its float32 partial to part_ptr, and the last to arrive at the tile's counter (which it
+    # resets) sums the partials in split order and stores the tile.
     num_pid_n = tl.cdiv(n_out, BLOCK_N)
     if PERSISTENT:
         used = 0
@@ -306,14 +310,54 @@ def _moe_gemm_kernel(
             b = b0 + tl.arange(0, 1024)
             used += tl.sum((tl.load(block_expert_ptr + b, mask=b < num_blocks, other=num_experts) < num_experts)
                            .to(tl.int32))
-        for tile in tl.range(tl.program_id(0), used * num_pid_n, tl.num_programs(0), flatten=not GATED):
+        tiles = used * num_pid_n
+        programs = tl.num_programs(0)
+        k_steps = tl.cdiv(k_dim, BLOCK_K)
+        main = tiles
+        splits = tiles * 0 + 1
+        if TAIL_SPLIT:
+            left = tiles % programs
+            splits = tl.minimum(tl.minimum(programs // tl.maximum(left, 1), k_steps), TAIL_SPLIT)
+            if left > 0 and splits > 1:
+                main = tiles - left
+        for tile in tl.range(tl.program_id(0), main, programs, flatten=not GATED):
             _moe_gemm_tile(
                 tile, used, a_ptr, w_ptr, a_desc, w_desc, out_ptr, sorted_ptr, block_expert_ptr, route_w_ptr,
                 num_rows, n_out, k_dim, up_offset,
                 stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
                 A_DIV, A_TMA, W_TMA, OUT_PADDED, GATED, ACT, WEIGHTED, EVEN_K, UPCAST, PRECISION,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 0, 0, k_steps,
             )
+        if TAIL_SPLIT:
+            unit = tl.program_id(0)
+            if unit < (tiles - main) * splits:
+                tail = unit // splits
+                part = unit % splits
+                per = tl.cdiv(k_steps, splits)
+                acc = _moe_gemm_tile(
+                    main + tail, used, a_ptr, w_ptr, a_desc, w_desc, out_ptr, sorted_ptr, block_expert_ptr,
+                    route_w_ptr, num_rows, n_out, k_dim, up_offset,
+                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+                    A_DIV, A_TMA, W_TMA, OUT_PADDED, GATED, ACT, WEIGHTED, EVEN_K, UPCAST, PRECISION,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 0, part * per, tl.minimum(part * per + per, k_steps),
+                    STORE=False,
+                )
+                tile_elems = BLOCK_M * BLOCK_N
+                offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+                tl.store(part_ptr + unit.to(tl.int64) * tile_elems + offs, acc)
+                # release: the partial is visible before the count; acquire: the last arriver sees
+                # every other partial
+                if tl.atomic_add(count_ptr + tail, 1, sem="acq_rel") == splits - 1:
+                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for j in range(0, splits):
+                        total += tl.load(part_ptr + (tail * splits + j).to(tl.int64) * tile_elems + offs,
+                                         cache_modifier=".cg")
+                    tl.store(count_ptr + tail, 0)
+                    pid_m, pid_n = _tile_coords(main + tail, used, num_pid_n, GROUP_M)
+                    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                    rows = tl.load(sorted_ptr + offs_p)
+                    _moe_gemm_epilogue(total, offs_p, rows, pid_n * BLOCK_N, out_ptr, route_w_ptr, num_rows, n_out,
+                                       stride_om, stride_on, OUT_PADDED, WEIGHTED, BLOCK_N)
         _pdl_release(PDL)
     else:
         # past the last padded block: the grid is a host-side upper bound
@@ -324,7 +368,7 @@ def _moe_gemm_kernel(
                 block_expert_ptr, route_w_ptr, num_rows, n_out, k_dim, up_offset,
                 stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
                 A_DIV, A_TMA, W_TMA, OUT_PADDED, GATED, ACT, WEIGHTED, EVEN_K, UPCAST, PRECISION,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PDL,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PDL, 0, tl.cdiv(k_dim, BLOCK_K),
             )
 
 
@@ -347,11 +391,12 @@ def _moe_gemm_tile(
     A_DIV: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, OUT_PADDED: tl.constexpr,
     GATED: tl.constexpr, ACT: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PDL: tl.constexpr = 0,
+    GROUP_M: tl.constexpr, PDL: tl.constexpr, k_lo, k_hi, STORE: tl.constexpr = True,
 ):
     # One output tile [BLOCK_M rows of block pid_m, BLOCK_N columns]: `tile` in the grouped order of
-    # `_tile_coords`. PDL: release the next kernel after the main loop (the persistent kernel
-    # releases after its last tile instead).
+    # `_tile_coords`, over K steps [k_lo, k_hi) (all of them but in a persistent kernel's split
+    # tail). PDL: release the next kernel after the main loop (the persistent kernel releases after
+    # its last tile instead). STORE=False: return the float32 accumulator instead of storing.
     pid_m, pid_n = _tile_coords(tile, num_blocks, tl.cdiv(n_out, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -366,16 +411,17 @@ def _moe_gemm_tile(
             a_rows = offs_p.to(tl.int64)
         else:
             a_rows = (tl.where(valid, rows, 0) // A_DIV).to(tl.int64)
-        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_lo * BLOCK_K + offs_k[None, :]) * stride_ak
     if not W_TMA:
         # Columns past n_out wrap onto real ones so the inner loop needs no column mask.
         offs_n = (n0 + tl.arange(0, BLOCK_N)) % n_out
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+                  + (k_lo * BLOCK_K + offs_k[:, None]) * stride_wk)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_step in range(0, tl.cdiv(k_dim, BLOCK_K)):
+    for k_step in range(k_lo, k_hi):
         k0 = k_step * BLOCK_K
         k_ok = offs_k < k_dim - k0
         if A_TMA:
@@ -414,6 +460,21 @@ def _moe_gemm_tile(
 
     if GATED:
         acc = _activate(acc, ACT) * acc_up
+    if STORE:
+        _moe_gemm_epilogue(acc, offs_p, rows, n0, out_ptr, route_w_ptr, num_rows, n_out, stride_om, stride_on,
+                           OUT_PADDED, WEIGHTED, BLOCK_N)
+    return acc
+
+
+@triton.jit
+def _moe_gemm_epilogue(
+    acc, offs_p, rows, n0, out_ptr, route_w_ptr, num_rows, n_out, stride_om, stride_on,
+    OUT_PADDED: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # A tile's float32 result at padded positions offs_p (assignment rows `rows`; padding: >=
+    # num_rows) and columns n0...: the routing weight (WEIGHTED), then the real rows stored at their
+    # padded position (OUT_PADDED) or at row n.
+    valid = rows < num_rows
     if WEIGHTED:
         acc = acc * tl.load(route_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
     if OUT_PADDED:
@@ -891,6 +952,12 @@ def moe_gemm(
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles, per_sm = B * triton.cdiv(n_out, BN), cfg.get("PERSISTENT", 0)
     grid = (min(tiles, per_sm * (sm_count(a.device.index) if a.is_cuda else 1)) if per_sm else tiles,)
+    tail = TAIL_SPLIT if per_sm and act is None and grid[0] > 1 else 0
+    if tail:
+        parts = torch.empty(grid[0] * BM * BN, dtype=torch.float32, device=a.device)
+        counts = _tail_counts(a.device, grid[0])
+    else:
+        parts = counts = a
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     w_desc = a_desc = None
     if tma_enabled(a.device):
@@ -898,16 +965,38 @@ def moe_gemm(
         a_desc = _tma_descriptor(a, [BM, BK]) if a_div == 0 else None
     _moe_gemm_kernel[grid](
         a, w_EOC, a if a_desc is None else a_desc, w_EOC if w_desc is None else w_desc, out, sorted_P,
-        block_expert_B, route_w_N if route_w_N is not None else a,
+        block_expert_B, route_w_N if route_w_N is not None else a, parts, counts,
         num_rows, E, B, n_out, C, n_out if act else 0,
         a.stride(0), a.stride(1), w_EOC.stride(0), w_EOC.stride(1), w_EOC.stride(2), out.stride(0), out.stride(1),
         A_DIV=a_div, A_TMA=a_desc is not None, W_TMA=w_desc is not None, OUT_PADDED=out_padded,
         GATED=act is not None, ACT=act or "none", WEIGHTED=route_w_N is not None, EVEN_K=C % BK == 0,
         UPCAST=_interpreting(), PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        GROUP_M=cfg["GROUP_M"], PERSISTENT=bool(per_sm), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **pdl_meta(a.device),
+        GROUP_M=cfg["GROUP_M"], PERSISTENT=bool(per_sm), TAIL_SPLIT=tail, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl_meta(a.device),
     )
     return out
+
+
+# Most programs a tile of a persistent, ungated grouped GEMM's last round is split over along K (0:
+# no split). A last round that fills at most half the grid otherwise leaves the other programs
+# idle for a whole tile: at 4096 tokens the attention experts' 128 x 256 tiles number about
+# 68 x 8 = 544 over 132 programs, a fifth round of 16 tiles.
+TAIL_SPLIT = 4
+
+_TAIL_COUNTS: dict = {}
+
+
+def _tail_counts(device: torch.device, programs: int) -> torch.Tensor:
+    """Arrival counters of a split tail, zero at rest (the last arriver at a tile resets its own):
+    one buffer per device and stream, so kernels that may overlap never share one. A capture gets
+    counters of its own, zeroed as the graph replays."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(programs, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    counts = _TAIL_COUNTS.get(key)
+    if counts is None or counts.numel() < programs:
+        counts = _TAIL_COUNTS[key] = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
+    return counts
 
 
 def gather_rows(x: torch.Tensor, sorted_P: torch.Tensor, num_rows: int, a_div: int) -> torch.Tensor:
