@@ -306,7 +306,7 @@ def test_persistent_tail_split_matches_reference(tm, monkeypatch, programs, dtyp
         # the same call again: the same bits (partials summed in a fixed order), and the arrival
         # counters are back to zero
         assert torch.equal(tm.map_fused(x, w_map, ids, cfg, small=False), got_map)
-        assert all(int(c.count_nonzero()) == 0 for c in tm._TAIL_COUNTS.values())
+        assert all(int(c.count_nonzero()) == 0 for c in tm._ARRIVAL_COUNTERS.values())
     assert split >= 2, split  # calls that did split
 
 

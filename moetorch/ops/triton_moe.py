@@ -345,19 +345,21 @@ def _moe_gemm_kernel(
                 tile_elems = BLOCK_M * BLOCK_N
                 offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
                 tl.store(part_ptr + unit.to(tl.int64) * tile_elems + offs, acc)
-                # release: the partial is visible before the count; acquire: the last arriver sees
-                # every other partial
-                if tl.atomic_add(count_ptr + tail, 1, sem="acq_rel") == splits - 1:
+                # as `_small_split_k_sum`: every thread's stores issued before the (single-thread,
+                # gpu-scope) release of the count; the last arriver acquires the others' partials
+                # and reads them through L2 (".cg"), in split order
+                tl.debug_barrier()
+                if tl.atomic_add(count_ptr + tail, 1, sem="acq_rel", scope="gpu") == splits - 1:
                     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     for j in range(0, splits):
                         total += tl.load(part_ptr + (tail * splits + j).to(tl.int64) * tile_elems + offs,
                                          cache_modifier=".cg")
-                    tl.store(count_ptr + tail, 0)
                     pid_m, pid_n = _tile_coords(main + tail, used, num_pid_n, GROUP_M)
                     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
                     rows = tl.load(sorted_ptr + offs_p)
                     _moe_gemm_epilogue(total, offs_p, rows, pid_n * BLOCK_N, out_ptr, route_w_ptr, num_rows, n_out,
                                        stride_om, stride_on, OUT_PADDED, WEIGHTED, BLOCK_N)
+                    tl.atomic_xchg(count_ptr + tail, 0)  # zero again for the next launch or replay
         _pdl_release(PDL)
     else:
         # past the last padded block: the grid is a host-side upper bound
@@ -955,7 +957,7 @@ def moe_gemm(
     tail = TAIL_SPLIT if per_sm and act is None and grid[0] > 1 else 0
     if tail:
         parts = torch.empty(grid[0] * BM * BN, dtype=torch.float32, device=a.device)
-        counts = _tail_counts(a.device, grid[0])
+        counts = arrival_counters(a.device, grid[0])
     else:
         parts = counts = a
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
@@ -982,21 +984,6 @@ def moe_gemm(
 # idle for a whole tile: at 4096 tokens the attention experts' 128 x 256 tiles number about
 # 68 x 8 = 544 over 132 programs, a fifth round of 16 tiles.
 TAIL_SPLIT = 4
-
-_TAIL_COUNTS: dict = {}
-
-
-def _tail_counts(device: torch.device, programs: int) -> torch.Tensor:
-    """Arrival counters of a split tail, zero at rest (the last arriver at a tile resets its own):
-    one buffer per device and stream, so kernels that may overlap never share one. A capture gets
-    counters of its own, zeroed as the graph replays."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(programs, dtype=torch.int32, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    counts = _TAIL_COUNTS.get(key)
-    if counts is None or counts.numel() < programs:
-        counts = _TAIL_COUNTS[key] = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
-    return counts
 
 
 def gather_rows(x: torch.Tensor, sorted_P: torch.Tensor, num_rows: int, a_div: int) -> torch.Tensor:
