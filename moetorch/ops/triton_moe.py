@@ -1016,7 +1016,8 @@ _RETIRED_COUNTERS: list[torch.Tensor] = []
 
 def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Arrival counters (int32, at least `tiles`) for kernels whose programs meet at a last arriver
-    (split-K here, the norm + router kernel in ops.triton_fused), launched on the current stream of
+    (split-K and the persistent GEMM's split last round here, the norm + router kernel in
+    ops.triton_fused), launched on the current stream of
     `device`: zeros between launches (each last arriver resets its own), so allocated and zeroed
     once per (device, stream), and again only to grow. Kernels on one stream run one after another,
     so they share the buffer. A grown-out buffer stays referenced: a CUDA graph captured with it
