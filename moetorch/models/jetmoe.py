@@ -191,7 +191,8 @@ class JetMoeDecoderLayer(nn.Module):
         m, mlp_logits_NE = self.mlp(h, routing, combine=False)
         # Transformers records the attention router twice per layer (as the router's output and as the
         # attention's), and its router_logits and aux loss carry both copies: so do ours.
-        return Residual(x_BTD, m, self.mlp.bias), weights, (attn_logits_NE, attn_logits_NE, mlp_logits_NE)
+        return (Residual.leaving(self, x_BTD, m, self.mlp.bias), weights,
+                (attn_logits_NE, attn_logits_NE, mlp_logits_NE))
 
 
 class JetMoePreTrainedModel(PreTrainedModel):

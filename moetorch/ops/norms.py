@@ -9,6 +9,7 @@ MoE block routes as usual.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -59,6 +60,17 @@ class Residual(NamedTuple):
     def value(self) -> torch.Tensor:
         """The hidden state itself (one add kernel unless nothing is pending)."""
         return residual_add(self.x, self.delta, self.bias)
+
+    @classmethod
+    def leaving(cls, module: nn.Module, x, delta=None, bias=None) -> Residual:
+        """What `module`'s forward returns: the add left pending, unless the bias is a parameter
+        that goes as the forward returns (a module sharded by FSDP2, whose hook frees its
+        unsharded parameters then): that add runs now."""
+        r = cls(x, delta, bias)
+        fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is sharded before it is imported
+        if bias is not None and fsdp is not None and isinstance(module, fsdp.FSDPModule):
+            return cls(r.value())
+        return r
 
 
 class _AddNormRoute:
