@@ -19,6 +19,7 @@ from . import checkpoint
 from .cache import Cache, DynamicCache
 from .configuration import MoeConfig
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
+from .generation.custom import install_checkpoint_generate
 from .ops.attention import build_mask, check_attn_implementation
 from .ops.norms import Residual
 from .outputs import MoeModelOutputWithPast
@@ -222,9 +223,12 @@ class PreTrainedModel(nn.Module):
         """Load a checkpoint directory (config.json + safetensors) into `dtype` on `device`.
 
         `dtype="auto"` (the default) uses the checkpoint's dtype. Weights are memory-mapped and
-        copied straight into the allocated parameters: no random init happens first.
+        copied straight into the allocated parameters: no random init happens first. With
+        `trust_remote_code=True`, a `custom_generate/generate.py` in the directory becomes the
+        model's `generate`, as in Transformers.
         """
         path = os.fspath(pretrained_model_name_or_path)
+        trust_remote_code = bool(config_overrides.get("trust_remote_code"))
         for key in _LOADER_ONLY_KWARGS & config_overrides.keys():
             config_overrides.pop(key)  # hub/remote-code options: meaningless for a local checkpoint
         if "subfolder" in config_overrides:
@@ -257,6 +261,8 @@ class PreTrainedModel(nn.Module):
             model.generation_config = GenerationConfig.from_pretrained(path)
         model.config.dtype = str(target_dtype).removeprefix("torch.")
         model.name_or_path = path
+        if trust_remote_code and hasattr(model, "generate"):
+            install_checkpoint_generate(model, path)
         return model.eval()
 
     def save_pretrained(

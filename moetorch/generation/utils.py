@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from ..cache import Cache, DynamicCache, StaticCache
 from ..engine.cuda_graph import GraphedDecodeStep, GraphedPrefill
 from ..ops import fused
 from ..outputs import ModelOutput
+from . import custom
 from .configuration import DEFAULTS, GenerationConfig
 from .logits_process import (
     NEG_INF,
@@ -329,8 +331,10 @@ class GenerationMixin:
         streamer: Any = None,
         negative_prompt_ids: torch.LongTensor | None = None,
         negative_prompt_attention_mask: torch.LongTensor | None = None,
+        use_model_defaults: bool | None = None,
+        custom_generate: str | os.PathLike | Callable | None = None,
         **kwargs: Any,
-    ) -> torch.LongTensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
+    ) -> Any:
         """Generate token ids after a prompt, as Transformers' `generate` does.
 
         The prompt is `inputs` (or `input_ids=`) [B, L], with `attention_mask` for left padding, or
@@ -346,13 +350,34 @@ class GenerationMixin:
         adds classifier-free guidance against `negative_prompt_ids` (default: the prompt's last
         token). `streamer.put`/`end` receive the tokens as they come (batch 1, not beam search).
 
+        `use_model_defaults=False` runs a passed `generation_config` without the model's defaults
+        (its special tokens aside). `custom_generate`: a callable that replaces the decoding loop,
+        or a local directory whose `custom_generate/generate.py` replaces this method
+        (`generation/custom.py`). `synced_gpus=True` keeps stepping until every process of the
+        default torch.distributed group is done (the default under FSDP with several processes).
+
         Returns the sequences [R, L + new] (for an embeddings-only prompt: the new tokens only),
         or a `GenerateDecoderOnlyOutput` / `GenerateBeamDecoderOnlyOutput` with
         `return_dict_in_generate=True`. Finished rows are padded with `pad_token_id`.
         """
-        if synced_gpus:
-            raise ValueError("synced_gpus=True is not supported: moetorch generates on a single process")
-        gen, model_inputs = self._generation_settings(generation_config, kwargs)
+        kwargs.pop("trust_remote_code", None)  # custom code loads from local directories only
+        if isinstance(custom_generate, (str, os.PathLike)):
+            fn = custom.load_custom_generate(custom_generate)
+            return fn(
+                model=self, inputs=inputs, generation_config=generation_config, logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+                synced_gpus=synced_gpus, assistant_model=assistant_model, streamer=streamer,
+                negative_prompt_ids=negative_prompt_ids, negative_prompt_attention_mask=negative_prompt_attention_mask,
+                use_model_defaults=use_model_defaults, **kwargs,
+            )
+        if custom_generate is not None and not callable(custom_generate):
+            raise TypeError("custom_generate must be a callable or a local directory path, "
+                            f"got {type(custom_generate).__name__}")
+        own = {} if custom_generate is None else {
+            k: kwargs.pop(k) for k in custom.own_arguments(custom_generate) if k in kwargs
+        }
+        sync = custom.synced(synced_gpus, self)
+        gen, model_inputs = self._generation_settings(generation_config, kwargs, use_model_defaults)
         tokenizer = model_inputs.pop("tokenizer", None)
         seq, embeds, offset, mask = self._prompt(inputs, gen, model_inputs)
         cache = model_inputs.pop("past_key_values", None)
@@ -378,11 +403,11 @@ class GenerationMixin:
             # On a GPU, greedy search, sampling and beam search default to the static cache, whose
             # steps replay as CUDA graphs.
             default_static = (gen.cache_implementation is None and self.device.type == "cuda"
-                              and assistant_model is None)
+                              and assistant_model is None and custom_generate is None and not sync)
             if gen.cache_implementation == "static" or default_static:
                 # The last token is never fed back, hence the -1. A cache that is not handed back
                 # may be the last call's, with its captured decode graphs.
-                reuse = assistant_model is None and not gen.return_dict_in_generate
+                reuse = assistant_model is None and custom_generate is None and not gen.return_dict_in_generate
                 cache = self._static_cache(seq.shape[0], max_length - 1 + offset, reuse)
             else:
                 cache = DynamicCache()
@@ -397,15 +422,21 @@ class GenerationMixin:
             if gen.num_beams > 1:
                 raise ValueError("`streamer` cannot be used with beam search: set num_beams=1")
             streamer.put(seq.cpu())
+        if custom_generate is not None:
+            return custom_generate(self, seq, logits_processor=processors, stopping_criteria=criteria,
+                                   generation_config=gen, **own, **self._loop_inputs(seq, ctx, cache, gen))
 
         if assistant_model is not None:
+            if sync:
+                raise ValueError("synced_gpus=True cannot be combined with assistant_model: the processes' "
+                                 "draft lengths differ")
             if gen.num_beams > 1 or gen.do_sample:
                 raise ValueError("assistant_model supports greedy decoding only (num_beams=1, do_sample=False)")
             if gen.guidance_scale not in (None, 1):
                 raise ValueError("assistant_model cannot be combined with guidance_scale != 1")
             return self._assisted_decoding(seq, ctx, cache, gen, processors, criteria, max_length, eos,
                                            assistant_model, streamer)
-        if isinstance(cache, StaticCache) and self.decode_graphs and not (
+        if isinstance(cache, StaticCache) and self.decode_graphs and not sync and not (
             gen.output_attentions or gen.output_hidden_states
         ):
             held, R = self._held_decode(), seq.shape[0]
@@ -416,14 +447,15 @@ class GenerationMixin:
         # scores or callbacks (built-in stopping rules that stay on the device, no custom processors).
         # A streamer gets each step's tokens one step late.
         lag = (self.lagged_stop if self.lagged_stop is not None else device.type == "cuda") and not (
-            user_cache or gen.return_dict_in_generate or logits_processor
+            sync or user_cache or gen.return_dict_in_generate or logits_processor
             or prefix_allowed_tokens_fn is not None
             or any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in criteria)
         )
         lag = _OneStepLate(device, seq.shape[0]) if lag else None
+        sync = custom.PeerSync(self, device) if sync else None
         if gen.num_beams > 1:  # the cache is reordered in place between the graphed steps
-            return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id, lag)
-        return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer, lag)
+            return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id, lag, sync)
+        return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer, lag, sync)
 
     # ---- the reusable static cache --------------------------------------------------------------
     def _static_cache(self, batch: int, length: int, reuse: bool) -> StaticCache:
@@ -460,14 +492,18 @@ class GenerationMixin:
         self._held_decode().clear()
 
     # ---- preparation -------------------------------------------------------------------------
-    def _generation_settings(self, generation_config, kwargs: dict) -> tuple[GenerationConfig, dict]:
+    def _generation_settings(self, generation_config, kwargs: dict,
+                             use_model_defaults: bool | None = None) -> tuple[GenerationConfig, dict]:
         """Layer the model's config, the caller's config and keyword arguments (later wins for
-        fields each sets explicitly); split off the model inputs."""
+        fields each sets explicitly); split off the model inputs. Without the model's defaults
+        (`custom.uses_model_defaults`), a passed config takes only the model's special tokens."""
         if generation_config is not None and not isinstance(generation_config, GenerationConfig):
             raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
         gen = GenerationConfig()
-        for layer in (self.generation_config, generation_config):
-            for k, v in (layer.explicit_items() if layer is not None else {}).items():
+        use_defaults = custom.uses_model_defaults(use_model_defaults, self.generation_config)
+        model_layer = custom.model_defaults_layer(self.generation_config, generation_config, use_defaults)
+        for layer in (model_layer, generation_config.explicit_items() if generation_config is not None else {}):
+            for k, v in layer.items():
                 setattr(gen, k, copy.deepcopy(v))
         model_inputs, unknown = {}, []
         for k, v in kwargs.items():
@@ -488,6 +524,24 @@ class GenerationMixin:
                            "ignored: %s", ignored)
         gen.validate()
         return gen, model_inputs
+
+    def _loop_inputs(self, seq: torch.Tensor, ctx: _Context, cache: Cache | None, gen: GenerationConfig) -> dict:
+        """The model inputs a custom decoding loop receives beside the ids, as Transformers hands
+        them over: the 2D attention mask (ones without padding), the prompt's embeddings, the
+        cache, `use_cache`, `logits_to_keep=1` and the outputs the settings ask for."""
+        end = ctx.offset + seq.shape[1]
+        mask = ctx.mask(end)
+        out = {"attention_mask": mask if mask is not None else seq.new_ones(seq.shape[0], end)}
+        if ctx.embeds is not None:
+            out["inputs_embeds"] = ctx.embeds
+        if cache is not None:
+            out["past_key_values"] = cache
+        out["use_cache"] = gen.use_cache
+        out["logits_to_keep"] = 1
+        for name in ("output_attentions", "output_hidden_states"):
+            if getattr(gen, name):
+                out[name] = True
+        return out
 
     def _prompt(self, inputs, gen: GenerationConfig, model_inputs: dict):
         """(ids [B, L], embeds or None, offset, mask or None) from the caller's prompt arguments."""
@@ -605,10 +659,11 @@ class GenerationMixin:
         return _merge(crit, custom, "stopping criterion")
 
     # ---- strategies --------------------------------------------------------------------------
-    def _sample(self, seq, ctx, cache, gen, processors, criteria, pad_id, streamer, lag=None):
+    def _sample(self, seq, ctx, cache, gen, processors, criteria, pad_id, streamer, lag=None, sync=None):
         """Greedy search (argmax) or multinomial sampling, one token per step. With `lag` (a
         _OneStepLate) the loop stops one step after the device's flag says so and drops that step,
-        and the streamer gets each step's tokens one step late."""
+        and the streamer gets each step's tokens one step late. With `sync` (a PeerSync) every
+        step ends with the processes' all-reduce, and a process done first idles until all are."""
         record = _Record(gen)
         running_R = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
         eos_criteria = [c for c in criteria if hasattr(c, "eos_token_id")]
@@ -657,11 +712,11 @@ class GenerationMixin:
                 if streamer is not None:
                     streamer.put(next_R.cpu())
                 if host_only:
-                    if seq.shape[1] >= max_length:
-                        break
-                    continue
-                running_R = running_R & ~criteria(seq, record.scores)
-                if not bool(running_R.any()):
+                    done = seq.shape[1] >= max_length
+                else:
+                    running_R = running_R & ~criteria(seq, record.scores)
+                    done = not bool(running_R.any())
+                if sync.stop(done, seq) if sync is not None else done:
                     break
                 continue
             if not host_only:  # lag mode's rules: EOS ids (EosTokenCriteria in 3 kernels), max_length
@@ -689,7 +744,8 @@ class GenerationMixin:
             hidden_states=record.hidden_states, past_key_values=cache,
         )
 
-    def _beam_search(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id, lag=None):
+    def _beam_search(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id, lag=None,
+                     sync=None):
         """Beam search (or beam sampling with do_sample), as Transformers' vectorised version.
 
         Per prompt it keeps N running beams and the N best finished ones. Each step scores every
@@ -697,6 +753,7 @@ class GenerationMixin:
         them), moves the ones that hit a stopping rule into the finished set (length-penalised)
         and continues with the N best others. With `lag` (a _OneStepLate) it reads whether to go on
         one step late, and a step past the last gives back its finished set and random draws.
+        With `sync` (a PeerSync) the processes step together, as in `_sample`.
         """
         N, lp, early = gen.num_beams, gen.length_penalty, gen.early_stopping
         R, prompt_len = seq.shape
@@ -775,7 +832,8 @@ class GenerationMixin:
             improvable_B1 = improvable_B1 & (best_running > worst_done).any(dim=-1, keepdim=True)
             go_on = improvable_B1.any() & ~(done_BN.all() & (early is True)) & ~hits_BK.all()
             if lag is None:
-                if not bool(go_on):
+                done = not bool(go_on)
+                if sync.stop(done, flat) if sync is not None else done:
                     break
             else:
                 if lag.push(go_on, None)[0] is False:  # the step before was the last: drop this one
