@@ -114,10 +114,12 @@ def install_checkpoint_generate(model, path: str) -> None:
 
 def _version(text: Any) -> tuple[int, ...] | None:
     """A version string's release numbers ((4, 43, 3) for "4.43.3"); None when absent or invalid."""
+    if text is None:
+        return None
     from packaging.version import InvalidVersion, Version
 
     try:
-        return Version(str(text)).release if text is not None else None
+        return Version(str(text)).release
     except InvalidVersion:
         return None
 
