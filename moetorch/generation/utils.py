@@ -27,8 +27,15 @@ from ..cache import Cache, DynamicCache, StaticCache
 from ..engine.cuda_graph import GraphedDecodeStep, GraphedPrefill
 from ..ops import fused
 from ..outputs import ModelOutput
-from . import custom
 from .configuration import DEFAULTS, GenerationConfig
+from .custom import (
+    PeerSync,
+    load_custom_generate,
+    model_defaults_layer,
+    own_arguments,
+    synced,
+    uses_model_defaults,
+)
 from .logits_process import (
     NEG_INF,
     LogitNormalization,
@@ -362,7 +369,7 @@ class GenerationMixin:
         """
         kwargs.pop("trust_remote_code", None)  # custom code loads from local directories only
         if isinstance(custom_generate, (str, os.PathLike)):
-            fn = custom.load_custom_generate(custom_generate)
+            fn = load_custom_generate(custom_generate)
             return fn(
                 model=self, inputs=inputs, generation_config=generation_config, logits_processor=logits_processor,
                 stopping_criteria=stopping_criteria, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
@@ -374,9 +381,9 @@ class GenerationMixin:
             raise TypeError("custom_generate must be a callable or a local directory path, "
                             f"got {type(custom_generate).__name__}")
         own = {} if custom_generate is None else {
-            k: kwargs.pop(k) for k in custom.own_arguments(custom_generate) if k in kwargs
+            k: kwargs.pop(k) for k in own_arguments(custom_generate) if k in kwargs
         }
-        sync = custom.synced(synced_gpus, self)
+        sync = synced(synced_gpus, self)
         gen, model_inputs = self._generation_settings(generation_config, kwargs, use_model_defaults)
         tokenizer = model_inputs.pop("tokenizer", None)
         seq, embeds, offset, mask = self._prompt(inputs, gen, model_inputs)
@@ -452,7 +459,7 @@ class GenerationMixin:
             or any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in criteria)
         )
         lag = _OneStepLate(device, seq.shape[0]) if lag else None
-        sync = custom.PeerSync(self, device) if sync else None
+        sync = PeerSync(self, device) if sync else None
         if gen.num_beams > 1:  # the cache is reordered in place between the graphed steps
             return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id, lag, sync)
         return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer, lag, sync)
@@ -496,12 +503,12 @@ class GenerationMixin:
                              use_model_defaults: bool | None = None) -> tuple[GenerationConfig, dict]:
         """Layer the model's config, the caller's config and keyword arguments (later wins for
         fields each sets explicitly); split off the model inputs. Without the model's defaults
-        (`custom.uses_model_defaults`), a passed config takes only the model's special tokens."""
+        (`uses_model_defaults`), a passed config takes only the model's special tokens."""
         if generation_config is not None and not isinstance(generation_config, GenerationConfig):
             raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
         gen = GenerationConfig()
-        use_defaults = custom.uses_model_defaults(use_model_defaults, self.generation_config)
-        model_layer = custom.model_defaults_layer(self.generation_config, generation_config, use_defaults)
+        use_defaults = uses_model_defaults(use_model_defaults, self.generation_config)
+        model_layer = model_defaults_layer(self.generation_config, generation_config, use_defaults)
         for layer in (model_layer, generation_config.explicit_items() if generation_config is not None else {}):
             for k, v in layer.items():
                 setattr(gen, k, copy.deepcopy(v))
