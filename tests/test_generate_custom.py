@@ -10,11 +10,11 @@ import os
 import textwrap
 
 import pytest
+import test_generation
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from archs import ARCH_IDS, ARCHS
-from parity import make_inputs, make_pair
+from parity import make_inputs
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -23,19 +23,8 @@ from moetorch import GenerationConfig
 from moetorch.generation import MaxLengthCriteria, TopKLogitsWarper
 
 VOCAB = 97
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
-def pair(request, tmp_path_factory):
-    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name), seed=0)
+# test_generation's fixtures: one intra-op thread, and (Transformers, moetorch) models per architecture
+_one_thread, pair = test_generation._one_thread, test_generation.pair
 
 
 def greedy_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
