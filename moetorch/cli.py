@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_train_commands  # train, train-tokenizer: defined in moetorch/train/cli.py
 
     add_train_commands(sub)
+    # Listed for --help only: main() hands `bench` to moetorch/benchmark.py, which parses its arguments.
+    sub.add_parser("bench", add_help=False,
+                   help="moetorch against Transformers on a CUDA GPU: decode, prefill, MoE layers, floors "
+                        "(moetorch bench --help)")
     return parser
 
 

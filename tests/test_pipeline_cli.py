@@ -145,6 +145,17 @@ def test_cli_chat_keeps_history(checkpoint, capsys, monkeypatch):
     assert out.out.count("assistant> ") == 3 and "history cleared" in out.err
 
 
+def test_cli_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    listed = capsys.readouterr().out
+    for command in ("generate", "chat", "info", "train", "train-tokenizer", "bench"):
+        assert command in listed
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])  # the benchmark's own parser
+    assert "--layer-tokens" in capsys.readouterr().out
+
+
 def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such checkpoint"):
         cli.main(["generate", "--model", str(tmp_path / "nope"), "hi"])
