@@ -172,7 +172,6 @@ class PeerSync:
 
     def __init__(self, model, device: torch.device) -> None:
         self.model, self.device = model, device
-        self.count = 0  # this process's idle forwards, for tests and logs
 
     def all_done(self, done: bool) -> bool:
         flag = torch.tensor(0.0 if done else 1.0, device=self.device)
@@ -184,7 +183,6 @@ class PeerSync:
         each followed by the step's all-reduce, until every process is done."""
         while True:
             self.model(input_ids=seq_RL[:, -1:], use_cache=False, logits_to_keep=1)
-            self.count += 1
             if self.all_done(True):
                 return
 
