@@ -1,7 +1,8 @@
 """generate()'s hand-offs against Transformers: `custom_generate` (a callable that replaces the
 decoding loop, or a local directory's `custom_generate/generate.py`, also installed by
-`from_pretrained(..., trust_remote_code=True)`), `use_model_defaults`, and `synced_gpus` across two
-processes of a gloo group."""
+`from_pretrained(..., trust_remote_code=True)`), `use_model_defaults`, `synced_gpus` across two
+processes of a gloo group, and assisted decoding with sampling (speculative sampling, checked
+against the model's distribution)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import test_generation
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from parity import make_inputs
+from archs import ARCH_IDS, ARCHS, randomize_
+from parity import make_inputs, make_pair
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -277,3 +279,46 @@ def test_synced_gpus_argument_checks(pair):
     assert torch.equal(ours.generate(ids, max_new_tokens=3, synced_gpus=True), ours.generate(ids, max_new_tokens=3))
     with pytest.raises(TypeError, match="synced_gpus"):
         ours.generate(ids, synced_gpus="yes")
+
+
+# ---- assisted decoding with sampling (speculative sampling) -----------------------------------------
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_assisted_sampling_follows_the_models_distribution(arch, tmp_path):
+    """Speculative sampling keeps each token distributed as this model's processed distribution p,
+    whatever the assistant drafts. Over a 6-token vocabulary, the first two new tokens' empirical
+    joint distribution is compared with p(x1) p(x2 | x1) from Transformers' logits, with the
+    assistant (other random weights) far from it, so drafts are often rejected."""
+    V, prompt, temperature, top_k = 6, torch.tensor([[1, 3]]), 1.5, 4
+    hf, ours = make_pair(arch, tmp_path, seed=0, vocab_size=V)
+    assistant = arch.ours["causal_lm"](arch.our_config(vocab_size=V))
+    randomize_(assistant, seed=5, std=0.5)
+    assistant.eval()
+
+    def processed(model, ids):  # the warpers generate applies: temperature, then top-k
+        logits = model(ids).logits[0, -1].float() / temperature
+        cut = logits.topk(top_k).values[-1]
+        return logits.masked_fill(logits < cut, float("-inf")).softmax(dim=-1)
+
+    def joint(model):
+        p1 = processed(model, prompt)
+        return torch.stack([p1[a] * processed(model, torch.cat([prompt, torch.tensor([[a]])], 1)) for a in range(V)])
+
+    with torch.no_grad():
+        want, drafts = joint(hf), joint(assistant)
+    tv = lambda a, b: 0.5 * (a - b).abs().sum().item()  # noqa: E731
+    assert tv(want, drafts) > 0.3, "the assistant must draft from a different distribution"
+
+    # 1500 draws: about 0.03 from the exact joint (0.03 for both models when written); keeping every
+    # draft, or drawing from p instead of max(p - q, 0) at a rejection, misses by far more
+    torch.manual_seed(0)
+    n, counts = 1500, torch.zeros(V, V)
+    for _ in range(n):
+        out = ours.generate(prompt, assistant_model=assistant, do_sample=True, temperature=temperature,
+                            top_k=top_k, max_new_tokens=2, num_assistant_tokens=2, eos_token_id=None)
+        counts[out[0, 2], out[0, 3]] += 1
+    assert tv(counts / n, want) < 0.08, (counts / n, want)
+    # the scores it records are this model's processed scores of the tokens it kept
+    out = ours.generate(prompt, assistant_model=assistant, do_sample=True, temperature=temperature, top_k=top_k,
+                        max_new_tokens=5, eos_token_id=None, return_dict_in_generate=True, output_scores=True)
+    assert out.sequences.shape == (1, 7) and len(out.scores) == 5
+    assert all(torch.isfinite(s[0, t]) for s, t in zip(out.scores, out.sequences[0, 2:]))

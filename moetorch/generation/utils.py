@@ -437,8 +437,8 @@ class GenerationMixin:
             if sync:
                 raise ValueError("synced_gpus=True cannot be combined with assistant_model: the processes' "
                                  "draft lengths differ")
-            if gen.num_beams > 1 or gen.do_sample:
-                raise ValueError("assistant_model supports greedy decoding only (num_beams=1, do_sample=False)")
+            if gen.num_beams > 1:
+                raise ValueError("assistant_model supports greedy search and sampling, not beam search (num_beams=1)")
             if gen.guidance_scale not in (None, 1):
                 raise ValueError("assistant_model cannot be combined with guidance_scale != 1")
             return self._assisted_decoding(seq, ctx, cache, gen, processors, criteria, max_length, eos,
@@ -898,9 +898,14 @@ class GenerationMixin:
         return _StepOutput(out.logits.repeat_interleave(N, dim=0))
 
     def _assisted_decoding(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, assistant, streamer):
-        """Greedy search checked in chunks: the assistant drafts up to `num_assistant_tokens` tokens
-        greedily, one forward of this model scores them all, and the longest agreeing prefix plus
-        this model's next token is kept. The result equals plain greedy search."""
+        """Decoding checked in chunks: the assistant drafts up to `num_assistant_tokens` tokens, one
+        forward of this model scores them all, and a prefix of them plus one token of this model's
+        is kept. Greedy: the drafts are the assistant's argmax, the longest prefix agreeing with this
+        model's argmax is kept, and the result equals plain greedy search. Sampling (speculative
+        sampling, Leviathan et al. 2023, algorithm 1): the drafts are drawn from the assistant's
+        processed distribution q, draft x is kept with probability min(1, p(x) / q(x)) under this
+        model's p, and the first rejected position draws from max(p - q, 0) renormalised, so each
+        token follows this model's processed distribution, as plain sampling's does."""
         if seq.shape[0] != 1:
             raise ValueError(f"assisted decoding supports batch size 1 only, got {seq.shape[0]}")
         if cache is None or cache.is_static:
@@ -916,20 +921,30 @@ class GenerationMixin:
         while True:
             L = seq.shape[1]
             # Drafts may run past EOS: verification cuts there, and checking would cost a device read.
-            cand = seq
+            cand, draft_q = seq, []
             draft_cache.crop(L - 1)
             for _ in range(min(gen.num_assistant_tokens, max_length - L - 1)):
                 logits = _forward(assistant, cand, ctx, draft_cache, 1).logits[:, -1]
-                cand = torch.cat([cand, logits.argmax(dim=-1, keepdim=True)], dim=-1)
+                if gen.do_sample:  # drawn from the assistant's distribution under the same processors
+                    q = processors(cand, logits.to(dtype=torch.float32, copy=True)).softmax(dim=-1)
+                    draft_q.append(q)
+                    token = torch.multinomial(q, num_samples=1)
+                else:
+                    token = logits.argmax(dim=-1, keepdim=True)
+                cand = torch.cat([cand, token], dim=-1)
             n_cand = cand.shape[1] - L
             out = _forward(self, cand, ctx, cache, n_cand + 1)
             raw = out.logits[:, -(n_cand + 1) :].to(dtype=torch.float32)
             scores = raw.clone()
             for i in range(n_cand + 1):
                 scores[:, i] = processors(cand[:, : L + i], scores[:, i])
-            chosen = scores.argmax(dim=-1)
-            n_ok = int(((cand[:, L:] != chosen[:, :-1]).cumsum(dim=-1) < 1).sum())
-            new = chosen[:, : min(n_ok + 1, max_length - L)]
+            if gen.do_sample:
+                new, n_ok = _speculative_pick(cand[:, L:], draft_q, scores.softmax(dim=-1))
+            else:
+                chosen = scores.argmax(dim=-1)
+                n_ok = int(((cand[:, L:] != chosen[:, :-1]).cumsum(dim=-1) < 1).sum())
+                new = torch.cat([cand[:, L : L + n_ok], chosen[:, n_ok : n_ok + 1]], dim=-1)
+            new = new[:, : max_length - L]
             if eos is not None:
                 at_eos = torch.isin(new[0], eos).nonzero()
                 if at_eos.numel():
@@ -951,6 +966,29 @@ class GenerationMixin:
             return seq
         return GenerateDecoderOnlyOutput(sequences=seq, scores=record.scores, logits=record.logits,
                                          past_key_values=cache)
+
+
+def _speculative_pick(drafts_1C: torch.Tensor, draft_q: list[torch.Tensor], p_1PV: torch.Tensor):
+    """(the kept tokens [1, n + 1], n): the first n drafts, each kept with probability
+    min(1, p(x) / q(x)) until the first rejection, then one token drawn from max(p - q, 0)
+    renormalised at that position (from p itself past the last draft, or where p equals q there)."""
+    C = drafts_1C.shape[1]
+    n = 0
+    if C:
+        q_CV = torch.cat(draft_q, dim=0)
+        x_C = drafts_1C[0]
+        idx = torch.arange(C, device=x_C.device)
+        ratio_C = p_1PV[0, idx, x_C] / q_CV[idx, x_C]
+        # strictly below: a uniform draw of exactly 0 never keeps a token that p gives 0
+        kept_C = torch.rand(C, device=x_C.device) < ratio_C
+        n = int((kept_C.long().cumprod(dim=0)).sum())
+    p_V = p_1PV[0, n]
+    if n < C:
+        residual = (p_V - q_CV[n]).clamp(min=0)
+        total = residual.sum()
+        p_V = residual / total if float(total) > 0 else p_V
+    token = torch.multinomial(p_V, num_samples=1)
+    return torch.cat([drafts_1C[:, :n], token[None]], dim=-1), n
 
 
 class _OneStepLate:
