@@ -4,11 +4,19 @@ kernel's own launch path (`kernel[grid](...)`: argument binding, specialization,
 and the compiled kernel's runner (`compiled[grid](...)`), which skips Triton's binding. Checks
 that the last two write the same output.
 
-    PYTHONPATH=. python bench/launch_cost.py
+    PYTHONPATH=. python bench/launch_cost.py [--profile N]
+
+`--profile N` also prints the N functions with the most host time (cProfile, own time) over 300
+`moe_gemm` calls, and times the Triton launch with fresh tensor descriptors each call (as
+`moe_gemm` makes them) against reused ones.
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import io
+import pstats
 import time
 
 import torch
@@ -33,6 +41,9 @@ def per_call_us(fn, busy: torch.Tensor, n: int = 300) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", type=int, default=0, metavar="N")
+    opts = parser.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     x = torch.randn(T, D, device=dev, dtype=dt)
     ids = torch.randint(0, E, (T, K), device=dev)
@@ -72,8 +83,29 @@ def main() -> None:
     def via_runner():
         runner(*every)
 
-    for name, fn in (("moe_gemm()", full), ("kernel[grid](...)", via_jit), ("compiled[grid](...)", via_runner)):
+    def fresh_descriptors():  # the recorded launch, with descriptors made anew as moe_gemm makes them
+        renewed = [tm._tma_descriptor(a.base, list(a.block_shape)) if type(a).__name__ == "TensorDescriptor" else a
+                   for a in args]
+        kernel[grid](*renewed, **kwargs)
+
+    runs = [("moe_gemm()", full), ("kernel[grid](...)", via_jit), ("compiled[grid](...)", via_runner)]
+    if opts.profile:
+        runs.append(("kernel[grid], new descs", fresh_descriptors))
+    for name, fn in runs:
         print(f"{name:22s} {min(per_call_us(fn, busy) for _ in range(3)):7.1f} us", flush=True)
+    if opts.profile:
+        prof = cProfile.Profile()
+        torch.cuda.synchronize()
+        for _ in range(6):
+            torch.matmul(busy, busy)
+        prof.enable()
+        for _ in range(300):
+            full()
+        prof.disable()
+        torch.cuda.synchronize()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(opts.profile)
+        print(out.getvalue())
     h.zero_()
     via_jit()
     want = h.clone()
