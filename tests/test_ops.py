@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from moetorch.ops.attention import attention, build_mask
 from moetorch.ops.moe import EXPERT_BACKENDS, experts_forward, experts_reference
+from moetorch.ops.norms import Residual
 from moetorch.ops.routing import sparsemixer, switch_aux_loss, topk_softmax
 
 
@@ -164,3 +165,20 @@ def test_moa_map_and_reduce_forward_match_reference(backend):
         torch.testing.assert_close(
             expert_reduce(h, w_red, ids, gates, backend), expert_reduce(h, w_red, ids, gates, "reference")
         )
+
+
+def test_residual_leaving_adds_now_only_where_fsdp2_frees_the_bias(monkeypatch):
+    """A layer sharded by FSDP2 loses its unsharded parameters as its forward returns, so a bias
+    left pending for the next norm would be freed memory: `Residual.leaving` adds it at once
+    there, with the same sum as the deferred add, and leaves it pending everywhere else."""
+    import torch.distributed.fsdp as fsdp
+
+    x, delta, bias = torch.randn(2, 3, 8), torch.randn(2, 3, 2, 8), torch.randn(8)
+    pending = Residual.leaving(torch.nn.Linear(2, 2), x, delta, bias)
+    assert pending.delta is delta and pending.bias is bias
+    monkeypatch.setattr(fsdp, "FSDPModule", torch.nn.Linear)  # stands for a module fully_shard wrapped
+    settled = Residual.leaving(torch.nn.Linear(2, 2), x, delta, bias)
+    assert settled.delta is None and settled.bias is None
+    assert torch.equal(settled.x, pending.value())
+    no_bias = Residual.leaving(torch.nn.Linear(2, 2), x, delta)  # nothing freed to keep: stays pending
+    assert no_bias.delta is delta
