@@ -158,6 +158,9 @@ def test_custom_generate_directory_errors(pair, tmp_path):
     with pytest.raises(ImportError) as e:
         ours.generate(ids, custom_generate=str(tmp_path / "needs"))
     assert "no-such-package-xyz" in str(e.value) and "numpy<0.1" in str(e.value) and "torch" not in str(e.value)
+    write_custom_generate(tmp_path / "bad", requirements="torch\nnot a requirement!\n")
+    with pytest.raises(ValueError, match="line 2: not a requirement"):
+        ours.generate(ids, custom_generate=str(tmp_path / "bad"))
     write_custom_generate(tmp_path / "ok", requirements=f"# pinned\ntorch>={torch.__version__.split('+')[0]}\n")
     assert ours.generate(input_ids=ids, max_new_tokens=1, custom_generate=str(tmp_path / "ok"))[0].shape == (1, 5)
 
@@ -198,6 +201,8 @@ def test_use_model_defaults(pair, tmp_path):
         ours.generation_config.transformers_version = "4.43.3"
         assert n_new(eos_token_id=None) == 20
         ours.generation_config.transformers_version = "4.50.0"
+        assert n_new(eos_token_id=None) == 3
+        ours.generation_config.transformers_version = "not a version"  # unreadable: as a recent one
         assert n_new(eos_token_id=None) == 3
         with pytest.raises(TypeError, match="use_model_defaults"):
             n_new(use_model_defaults="yes")
