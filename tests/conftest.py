@@ -19,3 +19,17 @@ def _deterministic():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(False)
     yield
+
+
+@pytest.fixture(scope="session")
+def recorded_launches():
+    """(module, kernel name, args, kwargs) of every Triton launch of tests/launches.py's run."""
+    import warnings
+
+    from launches import record_everything
+
+    with warnings.catch_warnings():
+        # The grouped GEMMs multiply the uninitialised padding rows of the padded sorted layout
+        # (their results are never stored); numpy, running the interpreted kernels, warns of NaNs.
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
+        return record_everything()

@@ -19,12 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from archs import JETMOE, PHIMOE, randomize_
 from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from moetorch import StaticCache
-from moetorch.ops import fused, moe, triton_fused, triton_moe
+from moetorch.ops import triton_fused, triton_moe
 
 MODULES = (triton_fused, triton_moe)
 KERNELS = [(m, n) for m in MODULES for n in sorted(vars(m)) if n.startswith("_") and n.endswith("_kernel")]
@@ -87,42 +85,30 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16",
 _OPTIONS = ("num_warps", "num_stages", "launch_pdl")
 
 
-def _record_launches(monkeypatch) -> list[dict]:
-    """Launch specs (kernel, argument types, constexprs, options) seen while the wrapped code runs."""
+def _launch_specs(calls) -> dict[str, dict]:
+    """A compile spec (kernel, argument types, constexprs, options) per kernel and variant."""
     specs = {}
-
-    class Recorder:
-        def __init__(self, module, name, kernel):
-            self.module, self.name, self.kernel = module, name, kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                sig = []
-                for a in args:
-                    if isinstance(a, TensorDescriptor):
-                        sig.append(mangle_type(a))  # tensordesc<dtype[tile]>
-                    elif isinstance(a, torch.Tensor):
-                        sig.append("*" + _DTYPES[a.dtype])
-                    elif isinstance(a, bool):
-                        sig.append("i1")
-                    elif isinstance(a, int):
-                        sig.append("i32" if -2**31 <= a < 2**31 else "i64")
-                    else:
-                        sig.append("fp32")
-                const = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
-                opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
-                spec = {"module": self.module.__name__, "kernel": self.name, "sig": sig, "const": const, "opts": opts}
-                # one compile per kernel (the rule is at its start), one for the decode attention
-                # reading a beam-search cache through its slot_rows (a load more, after the wait), and
-                # one for a persistent grouped GEMM splitting its last round (atomics after the wait)
-                variant = "[ROWS]" if const.get("ROWS") else "[TAIL]" if const.get("TAIL_SPLIT") else ""
-                specs.setdefault(self.name + variant, spec)
-                return self.kernel[grid](*args, **kwargs)
-
-            return launch
-
-    for module, name in KERNELS:
-        monkeypatch.setattr(module, name, Recorder(module, name, getattr(module, name)))
+    for module, name, args, kwargs in calls:
+        sig = []
+        for a in args:
+            if isinstance(a, TensorDescriptor):
+                sig.append(mangle_type(a))  # tensordesc<dtype[tile]>
+            elif isinstance(a, torch.Tensor):
+                sig.append("*" + _DTYPES[a.dtype])
+            elif isinstance(a, bool):
+                sig.append("i1")
+            elif isinstance(a, int):
+                sig.append("i32" if -2**31 <= a < 2**31 else "i64")
+            else:
+                sig.append("fp32")
+        const = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+        opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+        spec = {"module": module.__name__, "kernel": name, "sig": sig, "const": const, "opts": opts}
+        # one compile per kernel (the rule is at its start), one for the decode attention
+        # reading a beam-search cache through its slot_rows (a load more, after the wait), and
+        # one for a persistent grouped GEMM splitting its last round (atomics after the wait)
+        variant = "[ROWS]" if const.get("ROWS") else "[TAIL]" if const.get("TAIL_SPLIT") else ""
+        specs.setdefault(name + variant, spec)
     return specs
 
 
@@ -151,6 +137,7 @@ failures = []
 for spec in json.load(open(sys.argv[1])) + [control]:
     kernel = getattr(sys.modules[spec["module"]] if spec["module"] == "__main__"
                      else importlib.import_module(spec["module"]), spec["kernel"])
+    kernel = getattr(kernel, "jit", kernel)  # the triton.jit function inside moetorch's launcher
     names = kernel.arg_names
     const = dict(spec["const"], PDL=2)  # wait, and release the next kernel (at the start or later)
     if "LIBDEVICE" in const:  # libdevice's cos / sin, as on a GPU (the interpreter that ran the launches has none)
@@ -171,45 +158,8 @@ print(json.dumps({"compiled": len(json.load(open(sys.argv[1]))) + 1, "failures":
 """
 
 
-def _tiny(arch):
-    torch.manual_seed(0)
-    model = arch.ours["causal_lm"](arch.our_config(max_position_embeddings=128)).eval()
-    randomize_(model, 3)
-    return model
-
-
-# The grouped GEMMs multiply the uninitialised padding rows of the padded sorted layout (their
-# results are never stored); numpy, running the interpreted kernels, warns about the NaNs among them.
-@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-def test_compiled_kernels_wait_before_touching_memory(monkeypatch, tmp_path):
-    specs = _record_launches(monkeypatch)
-    monkeypatch.setattr(moe, "pick_backend", lambda *args: "triton")  # as on a GPU
-    monkeypatch.setattr(triton_moe, "tma_enabled", lambda device: True)  # as on Hopper: descriptors,
-    monkeypatch.setattr(triton_moe, "GATHER_MIN_ROWS", 0)  # and the gate/up rows gathered first
-    tuned = triton_moe.get_config  # one-token steps take the CUDA-core expert kernel
-    monkeypatch.setattr(triton_moe, "get_config", lambda *a, **kw: {**tuned(*a, **kw), "GEMV": True})
-    gen = torch.Generator().manual_seed(0)
-    # A prompt longer than the fused router's and the small expert kernel's row limits (so the
-    # routing kernel, alignment and grouped GEMM run), then decode steps over enough keys to split.
-    prompt = max(fused.ROUTE_MAX_ROWS, triton_moe.SMALL_MAX_ROWS) + 4
-    with torch.no_grad(), fused.forced():
-        for arch in (PHIMOE, JETMOE):
-            model = _tiny(arch).to(torch.bfloat16)
-            ids = torch.randint(1, 97, (2, prompt), generator=gen)
-            model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
-            model.generate(ids[:, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)  # dynamic cache
-            model.generate(ids[:1, :4], max_new_tokens=2, do_sample=False, cache_implementation="static")  # one row
-        model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, num_beams=2, cache_implementation="static")
-        # the two-launch alignment, which these sizes otherwise skip
-        monkeypatch.setattr(triton_moe, "SELF_COUNT_MAX_ROWS", 0)
-        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
-        kv = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
-        StaticCache(num_layers=1, max_cache_len=4).update(kv, kv, 0)  # a static cache written directly
-        triton_moe._sum_over_k(torch.zeros(6, 8, dtype=torch.bfloat16), 3, 2)  # combined outputs, which the
-        # models leave to their norms
-        x, w = torch.zeros(8, 32, dtype=torch.bfloat16), torch.zeros(2, 48, 32, dtype=torch.bfloat16)
-        persistent = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, PERSISTENT=2)
-        triton_moe.map_fused(x, w, torch.zeros(8, 2, dtype=torch.long), persistent, small=False)
+def test_compiled_kernels_wait_before_touching_memory(recorded_launches, tmp_path):
+    specs = _launch_specs([call for call in recorded_launches if call[0] in MODULES])
     assert "_decode_attn_kernel[ROWS]" in specs, "beam search reads its cache through slot_rows"
     assert "_moe_gemm_kernel[TAIL]" in specs, "a persistent grid that may split its last round"
     seen = {name.removesuffix("[ROWS]").removesuffix("[TAIL]") for name in specs}

@@ -25,6 +25,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .fused import NORM_NONE
+from .launch import cdiv, launcher, next_power_of_2
 from .norms import delta_terms
 from .triton_moe import (
     _interpreting,
@@ -89,6 +90,7 @@ def _add_norm_row(
     return h
 
 
+@launcher
 @triton.jit
 def _add_norm_kernel(
     x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr,
@@ -120,7 +122,7 @@ def _add_norm_launch(x_RD, a_RD, bias_D, norm: int, weight_D, norm_bias_D, eps: 
     )
     meta = dict(
         HAS_A=a_RD is not None, A_K=a_k, HAS_BIAS=bias_D is not None, NORM=norm, HAS_W=weight_D is not None,
-        HAS_NB=norm_bias_D is not None, ROUND=round_code(x_RD.dtype), BLOCK_D=triton.next_power_of_2(D),
+        HAS_NB=norm_bias_D is not None, ROUND=round_code(x_RD.dtype), BLOCK_D=next_power_of_2(D),
         num_warps=_row_warps(D),
     )
     return x2.shape[0], args, meta, x_out, h
@@ -199,6 +201,7 @@ def _route_rows(
             rest = tl.where(cols[None, :] == i[:, None], float("-inf"), rest)
 
 
+@launcher
 @triton.jit
 def _route_kernel(
     logits_ptr, w_ptr, ids_ptr, f32_ptr, R, E, stride_l, thr,
@@ -228,11 +231,11 @@ def _route(logits_RE, k: int, sparsemixer: bool, thr: float, weight_dtype: torch
     f32 = torch.empty(R, E, dtype=torch.float32, device=logits_RE.device) if write_f32 else w
     block_r = 16
     if R:
-        _route_kernel[(triton.cdiv(R, block_r),)](
+        _route_kernel[(cdiv(R, block_r),)](
             logits_RE, w, ids, f32, R, E, logits_RE.stride(0), thr,
             SPARSEMIXER=sparsemixer, K=k, WRITE_F32=write_f32, ROUND=round_code(weight_dtype),
-            BLOCK_R=block_r, E_PAD=max(triton.next_power_of_2(E), 2), num_warps=1,
-            **pdl_meta(logits_RE.device, triton.cdiv(R, block_r), R),
+            BLOCK_R=block_r, E_PAD=max(next_power_of_2(E), 2), num_warps=1,
+            **pdl_meta(logits_RE.device, cdiv(R, block_r), R),
         )
     return w, ids, (f32 if write_f32 else None)
 
@@ -256,6 +259,7 @@ def topk_softmax(logits_RE: torch.Tensor, k: int, weight_dtype: torch.dtype):
 
 # ---- residual add + norm + router ----------------------------------------------------------------
 
+@launcher
 @triton.jit
 def _add_norm_route_kernel(
     x_ptr, a_ptr, bias_ptr, w_ptr, nb_ptr, x_out_ptr, h_ptr,
@@ -326,7 +330,7 @@ def route_experts_per_program(E: int, D: int) -> int:
     """Experts whose logits one program of `add_norm_route` computes: the largest power of two whose
     router rows hold at most ROUTE_PROGRAM_VALUES values (at least 1), all E (padded to a power of
     two) where they fit."""
-    e_pad = max(triton.next_power_of_2(E), 2)
+    e_pad = max(next_power_of_2(E), 2)
     epp = 1
     while epp < e_pad and 2 * epp * D <= ROUTE_PROGRAM_VALUES:
         epp *= 2
@@ -356,10 +360,10 @@ def add_norm_route(
         epp = route_experts_per_program(E, router_ED.shape[1])
         # a program's router values spread over more warps than the row alone needs
         meta["num_warps"] = min(16, max(meta["num_warps"], epp * router_ED.shape[1] // 2048))
-        per_row = triton.cdiv(E, epp)
+        per_row = cdiv(E, epp)
         _add_norm_route_kernel[(R, per_row)](
             *args, router_ED, logits, weights, ids, arrival_counters(device, R), E, router_ED.stride(0), thr,
-            **meta, SPARSEMIXER=sparsemixer, K=k, E_PAD=max(triton.next_power_of_2(E), 2), EPP=epp,
+            **meta, SPARSEMIXER=sparsemixer, K=k, E_PAD=max(next_power_of_2(E), 2), EPP=epp,
             **pdl_meta(device, R * per_row, R),
         )
     shape = x_RD.shape
@@ -378,6 +382,7 @@ def _sms(x: torch.Tensor) -> int:
     return sm_count(x.device.index) if x.is_cuda else 4
 
 
+@launcher
 @triton.jit(do_not_specialize=["N1", "N2", "N3"])
 def _linear_small_kernel(
     x_ptr, w1_ptr, w2_ptr, w3_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr,
@@ -512,14 +517,14 @@ def linear_small_config(n_total: int, k_dim: int, sm_count: int, rows: int) -> d
     floor is 7.9 us)."""
     if rows == 1:
         block_n = 32
-        while block_n > 4 and triton.cdiv(n_total, block_n) < ONE_ROW_SLICES_PER_SM * sm_count:
+        while block_n > 4 and cdiv(n_total, block_n) < ONE_ROW_SLICES_PER_SM * sm_count:
             block_n //= 2
-        block_k = min(4096 // block_n, max(16, triton.next_power_of_2(k_dim)))
+        block_k = min(4096 // block_n, max(16, next_power_of_2(k_dim)))
         return dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=max(1, block_n // 2), num_stages=4)
     block_n = 64
-    while block_n > 16 and triton.cdiv(n_total, block_n) < 3 * sm_count:
+    while block_n > 16 and cdiv(n_total, block_n) < 3 * sm_count:
         block_n //= 2
-    block_k = min(256, max(16, triton.next_power_of_2(k_dim)))
+    block_k = min(256, max(16, next_power_of_2(k_dim)))
     return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
 
 
@@ -582,7 +587,7 @@ def linear_small(x_MK: torch.Tensor, weights, biases, config: dict | None = None
     if experts is not None and expert_args[2] % block_n:
         raise ValueError(f"linear_small: an expert's {expert_args[2]} outputs are not a multiple of the "
                          f"{block_n}-column slices (check linear_experts_fit first)")
-    grid = (sum(triton.cdiv(n, block_n) for n in ns),)
+    grid = (sum(cdiv(n, block_n) for n in ns),)
     if M:
         _linear_small_kernel[grid](
             x_MK, *ws, *bs, out, M, K, *ns_p, x_MK.stride(0), out.stride(0), *(w.stride(0) for w in ws),
@@ -644,6 +649,7 @@ def linear_experts_fit(x_MK: torch.Tensor, weights, biases, head_dim: int, w_EOK
 # ---- rotary embedding ----------------------------------------------------------------------------
 
 
+@launcher
 @triton.jit
 def _rope_tables_kernel(
     pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, mscale, R, T, sp_b, sp_t,
@@ -692,9 +698,9 @@ def rope_tables(position_ids_BT: torch.Tensor, inv_freq: torch.Tensor, mscale: f
     R = position_ids_BT.numel()
     if R:
         pos = position_ids_BT.reshape(-1, position_ids_BT.shape[-1])  # [B, T] (a view where the strides allow)
-        half_pad = triton.next_power_of_2(half)
-        block_r = min(triton.next_power_of_2(R), max(1, 2048 // half_pad))
-        programs = triton.cdiv(R, block_r)
+        half_pad = next_power_of_2(half)
+        block_r = min(next_power_of_2(R), max(1, 2048 // half_pad))
+        programs = cdiv(R, block_r)
         _rope_tables_kernel[(programs,)](
             pos, inv_freq, cos, sin, mscale, R, pos.shape[1], pos.stride(0), pos.stride(1),
             HALF=half, HALF_PAD=half_pad, BLOCK_R=block_r, ROUND=round_code(dtype), LIBDEVICE=not _interpreting(),
@@ -731,6 +737,7 @@ def _rope_rows(x_ptr, o_ptr, b, t, c1, c2, s1, s2, sx_b, sx_t, sx_h, so_b, so_t,
     tl.store(out + HALF, y2.to(o_ptr.dtype.element_ty), mask=ok)
 
 
+@launcher
 @triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, T,
@@ -811,8 +818,8 @@ def _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_out, v=None, v_cache=None, 
             v.stride(0), v.stride(2), v.stride(1), qo.stride(0), qo.stride(2), qo.stride(1),
             ko.stride(0), ko.stride(2), ko.stride(1), v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
             cb, ct,
-            HQ=q.shape[1], HQ_PAD=triton.next_power_of_2(q.shape[1]), HK=k.shape[1],
-            HK_PAD=triton.next_power_of_2(k.shape[1]), HALF=half, HALF_PAD=triton.next_power_of_2(half),
+            HQ=q.shape[1], HQ_PAD=next_power_of_2(q.shape[1]), HK=k.shape[1],
+            HK_PAD=next_power_of_2(k.shape[1]), HALF=half, HALF_PAD=next_power_of_2(half),
             ROUND=round_code(x.dtype), TO_CACHE=to_cache, FIRST=int(q_BHTd is None), Q_GROUPS=q_groups,
             num_warps=4 if heads * d >= 2048 else 1, **pdl_meta(x.device, parts * B * T, B * T),
         )
@@ -839,6 +846,7 @@ def rope_qk_cache(q_BHTd, k_BGTd, v_BGTd, cos_BTd, sin_BTd, k_cache_BGSd, v_cach
     return _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_cache_BGSd, v_BGTd, v_cache_BGSd, cache_position_T)
 
 
+@launcher
 @triton.jit
 def _tiled_heads_kernel(x_ptr, out_ptr, T, sx_b, sx_t, sx_h, G: tl.constexpr, R: tl.constexpr, H_PAD: tl.constexpr,
                         HEAD_D: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr):
@@ -865,8 +873,8 @@ def tiled_heads(x_BTHd: torch.Tensor, groups: int) -> torch.Tensor:
     out = torch.empty(B, T, H, d, dtype=x_BTHd.dtype, device=x_BTHd.device)
     if B * T:
         _tiled_heads_kernel[(B * T,)](
-            x_BTHd, out, T, *x_BTHd.stride()[:3], G=groups, R=H // groups, H_PAD=triton.next_power_of_2(H),
-            HEAD_D=d, D_PAD=triton.next_power_of_2(d), num_warps=4 if H * d >= 2048 else 1,
+            x_BTHd, out, T, *x_BTHd.stride()[:3], G=groups, R=H // groups, H_PAD=next_power_of_2(H),
+            HEAD_D=d, D_PAD=next_power_of_2(d), num_warps=4 if H * d >= 2048 else 1,
             **pdl_meta(x_BTHd.device, B * T, B * T),
         )
     return out
@@ -875,6 +883,7 @@ def tiled_heads(x_BTHd: torch.Tensor, groups: int) -> torch.Tensor:
 # ---- attention mask ------------------------------------------------------------------------------
 
 
+@launcher
 @triton.jit
 def _causal_mask_kernel(
     pos_ptr, am_ptr, out_ptr, T, S, L, window, sp_t, sa_b, sa_s,
@@ -916,8 +925,8 @@ def causal_mask(attention_mask_BL: torch.Tensor | None, cache_position_T: torch.
     else:
         B, am, L, sa_b, sa_s = 1, cache_position_T, 0, 0, 0
     out = torch.empty(B, 1, T, kv_len, dtype=torch.bool, device=device)
-    block_s = min(4096, triton.next_power_of_2(max(kv_len, 1)))
-    grid = (B * T, triton.cdiv(kv_len, block_s))
+    block_s = min(4096, next_power_of_2(max(kv_len, 1)))
+    grid = (B * T, cdiv(kv_len, block_s))
     if B * T * kv_len:
         _causal_mask_kernel[grid](
             cache_position_T, am, out.view(torch.uint8), T, kv_len, L,
@@ -931,6 +940,7 @@ def causal_mask(attention_mask_BL: torch.Tensor | None, cache_position_T: torch.
 # ---- KV cache write ------------------------------------------------------------------------------
 
 
+@launcher
 @triton.jit
 def _kv_write_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, T,
@@ -962,7 +972,7 @@ def kv_write(k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T) -> No
         _kv_write_kernel[(B * T,)](
             k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T, T,
             *k_BGTd.stride()[:3], *v_BGTd.stride()[:3], *k_cache_BGSd.stride()[:3], *v_cache_BGSd.stride()[:3],
-            G=G, G_PAD=triton.next_power_of_2(G), HEAD_D=d, D_PAD=triton.next_power_of_2(d),
+            G=G, G_PAD=next_power_of_2(G), HEAD_D=d, D_PAD=next_power_of_2(d),
             num_warps=1 if G * d <= 1024 else 4, **pdl_meta(k_BGTd.device, B * T, B * T),
         )
 
@@ -970,6 +980,7 @@ def kv_write(k_BGTd, v_BGTd, k_cache_BGSd, v_cache_BGSd, cache_position_T) -> No
 # ---- decode attention ----------------------------------------------------------------------------
 
 
+@launcher
 @triton.jit
 def _decode_attn_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, cos_ptr, sin_ptr, rows_ptr,
@@ -1083,6 +1094,7 @@ def _decode_attn_kernel(
                  mask=r_ok[:, None] & d_ok[None, :])
 
 
+@launcher
 @triton.jit
 def _decode_combine_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_splits, so_b, so_h,
@@ -1174,11 +1186,11 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
     cfg = config or decode_attn_config(d, B * G, sms)
     block_n = cfg["BLOCK_N"]
     programs = DECODE_PROGRAMS_PER_SM * sms
-    splits = max(1, min(triton.cdiv(S, max(block_n, DECODE_MIN_SPLIT_KEYS)), triton.cdiv(programs, B * G)))
-    chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
-    splits = triton.cdiv(S, chunk)
-    r_pad = max(16, triton.next_power_of_2(R))
-    d_pad = max(16, triton.next_power_of_2(d))
+    splits = max(1, min(cdiv(S, max(block_n, DECODE_MIN_SPLIT_KEYS)), cdiv(programs, B * G)))
+    chunk = cdiv(cdiv(S, splits), block_n) * block_n
+    splits = cdiv(S, chunk)
+    r_pad = max(16, next_power_of_2(R))
+    d_pad = max(16, next_power_of_2(d))
     out = torch.empty(B, 1, H, d, dtype=q_BH1d.dtype, device=q_BH1d.device)
     if splits > 1:
         part_m = torch.empty(B * H * splits, dtype=torch.float32, device=q_BH1d.device)
@@ -1209,14 +1221,14 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
         v_BGSd.stride(0), v_BGSd.stride(1), v_BGSd.stride(2), sm_b, sm_s, out.stride(0), out.stride(2), sc_b,
         rows.stride(0) if kv_rows is not None else 0,
         G=G, R=R, R_PAD=r_pad, TILED=tiled, HAS_MASK=mask_B11S is not None, SPLIT=splits > 1,
-        HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCK=min(1024, triton.next_power_of_2(chunk)),
+        HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCK=min(1024, next_power_of_2(chunk)),
         UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32", ROPE_Q=rope_q is not None,
         ROUND=round_code(q_BH1d.dtype), ONE_BLOCK=bool(DECODE_ONE_BLOCK_LOADS) and chunk <= block_n,
         ROWS=kv_rows is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **pdl_meta(q_BH1d.device, B * G * splits, B),
     )
     if splits > 1:
-        splits_pad = max(2, triton.next_power_of_2(splits))
+        splits_pad = max(2, next_power_of_2(splits))
         block = min(splits_pad, DECODE_COMBINE_SPLITS or splits_pad)
         _decode_combine_kernel[(B * H,)](
             part_m, part_l, part_acc, out, splits, out.stride(0), out.stride(2),

@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from .activations import ACTIVATIONS
+from .launch import cdiv, launcher, next_power_of_2
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -190,6 +191,7 @@ def _round(x, ROUND: tl.constexpr):
 # ---- kernels -----------------------------------------------------------------------------------
 
 
+@launcher
 @triton.jit(do_not_specialize=["num_rows"])
 def _count_kernel(ids_ptr, counts_ptr, num_rows, E_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
@@ -201,6 +203,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_rows, E_PAD: tl.constexpr, CHUNK: tl.
     tl.store(counts_ptr + pid * E_PAD + e_E, tl.sum((ids[:, None] == e_E[None, :]).to(tl.int32), axis=0))
 
 
+@launcher
 @triton.jit(do_not_specialize=["num_rows", "num_chunks", "num_blocks"])
 def _place_kernel(
     ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_rows, num_chunks, num_blocks,
@@ -278,6 +281,7 @@ def _activate(x, ACT: tl.constexpr):
 
 # Row and block counts change with T and only bound loops and masks: not specialised on, so one
 # compiled kernel serves every T (and every E) of a shape.
+@launcher
 @triton.jit(do_not_specialize=["num_rows", "num_experts", "num_blocks"])
 def _moe_gemm_kernel(
     a_ptr, w_ptr, a_desc, w_desc, out_ptr, sorted_ptr, block_expert_ptr, route_w_ptr, part_ptr, count_ptr,
@@ -488,6 +492,7 @@ def _moe_gemm_epilogue(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols < n_out)[None, :])
 
 
+@launcher
 @triton.jit(do_not_specialize=["num_rows", "num_pos"])
 def _gather_rows_kernel(
     x_ptr, out_ptr, sorted_ptr, num_rows, num_pos, n_cols, stride_xm, stride_om,
@@ -536,6 +541,7 @@ def _small_epilogue(
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & (cols < n_out)[None, :])
 
 
+@launcher
 @triton.jit(do_not_specialize=["num_rows"])
 def _moe_small_kernel(
     a_ptr, w_ptr, out_ptr, ids_ptr, route_w_ptr, ws_ptr, counter_ptr,
@@ -668,6 +674,7 @@ def _small_split_k_sum(
         tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
+@launcher
 @triton.jit
 def _moe_gemv_kernel(
     a_ptr, w_ptr, out_ptr, ids_ptr, route_w_ptr, n_out, k_dim, up_offset,
@@ -844,7 +851,7 @@ def _lookup(path: str, op: str, E: int, n_out: int, k_dim: int, dtype: torch.dty
 
 def num_blocks_bound(num_rows: int, num_experts: int, block_m: int) -> int:
     """Host-side upper bound on padded blocks: each non-empty expert wastes less than one block."""
-    return triton.cdiv(num_rows, block_m) + min(num_rows, num_experts)
+    return cdiv(num_rows, block_m) + min(num_rows, num_experts)
 
 
 # Assignments up to which the placement kernel counts the ids itself (each program reads all of
@@ -868,11 +875,11 @@ def moe_align(
     """
     N = ids_N.numel()
     B = num_blocks_bound(N, num_experts, block_m)
-    E_PAD = triton.next_power_of_2(num_experts)
+    E_PAD = next_power_of_2(num_experts)
     ids_N = ids_N.contiguous()
     sorted_P = torch.empty(B * block_m, dtype=torch.int32, device=ids_N.device)
     block_expert_B = torch.empty(B, dtype=torch.int32, device=ids_N.device)
-    num_chunks = triton.cdiv(N, chunk)
+    num_chunks = cdiv(N, chunk)
     self_count = num_chunks <= 1 or N <= (SELF_COUNT_MAX_ROWS if self_count_max is None else self_count_max)
     if not self_count:
         counts_CE = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=ids_N.device)
@@ -881,11 +888,11 @@ def moe_align(
     else:
         counts_CE = block_expert_B  # unused
     # positions (B * block_m >= N) outnumber assignments and blocks: they size the grid
-    _place_kernel[(triton.cdiv(B * block_m, chunk),)](
+    _place_kernel[(cdiv(B * block_m, chunk),)](
         ids_N, counts_CE, sorted_P, block_expert_B, N, num_chunks, B,
         E=num_experts, E_PAD=E_PAD, BLOCK_M=block_m, CHUNK=chunk, TABLE=64, SELF_COUNT=self_count,
         num_warps=8,  # 8: no spills
-        **pdl_meta(ids_N.device, triton.cdiv(B * block_m, chunk)),
+        **pdl_meta(ids_N.device, cdiv(B * block_m, chunk)),
     )
     return sorted_P, block_expert_B
 
@@ -952,7 +959,7 @@ def moe_gemm(
     n_out = n_out or O
     B = block_expert_B.numel()
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    tiles, per_sm = B * triton.cdiv(n_out, BN), cfg.get("PERSISTENT", 0)
+    tiles, per_sm = B * cdiv(n_out, BN), cfg.get("PERSISTENT", 0)
     grid = (min(tiles, per_sm * (sm_count(a.device.index) if a.is_cuda else 1)) if per_sm else tiles,)
     tail = TAIL_SPLIT if per_sm and act is None and grid[0] > 1 else 0
     if tail:
@@ -992,10 +999,10 @@ def gather_rows(x: torch.Tensor, sorted_P: torch.Tensor, num_rows: int, a_div: i
     P, C = sorted_P.numel(), x.shape[1]
     out = torch.empty(P, C, dtype=x.dtype, device=x.device)
     block_r = 16
-    grid = (triton.cdiv(P, block_r),)
+    grid = (cdiv(P, block_r),)
     _gather_rows_kernel[grid](
         x, out, sorted_P, num_rows, P, C, x.stride(0), out.stride(0), A_DIV=a_div, BLOCK_R=block_r,
-        BLOCK_C=min(1024, triton.next_power_of_2(C)), num_warps=4, **pdl_meta(x.device, grid[0]),
+        BLOCK_C=min(1024, next_power_of_2(C)), num_warps=4, **pdl_meta(x.device, grid[0]),
     )
     return out
 
@@ -1028,7 +1035,7 @@ def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     if counters is None or counters.numel() < tiles:
         if counters is not None:
             _RETIRED_COUNTERS.append(counters)
-        counters = torch.zeros(max(256, triton.next_power_of_2(tiles)), dtype=torch.int32, device=device)
+        counters = torch.zeros(max(256, next_power_of_2(tiles)), dtype=torch.int32, device=device)
         _ARRIVAL_COUNTERS[key] = counters
     return counters
 
@@ -1069,7 +1076,7 @@ def moe_gemm_small(
     split_k = cfg.get("SPLIT_K", 1)
     if split_k < 1:
         raise ValueError(f"SPLIT_K must be a positive integer, got {split_k}")
-    tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
+    tiles = cdiv(n_out, cfg["BLOCK_N"])
     split_e = not sum_k and splits_by_expert(cfg)
     if split_k > 1 and not split_e:
         # float32 partials ws[s, tile, gate/up, row, column]; never zeroed: every program writes its own
@@ -1082,9 +1089,9 @@ def moe_gemm_small(
         a, w_EOC, out, ids_N, route_w_N if route_w_N is not None else a, ws, counters,
         N, n_out, C, n_out if act else 0,
         a.stride(0), a.stride(1), w_EOC.stride(0), w_EOC.stride(1), w_EOC.stride(2), out.stride(0), out.stride(1),
-        E_PAD=triton.next_power_of_2(E), TOPK=K, A_DIV=a_div, SUM_K=sum_k, GATED=act is not None, ACT=act or "none",
+        E_PAD=next_power_of_2(E), TOPK=K, A_DIV=a_div, SUM_K=sum_k, GATED=act is not None, ACT=act or "none",
         WEIGHTED=route_w_N is not None, EVEN_K=C % cfg["BLOCK_K"] == 0, UPCAST=_interpreting(),
-        PRECISION=precision, BLOCK_M=max(16, triton.next_power_of_2(N)), BLOCK_N=cfg["BLOCK_N"],
+        PRECISION=precision, BLOCK_M=max(16, next_power_of_2(N)), BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split_k, SPLIT_E=split_e, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl_meta(a.device),
     )
@@ -1115,7 +1122,7 @@ def moe_gemv(
     N = ids_N.numel()
     if N != K:
         raise ValueError(f"moe_gemv serves one token: {N} assignments for {K} experts per token")
-    tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
+    tiles = cdiv(n_out, cfg["BLOCK_N"])
     _moe_gemv_kernel[(tiles * (1 if sum_k else N),)](
         a, w_EOC, out, ids_N, route_w_N if route_w_N is not None else a, n_out, C, n_out if act else 0,
         a.stride(0), a.stride(1), w_EOC.stride(0), w_EOC.stride(1), w_EOC.stride(2), out.stride(0),
@@ -1126,6 +1133,7 @@ def moe_gemv(
     return out
 
 
+@launcher
 @triton.jit
 def _sum_k_kernel(y_ptr, out_ptr, n_cols, K: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr,
                   PDL: tl.constexpr):
@@ -1148,9 +1156,9 @@ def _sum_over_k(y_NO: torch.Tensor, T: int, K: int) -> torch.Tensor:
         return y_NO.view(T, -1)
     O = y_NO.shape[1]
     out = torch.empty(T, O, dtype=y_NO.dtype, device=y_NO.device)
-    block = min(2048, triton.next_power_of_2(O))
+    block = min(2048, next_power_of_2(O))
     if T:
-        grid = (T, triton.cdiv(O, block))
+        grid = (T, cdiv(O, block))
         _sum_k_kernel[grid](y_NO, out, O, K=K, BLOCK=block, ROUND=round_code(y_NO.dtype),
                             num_warps=4 if block >= 1024 else 1, **pdl_meta(y_NO.device, grid[0] * grid[1], T))
     return out

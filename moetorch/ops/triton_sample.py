@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .launch import cdiv, launcher, next_power_of_2
+
 # Largest top_k `sample` serves: each chunk passes on its KC = next_power_of_2(top_k) best, and one
 # program of `_draw_kernel` holds them all (16 chunks x 256 at 32064 logits).
 MAX_K = 256
@@ -105,6 +107,7 @@ def _pack(key, idx):
     return (key.to(tl.int64) << 32) | idx.to(tl.int64)
 
 
+@launcher
 @triton.jit
 def _chunk_top_kernel(logits_ptr, work_ptr, V, stride_row, inv_t, n_chunks,
                       CH: tl.constexpr, KC: tl.constexpr, TEMPERATURE: tl.constexpr):
@@ -127,6 +130,7 @@ def _chunk_top_kernel(logits_ptr, work_ptr, V, stride_row, inv_t, n_chunks,
     tl.store(out + slot, _pack(key, idx), mask=(above | tie) & (slot < KC))
 
 
+@launcher
 @triton.jit
 def _draw_kernel(
     logits_ptr, q_ptr, work_ptr, out_ptr, V, stride_row, inv_t, k, drop_mass, min_p, pool_size, n_rows,
@@ -260,9 +264,9 @@ def sample(logits_RV: torch.Tensor, temperature: float | None, top_k: int | None
     inv_t = reciprocal(temperature) if temperature is not None else 1.0
     # fp32(1 - top_p): the comparison `cumsum <= 1 - top_p` rounds the Python float to float32
     drop_mass = _f32(1.0 - top_p) if top_p is not None else 0.0
-    kc = triton.next_power_of_2(k)  # > k - 1: top-p's values above the threshold fit
-    chunk = max(min(CHUNK, triton.next_power_of_2(V)), kc)
-    n_chunks = triton.cdiv(V, chunk)
+    kc = next_power_of_2(k)  # > k - 1: top-p's values above the threshold fit
+    chunk = max(min(CHUNK, next_power_of_2(V)), kc)
+    n_chunks = cdiv(V, chunk)
     # the chunks' best [R, n_chunks * kc], then top-p's values above the threshold [R, kc]
     work = torch.empty(1 if every else R * (n_chunks + 1) * kc, dtype=torch.long, device=device)
     if not every:
@@ -272,7 +276,7 @@ def sample(logits_RV: torch.Tensor, temperature: float | None, top_k: int | None
     _draw_kernel[(R,)](
         logits_RV, q_RV, work, out_R, V, logits_RV.stride(0), inv_t, k, drop_mass,
         _f32(min_p) if min_p is not None else 0.0, n_chunks * kc, R,
-        POOL=triton.next_power_of_2(n_chunks * kc), KC=kc, BLOCK=min(ROW_BLOCK, triton.next_power_of_2(V)), ALL=every,
+        POOL=next_power_of_2(n_chunks * kc), KC=kc, BLOCK=min(ROW_BLOCK, next_power_of_2(V)), ALL=every,
         TEMPERATURE=temperature is not None, TOP_P=top_p is not None, MIN_P=min_p is not None,
         LIBDEVICE=logits_RV.is_cuda,
         num_warps=8,
