@@ -1,8 +1,9 @@
-"""Host cost of one expert GEMM launch, three ways, with the GPU busy ahead (so only the host is
-timed): `triton_moe.moe_gemm` (config, descriptors, PDL flags, then the launch), the Triton
-kernel's own launch path (`kernel[grid](...)`: argument binding, specialization, cache lookup)
-and the compiled kernel's runner (`compiled[grid](...)`), which skips Triton's binding. Checks
-that the last two write the same output.
+"""Host cost of one expert GEMM launch, with the GPU busy ahead (so only the host is timed):
+`triton_moe.moe_gemm` (config, descriptors, PDL flags, then the launch) with moetorch's launcher
+(`ops.launch`) and with Triton's launch path (`launch.ENABLED = False`); then the kernel launched
+three ways: through Triton (`kernel[grid](...)`: argument binding, specialization, cache lookup),
+through moetorch's launcher (its own key, then the compiled kernel), and the compiled kernel's
+runner alone (`compiled[grid](...)`). Checks that all three write the same output.
 
     PYTHONPATH=. python bench/launch_cost.py [--profile N]
 
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+from moetorch.ops import launch as fast
 from moetorch.ops import triton_moe as tm
 
 T, K, E, D, I = 2048, 2, 8, 2048, 5632  # JetMoE's gate/up GEMM at a 2048-token prefill
@@ -78,7 +80,17 @@ def main() -> None:
     runner = compiled[tuple(grid) + (1,) * (3 - len(grid))]
 
     def via_jit():
+        kernel.jit[grid](*args, **kwargs)
+
+    def via_launcher():
         kernel[grid](*args, **kwargs)
+
+    def full_via_triton():
+        fast.ENABLED = False
+        try:
+            full()
+        finally:
+            fast.ENABLED = True
 
     def via_runner():
         runner(*every)
@@ -86,9 +98,10 @@ def main() -> None:
     def fresh_descriptors():  # the recorded launch, with descriptors made anew as moe_gemm makes them
         renewed = [tm._tma_descriptor(a.base, list(a.block_shape)) if type(a).__name__ == "TensorDescriptor" else a
                    for a in args]
-        kernel[grid](*renewed, **kwargs)
+        kernel.jit[grid](*renewed, **kwargs)
 
-    runs = [("moe_gemm()", full), ("kernel[grid](...)", via_jit), ("compiled[grid](...)", via_runner)]
+    runs = [("moe_gemm()", full), ("moe_gemm(), Triton's", full_via_triton), ("kernel[grid](...)", via_jit),
+            ("launcher[grid](...)", via_launcher), ("compiled[grid](...)", via_runner)]
     if opts.profile:
         runs.append(("kernel[grid], new descs", fresh_descriptors))
     for name, fn in runs:
@@ -106,13 +119,13 @@ def main() -> None:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(opts.profile)
         print(out.getvalue())
-    h.zero_()
-    via_jit()
-    want = h.clone()
-    h.zero_()
-    via_runner()
+    outputs = []
+    for fn in (via_jit, via_launcher, via_runner):
+        h.zero_()
+        fn()
+        outputs.append(h.clone())
     torch.cuda.synchronize()
-    print("same output:", torch.equal(want, h))
+    print("same output:", all(torch.equal(outputs[0], o) for o in outputs[1:]))
 
 
 if __name__ == "__main__":

@@ -556,6 +556,46 @@ def check_pdl(results):
 
 
 @torch.no_grad()
+def check_launcher(results):
+    """Eager prefills (the sorted expert path, descriptors included) and eager decode steps give
+    bitwise the logits through moetorch's launcher (`ops.launch`: a call specialised like an
+    earlier one launches its compiled kernel directly) as through Triton's launch path: an argument
+    passed wrongly, or a kernel of another specialisation, would show here. Each run repeats its
+    forwards, so the second and later launch directly."""
+    from moetorch.ops import launch
+
+    ok = True
+    for name, cfg, model in bf16_models():
+        ids = torch.randint(1, cfg.vocab_size, (2, 300), device="cuda")
+        runs = []
+        for enabled in (True, False):
+            launch.ENABLED = enabled
+            try:
+                logits = []
+                for _ in range(2):
+                    cache = moetorch.DynamicCache()
+                    logits.append(model(ids, past_key_values=cache, use_cache=True).logits)
+                    for t in range(8):
+                        logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+                runs.append(torch.cat([x.flatten() for x in logits]))
+            finally:
+                launch.ENABLED = True
+        same = torch.equal(runs[0], runs[1])
+        results[f"launch.{name}.eager_bitwise_equal_to_triton_launches"] = same
+        ok &= same
+        del model
+    results["launch.specialisations_kept"] = sum(
+        len(k.kernels) for m in _triton_modules() for k in vars(m).values() if isinstance(k, launch.Launcher))
+    return ok and results["launch.specialisations_kept"] > 0
+
+
+def _triton_modules():
+    from moetorch.ops import triton_fused, triton_moe, triton_sample
+
+    return triton_fused, triton_moe, triton_sample
+
+
+@torch.no_grad()
 def check_lagged_stop(results):
     ok = True
     for name, cfg, model in bf16_models():
@@ -700,6 +740,7 @@ def run_checks() -> dict:
         ok &= check_model(name, cfg, cls, results)
     ok &= check_longrope(results)
     ok &= check_pdl(results)
+    ok &= check_launcher(results)
     ok &= check_lagged_stop(results)
     ok &= check_beam_graphs(results)
     ok &= check_sampling_kernel(results)
