@@ -71,7 +71,8 @@ def test_the_key_never_joins_calls_that_triton_compiles_apart(recorded_launches)
     for calls in by_kernel.values():
         module, name = calls[0][:2]
         jit = JITFunction(getattr(module, name).fn)  # compiled, as on a GPU (the tests interpret)
-        assert launch.Launcher(jit).direct
+        ours = launch.Launcher(jit)
+        assert ours.direct
         constexpr = [p.is_constexpr for p in jit.params]
         binder = create_function_from_signature(jit.signature, jit.params, backend)
         seen: dict[tuple, tuple] = {}
@@ -79,7 +80,7 @@ def test_the_key_never_joins_calls_that_triton_compiles_apart(recorded_launches)
             for variant in _variants(args, constexpr):
                 _, specialization, options = binder(*variant, **kwargs)
                 triton_key = (tuple(specialization), str(options))
-                key = launch.specialization_key(variant, kwargs)
+                key = ours.key(variant, kwargs)
                 assert seen.setdefault(key, triton_key) == triton_key, (name, variant)
                 checked += 1
     assert checked > 5000
@@ -93,7 +94,9 @@ def test_the_key_tells_apart_what_triton_specialises_on():
 
     assert key(t) != key(_misaligned(t)) and key(t) != key(t.float()) and key(t) == key(torch.ones(4, dtype=t.dtype))
     assert key(torch.nn.Parameter(t)) == key(t)
-    assert len({key(v) for v in (1, True, 1.0, 16, 17, None, 0, False, 0.0)}) == 9
+    # an int by Triton's classes: 1, a multiple of 16 or not, 32-bit, 64-bit or unsigned 64-bit
+    assert key(16) == key(0) == key(-32) and key(17) == key(2) == key(-1) and key(2**31 - 1) == key(5)
+    assert len({key(v) for v in (1, True, 1.0, 16, 17, None, False, 0.0, 2**31, 2**31 + 1, 2**63)}) == 11
     assert key(BLOCK=1) != key(BLOCK=True) and key(BLOCK=16) != key(BLOCK=32) and key(t, 2) != key(t, n=2)
     d = TensorDescriptor.from_tensor(torch.zeros(64, 64), [16, 32])
     assert key(d) == key(TensorDescriptor.from_tensor(torch.ones(64, 64), [16, 32]))
@@ -122,6 +125,7 @@ class _Jit:
         class Param:
             def __init__(self, p: inspect.Parameter) -> None:
                 self.name = p.name
+                self.is_constexpr = p.name.isupper()
                 self.has_default = p.default is not inspect.Parameter.empty
                 self.default = p.default
 
@@ -158,11 +162,15 @@ def test_later_calls_launch_the_compiled_kernel_directly(stand_in):
     # function, metadata, no launch metadata or hooks, then every parameter in order, defaults included
     assert rest[:5] == ("fn", "meta", None, None, None)
     assert rest[5].shape == (64,) and rest[5][0] == 1 and rest[6:] == (64, 16, 0)
+    kernel[(1,)](x, 80, BLOCK=16, num_warps=4)  # another multiple of 16 (a new position, a longer cache)
+    assert len(jit.triton_calls) == 1 and first.runs[-1][-3:] == (80, 16, 0)
+    kernel[(1,)](x, 81, BLOCK=16, num_warps=4)  # not a multiple of 16: Triton compiles it apart
+    assert len(jit.triton_calls) == 2
     kernel[(1,)](x, 64, 16, FLAG=3)  # BLOCK positionally: another call shape, through Triton once
     kernel[(1,)](x, 64, 16, FLAG=3)
-    assert len(jit.triton_calls) == 2 and first.runs[-1][-3:] == (64, 16, 3)
-    kernel[(1,)](x, 80, BLOCK=16, num_warps=4)  # each integer value has its own key
-    assert len(jit.triton_calls) == 3
+    assert len(jit.triton_calls) == 3 and first.runs[-1][-3:] == (64, 16, 3)
+    kernel[(1,)](x, 64, 32, FLAG=3)  # a positional constexpr keyed by its value
+    assert len(jit.triton_calls) == 4
 
 
 def test_what_the_launcher_does_not_keep(stand_in, monkeypatch):
@@ -175,9 +183,9 @@ def test_what_the_launcher_does_not_keep(stand_in, monkeypatch):
         kernel[(1,)](x, 64, BLOCK=16, FLAG=[1])  # unhashable: Triton's (which would reject it)
     assert len(jit.triton_calls) == 4
     monkeypatch.setattr(launch, "MAX_KEPT", 3)
-    for n in range(16, 16 * 5, 16):
-        kernel[(1,)](x, n, BLOCK=16)
-    assert len(kernel.kernels) == 1, "a full launcher starts afresh"
+    for flag in range(5):
+        kernel[(1,)](x, 64, BLOCK=16, FLAG=flag)
+    assert len(kernel.kernels) == 2, "a full launcher starts afresh"
 
 
 @pytest.mark.parametrize("change", ["alignment", "one", "width", "constexpr", "option", "dtype"])

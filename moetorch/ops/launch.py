@@ -11,11 +11,11 @@ later calls that specialise alike launch the kernel Triton compiled for it direc
 specialises on (Triton 3.6 to 3.9): a tensor's dtype and whether its address is a multiple of 16;
 an integer's width (32 or 64 bits, signed or not), whether it is 1, and whether it is a multiple
 of 16; a tensor descriptor's dtype and block shape; a constexpr's value; the type of anything else
-(floats, bools); and the launch options (`num_warps`, ...). The key here (`specialization_key`)
-is finer: a tensor by its dtype and alignment, everything else by its type and value. So two calls
-that share a key share Triton's compiled kernel, and a new prompt length makes new keys (its first
-launches go through Triton). tests/test_launch.py checks the key against Triton's own
-specialisation on every launch that tiny models make, and on variants of them.
+(floats, bools); and the launch options (`num_warps`, ...). The key here (`Launcher.key`) holds
+all of that, and more of some (a float's value, a descriptor's alignment). So two calls that
+share a key share Triton's compiled kernel, and a decode step's new position or cache length
+keeps its key. tests/test_launch.py checks the key against Triton's own specialisation on every
+launch that tiny models make, and on variants of them.
 
 Calls go through Triton unchanged under the interpreter (`TRITON_INTERPRET=1`, where `triton.jit`
 makes no compiled kernels), when `ENABLED` is False (`MOETORCH_FAST_LAUNCH=0` at import, or set at
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - older torch
 ENABLED = os.environ.get("MOETORCH_FAST_LAUNCH", "1") != "0"
 
 _UNSET = object()
-# Entries a launcher keeps (each prompt length makes its own keys); past it, it starts afresh.
+# Entries a launcher keeps (a float argument's values make their own keys); past it, it starts afresh.
 MAX_KEPT = 1024
 
 
@@ -67,12 +67,13 @@ def _spec(a: Any) -> Any:
 
 
 def specialization_key(args: tuple, kwargs: dict, _tensor=torch.Tensor, _spec=_spec) -> tuple:
-    """The key under which a call's compiled kernel is kept (the current device aside): a tensor
-    by its dtype and 16-byte alignment, an int by its value, any other argument by `_spec`; the
-    keywords by name, value and type. Triton's specialisation is a function of that (equal keys,
-    one compiled kernel). A tensor passed by keyword is keyed by identity, so `Launcher` keeps
-    no such key."""
-    return (tuple([a if a.__class__ is int else (a.dtype, not a.data_ptr() & 15) if a.__class__ is _tensor
+    """The key under which a call's compiled kernel is kept (the current device and positional
+    constexprs aside): a tensor by its dtype and 16-byte alignment; an int by what Triton
+    specialises it on (whether it is 1, whether 16 divides it, and its width: 32 bits, 64, or
+    unsigned 64), so that positions and lengths that change from call to call share a key; any
+    other argument by `_spec`; the keywords (constexprs and options) by name, value and type."""
+    return (tuple([(a == 1) | (not a & 15) << 1 | (not -2147483648 <= a < 2147483648) << 2 | (a >= 2**63) << 3
+                   if a.__class__ is int else (a.dtype, not a.data_ptr() & 15) if a.__class__ is _tensor
                    else _spec(a) for a in args]),
             tuple(kwargs.items()), tuple(map(type, kwargs.values())))
 
@@ -99,6 +100,9 @@ class Launcher:
         # Only compiled JIT functions (not the interpreter's) have kernels to launch directly.
         self.direct = params is not None and hasattr(jit, "device_caches")
         self.names = [p.name for p in params] if params else []
+        # constexpr parameters, whose values Triton compiles in: by value in the key when positional
+        self.constexpr_at = [i for i, p in enumerate(params or ()) if p.is_constexpr]
+        self.first_constexpr = self.constexpr_at[0] if self.constexpr_at else len(self.names)
         self.defaults = {p.name: p.default if p.has_default else _UNSET for p in params or ()}
         # key -> (compiled kernel, the parameters after the positional ones, their defaults)
         self.kernels: dict[tuple, tuple] = {}
@@ -116,11 +120,18 @@ class Launcher:
                 return True
         return False
 
+    def key(self, args: tuple, kwargs: dict) -> tuple:
+        """A call's key (the current device aside): `specialization_key`, and the values of
+        constexprs passed by position."""
+        if len(args) <= self.first_constexpr:
+            return specialization_key(args, kwargs)
+        return specialization_key(args, kwargs), tuple(args[i] for i in self.constexpr_at if i < len(args))
+
     def launch(self, grid, args: tuple, kwargs: dict):
         if not (ENABLED and self.direct) or callable(grid) or _hooks_set() or self._globals_changed():
             return self.jit[grid](*args, **kwargs)  # Triton's path (which raises on changed globals)
         device = torch.cuda.current_device()
-        key = (device, specialization_key(args, kwargs))
+        key = (device, self.key(args, kwargs))
         try:
             hit = self.kernels.get(key)
         except TypeError:  # an unhashable argument
