@@ -19,8 +19,11 @@ launch that tiny models make, and on variants of them.
 
 Calls go through Triton unchanged under the interpreter (`TRITON_INTERPRET=1`, where `triton.jit`
 makes no compiled kernels), when `ENABLED` is False (`MOETORCH_FAST_LAUNCH=0` at import, or set at
-run time), and when a launch hook is set (`triton.knobs.runtime.launch_enter_hook`, as profilers
-do), so that such tools see every launch.
+run time), when a launch hook is set (`triton.knobs.runtime.launch_enter_hook`, as profilers do,
+so that they see every launch), when a global the kernel reads has changed since it compiled
+(Triton then raises), for a grid given as a function, and for calls with an unhashable argument;
+a call that passes a tensor by keyword goes through Triton every time (its key would hold the
+tensor itself).
 """
 
 from __future__ import annotations
