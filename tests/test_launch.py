@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from launches import MODULES
+from archs import JETMOE, PHIMOE
+from launches import MODULES, _tiny, record_launches
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from moetorch.ops import launch, triton_moe
+import moetorch
+from moetorch.ops import fused, launch, triton_moe
 
 
 def _misaligned(t: torch.Tensor) -> torch.Tensor:
@@ -84,6 +86,32 @@ def test_the_key_never_joins_calls_that_triton_compiles_apart(recorded_launches)
                 assert seen.setdefault(key, triton_key) == triton_key, (name, variant)
                 checked += 1
     assert checked > 5000
+
+
+@pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_eager_decode_steps_keep_their_keys(monkeypatch, arch, cache):
+    """An eager decode step feeds each kernel a new position and a longer cache, which keep their
+    keys (Triton specialises on neither's value), so the steps launch directly. A dynamic cache's
+    strides grow with it and alternate between multiples of 16 and not, which Triton compiles
+    apart: two keys there, after which no step makes a new one."""
+    calls = record_launches(monkeypatch)
+    model = _tiny(arch).to(torch.bfloat16)
+    with torch.no_grad(), fused.forced():
+        kv = moetorch.DynamicCache() if cache == "dynamic" else moetorch.StaticCache(model.config, max_cache_len=40)
+        model(torch.randint(1, 97, (2, 17)), past_key_values=kv, use_cache=True)
+        steps = []
+        for t in range(17, 20):
+            start = len(calls)
+            model(torch.randint(1, 97, (2, 1)), past_key_values=kv, use_cache=True, position_ids=torch.full((2, 1), t))
+            steps.append([(name, _launcher(module, name).key(args, kwargs)) for module, name, args, kwargs in calls[start:]])
+    assert steps[0] and set(steps[2]) <= set(steps[0]) | set(steps[1])
+    if cache == "static":
+        assert steps[1] == steps[0] and steps[2] == steps[0]
+
+
+def _launcher(module, name) -> launch.Launcher:
+    return launch.Launcher(JITFunction(getattr(module, name).kernel.fn))  # the compiled kind, as on a GPU
 
 
 def test_the_key_tells_apart_what_triton_specialises_on():
