@@ -233,7 +233,7 @@ def test_a_call_specialised_otherwise_goes_through_triton(stand_in, change):
     assert len(jit.triton_calls) == 2
 
 
-def test_triton_runs_every_call_when_turned_off_hooked_or_changed(stand_in, monkeypatch):
+def test_triton_runs_every_call_when_turned_off_hooked_changed_or_traced(stand_in, monkeypatch):
     jit, kernel = stand_in
     x = torch.zeros(32)
 
@@ -267,6 +267,9 @@ def test_triton_runs_every_call_when_turned_off_hooked_or_changed(stand_in, monk
     assert len(jit.triton_calls) == 9 and len(jit.compiled[16].runs) == 1
     kernel[lambda meta: (1,)](x, 64, BLOCK=16)  # a grid computed from the arguments: Triton's
     assert len(jit.triton_calls) == 10
+    monkeypatch.setattr(launch.torch.compiler, "is_compiling", lambda: True)  # torch.compile tracing
+    twice()
+    assert len(jit.triton_calls) == 12
 
 
 def test_the_interpreters_kernels_are_not_launched_directly():

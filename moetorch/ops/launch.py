@@ -21,7 +21,8 @@ Calls go through Triton unchanged under the interpreter (`TRITON_INTERPRET=1`, w
 makes no compiled kernels), when `ENABLED` is False (`MOETORCH_FAST_LAUNCH=0` at import, or set at
 run time), when a launch hook is set (`triton.knobs.runtime.launch_enter_hook`, as profilers do,
 so that they see every launch), when a global the kernel reads has changed since it compiled
-(Triton then raises), for a grid given as a function, and for calls with an unhashable argument;
+(Triton then raises), while torch.compile traces (it captures Triton's kernels as they are), for
+a grid given as a function, and for calls with an unhashable argument;
 a call that passes a tensor by keyword goes through Triton every time (its key would hold the
 tensor itself).
 """
@@ -131,7 +132,8 @@ class Launcher:
         return specialization_key(args, kwargs), tuple(args[i] for i in self.constexpr_at if i < len(args))
 
     def launch(self, grid, args: tuple, kwargs: dict):
-        if not (ENABLED and self.direct) or callable(grid) or _hooks_set() or self._globals_changed():
+        if (not (ENABLED and self.direct) or callable(grid) or _hooks_set() or self._globals_changed()
+                or torch.compiler.is_compiling()):
             return self.jit[grid](*args, **kwargs)  # Triton's path (which raises on changed globals)
         device = torch.cuda.current_device()
         key = (device, self.key(args, kwargs))
