@@ -276,3 +276,12 @@ def test_the_interpreters_kernels_are_not_launched_directly():
     # under TRITON_INTERPRET (as in these tests) triton.jit makes interpreted functions
     assert not triton_moe._moe_gemm_kernel.direct
     assert triton_moe._moe_gemm_kernel.fn.__name__ == "_moe_gemm_kernel"
+
+
+def test_host_integer_helpers_equal_tritons():
+    import triton
+
+    for n in [*range(0, 70), 127, 128, 129, 4095, 4096, 4097, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16, 128, 1000):
+            assert launch.cdiv(n, d) == triton.cdiv(n, d), (n, d)
