@@ -88,6 +88,9 @@ def test_the_key_never_joins_calls_that_triton_compiles_apart(recorded_launches)
     assert checked > 5000
 
 
+# The interpreted kernels also compute on values they then mask (a static cache's unwritten slots,
+# padding rows), and numpy warns of the NaNs among them.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 @pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_eager_decode_steps_keep_their_keys(monkeypatch, arch, cache):
