@@ -37,7 +37,7 @@ def record_launches(monkeypatch, modules=MODULES) -> list[tuple]:
     return calls
 
 
-def _tiny(arch):
+def tiny_model(arch):
     torch.manual_seed(0)
     model = arch.ours["causal_lm"](arch.our_config(max_position_embeddings=128)).eval()
     randomize_(model, 3)
@@ -58,7 +58,7 @@ def launch_everything(monkeypatch) -> None:
     prompt = max(fused.ROUTE_MAX_ROWS, triton_moe.SMALL_MAX_ROWS) + 4
     with torch.no_grad(), fused.forced():
         for arch in (PHIMOE, JETMOE):
-            model = _tiny(arch).to(torch.bfloat16)
+            model = tiny_model(arch).to(torch.bfloat16)
             ids = torch.randint(1, 97, (2, prompt), generator=gen)
             model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
             model.generate(ids[:, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)  # dynamic cache

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from archs import JETMOE, PHIMOE
-from launches import MODULES, _tiny, record_launches
+from launches import MODULES, record_launches, tiny_model
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -99,7 +99,7 @@ def test_eager_decode_steps_keep_their_keys(monkeypatch, arch, cache):
     strides grow with it and alternate between multiples of 16 and not, which Triton compiles
     apart: two keys there, after which no step makes a new one."""
     calls = record_launches(monkeypatch)
-    model = _tiny(arch).to(torch.bfloat16)
+    model = tiny_model(arch).to(torch.bfloat16)
     with torch.no_grad(), fused.forced():
         kv = moetorch.DynamicCache() if cache == "dynamic" else moetorch.StaticCache(model.config, max_cache_len=40)
         model(torch.randint(1, 97, (2, 17)), past_key_values=kv, use_cache=True)
