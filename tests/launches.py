@@ -15,6 +15,11 @@ from moetorch.ops import fused, moe, triton_fused, triton_moe, triton_sample
 MODULES = (triton_fused, triton_moe, triton_sample)
 
 
+def kernels(modules=MODULES) -> list[tuple]:
+    """(module, name) of each Triton kernel the modules launch (named `_..._kernel`)."""
+    return [(m, n) for m in modules for n in sorted(vars(m)) if n.startswith("_") and n.endswith("_kernel")]
+
+
 def record_launches(monkeypatch, modules=MODULES) -> list[tuple]:
     """(module, kernel name, args, kwargs) of each launch of the modules' kernels from now on."""
     calls = []
@@ -30,10 +35,8 @@ def record_launches(monkeypatch, modules=MODULES) -> list[tuple]:
 
             return launch
 
-    for module in modules:
-        for name in sorted(vars(module)):
-            if name.startswith("_") and name.endswith("_kernel"):
-                monkeypatch.setattr(module, name, Recorder(module, name, getattr(module, name)))
+    for module, name in kernels(modules):
+        monkeypatch.setattr(module, name, Recorder(module, name, getattr(module, name)))
     return calls
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from archs import JETMOE, PHIMOE
-from launches import MODULES, record_launches, tiny_model
+from launches import kernels, record_launches, tiny_model
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -67,8 +67,8 @@ def test_the_key_never_joins_calls_that_triton_compiles_apart(recorded_launches)
     by_kernel: dict[str, list] = {}
     for module, name, args, kwargs in recorded_launches:
         by_kernel.setdefault(f"{module.__name__}.{name}", []).append((module, name, args, kwargs))
-    kernels = {f"{m.__name__}.{n}" for m in MODULES for n in vars(m) if n.startswith("_") and n.endswith("_kernel")}
-    assert set(by_kernel) == kernels, f"not launched: {sorted(kernels - set(by_kernel))}"
+    every = {f"{m.__name__}.{n}" for m, n in kernels()}
+    assert set(by_kernel) == every, f"not launched: {sorted(every - set(by_kernel))}"
     checked = 0
     for calls in by_kernel.values():
         module, name = calls[0][:2]

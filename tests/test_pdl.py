@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from launches import kernels
 from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moetorch.ops import triton_fused, triton_moe
 
 MODULES = (triton_fused, triton_moe)
-KERNELS = [(m, n) for m in MODULES for n in sorted(vars(m)) if n.startswith("_") and n.endswith("_kernel")]
+KERNELS = kernels(MODULES)
 
 
 def test_every_kernel_is_listed():
