@@ -1,5 +1,5 @@
 """Execution engines around the models: CUDA-graph decode and prefill (and later continuous batching)."""
 
-from .cuda_graph import GraphedDecodeStep, GraphedPrefill, capture
+from .cuda_graph import GraphedDecodeStep, GraphedPrefill, capture, compiled_own_forward, own_forward
 
-__all__ = ["GraphedDecodeStep", "GraphedPrefill", "capture"]
+__all__ = ["GraphedDecodeStep", "GraphedPrefill", "capture", "compiled_own_forward", "own_forward"]

@@ -15,6 +15,7 @@ buffers: the fallback the tests exercise.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -40,6 +41,34 @@ def capture(fn, warmups: int = 2, before=None, pool=None):
     with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
+
+
+def compiled_own_forward(model) -> bool:
+    """Whether `model.forward` is a torch.compile of the model's own forward, as Transformers'
+    static-cache recipe makes it (`model.forward = torch.compile(model.forward, ...)`)."""
+    fwd = model.__dict__.get("forward")
+    orig = getattr(fwd, "_torchdynamo_orig_callable", None)
+    return orig is not None and getattr(orig, "__func__", orig) is type(model).forward
+
+
+@contextlib.contextmanager
+def own_forward(model):
+    """Calls of `model(...)` inside run the model's own forward where `model.forward` is a
+    torch.compile of it (`compiled_own_forward`); any other forward is left as it is.
+
+    `generate` runs its CUDA-graphed steps this way. Under torch.compile the model takes its torch
+    code (inductor fuses that itself), while the graphs replay moetorch's fused kernels, which are
+    faster; and a compiled forward of mode "reduce-overhead" makes CUDA graphs of its own, which
+    cannot be captured inside another graph. Direct calls of the model still run the compiled
+    forward."""
+    if not compiled_own_forward(model):
+        yield
+        return
+    compiled = model.__dict__.pop("forward")
+    try:
+        yield
+    finally:
+        model.__dict__["forward"] = compiled
 
 
 def _longrope(model):

@@ -14,6 +14,7 @@ drops the step past the last.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from ..cache import Cache, DynamicCache, StaticCache
-from ..engine.cuda_graph import GraphedDecodeStep, GraphedPrefill
+from ..engine.cuda_graph import GraphedDecodeStep, GraphedPrefill, own_forward
 from ..ops import fused
 from ..outputs import ModelOutput
 from .configuration import DEFAULTS, GenerationConfig
@@ -460,9 +461,13 @@ class GenerationMixin:
         )
         lag = _OneStepLate(device, seq.shape[0]) if lag else None
         sync = PeerSync(self, device) if sync else None
-        if gen.num_beams > 1:  # the cache is reordered in place between the graphed steps
-            return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id, lag, sync)
-        return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer, lag, sync)
+        # With graphed steps, a torch.compile of the model's forward is set aside for the call
+        # (`engine.own_forward`): the graphs replay the fused kernels, which the compiled code lacks.
+        with own_forward(self) if ctx.step is not None and ctx.step.enabled else contextlib.nullcontext():
+            if gen.num_beams > 1:  # the cache is reordered in place between the graphed steps
+                return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id,
+                                         lag, sync)
+            return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer, lag, sync)
 
     # ---- the reusable static cache --------------------------------------------------------------
     def _static_cache(self, batch: int, length: int, reuse: bool) -> StaticCache:

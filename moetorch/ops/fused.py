@@ -46,7 +46,10 @@ _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": Fal
 def serves(device: torch.device) -> bool:
     """Whether the fused kernels run on `device` at all: CUDA (any device under `forced()`), triton
     installed, MOETORCH_FUSED not 0. For ops with no float inputs (the attention mask); `active`
-    checks the tensors of the others."""
+    checks the tensors of the others. Never while torch.compile traces: the compiled graph takes
+    the torch code, which inductor fuses itself."""
+    if torch.compiler.is_compiling():
+        return False
     return _state["enabled"] and (_state["forced"] or device.type == "cuda") and triton_available()
 
 

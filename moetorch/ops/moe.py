@@ -111,12 +111,31 @@ EXPERT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def pick_backend(x_TD: torch.Tensor, ids_TK: torch.Tensor) -> str:
+def _grouped_mm_serves(x_TD: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these operands: bf16 (its shape function under torch.compile
+    takes no other dtype, on any device), and the rows of every operand and product, and the
+    weights' strides, multiples of 16 bytes (the rows of x are gathered into a fresh tensor first)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x_TD.dtype != torch.bfloat16:
+        return False
+    sizes = [x_TD.shape[-1]] + [n for w in weights for n in (*w.shape[-2:], *w.stride()[:-1])]
+    return all(n * x_TD.element_size() % 16 == 0 for n in sizes)
+
+
+def pick_backend(x_TD: torch.Tensor, ids_TK: torch.Tensor, *weights: torch.Tensor) -> str:
     """Triton on CUDA for inference; grouped_mm when autograd records (the Triton kernels are
-    forward-only and their backward would recompute); gather for small T; else the reference."""
-    if x_TD.is_cuda and triton_available() and not (torch.is_grad_enabled() and x_TD.requires_grad):
+    forward-only and their backward would recompute); gather for small T; else the reference.
+
+    While torch.compile traces, the torch code: grouped_mm where it serves (static shapes, no host
+    sync, so `fullgraph=True` holds), else gather for small T, else the reference loop (whose
+    data-dependent shapes break the graph)."""
+    if torch.compiler.is_compiling():
+        if _grouped_mm_serves(x_TD, *weights):
+            return "grouped_mm"
+    elif x_TD.is_cuda and triton_available() and not (torch.is_grad_enabled() and x_TD.requires_grad):
         return "triton"
-    if x_TD.is_cuda and hasattr(torch, "_grouped_mm") and x_TD.dtype == torch.bfloat16:
+    elif x_TD.is_cuda and hasattr(torch, "_grouped_mm") and x_TD.dtype == torch.bfloat16:
         return "grouped_mm"
     if ids_TK.numel() <= GATHER_MAX_ROWS:
         return "gather"
@@ -142,7 +161,7 @@ def experts_forward(
     would cost a kernel of its own (the Triton backend's sorted path); a residual add (`ops.norms`)
     sums it in its own kernel. Elsewhere the result is [T, D] either way."""
     x_TD, w13_E2ID, w2_EDI, weights_TK = autocast_inputs(x_TD, w13_E2ID, w2_EDI, weights_TK)
-    name = backend or pick_backend(x_TD, ids_TK)
+    name = backend or pick_backend(x_TD, ids_TK, w13_E2ID, w2_EDI)
     if name not in EXPERT_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(EXPERT_BACKENDS)}")
     args = (x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act)
@@ -226,7 +245,7 @@ REDUCE_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
 def expert_map(x_TD, w_EOD, ids_TK, backend: str | None = None) -> torch.Tensor:
     """y[t, k] = W[e] x_t with e = ids[t, k]: one projection per (token, slot), shape [T, K, O]."""
     x_TD, w_EOD = autocast_inputs(x_TD, w_EOD)
-    name = backend or pick_backend(x_TD, ids_TK)
+    name = backend or pick_backend(x_TD, ids_TK, w_EOD)
     if name not in MAP_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(MAP_BACKENDS)}")
     return MAP_BACKENDS[name](x_TD, w_EOD, ids_TK)
@@ -236,7 +255,7 @@ def expert_reduce(h_TKC, w_EOC, ids_TK, weights_TK, backend: str | None = None, 
     """y_t = sum_k weights[t, k] * W[e] h[t, k] with e = ids[t, k]: shape [T, O] (combine=False:
     maybe [T, K, O], as in `experts_forward`)."""
     h_TKC, w_EOC, weights_TK = autocast_inputs(h_TKC, w_EOC, weights_TK)
-    name = backend or pick_backend(h_TKC, ids_TK)
+    name = backend or pick_backend(h_TKC, ids_TK, w_EOC)
     if name not in REDUCE_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(REDUCE_BACKENDS)}")
     args = (h_TKC, w_EOC, ids_TK, weights_TK)
