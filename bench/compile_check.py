@@ -54,16 +54,17 @@ def recipe(model) -> None:
     model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
 
 
-@torch.no_grad()
-def correctness(res: dict) -> bool:
+def each_model(res: dict, check, prepare=None) -> bool:
+    """`check(res, name, cfg, model)` over gpu_check's small models, dynamo reset after each."""
     ok = True
     for name, cfg, model in bf16_models():
-        ok &= check_model(res, name, cfg, model)
+        ok &= check(res, name, cfg, model if prepare is None else prepare(name, model))
         torch._dynamo.reset()
         del model
     return ok
 
 
+@torch.no_grad()
 def check_model(res: dict, name: str, cfg, model) -> bool:
     ok = True
     ids = torch.randint(1, cfg.vocab_size, (2, 48), device="cuda")
@@ -116,19 +117,15 @@ def grads(model, fn, ids, mask) -> dict:
     return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def training(res: dict) -> bool:
-    """A compiled training step's gradients (loss = cross-entropy + aux loss, a left-padded batch)
-    against the eager step's, float32 (whose experts on a GPU take the loop, a graph break each:
-    no fullgraph); PhiMoE in eval mode (its training router samples). A dropped gradient reads 1."""
-    ok = True
-    for name, cfg, model in bf16_models():
-        ok &= check_training(res, name, cfg, model.float().train(name == "jetmoe"))
-        torch._dynamo.reset()
-        del model
-    return ok
+def as_training(name: str, model):
+    """float32; PhiMoE in eval mode (its training router samples), JetMoE in train mode."""
+    return model.float().train(name == "jetmoe")
 
 
 def check_training(res: dict, name: str, cfg, model) -> bool:
+    """A compiled training step's gradients (loss = cross-entropy + aux loss, a left-padded batch)
+    against the eager step's, float32 (whose experts on a GPU take the loop, a graph break each:
+    no fullgraph), then in bf16 (one graph) against the eager bf16 step. A dropped gradient reads 1."""
     ok = True
     ids = torch.randint(1, cfg.vocab_size, (2, 48), device="cuda")
     for masked in (False, True):
@@ -204,9 +201,9 @@ def main() -> None:
             with open(args.out, "w") as f:
                 f.write(json.dumps(res, indent=2) + "\n")
 
-    res["ok"] = correctness(res) if "correctness" in args.parts else True
+    res["ok"] = each_model(res, check_model) if "correctness" in args.parts else True
     dump()
-    res["training_ok"] = training(res) if "training" in args.parts else True
+    res["training_ok"] = each_model(res, check_training, as_training) if "training" in args.parts else True
     res["ok"] = res["ok"] and res["training_ok"]
     dump()
     for name in filter(None, args.speed.split(",")):

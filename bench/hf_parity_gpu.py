@@ -22,15 +22,15 @@ Exits non-zero if a check of 1-3 fails.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 
 import torch
 import transformers
+from generation_check import randomize  # bench/ is the script's directory
 
 import moetorch
-from moetorch.gpu_check import rel_err
+from moetorch.gpu_check import rel_err, report
 
 LIMIT = 1e-4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a dry run of the script
@@ -44,18 +44,10 @@ def configs() -> dict:
     return {"phimoe": ("Phimoe", phi), "jetmoe": ("JetMoe", jet)}
 
 
-def randomize(model, seed: int, std: float = 0.02) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            shift = 1.0 if p.dim() == 1 and "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(torch.randn(p.shape, generator=g) * std + shift)
-
-
 def pair(prefix: str, cfg: dict, head: str, directory: str):
     """(ours, hf): one random checkpoint saved by moetorch, loaded by both, float32 on the GPU."""
     ours = getattr(moetorch, f"{prefix}{head}")(getattr(moetorch, f"{prefix}Config")(**cfg))
-    randomize(ours, 0)
+    randomize(ours, 0, std=0.02)
     ours.save_pretrained(directory)
     ours = getattr(moetorch, f"{prefix}{head}").from_pretrained(directory, attn_implementation="eager")
     hf = getattr(transformers, f"{prefix}{head}").from_pretrained(directory, attn_implementation="eager")
@@ -164,11 +156,7 @@ def main() -> int:
     for name, (prefix, cfg) in configs().items():
         ok &= check(name, prefix, cfg, res)
     res["ok"] = bool(ok)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(res, args.out)
     return 0 if ok else 1
 
 

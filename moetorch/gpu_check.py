@@ -756,13 +756,17 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device", file=sys.stderr)
         return 2
     results = run_checks()
-    ok = results["ok"]
+    report(results, args.out)
+    return 0 if results["ok"] else 1
+
+
+def report(results: dict, out: str | None) -> None:
+    """Print the results as JSON, and write them to `out` when given."""
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":
