@@ -1,4 +1,4 @@
-"""Whole-model prefill, A/B in one process: the grouped GEMMs with pointer loads (MOETORCH_TMA=0),
+"""Whole-model prefill, A/B in one process: the grouped GEMMs with pointer loads (`triton_moe.TMA = False`),
 with tensor descriptors, and with the gate/up rows gathered first (ops.triton_moe.GATHER_MIN_ROWS);
 or, with `--b module:attribute=off|<int>`, the code as it is (A) against that attribute set (B).
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 from functools import partial
 
 import torch
@@ -23,12 +22,12 @@ from decode_ab import patch  # bench/ is the script's directory
 import moetorch.ops.triton_moe as tm
 from moetorch.benchmark import SIZES, build, cuda_time
 
-# name: (MOETORCH_TMA, GATHER_MIN_ROWS)
-VARIANTS = {"pointer": ("0", 10**9), "tma": ("1", 10**9), "tma+gather": ("1", tm.GATHER_MIN_ROWS)}
+# name: (triton_moe.TMA, GATHER_MIN_ROWS)
+VARIANTS = {"pointer": (False, 10**9), "tma": (True, 10**9), "tma+gather": (True, tm.GATHER_MIN_ROWS)}
 
 
-def load_mode(tma: str, gather_min: int) -> None:
-    os.environ["MOETORCH_TMA"], tm.GATHER_MIN_ROWS = tma, gather_min
+def load_mode(tma: bool, gather_min: int) -> None:
+    tm.TMA, tm.GATHER_MIN_ROWS = tma, gather_min
 
 
 @torch.no_grad()
@@ -46,7 +45,7 @@ def main() -> None:
         variants = {tag: partial(setattr, module, attr, value) for tag, value in arms.items()}
     else:
         variants = {tag: partial(load_mode, tma, gather_min) for tag, (tma, gather_min) in VARIANTS.items()}
-    before = os.environ.get("MOETORCH_TMA"), tm.GATHER_MIN_ROWS
+    before = tm.TMA, tm.GATHER_MIN_ROWS
     res = {"device": torch.cuda.get_device_name(), "tokens_per_s": {}}
     for name in args.models.split(","):
         model = build(name, "moetorch", dict(SIZES[name]))
@@ -63,11 +62,7 @@ def main() -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    if before[0] is None:
-        os.environ.pop("MOETORCH_TMA", None)
-    else:
-        os.environ["MOETORCH_TMA"] = before[0]
-    tm.GATHER_MIN_ROWS = before[1]
+    tm.TMA, tm.GATHER_MIN_ROWS = before
     if args.b:
         variants["A"]()
         res["b"] = args.b

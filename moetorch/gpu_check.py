@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import sys
 
 import torch
@@ -62,19 +61,19 @@ from moetorch.ops.moe import (
 
 
 @contextlib.contextmanager
-def _env(**values: str):
-    """Environment variables set for the block (the kernels read MOETORCH_PDL / MOETORCH_TMA at each
-    launch), then put back as they were."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+def _switches(**values: bool):
+    """`ops.triton_moe`'s switches (PDL, TMA: what MOETORCH_PDL / MOETORCH_TMA set at import) set
+    for the block, then put back as they were."""
+    from moetorch.ops import triton_moe
+
+    before = {k: getattr(triton_moe, k) for k in values}
+    for k, v in values.items():
+        setattr(triton_moe, k, v)
     try:
         yield
     finally:
         for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            setattr(triton_moe, k, v)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -232,7 +231,7 @@ def check_triton(results):
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                with _env(MOETORCH_TMA="0") if case == "no_tma" else contextlib.nullcontext():
+                with _switches(TMA=False) if case == "no_tma" else contextlib.nullcontext():
                     combine = case != "uncombined"
                     if kind == "experts":
                         got = [experts_forward(xx, wa, wb, ids, gg, F.silu, "triton", combine)]
@@ -534,8 +533,8 @@ def check_pdl(results):
             prompt = torch.randint(1, cfg.vocab_size, (B, 40), device="cuda")
             toks = torch.randint(1, cfg.vocab_size, (32, B, 1), device="cuda")
             runs = []
-            for pdl, tma in (("1", "1"), ("0", "1")) + ((("1", "0"),) if B == 24 else ()):
-                with _env(MOETORCH_PDL=pdl, MOETORCH_TMA=tma):
+            for pdl, tma in ((True, True), (False, True)) + (((True, False),) if B == 24 else ()):
+                with _switches(PDL=pdl, TMA=tma):
                     cache = moetorch.StaticCache(cfg, max_cache_len=80)
                     model(prompt, past_key_values=cache, use_cache=True)
                     step = GraphedDecodeStep(model, cache, B, enabled=True)

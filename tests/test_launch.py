@@ -175,7 +175,7 @@ class _Jit:
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
     monkeypatch.setattr(launch, "_raw_stream", lambda device: 1234)
     jit = _Jit()
     return jit, launch.Launcher(jit)

@@ -54,9 +54,9 @@ def test_pdl_off_on_cpu_under_the_interpreter_and_by_env(monkeypatch):
     monkeypatch.setattr(triton_moe, "_pdl_capable", lambda index: True)
     monkeypatch.setattr(triton_moe, "sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_moe, "INTERPRET", True)
     assert not triton_moe.pdl_enabled(cuda), "the interpreter takes no launch_pdl"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_moe, "INTERPRET", False)
     # GEMMs (no program count) release the next kernel after their main loop; grids of at most one
     # program per 8 SMs at their start; larger grids at their end
     assert triton_moe.pdl_meta(cuda) == {"PDL": 1, "launch_pdl": True}
@@ -68,11 +68,25 @@ def test_pdl_off_on_cpu_under_the_interpreter_and_by_env(monkeypatch):
     assert triton_moe.pdl_meta(cuda, 133, tokens=1) == {"PDL": 1, "launch_pdl": True}
     assert triton_moe.pdl_meta(cuda, 56, tokens=2) == {"PDL": 1, "launch_pdl": True}
     assert triton_moe.pdl_meta(cuda, 0, tokens=1) == {"PDL": 1, "launch_pdl": True}
-    monkeypatch.setenv("MOETORCH_PDL", "0")
+    monkeypatch.setattr(triton_moe, "PDL", False)
     assert triton_moe.pdl_meta(cuda, 16) == {"PDL": 0}
-    monkeypatch.setenv("MOETORCH_PDL", "1")
+    monkeypatch.setattr(triton_moe, "PDL", True)
     monkeypatch.setattr(triton_moe, "_pdl_capable", lambda index: False)
     assert triton_moe.pdl_meta(cuda, 16) == {"PDL": 0}
+
+
+def test_switches_read_the_environment_at_import():
+    # MOETORCH_PDL / MOETORCH_TMA / TRITON_INTERPRET set the module's switches once, at import
+    root = str(Path(__file__).resolve().parents[1])
+    code = "import moetorch.ops.triton_moe as t; print(t.PDL, t.TMA, t.INTERPRET)"
+    for values, want in (({"MOETORCH_PDL": "0", "TRITON_INTERPRET": "1"}, "False True True"),
+                         ({"MOETORCH_TMA": "0", "TRITON_INTERPRET": "0"}, "True False False"),
+                         ({"MOETORCH_PDL": "1", "MOETORCH_TMA": "1"}, "True True True")):
+        env = {k: v for k, v in os.environ.items() if k not in ("MOETORCH_PDL", "MOETORCH_TMA")}
+        env.update(values, PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])))
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == want.split(), values
 
 
 @pytest.mark.parametrize("capability,want", [((8, 0), False), ((9, 0), True), ((10, 0), True)])

@@ -363,12 +363,14 @@ def test_tma_descriptor_refusals(tm, monkeypatch):
     assert tm._tma_descriptor(w, [1, 16, 512]) is None  # tile side over 256
     assert tm._tma_descriptor(w, [1, 16, 4]) is None  # 8-byte tile rows
     assert tm._tma_descriptor(w.double(), [1, 16, 16]) is None
-    # only on a CUDA device of Hopper or newer, off under the interpreter and by MOETORCH_TMA=0
+    # only on a CUDA device of Hopper or newer, off under the interpreter and with TMA off
+    # (MOETORCH_TMA=0 at import)
     assert not tm.tma_enabled(torch.device("cpu"))
     monkeypatch.setattr(tm, "_tma_capable", lambda index: True)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not tm.tma_enabled(torch.device("cuda", 0)), "the interpreter takes no descriptors"
+    monkeypatch.setattr(tm, "INTERPRET", False)
     assert tm.tma_enabled(torch.device("cuda", 0))
-    monkeypatch.setenv("MOETORCH_TMA", "0")
+    monkeypatch.setattr(tm, "TMA", False)
     assert not tm.tma_enabled(torch.device("cuda", 0))
 
 

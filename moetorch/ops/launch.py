@@ -42,6 +42,13 @@ except ImportError:  # pragma: no cover - older torch
     def _raw_stream(device: int) -> int:
         return torch.cuda.current_stream(device).cuda_stream
 
+try:  # the current device without `torch.cuda.current_device`'s lazy-init checks (five calls, ~2 us):
+    # a launch's tensors are on the GPU already, so CUDA is initialised
+    from torch._C import _cuda_getDevice as _current_device
+except ImportError:  # pragma: no cover - a torch without CUDA
+    def _current_device() -> int:
+        return torch.cuda.current_device()
+
 ENABLED = os.environ.get("MOETORCH_FAST_LAUNCH", "1") != "0"
 
 _UNSET = object()
@@ -135,7 +142,7 @@ class Launcher:
         if (not (ENABLED and self.direct) or callable(grid) or _hooks_set() or self._globals_changed()
                 or torch.compiler.is_compiling()):
             return self.jit[grid](*args, **kwargs)  # Triton's path (which raises on changed globals)
-        device = torch.cuda.current_device()
+        device = _current_device()
         key = (device, self.key(args, kwargs))
         try:
             hit = self.kernels.get(key)

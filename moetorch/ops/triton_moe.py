@@ -75,8 +75,18 @@ _ACT_CODES = {
 }
 
 
+# Switches read from the environment once, at import (an environment read costs about 1-3 us of
+# host time, and a prefill launches a few hundred kernels); assign these to switch at run time.
+# INTERPRET: Triton's interpreter runs the kernels (TRITON_INTERPRET=1; Triton reads it when the
+# kernels are defined). PDL: programmatic dependent launch (MOETORCH_PDL=0 turns it off). TMA: the
+# grouped GEMMs' tensor descriptors (MOETORCH_TMA=0 turns them off).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+PDL = os.environ.get("MOETORCH_PDL", "1") != "0"
+TMA = os.environ.get("MOETORCH_TMA", "1") != "0"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRET
 
 
 # ---- programmatic dependent launch --------------------------------------------------------------
@@ -135,8 +145,8 @@ def sm_count(device_index: int | None) -> int:
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL: a CUDA device that supports it, not under the
-    interpreter, and MOETORCH_PDL not set to 0."""
-    if device.type != "cuda" or _interpreting() or os.environ.get("MOETORCH_PDL", "1") == "0":
+    interpreter, and `PDL` on (MOETORCH_PDL not set to 0)."""
+    if device.type != "cuda" or INTERPRET or not PDL:
         return False
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -156,11 +166,17 @@ def pdl_meta(device: torch.device, programs: int = 0, tokens: int = 0) -> dict:
     PDL_EARLY_SMS_PER_PROGRAM for when it releases the next kernel at its start); 0 for the GEMM
     kernels, which release after their main loop."""
     if not pdl_enabled(device):
-        return {"PDL": 0}
+        return _PDL_OFF
     sms = sm_count(device.index)
     early = 0 < programs <= sms // PDL_EARLY_SMS_PER_PROGRAM
     early = early or (PDL_EARLY_ONE_TOKEN and tokens == 1 and 0 < programs <= sms)
-    return {"PDL": 2 if early else 1, "launch_pdl": True}
+    return _PDL_EARLY if early else _PDL_AFTER
+
+
+# pdl_meta's answers, shared: callers only unpack them into a launch's keywords
+_PDL_OFF = {"PDL": 0}
+_PDL_AFTER = {"PDL": 1, "launch_pdl": True}
+_PDL_EARLY = {"PDL": 2, "launch_pdl": True}
 
 
 # How intermediate values are rounded: to the tensors' dtype, as torch rounds each op's output.
@@ -923,8 +939,8 @@ def _tma_capable(device_index: int) -> bool:
 
 def tma_enabled(device: torch.device) -> bool:
     """Whether the sorted-path GEMM on `device` loads tiles through tensor descriptors: a Hopper or
-    newer CUDA device, not under the interpreter, MOETORCH_TMA not set to 0."""
-    if device.type != "cuda" or _interpreting() or os.environ.get("MOETORCH_TMA", "1") == "0":
+    newer CUDA device, not under the interpreter, `TMA` on (MOETORCH_TMA not set to 0)."""
+    if device.type != "cuda" or INTERPRET or not TMA:
         return False
     return _tma_capable(device.index if device.index is not None else torch.cuda.current_device())
 
