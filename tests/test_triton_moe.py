@@ -97,6 +97,24 @@ def test_backends_registered():
     assert pick_backend(torch.ones(2, 4), torch.zeros(2, 2, dtype=torch.long)) != "triton"  # CPU
 
 
+def test_training_on_cuda_takes_grouped_mm_where_it_serves():
+    class OnCuda(torch.Tensor):  # a CPU tensor that says it is on CUDA: the choice, not the kernels
+        is_cuda = property(lambda self: True)
+
+    def trained(t):
+        return torch.Tensor._make_subclass(OnCuda, t, True)
+
+    ids = torch.zeros(4, 2, dtype=torch.long)
+    x, w = trained(torch.ones(4, 64, dtype=torch.bfloat16)), torch.ones(3, 32, 64, dtype=torch.bfloat16)
+    assert pick_backend(x, ids, w) == "grouped_mm"
+    # grouped_mm raises on rows that are not whole 16-byte units, and takes bf16 only: gather then
+    assert pick_backend(trained(torch.ones(4, 60, dtype=torch.bfloat16)), ids, w[:, :, :60]) == "gather"
+    assert pick_backend(x, ids, w[:, :30]) == "gather"
+    assert pick_backend(trained(torch.ones(4, 64)), ids, w.float()) == "gather"
+    with torch.no_grad():  # inference on CUDA: the Triton kernels
+        assert pick_backend(x, ids, w) == "triton"
+
+
 # chunk 16: several chunks, and at T=600 more chunks than one pass over the count table holds;
 # one chunk (T=1, 7, 8 at 16 and 50 at 256): the placement counts for itself, over several programs.
 # Several chunks are placed both ways: after the count kernel (self_count_max 0), and by a

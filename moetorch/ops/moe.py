@@ -124,8 +124,9 @@ def _grouped_mm_serves(x_TD: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 
 def pick_backend(x_TD: torch.Tensor, ids_TK: torch.Tensor, *weights: torch.Tensor) -> str:
-    """Triton on CUDA for inference; grouped_mm when autograd records (the Triton kernels are
-    forward-only and their backward would recompute); gather for small T; else the reference.
+    """Triton on CUDA for inference; grouped_mm when autograd records on CUDA, where it takes the
+    operands (the Triton kernels are forward-only and their backward would recompute; grouped_mm
+    raises on rows that are not whole 16-byte units); gather for small T; else the reference.
 
     While torch.compile traces, the torch code: grouped_mm where it serves (static shapes, no host
     sync, so `fullgraph=True` holds), else gather for small T, else the reference loop (whose
@@ -135,7 +136,7 @@ def pick_backend(x_TD: torch.Tensor, ids_TK: torch.Tensor, *weights: torch.Tenso
             return "grouped_mm"
     elif x_TD.is_cuda and triton_available() and not (torch.is_grad_enabled() and x_TD.requires_grad):
         return "triton"
-    elif x_TD.is_cuda and hasattr(torch, "_grouped_mm") and x_TD.dtype == torch.bfloat16:
+    elif x_TD.is_cuda and _grouped_mm_serves(x_TD, *weights):
         return "grouped_mm"
     if ids_TK.numel() <= GATHER_MAX_ROWS:
         return "gather"
