@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--model", default="jetmoe", choices=sorted(SIZES))
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--out", default=None)
+    p.add_argument("--dump", default=None, help="also write the raw profile (pstats) to this file")
     args = p.parse_args()
     model = build(args.model, "moetorch", dict(SIZES[args.model]))
     ids = torch.randint(0, SIZES[args.model]["vocab_size"], (1, args.tokens), device="cuda")
@@ -55,6 +56,8 @@ def main() -> None:
         forward()
     torch.cuda.synchronize()
     profile.disable()
+    if args.dump:
+        profile.dump_stats(args.dump)
     text = io.StringIO()
     stats = pstats.Stats(profile, stream=text).sort_stats("tottime")
     stats.print_stats(35)
