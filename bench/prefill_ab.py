@@ -21,6 +21,7 @@ from decode_ab import patch  # bench/ is the script's directory
 
 import moetorch.ops.triton_moe as tm
 from moetorch.benchmark import SIZES, build, cuda_time
+from moetorch.engine import capture
 
 # name: (triton_moe.TMA, GATHER_MIN_ROWS)
 VARIANTS = {"pointer": (False, 10**9), "tma": (True, 10**9), "tma+gather": (True, tm.GATHER_MIN_ROWS)}
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--tokens", default="2048,8192")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--b", default=None, help="module:attribute=off|<int>: A/B that instead of the load modes")
+    p.add_argument("--graphed", action="store_true",
+                   help="also time each arm's forward captured in a CUDA graph: its GPU time, no host launches")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.b:
@@ -51,14 +54,22 @@ def main() -> None:
         model = build(name, "moetorch", dict(SIZES[name]))
         for T in map(int, args.tokens.split(",")):
             ids = torch.randint(0, SIZES[name]["vocab_size"], (1, T), device="cuda")
-            runs = {}
+            runs, graphed = {}, {}
+            forward = partial(model, ids, use_cache=False, logits_to_keep=1)
             for _ in range(args.rounds):
                 for tag, select in variants.items():
                     select()
-                    t = cuda_time(partial(model, ids, use_cache=False, logits_to_keep=1), repeats=3, warmup=1)
+                    t = cuda_time(forward, repeats=3, warmup=1)
                     runs.setdefault(tag, []).append(T / t)
+                    if args.graphed:  # the arm's kernels, captured as it launches them
+                        graph, _ = capture(forward)
+                        graphed.setdefault(tag, []).append(T / cuda_time(graph.replay, repeats=3, warmup=1))
+                        del graph
             res["tokens_per_s"][f"{name}.{T}"] = runs
             print(name, T, {tag: round(max(v)) for tag, v in runs.items()}, "tok/s", flush=True)
+            if graphed:
+                res.setdefault("graphed_tokens_per_s", {})[f"{name}.{T}"] = graphed
+                print(name, T, "graphed", {tag: round(max(v)) for tag, v in graphed.items()}, "tok/s", flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
