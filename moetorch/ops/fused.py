@@ -8,6 +8,7 @@ kernels on CPU under Triton's interpreter with `forced()`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -78,7 +79,9 @@ def forced(on: bool = True):
         _state.update(before)
 
 
+@functools.cache
 def kernels():
+    """ops.triton_fused, imported on first use (it needs triton); a module lookup after that."""
     from . import triton_fused
 
     return triton_fused

@@ -812,11 +812,11 @@ def _rope_launch(q_BHTd, k_BGTd, cos_BTd, sin_BTd, k_out, v=None, v_cache=None, 
     half = d // 2
     parts = (q_BHTd is not None) + (k_BGTd is not None)
     if B * T:
+        # each tensor's (batch, token, head) strides; a tensor is [B, heads, T, d]
+        sq, sk, sv, sqo, sko, svc = ((s[0], s[2], s[1]) for s in (t.stride() for t in (q, k, v, qo, ko, v_cache)))
         _rope_kernel[(B * T, parts)](
             q, k, v, qo, ko, v_cache, cos_BTd, sin_BTd, cache_position_T, T,
-            q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
-            v.stride(0), v.stride(2), v.stride(1), qo.stride(0), qo.stride(2), qo.stride(1),
-            ko.stride(0), ko.stride(2), ko.stride(1), v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
+            *sq, *sk, *sv, *sqo, *sko, *svc,
             cb, ct,
             HQ=q.shape[1], HQ_PAD=next_power_of_2(q.shape[1]), HK=k.shape[1],
             HK_PAD=next_power_of_2(k.shape[1]), HALF=half, HALF_PAD=next_power_of_2(half),
