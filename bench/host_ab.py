@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 def measure(model_name: str, tokens: list[int], steps: int) -> dict:
     """Runs inside the child process: the copy of moetorch on its path is the one measured."""
     import torch
+    from eager_decode_ab import steps_per_s  # bench/ is on the child's path
 
     import moetorch
     from moetorch.benchmark import SIZES, build
@@ -77,18 +78,8 @@ def measure(model_name: str, tokens: list[int], steps: int) -> dict:
                 torch.cuda.synchronize()
                 out["python_calls_per_forward"] = pstats.Stats(profile).total_calls
         ids = torch.randint(0, V, (1, 128), device="cuda")
-        per_step = []
-        for _ in range(3):
-            cache = moetorch.DynamicCache()
-            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            tok = ids[:, -1:]
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
-                model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            torch.cuda.synchronize()
-            per_step.append((time.perf_counter() - start) / steps)
-        out["decode_ms_per_step"] = statistics.median(per_step) * 1e3
+        rates = [steps_per_s(model, ids, steps) for _ in range(3)]
+        out["decode_ms_per_step"] = 1e3 / statistics.median(rates)
     return out
 
 
