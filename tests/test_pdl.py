@@ -81,7 +81,7 @@ def test_switches_read_the_environment_at_import():
     code = "import moetorch.ops.triton_moe as t; print(t.PDL, t.TMA, t.INTERPRET)"
     for values, want in (({"MOETORCH_PDL": "0", "TRITON_INTERPRET": "1"}, "False True True"),
                          ({"MOETORCH_TMA": "0", "TRITON_INTERPRET": "0"}, "True False False"),
-                         ({"MOETORCH_PDL": "1", "MOETORCH_TMA": "1"}, "True True True")):
+                         ({"MOETORCH_PDL": "1", "MOETORCH_TMA": "1", "TRITON_INTERPRET": "1"}, "True True True")):
         env = {k: v for k, v in os.environ.items() if k not in ("MOETORCH_PDL", "MOETORCH_TMA")}
         env.update(values, PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])))
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
