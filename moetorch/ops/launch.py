@@ -77,14 +77,15 @@ def _spec(a: Any) -> Any:
     return type(a), a
 
 
-def specialization_key(args: tuple, kwargs: dict, _tensor=torch.Tensor, _spec=_spec) -> tuple:
+def specialization_key(args: tuple, kwargs: dict, _tensors=frozenset((torch.Tensor, torch.nn.Parameter)),
+                       _spec=_spec) -> tuple:
     """The key under which a call's compiled kernel is kept (the current device and positional
     constexprs aside): a tensor by its dtype and 16-byte alignment; an int by what Triton
     specialises it on (whether it is 1, whether 16 divides it, and its width: 32 bits, 64, or
     unsigned 64), so that positions and lengths that change from call to call share a key; any
     other argument by `_spec`; the keywords (constexprs and options) by name, value and type."""
     return (tuple([(a == 1) | (not a & 15) << 1 | (not -2147483648 <= a < 2147483648) << 2 | (a >= 2**63) << 3
-                   if a.__class__ is int else (a.dtype, not a.data_ptr() & 15) if a.__class__ is _tensor
+                   if a.__class__ is int else (a.dtype, not a.data_ptr() & 15) if a.__class__ in _tensors
                    else _spec(a) for a in args]),
             tuple(kwargs.items()), tuple(map(type, kwargs.values())))
 
@@ -94,10 +95,16 @@ _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)  # where Tri
 
 def _hooks_set() -> bool:
     """Whether a launch hook is set, as profilers (Proton) set one: Triton 3.6+ keeps each hook as a
-    chain of calls, empty when none is set."""
-    for hook in (getattr(_RUNTIME, "launch_enter_hook", None), getattr(_RUNTIME, "launch_exit_hook", None)):
-        if hook is not None and getattr(hook, "calls", True):
-            return True
+    chain of calls, empty when none is set. (Attribute reads only: this runs at every launch.)"""
+    if _RUNTIME is None:
+        return False
+    for hook in (_RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook):
+        if hook is not None:
+            try:
+                if hook.calls:
+                    return True
+            except AttributeError:  # a plain callable
+                return True
     return False
 
 
@@ -139,11 +146,12 @@ class Launcher:
         return specialization_key(args, kwargs), tuple(args[i] for i in self.constexpr_at if i < len(args))
 
     def launch(self, grid, args: tuple, kwargs: dict):
-        if (not (ENABLED and self.direct) or callable(grid) or _hooks_set() or self._globals_changed()
-                or torch.compiler.is_compiling()):
+        if (not (ENABLED and self.direct) or callable(grid) or _hooks_set()
+                or (self.jit.used_global_vals and self._globals_changed()) or torch.compiler.is_compiling()):
             return self.jit[grid](*args, **kwargs)  # Triton's path (which raises on changed globals)
         device = _current_device()
-        key = (device, self.key(args, kwargs))
+        key = (device, specialization_key(args, kwargs) if len(args) <= self.first_constexpr
+               else self.key(args, kwargs))
         try:
             hit = self.kernels.get(key)
         except TypeError:  # an unhashable argument
