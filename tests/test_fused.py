@@ -1195,6 +1195,22 @@ def test_float64_and_mixed_dtypes_take_the_torch_path():
         triton_fused.round_code(torch.float64)
 
 
+def test_active_rules():
+    bf = torch.ones(2, 16, dtype=torch.bfloat16)
+    w = torch.ones(16, dtype=torch.bfloat16, requires_grad=True)
+    with fused.forced():
+        assert fused.active(bf, None, bf.clone())  # None entries are skipped
+        assert not fused.active(bf, bf.float())  # mixed dtypes: torch would promote
+        assert not fused.active(bf.double(), bf.double())  # no kernel computes in float64
+        assert not fused.active(bf, w)  # autograd records: the torch code
+        with torch.no_grad():
+            assert fused.active(bf, w)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert not fused.active(bf, w)
+    with torch.no_grad():
+        assert not fused.active(bf, w)  # a CPU tensor, not forced
+
+
 @pytest.mark.parametrize("affine,bias", [(False, False), (True, False)])
 def test_layernorm_without_weight_or_bias(affine, bias):
     # nn.LayerNorm's optional parameters: the fused path must normalise exactly as torch does

@@ -58,14 +58,16 @@ def active(*tensors: torch.Tensor | None) -> bool:
     """Whether the fused kernels serve an op on these tensors: the first one decides the device,
     all must share its dtype (torch would promote), and none may need gradients or autocast."""
     first = tensors[0]
-    if not serves(first.device):
+    if not serves(first.device) or torch.is_autocast_enabled(first.device.type):
         return False
-    if torch.is_autocast_enabled(first.device.type):
+    dtype = first.dtype
+    if dtype not in KERNEL_DTYPES:
         return False
-    present = [t for t in tensors if t is not None]
-    if first.dtype not in KERNEL_DTYPES or any(t.dtype != first.dtype for t in present):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # a plain loop: this runs for every fused op of an eager forward
+        if t is not None and (t.dtype != dtype or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 @contextlib.contextmanager
