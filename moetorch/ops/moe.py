@@ -131,12 +131,10 @@ def pick_backend(x_TD: torch.Tensor, ids_TK: torch.Tensor, *weights: torch.Tenso
     While torch.compile traces, the torch code: grouped_mm where it serves (static shapes, no host
     sync, so `fullgraph=True` holds), else gather for small T, else the reference loop (whose
     data-dependent shapes break the graph)."""
-    if torch.compiler.is_compiling():
-        if _grouped_mm_serves(x_TD, *weights):
-            return "grouped_mm"
-    elif x_TD.is_cuda and triton_available() and not (torch.is_grad_enabled() and x_TD.requires_grad):
+    compiling = torch.compiler.is_compiling()
+    if not compiling and x_TD.is_cuda and triton_available() and not (torch.is_grad_enabled() and x_TD.requires_grad):
         return "triton"
-    elif x_TD.is_cuda and _grouped_mm_serves(x_TD, *weights):
+    if (compiling or x_TD.is_cuda) and _grouped_mm_serves(x_TD, *weights):
         return "grouped_mm"
     if ids_TK.numel() <= GATHER_MAX_ROWS:
         return "gather"
