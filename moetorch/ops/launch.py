@@ -150,6 +150,7 @@ class Launcher:
                 or (self.jit.used_global_vals and self._globals_changed()) or torch.compiler.is_compiling()):
             return self.jit[grid](*args, **kwargs)  # Triton's path (which raises on changed globals)
         device = _current_device()
+        # `self.key`, with its common case (no positional constexpr) inline: a call fewer a launch
         key = (device, specialization_key(args, kwargs) if len(args) <= self.first_constexpr
                else self.key(args, kwargs))
         try:
