@@ -95,12 +95,13 @@ def test_compiled_bf16_forward_traces_the_grouped_experts_bit_for_bit():
     assert len(graphs) == 1 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
-def test_compiled_training_step_traces_the_eager_gradients(arch, tmp_path):
+def test_compiled_training_step_traces_the_eager_gradients(arch, backend, tmp_path):
     """A training step (cross-entropy + aux loss, a left-padded batch) traces in one graph, and
-    AOT autograd's gradients (`backend="aot_eager"`) equal the eager step's. PhiMoE in eval mode:
-    its training router samples. Inductor's own code is left out: torch 2.13's CPU inductor lowers
-    the expert weights' gradient accumulation (index_put) wrongly here (docs/training.md)."""
+    its gradients equal the eager step's: AOT autograd's traced graphs run as they are
+    (`aot_eager`), and inductor's code for them (the default backend). PhiMoE in eval mode: its
+    training router samples."""
     _, model = make_pair(arch, tmp_path, seed=20)
     model.train(arch is not PHIMOE)
     ids, mask = make_inputs(arch.base["vocab_size"], 2, 9, "left", seed=21)
@@ -113,7 +114,7 @@ def test_compiled_training_step_traces_the_eager_gradients(arch, tmp_path):
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     loss, want = grads(model)
-    compiled_loss, got = grads(torch.compile(model, backend="aot_eager", fullgraph=True))
+    compiled_loss, got = grads(torch.compile(model, backend=backend, fullgraph=True))
     close(compiled_loss, loss, "loss")
     assert got.keys() == want.keys()
     for name in want:
