@@ -30,7 +30,7 @@ import transformers
 from generation_check import randomize  # bench/ is the script's directory
 
 import moetorch
-from moetorch.gpu_check import rel_err, report
+from moetorch.gpu_check import real_rows, rel_err, report
 
 LIMIT = 1e-4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a dry run of the script
@@ -72,20 +72,9 @@ def fields(ours_out, hf_out, mask, res: dict, key: str) -> bool:
             ok = False
             continue
         if isinstance(a, tuple):
-            errs = []
-            for x, y in zip(a, b, strict=True):
-                if name == "hidden_states":
-                    x, y = x[valid], y[valid]
-                elif name == "attentions":  # rows of real queries
-                    x, y = x.transpose(1, 2)[valid], y.transpose(1, 2)[valid]
-                elif name == "router_logits":  # [B*T, E] (Transformers) or [B, T, E]
-                    x, y = x.reshape(valid.numel(), -1)[valid.flatten()], y.reshape(valid.numel(), -1)[valid.flatten()]
-                errs.append(rel_err(x, y))
-            err = max(errs)
-        elif name == "logits":
-            err = rel_err(a[valid], b[valid])
+            err = max(rel_err(real_rows(name, x, valid), real_rows(name, y, valid)) for x, y in zip(a, b, strict=True))
         else:
-            err = rel_err(a.reshape(1), b.reshape(1))
+            err = rel_err(real_rows(name, a, valid).reshape(-1), real_rows(name, b, valid).reshape(-1))
         res[f"{key}.{name}"] = err
         ok &= err < LIMIT
     return ok

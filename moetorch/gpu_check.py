@@ -81,6 +81,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+def real_rows(field: str, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The part of one tensor of output `field` that belongs to real tokens (`valid`: the bool
+    attention mask [B, T]), where outputs are compared: padding rows are left out, as
+    Transformers' own backends disagree on them. logits and hidden states [B, T, ...]: their
+    real rows; router logits [B*T, E] (or [B, T, E]): the real tokens' rows; attentions
+    [B, H, T, S]: the real queries' rows. Other fields, and all of them without a mask: as given."""
+    if valid is None:
+        return x
+    if field in ("logits", "hidden_states") and x.dim() == 3 and x.shape[:2] == valid.shape:
+        return x[valid]
+    if field == "router_logits":
+        return x.reshape(valid.numel(), -1)[valid.reshape(-1)]
+    if field == "attentions":
+        return x.transpose(1, 2)[valid]
+    return x
+
+
 def configs():
     phi = moetorch.PhimoeConfig(
         vocab_size=4096, hidden_size=1024, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=16,
