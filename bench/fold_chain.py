@@ -176,7 +176,8 @@ def buffers(L: int, dev, d: int = D, i: int = I) -> dict:
 
 
 def chain(arm: str, layers: list, buf: dict, cfg: dict):
-    """A function running all layers of `arm` once (`separate` or `folded`; to be captured in a graph)."""
+    """A function running all layers of `arm` once (`separate`, `folded` or `folded_early`; to be
+    captured in a graph)."""
     dev = buf["y"].device
     e, d, i = layers[0]["w2"].shape
     up = dict(BLOCK_N=cfg["UP_N"], BLOCK_K=cfg["UP_K"], num_warps=cfg["warps"], num_stages=cfg["stages"])
