@@ -16,6 +16,9 @@ weights (so every weight byte comes from HBM, as in decode):
 - `folded`: gate/up with the norm and router as its prologue, then down;
 - `folded_early`: the same, its programs loading the router, norm weights and residual row before
   they wait for the kernel before (PDL): none of those is written by it, only the previous output is;
+- `separate_tc`, `folded_tc`: the first two with the gate/up GEMV on the matrix units, as the
+  library's small-row expert kernel runs one token (a 16-row tile, one flat loop over both
+  experts' K steps, 88 programs at its block sizes);
 - `library`: the library's own layer as decode runs it (`layer_bench.run_layer`, jetmoe_mlp at one
   token: its norm + router kernel, the small-row expert kernel, the GEMV kernel), for scale.
 
@@ -35,6 +38,7 @@ import triton
 import triton.language as tl
 from moe_layer import ceilings, graph_ms, save_json  # bench/ is the script's directory
 
+from moetorch.ops import triton_moe
 from moetorch.ops.triton_moe import _pdl_release, _pdl_start, pdl_meta
 
 E, K, D, I, EPS = 8, 2, 2048, 5632, 1e-6  # JetMoE's MLP: 8 experts, top-2
@@ -88,7 +92,8 @@ def _norm_route_kernel(h_ptr, y_ptr, g_ptr, wr_ptr, s_ptr, r_ptr, ids_ptr, wts_p
 @triton.jit
 def _gate_up_kernel(h_ptr, y_ptr, g_ptr, wr_ptr, s_ptr, r_ptr, ids_ptr, wts_ptr, w_ptr, a_ptr, eps, I,
                     D: tl.constexpr, E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    FOLD: tl.constexpr, PDL: tl.constexpr):
+                    FOLD: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr = False,
+                    UPCAST: tl.constexpr = False):
     # a[k, n] = silu(W_gate[e_k, n] . x) * (W_up[e_k, n] . x) for both slots k, columns
     # [pid*BLOCK_N, +BLOCK_N); x = the normed row, built chunk by chunk from h + y, r and g (the
     # same code in both arms). FOLD: the program routes the row itself, and program 0 stores the
@@ -115,6 +120,32 @@ def _gate_up_kernel(h_ptr, y_ptr, g_ptr, wr_ptr, s_ptr, r_ptr, ids_ptr, wts_ptr,
         e1 = tl.load(ids_ptr + 1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
+    if DOT:
+        # as the library's small-row expert kernel runs one token: a 16-row tile whose rows 0 and
+        # 1 are the token's two assignments, the matrix units, one flat loop over (slot, K step)
+        m = tl.arange(0, 16)
+        gate_mn = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        up_mn = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        steps = D // BLOCK_K
+        for step in range(2 * steps):
+            slot = step // steps
+            k0 = (step - slot * steps) * BLOCK_K
+            e = tl.where(slot == 0, e0, e1).to(tl.int64)
+            sk = tl.load(h_ptr + k0 + kk).to(tl.float32) + tl.load(y_ptr + k0 + kk).to(tl.float32)
+            sk = sk.to(tl.bfloat16).to(tl.float32)
+            x = (sk * r * tl.load(g_ptr + k0 + kk).to(tl.float32)).to(tl.bfloat16)
+            a = tl.where((m == slot)[:, None], x[None, :], 0.0).to(tl.bfloat16)
+            cols = w_ptr + e * (2 * I * D) + n.to(tl.int64)[None, :] * D + (k0 + kk)[:, None]
+            w_gate = tl.load(cols)
+            w_up = tl.load(cols + I * D)
+            if UPCAST:  # the CPU interpreter's bf16 dot
+                a, w_gate, w_up = a.to(tl.float32), w_gate.to(tl.float32), w_up.to(tl.float32)
+            gate_mn = tl.dot(a, w_gate, gate_mn)
+            up_mn = tl.dot(a, w_up, up_mn)
+        act = gate_mn / (1.0 + tl.exp(-gate_mn)) * up_mn
+        tl.store(a_ptr + m[:, None] * I + n[None, :], act.to(tl.bfloat16), mask=(m < 2)[:, None])
+        _pdl_release(PDL)
+        return
     for slot in tl.static_range(2):
         e = (e0 if slot == 0 else e1).to(tl.int64)
         gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -180,9 +211,10 @@ def chain(arm: str, layers: list, buf: dict, cfg: dict):
     captured in a graph)."""
     dev = buf["y"].device
     e, d, i = layers[0]["w2"].shape
-    up = dict(BLOCK_N=cfg["UP_N"], BLOCK_K=cfg["UP_K"], num_warps=cfg["warps"], num_stages=cfg["stages"])
+    up = dict(BLOCK_N=cfg["UP_N"], BLOCK_K=cfg["UP_K"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+              DOT=arm.endswith("_tc"), UPCAST=triton_moe.INTERPRET)
     down = dict(BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], num_warps=cfg["warps"], num_stages=cfg["stages"])
-    fold = {"separate": 0, "folded": 1, "folded_early": 2}[arm]
+    fold = {"separate": 0, "folded": 1, "folded_early": 2}[arm.removesuffix("_tc")]
 
     def run():
         for l, lay in enumerate(layers):
@@ -219,9 +251,13 @@ def reference(layers: list, buf: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return y, torch.stack(ids_all)
 
 
-ARMS = ("separate", "folded", "folded_early")
+ARMS = ("separate", "folded", "folded_early", "separate_tc", "folded_tc")
 CONFIGS = [dict(UP_N=un, UP_K=uk, DOWN_N=dn, DOWN_K=dk, warps=4, stages=3)
            for un in (8, 16, 32, 64) for uk in (128, 256) for dn, dk in ((2, 512), (4, 512), (8, 256))]
+# the matrix-unit gate/up (`_tc` arms): the library's block sizes at one token (64 columns, 128 of
+# K, 4 stages: 88 programs) and neighbours; down with the CUDA-core arms' best
+TC_CONFIGS = [dict(UP_N=un, UP_K=uk, DOWN_N=2, DOWN_K=512, warps=4, stages=st)
+              for un in (32, 64, 128) for uk in (64, 128) for st in (3, 4)]
 
 
 @torch.no_grad()
@@ -229,6 +265,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the arms")
+    p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--library", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -243,9 +280,9 @@ def main(argv=None) -> int:
     res: dict = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "layers": L,
                  "floor_us_per_layer": floor_us, "arms": {}, "all": []}
     best = {}
-    for arm in ARMS:
+    for arm in args.arms.split(","):
         timed = []
-        for cfg in CONFIGS:
+        for cfg in TC_CONFIGS if arm.endswith("_tc") else CONFIGS:
             fn = chain(arm, layers, buf, cfg)
             buf["y"][1:].zero_()
             fn()
