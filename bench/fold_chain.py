@@ -20,7 +20,9 @@ weights (so every weight byte comes from HBM, as in decode):
   library's small-row expert kernel runs one token (a 16-row tile, one flat loop over both
   experts' K steps, 88 programs at its block sizes);
 - `library`: the library's own layer as decode runs it (`layer_bench.run_layer`, jetmoe_mlp at one
-  token: its norm + router kernel, the small-row expert kernel, the GEMV kernel), for scale.
+  token: its norm + router kernel, the small-row expert kernel, the GEMV kernel), for scale;
+- `library_experts_only`: its expert kernels alone, on a fixed normed row and routing: the bound
+  that no fold of the norm + router step can pass.
 
 The first three share this file's GEMV bodies and routing code, so they differ by the fold
 alone. Both route with the same code; the check compares their last outputs.
@@ -302,6 +304,7 @@ def main(argv=None) -> int:
     fns = {arm: chain(arm, layers, buf, cfg) for arm, cfg in best.items()}
     if args.library:
         fns["library"] = library_chain(L)
+        fns["library_experts_only"] = library_chain(L, experts_only=True)
     times = {arm: [] for arm in fns}
     for _ in range(args.rounds):
         for arm, fn in fns.items():
@@ -317,16 +320,28 @@ def main(argv=None) -> int:
     return 0
 
 
-def library_chain(L: int):
-    """The library's JetMoE MLP layer at one token, L layers back to back (`layer_bench`)."""
+def library_chain(L: int, experts_only: bool = False):
+    """The library's JetMoE MLP layer at one token, L layers back to back (`layer_bench`).
+    experts_only: each layer's expert kernels alone, on one normed row and one routing made
+    before (no norm + router step): what no fold can beat."""
     from moetorch import layer_bench as lb
+    from moetorch.ops.moe import experts_forward
 
     spec = lb.LAYERS["jetmoe_mlp"]
     g = torch.Generator(device="cuda").manual_seed(2)
     layers = [lb.make_layer(spec, g) for _ in range(L)]
     x = torch.randn(1, D, device="cuda", dtype=torch.bfloat16, generator=g)
     delta = torch.randn(1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    return lb.chain_fn(spec, layers, x, delta, "triton")
+    if not experts_only:
+        return lb.chain_fn(spec, layers, x, delta, "triton")
+    ids = torch.tensor([[1, 5]], device="cuda")
+    weights = torch.tensor([[0.6, 0.4]], device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        for layer in layers:
+            experts_forward(x, layer["w13"], layer["w2"], ids, weights, torch.nn.functional.silu, "triton",
+                            combine=False)
+    return run
 
 
 if __name__ == "__main__":
