@@ -5,6 +5,7 @@ classifier-free guidance, stop strings, streamers and GenerationConfig I/O."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import threading
 
@@ -720,6 +721,9 @@ INVALID = [
     (dict(generation_config={"max_new_tokens": 3}), TypeError, "generation_config"),
     (dict(num_beams=2, streamer=TextStreamer(None)), ValueError, "streamer"),
     (dict(num_beams=2, assistant_model="x"), ValueError, "assistant_model"),
+    (dict(num_assistant_tokens_schedule="fast"), ValueError, "num_assistant_tokens_schedule"),
+    (dict(assistant_confidence_threshold=1.5), ValueError, "assistant_confidence_threshold"),
+    (dict(assistant_lookbehind=-1), ValueError, "assistant_lookbehind"),
     (dict(past_key_values=(1, 2)), TypeError, "past_key_values"),
     (dict(attention_mask=torch.ones(1, 3)), ValueError, "attention_mask"),
 ]
@@ -745,6 +749,74 @@ def test_invalid_prompts_and_configs_raise(pair):
     # temperature=0 is fine when not sampling (the spec's pipeline example passes it).
     ids, _ = prompts(batch=1, padding=None)
     assert ours.generate(ids, max_new_tokens=2, temperature=0.0, do_sample=False).shape[1] == 8
+
+
+def _drafting_rounds(n_new: int, num: int, schedule: str, one_draft: bool = False) -> tuple[int, int]:
+    """(rounds, the draft length reached) of assisted decoding when every draft is kept, by
+    Transformers' rules: a round drafts min(num, tokens left - 1) (one_draft: the confidence
+    threshold stops it after one) and adds its drafts and one token; the heuristic schedules then
+    add 2 to num."""
+    rounds = made = 0
+    while made < n_new:
+        drafts = min(num, n_new - made - 1, 1 if one_draft else num)
+        made += drafts + 1
+        rounds += 1
+        num = num + 2 if schedule != "constant" else num
+    return rounds, num
+
+
+def test_assisted_draft_length_schedule_and_confidence(pair, tmp_path):
+    """Transformers' draft-length settings. The "heuristic" schedules add 2 to the draft length
+    after a round whose drafts were all kept (else take 1 off), and "heuristic" leaves the length
+    reached in the assistant's generation config, where its next call starts; a draft that the
+    assistant gives less than `assistant_confidence_threshold` ends the round's drafting; the
+    call's settings beat the assistant's config, which beats the defaults. The model assisting a
+    copy of itself keeps every draft, so the rounds (this model's forwards) follow from the
+    settings alone, and the tokens are greedy search's."""
+    ours = pair[1]
+    assistant = copy.deepcopy(ours)
+    prompt, _ = prompts(batch=1, padding=None)
+    n = 12
+    want = ours.generate(prompt, max_new_tokens=n, eos_token_id=None)
+
+    def rounds(**kw):
+        calls = []
+        hook = ours.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            got = ours.generate(prompt, assistant_model=assistant, max_new_tokens=n, eos_token_id=None, **kw)
+        finally:
+            hook.remove()
+        assert_same_tokens(want, got, f"assisted, {kw}")
+        return len(calls)
+
+    off = dict(assistant_confidence_threshold=0.0)
+    assert rounds(num_assistant_tokens=2, **off) == _drafting_rounds(n, 2, "constant")[0] == 4
+    assert rounds(num_assistant_tokens=2, num_assistant_tokens_schedule="heuristic_transient", **off) == 3
+    assert not assistant.generation_config.is_set("num_assistant_tokens")
+    want_rounds, reached = _drafting_rounds(n, 2, "heuristic")
+    assert rounds(num_assistant_tokens=2, num_assistant_tokens_schedule="heuristic", **off) == want_rounds == 3
+    assert assistant.generation_config.num_assistant_tokens == reached == 8
+    # the assistant's config when the call sets nothing (its 8 now): 12 new tokens in 2 rounds
+    assert rounds(**off) == _drafting_rounds(n, 8, "constant")[0] == 2
+    assistant.generation_config.num_assistant_tokens = 1
+    assert rounds(**off) == 6
+    assert rounds(num_assistant_tokens=5, **off) == 2  # the call's setting wins
+    # a threshold of 1 stops every round after its first draft; None and 0 stop none
+    assert rounds(num_assistant_tokens=5, assistant_confidence_threshold=1.0) == _drafting_rounds(
+        n, 5, "constant", one_draft=True)[0] == 6
+    assert rounds(num_assistant_tokens=5, assistant_confidence_threshold=None) == 2
+    assistant.generation_config.assistant_confidence_threshold = 1.0  # from the assistant's config too
+    assert rounds(num_assistant_tokens=5) == 6
+    assistant.generation_config.num_assistant_tokens_schedule = "sometimes"
+    with pytest.raises(ValueError, match="num_assistant_tokens_schedule"):
+        rounds()
+    # the fields round-trip through generation_config.json, which Transformers reads
+    GenerationConfig(num_assistant_tokens_schedule="heuristic", assistant_confidence_threshold=0.25,
+                     assistant_lookbehind=4).save_pretrained(tmp_path)
+    theirs = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert (theirs.num_assistant_tokens_schedule, theirs.assistant_confidence_threshold,
+            theirs.assistant_lookbehind) == ("heuristic", 0.25, 4)
+    assert GenerationConfig.from_pretrained(tmp_path).num_assistant_tokens_schedule == "heuristic"
 
 
 def test_bos_start_and_randomized_assistant_vocab_mismatch(pair):

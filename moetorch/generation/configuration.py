@@ -55,7 +55,15 @@ DEFAULTS: dict[str, Any] = {
     "eos_token_id": None,
     # assisted decoding
     "num_assistant_tokens": 20,
+    "num_assistant_tokens_schedule": "constant",
+    "assistant_confidence_threshold": 0.4,
+    # Transformers reads these only for an assistant with another tokenizer, which moetorch does not
+    # take (the assistant must share the vocabulary): kept for its config files, unused
+    "assistant_lookbehind": 10,
+    "target_lookbehind": 10,
 }
+
+ASSISTANT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 # Arguments of generate() itself, which a config must not carry.
@@ -122,7 +130,14 @@ class GenerationConfig:
                 fail(name, f"must be a positive integer, got {v!r}")
         if self.max_new_tokens is not None and not (_is_int(self.max_new_tokens) and self.max_new_tokens > 0):
             fail("max_new_tokens", f"must be a positive integer, got {self.max_new_tokens!r}")
-        for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size"):
+        if self.num_assistant_tokens_schedule not in ASSISTANT_SCHEDULES:
+            fail("num_assistant_tokens_schedule",
+                 f"must be one of {ASSISTANT_SCHEDULES}, got {self.num_assistant_tokens_schedule!r}")
+        threshold = self.assistant_confidence_threshold
+        if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= 1):
+            fail("assistant_confidence_threshold", f"must be a probability in [0, 1] or None, got {threshold!r}")
+        for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size", "assistant_lookbehind",
+                     "target_lookbehind"):
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v >= 0):
                 fail(name, f"must be a non-negative integer, got {v!r}")

@@ -903,7 +903,9 @@ class GenerationMixin:
         return _StepOutput(out.logits.repeat_interleave(N, dim=0))
 
     def _assisted_decoding(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, assistant, streamer):
-        """Decoding checked in chunks: the assistant drafts up to `num_assistant_tokens` tokens, one
+        """Decoding checked in chunks: the assistant drafts up to `num_assistant_tokens` tokens
+        (stopping early after a draft it gives less than `assistant_confidence_threshold`; the
+        "heuristic" schedules adapt the count from round to round, as Transformers' do), one
         forward of this model scores them all, and a prefix of them plus one token of this model's
         is kept. Greedy: the drafts are the assistant's argmax, the longest prefix agreeing with this
         model's argmax is kept, and the result equals plain greedy search. Sampling (speculative
@@ -923,12 +925,13 @@ class GenerationMixin:
             raise ValueError("assistant_model must share this model's vocabulary (same vocab_size)")
         record = _Record(gen)
         draft_cache = DynamicCache()
+        num, schedule, threshold = _draft_settings(gen, assistant)
         while True:
             L = seq.shape[1]
             # Drafts may run past EOS: verification cuts there, and checking would cost a device read.
             cand, draft_q = seq, []
             draft_cache.crop(L - 1)
-            for _ in range(min(gen.num_assistant_tokens, max_length - L - 1)):
+            for _ in range(min(num, max_length - L - 1)):
                 logits = _forward(assistant, cand, ctx, draft_cache, 1).logits[:, -1]
                 if gen.do_sample:  # drawn from the assistant's distribution under the same processors
                     q = processors(cand, logits.to(dtype=torch.float32, copy=True)).softmax(dim=-1)
@@ -937,6 +940,10 @@ class GenerationMixin:
                 else:
                     token = logits.argmax(dim=-1, keepdim=True)
                 cand = torch.cat([cand, token], dim=-1)
+                if threshold:  # the assistant's probability of its draft, read on the host
+                    p = q[0, token[0, 0]] if gen.do_sample else logits[0].float().softmax(dim=-1).max()
+                    if float(p) < threshold:
+                        break
             n_cand = cand.shape[1] - L
             out = _forward(self, cand, ctx, cache, n_cand + 1)
             raw = out.logits[:, -(n_cand + 1) :].to(dtype=torch.float32)
@@ -949,6 +956,8 @@ class GenerationMixin:
                 chosen = scores.argmax(dim=-1)
                 n_ok = int(((cand[:, L:] != chosen[:, :-1]).cumsum(dim=-1) < 1).sum())
                 new = torch.cat([cand[:, L : L + n_ok], chosen[:, n_ok : n_ok + 1]], dim=-1)
+            if schedule != "constant":  # Transformers' heuristic: 2 more after a round with every draft kept
+                num = num + 2 if n_ok == n_cand else max(1, num - 1)
             new = new[:, : max_length - L]
             if eos is not None:
                 at_eos = torch.isin(new[0], eos).nonzero()
@@ -965,12 +974,36 @@ class GenerationMixin:
                 record.logits += tuple(raw[:, i] for i in range(n_ok + 1))
             if bool(criteria(seq, record.scores).all()):
                 break
+        if schedule == "heuristic" and getattr(assistant, "generation_config", None) is not None:
+            assistant.generation_config.num_assistant_tokens = num  # the next call starts from it
         if streamer is not None:
             streamer.end()
         if not gen.return_dict_in_generate:
             return seq
         return GenerateDecoderOnlyOutput(sequences=seq, scores=record.scores, logits=record.logits,
                                          past_key_values=cache)
+
+
+def _draft_settings(gen: GenerationConfig, assistant) -> tuple[int, str, float | None]:
+    """(num_assistant_tokens, its schedule, the confidence threshold) of an assisted call: each from
+    the call's settings where they set it (keyword arguments, a passed config or this model's
+    config), else from the assistant's generation config, where Transformers reads them (and where
+    the "heuristic" schedule leaves the draft length it reached), else the default."""
+    own = getattr(assistant, "generation_config", None)
+
+    def pick(name: str):
+        if gen.is_set(name) or own is None:
+            return getattr(gen, name)
+        if isinstance(own, GenerationConfig):
+            return getattr(own, name) if own.is_set(name) else getattr(gen, name)
+        value = getattr(own, name, None)
+        return getattr(gen, name) if value is None else value
+
+    settings = GenerationConfig(num_assistant_tokens=pick("num_assistant_tokens"),
+                                num_assistant_tokens_schedule=pick("num_assistant_tokens_schedule"),
+                                assistant_confidence_threshold=pick("assistant_confidence_threshold"))
+    return (settings.num_assistant_tokens, settings.num_assistant_tokens_schedule,
+            settings.assistant_confidence_threshold)
 
 
 def _speculative_pick(drafts_1C: torch.Tensor, draft_q: list[torch.Tensor], p_1PV: torch.Tensor):
