@@ -7,13 +7,16 @@
 2. Host synchronisation in the decode loop, under `torch.cuda.set_sync_debug_mode`, switched on by a
    logits processor after the prefill: none per step when only max_length can stop, one per step
    (the stop check) with an EOS id.
-3. Decode speed (informative): greedy tokens/s with a dynamic and a static cache, batch 1.
-Exits non-zero if check 1 or 2 fails.
+3. Assisted decoding (one row, a one-layer assistant sharing the first layer): greedy search's
+   tokens, with the default draft settings and with the "heuristic" schedule.
+4. Decode speed (informative): greedy tokens/s with a dynamic and a static cache, batch 1.
+Exits non-zero if check 1, 2 or 3 fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -97,6 +100,23 @@ def check(name, config, cls, results) -> bool:
         per_step = (counts[16] - counts[8]) / 8
         results[f"{name}.host_syncs_per_step.eos={eos}"] = per_step
         ok &= per_step == want_per_step
+
+    # assisted decoding (one row, eager steps on dynamic caches): greedy search's tokens, with the
+    # default draft settings (a confidence threshold of 0.4) and with the heuristic schedule
+    small_config = copy.deepcopy(config)
+    small_config.num_hidden_layers = 1
+    small = cls(small_config).eval()
+    small.load_state_dict(cpu.state_dict(), strict=False)  # the first layer, embeddings and head
+    small = small.to("cuda")
+    row = ids[:1, 5:].cuda()
+    want = gpu.generate(row, max_new_tokens=24, eos_token_id=None).cpu()
+    for case, kwargs in {"default": {}, "heuristic": dict(num_assistant_tokens=2,
+                                                          num_assistant_tokens_schedule="heuristic")}.items():
+        got = gpu.generate(row, assistant_model=small, max_new_tokens=24, eos_token_id=None, **kwargs).cpu()
+        same = torch.equal(got, want)
+        results[f"{name}.assisted_{case}.equals_greedy"] = same
+        ok &= same
+    results[f"{name}.assisted_heuristic.draft_length_reached"] = small.generation_config.num_assistant_tokens
 
     prompt = ids[:1, 5:].cuda()
     for cache in ("dynamic", "static"):
