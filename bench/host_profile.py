@@ -2,6 +2,7 @@
 size (random weights), after two warm-up forwards.
 
     PYTHONPATH=. python bench/host_profile.py --model jetmoe --tokens 2048 --out profile.txt
+    PYTHONPATH=. python bench/host_profile.py --model jetmoe --tokens 128 --decode   # a decode step
 
 Prints the host time of one forward next to its wall time (equal when the GPU waits on the host),
 the host time of a forward queued behind ~80 ms of GPU work (the host's own cost, which no GPU
@@ -21,6 +22,7 @@ import warnings
 
 import torch
 
+import moetorch
 from moetorch.benchmark import SIZES, build
 
 
@@ -31,12 +33,23 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--out", default=None)
     p.add_argument("--dump", default=None, help="also write the raw profile (pstats) to this file")
+    p.add_argument("--decode", action="store_true",
+                   help="profile one-token forwards on a dynamic cache after a --tokens prompt (a user's own "
+                        "decoding loop) instead of the prompt's forward")
     args = p.parse_args()
     model = build(args.model, "moetorch", dict(SIZES[args.model]))
     ids = torch.randint(0, SIZES[args.model]["vocab_size"], (1, args.tokens), device="cuda")
 
-    def forward():
-        return model(ids, use_cache=False, logits_to_keep=1)
+    if args.decode:
+        cache = moetorch.DynamicCache()
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = ids[:, -1:]
+
+        def forward():
+            return model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    else:
+        def forward():
+            return model(ids, use_cache=False, logits_to_keep=1)
 
     for _ in range(2):
         forward()
@@ -48,7 +61,9 @@ def main() -> None:
     wall = time.perf_counter() - start
     print(f"host {host * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms")
     lines = [f"host {host * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms (one forward, unprofiled)"]
-    lines += host_alone(forward) + syncs(forward) + seam_costs(SIZES[args.model], args.tokens)
+    lines += host_alone(forward) + syncs(forward)
+    if not args.decode:
+        lines += seam_costs(SIZES[args.model], args.tokens)
     print("\n".join(lines[1:]), flush=True)
     profile = cProfile.Profile()
     profile.enable()
