@@ -751,6 +751,45 @@ def test_invalid_prompts_and_configs_raise(pair):
     assert ours.generate(ids, max_new_tokens=2, temperature=0.0, do_sample=False).shape[1] == 8
 
 
+@pytest.mark.parametrize("settings", [dict(), dict(do_sample=True, top_k=8, num_return_sequences=2),
+                                      dict(num_beams=3, num_return_sequences=2, length_penalty=0.5)],
+                         ids=["greedy", "sampling", "beams"])
+def test_compute_transition_scores_matches_transformers(pair, settings):
+    """`compute_transition_scores`: on Transformers' own generate outputs it returns what
+    Transformers' returns (bit for bit from the scores; raw logits normalized, to rounding), and on
+    ours what Transformers returns on its outputs, to rounding; beams that end early read 0 past
+    their end."""
+    hf, ours = pair
+    ids, mask = prompts()
+    new = greedy_new_tokens(pair, ids, mask, n=6)
+    kwargs = dict(attention_mask=mask, max_new_tokens=7, eos_token_id=[int(new[0, 2]), int(new[1, 4])],
+                  pad_token_id=VOCAB - 1, return_dict_in_generate=True, output_scores=True, output_logits=True,
+                  **settings)
+    a, b = both(pair, ids, seed=3, **kwargs)
+    assert_same_tokens(a.sequences, b.sequences, f"generate {settings}")
+    for field, normalize in (("scores", False), ("logits", True)):
+        want = hf.compute_transition_scores(a.sequences, getattr(a, field), a.beam_indices if "num_beams" in settings
+                                            else None, normalize_logits=normalize)
+        same_inputs = ours.compute_transition_scores(a.sequences, getattr(a, field), a.beam_indices if
+                                                     "num_beams" in settings else None, normalize_logits=normalize)
+        if normalize:  # Transformers' log-softmax runs over another layout: its sums may round apart
+            torch.testing.assert_close(same_inputs, want, atol=1e-6, rtol=1e-6)
+        else:
+            assert torch.equal(same_inputs, want), field
+        got = ours.compute_transition_scores(b.sequences, getattr(b, field), b.beam_indices if "num_beams" in settings
+                                             else None, normalize_logits=normalize)
+        close(want, got, f"transition scores from {field}")
+    if "num_beams" in settings:
+        ended = b.beam_indices < 0
+        assert ended.any(), "no beam ended early: the test needs one"
+        assert (ours.compute_transition_scores(b.sequences, b.scores, b.beam_indices)[ended] == 0).all()
+    with pytest.raises(ValueError, match="output_scores"):
+        ours.compute_transition_scores(b.sequences, ())
+    if "num_beams" in settings:
+        with pytest.raises(ValueError, match="beam_indices"):
+            ours.compute_transition_scores(b.sequences, b.scores)
+
+
 def _drafting_rounds(n_new: int, num: int, schedule: str, one_draft: bool = False) -> tuple[int, int]:
     """(rounds, the draft length reached) of assisted decoding when every draft is kept, by
     Transformers' rules: a round drafts min(num, tokens left - 1) (one_draft: the confidence

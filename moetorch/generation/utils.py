@@ -499,6 +499,41 @@ class GenerationMixin:
             held = self.__dict__["_held"] = _HeldDecode()
         return held
 
+    def compute_transition_scores(self, sequences: torch.Tensor, scores: tuple[torch.Tensor, ...],
+                                  beam_indices: torch.Tensor | None = None,
+                                  normalize_logits: bool = False) -> torch.Tensor:
+        """The score of each generated token at the step that chose it, [R, new tokens], from
+        `generate(..., return_dict_in_generate=True, output_scores=True)`'s `sequences` and `scores`
+        (or `logits`), as Transformers computes them. With beam search pass its `beam_indices`:
+        a returned sequence's token at step t was scored in row `beam_indices[r, t]` of that
+        step's scores, and steps past its end (index -1) read 0. `normalize_logits=True` takes
+        log-softmax over the vocabulary first (for raw `logits`, or scores left unnormalized)."""
+        if not scores:
+            raise ValueError("compute_transition_scores: `scores` is empty (generate with output_scores=True)")
+        steps = len(scores)
+        rows_S = torch.stack(scores, dim=1)  # [rows scored at each step, steps, vocab]
+        if normalize_logits:
+            rows_S = rows_S.float().log_softmax(dim=-1).to(rows_S.dtype)
+        R = sequences.shape[0]
+        if beam_indices is None:
+            if rows_S.shape[0] != R:
+                raise ValueError(f"compute_transition_scores: {R} sequences but scores of {rows_S.shape[0]} "
+                                 "rows: pass beam_indices for beam search")
+            beam_indices = torch.arange(R, device=sequences.device)[:, None].expand(R, steps)
+        if beam_indices.shape[0] != R:
+            raise ValueError(f"compute_transition_scores: beam_indices has {beam_indices.shape[0]} rows, "
+                             f"sequences {R}")
+        beam_indices = beam_indices.to(device=rows_S.device, dtype=torch.long)
+        ended = beam_indices < 0
+        n = int((~ended).sum(dim=1).max())  # the longest returned sequence's new tokens
+        beam_indices, ended = beam_indices[:, :n], ended[:, :n]
+        if n > steps or n > sequences.shape[1]:
+            raise ValueError(f"compute_transition_scores: {n} generated tokens but {steps} steps of scores")
+        tokens = sequences[:, sequences.shape[1] - n :].to(rows_S.device)
+        step = torch.arange(n, device=rows_S.device)[None, :].expand(R, n)
+        out = rows_S[beam_indices.clamp(min=0), step, tokens]
+        return out.masked_fill(ended, 0.0)
+
     def release_decode_cache(self) -> None:
         """Free the static cache and the decode and prompt graphs that `generate` keeps between calls."""
         self._held_decode().clear()
