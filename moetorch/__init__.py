@@ -5,10 +5,16 @@ from .cache import Cache, DynamicCache, StaticCache
 from .checkpoint import CheckpointError
 from .configuration import ConfigError, JetMoeConfig, PhimoeConfig
 from .generation import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    ExponentialDecayLengthPenalty,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
     GenerateBeamDecoderOnlyOutput,
     GenerateDecoderOnlyOutput,
     GenerationConfig,
     GenerationMixin,
+    InfNanRemoveLogitsProcessor,
     LogitsProcessor,
     LogitsProcessorList,
     MinLengthLogitsProcessor,
@@ -20,11 +26,15 @@ from .generation import (
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TextIteratorStreamer,
     TextStreamer,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
     UnbatchedClassifierFreeGuidanceLogitsProcessor,
 )
 from .generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria
@@ -93,4 +103,14 @@ __all__ = [
     "TopKLogitsWarper",
     "TopPLogitsWarper",
     "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+    "EpsilonLogitsWarper",
+    "EtaLogitsWarper",
+    "ExponentialDecayLengthPenalty",
+    "ForcedBOSTokenLogitsProcessor",
+    "ForcedEOSTokenLogitsProcessor",
+    "InfNanRemoveLogitsProcessor",
+    "SuppressTokensAtBeginLogitsProcessor",
+    "SuppressTokensLogitsProcessor",
+    "TopHLogitsWarper",
+    "TypicalLogitsWarper",
 ]

@@ -112,8 +112,13 @@ def test_left_padded_batch_equals_each_prompt_alone(pair):
         dict(top_p=0.8, top_k=0),
         dict(min_p=0.2, temperature=1.3),
         dict(top_k=20, top_p=0.9, num_return_sequences=2),
+        dict(typical_p=0.6, top_k=0),
+        dict(epsilon_cutoff=0.01, top_k=0),
+        dict(eta_cutoff=0.02, temperature=1.5, top_k=0),
+        dict(top_h=0.5, top_k=0),
     ],
-    ids=["temperature-top_k", "top_p", "min_p", "num_return_sequences"],
+    ids=["temperature-top_k", "top_p", "min_p", "num_return_sequences", "typical_p", "epsilon_cutoff",
+         "eta_cutoff", "top_h"],
 )
 def test_sampling_matches_transformers_random_stream(pair, settings):
     ids, mask = prompts()
@@ -161,6 +166,10 @@ KERNEL_SAMPLING = {
     "min_p": (dict(min_p=0.2, temperature=0.5, top_k=30), (0.5, 30, None, 0.2)),
     "top_p-alone-in-torch": (dict(top_p=0.8, top_k=0, temperature=0.5), (None, None, None, None)),
     "top_k-beyond-the-kernel": (dict(top_k=300, top_p=0.9), (None, None, None, None)),
+    # typical / epsilon / eta come after min-p: everything runs in torch, the kernel only draws
+    "typical_p-last-in-torch": (dict(typical_p=0.8, top_k=20), (None, None, None, None)),
+    # top-h sits between temperature and top-k: the temperature stays in torch
+    "top_h-before-top_k": (dict(temperature=0.5, top_h=0.6, top_k=20), (None, 20, None, None)),
 }
 
 
@@ -297,6 +306,67 @@ def test_logits_processors_match_transformers(pair):
     rep = pair[1].generate(ids, attention_mask=mask, max_new_tokens=8, no_repeat_ngram_size=1)
     for row in rep.tolist():
         assert len(set(row[6:])) == 8, "no_repeat_ngram_size=1 repeats no token"
+
+
+def test_more_processors_and_warpers_match_transformers_on_random_scores():
+    """Each of Transformers' other processors and warpers against its own, on random scores with
+    -inf entries (and a NaN for the invalid-values one), at sequence lengths around their triggers."""
+    torch.manual_seed(0)
+    cases = [
+        ("TopHLogitsWarper", (0.4,), {}),
+        ("TypicalLogitsWarper", (0.7,), dict(min_tokens_to_keep=2)),
+        ("EpsilonLogitsWarper", (3e-3,), dict(min_tokens_to_keep=3)),
+        ("EtaLogitsWarper", (3e-3,), dict(min_tokens_to_keep=2)),
+        ("ForcedBOSTokenLogitsProcessor", (5,), {}),
+        ("ForcedEOSTokenLogitsProcessor", (8, [3, 9]), {}),
+        ("ExponentialDecayLengthPenalty", ((2, 1.5), [3, 9], 3), {}),
+        ("SuppressTokensLogitsProcessor", ([1, 4, 7],), {}),
+        ("SuppressTokensAtBeginLogitsProcessor", ([1, 4], 7), {}),
+        ("InfNanRemoveLogitsProcessor", (), {}),
+    ]
+    for trial in range(6):
+        scores = torch.randn(4, 300) * (1 + trial)
+        scores[0, :5] = float("-inf")
+        ids = torch.randint(0, 300, (4, 8))
+        for name, args, kwargs in cases:
+            theirs = getattr(transformers.generation.logits_process, name)(*args, **kwargs)
+            ours = getattr(moetorch, name)(*args, **kwargs)
+            x = scores.clone()
+            if name == "InfNanRemoveLogitsProcessor":
+                x[1, 3], x[2, 4] = float("nan"), float("inf")
+            for length in (1, 6, 7, 8):
+                want, got = theirs(ids[:, :length], x.clone()), ours(ids[:, :length], x.clone())
+                assert torch.equal(got, want), f"{name} at length {length}"
+    for name, value in (("TypicalLogitsWarper", 1.0), ("EpsilonLogitsWarper", 0.0), ("EtaLogitsWarper", 1.5),
+                        ("TopHLogitsWarper", 0.0)):
+        with pytest.raises(ValueError):
+            getattr(moetorch, name)(value)
+
+
+def test_more_generation_settings_match_transformers(pair):
+    """generate() with the token forcing, suppression, length-penalty and invalid-value settings:
+    Transformers' tokens."""
+    ids, mask = prompts()
+    new = greedy_new_tokens(pair, ids, mask, n=8)
+    eos = [int(new[0, 5]), int(new[1, 3])]
+    cases = {
+        "suppress_tokens": dict(suppress_tokens=[int(new[0, 0]), int(new[1, 1])]),
+        "begin_suppress_tokens": dict(begin_suppress_tokens=[int(new[0, 0]), int(new[2, 0])]),
+        "forced_eos_token_id": dict(forced_eos_token_id=int(new[2, 6])),
+        "exponential_decay_length_penalty": dict(exponential_decay_length_penalty=(1, 3.0), eos_token_id=eos),
+        "remove_invalid_values": dict(remove_invalid_values=True),
+    }
+    for name, settings in cases.items():
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=8, **settings)
+        assert_same_tokens(a, b, name)
+        if name != "remove_invalid_values":  # finite logits: nothing to remove
+            assert not torch.equal(b[:, 6:], new[:, : b.shape[1] - 6]), f"{name} changed nothing"
+    # a one-token prompt: the forced BOS comes first, and begin suppression moves to the token after it
+    one = ids[:1, -1:]
+    settings = dict(forced_bos_token_id=7, begin_suppress_tokens=[int(new[0, 0])], max_new_tokens=5)
+    a, b = both(pair, one, **settings)
+    assert_same_tokens(a, b, "forced BOS")
+    assert int(b[0, 1]) == 7
 
 
 def test_eos_ids_stop_rows_and_pad(pair):
@@ -724,6 +794,13 @@ INVALID = [
     (dict(num_assistant_tokens_schedule="fast"), ValueError, "num_assistant_tokens_schedule"),
     (dict(assistant_confidence_threshold=1.5), ValueError, "assistant_confidence_threshold"),
     (dict(assistant_lookbehind=-1), ValueError, "assistant_lookbehind"),
+    (dict(do_sample=True, typical_p=0.0), ValueError, "typical_p"),
+    (dict(do_sample=True, epsilon_cutoff=1.0), ValueError, "epsilon_cutoff"),
+    (dict(do_sample=True, top_h=1.5), ValueError, "top_h"),
+    (dict(suppress_tokens=[-1]), ValueError, "suppress_tokens"),
+    (dict(forced_eos_token_id=[]), ValueError, "forced_eos_token_id"),
+    (dict(exponential_decay_length_penalty=(2,)), ValueError, "exponential_decay_length_penalty"),
+    (dict(remove_invalid_values="yes"), ValueError, "remove_invalid_values"),
     (dict(past_key_values=(1, 2)), TypeError, "past_key_values"),
     (dict(attention_mask=torch.ones(1, 3)), ValueError, "attention_mask"),
 ]

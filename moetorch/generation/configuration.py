@@ -35,12 +35,22 @@ DEFAULTS: dict[str, Any] = {
     "top_k": 50,
     "top_p": 1.0,
     "min_p": None,
+    "top_h": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
     "repetition_penalty": 1.0,
     "length_penalty": 1.0,
     "no_repeat_ngram_size": 0,
     "bad_words_ids": None,
     "sequence_bias": None,
     "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
     "guidance_scale": None,
     # outputs
     "num_return_sequences": 1,
@@ -163,21 +173,41 @@ class GenerationConfig:
                 fail("top_k", f"must be a non-negative integer (0 disables it), got {self.top_k!r}")
             if self.min_p is not None and not (_is_number(self.min_p) and 0 <= self.min_p <= 1):
                 fail("min_p", f"must be in [0, 1], got {self.min_p!r}")
+            if self.top_h is not None and not (_is_number(self.top_h) and 0 < self.top_h <= 1):
+                fail("top_h", f"must be in (0, 1], got {self.top_h!r}")
+            if not (_is_number(self.typical_p) and 0 < self.typical_p <= 1):
+                fail("typical_p", f"must be in (0, 1] (1 disables it), got {self.typical_p!r}")
+            for name in ("epsilon_cutoff", "eta_cutoff"):
+                v = getattr(self, name)
+                if not (_is_number(v) and 0 <= v < 1):
+                    fail(name, f"must be in [0, 1) (0 disables it), got {v!r}")
         if self.num_return_sequences > 1:
             if self.num_beams == 1 and not self.do_sample:
                 fail("num_return_sequences", f"must be 1 with greedy decoding, got {self.num_return_sequences} "
                      "(use num_beams > 1 or do_sample=True)")
             if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
                 fail("num_return_sequences", f"({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
-        for name in ("pad_token_id", "bos_token_id"):
+        for name in ("pad_token_id", "bos_token_id", "forced_bos_token_id"):
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v >= 0):
                 fail(name, f"must be a non-negative integer, got {v!r}")
-        eos = self.eos_token_id
-        if eos is not None:
-            ids = [eos] if _is_int(eos) else eos
-            if not (isinstance(ids, (list, tuple)) and ids and all(_is_int(i) and i >= 0 for i in ids)):
-                fail("eos_token_id", f"must be a non-negative integer or a non-empty list of them, got {eos!r}")
+        for name in ("eos_token_id", "forced_eos_token_id"):
+            eos = getattr(self, name)
+            if eos is not None:
+                ids = [eos] if _is_int(eos) else eos
+                if not (isinstance(ids, (list, tuple)) and ids and all(_is_int(i) and i >= 0 for i in ids)):
+                    fail(name, f"must be a non-negative integer or a non-empty list of them, got {eos!r}")
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (list, tuple)) and all(_is_int(i) and i >= 0 for i in v)):
+                fail(name, f"must be a list of non-negative token ids, got {v!r}")
+        decay = self.exponential_decay_length_penalty
+        if decay is not None and not (isinstance(decay, (list, tuple)) and len(decay) == 2 and _is_int(decay[0])
+                                      and decay[0] >= 0 and _is_number(decay[1]) and decay[1] > 0):
+            fail("exponential_decay_length_penalty",
+                 f"must be (start index >= 0, decay factor > 0), got {decay!r}")
+        if not isinstance(self.remove_invalid_values, bool):
+            fail("remove_invalid_values", f"must be True or False, got {self.remove_invalid_values!r}")
         if self.bad_words_ids is not None:
             ok = isinstance(self.bad_words_ids, list) and self.bad_words_ids and all(
                 isinstance(w, list) and w and all(_is_int(i) and i >= 0 for i in w) for w in self.bad_words_ids

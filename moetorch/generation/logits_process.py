@@ -224,6 +224,96 @@ class PrefixConstrainedLogitsProcessor(LogitsProcessor):
         return torch.where(stuck.repeat_interleave(self._num_beams, 0), mask, out)
 
 
+def _only(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Scores that allow only `token_ids` (0 for them, -inf elsewhere)."""
+    allowed_V = torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids.to(scores.device))
+    return torch.where(allowed_V, 0.0, NEG_INF).to(scores.dtype).expand_as(scores).clone()
+
+
+def _token_list(name: str, ids) -> torch.Tensor:
+    t = _as_id_tensor(ids)
+    if t.numel() == 0 or (t < 0).any():
+        raise ValueError(f"`{name}` must be non-negative token ids, got {ids!r}")
+    return t
+
+
+class ForcedBOSTokenLogitsProcessor(LogitsProcessor):
+    """Force `bos_token_id` as the first generated token of a sequence that starts from one token."""
+
+    def __init__(self, bos_token_id: int):
+        self.bos_token_id = _token_list("bos_token_id", bos_token_id)
+
+    def __call__(self, input_ids, scores):
+        return _only(scores, self.bos_token_id) if input_ids.shape[-1] == 1 else scores
+
+
+class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
+    """Force one of the EOS ids as the last token, when the sequence reaches `max_length` - 1."""
+
+    def __init__(self, max_length: int, eos_token_id: int | list[int] | torch.Tensor, device: str = "cpu"):
+        self.max_length = max_length
+        self.eos_token_id = _token_list("eos_token_id", eos_token_id).to(device)
+
+    def __call__(self, input_ids, scores):
+        return _only(scores, self.eos_token_id) if input_ids.shape[-1] == self.max_length - 1 else scores
+
+
+class InfNanRemoveLogitsProcessor(LogitsProcessor):
+    """`remove_invalid_values=True`: NaN becomes 0, +-inf the dtype's largest / smallest finite value."""
+
+    def __call__(self, input_ids, scores):
+        finfo = torch.finfo(scores.dtype)
+        return torch.nan_to_num(scores, nan=0.0, posinf=finfo.max, neginf=finfo.min)
+
+
+class ExponentialDecayLengthPenalty(LogitsProcessor):
+    """`exponential_decay_length_penalty=(start, factor)`: from `start` generated tokens on, raise
+    the EOS scores by |score| * (factor ** n - 1) at the n-th token past it, so that a sequence
+    grows likelier to end. Infinite EOS scores stay as they are."""
+
+    def __init__(self, exponential_decay_length_penalty: tuple[int, float], eos_token_id, input_ids_seq_length: int):
+        start, factor = exponential_decay_length_penalty
+        self.regulation_start = start + input_ids_seq_length
+        self.regulation_factor = factor
+        self.eos_token_id = _token_list("eos_token_id", eos_token_id)
+
+    def __call__(self, input_ids, scores):
+        n = input_ids.shape[-1] - self.regulation_start
+        if n <= 0:
+            return scores
+        eos = self.eos_token_id.to(scores.device)
+        eos_scores = scores[:, eos]
+        raise_by = eos_scores.abs() * (self.regulation_factor**n - 1)
+        out = scores.clone()
+        out[:, eos] = eos_scores + torch.where(torch.isfinite(eos_scores), raise_by, 0.0)
+        return out
+
+
+class SuppressTokensLogitsProcessor(LogitsProcessor):
+    """`suppress_tokens`: these ids are never generated."""
+
+    def __init__(self, suppress_tokens, device: str = "cpu"):
+        self.suppress_tokens = _as_id_tensor(list(suppress_tokens), device)
+
+    def __call__(self, input_ids, scores):
+        return _ban(scores, self.suppress_tokens)
+
+
+class SuppressTokensAtBeginLogitsProcessor(LogitsProcessor):
+    """`begin_suppress_tokens`: these ids are not generated at the first step (when the sequence
+    is `begin_index` long)."""
+
+    def __init__(self, begin_suppress_tokens, begin_index: int, device: str = "cpu"):
+        self.begin_suppress_tokens = _as_id_tensor(list(begin_suppress_tokens), device)
+        self.begin_index = begin_index
+
+    def set_begin_index(self, begin_index: int) -> None:
+        self.begin_index = begin_index
+
+    def __call__(self, input_ids, scores):
+        return _ban(scores, self.begin_suppress_tokens) if input_ids.shape[-1] == self.begin_index else scores
+
+
 # ---- sampling warpers -----------------------------------------------------------------------
 
 
@@ -290,6 +380,98 @@ class MinPLogitsWarper(LogitsProcessor):
         drop = probs < self.min_p * probs.amax(-1, keepdim=True)
         keep = torch.topk(probs, min(self.min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
         drop.scatter_(-1, keep, False)
+        return scores.masked_fill(drop, self.filter_value)
+
+
+def _check_keep(min_tokens_to_keep) -> None:
+    if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
+        raise ValueError(f"`min_tokens_to_keep` must be a positive integer, got {min_tokens_to_keep!r}")
+
+
+def _below_kth(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Which scores lie below the k-th highest of their row: the k best are never filtered."""
+    return scores < torch.topk(scores, min(k, scores.shape[-1]), dim=-1).values[..., -1:]
+
+
+class TopHLogitsWarper(LogitsProcessor):
+    """Top-H sampling: among the 100 best tokens (their probabilities renormalised), keep the
+    most probable ones while the sum of their entropy terms -p log p stays within `top_h` times
+    the entropy of those 100; the best token always stays."""
+
+    top_n = 100
+
+    def __init__(self, top_h: float, filter_value: float = NEG_INF):
+        if not (isinstance(top_h, (int, float)) and 0 < top_h <= 1):
+            raise ValueError(f"`top_h` must be in (0, 1], got {top_h!r}")
+        self.top_h, self.filter_value = float(top_h), filter_value
+
+    def __call__(self, input_ids, scores):
+        best, idx = torch.topk(scores, min(self.top_n, scores.shape[-1]), dim=-1)
+        dist = torch.distributions.Categorical(logits=best)
+        terms = -dist.probs * dist.probs.log()
+        keep_sorted = terms.cumsum(dim=-1) <= dist.entropy()[:, None] * self.top_h
+        keep_sorted[:, 0] = True
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, idx, keep_sorted)
+        return scores.masked_fill(~keep, self.filter_value)
+
+
+class TypicalLogitsWarper(LogitsProcessor):
+    """Locally typical sampling: keep the tokens whose information -log p lies closest to the
+    distribution's entropy, in that order, until their mass reaches `mass`."""
+
+    def __init__(self, mass: float = 0.9, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
+        mass = float(mass)
+        if not 0 < mass < 1:
+            raise ValueError(f"`typical_p` must be in (0, 1), got {mass!r}")
+        _check_keep(min_tokens_to_keep)
+        self.mass, self.filter_value, self.min_tokens_to_keep = mass, filter_value, min_tokens_to_keep
+
+    def __call__(self, input_ids, scores):
+        logp = scores.log_softmax(dim=-1)
+        entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
+        distance, order = torch.sort((-logp - entropy).abs(), dim=-1)
+        mass = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+        last = (mass < self.mass).sum(dim=1, keepdim=True).clamp(max=scores.shape[-1] - 1)
+        drop_sorted = distance > distance.gather(1, last)
+        drop_sorted[..., : self.min_tokens_to_keep] = False
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        return scores.masked_fill(drop, self.filter_value)
+
+
+class EpsilonLogitsWarper(LogitsProcessor):
+    """Epsilon sampling: drop tokens of probability below `epsilon` (the `min_tokens_to_keep` best stay)."""
+
+    def __init__(self, epsilon: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
+        epsilon = float(epsilon)
+        if not 0 < epsilon < 1:
+            raise ValueError(f"`epsilon_cutoff` must be in (0, 1), got {epsilon!r}")
+        _check_keep(min_tokens_to_keep)
+        self.epsilon, self.filter_value, self.min_tokens_to_keep = epsilon, filter_value, min_tokens_to_keep
+
+    def __call__(self, input_ids, scores):
+        drop = (scores.softmax(dim=-1) < self.epsilon) & _below_kth(scores, self.min_tokens_to_keep)
+        return scores.masked_fill(drop, self.filter_value)
+
+
+class EtaLogitsWarper(LogitsProcessor):
+    """Eta sampling: drop tokens of probability below min(eta, sqrt(eta) * exp(-entropy)), with
+    `epsilon` = eta (the `min_tokens_to_keep` best stay)."""
+
+    def __init__(self, epsilon: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1,
+                 device: str = "cpu"):
+        epsilon = float(epsilon)
+        if not 0 < epsilon < 1:
+            raise ValueError(f"`eta_cutoff` must be in (0, 1), got {epsilon!r}")
+        _check_keep(min_tokens_to_keep)
+        self.epsilon = torch.tensor(epsilon, device=device)
+        self.filter_value, self.min_tokens_to_keep = filter_value, min_tokens_to_keep
+
+    def __call__(self, input_ids, scores):
+        probs = scores.softmax(dim=-1)
+        entropy = torch.distributions.Categorical(logits=scores).entropy()
+        eps = self.epsilon.to(scores.device)
+        eta = torch.minimum(eps, eps.sqrt() * torch.exp(-entropy))[..., None]
+        drop = (probs < eta) & _below_kth(scores, self.min_tokens_to_keep)
         return scores.masked_fill(drop, self.filter_value)
 
 

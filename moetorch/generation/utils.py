@@ -39,6 +39,12 @@ from .custom import (
 )
 from .logits_process import (
     NEG_INF,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    ExponentialDecayLengthPenalty,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    InfNanRemoveLogitsProcessor,
     LogitNormalization,
     LogitsProcessorList,
     MinLengthLogitsProcessor,
@@ -49,9 +55,13 @@ from .logits_process import (
     PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
     UnbatchedClassifierFreeGuidanceLogitsProcessor,
 )
 from .stopping_criteria import (
@@ -71,9 +81,7 @@ MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values
 # Transformers settings moetorch does not implement, with their no-op values: a config file that
 # sets them otherwise gets a warning (as keyword arguments of generate() they are an error).
 _UNSUPPORTED = {
-    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "encoder_repetition_penalty": 1.0,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "exponential_decay_length_penalty": None, "penalty_alpha": None,
+    "encoder_repetition_penalty": 1.0, "penalty_alpha": None,
     "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None, "force_words_ids": None,
     "prompt_lookup_num_tokens": None, "dola_layers": None, "watermarking_config": None, "token_healing": False,
 }
@@ -421,7 +429,7 @@ class GenerationMixin:
                 cache = DynamicCache()
 
         processors = self._logits_processors(
-            gen, seq.shape[1], min_length, mask, eos, prefix_allowed_tokens_fn, logits_processor,
+            gen, seq.shape[1], min_length, max_length, mask, eos, prefix_allowed_tokens_fn, logits_processor,
             negative_prompt_ids, negative_prompt_attention_mask,
         )
         criteria = self._stopping_criteria(gen, max_length, eos, tokenizer, stopping_criteria)
@@ -654,7 +662,7 @@ class GenerationMixin:
             min_length = max((gen.min_length or 0) - offset, 0)
         return max_length, min_length
 
-    def _logits_processors(self, gen, L, min_length, mask, eos, prefix_fn, custom, neg_ids, neg_mask):
+    def _logits_processors(self, gen, L, min_length, max_length, mask, eos, prefix_fn, custom, neg_ids, neg_mask):
         """Transformers' processors for these settings, in its order; `custom` merged; warpers last."""
         procs = LogitsProcessorList()
         if gen.guidance_scale is not None and gen.guidance_scale != 1:
@@ -676,18 +684,40 @@ class GenerationMixin:
             procs.append(MinNewTokensLengthLogitsProcessor(L, gen.min_new_tokens, eos))
         if prefix_fn is not None:
             procs.append(PrefixConstrainedLogitsProcessor(prefix_fn, gen.num_beams))
+        if gen.forced_bos_token_id is not None:
+            procs.append(ForcedBOSTokenLogitsProcessor(gen.forced_bos_token_id))
+        if gen.forced_eos_token_id is not None:
+            procs.append(ForcedEOSTokenLogitsProcessor(max_length, gen.forced_eos_token_id))
+        if gen.remove_invalid_values:
+            procs.append(InfNanRemoveLogitsProcessor())
+        if gen.exponential_decay_length_penalty is not None and eos is not None:
+            procs.append(ExponentialDecayLengthPenalty(gen.exponential_decay_length_penalty, eos, L))
+        if gen.suppress_tokens is not None:
+            procs.append(SuppressTokensLogitsProcessor(gen.suppress_tokens))
+        if gen.begin_suppress_tokens is not None:
+            # the first new token; after a one-token prompt with a forced BOS, the one after it
+            begin = L + 1 if L == 1 and gen.forced_bos_token_id is not None else L
+            procs.append(SuppressTokensAtBeginLogitsProcessor(gen.begin_suppress_tokens, begin))
         procs = _merge(procs, custom, "logits processor")
         if gen.do_sample:
             # Beam sampling keeps one non-EOS token beyond the EOS ones, so a beam can always go on.
             keep = (len(eos) + 1 if eos is not None else 2) if gen.num_beams > 1 else 1
             if gen.temperature != 1.0:
                 procs.append(TemperatureLogitsWarper(gen.temperature))
+            if gen.top_h is not None:
+                procs.append(TopHLogitsWarper(gen.top_h))
             if gen.top_k:
                 procs.append(TopKLogitsWarper(gen.top_k, min_tokens_to_keep=keep))
             if gen.top_p < 1.0:
                 procs.append(TopPLogitsWarper(gen.top_p, min_tokens_to_keep=keep))
             if gen.min_p is not None:
                 procs.append(MinPLogitsWarper(gen.min_p, min_tokens_to_keep=keep))
+            if gen.typical_p < 1.0:
+                procs.append(TypicalLogitsWarper(gen.typical_p, min_tokens_to_keep=keep))
+            if 0 < gen.epsilon_cutoff < 1:
+                procs.append(EpsilonLogitsWarper(gen.epsilon_cutoff, min_tokens_to_keep=keep))
+            if 0 < gen.eta_cutoff < 1:
+                procs.append(EtaLogitsWarper(gen.eta_cutoff, min_tokens_to_keep=keep))
         if gen.renormalize_logits:
             procs.append(LogitNormalization())
         return procs
