@@ -3,7 +3,9 @@
     python bench/generation_check.py [--out results.json]
 
 1. float32 generate on CUDA gives the CPU's tokens: greedy (left-padded batch), beam search,
-   static cache, sampling with the same seed is only reported (CUDA and CPU random streams differ).
+   static cache, token suppression with a forced EOS and the exponential length penalty; sampling
+   with the typical, epsilon, eta and top-h warpers draws tokens of the vocabulary (CUDA and CPU
+   random streams differ).
 2. Host synchronisation in the decode loop, under `torch.cuda.set_sync_debug_mode`, switched on by a
    logits processor after the prefill: none per step when only max_length can stop, one per step
    (the stop check) with an EOS id.
@@ -77,6 +79,10 @@ def check(name, config, cls, results) -> bool:
         "greedy": dict(max_new_tokens=24),
         "beam4": dict(max_new_tokens=16, num_beams=4, num_return_sequences=2),
         "static": dict(max_new_tokens=24, cache_implementation="static"),
+        # token suppression, a forced EOS and the length penalty, through the graphed decode steps
+        "processors": dict(max_new_tokens=16, suppress_tokens=list(range(1, 64)),
+                           begin_suppress_tokens=list(range(64, 128)), forced_eos_token_id=3,
+                           exponential_decay_length_penalty=(4, 1.5), eos_token_id=[7, 9]),
     }
     for case, kwargs in cases.items():
         a = cpu.generate(ids, attention_mask=mask, **kwargs)
@@ -100,6 +106,16 @@ def check(name, config, cls, results) -> bool:
         per_step = (counts[16] - counts[8]) / 8
         results[f"{name}.host_syncs_per_step.eos={eos}"] = per_step
         ok &= per_step == want_per_step
+
+    # the other sampling warpers, which run in torch before the sampling kernels draw: CUDA's random
+    # stream differs from the CPU's, so only whether each drew within the vocabulary is checked
+    for name_w, kwargs in {"typical": dict(typical_p=0.8), "epsilon": dict(epsilon_cutoff=0.002),
+                           "eta": dict(eta_cutoff=0.002), "top_h": dict(top_h=0.6, temperature=0.7)}.items():
+        out = gpu.generate(ids.cuda(), attention_mask=mask.cuda(), do_sample=True, max_new_tokens=12,
+                           eos_token_id=None, **kwargs)
+        drew = bool(out.shape == (3, 24) and (out[:, 12:] >= 0).all() and (out[:, 12:] < config.vocab_size).all())
+        results[f"{name}.sampling_{name_w}.drew"] = drew
+        ok &= drew
 
     # assisted decoding (one row, eager steps on dynamic caches): greedy search's tokens, with the
     # default draft settings (a confidence threshold of 0.4) and with the heuristic schedule
