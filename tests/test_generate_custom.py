@@ -287,13 +287,17 @@ def test_synced_gpus_argument_checks(pair):
 
 
 # ---- assisted decoding with sampling (speculative sampling) -----------------------------------------
+@pytest.mark.parametrize("drafter", ["assistant", "prompt_lookup"])
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
-def test_assisted_sampling_follows_the_models_distribution(arch, tmp_path):
+def test_assisted_sampling_follows_the_models_distribution(arch, drafter, tmp_path):
     """Speculative sampling keeps each token distributed as this model's processed distribution p,
-    whatever the assistant drafts. Over a 6-token vocabulary, the first two new tokens' empirical
-    joint distribution is compared with p(x1) p(x2 | x1) from Transformers' logits, with the
-    assistant (other random weights) far from it, so drafts are often rejected."""
-    V, prompt, temperature, top_k = 6, torch.tensor([[1, 3]]), 1.5, 4
+    whatever is drafted. Over a 6-token vocabulary, the first two new tokens' empirical joint
+    distribution is compared with p(x1) p(x2 | x1) from Transformers' logits, with the assistant
+    (other random weights) far from it, so drafts are often rejected; or with drafts looked up in
+    the prompt (`prompt_lookup_num_tokens`, drafts of probability 1: the prompt's last token
+    occurred before, so the token after it is drafted every time)."""
+    V, temperature, top_k = 6, 1.5, 4
+    prompt = torch.tensor([[1, 3]]) if drafter == "assistant" else torch.tensor([[1, 3, 5, 1]])
     hf, ours = make_pair(arch, tmp_path, seed=0, vocab_size=V)
     assistant = arch.ours["causal_lm"](arch.our_config(vocab_size=V))
     randomize_(assistant, seed=5, std=0.5)
@@ -317,13 +321,16 @@ def test_assisted_sampling_follows_the_models_distribution(arch, tmp_path):
     # draft, or drawing from p instead of max(p - q, 0) at a rejection, misses by far more
     torch.manual_seed(0)
     n, counts = 1500, torch.zeros(V, V)
+    drafting = (dict(assistant_model=assistant, num_assistant_tokens=2) if drafter == "assistant"
+                else dict(prompt_lookup_num_tokens=2))
+    L = prompt.shape[1]
     for _ in range(n):
-        out = ours.generate(prompt, assistant_model=assistant, do_sample=True, temperature=temperature,
-                            top_k=top_k, max_new_tokens=2, num_assistant_tokens=2, eos_token_id=None)
-        counts[out[0, 2], out[0, 3]] += 1
+        out = ours.generate(prompt, do_sample=True, temperature=temperature, top_k=top_k, max_new_tokens=2,
+                            eos_token_id=None, **drafting)
+        counts[out[0, L], out[0, L + 1]] += 1
     assert tv(counts / n, want) < 0.08, (counts / n, want)
     # the scores it records are this model's processed scores of the tokens it kept
-    out = ours.generate(prompt, assistant_model=assistant, do_sample=True, temperature=temperature, top_k=top_k,
-                        max_new_tokens=5, eos_token_id=None, return_dict_in_generate=True, output_scores=True)
-    assert out.sequences.shape == (1, 7) and len(out.scores) == 5
-    assert all(torch.isfinite(s[0, t]) for s, t in zip(out.scores, out.sequences[0, 2:]))
+    out = ours.generate(prompt, do_sample=True, temperature=temperature, top_k=top_k, max_new_tokens=5,
+                        eos_token_id=None, return_dict_in_generate=True, output_scores=True, **drafting)
+    assert out.sequences.shape == (1, L + 5) and len(out.scores) == 5
+    assert all(torch.isfinite(s[0, t]) for s, t in zip(out.scores, out.sequences[0, L:]))

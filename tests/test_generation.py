@@ -801,6 +801,8 @@ INVALID = [
     (dict(forced_eos_token_id=[]), ValueError, "forced_eos_token_id"),
     (dict(exponential_decay_length_penalty=(2,)), ValueError, "exponential_decay_length_penalty"),
     (dict(remove_invalid_values="yes"), ValueError, "remove_invalid_values"),
+    (dict(prompt_lookup_num_tokens=0), ValueError, "prompt_lookup_num_tokens"),
+    (dict(prompt_lookup_num_tokens=2, num_beams=2), ValueError, "prompt_lookup_num_tokens"),
     (dict(past_key_values=(1, 2)), TypeError, "past_key_values"),
     (dict(attention_mask=torch.ones(1, 3)), ValueError, "attention_mask"),
 ]
@@ -865,6 +867,38 @@ def test_compute_transition_scores_matches_transformers(pair, settings):
     if "num_beams" in settings:
         with pytest.raises(ValueError, match="beam_indices"):
             ours.compute_transition_scores(b.sequences, b.scores)
+
+
+def test_prompt_lookup_decoding_equals_greedy(pair):
+    """`prompt_lookup_num_tokens`: drafts looked up in the sequence itself (the tokens after an
+    earlier occurrence of its last n-gram), checked as assisted decoding checks an assistant's:
+    greedy search's tokens and scores, Transformers' prompt-lookup tokens, and fewer forwards
+    than tokens where the sequence repeats itself (these random models fall into loops)."""
+    hf, ours = pair
+    ids, _ = prompts(batch=3, padding=None)
+    calls, new_tokens = [], 0
+    for row in range(3):
+        prompt = ids[row : row + 1]
+        kwargs = dict(max_new_tokens=24, eos_token_id=None, return_dict_in_generate=True, output_scores=True)
+        want = ours.generate(prompt, **kwargs)
+        hook = ours.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            got = ours.generate(prompt, prompt_lookup_num_tokens=3, **kwargs)
+        finally:
+            hook.remove()
+        assert_same_tokens(want.sequences, got.sequences, f"prompt lookup, row {row}")
+        assert_same_tokens(hf.generate(prompt, prompt_lookup_num_tokens=3, max_matching_ngram_size=2,
+                                       max_new_tokens=24, eos_token_id=None), got.sequences, "Transformers")
+        assert len(got.scores) == len(want.scores)
+        for x, y in zip(want.scores, got.scores):
+            close(x, y, "prompt lookup scores")
+        new_tokens += got.sequences.shape[1] - prompt.shape[1]
+    assert len(calls) < new_tokens, "no looked-up draft was ever kept"
+    eos = int(want.sequences[0, -5])
+    a, b = both(pair, ids[2:], max_new_tokens=24, eos_token_id=eos, prompt_lookup_num_tokens=2)
+    assert_same_tokens(a, b, "prompt lookup with an EOS id")
+    with pytest.raises(ValueError, match="not both"):
+        ours.generate(ids[:1], assistant_model=ours, prompt_lookup_num_tokens=2, max_new_tokens=3)
 
 
 def _drafting_rounds(n_new: int, num: int, schedule: str, one_draft: bool = False) -> tuple[int, int]:

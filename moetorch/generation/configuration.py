@@ -71,6 +71,9 @@ DEFAULTS: dict[str, Any] = {
     # take (the assistant must share the vocabulary): kept for its config files, unused
     "assistant_lookbehind": 10,
     "target_lookbehind": 10,
+    # prompt lookup decoding: drafts looked up in the sequence itself
+    "prompt_lookup_num_tokens": None,
+    "max_matching_ngram_size": None,
 }
 
 ASSISTANT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
@@ -138,8 +141,10 @@ class GenerationConfig:
             v = getattr(self, name)
             if not (_is_int(v) and v > 0):
                 fail(name, f"must be a positive integer, got {v!r}")
-        if self.max_new_tokens is not None and not (_is_int(self.max_new_tokens) and self.max_new_tokens > 0):
-            fail("max_new_tokens", f"must be a positive integer, got {self.max_new_tokens!r}")
+        for name in ("max_new_tokens", "prompt_lookup_num_tokens", "max_matching_ngram_size"):
+            v = getattr(self, name)
+            if v is not None and not (_is_int(v) and v > 0):
+                fail(name, f"must be a positive integer, got {v!r}")
         if self.num_assistant_tokens_schedule not in ASSISTANT_SCHEDULES:
             fail("num_assistant_tokens_schedule",
                  f"must be one of {ASSISTANT_SCHEDULES}, got {self.num_assistant_tokens_schedule!r}")

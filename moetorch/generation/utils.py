@@ -83,7 +83,7 @@ MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values
 _UNSUPPORTED = {
     "encoder_repetition_penalty": 1.0, "penalty_alpha": None,
     "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None, "force_words_ids": None,
-    "prompt_lookup_num_tokens": None, "dola_layers": None, "watermarking_config": None, "token_healing": False,
+    "dola_layers": None, "watermarking_config": None, "token_healing": False,
 }
 # Transformers' "impossible" score: large enough to never win, small enough to stay finite.
 _NEVER = -1.0e9
@@ -418,8 +418,9 @@ class GenerationMixin:
         if cache is None and gen.use_cache:
             # On a GPU, greedy search, sampling and beam search default to the static cache, whose
             # steps replay as CUDA graphs.
+            drafted = assistant_model is not None or gen.prompt_lookup_num_tokens is not None
             default_static = (gen.cache_implementation is None and self.device.type == "cuda"
-                              and assistant_model is None and custom_generate is None and not sync)
+                              and not drafted and custom_generate is None and not sync)
             if gen.cache_implementation == "static" or default_static:
                 # The last token is never fed back, hence the -1. A cache that is not handed back
                 # may be the last call's, with its captured decode graphs.
@@ -442,14 +443,18 @@ class GenerationMixin:
             return custom_generate(self, seq, logits_processor=processors, stopping_criteria=criteria,
                                    generation_config=gen, **own, **self._loop_inputs(seq, ctx, cache, gen))
 
-        if assistant_model is not None:
+        if assistant_model is not None or gen.prompt_lookup_num_tokens is not None:
+            what = "assistant_model" if assistant_model is not None else "prompt_lookup_num_tokens"
+            if assistant_model is not None and gen.prompt_lookup_num_tokens is not None:
+                raise ValueError("pass assistant_model or prompt_lookup_num_tokens, not both: each drafts the tokens "
+                                 "this model checks")
             if sync:
-                raise ValueError("synced_gpus=True cannot be combined with assistant_model: the processes' "
+                raise ValueError(f"synced_gpus=True cannot be combined with {what}: the processes' "
                                  "draft lengths differ")
             if gen.num_beams > 1:
-                raise ValueError("assistant_model supports greedy search and sampling, not beam search (num_beams=1)")
+                raise ValueError(f"{what} supports greedy search and sampling, not beam search (num_beams=1)")
             if gen.guidance_scale not in (None, 1):
-                raise ValueError("assistant_model cannot be combined with guidance_scale != 1")
+                raise ValueError(f"{what} cannot be combined with guidance_scale != 1")
             return self._assisted_decoding(seq, ctx, cache, gen, processors, criteria, max_length, eos,
                                            assistant_model, streamer)
         if isinstance(cache, StaticCache) and self.decode_graphs and not sync and not (
@@ -977,7 +982,11 @@ class GenerationMixin:
         sampling, Leviathan et al. 2023, algorithm 1): the drafts are drawn from the assistant's
         processed distribution q, draft x is kept with probability min(1, p(x) / q(x)) under this
         model's p, and the first rejected position draws from max(p - q, 0) renormalised, so each
-        token follows this model's processed distribution, as plain sampling's does."""
+        token follows this model's processed distribution, as plain sampling's does.
+
+        Without an assistant (`prompt_lookup_num_tokens`), the drafts are the tokens that followed
+        the sequence's last n-gram where it occurred before (`_prompt_lookup`), checked the same
+        way: greedy keeps the agreeing prefix, sampling treats them as drafts of probability 1."""
         if seq.shape[0] != 1:
             raise ValueError(f"assisted decoding supports batch size 1 only, got {seq.shape[0]}")
         if cache is None or cache.is_static:
@@ -986,16 +995,20 @@ class GenerationMixin:
             raise ValueError("assisted decoding needs input_ids (inputs_embeds cannot be shared with the assistant)")
         if gen.output_attentions or gen.output_hidden_states:
             raise ValueError("assisted decoding does not return attentions or hidden states")
-        if getattr(assistant.config, "vocab_size", None) != getattr(self.config, "vocab_size", None):
+        if assistant is not None and (
+                getattr(assistant.config, "vocab_size", None) != getattr(self.config, "vocab_size", None)):
             raise ValueError("assistant_model must share this model's vocabulary (same vocab_size)")
         record = _Record(gen)
         draft_cache = DynamicCache()
-        num, schedule, threshold = _draft_settings(gen, assistant)
+        num, schedule, threshold = _draft_settings(gen, assistant) if assistant is not None else (0, "constant", 0)
         while True:
             L = seq.shape[1]
             # Drafts may run past EOS: verification cuts there, and checking would cost a device read.
             cand, draft_q = seq, []
             draft_cache.crop(L - 1)
+            if assistant is None:
+                cand = torch.cat([seq, _prompt_lookup(seq, gen.prompt_lookup_num_tokens,
+                                                      gen.max_matching_ngram_size or 2, max_length, eos)], dim=-1)
             for _ in range(min(num, max_length - L - 1)):
                 logits = _forward(assistant, cand, ctx, draft_cache, 1).logits[:, -1]
                 if gen.do_sample:  # drawn from the assistant's distribution under the same processors
@@ -1016,6 +1029,9 @@ class GenerationMixin:
             for i in range(n_cand + 1):
                 scores[:, i] = processors(cand[:, : L + i], scores[:, i])
             if gen.do_sample:
+                if assistant is None:  # looked-up drafts: each has probability 1 under its drafter
+                    draft_q = list(torch.nn.functional.one_hot(cand[:, L:], scores.shape[-1]).to(scores.dtype)
+                                   .unbind(dim=1))
                 new, n_ok = _speculative_pick(cand[:, L:], draft_q, scores.softmax(dim=-1))
             else:
                 chosen = scores.argmax(dim=-1)
@@ -1047,6 +1063,29 @@ class GenerationMixin:
             return seq
         return GenerateDecoderOnlyOutput(sequences=seq, scores=record.scores, logits=record.logits,
                                          past_key_values=cache)
+
+
+def _prompt_lookup(seq_1L: torch.Tensor, max_new: int, max_ngram: int, max_length: int,
+                   eos: torch.Tensor | None) -> torch.Tensor:
+    """Prompt lookup decoding's drafts [1, n]: for n-gram sizes from `max_ngram` down to 1, find
+    the first earlier occurrence of the sequence's last n tokens, and take up to `max_new` of the
+    tokens that followed it (no more than `max_length` leaves room for, and cut before an EOS id),
+    as Transformers' prompt lookup does; none found: no drafts."""
+    L = seq_1L.shape[1]
+    row = seq_1L[0]
+    for n in range(min(max_ngram, L - 1), 0, -1):
+        windows = row.unfold(0, n, 1)[:-1]  # every earlier n-gram (the last is the pattern itself)
+        starts = (windows == row[L - n :]).all(dim=1).nonzero().flatten()
+        if starts.numel():
+            begin = int(starts[0]) + n
+            drafts = row[begin : min(begin + max_new, L)][: max(max_length - L - 1, 0)]
+            if eos is not None:
+                at_eos = torch.isin(drafts, eos).nonzero()
+                if at_eos.numel():
+                    drafts = drafts[: int(at_eos[0])]
+            if drafts.numel():
+                return drafts[None]
+    return seq_1L[:, :0]
 
 
 def _draft_settings(gen: GenerationConfig, assistant) -> tuple[int, str, float | None]:
