@@ -10,7 +10,8 @@
    logits processor after the prefill: none per step when only max_length can stop, one per step
    (the stop check) with an EOS id.
 3. Assisted decoding (one row, a one-layer assistant sharing the first layer): greedy search's
-   tokens, with the default draft settings and with the "heuristic" schedule.
+   tokens, with the default draft settings and with the "heuristic" schedule; and prompt lookup
+   decoding.
 4. Decode speed (informative): greedy tokens/s with a dynamic and a static cache, batch 1.
 Exits non-zero if check 1, 2 or 3 fails.
 """
@@ -133,6 +134,9 @@ def check(name, config, cls, results) -> bool:
         results[f"{name}.assisted_{case}.equals_greedy"] = same
         ok &= same
     results[f"{name}.assisted_heuristic.draft_length_reached"] = small.generation_config.num_assistant_tokens
+    got = gpu.generate(row, prompt_lookup_num_tokens=3, max_new_tokens=24, eos_token_id=None).cpu()
+    results[f"{name}.prompt_lookup.equals_greedy"] = same = torch.equal(got, want)
+    ok &= same
 
     prompt = ids[:1, 5:].cuda()
     for cache in ("dynamic", "static"):
