@@ -361,6 +361,13 @@ def test_more_generation_settings_match_transformers(pair):
         assert_same_tokens(a, b, name)
         if name != "remove_invalid_values":  # finite logits: nothing to remove
             assert not torch.equal(b[:, 6:], new[:, : b.shape[1] - 6]), f"{name} changed nothing"
+    # with beams and beam sampling (the warpers keep one token beyond the EOS ids), and several warpers at once
+    for settings in (dict(num_beams=3, suppress_tokens=[5, 6, 7], forced_eos_token_id=2),
+                     dict(num_beams=2, do_sample=True, typical_p=0.7),
+                     dict(num_beams=2, exponential_decay_length_penalty=(1, 2.0), eos_token_id=eos),
+                     dict(do_sample=True, top_h=0.5, epsilon_cutoff=0.01, eta_cutoff=0.01, num_return_sequences=2)):
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=6, seed=4, **settings)
+        assert_same_tokens(a, b, str(settings))
     # a one-token prompt: the forced BOS comes first, and begin suppression moves to the token after it
     one = ids[:1, -1:]
     settings = dict(forced_bos_token_id=7, begin_suppress_tokens=[int(new[0, 0])], max_new_tokens=5)
