@@ -383,9 +383,14 @@ class MinPLogitsWarper(LogitsProcessor):
         return scores.masked_fill(drop, self.filter_value)
 
 
-def _check_keep(min_tokens_to_keep) -> None:
+def _open_unit(name: str, value, min_tokens_to_keep) -> float:
+    """`value` as a float in (0, 1), and `min_tokens_to_keep` a positive integer, else ValueError."""
+    value = float(value)
+    if not 0 < value < 1:
+        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
     if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
         raise ValueError(f"`min_tokens_to_keep` must be a positive integer, got {min_tokens_to_keep!r}")
+    return value
 
 
 def _below_kth(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -420,11 +425,8 @@ class TypicalLogitsWarper(LogitsProcessor):
     distribution's entropy, in that order, until their mass reaches `mass`."""
 
     def __init__(self, mass: float = 0.9, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
-        mass = float(mass)
-        if not 0 < mass < 1:
-            raise ValueError(f"`typical_p` must be in (0, 1), got {mass!r}")
-        _check_keep(min_tokens_to_keep)
-        self.mass, self.filter_value, self.min_tokens_to_keep = mass, filter_value, min_tokens_to_keep
+        self.mass = _open_unit("typical_p", mass, min_tokens_to_keep)
+        self.filter_value, self.min_tokens_to_keep = filter_value, min_tokens_to_keep
 
     def __call__(self, input_ids, scores):
         logp = scores.log_softmax(dim=-1)
@@ -442,11 +444,8 @@ class EpsilonLogitsWarper(LogitsProcessor):
     """Epsilon sampling: drop tokens of probability below `epsilon` (the `min_tokens_to_keep` best stay)."""
 
     def __init__(self, epsilon: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
-        epsilon = float(epsilon)
-        if not 0 < epsilon < 1:
-            raise ValueError(f"`epsilon_cutoff` must be in (0, 1), got {epsilon!r}")
-        _check_keep(min_tokens_to_keep)
-        self.epsilon, self.filter_value, self.min_tokens_to_keep = epsilon, filter_value, min_tokens_to_keep
+        self.epsilon = _open_unit("epsilon_cutoff", epsilon, min_tokens_to_keep)
+        self.filter_value, self.min_tokens_to_keep = filter_value, min_tokens_to_keep
 
     def __call__(self, input_ids, scores):
         drop = (scores.softmax(dim=-1) < self.epsilon) & _below_kth(scores, self.min_tokens_to_keep)
@@ -459,11 +458,7 @@ class EtaLogitsWarper(LogitsProcessor):
 
     def __init__(self, epsilon: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1,
                  device: str = "cpu"):
-        epsilon = float(epsilon)
-        if not 0 < epsilon < 1:
-            raise ValueError(f"`eta_cutoff` must be in (0, 1), got {epsilon!r}")
-        _check_keep(min_tokens_to_keep)
-        self.epsilon = torch.tensor(epsilon, device=device)
+        self.epsilon = torch.tensor(_open_unit("eta_cutoff", epsilon, min_tokens_to_keep), device=device)
         self.filter_value, self.min_tokens_to_keep = filter_value, min_tokens_to_keep
 
     def __call__(self, input_ids, scores):
