@@ -72,6 +72,8 @@ class PreTrainedModel(nn.Module):
 
     config_class: type[MoeConfig] = MoeConfig
     base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: MoeConfig) -> None:
         super().__init__()
@@ -114,6 +116,11 @@ class PreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(p for p in self.parameters() if p.is_floating_point()).dtype
 
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes of the parameters (and, with return_buffers, the buffers) held in memory."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         skip = {id(self.get_input_embeddings().weight)} if exclude_embeddings else set()
         seen: set[int] = set()
@@ -135,6 +142,29 @@ class PreTrainedModel(nn.Module):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.base_model.embed_tokens = value
         self.tie_weights()
+
+    def get_decoder(self) -> nn.Module:
+        """The decoder stack (`model` of a causal LM or classifier; the model itself otherwise)."""
+        return self.base_model
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        if self.base_model is self:
+            raise ValueError(f"{type(self).__name__} is the decoder itself: set its layers instead")
+        setattr(self, self.base_model_prefix, decoder)
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require gradients, so that gradient checkpointing
+        reaches trainable parameters behind frozen embeddings (adapters such as LoRA)."""
+        def require_grads(module, inputs, output):
+            output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(require_grads)
+
+    def disable_input_require_grads(self) -> None:
+        hook = self.__dict__.pop("_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
 
     def get_output_embeddings(self) -> nn.Linear | None:
         return getattr(self, "lm_head", None)

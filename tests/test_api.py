@@ -93,6 +93,40 @@ def test_resize_token_embeddings(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_fine_tuning_helpers_as_transformers(arch, tmp_path):
+    """What adapter and Trainer code reads from a model: the memory footprint (Transformers' own
+    figure for the same checkpoint), the decoder, the main input's name, gradient checkpointing's
+    support, and input embeddings whose output requires gradients behind frozen weights."""
+    model = tiny(arch, seed=3)
+    model.save_pretrained(tmp_path)
+    hf = arch.hf["causal_lm"].from_pretrained(tmp_path)
+    assert model.get_memory_footprint() == hf.get_memory_footprint()
+    assert model.get_memory_footprint(return_buffers=False) == hf.get_memory_footprint(return_buffers=False)
+    assert model.get_decoder() is model.model and model.main_input_name == hf.main_input_name == "input_ids"
+    # both models checkpoint (test below); Transformers' JetMoe says it does not
+    assert model.supports_gradient_checkpointing
+    decoder = arch.ours["model"](model.config)
+    model.set_decoder(decoder)
+    assert model.get_decoder() is decoder and decoder.get_decoder() is decoder
+    with pytest.raises(ValueError, match="decoder itself"):
+        decoder.set_decoder(model.model)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids, _ = make_inputs(arch.base["vocab_size"], 1, 5, None)
+
+    def embedded_requires_grad():
+        return model(ids, output_hidden_states=True).hidden_states[0].requires_grad
+
+    assert not embedded_requires_grad()
+    model.enable_input_require_grads()
+    model.enable_input_require_grads()  # a second call replaces the hook
+    assert embedded_requires_grad()
+    model.disable_input_require_grads()
+    assert not embedded_requires_grad()
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
 def test_gradient_checkpointing_gives_the_same_gradients(arch):
     ids, mask = make_inputs(arch.base["vocab_size"], 2, 6, "left")
     grads = []
