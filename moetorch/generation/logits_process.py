@@ -75,9 +75,13 @@ class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
         return _ban(scores, self.eos_token_id)
 
 
+def _in_vocab(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """[V] bool: which of the vocabulary's ids are among `token_ids`."""
+    return torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids.to(scores.device))
+
+
 def _ban(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    banned_V = torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids.to(scores.device))
-    return scores.masked_fill(banned_V, NEG_INF)
+    return scores.masked_fill(_in_vocab(scores, token_ids), NEG_INF)
 
 
 class RepetitionPenaltyLogitsProcessor(LogitsProcessor):
@@ -226,8 +230,7 @@ class PrefixConstrainedLogitsProcessor(LogitsProcessor):
 
 def _only(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Scores that allow only `token_ids` (0 for them, -inf elsewhere)."""
-    allowed_V = torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids.to(scores.device))
-    return torch.where(allowed_V, 0.0, NEG_INF).to(scores.dtype).expand_as(scores).clone()
+    return torch.where(_in_vocab(scores, token_ids), 0.0, NEG_INF).to(scores.dtype).expand_as(scores).clone()
 
 
 def _token_list(name: str, ids) -> torch.Tensor:
@@ -317,6 +320,16 @@ class SuppressTokensAtBeginLogitsProcessor(LogitsProcessor):
 # ---- sampling warpers -----------------------------------------------------------------------
 
 
+def _check_keep(min_tokens_to_keep) -> None:
+    if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
+        raise ValueError(f"`min_tokens_to_keep` must be a positive integer, got {min_tokens_to_keep!r}")
+
+
+def _below_kth(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Which scores lie below the k-th highest of their row: the k best (and ties) are never filtered."""
+    return scores < torch.topk(scores, min(k, scores.shape[-1]), dim=-1).values[..., -1:]
+
+
 class TemperatureLogitsWarper(LogitsProcessor):
     """Divide the scores by `temperature` (> 0)."""
 
@@ -340,9 +353,7 @@ class TopKLogitsWarper(LogitsProcessor):
         self.filter_value = filter_value
 
     def __call__(self, input_ids, scores):
-        k = min(self.top_k, scores.shape[-1])
-        kth = torch.topk(scores, k)[0][..., -1:]
-        return scores.masked_fill(scores < kth, self.filter_value)
+        return scores.masked_fill(_below_kth(scores, self.top_k), self.filter_value)
 
 
 class TopPLogitsWarper(LogitsProcessor):
@@ -352,8 +363,7 @@ class TopPLogitsWarper(LogitsProcessor):
         top_p = float(top_p)
         if not 0 < top_p <= 1:
             raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
-        if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
-            raise ValueError(f"`min_tokens_to_keep` must be a positive integer, got {min_tokens_to_keep!r}")
+        _check_keep(min_tokens_to_keep)
         self.top_p, self.filter_value, self.min_tokens_to_keep = top_p, filter_value, min_tokens_to_keep
 
     def __call__(self, input_ids, scores):
@@ -371,8 +381,7 @@ class MinPLogitsWarper(LogitsProcessor):
     def __init__(self, min_p: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
         if not 0 <= min_p <= 1:
             raise ValueError(f"`min_p` must be in [0, 1], got {min_p!r}")
-        if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
-            raise ValueError(f"`min_tokens_to_keep` must be a positive integer, got {min_tokens_to_keep!r}")
+        _check_keep(min_tokens_to_keep)
         self.min_p, self.filter_value, self.min_tokens_to_keep = min_p, filter_value, min_tokens_to_keep
 
     def __call__(self, input_ids, scores):
@@ -388,14 +397,8 @@ def _open_unit(name: str, value, min_tokens_to_keep) -> float:
     value = float(value)
     if not 0 < value < 1:
         raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
-    if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
-        raise ValueError(f"`min_tokens_to_keep` must be a positive integer, got {min_tokens_to_keep!r}")
+    _check_keep(min_tokens_to_keep)
     return value
-
-
-def _below_kth(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Which scores lie below the k-th highest of their row: the k best are never filtered."""
-    return scores < torch.topk(scores, min(k, scores.shape[-1]), dim=-1).values[..., -1:]
 
 
 class TopHLogitsWarper(LogitsProcessor):
