@@ -807,6 +807,7 @@ INVALID = [
     (dict(suppress_tokens=[-1]), ValueError, "suppress_tokens"),
     (dict(forced_eos_token_id=[]), ValueError, "forced_eos_token_id"),
     (dict(exponential_decay_length_penalty=(2,)), ValueError, "exponential_decay_length_penalty"),
+    (dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=None), ValueError, "needs an eos_token_id"),
     (dict(remove_invalid_values="yes"), ValueError, "remove_invalid_values"),
     (dict(prompt_lookup_num_tokens=0), ValueError, "prompt_lookup_num_tokens"),
     (dict(prompt_lookup_num_tokens=2, num_beams=2), ValueError, "prompt_lookup_num_tokens"),

@@ -695,7 +695,9 @@ class GenerationMixin:
             procs.append(ForcedEOSTokenLogitsProcessor(max_length, gen.forced_eos_token_id))
         if gen.remove_invalid_values:
             procs.append(InfNanRemoveLogitsProcessor())
-        if gen.exponential_decay_length_penalty is not None and eos is not None:
+        if gen.exponential_decay_length_penalty is not None:
+            if eos is None:
+                raise ValueError("exponential_decay_length_penalty raises the EOS scores: it needs an eos_token_id")
             procs.append(ExponentialDecayLengthPenalty(gen.exponential_decay_length_penalty, eos, L))
         if gen.suppress_tokens is not None:
             procs.append(SuppressTokensLogitsProcessor(gen.suppress_tokens))
