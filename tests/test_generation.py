@@ -809,6 +809,8 @@ INVALID = [
     (dict(exponential_decay_length_penalty=(2,)), ValueError, "exponential_decay_length_penalty"),
     (dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=None), ValueError, "needs an eos_token_id"),
     (dict(remove_invalid_values="yes"), ValueError, "remove_invalid_values"),
+    (dict(forced_bos_token_id=-1), ValueError, "forced_bos_token_id"),
+    (dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=0), ValueError, "max_matching_ngram_size"),
     (dict(prompt_lookup_num_tokens=0), ValueError, "prompt_lookup_num_tokens"),
     (dict(prompt_lookup_num_tokens=2, num_beams=2), ValueError, "prompt_lookup_num_tokens"),
     (dict(past_key_values=(1, 2)), TypeError, "past_key_values"),
@@ -875,6 +877,8 @@ def test_compute_transition_scores_matches_transformers(pair, settings):
     if "num_beams" in settings:
         with pytest.raises(ValueError, match="beam_indices"):
             ours.compute_transition_scores(b.sequences, b.scores)
+        with pytest.raises(ValueError, match="beam_indices has 1 rows"):
+            ours.compute_transition_scores(b.sequences, b.scores, b.beam_indices[:1])
 
 
 def test_prompt_lookup_decoding_equals_greedy(pair):
