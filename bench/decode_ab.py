@@ -8,8 +8,9 @@ that rebuild the model), so an A/B must not span two of them.
 `--b module:attribute=off` replaces that function with one returning False for the B runs (a
 feature's or a fusion's gate: PDL above); `=<int>` sets an integer attribute instead.
 `--b-configs FILE` runs B with the expert kernels' block sizes from FILE (a config JSON, such as
-the committed one at an older revision) in place of this GPU's. A runs as the code stands. Each arm
-captures its own graphs, so the path is chosen as decode would choose it.
+the committed one at an older revision; `{}` for none: every GEMM on `default_config`, as on a GPU
+with no file) in place of this GPU's. A runs as the code stands. Each arm captures its own graphs,
+so the path is chosen as decode would choose it. `--dtype float16` builds the model in float16.
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens of each row (the cache's filled part)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     module, attr, b_value = patch(args.b) if args.b else configs_from(args.b_configs)
     a_value = getattr(module, attr)
-    model = build(args.model, "moetorch", SIZES[args.model])
+    model = build(args.model, "moetorch", SIZES[args.model], dtype=getattr(torch, args.dtype))
     ids = torch.randint(0, SIZES[args.model]["vocab_size"], (args.batch, args.prompt), device="cuda")
     times = {"A": [], "B": []}
     # round 0 is a warm-up, not recorded: on the H200 the first arm timed in a process reads 2-4%
@@ -89,7 +91,7 @@ def main() -> int:
     print(f"median A {median['A']:.1f}  B {median['B']:.1f}  A/B {median['A'] / median['B']:.4f}; "
           f"best A {best['A']:.1f}  B {best['B']:.1f}")
     save_json(args.out, {"device": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch,
-                         "prompt": args.prompt,
+                         "prompt": args.prompt, "dtype": args.dtype,
                          "b": args.b or f"configs {args.b_configs}", "tokens_per_s": times, "best": best,
                          "median": median})
     return 0

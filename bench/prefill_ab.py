@@ -1,6 +1,7 @@
 """Whole-model prefill, A/B in one process: the grouped GEMMs with pointer loads (`triton_moe.TMA = False`),
 with tensor descriptors, and with the gate/up rows gathered first (ops.triton_moe.GATHER_MIN_ROWS);
-or, with `--b module:attribute=off|<int>`, the code as it is (A) against that attribute set (B).
+or, with `--b module:attribute=off|<int>`, the code as it is (A) against that attribute set (B);
+or, with `--b-configs FILE`, against the expert kernels' block sizes from FILE (decode_ab.py's).
 
     PYTHONPATH=. python bench/prefill_ab.py --models jetmoe,phimoe --out results.json
     PYTHONPATH=. python bench/prefill_ab.py --b moetorch.ops.triton_moe:SELF_COUNT_MAX_ROWS=0
@@ -17,7 +18,7 @@ import json
 from functools import partial
 
 import torch
-from decode_ab import patch  # bench/ is the script's directory
+from decode_ab import configs_from, patch  # bench/ is the script's directory
 
 import moetorch.ops.triton_moe as tm
 from moetorch.benchmark import SIZES, build, cuda_time
@@ -38,12 +39,14 @@ def main() -> None:
     p.add_argument("--tokens", default="2048,8192")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--b", default=None, help="module:attribute=off|<int>: A/B that instead of the load modes")
+    p.add_argument("--b-configs", default=None, help="a config JSON for the expert kernels: A/B that instead")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--graphed", action="store_true",
                    help="also time each arm's forward captured in a CUDA graph: its GPU time, no host launches")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if args.b:
-        module, attr, b_value = patch(args.b)
+    if args.b or args.b_configs:
+        module, attr, b_value = patch(args.b) if args.b else configs_from(args.b_configs)
         arms = {"A": getattr(module, attr), "B": b_value}
         variants = {tag: partial(setattr, module, attr, value) for tag, value in arms.items()}
     else:
@@ -51,7 +54,7 @@ def main() -> None:
     before = tm.TMA, tm.GATHER_MIN_ROWS
     res = {"device": torch.cuda.get_device_name(), "tokens_per_s": {}}
     for name in args.models.split(","):
-        model = build(name, "moetorch", dict(SIZES[name]))
+        model = build(name, "moetorch", dict(SIZES[name]), dtype=getattr(torch, args.dtype))
         for T in map(int, args.tokens.split(",")):
             ids = torch.randint(0, SIZES[name]["vocab_size"], (1, T), device="cuda")
             runs, graphed = {}, {}
@@ -74,9 +77,10 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     tm.TMA, tm.GATHER_MIN_ROWS = before
-    if args.b:
+    if args.b or args.b_configs:
         variants["A"]()
-        res["b"] = args.b
+        res["b"] = args.b or f"configs {args.b_configs}"
+    res["dtype"] = args.dtype
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

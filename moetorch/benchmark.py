@@ -178,8 +178,8 @@ def active_params(pb: dict) -> float:
     return pb["layers"] * per_layer + pb["head"] / 2
 
 
-def build(name: str, lib: str, cfg: dict, device="cuda"):
-    """A random-weight bf16 model on `device` (the GPU: without a CPU copy)."""
+def build(name: str, lib: str, cfg: dict, device="cuda", dtype=torch.bfloat16):
+    """A random-weight model (bf16 unless `dtype` says otherwise) on `device` (the GPU: without a CPU copy)."""
     if lib == "moetorch":
         import moetorch as m
     else:
@@ -188,7 +188,7 @@ def build(name: str, lib: str, cfg: dict, device="cuda"):
     cls = {"jetmoe": "JetMoeForCausalLM", "phimoe": "PhimoeForCausalLM"}[name]
     config = getattr(m, cls_cfg)(**cfg)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = getattr(m, cls)(config)
@@ -292,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     batches, prefills = args.batches, args.prefill
     gpu = torch.cuda.get_device_name()
     result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "models": {}}
+    from .ops.triton_moe import config_file
+
+    configs = config_file()
+    result["moe_configs"] = configs.name if configs else "default_config"  # the expert kernels' block sizes
     try:
         import transformers
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .defaults import DEFAULT_MODEL, EMBEDDED, RANDOM_MODEL, resolve_model
+from .ops.moe import triton_available
 
 
 def _load(model_arg: str | None, device: str, dtype: str):
@@ -132,6 +133,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters: {model.num_parameters():,}")
     print(f"layers: {cfg.num_hidden_layers}  hidden: {cfg.hidden_size}  experts: {cfg.num_local_experts} "
           f"(top-{cfg.num_experts_per_tok})")
+    if model.device.type == "cuda":
+        if triton_available():
+            from .ops.triton_moe import config_file
+
+            configs = config_file(model.device.index)
+            print(f"expert kernels: triton, block sizes from {configs or 'default_config (none tuned for this GPU)'}")
+        else:
+            print("expert kernels: torch code (triton is not installed: no fused kernels)")
     return 0
 
 

@@ -137,6 +137,10 @@ def check_model(name, config, cls, results):
     gpu.load_state_dict(ref.state_dict())
     # Informative only: with random routers, bf16 rounding flips near-tied expert choices.
     results[f"{name}.bf16_cuda_vs_fp32_cpu_rel_err"] = rel_err(gpu(ids.cuda()).logits, want)
+    fp16 = cls(config).to("cuda", torch.float16).eval()
+    fp16.load_state_dict(ref.state_dict())
+    results[f"{name}.fp16_cuda_vs_fp32_cpu_rel_err"] = rel_err(fp16(ids.cuda()).logits, want)  # informative too
+    del fp16
     # decode without host sync
     cache = moetorch.StaticCache(config, max_cache_len=64)
     gpu(ids.cuda(), past_key_values=cache, use_cache=True)
@@ -214,7 +218,8 @@ REAL_SIZES = {"phimoe": ("experts", 16, 4096, 6400), "jetmoe_mlp": ("experts", 8
 @torch.no_grad()
 def check_triton(results):
     """The triton backend at real sizes against the float32 reference loop: bf16 at T in 1..4096
-    (random routing; every token's first expert the same one at T=512), float32 at T=64, pointer
+    (random routing; every token's first expert the same one at T=512), float32 at T=64, float16
+    at T = 1, 64 and 4096 (through the bf16 entries of the config file, `_SAME_WIDTH`), pointer
     loads in place of tensor descriptors (MOETORCH_TMA=0) at T=512 and 4096, the K terms left
     uncombined (combine=False, as the models call it; summed here) at T=16, and a call under sync
     debug mode (any host sync raises)."""
@@ -226,10 +231,10 @@ def check_triton(results):
     for name, (kind, E, D, H) in REAL_SIZES.items():
         w_a = torch.randn(E, 2 * H if kind == "experts" else H, D, device="cuda", generator=g).bfloat16() * 0.02
         w_b = torch.randn(E, D, H, device="cuda", generator=g).bfloat16() * 0.02
-        w32 = (w_a.float(), w_b.float())
+        w32, w16 = (w_a.float(), w_b.float()), (w_a.half(), w_b.half())
         for T, case in ((1, "random"), (8, "random"), (64, "random"), (512, "random"), (4096, "random"),
                         (512, "one_expert"), (64, "fp32"), (64, "no_sync"), (512, "no_tma"), (4096, "no_tma"),
-                        (16, "uncombined")):
+                        (16, "uncombined"), (1, "fp16"), (64, "fp16"), (4096, "fp16")):
             x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
             h = torch.randn(T, K, H, device="cuda", generator=g).bfloat16()
             gates = torch.rand(T, K, device="cuda", generator=g).bfloat16()
@@ -244,6 +249,8 @@ def check_triton(results):
                                                                                               args32[2])]
             fp32 = case == "fp32"
             (xx, hh, gg), (wa, wb) = (args32, w32) if fp32 else ((x, h, gates), (w_a, w_b))
+            if case == "fp16":
+                (xx, hh, gg), (wa, wb) = (x.half(), h.half(), gates.half()), w16
             if case == "no_sync":
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
@@ -265,7 +272,7 @@ def check_triton(results):
             err = max(rel_err(a, b) for a, b in zip(got, want))
             results[f"triton.{name}.T{T}.{case}.rel_err"] = err
             ok &= err < (1e-4 if fp32 else 1e-2)
-        del w_a, w_b, w32
+        del w_a, w_b, w32, w16
         torch.cuda.empty_cache()
     return ok
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 
 import pytest
 import torch
@@ -520,6 +521,83 @@ def test_config_lookup(tm, tmp_path, monkeypatch):
     assert tm.get_config("down", 16, 4096, 6400, torch.bfloat16, 8, 16, None) == large
 
 
+def test_config_lookup_shares_entries_between_the_2_byte_floats(tm, tmp_path, monkeypatch):
+    # float16 and bfloat16 tiles are the same size: a file tuned in one serves the other, where it
+    # has no entry of its own; float32 (twice the bytes a tile) keeps the defaults
+    tuned, fp16_own = {**SMALL, "BLOCK_M": 64}, {**SMALL, "BLOCK_M": 32}
+    path = tmp_path / "GPU.json"
+    path.write_text(json.dumps({tm.config_key("down", 16, 4096, 6400, torch.bfloat16): {"1": tuned},
+                                tm.config_key("map", 16, 4096, 6400, torch.float16): {"1": fp16_own}}))
+    monkeypatch.setattr(tm, "_device_file", lambda device: path)
+    assert tm.get_config("down", 16, 4096, 6400, torch.float16, 1, 2, None) == tuned
+    assert tm.get_config("map", 16, 4096, 6400, torch.bfloat16, 1, 2, None) == fp16_own
+    assert tm.get_config("map", 16, 4096, 6400, torch.float16, 1, 2, None) == fp16_own
+    for op, dtype in (("down", torch.float32), ("gate_up", torch.float16)):
+        assert tm.get_config(op, 16, 4096, 6400, dtype, 1, 2, None) == tm.default_config(2, dtype, op == "gate_up")
+
+
+class FakeGPU:
+    """torch.cuda's answers for one GPU: its name, compute capability and SM count."""
+
+    def __init__(self, name, major, minor, sms):
+        self.name, self.major, self.minor, self.multi_processor_count = name, major, minor, sms
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: self.name)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: self)
+
+
+@pytest.fixture
+def config_dir(tm, tmp_path, monkeypatch):
+    """A config directory of two files, for GPUs of compute capability 9.0 with 132 and 114 SMs,
+    and a fresh `config_file` answer per test."""
+    monkeypatch.delenv(tm.CONFIG_ENV, raising=False)
+    monkeypatch.setattr(tm, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(tm, "SHIPPED_GPUS", {"BIG_GPU": ((9, 0), 132), "SMALL_GPU": ((9, 0), 114),
+                                             "LISTED_GPU_WITHOUT_FILE": ((9, 0), 120)})
+    for stem in ("BIG_GPU", "SMALL_GPU"):
+        (tmp_path / f"{stem}.json").write_text("{}")
+    tm.config_file.cache_clear()
+    yield tmp_path
+    tm.config_file.cache_clear()
+
+
+def test_config_file_of_a_gpu(tm, config_dir, monkeypatch, caplog):
+    # its own file, by name (spaces as underscores), whatever the architecture
+    (config_dir / "NVIDIA_Own_GPU.json").write_text("{}")
+    FakeGPU("NVIDIA Own GPU", 8, 0, 108).install(monkeypatch)
+    assert tm.config_file(0) == config_dir / "NVIDIA_Own_GPU.json"
+    # none of its own: the file of its compute capability with the nearest SM count, said in the log
+    for sms, stem in ((132, "BIG_GPU"), (124, "BIG_GPU"), (122, "SMALL_GPU"), (78, "SMALL_GPU")):
+        tm.config_file.cache_clear()
+        FakeGPU("NVIDIA Other", 9, 0, sms).install(monkeypatch)
+        with caplog.at_level(logging.INFO, logger="moetorch"):
+            assert tm.config_file(0) == config_dir / f"{stem}.json", sms
+        assert f"no expert-kernel block sizes tuned on NVIDIA Other; using {stem}.json" in caplog.text
+        caplog.clear()
+    # another architecture: no file, and a warning that names the GPU and the way out
+    tm.config_file.cache_clear()
+    FakeGPU("NVIDIA Next", 10, 0, 148).install(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="moetorch"):
+        assert tm.config_file(0) is None
+    assert "NVIDIA Next (sm_100)" in caplog.text and "bench/tune_moe.py" in caplog.text
+    # decided once per device: a later lookup does not read torch.cuda again
+    FakeGPU("NVIDIA Own GPU", 8, 0, 108).install(monkeypatch)
+    assert tm.config_file(0) is None
+
+
+def test_config_file_from_the_environment(tm, config_dir, monkeypatch):
+    mine = config_dir / "mine.json"
+    mine.write_text("{}")
+    monkeypatch.setenv(tm.CONFIG_ENV, str(mine))
+    FakeGPU("NVIDIA Own GPU", 9, 0, 132).install(monkeypatch)
+    assert tm.config_file(0) == mine  # in place of the GPU's own
+    tm.config_file.cache_clear()
+    monkeypatch.setenv(tm.CONFIG_ENV, str(config_dir / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="MOETORCH_MOE_CONFIG=.*missing.json: no such file"):
+        tm.config_file(0)
+
+
 @pytest.mark.parametrize(("bad", "message"), [
     ({"PERSISTENT": -1}, "PERSISTENT must be an integer >= 0, got -1"),
     ({"BLOCK_M": 48}, "BLOCK_M must be a power of two, got 48"),
@@ -551,6 +629,8 @@ def test_config_file_errors_name_the_entry(tm, tmp_path, monkeypatch, bad, messa
 
 
 def test_shipped_configs_are_complete(tm):
+    # each shipped file names its GPU's architecture, for GPUs without a file of their own
+    assert {p.stem for p in tm.CONFIG_DIR.glob("*.json")} == set(tm.SHIPPED_GPUS)
     for path in tm.CONFIG_DIR.glob("*.json"):
         tables = json.loads(path.read_text())
         for key, table in tables.items():

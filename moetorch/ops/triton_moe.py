@@ -40,15 +40,17 @@ The machinery, shared by the SwiGLU experts and JetMoE's attention experts:
 
 Kernels are forward-only; gradients (when asked for) recompute through the grouped_mm or reference
 backend inside a `torch.autograd.Function` (training picks grouped_mm directly: `ops.moe.pick_backend`).
-Block sizes come from a JSON file per GPU name in `ops/configs/` (bench/tune_moe.py writes it),
-else from `default_config`. Triton is imported when this module is, and this module only when the
-backend is first used, so moetorch imports without triton.
+Block sizes come from a JSON file per GPU name in `ops/configs/` (bench/tune_moe.py writes it); a GPU
+with no file of its own takes the file of a GPU of its architecture, and `$MOETORCH_MOE_CONFIG`
+names a file to use instead (`config_file`); else `default_config`. Triton is imported when this
+module is, and this module only when the backend is first used, so moetorch imports without triton.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import weakref
@@ -62,6 +64,17 @@ from .activations import ACTIVATIONS
 from .launch import cdiv, launcher, next_power_of_2
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# A config JSON to read in place of the GPU's own (one that bench/tune_moe.py wrote elsewhere).
+CONFIG_ENV = "MOETORCH_MOE_CONFIG"
+# The GPU behind each shipped file: (compute capability, SM count). Block sizes depend on the SM
+# design and count, not on the memory, so a GPU with no file of its own (an H100 or GH200 where
+# only the H200's ships) takes the file of its architecture with the nearest SM count.
+SHIPPED_GPUS = {"NVIDIA_H200": ((9, 0), 132)}
+# The 2-byte float formats: tiles of either take the same shared memory and registers, so where a
+# file has entries for one only, the other reads them.
+_SAME_WIDTH = {torch.float16: torch.bfloat16, torch.bfloat16: torch.float16}
+
+logger = logging.getLogger("moetorch")
 
 # Activation callables the kernel fuses, by the name its epilogue switches on.
 _ACT_CODES = {
@@ -789,12 +802,41 @@ def default_config(num_rows: int, dtype: torch.dtype, gated: bool = False) -> di
 def _device_file(device: torch.device) -> Path | None:
     if device.type != "cuda":
         return None
-    return _gpu_file(device.index if device.index is not None else torch.cuda.current_device())
+    return config_file(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def _gpu_file(index: int) -> Path:
-    return CONFIG_DIR / (torch.cuda.get_device_name(index).replace(" ", "_") + ".json")
+def config_file(device_index: int | None = None) -> Path | None:
+    """The block-size file the expert kernels read on a CUDA device: the file `$MOETORCH_MOE_CONFIG`
+    names; else this GPU's own (`ops/configs/<name>.json`, spaces as underscores); else the shipped
+    file of a GPU of the same compute capability with the nearest SM count (logged); else None,
+    and every GEMM takes `default_config` (logged as a warning: decode runs well below its tuned
+    speed). Decided once per device and process."""
+    override = os.environ.get(CONFIG_ENV)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise FileNotFoundError(f"${CONFIG_ENV}={override}: no such file (the expert kernels' block sizes)")
+        return path
+    if device_index is None:
+        device_index = torch.cuda.current_device()
+    name = torch.cuda.get_device_name(device_index)
+    own = CONFIG_DIR / (name.replace(" ", "_") + ".json")
+    if own.is_file():
+        return own
+    props = torch.cuda.get_device_properties(device_index)
+    arch, sms = (props.major, props.minor), props.multi_processor_count
+    kin = [(abs(n - sms), stem) for stem, (cap, n) in SHIPPED_GPUS.items()
+           if cap == arch and (CONFIG_DIR / f"{stem}.json").is_file()]
+    if kin:
+        path = CONFIG_DIR / f"{min(kin)[1]}.json"
+        logger.info("moetorch: no expert-kernel block sizes tuned on %s; using %s (sm_%d%d, %d SMs here). "
+                    "bench/tune_moe.py tunes this GPU's own.", name, path.name, *arch, sms)
+        return path
+    logger.warning("moetorch: no expert-kernel block sizes for %s (sm_%d%d) or its architecture: the expert "
+                   "kernels use default block sizes, well below their tuned speed at decode. bench/tune_moe.py "
+                   "writes a file for this GPU; $%s names one to use.", name, *arch, CONFIG_ENV)
+    return None
 
 
 @functools.cache
@@ -846,7 +888,8 @@ def check_configs(tables, where: str) -> None:
 def get_config(op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype, T: int, num_rows: int,
                device: torch.device) -> dict:
     """Tuned block sizes for one GEMM at T tokens (num_rows = T*K assignments): the entry of the
-    nearest T bucket (in log scale) in this GPU's JSON file, else `default_config`. A new dict."""
+    nearest T bucket (in log scale) in this GPU's JSON file (`config_file`), for this dtype or the
+    other 2-byte float format; else `default_config`. A new dict."""
     path = _device_file(device)
     return dict(_lookup(str(path) if path else "", op, E, n_out, k_dim, dtype, T, num_rows))
 
@@ -856,7 +899,10 @@ def get_config(op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype, T: i
 # where the GPU waits on the host at 2048 tokens.
 @functools.lru_cache(maxsize=4096)
 def _lookup(path: str, op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype, T: int, num_rows: int) -> dict:
-    table = _load_configs(path).get(config_key(op, E, n_out, k_dim, dtype), {}) if path else {}
+    tables = _load_configs(path) if path else {}
+    table = tables.get(config_key(op, E, n_out, k_dim, dtype))
+    if not table and dtype in _SAME_WIDTH:
+        table = tables.get(config_key(op, E, n_out, k_dim, _SAME_WIDTH[dtype]))
     if table:
         return table[min(table, key=lambda b: abs(math.log2(int(b)) - math.log2(max(T, 1))))]
     return default_config(num_rows, dtype, gated=op == "gate_up")
@@ -1372,7 +1418,7 @@ def expert_reduce_triton(h_TKC, w_EOC, ids_TK, weights_TK, combine: bool = True)
 
 
 __all__ = [
-    "arrival_counters", "config_key", "default_config", "experts_fused", "experts_triton", "expert_map_triton",
-    "expert_reduce_triton", "gather_rows", "get_config", "map_fused", "moe_align", "moe_gemm", "moe_gemm_small",
-    "num_blocks_bound", "reduce_fused", "tma_enabled", "use_small_kernel",
+    "arrival_counters", "config_file", "config_key", "default_config", "experts_fused", "experts_triton",
+    "expert_map_triton", "expert_reduce_triton", "gather_rows", "get_config", "map_fused", "moe_align", "moe_gemm",
+    "moe_gemm_small", "num_blocks_bound", "reduce_fused", "tma_enabled", "use_small_kernel",
 ]
