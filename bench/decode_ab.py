@@ -10,7 +10,8 @@ feature's or a fusion's gate: PDL above); `=<int>` sets an integer attribute ins
 `--b-configs FILE` runs B with the expert kernels' block sizes from FILE (a config JSON, such as
 the committed one at an older revision; `{}` for none: every GEMM on `default_config`, as on a GPU
 with no file) in place of this GPU's. A runs as the code stands. Each arm captures its own graphs,
-so the path is chosen as decode would choose it. `--dtype float16` builds the model in float16.
+so the path is chosen as decode would choose it. `--dtype float16` builds the model in float16;
+`--size intermediate_size=960` (repeatable) changes the model's config from the real sizes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -35,6 +37,14 @@ def configs_from(path: str):
     if not Path(path).is_file():
         raise FileNotFoundError(f"--b-configs: no file {path}")
     return triton_moe, "_device_file", lambda device: Path(path)
+
+
+def size_override(text: str) -> tuple[str, int]:
+    """`--size KEY=INT`: (a model config field, its integer value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=INT, e.g. intermediate_size=960")
+    return key, int(value)
 
 
 @contextlib.contextmanager
@@ -69,12 +79,15 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens of each row (the cache's filled part)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--size", action="append", default=[], type=size_override, metavar="KEY=INT",
+                   help="a config field of the model set to another integer (repeatable)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    sizes = {**SIZES[args.model], **dict(args.size)}
     module, attr, b_value = patch(args.b) if args.b else configs_from(args.b_configs)
     a_value = getattr(module, attr)
-    model = build(args.model, "moetorch", SIZES[args.model], dtype=getattr(torch, args.dtype))
-    ids = torch.randint(0, SIZES[args.model]["vocab_size"], (args.batch, args.prompt), device="cuda")
+    model = build(args.model, "moetorch", sizes, dtype=getattr(torch, args.dtype))
+    ids = torch.randint(0, sizes["vocab_size"], (args.batch, args.prompt), device="cuda")
     times = {"A": [], "B": []}
     # round 0 is a warm-up, not recorded: on the H200 the first arm timed in a process reads 2-4%
     # above every later round of either arm (clocks settle), which would favour arm A
@@ -91,7 +104,8 @@ def main() -> int:
     print(f"median A {median['A']:.1f}  B {median['B']:.1f}  A/B {median['A'] / median['B']:.4f}; "
           f"best A {best['A']:.1f}  B {best['B']:.1f}")
     save_json(args.out, {"device": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch,
-                         "prompt": args.prompt, "dtype": args.dtype,
+                         "prompt": args.prompt, "dtype": args.dtype, "sizes": dict(args.size),
+                         "moe_config_env": os.environ.get("MOETORCH_MOE_CONFIG"),
                          "b": args.b or f"configs {args.b_configs}", "tokens_per_s": times, "best": best,
                          "median": median})
     return 0

@@ -278,6 +278,39 @@ def check_triton(results):
 
 
 @torch.no_grad()
+def check_decode_defaults(results):
+    """The expert kernels at decode sizes with no config file, as on a GPU or a model shape with no
+    tuned entry (`triton_moe.decode_config`: the CUDA-core kernel at one token, split-K past it),
+    against the float32 reference: the real shapes and a PhiMoE with 960-wide experts, at 1, 4 and
+    16 tokens, in bf16 and fp16."""
+    ok, K = True, 2
+    g = torch.Generator(device="cuda").manual_seed(3)
+    with _switches(_device_file=lambda device: None):
+        for name, (kind, E, D, H) in {**REAL_SIZES, "phimoe_i960": ("experts", 16, 4096, 960)}.items():
+            w_a = torch.randn(E, 2 * H if kind == "experts" else H, D, device="cuda", generator=g) * 0.02
+            w_b = torch.randn(E, D, H, device="cuda", generator=g) * 0.02
+            for T in (1, 4, 16):
+                x, h = torch.randn(T, D, device="cuda", generator=g), torch.randn(T, K, H, device="cuda", generator=g)
+                gates = torch.rand(T, K, device="cuda", generator=g)
+                ids = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
+                for dtype in (torch.bfloat16, torch.float16):
+                    xx, hh, gg, wa, wb = (t.to(dtype) for t in (x, h, gates, w_a, w_b))
+                    f = [t.float() for t in (xx, hh, gg, wa, wb)]
+                    if kind == "experts":
+                        got = [experts_forward(xx, wa, wb, ids, gg, F.silu, "triton")]
+                        want = [experts_reference(f[0], f[3], f[4], ids, f[2], F.silu)]
+                    else:
+                        got = [expert_map(xx, wa, ids, "triton"), expert_reduce(hh, wb, ids, gg, "triton")]
+                        want = [expert_map_reference(f[0], f[3], ids), expert_reduce_reference(f[1], f[4], ids, f[2])]
+                    err = max(rel_err(a, b) for a, b in zip(got, want))
+                    results[f"decode_defaults.{name}.T{T}.{str(dtype)[6:]}.rel_err"] = err
+                    ok &= err < 1e-2
+            del w_a, w_b
+            torch.cuda.empty_cache()
+    return ok
+
+
+@torch.no_grad()
 def check_fused(results):
     from moetorch.ops import fused
     from moetorch.ops.attention import attention, build_mask
@@ -757,6 +790,7 @@ def run_checks() -> dict:
     ok = check_experts(results)
     ok &= check_moa_experts(results)
     ok &= check_triton(results)
+    ok &= check_decode_defaults(results)
     ok &= check_fused(results)
     ok &= check_prelayer(results)
     for name, (cfg, cls) in configs().items():

@@ -844,6 +844,49 @@ def test_gemv_config_only_serves_one_token(tm, monkeypatch):
         real(x, w13, torch.empty(3 * K, 2 * I), ids.reshape(-1), K, cfg, a_div=K)
 
 
+def test_decode_defaults_follow_the_tuned_entries(tm):
+    """With no tuned entry, decode sizes on a GPU take `decode_config`: on the H200's shapes and SM
+    count it picks what its tuners picked there: the same GEMV widths at one token, and at 2 and 4
+    tokens the same number of programs a GEMM (column tiles x SPLIT_K) where the tuned entry splits
+    flat; gate/up, whose tiles already fill the GPU, unsplit."""
+    tables = json.loads((tm.CONFIG_DIR / "NVIDIA_H200.json").read_text())
+    for key, table in tables.items():
+        op, e, n, k, _ = key.split(",")
+        n_out, k_dim = int(n[2:]), int(k[2:])
+        for T in (1, 2, 4):
+            tuned, got = table[str(T)], tm.decode_config(op, n_out, k_dim, T, 2 * T, sms=132)
+            assert got.get("GEMV", False) == tuned.get("GEMV", False), (key, T)
+            if got.get("GEMV"):
+                assert got["BLOCK_N"] == tuned["BLOCK_N"], key
+            elif not tuned.get("SPLIT_E"):
+                programs = [-(-n_out // c["BLOCK_N"]) * c.get("SPLIT_K", 1) for c in (got, tuned)]
+                assert programs[0] == programs[1], (key, T, got, tuned)
+    # the lookup takes them for 2-byte floats at decode sizes on a GPU (sms > 0) with no entry
+    assert tm._lookup("", "down", 16, 4096, 960, torch.float16, 1, 2, 132) == tm.decode_config(
+        "down", 4096, 960, 1, 2, 132)
+    assert tm._lookup("", "gate_up", 16, 960, 4096, torch.bfloat16, 8, 16, 132)["SPLIT_K"] == 8  # 15 tiles
+    for args in (("down", 16, 4096, 960, torch.float32, 1, 2, 132), ("down", 16, 4096, 960, torch.bfloat16, 1, 2, 0),
+                 ("down", 16, 4096, 960, torch.bfloat16, 64, 128, 132), ("down", 16, 4096, 960, torch.bfloat16, 1, 3, 132)):
+        assert tm._lookup("", *args) == tm.default_config(args[6], args[4]), args  # fp32, CPU, sorted path, K=3
+    # and the kernels give the reference's numbers with them (a 4-SM GPU splits these small GEMMs)
+    gen = torch.Generator().manual_seed(11)
+    w13, w2 = (torch.randn(E, 2 * I, D, generator=gen) * 0.3).bfloat16(), (torch.randn(E, D, I, generator=gen) * 0.3).bfloat16()
+    w_map, w_red = (torch.randn(E, C, D, generator=gen) * 0.3).bfloat16(), (torch.randn(E, D, C, generator=gen) * 0.3).bfloat16()
+    for T in (1, 8):
+        x, h = torch.randn(T, D, generator=gen).bfloat16(), torch.randn(T, K, C, generator=gen).bfloat16()
+        ids, weights = routing(T, "random", gen), torch.rand(T, K, generator=gen).bfloat16()
+        cfg = {op: tm.decode_config(op, n, k, T, T * K, sms=4) for op, n, k in
+               (("gate_up", I, D), ("down", D, I), ("map", C, D), ("reduce", D, C))}
+        assert cfg["down"].get("GEMV", False) == (T == 1) and (T == 1 or cfg["down"]["SPLIT_K"] == 8)
+        y = tm.experts_fused(x, w13, w2, ids, weights, "silu", configs=(cfg["gate_up"], cfg["down"]), small=True)
+        q = tm.map_fused(x, w_map, ids, cfg["map"], small=True)
+        o = tm.reduce_fused(h, w_red, ids, weights, cfg["reduce"], small=True)
+        f = [t.float() for t in (x, w13, w2, w_map, w_red, h, weights)]
+        check(y, experts_reference(f[0], f[1], f[2], ids, f[6], F.silu), torch.bfloat16, f"experts T={T}")
+        check(q, expert_map_reference(f[0], f[3], ids), torch.bfloat16, f"map T={T}")
+        check(o, expert_reduce_reference(f[5], f[4], ids, f[6]), torch.bfloat16, f"reduce T={T}")
+
+
 def test_tuner_offers_both_splits(tm):
     """bench/tune_moe.py's candidates are valid config entries, and at decode sizes every split-K
     candidate comes both ways: the flat split and whole experts a program (SPLIT_E)."""

@@ -799,6 +799,33 @@ def default_config(num_rows: int, dtype: torch.dtype, gated: bool = False) -> di
     return cfg
 
 
+# Decode sizes with no tuned entry on a CUDA GPU take `decode_config` (block sizes shaped by the
+# GEMM and the SM count) instead of `default_config`'s fixed ones. 0 turns it off (A/B runs).
+SHAPED_DEFAULTS = 1
+
+
+def decode_config(op: str, n_out: int, k_dim: int, T: int, num_rows: int, sms: int) -> dict:
+    """Block sizes for the alignment-free kernel (num_rows <= SMALL_MAX_ROWS) of a 2-byte float
+    GEMM with no tuned entry, following what the tuners picked on the H200 (ops/configs): at one
+    token the ungated GEMMs on the CUDA-core kernel (GEMV), BLOCK_N (2 to 8) columns a program so
+    that about 8 programs an SM cover the outputs (down and reduce sum their K rows in one program,
+    map keeps one per assignment); else 64-column tiles, and where those number at most half the SMs, each
+    tile's loop split over up to 8 programs (SPLIT_K), up to two programs an SM. On the H200's own
+    shapes this reproduces the tuned GEMV widths and splits (tests/test_triton_moe.py)."""
+    if T == 1 and op != "gate_up":
+        outputs = n_out * (1 if op in ("down", "reduce") else num_rows)
+        block_n = min(8, max(2, next_power_of_2(max(1, round(outputs / (8 * sms))))))
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=min(1024, next_power_of_2(k_dim)), GROUP_M=1,
+                    num_warps=4, num_stages=2, GEMV=True)
+    cfg = dict(BLOCK_M=16 if num_rows <= 16 else 32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    tiles, split = cdiv(n_out, cfg["BLOCK_N"]), 1
+    if 2 * tiles <= sms:
+        while split < 8 and 2 * tiles * split <= 2 * sms:
+            split *= 2
+    cfg["SPLIT_K"] = split
+    return cfg
+
+
 def _device_file(device: torch.device) -> Path | None:
     if device.type != "cuda":
         return None
@@ -889,22 +916,28 @@ def get_config(op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype, T: i
                device: torch.device) -> dict:
     """Tuned block sizes for one GEMM at T tokens (num_rows = T*K assignments): the entry of the
     nearest T bucket (in log scale) in this GPU's JSON file (`config_file`), for this dtype or the
-    other 2-byte float format; else `default_config`. A new dict."""
+    other 2-byte float format; else, for a 2-byte float at decode sizes on a CUDA GPU,
+    `decode_config`; else `default_config`. A new dict."""
     path = _device_file(device)
-    return dict(_lookup(str(path) if path else "", op, E, n_out, k_dim, dtype, T, num_rows))
+    cuda = device is not None and device.type == "cuda" and not INTERPRET
+    sms = sm_count(device.index) if cuda and SHAPED_DEFAULTS else 0
+    return dict(_lookup(str(path) if path else "", op, E, n_out, k_dim, dtype, T, num_rows, sms))
 
 
 # get_config's answers, remembered: an eager prefill asks four times a layer, and the lookup took
 # 38 us of host time a call on an H200 machine's host (2.3 us remembered; bench/host_profile.py),
 # where the GPU waits on the host at 2048 tokens.
 @functools.lru_cache(maxsize=4096)
-def _lookup(path: str, op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype, T: int, num_rows: int) -> dict:
+def _lookup(path: str, op: str, E: int, n_out: int, k_dim: int, dtype: torch.dtype, T: int, num_rows: int,
+            sms: int = 0) -> dict:
     tables = _load_configs(path) if path else {}
     table = tables.get(config_key(op, E, n_out, k_dim, dtype))
     if not table and dtype in _SAME_WIDTH:
         table = tables.get(config_key(op, E, n_out, k_dim, _SAME_WIDTH[dtype]))
     if table:
         return table[min(table, key=lambda b: abs(math.log2(int(b)) - math.log2(max(T, 1))))]
+    if sms and dtype in _SAME_WIDTH and use_small_kernel(num_rows, num_rows // max(T, 1)):
+        return decode_config(op, n_out, k_dim, T, num_rows, sms)
     return default_config(num_rows, dtype, gated=op == "gate_up")
 
 
@@ -1418,7 +1451,7 @@ def expert_reduce_triton(h_TKC, w_EOC, ids_TK, weights_TK, combine: bool = True)
 
 
 __all__ = [
-    "arrival_counters", "config_file", "config_key", "default_config", "experts_fused", "experts_triton",
-    "expert_map_triton", "expert_reduce_triton", "gather_rows", "get_config", "map_fused", "moe_align", "moe_gemm",
-    "moe_gemm_small", "num_blocks_bound", "reduce_fused", "tma_enabled", "use_small_kernel",
+    "arrival_counters", "config_file", "config_key", "decode_config", "default_config", "experts_fused",
+    "experts_triton", "expert_map_triton", "expert_reduce_triton", "gather_rows", "get_config", "map_fused",
+    "moe_align", "moe_gemm", "moe_gemm_small", "num_blocks_bound", "reduce_fused", "tma_enabled", "use_small_kernel",
 ]
