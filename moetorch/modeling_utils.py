@@ -60,6 +60,28 @@ def resolve_device(device: Any, device_map: Any) -> torch.device:
     return torch.device(device or "cpu")
 
 
+def check_fits(model: nn.Module, device: torch.device, path: str) -> None:
+    """Raise `torch.OutOfMemoryError` before allocating when the model's weights (parameters and
+    buffers, at their dtype) exceed the free memory of the CUDA device they go to, naming both.
+    moetorch places a whole model on one device; it does not offload layers to the CPU or disk."""
+    if device.type != "cuda":
+        return
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        raise torch.OutOfMemoryError(
+            f"{path}: {type(model).__name__} needs {_size(need)} for its weights in {dtype}, but {device} has "
+            f"{_size(free)} free of {_size(total)}. moetorch places the whole model on one device "
+            f"(it does not split layers over several GPUs or offload them to the CPU): load it on a GPU with more "
+            f"free memory, or on the CPU (device=\"cpu\")."
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 // 10 else f"{n / 2**20:.1f} MiB"
+
+
 # Options of Transformers' from_pretrained that concern downloads or remote code, accepted and ignored.
 _LOADER_ONLY_KWARGS = {
     "trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "force_download",
@@ -279,6 +301,7 @@ class PreTrainedModel(nn.Module):
                 model = cls(config)
         finally:
             torch.set_default_dtype(previous)
+        check_fits(model, target_device, path)
         model.to_empty(device=target_device)
         for m in model.modules():
             if hasattr(m, "init_buffers"):

@@ -90,6 +90,29 @@ def test_dtype_and_device_placement(tmp_path):
         PhimoeForCausalLM.from_pretrained(tmp_path, dtype="int7")
 
 
+def test_weights_that_do_not_fit_the_gpu_fail_before_allocating(tmp_path, monkeypatch):
+    # weights larger than the GPU's free memory: a clear error up front, not a CUDA OOM partway through
+    our_model(PHIMOE).save_pretrained(tmp_path)
+    need = sum(p.numel() * 2 for p in PhimoeForCausalLM.from_pretrained(tmp_path, dtype="bfloat16").parameters())
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (need // 2, 3 * need))
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda self, **kw: pytest.fail("allocated on the GPU"))
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        PhimoeForCausalLM.from_pretrained(tmp_path, dtype="bfloat16", device="cuda:1")
+    mib = lambda n: f"{n / 2**20:.1f} MiB"
+    assert str(err.value).startswith(f"{tmp_path}: PhimoeForCausalLM needs {mib(need)} for its weights in bfloat16, "
+                                     f"but cuda:1 has {mib(need // 2)} free of {mib(3 * need)}.")
+    assert "one device" in str(err.value) and asked == [torch.device("cuda:1")]
+    # room enough: no error (the check alone; this machine may have no GPU to load onto)
+    from moetorch.modeling_utils import check_fits
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need + 2**20, 3 * need))
+    with torch.device("meta"):
+        meta = PhimoeForCausalLM(PHIMOE.our_config()).to(torch.bfloat16)
+    check_fits(meta, torch.device("cuda"), str(tmp_path))
+    check_fits(meta, torch.device("cpu"), str(tmp_path))  # the CPU is not checked
+
+
 def test_head_and_base_models_from_a_causal_lm_checkpoint(tmp_path, caplog):
     lm = our_model(PHIMOE, seed=3)
     lm.save_pretrained(tmp_path)
