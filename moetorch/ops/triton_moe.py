@@ -837,8 +837,8 @@ def config_file(device_index: int | None = None) -> Path | None:
     """The block-size file the expert kernels read on a CUDA device: the file `$MOETORCH_MOE_CONFIG`
     names; else this GPU's own (`ops/configs/<name>.json`, spaces as underscores); else the shipped
     file of a GPU of the same compute capability with the nearest SM count (logged); else None,
-    and every GEMM takes `default_config` (logged as a warning: decode runs well below its tuned
-    speed). Decided once per device and process."""
+    and every GEMM takes `decode_config` or `default_config` (logged as a warning). Decided once
+    per device and process."""
     override = os.environ.get(CONFIG_ENV)
     if override:
         path = Path(override)
@@ -861,8 +861,8 @@ def config_file(device_index: int | None = None) -> Path | None:
                     "bench/tune_moe.py tunes this GPU's own.", name, path.name, *arch, sms)
         return path
     logger.warning("moetorch: no expert-kernel block sizes for %s (sm_%d%d) or its architecture: the expert "
-                   "kernels use default block sizes, well below their tuned speed at decode. bench/tune_moe.py "
-                   "writes a file for this GPU; $%s names one to use.", name, *arch, CONFIG_ENV)
+                   "kernels use untuned ones (decode_config, default_config). bench/tune_moe.py writes a file for "
+                   "this GPU; $%s names one to use.", name, *arch, CONFIG_ENV)
     return None
 
 
