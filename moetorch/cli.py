@@ -138,7 +138,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             from .ops.triton_moe import config_file
 
             configs = config_file(model.device.index)
-            print(f"expert kernels: triton, block sizes from {configs or 'default_config (none tuned for this GPU)'}")
+            print(f"expert kernels: triton, block sizes from {configs or 'untuned defaults (no file for this GPU)'}")
         else:
             print("expert kernels: torch code (triton is not installed: no fused kernels)")
     return 0

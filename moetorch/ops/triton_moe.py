@@ -806,12 +806,13 @@ SHAPED_DEFAULTS = 1
 
 def decode_config(op: str, n_out: int, k_dim: int, T: int, num_rows: int, sms: int) -> dict:
     """Block sizes for the alignment-free kernel (num_rows <= SMALL_MAX_ROWS) of a 2-byte float
-    GEMM with no tuned entry, following what the tuners picked on the H200 (ops/configs): at one
-    token the ungated GEMMs on the CUDA-core kernel (GEMV), BLOCK_N (2 to 8) columns a program so
-    that about 8 programs an SM cover the outputs (down and reduce sum their K rows in one program,
-    map keeps one per assignment); else 64-column tiles, and where those number at most half the SMs, each
-    tile's loop split over up to 8 programs (SPLIT_K), up to two programs an SM. On the H200's own
-    shapes this reproduces the tuned GEMV widths and splits (tests/test_triton_moe.py)."""
+    GEMM with no tuned entry, following what the tuners picked on the H200 (ops/configs):
+    - at one token, the ungated GEMMs on the CUDA-core kernel (GEMV), BLOCK_N (2 to 8) columns a
+      program so that about 8 programs an SM cover the outputs (down and reduce sum their K rows
+      in one program, map keeps one per assignment);
+    - else 64-column tiles; where those number at most half the SMs, each tile's loop is split over
+      up to 8 programs (SPLIT_K), up to two programs an SM.
+    On the H200's own shapes this reproduces the tuned GEMV widths and splits (tests/test_triton_moe.py)."""
     if T == 1 and op != "gate_up":
         outputs = n_out * (1 if op in ("down", "reduce") else num_rows)
         block_n = min(8, max(2, next_power_of_2(max(1, round(outputs / (8 * sms))))))
@@ -820,7 +821,7 @@ def decode_config(op: str, n_out: int, k_dim: int, T: int, num_rows: int, sms: i
     cfg = dict(BLOCK_M=16 if num_rows <= 16 else 32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     tiles, split = cdiv(n_out, cfg["BLOCK_N"]), 1
     if 2 * tiles <= sms:
-        while split < 8 and 2 * tiles * split <= 2 * sms:
+        while split < 8 and tiles * split <= sms:
             split *= 2
     cfg["SPLIT_K"] = split
     return cfg
