@@ -172,3 +172,22 @@ def test_cli_default_model_runs_without_download(tmp_path, monkeypatch, capsys):
     assert "random weights" in capsys.readouterr().err
     assert cli.main(["info", "--model", "tiny-jetmoe"]) == 0
     assert "jetmoe" in capsys.readouterr().out
+
+
+def test_cli_info_names_the_expert_kernels_block_sizes_on_a_gpu(tmp_path, monkeypatch, capsys):
+    # on a CUDA device `moetorch info` says which block-size file the expert kernels read (this
+    # machine may have no GPU: the model reports one, and the file lookup is the library's own)
+    from moetorch.modeling_utils import PreTrainedModel
+    from moetorch.ops import triton_moe
+
+    monkeypatch.setattr(PreTrainedModel, "device", property(lambda self: torch.device("cuda", 1)))
+    asked = []
+    for answer, line in ((tmp_path / "NVIDIA_H200.json", f"block sizes from {tmp_path / 'NVIDIA_H200.json'}"),
+                         (None, "block sizes from untuned defaults (no file for this GPU)")):
+        monkeypatch.setattr(triton_moe, "config_file", lambda index, answer=answer: asked.append(index) or answer)
+        assert cli.main(["info", "--model", "tiny-jetmoe"]) == 0
+        assert f"expert kernels: triton, {line}" in capsys.readouterr().out
+    assert asked == [1, 1]
+    monkeypatch.setattr(cli, "triton_available", lambda: False)
+    assert cli.main(["info", "--model", "tiny-jetmoe"]) == 0
+    assert "expert kernels: torch code (triton is not installed" in capsys.readouterr().out
