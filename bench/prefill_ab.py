@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 from functools import partial
 
 import torch
-from decode_ab import configs_from, patch  # bench/ is the script's directory
+from decode_ab import configs_from, patch, size_override  # bench/ is the script's directory
 
 import moetorch.ops.triton_moe as tm
 from moetorch.benchmark import SIZES, build, cuda_time
@@ -41,6 +42,8 @@ def main() -> None:
     p.add_argument("--b", default=None, help="module:attribute=off|<int>: A/B that instead of the load modes")
     p.add_argument("--b-configs", default=None, help="a config JSON for the expert kernels: A/B that instead")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--size", action="append", default=[], type=size_override, metavar="KEY=INT",
+                   help="a config field of the models set to another integer (repeatable)")
     p.add_argument("--graphed", action="store_true",
                    help="also time each arm's forward captured in a CUDA graph: its GPU time, no host launches")
     p.add_argument("--out", default=None)
@@ -54,7 +57,7 @@ def main() -> None:
     before = tm.TMA, tm.GATHER_MIN_ROWS
     res = {"device": torch.cuda.get_device_name(), "tokens_per_s": {}}
     for name in args.models.split(","):
-        model = build(name, "moetorch", dict(SIZES[name]), dtype=getattr(torch, args.dtype))
+        model = build(name, "moetorch", {**SIZES[name], **dict(args.size)}, dtype=getattr(torch, args.dtype))
         for T in map(int, args.tokens.split(",")):
             ids = torch.randint(0, SIZES[name]["vocab_size"], (1, T), device="cuda")
             runs, graphed = {}, {}
@@ -80,7 +83,8 @@ def main() -> None:
     if args.b or args.b_configs:
         variants["A"]()
         res["b"] = args.b or f"configs {args.b_configs}"
-    res["dtype"] = args.dtype
+    res["dtype"], res["sizes"] = args.dtype, dict(args.size)
+    res["moe_config_env"] = os.environ.get("MOETORCH_MOE_CONFIG")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -279,17 +279,17 @@ def check_triton(results):
 
 @torch.no_grad()
 def check_decode_defaults(results):
-    """The expert kernels at decode sizes with no config file, as on a GPU or a model shape with no
-    tuned entry (`triton_moe.decode_config`: the CUDA-core kernel at one token, split-K past it),
-    against the float32 reference: the real shapes and a PhiMoE with 960-wide experts, at 1, 4 and
-    16 tokens, in bf16 and fp16."""
+    """The expert kernels with no config file, as on a GPU or a model shape with no tuned entry
+    (`triton_moe.decode_config` at decode sizes: the CUDA-core kernel at one token, split-K past
+    it; `default_config` at 4096 tokens), against the float32 reference: the real shapes and a
+    PhiMoE with 960-wide experts, at 1, 4, 16 and 4096 tokens, in bf16 and fp16."""
     ok, K = True, 2
     g = torch.Generator(device="cuda").manual_seed(3)
     with _switches(_device_file=lambda device: None):
         for name, (kind, E, D, H) in {**REAL_SIZES, "phimoe_i960": ("experts", 16, 4096, 960)}.items():
             w_a = torch.randn(E, 2 * H if kind == "experts" else H, D, device="cuda", generator=g) * 0.02
             w_b = torch.randn(E, D, H, device="cuda", generator=g) * 0.02
-            for T in (1, 4, 16):
+            for T in (1, 4, 16, 4096):
                 x, h = torch.randn(T, D, device="cuda", generator=g), torch.randn(T, K, H, device="cuda", generator=g)
                 gates = torch.rand(T, K, device="cuda", generator=g)
                 ids = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
