@@ -60,13 +60,13 @@ def resolve_device(device: Any, device_map: Any) -> torch.device:
     return torch.device(device or "cpu")
 
 
-def check_fits(model: nn.Module, device: torch.device, path: str) -> None:
+def check_fits(model: PreTrainedModel, device: torch.device, path: str) -> None:
     """Raise `torch.OutOfMemoryError` before allocating when the model's weights (parameters and
     buffers, at their dtype) exceed the free memory of the CUDA device they go to, naming both.
     moetorch places a whole model on one device; it does not offload layers to the CPU or disk."""
     if device.type != "cuda":
         return
-    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    need = model.get_memory_footprint()
     free, total = torch.cuda.mem_get_info(device)
     if need > free:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
