@@ -52,9 +52,7 @@ import torch.nn.functional as F
 import moetorch
 from moetorch.ops.moe import (
     expert_map,
-    expert_map_reference,
     expert_reduce,
-    expert_reduce_reference,
     experts_forward,
     experts_reference,
 )
@@ -215,6 +213,14 @@ REAL_SIZES = {"phimoe": ("experts", 16, 4096, 6400), "jetmoe_mlp": ("experts", 8
               "jetmoe_moa": ("moa", 8, 2048, 16 * 128)}
 
 
+def _layer_outputs(kind, x, h, gates, w_a, w_b, ids, backend: str, combine: bool = True) -> list[torch.Tensor]:
+    """A REAL_SIZES layer's expert outputs through `backend`: the SwiGLU experts' [T, D], or the
+    attention experts' map [T, K, C] and reduce (combine=False: as `experts_forward` says)."""
+    if kind == "experts":
+        return [experts_forward(x, w_a, w_b, ids, gates, F.silu, backend, combine)]
+    return [expert_map(x, w_a, ids, backend), expert_reduce(h, w_b, ids, gates, backend, combine)]
+
+
 @torch.no_grad()
 def check_triton(results):
     """The triton backend at real sizes against the float32 reference loop: bf16 at T in 1..4096
@@ -242,11 +248,7 @@ def check_triton(results):
             if case == "one_expert":
                 ids = torch.stack([torch.full((T,), E - 1, device="cuda"), ids[:, 1] % (E - 1)], dim=1)
             args32 = (x.float(), h.float(), gates.float())
-            if kind == "experts":
-                want = [experts_reference(args32[0], *w32, ids, args32[2], F.silu)]
-            else:
-                want = [expert_map_reference(args32[0], w32[0], ids), expert_reduce_reference(args32[1], w32[1], ids,
-                                                                                              args32[2])]
+            want = _layer_outputs(kind, *args32, *w32, ids, "reference")
             fp32 = case == "fp32"
             (xx, hh, gg), (wa, wb) = (args32, w32) if fp32 else ((x, h, gates), (w_a, w_b))
             if case == "fp16":
@@ -257,10 +259,7 @@ def check_triton(results):
             try:
                 with _switches(TMA=False) if case == "no_tma" else contextlib.nullcontext():
                     combine = case != "uncombined"
-                    if kind == "experts":
-                        got = [experts_forward(xx, wa, wb, ids, gg, F.silu, "triton", combine)]
-                    else:
-                        got = [expert_map(xx, wa, ids, "triton"), expert_reduce(hh, wb, ids, gg, "triton", combine)]
+                    got = _layer_outputs(kind, xx, hh, gg, wa, wb, ids, "triton", combine)
                     if not combine:  # [T, K, D] terms where the kernels left them
                         got[-1] = got[-1].float().sum(-2) if got[-1].dim() == 3 else got[-1]
             except RuntimeError as e:
@@ -294,14 +293,9 @@ def check_decode_defaults(results):
                 gates = torch.rand(T, K, device="cuda", generator=g)
                 ids = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
                 for dtype in (torch.bfloat16, torch.float16):
-                    xx, hh, gg, wa, wb = (t.to(dtype) for t in (x, h, gates, w_a, w_b))
-                    f = [t.float() for t in (xx, hh, gg, wa, wb)]
-                    if kind == "experts":
-                        got = [experts_forward(xx, wa, wb, ids, gg, F.silu, "triton")]
-                        want = [experts_reference(f[0], f[3], f[4], ids, f[2], F.silu)]
-                    else:
-                        got = [expert_map(xx, wa, ids, "triton"), expert_reduce(hh, wb, ids, gg, "triton")]
-                        want = [expert_map_reference(f[0], f[3], ids), expert_reduce_reference(f[1], f[4], ids, f[2])]
+                    args = [t.to(dtype) for t in (x, h, gates, w_a, w_b)]
+                    got = _layer_outputs(kind, *args, ids, "triton")
+                    want = _layer_outputs(kind, *(t.float() for t in args), ids, "reference")
                     err = max(rel_err(a, b) for a, b in zip(got, want))
                     results[f"decode_defaults.{name}.T{T}.{str(dtype)[6:]}.rel_err"] = err
                     ok &= err < 1e-2
