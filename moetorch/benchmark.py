@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from .ops.triton_moe import config_file
 
     configs = config_file()
-    result["moe_configs"] = configs.name if configs else "default_config"  # the expert kernels' block sizes
+    result["moe_configs"] = configs.name if configs else None  # the expert kernels' block-size file (None: untuned)
     try:
         import transformers
 
