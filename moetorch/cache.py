@@ -144,8 +144,9 @@ class DynamicCache(Cache):
         self.values = [v[..., :max_length, :] for v in self.values]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.keys = [k[indices] for k in self.keys]
-        self.values = [v[indices] for v in self.values]
+        # the layers (and their keys) of a model placed over several devices sit on several devices
+        self.keys = [k[indices.to(k.device)] for k in self.keys]
+        self.values = [v[indices.to(v.device)] for v in self.values]
         self._batch_apply_replay(lambda t: t[indices])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -201,13 +201,13 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes in `size`: an int, or a string like "5GB", "500MB", "2GiB"."""
+def parse_size(size: int | str, what: str = "max_shard_size") -> int:
+    """Bytes in `size`: an int, or a string like "5GB", "500MB", "2GiB"; errors name `what`."""
     if isinstance(size, int) and size > 0:
         return size
     m = _SIZE.match(str(size))
     if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"max_shard_size must be a positive size like '5GB' or a byte count, got {size!r}")
+        raise ValueError(f"{what} must be a positive size like '5GB' or a byte count, got {size!r}")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 

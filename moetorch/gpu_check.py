@@ -35,6 +35,10 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
    sorts short rows with other algorithms). `generate` draws the same tokens with the
    kernels and without: the warpers alone, after a repetition penalty, with min-p, and the draw only
    (top-p alone).
+12. A model placed over the GPU and the CPU by `device_map` (and by `max_memory` with "sequential")
+   gives the float32 logits, losses and gradients of the model on the GPU alone, and `generate` its
+   tokens (greedy, beam search, a static cache asked for); in bf16 it generates. What it saves
+   loads onto the GPU with the same weights.
 Exits non-zero if any check fails.
 """
 
@@ -778,6 +782,73 @@ def check_sampling_kernel(results):
     return ok
 
 
+def check_device_map(results):
+    """A model that `device_map` places over the GPU and the CPU (the layers alternating, the head
+    on the CPU) gives the logits, losses and gradients of the same float32 weights on the GPU alone,
+    and `generate` its tokens: greedy, beam search (the cache reordered on both devices) and a
+    static cache asked for (a dynamic one serves). `max_memory` with "sequential" spills layers to the
+    CPU. In bf16 (the GPU layers on the Triton kernels) generate runs; its tokens are reported."""
+    import tempfile
+
+    ok = True
+    split = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": "cpu",
+             "model.layers.3": 0, "model.norm": 0, "lm_head": "cpu"}
+    for name, (cfg, cls) in configs().items():
+        torch.manual_seed(0)
+        if name == "jetmoe":
+            cfg.router_loss_recipe = "jetmoe"  # its z-loss sums over the routers of both devices
+        with tempfile.TemporaryDirectory() as path:
+            cls(cfg).save_pretrained(path)
+            one = cls.from_pretrained(path, dtype="float32", device="cuda")
+            two = cls.from_pretrained(path, dtype="float32", device_map=split)
+            key = f"device_map.{name}"
+            results[f"{key}.devices"] = sorted({str(p.device) for p in two.parameters()})
+            two.save_pretrained(f"{path}/saved")  # written from both devices, read back onto the GPU
+            saved = cls.from_pretrained(f"{path}/saved", device="cuda")
+            same = all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), one.state_dict().values()))
+            results[f"{key}.saved_weights_equal"] = same
+            ok &= same
+            del saved
+            ids = torch.randint(1, cfg.vocab_size, (2, 40), device="cuda")
+            outs = [m(ids, labels=ids, output_router_logits=True, output_hidden_states=True) for m in (one, two)]
+            for field in ("logits", "loss", "aux_loss"):
+                err = rel_err(getattr(outs[1], field).float().cuda(), getattr(outs[0], field).float())
+                results[f"{key}.{field}_rel_err"] = err
+                ok &= err < 1e-4
+            for out in outs:
+                out.loss.backward()
+            grad = rel_err(two.model.embed_tokens.weight.grad, one.model.embed_tokens.weight.grad)
+            results[f"{key}.embedding_grad_rel_err"] = grad  # through the layers on the CPU
+            ok &= grad < 1e-4
+            with torch.no_grad():
+                ids = ids[:, :24]
+                ways = (("greedy", {}), ("beam", dict(num_beams=3)), ("static", dict(cache_implementation="static")))
+                for how, kw in ways:
+                    got = [m.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, **kw)
+                           for m in (one, two)]
+                    same = torch.equal(got[0], got[1].to(got[0].device))
+                    results[f"{key}.{how}_same_tokens"] = same
+                    ok &= same
+            first = (one.model.embed_tokens, one.model.layers[0], one.model.layers[1])
+            budget = sum(p.numel() * 4 for m in first for p in m.parameters())
+            spill = cls.from_pretrained(path, dtype="float32", device_map="sequential",
+                                        max_memory={0: budget + 2**20, "cpu": "64GiB"})
+            results[f"{key}.sequential_map"] = spill.hf_device_map
+            with torch.no_grad():
+                err = rel_err(spill(ids).logits.float().cuda(), one(ids).logits)
+            results[f"{key}.sequential_logits_rel_err"] = err
+            ok &= err < 1e-4 and spill.hf_device_map.get("model.layers.2") == "cpu"
+            del one, two, spill
+            with torch.no_grad():
+                bf16 = [cls.from_pretrained(path, dtype="bfloat16", device="cuda"),
+                        cls.from_pretrained(path, dtype="bfloat16", device_map=split)]
+                got = [m.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None) for m in bf16]
+            results[f"{key}.bf16_new_tokens"] = got[1].shape[1] - ids.shape[1]
+            results[f"{key}.bf16_same_tokens"] = torch.equal(got[0], got[1])  # informative: CPU bf16 rounds otherwise
+            ok &= got[1].shape[1] - ids.shape[1] == 16
+    return ok
+
+
 def run_checks() -> dict:
     """Every check; the results, with "ok" saying whether all passed."""
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -795,6 +866,7 @@ def run_checks() -> dict:
     ok &= check_lagged_stop(results)
     ok &= check_beam_graphs(results)
     ok &= check_sampling_kernel(results)
+    ok &= check_device_map(results)
     results["ok"] = bool(ok)
     return results
 

@@ -6,16 +6,18 @@ Model files keep their modules small and explicit; what is the same for every mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, placement
 from .cache import Cache, DynamicCache
 from .configuration import MoeConfig
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
@@ -23,6 +25,7 @@ from .generation.custom import install_checkpoint_generate
 from .ops.attention import build_mask, check_attn_implementation
 from .ops.norms import Residual
 from .outputs import MoeModelOutputWithPast
+from .placement import format_size
 
 logger = logging.getLogger("moetorch")
 
@@ -45,47 +48,110 @@ def resolve_dtype(dtype: Any, config: MoeConfig) -> torch.dtype:
 
 
 def resolve_device(device: Any, device_map: Any) -> torch.device:
+    """The one device of a whole model: `device`, else a device_map that names one device (a
+    device, or a dict whose values are all the same), else the CPU. "auto": a GPU when there is one."""
     if device is None and device_map is not None:
-        if isinstance(device_map, dict):
-            targets = set(device_map.values())
+        if isinstance(device_map, Mapping):
+            targets = {placement.as_device(v, "device_map") for v in device_map.values()}
             if len(targets) != 1:
-                raise ValueError("device_map with several devices is not supported; use one device")
+                raise ValueError("a device_map over several devices places a model loaded by from_pretrained; "
+                                 "here, a model already built, move it to one device")
             device = targets.pop()
-        elif device_map == "auto":
+        elif isinstance(device_map, str) and device_map in placement.STRATEGIES:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif isinstance(device_map, str):
+            try:
+                return placement.as_device(device_map)
+            except ValueError as e:
+                raise ValueError(f"device_map must be one of {placement.STRATEGIES}, a device or a dict; "
+                                 f"{device_map!r} is none of them ({e})") from None
         else:
             device = device_map
-    if isinstance(device, int):
-        device = f"cuda:{device}"
-    return torch.device(device or "cpu")
+    what = "device" if device_map is None else "device_map"
+    return placement.as_device(device if device is not None else "cpu", what)
 
 
-def check_fits(model: PreTrainedModel, device: torch.device, path: str) -> None:
-    """Raise `torch.OutOfMemoryError` before allocating when the model's weights (parameters and
-    buffers, at their dtype) exceed the free memory of the CUDA device they go to, naming both.
-    moetorch places a whole model on one device; it does not offload layers to the CPU or disk."""
-    if device.type != "cuda":
+def check_fits(model: PreTrainedModel, where: torch.device | Mapping[str, torch.device], path: str) -> None:
+    """Raise `torch.OutOfMemoryError` before allocating when the weights (parameters and buffers, at
+    their dtype) that go to a CUDA device exceed its free memory, naming both. `where` is the one
+    device of the whole model, or the device of each of `placement.units`."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if isinstance(where, torch.device):
+        if where.type != "cuda":
+            return
+        need, free, total = _room(where, model.get_memory_footprint())
+        if need > free:
+            raise torch.OutOfMemoryError(
+                f"{path}: {type(model).__name__} needs {need} for its weights in {dtype}, but {where} has {free} "
+                f"free of {total}. Loaded with device= or one device in device_map, the whole model goes to one "
+                f"device: load it with device_map=\"auto\" (and max_memory) to spread its layers over the GPUs "
+                f"and the CPU, on a GPU with more free memory, or on the CPU."
+            )
         return
-    need = model.get_memory_footprint()
+    modules, tied = dict(placement.units(model)), _tied_ids(model)
+    for device in sorted(set(where.values()), key=str):
+        if device.type != "cuda":
+            continue
+        names = [n for n, d in where.items() if d == device]
+        need, free, total = _room(device, sum(placement.unit_bytes(modules[n], tied) for n in names))
+        if need > free:
+            raise torch.OutOfMemoryError(
+                f"{path}: the {len(names)} module(s) that device_map places on {device} ({names[0]} to "
+                f"{names[-1]}) need {need} in {dtype}, but {device} has {free} free of {total}: give it a "
+                f"smaller max_memory, or place fewer modules there."
+            )
+
+
+def _room(device: torch.device, need: int) -> tuple[str, str, str] | tuple[int, int, int]:
+    """(needed, free, total) bytes on a CUDA device, formatted when the need exceeds what is free."""
     free, total = torch.cuda.mem_get_info(device)
-    if need > free:
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        raise torch.OutOfMemoryError(
-            f"{path}: {type(model).__name__} needs {_size(need)} for its weights in {dtype}, but {device} has "
-            f"{_size(free)} free of {_size(total)}. moetorch places the whole model on one device "
-            f"(it does not split layers over several GPUs or offload them to the CPU): load it on a GPU with more "
-            f"free memory, or on the CPU (device=\"cpu\")."
-        )
+    if need <= free:
+        return need, free, total
+    return format_size(need), format_size(free), format_size(total)
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 // 10 else f"{n / 2**20:.1f} MiB"
+def _tied_ids(model: nn.Module) -> set[int]:
+    # a head tied to the embeddings holds no bytes of its own
+    head = getattr(model, "lm_head", None)
+    return {id(head.weight)} if head is not None and getattr(model.config, "tie_word_embeddings", False) else set()
+
+
+def place(model: PreTrainedModel, device: Any, device_map: Any, max_memory: Any) -> dict[str, torch.device]:
+    """The device of each of `placement.units(model)` for from_pretrained's arguments: all on one
+    device for `device`, one device or no device_map (see `resolve_device`), else as
+    `placement` plans a strategy name or maps a dict."""
+    named = placement.units(model)
+    names = [n for n, _ in named]
+    strategy = isinstance(device_map, str) and device_map in placement.STRATEGIES
+    if device is not None or not (strategy or isinstance(device_map, Mapping)):
+        if max_memory is not None and device_map is None:
+            raise ValueError("max_memory applies to a device_map strategy ('auto', 'balanced', ...): pass "
+                             "device_map=\"auto\" with it")
+        one = resolve_device(device, device_map)
+        return dict.fromkeys(names, one)
+    pinned = {n: next(e for e in names if e.endswith("embed_tokens")) for n in names if n.endswith("rotary_emb")}
+    if _tied_ids(model):
+        pinned["lm_head"] = next(e for e in names if e.endswith("embed_tokens"))
+    if isinstance(device_map, Mapping):
+        if max_memory is not None:
+            raise ValueError("max_memory applies to a device_map strategy ('auto', 'balanced', ...), not to a "
+                             "device_map dict, which says where each module goes")
+        where = placement.from_dict(device_map, names, optional=pinned)
+        for n, to in pinned.items():  # beside the embeddings, whatever the dict says
+            where[n] = where[to]
+    else:
+        tied = _tied_ids(model)
+        sizes = [(n, placement.unit_bytes(m, tied)) for n, m in named]
+        where = placement.plan(sizes, placement.gpu_budgets(max_memory), device_map, pinned)
+    placement.check_devices(where)
+    return where
 
 
 # Options of Transformers' from_pretrained that concern downloads or remote code, accepted and ignored.
 _LOADER_ONLY_KWARGS = {
     "trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "force_download",
     "low_cpu_mem_usage", "use_safetensors", "resume_download", "proxies",
+    "offload_folder", "offload_state_dict", "offload_buffers",  # disk offload: moetorch never offloads to disk
 }
 
 
@@ -133,6 +199,15 @@ class PreTrainedModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def parameter_devices(self) -> list[torch.device]:
+        """The devices that hold the parameters, in order of first use (the embeddings' first)."""
+        return list(dict.fromkeys(p.device for p in self.parameters()))
+
+    @property
+    def spans_devices(self) -> bool:
+        """Whether the model is placed over several devices (`from_pretrained(device_map=...)`)."""
+        return len(self.parameter_devices()) > 1
 
     @property
     def dtype(self) -> torch.dtype:
@@ -269,10 +344,12 @@ class PreTrainedModel(nn.Module):
         torch_dtype: Any = None,
         device: Any = None,
         device_map: Any = None,
+        max_memory: Mapping | None = None,
         attn_implementation: str | None = None,
         **config_overrides: Any,
     ) -> PreTrainedModel:
-        """Load a checkpoint directory (config.json + safetensors) into `dtype` on `device`.
+        """Load a checkpoint directory (config.json + safetensors) into `dtype` on `device`, or
+        with `device_map` (and `max_memory`) over several devices (see `moetorch.placement`).
 
         `dtype="auto"` (the default) uses the checkpoint's dtype. Weights are memory-mapped and
         copied straight into the allocated parameters: no random init happens first. With
@@ -293,7 +370,6 @@ class PreTrainedModel(nn.Module):
         if attn_implementation is not None:
             config.attn_implementation = attn_implementation
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
-        target_device = resolve_device(device, device_map)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(target_dtype)
         try:
@@ -301,8 +377,19 @@ class PreTrainedModel(nn.Module):
                 model = cls(config)
         finally:
             torch.set_default_dtype(previous)
-        check_fits(model, target_device, path)
-        model.to_empty(device=target_device)
+        where = place(model, device, device_map, max_memory)
+        devices = set(where.values())
+        if len(devices) == 1:
+            check_fits(model, next(iter(devices)), path)
+            model.to_empty(device=next(iter(devices)))
+        else:
+            check_fits(model, where, path)
+            modules = dict(placement.units(model))
+            for name, d in where.items():
+                modules[name].to_empty(device=d)
+            model.get_decoder().spread_over_devices = True  # `run_layers` moves the inputs of each layer
+            logger.info("%s: placed over %s: %s", path, ", ".join(sorted(map(str, devices))),
+                        placement.hf_device_map(where))
         for m in model.modules():
             if hasattr(m, "init_buffers"):
                 m.init_buffers()
@@ -314,6 +401,8 @@ class PreTrainedModel(nn.Module):
             model.generation_config = GenerationConfig.from_pretrained(path)
         model.config.dtype = str(target_dtype).removeprefix("torch.")
         model.name_or_path = path
+        if device_map is not None:
+            model.hf_device_map = placement.hf_device_map(where)
         if trust_remote_code and hasattr(model, "generate"):
             install_checkpoint_generate(model, path)
         return model.eval()
@@ -420,17 +509,34 @@ def run_layers(
     output_attentions: bool,
     output_hidden_states: bool,
     checkpointing: bool,
+    spread: bool = False,
 ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple]:
     """The decoder stack. Each layer maps (Residual, ...) -> (Residual, attention weights, router
     logits tuple): its output's last add is left pending (`ops.norms.Residual`) for the next
-    layer's first norm, or the final norm, to run in its kernel.
+    layer's first norm, or the final norm, to run in its kernel. `spread`: the layers may sit on
+    several devices (`from_pretrained(device_map=...)`), and each layer's inputs go to its device.
 
     Returns the normed output and, as Transformers does, hidden states (embeddings, each layer's
     output, the last one after the final norm), attentions and all router logits.
     """
+    if spread:
+        with contextlib.ExitStack() as on_device:
+            return _run_stack(layers, x_BTD, rope, mask, is_causal, cache, cache_position_T, norm,
+                              output_attentions, output_hidden_states, checkpointing, on_device)
+    return _run_stack(layers, x_BTD, rope, mask, is_causal, cache, cache_position_T, norm,
+                      output_attentions, output_hidden_states, checkpointing, None)
+
+
+def _run_stack(layers, x_BTD, rope, mask, is_causal, cache, cache_position_T, norm, output_attentions,
+               output_hidden_states, checkpointing, on_device):
     hidden, attns, routers = [], [], []
     r = Residual(x_BTD)
+    here = x_BTD.device
     for layer in layers:
+        if on_device is not None and module_device(layer) != here:
+            # the layer's inputs go to its device, which becomes the current one
+            here = module_device(layer)
+            r, rope, mask, cache_position_T = to_device((r, rope, mask, cache_position_T), here, on_device)
         if output_hidden_states:
             r = Residual(r.value())
             hidden.append(r.x)
@@ -441,6 +547,8 @@ def run_layers(
             r, w, logits = layer(*args)
         attns.append(w)
         routers.extend(logits)
+    if on_device is not None and module_device(norm) != here:
+        r = to_device(r, module_device(norm), on_device)
     x_BTD = norm.add_norm(*r)[1]
     if output_hidden_states:
         hidden.append(x_BTD)
@@ -450,6 +558,30 @@ def run_layers(
         tuple(attns) if output_attentions else None,
         tuple(routers),
     )
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter (a walk down its first children: no generator)."""
+    for p in module._parameters.values():
+        if p is not None:
+            return p.device
+    for child in module._modules.values():
+        if child is not None and (device := module_device(child)) is not None:
+            return device
+    return None
+
+
+def to_device(tensors: Any, device: torch.device, on_device: contextlib.ExitStack | None = None) -> Any:
+    """`tensors` (nested tuples, NamedTuples and None) moved to `device`; with `on_device`, that CUDA
+    device also becomes the current one until the stack closes (the Triton kernels launch there)."""
+    if on_device is not None and device.type == "cuda":
+        on_device.enter_context(torch.cuda.device(device))
+    if isinstance(tensors, torch.Tensor):
+        return tensors.to(device)
+    if isinstance(tensors, tuple):
+        moved = [to_device(t, device) for t in tensors]
+        return type(tensors)(*moved) if hasattr(tensors, "_fields") else tuple(moved)
+    return tensors
 
 
 def sync_rope_cache(rotary, inputs: DecoderInputs) -> tuple[DecoderInputs, bool, int]:
@@ -528,7 +660,7 @@ def decoder_forward(
     )
     x, hidden, attns, routers = run_layers(
         model.layers, inp.embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, model.norm,
-        output_attentions, output_hidden_states, checkpointing,
+        output_attentions, output_hidden_states, checkpointing, getattr(model, "spread_over_devices", False),
     )
     x, hidden, attns, routers = drop_prefix(x, hidden, attns, routers, prefix, B)
     out = MoeModelOutputWithPast(

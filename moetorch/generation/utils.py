@@ -180,7 +180,7 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         positions = ctx.positions(start, end)
         logits = ctx.step(ids, ctx.mask_BP, start if positions is None else positions, start)
         return _StepOutput(logits[:, None])
-    return model(
+    out = model(
         input_ids=ids,
         inputs_embeds=embeds,
         attention_mask=ctx.mask(end),
@@ -194,6 +194,9 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         output_router_logits=False,
         return_dict=True,
     )
+    if out.logits.device != device:  # a head placed on another device than the embeddings
+        out.logits = out.logits.to(device)
+    return out
 
 
 class _HeldDecode:
@@ -409,6 +412,9 @@ class GenerationMixin:
         expand = max(gen.num_beams, gen.num_return_sequences)
         if cache is not None:
             _check_user_cache(cache, gen, expand)
+            if isinstance(cache, StaticCache) and self.spans_devices:
+                raise ValueError("a StaticCache holds every layer's keys on one device, but this model is placed "
+                                 f"over {', '.join(map(str, self.parameter_devices()))}: pass a DynamicCache, or none")
         if expand > 1:
             seq = seq.repeat_interleave(expand, dim=0)
             mask, positions, embeds = (
@@ -419,9 +425,14 @@ class GenerationMixin:
             # On a GPU, greedy search, sampling and beam search default to the static cache, whose
             # steps replay as CUDA graphs.
             drafted = assistant_model is not None or gen.prompt_lookup_num_tokens is not None
-            default_static = (gen.cache_implementation is None and self.device.type == "cuda"
+            one_device = not self.spans_devices
+            default_static = (gen.cache_implementation is None and self.device.type == "cuda" and one_device
                               and not drafted and custom_generate is None and not sync)
-            if gen.cache_implementation == "static" or default_static:
+            if gen.cache_implementation == "static" and not one_device:
+                logger.warning("cache_implementation='static' needs the model on one device; this model is "
+                               "placed over %s, so generate uses a dynamic cache (the same tokens, without "
+                               "CUDA graphs)", ", ".join(map(str, self.parameter_devices())))
+            elif gen.cache_implementation == "static" or default_static:
                 # The last token is never fed back, hence the -1. A cache that is not handed back
                 # may be the last call's, with its captured decode graphs.
                 reuse = assistant_model is None and custom_generate is None and not gen.return_dict_in_generate

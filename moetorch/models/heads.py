@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..modeling_utils import keep_last
+from ..modeling_utils import keep_last, module_device
 from ..ops.losses import causal_lm_loss, classification_loss, infer_problem_type, last_token_index
 from ..outputs import MoeCausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
@@ -14,11 +14,17 @@ from ..outputs import MoeCausalLMOutputWithPast, SequenceClassifierOutputWithPas
 RouterLoss = Callable[[tuple, torch.Tensor | None], torch.Tensor]
 
 
+def on_device_of(head, x: torch.Tensor) -> torch.Tensor:
+    """x on the head's device (a model placed over several devices: the last layer's may differ)."""
+    device = module_device(head)
+    return x if x.device == device else x.to(device)
+
+
 def classify(model, out, input_ids, inputs_embeds, labels, return_dict):
     """Pool the score of the rightmost non-padding token; loss by `config.problem_type`
     (inferred from num_labels and the labels' dtype when unset, and then stored, as Transformers does)."""
     cfg = model.config
-    logits_BTL = model.score(out.last_hidden_state)
+    logits_BTL = model.score(on_device_of(model.score, out.last_hidden_state))
     B = (input_ids if input_ids is not None else inputs_embeds).shape[0]
     last = last_token_index(input_ids, cfg.pad_token_id, B, logits_BTL.device)
     pooled_BL = logits_BTL[torch.arange(B, device=logits_BTL.device), last]
@@ -49,7 +55,7 @@ def causal_lm(
     """LM logits of the kept positions, next-token loss, and `aux_loss = router_loss(...)` when
     router logits are output (added to the loss, times `router_loss_coef`, when labels are given)."""
     cfg = model.config
-    logits = model.lm_head(keep_last(out.last_hidden_state, logits_to_keep))
+    logits = model.lm_head(on_device_of(model.lm_head, keep_last(out.last_hidden_state, logits_to_keep)))
     loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
     aux_loss = None
     if output_router_logits:

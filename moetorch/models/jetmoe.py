@@ -257,7 +257,7 @@ def jetmoe_router_loss(
         switch_aux_loss((r,), E, K, pad_mask_BT) / K + config.router_z_loss_coef * z_loss((r,), pad_mask_BT)
         for r in once
     ]
-    return torch.stack(terms).sum()
+    return torch.stack([t.to(terms[0].device) for t in terms]).sum()  # the routers may sit on several devices
 
 
 class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):

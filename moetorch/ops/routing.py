@@ -134,4 +134,4 @@ def z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask_BT: torch.Ten
         else:
             w_N = attention_mask_BT.reshape(-1).to(device=lse2_N.device, dtype=torch.float32)
             terms.append((lse2_N * w_N).sum() / w_N.sum())
-    return torch.stack(terms).mean()
+    return torch.stack([t.to(terms[0].device) for t in terms]).mean()  # the routers may sit on several devices

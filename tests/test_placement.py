@@ -1,0 +1,223 @@
+"""`device_map` and `max_memory`: the plans for each strategy, the dict form, and the errors.
+
+Placing layers on two devices and running them is checked on a GPU (`moetorch.gpu_check`,
+`check_device_map`: the GPU and the CPU against the GPU alone); CI has one device, the CPU.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE, randomize_
+from parity import close, make_inputs
+
+from moetorch import placement
+from moetorch.modeling_utils import check_fits
+
+GPU = [torch.device("cuda", i) for i in range(4)]
+CPU = torch.device("cpu")
+GiB = 2**30
+
+
+def sizes(layers=6, layer=10, embed=4, head=4):
+    """A decoder's units in forward order, in bytes."""
+    return ([("model.embed_tokens", embed), ("model.rotary_emb", 0)]
+            + [(f"model.layers.{i}", layer) for i in range(layers)] + [("model.norm", 1), ("lm_head", head)])
+
+
+PIN = {"model.rotary_emb": "model.embed_tokens"}
+
+
+def per_device(plan, units):
+    used = {}
+    for name, n in units:
+        used[plan[name]] = used.get(plan[name], 0) + (0 if name in PIN else n)
+    return used
+
+
+def test_auto_keeps_a_model_that_fits_on_the_first_gpu():
+    plan = placement.plan(sizes(), {GPU[0]: 100, GPU[1]: 100, CPU: None}, "auto", PIN)
+    assert set(plan.values()) == {GPU[0]} and len(plan) == len(sizes())
+
+
+def test_auto_and_balanced_spread_what_does_not_fit_evenly_over_the_gpus():
+    units = sizes(layers=8)  # 4 + 80 + 1 + 4 = 89 bytes
+    budgets = {GPU[0]: 60, GPU[1]: 60, CPU: None}
+    for strategy in ("auto", "balanced"):
+        plan = placement.plan(units, budgets, strategy, PIN)
+        used = per_device(plan, units)
+        assert set(used) == {GPU[0], GPU[1]}  # no CPU: the GPUs hold it
+        assert abs(used[GPU[0]] - used[GPU[1]]) <= 10 + 1  # within one layer (and the norm)
+        assert plan["model.rotary_emb"] == plan["model.embed_tokens"] == GPU[0] and plan["lm_head"] == GPU[1]
+    # balanced spreads even a model that would fit on one GPU
+    plan = placement.plan(units, {GPU[0]: 1000, GPU[1]: 1000}, "balanced", PIN)
+    assert plan["model.layers.0"] == GPU[0] and plan["model.layers.7"] == GPU[1]
+
+
+def test_balanced_low_0_leaves_gpu_0_the_smaller_share():
+    units = sizes(layers=12)
+    used = per_device(placement.plan(units, {GPU[0]: 1000, GPU[1]: 1000}, "balanced_low_0", PIN), units)
+    assert 0 < used[GPU[0]] < used[GPU[1]] / 1.5
+
+
+def test_sequential_fills_each_gpu_then_the_cpu():
+    units = sizes(layers=6)
+    plan = placement.plan(units, {GPU[0]: 25, GPU[1]: 20, CPU: None}, "sequential", PIN)
+    assert [plan[f"model.layers.{i}"] for i in range(6)] == [GPU[0]] * 2 + [GPU[1]] * 2 + [CPU] * 2
+    assert plan["model.norm"] == plan["lm_head"] == CPU
+
+
+def test_no_gpus_means_the_cpu():
+    assert set(placement.plan(sizes(), {CPU: None}, "auto", PIN).values()) == {CPU}
+
+
+def test_random_plans_keep_order_and_budgets():
+    rng = random.Random(0)
+    order = GPU[:3] + [CPU]
+    for _ in range(300):
+        units = [(f"u{i}", rng.randint(1, 30)) for i in range(rng.randint(1, 20))]
+        budgets = {d: rng.randint(10, 200) for d in order}
+        if rng.random() < 0.5:
+            budgets[CPU] = None
+        strategy = rng.choice(placement.STRATEGIES)
+        try:
+            plan = placement.plan(units, budgets, strategy)
+        except torch.OutOfMemoryError as e:
+            # only when the units cannot go in order within the budgets
+            assert "fits on no device that remains" in str(e)
+            continue
+        assert list(plan) == [n for n, _ in units] or set(plan) == {n for n, _ in units}
+        ranks = [order.index(plan[n]) for n, _ in units]
+        assert ranks == sorted(ranks), "units go to devices in the forward's order"
+        for d, n in per_device(plan, units).items():
+            assert budgets[d] is None or n <= budgets[d]
+
+
+def test_a_unit_that_fits_nowhere_is_named():
+    with pytest.raises(torch.OutOfMemoryError, match=r"model.layers.4 \(10.0 MiB\) fits on no device"):
+        placement.plan(sizes(layer=10 * 2**20), {GPU[0]: 25 * 2**20, GPU[1]: 25 * 2**20}, "sequential", PIN)
+    with pytest.raises(ValueError, match="device_map must be one of"):
+        placement.plan(sizes(), {CPU: None}, "fastest")
+
+
+NAMES = [n for n, _ in sizes(layers=3)]
+
+
+def test_dict_maps_prefixes_and_inner_keys_to_whole_units():
+    assert set(placement.from_dict({"": "cpu"}, NAMES).values()) == {CPU}
+    got = placement.from_dict({"model": 0, "model.layers.2": 1, "lm_head": "cuda:1"}, NAMES)
+    assert got["model.layers.1"] == GPU[0] and got["model.layers.2"] == got["lm_head"] == GPU[1]
+    # keys inside a unit place the unit
+    got = placement.from_dict({"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1.mlp": 0,
+                               "model.layers.1.self_attn": 0, "model.layers.2": "cpu", "model.norm": "cpu",
+                               "lm_head": "cpu"}, NAMES, optional=PIN)
+    assert got["model.layers.1"] == GPU[0] and got["model.layers.0"] == CPU and "model.rotary_emb" not in got
+    # a unit that may go unnamed may be named
+    assert placement.from_dict({"": 1, "model.rotary_emb": 1}, NAMES, optional=PIN)["model.rotary_emb"] == GPU[1]
+
+
+def test_dict_errors_name_the_module():
+    with pytest.raises(ValueError, match=r"parts of model.layers.1 on \['cpu', 'cuda:1'\]"):
+        placement.from_dict({"": "cpu", "model.layers.1.mlp": 1}, NAMES)
+    with pytest.raises(ValueError, match="gives no device for lm_head"):
+        placement.from_dict({"model": 0}, NAMES)
+    with pytest.raises(ValueError, match="names 'model.layer.0', which is no module"):
+        placement.from_dict({"model.layer.0": 0, "": 0}, NAMES)
+    with pytest.raises(ValueError, match="does not offload modules to disk"):
+        placement.from_dict({"model": 0, "lm_head": "disk"}, NAMES)
+    with pytest.raises(ValueError, match=r"device_map\['lm_head'\]: 'gpu' is not a device"):
+        placement.from_dict({"model": 0, "lm_head": "gpu"}, NAMES)
+    with pytest.raises(ValueError, match="CUDA device index must be >= 0"):
+        placement.from_dict({"": -1}, NAMES)
+
+
+def test_max_memory_is_parsed_and_ordered():
+    budgets = placement.gpu_budgets({"cpu": "1GiB", 1: "2GB", 0: 5 * GiB})
+    assert list(budgets.items()) == [(GPU[0], 5 * GiB), (GPU[1], 2 * 10**9), (CPU, GiB)]
+    assert placement.gpu_budgets({0: 0, "cpu": "1MB"})[GPU[0]] == 0
+    with pytest.raises(ValueError, match=r"max_memory\[0\] must be a positive size"):
+        placement.gpu_budgets({0: "lots"})
+    with pytest.raises(ValueError, match="max_memory must be a dict"):
+        placement.gpu_budgets("10GiB")
+
+
+def test_hf_device_map_as_transformers_writes_it():
+    assert placement.hf_device_map({"a": CPU, "b": CPU}) == {"": "cpu"}
+    assert placement.hf_device_map({"a": GPU[0], "b": CPU}) == {"a": 0, "b": "cpu"}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    def save(arch, **overrides):
+        model = arch.ours["causal_lm"](arch.our_config(**overrides))
+        randomize_(model, 3)
+        model.eval().save_pretrained(tmp_path)
+        return model
+
+    return save
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("device_map", ["auto", "balanced", "sequential", "cpu", {"": "cpu"},
+                                        {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+                                         "lm_head": "cpu"}])
+def test_from_pretrained_with_a_device_map(arch, device_map, saved, tmp_path):
+    model = saved(arch)
+    loaded = arch.ours["causal_lm"].from_pretrained(tmp_path, device_map=device_map)
+    assert loaded.hf_device_map == {"": "cpu"} and not loaded.spans_devices
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 7, "left")
+    with torch.no_grad():
+        close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits, "device_map load")
+    assert not hasattr(arch.ours["causal_lm"].from_pretrained(tmp_path), "hf_device_map")
+
+
+def test_max_memory_too_small_for_the_cpu_is_an_error(saved, tmp_path):
+    saved(PHIMOE)
+    with pytest.raises(torch.OutOfMemoryError, match="model.embed_tokens .* fits on no device"):
+        PHIMOE.ours["causal_lm"].from_pretrained(tmp_path, device_map="sequential", max_memory={"cpu": "1KB"})
+    # the whole model within the CPU's budget
+    PHIMOE.ours["causal_lm"].from_pretrained(tmp_path, device_map="sequential", max_memory={"cpu": "1GiB"})
+
+
+def test_device_map_argument_errors(saved, tmp_path):
+    saved(JETMOE)
+    cls = JETMOE.ours["causal_lm"]
+    with pytest.raises(ValueError, match="max_memory applies to a device_map strategy"):
+        cls.from_pretrained(tmp_path, max_memory={"cpu": "1GiB"})
+    with pytest.raises(ValueError, match="not to a device_map dict"):
+        cls.from_pretrained(tmp_path, device_map={"": "cpu"}, max_memory={"cpu": "1GiB"})
+    with pytest.raises(ValueError, match=r"places model.layers.1 on cuda:99, but \d+ CUDA device\(s\) are visible"):
+        cls.from_pretrained(tmp_path, device_map={"": "cpu", "model.layers.1": 99})
+    with pytest.raises(ValueError, match="gives no device for model.norm"):
+        cls.from_pretrained(tmp_path, device_map={"model.embed_tokens": "cpu", "model.layers": "cpu",
+                                                  "lm_head": "cpu"})  # the rotary tables go with the embeddings
+    with pytest.raises(ValueError, match="device_map must be one of"):
+        cls.from_pretrained(tmp_path, device_map="fastest")
+    # disk offload's options are accepted: nothing is offloaded
+    cls.from_pretrained(tmp_path, device_map="auto", offload_folder=str(tmp_path / "offload"))
+
+
+def test_tied_head_goes_with_the_embeddings(saved, tmp_path):
+    saved(PHIMOE, tie_word_embeddings=True)
+    model = PHIMOE.ours["causal_lm"].from_pretrained(tmp_path, device_map="auto")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.device("meta"):
+        meta = PHIMOE.ours["causal_lm"](PHIMOE.our_config(tie_word_embeddings=True))
+    units = dict(placement.units(meta))
+    assert list(units)[0] == "model.embed_tokens" and list(units)[-1] == "lm_head" and "model.rotary_emb" in units
+
+
+def test_memory_check_per_device(monkeypatch):
+    with torch.device("meta"):
+        meta = PHIMOE.ours["causal_lm"](PHIMOE.our_config()).to(torch.bfloat16)
+    names = [n for n, _ in placement.units(meta)]
+    where = {n: GPU[0] if i < 3 else GPU[1] for i, n in enumerate(names)}
+    layer = sum(p.numel() * 2 for p in meta.model.layers[0].parameters())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (layer, 8 * layer))
+    with pytest.raises(torch.OutOfMemoryError, match=r"the \d+ module\(s\) that device_map places on cuda:0 "
+                                                     r"\(model.embed_tokens to model.layers.1\) need"):
+        check_fits(meta, where, "ckpt")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * layer, 100 * layer))
+    check_fits(meta, where, "ckpt")
