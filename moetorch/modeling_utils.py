@@ -75,39 +75,32 @@ def check_fits(model: PreTrainedModel, where: torch.device | Mapping[str, torch.
     """Raise `torch.OutOfMemoryError` before allocating when the weights (parameters and buffers, at
     their dtype) that go to a CUDA device exceed its free memory, naming both. `where` is the one
     device of the whole model, or the device of each of `placement.units`."""
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if isinstance(where, torch.device):
-        if where.type != "cuda":
-            return
-        need, free, total = _room(where, model.get_memory_footprint())
-        if need > free:
-            raise torch.OutOfMemoryError(
-                f"{path}: {type(model).__name__} needs {need} for its weights in {dtype}, but {where} has {free} "
-                f"free of {total}. Loaded with device= or one device in device_map, the whole model goes to one "
-                f"device: load it with device_map=\"auto\" (and max_memory) to spread its layers over the GPUs "
-                f"and the CPU, on a GPU with more free memory, or on the CPU."
-            )
-        return
-    modules, tied = dict(placement.units(model)), _tied_ids(model)
-    for device in sorted(set(where.values()), key=str):
+        need = {where: model.get_memory_footprint()}
+    else:
+        modules, tied, need = dict(placement.units(model)), _tied_ids(model), {}
+        for name, device in where.items():
+            need[device] = need.get(device, 0) + placement.unit_bytes(modules[name], tied)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    for device, n in need.items():
         if device.type != "cuda":
             continue
-        names = [n for n, d in where.items() if d == device]
-        need, free, total = _room(device, sum(placement.unit_bytes(modules[n], tied) for n in names))
-        if need > free:
+        free, total = torch.cuda.mem_get_info(device)
+        if n <= free:
+            continue
+        room = f"in {dtype}, but {device} has {format_size(free)} free of {format_size(total)}"
+        if isinstance(where, torch.device):
             raise torch.OutOfMemoryError(
-                f"{path}: the {len(names)} module(s) that device_map places on {device} ({names[0]} to "
-                f"{names[-1]}) need {need} in {dtype}, but {device} has {free} free of {total}: give it a "
-                f"smaller max_memory, or place fewer modules there."
+                f"{path}: {type(model).__name__} needs {format_size(n)} for its weights {room}. Loaded with "
+                f"device= or one device in device_map, the whole model goes to one device: load it with "
+                f"device_map=\"auto\" (and max_memory) to spread its layers over the GPUs and the CPU, on a GPU "
+                f"with more free memory, or on the CPU."
             )
-
-
-def _room(device: torch.device, need: int) -> tuple[str, str, str] | tuple[int, int, int]:
-    """(needed, free, total) bytes on a CUDA device, formatted when the need exceeds what is free."""
-    free, total = torch.cuda.mem_get_info(device)
-    if need <= free:
-        return need, free, total
-    return format_size(need), format_size(free), format_size(total)
+        names = [name for name, d in where.items() if d == device]
+        raise torch.OutOfMemoryError(
+            f"{path}: the {len(names)} module(s) that device_map places on {device} ({names[0]} to {names[-1]}) "
+            f"need {format_size(n)} {room}: give it a smaller max_memory, or place fewer modules there."
+        )
 
 
 def _tied_ids(model: nn.Module) -> set[int]:

@@ -221,3 +221,37 @@ def test_memory_check_per_device(monkeypatch):
         check_fits(meta, where, "ckpt")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * layer, 100 * layer))
     check_fits(meta, where, "ckpt")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_the_spread_path_on_one_device_changes_nothing(arch, saved, tmp_path):
+    # a model placed over several devices runs `run_layers`' spread path; on one device its moves are
+    # no-ops, so its outputs (hidden states, router logits, loss) are those of the plain path, bit for bit
+    saved(arch)
+    model = arch.ours["causal_lm"].from_pretrained(tmp_path)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 9, "left")
+    kw = dict(attention_mask=mask, labels=ids, output_hidden_states=True, output_router_logits=True)
+    with torch.no_grad():
+        want = model(ids, **kw)
+        model.model.spread_over_devices = True
+        got = model(ids, **kw)
+    for field in ("logits", "loss", "aux_loss"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, want.hidden_states))
+
+
+def test_generate_on_a_model_over_several_devices(saved, tmp_path, monkeypatch, caplog):
+    saved(PHIMOE)
+    model = PHIMOE.ours["causal_lm"].from_pretrained(tmp_path)
+    ids, _ = make_inputs(PHIMOE.base["vocab_size"], 2, 6, None)
+    want = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    # as if placed over two devices: a static cache asked for is a dynamic one, with the same tokens
+    monkeypatch.setattr(type(model), "spans_devices", property(lambda self: True))
+    monkeypatch.setattr(type(model), "parameter_devices", lambda self: [torch.device("cuda", 0), CPU])
+    caplog.set_level("WARNING", logger="moetorch")
+    got = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, want) and "placed over cuda:0, cpu, so generate uses a dynamic cache" in caplog.text
+    from moetorch import StaticCache
+
+    with pytest.raises(ValueError, match="a StaticCache holds every layer's keys on one device"):
+        model.generate(ids, max_new_tokens=5, past_key_values=StaticCache(model.config, max_cache_len=16))
