@@ -27,7 +27,10 @@ def _load(model_arg: str | None, device: str, dtype: str):
     path, is_random = resolve_model(model_arg)
     if not path.is_dir():
         raise SystemExit(f"moetorch: --model {model_arg}: no such checkpoint directory")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+    except (ValueError, torch.OutOfMemoryError) as e:  # a bad --device or --dtype, or no room: no traceback
+        raise SystemExit(f"moetorch: {e}") from None
     return path, model, is_random
 
 
@@ -51,7 +54,8 @@ def _sampling_kwargs(args: argparse.Namespace, tok) -> dict:
 def _banner(path: Path, model, is_random: bool) -> None:
     name = RANDOM_MODEL if is_random else (path.name if path.name in EMBEDDED else str(path))
     note = " (random weights: the text is noise)" if is_random else ""
-    print(f"[moetorch] model {name}{note}, {model.num_parameters() / 1e6:.2f}M parameters on {model.device}",
+    where = ", ".join(map(str, model.parameter_devices()))
+    print(f"[moetorch] model {name}{note}, {model.num_parameters() / 1e6:.2f}M parameters on {where}",
           file=sys.stderr)
 
 
@@ -151,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=None, help=f"checkpoint directory or embedded model name: "
                        f"{', '.join([*EMBEDDED, RANDOM_MODEL])} (default: {DEFAULT_MODEL})")
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or how to place the layers: auto (default: "
+                       "one GPU when the model fits, else spread over the GPUs and the CPU), balanced or sequential")
         p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), bfloat16, float16 or float32")
 
     def sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -62,9 +62,9 @@ def resolve_device(device: Any, device_map: Any) -> torch.device:
         elif isinstance(device_map, str):
             try:
                 return placement.as_device(device_map)
-            except ValueError as e:
-                raise ValueError(f"device_map must be one of {placement.STRATEGIES}, a device or a dict; "
-                                 f"{device_map!r} is none of them ({e})") from None
+            except ValueError:
+                raise ValueError(f"device_map must be one of {placement.STRATEGIES}, a device (cpu, cuda, cuda:N, "
+                                 f"an index) or a dict of module names to devices; got {device_map!r}") from None
         else:
             device = device_map
     what = "device" if device_map is None else "device_map"

@@ -161,6 +161,17 @@ def test_cli_errors(tmp_path, capsys):
         cli.main(["generate", "--model", str(tmp_path / "nope"), "hi"])
     with pytest.raises(SystemExit, match="max-new-tokens"):
         cli.main(["generate", "hi", "--max-new-tokens", "0"])
+    with pytest.raises(SystemExit, match="^moetorch: device_map must be one of .*got 'gpu0'$"):
+        cli.main(["generate", "hi", "--device", "gpu0"])
+    with pytest.raises(SystemExit, match="^moetorch: dtype must be"):
+        cli.main(["generate", "hi", "--dtype", "int8"])
+
+
+def test_cli_device_takes_a_placement(tmp_path, monkeypatch, capsys):
+    # a strategy name places the layers (here, with no GPU, all on the CPU)
+    monkeypatch.setenv("MOETORCH_HOME", str(tmp_path))
+    assert cli.main(["generate", "def main():", "--max-new-tokens", "4", "--device", "sequential"]) == 0
+    assert "parameters on cpu" in capsys.readouterr().err
 
 
 def test_cli_default_model_runs_without_download(tmp_path, monkeypatch, capsys):
