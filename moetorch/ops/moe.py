@@ -126,7 +126,9 @@ def _grouped_mm_serves(x_TD: torch.Tensor, *weights: torch.Tensor) -> bool:
 def pick_backend(x_TD: torch.Tensor, ids_TK: torch.Tensor, *weights: torch.Tensor) -> str:
     """Triton on CUDA for inference; grouped_mm when autograd records on CUDA, where it takes the
     operands (the Triton kernels are forward-only and their backward would recompute; grouped_mm
-    raises on rows that are not whole 16-byte units); gather for small T; else the reference.
+    raises on rows that are not whole 16-byte units); on CUDA, gather for small T (no host sync);
+    else (the CPU, which a host sync costs nothing, and large T) the reference loop, which reads
+    the routed experts' weights in place where gather copies them.
 
     While torch.compile traces, the torch code: grouped_mm where it serves (static shapes, no host
     sync, so `fullgraph=True` holds), else gather for small T, else the reference loop (whose
@@ -136,7 +138,7 @@ def pick_backend(x_TD: torch.Tensor, ids_TK: torch.Tensor, *weights: torch.Tenso
         return "triton"
     if (compiling or x_TD.is_cuda) and _grouped_mm_serves(x_TD, *weights):
         return "grouped_mm"
-    if ids_TK.numel() <= GATHER_MAX_ROWS:
+    if (compiling or x_TD.is_cuda) and ids_TK.numel() <= GATHER_MAX_ROWS:
         return "gather"
     return "reference"
 
