@@ -255,3 +255,15 @@ def test_generate_on_a_model_over_several_devices(saved, tmp_path, monkeypatch, 
 
     with pytest.raises(ValueError, match="a StaticCache holds every layer's keys on one device"):
         model.generate(ids, max_new_tokens=5, past_key_values=StaticCache(model.config, max_cache_len=16))
+
+
+def test_to_device_keeps_the_structure_of_a_layers_inputs():
+    from moetorch.modeling_utils import module_device, to_device
+    from moetorch.ops.norms import Residual
+
+    x, d = torch.ones(2, 3), torch.zeros(2, 3)
+    moved = to_device((Residual(x, d, None), (x, d), None, x), CPU)
+    assert isinstance(moved[0], Residual) and moved[0].bias is None and moved[0].x is x  # the same device: as is
+    assert type(moved[1]) is tuple and moved[2] is None and moved[3] is x
+    assert module_device(torch.nn.ReLU()) is None
+    assert module_device(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 2))) == CPU
