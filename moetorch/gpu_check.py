@@ -39,6 +39,9 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
    gives the float32 logits, losses and gradients of the model on the GPU alone, and `generate` its
    tokens (greedy, beam search, a static cache asked for); in bf16 it generates. What it saves
    loads onto the GPU with the same weights.
+13. Assisted decoding (prompt lookup, an assistant) on the static cache replays its verify forwards
+   from CUDA graphs (GraphedChunk); in float32 its tokens are greedy search's and the dynamic
+   cache's (in bf16, reported).
 Exits non-zero if any check fails.
 """
 
@@ -782,6 +785,50 @@ def check_sampling_kernel(results):
     return ok
 
 
+@torch.no_grad()
+def check_assisted_graphs(results):
+    """Assisted decoding on the static cache (the GPU default): prompt lookup's and an assistant's
+    verify forwards replay GraphedChunk's graphs, padded to their bucket. In float32 the tokens are
+    greedy search's and those of the dynamic cache's eager forwards; in bf16 they are reported."""
+    from moetorch.engine import GraphedChunk
+
+    ok = True
+    replays = []
+    original = GraphedChunk.__call__
+
+    def counting(self, *args):
+        out = original(self, *args)
+        replays.append(out is not None and self.enabled)
+        return out
+
+    GraphedChunk.__call__ = counting
+    try:
+        for name, (cfg, cls) in configs().items():
+            torch.manual_seed(0)
+            model = cls(cfg).to("cuda").eval()
+            base = torch.randint(1, cfg.vocab_size, (1, 16), device="cuda")
+            ids = torch.cat([base, base, base[:, :8]], dim=1)
+            for dtype in (torch.float32, torch.bfloat16):
+                model.to(dtype)
+                kw = dict(max_new_tokens=48, do_sample=False, eos_token_id=None)
+                greedy = model.generate(ids, **kw)
+                for how, extra in (("prompt_lookup", dict(prompt_lookup_num_tokens=8)),
+                                   ("assistant", dict(assistant_model=model))):
+                    replays.clear()
+                    graphed = model.generate(ids, **kw, **extra)
+                    eager = model.generate(ids, **kw, **extra, cache_implementation="dynamic")
+                    key = f"assisted_graphs.{name}.{how}.{str(dtype).removeprefix('torch.')}"
+                    results[f"{key}.chunks_replayed"] = sum(replays)
+                    results[f"{key}.same_tokens_as_greedy"] = torch.equal(graphed, greedy)
+                    results[f"{key}.same_tokens_as_dynamic_cache"] = torch.equal(graphed, eager)
+                    if dtype == torch.float32:
+                        ok &= sum(replays) > 0 and torch.equal(graphed, greedy) and torch.equal(graphed, eager)
+            del model
+    finally:
+        GraphedChunk.__call__ = original
+    return ok
+
+
 def check_device_map(results):
     """A model that `device_map` places over the GPU and the CPU (the layers alternating, the head
     on the CPU) gives the logits, losses and gradients of the same float32 weights on the GPU alone,
@@ -867,6 +914,7 @@ def run_checks() -> dict:
     ok &= check_beam_graphs(results)
     ok &= check_sampling_kernel(results)
     ok &= check_device_map(results)
+    ok &= check_assisted_graphs(results)
     results["ok"] = bool(ok)
     return results
 

@@ -11,7 +11,7 @@ from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling, randomize_
 from parity import close, make_inputs
 
 from moetorch import DynamicCache, StaticCache
-from moetorch.engine import GraphedDecodeStep, GraphedPrefill
+from moetorch.engine import GraphedChunk, GraphedDecodeStep, GraphedPrefill
 from moetorch.generation import utils as generation
 
 
@@ -459,3 +459,95 @@ def test_lagged_stop_on_the_held_cache(arch):
     for beams in (1, 1, 2, 2):
         got = _static(model, ids, mask, max_new_tokens=8, eos_token_id=eos, num_beams=beams)
         assert torch.equal(got, want[beams]), f"{beams} beams"
+
+
+# ---- assisted decoding's verify chunks (GraphedChunk) --------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_graphed_chunk_fallback_pads_to_its_bucket_and_decodes_on(arch):
+    model = tiny(arch, seed=20)
+    V = arch.base["vocab_size"]
+    ids, _ = make_inputs(V, 1, 14, None, seed=21)
+    cache, ref = StaticCache(model.config, max_cache_len=40), DynamicCache()
+    model(ids[:, :6], past_key_values=cache, use_cache=True)
+    model(ids[:, :6], past_key_values=ref, use_cache=True)
+    chunk = GraphedChunk(model, cache, batch=1)
+    assert not chunk.enabled
+    got = chunk(ids[:, 6:11], None, None, 6)  # 5 tokens, padded to 8
+    assert got.shape == (1, 5, V) and cache.get_seq_length() == 11
+    close(got, model(ids[:, 6:11], past_key_values=ref, use_cache=True).logits, "chunk")
+    # a verify round keeps 2 of the tokens: the next chunk starts there; the padding and the
+    # rejected tokens' slots are written again before anything reads them
+    cache.crop(8)
+    ref.crop(8)
+    got = chunk(ids[:, 8:14], None, None, 8)
+    close(got, model(ids[:, 8:14], past_key_values=ref, use_cache=True).logits, "chunk after crop")
+    step = model(ids[:, :1], past_key_values=cache, cache_position=torch.tensor([14])).logits
+    close(step, model(ids[:, :1], past_key_values=ref, use_cache=True).logits, "step after the chunks")
+
+
+@torch.no_grad()
+def test_graphed_chunk_declines_what_it_cannot_pad():
+    model = tiny(PHIMOE, seed=22, rope_scaling=longrope_scaling(8, original=32), max_position_embeddings=128)
+    ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 70, None)
+    cache = StaticCache(model.config, max_cache_len=100)
+    model(ids[:, :20], past_key_values=cache, use_cache=True)
+    chunk = GraphedChunk(model, cache, batch=1)
+    assert chunk(ids[:, 20:23], None, None, 19) is None  # not at the cache's count
+    assert chunk(ids[:, 20:23], None, torch.arange(20, 23)[None], 20) is None  # positions of its own
+    assert chunk(ids[:, 20:90], None, None, 20) is None  # past the last bucket (64)
+    assert chunk(ids[:, 20:30], None, None, 20) is None  # padded to 16: 36 slots, past LongRoPE's 32
+    assert chunk(ids[:, 20:23], None, None, 20) is not None  # padded to 4: 24
+    short = StaticCache(model.config, max_cache_len=24)
+    model(ids[:, :20], past_key_values=short, use_cache=True)
+    assert GraphedChunk(model, short, batch=1)(ids[:, 20:23], None, None, 20) is not None  # 24 slots: fits
+    short.crop(21)
+    assert GraphedChunk(model, short, batch=1)(ids[:, 21:24], None, None, 21) is None  # 21 + 4 > 24
+    with pytest.raises(TypeError, match="StaticCache"):
+        GraphedChunk(model, DynamicCache(), batch=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "assistant"])
+def test_assisted_decoding_on_the_static_cache_runs_its_chunks(arch, drafter, monkeypatch):
+    """On a GPU, assisted decoding takes the static cache by default, its verify forwards replaying
+    GraphedChunk's graphs and its single tokens GraphedDecodeStep's; here their CPU fallbacks. The
+    tokens are greedy search's, and sampling draws what the dynamic cache draws."""
+    model = tiny(arch, seed=23)
+    base, _ = make_inputs(arch.base["vocab_size"], 1, 8, None, seed=24)
+    ids = torch.cat([base, base, base[:, :5]], dim=1)  # text that repeats: drafts to look up
+    kw = dict(prompt_lookup_num_tokens=4) if drafter == "prompt_lookup" else dict(assistant_model=tiny(arch, seed=23))
+    chunks, steps = [], []
+    for cls, seen in ((GraphedChunk, chunks), (GraphedDecodeStep, steps)):
+        original = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, _o=original, _s=seen: _s.append(a[0].shape[1]) or _o(self, *a))
+    greedy = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    static = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                            cache_implementation="static", **kw)
+    assert torch.equal(static, greedy) and chunks and all(1 < n <= 64 for n in chunks)
+    assert not steps or set(steps) == {1}
+    chunks.clear()
+    dynamic = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, **kw)
+    assert torch.equal(dynamic, greedy) and not chunks
+    draws = []
+    for implementation in ("static", "dynamic"):
+        torch.manual_seed(5)
+        draws.append(model.generate(ids, max_new_tokens=16, do_sample=True, top_k=4, eos_token_id=None,
+                                    cache_implementation=implementation, **kw))
+    assert torch.equal(*draws)
+
+
+def test_assisted_decoding_on_the_static_cache_across_the_longrope_switch():
+    # Chunks whose padding would cross the threshold run unpadded, and the one that crosses it
+    # rebuilds the cache eagerly: the tokens of the dynamic cache. (Not greedy search's: a verify
+    # forward's drafts count in the length that picks LongRoPE's factors, as in Transformers.)
+    longrope = dict(rope_scaling=longrope_scaling(8, original=32), max_position_embeddings=128)
+    model = tiny(PHIMOE, seed=25, **longrope)
+    base, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 6, None, seed=26)
+    ids = torch.cat([base, base, base, base[:, :4]], dim=1)  # 22 tokens; 40 more cross 32
+    for kw in (dict(prompt_lookup_num_tokens=6), dict(assistant_model=tiny(PHIMOE, seed=25, **longrope))):
+        got = [model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, cache_implementation=c, **kw)
+               for c in ("static", "dynamic")]
+        assert torch.equal(*got) and got[0].shape[1] == 62

@@ -1,4 +1,4 @@
-"""One decode step as a CUDA graph.
+"""One decode step as a CUDA graph (and a prompt, `GraphedPrefill`, and a verify chunk, `GraphedChunk`).
 
 A decode step (one new token per sequence, a `StaticCache`) launches hundreds of small kernels;
 at batch 1 their launch overhead, not the GPU, sets the speed. `GraphedDecodeStep` captures the
@@ -77,35 +77,17 @@ def _longrope(model):
     return rotary if rotary is not None and rotary.longrope else None
 
 
-class GraphedDecodeStep:
-    """Runs `model(ids_B1, attention_mask, position_ids, cache_position)` for one token per row,
-    replaying a captured CUDA graph when possible. Returns the last-position logits [B, V]."""
+class _CacheMask:
+    """A full-length attention mask buffer [B, S] for steps on a StaticCache of S slots."""
 
-    def __init__(self, model, cache: StaticCache, batch: int, enabled: bool | None = None) -> None:
+    def __init__(self, model, cache: StaticCache, batch: int, enabled: bool | None, what: str) -> None:
         if not cache.is_static:
-            raise TypeError("GraphedDecodeStep needs a StaticCache (shapes must not change between steps)")
+            raise TypeError(f"{what} needs a StaticCache (shapes must not change between steps)")
         self.model, self.cache, self.B = model, cache, batch
-        device = model.device
-        self.enabled = (device.type == "cuda") if enabled is None else enabled
-        S = cache.max_cache_len
-        self.ids_B1 = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.pos_B1 = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.cpos_1 = torch.zeros(1, dtype=torch.long, device=device)
-        self.mask_BS = torch.ones(batch, S, dtype=torch.long, device=device)
+        self.enabled = (model.device.type == "cuda") if enabled is None else enabled
+        self.mask_BS = torch.ones(batch, cache.max_cache_len, dtype=torch.long, device=model.device)
         self._mask_src: object = "ones"  # what mask_BS holds: "ones", or (weakref to a mask, its version)
-        # by (LongRoPE's long factors, keys read through the cache's slot_rows)
-        self.graphs: dict[tuple[bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.rotary = _longrope(model)
-
-    def _run(self) -> torch.Tensor:
-        out = self.model(
-            self.ids_B1, attention_mask=self.mask_BS, position_ids=self.pos_B1, past_key_values=self.cache,
-            use_cache=True, cache_position=self.cpos_1, logits_to_keep=1, return_dict=True,
-        )
-        return out.logits[:, -1]
-
-    def _regime(self, past: int) -> bool:
-        return self.rotary is not None and self.rotary.use_long(past + 1)
 
     def _set_mask(self, mask_BP: torch.Tensor | None) -> None:
         # The buffer holds mask_BP's columns, then ones. Rewritten only when the caller's mask is
@@ -122,6 +104,30 @@ class GraphedDecodeStep:
         self.mask_BS.fill_(1)
         self.mask_BS[:, : mask_BP.shape[1]].copy_(mask_BP)
         self._mask_src = (weakref.ref(mask_BP), mask_BP._version)
+
+
+class GraphedDecodeStep(_CacheMask):
+    """Runs `model(ids_B1, attention_mask, position_ids, cache_position)` for one token per row,
+    replaying a captured CUDA graph when possible. Returns the last-position logits [B, V]."""
+
+    def __init__(self, model, cache: StaticCache, batch: int, enabled: bool | None = None) -> None:
+        super().__init__(model, cache, batch, enabled, "GraphedDecodeStep")
+        device = model.device
+        self.ids_B1 = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos_B1 = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cpos_1 = torch.zeros(1, dtype=torch.long, device=device)
+        # by (LongRoPE's long factors, keys read through the cache's slot_rows)
+        self.graphs: dict[tuple[bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _run(self) -> torch.Tensor:
+        out = self.model(
+            self.ids_B1, attention_mask=self.mask_BS, position_ids=self.pos_B1, past_key_values=self.cache,
+            use_cache=True, cache_position=self.cpos_1, logits_to_keep=1, return_dict=True,
+        )
+        return out.logits[:, -1]
+
+    def _regime(self, past: int) -> bool:
+        return self.rotary is not None and self.rotary.use_long(past + 1)
 
     @torch.no_grad()
     def __call__(self, ids_B1, attention_mask_BS, position_ids_B1, cache_position_1) -> torch.Tensor:
@@ -257,4 +263,92 @@ class GraphedPrefill:
             self.pool = torch.cuda.graph_pool_handle()
         graph, logits = capture(lambda: self._run(buf), pool=self.pool)
         self.cache._seen = 0
+        return graph, buf, logits
+
+
+# Token counts a graphed chunk pads to: assisted decoding's verify forward (the last token and the
+# drafts). A chunk past the last runs eagerly.
+CHUNK_BUCKETS = (2, 4, 8, 16, 32, 64)
+
+
+def chunk_bucket(T: int) -> int | None:
+    """The padded length of a T-token chunk (None: past the last bucket)."""
+    return next((b for b in CHUNK_BUCKETS if b >= T), None)
+
+
+class GraphedChunk(_CacheMask):
+    """A forward of a few new tokens per row into a `StaticCache` that holds earlier ones, with the
+    logits of every new token: assisted decoding's verify forward (the last token and the drafts,
+    prompt lookup's or an assistant's). It replays a CUDA graph per length bucket (`CHUNK_BUCKETS`),
+    captured on first use; the graphs share one memory pool.
+
+    The tokens are padded on the right to their bucket. Under the causal mask no token sees the
+    padding; the padding's keys land in the slots after the tokens', which later tokens overwrite
+    before anything reads them, and the cache's count is set to the real tokens'. Where a chunk
+    does not fit (past the last bucket or the cache's end, positions other than the cache's, or a
+    LongRoPE factor set that the padding would change or that the cache does not hold yet), the
+    call returns None and the caller runs the tokens unpadded. On CPU (or `enabled=False`) the
+    padded buffers run eagerly: the fallback the tests exercise. Returns logits [B, T, V]."""
+
+    def __init__(self, model, cache: StaticCache, batch: int, enabled: bool | None = None) -> None:
+        super().__init__(model, cache, batch, enabled, "GraphedChunk")
+        self.graphs: dict[tuple, tuple] = {}  # (bucket, long, slot_rows) -> (graph or None, buffers, logits)
+        self.pool = None
+
+    def _buffers(self, Tb: int) -> dict:
+        device = self.model.device
+        return {
+            "ids": torch.zeros(self.B, Tb, dtype=torch.long, device=device),
+            "pos": torch.zeros(self.B, Tb, dtype=torch.long, device=device),
+            "cpos": torch.zeros(Tb, dtype=torch.long, device=device),
+            "steps": torch.arange(Tb, device=device),
+        }
+
+    def _run(self, buf: dict) -> torch.Tensor:
+        out = self.model(
+            buf["ids"], attention_mask=self.mask_BS, position_ids=buf["pos"], past_key_values=self.cache,
+            use_cache=True, cache_position=buf["cpos"], logits_to_keep=0, return_dict=True,
+        )
+        return out.logits
+
+    @torch.no_grad()
+    def __call__(self, ids_BT, attention_mask_BP, position_ids_BT, start: int) -> torch.Tensor | None:
+        """The chunk `ids_BT` at cache slots `start`, ... (`start` must be the cache's count).
+        `attention_mask_BP`: the mask of the first columns (the rest are ones), or None; a chunk
+        with `position_ids_BT` (padded prompts) runs eagerly (None comes back)."""
+        past, (B, T) = self.cache.get_seq_length(), ids_BT.shape
+        Tb = chunk_bucket(T)
+        if (Tb is None or position_ids_BT is not None or start != past or B != self.B
+                or past + Tb > self.cache.max_cache_len):
+            return None
+        long = self.rotary is not None and self.rotary.use_long(past + Tb)
+        if self.rotary is not None and (self.rotary.use_long(past + T) != long or self.cache.rope_long != long):
+            return None
+        key = (Tb, long, self.cache.slot_rows is not None)
+        entry = self.graphs.get(key)
+        buf = entry[1] if entry is not None else self._buffers(Tb)
+        buf["ids"][:, :T].copy_(ids_BT)
+        buf["ids"][:, T:].zero_()
+        torch.add(buf["steps"], past, out=buf["cpos"])
+        buf["pos"].copy_(buf["cpos"].expand(B, Tb))
+        self._set_mask(attention_mask_BP)
+        if not self.enabled:
+            self.graphs[key] = (None, buf, None)
+            logits = self._run(buf)
+        else:
+            if entry is None or entry[0] is None:
+                entry = self.graphs[key] = self._capture(buf, past)
+            entry[0].replay()
+            logits = entry[2]
+        self.cache._seen = past + T  # the chunk's tokens; the padding's slots are free again
+        return logits[:, :T]
+
+    def _capture(self, buf: dict, past: int) -> tuple:
+        # each run writes the same slots with the same values, so the repeats are harmless
+        def rewind():
+            self.cache._seen = past
+
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph, logits = capture(lambda: self._run(buf), before=rewind, pool=self.pool)
         return graph, buf, logits

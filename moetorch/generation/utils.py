@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..cache import Cache, DynamicCache, StaticCache
-from ..engine.cuda_graph import GraphedDecodeStep, GraphedPrefill, own_forward
+from ..engine.cuda_graph import CHUNK_BUCKETS, GraphedChunk, GraphedDecodeStep, GraphedPrefill, own_forward
 from ..ops import fused
 from ..outputs import ModelOutput
 from .configuration import DEFAULTS, GenerationConfig
@@ -137,6 +137,7 @@ class _Context:
         self.mask_BP, self.positions_BP, self.embeds, self.offset = mask, positions, embeds, offset
         self.step = None  # a GraphedDecodeStep for single-token steps, when one is in use
         self.prefill = None  # a GraphedPrefill for the prompt, when one is in use
+        self.chunk = None  # a GraphedChunk for verify forwards (assisted decoding), when one is in use
 
     def mask(self, end: int) -> torch.Tensor | None:
         m = self.mask_BP
@@ -166,13 +167,14 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         ids, embeds = seq_RL[:, past - ctx.offset :], None
     start = end - (ids if ids is not None else embeds).shape[1]
     device = seq_RL.device
-    if ctx.prefill is not None and ids is not None and past == 0 and keep == 1 and not (
+    # the graphed runs serve the cache they were made for (not, say, an assistant's draft cache)
+    if ctx.prefill is not None and ctx.prefill.cache is cache and ids is not None and past == 0 and keep == 1 and not (
         output_attentions or output_hidden_states
     ):
         logits = ctx.prefill(ids, ctx.mask(end), ctx.positions(start, end))
         if logits is not None:
             return _StepOutput(logits[:, None])
-    if ctx.step is not None and ids is not None and ids.shape[1] == 1 and past > 0 and not (
+    if ctx.step is not None and ctx.step.cache is cache and ids is not None and ids.shape[1] == 1 and past > 0 and not (
         output_attentions or output_hidden_states
     ):
         # the prompt's mask (later columns are ones) and host ints where every row shares the value:
@@ -180,6 +182,12 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         positions = ctx.positions(start, end)
         logits = ctx.step(ids, ctx.mask_BP, start if positions is None else positions, start)
         return _StepOutput(logits[:, None])
+    if ctx.chunk is not None and ctx.chunk.cache is cache and ids is not None and 1 < ids.shape[1] == keep and not (
+        output_attentions or output_hidden_states
+    ):
+        logits = ctx.chunk(ids, ctx.mask_BP, ctx.positions(start, end), start)
+        if logits is not None:
+            return _StepOutput(logits)
     out = model(
         input_ids=ids,
         inputs_embeds=embeds,
@@ -200,14 +208,14 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
 
 
 class _HeldDecode:
-    """The static cache, graphed decode step and graphed prefill a model keeps between `generate`
-    calls. Copies and pickles of the model carry an empty one (graphs cannot be copied)."""
+    """The static cache, graphed decode step, graphed prefill and graphed verify chunks a model
+    keeps between `generate` calls. Copies and pickles of the model carry an empty one (graphs cannot be copied)."""
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self.key, self.cache, self.step, self.prefill = None, None, None, None
+        self.key, self.cache, self.step, self.prefill, self.chunk = None, None, None, None, None
         # rows that repeat a prompt (beams, num_return_sequences) -> (the cache's view of one row per
         # prompt, that view's graphed prefill)
         self.prompt_views: dict[int, tuple[StaticCache, GraphedPrefill]] = {}
@@ -219,6 +227,14 @@ class _HeldDecode:
         if self.step is None:
             self.step = GraphedDecodeStep(model, cache, batch)
         return self.step
+
+    def chunk_for(self, model, cache: StaticCache, batch: int) -> GraphedChunk | None:
+        """The held cache's graphed verify chunks (made on first use); None for any other cache."""
+        if self.cache is not cache:
+            return None
+        if self.chunk is None:
+            self.chunk = GraphedChunk(model, cache, batch)
+        return self.chunk
 
     def prefill_for(self, model, cache: StaticCache, batch: int) -> GraphedPrefill | None:
         """The held cache's graphed prefill (made on first use); None for any other cache."""
@@ -421,22 +437,24 @@ class GenerationMixin:
                 None if t is None else t.repeat_interleave(expand, dim=0) for t in (mask, positions, embeds)
             )
         max_length, min_length = self._lengths(gen, seq.shape[1], offset)
+        drafted = assistant_model is not None or gen.prompt_lookup_num_tokens is not None
         if cache is None and gen.use_cache:
-            # On a GPU, greedy search, sampling and beam search default to the static cache, whose
-            # steps replay as CUDA graphs.
-            drafted = assistant_model is not None or gen.prompt_lookup_num_tokens is not None
+            # On a GPU, greedy search, sampling, beam search and assisted decoding default to the
+            # static cache, whose steps replay as CUDA graphs.
             one_device = not self.spans_devices
             default_static = (gen.cache_implementation is None and self.device.type == "cuda" and one_device
-                              and not drafted and custom_generate is None and not sync)
+                              and custom_generate is None and not sync)
             if gen.cache_implementation == "static" and not one_device:
                 logger.warning("cache_implementation='static' needs the model on one device; this model is "
                                "placed over %s, so generate uses a dynamic cache (the same tokens, without "
                                "CUDA graphs)", ", ".join(map(str, self.parameter_devices())))
             elif gen.cache_implementation == "static" or default_static:
-                # The last token is never fed back, hence the -1. A cache that is not handed back
-                # may be the last call's, with its captured decode graphs.
+                # The last token is never fed back, hence the -1; assisted decoding feeds every
+                # token, and pads its verify chunks past the last (GraphedChunk). A cache that is
+                # not handed back may be the last call's, with its captured decode graphs.
                 reuse = assistant_model is None and custom_generate is None and not gen.return_dict_in_generate
-                cache = self._static_cache(seq.shape[0], max_length - 1 + offset, reuse)
+                room = CHUNK_BUCKETS[-1] if drafted else -1
+                cache = self._static_cache(seq.shape[0], max_length + offset + room, reuse)
             else:
                 cache = DynamicCache()
 
@@ -454,7 +472,19 @@ class GenerationMixin:
             return custom_generate(self, seq, logits_processor=processors, stopping_criteria=criteria,
                                    generation_config=gen, **own, **self._loop_inputs(seq, ctx, cache, gen))
 
-        if assistant_model is not None or gen.prompt_lookup_num_tokens is not None:
+        if isinstance(cache, StaticCache) and self.decode_graphs and not sync and not (
+            gen.output_attentions or gen.output_hidden_states
+        ):
+            held, R = self._held_decode(), seq.shape[0]
+            ctx.step = held.step_for(self, cache, R) or GraphedDecodeStep(self, cache, R)
+            if self.prefill_graphs:  # a cache used once pads its prompt alike, without capturing
+                ctx.prefill = held.prefill_for(self, cache, R) or GraphedPrefill(self, cache, R, capture=False)
+            if drafted:
+                ctx.chunk = held.chunk_for(self, cache, R) or GraphedChunk(self, cache, R)
+        # With graphed steps, a torch.compile of the model's forward is set aside for the call
+        # (`engine.own_forward`): the graphs replay the fused kernels, which the compiled code lacks.
+        graphed = own_forward(self) if ctx.step is not None and ctx.step.enabled else contextlib.nullcontext()
+        if drafted:
             what = "assistant_model" if assistant_model is not None else "prompt_lookup_num_tokens"
             if assistant_model is not None and gen.prompt_lookup_num_tokens is not None:
                 raise ValueError("pass assistant_model or prompt_lookup_num_tokens, not both: each drafts the tokens "
@@ -466,15 +496,9 @@ class GenerationMixin:
                 raise ValueError(f"{what} supports greedy search and sampling, not beam search (num_beams=1)")
             if gen.guidance_scale not in (None, 1):
                 raise ValueError(f"{what} cannot be combined with guidance_scale != 1")
-            return self._assisted_decoding(seq, ctx, cache, gen, processors, criteria, max_length, eos,
-                                           assistant_model, streamer)
-        if isinstance(cache, StaticCache) and self.decode_graphs and not sync and not (
-            gen.output_attentions or gen.output_hidden_states
-        ):
-            held, R = self._held_decode(), seq.shape[0]
-            ctx.step = held.step_for(self, cache, R) or GraphedDecodeStep(self, cache, R)
-            if self.prefill_graphs:  # a cache used once pads its prompt alike, without capturing
-                ctx.prefill = held.prefill_for(self, cache, R) or GraphedPrefill(self, cache, R, capture=False)
+            with graphed:
+                return self._assisted_decoding(seq, ctx, cache, gen, processors, criteria, max_length, eos,
+                                               assistant_model, streamer)
         # A step past the last one is computed, then dropped: only where no one sees its cache write,
         # scores or callbacks (built-in stopping rules that stay on the device, no custom processors).
         # A streamer gets each step's tokens one step late.
@@ -485,9 +509,7 @@ class GenerationMixin:
         )
         lag = _OneStepLate(device, seq.shape[0]) if lag else None
         sync = PeerSync(self, device) if sync else None
-        # With graphed steps, a torch.compile of the model's forward is set aside for the call
-        # (`engine.own_forward`): the graphs replay the fused kernels, which the compiled code lacks.
-        with own_forward(self) if ctx.step is not None and ctx.step.enabled else contextlib.nullcontext():
+        with graphed:
             if gen.num_beams > 1:  # the cache is reordered in place between the graphed steps
                 return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id,
                                          lag, sync)
@@ -1002,8 +1024,8 @@ class GenerationMixin:
         way: greedy keeps the agreeing prefix, sampling treats them as drafts of probability 1."""
         if seq.shape[0] != 1:
             raise ValueError(f"assisted decoding supports batch size 1 only, got {seq.shape[0]}")
-        if cache is None or cache.is_static:
-            raise ValueError("assisted decoding needs a dynamic cache (use_cache=True, no static cache)")
+        if cache is None:
+            raise ValueError("assisted decoding needs a cache (use_cache=True)")
         if ctx.offset or ctx.embeds is not None:
             raise ValueError("assisted decoding needs input_ids (inputs_embeds cannot be shared with the assistant)")
         if gen.output_attentions or gen.output_hidden_states:
