@@ -528,6 +528,12 @@ def test_assisted_decoding_on_the_static_cache_runs_its_chunks(arch, drafter, mo
                             cache_implementation="static", **kw)
     assert torch.equal(static, greedy) and chunks and all(1 < n <= 64 for n in chunks)
     assert not steps or set(steps) == {1}
+    held = model._held_decode()
+    kept = held.cache, held.chunk
+    assert isinstance(kept[1], GraphedChunk) and kept[1].cache is kept[0]
+    again = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                           cache_implementation="static", **kw)
+    assert torch.equal(again, greedy) and (held.cache, held.chunk) == kept  # kept between calls
     chunks.clear()
     dynamic = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, **kw)
     assert torch.equal(dynamic, greedy) and not chunks

@@ -452,7 +452,7 @@ class GenerationMixin:
                 # The last token is never fed back, hence the -1; assisted decoding feeds every
                 # token, and pads its verify chunks past the last (GraphedChunk). A cache that is
                 # not handed back may be the last call's, with its captured decode graphs.
-                reuse = assistant_model is None and custom_generate is None and not gen.return_dict_in_generate
+                reuse = custom_generate is None and not gen.return_dict_in_generate
                 room = CHUNK_BUCKETS[-1] if drafted else -1
                 cache = self._static_cache(seq.shape[0], max_length + offset + room, reuse)
             else:
