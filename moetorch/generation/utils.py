@@ -220,29 +220,15 @@ class _HeldDecode:
         # prompt, that view's graphed prefill)
         self.prompt_views: dict[int, tuple[StaticCache, GraphedPrefill]] = {}
 
-    def step_for(self, model, cache: StaticCache, batch: int) -> GraphedDecodeStep | None:
-        """The held cache's graphed decode step (made on first use); None for any other cache."""
+    def runner_for(self, kind: str, model, cache: StaticCache, batch: int):
+        """The held cache's graphed runner of `kind` ("step": GraphedDecodeStep, "prefill":
+        GraphedPrefill, "chunk": GraphedChunk), made on first use; None for any other cache."""
         if self.cache is not cache:
             return None
-        if self.step is None:
-            self.step = GraphedDecodeStep(model, cache, batch)
-        return self.step
-
-    def chunk_for(self, model, cache: StaticCache, batch: int) -> GraphedChunk | None:
-        """The held cache's graphed verify chunks (made on first use); None for any other cache."""
-        if self.cache is not cache:
-            return None
-        if self.chunk is None:
-            self.chunk = GraphedChunk(model, cache, batch)
-        return self.chunk
-
-    def prefill_for(self, model, cache: StaticCache, batch: int) -> GraphedPrefill | None:
-        """The held cache's graphed prefill (made on first use); None for any other cache."""
-        if self.cache is not cache:
-            return None
-        if self.prefill is None:
-            self.prefill = GraphedPrefill(model, cache, batch)
-        return self.prefill
+        if getattr(self, kind) is None:
+            make = {"step": GraphedDecodeStep, "prefill": GraphedPrefill, "chunk": GraphedChunk}[kind]
+            setattr(self, kind, make(model, cache, batch))
+        return getattr(self, kind)
 
     def prompt_view_for(self, model, cache: StaticCache, repeats: int, rows: int):
         """(The held cache's view of every `repeats`-th of its `rows` rows, that view's graphed
@@ -476,11 +462,12 @@ class GenerationMixin:
             gen.output_attentions or gen.output_hidden_states
         ):
             held, R = self._held_decode(), seq.shape[0]
-            ctx.step = held.step_for(self, cache, R) or GraphedDecodeStep(self, cache, R)
+            ctx.step = held.runner_for("step", self, cache, R) or GraphedDecodeStep(self, cache, R)
             if self.prefill_graphs:  # a cache used once pads its prompt alike, without capturing
-                ctx.prefill = held.prefill_for(self, cache, R) or GraphedPrefill(self, cache, R, capture=False)
+                ctx.prefill = (held.runner_for("prefill", self, cache, R)
+                               or GraphedPrefill(self, cache, R, capture=False))
             if drafted:
-                ctx.chunk = held.chunk_for(self, cache, R) or GraphedChunk(self, cache, R)
+                ctx.chunk = held.runner_for("chunk", self, cache, R) or GraphedChunk(self, cache, R)
         # With graphed steps, a torch.compile of the model's forward is set aside for the call
         # (`engine.own_forward`): the graphs replay the fused kernels, which the compiled code lacks.
         graphed = own_forward(self) if ctx.step is not None and ctx.step.enabled else contextlib.nullcontext()
