@@ -122,9 +122,9 @@ def place(model: PreTrainedModel, device: Any, device_map: Any, max_memory: Any)
                              "device_map=\"auto\" with it")
         one = resolve_device(device, device_map)
         return dict.fromkeys(names, one)
-    pinned = {n: next(e for e in names if e.endswith("embed_tokens")) for n in names if n.endswith("rotary_emb")}
-    if _tied_ids(model):
-        pinned["lm_head"] = next(e for e in names if e.endswith("embed_tokens"))
+    # the rotary tables, and a head tied to the embeddings, go where the embeddings go
+    embed, tied = next(e for e in names if e.endswith("embed_tokens")), _tied_ids(model)
+    pinned = {n: embed for n in names if n.endswith("rotary_emb") or (tied and n == "lm_head")}
     if isinstance(device_map, Mapping):
         if max_memory is not None:
             raise ValueError("max_memory applies to a device_map strategy ('auto', 'balanced', ...), not to a "
@@ -133,7 +133,6 @@ def place(model: PreTrainedModel, device: Any, device_map: Any, max_memory: Any)
         for n, to in pinned.items():  # beside the embeddings, whatever the dict says
             where[n] = where[to]
     else:
-        tied = _tied_ids(model)
         sizes = [(n, placement.unit_bytes(m, tied)) for n, m in named]
         where = placement.plan(sizes, placement.gpu_budgets(max_memory), device_map, pinned)
     placement.check_devices(where)
@@ -526,10 +525,10 @@ def _run_stack(layers, x_BTD, rope, mask, is_causal, cache, cache_position_T, no
     r = Residual(x_BTD)
     here = x_BTD.device
     for layer in layers:
-        if on_device is not None and module_device(layer) != here:
+        if on_device is not None and (there := module_device(layer)) != here:
             # the layer's inputs go to its device, which becomes the current one
-            here = module_device(layer)
-            r, rope, mask, cache_position_T = to_device((r, rope, mask, cache_position_T), here, on_device)
+            r, rope, mask, cache_position_T = to_device((r, rope, mask, cache_position_T), there, on_device)
+            here = there
         if output_hidden_states:
             r = Residual(r.value())
             hidden.append(r.x)
@@ -540,8 +539,8 @@ def _run_stack(layers, x_BTD, rope, mask, is_causal, cache, cache_position_T, no
             r, w, logits = layer(*args)
         attns.append(w)
         routers.extend(logits)
-    if on_device is not None and module_device(norm) != here:
-        r = to_device(r, module_device(norm), on_device)
+    if on_device is not None and (there := module_device(norm)) != here:
+        r = to_device(r, there, on_device)
     x_BTD = norm.add_norm(*r)[1]
     if output_hidden_states:
         hidden.append(x_BTD)

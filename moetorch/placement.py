@@ -78,7 +78,7 @@ def gpu_budgets(max_memory: Mapping | None) -> dict[torch.device, int | None]:
     and the CPU without a limit."""
     if max_memory is None:
         budgets: dict[torch.device, int | None] = {}
-        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        for i in range(_visible_gpus()):
             budgets[torch.device("cuda", i)] = int(torch.cuda.mem_get_info(i)[0] * GPU_FREE_SHARE)
         budgets[_CPU] = None
         return budgets
@@ -185,7 +185,7 @@ def _holds(key: str, name: str) -> bool:
 
 
 def check_devices(placement: Mapping[str, torch.device]) -> None:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = _visible_gpus()
     for name, d in placement.items():
         if d.type == "cuda" and d.index >= count:
             raise ValueError(f"device_map places {name} on {d}, but {count} CUDA device(s) are visible")
@@ -198,6 +198,10 @@ def hf_device_map(placement: Mapping[str, torch.device]) -> dict[str, int | str]
     if len(set(values.values())) == 1:
         return {"": next(iter(values.values()))}
     return values
+
+
+def _visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _limit(budget: int | None) -> float:

@@ -167,24 +167,20 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         ids, embeds = seq_RL[:, past - ctx.offset :], None
     start = end - (ids if ids is not None else embeds).shape[1]
     device = seq_RL.device
-    # the graphed runs serve the cache they were made for (not, say, an assistant's draft cache)
-    if ctx.prefill is not None and ctx.prefill.cache is cache and ids is not None and past == 0 and keep == 1 and not (
-        output_attentions or output_hidden_states
-    ):
+    # the graphed runs take token ids, record nothing, and serve the cache they were made for (not,
+    # say, an assistant's draft cache)
+    graphs = ids is not None and not (output_attentions or output_hidden_states)
+    if graphs and ctx.prefill is not None and ctx.prefill.cache is cache and past == 0 and keep == 1:
         logits = ctx.prefill(ids, ctx.mask(end), ctx.positions(start, end))
         if logits is not None:
             return _StepOutput(logits[:, None])
-    if ctx.step is not None and ctx.step.cache is cache and ids is not None and ids.shape[1] == 1 and past > 0 and not (
-        output_attentions or output_hidden_states
-    ):
+    if graphs and ctx.step is not None and ctx.step.cache is cache and ids.shape[1] == 1 and past > 0:
         # the prompt's mask (later columns are ones) and host ints where every row shares the value:
         # the step then writes its buffers only where they change
         positions = ctx.positions(start, end)
         logits = ctx.step(ids, ctx.mask_BP, start if positions is None else positions, start)
         return _StepOutput(logits[:, None])
-    if ctx.chunk is not None and ctx.chunk.cache is cache and ids is not None and 1 < ids.shape[1] == keep and not (
-        output_attentions or output_hidden_states
-    ):
+    if graphs and ctx.chunk is not None and ctx.chunk.cache is cache and 1 < ids.shape[1] == keep:
         logits = ctx.chunk(ids, ctx.mask_BP, ctx.positions(start, end), start)
         if logits is not None:
             return _StepOutput(logits)
