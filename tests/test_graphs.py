@@ -499,6 +499,7 @@ def test_graphed_chunk_declines_what_it_cannot_pad():
     assert chunk(ids[:, 20:23], None, torch.arange(20, 23)[None], 20) is None  # positions of its own
     assert chunk(ids[:, 20:90], None, None, 20) is None  # past the last bucket (64)
     assert chunk(ids[:, 20:30], None, None, 20) is None  # padded to 16: 36 slots, past LongRoPE's 32
+    assert chunk(ids[:, 20:23].expand(2, -1), None, None, 20) is None  # another batch size
     assert chunk(ids[:, 20:23], None, None, 20) is not None  # padded to 4: 24
     short = StaticCache(model.config, max_cache_len=24)
     model(ids[:, :20], past_key_values=short, use_cache=True)

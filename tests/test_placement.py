@@ -133,6 +133,27 @@ def test_dict_errors_name_the_module():
         placement.from_dict({"": -1}, NAMES)
 
 
+def test_what_is_no_device_or_no_module_name():
+    with pytest.raises(ValueError, match=r"device_map\[''\]: True is not a device"):
+        placement.from_dict({"": True}, NAMES)
+    with pytest.raises(ValueError, match="'meta' holds no weights"):
+        placement.from_dict({"": "meta"}, NAMES)
+    with pytest.raises(ValueError, match="device_map keys are module names, got 0"):
+        placement.from_dict({0: "cpu"}, NAMES)
+    with pytest.raises(ValueError, match="max_memory must be a dict"):
+        placement.gpu_budgets({})
+
+
+def test_a_built_model_goes_to_one_device():
+    # pipeline(model=<a model>, device_map=...) moves a built model: one device only
+    from moetorch.modeling_utils import resolve_device
+
+    assert resolve_device(None, {"model": "cpu", "lm_head": "cpu"}) == CPU
+    assert resolve_device(None, "cpu") == CPU and resolve_device("cpu", "balanced") == CPU
+    with pytest.raises(ValueError, match="a device_map over several devices places a model loaded by from_pretrained"):
+        resolve_device(None, {"model": "cpu", "lm_head": 0})
+
+
 def test_max_memory_is_parsed_and_ordered():
     budgets = placement.gpu_budgets({"cpu": "1GiB", 1: "2GB", 0: 5 * GiB})
     assert list(budgets.items()) == [(GPU[0], 5 * GiB), (GPU[1], 2 * 10**9), (CPU, GiB)]
