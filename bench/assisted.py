@@ -7,7 +7,12 @@ and lookups find drafts; the random models then tend to loop, which keeps findin
 - `lookup`: prompt lookup on the GPU default (moetorch: the static cache, verify forwards replayed
   from GraphedChunk's graphs, single tokens from the decode graph);
 - `lookup-dynamic` (moetorch): prompt lookup with `cache_implementation="dynamic"`, eager forwards,
-  which was the only path before the graphed chunks.
+  which was the only path before the graphed chunks;
+- `assistant`: `assistant_model=` a random model of the same sizes with --assistant-layers layers
+  (moetorch: it drafts on its own held static cache, replaying its own graphs), at the assistant's
+  default settings (up to 20 drafts, stopped where its confidence falls under 0.4);
+- `assistant-dynamic` (moetorch): the same with `cache_implementation="dynamic"`, every forward of
+  both models eager, which was the assistant's only path before.
 Each arm: the best of --calls greedy `generate` calls of --new tokens after a warm-up call; the
 target model's forwards are counted (graphed ones too), so tokens per forward tell how many drafts
 verification kept. Transformers' arms run its own random weights (its tokens, and so its drafts'
@@ -42,7 +47,8 @@ def counted_forwards(model, lib: str):
             def spy(self, *args, _original=original):
                 before = len(calls)
                 out = _original(self, *args)
-                if out is not None and len(calls) == before:  # a replay (an eager run counts in the hook)
+                # a replay of the target's (an eager run counts in the hook; an assistant's runs do not count)
+                if out is not None and len(calls) == before and self.model is model:
                     calls.append(1)
                 return out
 
@@ -84,13 +90,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens")
+    p.add_argument("--assistant-layers", type=int, default=2, help="0: no assistant arms")
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--hf-calls", type=int, default=1)
     p.add_argument("--libs", default="moetorch,transformers")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     result = {"device": torch.cuda.get_device_name(), "segment": args.segment, "repeats": args.repeats,
-              "new": args.new, "prompt_lookup_num_tokens": args.lookup, "models": {}}
+              "new": args.new, "prompt_lookup_num_tokens": args.lookup, "assistant_layers": args.assistant_layers,
+              "models": {}}
     for name in model_names(args.models):
         torch.manual_seed(0)
         segment = torch.randint(1, SIZES[name]["vocab_size"], (1, args.segment), device="cuda")
@@ -102,6 +110,11 @@ def main(argv=None) -> int:
             arms = {"greedy": {}, "lookup": dict(prompt_lookup_num_tokens=args.lookup)}
             if lib == "moetorch":
                 arms["lookup-dynamic"] = dict(prompt_lookup_num_tokens=args.lookup, cache_implementation="dynamic")
+            if args.assistant_layers:
+                assistant = build(name, lib, {**SIZES[name], "num_hidden_layers": args.assistant_layers})
+                arms["assistant"] = dict(assistant_model=assistant)
+                if lib == "moetorch":
+                    arms["assistant-dynamic"] = dict(assistant_model=assistant, cache_implementation="dynamic")
             outs = {}
             for arm, kw in arms.items():
                 rows[f"{lib}/{arm}"], outs[arm] = run_arm(model, lib, ids, args.new, calls, **kw)
@@ -110,14 +123,15 @@ def main(argv=None) -> int:
                 r = rows[f"{lib}/{arm}"]
                 log(f"{name} {lib}/{arm}: {r['tokens_per_s']:.1f} tok/s, "
                     f"{r['tokens_per_forward']:.2f} tokens a forward")
-            del model, outs
+            del model, outs, arms
             gc.collect()
             torch.cuda.empty_cache()
-        ours = rows.get("moetorch/lookup", {})
-        for other in ("moetorch/greedy", "moetorch/lookup-dynamic", "transformers/lookup", "transformers/greedy"):
-            if other in rows and ours:
-                speedup = ours["tokens_per_s"] / rows[other]["tokens_per_s"]
-                rows[f"lookup_speedup_vs_{other.replace('/', '_')}"] = speedup
+        for arm in ("lookup", "assistant"):
+            ours = rows.get(f"moetorch/{arm}", {})
+            for other in ("moetorch/greedy", f"moetorch/{arm}-dynamic", f"transformers/{arm}", "transformers/greedy"):
+                if other in rows and ours:
+                    speedup = ours["tokens_per_s"] / rows[other]["tokens_per_s"]
+                    rows[f"{arm}_speedup_vs_{other.replace('/', '_')}"] = speedup
     print({n: {k: v for k, v in r.items() if "speedup" in k} for n, r in result["models"].items()})
     save_json(args.out, result)
     return 0

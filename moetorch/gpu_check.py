@@ -788,44 +788,67 @@ def check_sampling_kernel(results):
 @torch.no_grad()
 def check_assisted_graphs(results):
     """Assisted decoding on the static cache (the GPU default): prompt lookup's and an assistant's
-    verify forwards replay GraphedChunk's graphs, padded to their bucket. In float32 the tokens are
-    greedy search's and those of the dynamic cache's eager forwards; in bf16 they are reported."""
-    from moetorch.engine import GraphedChunk
+    verify forwards replay GraphedChunk's graphs, padded to their bucket, and a moetorch assistant
+    drafts on its own held static cache, replaying its own graphs. In float32 the tokens are greedy
+    search's and those of the dynamic cache's eager forwards, and so are the returned logits (each
+    round's a copy of the graph's output); in bf16 the tokens are reported. An assistant on the CPU
+    drafts for the model on the GPU."""
+    import copy
+
+    from moetorch.engine import GraphedChunk, GraphedDecodeStep
 
     ok = True
-    replays = []
-    original = GraphedChunk.__call__
+    replays = {"target": 0, "assistant": 0}
+    originals = {cls: cls.__call__ for cls in (GraphedChunk, GraphedDecodeStep)}
+    target = None
 
-    def counting(self, *args):
-        out = original(self, *args)
-        replays.append(out is not None and self.enabled)
+    def counting(self, *args, _cls):  # the target's chunks, and every graphed run of the assistant's
+        out = originals[_cls](self, *args)
+        role = "target" if self.model is target else "assistant"
+        if out is not None and self.enabled and (role == "assistant" or _cls is GraphedChunk):
+            replays[role] += 1
         return out
 
-    GraphedChunk.__call__ = counting
+    for cls in originals:
+        cls.__call__ = functools.partialmethod(counting, _cls=cls)
     try:
         for name, (cfg, cls) in configs().items():
             torch.manual_seed(0)
-            model = cls(cfg).to("cuda").eval()
+            model = target = cls(cfg).to("cuda").eval()
             base = torch.randint(1, cfg.vocab_size, (1, 16), device="cuda")
             ids = torch.cat([base, base, base[:, :8]], dim=1)
             for dtype in (torch.float32, torch.bfloat16):
                 model.to(dtype)
+                twin = copy.deepcopy(model)  # the same weights: every draft kept
                 kw = dict(max_new_tokens=48, do_sample=False, eos_token_id=None)
                 greedy = model.generate(ids, **kw)
-                for how, extra in (("prompt_lookup", dict(prompt_lookup_num_tokens=8)),
-                                   ("assistant", dict(assistant_model=model))):
-                    replays.clear()
+                arms = {"prompt_lookup": dict(prompt_lookup_num_tokens=8),
+                        "assistant": dict(assistant_model=twin, num_assistant_tokens=6,
+                                          assistant_confidence_threshold=0.0)}
+                if dtype == torch.float32:
+                    arms["assistant_on_cpu"] = dict(arms["assistant"], assistant_model=copy.deepcopy(twin).cpu())
+                for how, extra in arms.items():
+                    replays.update(target=0, assistant=0)
                     graphed = model.generate(ids, **kw, **extra)
                     eager = model.generate(ids, **kw, **extra, cache_implementation="dynamic")
                     key = f"assisted_graphs.{name}.{how}.{str(dtype).removeprefix('torch.')}"
-                    results[f"{key}.chunks_replayed"] = sum(replays)
+                    results[f"{key}.chunks_replayed"] = replays["target"]
+                    results[f"{key}.assistant_replays"] = replays["assistant"]
                     results[f"{key}.same_tokens_as_greedy"] = torch.equal(graphed, greedy)
                     results[f"{key}.same_tokens_as_dynamic_cache"] = torch.equal(graphed, eager)
-                    if dtype == torch.float32:
-                        ok &= sum(replays) > 0 and torch.equal(graphed, greedy) and torch.equal(graphed, eager)
-            del model
+                    if dtype != torch.float32:
+                        continue
+                    ok &= replays["target"] > 0 and torch.equal(graphed, greedy) and torch.equal(graphed, eager)
+                    ok &= replays["assistant"] > 0 if how == "assistant" else replays["assistant"] == 0
+                    logits = [torch.stack(model.generate(ids, **kw, **extra, cache_implementation=c,
+                                                         return_dict_in_generate=True, output_logits=True).logits)
+                              for c in ("static", "dynamic")]
+                    err = results[f"{key}.logits_rel_err_vs_dynamic_cache"] = rel_err(*logits)
+                    ok &= err < 1e-4
+            del model, twin
     finally:
-        GraphedChunk.__call__ = original
+        for cls, original in originals.items():
+            cls.__call__ = original
     return ok
 
 

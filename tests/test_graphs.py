@@ -546,6 +546,65 @@ def test_assisted_decoding_on_the_static_cache_runs_its_chunks(arch, drafter, mo
     assert torch.equal(*draws)
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_an_assistant_drafts_on_its_own_held_static_cache(arch, monkeypatch):
+    """With the static cache, a moetorch assistant drafts on a static cache it holds between calls:
+    its prompt through GraphedPrefill, single tokens through GraphedDecodeStep, and the tokens kept
+    in the last round (a catch-up of several) through GraphedChunk, each the last token's logits;
+    here their CPU fallbacks. The tokens are greedy search's and the dynamic cache's."""
+    model = tiny(arch, seed=30)
+    base, _ = make_inputs(arch.base["vocab_size"], 1, 7, None, seed=31)
+    ids = torch.cat([base, base[:, :4]], dim=1)
+    runs = {}  # (runner class, its model's role) -> token counts
+    for cls in (GraphedChunk, GraphedDecodeStep, GraphedPrefill):
+        original = cls.__call__
+
+        def spy(self, *a, _o=original, _cls=cls.__name__):
+            out = _o(self, *a)
+            if out is not None:
+                runs.setdefault((_cls, "target" if self.model is model else "assistant"), []).append(a[0].shape[1])
+            return out
+
+        monkeypatch.setattr(cls, "__call__", spy)
+    greedy = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None)
+    # 4 drafts a round, none stopped early by the assistant's confidence
+    kw = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, num_assistant_tokens=4,
+              assistant_confidence_threshold=0.0)
+    # the same weights (every draft kept: catch-ups of 2 tokens) and other weights (mostly rejected)
+    for assistant in (tiny(arch, seed=30), tiny(arch, seed=32, num_hidden_layers=1)):
+        runs.clear()
+        got = model.generate(ids, **kw, cache_implementation="static", assistant_model=assistant)
+        assert torch.equal(got, greedy)
+        held = assistant._held_decode()
+        assert isinstance(held.cache, StaticCache) and held.step.cache is held.cache
+        assert runs[("GraphedPrefill", "assistant")] == [ids.shape[1]] and set(runs[("GraphedDecodeStep", "assistant")]) == {1}
+        kept = held.cache, held.step, held.prefill, held.chunk
+        again = model.generate(ids, **kw, cache_implementation="static", assistant_model=assistant)
+        assert torch.equal(again, greedy) and (held.cache, held.step, held.prefill, held.chunk) == kept
+        runs.clear()
+        dynamic = model.generate(ids, **kw, cache_implementation="dynamic", assistant_model=assistant)
+        assert torch.equal(dynamic, greedy) and not runs  # eager forwards on dynamic caches, as before
+    same = tiny(arch, seed=30)
+    runs.clear()
+    model.generate(ids, **kw, cache_implementation="static", assistant_model=same)
+    assert set(runs[("GraphedChunk", "assistant")]) == {2}  # the last draft and this model's token
+    for implementation in ("static", "dynamic"):  # sampling draws the same from either
+        torch.manual_seed(7)
+        runs[implementation] = model.generate(ids, **{**kw, "do_sample": True, "top_k": 4},
+                                              cache_implementation=implementation, assistant_model=same)
+    assert torch.equal(runs["static"], runs["dynamic"])
+
+
+def test_a_model_that_assists_itself_drafts_on_a_dynamic_cache():
+    # its held static cache is the one it verifies on
+    model = tiny(PHIMOE, seed=33)
+    ids, _ = make_inputs(PHIMOE.base["vocab_size"], 1, 9, None, seed=34)
+    kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=None)
+    got = model.generate(ids, **kw, cache_implementation="static", assistant_model=model)
+    assert torch.equal(got, model.generate(ids, **kw))
+    assert model._held_decode().step is not None
+
+
 def test_assisted_decoding_on_the_static_cache_across_the_longrope_switch():
     # Chunks whose padding would cross the threshold run unpadded, and the one that crosses it
     # rebuilds the cache eagerly: the tokens of the dynamic cache. (Not greedy search's: a verify

@@ -180,10 +180,11 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         positions = ctx.positions(start, end)
         logits = ctx.step(ids, ctx.mask_BP, start if positions is None else positions, start)
         return _StepOutput(logits[:, None])
-    if graphs and ctx.chunk is not None and ctx.chunk.cache is cache and 1 < ids.shape[1] == keep:
+    if graphs and ctx.chunk is not None and ctx.chunk.cache is cache and ids.shape[1] > 1 and past > 0:
+        # a verify forward (every token's logits), or an assistant catching up on the kept tokens (the last's)
         logits = ctx.chunk(ids, ctx.mask_BP, ctx.positions(start, end), start)
         if logits is not None:
-            return _StepOutput(logits)
+            return _StepOutput(logits[:, -keep:])
     out = model(
         input_ids=ids,
         inputs_embeds=embeds,
@@ -1017,62 +1018,69 @@ class GenerationMixin:
                 getattr(assistant.config, "vocab_size", None) != getattr(self.config, "vocab_size", None)):
             raise ValueError("assistant_model must share this model's vocabulary (same vocab_size)")
         record = _Record(gen)
-        draft_cache = DynamicCache()
+        draft_cache, draft_ctx = self._drafting(assistant, cache, ctx, max_length)
+        draft_device = assistant.device if assistant is not None else None
         num, schedule, threshold = _draft_settings(gen, assistant) if assistant is not None else (0, "constant", 0)
-        while True:
-            L = seq.shape[1]
-            # Drafts may run past EOS: verification cuts there, and checking would cost a device read.
-            cand, draft_q = seq, []
-            draft_cache.crop(L - 1)
-            if assistant is None:
-                cand = torch.cat([seq, _prompt_lookup(seq, gen.prompt_lookup_num_tokens,
-                                                      gen.max_matching_ngram_size or 2, max_length, eos)], dim=-1)
-            for _ in range(min(num, max_length - L - 1)):
-                logits = _forward(assistant, cand, ctx, draft_cache, 1).logits[:, -1]
-                if gen.do_sample:  # drawn from the assistant's distribution under the same processors
-                    q = processors(cand, logits.to(dtype=torch.float32, copy=True)).softmax(dim=-1)
-                    draft_q.append(q)
-                    token = torch.multinomial(q, num_samples=1)
+        aside = (own_forward(assistant) if draft_ctx.step is not None and draft_ctx.step.enabled
+                 else contextlib.nullcontext())
+        with aside:
+            while True:
+                L = seq.shape[1]
+                # Drafts may run past EOS: verification cuts there, and checking would cost a device read.
+                cand, draft_q = seq, []
+                draft_cache.crop(L - 1)
+                if assistant is None:
+                    cand = torch.cat([seq, _prompt_lookup(seq, gen.prompt_lookup_num_tokens,
+                                                          gen.max_matching_ngram_size or 2, max_length, eos)], dim=-1)
+                for _ in range(min(num, max_length - L - 1)):
+                    # an assistant on another device reads the tokens there, and gives its logits back
+                    logits = _forward(assistant, cand.to(draft_device), draft_ctx, draft_cache, 1).logits[:, -1]
+                    logits = logits.to(cand.device)
+                    if gen.do_sample:  # drawn from the assistant's distribution under the same processors
+                        q = processors(cand, logits.to(dtype=torch.float32, copy=True)).softmax(dim=-1)
+                        draft_q.append(q)
+                        token = torch.multinomial(q, num_samples=1)
+                    else:
+                        token = logits.argmax(dim=-1, keepdim=True)
+                    cand = torch.cat([cand, token], dim=-1)
+                    if threshold:  # the assistant's probability of its draft, read on the host
+                        p = q[0, token[0, 0]] if gen.do_sample else logits[0].float().softmax(dim=-1).max()
+                        if float(p) < threshold:
+                            break
+                n_cand = cand.shape[1] - L
+                out = _forward(self, cand, ctx, cache, n_cand + 1)
+                # a copy: a graphed chunk's logits are its graph's output, which the next round overwrites
+                raw = out.logits[:, -(n_cand + 1) :].to(dtype=torch.float32, copy=True)
+                scores = raw.clone()
+                for i in range(n_cand + 1):
+                    scores[:, i] = processors(cand[:, : L + i], scores[:, i])
+                if gen.do_sample:
+                    if assistant is None:  # looked-up drafts: each has probability 1 under its drafter
+                        draft_q = list(torch.nn.functional.one_hot(cand[:, L:], scores.shape[-1]).to(scores.dtype)
+                                       .unbind(dim=1))
+                    new, n_ok = _speculative_pick(cand[:, L:], draft_q, scores.softmax(dim=-1))
                 else:
-                    token = logits.argmax(dim=-1, keepdim=True)
-                cand = torch.cat([cand, token], dim=-1)
-                if threshold:  # the assistant's probability of its draft, read on the host
-                    p = q[0, token[0, 0]] if gen.do_sample else logits[0].float().softmax(dim=-1).max()
-                    if float(p) < threshold:
-                        break
-            n_cand = cand.shape[1] - L
-            out = _forward(self, cand, ctx, cache, n_cand + 1)
-            raw = out.logits[:, -(n_cand + 1) :].to(dtype=torch.float32)
-            scores = raw.clone()
-            for i in range(n_cand + 1):
-                scores[:, i] = processors(cand[:, : L + i], scores[:, i])
-            if gen.do_sample:
-                if assistant is None:  # looked-up drafts: each has probability 1 under its drafter
-                    draft_q = list(torch.nn.functional.one_hot(cand[:, L:], scores.shape[-1]).to(scores.dtype)
-                                   .unbind(dim=1))
-                new, n_ok = _speculative_pick(cand[:, L:], draft_q, scores.softmax(dim=-1))
-            else:
-                chosen = scores.argmax(dim=-1)
-                n_ok = int(((cand[:, L:] != chosen[:, :-1]).cumsum(dim=-1) < 1).sum())
-                new = torch.cat([cand[:, L : L + n_ok], chosen[:, n_ok : n_ok + 1]], dim=-1)
-            if schedule != "constant":  # Transformers' heuristic: 2 more after a round with every draft kept
-                num = num + 2 if n_ok == n_cand else max(1, num - 1)
-            new = new[:, : max_length - L]
-            if eos is not None:
-                at_eos = torch.isin(new[0], eos).nonzero()
-                if at_eos.numel():
-                    new = new[:, : int(at_eos[0]) + 1]
-            n_ok = new.shape[1] - 1
-            seq = torch.cat([seq, new], dim=-1)
-            if streamer is not None:
-                streamer.put(new.cpu())
-            cache.crop(L + n_ok)  # drop the rejected drafts; the last new token is fed next round
-            if record.scores is not None:
-                record.scores += tuple(scores[:, i] for i in range(n_ok + 1))
-            if record.logits is not None:
-                record.logits += tuple(raw[:, i] for i in range(n_ok + 1))
-            if bool(criteria(seq, record.scores).all()):
-                break
+                    chosen = scores.argmax(dim=-1)
+                    n_ok = int(((cand[:, L:] != chosen[:, :-1]).cumsum(dim=-1) < 1).sum())
+                    new = torch.cat([cand[:, L : L + n_ok], chosen[:, n_ok : n_ok + 1]], dim=-1)
+                if schedule != "constant":  # Transformers' heuristic: 2 more after a round with every draft kept
+                    num = num + 2 if n_ok == n_cand else max(1, num - 1)
+                new = new[:, : max_length - L]
+                if eos is not None:
+                    at_eos = torch.isin(new[0], eos).nonzero()
+                    if at_eos.numel():
+                        new = new[:, : int(at_eos[0]) + 1]
+                n_ok = new.shape[1] - 1
+                seq = torch.cat([seq, new], dim=-1)
+                if streamer is not None:
+                    streamer.put(new.cpu())
+                cache.crop(L + n_ok)  # drop the rejected drafts; the last new token is fed next round
+                if record.scores is not None:
+                    record.scores += tuple(scores[:, i] for i in range(n_ok + 1))
+                if record.logits is not None:
+                    record.logits += tuple(raw[:, i] for i in range(n_ok + 1))
+                if bool(criteria(seq, record.scores).all()):
+                    break
         if schedule == "heuristic" and getattr(assistant, "generation_config", None) is not None:
             assistant.generation_config.num_assistant_tokens = num  # the next call starts from it
         if streamer is not None:
@@ -1081,6 +1089,26 @@ class GenerationMixin:
             return seq
         return GenerateDecoderOnlyOutput(sequences=seq, scores=record.scores, logits=record.logits,
                                          past_key_values=cache)
+
+    def _drafting(self, assistant, cache: Cache, ctx: _Context, max_length: int) -> tuple[Cache, _Context]:
+        """The assistant's cache and context for its drafting forwards. Where this model verifies on
+        a static cache and the assistant is another moetorch model on one device, the assistant
+        drafts on a static cache of its own, which it holds between calls as this model holds its:
+        its prompt, single tokens and catch-up chunks (the tokens kept in the last round) replay
+        CUDA graphs on a GPU. Otherwise it drafts on a dynamic cache, eagerly."""
+        device = getattr(assistant, "device", None)
+        draft_ctx = _Context(*(None if t is None else t.to(device) for t in (ctx.mask_BP, ctx.positions_BP)), None, 0)
+        if not (isinstance(cache, StaticCache) and isinstance(assistant, GenerationMixin) and assistant is not self
+                and assistant.decode_graphs and not assistant.spans_devices):
+            return DynamicCache(), draft_ctx
+        # as long as this model's cache, with the same room for a padded chunk past the last token
+        draft = assistant._static_cache(1, max_length + CHUNK_BUCKETS[-1], reuse=True)
+        held = assistant._held_decode()
+        draft_ctx.step = held.runner_for("step", assistant, draft, 1)
+        if assistant.prefill_graphs:
+            draft_ctx.prefill = held.runner_for("prefill", assistant, draft, 1)
+        draft_ctx.chunk = held.runner_for("chunk", assistant, draft, 1)
+        return draft, draft_ctx
 
 
 def _prompt_lookup(seq_1L: torch.Tensor, max_new: int, max_ngram: int, max_length: int,
