@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     p.add_argument("--assistant-layers", type=int, default=2, help="0: no assistant arms")
+    p.add_argument("--arms", default="greedy,lookup,lookup-dynamic,assistant,assistant-dynamic",
+                   help="a comma list of the arms to run (greedy always runs: the others are checked against it)")
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--hf-calls", type=int, default=1)
     p.add_argument("--libs", default="moetorch,transformers")
@@ -115,6 +117,8 @@ def main(argv=None) -> int:
                 arms["assistant"] = dict(assistant_model=assistant)
                 if lib == "moetorch":
                     arms["assistant-dynamic"] = dict(assistant_model=assistant, cache_implementation="dynamic")
+            wanted = {"greedy", *args.arms.split(",")}
+            arms = {arm: kw for arm, kw in arms.items() if arm in wanted}
             outs = {}
             for arm, kw in arms.items():
                 rows[f"{lib}/{arm}"], outs[arm] = run_arm(model, lib, ids, args.new, calls, **kw)

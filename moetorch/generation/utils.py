@@ -1023,15 +1023,21 @@ class GenerationMixin:
         num, schedule, threshold = _draft_settings(gen, assistant) if assistant is not None else (0, "constant", 0)
         aside = (own_forward(assistant) if draft_ctx.step is not None and draft_ctx.step.enabled
                  else contextlib.nullcontext())
+        # The sequence on the host too: prompt lookup searches it there, and a round's bookkeeping (the
+        # kept count, EOS, the built-in stop rules) reads one copy of the drafts and choices back.
+        host = seq[0].cpu()
+        eos_ids = set() if eos is None else set(eos.tolist())
+        stop_on_host = _host_stop(criteria)
         with aside:
             while True:
                 L = seq.shape[1]
-                # Drafts may run past EOS: verification cuts there, and checking would cost a device read.
+                # An assistant's drafts may run past EOS: verification cuts there.
                 cand, draft_q = seq, []
                 draft_cache.crop(L - 1)
                 if assistant is None:
-                    cand = torch.cat([seq, _prompt_lookup(seq, gen.prompt_lookup_num_tokens,
-                                                          gen.max_matching_ngram_size or 2, max_length, eos)], dim=-1)
+                    begin, count = _prompt_lookup(host, gen.prompt_lookup_num_tokens,
+                                                  gen.max_matching_ngram_size or 2, max_length, eos_ids)
+                    cand = torch.cat([seq, seq[:, begin : begin + count]], dim=-1)
                 for _ in range(min(num, max_length - L - 1)):
                     # an assistant on another device reads the tokens there, and gives its logits back
                     logits = _forward(assistant, cand.to(draft_device), draft_ctx, draft_cache, 1).logits[:, -1]
@@ -1059,27 +1065,32 @@ class GenerationMixin:
                         draft_q = list(torch.nn.functional.one_hot(cand[:, L:], scores.shape[-1]).to(scores.dtype)
                                        .unbind(dim=1))
                     new, n_ok = _speculative_pick(cand[:, L:], draft_q, scores.softmax(dim=-1))
+                    new_h = new[0].tolist()
                 else:
                     chosen = scores.argmax(dim=-1)
-                    n_ok = int(((cand[:, L:] != chosen[:, :-1]).cumsum(dim=-1) < 1).sum())
+                    both = torch.cat([cand[0, L:], chosen[0]]).tolist()  # the round's one read
+                    drafts_h, chosen_h = both[:n_cand], both[n_cand:]
+                    n_ok = next((i for i, (d, c) in enumerate(zip(drafts_h, chosen_h)) if d != c), n_cand)
+                    new_h = drafts_h[:n_ok] + chosen_h[n_ok : n_ok + 1]
                     new = torch.cat([cand[:, L : L + n_ok], chosen[:, n_ok : n_ok + 1]], dim=-1)
                 if schedule != "constant":  # Transformers' heuristic: 2 more after a round with every draft kept
                     num = num + 2 if n_ok == n_cand else max(1, num - 1)
-                new = new[:, : max_length - L]
-                if eos is not None:
-                    at_eos = torch.isin(new[0], eos).nonzero()
-                    if at_eos.numel():
-                        new = new[:, : int(at_eos[0]) + 1]
-                n_ok = new.shape[1] - 1
-                seq = torch.cat([seq, new], dim=-1)
+                new_h = new_h[: max_length - L]
+                at_eos = next((i for i, t in enumerate(new_h) if t in eos_ids), None)
+                if at_eos is not None:
+                    new_h = new_h[: at_eos + 1]
+                n_ok = len(new_h) - 1
+                seq = torch.cat([seq, new[:, : n_ok + 1]], dim=-1)
+                new_host = torch.tensor([new_h], dtype=host.dtype)
+                host = torch.cat([host, new_host[0]])
                 if streamer is not None:
-                    streamer.put(new.cpu())
+                    streamer.put(new_host)
                 cache.crop(L + n_ok)  # drop the rejected drafts; the last new token is fed next round
                 if record.scores is not None:
                     record.scores += tuple(scores[:, i] for i in range(n_ok + 1))
                 if record.logits is not None:
                     record.logits += tuple(raw[:, i] for i in range(n_ok + 1))
-                if bool(criteria(seq, record.scores).all()):
+                if stop_on_host(host) if stop_on_host is not None else bool(criteria(seq, record.scores).all()):
                     break
         if schedule == "heuristic" and getattr(assistant, "generation_config", None) is not None:
             assistant.generation_config.num_assistant_tokens = num  # the next call starts from it
@@ -1111,27 +1122,35 @@ class GenerationMixin:
         return draft, draft_ctx
 
 
-def _prompt_lookup(seq_1L: torch.Tensor, max_new: int, max_ngram: int, max_length: int,
-                   eos: torch.Tensor | None) -> torch.Tensor:
-    """Prompt lookup decoding's drafts [1, n]: for n-gram sizes from `max_ngram` down to 1, find
-    the first earlier occurrence of the sequence's last n tokens, and take up to `max_new` of the
-    tokens that followed it (no more than `max_length` leaves room for, and cut before an EOS id),
-    as Transformers' prompt lookup does; none found: no drafts."""
-    L = seq_1L.shape[1]
-    row = seq_1L[0]
+def _prompt_lookup(row_L: torch.Tensor, max_new: int, max_ngram: int, max_length: int,
+                   eos_ids: set[int]) -> tuple[int, int]:
+    """Prompt lookup decoding's drafts in the sequence `row_L` (on the host): (where they begin, how
+    many). For n-gram sizes from `max_ngram` down to 1, find the first earlier occurrence of the
+    sequence's last n tokens, and take up to `max_new` of the tokens that followed it (no more than
+    `max_length` leaves room for, and cut before an EOS id), as Transformers' prompt lookup does;
+    none found: no drafts."""
+    L = row_L.shape[0]
+    room = max(max_length - L - 1, 0)
     for n in range(min(max_ngram, L - 1), 0, -1):
-        windows = row.unfold(0, n, 1)[:-1]  # every earlier n-gram (the last is the pattern itself)
-        starts = (windows == row[L - n :]).all(dim=1).nonzero().flatten()
+        windows = row_L.unfold(0, n, 1)[:-1]  # every earlier n-gram (the last is the pattern itself)
+        starts = (windows == row_L[L - n :]).all(dim=1).nonzero()
         if starts.numel():
             begin = int(starts[0]) + n
-            drafts = row[begin : min(begin + max_new, L)][: max(max_length - L - 1, 0)]
-            if eos is not None:
-                at_eos = torch.isin(drafts, eos).nonzero()
-                if at_eos.numel():
-                    drafts = drafts[: int(at_eos[0])]
-            if drafts.numel():
-                return drafts[None]
-    return seq_1L[:, :0]
+            drafts = row_L[begin : begin + min(max_new, room)].tolist()
+            count = next((i for i, t in enumerate(drafts) if t in eos_ids), len(drafts))
+            if count:
+                return begin, count
+    return L, 0
+
+
+def _host_stop(criteria: StoppingCriteriaList):
+    """Where every stopping rule is a built-in one that the host can decide from the sequence
+    (max_length, EOS ids), a function of the host's sequence [L] that says whether to stop; else None."""
+    if not all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in criteria):
+        return None
+    lengths = [c.max_length for c in criteria if isinstance(c, MaxLengthCriteria)]
+    eos_ids = {int(t) for c in criteria if isinstance(c, EosTokenCriteria) for t in c.eos_token_id.reshape(-1)}
+    return lambda row_L: any(row_L.shape[0] >= n for n in lengths) or int(row_L[-1]) in eos_ids
 
 
 def _draft_settings(gen: GenerationConfig, assistant) -> tuple[int, str, float | None]:
