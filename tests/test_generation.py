@@ -913,6 +913,85 @@ def test_prompt_lookup_decoding_equals_greedy(pair):
         ours.generate(ids[:1], assistant_model=ours, prompt_lookup_num_tokens=2, max_new_tokens=3)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_prompt_lookup_drafts_are_transformers_candidates(seed):
+    """The drafts prompt lookup takes from a sequence, against Transformers' own candidate generator
+    on the same sequence: random sequences over a few token ids (so n-grams recur), with and
+    without EOS ids among them, 1- to 3-grams, and a max_length that leaves room for fewer drafts."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    from moetorch.generation.utils import _prompt_lookup
+
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(40):
+        L = int(torch.randint(2, 30, (1,), generator=gen))
+        row = torch.randint(0, 5, (L,), generator=gen)
+        eos = [] if trial % 2 else [int(torch.randint(0, 5, (1,), generator=gen))]
+        ngram, num = 1 + trial % 3, 1 + trial % 7
+        theirs = PromptLookupCandidateGenerator(torch.tensor(eos) if eos else None, num, ngram, max_length=L + 100)
+        want = theirs.get_candidates(row[None])[0][0, L:].tolist()
+        begin, count = _prompt_lookup(row, num, ngram, L + 100, set(eos))
+        assert row[begin : begin + count].tolist() == want, (row.tolist(), eos, ngram, num)
+        room = int(torch.randint(0, 4, (1,), generator=gen))  # max_length leaves room for `room` drafts
+        begin, count = _prompt_lookup(row, num, ngram, L + 1 + room, set(eos))
+        assert row[begin : begin + count].tolist() == want[:room]
+
+
+def test_assisted_decoding_with_a_stop_rule_of_its_own_and_a_streamer(pair):
+    """A custom stopping rule is read each round (it stops a round's tokens where greedy search
+    stops them, or after: a round adds several); a custom EosTokenCriteria stops the call after a
+    round whose last token is one of its ids, as Transformers' does (its ids do not cut a round's
+    tokens, as the generation config's EOS ids do); a streamer gets the prompt, then each round's
+    tokens."""
+    from moetorch.generation import EosTokenCriteria, StoppingCriteria
+
+    ours = pair[1]
+    ids, _ = prompts(batch=1, padding=None, seed=3)
+    prompt = torch.cat([ids, ids, ids[:, :3]], dim=1)
+    free = ours.generate(prompt, max_new_tokens=20, eos_token_id=None)
+    L = prompt.shape[1]
+
+    class AtLength(StoppingCriteria):
+        calls = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            AtLength.calls += 1
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= L + 7, dtype=torch.bool)
+
+    got = ours.generate(prompt, max_new_tokens=20, eos_token_id=None, prompt_lookup_num_tokens=3,
+                        stopping_criteria=StoppingCriteriaList([AtLength()]))
+    assert AtLength.calls > 0 and L + 7 <= got.shape[1] <= L + 7 + 3
+    assert_same_tokens(free[:, : got.shape[1]], got, "stopped by a rule of its own")
+    stop = int(free[0, L + 5])
+    first = L + int((free[0, L:] == stop).nonzero()[0]) + 1
+    a, b = both(pair, prompt, max_new_tokens=20, eos_token_id=None, prompt_lookup_num_tokens=3,
+                stopping_criteria=[transformers.EosTokenCriteria(stop)])
+    got = ours.generate(prompt, max_new_tokens=20, eos_token_id=None, prompt_lookup_num_tokens=3,
+                        stopping_criteria=StoppingCriteriaList([EosTokenCriteria(stop)]))
+    assert_same_tokens(a, got, "a custom EosTokenCriteria")
+    assert_same_tokens(a, b, "Transformers' EosTokenCriteria passed to moetorch")
+    for kw in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=copy.deepcopy(ours))):
+        got = ours.generate(prompt, max_new_tokens=20, eos_token_id=None, **kw,
+                            stopping_criteria=StoppingCriteriaList([EosTokenCriteria(stop)]))
+        assert first <= got.shape[1] and int(got[0, -1]) == stop or got.shape[1] == L + 20
+        assert_same_tokens(free[:, : got.shape[1]], got, f"a custom EosTokenCriteria, {kw}")
+
+        class Collect:
+            def __init__(self):
+                self.puts, self.ended = [], False
+
+            def put(self, t):
+                self.puts.append(t.reshape(-1).tolist())
+
+            def end(self):
+                self.ended = True
+
+        streamer = Collect()
+        got = ours.generate(prompt, max_new_tokens=12, eos_token_id=None, streamer=streamer, **kw)
+        assert streamer.ended and streamer.puts[0] == prompt[0].tolist()
+        assert sum(streamer.puts[1:], []) == got[0, L:].tolist() == free[0, L : L + 12].tolist()
+
+
 def _drafting_rounds(n_new: int, num: int, schedule: str, one_draft: bool = False) -> tuple[int, int]:
     """(rounds, the draft length reached) of assisted decoding when every draft is kept, by
     Transformers' rules: a round drafts min(num, tokens left - 1) (one_draft: the confidence

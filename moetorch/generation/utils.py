@@ -1125,10 +1125,10 @@ class GenerationMixin:
 def _prompt_lookup(row_L: torch.Tensor, max_new: int, max_ngram: int, max_length: int,
                    eos_ids: set[int]) -> tuple[int, int]:
     """Prompt lookup decoding's drafts in the sequence `row_L` (on the host): (where they begin, how
-    many). For n-gram sizes from `max_ngram` down to 1, find the first earlier occurrence of the
-    sequence's last n tokens, and take up to `max_new` of the tokens that followed it (no more than
-    `max_length` leaves room for, and cut before an EOS id), as Transformers' prompt lookup does;
-    none found: no drafts."""
+    many). For n-gram sizes from `max_ngram` down to 1, the first earlier occurrence of the
+    sequence's last n tokens gives the drafts: up to `max_new` of the tokens that followed it, cut
+    before an EOS id, as Transformers' prompt lookup takes them (and no more than `max_length`
+    leaves room for, which verification would drop); no occurrence: no drafts."""
     L = row_L.shape[0]
     room = max(max_length - L - 1, 0)
     for n in range(min(max_ngram, L - 1), 0, -1):
@@ -1137,9 +1137,7 @@ def _prompt_lookup(row_L: torch.Tensor, max_new: int, max_ngram: int, max_length
         if starts.numel():
             begin = int(starts[0]) + n
             drafts = row_L[begin : begin + min(max_new, room)].tolist()
-            count = next((i for i, t in enumerate(drafts) if t in eos_ids), len(drafts))
-            if count:
-                return begin, count
+            return begin, next((i for i, t in enumerate(drafts) if t in eos_ids), len(drafts))
     return L, 0
 
 
