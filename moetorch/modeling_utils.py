@@ -454,6 +454,7 @@ def prepare_decoder_inputs(
     use_cache: bool,
     cache_position: torch.Tensor | None,
     position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
 ) -> DecoderInputs:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -468,10 +469,13 @@ def prepare_decoder_inputs(
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
         inputs_embeds = embed(input_ids)
-    T = inputs_embeds.shape[1]
+    elif inputs_embeds.dim() != 3:
+        raise ValueError(f"inputs_embeds must have shape [batch, seq, hidden], got {tuple(inputs_embeds.shape)}")
+    B, T = inputs_embeds.shape[:2]
     if T == 0:
         raise ValueError("input sequence is empty (sequence length 0)")
     past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+    _check_positions(B, T, past_len, cache_position, position_ids, attention_mask)
     if cache_position is None:
         cache_position = torch.arange(past_len, past_len + T, device=inputs_embeds.device)
     if position_ids is None:
@@ -480,6 +484,20 @@ def prepare_decoder_inputs(
         position_ids = position_ids.unsqueeze(0)
     kv_len = past_key_values.kv_length(T) if past_key_values is not None else T
     return DecoderInputs(inputs_embeds, past_key_values, cache_position, position_ids, past_len, kv_len)
+
+
+def _check_positions(B: int, T: int, past: int, cache_position, position_ids, attention_mask) -> None:
+    """Errors that name the argument whose shape does not fit B rows of T new tokens after `past`
+    cached ones (shapes only: nothing is read from the device)."""
+    if cache_position is not None and tuple(cache_position.shape) != (T,):
+        raise ValueError(f"cache_position must have shape [seq] = [{T}], got {tuple(cache_position.shape)}")
+    if position_ids is not None and (position_ids.dim() not in (1, 2) or position_ids.shape[-1] != T
+                                     or position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
+        raise ValueError(f"position_ids must have shape [batch, seq] = [{B}, {T}], got {tuple(position_ids.shape)}")
+    if attention_mask is not None and attention_mask.dim() == 2 and (
+            attention_mask.shape[0] != B or attention_mask.shape[1] < past + T):
+        raise ValueError(f"attention_mask must have shape [batch, past + seq] = [{B}, {past + T}] (the {past} "
+                         f"cached tokens and the {T} new ones), got {tuple(attention_mask.shape)}")
 
 
 def keep_last(hidden_BTD: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -641,7 +659,8 @@ def decoder_forward(
     checkpointing = model.gradient_checkpointing and model.training
     use_cache = (cfg.use_cache if use_cache is None else use_cache) and not checkpointing
     inp = prepare_decoder_inputs(
-        model.embed_tokens, input_ids, inputs_embeds, past_key_values, use_cache, cache_position, position_ids
+        model.embed_tokens, input_ids, inputs_embeds, past_key_values, use_cache, cache_position, position_ids,
+        attention_mask,
     )
     B = inp.embeds_BTD.shape[0]
     inp, long, prefix = sync_rope_cache(model.rotary_emb, inp)
@@ -658,8 +677,9 @@ def decoder_forward(
     out = MoeModelOutputWithPast(
         last_hidden_state=x,
         past_key_values=inp.cache if use_cache else None,
-        hidden_states=hidden,
-        attentions=attns,
         router_logits=routers if output_router_logits else None,
     )
+    # Transformers' base models record the hidden states and attentions after the router logits:
+    # their keys, and so the tuple positions, come after them
+    out.hidden_states, out.attentions = hidden, attns
     return out if (cfg.return_dict if return_dict is None else return_dict) else out.to_tuple()

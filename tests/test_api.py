@@ -4,9 +4,11 @@ checkpointing, and a decode step that never reads a device value back to the hos
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from archs import ARCH_IDS, ARCHS, randomize_
 from parity import close, make_inputs
 
@@ -67,6 +69,37 @@ def test_argument_errors(arch):
         model.set_attn_implementation("fastest")
     with pytest.raises(TypeError, match="needs a"):
         arch.ours["causal_lm"](object())
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_shape_errors_name_the_argument(arch):
+    """Inputs whose shapes do not fit the tokens: an error that names the argument and the shape
+    it needs, before anything runs (a mask short of the tokens would otherwise read as all ones)."""
+    model = tiny(arch)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 5, "left")
+    bad = {
+        "attention_mask": [mask[:, :4], mask[:1], torch.ones(3, 5, dtype=torch.long)],
+        "position_ids": [torch.arange(4)[None], torch.arange(5).expand(3, 5), torch.zeros(2, 1, 5, dtype=torch.long)],
+        "cache_position": [torch.arange(3), torch.arange(5)[None]],
+    }
+    for name, values in bad.items():
+        for value in values:
+            with pytest.raises(ValueError, match=rf"{name} must have shape .*got {re.escape(str(tuple(value.shape)))}"):
+                model(ids, **{name: value})
+    with pytest.raises(ValueError, match=r"inputs_embeds must have shape \[batch, seq, hidden\], got \(5, 32\)"):
+        model(inputs_embeds=torch.randn(5, 32))
+    # after 5 cached tokens the mask covers 5 + 1: one of 5 is short
+    out = model(ids, attention_mask=mask, use_cache=True)
+    step = dict(past_key_values=out.past_key_values, input_ids=ids[:, :1])
+    with pytest.raises(ValueError, match=r"attention_mask must have shape .* = \[2, 6\] \(the 5 cached tokens"):
+        model(**step, attention_mask=mask)
+    full = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    assert model(**step, attention_mask=full).logits.shape == (2, 1, arch.base["vocab_size"])
+    # the ones that fit: a mask as long as a static cache, position ids shared by the rows
+    cache = StaticCache(model.config, max_cache_len=12)
+    assert model(ids, attention_mask=F.pad(mask, (0, 7), value=1), past_key_values=cache,
+                 position_ids=torch.arange(5)).logits.shape[:2] == (2, 5)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from archs import ARCH_IDS, ARCHS
@@ -38,6 +40,26 @@ def test_base_model_parity_and_inputs_embeds(arch, tmp_path):
     valid = mask.bool()
     close(a.last_hidden_state[valid], b.last_hidden_state[valid], "last_hidden_state")
     close(b.last_hidden_state, c.last_hidden_state, "inputs_embeds path")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", ["model", "causal_lm"])
+def test_output_fields_in_transformers_order(arch, head, tmp_path):
+    """The fields each flag adds, in Transformers' order, by key and by position in the tuple
+    (`return_dict=False`), with and without the cache."""
+    hf, ours = make_pair(arch, tmp_path, head, "hf_to_ours", seed=6)
+    ids, _ = make_inputs(hf.config.vocab_size, 2, 5, None, seed=3)
+    for flags in itertools.product([False, True], repeat=4):
+        kw = dict(zip(("output_attentions", "output_hidden_states", "output_router_logits", "use_cache"), flags))
+        with torch.no_grad():
+            a, b = hf(ids, **kw), ours(ids, **kw)
+            assert list(b.keys()) == list(a.keys()), kw
+            fields = hf(ids, return_dict=False, **kw), ours(ids, return_dict=False, **kw)
+        assert len(fields[0]) == len(fields[1]), kw
+        for key, x, y in zip(a.keys(), *fields):
+            if key != "past_key_values":
+                close(torch.stack(list(x)) if isinstance(x, tuple) else x,
+                      torch.stack(list(y)) if isinstance(y, tuple) else y, f"{key}, {kw}")
 
 
 @pytest.mark.parametrize(("arch", "variant_name"), VARIANTS, ids=VARIANT_IDS)
