@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -10,6 +11,11 @@ import torch
 from .tokenizer import Tokenizer
 
 TASKS = ("text-generation",)
+# Transformers' text-generation pipeline defaults, for the parameters that neither the call, the
+# pipeline's own arguments, a passed generation_config nor the model's generation config set; the
+# sampling ones only where the call samples.
+DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
+SAMPLING = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 
 
 def pipeline(
@@ -60,6 +66,29 @@ class TextGenerationPipeline:
         self.model = model
         self.tokenizer = tokenizer
         self.generate_defaults = generate_defaults
+        if getattr(tokenizer, "padding_side", None) == "right":  # as Transformers' pipeline sets it
+            tokenizer.padding_side = "left"
+
+    def generate_kwargs(self, call: dict) -> dict:
+        """The `generate` arguments of a call: the call's, on top of the pipeline's own (unless the
+        call passes a generation_config), plus `DEFAULTS` where nothing set them (the tokenizer's
+        pad id too), as Transformers' pipeline adds them."""
+        kwargs = call if "generation_config" in call else {**self.generate_defaults, **call}
+        given = kwargs.get("generation_config")
+        set_params = {**self.model.generation_config.to_diff_dict(),
+                      **(given.to_diff_dict() if given is not None else {}), **kwargs}
+        defaults = dict(DEFAULTS)
+        if getattr(self.tokenizer, "pad_token_id", None) is not None:
+            defaults["pad_token_id"] = self.tokenizer.pad_token_id
+        added = {k: v for k, v in defaults.items()
+                 if k not in set_params and not (k == "max_new_tokens" and "max_length" in set_params)}
+        if not {**set_params, **added}.get("do_sample"):
+            added = {k: v for k, v in added.items() if k not in SAMPLING}
+        if given is None:
+            return {**kwargs, **added}
+        given = copy.deepcopy(given)
+        given.update(**added)
+        return {**kwargs, "generation_config": given}
 
     def __call__(
         self,
@@ -97,9 +126,7 @@ class TextGenerationPipeline:
         else:
             raise TypeError(f"each input must be a string or a chat, got {type(prompt).__name__}")
         input_ids = enc["input_ids"].to(self.model.device)
-        kwargs = {**self.generate_defaults, **gen_kwargs}
-        if kwargs.get("max_new_tokens") is None and kwargs.get("max_length") is None:
-            kwargs["max_new_tokens"] = 256
+        kwargs = self.generate_kwargs(gen_kwargs)
         kwargs.setdefault("tokenizer", tok)
         sequences = self.model.generate(input_ids, attention_mask=enc["attention_mask"].to(input_ids.device), **kwargs)
         if not torch.is_tensor(sequences):

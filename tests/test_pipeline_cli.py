@@ -106,6 +106,40 @@ def test_pipeline_inputs_and_outputs(checkpoint):
         moetorch.pipeline("summarization", model=str(checkpoint))
 
 
+def test_pipeline_defaults_are_transformers(checkpoint):
+    """Transformers' pipeline samples at temperature 0.7 (256 new tokens) where neither the call,
+    the pipeline's arguments, a generation_config nor the model's generation config set those, and
+    sets the tokenizer's padding side to left; the same seeds draw the same text."""
+    pipes = (moetorch.pipeline("text-generation", model=str(checkpoint)),
+             transformers.pipeline("text-generation", model=str(checkpoint)))
+    assert pipes[0].tokenizer.padding_side == pipes[1].tokenizer.padding_side == "left"
+    calls = []
+    original = pipes[0].model.generate
+    pipes[0].model.generate = lambda *a, **kw: calls.append(kw) or original(*a, **kw)
+
+    def both(*args, per_lib=lambda lib: {}, **kw):
+        outs = []
+        for pipe, lib in zip(pipes, (moetorch, transformers)):
+            torch.manual_seed(3)
+            outs.append(pipe(*args, **kw, **per_lib(lib)))
+        assert outs[0] == outs[1], kw
+        return outs[0], calls[-1]
+
+    _, got = both("The experts", max_new_tokens=6)
+    assert (got["do_sample"], got["temperature"]) == (True, 0.7)
+    assert "temperature" not in both("The experts", max_new_tokens=6, do_sample=False)[1]  # greedy
+    assert both("The experts", max_new_tokens=6, top_k=5)[1]["temperature"] == 0.7
+    _, got = both("The experts", per_lib=lambda lib: {"generation_config": lib.GenerationConfig(
+        max_new_tokens=5, temperature=1.5, do_sample=True)})
+    assert got["generation_config"].temperature == 1.5 and got["generation_config"].max_new_tokens == 5
+    out, got = both("Bananas", max_length=9, return_tensors=True)
+    assert "max_new_tokens" not in got and len(out[0]["generated_token_ids"]) == 9
+    for pipe in pipes:  # the model's own settings beat the pipeline's
+        pipe.model.generation_config.temperature = 1.3
+    _, got = both("The experts", max_new_tokens=6)
+    assert got["do_sample"] and "temperature" not in got
+
+
 def test_auto_classes_pick_the_architecture(checkpoint, tmp_path):
     model = moetorch.AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)
     model_type = json.loads((checkpoint / "config.json").read_text())["model_type"]
