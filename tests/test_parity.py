@@ -62,6 +62,29 @@ def test_output_fields_in_transformers_order(arch, head, tmp_path):
                       torch.stack(list(y)) if isinstance(y, tuple) else y, f"{key}, {kw}")
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_loss_arguments_and_accepted_flags(arch, tmp_path):
+    """The loss arguments Transformers' causal LM passes to its loss: `ignore_index`, `shift_labels`
+    (labels already shifted, which then take the place of the shifted `labels`), and
+    `num_items_in_batch`; and `output_router_logits` on the classifier, which its output leaves out."""
+    hf, ours = make_pair(arch, tmp_path / "lm", "causal_lm", "hf_to_ours", seed=8)
+    ids, mask = make_inputs(hf.config.vocab_size, 2, 7, "left", seed=4)
+    g = torch.Generator().manual_seed(5)
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, 5, ids)
+    shifted = torch.randint(0, hf.config.vocab_size, ids.shape, generator=g).masked_fill(mask == 0, -100)
+    cases = [dict(labels=labels, ignore_index=5), dict(labels=ids, shift_labels=shifted),
+             dict(labels=labels, ignore_index=5, num_items_in_batch=9), dict(labels=ids, shift_labels=shifted,
+                                                                             output_router_logits=True)]
+    with torch.no_grad():
+        for kw in cases:
+            close(hf(ids, attention_mask=mask, **kw).loss, ours(ids, attention_mask=mask, **kw).loss, f"loss, {kw.keys()}")
+    hf, ours = make_pair(arch, tmp_path / "cls", "seq_cls", "hf_to_ours", seed=8)
+    with torch.no_grad():
+        a, b = (m(ids, attention_mask=mask, output_router_logits=True) for m in (hf, ours))
+    assert list(a.keys()) == list(b.keys())
+    close(a.logits, b.logits, "classifier logits")
+
+
 @pytest.mark.parametrize(("arch", "variant_name"), VARIANTS, ids=VARIANT_IDS)
 def test_sdpa_and_eager_agree_with_transformers(arch, variant_name, tmp_path):
     hf, ours = make_pair(arch, tmp_path, "causal_lm", "hf_to_ours", seed=5, **arch.variants[variant_name])

@@ -47,16 +47,17 @@ def causal_lm(
     labels: torch.Tensor | None,
     logits_to_keep: int | torch.Tensor,
     output_router_logits: bool,
-    num_items_in_batch: int | torch.Tensor | None,
+    loss_kwargs: dict,
     return_dict: bool | None,
     router_loss: RouterLoss,
     router_loss_coef: float,
 ):
     """LM logits of the kept positions, next-token loss, and `aux_loss = router_loss(...)` when
-    router logits are output (added to the loss, times `router_loss_coef`, when labels are given)."""
+    router logits are output (added to the loss, times `router_loss_coef`, when labels are given).
+    `loss_kwargs`: `causal_lm_loss`'s num_items_in_batch, ignore_index and shift_labels."""
     cfg = model.config
     logits = model.lm_head(on_device_of(model.lm_head, keep_last(out.last_hidden_state, logits_to_keep)))
-    loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch) if labels is not None else None
+    loss = causal_lm_loss(logits, labels, **loss_kwargs) if labels is not None else None
     aux_loss = None
     if output_router_logits:
         T = out.last_hidden_state.shape[1]

@@ -196,6 +196,8 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.LongTensor | None = None,
     ) -> MoeCausalLMOutputWithPast | tuple:
         cfg = self.config
         output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
@@ -203,8 +205,9 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict=True,
         )
+        loss_kwargs = dict(num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels)
         return causal_lm(
-            self, out, attention_mask, labels, logits_to_keep, output_router_logits, num_items_in_batch, return_dict,
+            self, out, attention_mask, labels, logits_to_keep, output_router_logits, loss_kwargs, return_dict,
             self.router_loss, cfg.router_aux_loss_coef,
         )
 
@@ -237,7 +240,10 @@ class PhimoeForSequenceClassification(PhimoePreTrainedModel):
         output_hidden_states: bool | None = None,
         cache_position: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        output_router_logits: bool | None = None,
     ):
+        # output_router_logits is accepted as Transformers accepts it; the classifier's output has no
+        # router logits, so they are not computed
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, False, cache_position, return_dict=True,
