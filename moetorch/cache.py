@@ -14,6 +14,8 @@ hidden states that were themselves computed with the old factors.)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .ops import fused
@@ -47,6 +49,12 @@ class Cache:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    @property
+    def layers(self) -> list[CacheLayer]:
+        """Each layer's keys and values as `.keys` / `.values`, as Transformers' `cache.layers[i]`
+        gives them (read-only views: write through `update`)."""
+        return [CacheLayer(k, v) for k, v in zip(self.keys, self.values)]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of cached tokens (a host integer; no device read)."""
@@ -115,8 +123,26 @@ class Cache:
         return None
 
 
+class CacheLayer(NamedTuple):
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
 class DynamicCache(Cache):
-    """A cache that grows by concatenation on every update."""
+    """A cache that grows by concatenation on every update.
+
+    Takes Transformers' arguments: `ddp_cache_data`, each layer's (keys, values) to start from;
+    `config`, which this cache does not need (it keeps every position, sliding-window layers too);
+    `offloading`, not supported."""
+
+    def __init__(self, ddp_cache_data=None, config=None, offloading: bool = False,
+                 offload_only_non_sliding: bool = False) -> None:
+        super().__init__()
+        if offloading:
+            raise NotImplementedError("DynamicCache(offloading=True): moetorch has no offloaded cache; "
+                                      "use a DynamicCache or a StaticCache on the model's device")
+        for layer_idx, (keys, values, *_) in enumerate(ddp_cache_data or ()):
+            self.update(keys, values, layer_idx)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         if layer_idx == 0:

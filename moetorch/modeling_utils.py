@@ -462,7 +462,9 @@ def prepare_decoder_inputs(
         if isinstance(past_key_values, (tuple, list)):
             past_key_values = DynamicCache.from_legacy_cache(tuple(past_key_values))
         else:
-            raise TypeError(f"past_key_values must be a moetorch Cache, got {type(past_key_values).__name__}")
+            kind = type(past_key_values)
+            raise TypeError(f"past_key_values must be a moetorch Cache (moetorch.DynamicCache or StaticCache), got "
+                            f"{kind.__module__}.{kind.__name__}")
     if use_cache and past_key_values is None:
         past_key_values = DynamicCache()
     if inputs_embeds is None:

@@ -164,6 +164,34 @@ def test_cache_api(monkeypatch):
     close(model(nxt, past_key_values=s1).logits, model(nxt, past_key_values=s2).logits, "static reorder_cache")
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_cache_built_and_read_as_transformers_does(arch):
+    """Transformers' cache guide: `DynamicCache(config=model.config)`, `ddp_cache_data` to start
+    from, `cache.layers[i].keys / .values`; the same keys and logits as Transformers' own cache
+    on the same weights. A Transformers cache passed in is an error that says which cache to build."""
+    model = tiny(arch, seed=11)
+    ids, _ = make_inputs(97, 2, 6, None)
+    cache = DynamicCache(config=model.config)
+    out = model(ids[:, :4], past_key_values=cache, use_cache=True)
+    assert out.past_key_values is cache and [layer.keys.shape for layer in cache.layers] == [k.shape for k in cache.keys]
+    assert all(layer.keys is k and layer.values is v for layer, k, v in zip(cache.layers, cache.keys, cache.values))
+    started = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in cache.layers])
+    assert started.get_seq_length() == 4
+    close(model(ids[:, 4:], past_key_values=started).logits, model(ids).logits[:, 4:], "from ddp_cache_data")
+    hf = arch.hf["causal_lm"](arch.hf_config())
+    hf.load_state_dict(model.state_dict())
+    theirs = transformers.DynamicCache(config=hf.config)
+    hf.eval()(ids[:, :4], past_key_values=theirs, use_cache=True)
+    for ours_layer, their_layer in zip(cache.layers, theirs.layers):
+        close(their_layer.keys, ours_layer.keys, "keys")
+        close(their_layer.values, ours_layer.values, "values")
+    with pytest.raises(TypeError, match=r"moetorch.DynamicCache or StaticCache\), got transformers\."):
+        model(ids, past_key_values=transformers.DynamicCache())
+    with pytest.raises(NotImplementedError, match="offloaded"):
+        DynamicCache(offloading=True)
+
+
 @pytest.mark.parametrize("arch", [*ARCHS, "longrope"], ids=[*ARCH_IDS, "phimoe-longrope"])
 @torch.no_grad()
 def test_static_cache_slot_rows_match_moving_the_cache(arch):
