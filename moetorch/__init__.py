@@ -5,6 +5,8 @@ from .cache import Cache, DynamicCache, StaticCache
 from .checkpoint import CheckpointError
 from .configuration import ConfigError, JetMoeConfig, PhimoeConfig
 from .generation import (
+    EncoderNoRepeatNGramLogitsProcessor,
+    EncoderRepetitionPenaltyLogitsProcessor,
     EpsilonLogitsWarper,
     EtaLogitsWarper,
     ExponentialDecayLengthPenalty,
@@ -91,8 +93,10 @@ __all__ = [
     "MinNewTokensLengthLogitsProcessor",
     "MinPLogitsWarper",
     "NoBadWordsLogitsProcessor",
+    "EncoderNoRepeatNGramLogitsProcessor",
     "NoRepeatNGramLogitsProcessor",
     "PrefixConstrainedLogitsProcessor",
+    "EncoderRepetitionPenaltyLogitsProcessor",
     "RepetitionPenaltyLogitsProcessor",
     "StopStringCriteria",
     "StoppingCriteria",

@@ -292,6 +292,8 @@ def test_logits_processors_match_transformers(pair):
     cases = {
         "repetition_penalty": dict(repetition_penalty=1.5),
         "no_repeat_ngram_size": dict(no_repeat_ngram_size=2),
+        # the prompt's tokens (left padding included, as Transformers reads them) favoured
+        "encoder_repetition_penalty": dict(encoder_repetition_penalty=3.0),
         # Ban tokens and a 2-token sequence that greedy search produces, and the EOS id (never banned alone).
         "bad_words_ids": dict(bad_words_ids=[[int(new[0, 1])], new[1, 2:4].tolist(), [int(new[2, 0])]]),
         "min_new_tokens": dict(min_new_tokens=6, eos_token_id=[int(new[0, 1]), int(new[1, 0])]),
@@ -341,6 +343,78 @@ def test_more_processors_and_warpers_match_transformers_on_random_scores():
                         ("TopHLogitsWarper", 0.0)):
         with pytest.raises(ValueError):
             getattr(moetorch, name)(value)
+
+
+def test_prompt_processors_match_transformers_on_random_scores():
+    """The processors that read the prompt as Transformers reads an encoder's input: against its
+    own on random scores, with a prompt over a few ids (so its n-grams recur), rows repeating it
+    (beams) and sequences that run on from it."""
+    from transformers.generation import logits_process as theirs
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(8):
+        prompt = torch.randint(0, 6, (2, 7), generator=g)
+        rows = 2 * (1 + trial % 2)
+        ids = torch.cat([prompt.repeat_interleave(rows // 2, dim=0), torch.randint(0, 6, (rows, trial), generator=g)], 1)
+        scores = torch.randn(rows, 11, generator=g) * 3
+        for name, arg in (("EncoderRepetitionPenaltyLogitsProcessor", 0.5 + trial / 2),
+                          ("EncoderNoRepeatNGramLogitsProcessor", 1 + trial % 3)):
+            want = getattr(theirs, name)(arg, prompt)(ids, scores.clone())
+            got = getattr(moetorch, name)(arg, prompt)(ids, scores.clone())
+            assert torch.equal(got, want), (name, arg, trial)
+    with pytest.raises(ValueError, match="penalty"):
+        moetorch.EncoderRepetitionPenaltyLogitsProcessor(0.0, prompt)
+    with pytest.raises(ValueError, match="encoder_ngram_size"):
+        moetorch.EncoderNoRepeatNGramLogitsProcessor(0, prompt)
+
+
+def test_transformers_settings_of_the_cache_prefill_and_ids(pair):
+    """`prefill_chunk_size` (the prompt in chunks: the tokens of one forward), `max_cache_len` (the
+    static cache's length, checked against the call's), an EOS id tensor and the accepted no-ops
+    (`disable_compile`, `output_router_logits`, `token_healing=False`), each as Transformers gives
+    them; settings moetorch lacks are an error that says so."""
+    hf, ours = pair
+    ids, mask = prompts(batch=2, seq=9)
+    kinds = [dict(), dict(num_beams=2), dict(do_sample=True, top_k=5), dict(cache_implementation="static")]
+    for kw in kinds:
+        want = both(pair, ids, attention_mask=mask, max_new_tokens=6, seed=2, **kw)[1]
+        for size in (1, 4, 16):
+            calls = []
+            hook = ours.register_forward_hook(lambda *_, seen=calls: seen.append(1))
+            try:
+                torch.manual_seed(2)
+                got = ours.generate(ids, attention_mask=mask, max_new_tokens=6, prefill_chunk_size=size, **kw)
+            finally:
+                hook.remove()
+            assert_same_tokens(want, got, f"prefill_chunk_size={size}, {kw}")
+            assert len(calls) == -(-8 // size) + 6, (size, kw)  # the chunks of 8 prompt tokens, then 6 steps
+    a, b = both(pair, ids, attention_mask=mask, max_new_tokens=6, prefill_chunk_size=4)
+    assert_same_tokens(a, b, "prefill_chunk_size")
+    # the prompt's n-grams banned: a prompt that ends in greedy search's own continuation
+    long_ids = torch.cat([ids, greedy_new_tokens(pair, ids, mask, n=4)], dim=1)
+    long_mask = torch.cat([mask, torch.ones_like(mask[:, :4])], dim=1)
+    free = ours.generate(long_ids, attention_mask=long_mask, max_new_tokens=6)
+    for n in (1, 2):
+        a, b = both(pair, long_ids, attention_mask=long_mask, max_new_tokens=6, encoder_no_repeat_ngram_size=n)
+        assert_same_tokens(a, b, f"encoder_no_repeat_ngram_size={n}")
+        assert n == 2 or not torch.equal(b, free)
+    out = ours.generate(ids[:1], max_new_tokens=6, cache_implementation="static", max_cache_len=300,
+                        return_dict_in_generate=True)
+    assert out.past_key_values.max_cache_len >= 300
+    assert_same_tokens(ours.generate(ids[:1], max_new_tokens=6), out.sequences, "max_cache_len")
+    with pytest.raises(ValueError, match=r"max_cache_len=10 is shorter than the 14 tokens"):
+        ours.generate(ids[:1], max_new_tokens=6, cache_implementation="static", max_cache_len=10)
+    eos = torch.tensor([int(b[0, 11]), int(b[1, 12])])
+    kw = dict(max_new_tokens=6, eos_token_id=eos, pad_token_id=0, disable_compile=True, token_healing=False)
+    a = hf.generate(ids, attention_mask=mask, **kw)  # its router-logits aux loss fails on cached steps with a mask
+    b = ours.generate(ids, attention_mask=mask, **kw, output_router_logits=True)
+    assert_same_tokens(a, b, "an EOS id tensor and the no-ops")
+    with pytest.raises(TypeError, match=r"\['token_healing'\] are Transformers settings moetorch does not implement"):
+        ours.generate(ids, max_new_tokens=2, token_healing=True)
+    with pytest.raises(ValueError, match="prefill_chunk_size runs the prompt's ids"):
+        ours.generate(inputs_embeds=ours.get_input_embeddings()(ids), max_new_tokens=2, prefill_chunk_size=2)
+    with pytest.raises(ValueError, match="encoder_repetition_penalty"):
+        ours.generate(ids, max_new_tokens=2, encoder_repetition_penalty=-1.0)
 
 
 def test_more_generation_settings_match_transformers(pair):

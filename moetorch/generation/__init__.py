@@ -3,6 +3,8 @@ and streamers, with Transformers' names and semantics."""
 
 from .configuration import GenerationConfig
 from .logits_process import (
+    EncoderNoRepeatNGramLogitsProcessor,
+    EncoderRepetitionPenaltyLogitsProcessor,
     EpsilonLogitsWarper,
     EtaLogitsWarper,
     ExponentialDecayLengthPenalty,
@@ -56,8 +58,10 @@ __all__ = [
     "MinNewTokensLengthLogitsProcessor",
     "MinPLogitsWarper",
     "NoBadWordsLogitsProcessor",
+    "EncoderNoRepeatNGramLogitsProcessor",
     "NoRepeatNGramLogitsProcessor",
     "PrefixConstrainedLogitsProcessor",
+    "EncoderRepetitionPenaltyLogitsProcessor",
     "RepetitionPenaltyLogitsProcessor",
     "SequenceBiasLogitsProcessor",
     "StopStringCriteria",

@@ -14,6 +14,8 @@ import os
 from numbers import Real
 from typing import Any
 
+import torch
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 DEFAULTS: dict[str, Any] = {
@@ -30,6 +32,11 @@ DEFAULTS: dict[str, Any] = {
     "num_beams": 1,
     "use_cache": True,
     "cache_implementation": None,
+    "max_cache_len": None,  # a static cache's length, at least what the call needs
+    "prefill_chunk_size": None,  # the prompt's forward in chunks of this many tokens (less memory)
+    # moetorch compiles nothing by itself (decode steps replay CUDA graphs): kept, no effect
+    "disable_compile": None,
+    "compile_config": None,
     # logits manipulation
     "temperature": 1.0,
     "top_k": 50,
@@ -40,8 +47,10 @@ DEFAULTS: dict[str, Any] = {
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
     "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": None,  # on the prompt's tokens (these models have no encoder)
     "length_penalty": 1.0,
     "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": None,  # n-grams of the prompt
     "bad_words_ids": None,
     "sequence_bias": None,
     "renormalize_logits": False,
@@ -141,7 +150,8 @@ class GenerationConfig:
             v = getattr(self, name)
             if not (_is_int(v) and v > 0):
                 fail(name, f"must be a positive integer, got {v!r}")
-        for name in ("max_new_tokens", "prompt_lookup_num_tokens", "max_matching_ngram_size"):
+        for name in ("max_new_tokens", "prompt_lookup_num_tokens", "max_matching_ngram_size", "max_cache_len",
+                     "prefill_chunk_size"):
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v > 0):
                 fail(name, f"must be a positive integer, got {v!r}")
@@ -151,8 +161,8 @@ class GenerationConfig:
         threshold = self.assistant_confidence_threshold
         if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= 1):
             fail("assistant_confidence_threshold", f"must be a probability in [0, 1] or None, got {threshold!r}")
-        for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size", "assistant_lookbehind",
-                     "target_lookbehind"):
+        for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+                     "assistant_lookbehind", "target_lookbehind"):
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v >= 0):
                 fail(name, f"must be a non-negative integer, got {v!r}")
@@ -164,6 +174,11 @@ class GenerationConfig:
             fail("max_time", f"must be a positive number of seconds, got {self.max_time!r}")
         if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
             fail("repetition_penalty", f"must be a positive number, got {self.repetition_penalty!r}")
+        penalty = self.encoder_repetition_penalty
+        if penalty is not None and not (_is_number(penalty) and penalty > 0):
+            fail("encoder_repetition_penalty", f"must be a positive number, got {penalty!r}")
+        if self.disable_compile not in (None, True, False):
+            fail("disable_compile", f"must be True, False or None, got {self.disable_compile!r}")
         if not _is_number(self.length_penalty):
             fail("length_penalty", f"must be a number, got {self.length_penalty!r}")
         if self.guidance_scale is not None and not _is_number(self.guidance_scale):
@@ -198,6 +213,9 @@ class GenerationConfig:
                 fail(name, f"must be a non-negative integer, got {v!r}")
         for name in ("eos_token_id", "forced_eos_token_id"):
             eos = getattr(self, name)
+            if isinstance(eos, torch.Tensor):  # as Transformers takes it; kept as ids
+                eos = eos.tolist()
+                object.__setattr__(self, name, eos)
             if eos is not None:
                 ids = [eos] if _is_int(eos) else eos
                 if not (isinstance(ids, (list, tuple)) and ids and all(_is_int(i) and i >= 0 for i in ids)):

@@ -124,17 +124,61 @@ class NoRepeatNGramLogitsProcessor(LogitsProcessor):
         self.ngram_size = ngram_size
 
     def __call__(self, input_ids, scores):
-        n, L = self.ngram_size, input_ids.shape[-1]
-        if L < n:
+        if input_ids.shape[-1] < self.ngram_size:
             return scores
-        V = scores.shape[-1]
-        prefix_B1N = input_ids[:, L + 1 - n :][:, None]  # the last n-1 tokens
-        grams_BWN = input_ids.unfold(1, n, 1)
-        hit_BW = (grams_BWN[..., :-1] == prefix_B1N).all(-1)
-        banned = torch.where(hit_BW, grams_BWN[..., -1].clamp(max=V), V)  # V: an extra, dropped column
-        mask = torch.zeros(scores.shape[0], V + 1, dtype=torch.bool, device=scores.device)
-        mask.scatter_(1, banned, True)
-        return scores.masked_fill(mask[:, :V], NEG_INF)
+        return _ban_completions(input_ids, input_ids.unfold(1, self.ngram_size, 1), scores)
+
+
+def _ban_completions(input_ids: torch.Tensor, grams_BWN: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """`scores` with every token banned that, after the last n-1 tokens of `input_ids`, completes
+    one of the row's n-grams `grams_BWN`."""
+    n, L, V = grams_BWN.shape[-1], input_ids.shape[-1], scores.shape[-1]
+    prefix_B1N = input_ids[:, L + 1 - n :][:, None]  # the last n-1 tokens (none for n = 1)
+    hit_BW = (grams_BWN[..., :-1] == prefix_B1N).all(-1)
+    banned = torch.where(hit_BW, grams_BWN[..., -1].clamp(max=V), V)  # V: an extra, dropped column
+    mask = torch.zeros(scores.shape[0], V + 1, dtype=torch.bool, device=scores.device)
+    mask.scatter_(1, banned, True)
+    return scores.masked_fill(mask[:, :V], NEG_INF)
+
+
+class EncoderRepetitionPenaltyLogitsProcessor(LogitsProcessor):
+    """The repetition penalty's inverse on the prompt's tokens (Transformers' "hallucination
+    penalty"; for these decoder-only models the prompt takes the encoder input's place): scores of
+    tokens in `encoder_input_ids` [rows or fewer, P] are multiplied by `penalty` where positive and
+    divided by it where negative, so `penalty > 1` favours them. Rows past the prompt's repeat it
+    (beams, `num_return_sequences`)."""
+
+    def __init__(self, penalty: float, encoder_input_ids: torch.Tensor):
+        if not (isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and penalty > 0):
+            raise ValueError(f"`penalty` must be a positive number, got {penalty!r}")
+        self.penalty = 1 / float(penalty)
+        self.encoder_input_ids = encoder_input_ids
+
+    def __call__(self, input_ids, scores):
+        ids = self.encoder_input_ids.to(scores.device)
+        if scores.shape[0] > ids.shape[0]:
+            ids = ids.repeat_interleave(scores.shape[0] // ids.shape[0], dim=0)
+        seen = scores.gather(1, ids)
+        return scores.scatter(1, ids, torch.where(seen < 0, seen * self.penalty, seen / self.penalty))
+
+
+class EncoderNoRepeatNGramLogitsProcessor(LogitsProcessor):
+    """Forbid any token that would complete an n-gram of the prompt (`encoder_input_ids` [rows or
+    fewer, P], as Transformers' processor of that name reads it): the sequence's last n-1 tokens
+    followed by the token may not be an n-gram of the row's prompt."""
+
+    def __init__(self, encoder_ngram_size: int, encoder_input_ids: torch.Tensor):
+        if not (isinstance(encoder_ngram_size, int) and encoder_ngram_size > 0):
+            raise ValueError(f"`encoder_ngram_size` must be a positive integer, got {encoder_ngram_size!r}")
+        self.ngram_size = encoder_ngram_size
+        self.encoder_input_ids = encoder_input_ids if encoder_input_ids.dim() == 2 else encoder_input_ids[None]
+
+    def __call__(self, input_ids, scores):
+        n, prompt = self.ngram_size, self.encoder_input_ids.to(scores.device)
+        if prompt.shape[1] < n or input_ids.shape[-1] < n - 1:
+            return scores
+        prompt = prompt.repeat_interleave(scores.shape[0] // prompt.shape[0], dim=0)
+        return _ban_completions(input_ids, prompt.unfold(1, n, 1), scores)
 
 
 class SequenceBiasLogitsProcessor(LogitsProcessor):

@@ -39,6 +39,8 @@ from .custom import (
 )
 from .logits_process import (
     NEG_INF,
+    EncoderNoRepeatNGramLogitsProcessor,
+    EncoderRepetitionPenaltyLogitsProcessor,
     EpsilonLogitsWarper,
     EtaLogitsWarper,
     ExponentialDecayLengthPenalty,
@@ -81,10 +83,12 @@ MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values
 # Transformers settings moetorch does not implement, with their no-op values: a config file that
 # sets them otherwise gets a warning (as keyword arguments of generate() they are an error).
 _UNSUPPORTED = {
-    "encoder_repetition_penalty": 1.0, "penalty_alpha": None,
-    "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None, "force_words_ids": None,
-    "dola_layers": None, "watermarking_config": None, "token_healing": False,
+    "penalty_alpha": None, "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None,
+    "force_words_ids": None, "dola_layers": None, "watermarking_config": None, "token_healing": False,
+    "assistant_early_exit": None, "low_memory": None,
 }
+# Model inputs Transformers hands to every forward that change nothing generate returns: accepted.
+_IGNORED_INPUTS = ("output_router_logits",)
 # Transformers' "impossible" score: large enough to never win, small enough to stay finite.
 _NEVER = -1.0e9
 
@@ -437,12 +441,12 @@ class GenerationMixin:
                 # not handed back may be the last call's, with its captured decode graphs.
                 reuse = custom_generate is None and not gen.return_dict_in_generate
                 room = CHUNK_BUCKETS[-1] if drafted else -1
-                cache = self._static_cache(seq.shape[0], max_length + offset + room, reuse)
+                cache = self._static_cache(seq.shape[0], _cache_length(gen, max_length + offset, room), reuse)
             else:
                 cache = DynamicCache()
 
         processors = self._logits_processors(
-            gen, seq.shape[1], min_length, max_length, mask, eos, prefix_allowed_tokens_fn, logits_processor,
+            gen, seq, min_length, max_length, mask, eos, prefix_allowed_tokens_fn, logits_processor,
             negative_prompt_ids, negative_prompt_attention_mask,
         )
         criteria = self._stopping_criteria(gen, max_length, eos, tokenizer, stopping_criteria)
@@ -467,7 +471,12 @@ class GenerationMixin:
                 ctx.chunk = held.runner_for("chunk", self, cache, R) or GraphedChunk(self, cache, R)
         # With graphed steps, a torch.compile of the model's forward is set aside for the call
         # (`engine.own_forward`): the graphs replay the fused kernels, which the compiled code lacks.
-        graphed = own_forward(self) if ctx.step is not None and ctx.step.enabled else contextlib.nullcontext()
+        def graphed():
+            return own_forward(self) if ctx.step is not None and ctx.step.enabled else contextlib.nullcontext()
+
+        if gen.prefill_chunk_size is not None and cache is not None:
+            with graphed():
+                _prefill_in_chunks(self, seq, ctx, cache, gen.prefill_chunk_size)
         if drafted:
             what = "assistant_model" if assistant_model is not None else "prompt_lookup_num_tokens"
             if assistant_model is not None and gen.prompt_lookup_num_tokens is not None:
@@ -480,7 +489,7 @@ class GenerationMixin:
                 raise ValueError(f"{what} supports greedy search and sampling, not beam search (num_beams=1)")
             if gen.guidance_scale not in (None, 1):
                 raise ValueError(f"{what} cannot be combined with guidance_scale != 1")
-            with graphed:
+            with graphed():
                 return self._assisted_decoding(seq, ctx, cache, gen, processors, criteria, max_length, eos,
                                                assistant_model, streamer)
         # A step past the last one is computed, then dropped: only where no one sees its cache write,
@@ -493,7 +502,7 @@ class GenerationMixin:
         )
         lag = _OneStepLate(device, seq.shape[0]) if lag else None
         sync = PeerSync(self, device) if sync else None
-        with graphed:
+        with graphed():
             if gen.num_beams > 1:  # the cache is reordered in place between the graphed steps
                 return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id,
                                          lag, sync)
@@ -588,8 +597,11 @@ class GenerationMixin:
                 setattr(gen, k, v)
             elif k in MODEL_INPUTS:
                 model_inputs[k] = v
-            else:
+            elif k not in _IGNORED_INPUTS and not (k in _UNSUPPORTED and v in (None, _UNSUPPORTED[k])):
                 unknown.append(k)
+        if any(k in _UNSUPPORTED for k in unknown):
+            raise TypeError(f"generate(): {[k for k in unknown if k in _UNSUPPORTED]} are Transformers settings "
+                            "moetorch does not implement (docs/generation.md lists them)")
         if unknown:
             raise TypeError(
                 f"generate() got unknown keyword arguments {unknown}: they are neither GenerationConfig fields "
@@ -684,20 +696,33 @@ class GenerationMixin:
             min_length = max((gen.min_length or 0) - offset, 0)
         return max_length, min_length
 
-    def _logits_processors(self, gen, L, min_length, max_length, mask, eos, prefix_fn, custom, neg_ids, neg_mask):
-        """Transformers' processors for these settings, in its order; `custom` merged; warpers last."""
+    def _logits_processors(self, gen, prompt, min_length, max_length, mask, eos, prefix_fn, custom, neg_ids,
+                           neg_mask):
+        """Transformers' processors for these settings, in its order; `custom` merged; warpers last.
+        `prompt`: the prompt's ids [rows, L] (no columns for a prompt given as embeddings only)."""
+        L = prompt.shape[1]
         procs = LogitsProcessorList()
         if gen.guidance_scale is not None and gen.guidance_scale != 1:
             procs.append(UnbatchedClassifierFreeGuidanceLogitsProcessor(
                 gen.guidance_scale, self, neg_ids, neg_mask, use_cache=gen.use_cache))
         if gen.sequence_bias is not None:
             procs.append(SequenceBiasLogitsProcessor(gen.sequence_bias))
+        # Transformers reads the "encoder" settings from a decoder-only model's prompt ids, padding included
+        by_prompt = [name for name in ("encoder_repetition_penalty", "encoder_no_repeat_ngram_size")
+                     if getattr(gen, name) not in (None, 0, 1.0)]
+        if by_prompt and L == 0:
+            logger.warning("generate(): %s read the prompt's ids; a prompt of embeddings only has none, so they are "
+                           "ignored", by_prompt)
+        elif gen.encoder_repetition_penalty not in (None, 1.0):
+            procs.append(EncoderRepetitionPenaltyLogitsProcessor(gen.encoder_repetition_penalty, prompt))
         if gen.repetition_penalty != 1.0:
             # Left padding is not part of the prompt: skip it, per row.
             skip = (mask != 0).int().argmax(dim=1) if mask is not None else None
             procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty, prompt_ignore_length=skip))
         if gen.no_repeat_ngram_size:
             procs.append(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size))
+        if gen.encoder_no_repeat_ngram_size and L:
+            procs.append(EncoderNoRepeatNGramLogitsProcessor(gen.encoder_no_repeat_ngram_size, prompt))
         if gen.bad_words_ids is not None:
             procs.append(NoBadWordsLogitsProcessor(gen.bad_words_ids, eos))
         if eos is not None and min_length > 0:
@@ -1120,6 +1145,27 @@ class GenerationMixin:
             draft_ctx.prefill = held.runner_for("prefill", assistant, draft, 1)
         draft_ctx.chunk = held.runner_for("chunk", assistant, draft, 1)
         return draft, draft_ctx
+
+
+def _cache_length(gen: GenerationConfig, tokens: int, room: int) -> int:
+    """A static cache's length for a call that caches up to `tokens - 1` tokens, plus `room` slots
+    (a padded verify chunk's; -1: the last token is never fed): at least `gen.max_cache_len`."""
+    if gen.max_cache_len is None:
+        return tokens + room
+    if gen.max_cache_len < tokens - 1:
+        raise ValueError(f"max_cache_len={gen.max_cache_len} is shorter than the {tokens - 1} tokens this call "
+                         "caches (the prompt and the new tokens but the last)")
+    return max(gen.max_cache_len, tokens + room)
+
+
+def _prefill_in_chunks(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache, size: int) -> None:
+    """The prompt but its last token into `cache`, `size` tokens a forward (`prefill_chunk_size`:
+    a long prompt's forward in less memory); the decoding loop's first forward then runs the last."""
+    if ctx.embeds is not None:
+        raise ValueError("prefill_chunk_size runs the prompt's ids in chunks: pass input_ids, not inputs_embeds")
+    L = seq_RL.shape[1]
+    for end in range(cache.get_seq_length() + size, L - 1 + size, size):
+        _forward(model, seq_RL[:, : min(end, L - 1)], ctx, cache, 1)
 
 
 def _prompt_lookup(row_L: torch.Tensor, max_new: int, max_ngram: int, max_length: int,
