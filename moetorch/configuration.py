@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .ops.activations import ACTIVATIONS
+from .ops.rope import SCALED_ROPE_TYPES
 
 CONFIG_NAME = "config.json"
 
@@ -127,6 +128,28 @@ class MoeConfig:
         self.rope_parameters = params
         self.rope_theta = float(theta)
         self.rope_scaling = None
+        if params["rope_type"] in SCALED_ROPE_TYPES:
+            self._validate_scaled_rope(params)
+
+    def _validate_scaled_rope(self, p: dict) -> None:
+        """The fields a linear, yarn or llama3 `rope_type` reads (`ops.rope.scaled_inv_freq`), with
+        Transformers' fill-in: the original context defaults to max_position_embeddings."""
+        kind = p["rope_type"]
+        if kind != "linear":
+            omp = p.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+            _check(_is_int(omp) and omp > 0, "rope_parameters.original_max_position_embeddings",
+                   f"must be a positive integer, got {omp!r}")
+        _check(_is_number(p.get("factor")) and p["factor"] > 0, "rope_parameters.factor",
+               f"must be a positive number for rope_type {kind!r}, got {p.get('factor')!r}")
+        names = {"llama3": ("low_freq_factor", "high_freq_factor"),
+                 "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")}.get(kind, ())
+        for name in names:
+            v = p.get(name)
+            if kind == "llama3" or v is not None:
+                _check(_is_number(v) and v > 0, f"rope_parameters.{name}", f"must be a positive number, got {v!r}")
+        if kind == "llama3":
+            _check(p["high_freq_factor"] > p["low_freq_factor"], "rope_parameters.high_freq_factor",
+                   f"must exceed low_freq_factor ({p['low_freq_factor']}), got {p['high_freq_factor']}")
 
     # ---- Transformers compatibility ----------------------------------------------------------
     @property
@@ -334,7 +357,7 @@ class PhimoeConfig(MoeConfig):
             v = getattr(self, name)
             _check(_is_number(v) and v >= 0, name, f"must be a non-negative number, got {v!r}")
         _check(0 <= self.attention_dropout < 1, "attention_dropout", "must be in [0, 1)")
-        self._normalize_rope(("default", "longrope"))
+        self._normalize_rope(("default", "longrope"))  # Transformers' PhiMoE takes no other scaled kind
         if self.rope_parameters["rope_type"] == "longrope":
             self._validate_longrope()
 
@@ -463,7 +486,7 @@ class JetMoeConfig(MoeConfig):
             "router_loss_recipe",
             f"must be one of {self.router_loss_recipes}, got {self.router_loss_recipe!r}",
         )
-        self._normalize_rope(("default",))
+        self._normalize_rope(("default", *SCALED_ROPE_TYPES))
 
     @property
     def num_attention_heads(self) -> int:

@@ -6,8 +6,10 @@ import itertools
 
 import pytest
 import torch
-from archs import ARCH_IDS, ARCHS
+from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE
 from parity import close, compare_outputs, make_inputs, make_pair
+
+from moetorch import ConfigError, DynamicCache, StaticCache
 
 ALL = {"output_hidden_states": True, "output_attentions": True, "output_router_logits": True}
 
@@ -83,6 +85,52 @@ def test_loss_arguments_and_accepted_flags(arch, tmp_path):
         a, b = (m(ids, attention_mask=mask, output_router_logits=True) for m in (hf, ours))
     assert list(a.keys()) == list(b.keys())
     close(a.logits, b.logits, "classifier logits")
+
+
+SCALED_ROPE = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn-defaults": {"rope_type": "yarn", "factor": 2.0},  # the original context filled in
+    "yarn-mscales": {"rope_type": "yarn", "factor": 8.0, "mscale": 0.9, "mscale_all_dim": 0.7, "beta_fast": 16,
+                     "beta_slow": 2, "truncate": False, "original_max_position_embeddings": 8},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("rope", list(SCALED_ROPE))
+def test_jetmoe_scaled_rope_types_match_transformers(rope, tmp_path):
+    """Transformers' linear, yarn and llama3 `rope_type`s of JetMoE (its PhiMoE config takes
+    LongRoPE only): the logits of a prompt and of steps on a dynamic and a static cache, in both
+    directions of save and load."""
+    arch = JETMOE
+    params = dict(SCALED_ROPE[rope], rope_theta=100.0)  # a small base: the scaling moves every dimension
+    for direction in ("hf_to_ours", "ours_to_hf"):
+        hf, ours = make_pair(arch, tmp_path / direction, "causal_lm", direction, seed=7, rope_parameters=params,
+                             max_position_embeddings=64)
+        ids, mask = make_inputs(hf.config.vocab_size, 2, 12, "left", seed=5)
+        plain = arch.ours["causal_lm"](arch.our_config(max_position_embeddings=64))
+        plain.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            want = hf(ids, attention_mask=mask).logits
+            close(want[mask.bool()], ours(ids, attention_mask=mask).logits[mask.bool()], f"{rope} logits")
+            assert (want - plain.eval()(ids, attention_mask=mask).logits).abs().max() > 1e-2, "the scaling did nothing"
+            for cache in (DynamicCache(), StaticCache(ours.config, max_cache_len=16)):
+                ours(ids[:, :9], attention_mask=mask[:, :9], past_key_values=cache, use_cache=True)
+                got = ours(ids[:, 9:], attention_mask=mask, past_key_values=cache).logits
+                close(want[:, 9:], got, f"{rope} after a {type(cache).__name__}")
+
+
+def test_scaled_rope_errors_name_the_field():
+    for params, field in (({"rope_type": "linear"}, "factor"), ({"rope_type": "yarn", "factor": -2.0}, "factor"),
+                          ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, "high_freq_factor"),
+                          ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0},
+                           "high_freq_factor"),
+                          ({"rope_type": "dynamic", "factor": 2.0}, "rope_type")):
+        with pytest.raises(ConfigError, match=f"rope_parameters.{field}"):
+            JETMOE.our_config(rope_parameters=params)
+    with pytest.raises(ConfigError, match="rope_parameters.rope_type"):  # as Transformers' PhiMoE config
+        PHIMOE.our_config(rope_parameters={"rope_type": "linear", "factor": 2.0})
 
 
 @pytest.mark.parametrize(("arch", "variant_name"), VARIANTS, ids=VARIANT_IDS)

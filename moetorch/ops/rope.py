@@ -1,4 +1,6 @@
-"""Rotary position embeddings: plain RoPE and Phi-3's LongRoPE (short/long factors and mscales).
+"""Rotary position embeddings: plain RoPE, the scaled kinds of Transformers' `rope_type` (linear,
+yarn, llama3: a fixed frequency table and attention factor) and Phi-3's LongRoPE (short/long
+factors and mscales).
 
 Legend: B batch, T new tokens, S cached tokens, H heads, d head_dim.
 LongRoPE follows the original Phi-3.5-MoE code: the long factors and mscale are used once the
@@ -7,6 +9,8 @@ switches only the mscale there; see docs/differences.md.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -32,6 +36,52 @@ def apply_rotary_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd) -> tuple[torch.Tensor | No
     return q, apply_rotary(k_BGTd, cos_BTd, sin_BTd)
 
 
+SCALED_ROPE_TYPES = ("linear", "yarn", "llama3")
+
+
+def scaled_inv_freq(params: dict, head_dim: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(the frequency table, the factor on cos and sin) of a scaled `rope_type`, from the plain
+    table `inv_freq` [head_dim / 2]:
+    - "linear": positions divided by `factor` (so each frequency is);
+    - "llama3": wavelengths above `original_max_position_embeddings / low_freq_factor` divided by
+      `factor`, those below `.. / high_freq_factor` kept, and a linear blend between;
+    - "yarn" (Peng et al. 2023): dimensions that turn fewer than `beta_slow` times over the original
+      context interpolated (divided by `factor`), more than `beta_fast` times kept, a linear ramp
+      between, and cos/sin scaled by `attention_factor` (default 0.1 ln(factor) + 1, or the ratio of
+      the `mscale` and `mscale_all_dim` forms)."""
+    kind, factor = params["rope_type"], params.get("factor")
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    original = params["original_max_position_embeddings"]
+    if kind == "llama3":
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        blend = ((original / wavelen - low) / (high - low)).clamp(0, 1)  # 0: divided, 1: kept
+        blend = torch.where(wavelen > original / low, 0.0, torch.where(wavelen < original / high, 1.0, blend))
+        return inv_freq / factor * (1 - blend) + inv_freq * blend, 1.0
+
+    # yarn
+    def turns_to_dim(turns: float) -> float:  # the dimension whose frequency turns `turns` times over `original`
+        return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(params["rope_theta"]))
+
+    lo, hi = turns_to_dim(params.get("beta_fast") or 32), turns_to_dim(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=inv_freq.device) - lo)
+            / ((hi - lo) or 0.001)).clamp(0, 1)  # 0: kept (fast dims), 1: interpolated
+    table = inv_freq * (1 - ramp) + inv_freq / factor * ramp
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return table, float(attention)
+
+
 class RotaryEmbedding(nn.Module):
     """Computes (cos, sin) for given positions; holds both LongRoPE factor sets when configured."""
 
@@ -42,7 +92,7 @@ class RotaryEmbedding(nn.Module):
         self.longrope = self.params["rope_type"] == "longrope"
         self.original_max = self.params.get("original_max_position_embeddings") if self.longrope else None
         self.short_mscale = float(self.params.get("short_mscale", 1.0)) if self.longrope else 1.0
-        self.long_mscale = float(self.params.get("long_mscale", 1.0)) if self.longrope else 1.0
+        self.long_mscale = float(self.params.get("long_mscale", 1.0)) if self.longrope else 1.0  # (yarn: below)
         self.register_buffer("inv_freq_short", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
         self.register_buffer("inv_freq_long", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
         self.init_buffers()
@@ -72,6 +122,9 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq_short.copy_(1.0 / (short * base**exponents))
             self.inv_freq_long.copy_(1.0 / (long * base**exponents))
         else:
+            if self.params["rope_type"] in SCALED_ROPE_TYPES:
+                inv_freq, attention = scaled_inv_freq(self.params, self.head_dim, inv_freq)
+                self.short_mscale = self.long_mscale = attention
             self.inv_freq_short.copy_(inv_freq)
             self.inv_freq_long.copy_(inv_freq)
 
