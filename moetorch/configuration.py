@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import numbers
@@ -50,6 +51,29 @@ def check_positive_ints(cfg: Any, names: list[str]) -> None:
     for name in names:
         v = getattr(cfg, name)
         _check(_is_int(v) and v > 0, name, f"must be a positive integer, got {v!r}")
+
+
+def takes_any_key(cls):
+    """Let a config class's constructor take any keyword, as Transformers' configs do: the original
+    names (`_rename_legacy_keys`), `torch_dtype` for `dtype`, `model_type` when it is the class's,
+    and unknown keys kept in `extra` (read as attributes, written back by `save_pretrained`).
+    `from_dict` builds through it."""
+    init, names = cls.__init__, {f.name for f in dataclasses.fields(cls)}
+
+    @functools.wraps(init)
+    def __init__(self, **kwargs: Any) -> None:
+        model_type = kwargs.pop("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ConfigError(f"config has model_type {model_type!r}, but {cls.__name__} expects {cls.model_type!r}")
+        kwargs = cls._rename_legacy_keys(kwargs)
+        if "torch_dtype" in kwargs and kwargs.get("dtype") is None:
+            kwargs["dtype"] = kwargs["torch_dtype"]
+        extra = dict(kwargs.pop("extra", None) or {})
+        extra.update({k: v for k, v in kwargs.items() if k not in names and k not in _IGNORED_KEYS})
+        init(self, **{k: v for k, v in kwargs.items() if k in names}, extra=extra)
+
+    cls.__init__ = __init__
+    return cls
 
 
 @dataclass(kw_only=True)
@@ -164,6 +188,11 @@ class MoeConfig:
     def use_return_dict(self) -> bool:
         return self.return_dict
 
+    @property
+    def torch_dtype(self) -> str | None:
+        """Transformers' older name of `dtype`."""
+        return self.dtype
+
     def get_text_config(self, *args: Any, **kwargs: Any) -> MoeConfig:
         return self
 
@@ -183,19 +212,7 @@ class MoeConfig:
             # A new label count replaces the stored label names, as in Transformers.
             data.pop("id2label", None)
             data.pop("label2id", None)
-        model_type = data.pop("model_type", None)
-        if model_type is not None and model_type != cls.model_type:
-            raise ConfigError(
-                f"config has model_type {model_type!r}, but {cls.__name__} expects {cls.model_type!r}"
-            )
-        data = cls._rename_legacy_keys(data)
-        if "torch_dtype" in data and "dtype" not in data:
-            data["dtype"] = data["torch_dtype"]
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in names}
-        extra = dict(kwargs.pop("extra", {}) or {})
-        extra.update({k: v for k, v in data.items() if k not in names and k not in _IGNORED_KEYS})
-        return cls(**kwargs, extra=extra)
+        return cls(**data)
 
     @classmethod
     def _rename_legacy_keys(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -274,6 +291,7 @@ def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+@takes_any_key
 @dataclass
 class PhimoeConfig(MoeConfig):
     """Configuration of a PhiMoE model (Phi-3.5-MoE). Defaults match microsoft/Phi-3.5-MoE-instruct.
@@ -393,6 +411,7 @@ class PhimoeConfig(MoeConfig):
             _check(_is_number(v), f"rope_parameters.{name}", f"must be a number, got {v!r}")
 
 
+@takes_any_key
 @dataclass
 class JetMoeConfig(MoeConfig):
     """Configuration of a JetMoE model. Field names and defaults match Transformers' `JetMoeConfig`.

@@ -8,7 +8,7 @@ import pytest
 import transformers
 from archs import longrope_scaling
 
-from moetorch import ConfigError, PhimoeConfig
+from moetorch import ConfigError, JetMoeConfig, PhimoeConfig
 
 SPEC_DEFAULTS = dict(
     vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,
@@ -112,6 +112,27 @@ def test_round_trip_and_transformers_reads_it(tmp_path):
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         PhimoeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["phimoe", "jetmoe"])
+def test_constructors_take_any_keyword_as_transformers(name, tmp_path):
+    """The config constructors end in **kwargs as Transformers' do: unknown keys are kept (read as
+    attributes, written to config.json, read back by Transformers), `torch_dtype` sets `dtype`, a
+    matching `model_type` is accepted and another is an error, and JetMoE's original names work."""
+    ours, theirs = {"phimoe": (PhimoeConfig, transformers.PhimoeConfig),
+                    "jetmoe": (JetMoeConfig, transformers.JetMoeConfig)}[name]
+    cfg = ours(vocab_size=100, foo_bar=[1, 2], is_decoder=True, torch_dtype="bfloat16", model_type=name)
+    assert (cfg.foo_bar, cfg.is_decoder, cfg.dtype, cfg.torch_dtype) == ([1, 2], True, "bfloat16", "bfloat16")
+    cfg.save_pretrained(tmp_path)
+    hf = theirs.from_pretrained(tmp_path)
+    assert (hf.foo_bar, hf.is_decoder, hf.vocab_size) == ([1, 2], True, 100)
+    assert ours.from_pretrained(tmp_path) == cfg
+    with pytest.raises(ConfigError, match="model_type 'llama'"):
+        ours(model_type="llama")
+    if name == "jetmoe":
+        assert JetMoeConfig(ffn_hidden_size=24, moe_num_experts=4).intermediate_size == 24
+        with pytest.raises(ConfigError, match="ffn_hidden_size"):
+            JetMoeConfig(ffn_hidden_size=24, intermediate_size=32)
 
 
 def test_wrong_model_type_and_bad_files(tmp_path):
