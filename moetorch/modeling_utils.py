@@ -503,9 +503,15 @@ def _check_positions(B: int, T: int, past: int, cache_position, position_ids, at
 
 
 def keep_last(hidden_BTD: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-    """Slice positions whose logits are wanted: last N (0 = all), or given indices."""
+    """Slice positions whose logits are wanted, as Transformers does: the last N (0 = all), the
+    positions of a 1D tensor for every row, those of an integer [B, n] tensor per row, or the True
+    positions of a boolean [B, T] mask (flattened: [count, D])."""
     if isinstance(logits_to_keep, int):
         return hidden_BTD if logits_to_keep == 0 else hidden_BTD[:, -logits_to_keep:]
+    if logits_to_keep.dim() == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden_BTD[logits_to_keep.to(hidden_BTD.device)]
+        return torch.take_along_dim(hidden_BTD, logits_to_keep.to(hidden_BTD.device)[..., None], dim=1)
     return hidden_BTD[:, logits_to_keep]
 
 

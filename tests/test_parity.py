@@ -218,3 +218,12 @@ def test_logits_to_keep(arch, tmp_path):
         close(ours(ids, logits_to_keep=1).logits, full[:, -1:], "logits_to_keep=1")
         close(ours(ids, logits_to_keep=torch.tensor([0, 3])).logits, full[:, [0, 3]], "logits_to_keep=indices")
         close(hf(ids, logits_to_keep=2).logits, ours(ids, logits_to_keep=2).logits, "vs transformers")
+        # Transformers' 2D forms: positions per row, and a boolean mask (flattened)
+        rows = torch.tensor([[5, 1], [0, 2]])
+        mask = torch.tensor([[True, False, True, False, False, True], [False] * 5 + [True]])
+        for keep in (rows, mask):
+            want = hf(ids, logits_to_keep=keep).logits
+            got = ours(ids, logits_to_keep=keep).logits
+            assert got.shape == want.shape == ((2, 2, hf.config.vocab_size) if keep is rows else (4, hf.config.vocab_size))
+            close(want, got, f"logits_to_keep {keep.dtype} [2, n]")
+        close(ours(ids, logits_to_keep=rows).logits, torch.stack([full[0, [5, 1]], full[1, [0, 2]]]), "rows")
