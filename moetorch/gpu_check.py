@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import sys
@@ -675,6 +676,41 @@ def check_lagged_stop(results):
 
 
 @torch.no_grad()
+def check_scaled_rope_and_chunked_prefill(results):
+    """JetMoE with yarn and llama3 RoPE scaling (a frequency table and a factor on cos and sin that
+    the rotary-table kernel and the graphed steps take) against the same float32 weights on the
+    CPU: logits, and greedy tokens through the graphed decode steps. Then `prefill_chunk_size` on
+    the static cache (the first chunk through the graphed prefill) against the whole prompt."""
+    ok = True
+    cfg, cls = configs()["jetmoe"]
+    scalings = {"yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+                "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 256}}
+    ids = torch.randint(1, cfg.vocab_size, (2, 40))
+    for kind, rope in scalings.items():
+        torch.manual_seed(0)
+        cpu = cls(type(cfg).from_dict({**cfg.to_dict(), "rope_parameters": rope})).eval()
+        gpu = copy.deepcopy(cpu).to("cuda")
+        err = results[f"scaled_rope.{kind}.logits_rel_err"] = rel_err(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits)
+        want = cpu.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None)
+        got = gpu.generate(ids.cuda(), max_new_tokens=16, do_sample=False, eos_token_id=None).cpu()
+        results[f"scaled_rope.{kind}.same_greedy_tokens"] = same = torch.equal(want, got)
+        ok &= err < 1e-4 and same
+        del gpu
+    for name, (cfg, cls) in configs().items():  # float32: chunks of other lengths round alike
+        torch.manual_seed(0)
+        model = cls(cfg).to("cuda").eval()
+        ids = torch.randint(1, cfg.vocab_size, (2, 100), device="cuda")
+        want = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None)
+        for size in (16, 64):
+            got = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, prefill_chunk_size=size)
+            results[f"prefill_chunks.{name}.{size}.same_tokens"] = same = torch.equal(want, got)
+            ok &= same
+        del model
+    return ok
+
+
+@torch.no_grad()
 def check_beam_graphs(results):
     # beam search, and sampling several sequences per prompt, on the held cache's graphs
     ok = True
@@ -793,8 +829,6 @@ def check_assisted_graphs(results):
     search's and those of the dynamic cache's eager forwards, and so are the returned logits (each
     round's a copy of the graph's output); in bf16 the tokens are reported. An assistant on the CPU
     drafts for the model on the GPU."""
-    import copy
-
     from moetorch.engine import GraphedChunk, GraphedDecodeStep
 
     ok = True
@@ -938,6 +972,7 @@ def run_checks() -> dict:
     ok &= check_sampling_kernel(results)
     ok &= check_device_map(results)
     ok &= check_assisted_graphs(results)
+    ok &= check_scaled_rope_and_chunked_prefill(results)
     results["ok"] = bool(ok)
     return results
 
