@@ -13,9 +13,8 @@ from .tokenizer import Tokenizer
 TASKS = ("text-generation",)
 # Transformers' text-generation pipeline defaults, for the parameters that neither the call, the
 # pipeline's own arguments, a passed generation_config nor the model's generation config set; the
-# sampling ones only where the call samples.
+# temperature only where the call samples.
 DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
-SAMPLING = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 
 
 def pipeline(
@@ -83,7 +82,7 @@ class TextGenerationPipeline:
         added = {k: v for k, v in defaults.items()
                  if k not in set_params and not (k == "max_new_tokens" and "max_length" in set_params)}
         if not {**set_params, **added}.get("do_sample"):
-            added = {k: v for k, v in added.items() if k not in SAMPLING}
+            added.pop("temperature", None)
         if given is None:
             return {**kwargs, **added}
         given = copy.deepcopy(given)

@@ -23,24 +23,34 @@ import torch
 from ..cache import StaticCache
 
 
-def capture(fn, warmups: int = 2, before=None, pool=None):
+def capture(fn, warmups: int = 2, rewind: tuple[StaticCache, int] | None = None, pool=None):
     """(graph, output) of `fn()` captured in a CUDA graph, after `warmups` runs on a side stream
-    (lazy allocations, Triton compiles and autotuning happen there, not in the graph). `before()`
-    runs ahead of each run and of the capture, on the host; `pool`: a graph memory pool to share."""
+    (lazy allocations, Triton compiles and autotuning happen there, not in the graph).
+    `rewind=(cache, seen)`: each run and the capture start from the cache's host count `seen` (a
+    forward advances it; the runs write the same slots with the same values, so the repeats are
+    harmless). `pool`: a graph memory pool to share."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmups):
-            if before is not None:
-                before()
+            if rewind is not None:
+                rewind[0]._seen = rewind[1]
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    if before is not None:
-        before()
+    if rewind is not None:
+        rewind[0]._seen = rewind[1]
     with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
+
+
+def _pool_of(runner):
+    """The graph memory pool a runner's graphs share (its length buckets never run at once), made
+    on its first capture."""
+    if runner.pool is None:
+        runner.pool = torch.cuda.graph_pool_handle()
+    return runner.pool
 
 
 def compiled_own_forward(model) -> bool:
@@ -153,11 +163,7 @@ class GraphedDecodeStep(_CacheMask):
         return logits
 
     def _capture(self, key: tuple[bool, bool], past: int) -> None:
-        # each run writes the same cache slot with the same values, so the repeats are harmless
-        def rewind():
-            self.cache._seen = past
-
-        self.graphs[key] = capture(self._run, before=rewind)
+        self.graphs[key] = capture(self._run, rewind=(self.cache, past))
 
 
 # Prompt lengths a graphed prefill pads to: powers of two up to 256, then multiples of 256. A
@@ -259,9 +265,7 @@ class GraphedPrefill:
 
     def _capture(self, buf: dict) -> tuple:
         # The runs write the empty cache's first slots, which the replay that follows writes again.
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph, logits = capture(lambda: self._run(buf), pool=self.pool)
+        graph, logits = capture(lambda: self._run(buf), pool=_pool_of(self))
         self.cache._seen = 0
         return graph, buf, logits
 
@@ -344,11 +348,5 @@ class GraphedChunk(_CacheMask):
         return logits[:, :T]
 
     def _capture(self, buf: dict, past: int) -> tuple:
-        # each run writes the same slots with the same values, so the repeats are harmless
-        def rewind():
-            self.cache._seen = past
-
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph, logits = capture(lambda: self._run(buf), before=rewind, pool=self.pool)
+        graph, logits = capture(lambda: self._run(buf), rewind=(self.cache, past), pool=_pool_of(self))
         return graph, buf, logits

@@ -498,7 +498,7 @@ class GenerationMixin:
         lag = (self.lagged_stop if self.lagged_stop is not None else device.type == "cuda") and not (
             sync or user_cache or gen.return_dict_in_generate or logits_processor
             or prefix_allowed_tokens_fn is not None
-            or any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in criteria)
+            or not _builtin_stops(criteria)
         )
         lag = _OneStepLate(device, seq.shape[0]) if lag else None
         sync = PeerSync(self, device) if sync else None
@@ -1187,10 +1187,15 @@ def _prompt_lookup(row_L: torch.Tensor, max_new: int, max_ngram: int, max_length
     return L, 0
 
 
+def _builtin_stops(criteria: StoppingCriteriaList) -> bool:
+    """Whether every stopping rule is a built-in one that the sequence alone decides (max_length,
+    EOS ids), so that it can be read late (the lagged stop) or on the host (assisted decoding)."""
+    return all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in criteria)
+
+
 def _host_stop(criteria: StoppingCriteriaList):
-    """Where every stopping rule is a built-in one that the host can decide from the sequence
-    (max_length, EOS ids), a function of the host's sequence [L] that says whether to stop; else None."""
-    if not all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in criteria):
+    """Where `_builtin_stops`, a function of the host's sequence [L] that says whether to stop; else None."""
+    if not _builtin_stops(criteria):
         return None
     lengths = [c.max_length for c in criteria if isinstance(c, MaxLengthCriteria)]
     eos_ids = {int(t) for c in criteria if isinstance(c, EosTokenCriteria) for t in c.eos_token_id.reshape(-1)}
