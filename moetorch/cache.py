@@ -443,5 +443,6 @@ def rotate_and_update(cache: Cache | None, q, k, v, cos, sin, layer_idx: int, ca
 
 
 def _kv_shape(config) -> tuple[int, int]:
-    head_dim = getattr(config, "kv_channels", None) or config.hidden_size // config.num_attention_heads
+    head_dim = (getattr(config, "head_dim", None) or getattr(config, "kv_channels", None)
+                or config.hidden_size // config.num_attention_heads)
     return config.num_key_value_heads, head_dim

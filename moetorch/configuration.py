@@ -342,11 +342,16 @@ class PhimoeConfig(MoeConfig):
             ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "max_position_embeddings", "num_local_experts", "num_experts_per_tok"],
         )
-        _check(
-            self.hidden_size % self.num_attention_heads == 0,
-            "num_attention_heads",
-            f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
-        )
+        head_dim = self.extra.get("head_dim")
+        if head_dim is None:
+            _check(
+                self.hidden_size % self.num_attention_heads == 0,
+                "num_attention_heads",
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
+            )
+        else:  # rotary pairs column j with j + head_dim / 2
+            _check(_is_int(head_dim) and head_dim > 0 and head_dim % 2 == 0, "head_dim",
+                   f"must be a positive even integer (or unset for hidden_size / num_attention_heads), got {head_dim!r}")
         _check(
             self.num_attention_heads % self.num_key_value_heads == 0,
             "num_key_value_heads",
@@ -381,7 +386,14 @@ class PhimoeConfig(MoeConfig):
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """Width of an attention head: `head_dim` where the config sets it (Transformers' PhiMoE
+        reads it, though its config class does not list it), else hidden_size / num_attention_heads.
+        Kept with the unknown keys, so that a config without it saves without it."""
+        return self.extra.get("head_dim") or self.hidden_size // self.num_attention_heads
+
+    @head_dim.setter
+    def head_dim(self, value: int | None) -> None:
+        self.extra["head_dim"] = value
 
     def _validate_longrope(self) -> None:
         p = self.rope_parameters

@@ -82,6 +82,9 @@ PHIMOE = Arch(
         "mha": {"num_key_value_heads": 4},
         "sliding_window": {"sliding_window": 3},
         "longrope": {"rope_scaling": longrope_scaling(8, original=16), "max_position_embeddings": 64},
+        # head_dim set apart from hidden_size / heads (Transformers' PhiMoE reads it), with LongRoPE
+        # factors for its width
+        "head_dim": {"head_dim": 12, "rope_scaling": longrope_scaling(12, original=16)},
     },
     train_overrides={"attention_bias": True, "lm_head_bias": True, "sliding_window": 4},
 )
