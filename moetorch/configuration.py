@@ -351,7 +351,8 @@ class PhimoeConfig(MoeConfig):
             )
         else:  # rotary pairs column j with j + head_dim / 2
             _check(_is_int(head_dim) and head_dim > 0 and head_dim % 2 == 0, "head_dim",
-                   f"must be a positive even integer (or unset for hidden_size / num_attention_heads), got {head_dim!r}")
+                   f"must be a positive even integer (or unset: hidden_size / num_attention_heads), "
+                   f"got {head_dim!r}")
         _check(
             self.num_attention_heads % self.num_key_value_heads == 0,
             "num_key_value_heads",

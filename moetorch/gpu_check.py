@@ -711,6 +711,32 @@ def check_scaled_rope_and_chunked_prefill(results):
 
 
 @torch.no_grad()
+def check_head_dim(results):
+    """PhiMoE with `head_dim` apart from hidden_size / heads (a power of two and not): float32 logits
+    and graphed greedy tokens on the GPU against the CPU. bf16 greedy, graphed against the dynamic
+    cache's eager steps, is recorded (rounding may part them)."""
+    ok = True
+    cfg, cls = configs()["phimoe"]
+    ids = torch.randint(1, cfg.vocab_size, (2, 40))
+    for width in (96, 32):
+        torch.manual_seed(0)
+        cpu = cls(type(cfg).from_dict({**cfg.to_dict(), "head_dim": width})).eval()
+        gpu = copy.deepcopy(cpu).to("cuda")
+        err = results[f"head_dim.{width}.logits_rel_err"] = rel_err(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits)
+        want = cpu.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None)
+        got = gpu.generate(ids.cuda(), max_new_tokens=16, do_sample=False, eos_token_id=None).cpu()
+        results[f"head_dim.{width}.same_greedy_tokens"] = same = torch.equal(want, got)
+        ok &= err < 1e-4 and same
+        gpu.to(torch.bfloat16)
+        graphed = gpu.generate(ids.cuda(), max_new_tokens=16, do_sample=False, eos_token_id=None)
+        eager = gpu.generate(ids.cuda(), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                             cache_implementation="dynamic")
+        results[f"head_dim.{width}.bf16_graphed_vs_dynamic_same_tokens"] = torch.equal(graphed, eager)
+        del gpu
+    return ok
+
+
+@torch.no_grad()
 def check_beam_graphs(results):
     # beam search, and sampling several sequences per prompt, on the held cache's graphs
     ok = True
@@ -973,6 +999,7 @@ def run_checks() -> dict:
     ok &= check_device_map(results)
     ok &= check_assisted_graphs(results)
     ok &= check_scaled_rope_and_chunked_prefill(results)
+    ok &= check_head_dim(results)
     results["ok"] = bool(ok)
     return results
 

@@ -1043,8 +1043,8 @@ class GenerationMixin:
                 getattr(assistant.config, "vocab_size", None) != getattr(self.config, "vocab_size", None)):
             raise ValueError("assistant_model must share this model's vocabulary (same vocab_size)")
         record = _Record(gen)
-        draft_cache, draft_ctx = self._drafting(assistant, cache, ctx, max_length)
         draft_device = assistant.device if assistant is not None else None
+        draft_cache, draft_ctx = self._drafting(assistant, draft_device, cache, ctx, max_length)
         num, schedule, threshold = _draft_settings(gen, assistant) if assistant is not None else (0, "constant", 0)
         aside = (own_forward(assistant) if draft_ctx.step is not None and draft_ctx.step.enabled
                  else contextlib.nullcontext())
@@ -1126,13 +1126,13 @@ class GenerationMixin:
         return GenerateDecoderOnlyOutput(sequences=seq, scores=record.scores, logits=record.logits,
                                          past_key_values=cache)
 
-    def _drafting(self, assistant, cache: Cache, ctx: _Context, max_length: int) -> tuple[Cache, _Context]:
+    def _drafting(self, assistant, device, cache: Cache, ctx: _Context, max_length: int) -> tuple[Cache, _Context]:
         """The assistant's cache and context for its drafting forwards. Where this model verifies on
         a static cache and the assistant is another moetorch model on one device, the assistant
         drafts on a static cache of its own, which it holds between calls as this model holds its:
         its prompt, single tokens and catch-up chunks (the tokens kept in the last round) replay
-        CUDA graphs on a GPU. Otherwise it drafts on a dynamic cache, eagerly."""
-        device = getattr(assistant, "device", None)
+        CUDA graphs on a GPU. Otherwise it drafts on a dynamic cache, eagerly. `device`: the
+        assistant's (None for prompt lookup)."""
         draft_ctx = _Context(*(None if t is None else t.to(device) for t in (ctx.mask_BP, ctx.positions_BP)), None, 0)
         if not (isinstance(cache, StaticCache) and isinstance(assistant, GenerationMixin) and assistant is not self
                 and assistant.decode_graphs and not assistant.spans_devices):

@@ -91,8 +91,7 @@ class RotaryEmbedding(nn.Module):
         self.params = dict(rope_parameters)
         self.longrope = self.params["rope_type"] == "longrope"
         self.original_max = self.params.get("original_max_position_embeddings") if self.longrope else None
-        self.short_mscale = float(self.params.get("short_mscale", 1.0)) if self.longrope else 1.0
-        self.long_mscale = float(self.params.get("long_mscale", 1.0)) if self.longrope else 1.0  # (yarn: below)
+        self.short_mscale = self.long_mscale = 1.0  # the factors on cos and sin: set with the tables
         self.register_buffer("inv_freq_short", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
         self.register_buffer("inv_freq_long", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
         self.init_buffers()
@@ -109,7 +108,8 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """(Re)compute the frequency tables; called after a model is materialised from `meta`."""
+        """(Re)compute the frequency tables and the factors on cos and sin (LongRoPE's mscales,
+        yarn's attention factor); called after a model is materialised from `meta`."""
         device = self.inv_freq_short.device
         if device.type == "meta":
             return
@@ -121,6 +121,8 @@ class RotaryEmbedding(nn.Module):
             long = torch.tensor(self.params["long_factor"], dtype=torch.float32, device=device)
             self.inv_freq_short.copy_(1.0 / (short * base**exponents))
             self.inv_freq_long.copy_(1.0 / (long * base**exponents))
+            self.short_mscale = float(self.params.get("short_mscale", 1.0))
+            self.long_mscale = float(self.params.get("long_mscale", 1.0))
         else:
             if self.params["rope_type"] in SCALED_ROPE_TYPES:
                 inv_freq, attention = scaled_inv_freq(self.params, self.head_dim, inv_freq)
