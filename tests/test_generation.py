@@ -253,10 +253,25 @@ def test_beam_search_matches_transformers(pair, settings):
 
 def test_beam_sampling_matches_transformers(pair):
     ids, mask = prompts(batch=2)
-    # pad_token_id != 0: with 0, Transformers pads finished beams with EOS instead (see docs/generation.md).
     a, b = both(pair, ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=True, top_k=30,
                 num_return_sequences=2, pad_token_id=VOCAB - 1, seed=5)
     assert_same_tokens(a, b, "beam sampling")
+
+
+@pytest.mark.parametrize("pad", [0, None, VOCAB - 1])
+def test_finished_beams_are_padded_as_transformers_pads_them(pair, pad):
+    """A beam that ends early is padded with the pad id, or with the first EOS id where the pad id
+    is unset or 0 (Transformers' `pad or eos`)."""
+    ids, mask = prompts(batch=2)
+    new = greedy_new_tokens(pair, ids, mask, n=6)
+    eos = [int(new[0, 1]), int(new[1, 3])]
+    a, b = both(pair, ids, attention_mask=mask, max_new_tokens=8, num_beams=3, num_return_sequences=3,
+                eos_token_id=eos, pad_token_id=pad)
+    assert_same_tokens(a, b, f"beam search, pad_token_id={pad}")
+    fill = pad or eos[0]
+    ends = [(row == e).nonzero() for row in b[:, ids.shape[1]:] for e in eos]
+    assert any(len(at) and int(at[0]) < b.shape[1] - ids.shape[1] - 1 for at in ends), "no beam ended early"
+    assert (b[:, -1] == fill).any()
 
 
 def test_beam_search_with_lagged_stop_drops_its_extra_step(pair, monkeypatch):

@@ -504,8 +504,7 @@ class GenerationMixin:
         sync = PeerSync(self, device) if sync else None
         with graphed():
             if gen.num_beams > 1:  # the cache is reordered in place between the graphed steps
-                return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id,
-                                         lag, sync)
+                return self._beam_search(seq, ctx, cache, gen, processors, criteria, max_length, eos, lag, sync)
             return self._sample(seq, ctx, cache, gen, processors, criteria, pad_id, streamer, lag, sync)
 
     # ---- the reusable static cache --------------------------------------------------------------
@@ -870,8 +869,7 @@ class GenerationMixin:
             hidden_states=record.hidden_states, past_key_values=cache,
         )
 
-    def _beam_search(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, pad_id, lag=None,
-                     sync=None):
+    def _beam_search(self, seq, ctx, cache, gen, processors, criteria, max_length, eos, lag=None, sync=None):
         """Beam search (or beam sampling with do_sample), as Transformers' vectorised version.
 
         Per prompt it keeps N running beams and the N best finished ones. Each step scores every
@@ -887,8 +885,9 @@ class GenerationMixin:
         K = max(2, 1 + (len(eos) if eos is not None else 0)) * N
         first_N_K = torch.arange(K, device=device) < N
         record = _Record(gen)
-        # Finished beams shorter than the longest are padded (-1 when there is no pad or EOS id).
-        fill = pad_id if pad_id is not None else -1
+        # Finished beams shorter than the longest are padded as Transformers pads them: with the pad
+        # id, or the first EOS id where the pad id is unset or 0, and with -1 where there is no EOS id.
+        fill = (gen.pad_token_id or _first_eos(gen)) if eos is not None else -1
         running_seq = torch.full((B, N, max_length), fill, dtype=torch.long, device=device)
         running_seq[:, :, :prompt_len] = seq.view(B, N, prompt_len)
         done_seq = running_seq.clone()
