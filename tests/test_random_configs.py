@@ -17,7 +17,7 @@ import random
 
 import pytest
 import torch
-from archs import JETMOE, PHIMOE, longrope_scaling, randomize_
+from archs import JETMOE, PHIMOE, longrope_scaling
 from parity import compare_outputs, make_inputs, make_pair
 
 ALL = {"output_hidden_states": True, "output_attentions": True, "output_router_logits": True}
