@@ -902,6 +902,8 @@ INVALID = [
     (dict(exponential_decay_length_penalty=(2,)), ValueError, "exponential_decay_length_penalty"),
     (dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=None), ValueError, "needs an eos_token_id"),
     (dict(remove_invalid_values="yes"), ValueError, "remove_invalid_values"),
+    (dict(forced_eos_token_id=[2, 3], suppress_tokens=[3, 2, 9]), ValueError, "`forced_eos_token_id`.*suppressed"),
+    (dict(forced_bos_token_id=5, suppress_tokens=[5]), ValueError, "`forced_bos_token_id`.*suppressed"),
     (dict(forced_bos_token_id=-1), ValueError, "forced_bos_token_id"),
     (dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=0), ValueError, "max_matching_ngram_size"),
     (dict(prompt_lookup_num_tokens=0), ValueError, "prompt_lookup_num_tokens"),

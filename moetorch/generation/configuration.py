@@ -224,6 +224,13 @@ class GenerationConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (list, tuple)) and all(_is_int(i) and i >= 0 for i in v)):
                 fail(name, f"must be a list of non-negative token ids, got {v!r}")
+        if self.suppress_tokens is not None:  # all logits -inf at the forced step: nan probabilities
+            for name in ("forced_bos_token_id", "forced_eos_token_id"):
+                forced = getattr(self, name)
+                forced = set() if forced is None else {forced} if _is_int(forced) else set(forced)
+                if forced and forced <= set(self.suppress_tokens):
+                    fail(name, f"({sorted(forced)}) is suppressed too (suppress_tokens): the forced step "
+                         "would leave no token to pick")
         decay = self.exponential_decay_length_penalty
         if decay is not None and not (isinstance(decay, (list, tuple)) and len(decay) == 2 and _is_int(decay[0])
                                       and decay[0] >= 0 and _is_number(decay[1]) and decay[1] > 0):
