@@ -98,11 +98,20 @@ def name_maps(model_type: str):
 # ---- reading ------------------------------------------------------------------------------------
 
 
-def checkpoint_files(path: str | os.PathLike) -> list[str]:
-    """The safetensors files of a checkpoint directory, in index order."""
+def with_variant(name: str, variant: str | None) -> str:
+    """A weights file's name for a variant, as Transformers names it: `model.safetensors` ->
+    `model.{variant}.safetensors`, `model.safetensors.index.json` -> `model.safetensors.index.{variant}.json`."""
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def checkpoint_files(path: str | os.PathLike, variant: str | None = None) -> list[str]:
+    """The safetensors files of a checkpoint directory (of one `variant`), in index order."""
     path = os.fspath(path)
-    index = os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
-    single = os.path.join(path, SAFE_WEIGHTS_NAME)
+    index = os.path.join(path, with_variant(SAFE_WEIGHTS_INDEX_NAME, variant))
+    single = os.path.join(path, with_variant(SAFE_WEIGHTS_NAME, variant))
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
@@ -116,6 +125,9 @@ def checkpoint_files(path: str | os.PathLike) -> list[str]:
         return [os.path.join(path, f) for f in files]
     if os.path.isfile(single):
         return [single]
+    if variant is not None:
+        raise CheckpointError(f"variant={variant!r}: no {os.path.basename(single)} or {os.path.basename(index)} "
+                              f"found in {path}")
     shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
     if shards:
         return [os.path.join(path, f) for f in shards]
@@ -136,18 +148,25 @@ def _adapt_prefix(key: str, own: dict[str, torch.Tensor], prefix: str) -> str:
 
 
 @torch.no_grad()
-def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_prefix: str = "model") -> None:
-    """Copy a checkpoint's tensors into `model`'s (already allocated) parameters and buffers.
+def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_prefix: str = "model",
+              variant: str | None = None, ignore_mismatched_sizes: bool = False) -> dict[str, set]:
+    """Copy a checkpoint's tensors into `model`'s (already allocated) parameters and buffers, and
+    return Transformers' loading info: `missing_keys` and `unexpected_keys` (head weights only),
+    `mismatched_keys` ((name, checkpoint shape, model shape)), `error_msgs`.
 
     Every parameter must be written exactly once, with the right shape; anything else raises
-    `CheckpointError` naming the tensor and file.
+    `CheckpointError` naming the tensor and file. Only a task head may be absent (a classifier
+    loaded from a language model) or extra, and with `ignore_mismatched_sizes` a tensor of another
+    shape is left out (a classifier of another label count). The caller initialises what is left
+    out (the missing and mismatched keys).
     """
-    files = checkpoint_files(path)
+    files = checkpoint_files(path, variant)
     from_disk, _ = name_maps(config.model_type)
     own = dict(model.state_dict(keep_vars=True))
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in own
     written = {name: 0 for name in own}
     unexpected: list[str] = []
+    mismatched: list[tuple[str, torch.Size, torch.Size]] = []
     for file in tqdm(files, desc="Loading checkpoint shards", disable=len(files) < 2, unit="shard"):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -159,6 +178,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_pref
                         continue
                     dst = own[name] if target.index is None else own[name][target.index]
                     src = f.get_tensor(key)
+                    if tuple(src.shape) != tuple(dst.shape) and ignore_mismatched_sizes:
+                        mismatched.append((name, src.shape, dst.shape))  # left out: initialised by the caller
+                        continue
                     if tuple(src.shape) != tuple(dst.shape):
                         raise CheckpointError(
                             f"tensor {key!r} in {file} has shape {tuple(src.shape)}, but the model "
@@ -170,6 +192,8 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_pref
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"cannot read {file}: {e}") from e
+    for name, _, _ in mismatched:
+        written[name] = own[name].numel()
     over = [n for n, c in written.items() if c > own[n].numel()]
     if over:
         raise CheckpointError(f"checkpoint {path} writes these tensors more than once: {over[:10]}")
@@ -189,9 +213,14 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_pref
             f"e.g. {unexpected[:8]} (is config.json for this checkpoint?)"
         )
     if heads_missing:
-        logger.warning("%s: head weights %s not in the checkpoint; they keep their fresh init", path, heads_missing)
+        logger.warning("%s: head weights %s not in the checkpoint; they are newly initialised", path, heads_missing)
     if heads_extra:
         logger.warning("%s: checkpoint head weights %s unused by %s", path, heads_extra, type(model).__name__)
+    for name, src, dst in mismatched:
+        logger.warning("%s: %s has shape %s in the checkpoint and %s in the model; newly initialised "
+                       "(ignore_mismatched_sizes)", path, name, tuple(src), tuple(dst))
+    return {"missing_keys": set(heads_missing), "unexpected_keys": set(heads_extra),
+            "mismatched_keys": set(mismatched), "error_msgs": []}
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -212,14 +241,16 @@ def parse_size(size: int | str, what: str = "max_shard_size") -> int:
 
 
 def save_into(
-    model: torch.nn.Module, save_directory: str | os.PathLike, config, max_shard_size: int | str = "5GB"
+    model: torch.nn.Module, save_directory: str | os.PathLike, config, max_shard_size: int | str = "5GB",
+    state_dict: dict[str, torch.Tensor] | None = None, variant: str | None = None,
 ) -> None:
-    """Write the model's tensors as (sharded) safetensors in the names Transformers loads."""
+    """Write the model's tensors (or `state_dict`, in the model's names) as (sharded) safetensors
+    in the names Transformers loads; `variant` names the files as Transformers' does."""
     limit = parse_size(max_shard_size)
     _, to_disk = name_maps(config.model_type)
     tied = getattr(config, "tie_word_embeddings", False)
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         if tied and name == "lm_head.weight":
             continue
         for key, piece in to_disk(name, t, config):
@@ -234,12 +265,14 @@ def save_into(
         shards[-1][key] = tensors[key]
         size += n
     os.makedirs(save_directory, exist_ok=True)
+    stem = with_variant(SAFE_WEIGHTS_NAME, variant).removesuffix(".safetensors")
     names = (
-        [SAFE_WEIGHTS_NAME]
+        [f"{stem}.safetensors"]
         if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    _remove_stale_weights(save_directory, keep=set(names))
+    index_name = with_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
+    _remove_stale_weights(save_directory, stem, index_name, keep=set(names))
     for name, shard in tqdm(list(zip(names, shards)), desc="Writing shards", disable=len(shards) < 2, unit="shard"):
         tmp = os.path.join(save_directory, name + ".tmp")
         save_file(shard, tmp, metadata={"format": "pt"})
@@ -249,12 +282,13 @@ def save_into(
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
             "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s},
         }
-        with open(os.path.join(save_directory, SAFE_WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
+        with open(os.path.join(save_directory, index_name), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
 
 
-def _remove_stale_weights(directory: str | os.PathLike, keep: set[str]) -> None:
-    pattern = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+def _remove_stale_weights(directory: str | os.PathLike, stem: str, index_name: str, keep: set[str]) -> None:
+    # an earlier save's files of the same variant (its shards and index), so that no loader mixes them
+    pattern = re.compile(rf"^{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.safetensors$")
     for f in os.listdir(directory):
-        if pattern.match(f) and f not in keep:
+        if (pattern.match(f) or f == index_name) and f not in keep:
             os.remove(os.path.join(directory, f))

@@ -144,7 +144,18 @@ _LOADER_ONLY_KWARGS = {
     "trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "force_download",
     "low_cpu_mem_usage", "use_safetensors", "resume_download", "proxies",
     "offload_folder", "offload_state_dict", "offload_buffers",  # disk offload: moetorch never offloads to disk
+    "weights_only", "disable_mmap", "tqdm_class", "use_kernels", "allow_all_kernels", "adapter_name",
+    "_from_auto", "_from_pipeline", "_commit_hash", "_fast_init",
 }
+# Transformers' loading options moetorch lacks, with the value that asks for nothing: another value is
+# an error that names the option (rather than a key that lands in config.json).
+_LOADER_UNSUPPORTED = {
+    "quantization_config": None, "state_dict": None, "gguf_file": None, "key_mapping": None, "tp_plan": None,
+    "tp_size": None, "distributed_config": None, "device_mesh": None, "adapter_kwargs": None,
+    "kernel_config": None, "fusion_config": None, "from_tf": False, "from_flax": False,
+}
+# save_pretrained's options that change nothing for a local safetensors save
+_SAVE_NO_OPS = {"token", "save_function", "save_peft_format", "save_original_format", "safe_serialization"}
 
 
 class PreTrainedModel(nn.Module):
@@ -170,22 +181,38 @@ class PreTrainedModel(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Random init as Transformers does: normal(0, initializer_range), zero biases, unit norms."""
-        std = self.config.initializer_range
         for module in self.modules():
-            if hasattr(module, "init_parameters") and module is not self:
-                module.init_parameters(std)
-            elif isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
+            self._init_module(module)
         self.tie_weights()
+
+    def _init_module(self, module: nn.Module) -> None:
+        # one module's own parameters, as init_weights sets them
+        std = self.config.initializer_range
+        if hasattr(module, "init_parameters") and module is not self:
+            module.init_parameters(std)
+        elif isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+
+    @torch.no_grad()
+    def _init_left_out(self, names: set[str]) -> None:
+        """Initialise, as init_weights does, the parameters a checkpoint left out (a task head it
+        lacks, a tensor of another shape); the loaded parameters of the same modules are kept."""
+        for owner in sorted({n.rpartition(".")[0] for n in names}):
+            module = self.get_submodule(owner)
+            keep = {n: p.detach().clone() for n, p in module.named_parameters(recurse=False)
+                    if f"{owner}.{n}" not in names}
+            self._init_module(module)
+            for n, value in keep.items():
+                getattr(module, n).copy_(value)
 
     # ---- properties and small helpers ------------------------------------------------------
     @property
@@ -338,6 +365,10 @@ class PreTrainedModel(nn.Module):
         device_map: Any = None,
         max_memory: Mapping | None = None,
         attn_implementation: str | None = None,
+        variant: str | None = None,
+        output_loading_info: bool = False,
+        ignore_mismatched_sizes: bool = False,
+        generation_config: GenerationConfig | None = None,
         **config_overrides: Any,
     ) -> PreTrainedModel:
         """Load a checkpoint directory (config.json + safetensors) into `dtype` on `device`, or
@@ -346,12 +377,23 @@ class PreTrainedModel(nn.Module):
         `dtype="auto"` (the default) uses the checkpoint's dtype. Weights are memory-mapped and
         copied straight into the allocated parameters: no random init happens first. With
         `trust_remote_code=True`, a `custom_generate/generate.py` in the directory becomes the
-        model's `generate`, as in Transformers.
+        model's `generate`, as in Transformers. As there: `variant` reads `model.{variant}.safetensors`
+        (or its shards), `output_loading_info=True` returns `(model, info)`, `ignore_mismatched_sizes`
+        newly initialises tensors of another shape (a classifier of another label count), and
+        `generation_config` replaces the checkpoint's. Other keywords override config fields.
         """
         path = os.fspath(pretrained_model_name_or_path)
         trust_remote_code = bool(config_overrides.get("trust_remote_code"))
         for key in _LOADER_ONLY_KWARGS & config_overrides.keys():
             config_overrides.pop(key)  # hub/remote-code options: meaningless for a local checkpoint
+        for key in _LOADER_UNSUPPORTED.keys() & config_overrides.keys():
+            value = config_overrides.pop(key)
+            if value not in (_LOADER_UNSUPPORTED[key], {}):
+                raise ValueError(f"from_pretrained: `{key}` is a Transformers loading option that moetorch does not "
+                                 f"support (got {value!r})")
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise TypeError(f"from_pretrained: generation_config must be a moetorch GenerationConfig, got "
+                            f"{type(generation_config).__name__}")
         if "subfolder" in config_overrides:
             path = os.path.join(path, config_overrides.pop("subfolder"))
         if config is None:
@@ -386,10 +428,12 @@ class PreTrainedModel(nn.Module):
             if hasattr(m, "init_buffers"):
                 m.init_buffers()
         model.tie_weights()
-        if hasattr(model, "score"):  # a classifier head may be absent from an LM checkpoint
-            nn.init.normal_(model.score.weight, 0.0, config.initializer_range)
-        checkpoint.load_into(model, path, config, cls.base_model_prefix)
-        if hasattr(model, "generate") and os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
+        info = checkpoint.load_into(model, path, config, cls.base_model_prefix, variant, ignore_mismatched_sizes)
+        model._init_left_out(info["missing_keys"] | {name for name, _, _ in info["mismatched_keys"]})
+        model.tie_weights()
+        if hasattr(model, "generate") and generation_config is not None:
+            model.generation_config = generation_config
+        elif hasattr(model, "generate") and os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(path)
         model.config.dtype = str(target_dtype).removeprefix("torch.")
         model.name_or_path = path
@@ -397,24 +441,39 @@ class PreTrainedModel(nn.Module):
             model.hf_device_map = placement.hf_device_map(where)
         if trust_remote_code and hasattr(model, "generate"):
             install_checkpoint_generate(model, path)
-        return model.eval()
+        return (model.eval(), info) if output_loading_info else model.eval()
 
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        push_to_hub: bool = False,
         max_shard_size: int | str = "5GB",
-        safe_serialization: bool = True,
+        variant: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write config.json and (sharded) safetensors that Transformers and moetorch both load."""
-        if not safe_serialization:
+        """Write config.json and (sharded) safetensors that Transformers and moetorch both load.
+
+        As in Transformers: `is_main_process=False` writes nothing (call it on every process of a
+        distributed run), `state_dict` (in the model's names) is written instead of the model's own
+        tensors, and `variant` names the files `model.{variant}.safetensors`."""
+        if kwargs.get("safe_serialization", True) is False:
             raise ValueError("moetorch writes safetensors only (safe_serialization=False is not supported)")
+        unknown = sorted(kwargs.keys() - _SAVE_NO_OPS)
+        if unknown:
+            raise TypeError(f"save_pretrained() got unknown keyword arguments {unknown}")
+        if push_to_hub:
+            raise ValueError("save_pretrained: push_to_hub=True is not supported (moetorch has no hub access): "
+                             "save to a directory and upload it with huggingface_hub")
+        if not is_main_process:
+            return
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained expects a directory, but {save_directory} is a file")
         os.makedirs(save_directory, exist_ok=True)
         self.config.dtype = str(self.dtype).removeprefix("torch.")
         self.config.architectures = [type(self).__name__]
-        checkpoint.save_into(self, save_directory, self.config, max_shard_size)
+        checkpoint.save_into(self, save_directory, self.config, max_shard_size, state_dict, variant)
         self.config.save_pretrained(save_directory)
         gen = getattr(self, "generation_config", None)
         if gen is not None and hasattr(gen, "save_pretrained"):

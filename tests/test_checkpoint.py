@@ -199,3 +199,92 @@ def test_parse_size():
     for bad in ("-1GB", "lots", 0):
         with pytest.raises(ValueError, match="max_shard_size"):
             parse_size(bad)
+
+
+def test_loading_info_and_left_out_heads_as_transformers(tmp_path):
+    """`output_loading_info=True` gives Transformers' info, and what a checkpoint leaves out (a
+    head it lacks, a classifier of another label count under `ignore_mismatched_sizes`) is newly
+    initialised as Transformers initialises it, never left as uninitialised memory."""
+    lm = our_model(PHIMOE, seed=3, lm_head_bias=True)
+    lm.save_pretrained(tmp_path / "lm")
+    ours = PhimoeForSequenceClassification.from_pretrained(tmp_path / "lm", output_loading_info=True)
+    hf = transformers.PhimoeForSequenceClassification.from_pretrained(tmp_path / "lm", output_loading_info=True)
+    assert ours[1] == {**hf[1], "unexpected_keys": {"lm_head.weight", "lm_head.bias"}}
+    assert hf[1]["missing_keys"] == {"score.weight"} and hf[1]["unexpected_keys"] <= {"lm_head.weight", "lm_head.bias"}
+    std = PHIMOE.our_config().initializer_range
+    assert abs(ours[0].score.weight.std().item() - std) < std / 2
+
+    # a causal LM from a base model's checkpoint: a fresh head (normal weights, zero bias)
+    lm.model.save_pretrained(tmp_path / "base")
+    ours, info = PhimoeForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert info["missing_keys"] == {"lm_head.weight", "lm_head.bias"}
+    assert abs(ours.lm_head.weight.std().item() - std) < std / 2 and torch.equal(
+        ours.lm_head.bias, torch.zeros_like(ours.lm_head.bias))
+    close(ours.model.layers[0].self_attn.q_proj.weight, lm.model.layers[0].self_attn.q_proj.weight, "loaded")
+
+    # a classifier of 2 labels loaded with 5
+    cls = PhimoeForSequenceClassification(PHIMOE.our_config(num_labels=2))
+    randomize_(cls, 4)
+    cls.save_pretrained(tmp_path / "cls")
+    with pytest.raises(CheckpointError, match="score.weight"):
+        PhimoeForSequenceClassification.from_pretrained(tmp_path / "cls", num_labels=5)
+    ours, info = PhimoeForSequenceClassification.from_pretrained(
+        tmp_path / "cls", num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+    _, hf_info = transformers.PhimoeForSequenceClassification.from_pretrained(
+        tmp_path / "cls", num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert info == hf_info and ours.score.weight.shape == (5, 32)
+    assert abs(ours.score.weight.std().item() - std) < std / 2
+    close(ours.model.norm.weight, cls.model.norm.weight, "the other tensors load")
+
+
+def test_variant_files_both_libraries(tmp_path):
+    ours = our_model(PHIMOE, seed=1)
+    ours.save_pretrained(tmp_path / "o", variant="v1", max_shard_size="20KB")
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert "model.safetensors.index.v1.json" in names and any(n.startswith("model.v1-00001-of-") for n in names)
+    hf = transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "o", variant="v1")
+    hf.save_pretrained(tmp_path / "h", variant="v2")
+    assert (tmp_path / "h" / "model.v2.safetensors").is_file()
+    back = PhimoeForCausalLM.from_pretrained(tmp_path / "h", variant="v2")
+    ids, _ = make_inputs(97, 1, 5, None)
+    with torch.no_grad():
+        close(back(ids).logits, ours(ids).logits, "logits through both libraries' variant files")
+    with pytest.raises(CheckpointError, match="variant='v3'.*model.v3.safetensors"):
+        PhimoeForCausalLM.from_pretrained(tmp_path / "h", variant="v3")
+    # a save over an earlier one of the same variant leaves no stale shards; other variants stay
+    ours.save_pretrained(tmp_path / "o", variant="v1")
+    ours.save_pretrained(tmp_path / "o")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if "safetensors" in p.name) == [
+        "model.safetensors", "model.v1.safetensors"]
+
+
+def test_save_options_as_transformers(tmp_path):
+    ours = our_model(PHIMOE, seed=1)
+    ours.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1").exists()
+    other = our_model(PHIMOE, seed=2)
+    ours.save_pretrained(tmp_path / "sd", state_dict=other.state_dict())
+    hf = transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "sd")
+    ids, _ = make_inputs(97, 1, 5, None)
+    with torch.no_grad():
+        close(hf(ids).logits, other(ids).logits, "the state_dict given is what is written")
+    ours.save_pretrained(tmp_path / "ok", token=None, safe_serialization=True, save_original_format=True)
+    with pytest.raises(ValueError, match="push_to_hub"):
+        ours.save_pretrained(tmp_path / "x", push_to_hub=True)
+    with pytest.raises(TypeError, match="max_shard"):
+        ours.save_pretrained(tmp_path / "x", max_shard="1GB")
+
+
+def test_loading_options_never_land_in_the_config(tmp_path):
+    our_model(PHIMOE).save_pretrained(tmp_path)
+    model = PhimoeForCausalLM.from_pretrained(
+        tmp_path, weights_only=True, disable_mmap=False, use_kernels=False, variant=None, quantization_config=None,
+        key_mapping=None, adapter_kwargs={}, from_tf=False, router_aux_loss_coef=0.5)
+    assert model.config.extra == {} and model.config.router_aux_loss_coef == 0.5
+    model.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert not {"weights_only", "variant", "quantization_config", "key_mapping"} & saved.keys()
+    for key, value in (("quantization_config", {"load_in_8bit": True}), ("key_mapping", {"a": "b"}),
+                       ("tp_plan", "auto"), ("gguf_file", "m.gguf"), ("from_tf", True)):
+        with pytest.raises(ValueError, match=f"`{key}`"):
+            PhimoeForCausalLM.from_pretrained(tmp_path, **{key: value})
