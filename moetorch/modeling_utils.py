@@ -171,6 +171,7 @@ class PreTrainedModel(nn.Module):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+        self.name_or_path = ""  # the checkpoint directory, once loaded
         self.attn_implementation = check_attn_implementation(config.attn_implementation)
         self.gradient_checkpointing = False
 
@@ -318,6 +319,30 @@ class PreTrainedModel(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    # Transformers 5's names for the same
+    def activation_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.is_gradient_checkpointing
+
+    # attributes Transformers' models carry, read from the config (so a resize keeps them right)
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_local_experts
+
+    @property
+    def num_experts_per_tok(self) -> int:
+        return self.config.num_experts_per_tok
 
     # ---- embeddings resizing ---------------------------------------------------------------
     @torch.no_grad()

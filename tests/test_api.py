@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from archs import ARCH_IDS, ARCHS, randomize_
+from archs import ARCH_IDS, ARCHS, PHIMOE, randomize_
 from parity import close, make_inputs
 
 from moetorch import DynamicCache, StaticCache
@@ -234,3 +234,18 @@ def test_decode_step_never_syncs_with_the_host(arch, variant, kind, monkeypatch)
 def test_forbid_host_sync_catches_a_sync():
     with forbid_host_sync(), pytest.raises(AssertionError, match="host sync"):
         torch.tensor([1.0]).item()
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_model_attributes_as_transformers(arch):
+    hf = arch.hf["causal_lm"](arch.hf_config())
+    ours = arch.ours["causal_lm"](arch.our_config())
+    names = ["vocab_size", "num_experts", "num_experts_per_tok", "name_or_path"]
+    names += ["router_aux_loss_coef"] if arch is PHIMOE else []
+    assert {n: getattr(ours, n) for n in names} == {n: getattr(hf, n) for n in names}
+    ours.activation_checkpointing_enable()
+    assert ours.is_activation_checkpointing and ours.is_gradient_checkpointing
+    ours.activation_checkpointing_disable()
+    assert not ours.is_activation_checkpointing
+    ours.resize_token_embeddings(arch.base["vocab_size"] + 5)
+    assert ours.vocab_size == arch.base["vocab_size"] + 5

@@ -180,6 +180,10 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
+    @property
+    def router_aux_loss_coef(self) -> float:
+        return self.config.router_aux_loss_coef
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
