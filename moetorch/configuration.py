@@ -81,6 +81,7 @@ class MoeConfig:
     """Fields and behaviour shared by every moetorch model config."""
 
     model_type: ClassVar[str] = ""
+    is_encoder_decoder: ClassVar[bool] = False
     architectures: list[str] | None = None
     dtype: str | None = None
     output_attentions: bool = False
@@ -151,7 +152,7 @@ class MoeConfig:
         )
         self.rope_parameters = params
         self.rope_theta = float(theta)
-        self.rope_scaling = None
+        self.rope_scaling = params  # Transformers 5 reads `rope_scaling` as `rope_parameters`; not saved
         if params["rope_type"] in SCALED_ROPE_TYPES:
             self._validate_scaled_rope(params)
 
@@ -239,8 +240,14 @@ class MoeConfig:
         out.update(copy.deepcopy(self.extra))
         return dict(sorted(out.items()))
 
-    def to_json_string(self) -> str:
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """config.json's text. Every field is written (`use_diff`, Transformers' choice of writing
+        only values that differ from its base defaults, is accepted and changes nothing)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string(use_diff))
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `config.json` into `save_directory` (created if missing)."""
@@ -264,6 +271,23 @@ class MoeConfig:
 
     def update(self, values: dict[str, Any]) -> None:
         for k, v in values.items():
+            setattr(self, k, v)
+
+    def update_from_string(self, update_str: str) -> None:
+        """Set existing fields from "a=1,b=0.5,c=true,d=text", each parsed as the field's current type."""
+        for item in update_str.split(","):
+            k, sep, v = item.partition("=")
+            if not sep or not hasattr(self, k):
+                raise ValueError(f"update_from_string: {item!r} does not set a field of this config")
+            old = getattr(self, k)
+            if isinstance(old, bool):
+                if v.lower() not in ("true", "1", "y", "yes", "false", "0", "n", "no"):
+                    raise ValueError(f"update_from_string: cannot read true or false from {v!r} (field `{k}`)")
+                v = v.lower() in ("true", "1", "y", "yes")
+            elif isinstance(old, (int, float)):
+                v = type(old)(v)
+            elif not isinstance(old, str):
+                raise ValueError(f"update_from_string: field `{k}` holds a {type(old).__name__}, not a scalar")
             setattr(self, k, v)
 
     def copy(self) -> MoeConfig:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import transformers
-from archs import longrope_scaling
+from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
 
 from moetorch import ConfigError, JetMoeConfig, PhimoeConfig
 
@@ -147,3 +147,23 @@ def test_wrong_model_type_and_bad_files(tmp_path):
         PhimoeConfig.from_pretrained(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="local directory"):
         PhimoeConfig.from_pretrained("microsoft/Phi-3.5-MoE-instruct")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_config_helpers_as_transformers(arch, tmp_path):
+    kwargs = {"rope_scaling": longrope_scaling(8, original=16)} if arch is PHIMOE else {}
+    ours, hf = arch.our_config(**kwargs), arch.hf_config(**kwargs)
+    assert hf.rope_scaling is hf.rope_parameters and ours.rope_scaling is ours.rope_parameters  # one dict, two names
+    assert ours.rope_scaling == {k: v for k, v in hf.rope_scaling.items() if k != "type"}  # (its v4 key kept)
+    assert ours.is_encoder_decoder is hf.is_encoder_decoder is False
+    ours.to_json_file(tmp_path / "c.json")
+    back = type(hf).from_json_file(tmp_path / "c.json")
+    assert back.rope_parameters == ours.rope_parameters and back.hidden_size == hf.hidden_size
+    for cfg in (ours, hf):
+        cfg.update_from_string("hidden_size=48,rms_norm_eps=0.25,output_router_logits=true")
+    assert (ours.hidden_size, ours.rms_norm_eps, ours.output_router_logits) == (
+        hf.hidden_size, hf.rms_norm_eps, hf.output_router_logits) == (48, 0.25, True)
+    with pytest.raises(ValueError, match="no_such_field"):
+        ours.update_from_string("no_such_field=1")
+    with pytest.raises(ValueError, match="output_router_logits"):
+        ours.update_from_string("output_router_logits=maybe")
