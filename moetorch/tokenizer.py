@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,11 @@ def _token_text(tok: Any) -> str | None:
 
 class Tokenizer:
     """A fast tokenizer with the calls a Transformers script makes: `__call__`, `encode`,
-    `decode`, `batch_decode`, `apply_chat_template`, special-token attributes and padding."""
+    `tokenize`, `decode`, `batch_decode`, `pad`, `apply_chat_template`, `add_tokens`,
+    special-token attributes and padding."""
+
+    model_input_names = ["input_ids", "attention_mask"]
+    is_fast = True
 
     def __init__(
         self,
@@ -202,6 +207,29 @@ class Tokenizer:
         ids = [self._id_of(_token_text(t)) for t in tokens]
         return list(dict.fromkeys(i for i in ids if i is not None))
 
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return self.convert_ids_to_tokens(self.all_special_ids)
+
+    @property
+    def added_tokens_decoder(self) -> dict[int, Any]:
+        """id -> `tokenizers.AddedToken` of every added token (special ones included)."""
+        return dict(sorted(self._tok.get_added_tokens_decoder().items()))
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return {token.content: i for i, token in self.added_tokens_decoder.items()}
+
+    def add_tokens(self, new_tokens: Any, special_tokens: bool = False) -> int:
+        """Add tokens (strings or `tokenizers.AddedToken`) to the vocabulary, as Transformers' fast
+        tokenizers do; returns how many were new (then resize the model's embeddings)."""
+        from tokenizers import AddedToken
+
+        if isinstance(new_tokens, (str, AddedToken)):
+            new_tokens = [new_tokens]
+        tokens = [t if isinstance(t, AddedToken) else
+                  AddedToken(t, special=special_tokens, normalized=not special_tokens) for t in new_tokens]
+        return self._tok.add_special_tokens(tokens) if special_tokens else self._tok.add_tokens(tokens)
+
     def add_special_tokens(self, special_tokens: dict[str, str]) -> int:
         """Add and assign special tokens, e.g. {"pad_token": "<pad>"}; returns how many were new."""
         from tokenizers import AddedToken
@@ -218,6 +246,13 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> list[int]:
         return self(text, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
 
+    def tokenize(self, text: str, add_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).tokens
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        decoder = self._tok.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
     def __call__(
         self,
         text: str | list[str],
@@ -228,9 +263,11 @@ class Tokenizer:
         return_tensors: str | None = None,
         return_attention_mask: bool = True,
         padding_side: str | None = None,
+        pad_to_multiple_of: int | None = None,
         **kwargs: Any,
     ) -> BatchEncoding:
-        """Tokenise one text or a batch; pad ("longest"/True or "max_length") left or right."""
+        """Tokenise one text or a batch; pad ("longest"/True or "max_length", up to a multiple of
+        `pad_to_multiple_of`) left or right."""
         kwargs.pop("sanitize_control_tokens", None)
         if kwargs:
             raise TypeError(f"unexpected tokenizer arguments: {sorted(kwargs)}")
@@ -243,34 +280,69 @@ class Tokenizer:
             limit = max_length or self.model_max_length
             ids = [x[:limit] if self.truncation_side == "right" else x[-limit:] for x in ids]
         masks = [[1] * len(x) for x in ids]
-        if padding not in (False, None, "do_not_pad"):
-            if padding not in (True, "longest", "max_length"):
-                raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
-            target = max_length if padding == "max_length" else max(len(x) for x in ids)
-            if target is None:
-                raise ValueError("padding='max_length' needs max_length")
-            pad_id = self.pad_token_id
-            if pad_id is None:
-                raise ValueError("this tokenizer has no pad_token; set tokenizer.pad_token = tokenizer.eos_token")
-            side = padding_side or self.padding_side
-            for x, m in zip(ids, masks):
-                n = target - len(x)
-                if n > 0:
-                    if side == "left":
-                        x[:0], m[:0] = [pad_id] * n, [0] * n
-                    else:
-                        x.extend([pad_id] * n)
-                        m.extend([0] * n)
+        self._pad_rows(ids, masks, padding, max_length, pad_to_multiple_of, padding_side)
         out = BatchEncoding(input_ids=ids if batched else ids[0])
         if return_attention_mask:
             out["attention_mask"] = masks if batched else masks[0]
-        if return_tensors is not None:
-            if return_tensors != "pt":
-                raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
-            if batched and len({len(x) for x in ids}) > 1:
-                raise ValueError("sequences have different lengths: pass padding=True to return tensors")
-            out = BatchEncoding({k: torch.tensor(v if batched else [v]) for k, v in out.items()})
-        return out
+        return _as_tensors(out, return_tensors, batched)
+
+    def pad(
+        self,
+        encoded_inputs: Any,
+        padding: bool | str = True,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+        return_tensors: str | None = None,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        """Pad encoded rows (a list of dicts, or a dict of lists) as `__call__` pads: what data
+        collators call. Keys other than input_ids and attention_mask are kept as they are."""
+        if isinstance(encoded_inputs, (list, tuple)):
+            if not encoded_inputs or not all(isinstance(e, Mapping) for e in encoded_inputs):
+                raise TypeError("pad() takes encodings: a dict of lists, or a non-empty list of dicts")
+            encoded_inputs = {k: [e[k] for e in encoded_inputs] for k in encoded_inputs[0]}
+        if "input_ids" not in encoded_inputs:
+            raise ValueError(f"pad() needs input_ids among the encodings' keys, got {sorted(encoded_inputs)}")
+        rows = encoded_inputs["input_ids"]
+        batched = len(rows) > 0 and not isinstance(rows[0], int)
+        ids = [list(map(int, x)) for x in (rows if batched else [rows])]
+        given = encoded_inputs.get("attention_mask")
+        masks = [list(map(int, m)) for m in (given if batched else [given])] if given is not None else \
+            [[1] * len(x) for x in ids]
+        self._pad_rows(ids, masks, padding, max_length, pad_to_multiple_of, padding_side)
+        out = BatchEncoding({k: v for k, v in encoded_inputs.items() if k not in ("input_ids", "attention_mask")})
+        out["input_ids"] = ids if batched else ids[0]
+        if return_attention_mask is not False:
+            out["attention_mask"] = masks if batched else masks[0]
+        return _as_tensors(out, return_tensors, batched)
+
+    def _pad_rows(self, ids, masks, padding, max_length, multiple, side) -> None:
+        # rows padded in place to the longest (or max_length), rounded up to `multiple`
+        if padding in (False, None, "do_not_pad"):
+            return
+        if padding not in (True, "longest", "max_length"):
+            raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
+        target = max_length if padding == "max_length" else max(len(x) for x in ids)
+        if target is None:
+            raise ValueError("padding='max_length' needs max_length")
+        if multiple is not None:
+            if not (isinstance(multiple, int) and multiple > 0):
+                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
+            target = -(-target // multiple) * multiple
+        pad_id = self.pad_token_id
+        if pad_id is None:
+            raise ValueError("this tokenizer has no pad_token; set tokenizer.pad_token = tokenizer.eos_token")
+        side = side or self.padding_side
+        for x, m in zip(ids, masks):
+            n = target - len(x)
+            if n > 0:
+                if side == "left":
+                    x[:0], m[:0] = [pad_id] * n, [0] * n
+                else:
+                    x.extend([pad_id] * n)
+                    m.extend([0] * n)
 
     # ---- decoding ----------------------------------------------------------------------------
     def decode(
@@ -378,6 +450,19 @@ def _compile(template: str):
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ValueError(f"chat_template is not a valid jinja template: {e}") from e
     return _TEMPLATES[template]
+
+
+def _as_tensors(out: BatchEncoding, return_tensors: str | None, batched: bool) -> BatchEncoding:
+    if return_tensors is None:
+        return out
+    if return_tensors != "pt":
+        raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+    if batched and len({len(x) for x in out["input_ids"]}) > 1:
+        raise ValueError("sequences have different lengths: pass padding=True to return tensors")
+    try:
+        return BatchEncoding({k: torch.tensor(v if batched else [v]) for k, v in out.items()})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"cannot make tensors of the encodings' {sorted(out)}: {e}") from e
 
 
 def _clean_up(text: str) -> str:

@@ -123,3 +123,41 @@ def test_errors_are_clear(pair, tmp_path):
     with pytest.raises(TypeError, match="unexpected tokenizer arguments"):
         ours("hi", return_offsets="yes")
     assert Tokenizer.from_pretrained(path, trust_remote_code=True).eos_token == "<|end|>"
+
+
+def test_tokens_added_vocab_and_pad_match_transformers(tmp_path):
+    """tokenize, convert_tokens_to_string, add_tokens (plain and special), the added vocabulary,
+    all_special_tokens, pad (what data collators call) and pad_to_multiple_of, against Transformers
+    on the same file (a fresh pair: adding tokens changes them)."""
+    path = build_tokenizer(tmp_path)
+    hf, ours = transformers.AutoTokenizer.from_pretrained(path), Tokenizer.from_pretrained(path)
+    assert ours.is_fast and ours.model_input_names == hf.model_input_names
+    for text in TEXTS:
+        for special in (False, True):
+            assert ours.tokenize(text, add_special_tokens=special) == hf.tokenize(text, add_special_tokens=special)
+        assert ours.convert_tokens_to_string(hf.tokenize(text)) == hf.convert_tokens_to_string(hf.tokenize(text))
+    assert ours.add_tokens(["<new>", "bananas", "<new>"]) == hf.add_tokens(["<new>", "bananas", "<new>"])
+    assert ours.add_tokens("<sp>", special_tokens=True) == hf.add_tokens("<sp>", special_tokens=True) == 1
+    text = "route <new> bananas<sp>now"
+    assert len(ours) == len(hf) and ours.get_added_vocab() == hf.get_added_vocab()
+    assert ours.tokenize(text) == hf.tokenize(text) and ours.encode(text) == hf.encode(text)
+    for skip in (False, True):
+        assert ours.decode(hf.encode(text), skip_special_tokens=skip) == hf.decode(hf.encode(text), skip_special_tokens=skip)
+    assert ours.all_special_tokens == hf.all_special_tokens
+    assert ours.added_tokens_decoder.keys() == hf.added_tokens_decoder.keys()
+
+    rows = [{"input_ids": hf.encode(t), "labels": 1} for t in TEXTS]
+    for side in ("left", "right"):
+        for kw in ({}, {"pad_to_multiple_of": 8}, {"padding": "max_length", "max_length": 40}):
+            a = hf.pad(rows, padding_side=side, return_tensors="pt", **kw)
+            b = ours.pad(rows, padding_side=side, return_tensors="pt", **kw)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (side, kw)
+        a = hf(TEXTS, padding=True, pad_to_multiple_of=16, padding_side=side)
+        b = ours(TEXTS, padding=True, pad_to_multiple_of=16, padding_side=side)
+        assert a["input_ids"] == b["input_ids"] and a["attention_mask"] == b["attention_mask"]
+    assert ours.pad({"input_ids": [5, 6]}, padding="max_length", max_length=4)["input_ids"] == \
+        hf.pad({"input_ids": [5, 6]}, padding="max_length", max_length=4)["input_ids"]
+    with pytest.raises(ValueError, match="input_ids"):
+        ours.pad([{"labels": 1}])
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        ours(TEXTS, padding=True, pad_to_multiple_of=0)
