@@ -688,15 +688,7 @@ def check_scaled_rope_and_chunked_prefill(results):
                            "original_max_position_embeddings": 256}}
     ids = torch.randint(1, cfg.vocab_size, (2, 40))
     for kind, rope in scalings.items():
-        torch.manual_seed(0)
-        cpu = cls(type(cfg).from_dict({**cfg.to_dict(), "rope_parameters": rope})).eval()
-        gpu = copy.deepcopy(cpu).to("cuda")
-        err = results[f"scaled_rope.{kind}.logits_rel_err"] = rel_err(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits)
-        want = cpu.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None)
-        got = gpu.generate(ids.cuda(), max_new_tokens=16, do_sample=False, eos_token_id=None).cpu()
-        results[f"scaled_rope.{kind}.same_greedy_tokens"] = same = torch.equal(want, got)
-        ok &= err < 1e-4 and same
-        del gpu
+        ok &= _gpu_against_cpu(cls, cfg, {"rope_parameters": rope}, ids, results, f"scaled_rope.{kind}") is not None
     for name, (cfg, cls) in configs().items():  # float32: chunks of other lengths round alike
         torch.manual_seed(0)
         model = cls(cfg).to("cuda").eval()
@@ -710,6 +702,20 @@ def check_scaled_rope_and_chunked_prefill(results):
     return ok
 
 
+def _gpu_against_cpu(cls, cfg, changes: dict, ids, results, prefix: str):
+    """A random float32 model of `cfg` with `changes`, on the CPU and a copy on the GPU: their
+    logits (relative error < 1e-4) and greedy tokens (the GPU's graphed). The GPU model where
+    both hold, else None."""
+    torch.manual_seed(0)
+    cpu = cls(type(cfg).from_dict({**cfg.to_dict(), **changes})).eval()
+    gpu = copy.deepcopy(cpu).to("cuda")
+    err = results[f"{prefix}.logits_rel_err"] = rel_err(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits)
+    want = cpu.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None)
+    got = gpu.generate(ids.cuda(), max_new_tokens=16, do_sample=False, eos_token_id=None).cpu()
+    results[f"{prefix}.same_greedy_tokens"] = same = torch.equal(want, got)
+    return gpu if err < 1e-4 and same else None
+
+
 @torch.no_grad()
 def check_head_dim(results):
     """PhiMoE with `head_dim` apart from hidden_size / heads (a power of two and not): float32 logits
@@ -719,14 +725,10 @@ def check_head_dim(results):
     cfg, cls = configs()["phimoe"]
     ids = torch.randint(1, cfg.vocab_size, (2, 40))
     for width in (96, 32):
-        torch.manual_seed(0)
-        cpu = cls(type(cfg).from_dict({**cfg.to_dict(), "head_dim": width})).eval()
-        gpu = copy.deepcopy(cpu).to("cuda")
-        err = results[f"head_dim.{width}.logits_rel_err"] = rel_err(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits)
-        want = cpu.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None)
-        got = gpu.generate(ids.cuda(), max_new_tokens=16, do_sample=False, eos_token_id=None).cpu()
-        results[f"head_dim.{width}.same_greedy_tokens"] = same = torch.equal(want, got)
-        ok &= err < 1e-4 and same
+        gpu = _gpu_against_cpu(cls, cfg, {"head_dim": width}, ids, results, f"head_dim.{width}")
+        if gpu is None:
+            ok = False
+            continue
         gpu.to(torch.bfloat16)
         graphed = gpu.generate(ids.cuda(), max_new_tokens=16, do_sample=False, eos_token_id=None)
         eager = gpu.generate(ids.cuda(), max_new_tokens=16, do_sample=False, eos_token_id=None,
