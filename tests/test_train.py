@@ -394,3 +394,39 @@ def test_cli_train_tokenizer_train_and_resume(tmp_path, corpus, capsys):
     ids = torch.tensor([Tokenizer.from_pretrained(out / "latest").encode("def main():")])
     torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
     assert ours.config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])
+def test_transformers_trainer_fine_tunes_a_moetorch_model(arch_name, tmp_path):
+    """A Transformers fine-tuning script with the model imported from moetorch: its Trainer finds
+    the same label column as for Transformers' model, evaluates the loss, and (the forward taking
+    keywords) passes num_items_in_batch, so gradient accumulation averages over all its tokens."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from archs import JETMOE, PHIMOE
+
+    from moetorch.models.heads import LOSS_KWARGS
+
+    arch = PHIMOE if arch_name == "phimoe" else JETMOE
+    torch.manual_seed(0)
+    model = arch.ours["causal_lm"](arch.our_config())
+    assert transformers.utils.find_labels(type(model)) == transformers.utils.find_labels(arch.hf["causal_lm"])
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(1, 97, (12,), generator=g).tolist()} for _ in range(8)]
+    for r in rows:
+        r["labels"] = [t if i % 3 else -100 for i, t in enumerate(r["input_ids"])]
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(sorted(kw.keys() & LOSS_KWARGS)), with_kwargs=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+    assert trainer.train().training_loss > 0
+    assert ["num_items_in_batch"] in seen
+    metrics = trainer.evaluate(eval_dataset=rows[:4])
+    model.eval()
+    batch = transformers.default_data_collator(rows[:4])
+    with torch.no_grad():
+        want = model(**batch).loss
+    assert math.isclose(metrics["eval_loss"], want.item(), rel_tol=1e-5)

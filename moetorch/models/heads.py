@@ -40,6 +40,9 @@ def classify(model, out, input_ids, inputs_embeds, labels, return_dict):
     return result if (cfg.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
 
+LOSS_KWARGS = {"num_items_in_batch", "ignore_index", "shift_labels"}
+
+
 def causal_lm(
     model,
     out,
@@ -54,7 +57,13 @@ def causal_lm(
 ):
     """LM logits of the kept positions, next-token loss, and `aux_loss = router_loss(...)` when
     router logits are output (added to the loss, times `router_loss_coef`, when labels are given).
-    `loss_kwargs`: `causal_lm_loss`'s num_items_in_batch, ignore_index and shift_labels."""
+    `loss_kwargs`: the forward's keywords for `causal_lm_loss`: num_items_in_batch, ignore_index
+    and shift_labels. They come as keywords, not named parameters, as in Transformers: its Trainer
+    takes every forward parameter named like a label for a label column, and passes
+    num_items_in_batch only to a forward that takes keywords."""
+    unknown = sorted(loss_kwargs.keys() - LOSS_KWARGS)
+    if unknown:
+        raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword arguments {unknown}")
     cfg = model.config
     logits = model.lm_head(on_device_of(model.lm_head, keep_last(out.last_hidden_state, logits_to_keep)))
     loss = causal_lm_loss(logits, labels, **loss_kwargs) if labels is not None else None

@@ -7,6 +7,8 @@ E experts, K experts per token (2), I expert hidden size.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -199,9 +201,7 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
         cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
-        ignore_index: int = -100,
-        shift_labels: torch.LongTensor | None = None,
+        **loss_kwargs: Any,
     ) -> MoeCausalLMOutputWithPast | tuple:
         cfg = self.config
         output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
@@ -209,7 +209,6 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict=True,
         )
-        loss_kwargs = dict(num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels)
         return causal_lm(
             self, out, attention_mask, labels, logits_to_keep, output_router_logits, loss_kwargs, return_dict,
             self.router_loss, cfg.router_aux_loss_coef,
