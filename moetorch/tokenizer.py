@@ -380,10 +380,24 @@ class Tokenizer:
         max_length: int | None = None,
         return_tensors: str | None = None,
         return_dict: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, str]] | None = None,
+        return_assistant_tokens_mask: bool = False,
+        tokenizer_kwargs: dict[str, Any] | None = None,
         **template_kwargs: Any,
     ):
         """Render messages with the jinja chat template; tokenised (a BatchEncoding, or ids with
-        return_dict=False) unless tokenize=False. Special tokens come from the template only."""
+        return_dict=False) unless tokenize=False. Special tokens come from the template only.
+        `tools` (JSON-schema dicts) and `documents` reach the template as in Transformers, and so
+        does any other keyword; `tokenizer_kwargs` go to the tokenizer call."""
+        if return_assistant_tokens_mask:
+            raise ValueError("apply_chat_template: return_assistant_tokens_mask is not supported by moetorch "
+                             "(it needs {% generation %} blocks in the template)")
+        for what, items in (("tools", tools), ("documents", documents)):
+            if items is not None and not (isinstance(items, (list, tuple)) and all(isinstance(t, dict) for t in items)):
+                raise TypeError(f"apply_chat_template: {what} must be a list of dicts (JSON schemas for tools; "
+                                f"Python functions are not converted), got {items!r}")
+        template_kwargs.update({k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None})
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this tokenizer has no chat_template: pass chat_template= or set tokenizer.chat_template")
@@ -402,7 +416,7 @@ class Tokenizer:
         if not tokenize:
             return text
         out = self(text, add_special_tokens=False, padding=padding, truncation=truncation,
-                   max_length=max_length, return_tensors=return_tensors)
+                   max_length=max_length, return_tensors=return_tensors, **(tokenizer_kwargs or {}))
         return out if return_dict else out["input_ids"]
 
 

@@ -161,3 +161,29 @@ def test_tokens_added_vocab_and_pad_match_transformers(tmp_path):
         ours.pad([{"labels": 1}])
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         ours(TEXTS, padding=True, pad_to_multiple_of=0)
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|tools|>{{ tools | tojson }}<|end|>\n{% endif %}"
+    "{% if documents %}{% for d in documents %}<|doc|>{{ d.title }}: {{ d.text }}<|end|>\n{% endfor %}{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}{{ note | default('') }}"
+)
+
+
+def test_chat_template_tools_documents_and_options_match_transformers(pair):
+    hf, ours, _ = pair
+    tools = [{"type": "function", "function": {"name": "peel", "description": "Peel a fruit",
+                                               "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}}]
+    docs = [{"title": "Bananas", "text": "Yellow, curved."}]
+    for kw in ({"tools": tools}, {"documents": docs}, {"tools": tools, "documents": docs, "note": "x"}):
+        a = hf.apply_chat_template(CHAT, chat_template=TOOLS_TEMPLATE, add_generation_prompt=True, tokenize=False, **kw)
+        assert ours.apply_chat_template(CHAT, chat_template=TOOLS_TEMPLATE, add_generation_prompt=True,
+                                        tokenize=False, **kw) == a
+    a = hf.apply_chat_template([CHAT, CHAT[:2]], tokenizer_kwargs={"padding_side": "left"}, padding=True)
+    b = ours.apply_chat_template([CHAT, CHAT[:2]], tokenizer_kwargs={"padding_side": "left"}, padding=True)
+    assert a["input_ids"] == b["input_ids"] and b["input_ids"][1][0] == ours.pad_token_id
+    with pytest.raises(ValueError, match="return_assistant_tokens_mask"):
+        ours.apply_chat_template(CHAT, return_assistant_tokens_mask=True)
+    with pytest.raises(TypeError, match="tools must be a list of dicts"):
+        ours.apply_chat_template(CHAT, tools=[len])
