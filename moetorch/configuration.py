@@ -240,6 +240,19 @@ class MoeConfig:
         out.update(copy.deepcopy(self.extra))
         return dict(sorted(out.items()))
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """`to_dict` less the fields every model shares (output flags, labels, dtype, ...) where
+        they hold their defaults, as Transformers' diff against its base config leaves them out."""
+        shared = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                  for f in dataclasses.fields(MoeConfig)}
+        shared.update(num_labels=2, id2label={0: "LABEL_0", 1: "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
+        out = self.to_dict()
+        for name, default in shared.items():
+            value = getattr(self, name, None)
+            if name in out and value == default:
+                del out[name]
+        return out
+
     def to_json_string(self, use_diff: bool = True) -> str:
         """config.json's text. Every field is written (`use_diff`, Transformers' choice of writing
         only values that differ from its base defaults, is accepted and changes nothing)."""

@@ -163,6 +163,7 @@ def test_config_helpers_as_transformers(arch, tmp_path):
         cfg.update_from_string("hidden_size=48,rms_norm_eps=0.25,output_router_logits=true")
     assert (ours.hidden_size, ours.rms_norm_eps, ours.output_router_logits) == (
         hf.hidden_size, hf.rms_norm_eps, hf.output_router_logits) == (48, 0.25, True)
+    assert ours.to_diff_dict().keys() == hf.to_diff_dict().keys() - {"transformers_version"}
     with pytest.raises(ValueError, match="no_such_field"):
         ours.update_from_string("no_such_field=1")
     with pytest.raises(ValueError, match="output_router_logits"):
