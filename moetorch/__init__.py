@@ -38,6 +38,10 @@ from .generation import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
     UnbatchedClassifierFreeGuidanceLogitsProcessor,
+    WatermarkDetector,
+    WatermarkDetectorOutput,
+    WatermarkingConfig,
+    WatermarkLogitsProcessor,
 )
 from .generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria
 from .models.jetmoe import (
@@ -86,6 +90,10 @@ __all__ = [
     "GenerateDecoderOnlyOutput",
     "GenerationConfig",
     "GenerationMixin",
+    "WatermarkDetector",
+    "WatermarkDetectorOutput",
+    "WatermarkingConfig",
+    "WatermarkLogitsProcessor",
     "LogitsProcessor",
     "LogitsProcessorList",
     "MaxLengthCriteria",

@@ -1164,3 +1164,51 @@ def test_bos_start_and_randomized_assistant_vocab_mismatch(pair):
     randomize_(other, 0)
     with pytest.raises(ValueError, match="vocabulary"):
         pair[1].generate(torch.ones(1, 3, dtype=torch.long), assistant_model=other.eval(), max_new_tokens=3)
+
+
+@pytest.mark.parametrize("settings", [dict(bias=2.5), dict(bias=3.0, context_width=2, seeding_scheme="selfhash"),
+                                      dict(greenlist_ratio=0.5, hashing_key=7)], ids=["lefthash", "selfhash", "half"])
+def test_watermarking_matches_transformers(pair, settings, tmp_path):
+    """Watermarked greedy search, sampling and beam search give Transformers' tokens on both caches,
+    and the detectors agree on every statistic: watermarked text is detected, plain text is not."""
+    hf, ours = pair
+    ids, mask = prompts(batch=2)
+    hf_cfg, our_cfg = transformers.WatermarkingConfig(**settings), moetorch.WatermarkingConfig(**settings)
+    for kw in (dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=2)):
+        common = dict(attention_mask=mask, max_new_tokens=10, **kw)
+        torch.manual_seed(4)
+        want = hf.generate(ids, watermarking_config=hf_cfg, **common)
+        for cache, cfg in (("dynamic", our_cfg), ("static", settings)):  # a dict works too
+            torch.manual_seed(4)
+            got = ours.generate(ids, watermarking_config=cfg, cache_implementation=cache, **common)
+            assert_same_tokens(want, got, f"watermarked {kw}, {cache} cache")
+    torch.manual_seed(5)
+    free = dict(max_new_tokens=40, do_sample=True, eos_token_id=None)  # no EOS padding in the texts
+    marked = ours.generate(ids[:, -1:], watermarking_config=our_cfg, **free)[:, 1:]
+    torch.manual_seed(5)
+    plain = ours.generate(ids[:, -1:], **free)[:, 1:]
+    detectors = (transformers.WatermarkDetector(hf.config, "cpu", hf_cfg),
+                 moetorch.WatermarkDetector(ours.config, "cpu", our_cfg))
+    for text in (marked, plain):
+        a, b = (d(text, return_dict=True) for d in detectors)
+        for field in ("num_tokens_scored", "num_green_tokens", "green_fraction", "z_score", "p_value", "prediction",
+                      "confidence"):
+            assert (getattr(a, field) == getattr(b, field)).all(), field
+    # the bias shows: more green tokens than the same draws without it
+    assert (detectors[1](marked, return_dict=True).z_score > detectors[1](plain, return_dict=True).z_score).all()
+    gen = moetorch.GenerationConfig(watermarking_config=settings)
+    gen.save_pretrained(tmp_path)
+    assert moetorch.GenerationConfig.from_pretrained(tmp_path).watermarking_config == our_cfg
+    assert transformers.GenerationConfig.from_pretrained(tmp_path).watermarking_config.to_dict() == {
+        **hf_cfg.to_dict()}
+
+
+def test_watermarking_errors_name_the_setting(pair):
+    ids, _ = prompts(batch=1, padding=None)
+    for bad, match in ((dict(seeding_scheme="middlehash"), "seeding_scheme"),
+                       (dict(greenlist_ratio=1.0), "greenlist_ratio"), (dict(context_width=0), "context_width"),
+                       (dict(ngram_len=5, keys=[1, 2]), "SynthID"), (dict(colour="green"), "colour")):
+        with pytest.raises(ValueError, match=match):
+            pair[1].generate(ids, max_new_tokens=2, watermarking_config=bad)
+    with pytest.raises(ValueError, match="context_width"):
+        moetorch.WatermarkDetector(pair[1].config, "cpu", moetorch.WatermarkingConfig(context_width=4))(ids[:, :4])

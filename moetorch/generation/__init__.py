@@ -41,8 +41,13 @@ from .stopping_criteria import (
 )
 from .streamers import BaseStreamer, TextIteratorStreamer, TextStreamer
 from .utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, GenerationMixin
+from .watermarking import WatermarkDetector, WatermarkDetectorOutput, WatermarkingConfig, WatermarkLogitsProcessor
 
 __all__ = [
+    "WatermarkDetector",
+    "WatermarkDetectorOutput",
+    "WatermarkLogitsProcessor",
+    "WatermarkingConfig",
     "BaseStreamer",
     "EosTokenCriteria",
     "GenerateBeamDecoderOnlyOutput",

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .watermarking import WatermarkingConfig
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 DEFAULTS: dict[str, Any] = {
@@ -61,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "forced_bos_token_id": None,
     "forced_eos_token_id": None,
     "guidance_scale": None,
+    "watermarking_config": None,  # a WatermarkingConfig (or its dict): green-list watermarking
     # outputs
     "num_return_sequences": 1,
     "output_attentions": False,
@@ -224,6 +227,15 @@ class GenerationConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (list, tuple)) and all(_is_int(i) and i >= 0 for i in v)):
                 fail(name, f"must be a list of non-negative token ids, got {v!r}")
+        if isinstance(self.watermarking_config, dict):
+            object.__setattr__(self, "watermarking_config", WatermarkingConfig.from_dict(self.watermarking_config))
+        elif self.watermarking_config is not None and not isinstance(self.watermarking_config, WatermarkingConfig):
+            to_dict = getattr(self.watermarking_config, "to_dict", None)  # Transformers' config
+            if to_dict is None:
+                fail("watermarking_config", f"must be a WatermarkingConfig or a dict, got {self.watermarking_config!r}")
+            object.__setattr__(self, "watermarking_config", WatermarkingConfig.from_dict(to_dict()))
+        if self.watermarking_config is not None:
+            self.watermarking_config.validate()
         if self.suppress_tokens is not None:  # all logits -inf at the forced step: nan probabilities
             for name in ("forced_bos_token_id", "forced_eos_token_id"):
                 forced = getattr(self, name)
@@ -283,6 +295,8 @@ class GenerationConfig:
         """Every field and unknown key."""
         out = {name: copy.deepcopy(getattr(self, name)) for name in DEFAULTS}
         out.update({name: copy.deepcopy(getattr(self, name)) for name in self._extra})
+        if out["watermarking_config"] is not None:
+            out["watermarking_config"] = out["watermarking_config"].to_dict()
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:

@@ -84,7 +84,7 @@ MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values
 # sets them otherwise gets a warning (as keyword arguments of generate() they are an error).
 _UNSUPPORTED = {
     "penalty_alpha": None, "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None,
-    "force_words_ids": None, "dola_layers": None, "watermarking_config": None, "token_healing": False,
+    "force_words_ids": None, "dola_layers": None, "token_healing": False,
     "assistant_early_exit": None, "low_memory": None,
 }
 # Model inputs Transformers hands to every forward that change nothing generate returns: accepted.
@@ -766,6 +766,8 @@ class GenerationMixin:
                 procs.append(EpsilonLogitsWarper(gen.epsilon_cutoff, min_tokens_to_keep=keep))
             if 0 < gen.eta_cutoff < 1:
                 procs.append(EtaLogitsWarper(gen.eta_cutoff, min_tokens_to_keep=keep))
+        if gen.watermarking_config is not None:  # after every other processor but the normalization
+            procs.append(gen.watermarking_config.construct_processor(self.config.vocab_size, prompt.device))
         if gen.renormalize_logits:
             procs.append(LogitNormalization())
         return procs
