@@ -4,8 +4,9 @@ The shared parity runner goes through a few hand-picked variants per architectur
 draws a whole configuration (head counts, head width, experts and top-k, biases, tied embeddings,
 sliding window, RoPE kind, norm eps, router jitter), random weights, a batch with or without
 padding, and one library saves what the other loads. Then every output field with labels, a
-training step's loss and gradients (the same random draws), and greedy search, sampling and beam
-search on both caches must match Transformers.
+training step's loss and gradients (the same random draws), greedy search, sampling and beam
+search on both caches, and what beam search records (scores, logits, hidden states) must match
+Transformers.
 
 LongRoPE draws keep sequences within `original_max_position_embeddings`: past it moetorch applies
 the long factors and Transformers does not (docs/differences.md).
@@ -116,6 +117,20 @@ def test_random_config_matches_transformers(seed, tmp_path):
             for cache in ("dynamic", "static"):
                 torch.manual_seed(seed)
                 _same(want, ours.generate(ids, cache_implementation=cache, **common, **settings), f"{what}, {cache}")
+        # what generate records, step by step: scores, raw logits, the hidden states of real positions
+        record = dict(common, return_dict_in_generate=True, output_scores=True, output_logits=True,
+                      output_hidden_states=True, **beam)
+        a, b = hf.generate(ids, **record), ours.generate(ids, cache_implementation="dynamic", **record)
+        _same(a.sequences, b.sequences, "recorded beams")
+        assert torch.equal(a.beam_indices.long(), b.beam_indices)
+        torch.testing.assert_close(b.sequences_scores, a.sequences_scores, atol=1e-4, rtol=1e-4)
+        for step, (x, y) in enumerate(zip(a.scores + a.logits, b.scores + b.logits, strict=True)):
+            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"scores/logits {s}: {m}")
+        for step, (xs, ys) in enumerate(zip(a.hidden_states, b.hidden_states, strict=True)):
+            real = None if mask is None else mask.repeat_interleave(beams, 0)[:, -xs[0].shape[1]:].bool()
+            for x, y in zip(xs, ys, strict=True):
+                torch.testing.assert_close(y if real is None else y[real], x if real is None else x[real],
+                                           atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"hidden states {s}: {m}")
 
 
 def test_window_of_one_decodes_as_the_whole_forward(tmp_path):
