@@ -303,8 +303,12 @@ class Tokenizer:
             if not encoded_inputs or not all(isinstance(e, Mapping) for e in encoded_inputs):
                 raise TypeError("pad() takes encodings: a dict of lists, or a non-empty list of dicts")
             encoded_inputs = {k: [e[k] for e in encoded_inputs] for k in encoded_inputs[0]}
+        kwargs.pop("verbose", None)
+        if kwargs:
+            raise TypeError(f"pad() got unexpected arguments {sorted(kwargs)}")
         if "input_ids" not in encoded_inputs:
             raise ValueError(f"pad() needs input_ids among the encodings' keys, got {sorted(encoded_inputs)}")
+        encoded_inputs = {k: v.tolist() if torch.is_tensor(v) else v for k, v in encoded_inputs.items()}
         rows = encoded_inputs["input_ids"]
         batched = len(rows) > 0 and not isinstance(rows[0], int)
         ids = [list(map(int, x)) for x in (rows if batched else [rows])]
@@ -316,7 +320,7 @@ class Tokenizer:
         out["input_ids"] = ids if batched else ids[0]
         if return_attention_mask is not False:
             out["attention_mask"] = masks if batched else masks[0]
-        return _as_tensors(out, return_tensors, batched)
+        return _as_tensors(out, return_tensors, batched, batch_axis=False)
 
     def _pad_rows(self, ids, masks, padding, max_length, multiple, side) -> None:
         # rows padded in place to the longest (or max_length), rounded up to `multiple`
@@ -466,7 +470,10 @@ def _compile(template: str):
     return _TEMPLATES[template]
 
 
-def _as_tensors(out: BatchEncoding, return_tensors: str | None, batched: bool) -> BatchEncoding:
+def _as_tensors(out: BatchEncoding, return_tensors: str | None, batched: bool,
+                batch_axis: bool = True) -> BatchEncoding:
+    # an unbatched encoding gets a batch axis of 1 (as a tokenizer call returns it), unless not
+    # `batch_axis` (as pad returns it)
     if return_tensors is None:
         return out
     if return_tensors != "pt":
@@ -474,7 +481,7 @@ def _as_tensors(out: BatchEncoding, return_tensors: str | None, batched: bool) -
     if batched and len({len(x) for x in out["input_ids"]}) > 1:
         raise ValueError("sequences have different lengths: pass padding=True to return tensors")
     try:
-        return BatchEncoding({k: torch.tensor(v if batched else [v]) for k, v in out.items()})
+        return BatchEncoding({k: torch.tensor(v if batched or not batch_axis else [v]) for k, v in out.items()})
     except (ValueError, TypeError) as e:
         raise ValueError(f"cannot make tensors of the encodings' {sorted(out)}: {e}") from e
 

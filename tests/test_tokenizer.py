@@ -157,8 +157,14 @@ def test_tokens_added_vocab_and_pad_match_transformers(tmp_path):
         assert a["input_ids"] == b["input_ids"] and a["attention_mask"] == b["attention_mask"]
     assert ours.pad({"input_ids": [5, 6]}, padding="max_length", max_length=4)["input_ids"] == \
         hf.pad({"input_ids": [5, 6]}, padding="max_length", max_length=4)["input_ids"]
+    single = {"input_ids": torch.tensor(hf.encode(TEXTS[0]))}
+    a = hf.pad(single, padding="max_length", max_length=30, return_tensors="pt")
+    b = ours.pad(single, padding="max_length", max_length=30, return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
     with pytest.raises(ValueError, match="input_ids"):
         ours.pad([{"labels": 1}])
+    with pytest.raises(TypeError, match="pad_to"):
+        ours.pad(rows, pad_to=8)
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         ours(TEXTS, padding=True, pad_to_multiple_of=0)
 
