@@ -431,7 +431,10 @@ class PhimoeConfig(MoeConfig):
 
     @head_dim.setter
     def head_dim(self, value: int | None) -> None:
-        self.extra["head_dim"] = value
+        if value is None:  # back to hidden_size / heads, and not saved
+            self.extra.pop("head_dim", None)
+        else:
+            self.extra["head_dim"] = value
 
     def _validate_longrope(self) -> None:
         p = self.rope_parameters

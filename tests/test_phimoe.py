@@ -82,3 +82,5 @@ def test_head_dim_errors_name_the_field():
     cfg = PHIMOE.our_config()
     cfg.head_dim = 16
     assert cfg.head_dim == 16 and cfg.to_dict()["head_dim"] == 16
+    cfg.head_dim = None
+    assert cfg.head_dim == 8 and "head_dim" not in cfg.to_dict()
