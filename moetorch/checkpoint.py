@@ -178,10 +178,10 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_pref
                         continue
                     dst = own[name] if target.index is None else own[name][target.index]
                     src = f.get_tensor(key)
-                    if tuple(src.shape) != tuple(dst.shape) and ignore_mismatched_sizes:
-                        mismatched.append((name, src.shape, dst.shape))  # left out: initialised by the caller
-                        continue
                     if tuple(src.shape) != tuple(dst.shape):
+                        if ignore_mismatched_sizes:
+                            mismatched.append((name, src.shape, dst.shape))  # left out: initialised by the caller
+                            continue
                         raise CheckpointError(
                             f"tensor {key!r} in {file} has shape {tuple(src.shape)}, but the model "
                             f"expects {tuple(dst.shape)} for {name} (check config.json)"

@@ -455,7 +455,6 @@ class PreTrainedModel(nn.Module):
         model.tie_weights()
         info = checkpoint.load_into(model, path, config, cls.base_model_prefix, variant, ignore_mismatched_sizes)
         model._init_left_out(info["missing_keys"] | {name for name, _, _ in info["mismatched_keys"]})
-        model.tie_weights()
         if hasattr(model, "generate") and generation_config is not None:
             model.generation_config = generation_config
         elif hasattr(model, "generate") and os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
