@@ -271,6 +271,8 @@ def test_save_options_as_transformers(tmp_path):
     ours.save_pretrained(tmp_path / "ok", token=None, safe_serialization=True, save_original_format=True)
     with pytest.raises(ValueError, match="push_to_hub"):
         ours.save_pretrained(tmp_path / "x", push_to_hub=True)
+    with pytest.raises(ValueError, match="safe_serialization"):
+        ours.save_pretrained(tmp_path / "x", safe_serialization=False)
     with pytest.raises(TypeError, match="max_shard"):
         ours.save_pretrained(tmp_path / "x", max_shard="1GB")
 
@@ -284,6 +286,12 @@ def test_loading_options_never_land_in_the_config(tmp_path):
     model.save_pretrained(tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "config.json").read_text())
     assert not {"weights_only", "variant", "quantization_config", "key_mapping"} & saved.keys()
+    from moetorch import GenerationConfig
+
+    mine = GenerationConfig(max_new_tokens=7, do_sample=True)
+    assert PhimoeForCausalLM.from_pretrained(tmp_path, generation_config=mine).generation_config is mine
+    with pytest.raises(TypeError, match="generation_config must be a moetorch GenerationConfig"):
+        PhimoeForCausalLM.from_pretrained(tmp_path, generation_config={"max_new_tokens": 7})
     for key, value in (("quantization_config", {"load_in_8bit": True}), ("key_mapping", {"a": "b"}),
                        ("tp_plan", "auto"), ("gguf_file", "m.gguf"), ("from_tf", True)):
         with pytest.raises(ValueError, match=f"`{key}`"):

@@ -168,3 +168,7 @@ def test_config_helpers_as_transformers(arch, tmp_path):
         ours.update_from_string("no_such_field=1")
     with pytest.raises(ValueError, match="output_router_logits"):
         ours.update_from_string("output_router_logits=maybe")
+    with pytest.raises(ValueError, match="`rope_parameters` holds a dict"):
+        ours.update_from_string("rope_parameters=1")
+    with pytest.raises(ValueError, match="'hidden_size'"):
+        ours.update_from_string("hidden_size")

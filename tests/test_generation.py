@@ -1207,7 +1207,8 @@ def test_watermarking_errors_name_the_setting(pair):
     ids, _ = prompts(batch=1, padding=None)
     for bad, match in ((dict(seeding_scheme="middlehash"), "seeding_scheme"),
                        (dict(greenlist_ratio=1.0), "greenlist_ratio"), (dict(context_width=0), "context_width"),
-                       (dict(ngram_len=5, keys=[1, 2]), "SynthID"), (dict(colour="green"), "colour")):
+                       (dict(ngram_len=5, keys=[1, 2]), "SynthID"), (dict(colour="green"), "colour"),
+                       (dict(hashing_key="k"), "hashing_key"), (5, "must be a WatermarkingConfig or a dict")):
         with pytest.raises(ValueError, match=match):
             pair[1].generate(ids, max_new_tokens=2, watermarking_config=bad)
     with pytest.raises(ValueError, match="context_width"):

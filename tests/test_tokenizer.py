@@ -165,6 +165,8 @@ def test_tokens_added_vocab_and_pad_match_transformers(tmp_path):
         ours.pad([{"labels": 1}])
     with pytest.raises(TypeError, match="pad_to"):
         ours.pad(rows, pad_to=8)
+    with pytest.raises(TypeError, match="a non-empty list of dicts"):
+        ours.pad([[1, 2], [3]])
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         ours(TEXTS, padding=True, pad_to_multiple_of=0)
 
