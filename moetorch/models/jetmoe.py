@@ -23,7 +23,7 @@ from ..generation import GenerationMixin
 from ..modeling_utils import PreTrainedModel, decoder_forward
 from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
-from ..ops.linear import linears
+from ..ops.linear import linears, plain_weight
 from ..ops.moe import expert_map, expert_reduce, experts_forward
 from ..ops.norms import Residual, RMSNorm
 from ..ops.rope import RotaryEmbedding
@@ -41,7 +41,11 @@ class JetMoeRMSNorm(RMSNorm):
 
 
 class JetMoeExpertWeights(nn.Module):
-    """E stacked projections `[E, out, in]` (one module so the checkpoint name is `<name>.weight`)."""
+    """E stacked projections `[E, out, in]` (one module so the checkpoint name is `<name>.weight`).
+
+    Calling it with `op` returns `op(weight)`: the experts read their weight inside this module's
+    call, so what acts on the call sees it (PEFT's LoRA on a parameter, `target_parameters`, which
+    reparametrises the weight for the length of the call)."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -49,6 +53,9 @@ class JetMoeExpertWeights(nn.Module):
 
     def init_parameters(self, std: float) -> None:
         nn.init.normal_(self.weight, 0.0, std)
+
+    def forward(self, op):
+        return op(self.weight)
 
 
 class JetMoeRouter(nn.Module):
@@ -70,9 +77,10 @@ class JetMoeMoA(nn.Module):
     def __init__(self, config: JetMoeConfig) -> None:
         super().__init__()
         E, D, C = config.num_local_experts, config.hidden_size, config.num_key_value_heads * config.kv_channels
-        self.router = JetMoeRouter(D, E, config.num_experts_per_tok)
+        # in Transformers' order (see JetMoeDecoderLayer)
         self.input_linear = JetMoeExpertWeights(E, D, C)
         self.output_linear = JetMoeExpertWeights(E, C, D)
+        self.router = JetMoeRouter(D, E, config.num_experts_per_tok)
         self.bias = nn.Parameter(torch.empty(D))
         self.backend: str | None = None  # None: chosen per call (see ops.moe.pick_backend)
 
@@ -80,10 +88,16 @@ class JetMoeMoA(nn.Module):
         nn.init.zeros_(self.bias)
 
     def map(self, x_ND, ids_NK):
-        return expert_map(x_ND, self.input_linear.weight, ids_NK, self.backend)
+        return self.input_linear(lambda w: expert_map(x_ND, w, ids_NK, self.backend))
 
     def reduce(self, o_NKC, ids_NK, weights_NK, combine: bool = True):
-        return expert_reduce(o_NKC, self.output_linear.weight, ids_NK, weights_NK, self.backend, combine)
+        return self.output_linear(lambda w: expert_reduce(o_NKC, w, ids_NK, weights_NK, self.backend, combine))
+
+    def map_weight(self) -> torch.Tensor | None:
+        """The map's weight for a kernel that stands in for `map` (at decode, the kv projection's),
+        or None where the map is wrapped (PEFT) and must run through its call."""
+        plain = type(self.input_linear) is JetMoeExpertWeights and self.backend is None
+        return self.input_linear.weight if plain else None
 
 
 class JetMoeAttention(nn.Module):
@@ -115,7 +129,8 @@ class JetMoeAttention(nn.Module):
         # rotates them as it reorders their heads for the kv heads (or, at decode, as it loads them).
         kv = None
         if cache is not None:
-            experts = (self.experts.input_linear.weight, ids_NK) if self.experts.backend is None else None
+            w = self.experts.map_weight()
+            experts = (w, ids_NK) if w is not None else None
             kv = cache.project_rotated(x_BTD, (self.kv_proj,), self.head_dim, cos, sin, self.layer_idx, slots, experts)
         q = kv[0] if kv is not None else None  # the map, where the kv kernel took it
         if q is None:
@@ -145,9 +160,9 @@ class JetMoeMoE(nn.Module):
     def __init__(self, config: JetMoeConfig) -> None:
         super().__init__()
         E, D, I = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.router = JetMoeRouter(D, E, config.num_experts_per_tok)
         self.input_linear = JetMoeExpertWeights(E, D, 2 * I)
         self.output_linear = JetMoeExpertWeights(E, I, D)
+        self.router = JetMoeRouter(D, E, config.num_experts_per_tok)
         self.bias = nn.Parameter(torch.empty(D))
         self.act = ACTIVATIONS[config.activation_function]
         self.backend: str | None = None
@@ -161,34 +176,36 @@ class JetMoeMoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         weights_NK, ids_NK, logits_NE = routing if routing is not None else self.router(x_ND)
-        y = experts_forward(
-            x_ND, self.input_linear.weight, self.output_linear.weight, ids_NK, weights_NK, self.act, self.backend,
-            combine,
-        )
+        y = self.input_linear(lambda w13: self.output_linear(lambda w2: experts_forward(
+            x_ND, w13, w2, ids_NK, weights_NK, self.act, self.backend, combine,
+        )))
         return y.view(B, T, *y.shape[1:]), logits_NE
 
 
 class JetMoeDecoderLayer(nn.Module):
     def __init__(self, config: JetMoeConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attention = JetMoeAttention(config, layer_idx)
+        # registered in Transformers' order, so that named_parameters() lists the same sequence (an
+        # optimizer's state, which is kept by position, then carries over between the libraries)
         self.mlp = JetMoeMoE(config)
         self.input_layernorm = JetMoeRMSNorm(config.hidden_size, LAYER_NORM_EPS)
         self.post_attention_layernorm = JetMoeRMSNorm(config.hidden_size, LAYER_NORM_EPS)
+        self.self_attention = JetMoeAttention(config, layer_idx)
 
     def forward(self, r: Residual, rope, mask, is_causal, cache, cache_position_T, need_weights):
         # Each norm with the residual add before it and (at decode) the router reading its output:
         # one kernel at inference. The first adds the previous layer's MLP output.
         attn_router, mlp_router = self.self_attention.experts.router, self.mlp.router
         x_BTD, h, routing = self.input_layernorm.add_norm_route(
-            *r, attn_router.layer.weight, attn_router.top_k, logits_f32=True
+            *r, plain_weight(attn_router.layer), attn_router.top_k, logits_f32=True
         )
         a, weights, attn_logits_NE = self.self_attention(
             h, rope, mask, is_causal, cache, cache_position_T, need_weights, routing, combine=False
         )
         # x + (attention + bias), then the norm
         x_BTD, h, routing = self.post_attention_layernorm.add_norm_route(
-            x_BTD, a, self.self_attention.experts.bias, mlp_router.layer.weight, mlp_router.top_k, logits_f32=True
+            x_BTD, a, self.self_attention.experts.bias, plain_weight(mlp_router.layer), mlp_router.top_k,
+            logits_f32=True,
         )
         m, mlp_logits_NE = self.mlp(h, routing, combine=False)
         # Transformers records the attention router twice per layer (as the router's output and as the

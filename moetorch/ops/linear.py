@@ -88,11 +88,18 @@ def linears_rotated(x_BTD, layers, head_dim: int, cos_BTd, sin_BTd, cache_kv=Non
     return q, parts[-2], parts[-1]
 
 
+def plain_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The weight of a layer whose forward is `nn.Linear`'s, else None. A kernel that reads a
+    weight may stand in for the layer's call only then: a wrapper in its place (PEFT's LoRA layers,
+    a quantised layer) exposes its base weight but computes something else."""
+    return layer.weight if type(layer).forward is nn.Linear.forward else None
+
+
 def _fusable(x: torch.Tensor, layers) -> bool:
     if not 1 <= len(layers) <= 3 or x.dim() == 0 or not 0 < x.numel() // x.shape[-1] <= fused.LINEAR_MAX_ROWS:
         return False
-    if any(type(layer).forward is not nn.Linear.forward for layer in layers):
-        return False  # a subclass (a LoRA wrapper, a quantised layer) computes something else
+    if any(plain_weight(layer) is None for layer in layers):
+        return False
     biases = [layer.bias for layer in layers]
     if any((b is None) != (biases[0] is None) for b in biases):
         return False

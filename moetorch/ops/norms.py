@@ -77,15 +77,17 @@ class _AddNormRoute:
     """`add_norm_route` for a norm that describes itself by `_kernel_args()` (mode, weight, bias, eps)."""
 
     def add_norm_route(
-        self, x, delta, bias, router_weight_ED: torch.Tensor, top_k: int,
+        self, x, delta, bias, router_weight_ED: torch.Tensor | None, top_k: int,
         sparsemixer_eps: float | None = None, logits_f32: bool = False,
     ):
         """`(sum, normed, routing)`: `add_norm(x, delta, bias)` (delta None: the norm alone), and the
         router `router_weight_ED` applied to the normed rows with its routing, which is sparsemixer's
         eval mode when `sparsemixer_eps` is given, else a top-k softmax. `routing` is (weights, ids,
-        logits) from one fused kernel at decode sizes in inference, else None: the caller routes."""
+        logits) from one fused kernel at decode sizes in inference, else None: the caller routes.
+        A router weight of None (a router that is not a plain Linear) always leaves it to the caller."""
         rows = x.numel() // x.shape[-1]
-        if self.training or not 0 < rows <= fused.ROUTE_MAX_ROWS or not self._fusable(x, delta, bias, router_weight_ED):
+        if (self.training or router_weight_ED is None or not 0 < rows <= fused.ROUTE_MAX_ROWS
+                or not self._fusable(x, delta, bias, router_weight_ED)):
             if delta is None:
                 return x, self(x), None
             return (*self.add_norm(x, delta, bias), None)
