@@ -340,6 +340,55 @@ class GenerationMixin:
             raise TypeError(f"generation_config must be a GenerationConfig, got {type(value).__name__}")
         self.__dict__["_generation_config"] = value
 
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The forward's keyword arguments for one generation step, built as Transformers'
+        `GenerationMixin.prepare_inputs_for_generation` builds them: the last
+        `next_sequence_length` ids (or, on the first iteration, `inputs_embeds` in their place),
+        `past_key_values`, `position_ids` cut to the same length, the attention mask, and every
+        other keyword except `labels`; tensors moved to the model's device when the ids are
+        elsewhere. The attention mask passes as given: moetorch's forward builds its own masks
+        from a 2D one, for a static cache too, where Transformers makes it 4D first.
+
+        Libraries that wrap a model call it (PEFT reads it when it wraps a causal LM). moetorch's
+        own `generate` builds its steps itself and does not call it."""
+        inputs: dict[str, Any] = {}
+        if inputs_embeds is not None and is_first_iteration:
+            if next_sequence_length is not None:
+                inputs_embeds = inputs_embeds[:, -next_sequence_length:]
+            inputs["input_ids"] = None
+            inputs["inputs_embeds"] = inputs_embeds.clone(memory_format=torch.contiguous_format)
+            length = inputs_embeds.shape[1]
+        else:
+            if next_sequence_length is not None:
+                input_ids = input_ids[:, -next_sequence_length:]
+            inputs["input_ids"] = input_ids.clone(memory_format=torch.contiguous_format)
+            length = input_ids.shape[1]
+        if past_key_values is not None:
+            inputs["past_key_values"] = past_key_values
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is not None:
+            if position_ids.shape[-1] != length:
+                position_ids = position_ids[..., -length:].clone(memory_format=torch.contiguous_format)
+            inputs["position_ids"] = position_ids
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        for key, value in kwargs.items():
+            if key not in ("labels", "next_sequence_length") and key not in inputs:
+                inputs[key] = value
+        first = inputs["inputs_embeds"] if inputs["input_ids"] is None else inputs["input_ids"]
+        if first is not None and self.device.type != "meta" and first.device != self.device:
+            inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        return inputs
+
     @torch.no_grad()
     def generate(
         self,
@@ -398,6 +447,7 @@ class GenerationMixin:
         own = {} if custom_generate is None else {
             k: kwargs.pop(k) for k in own_arguments(custom_generate) if k in kwargs
         }
+        _check_no_input_hook(self)
         sync = synced(synced_gpus, self)
         gen, model_inputs = self._generation_settings(generation_config, kwargs, use_model_defaults)
         tokenizer = model_inputs.pop("tokenizer", None)
@@ -1340,6 +1390,36 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
         torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
+
+
+def _check_no_input_hook(model) -> None:
+    """generate() builds each step's inputs itself: a `prepare_inputs_for_generation` put in the
+    place of moetorch's (a subclass's, or an instance attribute) would be ignored, so it is an
+    error. PEFT sets its own there while it generates; for adapters that change weights (LoRA,
+    DoRA, IA3, ...) it only calls moetorch's, so it may stay. Prompt learning (prompt tuning,
+    p-tuning, prefix tuning) adds its virtual tokens there and cannot."""
+    hook = model.__dict__.get("prepare_inputs_for_generation")
+    if hook is None:
+        if type(model).prepare_inputs_for_generation.__module__.startswith("moetorch."):
+            return
+        raise NotImplementedError(
+            f"{type(model).__name__} overrides prepare_inputs_for_generation, which moetorch's generate() "
+            "does not call (it builds each step's inputs itself)"
+        )
+    peft_config = getattr(getattr(hook, "__self__", None), "active_peft_config", None)
+    if peft_config is not None and not getattr(peft_config, "is_prompt_learning", True):
+        return
+    if peft_config is not None:
+        method = getattr(peft_config.peft_type, "value", peft_config.peft_type)
+        raise NotImplementedError(
+            f"PEFT {method} adds its virtual tokens in prepare_inputs_for_generation, which "
+            "moetorch's generate() does not call. Adapters that change weights (LoRA, DoRA, IA3, ...) "
+            "generate; for a prompt-tuned model, pass inputs_embeds with the prompt's embeddings in front"
+        )
+    raise NotImplementedError(
+        "model.prepare_inputs_for_generation was replaced, and moetorch's generate() does not call it "
+        "(it builds each step's inputs itself)"
+    )
 
 
 def _first_eos(gen: GenerationConfig) -> int | None:

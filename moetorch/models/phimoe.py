@@ -18,7 +18,7 @@ from ..generation import GenerationMixin
 from ..modeling_utils import PreTrainedModel, decoder_forward
 from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
-from ..ops.linear import linears
+from ..ops.linear import linears, plain_weight
 from ..ops.moe import experts_forward
 from ..ops.norms import LayerNorm, Residual
 from ..ops.rope import RotaryEmbedding
@@ -126,7 +126,7 @@ class PhimoeDecoderLayer(nn.Module):
         a, weights = self.self_attn(h, rope, mask, is_causal, cache, cache_position_T, need_weights)
         # x + attention, the norm, and (at decode) the router: one kernel at inference
         x_BTD, h, routing = self.post_attention_layernorm.add_norm_route(
-            x_BTD, a, None, self.mlp.router.weight, 2, sparsemixer_eps=self.mlp.router_jitter
+            x_BTD, a, None, plain_weight(self.mlp.router), 2, sparsemixer_eps=self.mlp.router_jitter
         )
         m, logits_TE = self.mlp(h, routing, combine=False)
         return Residual(x_BTD, m), weights, (logits_TE,)
@@ -185,6 +185,24 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
     @property
     def router_aux_loss_coef(self) -> float:
         return self.config.router_aux_loss_coef
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, position_ids=None,
+        use_cache=True, logits_to_keep=0, **kwargs,
+    ):
+        """`GenerationMixin.prepare_inputs_for_generation` as Transformers' PhiMoE overrides it: a
+        step whose ids reach past `original_max_position_embeddings` (where LongRoPE switches to its
+        long factors) while the cache holds no more than that drops the cache, so that the whole
+        sequence runs again."""
+        omax = self.config.original_max_position_embeddings
+        if (past_key_values and omax is not None and input_ids.shape[1] >= omax + 1
+                and past_key_values.get_seq_length() <= omax):
+            past_key_values = None
+            kwargs["next_sequence_length"] = None
+        return super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+        )
 
     def forward(
         self,
