@@ -309,12 +309,15 @@ class MoeConfig:
 
 def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Load a config.json as a dict, with errors that name the file."""
-    path = os.fspath(path)
+    from .defaults import EMBEDDED, checkpoint_path
+
+    path = checkpoint_path(path)
     file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path!r} is not a local directory. moetorch loads checkpoints from disk only "
-            f"(no hub downloads): pass the path of a directory that holds {CONFIG_NAME} and the weights."
+            f"(no hub downloads): pass the path of a directory that holds {CONFIG_NAME} and the weights, "
+            f"or an embedded model's name ({', '.join(EMBEDDED)})."
         )
     if not os.path.exists(file):
         raise FileNotFoundError(f"no {CONFIG_NAME} found at {file}")

@@ -25,6 +25,17 @@ HELDOUT_SAMPLE = ASSETS / "heldout_sample.txt"
 _VERSION = "v2"  # bump when the recipe below changes, so stale builds are not reused
 
 
+def checkpoint_path(path: str | os.PathLike) -> str:
+    """`path` as a string, or the embedded model's directory where `path` names one
+    ("tiny-phimoe", "tiny-jetmoe") and nothing exists at that path: `from_pretrained("tiny-phimoe")`
+    loads the shipped model, as Transformers loads a hub name, and a local directory of the same
+    name comes first."""
+    path = os.fspath(path)
+    if path in EMBEDDED and not os.path.exists(path):
+        return str(ASSETS / path)
+    return path
+
+
 def home() -> Path:
     return Path(os.environ.get("MOETORCH_HOME", Path.home() / ".cache" / "moetorch"))
 

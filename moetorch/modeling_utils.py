@@ -20,6 +20,7 @@ from torch import nn
 from . import checkpoint, placement
 from .cache import Cache, DynamicCache
 from .configuration import MoeConfig
+from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from .generation.custom import install_checkpoint_generate
 from .ops.attention import build_mask, check_attn_implementation
@@ -171,7 +172,7 @@ class PreTrainedModel(nn.Module):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
-        self.name_or_path = ""  # the checkpoint directory, once loaded
+        self.name_or_path = ""  # the checkpoint directory or embedded name, once loaded
         self.attn_implementation = check_attn_implementation(config.attn_implementation)
         self.gradient_checkpointing = False
 
@@ -407,7 +408,7 @@ class PreTrainedModel(nn.Module):
         newly initialises tensors of another shape (a classifier of another label count), and
         `generation_config` replaces the checkpoint's. Other keywords override config fields.
         """
-        path = os.fspath(pretrained_model_name_or_path)
+        path = checkpoint_path(pretrained_model_name_or_path)
         trust_remote_code = bool(config_overrides.get("trust_remote_code"))
         for key in _LOADER_ONLY_KWARGS & config_overrides.keys():
             config_overrides.pop(key)  # hub/remote-code options: meaningless for a local checkpoint
@@ -460,7 +461,7 @@ class PreTrainedModel(nn.Module):
         elif hasattr(model, "generate") and os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(path)
         model.config.dtype = str(target_dtype).removeprefix("torch.")
-        model.name_or_path = path
+        model.name_or_path = os.fspath(pretrained_model_name_or_path)  # as given, as Transformers keeps it
         if device_map is not None:
             model.hf_device_map = placement.hf_device_map(where)
         if trust_remote_code and hasattr(model, "generate"):

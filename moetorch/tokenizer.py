@@ -98,7 +98,9 @@ class Tokenizer:
         """Load from a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
         from tokenizers import Tokenizer as RustTokenizer
 
-        directory = Path(path)
+        from .defaults import checkpoint_path
+
+        directory = Path(checkpoint_path(path))
         file = directory / TOKENIZER_FILE
         if not directory.is_dir():
             raise FileNotFoundError(f"{path!r} is not a local directory (moetorch loads tokenizers from disk only)")

@@ -45,3 +45,26 @@ def test_greedy_generation_is_deterministic_and_on_topic(name):
 def test_default_is_the_trained_phimoe():
     path, is_random = resolve_model(None)
     assert path.name == "tiny-phimoe" and not is_random
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
+def test_from_pretrained_takes_an_embedded_models_name(name, tmp_path, monkeypatch):
+    """`from_pretrained("tiny-phimoe")` loads the shipped model (as Transformers loads a hub name);
+    a local directory of that name comes first; an unknown name says what it accepts."""
+    from moetorch import AutoConfig, AutoTokenizer, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(name)
+    ref = AutoModelForCausalLM.from_pretrained(ASSETS / name)
+    assert model.name_or_path == name
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert AutoConfig.from_pretrained(name).to_dict() == ref.config.to_dict()
+    assert AutoTokenizer.from_pretrained(name)("def f():")["input_ids"] == Tokenizer.from_pretrained(
+        ASSETS / name)("def f():")["input_ids"]
+    assert GenerationConfig.from_pretrained(name).eos_token_id == ref.generation_config.eos_token_id
+    monkeypatch.chdir(tmp_path)
+    ref.config.num_hidden_layers = 1
+    local = type(ref)(ref.config)
+    local.save_pretrained(tmp_path / name)
+    assert AutoModelForCausalLM.from_pretrained(name).config.num_hidden_layers == 1
+    with pytest.raises(FileNotFoundError, match="embedded model's name .*tiny-phimoe"):
+        AutoModelForCausalLM.from_pretrained("tiny-nothing")

@@ -281,7 +281,9 @@ class GenerationConfig:
     def from_pretrained(cls, pretrained_model_name: str | os.PathLike, config_file_name: str | None = None,
                         **kwargs: Any) -> GenerationConfig:
         """Read `generation_config.json` from a directory (or a path to the json file itself)."""
-        path = os.fspath(pretrained_model_name)
+        from ..defaults import checkpoint_path
+
+        path = checkpoint_path(pretrained_model_name)
         if os.path.isdir(path):
             path = os.path.join(path, config_file_name or GENERATION_CONFIG_NAME)
         if not os.path.isfile(path):
