@@ -7,11 +7,12 @@ Model files keep their modules small and explicit; what is the same for every mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -173,6 +174,7 @@ class PreTrainedModel(nn.Module):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
         self.name_or_path = ""  # the checkpoint directory or embedded name, once loaded
+        self.model_tags: list[str] | None = None  # what trainers tag a model with (add_model_tags)
         self.attn_implementation = check_attn_implementation(config.attn_implementation)
         self.gradient_checkpointing = False
 
@@ -299,6 +301,15 @@ class PreTrainedModel(nn.Module):
     def can_generate(self) -> bool:
         return self.get_output_embeddings() is not None
 
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Add tags to `model_tags`, each once, as Transformers does (TRL's trainers tag the models
+        they train)."""
+        if isinstance(tags, str):
+            tags = [tags]
+        if self.model_tags is None:
+            self.model_tags = []
+        self.model_tags.extend(t for t in dict.fromkeys(tags) if t not in self.model_tags)
+
     def set_attn_implementation(self, attn_implementation: str) -> None:
         """Switch the attention backend ("eager", "sdpa", "flash_attention_2") of every layer."""
         impl = check_attn_implementation(attn_implementation)
@@ -307,30 +318,47 @@ class PreTrainedModel(nn.Module):
             if hasattr(m, "attn_implementation"):
                 m.attn_implementation = impl
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False,
+    ) -> None:
+        """In training, recompute the decoder layers' activations in the backward instead of keeping
+        them, as Transformers does: `activation_checkpointing_kwargs` go to
+        `torch.utils.checkpoint.checkpoint` (default `use_reentrant=False`), `every_n_layers`
+        checkpoints layers 0, n, 2n, ... only, and `offload` keeps what the checkpoints save in host
+        memory. The embeddings' output is made to require gradients (`enable_input_require_grads`),
+        so that gradients pass frozen embeddings (adapters) into checkpointed layers."""
+        if activation_checkpointing_kwargs is not None and not isinstance(activation_checkpointing_kwargs, Mapping):
+            raise TypeError("activation_checkpointing_kwargs must be a dict of torch.utils.checkpoint.checkpoint "
+                            f"arguments, got {type(activation_checkpointing_kwargs).__name__}")
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        spec = Checkpointing(every_n_layers=every_n_layers, offload=bool(offload))
+        if activation_checkpointing_kwargs is not None:
+            spec = dataclasses.replace(spec, kwargs=dict(activation_checkpointing_kwargs))
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
-                m.gradient_checkpointing = True
+                m.gradient_checkpointing = spec
+        self.enable_input_require_grads()
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = False
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
-    # Transformers 5's names for the same
-    def activation_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+    # Transformers' older names for the same
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
-    def activation_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing_disable()
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
 
     @property
-    def is_activation_checkpointing(self) -> bool:
-        return self.is_gradient_checkpointing
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
 
     # attributes Transformers' models carry, read from the config (so a resize keeps them right)
     @property
@@ -518,6 +546,36 @@ def _resize_rows(old: torch.Tensor, new: torch.Tensor, mean_resizing: bool, std:
 # ---- shared forward plumbing ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """How the decoder layers keep their activations in training (`activation_checkpointing_enable`).
+    A model's `gradient_checkpointing` holds one (or True: the defaults) while it is on."""
+
+    kwargs: dict = field(default_factory=lambda: {"use_reentrant": False})
+    every_n_layers: int = 1
+    offload: bool = False
+
+    def __call__(self, index: int, layer: nn.Module, r: Residual, *args):
+        """`layer(r, *args)`, checkpointed where `index` is a multiple of `every_n_layers`. The
+        checkpoint sees the residual's tensors and the layer's outputs one by one, so that a
+        reentrant checkpoint (which follows tensor arguments only) passes their gradients too."""
+        if index % self.every_n_layers:
+            return layer(r, *args)
+
+        bias = []  # the output's bias: a parameter, not computed, so it stays out of the checkpoint
+
+        def flat(x, delta, in_bias, *rest):
+            out, weights, logits = layer(Residual(x, delta, in_bias), *rest)
+            bias[:] = [out.bias]
+            return (out.x, out.delta, weights, *logits)
+
+        saved = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if self.offload
+                 else contextlib.nullcontext())
+        with saved:
+            x, delta, weights, *logits = torch.utils.checkpoint.checkpoint(flat, *r, *args, **self.kwargs)
+        return Residual(x, delta, bias[0]), weights, tuple(logits)
+
+
 @dataclass
 class DecoderInputs:
     """What every decoder needs before its first layer, derived from the HF-style arguments."""
@@ -610,7 +668,7 @@ def run_layers(
     norm: nn.Module,
     output_attentions: bool,
     output_hidden_states: bool,
-    checkpointing: bool,
+    checkpointing: Checkpointing | None,
     spread: bool = False,
 ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple]:
     """The decoder stack. Each layer maps (Residual, ...) -> (Residual, attention weights, router
@@ -634,7 +692,7 @@ def _run_stack(layers, x_BTD, rope, mask, is_causal, cache, cache_position_T, no
     hidden, attns, routers = [], [], []
     r = Residual(x_BTD)
     here = x_BTD.device
-    for layer in layers:
+    for index, layer in enumerate(layers):
         if on_device is not None and (there := module_device(layer)) != here:
             # the layer's inputs go to its device, which becomes the current one
             r, rope, mask, cache_position_T = to_device((r, rope, mask, cache_position_T), there, on_device)
@@ -643,8 +701,8 @@ def _run_stack(layers, x_BTD, rope, mask, is_causal, cache, cache_position_T, no
             r = Residual(r.value())
             hidden.append(r.x)
         args = (r, rope, mask, is_causal, cache, cache_position_T, output_attentions)
-        if checkpointing:
-            r, w, logits = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+        if checkpointing is not None:
+            r, w, logits = checkpointing(index, layer, *args)
         else:
             r, w, logits = layer(*args)
         attns.append(w)
@@ -748,7 +806,8 @@ def decoder_forward(
     output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
     output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
     output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
-    checkpointing = model.gradient_checkpointing and model.training
+    checkpointing = model.gradient_checkpointing if model.training else None
+    checkpointing = Checkpointing() if checkpointing is True else checkpointing or None
     use_cache = (cfg.use_cache if use_cache is None else use_cache) and not checkpointing
     inp = prepare_decoder_inputs(
         model.embed_tokens, input_ids, inputs_embeds, past_key_values, use_cache, cache_position, position_ids,

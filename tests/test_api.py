@@ -160,22 +160,60 @@ def test_fine_tuning_helpers_as_transformers(arch, tmp_path):
     assert not embedded_requires_grad()
 
 
+CHECKPOINT_OPTIONS = {
+    "default": {},
+    "reentrant": {"activation_checkpointing_kwargs": {"use_reentrant": True}},
+    "every_2nd": {"every_n_layers": 2},
+    "offload": {"offload": True},
+}
+
+
+@pytest.mark.parametrize("options", CHECKPOINT_OPTIONS, ids=list(CHECKPOINT_OPTIONS))
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
-def test_gradient_checkpointing_gives_the_same_gradients(arch):
+def test_gradient_checkpointing_gives_the_same_gradients(arch, options, monkeypatch):
+    """Transformers' activation_checkpointing_enable options: the checkpoint's own arguments (a
+    reentrant checkpoint, which follows tensor arguments only, included), every n-th layer from the
+    first, and offloading what it saves; the gradients stay those of the plain backward."""
     ids, mask = make_inputs(arch.base["vocab_size"], 2, 6, "left")
-    grads = []
+    grads, calls = [], []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(k) or checkpoint(*a, **k))
     for ckpt in (False, True):
-        model = tiny(arch, seed=2).train()
+        model = tiny(arch, seed=2, num_hidden_layers=3).train()
         if ckpt:
-            model.gradient_checkpointing_enable()
-            assert model.is_gradient_checkpointing
+            model.activation_checkpointing_enable(**CHECKPOINT_OPTIONS[options])
+            assert model.is_gradient_checkpointing and model.is_activation_checkpointing
         torch.manual_seed(5)
         out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
         assert out.past_key_values is None or not ckpt
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         close(grads[0][n], grads[1][n], f"grad {n}", atol=1e-6, rtol=1e-5)
+    assert len(calls) == (2 if options == "every_2nd" else 3)  # layers 0 and 2 of 3, or all
+    want = CHECKPOINT_OPTIONS[options].get("activation_checkpointing_kwargs", {"use_reentrant": False})
+    assert all(k == want for k in calls)
+
+
+def test_add_model_tags_keeps_each_tag_once():
+    model = tiny(PHIMOE)
+    assert model.model_tags is None
+    model.add_model_tags("trl")
+    model.add_model_tags(["sft", "trl", "sft"])
+    assert model.model_tags == ["trl", "sft"]
+
+
+def test_gradient_checkpointing_options_are_checked():
+    model = tiny(PHIMOE, seed=2)
+    with pytest.raises(ValueError, match="every_n_layers"):
+        model.activation_checkpointing_enable(every_n_layers=0)
+    with pytest.raises(TypeError, match="activation_checkpointing_kwargs"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=["use_reentrant"])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True}, every_n_layers=2)
+    assert model.model.gradient_checkpointing.every_n_layers == 2
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
 
 
 @contextlib.contextmanager

@@ -305,3 +305,22 @@ def test_sequence_classification_adapter_trains_its_score_as_in_transformers(arc
     assert ga.keys() == gb.keys() and any("modules_to_save" in n for n in ga)
     for name in ga:
         close(gb[name], ga[name], f"grad {name}", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_adapter_gradients_through_checkpointed_layers(reentrant):
+    """LoRA behind frozen embeddings with activation checkpointing (as Transformers' Trainer runs it
+    with gradient_checkpointing=True): the adapter's gradients are those without checkpointing, a
+    reentrant checkpoint included (it needs the embeddings' output to require gradients)."""
+    grads = []
+    ids, mask = make_inputs(JETMOE.base["vocab_size"], 2, 7, "left", seed=4)
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = with_adapter(JETMOE.ours["causal_lm"](JETMOE.our_config()), "lora", "jetmoe", seed=2)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        grads.append(step(model, ids, mask)[1])
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert grads[1][name].abs().sum() > 0, name
+        close(grads[1][name], grads[0][name], f"grad {name}", atol=1e-6, rtol=1e-5)
