@@ -738,6 +738,36 @@ def check_head_dim(results):
     return ok
 
 
+def check_checkpointing(results):
+    """Activation checkpointing's options on the GPU (the reentrant checkpoint, every second layer,
+    activations offloaded to pinned host memory): float32 training gradients equal those of the
+    plain backward (relative error < 1e-5); the peak memory of each backward is recorded."""
+    ok = True
+    for name, (cfg, cls) in configs().items():
+        ids = torch.randint(1, cfg.vocab_size, (4, 256), device="cuda")
+        grads, peaks = {}, {}
+        for option, kw in {"none": None, "default": {}, "reentrant": {"activation_checkpointing_kwargs": {
+                "use_reentrant": True}}, "every_2nd": {"every_n_layers": 2}, "offload": {"offload": True}}.items():
+            torch.manual_seed(0)
+            model = cls(cfg).to("cuda").train()
+            if kw is not None:
+                model.activation_checkpointing_enable(**kw)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            torch.manual_seed(1)
+            model(ids, labels=ids).loss.backward()
+            peaks[option] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            grads[option] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            del model
+        for option in peaks:
+            err = max(rel_err(grads[option][n], g) for n, g in grads["none"].items())
+            results[f"checkpointing.{name}.{option}.grad_rel_err"] = err
+            results[f"checkpointing.{name}.{option}.peak_mib"] = round(peaks[option], 1)
+            ok &= err < 1e-5 and grads[option].keys() == grads["none"].keys()
+    return ok
+
+
 @torch.no_grad()
 def check_beam_graphs(results):
     # beam search, and sampling several sequences per prompt, on the held cache's graphs
@@ -1002,6 +1032,7 @@ def run_checks() -> dict:
     ok &= check_assisted_graphs(results)
     ok &= check_scaled_rope_and_chunked_prefill(results)
     ok &= check_head_dim(results)
+    ok &= check_checkpointing(results)
     results["ok"] = bool(ok)
     return results
 
