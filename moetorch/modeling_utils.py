@@ -25,6 +25,7 @@ from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from .generation.custom import install_checkpoint_generate
 from .ops.attention import build_mask, check_attn_implementation
+from .ops.moe import training_paths
 from .ops.norms import Residual
 from .outputs import MoeModelOutputWithPast
 from .placement import format_size
@@ -565,7 +566,8 @@ class Checkpointing:
         bias = []  # the output's bias: a parameter, not computed, so it stays out of the checkpoint
 
         def flat(x, delta, in_bias, *rest):
-            out, weights, logits = layer(Residual(x, delta, in_bias), *rest)
+            with training_paths():  # the forward (no_grad when reentrant) and its recompute alike
+                out, weights, logits = layer(Residual(x, delta, in_bias), *rest)
             bias[:] = [out.bias]
             return (out.x, out.delta, weights, *logits)
 

@@ -287,3 +287,31 @@ def test_model_attributes_as_transformers(arch):
     assert not ours.is_activation_checkpointing
     ours.resize_token_embeddings(arch.base["vocab_size"] + 5)
     assert ours.vocab_size == arch.base["vocab_size"] + 5
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_reentrant_checkpoint_runs_no_inference_kernels(arch, monkeypatch):
+    """A reentrant checkpoint runs the layers' forward under no_grad, where inference kernels would
+    serve (on a GPU, the Triton experts leave a [.., K, D] output where the recompute's is summed).
+    Checkpointed layers take the training paths in the forward and the recompute alike: under
+    fused.forced() (the GPU's choice of kernels), no fused kernel runs inside a layer, and the
+    gradients are those of the plain backward."""
+    from moetorch.ops import fused
+
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 6, "left")
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(arch, seed=2, num_hidden_layers=2).train()
+        if ckpt:
+            model.activation_checkpointing_enable({"use_reentrant": True})
+        inside = []
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda m, a, inside=inside: inside.append(fused.active(torch.ones(1))))
+        torch.manual_seed(5)
+        with fused.forced():
+            model(ids, attention_mask=mask, labels=ids).loss.backward()
+        if ckpt:  # each layer's forward and recompute: training paths
+            assert len(inside) == 4 and not any(inside)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        close(grads[0][n], grads[1][n], f"grad {n}", atol=1e-6, rtol=1e-5)

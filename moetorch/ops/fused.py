@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .moe import triton_available
+from .moe import on_training_paths, triton_available
 
 # What the kernels compute in (float32 accumulation, rounding to these); float64 takes the torch code.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,8 +48,8 @@ def serves(device: torch.device) -> bool:
     """Whether the fused kernels run on `device` at all: CUDA (any device under `forced()`), triton
     installed, MOETORCH_FUSED not 0. For ops with no float inputs (the attention mask); `active`
     checks the tensors of the others. Never while torch.compile traces: the compiled graph takes
-    the torch code, which inductor fuses itself."""
-    if torch.compiler.is_compiling():
+    the torch code, which inductor fuses itself; nor inside `moe.training_paths()`."""
+    if torch.compiler.is_compiling() or on_training_paths():
         return False
     return _state["enabled"] and (_state["forced"] or device.type == "cuda") and triton_available()
 

@@ -16,6 +16,7 @@ experts: per-(token, slot) query projection, then weighted output projection), s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from collections.abc import Callable
@@ -43,6 +44,26 @@ def _lazy_triton(name: str) -> Callable[..., torch.Tensor]:
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+_training_paths = [0]  # depth of training_paths() contexts
+
+
+@contextlib.contextmanager
+def training_paths():
+    """Take the training code paths (no inference kernels, the differentiable expert backends)
+    even where autograd does not record. A reentrant checkpoint runs a layer's forward under
+    no_grad and later recomputes it recording: both must take the same paths, for the same
+    outputs (`modeling_utils.Checkpointing`)."""
+    _training_paths[0] += 1
+    try:
+        yield
+    finally:
+        _training_paths[0] -= 1
+
+
+def on_training_paths() -> bool:
+    return _training_paths[0] > 0
 
 
 def _swiglu(h_N2I: torch.Tensor, act: Act) -> torch.Tensor:
@@ -134,7 +155,8 @@ def pick_backend(x_TD: torch.Tensor, ids_TK: torch.Tensor, *weights: torch.Tenso
     sync, so `fullgraph=True` holds), else gather for small T, else the reference loop (whose
     data-dependent shapes break the graph)."""
     compiling = torch.compiler.is_compiling()
-    if not compiling and x_TD.is_cuda and triton_available() and not (torch.is_grad_enabled() and x_TD.requires_grad):
+    inference = not on_training_paths() and not (torch.is_grad_enabled() and x_TD.requires_grad)
+    if not compiling and x_TD.is_cuda and triton_available() and inference:
         return "triton"
     if (compiling or x_TD.is_cuda) and _grouped_mm_serves(x_TD, *weights):
         return "grouped_mm"
