@@ -22,7 +22,7 @@ from . import checkpoint, placement
 from .cache import Cache, DynamicCache
 from .configuration import MoeConfig
 from .defaults import checkpoint_path
-from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
+from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
 from .generation.custom import install_checkpoint_generate
 from .ops.attention import build_mask, check_attn_implementation
 from .ops.moe import training_paths
@@ -446,9 +446,8 @@ class PreTrainedModel(nn.Module):
             if value not in (_LOADER_UNSUPPORTED[key], {}):
                 raise ValueError(f"from_pretrained: `{key}` is a Transformers loading option that moetorch does not "
                                  f"support (got {value!r})")
-        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
-            raise TypeError(f"from_pretrained: generation_config must be a moetorch GenerationConfig, got "
-                            f"{type(generation_config).__name__}")
+        if generation_config is not None:
+            generation_config = as_generation_config(generation_config, "from_pretrained: generation_config")
         if "subfolder" in config_overrides:
             path = os.path.join(path, config_overrides.pop("subfolder"))
         if config is None:

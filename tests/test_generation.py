@@ -1213,3 +1213,31 @@ def test_watermarking_errors_name_the_setting(pair):
             pair[1].generate(ids, max_new_tokens=2, watermarking_config=bad)
     with pytest.raises(ValueError, match="context_width"):
         moetorch.WatermarkDetector(pair[1].config, "cpu", moetorch.WatermarkingConfig(context_width=4))(ids[:, :4])
+
+
+def test_a_transformers_generation_config_is_taken_for_its_set_fields(tmp_path):
+    """A script that still imports Transformers' GenerationConfig: generate, the model's
+    generation_config and from_pretrained take it as the moetorch config of the fields it sets
+    (the model's defaults fill the rest, as for a moetorch config)."""
+    arch = ARCHS[0]
+    hf, ours = make_pair(arch, tmp_path)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 5, "left", seed=3)
+    settings = dict(max_new_tokens=6, do_sample=True, top_k=5, temperature=0.7, pad_token_id=0,
+                    watermarking_config={"bias": 2.0})
+    runs = []
+    for config in (moetorch.GenerationConfig(**settings), transformers.GenerationConfig(**settings)):
+        torch.manual_seed(4)
+        runs.append(ours.generate(ids, attention_mask=mask, generation_config=config))
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(4)
+    assert torch.equal(hf.generate(ids, attention_mask=mask, generation_config=transformers.GenerationConfig(
+        **settings)), runs[0])
+    ours.generation_config = transformers.GenerationConfig(max_new_tokens=3, eos_token_id=5)
+    assert isinstance(ours.generation_config, moetorch.GenerationConfig)
+    assert ours.generation_config.max_new_tokens == 3 and ours.generation_config.is_set("eos_token_id")
+    loaded = type(ours).from_pretrained(tmp_path / "hf", generation_config=transformers.GenerationConfig(top_k=7))
+    assert loaded.generation_config.top_k == 7
+    with pytest.raises(TypeError, match="generation_config must be a moetorch GenerationConfig .*got builtins.dict"):
+        ours.generate(ids, generation_config={"max_new_tokens": 2})
+    with pytest.raises(TypeError, match=r"moetorch Cache .*got transformers\.cache_utils\.DynamicCache"):
+        ours.generate(ids, attention_mask=mask, past_key_values=transformers.DynamicCache(), max_new_tokens=2)

@@ -337,3 +337,19 @@ class GenerationConfig:
 
     def __repr__(self) -> str:
         return f"GenerationConfig {self.to_json_string()}"
+
+
+def as_generation_config(config: Any, what: str = "generation_config") -> GenerationConfig:
+    """`config` itself, or a moetorch GenerationConfig of the fields set on a Transformers
+    `GenerationConfig` (a script may still import that one); anything else is a TypeError that
+    names `what`."""
+    if isinstance(config, GenerationConfig):
+        return config
+    kind = type(config)
+    if kind.__name__ == "GenerationConfig" and kind.__module__.startswith("transformers.") and hasattr(
+            config, "to_diff_dict"):
+        fields = {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in config.to_diff_dict().items()
+                  if k not in ("transformers_version", "_from_model_config", "_commit_hash")}
+        return GenerationConfig(**fields)
+    raise TypeError(f"{what} must be a moetorch GenerationConfig (or Transformers' own), got "
+                    f"{kind.__module__}.{kind.__qualname__}")

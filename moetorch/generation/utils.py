@@ -28,7 +28,7 @@ from ..cache import Cache, DynamicCache, StaticCache
 from ..engine.cuda_graph import CHUNK_BUCKETS, GraphedChunk, GraphedDecodeStep, GraphedPrefill, own_forward
 from ..ops import fused
 from ..outputs import ModelOutput
-from .configuration import DEFAULTS, GenerationConfig
+from .configuration import DEFAULTS, GenerationConfig, as_generation_config
 from .custom import (
     PeerSync,
     load_custom_generate,
@@ -336,9 +336,7 @@ class GenerationMixin:
 
     @generation_config.setter
     def generation_config(self, value: GenerationConfig) -> None:
-        if not isinstance(value, GenerationConfig):
-            raise TypeError(f"generation_config must be a GenerationConfig, got {type(value).__name__}")
-        self.__dict__["_generation_config"] = value
+        self.__dict__["_generation_config"] = as_generation_config(value)
 
     def prepare_inputs_for_generation(
         self,
@@ -632,8 +630,8 @@ class GenerationMixin:
         """Layer the model's config, the caller's config and keyword arguments (later wins for
         fields each sets explicitly); split off the model inputs. Without the model's defaults
         (`uses_model_defaults`), a passed config takes only the model's special tokens."""
-        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
-            raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
+        if generation_config is not None:
+            generation_config = as_generation_config(generation_config)
         gen = GenerationConfig()
         use_defaults = uses_model_defaults(use_model_defaults, self.generation_config)
         model_layer = model_defaults_layer(self.generation_config, generation_config, use_defaults)
@@ -1451,8 +1449,10 @@ def _padding(seq, embeds, mask, pad_id, eos):
 
 def _check_user_cache(cache, gen: GenerationConfig, expand: int) -> None:
     if not isinstance(cache, Cache):
-        raise TypeError(f"past_key_values must be a moetorch Cache (DynamicCache or StaticCache), "
-                        f"got {type(cache).__name__}")
+        kind = type(cache)
+        raise TypeError(f"past_key_values must be a moetorch Cache (moetorch.DynamicCache or StaticCache), got "
+                        f"{kind.__module__}.{kind.__qualname__}: moetorch's models keep their keys and values "
+                        "in moetorch's caches")
     if gen.cache_implementation is not None:
         raise ValueError("pass either past_key_values or cache_implementation, not both")
     if not gen.use_cache:
