@@ -21,11 +21,11 @@ import argparse
 import copy
 import sys
 import tempfile
-import time
 
 import peft
 import torch
 import transformers
+from compile_check import decode_tok_s  # bench/ is the script's directory
 
 from moetorch.gpu_check import configs, rel_err, report
 
@@ -45,16 +45,6 @@ def adapter(model, name: str, modules: list[str]):
             if "lora_B" in n:
                 p.mul_(0.05)
     return wrapped.eval()
-
-
-def tok_per_s(model, ids, new: int = 64) -> float:
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None)
-    model.generate(ids, **kw)  # captures
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    model.generate(ids, **kw)
-    torch.cuda.synchronize()
-    return new / (time.perf_counter() - t)
 
 
 @torch.no_grad()
@@ -97,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
         one = ids[:1]
         results[f"{name}.decode_b1_tok_s"] = {
-            "base": round(tok_per_s(plain, one), 1), "merged": round(tok_per_s(merged, one), 1),
-            "adapter": round(tok_per_s(full, one), 1)}
+            "base": round(decode_tok_s(plain, one, 64), 1), "merged": round(decode_tok_s(merged, one, 64), 1),
+            "adapter": round(decode_tok_s(full, one, 64), 1)}
         del hf, hf_shared, shared, full, merged, plain
         torch.cuda.empty_cache()
     results["ok"] = bool(ok)
