@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
 from .generation.custom import install_checkpoint_generate
 from .ops.attention import build_mask, check_attn_implementation
+from .ops.losses import causal_lm_loss_function, sequence_classification_loss
 from .ops.moe import training_paths
 from .ops.norms import Residual
 from .outputs import MoeModelOutputWithPast
@@ -168,6 +169,10 @@ class PreTrainedModel(nn.Module):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    # Transformers' name of the task loss ("ForCausalLM", "ForSequenceClassification"; None for a
+    # base model). Its Trainer reads it: a causal LM's loss shifts the labels, so the Trainer counts
+    # the tokens of `labels[..., 1:]` for `num_items_in_batch`.
+    loss_type: str | None = None
 
     def __init__(self, config: MoeConfig) -> None:
         super().__init__()
@@ -301,6 +306,15 @@ class PreTrainedModel(nn.Module):
 
     def can_generate(self) -> bool:
         return self.get_output_embeddings() is not None
+
+    @property
+    def loss_function(self) -> Callable[..., torch.Tensor]:
+        """The task loss with Transformers' signature for `loss_type`: `(logits, labels, vocab_size,
+        num_items_in_batch=None, ignore_index=-100, shift_labels=None)` for a causal LM (and, as
+        in Transformers, for a base model), `(labels, pooled_logits, config)` for a classifier."""
+        if self.loss_type == "ForSequenceClassification":
+            return sequence_classification_loss
+        return causal_lm_loss_function
 
     def add_model_tags(self, tags: list[str] | str) -> None:
         """Add tags to `model_tags`, each once, as Transformers does (TRL's trainers tag the models

@@ -315,3 +315,29 @@ def test_reentrant_checkpoint_runs_no_inference_kernels(arch, monkeypatch):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for n in grads[0]:
         close(grads[0][n], grads[1][n], f"grad {n}", atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_loss_type_and_loss_function_are_transformers(arch):
+    """`loss_type` (which Transformers' Trainer reads to count num_items_in_batch over the shifted
+    labels) and `loss_function` (Transformers' signature) as on Transformers' models."""
+    g = torch.Generator().manual_seed(0)
+    for head in ("model", "causal_lm", "seq_cls"):
+        ours, hf = arch.ours[head](arch.our_config()), arch.hf[head](arch.hf_config())
+        assert ours.loss_type == hf.loss_type, head
+    ours, hf = arch.ours["causal_lm"](arch.our_config()), arch.hf["causal_lm"](arch.hf_config())
+    logits, labels = torch.randn(3, 7, 97, generator=g), torch.randint(0, 97, (3, 7), generator=g)
+    labels[0, :3] = -100
+    shifted = torch.randint(0, 97, (3, 7), generator=g)
+    for kw in ({}, {"num_items_in_batch": torch.tensor(11)}, {"ignore_index": 5}, {"shift_labels": shifted}):
+        y = labels.masked_fill(labels == -100, 5) if "ignore_index" in kw else labels
+        close(ours.loss_function(logits, y, 97, **kw), hf.loss_function(logits, y, 97, **kw), f"{kw}")
+    with pytest.raises(ValueError, match="vocab_size is 96"):
+        ours.loss_function(logits, labels, 96)
+    for num_labels, target in ((1, torch.randn(3, generator=g)), (3, torch.tensor([0, 2, 1])),
+                               (3, (torch.rand(3, 3, generator=g) > 0.5).float())):
+        ours = arch.ours["seq_cls"](arch.our_config(num_labels=num_labels))
+        hf = arch.hf["seq_cls"](arch.hf_config(num_labels=num_labels))
+        pooled = torch.randn(3, num_labels, generator=g)
+        close(ours.loss_function(target, pooled, ours.config), hf.loss_function(target, pooled, hf.config), "cls")
+        assert ours.config.problem_type == hf.config.problem_type

@@ -430,3 +430,52 @@ def test_transformers_trainer_fine_tunes_a_moetorch_model(arch_name, tmp_path):
     with torch.no_grad():
         want = model(**batch).loss
     assert math.isclose(metrics["eval_loss"], want.item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])
+def test_transformers_trainer_steps_as_for_transformers_model(arch_name, tmp_path):
+    """Transformers' Trainer, gradient accumulation included, on moetorch's model and on
+    Transformers' with the same weights: the same losses and the same weights after each step. The
+    Trainer reads `loss_type` to count num_items_in_batch over the shifted labels, one token a row
+    fewer; counted unshifted, every step's loss and gradients came out smaller."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from archs import JETMOE, PHIMOE
+    from parity import make_pair
+
+    arch = PHIMOE if arch_name == "phimoe" else JETMOE
+    hf, ours = make_pair(arch, tmp_path, seed=3, router_jitter_noise=0.0) if arch is PHIMOE else make_pair(
+        arch, tmp_path, seed=3)
+    g = torch.Generator().manual_seed(2)
+    rows = [{"input_ids": (t := torch.randint(1, 97, (int(n),), generator=g).tolist()), "labels": t}
+            for n in torch.randint(5, 12, (8,), generator=g)]
+    runs = []
+    for model in (hf, ours):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / type(model).__module__), per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True,
+            save_strategy="no", logging_steps=1, seed=0, data_seed=0)
+        collator = transformers.DataCollatorForSeq2Seq(_PadOnly(), padding=True, label_pad_token_id=-100)
+        trainer = transformers.Trainer(model=model.train(), args=args, train_dataset=rows, data_collator=collator)
+        assert trainer._loss_shifts_labels
+        trainer.train()
+        runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], dict(model.named_parameters())))
+    (hf_losses, hf_params), (our_losses, our_params) = runs
+    assert our_losses == pytest.approx(hf_losses, rel=1e-4)
+    for name, p in hf_params.items():
+        torch.testing.assert_close(our_params[name], p, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+class _PadOnly:
+    """What DataCollatorForSeq2Seq asks of a tokenizer to pad ids with 0 (right padding)."""
+
+    padding_side = "right"
+    pad_token_id = 0
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def pad(self, features, padding=True, max_length=None, pad_to_multiple_of=None, return_tensors=None):
+        n = max(len(f["input_ids"]) for f in features)
+        ids = [f["input_ids"] + [0] * (n - len(f["input_ids"])) for f in features]
+        mask = [[1] * len(f["input_ids"]) + [0] * (n - len(f["input_ids"])) for f in features]
+        return transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask}, tensor_type=return_tensors)

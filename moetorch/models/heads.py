@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..modeling_utils import keep_last, module_device
-from ..ops.losses import causal_lm_loss, classification_loss, infer_problem_type, last_token_index
+from ..ops.losses import causal_lm_loss, last_token_index, sequence_classification_loss
 from ..outputs import MoeCausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 # (router logits, 2D padding mask of the new tokens or None) -> router loss
@@ -28,11 +28,7 @@ def classify(model, out, input_ids, inputs_embeds, labels, return_dict):
     B = (input_ids if input_ids is not None else inputs_embeds).shape[0]
     last = last_token_index(input_ids, cfg.pad_token_id, B, logits_BTL.device)
     pooled_BL = logits_BTL[torch.arange(B, device=logits_BTL.device), last]
-    loss = None
-    if labels is not None:
-        if cfg.problem_type is None:
-            cfg.problem_type = infer_problem_type(cfg.num_labels, labels)
-        loss = classification_loss(pooled_BL, labels, cfg.num_labels, cfg.problem_type)
+    loss = sequence_classification_loss(labels, pooled_BL, cfg) if labels is not None else None
     result = SequenceClassifierOutputWithPast(
         loss=loss, logits=pooled_BL, past_key_values=out.past_key_values,
         hidden_states=out.hidden_states, attentions=out.attentions,

@@ -290,6 +290,8 @@ def jetmoe_router_loss(
 class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
     """JetMoE with a language-modelling head, tied to the input embeddings when `tie_word_embeddings`."""
 
+    loss_type = "ForCausalLM"
+
     def __init__(self, config: JetMoeConfig) -> None:
         super().__init__(config)
         self.model = JetMoeModel(config)
@@ -331,6 +333,8 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
 
 class JetMoeForSequenceClassification(JetMoePreTrainedModel):
     """JetMoE with a linear classifier on the last non-padding token."""
+
+    loss_type = "ForSequenceClassification"
 
     def __init__(self, config: JetMoeConfig) -> None:
         super().__init__(config)

@@ -176,6 +176,8 @@ class PhimoeModel(PhimoePreTrainedModel):
 class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
     """PhiMoE with a language-modelling head (biased when `lm_head_bias`)."""
 
+    loss_type = "ForCausalLM"
+
     def __init__(self, config: PhimoeConfig) -> None:
         super().__init__(config)
         self.model = PhimoeModel(config)
@@ -240,6 +242,8 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
 
 class PhimoeForSequenceClassification(PhimoePreTrainedModel):
     """PhiMoE with a linear classifier on the last non-padding token."""
+
+    loss_type = "ForSequenceClassification"
 
     def __init__(self, config: PhimoeConfig) -> None:
         super().__init__(config)

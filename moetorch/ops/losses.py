@@ -29,6 +29,30 @@ def causal_lm_loss(
     return total / num_items_in_batch
 
 
+def causal_lm_loss_function(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """`causal_lm_loss` with the signature of Transformers' `ForCausalLMLoss` (a model's
+    `loss_function`); `vocab_size` only checks the logits' last axis."""
+    if vocab_size is not None and logits.shape[-1] != vocab_size:
+        raise ValueError(f"loss_function: logits have {logits.shape[-1]} classes, vocab_size is {vocab_size}")
+    return causal_lm_loss(logits, labels, ignore_index, num_items_in_batch, shift_labels)
+
+
+def sequence_classification_loss(labels: torch.Tensor, pooled_logits: torch.Tensor, config, **kwargs) -> torch.Tensor:
+    """The classifier's loss with the signature of Transformers' `ForSequenceClassificationLoss`:
+    by `config.problem_type`, inferred and stored when unset, as the classifier's forward does."""
+    if config.problem_type is None:
+        config.problem_type = infer_problem_type(config.num_labels, labels)
+    return classification_loss(pooled_logits, labels, config.num_labels, config.problem_type)
+
+
 def infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
     if num_labels == 1:
         return "regression"
