@@ -162,6 +162,21 @@ _LOADER_UNSUPPORTED = {
 _SAVE_NO_OPS = {"token", "save_function", "save_peft_format", "save_original_format", "safe_serialization"}
 
 
+def _tied_head_copied(module: PreTrainedModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """`state_dict()` hook: a head tied to the input embeddings gets a copy of the shared tensor
+    (with keep_vars=False). Both keys stay, as in Transformers' models' state_dict, but no longer
+    share memory, which safetensors refuses: Transformers' Trainer writes a non-Transformers
+    model's state_dict with it, and stopped at JetMoE's first checkpoint. Loading it copies the
+    same values into the one parameter."""
+    head, embeddings = module.get_output_embeddings(), module.get_input_embeddings()
+    if head is None or head.weight is not embeddings.weight:
+        return
+    key = prefix + next(name for name, m in module.named_modules() if m is head) + ".weight"
+    value = state_dict.get(key)
+    if value is not None and not isinstance(value, nn.Parameter):
+        state_dict[key] = value.clone()
+
+
 class PreTrainedModel(nn.Module):
     """Base of every moetorch model: `from_pretrained`, `save_pretrained` and Transformers' helpers."""
 
@@ -183,6 +198,7 @@ class PreTrainedModel(nn.Module):
         self.model_tags: list[str] | None = None  # what trainers tag a model with (add_model_tags)
         self.attn_implementation = check_attn_implementation(config.attn_implementation)
         self.gradient_checkpointing = False
+        self.register_state_dict_post_hook(_tied_head_copied)
 
     # ---- initialisation --------------------------------------------------------------------
     def post_init(self) -> None:

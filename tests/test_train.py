@@ -479,3 +479,39 @@ class _PadOnly:
         ids = [f["input_ids"] + [0] * (n - len(f["input_ids"])) for f in features]
         mask = [[1] * len(f["input_ids"]) + [0] * (n - len(f["input_ids"])) for f in features]
         return transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask}, tensor_type=return_tensors)
+
+
+def test_transformers_trainer_checkpoints_a_tied_head(tmp_path):
+    """Transformers' Trainer writes a non-Transformers model's checkpoint as its state_dict through
+    safetensors, which refuses tensors that share memory: JetMoE's tied LM head stopped the first
+    checkpoint. The state_dict now holds a copy of the shared tensor (keep_vars=True still gives the
+    one parameter); the checkpoint resumes, and loads strictly into Transformers' model with the
+    trained logits."""
+    import sys as _sys
+
+    import safetensors.torch
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from archs import JETMOE
+    from parity import make_pair
+
+    hf, model = make_pair(JETMOE, tmp_path, seed=1)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    with_vars = model.state_dict(keep_vars=True)
+    assert with_vars["lm_head.weight"] is with_vars["model.embed_tokens.weight"]
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": (t := torch.randint(1, 97, (10,), generator=g).tolist()), "labels": t} for _ in range(8)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2, report_to=[], use_cpu=True,
+        save_strategy="steps", save_steps=2, logging_steps=1, learning_rate=1e-2)
+    transformers.Trainer(model=model.train(), args=args, train_dataset=rows).train()
+    weights = safetensors.torch.load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    hf.load_state_dict(weights, strict=True)
+    ids = torch.tensor([rows[0]["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+    args.max_steps = 3
+    resumed = transformers.Trainer(model=type(model)(model.config), args=args, train_dataset=rows)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.state.global_step == 3
