@@ -82,6 +82,8 @@ class MoeConfig:
 
     model_type: ClassVar[str] = ""
     is_encoder_decoder: ClassVar[bool] = False
+    # output fields Transformers' Trainer leaves out of its predictions, as for Transformers' models
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
     architectures: list[str] | None = None
     dtype: str | None = None
     output_attentions: bool = False

@@ -156,6 +156,8 @@ def test_config_helpers_as_transformers(arch, tmp_path):
     assert hf.rope_scaling is hf.rope_parameters and ours.rope_scaling is ours.rope_parameters  # one dict, two names
     assert ours.rope_scaling == {k: v for k, v in hf.rope_scaling.items() if k != "type"}  # (its v4 key kept)
     assert ours.is_encoder_decoder is hf.is_encoder_decoder is False
+    assert ours.keys_to_ignore_at_inference == hf.keys_to_ignore_at_inference  # Trainer.predict reads it
+    assert "keys_to_ignore_at_inference" not in ours.to_dict()
     ours.to_json_file(tmp_path / "c.json")
     back = type(hf).from_json_file(tmp_path / "c.json")
     assert back.rope_parameters == ours.rope_parameters and back.hidden_size == hf.hidden_size
