@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -17,6 +18,18 @@ class ModelOutput(OrderedDict):
     """
 
     def __post_init__(self) -> None:
+        first, *rest = fields(self)
+        pairs = getattr(self, first.name)
+        if isinstance(pairs, Mapping) and all(getattr(self, f.name) is None for f in rest):
+            # built from a dict of its fields, as Transformers' ModelOutput is: what libraries do that
+            # rebuild an output with `type(out)({...})` (accelerate casting outputs to float32 under
+            # mixed precision)
+            unknown = sorted(set(pairs) - {f.name for f in fields(self)})
+            if unknown:
+                raise ValueError(f"{type(self).__name__} has no fields {unknown}")
+            super().__setattr__(first.name, None)
+            for name, value in pairs.items():
+                super().__setattr__(name, value)
         for f in fields(self):
             v = getattr(self, f.name)
             if v is not None:

@@ -37,6 +37,12 @@ def test_outputs_by_attribute_key_and_index(arch):
     plain = model(ids, use_cache=False)
     assert plain.loss is None and plain.aux_loss is None and plain.router_logits is None
     assert plain[0] is plain.logits and len(plain) == 1
+    # rebuilt from a dict of its fields, as Transformers' outputs are (accelerate does this to cast
+    # outputs to float32 under mixed precision)
+    rebuilt = type(out)({k: v for k, v in out.items()})
+    assert list(rebuilt.keys()) == list(out.keys()) and rebuilt.loss is out.loss and rebuilt[2] is out.logits
+    with pytest.raises(ValueError, match="no fields \\['scores'\\]"):
+        type(out)({"scores": out.logits})
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)

@@ -515,3 +515,29 @@ def test_transformers_trainer_checkpoints_a_tied_head(tmp_path):
     resumed = transformers.Trainer(model=type(model)(model.config), args=args, train_dataset=rows)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert resumed.state.global_step == 3
+
+
+@pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])
+def test_transformers_trainer_with_mixed_precision(arch_name, tmp_path):
+    """Transformers' Trainer with bf16=True (autocast; accelerate casts the outputs to float32 by
+    rebuilding them from a dict, which moetorch's outputs take as Transformers' do): the losses of
+    Transformers' model with the same weights, to bf16's rounding."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from archs import JETMOE, PHIMOE
+    from parity import make_pair
+
+    arch = PHIMOE if arch_name == "phimoe" else JETMOE
+    hf, ours = make_pair(arch, tmp_path, seed=2, **({"router_jitter_noise": 0.0} if arch is PHIMOE else {}))
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": (t := torch.randint(1, 97, (10,), generator=g).tolist()), "labels": t} for _ in range(8)]
+    losses = []
+    for model in (hf, ours):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2, report_to=[], use_cpu=True,
+            bf16=True, save_strategy="no", logging_steps=1, seed=0)
+        trainer = transformers.Trainer(model=model.train(), args=args, train_dataset=rows)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[1] == pytest.approx(losses[0], rel=2e-3)
