@@ -195,3 +195,22 @@ def test_chat_template_tools_documents_and_options_match_transformers(pair):
         ours.apply_chat_template(CHAT, return_assistant_tokens_mask=True)
     with pytest.raises(TypeError, match="tools must be a list of dicts"):
         ours.apply_chat_template(CHAT, tools=[len])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_transformers_data_collators_take_it(pair, side):
+    """Transformers' data collators pad through the tokenizer's `pad`: with moetorch's tokenizer
+    they give the batches they give with Transformers' (what a Trainer script passes as
+    `data_collator`)."""
+    hf, ours, _ = pair
+    before = hf.padding_side, ours.padding_side
+    ours.padding_side = hf.padding_side = side
+    texts = ["def f(x):\n    return x", "import os", "class A:\n    pass\n\n\nx = 1"]
+    for make in (lambda t: transformers.DataCollatorForLanguageModeling(t, mlm=False),
+                 lambda t: transformers.DataCollatorWithPadding(t, pad_to_multiple_of=8)):
+        got = make(ours)([dict(ours(t)) for t in texts])
+        want = make(hf)([dict(hf(t)) for t in texts])
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    hf.padding_side, ours.padding_side = before
