@@ -85,6 +85,27 @@ def main(argv: list[str] | None = None) -> int:
         effect = results[f"{name}.all.first_score_rel_err_base_vs_adapter"] = rel_err(c.scores[0], a.scores[0])
         ok &= same and diff < 1e-4 and effect > 1e-3  # an adapter the kernels skipped would show
 
+        # generate calls in a row (the path that would hold graphs between calls): switching the
+        # adapter off, merging and unmerging it must each give the model's own scores
+        def scores(model, ids=ids):
+            seen = []
+            model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                           logits_processor=[lambda _, s: seen.append(s.clone()) or s])
+            return torch.stack(seen)
+
+        plain_scores, full_scores = scores(plain), scores(full)
+        steps = {}
+        with full.disable_adapter():
+            steps["off"] = rel_err(scores(full), plain_scores)
+        steps["on"] = rel_err(scores(full), full_scores)
+        full.merge_adapter()
+        steps["merged"] = rel_err(scores(full), full_scores)
+        full.unmerge_adapter()
+        with full.disable_adapter():
+            steps["unmerged_off"] = rel_err(scores(full), plain_scores)
+        results[f"{name}.all.calls_in_a_row_rel_err"] = steps
+        ok &= all(e < 1e-4 for e in steps.values())
+
         one = ids[:1]
         results[f"{name}.decode_b1_tok_s"] = {
             "base": round(decode_tok_s(plain, one, 64), 1), "merged": round(decode_tok_s(merged, one, 64), 1),

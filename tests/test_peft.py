@@ -324,3 +324,34 @@ def test_adapter_gradients_through_checkpointed_layers(reentrant):
     for name in grads[0]:
         assert grads[1][name].abs().sum() > 0, name
         close(grads[1][name], grads[0][name], f"grad {name}", atol=1e-6, rtol=1e-5)
+
+
+def test_a_model_with_adapter_layers_keeps_no_graphs_between_calls():
+    """generate keeps its static cache and graphs between calls under a key of the weights'
+    addresses. Switching an adapter off, merging or swapping it changes no address, so graphs held
+    from before would replay the old computation: a model with PEFT's layers (any module of
+    another library) captures anew each call. Each call gives the scores of the model as it is."""
+    torch.manual_seed(0)
+    model = JETMOE.ours["causal_lm"](JETMOE.our_config()).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+
+    def scores(m):  # recorded by a processor: the call keeps the path that holds graphs
+        seen = []
+        m.generate(input_ids=ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
+                   logits_processor=[lambda _, s: seen.append(s.clone()) or s])
+        return torch.stack(seen)
+
+    plain = scores(model)
+    assert model._held_decode().cache is not None  # a plain model holds its cache and graphs
+    wrapped = with_adapter(model, "lora", "jetmoe", seed=1).eval()
+    adapted = scores(wrapped)
+    assert model._held_decode().cache is None
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+    with wrapped.disable_adapter():
+        close(scores(wrapped), plain, "adapter off", atol=1e-5, rtol=1e-5)
+    close(scores(wrapped), adapted, "adapter on", atol=1e-5, rtol=1e-5)
+    wrapped.merge_adapter()
+    close(scores(wrapped), adapted, "merged", atol=1e-5, rtol=1e-4)
+    wrapped.unmerge_adapter()
+    with wrapped.disable_adapter():
+        close(scores(wrapped), plain, "unmerged, off", atol=1e-5, rtol=1e-4)

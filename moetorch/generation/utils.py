@@ -561,12 +561,16 @@ class GenerationMixin:
         (within max_position_embeddings). With `reuse` the model holds it with its decode step
         after the call: the next such call with the same batch, length bucket, weights
         (the same tensors), dtype, device and mode zeroes it and replays the decode graphs captured
-        before, instead of allocating a cache and capturing again. One is held at a time."""
+        before, instead of allocating a cache and capturing again. One is held at a time; none for
+        a model that holds modules of another library (`_foreign_modules`)."""
         max_pos = getattr(self.config, "max_position_embeddings", None)
         S = -(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
         if max_pos is not None:
             S = max(length, min(S, max_pos))
         if not reuse:  # the same length, so that the prompt is padded alike (GraphedPrefill)
+            return StaticCache(config=self.config, max_cache_len=S)
+        if _foreign_modules(self):
+            self._held_decode().clear()  # graphs of the model as it was before
             return StaticCache(config=self.config, max_cache_len=S)
         # graphs read the weights by address: other tensors (a `.to()`, a replaced parameter) make a new key
         tensors = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
@@ -1189,10 +1193,11 @@ class GenerationMixin:
         # as long as this model's cache, with the same room for a padded chunk past the last token
         draft = assistant._static_cache(1, max_length + CHUNK_BUCKETS[-1], reuse=True)
         held = assistant._held_decode()
-        draft_ctx.step = held.runner_for("step", assistant, draft, 1)
+        draft_ctx.step = held.runner_for("step", assistant, draft, 1) or GraphedDecodeStep(assistant, draft, 1)
         if assistant.prefill_graphs:
-            draft_ctx.prefill = held.runner_for("prefill", assistant, draft, 1)
-        draft_ctx.chunk = held.runner_for("chunk", assistant, draft, 1)
+            draft_ctx.prefill = (held.runner_for("prefill", assistant, draft, 1)
+                                 or GraphedPrefill(assistant, draft, 1, capture=False))
+        draft_ctx.chunk = held.runner_for("chunk", assistant, draft, 1) or GraphedChunk(assistant, draft, 1)
         return draft, draft_ctx
 
 
@@ -1388,6 +1393,14 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
         torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
+
+
+def _foreign_modules(model) -> bool:
+    """Whether a module of another library than moetorch and torch sits in the model (PEFT's
+    adapter layers, a quantised layer, a subclass). Graphs replay what they captured, and such a
+    module's Python state can change between calls (an adapter switched off, merged or swapped)
+    where the held graphs' key does not see it: such a model captures its graphs anew each call."""
+    return any(not type(m).__module__.startswith(("moetorch.", "torch.")) for m in model.modules())
 
 
 def _check_no_input_hook(model) -> None:
