@@ -541,3 +541,31 @@ def test_transformers_trainer_with_mixed_precision(arch_name, tmp_path):
         trainer.train()
         losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
     assert losses[1] == pytest.approx(losses[0], rel=2e-3)
+
+
+def test_transformers_trainer_accumulates_a_classifier_as_the_mean(tmp_path):
+    """Transformers' sequence classifier takes loss keywords that its loss ignores, so its Trainer
+    neither divides by the accumulation steps nor passes a token count: its logged losses are
+    gradient_accumulation_steps times the mean. moetorch's classifier takes none, and the Trainer
+    averages (docs/differences.md); with AdamW the weights come out the same to rounding."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from archs import JETMOE
+    from parity import make_pair
+
+    hf, ours = make_pair(JETMOE, tmp_path, head="seq_cls", seed=2, num_labels=3)
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(1, 97, (10,), generator=g).tolist(), "labels": i % 3} for i in range(8)]
+    losses = []
+    for model in (hf, ours):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0)
+        trainer = transformers.Trainer(model=model.train(), args=args, train_dataset=rows)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[1] == pytest.approx([x / 2 for x in losses[0]], rel=1e-4)
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p, hf_params[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
