@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .defaults import EMBEDDED, checkpoint_path
 from .ops.activations import ACTIVATIONS
 from .ops.rope import SCALED_ROPE_TYPES
 
@@ -311,8 +312,6 @@ class MoeConfig:
 
 def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Load a config.json as a dict, with errors that name the file."""
-    from .defaults import EMBEDDED, checkpoint_path
-
     path = checkpoint_path(path)
     file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
     if not os.path.exists(path):

@@ -7,7 +7,6 @@ Model files keep their modules small and explicit; what is the same for every mo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -363,9 +362,8 @@ class PreTrainedModel(nn.Module):
                             f"arguments, got {type(activation_checkpointing_kwargs).__name__}")
         if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
             raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
-        spec = Checkpointing(every_n_layers=every_n_layers, offload=bool(offload))
-        if activation_checkpointing_kwargs is not None:
-            spec = dataclasses.replace(spec, kwargs=dict(activation_checkpointing_kwargs))
+        kwargs = {} if activation_checkpointing_kwargs is None else {"kwargs": dict(activation_checkpointing_kwargs)}
+        spec = Checkpointing(every_n_layers=every_n_layers, offload=bool(offload), **kwargs)
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = spec

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .defaults import checkpoint_path
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
@@ -97,8 +99,6 @@ class Tokenizer:
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Tokenizer:
         """Load from a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
         from tokenizers import Tokenizer as RustTokenizer
-
-        from .defaults import checkpoint_path
 
         directory = Path(checkpoint_path(path))
         file = directory / TOKENIZER_FILE

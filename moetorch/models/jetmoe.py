@@ -58,11 +58,19 @@ class JetMoeExpertWeights(nn.Module):
         return op(self.weight)
 
 
+def plain_expert_weight(experts: nn.Module) -> torch.Tensor | None:
+    """The weight of a plain JetMoeExpertWeights, else None: a wrapper in its place (PEFT)
+    exposes the base weight but changes it for the length of its call (as `ops.linear.plain_weight`
+    for a Linear)."""
+    return experts.weight if type(experts) is JetMoeExpertWeights else None
+
+
 def with_weight(experts: nn.Module, op):
     """`op(weight)` of a JetMoeExpertWeights: the weight read directly where the module is plain,
     else through the module's call (a PEFT wrapper in its place reparametrises the weight there).
     The direct read saves the call's microseconds on the eager paths."""
-    return op(experts.weight) if type(experts) is JetMoeExpertWeights else experts(op)
+    weight = plain_expert_weight(experts)
+    return op(weight) if weight is not None else experts(op)
 
 
 class JetMoeRouter(nn.Module):
@@ -104,8 +112,7 @@ class JetMoeMoA(nn.Module):
     def map_weight(self) -> torch.Tensor | None:
         """The map's weight for a kernel that stands in for `map` (at decode, the kv projection's),
         or None where the map is wrapped (PEFT) and must run through its call."""
-        plain = type(self.input_linear) is JetMoeExpertWeights and self.backend is None
-        return self.input_linear.weight if plain else None
+        return plain_expert_weight(self.input_linear) if self.backend is None else None
 
 
 class JetMoeAttention(nn.Module):
