@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .configuration import ConfigError, read_config_dict
+from .adapters import adapter_base, adapter_dir
+from .configuration import CONFIG_NAME, ConfigError, read_config_dict
 
 # Architecture names used by original (remote-code) checkpoints.
 ARCHITECTURE_ALIASES = {"PhiMoEForCausalLM": "phimoe", "JetMoEForCausalLM": "jetmoe"}
@@ -49,6 +50,9 @@ class _Auto:
 
     @classmethod
     def class_for(cls, path: str | os.PathLike) -> type:
+        adapter = adapter_dir(path)
+        if adapter is not None and cls.role != "config" and not os.path.isfile(os.path.join(adapter, CONFIG_NAME)):
+            path = adapter_base(adapter)  # an adapter directory: the class of its base model
         data = read_config_dict(path)
         return registry()[model_type_of(data, os.fspath(path))][cls.role]
 

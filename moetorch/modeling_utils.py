@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from . import checkpoint, placement
+from .adapters import AdapterMixin, adapter_base, adapter_dir
 from .cache import Cache, DynamicCache
-from .configuration import MoeConfig
+from .configuration import CONFIG_NAME, MoeConfig
 from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
 from .generation.custom import install_checkpoint_generate
@@ -147,14 +148,14 @@ _LOADER_ONLY_KWARGS = {
     "trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "force_download",
     "low_cpu_mem_usage", "use_safetensors", "resume_download", "proxies",
     "offload_folder", "offload_state_dict", "offload_buffers",  # disk offload: moetorch never offloads to disk
-    "weights_only", "disable_mmap", "tqdm_class", "use_kernels", "allow_all_kernels", "adapter_name",
+    "weights_only", "disable_mmap", "tqdm_class", "use_kernels", "allow_all_kernels",
     "_from_auto", "_from_pipeline", "_commit_hash", "_fast_init",
 }
 # Transformers' loading options moetorch lacks, with the value that asks for nothing: another value is
 # an error that names the option (rather than a key that lands in config.json).
 _LOADER_UNSUPPORTED = {
     "quantization_config": None, "state_dict": None, "gguf_file": None, "key_mapping": None, "tp_plan": None,
-    "tp_size": None, "distributed_config": None, "device_mesh": None, "adapter_kwargs": None,
+    "tp_size": None, "distributed_config": None, "device_mesh": None,
     "kernel_config": None, "fusion_config": None, "from_tf": False, "from_flax": False,
 }
 # save_pretrained's options that change nothing for a local safetensors save
@@ -176,8 +177,9 @@ def _tied_head_copied(module: PreTrainedModel, state_dict: dict, prefix: str, lo
         state_dict[key] = value.clone()
 
 
-class PreTrainedModel(nn.Module):
-    """Base of every moetorch model: `from_pretrained`, `save_pretrained` and Transformers' helpers."""
+class PreTrainedModel(AdapterMixin, nn.Module):
+    """Base of every moetorch model: `from_pretrained`, `save_pretrained`, Transformers' helpers and
+    its adapter methods (`load_adapter`, ...; see `moetorch.adapters`)."""
 
     config_class: type[MoeConfig] = MoeConfig
     base_model_prefix = "model"
@@ -373,6 +375,8 @@ class PreTrainedModel(nn.Module):
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = False
+        if self._hf_peft_config_loaded:  # as Transformers: what enable set up for adapters goes
+            self.disable_input_require_grads()
 
     @property
     def is_activation_checkpointing(self) -> bool:
@@ -452,6 +456,8 @@ class PreTrainedModel(nn.Module):
         output_loading_info: bool = False,
         ignore_mismatched_sizes: bool = False,
         generation_config: GenerationConfig | None = None,
+        adapter_name: str | None = None,
+        adapter_kwargs: dict[str, Any] | None = None,
         **config_overrides: Any,
     ) -> PreTrainedModel:
         """Load a checkpoint directory (config.json + safetensors) into `dtype` on `device`, or
@@ -464,6 +470,10 @@ class PreTrainedModel(nn.Module):
         (or its shards), `output_loading_info=True` returns `(model, info)`, `ignore_mismatched_sizes`
         newly initialises tensors of another shape (a classifier of another label count), and
         `generation_config` replaces the checkpoint's. Other keywords override config fields.
+
+        A directory that holds a PEFT adapter (adapter_config.json) loads it after the model, as
+        `load_adapter(path, adapter_name, **adapter_kwargs)` would; with no config.json there, the
+        model is the base model that the adapter's config names (`base_model_name_or_path`).
         """
         path = checkpoint_path(pretrained_model_name_or_path)
         trust_remote_code = bool(config_overrides.get("trust_remote_code"))
@@ -478,6 +488,10 @@ class PreTrainedModel(nn.Module):
             generation_config = as_generation_config(generation_config, "from_pretrained: generation_config")
         if "subfolder" in config_overrides:
             path = os.path.join(path, config_overrides.pop("subfolder"))
+        adapter = adapter_dir(path)
+        if adapter is not None and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            pretrained_model_name_or_path = adapter_base(adapter)  # the model is the adapter's base, as in Transformers
+            path = checkpoint_path(pretrained_model_name_or_path)
         if config is None:
             config = cls.config_class.from_pretrained(path, **config_overrides)
         elif config_overrides:
@@ -522,6 +536,8 @@ class PreTrainedModel(nn.Module):
             model.hf_device_map = placement.hf_device_map(where)
         if trust_remote_code and hasattr(model, "generate"):
             install_checkpoint_generate(model, path)
+        if adapter is not None:
+            info = model.load_adapter(adapter, adapter_name=adapter_name, adapter_kwargs=adapter_kwargs)
         return (model.eval(), info) if output_loading_info else model.eval()
 
     def save_pretrained(
@@ -552,10 +568,13 @@ class PreTrainedModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained expects a directory, but {save_directory} is a file")
         os.makedirs(save_directory, exist_ok=True)
-        self.config.dtype = str(self.dtype).removeprefix("torch.")
-        self.config.architectures = [type(self).__name__]
-        checkpoint.save_into(self, save_directory, self.config, max_shard_size, state_dict, variant)
-        self.config.save_pretrained(save_directory)
+        if self._hf_peft_config_loaded:  # the adapter alone, as Transformers saves a model with adapters
+            self.save_adapter(save_directory, state_dict, save_peft_format=kwargs.get("save_peft_format", True))
+        else:
+            self.config.dtype = str(self.dtype).removeprefix("torch.")
+            self.config.architectures = [type(self).__name__]
+            checkpoint.save_into(self, save_directory, self.config, max_shard_size, state_dict, variant)
+            self.config.save_pretrained(save_directory)
         gen = getattr(self, "generation_config", None)
         if gen is not None and hasattr(gen, "save_pretrained"):
             gen.save_pretrained(save_directory)

@@ -1,0 +1,327 @@
+"""Transformers' adapter methods (`load_adapter`, `add_adapter`, `set_adapter`, ...) on moetorch's
+models, against the same calls on Transformers' models with the same base weights: the same logits,
+active adapters, trainable parameters, saved files and generated tokens."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import peft
+import pytest
+import torch
+import transformers
+from archs import JETMOE, PHIMOE
+from parity import close, make_inputs, make_pair
+from safetensors.torch import load_file
+
+import moetorch
+
+ARCHS = {"phimoe": PHIMOE, "jetmoe": JETMOE}
+TARGETS = {"phimoe": (["q_proj", "v_proj"], ["k_proj", "o_proj"]), "jetmoe": (["kv_proj"], ["layer", "kv_proj"])}
+EXPERTS = {"phimoe": ["experts.gate_up_proj"], "jetmoe": ["input_linear.weight"]}
+
+
+def make_adapter(hf, directory, arch_name: str, seed: int, which: int = 0, method: str = "lora", r: int = 4,
+                 alpha: int = 8):
+    """An adapter with random weights made by PEFT on a copy of Transformers' model, saved to `directory`."""
+    torch.manual_seed(seed)
+    if method == "ia3":
+        cfg = peft.IA3Config(target_modules=TARGETS[arch_name][which], feedforward_modules=[], task_type="CAUSAL_LM")
+    elif method == "lora_experts":
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=[],
+                              target_parameters=EXPERTS[arch_name], task_type="CAUSAL_LM")
+    else:
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=TARGETS[arch_name][which],
+                              task_type="CAUSAL_LM")
+    made = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "ia3_l" in name:  # IA3 starts at ones, which changes nothing
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    made.save_pretrained(directory)
+    return directory
+
+
+def logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def trainable(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def same_state(hf, ours, arch, what, same_trainable=True):
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 7, "left", seed=5)
+    close(logits(ours, ids, mask), logits(hf, ids, mask), f"{what}: logits")
+    assert ours.training == hf.training, what
+    assert trainable(ours) == trainable(hf) or not same_trainable, what
+    assert ours._hf_peft_config_loaded == hf._hf_peft_config_loaded, what
+    if hf._hf_peft_config_loaded:
+        assert ours.active_adapters() == hf.active_adapters(), what
+        assert list(ours.peft_config) == list(hf.peft_config), what
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "lora_experts"])
+@pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])
+def test_load_adapter_matches_transformers(arch_name, method, tmp_path):
+    arch = ARCHS[arch_name]
+    hf, ours = make_pair(arch, tmp_path, seed=3)
+    path = make_adapter(hf, tmp_path / "adapter", arch_name, seed=4, method=method)
+    hf.load_adapter(str(path))
+    info = ours.load_adapter(path)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    same_state(hf, ours, arch, "loaded")
+    assert not ours.training and trainable(ours) == []  # frozen for inference, as in Transformers
+
+    prompt, pmask = make_inputs(arch.base["vocab_size"], 2, 6, "left", seed=6)
+    kw = dict(attention_mask=pmask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = hf.generate(input_ids=prompt, **kw)
+    for cache in (None, "static"):
+        assert torch.equal(ours.generate(input_ids=prompt, cache_implementation=cache, **kw), want), cache
+
+
+@pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])
+def test_trainable_adapter_trains_as_in_transformers(arch_name, tmp_path):
+    arch = ARCHS[arch_name]
+    hf, ours = make_pair(arch, tmp_path, seed=3)
+    path = make_adapter(hf, tmp_path / "adapter", arch_name, seed=4)
+    hf.load_adapter(str(path), is_trainable=True)
+    ours.load_adapter(path, is_trainable=True)
+    assert trainable(ours) == trainable(hf) and trainable(ours)
+    ids, mask = make_inputs(arch.base["vocab_size"], 3, 9, "left", seed=5)
+    grads = []
+    for model in (hf, ours):
+        model.train()
+        torch.manual_seed(7)  # PhiMoE's training router draws
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        grads.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (want_loss, want), (loss, got) = grads
+    close(loss, want_loss, "loss")
+    for name in want:
+        close(got[name], want[name], f"grad {name}", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])
+def test_from_pretrained_on_an_adapter_directory_loads_its_base_and_the_adapter(arch_name, tmp_path):
+    arch = ARCHS[arch_name]
+    hf, _ = make_pair(arch, tmp_path, seed=3)
+    path = make_adapter(hf, tmp_path / "adapter", arch_name, seed=4)
+    cfg_file = path / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "hf")
+    cfg_file.write_text(json.dumps(cfg))
+    want = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", adapter_name="x")
+    for got in (moetorch.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", adapter_name="x"),
+                arch.ours["causal_lm"].from_pretrained(path, attn_implementation="eager", adapter_name="x")):
+        assert type(got) is arch.ours["causal_lm"]
+        assert got.name_or_path == want.name_or_path == str(tmp_path / "hf")
+        same_state(want, got, arch, "from_pretrained")
+        assert got.active_adapters() == ["x"]
+    _, info = arch.ours["causal_lm"].from_pretrained(path, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+
+    # a whole checkpoint with an adapter beside it: the checkpoint's weights, then the adapter
+    full = tmp_path / "full"
+    want.save_pretrained(full)  # Transformers saves only the adapter of a model with adapters ...
+    assert not (full / "config.json").exists()
+    hf.save_pretrained(full)  # ... so the base checkpoint is written beside it
+    want = transformers.AutoModelForCausalLM.from_pretrained(full, attn_implementation="eager")
+    got = moetorch.AutoModelForCausalLM.from_pretrained(full, attn_implementation="eager")
+    same_state(want, got, arch, "checkpoint with adapter")
+
+
+def test_an_adapter_directory_that_names_no_base_model_is_an_error_that_says_so(tmp_path):
+    hf, _ = make_pair(PHIMOE, tmp_path, seed=3)
+    path = make_adapter(hf, tmp_path / "adapter", "phimoe", seed=4)
+    assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    for load in (moetorch.PhimoeForCausalLM.from_pretrained, moetorch.AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match="base_model_name_or_path"):
+            load(path)
+
+
+@pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])
+def test_adapter_calls_in_a_row_match_transformers(arch_name, tmp_path):
+    """Two adapters loaded, switched, combined, switched off and on, read back and deleted: after
+    each call, both libraries' models give the same logits and report the same adapters."""
+    arch = ARCHS[arch_name]
+    hf, ours = make_pair(arch, tmp_path, seed=3)
+    a = make_adapter(hf, tmp_path / "a", arch_name, seed=4, which=0)
+    b = make_adapter(hf, tmp_path / "b", arch_name, seed=5, which=1)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 7, "left", seed=5)
+    base = logits(ours, ids, mask)
+    steps = [
+        ("load a", lambda m: m.load_adapter(str(a), adapter_name="a")),
+        ("load b", lambda m: m.load_adapter(str(b), adapter_name="b")),
+        ("set a", lambda m: m.set_adapter("a")),
+        ("set both", lambda m: m.set_adapter(["a", "b"])),
+        ("disable", lambda m: m.disable_adapters()),
+        ("enable", lambda m: m.enable_adapters()),
+        ("set b", lambda m: m.set_adapter("b")),
+        ("delete a", lambda m: m.delete_adapter("a")),
+    ]
+    for what, call in steps:
+        call(hf)
+        call(ours)
+        same_state(hf, ours, arch, what)
+        if what == "disable":
+            close(logits(ours, ids, mask), base, "disabled adapters give the base model")
+    want, got = hf.get_adapter_state_dict(), ours.get_adapter_state_dict()
+    assert list(got) == list(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    hf.delete_adapter("b")
+    ours.delete_adapter("b")
+    assert not ours._hf_peft_config_loaded and not hasattr(ours, "peft_config")
+    close(logits(ours, ids, mask), base, "all adapters deleted")
+    same_state(hf, ours, arch, "delete b")
+
+
+@pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])
+def test_add_adapter_and_save_pretrained_round_trip_through_transformers(arch_name, tmp_path):
+    """add_adapter starts the same adapter as Transformers' (the same draws, in the same module
+    order); save_pretrained writes Transformers' adapter files, and each library loads the other's."""
+    arch = ARCHS[arch_name]
+    hf, ours = make_pair(arch, tmp_path, seed=3)
+    for model in (hf, ours):
+        torch.manual_seed(11)
+        model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                          target_modules=TARGETS[arch_name][0]), adapter_name="mine")
+    same_state(hf, ours, arch, "added")
+    assert ours.training is False and trainable(ours)  # added for training: its weights require grad
+    with torch.no_grad():  # a trained adapter: not the initial draws
+        for model in (hf, ours):
+            g = torch.Generator().manual_seed(12)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+    hf.save_pretrained(tmp_path / "s_hf")
+    ours.save_pretrained(tmp_path / "s_ours")
+    assert sorted(os.listdir(tmp_path / "s_ours")) == sorted(os.listdir(tmp_path / "s_hf"))
+    got, want = load_file(tmp_path / "s_ours/adapter_model.safetensors"), load_file(tmp_path / "s_hf/adapter_model.safetensors")
+    assert list(got) == list(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    config = json.loads((tmp_path / "s_ours/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "hf")  # the model it was added to
+
+    hf2, ours2 = make_pair(arch, tmp_path / "again", seed=3)
+    hf2.load_adapter(str(tmp_path / "s_ours"))
+    ours2.load_adapter(tmp_path / "s_hf")
+    same_state(hf2, ours2, arch, "reloaded")
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 7, "left", seed=5)
+    ours.eval()
+    close(logits(ours2, ids, mask), logits(ours, ids, mask), "reloaded adapter")
+
+
+@pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])
+def test_hotswap_replaces_an_adapter_as_a_fresh_load_would(arch_name, tmp_path):
+    arch = ARCHS[arch_name]
+    hf, ours = make_pair(arch, tmp_path, seed=3)
+    first = make_adapter(hf, tmp_path / "first", arch_name, seed=4, r=4, alpha=8)
+    same_rank = make_adapter(hf, tmp_path / "same", arch_name, seed=5, r=4, alpha=16)
+    higher = make_adapter(hf, tmp_path / "higher", arch_name, seed=6, r=8, alpha=4)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 7, "left", seed=5)
+
+    def fresh(path):
+        _, model = make_pair(arch, tmp_path / f"fresh-{path.name}", seed=3)
+        model.load_adapter(path)
+        return logits(model, ids, mask)
+
+    ours.load_adapter(first)
+    before = [p.data_ptr() for p in ours.parameters()]
+    ours.load_adapter(same_rank, hotswap=True)
+    assert [p.data_ptr() for p in ours.parameters()] == before  # in place
+    want = fresh(same_rank)
+    close(logits(ours, ids, mask), want, "hotswapped, same rank")
+    # Transformers' hotswap copies the weights and keeps the first adapter's scaling (alpha / r), so
+    # its logits are not the new adapter's (docs/differences.md)
+    hf.load_adapter(str(first))
+    hf.load_adapter(str(same_rank), adapter_name="default", hotswap=True)
+    assert not torch.allclose(logits(hf, ids, mask), want, atol=1e-3)
+
+    _, ours = make_pair(arch, tmp_path / "padded", seed=3)
+    ours.enable_peft_hotswap(target_rank=8)
+    ours.load_adapter(first)
+    close(logits(ours, ids, mask), fresh(first), "first adapter, padded to rank 8")
+    ours.load_adapter(higher, adapter_name="default")  # hotswap is the default once enabled
+    assert list(ours.peft_config) == ["default"]
+    close(logits(ours, ids, mask), fresh(higher), "hotswapped, higher rank")
+    with pytest.raises(RuntimeError, match="before loading the first adapter"):
+        ours.enable_peft_hotswap(target_rank=8)
+
+
+def test_sequence_classifier_adapter_with_modules_to_save_loads_as_in_transformers(tmp_path):
+    hf, ours = make_pair(PHIMOE, tmp_path, head="seq_cls", seed=3)
+    torch.manual_seed(4)
+    made = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        made.base_model.model.score.modules_to_save["default"].weight.normal_()
+    made.save_pretrained(tmp_path / "adapter")
+    hf.load_adapter(str(tmp_path / "adapter"))
+    ours.load_adapter(tmp_path / "adapter")
+    same_state(hf, ours, PHIMOE, "classifier", same_trainable=False)
+    # Loaded for inference, the whole adapter is frozen, the saved classifier copy included. Transformers
+    # freezes the adapter layers and leaves that copy trainable (docs/differences.md).
+    assert trainable(ours) == [] and trainable(hf) == ["score.modules_to_save.default.weight"]
+    ids, mask = make_inputs(PHIMOE.base["vocab_size"], 2, 7, "left", seed=5)
+    close(logits(ours, ids, mask), logits(made.eval(), ids, mask), "PEFT's own model")
+
+
+def test_bad_adapter_calls_are_errors_that_name_the_problem(tmp_path, monkeypatch):
+    hf, ours = make_pair(PHIMOE, tmp_path, seed=3)
+    for call in (lambda: ours.set_adapter("a"), ours.disable_adapters, ours.enable_adapters, ours.active_adapters,
+                 ours.get_adapter_state_dict, lambda: ours.delete_adapter("a")):
+        with pytest.raises(ValueError, match="no adapter loaded"):
+            call()
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        ours.load_adapter("someone/some-adapter")
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        ours.load_adapter(tmp_path / "hf")
+    with pytest.raises(ValueError, match="peft_config together with adapter_state_dict"):
+        ours.load_adapter(peft_config=peft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="unknown keyword arguments"):
+        ours.load_adapter(tmp_path / "hf", revsion="main")
+    with pytest.raises(ValueError, match="no adapter named 'default' is loaded"):
+        ours.load_adapter(make_adapter(hf, tmp_path / "a", "phimoe", seed=4), hotswap=True)
+    with pytest.raises(ValueError, match="prompt-learning"):
+        ours.add_adapter(peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    with pytest.raises(TypeError, match="PEFT config"):
+        ours.add_adapter({"r": 4})
+    assert not ours._hf_peft_config_loaded  # nothing was put into the model
+
+    ours.load_adapter(tmp_path / "a")
+    with pytest.raises(ValueError, match="already loaded"):
+        ours.load_adapter(tmp_path / "a")
+    with pytest.raises(ValueError, match="no adapter named 'b'"):
+        ours.set_adapter(["default", "b"])
+    with pytest.raises(ValueError, match="no adapter named 'b'"):
+        ours.delete_adapter("b")
+    ours.load_adapter(tmp_path / "a", adapter_name="two")
+    ours.set_adapter(["default", "two"])
+    with pytest.raises(ValueError, match="save one at a time"):
+        ours.save_pretrained(tmp_path / "both")
+
+    # weights that fit no adapter layer are reported, not dropped silently
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["phimoe"][0])
+    state = dict(load_file(tmp_path / "a/adapter_model.safetensors"))
+    state["base_model.model.model.layers.0.self_attn.nowhere.lora_A.weight"] = torch.zeros(4, 4)
+    info = ours.load_adapter(peft_config=config, adapter_state_dict=state, adapter_name="three")
+    assert info["unexpected_keys"] == ["model.layers.0.self_attn.nowhere.lora_A.weight"]  # as in the file
+    info = ours.load_adapter(peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+                             adapter_state_dict=state, adapter_name="four")
+    assert len(info["unexpected_keys"]) == 5  # v_proj's weights too: this config adapts q_proj alone
+    info = ours.load_adapter(peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "k_proj"]),
+                             adapter_state_dict=state, adapter_name="six")
+    assert sorted(info["missing_keys"]) == [f"model.layers.{i}.self_attn.k_proj.lora_{ab}.six.weight"
+                                            for i in range(PHIMOE.base["num_hidden_layers"]) for ab in "AB"]
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ImportError, match="pip install peft"):
+        ours.load_adapter(tmp_path / "a", adapter_name="seven")
