@@ -11,7 +11,10 @@ routers and (with `target_parameters`) the experts' stacked weights, made on moe
   router cannot be wrapped) gives the same prefill logits and greedy tokens;
 - moetorch's model with the adapter (graphed decode on a static cache) gives the tokens of its own
   merged copy (plain layers, every fused kernel);
-- batch-1 decode speed of the base model, the merged one and the adapter (informative).
+- batch-1 decode speed of the base model, the merged one and the adapter (informative);
+- the adapter put into each library's model with Transformers' `load_adapter` gives the same
+  logits and greedy tokens, and `disable_adapters` / `enable_adapters` give the base model's and
+  the adapter's scores in calls in a row.
 Exits non-zero if logits or tokens differ.
 """
 
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             hf = getattr(transformers, cls.__name__).from_pretrained(f"{d}/base").to("cuda").eval()
             shared = adapter(copy.deepcopy(base).to("cuda"), name, SHARED[name])
             shared.save_pretrained(f"{d}/adapter")
+            hf_loaded = copy.deepcopy(hf)
+            hf_loaded.load_adapter(f"{d}/adapter")  # Transformers' adapter methods, on both libraries' models
+            loaded = copy.deepcopy(base).to("cuda")
+            loaded.load_adapter(f"{d}/adapter")
             hf_shared = peft.PeftModel.from_pretrained(hf, f"{d}/adapter").eval()
         err = results[f"{name}.shared.prefill_logits_rel_err_vs_transformers"] = rel_err(
             shared(input_ids=ids).logits, hf_shared(input_ids=ids).logits)
@@ -72,6 +79,24 @@ def main(argv: list[str] | None = None) -> int:
         same = results[f"{name}.shared.greedy_same_tokens_as_transformers"] = torch.equal(got.sequences,
                                                                                          want.sequences)
         ok &= err < 1e-4 and same
+
+        err = results[f"{name}.load_adapter.prefill_logits_rel_err_vs_transformers"] = rel_err(
+            loaded(input_ids=ids).logits, hf_loaded(input_ids=ids).logits)
+        want_loaded = hf_loaded.generate(input_ids=ids, **new)
+        got = loaded.generate(input_ids=ids, **new)
+        same = results[f"{name}.load_adapter.greedy_same_tokens_as_transformers"] = torch.equal(
+            got.sequences, want_loaded.sequences)
+        loaded.disable_adapters()
+        off = loaded.generate(input_ids=ids, **new)
+        loaded.enable_adapters()
+        on = loaded.generate(input_ids=ids, **new)
+        base_gpu = copy.deepcopy(base).to("cuda")
+        plain_out = base_gpu.generate(input_ids=ids, **new)
+        steps = results[f"{name}.load_adapter.off_on_rel_err"] = {
+            "off_vs_base": max(rel_err(x, y) for x, y in zip(off.scores, plain_out.scores)),
+            "on_vs_first": max(rel_err(x, y) for x, y in zip(on.scores, got.scores))}
+        ok &= err < 1e-4 and same and all(e < 1e-4 for e in steps.values())
+        del hf_loaded, loaded, base_gpu
 
         full = adapter(copy.deepcopy(base).to("cuda"), name, SHARED[name] + OURS_ALSO[name])
         merged = copy.deepcopy(full).merge_and_unload().eval()
