@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .defaults import checkpoint_path
+from .hub import hub_options
 
 logger = logging.getLogger("moetorch")
 
@@ -26,9 +27,8 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_NAMES = (ADAPTER_WEIGHTS_NAME, "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."  # PEFT's files name the weights of a PeftModel around the model
-# Hub options of Transformers' load_adapter: they change nothing for a local directory.
-_HUB_OPTIONS = {"revision", "token", "cache_dir", "force_download", "proxies", "local_files_only", "use_auth_token",
-                "load_config"}
+# load_adapter's options that change nothing here (a Hub name takes moetorch.hub's options)
+_NO_OPS = {"proxies", "use_auth_token", "load_config"}
 
 
 def _peft(what: str):
@@ -72,14 +72,14 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"load_adapter: no adapter weights ({' or '.join(ADAPTER_WEIGHTS_NAMES)}) in {path}")
 
 
-def _adapter_path(peft_model_id: str | os.PathLike, subfolder: str | None, need_config: bool) -> str:
-    path = checkpoint_path(peft_model_id)
+def _adapter_path(peft_model_id: str | os.PathLike, subfolder: str | None, need_config: bool,
+                  hub: dict[str, Any]) -> str:
+    path = checkpoint_path(peft_model_id, **hub)
     if subfolder:
         path = os.path.join(path, subfolder)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_adapter: {os.fspath(peft_model_id)!r} is not a local directory. moetorch "
-                                "loads adapters from disk only (no hub downloads): pass the directory that holds "
-                                f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}")
+        raise FileNotFoundError(f"load_adapter: {path} is not a directory (an adapter is a directory with "
+                                f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})")
     if need_config and not os.path.isfile(os.path.join(path, ADAPTER_CONFIG_NAME)):
         raise ValueError(f"load_adapter: no {ADAPTER_CONFIG_NAME} in {path}: it is not an adapter directory")
     return path
@@ -127,8 +127,9 @@ class AdapterMixin:
         adapter_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> dict[str, list]:
-        """Put the adapter of a local directory (adapter_config.json + adapter_model.safetensors),
-        or of `peft_config` with `adapter_state_dict`, into the model under `adapter_name`
+        """Put the adapter of a directory (adapter_config.json + adapter_model.safetensors; a Hub
+        name is fetched, with `revision`, `cache_dir`, `token`, ... as in Transformers), or of
+        `peft_config` with `adapter_state_dict`, into the model under `adapter_name`
         ("default") and make it the active one. It is frozen and the model is put in eval mode unless
         `is_trainable=True`. `hotswap=True` replaces the weights of the LoRA adapter of that name in
         place (with `enable_peft_hotswap` first where ranks differ). Returns the loading info:
@@ -136,7 +137,8 @@ class AdapterMixin:
         peft = _peft("load_adapter")
         options = {**(adapter_kwargs or {}), **kwargs}
         subfolder = options.pop("subfolder", None)
-        unknown = sorted(options.keys() - _HUB_OPTIONS)
+        hub = hub_options(options)
+        unknown = sorted(options.keys() - _NO_OPS)
         if unknown:
             raise TypeError(f"load_adapter() got unknown keyword arguments {unknown}")
         loaded = self.__dict__.get("peft_config", {}) if self._hf_peft_config_loaded else {}
@@ -152,7 +154,7 @@ class AdapterMixin:
         if peft_model_id is None and (peft_config is None or adapter_state_dict is None):
             raise ValueError("load_adapter: pass peft_model_id (an adapter directory), or peft_config together "
                              "with adapter_state_dict")
-        path = None if peft_model_id is None else _adapter_path(peft_model_id, subfolder, peft_config is None)
+        path = None if peft_model_id is None else _adapter_path(peft_model_id, subfolder, peft_config is None, hub)
         if peft_config is None:
             peft_config = peft.PeftConfig.from_pretrained(path)
         elif isinstance(peft_config, dict):

@@ -7,6 +7,8 @@ from typing import Any
 
 from .adapters import adapter_base, adapter_dir
 from .configuration import CONFIG_NAME, ConfigError, read_config_dict
+from .defaults import checkpoint_path
+from .hub import HUB_OPTIONS
 
 # Architecture names used by original (remote-code) checkpoints.
 ARCHITECTURE_ALIASES = {"PhiMoEForCausalLM": "phimoe", "JetMoEForCausalLM": "jetmoe"}
@@ -49,17 +51,21 @@ class _Auto:
         raise TypeError(f"use {type(self).__name__}.from_pretrained(path) or .from_config(config)")
 
     @classmethod
-    def class_for(cls, path: str | os.PathLike) -> type:
-        adapter = adapter_dir(path)
-        if adapter is not None and cls.role != "config" and not os.path.isfile(os.path.join(adapter, CONFIG_NAME)):
-            path = adapter_base(adapter)  # an adapter directory: the class of its base model
-        data = read_config_dict(path)
+    def class_for(cls, path: str | os.PathLike, **hub: Any) -> type:
+        local = checkpoint_path(path, **hub)
+        if cls.role != "config" and adapter_dir(local) and not os.path.isfile(os.path.join(local, CONFIG_NAME)):
+            hub.pop("revision", None)
+            local = checkpoint_path(adapter_base(local), **hub)  # an adapter directory: its base model's class
+        data = read_config_dict(local)
         return registry()[model_type_of(data, os.fspath(path))][cls.role]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
-        """Load the checkpoint with the class its config.json names."""
-        return cls.class_for(pretrained_model_name_or_path).from_pretrained(pretrained_model_name_or_path, **kwargs)
+        """Load the checkpoint (a directory, an embedded model or a Hub repository) with the
+        class its config.json names."""
+        hub = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
+        return cls.class_for(pretrained_model_name_or_path, **hub).from_pretrained(pretrained_model_name_or_path,
+                                                                                    **kwargs)
 
     @classmethod
     def from_config(cls, config):

@@ -24,7 +24,10 @@ from .ops.moe import triton_available
 def _load(model_arg: str | None, device: str, dtype: str):
     from .auto import AutoModelForCausalLM
 
-    path, is_random = resolve_model(model_arg)
+    try:
+        path, is_random = resolve_model(model_arg)
+    except FileNotFoundError as e:
+        raise SystemExit(f"moetorch: --model {model_arg}: {e}") from None
     if not path.is_dir():
         raise SystemExit(f"moetorch: --model {model_arg}: no such checkpoint directory")
     try:
@@ -153,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=None, help=f"checkpoint directory or embedded model name: "
+        p.add_argument("--model", default=None, help=f"checkpoint directory, Hub name or embedded model name: "
                        f"{', '.join([*EMBEDDED, RANDOM_MODEL])} (default: {DEFAULT_MODEL})")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or how to place the layers: auto (default: "
                        "one GPU when the model fits, else spread over the GPUs and the CPU), balanced or sequential")

@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .defaults import EMBEDDED, checkpoint_path
+from .defaults import checkpoint_path
+from .hub import hub_options
 from .ops.activations import ACTIVATIONS
 from .ops.rope import SCALED_ROPE_TYPES
 
@@ -278,8 +279,10 @@ class MoeConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> MoeConfig:
-        """Read `config.json` from a checkpoint directory (or a path to the json file itself)."""
-        return cls.from_dict(read_config_dict(path), **overrides)
+        """Read `config.json` from a checkpoint directory (or a path to the json file itself, or a
+        Hub repository: `revision`, `cache_dir`, `token`, ... as in Transformers)."""
+        hub = hub_options(overrides)
+        return cls.from_dict(read_config_dict(path, **hub), **overrides)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> MoeConfig:
@@ -310,16 +313,11 @@ class MoeConfig:
         return copy.deepcopy(self)
 
 
-def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a config.json as a dict, with errors that name the file."""
-    path = checkpoint_path(path)
+def read_config_dict(path: str | os.PathLike, **hub: Any) -> dict[str, Any]:
+    """Load a config.json as a dict, with errors that name the file. `path`: a directory, the
+    file, an embedded model's name or a Hub repository (`hub`: its options, `moetorch.hub`)."""
+    path = checkpoint_path(path, **hub)
     file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path!r} is not a local directory. moetorch loads checkpoints from disk only "
-            f"(no hub downloads): pass the path of a directory that holds {CONFIG_NAME} and the weights, "
-            f"or an embedded model's name ({', '.join(EMBEDDED)})."
-        )
     if not os.path.exists(file):
         raise FileNotFoundError(f"no {CONFIG_NAME} found at {file}")
     try:

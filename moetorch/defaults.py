@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,15 +26,23 @@ HELDOUT_SAMPLE = ASSETS / "heldout_sample.txt"
 _VERSION = "v2"  # bump when the recipe below changes, so stale builds are not reused
 
 
-def checkpoint_path(path: str | os.PathLike) -> str:
-    """`path` as a string, or the embedded model's directory where `path` names one
-    ("tiny-phimoe", "tiny-jetmoe") and nothing exists at that path: `from_pretrained("tiny-phimoe")`
-    loads the shipped model, as Transformers loads a hub name, and a local directory of the same
-    name comes first."""
+def checkpoint_path(path: str | os.PathLike, **hub: Any) -> str:
+    """The local directory (or file) `path` names: `path` itself where it exists; the embedded
+    model's directory where it names one ("tiny-phimoe", "tiny-jetmoe"), so that
+    `from_pretrained("tiny-phimoe")` loads the shipped model as Transformers loads a hub name;
+    else the Hub repository of that name, fetched into the Hugging Face cache (`moetorch.hub`;
+    `hub`: revision, cache_dir, token, local_files_only, force_download)."""
     path = os.fspath(path)
-    if path in EMBEDDED and not os.path.exists(path):
+    if os.path.exists(path):
+        return path
+    if path in EMBEDDED:
         return str(ASSETS / path)
-    return path
+    from .hub import snapshot
+
+    try:
+        return snapshot(path, **hub)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{str(e).rstrip('.')}. Embedded models: {', '.join(EMBEDDED)}") from e.__cause__
 
 
 def home() -> Path:
@@ -90,7 +99,8 @@ def build_random_phimoe(path: Path, seed: int = 0) -> Path:
 
 
 def resolve_model(name_or_path: str | None) -> tuple[Path, bool]:
-    """A checkpoint directory for `name_or_path` (None: the default), and whether it is random."""
+    """A checkpoint directory for `name_or_path` (None: the default; a Hub name is fetched), and
+    whether it is random."""
     name = DEFAULT_MODEL if name_or_path is None else name_or_path
     if name in EMBEDDED:
         return ASSETS / name, False
@@ -100,7 +110,7 @@ def resolve_model(name_or_path: str | None) -> tuple[Path, bool]:
             path.parent.mkdir(parents=True, exist_ok=True)
             build_random_phimoe(path)
         return path, True
-    return Path(name), False
+    return Path(checkpoint_path(name)), False
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from .configuration import CONFIG_NAME, MoeConfig
 from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
 from .generation.custom import install_checkpoint_generate
+from .hub import hub_options
 from .ops.attention import build_mask, check_attn_implementation
 from .ops.losses import causal_lm_loss_function, sequence_classification_loss
 from .ops.moe import training_paths
@@ -145,8 +146,7 @@ def place(model: PreTrainedModel, device: Any, device_map: Any, max_memory: Any)
 
 # Options of Transformers' from_pretrained that concern downloads or remote code, accepted and ignored.
 _LOADER_ONLY_KWARGS = {
-    "trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "force_download",
-    "low_cpu_mem_usage", "use_safetensors", "resume_download", "proxies",
+    "trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "resume_download", "proxies",
     "offload_folder", "offload_state_dict", "offload_buffers",  # disk offload: moetorch never offloads to disk
     "weights_only", "disable_mmap", "tqdm_class", "use_kernels", "allow_all_kernels",
     "_from_auto", "_from_pipeline", "_commit_hash", "_fast_init",
@@ -461,7 +461,10 @@ class PreTrainedModel(AdapterMixin, nn.Module):
         **config_overrides: Any,
     ) -> PreTrainedModel:
         """Load a checkpoint directory (config.json + safetensors) into `dtype` on `device`, or
-        with `device_map` (and `max_memory`) over several devices (see `moetorch.placement`).
+        with `device_map` (and `max_memory`) over several devices (see `moetorch.placement`). A
+        name that is not a directory is an embedded model's or a Hub repository's, fetched into the
+        Hugging Face cache with `revision`, `cache_dir`, `token`, `local_files_only` and
+        `force_download` as in Transformers (`moetorch.hub`).
 
         `dtype="auto"` (the default) uses the checkpoint's dtype. Weights are memory-mapped and
         copied straight into the allocated parameters: no random init happens first. With
@@ -475,10 +478,10 @@ class PreTrainedModel(AdapterMixin, nn.Module):
         `load_adapter(path, adapter_name, **adapter_kwargs)` would; with no config.json there, the
         model is the base model that the adapter's config names (`base_model_name_or_path`).
         """
-        path = checkpoint_path(pretrained_model_name_or_path)
+        hub = hub_options(config_overrides)
         trust_remote_code = bool(config_overrides.get("trust_remote_code"))
         for key in _LOADER_ONLY_KWARGS & config_overrides.keys():
-            config_overrides.pop(key)  # hub/remote-code options: meaningless for a local checkpoint
+            config_overrides.pop(key)  # remote-code and memory options: nothing to do here
         for key in _LOADER_UNSUPPORTED.keys() & config_overrides.keys():
             value = config_overrides.pop(key)
             if value not in (_LOADER_UNSUPPORTED[key], {}):
@@ -486,12 +489,14 @@ class PreTrainedModel(AdapterMixin, nn.Module):
                                  f"support (got {value!r})")
         if generation_config is not None:
             generation_config = as_generation_config(generation_config, "from_pretrained: generation_config")
+        path = checkpoint_path(pretrained_model_name_or_path, **hub)  # a Hub name is fetched (moetorch.hub)
         if "subfolder" in config_overrides:
             path = os.path.join(path, config_overrides.pop("subfolder"))
         adapter = adapter_dir(path)
         if adapter is not None and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
             pretrained_model_name_or_path = adapter_base(adapter)  # the model is the adapter's base, as in Transformers
-            path = checkpoint_path(pretrained_model_name_or_path)
+            hub.pop("revision", None)  # the adapter's revision, not the base's
+            path = checkpoint_path(pretrained_model_name_or_path, **hub)
         if config is None:
             config = cls.config_class.from_pretrained(path, **config_overrides)
         elif config_overrides:

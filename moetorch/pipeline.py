@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .hub import HUB_OPTIONS
 from .tokenizer import Tokenizer
 
 TASKS = ("text-generation",)
@@ -25,20 +26,33 @@ def pipeline(
     device_map: Any = None,
     dtype: Any = None,
     torch_dtype: Any = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    trust_remote_code: bool | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> TextGenerationPipeline:
-    """Build a pipeline; `model` is a loaded model or a checkpoint directory."""
+    """Build a pipeline; `model` is a loaded model, or a checkpoint directory, embedded model or
+    Hub repository that `AutoModelForCausalLM.from_pretrained` loads with `model_kwargs` (and
+    `revision`, `token`), as in Transformers; the tokenizer then comes from the same place."""
     if task not in TASKS:
         raise ValueError(f"unsupported task {task!r}; moetorch pipelines support {TASKS}")
     if model is None:
         raise ValueError("pipeline needs model= (a loaded moetorch model or a checkpoint directory)")
+    model_kwargs = dict(model_kwargs or {})
+    hub = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
+    hub.update({k: model_kwargs[k] for k in HUB_OPTIONS if k in model_kwargs})  # the tokenizer's too
     if isinstance(model, (str, os.PathLike)):
         from .auto import AutoModelForCausalLM
 
         path = model
+        for name in ("dtype", "torch_dtype"):  # the pipeline's own argument first, as in Transformers
+            value = model_kwargs.pop(name, None)
+            dtype = dtype if dtype is not None else torch_dtype if torch_dtype is not None else value
+        if trust_remote_code is not None:
+            model_kwargs["trust_remote_code"] = trust_remote_code
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype if dtype is not None else torch_dtype, device=device, device_map=device_map
-        )
+            path, dtype=dtype, device=device, device_map=device_map, **{**model_kwargs, **hub})
         tokenizer = tokenizer if tokenizer is not None else path
     elif device is not None or device_map is not None:
         from .modeling_utils import resolve_device
@@ -50,7 +64,7 @@ def pipeline(
             raise ValueError("pipeline needs tokenizer= when the model was not loaded from a directory")
         tokenizer = name
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = Tokenizer.from_pretrained(tokenizer)
+        tokenizer = Tokenizer.from_pretrained(tokenizer, **hub)
     return TextGenerationPipeline(model, tokenizer, **kwargs)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .defaults import checkpoint_path
+from .hub import hub_options
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -100,10 +101,10 @@ class Tokenizer:
         """Load from a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
         from tokenizers import Tokenizer as RustTokenizer
 
-        directory = Path(checkpoint_path(path))
+        directory = Path(checkpoint_path(path, **hub_options(kwargs)))
         file = directory / TOKENIZER_FILE
         if not directory.is_dir():
-            raise FileNotFoundError(f"{path!r} is not a local directory (moetorch loads tokenizers from disk only)")
+            raise FileNotFoundError(f"{path!r} is not a directory (a tokenizer is a directory with {TOKENIZER_FILE})")
         if not file.exists():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory} (moetorch reads fast tokenizers only)")
         try:

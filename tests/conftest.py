@@ -6,6 +6,9 @@ import sys
 # transformers may trigger anywhere in the session: so it is set before anything else. Only Triton
 # reads it, and no other test runs Triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Hub names resolve through the Hugging Face cache alone: tests build their repositories in a
+# cache directory (tests/test_hub.py) and reach no network. huggingface_hub reads it at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

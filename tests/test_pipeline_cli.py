@@ -191,8 +191,10 @@ def test_cli_help_lists_every_command(capsys):
 
 
 def test_cli_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="no such checkpoint"):
+    with pytest.raises(SystemExit, match="--model .*nope: .*nope' is not a local directory"):
         cli.main(["generate", "--model", str(tmp_path / "nope"), "hi"])
+    with pytest.raises(SystemExit, match="--model someone/nothing: .*could not be had.*Embedded models"):
+        cli.main(["generate", "--model", "someone/nothing", "hi"])
     with pytest.raises(SystemExit, match="max-new-tokens"):
         cli.main(["generate", "hi", "--max-new-tokens", "0"])
     with pytest.raises(SystemExit, match="^moetorch: device_map must be one of .*got 'gpu0'$"):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..defaults import checkpoint_path
+from ..hub import hub_options
 from .watermarking import WatermarkingConfig
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -282,7 +283,7 @@ class GenerationConfig:
     def from_pretrained(cls, pretrained_model_name: str | os.PathLike, config_file_name: str | None = None,
                         **kwargs: Any) -> GenerationConfig:
         """Read `generation_config.json` from a directory (or a path to the json file itself)."""
-        path = checkpoint_path(pretrained_model_name)
+        path = checkpoint_path(pretrained_model_name, **hub_options(kwargs))
         if os.path.isdir(path):
             path = os.path.join(path, config_file_name or GENERATION_CONFIG_NAME)
         if not os.path.isfile(path):

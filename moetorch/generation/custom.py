@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..defaults import checkpoint_path
+
 CUSTOM_GENERATE_FILE = os.path.join("custom_generate", "generate.py")
 CUSTOM_GENERATE_REQUIREMENTS = os.path.join("custom_generate", "requirements.txt")
 # The parameters of the usual decoding loop (Transformers' `_sample`): a callable's other named
@@ -82,17 +84,18 @@ def _check_requirements(path: str) -> None:
         raise ImportError(f"{req_file} needs packages this environment lacks: {', '.join(problems)}")
 
 
-def load_custom_generate(path: str | os.PathLike) -> Callable:
-    """The `generate` function of `path/custom_generate/generate.py` (a local directory: moetorch
-    downloads nothing, so a Hub repository must be downloaded first)."""
+def load_custom_generate(path: str | os.PathLike, trust_remote_code: bool = False) -> Callable:
+    """The `generate` function of `path/custom_generate/generate.py`: a local directory, or with
+    `trust_remote_code=True` a Hub repository, fetched into the Hugging Face cache (`moetorch.hub`)."""
     path = os.fspath(path)
-    file = os.path.join(path, CUSTOM_GENERATE_FILE)
     if not os.path.isdir(path):
-        raise OSError(
-            f"custom_generate={path!r} is not a local directory: moetorch loads custom generation code from "
-            f"a directory holding {CUSTOM_GENERATE_FILE} (download a Hub repository first, e.g. with "
-            "`hf download <repo> --local-dir <dir>`)"
-        )
+        if not trust_remote_code:
+            raise OSError(
+                f"custom_generate={path!r} is not a local directory holding {CUSTOM_GENERATE_FILE}. To fetch "
+                "a Hub repository's generation code and run it, pass trust_remote_code=True"
+            )
+        path = checkpoint_path(path)
+    file = os.path.join(path, CUSTOM_GENERATE_FILE)
     if not os.path.isfile(file):
         raise OSError(f"{path!r} has no {CUSTOM_GENERATE_FILE}: there is no custom generate function to load")
     _check_requirements(path)

@@ -422,16 +422,17 @@ class GenerationMixin:
         `use_model_defaults=False` runs a passed `generation_config` without the model's defaults
         (its special tokens aside). `custom_generate`: a callable that replaces the decoding loop,
         or a local directory whose `custom_generate/generate.py` replaces this method
-        (`generation/custom.py`). `synced_gpus=True` keeps stepping until every process of the
-        default torch.distributed group is done (the default under FSDP with several processes).
+        (`generation/custom.py`; a Hub repository's with `trust_remote_code=True`). `synced_gpus=True`
+        keeps stepping until every process of the default torch.distributed group is done (the
+        default under FSDP with several processes).
 
         Returns the sequences [R, L + new] (for an embeddings-only prompt: the new tokens only),
         or a `GenerateDecoderOnlyOutput` / `GenerateBeamDecoderOnlyOutput` with
         `return_dict_in_generate=True`. Finished rows are padded with `pad_token_id`.
         """
-        kwargs.pop("trust_remote_code", None)  # custom code loads from local directories only
+        trust_remote_code = bool(kwargs.pop("trust_remote_code", False))
         if isinstance(custom_generate, (str, os.PathLike)):
-            fn = load_custom_generate(custom_generate)
+            fn = load_custom_generate(custom_generate, trust_remote_code)
             return fn(
                 model=self, inputs=inputs, generation_config=generation_config, logits_processor=logits_processor,
                 stopping_criteria=stopping_criteria, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,

@@ -1,0 +1,165 @@
+"""Hub repository names, as in a Transformers script: `from_pretrained("org/name")` resolves
+through the Hugging Face cache (tests run with HF_HUB_OFFLINE=1 and build the repositories in a
+cache directory, laid out as huggingface_hub lays it out), and Transformers, loading the same name
+from the same cache, is the oracle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import huggingface_hub
+import peft
+import pytest
+import torch
+import transformers
+from huggingface_hub.utils import filter_repo_objects
+from parity import close, make_inputs
+
+import moetorch
+from moetorch import hub
+from moetorch.defaults import ASSETS
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+OTHER_SHA = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+def cached_repo(cache, name: str, source, sha: str = SHA, ref: str = "main"):
+    """Put `source`'s files into `cache` as huggingface_hub caches repository `name` at `ref`."""
+    root = cache / ("models--" + name.replace("/", "--"))
+    shutil.copytree(source, root / "snapshots" / sha, dirs_exist_ok=True)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(sha)
+    return root / "snapshots" / sha
+
+
+@pytest.fixture
+def cache(tmp_path):
+    cached_repo(tmp_path / "cache", "someone/tiny-phimoe", ASSETS / "tiny-phimoe")
+    return tmp_path / "cache"
+
+
+def test_models_configs_and_tokenizers_load_by_hub_name_from_the_cache(cache):
+    name, kw = "someone/tiny-phimoe", dict(cache_dir=cache)
+    want = transformers.AutoModelForCausalLM.from_pretrained(name, **kw)
+    for got in (moetorch.AutoModelForCausalLM.from_pretrained(name, **kw),
+                moetorch.PhimoeForCausalLM.from_pretrained(name, local_files_only=True, **kw)):
+        assert type(got) is moetorch.PhimoeForCausalLM
+        assert got.name_or_path == want.name_or_path == name
+        ids, mask = make_inputs(got.config.vocab_size, 2, 9, "left", seed=3)
+        with torch.no_grad():
+            close(got(input_ids=ids, attention_mask=mask).logits, want(input_ids=ids, attention_mask=mask).logits,
+                  "logits")
+    text = "def fibonacci(n):\n    return n"
+    assert moetorch.AutoTokenizer.from_pretrained(name, **kw)(text)["input_ids"] == \
+        transformers.AutoTokenizer.from_pretrained(name, **kw)(text)["input_ids"]
+    assert moetorch.AutoConfig.from_pretrained(name, **kw).to_dict() == \
+        moetorch.AutoConfig.from_pretrained(ASSETS / "tiny-phimoe").to_dict()
+    assert moetorch.GenerationConfig.from_pretrained(name, **kw).to_dict() == \
+        moetorch.GenerationConfig.from_pretrained(ASSETS / "tiny-phimoe").to_dict()
+    assert "revision" not in moetorch.AutoConfig.from_pretrained(name, revision=SHA, **kw).to_dict()
+
+
+def test_the_pipeline_takes_a_hub_name(cache):
+    kw = dict(model_kwargs={"cache_dir": cache}, max_new_tokens=8, do_sample=False)
+    want = transformers.pipeline("text-generation", model="someone/tiny-phimoe", **kw)("def f(x):")
+    got = moetorch.pipeline("text-generation", model="someone/tiny-phimoe", **kw)("def f(x):")
+    assert got == want
+
+
+def test_revisions_are_the_cached_ones(cache, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(ASSETS / "tiny-phimoe", changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["router_jitter_noise"] = 0.25
+    (changed / "config.json").write_text(json.dumps(config))
+    cached_repo(cache, "someone/tiny-phimoe", changed, sha=OTHER_SHA, ref="v2")
+    name = "someone/tiny-phimoe"
+    assert moetorch.AutoConfig.from_pretrained(name, cache_dir=cache).router_jitter_noise != 0.25
+    for revision in ("v2", OTHER_SHA):
+        model = moetorch.AutoModelForCausalLM.from_pretrained(name, cache_dir=cache, revision=revision)
+        assert model.config.router_jitter_noise == 0.25
+    with pytest.raises(FileNotFoundError, match="someone/tiny-phimoe"):
+        moetorch.AutoModelForCausalLM.from_pretrained(name, cache_dir=cache, revision="v3")
+
+
+def test_names_that_are_neither_directories_nor_cached_repositories_say_so(cache):
+    for load in (moetorch.AutoModelForCausalLM.from_pretrained, moetorch.PhimoeForCausalLM.from_pretrained,
+                 moetorch.AutoConfig.from_pretrained, moetorch.AutoTokenizer.from_pretrained,
+                 moetorch.GenerationConfig.from_pretrained):
+        with pytest.raises(FileNotFoundError, match=r"'someone/other' is not a local directory, and the Hub "
+                                                    r"repository of that name could not be had.*tiny-phimoe"):
+            load("someone/other", cache_dir=cache)
+        with pytest.raises(FileNotFoundError, match=r"not a local directory \(nor a Hub repository name"):
+            load("/no/such/directory", cache_dir=cache)
+
+
+def test_an_adapter_loads_by_hub_name_and_its_base_too(cache, tmp_path):
+    base = transformers.AutoModelForCausalLM.from_pretrained("someone/tiny-phimoe", cache_dir=cache)
+    torch.manual_seed(0)
+    made = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                     target_modules=["q_proj", "v_proj"]))
+    made.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "someone/tiny-phimoe"  # PEFT records the Hub name
+    cached_repo(cache, "someone/tiny-lora", tmp_path / "adapter")
+    ids, mask = make_inputs(base.config.vocab_size, 2, 9, "left", seed=3)
+    with torch.no_grad():
+        want = made.eval()(input_ids=ids, attention_mask=mask).logits
+        got = moetorch.AutoModelForCausalLM.from_pretrained("someone/tiny-lora", cache_dir=cache)
+        assert got.name_or_path == "someone/tiny-phimoe" and got.active_adapters() == ["default"]
+        close(got(input_ids=ids, attention_mask=mask).logits, want, "adapter by name, base by name")
+        model = moetorch.PhimoeForCausalLM.from_pretrained(ASSETS / "tiny-phimoe")
+        model.load_adapter("someone/tiny-lora", cache_dir=cache)
+        close(model(input_ids=ids, attention_mask=mask).logits, want, "load_adapter by name")
+
+
+def test_custom_generate_from_the_hub_needs_trust_remote_code(cache, tmp_path, monkeypatch):
+    repo = tmp_path / "gen"
+    (repo / "custom_generate").mkdir(parents=True)
+    (repo / "custom_generate" / "generate.py").write_text(
+        "def generate(model, inputs=None, **kwargs):\n    return inputs.flip(-1)\n")
+    cached_repo(cache, "someone/flip", repo)
+    model = moetorch.PhimoeForCausalLM.from_pretrained(ASSETS / "tiny-phimoe")
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(OSError, match="pass trust_remote_code=True"):
+        model.generate(ids, custom_generate="someone/flip")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # the default cache
+    assert model.generate(ids, custom_generate="someone/flip", trust_remote_code=True).tolist() == [[7, 6, 5]]
+
+
+def test_hub_options_reach_the_download(monkeypatch, tmp_path):
+    """Online (not reachable here): the options and the file patterns go to snapshot_download."""
+    calls = []
+
+    def fake(name, **kw):
+        calls.append((name, kw))
+        return str(ASSETS / "tiny-phimoe")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    model = moetorch.AutoModelForCausalLM.from_pretrained(
+        "microsoft/Phi-3.5-MoE-instruct", revision="r1", token="t", force_download=True, cache_dir=tmp_path)
+    assert model.name_or_path == "microsoft/Phi-3.5-MoE-instruct"
+    assert {name for name, _ in calls} == {"microsoft/Phi-3.5-MoE-instruct"}
+    for _, kw in calls:
+        assert (kw["revision"], kw["token"], kw["force_download"], kw["cache_dir"]) == ("r1", "t", True, tmp_path)
+        assert kw["allow_patterns"] == hub.PATTERNS
+
+
+def test_the_patterns_fetch_what_moetorch_reads_and_nothing_else():
+    reads = ["config.json", "generation_config.json", "model.safetensors", "model-00001-of-00017.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "added_tokens.json", "chat_template.jinja", "adapter_config.json", "adapter_model.safetensors",
+             "custom_generate/generate.py", "custom_generate/requirements.txt", "sub/config.json"]
+    skips = ["pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json.bak", "model.gguf",
+             "tokenizer.model", "modeling_phimoe.py", "README.md", "onnx/model.onnx", "sample_finetune.py"]
+    assert list(filter_repo_objects(reads + skips, allow_patterns=hub.PATTERNS)) == reads
+
+
+def test_the_cli_takes_a_hub_name(cache, monkeypatch, capsys):
+    from moetorch import cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # the default cache
+    assert cli.main(["generate", "--model", "someone/tiny-phimoe", "def f(x):", "--max-new-tokens", "4",
+                     "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def f(x):")
