@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .defaults import checkpoint_path
-from .hub import hub_options
+from .hub import PushToHubMixin, hub_options
 from .ops.activations import ACTIVATIONS
 from .ops.rope import SCALED_ROPE_TYPES
 
@@ -79,7 +79,7 @@ def takes_any_key(cls):
 
 
 @dataclass(kw_only=True)
-class MoeConfig:
+class MoeConfig(PushToHubMixin):
     """Fields and behaviour shared by every moetorch model config."""
 
     model_type: ClassVar[str] = ""

@@ -45,3 +45,46 @@ def snapshot(name: str, *, revision: str | None = None, cache_dir: str | os.Path
     except Exception as e:  # offline and not cached, unknown, gated, unreachable: each says so
         raise FileNotFoundError(f"{not_local}, and the Hub repository of that name could not be had: "
                                 f"{type(e).__name__}: {e}") from e
+
+
+def upload(directory: str | os.PathLike, repo_id: str, *, token: bool | str | None = None, private: bool | None = None,
+           commit_message: str | None = None, commit_description: str | None = None, revision: str | None = None,
+           create_pr: bool = False, tags: list[str] | None = None, what: str = "files"):
+    """Upload `directory` as one commit to Hub repository `repo_id`, created where missing (with
+    `private`), as Transformers' push_to_hub does. `tags` go into a README.md model card where the
+    directory has none. Returns huggingface_hub's CommitInfo (a str: the commit's URL)."""
+    from huggingface_hub import HfApi
+
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"push_to_hub: repo_id must name a Hub repository, got {repo_id!r}")
+    if tags and not os.path.exists(os.path.join(directory, "README.md")):
+        card = "---\ntags:\n" + "".join(f"- {t}\n" for t in tags) + "---\n"
+        with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo.repo_id, folder_path=directory, revision=revision, create_pr=create_pr,
+                             commit_message=commit_message or f"Upload {what}", commit_description=commit_description)
+
+
+class PushToHubMixin:
+    """`push_to_hub` for what has a `save_pretrained` (models, configs, tokenizers, generation
+    configs), as in Transformers: saved to a temporary directory, uploaded as one commit."""
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = "50GB",
+                    tags: list[str] | None = None):
+        """Save to a temporary directory and upload it as one commit to Hub repository `repo_id`
+        (created where missing). Returns huggingface_hub's CommitInfo (a str: the commit's URL)."""
+        import inspect
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as directory:
+            if "max_shard_size" in inspect.signature(self.save_pretrained).parameters:  # a model's
+                self.save_pretrained(directory, max_shard_size=max_shard_size)
+            else:
+                self.save_pretrained(directory)
+            return upload(directory, repo_id, token=token, private=private, commit_message=commit_message,
+                          commit_description=commit_description, revision=revision, create_pr=create_pr, tags=tags,
+                          what=type(self).__name__)

@@ -24,7 +24,7 @@ from .configuration import CONFIG_NAME, MoeConfig
 from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
 from .generation.custom import install_checkpoint_generate
-from .hub import hub_options
+from .hub import PushToHubMixin, hub_options, upload
 from .ops.attention import build_mask, check_attn_implementation
 from .ops.losses import causal_lm_loss_function, sequence_classification_loss
 from .ops.moe import training_paths
@@ -159,7 +159,9 @@ _LOADER_UNSUPPORTED = {
     "kernel_config": None, "fusion_config": None, "from_tf": False, "from_flax": False,
 }
 # save_pretrained's options that change nothing for a local safetensors save
-_SAVE_NO_OPS = {"token", "save_function", "save_peft_format", "save_original_format", "safe_serialization"}
+_SAVE_NO_OPS = {"save_function", "save_peft_format", "save_original_format", "safe_serialization"}
+_PUSH_OPTIONS = ("repo_id", "token", "private", "commit_message", "commit_description", "create_pr", "revision",
+                 "tags")
 
 
 def _tied_head_copied(module: PreTrainedModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -177,7 +179,7 @@ def _tied_head_copied(module: PreTrainedModel, state_dict: dict, prefix: str, lo
         state_dict[key] = value.clone()
 
 
-class PreTrainedModel(AdapterMixin, nn.Module):
+class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     """Base of every moetorch model: `from_pretrained`, `save_pretrained`, Transformers' helpers and
     its adapter methods (`load_adapter`, ...; see `moetorch.adapters`)."""
 
@@ -559,15 +561,15 @@ class PreTrainedModel(AdapterMixin, nn.Module):
 
         As in Transformers: `is_main_process=False` writes nothing (call it on every process of a
         distributed run), `state_dict` (in the model's names) is written instead of the model's own
-        tensors, and `variant` names the files `model.{variant}.safetensors`."""
+        tensors, and `variant` names the files `model.{variant}.safetensors`. `push_to_hub=True`
+        then uploads the directory to `repo_id` (default: the directory's name; with `token`,
+        `private`, `commit_message`, `commit_description`, `create_pr`, `revision`)."""
         if kwargs.get("safe_serialization", True) is False:
             raise ValueError("moetorch writes safetensors only (safe_serialization=False is not supported)")
+        push = {k: kwargs.pop(k) for k in _PUSH_OPTIONS if k in kwargs}
         unknown = sorted(kwargs.keys() - _SAVE_NO_OPS)
         if unknown:
             raise TypeError(f"save_pretrained() got unknown keyword arguments {unknown}")
-        if push_to_hub:
-            raise ValueError("save_pretrained: push_to_hub=True is not supported (moetorch has no hub access): "
-                             "save to a directory and upload it with huggingface_hub")
         if not is_main_process:
             return
         if os.path.isfile(save_directory):
@@ -583,6 +585,9 @@ class PreTrainedModel(AdapterMixin, nn.Module):
         gen = getattr(self, "generation_config", None)
         if gen is not None and hasattr(gen, "save_pretrained"):
             gen.save_pretrained(save_directory)
+        if push_to_hub:
+            repo_id = push.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            upload(save_directory, repo_id, what=type(self).__name__, **push)
 
 
 def _resize_rows(old: torch.Tensor, new: torch.Tensor, mean_resizing: bool, std: float) -> None:

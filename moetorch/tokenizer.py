@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .defaults import checkpoint_path
-from .hub import hub_options
+from .hub import PushToHubMixin, hub_options
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -59,7 +59,7 @@ def _token_text(tok: Any) -> str | None:
     raise ValueError(f"special token must be a string or a dict with 'content', got {tok!r}")
 
 
-class Tokenizer:
+class Tokenizer(PushToHubMixin):
     """A fast tokenizer with the calls a Transformers script makes: `__call__`, `encode`,
     `tokenize`, `decode`, `batch_decode`, `pad`, `apply_chat_template`, `add_tokens`,
     special-token attributes and padding."""

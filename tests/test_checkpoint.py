@@ -269,8 +269,6 @@ def test_save_options_as_transformers(tmp_path):
     with torch.no_grad():
         close(hf(ids).logits, other(ids).logits, "the state_dict given is what is written")
     ours.save_pretrained(tmp_path / "ok", token=None, safe_serialization=True, save_original_format=True)
-    with pytest.raises(ValueError, match="push_to_hub"):
-        ours.save_pretrained(tmp_path / "x", push_to_hub=True)
     with pytest.raises(ValueError, match="safe_serialization"):
         ours.save_pretrained(tmp_path / "x", safe_serialization=False)
     with pytest.raises(TypeError, match="max_shard"):

@@ -6,6 +6,7 @@ from the same cache, is the oracle."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import huggingface_hub
@@ -163,3 +164,55 @@ def test_the_cli_takes_a_hub_name(cache, monkeypatch, capsys):
     assert cli.main(["generate", "--model", "someone/tiny-phimoe", "def f(x):", "--max-new-tokens", "4",
                      "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def f(x):")
+
+
+class RecordingApi:
+    """huggingface_hub.HfApi's two calls that push_to_hub makes, recorded (no network here): the
+    files of each upload are read as they are uploaded."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        assert exist_ok
+        self.calls.append(("create", repo_id, private, self.token))
+        full = repo_id if "/" in repo_id else f"me/{repo_id}"  # the Hub puts a bare name in the user's namespace
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{full}")
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        import os
+
+        files = sorted(os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs)
+        self.calls.append(("upload", repo_id, files, kw))
+        return f"https://huggingface.co/{repo_id}/commit/1"
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch, tmp_path):
+    RecordingApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    model = moetorch.PhimoeForCausalLM.from_pretrained(ASSETS / "tiny-phimoe")
+    tok = moetorch.AutoTokenizer.from_pretrained(ASSETS / "tiny-phimoe")
+    assert model.push_to_hub("me/tiny", private=True, token="t", commit_message="m", tags=["moe"]).endswith("/1")
+    tok.push_to_hub("me/tiny")
+    model.config.push_to_hub("me/tiny", create_pr=True)
+    model.generation_config.push_to_hub("me/tiny", revision="dev")
+    model.save_pretrained(tmp_path / "tiny-out", push_to_hub=True, commit_description="d")
+    model.save_pretrained(tmp_path / "x", push_to_hub=True, repo_id="me/other")
+    model.save_pretrained(tmp_path / "no-push", token="t")  # the push options alone push nothing
+
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "tok")
+    written = sorted(os.listdir(tmp_path / "saved"))
+    creates = [c[1:] for c in RecordingApi.calls if c[0] == "create"]
+    uploads = [c[1:] for c in RecordingApi.calls if c[0] == "upload"]
+    assert creates == [("me/tiny", True, "t"), ("me/tiny", None, None), ("me/tiny", None, None),
+                       ("me/tiny", None, None), ("tiny-out", None, None), ("me/other", None, None)]
+    assert [u[0] for u in uploads] == ["me/tiny"] * 4 + ["me/tiny-out", "me/other"]
+    assert uploads[0][1] == sorted([*written, "README.md"])  # a card with the tags
+    assert uploads[0][2]["commit_message"] == "m"
+    assert uploads[1][1] == sorted(os.listdir(tmp_path / "tok"))
+    assert uploads[2][1] == ["config.json"] and uploads[2][2]["create_pr"] is True
+    assert uploads[3][1] == ["generation_config.json"] and uploads[3][2]["revision"] == "dev"
+    assert uploads[4][1] == written and uploads[4][2]["commit_description"] == "d"

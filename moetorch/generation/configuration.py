@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..defaults import checkpoint_path
-from ..hub import hub_options
+from ..hub import PushToHubMixin, hub_options
 from .watermarking import WatermarkingConfig
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -108,7 +108,7 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
 
-class GenerationConfig:
+class GenerationConfig(PushToHubMixin):
     """The parameters of `generate`, with Transformers' names and defaults.
 
     `GenerationConfig(max_new_tokens=32, do_sample=True, top_p=0.9)`; unknown keys are kept as
