@@ -3,8 +3,10 @@
 from .auto import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 from .cache import Cache, DynamicCache, StaticCache
 from .checkpoint import CheckpointError
-from .configuration import ConfigError, JetMoeConfig, PhimoeConfig
+from .configuration import ConfigError, JetMoeConfig, MoeConfig, PhimoeConfig
 from .generation import (
+    AsyncTextIteratorStreamer,
+    BaseStreamer,
     EncoderNoRepeatNGramLogitsProcessor,
     EncoderRepetitionPenaltyLogitsProcessor,
     EpsilonLogitsWarper,
@@ -17,8 +19,10 @@ from .generation import (
     GenerationConfig,
     GenerationMixin,
     InfNanRemoveLogitsProcessor,
+    LogitNormalization,
     LogitsProcessor,
     LogitsProcessorList,
+    MaxTimeCriteria,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
@@ -26,6 +30,7 @@ from .generation import (
     NoRepeatNGramLogitsProcessor,
     PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
     SuppressTokensAtBeginLogitsProcessor,
@@ -44,6 +49,7 @@ from .generation import (
     WatermarkLogitsProcessor,
 )
 from .generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria
+from .modeling_utils import PreTrainedModel
 from .models.jetmoe import (
     JetMoeForCausalLM,
     JetMoeForSequenceClassification,
@@ -54,6 +60,11 @@ from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, P
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from .pipeline import TextGenerationPipeline, pipeline
 from .tokenizer import AutoTokenizer, BatchEncoding, Tokenizer
+from .utils import set_seed
+
+# Transformers' base-class names, for the isinstance checks and annotations of scripts that import them
+PretrainedConfig = PreTrainedConfig = MoeConfig
+PreTrainedTokenizerFast = PreTrainedTokenizerBase = Tokenizer
 
 __version__ = "0.1.0"
 
@@ -67,6 +78,18 @@ __all__ = [
     "TextGenerationPipeline",
     "Tokenizer",
     "pipeline",
+    "set_seed",
+    "MoeConfig",
+    "PreTrainedConfig",
+    "PretrainedConfig",
+    "PreTrainedModel",
+    "PreTrainedTokenizerBase",
+    "PreTrainedTokenizerFast",
+    "AsyncTextIteratorStreamer",
+    "BaseStreamer",
+    "LogitNormalization",
+    "MaxTimeCriteria",
+    "SequenceBiasLogitsProcessor",
     "Cache",
     "CheckpointError",
     "ConfigError",

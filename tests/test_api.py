@@ -9,9 +9,11 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from archs import ARCH_IDS, ARCHS, PHIMOE, randomize_
 from parity import close, make_inputs
 
+import moetorch
 from moetorch import DynamicCache, StaticCache
 from moetorch.ops import moe
 
@@ -347,3 +349,39 @@ def test_loss_type_and_loss_function_are_transformers(arch):
         pooled = torch.randn(3, num_labels, generator=g)
         close(ours.loss_function(target, pooled, ours.config), hf.loss_function(target, pooled, hf.config), "cls")
         assert ours.config.problem_type == hf.config.problem_type
+
+
+def test_transformers_helper_names_a_script_imports_are_there():
+    """A script that imports these from Transformers runs with the import changed: the generation
+    classes moetorch has, the base classes of its annotations and isinstance checks, set_seed."""
+    import moetorch.generation as generation
+
+    assert set(generation.__all__) <= set(moetorch.__all__)
+    for name in ("PreTrainedModel", "PretrainedConfig", "PreTrainedConfig", "PreTrainedTokenizerFast",
+                 "PreTrainedTokenizerBase", "set_seed", "AsyncTextIteratorStreamer", "MaxTimeCriteria",
+                 "SequenceBiasLogitsProcessor", "LogitNormalization"):
+        assert name in moetorch.__all__ and getattr(transformers, name, None) is not None, name
+    model = moetorch.PhimoeForCausalLM.from_pretrained("tiny-phimoe")
+    assert isinstance(model, moetorch.PreTrainedModel) and isinstance(model.config, moetorch.PretrainedConfig)
+    assert isinstance(moetorch.AutoTokenizer.from_pretrained("tiny-phimoe"), moetorch.PreTrainedTokenizerFast)
+
+
+def test_set_seed_seeds_what_transformers_set_seed_seeds():
+    import random
+
+    import numpy as np
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    transformers.set_seed(123)
+    want = draws()
+    moetorch.set_seed(123)
+    assert draws() == want
+    moetorch.set_seed(124)
+    assert draws() != want
+    try:
+        moetorch.set_seed(5, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -4,6 +4,7 @@ classifier-free guidance, stop strings, streamers and GenerationConfig I/O."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import json
@@ -19,6 +20,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 
 import moetorch
 from moetorch import (
+    AsyncTextIteratorStreamer,
     DynamicCache,
     GenerationConfig,
     LogitsProcessorList,
@@ -827,6 +829,20 @@ def test_streamers_yield_the_decoded_text(text_pair, capsys):
     worker.join()
     assert "".join(chunks) == mine.decode(full[prompt.shape[1] :])
     assert len(chunks) > 2, "the text arrived in one piece"
+
+    async def consume(streamer_class, model, tokenizer):
+        streamer = streamer_class(tokenizer, skip_prompt=True, timeout=60)
+        worker = threading.Thread(target=model.generate, kwargs=dict(inputs=prompt, streamer=streamer, **kwargs))
+        worker.start()
+        got = [chunk async for chunk in streamer]
+        worker.join()
+        return got
+
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    want = asyncio.run(consume(transformers.AsyncTextIteratorStreamer, hf, theirs))
+    assert asyncio.run(consume(AsyncTextIteratorStreamer, ours, mine)) == want == chunks
+    with pytest.raises(RuntimeError, match="inside a coroutine"):
+        AsyncTextIteratorStreamer(mine)
 
 
 # ---- GenerationConfig -------------------------------------------------------------------------

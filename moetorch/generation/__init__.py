@@ -39,7 +39,7 @@ from .stopping_criteria import (
     StoppingCriteriaList,
     StopStringCriteria,
 )
-from .streamers import BaseStreamer, TextIteratorStreamer, TextStreamer
+from .streamers import AsyncTextIteratorStreamer, BaseStreamer, TextIteratorStreamer, TextStreamer
 from .utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, GenerationMixin
 from .watermarking import WatermarkDetector, WatermarkDetectorOutput, WatermarkingConfig, WatermarkLogitsProcessor
 
@@ -48,6 +48,7 @@ __all__ = [
     "WatermarkDetectorOutput",
     "WatermarkLogitsProcessor",
     "WatermarkingConfig",
+    "AsyncTextIteratorStreamer",
     "BaseStreamer",
     "EosTokenCriteria",
     "GenerateBeamDecoderOnlyOutput",

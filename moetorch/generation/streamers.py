@@ -3,6 +3,7 @@ token (batch size 1), and `s.end()` when done. They only need `tokenizer.decode(
 
 from __future__ import annotations
 
+import asyncio
 from queue import Queue
 from typing import Any
 
@@ -96,6 +97,39 @@ class TextIteratorStreamer(TextStreamer):
         value = self.text_queue.get(timeout=self.timeout)
         if value is self.stop_signal:
             raise StopIteration
+        return value
+
+
+class AsyncTextIteratorStreamer(TextStreamer):
+    """Queue the text for an asyncio consumer: `async for chunk in streamer: ...` while `generate`
+    runs in another thread. Make it inside the running event loop, which receives the text;
+    `timeout` (seconds) bounds each wait (`TimeoutError`)."""
+
+    def __init__(self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None,
+                 **decode_kwargs: Any) -> None:
+        super().__init__(tokenizer, skip_prompt, **decode_kwargs)
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError as e:
+            raise RuntimeError("AsyncTextIteratorStreamer must be made inside a coroutine: it hands the text to "
+                               "the running event loop") from e
+        self.text_queue: asyncio.Queue = asyncio.Queue()
+        self.stop_signal = None
+        self.timeout = timeout
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        # generate runs in another thread: the loop's own thread puts the text into its queue
+        self.loop.call_soon_threadsafe(self.text_queue.put_nowait, text)
+        if stream_end:
+            self.loop.call_soon_threadsafe(self.text_queue.put_nowait, self.stop_signal)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        value = await asyncio.wait_for(self.text_queue.get(), self.timeout)
+        if value is self.stop_signal:
+            raise StopAsyncIteration
         return value
 
 
