@@ -493,6 +493,25 @@ def test_eos_ids_stop_rows_and_pad(pair):
     assert b.shape[1] == 9
 
 
+def test_a_criterion_that_returns_one_bool_stops_every_row(pair):
+    """A criterion may return one Python bool for the batch (lm-evaluation-harness's multi-token
+    stop sequences do), which Transformers applies to every row."""
+    ids, mask = prompts()
+
+    class StopAfter(transformers.StoppingCriteria):
+        def __init__(self, length):
+            self.length = length
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids.shape[1] >= self.length
+
+    for cache in (None, "static"):
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, cache_implementation=cache,
+                    stopping_criteria=transformers.StoppingCriteriaList([StopAfter(ids.shape[1] + 4)]))
+        assert_same_tokens(a, b, f"one bool for the batch, {cache}")
+        assert b.shape[1] == ids.shape[1] + 4
+
+
 @contextlib.contextmanager
 def lagged_stop(model, monkeypatch):
     """Turn the one-step-late stop check on (it is on for CUDA only) and record the stop flag each

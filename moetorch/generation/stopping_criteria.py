@@ -26,7 +26,8 @@ class StoppingCriteriaList(list):
     def __call__(self, input_ids: torch.LongTensor, scores: Scores, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for criterion in self:
-            done = done | criterion(input_ids, scores, **kwargs).to(done.device)
+            # a tensor per row, or (as Transformers takes it) one bool for every row
+            done = done | torch.as_tensor(criterion(input_ids, scores, **kwargs), device=done.device)
         return done
 
     @property
