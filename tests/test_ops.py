@@ -182,3 +182,47 @@ def test_residual_leaving_adds_now_only_where_fsdp2_frees_the_bias(monkeypatch):
     assert torch.equal(settled.x, pending.value())
     no_bias = Residual.leaving(torch.nn.Linear(2, 2), x, delta)  # nothing freed to keep: stays pending
     assert no_bias.delta is delta
+
+
+@pytest.mark.parametrize("backend", ["reference", "gather"])
+def test_experts_under_autocast_sum_in_the_residual_dtype(backend):
+    """Under bf16 autocast the experts' products are bf16 (as autocast makes a matmul's), and the
+    routing-weighted sum is float32, the activations' dtype, as Transformers sums it: the result is
+    that float32 sum, not a bf16 rounding of it. Also for JetMoE's attention-expert reduce."""
+    from moetorch.ops.moe import expert_reduce
+
+    g = torch.Generator().manual_seed(3)
+    T, K, E, D, I = 17, 2, 4, 16, 8
+    x = torch.randn(T, D, generator=g)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g) * 0.3, torch.randn(E, D, I, generator=g) * 0.3
+    weights, ids = torch.rand(T, K, generator=g), torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    want = torch.zeros(T, D)
+    for t in range(T):
+        for k in range(K):
+            e = ids[t, k]
+            h = x[t].bfloat16() @ w13[e].bfloat16().T
+            y = (F.silu(h[:I]) * h[I:]) @ w2[e].bfloat16().T
+            want[t] += y.float() * weights[t, k]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = experts_forward(x, w13, w2, ids, weights, F.silu, backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    h_TKC, w_red = torch.randn(T, K, I, generator=g).bfloat16(), torch.randn(E, D, I, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = expert_reduce(h_TKC, w_red, ids, weights, backend)
+    want = sum((h_TKC[:, k].unsqueeze(1) @ w_red[ids[:, k]].bfloat16().transpose(1, 2)).squeeze(1).float()
+               * weights[:, k, None] for k in range(K))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_mm_sums_in_the_dtype_it_is_given():
+    """grouped_mm (bf16 on CUDA only) combines its sorted rows in the residual's dtype: float32 sums
+    of bf16 rows, as the other backends under autocast."""
+    from moetorch.ops.moe import _combine_sorted
+
+    T, K, D = 5, 2, 3
+    rows = torch.tensor([1.0, 2.0 ** -9]).repeat(T * K // 2)[:, None].expand(T * K, D).bfloat16()
+    got = _combine_sorted(rows, torch.arange(T * K), torch.ones(T, K), T, K, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.full((T, D), 1 + 2.0 ** -9))

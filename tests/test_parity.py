@@ -227,3 +227,43 @@ def test_logits_to_keep(arch, tmp_path):
             assert got.shape == want.shape == ((2, 2, hf.config.vocab_size) if keep is rows else (4, hf.config.vocab_size))
             close(want, got, f"logits_to_keep {keep.dtype} [2, n]")
         close(ours(ids, logits_to_keep=rows).logits, torch.stack([full[0, [5, 1]], full[1, [0, 2]]]), "rows")
+
+
+def _autocast_run(model, ids, mask, enabled=True):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled), torch.no_grad():
+        return model(ids, attention_mask=mask).logits.float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_jetmoe_under_bf16_autocast_is_transformers_bit_for_bit(train, tmp_path):
+    """bf16 autocast over float32 weights (mixed-precision training): each matmul rounds where
+    Transformers' does, and the experts' weighted sums stay in float32 as Transformers keeps them,
+    so the logits are Transformers' exactly; the loss's gradients agree to bf16's rounding."""
+    hf, ours = make_pair(JETMOE, tmp_path, "causal_lm", "hf_to_ours", seed=5)
+    ids, mask = make_inputs(hf.config.vocab_size, 3, 11, "left", seed=6)
+    hf.train(train)
+    ours.train(train)
+    assert torch.equal(_autocast_run(ours, ids, mask), _autocast_run(hf, ids, mask))
+    grads = []
+    for model in (hf, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[1].items():
+        ref = grads[0][name]
+        assert (g - ref).norm() <= 2e-2 * ref.norm() + 1e-6, name
+
+
+def test_phimoe_under_bf16_autocast_is_as_close_to_float32_as_transformers(tmp_path):
+    """Transformers 5.23 runs PhiMoE's experts in their weights' float32 under autocast (its
+    grouped_mm is no autocast op); moetorch multiplies in bf16 as autocast does (docs/differences.md)
+    and, as Transformers, weights and sums the experts' outputs in float32. Its bf16 logits are as
+    close to the float32 ones as Transformers' (before the float32 sum: 6x further)."""
+    hf, ours = make_pair(PHIMOE, tmp_path, "causal_lm", "hf_to_ours", seed=5)
+    ids, mask = make_inputs(hf.config.vocab_size, 8, 24, "left", seed=6)
+    want = _autocast_run(hf, ids, mask, enabled=False)
+    valid = mask.bool()
+    err_hf = (_autocast_run(hf, ids, mask) - want)[valid].abs().mean()
+    err_ours = (_autocast_run(ours, ids, mask) - want)[valid].abs().mean()
+    assert err_ours <= 1.5 * err_hf, (err_ours, err_hf)

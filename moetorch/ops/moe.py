@@ -71,8 +71,8 @@ def _swiglu(h_N2I: torch.Tensor, act: Act) -> torch.Tensor:
     return act(gate) * up
 
 
-def experts_reference(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act) -> torch.Tensor:
-    out_TD = torch.zeros_like(x_TD)
+def experts_reference(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act, out_dtype=None) -> torch.Tensor:
+    out_TD = torch.zeros_like(x_TD, dtype=out_dtype)
     for e in range(w13_E2ID.shape[0]):
         tok, slot = torch.where(ids_TK == e)
         if tok.numel() == 0:
@@ -82,14 +82,14 @@ def experts_reference(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act) -> t
     return out_TD
 
 
-def experts_gather(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act) -> torch.Tensor:
+def experts_gather(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act, out_dtype=None) -> torch.Tensor:
     T, K = ids_TK.shape
     ids_N = ids_TK.reshape(-1)
     x_ND1 = x_TD.repeat_interleave(K, dim=0).unsqueeze(-1)
     h_N2I = torch.bmm(w13_E2ID[ids_N], x_ND1).squeeze(-1)
     y_ND = torch.bmm(w2_EDI[ids_N], _swiglu(h_N2I, act).unsqueeze(-1)).squeeze(-1)
-    y_ND = y_ND * weights_TK.reshape(-1, 1)
-    return y_ND.view(T, K, -1).sum(1).to(x_TD.dtype)
+    y_ND = (y_ND * weights_TK.reshape(-1, 1)).to(out_dtype or x_TD.dtype)
+    return y_ND.view(T, K, -1).sum(1)
 
 
 def group_offsets(ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -109,19 +109,18 @@ def _sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
 
 
 def _combine_sorted(y_NO, order_N, weights_TK, T: int, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """sum_k weights[t, k] * y[t, k], from rows in expert-sorted order."""
-    y_NO = y_NO * weights_TK.reshape(-1)[order_N, None]
-    out_TO = torch.zeros(T, y_NO.shape[1], dtype=y_NO.dtype, device=y_NO.device)
-    out_TO.index_add_(0, order_N // K, y_NO)
-    return out_TO.to(dtype)
+    """sum_k weights[t, k] * y[t, k], from rows in expert-sorted order, summed in `dtype`."""
+    y_NO = (y_NO * weights_TK.reshape(-1)[order_N, None]).to(dtype)
+    out_TO = torch.zeros(T, y_NO.shape[1], dtype=dtype, device=y_NO.device)
+    return out_TO.index_add_(0, order_N // K, y_NO)
 
 
-def experts_grouped_mm(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act) -> torch.Tensor:
+def experts_grouped_mm(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act, out_dtype=None) -> torch.Tensor:
     T, K = ids_TK.shape
     order_N, offs_E = _sort_by_expert(ids_TK, w13_E2ID.shape[0])
     h = torch._grouped_mm(x_TD[order_N // K], w13_E2ID.transpose(1, 2), offs=offs_E)
     y = torch._grouped_mm(_swiglu(h, act), w2_EDI.transpose(1, 2), offs=offs_E)
-    return _combine_sorted(y, order_N, weights_TK, T, K, x_TD.dtype)
+    return _combine_sorted(y, order_N, weights_TK, T, K, out_dtype or x_TD.dtype)
 
 
 EXPERT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
@@ -183,12 +182,15 @@ def experts_forward(
     combine=False: the result may keep the K axis ([T, K, D], the terms of that sum) where the sum
     would cost a kernel of its own (the Triton backend's sorted path); a residual add (`ops.norms`)
     sums it in its own kernel. Elsewhere the result is [T, D] either way."""
-    x_TD, w13_E2ID, w2_EDI, weights_TK = autocast_inputs(x_TD, w13_E2ID, w2_EDI, weights_TK)
+    out_dtype = x_TD.dtype  # under autocast, the float32 of the residual stream, as Transformers sums
+    x_TD, w13_E2ID, w2_EDI = autocast_inputs(x_TD, w13_E2ID, w2_EDI)
     name = backend or pick_backend(x_TD, ids_TK, w13_E2ID, w2_EDI)
     if name not in EXPERT_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(EXPERT_BACKENDS)}")
-    args = (x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act)
-    return EXPERT_BACKENDS[name](*args) if combine or name != "triton" else EXPERT_BACKENDS[name](*args, combine=False)
+    if name == "triton":  # its kernels take one dtype, the routing weights' too, and give it
+        args = (x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK.to(x_TD.dtype), act)
+        return EXPERT_BACKENDS[name](*args, combine=combine).to(out_dtype)
+    return EXPERT_BACKENDS[name](x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act, out_dtype=out_dtype)
 
 
 # ---- Single-projection experts: JetMoE's attention experts (MoA) ------------------------------
@@ -225,9 +227,9 @@ def expert_map_grouped_mm(x_TD, w_EOD, ids_TK) -> torch.Tensor:
     return y_NO.view(T, K, -1)
 
 
-def expert_reduce_reference(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
+def expert_reduce_reference(h_TKC, w_EOC, ids_TK, weights_TK, out_dtype=None) -> torch.Tensor:
     T = ids_TK.shape[0]
-    out_TO = h_TKC.new_zeros(T, w_EOC.shape[1])
+    out_TO = h_TKC.new_zeros(T, w_EOC.shape[1], dtype=out_dtype)
     for e in range(w_EOC.shape[0]):
         tok, slot = torch.where(ids_TK == e)
         if tok.numel() == 0:
@@ -237,18 +239,18 @@ def expert_reduce_reference(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
     return out_TO
 
 
-def expert_reduce_gather(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
+def expert_reduce_gather(h_TKC, w_EOC, ids_TK, weights_TK, out_dtype=None) -> torch.Tensor:
     T, K = ids_TK.shape
     y_NO = torch.bmm(w_EOC[ids_TK.reshape(-1)], h_TKC.reshape(T * K, -1, 1)).squeeze(-1)
-    y_NO = y_NO * weights_TK.reshape(-1, 1)
-    return y_NO.view(T, K, -1).sum(1).to(h_TKC.dtype)
+    y_NO = (y_NO * weights_TK.reshape(-1, 1)).to(out_dtype or h_TKC.dtype)
+    return y_NO.view(T, K, -1).sum(1)
 
 
-def expert_reduce_grouped_mm(h_TKC, w_EOC, ids_TK, weights_TK) -> torch.Tensor:
+def expert_reduce_grouped_mm(h_TKC, w_EOC, ids_TK, weights_TK, out_dtype=None) -> torch.Tensor:
     T, K = ids_TK.shape
     order_N, offs_E = _sort_by_expert(ids_TK, w_EOC.shape[0])
     y = torch._grouped_mm(h_TKC.reshape(T * K, -1)[order_N], w_EOC.transpose(1, 2), offs=offs_E)
-    return _combine_sorted(y, order_N, weights_TK, T, K, h_TKC.dtype)
+    return _combine_sorted(y, order_N, weights_TK, T, K, out_dtype or h_TKC.dtype)
 
 
 MAP_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
@@ -277,9 +279,12 @@ def expert_map(x_TD, w_EOD, ids_TK, backend: str | None = None) -> torch.Tensor:
 def expert_reduce(h_TKC, w_EOC, ids_TK, weights_TK, backend: str | None = None, combine: bool = True) -> torch.Tensor:
     """y_t = sum_k weights[t, k] * W[e] h[t, k] with e = ids[t, k]: shape [T, O] (combine=False:
     maybe [T, K, O], as in `experts_forward`)."""
-    h_TKC, w_EOC, weights_TK = autocast_inputs(h_TKC, w_EOC, weights_TK)
+    out_dtype = torch.promote_types(h_TKC.dtype, weights_TK.dtype)  # Transformers' JetMoE sums in this dtype
+    h_TKC, w_EOC = autocast_inputs(h_TKC, w_EOC)
     name = backend or pick_backend(h_TKC, ids_TK, w_EOC)
     if name not in REDUCE_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(REDUCE_BACKENDS)}")
-    args = (h_TKC, w_EOC, ids_TK, weights_TK)
-    return REDUCE_BACKENDS[name](*args) if combine or name != "triton" else REDUCE_BACKENDS[name](*args, combine=False)
+    if name == "triton":  # its kernels take one dtype, the routing weights' too, and give it
+        args = (h_TKC, w_EOC, ids_TK, weights_TK.to(h_TKC.dtype))
+        return REDUCE_BACKENDS[name](*args, combine=combine).to(out_dtype)
+    return REDUCE_BACKENDS[name](h_TKC, w_EOC, ids_TK, weights_TK, out_dtype=out_dtype)
