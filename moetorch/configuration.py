@@ -86,6 +86,9 @@ class MoeConfig(PushToHubMixin):
     is_encoder_decoder: ClassVar[bool] = False
     # output fields Transformers' Trainer leaves out of its predictions, as for Transformers' models
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    # Where the config was loaded from, as `from_pretrained` was given it ("" for a new config): Transformers'
+    # `_name_or_path`, which tools read (TRL makes its reference model from it). Not a field: never saved.
+    _name_or_path: ClassVar[str] = ""
     architectures: list[str] | None = None
     dtype: str | None = None
     output_attentions: bool = False
@@ -181,6 +184,24 @@ class MoeConfig(PushToHubMixin):
                    f"must exceed low_freq_factor ({p['low_freq_factor']}), got {p['high_freq_factor']}")
 
     # ---- Transformers compatibility ----------------------------------------------------------
+    @property
+    def name_or_path(self) -> str:
+        return self._name_or_path
+
+    @name_or_path.setter
+    def name_or_path(self, value: str | os.PathLike) -> None:
+        self._name_or_path = os.fspath(value)
+
+    @property
+    def num_experts(self) -> int:
+        """`num_local_experts` under the name other MoE configs use, which TRL's MoE loss reads
+        (Transformers' PhiMoE and JetMoE configs lack it: docs/differences.md)."""
+        return self.num_local_experts
+
+    @num_experts.setter
+    def num_experts(self, value: int) -> None:
+        self.num_local_experts = value
+
     @property
     def _attn_implementation(self) -> str:
         return self.attn_implementation or "sdpa"
@@ -282,7 +303,9 @@ class MoeConfig(PushToHubMixin):
         """Read `config.json` from a checkpoint directory (or a path to the json file itself, or a
         Hub repository: `revision`, `cache_dir`, `token`, ... as in Transformers)."""
         hub = hub_options(overrides)
-        return cls.from_dict(read_config_dict(path, **hub), **overrides)
+        config = cls.from_dict(read_config_dict(path, **hub), **overrides)
+        config.name_or_path = path
+        return config
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> MoeConfig:

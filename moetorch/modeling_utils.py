@@ -197,7 +197,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
-        self.name_or_path = ""  # the checkpoint directory or embedded name, once loaded
+        self.name_or_path = config.name_or_path  # the checkpoint directory or name, once loaded
         self.model_tags: list[str] | None = None  # what trainers tag a model with (add_model_tags)
         self.attn_implementation = check_attn_implementation(config.attn_implementation)
         self.gradient_checkpointing = False
@@ -538,7 +538,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         elif hasattr(model, "generate") and os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(path)
         model.config.dtype = str(target_dtype).removeprefix("torch.")
-        model.name_or_path = os.fspath(pretrained_model_name_or_path)  # as given, as Transformers keeps it
+        model.name_or_path = model.config.name_or_path = os.fspath(pretrained_model_name_or_path)  # as given
         if device_map is not None:
             model.hf_device_map = placement.hf_device_map(where)
         if trust_remote_code and hasattr(model, "generate"):

@@ -174,3 +174,24 @@ def test_config_helpers_as_transformers(arch, tmp_path):
         ours.update_from_string("rope_parameters=1")
     with pytest.raises(ValueError, match="'hidden_size'"):
         ours.update_from_string("hidden_size")
+
+
+def test_config_names_tools_read():
+    """`num_experts` (TRL's MoE loss reads it) is `num_local_experts`, never saved; `name_or_path`
+    and `_name_or_path` are where the config was loaded from, as Transformers keeps them (TRL makes
+    its reference model from it), and are not saved either."""
+    import moetorch
+
+    for cls in (moetorch.PhimoeConfig, moetorch.JetMoeConfig):
+        cfg = cls()
+        assert cfg.num_experts == cfg.num_local_experts and "num_experts" not in cfg.to_dict()
+        cfg.num_experts = 4
+        assert cfg.num_local_experts == 4
+        assert cfg.name_or_path == cfg._name_or_path == ""
+    for load in (moetorch.AutoConfig.from_pretrained, lambda p: moetorch.AutoModelForCausalLM.from_pretrained(p).config):
+        cfg = load("tiny-phimoe")
+        assert cfg.name_or_path == cfg._name_or_path == "tiny-phimoe"
+        assert "_name_or_path" not in cfg.to_dict()
+    model = moetorch.JetMoeForCausalLM.from_pretrained("tiny-jetmoe")
+    assert model.name_or_path == model.config._name_or_path == "tiny-jetmoe"
+    assert type(model)(model.config).name_or_path == "tiny-jetmoe"  # a model made from a config takes its name
