@@ -16,7 +16,12 @@ configs with random weights (gpu_check's shapes, loaded into both libraries from
 4. bf16 and fp16: logits against float32 Transformers, beside Transformers' own error in that
    dtype (informative: random routers flip near-tied experts in half precision; the check is that
    moetorch's error is of Transformers' size). fp16 also runs graphed generate.
-Exits non-zero if a check of 1-3 fails.
+5. bf16 autocast over float32 weights (mixed-precision training), inference (the Triton experts)
+   and a training forward and backward (grouped-mm experts): logits against float32 Transformers,
+   beside Transformers' own error under autocast; moetorch's must be at most 1.5x Transformers'
+   (or 1e-2). Transformers runs PhiMoE's experts in float32 under autocast, moetorch in bf16
+   (docs/differences.md). The loss gradients' error against Transformers' is recorded.
+Exits non-zero if a check of 1-3 or 5 fails.
 """
 
 from __future__ import annotations
@@ -125,12 +130,38 @@ def check(name: str, prefix: str, cfg: dict, res: dict) -> bool:
             ok &= res[f"{tag}.generate_finite_tokens"]
             ours.float()
             hf.float()
+    ok &= check_autocast(name, ours, hf, ids, mask, labels, res)
     del ours, hf
     with tempfile.TemporaryDirectory() as d, torch.no_grad():
         ours, hf = pair(prefix, cfg, "ForSequenceClassification", d)
         err = rel_err(ours(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits)
     res[f"{name}.fp32.classification_logits"] = err
     ok &= err < LIMIT
+    return ok
+
+
+def check_autocast(name, ours, hf, ids, mask, labels, res) -> bool:
+    ok, valid = True, mask.bool()
+    with torch.no_grad():  # the weights went through bf16 above: Transformers' float32 logits of these
+        want = hf(ids, attention_mask=mask).logits[valid]
+    grads = {}
+    for lib, model in (("moetorch", ours), ("transformers", hf)):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            err = rel_err(model(ids, attention_mask=mask).logits[valid], want)
+        res[f"{name}.autocast.inference_logits_rel_err_{lib}"] = err
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        res[f"{name}.autocast.train_logits_rel_err_{lib}"] = rel_err(out.logits.detach()[valid], want)
+        grads[lib] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+    for mode in ("inference", "train"):
+        mine, theirs = (res[f"{name}.autocast.{mode}_logits_rel_err_{lib}"] for lib in ("moetorch", "transformers"))
+        ok &= mine <= max(1.5 * theirs, 1e-2)
+    res[f"{name}.autocast.grad_max_rel_err_vs_transformers"] = max(
+        rel_err(g, grads["transformers"][n]) for n, g in grads["moetorch"].items())
+    ok &= all(bool(torch.isfinite(g).all()) for g in grads["moetorch"].values())
     return ok
 
 
