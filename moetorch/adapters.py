@@ -40,8 +40,8 @@ def _peft(what: str):
 
 
 def adapter_dir(path: str | os.PathLike) -> str | None:
-    """`path` where it is a directory that holds an adapter (adapter_config.json), else None."""
-    path = checkpoint_path(path)
+    """`path` (a local directory) where it holds an adapter (adapter_config.json), else None."""
+    path = os.fspath(path)
     return path if os.path.isfile(os.path.join(path, ADAPTER_CONFIG_NAME)) else None
 
 

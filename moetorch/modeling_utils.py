@@ -144,7 +144,8 @@ def place(model: PreTrainedModel, device: Any, device_map: Any, max_memory: Any)
     return where
 
 
-# Options of Transformers' from_pretrained that concern downloads or remote code, accepted and ignored.
+# Options of Transformers' from_pretrained with nothing to do here (remote code, memory, formats), accepted
+# and ignored; the Hub's options (revision, token, ...) go to moetorch.hub.
 _LOADER_ONLY_KWARGS = {
     "trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "resume_download", "proxies",
     "offload_folder", "offload_state_dict", "offload_buffers",  # disk offload: moetorch never offloads to disk
