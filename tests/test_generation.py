@@ -706,6 +706,26 @@ def test_assisted_decoding_equals_greedy(pair):
     assert len(calls) < new_tokens, "no draft was ever accepted"
 
 
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_a_transformers_model_drafts_for_a_moetorch_model(pair, cache):
+    """A Transformers assistant of the same vocabulary (a small draft model of the same family)
+    drafts on a cache of its own: greedy assisted decoding gives the model's own greedy tokens and
+    Transformers' tokens with the same assistant; sampled drafts give tokens of the vocabulary."""
+    hf, ours = pair
+    arch = next(a for a in ARCHS if isinstance(ours, a.ours["causal_lm"]))
+    assistant = arch.hf["causal_lm"](arch.hf_config(num_hidden_layers=1)).eval()
+    assistant.load_state_dict(hf.state_dict(), strict=False)  # agrees often, not always
+    ids, _ = prompts(batch=1, padding=None)
+    kwargs = dict(max_new_tokens=12, eos_token_id=None, cache_implementation=cache)
+    got = ours.generate(ids, assistant_model=assistant, num_assistant_tokens=3, **kwargs)
+    assert_same_tokens(ours.generate(ids, **kwargs), got, "greedy with a Transformers assistant")
+    assert_same_tokens(hf.generate(ids, assistant_model=assistant, num_assistant_tokens=3, max_new_tokens=12,
+                                   eos_token_id=None), got, "Transformers with the same assistant")
+    torch.manual_seed(0)
+    sampled = ours.generate(ids, assistant_model=assistant, do_sample=True, **kwargs)
+    assert sampled.shape == got.shape and int(sampled.max()) < VOCAB
+
+
 def test_classifier_free_guidance(pair):
     ids, _ = prompts(batch=2, padding=None)
     plain = pair[1].generate(ids, max_new_tokens=8)

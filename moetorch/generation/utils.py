@@ -171,6 +171,12 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
         ids, embeds = seq_RL[:, past - ctx.offset :], None
     start = end - (ids if ids is not None else embeds).shape[1]
     device = seq_RL.device
+    if isinstance(cache, _OwnCache):  # an assistant of another library, on its own cache
+        out = model(input_ids=ids, attention_mask=ctx.mask(end), position_ids=ctx.positions(start, end),
+                    past_key_values=cache.inner, use_cache=True, cache_position=torch.arange(start, end, device=device),
+                    logits_to_keep=keep, return_dict=True)
+        cache.inner = out.past_key_values
+        return out
     # the graphed runs take token ids, record nothing, and serve the cache they were made for (not,
     # say, an assistant's draft cache)
     graphs = ids is not None and not (output_attentions or output_hidden_states)
@@ -250,6 +256,22 @@ class _HeldDecode:
 
     def __setstate__(self, state: dict) -> None:
         self.clear()
+
+
+class _OwnCache:
+    """The cache of an assistant of another library (a Transformers model): the assistant makes its
+    own in its first forward, and this holds it; it is cropped as moetorch's caches are."""
+
+    def __init__(self) -> None:
+        self.inner = None
+
+    def get_seq_length(self) -> int:
+        return 0 if self.inner is None else self.inner.get_seq_length()
+
+    def crop(self, length: int) -> None:
+        excess = self.get_seq_length() - length
+        if excess > 0:
+            self.inner.crop(-excess)  # Transformers' caches drop the last -n tokens for a negative n
 
 
 class _StepOutput:
@@ -1186,8 +1208,11 @@ class GenerationMixin:
         drafts on a static cache of its own, which it holds between calls as this model holds its:
         its prompt, single tokens and catch-up chunks (the tokens kept in the last round) replay
         CUDA graphs on a GPU. Otherwise it drafts on a dynamic cache, eagerly. `device`: the
-        assistant's (None for prompt lookup)."""
+        assistant's (None for prompt lookup). An assistant of another library (a Transformers
+        model of the same vocabulary) drafts on a cache of its own making (`_OwnCache`)."""
         draft_ctx = _Context(*(None if t is None else t.to(device) for t in (ctx.mask_BP, ctx.positions_BP)), None, 0)
+        if assistant is not None and not isinstance(assistant, GenerationMixin):
+            return _OwnCache(), draft_ctx  # a model of another library drafts on a cache of its own
         if not (isinstance(cache, StaticCache) and isinstance(assistant, GenerationMixin) and assistant is not self
                 and assistant.decode_graphs and not assistant.spans_devices):
             return DynamicCache(), draft_ctx
