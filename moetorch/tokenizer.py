@@ -117,9 +117,11 @@ class Tokenizer(PushToHubMixin):
         if (directory / TEMPLATE_FILE).exists():
             config["chat_template"] = (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
         for key in list(kwargs):
-            if key in _IGNORED_KWARGS:
+            if key in _IGNORED_KWARGS and key != "legacy":
                 kwargs.pop(key)
         config.update(kwargs)
+        if config.get("tokenizer_class") in LLAMA_CLASSES:
+            _as_llama_tokenizer(rust, config, file)
         known = {"chat_template", "padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces"}
         specials = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
         template = config.get("chat_template")
@@ -130,7 +132,7 @@ class Tokenizer(PushToHubMixin):
             rust,
             **specials,
             chat_template=template,
-            padding_side=config.get("padding_side", "right"),
+            padding_side=config.get("padding_side", _CLASS_PADDING_SIDE.get(config.get("tokenizer_class"), "right")),
             truncation_side=config.get("truncation_side", "right"),
             model_max_length=config.get("model_max_length"),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
@@ -494,6 +496,37 @@ def _clean_up(text: str) -> str:
                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(a, b)
     return text
+
+
+# Transformers 5 builds the pipeline of a tokenizer whose tokenizer_config.json names a model's
+# tokenizer class in that class, from tokenizer.json's vocabulary, merges, added tokens and
+# post-processor alone. Phi-3.5-MoE and JetMoE name Llama's, whose pipeline differs from the one
+# their tokenizer.json spells out (a Prepend("▁") normalizer, which also puts "▁" after every special
+# token): the same text must give the same ids as there.
+LLAMA_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast"}
+_CLASS_PADDING_SIDE = dict.fromkeys(LLAMA_CLASSES, "left")
+
+
+def _as_llama_tokenizer(rust, config: dict[str, Any], file: Path) -> None:
+    """Give `rust` Transformers 5's LlamaTokenizer pipeline: a byte-fallback BPE of the file's
+    vocabulary and merges, no normalizer, a Metaspace pre-tokenizer that puts "▁" before the
+    text's first word only (`legacy=False`, the default; before every piece between special tokens
+    with `legacy=True`; never with `add_prefix_space=False`), and the matching decoder."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    model = json.loads(file.read_text(encoding="utf-8")).get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(f"{file}: tokenizer_class {config['tokenizer_class']} needs a BPE model, got "
+                         f"{model.get('type')!r}")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    rust.model = models.BPE(vocab=model.get("vocab", {}), merges=merges, fuse_unk=True, byte_fallback=True)
+    prefix = config.get("add_prefix_space")
+    prefix = True if prefix is None else bool(prefix)
+    scheme = ("always" if config.get("legacy") else "first") if prefix else "never"
+    rust.normalizer = None
+    rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    rust.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

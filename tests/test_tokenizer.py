@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tok_util import build_tokenizer
+from tok_util import build_llama_tokenizer, build_tokenizer
 
 from moetorch import AutoTokenizer, Tokenizer
 
@@ -214,3 +214,44 @@ def test_transformers_data_collators_take_it(pair, side):
         for key in want:
             assert torch.equal(got[key], want[key]), key
     hf.padding_side, ours.padding_side = before
+
+
+LLAMA_TEXTS = ["Hello world", " Hello", "  two spaces", "x  y", "\n", "\n\nnew", " ", "", "tab\there", "ünïcödé €",
+               "<|user|>\nSolve 2x + 3 = 7<|end|>\n<|assistant|>\n", "a<|end|>b", "<|user|>Hi", "<s>text</s>",
+               "experts per token; dense models"]
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"legacy": False}, {"legacy": True}, {"add_prefix_space": False}, {"legacy": True, "add_prefix_space": False},
+    {"tokenizer_class": "LlamaTokenizerFast", "padding_side": "right"}, {"tokenizer_class": None},
+], ids=["defaults", "legacy-false", "legacy-true", "no-prefix", "legacy-no-prefix", "fast-right", "no-class"])
+def test_llama_style_tokenizers_match_transformers(fields, tmp_path):
+    """Phi-3.5-MoE and JetMoE ship a SentencePiece-style tokenizer.json whose tokenizer_config.json
+    names LlamaTokenizer: Transformers 5 then builds Llama's pipeline (no "▁" after special tokens
+    unless legacy=True, none at all with add_prefix_space=False, left padding), not the file's. The
+    same ids, tokens, decoded text, padding and chat prompts as Transformers, and saves that each
+    library reads back the same."""
+    path = build_llama_tokenizer(tmp_path / "tok", **fields)
+    hf, ours = transformers.AutoTokenizer.from_pretrained(path), Tokenizer.from_pretrained(path)
+    for text in LLAMA_TEXTS:
+        want = hf(text)["input_ids"]
+        assert ours(text)["input_ids"] == want, text
+        assert ours.convert_ids_to_tokens(want) == hf.convert_ids_to_tokens(want), text
+        for skip in (False, True):
+            assert ours.decode(want, skip_special_tokens=skip) == hf.decode(want, skip_special_tokens=skip), text
+    assert ours.padding_side == hf.padding_side
+    batch = dict(padding=True, return_tensors="pt")
+    for key, value in hf(LLAMA_TEXTS[:4], **batch).items():
+        assert torch.equal(ours(LLAMA_TEXTS[:4], **batch)[key], value), key
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What about 2x + 3 = 7?"}]
+    assert ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False) == \
+        hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ours.save_pretrained(tmp_path / "ours")
+    hf.save_pretrained(tmp_path / "hf")
+    for saved in ("ours", "hf"):
+        a = transformers.AutoTokenizer.from_pretrained(tmp_path / saved)
+        b = Tokenizer.from_pretrained(tmp_path / saved)
+        for text in LLAMA_TEXTS:
+            assert a(text)["input_ids"] == b(text)["input_ids"], (saved, text)
+            if saved == "ours":  # (Transformers' own save leaves `legacy` out, so its reload may tokenize otherwise)
+                assert b(text)["input_ids"] == hf(text)["input_ids"], (saved, text)
