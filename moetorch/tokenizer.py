@@ -261,6 +261,7 @@ class Tokenizer(PushToHubMixin):
     def __call__(
         self,
         text: str | list[str],
+        text_pair: str | list[str] | None = None,
         add_special_tokens: bool = True,
         padding: bool | str = False,
         truncation: bool | str = False,
@@ -271,8 +272,10 @@ class Tokenizer(PushToHubMixin):
         pad_to_multiple_of: int | None = None,
         **kwargs: Any,
     ) -> BatchEncoding:
-        """Tokenise one text or a batch; pad ("longest"/True or "max_length", up to a multiple of
-        `pad_to_multiple_of`) left or right."""
+        """Tokenise one text or a batch (with `text_pair`: pairs, joined as the post-processor's
+        pair template joins them); truncate to `max_length` as Transformers' fast tokenizers do
+        (True / "longest_first", "only_first", "only_second"; the special tokens kept); pad
+        ("longest"/True or "max_length", up to a multiple of `pad_to_multiple_of`) left or right."""
         kwargs.pop("sanitize_control_tokens", None)
         if kwargs:
             raise TypeError(f"unexpected tokenizer arguments: {sorted(kwargs)}")
@@ -280,10 +283,26 @@ class Tokenizer(PushToHubMixin):
         texts = list(text) if batched else [text]
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a list of strings")
-        ids = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        if truncation:
+        inputs: list = texts
+        if text_pair is not None:
+            pairs = list(text_pair) if isinstance(text_pair, (list, tuple)) else [text_pair]
+            if isinstance(text_pair, (list, tuple)) != batched or len(pairs) != len(texts):
+                raise ValueError(f"text_pair must match text: {len(texts)} text(s) and {len(pairs)} pair(s)")
+            if not all(isinstance(t, str) for t in pairs):
+                raise TypeError("text_pair must be a string or a list of strings")
+            inputs = list(zip(texts, pairs))
+        strategy = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
+                    "only_second": "only_second"}.get(truncation)
+        if truncation not in (False, None, "do_not_truncate") and strategy is None:
+            raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'only_second', "
+                             f"got {truncation!r}")
+        if strategy is not None:
             limit = max_length or self.model_max_length
-            ids = [x[:limit] if self.truncation_side == "right" else x[-limit:] for x in ids]
+            self._tok.enable_truncation(min(limit, 2**31 - 1), strategy=strategy, direction=self.truncation_side)
+        try:
+            ids = [e.ids for e in self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)]
+        finally:
+            self._tok.no_truncation()
         masks = [[1] * len(x) for x in ids]
         self._pad_rows(ids, masks, padding, max_length, pad_to_multiple_of, padding_side)
         out = BatchEncoding(input_ids=ids if batched else ids[0])

@@ -255,3 +255,38 @@ def test_llama_style_tokenizers_match_transformers(fields, tmp_path):
             assert a(text)["input_ids"] == b(text)["input_ids"], (saved, text)
             if saved == "ours":  # (Transformers' own save leaves `legacy` out, so its reload may tokenize otherwise)
                 assert b(text)["input_ids"] == hf(text)["input_ids"], (saved, text)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "llama"])
+def test_text_pairs_and_truncation_strategies_match_transformers(kind, tmp_path):
+    """Pairs (what a sequence classifier reads for entailment or similarity) join as the
+    post-processor's pair template joins them; truncation keeps the special tokens and takes the
+    strategy's tokens off, on the truncation side, as Transformers' fast tokenizer does."""
+    path = (build_llama_tokenizer if kind == "llama" else build_tokenizer)(tmp_path / "tok")
+    hf, ours = transformers.AutoTokenizer.from_pretrained(path), Tokenizer.from_pretrained(path)
+    firsts = ["The mixture of experts routes each token.", "Solve 2x + 3 = 7", "Sparse"]
+    seconds = ["Bananas and dragonfruits make a fine smoothie.", "x = 2", "models activate a few experts per token"]
+    for side in ("right", "left"):
+        hf.truncation_side = ours.truncation_side = side
+        for kw in (dict(), dict(truncation=True, max_length=9), dict(truncation="only_first", max_length=14),
+                   dict(truncation="only_first", max_length=40), dict(truncation="only_second", max_length=12),
+                   dict(truncation="only_second", max_length=30), dict(truncation="longest_first", max_length=7),
+                   dict(padding=True, truncation=True, max_length=10, return_tensors="pt")):
+            try:
+                want = hf(firsts, seconds, **kw)
+            except Exception as e:  # a strategy that cannot reach max_length: an error in both
+                assert "too short" in str(e)
+                with pytest.raises(Exception, match="too short"):
+                    ours(firsts, seconds, **kw)
+                continue
+            got = ours(firsts, seconds, **kw)
+            for key in ("input_ids", "attention_mask"):
+                assert (torch.equal(got[key], want[key]) if "return_tensors" in kw else got[key] == want[key]), (side, kw)
+            lists = {k: v for k, v in kw.items() if k != "return_tensors"}
+            assert ours(firsts[0], seconds[0], **lists)["input_ids"] == hf(firsts[0], seconds[0], **lists)["input_ids"]
+            if lists.get("truncation") in (None, True, "longest_first"):  # one text alone
+                assert ours(firsts, **lists)["input_ids"] == hf(firsts, **lists)["input_ids"]
+    with pytest.raises(ValueError, match="text_pair must match text"):
+        ours(firsts, seconds[:2])
+    with pytest.raises(ValueError, match="truncation must be"):
+        ours(firsts, truncation="shortest")
