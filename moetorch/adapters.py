@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .defaults import checkpoint_path
-from .hub import hub_options
+from .hub import ADAPTER_PATTERNS, hub_options
 
 logger = logging.getLogger("moetorch")
 
@@ -74,7 +74,7 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
 
 def _adapter_path(peft_model_id: str | os.PathLike, subfolder: str | None, need_config: bool,
                   hub: dict[str, Any]) -> str:
-    path = checkpoint_path(peft_model_id, **hub)
+    path = checkpoint_path(peft_model_id, ADAPTER_PATTERNS, **hub)
     if subfolder:
         path = os.path.join(path, subfolder)
     if not os.path.isdir(path):

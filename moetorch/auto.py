@@ -8,7 +8,7 @@ from typing import Any
 from .adapters import adapter_base, adapter_dir
 from .configuration import CONFIG_NAME, ConfigError, read_config_dict
 from .defaults import checkpoint_path
-from .hub import HUB_OPTIONS
+from .hub import CONFIG_PATTERNS, HUB_OPTIONS
 
 # Architecture names used by original (remote-code) checkpoints.
 ARCHITECTURE_ALIASES = {"PhiMoEForCausalLM": "phimoe", "JetMoEForCausalLM": "jetmoe"}
@@ -52,10 +52,10 @@ class _Auto:
 
     @classmethod
     def class_for(cls, path: str | os.PathLike, **hub: Any) -> type:
-        local = checkpoint_path(path, **hub)
+        local = checkpoint_path(path, CONFIG_PATTERNS, **hub)  # the config alone: the class loads the weights
         if cls.role != "config" and adapter_dir(local) and not os.path.isfile(os.path.join(local, CONFIG_NAME)):
             hub.pop("revision", None)
-            local = checkpoint_path(adapter_base(local), **hub)  # an adapter directory: its base model's class
+            local = checkpoint_path(adapter_base(local), CONFIG_PATTERNS, **hub)  # an adapter: its base's class
         data = read_config_dict(local)
         return registry()[model_type_of(data, os.fspath(path))][cls.role]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .defaults import checkpoint_path
-from .hub import PushToHubMixin, hub_options
+from .hub import CONFIG_PATTERNS, PushToHubMixin, hub_options
 from .ops.activations import ACTIVATIONS
 from .ops.rope import SCALED_ROPE_TYPES
 
@@ -339,7 +339,7 @@ class MoeConfig(PushToHubMixin):
 def read_config_dict(path: str | os.PathLike, **hub: Any) -> dict[str, Any]:
     """Load a config.json as a dict, with errors that name the file. `path`: a directory, the
     file, an embedded model's name or a Hub repository (`hub`: its options, `moetorch.hub`)."""
-    path = checkpoint_path(path, **hub)
+    path = checkpoint_path(path, CONFIG_PATTERNS, **hub)
     file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise FileNotFoundError(f"no {CONFIG_NAME} found at {file}")

@@ -26,12 +26,13 @@ HELDOUT_SAMPLE = ASSETS / "heldout_sample.txt"
 _VERSION = "v2"  # bump when the recipe below changes, so stale builds are not reused
 
 
-def checkpoint_path(path: str | os.PathLike, **hub: Any) -> str:
+def checkpoint_path(path: str | os.PathLike, patterns: list[str] | None = None, **hub: Any) -> str:
     """The local directory (or file) `path` names: `path` itself where it exists; the embedded
     model's directory where it names one ("tiny-phimoe", "tiny-jetmoe"), so that
     `from_pretrained("tiny-phimoe")` loads the shipped model as Transformers loads a hub name;
     else the Hub repository of that name, fetched into the Hugging Face cache (`moetorch.hub`;
-    `hub`: revision, cache_dir, token, local_files_only, force_download)."""
+    `patterns`: the files fetched, default a model's; `hub`: revision, cache_dir, token,
+    local_files_only, force_download)."""
     path = os.fspath(path)
     if os.path.exists(path):
         return path
@@ -40,7 +41,7 @@ def checkpoint_path(path: str | os.PathLike, **hub: Any) -> str:
     from .hub import snapshot
 
     try:
-        return snapshot(path, **hub)
+        return snapshot(path, patterns=patterns, **hub)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{str(e).rstrip('.')}. Embedded models: {', '.join(EMBEDDED)}") from e.__cause__
 

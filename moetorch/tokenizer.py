@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .defaults import checkpoint_path
-from .hub import PushToHubMixin, hub_options
+from .hub import TOKENIZER_PATTERNS, PushToHubMixin, hub_options
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -101,7 +101,7 @@ class Tokenizer(PushToHubMixin):
         """Load from a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
         from tokenizers import Tokenizer as RustTokenizer
 
-        directory = Path(checkpoint_path(path, **hub_options(kwargs)))
+        directory = Path(checkpoint_path(path, TOKENIZER_PATTERNS, **hub_options(kwargs)))
         file = directory / TOKENIZER_FILE
         if not directory.is_dir():
             raise FileNotFoundError(f"{path!r} is not a directory (a tokenizer is a directory with {TOKENIZER_FILE})")

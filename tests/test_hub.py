@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from fnmatch import fnmatch
 
 import huggingface_hub
 import peft
@@ -144,7 +145,14 @@ def test_hub_options_reach_the_download(monkeypatch, tmp_path):
     assert {name for name, _ in calls} == {"microsoft/Phi-3.5-MoE-instruct"}
     for _, kw in calls:
         assert (kw["revision"], kw["token"], kw["force_download"], kw["cache_dir"]) == ("r1", "t", True, tmp_path)
-        assert kw["allow_patterns"] == hub.PATTERNS
+    # the Auto class reads the config alone, the model class fetches the weights too
+    assert [kw["allow_patterns"] for _, kw in calls] == [hub.CONFIG_PATTERNS, hub.PATTERNS]
+    calls.clear()  # a tokenizer, a config or a generation config fetches no weights
+    moetorch.AutoTokenizer.from_pretrained("microsoft/Phi-3.5-MoE-instruct")
+    moetorch.AutoConfig.from_pretrained("microsoft/Phi-3.5-MoE-instruct")
+    moetorch.GenerationConfig.from_pretrained("microsoft/Phi-3.5-MoE-instruct")
+    assert [kw["allow_patterns"] for _, kw in calls] == [hub.TOKENIZER_PATTERNS, *[hub.CONFIG_PATTERNS] * 3]
+    assert not any(fnmatch("model-00001-of-00017.safetensors", p) for _, kw in calls for p in kw["allow_patterns"])
 
 
 def test_the_patterns_fetch_what_moetorch_reads_and_nothing_else():
@@ -216,3 +224,17 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch, tmp_path):
     assert uploads[2][1] == ["config.json"] and uploads[2][2]["create_pr"] is True
     assert uploads[3][1] == ["generation_config.json"] and uploads[3][2]["revision"] == "dev"
     assert uploads[4][1] == written and uploads[4][2]["commit_description"] == "d"
+
+
+def test_a_hub_name_loads_in_a_process_without_transformers(cache):
+    """moetorch's own imports reach huggingface_hub's (Transformers, imported by the other tests,
+    imports more of it): a fresh interpreter loads a cached repository by name."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moetorch; m = moetorch.AutoModelForCausalLM.from_pretrained('someone/tiny-phimoe', "
+            f"cache_dir={str(cache)!r}); assert 'transformers' not in sys.modules; print(type(m).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "PhimoeForCausalLM"

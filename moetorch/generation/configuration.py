@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..defaults import checkpoint_path
-from ..hub import PushToHubMixin, hub_options
+from ..hub import CONFIG_PATTERNS, PushToHubMixin, hub_options
 from .watermarking import WatermarkingConfig
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -283,7 +283,7 @@ class GenerationConfig(PushToHubMixin):
     def from_pretrained(cls, pretrained_model_name: str | os.PathLike, config_file_name: str | None = None,
                         **kwargs: Any) -> GenerationConfig:
         """Read `generation_config.json` from a directory (or a path to the json file itself)."""
-        path = checkpoint_path(pretrained_model_name, **hub_options(kwargs))
+        path = checkpoint_path(pretrained_model_name, CONFIG_PATTERNS, **hub_options(kwargs))
         if os.path.isdir(path):
             path = os.path.join(path, config_file_name or GENERATION_CONFIG_NAME)
         if not os.path.isfile(path):

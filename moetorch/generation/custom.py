@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..defaults import checkpoint_path
+from ..hub import CUSTOM_GENERATE_PATTERNS
 
 CUSTOM_GENERATE_FILE = os.path.join("custom_generate", "generate.py")
 CUSTOM_GENERATE_REQUIREMENTS = os.path.join("custom_generate", "requirements.txt")
@@ -94,7 +95,7 @@ def load_custom_generate(path: str | os.PathLike, trust_remote_code: bool = Fals
                 f"custom_generate={path!r} is not a local directory holding {CUSTOM_GENERATE_FILE}. To fetch "
                 "a Hub repository's generation code and run it, pass trust_remote_code=True"
             )
-        path = checkpoint_path(path)
+        path = checkpoint_path(path, CUSTOM_GENERATE_PATTERNS)
     file = os.path.join(path, CUSTOM_GENERATE_FILE)
     if not os.path.isfile(file):
         raise OSError(f"{path!r} has no {CUSTOM_GENERATE_FILE}: there is no custom generate function to load")
