@@ -49,6 +49,11 @@ def pipeline(
         for name in ("dtype", "torch_dtype"):  # the pipeline's own argument first, as in Transformers
             value = model_kwargs.pop(name, None)
             dtype = dtype if dtype is not None else torch_dtype if torch_dtype is not None else value
+        for name, given in (("device_map", device_map), ("device", device)):
+            if name in model_kwargs and given is not None:
+                raise ValueError(f"pipeline: `{name}` is given both as an argument and in model_kwargs; pass one")
+        device_map = model_kwargs.pop("device_map", device_map)
+        device = model_kwargs.pop("device", device)
         if trust_remote_code is not None:
             model_kwargs["trust_remote_code"] = trust_remote_code
         model = AutoModelForCausalLM.from_pretrained(

@@ -106,6 +106,21 @@ def test_pipeline_inputs_and_outputs(checkpoint):
         moetorch.pipeline("summarization", model=str(checkpoint))
 
 
+def test_pipeline_model_kwargs_load_the_model_as_transformers_does(checkpoint):
+    """model_kwargs reach from_pretrained (dtype, device_map), as in Transformers; the pipeline's
+    own dtype comes first, and a device_map given twice is an error that names it."""
+    kw = dict(model_kwargs={"torch_dtype": torch.bfloat16, "device_map": "cpu"})
+    pipe = moetorch.pipeline("text-generation", model=str(checkpoint), **kw)
+    hf_pipe = transformers.pipeline("text-generation", model=str(checkpoint), **kw)
+    assert pipe.model.dtype == hf_pipe.model.dtype == torch.bfloat16
+    args = {"max_new_tokens": 6, "do_sample": False}
+    assert pipe("The experts", **args) == hf_pipe("The experts", **args)
+    assert moetorch.pipeline("text-generation", model=str(checkpoint), dtype="float32",
+                             model_kwargs={"dtype": torch.bfloat16}).model.dtype == torch.float32
+    with pytest.raises(ValueError, match="device_map"):
+        moetorch.pipeline("text-generation", model=str(checkpoint), device_map="cpu", model_kwargs={"device_map": "cpu"})
+
+
 def test_pipeline_defaults_are_transformers(checkpoint):
     """Transformers' pipeline samples at temperature 0.7 (256 new tokens) where neither the call,
     the pipeline's arguments, a generation_config nor the model's generation config set those, and
