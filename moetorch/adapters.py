@@ -72,11 +72,8 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"load_adapter: no adapter weights ({' or '.join(ADAPTER_WEIGHTS_NAMES)}) in {path}")
 
 
-def _adapter_path(peft_model_id: str | os.PathLike, subfolder: str | None, need_config: bool,
-                  hub: dict[str, Any]) -> str:
+def _adapter_path(peft_model_id: str | os.PathLike, need_config: bool, hub: dict[str, Any]) -> str:
     path = checkpoint_path(peft_model_id, ADAPTER_PATTERNS, **hub)
-    if subfolder:
-        path = os.path.join(path, subfolder)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_adapter: {path} is not a directory (an adapter is a directory with "
                                 f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})")
@@ -136,7 +133,6 @@ class AdapterMixin:
         `missing_keys` (this adapter's weights that the files lack) and `unexpected_keys`."""
         peft = _peft("load_adapter")
         options = {**(adapter_kwargs or {}), **kwargs}
-        subfolder = options.pop("subfolder", None)
         hub = hub_options(options)
         unknown = sorted(options.keys() - _NO_OPS)
         if unknown:
@@ -154,7 +150,7 @@ class AdapterMixin:
         if peft_model_id is None and (peft_config is None or adapter_state_dict is None):
             raise ValueError("load_adapter: pass peft_model_id (an adapter directory), or peft_config together "
                              "with adapter_state_dict")
-        path = None if peft_model_id is None else _adapter_path(peft_model_id, subfolder, peft_config is None, hub)
+        path = None if peft_model_id is None else _adapter_path(peft_model_id, peft_config is None, hub)
         if peft_config is None:
             peft_config = peft.PeftConfig.from_pretrained(path)
         elif isinstance(peft_config, dict):

@@ -54,7 +54,8 @@ class _Auto:
     def class_for(cls, path: str | os.PathLike, **hub: Any) -> type:
         local = checkpoint_path(path, CONFIG_PATTERNS, **hub)  # the config alone: the class loads the weights
         if cls.role != "config" and adapter_dir(local) and not os.path.isfile(os.path.join(local, CONFIG_NAME)):
-            hub.pop("revision", None)
+            hub.pop("revision", None)  # the base is another repository: its own revision, its root
+            hub.pop("subfolder", None)
             local = checkpoint_path(adapter_base(local), CONFIG_PATTERNS, **hub)  # an adapter: its base's class
         data = read_config_dict(local)
         return registry()[model_type_of(data, os.fspath(path))][cls.role]

@@ -26,24 +26,27 @@ HELDOUT_SAMPLE = ASSETS / "heldout_sample.txt"
 _VERSION = "v2"  # bump when the recipe below changes, so stale builds are not reused
 
 
-def checkpoint_path(path: str | os.PathLike, patterns: list[str] | None = None, **hub: Any) -> str:
+def checkpoint_path(path: str | os.PathLike, patterns: list[str] | None = None, subfolder: str | None = None,
+                    **hub: Any) -> str:
     """The local directory (or file) `path` names: `path` itself where it exists; the embedded
     model's directory where it names one ("tiny-phimoe", "tiny-jetmoe"), so that
     `from_pretrained("tiny-phimoe")` loads the shipped model as Transformers loads a hub name;
     else the Hub repository of that name, fetched into the Hugging Face cache (`moetorch.hub`;
     `patterns`: the files fetched, default a model's; `hub`: revision, cache_dir, token,
-    local_files_only, force_download)."""
+    local_files_only, force_download). `subfolder`: a directory inside it, as in Transformers."""
     path = os.fspath(path)
     if os.path.exists(path):
-        return path
-    if path in EMBEDDED:
-        return str(ASSETS / path)
-    from .hub import snapshot
+        root = path
+    elif path in EMBEDDED:
+        root = str(ASSETS / path)
+    else:
+        from .hub import snapshot
 
-    try:
-        return snapshot(path, patterns=patterns, **hub)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{str(e).rstrip('.')}. Embedded models: {', '.join(EMBEDDED)}") from e.__cause__
+        try:
+            root = snapshot(path, patterns=patterns, **hub)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{str(e).rstrip('.')}. Embedded models: {', '.join(EMBEDDED)}") from e.__cause__
+    return os.path.join(root, subfolder) if subfolder else root
 
 
 def home() -> Path:

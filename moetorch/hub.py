@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Transformers' `from_pretrained` options that say where and how to fetch a repository
-HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+# Transformers' `from_pretrained` options that say where and how to fetch a repository (and where in it:
+# `subfolder`, for a local directory too)
+HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
 PATTERNS = ["*.json", "*.safetensors", "*.jinja", "custom_generate/*"]  # a model's (the default)
 CONFIG_PATTERNS = ["*.json"]  # configs, generation configs
 TOKENIZER_PATTERNS = ["*.json", "*.jinja"]

@@ -493,8 +493,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         if generation_config is not None:
             generation_config = as_generation_config(generation_config, "from_pretrained: generation_config")
         path = checkpoint_path(pretrained_model_name_or_path, **hub)  # a Hub name is fetched (moetorch.hub)
-        if "subfolder" in config_overrides:
-            path = os.path.join(path, config_overrides.pop("subfolder"))
+        hub.pop("subfolder", None)  # the adapter's base below is another repository
         adapter = adapter_dir(path)
         if adapter is not None and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
             pretrained_model_name_or_path = adapter_base(adapter)  # the model is the adapter's base, as in Transformers

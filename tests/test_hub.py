@@ -238,3 +238,23 @@ def test_a_hub_name_loads_in_a_process_without_transformers(cache):
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "PhimoeForCausalLM"
+
+
+def test_subfolders_of_directories_and_hub_repositories(cache, tmp_path):
+    """`subfolder` names a directory inside the checkpoint, for every loader, as in Transformers."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ASSETS / "tiny-jetmoe", repo / "sub")
+    cached_repo(cache, "someone/nested", repo)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    want = transformers.AutoModelForCausalLM.from_pretrained(repo, subfolder="sub")
+    for name, kw in ((repo, {}), ("someone/nested", {"cache_dir": cache})):
+        got = moetorch.AutoModelForCausalLM.from_pretrained(name, subfolder="sub", **kw)
+        assert type(got) is moetorch.JetMoeForCausalLM
+        with torch.no_grad():
+            close(got(ids).logits, want(ids).logits, f"model in a subfolder of {name}")
+        assert moetorch.AutoConfig.from_pretrained(name, subfolder="sub", **kw).model_type == "jetmoe"
+        assert "subfolder" not in moetorch.AutoConfig.from_pretrained(name, subfolder="sub", **kw).to_dict()
+        assert moetorch.AutoTokenizer.from_pretrained(name, subfolder="sub", **kw)("def f():")["input_ids"] == \
+            transformers.AutoTokenizer.from_pretrained(repo, subfolder="sub")("def f():")["input_ids"]
+        assert moetorch.GenerationConfig.from_pretrained(name, subfolder="sub", **kw).to_dict() == \
+            moetorch.GenerationConfig.from_pretrained(ASSETS / "tiny-jetmoe").to_dict()
