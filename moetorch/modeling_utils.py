@@ -590,6 +590,27 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             upload(save_directory, repo_id, what=type(self).__name__, **push)
 
 
+# Flash-attention's keywords for packed sequences (Transformers' FlashAttentionKwargs), which trainers
+# such as TRL's pass with packed batches: moetorch reads the packing from `position_ids` instead.
+PACKING_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
+
+
+def check_packing_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
+    unknown = sorted(kwargs.keys() - PACKING_KWARGS)
+    if unknown:
+        raise TypeError(f"{owner}.forward() got unexpected keyword arguments {unknown}")
+
+
+def packed_segments(position_ids: torch.Tensor | None, attention_mask, cache: Cache | None, batch: int):
+    """The sequence each token belongs to [B, T] when `position_ids` pack several sequences in a row
+    (their positions start again at 0) with no attention mask and no cache, as Transformers reads a
+    packed batch: a new sequence wherever a position does not follow its left neighbour. Else None."""
+    if position_ids is None or attention_mask is not None or cache is not None:
+        return None
+    pos_BT = (position_ids if position_ids.dim() == 2 else position_ids[None]).expand(batch, -1)
+    return (torch.diff(pos_BT, prepend=pos_BT[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+
+
 def _resize_rows(old: torch.Tensor, new: torch.Tensor, mean_resizing: bool, std: float) -> None:
     n = min(old.shape[0], new.shape[0])
     new[:n].copy_(old[:n])
@@ -877,6 +898,7 @@ def decoder_forward(
     mask, is_causal = build_mask(
         attention_mask, inp.cache_position_T, inp.kv_len, sliding_window, B,
         queries_at_end=inp.cache is None or not inp.cache.is_static,
+        segments_BT=packed_segments(position_ids, attention_mask, inp.cache, B),
     )
     x, hidden, attns, routers = run_layers(
         model.layers, inp.embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, model.norm,

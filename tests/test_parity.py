@@ -267,3 +267,32 @@ def test_phimoe_under_bf16_autocast_is_as_close_to_float32_as_transformers(tmp_p
     err_hf = (_autocast_run(hf, ids, mask) - want)[valid].abs().mean()
     err_ours = (_autocast_run(ours, ids, mask) - want)[valid].abs().mean()
     assert err_ours <= 1.5 * err_hf, (err_ours, err_hf)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_packed_sequences_attend_within_their_own_as_in_transformers(arch, tmp_path):
+    """A packed batch (several sequences in a row, positions starting again at 0, no attention
+    mask; what TRL's packing and padding-free collators give, with flash-attention's keywords
+    beside): each token sees its own sequence only, as Transformers reads it, so each sequence's
+    logits are those of its own forward."""
+    hf, ours = make_pair(arch, tmp_path, "causal_lm", "hf_to_ours", seed=6)
+    ids, _ = make_inputs(hf.config.vocab_size, 2, 12, None, seed=8)
+    lengths = [[5, 7], [3, 4, 5]]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    cu = torch.tensor([0, 5, 12, 15, 19, 24], dtype=torch.int32)
+    packing = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
+    with torch.no_grad():
+        a = hf(ids, position_ids=pos, labels=ids, use_cache=False, **packing)
+        b = ours(ids, position_ids=pos, labels=ids, use_cache=False, **packing)
+        close(b.logits, a.logits, "packed logits")
+        close(b.loss, a.loss, "packed loss")
+        for row, ns in enumerate(lengths):
+            start = 0
+            for n in ns:
+                alone = ours(ids[row : row + 1, start : start + n], use_cache=False).logits[0]
+                close(b.logits[row, start : start + n], alone, f"sequence at {start} of row {row}")
+                start += n
+        base = ours.model(ids, position_ids=pos, use_cache=False, **packing).last_hidden_state
+        close(base, hf.model(ids, position_ids=pos, use_cache=False, **packing).last_hidden_state, "base model")
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        ours(ids, position_ids=pos, cu_seqlens=cu)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..modeling_utils import keep_last, module_device
+from ..modeling_utils import PACKING_KWARGS, keep_last, module_device
 from ..ops.losses import causal_lm_loss, last_token_index, sequence_classification_loss
 from ..outputs import MoeCausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
@@ -54,12 +54,14 @@ def causal_lm(
     """LM logits of the kept positions, next-token loss, and `aux_loss = router_loss(...)` when
     router logits are output (added to the loss, times `router_loss_coef`, when labels are given).
     `loss_kwargs`: the forward's keywords for `causal_lm_loss`: num_items_in_batch, ignore_index
-    and shift_labels. They come as keywords, not named parameters, as in Transformers: its Trainer
+    and shift_labels (and flash-attention's packing keywords, which the mask from `position_ids`
+    stands for). They come as keywords, not named parameters, as in Transformers: its Trainer
     takes every forward parameter named like a label for a label column, and passes
     num_items_in_batch only to a forward that takes keywords."""
-    unknown = sorted(loss_kwargs.keys() - LOSS_KWARGS)
+    unknown = sorted(loss_kwargs.keys() - LOSS_KWARGS - PACKING_KWARGS)
     if unknown:
         raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword arguments {unknown}")
+    loss_kwargs = {k: v for k, v in loss_kwargs.items() if k in LOSS_KWARGS}  # packing's: the mask has them
     cfg = model.config
     logits = model.lm_head(on_device_of(model.lm_head, keep_last(out.last_hidden_state, logits_to_keep)))
     loss = causal_lm_loss(logits, labels, **loss_kwargs) if labels is not None else None

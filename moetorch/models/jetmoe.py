@@ -20,7 +20,7 @@ from torch import nn
 from ..cache import Cache, rotate_and_update
 from ..configuration import JetMoeConfig
 from ..generation import GenerationMixin
-from ..modeling_utils import PreTrainedModel, decoder_forward
+from ..modeling_utils import PreTrainedModel, check_packing_kwargs, decoder_forward
 from ..ops.activations import ACTIVATIONS
 from ..ops.attention import attention
 from ..ops.linear import linears, plain_weight
@@ -266,7 +266,11 @@ class JetMoeModel(JetMoePreTrainedModel):
         output_router_logits: bool | None = None,
         cache_position: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        **packing: Any,
     ) -> MoeModelOutputWithPast | tuple:
+        """`packing`: flash-attention's keywords for packed sequences (`cu_seq_lens_q`, ...), which
+        trainers pass beside `position_ids`; the mask that `position_ids` gives is the same attention."""
+        check_packing_kwargs(type(self).__name__, packing)
         return decoder_forward(
             self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict,

@@ -42,14 +42,21 @@ def build_mask(
     sliding_window: int | None,
     batch: int,
     queries_at_end: bool = True,
+    segments_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """Boolean mask [B, 1, T, S] (True = attend), or None with `is_causal` when no mask is needed.
 
     Key slot j is visible to query slot q when j <= q, q - j < sliding_window, and the 2D
     `attention_mask` (covering all S slots) is 1 at j. Built on device with no host sync.
     `queries_at_end` says the T queries are the last T of the S slots (a dynamic cache).
+    `segments_BT` (no cache: S = T): the packed sequence of each token; a query sees its own only.
     """
     T = cache_position_T.shape[0]
+    if segments_BT is not None:
+        causal, _ = build_mask(attention_mask, cache_position_T, kv_len, sliding_window, batch, queries_at_end)
+        if causal is None:
+            causal = torch.ones(T, kv_len, dtype=torch.bool, device=cache_position_T.device).tril()[None, None]
+        return causal & (segments_BT[:, None, :, None] == segments_BT[:, None, None, :]), False
     if attention_mask is not None and attention_mask.dim() == 4:
         m = attention_mask
         if m.dtype != torch.bool:
