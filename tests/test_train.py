@@ -569,3 +569,18 @@ def test_transformers_trainer_accumulates_a_classifier_as_the_mean(tmp_path):
     hf_params = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p, hf_params[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_transformers_trainer_over_two_processes(strategy):
+    """Transformers' Trainer over two CPU processes (torchrun, gloo), data-parallel (DDP) or sharded
+    (FSDP2, a shard per decoder layer): both models give the losses of Transformers' model with the
+    same weights (tests/dist_trainer.py)."""
+    script = Path(__file__).parent / "dist_trainer.py"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), strategy],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("LOSSES "))[7:])
+    for arch in ("tiny-phimoe", "tiny-jetmoe"):
+        want, got = losses[f"{arch}/transformers"], losses[f"{arch}/moetorch"]
+        assert len(got) == 2 and got == pytest.approx(want, rel=1e-5), arch
