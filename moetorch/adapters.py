@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .configuration import CONFIG_NAME
 from .defaults import checkpoint_path
 from .hub import ADAPTER_PATTERNS, hub_options
 
@@ -45,9 +46,20 @@ def adapter_dir(path: str | os.PathLike) -> str | None:
     return path if os.path.isfile(os.path.join(path, ADAPTER_CONFIG_NAME)) else None
 
 
+def adapter_only_base(path: str, patterns: list[str] | None, hub: dict[str, Any]) -> tuple[str, str] | None:
+    """For a local directory that holds an adapter and no config.json: the base model its config
+    names and that model's local directory, which `from_pretrained` loads before the adapter, as in
+    Transformers (fetched with `patterns` and `hub`'s options but the adapter's revision and
+    subfolder). Else None."""
+    if adapter_dir(path) is None or os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return None
+    name = adapter_base(path)
+    base_hub = {k: v for k, v in hub.items() if k not in ("revision", "subfolder")}  # another repository
+    return name, checkpoint_path(name, patterns, **base_hub)
+
+
 def adapter_base(path: str) -> str:
-    """The base model an adapter directory names (its config's `base_model_name_or_path`): what
-    `from_pretrained(adapter_directory)` loads before the adapter, as in Transformers."""
+    """The base model an adapter directory names (its config's `base_model_name_or_path`)."""
     file = os.path.join(path, ADAPTER_CONFIG_NAME)
     try:
         with open(file, encoding="utf-8") as f:
@@ -111,6 +123,12 @@ class AdapterMixin:
         _peft(what)
         if not self._hf_peft_config_loaded:
             raise ValueError(f"{what}: no adapter loaded. Load one first (load_adapter or add_adapter)")
+
+    def _check_names(self, what: str, names: list[str]) -> None:
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"{what}: no adapter named {', '.join(map(repr, missing))}; loaded: "
+                             f"{list(self.peft_config)}")
 
     def load_adapter(
         self,
@@ -234,11 +252,7 @@ class AdapterMixin:
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make `adapter_name` (or a list of names) the active adapter(s), and no other."""
         self._check_adapters("set_adapter")
-        names = adapter_name if isinstance(adapter_name, list) else [adapter_name]
-        missing = [n for n in names if n not in self.peft_config]
-        if missing:
-            raise ValueError(f"set_adapter: no adapter named {', '.join(map(repr, missing))}; loaded: "
-                             f"{list(self.peft_config)}")
+        self._check_names("set_adapter", adapter_name if isinstance(adapter_name, list) else [adapter_name])
         layers = _tuner_layers(self, with_saved_modules=True)
         if not layers:
             raise ValueError("set_adapter: the model holds no adapter layers")
@@ -270,8 +284,7 @@ class AdapterMixin:
         from peft import get_peft_model_state_dict
 
         name = adapter_name if adapter_name is not None else self.active_adapters()[0]
-        if name not in self.peft_config:
-            raise ValueError(f"get_adapter_state_dict: no adapter named {name!r}; loaded: {list(self.peft_config)}")
+        self._check_names("get_adapter_state_dict", [name])
         return get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
 
     def delete_adapter(self, adapter_names: str | list[str]) -> None:
@@ -280,10 +293,7 @@ class AdapterMixin:
         from peft.functional import delete_adapter
 
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        missing = [n for n in names if n not in self.peft_config]
-        if missing:
-            raise ValueError(f"delete_adapter: no adapter named {', '.join(map(repr, missing))}; loaded: "
-                             f"{list(self.peft_config)}")
+        self._check_names("delete_adapter", names)
         for name in names:
             delete_adapter(self, adapter_name=name, prefix=f"{self.peft_config[name].peft_type.value.lower()}_")
             self.peft_config.pop(name, None)
@@ -293,8 +303,9 @@ class AdapterMixin:
 
     def save_adapter(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                      save_peft_format: bool = True) -> None:
-        """What `save_pretrained` writes for a model with adapters, as Transformers does: the active
-        adapter in PEFT's files, and the generation config; no config.json and no base weights."""
+        """The adapter part of what `save_pretrained` writes for a model with adapters, as
+        Transformers does: the active adapter in PEFT's files (adapter_config.json and
+        adapter_model.safetensors); no config.json and no base weights."""
         active = self.active_adapters()
         if len(active) > 1:
             raise ValueError(f"save_pretrained: adapters {active} are active at once; save one at a time "

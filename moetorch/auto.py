@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .adapters import adapter_base, adapter_dir
-from .configuration import CONFIG_NAME, ConfigError, read_config_dict
+from .adapters import adapter_only_base
+from .configuration import ConfigError, read_config_dict
 from .defaults import checkpoint_path
 from .hub import CONFIG_PATTERNS, HUB_OPTIONS
 
@@ -53,11 +53,8 @@ class _Auto:
     @classmethod
     def class_for(cls, path: str | os.PathLike, **hub: Any) -> type:
         local = checkpoint_path(path, CONFIG_PATTERNS, **hub)  # the config alone: the class loads the weights
-        if cls.role != "config" and adapter_dir(local) and not os.path.isfile(os.path.join(local, CONFIG_NAME)):
-            hub.pop("revision", None)  # the base is another repository: its own revision, its root
-            hub.pop("subfolder", None)
-            local = checkpoint_path(adapter_base(local), CONFIG_PATTERNS, **hub)  # an adapter: its base's class
-        data = read_config_dict(local)
+        base = adapter_only_base(local, CONFIG_PATTERNS, hub) if cls.role != "config" else None
+        data = read_config_dict(base[1] if base else local)  # an adapter's: its base model's class
         return registry()[model_type_of(data, os.fspath(path))][cls.role]
 
     @classmethod

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from . import checkpoint, placement
-from .adapters import AdapterMixin, adapter_base, adapter_dir
+from .adapters import AdapterMixin, adapter_dir, adapter_only_base
 from .cache import Cache, DynamicCache
-from .configuration import CONFIG_NAME, MoeConfig
+from .configuration import MoeConfig
 from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
 from .generation.custom import install_checkpoint_generate
@@ -493,12 +493,10 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         if generation_config is not None:
             generation_config = as_generation_config(generation_config, "from_pretrained: generation_config")
         path = checkpoint_path(pretrained_model_name_or_path, **hub)  # a Hub name is fetched (moetorch.hub)
-        hub.pop("subfolder", None)  # the adapter's base below is another repository
         adapter = adapter_dir(path)
-        if adapter is not None and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-            pretrained_model_name_or_path = adapter_base(adapter)  # the model is the adapter's base, as in Transformers
-            hub.pop("revision", None)  # the adapter's revision, not the base's
-            path = checkpoint_path(pretrained_model_name_or_path, **hub)
+        base = adapter_only_base(path, None, hub)
+        if base is not None:  # the model is the adapter's base, as in Transformers
+            pretrained_model_name_or_path, path = base
         if config is None:
             config = cls.config_class.from_pretrained(path, **config_overrides)
         elif config_overrides:
