@@ -46,9 +46,9 @@ def pipeline(
         from .auto import AutoModelForCausalLM
 
         path = model
-        for name in ("dtype", "torch_dtype"):  # the pipeline's own argument first, as in Transformers
-            value = model_kwargs.pop(name, None)
-            dtype = dtype if dtype is not None else torch_dtype if torch_dtype is not None else value
+        # the pipeline's own argument first, as in Transformers
+        candidates = (dtype, torch_dtype, model_kwargs.pop("dtype", None), model_kwargs.pop("torch_dtype", None))
+        dtype = next((d for d in candidates if d is not None), None)
         for name, given in (("device_map", device_map), ("device", device)):
             if name in model_kwargs and given is not None:
                 raise ValueError(f"pipeline: `{name}` is given both as an argument and in model_kwargs; pass one")

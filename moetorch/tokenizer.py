@@ -25,7 +25,7 @@ SPECIAL_MAP_FILE = "special_tokens_map.json"
 TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Tokenizer-loading options that have no meaning for a local fast tokenizer.
-_IGNORED_KWARGS = {"trust_remote_code", "use_fast", "revision", "cache_dir", "local_files_only", "token", "legacy"}
+_IGNORED_KWARGS = {"trust_remote_code", "use_fast"}  # the Hub's options go to moetorch.hub
 
 # A Phi-3.5-style template, used by `moetorch train-tokenizer` and tests.
 PHI35_CHAT_TEMPLATE = (
@@ -107,8 +107,9 @@ class Tokenizer(PushToHubMixin):
             raise FileNotFoundError(f"{path!r} is not a directory (a tokenizer is a directory with {TOKENIZER_FILE})")
         if not file.exists():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory} (moetorch reads fast tokenizers only)")
+        text = file.read_text(encoding="utf-8")
         try:
-            rust = RustTokenizer.from_file(str(file))
+            rust = RustTokenizer.from_str(text)
         except Exception as e:
             raise ValueError(f"{file} is not a valid tokenizers file: {e}") from e
         config = _read_json(directory / CONFIG_FILE)
@@ -117,11 +118,11 @@ class Tokenizer(PushToHubMixin):
         if (directory / TEMPLATE_FILE).exists():
             config["chat_template"] = (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
         for key in list(kwargs):
-            if key in _IGNORED_KWARGS and key != "legacy":
+            if key in _IGNORED_KWARGS:
                 kwargs.pop(key)
         config.update(kwargs)
         if config.get("tokenizer_class") in LLAMA_CLASSES:
-            _as_llama_tokenizer(rust, config, file)
+            _as_llama_tokenizer(rust, config, json.loads(text).get("model", {}), file)
         known = {"chat_template", "padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces"}
         specials = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
         template = config.get("chat_template")
@@ -526,14 +527,14 @@ LLAMA_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast"}
 _CLASS_PADDING_SIDE = dict.fromkeys(LLAMA_CLASSES, "left")
 
 
-def _as_llama_tokenizer(rust, config: dict[str, Any], file: Path) -> None:
+def _as_llama_tokenizer(rust, config: dict[str, Any], model: dict[str, Any], file: Path) -> None:
     """Give `rust` Transformers 5's LlamaTokenizer pipeline: a byte-fallback BPE of the file's
     vocabulary and merges, no normalizer, a Metaspace pre-tokenizer that puts "▁" before the
     text's first word only (`legacy=False`, the default; before every piece between special tokens
-    with `legacy=True`; never with `add_prefix_space=False`), and the matching decoder."""
+    with `legacy=True`; never with `add_prefix_space=False`), and the matching decoder. `model`:
+    tokenizer.json's model section (`file` names it in errors)."""
     from tokenizers import decoders, models, pre_tokenizers
 
-    model = json.loads(file.read_text(encoding="utf-8")).get("model", {})
     if model.get("type") != "BPE":
         raise ValueError(f"{file}: tokenizer_class {config['tokenizer_class']} needs a BPE model, got "
                          f"{model.get('type')!r}")
