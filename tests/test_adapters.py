@@ -303,6 +303,10 @@ def test_bad_adapter_calls_are_errors_that_name_the_problem(tmp_path, monkeypatc
         ours.set_adapter(["default", "b"])
     with pytest.raises(ValueError, match="no adapter named 'b'"):
         ours.delete_adapter("b")
+    with pytest.raises(ValueError, match="get_adapter_state_dict: no adapter named 'b'"):
+        ours.get_adapter_state_dict("b")
+    with pytest.raises(ValueError, match="check_compiled must be"):
+        ours.enable_peft_hotswap(check_compiled="loud")
     ours.load_adapter(tmp_path / "a", adapter_name="two")
     ours.set_adapter(["default", "two"])
     with pytest.raises(ValueError, match="save one at a time"):

@@ -224,6 +224,8 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch, tmp_path):
     assert uploads[2][1] == ["config.json"] and uploads[2][2]["create_pr"] is True
     assert uploads[3][1] == ["generation_config.json"] and uploads[3][2]["revision"] == "dev"
     assert uploads[4][1] == written and uploads[4][2]["commit_description"] == "d"
+    with pytest.raises(ValueError, match="repo_id must name a Hub repository"):
+        tok.push_to_hub("")
 
 
 def test_a_hub_name_loads_in_a_process_without_transformers(cache):

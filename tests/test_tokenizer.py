@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -286,6 +288,12 @@ def test_text_pairs_and_truncation_strategies_match_transformers(kind, tmp_path)
             assert ours(firsts[0], seconds[0], **lists)["input_ids"] == hf(firsts[0], seconds[0], **lists)["input_ids"]
             if lists.get("truncation") in (None, True, "longest_first"):  # one text alone
                 assert ours(firsts, **lists)["input_ids"] == hf(firsts, **lists)["input_ids"]
+    if kind == "llama":  # Llama's pipeline needs the BPE model it rebuilds
+        data = json.loads((path / "tokenizer.json").read_text())
+        data["model"] = {"type": "WordLevel", "vocab": {"<unk>": 0, "a": 1}, "unk_token": "<unk>"}
+        (path / "tokenizer.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="tokenizer_class LlamaTokenizer needs a BPE model, got 'WordLevel'"):
+            Tokenizer.from_pretrained(path)
     with pytest.raises(ValueError, match="text_pair must match text"):
         ours(firsts, seconds[:2])
     with pytest.raises(ValueError, match="truncation must be"):
