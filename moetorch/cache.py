@@ -40,6 +40,9 @@ class Cache:
     # [B, S] or None: the row whose storage holds each slot's key and value (StaticCache under beam
     # search, `use_slot_rows`); None: row b's slots are its own.
     slot_rows: torch.Tensor | None = None
+    # Whether LongRoPE's replay record is kept (`record_inputs`). A continuous-batching cache turns
+    # it off: its rows hold sequences that never reach the long factors (engine/batching.py).
+    records_inputs = True
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -845,7 +845,9 @@ def sync_rope_cache(rotary, inputs: DecoderInputs) -> tuple[DecoderInputs, bool,
                 kv_len=cache.kv_length(prefix + T),
             )
         cache.rope_long = long
-        cache.record_inputs(inputs.embeds_BTD, inputs.position_ids_BT, inputs.cache_position_T, rotary.original_max)
+        if cache.records_inputs:
+            cache.record_inputs(inputs.embeds_BTD, inputs.position_ids_BT, inputs.cache_position_T,
+                                rotary.original_max)
     return inputs, long, prefix
 
 
