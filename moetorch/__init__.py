@@ -4,6 +4,13 @@ from .auto import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeque
 from .cache import Cache, DynamicCache, StaticCache
 from .checkpoint import CheckpointError
 from .configuration import ConfigError, JetMoeConfig, MoeConfig, PhimoeConfig
+from .engine.batching import (
+    ContinuousBatchingConfig,
+    ContinuousBatchingManager,
+    ContinuousBatchingMixin,
+    GenerationOutput,
+    RequestStatus,
+)
 from .generation import (
     AsyncTextIteratorStreamer,
     BaseStreamer,
@@ -65,10 +72,17 @@ from .utils import set_seed
 # Transformers' base-class names, for the isinstance checks and annotations of scripts that import them
 PretrainedConfig = PreTrainedConfig = MoeConfig
 PreTrainedTokenizerFast = PreTrainedTokenizerBase = Tokenizer
+ContinuousMixin = ContinuousBatchingMixin
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContinuousBatchingConfig",
+    "ContinuousBatchingManager",
+    "ContinuousBatchingMixin",
+    "ContinuousMixin",
+    "GenerationOutput",
+    "RequestStatus",
     "AutoConfig",
     "AutoModel",
     "AutoModelForCausalLM",

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..cache import Cache, DynamicCache, StaticCache
+from ..engine.batching import ContinuousBatchingMixin
 from ..engine.cuda_graph import CHUNK_BUCKETS, GraphedChunk, GraphedDecodeStep, GraphedPrefill, own_forward
 from ..ops import fused
 from ..outputs import ModelOutput
@@ -325,7 +326,7 @@ def _gather_beams(t: torch.Tensor, idx_BN: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx, dim=1)
 
 
-class GenerationMixin:
+class GenerationMixin(ContinuousBatchingMixin):
     """`generate()` for causal LMs whose forward takes Transformers' arguments (moetorch models).
 
     `model.generation_config` starts from the model config's special tokens and is replaced by
@@ -825,22 +826,7 @@ class GenerationMixin:
         if gen.do_sample:
             # Beam sampling keeps one non-EOS token beyond the EOS ones, so a beam can always go on.
             keep = (len(eos) + 1 if eos is not None else 2) if gen.num_beams > 1 else 1
-            if gen.temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(gen.temperature))
-            if gen.top_h is not None:
-                procs.append(TopHLogitsWarper(gen.top_h))
-            if gen.top_k:
-                procs.append(TopKLogitsWarper(gen.top_k, min_tokens_to_keep=keep))
-            if gen.top_p < 1.0:
-                procs.append(TopPLogitsWarper(gen.top_p, min_tokens_to_keep=keep))
-            if gen.min_p is not None:
-                procs.append(MinPLogitsWarper(gen.min_p, min_tokens_to_keep=keep))
-            if gen.typical_p < 1.0:
-                procs.append(TypicalLogitsWarper(gen.typical_p, min_tokens_to_keep=keep))
-            if 0 < gen.epsilon_cutoff < 1:
-                procs.append(EpsilonLogitsWarper(gen.epsilon_cutoff, min_tokens_to_keep=keep))
-            if 0 < gen.eta_cutoff < 1:
-                procs.append(EtaLogitsWarper(gen.eta_cutoff, min_tokens_to_keep=keep))
+            procs.extend(sampling_warpers(gen, keep))
         if gen.watermarking_config is not None:  # after every other processor but the normalization
             procs.append(gen.watermarking_config.construct_processor(self.config.vocab_size, prompt.device))
         if gen.renormalize_logits:
@@ -1225,6 +1211,29 @@ class GenerationMixin:
                                  or GraphedPrefill(assistant, draft, 1, capture=False))
         draft_ctx.chunk = held.runner_for("chunk", assistant, draft, 1) or GraphedChunk(assistant, draft, 1)
         return draft, draft_ctx
+
+
+def sampling_warpers(gen: GenerationConfig, keep: int = 1) -> list:
+    """Transformers' sampling warpers for `gen`, in its order (temperature, top-h, top-k, top-p,
+    min-p, typical, epsilon, eta), each keeping at least `keep` tokens. None reads the sequence."""
+    procs = []
+    if gen.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(gen.temperature))
+    if gen.top_h is not None:
+        procs.append(TopHLogitsWarper(gen.top_h))
+    if gen.top_k:
+        procs.append(TopKLogitsWarper(gen.top_k, min_tokens_to_keep=keep))
+    if gen.top_p < 1.0:
+        procs.append(TopPLogitsWarper(gen.top_p, min_tokens_to_keep=keep))
+    if gen.min_p is not None:
+        procs.append(MinPLogitsWarper(gen.min_p, min_tokens_to_keep=keep))
+    if gen.typical_p < 1.0:
+        procs.append(TypicalLogitsWarper(gen.typical_p, min_tokens_to_keep=keep))
+    if 0 < gen.epsilon_cutoff < 1:
+        procs.append(EpsilonLogitsWarper(gen.epsilon_cutoff, min_tokens_to_keep=keep))
+    if 0 < gen.eta_cutoff < 1:
+        procs.append(EtaLogitsWarper(gen.eta_cutoff, min_tokens_to_keep=keep))
+    return procs
 
 
 def _cache_length(gen: GenerationConfig, tokens: int, room: int) -> int:

@@ -1,0 +1,1130 @@
+"""Continuous batching: Transformers 5's `generate_batch` and `init_continuous_batching`.
+
+Requests join and leave a running batch between decode steps. The batch lives in one
+`StaticCache` of R rows x S slots, and every running request owns a row. All rows write their
+next key into the same slot, the batch's column `col`, so one decode step serves every row with a
+single cache position: the step `generate` already captures in a CUDA graph. What differs between
+rows is held on the device, where the step reads it:
+
+- a row's attention mask, `mask[r, j] = 1` from the row's first slot on (the causal rule hides the
+  slots past `col`);
+- a row's rotary position (its own length), independent of the slot;
+- the next token to feed.
+
+A request with a prompt of L tokens joins at column `col` by a prefill whose keys land in slots
+`col - L .. col - 1` of a free row; its first token comes from that prefill. Requests that join
+together are prefilled as one left-padded batch (at most `max_batch_tokens` tokens). A request
+needs `col + max_new_tokens - 1 <= S` to finish in place; when a waiting request would not fit,
+the cache's live columns move in one shift (keys are rotated by position, not slot, so moving
+them changes nothing they compute), to the left when the batch has run far, or to the right to
+make room for a long prompt.
+
+Decode runs over the rows below the highest one in use, rounded up to a bucket (powers of two),
+one CUDA graph per bucket on a GPU. A free row inside that range computes a throwaway token that
+attends only its slot 0.
+
+LongRoPE (PhiMoE): a request whose prompt and new tokens stay within
+`original_max_position_embeddings` runs in the batch with the short factors, as `generate` runs
+it. A longer one switches factors partway, so it runs alone through `generate` between batch
+steps, with the same settings and the same result as a `generate` call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import torch
+
+from ..cache import StaticCache, _kv_shape
+from .cuda_graph import capture, own_forward
+
+logger = logging.getLogger("moetorch")
+
+# Decode batch sizes that get a graph of their own; the manager's row count closes the list.
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_ROWS = 256
+# Rows without a hint of the workload or a GPU to size them by.
+DEFAULT_ROWS = 64
+# Tokens of one prefill forward unless the config says otherwise.
+DEFAULT_BATCH_TOKENS = 16384
+# A cache without a hint has this many slots a row (within max_position_embeddings).
+DEFAULT_SLOTS = 4096
+SLOT_ROUND = 256
+# A prefill forward is split where padding would waste more than this share (1.25: a fifth of
+# its tokens), once the forward holds at least MIN_PREFILL_TOKENS padded tokens.
+PREFILL_WASTE = 1.25
+MIN_PREFILL_TOKENS = 8192
+# While requests run, waiting ones join once an eighth of the rows is free, or after waiting 8
+# decode steps: a prefill holds up every running row, and one of a few prompts costs about what a
+# large one does on the host.
+ADMIT_SHARE = 8
+ADMIT_AFTER_STEPS = 8
+# Steps in flight while the host reads a step's tokens (0: each step is read before the next).
+READ_LAG = 1
+# A cache shift moves its slots in place in at most this many chunks, else through a copy.
+SHIFT_CHUNKS = 8
+# How long `add_request` waits for room in a full queue (max_queue_size).
+QUEUE_WAIT_S = 10.0
+
+# Generation settings the batch does not apply (Transformers' continuous batching drops their
+# processors too), with their no-op values.
+_DROPPED = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
+    "sequence_bias": None, "guidance_scale": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "exponential_decay_length_penalty": None,
+    "stop_strings": None, "max_time": None, "watermarking_config": None, "renormalize_logits": False,
+    "remove_invalid_values": False, "prompt_lookup_num_tokens": None, "output_scores": False,
+    "output_logits": False, "return_dict_in_generate": False, "output_attentions": False,
+    "output_hidden_states": False,
+}
+
+
+class RequestStatus(IntEnum):
+    """Where a request is in its life, as Transformers numbers it."""
+
+    PENDING = 0
+    PREFILLING = 1
+    DECODING = 2
+    FINISHED = 3
+    FAILED = 4
+
+
+@dataclass
+class GenerationOutput:
+    """A request's result (or, streaming, its state after each token), as Transformers' class.
+    `lifespan`: (when it left the queue, when it finished), `time.perf_counter()` values."""
+
+    request_id: str
+    prompt_ids: list[int] = field(default_factory=list)
+    generated_tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    error: str | None = None
+    status: RequestStatus = RequestStatus.PENDING
+    created_time: float = field(default_factory=time.perf_counter)
+    lifespan: tuple[float, float] = (-1, -1)
+    timestamps: list[float] | None = None
+
+    def is_finished(self) -> bool:
+        """Whether the request finished or failed."""
+        return self.status >= RequestStatus.FINISHED
+
+
+@dataclass
+class ContinuousBatchingConfig:
+    """Settings of a continuous-batching manager, under Transformers' names.
+
+    `max_requests_per_batch`: rows of the batch (requests decoding at once). Default: the
+    requests `generate_batch` was given, within what `max_memory_percent` of the free GPU memory
+    holds (0.9, or 0.8 with sampling), at most 256; 64 off the GPU.
+    `max_batch_tokens`: prompt tokens of one prefill group (16384).
+    `max_cache_len` (moetorch): slots of a row, the longest prompt + new tokens a request may
+    have. Default: twice what `generate_batch`'s longest request needs (fewer shifts of the
+    cache), else 4096 within `max_position_embeddings`.
+    `use_cuda_graph`: graph the decode steps (default: on a GPU).
+    `return_logprobs`: each generated token's log-probability (after the sampling warpers).
+    `seed`: seeds torch's generator when the loop starts.
+    `max_queue_size`: requests that may wait (0: no limit); `add_request` waits up to 10 s for room.
+    `drop_unsupported_processors`: generation settings the batch does not apply (repetition
+    penalty, stop strings, ...) are dropped with a warning; False makes them an error.
+
+    The paged-cache, compile and distributed fields of Transformers' class (`page_size`,
+    `num_blocks`, `use_async_batching`, ...) are accepted and have no effect here.
+    """
+
+    max_requests_per_batch: int | None = None
+    max_batch_tokens: int | None = None
+    max_cache_len: int | None = None
+    max_memory_percent: float | None = None
+    use_cuda_graph: bool | tuple[bool, bool] | None = None
+    return_logprobs: bool = False
+    seed: int | None = None
+    max_queue_size: int = 0
+    scheduler_type: str = "fifo"
+    drop_unsupported_processors: bool = True
+    # Transformers' paged-cache, compile and distributed settings: no effect here
+    page_size: int = 256
+    num_blocks: int | None = None
+    max_blocks_per_request: int | None = None
+    allow_block_sharing: bool = True
+    use_async_batching: bool | None = None
+    q_padding_interval_size: int = 0
+    kv_padding_interval_size: int = 0
+    varlen_compile_config: Any = None
+    decode_compile_config: Any = None
+    default_compile_level: int = 0
+    safety_margin: float | None = None
+    auto_switch_to_flash: bool = True
+    cpu_offload_space: float = 0.0
+    cpu_offload_space_safety_threshold: float = 0.8
+    per_request_processors: bool = False
+    disable_nccl_graph_mixing: bool = True
+    cpu_group_timeout: float | None = 300.0
+    block_size: int | None = None
+
+    @classmethod
+    def of(cls, config: Any) -> ContinuousBatchingConfig:
+        """This class from None, itself, a dict, or Transformers' ContinuousBatchingConfig."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return dataclasses.replace(config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(config, dict):
+            unknown = sorted(set(config) - names)
+            if unknown:
+                raise TypeError(f"continuous_batching_config: unknown fields {unknown}")
+            return cls(**config)
+        if type(config).__name__ == "ContinuousBatchingConfig":  # Transformers' class
+            return cls(**{n: getattr(config, n) for n in names if hasattr(config, n)})
+        raise TypeError("continuous_batching_config must be a ContinuousBatchingConfig or a dict, "
+                        f"got {type(config).__name__}")
+
+
+@dataclass
+class WorkloadHints:
+    """What `generate_batch` knows of its requests, to size the batch."""
+
+    max_prompt_length: int = 0
+    max_generated_length: int = 0
+    num_requests: int = 0
+
+
+class _Request:
+    """A request's state in the manager."""
+
+    __slots__ = ("id", "prompt", "max_new", "eos", "streaming", "stamps", "tokens", "logprobs", "status",
+                 "created", "started", "row", "start", "since", "error")
+
+    def __init__(self, request_id: str, prompt: list[int], max_new: int, eos: frozenset[int], streaming: bool,
+                 record_timestamps: bool) -> None:
+        self.id, self.prompt, self.max_new, self.eos = request_id, prompt, max_new, eos
+        self.streaming = streaming
+        self.stamps: list[float] | None = [] if record_timestamps else None
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.status = RequestStatus.PENDING
+        self.created, self.started = time.perf_counter(), -1.0
+        self.row, self.start = -1, 0  # its cache row and first slot, while it runs
+        self.since = 0  # the decode step at which the loop took it
+        self.error: str | None = None
+
+    def output(self) -> GenerationOutput:
+        finished = time.perf_counter() if self.status >= RequestStatus.FINISHED else -1
+        return GenerationOutput(
+            request_id=self.id, prompt_ids=list(self.prompt), generated_tokens=list(self.tokens),
+            logprobs=list(self.logprobs), error=self.error, status=self.status, created_time=self.created,
+            lifespan=(self.started, finished), timestamps=None if self.stamps is None else list(self.stamps),
+        )
+
+    def add(self, token: int, logprob: float | None) -> bool:
+        """Take a generated token; whether the request is now done."""
+        self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if self.stamps is not None:
+            self.stamps.append(time.perf_counter())
+        return token in self.eos or len(self.tokens) >= self.max_new
+
+
+class _Batch:
+    """The rows of the batch: the cache, the per-row step inputs and the decode steps."""
+
+    def __init__(self, model, rows: int, slots: int, graphs: bool) -> None:
+        device, config = model.device, model.config
+        self.model, self.R, self.S = model, rows, slots
+        self.cache = StaticCache(config, max_cache_len=slots, max_batch_size=rows, device=device, dtype=model.dtype)
+        self.cache.records_inputs = False
+        self.mask = torch.zeros(rows, slots, dtype=torch.long, device=device)
+        self.mask[:, 0] = 1  # a free row attends its slot 0 only
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.cpos = torch.zeros(1, dtype=torch.long, device=device)
+        self.col = 0
+        self.graphs_on = graphs
+        self.views: dict[int, StaticCache] = {}
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+
+    def bucket(self, rows_in_use: int) -> int:
+        return next((b for b in DECODE_BUCKETS if b >= rows_in_use and b <= self.R), self.R)
+
+    def view(self, b: int) -> StaticCache:
+        """A StaticCache over the first b rows (the same storage)."""
+        if b not in self.views:
+            c = self.cache
+            v = StaticCache(c._config, max_cache_len=self.S, num_layers=c.num_layers)
+            v._all = tuple(t[:, :b] for t in c._all)
+            v.keys, v.values = list(v._all[0].unbind(0)), list(v._all[1].unbind(0))
+            v.records_inputs = False
+            self.views[b] = v
+        return self.views[b]
+
+    def _forward(self, b: int) -> torch.Tensor:
+        cache = self.view(b)
+        cache._seen = 0  # the rows' lengths live in `pos`; the count stays 0 (LongRoPE stays short)
+        out = self.model(self.ids[:b], attention_mask=self.mask[:b], position_ids=self.pos[:b],
+                         past_key_values=cache, use_cache=True, cache_position=self.cpos, logits_to_keep=1,
+                         return_dict=True)
+        return out.logits[:, -1]
+
+    def step(self, b: int) -> torch.Tensor:
+        """One decode step of the first b rows at column `col`: their next-token logits [b, V]."""
+        self.cpos.fill_(self.col)
+        if not self.graphs_on:
+            logits = self._forward(b)
+        else:
+            if b not in self.graphs:
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                self.graphs[b] = capture(lambda: self._forward(b), rewind=(self.view(b), 0), pool=self.pool)
+            graph, logits = self.graphs[b]
+            graph.replay()
+        self.col += 1
+        self.pos[:b] += 1
+        return logits
+
+    def prefill(self, prompts: list[list[int]], rows: list[int], pad_id: int) -> torch.Tensor:
+        """The prompts' forward, left-padded into a scratch cache whose slots then land in `rows` at
+        `col - L .. col - 1`; their rows' masks, positions set. The last prompt tokens' logits."""
+        device, k = self.model.device, len(prompts)
+        L = max(map(len, prompts))
+        ids = torch.full((k, L), pad_id, dtype=torch.long)
+        amask = torch.zeros(k, L, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            amask[i, L - len(p):] = 1
+        ids, amask = _to(ids, device), _to(amask, device)
+        positions = (amask.cumsum(-1) - 1).clamp(min=0)
+        scratch = StaticCache(self.model.config, max_cache_len=L, max_batch_size=k, device=device,
+                              dtype=self.model.dtype)
+        scratch.records_inputs = False
+        out = self.model(ids, attention_mask=amask, position_ids=positions, past_key_values=scratch,
+                         use_cache=True, logits_to_keep=1, return_dict=True)
+        rows_t = _to(torch.tensor(rows), device)
+        for src, dst in zip(scratch._all, self.cache._all):
+            dst[:, rows_t, :, self.col - L:self.col] = src
+        lengths = _to(torch.tensor([len(p) for p in prompts]), device)
+        slots = torch.arange(self.S, device=device)
+        self.mask[rows_t] = (slots[None] >= self.col - lengths[:, None]).long()
+        self.pos[rows_t, 0] = lengths
+        return out.logits[:, -1]
+
+    def release(self, row: int) -> None:
+        self.mask[row].zero_()
+        self.mask[row, 0] = 1
+        self.pos[row] = 0
+
+    def shift(self, new_col: int, starts: dict[int, int]) -> None:
+        """Move the live slots so that the column becomes `new_col`; `starts`: row -> first slot."""
+        d = self.col - new_col
+        if d == 0:
+            return
+        lo = min(starts.values(), default=self.col)  # live slots are lo .. col - 1
+        width = self.col - lo
+        chunks = range(0, width, abs(d))
+        if len(chunks) <= SHIFT_CHUNKS:
+            # in place, in chunks no wider than the move: moving left, from the left end; right,
+            # from the right end, so that no chunk overwrites slots another has still to read
+            for off in (chunks if d > 0 else reversed(chunks)):
+                n = min(abs(d), width - off)
+                src = lo + off
+                for t in self.cache._all:
+                    t[:, :, :, src - d:src - d + n].copy_(t[:, :, :, src:src + n])
+        else:  # a short move of a wide span: through a copy, one layer at a time
+            for t in self.cache._all:
+                for layer in t:
+                    layer[:, :, lo - d:self.col - d].copy_(layer[:, :, lo:self.col].clone())
+        self.col = new_col
+        device = self.mask.device
+        slots = torch.arange(self.S, device=device)
+        for row, start in starts.items():
+            self.mask[row] = (slots >= start - d).long()
+
+
+class _Step:
+    """A decode step's tokens (and log-probabilities), copied to the host behind an event, with the
+    (row, request) pairs it ran."""
+
+    def __init__(self, rows: list, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> None:
+        self.rows = rows
+        if tokens.device.type == "cuda":
+            pinned = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.tokens = pinned.copy_(tokens, non_blocking=True)
+            self.logprobs = None if logprobs is None else torch.empty(
+                logprobs.shape, dtype=logprobs.dtype, pin_memory=True).copy_(logprobs, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.tokens, self.logprobs, self.event = tokens, logprobs, None
+
+    def read(self) -> tuple[list[int], list[float] | None]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tokens.tolist(), None if self.logprobs is None else self.logprobs.tolist()
+
+
+def _prefill_batches(lengths: list[int], min_tokens: int) -> list[list[int]]:
+    """The prompts of a group (their lengths) in forwards of similar lengths: longest first, a new
+    forward once padding the next prompt to the forward's longest would waste more than a quarter
+    of its tokens, and the forward already has `min_tokens` (a forward's host time is about
+    constant, so small ones do not pay)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    parts: list[list[int]] = [[]]
+    real = 0
+    for i in order:
+        part = parts[-1]
+        if part:
+            top = lengths[part[0]]
+            if (len(part) + 1) * top > PREFILL_WASTE * (real + lengths[i]) and len(part) * top >= min_tokens:
+                parts.append([])
+                real = 0
+        parts[-1].append(i)
+        real += lengths[i]
+    return parts
+
+
+class ContinuousBatchingManager:
+    """Runs requests in a continuous batch on a background thread. Made by the model's
+    `init_continuous_batching`; `start()`, then `add_request(s)`, `get_result` / iteration, and
+    `stop()`."""
+
+    def __init__(self, model, generation_config, continuous_batching_config: ContinuousBatchingConfig,
+                 workload_hints: WorkloadHints | None = None) -> None:
+        self.model = model
+        self.generation_config = generation_config
+        self.continuous_batching_config = cfg = continuous_batching_config
+        self._settings(generation_config)
+        hints = workload_hints or WorkloadHints()
+        self.slots = self._slots(hints)
+        self.rows = self._rows(hints)
+        self.batch_tokens = cfg.max_batch_tokens or DEFAULT_BATCH_TOKENS
+        if cfg.scheduler_type not in ("fifo",):
+            raise ValueError(f"continuous_batching_config.scheduler_type: only 'fifo' is supported, got "
+                             f"{cfg.scheduler_type!r}")
+        graphs = cfg.use_cuda_graph
+        if isinstance(graphs, tuple):
+            graphs = graphs[-1]  # (prefill, decode) in Transformers: the decode path's
+        self.use_graphs = (model.device.type == "cuda") if graphs is None else bool(graphs) and \
+            model.device.type == "cuda"
+        self._batch: _Batch | None = None
+        self._lock = threading.Condition()
+        self._incoming: deque[_Request] = deque()
+        self._cancels: set[str] = set()
+        self._known: set[str] = set()  # ids queued or running
+        self._results: deque[GenerationOutput] = deque()
+        self._handlers: dict[str, tuple] = {}  # request id -> (callback, event loop)
+        self._pauses, self._paused = 0, False
+        self._counter = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop: int = 0  # 0 run, 1 finish what was added, 2 fail what is left
+        self.fatal_error: BaseException | None = None
+        self.warmed_up = False
+        # what the loop did: rows decoded each step (the running requests), prompt tokens prefilled
+        # (by forward, and with the padding), cache shifts, requests run alone (LongRoPE), wall seconds in decode steps
+        # and in prefills (each ends reading its tokens, so the GPU's work is in them)
+        self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "prefill_padded_tokens": [],
+                                      "shifts": 0, "alone": 0, "decode_s": 0.0, "prefill_s": 0.0}
+
+    # ---- settings -------------------------------------------------------------------------------
+    def _settings(self, gen) -> None:
+        from ..generation.utils import sampling_warpers
+
+        cfg = self.continuous_batching_config
+        if gen.num_beams not in (None, 1):
+            raise ValueError(f"continuous batching decodes by greedy search or sampling, not beam search "
+                             f"(num_beams={gen.num_beams})")
+        dropped = [k for k, noop in _DROPPED.items() if getattr(gen, k, noop) not in (noop, None)]
+        if dropped:
+            if not cfg.drop_unsupported_processors:
+                raise ValueError(f"continuous batching does not apply these generation settings: {dropped} "
+                                 "(drop_unsupported_processors=False)")
+            logger.warning("continuous batching does not apply these generation settings, which are dropped: %s",
+                           dropped)
+        self.do_sample = bool(gen.do_sample)
+        self.return_logprobs = cfg.return_logprobs
+        self.warpers = sampling_warpers(gen) if self.do_sample else []
+        self.num_return_sequences = gen.num_return_sequences or 1
+        if gen.eos_token_id is None:  # as Transformers: no EOS, with a warning
+            logger.warning("continuous batching: the generation config sets no eos_token_id, so requests stop at "
+                           "max_new_tokens only")
+        self.eos = _id_set(gen.eos_token_id)
+        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else 0
+        self.max_new_tokens = gen.max_new_tokens
+
+    def _longrope_limit(self) -> int | None:
+        rotary = getattr(getattr(self.model, "model", self.model), "rotary_emb", None)
+        return rotary.original_max if rotary is not None and rotary.longrope else None
+
+    def _slots(self, hints: WorkloadHints) -> int:
+        cfg = self.continuous_batching_config
+        max_pos = getattr(self.model.config, "max_position_embeddings", None) or DEFAULT_SLOTS
+        if cfg.max_cache_len is not None:
+            if cfg.max_cache_len < 2:
+                raise ValueError("continuous_batching_config.max_cache_len must be at least 2, got "
+                                 f"{cfg.max_cache_len}")
+            return int(cfg.max_cache_len)
+        need = hints.max_prompt_length + max(hints.max_generated_length, 1)
+        limit = self._longrope_limit()
+        if limit is not None:  # longer requests run alone through generate
+            need = min(need, limit)
+        hinted = -(-2 * need // SLOT_ROUND) * SLOT_ROUND
+        if hints.max_prompt_length and hints.max_generated_length:
+            return hinted
+        return max(min(DEFAULT_SLOTS, max_pos), hinted if hints.max_prompt_length else 0)
+
+    def _rows(self, hints: WorkloadHints) -> int:
+        cfg = self.continuous_batching_config
+        if cfg.max_requests_per_batch is not None:
+            if cfg.max_requests_per_batch < 1:
+                raise ValueError("continuous_batching_config.max_requests_per_batch must be positive, got "
+                                 f"{cfg.max_requests_per_batch}")
+            return int(cfg.max_requests_per_batch)
+        want = min(MAX_ROWS, hints.num_requests or MAX_ROWS)
+        if self.model.device.type != "cuda":
+            return min(want, DEFAULT_ROWS)
+        G, d = _kv_shape(self.model.config)
+        layers = self.model.config.num_hidden_layers
+        row_bytes = 2 * layers * G * d * self.slots * self.model.dtype.itemsize
+        free, _ = torch.cuda.mem_get_info(self.model.device)
+        # memory torch holds for reuse is free to the cache too (a manager destroyed just before)
+        free += torch.cuda.memory_reserved(self.model.device) - torch.cuda.memory_allocated(self.model.device)
+        share = cfg.max_memory_percent or (0.8 if self.do_sample else 0.9)
+        # a step's float32 logits and their softmax, per row
+        row_bytes += 3 * 4 * self.model.config.vocab_size
+        fits = int(free * share) // row_bytes
+        if fits < 1:
+            raise RuntimeError(f"continuous batching: one row of {self.slots} cache slots needs "
+                               f"{row_bytes / 2**30:.2f} GiB, more than {share:.0%} of the free GPU memory "
+                               f"({free / 2**30:.2f} GiB); lower max_cache_len")
+        return max(1, min(want, fits))
+
+    # ---- control ----------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Allocate the batch and, on a GPU, capture its decode graphs for every bucket."""
+        with torch.no_grad():
+            batch = self._ensure_batch()
+            if batch.graphs_on:
+                with own_forward(self.model):
+                    for b in sorted({batch.bucket(n) for n in DECODE_BUCKETS}):
+                        if b not in batch.graphs:
+                            batch.step(b)
+                            batch.col -= 1
+                            batch.pos[:b] -= 1
+        self.warmed_up = True
+
+    def _ensure_batch(self) -> _Batch:
+        if self._batch is None:
+            self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs)
+        return self._batch
+
+    def is_running(self) -> bool:
+        """Whether the background thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the background thread."""
+        if self.is_running():
+            logger.warning("the continuous batching manager is already running")
+            return
+        self._stop = 0
+        self.fatal_error = None
+        if self.continuous_batching_config.seed is not None:
+            torch.manual_seed(self.continuous_batching_config.seed)
+        self._thread = threading.Thread(target=self._loop, name="moetorch-continuous-batching", daemon=True)
+        self._thread.start()
+
+    def stop(self, block: bool = True, timeout: float | None = None, keep_for_next_session: bool = False,
+             hard_stop: bool = False) -> None:
+        """Stop the thread once the requests already added are done (`hard_stop`: at once, the
+        unfinished ones failed). `keep_for_next_session`: the model keeps this manager (its cache
+        and graphs) for its next `init_continuous_batching`."""
+        if self._thread is None:
+            logger.warning("the continuous batching manager was not started")
+            return
+        with self._lock:
+            if self._pauses:
+                raise RuntimeError("stop(): a pause() is held; the paused loop cannot finish its requests. Leave the "
+                                   "pause first")
+            self._stop = max(self._stop, 2 if hard_stop else 1)
+            self._lock.notify_all()
+        if block:
+            self.join(timeout)
+        if keep_for_next_session:
+            self.model._cached_continuous_batching_manager = self
+        else:
+            self._batch = None
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (at most `timeout` seconds)."""
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("the continuous batching thread did not stop within %s s", timeout)
+        else:
+            self._thread = None
+            self._stop = 0  # stopped: requests added now wait for the next start
+
+    def destroy(self) -> None:
+        """Stop and let the cache and graphs go."""
+        if self.is_running():
+            self.stop(block=True)
+        self._batch = None
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def add_request(self, input_ids, request_id: str | None = None, max_new_tokens: int | None = None,
+                    streaming: bool = False, record_timestamps: bool = False,
+                    eos_token_id: int | list[int] | None = None, **logit_processor_kwargs: Any) -> str:
+        """Queue a prompt (a list of token ids). Returns its request id (`req_<n>` unless given).
+        With `num_return_sequences = n` in the generation config, n - 1 more requests sample from
+        the same prompt, with ids `<id>__child#<i>`. `streaming`: a result after every token."""
+        if logit_processor_kwargs:
+            raise TypeError(f"add_request: per-request generation settings {sorted(logit_processor_kwargs)} are not "
+                            "supported: set them in the manager's GenerationConfig")
+        prompt = _prompt_list(input_ids, self.model.config.vocab_size, request_id)
+        if request_id is None:
+            request_id = f"req_{next(self._counter)}"
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"add_request: request_id must be a non-empty string, got {request_id!r}")
+        max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        eos = self.eos if eos_token_id is None else _id_set(eos_token_id)
+        limit = self._longrope_limit()
+        alone = limit is not None and len(prompt) + (max_new or 1) > limit
+        if max_new is None:
+            if alone:
+                raise ValueError(f"add_request({request_id!r}): a prompt past original_max_position_embeddings "
+                                 f"({limit}) needs max_new_tokens")
+            max_new = self.slots - len(prompt) + 1  # until EOS or the row is full
+        if not isinstance(max_new, int) or max_new < 1:
+            raise ValueError(f"add_request({request_id!r}): max_new_tokens must be a positive int, got {max_new!r}")
+        if not alone and len(prompt) + max_new - 1 > self.slots:
+            raise ValueError(
+                f"add_request({request_id!r}): the prompt's {len(prompt)} tokens + max_new_tokens={max_new} exceed "
+                f"a row of the batch's cache ({self.slots} slots): raise continuous_batching_config.max_cache_len")
+        ids = [f"{request_id}__child#{i}" for i in range(self.num_return_sequences - 1)] + [request_id]
+        requests = [_Request(i, prompt, max_new, eos, streaming, record_timestamps) for i in ids]
+        deadline = time.monotonic() + QUEUE_WAIT_S
+        with self._lock:
+            taken = [i for i in ids if i in self._known]
+            if taken:
+                raise ValueError(f"add_request: request id {taken[0]!r} is already queued or running")
+            if self._stop:
+                raise RuntimeError("add_request: the manager is stopping and takes no new requests (add them "
+                                   "once stop() has returned, for the next start())")
+            cap = self.continuous_batching_config.max_queue_size
+            while cap and len(self._incoming) + len(requests) > cap:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"add_request({request_id!r}): the queue stayed full ({cap} requests) for "
+                                       f"{QUEUE_WAIT_S:g} s")
+                self._lock.wait(left)
+            self._incoming.extend(requests)
+            self._known.update(ids)
+            self._lock.notify_all()
+        return request_id
+
+    def add_requests(self, inputs: list, max_new_tokens: int | None = None, streaming: bool = False,
+                     record_timestamps: bool = False, **logit_processor_kwargs: Any) -> list[str]:
+        """Queue several prompts; their request ids, in order."""
+        return [self.add_request(p, max_new_tokens=max_new_tokens, streaming=streaming,
+                                 record_timestamps=record_timestamps, **logit_processor_kwargs) for p in inputs]
+
+    def cancel_request(self, request_id: str) -> None:
+        """Stop a queued or running request; its result comes back FAILED, error "cancelled"."""
+        with self._lock:
+            if request_id in self._known:
+                self._cancels.add(request_id)
+                self._lock.notify_all()
+
+    def get_result(self, request_id: str | None = None, timeout: float | None = None) -> GenerationOutput | None:
+        """The next result (of `request_id` when given), waiting up to `timeout` seconds (None:
+        until one comes or the thread ends); None if none came."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                for i, out in enumerate(self._results):
+                    if request_id is None or out.request_id == request_id:
+                        del self._results[i]
+                        return out
+                if not self.is_running():
+                    return None
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._lock.wait(left if left is not None else 0.1)
+
+    def __iter__(self) -> Generator[GenerationOutput]:
+        """Results as they come, until the thread ends."""
+        while True:
+            out = self.get_result(timeout=0.1)
+            if out is not None:
+                yield out
+            elif not self.is_running():
+                return
+
+    def request_id_iter(self, request_id: str) -> Generator[GenerationOutput]:
+        """A request's results (each token's when streaming) until its last."""
+        while True:
+            out = self.get_result(request_id, timeout=0.1)
+            if out is not None:
+                yield out
+                if out.is_finished():
+                    return
+            elif not self.is_running():
+                return
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def register_result_handler(self, request_id: str, callback) -> None:
+        """Deliver `request_id`'s results (each token's when streaming, else its last) to
+        `callback(output)` on the calling asyncio event loop (`call_soon_threadsafe`), instead of
+        `get_result`; the handler goes once the request finishes. Call it from a coroutine."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._handlers[request_id] = (callback, loop)
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Inside, the loop waits between steps (its running and queued requests kept), so that the
+        caller may use the model, e.g. to update its weights in place; it resumes on exit. Several
+        threads may hold a pause at once."""
+        if not self.is_running():
+            raise RuntimeError("pause(): the manager's loop is not running")
+        with self._lock:
+            self._pauses += 1
+            self._lock.notify_all()
+            while not self._paused and self.is_running():
+                self._lock.wait(0.1)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pauses -= 1
+                self._lock.notify_all()
+
+    def _deliver(self, req: _Request) -> None:
+        out = req.output()
+        with self._lock:
+            handler = self._handlers.get(req.id)
+            if handler is None:
+                self._results.append(out)
+            if req.status >= RequestStatus.FINISHED:
+                self._known.discard(req.id)
+                self._cancels.discard(req.id)
+                self._handlers.pop(req.id, None)
+            self._lock.notify_all()
+        if handler is not None:
+            handler[1].call_soon_threadsafe(handler[0], out)
+
+    def _hold_while_paused(self, running: dict, batch: _Batch) -> None:
+        """Wait (after the steps in flight) while a pause is held."""
+        with self._lock:
+            if not self._pauses:
+                return
+        self._drain(running, batch)
+        if batch.model.device.type == "cuda":
+            torch.cuda.synchronize(batch.model.device)
+        with self._lock:
+            self._paused = True
+            self._lock.notify_all()
+            while self._pauses and self._stop != 2:
+                self._lock.wait(0.1)
+            self._paused = False
+
+    def _finish(self, req: _Request, error: str | None = None) -> None:
+        req.status = RequestStatus.FAILED if error is not None else RequestStatus.FINISHED
+        req.error = error
+        if req.started < 0:
+            req.started = time.perf_counter()
+        self._deliver(req)
+
+    def _loop(self) -> None:
+        waiting: deque[_Request] = deque()
+        running: dict[int, _Request] = {}
+        self._pending: deque[_Step] = deque()
+        self._steps = 0
+        try:
+            with torch.no_grad(), own_forward(self.model), _on(self.model.device):
+                batch = self._ensure_batch()
+                while True:
+                    with self._lock:
+                        for req in self._incoming:
+                            req.since = self._steps
+                        waiting.extend(self._incoming)
+                        self._incoming.clear()
+                        self._lock.notify_all()  # room in the queue
+                        cancels, stop = set(self._cancels), self._stop
+                    if cancels:
+                        self._cancel(cancels, waiting, running, batch)
+                    self._hold_while_paused(running, batch)
+                    if stop == 2:
+                        break
+                    if not waiting and not running:
+                        self._drain(running, batch)
+                        if stop:
+                            break
+                        with self._lock:
+                            if not self._incoming and not self._stop and not self._cancels:
+                                self._lock.wait(0.1)
+                        continue
+                    self._admit(waiting, running, batch)
+                    if running:
+                        self._decode(running, batch)
+                    else:
+                        self._drain(running, batch)
+        except BaseException as e:  # noqa: BLE001 -- every request gets the error, then the caller
+            self.fatal_error = e
+            logger.error("continuous batching stopped on an error: %r", e)
+        finally:
+            reason = (f"the manager failed: {self.fatal_error!r}" if self.fatal_error is not None
+                      else "the manager was stopped (hard_stop) before the request finished")
+            with self._lock:
+                waiting.extend(self._incoming)
+                self._incoming.clear()
+            for req in [*running.values(), *waiting]:
+                self._finish(req, reason)
+
+    def _cancel(self, ids: set[str], waiting: deque, running: dict, batch: _Batch) -> None:
+        for req in [r for r in waiting if r.id in ids]:
+            waiting.remove(req)
+            self._finish(req, "cancelled")
+        for row, req in [(row, r) for row, r in running.items() if r.id in ids]:
+            del running[row]
+            batch.release(row)
+            self._finish(req, "cancelled")
+
+    def _admit(self, waiting: deque, running: dict, batch: _Batch) -> None:
+        """Prefill the waiting requests that fit, in order, in groups of at most `batch_tokens`."""
+        limit = self._longrope_limit()
+        while waiting:
+            if limit is not None and len(waiting[0].prompt) + waiting[0].max_new > limit:
+                self._drain(running, batch)  # its generate syncs anyway; the batch's steps land first
+                self._alone(waiting.popleft())
+                continue
+            free = [r for r in range(batch.R) if r not in running]
+            if running and len(free) < max(1, batch.R // ADMIT_SHARE) and \
+                    self._steps - waiting[0].since < ADMIT_AFTER_STEPS:
+                return  # a prefill stalls every running row: wait for more rows, a few steps at most
+            group: list[_Request] = []
+            col = batch.col
+            for req in waiting:
+                if len(group) == len(free) or (limit is not None and len(req.prompt) + req.max_new > limit):
+                    break
+                if group and sum(len(r.prompt) for r in group) + len(req.prompt) > self.batch_tokens:
+                    break
+                c = self._column(batch, running, [*group, req])
+                if c is None:
+                    break
+                group.append(req)
+                col = c
+            if not group:
+                return
+            if col != batch.col:
+                self.stats["shifts"] += bool(running)
+                d = batch.col - col
+                batch.shift(col, {row: r.start for row, r in running.items()})
+                for r in running.values():
+                    r.start -= d
+            rows = free[:len(group)]
+            now = t0 = time.perf_counter()
+            for req, row in zip(group, rows):
+                req.status, req.started, req.row = RequestStatus.PREFILLING, now, row
+                req.start = batch.col - len(req.prompt)
+            tokens = torch.empty(len(group), dtype=torch.long, device=batch.ids.device)
+            logprobs = torch.empty(len(group), device=batch.ids.device) if self.return_logprobs else None
+            for part in _prefill_batches([len(r.prompt) for r in group], min(MIN_PREFILL_TOKENS, self.batch_tokens)):
+                logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part], self.pad_id)
+                self.stats["prefill_tokens"].append(sum(len(group[i].prompt) for i in part))
+                self.stats["prefill_padded_tokens"].append(len(part) * max(len(group[i].prompt) for i in part))
+                t, lp = self._choose(logits)
+                index = _to(torch.tensor(part), tokens.device)
+                tokens[index] = t
+                if logprobs is not None:
+                    logprobs[index] = lp
+            batch.ids[_to(torch.tensor(rows), tokens.device), 0] = tokens
+            for req in group:  # left waiting until here, so that an error above fails them too
+                waiting.popleft()
+                req.status = RequestStatus.DECODING
+            self._take(group, rows, tokens, logprobs, running, batch)
+            self.stats["prefill_s"] += time.perf_counter() - t0
+
+    def _column(self, batch: _Batch, running: dict, group: list[_Request]) -> int | None:
+        """The column at which `group` can join the running requests: the current one if they
+        all fit there, else the lowest that holds every running request's past; None if none."""
+        S = batch.S
+        longest = max(len(r.prompt) for r in group)
+
+        def fits(col: int) -> bool:
+            # every request must be able to write its remaining tokens' keys by slot S - 1 (a
+            # running request's count may lag the device by the step in flight: one more write
+            # than needed is allowed for)
+            if col < longest or any(col + r.max_new - 1 > S for r in group):
+                return False
+            return all(col + (r.max_new - len(r.tokens)) <= S for r in running.values())
+
+        if fits(batch.col):
+            return batch.col
+        lowest = max([longest, *(batch.col - r.start for r in running.values())])
+        return lowest if fits(lowest) else None
+
+    def _take(self, group, rows, tokens, logprobs, running, batch) -> None:
+        """Hand the tokens of a prefill to their requests; running or done."""
+        host = tokens.tolist()
+        lps = logprobs.tolist() if logprobs is not None else [None] * len(host)
+        for req, row, tok, lp in zip(group, rows, host, lps):
+            if req.add(tok, lp):
+                batch.release(row)
+                self._finish(req)
+            else:
+                running[row] = req
+                if req.streaming:
+                    self._deliver(req)
+
+    def _decode(self, running: dict, batch: _Batch) -> None:
+        """Launch a step for the running rows; read the tokens of the step READ_LAG steps before
+        it: the host reads a step's tokens while the next one runs on the GPU, and a request that
+        ended in the first has its row computed once more, then dropped."""
+        t0 = time.perf_counter()
+        if batch.col >= batch.S:
+            # the last column is written: every running request has ended in a step in flight
+            # (each joined where its last token's key fits), which reading them now shows
+            self._drain(running, batch)
+            if not running:
+                return
+            raise RuntimeError(f"continuous batching: requests {[r.id for r in running.values()]} still run at the "
+                               f"cache's last column {batch.S}")
+        b = batch.bucket(max(running) + 1)
+        logits = batch.step(b)
+        self._steps += 1
+        self.stats["decode_rows"].append(len(running))
+        tokens, logprobs = self._choose(logits)
+        batch.ids[:b, 0] = tokens
+        self._pending.append(_Step(sorted(running.items()), tokens, logprobs))
+        while len(self._pending) > READ_LAG:
+            self._collect(self._pending.popleft(), running, batch)
+        self.stats["decode_s"] += time.perf_counter() - t0
+
+    def _drain(self, running: dict, batch: _Batch) -> None:
+        """Read every step in flight."""
+        while self._pending:
+            self._collect(self._pending.popleft(), running, batch)
+
+    def _collect(self, step: _Step, running: dict, batch: _Batch) -> None:
+        host, lps = step.read()
+        for row, req in step.rows:
+            if running.get(row) is not req:
+                continue  # ended (or was cancelled) at the step before
+            if req.add(host[row], None if lps is None else lps[row]):
+                del running[row]
+                batch.release(row)
+                self._finish(req)
+            elif req.streaming:
+                self._deliver(req)
+
+    def _choose(self, logits_BV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next tokens [B] (greedy or sampled through the warpers) and, when asked, their
+        log-probabilities under the distribution they were drawn from."""
+        want_lp = self.return_logprobs
+        if not self.do_sample and not want_lp:
+            return logits_BV.argmax(dim=-1), None
+        scores = logits_BV.float()
+        for w in self.warpers:
+            scores = w(None, scores)
+        if self.do_sample:
+            tokens = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens = scores.argmax(dim=-1)
+        lp = scores.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1) if want_lp else None
+        return tokens, lp
+
+    def _alone(self, req: _Request) -> None:
+        """A LongRoPE request past `original_max_position_embeddings`, through `generate`."""
+        req.status, req.started = RequestStatus.DECODING, time.perf_counter()
+        self.stats["alone"] += 1
+        gen = self.generation_config
+        kwargs = dict(max_new_tokens=req.max_new, min_new_tokens=None, do_sample=self.do_sample,
+                      num_return_sequences=1, eos_token_id=sorted(req.eos) or None, pad_token_id=self.pad_id)
+        if self.do_sample:
+            kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, min_p=gen.min_p,
+                          typical_p=gen.typical_p, epsilon_cutoff=gen.epsilon_cutoff, eta_cutoff=gen.eta_cutoff,
+                          top_h=gen.top_h)
+        ids = torch.tensor([req.prompt], device=self.model.device)
+        out = self.model.generate(ids, **kwargs, output_scores=self.continuous_batching_config.return_logprobs,
+                                  return_dict_in_generate=True)
+        new = out.sequences[0, len(req.prompt):].tolist()
+        for i, tok in enumerate(new):
+            lp = None
+            if out.scores is not None:
+                lp = float(out.scores[i][0].float().log_softmax(-1)[tok])
+            if req.add(tok, lp):
+                break
+        self._finish(req)
+
+
+def _id_set(eos) -> frozenset[int]:
+    if eos is None:
+        return frozenset()
+    ids = [eos] if isinstance(eos, int) else list(torch.as_tensor(eos).reshape(-1).tolist())
+    return frozenset(int(i) for i in ids if int(i) >= 0)
+
+
+def _prompt_list(input_ids, vocab: int, request_id) -> list[int]:
+    """A prompt as a list of ints, checked: non-empty, within the vocabulary."""
+    what = f"add_request({request_id!r})" if request_id is not None else "add_request"
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+            input_ids = input_ids[0]
+        if input_ids.dim() != 1 or input_ids.is_floating_point():
+            raise ValueError(f"{what}: input_ids must be one sequence of token ids, got a tensor of shape "
+                             f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}")
+        input_ids = input_ids.tolist()
+    try:
+        prompt = [int(t) for t in input_ids]
+        if any(isinstance(t, float) for t in input_ids):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise TypeError(f"{what}: input_ids must be a list of token ids (ints), got "
+                        f"{type(input_ids).__name__}") from None
+    if not prompt:
+        raise ValueError(f"{what}: the prompt is empty")
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{what}: token id {bad[0]} is outside the vocabulary (0 .. {vocab - 1})")
+    return prompt
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without waiting (the host goes on
+    launching while a step in flight runs)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def _running(manager: ContinuousBatchingManager, keep: bool, block: bool = True, timeout: float | None = None):
+    """The manager's loop runs inside; on exit it finishes what was added and stops (kept on the
+    model with `keep`, else destroyed)."""
+    manager.start()
+    try:
+        yield manager
+    finally:
+        manager.stop(block=block, timeout=timeout, keep_for_next_session=keep)
+        if not keep:
+            manager.destroy()
+
+
+@contextlib.contextmanager
+def _on(device: torch.device):
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
+
+
+class ContinuousBatchingMixin:
+    """Transformers 5's continuous-batching methods on a causal LM."""
+
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None,
+                                 workload_hints: WorkloadHints | None = None) -> ContinuousBatchingManager:
+        """A manager for continuous batching (the model's kept one, if `stop(keep_for_next_session=True)`
+        left one). `generation_config` defaults to the model's."""
+        cached = self.__dict__.get("_cached_continuous_batching_manager")
+        if isinstance(cached, ContinuousBatchingManager):
+            return cached
+        gen = self._continuous_settings(generation_config)
+        cfg = ContinuousBatchingConfig.of(continuous_batching_config)
+        return ContinuousBatchingManager(self, gen, cfg, workload_hints)
+
+    def _continuous_settings(self, generation_config):
+        # As Transformers' continuous batching: the config passed, or else the model's, unlayered
+        from ..generation.configuration import as_generation_config
+
+        gen = as_generation_config(generation_config) if generation_config is not None else self.generation_config
+        gen = copy.deepcopy(gen)
+        gen.validate()
+        return gen
+
+    def destroy_cached_continuous_batching_manager(self) -> None:
+        """Let the kept manager (and its cache and graphs) go."""
+        cached = self.__dict__.pop("_cached_continuous_batching_manager", None)
+        if isinstance(cached, ContinuousBatchingManager):
+            cached.destroy()
+
+    @contextlib.contextmanager
+    def continuous_batching_context_manager(self, generation_config=None, block: bool = True,
+                                            timeout: float | None = None, continuous_batching_config=None,
+                                            persistent_manager: bool = False, warmup: bool = True,
+                                            workload_hints: WorkloadHints | None = None):
+        """A started manager; on exit it finishes the requests added and stops."""
+        manager = self.init_continuous_batching(generation_config, continuous_batching_config, workload_hints)
+        if warmup and not manager.warmed_up:
+            manager.warmup()
+        with _running(manager, persistent_manager, block, timeout):
+            yield manager
+
+    @torch.no_grad()
+    def generate_batch(self, inputs: list, generation_config=None, continuous_batching_config=None,
+                       record_timestamps: bool = False, progress_bar: bool = False, persistent_manager: bool = False,
+                       warmup: bool = True, **kwargs: Any) -> dict[str, GenerationOutput]:
+        """Generate for every prompt in `inputs` (lists of token ids) by continuous batching.
+        Returns {request id: GenerationOutput} in the inputs' order (`req_0`, ...; with
+        `num_return_sequences` > 1 each prompt's children `req_0__child#0`, ... before it). Keyword
+        arguments: `max_new_tokens`. A failed request comes back with its `error` set."""
+        if not inputs:
+            return {}
+        max_new = kwargs.pop("max_new_tokens", None)
+        if kwargs:
+            raise TypeError(f"generate_batch() got unexpected keyword arguments {sorted(kwargs)} (it takes "
+                            "max_new_tokens; other settings go in generation_config)")
+        gen = self._continuous_settings(generation_config)
+        if max_new is None:
+            max_new = gen.max_new_tokens
+        prompts = [_prompt_list(p, self.config.vocab_size, f"inputs[{i}]") for i, p in enumerate(inputs)]
+        n = gen.num_return_sequences or 1
+        hints = WorkloadHints(max(map(len, prompts)), max_new or 0, len(prompts) * n)
+        from tqdm.auto import tqdm
+
+        results: dict[str, GenerationOutput] = {}
+        manager = self.init_continuous_batching(gen, continuous_batching_config, hints)
+        if warmup and not manager.warmed_up:
+            manager.warmup()
+        # every request queued before the loop starts, so that its first prefills are as full as
+        # the config allows (and the same from one call to the next)
+        ids = [manager.add_request(p, max_new_tokens=max_new, record_timestamps=record_timestamps) for p in prompts]
+        total = len(prompts) * n
+        bar = tqdm(total=total, disable=not progress_bar, desc=f"Solving {total} requests", unit="request")
+        with _running(manager, persistent_manager), bar:
+            while len(results) < total:
+                out = manager.get_result(timeout=1)
+                if out is None:
+                    if not manager.is_running():
+                        break
+                    continue
+                if out.is_finished():
+                    results[out.request_id] = out
+                    bar.update(1)
+        failed = [rid for rid, out in results.items() if out.error is not None]
+        if failed:
+            logger.error("generate_batch: %d requests failed (their outputs carry the error), the first %s: %s",
+                         len(failed), failed[0], results[failed[0]].error)
+        ordered = {}
+        for rid in ids:
+            for child in [f"{rid}__child#{i}" for i in range(n - 1)] + [rid]:
+                if child in results:
+                    ordered[child] = results[child]
+        return ordered

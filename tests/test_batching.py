@@ -1,0 +1,425 @@
+"""Continuous batching (`generate_batch`, `init_continuous_batching`): every request gives the
+tokens of its own `generate` call and of Transformers (its `generate_batch` for PhiMoE; for
+JetMoE, where Transformers' continuous batching fails, its `generate`), whatever joins or leaves
+the batch around it."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+import transformers
+from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
+from parity import make_pair
+
+import moetorch
+from moetorch.engine import batching
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
+def pair(request, tmp_path_factory):
+    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name))
+
+
+def prompts(seed: int, n: int, lo: int = 1, hi: int = 14, vocab: int = 97) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randint(1, vocab - 1) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def own_greedy(model, prompt: list[int], n: int, eos=None) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    new = out[0, len(prompt):].tolist()
+    if eos is not None and eos in new:
+        new = new[: new.index(eos) + 1]
+    return new
+
+
+def config(n: int, **kw) -> moetorch.GenerationConfig:
+    return moetorch.GenerationConfig(**{"max_new_tokens": n, "do_sample": False, "pad_token_id": 0, **kw})
+
+
+@pytest.fixture
+def shifts(monkeypatch):
+    """The (from, to) columns of every shift of the batch's cache."""
+    seen = []
+    original = batching._Batch.shift
+
+    def spy(self, new_col, starts):
+        seen.append((self.col, new_col, len(starts)))
+        return original(self, new_col, starts)
+
+    monkeypatch.setattr(batching._Batch, "shift", spy)
+    return seen
+
+
+def test_generate_batch_matches_transformers(pair):
+    hf, ours = pair
+    inputs = prompts(1, 7)
+    cb = {"max_requests_per_batch": 3, "return_logprobs": True}
+    out = ours.generate_batch(inputs, generation_config=config(6, eos_token_id=None), continuous_batching_config=cb)
+    assert list(out) == [f"req_{i}" for i in range(len(inputs))]
+    for (rid, res), p in zip(out.items(), inputs):
+        assert res.request_id == rid and res.prompt_ids == p and res.error is None
+        assert res.status == moetorch.RequestStatus.FINISHED and res.is_finished()
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert res.generated_tokens == ref[0, len(p):].tolist()
+        # log-probabilities of the chosen tokens, from Transformers' forward over the whole sequence
+        with torch.no_grad():
+            logits = hf(ref).logits[0, len(p) - 1:-1].float().log_softmax(-1)
+        expect = logits.gather(1, ref[0, len(p):, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(res.logprobs), expect, atol=1e-4, rtol=1e-4)
+        assert res.lifespan[0] >= res.created_time and res.lifespan[1] >= res.lifespan[0]
+
+
+def test_transformers_generate_batch_oracle(tmp_path):
+    """PhiMoE: Transformers' own continuous batching gives the same results, ids, tokens and
+    log-probabilities. (Its JetMoE fails in its paged cache's index_copy_, so JetMoE compares
+    against `generate` above.)"""
+    hf, ours = make_pair(PHIMOE, tmp_path)
+    inputs = prompts(2, 5)
+    cfg = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    theirs = hf.generate_batch(inputs, generation_config=transformers.GenerationConfig(**cfg), warmup=False,
+                               continuous_batching_config=transformers.ContinuousBatchingConfig(return_logprobs=True))
+    mine = ours.generate_batch(inputs, generation_config=transformers.GenerationConfig(**cfg),
+                               continuous_batching_config=transformers.ContinuousBatchingConfig(return_logprobs=True))
+    assert list(mine) == list(theirs)
+    for rid in theirs:
+        assert mine[rid].prompt_ids == theirs[rid].prompt_ids
+        assert mine[rid].generated_tokens == theirs[rid].generated_tokens
+        assert int(mine[rid].status) == int(theirs[rid].status)
+        torch.testing.assert_close(torch.tensor(mine[rid].logprobs), torch.tensor(theirs[rid].logprobs),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed,lag", [(0, 1), (1, 1), (2, 1), (0, 0)])
+def test_requests_join_and_leave(pair, seed, lag, shifts, monkeypatch):
+    """Random prompts and lengths over few rows and a short cache: requests wait for rows, join
+    between steps, and the cache's columns shift; every request keeps its own greedy tokens,
+    whether the host reads each step's tokens while the next runs (lag 1) or before it (0)."""
+    _, ours = pair
+    monkeypatch.setattr(batching, "READ_LAG", lag)
+    rng = random.Random(seed)
+    inputs = prompts(10 + seed, rng.randint(6, 12))
+    n = rng.randint(2, 8)
+    cb = {"max_requests_per_batch": rng.randint(1, 4), "max_cache_len": 22, "max_batch_tokens": rng.choice([8, 20])}
+    out = ours.generate_batch(inputs, generation_config=config(n), continuous_batching_config=cb)
+    assert [r.generated_tokens for r in out.values()] == [own_greedy(ours, p, n) for p in inputs]
+    assert any(moved for *_, moved in shifts) or seed  # seed 0 shifts with requests running
+
+
+def test_prefill_batches():
+    """A group's prompts go into forwards of similar lengths once a forward is big enough."""
+    assert batching._prefill_batches([5, 100, 90, 8, 95, 6], min_tokens=150) == [[1, 4, 2], [3, 5, 0]]
+    assert batching._prefill_batches([5, 100, 90, 8, 95, 6], min_tokens=10**6) == [[1, 4, 2, 3, 5, 0]]
+    assert batching._prefill_batches([7], min_tokens=1) == [[0]]
+
+
+@pytest.mark.parametrize("d", [1, 3, 4, -1, -4])
+def test_shift_moves_live_slots(pair, d):
+    """`_Batch.shift` moves every layer's live slots by the same amount, in place in chunks or
+    through a copy (a short move of a wide span), and re-masks the rows."""
+    _, ours = pair
+    batch = batching._Batch(ours, rows=3, slots=24, graphs=False)
+    for t in batch.cache._all:
+        t.copy_(torch.randn(t.shape))
+    before = [t.clone() for t in batch.cache._all]
+    batch.col = 14
+    starts = {0: 4, 2: 9}  # row 1 free
+    batch.shift(14 - d, starts)
+    assert batch.col == 14 - d
+    for old, new in zip(before, batch.cache._all):
+        torch.testing.assert_close(new[:, [0, 2], :, 4 - d:14 - d], old[:, [0, 2], :, 4:14], rtol=0, atol=0)
+    slots = torch.arange(24)
+    assert torch.equal(batch.mask[0], (slots >= 4 - d).long()) and torch.equal(batch.mask[2], (slots >= 9 - d).long())
+    assert batch.mask[1].tolist() == [1] + [0] * 23
+
+
+def test_shift_right_for_a_long_prompt(pair, shifts):
+    """A long prompt arriving while a short one runs: the live columns move right to make room."""
+    _, ours = pair
+    short, long = prompts(3, 1, 2, 2)[0], prompts(4, 1, 12, 12)[0]
+    cb = {"max_requests_per_batch": 2, "max_cache_len": 24, "max_batch_tokens": 4}
+    out = ours.generate_batch([short, long], generation_config=config(8), continuous_batching_config=cb)
+    assert (2, 12, 1) in shifts  # from column 2 to 12, with the short request running
+    assert [r.generated_tokens for r in out.values()] == [own_greedy(ours, short, 8), own_greedy(ours, long, 8)]
+
+
+def test_eos_ends_a_request(pair):
+    _, ours = pair
+    inputs = prompts(5, 6)
+    # an EOS id that some requests produce early: the most common first greedy token
+    firsts = [own_greedy(ours, p, 1)[0] for p in inputs]
+    eos = max(set(firsts), key=firsts.count)
+    out = ours.generate_batch(inputs, generation_config=config(6, eos_token_id=eos),
+                              continuous_batching_config={"max_requests_per_batch": 2})
+    got = [r.generated_tokens for r in out.values()]
+    assert got == [own_greedy(ours, p, 6, eos=eos) for p in inputs]
+    assert any(len(g) < 6 and g[-1] == eos for g in got)
+
+
+def test_sampling(pair):
+    _, ours = pair
+    inputs = prompts(6, 3)
+    # top_k=1 sampling is greedy
+    out = ours.generate_batch(inputs, generation_config=config(5, do_sample=True, top_k=1, temperature=0.7))
+    assert [r.generated_tokens for r in out.values()] == [own_greedy(ours, p, 5) for p in inputs]
+    # a seed gives the same draws; num_return_sequences names the children as Transformers does
+    gen = config(6, do_sample=True, temperature=1.3, top_p=0.95, num_return_sequences=3)
+    runs = [ours.generate_batch(inputs, generation_config=gen, continuous_batching_config={"seed": 7, "return_logprobs": True})
+            for _ in range(2)]
+    assert list(runs[0]) == ["req_0__child#0", "req_0__child#1", "req_0", "req_1__child#0", "req_1__child#1", "req_1",
+                             "req_2__child#0", "req_2__child#1", "req_2"]
+    assert [r.generated_tokens for r in runs[0].values()] == [r.generated_tokens for r in runs[1].values()]
+    tokens = [tuple(r.generated_tokens) for r in runs[0].values()]
+    assert len(set(tokens)) > 3  # the draws differ between rows
+    assert all(len(r.logprobs) == 6 and max(r.logprobs) <= 0 for r in runs[0].values())
+
+
+def test_longrope_requests_past_the_switch_run_alone(tmp_path):
+    """PhiMoE with LongRoPE: requests that stay within original_max_position_embeddings run in the
+    batch, longer ones through generate (which switches factors); all give generate's tokens."""
+    _, ours = make_pair(PHIMOE, tmp_path, rope_scaling=longrope_scaling(8, original=12), max_position_embeddings=64)
+    inputs = prompts(7, 6, 2, 10)
+    out = ours.generate_batch(inputs, generation_config=config(5), continuous_batching_config={"max_requests_per_batch": 2})
+    assert any(len(p) + 5 > 12 for p in inputs) and any(len(p) + 5 <= 12 for p in inputs)
+    assert [r.generated_tokens for r in out.values()] == [own_greedy(ours, p, 5) for p in inputs]
+
+
+def test_manager_api(pair):
+    """init_continuous_batching: ids, streaming, per-request limits, timestamps, get_result by id,
+    request_id_iter and iteration."""
+    _, ours = pair
+    a, b, c = prompts(8, 3)
+    manager = ours.init_continuous_batching(generation_config=config(4, eos_token_id=None),
+                                            continuous_batching_config={"max_requests_per_batch": 2})
+    manager.start()
+    try:
+        assert manager.is_running()
+        assert manager.add_request(a, request_id="mine", streaming=True) == "mine"
+        rid = manager.add_request(b, max_new_tokens=2, record_timestamps=True)
+        assert rid.startswith("req_")
+        steps = list(manager.request_id_iter("mine"))
+        assert [len(s.generated_tokens) for s in steps] == [1, 2, 3, 4]
+        assert [s.status for s in steps[:-1]] == [moetorch.RequestStatus.DECODING] * 3 and steps[-1].is_finished()
+        assert steps[-1].generated_tokens == own_greedy(ours, a, 4)
+        res = manager.get_result(rid, timeout=30)
+        assert res.generated_tokens == own_greedy(ours, b, 2) and len(res.timestamps) == 2
+        manager.add_requests([c])
+        results = []
+        for r in manager:
+            results.append(r)
+            if len(results) == 1:
+                break
+        assert results[0].generated_tokens == own_greedy(ours, c, 4)
+    finally:
+        manager.stop(block=True, timeout=30)
+    assert not manager.is_running()
+
+
+def test_stop_finishes_what_was_added_and_cancel(pair):
+    _, ours = pair
+    inputs = prompts(9, 4)
+    manager = ours.init_continuous_batching(generation_config=config(6, eos_token_id=None),
+                                            continuous_batching_config={"max_requests_per_batch": 1})
+    # queued before the start: the first runs, the last is cancelled while it waits
+    ids = manager.add_requests(inputs)
+    manager.cancel_request(ids[-1])
+    manager.start()
+    manager.stop(block=True, timeout=60)
+    results = {}
+    while (r := manager.get_result(timeout=0)) is not None:
+        results[r.request_id] = r
+    assert set(results) == set(ids)
+    assert results[ids[-1]].status == moetorch.RequestStatus.FAILED and results[ids[-1]].error == "cancelled"
+    for rid, p in zip(ids[:-1], inputs):
+        assert results[rid].generated_tokens == own_greedy(ours, p, 6)
+    # a stopped manager queues for its next start
+    manager.add_request(inputs[0], request_id="again")
+    manager.start()
+    assert manager.get_result("again", timeout=30).generated_tokens == own_greedy(ours, inputs[0], 6)
+    manager.stop(block=False)
+    with pytest.raises(RuntimeError, match="stopping"):  # while the loop winds down
+        manager.add_request(inputs[1])
+    manager.join(30)
+
+
+def test_hard_stop_fails_what_is_left(pair):
+    _, ours = pair
+    manager = ours.init_continuous_batching(generation_config=config(30, eos_token_id=None),
+                                            continuous_batching_config={"max_requests_per_batch": 1})
+    ids = manager.add_requests(prompts(11, 3))
+    manager.start()
+    manager.stop(block=True, timeout=60, hard_stop=True)
+    results = [manager.get_result(timeout=0) for _ in ids]
+    assert {r.request_id for r in results} == set(ids)
+    left = [r for r in results if r.status == moetorch.RequestStatus.FAILED]
+    assert left and all("hard_stop" in r.error for r in left)
+
+
+def test_result_handler_on_an_event_loop(pair):
+    """register_result_handler: a request's outputs reach its callback on the asyncio loop."""
+    import asyncio
+
+    _, ours = pair
+    p = prompts(16, 1)[0]
+    m = ours.init_continuous_batching(generation_config=config(3))
+    m.start()
+
+    async def client():
+        done, seen = asyncio.Event(), []
+
+        def on_result(out):
+            seen.append((out, threading.current_thread() is threading.main_thread()))
+            if out.is_finished():
+                done.set()
+
+        m.register_result_handler("h", on_result)
+        m.add_request(p, request_id="h", streaming=True)
+        await asyncio.wait_for(done.wait(), 60)
+        return seen
+
+    try:
+        seen = asyncio.run(client())
+    finally:
+        m.stop(timeout=30)
+    assert [len(o.generated_tokens) for o, _ in seen] == [1, 2, 3] and all(on_loop for _, on_loop in seen)
+    assert seen[-1][0].generated_tokens == own_greedy(ours, p, 3)
+    assert m.get_result("h", timeout=0) is None  # delivered to the handler only
+
+
+def test_pause(pair):
+    """Inside pause() the loop takes no step; the request then finishes as it would have."""
+    _, ours = pair
+    p = prompts(17, 1)[0]
+    m = ours.init_continuous_batching(generation_config=config(40, eos_token_id=None))
+    with pytest.raises(RuntimeError, match="not running"):
+        with m.pause():
+            pass
+    m.start()
+    try:
+        m.add_request(p, request_id="slow", streaming=True)
+        last = m.get_result("slow", timeout=30)
+        assert last is not None  # it runs
+        with m.pause():
+            while (r := m.get_result("slow", timeout=0)) is not None:
+                last = r  # what was delivered before the pause took hold
+            steps = len(last.generated_tokens)
+            with pytest.raises(RuntimeError, match="pause"):
+                m.stop()
+            assert m.get_result("slow", timeout=0.3) is None  # no step while paused
+        outs = list(m.request_id_iter("slow"))
+    finally:
+        m.stop(timeout=30)
+    assert steps < 40 and outs[-1].generated_tokens == own_greedy(ours, p, 40)
+
+
+def test_context_manager_and_persistent_manager(pair):
+    _, ours = pair
+    p = prompts(12, 1)[0]
+    with ours.continuous_batching_context_manager(generation_config=config(3), persistent_manager=True) as m:
+        m.add_request(p, request_id="x")
+        assert m.get_result("x", timeout=30).generated_tokens == own_greedy(ours, p, 3)
+    assert ours.init_continuous_batching() is m  # kept
+    out = ours.generate_batch([p], generation_config=config(3))
+    assert out["req_0"].generated_tokens == own_greedy(ours, p, 3)
+    ours.destroy_cached_continuous_batching_manager()
+    assert ours.init_continuous_batching(generation_config=config(3)) is not m
+
+
+def test_errors_name_the_problem(pair):
+    _, ours = pair
+    m = ours.init_continuous_batching(generation_config=config(4), continuous_batching_config={"max_cache_len": 10})
+    with pytest.raises(ValueError, match="empty"):
+        m.add_request([])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        m.add_request([1, 97])
+    with pytest.raises(TypeError, match="token ids"):
+        m.add_request([1.5, 2.0])
+    with pytest.raises(ValueError, match="max_cache_len"):
+        m.add_request(list(range(1, 9)))  # 8 + 4 - 1 > 10 slots
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        m.add_request([1], max_new_tokens=0)
+    with pytest.raises(TypeError, match="per-request"):
+        m.add_request([1], temperature=0.5)
+    m.add_request([1, 2], request_id="a")
+    with pytest.raises(ValueError, match="already queued"):
+        m.add_request([3], request_id="a")
+    with pytest.raises(ValueError, match="beam search"):
+        ours.init_continuous_batching(generation_config=config(4, num_beams=2))
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        ours.init_continuous_batching(generation_config=config(4, repetition_penalty=1.2),
+                                      continuous_batching_config={"drop_unsupported_processors": False})
+    with pytest.raises(TypeError, match="unknown fields"):
+        ours.generate_batch([[1]], continuous_batching_config={"max_rows": 2})
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ours.generate_batch([[1]], temperature=0.5)
+    with pytest.raises(ValueError, match=r"inputs\[1\]"):
+        ours.generate_batch([[1], []])
+    assert ours.generate_batch([]) == {}
+
+
+def test_dropped_settings_warn(pair, caplog):
+    """As Transformers: settings the batch does not apply are dropped with a warning."""
+    _, ours = pair
+    p = prompts(13, 1)[0]
+    with caplog.at_level("WARNING", logger="moetorch"):
+        out = ours.generate_batch([p], generation_config=config(4, repetition_penalty=1.5))
+    assert "repetition_penalty" in caplog.text
+    assert out["req_0"].generated_tokens == own_greedy(ours, p, 4)
+
+
+def test_queue_limit(pair, monkeypatch):
+    _, ours = pair
+    monkeypatch.setattr(batching, "QUEUE_WAIT_S", 0.2)
+    m = ours.init_continuous_batching(generation_config=config(2), continuous_batching_config={"max_queue_size": 1})
+    m.add_request([1])
+    with pytest.raises(TimeoutError, match="queue stayed full"):
+        m.add_request([2])
+
+
+def test_a_failing_forward_fails_its_requests(pair, monkeypatch):
+    """An error inside the loop: every request comes back FAILED with it, nothing hangs."""
+    _, ours = pair
+
+    def boom(self, *a, **k):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(batching._Batch, "prefill", boom)
+    out = ours.generate_batch(prompts(14, 3), generation_config=config(3))
+    assert list(out) == ["req_0", "req_1", "req_2"]
+    assert all(r.status == moetorch.RequestStatus.FAILED and "device on fire" in r.error for r in out.values())
+
+
+def test_requests_from_several_threads(pair):
+    _, ours = pair
+    inputs = prompts(15, 8)
+    m = ours.init_continuous_batching(generation_config=config(3), continuous_batching_config={"max_requests_per_batch": 3})
+    m.start()
+    got = {}
+    try:
+        def client(i):
+            rid = m.add_request(inputs[i], request_id=f"t{i}")
+            got[i] = m.get_result(rid, timeout=60)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        m.stop(timeout=30)
+    assert [got[i].generated_tokens for i in range(len(inputs))] == [own_greedy(ours, p, 3) for p in inputs]
+
+
+def test_config_sizes(pair):
+    _, ours = pair
+    m = ours.init_continuous_batching(generation_config=config(4),
+                                      workload_hints=batching.WorkloadHints(30, 10, 5))
+    assert m.rows == 5 and m.slots == 256  # the requests; twice the longest's 40 tokens, rounded up
+    m = ours.init_continuous_batching(generation_config=config(4))
+    assert m.rows == batching.DEFAULT_ROWS and m.slots == 64  # CPU; max_position_embeddings
+    cfg = batching.ContinuousBatchingConfig.of(transformers.ContinuousBatchingConfig(max_requests_per_batch=3))
+    assert cfg.max_requests_per_batch == 3
+    assert moetorch.ContinuousMixin is moetorch.ContinuousBatchingMixin
