@@ -512,8 +512,10 @@ class ContinuousBatchingManager:
 
     # ---- control ----------------------------------------------------------------------------------
     def warmup(self) -> None:
-        """Allocate the batch and, on a GPU, capture its decode graphs for every bucket."""
-        with torch.no_grad():
+        """Allocate the batch and, on a GPU, capture its decode graphs for every bucket (`start`
+        does it first if it was not done: a capture inside the running loop would fail on CUDA
+        work that another thread launches meanwhile)."""
+        with torch.no_grad(), _on(self.model.device):
             batch = self._ensure_batch()
             if batch.graphs_on:
                 with own_forward(self.model):
@@ -540,6 +542,8 @@ class ContinuousBatchingManager:
             return
         self._stop = 0
         self.fatal_error = None
+        if self.use_graphs and not self.warmed_up:
+            self.warmup()
         if self.continuous_batching_config.seed is not None:
             torch.manual_seed(self.continuous_batching_config.seed)
         self._thread = threading.Thread(target=self._loop, name="moetorch-continuous-batching", daemon=True)
@@ -564,7 +568,7 @@ class ContinuousBatchingManager:
         if keep_for_next_session:
             self.model._cached_continuous_batching_manager = self
         else:
-            self._batch = None
+            self._batch, self.warmed_up = None, False
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the thread to end (at most `timeout` seconds)."""
@@ -581,7 +585,7 @@ class ContinuousBatchingManager:
         """Stop and let the cache and graphs go."""
         if self.is_running():
             self.stop(block=True)
-        self._batch = None
+        self._batch, self.warmed_up = None, False
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, input_ids, request_id: str | None = None, max_new_tokens: int | None = None,
