@@ -81,8 +81,8 @@ QUEUE_WAIT_S = 10.0
 # processors too), with their no-op values.
 _DROPPED = {
     "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
-    "sequence_bias": None, "guidance_scale": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": 0,
+    "sequence_bias": None, "guidance_scale": 1.0, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "suppress_tokens": None, "begin_suppress_tokens": None, "exponential_decay_length_penalty": None,
     "stop_strings": None, "max_time": None, "watermarking_config": None, "renormalize_logits": False,
     "remove_invalid_values": False, "prompt_lookup_num_tokens": None, "output_scores": False,
@@ -416,8 +416,7 @@ class ContinuousBatchingManager:
         graphs = cfg.use_cuda_graph
         if isinstance(graphs, tuple):
             graphs = graphs[-1]  # (prefill, decode) in Transformers: the decode path's
-        self.use_graphs = (model.device.type == "cuda") if graphs is None else bool(graphs) and \
-            model.device.type == "cuda"
+        self.use_graphs = model.device.type == "cuda" and (graphs is None or bool(graphs))
         self._batch: _Batch | None = None
         self._lock = threading.Condition()
         self._incoming: deque[_Request] = deque()
@@ -431,9 +430,9 @@ class ContinuousBatchingManager:
         self._stop: int = 0  # 0 run, 1 finish what was added, 2 fail what is left
         self.fatal_error: BaseException | None = None
         self.warmed_up = False
-        # what the loop did: rows decoded each step (the running requests), prompt tokens prefilled
-        # (by forward, and with the padding), cache shifts, requests run alone (LongRoPE), wall seconds in decode steps
-        # and in prefills (each ends reading its tokens, so the GPU's work is in them)
+        # What the loop did: rows decoded each step (the running requests), prompt tokens prefilled
+        # by forward (and with the padding), cache shifts, requests run alone (LongRoPE), and wall
+        # seconds in decode steps and in prefills (each ends reading tokens: the GPU's work is in).
         self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "prefill_padded_tokens": [],
                                       "shifts": 0, "alone": 0, "decode_s": 0.0, "prefill_s": 0.0}
 
