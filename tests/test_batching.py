@@ -360,6 +360,13 @@ def test_errors_name_the_problem(pair):
     assert ours.generate_batch([]) == {}
 
 
+def test_a_model_over_several_devices_is_refused():
+    model = PHIMOE.ours["causal_lm"](PHIMOE.our_config())
+    model.model.layers[1].to("meta")  # a second device, as device_map places layers
+    with pytest.raises(ValueError, match="one device"):
+        model.generate_batch([[1, 2]])
+
+
 def test_dropped_settings_warn(pair, caplog):
     """As Transformers: settings the batch does not apply are dropped with a warning."""
     _, ours = pair

@@ -1049,6 +1049,9 @@ class ContinuousBatchingMixin:
         cached = self.__dict__.get("_cached_continuous_batching_manager")
         if isinstance(cached, ContinuousBatchingManager):
             return cached
+        if getattr(self, "spans_devices", False):
+            raise ValueError("continuous batching keeps one static cache on one device, but this model is placed over "
+                             f"{', '.join(map(str, self.parameter_devices()))}: load it on one device")
         gen = self._continuous_settings(generation_config)
         cfg = ContinuousBatchingConfig.of(continuous_batching_config)
         return ContinuousBatchingManager(self, gen, cfg, workload_hints)
