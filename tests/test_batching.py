@@ -386,6 +386,32 @@ def test_queue_limit(pair, monkeypatch):
         m.add_request([2])
 
 
+def test_generate_batch_checks_every_prompt_first(pair):
+    """A prompt too long for a row fails the call before any request is queued: the kept manager
+    holds nothing stale for the next call."""
+    _, ours = pair
+    good = prompts(18, 2)
+    first = ours.generate_batch(good, generation_config=config(4), persistent_manager=True)
+    kept = ours.init_continuous_batching()
+    too_long = list(range(1, 97)) * 3  # past the kept manager's 256 slots
+    with pytest.raises(ValueError, match=r"req_\d+.*max_cache_len"):
+        ours.generate_batch([good[0], too_long, good[1]], generation_config=config(4), persistent_manager=True)
+    assert not kept._incoming and not kept._known
+    again = ours.generate_batch(good, generation_config=config(4), persistent_manager=True)
+    assert len(again) == 2 and [r.generated_tokens for r in again.values()] == \
+        [r.generated_tokens for r in first.values()] == [own_greedy(ours, p, 4) for p in good]
+    ours.destroy_cached_continuous_batching_manager()
+
+
+def test_generate_batch_with_a_small_queue(pair):
+    """max_queue_size below the request count: the loop starts first and drains the queue."""
+    _, ours = pair
+    inputs = prompts(19, 6)
+    out = ours.generate_batch(inputs, generation_config=config(3),
+                              continuous_batching_config={"max_queue_size": 2, "max_requests_per_batch": 2})
+    assert [r.generated_tokens for r in out.values()] == [own_greedy(ours, p, 3) for p in inputs]
+
+
 def test_a_failing_forward_fails_its_requests(pair, monkeypatch):
     """An error inside the loop: every request comes back FAILED with it, nothing hangs."""
     _, ours = pair

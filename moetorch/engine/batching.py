@@ -593,6 +593,12 @@ class ContinuousBatchingManager:
         """Queue a prompt (a list of token ids). Returns its request id (`req_<n>` unless given).
         With `num_return_sequences = n` in the generation config, n - 1 more requests sample from
         the same prompt, with ids `<id>__child#<i>`. `streaming`: a result after every token."""
+        return self._queue(*self._requests(input_ids, request_id, max_new_tokens, streaming, record_timestamps,
+                                           eos_token_id, logit_processor_kwargs))
+
+    def _requests(self, input_ids, request_id, max_new_tokens, streaming, record_timestamps, eos_token_id,
+                  logit_processor_kwargs) -> tuple[str, list[_Request]]:
+        """A checked request and its children, not queued: (request id, requests)."""
         if logit_processor_kwargs:
             raise TypeError(f"add_request: per-request generation settings {sorted(logit_processor_kwargs)} are not "
                             "supported: set them in the manager's GenerationConfig")
@@ -617,7 +623,11 @@ class ContinuousBatchingManager:
                 f"add_request({request_id!r}): the prompt's {len(prompt)} tokens + max_new_tokens={max_new} exceed "
                 f"a row of the batch's cache ({self.slots} slots): raise continuous_batching_config.max_cache_len")
         ids = [f"{request_id}__child#{i}" for i in range(self.num_return_sequences - 1)] + [request_id]
-        requests = [_Request(i, prompt, max_new, eos, streaming, record_timestamps) for i in ids]
+        return request_id, [_Request(i, prompt, max_new, eos, streaming, record_timestamps) for i in ids]
+
+    def _queue(self, request_id: str, requests: list[_Request]) -> str:
+        """Queue a request and its children, waiting up to QUEUE_WAIT_S for room."""
+        ids = [r.id for r in requests]
         deadline = time.monotonic() + QUEUE_WAIT_S
         with self._lock:
             taken = [i for i in ids if i in self._known]
@@ -1109,12 +1119,21 @@ class ContinuousBatchingMixin:
         manager = self.init_continuous_batching(gen, continuous_batching_config, hints)
         if warmup and not manager.warmed_up:
             manager.warmup()
-        # every request queued before the loop starts, so that its first prefills are as full as
-        # the config allows (and the same from one call to the next)
-        ids = [manager.add_request(p, max_new_tokens=max_new, record_timestamps=record_timestamps) for p in prompts]
+        # every request checked before any is queued (a bad one queues none), and queued before the
+        # loop starts, so that its first prefills are as full as the config allows (and the same
+        # from one call to the next), unless max_queue_size holds fewer
+        made = [manager._requests(p, None, max_new, False, record_timestamps, None, {}) for p in prompts]
+        ids = [rid for rid, _ in made]
         total = len(prompts) * n
+        cap = manager.continuous_batching_config.max_queue_size
         bar = tqdm(total=total, disable=not progress_bar, desc=f"Solving {total} requests", unit="request")
+        if not cap or total <= cap:
+            for rid, requests in made:
+                manager._queue(rid, requests)
+            made = []
         with _running(manager, persistent_manager), bar:
+            for rid, requests in made:
+                manager._queue(rid, requests)
             while len(results) < total:
                 out = manager.get_result(timeout=1)
                 if out is None:
