@@ -73,6 +73,15 @@ def test_generate_batch_matches_transformers(pair):
         assert res.lifespan[0] >= res.created_time and res.lifespan[1] >= res.lifespan[0]
 
 
+def test_the_model_is_left_in_eval_mode(pair):
+    """As Transformers' manager (TRL's GRPO calls `.train()` after generate_batch for that reason)."""
+    hf, ours = pair
+    ours.train()
+    p = prompts(20, 1)[0]
+    out = ours.generate_batch([p], generation_config=config(4))
+    assert not ours.training and out["req_0"].generated_tokens == own_greedy(ours, p, 4)
+
+
 def test_transformers_generate_batch_oracle(tmp_path):
     """PhiMoE: Transformers' own continuous batching gives the same results, ids, tokens and
     log-probabilities. (Its JetMoE fails in its paged cache's index_copy_, so JetMoE compares

@@ -402,7 +402,7 @@ class ContinuousBatchingManager:
 
     def __init__(self, model, generation_config, continuous_batching_config: ContinuousBatchingConfig,
                  workload_hints: WorkloadHints | None = None) -> None:
-        self.model = model
+        self.model = model.eval()  # as Transformers' manager: inference routing, and the model left in eval mode
         self.generation_config = generation_config
         self.continuous_batching_config = cfg = continuous_batching_config
         self._settings(generation_config)
