@@ -397,9 +397,15 @@ class StaticCache(Cache):
             if self._config is None:
                 raise ValueError("StaticCache.rows_view needs the config to allocate the storage")
             self._allocate(batch, *_kv_shape(self._config), torch.device(device), dtype)
+        return self.rows_slice(slice(None, None, step))
+
+    def rows_slice(self, rows: slice) -> StaticCache:
+        """An empty StaticCache over `rows` of this one's (allocated) storage, with its own token
+        count and LongRoPE state, and this one's `records_inputs`."""
         view = StaticCache(self._config, max_cache_len=self.max_cache_len, num_layers=self.num_layers)
-        view._all = tuple(t[:, ::step] for t in self._all)
+        view._all = tuple(t[:, rows] for t in self._all)
         view.keys, view.values = list(view._all[0].unbind(0)), list(view._all[1].unbind(0))
+        view.records_inputs = self.records_inputs
         return view
 
     def take_prompt(self, view: StaticCache, step: int) -> None:

@@ -205,7 +205,7 @@ class _Request:
     """A request's state in the manager."""
 
     __slots__ = ("id", "prompt", "max_new", "eos", "streaming", "stamps", "tokens", "logprobs", "status",
-                 "created", "started", "row", "start", "since", "error")
+                 "created", "started", "start", "since", "error")
 
     def __init__(self, request_id: str, prompt: list[int], max_new: int, eos: frozenset[int], streaming: bool,
                  record_timestamps: bool) -> None:
@@ -216,7 +216,7 @@ class _Request:
         self.logprobs: list[float] = []
         self.status = RequestStatus.PENDING
         self.created, self.started = time.perf_counter(), -1.0
-        self.row, self.start = -1, 0  # its cache row and first slot, while it runs
+        self.start = 0  # its first cache slot, while it runs
         self.since = 0  # the decode step at which the loop took it
         self.error: str | None = None
 
@@ -248,6 +248,7 @@ class _Batch:
         self.cache.records_inputs = False
         self.mask = torch.zeros(rows, slots, dtype=torch.long, device=device)
         self.mask[:, 0] = 1  # a free row attends its slot 0 only
+        self.slot_ids = torch.arange(slots, device=device)
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.cpos = torch.zeros(1, dtype=torch.long, device=device)
@@ -263,12 +264,7 @@ class _Batch:
     def view(self, b: int) -> StaticCache:
         """A StaticCache over the first b rows (the same storage)."""
         if b not in self.views:
-            c = self.cache
-            v = StaticCache(c._config, max_cache_len=self.S, num_layers=c.num_layers)
-            v._all = tuple(t[:, :b] for t in c._all)
-            v.keys, v.values = list(v._all[0].unbind(0)), list(v._all[1].unbind(0))
-            v.records_inputs = False
-            self.views[b] = v
+            self.views[b] = self.cache.rows_slice(slice(0, b))
         return self.views[b]
 
     def _forward(self, b: int) -> torch.Tensor:
@@ -279,17 +275,23 @@ class _Batch:
                          return_dict=True)
         return out.logits[:, -1]
 
+    def graph(self, b: int) -> tuple:
+        """The captured step of the first b rows (captured at the current column on first use:
+        its runs write that column's slots, which the next step writes anyway)."""
+        if b not in self.graphs:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            self.cpos.fill_(self.col)
+            self.graphs[b] = capture(lambda: self._forward(b), rewind=(self.view(b), 0), pool=self.pool)
+        return self.graphs[b]
+
     def step(self, b: int) -> torch.Tensor:
         """One decode step of the first b rows at column `col`: their next-token logits [b, V]."""
         self.cpos.fill_(self.col)
         if not self.graphs_on:
             logits = self._forward(b)
         else:
-            if b not in self.graphs:
-                if self.pool is None:
-                    self.pool = torch.cuda.graph_pool_handle()
-                self.graphs[b] = capture(lambda: self._forward(b), rewind=(self.view(b), 0), pool=self.pool)
-            graph, logits = self.graphs[b]
+            graph, logits = self.graph(b)
             graph.replay()
         self.col += 1
         self.pos[:b] += 1
@@ -316,10 +318,13 @@ class _Batch:
         for src, dst in zip(scratch._all, self.cache._all):
             dst[:, rows_t, :, self.col - L:self.col] = src
         lengths = _to(torch.tensor([len(p) for p in prompts]), device)
-        slots = torch.arange(self.S, device=device)
-        self.mask[rows_t] = (slots[None] >= self.col - lengths[:, None]).long()
+        self.set_starts(rows_t, self.col - lengths)
         self.pos[rows_t, 0] = lengths
         return out.logits[:, -1]
+
+    def set_starts(self, rows_R: torch.Tensor, starts_R: torch.Tensor) -> None:
+        """The rows' masks: each attends its slots from its first one (`starts_R`) on."""
+        self.mask[rows_R] = (self.slot_ids[None] >= starts_R[:, None]).long()
 
     def release(self, row: int) -> None:
         self.mask[row].zero_()
@@ -347,10 +352,9 @@ class _Batch:
                 for layer in t:
                     layer[:, :, lo - d:self.col - d].copy_(layer[:, :, lo:self.col].clone())
         self.col = new_col
-        device = self.mask.device
-        slots = torch.arange(self.S, device=device)
-        for row, start in starts.items():
-            self.mask[row] = (slots >= start - d).long()
+        if starts:
+            self.set_starts(_to(torch.tensor(list(starts)), self.mask.device),
+                            _to(torch.tensor(list(starts.values())) - d, self.mask.device))
 
 
 class _Step:
@@ -406,6 +410,9 @@ class ContinuousBatchingManager:
         self.generation_config = generation_config
         self.continuous_batching_config = cfg = continuous_batching_config
         self._settings(generation_config)
+        rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+        # LongRoPE's original_max_position_embeddings, where it switches factors (None: no switch)
+        self.rope_limit = rotary.original_max if rotary is not None and rotary.longrope else None
         hints = workload_hints or WorkloadHints()
         self.slots = self._slots(hints)
         self.rows = self._rows(hints)
@@ -462,9 +469,9 @@ class ContinuousBatchingManager:
         self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else 0
         self.max_new_tokens = gen.max_new_tokens
 
-    def _longrope_limit(self) -> int | None:
-        rotary = getattr(getattr(self.model, "model", self.model), "rotary_emb", None)
-        return rotary.original_max if rotary is not None and rotary.longrope else None
+    def _runs_alone(self, prompt_len: int, max_new: int) -> bool:
+        """Whether a request passes LongRoPE's switch, so that it runs alone through `generate`."""
+        return self.rope_limit is not None and prompt_len + max_new > self.rope_limit
 
     def _slots(self, hints: WorkloadHints) -> int:
         cfg = self.continuous_batching_config
@@ -475,9 +482,8 @@ class ContinuousBatchingManager:
                                  f"{cfg.max_cache_len}")
             return int(cfg.max_cache_len)
         need = hints.max_prompt_length + max(hints.max_generated_length, 1)
-        limit = self._longrope_limit()
-        if limit is not None:  # longer requests run alone through generate
-            need = min(need, limit)
+        if self.rope_limit is not None:  # longer requests run alone through generate
+            need = min(need, self.rope_limit)
         hinted = -(-2 * need // SLOT_ROUND) * SLOT_ROUND
         if hints.max_prompt_length and hints.max_generated_length:
             return hinted
@@ -519,10 +525,7 @@ class ContinuousBatchingManager:
             if batch.graphs_on:
                 with own_forward(self.model):
                     for b in sorted({batch.bucket(n) for n in DECODE_BUCKETS}):
-                        if b not in batch.graphs:
-                            batch.step(b)
-                            batch.col -= 1
-                            batch.pos[:b] -= 1
+                        batch.graph(b)
         self.warmed_up = True
 
     def _ensure_batch(self) -> _Batch:
@@ -609,12 +612,11 @@ class ContinuousBatchingManager:
             raise ValueError(f"add_request: request_id must be a non-empty string, got {request_id!r}")
         max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         eos = self.eos if eos_token_id is None else _id_set(eos_token_id)
-        limit = self._longrope_limit()
-        alone = limit is not None and len(prompt) + (max_new or 1) > limit
+        alone = self._runs_alone(len(prompt), max_new or 1)
         if max_new is None:
             if alone:
                 raise ValueError(f"add_request({request_id!r}): a prompt past original_max_position_embeddings "
-                                 f"({limit}) needs max_new_tokens")
+                                 f"({self.rope_limit}) needs max_new_tokens")
             max_new = self.slots - len(prompt) + 1  # until EOS or the row is full
         if not isinstance(max_new, int) or max_new < 1:
             raise ValueError(f"add_request({request_id!r}): max_new_tokens must be a positive int, got {max_new!r}")
@@ -680,25 +682,23 @@ class ContinuousBatchingManager:
 
     def __iter__(self) -> Generator[GenerationOutput]:
         """Results as they come, until the thread ends."""
-        while True:
-            out = self.get_result(timeout=0.1)
-            if out is not None:
-                yield out
-            elif not self.is_running():
-                return
+        return self._results_of(None)
 
     def request_id_iter(self, request_id: str) -> Generator[GenerationOutput]:
         """A request's results (each token's when streaming) until its last."""
+        return self._results_of(request_id)
+
+    def _results_of(self, request_id: str | None) -> Generator[GenerationOutput]:
+        # results (of `request_id`: until its last) while the thread runs
         while True:
             out = self.get_result(request_id, timeout=0.1)
             if out is not None:
                 yield out
-                if out.is_finished():
+                if request_id is not None and out.is_finished():
                     return
             elif not self.is_running():
                 return
 
-    # ---- the loop -----------------------------------------------------------------------------------
     def register_result_handler(self, request_id: str, callback) -> None:
         """Deliver `request_id`'s results (each token's when streaming, else its last) to
         `callback(output)` on the calling asyncio event loop (`call_soon_threadsafe`), instead of
@@ -728,6 +728,7 @@ class ContinuousBatchingManager:
                 self._pauses -= 1
                 self._lock.notify_all()
 
+    # ---- the loop -----------------------------------------------------------------------------------
     def _deliver(self, req: _Request) -> None:
         out = req.output()
         with self._lock:
@@ -814,16 +815,13 @@ class ContinuousBatchingManager:
         for req in [r for r in waiting if r.id in ids]:
             waiting.remove(req)
             self._finish(req, "cancelled")
-        for row, req in [(row, r) for row, r in running.items() if r.id in ids]:
-            del running[row]
-            batch.release(row)
-            self._finish(req, "cancelled")
+        for row in [row for row, r in running.items() if r.id in ids]:
+            self._end(row, running, batch, "cancelled")
 
     def _admit(self, waiting: deque, running: dict, batch: _Batch) -> None:
         """Prefill the waiting requests that fit, in order, in groups of at most `batch_tokens`."""
-        limit = self._longrope_limit()
         while waiting:
-            if limit is not None and len(waiting[0].prompt) + waiting[0].max_new > limit:
+            if self._runs_alone(len(waiting[0].prompt), waiting[0].max_new):
                 self._drain(running, batch)  # its generate syncs anyway; the batch's steps land first
                 self._alone(waiting.popleft())
                 continue
@@ -834,7 +832,7 @@ class ContinuousBatchingManager:
             group: list[_Request] = []
             col = batch.col
             for req in waiting:
-                if len(group) == len(free) or (limit is not None and len(req.prompt) + req.max_new > limit):
+                if len(group) == len(free) or self._runs_alone(len(req.prompt), req.max_new):
                     break
                 if group and sum(len(r.prompt) for r in group) + len(req.prompt) > self.batch_tokens:
                     break
@@ -853,8 +851,8 @@ class ContinuousBatchingManager:
                     r.start -= d
             rows = free[:len(group)]
             now = t0 = time.perf_counter()
-            for req, row in zip(group, rows):
-                req.status, req.started, req.row = RequestStatus.PREFILLING, now, row
+            for req in group:
+                req.status, req.started = RequestStatus.PREFILLING, now
                 req.start = batch.col - len(req.prompt)
             tokens = torch.empty(len(group), dtype=torch.long, device=batch.ids.device)
             logprobs = torch.empty(len(group), device=batch.ids.device) if self.return_logprobs else None
@@ -894,17 +892,26 @@ class ContinuousBatchingManager:
         return lowest if fits(lowest) else None
 
     def _take(self, group, rows, tokens, logprobs, running, batch) -> None:
-        """Hand the tokens of a prefill to their requests; running or done."""
+        """Hand the tokens of a prefill to their requests, which then run in their rows."""
         host = tokens.tolist()
         lps = logprobs.tolist() if logprobs is not None else [None] * len(host)
         for req, row, tok, lp in zip(group, rows, host, lps):
-            if req.add(tok, lp):
-                batch.release(row)
-                self._finish(req)
-            else:
-                running[row] = req
-                if req.streaming:
-                    self._deliver(req)
+            running[row] = req
+            self._hand(req, row, tok, lp, running, batch)
+
+    def _hand(self, req: _Request, row: int, token: int, logprob: float | None, running: dict,
+              batch: _Batch) -> None:
+        """A running request's next token: it ends there (EOS, its length) or goes on."""
+        if req.add(token, logprob):
+            self._end(row, running, batch)
+        elif req.streaming:
+            self._deliver(req)
+
+    def _end(self, row: int, running: dict, batch: _Batch, error: str | None = None) -> None:
+        """A running request finishes (or fails with `error`), and its row is free."""
+        req = running.pop(row)
+        batch.release(row)
+        self._finish(req, error)
 
     def _decode(self, running: dict, batch: _Batch) -> None:
         """Launch a step for the running rows; read the tokens of the step READ_LAG steps before
@@ -938,14 +945,8 @@ class ContinuousBatchingManager:
     def _collect(self, step: _Step, running: dict, batch: _Batch) -> None:
         host, lps = step.read()
         for row, req in step.rows:
-            if running.get(row) is not req:
-                continue  # ended (or was cancelled) at the step before
-            if req.add(host[row], None if lps is None else lps[row]):
-                del running[row]
-                batch.release(row)
-                self._finish(req)
-            elif req.streaming:
-                self._deliver(req)
+            if running.get(row) is req:  # else it ended (or was cancelled) at the step before
+                self._hand(req, row, host[row], None if lps is None else lps[row], running, batch)
 
     def _choose(self, logits_BV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next tokens [B] (greedy or sampled through the warpers) and, when asked, their
@@ -975,8 +976,7 @@ class ContinuousBatchingManager:
                           typical_p=gen.typical_p, epsilon_cutoff=gen.epsilon_cutoff, eta_cutoff=gen.eta_cutoff,
                           top_h=gen.top_h)
         ids = torch.tensor([req.prompt], device=self.model.device)
-        out = self.model.generate(ids, **kwargs, output_scores=self.continuous_batching_config.return_logprobs,
-                                  return_dict_in_generate=True)
+        out = self.model.generate(ids, **kwargs, output_scores=self.return_logprobs, return_dict_in_generate=True)
         new = out.sequences[0, len(req.prompt):].tolist()
         for i, tok in enumerate(new):
             lp = None
@@ -1040,13 +1040,9 @@ def _running(manager: ContinuousBatchingManager, keep: bool, block: bool = True,
             manager.destroy()
 
 
-@contextlib.contextmanager
 def _on(device: torch.device):
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            yield
-    else:
-        yield
+    """`device` as the current CUDA device inside (nothing off the GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class ContinuousBatchingMixin:
@@ -1123,8 +1119,9 @@ class ContinuousBatchingMixin:
         # loop starts, so that its first prefills are as full as the config allows (and the same
         # from one call to the next), unless max_queue_size holds fewer
         made = [manager._requests(p, None, max_new, False, record_timestamps, None, {}) for p in prompts]
-        ids = [rid for rid, _ in made]
-        total = len(prompts) * n
+        # each prompt's children before it, as Transformers orders them
+        order = [req.id for _, requests in made for req in requests]
+        total = len(order)
         cap = manager.continuous_batching_config.max_queue_size
         bar = tqdm(total=total, disable=not progress_bar, desc=f"Solving {total} requests", unit="request")
         if not cap or total <= cap:
@@ -1147,9 +1144,4 @@ class ContinuousBatchingMixin:
         if failed:
             logger.error("generate_batch: %d requests failed (their outputs carry the error), the first %s: %s",
                          len(failed), failed[0], results[failed[0]].error)
-        ordered = {}
-        for rid in ids:
-            for child in [f"{rid}__child#{i}" for i in range(n - 1)] + [rid]:
-                if child in results:
-                    ordered[child] = results[child]
-        return ordered
+        return {rid: results[rid] for rid in order if rid in results}
