@@ -31,6 +31,9 @@ def main(strategy: str) -> None:
             out[f"{arch}/{lib.__name__}"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if int(os.environ.get("RANK", "0")) == 0:
         print("LOSSES " + json.dumps(out))
+    if torch.distributed.is_initialized():  # gloo's threads joined before exit, not torn down by it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
