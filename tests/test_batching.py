@@ -186,6 +186,104 @@ def test_sampling(pair):
     assert all(len(r.logprobs) == 6 and max(r.logprobs) <= 0 for r in runs[0].values())
 
 
+def test_warp_rows_is_transformers_warpers_row_by_row():
+    """Per-row temperature, top-k and top-p give, row by row, Transformers' own warpers' scores."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    B, V = 12, 40
+    scores = torch.randn(B, V, generator=g) * 3
+    temperature = torch.rand(B, generator=g) * 1.5 + 0.2
+    top_k = torch.randint(0, V + 5, (B,), generator=g)
+    top_k[:2] = torch.tensor([0, 1])
+    top_p = torch.rand(B, generator=g) * 0.9 + 0.05
+    top_p[2] = 1.0
+    ours = batching.warp_rows(scores, temperature, top_k, top_p)
+    for i in range(B):
+        want = TemperatureLogitsWarper(float(temperature[i]))(None, scores[i:i + 1].clone())
+        if top_k[i] > 0:
+            want = TopKLogitsWarper(int(top_k[i]))(None, want)
+        if top_p[i] < 1:
+            want = TopPLogitsWarper(float(top_p[i]))(None, want)
+        assert torch.equal(torch.isinf(ours[i]), torch.isinf(want[0])), i
+        kept = ~torch.isinf(want[0])
+        torch.testing.assert_close(ours[i][kept], want[0][kept])
+    # no filters: temperature alone
+    torch.testing.assert_close(batching.warp_rows(scores, temperature, None, None), scores / temperature[:, None])
+
+
+def test_per_row_draws_follow_the_distribution(pair):
+    """The exponential race draws each token with its softmax probability (4 sigma per token)."""
+    _, ours = pair
+    m = ours.init_continuous_batching(generation_config=config(2))
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    n = 20000
+    reqs = [batching._Request(str(i), [1], 2, frozenset(), False, False, batching.Sampling(True)) for i in range(n)]
+    tokens, _ = m._choose_per_row(probs.log().expand(n, -1).clone(), reqs)
+    freq = torch.bincount(tokens, minlength=5).double() / n
+    assert ((freq - probs.double()).abs() <= 4 * (probs.double() * (1 - probs.double()) / n).sqrt()).all(), freq
+    # greedy rows beside them take the argmax
+    reqs[::2] = [None] * len(reqs[::2])
+    tokens, _ = m._choose_per_row(probs.log().expand(n, -1).clone(), reqs)
+    assert (tokens[::2] == 0).all()
+
+
+def test_per_request_sampling_settings(pair):
+    """add_request(do_sample=, temperature=, top_k=, top_p=, seed=): each request decodes by its own
+    settings in one batch; top_k=1 is greedy, a top-k request's tokens are among its top k (checked
+    with an eager forward), and a seed gives the same draws whatever runs beside it."""
+    _, ours = pair
+    inputs = prompts(11, 5, 3, 9)
+    n = 6
+    cb = {"max_requests_per_batch": 4, "return_logprobs": True}
+
+    def run(requests):
+        with ours.continuous_batching_context_manager(generation_config=config(n), continuous_batching_config=cb) as m:
+            for rid, (p, kw) in requests.items():
+                m.add_request(p, request_id=rid, **kw)
+            out = {}
+            while len(out) < len(requests):
+                r = m.get_result(timeout=30)
+                out[r.request_id] = r
+        assert all(r.error is None for r in out.values())
+        return out
+
+    requests = {"greedy": (inputs[0], {}), "top1": (inputs[1], {"do_sample": True, "top_k": 1, "temperature": 0.5}),
+                "top3": (inputs[2], {"do_sample": True, "top_k": 3, "temperature": 2.0}),
+                "nucleus": (inputs[3], {"do_sample": True, "top_p": 0.6, "seed": 3}),
+                "seeded": (inputs[4], {"do_sample": True, "temperature": 1.5, "seed": 1234})}
+    out = run(requests)
+    assert out["greedy"].generated_tokens == own_greedy(ours, inputs[0], n)
+    assert out["top1"].generated_tokens == own_greedy(ours, inputs[1], n)
+    assert out["top1"].logprobs == [0.0] * n  # one token left: probability 1
+    with torch.no_grad():
+        full = torch.tensor([inputs[2] + out["top3"].generated_tokens])
+        logits = ours(full).logits[0, len(inputs[2]) - 1:-1]
+    top3 = logits.topk(3, dim=-1).indices
+    assert all(t in top3[i] for i, t in enumerate(out["top3"].generated_tokens))
+    # the seeded requests again, alone and in another order: the same draws
+    again = run({"seeded": requests["seeded"], "nucleus": requests["nucleus"]})
+    assert again["seeded"].generated_tokens == out["seeded"].generated_tokens
+    assert again["nucleus"].generated_tokens == out["nucleus"].generated_tokens
+    other = run({"seeded": (inputs[4], {"do_sample": True, "temperature": 1.5, "seed": 99})})
+    assert other["seeded"].generated_tokens != out["seeded"].generated_tokens
+
+
+def test_per_request_settings_against_the_config(pair):
+    """A request's own settings start from the generation config's; a config whose warpers a
+    request cannot set (min_p) refuses them; greedy requests in a sampling manager are greedy."""
+    _, ours = pair
+    inputs = prompts(12, 2, 3, 9)
+    m = ours.init_continuous_batching(generation_config=config(4, do_sample=True, min_p=0.1))
+    with pytest.raises(ValueError, match="MinPLogitsWarper"):
+        m.add_request(inputs[0], temperature=0.5)
+    with ours.continuous_batching_context_manager(generation_config=config(4, do_sample=True, temperature=1.7)) as m:
+        m.add_request(inputs[0], request_id="g", do_sample=False)
+        m.add_request(inputs[1], request_id="k1", top_k=1)  # sampled (the config's do_sample), top-1
+        got = {r.request_id: r.generated_tokens for r in (m.get_result(timeout=30), m.get_result(timeout=30))}
+    assert got == {"g": own_greedy(ours, inputs[0], 4), "k1": own_greedy(ours, inputs[1], 4)}
+
+
 def test_longrope_requests_past_the_switch_run_alone(tmp_path):
     """PhiMoE with LongRoPE: requests that stay within original_max_position_embeddings run in the
     batch, longer ones through generate (which switches factors); all give generate's tokens."""
@@ -194,6 +292,17 @@ def test_longrope_requests_past_the_switch_run_alone(tmp_path):
     out = ours.generate_batch(inputs, generation_config=config(5), continuous_batching_config={"max_requests_per_batch": 2})
     assert any(len(p) + 5 > 12 for p in inputs) and any(len(p) + 5 <= 12 for p in inputs)
     assert [r.generated_tokens for r in out.values()] == [own_greedy(ours, p, 5) for p in inputs]
+    # a request's own settings apply alone too: top_k=1 is greedy, and a seed repeats its draws
+    long = next(p for p in inputs if len(p) + 5 > 12)
+    draws = []
+    for _ in range(2):
+        with ours.continuous_batching_context_manager(generation_config=config(5)) as m:
+            m.add_request(long, request_id="k1", do_sample=True, top_k=1)
+            m.add_request(long, request_id="s", do_sample=True, temperature=3.0, seed=5)
+            got = {r.request_id: r.generated_tokens for r in (m.get_result(timeout=30), m.get_result(timeout=30))}
+        assert got["k1"] == own_greedy(ours, long, 5)
+        draws.append(got["s"])
+    assert draws[0] == draws[1] and m.stats["alone"] == 2
 
 
 def test_manager_api(pair):
@@ -350,8 +459,17 @@ def test_errors_name_the_problem(pair):
         m.add_request(list(range(1, 9)))  # 8 + 4 - 1 > 10 slots
     with pytest.raises(ValueError, match="max_new_tokens"):
         m.add_request([1], max_new_tokens=0)
-    with pytest.raises(TypeError, match="per-request"):
-        m.add_request([1], temperature=0.5)
+    with pytest.raises(TypeError, match=r"per-request settings \['temprature'\]"):
+        m.add_request([1], temprature=0.5)
+    with pytest.raises(ValueError, match="do_sample=True"):
+        m.add_request([1], temperature=0.5)  # the config decodes greedily
+    for bad, err, match in [({"temperature": 0.0}, ValueError, "temperature must be a positive"),
+                            ({"top_p": 1.5}, ValueError, "top_p must be in"), ({"top_k": -1}, ValueError, "top_k"),
+                            ({"top_k": 2.0}, TypeError, "top_k must be an int"),
+                            ({"temperature": "hot"}, TypeError, "temperature must be a number"),
+                            ({"seed": -3}, ValueError, "seed"), ({"do_sample": 1}, TypeError, "do_sample")]:
+        with pytest.raises(err, match=match):
+            m.add_request([1], request_id="bad", **{"do_sample": True, **bad})
     m.add_request([1, 2], request_id="a")
     with pytest.raises(ValueError, match="already queued"):
         m.add_request([3], request_id="a")

@@ -201,16 +201,89 @@ class WorkloadHints:
     num_requests: int = 0
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """A request's own decoding settings (`add_request(temperature=..., top_k=..., top_p=...,
+    do_sample=..., seed=...)`), the manager's generation config filling what it leaves out."""
+
+    do_sample: bool
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+
+    KEYS = ("do_sample", "temperature", "top_k", "top_p", "seed")
+
+    @classmethod
+    def of(cls, kwargs: dict, default: Sampling, request_id) -> Sampling:
+        """Checked settings from `add_request`'s keyword arguments over `default`."""
+        where = f"add_request({request_id!r})" if request_id is not None else "add_request"
+        unknown = sorted(set(kwargs) - set(cls.KEYS))
+        if unknown:
+            raise TypeError(f"{where}: unknown per-request settings {unknown}; a request may set "
+                            f"{', '.join(cls.KEYS)} (other settings go in the manager's GenerationConfig)")
+        v = {k: kwargs.get(k, getattr(default, k)) for k in cls.KEYS}
+        for k in ("temperature", "top_p"):
+            if isinstance(v[k], bool) or not isinstance(v[k], (int, float)):
+                raise TypeError(f"{where}: {k} must be a number, got {v[k]!r}")
+            v[k] = float(v[k])
+        for k in ("top_k", "seed"):
+            if v[k] is not None and (isinstance(v[k], bool) or not isinstance(v[k], int)):
+                raise TypeError(f"{where}: {k} must be an int, got {v[k]!r}")
+        if not isinstance(v["do_sample"], bool):
+            raise TypeError(f"{where}: do_sample must be a bool, got {v['do_sample']!r}")
+        if not v["temperature"] > 0 or v["temperature"] == float("inf"):
+            raise ValueError(f"{where}: temperature must be a positive float, got {v['temperature']} (greedy "
+                             "decoding is do_sample=False)")
+        if not 0.0 < v["top_p"] <= 1.0:
+            raise ValueError(f"{where}: top_p must be in (0, 1], got {v['top_p']}")
+        if v["top_k"] < 0:
+            raise ValueError(f"{where}: top_k must be >= 0 (0: off), got {v['top_k']}")
+        if v["seed"] is not None and not 0 <= v["seed"] < 2**63:
+            raise ValueError(f"{where}: seed must be in [0, 2**63), got {v['seed']}")
+        if not v["do_sample"]:
+            set_ = [k for k in ("temperature", "top_k", "top_p", "seed") if k in kwargs]
+            if set_:
+                raise ValueError(f"{where}: {set_} apply to sampling, but this request decodes greedily: pass "
+                                 "do_sample=True (or set it in the manager's GenerationConfig)")
+        return cls(**v)
+
+
+def warp_rows(scores_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor | None,
+              top_p_B: torch.Tensor | None) -> torch.Tensor:
+    """Transformers' temperature, top-k and top-p warpers (in that order, keeping at least one
+    token), with a setting per row: `top_k_B` 0 and `top_p_B` 1.0 leave a row as it is; None: no
+    row filters. Float32 scores in, the warped scores out (filtered tokens -inf)."""
+    scores = scores_BV / temperature_B[:, None]
+    if top_k_B is None and top_p_B is None:
+        return scores
+    V = scores.shape[-1]
+    asc, order = scores.sort(dim=-1)  # ascending, as Transformers' top-p sorts
+    if top_k_B is not None:
+        # the k-th largest score; a row keeps the scores not below it (0: all)
+        kth = asc.gather(1, (V - top_k_B.clamp(0, V)).clamp(max=V - 1)[:, None])
+        kth = torch.where(top_k_B[:, None] > 0, kth, torch.full_like(kth, -float("inf")))
+        asc = asc.masked_fill(asc < kth, -float("inf"))
+    if top_p_B is not None:
+        # drop the smallest scores whose probabilities sum to at most 1 - top_p, never the largest
+        drop = asc.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p_B)[:, None]
+        drop[:, -1] = False
+        asc = asc.masked_fill(drop, -float("inf"))
+    return torch.empty_like(scores).scatter_(1, order, asc)
+
+
 class _Request:
     """A request's state in the manager."""
 
     __slots__ = ("id", "prompt", "max_new", "eos", "streaming", "stamps", "tokens", "logprobs", "status",
-                 "created", "started", "start", "since", "error")
+                 "created", "started", "start", "since", "error", "sampling", "generator")
 
     def __init__(self, request_id: str, prompt: list[int], max_new: int, eos: frozenset[int], streaming: bool,
-                 record_timestamps: bool) -> None:
+                 record_timestamps: bool, sampling: Sampling | None = None) -> None:
         self.id, self.prompt, self.max_new, self.eos = request_id, prompt, max_new, eos
         self.streaming = streaming
+        self.sampling = sampling  # its own settings, or None: the manager's generation config
+        self.generator: torch.Generator | None = None  # a seeded request's, made on its first draw
         self.stamps: list[float] | None = [] if record_timestamps else None
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
@@ -437,6 +510,8 @@ class ContinuousBatchingManager:
         self._stop: int = 0  # 0 run, 1 finish what was added, 2 fail what is left
         self.fatal_error: BaseException | None = None
         self.warmed_up = False
+        self._rows_changed = 0  # counts changes of the running rows, which key _decode_rows' memo
+        self._rows_of: tuple = (None, [], {})
         # What the loop did: rows decoded each step (the running requests), prompt tokens prefilled
         # by forward (and with the padding), cache shifts, requests run alone (LongRoPE), and wall
         # seconds in decode steps and in prefills (each ends reading tokens: the GPU's work is in).
@@ -461,6 +536,11 @@ class ContinuousBatchingManager:
         self.do_sample = bool(gen.do_sample)
         self.return_logprobs = cfg.return_logprobs
         self.warpers = sampling_warpers(gen) if self.do_sample else []
+        # what a request's own settings start from, and the config's warpers they cannot express
+        self.default_sampling = Sampling(self.do_sample, float(gen.temperature or 1.0), int(gen.top_k or 0),
+                                         float(1.0 if gen.top_p is None else gen.top_p))
+        self._other_warpers = [type(w).__name__ for w in self.warpers if type(w).__name__ not in
+                               ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper")]
         self.num_return_sequences = gen.num_return_sequences or 1
         if gen.eos_token_id is None:  # as Transformers: no EOS, with a warning
             logger.warning("continuous batching: the generation config sets no eos_token_id, so requests stop at "
@@ -602,9 +682,12 @@ class ContinuousBatchingManager:
     def _requests(self, input_ids, request_id, max_new_tokens, streaming, record_timestamps, eos_token_id,
                   logit_processor_kwargs) -> tuple[str, list[_Request]]:
         """A checked request and its children, not queued: (request id, requests)."""
+        sampling = None
         if logit_processor_kwargs:
-            raise TypeError(f"add_request: per-request generation settings {sorted(logit_processor_kwargs)} are not "
-                            "supported: set them in the manager's GenerationConfig")
+            sampling = Sampling.of(logit_processor_kwargs, self.default_sampling, request_id)
+            if sampling.do_sample and self._other_warpers:
+                raise ValueError(f"add_request: per-request settings combine with the generation config's temperature, "
+                                 f"top_k and top_p, but it also sets {self._other_warpers}")
         prompt = _prompt_list(input_ids, self.model.config.vocab_size, request_id)
         if request_id is None:
             request_id = f"req_{next(self._counter)}"
@@ -625,7 +708,11 @@ class ContinuousBatchingManager:
                 f"add_request({request_id!r}): the prompt's {len(prompt)} tokens + max_new_tokens={max_new} exceed "
                 f"a row of the batch's cache ({self.slots} slots): raise continuous_batching_config.max_cache_len")
         ids = [f"{request_id}__child#{i}" for i in range(self.num_return_sequences - 1)] + [request_id]
-        return request_id, [_Request(i, prompt, max_new, eos, streaming, record_timestamps) for i in ids]
+        # a seed draws the request's samples from a generator of its own; children draw from seed + 1, ...
+        own = [sampling if sampling is None or sampling.seed is None or i == len(ids) - 1 else
+               dataclasses.replace(sampling, seed=(sampling.seed + i + 1) % 2**63) for i in range(len(ids))]
+        return request_id, [_Request(i, prompt, max_new, eos, streaming, record_timestamps, sp)
+                            for i, sp in zip(ids, own)]
 
     def _queue(self, request_id: str, requests: list[_Request]) -> str:
         """Queue a request and its children, waiting up to QUEUE_WAIT_S for room."""
@@ -770,6 +857,7 @@ class ContinuousBatchingManager:
         running: dict[int, _Request] = {}
         self._pending: deque[_Step] = deque()
         self._steps = 0
+        self._rows_changed += 1
         try:
             with torch.no_grad(), own_forward(self.model), _on(self.model.device):
                 batch = self._ensure_batch()
@@ -860,7 +948,7 @@ class ContinuousBatchingManager:
                 logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part], self.pad_id)
                 self.stats["prefill_tokens"].append(sum(len(group[i].prompt) for i in part))
                 self.stats["prefill_padded_tokens"].append(len(part) * max(len(group[i].prompt) for i in part))
-                t, lp = self._choose(logits)
+                t, lp = self._choose(logits, [group[i] for i in part])
                 index = _to(torch.tensor(part), tokens.device)
                 tokens[index] = t
                 if logprobs is not None:
@@ -895,6 +983,7 @@ class ContinuousBatchingManager:
         """Hand the tokens of a prefill to their requests, which then run in their rows."""
         host = tokens.tolist()
         lps = logprobs.tolist() if logprobs is not None else [None] * len(host)
+        self._rows_changed += 1
         for req, row, tok, lp in zip(group, rows, host, lps):
             running[row] = req
             self._hand(req, row, tok, lp, running, batch)
@@ -910,6 +999,7 @@ class ContinuousBatchingManager:
     def _end(self, row: int, running: dict, batch: _Batch, error: str | None = None) -> None:
         """A running request finishes (or fails with `error`), and its row is free."""
         req = running.pop(row)
+        self._rows_changed += 1
         batch.release(row)
         self._finish(req, error)
 
@@ -930,7 +1020,7 @@ class ContinuousBatchingManager:
         logits = batch.step(b)
         self._steps += 1
         self.stats["decode_rows"].append(len(running))
-        tokens, logprobs = self._choose(logits)
+        tokens, logprobs = self._choose(logits, self._decode_rows(running, b))
         batch.ids[:b, 0] = tokens
         self._pending.append(_Step(sorted(running.items()), tokens, logprobs))
         while len(self._pending) > READ_LAG:
@@ -948,10 +1038,20 @@ class ContinuousBatchingManager:
             if running.get(row) is req:  # else it ended (or was cancelled) at the step before
                 self._hand(req, row, host[row], None if lps is None else lps[row], running, batch)
 
-    def _choose(self, logits_BV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Next tokens [B] (greedy or sampled through the warpers) and, when asked, their
-        log-probabilities under the distribution they were drawn from."""
+    def _decode_rows(self, running: dict, b: int) -> list:
+        """The requests of a decode step's rows (None: a free row), remembered until rows change."""
+        key = self._rows_changed
+        if self._rows_of[0] != (key, b):
+            self._rows_of = ((key, b), [running.get(r) for r in range(b)], {})
+        return self._rows_of[1]
+
+    def _choose(self, logits_BV: torch.Tensor, reqs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next tokens [B] (greedy or sampled through the warpers) of the rows of requests `reqs`
+        (None: a free row) and, when asked, their log-probabilities under the distribution they
+        were drawn from."""
         want_lp = self.return_logprobs
+        if any(r is not None and r.sampling is not None for r in reqs):
+            return self._choose_per_row(logits_BV, reqs)
         if not self.do_sample and not want_lp:
             return logits_BV.argmax(dim=-1), None
         scores = logits_BV.float()
@@ -964,19 +1064,67 @@ class ContinuousBatchingManager:
         lp = scores.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1) if want_lp else None
         return tokens, lp
 
+    def _row_settings(self, reqs: list, device: torch.device) -> tuple:
+        """Per-row tensors of the rows' settings: (sampled [B], temperature [B], top_k [B] or None,
+        top_p [B] or None, [(row, seeded request)]), remembered for a decode step's rows."""
+        memo = self._rows_of[2] if reqs is self._rows_of[1] else {}
+        if "settings" in memo:
+            return memo["settings"]
+        greedy = Sampling(False)
+        ss = [greedy if r is None else (r.sampling or self.default_sampling) for r in reqs]
+
+        def put(values, dtype):
+            return _to(torch.tensor(values, dtype=dtype), device)
+
+        sampled = put([s.do_sample for s in ss], torch.bool)
+        temperature = put([s.temperature if s.do_sample else 1.0 for s in ss], torch.float32)
+        top_k = put([s.top_k if s.do_sample else 0 for s in ss], torch.long) \
+            if any(s.do_sample and s.top_k for s in ss) else None
+        top_p = put([s.top_p if s.do_sample else 1.0 for s in ss], torch.float32) \
+            if any(s.do_sample and s.top_p < 1.0 for s in ss) else None
+        seeded = [(i, r) for i, (r, s) in enumerate(zip(reqs, ss)) if s.do_sample and s.seed is not None]
+        memo["settings"] = out = (sampled, temperature, top_k, top_p, seeded, any(s.do_sample for s in ss))
+        return out
+
+    def _choose_per_row(self, logits_BV: torch.Tensor, reqs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_choose` where requests carry settings of their own: each row warped by its own
+        temperature, top-k and top-p, sampled (exponential race: argmax p / q, q ~ Exp(1), a seeded
+        row's q from its own generator) or greedy."""
+        sampled, temperature, top_k, top_p, seeded, any_sampled = self._row_settings(reqs, logits_BV.device)
+        scores = warp_rows(logits_BV.float(), temperature, top_k, top_p)
+        tokens = scores.argmax(dim=-1)
+        if any_sampled:
+            q = torch.empty_like(scores).exponential_()
+            for i, req in seeded:
+                if req.generator is None:
+                    req.generator = torch.Generator(device=scores.device)
+                    req.generator.manual_seed(req.sampling.seed)
+                q[i].exponential_(generator=req.generator)
+            drawn = (scores.softmax(dim=-1) / q).argmax(dim=-1)
+            tokens = torch.where(sampled, drawn, tokens)
+        lp = scores.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1) if self.return_logprobs else None
+        return tokens, lp
+
     def _alone(self, req: _Request) -> None:
         """A LongRoPE request past `original_max_position_embeddings`, through `generate`."""
         req.status, req.started = RequestStatus.DECODING, time.perf_counter()
         self.stats["alone"] += 1
-        gen = self.generation_config
-        kwargs = dict(max_new_tokens=req.max_new, min_new_tokens=None, do_sample=self.do_sample,
+        gen, own = self.generation_config, req.sampling
+        do_sample = self.do_sample if own is None else own.do_sample
+        kwargs = dict(max_new_tokens=req.max_new, min_new_tokens=None, do_sample=do_sample,
                       num_return_sequences=1, eos_token_id=sorted(req.eos) or None, pad_token_id=self.pad_id)
-        if self.do_sample:
+        if own is not None and do_sample:
+            kwargs.update(temperature=own.temperature, top_k=own.top_k or None, top_p=own.top_p)
+        elif do_sample:
             kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, min_p=gen.min_p,
                           typical_p=gen.typical_p, epsilon_cutoff=gen.epsilon_cutoff, eta_cutoff=gen.eta_cutoff,
                           top_h=gen.top_h)
         ids = torch.tensor([req.prompt], device=self.model.device)
-        out = self.model.generate(ids, **kwargs, output_scores=self.return_logprobs, return_dict_in_generate=True)
+        seeded = own is not None and do_sample and own.seed is not None
+        with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else [], enabled=seeded):
+            if seeded:
+                torch.manual_seed(own.seed)
+            out = self.model.generate(ids, **kwargs, output_scores=self.return_logprobs, return_dict_in_generate=True)
         new = out.sequences[0, len(req.prompt):].tolist()
         for i, tok in enumerate(new):
             lp = None
