@@ -3,6 +3,7 @@
     moetorch generate [--model DIR] [--max-new-tokens N] [--temperature T] "prompt"
     moetorch chat [--model DIR] [--system TEXT]
     moetorch info [--model DIR]
+    moetorch serve [--model DIR] [--host H] [--port P] [--max-model-len N] [--api-key KEY]   (OpenAI-compatible)
     moetorch bench [--models jetmoe,phimoe] [--batches 1,16,64] [--out FILE]   (CUDA GPU)
 
 Without --model, the embedded default model is used (see moetorch.defaults).
@@ -132,6 +133,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serve import Engine, create_app
+        from .serve.app import create_app as _  # noqa: F401 -- fastapi present
+    except ImportError as e:
+        raise SystemExit(f"moetorch serve needs fastapi and uvicorn ({e}): pip install 'moetorch[serve]'") from None
+    path, model, is_random = _load(args.model, args.device, args.dtype)
+    tok = _tokenizer(path)
+    _banner(path, model, is_random)
+    name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
+    try:
+        engine = Engine(model, tok, name, max_model_len=args.max_model_len, max_batch=args.max_batch,
+                        max_batch_tokens=args.max_batch_tokens)
+    except (ValueError, RuntimeError) as e:  # a --max-model-len past the model's, no room for a row
+        raise SystemExit(f"moetorch serve: {e}") from None
+    print(f"[moetorch] serving {name!r} at http://{args.host}:{args.port}/v1 ({engine.manager.rows} rows of "
+          f"{engine.max_model_len} tokens)", file=sys.stderr)
+    uvicorn.run(create_app(engine, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     path, model, is_random = _load(args.model, args.device, args.dtype)
     cfg = model.config
@@ -180,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message")
     sampling(chat, 256)
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    common(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: the "
+                       "--model argument)")
+    serve.add_argument("--max-model-len", type=int, default=None, help="the most tokens of prompt + completion a "
+                       "request may have: each of the batch's rows holds that many (default: 4096, within the "
+                       "model's max_position_embeddings)")
+    serve.add_argument("--max-batch", type=int, default=None, help="requests decoding at once (default: as many as "
+                       "the GPU's free memory holds, at most 256; 64 on the CPU)")
+    serve.add_argument("--max-batch-tokens", type=int, default=None, help="prompt tokens of one prefill (16384)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="print a checkpoint's architecture and size")
     common(info)

@@ -1,0 +1,439 @@
+"""An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI).
+
+    POST /v1/completions        text completion: prompt(s) as text or token ids
+    POST /v1/chat/completions   chat: messages through the tokenizer's chat template
+    GET  /v1/models             the served model
+    GET  /health
+
+Both completion routes stream as server-sent events with `"stream": true`. Bad input is an HTTP 400
+in OpenAI's error shape, naming the field (`param`); a setting the server does not apply
+(penalties, logit bias, tools, top log-probabilities, ...) is refused the same way rather than
+ignored. `top_k` is accepted beside OpenAI's fields, as other servers accept it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .engine import Engine, EngineError, Piece, PromptError
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param, self.status, self.kind = param, status, kind
+
+
+def _error(message: str, status: int, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+# ---- requests ------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    user: str | None = None
+    # OpenAI fields the server refuses unless they hold their no-op value
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the chat template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    reasoning_effort: str | None = None
+    # as other OpenAI-compatible servers: the template's own switches
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+_NOOP = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0), "logit_bias": (None, {}),
+         "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+         "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
+         "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
+         "modalities": (None, ["text"]), "reasoning_effort": (None,)}
+
+
+def _refuse_unsupported(body: _Common) -> None:
+    for name, noop in _NOOP.items():
+        if name in type(body).model_fields and getattr(body, name) not in noop:
+            raise BadRequest(f"{name} is not supported by this server (moetorch): leave it out", name)
+    fmt = getattr(body, "response_format", None)
+    if fmt not in (None, {"type": "text"}):
+        raise BadRequest("response_format: only {'type': 'text'} is supported", "response_format")
+    if getattr(body, "top_logprobs", None):
+        raise BadRequest("top_logprobs > 0 is not supported: logprobs gives each generated token's log-probability",
+                         "top_logprobs")
+    if isinstance(body, CompletionRequest) and body.logprobs:
+        raise BadRequest("logprobs > 0 (top log-probabilities) is not supported: logprobs=0 gives each generated "
+                         "token's log-probability", "logprobs")
+    if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
+        raise BadRequest("echo with logprobs (the prompt's log-probabilities) is not supported", "echo")
+
+
+def _stops(body: _Common) -> list[str]:
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if any(not s for s in stops):
+        raise BadRequest("stop: a stop string must not be empty", "stop")
+    return stops
+
+
+def _sampling(body: _Common, choice: int) -> dict[str, Any]:
+    """A choice's settings for the manager: greedy at temperature 0, else sampled (OpenAI's
+    default temperature is 1); choice i of a seeded request draws from seed + i."""
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature == 0:
+        return {"do_sample": False}
+    seed = None if body.seed is None else (body.seed + choice) % 2**63
+    top_k = body.top_k if body.top_k and body.top_k > 0 else 0
+    return {"do_sample": True, "temperature": temperature, "top_p": 1.0 if body.top_p is None else body.top_p,
+            "top_k": top_k, "seed": seed}
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# ---- the app -------------------------------------------------------------------------------------
+def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (started with the app, stopped with it)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(engine.start)  # on a GPU: captures the decode graphs first
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="moetorch", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "extra_forbidden":
+            message = f"unknown field {param!r}"
+        else:
+            message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return _error(message, 400, param)
+
+    @app.exception_handler(BadRequest)
+    async def bad(request: Request, exc: BadRequest):
+        return _error(str(exc), exc.status, exc.param, exc.kind)
+
+    @app.exception_handler(PromptError)
+    async def prompt_error(request: Request, exc: PromptError):
+        return _error(str(exc), 400, str(exc).split(":")[0].split("[")[0])
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return _error("invalid or missing API key (Authorization: Bearer ...)", 401,
+                              kind="authentication_error")
+        return await call_next(request)
+
+    def card() -> dict[str, Any]:
+        return {"id": engine.name, "object": "model", "created": 0, "owned_by": "moetorch",
+                "max_model_len": engine.max_model_len}
+
+    @app.get("/health")
+    async def health():
+        ok = engine.manager.is_running()
+        return JSONResponse({"status": "ok" if ok else "stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != engine.name:
+            return _error(f"the model {model_id!r} does not exist (this server serves {engine.name!r})", 404, "model",
+                          "not_found_error")
+        return card()
+
+    def check_model(body: _Common) -> None:
+        if body.model is not None and body.model != engine.name:
+            raise BadRequest(f"the model {body.model!r} does not exist (this server serves {engine.name!r})", "model",
+                             404, "not_found_error")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body)
+        _refuse_unsupported(body)
+        prompts = _completion_prompts(engine, body.prompt)
+        limit = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
+        jobs = [_Job(i * body.n + j, ids, engine.check_prompt(ids, limit, f"prompt[{i}]" if len(prompts) > 1
+                                                                  else "prompt"), _sampling(body, j))
+                for i, ids in enumerate(prompts) for j in range(body.n)]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": engine.name}
+        echo = {job.index: engine.tokenizer.decode(job.ids, skip_special_tokens=True) for job in jobs} \
+            if body.echo else {}
+        want_lp = body.logprobs is not None
+
+        def choice(index: int, text: str, pieces: list[Piece], reason: str | None) -> dict[str, Any]:
+            lp = _completion_logprobs(engine, pieces, len(echo.get(index, ""))) if want_lp else None
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
+
+        if body.stream:
+            async def chunks():
+                first = set()
+                async for index, piece in _run_all(engine, jobs, _stops(body), engine.eos, True):
+                    text = piece.text
+                    if index not in first and echo:
+                        text = echo[index] + text
+                    first.add(index)
+                    yield {**head, "choices": [choice(index, text, [piece], piece.finish_reason)]}, piece
+            return _sse(chunks(), body, sum(len(p) for p in prompts))
+        done = await _collect(engine, jobs, _stops(body), engine.eos, request)
+        return {**head, "choices": [choice(job.index, echo.get(job.index, "") + "".join(p.text for p in pieces),
+                                           pieces, pieces[-1].finish_reason) for job, pieces in done],
+                "usage": _usage(sum(len(p) for p in prompts), sum(pieces[-1].completion_tokens for _, pieces in done))}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        check_model(body)
+        _refuse_unsupported(body)
+        ids = _chat_prompt(engine, body)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        jobs = [_Job(j, ids, engine.check_prompt(ids, limit, "messages"), _sampling(body, j)) for j in range(body.n)]
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": engine.name}
+
+        def logprobs(pieces: list[Piece]) -> dict[str, Any] | None:
+            if not body.logprobs:
+                return None
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                                for t, lp in _token_texts(engine, pieces)]}
+
+        if body.stream:
+            chunk_head = {**head, "object": "chat.completion.chunk"}
+
+            async def chunks():
+                for job in jobs:  # the role first, as OpenAI sends it
+                    yield {**chunk_head, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]}, None
+                async for index, piece in _run_all(engine, jobs, _stops(body), engine.chat_eos, True):
+                    delta = {"content": piece.text} if piece.text else {}
+                    yield {**chunk_head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs([piece]),
+                                                      "finish_reason": piece.finish_reason}]}, piece
+            return _sse(chunks(), body, len(ids))
+        done = await _collect(engine, jobs, _stops(body), engine.chat_eos, request)
+        choices = [{"index": job.index, "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
+                    "logprobs": logprobs(pieces), "finish_reason": pieces[-1].finish_reason} for job, pieces in done]
+        return {**head, "choices": choices,
+                "usage": _usage(len(ids), sum(pieces[-1].completion_tokens for _, pieces in done))}
+
+    return app
+
+
+# ---- running requests ------------------------------------------------------------------------------
+class _Job:
+    """One choice: its index, prompt ids, token limit and settings."""
+
+    def __init__(self, index: int, ids: list[int], max_tokens: int, sampling: dict[str, Any]) -> None:
+        self.index, self.ids, self.max_tokens, self.sampling = index, ids, max_tokens, sampling
+
+
+async def _run_all(engine: Engine, jobs: list[_Job], stops: list[str], eos: list[int],
+                   stream: bool) -> AsyncIterator[tuple[int, Piece]]:
+    """(choice index, piece) of every job, as they come; the jobs cancelled if the caller leaves."""
+    queue: asyncio.Queue = asyncio.Queue()
+    _END = object()
+
+    async def run(job: _Job) -> None:
+        try:
+            async for piece in engine.generate(job.ids, job.max_tokens, job.sampling, stops, eos, stream):
+                await queue.put((job.index, piece))
+            await queue.put((job.index, _END))
+        except BaseException as e:  # noqa: BLE001 -- handed to the reader
+            await queue.put((job.index, e))
+            raise
+
+    tasks = [asyncio.create_task(run(job)) for job in jobs]
+    left = len(jobs)
+    try:
+        while left:
+            index, item = await queue.get()
+            if item is _END:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _collect(engine: Engine, jobs: list[_Job], stops: list[str], eos: list[int],
+                   request: Request) -> list[tuple[_Job, list[Piece]]]:
+    """Every job's pieces, in job order; the jobs are cancelled if the client disconnects."""
+    pieces: dict[int, list[Piece]] = {job.index: [] for job in jobs}
+
+    async def gather() -> None:
+        async for index, piece in _run_all(engine, jobs, stops, eos, False):
+            pieces[index].append(piece)
+
+    task = asyncio.create_task(gather())
+    while not task.done():
+        await asyncio.wait([task], timeout=1.0)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise BadRequest("the client disconnected", status=499)
+    try:
+        task.result()
+    except EngineError as e:
+        raise BadRequest(f"generation failed: {e}", status=500, kind="server_error") from e
+    return [(job, pieces[job.index]) for job in jobs]
+
+
+def _sse(chunks: AsyncIterator[tuple[dict, Piece | None]], body: _Common, prompt_tokens: int) -> StreamingResponse:
+    """Server-sent events of `chunks` ((chunk, its piece)), then the usage chunk
+    (`stream_options.include_usage`) and [DONE]. An error after the first event goes as an event."""
+    usage = body.stream_options is not None and body.stream_options.include_usage
+
+    async def events():
+        completion: dict[int, int] = {}
+        last = None
+        try:
+            async for chunk, piece in chunks:
+                if piece is not None:
+                    completion[chunk["choices"][0]["index"]] = piece.completion_tokens
+                if usage:
+                    chunk = {**chunk, "usage": None}
+                last = chunk
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if usage and last is not None:
+                total = _usage(prompt_tokens, sum(completion.values()))
+                yield f"data: {json.dumps({**last, 'choices': [], 'usage': total})}\n\n"
+        except EngineError as e:
+            error = {"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
+                               "code": None}}
+            yield f"data: {json.dumps(error)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# ---- prompts and outputs ---------------------------------------------------------------------------
+def _completion_prompts(engine: Engine, prompt) -> list[list[int]]:
+    vocab = engine.model.config.vocab_size
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    if not prompt:
+        raise BadRequest("prompt: no prompt given", "prompt")
+    out = []
+    for i, p in enumerate(prompt):
+        ids = engine.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise BadRequest(f"prompt[{i}]: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
+        if not ids:
+            raise BadRequest(f"prompt[{i}]: the prompt is empty", "prompt")
+        out.append(ids)
+    return out
+
+
+def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
+    tok = engine.tokenizer
+    if getattr(tok, "chat_template", None) is None:
+        raise BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
+    messages = []
+    for i, m in enumerate(body.messages):
+        message = m.model_dump(exclude_none=True)
+        content = m.content
+        if isinstance(content, list):  # content parts: text only
+            kinds = sorted({part.get("type") for part in content} - {"text"}, key=str)
+            if kinds:
+                raise BadRequest(f"messages[{i}].content: only text parts are supported, got {kinds}",
+                                 f"messages.{i}.content")
+            content = "".join(str(part.get("text", "")) for part in content)
+        message["content"] = content or ""
+        messages.append(message)
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt and not
+                                       body.continue_final_message, continue_final_message=body.continue_final_message,
+                                       return_dict=False, **(body.chat_template_kwargs or {}))
+    except (ValueError, TypeError) as e:
+        raise BadRequest(f"messages: the chat template failed: {e}", "messages") from e
+
+
+def _token_texts(engine: Engine, pieces: list[Piece]) -> list[tuple[str, float]]:
+    ids = [t for p in pieces for t in p.token_ids]
+    lps = [lp for p in pieces for lp in p.logprobs]
+    return [(engine.tokenizer.decode([t]), lp) for t, lp in zip(ids, lps)]
+
+
+def _completion_logprobs(engine: Engine, pieces: list[Piece], offset: int) -> dict[str, Any]:
+    tokens, logprobs, offsets = [], [], []
+    for text, lp in _token_texts(engine, pieces):
+        tokens.append(text)
+        logprobs.append(lp)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}

@@ -1,0 +1,203 @@
+"""The server's engine: a model's continuous-batching manager, driven from an asyncio event loop.
+
+A request goes to the manager with its own settings (`add_request(..., do_sample=, temperature=,
+top_k=, top_p=, seed=)`), and its tokens come back through a result handler on the loop. The
+engine turns them into text as they come (`Detokenizer`), ends the request at a stop string
+(cancelling it in the manager), and hands out `Piece`s: the new text, the new tokens with their
+log-probabilities, and at the end why it finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.batching import ContinuousBatchingConfig, RequestStatus
+
+logger = logging.getLogger("moetorch")
+
+
+class Detokenizer:
+    """Text of a growing list of token ids, a piece at a time, decoding only a few tokens per
+    step. Text is held back while it ends in an incomplete character (U+FFFD). A window of tokens
+    before the new ones is decoded with them, so that the tokenizer's rules for a word's first
+    piece (SentencePiece's leading space) see the same context as a decode of the whole list."""
+
+    def __init__(self, tokenizer, prompt_tail: list[int] | None = None) -> None:
+        self.tok = tokenizer
+        self.ids: list[int] = list(prompt_tail or [])
+        self.prefix = self.read = len(self.ids)  # decoded context starts at prefix; text is out up to read
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def add(self, new_ids: list[int]) -> str:
+        """The text that `new_ids` add (possibly empty: held back)."""
+        self.ids.extend(new_ids)
+        before = self._text(self.ids[self.prefix:self.read])
+        after = self._text(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """What is still held back (at the end of the request), replacement characters and all."""
+        before = self._text(self.ids[self.prefix:self.read])
+        after = self._text(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):] if len(after) > len(before) else ""
+
+
+class StopText:
+    """Text out with stop strings: text that could be the start of a stop string is held until
+    it is known not to be; at a stop string the text ends before it."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+
+    def add(self, text: str) -> tuple[str, bool]:
+        """(text to send, whether a stop string ended it)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        cut = max(0, len(self.pending) - self.hold)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class Piece:
+    """What a request produced since its last piece."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or None: not finished
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class PromptError(ValueError):
+    """A request the engine cannot take (an empty prompt, one too long); names the field."""
+
+
+class EngineError(RuntimeError):
+    """The manager failed a request (not a cancellation by the engine)."""
+
+
+class Engine:
+    """A model and its tokenizer behind a running continuous-batching manager.
+
+    `max_model_len`: slots of a batch row, the longest prompt + completion a request may have.
+    `max_batch`: rows (requests decoding at once); None: as many as the GPU's memory holds, at
+    most 256 (64 on the CPU)."""
+
+    def __init__(self, model, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
+                 max_batch_tokens: int | None = None) -> None:
+        from ..generation.configuration import GenerationConfig
+
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self.max_model_len = max_model_len or min(4096, limit or 4096)
+        if limit is not None and self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} is past the model's max_position_embeddings "
+                             f"({limit})")
+        self.eos = _ids(model.generation_config.eos_token_id) or _ids(getattr(tokenizer, "eos_token_id", None))
+        end = tokenizer.convert_tokens_to_ids("<|end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+        # a chat turn ends at <|end|> as well as at the model's EOS (Phi-3.5's template)
+        self.chat_eos = list(dict.fromkeys([*self.eos, *([end] if isinstance(end, int) else [])]))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos[0] if self.eos else 0)
+        gen = GenerationConfig(do_sample=False, max_new_tokens=None, eos_token_id=self.eos or None, pad_token_id=pad)
+        cfg = ContinuousBatchingConfig(max_requests_per_batch=max_batch, max_cache_len=self.max_model_len,
+                                       max_batch_tokens=max_batch_tokens, return_logprobs=True)
+        self.manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cfg)
+        self._ids = itertools.count()
+
+    def start(self) -> None:
+        self.manager.start()
+
+    def stop(self) -> None:
+        if self.manager.is_running():
+            self.manager.stop(block=True, hard_stop=True)
+
+    def check_prompt(self, ids: list[int], max_tokens: int | None, where: str) -> int:
+        """The completion's token limit, or ValueError naming the field at fault."""
+        if not ids:
+            raise PromptError(f"{where}: the prompt is empty")
+        room = self.max_model_len - len(ids) + 1
+        if room < 1:
+            raise PromptError(f"{where}: the prompt has {len(ids)} tokens; this server takes at most "
+                             f"{self.max_model_len} tokens of prompt and completion (--max-model-len)")
+        if max_tokens is not None and max_tokens > room:
+            raise PromptError(f"{where}: the prompt's {len(ids)} tokens + max_tokens={max_tokens} exceed this server's "
+                             f"{self.max_model_len} tokens of prompt and completion (--max-model-len)")
+        return room if max_tokens is None else max_tokens
+
+    async def generate(self, ids: list[int], max_tokens: int, sampling: dict[str, Any], stop: list[str],
+                       eos: list[int], stream: bool) -> AsyncIterator[Piece]:
+        """Pieces of one completion of prompt `ids` until it finishes; cancelled in the manager
+        when the caller stops iterating early (a client that went away)."""
+        rid = f"srv-{next(self._ids)}"
+        queue: asyncio.Queue = asyncio.Queue()
+        self.manager.register_result_handler(rid, queue.put_nowait)
+        try:
+            # streaming results let a stop string end the request early; without stops, the last will do
+            self.manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=stream or bool(stop),
+                                     eos_token_id=eos or [], **sampling)
+        except BaseException:
+            with self.manager._lock:
+                self.manager._handlers.pop(rid, None)
+            raise
+        detok, text = Detokenizer(self.tokenizer, ids[-4:]), StopText(stop)
+        seen, done = 0, False
+        new_ids: list[int] = []  # tokens (and their log-probabilities) whose text is held back go with the next piece
+        new_lps: list[float] = []
+        try:
+            while not done:
+                out = await queue.get()
+                if out.status == RequestStatus.FAILED:
+                    raise EngineError(out.error or "the request failed")
+                new = out.generated_tokens[seen:]
+                new_ids += new
+                new_lps += out.logprobs[seen:seen + len(new)]
+                seen = len(out.generated_tokens)
+                chunk, stopped = text.add(detok.add(new))
+                reason = None
+                if stopped:
+                    reason = "stop"
+                elif out.is_finished():
+                    tail, stopped = text.add(detok.flush())
+                    chunk += tail if stopped else tail + text.flush()
+                    last = out.generated_tokens[-1] if out.generated_tokens else None
+                    reason = "stop" if stopped or last in eos else "length"
+                done = reason is not None
+                if chunk or done:
+                    yield Piece(chunk, new_ids, new_lps, reason, len(ids), seen)
+                    new_ids, new_lps = [], []
+        finally:
+            if not done:
+                self.manager.cancel_request(rid)
+            elif not out.is_finished():
+                self.manager.cancel_request(rid)  # ended at a stop string: the manager may stop too
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]

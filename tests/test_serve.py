@@ -1,0 +1,401 @@
+"""The OpenAI-compatible server (moetorch/serve): completions and chat against Transformers'
+`generate` on the embedded models, streaming, stop strings, per-choice sampling, log-probabilities,
+errors in OpenAI's shape, the OpenAI client over a real socket, and cancellation when a client
+leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import threading
+import time
+
+import pytest
+import torch
+import transformers
+from fastapi.testclient import TestClient
+
+import moetorch
+from moetorch.defaults import ASSETS
+from moetorch.serve import Detokenizer, Engine, StopText, create_app
+
+MODELS = ("tiny-phimoe", "tiny-jetmoe")
+PROMPTS = ["def fibonacci(n):", "import os\nimport", "class Parser:\n    def", "# Copyright"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def served(request):
+    """(our app's client, Transformers' model, tokenizer, engine) for an embedded model."""
+    name = request.param
+    ours = moetorch.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    tok = moetorch.AutoTokenizer.from_pretrained(name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(ASSETS / name), dtype=torch.float32).eval()
+    engine = Engine(ours, tok, name, max_model_len=160, max_batch=6)
+    with TestClient(create_app(engine)) as client:
+        yield client, hf, tok, engine
+
+
+def hf_greedy(hf, ids: list[int], n: int, eos: list[int]) -> tuple[list[int], list[float]]:
+    """Transformers' greedy tokens (through the first EOS) and their log-probabilities."""
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos[0],
+                      output_scores=True, return_dict_in_generate=True)
+    new = out.sequences[0, len(ids):].tolist()
+    lps = [float(s[0].float().log_softmax(-1)[t]) for s, t in zip(out.scores, new)]
+    for i, t in enumerate(new):
+        if t in eos:
+            return new[:i + 1], lps[:i + 1]
+    return new, lps
+
+
+def sse(lines) -> list:
+    """The JSON events of a server-sent event stream, "[DONE]" last."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_completions_greedy_equal_transformers(served):
+    client, hf, tok, engine = served
+    r = client.post("/v1/completions", json={"model": engine.name, "prompt": PROMPTS, "max_tokens": 24,
+                                             "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == engine.name
+    completion = 0
+    for i, (p, choice) in enumerate(zip(PROMPTS, body["choices"])):
+        ids = tok.encode(p)
+        want, _ = hf_greedy(hf, ids, 24, engine.eos)
+        assert choice["index"] == i
+        assert choice["text"] == tok.decode(want, skip_special_tokens=True)
+        assert choice["finish_reason"] == ("stop" if want[-1] in engine.eos else "length")
+        completion += len(want)
+    assert body["usage"] == {"prompt_tokens": sum(len(tok.encode(p)) for p in PROMPTS),
+                             "completion_tokens": completion, "total_tokens": body["usage"]["prompt_tokens"] + completion}
+    # token ids as the prompt, and echo
+    ids = tok.encode(PROMPTS[0])
+    r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 24, "temperature": 0, "echo": True}).json()
+    assert r["choices"][0]["text"] == tok.decode(ids, skip_special_tokens=True) + body["choices"][0]["text"]
+
+
+def test_chat_greedy_equals_transformers(served):
+    client, hf, tok, engine = served
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    want, lps = hf_greedy(hf, ids, 30, engine.chat_eos)
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 30, "temperature": 0,
+                                                  "logprobs": True})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": tok.decode(want, skip_special_tokens=True)}
+    assert choice["finish_reason"] == ("stop" if want[-1] in engine.chat_eos else "length")
+    content = choice["logprobs"]["content"]
+    assert [c["token"] for c in content] == [tok.decode([t]) for t in want]
+    torch.testing.assert_close(torch.tensor([c["logprob"] for c in content]), torch.tensor(lps), atol=1e-4, rtol=0)
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    # content parts of text are joined
+    parts = [{"role": "system", "content": [{"type": "text", "text": "You write "}, {"type": "text", "text": "Python."}]},
+             messages[1]]
+    again = client.post("/v1/chat/completions", json={"messages": parts, "max_tokens": 30, "temperature": 0}).json()
+    assert again["choices"][0]["message"] == choice["message"]
+
+
+def test_streaming_gives_the_same_text(served):
+    client, _, tok, engine = served
+    for route, body, text_of in [
+        ("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 40}, lambda c: c["text"]),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 40},
+         lambda c: c["message"]["content"]),
+    ]:
+        whole = client.post(route, json={**body, "temperature": 0}).json()
+        with client.stream("POST", route, json={**body, "temperature": 0, "stream": True,
+                                                "stream_options": {"include_usage": True}}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = sse(r.iter_lines())
+        assert events[-1] == "[DONE]"
+        usage, chunks = events[-2], events[:-2]
+        assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+        assert all(c["usage"] is None for c in chunks)
+        if "chat" in route:
+            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+            assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        else:
+            text = "".join(c["choices"][0]["text"] for c in chunks)
+        assert text == text_of(whole["choices"][0])
+        assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == whole["choices"][0]["finish_reason"]
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+        assert len({c["id"] for c in chunks}) == 1
+
+
+def test_stop_strings(served):
+    """The text ends before the first stop string, found across tokens; streaming alike."""
+    client, _, tok, engine = served
+    full = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0}).json()
+    text = full["choices"][0]["text"]
+    rng = random.Random(5)
+    for _ in range(3):
+        a = rng.randrange(2, len(text) - 4)
+        stop = text[a:a + rng.randint(2, 4)]
+        want = text[:text.index(stop)]
+        for stream in (False, True):
+            body = {"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "stop": [stop, "\x00never"],
+                    "stream": stream}
+            if stream:
+                with client.stream("POST", "/v1/completions", json=body) as r:
+                    chunks = sse(r.iter_lines())[:-1]
+                got, reason = "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"]
+            else:
+                choice = client.post("/v1/completions", json=body).json()["choices"][0]
+                got, reason = choice["text"], choice["finish_reason"]
+            assert (got, reason) == (want, "stop"), (stop, stream)
+    # a stop string that never comes changes nothing
+    same = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0,
+                                                "stop": "\x00never"}).json()
+    assert same["choices"] == full["choices"]
+
+
+def test_sampling_choices_and_seeds(served):
+    client, _, tok, engine = served
+    body = {"prompt": PROMPTS[2], "max_tokens": 16, "temperature": 1.2, "top_p": 0.95, "n": 3, "seed": 17}
+    a = client.post("/v1/completions", json=body).json()["choices"]
+    b = client.post("/v1/completions", json={**body, "prompt": [PROMPTS[2], PROMPTS[3]]}).json()["choices"]
+    assert [c["index"] for c in a] == [0, 1, 2] and [c["index"] for c in b] == [0, 1, 2, 3, 4, 5]
+    assert [c["text"] for c in a] == [c["text"] for c in b[:3]]  # a seed repeats its draws beside other requests
+    assert len({c["text"] for c in a}) > 1  # the choices draw from seed, seed + 1, ...
+    other = client.post("/v1/completions", json={**body, "seed": 18}).json()["choices"]
+    assert [c["text"] for c in other] != [c["text"] for c in a]
+    # top_k=1 is greedy at any temperature
+    greedy = client.post("/v1/completions", json={"prompt": PROMPTS[2], "max_tokens": 16, "temperature": 0}).json()
+    k1 = client.post("/v1/completions", json={"prompt": PROMPTS[2], "max_tokens": 16, "temperature": 1.7,
+                                              "top_k": 1}).json()
+    assert k1["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
+def test_completion_logprobs(served):
+    client, hf, tok, engine = served
+    ids = tok.encode(PROMPTS[3])
+    want, lps = hf_greedy(hf, ids, 12, engine.eos)
+    choice = client.post("/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0,
+                                                  "logprobs": 0}).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [tok.decode([t]) for t in want]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"]), torch.tensor(lps), atol=1e-4, rtol=0)
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+
+
+@pytest.mark.parametrize("route,body,status,param,match", [
+    ("/v1/completions", {"prompt": "x", "max_token": 3}, 400, "max_token", "unknown field"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs", "top log-probabilities"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 400}, 400, "prompt", "max-model-len"),
+    ("/v1/completions", {"prompt": "x " * 200}, 400, "prompt", "max-model-len"),
+    ("/v1/completions", {"prompt": [[5], []]}, 400, "prompt", "prompt[1]: the prompt is empty"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", "no prompt"),
+    ("/v1/completions", {"prompt": [1, 10**6]}, 400, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "greater than"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", ""),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", ""]}, 400, "stop", "empty"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "does not exist"),
+    ("/v1/completions", {}, 400, "prompt", "required"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", ""),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", ""),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "messages.0.content", "only text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "tools", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, 400,
+     "top_logprobs", ""),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     400, "response_format", ""),
+])
+def test_errors_name_the_field(served, route, body, status, param, match):
+    client, _, _, _ = served
+    r = client.post(route, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and match in error["message"] and error["type"]
+
+
+def test_models_health_and_api_key(served):
+    client, _, _, engine = served
+    assert client.get("/health").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == engine.name and models["data"][0]["max_model_len"] == 160
+    assert client.get(f"/v1/models/{engine.name}").json()["id"] == engine.name
+    assert client.get("/v1/models/other").status_code == 404
+    app = create_app(engine, api_key="sk-test")  # the same engine, started by the fixture's app
+    locked = TestClient(app)
+    assert locked.get("/v1/models").status_code == 401
+    assert locked.get("/v1/models", headers={"Authorization": "Bearer sk-wrong"}).json()["error"]["type"] == \
+        "authentication_error"
+    assert locked.get("/v1/models", headers={"Authorization": "Bearer sk-test"}).status_code == 200
+    assert locked.get("/health").status_code == 200
+
+
+def test_concurrent_requests_each_get_their_own(served):
+    client, hf, tok, engine = served
+    results = {}
+
+    def ask(i, p):
+        results[i] = client.post("/v1/completions", json={"prompt": p, "max_tokens": 20, "temperature": 0}).json()
+
+    prompts = PROMPTS * 3
+    threads = [threading.Thread(target=ask, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, p in enumerate(prompts):
+        want, _ = hf_greedy(hf, tok.encode(p), 20, engine.eos)
+        assert results[i]["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
+
+
+def test_detokenizer_and_stop_text():
+    """Text pieces add up to the whole decode, an incomplete character held back; stop strings
+    end the text before them, found across pieces."""
+    tok = moetorch.AutoTokenizer.from_pretrained("tiny-phimoe")
+    rng = random.Random(3)
+    for text in ["déjà vu — naïve café ✓ 🙂 end", "def f(x):\n    return x  # ümlaut"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        for _ in range(3):
+            d, out, i = Detokenizer(tok), "", 0
+            while i < len(ids):
+                k = rng.randint(1, 3)
+                piece = d.add(ids[i:i + k])
+                assert "\ufffd" not in piece
+                out += piece
+                i += k
+            assert out + d.flush() == tok.decode(ids, skip_special_tokens=True)
+    s = StopText(["END", "xyz"])  # holds back the last 2 characters: they may start a stop string
+    assert s.add("abcE") == ("ab", False)
+    assert s.add("N") == ("c", False)
+    assert s.add("D tail") == ("", True)
+    s = StopText(["END"])
+    assert s.add("ab") == ("", False) and s.flush() == "ab"
+    s = StopText([])
+    assert s.add("abc") == ("abc", False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live():
+    """A real server (uvicorn on a socket) for the OpenAI client."""
+    import uvicorn
+
+    model = moetorch.AutoModelForCausalLM.from_pretrained("tiny-phimoe", dtype=torch.float32)
+    tok = moetorch.AutoTokenizer.from_pretrained("tiny-phimoe")
+    engine = Engine(model, tok, "tiny-phimoe", max_model_len=512, max_batch=4)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key="sk-x"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine, tok
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_the_openai_client(live):
+    openai = pytest.importorskip("openai")  # a test dependency (pyproject's test extra)
+    url, engine, tok = live
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-x")
+    assert [m.id for m in client.models.list()] == ["tiny-phimoe"]
+    c = client.completions.create(model="tiny-phimoe", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert c.choices[0].finish_reason in ("stop", "length") and c.usage.completion_tokens >= 1
+    chat = client.chat.completions.create(model="tiny-phimoe", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model="tiny-phimoe", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        parts += [c.delta.content or "" for c in chunk.choices]
+        usage = chunk.usage or usage
+    assert "".join(parts) == chat.choices[0].message.content
+    assert usage.completion_tokens == chat.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.completions.create(model="tiny-phimoe", prompt="x", presence_penalty=1.0)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").models.list()
+
+
+def test_a_client_that_leaves_cancels_its_request(live):
+    """Closing a stream mid-way frees the request's row: the manager holds no request after it."""
+    import httpx
+
+    url, engine, tok = live
+    cancelled = []
+    cancel = engine.manager.cancel_request
+    engine.manager.cancel_request = lambda rid: (cancelled.append(rid), cancel(rid))
+    body = {"prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0.8, "stream": True}
+    with httpx.Client(headers={"Authorization": "Bearer sk-x"}) as http:
+        with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(3)]
+            assert any(line.startswith("data: ") for line in got)
+    deadline = time.monotonic() + 20
+    while engine.manager._known or not cancelled:
+        assert time.monotonic() < deadline, f"still held: {engine.manager._known}"
+        time.sleep(0.05)
+    del engine.manager.cancel_request
+    assert len(cancelled) == 1
+    # the server still serves
+    with httpx.Client(headers={"Authorization": "Bearer sk-x"}) as http:
+        r = http.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200
+
+
+def test_the_serve_command(monkeypatch):
+    """`moetorch serve` builds the engine and app for uvicorn, with its flags."""
+    import uvicorn
+
+    from moetorch import cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    assert cli.main(["serve", "--model", "tiny-jetmoe", "--port", "8123", "--max-model-len", "96", "--max-batch", "3",
+                     "--served-model-name", "jet"]) == 0
+    assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
+    engine = seen["app"].state.engine
+    assert (engine.name, engine.max_model_len, engine.manager.rows) == ("jet", 96, 3)
+    with TestClient(seen["app"]) as client:
+        r = client.post("/v1/completions", json={"model": "jet", "prompt": "import", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    with pytest.raises(SystemExit, match="max_position_embeddings"):
+        cli.main(["serve", "--model", "tiny-jetmoe", "--max-model-len", "100000"])
+
+
+def test_engine_without_an_event_loop_thread_is_not_needed():
+    """Engine.generate runs on any event loop (here asyncio.run), not only the app's."""
+    model = moetorch.AutoModelForCausalLM.from_pretrained("tiny-jetmoe", dtype=torch.float32)
+    tok = moetorch.AutoTokenizer.from_pretrained("tiny-jetmoe")
+    engine = Engine(model, tok, "jet", max_model_len=64, max_batch=2)
+    engine.start()
+    try:
+        async def run():
+            return [p async for p in engine.generate(tok.encode("import os"), 5, {"do_sample": False}, [], engine.eos,
+                                                     True)]
+        pieces = asyncio.run(run())
+    finally:
+        engine.stop()
+    ids = [t for p in pieces for t in p.token_ids]
+    want = model.generate(torch.tensor([tok.encode("import os")]), max_new_tokens=5, do_sample=False,
+                          pad_token_id=0)[0, len(tok.encode("import os")):].tolist()
+    assert ids == want[:len(ids)] and pieces[-1].finish_reason in ("stop", "length")
+    assert "".join(p.text for p in pieces) == tok.decode(ids, skip_special_tokens=True)
