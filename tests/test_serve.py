@@ -76,6 +76,17 @@ def test_completions_greedy_equal_transformers(served):
         completion += len(want)
     assert body["usage"] == {"prompt_tokens": sum(len(tok.encode(p)) for p in PROMPTS),
                              "completion_tokens": completion, "total_tokens": body["usage"]["prompt_tokens"] + completion}
+    # a request ends at the model's EOS (here, as if the 4th greedy token were it), unless ignore_eos
+    want, _ = hf_greedy(hf, tok.encode(PROMPTS[0]), 24, engine.eos)
+    eos, engine.eos = engine.eos, [want[3]]
+    try:
+        r = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0}).json()
+        assert r["usage"]["completion_tokens"] == want.index(want[3]) + 1 and r["choices"][0]["finish_reason"] == "stop"
+        r = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0,
+                                                 "ignore_eos": True}).json()
+        assert r["usage"]["completion_tokens"] == 24 and r["choices"][0]["finish_reason"] == "length"
+    finally:
+        engine.eos = eos
     # token ids as the prompt, and echo
     ids = tok.encode(PROMPTS[0])
     r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 24, "temperature": 0, "echo": True}).json()

@@ -60,6 +60,7 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = None
+    ignore_eos: bool = False  # as other OpenAI-compatible servers: run to max_tokens (benchmarks)
     # OpenAI fields the server refuses unless they hold their no-op value
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -131,6 +132,10 @@ def _stops(body: _Common) -> list[str]:
     if any(not s for s in stops):
         raise BadRequest("stop: a stop string must not be empty", "stop")
     return stops
+
+
+def _eos(body: _Common, eos: list[int]) -> list[int]:
+    return [] if body.ignore_eos else eos
 
 
 def _sampling(body: _Common, choice: int) -> dict[str, Any]:
@@ -238,14 +243,14 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if body.stream:
             async def chunks():
                 first = set()
-                async for index, piece in _run_all(engine, jobs, _stops(body), engine.eos, True):
+                async for index, piece in _run_all(engine, jobs, _stops(body), _eos(body, engine.eos), True):
                     text = piece.text
                     if index not in first and echo:
                         text = echo[index] + text
                     first.add(index)
                     yield {**head, "choices": [choice(index, text, [piece], piece.finish_reason)]}, piece
             return _sse(chunks(), body, sum(len(p) for p in prompts))
-        done = await _collect(engine, jobs, _stops(body), engine.eos, request)
+        done = await _collect(engine, jobs, _stops(body), _eos(body, engine.eos), request)
         return {**head, "choices": [choice(job.index, echo.get(job.index, "") + "".join(p.text for p in pieces),
                                            pieces, pieces[-1].finish_reason) for job, pieces in done],
                 "usage": _usage(sum(len(p) for p in prompts), sum(pieces[-1].completion_tokens for _, pieces in done))}
@@ -273,12 +278,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 for job in jobs:  # the role first, as OpenAI sends it
                     yield {**chunk_head, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}]}, None
-                async for index, piece in _run_all(engine, jobs, _stops(body), engine.chat_eos, True):
+                async for index, piece in _run_all(engine, jobs, _stops(body), _eos(body, engine.chat_eos), True):
                     delta = {"content": piece.text} if piece.text else {}
                     yield {**chunk_head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs([piece]),
                                                       "finish_reason": piece.finish_reason}]}, piece
             return _sse(chunks(), body, len(ids))
-        done = await _collect(engine, jobs, _stops(body), engine.chat_eos, request)
+        done = await _collect(engine, jobs, _stops(body), _eos(body, engine.chat_eos), request)
         choices = [{"index": job.index, "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
                     "logprobs": logprobs(pieces), "finish_reason": pieces[-1].finish_reason} for job, pieces in done]
         return {**head, "choices": choices,

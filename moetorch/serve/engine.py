@@ -171,6 +171,8 @@ class Engine:
         try:
             while not done:
                 out = await queue.get()
+                while not queue.empty():  # results hold every token so far: the latest will do
+                    out = queue.get_nowait()
                 if out.status == RequestStatus.FAILED:
                     raise EngineError(out.error or "the request failed")
                 new = out.generated_tokens[seen:]

@@ -1,0 +1,276 @@
+"""The OpenAI-compatible server under load: throughput and latency of `/v1/completions` over HTTP,
+against the same workload through `generate_batch` in the server's own process (no HTTP).
+
+    PYTHONPATH=.:bench python bench/serve.py --out r.json [--models jetmoe,phimoe] [--requests 256]
+        [--concurrency 1,32,256]
+
+Per model, a server process (`--serve`): random weights at the real size in bf16, and a word-level
+tokenizer with one word per id of the model's vocabulary (so any generated id decodes). It first
+runs the workload through `generate_batch` twice and times the second (the baseline), then serves
+with uvicorn, as `moetorch serve` does.
+
+The workload: `--requests` prompts of random token ids (lengths uniform in `--prompt`, 32:512),
+each asking for `--new` (128) tokens, greedy, `ignore_eos`. Clients (asyncio + httpx, streaming
+completions) keep `C` requests in flight for each `--concurrency` C until all are done (at C = 1,
+`--single` requests). Measured: generated tokens over wall time, time to first token (the first
+streamed text) and the time between a request's later chunks. A warm-up round first.
+
+Check on the same run: the embedded tiny-phimoe (float32) served on the GPU gives, for a few
+prompts, the text of Transformers' greedy `generate` with the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+from moetorch.benchmark import SIZES, log
+
+# --smoke: the whole run on the CPU with small models, to check the script itself
+SMOKE = {"jetmoe": dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_key_value_heads=2, kv_channels=16, num_local_experts=4, max_position_embeddings=1024),
+         "phimoe": dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                        max_position_embeddings=1024)}
+
+
+def sizes(args) -> dict:
+    return SMOKE if args.smoke else SIZES
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def word_tokenizer(vocab: int):
+    """A tokenizer whose word `<i>` is id i, for every id of the model's vocabulary."""
+    from tokenizers import Tokenizer as Rust
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from moetorch.tokenizer import Tokenizer
+
+    rust = Rust(WordLevel({f"<{i}>": i for i in range(vocab)}, unk_token="<0>"))
+    rust.pre_tokenizer = WhitespaceSplit()
+    return Tokenizer(rust, eos_token="<1>", pad_token="<0>", unk_token="<0>")
+
+
+# ---- the server process ------------------------------------------------------------------------
+def serve(args) -> int:
+    import torch
+    import uvicorn
+
+    from moetorch.benchmark import build
+    from moetorch.serve import Engine, create_app
+
+    name = args.serve
+    cfg = sizes(args)[name]
+    log(f"{name}: building")
+    model = build(name, "moetorch", cfg, device="cpu" if args.smoke else "cuda",
+                  dtype=torch.float32 if args.smoke else torch.bfloat16)
+    prompts = workload(args.requests, *args.prompt, cfg["vocab_size"])
+    engine = Engine(model, word_tokenizer(cfg["vocab_size"]), name, max_model_len=args.prompt[1] + args.new)
+    # the baseline: the same requests through generate_batch, as many rows as the server has
+    import moetorch
+
+    gen = moetorch.GenerationConfig(max_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cb = {"max_requests_per_batch": engine.manager.rows, "max_cache_len": engine.max_model_len}
+    base = {}
+    for run in range(2):
+        sync()
+        t0 = time.perf_counter()
+        out = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
+        sync()
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(r.generated_tokens) for r in out.values())
+        base = {"requests": len(prompts), "seconds": seconds, "generated_tokens": tokens,
+                "tokens_per_s": tokens / seconds, "rows": engine.manager.rows}
+        log(f"{name}: generate_batch run {run}: {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.0f} tok/s")
+    with open(args.baseline_out, "w") as f:
+        json.dump(base, f)
+    uvicorn.run(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning")
+    return 0
+
+
+# ---- the clients ---------------------------------------------------------------------------------
+async def one(client, url: str, prompt: list[int], new: int) -> dict:
+    t0 = time.perf_counter()
+    stamps, tokens = [], 0
+    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif event["choices"] and event["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": stamps[0] - t0 if stamps else None, "gaps": gaps, "tokens": tokens,
+            "seconds": time.perf_counter() - t0}
+
+
+async def load(url: str, prompts: list[list[int]], new: int, concurrency: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    results = []
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        todo = list(prompts)
+
+        async def worker():
+            while todo:
+                results.append(await one(client, url, todo.pop(0), new))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in results)
+    ttft = sorted(r["ttft"] for r in results if r["ttft"] is not None)
+    gaps = sorted(g for r in results for g in r["gaps"])
+
+    def q(xs, p):
+        return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
+
+    return {"concurrency": concurrency, "requests": len(prompts), "seconds": wall, "generated_tokens": tokens,
+            "tokens_per_s": tokens / wall, "ttft_s": {"p50": q(ttft, 0.5), "p90": q(ttft, 0.9), "max": q(ttft, 1.0)},
+            "inter_chunk_s": {"p50": q(gaps, 0.5), "p90": q(gaps, 0.9),
+                              "mean": statistics.fmean(gaps) if gaps else None},
+            "single_stream_tokens_per_s": statistics.fmean(r["tokens"] / r["seconds"] for r in results)}
+
+
+def wait_ready(url: str, proc, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError("the server did not come up")
+
+
+def bench_model(name: str, args) -> dict:
+    port = {"jetmoe": 8101, "phimoe": 8102}[name]
+    url = f"http://127.0.0.1:{port}"
+    base_file = f"/tmp/serve-baseline-{name}.json"
+    cmd = [sys.executable, __file__, "--serve", name, "--port", str(port), "--baseline-out", base_file,
+           "--requests", str(args.requests), "--prompt", f"{args.prompt[0]}:{args.prompt[1]}", "--new", str(args.new),
+           *(["--smoke"] if args.smoke else [])]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_ready(url, proc, 900)
+        with open(base_file) as f:
+            out = {"generate_batch": json.load(f), "server": []}
+        prompts = workload(args.requests, *args.prompt, sizes(args)[name]["vocab_size"])
+        asyncio.run(load(url, prompts[:8], 16, 8))  # warm-up
+        for c in args.concurrency:
+            ps = prompts[:args.single] if c == 1 else prompts
+            row = asyncio.run(load(url, ps, args.new, c))
+            out["server"].append(row)
+            log(f"{name}: concurrency {c}: {row['generated_tokens']} tokens in {row['seconds']:.2f} s: "
+                f"{row['tokens_per_s']:.0f} tok/s, TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms, chunk gap p50 "
+                f"{row['inter_chunk_s']['p50'] * 1e3:.1f} ms")
+        full = [r for r in out["server"] if r["requests"] == args.requests]
+        if full:
+            out["server_over_generate_batch"] = max(r["tokens_per_s"] for r in full) / \
+                out["generate_batch"]["tokens_per_s"]
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def tiny_check() -> dict:
+    """The embedded tiny-phimoe, float32, served on the GPU: each prompt's greedy text against
+    Transformers' greedy generate with the same weights."""
+    import torch
+    import transformers
+    from fastapi.testclient import TestClient
+
+    import moetorch
+    from moetorch.defaults import ASSETS
+    from moetorch.serve import Engine, create_app
+
+    model = moetorch.AutoModelForCausalLM.from_pretrained("tiny-phimoe", dtype=torch.float32, device_map="cuda")
+    tok = moetorch.AutoTokenizer.from_pretrained("tiny-phimoe")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(ASSETS / "tiny-phimoe"), dtype=torch.float32).cuda()
+    prompts = ["def fibonacci(n):", "import os\nimport", "class Parser:\n    def", "# Copyright", "for i in range("]
+    engine = Engine(model, tok, "tiny", max_model_len=128, max_batch=4)
+    same = 0
+    with TestClient(create_app(engine)) as client:
+        r = client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 40, "temperature": 0}).json()
+        for p, choice in zip(prompts, r["choices"]):
+            ids = tok.encode(p)
+            want = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=40, do_sample=False,
+                               pad_token_id=0)[0, len(ids):].tolist()
+            if 1 in want:
+                want = want[:want.index(1) + 1]
+            same += choice["text"] == tok.decode(want, skip_special_tokens=True)
+    out = {"prompts": len(prompts), "equal_texts": same}
+    log(f"tiny check: {out}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="jetmoe,phimoe")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--prompt", default="32:512", help="prompt lengths, LO:HI")
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--concurrency", default="1,32,256")
+    p.add_argument("--single", type=int, default=4, help="requests at concurrency 1")
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true", help="small models on the CPU: checks the script, measures nothing")
+    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=8100, help=argparse.SUPPRESS)
+    p.add_argument("--baseline-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.prompt = tuple(int(x) for x in args.prompt.split(":"))
+    if args.serve:
+        return serve(args)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    import torch
+
+    result = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
+              "args": vars(args), "tiny_check": None if args.smoke else tiny_check(), "models": {}}
+    for name in args.models.split(","):
+        result["models"][name] = bench_model(name, args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "args"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
