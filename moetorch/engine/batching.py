@@ -685,7 +685,9 @@ class ContinuousBatchingManager:
         sampling = None
         if logit_processor_kwargs:
             sampling = Sampling.of(logit_processor_kwargs, self.default_sampling, request_id)
-            if sampling.do_sample and self._other_warpers:
+            if sampling == self.default_sampling:
+                sampling = None  # the config's own: the batch's plain path
+            elif sampling.do_sample and self._other_warpers:
                 raise ValueError(f"add_request: per-request settings combine with the generation config's temperature, "
                                  f"top_k and top_p, but it also sets {self._other_warpers}")
         prompt = _prompt_list(input_ids, self.model.config.vocab_size, request_id)
