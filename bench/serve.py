@@ -13,7 +13,10 @@ The workload: `--requests` prompts of random token ids (lengths uniform in `--pr
 each asking for `--new` (128) tokens, greedy, `ignore_eos`. Clients (asyncio + httpx, streaming
 completions) keep `C` requests in flight for each `--concurrency` C until all are done (at C = 1,
 `--single` requests). Measured: generated tokens over wall time, time to first token (the first
-streamed text) and the time between a request's later chunks. A warm-up round first.
+streamed text) and the time between a request's later chunks; last, the largest concurrency again
+without streaming. Each round follows a short warm-up round of the same concurrency.
+`--switch-intervals 0,0.0005` runs a server per value of `sys.setswitchinterval` (the GIL's hand-over
+interval: the batch's loop thread waits up to that long for the GIL held by the event loop).
 
 Check on the same run: the embedded tiny-phimoe (float32) served on the GPU gives, for a few
 prompts, the text of Transformers' greedy `generate` with the same weights.
@@ -79,6 +82,8 @@ def serve(args) -> int:
     from moetorch.serve import Engine, create_app
 
     name = args.serve
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     cfg = sizes(args)[name]
     log(f"{name}: building")
     model = build(name, "moetorch", cfg, device="cpu" if args.smoke else "cuda",
@@ -91,7 +96,7 @@ def serve(args) -> int:
     gen = moetorch.GenerationConfig(max_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0)
     cb = {"max_requests_per_batch": engine.manager.rows, "max_cache_len": engine.max_model_len}
     base = {}
-    for run in range(2):
+    for run in range(2 if args.baseline else 0):
         sync()
         t0 = time.perf_counter()
         out = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
@@ -108,11 +113,17 @@ def serve(args) -> int:
 
 
 # ---- the clients ---------------------------------------------------------------------------------
-async def one(client, url: str, prompt: list[int], new: int) -> dict:
+async def one(client, url: str, prompt: list[int], new: int, stream: bool = True) -> dict:
     t0 = time.perf_counter()
     stamps, tokens = [], 0
-    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True, "stream": stream}
+    if not stream:
+        r = await client.post(f"{url}/v1/completions", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
+        return {"ttft": None, "gaps": [], "tokens": r.json()["usage"]["completion_tokens"],
+                "seconds": time.perf_counter() - t0}
+    body["stream_options"] = {"include_usage": True}
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
@@ -131,7 +142,7 @@ async def one(client, url: str, prompt: list[int], new: int) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-async def load(url: str, prompts: list[list[int]], new: int, concurrency: int) -> dict:
+async def load(url: str, prompts: list[list[int]], new: int, concurrency: int, stream: bool = True) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -141,7 +152,7 @@ async def load(url: str, prompts: list[list[int]], new: int, concurrency: int) -
 
         async def worker():
             while todo:
-                results.append(await one(client, url, todo.pop(0), new))
+                results.append(await one(client, url, todo.pop(0), new, stream))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -153,7 +164,8 @@ async def load(url: str, prompts: list[list[int]], new: int, concurrency: int) -
     def q(xs, p):
         return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
 
-    return {"concurrency": concurrency, "requests": len(prompts), "seconds": wall, "generated_tokens": tokens,
+    return {"concurrency": concurrency, "stream": stream, "requests": len(prompts), "seconds": wall,
+            "generated_tokens": tokens,
             "tokens_per_s": tokens / wall, "ttft_s": {"p50": q(ttft, 0.5), "p90": q(ttft, 0.9), "max": q(ttft, 1.0)},
             "inter_chunk_s": {"p50": q(gaps, 0.5), "p90": q(gaps, 0.9),
                               "mean": statistics.fmean(gaps) if gaps else None},
@@ -176,31 +188,32 @@ def wait_ready(url: str, proc, timeout: float) -> None:
     raise RuntimeError("the server did not come up")
 
 
-def bench_model(name: str, args) -> dict:
+def bench_model(name: str, args, switch_interval: float | None, baseline: bool) -> dict:
     port = {"jetmoe": 8101, "phimoe": 8102}[name]
     url = f"http://127.0.0.1:{port}"
     base_file = f"/tmp/serve-baseline-{name}.json"
     cmd = [sys.executable, __file__, "--serve", name, "--port", str(port), "--baseline-out", base_file,
            "--requests", str(args.requests), "--prompt", f"{args.prompt[0]}:{args.prompt[1]}", "--new", str(args.new),
-           *(["--smoke"] if args.smoke else [])]
+           *(["--smoke"] if args.smoke else []), *(["--baseline"] if baseline else []),
+           *(["--switch-interval", str(switch_interval)] if switch_interval else [])]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         wait_ready(url, proc, 900)
-        with open(base_file) as f:
-            out = {"generate_batch": json.load(f), "server": []}
+        out = {"switch_interval_s": switch_interval or 0.005, "server": []}
+        if baseline:
+            with open(base_file) as f:
+                out["generate_batch"] = json.load(f)
         prompts = workload(args.requests, *args.prompt, sizes(args)[name]["vocab_size"])
-        asyncio.run(load(url, prompts[:8], 16, 8))  # warm-up
-        for c in args.concurrency:
+        runs = [(c, True) for c in args.concurrency] + [(max(args.concurrency), False)]
+        for c, stream in runs:
             ps = prompts[:args.single] if c == 1 else prompts
-            row = asyncio.run(load(url, ps, args.new, c))
+            asyncio.run(load(url, ps[-min(len(ps), c):], 16, c, stream))  # the same shapes, warm
+            row = asyncio.run(load(url, ps, args.new, c, stream))
             out["server"].append(row)
-            log(f"{name}: concurrency {c}: {row['generated_tokens']} tokens in {row['seconds']:.2f} s: "
-                f"{row['tokens_per_s']:.0f} tok/s, TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms, chunk gap p50 "
-                f"{row['inter_chunk_s']['p50'] * 1e3:.1f} ms")
-        full = [r for r in out["server"] if r["requests"] == args.requests]
-        if full:
-            out["server_over_generate_batch"] = max(r["tokens_per_s"] for r in full) / \
-                out["generate_batch"]["tokens_per_s"]
+            lat = (f", TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms, chunk gap p50 "
+                   f"{row['inter_chunk_s']['p50'] * 1e3:.1f} ms") if stream else " (not streamed)"
+            log(f"{name} (switch interval {out['switch_interval_s']}): concurrency {c}: {row['generated_tokens']} "
+                f"tokens in {row['seconds']:.2f} s: {row['tokens_per_s']:.0f} tok/s{lat}")
         return out
     finally:
         proc.terminate()
@@ -231,11 +244,15 @@ def tiny_check() -> dict:
         r = client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 40, "temperature": 0}).json()
         for p, choice in zip(prompts, r["choices"]):
             ids = tok.encode(p)
+            # (the pad id is the tokenizer's: Transformers reads a prompt's pad ids as padding)
             want = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=40, do_sample=False,
-                               pad_token_id=0)[0, len(ids):].tolist()
-            if 1 in want:
-                want = want[:want.index(1) + 1]
-            same += choice["text"] == tok.decode(want, skip_special_tokens=True)
+                               eos_token_id=engine.eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+            ended = [i for i, t in enumerate(want) if t in engine.eos]
+            want = want[:ended[0] + 1] if ended else want
+            text = tok.decode(want, skip_special_tokens=True)
+            same += choice["text"] == text
+            if choice["text"] != text:
+                log(f"tiny check differs for {p!r}: served {choice['text']!r}, Transformers {text!r}")
     out = {"prompts": len(prompts), "equal_texts": same}
     log(f"tiny check: {out}")
     return out
@@ -248,7 +265,11 @@ def main() -> int:
     p.add_argument("--prompt", default="32:512", help="prompt lengths, LO:HI")
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--concurrency", default="1,32,256")
-    p.add_argument("--single", type=int, default=4, help="requests at concurrency 1")
+    p.add_argument("--single", type=int, default=8, help="requests at concurrency 1")
+    p.add_argument("--switch-intervals", default="0", help="the server's sys.setswitchinterval, a run each (0: "
+                   "Python's default, 5 ms)")
+    p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--switch-interval", type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="small models on the CPU: checks the script, measures nothing")
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
@@ -259,12 +280,20 @@ def main() -> int:
     if args.serve:
         return serve(args)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.switch_intervals = [float(x) or None for x in args.switch_intervals.split(",")]
     import torch
 
     result = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
               "args": vars(args), "tiny_check": None if args.smoke else tiny_check(), "models": {}}
     for name in args.models.split(","):
-        result["models"][name] = bench_model(name, args)
+        runs = []
+        for i, interval in enumerate(args.switch_intervals):
+            runs.append(bench_model(name, args, interval, baseline=i == 0))
+        base = runs[0]["generate_batch"]["tokens_per_s"]
+        for r in runs:
+            full = [x["tokens_per_s"] for x in r["server"] if x["requests"] == args.requests]
+            r["best_over_generate_batch"] = max(full) / base if full else None
+        result["models"][name] = {"generate_batch": runs[0]["generate_batch"], "runs": runs}
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

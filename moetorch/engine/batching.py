@@ -104,7 +104,8 @@ class RequestStatus(IntEnum):
 @dataclass
 class GenerationOutput:
     """A request's result (or, streaming, its state after each token), as Transformers' class.
-    `lifespan`: (when it left the queue, when it finished), `time.perf_counter()` values."""
+    `lifespan`: (when it left the queue, when it finished), `time.perf_counter()` values. A
+    request's results share one `prompt_ids` list: read it, do not change it."""
 
     request_id: str
     prompt_ids: list[int] = field(default_factory=list)
@@ -296,7 +297,7 @@ class _Request:
     def output(self) -> GenerationOutput:
         finished = time.perf_counter() if self.status >= RequestStatus.FINISHED else -1
         return GenerationOutput(
-            request_id=self.id, prompt_ids=list(self.prompt), generated_tokens=list(self.tokens),
+            request_id=self.id, prompt_ids=self.prompt, generated_tokens=list(self.tokens),
             logprobs=list(self.logprobs), error=self.error, status=self.status, created_time=self.created,
             lifespan=(self.started, finished), timestamps=None if self.stamps is None else list(self.stamps),
         )
@@ -504,6 +505,7 @@ class ContinuousBatchingManager:
         self._known: set[str] = set()  # ids queued or running
         self._results: deque[GenerationOutput] = deque()
         self._handlers: dict[str, tuple] = {}  # request id -> (callback, event loop)
+        self._outbox: list = []  # ((callback, loop), result) not yet handed to their loops
         self._pauses, self._paused = 0, False
         self._counter = itertools.count()
         self._thread: threading.Thread | None = None
@@ -830,7 +832,23 @@ class ContinuousBatchingManager:
                 self._handlers.pop(req.id, None)
             self._lock.notify_all()
         if handler is not None:
-            handler[1].call_soon_threadsafe(handler[0], out)
+            self._outbox.append((handler, out))  # handed over once per turn of the loop (_post)
+
+    def _post(self) -> None:
+        """Hand the results gathered for result handlers to their event loops: one call a loop, so
+        that a step's results for many requests wake an event loop once."""
+        if not self._outbox:
+            return
+        by_loop: dict = {}
+        for (callback, loop), out in self._outbox:
+            by_loop.setdefault(loop, []).append((callback, out))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_call_each, items)
+            except RuntimeError:  # the loop was closed: nobody is waiting there
+                logger.warning("continuous batching: a result handler's event loop is closed; %d results dropped",
+                               len(items))
 
     def _hold_while_paused(self, running: dict, batch: _Batch) -> None:
         """Wait (after the steps in flight) while a pause is held."""
@@ -838,6 +856,7 @@ class ContinuousBatchingManager:
             if not self._pauses:
                 return
         self._drain(running, batch)
+        self._post()
         if batch.model.device.type == "cuda":
             torch.cuda.synchronize(batch.model.device)
         with self._lock:
@@ -864,6 +883,7 @@ class ContinuousBatchingManager:
             with torch.no_grad(), own_forward(self.model), _on(self.model.device):
                 batch = self._ensure_batch()
                 while True:
+                    self._post()
                     with self._lock:
                         for req in self._incoming:
                             req.since = self._steps
@@ -900,6 +920,7 @@ class ContinuousBatchingManager:
                 self._incoming.clear()
             for req in [*running.values(), *waiting]:
                 self._finish(req, reason)
+            self._post()
 
     def _cancel(self, ids: set[str], waiting: deque, running: dict, batch: _Batch) -> None:
         for req in [r for r in waiting if r.id in ids]:
@@ -913,6 +934,7 @@ class ContinuousBatchingManager:
         while waiting:
             if self._runs_alone(len(waiting[0].prompt), waiting[0].max_new):
                 self._drain(running, batch)  # its generate syncs anyway; the batch's steps land first
+                self._post()
                 self._alone(waiting.popleft())
                 continue
             free = [r for r in range(batch.R) if r not in running]
@@ -1135,6 +1157,15 @@ class ContinuousBatchingManager:
             if req.add(tok, lp):
                 break
         self._finish(req)
+
+
+def _call_each(items: list) -> None:
+    """On an event loop: each result to its handler (one failing handler does not stop the rest)."""
+    for callback, out in items:
+        try:
+            callback(out)
+        except Exception:  # noqa: BLE001 -- a handler's own error, logged as asyncio would
+            logger.exception("continuous batching: the result handler of %s raised", out.request_id)
 
 
 def _id_set(eos) -> frozenset[int]:

@@ -303,13 +303,22 @@ class _Job:
 async def _run_all(engine: Engine, jobs: list[_Job], stops: list[str], eos: list[int],
                    stream: bool) -> AsyncIterator[tuple[int, Piece]]:
     """(choice index, piece) of every job, as they come; the jobs cancelled if the caller leaves."""
+    if len(jobs) == 1:  # one choice: its pieces as they come, with no task in between
+        job = jobs[0]
+        async with contextlib.aclosing(engine.generate(job.ids, job.max_tokens, job.sampling, stops, eos,
+                                                       stream)) as pieces:
+            async for piece in pieces:
+                yield job.index, piece
+        return
     queue: asyncio.Queue = asyncio.Queue()
     _END = object()
 
     async def run(job: _Job) -> None:
         try:
-            async for piece in engine.generate(job.ids, job.max_tokens, job.sampling, stops, eos, stream):
-                await queue.put((job.index, piece))
+            async with contextlib.aclosing(engine.generate(job.ids, job.max_tokens, job.sampling, stops, eos,
+                                                           stream)) as pieces:
+                async for piece in pieces:
+                    await queue.put((job.index, piece))
             await queue.put((job.index, _END))
         except BaseException as e:  # noqa: BLE001 -- handed to the reader
             await queue.put((job.index, e))
