@@ -266,8 +266,8 @@ def main() -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--concurrency", default="1,32,256")
     p.add_argument("--single", type=int, default=8, help="requests at concurrency 1")
-    p.add_argument("--switch-intervals", default="0", help="the server's sys.setswitchinterval, a run each (0: "
-                   "Python's default, 5 ms)")
+    p.add_argument("--switch-intervals", default="0.0005", help="the server's sys.setswitchinterval, a run each "
+                   "(0: Python's default, 5 ms; moetorch serve sets 0.0005)")
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--switch-interval", type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)

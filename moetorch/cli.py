@@ -150,6 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_batch_tokens=args.max_batch_tokens)
     except (ValueError, RuntimeError) as e:  # a --max-model-len past the model's, no room for a row
         raise SystemExit(f"moetorch serve: {e}") from None
+    if args.switch_interval > 0:
+        sys.setswitchinterval(args.switch_interval)
     print(f"[moetorch] serving {name!r} at http://{args.host}:{args.port}/v1 ({engine.manager.rows} rows of "
           f"{engine.max_model_len} tokens)", file=sys.stderr)
     uvicorn.run(create_app(engine, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level)
@@ -218,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the GPU's free memory holds, at most 256; 64 on the CPU)")
     serve.add_argument("--max-batch-tokens", type=int, default=None, help="prompt tokens of one prefill (16384)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--switch-interval", type=float, default=0.0005, help="seconds between the Python threads' "
+                       "turns at the interpreter lock (sys.setswitchinterval; Python's default is 0.005): the batch's "
+                       "loop waits at most this long for the HTTP thread")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 

@@ -188,13 +188,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def prompt_error(request: Request, exc: PromptError):
         return _error(str(exc), 400, str(exc).split(":")[0].split("[")[0])
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error("invalid or missing API key (Authorization: Bearer ...)", 401,
-                              kind="authentication_error")
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(_ApiKey, key=api_key)
 
     def card() -> dict[str, Any]:
         return {"id": engine.name, "object": "model", "created": 0, "owned_by": "moetorch",
@@ -290,6 +285,24 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 "usage": _usage(len(ids), sum(pieces[-1].completion_tokens for _, pieces in done))}
 
     return app
+
+
+class _ApiKey:
+    """ASGI middleware: /v1 routes need `Authorization: Bearer <key>`. (Plain ASGI: Starlette's
+    BaseHTTPMiddleware would pass every streamed chunk through a memory stream of its own.)"""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope.get("headers") or []).get(b"authorization")
+            if given != self.expected:
+                response = _error("invalid or missing API key (Authorization: Bearer ...)", 401,
+                                  kind="authentication_error")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # ---- running requests ------------------------------------------------------------------------------
