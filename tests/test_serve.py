@@ -9,6 +9,7 @@ import asyncio
 import json
 import random
 import socket
+import sys
 import threading
 import time
 
@@ -380,9 +381,10 @@ def test_the_serve_command(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(sys, "setswitchinterval", lambda s: seen.update(switch_interval=s))
     assert cli.main(["serve", "--model", "tiny-jetmoe", "--port", "8123", "--max-model-len", "96", "--max-batch", "3",
                      "--served-model-name", "jet"]) == 0
-    assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
+    assert seen["port"] == 8123 and seen["host"] == "127.0.0.1" and seen["switch_interval"] == 0.0005
     engine = seen["app"].state.engine
     assert (engine.name, engine.max_model_len, engine.manager.rows) == ("jet", 96, 3)
     with TestClient(seen["app"]) as client:
@@ -390,6 +392,18 @@ def test_the_serve_command(monkeypatch):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     with pytest.raises(SystemExit, match="max_position_embeddings"):
         cli.main(["serve", "--model", "tiny-jetmoe", "--max-model-len", "100000"])
+
+
+def test_prefill_warm_up_shapes(monkeypatch):
+    """On a GPU the engine prefills every power-of-two token count up to a prefill group's before it
+    serves (here called directly on the CPU): prompts of at most max_model_len - 1 tokens."""
+    model = moetorch.AutoModelForCausalLM.from_pretrained("tiny-jetmoe", dtype=torch.float32)
+    tok = moetorch.AutoTokenizer.from_pretrained("tiny-jetmoe")
+    engine = Engine(model, tok, "jet", max_model_len=65, max_batch=8, max_batch_tokens=256)
+    calls = []
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda ids, **kw: calls.append(tuple(ids.shape)) or original(ids, **kw))
+    assert engine.warm_prefills() == calls == [(1, 16), (1, 32), (1, 64), (2, 64), (4, 64)]
 
 
 def test_engine_without_an_event_loop_thread_is_not_needed():

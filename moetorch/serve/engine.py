@@ -130,7 +130,31 @@ class Engine:
         self._ids = itertools.count()
 
     def start(self) -> None:
+        """Warm the prefill kernels (on a GPU), then start the manager (which captures the decode graphs)."""
+        if self.model.device.type == "cuda":
+            self.warm_prefills()
         self.manager.start()
+
+    def warm_prefills(self) -> list[tuple[int, int]]:
+        """Prefill random prompts of every power-of-two token count from 16 up to a prefill
+        group's, so that the kernels (and block sizes) that a first request's prefill picks are
+        compiled before one comes, not while it waits. Returns the (prompts, length) shapes run."""
+        import torch
+
+        longest = self.max_model_len - 1
+        top = min(self.manager.batch_tokens, self.manager.rows * longest)
+        shapes, tokens = [], 16
+        while tokens <= top:
+            length = min(tokens, longest)
+            shapes.append((max(1, tokens // length), length))
+            tokens *= 2
+        vocab = self.model.config.vocab_size
+        with torch.no_grad():
+            for rows, length in shapes:
+                ids = torch.randint(1, vocab, (rows, length), device=self.model.device)
+                self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                                    pad_token_id=0, eos_token_id=None)
+        return shapes
 
     def stop(self) -> None:
         if self.manager.is_running():
