@@ -269,6 +269,37 @@ def test_per_request_sampling_settings(pair):
     assert other["seeded"].generated_tokens != out["seeded"].generated_tokens
 
 
+def test_top_logprobs(pair):
+    """add_request(top_logprobs=k): each token's k likeliest (id, log-probability) of the
+    distribution it was drawn from, as an eager forward over prompt + tokens gives them; a request
+    beside it that asks for none gets none."""
+    _, ours = pair
+    inputs = prompts(13, 3, 2, 9)
+    cb = {"max_requests_per_batch": 3, "return_logprobs": True}
+    with ours.continuous_batching_context_manager(generation_config=config(5), continuous_batching_config=cb) as m:
+        m.add_request(inputs[0], request_id="top3", top_logprobs=3)
+        m.add_request(inputs[1], request_id="none")
+        m.add_request(inputs[2], request_id="top1", top_logprobs=1, do_sample=True, top_k=1)
+        out = {r.request_id: r for r in (m.get_result(timeout=30) for _ in range(3))}
+    assert out["none"].top_logprobs == []
+    r, p = out["top3"], inputs[0]
+    with torch.no_grad():
+        logits = ours(torch.tensor([p + r.generated_tokens])).logits[0, len(p) - 1:-1].float()
+    values, ids = logits.log_softmax(-1).topk(3)
+    assert [[t for t, _ in top] for top in r.top_logprobs] == ids.tolist()
+    torch.testing.assert_close(torch.tensor([[v for _, v in top] for top in r.top_logprobs]), values, atol=1e-4, rtol=0)
+    assert [top[0][0] for top in r.top_logprobs] == r.generated_tokens  # greedy: the likeliest
+    assert [top[0][1] for top in r.top_logprobs] == r.logprobs
+    # sampled with top_k=1: the distribution drawn from holds one token, of probability 1
+    assert out["top1"].top_logprobs == [[(t, 0.0)] for t in out["top1"].generated_tokens]
+    greedy_only = ours.init_continuous_batching(generation_config=config(5))
+    with pytest.raises(ValueError, match="return_logprobs"):
+        greedy_only.add_request(inputs[0], top_logprobs=2)
+    with pytest.raises(ValueError, match="top_logprobs must be"):
+        ours.init_continuous_batching(generation_config=config(5), continuous_batching_config=cb).add_request(
+            inputs[0], top_logprobs=21)
+
+
 def test_per_request_settings_against_the_config(pair):
     """A request's own settings start from the generation config's; a config whose warpers a
     request cannot set (min_p) refuses them; greedy requests in a sampling manager are greedy."""

@@ -100,7 +100,7 @@ def test_chat_greedy_equals_transformers(served):
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     want, lps = hf_greedy(hf, ids, 30, engine.chat_eos)
     r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 30, "temperature": 0,
-                                                  "logprobs": True})
+                                                  "logprobs": True, "top_logprobs": 2})
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": tok.decode(want, skip_special_tokens=True)}
@@ -108,6 +108,14 @@ def test_chat_greedy_equals_transformers(served):
     content = choice["logprobs"]["content"]
     assert [c["token"] for c in content] == [tok.decode([t]) for t in want]
     torch.testing.assert_close(torch.tensor([c["logprob"] for c in content]), torch.tensor(lps), atol=1e-4, rtol=0)
+    # the two likeliest tokens of each step, from Transformers' logits over prompt + reply
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + want])).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+    values, top_ids = logits.topk(2)
+    assert [[t["token"] for t in c["top_logprobs"]] for c in content] == \
+        [[tok.decode([i]) for i in row] for row in top_ids.tolist()]
+    torch.testing.assert_close(torch.tensor([[t["logprob"] for t in c["top_logprobs"]] for c in content]), values,
+                               atol=1e-4, rtol=0)
     assert r.json()["usage"]["prompt_tokens"] == len(ids)
     # content parts of text are joined
     parts = [{"role": "system", "content": [{"type": "text", "text": "You write "}, {"type": "text", "text": "Python."}]},
@@ -195,16 +203,67 @@ def test_completion_logprobs(served):
     choice = client.post("/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0,
                                                   "logprobs": 0}).json()["choices"][0]
     lp = choice["logprobs"]
-    assert lp["tokens"] == [tok.decode([t]) for t in want]
+    assert lp["tokens"] == [tok.decode([t]) for t in want] and lp["top_logprobs"] is None
     torch.testing.assert_close(torch.tensor(lp["token_logprobs"]), torch.tensor(lps), atol=1e-4, rtol=0)
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    # logprobs=3: each step's three likeliest tokens, by their text
+    top = client.post("/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0,
+                                               "logprobs": 3}).json()["choices"][0]["logprobs"]["top_logprobs"]
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + want])).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+    values, top_ids = logits.topk(3)
+    for step, row, vals in zip(top, top_ids.tolist(), values.tolist()):
+        want_step = {}
+        for i, v in zip(row, vals):
+            want_step.setdefault(tok.decode([i]), v)
+        assert step.keys() == want_step.keys()
+        assert all(abs(step[k] - want_step[k]) < 1e-4 for k in step)
+
+
+def test_echo_scores_the_prompt(served):
+    """echo with logprobs (as lm-evaluation-harness scores text): each prompt token's
+    log-probability given the tokens before it and its likeliest alternatives, from Transformers'
+    forward; max_tokens=0 scores without generating."""
+    client, hf, tok, engine = served
+    text = PROMPTS[1] + " sys"
+    ids = tok.encode(text)
+    with torch.no_grad():
+        lsm = hf(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    want = lsm.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == tok.decode(ids, skip_special_tokens=True) and choice["finish_reason"] == "length"
+    assert lp["tokens"] == [tok.decode([t]) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-4, rtol=0)
+    values, top_ids = lsm.topk(2)
+    for step, row, vals in zip(lp["top_logprobs"][1:], top_ids.tolist(), values.tolist()):
+        assert list(step) == list(dict.fromkeys(tok.decode([i]) for i in row))
+        assert abs(step[tok.decode([row[0]])] - vals[0]) < 1e-4
+    assert r.json()["usage"]["completion_tokens"] == 0
+    # with tokens generated after it: the prompt's entries, then the completion's; streamed alike
+    body = {"prompt": text, "max_tokens": 5, "echo": True, "logprobs": 1, "temperature": 0}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert whole["text"].startswith(choice["text"]) and len(whole["logprobs"]["tokens"]) == len(ids) + 5
+    assert whole["logprobs"]["token_logprobs"][:len(ids)] == pytest.approx(lp["token_logprobs"], abs=1e-6)
+    offsets = whole["logprobs"]["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = sse(r.iter_lines())[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    assert [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]] == whole["logprobs"]["tokens"]
+    assert [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]] == offsets
+    r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
 @pytest.mark.parametrize("route,body,status,param,match", [
     ("/v1/completions", {"prompt": "x", "max_token": 3}, 400, "max_token", "unknown field"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs", "top log-probabilities"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs", "less than or equal"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 400}, 400, "prompt", "max-model-len"),
     ("/v1/completions", {"prompt": "x " * 200}, 400, "prompt", "max-model-len"),
     ("/v1/completions", {"prompt": [[5], []]}, 400, "prompt", "prompt[1]: the prompt is empty"),
@@ -223,7 +282,9 @@ def test_completion_logprobs(served):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      400, "tools", "not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, 400,
-     "top_logprobs", ""),
+     "top_logprobs", "needs logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs", ""),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
      400, "response_format", ""),
 ])

@@ -74,6 +74,8 @@ ADMIT_AFTER_STEPS = 8
 READ_LAG = 1
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
+# The most top log-probabilities a request may ask for per token (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 # How long `add_request` waits for room in a full queue (max_queue_size).
 QUEUE_WAIT_S = 10.0
 
@@ -111,6 +113,8 @@ class GenerationOutput:
     prompt_ids: list[int] = field(default_factory=list)
     generated_tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    # moetorch: with add_request(top_logprobs=k), each token's k likeliest (id, log-probability)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     error: str | None = None
     status: RequestStatus = RequestStatus.PENDING
     created_time: float = field(default_factory=time.perf_counter)
@@ -277,7 +281,7 @@ class _Request:
     """A request's state in the manager."""
 
     __slots__ = ("id", "prompt", "max_new", "eos", "streaming", "stamps", "tokens", "logprobs", "status",
-                 "created", "started", "start", "since", "error", "sampling", "generator")
+                 "created", "started", "start", "since", "error", "sampling", "generator", "top_n", "tops")
 
     def __init__(self, request_id: str, prompt: list[int], max_new: int, eos: frozenset[int], streaming: bool,
                  record_timestamps: bool, sampling: Sampling | None = None) -> None:
@@ -285,6 +289,8 @@ class _Request:
         self.streaming = streaming
         self.sampling = sampling  # its own settings, or None: the manager's generation config
         self.generator: torch.Generator | None = None  # a seeded request's, made on its first draw
+        self.top_n = 0  # top log-probabilities wanted per token
+        self.tops: list[list[tuple[int, float]]] = []
         self.stamps: list[float] | None = [] if record_timestamps else None
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
@@ -298,13 +304,20 @@ class _Request:
         finished = time.perf_counter() if self.status >= RequestStatus.FINISHED else -1
         return GenerationOutput(
             request_id=self.id, prompt_ids=self.prompt, generated_tokens=list(self.tokens),
-            logprobs=list(self.logprobs), error=self.error, status=self.status, created_time=self.created,
+            logprobs=list(self.logprobs), top_logprobs=list(self.tops), error=self.error, status=self.status,
+            created_time=self.created,
             lifespan=(self.started, finished), timestamps=None if self.stamps is None else list(self.stamps),
         )
 
-    def add(self, token: int, logprob: float | None) -> bool:
-        """Take a generated token; whether the request is now done."""
+    def add(self, token: int, logprob) -> bool:
+        """Take a generated token (`logprob`: None, its log-probability, or a step's row of it
+        and the top log-probabilities, `_top_logprobs`); whether the request is now done."""
         self.tokens.append(token)
+        if isinstance(logprob, list):
+            if self.top_n:
+                k = (len(logprob) - 1) // 2
+                self.tops.append([(int(logprob[1 + k + j]), logprob[1 + j]) for j in range(self.top_n)])
+            logprob = logprob[0]
         if logprob is not None:
             self.logprobs.append(logprob)
         if self.stamps is not None:
@@ -684,6 +697,13 @@ class ContinuousBatchingManager:
     def _requests(self, input_ids, request_id, max_new_tokens, streaming, record_timestamps, eos_token_id,
                   logit_processor_kwargs) -> tuple[str, list[_Request]]:
         """A checked request and its children, not queued: (request id, requests)."""
+        top_n = logit_processor_kwargs.pop("top_logprobs", 0) or 0
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"add_request({request_id!r}): top_logprobs must be an int in 0..{MAX_TOP_LOGPROBS}, "
+                             f"got {top_n!r}")
+        if top_n and not self.return_logprobs:
+            raise ValueError(f"add_request({request_id!r}): top_logprobs needs the manager's "
+                             "continuous_batching_config.return_logprobs=True")
         sampling = None
         if logit_processor_kwargs:
             sampling = Sampling.of(logit_processor_kwargs, self.default_sampling, request_id)
@@ -715,8 +735,10 @@ class ContinuousBatchingManager:
         # a seed draws the request's samples from a generator of its own; children draw from seed + 1, ...
         own = [sampling if sampling is None or sampling.seed is None or i == len(ids) - 1 else
                dataclasses.replace(sampling, seed=(sampling.seed + i + 1) % 2**63) for i in range(len(ids))]
-        return request_id, [_Request(i, prompt, max_new, eos, streaming, record_timestamps, sp)
-                            for i, sp in zip(ids, own)]
+        requests = [_Request(i, prompt, max_new, eos, streaming, record_timestamps, sp) for i, sp in zip(ids, own)]
+        for r in requests:
+            r.top_n = top_n
+        return request_id, requests
 
     def _queue(self, request_id: str, requests: list[_Request]) -> str:
         """Queue a request and its children, waiting up to QUEUE_WAIT_S for room."""
@@ -967,7 +989,7 @@ class ContinuousBatchingManager:
                 req.status, req.started = RequestStatus.PREFILLING, now
                 req.start = batch.col - len(req.prompt)
             tokens = torch.empty(len(group), dtype=torch.long, device=batch.ids.device)
-            logprobs = torch.empty(len(group), device=batch.ids.device) if self.return_logprobs else None
+            logprobs: list | None = [] if self.return_logprobs else None  # (part, its log-probabilities)
             for part in _prefill_batches([len(r.prompt) for r in group], min(MIN_PREFILL_TOKENS, self.batch_tokens)):
                 logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part], self.pad_id)
                 self.stats["prefill_tokens"].append(sum(len(group[i].prompt) for i in part))
@@ -976,7 +998,7 @@ class ContinuousBatchingManager:
                 index = _to(torch.tensor(part), tokens.device)
                 tokens[index] = t
                 if logprobs is not None:
-                    logprobs[index] = lp
+                    logprobs.append((part, lp))
             batch.ids[_to(torch.tensor(rows), tokens.device), 0] = tokens
             for req in group:  # left waiting until here, so that an error above fails them too
                 waiting.popleft()
@@ -1006,7 +1028,10 @@ class ContinuousBatchingManager:
     def _take(self, group, rows, tokens, logprobs, running, batch) -> None:
         """Hand the tokens of a prefill to their requests, which then run in their rows."""
         host = tokens.tolist()
-        lps = logprobs.tolist() if logprobs is not None else [None] * len(host)
+        lps = [None] * len(host)
+        for part, lp in logprobs or []:
+            for i, value in zip(part, lp.tolist()):
+                lps[i] = value
         self._rows_changed += 1
         for req, row, tok, lp in zip(group, rows, host, lps):
             running[row] = req
@@ -1085,8 +1110,22 @@ class ContinuousBatchingManager:
             tokens = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
         else:
             tokens = scores.argmax(dim=-1)
-        lp = scores.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1) if want_lp else None
-        return tokens, lp
+        return tokens, self._logprobs(scores, tokens, reqs) if want_lp else None
+
+    def _logprobs(self, scores_BV: torch.Tensor, tokens_B: torch.Tensor, reqs: list) -> torch.Tensor:
+        """The drawn tokens' log-probabilities [B]; where a row asks for top log-probabilities,
+        [B, 1 + 2K] for the most any row asks: the token's, then the K largest, then their ids
+        (exact as float32 below 2**24)."""
+        lsm = scores_BV.log_softmax(dim=-1)
+        lp = lsm.gather(1, tokens_B[:, None]).squeeze(1)
+        memo = self._rows_of[2] if reqs is self._rows_of[1] else {}
+        if "top" not in memo:
+            memo["top"] = max((r.top_n for r in reqs if r is not None), default=0)
+        k = memo["top"]
+        if not k:
+            return lp
+        values, ids = lsm.topk(k, dim=-1)
+        return torch.cat([lp[:, None], values, ids.to(lsm.dtype)], dim=1)
 
     def _row_settings(self, reqs: list, device: torch.device) -> tuple:
         """Per-row tensors of the rows' settings: (sampled [B], temperature [B], top_k [B] or None,
@@ -1126,8 +1165,7 @@ class ContinuousBatchingManager:
                 q[i].exponential_(generator=req.generator)
             drawn = (scores.softmax(dim=-1) / q).argmax(dim=-1)
             tokens = torch.where(sampled, drawn, tokens)
-        lp = scores.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1) if self.return_logprobs else None
-        return tokens, lp
+        return tokens, self._logprobs(scores, tokens, reqs) if self.return_logprobs else None
 
     def _alone(self, req: _Request) -> None:
         """A LongRoPE request past `original_max_position_embeddings`, through `generate`."""
@@ -1153,7 +1191,11 @@ class ContinuousBatchingManager:
         for i, tok in enumerate(new):
             lp = None
             if out.scores is not None:
-                lp = float(out.scores[i][0].float().log_softmax(-1)[tok])
+                lsm = out.scores[i][0].float().log_softmax(-1)
+                lp = float(lsm[tok])
+                if req.top_n:
+                    values, ids = lsm.topk(req.top_n)
+                    lp = [lp, *values.tolist(), *ids.float().tolist()]
             if req.add(tok, lp):
                 break
         self._finish(req)

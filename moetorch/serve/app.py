@@ -7,8 +7,8 @@
 
 Both completion routes stream as server-sent events with `"stream": true`. Bad input is an HTTP 400
 in OpenAI's error shape, naming the field (`param`); a setting the server does not apply
-(penalties, logit bias, tools, top log-probabilities, ...) is refused the same way rather than
-ignored. `top_k` is accepted beside OpenAI's fields, as other servers accept it.
+(penalties, logit bias, tools, ...) is refused the same way rather than ignored. `top_k` and
+`ignore_eos` are accepted beside OpenAI's fields, as other servers accept them.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class _Common(_Strict):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt scored, nothing generated
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = None
@@ -117,14 +118,8 @@ def _refuse_unsupported(body: _Common) -> None:
     fmt = getattr(body, "response_format", None)
     if fmt not in (None, {"type": "text"}):
         raise BadRequest("response_format: only {'type': 'text'} is supported", "response_format")
-    if getattr(body, "top_logprobs", None):
-        raise BadRequest("top_logprobs > 0 is not supported: logprobs gives each generated token's log-probability",
-                         "top_logprobs")
-    if isinstance(body, CompletionRequest) and body.logprobs:
-        raise BadRequest("logprobs > 0 (top log-probabilities) is not supported: logprobs=0 gives each generated "
-                         "token's log-probability", "logprobs")
-    if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
-        raise BadRequest("echo with logprobs (the prompt's log-probabilities) is not supported", "echo")
+    if isinstance(body, ChatRequest) and body.top_logprobs is not None and not body.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
 
 
 def _stops(body: _Common) -> list[str]:
@@ -140,14 +135,17 @@ def _eos(body: _Common, eos: list[int]) -> list[int]:
 
 def _sampling(body: _Common, choice: int) -> dict[str, Any]:
     """A choice's settings for the manager: greedy at temperature 0, else sampled (OpenAI's
-    default temperature is 1); choice i of a seeded request draws from seed + i."""
+    default temperature is 1); choice i of a seeded request draws from seed + i; top
+    log-probabilities where asked (chat's `top_logprobs`, completions' `logprobs`)."""
+    top = body.logprobs if isinstance(body, CompletionRequest) else (body.top_logprobs if body.logprobs else None)
+    settings = {"top_logprobs": top} if top else {}
     temperature = 1.0 if body.temperature is None else body.temperature
     if temperature == 0:
-        return {"do_sample": False}
+        return {"do_sample": False, **settings}
     seed = None if body.seed is None else (body.seed + choice) % 2**63
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
     return {"do_sample": True, "temperature": temperature, "top_p": 1.0 if body.top_p is None else body.top_p,
-            "top_k": top_k, "seed": seed}
+            "top_k": top_k, "seed": seed, **settings}
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -222,6 +220,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         _refuse_unsupported(body)
         prompts = _completion_prompts(engine, body.prompt)
         limit = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
+        if limit == 0 and not body.echo:
+            raise BadRequest("max_tokens=0 generates nothing: it takes echo=true (to score the prompt)", "max_tokens")
         jobs = [_Job(i * body.n + j, ids, engine.check_prompt(ids, limit, f"prompt[{i}]" if len(prompts) > 1
                                                                   else "prompt"), _sampling(body, j))
                 for i, ids in enumerate(prompts) for j in range(body.n)]
@@ -229,25 +229,41 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 "model": engine.name}
         echo = {job.index: engine.tokenizer.decode(job.ids, skip_special_tokens=True) for job in jobs} \
             if body.echo else {}
-        want_lp = body.logprobs is not None
+        want_lp, top = body.logprobs is not None, bool(body.logprobs)
+        # echo with logprobs: the prompt's tokens are scored too (one forward per prompt)
+        scored = {}
+        if body.echo and want_lp:
+            by_prompt = [await engine.prompt_logprobs(ids, body.logprobs) for ids in prompts]
+            scored = {job.index: (job.ids, *by_prompt[job.index // body.n]) for job in jobs}
+        offsets: dict[int, int] = {}
 
-        def choice(index: int, text: str, pieces: list[Piece], reason: str | None) -> dict[str, Any]:
-            lp = _completion_logprobs(engine, pieces, len(echo.get(index, ""))) if want_lp else None
+        def choice(index: int, text: str, pieces: list[Piece], reason: str | None, first: bool) -> dict[str, Any]:
+            lp = None
+            if want_lp:
+                lp = _completion_logprobs(engine, pieces, offsets.get(index, 0), top, scored.get(index) if first
+                                          else None)
+                offsets[index] = lp.pop("end")
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 
         if body.stream:
             async def chunks():
-                first = set()
+                for job in jobs:  # with echo, the prompt's text comes first
+                    if body.echo:
+                        piece = Piece("", prompt_tokens=len(job.ids))
+                        yield {**head, "choices": [choice(job.index, echo[job.index], [], None, True)]}, piece
+                if all(job.max_tokens == 0 for job in jobs):
+                    for job in jobs:
+                        yield {**head, "choices": [choice(job.index, "", [], "length", False)]}, None
+                    return
                 async for index, piece in _run_all(engine, jobs, _stops(body), _eos(body, engine.eos), True):
-                    text = piece.text
-                    if index not in first and echo:
-                        text = echo[index] + text
-                    first.add(index)
-                    yield {**head, "choices": [choice(index, text, [piece], piece.finish_reason)]}, piece
+                    yield {**head, "choices": [choice(index, piece.text, [piece], piece.finish_reason, False)]}, piece
             return _sse(chunks(), body, sum(len(p) for p in prompts))
-        done = await _collect(engine, jobs, _stops(body), _eos(body, engine.eos), request)
+        if all(job.max_tokens == 0 for job in jobs):  # echo alone: the prompts scored, nothing generated
+            done = [(job, [Piece("", finish_reason="length")]) for job in jobs]
+        else:
+            done = await _collect(engine, jobs, _stops(body), _eos(body, engine.eos), request)
         return {**head, "choices": [choice(job.index, echo.get(job.index, "") + "".join(p.text for p in pieces),
-                                           pieces, pieces[-1].finish_reason) for job, pieces in done],
+                                           pieces, pieces[-1].finish_reason, True) for job, pieces in done],
                 "usage": _usage(sum(len(p) for p in prompts), sum(pieces[-1].completion_tokens for _, pieces in done))}
 
     @app.post("/v1/chat/completions")
@@ -263,8 +279,11 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         def logprobs(pieces: list[Piece]) -> dict[str, Any] | None:
             if not body.logprobs:
                 return None
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                                for t, lp in _token_texts(engine, pieces)]}
+            def entry(text: str, lp: float) -> dict[str, Any]:
+                return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(u, v) for u, v in top]}
+                                for t, lp, top in _token_texts(engine, pieces)]}
 
         if body.stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
@@ -450,17 +469,38 @@ def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
         raise BadRequest(f"messages: the chat template failed: {e}", "messages") from e
 
 
-def _token_texts(engine: Engine, pieces: list[Piece]) -> list[tuple[str, float]]:
+def _token_texts(engine: Engine, pieces: list[Piece]) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    """(text, log-probability, [(text, log-probability)] of the likeliest) of each generated token."""
+    decode = engine.tokenizer.decode
     ids = [t for p in pieces for t in p.token_ids]
     lps = [lp for p in pieces for lp in p.logprobs]
-    return [(engine.tokenizer.decode([t]), lp) for t, lp in zip(ids, lps)]
+    tops = [top for p in pieces for top in p.top_logprobs] or [[]] * len(ids)
+    return [(decode([t]), lp, [(decode([u]), v) for u, v in top]) for t, lp, top in zip(ids, lps, tops)]
 
 
-def _completion_logprobs(engine: Engine, pieces: list[Piece], offset: int) -> dict[str, Any]:
-    tokens, logprobs, offsets = [], [], []
-    for text, lp in _token_texts(engine, pieces):
+def _completion_logprobs(engine: Engine, pieces: list[Piece], offset: int, top: bool,
+                         prompt: tuple | None = None) -> dict[str, Any]:
+    """Completions' `logprobs` of the tokens of `pieces` (after the prompt's, scored: (ids,
+    log-probabilities, top log-probabilities), the first token's None), text offsets from
+    `offset`; "end" holds the offset after them."""
+    decode = engine.tokenizer.decode
+    entries = []  # (token text, its length in the choice's text, log-probability, likeliest or None)
+    if prompt is not None:
+        for t, lp, likeliest in zip(*prompt):
+            entries.append((decode([t]), len(decode([t], skip_special_tokens=True)), lp,
+                            None if likeliest is None else [(decode([u]), v) for u, v in likeliest]))
+    entries += [(text, len(text), lp, likeliest) for text, lp, likeliest in _token_texts(engine, pieces)]
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for text, width, lp, likeliest in entries:
         tokens.append(text)
         logprobs.append(lp)
+        step: dict[str, float] | None = None
+        if likeliest is not None:
+            step = {}
+            for text_u, v in likeliest:  # tokens of one text: the likeliest's
+                step.setdefault(text_u, v)
+        tops.append(step)
         offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+        offset += width
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops if top else None,
+            "text_offset": offsets, "end": offset}

@@ -88,6 +88,7 @@ class Piece:
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when asked
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or None: not finished
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -156,6 +157,25 @@ class Engine:
                                     pad_token_id=0, eos_token_id=None)
         return shapes
 
+    async def prompt_logprobs(self, ids: list[int], top_n: int) -> tuple[list, list]:
+        """Each prompt token's log-probability given the tokens before it (None for the first),
+        and the `top_n` likeliest (id, log-probability) there: one forward over the prompt, run
+        while the batch's loop is paused (between two steps)."""
+        import torch
+
+        def score() -> tuple[list, list]:
+            with self.manager.pause(), torch.no_grad():
+                logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, :-1]
+                lsm = logits.float().log_softmax(dim=-1)
+                chosen = lsm.gather(1, torch.tensor(ids[1:], device=lsm.device)[:, None]).squeeze(1).tolist()
+                tops: list = [[] for _ in chosen]
+                if top_n:
+                    values, top_ids = lsm.topk(top_n, dim=-1)
+                    tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+            return [None, *chosen], [None, *tops]
+
+        return await asyncio.to_thread(score)
+
     def stop(self) -> None:
         if self.manager.is_running():
             self.manager.stop(block=True, hard_stop=True)
@@ -176,7 +196,9 @@ class Engine:
     async def generate(self, ids: list[int], max_tokens: int, sampling: dict[str, Any], stop: list[str],
                        eos: list[int], stream: bool) -> AsyncIterator[Piece]:
         """Pieces of one completion of prompt `ids` until it finishes; cancelled in the manager
-        when the caller stops iterating early (a client that went away)."""
+        when the caller stops iterating early (a client that went away). `sampling`: the
+        manager's per-request settings (`do_sample`, `temperature`, `top_k`, `top_p`, `seed`,
+        `top_logprobs`)."""
         rid = f"srv-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         self.manager.register_result_handler(rid, queue.put_nowait)
@@ -192,6 +214,7 @@ class Engine:
         seen, done = 0, False
         new_ids: list[int] = []  # tokens (and their log-probabilities) whose text is held back go with the next piece
         new_lps: list[float] = []
+        new_tops: list = []
         try:
             while not done:
                 out = await queue.get()
@@ -202,6 +225,7 @@ class Engine:
                 new = out.generated_tokens[seen:]
                 new_ids += new
                 new_lps += out.logprobs[seen:seen + len(new)]
+                new_tops += out.top_logprobs[seen:seen + len(new)]
                 seen = len(out.generated_tokens)
                 chunk, stopped = text.add(detok.add(new))
                 reason = None
@@ -214,8 +238,8 @@ class Engine:
                     reason = "stop" if stopped or last in eos else "length"
                 done = reason is not None
                 if chunk or done:
-                    yield Piece(chunk, new_ids, new_lps, reason, len(ids), seen)
-                    new_ids, new_lps = [], []
+                    yield Piece(chunk, new_ids, new_lps, new_tops, reason, len(ids), seen)
+                    new_ids, new_lps, new_tops = [], [], []
         finally:
             if not done:
                 self.manager.cancel_request(rid)
