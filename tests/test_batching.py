@@ -213,7 +213,7 @@ def test_warp_rows_is_transformers_warpers_row_by_row():
 
 
 def test_per_row_draws_follow_the_distribution(pair):
-    """The exponential race draws each token with its softmax probability (4 sigma per token)."""
+    """The exponential race draws each token with its softmax probability (5 sigma per token)."""
     _, ours = pair
     m = ours.init_continuous_batching(generation_config=config(2))
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
@@ -221,7 +221,7 @@ def test_per_row_draws_follow_the_distribution(pair):
     reqs = [batching._Request(str(i), [1], 2, frozenset(), False, False, batching.Sampling(True)) for i in range(n)]
     tokens, _ = m._choose_per_row(probs.log().expand(n, -1).clone(), reqs)
     freq = torch.bincount(tokens, minlength=5).double() / n
-    assert ((freq - probs.double()).abs() <= 4 * (probs.double() * (1 - probs.double()) / n).sqrt()).all(), freq
+    assert ((freq - probs.double()).abs() <= 5 * (probs.double() * (1 - probs.double()) / n).sqrt()).all(), freq
     # greedy rows beside them take the argmax
     reqs[::2] = [None] * len(reqs[::2])
     tokens, _ = m._choose_per_row(probs.log().expand(n, -1).clone(), reqs)
