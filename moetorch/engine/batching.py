@@ -1094,12 +1094,20 @@ class ContinuousBatchingManager:
             self._rows_of = ((key, b), [running.get(r) for r in range(b)], {})
         return self._rows_of[1]
 
+    def _memo(self, reqs: list) -> dict:
+        """What is derived from a decode step's rows, kept until they change (`_decode_rows`); a
+        fresh dict for other row lists (a prefill's)."""
+        return self._rows_of[2] if reqs is self._rows_of[1] else {}
+
     def _choose(self, logits_BV: torch.Tensor, reqs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next tokens [B] (greedy or sampled through the warpers) of the rows of requests `reqs`
         (None: a free row) and, when asked, their log-probabilities under the distribution they
         were drawn from."""
         want_lp = self.return_logprobs
-        if any(r is not None and r.sampling is not None for r in reqs):
+        memo = self._memo(reqs)
+        if "own" not in memo:
+            memo["own"] = any(r is not None and r.sampling is not None for r in reqs)
+        if memo["own"]:
             return self._choose_per_row(logits_BV, reqs)
         if not self.do_sample and not want_lp:
             return logits_BV.argmax(dim=-1), None
@@ -1118,7 +1126,7 @@ class ContinuousBatchingManager:
         (exact as float32 below 2**24)."""
         lsm = scores_BV.log_softmax(dim=-1)
         lp = lsm.gather(1, tokens_B[:, None]).squeeze(1)
-        memo = self._rows_of[2] if reqs is self._rows_of[1] else {}
+        memo = self._memo(reqs)
         if "top" not in memo:
             memo["top"] = max((r.top_n for r in reqs if r is not None), default=0)
         k = memo["top"]
@@ -1130,7 +1138,7 @@ class ContinuousBatchingManager:
     def _row_settings(self, reqs: list, device: torch.device) -> tuple:
         """Per-row tensors of the rows' settings: (sampled [B], temperature [B], top_k [B] or None,
         top_p [B] or None, [(row, seeded request)]), remembered for a decode step's rows."""
-        memo = self._rows_of[2] if reqs is self._rows_of[1] else {}
+        memo = self._memo(reqs)
         if "settings" in memo:
             return memo["settings"]
         greedy = Sampling(False)
