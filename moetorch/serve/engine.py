@@ -10,6 +10,7 @@ log-probabilities, and at the end why it finished.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -163,8 +164,11 @@ class Engine:
         while the batch's loop is paused (between two steps)."""
         import torch
 
+        device = self.model.device
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
         def score() -> tuple[list, list]:
-            with self.manager.pause(), torch.no_grad():
+            with self.manager.pause(), torch.no_grad(), on_device:
                 logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, :-1]
                 lsm = logits.float().log_softmax(dim=-1)
                 chosen = lsm.gather(1, torch.tensor(ids[1:], device=lsm.device)[:, None]).squeeze(1).tolist()
