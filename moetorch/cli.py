@@ -105,11 +105,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     kwargs = _sampling_kwargs(args, tok)
-    end_id = tok.convert_tokens_to_ids("<|end|>")
-    if end_id is not None:  # a turn ends at <|end|> as well as at the model's eos
-        eos = model.generation_config.eos_token_id
-        eos = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
-        kwargs["eos_token_id"] = list(dict.fromkeys([*eos, end_id]))
+    from .generation.utils import chat_eos_ids, eos_ids
+
+    # a turn ends at <|end|> as well as at the model's eos
+    kwargs["eos_token_id"] = chat_eos_ids(eos_ids(model.generation_config.eos_token_id), tok) or None
     while True:
         if interactive:
             print("you> ", end="", flush=True)

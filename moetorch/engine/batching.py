@@ -284,12 +284,12 @@ class _Request:
                  "created", "started", "start", "since", "error", "sampling", "generator", "top_n", "tops")
 
     def __init__(self, request_id: str, prompt: list[int], max_new: int, eos: frozenset[int], streaming: bool,
-                 record_timestamps: bool, sampling: Sampling | None = None) -> None:
+                 record_timestamps: bool, sampling: Sampling | None = None, top_n: int = 0) -> None:
         self.id, self.prompt, self.max_new, self.eos = request_id, prompt, max_new, eos
         self.streaming = streaming
         self.sampling = sampling  # its own settings, or None: the manager's generation config
         self.generator: torch.Generator | None = None  # a seeded request's, made on its first draw
-        self.top_n = 0  # top log-probabilities wanted per token
+        self.top_n = top_n  # top log-probabilities wanted per token
         self.tops: list[list[tuple[int, float]]] = []
         self.stamps: list[float] | None = [] if record_timestamps else None
         self.tokens: list[int] = []
@@ -735,10 +735,8 @@ class ContinuousBatchingManager:
         # a seed draws the request's samples from a generator of its own; children draw from seed + 1, ...
         own = [sampling if sampling is None or sampling.seed is None or i == len(ids) - 1 else
                dataclasses.replace(sampling, seed=(sampling.seed + i + 1) % 2**63) for i in range(len(ids))]
-        requests = [_Request(i, prompt, max_new, eos, streaming, record_timestamps, sp) for i, sp in zip(ids, own)]
-        for r in requests:
-            r.top_n = top_n
-        return request_id, requests
+        return request_id, [_Request(i, prompt, max_new, eos, streaming, record_timestamps, sp, top_n)
+                            for i, sp in zip(ids, own)]
 
     def _queue(self, request_id: str, requests: list[_Request]) -> str:
         """Queue a request and its children, waiting up to QUEUE_WAIT_S for room."""
@@ -1137,7 +1135,8 @@ class ContinuousBatchingManager:
 
     def _row_settings(self, reqs: list, device: torch.device) -> tuple:
         """Per-row tensors of the rows' settings: (sampled [B], temperature [B], top_k [B] or None,
-        top_p [B] or None, [(row, seeded request)]), remembered for a decode step's rows."""
+        top_p [B] or None, [(row, seeded request)], whether any row samples), remembered for a
+        decode step's rows."""
         memo = self._memo(reqs)
         if "settings" in memo:
             return memo["settings"]
@@ -1198,12 +1197,8 @@ class ContinuousBatchingManager:
         new = out.sequences[0, len(req.prompt):].tolist()
         for i, tok in enumerate(new):
             lp = None
-            if out.scores is not None:
-                lsm = out.scores[i][0].float().log_softmax(-1)
-                lp = float(lsm[tok])
-                if req.top_n:
-                    values, ids = lsm.topk(req.top_n)
-                    lp = [lp, *values.tolist(), *ids.float().tolist()]
+            if out.scores is not None:  # (the scores generate drew from: its warpers applied)
+                lp = self._logprobs(out.scores[i].float(), out.sequences[:, len(req.prompt) + i], [req]).tolist()[0]
             if req.add(tok, lp):
                 break
         self._finish(req)

@@ -1213,6 +1213,20 @@ class GenerationMixin(ContinuousBatchingMixin):
         return draft, draft_ctx
 
 
+def eos_ids(value) -> list[int]:
+    """EOS ids in their order, from None, an id or a list of them."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def chat_eos_ids(eos: list[int], tokenizer) -> list[int]:
+    """The ids that end a chat turn: `eos`, then `<|end|>` where the tokenizer has it (Phi-3.5's
+    template ends each turn with it, and only the conversation with EOS)."""
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    return list(dict.fromkeys([*eos, *([end] if isinstance(end, int) else [])]))
+
+
 def sampling_warpers(gen: GenerationConfig, keep: int = 1) -> list:
     """Transformers' sampling warpers for `gen`, in its order (temperature, top-h, top-k, top-p,
     min-p, typical, epsilon, eta), each keeping at least `keep` tokens. None reads the sequence."""

@@ -184,7 +184,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(PromptError)
     async def prompt_error(request: Request, exc: PromptError):
-        return _error(str(exc), 400, str(exc).split(":")[0].split("[")[0])
+        return _error(str(exc), 400, exc.param)
 
     if api_key is not None:
         app.add_middleware(_ApiKey, key=api_key)
@@ -223,7 +223,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if limit == 0 and not body.echo:
             raise BadRequest("max_tokens=0 generates nothing: it takes echo=true (to score the prompt)", "max_tokens")
         jobs = [_Job(i * body.n + j, ids, engine.check_prompt(ids, limit, f"prompt[{i}]" if len(prompts) > 1
-                                                                  else "prompt"), _sampling(body, j))
+                                                                  else "prompt", param="prompt"), _sampling(body, j))
                 for i, ids in enumerate(prompts) for j in range(body.n)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": engine.name}
@@ -335,20 +335,21 @@ class _Job:
 async def _run_all(engine: Engine, jobs: list[_Job], stops: list[str], eos: list[int],
                    stream: bool) -> AsyncIterator[tuple[int, Piece]]:
     """(choice index, piece) of every job, as they come; the jobs cancelled if the caller leaves."""
+    def pieces_of(job: _Job):
+        # closed when left early, so that the request is cancelled at once
+        return contextlib.aclosing(engine.generate(job.ids, job.max_tokens, job.sampling, stops, eos, stream))
+
     if len(jobs) == 1:  # one choice: its pieces as they come, with no task in between
-        job = jobs[0]
-        async with contextlib.aclosing(engine.generate(job.ids, job.max_tokens, job.sampling, stops, eos,
-                                                       stream)) as pieces:
+        async with pieces_of(jobs[0]) as pieces:
             async for piece in pieces:
-                yield job.index, piece
+                yield jobs[0].index, piece
         return
     queue: asyncio.Queue = asyncio.Queue()
     _END = object()
 
     async def run(job: _Job) -> None:
         try:
-            async with contextlib.aclosing(engine.generate(job.ids, job.max_tokens, job.sampling, stops, eos,
-                                                           stream)) as pieces:
+            async with pieces_of(job) as pieces:
                 async for piece in pieces:
                     await queue.put((job.index, piece))
             await queue.put((job.index, _END))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.batching import ContinuousBatchingConfig, RequestStatus
+from ..generation.utils import chat_eos_ids, eos_ids
 
 logger = logging.getLogger("moetorch")
 
@@ -36,22 +37,26 @@ class Detokenizer:
     def _text(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def _new_text(self) -> str:
+        # the text of the tokens past `read`, decoded in the window from `prefix`
+        before = self._text(self.ids[self.prefix:self.read])
+        after = self._text(self.ids[self.prefix:])
+        return after[len(before):] if len(after) > len(before) else ""
+
     def add(self, new_ids: list[int]) -> str:
         """The text that `new_ids` add (possibly empty: held back)."""
         self.ids.extend(new_ids)
-        before = self._text(self.ids[self.prefix:self.read])
-        after = self._text(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        text = self._new_text()
+        if text and not text.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
+            return text
         return ""
 
     def flush(self) -> str:
         """What is still held back (at the end of the request), replacement characters and all."""
-        before = self._text(self.ids[self.prefix:self.read])
-        after = self._text(self.ids[self.prefix:])
+        text = self._new_text()
         self.prefix = self.read = len(self.ids)
-        return after[len(before):] if len(after) > len(before) else ""
+        return text
 
 
 class StopText:
@@ -96,7 +101,11 @@ class Piece:
 
 
 class PromptError(ValueError):
-    """A request the engine cannot take (an empty prompt, one too long); names the field."""
+    """A request the engine cannot take (an empty prompt, one too long); `param`: the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class EngineError(RuntimeError):
@@ -120,10 +129,8 @@ class Engine:
         if limit is not None and self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} is past the model's max_position_embeddings "
                              f"({limit})")
-        self.eos = _ids(model.generation_config.eos_token_id) or _ids(getattr(tokenizer, "eos_token_id", None))
-        end = tokenizer.convert_tokens_to_ids("<|end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
-        # a chat turn ends at <|end|> as well as at the model's EOS (Phi-3.5's template)
-        self.chat_eos = list(dict.fromkeys([*self.eos, *([end] if isinstance(end, int) else [])]))
+        self.eos = eos_ids(model.generation_config.eos_token_id) or eos_ids(getattr(tokenizer, "eos_token_id", None))
+        self.chat_eos = chat_eos_ids(self.eos, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos[0] if self.eos else 0)
         gen = GenerationConfig(do_sample=False, max_new_tokens=None, eos_token_id=self.eos or None, pad_token_id=pad)
         cfg = ContinuousBatchingConfig(max_requests_per_batch=max_batch, max_cache_len=self.max_model_len,
@@ -184,17 +191,19 @@ class Engine:
         if self.manager.is_running():
             self.manager.stop(block=True, hard_stop=True)
 
-    def check_prompt(self, ids: list[int], max_tokens: int | None, where: str) -> int:
-        """The completion's token limit, or ValueError naming the field at fault."""
+    def check_prompt(self, ids: list[int], max_tokens: int | None, where: str, param: str | None = None) -> int:
+        """The completion's token limit, or PromptError naming the field at fault (`where` in the
+        message, e.g. "prompt[1]"; `param` the request's field, default `where`)."""
+        param = param or where
         if not ids:
-            raise PromptError(f"{where}: the prompt is empty")
+            raise PromptError(f"{where}: the prompt is empty", param)
         room = self.max_model_len - len(ids) + 1
         if room < 1:
             raise PromptError(f"{where}: the prompt has {len(ids)} tokens; this server takes at most "
-                             f"{self.max_model_len} tokens of prompt and completion (--max-model-len)")
+                             f"{self.max_model_len} tokens of prompt and completion (--max-model-len)", param)
         if max_tokens is not None and max_tokens > room:
             raise PromptError(f"{where}: the prompt's {len(ids)} tokens + max_tokens={max_tokens} exceed this server's "
-                             f"{self.max_model_len} tokens of prompt and completion (--max-model-len)")
+                             f"{self.max_model_len} tokens of prompt and completion (--max-model-len)", param)
         return room if max_tokens is None else max_tokens
 
     async def generate(self, ids: list[int], max_tokens: int, sampling: dict[str, Any], stop: list[str],
@@ -250,8 +259,3 @@ class Engine:
             elif not out.is_finished():
                 self.manager.cancel_request(rid)  # ended at a stop string: the manager may stop too
 
-
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
