@@ -334,6 +334,20 @@ def test_longrope_requests_past_the_switch_run_alone(tmp_path):
         assert got["k1"] == own_greedy(ours, long, 5)
         draws.append(got["s"])
     assert draws[0] == draws[1] and m.stats["alone"] == 2
+    # its log-probabilities and top log-probabilities, as a forward over prompt + the tokens before
+    # each gives them (LongRoPE picks its factors by that length)
+    cb = {"return_logprobs": True}
+    with ours.continuous_batching_context_manager(generation_config=config(5), continuous_batching_config=cb) as m:
+        m.add_request(long, request_id="lp", top_logprobs=2)
+        r = m.get_result("lp", timeout=30)
+    assert m.stats["alone"] == 1 and r.generated_tokens == own_greedy(ours, long, 5)
+    seq = long + r.generated_tokens
+    with torch.no_grad():
+        lsm = torch.stack([ours(torch.tensor([seq[:n]])).logits[0, -1].float().log_softmax(-1)
+                           for n in range(len(long), len(seq))])
+    values, ids = lsm.topk(2)
+    assert [[t for t, _ in top] for top in r.top_logprobs] == ids.tolist()
+    torch.testing.assert_close(torch.tensor(r.logprobs), values[:, 0], atol=1e-4, rtol=0)
 
 
 def test_manager_api(pair):
