@@ -68,3 +68,19 @@ def compare_outputs(hf_out, our_out, mask, fields=("logits", "hidden_states", "a
         for i, (x, y) in enumerate(zip(a, b)):
             assert x.shape == y.shape, f"{name}[{i}]: shape {tuple(x.shape)} vs {tuple(y.shape)}"
             close(real_rows(name, x, valid), real_rows(name, y, valid), f"{name}[{i}]")
+
+
+class OpenAIPenalties:
+    """OpenAI's frequency and presence penalties, as its API reference writes them, over the tokens
+    past the prompt: mu[j] - c[j] * frequency - (c[j] > 0) * presence."""
+
+    def __init__(self, frequency: float, presence: float, prompt_length: int) -> None:
+        self.frequency, self.presence, self.prompt_length = frequency, presence, prompt_length
+
+    def __call__(self, input_ids, scores):
+        out = scores.clone()
+        for b in range(scores.shape[0]):
+            generated = input_ids[b, self.prompt_length:].tolist()
+            for tok in set(generated):
+                out[b, tok] -= generated.count(tok) * self.frequency + self.presence
+        return out

@@ -5,6 +5,7 @@ the batch around it."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import transformers
 from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
-from parity import make_pair
+from parity import OpenAIPenalties, make_pair
 
 import moetorch
 from moetorch.engine import batching
@@ -300,13 +301,148 @@ def test_top_logprobs(pair):
             inputs[0], top_logprobs=21)
 
 
+def hf_generate(hf, prompt: list[int], n: int, **kw) -> list[int]:
+    """Transformers' greedy tokens with its processors (and `frequency`/`presence`, OpenAI's)."""
+    freq, pres = kw.pop("frequency", 0.0), kw.pop("presence", 0.0)
+    procs = transformers.LogitsProcessorList([OpenAIPenalties(freq, pres, len(prompt))] if freq or pres else [])
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
+                      logits_processor=procs, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def test_row_penalties_are_transformers_processors_row_by_row():
+    """Logit bias, repetition penalty (over prompt and generated tokens) and OpenAI's frequency and
+    presence penalties (over the generated tokens), a setting per row, on counts kept on the device
+    (`TokenCounts`), give Transformers' sequence-bias and repetition-penalty processors and OpenAI's
+    formula row by row; min-p after the other warpers gives Transformers' min-p warper."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
+
+    from moetorch.engine import row_sampling
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    B, V, R = 6, 30, 9
+    rows = [7, 0, 3, 5, 1, 8]  # the batch rows of the step's B rows
+    prompts_ = [torch.randint(0, V, (int(torch.randint(1, 12, (), generator=g)),), generator=g).tolist()
+                for _ in range(B)]
+    generated = [torch.randint(0, V, (int(torch.randint(0, 10, (), generator=g)),), generator=g).tolist()
+                 for _ in range(B)]
+    settings = [row_sampling.Sampling(True, repetition_penalty=float(torch.rand((), generator=g)) * 2 + 0.3,
+                                      frequency_penalty=float(torch.randn((), generator=g)),
+                                      presence_penalty=float(torch.randn((), generator=g)),
+                                      logit_bias=tuple(sorted({int(t): float(torch.randn((), generator=g)) * 5
+                                                               for t in torch.randint(0, V, (3,), generator=g)}.items())),
+                                      temperature=0.7, top_k=12, min_p=float(torch.rand((), generator=g)) * 0.5)
+                for _ in range(B)]
+    settings[1] = row_sampling.Sampling(True)  # a row with nothing set
+    settings[2] = dataclasses.replace(settings[2], repetition_penalty=1.0, logit_bias=())
+
+    def put(values, dtype):
+        return torch.tensor(values, dtype=dtype)
+
+    counts = row_sampling.TokenCounts(R, V, torch.device("cpu"))
+    counts.generated += 3  # stale counts of earlier requests
+    counts.prompt[:] = True
+    counts.reset(rows, prompts_, put)
+    for step in range(max(map(len, generated))):  # each step counts the rows that still generate
+        live = [i for i in range(B) if step < len(generated[i])]
+        counts.add(put([rows[i] for i in live], torch.long), put([generated[i][step] for i in live], torch.long))
+    scores = torch.randn(B, V, generator=g) * 3
+    rs = row_sampling.RowSettings.of(settings, put)
+    rows_t = torch.tensor(rows)
+    ours = row_sampling.penalize_rows(scores, counts.generated[rows_t], counts.prompt[rows_t], rs)
+    ours = row_sampling.warp_rows(ours, rs.temperature, rs.top_k, rs.top_p, rs.min_p)
+    for i, s in enumerate(settings):
+        ids = torch.tensor([prompts_[i] + generated[i]])
+        want = scores[i:i + 1]
+        if s.logit_bias:
+            want = SequenceBiasLogitsProcessor({(t,): b for t, b in s.logit_bias})(ids, want)
+        want = RepetitionPenaltyLogitsProcessor(s.repetition_penalty)(ids, want)
+        want = OpenAIPenalties(s.frequency_penalty, s.presence_penalty, len(prompts_[i]))(ids, want)
+        want = TemperatureLogitsWarper(s.temperature)(ids, want)
+        if s.top_k:
+            want = TopKLogitsWarper(s.top_k)(ids, want)
+        if s.min_p:
+            want = MinPLogitsWarper(s.min_p)(ids, want)
+        torch.testing.assert_close(ours[i:i + 1], want, msg=f"row {i}: {s}")
+
+
+def test_per_request_penalties_and_logit_bias(pair):
+    """add_request(repetition_penalty=, frequency_penalty=, presence_penalty=, logit_bias=): requests
+    with and without them share one batch, joining and leaving, and each gives Transformers' greedy
+    tokens with the same processors (frequency and presence: OpenAI's formula)."""
+    hf, ours = pair
+    inputs = prompts(31, 7, 2, 9)
+    n = 8
+    plain = [own_greedy(ours, p, n) for p in inputs]
+    settings = [{}, {"repetition_penalty": 2.5}, {"frequency_penalty": 1.5, "presence_penalty": 0.5},
+                {"logit_bias": {plain[3][0]: -100.0, 5: 2.0}}, {"repetition_penalty": 0.6, "presence_penalty": -1.0},
+                {"frequency_penalty": 3.0, "logit_bias": {7: 1.5}}, {"repetition_penalty": 1.3}]
+    with ours.continuous_batching_context_manager(generation_config=config(n),
+                                                   continuous_batching_config={"max_requests_per_batch": 3}) as m:
+        for i, (p, kw) in enumerate(zip(inputs, settings)):
+            m.add_request(p, request_id=str(i), **kw)
+        got = {}
+        while len(got) < len(inputs):
+            r = m.get_result(timeout=30)
+            got[int(r.request_id)] = r.generated_tokens
+    for i, (p, kw) in enumerate(zip(inputs, settings)):
+        hf_kw = {"repetition_penalty": kw.get("repetition_penalty", 1.0), "frequency": kw.get("frequency_penalty", 0.0),
+                 "presence": kw.get("presence_penalty", 0.0)}
+        if "logit_bias" in kw:
+            hf_kw["sequence_bias"] = {(t,): b for t, b in kw["logit_bias"].items()}
+        assert got[i] == hf_generate(hf, p, n, **hf_kw), (i, kw)
+    changed = [got[i] != plain[i] for i in range(1, len(inputs))]
+    assert sum(changed) >= 4, changed  # the settings bite
+
+
+def test_config_repetition_penalty_and_sequence_bias(pair):
+    """A generation config's repetition_penalty, one-token sequence_bias and min_p apply to every
+    request, as in Transformers' generate."""
+    hf, ours = pair
+    inputs = prompts(32, 4, 2, 9)
+    bias = {(3,): 4.0, (11,): -2.0}
+    out = ours.generate_batch(inputs, generation_config=config(6, repetition_penalty=1.8, sequence_bias=bias),
+                              continuous_batching_config={"max_requests_per_batch": 2})
+    assert [r.generated_tokens for r in out.values()] == \
+        [hf_generate(hf, p, 6, repetition_penalty=1.8, sequence_bias=bias) for p in inputs]
+    # min_p=1 keeps the likeliest token alone: sampling is greedy, with the config's penalty
+    out = ours.generate_batch(inputs, generation_config=config(6, do_sample=True, min_p=1.0, repetition_penalty=1.8))
+    assert [r.generated_tokens for r in out.values()] == [hf_generate(hf, p, 6, repetition_penalty=1.8) for p in inputs]
+    # a request's own settings replace the config's
+    with ours.continuous_batching_context_manager(generation_config=config(6, repetition_penalty=1.8)) as m:
+        m.add_request(inputs[0], request_id="own", repetition_penalty=1.0, frequency_penalty=2.0)
+        r = m.get_result("own", timeout=30)
+    assert r.generated_tokens == hf_generate(hf, inputs[0], 6, frequency=2.0)
+
+
+def test_frequency_presence_processor_in_generate(pair):
+    """FrequencyPresencePenaltyLogitsProcessor in generate gives OpenAI's formula, as Transformers'
+    generate with the test's own processor gives it."""
+    hf, ours = pair
+    p = prompts(33, 1, 4, 9)[0]
+    proc = moetorch.FrequencyPresencePenaltyLogitsProcessor(2.0, 0.5, prompt_length=len(p))
+    out = ours.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+                        logits_processor=moetorch.LogitsProcessorList([proc]))
+    assert out[0, len(p):].tolist() == hf_generate(hf, p, 8, frequency=2.0, presence=0.5)
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        moetorch.FrequencyPresencePenaltyLogitsProcessor(float("inf"))
+    with pytest.raises(ValueError, match="prompt_length"):
+        moetorch.FrequencyPresencePenaltyLogitsProcessor(1.0, prompt_length=-1)
+
+
 def test_per_request_settings_against_the_config(pair):
     """A request's own settings start from the generation config's; a config whose warpers a
-    request cannot set (min_p) refuses them; greedy requests in a sampling manager are greedy."""
+    request cannot set (typical_p) refuses them; greedy requests in a sampling manager are greedy."""
     _, ours = pair
     inputs = prompts(12, 2, 3, 9)
-    m = ours.init_continuous_batching(generation_config=config(4, do_sample=True, min_p=0.1))
-    with pytest.raises(ValueError, match="MinPLogitsWarper"):
+    m = ours.init_continuous_batching(generation_config=config(4, do_sample=True, typical_p=0.9))
+    with pytest.raises(ValueError, match="TypicalLogitsWarper"):
         m.add_request(inputs[0], temperature=0.5)
     with ours.continuous_batching_context_manager(generation_config=config(4, do_sample=True, temperature=1.7)) as m:
         m.add_request(inputs[0], request_id="g", do_sample=False)
@@ -348,6 +484,16 @@ def test_longrope_requests_past_the_switch_run_alone(tmp_path):
     values, ids = lsm.topk(2)
     assert [[t for t, _ in top] for top in r.top_logprobs] == ids.tolist()
     torch.testing.assert_close(torch.tensor(r.logprobs), values[:, 0], atol=1e-4, rtol=0)
+    # penalties and logit bias alone, through generate's own processors
+    kw = {"repetition_penalty": 2.0, "frequency_penalty": 1.0, "presence_penalty": 0.5, "logit_bias": {4: 3.0}}
+    with ours.continuous_batching_context_manager(generation_config=config(5)) as m:
+        m.add_request(long, request_id="pen", **kw)
+        r = m.get_result("pen", timeout=30)
+    proc = moetorch.FrequencyPresencePenaltyLogitsProcessor(1.0, 0.5, prompt_length=len(long))
+    want = ours.generate(torch.tensor([long]), max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None,
+                         repetition_penalty=2.0, sequence_bias={(4,): 3.0},
+                         logits_processor=moetorch.LogitsProcessorList([proc]))[0, len(long):].tolist()
+    assert m.stats["alone"] == 1 and r.generated_tokens == want != own_greedy(ours, long, 5)
 
 
 def test_manager_api(pair):
@@ -511,17 +657,30 @@ def test_errors_name_the_problem(pair):
     for bad, err, match in [({"temperature": 0.0}, ValueError, "temperature must be a positive"),
                             ({"top_p": 1.5}, ValueError, "top_p must be in"), ({"top_k": -1}, ValueError, "top_k"),
                             ({"top_k": 2.0}, TypeError, "top_k must be an int"),
-                            ({"temperature": "hot"}, TypeError, "temperature must be a number"),
-                            ({"seed": -3}, ValueError, "seed"), ({"do_sample": 1}, TypeError, "do_sample")]:
+                            ({"temperature": "hot"}, TypeError, "temperature must be a finite number"),
+                            ({"seed": -3}, ValueError, "seed"), ({"do_sample": 1}, TypeError, "do_sample"),
+                            ({"min_p": 1.5}, ValueError, r"min_p must be in \[0, 1\]"),
+                            ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be positive"),
+                            ({"frequency_penalty": float("nan")}, TypeError, "frequency_penalty must be a finite"),
+                            ({"presence_penalty": "x"}, TypeError, "presence_penalty must be a finite"),
+                            ({"logit_bias": {97: 1.0}}, ValueError, r"logit_bias: 97 is not a token id .*0 \.\. 96"),
+                            ({"logit_bias": {"5": 1.0}}, ValueError, "logit_bias: '5' is not a token id"),
+                            ({"logit_bias": {5: float("inf")}}, ValueError, r"logit_bias\[5\] must be a finite"),
+                            ({"logit_bias": [(5, 1.0)]}, TypeError, "logit_bias must be a dict")]:
         with pytest.raises(err, match=match):
             m.add_request([1], request_id="bad", **{"do_sample": True, **bad})
+    with pytest.raises(ValueError, match=r"\['min_p'\] apply to sampling"):
+        m.add_request([1], min_p=0.1)  # greedy: penalties and bias apply, min_p does not
     m.add_request([1, 2], request_id="a")
     with pytest.raises(ValueError, match="already queued"):
         m.add_request([3], request_id="a")
     with pytest.raises(ValueError, match="beam search"):
         ours.init_continuous_batching(generation_config=config(4, num_beams=2))
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        ours.init_continuous_batching(generation_config=config(4, repetition_penalty=1.2),
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        ours.init_continuous_batching(generation_config=config(4, no_repeat_ngram_size=2),
+                                      continuous_batching_config={"drop_unsupported_processors": False})
+    with pytest.raises(ValueError, match="sequence_bias"):  # a bias on a longer sequence is not applied
+        ours.init_continuous_batching(generation_config=config(4, sequence_bias={(3, 4): 1.0}),
                                       continuous_batching_config={"drop_unsupported_processors": False})
     with pytest.raises(TypeError, match="unknown fields"):
         ours.generate_batch([[1]], continuous_batching_config={"max_rows": 2})
@@ -544,8 +703,8 @@ def test_dropped_settings_warn(pair, caplog):
     _, ours = pair
     p = prompts(13, 1)[0]
     with caplog.at_level("WARNING", logger="moetorch"):
-        out = ours.generate_batch([p], generation_config=config(4, repetition_penalty=1.5))
-    assert "repetition_penalty" in caplog.text
+        out = ours.generate_batch([p], generation_config=config(4, no_repeat_ngram_size=2))
+    assert "no_repeat_ngram_size" in caplog.text
     assert out["req_0"].generated_tokens == own_greedy(ours, p, 4)
 
 

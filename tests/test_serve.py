@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 from fastapi.testclient import TestClient
+from parity import OpenAIPenalties
 
 import moetorch
 from moetorch.defaults import ASSETS
@@ -196,6 +197,42 @@ def test_sampling_choices_and_seeds(served):
     assert k1["choices"][0]["text"] == greedy["choices"][0]["text"]
 
 
+def test_penalties_and_logit_bias(served):
+    """presence_penalty, frequency_penalty (OpenAI's formula), logit_bias and repetition_penalty at
+    temperature 0 give Transformers' greedy text with the same processors, in completions and chat;
+    min_p=1 samples the likeliest token."""
+    client, hf, tok, engine = served
+    ids = tok.encode(PROMPTS[1])
+    plain, _ = hf_greedy(hf, ids, 20, engine.eos)
+
+    def hf_text(prompt_ids, eos, frequency=0.0, presence=0.0, **kw):
+        procs = transformers.LogitsProcessorList([OpenAIPenalties(frequency, presence, len(prompt_ids))])
+        out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=20, do_sample=False, eos_token_id=eos,
+                          pad_token_id=eos[0], logits_processor=procs, **kw)[0, len(prompt_ids):].tolist()
+        cut = next((i + 1 for i, t in enumerate(out) if t in eos), len(out))
+        return tok.decode(out[:cut], skip_special_tokens=True)
+
+    cases = [({"frequency_penalty": 1.5, "presence_penalty": 0.7}, {"frequency": 1.5, "presence": 0.7}),
+             ({"repetition_penalty": 1.6}, {"repetition_penalty": 1.6}),
+             ({"logit_bias": {str(plain[0]): -100, "400": 3.5}},
+              {"sequence_bias": {(plain[0],): -100.0, (400,): 3.5}})]
+    texts = []
+    for fields, hf_kw in cases:
+        r = client.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0, **fields})
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["text"])
+        assert texts[-1] == hf_text(ids, engine.eos, **hf_kw), fields
+    assert all(t != tok.decode(plain, skip_special_tokens=True) for t in texts)  # each setting bites
+    messages = [{"role": "user", "content": "Write a loop"}]
+    chat_ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 20, "temperature": 0,
+                                                  "frequency_penalty": 2.0, "repetition_penalty": 1.2})
+    assert r.json()["choices"][0]["message"]["content"] == \
+        hf_text(chat_ids, engine.chat_eos, frequency=2.0, repetition_penalty=1.2)
+    r = client.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 20, "min_p": 1.0, "seed": 3})
+    assert r.json()["choices"][0]["text"] == tok.decode(plain, skip_special_tokens=True)
+
+
 def test_completion_logprobs(served):
     client, hf, tok, engine = served
     ids = tok.encode(PROMPTS[3])
@@ -261,8 +298,16 @@ def test_echo_scores_the_prompt(served):
 
 @pytest.mark.parametrize("route,body,status,param,match", [
     ("/v1/completions", {"prompt": "x", "max_token": 3}, 400, "max_token", "unknown field"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "best_of", "not supported"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty", "greater than or equal"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty", "greater than"),
+    ("/v1/completions", {"prompt": "x", "min_p": 1.5}, 400, "min_p", "less than or equal"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"five": 10}}, 400, "logit_bias", "'five' is not a token id"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias", "[-100, 100]"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1000000": 1}}, 400, "logit_bias", "outside the vocabulary"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"-1": 1}}, 400,
+     "logit_bias", "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs", "less than or equal"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 400}, 400, "prompt", "max-model-len"),
     ("/v1/completions", {"prompt": "x " * 200}, 400, "prompt", "max-model-len"),
@@ -402,8 +447,8 @@ def test_the_openai_client(live):
         usage = chunk.usage or usage
     assert "".join(parts) == chat.choices[0].message.content
     assert usage.completion_tokens == chat.usage.completion_tokens
-    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
-        client.completions.create(model="tiny-phimoe", prompt="x", presence_penalty=1.0)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model="tiny-phimoe", prompt="x", best_of=2)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").models.list()
 

@@ -48,6 +48,7 @@ import torch
 
 from ..cache import StaticCache, _kv_shape
 from .cuda_graph import capture, own_forward
+from .row_sampling import RowSettings, Sampling, TokenCounts, penalize_rows, single_token_bias, warp_rows
 
 logger = logging.getLogger("moetorch")
 
@@ -82,7 +83,7 @@ QUEUE_WAIT_S = 10.0
 # Generation settings the batch does not apply (Transformers' continuous batching drops their
 # processors too), with their no-op values.
 _DROPPED = {
-    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
     "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": 0,
     "sequence_bias": None, "guidance_scale": 1.0, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "suppress_tokens": None, "begin_suppress_tokens": None, "exponential_decay_length_penalty": None,
@@ -206,77 +207,6 @@ class WorkloadHints:
     num_requests: int = 0
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """A request's own decoding settings (`add_request(temperature=..., top_k=..., top_p=...,
-    do_sample=..., seed=...)`), the manager's generation config filling what it leaves out."""
-
-    do_sample: bool
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    seed: int | None = None
-
-    KEYS = ("do_sample", "temperature", "top_k", "top_p", "seed")
-
-    @classmethod
-    def of(cls, kwargs: dict, default: Sampling, request_id) -> Sampling:
-        """Checked settings from `add_request`'s keyword arguments over `default`."""
-        where = f"add_request({request_id!r})" if request_id is not None else "add_request"
-        unknown = sorted(set(kwargs) - set(cls.KEYS))
-        if unknown:
-            raise TypeError(f"{where}: unknown per-request settings {unknown}; a request may set "
-                            f"{', '.join(cls.KEYS)} (other settings go in the manager's GenerationConfig)")
-        v = {k: kwargs.get(k, getattr(default, k)) for k in cls.KEYS}
-        for k in ("temperature", "top_p"):
-            if isinstance(v[k], bool) or not isinstance(v[k], (int, float)):
-                raise TypeError(f"{where}: {k} must be a number, got {v[k]!r}")
-            v[k] = float(v[k])
-        for k in ("top_k", "seed"):
-            if v[k] is not None and (isinstance(v[k], bool) or not isinstance(v[k], int)):
-                raise TypeError(f"{where}: {k} must be an int, got {v[k]!r}")
-        if not isinstance(v["do_sample"], bool):
-            raise TypeError(f"{where}: do_sample must be a bool, got {v['do_sample']!r}")
-        if not v["temperature"] > 0 or v["temperature"] == float("inf"):
-            raise ValueError(f"{where}: temperature must be a positive float, got {v['temperature']} (greedy "
-                             "decoding is do_sample=False)")
-        if not 0.0 < v["top_p"] <= 1.0:
-            raise ValueError(f"{where}: top_p must be in (0, 1], got {v['top_p']}")
-        if v["top_k"] < 0:
-            raise ValueError(f"{where}: top_k must be >= 0 (0: off), got {v['top_k']}")
-        if v["seed"] is not None and not 0 <= v["seed"] < 2**63:
-            raise ValueError(f"{where}: seed must be in [0, 2**63), got {v['seed']}")
-        if not v["do_sample"]:
-            set_ = [k for k in ("temperature", "top_k", "top_p", "seed") if k in kwargs]
-            if set_:
-                raise ValueError(f"{where}: {set_} apply to sampling, but this request decodes greedily: pass "
-                                 "do_sample=True (or set it in the manager's GenerationConfig)")
-        return cls(**v)
-
-
-def warp_rows(scores_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor | None,
-              top_p_B: torch.Tensor | None) -> torch.Tensor:
-    """Transformers' temperature, top-k and top-p warpers (in that order, keeping at least one
-    token), with a setting per row: `top_k_B` 0 and `top_p_B` 1.0 leave a row as it is; None: no
-    row filters. Float32 scores in, the warped scores out (filtered tokens -inf)."""
-    scores = scores_BV / temperature_B[:, None]
-    if top_k_B is None and top_p_B is None:
-        return scores
-    V = scores.shape[-1]
-    asc, order = scores.sort(dim=-1)  # ascending, as Transformers' top-p sorts
-    if top_k_B is not None:
-        # the k-th largest score; a row keeps the scores not below it (0: all)
-        kth = asc.gather(1, (V - top_k_B.clamp(0, V)).clamp(max=V - 1)[:, None])
-        kth = torch.where(top_k_B[:, None] > 0, kth, torch.full_like(kth, -float("inf")))
-        asc = asc.masked_fill(asc < kth, -float("inf"))
-    if top_p_B is not None:
-        # drop the smallest scores whose probabilities sum to at most 1 - top_p, never the largest
-        drop = asc.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p_B)[:, None]
-        drop[:, -1] = False
-        asc = asc.masked_fill(drop, -float("inf"))
-    return torch.empty_like(scores).scatter_(1, order, asc)
-
-
 class _Request:
     """A request's state in the manager."""
 
@@ -340,6 +270,7 @@ class _Batch:
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.cpos = torch.zeros(1, dtype=torch.long, device=device)
         self.col = 0
+        self.counts: TokenCounts | None = None  # rows' token counts, once a request with penalties runs
         self.graphs_on = graphs
         self.views: dict[int, StaticCache] = {}
         self.graphs: dict[int, tuple] = {}
@@ -541,7 +472,9 @@ class ContinuousBatchingManager:
         if gen.num_beams not in (None, 1):
             raise ValueError(f"continuous batching decodes by greedy search or sampling, not beam search "
                              f"(num_beams={gen.num_beams})")
-        dropped = [k for k, noop in _DROPPED.items() if getattr(gen, k, noop) not in (noop, None)]
+        bias = single_token_bias(getattr(gen, "sequence_bias", None))  # None: a longer sequence, dropped
+        dropped = [k for k, noop in _DROPPED.items() if getattr(gen, k, noop) not in (noop, None)
+                   and not (k == "sequence_bias" and bias is not None)]
         if dropped:
             if not cfg.drop_unsupported_processors:
                 raise ValueError(f"continuous batching does not apply these generation settings: {dropped} "
@@ -552,10 +485,13 @@ class ContinuousBatchingManager:
         self.return_logprobs = cfg.return_logprobs
         self.warpers = sampling_warpers(gen) if self.do_sample else []
         # what a request's own settings start from, and the config's warpers they cannot express
-        self.default_sampling = Sampling(self.do_sample, float(gen.temperature or 1.0), int(gen.top_k or 0),
-                                         float(1.0 if gen.top_p is None else gen.top_p))
+        self.default_sampling = Sampling(
+            self.do_sample, float(gen.temperature or 1.0), int(gen.top_k or 0),
+            float(1.0 if gen.top_p is None else gen.top_p), float(gen.min_p or 0.0) if self.do_sample else 0.0,
+            repetition_penalty=float(1.0 if gen.repetition_penalty is None else gen.repetition_penalty),
+            logit_bias=bias or ())
         self._other_warpers = [type(w).__name__ for w in self.warpers if type(w).__name__ not in
-                               ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper")]
+                               ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper")]
         self.num_return_sequences = gen.num_return_sequences or 1
         if gen.eos_token_id is None:  # as Transformers: no EOS, with a warning
             logger.warning("continuous batching: the generation config sets no eos_token_id, so requests stop at "
@@ -706,7 +642,8 @@ class ContinuousBatchingManager:
                              "continuous_batching_config.return_logprobs=True")
         sampling = None
         if logit_processor_kwargs:
-            sampling = Sampling.of(logit_processor_kwargs, self.default_sampling, request_id)
+            sampling = Sampling.of(logit_processor_kwargs, self.default_sampling, request_id,
+                                   self.model.config.vocab_size)
             if sampling == self.default_sampling:
                 sampling = None  # the config's own: the batch's plain path
             elif sampling.do_sample and self._other_warpers:
@@ -982,6 +919,7 @@ class ContinuousBatchingManager:
                 for r in running.values():
                     r.start -= d
             rows = free[:len(group)]
+            self._track_counts(batch, group, rows)
             now = t0 = time.perf_counter()
             for req in group:
                 req.status, req.started = RequestStatus.PREFILLING, now
@@ -992,7 +930,7 @@ class ContinuousBatchingManager:
                 logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part], self.pad_id)
                 self.stats["prefill_tokens"].append(sum(len(group[i].prompt) for i in part))
                 self.stats["prefill_padded_tokens"].append(len(part) * max(len(group[i].prompt) for i in part))
-                t, lp = self._choose(logits, [group[i] for i in part])
+                t, lp = self._choose(logits, [group[i] for i in part], [rows[i] for i in part])
                 index = _to(torch.tensor(part), tokens.device)
                 tokens[index] = t
                 if logprobs is not None:
@@ -1097,16 +1035,17 @@ class ContinuousBatchingManager:
         fresh dict for other row lists (a prefill's)."""
         return self._rows_of[2] if reqs is self._rows_of[1] else {}
 
-    def _choose(self, logits_BV: torch.Tensor, reqs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _choose(self, logits_BV: torch.Tensor, reqs: list, rows: list[int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next tokens [B] (greedy or sampled through the warpers) of the rows of requests `reqs`
         (None: a free row) and, when asked, their log-probabilities under the distribution they
-        were drawn from."""
+        were drawn from. `rows`: the batch rows of `reqs` (None: rows 0 .. B - 1, a decode step's)."""
         want_lp = self.return_logprobs
         memo = self._memo(reqs)
         if "own" not in memo:
             memo["own"] = any(r is not None and r.sampling is not None for r in reqs)
-        if memo["own"]:
-            return self._choose_per_row(logits_BV, reqs)
+        if memo["own"] or self.default_sampling.processes:
+            return self._choose_per_row(logits_BV, reqs, rows)
         if not self.do_sample and not want_lp:
             return logits_BV.argmax(dim=-1), None
         scores = logits_BV.float()
@@ -1133,37 +1072,42 @@ class ContinuousBatchingManager:
         values, ids = lsm.topk(k, dim=-1)
         return torch.cat([lp[:, None], values, ids.to(lsm.dtype)], dim=1)
 
-    def _row_settings(self, reqs: list, device: torch.device) -> tuple:
-        """Per-row tensors of the rows' settings: (sampled [B], temperature [B], top_k [B] or None,
-        top_p [B] or None, [(row, seeded request)], whether any row samples), remembered for a
+    def _row_settings(self, reqs: list, device: torch.device) -> tuple[RowSettings, list]:
+        """The rows' settings on the device and the [(row, seeded request)], remembered for a
         decode step's rows."""
         memo = self._memo(reqs)
         if "settings" in memo:
             return memo["settings"]
         greedy = Sampling(False)
         ss = [greedy if r is None else (r.sampling or self.default_sampling) for r in reqs]
-
-        def put(values, dtype):
-            return _to(torch.tensor(values, dtype=dtype), device)
-
-        sampled = put([s.do_sample for s in ss], torch.bool)
-        temperature = put([s.temperature if s.do_sample else 1.0 for s in ss], torch.float32)
-        top_k = put([s.top_k if s.do_sample else 0 for s in ss], torch.long) \
-            if any(s.do_sample and s.top_k for s in ss) else None
-        top_p = put([s.top_p if s.do_sample else 1.0 for s in ss], torch.float32) \
-            if any(s.do_sample and s.top_p < 1.0 for s in ss) else None
+        settings = RowSettings.of(ss, lambda values, dtype: _to(torch.tensor(values, dtype=dtype), device))
         seeded = [(i, r) for i, (r, s) in enumerate(zip(reqs, ss)) if s.do_sample and s.seed is not None]
-        memo["settings"] = out = (sampled, temperature, top_k, top_p, seeded, any(s.do_sample for s in ss))
+        memo["settings"] = out = (settings, seeded)
         return out
 
-    def _choose_per_row(self, logits_BV: torch.Tensor, reqs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`_choose` where requests carry settings of their own: each row warped by its own
-        temperature, top-k and top-p, sampled (exponential race: argmax p / q, q ~ Exp(1), a seeded
-        row's q from its own generator) or greedy."""
-        sampled, temperature, top_k, top_p, seeded, any_sampled = self._row_settings(reqs, logits_BV.device)
-        scores = warp_rows(logits_BV.float(), temperature, top_k, top_p)
+    def _choose_per_row(self, logits_BV: torch.Tensor, reqs: list, rows: list[int] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_choose` where rows carry settings of their own: each row's logit bias and penalties
+        (`row_sampling`), then its temperature, top-k, top-p and min-p, then sampled (exponential
+        race: argmax p / q, q ~ Exp(1), a seeded row's q from its own generator) or greedy."""
+        device = logits_BV.device
+        settings, seeded = self._row_settings(reqs, device)
+        scores = logits_BV.float()
+        rows_B = None
+        if settings.counts:
+            memo = self._memo(reqs)
+            rows_B = memo.get("rows") if rows is None else None
+            if rows_B is None:
+                rows_B = _to(torch.tensor(range(len(reqs)) if rows is None else rows), device)
+                if rows is None:
+                    memo["rows"] = rows_B
+        if settings.counts or settings.bias is not None:
+            counts = self._batch.counts if settings.counts else None
+            scores = penalize_rows(scores, None if counts is None else counts.generated[rows_B],
+                                   None if counts is None else counts.prompt[rows_B], settings)
+        scores = warp_rows(scores, settings.temperature, settings.top_k, settings.top_p, settings.min_p)
         tokens = scores.argmax(dim=-1)
-        if any_sampled:
+        if settings.any_sampled:
             q = torch.empty_like(scores).exponential_()
             for i, req in seeded:
                 if req.generator is None:
@@ -1171,19 +1115,41 @@ class ContinuousBatchingManager:
                     req.generator.manual_seed(req.sampling.seed)
                 q[i].exponential_(generator=req.generator)
             drawn = (scores.softmax(dim=-1) / q).argmax(dim=-1)
-            tokens = torch.where(sampled, drawn, tokens)
+            tokens = torch.where(settings.sampled, drawn, tokens)
+        if settings.counts:
+            self._batch.counts.add(rows_B, tokens)
         return tokens, self._logprobs(scores, tokens, reqs) if self.return_logprobs else None
+
+    def _track_counts(self, batch: _Batch, group: list[_Request], rows: list[int]) -> None:
+        """Reset the token counts of the rows that requests with penalties take."""
+        taken = [(row, req) for row, req in zip(rows, group) if (req.sampling or self.default_sampling).counts]
+        if not taken:
+            return
+        device = batch.ids.device
+        if batch.counts is None:
+            batch.counts = TokenCounts(batch.R, self.model.config.vocab_size, device)
+        batch.counts.reset([row for row, _ in taken], [req.prompt for _, req in taken],
+                           lambda values, dtype: _to(torch.tensor(values, dtype=dtype), device))
 
     def _alone(self, req: _Request) -> None:
         """A LongRoPE request past `original_max_position_embeddings`, through `generate`."""
+        from ..generation.logits_process import FrequencyPresencePenaltyLogitsProcessor, LogitsProcessorList
+
         req.status, req.started = RequestStatus.DECODING, time.perf_counter()
         self.stats["alone"] += 1
         gen, own = self.generation_config, req.sampling
         do_sample = self.do_sample if own is None else own.do_sample
         kwargs = dict(max_new_tokens=req.max_new, min_new_tokens=None, do_sample=do_sample,
                       num_return_sequences=1, eos_token_id=sorted(req.eos) or None, pad_token_id=self.pad_id)
+        settings = own or self.default_sampling
+        kwargs.update(repetition_penalty=settings.repetition_penalty,
+                      sequence_bias={(t,): b for t, b in settings.logit_bias} or None)
+        if settings.frequency_penalty or settings.presence_penalty:
+            kwargs["logits_processor"] = LogitsProcessorList([FrequencyPresencePenaltyLogitsProcessor(
+                settings.frequency_penalty, settings.presence_penalty, len(req.prompt))])
         if own is not None and do_sample:
-            kwargs.update(temperature=own.temperature, top_k=own.top_k or None, top_p=own.top_p)
+            kwargs.update(temperature=own.temperature, top_k=own.top_k or None, top_p=own.top_p,
+                          min_p=own.min_p or None)
         elif do_sample:
             kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, min_p=gen.min_p,
                           typical_p=gen.typical_p, epsilon_cutoff=gen.epsilon_cutoff, eta_cutoff=gen.eta_cutoff,

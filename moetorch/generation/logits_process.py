@@ -1,12 +1,14 @@
 """Logits processors: each maps (input_ids [B, L], scores [B, V]) -> new scores [B, V].
 
-Names and semantics are Transformers'. All work on the device; only `PrefixConstrainedLogitsProcessor`
+Names and semantics are Transformers' (`FrequencyPresencePenaltyLogitsProcessor`, OpenAI's
+penalties, is moetorch's own). All work on the device; only `PrefixConstrainedLogitsProcessor`
 (which calls user Python per row) and the first call of the bias processors read the host.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -113,6 +115,26 @@ class RepetitionPenaltyLogitsProcessor(LogitsProcessor):
         seen = padded.gather(1, ids)
         seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
         return padded.scatter(1, ids, seen)[:, :V]
+
+
+class FrequencyPresencePenaltyLogitsProcessor(LogitsProcessor):
+    """OpenAI's frequency and presence penalties (moetorch; Transformers has none): a token's
+    score minus `frequency_penalty` times its count among the generated tokens, minus
+    `presence_penalty` if it occurs there. The generated tokens are those past `prompt_length`."""
+
+    def __init__(self, frequency_penalty: float = 0.0, presence_penalty: float = 0.0, prompt_length: int = 0):
+        for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 0:
+            raise ValueError(f"`prompt_length` must be a non-negative int, got {prompt_length!r}")
+        self.frequency, self.presence = float(frequency_penalty), float(presence_penalty)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_length:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
 class NoRepeatNGramLogitsProcessor(LogitsProcessor):

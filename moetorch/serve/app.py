@@ -7,8 +7,9 @@
 
 Both completion routes stream as server-sent events with `"stream": true`. Bad input is an HTTP 400
 in OpenAI's error shape, naming the field (`param`); a setting the server does not apply
-(penalties, logit bias, tools, ...) is refused the same way rather than ignored. `top_k` and
-`ignore_eos` are accepted beside OpenAI's fields, as other servers accept them.
+(tools, JSON mode, ...) is refused the same way rather than ignored. `top_k`, `min_p`,
+`repetition_penalty` and `ignore_eos` are accepted beside OpenAI's fields, as other servers accept
+them.
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = None
-    ignore_eos: bool = False  # as other OpenAI-compatible servers: run to max_tokens (benchmarks)
-    # OpenAI fields the server refuses unless they hold their no-op value
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    # as other OpenAI-compatible servers
+    ignore_eos: bool = False  # run to max_tokens (benchmarks)
+    repetition_penalty: float | None = Field(None, gt=0)  # Transformers': over the prompt and the output
+    min_p: float | None = Field(None, ge=0, le=1)
 
 
 class CompletionRequest(_Common):
@@ -104,8 +107,8 @@ class ChatRequest(_Common):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-_NOOP = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0), "logit_bias": (None, {}),
-         "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+# OpenAI fields the server refuses unless they hold their no-op value
+_NOOP = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
          "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
          "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
          "modalities": (None, ["text"]), "reasoning_effort": (None,)}
@@ -133,17 +136,41 @@ def _eos(body: _Common, eos: list[int]) -> list[int]:
     return [] if body.ignore_eos else eos
 
 
-def _sampling(body: _Common, choice: int) -> dict[str, Any]:
+def _logit_bias(body: _Common, vocab: int) -> dict[int, float]:
+    """`logit_bias` with its keys as token ids, checked."""
+    out = {}
+    for key, bias in (body.logit_bias or {}).items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise BadRequest(f"logit_bias: {key!r} is not a token id", "logit_bias") from None
+        if not 0 <= tok < vocab:
+            raise BadRequest(f"logit_bias: token id {tok} is outside the vocabulary (0 .. {vocab - 1})", "logit_bias")
+        if not -100 <= bias <= 100:
+            raise BadRequest(f"logit_bias[{key!r}]: a bias must be in [-100, 100], got {bias}", "logit_bias")
+        out[tok] = bias
+    return out
+
+
+def _sampling(body: _Common, choice: int, vocab: int) -> dict[str, Any]:
     """A choice's settings for the manager: greedy at temperature 0, else sampled (OpenAI's
-    default temperature is 1); choice i of a seeded request draws from seed + i; top
-    log-probabilities where asked (chat's `top_logprobs`, completions' `logprobs`)."""
+    default temperature is 1); choice i of a seeded request draws from seed + i; penalties and
+    logit bias (greedy or not); top log-probabilities where asked (chat's `top_logprobs`,
+    completions' `logprobs`). Settings at their no-op values are left out."""
     top = body.logprobs if isinstance(body, CompletionRequest) else (body.top_logprobs if body.logprobs else None)
-    settings = {"top_logprobs": top} if top else {}
+    settings: dict[str, Any] = {"top_logprobs": top} if top else {}
+    for name, noop in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+        if getattr(body, name) not in (None, noop):
+            settings[name] = getattr(body, name)
+    if body.logit_bias:
+        settings["logit_bias"] = _logit_bias(body, vocab)
     temperature = 1.0 if body.temperature is None else body.temperature
     if temperature == 0:
         return {"do_sample": False, **settings}
     seed = None if body.seed is None else (body.seed + choice) % 2**63
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
+    if body.min_p:
+        settings["min_p"] = body.min_p
     return {"do_sample": True, "temperature": temperature, "top_p": 1.0 if body.top_p is None else body.top_p,
             "top_k": top_k, "seed": seed, **settings}
 
@@ -166,6 +193,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="moetorch", lifespan=lifespan)
     app.state.engine = engine
+    vocab = engine.model.config.vocab_size
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -222,8 +250,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         limit = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
         if limit == 0 and not body.echo:
             raise BadRequest("max_tokens=0 generates nothing: it takes echo=true (to score the prompt)", "max_tokens")
-        jobs = [_Job(i * body.n + j, ids, engine.check_prompt(ids, limit, f"prompt[{i}]" if len(prompts) > 1
-                                                                  else "prompt", param="prompt"), _sampling(body, j))
+        jobs = [_Job(i * body.n + j, ids,
+                     engine.check_prompt(ids, limit, f"prompt[{i}]" if len(prompts) > 1 else "prompt", param="prompt"),
+                     _sampling(body, j, vocab))
                 for i, ids in enumerate(prompts) for j in range(body.n)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": engine.name}
@@ -272,7 +301,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         _refuse_unsupported(body)
         ids = _chat_prompt(engine, body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        jobs = [_Job(j, ids, engine.check_prompt(ids, limit, "messages"), _sampling(body, j)) for j in range(body.n)]
+        jobs = [_Job(j, ids, engine.check_prompt(ids, limit, "messages"), _sampling(body, j, vocab))
+                for j in range(body.n)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": engine.name}
 
