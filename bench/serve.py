@@ -15,11 +15,14 @@ completions) keep `C` requests in flight for each `--concurrency` C until all ar
 `--single` requests). Measured: generated tokens over wall time, time to first token (the first
 streamed text) and the time between a request's later chunks; last, the largest concurrency again
 without streaming. Each round follows a short warm-up round of the same concurrency.
+`--engine-processes 0,1` runs a server with the engine in the server's process and one with the
+engine in a process of its own (`moetorch serve --engine-process`; its baseline is the first's).
 `--switch-intervals 0,0.0005` runs a server per value of `sys.setswitchinterval` (the GIL's hand-over
 interval: the batch's loop thread waits up to that long for the GIL held by the event loop).
 
 Check on the same run: the embedded tiny-phimoe (float32) served on the GPU gives, for a few
-prompts, the text of Transformers' greedy `generate` with the same weights.
+prompts, the text of Transformers' greedy `generate` with the same weights, with the engine in the
+server's process and in one of its own.
 """
 
 from __future__ import annotations
@@ -85,11 +88,21 @@ def serve(args) -> int:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     cfg = sizes(args)[name]
-    log(f"{name}: building")
-    model = build(name, "moetorch", cfg, device="cpu" if args.smoke else "cuda",
-                  dtype=torch.float32 if args.smoke else torch.bfloat16)
+    log(f"{name}: building" + (" in the engine process" if args.engine_process else ""))
+    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+    tok = word_tokenizer(cfg["vocab_size"])
+    if args.engine_process:  # the model in a process of its own; no baseline here (no model in this process)
+        import functools
+
+        engine = Engine.spawn(functools.partial(build, name, "moetorch", cfg, device=device, dtype=dtype), tok, name,
+                              max_model_len=args.prompt[1] + args.new)
+        with open(args.baseline_out, "w") as f:
+            json.dump({}, f)
+        uvicorn.run(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning")
+        return 0
+    model = build(name, "moetorch", cfg, device=device, dtype=dtype)
     prompts = workload(args.requests, *args.prompt, cfg["vocab_size"])
-    engine = Engine(model, word_tokenizer(cfg["vocab_size"]), name, max_model_len=args.prompt[1] + args.new)
+    engine = Engine(model, tok, name, max_model_len=args.prompt[1] + args.new)
     # the baseline: the same requests through generate_batch, as many rows as the server has
     import moetorch
 
@@ -188,18 +201,19 @@ def wait_ready(url: str, proc, timeout: float) -> None:
     raise RuntimeError("the server did not come up")
 
 
-def bench_model(name: str, args, switch_interval: float | None, baseline: bool) -> dict:
+def bench_model(name: str, args, switch_interval: float | None, baseline: bool, engine_process: bool = False) -> dict:
     port = {"jetmoe": 8101, "phimoe": 8102}[name]
     url = f"http://127.0.0.1:{port}"
     base_file = f"/tmp/serve-baseline-{name}.json"
     cmd = [sys.executable, __file__, "--serve", name, "--port", str(port), "--baseline-out", base_file,
            "--requests", str(args.requests), "--prompt", f"{args.prompt[0]}:{args.prompt[1]}", "--new", str(args.new),
            *(["--smoke"] if args.smoke else []), *(["--baseline"] if baseline else []),
-           *(["--switch-interval", str(switch_interval)] if switch_interval else [])]
+           *(["--switch-interval", str(switch_interval)] if switch_interval else []),
+           *(["--engine-process"] if engine_process else [])]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         wait_ready(url, proc, 900)
-        out = {"switch_interval_s": switch_interval or 0.005, "server": []}
+        out = {"switch_interval_s": switch_interval or 0.005, "engine_process": engine_process, "server": []}
         if baseline:
             with open(base_file) as f:
                 out["generate_batch"] = json.load(f)
@@ -212,7 +226,8 @@ def bench_model(name: str, args, switch_interval: float | None, baseline: bool) 
             out["server"].append(row)
             lat = (f", TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms, chunk gap p50 "
                    f"{row['inter_chunk_s']['p50'] * 1e3:.1f} ms") if stream else " (not streamed)"
-            log(f"{name} (switch interval {out['switch_interval_s']}): concurrency {c}: {row['generated_tokens']} "
+            log(f"{name} ({'engine process, ' if engine_process else ''}switch interval "
+                f"{out['switch_interval_s']}): concurrency {c}: {row['generated_tokens']} "
                 f"tokens in {row['seconds']:.2f} s: {row['tokens_per_s']:.0f} tok/s{lat}")
         return out
     finally:
@@ -238,22 +253,30 @@ def tiny_check() -> dict:
     tok = moetorch.AutoTokenizer.from_pretrained("tiny-phimoe")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(ASSETS / "tiny-phimoe"), dtype=torch.float32).cuda()
     prompts = ["def fibonacci(n):", "import os\nimport", "class Parser:\n    def", "# Copyright", "for i in range("]
-    engine = Engine(model, tok, "tiny", max_model_len=128, max_batch=4)
-    same = 0
-    with TestClient(create_app(engine)) as client:
-        r = client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 40, "temperature": 0}).json()
-        for p, choice in zip(prompts, r["choices"]):
-            ids = tok.encode(p)
-            # (the pad id is the tokenizer's: Transformers reads a prompt's pad ids as padding)
-            want = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=40, do_sample=False,
-                               eos_token_id=engine.eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
-            ended = [i for i, t in enumerate(want) if t in engine.eos]
-            want = want[:ended[0] + 1] if ended else want
-            text = tok.decode(want, skip_special_tokens=True)
-            same += choice["text"] == text
-            if choice["text"] != text:
-                log(f"tiny check differs for {p!r}: served {choice['text']!r}, Transformers {text!r}")
-    out = {"prompts": len(prompts), "equal_texts": same}
+    import functools
+
+    from moetorch.serve.worker import load_pretrained
+
+    out = {"prompts": len(prompts)}
+    for key, engine in (("equal_texts", Engine(model, tok, "tiny", max_model_len=128, max_batch=4)),
+                        ("equal_texts_engine_process", Engine.spawn(functools.partial(
+                            load_pretrained, "tiny-phimoe", "cuda", "float32"), tok, "tiny", max_model_len=128,
+                            max_batch=4))):
+        same = 0
+        with TestClient(create_app(engine)) as client:
+            r = client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 40, "temperature": 0}).json()
+            for p, choice in zip(prompts, r["choices"]):
+                ids = tok.encode(p)
+                # (the pad id is the tokenizer's: Transformers reads a prompt's pad ids as padding)
+                want = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=40, do_sample=False,
+                                   eos_token_id=engine.eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+                ended = [i for i, t in enumerate(want) if t in engine.eos]
+                want = want[:ended[0] + 1] if ended else want
+                text = tok.decode(want, skip_special_tokens=True)
+                same += choice["text"] == text
+                if choice["text"] != text:
+                    log(f"tiny check differs for {p!r}: served {choice['text']!r}, Transformers {text!r}")
+        out[key] = same
     log(f"tiny check: {out}")
     return out
 
@@ -268,6 +291,9 @@ def main() -> int:
     p.add_argument("--single", type=int, default=8, help="requests at concurrency 1")
     p.add_argument("--switch-intervals", default="0.0005", help="the server's sys.setswitchinterval, a run each "
                    "(0: Python's default, 5 ms; moetorch serve sets 0.0005)")
+    p.add_argument("--engine-processes", default="0", help="0, 1 or 0,1: a server with the engine in its process "
+                   "(0) and/or in a process of its own (1, moetorch serve --engine-process), each switch interval")
+    p.add_argument("--engine-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--switch-interval", type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
@@ -287,8 +313,10 @@ def main() -> int:
               "args": vars(args), "tiny_check": None if args.smoke else tiny_check(), "models": {}}
     for name in args.models.split(","):
         runs = []
-        for i, interval in enumerate(args.switch_intervals):
-            runs.append(bench_model(name, args, interval, baseline=i == 0))
+        modes = [bool(int(x)) for x in args.engine_processes.split(",")]
+        for proc in modes:
+            for interval in args.switch_intervals:
+                runs.append(bench_model(name, args, interval, baseline=not runs, engine_process=proc))
         base = runs[0]["generate_batch"]["tokens_per_s"]
         for r in runs:
             full = [x["tokens_per_s"] for x in r["server"] if x["requests"] == args.requests]

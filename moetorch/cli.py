@@ -22,20 +22,34 @@ from .defaults import DEFAULT_MODEL, EMBEDDED, RANDOM_MODEL, resolve_model
 from .ops.moe import triton_available
 
 
-def _load(model_arg: str | None, device: str, dtype: str):
-    from .auto import AutoModelForCausalLM
-
+def _resolve(model_arg: str | None) -> tuple[Path, bool]:
     try:
         path, is_random = resolve_model(model_arg)
     except FileNotFoundError as e:
         raise SystemExit(f"moetorch: --model {model_arg}: {e}") from None
     if not path.is_dir():
         raise SystemExit(f"moetorch: --model {model_arg}: no such checkpoint directory")
+    return path, is_random
+
+
+def _load(model_arg: str | None, device: str, dtype: str):
+    from .auto import AutoModelForCausalLM
+
+    path, is_random = _resolve(model_arg)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     except (ValueError, torch.OutOfMemoryError) as e:  # a bad --device or --dtype, or no room: no traceback
         raise SystemExit(f"moetorch: {e}") from None
     return path, model, is_random
+
+
+def _load_for_engine(path: str, device: str, dtype: str, is_random: bool):
+    """`moetorch serve --engine-process`'s loader, run in the engine process."""
+    from .serve.worker import load_pretrained
+
+    model = load_pretrained(path, device, dtype)
+    _banner(Path(path), model, is_random)
+    return model
 
 
 def _tokenizer(path: Path):
@@ -140,15 +154,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve.app import create_app as _  # noqa: F401 -- fastapi present
     except ImportError as e:
         raise SystemExit(f"moetorch serve needs fastapi and uvicorn ({e}): pip install 'moetorch[serve]'") from None
-    path, model, is_random = _load(args.model, args.device, args.dtype)
-    tok = _tokenizer(path)
-    _banner(path, model, is_random)
-    name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
-    try:
-        engine = Engine(model, tok, name, max_model_len=args.max_model_len, max_batch=args.max_batch,
-                        max_batch_tokens=args.max_batch_tokens)
-    except (ValueError, RuntimeError) as e:  # a --max-model-len past the model's, no room for a row
-        raise SystemExit(f"moetorch serve: {e}") from None
+    sizes = dict(max_model_len=args.max_model_len, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens)
+    if args.engine_process:
+        import functools
+
+        path, is_random = _resolve(args.model)
+        tok = _tokenizer(path)
+        name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
+        print("[moetorch] starting the engine process", file=sys.stderr)
+        loader = functools.partial(_load_for_engine, str(path), args.device, args.dtype, is_random)
+        try:
+            engine = Engine.spawn(loader, tok, name, **sizes)
+        except (ValueError, RuntimeError) as e:  # a bad --dtype, a --max-model-len past the model's, ...
+            raise SystemExit(f"moetorch serve: {e}") from None
+    else:
+        path, model, is_random = _load(args.model, args.device, args.dtype)
+        tok = _tokenizer(path)
+        _banner(path, model, is_random)
+        name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
+        try:
+            engine = Engine(model, tok, name, **sizes)
+        except (ValueError, RuntimeError) as e:  # a --max-model-len past the model's, no room for a row
+            raise SystemExit(f"moetorch serve: {e}") from None
     if args.switch_interval > 0:
         sys.setswitchinterval(args.switch_interval)
     print(f"[moetorch] serving {name!r} at http://{args.host}:{args.port}/v1 ({engine.manager.rows} rows of "
@@ -222,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--switch-interval", type=float, default=0.0005, help="seconds between the Python threads' "
                        "turns at the interpreter lock (sys.setswitchinterval; Python's default is 0.005): the batch's "
                        "loop waits at most this long for the HTTP thread")
+    serve.add_argument("--engine-process", action="store_true", help="run the model and its batch in a process "
+                       "of their own, apart from the HTTP server's (no shared interpreter lock)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 

@@ -747,15 +747,22 @@ class ContinuousBatchingManager:
             elif not self.is_running():
                 return
 
-    def register_result_handler(self, request_id: str, callback) -> None:
+    def register_result_handler(self, request_id: str, callback, loop=None) -> None:
         """Deliver `request_id`'s results (each token's when streaming, else its last) to
         `callback(output)` on the calling asyncio event loop (`call_soon_threadsafe`), instead of
-        `get_result`; the handler goes once the request finishes. Call it from a coroutine."""
+        `get_result`; the handler goes once the request finishes. Call it from a coroutine, or pass
+        `loop` (moetorch: any object with `call_soon_threadsafe(fn, items)`, which must call
+        `fn(items)`; a step's results for that loop come in one call)."""
         import asyncio
 
-        loop = asyncio.get_running_loop()
+        loop = loop or asyncio.get_running_loop()
         with self._lock:
             self._handlers[request_id] = (callback, loop)
+
+    def unregister_result_handler(self, request_id: str) -> None:
+        """Drop `request_id`'s result handler (its results go to `get_result` again)."""
+        with self._lock:
+            self._handlers.pop(request_id, None)
 
     @contextlib.contextmanager
     def pause(self):

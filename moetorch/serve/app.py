@@ -193,7 +193,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="moetorch", lifespan=lifespan)
     app.state.engine = engine
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -209,6 +209,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(BadRequest)
     async def bad(request: Request, exc: BadRequest):
         return _error(str(exc), exc.status, exc.param, exc.kind)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError):
+        return _error(f"generation failed: {exc}", 500, kind="server_error")
 
     @app.exception_handler(PromptError)
     async def prompt_error(request: Request, exc: PromptError):
@@ -457,7 +461,7 @@ def _sse(chunks: AsyncIterator[tuple[dict, Piece | None]], body: _Common, prompt
 
 # ---- prompts and outputs ---------------------------------------------------------------------------
 def _completion_prompts(engine: Engine, prompt) -> list[list[int]]:
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):

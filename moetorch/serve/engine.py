@@ -112,80 +112,125 @@ class EngineError(RuntimeError):
     """The manager failed a request (not a cancellation by the engine)."""
 
 
+def build_manager(model, eos: list[int], pad: int | None, max_model_len: int | None = None,
+                  max_batch: int | None = None, max_batch_tokens: int | None = None) -> tuple[Any, dict]:
+    """The server's continuous-batching manager for `model` (greedy by default, log-probabilities
+    returned, rows of `max_model_len` slots) and what the engine's front needs to know of it:
+    `max_model_len`, `eos` (the model's EOS ids, else `eos`, the tokenizer's), `vocab_size`,
+    `rows`, `batch_tokens`, `device`."""
+    from ..generation.configuration import GenerationConfig
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    max_model_len = max_model_len or min(4096, limit or 4096)
+    if limit is not None and max_model_len > limit:
+        raise ValueError(f"max_model_len={max_model_len} is past the model's max_position_embeddings ({limit})")
+    eos = eos_ids(model.generation_config.eos_token_id) or eos
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    gen = GenerationConfig(do_sample=False, max_new_tokens=None, eos_token_id=eos or None, pad_token_id=pad)
+    cfg = ContinuousBatchingConfig(max_requests_per_batch=max_batch, max_cache_len=max_model_len,
+                                   max_batch_tokens=max_batch_tokens, return_logprobs=True)
+    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cfg)
+    return manager, {"max_model_len": max_model_len, "eos": eos, "vocab_size": model.config.vocab_size,
+                     "rows": manager.rows, "batch_tokens": manager.batch_tokens, "device": model.device.type}
+
+
+def warm_prefills(model, manager, max_model_len: int) -> list[tuple[int, int]]:
+    """Prefill random prompts of every power-of-two token count from 16 up to a prefill group's,
+    so that the kernels (and block sizes) that a first request's prefill picks are compiled before
+    one comes, not while it waits. Returns the (prompts, length) shapes run."""
+    import torch
+
+    longest = max_model_len - 1
+    top = min(manager.batch_tokens, manager.rows * longest)
+    shapes, tokens = [], 16
+    while tokens <= top:
+        length = min(tokens, longest)
+        shapes.append((max(1, tokens // length), length))
+        tokens *= 2
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        for rows, length in shapes:
+            ids = torch.randint(1, vocab, (rows, length), device=model.device)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    return shapes
+
+
+def score_prompt(model, manager, ids: list[int], top_n: int) -> tuple[list, list]:
+    """Each prompt token's log-probability given the tokens before it (None for the first), and
+    the `top_n` likeliest (id, log-probability) there: one forward over the prompt, run while the
+    manager's loop is paused (between two steps)."""
+    import torch
+
+    device = model.device
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with manager.pause(), torch.no_grad(), on_device:
+        logits = model(torch.tensor([ids], device=device)).logits[0, :-1]
+        lsm = logits.float().log_softmax(dim=-1)
+        chosen = lsm.gather(1, torch.tensor(ids[1:], device=lsm.device)[:, None]).squeeze(1).tolist()
+        tops: list = [[] for _ in chosen]
+        if top_n:
+            values, top_ids = lsm.topk(top_n, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+    return [None, *chosen], [None, *tops]
+
+
 class Engine:
     """A model and its tokenizer behind a running continuous-batching manager.
 
     `max_model_len`: slots of a batch row, the longest prompt + completion a request may have.
     `max_batch`: rows (requests decoding at once); None: as many as the GPU's memory holds, at
-    most 256 (64 on the CPU)."""
+    most 256 (64 on the CPU). `Engine.spawn` runs the model and its manager in a process of
+    their own instead (`worker.py`)."""
 
     def __init__(self, model, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
                  max_batch_tokens: int | None = None) -> None:
-        from ..generation.configuration import GenerationConfig
+        manager, info = build_manager(model, eos_ids(getattr(tokenizer, "eos_token_id", None)), tokenizer.pad_token_id,
+                                      max_model_len, max_batch, max_batch_tokens)
+        self._setup(model, manager, tokenizer, name, info)
 
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        limit = getattr(model.config, "max_position_embeddings", None)
-        self.max_model_len = max_model_len or min(4096, limit or 4096)
-        if limit is not None and self.max_model_len > limit:
-            raise ValueError(f"max_model_len={self.max_model_len} is past the model's max_position_embeddings "
-                             f"({limit})")
-        self.eos = eos_ids(model.generation_config.eos_token_id) or eos_ids(getattr(tokenizer, "eos_token_id", None))
+    def _setup(self, model, manager, tokenizer, name: str, info: dict) -> None:
+        self.model, self.manager, self.tokenizer, self.name = model, manager, tokenizer, name
+        self.max_model_len, self.eos, self.vocab_size = info["max_model_len"], info["eos"], info["vocab_size"]
+        self.device = info["device"]
         self.chat_eos = chat_eos_ids(self.eos, tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos[0] if self.eos else 0)
-        gen = GenerationConfig(do_sample=False, max_new_tokens=None, eos_token_id=self.eos or None, pad_token_id=pad)
-        cfg = ContinuousBatchingConfig(max_requests_per_batch=max_batch, max_cache_len=self.max_model_len,
-                                       max_batch_tokens=max_batch_tokens, return_logprobs=True)
-        self.manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cfg)
         self._ids = itertools.count()
 
+    @classmethod
+    def spawn(cls, loader, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
+              max_batch_tokens: int | None = None, start_method: str = "spawn") -> Engine:
+        """An engine whose model and manager run in a process of their own: `loader()` (a
+        picklable callable, e.g. `functools.partial(worker.load_pretrained, path, device, dtype)`)
+        builds the model there, which then warms its prefills and starts its manager. This process
+        keeps the tokenizer, the text and the HTTP side, so they no longer share an interpreter
+        lock with the batch's loop. Returns once the engine process is ready."""
+        from .worker import ManagerClient
+
+        client = ManagerClient(loader, dict(eos=eos_ids(getattr(tokenizer, "eos_token_id", None)),
+                                            pad=tokenizer.pad_token_id, max_model_len=max_model_len,
+                                            max_batch=max_batch, max_batch_tokens=max_batch_tokens), start_method)
+        engine = cls.__new__(cls)
+        engine._setup(None, client, tokenizer, name, client.info)
+        return engine
+
     def start(self) -> None:
-        """Warm the prefill kernels (on a GPU), then start the manager (which captures the decode graphs)."""
-        if self.model.device.type == "cuda":
+        """Warm the prefill kernels (on a GPU), then start the manager (which captures the decode
+        graphs). An engine process has done both before `spawn` returned."""
+        if self.model is None:
+            return
+        if self.device == "cuda":
             self.warm_prefills()
         self.manager.start()
 
     def warm_prefills(self) -> list[tuple[int, int]]:
-        """Prefill random prompts of every power-of-two token count from 16 up to a prefill
-        group's, so that the kernels (and block sizes) that a first request's prefill picks are
-        compiled before one comes, not while it waits. Returns the (prompts, length) shapes run."""
-        import torch
-
-        longest = self.max_model_len - 1
-        top = min(self.manager.batch_tokens, self.manager.rows * longest)
-        shapes, tokens = [], 16
-        while tokens <= top:
-            length = min(tokens, longest)
-            shapes.append((max(1, tokens // length), length))
-            tokens *= 2
-        vocab = self.model.config.vocab_size
-        with torch.no_grad():
-            for rows, length in shapes:
-                ids = torch.randint(1, vocab, (rows, length), device=self.model.device)
-                self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
-                                    pad_token_id=0, eos_token_id=None)
-        return shapes
+        """See `warm_prefills` (the module's function)."""
+        return warm_prefills(self.model, self.manager, self.max_model_len)
 
     async def prompt_logprobs(self, ids: list[int], top_n: int) -> tuple[list, list]:
-        """Each prompt token's log-probability given the tokens before it (None for the first),
-        and the `top_n` likeliest (id, log-probability) there: one forward over the prompt, run
-        while the batch's loop is paused (between two steps)."""
-        import torch
-
-        device = self.model.device
-        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-        def score() -> tuple[list, list]:
-            with self.manager.pause(), torch.no_grad(), on_device:
-                logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, :-1]
-                lsm = logits.float().log_softmax(dim=-1)
-                chosen = lsm.gather(1, torch.tensor(ids[1:], device=lsm.device)[:, None]).squeeze(1).tolist()
-                tops: list = [[] for _ in chosen]
-                if top_n:
-                    values, top_ids = lsm.topk(top_n, dim=-1)
-                    tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
-            return [None, *chosen], [None, *tops]
-
-        return await asyncio.to_thread(score)
+        """See `score_prompt`: in a thread, here or in the engine process."""
+        if self.model is None:
+            return await asyncio.to_thread(self.manager.score, ids, top_n)
+        return await asyncio.to_thread(score_prompt, self.model, self.manager, ids, top_n)
 
     def stop(self) -> None:
         if self.manager.is_running():
@@ -220,8 +265,7 @@ class Engine:
             self.manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=stream or bool(stop),
                                      eos_token_id=eos or [], **sampling)
         except BaseException:
-            with self.manager._lock:
-                self.manager._handlers.pop(rid, None)
+            self.manager.unregister_result_handler(rid)
             raise
         detok, text = Detokenizer(self.tokenizer, ids[-4:]), StopText(stop)
         seen, done = 0, False
