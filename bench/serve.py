@@ -15,7 +15,8 @@ completions) keep `C` requests in flight for each `--concurrency` C until all ar
 `--single` requests). Measured: generated tokens over wall time, time to first token (the first
 streamed text) and the time between a request's later chunks; last, the largest concurrency again
 without streaming. Each round follows a short warm-up round of the same concurrency.
-`--engine-processes 0,1` runs a server with the engine in the server's process and one with the
+`--client-processes N` splits each load over N client processes. `--engine-processes 0,1` runs a
+server with the engine in the server's process and one with the
 engine in a process of its own (`moetorch serve --engine-process`; its baseline is the first's).
 `--switch-intervals 0,0.0005` runs a server per value of `sys.setswitchinterval` (the GIL's hand-over
 interval: the batch's loop thread waits up to that long for the GIL held by the event loop).
@@ -185,6 +186,27 @@ async def load(url: str, prompts: list[list[int]], new: int, concurrency: int, s
             "single_stream_tokens_per_s": statistics.fmean(r["tokens"] / r["seconds"] for r in results)}
 
 
+def _load_part(job: tuple) -> dict:
+    return asyncio.run(load(*job))
+
+
+def load_split(pool, url: str, prompts: list[list[int]], new: int, concurrency: int, stream: bool) -> dict:
+    """`load` from the pool's client processes at once, each with its share of the prompts and of
+    the concurrency: tokens over the longest part's wall time (no pool: `load` here)."""
+    n = pool._processes if pool is not None and concurrency >= pool._processes else 1
+    if n == 1:
+        return asyncio.run(load(url, prompts, new, concurrency, stream))
+    rows = pool.map(_load_part, [(url, prompts[i::n], new, concurrency // n, stream) for i in range(n)])
+    wall = max(r["seconds"] for r in rows)
+    tokens = sum(r["generated_tokens"] for r in rows)
+    return {"concurrency": concurrency, "stream": stream, "requests": len(prompts), "seconds": wall,
+            "generated_tokens": tokens, "tokens_per_s": tokens / wall, "client_processes": n,
+            "parts": [{k: r[k] for k in ("seconds", "generated_tokens", "tokens_per_s", "ttft_s", "inter_chunk_s")}
+                      for r in rows],
+            "ttft_s": {"p50": statistics.median(r["ttft_s"]["p50"] for r in rows)} if stream else None,
+            "inter_chunk_s": {"p50": statistics.median(r["inter_chunk_s"]["p50"] for r in rows)} if stream else None}
+
+
 def wait_ready(url: str, proc, timeout: float) -> None:
     import httpx
 
@@ -219,16 +241,21 @@ def bench_model(name: str, args, switch_interval: float | None, baseline: bool, 
                 out["generate_batch"] = json.load(f)
         prompts = workload(args.requests, *args.prompt, sizes(args)[name]["vocab_size"])
         runs = [(c, True) for c in args.concurrency] + [(max(args.concurrency), False)]
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(args.client_processes) if args.client_processes > 1 else None
         for c, stream in runs:
             ps = prompts[:args.single] if c == 1 else prompts
-            asyncio.run(load(url, ps[-min(len(ps), c):], 16, c, stream))  # the same shapes, warm
-            row = asyncio.run(load(url, ps, args.new, c, stream))
+            load_split(pool, url, ps[-min(len(ps), c):], 16, c, stream)  # the same shapes, warm
+            row = load_split(pool, url, ps, args.new, c, stream)
             out["server"].append(row)
             lat = (f", TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms, chunk gap p50 "
                    f"{row['inter_chunk_s']['p50'] * 1e3:.1f} ms") if stream else " (not streamed)"
             log(f"{name} ({'engine process, ' if engine_process else ''}switch interval "
                 f"{out['switch_interval_s']}): concurrency {c}: {row['generated_tokens']} "
                 f"tokens in {row['seconds']:.2f} s: {row['tokens_per_s']:.0f} tok/s{lat}")
+        if pool is not None:
+            pool.close()
         return out
     finally:
         proc.terminate()
@@ -289,6 +316,9 @@ def main() -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--concurrency", default="1,32,256")
     p.add_argument("--single", type=int, default=8, help="requests at concurrency 1")
+    p.add_argument("--no-check", action="store_true", help="skip the tiny model's check")
+    p.add_argument("--client-processes", type=int, default=1, help="client processes sharing each load (its "
+                   "prompts and concurrency), so that the clients' own Python is not the bound")
     p.add_argument("--switch-intervals", default="0.0005", help="the server's sys.setswitchinterval, a run each "
                    "(0: Python's default, 5 ms; moetorch serve sets 0.0005)")
     p.add_argument("--engine-processes", default="0", help="0, 1 or 0,1: a server with the engine in its process "
@@ -310,18 +340,18 @@ def main() -> int:
     import torch
 
     result = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
-              "args": vars(args), "tiny_check": None if args.smoke else tiny_check(), "models": {}}
+              "args": vars(args), "tiny_check": None if args.smoke or args.no_check else tiny_check(), "models": {}}
     for name in args.models.split(","):
         runs = []
         modes = [bool(int(x)) for x in args.engine_processes.split(",")]
         for proc in modes:
             for interval in args.switch_intervals:
                 runs.append(bench_model(name, args, interval, baseline=not runs, engine_process=proc))
-        base = runs[0]["generate_batch"]["tokens_per_s"]
+        base = runs[0].get("generate_batch", {}).get("tokens_per_s")  # (none when the first has an engine process)
         for r in runs:
             full = [x["tokens_per_s"] for x in r["server"] if x["requests"] == args.requests]
-            r["best_over_generate_batch"] = max(full) / base if full else None
-        result["models"][name] = {"generate_batch": runs[0]["generate_batch"], "runs": runs}
+            r["best_over_generate_batch"] = max(full) / base if full and base else None
+        result["models"][name] = {"generate_batch": runs[0].get("generate_batch"), "runs": runs}
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

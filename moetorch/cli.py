@@ -249,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--switch-interval", type=float, default=0.0005, help="seconds between the Python threads' "
                        "turns at the interpreter lock (sys.setswitchinterval; Python's default is 0.005): the batch's "
                        "loop waits at most this long for the HTTP thread")
-    serve.add_argument("--engine-process", action="store_true", help="run the model and its batch in a process "
-                       "of their own, apart from the HTTP server's (no shared interpreter lock)")
+    serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                       help="run the model and its batch in a process of their own, apart from the HTTP server's, so "
+                       "that they share no interpreter lock (default; --no-engine-process: one process)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 

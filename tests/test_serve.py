@@ -480,7 +480,8 @@ def test_a_client_that_leaves_cancels_its_request(live):
 
 
 def test_the_serve_command(monkeypatch):
-    """`moetorch serve` builds the engine and app for uvicorn, with its flags."""
+    """`moetorch serve --no-engine-process` builds the engine and app for uvicorn, with its flags
+    (the default, an engine process: tests/test_serve_process.py)."""
     import uvicorn
 
     from moetorch import cli
@@ -489,7 +490,7 @@ def test_the_serve_command(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setattr(sys, "setswitchinterval", lambda s: seen.update(switch_interval=s))
     assert cli.main(["serve", "--model", "tiny-jetmoe", "--port", "8123", "--max-model-len", "96", "--max-batch", "3",
-                     "--served-model-name", "jet"]) == 0
+                     "--served-model-name", "jet", "--no-engine-process"]) == 0
     assert seen["port"] == 8123 and seen["host"] == "127.0.0.1" and seen["switch_interval"] == 0.0005
     engine = seen["app"].state.engine
     assert (engine.name, engine.max_model_len, engine.manager.rows) == ("jet", 96, 3)
@@ -497,7 +498,7 @@ def test_the_serve_command(monkeypatch):
         r = client.post("/v1/completions", json={"model": "jet", "prompt": "import", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     with pytest.raises(SystemExit, match="max_position_embeddings"):
-        cli.main(["serve", "--model", "tiny-jetmoe", "--max-model-len", "100000"])
+        cli.main(["serve", "--model", "tiny-jetmoe", "--max-model-len", "100000", "--no-engine-process"])
 
 
 def test_prefill_warm_up_shapes(monkeypatch):

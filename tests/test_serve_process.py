@@ -190,7 +190,7 @@ def test_a_bad_model_fails_at_spawn():
 
 
 def test_the_serve_command_with_an_engine_process(monkeypatch):
-    """`moetorch serve --engine-process` loads the model in the engine process only."""
+    """`moetorch serve` (an engine process by default) loads the model in the engine process only."""
     import uvicorn
 
     from moetorch import cli
@@ -198,8 +198,8 @@ def test_the_serve_command_with_an_engine_process(monkeypatch):
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("the server process loaded the model"))
-    assert cli.main(["serve", "--model", "tiny-jetmoe", "--engine-process", "--max-model-len", "96", "--max-batch",
-                     "3", "--served-model-name", "jet"]) == 0
+    assert cli.main(["serve", "--model", "tiny-jetmoe", "--max-model-len", "96", "--max-batch", "3",
+                     "--served-model-name", "jet"]) == 0
     engine = seen["app"].state.engine
     assert engine.model is None and (engine.name, engine.max_model_len, engine.manager.rows) == ("jet", 96, 3)
     with TestClient(seen["app"]) as client:
