@@ -414,6 +414,10 @@ def test_config_repetition_penalty_and_sequence_bias(pair):
     # min_p=1 keeps the likeliest token alone: sampling is greedy, with the config's penalty
     out = ours.generate_batch(inputs, generation_config=config(6, do_sample=True, min_p=1.0, repetition_penalty=1.8))
     assert [r.generated_tokens for r in out.values()] == [hf_generate(hf, p, 6, repetition_penalty=1.8) for p in inputs]
+    # with a warper no request can set (typical), the config's own warpers run after the penalty
+    out = ours.generate_batch(inputs, generation_config=config(6, do_sample=True, top_k=1, typical_p=0.9,
+                                                               repetition_penalty=1.8))
+    assert [r.generated_tokens for r in out.values()] == [hf_generate(hf, p, 6, repetition_penalty=1.8) for p in inputs]
     # a request's own settings replace the config's
     with ours.continuous_batching_context_manager(generation_config=config(6, repetition_penalty=1.8)) as m:
         m.add_request(inputs[0], request_id="own", repetition_penalty=1.0, frequency_penalty=2.0)

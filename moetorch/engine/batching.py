@@ -1051,17 +1051,23 @@ class ContinuousBatchingManager:
         memo = self._memo(reqs)
         if "own" not in memo:
             memo["own"] = any(r is not None and r.sampling is not None for r in reqs)
-        if memo["own"] or self.default_sampling.processes:
+        if memo["own"]:
             return self._choose_per_row(logits_BV, reqs, rows)
-        if not self.do_sample and not want_lp:
+        processes = self.default_sampling.processes  # the config's repetition penalty or sequence bias
+        if not self.do_sample and not want_lp and not processes:
             return logits_BV.argmax(dim=-1), None
-        scores = logits_BV.float()
+        scores, settings, rows_B = logits_BV.float(), None, None
+        if processes:
+            settings, _ = self._row_settings(reqs, logits_BV.device)
+            scores, rows_B = self._penalize(scores, settings, reqs, rows)
         for w in self.warpers:
             scores = w(None, scores)
         if self.do_sample:
             tokens = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
         else:
             tokens = scores.argmax(dim=-1)
+        if rows_B is not None:
+            self._batch.counts.add(rows_B, tokens)
         return tokens, self._logprobs(scores, tokens, reqs) if want_lp else None
 
     def _logprobs(self, scores_BV: torch.Tensor, tokens_B: torch.Tensor, reqs: list) -> torch.Tensor:
@@ -1097,21 +1103,8 @@ class ContinuousBatchingManager:
         """`_choose` where rows carry settings of their own: each row's logit bias and penalties
         (`row_sampling`), then its temperature, top-k, top-p and min-p, then sampled (exponential
         race: argmax p / q, q ~ Exp(1), a seeded row's q from its own generator) or greedy."""
-        device = logits_BV.device
-        settings, seeded = self._row_settings(reqs, device)
-        scores = logits_BV.float()
-        rows_B = None
-        if settings.counts:
-            memo = self._memo(reqs)
-            rows_B = memo.get("rows") if rows is None else None
-            if rows_B is None:
-                rows_B = _to(torch.tensor(range(len(reqs)) if rows is None else rows), device)
-                if rows is None:
-                    memo["rows"] = rows_B
-        if settings.counts or settings.bias is not None:
-            counts = self._batch.counts if settings.counts else None
-            scores = penalize_rows(scores, None if counts is None else counts.generated[rows_B],
-                                   None if counts is None else counts.prompt[rows_B], settings)
+        settings, seeded = self._row_settings(reqs, logits_BV.device)
+        scores, rows_B = self._penalize(logits_BV.float(), settings, reqs, rows)
         scores = warp_rows(scores, settings.temperature, settings.top_k, settings.top_p, settings.min_p)
         tokens = scores.argmax(dim=-1)
         if settings.any_sampled:
@@ -1123,9 +1116,27 @@ class ContinuousBatchingManager:
                 q[i].exponential_(generator=req.generator)
             drawn = (scores.softmax(dim=-1) / q).argmax(dim=-1)
             tokens = torch.where(settings.sampled, drawn, tokens)
-        if settings.counts:
+        if rows_B is not None:
             self._batch.counts.add(rows_B, tokens)
         return tokens, self._logprobs(scores, tokens, reqs) if self.return_logprobs else None
+
+    def _penalize(self, scores_BV: torch.Tensor, settings: RowSettings, reqs: list, rows: list[int] | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows' logit bias and penalties on their scores (`row_sampling.penalize_rows`), and
+        the rows' indices in the batch [B] when their token counts are read (the step's tokens are
+        then counted), else None. `rows`: as `_choose`'s."""
+        if not settings.counts:
+            if settings.bias is not None:
+                scores_BV = penalize_rows(scores_BV, None, None, settings)
+            return scores_BV, None
+        memo = self._memo(reqs)
+        rows_B = memo.get("rows") if rows is None else None
+        if rows_B is None:
+            rows_B = _to(torch.tensor(range(len(reqs)) if rows is None else rows), scores_BV.device)
+            if rows is None:
+                memo["rows"] = rows_B
+        counts = self._batch.counts
+        return penalize_rows(scores_BV, counts.generated[rows_B], counts.prompt[rows_B], settings), rows_B
 
     def _track_counts(self, batch: _Batch, group: list[_Request], rows: list[int]) -> None:
         """Reset the token counts of the rows that requests with penalties take."""
