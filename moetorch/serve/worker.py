@@ -276,6 +276,12 @@ def _worker_main(conn, loader, setup: dict) -> None:
 
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the HTTP process decides when to stop (Ctrl-C reaches both)
+    try:  # tqdm's default lock (the loading bars') is a multiprocessing semaphore, which this process would
+        import tqdm  # leave registered at its exit: the resource tracker then warns of a leak
+
+        tqdm.tqdm.set_lock(threading.RLock())
+    except ImportError:
+        pass
     try:
         model = loader()
         manager, info = build_manager(model, **setup)
