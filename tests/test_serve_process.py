@@ -44,10 +44,11 @@ def both():
 
 
 def same(a, b, path: str = "") -> None:
-    """Equal, floats within 1e-5: the two engines' batches may hold their rows at other batch
-    sizes, whose float32 products round differently."""
+    """Equal, floats within 1e-4 (tests/test_serve.py's tolerance against Transformers): the two
+    engines' batches may hold their rows at other batch sizes, whose float32 products round
+    differently (1.0e-5 apart in one CI run)."""
     if isinstance(a, float) or isinstance(b, float):
-        assert a == pytest.approx(b, abs=1e-5), path
+        assert a == pytest.approx(b, abs=1e-4), path
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
