@@ -33,14 +33,17 @@ def _resolve(model_arg: str | None) -> tuple[Path, bool]:
 
 
 def _load(model_arg: str | None, device: str, dtype: str):
+    path, is_random = _resolve(model_arg)
+    return path, _from_pretrained(path, device, dtype), is_random
+
+
+def _from_pretrained(path: Path, device: str, dtype: str):
     from .auto import AutoModelForCausalLM
 
-    path, is_random = _resolve(model_arg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     except (ValueError, torch.OutOfMemoryError) as e:  # a bad --device or --dtype, or no room: no traceback
         raise SystemExit(f"moetorch: {e}") from None
-    return path, model, is_random
 
 
 def _load_for_engine(path: str, device: str, dtype: str, is_random: bool):
@@ -155,27 +158,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SystemExit(f"moetorch serve needs fastapi and uvicorn ({e}): pip install 'moetorch[serve]'") from None
     sizes = dict(max_model_len=args.max_model_len, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens)
-    if args.engine_process:
-        import functools
+    path, is_random = _resolve(args.model)
+    tok = _tokenizer(path)
+    name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
+    try:  # a bad --dtype (in an engine process), a --max-model-len past the model's, no room for a row
+        if args.engine_process:
+            import functools
 
-        path, is_random = _resolve(args.model)
-        tok = _tokenizer(path)
-        name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
-        print("[moetorch] starting the engine process", file=sys.stderr)
-        loader = functools.partial(_load_for_engine, str(path), args.device, args.dtype, is_random)
-        try:
+            print("[moetorch] starting the engine process", file=sys.stderr)
+            loader = functools.partial(_load_for_engine, str(path), args.device, args.dtype, is_random)
             engine = Engine.spawn(loader, tok, name, **sizes)
-        except (ValueError, RuntimeError) as e:  # a bad --dtype, a --max-model-len past the model's, ...
-            raise SystemExit(f"moetorch serve: {e}") from None
-    else:
-        path, model, is_random = _load(args.model, args.device, args.dtype)
-        tok = _tokenizer(path)
-        _banner(path, model, is_random)
-        name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
-        try:
+        else:
+            model = _from_pretrained(path, args.device, args.dtype)
+            _banner(path, model, is_random)
             engine = Engine(model, tok, name, **sizes)
-        except (ValueError, RuntimeError) as e:  # a --max-model-len past the model's, no room for a row
-            raise SystemExit(f"moetorch serve: {e}") from None
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"moetorch serve: {e}") from None
     if args.switch_interval > 0:
         sys.setswitchinterval(args.switch_interval)
     print(f"[moetorch] serving {name!r} at http://{args.host}:{args.port}/v1 ({engine.manager.rows} rows of "

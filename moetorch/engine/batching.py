@@ -633,10 +633,7 @@ class ContinuousBatchingManager:
     def _requests(self, input_ids, request_id, max_new_tokens, streaming, record_timestamps, eos_token_id,
                   logit_processor_kwargs) -> tuple[str, list[_Request]]:
         """A checked request and its children, not queued: (request id, requests)."""
-        top_n = logit_processor_kwargs.pop("top_logprobs", 0) or 0
-        if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"add_request({request_id!r}): top_logprobs must be an int in 0..{MAX_TOP_LOGPROBS}, "
-                             f"got {top_n!r}")
+        top_n = top_logprobs_of(logit_processor_kwargs.pop("top_logprobs", 0), request_id)
         if top_n and not self.return_logprobs:
             raise ValueError(f"add_request({request_id!r}): top_logprobs needs the manager's "
                              "continuous_batching_config.return_logprobs=True")
@@ -1129,12 +1126,13 @@ class ContinuousBatchingManager:
             if settings.bias is not None:
                 scores_BV = penalize_rows(scores_BV, None, None, settings)
             return scores_BV, None
-        memo = self._memo(reqs)
-        rows_B = memo.get("rows") if rows is None else None
-        if rows_B is None:
-            rows_B = _to(torch.tensor(range(len(reqs)) if rows is None else rows), scores_BV.device)
-            if rows is None:
-                memo["rows"] = rows_B
+        if rows is not None:  # a prefill's rows
+            rows_B = _to(torch.tensor(rows), scores_BV.device)
+        else:  # a decode step's: 0 .. B - 1, kept until its rows change
+            memo = self._memo(reqs)
+            if "rows" not in memo:
+                memo["rows"] = _to(torch.tensor(range(len(reqs))), scores_BV.device)
+            rows_B = memo["rows"]
         counts = self._batch.counts
         return penalize_rows(scores_BV, counts.generated[rows_B], counts.prompt[rows_B], settings), rows_B
 
@@ -1202,6 +1200,15 @@ def _id_set(eos) -> frozenset[int]:
         return frozenset()
     ids = [eos] if isinstance(eos, int) else list(torch.as_tensor(eos).reshape(-1).tolist())
     return frozenset(int(i) for i in ids if int(i) >= 0)
+
+
+def top_logprobs_of(value, request_id) -> int:
+    """`add_request`'s `top_logprobs` (None or 0: none), checked."""
+    top_n = value or 0
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"add_request({request_id!r}): top_logprobs must be an int in 0..{MAX_TOP_LOGPROBS}, "
+                         f"got {top_n!r}")
+    return top_n
 
 
 def _prompt_list(input_ids, vocab: int, request_id) -> list[int]:

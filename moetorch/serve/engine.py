@@ -175,6 +175,11 @@ def score_prompt(model, manager, ids: list[int], top_n: int) -> tuple[list, list
     return [None, *chosen], [None, *tops]
 
 
+def _tokenizer_ids(tokenizer) -> dict:
+    """`build_manager`'s `eos` and `pad` from the tokenizer (the model's EOS ids come first there)."""
+    return {"eos": eos_ids(getattr(tokenizer, "eos_token_id", None)), "pad": tokenizer.pad_token_id}
+
+
 class Engine:
     """A model and its tokenizer behind a running continuous-batching manager.
 
@@ -185,8 +190,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
                  max_batch_tokens: int | None = None) -> None:
-        manager, info = build_manager(model, eos_ids(getattr(tokenizer, "eos_token_id", None)), tokenizer.pad_token_id,
-                                      max_model_len, max_batch, max_batch_tokens)
+        manager, info = build_manager(model, **_tokenizer_ids(tokenizer), max_model_len=max_model_len,
+                                      max_batch=max_batch, max_batch_tokens=max_batch_tokens)
         self._setup(model, manager, tokenizer, name, info)
 
     def _setup(self, model, manager, tokenizer, name: str, info: dict) -> None:
@@ -206,8 +211,7 @@ class Engine:
         lock with the batch's loop. Returns once the engine process is ready."""
         from .worker import ManagerClient
 
-        client = ManagerClient(loader, dict(eos=eos_ids(getattr(tokenizer, "eos_token_id", None)),
-                                            pad=tokenizer.pad_token_id, max_model_len=max_model_len,
+        client = ManagerClient(loader, dict(**_tokenizer_ids(tokenizer), max_model_len=max_model_len,
                                             max_batch=max_batch, max_batch_tokens=max_batch_tokens), start_method)
         engine = cls.__new__(cls)
         engine._setup(None, client, tokenizer, name, client.info)

@@ -28,7 +28,7 @@ import threading
 import traceback
 from typing import Any
 
-from ..engine.batching import MAX_TOP_LOGPROBS, RequestStatus
+from ..engine.batching import RequestStatus, _prompt_list, top_logprobs_of
 from ..engine.row_sampling import Sampling
 from .engine import EngineError, build_manager, score_prompt, warm_prefills
 
@@ -114,16 +114,11 @@ class ManagerClient:
         """Checked here (the same checks as the manager's), then queued in the engine process."""
         if not self.is_running():
             raise EngineError(f"the engine process is not running{self._why()}")
-        top = settings.get("top_logprobs", 0) or 0
-        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"add_request({request_id!r}): top_logprobs must be an int in 0..{MAX_TOP_LOGPROBS}, "
-                             f"got {top!r}")
+        top_logprobs_of(settings.get("top_logprobs"), request_id)
         Sampling.of({k: v for k, v in settings.items() if k != "top_logprobs"}, self._greedy, request_id,
                     self.info["vocab_size"])
-        if not input_ids or any(not 0 <= t < self.info["vocab_size"] for t in input_ids):
-            raise ValueError(f"add_request({request_id!r}): an empty prompt or a token id outside the vocabulary")
-        self._send(("add", request_id, list(input_ids), max_new_tokens, streaming, list(eos_token_id or []),
-                    settings))
+        prompt = _prompt_list(input_ids, self.info["vocab_size"], request_id)
+        self._send(("add", request_id, prompt, max_new_tokens, streaming, list(eos_token_id or []), settings))
         return request_id
 
     def cancel_request(self, request_id: str) -> None:
