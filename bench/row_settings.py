@@ -122,6 +122,8 @@ def tiny_check() -> dict:
         n = 20000
         reqs = [batching._Request(str(i), [1], 2, frozenset(), False, False, batching.Sampling(True, top_p=0.999))
                 for i in range(n)]
+        for i, r in enumerate(reqs):  # as admission keys each request's draws
+            r.seed = 1000003 * i
         tokens, _ = m._choose_per_row(probs.log().expand(n, -1).clone(), reqs)
         freq = torch.bincount(tokens, minlength=5).double() / n
         sigma = (probs.double() * (1 - probs.double()) / n).sqrt()

@@ -16,7 +16,7 @@ from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
 from parity import OpenAIPenalties, make_pair
 
 import moetorch
-from moetorch.engine import batching
+from moetorch.engine import batching, row_sampling
 
 
 @pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
@@ -199,7 +199,7 @@ def test_warp_rows_is_transformers_warpers_row_by_row():
     top_k[:2] = torch.tensor([0, 1])
     top_p = torch.rand(B, generator=g) * 0.9 + 0.05
     top_p[2] = 1.0
-    ours = batching.warp_rows(scores, temperature, top_k, top_p)
+    ours = row_sampling.warp_rows(scores, temperature, top_k, top_p)
     for i in range(B):
         want = TemperatureLogitsWarper(float(temperature[i]))(None, scores[i:i + 1].clone())
         if top_k[i] > 0:
@@ -210,7 +210,7 @@ def test_warp_rows_is_transformers_warpers_row_by_row():
         kept = ~torch.isinf(want[0])
         torch.testing.assert_close(ours[i][kept], want[0][kept])
     # no filters: temperature alone
-    torch.testing.assert_close(batching.warp_rows(scores, temperature, None, None), scores / temperature[:, None])
+    torch.testing.assert_close(row_sampling.warp_rows(scores, temperature, None, None), scores / temperature[:, None])
 
 
 def test_per_row_draws_follow_the_distribution(pair):
@@ -220,6 +220,8 @@ def test_per_row_draws_follow_the_distribution(pair):
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
     n = 20000
     reqs = [batching._Request(str(i), [1], 2, frozenset(), False, False, batching.Sampling(True)) for i in range(n)]
+    for r in reqs:  # as admission keys each request's draws (rows with one seed draw alike)
+        r.seed = int(torch.randint(0, 2**62, ()))
     tokens, _ = m._choose_per_row(probs.log().expand(n, -1).clone(), reqs)
     freq = torch.bincount(tokens, minlength=5).double() / n
     assert ((freq - probs.double()).abs() <= 5 * (probs.double() * (1 - probs.double()) / n).sqrt()).all(), freq
@@ -323,7 +325,6 @@ def test_row_penalties_are_transformers_processors_row_by_row():
         TopKLogitsWarper,
     )
 
-    from moetorch.engine import row_sampling
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     B, V, R = 6, 30, 9

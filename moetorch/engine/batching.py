@@ -48,7 +48,7 @@ import torch
 
 from ..cache import StaticCache, _kv_shape
 from .cuda_graph import capture, own_forward
-from .row_sampling import RowSettings, Sampling, TokenCounts, penalize_rows, single_token_bias, warp_rows
+from .row_sampling import RowSettings, Sampling, TokenCounts, draw_rows, penalize_rows, single_token_bias
 
 logger = logging.getLogger("moetorch")
 
@@ -211,14 +211,16 @@ class _Request:
     """A request's state in the manager."""
 
     __slots__ = ("id", "prompt", "max_new", "eos", "streaming", "stamps", "tokens", "logprobs", "status",
-                 "created", "started", "start", "since", "error", "sampling", "generator", "top_n", "tops")
+                 "created", "started", "start", "since", "error", "sampling", "seed", "first", "top_n", "tops")
 
     def __init__(self, request_id: str, prompt: list[int], max_new: int, eos: frozenset[int], streaming: bool,
                  record_timestamps: bool, sampling: Sampling | None = None, top_n: int = 0) -> None:
         self.id, self.prompt, self.max_new, self.eos = request_id, prompt, max_new, eos
         self.streaming = streaming
         self.sampling = sampling  # its own settings, or None: the manager's generation config
-        self.generator: torch.Generator | None = None  # a seeded request's, made on its first draw
+        # the key of its draws (its own seed, else one drawn from torch's generator when it starts),
+        # and the decode step of its first draw: its n-th token draws at counter n
+        self.seed, self.first = 0, 0
         self.top_n = top_n  # top log-probabilities wanted per token
         self.tops: list[list[tuple[int, float]]] = []
         self.stamps: list[float] | None = [] if record_timestamps else None
@@ -457,6 +459,7 @@ class ContinuousBatchingManager:
         self.fatal_error: BaseException | None = None
         self.warmed_up = False
         self._rows_changed = 0  # counts changes of the running rows, which key _decode_rows' memo
+        self._steps = 0  # decode steps the loop has run (a request's draw index counts from its first)
         self._rows_of: tuple = (None, [], {})
         # What the loop did: rows decoded each step (the running requests), prompt tokens prefilled
         # by forward (and with the padding), cache shifts, requests run alone (LongRoPE), and wall
@@ -666,7 +669,7 @@ class ContinuousBatchingManager:
                 f"add_request({request_id!r}): the prompt's {len(prompt)} tokens + max_new_tokens={max_new} exceed "
                 f"a row of the batch's cache ({self.slots} slots): raise continuous_batching_config.max_cache_len")
         ids = [f"{request_id}__child#{i}" for i in range(self.num_return_sequences - 1)] + [request_id]
-        # a seed draws the request's samples from a generator of its own; children draw from seed + 1, ...
+        # a seed keys the request's draws; children draw from seed + 1, ...
         own = [sampling if sampling is None or sampling.seed is None or i == len(ids) - 1 else
                dataclasses.replace(sampling, seed=(sampling.seed + i + 1) % 2**63) for i in range(len(ids))]
         return request_id, [_Request(i, prompt, max_new, eos, streaming, record_timestamps, sp, top_n)
@@ -928,6 +931,9 @@ class ContinuousBatchingManager:
             for req in group:
                 req.status, req.started = RequestStatus.PREFILLING, now
                 req.start = batch.col - len(req.prompt)
+                req.first = self._steps
+                own = req.sampling.seed if req.sampling is not None else None
+                req.seed = own if own is not None else int(torch.randint(0, 2**62, ()))
             tokens = torch.empty(len(group), dtype=torch.long, device=batch.ids.device)
             logprobs: list | None = [] if self.return_logprobs else None  # (part, its log-probabilities)
             for part in _prefill_batches([len(r.prompt) for r in group], min(MIN_PREFILL_TOKENS, self.batch_tokens)):
@@ -1055,7 +1061,7 @@ class ContinuousBatchingManager:
             return logits_BV.argmax(dim=-1), None
         scores, settings, rows_B = logits_BV.float(), None, None
         if processes:
-            settings, _ = self._row_settings(reqs, logits_BV.device)
+            settings, _, _ = self._row_settings(reqs, logits_BV.device)
             scores, rows_B = self._penalize(scores, settings, reqs, rows)
         for w in self.warpers:
             scores = w(None, scores)
@@ -1082,37 +1088,28 @@ class ContinuousBatchingManager:
         values, ids = lsm.topk(k, dim=-1)
         return torch.cat([lp[:, None], values, ids.to(lsm.dtype)], dim=1)
 
-    def _row_settings(self, reqs: list, device: torch.device) -> tuple[RowSettings, list]:
-        """The rows' settings on the device and the [(row, seeded request)], remembered for a
-        decode step's rows."""
+    def _row_settings(self, reqs: list, device: torch.device) -> tuple[RowSettings, torch.Tensor, torch.Tensor]:
+        """The rows' settings on the device, and their requests' seeds and first draws' steps [B]
+        (free rows: 0), remembered for a decode step's rows."""
         memo = self._memo(reqs)
         if "settings" in memo:
             return memo["settings"]
         greedy = Sampling(False)
         ss = [greedy if r is None else (r.sampling or self.default_sampling) for r in reqs]
         settings = RowSettings.of(ss, lambda values, dtype: _to(torch.tensor(values, dtype=dtype), device))
-        seeded = [(i, r) for i, (r, s) in enumerate(zip(reqs, ss)) if s.do_sample and s.seed is not None]
-        memo["settings"] = out = (settings, seeded)
+        seeds = _to(torch.tensor([0 if r is None else r.seed for r in reqs]), device)
+        firsts = _to(torch.tensor([0 if r is None else r.first for r in reqs]), device)
+        memo["settings"] = out = (settings, seeds, firsts)
         return out
 
     def _choose_per_row(self, logits_BV: torch.Tensor, reqs: list, rows: list[int] | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`_choose` where rows carry settings of their own: each row's logit bias and penalties
-        (`row_sampling`), then its temperature, top-k, top-p and min-p, then sampled (exponential
-        race: argmax p / q, q ~ Exp(1), a seeded row's q from its own generator) or greedy."""
-        settings, seeded = self._row_settings(reqs, logits_BV.device)
+        (`row_sampling`), then its temperature, top-k, top-p and min-p, then sampled (`draw_rows`:
+        an exponential race keyed by the request's seed and its token's index) or greedy."""
+        settings, seeds, firsts = self._row_settings(reqs, logits_BV.device)
         scores, rows_B = self._penalize(logits_BV.float(), settings, reqs, rows)
-        scores = warp_rows(scores, settings.temperature, settings.top_k, settings.top_p, settings.min_p)
-        tokens = scores.argmax(dim=-1)
-        if settings.any_sampled:
-            q = torch.empty_like(scores).exponential_()
-            for i, req in seeded:
-                if req.generator is None:
-                    req.generator = torch.Generator(device=scores.device)
-                    req.generator.manual_seed(req.sampling.seed)
-                q[i].exponential_(generator=req.generator)
-            drawn = (scores.softmax(dim=-1) / q).argmax(dim=-1)
-            tokens = torch.where(settings.sampled, drawn, tokens)
+        tokens, scores = draw_rows(scores, settings, seeds, firsts, self._steps)
         if rows_B is not None:
             self._batch.counts.add(rows_B, tokens)
         return tokens, self._logprobs(scores, tokens, reqs) if self.return_logprobs else None

@@ -170,7 +170,8 @@ def warp_rows(scores_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: tor
     scores = scores_BV / temperature_B[:, None]
     if top_k_B is not None or top_p_B is not None:
         V = scores.shape[-1]
-        asc, order = scores.sort(dim=-1)  # ascending, as Transformers' top-p sorts
+        # ascending, as Transformers' top-p sorts; stable, as CUDA's sort of a row leaves ties
+        asc, order = scores.sort(dim=-1, stable=True)
         if top_k_B is not None:
             # the k-th largest score; a row keeps the scores not below it (0: all)
             kth = asc.gather(1, (V - top_k_B.clamp(0, V)).clamp(max=V - 1)[:, None])
@@ -178,7 +179,7 @@ def warp_rows(scores_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: tor
             asc = asc.masked_fill(asc < kth, -float("inf"))
         if top_p_B is not None:
             # drop the smallest scores whose probabilities sum to at most 1 - top_p, never the largest
-            drop = asc.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p_B)[:, None]
+            drop = (asc.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p_B)[:, None]) & (top_p_B < 1)[:, None]
             drop[:, -1] = False
             asc = asc.masked_fill(drop, -float("inf"))
         scores = torch.empty_like(scores).scatter_(1, order, asc)
@@ -187,6 +188,69 @@ def warp_rows(scores_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: tor
         probs = scores.softmax(dim=-1)
         scores = scores.masked_fill(probs < min_p_B[:, None] * probs.amax(dim=-1, keepdim=True), -float("inf"))
     return scores
+
+
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b (a < 2**32, b int64 in [0, 2**32)), in int64 without overflow."""
+    lo16 = a * (b & 0xFFFF)
+    t = a * (b >> 16) + (lo16 >> 16)
+    return t >> 16, ((t & 0xFFFF) << 16) | (lo16 & 0xFFFF)
+
+
+def philox4x32(c: tuple, k: tuple, rounds: int = 10) -> tuple:
+    """Philox-4x32 (Salmon et al., 2011) on int64 tensors holding 32-bit words: counter words
+    `c` (4) and key words `k` (2) in, the 4 output words out (as Triton's `tl.philox` computes them)."""
+    c0, c1, c2, c3 = c
+    k0, k1 = k
+    for _ in range(rounds):
+        hi_a, lo_a = _mulhilo(_PHILOX_ROUND[0], c0)
+        hi_b, lo_b = _mulhilo(_PHILOX_ROUND[1], c2)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _U32, (k1 + _PHILOX_KEY[1]) & _U32
+    return c0, c1, c2, c3
+
+
+def philox_uniform(seed_B: torch.Tensor, draw_B: torch.Tensor, V: int) -> torch.Tensor:
+    """Uniforms [B, V] in [0, 1), multiples of 2**-24: Philox-4x32-10 keyed by each row's seed
+    (int64: low word, high word) at counter (token id, the row's draw index, 0, 0), the first output
+    word's top 24 bits. The fused draw (`ops.triton_row_sample`) computes the same with `tl.philox`."""
+    c0 = torch.arange(V, device=seed_B.device)[None, :].expand(len(seed_B), V)
+    zero = torch.zeros_like(c0)
+    r, *_ = philox4x32((c0, (draw_B & _U32)[:, None] + zero, zero, zero),
+                       ((seed_B & _U32)[:, None], ((seed_B >> 32) & _U32)[:, None]))
+    return (r >> 8).to(torch.float32) * 2.0**-24
+
+
+def draw_rows(scores_BV: torch.Tensor, rows: RowSettings, seed_B: torch.Tensor, first_B: torch.Tensor,
+              step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4 of the module's list and the draw: (tokens [B], the warped scores [B, V]) of float32
+    scores. A sampled row races `q = -log(1 - u)` (u from `philox_uniform` at its seed and draw
+    index `step - first_B`) and takes argmax p / q, which draws from p; a greedy row takes its
+    argmax. One kernel on a GPU the fused kernels serve (`ops.triton_row_sample`), else torch."""
+    from ..ops import fused
+
+    if fused.SAMPLE_KERNEL and fused.serves(scores_BV.device):
+        from ..ops import triton_row_sample
+
+        return triton_row_sample.draw(scores_BV, rows.sampled, rows.temperature, rows.top_k, rows.top_p,
+                                      rows.min_p, seed_B, first_B, step)
+    return draw_rows_torch(scores_BV, rows, seed_B, first_B, step)
+
+
+def draw_rows_torch(scores_BV: torch.Tensor, rows: RowSettings, seed_B: torch.Tensor, first_B: torch.Tensor,
+                    step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw_rows` in torch."""
+    scores = warp_rows(scores_BV, rows.temperature, rows.top_k, rows.top_p, rows.min_p)
+    tokens = scores.argmax(dim=-1)
+    if rows.any_sampled:
+        q = -(1 - philox_uniform(seed_B, step - first_B, scores.shape[-1])).log()
+        tokens = torch.where(rows.sampled, (scores.softmax(dim=-1) / q).argmax(dim=-1), tokens)
+    return tokens, scores
 
 
 def penalize_rows(scores_BV: torch.Tensor, generated_BV: torch.Tensor | None, prompt_BV: torch.Tensor | None,
