@@ -41,7 +41,11 @@ def parts(B: int, V: int) -> dict:
             seeded_draws(q)
         return (scores.softmax(dim=-1) / q).argmax(dim=-1)
 
+    lsm = warped.log_softmax(dim=-1)
     out = {
+        "log_softmax": lambda: warped.log_softmax(dim=-1),
+        "topk 5 of the log-probabilities": lambda: lsm.topk(5, dim=-1),
+        "topk 20 of the log-probabilities": lambda: lsm.topk(20, dim=-1),
         "temperature": lambda: row_sampling.warp_rows(logits, temperature, None, None),
         "temperature + top_p": lambda: row_sampling.warp_rows(logits, temperature, None, top_p),
         "exponential, one call": lambda: torch.empty_like(logits).exponential_(),

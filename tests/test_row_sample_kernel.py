@@ -55,7 +55,7 @@ def margin_rows(scores, rows, seeds, firsts, step):
     """Rows whose race's best ratio leads the next by more than a rounding difference (where the
     two paths' own roundings cannot change the winner)."""
     warped = row_sampling.warp_rows(scores, rows.temperature, rows.top_k, rows.top_p, rows.min_p)
-    q = -(1 - row_sampling.philox_uniform(seeds, step - firsts, scores.shape[-1])).log()
+    q = -(1 - row_sampling.philox_uniform(seeds[:, None], (step - firsts)[:, None], torch.arange(scores.shape[-1]))).log()
     ratio = torch.where(rows.sampled[:, None], warped.softmax(-1) / q, warped.softmax(-1))
     two = ratio.topk(2, dim=-1).values
     return (two[:, 0] - two[:, 1]) > 1e-5 * two[:, 0]
@@ -87,7 +87,7 @@ def test_kernel_uniforms_are_philox_uniform():
     V = 50
     got = torch.empty(len(seeds), V)
     _uniforms_kernel[(len(seeds),)](got, seeds, draws, V, BLOCK=64)
-    want = row_sampling.philox_uniform(seeds, draws, V)
+    want = row_sampling.philox_uniform(seeds[:, None], draws[:, None], torch.arange(V))
     assert torch.equal(got, want)
     assert (want >= 0).all() and (want < 1).all() and torch.equal(want, (want * 2**24).round() / 2**24)
     # the uniforms move with the seed, the draw index and the token
@@ -118,6 +118,20 @@ def test_kernel_is_the_torch_path(kind):
         assert not torch.isinf(warped.gather(1, tok[:, None])).any()  # a drawn token survived its filters
         assert int(tok[0]) >= V // 2
     assert checked >= 30
+
+
+def test_the_race_over_every_token_is_the_race_over_the_possible_ones():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    scores = torch.randn(40, 90, generator=g) * 2
+    scores[torch.rand(40, 90, generator=g) < 0.6] = -float("inf")  # as filters leave rows
+    scores[:, 0] = 0.0
+    p = scores.softmax(-1)
+    sampled = torch.rand(40, generator=g) < 0.8
+    seeds, draws = torch.randint(0, 2**62, (40,), generator=g), torch.randint(0, 1000, (40,), generator=g)
+    dense = row_sampling.race(p, sampled, seeds, draws, sparse=False)
+    sparse = row_sampling.race(p, sampled, seeds, draws, sparse=True)
+    assert torch.equal(dense[sampled], sparse[sampled])
+    assert (p.gather(1, dense[:, None]) > 0).all()
 
 
 def test_kernel_reads_strided_rows_and_greedy_rows_take_the_first_maximum():

@@ -215,14 +215,14 @@ def philox4x32(c: tuple, k: tuple, rounds: int = 10) -> tuple:
     return c0, c1, c2, c3
 
 
-def philox_uniform(seed_B: torch.Tensor, draw_B: torch.Tensor, V: int) -> torch.Tensor:
-    """Uniforms [B, V] in [0, 1), multiples of 2**-24: Philox-4x32-10 keyed by each row's seed
-    (int64: low word, high word) at counter (token id, the row's draw index, 0, 0), the first output
-    word's top 24 bits. The fused draw (`ops.triton_row_sample`) computes the same with `tl.philox`."""
-    c0 = torch.arange(V, device=seed_B.device)[None, :].expand(len(seed_B), V)
-    zero = torch.zeros_like(c0)
-    r, *_ = philox4x32((c0, (draw_B & _U32)[:, None] + zero, zero, zero),
-                       ((seed_B & _U32)[:, None], ((seed_B >> 32) & _U32)[:, None]))
+def philox_uniform(seed: torch.Tensor, draw: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1), multiples of 2**-24, of broadcastable int64 tensors: Philox-4x32-10
+    keyed by the seed (low word, high word) at counter (token id, draw index, 0, 0), the first
+    output word's top 24 bits. The fused draw (`ops.triton_row_sample`) computes the same with
+    `tl.philox`."""
+    seed, draw, token = torch.broadcast_tensors(seed, draw, token)
+    zero = torch.zeros_like(token)
+    r, *_ = philox4x32((token, draw & _U32, zero, zero), (seed & _U32, (seed >> 32) & _U32))
     return (r >> 8).to(torch.float32) * 2.0**-24
 
 
@@ -248,9 +248,23 @@ def draw_rows_torch(scores_BV: torch.Tensor, rows: RowSettings, seed_B: torch.Te
     scores = warp_rows(scores_BV, rows.temperature, rows.top_k, rows.top_p, rows.min_p)
     tokens = scores.argmax(dim=-1)
     if rows.any_sampled:
-        q = -(1 - philox_uniform(seed_B, step - first_B, scores.shape[-1])).log()
-        tokens = torch.where(rows.sampled, (scores.softmax(dim=-1) / q).argmax(dim=-1), tokens)
+        drawn = race(scores.softmax(dim=-1), rows.sampled, seed_B, step - first_B, sparse=scores.device.type == "cpu")
+        tokens = torch.where(rows.sampled, drawn, tokens)
     return tokens, scores
+
+
+def race(p_BV: torch.Tensor, sampled_B: torch.Tensor, seed_B: torch.Tensor, draw_B: torch.Tensor,
+         sparse: bool) -> torch.Tensor:
+    """The exponential race of each row's probabilities: argmax p / q, q = -log(1 - u) with u from
+    `philox_uniform` at (seed, draw index, token). `sparse`: the uniforms of the sampled rows'
+    tokens of nonzero probability alone (on a CPU a row's 32000 uniforms cost milliseconds; the
+    selection waits on the device, so a GPU takes every token's)."""
+    if sparse:
+        r, c = ((p_BV > 0) & sampled_B[:, None]).nonzero(as_tuple=True)
+        q = -(1 - philox_uniform(seed_B[r], draw_B[r], c)).log()
+        return torch.zeros_like(p_BV).index_put_((r, c), p_BV[r, c] / q).argmax(dim=-1)
+    token = torch.arange(p_BV.shape[-1], device=p_BV.device)
+    return (p_BV / -(1 - philox_uniform(seed_B[:, None], draw_B[:, None], token)).log()).argmax(dim=-1)
 
 
 def penalize_rows(scores_BV: torch.Tensor, generated_BV: torch.Tensor | None, prompt_BV: torch.Tensor | None,
