@@ -18,6 +18,8 @@ without streaming. Each round follows a short warm-up round of the same concurre
 `--client-processes N` splits each load over N client processes. `--engine-processes 0,1` runs a
 server with the engine in the server's process and one with the
 engine in a process of its own (`moetorch serve --engine-process`; its baseline is the first's).
+`--sampling greedy,sampled` runs every load again with each request sampled (temperature 0.8,
+top-p 0.95, as chat clients send them).
 `--switch-intervals 0,0.0005` runs a server per value of `sys.setswitchinterval` (the GIL's hand-over
 interval: the batch's loop thread waits up to that long for the GIL held by the event loop).
 
@@ -127,10 +129,15 @@ def serve(args) -> int:
 
 
 # ---- the clients ---------------------------------------------------------------------------------
-async def one(client, url: str, prompt: list[int], new: int, stream: bool = True) -> dict:
+# a sampled request's settings (`--sampling sampled`), as a chat client sends them
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+
+
+async def one(client, url: str, prompt: list[int], new: int, stream: bool = True, sampled: bool = False) -> dict:
     t0 = time.perf_counter()
     stamps, tokens = [], 0
-    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True, "stream": stream}
+    body = {"prompt": prompt, "max_tokens": new, "ignore_eos": True, "stream": stream,
+            **(SAMPLED if sampled else {"temperature": 0})}
     if not stream:
         r = await client.post(f"{url}/v1/completions", json=body)
         if r.status_code != 200:
@@ -156,7 +163,8 @@ async def one(client, url: str, prompt: list[int], new: int, stream: bool = True
             "seconds": time.perf_counter() - t0}
 
 
-async def load(url: str, prompts: list[list[int]], new: int, concurrency: int, stream: bool = True) -> dict:
+async def load(url: str, prompts: list[list[int]], new: int, concurrency: int, stream: bool = True,
+               sampled: bool = False) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -166,7 +174,7 @@ async def load(url: str, prompts: list[list[int]], new: int, concurrency: int, s
 
         async def worker():
             while todo:
-                results.append(await one(client, url, todo.pop(0), new, stream))
+                results.append(await one(client, url, todo.pop(0), new, stream, sampled))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -178,7 +186,7 @@ async def load(url: str, prompts: list[list[int]], new: int, concurrency: int, s
     def q(xs, p):
         return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
 
-    return {"concurrency": concurrency, "stream": stream, "requests": len(prompts), "seconds": wall,
+    return {"concurrency": concurrency, "stream": stream, "sampled": sampled, "requests": len(prompts), "seconds": wall,
             "generated_tokens": tokens,
             "tokens_per_s": tokens / wall, "ttft_s": {"p50": q(ttft, 0.5), "p90": q(ttft, 0.9), "max": q(ttft, 1.0)},
             "inter_chunk_s": {"p50": q(gaps, 0.5), "p90": q(gaps, 0.9),
@@ -190,16 +198,17 @@ def _load_part(job: tuple) -> dict:
     return asyncio.run(load(*job))
 
 
-def load_split(pool, url: str, prompts: list[list[int]], new: int, concurrency: int, stream: bool) -> dict:
+def load_split(pool, url: str, prompts: list[list[int]], new: int, concurrency: int, stream: bool,
+               sampled: bool = False) -> dict:
     """`load` from the pool's client processes at once, each with its share of the prompts and of
     the concurrency: tokens over the longest part's wall time (no pool: `load` here)."""
     n = pool._processes if pool is not None and concurrency >= pool._processes else 1
     if n == 1:
-        return asyncio.run(load(url, prompts, new, concurrency, stream))
-    rows = pool.map(_load_part, [(url, prompts[i::n], new, concurrency // n, stream) for i in range(n)])
+        return asyncio.run(load(url, prompts, new, concurrency, stream, sampled))
+    rows = pool.map(_load_part, [(url, prompts[i::n], new, concurrency // n, stream, sampled) for i in range(n)])
     wall = max(r["seconds"] for r in rows)
     tokens = sum(r["generated_tokens"] for r in rows)
-    return {"concurrency": concurrency, "stream": stream, "requests": len(prompts), "seconds": wall,
+    return {"concurrency": concurrency, "stream": stream, "sampled": sampled, "requests": len(prompts), "seconds": wall,
             "generated_tokens": tokens, "tokens_per_s": tokens / wall, "client_processes": n,
             "parts": [{k: r[k] for k in ("seconds", "generated_tokens", "tokens_per_s", "ttft_s", "inter_chunk_s")}
                       for r in rows],
@@ -240,19 +249,21 @@ def bench_model(name: str, args, switch_interval: float | None, baseline: bool, 
             with open(base_file) as f:
                 out["generate_batch"] = json.load(f)
         prompts = workload(args.requests, *args.prompt, sizes(args)[name]["vocab_size"])
-        runs = [(c, True) for c in args.concurrency] + [(max(args.concurrency), False)]
+        runs = [(c, True, arm == "sampled") for arm in args.sampling for c in args.concurrency] + \
+            [(max(args.concurrency), False, arm == "sampled") for arm in args.sampling]
         import multiprocessing
 
         pool = multiprocessing.get_context("spawn").Pool(args.client_processes) if args.client_processes > 1 else None
-        for c, stream in runs:
+        for c, stream, sampled in runs:
             ps = prompts[:args.single] if c == 1 else prompts
-            load_split(pool, url, ps[-min(len(ps), c):], 16, c, stream)  # the same shapes, warm
-            row = load_split(pool, url, ps, args.new, c, stream)
+            load_split(pool, url, ps[-min(len(ps), c):], 16, c, stream, sampled)  # the same shapes, warm
+            row = load_split(pool, url, ps, args.new, c, stream, sampled)
             out["server"].append(row)
             lat = (f", TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms, chunk gap p50 "
                    f"{row['inter_chunk_s']['p50'] * 1e3:.1f} ms") if stream else " (not streamed)"
             log(f"{name} ({'engine process, ' if engine_process else ''}switch interval "
-                f"{out['switch_interval_s']}): concurrency {c}: {row['generated_tokens']} "
+                f"{out['switch_interval_s']}{', sampled' if sampled else ''}): concurrency {c}: "
+                f"{row['generated_tokens']} "
                 f"tokens in {row['seconds']:.2f} s: {row['tokens_per_s']:.0f} tok/s{lat}")
         if pool is not None:
             pool.close()
@@ -326,6 +337,8 @@ def main() -> int:
     p.add_argument("--engine-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--switch-interval", type=float, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--sampling", default="greedy", help="greedy, sampled or greedy,sampled: the requests' settings "
+                   f"(sampled: {SAMPLED}), each over every load")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="small models on the CPU: checks the script, measures nothing")
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
@@ -336,6 +349,9 @@ def main() -> int:
     if args.serve:
         return serve(args)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.sampling = args.sampling.split(",")
+    if not set(args.sampling) <= {"greedy", "sampled"}:
+        p.error(f"--sampling: greedy and/or sampled, not {args.sampling}")
     args.switch_intervals = [float(x) or None for x in args.switch_intervals.split(",")]
     import torch
 
