@@ -197,6 +197,37 @@ def test_sampling_choices_and_seeds(served):
     assert k1["choices"][0]["text"] == greedy["choices"][0]["text"]
 
 
+def test_best_of_returns_the_candidates_likeliest_per_token(served):
+    """best_of=k: k candidates a prompt (candidate j draws from seed + j, as choice j of n=k does),
+    of which the n with the highest mean log-probability a token come back, best first; usage
+    counts every candidate's tokens."""
+    client, *_ = served
+    body = {"prompt": [PROMPTS[1], PROMPTS[2]], "max_tokens": 10, "temperature": 1.3, "seed": 5, "logprobs": 0}
+    every = client.post("/v1/completions", json={**body, "n": 4}).json()
+    best = client.post("/v1/completions", json={**body, "n": 2, "best_of": 4}).json()
+    assert [c["index"] for c in best["choices"]] == [0, 1, 2, 3]
+    for i in range(2):  # per prompt: the candidates ranked by their own log-probabilities
+        candidates = every["choices"][4 * i:4 * i + 4]
+
+        def mean(c):
+            lps = c["logprobs"]["token_logprobs"]
+            return sum(lps) / len(lps)
+
+        ranked = sorted(candidates, key=mean, reverse=True)
+        assert len({round(mean(c), 3) for c in candidates}) == 4  # an order that rounding cannot change
+        assert [c["text"] for c in best["choices"][2 * i:2 * i + 2]] == [c["text"] for c in ranked[:2]]
+        for got, want in zip(best["choices"][2 * i:2 * i + 2], ranked[:2]):  # batches of other sizes: 1e-4
+            assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+            assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-4)
+    assert best["usage"] == every["usage"]
+    # best_of = n: the choices as n gives them; with echo, the prompt's text first
+    same = client.post("/v1/completions", json={**body, "n": 2, "best_of": 2}).json()
+    plain = client.post("/v1/completions", json={**body, "n": 2}).json()["choices"]
+    assert [c["text"] for c in same["choices"]] == [c["text"] for c in plain]
+    echoed = client.post("/v1/completions", json={**body, "prompt": PROMPTS[1], "best_of": 3, "echo": True}).json()
+    assert len(echoed["choices"]) == 1 and echoed["choices"][0]["text"].startswith(PROMPTS[1])
+
+
 def test_penalties_and_logit_bias(served):
     """presence_penalty, frequency_penalty (OpenAI's formula), logit_bias and repetition_penalty at
     temperature 0 give Transformers' greedy text with the same processors, in completions and chat;
@@ -298,7 +329,12 @@ def test_echo_scores_the_prompt(served):
 
 @pytest.mark.parametrize("route,body,status,param,match", [
     ("/v1/completions", {"prompt": "x", "max_token": 3}, 400, "max_token", "unknown field"),
-    ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "best_of", "not supported"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2, "n": 3}, 400, "best_of", "at least n (3)"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3, "n": 2, "stream": True}, 400, "best_of", "cannot stream"),
+    ("/v1/completions", {"prompt": "x", "best_of": 0}, 400, "best_of", "greater than or equal"),
+    ("/v1/completions", {"prompt": "x", "best_of": 129}, 400, "best_of", "less than or equal"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 2}, 400, "best_of",
+     "unknown field"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty", "greater than or equal"),
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty", "greater than"),
@@ -447,8 +483,10 @@ def test_the_openai_client(live):
         usage = chunk.usage or usage
     assert "".join(parts) == chat.choices[0].message.content
     assert usage.completion_tokens == chat.usage.completion_tokens
+    two = client.completions.create(model="tiny-phimoe", prompt="x", best_of=3, n=2, max_tokens=6, seed=1)
+    assert [c.index for c in two.choices] == [0, 1]
     with pytest.raises(openai.BadRequestError, match="best_of"):
-        client.completions.create(model="tiny-phimoe", prompt="x", best_of=2)
+        client.completions.create(model="tiny-phimoe", prompt="x", best_of=1, n=2)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").models.list()
 

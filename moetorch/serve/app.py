@@ -75,7 +75,7 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt scored, nothing generated
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=128)  # candidates a prompt; the n best are returned
     suffix: str | None = None
 
 
@@ -108,7 +108,7 @@ class ChatRequest(_Common):
 
 
 # OpenAI fields the server refuses unless they hold their no-op value
-_NOOP = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+_NOOP = {"suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
          "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
          "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
          "modalities": (None, ["text"]), "reasoning_effort": (None,)}
@@ -173,6 +173,31 @@ def _sampling(body: _Common, choice: int, vocab: int) -> dict[str, Any]:
         settings["min_p"] = body.min_p
     return {"do_sample": True, "temperature": temperature, "top_p": 1.0 if body.top_p is None else body.top_p,
             "top_k": top_k, "seed": seed, **settings}
+
+
+def _best_of(body: CompletionRequest) -> int:
+    """Candidates a prompt (`best_of`, default `n`), checked against `n` and `stream`."""
+    if body.best_of is None:
+        return body.n
+    if body.best_of < body.n:
+        raise BadRequest(f"best_of ({body.best_of}) must be at least n ({body.n})", "best_of")
+    if body.stream and body.best_of > body.n:
+        raise BadRequest("best_of > n cannot stream: the best are known when every candidate has ended", "best_of")
+    return body.best_of
+
+
+def _best(done: list, best: int, n: int) -> list:
+    """Of each prompt's `best` candidates ((job, pieces), prompt-major), the `n` with the highest
+    mean log-probability a token (OpenAI's "best"), best first; all of them, in order, where
+    `best` is `n`. A candidate with no token scores 0."""
+    if best == n:
+        return done
+
+    def score(candidate) -> float:
+        lps = [lp for piece in candidate[1] for lp in piece.logprobs]
+        return sum(lps) / len(lps) if lps else 0.0
+
+    return [c for i in range(0, len(done), best) for c in sorted(done[i:i + best], key=score, reverse=True)[:n]]
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -254,10 +279,11 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         limit = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
         if limit == 0 and not body.echo:
             raise BadRequest("max_tokens=0 generates nothing: it takes echo=true (to score the prompt)", "max_tokens")
-        jobs = [_Job(i * body.n + j, ids,
+        best = _best_of(body)
+        jobs = [_Job(i * best + j, ids,
                      engine.check_prompt(ids, limit, f"prompt[{i}]" if len(prompts) > 1 else "prompt", param="prompt"),
                      _sampling(body, j, vocab))
-                for i, ids in enumerate(prompts) for j in range(body.n)]
+                for i, ids in enumerate(prompts) for j in range(best)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": engine.name}
         echo = {job.index: engine.tokenizer.decode(job.ids, skip_special_tokens=True) for job in jobs} \
@@ -267,7 +293,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         scored = {}
         if body.echo and want_lp:
             by_prompt = [await engine.prompt_logprobs(ids, body.logprobs) for ids in prompts]
-            scored = {job.index: (job.ids, *by_prompt[job.index // body.n]) for job in jobs}
+            scored = {job.index: (job.ids, *by_prompt[job.index // best]) for job in jobs}
         offsets: dict[int, int] = {}
 
         def choice(index: int, text: str, pieces: list[Piece], reason: str | None, first: bool) -> dict[str, Any]:
@@ -295,8 +321,11 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             done = [(job, [Piece("", finish_reason="length")]) for job in jobs]
         else:
             done = await _collect(engine, jobs, _stops(body), _eos(body, engine.eos), request)
-        return {**head, "choices": [choice(job.index, echo.get(job.index, "") + "".join(p.text for p in pieces),
-                                           pieces, pieces[-1].finish_reason, True) for job, pieces in done],
+        choices = [{**choice(job.index, echo.get(job.index, "") + "".join(p.text for p in pieces), pieces,
+                             pieces[-1].finish_reason, True), "index": index}
+                   for index, (job, pieces) in enumerate(_best(done, best, body.n))]
+        # usage counts every candidate's tokens, as OpenAI bills best_of
+        return {**head, "choices": choices,
                 "usage": _usage(sum(len(p) for p in prompts), sum(pieces[-1].completion_tokens for _, pieces in done))}
 
     @app.post("/v1/chat/completions")
