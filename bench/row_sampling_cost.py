@@ -12,7 +12,7 @@ import sys
 
 import torch
 from moe_layer import save_json  # bench/ is the script's directory
-from sampling_cost import cost_us
+from sampling_cost import measure
 
 from moetorch.benchmark import counts
 from moetorch.engine import row_sampling
@@ -107,12 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    rows = []
-    for B in counts(args.batches):
-        for name, fn in parts(B, args.vocab).items():
-            gpu, host = cost_us(fn)
-            rows.append({"batch": B, "vocab": args.vocab, "part": name, "gpu_us": gpu, "host_us": host})
-            print(f"B{B:<4d} {name:44s} GPU {gpu:8.1f} us  host {host:8.1f} us", flush=True)
+    rows = measure(parts, args.batches, args.vocab)
     checks = {B: agreement(B, args.vocab) for B in counts(args.batches)}
     print("fused against torch:", checks)
     save_json(args.out, {"device": torch.cuda.get_device_name(), "rows": rows, "agreement": checks})

@@ -81,6 +81,18 @@ def parts(B: int, V: int) -> dict:
     }
 
 
+def measure(parts_of, batches: str, vocab: int) -> list[dict]:
+    """`cost_us` of each part `parts_of(B, vocab)` gives ({name: call}), for each batch of
+    `batches` ("1,16"), printed as they come."""
+    rows = []
+    for B in counts(batches):
+        for name, fn in parts_of(B, vocab).items():
+            gpu, host = cost_us(fn)
+            rows.append({"batch": B, "vocab": vocab, "part": name, "gpu_us": gpu, "host_us": host})
+            print(f"B{B:<4d} {name:48s} GPU {gpu:8.1f} us  host {host:8.1f} us", flush=True)
+    return rows
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -88,13 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    rows = []
-    for B in counts(args.batches):
-        for name, fn in parts(B, args.vocab).items():
-            gpu, host = cost_us(fn)
-            rows.append({"batch": B, "vocab": args.vocab, "part": name, "gpu_us": gpu, "host_us": host})
-            print(f"B{B:<3d} {name:48s} GPU {gpu:7.1f} us  host {host:7.1f} us", flush=True)
-    save_json(args.out, {"device": torch.cuda.get_device_name(), "rows": rows})
+    save_json(args.out, {"device": torch.cuda.get_device_name(), "rows": measure(parts, args.batches, args.vocab)})
     return 0
 
 

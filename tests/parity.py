@@ -84,3 +84,18 @@ class OpenAIPenalties:
             for tok in set(generated):
                 out[b, tok] -= generated.count(tok) * self.frequency + self.presence
         return out
+
+
+def run_requests(model, generation_config, cb: dict, requests: dict, timeout: float = 60) -> dict:
+    """Each of `requests` ({id: (prompt ids, add_request settings)}) through one continuous
+    batching manager: {id: its output}, none with an error."""
+    with model.continuous_batching_context_manager(generation_config=generation_config,
+                                                   continuous_batching_config=cb) as m:
+        for rid, (prompt, kw) in requests.items():
+            m.add_request(prompt, request_id=rid, **kw)
+        out = {}
+        while len(out) < len(requests):
+            r = m.get_result(timeout=timeout)
+            out[r.request_id] = r
+    assert all(r.error is None for r in out.values()), {k: r.error for k, r in out.items()}
+    return out

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
-from parity import OpenAIPenalties, make_pair
+from parity import OpenAIPenalties, make_pair, run_requests
 
 import moetorch
 from moetorch.engine import batching, row_sampling
@@ -241,15 +241,7 @@ def test_per_request_sampling_settings(pair):
     cb = {"max_requests_per_batch": 4, "return_logprobs": True}
 
     def run(requests):
-        with ours.continuous_batching_context_manager(generation_config=config(n), continuous_batching_config=cb) as m:
-            for rid, (p, kw) in requests.items():
-                m.add_request(p, request_id=rid, **kw)
-            out = {}
-            while len(out) < len(requests):
-                r = m.get_result(timeout=30)
-                out[r.request_id] = r
-        assert all(r.error is None for r in out.values())
-        return out
+        return run_requests(ours, config(n), cb, requests, timeout=30)
 
     requests = {"greedy": (inputs[0], {}), "top1": (inputs[1], {"do_sample": True, "top_k": 1, "temperature": 0.5}),
                 "top3": (inputs[2], {"do_sample": True, "top_k": 3, "temperature": 2.0}),

@@ -11,7 +11,7 @@ import transformers
 import triton
 import triton.language as tl
 from archs import PHIMOE
-from parity import make_pair
+from parity import make_pair, run_requests
 
 import moetorch
 from moetorch.engine import batching, row_sampling
@@ -205,17 +205,9 @@ def test_manager_draws_with_the_kernel_as_with_torch(monkeypatch, tmp_path):
            {"do_sample": True, "temperature": 0.8, "repetition_penalty": 1.3, "seed": 9}]
 
     def run():
-        gen = moetorch.GenerationConfig(max_new_tokens=8, do_sample=False)
-        cb = {"max_requests_per_batch": 4, "return_logprobs": True}
-        with ours.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb) as m:
-            for i, (p, kw) in enumerate(zip(inputs, kws)):
-                m.add_request(p, request_id=str(i), **kw)
-            out = {}
-            while len(out) < len(inputs):
-                r = m.get_result(timeout=60)
-                out[r.request_id] = r
-        assert all(r.error is None for r in out.values())
-        return out
+        return run_requests(ours, moetorch.GenerationConfig(max_new_tokens=8, do_sample=False),
+                            {"max_requests_per_batch": 4, "return_logprobs": True},
+                            {str(i): (p, kw) for i, (p, kw) in enumerate(zip(inputs, kws))})
 
     torch_path = run()
 
