@@ -145,6 +145,22 @@ def test_kernel_reads_strided_rows_and_greedy_rows_take_the_first_maximum():
     assert torch.equal(warped[0], scores[0])  # a greedy row's scores as they came
 
 
+def test_rows_without_a_finite_score_still_give_a_token_in_the_vocabulary():
+    # a broken model's rows: every score -inf, or NaN among them; the token must stay a valid id
+    scores = torch.randn(4, 100)
+    scores[0] = -float("inf")
+    scores[1] = -float("inf")
+    scores[2, 10:20] = float("nan")
+    scores[3] = float("nan")
+    settings = [Sampling(False), Sampling(True, top_p=0.9, seed=1), Sampling(True, top_k=5, min_p=0.1, seed=2),
+                Sampling(True, seed=3)]
+    rows = RowSettings.of(settings, put)
+    tok, _ = triton_row_sample.draw(scores, rows.sampled, rows.temperature, rows.top_k, rows.top_p, rows.min_p,
+                                    torch.arange(4), torch.zeros(4, dtype=torch.long), 0)
+    assert ((tok >= 0) & (tok < 100)).all(), tok
+    assert tok[0] == 0 and tok[1] == 0  # as torch's argmax of -inf rows
+
+
 def test_draws_follow_transformers_distribution():
     """A row set's draws, each row at its own seed, against the probabilities Transformers' warpers
     leave (5 sigma per token). The torch path, which draws what the kernel draws (above), at 20000

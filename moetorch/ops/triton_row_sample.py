@@ -127,7 +127,8 @@ def _row_draw_kernel(
         m_v = tl.maximum(m_v, s)
         lo_v = tl.minimum(lo_v, tl.where(idx < V, _order_key(s), 2**31 - 1))
     m = tl.max(m_v, 0)
-    token = tl.min(tl.where(m_v == m, first_v, 2**31 - 1), 0)
+    first = tl.min(tl.where(m_v == m, first_v, 2**31 - 1), 0)
+    token = first
     tl.debug_barrier()
     if sampled:
         lo_key = tl.min(lo_v, 0)
@@ -206,7 +207,9 @@ def _row_draw_kernel(
             tl.store(w_ptr + idx, tl.where(keep, s, float("-inf")), mask=idx < V)
         best = tl.max(best_v, 0)
         token = tl.min(tl.where(best_v == best, best_idx_v, 2**31 - 1), 0)
-    tl.store(out_ptr + row, token.to(tl.int64))
+        token = tl.where(token < V, token, first)  # no ratio to compare (NaN scores): the first maximum
+    # a row of -inf (or NaN) alone has no maximum either: token 0, as torch's argmax gives for -inf
+    tl.store(out_ptr + row, tl.where(token < V, token, 0).to(tl.int64))
 
 
 def draw(scores_BV: torch.Tensor, sampled_B: torch.Tensor, temperature_B: torch.Tensor,
