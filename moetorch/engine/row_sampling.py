@@ -9,7 +9,11 @@ a value per row (a neutral value leaves a row as it is):
    generated tokens is divided by the penalty where positive, multiplied where negative);
 3. frequency and presence penalties (OpenAI's: `score - count * frequency - (count > 0) *
    presence`, counting the generated tokens only);
-4. temperature, top-k, top-p, min-p (Transformers' warpers, in that order).
+4. temperature, top-k, top-p, min-p (Transformers' warpers, in that order);
+5. the draw (sampled rows; greedy rows take their argmax): an exponential race, argmax p / q with
+   q = -log(1 - u), whose uniforms u come from Philox keyed by the request's seed at counter
+   (token id, the request's draw index), so a request's draws depend on nothing beside it. Steps 4
+   and 5 are one kernel on a GPU (`ops.triton_row_sample`).
 
 The counts live on the device ([rows, vocab], `TokenCounts`), reset when a request that needs
 them takes a row and updated after each step with the tokens drawn, so no step waits on the host.

@@ -39,6 +39,7 @@ STEP_INPUT_KERNELS = 1
 # Sampled decode steps (`generate(do_sample=True)`, not beams) draw their tokens with the sampling
 # kernels (`ops.triton_sample.sample`), which also compute the closing temperature, top-k, top-p and
 # min-p warpers; 0: the warpers, softmax and torch.multinomial (the B arm of bench/stop_check.py's A/B).
+# Continuous batching's per-row draw likewise (`ops.triton_row_sample`; 0: `row_sampling.draw_rows_torch`).
 SAMPLE_KERNEL = 1
 
 _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}
