@@ -212,8 +212,14 @@ def load_split(pool, url: str, prompts: list[list[int]], new: int, concurrency: 
             "generated_tokens": tokens, "tokens_per_s": tokens / wall, "client_processes": n,
             "parts": [{k: r[k] for k in ("seconds", "generated_tokens", "tokens_per_s", "ttft_s", "inter_chunk_s")}
                       for r in rows],
-            "ttft_s": {"p50": statistics.median(r["ttft_s"]["p50"] for r in rows)} if stream else None,
-            "inter_chunk_s": {"p50": statistics.median(r["inter_chunk_s"]["p50"] for r in rows)} if stream else None}
+            "ttft_s": {"p50": _median_of(r["ttft_s"]["p50"] for r in rows)} if stream else None,
+            "inter_chunk_s": {"p50": _median_of(r["inter_chunk_s"]["p50"] for r in rows)} if stream else None}
+
+
+def _median_of(values) -> float | None:
+    """The median of the parts' values that exist (a part whose every request came in one chunk has no gaps)."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def wait_ready(url: str, proc, timeout: float) -> None:
@@ -259,8 +265,10 @@ def bench_model(name: str, args, switch_interval: float | None, baseline: bool, 
             load_split(pool, url, ps[-min(len(ps), c):], 16, c, stream, sampled)  # the same shapes, warm
             row = load_split(pool, url, ps, args.new, c, stream, sampled)
             out["server"].append(row)
+            gap = row["inter_chunk_s"]["p50"] if stream else None
             lat = (f", TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms, chunk gap p50 "
-                   f"{row['inter_chunk_s']['p50'] * 1e3:.1f} ms") if stream else " (not streamed)"
+                   + (f"{gap * 1e3:.1f} ms" if gap is not None else "none (one chunk a request)")) \
+                if stream else " (not streamed)"
             log(f"{name} ({'engine process, ' if engine_process else ''}switch interval "
                 f"{out['switch_interval_s']}{', sampled' if sampled else ''}): concurrency {c}: "
                 f"{row['generated_tokens']} "
