@@ -211,10 +211,11 @@ class _Request:
     """A request's state in the manager."""
 
     __slots__ = ("id", "prompt", "max_new", "eos", "streaming", "stamps", "tokens", "logprobs", "status",
-                 "created", "started", "start", "since", "error", "sampling", "seed", "first", "top_n", "tops")
+                 "created", "started", "start", "since", "error", "sampling", "seed", "first", "top_n", "tops",
+                 "matcher")
 
     def __init__(self, request_id: str, prompt: list[int], max_new: int, eos: frozenset[int], streaming: bool,
-                 record_timestamps: bool, sampling: Sampling | None = None, top_n: int = 0) -> None:
+                 record_timestamps: bool, sampling: Sampling | None = None, top_n: int = 0, matcher=None) -> None:
         self.id, self.prompt, self.max_new, self.eos = request_id, prompt, max_new, eos
         self.streaming = streaming
         self.sampling = sampling  # its own settings, or None: the manager's generation config
@@ -231,6 +232,7 @@ class _Request:
         self.start = 0  # its first cache slot, while it runs
         self.since = 0  # the decode step at which the loop took it
         self.error: str | None = None
+        self.matcher = matcher  # its place in its grammar (generation/grammar.py), or None
 
     def output(self) -> GenerationOutput:
         finished = time.perf_counter() if self.status >= RequestStatus.FINISHED else -1
@@ -254,7 +256,15 @@ class _Request:
             self.logprobs.append(logprob)
         if self.stamps is not None:
             self.stamps.append(time.perf_counter())
-        return token in self.eos or len(self.tokens) >= self.max_new
+        if token in self.eos or len(self.tokens) >= self.max_new:
+            return True
+        if self.matcher is None:
+            return False
+        self.matcher.consume(token)
+        if self.matcher.error is not None:
+            self.error = f"the output left its grammar at token {token}: {self.matcher.error}"
+            return True
+        return self.matcher.done  # the grammar can take no further token
 
 
 class _Batch:
@@ -461,6 +471,7 @@ class ContinuousBatchingManager:
         self._rows_changed = 0  # counts changes of the running rows, which key _decode_rows' memo
         self._steps = 0  # decode steps the loop has run (a request's draw index counts from its first)
         self._rows_of: tuple = (None, [], {})
+        self._grammar_rows: tuple = (None, False)
         # What the loop did: rows decoded each step (the running requests), prompt tokens prefilled
         # by forward (and with the padding), cache shifts, requests run alone (LongRoPE), and wall
         # seconds in decode steps and in prefills (each ends reading tokens: the GPU's work is in).
@@ -637,6 +648,7 @@ class ContinuousBatchingManager:
                   logit_processor_kwargs) -> tuple[str, list[_Request]]:
         """A checked request and its children, not queued: (request id, requests)."""
         top_n = top_logprobs_of(logit_processor_kwargs.pop("top_logprobs", 0), request_id)
+        grammar = grammar_of(logit_processor_kwargs.pop("grammar", None), self.model.config.vocab_size, request_id)
         if top_n and not self.return_logprobs:
             raise ValueError(f"add_request({request_id!r}): top_logprobs needs the manager's "
                              "continuous_batching_config.return_logprobs=True")
@@ -672,8 +684,8 @@ class ContinuousBatchingManager:
         # a seed keys the request's draws; children draw from seed + 1, ...
         own = [sampling if sampling is None or sampling.seed is None or i == len(ids) - 1 else
                dataclasses.replace(sampling, seed=(sampling.seed + i + 1) % 2**63) for i in range(len(ids))]
-        return request_id, [_Request(i, prompt, max_new, eos, streaming, record_timestamps, sp, top_n)
-                            for i, sp in zip(ids, own)]
+        return request_id, [_Request(i, prompt, max_new, eos, streaming, record_timestamps, sp, top_n,
+                                     None if grammar is None else grammar.matcher()) for i, sp in zip(ids, own)]
 
     def _queue(self, request_id: str, requests: list[_Request]) -> str:
         """Queue a request and its children, waiting up to QUEUE_WAIT_S for room."""
@@ -987,7 +999,7 @@ class ContinuousBatchingManager:
               batch: _Batch) -> None:
         """A running request's next token: it ends there (EOS, its length) or goes on."""
         if req.add(token, logprob):
-            self._end(row, running, batch)
+            self._end(row, running, batch, req.error)
         elif req.streaming:
             self._deliver(req)
 
@@ -1014,6 +1026,9 @@ class ContinuousBatchingManager:
         b = batch.bucket(max(running) + 1)
         logits = batch.step(b)
         self._steps += 1
+        if self._constrained(running):
+            # a grammar's mask needs the tokens so far: read the steps in flight while this one runs
+            self._drain(running, batch)
         self.stats["decode_rows"].append(len(running))
         tokens, logprobs = self._choose(logits, self._decode_rows(running, b))
         batch.ids[:b, 0] = tokens
@@ -1021,6 +1036,12 @@ class ContinuousBatchingManager:
         while len(self._pending) > READ_LAG:
             self._collect(self._pending.popleft(), running, batch)
         self.stats["decode_s"] += time.perf_counter() - t0
+
+    def _constrained(self, running: dict) -> bool:
+        """Whether a running request follows a grammar (remembered until the rows change)."""
+        if self._grammar_rows[0] != self._rows_changed:
+            self._grammar_rows = (self._rows_changed, any(r.matcher is not None for r in running.values()))
+        return self._grammar_rows[1]
 
     def _drain(self, running: dict, batch: _Batch) -> None:
         """Read every step in flight."""
@@ -1052,6 +1073,10 @@ class ContinuousBatchingManager:
         were drawn from. `rows`: the batch rows of `reqs` (None: rows 0 .. B - 1, a decode step's)."""
         want_lp = self.return_logprobs
         memo = self._memo(reqs)
+        if "grammar" not in memo:
+            memo["grammar"] = [i for i, r in enumerate(reqs) if r is not None and r.matcher is not None]
+        if memo["grammar"]:
+            logits_BV = self._constrain(logits_BV, reqs, memo["grammar"])
         if "own" not in memo:
             memo["own"] = any(r is not None and r.sampling is not None for r in reqs)
         if memo["own"]:
@@ -1072,6 +1097,25 @@ class ContinuousBatchingManager:
         if rows_B is not None:
             self._batch.counts.add(rows_B, tokens)
         return tokens, self._logprobs(scores, tokens, reqs) if want_lp else None
+
+    def _constrain(self, logits_BV: torch.Tensor, reqs: list, index: list[int]) -> torch.Tensor:
+        """The logits with each grammar-held row's disallowed tokens at -inf (`index`: those rows)."""
+        from ..generation.grammar import apply_bitmask, fill_rows
+
+        cuda = logits_BV.device.type == "cuda"
+        by_width: dict[int, list[int]] = {}  # grammars built over vocabularies of other widths
+        for i in index:
+            by_width.setdefault(reqs[i].matcher.grammar.vocab.words, []).append(i)
+        width = max(by_width)
+        for words, rows in by_width.items():
+            bitmask = torch.zeros(len(rows), width, dtype=torch.int32, pin_memory=cuda)
+            part = bitmask if words == width else torch.empty(len(rows), words, dtype=torch.int32)
+            fill_rows([reqs[i].matcher for i in rows], [reqs[i].eos for i in rows], part)
+            if part is not bitmask:
+                bitmask[:, :words] = part
+            logits_BV = apply_bitmask(logits_BV, bitmask.to(logits_BV.device, non_blocking=cuda),
+                                      _to(torch.tensor(rows), logits_BV.device))
+        return logits_BV
 
     def _logprobs(self, scores_BV: torch.Tensor, tokens_B: torch.Tensor, reqs: list) -> torch.Tensor:
         """The drawn tokens' log-probabilities [B]; where a row asks for top log-probabilities,
@@ -1146,6 +1190,7 @@ class ContinuousBatchingManager:
 
     def _alone(self, req: _Request) -> None:
         """A LongRoPE request past `original_max_position_embeddings`, through `generate`."""
+        from ..generation.grammar import GrammarLogitsProcessor
         from ..generation.logits_process import FrequencyPresencePenaltyLogitsProcessor, LogitsProcessorList
 
         req.status, req.started = RequestStatus.DECODING, time.perf_counter()
@@ -1157,9 +1202,14 @@ class ContinuousBatchingManager:
         settings = own or self.default_sampling
         kwargs.update(repetition_penalty=settings.repetition_penalty,
                       sequence_bias={(t,): b for t, b in settings.logit_bias} or None)
+        processors = LogitsProcessorList()
         if settings.frequency_penalty or settings.presence_penalty:
-            kwargs["logits_processor"] = LogitsProcessorList([FrequencyPresencePenaltyLogitsProcessor(
-                settings.frequency_penalty, settings.presence_penalty, len(req.prompt))])
+            processors.append(FrequencyPresencePenaltyLogitsProcessor(
+                settings.frequency_penalty, settings.presence_penalty, len(req.prompt)))
+        if req.matcher is not None:
+            processors.append(GrammarLogitsProcessor(req.matcher.grammar, sorted(req.eos)))
+        if processors:
+            kwargs["logits_processor"] = processors
         if own is not None and do_sample:
             kwargs.update(temperature=own.temperature, top_k=own.top_k or None, top_p=own.top_p,
                           min_p=own.min_p or None)
@@ -1180,7 +1230,7 @@ class ContinuousBatchingManager:
                 lp = self._logprobs(out.scores[i].float(), out.sequences[:, len(req.prompt) + i], [req]).tolist()[0]
             if req.add(tok, lp):
                 break
-        self._finish(req)
+        self._finish(req, req.error)
 
 
 def _call_each(items: list) -> None:
@@ -1197,6 +1247,21 @@ def _id_set(eos) -> frozenset[int]:
         return frozenset()
     ids = [eos] if isinstance(eos, int) else list(torch.as_tensor(eos).reshape(-1).tolist())
     return frozenset(int(i) for i in ids if int(i) >= 0)
+
+
+def grammar_of(grammar, vocab_size: int, request_id):
+    """`add_request`'s `grammar` (None, or a `Grammar` no wider than the model's vocabulary), checked."""
+    if grammar is None:
+        return None
+    from ..generation.grammar import Grammar
+
+    if not isinstance(grammar, Grammar):
+        raise ValueError(f"add_request({request_id!r}): grammar must be a moetorch Grammar (Grammar.json, "
+                         f"Grammar.regex, Grammar.lark), got {type(grammar).__name__}")
+    if grammar.vocab.size > vocab_size:
+        raise ValueError(f"add_request({request_id!r}): the grammar's vocabulary ({grammar.vocab.size} tokens) is "
+                         f"wider than the model's ({vocab_size})")
+    return grammar
 
 
 def top_logprobs_of(value, request_id) -> int:

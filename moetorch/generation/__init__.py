@@ -2,6 +2,7 @@
 and streamers, with Transformers' names and semantics."""
 
 from .configuration import GenerationConfig
+from .grammar import Grammar, GrammarLogitsProcessor
 from .logits_process import (
     EncoderNoRepeatNGramLogitsProcessor,
     EncoderRepetitionPenaltyLogitsProcessor,
@@ -70,6 +71,8 @@ __all__ = [
     "PrefixConstrainedLogitsProcessor",
     "EncoderRepetitionPenaltyLogitsProcessor",
     "FrequencyPresencePenaltyLogitsProcessor",
+    "Grammar",
+    "GrammarLogitsProcessor",
     "RepetitionPenaltyLogitsProcessor",
     "SequenceBiasLogitsProcessor",
     "StopStringCriteria",
