@@ -12,11 +12,13 @@ import socket
 import sys
 import threading
 import time
+from typing import Literal
 
 import pytest
 import torch
 import transformers
 from fastapi.testclient import TestClient
+from grammar_oracle import SCHEMA, check_schema, hf_constrained
 from parity import OpenAIPenalties
 
 import moetorch
@@ -366,8 +368,24 @@ def test_echo_scores_the_prompt(served):
      "top_logprobs", "needs logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
      400, "top_logprobs", ""),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-     400, "response_format", ""),
+    *[(route, {**body, "response_format": fmt}, 400, param, match)
+      for route, body in (("/v1/completions", {"prompt": "x"}),
+                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}))
+      for fmt, param, match in (
+          ({"type": "xml"}, "response_format", "must be 'text', 'json_object' or 'json_schema', got 'xml'"),
+          ({}, "response_format", "got None"),
+          ({"type": "json_object", "schema": {}}, "response_format", "unknown field(s) ['schema'] for type 'json_object'"),
+          ({"type": "json_schema"}, "response_format.json_schema", "an object with a name and a schema"),
+          ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema.name", "got None"),
+          ({"type": "json_schema", "json_schema": {"name": "a b"}}, "response_format.json_schema.name", "'a b'"),
+          ({"type": "json_schema", "json_schema": {"name": "r", "schemas": {}}}, "response_format.json_schema",
+           "unknown field(s) ['schemas']"),
+          ({"type": "json_schema", "json_schema": {"name": "r", "strict": "yes"}},
+           "response_format.json_schema.strict", "a boolean"),
+          ({"type": "json_schema", "json_schema": {"name": "r", "schema": [1]}}, "response_format.json_schema.schema",
+           "a JSON Schema object"),
+          ({"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "objekt"}}},
+           "response_format.json_schema.schema", "Invalid type: objekt"))],
 ])
 def test_errors_name_the_field(served, route, body, status, param, match):
     client, _, _, _ = served
@@ -375,6 +393,44 @@ def test_errors_name_the_field(served, route, body, status, param, match):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and match in error["message"] and error["type"]
+
+
+def test_response_format_holds_the_output_to_json(served):
+    """`response_format`: greedy completions give Transformers' greedy text under the same
+    schema's mask (llguidance's own, tests/grammar_oracle.py); sampled chat choices, streamed and
+    whole, are JSON that the schema describes; `json_object` is a JSON object; `text` is no
+    constraint."""
+    client, hf, tok, engine = served
+    fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": SCHEMA, "strict": True}}
+    r = client.post("/v1/completions", json={"prompt": PROMPTS[:2], "max_tokens": 80, "temperature": 0,
+                                             "response_format": fmt}).json()
+    for prompt, choice in zip(PROMPTS, r["choices"]):
+        ids = tok.encode(prompt)
+        want = hf_constrained(hf, tok, engine.json_grammar(SCHEMA), ids, 80)
+        assert want[-1] in engine.eos and choice["finish_reason"] == "stop"
+        assert choice["text"] == tok.decode(want, skip_special_tokens=True)
+        check_schema(choice["text"])
+    assert engine.json_grammar(SCHEMA) is engine.json_grammar(json.loads(json.dumps(SCHEMA)))  # compiled once
+    chat = {"messages": [{"role": "user", "content": "Describe a record"}], "max_tokens": 80, "n": 3,
+            "temperature": 1.2, "seed": 5, "response_format": fmt}
+    whole = client.post("/v1/chat/completions", json=chat).json()
+    contents = [c["message"]["content"] for c in whole["choices"]]
+    for c in contents:
+        check_schema(c)
+    assert len(set(contents)) > 1
+    with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as s:
+        events = sse(s.iter_lines())[:-1]
+    streamed = ["".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"][0]["index"] == i)
+                for i in range(3)]
+    assert streamed == contents
+    obj = client.post("/v1/chat/completions", json={**chat, "n": 2, "max_tokens": 60,
+                                                    "response_format": {"type": "json_object"}}).json()
+    for c in obj["choices"]:  # any object may run to max_tokens
+        text = c["message"]["content"]
+        assert isinstance(json.loads(text), dict) if c["finish_reason"] == "stop" else text.startswith("{")
+    plain = {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
+    assert client.post("/v1/completions", json={**plain, "response_format": {"type": "text"}}).json()["choices"] == \
+        client.post("/v1/completions", json=plain).json()["choices"]
 
 
 def test_models_health_and_api_key(served):
@@ -483,6 +539,19 @@ def test_the_openai_client(live):
         usage = chunk.usage or usage
     assert "".join(parts) == chat.choices[0].message.content
     assert usage.completion_tokens == chat.usage.completion_tokens
+    # structured output as the client asks for it: a pydantic model's strict JSON schema, parsed back
+    from pydantic import BaseModel, Field
+
+    class Record(BaseModel):
+        name: str = Field(max_length=12)
+        ok: bool
+        size: Literal["small", "large"]
+
+    parsed = client.chat.completions.parse(model="tiny-phimoe", messages=[{"role": "user", "content": "a record"}],
+                                           response_format=Record, max_tokens=60, temperature=0.8, seed=2)
+    record = parsed.choices[0].message.parsed
+    assert isinstance(record, Record) and parsed.choices[0].finish_reason == "stop"
+    assert Record.model_validate_json(parsed.choices[0].message.content) == record
     two = client.completions.create(model="tiny-phimoe", prompt="x", best_of=3, n=2, max_tokens=6, seed=1)
     assert [c.index for c in two.choices] == [0, 1]
     with pytest.raises(openai.BadRequestError, match="best_of"):

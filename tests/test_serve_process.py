@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 from fastapi.testclient import TestClient
+from grammar_oracle import SCHEMA, check_schema
 
 import moetorch
 from moetorch.defaults import ASSETS
@@ -72,12 +73,22 @@ def same(a, b, path: str = "") -> None:
                          "frequency_penalty": 1.0, "repetition_penalty": 1.3, "logit_bias": {"13": -100}}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Sort a list"}], "max_tokens": 30,
                               "temperature": 0, "logprobs": True, "top_logprobs": 3}),
+    # output held to a JSON Schema: the grammar's text and vocabulary go over the pipe
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "A record"}], "max_tokens": 80, "n": 2,
+                              "seed": 3, "logprobs": True, "response_format": {
+                                  "type": "json_schema", "json_schema": {"name": "record", "schema": SCHEMA}}}),
+    ("/v1/completions", {"prompt": PROMPTS[:2], "max_tokens": 80, "temperature": 0,
+                         "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}}),
 ])
 def test_same_responses_as_in_process(both, route, body):
     remote, local, _ = both
     a, b = remote.post(route, json=body), local.post(route, json=body)
     assert a.status_code == b.status_code == 200, (a.text, b.text)
     same(a.json(), b.json())
+    if "response_format" in body:
+        for c in a.json()["choices"]:
+            check_schema(c["text"] if "text" in c else c["message"]["content"])
+            assert c["finish_reason"] == "stop"
 
 
 def test_greedy_text_equals_transformers(both):

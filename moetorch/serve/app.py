@@ -7,9 +7,10 @@
 
 Both completion routes stream as server-sent events with `"stream": true`. Bad input is an HTTP 400
 in OpenAI's error shape, naming the field (`param`); a setting the server does not apply
-(tools, JSON mode, ...) is refused the same way rather than ignored. `top_k`, `min_p`,
-`repetition_penalty` and `ignore_eos` are accepted beside OpenAI's fields, as other servers accept
-them.
+(tools, ...) is refused the same way rather than ignored. `response_format` (JSON mode and
+JSON-schema structured output) holds the output to its JSON through a grammar
+(`moetorch/generation/grammar.py`). `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, and
+`response_format` on completions, are accepted beside OpenAI's fields, as other servers accept them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -77,6 +79,7 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = Field(None, ge=1, le=128)  # candidates a prompt; the n best are returned
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None  # as chat's (other servers take it here too)
 
 
 class ChatMessage(BaseModel):
@@ -118,9 +121,6 @@ def _refuse_unsupported(body: _Common) -> None:
     for name, noop in _NOOP.items():
         if name in type(body).model_fields and getattr(body, name) not in noop:
             raise BadRequest(f"{name} is not supported by this server (moetorch): leave it out", name)
-    fmt = getattr(body, "response_format", None)
-    if fmt not in (None, {"type": "text"}):
-        raise BadRequest("response_format: only {'type': 'text'} is supported", "response_format")
     if isinstance(body, ChatRequest) and body.top_logprobs is not None and not body.logprobs:
         raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
 
@@ -152,13 +152,15 @@ def _logit_bias(body: _Common, vocab: int) -> dict[int, float]:
     return out
 
 
-def _sampling(body: _Common, choice: int, vocab: int) -> dict[str, Any]:
+def _sampling(body: _Common, choice: int, vocab: int, grammar=None) -> dict[str, Any]:
     """A choice's settings for the manager: greedy at temperature 0, else sampled (OpenAI's
     default temperature is 1); choice i of a seeded request draws from seed + i; penalties and
     logit bias (greedy or not); top log-probabilities where asked (chat's `top_logprobs`,
     completions' `logprobs`). Settings at their no-op values are left out."""
     top = body.logprobs if isinstance(body, CompletionRequest) else (body.top_logprobs if body.logprobs else None)
     settings: dict[str, Any] = {"top_logprobs": top} if top else {}
+    if grammar is not None:
+        settings["grammar"] = grammar
     for name, noop in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
         if getattr(body, name) not in (None, noop):
             settings[name] = getattr(body, name)
@@ -173,6 +175,54 @@ def _sampling(body: _Common, choice: int, vocab: int) -> dict[str, Any]:
         settings["min_p"] = body.min_p
     return {"do_sample": True, "temperature": temperature, "top_p": 1.0 if body.top_p is None else body.top_p,
             "top_k": top_k, "seed": seed, **settings}
+
+
+_JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
+
+
+def _grammar(body: _Common, engine: Engine):
+    """The grammar that `response_format` holds the output to, or None (absent, or `text`):
+    `json_object` any JSON object, `json_schema` what its `schema` describes (OpenAI's shape:
+    `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`)."""
+    fmt = body.response_format
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise BadRequest(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                         "response_format")
+    extra = set(fmt) - {"type"} - ({"json_schema"} if kind == "json_schema" else set())
+    if extra:
+        raise BadRequest(f"response_format: unknown field(s) {sorted(extra)} for type {kind!r}", "response_format")
+    if kind == "text":
+        return None
+    schema = None
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise BadRequest("response_format.json_schema must be an object with a name and a schema",
+                             "response_format.json_schema")
+        if set(spec) - _JSON_SCHEMA_KEYS:
+            raise BadRequest(f"response_format.json_schema: unknown field(s) {sorted(set(spec) - _JSON_SCHEMA_KEYS)}",
+                             "response_format.json_schema")
+        name = spec.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise BadRequest("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-', got "
+                             f"{name!r}", "response_format.json_schema.name")
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise BadRequest("response_format.json_schema.strict must be a boolean",
+                             "response_format.json_schema.strict")
+        schema = spec.get("schema", {})  # OpenAI: none is any JSON value
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format.json_schema.schema must be a JSON Schema object",
+                             "response_format.json_schema.schema")
+    try:
+        return engine.json_grammar(schema)
+    except ImportError as e:
+        raise BadRequest(f"response_format: {e}", "response_format") from None
+    except ValueError as e:
+        param = "response_format" if schema is None else "response_format.json_schema.schema"
+        raise BadRequest(f"{param}: {e}", param) from None
 
 
 def _best_of(body: CompletionRequest) -> int:
@@ -280,9 +330,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if limit == 0 and not body.echo:
             raise BadRequest("max_tokens=0 generates nothing: it takes echo=true (to score the prompt)", "max_tokens")
         best = _best_of(body)
+        grammar = _grammar(body, engine)
         jobs = [_Job(i * best + j, ids,
                      engine.check_prompt(ids, limit, f"prompt[{i}]" if len(prompts) > 1 else "prompt", param="prompt"),
-                     _sampling(body, j, vocab))
+                     _sampling(body, j, vocab, grammar))
                 for i, ids in enumerate(prompts) for j in range(best)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": engine.name}
@@ -334,7 +385,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         _refuse_unsupported(body)
         ids = _chat_prompt(engine, body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        jobs = [_Job(j, ids, engine.check_prompt(ids, limit, "messages"), _sampling(body, j, vocab))
+        grammar = _grammar(body, engine)
+        jobs = [_Job(j, ids, engine.check_prompt(ids, limit, "messages"), _sampling(body, j, vocab, grammar))
                 for j in range(body.n)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": engine.name}

@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.batching import ContinuousBatchingConfig, RequestStatus
+from ..generation.grammar import Grammar
 from ..generation.utils import chat_eos_ids, eos_ids
 
 logger = logging.getLogger("moetorch")
+GRAMMAR_CACHE = 64  # compiled response_format schemas kept
 
 
 class Detokenizer:
@@ -200,6 +204,17 @@ class Engine:
         self.device = info["device"]
         self.chat_eos = chat_eos_ids(self.eos, tokenizer)
         self._ids = itertools.count()
+        self._grammars: OrderedDict[str, Grammar] = OrderedDict()  # JSON schemas' grammars, the latest kept
+
+    def json_grammar(self, schema: dict | None) -> Grammar:
+        """The grammar of JSON that `schema` describes (None: any object) over this engine's
+        tokenizer, compiled once per schema (ValueError: a schema it cannot follow)."""
+        key = json.dumps(schema, sort_keys=True)
+        grammar = self._grammars.pop(key, None) or Grammar.json(self.tokenizer, schema, vocab_size=self.vocab_size)
+        self._grammars[key] = grammar
+        if len(self._grammars) > GRAMMAR_CACHE:
+            self._grammars.popitem(last=False)
+        return grammar
 
     @classmethod
     def spawn(cls, loader, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
@@ -296,7 +311,9 @@ class Engine:
                     tail, stopped = text.add(detok.flush())
                     chunk += tail if stopped else tail + text.flush()
                     last = out.generated_tokens[-1] if out.generated_tokens else None
-                    reason = "stop" if stopped or last in eos else "length"
+                    # ended short of max_tokens: at EOS, or where its grammar could take no further token
+                    short = len(out.generated_tokens) < max_tokens
+                    reason = "stop" if stopped or last in eos or short else "length"
                 done = reason is not None
                 if chunk or done:
                     yield Piece(chunk, new_ids, new_lps, new_tops, reason, len(ids), seen)

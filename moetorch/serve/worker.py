@@ -28,8 +28,9 @@ import threading
 import traceback
 from typing import Any
 
-from ..engine.batching import RequestStatus, _prompt_list, top_logprobs_of
+from ..engine.batching import RequestStatus, _prompt_list, grammar_of, top_logprobs_of
 from ..engine.row_sampling import Sampling
+from ..generation.grammar import Grammar, Vocabulary
 from .engine import EngineError, build_manager, score_prompt, warm_prefills
 
 logger = logging.getLogger("moetorch")
@@ -85,6 +86,7 @@ class ManagerClient:
         self.info: dict = payload
         self.rows, self.batch_tokens = payload["rows"], payload["batch_tokens"]
         self._greedy = Sampling(False)
+        self._vocabs: dict[int, tuple] = {}  # id of a grammar's Vocabulary -> (it, its key there), sent once
         self._handlers: dict[str, list] = {}  # request id -> [callback, loop, _Output]
         self._scores: dict[int, list] = {}  # score call -> [event, result, error]
         self._counter = itertools.count()
@@ -115,11 +117,21 @@ class ManagerClient:
         if not self.is_running():
             raise EngineError(f"the engine process is not running{self._why()}")
         top_logprobs_of(settings.get("top_logprobs"), request_id)
-        Sampling.of({k: v for k, v in settings.items() if k != "top_logprobs"}, self._greedy, request_id,
-                    self.info["vocab_size"])
+        Sampling.of({k: v for k, v in settings.items() if k not in ("top_logprobs", "grammar")}, self._greedy,
+                    request_id, self.info["vocab_size"])
         prompt = _prompt_list(input_ids, self.info["vocab_size"], request_id)
+        grammar = grammar_of(settings.get("grammar"), self.info["vocab_size"], request_id)
+        if grammar is not None:  # its text goes over the pipe; its vocabulary once
+            settings = {**settings, "grammar": (self._vocab_key(grammar.vocab), grammar.spec, grammar.what)}
         self._send(("add", request_id, prompt, max_new_tokens, streaming, list(eos_token_id or []), settings))
         return request_id
+
+    def _vocab_key(self, vocab) -> int:
+        with self._lock:
+            if id(vocab) not in self._vocabs:
+                self._vocabs[id(vocab)] = (vocab, len(self._vocabs))
+                self._send(("vocab", len(self._vocabs) - 1, vocab.tokenizer_json, vocab.size, vocab.eos))
+            return self._vocabs[id(vocab)][1]
 
     def cancel_request(self, request_id: str) -> None:
         if self.is_running():
@@ -292,6 +304,8 @@ def _worker_main(conn, loader, setup: dict) -> None:
     with lock:
         conn.send(("ready", info))
 
+    vocabs: dict = {}
+
     def fail(rid: str, error: str) -> None:
         sink.queue.put([_Failed(rid, error)])
 
@@ -317,11 +331,17 @@ def _worker_main(conn, loader, setup: dict) -> None:
                 _, rid, ids, max_new, streaming, eos, settings = message
                 manager.register_result_handler(rid, None, loop=sink)
                 try:
+                    if "grammar" in settings:
+                        key, spec, what = settings["grammar"]
+                        settings["grammar"] = Grammar(vocabs[key], spec, what)
                     manager.add_request(ids, request_id=rid, max_new_tokens=max_new, streaming=streaming,
                                         eos_token_id=eos, **settings)
                 except Exception as e:  # noqa: BLE001 -- the request fails; the engine goes on
                     manager.unregister_result_handler(rid)
                     fail(rid, f"{type(e).__name__}: {e}")
+            elif kind == "vocab":  # a grammar's vocabulary, before the first request that uses it
+                _, key, tokenizer_json, size, eos = message
+                vocabs[key] = Vocabulary(tokenizer_json, size, eos)
             elif kind == "cancel":
                 manager.cancel_request(message[1])
             elif kind == "score":
