@@ -570,7 +570,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         lag = (self.lagged_stop if self.lagged_stop is not None else device.type == "cuda") and not (
             sync or user_cache or gen.return_dict_in_generate or logits_processor
             or prefix_allowed_tokens_fn is not None
-            or not _builtin_stops(criteria)
+            or not _device_stops(criteria)
         )
         lag = _OneStepLate(device, seq.shape[0]) if lag else None
         sync = PeerSync(self, device) if sync else None
@@ -863,7 +863,9 @@ class GenerationMixin(ContinuousBatchingMixin):
         if host_only and streamer is None:
             lag = None  # nothing to read
         if lag is not None and not host_only:
-            eos_ids = torch.cat([c.eos_token_id.to(seq.device).reshape(-1) for c in eos_criteria])
+            eos_ids = torch.cat([c.eos_token_id.to(seq.device).reshape(-1) for c in eos_criteria]) \
+                if eos_criteria else None
+            stop_strings = [c for c in criteria if isinstance(c, StopStringCriteria)]
         # Plain greedy (nothing recorded) takes the argmax of the model's logits as they come: the
         # float32 copy holds the same values, so the same index.
         plain_argmax = not (processors or gen.do_sample or gen.return_dict_in_generate)
@@ -907,8 +909,11 @@ class GenerationMixin(ContinuousBatchingMixin):
                 if sync.stop(done, seq) if sync is not None else done:
                     break
                 continue
-            if not host_only:  # lag mode's rules: EOS ids (EosTokenCriteria in 3 kernels), max_length
-                running_R = running_R & (next_R[:, None] != eos_ids).all(dim=1)
+            if not host_only:  # lag mode's rules: EOS ids (EosTokenCriteria in 3 kernels), stop strings, max_length
+                if eos_ids is not None:
+                    running_R = running_R & (next_R[:, None] != eos_ids).all(dim=1)
+                for c in stop_strings:
+                    running_R = running_R & ~c(seq, None)
             ran, shown = lag.push(None if host_only else running_R, None if streamer is None else next_R)
             if shown is not None:
                 streamer.put(shown)  # the step before's tokens
@@ -1294,6 +1299,13 @@ def _builtin_stops(criteria: StoppingCriteriaList) -> bool:
     """Whether every stopping rule is a built-in one that the sequence alone decides (max_length,
     EOS ids), so that it can be read late (the lagged stop) or on the host (assisted decoding)."""
     return all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in criteria)
+
+
+def _device_stops(criteria: StoppingCriteriaList) -> bool:
+    """Whether every stopping rule is decided on the device from the sequence alone: the built-in
+    ones, and stop strings matched by their tables (`StopStringCriteria.on_device`)."""
+    return all(type(c) in (MaxLengthCriteria, EosTokenCriteria) or (type(c) is StopStringCriteria and c.on_device)
+               for c in criteria)
 
 
 def _host_stop(criteria: StoppingCriteriaList):
