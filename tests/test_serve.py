@@ -26,6 +26,13 @@ from moetorch.defaults import ASSETS
 from moetorch.serve import Detokenizer, Engine, StopText, create_app
 
 MODELS = ("tiny-phimoe", "tiny-jetmoe")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+             "type": "object", "additionalProperties": False, "required": ["city", "unit"],
+             "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}}}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "additionalProperties": False, "required": ["a", "b"],
+             "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                            "b": {"type": "integer", "minimum": 0, "maximum": 99}}}}}]
 PROMPTS = ["def fibonacci(n):", "import os\nimport", "class Parser:\n    def", "# Copyright"]
 
 
@@ -362,8 +369,27 @@ def test_echo_scores_the_prompt(served):
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", ""),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "messages.0.content", "only text"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-     400, "tools", "not supported"),
+    *[("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], **fields}, 400, param, match)
+      for fields, param, match in (
+          ({"tools": TOOLS}, "tool_choice", "'auto' (the default with tools) is not supported"),
+          ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "tool_choice='required'"),
+          ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+          ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice", "got 'always'"),
+          ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+           "'nope', which is not among the tools ['add', 'get_weather']"),
+          ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools[0]", "must be 'function'"),
+          ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools[0].function", "an object with a name"),
+          ({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "required"},
+           "tools[0].function.name", "'a b'"),
+          ({"tools": [TOOLS[0], TOOLS[0]], "tool_choice": "required"}, "tools[1].function.name", "given twice"),
+          ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}], "tool_choice": "required"},
+           "tools[0].function.parameters", "a JSON Schema object"),
+          ({"tools": [{"type": "function", "function": {"name": "f", "params": {}}}], "tool_choice": "required"},
+           "tools[0]", "unknown field(s) ['params']"),
+          ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
+            "tool_choice": "required"}, "tools", "Invalid type: objekt"),
+          ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
+           "both set what the output is"))],
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, 400,
      "top_logprobs", "needs logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
@@ -431,6 +457,63 @@ def test_response_format_holds_the_output_to_json(served):
     plain = {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
     assert client.post("/v1/completions", json={**plain, "response_format": {"type": "text"}}).json()["choices"] == \
         client.post("/v1/completions", json=plain).json()["choices"]
+
+
+def check_call(call: dict) -> None:
+    """A tool call of TOOLS, its arguments checked against its schema (written out here)."""
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    args = json.loads(call["function"]["arguments"])
+    if call["function"]["name"] == "get_weather":
+        assert set(args) == {"city", "unit"} and isinstance(args["city"], str) and len(args["city"]) <= 10
+        assert args["unit"] in ("c", "f")
+    else:
+        assert call["function"]["name"] == "add" and set(args) == {"a", "b"}
+        assert all(isinstance(v, int) and 0 <= v <= 99 for v in args.values())
+
+
+def test_forced_tool_calls(served):
+    """A named tool_choice: the output is that function's arguments, Transformers' greedy tokens
+    under the same schema's mask; "required": an array of calls, each of a tool with its own
+    arguments (one with parallel_tool_calls false); streamed calls equal whole ones; "none" is no call."""
+    client, hf, tok, engine = served
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    body = {"messages": messages, "tools": TOOLS, "max_tokens": 100, "temperature": 0}
+    named = client.post("/v1/chat/completions", json={**body, "tool_choice": {
+        "type": "function", "function": {"name": "add"}}}).json()["choices"][0]
+    assert named["finish_reason"] == "tool_calls" and named["message"]["content"] is None
+    [call] = named["message"]["tool_calls"]
+    check_call(call)
+    ids = tok.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, return_dict=False)
+    want = hf_constrained(hf, tok, engine.json_grammar(TOOLS[1]["function"]["parameters"]), ids, 100)
+    assert want[-1] in engine.chat_eos
+    assert json.loads(call["function"]["arguments"]) == json.loads(tok.decode(want, skip_special_tokens=True))
+    greedy = client.post("/v1/chat/completions", json={**body, "tool_choice": "required", "max_tokens": 130}).json()
+    assert greedy["choices"][0]["finish_reason"] == "tool_calls"
+    for call in greedy["choices"][0]["message"]["tool_calls"]:
+        check_call(call)
+    # sampled, one call each (an array of calls may run on: a small model's may not close in 100 tokens)
+    sampled = {**body, "tool_choice": "required", "parallel_tool_calls": False, "temperature": 1.3, "n": 4, "seed": 3}
+    whole = client.post("/v1/chat/completions", json=sampled).json()["choices"]
+    for choice in whole:
+        assert choice["finish_reason"] == "tool_calls" and len(choice["message"]["tool_calls"]) == 1
+        check_call(choice["message"]["tool_calls"][0])
+    with client.stream("POST", "/v1/chat/completions", json={**sampled, "stream": True,
+                                                             "stream_options": {"include_usage": True}}) as s:
+        events = sse(s.iter_lines())[:-1]
+    ends = {e["choices"][0]["index"]: e["choices"][0] for e in events if e["choices"] and
+            e["choices"][0]["finish_reason"]}
+    for i, choice in enumerate(whole):
+        got = [{k: v for k, v in c.items() if k not in ("index", "id")} for c in ends[i]["delta"]["tool_calls"]]
+        assert got == [{k: v for k, v in c.items() if k != "id"} for c in choice["message"]["tool_calls"]]
+        assert ends[i]["finish_reason"] == "tool_calls"
+    assert all(not e["choices"] or "content" not in e["choices"][0]["delta"] or e["choices"][0]["delta"]["content"] == ""
+               for e in events)
+    assert events[-1]["usage"]["completion_tokens"] == client.post(
+        "/v1/chat/completions", json=sampled).json()["usage"]["completion_tokens"]
+    plain = client.post("/v1/chat/completions", json={**body, "tool_choice": "none", "max_tokens": 8}).json()
+    assert "tool_calls" not in plain["choices"][0]["message"] and isinstance(plain["choices"][0]["message"]["content"], str)
+    cut = client.post("/v1/chat/completions", json={**body, "tool_choice": "required", "max_tokens": 3}).json()
+    assert cut["choices"][0]["finish_reason"] == "length" and cut["choices"][0]["message"]["content"].startswith("[")
 
 
 def test_models_health_and_api_key(served):
@@ -552,6 +635,17 @@ def test_the_openai_client(live):
     record = parsed.choices[0].message.parsed
     assert isinstance(record, Record) and parsed.choices[0].finish_reason == "stop"
     assert Record.model_validate_json(parsed.choices[0].message.content) == record
+    # a forced tool call, and a pydantic model as a strict tool whose arguments the client parses
+    called = client.chat.completions.create(model="tiny-phimoe", messages=[{"role": "user", "content": "2 + 3"}],
+                                            tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}},
+                                            max_tokens=60, temperature=0)
+    assert called.choices[0].finish_reason == "tool_calls"
+    check_call(called.choices[0].message.tool_calls[0].model_dump())
+    parsed = client.chat.completions.parse(model="tiny-phimoe", messages=[{"role": "user", "content": "a record"}],
+                                           tools=[openai.pydantic_function_tool(Record)], tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=60, temperature=0.8, seed=2)
+    [call] = parsed.choices[0].message.tool_calls
+    assert call.function.name == "Record" and isinstance(call.function.parsed_arguments, Record)
     two = client.completions.create(model="tiny-phimoe", prompt="x", best_of=3, n=2, max_tokens=6, seed=1)
     assert [c.index for c in two.choices] == [0, 1]
     with pytest.raises(openai.BadRequestError, match="best_of"):

@@ -79,16 +79,22 @@ def same(a, b, path: str = "") -> None:
                                   "type": "json_schema", "json_schema": {"name": "record", "schema": SCHEMA}}}),
     ("/v1/completions", {"prompt": PROMPTS[:2], "max_tokens": 80, "temperature": 0,
                          "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Call it"}], "max_tokens": 80, "n": 2, "seed": 1,
+                              "tools": [{"type": "function", "function": {"name": "record", "parameters": SCHEMA}}],
+                              "tool_choice": "required", "parallel_tool_calls": False}),
 ])
 def test_same_responses_as_in_process(both, route, body):
     remote, local, _ = both
     a, b = remote.post(route, json=body), local.post(route, json=body)
     assert a.status_code == b.status_code == 200, (a.text, b.text)
     same(a.json(), b.json())
-    if "response_format" in body:
-        for c in a.json()["choices"]:
-            check_schema(c["text"] if "text" in c else c["message"]["content"])
+    for c in a.json()["choices"] if "response_format" in body or "tools" in body else []:
+        if "tools" in body:
+            assert c["finish_reason"] == "tool_calls"
+            check_schema(c["message"]["tool_calls"][0]["function"]["arguments"])
+        else:
             assert c["finish_reason"] == "stop"
+            check_schema(c["text"] if "text" in c else c["message"]["content"])
 
 
 def test_greedy_text_equals_transformers(both):

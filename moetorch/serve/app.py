@@ -7,10 +7,11 @@
 
 Both completion routes stream as server-sent events with `"stream": true`. Bad input is an HTTP 400
 in OpenAI's error shape, naming the field (`param`); a setting the server does not apply
-(tools, ...) is refused the same way rather than ignored. `response_format` (JSON mode and
-JSON-schema structured output) holds the output to its JSON through a grammar
-(`moetorch/generation/grammar.py`). `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, and
-`response_format` on completions, are accepted beside OpenAI's fields, as other servers accept them.
+(`functions`, `tool_choice: "auto"`, ...) is refused the same way rather than ignored.
+`response_format` (JSON mode and JSON-schema structured output) and a forced `tool_choice`
+(`tools.py`) hold the output to its JSON through a grammar (`moetorch/generation/grammar.py`).
+`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, and `response_format` on completions, are
+accepted beside OpenAI's fields, as other servers accept them.
 """
 
 from __future__ import annotations
@@ -30,12 +31,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import Engine, EngineError, Piece, PromptError
-
-
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.param, self.status, self.kind = param, status, kind
+from .errors import BadRequest
+from .tools import forced_calls
 
 
 def _error(message: str, status: int, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
@@ -111,8 +108,7 @@ class ChatRequest(_Common):
 
 
 # OpenAI fields the server refuses unless they hold their no-op value
-_NOOP = {"suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
-         "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
+_NOOP = {"suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"),
          "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
          "modalities": (None, ["text"]), "reasoning_effort": (None,)}
 
@@ -216,12 +212,16 @@ def _grammar(body: _Common, engine: Engine):
         if not isinstance(schema, dict):
             raise BadRequest("response_format.json_schema.schema must be a JSON Schema object",
                              "response_format.json_schema.schema")
+    param = "response_format" if schema is None else "response_format.json_schema.schema"
+    return _json_grammar(engine, schema, param)
+
+
+def _json_grammar(engine: Engine, schema: dict | None, param: str):
     try:
         return engine.json_grammar(schema)
     except ImportError as e:
-        raise BadRequest(f"response_format: {e}", "response_format") from None
+        raise BadRequest(f"{param}: {e}", param) from None
     except ValueError as e:
-        param = "response_format" if schema is None else "response_format.json_schema.schema"
         raise BadRequest(f"{param}: {e}", param) from None
 
 
@@ -383,9 +383,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def chat(body: ChatRequest, request: Request):
         check_model(body)
         _refuse_unsupported(body)
+        calls = forced_calls(body.tools, body.tool_choice, body.parallel_tool_calls)
         ids = _chat_prompt(engine, body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         grammar = _grammar(body, engine)
+        if calls is not None:
+            if grammar is not None:
+                raise BadRequest("response_format and a forced tool_choice both set what the output is: pass one",
+                                 "response_format")
+            grammar = _json_grammar(engine, calls.schema, "tools")
         jobs = [_Job(j, ids, engine.check_prompt(ids, limit, "messages"), _sampling(body, j, vocab, grammar))
                 for j in range(body.n)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -407,14 +413,34 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 for job in jobs:  # the role first, as OpenAI sends it
                     yield {**chunk_head, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}]}, None
+                texts = {job.index: "" for job in jobs}  # a forced call's JSON, sent as tool_calls at its end
                 async for index, piece in _run_all(engine, jobs, _stops(body), _eos(body, engine.chat_eos), True):
-                    delta = {"content": piece.text} if piece.text else {}
+                    reason, delta = piece.finish_reason, {"content": piece.text} if piece.text else {}
+                    if calls is not None:
+                        texts[index] += piece.text
+                        delta, done = {}, reason is not None and calls.calls(texts[index])
+                        if done:
+                            delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(done)]}
+                            reason = "tool_calls"
+                        elif reason is not None:  # cut short of the whole JSON: its text, as content
+                            delta = {"content": texts[index]}
+                    if not delta and reason is None and not body.logprobs:
+                        yield {"choices": [{"index": index}], "skip": True}, piece  # a call's JSON so far
+                        continue
                     yield {**chunk_head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs([piece]),
-                                                      "finish_reason": piece.finish_reason}]}, piece
+                                                      "finish_reason": reason}]}, piece
             return _sse(chunks(), body, len(ids))
         done = await _collect(engine, jobs, _stops(body), _eos(body, engine.chat_eos), request)
-        choices = [{"index": job.index, "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
-                    "logprobs": logprobs(pieces), "finish_reason": pieces[-1].finish_reason} for job, pieces in done]
+
+        def message(pieces: list[Piece]) -> tuple[dict[str, Any], str | None]:
+            text = "".join(p.text for p in pieces)
+            made = calls.calls(text) if calls is not None else None
+            if made:
+                return {"role": "assistant", "content": None, "tool_calls": made}, "tool_calls"
+            return {"role": "assistant", "content": text}, pieces[-1].finish_reason
+
+        choices = [{"index": job.index, "message": msg, "logprobs": logprobs(pieces), "finish_reason": reason}
+                   for job, pieces in done for msg, reason in [message(pieces)]]
         return {**head, "choices": choices,
                 "usage": _usage(len(ids), sum(pieces[-1].completion_tokens for _, pieces in done))}
 
@@ -513,8 +539,9 @@ async def _collect(engine: Engine, jobs: list[_Job], stops: list[str], eos: list
 
 
 def _sse(chunks: AsyncIterator[tuple[dict, Piece | None]], body: _Common, prompt_tokens: int) -> StreamingResponse:
-    """Server-sent events of `chunks` ((chunk, its piece)), then the usage chunk
-    (`stream_options.include_usage`) and [DONE]. An error after the first event goes as an event."""
+    """Server-sent events of `chunks` ((chunk, its piece); a chunk with `"skip": True`: the piece
+    counts, nothing is sent), then the usage chunk (`stream_options.include_usage`) and [DONE]. An error after the
+    first event goes as an event."""
     usage = body.stream_options is not None and body.stream_options.include_usage
 
     async def events():
@@ -524,6 +551,8 @@ def _sse(chunks: AsyncIterator[tuple[dict, Piece | None]], body: _Common, prompt
             async for chunk, piece in chunks:
                 if piece is not None:
                     completion[chunk["choices"][0]["index"]] = piece.completion_tokens
+                if chunk.get("skip"):  # a piece counted, nothing sent
+                    continue
                 if usage:
                     chunk = {**chunk, "usage": None}
                 last = chunk
@@ -580,7 +609,7 @@ def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
     try:
         return tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt and not
                                        body.continue_final_message, continue_final_message=body.continue_final_message,
-                                       return_dict=False, **(body.chat_template_kwargs or {}))
+                                       return_dict=False, tools=body.tools or None, **(body.chat_template_kwargs or {}))
     except (ValueError, TypeError) as e:
         raise BadRequest(f"messages: the chat template failed: {e}", "messages") from e
 
