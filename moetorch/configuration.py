@@ -234,6 +234,12 @@ class MoeConfig(PushToHubMixin):
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> MoeConfig:
         """Build a config from a `config.json`-style dict; unknown keys are kept in `extra`."""
         data = {**config_dict, **overrides}
+        if overrides.get("rope_scaling") and "rope_parameters" not in overrides:
+            # RoPE given in the Transformers-4 form replaces the stored RoPE (as in Transformers),
+            # keeping the stored rope_theta unless it sets its own
+            stored = config_dict.get("rope_parameters") or {}
+            theta = overrides.get("rope_theta", stored.get("rope_theta", config_dict.get("rope_theta")))
+            data["rope_parameters"] = None if theta is None else {"rope_theta": theta}
         if "num_labels" in overrides and "id2label" not in overrides:
             # A new label count replaces the stored label names, as in Transformers.
             data.pop("id2label", None)

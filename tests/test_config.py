@@ -53,6 +53,20 @@ def test_v5_form_equals_v4_form():
     assert v4.rope_parameters == v5.rope_parameters
 
 
+def test_rope_scaling_given_to_from_pretrained_replaces_the_stored_rope(tmp_path):
+    """`from_pretrained(path, rope_scaling=...)` over a config.json in the v5 form: the given RoPE
+    replaces the stored one, as in Transformers (which then loses rope_theta; the stored one is kept
+    here unless rope_theta is given too)."""
+    PhimoeConfig(rope_theta=5000.0).save_pretrained(tmp_path)
+    scaling = longrope_scaling(128, original=4096)
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path, rope_scaling=scaling).rope_parameters
+    ours = PhimoeConfig.from_pretrained(tmp_path, rope_scaling=scaling).rope_parameters
+    theirs = {k: v for k, v in theirs.items() if k != "type"}  # (Transformers keeps the v4 key beside rope_type)
+    assert ours == {**theirs, "rope_theta": 5000.0} and ours["rope_type"] == "longrope"
+    assert PhimoeConfig.from_pretrained(tmp_path, rope_scaling=scaling, rope_theta=7.0).rope_parameters["rope_theta"] == 7.0
+    assert PhimoeConfig.from_pretrained(tmp_path).rope_parameters == {"rope_type": "default", "rope_theta": 5000.0}
+
+
 def test_original_phi35_config_json(tmp_path):
     """The original checkpoint's config.json (architectures PhiMoEForCausalLM, v4 rope form,
     top-level original_max_position_embeddings and extra keys) loads and round-trips."""
