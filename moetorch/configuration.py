@@ -232,7 +232,13 @@ class MoeConfig(PushToHubMixin):
     # ---- dict / json I/O ---------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> MoeConfig:
-        """Build a config from a `config.json`-style dict; unknown keys are kept in `extra`."""
+        """Build a config from a `config.json`-style dict; unknown keys are kept in `extra`. With
+        `return_unused_kwargs=True`, (config, the overrides that name no attribute of it), those not
+        applied, as Transformers returns them."""
+        if overrides.pop("return_unused_kwargs", False):
+            probe = cls.from_dict(config_dict)
+            unused = {k: v for k, v in overrides.items() if not hasattr(probe, k) or k in probe.extra}
+            return cls.from_dict(config_dict, **{k: v for k, v in overrides.items() if k not in unused}), unused
         data = {**config_dict, **overrides}
         if overrides.get("rope_scaling") and "rope_parameters" not in overrides:
             # RoPE given in the Transformers-4 form replaces the stored RoPE (as in Transformers),
@@ -310,7 +316,7 @@ class MoeConfig(PushToHubMixin):
         Hub repository: `revision`, `cache_dir`, `token`, ... as in Transformers)."""
         hub = hub_options(overrides)
         config = cls.from_dict(read_config_dict(path, **hub), **overrides)
-        config.name_or_path = path
+        (config[0] if isinstance(config, tuple) else config).name_or_path = path
         return config
 
     @classmethod

@@ -8,6 +8,7 @@ import pytest
 import transformers
 from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
 
+import moetorch
 from moetorch import ConfigError, JetMoeConfig, PhimoeConfig
 
 SPEC_DEFAULTS = dict(
@@ -65,6 +66,22 @@ def test_rope_scaling_given_to_from_pretrained_replaces_the_stored_rope(tmp_path
     assert ours == {**theirs, "rope_theta": 5000.0} and ours["rope_type"] == "longrope"
     assert PhimoeConfig.from_pretrained(tmp_path, rope_scaling=scaling, rope_theta=7.0).rope_parameters["rope_theta"] == 7.0
     assert PhimoeConfig.from_pretrained(tmp_path).rope_parameters == {"rope_type": "default", "rope_theta": 5000.0}
+
+
+def test_return_unused_kwargs_as_transformers(tmp_path):
+    """`from_pretrained(..., return_unused_kwargs=True)` (configs, AutoConfig): (config, the keyword
+    arguments that name no attribute of it, not applied), as Transformers returns them."""
+    PhimoeConfig(max_position_embeddings=64).save_pretrained(tmp_path)
+    kw = dict(max_position_embeddings=77, foo=3, output_attentions=True, return_unused_kwargs=True)
+    theirs, their_unused = transformers.AutoConfig.from_pretrained(tmp_path, **kw)
+    for load in (PhimoeConfig.from_pretrained, moetorch.AutoConfig.from_pretrained):
+        ours, unused = load(tmp_path, **kw)
+        assert unused == their_unused == {"foo": 3}
+        assert (ours.max_position_embeddings, ours.output_attentions) == (77, True) == \
+            (theirs.max_position_embeddings, theirs.output_attentions)
+        assert "foo" not in ours.to_dict() and str(ours.name_or_path) == str(tmp_path)
+    config, unused = PhimoeConfig.from_dict(PhimoeConfig().to_dict(), vocab_size=10, bar=1, return_unused_kwargs=True)
+    assert config.vocab_size == 10 and unused == {"bar": 1}
 
 
 def test_original_phi35_config_json(tmp_path):
