@@ -72,6 +72,38 @@ def _sampling_kwargs(args: argparse.Namespace, tok) -> dict:
     return kwargs
 
 
+def _grammar(args: argparse.Namespace, tok, model):
+    """The Grammar that --json, --json-schema or --regex asks for, or None."""
+    asked = [(flag, value) for flag, value in (("--json", args.json or None), ("--json-schema", args.json_schema),
+                                                 ("--regex", args.regex)) if value is not None]
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise SystemExit(f"moetorch: {' and '.join(f for f, _ in asked)} both set what the output is: pass one")
+    from .generation.grammar import Grammar
+
+    flag, value = asked[0]
+    width = model.config.vocab_size
+    try:
+        if flag == "--regex":
+            return Grammar.regex(tok, value, vocab_size=width)
+        if flag == "--json-schema":
+            text = Path(value[1:]).read_text() if value.startswith("@") else value
+            return Grammar.json(tok, text, vocab_size=width)
+        return Grammar.json(tok, vocab_size=width)
+    except (ImportError, ValueError, OSError) as e:
+        raise SystemExit(f"moetorch: {flag}: {e}") from None
+
+
+def _hold_to(kwargs: dict, grammar, eos: list[int] | None) -> dict:
+    """`generate`'s keyword arguments with the output held to `grammar` (None: as they are)."""
+    if grammar is None:
+        return kwargs
+    from .generation.grammar import GrammarLogitsProcessor
+
+    return {**kwargs, "logits_processor": [GrammarLogitsProcessor(grammar, eos)]}
+
+
 def _banner(path: Path, model, is_random: bool) -> None:
     name = RANDOM_MODEL if is_random else (path.name if path.name in EMBEDDED else str(path))
     note = " (random weights: the text is noise)" if is_random else ""
@@ -102,8 +134,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok(args.prompt)["input_ids"]
     if not ids:
         raise SystemExit("moetorch: the prompt encodes to no tokens")
+    from .generation.utils import eos_ids
+
+    eos = eos_ids(model.generation_config.eos_token_id) or None
+    kwargs = _hold_to(_sampling_kwargs(args, tok), _grammar(args, tok, model), eos)
     print(args.prompt, end="", flush=True)
-    _, n, elapsed = _stream(model, tok, torch.tensor([ids], device=model.device), _sampling_kwargs(args, tok))
+    _, n, elapsed = _stream(model, tok, torch.tensor([ids], device=model.device), kwargs)
     print(f"[moetorch] {n} tokens in {elapsed:.2f}s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
 
@@ -126,6 +162,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     # a turn ends at <|end|> as well as at the model's eos
     kwargs["eos_token_id"] = chat_eos_ids(eos_ids(model.generation_config.eos_token_id), tok) or None
+    grammar = _grammar(args, tok, model)
     while True:
         if interactive:
             print("you> ", end="", flush=True)
@@ -144,7 +181,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         enc = tok.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt")
         print("assistant> ", end="", flush=True)
-        reply, _, _ = _stream(model, tok, enc["input_ids"].to(model.device), kwargs)
+        # (a grammar's processor follows one call: a new one each turn)
+        reply, _, _ = _stream(model, tok, enc["input_ids"].to(model.device),
+                              _hold_to(kwargs, grammar, kwargs["eos_token_id"]))
         history.append({"role": "assistant", "content": reply})
     return 0
 
@@ -218,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--top-k", type=int, default=50)
         p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--json", action="store_true", help="hold the output to a JSON object (needs llguidance)")
+        p.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                       help="hold the output to JSON that this JSON Schema describes (its text, or @file)")
+        p.add_argument("--regex", default=None, help="hold the output to text this regular expression matches")
 
     gen = sub.add_parser("generate", help="continue a prompt, streaming the text")
     common(gen)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -185,6 +186,33 @@ def test_cli_generate_streams_the_continuation(checkpoint, capsys):
     expected = "The experts" + tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert out.out.strip() == expected.strip()
     assert "tokens/s" in out.err
+
+
+def test_cli_output_held_to_json_or_a_regex(capsys, monkeypatch, tmp_path):
+    """generate --json / --json-schema (text or @file) / --regex, and chat --regex on every turn:
+    the text the grammar allows; bad or clashing flags are errors that name the flag."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+              "maximum": 9}}, "required": ["ok", "n"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    for flags in (["--json-schema", json.dumps(schema)], ["--json-schema", f"@{tmp_path / 's.json'}"]):
+        assert cli.main(["generate", "def f():", "--max-new-tokens", "40", *flags]) == 0
+        value = json.loads(capsys.readouterr().out[len("def f():"):])
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and 0 <= value["n"] <= 9
+    assert cli.main(["generate", "x = ", "--max-new-tokens", "12", "--regex", r"(yes|no)!", "--temperature", "1.5",
+                     "--seed", "3"]) == 0
+    assert re.fullmatch(r"x = (yes|no)!\s*", capsys.readouterr().out)
+    assert cli.main(["generate", "x = ", "--max-new-tokens", "3", "--json"]) == 0
+    assert capsys.readouterr().out.startswith("x = {")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\nAgain\n/exit\n"))
+    assert cli.main(["chat", "--max-new-tokens", "8", "--regex", "[0-9]{2}"]) == 0
+    replies = re.findall(r"assistant> (.*)", capsys.readouterr().out)
+    assert len(replies) == 2 and all(re.fullmatch("[0-9]{2}", r.strip()) for r in replies), replies
+    for flags, match in ((["--regex", "(a"], "(?s)--regex: .*unclosed group"),
+                         (["--json-schema", "{type: 1"], "--json-schema: schema: not JSON"),
+                         (["--json-schema", "@/nonexistent/s.json"], "--json-schema: .*No such file"),
+                         (["--json", "--regex", "a"], "--json and --regex both set what the output is")):
+        with pytest.raises(SystemExit, match=match):
+            cli.main(["generate", "hi", *flags])
 
 
 def test_cli_chat_keeps_history(checkpoint, capsys, monkeypatch):
