@@ -82,10 +82,11 @@ class Grammar:
     width where it exceeds the tokenizer's (Phi-3.5-MoE: 32064 against 32011 tokens)."""
 
     def __init__(self, vocab: Vocabulary, spec: str, what: str = "grammar") -> None:
-        llg = _llguidance()
-        problem = llg.LLMatcher.validate_grammar(spec, vocab.ll)
-        if problem:
-            raise ValueError(f"{what}: {problem}")
+        # compiled once: each sequence's matcher is a copy of this one (microseconds, where
+        # compiling takes milliseconds)
+        self._start = _llguidance().LLMatcher(vocab.ll, spec, log_level=0)
+        if self._start.is_error():
+            raise ValueError(f"{what}: {self._start.get_error()}")
         self.vocab, self.spec, self.what = vocab, spec, what
 
     @classmethod
@@ -125,7 +126,8 @@ class Grammar:
         return cls(Vocabulary.of(tokenizer, vocab_size), _llguidance().LLMatcher.grammar_from_lark(text), "lark")
 
     def matcher(self) -> Matcher:
-        return Matcher(self)
+        """A matcher at the grammar's start, for one sequence."""
+        return Matcher(self, self._start.deep_copy())
 
     def __repr__(self) -> str:
         return f"Grammar({self.what}, vocab_size={self.vocab.size})"
@@ -136,9 +138,8 @@ class Matcher:
 
     __slots__ = ("grammar", "ll")
 
-    def __init__(self, grammar: Grammar, ll: Any = None) -> None:
-        self.grammar = grammar
-        self.ll = _llguidance().LLMatcher(grammar.vocab.ll, grammar.spec, log_level=0) if ll is None else ll
+    def __init__(self, grammar: Grammar, ll: Any) -> None:
+        self.grammar, self.ll = grammar, ll
 
     def consume(self, token: int) -> None:
         """Take the sequence's next token (one the last mask allowed)."""
