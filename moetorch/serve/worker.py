@@ -31,7 +31,7 @@ from typing import Any
 from ..engine.batching import RequestStatus, _prompt_list, grammar_of, top_logprobs_of
 from ..engine.row_sampling import Sampling
 from ..generation.grammar import Grammar, Vocabulary
-from .engine import EngineError, build_manager, score_prompt, warm_prefills
+from .engine import GRAMMAR_CACHE, EngineError, build_manager, score_prompt, warm_prefills
 
 logger = logging.getLogger("moetorch")
 
@@ -305,6 +305,7 @@ def _worker_main(conn, loader, setup: dict) -> None:
         conn.send(("ready", info))
 
     vocabs: dict = {}
+    grammars: dict = {}  # (vocabulary key, grammar text) -> Grammar, oldest first
 
     def fail(rid: str, error: str) -> None:
         sink.queue.put([_Failed(rid, error)])
@@ -331,9 +332,12 @@ def _worker_main(conn, loader, setup: dict) -> None:
                 _, rid, ids, max_new, streaming, eos, settings = message
                 manager.register_result_handler(rid, None, loop=sink)
                 try:
-                    if "grammar" in settings:
+                    if "grammar" in settings:  # compiled once per text (the latest GRAMMAR_CACHE kept)
                         key, spec, what = settings["grammar"]
-                        settings["grammar"] = Grammar(vocabs[key], spec, what)
+                        grammar = grammars.pop((key, spec), None) or Grammar(vocabs[key], spec, what)
+                        grammars[(key, spec)] = settings["grammar"] = grammar
+                        if len(grammars) > GRAMMAR_CACHE:
+                            grammars.pop(next(iter(grammars)))
                     manager.add_request(ids, request_id=rid, max_new_tokens=max_new, streaming=streaming,
                                         eos_token_id=eos, **settings)
                 except Exception as e:  # noqa: BLE001 -- the request fails; the engine goes on
