@@ -64,7 +64,10 @@ class Vocabulary:
         width = len(tokenizer) if size is None else int(size)
         if width < len(tokenizer):
             raise ValueError(f"vocab_size={width} is below the tokenizer's {len(tokenizer)} tokens")
-        cached = _VOCABS.setdefault(tokenizer, {})
+        try:
+            cached = _VOCABS.setdefault(tokenizer, {})
+        except TypeError:  # a tokenizer that cannot be weakly referenced: built each time
+            cached = {}
         if width not in cached:
             backend = getattr(tokenizer, "backend_tokenizer", None)
             if backend is None:
