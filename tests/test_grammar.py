@@ -145,6 +145,15 @@ def test_generate_with_the_processor_keeps_beams_and_padded_rows_to_the_grammar(
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             assert re.fullmatch(pattern, tok.decode(row, skip_special_tokens=True)), (kw, tok.decode(row))
+    # a row stopped by a stop string is padded with a token the grammar does not take: left alone
+    free = Grammar.regex(tok, r"[a-z ]{1,40}", vocab_size=ours.config.vocab_size)
+    kw = dict(max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    plain = ours.generate(**batch, logits_processor=[GrammarLogitsProcessor(free)], **kw)
+    P = batch["input_ids"].shape[1]
+    stop = tok.decode(plain[0, P:P + 2])[-1]
+    out = ours.generate(**batch, logits_processor=[GrammarLogitsProcessor(free)], stop_strings=[stop], tokenizer=tok,
+                        **kw)
+    assert tok.pad_token_id in out[0, P:].tolist() and out.shape[1] > P + 2  # row 0 stopped, padded; row 1 went on
 
 
 def test_longrope_request_past_the_switch_follows_its_grammar_alone():
@@ -167,6 +176,13 @@ def test_longrope_request_past_the_switch_follows_its_grammar_alone():
         r = m.get_result("j", timeout=60)
     assert m.stats["alone"] == 1 and r.error is None
     check_schema(tok.decode(r.generated_tokens, skip_special_tokens=True))
+    # without an end token (ignore_eos), beside a request in the batch: it ends where its grammar is done
+    with ours.continuous_batching_context_manager(generation_config=gen) as m:
+        m.add_request(prompt, request_id="j", grammar=Grammar.regex(tok, r"(yes|no)!"), eos_token_id=[])
+        m.add_request(tok("x = ")["input_ids"], request_id="other", max_new_tokens=20)
+        got = {r.request_id: r for r in (m.get_result(timeout=60), m.get_result(timeout=60))}
+    assert got["j"].error is None and got["other"].error is None and m.fatal_error is None
+    assert re.fullmatch(r"(yes|no)!", tok.decode(got["j"].generated_tokens)) and len(got["other"].generated_tokens) == 20
     own = ours.generate(torch.tensor([prompt]), max_new_tokens=60, do_sample=False,
                         logits_processor=[GrammarLogitsProcessor(g)], eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()

@@ -1219,10 +1219,16 @@ class ContinuousBatchingManager:
                           top_h=gen.top_h)
         ids = torch.tensor([req.prompt], device=self.model.device)
         seeded = own is not None and do_sample and own.seed is not None
-        with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else [], enabled=seeded):
-            if seeded:
-                torch.manual_seed(own.seed)
-            out = self.model.generate(ids, **kwargs, output_scores=self.return_logprobs, return_dict_in_generate=True)
+        try:
+            with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else [], enabled=seeded):
+                if seeded:
+                    torch.manual_seed(own.seed)
+                out = self.model.generate(ids, **kwargs, output_scores=self.return_logprobs,
+                                          return_dict_in_generate=True)
+        except Exception as e:  # noqa: BLE001 -- this request fails; the batch goes on
+            logger.error("continuous batching: request %s failed alone: %r", req.id, e)
+            self._finish(req, f"{type(e).__name__}: {e}")
+            return
         new = out.sequences[0, len(req.prompt):].tolist()
         for i, tok in enumerate(new):
             lp = None

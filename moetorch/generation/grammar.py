@@ -228,7 +228,8 @@ class GrammarLogitsProcessor(LogitsProcessor):
     call reads the tokens generated since the first call (that call's length is the prompt's),
     so beams and sampled rows each follow their own place in the grammar. `eos_token_id`: the
     tokens allowed where the grammar may end (default: the grammar's tokenizer's). A row that has
-    ended (its last token an end token) is left alone. The mask is computed on the host each step."""
+    ended (an end token, its grammar done, or a token the grammar does not take, as the padding of
+    a row that another rule stopped) is left alone. The mask is computed on the host each step."""
 
     def __init__(self, grammar: Grammar, eos_token_id: int | list[int] | None = None) -> None:
         if not isinstance(grammar, Grammar):
@@ -240,19 +241,20 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self._states: dict[tuple, Matcher | None] = {}  # generated tokens -> their matcher (None: ended)
 
     def _state(self, generated: tuple) -> Matcher | None:
+        """The matcher after `generated`, or None where the row has ended: at an end token, after
+        its grammar was done, or at a token the grammar does not take (a row that another rule
+        stopped, then padded)."""
         if generated in self._states:
             return self._states[generated]
         if not generated:
             return self.grammar.matcher()
         parent = self._state(generated[:-1])
         last = generated[-1]
-        if parent is None or last in self.eos:
+        if parent is None or last in self.eos or parent.done:
             return None
         m = parent.copy()
         m.consume(last)
-        if m.error is not None:
-            raise ValueError(f"GrammarLogitsProcessor: token {last} leaves the {self.grammar.what}: {m.error}")
-        return m
+        return None if m.error is not None else m
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._prompt is None:
