@@ -375,6 +375,8 @@ def test_echo_scores_the_prompt(served):
           ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "tool_choice='required'"),
           ({"tool_choice": "required"}, "tool_choice", "needs tools"),
           ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice", "got 'always'"),
+          ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": ["add"]}}}, "tool_choice",
+           "which is not among the tools"),
           ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
            "'nope', which is not among the tools ['add', 'get_weather']"),
           ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools[0]", "must be 'function'"),
@@ -437,6 +439,13 @@ def test_response_format_holds_the_output_to_json(served):
         assert choice["text"] == tok.decode(want, skip_special_tokens=True)
         check_schema(choice["text"])
     assert engine.json_grammar(SCHEMA) is engine.json_grammar(json.loads(json.dumps(SCHEMA)))  # compiled once
+    # the same schema with its properties in another order is another grammar: the output follows its order
+    turned = {**SCHEMA, "properties": dict(reversed(list(SCHEMA["properties"].items())))}
+    assert engine.json_grammar(turned) is not engine.json_grammar(SCHEMA)
+    text = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 80, "temperature": 0,
+                                                "response_format": {"type": "json_schema", "json_schema": {
+                                                    "name": "t", "schema": turned}}}).json()["choices"][0]["text"]
+    assert list(json.loads(text)) == list(turned["properties"])
     chat = {"messages": [{"role": "user", "content": "Describe a record"}], "max_tokens": 80, "n": 3,
             "temperature": 1.2, "seed": 5, "response_format": fmt}
     whole = client.post("/v1/chat/completions", json=chat).json()
@@ -510,6 +519,21 @@ def test_forced_tool_calls(served):
                for e in events)
     assert events[-1]["usage"]["completion_tokens"] == client.post(
         "/v1/chat/completions", json=sampled).json()["usage"]["completion_tokens"]
+    # a tool whose parameters refer to their own $defs (as pydantic writes them), beside another
+    where = {"type": "function", "function": {"name": "where", "parameters": {
+        "$defs": {"Loc": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+                          "additionalProperties": False}},
+        "type": "object", "properties": {"loc": {"$ref": "#/$defs/Loc"}}, "required": ["loc"],
+        "additionalProperties": False}}}
+    refs = client.post("/v1/chat/completions", json={**sampled, "tools": [where, TOOLS[1]]}).json()["choices"]
+    for choice in refs:
+        [call] = choice["message"]["tool_calls"]
+        args = json.loads(call["function"]["arguments"])
+        assert call["function"]["name"] == "add" or args["loc"]["city"] in ("Paris", "Rome"), call
+    # tools in chat_template_kwargs too: the request's own go to the template
+    r = client.post("/v1/chat/completions", json={**body, "tool_choice": "required", "chat_template_kwargs": {
+        "tools": TOOLS[:1]}})
+    assert r.status_code == 200, r.text
     plain = client.post("/v1/chat/completions", json={**body, "tool_choice": "none", "max_tokens": 8}).json()
     assert "tool_calls" not in plain["choices"][0]["message"] and isinstance(plain["choices"][0]["message"]["content"], str)
     cut = client.post("/v1/chat/completions", json={**body, "tool_choice": "required", "max_tokens": 3}).json()

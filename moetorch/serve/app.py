@@ -606,10 +606,13 @@ def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
             content = "".join(str(part.get("text", "")) for part in content)
         message["content"] = content or ""
         messages.append(message)
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if body.tools:  # the request's tools, for templates that render them
+        template_kwargs["tools"] = body.tools
     try:
         return tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt and not
                                        body.continue_final_message, continue_final_message=body.continue_final_message,
-                                       return_dict=False, tools=body.tools or None, **(body.chat_template_kwargs or {}))
+                                       return_dict=False, **template_kwargs)
     except (ValueError, TypeError) as e:
         raise BadRequest(f"messages: the chat template failed: {e}", "messages") from e
 

@@ -209,7 +209,7 @@ class Engine:
     def json_grammar(self, schema: dict | None) -> Grammar:
         """The grammar of JSON that `schema` describes (None: any object) over this engine's
         tokenizer, compiled once per schema (ValueError: a schema it cannot follow)."""
-        key = json.dumps(schema, sort_keys=True)
+        key = json.dumps(schema)  # (key order counts: the output's properties come in the schema's order)
         grammar = self._grammars.pop(key, None) or Grammar.json(self.tokenizer, schema, vocab_size=self.vocab_size)
         self._grammars[key] = grammar
         if len(self._grammars) > GRAMMAR_CACHE:

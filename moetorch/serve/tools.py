@@ -91,15 +91,18 @@ def forced_calls(tools: list[dict[str, Any]] | None, tool_choice, parallel: bool
                          "{'type': 'function', 'function': {'name': ...}}, to have the output be the call",
                          "tool_choice")
     if choice == "required":
+        # each tool's schema keeps its own base ($id), so that its "#/$defs/..." references resolve in it
         items = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                  "properties": {"name": {"const": name}, "arguments": params}} for name, params in schemas.items()]
+                  "properties": {"name": {"const": name},
+                                 "arguments": {"$id": f"urn:moetorch:tool:{name}", **params}}}
+                 for name, params in schemas.items()]
         array = {"type": "array", "minItems": 1, "items": items[0] if len(items) == 1 else {"anyOf": items}}
         if parallel is False:
             array["maxItems"] = 1
         return ToolCalls(array, None)
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
-        if name not in schemas:
+        if not isinstance(name, str) or name not in schemas:
             raise BadRequest(f"tool_choice names the function {name!r}, which is not among the tools "
                              f"{sorted(schemas)}", "tool_choice")
         return ToolCalls(schemas[name], name)
