@@ -80,6 +80,17 @@ def test_matches_transformers_criteria_on_random_rows(tokenizers):
     assert hits > 20, seed  # the rows do match now and then
 
 
+def test_tables_on_one_device_leave_other_criteria_alone(tokenizers):
+    """Criteria with the same tokenizer and stop strings share their tables; a call on another
+    device copies them there and leaves the shared ones (and the other criteria) as they were."""
+    ours_tok, _ = tokenizers
+    a, b = StopStringCriteria(ours_tok, ["two"]), StopStringCriteria(ours_tok, ["two"])
+    assert a.tables is b.tables
+    ids = torch.tensor([ours_tok("and two", add_special_tokens=False)["input_ids"]])
+    assert a(ids.to("meta"), None).device.type == "meta"
+    assert b.tables.tail.device.type == "cpu" and bool(b(ids, None)[0]) == bool(a(ids, None)[0])
+
+
 def test_errors_name_the_problem(tokenizers):
     ours_tok, _ = tokenizers
     with pytest.raises(ValueError, match="non-empty strings"):

@@ -251,7 +251,7 @@ class _StopTables:
         self.tail, self.inner, self.length = tail, inner, length
         self.lengths = torch.tensor([len(s) for s in stops])
         self.window = M
-        self._on: torch.device | None = None
+        self._copies: dict[torch.device, tuple] = {}  # the tables on each device they were used on
 
     @classmethod
     def of(cls, tokenizer, stop_strings: tuple[str, ...]) -> _StopTables:
@@ -267,32 +267,31 @@ class _StopTables:
                 _TABLES.popitem(last=False)
         return _TABLES[key][1]
 
-    def _to(self, device: torch.device) -> None:
-        if self._on != device:
-            for name in ("tail", "inner", "length", "lengths"):
-                setattr(self, name, getattr(self, name).to(device))
-            self._on = device
+    def _on(self, device: torch.device) -> tuple:
+        """(tail, inner, length, lengths) on `device`, copied there once (the CPU tables stay)."""
+        if device not in self._copies:
+            self._copies[device] = tuple(t.to(device) for t in (self.tail, self.inner, self.length, self.lengths))
+        return self._copies[device]
 
     def match(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Whether a stop string ends inside each row's last token [B]. Each possible count k of
         characters the last token closes starts a path; going back a token at a time, a path goes
         on while the token fits before the count matched so far, and the string is matched once
         the count reaches its length."""
-        self._to(input_ids.device)
-        V = self.length.shape[0]
+        tail_t, inner_t, length_t, m = self._on(input_ids.device)  # m: the stop strings' lengths [S]
+        V = length_t.shape[0]
         ids = input_ids[:, -self.window:].flip(1)
         ids = torch.where((ids >= 0) & (ids < V - 1), ids, V - 1)
-        m = self.lengths  # [S]
-        K = self.tail.shape[-1]
+        K = tail_t.shape[-1]
         k = torch.arange(K, device=ids.device)
-        tail = self.tail[ids[:, 0]]  # [B, S, K]
+        tail = tail_t[ids[:, 0]]  # [B, S, K]
         done = (tail & (k == m[:, None])).any(dim=(1, 2))
         if ids.shape[1] == 1:
             return done
         rest = ids[:, 1:]  # the tokens before the last, nearest first [B, W-1]
-        lens = self.length[rest]
+        lens = length_t[rest]
         before = k + (lens.cumsum(1) - lens)[:, :, None]  # characters matched after each token, per path [B, W-1, K]
-        fits = self.inner[rest].gather(3, before.clamp(max=K - 1)[:, :, None, :].expand(-1, -1, m.shape[0], -1))
+        fits = inner_t[rest].gather(3, before.clamp(max=K - 1)[:, :, None, :].expand(-1, -1, m.shape[0], -1))
         alive = (tail & (k < m[:, None]))[:, None] & (fits.to(torch.uint8).cummin(dim=1).values > 0)
         reached = (before + lens[:, :, None])[:, :, None, :] >= m[None, None, :, None]
         return done | (alive & reached).any(dim=(1, 2, 3))
