@@ -237,7 +237,7 @@ class MoeConfig(PushToHubMixin):
         applied, as Transformers returns them."""
         if overrides.pop("return_unused_kwargs", False):
             probe = cls.from_dict(config_dict)
-            unused = {k: v for k, v in overrides.items() if not hasattr(probe, k) or k in probe.extra}
+            unused = {k: v for k, v in overrides.items() if not hasattr(probe, k)}
             return cls.from_dict(config_dict, **{k: v for k, v in overrides.items() if k not in unused}), unused
         data = {**config_dict, **overrides}
         if overrides.get("rope_scaling") and "rope_parameters" not in overrides:

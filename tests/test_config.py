@@ -82,6 +82,10 @@ def test_return_unused_kwargs_as_transformers(tmp_path):
         assert "foo" not in ours.to_dict() and str(ours.name_or_path) == str(tmp_path)
     config, unused = PhimoeConfig.from_dict(PhimoeConfig().to_dict(), vocab_size=10, bar=1, return_unused_kwargs=True)
     assert config.vocab_size == 10 and unused == {"bar": 1}
+    # a key config.json holds beyond the known fields is an attribute too: applied, as Transformers does
+    config, unused = PhimoeConfig.from_dict({**PhimoeConfig().to_dict(), "custom_key": 1}, custom_key=5,
+                                            return_unused_kwargs=True)
+    assert config.custom_key == 5 and unused == {}
 
 
 def test_original_phi35_config_json(tmp_path):
