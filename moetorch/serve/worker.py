@@ -334,6 +334,8 @@ def _worker_main(conn, loader, setup: dict) -> None:
                 try:
                     if "grammar" in settings:  # compiled once per text (the latest GRAMMAR_CACHE kept)
                         key, spec, what = settings["grammar"]
+                        if isinstance(vocabs[key], Exception):  # its vocabulary failed to build
+                            raise vocabs[key]
                         grammar = grammars.pop((key, spec), None) or Grammar(vocabs[key], spec, what)
                         grammars[(key, spec)] = settings["grammar"] = grammar
                         if len(grammars) > GRAMMAR_CACHE:
@@ -345,7 +347,10 @@ def _worker_main(conn, loader, setup: dict) -> None:
                     fail(rid, f"{type(e).__name__}: {e}")
             elif kind == "vocab":  # a grammar's vocabulary, before the first request that uses it
                 _, key, tokenizer_json, size, eos = message
-                vocabs[key] = Vocabulary(tokenizer_json, size, eos)
+                try:
+                    vocabs[key] = Vocabulary(tokenizer_json, size, eos)
+                except Exception as e:  # noqa: BLE001 -- the requests that use it fail with it; the engine goes on
+                    vocabs[key] = e
             elif kind == "cancel":
                 manager.cancel_request(message[1])
             elif kind == "score":
