@@ -565,15 +565,16 @@ def test_hard_stop_fails_what_is_left(pair):
 
 
 def test_result_handler_on_an_event_loop(pair):
-    """register_result_handler: a request's outputs reach its callback on the asyncio loop."""
+    """register_result_handler: a request's outputs reach its callback on the asyncio loop, whole
+    or (moetorch, `deltas=True`) as the tokens since the result before."""
     import asyncio
 
     _, ours = pair
     p = prompts(16, 1)[0]
-    m = ours.init_continuous_batching(generation_config=config(3))
+    m = ours.init_continuous_batching(generation_config=config(3), continuous_batching_config={"return_logprobs": True})
     m.start()
 
-    async def client():
+    async def client(deltas: bool):
         done, seen = asyncio.Event(), []
 
         def on_result(out):
@@ -581,18 +582,23 @@ def test_result_handler_on_an_event_loop(pair):
             if out.is_finished():
                 done.set()
 
-        m.register_result_handler("h", on_result)
+        m.register_result_handler("h", on_result, **({"deltas": True} if deltas else {}))
         m.add_request(p, request_id="h", streaming=True)
         await asyncio.wait_for(done.wait(), 60)
         return seen
 
     try:
-        seen = asyncio.run(client())
+        seen = asyncio.run(client(False))
+        # (moetorch) deltas: each result holds the tokens and log-probabilities since the one before
+        parts = asyncio.run(client(True))
     finally:
         m.stop(timeout=30)
     assert [len(o.generated_tokens) for o, _ in seen] == [1, 2, 3] and all(on_loop for _, on_loop in seen)
     assert seen[-1][0].generated_tokens == own_greedy(ours, p, 3)
     assert m.get_result("h", timeout=0) is None  # delivered to the handler only
+    assert [len(o.generated_tokens) for o, _ in parts] == [1, 1, 1] and parts[-1][0].is_finished()
+    assert [t for o, _ in parts for t in o.generated_tokens] == seen[-1][0].generated_tokens
+    assert [lp for o, _ in parts for lp in o.logprobs] == seen[-1][0].logprobs
 
 
 def test_pause(pair):

@@ -212,7 +212,7 @@ class _Request:
 
     __slots__ = ("id", "prompt", "max_new", "eos", "streaming", "stamps", "tokens", "logprobs", "status",
                  "created", "started", "start", "since", "error", "sampling", "seed", "first", "top_n", "tops",
-                 "matcher")
+                 "matcher", "sent")
 
     def __init__(self, request_id: str, prompt: list[int], max_new: int, eos: frozenset[int], streaming: bool,
                  record_timestamps: bool, sampling: Sampling | None = None, top_n: int = 0, matcher=None) -> None:
@@ -233,14 +233,16 @@ class _Request:
         self.since = 0  # the decode step at which the loop took it
         self.error: str | None = None
         self.matcher = matcher  # its place in its grammar (generation/grammar.py), or None
+        self.sent = 0  # tokens handed to a handler that takes deltas
 
-    def output(self) -> GenerationOutput:
+    def output(self, since: int = 0) -> GenerationOutput:
+        """Its result so far: the tokens (and their log-probabilities, ...) from the `since`-th on."""
         finished = time.perf_counter() if self.status >= RequestStatus.FINISHED else -1
         return GenerationOutput(
-            request_id=self.id, prompt_ids=self.prompt, generated_tokens=list(self.tokens),
-            logprobs=list(self.logprobs), top_logprobs=list(self.tops), error=self.error, status=self.status,
+            request_id=self.id, prompt_ids=self.prompt, generated_tokens=self.tokens[since:],
+            logprobs=self.logprobs[since:], top_logprobs=self.tops[since:], error=self.error, status=self.status,
             created_time=self.created,
-            lifespan=(self.started, finished), timestamps=None if self.stamps is None else list(self.stamps),
+            lifespan=(self.started, finished), timestamps=None if self.stamps is None else self.stamps[since:],
         )
 
     def add(self, token: int, logprob) -> bool:
@@ -460,7 +462,7 @@ class ContinuousBatchingManager:
         self._cancels: set[str] = set()
         self._known: set[str] = set()  # ids queued or running
         self._results: deque[GenerationOutput] = deque()
-        self._handlers: dict[str, tuple] = {}  # request id -> (callback, event loop)
+        self._handlers: dict[str, tuple] = {}  # request id -> (callback, event loop, deltas)
         self._outbox: list = []  # ((callback, loop), result) not yet handed to their loops
         self._pauses, self._paused = 0, False
         self._counter = itertools.count()
@@ -759,17 +761,19 @@ class ContinuousBatchingManager:
             elif not self.is_running():
                 return
 
-    def register_result_handler(self, request_id: str, callback, loop=None) -> None:
+    def register_result_handler(self, request_id: str, callback, loop=None, deltas: bool = False) -> None:
         """Deliver `request_id`'s results (each token's when streaming, else its last) to
         `callback(output)` on the calling asyncio event loop (`call_soon_threadsafe`), instead of
         `get_result`; the handler goes once the request finishes. Call it from a coroutine, or pass
         `loop` (moetorch: any object with `call_soon_threadsafe(fn, items)`, which must call
-        `fn(items)`; a step's results for that loop come in one call)."""
+        `fn(items)`; a step's results for that loop come in one call). (moetorch) `deltas=True`:
+        each result holds only the tokens (log-probabilities, ...) since the one before, so that a
+        streamed result costs the same at any length (a full one copies every token so far)."""
         import asyncio
 
         loop = loop or asyncio.get_running_loop()
         with self._lock:
-            self._handlers[request_id] = (callback, loop)
+            self._handlers[request_id] = (callback, loop, deltas)
 
     def unregister_result_handler(self, request_id: str) -> None:
         """Drop `request_id`'s result handler (its results go to `get_result` again)."""
@@ -797,9 +801,14 @@ class ContinuousBatchingManager:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _deliver(self, req: _Request) -> None:
-        out = req.output()
         with self._lock:
             handler = self._handlers.get(req.id)
+        if handler is not None and handler[2]:  # the tokens since the last result
+            out = req.output(req.sent)
+            req.sent = len(req.tokens)
+        else:
+            out = req.output()
+        with self._lock:
             if handler is None:
                 self._results.append(out)
             if req.status >= RequestStatus.FINISHED:
@@ -808,7 +817,7 @@ class ContinuousBatchingManager:
                 self._handlers.pop(req.id, None)
             self._lock.notify_all()
         if handler is not None:
-            self._outbox.append((handler, out))  # handed over once per turn of the loop (_post)
+            self._outbox.append((handler[:2], out))  # handed over once per turn of the loop (_post)
 
     def _post(self) -> None:
         """Hand the results gathered for result handlers to their event loops: one call a loop, so

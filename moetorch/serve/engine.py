@@ -184,6 +184,28 @@ def _tokenizer_ids(tokenizer) -> dict:
     return {"eos": eos_ids(getattr(tokenizer, "eos_token_id", None)), "pad": tokenizer.pad_token_id}
 
 
+class StreamedOutput:
+    """A request's results so far, as `GenerationOutput` holds them (what `Engine.generate` reads),
+    added up from deltas."""
+
+    __slots__ = ("request_id", "status", "generated_tokens", "logprobs", "top_logprobs", "error")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id, self.status, self.error = request_id, RequestStatus.PENDING, None
+        self.generated_tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list = []
+
+    def extend(self, status, tokens: list[int], logprobs: list[float], tops: list, error: str | None) -> None:
+        self.generated_tokens += tokens
+        self.logprobs += logprobs
+        self.top_logprobs += tops
+        self.status, self.error = RequestStatus(status), error
+
+    def is_finished(self) -> bool:
+        return self.status >= RequestStatus.FINISHED
+
+
 class Engine:
     """A model and its tokenizer behind a running continuous-batching manager.
 
@@ -278,7 +300,16 @@ class Engine:
         `top_logprobs`)."""
         rid = f"srv-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
-        self.manager.register_result_handler(rid, queue.put_nowait)
+        if self.model is None:  # an engine process's client hands on its results as they add up
+            self.manager.register_result_handler(rid, queue.put_nowait)
+        else:  # the manager's: deltas, added up here (a full result would copy every token so far)
+            sofar = StreamedOutput(rid)
+
+            def take(out) -> None:
+                sofar.extend(out.status, out.generated_tokens, out.logprobs, out.top_logprobs, out.error)
+                queue.put_nowait(sofar)
+
+            self.manager.register_result_handler(rid, take, deltas=True)
         try:
             # streaming results let a stop string end the request early; without stops, the last will do
             self.manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=stream or bool(stop),

@@ -31,7 +31,7 @@ from typing import Any
 from ..engine.batching import RequestStatus, _prompt_list, grammar_of, top_logprobs_of
 from ..engine.row_sampling import Sampling
 from ..generation.grammar import Grammar, Vocabulary
-from .engine import GRAMMAR_CACHE, EngineError, build_manager, score_prompt, warm_prefills
+from .engine import GRAMMAR_CACHE, EngineError, StreamedOutput, build_manager, score_prompt, warm_prefills
 
 logger = logging.getLogger("moetorch")
 
@@ -43,21 +43,6 @@ def load_pretrained(path: str, device: str, dtype: str):
     from ..auto import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
-
-
-class _Output:
-    """A request's results so far, as `GenerationOutput` holds them (what `Engine.generate` reads)."""
-
-    __slots__ = ("request_id", "status", "generated_tokens", "logprobs", "top_logprobs", "error")
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id, self.status, self.error = request_id, RequestStatus.PENDING, None
-        self.generated_tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.top_logprobs: list = []
-
-    def is_finished(self) -> bool:
-        return self.status >= RequestStatus.FINISHED
 
 
 class ManagerClient:
@@ -87,7 +72,7 @@ class ManagerClient:
         self.rows, self.batch_tokens = payload["rows"], payload["batch_tokens"]
         self._greedy = Sampling(False)
         self._vocabs: dict[int, tuple] = {}  # id of a grammar's Vocabulary -> (it, its key there), sent once
-        self._handlers: dict[str, list] = {}  # request id -> [callback, loop, _Output]
+        self._handlers: dict[str, list] = {}  # request id -> [callback, loop, StreamedOutput]
         self._scores: dict[int, list] = {}  # score call -> [event, result, error]
         self._counter = itertools.count()
         self._send_lock = threading.Lock()
@@ -105,7 +90,7 @@ class ManagerClient:
 
         loop = asyncio.get_running_loop()
         with self._lock:
-            self._handlers[request_id] = [callback, loop, _Output(request_id)]
+            self._handlers[request_id] = [callback, loop, StreamedOutput(request_id)]
 
     def unregister_result_handler(self, request_id: str) -> None:
         with self._lock:
@@ -224,10 +209,7 @@ class ManagerClient:
 def _apply(items: list) -> None:
     """On an event loop: extend each request's output by its delta and hand it to its callback."""
     for (callback, _, out), (_, status, tokens, logprobs, tops, error) in items:
-        out.generated_tokens += tokens
-        out.logprobs += logprobs
-        out.top_logprobs += tops
-        out.status, out.error = RequestStatus(status), error
+        out.extend(status, tokens, logprobs, tops, error)
         try:
             callback(out)
         except Exception:  # noqa: BLE001 -- one failing handler does not stop the rest
@@ -247,9 +229,8 @@ class _Sink:
 
 
 def _sender(conn, lock: threading.Lock, sink: _Sink) -> None:
-    """Send results as deltas (each request's tokens since the last it sent), all that are
-    waiting in one message."""
-    sent: dict[str, int] = {}
+    """Send results (deltas: each request's tokens since its result before, as the manager hands
+    them to handlers registered with `deltas=True`), all that are waiting in one message."""
     while True:
         outs = sink.queue.get()
         if outs is None:
@@ -260,15 +241,8 @@ def _sender(conn, lock: threading.Lock, sink: _Sink) -> None:
                 sink.queue.put(None)
                 break
             outs += more
-        deltas = []
-        for out in outs:
-            n = sent.get(out.request_id, 0)
-            deltas.append((out.request_id, int(out.status), out.generated_tokens[n:], out.logprobs[n:],
-                           out.top_logprobs[n:], out.error))
-            if out.status >= RequestStatus.FINISHED:
-                sent.pop(out.request_id, None)
-            else:
-                sent[out.request_id] = len(out.generated_tokens)
+        deltas = [(out.request_id, int(out.status), out.generated_tokens, out.logprobs, out.top_logprobs, out.error)
+                  for out in outs]
         try:
             with lock:
                 conn.send(("results", deltas))
@@ -330,7 +304,7 @@ def _worker_main(conn, loader, setup: dict) -> None:
             kind = message[0]
             if kind == "add":
                 _, rid, ids, max_new, streaming, eos, settings = message
-                manager.register_result_handler(rid, None, loop=sink)
+                manager.register_result_handler(rid, None, loop=sink, deltas=True)
                 try:
                     if "grammar" in settings:  # compiled once per text (the latest GRAMMAR_CACHE kept)
                         key, spec, what = settings["grammar"]
