@@ -158,11 +158,6 @@ class Matcher:
         """Whether the grammar can take no further token: the sequence ends here."""
         return self.ll.is_stopped()
 
-    def fill(self, row: torch.Tensor, eos) -> None:
-        """Write the next token's allowed set into `row` (int32 CPU words, contiguous, the
-        vocabulary's width); see `fill_rows`."""
-        fill_rows([self], [eos], row[None])
-
     def copy(self) -> Matcher:
         return Matcher(self.grammar, self.ll.deep_copy())
 
