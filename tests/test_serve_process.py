@@ -97,6 +97,14 @@ def test_same_responses_as_in_process(both, route, body):
             check_schema(c["text"] if "text" in c else c["message"]["content"])
 
 
+def test_client_hands_on_deltas_only(both):
+    """The engine process's client takes result handlers as the manager does with deltas=True,
+    the only kind it hands on; asking for whole results is an error that says so."""
+    _, _, engine = both
+    with pytest.raises(ValueError, match=r"results come as deltas \(deltas=True\)"):
+        engine.manager.register_result_handler("x", print, deltas=False)
+
+
 def test_greedy_text_equals_transformers(both):
     remote, _, engine = both
     tok = engine.tokenizer

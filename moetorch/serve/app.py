@@ -219,9 +219,7 @@ def _grammar(body: _Common, engine: Engine):
 def _json_grammar(engine: Engine, schema: dict | None, param: str):
     try:
         return engine.json_grammar(schema)
-    except ImportError as e:
-        raise BadRequest(f"{param}: {e}", param) from None
-    except ValueError as e:
+    except (ImportError, ValueError) as e:  # llguidance missing; a schema it cannot follow
         raise BadRequest(f"{param}: {e}", param) from None
 
 

@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,6 +183,15 @@ def _tokenizer_ids(tokenizer) -> dict:
     return {"eos": eos_ids(getattr(tokenizer, "eos_token_id", None)), "pad": tokenizer.pad_token_id}
 
 
+def cached_grammar(cache: dict, key, build) -> Grammar:
+    """`cache[key]`, built by `build()` when absent; the cache keeps the GRAMMAR_CACHE latest used."""
+    grammar = cache.pop(key, None) or build()
+    cache[key] = grammar
+    if len(cache) > GRAMMAR_CACHE:
+        cache.pop(next(iter(cache)))
+    return grammar
+
+
 class StreamedOutput:
     """A request's results so far, as `GenerationOutput` holds them (what `Engine.generate` reads),
     added up from deltas."""
@@ -226,17 +234,14 @@ class Engine:
         self.device = info["device"]
         self.chat_eos = chat_eos_ids(self.eos, tokenizer)
         self._ids = itertools.count()
-        self._grammars: OrderedDict[str, Grammar] = OrderedDict()  # JSON schemas' grammars, the latest kept
+        self._grammars: dict[str, Grammar] = {}  # JSON schemas' grammars, the latest used last
 
     def json_grammar(self, schema: dict | None) -> Grammar:
         """The grammar of JSON that `schema` describes (None: any object) over this engine's
         tokenizer, compiled once per schema (ValueError: a schema it cannot follow)."""
         key = json.dumps(schema)  # (key order counts: the output's properties come in the schema's order)
-        grammar = self._grammars.pop(key, None) or Grammar.json(self.tokenizer, schema, vocab_size=self.vocab_size)
-        self._grammars[key] = grammar
-        if len(self._grammars) > GRAMMAR_CACHE:
-            self._grammars.popitem(last=False)
-        return grammar
+        return cached_grammar(self._grammars, key,
+                              lambda: Grammar.json(self.tokenizer, schema, vocab_size=self.vocab_size))
 
     @classmethod
     def spawn(cls, loader, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
@@ -300,16 +305,13 @@ class Engine:
         `top_logprobs`)."""
         rid = f"srv-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
-        if self.model is None:  # an engine process's client hands on its results as they add up
-            self.manager.register_result_handler(rid, queue.put_nowait)
-        else:  # the manager's: deltas, added up here (a full result would copy every token so far)
-            sofar = StreamedOutput(rid)
+        sofar = StreamedOutput(rid)  # results come as deltas (a whole one would copy every token so far)
 
-            def take(out) -> None:
-                sofar.extend(out.status, out.generated_tokens, out.logprobs, out.top_logprobs, out.error)
-                queue.put_nowait(sofar)
+        def take(out) -> None:
+            sofar.extend(out.status, out.generated_tokens, out.logprobs, out.top_logprobs, out.error)
+            queue.put_nowait(sofar)
 
-            self.manager.register_result_handler(rid, take, deltas=True)
+        self.manager.register_result_handler(rid, take, deltas=True)
         try:
             # streaming results let a stop string end the request early; without stops, the last will do
             self.manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=stream or bool(stop),

@@ -7,6 +7,8 @@ process; the HTTP process keeps the tokenizer, the text and the sockets. They ta
 
     HTTP process -> engine:  ("add", id, prompt ids, max new tokens, streaming, eos ids, settings)
                              ("cancel", id), ("score", n, prompt ids, top n), ("stop",)
+                             ("vocab", key, tokenizer JSON, width, eos ids): once for a grammar's
+                             vocabulary, before the first "add" whose settings name it by key
     engine -> HTTP process:  ("ready", info) or ("error", message) once at start;
                              ("results", [(id, status, new tokens, their log-probabilities, their
                              top log-probabilities, error), ...]) once for all results a sender
@@ -14,13 +16,14 @@ process; the HTTP process keeps the tokenizer, the text and the sockets. They ta
 
 `ManagerClient` is the HTTP process's side: the part of the manager's API that `Engine` uses
 (`register_result_handler`, `add_request`, `cancel_request`, `is_running`, `stop`, and `score`
-for `echo`), with each request's output rebuilt from the deltas. A request's settings are checked
+for `echo`), whose results are the deltas as they come. A request's settings are checked
 on this side first, so that bad input is an error of the call, as in one process. If the engine
 process dies, every request in flight fails with that reason and `is_running()` turns False.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -31,7 +34,7 @@ from typing import Any
 from ..engine.batching import RequestStatus, _prompt_list, grammar_of, top_logprobs_of
 from ..engine.row_sampling import Sampling
 from ..generation.grammar import Grammar, Vocabulary
-from .engine import GRAMMAR_CACHE, EngineError, StreamedOutput, build_manager, score_prompt, warm_prefills
+from .engine import EngineError, StreamedOutput, build_manager, cached_grammar, score_prompt, warm_prefills
 
 logger = logging.getLogger("moetorch")
 
@@ -72,7 +75,7 @@ class ManagerClient:
         self.rows, self.batch_tokens = payload["rows"], payload["batch_tokens"]
         self._greedy = Sampling(False)
         self._vocabs: dict[int, tuple] = {}  # id of a grammar's Vocabulary -> (it, its key there), sent once
-        self._handlers: dict[str, list] = {}  # request id -> [callback, loop, StreamedOutput]
+        self._handlers: dict[str, tuple] = {}  # request id -> (callback, event loop)
         self._scores: dict[int, list] = {}  # score call -> [event, result, error]
         self._counter = itertools.count()
         self._send_lock = threading.Lock()
@@ -85,12 +88,16 @@ class ManagerClient:
     def is_running(self) -> bool:
         return self._running and self._proc.is_alive()
 
-    def register_result_handler(self, request_id: str, callback) -> None:
+    def register_result_handler(self, request_id: str, callback, deltas: bool = True) -> None:
+        """As the manager's with `deltas=True`, the only kind this side hands on: each result holds
+        the tokens (log-probabilities, ...) since the one before."""
         import asyncio
 
+        if not deltas:
+            raise ValueError("ManagerClient.register_result_handler: results come as deltas (deltas=True)")
         loop = asyncio.get_running_loop()
         with self._lock:
-            self._handlers[request_id] = [callback, loop, StreamedOutput(request_id)]
+            self._handlers[request_id] = (callback, loop)
 
     def unregister_result_handler(self, request_id: str) -> None:
         with self._lock:
@@ -207,8 +214,9 @@ class ManagerClient:
 
 
 def _apply(items: list) -> None:
-    """On an event loop: extend each request's output by its delta and hand it to its callback."""
-    for (callback, _, out), (_, status, tokens, logprobs, tops, error) in items:
+    """On an event loop: each request's delta, as an output, to its callback."""
+    for (callback, _), (rid, status, tokens, logprobs, tops, error) in items:
+        out = StreamedOutput(rid)
         out.extend(status, tokens, logprobs, tops, error)
         try:
             callback(out)
@@ -279,7 +287,7 @@ def _worker_main(conn, loader, setup: dict) -> None:
         conn.send(("ready", info))
 
     vocabs: dict = {}
-    grammars: dict = {}  # (vocabulary key, grammar text) -> Grammar, oldest first
+    grammars: dict = {}  # (vocabulary key, grammar text) -> Grammar, the latest used last
 
     def fail(rid: str, error: str) -> None:
         sink.queue.put([_Failed(rid, error)])
@@ -310,10 +318,8 @@ def _worker_main(conn, loader, setup: dict) -> None:
                         key, spec, what = settings["grammar"]
                         if isinstance(vocabs[key], Exception):  # its vocabulary failed to build
                             raise vocabs[key]
-                        grammar = grammars.pop((key, spec), None) or Grammar(vocabs[key], spec, what)
-                        grammars[(key, spec)] = settings["grammar"] = grammar
-                        if len(grammars) > GRAMMAR_CACHE:
-                            grammars.pop(next(iter(grammars)))
+                        settings["grammar"] = cached_grammar(grammars, (key, spec),
+                                                             functools.partial(Grammar, vocabs[key], spec, what))
                     manager.add_request(ids, request_id=rid, max_new_tokens=max_new, streaming=streaming,
                                         eos_token_id=eos, **settings)
                 except Exception as e:  # noqa: BLE001 -- the request fails; the engine goes on
