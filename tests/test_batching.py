@@ -47,9 +47,9 @@ def shifts(monkeypatch):
     seen = []
     original = batching._Batch.shift
 
-    def spy(self, new_col, starts):
+    def spy(self, new_col, starts, **kw):
         seen.append((self.col, new_col, len(starts)))
-        return original(self, new_col, starts)
+        return original(self, new_col, starts, **kw)
 
     monkeypatch.setattr(batching._Batch, "shift", spy)
     return seen

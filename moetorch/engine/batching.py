@@ -31,6 +31,7 @@ steps, with the same settings and the same result as a `generate` call.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -47,7 +48,9 @@ from typing import Any
 import torch
 
 from ..cache import StaticCache, _kv_shape
+from . import prefixes
 from .cuda_graph import capture, own_forward
+from .prefixes import PrefixIndex
 from .row_sampling import RowSettings, Sampling, TokenCounts, draw_rows, penalize_rows, single_token_bias
 
 logger = logging.getLogger("moetorch")
@@ -73,6 +76,10 @@ ADMIT_SHARE = 8
 ADMIT_AFTER_STEPS = 8
 # Steps in flight while the host reads a step's tokens (0: each step is read before the next).
 READ_LAG = 1
+# A request of a prefill group starts from the prompt of an earlier one in a second prefill
+# phase if the group's requests save at least this many tokens that way (a forward's host time
+# is worth a few hundred tokens).
+FOLLOW_MIN_TOKENS = 512
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -272,7 +279,7 @@ class _Request:
 class _Batch:
     """The rows of the batch: the cache, the per-row step inputs and the decode steps."""
 
-    def __init__(self, model, rows: int, slots: int, graphs: bool) -> None:
+    def __init__(self, model, rows: int, slots: int, graphs: bool, share: bool = False) -> None:
         device, config = model.device, model.config
         self.model, self.R, self.S = model, rows, slots
         self.cache = StaticCache(config, max_cache_len=slots, max_batch_size=rows, device=device, dtype=model.dtype)
@@ -289,6 +296,8 @@ class _Batch:
         self.views: dict[int, StaticCache] = {}
         self.graphs: dict[int, tuple] = {}
         self.pool = None
+        # the rows whose cached prompts (and finished requests' tokens) new prompts may start from
+        self.prefixes = PrefixIndex() if share else None
 
     def bucket(self, rows_in_use: int) -> int:
         return next((b for b in DECODE_BUCKETS if b >= rows_in_use and b <= self.R), self.R)
@@ -329,29 +338,49 @@ class _Batch:
         self.pos[:b] += 1
         return logits
 
-    def prefill(self, prompts: list[list[int]], rows: list[int], pad_id: int) -> torch.Tensor:
+    def prefill(self, prompts: list[list[int]], rows: list[int], pad_id: int,
+                shared: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
         """The prompts' forward, left-padded into a scratch cache whose slots then land in `rows` at
-        `col - L .. col - 1`; their rows' masks, positions set. The last prompt tokens' logits."""
+        `col - L .. col - 1`; their rows' masks, positions set. The last prompt tokens' logits.
+
+        `shared`: per prompt, (row, first slot, p): its first p tokens' keys and values lie in that
+        row of the batch's cache (p = 0: none). They are copied into the scratch cache, which holds
+        them in its first P slots (each prompt's right-aligned) and the rest of the prompts after
+        them (left-padded); only the rest is computed."""
         device, k = self.model.device, len(prompts)
-        L = max(map(len, prompts))
-        ids = torch.full((k, L), pad_id, dtype=torch.long)
-        amask = torch.zeros(k, L, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-            amask[i, L - len(p):] = 1
+        lengths = [len(p) for p in prompts]
+        shared = shared or [(0, 0, 0)] * k
+        P = max(p for *_, p in shared)
+        rest = [n - p for n, (*_, p) in zip(lengths, shared)]
+        S = max(rest)
+        ids = torch.full((k, S), pad_id, dtype=torch.long)
+        amask = torch.zeros(k, P + S, dtype=torch.long)
+        for i, (prompt, (_, _, p)) in enumerate(zip(prompts, shared)):
+            ids[i, S - rest[i]:] = torch.tensor(prompt[p:], dtype=torch.long)
+            amask[i, P - p:P] = 1
+            amask[i, P + S - rest[i]:] = 1
         ids, amask = _to(ids, device), _to(amask, device)
-        positions = (amask.cumsum(-1) - 1).clamp(min=0)
-        scratch = StaticCache(self.model.config, max_cache_len=L, max_batch_size=k, device=device,
+        positions = (amask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+        scratch = StaticCache(self.model.config, max_cache_len=P + S, max_batch_size=k, device=device,
                               dtype=self.model.dtype)
         scratch.records_inputs = False
+        for i, (row, first, p) in enumerate(shared):
+            if p:
+                for src, dst in zip(self.cache._all, scratch._all):
+                    dst[:, i, :, P - p:P] = src[:, row, :, first:first + p]
+        # `_seen` stays 0, as in decode steps: every row is short for LongRoPE, whatever P + S is
         out = self.model(ids, attention_mask=amask, position_ids=positions, past_key_values=scratch,
-                         use_cache=True, logits_to_keep=1, return_dict=True)
+                         use_cache=True, cache_position=torch.arange(P, P + S, device=device), logits_to_keep=1,
+                         return_dict=True)
         rows_t = _to(torch.tensor(rows), device)
         for src, dst in zip(scratch._all, self.cache._all):
-            dst[:, rows_t, :, self.col - L:self.col] = src
-        lengths = _to(torch.tensor([len(p) for p in prompts]), device)
-        self.set_starts(rows_t, self.col - lengths)
-        self.pos[rows_t, 0] = lengths
+            dst[:, rows_t, :, self.col - S:self.col] = src[:, :, :, P:]
+            for i, (_, _, p) in enumerate(shared):
+                if p:  # after the rest, whose padding it overwrites
+                    dst[:, rows[i], :, self.col - lengths[i]:self.col - rest[i]] = src[:, i, :, P - p:P]
+        lengths_t = _to(torch.tensor(lengths), device)
+        self.set_starts(rows_t, self.col - lengths_t)
+        self.pos[rows_t, 0] = lengths_t
         return out.logits[:, -1]
 
     def set_starts(self, rows_R: torch.Tensor, starts_R: torch.Tensor) -> None:
@@ -363,12 +392,15 @@ class _Batch:
         self.mask[row, 0] = 1
         self.pos[row] = 0
 
-    def shift(self, new_col: int, starts: dict[int, int]) -> None:
-        """Move the live slots so that the column becomes `new_col`; `starts`: row -> first slot."""
+    def shift(self, new_col: int, starts: dict[int, int], lo: int | None = None) -> None:
+        """Move the live slots so that the column becomes `new_col`; `starts`: row -> first slot
+        of the running rows, whose masks follow. Every row's slots `lo ..` move (default: the
+        running rows' first)."""
         d = self.col - new_col
         if d == 0:
             return
-        lo = min(starts.values(), default=self.col)  # live slots are lo .. col - 1
+        if lo is None:
+            lo = min(starts.values(), default=self.col)  # live slots are lo .. col - 1
         width = self.col - lo
         chunks = range(0, width, abs(d))
         if len(chunks) <= SHIFT_CHUNKS:
@@ -478,7 +510,8 @@ class ContinuousBatchingManager:
         # by forward (and with the padding), cache shifts, requests run alone (LongRoPE), and wall
         # seconds in decode steps and in prefills (each ends reading tokens: the GPU's work is in).
         self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "prefill_padded_tokens": [],
-                                      "shifts": 0, "alone": 0, "decode_s": 0.0, "prefill_s": 0.0}
+                                      "shifts": 0, "alone": 0, "decode_s": 0.0, "prefill_s": 0.0,
+                                      "shared_tokens": 0}
 
     # ---- settings -------------------------------------------------------------------------------
     def _settings(self, gen) -> None:
@@ -577,7 +610,8 @@ class ContinuousBatchingManager:
 
     def _ensure_batch(self) -> _Batch:
         if self._batch is None:
-            self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs)
+            self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs,
+                                 share=bool(self.continuous_batching_config.allow_block_sharing))
         return self._batch
 
     def is_running(self) -> bool:
@@ -906,6 +940,9 @@ class ContinuousBatchingManager:
             for req in [*running.values(), *waiting]:
                 self._finish(req, reason)
             self._post()
+            index = self._batch.prefixes if self._batch is not None else None
+            if index is not None:  # after an error the cache's slots are not trusted
+                index.clear() if self.fatal_error is not None else index.stop_running()
 
     def _cancel(self, ids: set[str], waiting: deque, running: dict, batch: _Batch) -> None:
         for req in [r for r in waiting if r.id in ids]:
@@ -915,7 +952,8 @@ class ContinuousBatchingManager:
             self._end(row, running, batch, "cancelled")
 
     def _admit(self, waiting: deque, running: dict, batch: _Batch) -> None:
-        """Prefill the waiting requests that fit, in order, in groups of at most `batch_tokens`."""
+        """Prefill the waiting requests that fit, in order, in groups of at most `batch_tokens`
+        computed prompt tokens."""
         while waiting:
             if self._runs_alone(len(waiting[0].prompt), waiting[0].max_new):
                 self._drain(running, batch)  # its generate syncs anyway; the batch's steps land first
@@ -927,26 +965,26 @@ class ContinuousBatchingManager:
                     self._steps - waiting[0].since < ADMIT_AFTER_STEPS:
                 return  # a prefill stalls every running row: wait for more rows, a few steps at most
             group: list[_Request] = []
-            col = batch.col
+            col, work = batch.col, 0
             for req in waiting:
                 if len(group) == len(free) or self._runs_alone(len(req.prompt), req.max_new):
                     break
-                if group and sum(len(r.prompt) for r in group) + len(req.prompt) > self.batch_tokens:
+                # the tokens its prefill computes: those past a prefix that a row holds
+                found = batch.prefixes.find(req.prompt) if batch.prefixes is not None else None
+                cost = len(req.prompt) - (found[1] if found is not None else 0)
+                if group and work + cost > self.batch_tokens:
                     break
                 c = self._column(batch, running, [*group, req])
                 if c is None:
                     break
                 group.append(req)
-                col = c
+                col, work = c, work + cost
             if not group:
                 return
             if col != batch.col:
                 self.stats["shifts"] += bool(running)
-                d = batch.col - col
-                batch.shift(col, {row: r.start for row, r in running.items()})
-                for r in running.values():
-                    r.start -= d
-            rows = free[:len(group)]
+                self._shift(batch, col, running)
+            rows, found, phases = self._place(group, free, running, batch)
             self._track_counts(batch, group, rows)
             now = t0 = time.perf_counter()
             for req in group:
@@ -957,21 +995,94 @@ class ContinuousBatchingManager:
                 req.seed = own if own is not None else int(torch.randint(0, 2**62, ()))
             tokens = torch.empty(len(group), dtype=torch.long, device=batch.ids.device)
             logprobs: list | None = [] if self.return_logprobs else None  # (part, its log-probabilities)
-            for part in _prefill_batches([len(r.prompt) for r in group], min(MIN_PREFILL_TOKENS, self.batch_tokens)):
-                logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part], self.pad_id)
-                self.stats["prefill_tokens"].append(sum(len(group[i].prompt) for i in part))
-                self.stats["prefill_padded_tokens"].append(len(part) * max(len(group[i].prompt) for i in part))
-                t, lp = self._choose(logits, [group[i] for i in part], [rows[i] for i in part])
-                index = _to(torch.tensor(part), tokens.device)
-                tokens[index] = t
-                if logprobs is not None:
-                    logprobs.append((part, lp))
+            for n, phase in enumerate(phases):
+                if n:  # requests that start from a request of the phase before
+                    found = [batch.prefixes.find(r.prompt) if i in phase else f for i, (r, f) in
+                             enumerate(zip(group, found))]
+                shared = [(f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0) for f in found]
+                rest = [len(group[i].prompt) - shared[i][2] for i in phase]
+                for part in _prefill_batches(rest, min(MIN_PREFILL_TOKENS, self.batch_tokens)):
+                    part = [phase[j] for j in part]
+                    logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part], self.pad_id,
+                                           [shared[i] for i in part])
+                    computed = [len(group[i].prompt) - shared[i][2] for i in part]
+                    self.stats["prefill_tokens"].append(sum(computed))
+                    self.stats["prefill_padded_tokens"].append(len(part) * max(computed))
+                    self.stats["shared_tokens"] += sum(shared[i][2] for i in part)
+                    t, lp = self._choose(logits, [group[i] for i in part], [rows[i] for i in part])
+                    index = _to(torch.tensor(part), tokens.device)
+                    tokens[index] = t
+                    if logprobs is not None:
+                        logprobs.append((part, lp))
+                if batch.prefixes is not None:
+                    for i in phase:
+                        batch.prefixes.running(rows[i], group[i])
             batch.ids[_to(torch.tensor(rows), tokens.device), 0] = tokens
             for req in group:  # left waiting until here, so that an error above fails them too
                 waiting.popleft()
                 req.status = RequestStatus.DECODING
             self._take(group, rows, tokens, logprobs, running, batch)
             self.stats["prefill_s"] += time.perf_counter() - t0
+
+    def _shift(self, batch: _Batch, col: int, running: dict) -> None:
+        """Move the cache's slots so that the column becomes `col`: the running rows', and the
+        finished rows' that prompts may start from, where they land inside the cache."""
+        d = batch.col - col
+        starts = {row: r.start for row, r in running.items()}
+        lo = min(starts.values(), default=batch.col)
+        if batch.prefixes is not None:
+            lo = min([lo, *(s for s in batch.prefixes.finished_rows().values() if s - d >= 0)])
+            batch.prefixes.shift(lo, d)
+        batch.shift(col, starts, lo=lo)
+        for r in running.values():
+            r.start -= d
+
+    def _place(self, group: list[_Request], free: list[int], running: dict, batch: _Batch) -> tuple[list, list, list]:
+        """The free rows that `group` takes; per request, the cached prefix it starts from ((source,
+        length) or None); and the group's prefill phases (lists of indices into `group`). A request
+        whose prompt shares at least a block more with an earlier one of the group than with any row
+        waits for a second phase, which starts from the first's rows, when that saves at least
+        FOLLOW_MIN_TOKENS. A finished row that one request starts from goes to that request (its
+        prefill copies the prefix out before it writes the row). Other requests take free rows inside
+        the decode steps' bucket, those without a finished request's tokens first; then the lowest
+        (decode runs up to the highest row in use); rows that requests start from last."""
+        index = batch.prefixes
+        everyone = list(range(len(group)))
+        if index is None:
+            return free[:len(group)], [None] * len(group), [everyone]
+        users: collections.Counter = collections.Counter()  # finished rows -> requests that start from them
+        found = []
+        for req in group:  # spread over rows that hold the same tokens, so that each may go to its user
+            f = index.find(req.prompt, users)
+            found.append(f)
+            if f is not None and f[0].req is None:
+                users[f[0].row] += 1
+        rows: list = [None] * len(group)
+        for i, f in enumerate(found):  # a finished row that one request starts from: that request takes it
+            if f is not None and f[0].req is None and users[f[0].row] == 1:
+                rows[i] = f[0].row
+        # rows inside the decode steps' current bucket first (keeping finished rows' tokens, the
+        # oldest first), then the lowest
+        inside = batch.bucket(max(running) + 1) if running else 1
+        others = iter(sorted((r for r in free if r not in rows), key=lambda r: (
+            r in users, r >= inside, index.age(r) if r < inside else 0, r)))
+        rows = [r if r is not None else next(others) for r in rows]
+        for r in rows:
+            index.drop(r)
+        found = [index.find(req.prompt) if f is not None and f[0].row in rows and f[0].row != row else f
+                 for req, f, row in zip(group, found, rows)]
+        local, follow, gain = PrefixIndex(), [], 0
+        for i, req in enumerate(group):
+            mine, have = local.find(req.prompt), found[i][1] if found[i] is not None else 0
+            if mine is not None and mine[1] >= have + prefixes.BLOCK:
+                follow.append(i)
+                gain += mine[1] - have
+            else:
+                local.running(i, req)
+        if not follow or gain < FOLLOW_MIN_TOKENS:
+            return rows, found, [everyone]
+        lead = [i for i in everyone if i not in set(follow)]
+        return rows, found, [lead, follow]
 
     def _column(self, batch: _Batch, running: dict, group: list[_Request]) -> int | None:
         """The column at which `group` can join the running requests: the current one if they
@@ -1017,6 +1128,8 @@ class ContinuousBatchingManager:
         req = running.pop(row)
         self._rows_changed += 1
         batch.release(row)
+        if batch.prefixes is not None:
+            batch.prefixes.finished(row, req)
         self._finish(req, error)
 
     def _decode(self, running: dict, batch: _Batch) -> None:

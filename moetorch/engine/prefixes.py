@@ -1,0 +1,150 @@
+"""Prefix sharing in the continuous batch (`ContinuousBatchingConfig.allow_block_sharing`).
+
+A request whose prompt begins with tokens whose keys and values the batch's cache already holds
+copies them instead of computing them. Keys are rotated by position, not by slot, so the slots of
+positions 0 .. p - 1 of one row serve any sequence with the same first p tokens, wherever its
+own slots lie.
+
+The cache holds such tokens in two kinds of rows:
+- a running request's row holds its prompt (from its prefill on);
+- a finished request's row, until another request takes the row, holds its prompt and every
+  generated token but the last (each token's keys are written by the step that feeds it). A
+  follow-up turn of a chat, whose prompt is the last turn's prompt and reply and a new message,
+  reuses all of it.
+
+Sources are found by their first tokens in blocks of `BLOCK`: each block's hash is chained to the
+blocks before it, so one dictionary look-up a block finds every source that shares the prompt up
+to it. The match then goes on token by token into the next block, and is checked token by token
+from the start (a hash names candidates, never decides). A prompt keeps at least its last token
+to compute, whose logits give the first new token.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+# Tokens of a block: a source is found by whole blocks, and a shorter shared prefix is not used.
+BLOCK = 16
+
+
+class Source:
+    """Tokens whose keys and values lie in slots `start ..` of `row`. A running request's source
+    reads its start from the request (which a cache shift moves); a finished one keeps its own."""
+
+    __slots__ = ("row", "tokens", "req", "_start", "hashes", "stamp")
+
+    def __init__(self, row: int, tokens: list[int], stamp: int, req=None, start: int = 0) -> None:
+        self.row, self.tokens, self.req, self._start, self.stamp = row, tokens, req, start, stamp
+        self.hashes = block_hashes(tokens, len(tokens))
+
+    @property
+    def start(self) -> int:
+        return self.req.start if self.req is not None else self._start
+
+
+def block_hashes(tokens: list[int], limit: int) -> list[int]:
+    """The chained hash of each whole block within the first `limit` tokens."""
+    out, h = [], 0
+    for j in range(BLOCK, limit + 1, BLOCK):
+        h = hash((h, tuple(tokens[j - BLOCK:j])))
+        out.append(h)
+    return out
+
+
+class PrefixIndex:
+    """The rows whose cached tokens a new prompt may start from (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[int, dict[int, Source]] = {}  # block hash -> {id(source): source}
+        self._rows: dict[int, Source] = {}  # row -> its source (running or finished)
+        self._clock = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _add(self, src: Source) -> None:
+        self.drop(src.row)
+        self._rows[src.row] = src
+        for h in src.hashes:
+            self._by_hash.setdefault(h, {})[id(src)] = src
+
+    def drop(self, row: int) -> None:
+        """The row is taken (or its slots are lost): its tokens are no source any more."""
+        src = self._rows.pop(row, None)
+        if src is None:
+            return
+        for h in src.hashes:
+            holders = self._by_hash.get(h)
+            if holders is not None:
+                holders.pop(id(src), None)
+                if not holders:
+                    del self._by_hash[h]
+
+    def clear(self) -> None:
+        self._by_hash.clear()
+        self._rows.clear()
+
+    def running(self, row: int, req) -> None:
+        """A request now runs in `row`, its prompt's keys in its slots from `req.start` on."""
+        self._add(Source(row, req.prompt, next(self._clock), req=req))
+
+    def finished(self, row: int, req) -> None:
+        """The request of `row` finished: its prompt and generated tokens but the last stay."""
+        tokens = req.prompt + req.tokens[:-1]
+        self._add(Source(row, tokens, next(self._clock), start=req.start))
+
+    def stop_running(self) -> None:
+        """The loop stopped: running sources keep their prompts, at the slots they hold now."""
+        for row, src in list(self._rows.items()):
+            if src.req is not None:
+                self._add(Source(row, src.req.prompt, src.stamp, start=src.req.start))
+
+    def finished_rows(self) -> dict[int, int]:
+        """Finished sources' rows -> their first slot."""
+        return {row: s.start for row, s in self._rows.items() if s.req is None}
+
+    def age(self, row: int) -> int:
+        """How recently the row's source was added (-1: no source): the oldest go first."""
+        src = self._rows.get(row)
+        return -1 if src is None else src.stamp
+
+    def shift(self, lo: int, d: int) -> None:
+        """The cache moved its slots `lo ..` by -d: finished sources there move along, those that
+        start before `lo` are lost (running ones follow their requests)."""
+        for row, src in list(self._rows.items()):
+            if src.req is not None:
+                continue
+            if src.start >= lo:
+                src._start -= d
+            else:
+                self.drop(row)
+
+    def find(self, prompt: list[int], users: dict[int, int] | None = None) -> tuple[Source, int] | None:
+        """The source sharing the longest prefix with `prompt` (at least a block, at most all but
+        its last token), and that prefix's length; None if none does. Among sources that share as
+        much, the one on the row with the fewest `users` (row -> requests that start from it), then
+        the newest."""
+        limit = len(prompt) - 1
+        best = None
+        h = 0
+        for j in range(BLOCK, limit + 1, BLOCK):
+            h = hash((h, tuple(prompt[j - BLOCK:j])))
+            holders = self._by_hash.get(h)
+            if not holders:
+                break
+            best = (j, holders)
+        if best is None:
+            return None
+        j, holders = best
+        found, rank = None, None
+        for src in holders.values():
+            toks = src.tokens
+            if toks[:j] != prompt[:j]:  # a hash collision
+                continue
+            p, end = j, min(limit, len(toks))
+            while p < end and toks[p] == prompt[p]:
+                p += 1
+            mine = (p, -(users or {}).get(src.row, 0), src.stamp)
+            if rank is None or mine > rank:
+                found, rank = (src, p), mine
+        return found
