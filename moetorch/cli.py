@@ -196,7 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve.app import create_app as _  # noqa: F401 -- fastapi present
     except ImportError as e:
         raise SystemExit(f"moetorch serve needs fastapi and uvicorn ({e}): pip install 'moetorch[serve]'") from None
-    sizes = dict(max_model_len=args.max_model_len, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens)
+    sizes = dict(max_model_len=args.max_model_len, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens,
+                 prefix_sharing=args.prefix_sharing)
     path, is_random = _resolve(args.model)
     tok = _tokenizer(path)
     name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
@@ -286,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=None, help="requests decoding at once (default: as many as "
                        "the GPU's free memory holds, at most 256; 64 on the CPU)")
     serve.add_argument("--max-batch-tokens", type=int, default=None, help="prompt tokens of one prefill (16384)")
+    serve.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
+                       help="a prompt that starts with tokens a batch row holds (another request's prompt, a finished "
+                       "request's prompt and reply) copies their keys and values instead of computing them (default; "
+                       "--no-prefix-sharing: every prompt computed whole)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--switch-interval", type=float, default=0.0005, help="seconds between the Python threads' "
                        "turns at the interpreter lock (sys.setswitchinterval; Python's default is 0.005): the batch's "

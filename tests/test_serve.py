@@ -104,6 +104,34 @@ def test_completions_greedy_equal_transformers(served):
     assert r["choices"][0]["text"] == tok.decode(ids, skip_special_tokens=True) + body["choices"][0]["text"]
 
 
+def test_chat_turns_share_their_prefix(served):
+    """A chat's second turn starts from the first turn's row (its prompt and reply), and a request
+    with the same system message from the first's; both still give Transformers' greedy reply."""
+    client, hf, tok, engine = served
+    system = {"role": "system", "content": "You are a careful assistant who writes short, correct Python code. "
+              "Explain nothing unless asked; answer with code only."}
+    turns = [[system, {"role": "user", "content": "Sort a list"}]]
+    before, prev = engine.manager.stats["shared_tokens"], []
+    for n in range(3):
+        messages = turns[-1]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        want, _ = hf_greedy(hf, ids, 12, engine.chat_eos)
+        r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        reply = r.json()["choices"][0]["message"]["content"]
+        assert reply == tok.decode(want, skip_special_tokens=True)
+        shared = engine.manager.stats["shared_tokens"] - before
+        before += shared
+        if n == 0:
+            turns.append([system, {"role": "user", "content": "Reverse a string"}])  # the same system message
+        elif n == 1:
+            assert shared >= 16  # at least the system message's first block
+            turns.append([*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": "Shorter"}])
+        else:
+            assert shared >= len(prev)  # at least the turn before's whole prompt
+        prev = ids
+
+
 def test_chat_greedy_equals_transformers(served):
     client, hf, tok, engine = served
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list"}]
@@ -719,11 +747,21 @@ def test_the_serve_command(monkeypatch):
     assert seen["port"] == 8123 and seen["host"] == "127.0.0.1" and seen["switch_interval"] == 0.0005
     engine = seen["app"].state.engine
     assert (engine.name, engine.max_model_len, engine.manager.rows) == ("jet", 96, 3)
+    assert engine.manager.continuous_batching_config.allow_block_sharing
     with TestClient(seen["app"]) as client:
         r = client.post("/v1/completions", json={"model": "jet", "prompt": "import", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     with pytest.raises(SystemExit, match="max_position_embeddings"):
         cli.main(["serve", "--model", "tiny-jetmoe", "--max-model-len", "100000", "--no-engine-process"])
+    assert cli.main(["serve", "--model", "tiny-jetmoe", "--no-engine-process", "--no-prefix-sharing"]) == 0
+    engine = seen["app"].state.engine
+    assert not engine.manager.continuous_batching_config.allow_block_sharing
+    with TestClient(seen["app"]) as client:
+        text = "import os, sys, json, time, math, random, itertools, functools"
+        for _ in range(2):
+            r = client.post("/v1/completions", json={"model": "tiny-jetmoe", "prompt": text, "max_tokens": 2})
+            assert r.status_code == 200
+    assert engine.manager.stats["shared_tokens"] == 0
 
 
 def test_prefill_warm_up_shapes(monkeypatch):

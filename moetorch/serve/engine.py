@@ -116,9 +116,11 @@ class EngineError(RuntimeError):
 
 
 def build_manager(model, eos: list[int], pad: int | None, max_model_len: int | None = None,
-                  max_batch: int | None = None, max_batch_tokens: int | None = None) -> tuple[Any, dict]:
+                  max_batch: int | None = None, max_batch_tokens: int | None = None,
+                  prefix_sharing: bool = True) -> tuple[Any, dict]:
     """The server's continuous-batching manager for `model` (greedy by default, log-probabilities
-    returned, rows of `max_model_len` slots) and what the engine's front needs to know of it:
+    returned, rows of `max_model_len` slots, prompts starting from cached prefixes unless
+    `prefix_sharing` is False) and what the engine's front needs to know of it:
     `max_model_len`, `eos` (the model's EOS ids, else `eos`, the tokenizer's), `vocab_size`,
     `rows`, `batch_tokens`, `device`."""
     from ..generation.configuration import GenerationConfig
@@ -131,7 +133,8 @@ def build_manager(model, eos: list[int], pad: int | None, max_model_len: int | N
     pad = pad if pad is not None else (eos[0] if eos else 0)
     gen = GenerationConfig(do_sample=False, max_new_tokens=None, eos_token_id=eos or None, pad_token_id=pad)
     cfg = ContinuousBatchingConfig(max_requests_per_batch=max_batch, max_cache_len=max_model_len,
-                                   max_batch_tokens=max_batch_tokens, return_logprobs=True)
+                                   max_batch_tokens=max_batch_tokens, return_logprobs=True,
+                                   allow_block_sharing=prefix_sharing)
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cfg)
     return manager, {"max_model_len": max_model_len, "eos": eos, "vocab_size": model.config.vocab_size,
                      "rows": manager.rows, "batch_tokens": manager.batch_tokens, "device": model.device.type}
@@ -223,9 +226,10 @@ class Engine:
     their own instead (`worker.py`)."""
 
     def __init__(self, model, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
-                 max_batch_tokens: int | None = None) -> None:
+                 max_batch_tokens: int | None = None, prefix_sharing: bool = True) -> None:
         manager, info = build_manager(model, **_tokenizer_ids(tokenizer), max_model_len=max_model_len,
-                                      max_batch=max_batch, max_batch_tokens=max_batch_tokens)
+                                      max_batch=max_batch, max_batch_tokens=max_batch_tokens,
+                                      prefix_sharing=prefix_sharing)
         self._setup(model, manager, tokenizer, name, info)
 
     def _setup(self, model, manager, tokenizer, name: str, info: dict) -> None:
@@ -245,7 +249,8 @@ class Engine:
 
     @classmethod
     def spawn(cls, loader, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
-              max_batch_tokens: int | None = None, start_method: str = "spawn") -> Engine:
+              max_batch_tokens: int | None = None, prefix_sharing: bool = True,
+              start_method: str = "spawn") -> Engine:
         """An engine whose model and manager run in a process of their own: `loader()` (a
         picklable callable, e.g. `functools.partial(worker.load_pretrained, path, device, dtype)`)
         builds the model there, which then warms its prefills and starts its manager. This process
@@ -254,7 +259,8 @@ class Engine:
         from .worker import ManagerClient
 
         client = ManagerClient(loader, dict(**_tokenizer_ids(tokenizer), max_model_len=max_model_len,
-                                            max_batch=max_batch, max_batch_tokens=max_batch_tokens), start_method)
+                                            max_batch=max_batch, max_batch_tokens=max_batch_tokens,
+                                            prefix_sharing=prefix_sharing), start_method)
         engine = cls.__new__(cls)
         engine._setup(None, client, tokenizer, name, client.info)
         return engine
