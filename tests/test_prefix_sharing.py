@@ -258,3 +258,22 @@ def test_index_follows_a_shift(monkeypatch):
     index.stop_running()
     assert index.finished_rows() == {0: 10, 1: 9}
     assert index.age(5) == -1 and index.age(0) < index.age(1)  # row 0's source came first
+
+
+def test_a_sliding_window_shorter_than_a_row_turns_sharing_off(tmp_path):
+    """A shared prefix's prefill leaves padding between the prefix and the rest of the prompt,
+    which a sliding window would count: such a model computes every prompt whole, with
+    Transformers' tokens."""
+    from archs import PHIMOE
+
+    hf, ours = make_pair(PHIMOE, tmp_path, sliding_window=8)
+    rng = random.Random(7)
+    system = rand_tokens(rng, 20)
+    inputs = [system + rand_tokens(rng, 3) for _ in range(2)]
+    out, stats = run_in_turns(ours, [[p] for p in inputs], 4, {"max_cache_len": 32})
+    assert stats["shared_tokens"] == 0
+    for (r,), p in zip(out, inputs):
+        check_against_transformers(hf, p, r, 4)
+    ours.config.sliding_window = 32  # a window that spans a row: shared
+    _, stats = run_in_turns(ours, [[p] for p in inputs], 4, {"max_cache_len": 32})
+    assert stats["shared_tokens"] == 20

@@ -610,8 +610,11 @@ class ContinuousBatchingManager:
 
     def _ensure_batch(self) -> _Batch:
         if self._batch is None:
-            self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs,
-                                 share=bool(self.continuous_batching_config.allow_block_sharing))
+            # (a shared prefix's prefill leaves padding between the prefix and the rest of a prompt,
+            # which a sliding window shorter than a row would count as distance)
+            window = getattr(self.model.config, "sliding_window", None)
+            share = self.continuous_batching_config.allow_block_sharing and (window is None or window >= self.slots)
+            self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs, share=bool(share))
         return self._batch
 
     def is_running(self) -> bool:
