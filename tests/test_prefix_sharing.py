@@ -277,3 +277,33 @@ def test_a_sliding_window_shorter_than_a_row_turns_sharing_off(tmp_path):
     ours.config.sliding_window = 32  # a window that spans a row: shared
     _, stats = run_in_turns(ours, [[p] for p in inputs], 4, {"max_cache_len": 32})
     assert stats["shared_tokens"] == 20
+
+
+def test_scratch_bound():
+    """A forward's prompts x (longest shared prefix + longest rest) stay within the limit."""
+    assert batching._scratch_bound([[0, 1, 2, 3]], [10, 10, 0, 10], [2, 2, 2, 2], 24) == [[0, 1], [2, 3]]
+    assert batching._scratch_bound([[0, 1, 2]], [10, 0, 0], [2, 2, 2], 20) == [[0], [1, 2]]
+    assert batching._scratch_bound([[0, 1], [2]], [0, 0, 0], [5, 5, 50], 20) == [[0, 1], [2]]  # one alone may pass
+    assert batching._scratch_bound([[0, 1, 2]], [0, 0, 0], [3, 3, 3], 100) == [[0, 1, 2]]
+
+
+def test_forwards_keep_their_scratch_bound(pair, small_blocks, prefills, monkeypatch):
+    """Many requests with a long shared prompt: each forward's scratch cache stays within
+    PREFILL_WASTE x max_batch_tokens slots, and the results are still Transformers'."""
+    hf, ours = pair
+    rng = random.Random(8)
+    system = rand_tokens(rng, 24)
+    inputs = [system + rand_tokens(rng, rng.randint(1, 3)) for _ in range(8)]
+    widths = []
+    original = batching._Batch.prefill
+
+    def spy(self, prompts, rows, pad_id, shared=None):
+        shared = shared or [(0, 0, 0)] * len(prompts)
+        widths.append(len(prompts) * (max(p for *_, p in shared) + max(len(q) - s[2] for q, s in zip(prompts, shared))))
+        return original(self, prompts, rows, pad_id, shared)
+
+    monkeypatch.setattr(batching._Batch, "prefill", spy)
+    (results,), stats = run_in_turns(ours, [inputs], 3, {"max_requests_per_batch": 8, "max_batch_tokens": 40})
+    for p, r in zip(inputs, results):
+        check_against_transformers(hf, p, r, 3)
+    assert stats["shared_tokens"] > 0 and max(widths) <= int(batching.PREFILL_WASTE * 40) and len(widths) > 2

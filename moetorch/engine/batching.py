@@ -463,6 +463,23 @@ def _prefill_batches(lengths: list[int], min_tokens: int) -> list[list[int]]:
     return parts
 
 
+def _scratch_bound(parts: list[list[int]], shared: list[int], rest: list[int], limit: int) -> list[list[int]]:
+    """`parts` (lists of indices) split in order so that each one's scratch cache, its prompts
+    x (longest shared prefix + longest rest), holds at most `limit` slots (a prompt alone may pass
+    it)."""
+    out = []
+    for part in parts:
+        cur: list[int] = []
+        for i in part:
+            wide = [*cur, i]
+            if cur and len(wide) * (max(shared[j] for j in wide) + max(rest[j] for j in wide)) > limit:
+                out.append(cur)
+                wide = [i]
+            cur = wide
+        out.append(cur)
+    return out
+
+
 class ContinuousBatchingManager:
     """Runs requests in a continuous batch on a background thread. Made by the model's
     `init_continuous_batching`; `start()`, then `add_request(s)`, `get_result` / iteration, and
@@ -1004,7 +1021,11 @@ class ContinuousBatchingManager:
                              enumerate(zip(group, found))]
                 shared = [(f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0) for f in found]
                 rest = [len(group[i].prompt) - shared[i][2] for i in phase]
-                for part in _prefill_batches(rest, min(MIN_PREFILL_TOKENS, self.batch_tokens)):
+                parts = _prefill_batches(rest, min(MIN_PREFILL_TOKENS, self.batch_tokens))
+                # a forward's scratch cache holds its prompts' shared prefixes too: no more slots
+                # than a forward of unshared prompts may have
+                limit = int(PREFILL_WASTE * self.batch_tokens)
+                for part in _scratch_bound(parts, [shared[i][2] for i in phase], rest, limit):
                     part = [phase[j] for j in part]
                     logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part], self.pad_id,
                                            [shared[i] for i in part])
