@@ -255,8 +255,6 @@ def test_index_follows_a_shift(monkeypatch):
     index.shift(lo=10, d=3)
     assert index.finished_rows() == {1: 9}  # row 2 started before the moved slots
     assert index.find([7, 8, 9, 1]) is None and index.find([4, 5, 6, 1])[0].start == 9
-    index.stop_running()
-    assert index.finished_rows() == {0: 10, 1: 9}
     assert index.age(5) == -1 and index.age(0) < index.age(1)  # row 0's source came first
 
 
@@ -307,3 +305,42 @@ def test_forwards_keep_their_scratch_bound(pair, small_blocks, prefills, monkeyp
     for p, r in zip(inputs, results):
         check_against_transformers(hf, p, r, 3)
     assert stats["shared_tokens"] > 0 and max(widths) <= int(batching.PREFILL_WASTE * 40) and len(widths) > 2
+
+
+def test_changed_weights_forget_the_prefixes(pair, small_blocks):
+    """Keys cached before the weights change are stale: a change in place (the parameters'
+    version counters), a pause (where weights are updated) and a new run each forget them."""
+    hf, ours = pair
+    rng = random.Random(9)
+    prompt = rand_tokens(rng, 10)
+    saved = {k: v.clone() for k, v in ours.state_dict().items()}
+    hf_embed = hf.model.embed_tokens.weight.detach().clone()
+    try:
+        m = ours.init_continuous_batching(generation_config=config(3), continuous_batching_config={"return_logprobs": True})
+        m.start()
+        try:
+            m.get_result(m.add_request(prompt), timeout=60)
+            with torch.no_grad():
+                ours.model.embed_tokens.weight.mul_(1.5)
+                hf.model.embed_tokens.weight.mul_(1.5)
+            r = m.get_result(m.add_request(prompt + [5]), timeout=60)
+            assert m.stats["shared_tokens"] == 0
+            check_against_transformers(hf, prompt + [5], r, 3)
+            m.get_result(m.add_request(prompt + [6]), timeout=60)
+            assert m.stats["shared_tokens"] == 10  # unchanged weights: shared again
+            with m.pause():
+                pass
+            m.get_result(m.add_request(prompt + [7]), timeout=60)
+            assert m.stats["shared_tokens"] == 10
+        finally:
+            m.stop(timeout=60)
+        m.start()  # a new run
+        try:
+            m.get_result(m.add_request(prompt + [8]), timeout=60)
+            assert m.stats["shared_tokens"] == 10
+        finally:
+            m.stop(timeout=60)
+    finally:
+        with torch.no_grad():
+            hf.model.embed_tokens.weight.copy_(hf_embed)
+        ours.load_state_dict(saved)

@@ -523,6 +523,7 @@ class ContinuousBatchingManager:
         self._steps = 0  # decode steps the loop has run (a request's draw index counts from its first)
         self._rows_of: tuple = (None, [], {})
         self._grammar_rows: tuple = (None, False)
+        self._versions: list[int] = []  # the parameters' version counters when prefixes were last used
         # What the loop did: rows decoded each step (the running requests), prompt tokens prefilled
         # by forward (and with the padding), cache shifts, requests run alone (LongRoPE), and wall
         # seconds in decode steps and in prefills (each ends reading tokens: the GPU's work is in).
@@ -904,6 +905,8 @@ class ContinuousBatchingManager:
             while self._pauses and self._stop != 2:
                 self._lock.wait(0.1)
             self._paused = False
+        if batch.prefixes is not None:  # the weights may have changed (what pauses are for)
+            batch.prefixes.clear()
 
     def _finish(self, req: _Request, error: str | None = None) -> None:
         req.status = RequestStatus.FAILED if error is not None else RequestStatus.FINISHED
@@ -921,6 +924,8 @@ class ContinuousBatchingManager:
         try:
             with torch.no_grad(), own_forward(self.model), _on(self.model.device):
                 batch = self._ensure_batch()
+                if batch.prefixes is not None:  # each run starts afresh: the weights may have changed since
+                    batch.prefixes.clear()
                 while True:
                     self._post()
                     with self._lock:
@@ -960,9 +965,6 @@ class ContinuousBatchingManager:
             for req in [*running.values(), *waiting]:
                 self._finish(req, reason)
             self._post()
-            index = self._batch.prefixes if self._batch is not None else None
-            if index is not None:  # after an error the cache's slots are not trusted
-                index.clear() if self.fatal_error is not None else index.stop_running()
 
     def _cancel(self, ids: set[str], waiting: deque, running: dict, batch: _Batch) -> None:
         for req in [r for r in waiting if r.id in ids]:
@@ -1061,6 +1063,15 @@ class ContinuousBatchingManager:
         for r in running.values():
             r.start -= d
 
+    def _weights_changed(self) -> bool:
+        """Whether a parameter was changed in place (its version counter moved) since the last
+        call: the cached prefixes' keys and values are then stale. (`param.data` writes bypass
+        the counter; a `pause()` or a new run forgets the prefixes in any case.)"""
+        versions = [p._version for p in self.model.parameters()]
+        changed = versions != self._versions
+        self._versions = versions
+        return changed
+
     def _place(self, group: list[_Request], free: list[int], running: dict, batch: _Batch) -> tuple[list, list, list]:
         """The free rows that `group` takes; per request, the cached prefix it starts from ((source,
         length) or None); and the group's prefill phases (lists of indices into `group`). A request
@@ -1074,6 +1085,8 @@ class ContinuousBatchingManager:
         everyone = list(range(len(group)))
         if index is None:
             return free[:len(group)], [None] * len(group), [everyone]
+        if self._weights_changed():
+            index.clear()
         users: collections.Counter = collections.Counter()  # finished rows -> requests that start from them
         found = []
         for req in group:  # spread over rows that hold the same tokens, so that each may go to its user

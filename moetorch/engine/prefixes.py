@@ -93,12 +93,6 @@ class PrefixIndex:
         tokens = req.prompt + req.tokens[:-1]
         self._add(Source(row, tokens, next(self._clock), start=req.start))
 
-    def stop_running(self) -> None:
-        """The loop stopped: running sources keep their prompts, at the slots they hold now."""
-        for row, src in list(self._rows.items()):
-            if src.req is not None:
-                self._add(Source(row, src.req.prompt, src.stamp, start=src.req.start))
-
     def finished_rows(self) -> dict[int, int]:
         """Finished sources' rows -> their first slot."""
         return {row: s.start for row, s in self._rows.items() if s.req is None}
