@@ -124,6 +124,23 @@ def randomize_(model, std: float = 0.2) -> None:
             p.copy_((torch.randn(p.shape, generator=g) * std + shift).to(p.device, p.dtype))
 
 
+def tiny_models(max_positions: int):
+    """(name, model): a tiny float32 JetMoE and PhiMoE on the GPU with peaked random weights."""
+    import moetorch
+
+    for name, cfg in {"jetmoe": moetorch.JetMoeConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
+                                                        num_key_value_heads=2, kv_channels=16, intermediate_size=48,
+                                                        num_local_experts=4, max_position_embeddings=max_positions),
+                      "phimoe": moetorch.PhimoeConfig(vocab_size=97, hidden_size=64, intermediate_size=48,
+                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, num_local_experts=4,
+                                                      max_position_embeddings=max_positions)}.items():
+        cls = moetorch.JetMoeForCausalLM if name == "jetmoe" else moetorch.PhimoeForCausalLM
+        model = cls(cfg).cuda().eval()
+        randomize_(model)
+        yield name, model
+
+
 @torch.no_grad()
 def tiny_check() -> dict:
     """A tiny float32 JetMoE and PhiMoE on the GPU, generate_batch (graphed, with cache shifts)
@@ -133,16 +150,7 @@ def tiny_check() -> dict:
     import moetorch
 
     out = {}
-    for name, cfg in {"jetmoe": moetorch.JetMoeConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
-                                                        num_key_value_heads=2, kv_channels=16, intermediate_size=48,
-                                                        num_local_experts=4, max_position_embeddings=64),
-                      "phimoe": moetorch.PhimoeConfig(vocab_size=97, hidden_size=64, intermediate_size=48,
-                                                      num_hidden_layers=2, num_attention_heads=4,
-                                                      num_key_value_heads=2, num_local_experts=4,
-                                                      max_position_embeddings=64)}.items():
-        cls = moetorch.JetMoeForCausalLM if name == "jetmoe" else moetorch.PhimoeForCausalLM
-        model = cls(cfg).cuda().eval()
-        randomize_(model)
+    for name, model in tiny_models(64):
         prompts = workload(24, 1, 20, 97, seed=1)
         gen = moetorch.GenerationConfig(max_new_tokens=9, do_sample=False, eos_token_id=None, pad_token_id=0)
         res = model.generate_batch(prompts, generation_config=gen,

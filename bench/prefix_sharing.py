@@ -30,7 +30,7 @@ import sys
 import time
 
 import torch
-from batching import agreement, randomize_  # bench/ is the script's directory
+from batching import agreement, tiny_models  # bench/ is the script's directory
 
 from moetorch.benchmark import SIZES, build, log
 
@@ -47,22 +47,12 @@ def gen(new: int):
 
 @torch.no_grad()
 def tiny_check() -> dict:
-    import moetorch
     from moetorch.engine import batching
 
     batching.FOLLOW_MIN_TOKENS, keep = 0, batching.FOLLOW_MIN_TOKENS
     out = {}
     try:
-        for name, cfg in {"jetmoe": moetorch.JetMoeConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
-                                                            num_key_value_heads=2, kv_channels=16, intermediate_size=48,
-                                                            num_local_experts=4, max_position_embeddings=128),
-                          "phimoe": moetorch.PhimoeConfig(vocab_size=97, hidden_size=64, intermediate_size=48,
-                                                          num_hidden_layers=2, num_attention_heads=4,
-                                                          num_key_value_heads=2, num_local_experts=4,
-                                                          max_position_embeddings=128)}.items():
-            cls = moetorch.JetMoeForCausalLM if name == "jetmoe" else moetorch.PhimoeForCausalLM
-            model = cls(cfg).cuda().eval()
-            randomize_(model)
+        for name, model in tiny_models(128):
             rng = random.Random(1)
             heads = [rand_ids(rng, rng.randint(17, 40), 97) for _ in range(3)]
             prompts = [rng.choice(heads) + rand_ids(rng, rng.randint(0, 8), 97) for _ in range(24)]
