@@ -344,3 +344,14 @@ def test_changed_weights_forget_the_prefixes(pair, small_blocks):
         with torch.no_grad():
             hf.model.embed_tokens.weight.copy_(hf_embed)
         ours.load_state_dict(saved)
+
+
+def test_scratch_room_counts_a_slot_over_every_layer(pair):
+    """A slot of the scratch cache is a token's keys and values in every layer."""
+    _, ours = pair
+    cfg = ours.config
+    kv_heads = cfg.num_key_value_heads
+    head_dim = getattr(cfg, "kv_channels", None) or cfg.hidden_size // cfg.num_attention_heads
+    slot = 2 * cfg.num_hidden_layers * kv_heads * head_dim * 2  # bf16
+    assert batching._slots_in(10 * slot + slot - 1, cfg, torch.bfloat16) == 10
+    assert batching._slots_in(10 * slot, cfg, torch.float32) == 5

@@ -80,6 +80,10 @@ READ_LAG = 1
 # phase if the group's requests save at least this many tokens that way (a forward's host time
 # is worth a few hundred tokens).
 FOLLOW_MIN_TOKENS = 512
+# A prefill whose prompts start from shared prefixes holds them in its scratch cache: it may take
+# this share of the free GPU memory (a forward costs tens of milliseconds of host time, so fewer,
+# wider ones pay), else as many slots as an unshared forward.
+SCRATCH_SHARE = 0.5
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -461,6 +465,12 @@ def _prefill_batches(lengths: list[int], min_tokens: int) -> list[list[int]]:
         parts[-1].append(i)
         real += lengths[i]
     return parts
+
+
+def _slots_in(nbytes: int, config, dtype: torch.dtype) -> int:
+    """Cache slots (a token's keys and values in every layer) that `nbytes` hold."""
+    G, d = _kv_shape(config)
+    return nbytes // (2 * config.num_hidden_layers * G * d * dtype.itemsize)
 
 
 def _scratch_bound(parts: list[list[int]], shared: list[int], rest: list[int], limit: int) -> list[list[int]]:
@@ -1024,9 +1034,9 @@ class ContinuousBatchingManager:
                 shared = [(f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0) for f in found]
                 rest = [len(group[i].prompt) - shared[i][2] for i in phase]
                 parts = _prefill_batches(rest, min(MIN_PREFILL_TOKENS, self.batch_tokens))
-                # a forward's scratch cache holds its prompts' shared prefixes too: no more slots
-                # than a forward of unshared prompts may have
-                limit = int(PREFILL_WASTE * self.batch_tokens)
+                # a forward's scratch cache holds its prompts' shared prefixes too: as many slots
+                # as a forward of unshared prompts may have, or a share of the free memory
+                limit = max(int(PREFILL_WASTE * self.batch_tokens), self._scratch_room())
                 for part in _scratch_bound(parts, [shared[i][2] for i in phase], rest, limit):
                     part = [phase[j] for j in part]
                     logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part], self.pad_id,
@@ -1062,6 +1072,16 @@ class ContinuousBatchingManager:
         batch.shift(col, starts, lo=lo)
         for r in running.values():
             r.start -= d
+
+    def _scratch_room(self) -> int:
+        """Slots of a prefill's scratch cache (over its rows) that SCRATCH_SHARE of the free GPU
+        memory holds (0 off the GPU)."""
+        device = self.model.device
+        if device.type != "cuda":
+            return 0
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return _slots_in(int(SCRATCH_SHARE * free), self.model.config, self.model.dtype)
 
     def _weights_changed(self) -> bool:
         """Whether a parameter was changed in place (its version counter moved) since the last
