@@ -3,7 +3,12 @@
 the model's forward inside it (the rest: building the inputs and the scratch cache, copying the
 prefixes in and the slots out).
 
-    PYTHONPATH=.:bench python bench/prefix_probe.py --out r.txt [--model jetmoe]
+    PYTHONPATH=.:bench python bench/prefix_probe.py --out r.txt [--model jetmoe] [--kernels]
+
+With --kernels instead: three forwards alone, each timed (wall, median of 3) and its CUDA kernels
+summed under the profiler: a plain forward over one prompt, the manager's prefill of that prompt
+into a scratch cache, and a prefill of 17 prompts that start from a shared prefix of `--system`
+tokens. Kernel time far below the wall time says the forward waits on the host.
 """
 
 from __future__ import annotations
@@ -15,7 +20,34 @@ import time
 import torch
 from prefix_sharing import gen, system_workload
 
-from moetorch.benchmark import SIZES, build, log
+from moetorch.benchmark import SIZES, build, cuda_time, kernel_lines, kernel_times, log
+
+
+@torch.no_grad()
+def kernels(model, prompts: list[list[int]], prefix: int, rows: int = 17, top: int = 12) -> list[str]:
+    from moetorch.engine.batching import _Batch
+
+    batch = _Batch(model, rows=rows + 2, slots=max(map(len, prompts)) + 64, graphs=False, share=True)
+    batch.col = max(map(len, prompts))
+    batch.prefill([prompts[0]], [0], 0)
+    start = batch.col - len(prompts[0])
+    group = prompts[1:rows + 1]
+    cases = {
+        "plain forward, 1 prompt": lambda: model(torch.tensor([prompts[0]], device="cuda"), use_cache=False,
+                                                 logits_to_keep=1),
+        "manager prefill, 1 prompt": lambda: batch.prefill([prompts[0]], [rows + 1], 0),
+        f"manager prefill, {rows} prompts from a shared prefix": lambda: batch.prefill(
+            group, list(range(1, rows + 1)), 0, [(0, start, prefix)] * rows),
+    }
+    lines = []
+    for name, fn in cases.items():
+        wall = cuda_time(fn, repeats=3, warmup=1)
+        times = kernel_times(fn)
+        busy = sum(us for us, _ in times.values())
+        lines.append(f"{name}: wall {1e3 * wall:.2f} ms, kernels {busy / 1e3:.2f} ms in "
+                     f"{sum(n for _, n in times.values())} launches")
+        lines += ["  " + x for x in kernel_lines(times, top)]
+    return lines
 
 
 def main() -> int:
@@ -25,6 +57,7 @@ def main() -> int:
     p.add_argument("--system", type=int, default=1024)
     p.add_argument("--question", default="32:128")
     p.add_argument("--new", type=int, default=64)
+    p.add_argument("--kernels", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from moetorch.engine import batching
@@ -33,6 +66,13 @@ def main() -> int:
     cfg = dict(SIZES[args.model])
     model = build(args.model, "moetorch", cfg)
     prompts = system_workload(args, cfg["vocab_size"])[0]
+    if args.kernels:
+        text = "\n".join(kernels(model, prompts, args.system))
+        log("\n" + text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return 0
     calls = []
     original, forward = batching._Batch.prefill, model.forward
 
