@@ -355,3 +355,26 @@ def test_scratch_room_counts_a_slot_over_every_layer(pair):
     slot = 2 * cfg.num_hidden_layers * kv_heads * head_dim * 2  # bf16
     assert batching._slots_in(10 * slot + slot - 1, cfg, torch.bfloat16) == 10
     assert batching._slots_in(10 * slot, cfg, torch.float32) == 5
+
+
+def test_a_shared_prefill_out_of_memory_is_retried_in_halves(pair, small_blocks, monkeypatch, caplog):
+    """A shared-prefix forward that runs out of memory (its scratch cache may take half the free
+    memory) is retried in halves; the results are still Transformers'."""
+    hf, ours = pair
+    rng = random.Random(10)
+    system = rand_tokens(rng, 12)
+    inputs = [system + rand_tokens(rng, 2) for _ in range(5)]
+    original, sizes = batching._Batch.prefill, []
+
+    def tight(self, prompts, rows, pad_id, shared=None):
+        sizes.append(len(prompts))
+        if len(prompts) > 1 and shared and any(p for *_, p in shared):
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return original(self, prompts, rows, pad_id, shared)
+
+    monkeypatch.setattr(batching._Batch, "prefill", tight)
+    (results,), stats = run_in_turns(ours, [inputs], 3, {"max_requests_per_batch": 5})
+    for p, r in zip(inputs, results):
+        check_against_transformers(hf, p, r, 3)
+    assert sizes == [1, 4, 2, 1, 1, 2, 1, 1] and stats["shared_tokens"] == 4 * 12
+    assert "retried in halves" in caplog.text

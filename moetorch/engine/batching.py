@@ -377,11 +377,14 @@ class _Batch:
                          use_cache=True, cache_position=torch.arange(P, P + S, device=device), logits_to_keep=1,
                          return_dict=True)
         rows_t = _to(torch.tensor(rows), device)
-        for src, dst in zip(scratch._all, self.cache._all):
-            dst[:, rows_t, :, self.col - S:self.col] = src[:, :, :, P:]
-            for i, (_, _, p) in enumerate(shared):
-                if p:  # after the rest, whose padding it overwrites
-                    dst[:, rows[i], :, self.col - lengths[i]:self.col - rest[i]] = src[:, i, :, P - p:P]
+        try:  # (an out-of-memory error up to here left the batch's cache as it was: the caller may retry)
+            for src, dst in zip(scratch._all, self.cache._all):
+                dst[:, rows_t, :, self.col - S:self.col] = src[:, :, :, P:]
+                for i, (_, _, p) in enumerate(shared):
+                    if p:  # after the rest, whose padding it overwrites
+                        dst[:, rows[i], :, self.col - lengths[i]:self.col - rest[i]] = src[:, i, :, P - p:P]
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(f"continuous batching: out of memory while writing a prefill's slots: {e}") from e
         lengths_t = _to(torch.tensor(lengths), device)
         self.set_starts(rows_t, self.col - lengths_t)
         self.pos[rows_t, 0] = lengths_t
@@ -1037,10 +1040,22 @@ class ContinuousBatchingManager:
                 # a forward's scratch cache holds its prompts' shared prefixes too: as many slots
                 # as a forward of unshared prompts may have, or a share of the free memory
                 limit = max(int(PREFILL_WASTE * self.batch_tokens), self._scratch_room())
-                for part in _scratch_bound(parts, [shared[i][2] for i in phase], rest, limit):
-                    part = [phase[j] for j in part]
-                    logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part], self.pad_id,
-                                           [shared[i] for i in part])
+                todo = deque([phase[j] for j in part] for part in
+                             _scratch_bound(parts, [shared[i][2] for i in phase], rest, limit))
+                while todo:
+                    part = todo.popleft()
+                    try:
+                        logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part],
+                                               self.pad_id, [shared[i] for i in part])
+                    except torch.OutOfMemoryError:
+                        # the scratch cache's share of free memory was too much for this forward;
+                        # nothing of the batch's cache was written yet: retry in halves
+                        if len(part) == 1 or not any(shared[i][2] for i in part):
+                            raise
+                        logger.warning("continuous batching: a prefill of %d prompts ran out of memory; retried in "
+                                       "halves", len(part))
+                        todo.extendleft([part[len(part) // 2:], part[:len(part) // 2]])
+                        continue
                     computed = [len(group[i].prompt) - shared[i][2] for i in part]
                     self.stats["prefill_tokens"].append(sum(computed))
                     self.stats["prefill_padded_tokens"].append(len(part) * max(computed))
