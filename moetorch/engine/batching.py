@@ -372,10 +372,8 @@ class _Batch:
             if p:
                 for src, dst in zip(self.cache._all, scratch._all):
                     dst[:, i, :, P - p:P] = src[:, row, :, first:first + p]
-        # no padding and nothing shared: the causal rule alone (attention without a mask is faster)
-        plain = P == 0 and min(rest) == S
         # `_seen` stays 0, as in decode steps: every row is short for LongRoPE, whatever P + S is
-        out = self.model(ids, attention_mask=None if plain else amask, position_ids=positions, past_key_values=scratch,
+        out = self.model(ids, attention_mask=amask, position_ids=positions, past_key_values=scratch,
                          use_cache=True, cache_position=torch.arange(P, P + S, device=device), logits_to_keep=1,
                          return_dict=True)
         rows_t = _to(torch.tensor(rows), device)
