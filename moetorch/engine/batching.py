@@ -470,10 +470,22 @@ def _prefill_batches(lengths: list[int], min_tokens: int) -> list[list[int]]:
     return parts
 
 
-def _slots_in(nbytes: int, config, dtype: torch.dtype) -> int:
-    """Cache slots (a token's keys and values in every layer) that `nbytes` hold."""
+def _slot_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of a cache slot of one row: a token's keys and values in every layer."""
     G, d = _kv_shape(config)
-    return nbytes // (2 * config.num_hidden_layers * G * d * dtype.itemsize)
+    return 2 * config.num_hidden_layers * G * d * dtype.itemsize
+
+
+def _slots_in(nbytes: int, config, dtype: torch.dtype) -> int:
+    """Cache slots that `nbytes` hold."""
+    return nbytes // _slot_bytes(config, dtype)
+
+
+def _free_memory(device: torch.device) -> int:
+    """The GPU's free bytes, with what torch's allocator holds for reuse (a manager destroyed just
+    before, a prefill's scratch cache) counted free."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _scratch_bound(parts: list[list[int]], shared: list[int], rest: list[int], limit: int) -> list[list[int]]:
@@ -610,12 +622,8 @@ class ContinuousBatchingManager:
         want = min(MAX_ROWS, hints.num_requests or MAX_ROWS)
         if self.model.device.type != "cuda":
             return min(want, DEFAULT_ROWS)
-        G, d = _kv_shape(self.model.config)
-        layers = self.model.config.num_hidden_layers
-        row_bytes = 2 * layers * G * d * self.slots * self.model.dtype.itemsize
-        free, _ = torch.cuda.mem_get_info(self.model.device)
-        # memory torch holds for reuse is free to the cache too (a manager destroyed just before)
-        free += torch.cuda.memory_reserved(self.model.device) - torch.cuda.memory_allocated(self.model.device)
+        row_bytes = self.slots * _slot_bytes(self.model.config, self.model.dtype)
+        free = _free_memory(self.model.device)
         share = cfg.max_memory_percent or (0.8 if self.do_sample else 0.9)
         # a step's float32 logits and their softmax, per row
         row_bytes += 3 * 4 * self.model.config.vocab_size
@@ -1091,12 +1099,9 @@ class ContinuousBatchingManager:
     def _scratch_room(self) -> int:
         """Slots of a prefill's scratch cache (over its rows) that SCRATCH_SHARE of the free GPU
         memory holds (0 off the GPU)."""
-        device = self.model.device
-        if device.type != "cuda":
+        if self.model.device.type != "cuda":
             return 0
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return _slots_in(int(SCRATCH_SHARE * free), self.model.config, self.model.dtype)
+        return _slots_in(int(SCRATCH_SHARE * _free_memory(self.model.device)), self.model.config, self.model.dtype)
 
     def _weights_changed(self) -> bool:
         """Whether a parameter was changed in place (its version counter moved) since the last
@@ -1153,7 +1158,8 @@ class ContinuousBatchingManager:
                 local.running(i, req)
         if not follow or gain < FOLLOW_MIN_TOKENS:
             return rows, found, [everyone]
-        lead = [i for i in everyone if i not in set(follow)]
+        followers = set(follow)
+        lead = [i for i in everyone if i not in followers]
         return rows, found, [lead, follow]
 
     def _column(self, batch: _Batch, running: dict, group: list[_Request]) -> int | None:

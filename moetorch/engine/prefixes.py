@@ -35,20 +35,20 @@ class Source:
 
     def __init__(self, row: int, tokens: list[int], stamp: int, req=None, start: int = 0) -> None:
         self.row, self.tokens, self.req, self._start, self.stamp = row, tokens, req, start, stamp
-        self.hashes = block_hashes(tokens, len(tokens))
+        self.hashes = [h for _, h in block_hashes(tokens, len(tokens))]
 
     @property
     def start(self) -> int:
         return self.req.start if self.req is not None else self._start
 
 
-def block_hashes(tokens: list[int], limit: int) -> list[int]:
-    """The chained hash of each whole block within the first `limit` tokens."""
-    out, h = [], 0
+def block_hashes(tokens: list[int], limit: int):
+    """(end, chained hash) of each whole block within the first `limit` tokens, in order: each
+    hash covers every token before `end` (computed as consumed, so a search may stop early)."""
+    h = 0
     for j in range(BLOCK, limit + 1, BLOCK):
         h = hash((h, tuple(tokens[j - BLOCK:j])))
-        out.append(h)
-    return out
+        yield j, h
 
 
 class PrefixIndex:
@@ -120,9 +120,7 @@ class PrefixIndex:
         the newest."""
         limit = len(prompt) - 1
         best = None
-        h = 0
-        for j in range(BLOCK, limit + 1, BLOCK):
-            h = hash((h, tuple(prompt[j - BLOCK:j])))
+        for j, h in block_hashes(prompt, limit):
             holders = self._by_hash.get(h)
             if not holders:
                 break
