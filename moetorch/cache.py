@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .ops import fused
+from .ops.attention import Packed
 from .ops.linear import linears_rotated
 from .ops.rope import apply_rotary_qk
 
@@ -43,6 +44,8 @@ class Cache:
     # Whether LongRoPE's replay record is kept (`record_inputs`). A continuous-batching cache turns
     # it off: its rows hold sequences that never reach the long factors (engine/batching.py).
     records_inputs = True
+    # Set by a cache of packed sequences (`PackedRows`): the forward attends with it as its mask.
+    packed: Packed | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -439,6 +442,71 @@ class StaticCache(Cache):
         if self._rows is not None:
             self._rows.copy_(self._identity_rows())
         self.slot_rows = None
+
+
+class PackedRows(Cache):
+    """The cache of one forward over sequences packed in one row (`ops.attention.Packed`), whose
+    keys and values land in rows of a StaticCache `target` (continuous batching's prefill).
+
+    Sequence i has `new[i]` tokens in the forward. Its keys are its prefix of `shared[i] = (row,
+    first, p)`: p keys read from that row of `target`, slots `first ..` (p = 0: none), then its new
+    tokens' keys; all of them go to row `rows[i]`, slots `starts[i] ..`, and the sequence attends
+    over them. Each layer's prefixes are read before anything of that layer is written, so a
+    prefix may come from the row that it moves within. Nothing else of `target` changes."""
+
+    def __init__(self, target: StaticCache, rows: list[int], starts: list[int], new: list[int],
+                 shared: list[tuple[int, int, int]] | None = None, window: int | None = None) -> None:
+        super().__init__()
+        self.records_inputs = False
+        self.target = target
+        S = target.max_cache_len
+        shared = shared or [(0, 0, 0)] * len(new)
+        if len(rows) != len(new) or len(starts) != len(new) or len(shared) != len(new):
+            raise ValueError("PackedRows: rows, starts, new and shared need one entry per sequence")
+        prefix = torch.tensor([p for *_, p in shared], dtype=torch.long)
+        lens_k = prefix + torch.tensor(new, dtype=torch.long)
+        ends = [s + n for s, n in zip(starts, lens_k.tolist())]
+        if min(new, default=0) < 1 or min(starts, default=0) < 0 or max(ends, default=0) > S:
+            raise ValueError(f"PackedRows: every sequence needs a new token and slots within the {S} of a row")
+        device = target._all[0].device
+        self.packed = Packed.of(new, lens_k.tolist(), device, window)
+        # per key, in the packed order (each sequence's prefix, then its new tokens):
+        seq = torch.repeat_interleave(torch.arange(len(new)), lens_k)  # its sequence
+        at = torch.arange(len(seq)) - torch.repeat_interleave(lens_k.cumsum(0) - lens_k, lens_k)  # its place in it
+        is_prefix = at < prefix[seq]
+        self.shares = bool(is_prefix.any())
+        take = torch.full((len(seq),), -1, dtype=torch.long)  # the packed token of a new key
+        take[~is_prefix] = torch.arange(int((~is_prefix).sum()))
+        src_row = torch.tensor([r for r, *_ in shared], dtype=torch.long)[seq]
+        src_slot = torch.tensor([f for _, f, _ in shared], dtype=torch.long)[seq] + at
+        dst_row, dst_slot = torch.tensor(rows, dtype=torch.long)[seq], torch.tensor(starts, dtype=torch.long)[seq] + at
+        src_row[~is_prefix] = src_slot[~is_prefix] = 0
+        index = torch.stack([take, src_row, src_slot, dst_row, dst_slot])
+        self.take, self.src_row, self.src_slot, self.dst_row, self.dst_slot = _to_device(index, device)
+        self.is_prefix = _to_device(is_prefix, device)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        out = []
+        for states, store in ((key_states, self.target.keys[layer_idx]), (value_states, self.target.values[layer_idx])):
+            new_KGd = states[0].transpose(0, 1)
+            if fused.active(new_KGd, store):
+                all_KGd = new_KGd
+                if self.shares:
+                    all_KGd = fused.kernels().pack_keys(new_KGd, store, self.take, self.src_row, self.src_slot)
+                fused.kernels().place_keys(all_KGd, store, self.dst_row, self.dst_slot)
+            else:
+                all_KGd = new_KGd
+                if self.shares:
+                    all_KGd = new_KGd.new_empty(self.take.shape[0], *new_KGd.shape[1:])
+                    all_KGd[~self.is_prefix] = new_KGd
+                    all_KGd[self.is_prefix] = store[self.src_row[self.is_prefix], :, self.src_slot[self.is_prefix]]
+                store[self.dst_row, :, self.dst_slot] = all_KGd
+            out.append(all_KGd.transpose(0, 1)[None])
+        return out[0], out[1]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def rotate_and_update(cache: Cache | None, q, k, v, cos, sin, layer_idx: int, cache_kwargs=None):

@@ -828,7 +828,8 @@ def sync_rope_cache(rotary, inputs: DecoderInputs) -> tuple[DecoderInputs, bool,
     `prefix` cached tokens and the caller drops their outputs. Decided from host integers only.
     """
     cache, T = inputs.cache, inputs.embeds_BTD.shape[1]
-    long = rotary.use_long(inputs.past_len + T)
+    packed = cache.packed if cache is not None else None  # packed sequences: the longest decides
+    long = rotary.use_long(max(packed.lens_k) if packed is not None else inputs.past_len + T)
     prefix = 0
     if cache is not None and rotary.longrope:
         if cache.rope_long != long and inputs.past_len > 0:
@@ -895,11 +896,14 @@ def decoder_forward(
     B = inp.embeds_BTD.shape[0]
     inp, long, prefix = sync_rope_cache(model.rotary_emb, inp)
     rope = model.rotary_emb(inp.position_ids_BT, inp.embeds_BTD.dtype, long)
-    mask, is_causal = build_mask(
-        attention_mask, inp.cache_position_T, inp.kv_len, sliding_window, B,
-        queries_at_end=inp.cache is None or not inp.cache.is_static,
-        segments_BT=packed_segments(position_ids, attention_mask, inp.cache, B),
-    )
+    if inp.cache is not None and inp.cache.packed is not None:  # sequences packed in one row
+        mask, is_causal = inp.cache.packed, True
+    else:
+        mask, is_causal = build_mask(
+            attention_mask, inp.cache_position_T, inp.kv_len, sliding_window, B,
+            queries_at_end=inp.cache is None or not inp.cache.is_static,
+            segments_BT=packed_segments(position_ids, attention_mask, inp.cache, B),
+        )
     x, hidden, attns, routers = run_layers(
         model.layers, inp.embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, model.norm,
         output_attentions, output_hidden_states, checkpointing, getattr(model, "spread_over_devices", False),

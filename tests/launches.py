@@ -10,6 +10,7 @@ import torch
 from archs import JETMOE, PHIMOE, randomize_
 
 from moetorch import StaticCache
+from moetorch.cache import PackedRows
 from moetorch.ops import fused, moe, triton_fused, triton_moe, triton_sample
 
 MODULES = (triton_fused, triton_moe, triton_sample)
@@ -72,6 +73,10 @@ def launch_everything(monkeypatch) -> None:
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
         kv = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
         StaticCache(num_layers=1, max_cache_len=4).update(kv, kv, 0)  # a static cache written directly
+        # continuous batching's packed prefill: its keys and values into rows, a prefix read in place
+        cache = StaticCache(num_layers=1, max_cache_len=8)
+        cache._allocate(2, 2, 8, torch.device("cpu"), torch.bfloat16)
+        PackedRows(cache, [1], [2], [3], [(0, 0, 2)]).update(kv, kv, 0)
         triton_moe._sum_over_k(torch.zeros(6, 8, dtype=torch.bfloat16), 3, 2)  # combined outputs, which the
         # models leave to their norms
         x, w = torch.zeros(8, 32, dtype=torch.bfloat16), torch.zeros(2, 48, 32, dtype=torch.bfloat16)

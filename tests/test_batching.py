@@ -119,11 +119,15 @@ def test_requests_join_and_leave(pair, seed, lag, shifts, monkeypatch):
     assert any(moved for *_, moved in shifts) or seed  # seed 0 shifts with requests running
 
 
-def test_prefill_batches():
-    """A group's prompts go into forwards of similar lengths once a forward is big enough."""
-    assert batching._prefill_batches([5, 100, 90, 8, 95, 6], min_tokens=150) == [[1, 4, 2], [3, 5, 0]]
-    assert batching._prefill_batches([5, 100, 90, 8, 95, 6], min_tokens=10**6) == [[1, 4, 2, 3, 5, 0]]
-    assert batching._prefill_batches([7], min_tokens=1) == [[0]]
+def test_keys_bound():
+    """A phase's prompts go into forwards of at most `limit` keys (shared + computed), in order;
+    a prompt alone may pass it."""
+    assert batching._keys_bound([0, 0, 0], [5, 100, 90], 1000) == [[0, 1, 2]]
+    assert batching._keys_bound([0, 0, 0], [5, 100, 90], 105) == [[0, 1], [2]]
+    assert batching._keys_bound([10, 10, 0, 10], [2, 2, 2, 2], 24) == [[0, 1], [2, 3]]
+    assert batching._keys_bound([10, 10, 0, 10], [2, 2, 2, 2], 23) == [[0], [1, 2], [3]]
+    assert batching._keys_bound([0, 50], [5, 60], 20) == [[0], [1]]
+    assert batching._keys_bound([], [], 20) == [[]]
 
 
 @pytest.mark.parametrize("d", [1, 3, 4, -1, -4])

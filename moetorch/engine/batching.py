@@ -13,7 +13,8 @@ rows is held on the device, where the step reads it:
 
 A request with a prompt of L tokens joins at column `col` by a prefill whose keys land in slots
 `col - L .. col - 1` of a free row; its first token comes from that prefill. Requests that join
-together are prefilled as one left-padded batch (at most `max_batch_tokens` tokens). A request
+together are prefilled in one forward (at most `max_batch_tokens` computed tokens), their prompts
+packed in one row without padding, each attending its own keys (`cache.PackedRows`). A request
 needs `col + max_new_tokens - 1 <= S` to finish in place; when a waiting request would not fit,
 the cache's live columns move in one shift (keys are rotated by position, not slot, so moving
 them changes nothing they compute), to the left when the batch has run far, or to the right to
@@ -47,7 +48,7 @@ from typing import Any
 
 import torch
 
-from ..cache import StaticCache, _kv_shape
+from ..cache import PackedRows, StaticCache, _kv_shape
 from . import prefixes
 from .cuda_graph import capture, own_forward
 from .prefixes import PrefixIndex
@@ -65,10 +66,6 @@ DEFAULT_BATCH_TOKENS = 16384
 # A cache without a hint has this many slots a row (within max_position_embeddings).
 DEFAULT_SLOTS = 4096
 SLOT_ROUND = 256
-# A prefill forward is split where padding would waste more than this share (1.25: a fifth of
-# its tokens), once the forward holds at least MIN_PREFILL_TOKENS padded tokens.
-PREFILL_WASTE = 1.25
-MIN_PREFILL_TOKENS = 8192
 # While requests run, waiting ones join once an eighth of the rows is free, or after waiting 8
 # decode steps: a prefill holds up every running row, and one of a few prompts costs about what a
 # large one does on the host.
@@ -80,9 +77,9 @@ READ_LAG = 1
 # phase if the group's requests save at least this many tokens that way (a forward's host time
 # is worth a few hundred tokens).
 FOLLOW_MIN_TOKENS = 512
-# A prefill whose prompts start from shared prefixes holds them in its scratch cache: it may take
-# this share of the free GPU memory (a forward costs tens of milliseconds of host time, so fewer,
-# wider ones pay), else as many slots as an unshared forward.
+# A prefill's attention gathers each layer's keys and values of its prompts' shared prefixes: they
+# may take this share of the free GPU memory (a forward costs tens of milliseconds of host time,
+# so fewer, wider ones pay), else as many keys as a forward computes.
 SCRATCH_SHARE = 0.5
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
@@ -342,53 +339,30 @@ class _Batch:
         self.pos[:b] += 1
         return logits
 
-    def prefill(self, prompts: list[list[int]], rows: list[int], pad_id: int,
+    def prefill(self, prompts: list[list[int]], rows: list[int],
                 shared: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
-        """The prompts' forward, left-padded into a scratch cache whose slots then land in `rows` at
+        """The prompts' forward, packed in one row with no padding, whose keys land in `rows` at
         `col - L .. col - 1`; their rows' masks, positions set. The last prompt tokens' logits.
 
         `shared`: per prompt, (row, first slot, p): its first p tokens' keys and values lie in that
-        row of the batch's cache (p = 0: none). They are copied into the scratch cache, which holds
-        them in its first P slots (each prompt's right-aligned) and the rest of the prompts after
-        them (left-padded); only the rest is computed."""
+        row of the batch's cache (p = 0: none). The forward computes the rest, which attends over
+        them where they lie, and copies them into the prompt's row."""
         device, k = self.model.device, len(prompts)
         lengths = [len(p) for p in prompts]
         shared = shared or [(0, 0, 0)] * k
-        P = max(p for *_, p in shared)
         rest = [n - p for n, (*_, p) in zip(lengths, shared)]
-        S = max(rest)
-        ids = torch.full((k, S), pad_id, dtype=torch.long)
-        amask = torch.zeros(k, P + S, dtype=torch.long)
-        for i, (prompt, (_, _, p)) in enumerate(zip(prompts, shared)):
-            ids[i, S - rest[i]:] = torch.tensor(prompt[p:], dtype=torch.long)
-            amask[i, P - p:P] = 1
-            amask[i, P + S - rest[i]:] = 1
-        ids, amask = _to(ids, device), _to(amask, device)
-        positions = (amask.cumsum(-1) - 1).clamp(min=0)[:, P:]
-        scratch = StaticCache(self.model.config, max_cache_len=P + S, max_batch_size=k, device=device,
-                              dtype=self.model.dtype)
-        scratch.records_inputs = False
-        for i, (row, first, p) in enumerate(shared):
-            if p:
-                for src, dst in zip(self.cache._all, scratch._all):
-                    dst[:, i, :, P - p:P] = src[:, row, :, first:first + p]
-        # `_seen` stays 0, as in decode steps: every row is short for LongRoPE, whatever P + S is
-        out = self.model(ids, attention_mask=amask, position_ids=positions, past_key_values=scratch,
-                         use_cache=True, cache_position=torch.arange(P, P + S, device=device), logits_to_keep=1,
-                         return_dict=True)
-        rows_t = _to(torch.tensor(rows), device)
-        try:  # (an out-of-memory error up to here left the batch's cache as it was: the caller may retry)
-            for src, dst in zip(scratch._all, self.cache._all):
-                dst[:, rows_t, :, self.col - S:self.col] = src[:, :, :, P:]
-                for i, (_, _, p) in enumerate(shared):
-                    if p:  # after the rest, whose padding it overwrites
-                        dst[:, rows[i], :, self.col - lengths[i]:self.col - rest[i]] = src[:, i, :, P - p:P]
-        except torch.OutOfMemoryError as e:
-            raise RuntimeError(f"continuous batching: out of memory while writing a prefill's slots: {e}") from e
-        lengths_t = _to(torch.tensor(lengths), device)
+        ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]], dtype=torch.long)
+        positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)])
+        last = torch.tensor(rest).cumsum(0) - 1  # each prompt's last token in the packed row
+        packed = PackedRows(self.cache, rows, [self.col - n for n in lengths], rest, shared,
+                            window=getattr(self.model.config, "sliding_window", None))
+        # `_seen` stays 0, as in decode steps: every row is short for LongRoPE
+        out = self.model(_to(ids, device)[None], position_ids=_to(positions, device)[None], past_key_values=packed,
+                         use_cache=True, logits_to_keep=_to(last, device), return_dict=True)
+        rows_t, lengths_t = _to(torch.tensor(rows), device), _to(torch.tensor(lengths), device)
         self.set_starts(rows_t, self.col - lengths_t)
         self.pos[rows_t, 0] = lengths_t
-        return out.logits[:, -1]
+        return out.logits[0]
 
     def set_starts(self, rows_R: torch.Tensor, starts_R: torch.Tensor) -> None:
         """The rows' masks: each attends its slots from its first one (`starts_R`) on."""
@@ -450,35 +424,15 @@ class _Step:
         return self.tokens.tolist(), None if self.logprobs is None else self.logprobs.tolist()
 
 
-def _prefill_batches(lengths: list[int], min_tokens: int) -> list[list[int]]:
-    """The prompts of a group (their lengths) in forwards of similar lengths: longest first, a new
-    forward once padding the next prompt to the forward's longest would waste more than a quarter
-    of its tokens, and the forward already has `min_tokens` (a forward's host time is about
-    constant, so small ones do not pay)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    parts: list[list[int]] = [[]]
-    real = 0
-    for i in order:
-        part = parts[-1]
-        if part:
-            top = lengths[part[0]]
-            if (len(part) + 1) * top > PREFILL_WASTE * (real + lengths[i]) and len(part) * top >= min_tokens:
-                parts.append([])
-                real = 0
-        parts[-1].append(i)
-        real += lengths[i]
-    return parts
-
-
 def _slot_bytes(config, dtype: torch.dtype) -> int:
     """Bytes of a cache slot of one row: a token's keys and values in every layer."""
     G, d = _kv_shape(config)
     return 2 * config.num_hidden_layers * G * d * dtype.itemsize
 
 
-def _slots_in(nbytes: int, config, dtype: torch.dtype) -> int:
-    """Cache slots that `nbytes` hold."""
-    return nbytes // _slot_bytes(config, dtype)
+def _keys_in(nbytes: int, config, dtype: torch.dtype) -> int:
+    """Tokens whose keys and values of one layer `nbytes` hold."""
+    return nbytes * config.num_hidden_layers // _slot_bytes(config, dtype)
 
 
 def _free_memory(device: torch.device) -> int:
@@ -488,20 +442,17 @@ def _free_memory(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def _scratch_bound(parts: list[list[int]], shared: list[int], rest: list[int], limit: int) -> list[list[int]]:
-    """`parts` (lists of indices) split in order so that each one's scratch cache, its prompts
-    x (longest shared prefix + longest rest), holds at most `limit` slots (a prompt alone may pass
-    it)."""
-    out = []
-    for part in parts:
-        cur: list[int] = []
-        for i in part:
-            wide = [*cur, i]
-            if cur and len(wide) * (max(shared[j] for j in wide) + max(rest[j] for j in wide)) > limit:
-                out.append(cur)
-                wide = [i]
-            cur = wide
-        out.append(cur)
+def _keys_bound(shared: list[int], rest: list[int], limit: int) -> list[list[int]]:
+    """Prompts (their shared and computed token counts) in forwards of at most `limit` keys, in
+    order (a prompt alone may pass it)."""
+    out: list[list[int]] = [[]]
+    keys = 0
+    for i, (p, n) in enumerate(zip(shared, rest)):
+        if out[-1] and keys + p + n > limit:
+            out.append([])
+            keys = 0
+        out[-1].append(i)
+        keys += p + n
     return out
 
 
@@ -549,12 +500,11 @@ class ContinuousBatchingManager:
         self._rows_of: tuple = (None, [], {})
         self._grammar_rows: tuple = (None, False)
         self._versions: list[int] = []  # the parameters' version counters when prefixes were last used
-        # What the loop did: rows decoded each step (the running requests), prompt tokens prefilled
-        # by forward (and with the padding), cache shifts, requests run alone (LongRoPE), and wall
-        # seconds in decode steps and in prefills (each ends reading tokens: the GPU's work is in).
-        self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "prefill_padded_tokens": [],
-                                      "shifts": 0, "alone": 0, "decode_s": 0.0, "prefill_s": 0.0,
-                                      "shared_tokens": 0}
+        # What the loop did: rows decoded each step (the running requests), prompt tokens computed
+        # by forward, cache shifts, requests run alone (LongRoPE), wall seconds in decode steps and
+        # in prefills (each ends reading tokens: the GPU's work is in), and prompt tokens shared.
+        self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "shifts": 0, "alone": 0,
+                                      "decode_s": 0.0, "prefill_s": 0.0, "shared_tokens": 0}
 
     # ---- settings -------------------------------------------------------------------------------
     def _settings(self, gen) -> None:
@@ -649,10 +599,7 @@ class ContinuousBatchingManager:
 
     def _ensure_batch(self) -> _Batch:
         if self._batch is None:
-            # (a shared prefix's prefill leaves padding between the prefix and the rest of a prompt,
-            # which a sliding window shorter than a row would count as distance)
-            window = getattr(self.model.config, "sliding_window", None)
-            share = self.continuous_batching_config.allow_block_sharing and (window is None or window >= self.slots)
+            share = self.continuous_batching_config.allow_block_sharing
             self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs, share=bool(share))
         return self._batch
 
@@ -1044,29 +991,31 @@ class ContinuousBatchingManager:
                              enumerate(zip(group, found))]
                 shared = [(f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0) for f in found]
                 rest = [len(group[i].prompt) - shared[i][2] for i in phase]
-                parts = _prefill_batches(rest, min(MIN_PREFILL_TOKENS, self.batch_tokens))
-                # a forward's scratch cache holds its prompts' shared prefixes too: as many slots
-                # as a forward of unshared prompts may have, or a share of the free memory
-                limit = max(int(PREFILL_WASTE * self.batch_tokens), self._scratch_room())
+                # a forward's attention holds each layer's keys of its prompts, shared prefixes
+                # included: as many as a forward computes, or a share of the free memory
+                limit = max(self.batch_tokens, self._keys_room())
                 todo = deque([phase[j] for j in part] for part in
-                             _scratch_bound(parts, [shared[i][2] for i in phase], rest, limit))
+                             _keys_bound([shared[i][2] for i in phase], rest, limit))
                 while todo:
                     part = todo.popleft()
                     try:
                         logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part],
-                                               self.pad_id, [shared[i] for i in part])
+                                               [shared[i] for i in part])
                     except torch.OutOfMemoryError:
-                        # the scratch cache's share of free memory was too much for this forward;
-                        # nothing of the batch's cache was written yet: retry in halves
-                        if len(part) == 1 or not any(shared[i][2] for i in part):
+                        # a forward too wide for the free memory: retried in halves. The rows it
+                        # wrote in part are the part's own; a prompt whose prefix lay in its own row
+                        # (which the forward may have overwritten) is computed whole.
+                        if len(part) == 1:
                             raise
+                        for i in part:
+                            if shared[i][2] and shared[i][0] == rows[i]:
+                                shared[i] = (0, 0, 0)
                         logger.warning("continuous batching: a prefill of %d prompts ran out of memory; retried in "
                                        "halves", len(part))
                         todo.extendleft([part[len(part) // 2:], part[:len(part) // 2]])
                         continue
                     computed = [len(group[i].prompt) - shared[i][2] for i in part]
                     self.stats["prefill_tokens"].append(sum(computed))
-                    self.stats["prefill_padded_tokens"].append(len(part) * max(computed))
                     self.stats["shared_tokens"] += sum(shared[i][2] for i in part)
                     t, lp = self._choose(logits, [group[i] for i in part], [rows[i] for i in part])
                     index = _to(torch.tensor(part), tokens.device)
@@ -1096,12 +1045,12 @@ class ContinuousBatchingManager:
         for r in running.values():
             r.start -= d
 
-    def _scratch_room(self) -> int:
-        """Slots of a prefill's scratch cache (over its rows) that SCRATCH_SHARE of the free GPU
-        memory holds (0 off the GPU)."""
+    def _keys_room(self) -> int:
+        """Keys (with their values) of one layer that SCRATCH_SHARE of the free GPU memory holds
+        (0 off the GPU): what a prefill's attention may gather from shared prefixes."""
         if self.model.device.type != "cuda":
             return 0
-        return _slots_in(int(SCRATCH_SHARE * _free_memory(self.model.device)), self.model.config, self.model.dtype)
+        return _keys_in(int(SCRATCH_SHARE * _free_memory(self.model.device)), self.model.config, self.model.dtype)
 
     def _weights_changed(self) -> bool:
         """Whether a parameter was changed in place (its version counter moved) since the last

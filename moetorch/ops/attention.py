@@ -8,7 +8,9 @@ eager, which must return the full attention weights anyway.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,77 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """Sequences packed along the token axis of one row (B = 1), given to `attention` as its mask.
+
+    Sequence i has queries `cu_q[i] .. cu_q[i + 1] - 1` and keys `cu_k[i] .. cu_k[i + 1] - 1`, and
+    its queries are the last of its keys: query t sees key j of its own sequence when j <= t
+    (counted from the sequence's end, so that keys before the queries are a cached prefix) and,
+    with `window`, t - j < window. `cu_q` / `cu_k` are int32 on the device; `lens_q` / `lens_k`
+    are the lengths on the host (the per-sequence path and the kernel's longest lengths)."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    lens_q: tuple[int, ...]
+    lens_k: tuple[int, ...]
+    window: int | None = None
+
+    @classmethod
+    def of(cls, lens_q, lens_k, device: torch.device, window: int | None = None) -> Packed:
+        lens_q, lens_k = tuple(lens_q), tuple(lens_k)
+        if len(lens_q) != len(lens_k) or any(q < 1 or k < q for q, k in zip(lens_q, lens_k)):
+            raise ValueError(f"Packed: every sequence needs 1 <= queries <= keys, got {lens_q} and {lens_k}")
+        offsets = torch.tensor([[0, *lens_q], [0, *lens_k]]).cumsum(1, dtype=torch.int32)  # rows: contiguous
+        if device.type == "cuda":
+            offsets = offsets.pin_memory().to(device, non_blocking=True)
+        return cls(offsets[0], offsets[1], lens_q, lens_k, window)
+
+
+@functools.cache
+def _ampere_or_later(device_index: int | None) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 8
+
+
+def packed_attention(q_NHd: torch.Tensor, k_NGd: torch.Tensor, v_NGd: torch.Tensor, packed: Packed,
+                     scale: float) -> torch.Tensor:
+    """Attention of packed sequences (see `Packed`): queries [N, H, d], keys and values [Nk, G, d]
+    (query head h reads kv head h // (H/G)); returns [N, H, d]. On a GPU in bf16 or fp16, one
+    varlen flash-attention kernel; else each sequence through sdpa."""
+    d = q_NHd.shape[-1]
+    n, L = len(packed.lens_q), packed.lens_q[0]
+    if packed.window is None and packed.lens_k == packed.lens_q == (L,) * n:
+        # sequences of one length, no prefixes: a batch of them through sdpa's causal kernel (on the
+        # H200, cuDNN's: about twice the varlen flash kernel's rate)
+        q, k, v = (t.unflatten(0, (n, L)).transpose(1, 2) for t in (q_NHd, k_NGd, v_NGd))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2).reshape(q_NHd.shape)
+    if (q_NHd.is_cuda and q_NHd.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 256
+            and torch.backends.cuda.flash_sdp_enabled() and _ampere_or_later(q_NHd.device.index)):
+        window = {} if packed.window is None else {"window_size_left": packed.window - 1, "window_size_right": 0}
+        return torch.ops.aten._flash_attention_forward(
+            q_NHd, k_NGd, v_NGd, packed.cu_q, packed.cu_k, max(packed.lens_q), max(packed.lens_k), 0.0, True,
+            False, scale=scale, **window,
+        )[0]
+    out = torch.empty_like(q_NHd)
+    q0 = k0 = 0
+    for Lq, Lk in zip(packed.lens_q, packed.lens_k):
+        q = q_NHd[q0:q0 + Lq].transpose(0, 1)[None]
+        k, v = k_NGd[k0:k0 + Lk].transpose(0, 1)[None], v_NGd[k0:k0 + Lk].transpose(0, 1)[None]
+        mask = None
+        if Lq != Lk or packed.window is not None:
+            q_pos = torch.arange(Lk - Lq, Lk, device=q.device)[:, None]
+            k_pos = torch.arange(Lk, device=q.device)[None]
+            mask = k_pos <= q_pos
+            if packed.window is not None:
+                mask = mask & (k_pos > q_pos - packed.window)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        out[q0:q0 + Lq] = o[0].transpose(0, 1)
+        q0, k0 = q0 + Lq, k0 + Lk
+    return out
 
 
 def check_attn_implementation(impl: str | None) -> str:
@@ -123,12 +196,16 @@ def attention(
     rotates and reorders them, and one copy brings the output back to the tiled order.
     `kv_rows` [B, S] (a cache's `slot_rows`): key and value slot s of row b are in row kv_rows[b, s]
     of k and v; the decode kernel reads them there, the other paths gather them first.
+    `mask` a `Packed`: one row of packed sequences (`packed_attention`), whatever `impl` says.
     """
     G = k_BGSd.shape[1]
+    packed = mask if isinstance(mask, Packed) else None
+    if packed is not None and (need_weights or dropout_p > 0 or kv_rows is not None):
+        raise ValueError("attention over packed sequences returns no weights and takes no dropout or kv_rows")
     if kv_rows is not None and kv_rows.shape != (k_BGSd.shape[0], k_BGSd.shape[2]):
         raise ValueError(f"kv_rows must be [batch, keys] = {(k_BGSd.shape[0], k_BGSd.shape[2])}, "
                          f"got {tuple(kv_rows.shape)}")
-    if _decode_fusable(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, impl, dropout_p, need_weights):
+    if packed is None and _decode_fusable(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, impl, dropout_p, need_weights):
         if rope_q is None or fused.active(q_BHTd, *rope_q):
             out = fused.kernels().decode_attention(
                 q_BHTd, k_BGSd, v_BGSd, mask, scale, kv_layout == "tiled", rope_q=rope_q, kv_rows=kv_rows
@@ -145,7 +222,11 @@ def attention(
             q_BHTd = apply_rotary(q_BHTd, *rope_q)
         if tiled:
             q_BHTd = _to_grouped(q_BHTd, G)
-    if need_weights or impl == "eager":
+    if packed is not None:
+        out = packed_attention(q_BHTd[0].transpose(0, 1), k_BGSd[0].transpose(0, 1), v_BGSd[0].transpose(0, 1),
+                               packed, scale).transpose(0, 1)[None]
+        weights = None
+    elif need_weights or impl == "eager":
         out, weights = _eager(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, scale, dropout_p)
     elif impl == "flash_attention_2" and mask is None:
         out, weights = _flash(q_BHTd, k_BGSd, v_BGSd, is_causal, scale, dropout_p), None

@@ -880,6 +880,86 @@ def tiled_heads(x_BTHd: torch.Tensor, groups: int) -> torch.Tensor:
     return out
 
 
+# ---- packed keys and values (continuous batching's prefill) ----------------------------------------
+
+
+@launcher
+@triton.jit
+def _pack_keys_kernel(new_ptr, store_ptr, out_ptr, take_ptr, rows_ptr, slots_ptr, K,
+                      sn_k, sn_g, ss_b, ss_g, ss_s, G: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
+    # Program (block of keys, kv head g): out[k, g] = new[take[k], g] where take[k] >= 0, else
+    # store[rows[k], g, slots[k]]; out contiguous [K, G, d].
+    keys = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    g = tl.program_id(1).to(tl.int64)
+    dd = tl.arange(0, D_PAD)
+    ok = keys < K
+    take = tl.load(take_ptr + keys, mask=ok, other=0).to(tl.int64)
+    row = tl.load(rows_ptr + keys, mask=ok, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + keys, mask=ok, other=0).to(tl.int64)
+    fresh = take >= 0
+    okd = ok[:, None] & (dd < HEAD_D)[None, :]
+    a = tl.load(new_ptr + (take * sn_k + g * sn_g)[:, None] + dd[None, :], mask=okd & fresh[:, None], other=0.0)
+    b = tl.load(store_ptr + (row * ss_b + g * ss_g + slot * ss_s)[:, None] + dd[None, :], mask=okd & ~fresh[:, None],
+                other=0.0)
+    out = out_ptr + ((keys.to(tl.int64) * G + g) * HEAD_D)[:, None] + dd[None, :]
+    tl.store(out, tl.where(fresh[:, None], a, b), mask=okd)
+
+
+@launcher
+@triton.jit
+def _place_keys_kernel(src_ptr, store_ptr, rows_ptr, slots_ptr, K, sx_k, sx_g, ss_b, ss_g, ss_s,
+                       HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
+    # Program (block of keys, kv head g): store[rows[k], g, slots[k]] = src[k, g].
+    keys = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    g = tl.program_id(1).to(tl.int64)
+    dd = tl.arange(0, D_PAD)
+    ok = keys < K
+    row = tl.load(rows_ptr + keys, mask=ok, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + keys, mask=ok, other=0).to(tl.int64)
+    okd = ok[:, None] & (dd < HEAD_D)[None, :]
+    val = tl.load(src_ptr + (keys.to(tl.int64) * sx_k + g * sx_g)[:, None] + dd[None, :], mask=okd)
+    tl.store(store_ptr + (row * ss_b + g * ss_g + slot * ss_s)[:, None] + dd[None, :], val, mask=okd)
+
+
+def _key_blocks(K: int, d: int) -> int:
+    # keys a program copies: about 16 KB of one head's rows
+    return max(1, min(next_power_of_2(max(K, 1)), (8192 // max(d, 1)) or 1))
+
+
+def pack_keys(new_KGd: torch.Tensor, store_BGSd: torch.Tensor, take_K: torch.Tensor, rows_K: torch.Tensor,
+              slots_K: torch.Tensor) -> torch.Tensor:
+    """[K, G, d] contiguous: row k is `new[take[k]]` where take[k] >= 0, else `store[rows[k], :,
+    slots[k]]` (a cached key read where it lies). Index tensors [K], any integer dtype."""
+    K, (_, G, _, d) = take_K.shape[0], store_BGSd.shape
+    new_KGd, store_BGSd = _unit_last(new_KGd), _unit_last(store_BGSd)
+    out = torch.empty(K, G, d, dtype=store_BGSd.dtype, device=store_BGSd.device)
+    if K:
+        block = _key_blocks(K, d)
+        _pack_keys_kernel[(cdiv(K, block), G)](
+            new_KGd, store_BGSd, out, take_K, rows_K, slots_K, K, new_KGd.stride(0), new_KGd.stride(1),
+            *store_BGSd.stride()[:3], G=G, HEAD_D=d, D_PAD=next_power_of_2(d), BLOCK_K=block,
+            num_warps=4, **pdl_meta(store_BGSd.device),
+        )
+    return out
+
+
+def place_keys(src_KGd: torch.Tensor, store_BGSd: torch.Tensor, rows_K: torch.Tensor, slots_K: torch.Tensor) -> None:
+    """`store[rows[k], :, slots[k]] = src[k]` for every k (the (row, slot) pairs distinct), in place."""
+    K, G, d = src_KGd.shape
+    if store_BGSd.stride(-1) != 1:
+        raise ValueError("place_keys: the store's last dimension must be contiguous")
+    src_KGd = _unit_last(src_KGd)
+    if K:
+        block = _key_blocks(K, d)
+        _place_keys_kernel[(cdiv(K, block), G)](
+            src_KGd, store_BGSd, rows_K, slots_K, K, src_KGd.stride(0), src_KGd.stride(1), *store_BGSd.stride()[:3],
+            HEAD_D=d, D_PAD=next_power_of_2(d), BLOCK_K=block, num_warps=4, **pdl_meta(store_BGSd.device),
+        )
+
+
 # ---- attention mask ------------------------------------------------------------------------------
 
 
