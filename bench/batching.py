@@ -73,7 +73,7 @@ def timed_run(model, lib: str, prompts, new: int) -> dict:
     run()
     manager = getattr(model, "_cached_continuous_batching_manager", None)
     if lib == "moetorch":
-        manager.stats.update(decode_rows=[], prefill_tokens=[], prefill_padded_tokens=[], shifts=0, alone=0,
+        manager.stats.update(decode_rows=[], prefill_tokens=[], shifts=0, alone=0,
                              decode_s=0.0, prefill_s=0.0)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -90,8 +90,7 @@ def timed_run(model, lib: str, prompts, new: int) -> dict:
         row.update(rows=manager.rows, slots=manager.slots, decode_steps=len(st["decode_rows"]),
                    mean_rows=sum(st["decode_rows"]) / max(len(st["decode_rows"]), 1),
                    prefill_forwards=len(st["prefill_tokens"]), shifts=st["shifts"], decode_s=st["decode_s"],
-                   prefill_s=st["prefill_s"], prefill_tokens=sum(st["prefill_tokens"]),
-                   prefill_padded_tokens=sum(st["prefill_padded_tokens"]))
+                   prefill_s=st["prefill_s"], prefill_tokens=sum(st["prefill_tokens"]))
         row["stats"] = {"decode_rows": st["decode_rows"], "prefill_tokens": st["prefill_tokens"]}
     if hasattr(model, "destroy_cached_continuous_batching_manager"):
         model.destroy_cached_continuous_batching_manager()
@@ -231,8 +230,8 @@ def main() -> int:
             r["pct_of_floor"] = 100 * r["floor_s"] / r["seconds"]
             log(f"{name}/moetorch {key}: floor {r['floor_s']:.2f} s, {r['pct_of_floor']:.1f}% of it; "
                 f"{r['decode_steps']} steps ({r['decode_s']:.2f} s), mean {r['mean_rows']:.1f} rows, {r['shifts']} "
-                f"shifts; prefill {r['prefill_s']:.2f} s, {r['prefill_tokens']} tokens ({r['prefill_padded_tokens']} "
-                "padded)")
+                f"shifts; prefill {r['prefill_s']:.2f} s, {r['prefill_tokens']} tokens in {r['prefill_forwards']} "
+                "forwards")
             row[f"moetorch_{key}"] = r
         row["logprob_check"] = logprob_check(model, prompts[: args.check], min(args.new, 32))
         lo_n, hi_n = args.staggered

@@ -29,7 +29,7 @@ def main() -> int:
     gen = gen_config("moetorch", args.new)
     model.generate_batch(prompts, generation_config=gen, persistent_manager=True)
     manager = model._cached_continuous_batching_manager
-    manager.stats.update(decode_rows=[], prefill_tokens=[], prefill_padded_tokens=[], shifts=0, alone=0,
+    manager.stats.update(decode_rows=[], prefill_tokens=[], shifts=0, alone=0,
                          decode_s=0.0, prefill_s=0.0)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
@@ -39,7 +39,7 @@ def main() -> int:
         wall = time.perf_counter() - t0
     st = manager.stats
     print(f"wall {wall:.2f} s; decode {st['decode_s']:.2f} s in {len(st['decode_rows'])} steps; prefill "
-          f"{st['prefill_s']:.2f} s in {len(st['prefill_tokens'])} forwards: {st['prefill_padded_tokens']}")
+          f"{st['prefill_s']:.2f} s in {len(st['prefill_tokens'])} forwards: {sum(st['prefill_tokens'])} tokens")
     ka = prof.key_averages()
     print(ka.table(sort_by="self_cpu_time_total", row_limit=args.top))
     print(ka.table(sort_by="self_cuda_time_total", row_limit=args.top))

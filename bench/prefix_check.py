@@ -32,10 +32,10 @@ def check(model, vocab: int, prefix: int, questions: list[int]) -> dict:
     k = len(prompts)
     batch = _Batch(model, rows=2 * k + 1, slots=prefix + max(questions) + 64, graphs=False, share=True)
     batch.col = prefix + max(questions)
-    batch.prefill([system + [1]], [0], 0)  # the source row: the system prompt's keys in row 0
+    batch.prefill([system + [1]], [0])  # the source row: the system prompt's keys in row 0
     start = batch.col - prefix - 1
-    shared = batch.prefill(prompts, list(range(1, k + 1)), 0, [(0, start, prefix)] * k)
-    plain = batch.prefill(prompts, list(range(k + 1, 2 * k + 1)), 0)
+    shared = batch.prefill(prompts, list(range(1, k + 1)), [(0, start, prefix)] * k)
+    plain = batch.prefill(prompts, list(range(k + 1, 2 * k + 1)))
     out = {"prefix": prefix, "questions": questions, "rows": []}
     for i, p in enumerate(prompts):
         full = model(torch.tensor([p], device=model.device), use_cache=False).logits[0, -1]

@@ -1,13 +1,12 @@
 """Where a shared-prefix prefill's time goes: each prefill forward of the `system` workload of
 `bench/prefix_sharing.py` (sharing on), timed with a device sync around the whole call and around
-the model's forward inside it (the rest: building the inputs and the scratch cache, copying the
-prefixes in and the slots out).
+the model's forward inside it (the rest: building the packed inputs and their index tensors).
 
     PYTHONPATH=.:bench python bench/prefix_probe.py --out r.txt [--model jetmoe] [--kernels]
 
 With --kernels instead: three forwards alone, each timed (wall, median of 3) and its CUDA kernels
 summed under the profiler: a plain forward over one prompt, the manager's prefill of that prompt
-into a scratch cache, and a prefill of 17 prompts that start from a shared prefix of `--system`
+into a row of its cache, and a prefill of 17 prompts that start from a shared prefix of `--system`
 tokens. Kernel time far below the wall time says the forward waits on the host.
 """
 
@@ -29,15 +28,15 @@ def kernels(model, prompts: list[list[int]], prefix: int, rows: int = 17, top: i
 
     batch = _Batch(model, rows=rows + 2, slots=max(map(len, prompts)) + 64, graphs=False, share=True)
     batch.col = max(map(len, prompts))
-    batch.prefill([prompts[0]], [0], 0)
+    batch.prefill([prompts[0]], [0])
     start = batch.col - len(prompts[0])
     group = prompts[1:rows + 1]
     cases = {
         "plain forward, 1 prompt": lambda: model(torch.tensor([prompts[0]], device="cuda"), use_cache=False,
                                                  logits_to_keep=1),
-        "manager prefill, 1 prompt": lambda: batch.prefill([prompts[0]], [rows + 1], 0),
+        "manager prefill, 1 prompt": lambda: batch.prefill([prompts[0]], [rows + 1]),
         f"manager prefill, {rows} prompts from a shared prefix": lambda: batch.prefill(
-            group, list(range(1, rows + 1)), 0, [(0, start, prefix)] * rows),
+            group, list(range(1, rows + 1)), [(0, start, prefix)] * rows),
     }
     lines = []
     for name, fn in cases.items():
@@ -86,13 +85,13 @@ def main() -> int:
         calls[-1]["forward_s"] = time.perf_counter() - t0
         return out
 
-    def timed_prefill(self, prompts, rows, pad_id, shared=None):
+    def timed_prefill(self, prompts, rows, shared=None):
         torch.cuda.synchronize()
         shared = shared or [(0, 0, 0)] * len(prompts)
         calls.append({"rows": len(prompts), "P": max(s[2] for s in shared),
                       "S": max(len(q) - s[2] for q, s in zip(prompts, shared))})
         t0 = time.perf_counter()
-        out = original(self, prompts, rows, pad_id, shared)
+        out = original(self, prompts, rows, shared)
         torch.cuda.synchronize()
         calls[-1]["total_s"] = time.perf_counter() - t0
         return out

@@ -127,7 +127,7 @@ def arm(model, share: bool, first, turns: int, args, vocab: int, rows: int) -> d
         batch = m._batch
         if batch.prefixes is not None:
             batch.prefixes.clear()
-        for key in ("decode_rows", "prefill_tokens", "prefill_padded_tokens"):
+        for key in ("decode_rows", "prefill_tokens"):
             m.stats[key] = []
         m.stats.update(shifts=0, decode_s=0.0, prefill_s=0.0, shared_tokens=0)
         outputs, seconds, first_s = run_turns(m, first, turns, args.message, vocab)
