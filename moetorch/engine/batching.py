@@ -437,7 +437,7 @@ def _keys_in(nbytes: int, config, dtype: torch.dtype) -> int:
 
 def _free_memory(device: torch.device) -> int:
     """The GPU's free bytes, with what torch's allocator holds for reuse (a manager destroyed just
-    before, a prefill's scratch cache) counted free."""
+    before, a prefill's activations) counted free."""
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
