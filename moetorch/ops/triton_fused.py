@@ -883,6 +883,20 @@ def tiled_heads(x_BTHd: torch.Tensor, groups: int) -> torch.Tensor:
 # ---- packed keys and values (continuous batching's prefill) ----------------------------------------
 
 
+@triton.jit
+def _key_block(rows_ptr, slots_ptr, K, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A program's keys (block program_id(0)), its kv head g (program_id(1)), the head's columns,
+    # the masks, and each key's (row, slot) in the store.
+    keys = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    g = tl.program_id(1).to(tl.int64)
+    dd = tl.arange(0, D_PAD)
+    ok = keys < K
+    okd = ok[:, None] & (dd < HEAD_D)[None, :]
+    row = tl.load(rows_ptr + keys, mask=ok, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + keys, mask=ok, other=0).to(tl.int64)
+    return keys, g, dd, ok, okd, row, slot
+
+
 @launcher
 @triton.jit
 def _pack_keys_kernel(new_ptr, store_ptr, out_ptr, take_ptr, rows_ptr, slots_ptr, K,
@@ -891,15 +905,9 @@ def _pack_keys_kernel(new_ptr, store_ptr, out_ptr, take_ptr, rows_ptr, slots_ptr
     _pdl_start(PDL)
     # Program (block of keys, kv head g): out[k, g] = new[take[k], g] where take[k] >= 0, else
     # store[rows[k], g, slots[k]]; out contiguous [K, G, d].
-    keys = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    g = tl.program_id(1).to(tl.int64)
-    dd = tl.arange(0, D_PAD)
-    ok = keys < K
+    keys, g, dd, ok, okd, row, slot = _key_block(rows_ptr, slots_ptr, K, HEAD_D, D_PAD, BLOCK_K)
     take = tl.load(take_ptr + keys, mask=ok, other=0).to(tl.int64)
-    row = tl.load(rows_ptr + keys, mask=ok, other=0).to(tl.int64)
-    slot = tl.load(slots_ptr + keys, mask=ok, other=0).to(tl.int64)
     fresh = take >= 0
-    okd = ok[:, None] & (dd < HEAD_D)[None, :]
     a = tl.load(new_ptr + (take * sn_k + g * sn_g)[:, None] + dd[None, :], mask=okd & fresh[:, None], other=0.0)
     b = tl.load(store_ptr + (row * ss_b + g * ss_g + slot * ss_s)[:, None] + dd[None, :], mask=okd & ~fresh[:, None],
                 other=0.0)
@@ -913,13 +921,7 @@ def _place_keys_kernel(src_ptr, store_ptr, rows_ptr, slots_ptr, K, sx_k, sx_g, s
                        HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     # Program (block of keys, kv head g): store[rows[k], g, slots[k]] = src[k, g].
-    keys = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    g = tl.program_id(1).to(tl.int64)
-    dd = tl.arange(0, D_PAD)
-    ok = keys < K
-    row = tl.load(rows_ptr + keys, mask=ok, other=0).to(tl.int64)
-    slot = tl.load(slots_ptr + keys, mask=ok, other=0).to(tl.int64)
-    okd = ok[:, None] & (dd < HEAD_D)[None, :]
+    keys, g, dd, ok, okd, row, slot = _key_block(rows_ptr, slots_ptr, K, HEAD_D, D_PAD, BLOCK_K)
     val = tl.load(src_ptr + (keys.to(tl.int64) * sx_k + g * sx_g)[:, None] + dd[None, :], mask=okd)
     tl.store(store_ptr + (row * ss_b + g * ss_g + slot * ss_s)[:, None] + dd[None, :], val, mask=okd)
 
