@@ -20,6 +20,7 @@ import torch
 
 from .ops import fused
 from .ops.attention import Packed
+from .ops.host import to_device
 from .ops.linear import linears_rotated
 from .ops.rope import apply_rotary_qk
 
@@ -482,8 +483,7 @@ class PackedRows(Cache):
         dst_row, dst_slot = torch.tensor(rows, dtype=torch.long)[seq], torch.tensor(starts, dtype=torch.long)[seq] + at
         src_row[~is_prefix] = src_slot[~is_prefix] = 0
         index = torch.stack([take, src_row, src_slot, dst_row, dst_slot])
-        self.take, self.src_row, self.src_slot, self.dst_row, self.dst_slot = _to_device(index, device)
-        self.is_prefix = _to_device(is_prefix, device)
+        self.take, self.src_row, self.src_slot, self.dst_row, self.dst_slot = to_device(index, device)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         out = []
@@ -497,16 +497,13 @@ class PackedRows(Cache):
             else:
                 all_KGd = new_KGd
                 if self.shares:
+                    fresh = self.take >= 0  # as pack_keys reads `take`
                     all_KGd = new_KGd.new_empty(self.take.shape[0], *new_KGd.shape[1:])
-                    all_KGd[~self.is_prefix] = new_KGd
-                    all_KGd[self.is_prefix] = store[self.src_row[self.is_prefix], :, self.src_slot[self.is_prefix]]
+                    all_KGd[fresh] = new_KGd
+                    all_KGd[~fresh] = store[self.src_row[~fresh], :, self.src_slot[~fresh]]
                 store[self.dst_row, :, self.dst_slot] = all_KGd
             out.append(all_KGd.transpose(0, 1)[None])
         return out[0], out[1]
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def rotate_and_update(cache: Cache | None, q, k, v, cos, sin, layer_idx: int, cache_kwargs=None):

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from ..cache import PackedRows, StaticCache, _kv_shape
+from ..ops.host import to_device
 from . import prefixes
 from .cuda_graph import capture, own_forward
 from .prefixes import PrefixIndex
@@ -80,7 +81,7 @@ FOLLOW_MIN_TOKENS = 512
 # A prefill's attention gathers each layer's keys and values of its prompts' shared prefixes: they
 # may take this share of the free GPU memory (a forward costs tens of milliseconds of host time,
 # so fewer, wider ones pay), else as many keys as a forward computes.
-SCRATCH_SHARE = 0.5
+PREFIX_KEYS_SHARE = 0.5
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -357,9 +358,10 @@ class _Batch:
         packed = PackedRows(self.cache, rows, [self.col - n for n in lengths], rest, shared,
                             window=getattr(self.model.config, "sliding_window", None))
         # `_seen` stays 0, as in decode steps: every row is short for LongRoPE
-        out = self.model(_to(ids, device)[None], position_ids=_to(positions, device)[None], past_key_values=packed,
-                         use_cache=True, logits_to_keep=_to(last, device), return_dict=True)
-        rows_t, lengths_t = _to(torch.tensor(rows), device), _to(torch.tensor(lengths), device)
+        out = self.model(to_device(ids, device)[None], position_ids=to_device(positions, device)[None],
+                         past_key_values=packed, use_cache=True, logits_to_keep=to_device(last, device),
+                         return_dict=True)
+        rows_t, lengths_t = to_device(torch.tensor(rows), device), to_device(torch.tensor(lengths), device)
         self.set_starts(rows_t, self.col - lengths_t)
         self.pos[rows_t, 0] = lengths_t
         return out.logits[0]
@@ -398,8 +400,8 @@ class _Batch:
                     layer[:, :, lo - d:self.col - d].copy_(layer[:, :, lo:self.col].clone())
         self.col = new_col
         if starts:
-            self.set_starts(_to(torch.tensor(list(starts)), self.mask.device),
-                            _to(torch.tensor(list(starts.values())) - d, self.mask.device))
+            self.set_starts(to_device(torch.tensor(list(starts)), self.mask.device),
+                            to_device(torch.tensor(list(starts.values())) - d, self.mask.device))
 
 
 class _Step:
@@ -1018,14 +1020,14 @@ class ContinuousBatchingManager:
                     self.stats["prefill_tokens"].append(sum(computed))
                     self.stats["shared_tokens"] += sum(shared[i][2] for i in part)
                     t, lp = self._choose(logits, [group[i] for i in part], [rows[i] for i in part])
-                    index = _to(torch.tensor(part), tokens.device)
+                    index = to_device(torch.tensor(part), tokens.device)
                     tokens[index] = t
                     if logprobs is not None:
                         logprobs.append((part, lp))
                 if batch.prefixes is not None:
                     for i in phase:
                         batch.prefixes.running(rows[i], group[i])
-            batch.ids[_to(torch.tensor(rows), tokens.device), 0] = tokens
+            batch.ids[to_device(torch.tensor(rows), tokens.device), 0] = tokens
             for req in group:  # left waiting until here, so that an error above fails them too
                 waiting.popleft()
                 req.status = RequestStatus.DECODING
@@ -1046,11 +1048,11 @@ class ContinuousBatchingManager:
             r.start -= d
 
     def _keys_room(self) -> int:
-        """Keys (with their values) of one layer that SCRATCH_SHARE of the free GPU memory holds
+        """Keys (with their values) of one layer that PREFIX_KEYS_SHARE of the free GPU memory holds
         (0 off the GPU): what a prefill's attention may gather from shared prefixes."""
         if self.model.device.type != "cuda":
             return 0
-        return _keys_in(int(SCRATCH_SHARE * _free_memory(self.model.device)), self.model.config, self.model.dtype)
+        return _keys_in(int(PREFIX_KEYS_SHARE * _free_memory(self.model.device)), self.model.config, self.model.dtype)
 
     def _weights_changed(self) -> bool:
         """Whether a parameter was changed in place (its version counter moved) since the last
@@ -1263,7 +1265,7 @@ class ContinuousBatchingManager:
             if part is not bitmask:
                 bitmask[:, :words] = part
             logits_BV = apply_bitmask(logits_BV, bitmask.to(logits_BV.device, non_blocking=cuda),
-                                      _to(torch.tensor(rows), logits_BV.device))
+                                      to_device(torch.tensor(rows), logits_BV.device))
         return logits_BV
 
     def _logprobs(self, scores_BV: torch.Tensor, tokens_B: torch.Tensor, reqs: list) -> torch.Tensor:
@@ -1289,9 +1291,9 @@ class ContinuousBatchingManager:
             return memo["settings"]
         greedy = Sampling(False)
         ss = [greedy if r is None else (r.sampling or self.default_sampling) for r in reqs]
-        settings = RowSettings.of(ss, lambda values, dtype: _to(torch.tensor(values, dtype=dtype), device))
-        seeds = _to(torch.tensor([0 if r is None else r.seed for r in reqs]), device)
-        firsts = _to(torch.tensor([0 if r is None else r.first for r in reqs]), device)
+        settings = RowSettings.of(ss, lambda values, dtype: to_device(torch.tensor(values, dtype=dtype), device))
+        seeds = to_device(torch.tensor([0 if r is None else r.seed for r in reqs]), device)
+        firsts = to_device(torch.tensor([0 if r is None else r.first for r in reqs]), device)
         memo["settings"] = out = (settings, seeds, firsts)
         return out
 
@@ -1317,11 +1319,11 @@ class ContinuousBatchingManager:
                 scores_BV = penalize_rows(scores_BV, None, None, settings)
             return scores_BV, None
         if rows is not None:  # a prefill's rows
-            rows_B = _to(torch.tensor(rows), scores_BV.device)
+            rows_B = to_device(torch.tensor(rows), scores_BV.device)
         else:  # a decode step's: 0 .. B - 1, kept until its rows change
             memo = self._memo(reqs)
             if "rows" not in memo:
-                memo["rows"] = _to(torch.tensor(range(len(reqs))), scores_BV.device)
+                memo["rows"] = to_device(torch.tensor(range(len(reqs))), scores_BV.device)
             rows_B = memo["rows"]
         counts = self._batch.counts
         return penalize_rows(scores_BV, counts.generated[rows_B], counts.prompt[rows_B], settings), rows_B
@@ -1335,7 +1337,7 @@ class ContinuousBatchingManager:
         if batch.counts is None:
             batch.counts = TokenCounts(batch.R, self.model.config.vocab_size, device)
         batch.counts.reset([row for row, _ in taken], [req.prompt for _, req in taken],
-                           lambda values, dtype: _to(torch.tensor(values, dtype=dtype), device))
+                           lambda values, dtype: to_device(torch.tensor(values, dtype=dtype), device))
 
     def _alone(self, req: _Request) -> None:
         """A LongRoPE request past `original_max_position_embeddings`, through `generate`."""
@@ -1451,14 +1453,6 @@ def _prompt_list(input_ids, vocab: int, request_id) -> list[int]:
     if bad:
         raise ValueError(f"{what}: token id {bad[0]} is outside the vocabulary (0 .. {vocab - 1})")
     return prompt
-
-
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU from pinned memory without waiting (the host goes on
-    launching while a step in flight runs)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused
+from .host import to_device
 from .rope import apply_rotary
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -47,8 +48,7 @@ class Packed:
         if len(lens_q) != len(lens_k) or any(q < 1 or k < q for q, k in zip(lens_q, lens_k)):
             raise ValueError(f"Packed: every sequence needs 1 <= queries <= keys, got {lens_q} and {lens_k}")
         offsets = torch.tensor([[0, *lens_q], [0, *lens_k]]).cumsum(1, dtype=torch.int32)  # rows: contiguous
-        if device.type == "cuda":
-            offsets = offsets.pin_memory().to(device, non_blocking=True)
+        offsets = to_device(offsets, device)
         return cls(offsets[0], offsets[1], lens_q, lens_k, window)
 
 
