@@ -169,3 +169,14 @@ def test_packed_rows_bad_input():
         PackedRows(cache, [1], [8], [2], [(0, 0, 3)])
     with pytest.raises(ValueError, match="a new token"):
         PackedRows(cache, [1], [0], [0])
+
+
+def test_place_keys_needs_a_store_with_contiguous_rows():
+    """`place_keys` writes in place, so a store whose last dimension is strided (which a copy would
+    hide) is an error that names it."""
+    from moetorch.ops import triton_fused
+
+    store = torch.zeros(2, 2, 8, 4).transpose(2, 3)  # [B, G, d, S] memory
+    with pytest.raises(ValueError, match="store's last dimension must be contiguous"):
+        triton_fused.place_keys(torch.zeros(1, 2, 8), store, torch.zeros(1, dtype=torch.long),
+                                torch.zeros(1, dtype=torch.long))
