@@ -445,6 +445,63 @@ class StaticCache(Cache):
         self.slot_rows = None
 
 
+def pack_plan(rows: list[int], starts: list[int], new: list[int], shared: list[tuple[int, int, int]] | None,
+              slots: int, pad: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Where the keys of a forward over packed sequences come from and go (see `PackedRows`), on
+    the host: (index [5, K] int64, the sequences' query counts, their key counts).
+
+    The index's rows, per key in the packed order (each sequence's prefix, then its new tokens):
+    `take`, the forward's token of a new key (-1 for a prefix key); `src_row`, `src_slot`, where a
+    prefix key lies (0 for a new one); `dst_row`, `dst_slot`, where the key goes.
+
+    `pad = (tokens, keys)`: the forward runs `tokens` tokens and holds `keys` keys, at least the
+    sequences' own, with `keys - tokens` at least their prefix keys (a CUDA graph's fixed shapes).
+    The extra tokens are one more sequence, the extra keys its prefix; with no extra tokens the
+    extra keys belong to no sequence. Their keys are read from slot 0 of row 0 and go nowhere
+    (`dst_row` -1)."""
+    k = len(new)
+    shared = shared or [(0, 0, 0)] * k
+    if len(rows) != k or len(starts) != k or len(shared) != k:
+        raise ValueError("PackedRows: rows, starts, new and shared need one entry per sequence")
+    prefix = [p for *_, p in shared]
+    if min(new, default=0) < 1 or min(starts, default=0) < 0 or \
+            max((s + p + n for s, p, n in zip(starts, prefix, new)), default=0) > slots:
+        raise ValueError(f"PackedRows: every sequence needs a new token and slots within the {slots} of a row")
+    lens_q, lens_k = list(new), [p + n for p, n in zip(prefix, new)]
+    src_rows, firsts = [r for r, *_ in shared], [f for _, f, _ in shared]
+    dst_rows, dst_starts = list(rows), list(starts)
+    extra_q = extra_k = 0
+    if pad is not None:
+        extra_q, extra_k = pad[0] - sum(lens_q), pad[1] - sum(lens_k)
+        if extra_q < 0 or extra_k < extra_q:
+            raise ValueError(f"PackedRows: a pad of {pad} (tokens, keys) must hold the sequences' {sum(lens_q)} "
+                             f"tokens and {sum(lens_k)} keys, with at least as many extra keys as tokens")
+        if extra_q:
+            prefix.append(extra_k - extra_q)
+            lens_q.append(extra_q)
+            lens_k.append(extra_k)
+            src_rows.append(0), firsts.append(0), dst_rows.append(-1), dst_starts.append(0)
+    lens = torch.tensor(lens_k, dtype=torch.long)
+    seq = torch.repeat_interleave(torch.arange(len(lens_k)), lens)  # each key's sequence
+    at = torch.arange(len(seq)) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)  # its place in it
+    is_prefix = at < torch.tensor(prefix, dtype=torch.long)[seq]
+    take = torch.full((len(seq),), -1, dtype=torch.long)
+    take[~is_prefix] = torch.arange(int((~is_prefix).sum()))
+    def per_key(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long)[seq]
+
+    src_row, src_slot = per_key(src_rows), per_key(firsts) + at
+    dst_row, dst_slot = per_key(dst_rows), per_key(dst_starts) + at
+    src_row[~is_prefix] = src_slot[~is_prefix] = 0
+    nowhere = dst_row < 0  # the padding's keys
+    src_slot[nowhere] = dst_slot[nowhere] = 0
+    index = torch.stack([take, src_row, src_slot, dst_row, dst_slot])
+    if extra_k and not extra_q:
+        loose = torch.tensor([-1, 0, 0, -1, 0], dtype=torch.long)[:, None].expand(5, extra_k)
+        index = torch.cat([index, loose], dim=1)
+    return index, lens_q, lens_k
+
+
 class PackedRows(Cache):
     """The cache of one forward over sequences packed in one row (`ops.attention.Packed`), whose
     keys and values land in rows of a StaticCache `target` (continuous batching's prefill).
@@ -453,37 +510,30 @@ class PackedRows(Cache):
     first, p)`: p keys read from that row of `target`, slots `first ..` (p = 0: none), then its new
     tokens' keys; all of them go to row `rows[i]`, slots `starts[i] ..`, and the sequence attends
     over them. Each layer's prefixes are read before anything of that layer is written, so a
-    prefix may come from the row that it moves within. Nothing else of `target` changes."""
+    prefix may come from the row that it moves within. Nothing else of `target` changes.
+
+    `PackedRows.static` makes one over device buffers that a CUDA graph reads at each replay."""
 
     def __init__(self, target: StaticCache, rows: list[int], starts: list[int], new: list[int],
                  shared: list[tuple[int, int, int]] | None = None, window: int | None = None) -> None:
+        index, lens_q, lens_k = pack_plan(rows, starts, new, shared, target.max_cache_len)
+        device = target._all[0].device
+        self._bind(target, to_device(index, device), Packed.of(lens_q, lens_k, device, window),
+                   shares=sum(lens_k) > sum(lens_q), padded=False)
+
+    @classmethod
+    def static(cls, target: StaticCache, index_5K: torch.Tensor, packed: Packed, tokens: int) -> PackedRows:
+        """Over a `pack_plan` index (padded, `pad=(tokens, K)`) already on the device, in a buffer
+        that each use refills."""
+        self = cls.__new__(cls)
+        self._bind(target, index_5K, packed, shares=index_5K.shape[1] > tokens, padded=True)
+        return self
+
+    def _bind(self, target: StaticCache, index_5K: torch.Tensor, packed: Packed, shares: bool, padded: bool) -> None:
         super().__init__()
         self.records_inputs = False
-        self.target = target
-        S = target.max_cache_len
-        shared = shared or [(0, 0, 0)] * len(new)
-        if len(rows) != len(new) or len(starts) != len(new) or len(shared) != len(new):
-            raise ValueError("PackedRows: rows, starts, new and shared need one entry per sequence")
-        prefix = torch.tensor([p for *_, p in shared], dtype=torch.long)
-        lens_k = prefix + torch.tensor(new, dtype=torch.long)
-        ends = [s + n for s, n in zip(starts, lens_k.tolist())]
-        if min(new, default=0) < 1 or min(starts, default=0) < 0 or max(ends, default=0) > S:
-            raise ValueError(f"PackedRows: every sequence needs a new token and slots within the {S} of a row")
-        device = target._all[0].device
-        self.packed = Packed.of(new, lens_k.tolist(), device, window)
-        # per key, in the packed order (each sequence's prefix, then its new tokens):
-        seq = torch.repeat_interleave(torch.arange(len(new)), lens_k)  # its sequence
-        at = torch.arange(len(seq)) - torch.repeat_interleave(lens_k.cumsum(0) - lens_k, lens_k)  # its place in it
-        is_prefix = at < prefix[seq]
-        self.shares = bool(is_prefix.any())
-        take = torch.full((len(seq),), -1, dtype=torch.long)  # the packed token of a new key
-        take[~is_prefix] = torch.arange(int((~is_prefix).sum()))
-        src_row = torch.tensor([r for r, *_ in shared], dtype=torch.long)[seq]
-        src_slot = torch.tensor([f for _, f, _ in shared], dtype=torch.long)[seq] + at
-        dst_row, dst_slot = torch.tensor(rows, dtype=torch.long)[seq], torch.tensor(starts, dtype=torch.long)[seq] + at
-        src_row[~is_prefix] = src_slot[~is_prefix] = 0
-        index = torch.stack([take, src_row, src_slot, dst_row, dst_slot])
-        self.take, self.src_row, self.src_slot, self.dst_row, self.dst_slot = to_device(index, device)
+        self.target, self.packed, self.shares, self.padded = target, packed, shares, padded
+        self.take, self.src_row, self.src_slot, self.dst_row, self.dst_slot = index_5K
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         out = []
@@ -493,15 +543,19 @@ class PackedRows(Cache):
                 all_KGd = new_KGd
                 if self.shares:
                     all_KGd = fused.kernels().pack_keys(new_KGd, store, self.take, self.src_row, self.src_slot)
-                fused.kernels().place_keys(all_KGd, store, self.dst_row, self.dst_slot)
+                fused.kernels().place_keys(all_KGd, store, self.dst_row, self.dst_slot)  # skips rows < 0
             else:
                 all_KGd = new_KGd
                 if self.shares:
                     fresh = self.take >= 0  # as pack_keys reads `take`
                     all_KGd = new_KGd.new_empty(self.take.shape[0], *new_KGd.shape[1:])
-                    all_KGd[fresh] = new_KGd
+                    all_KGd[fresh] = new_KGd[self.take[fresh]]
                     all_KGd[~fresh] = store[self.src_row[~fresh], :, self.src_slot[~fresh]]
-                store[self.dst_row, :, self.dst_slot] = all_KGd
+                if self.padded:
+                    kept = self.dst_row >= 0
+                    store[self.dst_row[kept], :, self.dst_slot[kept]] = all_KGd[kept]
+                else:
+                    store[self.dst_row, :, self.dst_slot] = all_KGd
             out.append(all_KGd.transpose(0, 1)[None])
         return out[0], out[1]
 

@@ -829,7 +829,7 @@ def sync_rope_cache(rotary, inputs: DecoderInputs) -> tuple[DecoderInputs, bool,
     """
     cache, T = inputs.cache, inputs.embeds_BTD.shape[1]
     packed = cache.packed if cache is not None else None  # packed sequences: the longest decides
-    long = rotary.use_long(max(packed.lens_k) if packed is not None else inputs.past_len + T)
+    long = rotary.use_long(packed.rope_len if packed is not None else inputs.past_len + T)
     prefix = 0
     if cache is not None and rotary.longrope:
         if cache.rope_long != long and inputs.past_len > 0:

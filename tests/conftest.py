@@ -36,3 +36,13 @@ def recorded_launches():
         # (their results are never stored); numpy, running the interpreted kernels, warns of NaNs.
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
         return record_everything()
+
+
+@pytest.fixture(params=[False, True], ids=["unpadded", "padded"])
+def padded(request, monkeypatch):
+    """Continuous batching's prefill unpadded, or padded to a shape as a CUDA graph replays it
+    (`engine.cuda_graph.GraphedPackedPrefill`; eagerly off the GPU)."""
+    from moetorch.engine import batching
+
+    monkeypatch.setattr(batching, "PREFILL_GRAPHS", request.param)
+    return request.param

@@ -55,7 +55,7 @@ def shifts(monkeypatch):
     return seen
 
 
-def test_generate_batch_matches_transformers(pair):
+def test_generate_batch_matches_transformers(pair, padded):
     hf, ours = pair
     inputs = prompts(1, 7)
     cb = {"max_requests_per_batch": 3, "return_logprobs": True}
@@ -104,7 +104,7 @@ def test_transformers_generate_batch_oracle(tmp_path):
 
 
 @pytest.mark.parametrize("seed,lag", [(0, 1), (1, 1), (2, 1), (0, 0)])
-def test_requests_join_and_leave(pair, seed, lag, shifts, monkeypatch):
+def test_requests_join_and_leave(pair, seed, lag, shifts, monkeypatch, padded):
     """Random prompts and lengths over few rows and a short cache: requests wait for rows, join
     between steps, and the cache's columns shift; every request keeps its own greedy tokens,
     whether the host reads each step's tokens while the next runs (lag 1) or before it (0)."""

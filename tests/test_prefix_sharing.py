@@ -79,7 +79,7 @@ def run_in_turns(model, turns: list[list[list[int]]], n: int, cb: dict) -> tuple
     return out, m.stats
 
 
-def test_running_requests_share_a_system_prompt(pair, small_blocks, prefills):
+def test_running_requests_share_a_system_prompt(pair, small_blocks, prefills, padded):
     """Requests with one system prompt and their own questions, through two rows: each later one
     starts from a row that holds the system prompt (running or finished)."""
     hf, ours = pair
@@ -101,7 +101,7 @@ def test_running_requests_share_a_system_prompt(pair, small_blocks, prefills):
     assert sum(m.stats["prefill_tokens"]) == sum(map(len, inputs)) - sum(shared)
 
 
-def test_a_follow_up_turn_starts_from_the_finished_request(pair, small_blocks, prefills):
+def test_a_follow_up_turn_starts_from_the_finished_request(pair, small_blocks, prefills, padded):
     """A chat's second turn (the first turn's prompt, its reply and a new message) starts from
     every token the first turn's row holds: its prompt and its tokens but the last."""
     hf, ours = pair
@@ -139,7 +139,7 @@ def test_followers_wait_only_for_a_worthwhile_gain(pair, prefills, monkeypatch):
     assert prefills == [[0, 0, 0]]
 
 
-def test_the_cache_shift_moves_finished_rows(pair, small_blocks, prefills, monkeypatch):
+def test_the_cache_shift_moves_finished_rows(pair, small_blocks, prefills, monkeypatch, padded):
     """A long follow-up prompt moves the cache's columns right: the finished row's slots move
     with them and are shared. (A move left past a finished row's first slot drops it:
     `test_index_follows_a_shift`.)"""
@@ -174,7 +174,7 @@ def test_a_taken_row_is_no_source(pair, small_blocks, prefills):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_prompts_from_shared_beginnings(pair, seed, monkeypatch, prefills):
+def test_random_prompts_from_shared_beginnings(pair, seed, monkeypatch, prefills, padded):
     """Prompts drawn from a few shared beginnings, over few rows and a short cache with shifts,
     joining as rows free up: each request keeps Transformers' greedy tokens."""
     hf, ours = pair
@@ -258,7 +258,7 @@ def test_index_follows_a_shift(monkeypatch):
     assert index.age(5) == -1 and index.age(0) < index.age(1)  # row 0's source came first
 
 
-def test_a_sliding_window_shorter_than_a_row(tmp_path):
+def test_a_sliding_window_shorter_than_a_row(tmp_path, padded):
     """With a sliding window shorter than the shared prefix, prompts still share (a packed
     prefill leaves no padding between a prefix and the rest), with Transformers' tokens."""
     from archs import PHIMOE

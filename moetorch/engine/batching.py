@@ -51,7 +51,7 @@ import torch
 from ..cache import PackedRows, StaticCache, _kv_shape
 from ..ops.host import to_device
 from . import prefixes
-from .cuda_graph import capture, own_forward
+from .cuda_graph import GraphedPackedPrefill, capture, own_forward
 from .prefixes import PrefixIndex
 from .row_sampling import RowSettings, Sampling, TokenCounts, draw_rows, penalize_rows, single_token_bias
 
@@ -82,6 +82,10 @@ FOLLOW_MIN_TOKENS = 512
 # may take this share of the free GPU memory (a forward costs tens of milliseconds of host time,
 # so fewer, wider ones pay), else as many keys as a forward computes.
 PREFIX_KEYS_SHARE = 0.5
+# Prefill groups replayed from CUDA graphs (`cuda_graph.GraphedPackedPrefill`): None, where the
+# decode steps are graphed and torch's varlen flash kernel serves the model; False, never; True,
+# the padded forward everywhere, eagerly where no graph can run (the tests' path on the CPU).
+PREFILL_GRAPHS: bool | None = None
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -298,6 +302,8 @@ class _Batch:
         self.views: dict[int, StaticCache] = {}
         self.graphs: dict[int, tuple] = {}
         self.pool = None
+        self.packed_graphs: GraphedPackedPrefill | None = None
+        self.window = getattr(config, "sliding_window", None)
         # the rows whose cached prompts (and finished requests' tokens) new prompts may start from
         self.prefixes = PrefixIndex() if share else None
 
@@ -342,8 +348,10 @@ class _Batch:
 
     def prefill(self, prompts: list[list[int]], rows: list[int],
                 shared: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
-        """The prompts' forward, packed in one row with no padding, whose keys land in `rows` at
-        `col - L .. col - 1`; their rows' masks, positions set. The last prompt tokens' logits.
+        """The prompts' forward, packed in one row, whose keys land in `rows` at `col - L .. col -
+        1`; their rows' masks, positions set. The last prompt tokens' logits. A group that a CUDA
+        graph serves is padded to its shape and replayed (`GraphedPackedPrefill`); any other runs
+        eagerly with no padding.
 
         `shared`: per prompt, (row, first slot, p): its first p tokens' keys and values lie in that
         row of the batch's cache (p = 0: none). The forward computes the rest, which attends over
@@ -351,20 +359,32 @@ class _Batch:
         device, k = self.model.device, len(prompts)
         lengths = [len(p) for p in prompts]
         shared = shared or [(0, 0, 0)] * k
-        rest = [n - p for n, (*_, p) in zip(lengths, shared)]
-        ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]], dtype=torch.long)
-        positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)])
-        last = torch.tensor(rest).cumsum(0) - 1  # each prompt's last token in the packed row
-        packed = PackedRows(self.cache, rows, [self.col - n for n in lengths], rest, shared,
-                            window=getattr(self.model.config, "sliding_window", None))
-        # `_seen` stays 0, as in decode steps: every row is short for LongRoPE
-        out = self.model(to_device(ids, device)[None], position_ids=to_device(positions, device)[None],
-                         past_key_values=packed, use_cache=True, logits_to_keep=to_device(last, device),
-                         return_dict=True)
+        starts = [self.col - n for n in lengths]
+        graphs = self._packed_graphs()
+        logits = graphs(prompts, rows, starts, shared) if graphs is not None else None
+        if logits is None:  # unpadded, eagerly
+            rest = [n - p for n, (*_, p) in zip(lengths, shared)]
+            ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]], dtype=torch.long)
+            positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)])
+            last = torch.tensor(rest).cumsum(0) - 1  # each prompt's last token in the packed row
+            packed = PackedRows(self.cache, rows, starts, rest, shared, window=self.window)
+            # `_seen` stays 0, as in decode steps: every row is short for LongRoPE
+            logits = self.model(to_device(ids, device)[None], position_ids=to_device(positions, device)[None],
+                                past_key_values=packed, use_cache=True, logits_to_keep=to_device(last, device),
+                                return_dict=True).logits[0]
         rows_t, lengths_t = to_device(torch.tensor(rows), device), to_device(torch.tensor(lengths), device)
         self.set_starts(rows_t, self.col - lengths_t)
         self.pos[rows_t, 0] = lengths_t
-        return out.logits[0]
+        return logits
+
+    def _packed_graphs(self) -> GraphedPackedPrefill | None:
+        """The prefill's graph runner, where `PREFILL_GRAPHS` says to use one."""
+        mode = PREFILL_GRAPHS
+        if mode is False or (mode is None and not self.graphs_on):
+            return None
+        if self.packed_graphs is None:
+            self.packed_graphs = GraphedPackedPrefill(self.model, self.cache, self.window, enabled=self.graphs_on)
+        return self.packed_graphs if mode or self.packed_graphs.enabled else None
 
     def set_starts(self, rows_R: torch.Tensor, starts_R: torch.Tensor) -> None:
         """The rows' masks: each attends its slots from its first one (`starts_R`) on."""

@@ -1,4 +1,5 @@
-"""One decode step as a CUDA graph (and a prompt, `GraphedPrefill`, and a verify chunk, `GraphedChunk`).
+"""One decode step as a CUDA graph (and a prompt, `GraphedPrefill`, a verify chunk, `GraphedChunk`,
+and continuous batching's packed prompts, `GraphedPackedPrefill`).
 
 A decode step (one new token per sequence, a `StaticCache`) launches hundreds of small kernels;
 at batch 1 their launch overhead, not the GPU, sets the speed. `GraphedDecodeStep` captures the
@@ -16,19 +17,26 @@ buffers: the fallback the tests exercise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import weakref
 
 import torch
 
-from ..cache import StaticCache
+from ..cache import PackedRows, StaticCache, _kv_shape, pack_plan
+from ..ops.attention import Packed, varlen_kernel_serves
+
+logger = logging.getLogger("moetorch")
 
 
-def capture(fn, warmups: int = 2, rewind: tuple[StaticCache, int] | None = None, pool=None):
+def capture(fn, warmups: int = 2, rewind: tuple[StaticCache, int] | None = None, pool=None,
+            mode: str = "global"):
     """(graph, output) of `fn()` captured in a CUDA graph, after `warmups` runs on a side stream
     (lazy allocations, Triton compiles and autotuning happen there, not in the graph).
     `rewind=(cache, seen)`: each run and the capture start from the cache's host count `seen` (a
     forward advances it; the runs write the same slots with the same values, so the repeats are
-    harmless). `pool`: a graph memory pool to share."""
+    harmless). `pool`: a graph memory pool to share. `mode`: CUDA's capture mode ("thread_local":
+    other threads may call CUDA meanwhile)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -40,7 +48,7 @@ def capture(fn, warmups: int = 2, rewind: tuple[StaticCache, int] | None = None,
     graph = torch.cuda.CUDAGraph()
     if rewind is not None:
         rewind[0]._seen = rewind[1]
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
         out = fn()
     return graph, out
 
@@ -350,3 +358,138 @@ class GraphedChunk(_CacheMask):
     def _capture(self, buf: dict, past: int) -> tuple:
         graph, logits = capture(lambda: self._run(buf), rewind=(self.cache, past), pool=_pool_of(self))
         return graph, buf, logits
+
+
+# Keys a graphed packed prefill pads to (its tokens pad to `PREFILL_BUCKETS`): prompts' shared
+# prefixes add keys that the forward does not compute.
+KEY_BUCKETS = PREFILL_BUCKETS + (3072, 4096, 6144, 8192, 12288, 16384)
+# The most prompts of a graphed packed prefill, the padding's sequence included (a power of two).
+GRAPHED_PROMPTS = 32
+
+
+def _bucket(n: int, buckets) -> int | None:
+    return next((b for b in buckets if b >= n), None)
+
+
+@dataclasses.dataclass(eq=False)
+class _PackedEntry:
+    """One shape of `GraphedPackedPrefill`: its buffers, its cache view, and its graph once captured."""
+
+    key: tuple  # (tokens, keys, prompts)
+    plan: torch.Tensor  # int64: the key index [5, keys], then ids and positions [tokens], last tokens [prompts]
+    cu: torch.Tensor  # int32 [2, prompts + 1]: the query and key offsets
+    rows: PackedRows
+    uses: int = 0
+    graph: object = None
+    logits: torch.Tensor | None = None
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, positions, last tokens): views of the plan buffer."""
+        tokens, keys, prompts = self.key
+        return self.plan[5 * keys:].split([tokens, tokens, prompts])
+
+
+class GraphedPackedPrefill:
+    """Continuous batching's prefill of prompts packed in one row (`cache.PackedRows`), replayed
+    from a CUDA graph per shape: the computed tokens padded to a `PREFILL_BUCKETS` length, the keys
+    (shared prefixes included) to a `KEY_BUCKETS` count, the prompts to a power of two up to
+    `GRAPHED_PROMPTS`. A short group's forward waits on the host's launches, not on the GPU (tens
+    of milliseconds eagerly, a few replayed).
+
+    The padding is one more sequence, whose keys go nowhere, then empty sequences; the varlen
+    kernel reads the offsets from a buffer, with the bucket's sizes as its bounds. A shape is
+    captured on its `PREFILL_CAPTURE_AFTER`-th use, and runs eagerly, padded alike, before. A
+    forward whose prompt moves its prefix within its own row runs eagerly (a capture runs the
+    forward more than once, and a second run would read moved keys). Larger groups, LongRoPE's
+    long factors or a GPU without the varlen kernel: the call returns None and the caller runs
+    the forward unpadded. With `enabled=False` (or on the CPU) the padded forward runs eagerly:
+    the fallback the tests exercise."""
+
+    def __init__(self, model, cache: StaticCache, window: int | None, enabled: bool | None = None) -> None:
+        self.model, self.cache, self.window = model, cache, window
+        serves = varlen_kernel_serves(model.device, model.dtype, _kv_shape(model.config)[1])
+        self.enabled = serves if enabled is None else (enabled and serves)
+        self.rotary = _longrope(model)
+        self.entries: dict[tuple, _PackedEntry] = {}
+        self.pool = None
+
+    def key(self, lengths: list[int], rest: list[int]) -> tuple | None:
+        """The shape of a forward of prompts of `lengths` tokens, the last `rest` of each computed
+        (None: it runs unpadded)."""
+        tokens = _bucket(sum(rest), PREFILL_BUCKETS)
+        if tokens is None:
+            return None
+        keys = _bucket(tokens + sum(lengths) - sum(rest), KEY_BUCKETS)
+        prompts = 1 << len(rest).bit_length()  # a power of two with room for the padding's sequence
+        if keys is None or prompts > GRAPHED_PROMPTS:
+            return None
+        if self.rotary is not None and self.rotary.use_long(max(lengths)):
+            return None
+        return tokens, keys, prompts
+
+    def _entry(self, key: tuple, rope_len: int) -> _PackedEntry:
+        tokens, keys, prompts = key
+        device = self.model.device
+        plan = torch.zeros(5 * keys + 2 * tokens + prompts, dtype=torch.long, device=device)
+        cu = torch.zeros(2, prompts + 1, dtype=torch.int32, device=device)
+        packed = Packed.static(cu[0], cu[1], tokens, keys, rope_len, self.window)
+        return _PackedEntry(key, plan, cu, PackedRows.static(self.cache, plan[:5 * keys].view(5, keys), packed, tokens))
+
+    def _run(self, entry: _PackedEntry, rows: PackedRows) -> torch.Tensor:
+        ids, positions, last = entry.inputs()
+        out = self.model(ids[None], position_ids=positions[None], past_key_values=rows, use_cache=True,
+                         logits_to_keep=last, return_dict=True)
+        return out.logits[0]
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]], rows: list[int], starts: list[int],
+                 shared: list[tuple[int, int, int]]) -> torch.Tensor | None:
+        """The last tokens' logits [len(prompts), V] of the prompts' forward (`PackedRows(cache,
+        rows, starts, ..., shared)`), or None where this shape runs unpadded."""
+        lengths = [len(p) for p in prompts]
+        rest = [n - p for n, (*_, p) in zip(lengths, shared)]
+        key = self.key(lengths, rest)
+        if key is None:
+            return None
+        tokens, keys, slots = key
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = self._entry(key, max(lengths))
+        index, lens_q, lens_k = pack_plan(rows, starts, rest, shared, self.cache.max_cache_len, pad=(tokens, keys))
+        extra = tokens - sum(rest)
+        ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]] + [0] * extra)
+        positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)] + [torch.arange(extra)])
+        last = torch.zeros(slots, dtype=torch.long)
+        last[:len(rest)] = torch.tensor(rest).cumsum(0) - 1
+        cu = torch.tensor([[0, *lens_q], [0, *lens_k]]).cumsum(1, dtype=torch.int32)
+        cu = torch.cat([cu, cu[:, -1:].expand(2, slots + 1 - cu.shape[1])], dim=1)  # then empty sequences
+        plan = torch.cat([index.flatten(), ids, positions, last])
+        if entry.plan.is_cuda:
+            plan, cu = plan.pin_memory(), cu.pin_memory()
+        entry.plan.copy_(plan, non_blocking=True)
+        entry.cu.copy_(cu, non_blocking=True)
+        entry.uses += 1
+        moves = any(p and row == r for (row, _, p), r in zip(shared, rows))
+        if entry.graph is None and self.enabled and entry.uses >= PREFILL_CAPTURE_AFTER and not moves:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            try:
+                entry.graph, entry.logits = capture(lambda: self._run(entry, entry.rows), pool=self.pool,
+                                                    mode="thread_local")
+            except torch.OutOfMemoryError:
+                raise  # the caller retries smaller forwards
+            except RuntimeError as e:  # a capture that fails leaves the prefills eager, not the batch failed
+                logger.warning("continuous batching: capturing a prefill of shape %s failed (%s); prefills run "
+                               "eagerly from now on", key, e)
+                self.enabled = False
+        if entry.graph is not None and not moves:
+            entry.graph.replay()
+            return entry.logits[:len(prompts)]
+        # eagerly, over the same buffers: where a graph could run, as it runs (the same kernels);
+        # elsewhere with the padded forward's lengths on the host, for the per-sequence attention
+        view = entry.rows
+        if not self.enabled:
+            packed = dataclasses.replace(view.packed, lens_q=tuple(lens_q), lens_k=tuple(lens_k),
+                                         max_q=max(lens_q), max_k=max(lens_k), rope_len=max(lengths))
+            view = PackedRows.static(self.cache, entry.plan[:5 * keys].view(5, keys), packed, tokens)
+        return self._run(entry, view)[:len(prompts)]

@@ -34,27 +34,51 @@ class Packed:
     its queries are the last of its keys: query t sees key j of its own sequence when j <= t
     (counted from the sequence's end, so that keys before the queries are a cached prefix) and,
     with `window`, t - j < window. `cu_q` / `cu_k` are int32 on the device; `lens_q` / `lens_k`
-    are the lengths on the host (the per-sequence path and the kernel's longest lengths)."""
+    are the lengths on the host (the per-sequence path), `max_q` / `max_k` bounds on them (the
+    varlen kernel's grid), and `rope_len` the longest sequence's keys (LongRoPE's factor set).
+
+    `Packed.static` makes one for a CUDA graph: offsets in buffers that each replay reads (empty
+    sequences allowed), no host lengths, bounds fixed at capture."""
 
     cu_q: torch.Tensor
     cu_k: torch.Tensor
-    lens_q: tuple[int, ...]
-    lens_k: tuple[int, ...]
+    lens_q: tuple[int, ...] | None
+    lens_k: tuple[int, ...] | None
     window: int | None = None
+    max_q: int = 0
+    max_k: int = 0
+    rope_len: int = 0
 
     @classmethod
     def of(cls, lens_q, lens_k, device: torch.device, window: int | None = None) -> Packed:
         lens_q, lens_k = tuple(lens_q), tuple(lens_k)
-        if len(lens_q) != len(lens_k) or any(q < 1 or k < q for q, k in zip(lens_q, lens_k)):
+        if not lens_q or len(lens_q) != len(lens_k) or any(q < 1 or k < q for q, k in zip(lens_q, lens_k)):
             raise ValueError(f"Packed: every sequence needs 1 <= queries <= keys, got {lens_q} and {lens_k}")
         offsets = torch.tensor([[0, *lens_q], [0, *lens_k]]).cumsum(1, dtype=torch.int32)  # rows: contiguous
         offsets = to_device(offsets, device)
-        return cls(offsets[0], offsets[1], lens_q, lens_k, window)
+        return cls(offsets[0], offsets[1], lens_q, lens_k, window, max(lens_q), max(lens_k), max(lens_k))
+
+    @classmethod
+    def static(cls, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, rope_len: int,
+               window: int | None = None) -> Packed:
+        """Offsets that a graph replay reads from `cu_q` / `cu_k` (int32, contiguous, one shape):
+        every sequence within `max_q` queries and `max_k` keys. Only the varlen kernel serves it."""
+        for name, cu in (("cu_q", cu_q), ("cu_k", cu_k)):
+            if cu.dtype != torch.int32 or cu.dim() != 1 or not cu.is_contiguous():
+                raise ValueError(f"Packed.static: {name} must be a contiguous 1D int32 tensor")
+        return cls(cu_q, cu_k, None, None, window, max_q, max_k, rope_len)
 
 
 @functools.cache
 def _ampere_or_later(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 8
+
+
+def varlen_kernel_serves(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether torch's varlen flash-attention kernel runs packed attention here: a GPU of sm80 or
+    later, bf16 or fp16, a head size that is a multiple of 8 up to 256, sdpa's flash kernel on."""
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0
+            and head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled() and _ampere_or_later(device.index))
 
 
 def packed_attention(q_NHd: torch.Tensor, k_NGd: torch.Tensor, v_NGd: torch.Tensor, packed: Packed,
@@ -63,18 +87,26 @@ def packed_attention(q_NHd: torch.Tensor, k_NGd: torch.Tensor, v_NGd: torch.Tens
     (query head h reads kv head h // (H/G)); returns [N, H, d]. On a GPU in bf16 or fp16, one
     varlen flash-attention kernel; else each sequence through sdpa."""
     d = q_NHd.shape[-1]
-    n, L = len(packed.lens_q), packed.lens_q[0]
-    if packed.window is None and packed.lens_k == packed.lens_q == (L,) * n:
-        # sequences of one length, no prefixes: a batch of them through sdpa's causal kernel (on the
-        # H200, cuDNN's: about twice the varlen flash kernel's rate)
-        q, k, v = (t.unflatten(0, (n, L)).transpose(1, 2) for t in (q_NHd, k_NGd, v_NGd))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-        return out.transpose(1, 2).reshape(q_NHd.shape)
-    if (q_NHd.is_cuda and q_NHd.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 256
-            and torch.backends.cuda.flash_sdp_enabled() and _ampere_or_later(q_NHd.device.index)):
+    flash = varlen_kernel_serves(q_NHd.device, q_NHd.dtype, d)
+    if packed.lens_q is None:
+        if not flash:
+            raise ValueError("a static Packed (no host lengths) needs the varlen flash kernel: a GPU of sm80 or "
+                             f"later, bf16 or fp16 and head_dim a multiple of 8 up to 256 (got {q_NHd.device}, "
+                             f"{q_NHd.dtype}, head_dim {d})")
+    else:
+        n, L = len(packed.lens_q), packed.lens_q[0]
+        whole = L * n == q_NHd.shape[0] == k_NGd.shape[0]  # no padding beyond the sequences
+        if packed.window is None and packed.lens_k == packed.lens_q == (L,) * n and whole:
+            # sequences of one length, no prefixes: a batch of them through sdpa's causal kernel (on
+            # the H200, cuDNN's: about twice the varlen flash kernel's rate)
+            q, k, v = (t.unflatten(0, (n, L)).transpose(1, 2) for t in (q_NHd, k_NGd, v_NGd))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                 enable_gqa=k.shape[1] != q.shape[1])
+            return out.transpose(1, 2).reshape(q_NHd.shape)
+    if flash:
         window = {} if packed.window is None else {"window_size_left": packed.window - 1, "window_size_right": 0}
         return torch.ops.aten._flash_attention_forward(
-            q_NHd, k_NGd, v_NGd, packed.cu_q, packed.cu_k, max(packed.lens_q), max(packed.lens_k), 0.0, True,
+            q_NHd, k_NGd, v_NGd, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, 0.0, True,
             False, scale=scale, **window,
         )[0]
     out = torch.empty_like(q_NHd)

@@ -920,8 +920,9 @@ def _pack_keys_kernel(new_ptr, store_ptr, out_ptr, take_ptr, rows_ptr, slots_ptr
 def _place_keys_kernel(src_ptr, store_ptr, rows_ptr, slots_ptr, K, sx_k, sx_g, ss_b, ss_g, ss_s,
                        HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
-    # Program (block of keys, kv head g): store[rows[k], g, slots[k]] = src[k, g].
+    # Program (block of keys, kv head g): store[rows[k], g, slots[k]] = src[k, g], where rows[k] >= 0.
     keys, g, dd, ok, okd, row, slot = _key_block(rows_ptr, slots_ptr, K, HEAD_D, D_PAD, BLOCK_K)
+    okd = okd & (row >= 0)[:, None]
     val = tl.load(src_ptr + (keys.to(tl.int64) * sx_k + g * sx_g)[:, None] + dd[None, :], mask=okd)
     tl.store(store_ptr + (row * ss_b + g * ss_g + slot * ss_s)[:, None] + dd[None, :], val, mask=okd)
 
@@ -949,7 +950,8 @@ def pack_keys(new_KGd: torch.Tensor, store_BGSd: torch.Tensor, take_K: torch.Ten
 
 
 def place_keys(src_KGd: torch.Tensor, store_BGSd: torch.Tensor, rows_K: torch.Tensor, slots_K: torch.Tensor) -> None:
-    """`store[rows[k], :, slots[k]] = src[k]` for every k (the (row, slot) pairs distinct), in place."""
+    """`store[rows[k], :, slots[k]] = src[k]` for every k with rows[k] >= 0 (the (row, slot) pairs
+    distinct; a key of row -1 goes nowhere), in place."""
     K, G, d = src_KGd.shape
     if store_BGSd.stride(-1) != 1:
         raise ValueError("place_keys: the store's last dimension must be contiguous")

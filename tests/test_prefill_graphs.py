@@ -1,0 +1,280 @@
+"""Continuous batching's prefill replayed from CUDA graphs (`engine.cuda_graph.GraphedPackedPrefill`):
+the padded plan of a packed forward (`cache.pack_plan(pad=)`), keys that go nowhere, the static
+`Packed` that a graph reads, and the runner's flow (eager, captured, replayed, eager again where a
+prefix moves within its row). Without a GPU, the graph is a stand-in that reruns the captured
+function, and the varlen kernel is a stand-in that reads the offsets from the graph's buffers as
+it does. The manager's results on the padded path against Transformers are in test_batching.py
+and test_prefix_sharing.py (their `padded` runs)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from archs import ARCH_IDS, ARCHS, PHIMOE
+from parity import make_pair
+
+from moetorch.cache import PackedRows, StaticCache, pack_plan
+from moetorch.engine import batching, cuda_graph
+from moetorch.engine.cuda_graph import GRAPHED_PROMPTS, GraphedPackedPrefill
+from moetorch.ops import attention as attention_ops
+from moetorch.ops import fused
+from moetorch.ops.attention import Packed, packed_attention
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
+def model(request, tmp_path_factory):
+    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name))[1]
+
+
+# ---- the padded plan ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra_q, extra_k", [(0, 0), (3, 3), (3, 7), (0, 5)])
+def test_padded_plan_keeps_the_sequences_keys(extra_q, extra_k):
+    """The padding adds one sequence (its extra keys before its tokens) whose keys go nowhere, or,
+    with no extra tokens, keys of no sequence; the real sequences' keys are the unpadded plan's."""
+    rows, starts, new, shared = [2, 0], [3, 1], [4, 2], [(1, 5, 3), (0, 0, 0)]
+    index, lens_q, lens_k = pack_plan(rows, starts, new, shared, 16)
+    padded, pq, pk = pack_plan(rows, starts, new, shared, 16, pad=(6 + extra_q, 9 + extra_k))
+    assert padded.shape == (5, 9 + extra_k)
+    assert torch.equal(padded[:, :9], index)
+    if extra_q:
+        assert (pq, pk) == (lens_q + [extra_q], lens_k + [extra_k])
+        pad = padded[:, 9:]
+        fresh = pad[0] >= 0
+        assert pad[0, fresh].tolist() == list(range(6, 6 + extra_q))  # the padding's own tokens, last
+        assert fresh.tolist() == [False] * (extra_k - extra_q) + [True] * extra_q
+    else:
+        assert (pq, pk) == (lens_q, lens_k)
+        assert (padded[0, 9:] == -1).all()  # prefix-like keys of no sequence
+    assert (padded[3, 9:] == -1).all() and (padded[1:3, 9:] == 0).all() and (padded[4, 9:] == 0).all()
+
+
+def test_padded_plan_bad_input():
+    with pytest.raises(ValueError, match=r"pad of \(5, 9\)"):
+        pack_plan([0], [0], [6], None, 16, pad=(5, 9))  # fewer tokens than the sequence's
+    with pytest.raises(ValueError, match="at least as many extra keys as tokens"):
+        pack_plan([0], [0], [4], [(1, 0, 2)], 16, pad=(8, 9))  # 4 extra tokens, 3 extra keys
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("shares", [False, True])
+def test_static_packed_rows_write_only_real_keys(kernels, shares):
+    """Over a padded plan, the real keys land where the unpadded forward puts them and come back in
+    its order; the padding's keys (row -1) write nothing. `place_keys` (interpreter) skips them as
+    the torch indexing does."""
+    torch.manual_seed(3)
+    S, G, d = 12, 2, 8
+    cache = StaticCache(max_cache_len=S, num_layers=1)
+    cache._allocate(4, G, d, torch.device("cpu"), torch.float32)
+    for t in cache._all:
+        t.copy_(torch.randn_like(t))
+    want = StaticCache(max_cache_len=S, num_layers=1)
+    want._allocate(4, G, d, torch.device("cpu"), torch.float32)
+    for a, b in zip(want._all, cache._all):
+        a.copy_(b)
+    rows, starts, new = [1, 3], [2, 0], [3, 4]
+    shared = [(0, 4, 2), (0, 0, 0)] if shares else None
+    tokens, keys = 10, (16 if shares else 10)
+    index, lens_q, lens_k = pack_plan(rows, starts, new, shared, S, pad=(tokens, keys))
+    cu = torch.tensor([[0, *lens_q], [0, *lens_k]]).cumsum(1, dtype=torch.int32)
+    static = PackedRows.static(cache, index, Packed.static(cu[0], cu[1], tokens, keys, max(lens_k)), tokens)
+    reference = PackedRows(want, rows, starts, new, shared)
+    assert static.shares == shares and static.padded
+    k_new, v_new = torch.randn(1, G, tokens, d), torch.randn(1, G, tokens, d)
+    with fused.forced(kernels):
+        k_all, v_all = static.update(k_new, v_new, 0)
+        k_ref, v_ref = reference.update(k_new[:, :, :7], v_new[:, :, :7], 0)
+    real = sum(lens_k[:2])
+    torch.testing.assert_close(k_all[:, :, :real], k_ref, atol=0, rtol=0)
+    torch.testing.assert_close(v_all[:, :, :real], v_ref, atol=0, rtol=0)
+    assert k_all.shape[2] == keys if shares else tokens
+    for got, ref in zip(cache._all, want._all):
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def test_static_packed_needs_the_varlen_kernel():
+    cu = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_k must be a contiguous 1D int32"):
+        Packed.static(cu, cu.long(), 4, 4, 4)
+    packed = Packed.static(cu, cu, 4, 4, 4)
+    q, kv = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match="needs the varlen flash kernel"):
+        packed_attention(q, kv, kv, packed, 1.0)
+
+
+# ---- the runner ----------------------------------------------------------------------------------------
+
+
+def varlen_stand_in(real):
+    """`packed_attention` where a static `Packed` reads its offsets from the buffers, as the varlen
+    kernel does: empty sequences only after the real ones, every length within the bounds."""
+
+    def run(q, k, v, packed, scale):
+        if packed.lens_q is not None:
+            return real(q, k, v, packed, scale)
+        cu_q, cu_k = packed.cu_q.tolist(), packed.cu_k.tolist()
+        lens_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
+        lens_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+        n = sum(1 for x in lens_q if x)
+        assert all(lens_q[:n]) and not any(lens_q[n:]) and not any(lens_k[n:])
+        assert max(lens_q) <= packed.max_q and max(lens_k) <= packed.max_k
+        assert cu_q[-1] == q.shape[0] and cu_k[-1] <= k.shape[0]
+        return real(q, k, v, Packed.of(lens_q[:n], lens_k[:n], q.device, packed.window), scale)
+
+    return run
+
+
+class StandInGraph:
+    """A captured function that each replay runs again into the captured output, as a CUDA graph
+    replays its kernels into its buffers."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out, self.replays = fn, out, 0
+
+    def replay(self):
+        self.replays += 1
+        self.out.copy_(self.fn())
+
+
+def forward_unpadded(model, cache, prompts, rows, starts, shared):
+    """The prefill's eager forward with no padding (`_Batch.prefill`'s other path)."""
+    lengths = [len(p) for p in prompts]
+    rest = [n - p for n, (*_, p) in zip(lengths, shared)]
+    ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]])
+    positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)])
+    packed = PackedRows(cache, rows, starts, rest, shared, window=getattr(model.config, "sliding_window", None))
+    with torch.no_grad():
+        return model(ids[None], position_ids=positions[None], past_key_values=packed, use_cache=True,
+                     logits_to_keep=torch.tensor(rest).cumsum(0) - 1).logits[0]
+
+
+def test_runner_runs_eagerly_then_captures_and_replays(model, monkeypatch):
+    """Each call gives the unpadded forward's logits and cache writes: the first use of a shape
+    eagerly, the second captured and replayed, later ones replayed over refilled buffers; a call
+    whose prompt moves its prefix within its own row runs eagerly instead, and captures nothing."""
+    captures = []
+
+    def stand_in_capture(fn, pool=None, mode="global"):
+        assert mode == "thread_local"  # the batch's loop captures while other threads may call CUDA
+        graph = StandInGraph(fn, fn())
+        captures.append(graph)
+        return graph, graph.out
+
+    monkeypatch.setattr(cuda_graph, "capture", stand_in_capture)
+    monkeypatch.setattr(attention_ops, "packed_attention", varlen_stand_in(packed_attention))
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    R, S, vocab = 4, 40, model.config.vocab_size
+    ours = StaticCache(model.config, max_cache_len=S, max_batch_size=R, device="cpu", dtype=torch.float32)
+    want = StaticCache(model.config, max_cache_len=S, max_batch_size=R, device="cpu", dtype=torch.float32)
+    for a, b in zip(ours._all, want._all):
+        a.copy_(torch.randn_like(a))
+        b.copy_(a)
+    runner = GraphedPackedPrefill(model, ours, getattr(model.config, "sliding_window", None), enabled=False)
+    runner.enabled, runner.pool = True, "pool"  # as on a GPU
+
+    def call(prompts, rows, starts, shared):
+        got = runner(prompts, rows, starts, shared)
+        expect = forward_unpadded(model, want, prompts, rows, starts, shared)
+        torch.testing.assert_close(got, expect, atol=2e-5, rtol=2e-5)
+        for a, b in zip(ours._all, want._all):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+    def tokens(n):
+        return [rng.randrange(1, vocab) for _ in range(n)]
+
+    # shape (16 tokens, 16 keys, 4 prompts): three prompts of 3-6 tokens, nothing shared
+    for use in range(3):
+        prompts = [tokens(rng.randint(3, 5)) for _ in range(3)]
+        call(prompts, [0, 1, 3], [S - len(p) for p in prompts], [(0, 0, 0)] * 3)
+        assert len(captures) == (0 if use == 0 else 1)
+    assert captures[0].replays == 2
+    # shape (16 tokens, 32 keys, 2 prompts): one prompt of 20 tokens from row 2's first 8
+    base = ours.keys[0][2].clone()
+    head = tokens(8)
+    call([head + tokens(10)], [1], [S - 18], [(2, 0, 8)])
+    assert len(captures) == 1  # first use: eagerly
+    call([head + tokens(12)], [2], [S - 20], [(2, 0, 8)])  # moves within its own row: eagerly
+    assert len(captures) == 1 and not torch.equal(ours.keys[0][2], base)
+    call([head + tokens(11)], [0], [S - 19], [(1, S - 18, 8)])
+    assert len(captures) == 2 and captures[1].replays == 1
+    assert len(runner.entries) == 2
+
+
+def test_runner_shapes():
+    """Tokens pad to `PREFILL_BUCKETS`, keys to `KEY_BUCKETS` (with room for the tokens' padding),
+    prompts to a power of two with room for the padding's sequence; past the buckets, None."""
+    runner = GraphedPackedPrefill.__new__(GraphedPackedPrefill)
+    runner.rotary = None
+    assert runner.key([5, 9], [5, 9]) == (16, 16, 4)
+    assert runner.key([17], [17]) == (32, 32, 2)
+    assert runner.key([300, 40], [20, 40]) == (64, 512, 4)  # 64 + 280 shared keys
+    assert runner.key([10] * (GRAPHED_PROMPTS - 1), [10] * (GRAPHED_PROMPTS - 1)) == (512, 512, GRAPHED_PROMPTS)
+    assert runner.key([10] * GRAPHED_PROMPTS, [10] * GRAPHED_PROMPTS) is None
+    assert runner.key([2049], [2049]) is None
+    assert runner.key([20000, 20], [10, 20]) is None  # keys past the last bucket
+
+
+def test_runner_leaves_longrope_long_factors_unpadded(tmp_path):
+    """A prompt past LongRoPE's switch (the long factors) runs unpadded: a graph holds one factor set."""
+    from archs import longrope_scaling
+
+    _, ours = make_pair(PHIMOE, tmp_path, rope_scaling=longrope_scaling(8, original=8), max_position_embeddings=64)
+    cache = StaticCache(ours.config, max_cache_len=32, max_batch_size=2, device="cpu", dtype=torch.float32)
+    runner = GraphedPackedPrefill(ours, cache, None, enabled=False)
+    assert runner.key([8], [8]) is not None and runner.key([9], [9]) is None
+
+
+def test_manager_pads_only_where_asked(model, monkeypatch):
+    """`PREFILL_GRAPHS`: None pads where the decode steps are graphed (not on the CPU), True pads
+    everywhere (eagerly here), False never."""
+    seen = []
+    original = GraphedPackedPrefill.__call__
+
+    def spy(self, *args):
+        out = original(self, *args)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(GraphedPackedPrefill, "__call__", spy)
+    prompts = [[3, 4, 5], [6, 7]]
+    from moetorch import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
+    outs = {}
+    for mode in (None, True, False):
+        monkeypatch.setattr(batching, "PREFILL_GRAPHS", mode)
+        seen.clear()
+        outs[mode] = [r.generated_tokens for r in model.generate_batch(prompts, generation_config=gen).values()]
+        assert seen == ([True] if mode else [])
+    assert outs[None] == outs[True] == outs[False]
+
+
+def test_a_failed_capture_leaves_the_prefills_eager(model, monkeypatch, caplog):
+    """A capture that fails (a kernel that cannot be captured, say) costs no request: the prefill
+    runs eagerly, a warning names the shape, and the runner captures no more."""
+    calls = []
+
+    def failing_capture(fn, pool=None, mode="global"):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graph, "capture", failing_capture)
+    monkeypatch.setattr(attention_ops, "packed_attention", varlen_stand_in(packed_attention))
+    S = 32
+    ours = StaticCache(model.config, max_cache_len=S, max_batch_size=2, device="cpu", dtype=torch.float32)
+    want = StaticCache(model.config, max_cache_len=S, max_batch_size=2, device="cpu", dtype=torch.float32)
+    runner = GraphedPackedPrefill(model, ours, getattr(model.config, "sliding_window", None), enabled=False)
+    runner.enabled, runner.pool = True, "pool"
+    prompt = [5, 6, 7, 8, 9]
+    for _ in range(3):
+        got = runner([prompt], [1], [S - 5], [(0, 0, 0)])
+        expect = forward_unpadded(model, want, [prompt], [1], [S - 5], [(0, 0, 0)])
+        torch.testing.assert_close(got, expect, atol=2e-5, rtol=2e-5)
+    assert len(calls) == 1 and not runner.enabled
+    assert "capturing a prefill of shape (16, 16, 2) failed" in caplog.text
