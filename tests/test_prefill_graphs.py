@@ -278,3 +278,58 @@ def test_a_failed_capture_leaves_the_prefills_eager(model, monkeypatch, caplog):
         torch.testing.assert_close(got, expect, atol=2e-5, rtol=2e-5)
     assert len(calls) == 1 and not runner.enabled
     assert "capturing a prefill of shape (16, 16, 2) failed" in caplog.text
+
+
+def test_warm_prefill_graphs_captures_each_lone_prompt_shape(model, monkeypatch):
+    """`warm_prefill_graphs` (a server runs it before it serves) captures one prompt of each
+    `PREFILL_BUCKETS` length shorter than a row, once each; with graphs off it does nothing. Then
+    requests give their own greedy tokens through the captured shapes."""
+    from moetorch import GenerationConfig
+
+    captures = []
+
+    def stand_in_capture(fn, pool=None, mode="global"):
+        graph = StandInGraph(fn, fn())
+        captures.append(graph)
+        return graph, graph.out
+
+    gen = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config={
+        "max_requests_per_batch": 2, "max_cache_len": 70})
+    assert manager.warm_prefill_graphs() == []  # the CPU: no graphs
+    monkeypatch.setattr(cuda_graph, "capture", stand_in_capture)
+    monkeypatch.setattr(cuda_graph, "varlen_kernel_serves", lambda *a: True)
+    monkeypatch.setattr(attention_ops, "packed_attention", varlen_stand_in(packed_attention))
+    batch = manager._ensure_batch()
+    batch.prefill_graphs_on = True  # as on a GPU
+    batch._packed_graphs().pool = "pool"
+    assert manager.warm_prefill_graphs() == [16, 32, 64]
+    graphs = manager._batch.packed_graphs
+    assert len(captures) == 3 and sorted(graphs.entries) == [(16, 16, 2), (32, 32, 2), (64, 64, 2)]
+    prompts = [[5, 6, 7], [8] * 20, [9, 10] * 25]
+    manager.start()
+    try:
+        ids = [manager.add_request(p, max_new_tokens=3) for p in prompts]
+        got = {i: manager.get_result(i, timeout=60).generated_tokens for i in ids}
+    finally:
+        manager.stop(block=True)
+    assert len(captures) == 3  # every lone prompt replayed a warm shape
+    for i, p in zip(ids, prompts):
+        want = model.generate(torch.tensor([p]), max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert got[i] == want[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("setting, prefill, decode", [
+    (None, True, True), (True, True, True), (False, False, False), ((False, True), False, True),
+    ((True, False), True, False), ([False, False], False, False)])
+def test_use_cuda_graph_is_transformers_pair(model, monkeypatch, setting, prefill, decode):
+    """`use_cuda_graph` as Transformers reads it: a bool (or None, on) for both paths, or a
+    (prefill, decode) pair; on a GPU only (the device is a stand-in here: nothing runs)."""
+    from moetorch.engine.batching import ContinuousBatchingConfig, ContinuousBatchingManager
+
+    cfg = ContinuousBatchingConfig(max_requests_per_batch=2, max_cache_len=32, use_cuda_graph=setting)
+    cpu = ContinuousBatchingManager(model, model.generation_config, cfg)
+    assert (cpu.use_prefill_graphs, cpu.use_graphs) == (False, False)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    gpu = ContinuousBatchingManager(model, model.generation_config, cfg)
+    assert (gpu.use_prefill_graphs, gpu.use_graphs) == (prefill, decode)

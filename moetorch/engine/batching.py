@@ -51,7 +51,7 @@ import torch
 from ..cache import PackedRows, StaticCache, _kv_shape
 from ..ops.host import to_device
 from . import prefixes
-from .cuda_graph import GraphedPackedPrefill, capture, own_forward
+from .cuda_graph import PREFILL_BUCKETS, PREFILL_CAPTURE_AFTER, GraphedPackedPrefill, capture, own_forward
 from .prefixes import PrefixIndex
 from .row_sampling import RowSettings, Sampling, TokenCounts, draw_rows, penalize_rows, single_token_bias
 
@@ -82,9 +82,10 @@ FOLLOW_MIN_TOKENS = 512
 # may take this share of the free GPU memory (a forward costs tens of milliseconds of host time,
 # so fewer, wider ones pay), else as many keys as a forward computes.
 PREFIX_KEYS_SHARE = 0.5
-# Prefill groups replayed from CUDA graphs (`cuda_graph.GraphedPackedPrefill`): None, where the
-# decode steps are graphed and torch's varlen flash kernel serves the model; False, never; True,
-# the padded forward everywhere, eagerly where no graph can run (the tests' path on the CPU).
+# Prefill groups replayed from CUDA graphs (`cuda_graph.GraphedPackedPrefill`): None, as the
+# config's `use_cuda_graph` says (on a GPU where torch's varlen flash kernel serves the model);
+# False, never; True, the padded forward everywhere, eagerly where no graph can run (the tests'
+# path on the CPU).
 PREFILL_GRAPHS: bool | None = None
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
@@ -151,7 +152,9 @@ class ContinuousBatchingConfig:
     `max_cache_len` (moetorch): slots of a row, the longest prompt + new tokens a request may
     have. Default: twice what `generate_batch`'s longest request needs (fewer shifts of the
     cache), else 4096 within `max_position_embeddings`.
-    `use_cuda_graph`: graph the decode steps (default: on a GPU).
+    `use_cuda_graph`: CUDA graphs on a GPU (default: on), as in Transformers a bool for both paths
+    or a tuple (prefill, decode): the prefill groups that fit a graph's shape
+    (`cuda_graph.GraphedPackedPrefill`), and the decode steps.
     `return_logprobs`: each generated token's log-probability (after the sampling warpers).
     `seed`: seeds torch's generator when the loop starts.
     `max_queue_size`: requests that may wait (0: no limit); `add_request` waits up to 10 s for room.
@@ -285,7 +288,8 @@ class _Request:
 class _Batch:
     """The rows of the batch: the cache, the per-row step inputs and the decode steps."""
 
-    def __init__(self, model, rows: int, slots: int, graphs: bool, share: bool = False) -> None:
+    def __init__(self, model, rows: int, slots: int, graphs: bool, share: bool = False,
+                 prefill_graphs: bool | None = None) -> None:
         device, config = model.device, model.config
         self.model, self.R, self.S = model, rows, slots
         self.cache = StaticCache(config, max_cache_len=slots, max_batch_size=rows, device=device, dtype=model.dtype)
@@ -302,6 +306,7 @@ class _Batch:
         self.views: dict[int, StaticCache] = {}
         self.graphs: dict[int, tuple] = {}
         self.pool = None
+        self.prefill_graphs_on = graphs if prefill_graphs is None else prefill_graphs
         self.packed_graphs: GraphedPackedPrefill | None = None
         self.window = getattr(config, "sliding_window", None)
         # the rows whose cached prompts (and finished requests' tokens) new prompts may start from
@@ -380,10 +385,11 @@ class _Batch:
     def _packed_graphs(self) -> GraphedPackedPrefill | None:
         """The prefill's graph runner, where `PREFILL_GRAPHS` says to use one."""
         mode = PREFILL_GRAPHS
-        if mode is False or (mode is None and not self.graphs_on):
+        if mode is False or (mode is None and not self.prefill_graphs_on):
             return None
         if self.packed_graphs is None:
-            self.packed_graphs = GraphedPackedPrefill(self.model, self.cache, self.window, enabled=self.graphs_on)
+            self.packed_graphs = GraphedPackedPrefill(self.model, self.cache, self.window,
+                                                      enabled=self.prefill_graphs_on)
         return self.packed_graphs if mode or self.packed_graphs.enabled else None
 
     def set_starts(self, rows_R: torch.Tensor, starts_R: torch.Tensor) -> None:
@@ -500,9 +506,10 @@ class ContinuousBatchingManager:
             raise ValueError(f"continuous_batching_config.scheduler_type: only 'fifo' is supported, got "
                              f"{cfg.scheduler_type!r}")
         graphs = cfg.use_cuda_graph
-        if isinstance(graphs, tuple):
-            graphs = graphs[-1]  # (prefill, decode) in Transformers: the decode path's
-        self.use_graphs = model.device.type == "cuda" and (graphs is None or bool(graphs))
+        prefill, decode = graphs if isinstance(graphs, (tuple, list)) else (graphs, graphs)  # Transformers' order
+        on_gpu = model.device.type == "cuda"
+        self.use_graphs = on_gpu and (decode is None or bool(decode))
+        self.use_prefill_graphs = on_gpu and (prefill is None or bool(prefill))
         self._batch: _Batch | None = None
         self._lock = threading.Condition()
         self._incoming: deque[_Request] = deque()
@@ -619,10 +626,26 @@ class ContinuousBatchingManager:
                         batch.graph(b)
         self.warmed_up = True
 
+    def warm_prefill_graphs(self) -> list[int]:
+        """On a GPU with prefill graphs on, capture the prefill of one prompt of each
+        `PREFILL_BUCKETS` length shorter than a row (the shape of every lone prompt of up to that
+        length), so that a server's first requests replay them instead of capturing them. Call it
+        before the loop starts (`start`). Returns the lengths captured."""
+        with torch.no_grad(), own_forward(self.model), _on(self.model.device):
+            graphs = self._ensure_batch()._packed_graphs()
+            if graphs is None or not graphs.enabled:
+                return []
+            lengths = [n for n in PREFILL_BUCKETS if n < self.slots]
+            for n in lengths:  # into free row 0's first slots, which a request's prefill writes anew
+                for _ in range(PREFILL_CAPTURE_AFTER):
+                    graphs([[1] * n], [0], [0], [(0, 0, 0)])
+        return lengths
+
     def _ensure_batch(self) -> _Batch:
         if self._batch is None:
             share = self.continuous_batching_config.allow_block_sharing
-            self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs, share=bool(share))
+            self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs, share=bool(share),
+                                 prefill_graphs=self.use_prefill_graphs)
         return self._batch
 
     def is_running(self) -> bool:

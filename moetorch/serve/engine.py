@@ -143,7 +143,8 @@ def build_manager(model, eos: list[int], pad: int | None, max_model_len: int | N
 def warm_prefills(model, manager, max_model_len: int) -> list[tuple[int, int]]:
     """Prefill random prompts of every power-of-two token count from 16 up to a prefill group's,
     so that the kernels (and block sizes) that a first request's prefill picks are compiled before
-    one comes, not while it waits. Returns the (prompts, length) shapes run."""
+    one comes, not while it waits; then capture the manager's prefill graphs of one prompt
+    (`warm_prefill_graphs`). Returns the (prompts, length) shapes run."""
     import torch
 
     longest = max_model_len - 1
@@ -159,6 +160,7 @@ def warm_prefills(model, manager, max_model_len: int) -> list[tuple[int, int]]:
             ids = torch.randint(1, vocab, (rows, length), device=model.device)
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
                            pad_token_id=0, eos_token_id=None)
+    manager.warm_prefill_graphs()
     return shapes
 
 
