@@ -333,3 +333,23 @@ def test_use_cuda_graph_is_transformers_pair(model, monkeypatch, setting, prefil
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
     gpu = ContinuousBatchingManager(model, model.generation_config, cfg)
     assert (gpu.use_prefill_graphs, gpu.use_graphs) == (prefill, decode)
+
+
+def test_a_capture_out_of_memory_leaves_the_prefills_eager(model, monkeypatch, caplog):
+    """A capture that runs out of memory (its graph's pool is memory of its own) does not fail a
+    lone prompt's request, which the manager cannot split: the prefill runs eagerly."""
+    def oom_capture(fn, pool=None, mode="global"):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cuda_graph, "capture", oom_capture)
+    monkeypatch.setattr(attention_ops, "packed_attention", varlen_stand_in(packed_attention))
+    S = 32
+    ours = StaticCache(model.config, max_cache_len=S, max_batch_size=2, device="cpu", dtype=torch.float32)
+    want = StaticCache(model.config, max_cache_len=S, max_batch_size=2, device="cpu", dtype=torch.float32)
+    runner = GraphedPackedPrefill(model, ours, getattr(model.config, "sliding_window", None), enabled=False)
+    runner.enabled, runner.pool = True, "pool"
+    for _ in range(2):
+        got = runner([[4, 5, 6]], [0], [S - 3], [(0, 0, 0)])
+        torch.testing.assert_close(got, forward_unpadded(model, want, [[4, 5, 6]], [0], [S - 3], [(0, 0, 0)]),
+                                   atol=2e-5, rtol=2e-5)
+    assert not runner.enabled and "out of memory" in caplog.text

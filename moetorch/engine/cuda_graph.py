@@ -476,9 +476,7 @@ class GraphedPackedPrefill:
             try:
                 entry.graph, entry.logits = capture(lambda: self._run(entry, entry.rows), pool=self.pool,
                                                     mode="thread_local")
-            except torch.OutOfMemoryError:
-                raise  # the caller retries smaller forwards
-            except RuntimeError as e:  # a capture that fails leaves the prefills eager, not the batch failed
+            except RuntimeError as e:  # out of memory too: the prefills go on eagerly, the batch does not fail
                 logger.warning("continuous batching: capturing a prefill of shape %s failed (%s); prefills run "
                                "eagerly from now on", key, e)
                 self.enabled = False
