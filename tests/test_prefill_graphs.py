@@ -210,7 +210,7 @@ def test_runner_shapes():
     """Tokens pad to `PREFILL_BUCKETS`, keys to `KEY_BUCKETS` (with room for the tokens' padding),
     prompts to a power of two with room for the padding's sequence; past the buckets, None."""
     runner = GraphedPackedPrefill.__new__(GraphedPackedPrefill)
-    runner.rotary = None
+    runner.rotary, runner.flops_per_token = None, 1.0
     assert runner.key([5, 9], [5, 9]) == (16, 16, 4)
     assert runner.key([17], [17]) == (32, 32, 2)
     assert runner.key([300, 40], [20, 40]) == (64, 512, 4)  # 64 + 280 shared keys
@@ -353,3 +353,24 @@ def test_a_capture_out_of_memory_leaves_the_prefills_eager(model, monkeypatch, c
         torch.testing.assert_close(got, forward_unpadded(model, want, [[4, 5, 6]], [0], [S - 3], [(0, 0, 0)]),
                                    atol=2e-5, rtol=2e-5)
     assert not runner.enabled and "out of memory" in caplog.text
+
+
+def test_graphs_stop_where_the_gpu_sets_the_time(model, monkeypatch):
+    """A group whose padded forward computes more than `GRAPHED_FLOPS` runs unpadded: there the GPU,
+    not the launches, sets an eager forward's time. The count is 2 FLOPs per active weight (top-k
+    of each expert tensor's experts; no embedding, no LM head) per padded token."""
+    from moetorch.engine.cuda_graph import active_weights
+
+    cfg = model.config
+    k, E = cfg.num_experts_per_tok, cfg.num_local_experts
+    want = 0.0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or "lm_head" in name:
+            continue
+        want += p.numel() * k / E if p.dim() == 3 and p.shape[0] == E else p.numel()
+    assert active_weights(model) == pytest.approx(want)
+    cache = StaticCache(cfg, max_cache_len=32, max_batch_size=2, device="cpu", dtype=torch.float32)
+    runner = GraphedPackedPrefill(model, cache, None, enabled=False)
+    per_token = 2 * want
+    monkeypatch.setattr(cuda_graph, "GRAPHED_FLOPS", 64 * per_token)
+    assert runner.key([40], [40]) == (64, 64, 2) and runner.key([65], [65]) is None

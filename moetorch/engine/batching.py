@@ -635,7 +635,7 @@ class ContinuousBatchingManager:
             graphs = self._ensure_batch()._packed_graphs()
             if graphs is None or not graphs.enabled:
                 return []
-            lengths = [n for n in PREFILL_BUCKETS if n < self.slots]
+            lengths = [n for n in PREFILL_BUCKETS if n < self.slots and graphs.key([n], [n]) is not None]
             for n in lengths:  # into free row 0's first slots, which a request's prefill writes anew
                 for _ in range(PREFILL_CAPTURE_AFTER):
                     graphs([[1] * n], [0], [0], [(0, 0, 0)])

@@ -365,6 +365,21 @@ class GraphedChunk(_CacheMask):
 KEY_BUCKETS = PREFILL_BUCKETS + (3072, 4096, 6144, 8192, 12288, 16384)
 # The most prompts of a graphed packed prefill, the padding's sequence included (a power of two).
 GRAPHED_PROMPTS = 32
+# The most FLOPs of a graphed packed prefill (2 per active weight per padded token). Past it the
+# GPU, not the host's launches, sets an eager forward's time, and the graph's padding and its
+# varlen attention (where a lone prompt takes sdpa's faster causal kernel) cost more than the
+# launches it saves. On the H200: PhiMoE's lone 2000-token prompt took 69 ms replayed (2048
+# tokens, 27 TFLOP) against 61 ms eagerly; 16 prompts of 1198 tokens 51 against 59 ms (1280
+# tokens, 17 TFLOP); JetMoE's 2000-token prompt 27 against 37 ms (9 TFLOP).
+GRAPHED_FLOPS = 24e12
+
+
+def active_weights(model) -> float:
+    """Weights a token multiplies in a forward: an expert tensor ([E, ...]) counts top-k of its E
+    experts; the embedding (a lookup) and the LM head (a prefill keeps a few rows) not at all."""
+    k = getattr(model.config, "num_experts_per_tok", 1)
+    return float(sum(p.numel() * (k / p.shape[0] if p.dim() == 3 else 1) for n, p in model.named_parameters()
+                     if "embed_tokens" not in n and "lm_head" not in n))
 
 
 def _bucket(n: int, buckets) -> int | None:
@@ -393,8 +408,8 @@ class GraphedPackedPrefill:
     """Continuous batching's prefill of prompts packed in one row (`cache.PackedRows`), replayed
     from a CUDA graph per shape: the computed tokens padded to a `PREFILL_BUCKETS` length, the keys
     (shared prefixes included) to a `KEY_BUCKETS` count, the prompts to a power of two up to
-    `GRAPHED_PROMPTS`. A short group's forward waits on the host's launches, not on the GPU (tens
-    of milliseconds eagerly, a few replayed).
+    `GRAPHED_PROMPTS`, within `GRAPHED_FLOPS`. A short group's forward waits on the host's
+    launches, not on the GPU (a JetMoE prompt of 128 tokens 40 ms eagerly, 8 ms replayed).
 
     The padding is one more sequence, whose keys go nowhere, then empty sequences; the varlen
     kernel reads the offsets from a buffer, with the bucket's sizes as its bounds. A shape is
@@ -410,6 +425,7 @@ class GraphedPackedPrefill:
         serves = varlen_kernel_serves(model.device, model.dtype, _kv_shape(model.config)[1])
         self.enabled = serves if enabled is None else (enabled and serves)
         self.rotary = _longrope(model)
+        self.flops_per_token = 2 * active_weights(model)
         self.entries: dict[tuple, _PackedEntry] = {}
         self.pool = None
 
@@ -417,7 +433,7 @@ class GraphedPackedPrefill:
         """The shape of a forward of prompts of `lengths` tokens, the last `rest` of each computed
         (None: it runs unpadded)."""
         tokens = _bucket(sum(rest), PREFILL_BUCKETS)
-        if tokens is None:
+        if tokens is None or tokens * self.flops_per_token > GRAPHED_FLOPS:
             return None
         keys = _bucket(tokens + sum(lengths) - sum(rest), KEY_BUCKETS)
         prompts = 1 << len(rest).bit_length()  # a power of two with room for the padding's sequence
