@@ -467,7 +467,7 @@ class GraphedPackedPrefill:
         key = self.key(lengths, rest)
         if key is None:
             return None
-        tokens, keys, slots = key
+        tokens, keys, seqs = key
         entry = self.entries.get(key)
         if entry is None:
             entry = self.entries[key] = self._entry(key, max(lengths))
@@ -475,10 +475,10 @@ class GraphedPackedPrefill:
         extra = tokens - sum(rest)
         ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]] + [0] * extra)
         positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)] + [torch.arange(extra)])
-        last = torch.zeros(slots, dtype=torch.long)
+        last = torch.zeros(seqs, dtype=torch.long)
         last[:len(rest)] = torch.tensor(rest).cumsum(0) - 1
         cu = torch.tensor([[0, *lens_q], [0, *lens_k]]).cumsum(1, dtype=torch.int32)
-        cu = torch.cat([cu, cu[:, -1:].expand(2, slots + 1 - cu.shape[1])], dim=1)  # then empty sequences
+        cu = torch.cat([cu, cu[:, -1:].expand(2, seqs + 1 - cu.shape[1])], dim=1)  # then empty sequences
         plan = torch.cat([index.flatten(), ids, positions, last])
         if entry.plan.is_cuda:
             plan, cu = plan.pin_memory(), cu.pin_memory()
