@@ -17,7 +17,7 @@ from parity import make_pair
 
 from moetorch.cache import PackedRows, StaticCache, pack_plan
 from moetorch.engine import batching, cuda_graph
-from moetorch.engine.cuda_graph import GRAPHED_PROMPTS, GraphedPackedPrefill
+from moetorch.engine.cuda_graph import GRAPHED_PROMPTS, GraphedPackedPrefill, GraphedPrefill
 from moetorch.ops import attention as attention_ops
 from moetorch.ops import fused
 from moetorch.ops.attention import Packed, packed_attention
@@ -26,8 +26,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 
 
 @pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
-def model(request, tmp_path_factory):
-    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name))[1]
+def pair(request, tmp_path_factory):
+    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name))
+
+
+@pytest.fixture
+def model(pair):
+    return pair[1]
 
 
 # ---- the padded plan ---------------------------------------------------------------------------------
@@ -359,3 +364,75 @@ def test_graphs_stop_where_the_gpu_sets_the_time(model, monkeypatch):
     per_token = 2 * want
     monkeypatch.setattr(cuda_graph, "GRAPHED_FLOPS", 64 * per_token)
     assert runner.key([40], [40]) == (64, 64, 2) and runner.key([65], [65]) is None
+
+
+# ---- generate's left-padded batches -------------------------------------------------------------------
+
+
+def left_padded(lengths: list[int], vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), T), generator=g)
+    mask = (torch.arange(T)[None] >= T - torch.tensor(lengths)[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("packs", [True, False])
+def test_generate_packs_a_left_padded_batch(pair, monkeypatch, packs):
+    """`generate` on a left-padded batch runs the prompts packed in one row (no padding computed,
+    no mask) when `PACK_PADDED_PROMPTS` is on: the tokens and scores of Transformers' `generate`
+    on the padded batch, either way."""
+    hf, ours = pair
+    monkeypatch.setattr(cuda_graph, "PACK_PADDED_PROMPTS", packs)
+    taken = []
+    original = GraphedPrefill._packed
+    monkeypatch.setattr(GraphedPrefill, "_packed", lambda self, *a: taken.append(1) or original(self, *a))
+    ids, mask = left_padded([3, 9, 1, 6], ours.config.vocab_size, seed=4)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None,
+              output_scores=True, return_dict_in_generate=True, cache_implementation="static")
+    mine, theirs = ours.generate(ids, **kw), hf.generate(ids, **kw)
+    assert torch.equal(mine.sequences, theirs.sequences)
+    for a, b in zip(mine.scores, theirs.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert taken == ([1] if packs else [])
+
+
+def test_packed_prompts_leave_the_cache_as_the_padded_forward(model):
+    """Each prompt's keys and values land in its row's slots after its padding, as the padded
+    forward writes them; the padding's slots are not written; the cache counts the padded length."""
+    ids, mask = left_padded([5, 2, 7], model.config.vocab_size, seed=1)
+    cfg = dict(max_cache_len=12, max_batch_size=3, device="cpu", dtype=torch.float32)
+    packed, padded = StaticCache(model.config, **cfg), StaticCache(model.config, **cfg)
+    got = GraphedPrefill(model, packed, 3)(ids, mask, None)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                     past_key_values=padded, use_cache=True, cache_position=torch.arange(7)).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert packed.get_seq_length() == 7
+    for a, b in zip(packed._all, padded._all):
+        for row, n in enumerate([5, 2, 7]):
+            torch.testing.assert_close(a[:, row, :, 7 - n:7], b[:, row, :, 7 - n:7], atol=1e-5, rtol=1e-5)
+            assert not a[:, row, :, :7 - n].any()  # the padding's slots: never written
+
+
+def test_what_runs_padded_instead(model, tmp_path):
+    """The packed path declines (the padded forward runs) where the mask is not left padding or
+    pads nothing, a prompt's positions do not count from 0, or LongRoPE may switch factors within
+    the cache (its replay record holds the padded layout)."""
+    from archs import longrope_scaling
+
+    ids, mask = left_padded([4, 6], model.config.vocab_size)
+    runner = GraphedPrefill(model, StaticCache(model.config, max_cache_len=16, max_batch_size=2, device="cpu",
+                                               dtype=torch.float32), 2)
+    assert runner._packed(ids, mask, None) is not None
+    assert runner._packed(ids, mask, (mask.cumsum(1) - 1).clamp(min=0)) is not None  # generate's own positions
+    assert runner._packed(ids, mask.flip(1), None) is None  # right padding
+    holed = mask.clone()
+    holed[1, 3] = 0
+    assert runner._packed(ids, holed, None) is None
+    assert runner._packed(ids, torch.ones_like(mask), None) is None
+    assert runner._packed(ids, mask, mask.cumsum(1) + 4) is None
+    _, long = make_pair(PHIMOE, tmp_path, rope_scaling=longrope_scaling(8, original=8), max_position_embeddings=64)
+    for slots, packs in ((8, True), (9, False)):
+        cache = StaticCache(long.config, max_cache_len=slots, max_batch_size=2, device="cpu", dtype=torch.float32)
+        assert (GraphedPrefill(long, cache, 2)._packed(ids, mask, None) is not None) == packs

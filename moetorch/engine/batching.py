@@ -48,10 +48,17 @@ from typing import Any
 
 import torch
 
-from ..cache import PackedRows, StaticCache, _kv_shape
+from ..cache import StaticCache, _kv_shape
 from ..ops.host import to_device
 from . import prefixes
-from .cuda_graph import PREFILL_BUCKETS, PREFILL_CAPTURE_AFTER, GraphedPackedPrefill, capture, own_forward
+from .cuda_graph import (
+    PREFILL_BUCKETS,
+    PREFILL_CAPTURE_AFTER,
+    GraphedPackedPrefill,
+    capture,
+    own_forward,
+    packed_forward,
+)
 from .prefixes import PrefixIndex
 from .row_sampling import RowSettings, Sampling, TokenCounts, draw_rows, penalize_rows, single_token_bias
 
@@ -367,16 +374,8 @@ class _Batch:
         starts = [self.col - n for n in lengths]
         graphs = self._packed_graphs()
         logits = graphs(prompts, rows, starts, shared) if graphs is not None else None
-        if logits is None:  # unpadded, eagerly
-            rest = [n - p for n, (*_, p) in zip(lengths, shared)]
-            ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]], dtype=torch.long)
-            positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)])
-            last = torch.tensor(rest).cumsum(0) - 1  # each prompt's last token in the packed row
-            packed = PackedRows(self.cache, rows, starts, rest, shared, window=self.window)
-            # `_seen` stays 0, as in decode steps: every row is short for LongRoPE
-            logits = self.model(to_device(ids, device)[None], position_ids=to_device(positions, device)[None],
-                                past_key_values=packed, use_cache=True, logits_to_keep=to_device(last, device),
-                                return_dict=True).logits[0]
+        if logits is None:  # unpadded, eagerly (`_seen` stays 0, as in decode steps: every row is short for LongRoPE)
+            logits = packed_forward(self.model, self.cache, prompts, rows, starts, shared, self.window)
         rows_t, lengths_t = to_device(torch.tensor(rows), device), to_device(torch.tensor(lengths), device)
         self.set_starts(rows_t, self.col - lengths_t)
         self.pos[rows_t, 0] = lengths_t

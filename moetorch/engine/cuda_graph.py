@@ -25,6 +25,7 @@ import torch
 
 from ..cache import PackedRows, StaticCache, _kv_shape, pack_plan
 from ..ops.attention import Packed, varlen_kernel_serves
+from ..ops.host import to_device
 
 logger = logging.getLogger("moetorch")
 
@@ -180,6 +181,9 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048)
 # Uses of a bucket before it is captured: a capture costs about three eager prefills, so a length
 # seen once runs eagerly.
 PREFILL_CAPTURE_AFTER = 2
+# A left-padded batch's prompt runs packed in one row (`GraphedPrefill`): no padding computed, no
+# mask. False: padded, with a 2D mask.
+PACK_PADDED_PROMPTS = True
 
 
 class GraphedPrefill:
@@ -195,7 +199,12 @@ class GraphedPrefill:
     same logits on every call. `capture=False` (a cache used once) never captures. Past the last
     bucket, with LongRoPE's long factors, or past the cache's length, the call returns None and the
     caller runs the prompt unpadded. On CPU (or `enabled=False`) the padded buffers always run
-    eagerly: the fallback the tests exercise. Returns the last prompt token's logits [B, V]."""
+    eagerly: the fallback the tests exercise. Returns the last prompt token's logits [B, V].
+
+    A batch whose prompts are left-padded (`PACK_PADDED_PROMPTS`) runs them packed in one row
+    instead, each into its row's slots after its padding (`cache.PackedRows`): the padding is not
+    computed and the attention needs no mask. Its shape replays a graph where one serves
+    (`GraphedPackedPrefill`), else it runs eagerly, at any length."""
 
     def __init__(self, model, cache: StaticCache, batch: int, enabled: bool | None = None,
                  capture: bool = True) -> None:
@@ -208,6 +217,8 @@ class GraphedPrefill:
         self.graphs: dict[tuple, tuple] = {}  # key -> (graph or None, buffers, logits)
         self.pool = None  # one memory pool for every bucket's graph: they never run at once
         self.rotary = _longrope(model)
+        self.window = getattr(model.config, "sliding_window", None)
+        self.packed: GraphedPackedPrefill | None = None  # left-padded batches' graphs
 
     def bucket(self, T: int) -> int | None:
         """The padded length of a T-token prompt (None: it runs eagerly)."""
@@ -242,6 +253,11 @@ class GraphedPrefill:
         T = ids_BT.shape[1]
         if self.cache.get_seq_length() != 0 or ids_BT.shape[0] != self.B or self.cache.slot_rows is not None:
             return None
+        if attention_mask_BT is not None and PACK_PADDED_PROMPTS:
+            logits = self._packed(ids_BT, attention_mask_BT, position_ids_BT)
+            if logits is not None:
+                self.cache._seen = T  # the padded length, as the padded forward leaves it
+                return logits
         Tb = self.bucket(T)
         if Tb is None:
             return None
@@ -270,6 +286,39 @@ class GraphedPrefill:
             graph.replay()
         self.cache._seen = T  # the prompt's tokens; the padding's slots are free again
         return logits
+
+    @torch.no_grad()
+    def _packed(self, ids_BT, mask_BT, positions_BT) -> torch.Tensor | None:
+        """Left-padded prompts packed in one row: their last tokens' logits [B, V]. None where the
+        mask is not left padding (or pads nothing), a prompt's positions are not 0, 1, ..., or
+        LongRoPE may switch factors within the cache (its replay record holds the padded layout)."""
+        if self.rotary is not None and self.cache.max_cache_len > self.rotary.original_max:
+            return None
+        B, T = ids_BT.shape
+        if not self.cache.keys:  # allocated by its first write, in the keys' dtype: the model's, without autocast
+            if torch.is_autocast_enabled(ids_BT.device.type):
+                return None
+            self.cache._allocate(B, *_kv_shape(self.model.config), self.model.device, self.model.dtype)
+        mask = mask_BT.to("cpu", torch.bool)  # the rows' lengths: read once a prompt
+        lengths = mask.sum(1)
+        shortest = int(lengths.min())
+        if shortest == T or shortest < 1 or not torch.equal(mask, torch.arange(T)[None] >= (T - lengths)[:, None]):
+            return None
+        if positions_BT is not None:
+            own = torch.arange(T)[None] - (T - lengths)[:, None]
+            if not torch.equal(positions_BT.to("cpu").expand(B, T)[mask], own.expand(B, T)[mask]):
+                return None
+        ids = ids_BT.to("cpu")
+        prompts = [ids[b, T - n:].tolist() for b, n in enumerate(lengths.tolist())]
+        rows, starts, shared = list(range(B)), [T - len(p) for p in prompts], [(0, 0, 0)] * B
+        if self.capture:
+            if self.packed is None:
+                self.packed = GraphedPackedPrefill(self.model, self.cache, self.window)
+            if self.packed.enabled:
+                logits = self.packed(prompts, rows, starts, shared)
+                if logits is not None:
+                    return logits
+        return packed_forward(self.model, self.cache, prompts, rows, starts, shared, self.window)
 
     def _capture(self, buf: dict) -> tuple:
         # The runs write the empty cache's first slots, which the replay that follows writes again.
@@ -380,6 +429,22 @@ def active_weights(model) -> float:
     k = getattr(model.config, "num_experts_per_tok", 1)
     return float(sum(p.numel() * (k / p.shape[0] if p.dim() == 3 else 1) for n, p in model.named_parameters()
                      if "embed_tokens" not in n and "lm_head" not in n))
+
+
+def packed_forward(model, cache: StaticCache, prompts: list[list[int]], rows: list[int], starts: list[int],
+                   shared: list[tuple[int, int, int]], window: int | None) -> torch.Tensor:
+    """The prompts' forward packed in one row with no padding, eagerly (`cache.PackedRows(cache,
+    rows, starts, ..., shared)`): the last tokens' logits [len(prompts), V]."""
+    device = model.device
+    lengths = [len(p) for p in prompts]
+    rest = [n - p for n, (*_, p) in zip(lengths, shared)]
+    ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]], dtype=torch.long)
+    positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)])
+    last = torch.tensor(rest).cumsum(0) - 1  # each prompt's last token in the packed row
+    packed = PackedRows(cache, rows, starts, rest, shared, window=window)
+    return model(to_device(ids, device)[None], position_ids=to_device(positions, device)[None],
+                 past_key_values=packed, use_cache=True, logits_to_keep=to_device(last, device),
+                 return_dict=True).logits[0]
 
 
 def _bucket(n: int, buckets) -> int | None:
