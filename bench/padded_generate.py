@@ -9,6 +9,8 @@ token; static cache, as generate runs on a GPU), median of `--repeats` after two
 compile and capture, the arms alternating; then the first token's scores of both arms (relative
 error, share of equal argmaxes) and 16 greedy tokens of both (share of equal rows).
 `--smoke` runs it on the CPU with tiny float32 models: checks the script, measures nothing.
+`--tiny` runs the check alone on the GPU with tiny bf16 models whose random weights are peaked (no
+chaotic routing): both arms' first scores against a plain forward over each prompt alone.
 """
 
 from __future__ import annotations
@@ -83,17 +85,48 @@ def run_model(model, vocab: int, repeats: int, shapes: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def tiny_check() -> dict:
+    """Tiny bf16 models on the GPU (graphed steps): each arm's first-token scores against a plain
+    forward over each prompt alone, with no padding (relative error, equal argmaxes)."""
+    from batching import tiny_models  # bench/ is the script's directory
+
+    out = {}
+    for name, model in tiny_models(4096):
+        model = model.to(torch.bfloat16)
+        for shape, (n, lo, hi) in SHAPES.items():
+            ids, mask = batch(97, n, lo, hi, seed=7, device=model.device)
+            plain = torch.stack([model(ids[b:b + 1, ids.shape[1] - int(mask[b].sum()):]).logits[0, -1]
+                                 for b in range(n)]).float()
+            res = {}
+            for arm, packs in (("padded", False), ("packed", True)):
+                cuda_graph.PACK_PADDED_PROMPTS = packs
+                for _ in range(3):  # the third replays the captured graph
+                    s = model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0,
+                                       eos_token_id=None, output_scores=True,
+                                       return_dict_in_generate=True).scores[0].float()
+                res[f"{arm}_vs_plain_rel_err"] = float((s - plain).norm() / plain.norm())
+                res[f"{arm}_same_argmax_as_plain"] = float((s.argmax(-1) == plain.argmax(-1)).float().mean())
+            cuda_graph.PACK_PADDED_PROMPTS = True
+            log(f"  tiny {name} {shape}: {res}")
+            out[f"{name} {shape}"] = res
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="jetmoe,phimoe")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny float32 models on the CPU: checks the script")
+    p.add_argument("--tiny", action="store_true", help="the tiny bf16 models' check alone (GPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     result: dict = {"torch": torch.__version__, "args": vars(args)}
     if not args.smoke:
         result["gpu"] = torch.cuda.get_device_name()
-    for name in args.models.split(","):
+    if args.tiny:
+        result["tiny"] = tiny_check()
+    for name in [] if args.tiny else args.models.split(","):
         cfg = dict(SIZES[name])
         shapes = SHAPES
         if args.smoke:
