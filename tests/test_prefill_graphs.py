@@ -17,7 +17,7 @@ from parity import make_pair
 
 from moetorch.cache import PackedRows, StaticCache, pack_plan
 from moetorch.engine import batching, cuda_graph
-from moetorch.engine.cuda_graph import GRAPHED_PROMPTS, GraphedPackedPrefill, GraphedPrefill
+from moetorch.engine.cuda_graph import GRAPHED_PROMPTS, GraphedPackedPrefill, GraphedPrefill, packed_forward
 from moetorch.ops import attention as attention_ops
 from moetorch.ops import fused
 from moetorch.ops.attention import Packed, packed_attention
@@ -147,15 +147,10 @@ class StandInGraph:
 
 
 def forward_unpadded(model, cache, prompts, rows, starts, shared):
-    """The prefill's eager forward with no padding (`_Batch.prefill`'s other path)."""
-    lengths = [len(p) for p in prompts]
-    rest = [n - p for n, (*_, p) in zip(lengths, shared)]
-    ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]])
-    positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)])
-    packed = PackedRows(cache, rows, starts, rest, shared, window=getattr(model.config, "sliding_window", None))
+    """The prefill's eager forward with no padding (`cuda_graph.packed_forward`, which continuous
+    batching's tests hold to Transformers)."""
     with torch.no_grad():
-        return model(ids[None], position_ids=positions[None], past_key_values=packed, use_cache=True,
-                     logits_to_keep=torch.tensor(rest).cumsum(0) - 1).logits[0]
+        return packed_forward(model, cache, prompts, rows, starts, shared, getattr(model.config, "sliding_window", None))
 
 
 def test_runner_runs_eagerly_then_captures_and_replays(model, monkeypatch):
@@ -180,8 +175,9 @@ def test_runner_runs_eagerly_then_captures_and_replays(model, monkeypatch):
     for a, b in zip(ours._all, want._all):
         a.copy_(torch.randn_like(a))
         b.copy_(a)
-    runner = GraphedPackedPrefill(model, ours, getattr(model.config, "sliding_window", None), enabled=False)
-    runner.enabled, runner.pool = True, "pool"  # as on a GPU
+    monkeypatch.setattr(cuda_graph, "varlen_kernel_serves", lambda *a: True)  # as on a GPU
+    runner = GraphedPackedPrefill(model, ours, getattr(model.config, "sliding_window", None))
+    runner.pool = "pool"
 
     def call(prompts, rows, starts, shared):
         got = runner(prompts, rows, starts, shared)
@@ -279,8 +275,9 @@ def test_a_failed_capture_leaves_the_prefills_eager(model, monkeypatch, caplog, 
     S = 32
     ours = StaticCache(model.config, max_cache_len=S, max_batch_size=2, device="cpu", dtype=torch.float32)
     want = StaticCache(model.config, max_cache_len=S, max_batch_size=2, device="cpu", dtype=torch.float32)
-    runner = GraphedPackedPrefill(model, ours, getattr(model.config, "sliding_window", None), enabled=False)
-    runner.enabled, runner.pool = True, "pool"
+    monkeypatch.setattr(cuda_graph, "varlen_kernel_serves", lambda *a: True)  # as on a GPU
+    runner = GraphedPackedPrefill(model, ours, getattr(model.config, "sliding_window", None))
+    runner.pool = "pool"
     prompt = [5, 6, 7, 8, 9]
     for _ in range(3):
         got = runner([prompt], [1], [S - 5], [(0, 0, 0)])
@@ -436,3 +433,28 @@ def test_what_runs_padded_instead(model, tmp_path):
     for slots, packs in ((8, True), (9, False)):
         cache = StaticCache(long.config, max_cache_len=slots, max_batch_size=2, device="cpu", dtype=torch.float32)
         assert (GraphedPrefill(long, cache, 2)._packed(ids, mask, None) is not None) == packs
+
+
+def test_flash_turned_off_stops_the_captures(model, monkeypatch):
+    """sdpa's flash kernel turned off after the runner was made: it captures no more, and the
+    padded forward runs with the host's lengths (per-sequence attention), right all the same."""
+    captures = []
+
+    def stand_in_capture(fn, pool=None, mode="global"):
+        graph = StandInGraph(fn, fn())
+        captures.append(graph)
+        return graph, graph.out
+
+    monkeypatch.setattr(cuda_graph, "capture", stand_in_capture)
+    monkeypatch.setattr(cuda_graph, "varlen_kernel_serves", lambda *a: True)
+    S = 32
+    ours = StaticCache(model.config, max_cache_len=S, max_batch_size=2, device="cpu", dtype=torch.float32)
+    want = StaticCache(model.config, max_cache_len=S, max_batch_size=2, device="cpu", dtype=torch.float32)
+    runner = GraphedPackedPrefill(model, ours, getattr(model.config, "sliding_window", None))
+    assert runner.enabled
+    monkeypatch.setattr(cuda_graph, "varlen_kernel_serves", lambda *a: False)
+    for _ in range(3):
+        got = runner([[7, 8, 9, 10]], [1], [S - 4], [(0, 0, 0)])
+        torch.testing.assert_close(got, forward_unpadded(model, want, [[7, 8, 9, 10]], [1], [S - 4], [(0, 0, 0)]),
+                                   atol=2e-5, rtol=2e-5)
+    assert not runner.enabled and not captures

@@ -487,7 +487,8 @@ class GraphedPackedPrefill:
 
     def __init__(self, model, cache: StaticCache, window: int | None, enabled: bool | None = None) -> None:
         self.model, self.cache, self.window = model, cache, window
-        serves = varlen_kernel_serves(model.device, model.dtype, _kv_shape(model.config)[1])
+        self.head_dim = _kv_shape(model.config)[1]
+        serves = varlen_kernel_serves(model.device, model.dtype, self.head_dim)
         self.enabled = serves if enabled is None else (enabled and serves)
         self.rotary = _longrope(model)
         self.flops_per_token = 2 * active_weights(model)
@@ -527,6 +528,8 @@ class GraphedPackedPrefill:
                  shared: list[tuple[int, int, int]]) -> torch.Tensor | None:
         """The last tokens' logits [len(prompts), V] of the prompts' forward (`PackedRows(cache,
         rows, starts, ..., shared)`), or None where this shape runs unpadded."""
+        if self.enabled and not varlen_kernel_serves(self.model.device, self.model.dtype, self.head_dim):
+            self.enabled = False  # sdpa's flash kernel was turned off since: no more captures
         lengths = [len(p) for p in prompts]
         rest = [n - p for n, (*_, p) in zip(lengths, shared)]
         key = self.key(lengths, rest)
