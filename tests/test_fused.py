@@ -740,8 +740,14 @@ def test_step_input_kernels_setting_takes_the_torch_code(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", [PHIMOE, JETMOE], ids=["phimoe", "jetmoe"])
-def test_decode_builds_rotary_tables_and_mask_in_kernels(arch, monkeypatch):
-    # every forward of a static-cache generate (prefill and decode steps) takes both kernels
+@pytest.mark.parametrize("packs", [True, False])
+def test_decode_builds_rotary_tables_and_mask_in_kernels(arch, monkeypatch, packs):
+    # every forward of a static-cache generate (prefill and decode steps) takes the rotary tables'
+    # kernel, and every forward with a 2D mask the mask's: the decode steps, and the left-padded
+    # prompt when it runs padded (packed in one row, it needs no mask)
+    from moetorch.engine import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "PACK_PADDED_PROMPTS", packs)
     called = []
     for name in ("rope_tables", "causal_mask"):
         original = getattr(triton_fused, name)
@@ -751,7 +757,7 @@ def test_decode_builds_rotary_tables_and_mask_in_kernels(arch, monkeypatch):
     with fused.forced():
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
                        cache_implementation="static")
-    assert called.count("rope_tables") == called.count("causal_mask") == 3
+    assert called.count("rope_tables") == 3 and called.count("causal_mask") == (2 if packs else 3)
 
 
 # ---- rotary -----------------------------------------------------------------------------------
