@@ -60,8 +60,7 @@ def check_static_attention() -> list[dict]:
             # the padding as the runner lays it out: one more sequence with the rest of the tokens
             pad_q, pad_k = bounds[0] - sum(lens_q), bounds[1] - sum(lens_k)
             all_q, all_k = lens_q + [pad_q] * bool(pad_q), lens_k + [pad_k] * bool(pad_q)
-            cu = torch.tensor([[0, *all_q], [0, *all_k]]).cumsum(1, dtype=torch.int32)
-            cu = torch.cat([cu, cu[:, -1:].expand(2, slots + 1 - cu.shape[1])], 1).cuda()
+            cu = Packed.offsets(all_q, all_k, slots).cuda()
             static = packed_attention(q, k, v, Packed.static(cu[0], cu[1], *bounds, max(lens_k)), 128**-0.5)
             n, nk = sum(lens_q), sum(lens_k)
             plain = packed_attention(q[:n], k[:nk], v[:nk], Packed.of(lens_q, lens_k, q.device), 128**-0.5)

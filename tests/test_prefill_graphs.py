@@ -86,7 +86,7 @@ def test_static_packed_rows_write_only_real_keys(kernels, shares):
     shared = [(0, 4, 2), (0, 0, 0)] if shares else None
     tokens, keys = 10, (16 if shares else 10)
     index, lens_q, lens_k = pack_plan(rows, starts, new, shared, S, pad=(tokens, keys))
-    cu = torch.tensor([[0, *lens_q], [0, *lens_k]]).cumsum(1, dtype=torch.int32)
+    cu = Packed.offsets(lens_q, lens_k)
     static = PackedRows.static(cache, index, Packed.static(cu[0], cu[1], tokens, keys, max(lens_k)), tokens)
     reference = PackedRows(want, rows, starts, new, shared)
     assert static.shares == shares and static.padded
@@ -100,6 +100,14 @@ def test_static_packed_rows_write_only_real_keys(kernels, shares):
     assert k_all.shape[2] == keys if shares else tokens
     for got, ref in zip(cache._all, want._all):
         torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def test_offsets_end_in_empty_sequences():
+    """A graph's offsets: the sequences' cumulative counts, then empty sequences up to its shape."""
+    cu = Packed.offsets([3, 1], [5, 1], 4)
+    assert cu.tolist() == [[0, 3, 4, 4, 4], [0, 5, 6, 6, 6]] and cu.dtype == torch.int32
+    assert cu[0].is_contiguous() and cu[1].is_contiguous()
+    assert Packed.offsets([2], [2]).tolist() == [[0, 2], [0, 2]]
 
 
 def test_static_packed_needs_the_varlen_kernel():

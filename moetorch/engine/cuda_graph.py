@@ -299,16 +299,18 @@ class GraphedPrefill:
             if torch.is_autocast_enabled(ids_BT.device.type):
                 return None
             self.cache._allocate(B, *_kv_shape(self.model.config), self.model.device, self.model.dtype)
-        mask = mask_BT.to("cpu", torch.bool)  # the rows' lengths: read once a prompt
+        # the mask (the rows' lengths), ids and positions to the host in one copy, once a prompt
+        parts = [mask_BT, ids_BT] + ([positions_BT.expand(B, T)] if positions_BT is not None else [])
+        host = torch.stack([t.to(ids_BT.device, torch.long) for t in parts]).cpu()
+        mask, ids = host[0].bool(), host[1]
         lengths = mask.sum(1)
         shortest = int(lengths.min())
         if shortest == T or shortest < 1 or not torch.equal(mask, torch.arange(T)[None] >= (T - lengths)[:, None]):
             return None
         if positions_BT is not None:
             own = torch.arange(T)[None] - (T - lengths)[:, None]
-            if not torch.equal(positions_BT.to("cpu").expand(B, T)[mask], own.expand(B, T)[mask]):
+            if not torch.equal(host[2][mask], own.expand(B, T)[mask]):
                 return None
-        ids = ids_BT.to("cpu")
         prompts = [ids[b, T - n:].tolist() for b, n in enumerate(lengths.tolist())]
         rows, starts, shared = list(range(B)), [T - len(p) for p in prompts], [(0, 0, 0)] * B
         if self.capture:
@@ -431,16 +433,23 @@ def active_weights(model) -> float:
                      if "embed_tokens" not in n and "lm_head" not in n))
 
 
+def packed_inputs(prompts: list[list[int]], shared: list[tuple[int, int, int]]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host tensors of a packed forward over the prompts' tokens past their shared prefixes
+    (`shared[i][2]` tokens): the ids and positions in one row, and each prompt's last token in it."""
+    ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]], dtype=torch.long)
+    positions = torch.cat([torch.arange(p, len(prompt)) for prompt, (*_, p) in zip(prompts, shared)])
+    last = torch.tensor([len(prompt) - p for prompt, (*_, p) in zip(prompts, shared)]).cumsum(0) - 1
+    return ids, positions, last
+
+
 def packed_forward(model, cache: StaticCache, prompts: list[list[int]], rows: list[int], starts: list[int],
                    shared: list[tuple[int, int, int]], window: int | None) -> torch.Tensor:
     """The prompts' forward packed in one row with no padding, eagerly (`cache.PackedRows(cache,
     rows, starts, ..., shared)`): the last tokens' logits [len(prompts), V]."""
     device = model.device
-    lengths = [len(p) for p in prompts]
-    rest = [n - p for n, (*_, p) in zip(lengths, shared)]
-    ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]], dtype=torch.long)
-    positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)])
-    last = torch.tensor(rest).cumsum(0) - 1  # each prompt's last token in the packed row
+    ids, positions, last = packed_inputs(prompts, shared)
+    rest = [len(p) - s for p, (*_, s) in zip(prompts, shared)]
     packed = PackedRows(cache, rows, starts, rest, shared, window=window)
     return model(to_device(ids, device)[None], position_ids=to_device(positions, device)[None],
                  past_key_values=packed, use_cache=True, logits_to_keep=to_device(last, device),
@@ -540,14 +549,12 @@ class GraphedPackedPrefill:
         if entry is None:
             entry = self.entries[key] = self._entry(key, max(lengths))
         index, lens_q, lens_k = pack_plan(rows, starts, rest, shared, self.cache.max_cache_len, pad=(tokens, keys))
-        extra = tokens - sum(rest)
-        ids = torch.tensor([t for prompt, (*_, p) in zip(prompts, shared) for t in prompt[p:]] + [0] * extra)
-        positions = torch.cat([torch.arange(p, n) for n, (*_, p) in zip(lengths, shared)] + [torch.arange(extra)])
-        last = torch.zeros(seqs, dtype=torch.long)
-        last[:len(rest)] = torch.tensor(rest).cumsum(0) - 1
-        cu = torch.tensor([[0, *lens_q], [0, *lens_k]]).cumsum(1, dtype=torch.int32)
-        cu = torch.cat([cu, cu[:, -1:].expand(2, seqs + 1 - cu.shape[1])], dim=1)  # then empty sequences
-        plan = torch.cat([index.flatten(), ids, positions, last])
+        ids, positions, last = packed_inputs(prompts, shared)
+        extra = tokens - ids.shape[0]  # the padding's sequence: id 0 at positions 0, 1, ...
+        pad_last = torch.zeros(seqs - last.shape[0], dtype=torch.long)
+        plan = torch.cat([index.flatten(), ids, torch.zeros(extra, dtype=torch.long), positions, torch.arange(extra),
+                          last, pad_last])
+        cu = Packed.offsets(lens_q, lens_k, seqs)
         if entry.plan.is_cuda:
             plan, cu = plan.pin_memory(), cu.pin_memory()
         entry.plan.copy_(plan, non_blocking=True)

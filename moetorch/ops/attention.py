@@ -54,9 +54,18 @@ class Packed:
         lens_q, lens_k = tuple(lens_q), tuple(lens_k)
         if not lens_q or len(lens_q) != len(lens_k) or any(q < 1 or k < q for q, k in zip(lens_q, lens_k)):
             raise ValueError(f"Packed: every sequence needs 1 <= queries <= keys, got {lens_q} and {lens_k}")
-        offsets = torch.tensor([[0, *lens_q], [0, *lens_k]]).cumsum(1, dtype=torch.int32)  # rows: contiguous
-        offsets = to_device(offsets, device)
+        offsets = to_device(cls.offsets(lens_q, lens_k), device)
         return cls(offsets[0], offsets[1], lens_q, lens_k, window, max(lens_q), max(lens_k), max(lens_k))
+
+    @staticmethod
+    def offsets(lens_q, lens_k, sequences: int | None = None) -> torch.Tensor:
+        """The host offsets [2, n + 1] int32 (rows `cu_q`, `cu_k`, each contiguous) of sequences
+        of `lens_q` queries and `lens_k` keys; with `sequences`, empty ones after them up to that
+        many (a graph's fixed shape)."""
+        cu = torch.tensor([[0, *lens_q], [0, *lens_k]]).cumsum(1, dtype=torch.int32)
+        if sequences is not None:
+            cu = torch.cat([cu, cu[:, -1:].expand(2, sequences + 1 - cu.shape[1])], dim=1)
+        return cu
 
     @classmethod
     def static(cls, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, rope_len: int,
