@@ -25,7 +25,7 @@ from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
 from .generation.custom import install_checkpoint_generate
 from .hub import PushToHubMixin, hub_options, upload
-from .ops.attention import build_mask, check_attn_implementation
+from .ops.attention import Packed, build_mask, check_attn_implementation, varlen_kernel_serves
 from .ops.losses import causal_lm_loss_function, sequence_classification_loss
 from .ops.moe import training_paths
 from .ops.norms import Residual
@@ -609,6 +609,35 @@ def packed_segments(position_ids: torch.Tensor | None, attention_mask, cache: Ca
     return (torch.diff(pos_BT, prepend=pos_BT[:, :1] - 1, dim=-1) != 1).cumsum(-1)
 
 
+# Packed sequences without a cache (training, scoring) attend through the varlen flash kernel, with
+# no [T, T] mask: None where that kernel serves (a GPU of sm80 or later, bf16 or fp16, sdpa's flash
+# kernel on), True always (elsewhere each sequence through sdpa, as the tests run it), False never
+# (a dense block-diagonal mask).
+PACKED_VARLEN: bool | None = None
+
+
+def varlen_packing(model, segments_BT: torch.Tensor | None, window: int | None, output_attentions: bool,
+                   embeds_BTD: torch.Tensor) -> Packed | None:
+    """The packed sequences of `segments_BT` (`packed_segments`) as one `Packed` over the B x T
+    tokens in order, for the attention's varlen path; None where the dense mask serves: attention
+    weights asked for, the eager implementation, layers over several devices, or (PACKED_VARLEN
+    None) no varlen kernel here. Reads the sequences' lengths to the host (one sync)."""
+    cfg = model.config
+    if segments_BT is None or PACKED_VARLEN is False or output_attentions or \
+            getattr(model, "spread_over_devices", False) or cfg._attn_implementation == "eager":
+        return None
+    device = embeds_BTD.device
+    if PACKED_VARLEN is None:
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else embeds_BTD.dtype
+        head_dim = getattr(cfg, "kv_channels", None) or cfg.head_dim
+        if not varlen_kernel_serves(device, dtype, head_dim):
+            return None
+    B, T = segments_BT.shape
+    starts = torch.diff(segments_BT, dim=-1, prepend=segments_BT[:, :1] - 1).flatten().nonzero().flatten()
+    lens = torch.diff(starts, append=starts.new_tensor([B * T])).tolist()
+    return Packed.of(lens, lens, device, window=window)
+
+
 def _resize_rows(old: torch.Tensor, new: torch.Tensor, mean_resizing: bool, std: float) -> None:
     n = min(old.shape[0], new.shape[0])
     new[:n].copy_(old[:n])
@@ -821,15 +850,18 @@ def to_device(tensors: Any, device: torch.device, on_device: contextlib.ExitStac
     return tensors
 
 
-def sync_rope_cache(rotary, inputs: DecoderInputs) -> tuple[DecoderInputs, bool, int]:
+def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -> tuple[DecoderInputs, bool, int]:
     """Choose LongRoPE's factor set for this step; rebuild the cache if it was computed with the other.
 
     Returns (inputs, long, prefix): when the cache is rebuilt, `inputs` is extended by the replayed
-    `prefix` cached tokens and the caller drops their outputs. Decided from host integers only.
+    `prefix` cached tokens and the caller drops their outputs. Decided from host integers: the
+    cached and new tokens, the longest of packed sequences, or `seq_len` where the caller read it.
     """
     cache, T = inputs.cache, inputs.embeds_BTD.shape[1]
     packed = cache.packed if cache is not None else None  # packed sequences: the longest decides
-    long = rotary.use_long(packed.rope_len if packed is not None else inputs.past_len + T)
+    if seq_len is None:
+        seq_len = packed.rope_len if packed is not None else inputs.past_len + T
+    long = rotary.use_long(seq_len)
     prefix = 0
     if cache is not None and rotary.longrope:
         if cache.rope_long != long and inputs.past_len > 0:
@@ -894,15 +926,20 @@ def decoder_forward(
         attention_mask,
     )
     B = inp.embeds_BTD.shape[0]
-    inp, long, prefix = sync_rope_cache(model.rotary_emb, inp)
+    segments_BT = packed_segments(position_ids, attention_mask, inp.cache, B)
+    # positions given with no mask and no cache: LongRoPE's sequence length is the largest position
+    # + 1, as the original code and Transformers read it (packed sequences each count their own)
+    seq_len = int(position_ids.max()) + 1 if segments_BT is not None and model.rotary_emb.longrope else None
+    inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len)
     rope = model.rotary_emb(inp.position_ids_BT, inp.embeds_BTD.dtype, long)
     if inp.cache is not None and inp.cache.packed is not None:  # sequences packed in one row
         mask, is_causal = inp.cache.packed, True
+    elif (varlen := varlen_packing(model, segments_BT, sliding_window, output_attentions, inp.embeds_BTD)) is not None:
+        mask, is_causal = varlen, True
     else:
         mask, is_causal = build_mask(
             attention_mask, inp.cache_position_T, inp.kv_len, sliding_window, B,
-            queries_at_end=inp.cache is None or not inp.cache.is_static,
-            segments_BT=packed_segments(position_ids, attention_mask, inp.cache, B),
+            queries_at_end=inp.cache is None or not inp.cache.is_static, segments_BT=segments_BT,
         )
     x, hidden, attns, routers = run_layers(
         model.layers, inp.embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, model.norm,

@@ -107,8 +107,8 @@ def test_packed_bad_input():
     q, kv = torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4)
     with pytest.raises(ValueError, match="no weights"):
         attention(q, kv, kv, packed, True, 1.0, need_weights=True)
-    with pytest.raises(ValueError, match="no weights"):
-        attention(q, kv, kv, packed, True, 1.0, dropout_p=0.1)
+    with pytest.raises(ValueError, match="no kv_rows"):
+        attention(q, kv, kv, packed, True, 1.0, kv_rows=torch.zeros(1, 2, dtype=torch.long))
 
 
 def filled_cache(B=4, G=2, S=12, d=4, layers=2, seed=0, dtype=torch.float32) -> StaticCache:

@@ -127,7 +127,8 @@ def varlen_stand_in(real):
     """`packed_attention` where a static `Packed` reads its offsets from the buffers, as the varlen
     kernel does: empty sequences only after the real ones, every length within the bounds."""
 
-    def run(q, k, v, packed, scale):
+    def run(q, k, v, packed, scale, dropout_p=0.0):
+        assert dropout_p == 0.0
         if packed.lens_q is not None:
             return real(q, k, v, packed, scale)
         cu_q, cu_k = packed.cu_q.tolist(), packed.cu_k.tolist()

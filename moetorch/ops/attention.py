@@ -91,10 +91,15 @@ def varlen_kernel_serves(device: torch.device, dtype: torch.dtype, head_dim: int
 
 
 def packed_attention(q_NHd: torch.Tensor, k_NGd: torch.Tensor, v_NGd: torch.Tensor, packed: Packed,
-                     scale: float) -> torch.Tensor:
+                     scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention of packed sequences (see `Packed`): queries [N, H, d], keys and values [Nk, G, d]
     (query head h reads kv head h // (H/G)); returns [N, H, d]. On a GPU in bf16 or fp16, one
-    varlen flash-attention kernel; else each sequence through sdpa."""
+    varlen flash-attention kernel; else each sequence through sdpa. Both have a backward. Under
+    autocast the inputs take autocast's dtype first, as sdpa's do."""
+    device = q_NHd.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        q_NHd, k_NGd, v_NGd = (t.to(dtype) for t in (q_NHd, k_NGd, v_NGd))
     d = q_NHd.shape[-1]
     flash = varlen_kernel_serves(q_NHd.device, q_NHd.dtype, d)
     if packed.lens_q is None:
@@ -109,13 +114,13 @@ def packed_attention(q_NHd: torch.Tensor, k_NGd: torch.Tensor, v_NGd: torch.Tens
             # sequences of one length, no prefixes: a batch of them through sdpa's causal kernel (on
             # the H200, cuDNN's: about twice the varlen flash kernel's rate)
             q, k, v = (t.unflatten(0, (n, L)).transpose(1, 2) for t in (q_NHd, k_NGd, v_NGd))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale,
                                                  enable_gqa=k.shape[1] != q.shape[1])
             return out.transpose(1, 2).reshape(q_NHd.shape)
     if flash:
         window = {} if packed.window is None else {"window_size_left": packed.window - 1, "window_size_right": 0}
         return torch.ops.aten._flash_attention_forward(
-            q_NHd, k_NGd, v_NGd, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, 0.0, True,
+            q_NHd, k_NGd, v_NGd, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, dropout_p, True,
             False, scale=scale, **window,
         )[0]
     out = torch.empty_like(q_NHd)
@@ -130,8 +135,8 @@ def packed_attention(q_NHd: torch.Tensor, k_NGd: torch.Tensor, v_NGd: torch.Tens
             mask = k_pos <= q_pos
             if packed.window is not None:
                 mask = mask & (k_pos > q_pos - packed.window)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                           enable_gqa=k.shape[1] != q.shape[1])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
+                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
         out[q0:q0 + Lq] = o[0].transpose(0, 1)
         q0, k0 = q0 + Lq, k0 + Lk
     return out
@@ -237,12 +242,13 @@ def attention(
     rotates and reorders them, and one copy brings the output back to the tiled order.
     `kv_rows` [B, S] (a cache's `slot_rows`): key and value slot s of row b are in row kv_rows[b, s]
     of k and v; the decode kernel reads them there, the other paths gather them first.
-    `mask` a `Packed`: one row of packed sequences (`packed_attention`), whatever `impl` says.
+    `mask` a `Packed`: sequences packed along the B x T tokens taken in order (`packed_attention`),
+    whatever `impl` says.
     """
     G = k_BGSd.shape[1]
     packed = mask if isinstance(mask, Packed) else None
-    if packed is not None and (need_weights or dropout_p > 0 or kv_rows is not None):
-        raise ValueError("attention over packed sequences returns no weights and takes no dropout or kv_rows")
+    if packed is not None and (need_weights or kv_rows is not None):
+        raise ValueError("attention over packed sequences returns no weights and takes no kv_rows")
     if kv_rows is not None and kv_rows.shape != (k_BGSd.shape[0], k_BGSd.shape[2]):
         raise ValueError(f"kv_rows must be [batch, keys] = {(k_BGSd.shape[0], k_BGSd.shape[2])}, "
                          f"got {tuple(kv_rows.shape)}")
@@ -264,8 +270,9 @@ def attention(
         if tiled:
             q_BHTd = _to_grouped(q_BHTd, G)
     if packed is not None:
-        out = packed_attention(q_BHTd[0].transpose(0, 1), k_BGSd[0].transpose(0, 1), v_BGSd[0].transpose(0, 1),
-                               packed, scale).transpose(0, 1)[None]
+        B, H, T, d = q_BHTd.shape
+        out = packed_attention(*(t.transpose(1, 2).reshape(-1, t.shape[1], d) for t in (q_BHTd, k_BGSd, v_BGSd)),
+                               packed, scale, dropout_p).view(B, T, H, d).transpose(1, 2)
         weights = None
     elif need_weights or impl == "eager":
         out, weights = _eager(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, scale, dropout_p)

@@ -1,0 +1,226 @@
+"""Packed sequences without a cache (training and scoring: positions that start again at 0, no
+attention mask), as TRL's packing and padding-free collators give them. Where the varlen flash
+kernel serves (a GPU), the attention takes one `Packed` over the batch's tokens instead of a
+dense block-diagonal mask; `PACKED_VARLEN = True` runs that path here (each sequence through sdpa),
+False the dense mask. Both are held to Transformers, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE
+from parity import close, make_pair
+
+from moetorch import modeling_utils
+from moetorch.ops import attention as attention_ops
+from moetorch.ops.attention import Packed, attention
+
+
+@pytest.fixture(params=[True, False], ids=["varlen", "dense"])
+def varlen(request, monkeypatch):
+    """Each test runs with the varlen path and with the dense mask; counts the varlen calls."""
+    monkeypatch.setattr(modeling_utils, "PACKED_VARLEN", request.param)
+    calls = []
+    real = attention_ops.packed_attention
+
+    def counted(q, k, v, packed, *args, **kwargs):
+        calls.append(packed)
+        return real(q, k, v, packed, *args, **kwargs)
+
+    monkeypatch.setattr(attention_ops, "packed_attention", counted)
+    return calls if request.param else None
+
+
+def packed_batch(vocab: int, lengths: list[list[int]], seed: int):
+    """Random ids [B, T] and positions counting from 0 in each sequence of each row."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    return torch.randint(1, vocab, pos.shape, generator=g), pos
+
+
+def sdpa_pair(arch, tmp_path, seed, **overrides):
+    """Transformers (eager, the reference) and moetorch on sdpa (the implementation that packs)."""
+    hf, ours = make_pair(arch, tmp_path, "causal_lm", "hf_to_ours", seed=seed, **overrides)
+    ours.set_attn_implementation("sdpa")
+    return hf, ours
+
+
+def check_calls(calls, layers: int, lengths: list[list[int]]) -> None:
+    """With the varlen path, one packed attention a layer over every sequence of every row."""
+    if calls is None:
+        return
+    want = tuple(n for row in lengths for n in row)
+    assert len(calls) == layers and all(p.lens_q == p.lens_k == want for p in calls), [p.lens_q for p in calls]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_packed_training_loss_and_gradients_match_transformers(arch, varlen, tmp_path):
+    """Train mode (PhiMoE with its sliding window of 4, shorter than most sequences): logits,
+    loss, auxiliary loss and every parameter's gradient as Transformers' over its packed mask."""
+    hf, ours = sdpa_pair(arch, tmp_path, 10, **arch.train_overrides)
+    hf.train()
+    ours.train()
+    lengths = [[5, 9, 2], [11, 1, 4]]
+    ids, pos = packed_batch(hf.config.vocab_size, lengths, seed=3)
+    runs = []
+    for model in (hf, ours):
+        torch.manual_seed(321)  # the same routing samples in both
+        runs.append(model(ids, position_ids=pos, labels=ids, output_router_logits=True, use_cache=False))
+    check_calls(varlen, ours.config.num_hidden_layers, lengths)
+    a, b = runs
+    close(a.logits, b.logits, "packed train logits")
+    close(a.loss, b.loss, "packed train loss")
+    close(a.aux_loss, b.aux_loss, "packed train aux_loss")
+    a.loss.backward()
+    b.loss.backward()
+    hf_grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        ref = hf_grads[name].grad
+        assert (ref is None) == (p.grad is None), name
+        if ref is not None:
+            close(ref, p.grad, f"grad of {name}", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("lengths", [[[6, 6, 6]], [[18], [18]], [[1] * 18]], ids=["equal", "unpacked", "ones"])
+def test_packed_shapes_score_as_transformers(arch, lengths, varlen, tmp_path):
+    """Sequences of one length (one batched causal kernel), rows that hold one sequence each (the
+    positions given but nothing packed), and one-token sequences; positions as one 1D row for
+    every batch row where the rows are alike (Transformers takes them as [1, T])."""
+    hf, ours = sdpa_pair(arch, tmp_path, 11)
+    ids, pos = packed_batch(hf.config.vocab_size, lengths, seed=4)
+    shared = len(lengths) > 1
+    with torch.no_grad():
+        a = hf(ids, position_ids=pos[:1] if shared else pos, labels=ids, use_cache=False)
+        b = ours(ids, position_ids=pos[0] if shared else pos, labels=ids, use_cache=False)
+    check_calls(varlen, ours.config.num_hidden_layers, lengths)
+    close(a.logits, b.logits, "logits")
+    close(a.loss, b.loss, "loss")
+
+
+def test_longrope_reads_the_largest_packed_position(varlen, tmp_path):
+    """LongRoPE's factor set follows the largest position + 1, not the row's length: sequences of
+    12 tokens packed in rows of 24 keep the short factors (original length 16), as Transformers'
+    mscale does, and each sequence's logits are those of its own forward."""
+    hf, ours = sdpa_pair(PHIMOE, tmp_path, 12, **PHIMOE.variants["longrope"])
+    lengths = [[12, 12], [5, 12, 7]]
+    ids, pos = packed_batch(hf.config.vocab_size, lengths, seed=5)
+    with torch.no_grad():
+        a = hf(ids, position_ids=pos, use_cache=False).logits
+        b = ours(ids, position_ids=pos, use_cache=False).logits
+        close(a, b, "packed LongRoPE logits")
+        close(b[0, 12:], ours(ids[:1, 12:], use_cache=False).logits[0], "the second sequence alone")
+        # positions past the original length switch the whole forward to the long factors
+        far = ours(ids, position_ids=pos + 8, use_cache=False).logits
+        assert not torch.allclose(far, b, atol=1e-3)
+
+
+def test_varlen_packing_reads_the_sequences_and_stands_aside(monkeypatch, tmp_path):
+    """`varlen_packing`: the lengths along the flattened rows (1D positions shared by every row);
+    None without packed positions, with attention weights asked for, the eager implementation,
+    layers over several devices, PACKED_VARLEN False, or (None) no varlen kernel here (the CPU)."""
+    _, ours = sdpa_pair(JETMOE, tmp_path, 13)
+    x = torch.zeros(2, 7, 4)
+    pos = torch.tensor([0, 1, 2, 0, 1, 0, 1])
+    segments = modeling_utils.packed_segments(pos, None, None, 2)
+    monkeypatch.setattr(modeling_utils, "PACKED_VARLEN", True)
+    packed = modeling_utils.varlen_packing(ours.model, segments, 3, False, x)
+    assert packed.lens_q == packed.lens_k == (3, 2, 2, 3, 2, 2) and packed.window == 3
+    assert packed.cu_q.tolist() == [0, 3, 5, 7, 10, 12, 14]
+    assert modeling_utils.varlen_packing(ours.model, None, None, False, x) is None
+    assert modeling_utils.varlen_packing(ours.model, segments, None, True, x) is None
+    ours.model.spread_over_devices = True
+    assert modeling_utils.varlen_packing(ours.model, segments, None, False, x) is None
+    ours.model.spread_over_devices = False
+    ours.set_attn_implementation("eager")
+    assert modeling_utils.varlen_packing(ours.model, segments, None, False, x) is None
+    ours.set_attn_implementation("sdpa")
+    monkeypatch.setattr(modeling_utils, "PACKED_VARLEN", False)
+    assert modeling_utils.varlen_packing(ours.model, segments, None, False, x) is None
+    monkeypatch.setattr(modeling_utils, "PACKED_VARLEN", None)
+    assert modeling_utils.varlen_packing(ours.model, segments, None, False, x) is None
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_attention_weights_of_packed_sequences_come_from_the_dense_mask(arch, monkeypatch, tmp_path):
+    """`output_attentions=True` over packed sequences: the dense mask's path, with Transformers'
+    weights, even where the varlen path would run."""
+    monkeypatch.setattr(modeling_utils, "PACKED_VARLEN", True)
+    hf, ours = sdpa_pair(arch, tmp_path, 14)
+    ids, pos = packed_batch(hf.config.vocab_size, [[4, 6], [10]], seed=6)
+    with torch.no_grad():
+        a = hf(ids, position_ids=pos, output_attentions=True, use_cache=False)
+        b = ours(ids, position_ids=pos, output_attentions=True, use_cache=False)
+    close(a.logits, b.logits, "logits")
+    for x, y in zip(a.attentions, b.attentions):
+        close(x, y, "attention weights")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_packed_attention_dropout_in_training(arch, monkeypatch, tmp_path):
+    """The varlen path takes the attention's dropout in train mode: a loss and gradients that the
+    seed decides, that differ from the eval forward's, and none in eval mode."""
+    monkeypatch.setattr(modeling_utils, "PACKED_VARLEN", True)
+    _, ours = sdpa_pair(arch, tmp_path, 15, attention_dropout=0.5)
+    ids, pos = packed_batch(ours.config.vocab_size, [[5, 7], [3, 9]], seed=7)
+    with torch.no_grad():
+        plain = ours(ids, position_ids=pos, labels=ids, use_cache=False).loss
+    ours.train()
+    losses = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        losses.append(ours(ids, position_ids=pos, labels=ids, use_cache=False).loss)
+    assert losses[0].item() == losses[1].item() != losses[2].item()
+    assert losses[0].item() != plain.item()
+    losses[0].backward()
+    q_proj = next(p for n, p in ours.named_parameters() if "kv_proj" in n or "q_proj" in n)
+    assert q_proj.grad is not None and q_proj.grad.abs().sum() > 0
+    ours.eval()
+    with torch.no_grad():
+        close(ours(ids, position_ids=pos, labels=ids, use_cache=False).loss, plain, "eval: no dropout")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_packed_training_under_bf16_autocast(arch, monkeypatch, tmp_path):
+    """Mixed precision over float32 weights: the varlen path takes autocast's bf16 as sdpa does,
+    and its loss and gradients agree with the dense mask's to bf16's rounding."""
+    _, ours = sdpa_pair(arch, tmp_path, 16)
+    ids, pos = packed_batch(ours.config.vocab_size, [[6, 10], [16]], seed=8)
+    results = []
+    for mode in (True, False):
+        monkeypatch.setattr(modeling_utils, "PACKED_VARLEN", mode)
+        ours.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ours(ids, position_ids=pos, labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}))
+    (a, grads_a), (b, grads_b) = results
+    assert (a - b).abs() <= 1e-2 * b.abs()
+    for name, g in grads_a.items():
+        ref = grads_b[name]
+        assert (g - ref).norm() <= 3e-2 * ref.norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_attention_over_packed_rows_and_its_backward(tiled):
+    """`attention` with a `Packed` over B > 1 rows reads the rows' tokens in order as one; its
+    output and the gradients of queries, keys and values equal a dense block-diagonal mask's, in
+    float64."""
+    torch.manual_seed(9)
+    B, T, H, G, d = 2, 7, 4, 2, 8
+    lens = [3, 4, 2, 5]  # row 0: 3 + 4, row 1: 2 + 5
+    q = torch.randn(B, H, T, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, G, T, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, G, T, d, dtype=torch.float64, requires_grad=True)
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])
+    dense = torch.ones(T, T, dtype=torch.bool).tril() & (seg[:, None, :, None] == seg[:, None, None, :])
+    layout = "tiled" if tiled else "grouped"
+    grad = torch.randn(B, T, H, d, dtype=torch.float64)
+    results = []
+    for mask in (Packed.of(lens, lens, q.device), dense):
+        out, _ = attention(q, k, v, mask, False, 0.3, kv_layout=layout)
+        q.grad = k.grad = v.grad = None
+        out.backward(grad)
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    for name, x, y in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10, msg=name)
