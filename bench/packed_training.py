@@ -1,6 +1,9 @@
 """Training steps over packed sequences (positions that start again at 0, no attention mask; what
 TRL's packing and padding-free collators give): the varlen flash path against the dense
-block-diagonal mask, and Transformers (sdpa over its packed mask) on the same shapes.
+block-diagonal mask (with the kv heads repeated for sdpa's memory-efficient kernel, and with sdpa's
+enable_gqa, which runs its math kernel), the same documents one to a row with padding and an
+attention mask, and Transformers (sdpa over its packed mask) on the packed rows. Tokens/s count
+the packed tokens in every arm.
 
     PYTHONPATH=.:bench python bench/packed_training.py --out r.json
 
@@ -9,8 +12,9 @@ step is the forward with labels and the loss's backward (no optimizer). Rows of 
 tokens each hold documents of random lengths (uniform in `--docs`). Arms alternate; median of
 `--steps` steps after one untimed. Checks, per model: one layer's attention, forward and
 backward, each path against float32 (`attention_check`); the two moetorch arms' losses and the
-gradients of every parameter (reported; random bf16 weights route chaotically, so expert
-gradients move with any rounding); and their peak memory. Exits non-zero if the varlen path's
+gradients of every parameter, reported beside the same distance for the dense mask run with
+sdpa's math kernel (rows up to 8192 tokens: rounding alone; random bf16 weights route chaotically,
+so the gradients move with any rounding); and their peak memory. Exits non-zero if the varlen path's
 attention strays past twice the dense mask's error or the losses differ by 2%.
 """
 
@@ -23,9 +27,11 @@ import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moetorch import modeling_utils
 from moetorch.benchmark import SIZES, build, log
+from moetorch.ops import attention as attention_ops
 from moetorch.ops.attention import attention
 
 
@@ -42,18 +48,35 @@ def documents(rows: int, tokens: int, lo: int, hi: int, g: torch.Generator) -> t
     return torch.stack(out)
 
 
-def step(model, ids, pos) -> tuple[float, torch.Tensor]:
+def padded(ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed documents one to a row, right-padded: ids, attention mask, labels (-100 on padding)."""
+    flat_ids, flat_pos = ids.flatten(), pos.flatten()
+    starts = (flat_pos == 0).nonzero().flatten().tolist() + [flat_ids.numel()]
+    docs = [flat_ids[a:b] for a, b in zip(starts, starts[1:])]
+    L = max(len(d) for d in docs)
+    out = torch.zeros(len(docs), L, dtype=ids.dtype, device=ids.device)
+    mask = torch.zeros_like(out)
+    for i, d in enumerate(docs):
+        out[i, :len(d)], mask[i, :len(d)] = d, 1
+    return out, mask, out.masked_fill(mask == 0, -100)
+
+
+def step(model, ids, pos, batch=None) -> tuple[float, torch.Tensor]:
+    """One forward and backward: of the packed rows, or (`batch`) of (ids, mask, labels)."""
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    loss = model(ids, position_ids=pos, labels=ids, use_cache=False).loss
+    if batch is None:
+        loss = model(ids, position_ids=pos, labels=ids, use_cache=False).loss
+    else:
+        loss = model(batch[0], attention_mask=batch[1], labels=batch[2], use_cache=False).loss
     loss.backward()
     torch.cuda.synchronize()
     return time.perf_counter() - t0, loss.detach().float()
 
 
 def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def attention_check(name: str, cfg: dict, pos: torch.Tensor) -> dict:
@@ -84,7 +107,7 @@ def attention_check(name: str, cfg: dict, pos: torch.Tensor) -> dict:
     results = {}
     for arm, mask, dtype in (("varlen", packed, torch.bfloat16), ("dense mask", dense, torch.bfloat16),
                              ("float32", dense, torch.float32)):
-        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
         out, _ = attention(*leaves, mask, False, d**-0.5, kv_layout=layout)
         out.backward(grad.to(dtype))
         results[arm] = [out.float(), *(t.grad.float() for t in leaves)]
@@ -92,7 +115,8 @@ def attention_check(name: str, cfg: dict, pos: torch.Tensor) -> dict:
     errs = {arm: {n: ((x - r).norm() / r.norm()).item() for n, x, r in zip(("out", "dq", "dk", "dv"), xs, ref)}
             for arm, xs in results.items()}
     ok = all(errs["varlen"][n] <= 2 * errs["dense mask"][n] + 2e-3 for n in errs["varlen"])
-    log(f"{name} attention check (relative to float32): varlen {errs['varlen']}, dense {errs['dense mask']} -> "
+    shown = {arm: " ".join(f"{n} {e:.1e}" for n, e in es.items()) for arm, es in errs.items()}
+    log(f"{name} attention against float32: varlen {shown['varlen']}; dense mask {shown['dense mask']} -> "
         f"{'ok' if ok else 'FAILED'}")
     return {"errors": errs, "heads": [H, G, d], "window": window, "ok": ok}
 
@@ -114,43 +138,66 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
     docs = int((torch.diff(pos, dim=-1) != 1).sum()) + args.rows
     out = {"config": {"layers": args.layers, "rows": args.rows, "tokens": args.tokens, "docs": docs,
                       "doc_lengths": list(args.docs)}}
-    out["attention_check"] = attention_check(name, cfg, pos)
-    arms = {"varlen": None, "dense mask": False}
+    out["attention_check"] = attention_check(name, cfg, pos[:, :4096])
+    rows = padded(ids, pos)
+    # arm: (PACKED_VARLEN, attention.MASKED_REPEATS_KV, the padded batch or None)
+    arms = {"varlen": (None, True, None), "dense mask": (False, True, None),
+            "dense mask, enable_gqa": (False, False, None), "padded rows": (None, True, rows)}
     model = build(name, "moetorch", cfg).train()
     torch.manual_seed(0)
     times: dict[str, list[float]] = {a: [] for a in arms}
     losses, peak, check = {}, {}, {}
-    for a, mode in arms.items():  # untimed: compile-free warm-up, and the check at a fixed routing seed
-        modeling_utils.PACKED_VARLEN = mode
-        torch.cuda.reset_peak_memory_stats()
+
+    def set_arm(a: str):
+        modeling_utils.PACKED_VARLEN, attention_ops.MASKED_REPEATS_KV, batch = arms[a]
         torch.manual_seed(1)
-        _, losses[a] = step(model, ids, pos)
+        return batch
+
+    for a in arms:  # untimed: compile-free warm-up, and the check at a fixed routing seed
+        batch = set_arm(a)
+        torch.cuda.reset_peak_memory_stats()
+        _, losses[a] = step(model, ids, pos, batch)
         peak[a] = torch.cuda.max_memory_allocated() / 2**30
-        check[a] = grads(model)
+        if batch is None:
+            check[a] = grads(model)
     for _ in range(args.steps):
-        for a, mode in arms.items():
-            modeling_utils.PACKED_VARLEN = mode
-            torch.manual_seed(1)
-            times[a].append(step(model, ids, pos)[0])
+        for a in arms:
+            batch = set_arm(a)
+            times[a].append(step(model, ids, pos, batch)[0])
+    attention_ops.MASKED_REPEATS_KV = True
+    if args.tokens <= 8192:
+        # the noise floor: the dense mask again with sdpa's math kernel, another rounding of the same
+        # attention; its distance from the dense arm is what rounding alone moves the gradients by
+        modeling_utils.PACKED_VARLEN = False
+        torch.manual_seed(1)
+        with sdpa_kernel([SDPBackend.MATH]):
+            _, losses["dense mask, math kernel"] = step(model, ids, pos)
+        check["dense mask, math kernel"] = grads(model)
     modeling_utils.PACKED_VARLEN = None
     names = sorted(check["varlen"])
-    norms = torch.stack([check["dense mask"][n].norm() for n in names])
-    diffs = torch.stack([(check["varlen"][n] - check["dense mask"][n]).norm() for n in names])
-    rel = diffs / norms.clamp_min(1e-12)
-    total = (diffs.square().sum() / norms.square().sum()).sqrt().item()
-    worst = {names[i]: rel[i].item() for i in rel.argsort(descending=True)[:5].tolist()}
-    loss_rel = abs(losses["varlen"] - losses["dense mask"]).item() / abs(losses["dense mask"]).item()
-    ok = loss_rel < 2e-2 and out["attention_check"]["ok"]
+    norms = torch.stack([check["dense mask"][n].float().norm() for n in names])
+    compared = {}
+    for a in [x for x in check if x != "dense mask"]:
+        diffs = torch.stack([(check[a][n].float() - check["dense mask"][n].float()).norm() for n in names])
+        rel = diffs / norms.clamp_min(1e-12)
+        compared[a] = {"loss_rel": abs(losses[a] - losses["dense mask"]).item() / abs(losses["dense mask"]).item(),
+                       "grads_rel_total": (diffs.square().sum() / norms.square().sum()).sqrt().item(),
+                       "grads_rel_median": rel.median().item(),
+                       "grads_rel_worst": {names[i]: rel[i].item() for i in rel.argsort(descending=True)[:5].tolist()}}
+    ok = compared["varlen"]["loss_rel"] < 2e-2 and out["attention_check"]["ok"]
     tokens = args.rows * args.tokens
     for a in arms:
         t = statistics.median(times[a])
         out[f"moetorch {a}"] = {"step_ms": t * 1e3, "tokens_per_s": tokens / t, "peak_gib": peak[a],
                                 "steps_ms": [x * 1e3 for x in times[a]], "loss": losses[a].item()}
+        if arms[a][2] is not None:
+            out[f"moetorch {a}"]["shape"] = list(arms[a][2][0].shape)
         log(f"{name} moetorch {a}: {t * 1e3:.1f} ms a step, {tokens / t:.0f} tok/s, peak {peak[a]:.1f} GiB")
-    out["check"] = {"loss_rel": loss_rel, "grads_rel_total": total, "grads_rel_median": rel.median().item(),
-                    "grads_rel_worst": worst, "ok": ok}
-    log(f"{name} check: loss {loss_rel:.2e}, gradients {total:.2e} in all, median {rel.median().item():.2e} "
-        f"-> {'ok' if ok else 'FAILED'}")
+    out["check"] = {"against the dense mask": compared, "ok": ok}
+    for a, c in compared.items():
+        log(f"{name} {a} against the dense mask: loss {c['loss_rel']:.2e}, gradients {c['grads_rel_total']:.2e} "
+            f"in all, median {c['grads_rel_median']:.2e}")
+    log(f"{name} check -> {'ok' if ok else 'FAILED'}")
     del model, check
     torch.cuda.empty_cache()
     if args.transformers:

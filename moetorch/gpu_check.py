@@ -1011,40 +1011,115 @@ def check_device_map(results):
     return ok
 
 
-def run_checks() -> dict:
-    """Every check; the results, with "ok" saying whether all passed."""
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    ok = check_experts(results)
-    ok &= check_moa_experts(results)
-    ok &= check_triton(results)
-    ok &= check_decode_defaults(results)
-    ok &= check_fused(results)
-    ok &= check_prelayer(results)
+def check_packed_training(results) -> bool:
+    """Packed sequences in train mode (position_ids that start again, no mask): the varlen path
+    (bf16, the GPU's default for them) and the dense block-diagonal mask (bf16), each against the
+    float32 dense mask on the GPU: loss and every gradient. Random routers flip near-tied experts
+    in bf16 on either path, so each path's error is held to twice the other's (plus 1e-3). Also
+    sdpa over a dense mask with the kv heads repeated (MASKED_REPEATS_KV) against enable_gqa."""
+    from moetorch import modeling_utils
+    from moetorch.ops import attention as attention_ops
+
+    ok = True
+    lengths = [[40, 88, 1, 127], [256]]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths]).cuda()
+    for name, (cfg, cls) in configs().items():
+        torch.manual_seed(0)
+        ref = cls(cfg).cuda().train()
+        ids = torch.randint(1, cfg.vocab_size, pos.shape, device="cuda")
+        bf16 = cls(cfg).to("cuda", torch.bfloat16).train()
+        bf16.load_state_dict(ref.state_dict())
+        runs = {}
+        for arm, model, varlen in (("float32", ref, False), ("varlen", bf16, None), ("dense", bf16, False)):
+            modeling_utils.PACKED_VARLEN = varlen
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            loss = model(ids, position_ids=pos, labels=ids, use_cache=False).loss
+            loss.backward()
+            runs[arm] = (loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+        modeling_utils.PACKED_VARLEN = None
+        used = modeling_utils.varlen_packing(bf16.model, modeling_utils.packed_segments(pos, None, None, 2), None,
+                                             False, torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+        results[f"packed_training.{name}.varlen_serves"] = used is not None
+        ok &= used is not None
+        want_loss, want_grads = runs.pop("float32")
+        errs = {arm: (abs(loss - want_loss).item() / abs(want_loss).item(), rel_err(grads, want_grads))
+                for arm, (loss, grads) in runs.items()}
+        for arm, (loss_err, grad_err) in errs.items():
+            results[f"packed_training.{name}.{arm}_loss_rel_err"] = loss_err
+            results[f"packed_training.{name}.{arm}_grads_rel_err"] = grad_err
+        for a, b in (("varlen", "dense"), ("dense", "varlen")):
+            ok &= all(errs[a][i] <= 2 * errs[b][i] + 1e-3 for i in range(2))
+        del ref, bf16
+    torch.manual_seed(2)
+    B, H, G, T, d = 2, 16, 4, 512, 64
+    q, k, v = (torch.randn(B, h, T, d, device="cuda", dtype=torch.bfloat16) for h in (H, G, G))
+    mask = torch.rand(B, 1, T, T, device="cuda") < 0.7
+    mask |= torch.eye(T, dtype=torch.bool, device="cuda")
+    grad = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for repeat in (True, False):
+        attention_ops.MASKED_REPEATS_KV = repeat
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, _ = attention_ops.attention(*leaves, mask, False, d**-0.5)
+        out.backward(grad)
+        outs.append([out, *(t.grad for t in leaves)])
+    attention_ops.MASKED_REPEATS_KV = True
+    for field, a, b in zip(("out", "dq", "dk", "dv"), *outs):
+        err = rel_err(a, b)
+        results[f"packed_training.masked_gqa_repeat_vs_enable_gqa.{field}"] = err
+        ok &= err < 1e-2
+    return ok
+
+
+def check_models(results) -> bool:
+    ok = True
     for name, (cfg, cls) in configs().items():
         ok &= check_model(name, cfg, cls, results)
-    ok &= check_longrope(results)
-    ok &= check_pdl(results)
-    ok &= check_launcher(results)
-    ok &= check_lagged_stop(results)
-    ok &= check_beam_graphs(results)
-    ok &= check_sampling_kernel(results)
-    ok &= check_device_map(results)
-    ok &= check_assisted_graphs(results)
-    ok &= check_scaled_rope_and_chunked_prefill(results)
-    ok &= check_head_dim(results)
-    ok &= check_checkpointing(results)
+    return ok
+
+
+CHECKS = {
+    "experts": check_experts, "moa_experts": check_moa_experts, "triton": check_triton,
+    "decode_defaults": check_decode_defaults, "fused": check_fused, "prelayer": check_prelayer,
+    "models": check_models, "longrope": check_longrope, "pdl": check_pdl, "launcher": check_launcher,
+    "lagged_stop": check_lagged_stop, "beam_graphs": check_beam_graphs, "sampling_kernel": check_sampling_kernel,
+    "device_map": check_device_map, "assisted_graphs": check_assisted_graphs,
+    "scaled_rope_and_chunked_prefill": check_scaled_rope_and_chunked_prefill, "head_dim": check_head_dim,
+    "checkpointing": check_checkpointing, "packed_training": check_packed_training,
+}
+
+
+def run_checks(only: list[str] | None = None) -> dict:
+    """Every check (or those named in `only`, keys of CHECKS); the results, with "ok" saying
+    whether all passed."""
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    ok = True
+    for name in only or CHECKS:
+        ok &= CHECKS[name](results)
     results["ok"] = bool(ok)
     return results
+
+
+def check_names(text: str) -> list[str]:
+    """An argparse type for `--only`: a comma list of CHECKS' names."""
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown checks {unknown}: expected a comma list of {', '.join(CHECKS)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moetorch.gpu_check")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", type=check_names, default=None, help="a comma list of checks to run (all by "
+                        "default): " + ", ".join(CHECKS))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device", file=sys.stderr)
         return 2
-    results = run_checks()
+    results = run_checks(args.only)
     report(results, args.out)
     return 0 if results["ok"] else 1
 

@@ -137,6 +137,24 @@ def test_gpu_checks_are_recorded_skipped_or_stop_the_bench(monkeypatch, capsys):
         benchmark.gpu_checks(skip=False)
 
 
+def test_gpu_check_runs_the_checks_named_in_only(monkeypatch):
+    # `--only` takes a comma list of CHECKS' names (an unknown one is named), and run_checks runs
+    # those alone, in the order given; without it, every check in CHECKS' order
+    from moetorch import gpu_check
+
+    assert gpu_check.check_names("fused,packed_training") == ["fused", "packed_training"]
+    for bad in ("fused,attention", ","):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a comma list of experts"):
+            gpu_check.check_names(bad)
+    ran = []
+    fakes = {name: (lambda results, n=name: ran.append(n) or n != "pdl") for name in gpu_check.CHECKS}
+    monkeypatch.setattr(gpu_check, "CHECKS", fakes)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    assert gpu_check.run_checks(["models", "fused"])["ok"] is True and ran == ["models", "fused"]
+    ran.clear()
+    assert gpu_check.run_checks()["ok"] is False and ran == list(fakes)
+
+
 def test_bench_arguments_are_checked_before_anything_runs(capsys):
     # lists parse into integers and known model names; a bad item is named, before the GPU check
     assert benchmark.counts("1, 16,64") == [1, 16, 64] and benchmark.counts("") == []
