@@ -27,6 +27,7 @@ from moetorch.train import PRESETS, Trainer, TrainingConfig, TrainingConfigError
 from moetorch.train import checkpointing as ckpt
 from moetorch.train.data import split_by_file, stdlib_files, stdlib_root, text_corpus
 from moetorch.train.tokenizer_trainer import SPECIAL_TOKENS
+from moetorch.train.trainer import document_positions, end_of_text
 
 REPO = Path(__file__).resolve().parents[1]
 PHI = {
@@ -368,6 +369,44 @@ def test_errors_name_the_option(tmp_path, tok_dir, corpus):
 # ---- command line -------------------------------------------------------------------------------
 
 
+def test_document_positions_start_again_after_each_end_of_text():
+    ids = torch.tensor([[5, 2, 7, 7, 2, 2, 9], [2, 1, 1, 1, 1, 1, 2]])
+    assert document_positions(ids, 2).tolist() == [[0, 1, 0, 1, 2, 0, 0], [0, 0, 1, 2, 3, 4, 5]]
+    no_eos = transformers.PretrainedConfig(eos_token_id=None)
+    with pytest.raises(TrainingConfigError, match="document_attention needs the token that ends each document"):
+        end_of_text(None, no_eos)
+    assert end_of_text(None, transformers.PretrainedConfig(eos_token_id=[7, 8])) == 7
+    with pytest.raises(TrainingConfigError, match="document_attention must be true or false"):
+        TrainingConfig(document_attention="yes")
+
+
+@pytest.mark.parametrize("arch", ["phimoe", "jetmoe"])
+def test_document_attention_keeps_each_document_to_itself(tmp_path, tok_dir, corpus, arch):
+    """With `document_attention`, a window's tokens after an end-of-text token get the logits of
+    that document alone: nothing before the boundary reaches them. Training and evaluation run
+    with it, and the resumed run keeps it."""
+    trainer = Trainer(make_config(tmp_path, tok_dir, corpus, arch, document_attention=True, max_steps=2,
+                                  save_every=2))
+    eos = trainer.tokenizer.eos_token_id
+    assert trainer.eos_id == eos
+    windows = trainer.data.train.get(np.arange(len(trainer.data.train)))
+    row, cut = next((r, int(c) + 1) for r in range(len(windows))
+                    for c in (windows[r, :-4] == eos).nonzero().flatten()[:1])
+    ids = windows[row : row + 1]
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed = model(ids, use_cache=False, **trainer._positions(ids)).logits
+        alone = model(ids[:, cut:]).logits
+        whole = model(ids).logits
+    torch.testing.assert_close(packed[:, cut:], alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(whole[:, cut:], alone, rtol=1e-3, atol=1e-3)  # without it, the document before shows
+    summary = trainer.train()
+    assert summary["step"] == 2 and math.isfinite(summary["eval_loss"])
+    resumed = Trainer(TrainingConfig.from_json(tmp_path / "training_config.json").replace(resume=True, max_steps=3))
+    assert resumed.config.document_attention and resumed.eos_id == eos
+    assert resumed.train()["step"] == 3
+
+
 def test_cli_train_tokenizer_train_and_resume(tmp_path, corpus, capsys):
     tok = tmp_path / "tok"
     assert cli_main(["train-tokenizer", "--data", str(corpus), "--output", str(tok), "--vocab-size", "300"]) == 0
@@ -377,7 +416,8 @@ def test_cli_train_tokenizer_train_and_resume(tmp_path, corpus, capsys):
     args = ["train", "--output-dir", str(out), "--model", str(tmp_path / "model.json"), "--tokenizer", str(tok),
             "--data", f"{corpus}/*.py", "--seq-len", "32", "--batch-size", "2", "--max-steps", "3",
             "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--progress", "false",
-            "--set", "num_hidden_layers=1", "--eval-split", "fraction", "--eval-fraction", "0.1"]
+            "--set", "num_hidden_layers=1", "--eval-split", "fraction", "--eval-fraction", "0.1",
+            "--document-attention", "true"]
     capsys.readouterr()
     assert cli_main(args) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -388,6 +428,7 @@ def test_cli_train_tokenizer_train_and_resume(tmp_path, corpus, capsys):
     assert summary["step"] == 4 and Path(summary["checkpoint"]).name == "checkpoint-4"
     saved = json.loads((out / "latest" / "training_config.json").read_text())
     assert saved["max_steps"] == 4 and saved["model_overrides"] == {"num_hidden_layers": 1}
+    assert saved["document_attention"] is True
     # The checkpoint is a Transformers checkpoint too.
     ours = AutoModelForCausalLM.from_pretrained(out / "latest")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "latest")

@@ -44,6 +44,8 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-files", "max_files", int, "use only the first N text files (sorted): quick runs"),
     ("--eval-split", "eval_split", str, "auto, file (whole files by path hash) or fraction (tail of the stream)"),
     ("--eval-fraction", "eval_fraction", float, "share of the data held out"),
+    ("--document-attention", "document_attention", _bool,
+     "true: tokens attend within their own document (positions restart after each eos token)"),
     ("--batch-size", "batch_size", int, "sequences per micro-batch"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
     ("--max-steps", "max_steps", int, "optimizer steps (sets the cosine schedule's length)"),

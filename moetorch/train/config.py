@@ -47,6 +47,9 @@ class TrainingConfig:
     max_files: int | None = None  # use only the first N text files (after sorting): quick runs
     eval_split: str = "auto"
     eval_fraction: float = 0.05
+    # each token attends within its own document (positions start again after each end-of-text
+    # token), as packed fine-tuning does; False: across the whole window, as pretraining often does
+    document_attention: bool = False
     # optimisation
     batch_size: int = 32  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -107,6 +110,8 @@ class TrainingConfig:
             raise TrainingConfigError(
                 f"data_dtype must be one of uint16, uint32, int32, int64, got {self.data_dtype!r}"
             )
+        if not isinstance(self.document_attention, bool):
+            raise TrainingConfigError(f"document_attention must be true or false, got {self.document_attention!r}")
         if not isinstance(self.model_overrides, dict):
             raise TrainingConfigError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..tokenizer import Tokenizer
 from . import checkpointing as ckpt
-from .config import CONFIG_FILE, TrainingConfig
+from .config import CONFIG_FILE, TrainingConfig, TrainingConfigError
 from .data import ShuffledStream, build_data
 from .presets import aux_loss_coef, build_model, has_weights
 
@@ -56,6 +56,28 @@ def expert_load_stats(counts_RE: torch.Tensor) -> dict[str, Any]:
         "load_imbalance_max": round(float(imbalance_R.max()), 4),
         "expert_load": [[round(x, 4) for x in row] for row in frac_RE.tolist()],
     }
+
+
+def end_of_text(tokenizer: Tokenizer | None, config) -> int:
+    """The token that ends each document in the data: the tokenizer's eos (which text data is
+    built with), else the model config's `eos_token_id` (the first, if a list)."""
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    if eos is None:
+        eos = config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    if not isinstance(eos, int):
+        raise TrainingConfigError("document_attention needs the token that ends each document: the tokenizer has "
+                                  "no eos_token and the model config no eos_token_id")
+    return eos
+
+
+def document_positions(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """Positions [B, T] that count from 0 at each window's start and again after each `eos`."""
+    T = ids.shape[1]
+    t = torch.arange(T, device=ids.device).expand_as(ids)
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, :-1] == eos
+    return t - torch.where(starts, t, 0).cummax(dim=1).values
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -113,6 +135,7 @@ class Trainer:
             self.model.gradient_checkpointing_enable()
         self.model.train()
         self.aux_coef = aux_loss_coef(self.model.config)
+        self.eos_id = end_of_text(self.tokenizer, self.model.config) if cfg.document_attention else None
 
         tokenizer_files = [self.tokenizer_dir / n for n in ckpt.TOKENIZER_FILES] if self.tokenizer_dir else []
         self.data = build_data(cfg, self.tokenizer, self.model.config.vocab_size, self.output_dir / "data",
@@ -280,6 +303,14 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _positions(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The forward's `position_ids` with `document_attention` (none without): positions that
+        start again after each end-of-text token, so that each document attends to itself alone
+        (the models read such positions as packed sequences; on a GPU, the varlen kernel)."""
+        if not self.config.document_attention:
+            return {}
+        return {"position_ids": document_positions(ids, self.eos_id)}
+
     def _train_step(self) -> None:
         cfg, model = self.config, self.model
         model.train()
@@ -289,7 +320,7 @@ class Trainer:
             self.data_position += cfg.batch_size
             ids = self.data.train.get(idx).to(self.device, non_blocking=True)
             with self._autocast():
-                out = model(ids, labels=ids, output_router_logits=True, use_cache=False)
+                out = model(ids, labels=ids, output_router_logits=True, use_cache=False, **self._positions(ids))
             (out.loss / cfg.grad_accum).backward()
             self._acc[0] += out.loss.detach().double() / cfg.grad_accum
             self._acc[1] += out.aux_loss.detach().double() / cfg.grad_accum
@@ -370,7 +401,7 @@ class Trainer:
                               disable=not cfg.progress or n <= bs):
                 ids = held.get(np.arange(start, min(start + bs, n))).to(self.device)
                 with self._autocast():
-                    out = model(ids, labels=ids, output_router_logits=False, use_cache=False)
+                    out = model(ids, labels=ids, output_router_logits=False, use_cache=False, **self._positions(ids))
                 total += out.loss.double() * ids.shape[0] * (cfg.seq_len - 1)
         model.train(was_training)
         count = n * (cfg.seq_len - 1)
