@@ -224,3 +224,27 @@ def test_attention_over_packed_rows_and_its_backward(tiled):
         results.append((out.detach(), q.grad, k.grad, v.grad))
     for name, x, y in zip(("out", "dq", "dk", "dv"), *results):
         torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_packed_training_with_gradient_checkpointing(arch, reentrant, monkeypatch, tmp_path):
+    """Checkpointed layers (reentrant or not) recompute their packed attention from the same
+    `Packed`: the loss and every gradient as without checkpointing."""
+    monkeypatch.setattr(modeling_utils, "PACKED_VARLEN", True)
+    _, ours = sdpa_pair(arch, tmp_path, 17)
+    ours.train()
+    ids, pos = packed_batch(ours.config.vocab_size, [[7, 9], [4, 12]], seed=9)
+    results = []
+    for checkpointed in (False, True):
+        if checkpointed:
+            ours.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        ours.zero_grad()
+        torch.manual_seed(3)
+        loss = ours(ids, position_ids=pos, labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}))
+    (a, grads_a), (b, grads_b) = results
+    close(a, b, "loss")
+    for name, g in grads_a.items():
+        close(g, grads_b[name], f"grad of {name}", atol=1e-6, rtol=1e-5)
