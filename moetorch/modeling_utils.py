@@ -593,10 +593,23 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
 PACKING_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
 
 
+# Transformers' forwards take `output_router_probs` (its MoE outputs' docs name it, with the config's
+# `add_router_probs` / `output_router_probs`) and do nothing with it: router logits come back for
+# `output_router_logits` alone. moetorch takes it the same way, and says so once a model class.
+IGNORED_KWARGS = {"output_router_probs"}
+_told_ignored: set[str] = set()
+
+
 def check_packing_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
-    unknown = sorted(kwargs.keys() - PACKING_KWARGS)
+    """A forward's extra keywords: flash-attention's packing ones and IGNORED_KWARGS; any other
+    is a TypeError that names it."""
+    unknown = sorted(kwargs.keys() - PACKING_KWARGS - IGNORED_KWARGS)
     if unknown:
         raise TypeError(f"{owner}.forward() got unexpected keyword arguments {unknown}")
+    if kwargs.get("output_router_probs") and owner not in _told_ignored:
+        _told_ignored.add(owner)
+        logger.warning("%s.forward(): output_router_probs does nothing, as in Transformers; pass "
+                       "output_router_logits=True for the router logits", owner)
 
 
 def packed_segments(position_ids: torch.Tensor | None, attention_mask, cache: Cache | None, batch: int):

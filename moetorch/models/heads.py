@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..modeling_utils import PACKING_KWARGS, keep_last, module_device
+from ..modeling_utils import check_packing_kwargs, keep_last, module_device
 from ..ops.losses import causal_lm_loss, last_token_index, sequence_classification_loss
 from ..outputs import MoeCausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
@@ -39,6 +39,12 @@ def classify(model, out, input_ids, inputs_embeds, labels, return_dict):
 LOSS_KWARGS = {"num_items_in_batch", "ignore_index", "shift_labels"}
 
 
+def check_head_kwargs(model, kwargs: dict) -> None:
+    """A head's extra keywords: the loss's (LOSS_KWARGS; a classifier ignores them, as Transformers'
+    does), flash-attention's packing ones and `output_router_probs` (`check_packing_kwargs`)."""
+    check_packing_kwargs(type(model).__name__, {k: v for k, v in kwargs.items() if k not in LOSS_KWARGS})
+
+
 def causal_lm(
     model,
     out,
@@ -58,9 +64,7 @@ def causal_lm(
     stands for). They come as keywords, not named parameters, as in Transformers: its Trainer
     takes every forward parameter named like a label for a label column, and passes
     num_items_in_batch only to a forward that takes keywords."""
-    unknown = sorted(loss_kwargs.keys() - LOSS_KWARGS - PACKING_KWARGS)
-    if unknown:
-        raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword arguments {unknown}")
+    check_head_kwargs(model, loss_kwargs)
     loss_kwargs = {k: v for k, v in loss_kwargs.items() if k in LOSS_KWARGS}  # packing's: the mask has them
     cfg = model.config
     logits = model.lm_head(on_device_of(model.lm_head, keep_last(out.last_hidden_state, logits_to_keep)))

@@ -29,7 +29,7 @@ from ..ops.norms import Residual, RMSNorm
 from ..ops.rope import RotaryEmbedding
 from ..ops.routing import route_topk, switch_aux_loss, z_loss
 from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from .heads import causal_lm, classify
+from .heads import causal_lm, check_head_kwargs, classify
 
 # Transformers builds the per-layer norms with its default eps, whatever `rms_norm_eps` says (only
 # the final norm reads it). Checkpoints were trained that way.
@@ -368,9 +368,11 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
         cache_position: torch.LongTensor | None = None,
         return_dict: bool | None = None,
         output_router_logits: bool | None = None,
+        **kwargs: Any,
     ):
         # output_router_logits is accepted as Transformers accepts it; the classifier's output has no
-        # router logits, so they are not computed
+        # router logits, so they are not computed. `kwargs`: as Transformers' classifier takes them
+        check_head_kwargs(self, kwargs)
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, False, cache_position, return_dict=True,

@@ -24,7 +24,7 @@ from ..ops.norms import LayerNorm, Residual
 from ..ops.rope import RotaryEmbedding
 from ..ops.routing import sparsemixer, switch_aux_loss
 from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from .heads import causal_lm, classify
+from .heads import causal_lm, check_head_kwargs, classify
 
 
 class PhimoeAttention(nn.Module):
@@ -270,9 +270,11 @@ class PhimoeForSequenceClassification(PhimoePreTrainedModel):
         cache_position: torch.LongTensor | None = None,
         return_dict: bool | None = None,
         output_router_logits: bool | None = None,
+        **kwargs: Any,
     ):
         # output_router_logits is accepted as Transformers accepts it; the classifier's output has no
-        # router logits, so they are not computed
+        # router logits, so they are not computed. `kwargs`: as Transformers' classifier takes them
+        check_head_kwargs(self, kwargs)
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, False, cache_position, return_dict=True,
