@@ -629,26 +629,78 @@ def packed_segments(position_ids: torch.Tensor | None, attention_mask, cache: Ca
 PACKED_VARLEN: bool | None = None
 
 
+def _varlen_serves(model, switch: bool | None, output_attentions: bool, embeds_BTD: torch.Tensor) -> bool:
+    """Whether a forward may take the varlen path (`switch`: a module's True / False / None): no
+    attention weights asked for, not the eager implementation, the layers on one device, and (None)
+    the varlen kernel here for the forward's dtype (autocast's where it is on)."""
+    cfg = model.config
+    if switch is False or output_attentions or getattr(model, "spread_over_devices", False) or \
+            cfg._attn_implementation == "eager":
+        return False
+    if switch is None:
+        device = embeds_BTD.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else embeds_BTD.dtype
+        return varlen_kernel_serves(device, dtype, getattr(cfg, "kv_channels", None) or cfg.head_dim)
+    return True
+
+
 def varlen_packing(model, segments_BT: torch.Tensor | None, window: int | None, output_attentions: bool,
                    embeds_BTD: torch.Tensor) -> Packed | None:
     """The packed sequences of `segments_BT` (`packed_segments`) as one `Packed` over the B x T
     tokens in order, for the attention's varlen path; None where the dense mask serves: attention
     weights asked for, the eager implementation, layers over several devices, or (PACKED_VARLEN
     None) no varlen kernel here. Reads the sequences' lengths to the host (one sync)."""
-    cfg = model.config
-    if segments_BT is None or PACKED_VARLEN is False or output_attentions or \
-            getattr(model, "spread_over_devices", False) or cfg._attn_implementation == "eager":
+    if segments_BT is None or not _varlen_serves(model, PACKED_VARLEN, output_attentions, embeds_BTD):
         return None
     device = embeds_BTD.device
-    if PACKED_VARLEN is None:
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else embeds_BTD.dtype
-        head_dim = getattr(cfg, "kv_channels", None) or cfg.head_dim
-        if not varlen_kernel_serves(device, dtype, head_dim):
-            return None
     B, T = segments_BT.shape
     starts = torch.diff(segments_BT, dim=-1, prepend=segments_BT[:, :1] - 1).flatten().nonzero().flatten()
     lens = torch.diff(starts, append=starts.new_tensor([B * T])).tolist()
     return Packed.of(lens, lens, device, window=window)
+
+
+# A padded batch without a cache (a 2D attention mask whose rows each hold one run of real tokens:
+# left or right padding) runs unpadded: its real tokens packed in one row, every layer computing
+# those alone, each row one sequence of the varlen path; the outputs go back to [B, T] with zeros
+# at the padding. None: where the varlen kernel serves and the loss reads no padding position's
+# logits; True: also off the GPU (the tests); False: never.
+UNPAD_ROWS: bool | None = None
+
+
+def unpadded_rows(model, attention_mask: torch.Tensor | None, cache: Cache | None, window: int | None,
+                  output_attentions: bool, embeds_BTD: torch.Tensor,
+                  loss_positions_BT: torch.Tensor | None) -> tuple[torch.Tensor, Packed] | None:
+    """(flat indices [N] of the real tokens in the B x T grid, their rows as one `Packed`) where
+    a padded batch may run unpadded (UNPAD_ROWS); None where it runs as given: a cache, no 2D mask
+    or no padding in it, a row whose real tokens are not one run, a position the loss reads
+    (`loss_positions_BT`) at the padding, or what keeps the varlen path off (`_varlen_serves`).
+    Reads the mask to the host (one sync)."""
+    if cache is not None or attention_mask is None or attention_mask.dim() != 2 or \
+            not _varlen_serves(model, UNPAD_ROWS, output_attentions, embeds_BTD):
+        return None
+    B, T = embeds_BTD.shape[:2]
+    grids = [attention_mask.bool()]
+    if loss_positions_BT is not None:
+        grids.append(loss_positions_BT.to(attention_mask.device).bool())
+    host = torch.stack(grids).cpu()
+    real = host[0]
+    if bool(real.all()) or (loss_positions_BT is not None and bool((host[1] & ~real).any())):
+        return None
+    lens = real.sum(1)
+    starts = real.int().argmax(1)
+    runs = torch.arange(T)[None] - starts[:, None]
+    if not torch.equal(real, (runs >= 0) & (runs < lens[:, None])):  # each row one run of real tokens
+        return None
+    rows = [b for b in range(B) if lens[b] > 0]
+    index = torch.cat([torch.arange(int(starts[b]), int(starts[b] + lens[b])) + b * T for b in rows])
+    length = [int(lens[b]) for b in rows]
+    return index.to(embeds_BTD.device), Packed.of(length, length, embeds_BTD.device, window=window)
+
+
+def _scatter_rows(x_1N: torch.Tensor, index_N: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """[1, N, ...] values of the real tokens back to [B, T, ...], zeros at the padding."""
+    flat = x_1N.new_zeros(B * T, *x_1N.shape[2:]).index_copy(0, index_N, x_1N[0])
+    return flat.view(B, T, *x_1N.shape[2:])
 
 
 def _resize_rows(old: torch.Tensor, new: torch.Tensor, mean_resizing: bool, std: float) -> None:
@@ -921,11 +973,13 @@ def decoder_forward(
     cache_position: torch.Tensor | None,
     return_dict: bool | None,
     sliding_window: int | None = None,
+    loss_positions_BT: torch.Tensor | None = None,
 ) -> MoeModelOutputWithPast | tuple:
     """The body of every decoder's `forward`: embed, RoPE, mask, layers, final norm, outputs.
 
     `model` holds `embed_tokens`, `rotary_emb`, `layers` (see `run_layers`) and `norm`; the output
-    flags left None take the config's values.
+    flags left None take the config's values. `loss_positions_BT`: the positions whose outputs a
+    loss reads (a padded batch runs unpadded only where none is padding; `unpadded_rows`).
     """
     cfg = model.config
     output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
@@ -938,14 +992,23 @@ def decoder_forward(
         model.embed_tokens, input_ids, inputs_embeds, past_key_values, use_cache, cache_position, position_ids,
         attention_mask,
     )
-    B = inp.embeds_BTD.shape[0]
+    B, T = inp.embeds_BTD.shape[:2]
     segments_BT = packed_segments(position_ids, attention_mask, inp.cache, B)
     # positions given with no mask and no cache: LongRoPE's sequence length is the largest position
     # + 1, as the original code and Transformers read it (packed sequences each count their own)
     seq_len = int(position_ids.max()) + 1 if segments_BT is not None and model.rotary_emb.longrope else None
     inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len)
-    rope = model.rotary_emb(inp.position_ids_BT, inp.embeds_BTD.dtype, long)
-    if inp.cache is not None and inp.cache.packed is not None:  # sequences packed in one row
+    unpad = unpadded_rows(model, attention_mask, inp.cache, sliding_window, output_attentions, inp.embeds_BTD,
+                          loss_positions_BT) if prefix == 0 else None
+    embeds_BTD, positions_BT = inp.embeds_BTD, inp.position_ids_BT
+    if unpad is not None:  # the real tokens alone, packed in one row
+        index_N, _ = unpad
+        embeds_BTD = embeds_BTD.reshape(B * T, -1)[index_N][None]
+        positions_BT = positions_BT.expand(B, T).reshape(-1)[index_N][None]
+    rope = model.rotary_emb(positions_BT, inp.embeds_BTD.dtype, long)
+    if unpad is not None:
+        mask, is_causal = unpad[1], True
+    elif inp.cache is not None and inp.cache.packed is not None:  # sequences packed in one row
         mask, is_causal = inp.cache.packed, True
     elif (varlen := varlen_packing(model, segments_BT, sliding_window, output_attentions, inp.embeds_BTD)) is not None:
         mask, is_causal = varlen, True
@@ -955,9 +1018,14 @@ def decoder_forward(
             queries_at_end=inp.cache is None or not inp.cache.is_static, segments_BT=segments_BT,
         )
     x, hidden, attns, routers = run_layers(
-        model.layers, inp.embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, model.norm,
+        model.layers, embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, model.norm,
         output_attentions, output_hidden_states, checkpointing, getattr(model, "spread_over_devices", False),
     )
+    if unpad is not None:  # back to the padded grid
+        index_N = unpad[0]
+        x = _scatter_rows(x, index_N, B, T)
+        hidden = tuple(_scatter_rows(h, index_N, B, T) for h in hidden) if hidden is not None else None
+        routers = tuple(_scatter_rows(r[None], index_N, B, T).flatten(0, 1) for r in routers)
     x, hidden, attns, routers = drop_prefix(x, hidden, attns, routers, prefix, B)
     out = MoeModelOutputWithPast(
         last_hidden_state=x,

@@ -2,7 +2,8 @@
 attention mask), as TRL's packing and padding-free collators give them. Where the varlen flash
 kernel serves (a GPU), the attention takes one `Packed` over the batch's tokens instead of a
 dense block-diagonal mask; `PACKED_VARLEN = True` runs that path here (each sequence through sdpa),
-False the dense mask. Both are held to Transformers, forward and backward."""
+False the dense mask. Padded batches without a cache run unpadded the same way (`UNPAD_ROWS`).
+Both are held to Transformers, forward and backward."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE
 from parity import close, make_pair
 
-from moetorch import modeling_utils
+from moetorch import DynamicCache, modeling_utils
+from moetorch.models.heads import loss_positions
 from moetorch.ops import attention as attention_ops
 from moetorch.ops.attention import Packed, attention
 
@@ -248,3 +250,169 @@ def test_packed_training_with_gradient_checkpointing(arch, reentrant, monkeypatc
     close(a, b, "loss")
     for name, g in grads_a.items():
         close(g, grads_b[name], f"grad of {name}", atol=1e-6, rtol=1e-5)
+
+
+# ---- padded batches, unpadded -------------------------------------------------------------------
+
+
+@pytest.fixture(params=[True, False], ids=["unpadded", "padded"])
+def unpad(request, monkeypatch):
+    """Each test runs unpadded and padded; counts the packed attention calls."""
+    monkeypatch.setattr(modeling_utils, "UNPAD_ROWS", request.param)
+    calls = []
+    real = attention_ops.packed_attention
+
+    def counted(q, k, v, packed, *args, **kwargs):
+        calls.append(packed)
+        return real(q, k, v, packed, *args, **kwargs)
+
+    monkeypatch.setattr(attention_ops, "packed_attention", counted)
+    return calls if request.param else None
+
+
+def edge_padded(vocab: int, runs: list[tuple[int, int]], T: int, seed: int):
+    """Ids [B, T] and a mask whose row b holds real tokens from runs[b][0] for runs[b][1] tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (len(runs), T), generator=g)
+    mask = torch.zeros(len(runs), T, dtype=torch.long)
+    for b, (start, n) in enumerate(runs):
+        mask[b, start:start + n] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_padded_batch_runs_unpadded_as_transformers(arch, unpad, tmp_path):
+    """No cache, right padding (and a row padded on both sides whose first real token is no
+    target): loss, auxiliary loss, the real tokens' logits and every gradient as Transformers';
+    unpadded, one packed attention a layer over the rows' real tokens alone. (Eval mode: in train
+    mode PhiMoE's routing samples per token, and the unpadded rows draw for their real tokens
+    alone; the next test covers it.)"""
+    hf, ours = sdpa_pair(arch, tmp_path, 20, **arch.train_overrides)
+    ids, mask = edge_padded(hf.config.vocab_size, [(0, 11), (0, 6), (3, 7), (0, 12)], 12, seed=1)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[2, 3] = -100  # predicted from a padding position: no target, so the padding is not read
+    a, b = (model(ids, attention_mask=mask, labels=labels, output_router_logits=True, use_cache=False)
+            for model in (hf, ours))
+    if unpad is not None:
+        assert len(unpad) == ours.config.num_hidden_layers and all(p.lens_q == (11, 6, 7, 12) for p in unpad)
+    real = mask.bool()
+    close(a.logits[real], b.logits[real], "real tokens' logits")
+    close(a.loss, b.loss, "loss")
+    close(a.aux_loss, b.aux_loss, "aux_loss")
+    a.loss.backward()
+    b.loss.backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        close(hf_params[name].grad, p.grad, f"grad of {name}", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_unpadded_training_step_is_the_packed_rows_step(arch, monkeypatch, tmp_path):
+    """Train mode: a right-padded batch, unpadded, takes the step of its real tokens packed in one
+    row (positions starting again at each sequence, the boundaries no target): the same routing
+    draws (PhiMoE's sampling, jitter), loss and gradients."""
+    monkeypatch.setattr(modeling_utils, "UNPAD_ROWS", True)
+    monkeypatch.setattr(modeling_utils, "PACKED_VARLEN", True)
+    _, ours = sdpa_pair(arch, tmp_path, 24, **arch.train_overrides)
+    ours.train()
+    lengths = [9, 4, 12]
+    ids, mask = edge_padded(ours.config.vocab_size, [(0, n) for n in lengths], 12, seed=4)
+    flat = ids[mask.bool()][None]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    packed_labels = flat.clone()
+    packed_labels[0, torch.tensor(lengths).cumsum(0)[:-1]] = -100  # each sequence's first token
+    results = []
+    for kwargs in (dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)),
+                   dict(input_ids=flat, position_ids=pos, labels=packed_labels)):
+        ours.zero_grad()
+        torch.manual_seed(6)
+        loss = ours(**kwargs, output_router_logits=True, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}))
+    (a, grads_a), (b, grads_b) = results
+    close(a, b, "loss")
+    for name, g in grads_a.items():
+        close(g, grads_b[name], f"grad of {name}", atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_unpadded_outputs_are_zero_at_the_padding(arch, unpad, tmp_path):
+    """The base model's hidden states and router logits: the real tokens' as Transformers', zeros
+    at the padding (unpadded); a row with no real token at all is zeros throughout."""
+    hf, ours = sdpa_pair(arch, tmp_path, 21)
+    hf, ours = hf.model, ours.model
+    ids, mask = edge_padded(ours.config.vocab_size, [(0, 9), (0, 0), (2, 7)], 9, seed=2)
+    flags = dict(attention_mask=mask, output_hidden_states=True, output_router_logits=True, use_cache=False)
+    with torch.no_grad():
+        a, b = hf(ids, **flags), ours(ids, **flags)
+    real = mask.bool()
+    assert len(a.hidden_states) == len(b.hidden_states)
+    for x, y in zip((a.last_hidden_state, *a.hidden_states), (b.last_hidden_state, *b.hidden_states)):
+        close(x[real], y[real], "hidden states")
+        if unpad is not None:
+            assert not y[~real].any()
+    for x, y in zip(a.router_logits, b.router_logits):
+        assert x.shape == y.shape
+        close(x[real.flatten()], y[real.flatten()], "router logits")
+        if unpad is not None:
+            assert not y[~real.flatten()].any()
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_padded_classification_runs_unpadded(arch, unpad, tmp_path):
+    """A classifier reads each row's last real token, which the unpadded rows compute as
+    Transformers does (its loss reads no padding)."""
+    hf, ours = make_pair(arch, tmp_path, "seq_cls", "hf_to_ours", seed=22, num_labels=3)
+    ours.set_attn_implementation("sdpa")
+    ids, mask = edge_padded(ours.config.vocab_size, [(0, 8), (0, 5), (0, 3)], 8, seed=3)
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        a = hf(ids, attention_mask=mask, labels=labels, use_cache=False)
+        b = ours(ids, attention_mask=mask, labels=labels, use_cache=False)
+    close(a.logits, b.logits, "classifier logits")
+    close(a.loss, b.loss, "classifier loss")
+    if unpad is not None:
+        assert len(unpad) == ours.config.num_hidden_layers
+
+
+def test_padded_batches_that_stay_padded(monkeypatch, tmp_path):
+    """`unpadded_rows` declines (the forward runs as given) without padding, with a cache, with a
+    row whose real tokens are not one run, where the loss reads a padding position (left padding:
+    the first real token is predicted from the padding), with attention weights asked for, or,
+    by default, off the GPU."""
+    _, ours = sdpa_pair(PHIMOE, tmp_path, 23)
+    model = ours.model
+    x = torch.zeros(2, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+    ids = torch.ones(2, 6, dtype=torch.long)
+
+    def rows(m=mask, cache=None, attentions=False, positions=None):
+        return modeling_utils.unpadded_rows(model, m, cache, None, attentions, x, positions)
+
+    monkeypatch.setattr(modeling_utils, "UNPAD_ROWS", True)
+    index, packed = rows()
+    assert index.tolist() == [0, 1, 2, 3, 8, 9, 10, 11] and packed.lens_q == (4, 4)
+    assert rows(torch.ones(2, 6, dtype=torch.long)) is None
+    assert rows(cache=DynamicCache()) is None
+    assert rows(torch.tensor([[1, 0, 1, 1, 0, 0], [1] * 6])) is None
+    assert rows(attentions=True) is None
+    assert rows(positions=loss_positions(ids.masked_fill(mask == 0, -100), {})) is None  # left padding
+    right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+    assert rows(right, positions=loss_positions(ids.masked_fill(right == 0, -100), {})) is not None
+    monkeypatch.setattr(modeling_utils, "UNPAD_ROWS", None)
+    assert rows() is None
+    monkeypatch.setattr(modeling_utils, "UNPAD_ROWS", False)
+    assert rows() is None
+
+
+def test_loss_positions_follow_the_loss():
+    """The positions whose logits `causal_lm_loss` reads: t predicts label t + 1; `shift_labels`
+    name the targets directly; `ignore_index` marks none."""
+    labels = torch.tensor([[5, 6, -100, 7], [-100, 3, 4, 9]])
+    assert loss_positions(labels, {}).tolist() == [[True, False, True, False], [True, True, True, False]]
+    assert loss_positions(labels, {"ignore_index": 6}).tolist() == [[False, True, True, False],
+                                                                    [True, True, True, False]]
+    shifted = torch.tensor([[1, -100, 2, -100], [-100, -100, 4, 4]])
+    assert loss_positions(labels, {"shift_labels": shifted}).tolist() == [[True, False, True, False],
+                                                                          [False, False, True, True]]
+    assert loss_positions(None, {}) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..modeling_utils import check_packing_kwargs, keep_last, module_device
 from ..ops.losses import causal_lm_loss, last_token_index, sequence_classification_loss
@@ -39,10 +40,16 @@ def classify(model, out, input_ids, inputs_embeds, labels, return_dict):
 LOSS_KWARGS = {"num_items_in_batch", "ignore_index", "shift_labels"}
 
 
-def check_head_kwargs(model, kwargs: dict) -> None:
-    """A head's extra keywords: the loss's (LOSS_KWARGS; a classifier ignores them, as Transformers'
-    does), flash-attention's packing ones and `output_router_probs` (`check_packing_kwargs`)."""
-    check_packing_kwargs(type(model).__name__, {k: v for k, v in kwargs.items() if k not in LOSS_KWARGS})
+def loss_positions(labels: torch.Tensor | None, loss_kwargs: dict) -> torch.Tensor | None:
+    """[B, T] bool: the positions whose logits `causal_lm_loss` reads (position t predicts label
+    t + 1, or `shift_labels[t]`; not where the target is `ignore_index`); None without labels."""
+    if labels is None:
+        return None
+    ignore = loss_kwargs.get("ignore_index", -100)
+    shifted = loss_kwargs.get("shift_labels")
+    if shifted is None:
+        shifted = F.pad(labels, (0, 1), value=ignore)[..., 1:]
+    return shifted != ignore
 
 
 def causal_lm(
@@ -64,7 +71,7 @@ def causal_lm(
     stands for). They come as keywords, not named parameters, as in Transformers: its Trainer
     takes every forward parameter named like a label for a label column, and passes
     num_items_in_batch only to a forward that takes keywords."""
-    check_head_kwargs(model, loss_kwargs)
+    check_packing_kwargs(type(model).__name__, {k: v for k, v in loss_kwargs.items() if k not in LOSS_KWARGS})
     loss_kwargs = {k: v for k, v in loss_kwargs.items() if k in LOSS_KWARGS}  # packing's: the mask has them
     cfg = model.config
     logits = model.lm_head(on_device_of(model.lm_head, keep_last(out.last_hidden_state, logits_to_keep)))

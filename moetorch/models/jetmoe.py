@@ -29,7 +29,7 @@ from ..ops.norms import Residual, RMSNorm
 from ..ops.rope import RotaryEmbedding
 from ..ops.routing import route_topk, switch_aux_loss, z_loss
 from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from .heads import causal_lm, check_head_kwargs, classify
+from .heads import causal_lm, classify, loss_positions
 
 # Transformers builds the per-layer norms with its default eps, whatever `rms_norm_eps` says (only
 # the final norm reads it). Checkpoints were trained that way.
@@ -269,11 +269,14 @@ class JetMoeModel(JetMoePreTrainedModel):
         **packing: Any,
     ) -> MoeModelOutputWithPast | tuple:
         """`packing`: flash-attention's keywords for packed sequences (`cu_seq_lens_q`, ...), which
-        trainers pass beside `position_ids`; the mask that `position_ids` gives is the same attention."""
+        trainers pass beside `position_ids`; the mask that `position_ids` gives is the same attention.
+        (`_loss_positions`, from the causal LM head: the positions whose outputs its loss reads.)"""
+        loss_positions = packing.pop("_loss_positions", None)
         check_packing_kwargs(type(self).__name__, packing)
         return decoder_forward(
             self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict,
+            loss_positions_BT=loss_positions,
         )
 
 
@@ -331,6 +334,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict=True,
+            _loss_positions=loss_positions(labels, loss_kwargs),
         )
         return causal_lm(
             self, out, attention_mask, labels, logits_to_keep, output_router_logits, loss_kwargs, return_dict,
@@ -368,11 +372,13 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
         cache_position: torch.LongTensor | None = None,
         return_dict: bool | None = None,
         output_router_logits: bool | None = None,
-        **kwargs: Any,
+        output_router_probs: bool | None = None,
     ):
         # output_router_logits is accepted as Transformers accepts it; the classifier's output has no
-        # router logits, so they are not computed. `kwargs`: as Transformers' classifier takes them
-        check_head_kwargs(self, kwargs)
+        # router logits, so they are not computed. output_router_probs: as the base model takes it.
+        # No **kwargs: Transformers' Trainer then passes no loss keywords and averages accumulated
+        # losses (docs/differences.md)
+        check_packing_kwargs(type(self).__name__, {"output_router_probs": output_router_probs})
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, False, cache_position, return_dict=True,
