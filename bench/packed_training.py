@@ -1,7 +1,7 @@
 """Training steps over packed sequences (positions that start again at 0, no attention mask; what
 TRL's packing and padding-free collators give): the varlen flash path against the dense
 block-diagonal mask (with the kv heads repeated, and with sdpa's enable_gqa), the same documents
-one to a row with padding and an attention mask (unpadded, `UNPAD_ROWS`, and as given), and
+one to a row with padding and an attention mask (as given, and unpadded: `UNPAD_ROWS`), and
 Transformers (sdpa over its packed mask) on the packed rows. Tokens/s count
 the packed tokens in every arm.
 
@@ -143,9 +143,9 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
     # arm: (PACKED_VARLEN, attention.MASKED_REPEATS_KV, UNPAD_ROWS, the padded batch or None)
     arms = {"varlen": (None, True, None, None), "dense mask": (False, True, None, None),
             "dense mask, enable_gqa": (False, False, None, None), "padded rows, unpadded": (None, True, None, rows),
-            "padded rows, as given": (None, True, False, rows)}
+            "padded rows": (None, True, False, rows)}
     if args.arms:
-        arms = {a: arms[a] for a in args.arms.split(",")}
+        arms = {a: arms[a] for a in args.arms.split(";")}
     model = build(name, "moetorch", cfg).train()
     torch.manual_seed(0)
     times: dict[str, list[float]] = {a: [] for a in arms}
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, nargs=2, default=(64, 1024), metavar=("LO", "HI"))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no-transformers", dest="transformers", action="store_false")
-    p.add_argument("--arms", default="", help="a comma list of the moetorch arms to run (default: all)")
+    p.add_argument("--arms", default="", help="the moetorch arms to run, separated by ';' (default: all)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     g = torch.Generator().manual_seed(0)

@@ -1015,8 +1015,9 @@ def check_packed_training(results) -> bool:
     """Packed sequences in train mode (position_ids that start again, no mask): the varlen path
     (bf16, the GPU's default for them) and the dense block-diagonal mask (bf16), each against the
     float32 dense mask on the GPU: loss and every gradient. Random routers flip near-tied experts
-    in bf16 on either path, so each path's error is held to twice the other's (plus 1e-3). Also
-    sdpa over a dense mask with the kv heads repeated (MASKED_REPEATS_KV) against enable_gqa."""
+    in bf16 on either path, so each path's error is held to twice the other's (plus 1e-3). The same
+    for a right-padded batch (eval mode), unpadded (UNPAD_ROWS) and as given. Also sdpa over a
+    dense mask with the kv heads repeated (MASKED_REPEATS_KV) against enable_gqa."""
     from moetorch import modeling_utils
     from moetorch.ops import attention as attention_ops
 
@@ -1049,6 +1050,26 @@ def check_packed_training(results) -> bool:
             results[f"packed_training.{name}.{arm}_loss_rel_err"] = loss_err
             results[f"packed_training.{name}.{arm}_grads_rel_err"] = grad_err
         for a, b in (("varlen", "dense"), ("dense", "varlen")):
+            ok &= all(errs[a][i] <= 2 * errs[b][i] + 1e-3 for i in range(2))
+        # a right-padded batch (eval mode: no routing draws), unpadded and as given, against float32
+        ids_pad = ids.view(4, -1)[:, :128].clone()
+        mask = (torch.arange(128, device="cuda")[None] < torch.tensor([[128], [40], [97], [1]], device="cuda")).long()
+        labels = ids_pad.masked_fill(mask == 0, -100)
+        runs = {}
+        for arm, model, unpad in (("float32", ref, False), ("unpadded", bf16, None), ("as given", bf16, False)):
+            modeling_utils.UNPAD_ROWS = unpad
+            model.eval().zero_grad(set_to_none=True)
+            loss = model(ids_pad, attention_mask=mask, labels=labels, use_cache=False).loss
+            loss.backward()
+            runs[arm] = (loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+        modeling_utils.UNPAD_ROWS = None
+        want_loss, want_grads = runs.pop("float32")
+        errs = {arm: (abs(loss - want_loss).item() / abs(want_loss).item(), rel_err(grads, want_grads))
+                for arm, (loss, grads) in runs.items()}
+        for arm, (loss_err, grad_err) in errs.items():
+            results[f"packed_training.{name}.padded_{arm.replace(' ', '_')}_loss_rel_err"] = loss_err
+            results[f"packed_training.{name}.padded_{arm.replace(' ', '_')}_grads_rel_err"] = grad_err
+        for a, b in (("unpadded", "as given"), ("as given", "unpadded")):
             ok &= all(errs[a][i] <= 2 * errs[b][i] + 1e-3 for i in range(2))
         del ref, bf16
     torch.manual_seed(2)
