@@ -58,6 +58,32 @@ def hf_constrained(theirs, tok, grammar: Grammar, prompt: list[int], n: int) -> 
     return out[0, len(prompt):].tolist()
 
 
+def agrees_with_oracle(theirs, tok, grammar: Grammar, prompt: list[int], tokens: list[int], n: int,
+                       margin: float = 0.5) -> None:
+    """Greedy `tokens` under `grammar`, checked step by step against Transformers' logits over the
+    same prefix (one forward, teacher forced) under the oracle's mask: every token is one the mask
+    allows, and its logit is within `margin` of the best allowed one. (Exactly greedy but for near
+    ties: a token's logits move between a batched step, a cached step and a full forward, and a
+    router's near-tied choice can move them by a few tenths.) Where the tokens stop before `n`
+    without EOS, the grammar allows EOS alone there."""
+    eos = tok.eos_token_id
+    mask = OracleMask(grammar.spec, tok, theirs.config.vocab_size, 1, len(prompt))
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = theirs(ids).logits[0, len(prompt) - 1:]
+    for t in range(len(tokens) + 1):
+        scores = mask(ids[:, :len(prompt) + t], logits[t:t + 1].clone())[0]
+        if t == len(tokens):
+            if len(tokens) < n and (not tokens or tokens[-1] != eos):
+                assert torch.isfinite(scores).nonzero().flatten().tolist() == [eos], (t, tokens)
+            break
+        best = scores.max().item()
+        assert torch.isfinite(scores[tokens[t]]), f"step {t}: token {tokens[t]} is not allowed ({tokens})"
+        assert scores[tokens[t]].item() >= best - margin, (
+            f"step {t}: token {tokens[t]} at {scores[tokens[t]].item():.4f}, the best allowed at {best:.4f} "
+            f"({int(scores.argmax())}); {tokens}")
+
+
 def same_as_oracle(ours_tokens: list[int], hf_tokens: list[int], eos: int, n: int) -> None:
     """Where the grammar can take no further token the manager ends without a token, and
     Transformers draws its only allowed one, EOS; else the tokens are the same."""
