@@ -1011,6 +1011,27 @@ def check_device_map(results):
     return ok
 
 
+def _loss_and_grads(model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's loss (no cache) and every parameter's gradient, flattened, in float32."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs, use_cache=False).loss
+    loss.backward()
+    return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+
+def _two_arms_against_float32(results: dict, key: str, runs: dict) -> bool:
+    """`runs`: arm -> `_loss_and_grads`, "float32" the reference and two arms. Records each arm's
+    relative errors under `key`; whether each arm's are within twice the other's (plus 1e-3)."""
+    want_loss, want_grads = runs.pop("float32")
+    errs = {arm: (abs(loss - want_loss).item() / abs(want_loss).item(), rel_err(grads, want_grads))
+            for arm, (loss, grads) in runs.items()}
+    for arm, (loss_err, grad_err) in errs.items():
+        results[f"{key}{arm.replace(' ', '_')}_loss_rel_err"] = loss_err
+        results[f"{key}{arm.replace(' ', '_')}_grads_rel_err"] = grad_err
+    a, b = errs.values()
+    return all(a[i] <= 2 * b[i] + 1e-3 and b[i] <= 2 * a[i] + 1e-3 for i in range(2))
+
+
 def check_packed_training(results) -> bool:
     """Packed sequences in train mode (position_ids that start again, no mask): the varlen path
     (bf16, the GPU's default for them) and the dense block-diagonal mask (bf16), each against the
@@ -1033,24 +1054,14 @@ def check_packed_training(results) -> bool:
         runs = {}
         for arm, model, varlen in (("float32", ref, False), ("varlen", bf16, None), ("dense", bf16, False)):
             modeling_utils.PACKED_VARLEN = varlen
-            model.zero_grad(set_to_none=True)
             torch.manual_seed(1)
-            loss = model(ids, position_ids=pos, labels=ids, use_cache=False).loss
-            loss.backward()
-            runs[arm] = (loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+            runs[arm] = _loss_and_grads(model, input_ids=ids, position_ids=pos, labels=ids)
         modeling_utils.PACKED_VARLEN = None
         used = modeling_utils.varlen_packing(bf16.model, modeling_utils.packed_segments(pos, None, None, 2), None,
                                              False, torch.zeros(1, device="cuda", dtype=torch.bfloat16))
         results[f"packed_training.{name}.varlen_serves"] = used is not None
         ok &= used is not None
-        want_loss, want_grads = runs.pop("float32")
-        errs = {arm: (abs(loss - want_loss).item() / abs(want_loss).item(), rel_err(grads, want_grads))
-                for arm, (loss, grads) in runs.items()}
-        for arm, (loss_err, grad_err) in errs.items():
-            results[f"packed_training.{name}.{arm}_loss_rel_err"] = loss_err
-            results[f"packed_training.{name}.{arm}_grads_rel_err"] = grad_err
-        for a, b in (("varlen", "dense"), ("dense", "varlen")):
-            ok &= all(errs[a][i] <= 2 * errs[b][i] + 1e-3 for i in range(2))
+        ok &= _two_arms_against_float32(results, f"packed_training.{name}.", runs)
         # a right-padded batch (eval mode: no routing draws), unpadded and as given, against float32
         ids_pad = ids.view(4, -1)[:, :128].clone()
         mask = (torch.arange(128, device="cuda")[None] < torch.tensor([[128], [40], [97], [1]], device="cuda")).long()
@@ -1058,19 +1069,9 @@ def check_packed_training(results) -> bool:
         runs = {}
         for arm, model, unpad in (("float32", ref, False), ("unpadded", bf16, None), ("as given", bf16, False)):
             modeling_utils.UNPAD_ROWS = unpad
-            model.eval().zero_grad(set_to_none=True)
-            loss = model(ids_pad, attention_mask=mask, labels=labels, use_cache=False).loss
-            loss.backward()
-            runs[arm] = (loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+            runs[arm] = _loss_and_grads(model.eval(), input_ids=ids_pad, attention_mask=mask, labels=labels)
         modeling_utils.UNPAD_ROWS = None
-        want_loss, want_grads = runs.pop("float32")
-        errs = {arm: (abs(loss - want_loss).item() / abs(want_loss).item(), rel_err(grads, want_grads))
-                for arm, (loss, grads) in runs.items()}
-        for arm, (loss_err, grad_err) in errs.items():
-            results[f"packed_training.{name}.padded_{arm.replace(' ', '_')}_loss_rel_err"] = loss_err
-            results[f"packed_training.{name}.padded_{arm.replace(' ', '_')}_grads_rel_err"] = grad_err
-        for a, b in (("unpadded", "as given"), ("as given", "unpadded")):
-            ok &= all(errs[a][i] <= 2 * errs[b][i] + 1e-3 for i in range(2))
+        ok &= _two_arms_against_float32(results, f"packed_training.{name}.padded_", runs)
         del ref, bf16
     torch.manual_seed(2)
     B, H, G, T, d = 2, 16, 4, 512, 64

@@ -18,10 +18,10 @@ from moetorch.ops import attention as attention_ops
 from moetorch.ops.attention import Packed, attention
 
 
-@pytest.fixture(params=[True, False], ids=["varlen", "dense"])
-def varlen(request, monkeypatch):
-    """Each test runs with the varlen path and with the dense mask; counts the varlen calls."""
-    monkeypatch.setattr(modeling_utils, "PACKED_VARLEN", request.param)
+def switched(monkeypatch, switch: str, on: bool) -> list | None:
+    """`modeling_utils.<switch>` set to `on`; where on, the list of the `Packed` that each packed
+    attention call took."""
+    monkeypatch.setattr(modeling_utils, switch, on)
     calls = []
     real = attention_ops.packed_attention
 
@@ -30,7 +30,13 @@ def varlen(request, monkeypatch):
         return real(q, k, v, packed, *args, **kwargs)
 
     monkeypatch.setattr(attention_ops, "packed_attention", counted)
-    return calls if request.param else None
+    return calls if on else None
+
+
+@pytest.fixture(params=[True, False], ids=["varlen", "dense"])
+def varlen(request, monkeypatch):
+    """Each test runs with the varlen path and with the dense mask; counts the varlen calls."""
+    return switched(monkeypatch, "PACKED_VARLEN", request.param)
 
 
 def packed_batch(vocab: int, lengths: list[list[int]], seed: int):
@@ -258,16 +264,7 @@ def test_packed_training_with_gradient_checkpointing(arch, reentrant, monkeypatc
 @pytest.fixture(params=[True, False], ids=["unpadded", "padded"])
 def unpad(request, monkeypatch):
     """Each test runs unpadded and padded; counts the packed attention calls."""
-    monkeypatch.setattr(modeling_utils, "UNPAD_ROWS", request.param)
-    calls = []
-    real = attention_ops.packed_attention
-
-    def counted(q, k, v, packed, *args, **kwargs):
-        calls.append(packed)
-        return real(q, k, v, packed, *args, **kwargs)
-
-    monkeypatch.setattr(attention_ops, "packed_attention", counted)
-    return calls if request.param else None
+    return switched(monkeypatch, "UNPAD_ROWS", request.param)
 
 
 def edge_padded(vocab: int, runs: list[tuple[int, int]], T: int, seed: int):
