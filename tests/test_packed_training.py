@@ -53,6 +53,38 @@ def sdpa_pair(arch, tmp_path, seed, **overrides):
     return hf, ours
 
 
+def same_step(a, b, hf, ours, real: torch.Tensor | None = None) -> None:
+    """Transformers' output `a` and moetorch's `b` of one step: logits (the `real` tokens'), loss
+    and aux loss; then every parameter's gradient of the loss."""
+    close(a.logits if real is None else a.logits[real], b.logits if real is None else b.logits[real], "logits")
+    close(a.loss, b.loss, "loss")
+    close(a.aux_loss, b.aux_loss, "aux_loss")
+    a.loss.backward()
+    b.loss.backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        ref = hf_params[name].grad
+        assert (ref is None) == (p.grad is None), name
+        if ref is not None:
+            close(ref, p.grad, f"grad of {name}", atol=1e-5, rtol=1e-4)
+
+
+def loss_and_grads(model, seed: int, **inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step of `model` (no cache, router logits out, the RNG at `seed`): its loss and every
+    parameter's gradient."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = model(**inputs, output_router_logits=True, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def same_loss_and_grads(x, y) -> None:
+    close(x[0], y[0], "loss")
+    for name, g in x[1].items():
+        close(g, y[1][name], f"grad of {name}", atol=1e-6, rtol=1e-5)
+
+
 def check_calls(calls, layers: int, lengths: list[list[int]]) -> None:
     """With the varlen path, one packed attention a layer over every sequence of every row."""
     if calls is None:
@@ -75,18 +107,7 @@ def test_packed_training_loss_and_gradients_match_transformers(arch, varlen, tmp
         torch.manual_seed(321)  # the same routing samples in both
         runs.append(model(ids, position_ids=pos, labels=ids, output_router_logits=True, use_cache=False))
     check_calls(varlen, ours.config.num_hidden_layers, lengths)
-    a, b = runs
-    close(a.logits, b.logits, "packed train logits")
-    close(a.loss, b.loss, "packed train loss")
-    close(a.aux_loss, b.aux_loss, "packed train aux_loss")
-    a.loss.backward()
-    b.loss.backward()
-    hf_grads = dict(hf.named_parameters())
-    for name, p in ours.named_parameters():
-        ref = hf_grads[name].grad
-        assert (ref is None) == (p.grad is None), name
-        if ref is not None:
-            close(ref, p.grad, f"grad of {name}", atol=1e-5, rtol=1e-4)
+    same_step(*runs, hf, ours)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
@@ -243,19 +264,9 @@ def test_packed_training_with_gradient_checkpointing(arch, reentrant, monkeypatc
     _, ours = sdpa_pair(arch, tmp_path, 17)
     ours.train()
     ids, pos = packed_batch(ours.config.vocab_size, [[7, 9], [4, 12]], seed=9)
-    results = []
-    for checkpointed in (False, True):
-        if checkpointed:
-            ours.gradient_checkpointing_enable({"use_reentrant": reentrant})
-        ours.zero_grad()
-        torch.manual_seed(3)
-        loss = ours(ids, position_ids=pos, labels=ids, use_cache=False).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}))
-    (a, grads_a), (b, grads_b) = results
-    close(a, b, "loss")
-    for name, g in grads_a.items():
-        close(g, grads_b[name], f"grad of {name}", atol=1e-6, rtol=1e-5)
+    plain = loss_and_grads(ours, 3, input_ids=ids, position_ids=pos, labels=ids)
+    ours.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    same_loss_and_grads(plain, loss_and_grads(ours, 3, input_ids=ids, position_ids=pos, labels=ids))
 
 
 # ---- padded batches, unpadded -------------------------------------------------------------------
@@ -292,15 +303,7 @@ def test_padded_batch_runs_unpadded_as_transformers(arch, unpad, tmp_path):
             for model in (hf, ours))
     if unpad is not None:
         assert len(unpad) == ours.config.num_hidden_layers and all(p.lens_q == (11, 6, 7, 12) for p in unpad)
-    real = mask.bool()
-    close(a.logits[real], b.logits[real], "real tokens' logits")
-    close(a.loss, b.loss, "loss")
-    close(a.aux_loss, b.aux_loss, "aux_loss")
-    a.loss.backward()
-    b.loss.backward()
-    hf_params = dict(hf.named_parameters())
-    for name, p in ours.named_parameters():
-        close(hf_params[name].grad, p.grad, f"grad of {name}", atol=1e-5, rtol=1e-4)
+    same_step(a, b, hf, ours, real=mask.bool())
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
@@ -318,18 +321,9 @@ def test_unpadded_training_step_is_the_packed_rows_step(arch, monkeypatch, tmp_p
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     packed_labels = flat.clone()
     packed_labels[0, torch.tensor(lengths).cumsum(0)[:-1]] = -100  # each sequence's first token
-    results = []
-    for kwargs in (dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)),
-                   dict(input_ids=flat, position_ids=pos, labels=packed_labels)):
-        ours.zero_grad()
-        torch.manual_seed(6)
-        loss = ours(**kwargs, output_router_logits=True, use_cache=False).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}))
-    (a, grads_a), (b, grads_b) = results
-    close(a, b, "loss")
-    for name, g in grads_a.items():
-        close(g, grads_b[name], f"grad of {name}", atol=1e-6, rtol=1e-5)
+    same_loss_and_grads(
+        loss_and_grads(ours, 6, input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)),
+        loss_and_grads(ours, 6, input_ids=flat, position_ids=pos, labels=packed_labels))
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
