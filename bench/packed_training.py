@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from moetorch import modeling_utils
 from moetorch.benchmark import SIZES, build, log
 from moetorch.ops import attention as attention_ops
-from moetorch.ops.attention import attention
+from moetorch.ops.attention import attention, build_mask
 
 
 def documents(rows: int, tokens: int, lo: int, hi: int, g: torch.Generator) -> torch.Tensor:
@@ -91,18 +91,15 @@ def attention_check(name: str, cfg: dict, pos: torch.Tensor) -> dict:
     window = cfg.get("sliding_window")
     B, T = pos.shape
     segments = modeling_utils.packed_segments(pos, None, None, B)
-    dense = torch.ones(T, T, dtype=torch.bool, device="cuda").tril() & \
-        (segments[:, None, :, None] == segments[:, None, None, :])
-    if window is not None:
-        i = torch.arange(T, device="cuda")
-        dense = dense & (i[:, None] - i[None, :] < window)
+    dense, _ = build_mask(None, torch.arange(T, device="cuda"), T, window, B, segments_BT=segments)
     g = torch.Generator(device="cuda").manual_seed(2)
     q, k, v = (torch.randn(B, h, T, d, device="cuda", generator=g, dtype=torch.bfloat16) for h in (H, G, G))
     grad = torch.randn(B, T, H, d, device="cuda", generator=g, dtype=torch.bfloat16)
     layout = "tiled" if tiled else "grouped"
     modeling_utils.PACKED_VARLEN = True
     x = torch.zeros(B, T, 1, device="cuda", dtype=torch.bfloat16)
-    packed = modeling_utils.varlen_packing(_Config(cfg), segments, window, False, x)
+    sdpa_model = argparse.Namespace(config=argparse.Namespace(_attn_implementation="sdpa"))  # what it reads
+    packed = modeling_utils.varlen_packing(sdpa_model, segments, window, False, x)
     modeling_utils.PACKED_VARLEN = None
     results = {}
     for arm, mask, dtype in (("varlen", packed, torch.bfloat16), ("dense mask", dense, torch.bfloat16),
@@ -119,15 +116,6 @@ def attention_check(name: str, cfg: dict, pos: torch.Tensor) -> dict:
     log(f"{name} attention against float32: varlen {shown['varlen']}; dense mask {shown['dense mask']} -> "
         f"{'ok' if ok else 'FAILED'}")
     return {"errors": errs, "heads": [H, G, d], "window": window, "ok": ok}
-
-
-class _Config:
-    """What `varlen_packing` reads of a model: its config (sdpa, the head size)."""
-
-    def __init__(self, cfg: dict) -> None:
-        heads = cfg.get("num_attention_heads")
-        self.config = argparse.Namespace(_attn_implementation="sdpa", kv_channels=cfg.get("kv_channels"),
-                                         head_dim=heads and cfg["hidden_size"] // heads)
 
 
 def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:

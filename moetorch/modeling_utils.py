@@ -19,13 +19,13 @@ from torch import nn
 
 from . import checkpoint, placement
 from .adapters import AdapterMixin, adapter_dir, adapter_only_base
-from .cache import Cache, DynamicCache
+from .cache import Cache, DynamicCache, _kv_shape
 from .configuration import MoeConfig
 from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
 from .generation.custom import install_checkpoint_generate
 from .hub import PushToHubMixin, hub_options, upload
-from .ops.attention import Packed, build_mask, check_attn_implementation, varlen_kernel_serves
+from .ops.attention import Packed, build_mask, check_attn_implementation, token_runs, varlen_kernel_serves
 from .ops.losses import causal_lm_loss_function, sequence_classification_loss
 from .ops.moe import training_paths
 from .ops.norms import Residual
@@ -640,7 +640,7 @@ def _varlen_serves(model, switch: bool | None, output_attentions: bool, embeds_B
     if switch is None:
         device = embeds_BTD.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else embeds_BTD.dtype
-        return varlen_kernel_serves(device, dtype, getattr(cfg, "kv_channels", None) or cfg.head_dim)
+        return varlen_kernel_serves(device, dtype, _kv_shape(cfg)[1])
     return True
 
 
@@ -686,11 +686,10 @@ def unpadded_rows(model, attention_mask: torch.Tensor | None, cache: Cache | Non
     real = host[0]
     if bool(real.all()) or (loss_positions_BT is not None and bool((host[1] & ~real).any())):
         return None
-    lens = real.sum(1)
-    starts = real.int().argmax(1)
-    runs = torch.arange(T)[None] - starts[:, None]
-    if not torch.equal(real, (runs >= 0) & (runs < lens[:, None])):  # each row one run of real tokens
+    runs = token_runs(real)
+    if runs is None:
         return None
+    starts, lens = runs
     rows = [b for b in range(B) if lens[b] > 0]
     index = torch.cat([torch.arange(int(starts[b]), int(starts[b] + lens[b])) + b * T for b in rows])
     length = [int(lens[b]) for b in rows]

@@ -15,7 +15,7 @@ from parity import close, make_pair
 from moetorch import DynamicCache, modeling_utils
 from moetorch.models.heads import loss_positions
 from moetorch.ops import attention as attention_ops
-from moetorch.ops.attention import Packed, attention
+from moetorch.ops.attention import Packed, attention, token_runs
 
 
 def switched(monkeypatch, switch: str, on: bool) -> list | None:
@@ -394,6 +394,16 @@ def test_padded_batches_that_stay_padded(monkeypatch, tmp_path):
     assert rows() is None
     monkeypatch.setattr(modeling_utils, "UNPAD_ROWS", False)
     assert rows() is None
+
+
+def test_token_runs_of_a_mask():
+    """Each row's first real token and count where every row's real tokens are one run (left,
+    right or both sides padded, an empty row); None where a row has a gap."""
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    starts, lengths = token_runs(mask)
+    assert starts.tolist()[:3] + starts.tolist()[4:] == [2, 0, 1, 0] and lengths.tolist() == [2, 3, 2, 0, 4]
+    assert token_runs(torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1]], dtype=torch.bool)) is None
+    assert token_runs(torch.tensor([[0, 1, 0, 1]], dtype=torch.bool)) is None
 
 
 def test_loss_positions_follow_the_loss():

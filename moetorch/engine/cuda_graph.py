@@ -24,7 +24,7 @@ import weakref
 import torch
 
 from ..cache import PackedRows, StaticCache, _kv_shape, pack_plan
-from ..ops.attention import Packed, varlen_kernel_serves
+from ..ops.attention import Packed, token_runs, varlen_kernel_serves
 from ..ops.host import to_device
 
 logger = logging.getLogger("moetorch")
@@ -303,12 +303,15 @@ class GraphedPrefill:
         parts = [mask_BT, ids_BT] + ([positions_BT.expand(B, T)] if positions_BT is not None else [])
         host = torch.stack([t.to(ids_BT.device, torch.long) for t in parts]).cpu()
         mask, ids = host[0].bool(), host[1]
-        lengths = mask.sum(1)
-        shortest = int(lengths.min())
-        if shortest == T or shortest < 1 or not torch.equal(mask, torch.arange(T)[None] >= (T - lengths)[:, None]):
+        runs = token_runs(mask)
+        if runs is None:
             return None
+        starts, lengths = runs
+        shortest = int(lengths.min())
+        if shortest == T or shortest < 1 or not torch.equal(starts + lengths, torch.full_like(lengths, T)):
+            return None  # not left padding, or no padding
         if positions_BT is not None:
-            own = torch.arange(T)[None] - (T - lengths)[:, None]
+            own = torch.arange(T)[None] - starts[:, None]
             if not torch.equal(host[2][mask], own.expand(B, T)[mask]):
                 return None
         prompts = [ids[b, T - n:].tolist() for b, n in enumerate(lengths.tolist())]

@@ -82,6 +82,16 @@ class Packed:
         return cls(cu_q, cu_k, None, None, window, max_q, max_k, rope_len)
 
 
+def token_runs(mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first real token [B], real tokens [B]) of a host bool mask [B, T] whose rows each hold
+    their real tokens in one run (left or right padding, or both; an empty row counts 0 tokens);
+    None if a row's real tokens have a gap."""
+    lengths = mask_BT.sum(1)
+    starts = mask_BT.int().argmax(1)
+    t = torch.arange(mask_BT.shape[1])[None] - starts[:, None]
+    return (starts, lengths) if torch.equal(mask_BT, (t >= 0) & (t < lengths[:, None])) else None
+
+
 @functools.cache
 def _ampere_or_later(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 8
