@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..modeling_utils import check_packing_kwargs, keep_last, module_device
-from ..ops.losses import causal_lm_loss, last_token_index, sequence_classification_loss
+from ..ops.losses import causal_lm_loss, last_token_index, sequence_classification_loss, shifted_labels
 from ..outputs import MoeCausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 # (router logits, 2D padding mask of the new tokens or None) -> router loss
@@ -48,7 +47,7 @@ def loss_positions(labels: torch.Tensor | None, loss_kwargs: dict) -> torch.Tens
     ignore = loss_kwargs.get("ignore_index", -100)
     shifted = loss_kwargs.get("shift_labels")
     if shifted is None:
-        shifted = F.pad(labels, (0, 1), value=ignore)[..., 1:]
+        shifted = shifted_labels(labels, ignore)
     return shifted != ignore
 
 

@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 
 
+def shifted_labels(labels_BT: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The target of each position [B, T]: the next position's label (`ignore_index` after the last)."""
+    return F.pad(labels_BT, (0, 1), value=ignore_index)[..., 1:]
+
+
 def causal_lm_loss(
     logits_BTV: torch.Tensor,
     labels_BT: torch.Tensor,
@@ -18,7 +23,7 @@ def causal_lm_loss(
     With `num_items_in_batch` the sum is divided by it instead (gradient accumulation).
     """
     if shift_labels is None:
-        shift_labels = F.pad(labels_BT, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = shifted_labels(labels_BT, ignore_index)
     logits = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])
     target = shift_labels.reshape(-1).to(logits.device)
     if num_items_in_batch is None:
