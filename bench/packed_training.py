@@ -1,8 +1,9 @@
 """Training steps over packed sequences (positions that start again at 0, no attention mask; what
 TRL's packing and padding-free collators give): the varlen flash path against the dense
-block-diagonal mask (with the kv heads repeated, and with sdpa's enable_gqa), the same documents
-one to a row with padding and an attention mask (as given, and unpadded: `UNPAD_ROWS`), and
-Transformers (sdpa over its packed mask) on the packed rows. Tokens/s count
+block-diagonal mask, the same documents one to a row with padding and an attention mask (as
+given, and unpadded: `UNPAD_ROWS`), and Transformers (sdpa over its packed mask) on the packed
+rows and on the padded rows. Peak memory is each arm's first step's, with the gradients of the
+arms before it copied to the host. Tokens/s count
 the packed tokens in every arm.
 
     PYTHONPATH=.:bench python bench/packed_training.py --out r.json
@@ -31,7 +32,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moetorch import modeling_utils
 from moetorch.benchmark import SIZES, build, log
-from moetorch.ops import attention as attention_ops
 from moetorch.ops.attention import attention, build_mask
 
 
@@ -76,7 +76,14 @@ def step(model, ids, pos, batch=None) -> tuple[float, torch.Tensor]:
 
 
 def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    """Every parameter's gradient, copied to the host: copies held on the GPU would count in the
+    next arms' peak memory (a copy of PhiMoE's 4 layers' gradients is about 10 GiB)."""
+    return {n: p.grad.to("cpu", copy=True) for n, p in model.named_parameters() if p.grad is not None}
+
+
+def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a - b|| of two host copies, computed on the GPU one tensor at a time."""
+    return (a.cuda().float() - b.cuda().float()).norm()
 
 
 def attention_check(name: str, cfg: dict, pos: torch.Tensor) -> dict:
@@ -128,25 +135,26 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
                       "doc_lengths": list(args.docs)}}
     out["attention_check"] = attention_check(name, cfg, pos[:, :4096])
     rows = padded(ids, pos)
-    # arm: (PACKED_VARLEN, attention.MASKED_REPEATS_KV, UNPAD_ROWS, the padded batch or None)
-    arms = {"varlen": (None, True, None, None), "dense mask": (False, True, None, None),
-            "dense mask, enable_gqa": (False, False, None, None), "padded rows, unpadded": (None, True, None, rows),
-            "padded rows": (None, True, False, rows)}
+    # arm: (PACKED_VARLEN, UNPAD_ROWS, the padded batch or None)
+    arms = {"varlen": (None, None, None), "dense mask": (False, None, None),
+            "padded rows, unpadded": (None, None, rows), "padded rows": (None, False, rows)}
     if args.arms:
         arms = {a: arms[a] for a in args.arms.split(";")}
     model = build(name, "moetorch", cfg).train()
     torch.manual_seed(0)
     times: dict[str, list[float]] = {a: [] for a in arms}
-    losses, peak, check = {}, {}, {}
+    losses, peak, held, check = {}, {}, {}, {}
 
     def set_arm(a: str):
-        modeling_utils.PACKED_VARLEN, attention_ops.MASKED_REPEATS_KV, modeling_utils.UNPAD_ROWS, batch = arms[a]
+        modeling_utils.PACKED_VARLEN, modeling_utils.UNPAD_ROWS, batch = arms[a]
         torch.manual_seed(1)
         return batch
 
     for a in arms:  # untimed: compile-free warm-up, and the check at a fixed routing seed
         batch = set_arm(a)
+        model.zero_grad(set_to_none=True)
         torch.cuda.reset_peak_memory_stats()
+        held[a] = torch.cuda.memory_allocated() / 2**30
         _, losses[a] = step(model, ids, pos, batch)
         peak[a] = torch.cuda.max_memory_allocated() / 2**30
         if batch is None:
@@ -155,7 +163,7 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
         for a in arms:
             batch = set_arm(a)
             times[a].append(step(model, ids, pos, batch)[0])
-    attention_ops.MASKED_REPEATS_KV, modeling_utils.UNPAD_ROWS = True, None
+    modeling_utils.UNPAD_ROWS = None
     if args.tokens <= 8192 and "dense mask" in check:
         # the noise floor: the dense mask again with sdpa's math kernel, another rounding of the same
         # attention; its distance from the dense arm is what rounding alone moves the gradients by
@@ -167,16 +175,16 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
     modeling_utils.PACKED_VARLEN = None
     compared = {}
     names = sorted(check.get("dense mask", {}))
-    norms = torch.stack([check["dense mask"][n].float().norm() for n in names]) if names else None
+    norms = torch.stack([check["dense mask"][n].cuda().float().norm() for n in names]) if names else None
     for a in [x for x in check if x != "dense mask" and names]:
-        diffs = torch.stack([(check[a][n].float() - check["dense mask"][n].float()).norm() for n in names])
+        diffs = torch.stack([distance(check[a][n], check["dense mask"][n]) for n in names])
         rel = diffs / norms.clamp_min(1e-12)
         compared[a] = {"loss_rel": abs(losses[a] - losses["dense mask"]).item() / abs(losses["dense mask"]).item(),
                        "grads_rel_total": (diffs.square().sum() / norms.square().sum()).sqrt().item(),
                        "grads_rel_median": rel.median().item(),
                        "grads_rel_worst": {names[i]: rel[i].item() for i in rel.argsort(descending=True)[:5].tolist()}}
     ok = out["attention_check"]["ok"] and ("varlen" not in compared or compared["varlen"]["loss_rel"] < 2e-2)
-    padded_arms = [a for a in arms if arms[a][3] is not None]
+    padded_arms = [a for a in arms if arms[a][2] is not None]
     if len(padded_arms) == 2:  # the same batch unpadded and as given (PhiMoE: other routing draws in train mode)
         a, b = (losses[x] for x in padded_arms)
         out["padded loss_rel"] = abs(a - b).item() / abs(b).item()
@@ -185,10 +193,12 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
     for a in arms:
         t = statistics.median(times[a])
         out[f"moetorch {a}"] = {"step_ms": t * 1e3, "tokens_per_s": tokens / t, "peak_gib": peak[a],
+                                "held_before_gib": held[a],
                                 "steps_ms": [x * 1e3 for x in times[a]], "loss": losses[a].item()}
-        if arms[a][3] is not None:
-            out[f"moetorch {a}"]["shape"] = list(arms[a][3][0].shape)
-        log(f"{name} moetorch {a}: {t * 1e3:.1f} ms a step, {tokens / t:.0f} tok/s, peak {peak[a]:.1f} GiB")
+        if arms[a][2] is not None:
+            out[f"moetorch {a}"]["shape"] = list(arms[a][2][0].shape)
+        log(f"{name} moetorch {a}: {t * 1e3:.1f} ms a step, {tokens / t:.0f} tok/s, peak {peak[a]:.1f} GiB "
+            f"({held[a]:.1f} held before the step)")
     out["check"] = {"against the dense mask": compared, "ok": ok}
     for a, c in compared.items():
         log(f"{name} {a} against the dense mask: loss {c['loss_rel']:.2e}, gradients {c['grads_rel_total']:.2e} "
@@ -199,12 +209,18 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
     if args.transformers:
         hf = build(name, "transformers", cfg).train()
         hf.set_attn_implementation("sdpa")
-        torch.cuda.reset_peak_memory_stats()
-        hf_times = [step(hf, ids, pos)[0] for _ in range(args.steps + 1)][1:]
-        t = statistics.median(hf_times)
-        out["transformers sdpa"] = {"step_ms": t * 1e3, "tokens_per_s": tokens / t,
-                                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        log(f"{name} transformers: {t * 1e3:.1f} ms a step, {tokens / t:.0f} tok/s")
+        for arm, batch in (("transformers sdpa", None), ("transformers sdpa, padded rows", rows)):
+            if "padded" in arm and not padded_arms:
+                continue
+            hf.zero_grad(set_to_none=True)
+            torch.cuda.reset_peak_memory_stats()
+            held_hf = torch.cuda.memory_allocated() / 2**30
+            hf_times = [step(hf, ids, pos, batch)[0] for _ in range(args.steps + 1)][1:]
+            t = statistics.median(hf_times)
+            out[arm] = {"step_ms": t * 1e3, "tokens_per_s": tokens / t, "held_before_gib": held_hf,
+                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            log(f"{name} {arm}: {t * 1e3:.1f} ms a step, {tokens / t:.0f} tok/s, peak {out[arm]['peak_gib']:.1f} "
+                f"GiB ({held_hf:.1f} held before the step)")
         del hf
         torch.cuda.empty_cache()
     return out, ok

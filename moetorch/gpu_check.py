@@ -1037,8 +1037,11 @@ def check_packed_training(results) -> bool:
     (bf16, the GPU's default for them) and the dense block-diagonal mask (bf16), each against the
     float32 dense mask on the GPU: loss and every gradient. Random routers flip near-tied experts
     in bf16 on either path, so each path's error is held to twice the other's (plus 1e-3). The same
-    for a right-padded batch (eval mode), unpadded (UNPAD_ROWS) and as given. Also sdpa over a
-    dense mask with the kv heads repeated (MASKED_REPEATS_KV) against enable_gqa."""
+    for a right-padded batch (eval mode), unpadded (UNPAD_ROWS) and as given. Also grouped
+    heads under a dense mask (`masked_gqa_served` says whether sdpa's enable_gqa serves them with a
+    fused kernel here) against float32 with the kv heads repeated."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from moetorch import modeling_utils
     from moetorch.ops import attention as attention_ops
 
@@ -1079,17 +1082,20 @@ def check_packed_training(results) -> bool:
     mask = torch.rand(B, 1, T, T, device="cuda") < 0.7
     mask |= torch.eye(T, dtype=torch.bool, device="cuda")
     grad = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16)
-    outs = []
-    for repeat in (True, False):
-        attention_ops.MASKED_REPEATS_KV = repeat
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out, _ = attention_ops.attention(*leaves, mask, False, d**-0.5)
-        out.backward(grad)
-        outs.append([out, *(t.grad for t in leaves)])
-    attention_ops.MASKED_REPEATS_KV = True
-    for field, a, b in zip(("out", "dq", "dk", "dv"), *outs):
+    served = attention_ops.masked_gqa_served(q, k, v, mask, 0.0)
+    results["packed_training.masked_gqa_served"] = served
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, _ = attention_ops.attention(*leaves, mask, False, d**-0.5)
+    out.backward(grad)
+    ref = [t.float().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref_out = F.scaled_dot_product_attention(ref[0], *(t.repeat_interleave(H // G, dim=1) for t in ref[1:]),
+                                                 attn_mask=mask, scale=d**-0.5).transpose(1, 2)
+    ref_out.backward(grad.float())
+    for field, a, b in zip(("out", "dq", "dk", "dv"), [out, *(t.grad for t in leaves)],
+                           [ref_out, *(t.grad for t in ref)]):
         err = rel_err(a, b)
-        results[f"packed_training.masked_gqa_repeat_vs_enable_gqa.{field}"] = err
+        results[f"packed_training.masked_gqa_vs_float32.{field}"] = err
         ok &= err < 1e-2
     return ok
 

@@ -138,6 +138,35 @@ def test_attention_head_mapping(kv_layout, impl):
         torch.testing.assert_close(out[:, :, h], ref[:, 0], msg=f"head {h}")
 
 
+@pytest.mark.parametrize("kv_layout", ["grouped", "tiled"])
+@pytest.mark.parametrize("served", [True, False])
+def test_masked_grouped_heads_with_and_without_enable_gqa(monkeypatch, kv_layout, served):
+    """A masked sdpa call with fewer kv heads passes enable_gqa where a fused kernel serves it
+    (`masked_gqa_served`), else repeats the kv heads itself: either way each query head attends
+    to its own kv head under the mask, forward and backward (per-head float64 references)."""
+    from moetorch.ops import attention as attention_ops
+
+    assert attention_ops.masked_gqa_served(*(torch.zeros(1, 2, 3, 4) for _ in range(3)),
+                                           torch.ones(1, 1, 3, 3, dtype=torch.bool), 0.0)  # off CUDA: sdpa's own
+    monkeypatch.setattr(attention_ops, "masked_gqa_served", lambda *a: served)
+    torch.manual_seed(5)
+    B, H, G, T, d = 2, 8, 2, 7, 4
+    q, k, v = (torch.randn(B, h, T, d, requires_grad=True) for h in (H, G, G))
+    mask = (torch.rand(B, 1, T, T) < 0.6) | torch.eye(T, dtype=torch.bool)
+    out, _ = attention(q, k, v, mask, False, 0.5, "sdpa", kv_layout=kv_layout)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    for h in range(H):
+        g = h // (H // G) if kv_layout == "grouped" else h % G
+        ref = F.scaled_dot_product_attention(refs[0][:, h : h + 1], refs[1][:, g : g + 1], refs[2][:, g : g + 1],
+                                             attn_mask=mask, scale=0.5)
+        torch.testing.assert_close(out[:, :, h].detach(), ref[:, 0].float(), msg=f"head {h}")
+        ref[:, 0].backward(grad[:, :, h].double())
+    for name, t, r in zip("qkv", (q, k, v), refs):
+        torch.testing.assert_close(t.grad, r.grad.float(), msg=f"d{name}")
+
+
 def test_build_mask_padding_window_and_static_slots():
     am = torch.tensor([[0, 1, 1, 1]])
     mask, causal = build_mask(am, torch.arange(4), 4, 2, 1)

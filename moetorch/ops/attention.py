@@ -3,7 +3,8 @@
 Legend: B batch, H query heads, G kv heads, T queries, S keys, d head_dim.
 `kv_layout` says which kv head a query head reads: "grouped" (head i -> i // (H/G), GQA as in
 Llama/PhiMoE) or "tiled" (head i -> i % G, JetMoE's MoA). No backend repeats K/V in memory except
-eager, which must return the full attention weights anyway.
+eager, which must return the full attention weights anyway, and a masked sdpa call on a torch
+whose fused kernels take no grouped heads with a mask (`masked_gqa_served`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from .rope import apply_rotary
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
-# A masked sdpa call in training on a GPU with fewer kv heads than query heads repeats the kv heads
-# first (`attention`); False: sdpa's enable_gqa (the benches' B arm).
-MASKED_REPEATS_KV = True
 
 
 def flash_attn_available() -> bool:
@@ -294,10 +292,8 @@ def attention(
         out, weights = _flash(q_BHTd, k_BGSd, v_BGSd, is_causal, scale, dropout_p), None
     else:
         H = q_BHTd.shape[1]
-        if G != H and mask is not None and q_BHTd.is_cuda and q_BHTd.requires_grad and MASKED_REPEATS_KV:
-            # in training, each kv head repeated for its query heads: the same results as sdpa's
-            # enable_gqa (gpu_check), at the same speed, with less memory held for the backward
-            # (PhiMoE's 4-layer training step over 4 x 4096 tokens on the H200: 40.3 against 49.7 GiB)
+        if G != H and mask is not None and not masked_gqa_served(q_BHTd, k_BGSd, v_BGSd, mask, dropout_p):
+            # this torch would take the math kernel, which holds [B, H, T, S] for the backward
             k_BGSd, v_BGSd = (t.repeat_interleave(H // G, dim=1) for t in (k_BGSd, v_BGSd))
         out = F.scaled_dot_product_attention(
             q_BHTd, k_BGSd, v_BGSd, attn_mask=mask, dropout_p=dropout_p,
@@ -313,6 +309,19 @@ def attention(
             out = out.transpose(1, 2).unflatten(2, (G, H // G)).transpose(2, 3).reshape(B, T, H, d)
         return out, (_from_grouped(weights, G) if weights is not None else None)
     return out.transpose(1, 2), weights
+
+
+def masked_gqa_served(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, mask: torch.Tensor,
+                      dropout_p: float) -> bool:
+    """Whether sdpa serves a masked call with `enable_gqa` by a fused kernel on this torch and GPU.
+    Where it would not (older torch: the fused kernels took no grouped heads with a mask), the math
+    kernel would run, so `attention` repeats the kv heads instead, as Transformers does on CUDA.
+    Off CUDA, sdpa handles grouped heads itself."""
+    if not q_BHTd.is_cuda:
+        return True
+    backends = torch.backends.cuda
+    params = backends.SDPAParams(q_BHTd, k_BGSd, v_BGSd, mask, dropout_p, False, True)
+    return backends.can_use_efficient_attention(params) or backends.can_use_cudnn_attention(params)
 
 
 def gather_slot_rows(x_BGSd: torch.Tensor, rows_BS: torch.Tensor) -> torch.Tensor:
