@@ -61,15 +61,16 @@ def padded(ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return out, mask, out.masked_fill(mask == 0, -100)
 
 
-def step(model, ids, pos, batch=None) -> tuple[float, torch.Tensor]:
-    """One forward and backward: of the packed rows, or (`batch`) of (ids, mask, labels)."""
+def step(model, ids, pos, batch=None, use_cache: bool | None = False) -> tuple[float, torch.Tensor]:
+    """One forward and backward: of the packed rows, or (`batch`) of (ids, mask, labels);
+    `use_cache` None: the config's default (a cache is built, as a Trainer's step does)."""
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     if batch is None:
         loss = model(ids, position_ids=pos, labels=ids, use_cache=False).loss
     else:
-        loss = model(batch[0], attention_mask=batch[1], labels=batch[2], use_cache=False).loss
+        loss = model(batch[0], attention_mask=batch[1], labels=batch[2], use_cache=use_cache).loss
     loss.backward()
     torch.cuda.synchronize()
     return time.perf_counter() - t0, loss.detach().float()
@@ -135,9 +136,11 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
                       "doc_lengths": list(args.docs)}}
     out["attention_check"] = attention_check(name, cfg, pos[:, :4096])
     rows = padded(ids, pos)
-    # arm: (PACKED_VARLEN, UNPAD_ROWS, the padded batch or None)
-    arms = {"varlen": (None, None, None), "dense mask": (False, None, None),
-            "padded rows, unpadded": (None, None, rows), "padded rows": (None, False, rows)}
+    # arm: (PACKED_VARLEN, UNPAD_ROWS, the padded batch or None, use_cache)
+    arms = {"varlen": (None, None, None, False), "dense mask": (False, None, None, False),
+            "padded rows, unpadded": (None, None, rows, False), "padded rows": (None, False, rows, False),
+            "padded rows, default cache, unpadded": (None, None, rows, None),
+            "padded rows, default cache, as given": (None, False, rows, None)}
     if args.arms:
         arms = {a: arms[a] for a in args.arms.split(";")}
     model = build(name, "moetorch", cfg).train()
@@ -146,23 +149,23 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
     losses, peak, held, check = {}, {}, {}, {}
 
     def set_arm(a: str):
-        modeling_utils.PACKED_VARLEN, modeling_utils.UNPAD_ROWS, batch = arms[a]
+        modeling_utils.PACKED_VARLEN, modeling_utils.UNPAD_ROWS, batch, use_cache = arms[a]
         torch.manual_seed(1)
-        return batch
+        return batch, use_cache
 
     for a in arms:  # untimed: compile-free warm-up, and the check at a fixed routing seed
-        batch = set_arm(a)
+        batch, use_cache = set_arm(a)
         model.zero_grad(set_to_none=True)
         torch.cuda.reset_peak_memory_stats()
         held[a] = torch.cuda.memory_allocated() / 2**30
-        _, losses[a] = step(model, ids, pos, batch)
+        _, losses[a] = step(model, ids, pos, batch, use_cache)
         peak[a] = torch.cuda.max_memory_allocated() / 2**30
         if batch is None:
             check[a] = grads(model)
     for _ in range(args.steps):
         for a in arms:
-            batch = set_arm(a)
-            times[a].append(step(model, ids, pos, batch)[0])
+            batch, use_cache = set_arm(a)
+            times[a].append(step(model, ids, pos, batch, use_cache)[0])
     modeling_utils.UNPAD_ROWS = None
     if args.tokens <= 8192 and "dense mask" in check:
         # the noise floor: the dense mask again with sdpa's math kernel, another rounding of the same
@@ -185,10 +188,11 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
                        "grads_rel_worst": {names[i]: rel[i].item() for i in rel.argsort(descending=True)[:5].tolist()}}
     ok = out["attention_check"]["ok"] and ("varlen" not in compared or compared["varlen"]["loss_rel"] < 2e-2)
     padded_arms = [a for a in arms if arms[a][2] is not None]
-    if len(padded_arms) == 2:  # the same batch unpadded and as given (PhiMoE: other routing draws in train mode)
-        a, b = (losses[x] for x in padded_arms)
-        out["padded loss_rel"] = abs(a - b).item() / abs(b).item()
-        log(f"{name} padded rows, unpadded against as given: loss {out['padded loss_rel']:.2e}")
+    for x in padded_arms:  # against the batch as given (PhiMoE: other routing draws in train mode)
+        if x != "padded rows" and "padded rows" in losses:
+            rel = (abs(losses[x] - losses["padded rows"]) / abs(losses["padded rows"])).item()
+            out[f"{x} loss_rel"] = rel
+            log(f"{name} {x} against the padded rows as given: loss {rel:.2e}")
     tokens = args.rows * args.tokens
     for a in arms:
         t = statistics.median(times[a])
@@ -209,13 +213,15 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
     if args.transformers:
         hf = build(name, "transformers", cfg).train()
         hf.set_attn_implementation("sdpa")
-        for arm, batch in (("transformers sdpa", None), ("transformers sdpa, padded rows", rows)):
+        hf_arms = (("transformers sdpa", None, False), ("transformers sdpa, padded rows", rows, False),
+                   ("transformers sdpa, padded rows, default cache", rows, None))
+        for arm, batch, use_cache in hf_arms:
             if "padded" in arm and not padded_arms:
                 continue
             hf.zero_grad(set_to_none=True)
             torch.cuda.reset_peak_memory_stats()
             held_hf = torch.cuda.memory_allocated() / 2**30
-            hf_times = [step(hf, ids, pos, batch)[0] for _ in range(args.steps + 1)][1:]
+            hf_times = [step(hf, ids, pos, batch, use_cache)[0] for _ in range(args.steps + 1)][1:]
             t = statistics.median(hf_times)
             out[arm] = {"step_ms": t * 1e3, "tokens_per_s": tokens / t, "held_before_gib": held_hf,
                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30}

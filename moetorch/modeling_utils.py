@@ -671,7 +671,8 @@ def unpadded_rows(model, attention_mask: torch.Tensor | None, cache: Cache | Non
                   output_attentions: bool, embeds_BTD: torch.Tensor,
                   loss_positions_BT: torch.Tensor | None) -> tuple[torch.Tensor, Packed] | None:
     """(flat indices [N] of the real tokens in the B x T grid, their rows as one `Packed`) where
-    a padded batch may run unpadded (UNPAD_ROWS); None where it runs as given: a cache, no 2D mask
+    a padded batch may run unpadded (UNPAD_ROWS); None where it runs as given: a cache (the caller
+    passes none for an empty dynamic cache in train mode, `UnpaddedCacheWrites`), no 2D mask
     or no padding in it, a row whose real tokens are not one run, a position the loss reads
     (`loss_positions_BT`) at the padding, or what keeps the varlen path off (`_varlen_serves`).
     Reads the mask to the host (one sync)."""
@@ -700,6 +701,29 @@ def _scatter_rows(x_1N: torch.Tensor, index_N: torch.Tensor, B: int, T: int) -> 
     """[1, N, ...] values of the real tokens back to [B, T, ...], zeros at the padding."""
     flat = x_1N.new_zeros(B * T, *x_1N.shape[2:]).index_copy(0, index_N, x_1N[0])
     return flat.view(B, T, *x_1N.shape[2:])
+
+
+class UnpaddedCacheWrites(Cache):
+    """The cache the layers see where a padded batch runs unpadded in train mode with an empty
+    dynamic cache (Transformers' default `use_cache=True` builds one): each layer's keys and values
+    of the real tokens (one row of N) go into `cache` on the padded [B, T] grid, zeros at the
+    padding, and the attention reads the real tokens' own."""
+
+    def __init__(self, cache: Cache, index_N: torch.Tensor, batch: int, length: int) -> None:
+        super().__init__()
+        self.cache, self.index_N, self.batch, self.length = cache, index_N, batch, length
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        grid = (_scatter_rows(t.transpose(1, 2), self.index_N, self.batch, self.length).transpose(1, 2)
+                for t in (key_states, value_states))
+        self.cache.update(*grid, layer_idx, cache_kwargs)
+        return key_states, value_states
+
+
+def _writes_unpadded(model, cache: Cache | None) -> bool:
+    """Whether a padded batch may run unpadded with this cache: an empty dynamic one in train mode,
+    which then holds zeros at the padding's slots (`UnpaddedCacheWrites`)."""
+    return model.training and type(cache) is DynamicCache and len(cache) == 0 and cache.packed is None
 
 
 def _resize_rows(old: torch.Tensor, new: torch.Tensor, mean_resizing: bool, std: float) -> None:
@@ -997,13 +1021,16 @@ def decoder_forward(
     # + 1, as the original code and Transformers read it (packed sequences each count their own)
     seq_len = int(position_ids.max()) + 1 if segments_BT is not None and model.rotary_emb.longrope else None
     inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len)
-    unpad = unpadded_rows(model, attention_mask, inp.cache, sliding_window, output_attentions, inp.embeds_BTD,
-                          loss_positions_BT) if prefix == 0 else None
-    embeds_BTD, positions_BT = inp.embeds_BTD, inp.position_ids_BT
+    writes = _writes_unpadded(model, inp.cache)
+    unpad = unpadded_rows(model, attention_mask, None if writes else inp.cache, sliding_window, output_attentions,
+                          inp.embeds_BTD, loss_positions_BT) if prefix == 0 else None
+    embeds_BTD, positions_BT, layer_cache = inp.embeds_BTD, inp.position_ids_BT, inp.cache
     if unpad is not None:  # the real tokens alone, packed in one row
         index_N, _ = unpad
         embeds_BTD = embeds_BTD.reshape(B * T, -1)[index_N][None]
         positions_BT = positions_BT.expand(B, T).reshape(-1)[index_N][None]
+        if writes:
+            layer_cache = UnpaddedCacheWrites(inp.cache, index_N, B, T)
     rope = model.rotary_emb(positions_BT, inp.embeds_BTD.dtype, long)
     if unpad is not None:
         mask, is_causal = unpad[1], True
@@ -1017,7 +1044,7 @@ def decoder_forward(
             queries_at_end=inp.cache is None or not inp.cache.is_static, segments_BT=segments_BT,
         )
     x, hidden, attns, routers = run_layers(
-        model.layers, embeds_BTD, rope, mask, is_causal, inp.cache, inp.cache_position_T, model.norm,
+        model.layers, embeds_BTD, rope, mask, is_causal, layer_cache, inp.cache_position_T, model.norm,
         output_attentions, output_hidden_states, checkpointing, getattr(model, "spread_over_devices", False),
     )
     if unpad is not None:  # back to the padded grid

@@ -326,6 +326,62 @@ def test_unpadded_training_step_is_the_packed_rows_step(arch, monkeypatch, tmp_p
         loss_and_grads(ours, 6, input_ids=flat, position_ids=pos, labels=packed_labels))
 
 
+def test_padded_training_with_the_default_cache_runs_unpadded(unpad, tmp_path):
+    """Train mode with Transformers' default `use_cache=True` (an empty dynamic cache is built):
+    the step of a right-padded batch is Transformers' (JetMoE: no routing draws in train mode),
+    and the cache it returns holds Transformers' keys and values at the real tokens' slots, zeros
+    at the padding's where the batch ran unpadded (Transformers' there are the padding tokens'
+    own, which any later step under the same mask ignores)."""
+    hf, ours = sdpa_pair(JETMOE, tmp_path, 25, **JETMOE.train_overrides)
+    hf.train()
+    ours.train()
+    ids, mask = edge_padded(hf.config.vocab_size, [(0, 10), (0, 4), (0, 7)], 10, seed=5)
+    labels = ids.masked_fill(mask == 0, -100)
+    a, b = (model(ids, attention_mask=mask, labels=labels, output_router_logits=True) for model in (hf, ours))
+    if unpad is not None:
+        assert len(unpad) == ours.config.num_hidden_layers and all(p.lens_q == (10, 4, 7) for p in unpad)
+    real = mask.bool()
+    assert isinstance(b.past_key_values, DynamicCache) and b.past_key_values.get_seq_length() == 10
+    for theirs, mine in zip(a.past_key_values.layers, b.past_key_values.layers, strict=True):
+        for x, y in ((theirs.keys, mine.keys), (theirs.values, mine.values)):
+            assert y.shape == x.shape
+            close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], "cached keys and values")
+            if unpad is not None:
+                assert not y.transpose(1, 2)[~real].any()
+    same_step(a, b, hf, ours, real=real)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_unpadded_training_step_with_the_default_cache(arch, monkeypatch, tmp_path):
+    """Train mode, unpadded: the step with the default cache is the step without one (the same
+    routing draws, loss and gradients), and its first layer's cached keys and values (which no
+    routing precedes) are the padded forward's at the real slots. In eval mode, or with a cache
+    that holds tokens, the batch runs as given."""
+    monkeypatch.setattr(modeling_utils, "UNPAD_ROWS", True)
+    _, ours = sdpa_pair(arch, tmp_path, 26, **arch.train_overrides)
+    ours.train()
+    ids, mask = edge_padded(ours.config.vocab_size, [(0, 8), (0, 3), (0, 5)], 8, seed=6)
+    labels = ids.masked_fill(mask == 0, -100)
+    without = loss_and_grads(ours, 7, input_ids=ids, attention_mask=mask, labels=labels)
+    ours.zero_grad()
+    torch.manual_seed(7)
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    out.loss.backward()
+    same_loss_and_grads(without, (out.loss.detach(), {n: p.grad for n, p in ours.named_parameters()}))
+    monkeypatch.setattr(modeling_utils, "UNPAD_ROWS", False)
+    torch.manual_seed(7)
+    padded = ours(input_ids=ids, attention_mask=mask, labels=labels).past_key_values
+    real = mask.bool()
+    for x, y in ((padded.layers[0].keys, out.past_key_values.layers[0].keys),
+                 (padded.layers[0].values, out.past_key_values.layers[0].values)):
+        close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], "first layer's cache")
+    model = ours.model
+    assert modeling_utils._writes_unpadded(model, DynamicCache())
+    assert not modeling_utils._writes_unpadded(model, padded)  # holds tokens
+    assert not modeling_utils._writes_unpadded(model, None)
+    assert not modeling_utils._writes_unpadded(model.eval(), DynamicCache())
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
 def test_unpadded_outputs_are_zero_at_the_padding(arch, unpad, tmp_path):
     """The base model's hidden states and router logits: the real tokens' as Transformers', zeros
