@@ -1011,10 +1011,11 @@ def check_device_map(results):
     return ok
 
 
-def _loss_and_grads(model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """A causal LM's loss (no cache) and every parameter's gradient, flattened, in float32."""
+def _loss_and_grads(model, use_cache: bool | None = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's loss (no cache; None: the cache the forward builds by default) and every
+    parameter's gradient, flattened, in float32."""
     model.zero_grad(set_to_none=True)
-    loss = model(**inputs, use_cache=False).loss
+    loss = model(**inputs, use_cache=use_cache).loss
     loss.backward()
     return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
 
@@ -1037,7 +1038,8 @@ def check_packed_training(results) -> bool:
     (bf16, the GPU's default for them) and the dense block-diagonal mask (bf16), each against the
     float32 dense mask on the GPU: loss and every gradient. Random routers flip near-tied experts
     in bf16 on either path, so each path's error is held to twice the other's (plus 1e-3). The same
-    for a right-padded batch (eval mode), unpadded (UNPAD_ROWS) and as given. Also grouped
+    for a right-padded batch (eval mode), unpadded (UNPAD_ROWS) and as given, and unpadded with the
+    cache the forward builds by default (the same loss as without it). Also grouped
     heads under a dense mask (`masked_gqa_served` says whether sdpa's enable_gqa serves them with a
     fused kernel here) against float32 with the kv heads repeated."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -1073,7 +1075,14 @@ def check_packed_training(results) -> bool:
         for arm, model, unpad in (("float32", ref, False), ("unpadded", bf16, None), ("as given", bf16, False)):
             modeling_utils.UNPAD_ROWS = unpad
             runs[arm] = _loss_and_grads(model.eval(), input_ids=ids_pad, attention_mask=mask, labels=labels)
+        # the cache the forward builds by default: the keys and values written on the padded grid,
+        # the same step (the same loss; gradients to the order of the flash backward's sums)
         modeling_utils.UNPAD_ROWS = None
+        loss, grads = _loss_and_grads(bf16.eval(), None, input_ids=ids_pad, attention_mask=mask, labels=labels)
+        same_loss, err = bool(loss == runs["unpadded"][0]), rel_err(grads, runs["unpadded"][1])
+        results[f"packed_training.{name}.padded_default_cache_same_loss"] = same_loss
+        results[f"packed_training.{name}.padded_default_cache_grads_rel_err"] = err
+        ok &= same_loss and err < 1e-4
         ok &= _two_arms_against_float32(results, f"packed_training.{name}.padded_", runs)
         del ref, bf16
     torch.manual_seed(2)

@@ -672,7 +672,7 @@ def unpadded_rows(model, attention_mask: torch.Tensor | None, cache: Cache | Non
                   loss_positions_BT: torch.Tensor | None) -> tuple[torch.Tensor, Packed] | None:
     """(flat indices [N] of the real tokens in the B x T grid, their rows as one `Packed`) where
     a padded batch may run unpadded (UNPAD_ROWS); None where it runs as given: a cache (the caller
-    passes none for an empty dynamic cache in train mode, `UnpaddedCacheWrites`), no 2D mask
+    passes none for the cache its forward built, `UnpaddedCacheWrites`), no 2D mask
     or no padding in it, a row whose real tokens are not one run, a position the loss reads
     (`loss_positions_BT`) at the padding, or what keeps the varlen path off (`_varlen_serves`).
     Reads the mask to the host (one sync)."""
@@ -704,10 +704,10 @@ def _scatter_rows(x_1N: torch.Tensor, index_N: torch.Tensor, B: int, T: int) -> 
 
 
 class UnpaddedCacheWrites(Cache):
-    """The cache the layers see where a padded batch runs unpadded in train mode with an empty
-    dynamic cache (Transformers' default `use_cache=True` builds one): each layer's keys and values
-    of the real tokens (one row of N) go into `cache` on the padded [B, T] grid, zeros at the
-    padding, and the attention reads the real tokens' own."""
+    """The cache the layers see where a padded batch runs unpadded with the dynamic cache that its
+    forward built (Transformers' default `use_cache=True`, as in a Trainer's step): each layer's
+    keys and values of the real tokens (one row of N) go into `cache` on the padded [B, T] grid,
+    zeros at the padding, and the attention reads the real tokens' own."""
 
     def __init__(self, cache: Cache, index_N: torch.Tensor, batch: int, length: int) -> None:
         super().__init__()
@@ -720,10 +720,11 @@ class UnpaddedCacheWrites(Cache):
         return key_states, value_states
 
 
-def _writes_unpadded(model, cache: Cache | None) -> bool:
-    """Whether a padded batch may run unpadded with this cache: an empty dynamic one in train mode,
-    which then holds zeros at the padding's slots (`UnpaddedCacheWrites`)."""
-    return model.training and type(cache) is DynamicCache and len(cache) == 0 and cache.packed is None
+def _writes_unpadded(past_key_values, cache: Cache | None) -> bool:
+    """Whether a padded batch may run unpadded with this cache: the dynamic one that the forward
+    built (no `past_key_values` given), which then holds zeros at the padding's slots
+    (`UnpaddedCacheWrites`). A cache passed in (generate passes its own) keeps the batch padded."""
+    return past_key_values is None and type(cache) is DynamicCache and len(cache) == 0 and cache.packed is None
 
 
 def _resize_rows(old: torch.Tensor, new: torch.Tensor, mean_resizing: bool, std: float) -> None:
@@ -1021,7 +1022,7 @@ def decoder_forward(
     # + 1, as the original code and Transformers read it (packed sequences each count their own)
     seq_len = int(position_ids.max()) + 1 if segments_BT is not None and model.rotary_emb.longrope else None
     inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len)
-    writes = _writes_unpadded(model, inp.cache)
+    writes = _writes_unpadded(past_key_values, inp.cache)
     unpad = unpadded_rows(model, attention_mask, None if writes else inp.cache, sliding_window, output_attentions,
                           inp.embeds_BTD, loss_positions_BT) if prefix == 0 else None
     embeds_BTD, positions_BT, layer_cache = inp.embeds_BTD, inp.position_ids_BT, inp.cache

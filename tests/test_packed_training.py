@@ -326,20 +326,23 @@ def test_unpadded_training_step_is_the_packed_rows_step(arch, monkeypatch, tmp_p
         loss_and_grads(ours, 6, input_ids=flat, position_ids=pos, labels=packed_labels))
 
 
-def test_padded_training_with_the_default_cache_runs_unpadded(unpad, tmp_path):
-    """Train mode with Transformers' default `use_cache=True` (an empty dynamic cache is built):
-    the step of a right-padded batch is Transformers' (JetMoE: no routing draws in train mode),
-    and the cache it returns holds Transformers' keys and values at the real tokens' slots, zeros
-    at the padding's where the batch ran unpadded (Transformers' there are the padding tokens'
-    own, which any later step under the same mask ignores)."""
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_padded_batch_with_the_default_cache_runs_unpadded(mode, unpad, tmp_path):
+    """Transformers' default `use_cache=True` (the forward builds an empty dynamic cache, as in a
+    Trainer's training or evaluation step): the step of a right-padded batch is Transformers'
+    (JetMoE: no routing draws in train mode), and the cache it returns holds Transformers' keys
+    and values at the real tokens' slots, zeros at the padding's where the batch ran unpadded
+    (Transformers' there are the padding tokens' own, which any later step under the same mask
+    ignores). A cache passed in, as generate passes its own, keeps the batch as given."""
     hf, ours = sdpa_pair(JETMOE, tmp_path, 25, **JETMOE.train_overrides)
-    hf.train()
-    ours.train()
+    hf.train(mode == "train")
+    ours.train(mode == "train")
     ids, mask = edge_padded(hf.config.vocab_size, [(0, 10), (0, 4), (0, 7)], 10, seed=5)
     labels = ids.masked_fill(mask == 0, -100)
     a, b = (model(ids, attention_mask=mask, labels=labels, output_router_logits=True) for model in (hf, ours))
+    layers = ours.config.num_hidden_layers
     if unpad is not None:
-        assert len(unpad) == ours.config.num_hidden_layers and all(p.lens_q == (10, 4, 7) for p in unpad)
+        assert len(unpad) == layers and all(p.lens_q == (10, 4, 7) for p in unpad)
     real = mask.bool()
     assert isinstance(b.past_key_values, DynamicCache) and b.past_key_values.get_seq_length() == 10
     for theirs, mine in zip(a.past_key_values.layers, b.past_key_values.layers, strict=True):
@@ -349,14 +352,20 @@ def test_padded_training_with_the_default_cache_runs_unpadded(unpad, tmp_path):
             if unpad is not None:
                 assert not y.transpose(1, 2)[~real].any()
     same_step(a, b, hf, ours, real=real)
+    with torch.no_grad():
+        given = ours(ids, attention_mask=mask, past_key_values=DynamicCache()).past_key_values
+    assert unpad is None or len(unpad) == layers  # no packed attention: the batch ran as given
+    first = a.past_key_values.layers[0]  # the padding's keys and values too (no attention before them)
+    close(first.keys, given.layers[0].keys, "first layer's keys")
+    close(first.values, given.layers[0].values, "first layer's values")
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
 def test_unpadded_training_step_with_the_default_cache(arch, monkeypatch, tmp_path):
     """Train mode, unpadded: the step with the default cache is the step without one (the same
     routing draws, loss and gradients), and its first layer's cached keys and values (which no
-    routing precedes) are the padded forward's at the real slots. In eval mode, or with a cache
-    that holds tokens, the batch runs as given."""
+    routing precedes) are the padded forward's at the real slots. Only the cache a forward builds
+    lets the batch run unpadded."""
     monkeypatch.setattr(modeling_utils, "UNPAD_ROWS", True)
     _, ours = sdpa_pair(arch, tmp_path, 26, **arch.train_overrides)
     ours.train()
@@ -375,11 +384,10 @@ def test_unpadded_training_step_with_the_default_cache(arch, monkeypatch, tmp_pa
     for x, y in ((padded.layers[0].keys, out.past_key_values.layers[0].keys),
                  (padded.layers[0].values, out.past_key_values.layers[0].values)):
         close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], "first layer's cache")
-    model = ours.model
-    assert modeling_utils._writes_unpadded(model, DynamicCache())
-    assert not modeling_utils._writes_unpadded(model, padded)  # holds tokens
-    assert not modeling_utils._writes_unpadded(model, None)
-    assert not modeling_utils._writes_unpadded(model.eval(), DynamicCache())
+    assert modeling_utils._writes_unpadded(None, DynamicCache())
+    assert not modeling_utils._writes_unpadded(DynamicCache(), DynamicCache())  # passed in
+    assert not modeling_utils._writes_unpadded(None, padded)  # holds tokens
+    assert not modeling_utils._writes_unpadded(None, None)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
