@@ -1,8 +1,9 @@
 """Training steps over packed sequences (positions that start again at 0, no attention mask; what
 TRL's packing and padding-free collators give): the varlen flash path against the dense
 block-diagonal mask, the same documents one to a row with padding and an attention mask (as
-given, and unpadded: `UNPAD_ROWS`), and Transformers (sdpa over its packed mask) on the packed
-rows and on the padded rows. Peak memory is each arm's first step's, with the gradients of the
+given, and unpadded: `UNPAD_ROWS`; without a cache, and with the cache that the default
+`use_cache=True` builds, as a Trainer's step has it), and Transformers (sdpa over its packed
+mask) on the packed rows and on the padded rows. Peak memory is each arm's first step's, with the gradients of the
 arms before it copied to the host. Tokens/s count
 the packed tokens in every arm.
 
