@@ -672,14 +672,15 @@ def unpadded_rows(model, attention_mask: torch.Tensor | None, cache: Cache | Non
                   loss_positions_BT: torch.Tensor | None) -> tuple[torch.Tensor, Packed] | None:
     """(flat indices [N] of the real tokens in the B x T grid, their rows as one `Packed`) where
     a padded batch may run unpadded (UNPAD_ROWS); None where it runs as given: a cache (the caller
-    passes none for the cache its forward built, `UnpaddedCacheWrites`), no 2D mask
-    or no padding in it, a row whose real tokens are not one run, a position the loss reads
-    (`loss_positions_BT`) at the padding, or what keeps the varlen path off (`_varlen_serves`).
+    passes none for the cache its forward built, `UnpaddedCacheWrites`), no 2D mask, one longer
+    than the tokens or no padding in it, a row whose real tokens are not one run, a position the
+    loss reads (`loss_positions_BT`) at the padding, or what keeps the varlen path off
+    (`_varlen_serves`).
     Reads the mask to the host (one sync)."""
     if cache is not None or attention_mask is None or attention_mask.dim() != 2 or \
-            not _varlen_serves(model, UNPAD_ROWS, output_attentions, embeds_BTD):
+            not _varlen_serves(model, UNPAD_ROWS, output_attentions, embeds_BTD) or \
+            attention_mask.shape[1] != embeds_BTD.shape[1]:
         return None
-    B, T = embeds_BTD.shape[:2]
     grids = [attention_mask.bool()]
     if loss_positions_BT is not None:
         grids.append(loss_positions_BT.to(attention_mask.device).bool())
@@ -690,10 +691,9 @@ def unpadded_rows(model, attention_mask: torch.Tensor | None, cache: Cache | Non
     runs = token_runs(real)
     if runs is None:
         return None
-    starts, lens = runs
-    rows = [b for b in range(B) if lens[b] > 0]
-    index = torch.cat([torch.arange(int(starts[b]), int(starts[b] + lens[b])) + b * T for b in rows])
-    length = [int(lens[b]) for b in rows]
+    # each row's real tokens are one run, so the grid's real positions in order are those runs, row by row
+    index = real.flatten().nonzero().flatten()
+    length = runs[1][runs[1] > 0].tolist()
     return index.to(embeds_BTD.device), Packed.of(length, length, embeds_BTD.device, window=window)
 
 

@@ -450,6 +450,7 @@ def test_padded_batches_that_stay_padded(monkeypatch, tmp_path):
     assert rows(torch.ones(2, 6, dtype=torch.long)) is None
     assert rows(cache=DynamicCache()) is None
     assert rows(torch.tensor([[1, 0, 1, 1, 0, 0], [1] * 6])) is None
+    assert rows(torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]])) is None  # longer than the tokens
     assert rows(attentions=True) is None
     assert rows(positions=loss_positions(ids.masked_fill(mask == 0, -100), {})) is None  # left padding
     right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
