@@ -3,9 +3,8 @@ TRL's packing and padding-free collators give): the varlen flash path against th
 block-diagonal mask, the same documents one to a row with padding and an attention mask (as
 given, and unpadded: `UNPAD_ROWS`; without a cache, and with the cache that the default
 `use_cache=True` builds, as a Trainer's step has it), and Transformers (sdpa over its packed
-mask) on the packed rows and on the padded rows. Peak memory is each arm's first step's, with the gradients of the
-arms before it copied to the host. Tokens/s count
-the packed tokens in every arm.
+mask) on the packed rows and on the padded rows. Peak memory is each arm's first step's (the
+gradients kept for the check wait on the host). Tokens/s count the packed tokens in every arm.
 
     PYTHONPATH=.:bench python bench/packed_training.py --out r.json
 
@@ -180,7 +179,7 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
     compared = {}
     names = sorted(check.get("dense mask", {}))
     norms = torch.stack([check["dense mask"][n].cuda().float().norm() for n in names]) if names else None
-    for a in [x for x in check if x != "dense mask" and names]:
+    for a in [x for x in check if x != "dense mask"] if names else []:
         diffs = torch.stack([distance(check[a][n], check["dense mask"][n]) for n in names])
         rel = diffs / norms.clamp_min(1e-12)
         compared[a] = {"loss_rel": abs(losses[a] - losses["dense mask"]).item() / abs(losses["dense mask"]).item(),

@@ -1049,7 +1049,6 @@ def decoder_forward(
         output_attentions, output_hidden_states, checkpointing, getattr(model, "spread_over_devices", False),
     )
     if unpad is not None:  # back to the padded grid
-        index_N = unpad[0]
         x = _scatter_rows(x, index_N, B, T)
         hidden = tuple(_scatter_rows(h, index_N, B, T) for h in hidden) if hidden is not None else None
         routers = tuple(_scatter_rows(r[None], index_N, B, T).flatten(0, 1) for r in routers)
