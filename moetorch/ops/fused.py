@@ -1,8 +1,9 @@
 """When the fused inference kernels (`ops.triton_fused`) run instead of the torch code.
 
 They run on CUDA tensors, with triton installed, when nothing asks for gradients; everything else
-(training, CPU, `MOETORCH_FUSED=0`) takes the torch code, which stays the reference. Tests run the
-kernels on CPU under Triton's interpreter with `forced()`.
+(training, CPU, `MOETORCH_FUSED=0`) takes the torch code, which stays the reference. The one
+exception is the causal-LM loss (`LOSS_KERNEL`, `ops.triton_loss`), whose kernels compute its
+gradient too. Tests run the kernels on CPU under Triton's interpreter with `forced()`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ STEP_INPUT_KERNELS = 1
 # min-p warpers; 0: the warpers, softmax and torch.multinomial (the B arm of bench/stop_check.py's A/B).
 # Continuous batching's per-row draw likewise (`ops.triton_row_sample`; 0: `row_sampling.draw_rows_torch`).
 SAMPLE_KERNEL = 1
+
+# The causal-LM loss and its gradient from the logits in their own dtype (`ops.triton_loss`), where
+# the fused kernels serve, in training too; 0: `F.cross_entropy` over a float32 copy of the logits.
+LOSS_KERNEL = 1
 
 _state = {"enabled": os.environ.get("MOETORCH_FUSED", "1") != "0", "forced": False}
 

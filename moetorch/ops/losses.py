@@ -20,18 +20,37 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """Mean next-token cross-entropy in float32; labels are shifted here (position t predicts t+1).
 
-    With `num_items_in_batch` the sum is divided by it instead (gradient accumulation).
+    With `num_items_in_batch` the sum is divided by it instead (gradient accumulation). On a GPU the
+    loss kernels (`ops.triton_loss`) compute it from the logits in their own dtype, with no float32
+    copy of them; elsewhere `F.cross_entropy` over a float32 copy, as Transformers does.
     """
     if shift_labels is None:
         shift_labels = shifted_labels(labels_BT, ignore_index)
-    logits = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])
-    target = shift_labels.reshape(-1).to(logits.device)
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, target, ignore_index=ignore_index)
-    total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    target = shift_labels.reshape(-1).to(logits_BTV.device)
+    if _kernel_serves(logits_BTV, target):
+        from . import triton_loss
+
+        total = triton_loss.row_losses(logits_BTV.reshape(-1, logits_BTV.shape[-1]), target, ignore_index).sum()
+        if num_items_in_batch is None:
+            return total / (target != ignore_index).sum()
+    else:
+        logits = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])
+        if num_items_in_batch is None:
+            return F.cross_entropy(logits, target, ignore_index=ignore_index)
+        total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def _kernel_serves(logits_BTV: torch.Tensor, target_N: torch.Tensor) -> bool:
+    """Whether the loss kernels (`ops.triton_loss`) compute the loss: where the fused kernels serve
+    (a GPU, not while torch.compile traces; ops.fused), `fused.LOSS_KERNEL` on, a kernel dtype and
+    integer targets, at least one row."""
+    from . import fused
+
+    return (fused.LOSS_KERNEL and fused.serves(logits_BTV.device) and logits_BTV.dtype in fused.KERNEL_DTYPES
+            and not target_N.is_floating_point() and target_N.numel() > 0)
 
 
 def causal_lm_loss_function(
