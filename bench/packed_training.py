@@ -3,8 +3,10 @@ TRL's packing and padding-free collators give): the varlen flash path against th
 block-diagonal mask, the same documents one to a row with padding and an attention mask (as
 given, and unpadded: `UNPAD_ROWS`; without a cache, and with the cache that the default
 `use_cache=True` builds, as a Trainer's step has it), and Transformers (sdpa over its packed
-mask) on the packed rows and on the padded rows. Peak memory is each arm's first step's (the
-gradients kept for the check wait on the host). Tokens/s count the packed tokens in every arm.
+mask) on the packed rows and on the padded rows. Two arms take the loss over a float32 copy of
+the logits (`fused.LOSS_KERNEL = 0`) instead of the loss kernels. Peak memory is each arm's first
+step's (the gradients kept for the check wait on the host). Tokens/s count the packed tokens in
+every arm. `--checkpointing` turns on gradient checkpointing in every arm.
 
     PYTHONPATH=.:bench python bench/packed_training.py --out r.json
 
@@ -32,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moetorch import modeling_utils
 from moetorch.benchmark import SIZES, build, log
+from moetorch.ops import fused
 from moetorch.ops.attention import attention, build_mask
 
 
@@ -133,23 +136,27 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
     ids = torch.randint(0, V, pos.shape, generator=g).cuda()
     docs = int((torch.diff(pos, dim=-1) != 1).sum()) + args.rows
     out = {"config": {"layers": args.layers, "rows": args.rows, "tokens": args.tokens, "docs": docs,
-                      "doc_lengths": list(args.docs)}}
+                      "doc_lengths": list(args.docs), "checkpointing": args.checkpointing}}
     out["attention_check"] = attention_check(name, cfg, pos[:, :4096])
     rows = padded(ids, pos)
-    # arm: (PACKED_VARLEN, UNPAD_ROWS, the padded batch or None, use_cache)
-    arms = {"varlen": (None, None, None, False), "dense mask": (False, None, None, False),
-            "padded rows, unpadded": (None, None, rows, False), "padded rows": (None, False, rows, False),
-            "padded rows, default cache, unpadded": (None, None, rows, None),
-            "padded rows, default cache, as given": (None, False, rows, None)}
+    # arm: (PACKED_VARLEN, UNPAD_ROWS, the padded batch or None, use_cache, fused.LOSS_KERNEL)
+    arms = {"varlen": (None, None, None, False, 1), "dense mask": (False, None, None, False, 1),
+            "padded rows, unpadded": (None, None, rows, False, 1), "padded rows": (None, False, rows, False, 1),
+            "padded rows, default cache, unpadded": (None, None, rows, None, 1),
+            "padded rows, default cache, as given": (None, False, rows, None, 1),
+            "varlen, float32-copy loss": (None, None, None, False, 0),
+            "padded rows, unpadded, float32-copy loss": (None, None, rows, False, 0)}
     if args.arms:
         arms = {a: arms[a] for a in args.arms.split(";")}
     model = build(name, "moetorch", cfg).train()
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
     torch.manual_seed(0)
     times: dict[str, list[float]] = {a: [] for a in arms}
     losses, peak, held, check = {}, {}, {}, {}
 
     def set_arm(a: str):
-        modeling_utils.PACKED_VARLEN, modeling_utils.UNPAD_ROWS, batch, use_cache = arms[a]
+        modeling_utils.PACKED_VARLEN, modeling_utils.UNPAD_ROWS, batch, use_cache, fused.LOSS_KERNEL = arms[a]
         torch.manual_seed(1)
         return batch, use_cache
 
@@ -166,7 +173,7 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
         for a in arms:
             batch, use_cache = set_arm(a)
             times[a].append(step(model, ids, pos, batch, use_cache)[0])
-    modeling_utils.UNPAD_ROWS = None
+    modeling_utils.UNPAD_ROWS, fused.LOSS_KERNEL = None, 1
     if args.tokens <= 8192 and "dense mask" in check:
         # the noise floor: the dense mask again with sdpa's math kernel, another rounding of the same
         # attention; its distance from the dense arm is what rounding alone moves the gradients by
@@ -213,6 +220,8 @@ def run_model(name: str, args, g: torch.Generator) -> tuple[dict, bool]:
     if args.transformers:
         hf = build(name, "transformers", cfg).train()
         hf.set_attn_implementation("sdpa")
+        if args.checkpointing:
+            hf.gradient_checkpointing_enable()
         hf_arms = (("transformers sdpa", None, False), ("transformers sdpa, padded rows", rows, False),
                    ("transformers sdpa, padded rows, default cache", rows, None))
         for arm, batch, use_cache in hf_arms:
@@ -241,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, nargs=2, default=(64, 1024), metavar=("LO", "HI"))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no-transformers", dest="transformers", action="store_false")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every arm")
     p.add_argument("--arms", default="", help="the moetorch arms to run, separated by ';' (default: all)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

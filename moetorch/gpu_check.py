@@ -1109,6 +1109,44 @@ def check_packed_training(results) -> bool:
     return ok
 
 
+def check_loss_kernel(results) -> bool:
+    """The loss kernels (`ops.triton_loss`) at a real vocabulary against `F.cross_entropy` over a
+    float32 copy of the logits, as Transformers computes the loss: each row's loss, the logits'
+    gradient (and the share of its elements with the same bits), and the memory each path takes
+    beyond the logits."""
+    from moetorch.ops import triton_loss
+
+    ok = True
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, V = 8192, 32064
+    for dtype in (torch.bfloat16, torch.float32):
+        key = f"loss_kernel.{str(dtype).removeprefix('torch.')}"
+        logits = (torch.randn(N, V, device="cuda", generator=g) * 3).to(dtype)
+        target = torch.randint(0, V, (N,), device="cuda", generator=g)
+        target[::7] = -100
+        grad = torch.rand(N, device="cuda", generator=g)
+        runs = {}
+        for arm in ("kernel", "torch"):
+            x = logits.clone().requires_grad_()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
+            loss = (triton_loss.row_losses(x, target) if arm == "kernel"
+                    else F.cross_entropy(x.float(), target, reduction="none"))
+            loss.backward(grad)
+            results[f"{key}.{arm}_peak_beyond_logits_gib"] = (torch.cuda.max_memory_allocated() - held) / 2**30
+            runs[arm] = (loss.detach(), x.grad)
+            del x, loss
+        (loss, dx), (want_loss, want_dx) = runs["kernel"], runs["torch"]
+        results[f"{key}.loss_rel_err"] = rel_err(loss, want_loss)
+        results[f"{key}.ignored_rows_zero"] = bool((loss[::7] == 0).all() and (dx[::7] == 0).all())
+        results[f"{key}.grad_rel_err"] = rel_err(dx, want_dx)
+        results[f"{key}.grad_same_bits"] = (dx == want_dx).float().mean().item()
+        ok &= (results[f"{key}.loss_rel_err"] < 1e-5 and results[f"{key}.grad_rel_err"] < 1e-2
+               and results[f"{key}.ignored_rows_zero"])
+    return ok
+
+
 def check_models(results) -> bool:
     ok = True
     for name, (cfg, cls) in configs().items():
@@ -1124,6 +1162,7 @@ CHECKS = {
     "device_map": check_device_map, "assisted_graphs": check_assisted_graphs,
     "scaled_rope_and_chunked_prefill": check_scaled_rope_and_chunked_prefill, "head_dim": check_head_dim,
     "checkpointing": check_checkpointing, "packed_training": check_packed_training,
+    "loss_kernel": check_loss_kernel,
 }
 
 
