@@ -94,6 +94,14 @@ def test_infinite_and_nan_logits_propagate_as_torch_does():
     close(got[0], want[0], "loss with a -inf logit")
 
 
+def test_a_second_derivative_is_refused_not_wrong():
+    x = torch.randn(4, 70, requires_grad=True)
+    loss = triton_loss.row_losses(x, torch.tensor([1, 2, -100, 3])).sum()
+    (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        dx.sum().backward()
+
+
 @pytest.fixture
 def on_kernel(monkeypatch):
     """`causal_lm_loss` through the kernels on the CPU (they serve GPUs)."""

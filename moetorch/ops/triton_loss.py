@@ -99,6 +99,7 @@ class _RowLosses(torch.autograd.Function):
         return loss_N
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's gradient is not itself differentiated
     def backward(ctx, grad_N: torch.Tensor):
         logits_NV, target_N, stats_N2 = ctx.saved_tensors
         N, V = logits_NV.shape
