@@ -5,6 +5,9 @@ vocabulary. Per arm: milliseconds for the loss and its backward (median of `--st
 alternating) and the memory it takes beyond the logits (peak over what was held before it).
 
     PYTHONPATH=. python bench/loss_kernel.py --out r.json
+
+`--sweep`: instead, the kernels alone (`triton_loss.row_losses` and its backward) at each
+`triton_loss.BLOCK` x `NUM_WARPS`, median ms of 10 after 2, per token count (JetMoE's vocabulary).
 """
 
 from __future__ import annotations
@@ -43,13 +46,46 @@ def run(arm, fn, logits, labels) -> tuple[float, float, torch.Tensor, torch.Tens
     return start.elapsed_time(end), (torch.cuda.max_memory_allocated() - held) / 2**30, loss.detach(), x.grad
 
 
+def sweep(rows: list[int], V: int = 32000) -> dict:
+    from moetorch.ops import triton_loss
+
+    out = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for N in rows:
+        logits = (torch.randn(N, V, device="cuda", generator=g) * 3).bfloat16()
+        target = torch.randint(0, V, (N,), device="cuda", generator=g)
+
+        def loss(x, t):
+            return triton_loss.row_losses(x[0], t[0]).sum()
+
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                triton_loss.BLOCK, triton_loss.NUM_WARPS = block, warps
+                times = []
+                for i in range(12):
+                    ms = run("kernel", loss, logits[None], target[None])[0]
+                    if i >= 2:
+                        times.append(ms)
+                key = f"N={N} BLOCK={block} warps={warps}"
+                out[key] = statistics.median(times)
+                print(f"{key}: {out[key]:.3f} ms", file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="loss_kernel")
     p.add_argument("--rows", default="4096,16384,32768", help="B*T tokens, a comma list")
     p.add_argument("--vocab", default="32000,32064", help="JetMoE's and PhiMoE's vocabularies")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--sweep", action="store_true", help="time the kernels' block sizes and warps alone")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.sweep:
+        res = {"device": torch.cuda.get_device_name(), "sweep": sweep([int(n) for n in args.rows.split(",")])}
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(json.dumps(res, indent=2) + "\n")
+        return 0
 
     def kernel(x, labels):
         fused.LOSS_KERNEL = 1
