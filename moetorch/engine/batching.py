@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from ..cache import StaticCache, _kv_shape
-from ..ops.host import to_device
+from ..ops.host import on_device, to_device
 from . import prefixes
 from .cuda_graph import (
     PREFILL_BUCKETS,
@@ -617,7 +617,7 @@ class ContinuousBatchingManager:
         """Allocate the batch and, on a GPU, capture its decode graphs for every bucket (`start`
         does it first if it was not done: a capture inside the running loop would fail on CUDA
         work that another thread launches meanwhile)."""
-        with torch.no_grad(), _on(self.model.device):
+        with torch.no_grad(), on_device(self.model.device):
             batch = self._ensure_batch()
             if batch.graphs_on:
                 with own_forward(self.model):
@@ -630,7 +630,7 @@ class ContinuousBatchingManager:
         `PREFILL_BUCKETS` length shorter than a row (the shape of every lone prompt of up to that
         length), so that a server's first requests replay them instead of capturing them. Call it
         before the loop starts (`start`). Returns the lengths captured."""
-        with torch.no_grad(), own_forward(self.model), _on(self.model.device):
+        with torch.no_grad(), own_forward(self.model), on_device(self.model.device):
             graphs = self._ensure_batch()._packed_graphs()
             if graphs is None or not graphs.enabled:
                 return []
@@ -934,7 +934,7 @@ class ContinuousBatchingManager:
         self._steps = 0
         self._rows_changed += 1
         try:
-            with torch.no_grad(), own_forward(self.model), _on(self.model.device):
+            with torch.no_grad(), own_forward(self.model), on_device(self.model.device):
                 batch = self._ensure_batch()
                 if batch.prefixes is not None:  # each run starts afresh: the weights may have changed since
                     batch.prefixes.clear()
@@ -1508,11 +1508,6 @@ def _running(manager: ContinuousBatchingManager, keep: bool, block: bool = True,
         manager.stop(block=block, timeout=timeout, keep_for_next_session=keep)
         if not keep:
             manager.destroy()
-
-
-def _on(device: torch.device):
-    """`device` as the current CUDA device inside (nothing off the GPU)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class ContinuousBatchingMixin:

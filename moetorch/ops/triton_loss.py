@@ -18,12 +18,11 @@ of the output logits before `backward()` raises, as autograd does for any saved 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from .host import on_device
 from .launch import launcher, next_power_of_2
 from .triton_moe import _round, round_code
 from .triton_sample import _exp
@@ -80,18 +79,13 @@ def _block(V: int) -> int:
     return min(BLOCK, next_power_of_2(V))
 
 
-def _on(t: torch.Tensor):
-    """Launches on t's GPU (a model over several devices leaves its logits on the last one)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 class _RowLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int) -> torch.Tensor:
         N, V = logits_NV.shape
         loss_N = torch.empty(N, dtype=torch.float32, device=logits_NV.device)
         stats_N2 = torch.empty(N, 2, dtype=torch.float32, device=logits_NV.device)
-        with _on(logits_NV):
+        with on_device(logits_NV.device):  # a model over several devices: its logits on the last one
             _row_loss_kernel[(N,)](logits_NV, logits_NV.stride(0), target_N, loss_N, stats_N2, V, ignore_index,
                                    BLOCK=_block(V), LIBDEVICE=logits_NV.is_cuda, num_warps=NUM_WARPS)
         ctx.save_for_backward(logits_NV, target_N, stats_N2)
@@ -104,7 +98,7 @@ class _RowLosses(torch.autograd.Function):
         logits_NV, target_N, stats_N2 = ctx.saved_tensors
         N, V = logits_NV.shape
         out = torch.empty((N, V), dtype=logits_NV.dtype, device=logits_NV.device)
-        with _on(logits_NV):
+        with on_device(logits_NV.device):
             _row_grad_kernel[(N,)](logits_NV, logits_NV.stride(0), target_N, stats_N2, grad_N.float().contiguous(),
                                    out, out.stride(0), V, ctx.ignore_index, BLOCK=_block(V),
                                    ROUND=round_code(logits_NV.dtype), LIBDEVICE=logits_NV.is_cuda,

@@ -10,7 +10,6 @@ log-probabilities, and at the end why it finished.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -170,9 +169,10 @@ def score_prompt(model, manager, ids: list[int], top_n: int) -> tuple[list, list
     manager's loop is paused (between two steps)."""
     import torch
 
+    from ..ops.host import on_device
+
     device = model.device
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with manager.pause(), torch.no_grad(), on_device:
+    with manager.pause(), torch.no_grad(), on_device(device):
         logits = model(torch.tensor([ids], device=device)).logits[0, :-1]
         lsm = logits.float().log_softmax(dim=-1)
         chosen = lsm.gather(1, torch.tensor(ids[1:], device=lsm.device)[:, None]).squeeze(1).tolist()
