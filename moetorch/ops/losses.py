@@ -26,15 +26,16 @@ def causal_lm_loss(
     """
     if shift_labels is None:
         shift_labels = shifted_labels(labels_BT, ignore_index)
-    target = shift_labels.reshape(-1).to(logits_BTV.device)
-    if _kernel_serves(logits_BTV, target):
+    logits_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1])
+    target = shift_labels.reshape(-1).to(logits_NV.device)
+    if _kernel_serves(logits_NV, target):
         from . import triton_loss
 
-        total = triton_loss.row_losses(logits_BTV.reshape(-1, logits_BTV.shape[-1]), target, ignore_index).sum()
+        total = triton_loss.row_losses(logits_NV, target, ignore_index).sum()
         if num_items_in_batch is None:
             return total / (target != ignore_index).sum()
     else:
-        logits = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])
+        logits = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])  # one copy, also of strided logits
         if num_items_in_batch is None:
             return F.cross_entropy(logits, target, ignore_index=ignore_index)
         total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
@@ -43,13 +44,13 @@ def causal_lm_loss(
     return total / num_items_in_batch
 
 
-def _kernel_serves(logits_BTV: torch.Tensor, target_N: torch.Tensor) -> bool:
+def _kernel_serves(logits_NV: torch.Tensor, target_N: torch.Tensor) -> bool:
     """Whether the loss kernels (`ops.triton_loss`) compute the loss: where the fused kernels serve
     (a GPU, not while torch.compile traces; ops.fused), `fused.LOSS_KERNEL` on, a kernel dtype and
     integer targets, at least one row."""
     from . import fused
 
-    return (fused.LOSS_KERNEL and fused.serves(logits_BTV.device) and logits_BTV.dtype in fused.KERNEL_DTYPES
+    return (fused.LOSS_KERNEL and fused.serves(logits_NV.device) and logits_NV.dtype in fused.KERNEL_DTYPES
             and not target_N.is_floating_point() and target_N.numel() > 0)
 
 
