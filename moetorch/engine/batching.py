@@ -14,7 +14,10 @@ rows is held on the device, where the step reads it:
 A request with a prompt of L tokens joins at column `col` by a prefill whose keys land in slots
 `col - L .. col - 1` of a free row; its first token comes from that prefill. Requests that join
 together are prefilled in one forward (at most `max_batch_tokens` computed tokens), their prompts
-packed in one row without padding, each attending its own keys (`cache.PackedRows`). A request
+packed in one row without padding, each attending its own keys (`cache.PackedRows`). While
+requests decode, a forward computes at most `prefill_chunk_tokens` (2048): a longer prompt is
+computed in chunks, one decode step of the running rows between them, so that no prefill holds them
+up for longer than one chunk. A request
 needs `col + max_new_tokens - 1 <= S` to finish in place; when a waiting request would not fit,
 the cache's live columns move in one shift (keys are rotated by position, not slot, so moving
 them changes nothing they compute), to the left when the batch has run far, or to the right to
@@ -71,6 +74,9 @@ MAX_ROWS = 256
 DEFAULT_ROWS = 64
 # Tokens of one prefill forward unless the config says otherwise.
 DEFAULT_BATCH_TOKENS = 16384
+# While requests decode, tokens of one prefill forward (a longer prompt is computed in chunks, a
+# decode step between them) unless the config says otherwise.
+DEFAULT_CHUNK_TOKENS = 2048
 # A cache without a hint has this many slots a row (within max_position_embeddings).
 DEFAULT_SLOTS = 4096
 SLOT_ROUND = 256
@@ -156,6 +162,10 @@ class ContinuousBatchingConfig:
     requests `generate_batch` was given, within what `max_memory_percent` of the free GPU memory
     holds (0.9, or 0.8 with sampling), at most 256; 64 off the GPU.
     `max_batch_tokens`: prompt tokens of one prefill group (16384).
+    `prefill_chunk_tokens` (moetorch): while requests decode, the most prompt tokens one prefill
+    forward computes (2048); a longer prompt is computed in chunks of this many tokens, with a
+    decode step of the running rows between them. 0: a group's prompts in one forward, as when
+    nothing decodes.
     `max_cache_len` (moetorch): slots of a row, the longest prompt + new tokens a request may
     have. Default: twice what `generate_batch`'s longest request needs (fewer shifts of the
     cache), else 4096 within `max_position_embeddings`.
@@ -174,6 +184,7 @@ class ContinuousBatchingConfig:
 
     max_requests_per_batch: int | None = None
     max_batch_tokens: int | None = None
+    prefill_chunk_tokens: int | None = None
     max_cache_len: int | None = None
     max_memory_percent: float | None = None
     use_cuda_graph: bool | tuple[bool, bool] | None = None
@@ -370,15 +381,20 @@ class _Batch:
         them where they lie, and copies them into the prompt's row."""
         device, k = self.model.device, len(prompts)
         lengths = [len(p) for p in prompts]
-        shared = shared or [(0, 0, 0)] * k
-        starts = [self.col - n for n in lengths]
+        logits = self.forward(prompts, rows, [self.col - n for n in lengths], shared or [(0, 0, 0)] * k)
+        rows_t, lengths_t = to_device(torch.tensor(rows), device), to_device(torch.tensor(lengths), device)
+        self.set_starts(rows_t, self.col - lengths_t)
+        self.pos[rows_t, 0] = lengths_t
+        return logits
+
+    def forward(self, prompts: list[list[int]], rows: list[int], starts: list[int],
+                shared: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The prompts' packed forward alone, their keys landing in `rows` from slots `starts` on
+        (`PackedRows`); masks and positions unchanged. The last prompt tokens' logits."""
         graphs = self._packed_graphs()
         logits = graphs(prompts, rows, starts, shared) if graphs is not None else None
         if logits is None:  # unpadded, eagerly (`_seen` stays 0, as in decode steps: every row is short for LongRoPE)
             logits = packed_forward(self.model, self.cache, prompts, rows, starts, shared, self.window)
-        rows_t, lengths_t = to_device(torch.tensor(rows), device), to_device(torch.tensor(lengths), device)
-        self.set_starts(rows_t, self.col - lengths_t)
-        self.pos[rows_t, 0] = lengths_t
         return logits
 
     def _packed_graphs(self) -> GraphedPackedPrefill | None:
@@ -427,6 +443,21 @@ class _Batch:
         if starts:
             self.set_starts(to_device(torch.tensor(list(starts)), self.mask.device),
                             to_device(torch.tensor(list(starts.values())) - d, self.mask.device))
+
+
+class _Chunked:
+    """A request whose prompt is computed in chunks while other rows decode (`_next_chunk`): its
+    row, the column at which it joins (its prompt then ending at the slot before), its prefix in
+    the cache so far ((row, first slot, tokens), as `PackedRows` takes it), and the tokens each
+    chunk still to run computes."""
+
+    __slots__ = ("req", "row", "join", "shared", "sizes")
+
+    def __init__(self, req: _Request, row: int, join: int, shared: tuple[int, int, int], chunks: int) -> None:
+        self.req, self.row, self.join, self.shared = req, row, join, shared
+        cost = len(req.prompt) - shared[2]
+        # even chunks, the shorter first (a chunk of none only where chunks outnumber the tokens)
+        self.sizes = [cost // chunks + (i >= chunks - cost % chunks) for i in range(chunks)]
 
 
 class _Step:
@@ -501,6 +532,15 @@ class ContinuousBatchingManager:
         self.slots = self._slots(hints)
         self.rows = self._rows(hints)
         self.batch_tokens = cfg.max_batch_tokens or DEFAULT_BATCH_TOKENS
+        if self.batch_tokens < 1:
+            raise ValueError("continuous_batching_config.max_batch_tokens must be positive, got "
+                             f"{cfg.max_batch_tokens}")
+        chunk = DEFAULT_CHUNK_TOKENS if cfg.prefill_chunk_tokens is None else cfg.prefill_chunk_tokens
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+            raise ValueError("continuous_batching_config.prefill_chunk_tokens must be a non-negative int (0: no "
+                             f"chunks), got {cfg.prefill_chunk_tokens!r}")
+        self.chunk_tokens = chunk
+        self._chunked: _Chunked | None = None  # the request whose prompt is being computed in chunks
         if cfg.scheduler_type not in ("fifo",):
             raise ValueError(f"continuous_batching_config.scheduler_type: only 'fifo' is supported, got "
                              f"{cfg.scheduler_type!r}")
@@ -530,9 +570,11 @@ class ContinuousBatchingManager:
         self._versions: list[int] = []  # the parameters' version counters when prefixes were last used
         # What the loop did: rows decoded each step (the running requests), prompt tokens computed
         # by forward, cache shifts, requests run alone (LongRoPE), wall seconds in decode steps and
-        # in prefills (each ends reading tokens: the GPU's work is in), and prompt tokens shared.
+        # in prefills (each ends reading tokens: the GPU's work is in), prompt tokens shared, and
+        # requests whose prompts ran in chunks.
         self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "shifts": 0, "alone": 0,
-                                      "decode_s": 0.0, "prefill_s": 0.0, "shared_tokens": 0}
+                                      "decode_s": 0.0, "prefill_s": 0.0, "shared_tokens": 0,
+                                      "chunked": 0}
 
     # ---- settings -------------------------------------------------------------------------------
     def _settings(self, gen) -> None:
@@ -952,7 +994,7 @@ class ContinuousBatchingManager:
                     self._hold_while_paused(running, batch)
                     if stop == 2:
                         break
-                    if not waiting and not running:
+                    if not waiting and not running and self._chunked is None:
                         self._drain(running, batch)
                         if stop:
                             break
@@ -974,11 +1016,17 @@ class ContinuousBatchingManager:
             with self._lock:
                 waiting.extend(self._incoming)
                 self._incoming.clear()
-            for req in [*running.values(), *waiting]:
+            chunked = [self._chunked.req] if self._chunked is not None else []
+            self._chunked = None
+            for req in [*running.values(), *chunked, *waiting]:
                 self._finish(req, reason)
             self._post()
 
     def _cancel(self, ids: set[str], waiting: deque, running: dict, batch: _Batch) -> None:
+        if self._chunked is not None and self._chunked.req.id in ids:
+            ch, self._chunked = self._chunked, None
+            batch.release(ch.row)
+            self._finish(ch.req, "cancelled")
         for req in [r for r in waiting if r.id in ids]:
             waiting.remove(req)
             self._finish(req, "cancelled")
@@ -987,7 +1035,13 @@ class ContinuousBatchingManager:
 
     def _admit(self, waiting: deque, running: dict, batch: _Batch) -> None:
         """Prefill the waiting requests that fit, in order, in groups of at most `batch_tokens`
-        computed prompt tokens."""
+        computed prompt tokens; while requests decode, one forward of at most `chunk_tokens` a
+        turn, a longer prompt alone and in chunks (`_next_chunk`)."""
+        if self._chunked is not None:
+            self._next_chunk(running, batch)
+            return
+        # requests decoding when the turn began: a prefill holds them up
+        chunk = min(self.batch_tokens, self.chunk_tokens) if running and self.chunk_tokens else 0
         while waiting:
             if self._runs_alone(len(waiting[0].prompt), waiting[0].max_new):
                 self._drain(running, batch)  # its generate syncs anyway; the batch's steps land first
@@ -998,83 +1052,140 @@ class ContinuousBatchingManager:
             if running and len(free) < max(1, batch.R // ADMIT_SHARE) and \
                     self._steps - waiting[0].since < ADMIT_AFTER_STEPS:
                 return  # a prefill stalls every running row: wait for more rows, a few steps at most
+            budget = chunk or self.batch_tokens
             group: list[_Request] = []
-            col, work = batch.col, 0
+            col, work, ahead = batch.col, 0, 0
             for req in waiting:
                 if len(group) == len(free) or self._runs_alone(len(req.prompt), req.max_new):
                     break
                 # the tokens its prefill computes: those past a prefix that a row holds
                 found = batch.prefixes.find(req.prompt) if batch.prefixes is not None else None
                 cost = len(req.prompt) - (found[1] if found is not None else 0)
-                if group and work + cost > self.batch_tokens:
+                if group and work + cost > budget:
                     break
-                c = self._column(batch, running, [*group, req])
+                # a prompt longer than a chunk, alone: its chunks run a column apart, and it joins
+                # at the column of its last
+                ahead = -(-cost // chunk) - 1 if chunk else 0
+                c = self._column(batch, running, [*group, req], ahead)
                 if c is None:
                     break
                 group.append(req)
                 col, work = c, work + cost
+                if ahead:
+                    break
             if not group:
                 return
             if col != batch.col:
                 self.stats["shifts"] += bool(running)
                 self._shift(batch, col, running)
             rows, found, phases = self._place(group, free, running, batch)
-            self._track_counts(batch, group, rows)
-            now = t0 = time.perf_counter()
-            for req in group:
+            shared = [(f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0) for f in found]
+            if ahead:
+                req = waiting.popleft()
+                req.status, req.started = RequestStatus.PREFILLING, time.perf_counter()
+                self._chunked = _Chunked(req, rows[0], batch.col + ahead, shared[0], ahead + 1)
+                self.stats["chunked"] += 1
+                self._next_chunk(running, batch)
+                return
+            self._prefill_group(group, rows, shared, phases, running, batch, waiting)
+            if chunk:
+                return  # one forward a turn while requests decode
+
+    def _next_chunk(self, running: dict, batch: _Batch) -> None:
+        """Compute the next chunk of the prompt in `_chunked`; with its last, the request joins
+        the running ones. Chunk j runs at column `join - (chunks - 1 - j)`, so that a decode step
+        of the running rows lies between two chunks. Such a step writes a throwaway key into the
+        request's row at its column, a slot that a later chunk (which computes at least one token
+        a column) writes over."""
+        ch = self._chunked
+        due = ch.join - (len(ch.sizes) - 1)
+        if batch.col != due:
+            if running or batch.col > due:
+                raise RuntimeError(f"continuous batching: request {ch.req.id}'s next prompt chunk is due at column "
+                                   f"{due}, but the batch is at column {batch.col}")
+            batch.col = due  # no request decoded since the chunk before: the column moves on alone
+        t0 = time.perf_counter()
+        if len(ch.sizes) == 1:  # the last: the request joins as a group of one
+            # the prefill counts the tokens in its row as shared: the chunks computed or counted them
+            self.stats["shared_tokens"] -= ch.shared[2]
+            self._prefill_group([ch.req], [ch.row], [ch.shared], [[0]], running, batch)
+            self._chunked = None
+            return
+        n = ch.sizes.pop(0)
+        if not n:
+            return
+        prompt, first = ch.req.prompt, ch.join - len(ch.req.prompt)
+        done = ch.shared[2]
+        if ch.shared[0] != ch.row or ch.shared[1] != first:
+            self.stats["shared_tokens"] += done  # a prefix that another row (or another place) held
+        batch.forward([prompt[:done + n]], [ch.row], [first], [ch.shared])
+        ch.shared = (ch.row, first, done + n)  # from now on its row holds its first tokens
+        self.stats["prefill_tokens"].append(n)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+
+    def _prefill_group(self, group: list[_Request], rows: list[int], shared: list[tuple[int, int, int]],
+                       phases: list[list[int]], running: dict, batch: _Batch, waiting: deque | None = None) -> None:
+        """Prefill `group` into `rows` (its prompts joining at the batch's column), in `phases`
+        (`_place`); `shared`: each prompt's prefix in the cache, (row, first slot, tokens), for the
+        first phase. Its requests then run (and leave `waiting`, where given)."""
+        now = t0 = time.perf_counter()
+        self._track_counts(batch, group, rows)
+        for req in group:
+            if req.status < RequestStatus.PREFILLING:
                 req.status, req.started = RequestStatus.PREFILLING, now
-                req.start = batch.col - len(req.prompt)
-                req.first = self._steps
-                own = req.sampling.seed if req.sampling is not None else None
-                req.seed = own if own is not None else int(torch.randint(0, 2**62, ()))
-            tokens = torch.empty(len(group), dtype=torch.long, device=batch.ids.device)
-            logprobs: list | None = [] if self.return_logprobs else None  # (part, its log-probabilities)
-            for n, phase in enumerate(phases):
-                if n:  # requests that start from a request of the phase before
-                    found = [batch.prefixes.find(r.prompt) if i in phase else f for i, (r, f) in
-                             enumerate(zip(group, found))]
-                shared = [(f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0) for f in found]
-                rest = [len(group[i].prompt) - shared[i][2] for i in phase]
-                # a forward's attention holds each layer's keys of its prompts, shared prefixes
-                # included: as many as a forward computes, or a share of the free memory
-                limit = max(self.batch_tokens, self._keys_room())
-                todo = deque([phase[j] for j in part] for part in
-                             _keys_bound([shared[i][2] for i in phase], rest, limit))
-                while todo:
-                    part = todo.popleft()
-                    try:
-                        logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part],
-                                               [shared[i] for i in part])
-                    except torch.OutOfMemoryError:
-                        # a forward too wide for the free memory: retried in halves. The rows it
-                        # wrote in part are the part's own; a prompt whose prefix lay in its own row
-                        # (which the forward may have overwritten) is computed whole.
-                        if len(part) == 1:
-                            raise
-                        for i in part:
-                            if shared[i][2] and shared[i][0] == rows[i]:
-                                shared[i] = (0, 0, 0)
-                        logger.warning("continuous batching: a prefill of %d prompts ran out of memory; retried in "
-                                       "halves", len(part))
-                        todo.extendleft([part[len(part) // 2:], part[:len(part) // 2]])
-                        continue
-                    computed = [len(group[i].prompt) - shared[i][2] for i in part]
-                    self.stats["prefill_tokens"].append(sum(computed))
-                    self.stats["shared_tokens"] += sum(shared[i][2] for i in part)
-                    t, lp = self._choose(logits, [group[i] for i in part], [rows[i] for i in part])
-                    index = to_device(torch.tensor(part), tokens.device)
-                    tokens[index] = t
-                    if logprobs is not None:
-                        logprobs.append((part, lp))
-                if batch.prefixes is not None:
-                    for i in phase:
-                        batch.prefixes.running(rows[i], group[i])
-            batch.ids[to_device(torch.tensor(rows), tokens.device), 0] = tokens
-            for req in group:  # left waiting until here, so that an error above fails them too
+            req.start = batch.col - len(req.prompt)
+            req.first = self._steps
+            own = req.sampling.seed if req.sampling is not None else None
+            req.seed = own if own is not None else int(torch.randint(0, 2**62, ()))
+        tokens = torch.empty(len(group), dtype=torch.long, device=batch.ids.device)
+        logprobs: list | None = [] if self.return_logprobs else None  # (part, its log-probabilities)
+        for n, phase in enumerate(phases):
+            if n:  # requests that start from a request of the phase before
+                for i in phase:
+                    f = batch.prefixes.find(group[i].prompt)
+                    shared[i] = (f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0)
+            rest = [len(group[i].prompt) - shared[i][2] for i in phase]
+            # a forward's attention holds each layer's keys of its prompts, shared prefixes
+            # included: as many as a forward computes, or a share of the free memory
+            limit = max(self.batch_tokens, self._keys_room())
+            todo = deque([phase[j] for j in part] for part in
+                         _keys_bound([shared[i][2] for i in phase], rest, limit))
+            while todo:
+                part = todo.popleft()
+                try:
+                    logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part],
+                                           [shared[i] for i in part])
+                except torch.OutOfMemoryError:
+                    # a forward too wide for the free memory: retried in halves. The rows it
+                    # wrote in part are the part's own; a prompt whose prefix lay in its own row
+                    # (which the forward may have overwritten) is computed whole.
+                    if len(part) == 1:
+                        raise
+                    for i in part:
+                        if shared[i][2] and shared[i][0] == rows[i]:
+                            shared[i] = (0, 0, 0)
+                    logger.warning("continuous batching: a prefill of %d prompts ran out of memory; retried in "
+                                   "halves", len(part))
+                    todo.extendleft([part[len(part) // 2:], part[:len(part) // 2]])
+                    continue
+                computed = [len(group[i].prompt) - shared[i][2] for i in part]
+                self.stats["prefill_tokens"].append(sum(computed))
+                self.stats["shared_tokens"] += sum(shared[i][2] for i in part)
+                t, lp = self._choose(logits, [group[i] for i in part], [rows[i] for i in part])
+                index = to_device(torch.tensor(part), tokens.device)
+                tokens[index] = t
+                if logprobs is not None:
+                    logprobs.append((part, lp))
+            if batch.prefixes is not None:
+                for i in phase:
+                    batch.prefixes.running(rows[i], group[i])
+        batch.ids[to_device(torch.tensor(rows), tokens.device), 0] = tokens
+        for req in group:  # left waiting until here, so that an error above fails them too
+            if waiting is not None:
                 waiting.popleft()
-                req.status = RequestStatus.DECODING
-            self._take(group, rows, tokens, logprobs, running, batch)
-            self.stats["prefill_s"] += time.perf_counter() - t0
+            req.status = RequestStatus.DECODING
+        self._take(group, rows, tokens, logprobs, running, batch)
+        self.stats["prefill_s"] += time.perf_counter() - t0
 
     def _shift(self, batch: _Batch, col: int, running: dict) -> None:
         """Move the cache's slots so that the column becomes `col`: the running rows', and the
@@ -1155,9 +1266,10 @@ class ContinuousBatchingManager:
         lead = [i for i in everyone if i not in followers]
         return rows, found, [lead, follow]
 
-    def _column(self, batch: _Batch, running: dict, group: list[_Request]) -> int | None:
-        """The column at which `group` can join the running requests: the current one if they
-        all fit there, else the lowest that holds every running request's past; None if none."""
+    def _column(self, batch: _Batch, running: dict, group: list[_Request], ahead: int = 0) -> int | None:
+        """The column from which `group` can join the running requests `ahead` columns later
+        (a prompt in chunks): the current one if they all fit there, else the lowest that holds
+        every running request's past; None if none."""
         S = batch.S
         longest = max(len(r.prompt) for r in group)
 
@@ -1165,13 +1277,13 @@ class ContinuousBatchingManager:
             # every request must be able to write its remaining tokens' keys by slot S - 1 (a
             # running request's count may lag the device by the step in flight: one more write
             # than needed is allowed for)
-            if col < longest or any(col + r.max_new - 1 > S for r in group):
+            if col + ahead < longest or any(col + ahead + r.max_new - 1 > S for r in group):
                 return False
             return all(col + (r.max_new - len(r.tokens)) <= S for r in running.values())
 
         if fits(batch.col):
             return batch.col
-        lowest = max([longest, *(batch.col - r.start for r in running.values())])
+        lowest = max([longest - ahead, *(batch.col - r.start for r in running.values())])
         return lowest if fits(lowest) else None
 
     def _take(self, group, rows, tokens, logprobs, running, batch) -> None:

@@ -563,7 +563,9 @@ class GraphedPackedPrefill:
         entry.plan.copy_(plan, non_blocking=True)
         entry.cu.copy_(cu, non_blocking=True)
         entry.uses += 1
-        moves = any(p and row == r for (row, _, p), r in zip(shared, rows))
+        # a prefix that moves within its own row (a prefix kept in place, as a prompt's later
+        # chunks read theirs, reads the same keys at every run)
+        moves = any(p and row == r and first != s for (row, first, p), r, s in zip(shared, rows, starts))
         if entry.graph is None and self.enabled and entry.uses >= PREFILL_CAPTURE_AFTER and not moves:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
