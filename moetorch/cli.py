@@ -197,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SystemExit(f"moetorch serve needs fastapi and uvicorn ({e}): pip install 'moetorch[serve]'") from None
     sizes = dict(max_model_len=args.max_model_len, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens,
-                 prefix_sharing=args.prefix_sharing)
+                 prefix_sharing=args.prefix_sharing, prefill_chunk_tokens=args.prefill_chunk_tokens)
     path, is_random = _resolve(args.model)
     tok = _tokenizer(path)
     name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=None, help="requests decoding at once (default: as many as "
                        "the GPU's free memory holds, at most 256; 64 on the CPU)")
     serve.add_argument("--max-batch-tokens", type=int, default=None, help="prompt tokens of one prefill (16384)")
+    serve.add_argument("--prefill-chunk-tokens", type=int, default=None, help="while requests decode, the most "
+                       "prompt tokens one prefill computes; a longer prompt runs in chunks, a decode step between "
+                       "them (2048; 0: whole prompts)")
     serve.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
                        help="a prompt that starts with tokens a batch row holds (another request's prompt, a finished "
                        "request's prompt and reply) copies their keys and values instead of computing them (default; "

@@ -753,9 +753,14 @@ def test_the_serve_command(monkeypatch):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     with pytest.raises(SystemExit, match="max_position_embeddings"):
         cli.main(["serve", "--model", "tiny-jetmoe", "--max-model-len", "100000", "--no-engine-process"])
-    assert cli.main(["serve", "--model", "tiny-jetmoe", "--no-engine-process", "--no-prefix-sharing"]) == 0
+    with pytest.raises(SystemExit, match="prefill_chunk_tokens"):
+        cli.main(["serve", "--model", "tiny-jetmoe", "--prefill-chunk-tokens", "-1", "--no-engine-process"])
+    assert engine.manager.chunk_tokens == 2048  # the default
+    assert cli.main(["serve", "--model", "tiny-jetmoe", "--no-engine-process", "--no-prefix-sharing",
+                     "--prefill-chunk-tokens", "512"]) == 0
     engine = seen["app"].state.engine
     assert not engine.manager.continuous_batching_config.allow_block_sharing
+    assert engine.manager.chunk_tokens == 512
     with TestClient(seen["app"]) as client:
         text = "import os, sys, json, time, math, random, itertools, functools"
         for _ in range(2):

@@ -116,10 +116,11 @@ class EngineError(RuntimeError):
 
 def build_manager(model, eos: list[int], pad: int | None, max_model_len: int | None = None,
                   max_batch: int | None = None, max_batch_tokens: int | None = None,
-                  prefix_sharing: bool = True) -> tuple[Any, dict]:
+                  prefix_sharing: bool = True, prefill_chunk_tokens: int | None = None) -> tuple[Any, dict]:
     """The server's continuous-batching manager for `model` (greedy by default, log-probabilities
     returned, rows of `max_model_len` slots, prompts starting from cached prefixes unless
-    `prefix_sharing` is False) and what the engine's front needs to know of it:
+    `prefix_sharing` is False, long prompts computed in chunks of `prefill_chunk_tokens` while
+    requests decode) and what the engine's front needs to know of it:
     `max_model_len`, `eos` (the model's EOS ids, else `eos`, the tokenizer's), `vocab_size`,
     `rows`, `batch_tokens`, `device`."""
     from ..generation.configuration import GenerationConfig
@@ -133,7 +134,7 @@ def build_manager(model, eos: list[int], pad: int | None, max_model_len: int | N
     gen = GenerationConfig(do_sample=False, max_new_tokens=None, eos_token_id=eos or None, pad_token_id=pad)
     cfg = ContinuousBatchingConfig(max_requests_per_batch=max_batch, max_cache_len=max_model_len,
                                    max_batch_tokens=max_batch_tokens, return_logprobs=True,
-                                   allow_block_sharing=prefix_sharing)
+                                   allow_block_sharing=prefix_sharing, prefill_chunk_tokens=prefill_chunk_tokens)
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cfg)
     return manager, {"max_model_len": max_model_len, "eos": eos, "vocab_size": model.config.vocab_size,
                      "rows": manager.rows, "batch_tokens": manager.batch_tokens, "device": model.device.type}
@@ -228,10 +229,11 @@ class Engine:
     their own instead (`worker.py`)."""
 
     def __init__(self, model, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
-                 max_batch_tokens: int | None = None, prefix_sharing: bool = True) -> None:
+                 max_batch_tokens: int | None = None, prefix_sharing: bool = True,
+                 prefill_chunk_tokens: int | None = None) -> None:
         manager, info = build_manager(model, **_tokenizer_ids(tokenizer), max_model_len=max_model_len,
                                       max_batch=max_batch, max_batch_tokens=max_batch_tokens,
-                                      prefix_sharing=prefix_sharing)
+                                      prefix_sharing=prefix_sharing, prefill_chunk_tokens=prefill_chunk_tokens)
         self._setup(model, manager, tokenizer, name, info)
 
     def _setup(self, model, manager, tokenizer, name: str, info: dict) -> None:
@@ -252,7 +254,7 @@ class Engine:
     @classmethod
     def spawn(cls, loader, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
               max_batch_tokens: int | None = None, prefix_sharing: bool = True,
-              start_method: str = "spawn") -> Engine:
+              prefill_chunk_tokens: int | None = None, start_method: str = "spawn") -> Engine:
         """An engine whose model and manager run in a process of their own: `loader()` (a
         picklable callable, e.g. `functools.partial(worker.load_pretrained, path, device, dtype)`)
         builds the model there, which then warms its prefills and starts its manager. This process
@@ -262,7 +264,8 @@ class Engine:
 
         client = ManagerClient(loader, dict(**_tokenizer_ids(tokenizer), max_model_len=max_model_len,
                                             max_batch=max_batch, max_batch_tokens=max_batch_tokens,
-                                            prefix_sharing=prefix_sharing), start_method)
+                                            prefix_sharing=prefix_sharing,
+                                            prefill_chunk_tokens=prefill_chunk_tokens), start_method)
         engine = cls.__new__(cls)
         engine._setup(None, client, tokenizer, name, client.info)
         return engine
