@@ -61,10 +61,12 @@ def tiny_check() -> dict:
         for rid, p, n in plan:
             manager.add_request(p, request_id=rid, max_new_tokens=n)
         manager.start()
-        manager.stop(block=True, timeout=300)
         got = {}
-        while (r := manager.get_result(timeout=0)) is not None:
+        while len(got) < len(plan) and (r := manager.get_result(timeout=300)) is not None:
             got[r.request_id] = r
+        graphs = manager._batch.packed_graphs
+        captured = sum(e.graph is not None for e in graphs.entries.values()) if graphs is not None else 0
+        manager.stop(block=True, timeout=300)
         same, worst = 0, 0.0
         for rid, p, n in plan:
             ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, do_sample=False,
@@ -75,10 +77,9 @@ def tiny_check() -> dict:
             lsm = model(seq, use_cache=False).logits[0, len(p) - 1:-1].float().log_softmax(-1)
             expect = lsm.gather(1, seq[0, len(p):, None]).squeeze(1)
             worst = max(worst, float((torch.tensor(r.logprobs, device="cuda") - expect).abs().max()))
-        graphs = manager._batch.packed_graphs
         out[name] = {"requests": len(plan), "same_tokens_as_generate": same, "logprob_max_diff": worst,
                      "chunked": manager.stats["chunked"], "prefill_forwards": len(manager.stats["prefill_tokens"]),
-                     "graphs_captured": sum(e.graph is not None for e in graphs.entries.values()) if graphs else 0}
+                     "graphs_captured": captured}
         log(f"tiny {name}: {out[name]}")
     return out
 
