@@ -9,7 +9,8 @@ chunks.
   its second use, so later chunks replay graphs that read the prompt's own row as their prefix).
   Three requests decode while six prompts of 60-200 tokens join in chunks of 16; every request's
   tokens against per-request `generate`, and its log-probabilities against an eager forward over
-  prompt + tokens.
+  prompt + tokens. Then the same in bf16 (where the prefill graphs serve): replayed graphs against
+  the same padded forwards run eagerly, bit for bit.
 - `loop` (random weights at the real sizes, bf16): one manager; `--streams` requests of
   `--stream-prompt` tokens start decoding `--stream-new` tokens each, and `--long` prompts of
   `--long-tokens` tokens (`--long-new` new tokens) arrive one every `--every-ms` from
@@ -81,6 +82,52 @@ def tiny_check() -> dict:
                      "chunked": manager.stats["chunked"], "prefill_forwards": len(manager.stats["prefill_tokens"]),
                      "graphs_captured": captured}
         log(f"tiny {name}: {out[name]}")
+    return out
+
+
+@torch.no_grad()
+def graph_check() -> dict:
+    """Tiny bf16 models (where the varlen kernel, and so the prefill graphs, serve): the same
+    chunked workload with the prefill graphs (captured on a shape's second use, then replayed,
+    later chunks reading their own row as their prefix) and with the same padded forwards run
+    eagerly. Same kernels: the tokens and log-probabilities are expected bit for bit equal."""
+    from batching import tiny_models  # bench/ is the script's directory
+
+    import moetorch
+    from moetorch.engine import cuda_graph
+
+    out = {}
+    rng = random.Random(6)
+    for name, model in tiny_models(512):
+        model = model.to(torch.bfloat16)
+        plan = [(f"s{i}", [rng.randrange(1, 97) for _ in range(rng.randint(3, 12))], 60) for i in range(3)]
+        plan += [(f"l{i}", [rng.randrange(1, 97) for _ in range(rng.randint(60, 200))], 8) for i in range(6)]
+        gen = moetorch.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        runs = {}
+        capture_after = cuda_graph.PREFILL_CAPTURE_AFTER
+        for arm, after in (("graphs", capture_after), ("eager_padded", 10**9)):  # eager: no shape is captured
+            cuda_graph.PREFILL_CAPTURE_AFTER = after
+            try:
+                manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config={
+                    "max_requests_per_batch": 4, "max_cache_len": 320, "prefill_chunk_tokens": 16,
+                    "return_logprobs": True})
+                for rid, p, n in plan:
+                    manager.add_request(p, request_id=rid, max_new_tokens=n)
+                manager.start()
+                got = {}
+                while len(got) < len(plan) and (r := manager.get_result(timeout=300)) is not None:
+                    got[r.request_id] = r
+                packed = manager._batch.packed_graphs
+                captured = sum(e.graph is not None for e in packed.entries.values()) if packed is not None else 0
+                manager.stop(block=True, timeout=300)
+            finally:
+                cuda_graph.PREFILL_CAPTURE_AFTER = capture_after
+            runs[arm] = (got, captured, manager.stats["chunked"])
+        (a, captured, chunked), (b, _, _) = runs["graphs"], runs["eager_padded"]
+        out[name] = {"requests": len(plan), "chunked": chunked, "graphs_captured": captured,
+                     "same_tokens": sum(a[k].generated_tokens == b[k].generated_tokens for k in a),
+                     "same_logprobs": sum(a[k].logprobs == b[k].logprobs for k in a)}
+        log(f"graph check {name}: {out[name]}")
     return out
 
 
@@ -215,6 +262,9 @@ def main() -> int:
         result["tiny"] = tiny_check()
         ok &= all(r["same_tokens_as_generate"] == r["requests"] and r["logprob_max_diff"] < 1e-3 and r["chunked"]
                   for r in result["tiny"].values())
+        result["graphs"] = graph_check()
+        ok &= all(r["same_tokens"] == r["same_logprobs"] == r["requests"] and r["graphs_captured"] and r["chunked"]
+                  for r in result["graphs"].values())
     if not {"loop", "closed"} <= skip:
         for name in args.models.split(","):
             cfg = SIZES[name]

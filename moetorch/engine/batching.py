@@ -1184,6 +1184,9 @@ class ContinuousBatchingManager:
             if waiting is not None:
                 waiting.popleft()
             req.status = RequestStatus.DECODING
+        # the steps in flight ran before this prefill: their tokens go out now, not once the
+        # prefill's tokens are read
+        self._drain(running, batch)
         self._take(group, rows, tokens, logprobs, running, batch)
         self.stats["prefill_s"] += time.perf_counter() - t0
 
