@@ -44,30 +44,56 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def gap_stats(outputs) -> dict:
+    """The gaps between consecutive tokens of `outputs` (their timestamps): p50, p99, largest."""
+    gaps = [b - a for r in outputs for a, b in zip(r.timestamps, r.timestamps[1:])]
+    return {"gap_p50_ms": pct(gaps, 0.5) * 1e3, "gap_p99_ms": pct(gaps, 0.99) * 1e3, "gap_max_ms": max(gaps) * 1e3}
+
+
+def keep(out: dict, label: str, arm: int, row: dict) -> None:
+    """Log an arm's round and keep it unless it is the untimed one (round -1)."""
+    log(f"  {label} {arm}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in row.items()))
+    if row["round"] >= 0:
+        out[str(arm)].append(row)
+
+
+def tiny_run(model, plan: list[tuple]) -> tuple[dict, int, int]:
+    """The tiny workload `plan` ((id, prompt, new tokens)) through one manager, every request
+    queued before the loop starts (four rows, chunks of 16): {id: output}, the prefill graphs
+    captured, the requests that ran in chunks."""
+    import moetorch
+
+    gen = moetorch.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config={
+        "max_requests_per_batch": 4, "max_cache_len": 320, "prefill_chunk_tokens": 16, "return_logprobs": True})
+    for rid, p, n in plan:
+        manager.add_request(p, request_id=rid, max_new_tokens=n)
+    manager.start()
+    got = {}
+    while len(got) < len(plan) and (r := manager.get_result(timeout=300)) is not None:
+        got[r.request_id] = r
+    graphs = manager._batch.packed_graphs
+    captured = sum(e.graph is not None for e in graphs.entries.values()) if graphs is not None else 0
+    manager.stop(block=True, timeout=300)
+    return got, captured, manager.stats["chunked"]
+
+
+def tiny_plan(rng: random.Random) -> list[tuple]:
+    """Three requests that decode 60 tokens, then six prompts of 60-200 tokens (8 new tokens)."""
+    plan = [(f"s{i}", [rng.randrange(1, 97) for _ in range(rng.randint(3, 12))], 60) for i in range(3)]
+    return plan + [(f"l{i}", [rng.randrange(1, 97) for _ in range(rng.randint(60, 200))], 8) for i in range(6)]
+
+
 @torch.no_grad()
 def tiny_check() -> dict:
     from batching import tiny_models  # bench/ is the script's directory
 
-    import moetorch
-
     out = {}
     rng = random.Random(5)
     for name, model in tiny_models(512):
-        streams = [[rng.randrange(1, 97) for _ in range(rng.randint(3, 12))] for _ in range(3)]
-        longs = [[rng.randrange(1, 97) for _ in range(rng.randint(60, 200))] for _ in range(6)]
-        gen = moetorch.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-        manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config={
-            "max_requests_per_batch": 4, "max_cache_len": 320, "prefill_chunk_tokens": 16, "return_logprobs": True})
-        plan = [(f"s{i}", p, 60) for i, p in enumerate(streams)] + [(f"l{i}", p, 8) for i, p in enumerate(longs)]
-        for rid, p, n in plan:
-            manager.add_request(p, request_id=rid, max_new_tokens=n)
-        manager.start()
-        got = {}
-        while len(got) < len(plan) and (r := manager.get_result(timeout=300)) is not None:
-            got[r.request_id] = r
-        graphs = manager._batch.packed_graphs
-        captured = sum(e.graph is not None for e in graphs.entries.values()) if graphs is not None else 0
-        manager.stop(block=True, timeout=300)
+        plan = tiny_plan(rng)
+        got, captured, chunked = tiny_run(model, plan)
         same, worst = 0, 0.0
         for rid, p, n in plan:
             ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, do_sample=False,
@@ -79,8 +105,7 @@ def tiny_check() -> dict:
             expect = lsm.gather(1, seq[0, len(p):, None]).squeeze(1)
             worst = max(worst, float((torch.tensor(r.logprobs, device="cuda") - expect).abs().max()))
         out[name] = {"requests": len(plan), "same_tokens_as_generate": same, "logprob_max_diff": worst,
-                     "chunked": manager.stats["chunked"], "prefill_forwards": len(manager.stats["prefill_tokens"]),
-                     "graphs_captured": captured}
+                     "chunked": chunked, "graphs_captured": captured}
         log(f"tiny {name}: {out[name]}")
     return out
 
@@ -93,36 +118,21 @@ def graph_check() -> dict:
     eagerly. Same kernels: the tokens and log-probabilities are expected bit for bit equal."""
     from batching import tiny_models  # bench/ is the script's directory
 
-    import moetorch
     from moetorch.engine import cuda_graph
 
     out = {}
     rng = random.Random(6)
     for name, model in tiny_models(512):
         model = model.to(torch.bfloat16)
-        plan = [(f"s{i}", [rng.randrange(1, 97) for _ in range(rng.randint(3, 12))], 60) for i in range(3)]
-        plan += [(f"l{i}", [rng.randrange(1, 97) for _ in range(rng.randint(60, 200))], 8) for i in range(6)]
-        gen = moetorch.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        plan = tiny_plan(rng)
         runs = {}
         capture_after = cuda_graph.PREFILL_CAPTURE_AFTER
         for arm, after in (("graphs", capture_after), ("eager_padded", 10**9)):  # eager: no shape is captured
             cuda_graph.PREFILL_CAPTURE_AFTER = after
             try:
-                manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config={
-                    "max_requests_per_batch": 4, "max_cache_len": 320, "prefill_chunk_tokens": 16,
-                    "return_logprobs": True})
-                for rid, p, n in plan:
-                    manager.add_request(p, request_id=rid, max_new_tokens=n)
-                manager.start()
-                got = {}
-                while len(got) < len(plan) and (r := manager.get_result(timeout=300)) is not None:
-                    got[r.request_id] = r
-                packed = manager._batch.packed_graphs
-                captured = sum(e.graph is not None for e in packed.entries.values()) if packed is not None else 0
-                manager.stop(block=True, timeout=300)
+                runs[arm] = tiny_run(model, plan)
             finally:
                 cuda_graph.PREFILL_CAPTURE_AFTER = capture_after
-            runs[arm] = (got, captured, manager.stats["chunked"])
         (a, captured, chunked), (b, _, _) = runs["graphs"], runs["eager_padded"]
         out[name] = {"requests": len(plan), "chunked": chunked, "graphs_captured": captured,
                      "same_tokens": sum(a[k].generated_tokens == b[k].generated_tokens for k in a),
@@ -169,21 +179,16 @@ def loop(model, vocab: int, args) -> dict:
                     done[r.request_id] = r
                 driver.join()
                 wall = time.perf_counter() - t0
-                gaps = [b - a for rid in ids for a, b in zip(done[rid].timestamps, done[rid].timestamps[1:])]
                 ttft = [done[rid].timestamps[0] - done[rid].created_time for rid in done if rid.startswith("long")]
                 row = {"round": rnd, "wall_s": wall,
                        "tokens_per_s": sum(len(r.generated_tokens) for r in done.values()) / wall,
-                       "gap_p50_ms": pct(gaps, 0.5) * 1e3, "gap_p99_ms": pct(gaps, 0.99) * 1e3,
-                       "gap_max_ms": max(gaps) * 1e3,
+                       **gap_stats([done[rid] for rid in ids]),
                        "streams_done_s": max(done[rid].timestamps[-1] for rid in ids) - t0,
                        "long_ttft_p50_ms": statistics.median(ttft) * 1e3, "long_ttft_max_ms": max(ttft) * 1e3,
                        "prefill_s": manager.stats["prefill_s"] - stats0["prefill_s"],
                        "prefill_forwards": len(manager.stats["prefill_tokens"]) - stats0["prefill_tokens"],
                        "chunked": manager.stats["chunked"] - stats0["chunked"]}
-                log(f"  chunk {arm}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in row.items()))
-                if rnd >= 0:
-                    out[str(arm)].append(row)
+                keep(out, "chunk", arm, row)
     finally:
         manager.stop(block=True)
     return out
@@ -222,16 +227,10 @@ def closed(model, vocab: int, args) -> dict:
                         issued += 1
                 wall = time.perf_counter() - t0
                 ttft = [r.timestamps[0] - r.created_time for r in done]
-                gaps = [b - a for r in done for a, b in zip(r.timestamps, r.timestamps[1:])]
                 row = {"round": rnd, "tokens_per_s": sum(len(r.generated_tokens) for r in done) / wall, "wall_s": wall,
-                       "ttft_p50_ms": pct(ttft, 0.5) * 1e3, "ttft_p90_ms": pct(ttft, 0.9) * 1e3,
-                       "gap_p50_ms": pct(gaps, 0.5) * 1e3, "gap_p99_ms": pct(gaps, 0.99) * 1e3,
-                       "gap_max_ms": max(gaps) * 1e3,
+                       "ttft_p50_ms": pct(ttft, 0.5) * 1e3, "ttft_p90_ms": pct(ttft, 0.9) * 1e3, **gap_stats(done),
                        "prefill_forwards": len(manager.stats["prefill_tokens"]) - forwards}
-                log(f"  closed, chunk {arm}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                                           for k, v in row.items()))
-                if rnd >= 0:
-                    out[str(arm)].append(row)
+                keep(out, "closed, chunk", arm, row)
     finally:
         manager.stop(block=True)
     return out
