@@ -35,6 +35,7 @@ import threading
 import time
 
 import torch
+from prefill_graphs import closed_round  # bench/ is the script's directory
 
 from moetorch.benchmark import SIZES, build, log
 
@@ -212,20 +213,7 @@ def closed(model, vocab: int, args) -> dict:
                 work = [([rng.randrange(1, vocab) for _ in range(rng.randint(32, 512))], rng.randint(32, 224))
                         for _ in range(args.closed_requests)]
                 forwards = len(manager.stats["prefill_tokens"])
-                t0 = time.perf_counter()
-                issued, done = 0, []
-                for _ in range(min(args.concurrency, len(work))):
-                    manager.add_request(work[issued][0], max_new_tokens=work[issued][1], record_timestamps=True)
-                    issued += 1
-                while len(done) < len(work):
-                    r = manager.get_result(timeout=300)
-                    if r is None or r.error is not None:
-                        raise RuntimeError(f"closed loop: {None if r is None else r.error}")
-                    done.append(r)
-                    if issued < len(work):
-                        manager.add_request(work[issued][0], max_new_tokens=work[issued][1], record_timestamps=True)
-                        issued += 1
-                wall = time.perf_counter() - t0
+                done, wall = closed_round(manager, work, args.concurrency, timeout=300)
                 ttft = [r.timestamps[0] - r.created_time for r in done]
                 row = {"round": rnd, "tokens_per_s": sum(len(r.generated_tokens) for r in done) / wall, "wall_s": wall,
                        "ttft_p50_ms": pct(ttft, 0.5) * 1e3, "ttft_p90_ms": pct(ttft, 0.9) * 1e3, **gap_stats(done),

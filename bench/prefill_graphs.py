@@ -164,6 +164,29 @@ def time_groups(model, vocab: int, repeats: int) -> dict:
     return out
 
 
+def closed_round(manager, work: list[tuple[list[int], int]], concurrency: int, timeout: float = 120
+                 ) -> tuple[list, float]:
+    """`work` ((prompt, new tokens)) through a running `manager` with `concurrency` requests in
+    flight, each finished one replaced by the next (as a server's clients do), with timestamps:
+    the outputs in the order they finished, and the wall seconds."""
+    t0 = time.perf_counter()
+    issued, done = 0, []
+    for _ in range(min(concurrency, len(work))):
+        manager.add_request(work[issued][0], max_new_tokens=work[issued][1], record_timestamps=True)
+        issued += 1
+    while len(done) < len(work):
+        r = manager.get_result(timeout=timeout)
+        if r is None:
+            raise RuntimeError(f"closed loop: no result within {timeout:g} s")
+        if r.error is not None:
+            raise RuntimeError(f"closed loop: {r.error}")
+        done.append(r)
+        if issued < len(work):
+            manager.add_request(work[issued][0], max_new_tokens=work[issued][1], record_timestamps=True)
+            issued += 1
+    return done, time.perf_counter() - t0
+
+
 @torch.no_grad()
 def closed_loop(model, vocab: int, args) -> dict:
     import moetorch
@@ -184,22 +207,7 @@ def closed_loop(model, vocab: int, args) -> dict:
                 work = [([rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))], rng.randint(new_lo, new_hi))
                         for _ in range(args.loop_requests)]
                 prefill_s, forwards = manager.stats["prefill_s"], len(manager.stats["prefill_tokens"])
-                t0 = time.perf_counter()
-                issued, done = 0, []
-                for _ in range(min(args.concurrency, len(work))):
-                    manager.add_request(work[issued][0], max_new_tokens=work[issued][1], record_timestamps=True)
-                    issued += 1
-                while len(done) < len(work):
-                    r = manager.get_result(timeout=120)
-                    if r is None:
-                        raise RuntimeError("closed loop: no result within 120 s")
-                    if r.error is not None:
-                        raise RuntimeError(f"closed loop: {r.error}")
-                    done.append(r)
-                    if issued < len(work):
-                        manager.add_request(work[issued][0], max_new_tokens=work[issued][1], record_timestamps=True)
-                        issued += 1
-                wall = time.perf_counter() - t0
+                done, wall = closed_round(manager, work, args.concurrency)
                 ttft = sorted(r.timestamps[0] - r.created_time for r in done)
                 row = {"round": rnd, "tokens_per_s": sum(len(r.generated_tokens) for r in done) / wall,
                        "wall_s": wall, "ttft_p50_ms": ttft[len(ttft) // 2] * 1e3,

@@ -1104,7 +1104,6 @@ class ContinuousBatchingManager:
                 raise RuntimeError(f"continuous batching: request {ch.req.id}'s next prompt chunk is due at column "
                                    f"{due}, but the batch is at column {batch.col}")
             batch.col = due  # no request decoded since the chunk before: the column moves on alone
-        t0 = time.perf_counter()
         if len(ch.sizes) == 1:  # the last: the request joins as a group of one
             # the prefill counts the tokens in its row as shared: the chunks computed or counted them
             self.stats["shared_tokens"] -= ch.shared[2]
@@ -1114,6 +1113,7 @@ class ContinuousBatchingManager:
         n = ch.sizes.pop(0)
         if not n:
             return
+        t0 = time.perf_counter()
         prompt, first = ch.req.prompt, ch.join - len(ch.req.prompt)
         done = ch.shared[2]
         if ch.shared[0] != ch.row or ch.shared[1] != first:
