@@ -494,8 +494,8 @@ def _check_projection_rotated(x, layers, g):
 def check_prelayer(results):
     """The two kernels before the first layer against the torch code they replace, bit for bit:
     `rope_tables` (cos / sin in bf16 at head dim 128: PhiMoE's LongRoPE short and long factor sets,
-    JetMoE's plain RoPE, and the bench's PhiMoE (plain, theta 1e6); every position up to 128k, and
-    [B, T] positions) and `causal_mask`
+    a set per position and per row, JetMoE's plain RoPE, and the bench's PhiMoE (plain, theta 1e6);
+    every position up to 128k, and [B, T] positions) and `causal_mask`
     (`build_mask`'s general case: padding, static-cache slots past the mask, sliding window). fp32
     tables are reported too: their equality says libdevice's cos / sin are torch's."""
     from moetorch.ops import fused
@@ -510,15 +510,21 @@ def check_prelayer(results):
                 "short_factor": torch.logspace(0, 0.4, 64, dtype=torch.float64).tolist(),
                 "long_factor": torch.logspace(0, 1.8, 64, dtype=torch.float64).tolist(),
                 "short_mscale": 1.243163121016122, "long_mscale": 1.243163121016122}
-    ropes = {"phimoe.short": (longrope, False), "phimoe.long": (longrope, True),
-             "jetmoe": ({"rope_type": "default", "rope_theta": 10000.0}, False),
-             "phimoe.bench": ({"rope_type": "default", "rope_theta": 1e6}, False)}  # the bench's config
     every = torch.arange(131072, device=dev)[None]
     batch = torch.randint(0, 131072, (4, 37), device=dev, generator=g)
+    # a factor set per position (continuous batching's rows), distinct mscales so that both show
+    rows = torch.rand(4, 37, device=dev, generator=g) < 0.5
+    mixed = dict(longrope, long_mscale=1.31)
+    ropes = {"phimoe.short": (longrope, False), "phimoe.long": (longrope, True),
+             "phimoe.per_position": (mixed, rows), "phimoe.per_row": (mixed, rows[:, :1]),
+             "jetmoe": ({"rope_type": "default", "rope_theta": 10000.0}, False),
+             "phimoe.bench": ({"rope_type": "default", "rope_theta": 1e6}, False)}  # the bench's config
     for name, (params, long) in ropes.items():
         rotary = RotaryEmbedding(128, params).to(dev)
         for dtype in (torch.bfloat16, torch.float32):
             for pname, pos in (("all", every), ("B4", batch)):
+                if isinstance(long, torch.Tensor) and pname == "all":
+                    continue
                 got = rotary(pos, dtype, long)
                 with fused.forced(False):
                     want = rotary(pos, dtype, long)

@@ -665,8 +665,38 @@ def test_rope_tables_kernel_takes_expanded_positions_and_keeps_exact_steps():
 def test_rope_tables_kernel_rejects_non_float32_frequencies():
     pos = torch.arange(3)[None]
     for inv_freq in (torch.ones(4, dtype=torch.bfloat16), torch.ones(2, 4)):
-        with pytest.raises(TypeError, match="inv_freq must be a float32 vector"):
+        with pytest.raises(TypeError, match="inv_freq .*must be float32 vectors"):
             triton_fused.rope_tables(pos, inv_freq, 1.0, torch.float32)
+    flags = torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(TypeError, match="the long table"):  # a long table of another length
+        triton_fused.rope_tables(pos, torch.ones(4), 1.0, torch.float32, long=(flags, torch.ones(3), 1.0))
+    with pytest.raises(ValueError, match=r"long flags' shape \(1, 2\) is not the positions' \(1, 3\)"):
+        triton_fused.rope_tables(pos, torch.ones(4), 1.0, torch.float32, long=(flags[:, :2], torch.ones(4), 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,flag_shape", [((5, 1), (5, 1)), ((3, 7), (3, 7)), ((3, 7), (3, 1)), ((1, 9), (1, 9))])
+def test_rope_tables_per_position_factor_sets(dtype, shape, flag_shape):
+    """Continuous batching's rows each take their own LongRoPE factor set: with a flag per position
+    (or per row), each position's cos / sin are those of its set, in torch and in the kernel."""
+    d = 32
+    g = gen(shape[0] * 10 + shape[1] + (dtype == torch.bfloat16))
+    rotary = RotaryEmbedding(d, dict(LONGROPE, short_factor=(1 + 2 * torch.rand(d // 2, generator=g)).tolist(),
+                                     long_factor=(1 + 60 * torch.rand(d // 2, generator=g)).tolist()))
+    pos = torch.randint(0, 100_000, shape, generator=g)
+    flags = torch.rand(flag_shape, generator=g) < 0.5
+    flags.view(-1)[0], flags.view(-1)[-1] = True, False
+    want = [torch.where(flags.expand(shape)[..., None], long, short)
+            for short, long in zip(rotary(pos, dtype, False), rotary(pos, dtype, True))]
+    for given in (flags, flags.long()):  # bool or integer flags
+        got = rotary(pos, dtype, given)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), "torch: a position took the other set's values"
+        with fused.forced():
+            kernel = rotary(pos, dtype, given)
+            per_set = [rotary(pos, dtype, False), rotary(pos, dtype, True)]
+        expect = [torch.where(flags.expand(shape)[..., None], long, short) for short, long in zip(*per_set)]
+        assert all(a.shape == (*shape, d) and torch.equal(a, b) for a, b in zip(kernel, expect)), \
+            "kernel: a position took the other set's values"
 
 
 def _padding_mask(B: int, L: int, g: torch.Generator, kind: str) -> torch.Tensor | None:

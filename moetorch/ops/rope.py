@@ -136,13 +136,31 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, position_ids_BT: torch.Tensor, dtype: torch.dtype, long: bool
+        self, position_ids_BT: torch.Tensor, dtype: torch.dtype, long: bool | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [*position_ids_BT.shape, d]. `long`: the LongRoPE factor set of every
+        position, or per position a tensor broadcastable to `position_ids_BT` (nonzero: long), as
+        continuous batching's rows each pick their own."""
+        if isinstance(long, torch.Tensor):
+            return self._per_position(position_ids_BT, dtype, long)
         inv_freq = self.inv_freq_long if long else self.inv_freq_short
         mscale = self.long_mscale if long else self.short_mscale
         # one kernel, the same values
         if fused.STEP_INPUT_KERNELS and fused.active(inv_freq) and dtype in fused.KERNEL_DTYPES:
             return fused.kernels().rope_tables(position_ids_BT, inv_freq, mscale, dtype)
+        freqs = position_ids_BT[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * mscale).to(dtype), (emb.sin() * mscale).to(dtype)
+
+    def _per_position(self, position_ids_BT: torch.Tensor, dtype: torch.dtype, long_BT: torch.Tensor):
+        """`forward` with a factor set per position: each position's values are those of its set."""
+        long_BT = long_BT.expand(position_ids_BT.shape)
+        if fused.STEP_INPUT_KERNELS and fused.active(self.inv_freq_short) and dtype in fused.KERNEL_DTYPES:
+            return fused.kernels().rope_tables(position_ids_BT, self.inv_freq_short, self.short_mscale, dtype,
+                                               long=(long_BT, self.inv_freq_long, self.long_mscale))
+        is_long = (long_BT != 0)[..., None]
+        inv_freq = torch.where(is_long, self.inv_freq_long, self.inv_freq_short)
+        mscale = torch.where(is_long, self.long_mscale, self.short_mscale)
         freqs = position_ids_BT[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * mscale).to(dtype), (emb.sin() * mscale).to(dtype)

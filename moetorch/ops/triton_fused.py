@@ -653,8 +653,9 @@ def linear_experts_fit(x_MK: torch.Tensor, weights, biases, head_dim: int, w_EOK
 @triton.jit
 def _rope_tables_kernel(
     pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, mscale, R, T, sp_b, sp_t,
+    long_ptr, inv_long_ptr, mscale_long, sl_b, sl_t,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROUND: tl.constexpr,
-    LIBDEVICE: tl.constexpr,
+    LIBDEVICE: tl.constexpr, PER_POSITION: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
@@ -667,16 +668,22 @@ def _rope_tables_kernel(
     i = tl.arange(0, HALF_PAD)
     r_ok = rows < R
     pos = tl.load(pos_ptr + (rows // T).to(tl.int64) * sp_b + (rows % T).to(tl.int64) * sp_t, mask=r_ok, other=0)
-    inv = tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
-    freqs = pos.to(tl.float32)[:, None] * inv[None, :]
+    inv = tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)[None, :]
+    scale = mscale
+    if PER_POSITION:  # LongRoPE's factor set per position: the long table and mscale where its flag is set
+        flag = tl.load(long_ptr + (rows // T).to(tl.int64) * sl_b + (rows % T).to(tl.int64) * sl_t, mask=r_ok, other=0)
+        is_long = (flag != 0)[:, None]
+        inv = tl.where(is_long, tl.load(inv_long_ptr + i, mask=i < HALF, other=0.0)[None, :], inv)
+        scale = tl.where(is_long, mscale_long, mscale)
+    freqs = pos.to(tl.float32)[:, None] * inv
     if LIBDEVICE:
         c = libdevice.cos(freqs)
         s = libdevice.sin(freqs)
     else:
         c = tl.cos(freqs)
         s = tl.sin(freqs)
-    c = _round(c * mscale, ROUND).to(cos_ptr.dtype.element_ty)
-    s = _round(s * mscale, ROUND).to(sin_ptr.dtype.element_ty)
+    c = _round(c * scale, ROUND).to(cos_ptr.dtype.element_ty)
+    s = _round(s * scale, ROUND).to(sin_ptr.dtype.element_ty)
     ok = r_ok[:, None] & (i < HALF)[None, :]
     out = rows.to(tl.int64)[:, None] * (2 * HALF) + i[None, :]
     tl.store(cos_ptr + out, c, mask=ok)
@@ -685,12 +692,19 @@ def _rope_tables_kernel(
     tl.store(sin_ptr + out + HALF, s, mask=ok)
 
 
-def rope_tables(position_ids_BT: torch.Tensor, inv_freq: torch.Tensor, mscale: float, dtype: torch.dtype):
+def rope_tables(position_ids_BT: torch.Tensor, inv_freq: torch.Tensor, mscale: float, dtype: torch.dtype,
+                long: tuple[torch.Tensor, torch.Tensor, float] | None = None):
     """(cos, sin) [*position_ids.shape, 2 * len(inv_freq)] in `dtype`, contiguous: what
     `RotaryEmbedding.forward` computes in torch (cos(pos * inv_freq) * mscale, each half of the head
-    dim the same), bit for bit on the GPU, in one launch. `inv_freq` float32."""
-    if inv_freq.dtype != torch.float32 or inv_freq.dim() != 1:
-        raise TypeError(f"rope_tables: inv_freq must be a float32 vector, got {inv_freq.dtype} {tuple(inv_freq.shape)}")
+    dim the same), bit for bit on the GPU, in one launch. `inv_freq` float32. `long`: (flags of
+    `position_ids`' shape, the long table, its mscale): positions whose flag is nonzero take those."""
+    tables = [inv_freq] if long is None else [inv_freq, long[1]]
+    if any(t.dtype != torch.float32 or t.shape != inv_freq.shape or t.dim() != 1 for t in tables):
+        raise TypeError("rope_tables: inv_freq (and the long table) must be float32 vectors of one length, got "
+                        f"{[(t.dtype, tuple(t.shape)) for t in tables]}")
+    if long is not None and long[0].shape != position_ids_BT.shape:
+        raise ValueError(f"rope_tables: the long flags' shape {tuple(long[0].shape)} is not the positions' "
+                         f"{tuple(position_ids_BT.shape)}")
     half = inv_freq.shape[0]
     shape = (*position_ids_BT.shape, 2 * half)
     cos = torch.empty(shape, dtype=dtype, device=inv_freq.device)
@@ -698,12 +712,17 @@ def rope_tables(position_ids_BT: torch.Tensor, inv_freq: torch.Tensor, mscale: f
     R = position_ids_BT.numel()
     if R:
         pos = position_ids_BT.reshape(-1, position_ids_BT.shape[-1])  # [B, T] (a view where the strides allow)
+        flags = pos if long is None else long[0].reshape(pos.shape)
+        if flags.dtype == torch.bool:
+            flags = flags.view(torch.uint8)
         half_pad = next_power_of_2(half)
         block_r = min(next_power_of_2(R), max(1, 2048 // half_pad))
         programs = cdiv(R, block_r)
         _rope_tables_kernel[(programs,)](
             pos, inv_freq, cos, sin, mscale, R, pos.shape[1], pos.stride(0), pos.stride(1),
+            flags, tables[-1], mscale if long is None else long[2], flags.stride(0), flags.stride(1),
             HALF=half, HALF_PAD=half_pad, BLOCK_R=block_r, ROUND=round_code(dtype), LIBDEVICE=not _interpreting(),
+            PER_POSITION=long is not None,
             num_warps=4 if block_r * half_pad >= 1024 else 1, **pdl_meta(inv_freq.device, programs, R),
         )
     return cos, sin
