@@ -47,6 +47,10 @@ class Cache:
     records_inputs = True
     # Set by a cache of packed sequences (`PackedRows`): the forward attends with it as its mask.
     packed: Packed | None = None
+    # LongRoPE's factor set per position, set by its user (continuous batching, whose rows each
+    # have their own): a tensor broadcastable to the forward's positions, nonzero where the long
+    # factors apply. None: chosen from the sequence's length (`modeling_utils.sync_rope_cache`).
+    rope_long_BT: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)

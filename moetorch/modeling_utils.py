@@ -945,8 +945,11 @@ def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -
     Returns (inputs, long, prefix): when the cache is rebuilt, `inputs` is extended by the replayed
     `prefix` cached tokens and the caller drops their outputs. Decided from host integers: the
     cached and new tokens, the longest of packed sequences, or `seq_len` where the caller read it.
+    A cache with `rope_long_BT` set gives the set per position instead (a tensor, nonzero: long).
     """
     cache, T = inputs.cache, inputs.embeds_BTD.shape[1]
+    if cache is not None and cache.rope_long_BT is not None and rotary.longrope:
+        return inputs, cache.rope_long_BT, 0  # the caller's choice per position (continuous batching's rows)
     packed = cache.packed if cache is not None else None  # packed sequences: the longest decides
     if seq_len is None:
         seq_len = packed.rope_len if packed is not None else inputs.past_len + T
@@ -1020,7 +1023,8 @@ def decoder_forward(
     segments_BT = packed_segments(position_ids, attention_mask, inp.cache, B)
     # positions given with no mask and no cache: LongRoPE's sequence length is the largest position
     # + 1, as the original code and Transformers read it (packed sequences each count their own)
-    seq_len = int(position_ids.max()) + 1 if segments_BT is not None and model.rotary_emb.longrope else None
+    seq_len = (int(position_ids.max()) + 1 if segments_BT is not None and model.rotary_emb.longrope
+               and (inp.cache is None or inp.cache.rope_long_BT is None) else None)
     inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len)
     writes = _writes_unpadded(past_key_values, inp.cache)
     unpad = unpadded_rows(model, attention_mask, None if writes else inp.cache, sliding_window, output_attentions,
@@ -1030,6 +1034,8 @@ def decoder_forward(
         index_N, _ = unpad
         embeds_BTD = embeds_BTD.reshape(B * T, -1)[index_N][None]
         positions_BT = positions_BT.expand(B, T).reshape(-1)[index_N][None]
+        if isinstance(long, torch.Tensor):
+            long = long.expand(B, T).reshape(-1)[index_N][None]
         if writes:
             layer_cache = UnpaddedCacheWrites(inp.cache, index_N, B, T)
     rope = model.rotary_emb(positions_BT, inp.embeds_BTD.dtype, long)

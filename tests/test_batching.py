@@ -452,49 +452,159 @@ def test_per_request_settings_against_the_config(pair):
     assert got == {"g": own_greedy(ours, inputs[0], 4), "k1": own_greedy(ours, inputs[1], 4)}
 
 
-def test_longrope_requests_past_the_switch_run_alone(tmp_path):
-    """PhiMoE with LongRoPE: requests that stay within original_max_position_embeddings run in the
-    batch, longer ones through generate (which switches factors); all give generate's tokens."""
-    _, ours = make_pair(PHIMOE, tmp_path, rope_scaling=longrope_scaling(8, original=12), max_position_embeddings=64)
-    inputs = prompts(7, 6, 2, 10)
-    out = ours.generate_batch(inputs, generation_config=config(5), continuous_batching_config={"max_requests_per_batch": 2})
-    assert any(len(p) + 5 > 12 for p in inputs) and any(len(p) + 5 <= 12 for p in inputs)
-    assert [r.generated_tokens for r in out.values()] == [own_greedy(ours, p, 5) for p in inputs]
-    # a request's own settings apply alone too: top_k=1 is greedy, and a seed repeats its draws
-    long = next(p for p in inputs if len(p) + 5 > 12)
+LIMIT = 12  # original_max_position_embeddings of the LongRoPE models below
+
+
+@pytest.fixture(scope="module")
+def longrope(tmp_path_factory):
+    """A PhiMoE pair with LongRoPE switching at LIMIT tokens (short and long factors differ)."""
+    return make_pair(PHIMOE, tmp_path_factory.mktemp("longrope"), rope_scaling=longrope_scaling(8, original=LIMIT),
+                     max_position_embeddings=96)
+
+
+def crosses(prompt: list[int], n: int) -> bool:
+    """Whether a request's sequence passes the switch before its last token is drawn."""
+    return len(prompt) <= LIMIT < len(prompt) + n - 1
+
+
+def test_longrope_rows_take_their_own_factor_sets(longrope):
+    """PhiMoE with LongRoPE: every request runs in the batch and gives its own `generate` call's
+    tokens, whether it stays within original_max_position_embeddings, starts past it (long
+    factors from its prefill on) or passes it while decoding (computed again with the long factors
+    at that step, as generate drops its cache there). Its log-probabilities are those of a forward
+    over the prompt and the tokens before each (LongRoPE picks its factors by that length)."""
+    _, ours = longrope
+    rng = random.Random(5)
+    n = 8
+    # at the edges: the last token drawn from LIMIT tokens (no crossing), a crossing at the first
+    # decode step (a prompt of LIMIT), a prompt one past the switch; then random ones
+    lengths = [LIMIT - n + 1, LIMIT, LIMIT + 1, 1, *(rng.randint(2, 2 * LIMIT) for _ in range(7))]
+    inputs = [[rng.randint(1, 96) for _ in range(k)] for k in lengths]
+    assert not crosses(inputs[0], n) and crosses(inputs[1], n) and not crosses(inputs[2], n)
+    kinds = {(len(p) > LIMIT, crosses(p, n)) for p in inputs}
+    assert kinds == {(False, False), (False, True), (True, False)}
+    cb = {"max_requests_per_batch": 3, "return_logprobs": True}
+    with ours.continuous_batching_context_manager(generation_config=config(n, eos_token_id=None),
+                                                  continuous_batching_config=cb) as m:
+        for i, p in enumerate(inputs):
+            m.add_request(p, request_id=str(i), top_logprobs=2)
+        out = {r.request_id: r for r in (m.get_result(timeout=60) for _ in inputs)}
+    assert m.stats["recomputed"] == sum(crosses(p, n) for p in inputs) and max(m.stats["decode_rows"]) == 3
+    for i, p in enumerate(inputs):
+        r = out[str(i)]
+        assert r.error is None and r.generated_tokens == own_greedy(ours, p, n), f"prompt of {len(p)} tokens"
+        seq = p + r.generated_tokens
+        with torch.no_grad():
+            lsm = torch.stack([ours(torch.tensor([seq[:k]])).logits[0, -1].float().log_softmax(-1)
+                               for k in range(len(p), len(seq))])
+        values, ids = lsm.topk(2)
+        assert [[t for t, _ in top] for top in r.top_logprobs] == ids.tolist()
+        torch.testing.assert_close(torch.tensor(r.logprobs), values[:, 0], atol=1e-4, rtol=0)
+
+
+def test_longrope_batch_matches_transformers(tmp_path):
+    """Against Transformers' generate: its LongRoPE switches only the mscale (docs/differences.md),
+    so with the same short and long factors both libraries compute the same, and the batch's
+    requests that start past the switch or pass it give Transformers' tokens."""
+    scaling = longrope_scaling(8, original=LIMIT, seed=3)
+    scaling["long_factor"] = scaling["short_factor"]
+    hf, ours = make_pair(PHIMOE, tmp_path, rope_scaling=scaling, max_position_embeddings=96)
+    rng = random.Random(6)
+    inputs = [[rng.randint(1, 96) for _ in range(k)] for k in (3, 9, LIMIT, LIMIT + 4, 2 * LIMIT)]
+    out = ours.generate_batch(inputs, generation_config=config(8, eos_token_id=None),
+                              continuous_batching_config={"max_requests_per_batch": 2})
+    for p, r in zip(inputs, out.values()):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert r.generated_tokens == ref[0, len(p):].tolist(), f"prompt of {len(p)} tokens"
+
+
+def test_longrope_crossing_keeps_sampling_state(longrope, monkeypatch):
+    """A request that passes the switch keeps its sampling state through the recompute: a seeded
+    request draws the same tokens alone and beside others (its draw counter goes on), top_k=1 is
+    greedy, and penalties count the tokens drawn before it (as generate's processors do), not the
+    throwaway token that the step it left computed in its row."""
+    _, ours = longrope
+    counted = []
+    original = batching.ContinuousBatchingManager._recompute
+
+    def spy(self, row, req, running, batch):
+        original(self, row, req, running, batch)
+        if req.sampling is not None and req.sampling.counts:  # (only rows with penalties are kept exact)
+            want = torch.bincount(torch.tensor(req.tokens), minlength=batch.counts.generated.shape[1]).float()
+            counted.append(torch.equal(batch.counts.generated[row], want))
+
+    monkeypatch.setattr(batching.ContinuousBatchingManager, "_recompute", spy)
+    rng = random.Random(7)
+    prompt = [rng.randint(1, 96) for _ in range(LIMIT - 3)]
+    others = [[rng.randint(1, 96) for _ in range(k)] for k in (4, LIMIT + 3, 7)]
+    n = 9
+    assert crosses(prompt, n)
     draws = []
-    for _ in range(2):
-        with ours.continuous_batching_context_manager(generation_config=config(5)) as m:
-            m.add_request(long, request_id="k1", do_sample=True, top_k=1)
-            m.add_request(long, request_id="s", do_sample=True, temperature=3.0, seed=5)
-            got = {r.request_id: r.generated_tokens for r in (m.get_result(timeout=30), m.get_result(timeout=30))}
-        assert got["k1"] == own_greedy(ours, long, 5)
-        draws.append(got["s"])
-    assert draws[0] == draws[1] and m.stats["alone"] == 2
-    # its log-probabilities and top log-probabilities, as a forward over prompt + the tokens before
-    # each gives them (LongRoPE picks its factors by that length)
-    cb = {"return_logprobs": True}
-    with ours.continuous_batching_context_manager(generation_config=config(5), continuous_batching_config=cb) as m:
-        m.add_request(long, request_id="lp", top_logprobs=2)
-        r = m.get_result("lp", timeout=30)
-    assert m.stats["alone"] == 1 and r.generated_tokens == own_greedy(ours, long, 5)
-    seq = long + r.generated_tokens
-    with torch.no_grad():
-        lsm = torch.stack([ours(torch.tensor([seq[:n]])).logits[0, -1].float().log_softmax(-1)
-                           for n in range(len(long), len(seq))])
-    values, ids = lsm.topk(2)
-    assert [[t for t, _ in top] for top in r.top_logprobs] == ids.tolist()
-    torch.testing.assert_close(torch.tensor(r.logprobs), values[:, 0], atol=1e-4, rtol=0)
-    # penalties and logit bias alone, through generate's own processors
+    for company in ([], others):
+        requests = {"s": (prompt, {"do_sample": True, "temperature": 3.0, "seed": 5}),
+                    "k1": (prompt, {"do_sample": True, "top_k": 1})}
+        requests.update({f"o{i}": (p, {}) for i, p in enumerate(company)})
+        got = run_requests(ours, config(n), {"max_requests_per_batch": 4}, requests)
+        assert got["k1"].generated_tokens == own_greedy(ours, prompt, n)
+        draws.append(got["s"].generated_tokens)
+    assert draws[0] == draws[1]
     kw = {"repetition_penalty": 2.0, "frequency_penalty": 1.0, "presence_penalty": 0.5, "logit_bias": {4: 3.0}}
-    with ours.continuous_batching_context_manager(generation_config=config(5)) as m:
-        m.add_request(long, request_id="pen", **kw)
-        r = m.get_result("pen", timeout=30)
-    proc = moetorch.FrequencyPresencePenaltyLogitsProcessor(1.0, 0.5, prompt_length=len(long))
-    want = ours.generate(torch.tensor([long]), max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None,
+    # beside another request with penalties, whose counts the steps keep (the row's too)
+    got = run_requests(ours, config(n), {"max_requests_per_batch": 4},
+                       {"pen": (prompt, kw), "pen2": (others[0], kw), "o": (others[1], {})})
+    proc = moetorch.FrequencyPresencePenaltyLogitsProcessor(1.0, 0.5, prompt_length=len(prompt))
+    want = ours.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
                          repetition_penalty=2.0, sequence_bias={(4,): 3.0},
-                         logits_processor=moetorch.LogitsProcessorList([proc]))[0, len(long):].tolist()
-    assert m.stats["alone"] == 1 and r.generated_tokens == want != own_greedy(ours, long, 5)
+                         logits_processor=moetorch.LogitsProcessorList([proc]))[0, len(prompt):].tolist()
+    assert got["pen"].generated_tokens == want != own_greedy(ours, prompt, n)
+    assert counted == [True]
+
+
+def test_longrope_prefixes_are_shared_within_a_factor_set(tmp_path, monkeypatch):
+    """Prefix sharing with LongRoPE: a prompt starts only from rows rotated by its own factor set.
+    A long prompt does not start from a short request's row that holds its first tokens; a chat's
+    next turn starts from the row of a turn that passed the switch (long by then), and every
+    request still gives its own generate call's tokens."""
+    monkeypatch.setattr(batching.prefixes, "BLOCK", 4)
+    monkeypatch.setattr(batching, "FOLLOW_MIN_TOKENS", 0)
+    limit = 20
+    _, ours = make_pair(PHIMOE, tmp_path, rope_scaling=longrope_scaling(8, original=limit), max_position_embeddings=96)
+    rng = random.Random(9)
+    gen = config(4, eos_token_id=None)
+    cb = {"max_requests_per_batch": 2, "allow_block_sharing": True}
+    short = [rng.randint(1, 96) for _ in range(16)]
+    with ours.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb) as m:
+        first = m.get_result(m.add_request(short), timeout=60)
+        # past the switch, starting with the short request's prompt and reply: nothing shared
+        longer = short + first.generated_tokens + [rng.randint(1, 96) for _ in range(5)]
+        second = m.get_result(m.add_request(longer), timeout=60)
+        assert m.stats["shared_tokens"] == 0
+        # a request that passes the switch, then its next turn, which shares its row's long keys
+        turn = [rng.randint(1, 96) for _ in range(18)]
+        third = m.get_result(m.add_request(turn, max_new_tokens=6), timeout=60)
+        follow = turn + third.generated_tokens + [rng.randint(1, 96) for _ in range(3)]
+        fourth = m.get_result(m.add_request(follow), timeout=60)
+    assert m.stats["recomputed"] == 1 and m.stats["shared_tokens"] >= 20
+    for p, r, k in ((short, first, 4), (longer, second, 4), (turn, third, 6), (follow, fourth, 4)):
+        assert r.error is None and r.generated_tokens == own_greedy(ours, p, k), f"prompt of {len(p)} tokens"
+
+
+def test_longrope_long_prompt_in_chunks(longrope):
+    """A prompt past the switch computed in chunks while another request decodes: every chunk
+    takes the long factors, and both requests give generate's tokens."""
+    _, ours = longrope
+    rng = random.Random(10)
+    short, long = [rng.randint(1, 96) for _ in range(5)], [rng.randint(1, 96) for _ in range(3 * LIMIT)]
+    with ours.continuous_batching_context_manager(
+            generation_config=config(6, eos_token_id=None),
+            continuous_batching_config={"max_requests_per_batch": 2, "prefill_chunk_tokens": 10}) as m:
+        m.add_request(short, request_id="a", max_new_tokens=30, streaming=True)
+        assert m.get_result("a", timeout=60).status == moetorch.RequestStatus.DECODING
+        m.add_request(long, request_id="long")
+        got = m.get_result("long", timeout=60)
+        rest = list(m.request_id_iter("a"))
+    assert m.stats["chunked"] == 1 and got.generated_tokens == own_greedy(ours, long, 6)
+    assert rest[-1].generated_tokens == own_greedy(ours, short, 30)
 
 
 def test_manager_api(pair):

@@ -42,9 +42,9 @@ def events(monkeypatch):
     seen = []
     forward, step = batching._Batch.forward, batching._Batch.step
 
-    def spy_forward(self, prompts, rows, starts, shared):
+    def spy_forward(self, prompts, rows, starts, shared, **kw):
         seen.append(("forward", sum(len(p) - s[2] for p, s in zip(prompts, shared)), self.col))
-        return forward(self, prompts, rows, starts, shared)
+        return forward(self, prompts, rows, starts, shared, **kw)
 
     def spy_step(self, b):
         seen.append(("step", b, self.col))
@@ -95,11 +95,11 @@ def hooked(monkeypatch):
     forward = batching._Batch.forward
     managers = []
 
-    def spy(self, prompts, *args):
+    def spy(self, prompts, *args, **kw):
         for m in managers:
             if getattr(m, "inside", None) is not None and m._batch is self:
                 m.inside(m, self, prompts)
-        return forward(self, prompts, *args)
+        return forward(self, prompts, *args, **kw)
 
     original_init = batching.ContinuousBatchingManager.__init__
 

@@ -156,26 +156,32 @@ def test_generate_with_the_processor_keeps_beams_and_padded_rows_to_the_grammar(
     assert tok.pad_token_id in out[0, P:].tolist() and out.shape[1] > P + 2  # row 0 stopped, padded; row 1 went on
 
 
-def test_longrope_request_past_the_switch_follows_its_grammar_alone():
-    """A PhiMoE request past original_max_position_embeddings runs alone through generate; its
-    grammar goes with it."""
+@pytest.mark.parametrize("past", [True, False], ids=["prompt-past-the-switch", "passes-it-decoding"])
+def test_longrope_request_past_the_switch_follows_its_grammar(past):
+    """A PhiMoE request past original_max_position_embeddings (its prompt, or its sequence while
+    it decodes, when its row is computed again with the long factors) runs in the batch; its
+    grammar goes with it, and its tokens are generate's with the same grammar."""
     tok = moetorch.AutoTokenizer.from_pretrained("tiny-phimoe")
+    prompt = tok("def function_with_a_long_name(first, second):\n    return")["input_ids"]
+    limit = 12 if past else len(prompt) + 4
     config = moetorch.AutoConfig.from_pretrained("tiny-phimoe").to_dict()
     for key in ("rope_parameters", "model_type", "transformers_version"):
         config.pop(key, None)
-    config.update(rope_scaling=longrope_scaling(40, original=12), max_position_embeddings=128)
+    config.update(rope_scaling=longrope_scaling(40, original=limit), max_position_embeddings=128)
     config = moetorch.PhimoeConfig(**config)
     ours = moetorch.AutoModelForCausalLM.from_pretrained("tiny-phimoe", config=config)
     g = Grammar.json(tok, SCHEMA, vocab_size=ours.config.vocab_size)
-    prompt = tok("def function_with_a_long_name(first, second):\n    return")["input_ids"]
     assert len(prompt) > 12
     gen = moetorch.GenerationConfig(max_new_tokens=60, do_sample=False, eos_token_id=tok.eos_token_id,
                                     pad_token_id=tok.pad_token_id)
     with ours.continuous_batching_context_manager(generation_config=gen) as m:
         m.add_request(prompt, request_id="j", grammar=g)
         r = m.get_result("j", timeout=60)
-    assert m.stats["alone"] == 1 and r.error is None
+    assert m.stats["recomputed"] == (not past) and r.error is None and len(r.generated_tokens) > 4
     check_schema(tok.decode(r.generated_tokens, skip_special_tokens=True))
+    want = ours.generate(torch.tensor([prompt]), logits_processor=[GrammarLogitsProcessor(g)], **gen.to_dict())
+    want = want[0, len(prompt):].tolist()  # (generate then draws the end token; the batch ends where the grammar is done)
+    assert r.generated_tokens == want[:len(r.generated_tokens)] and want[len(r.generated_tokens):] in ([], [tok.eos_token_id])
     # without an end token (ignore_eos), beside a request in the batch: it ends where its grammar is done
     with ours.continuous_batching_context_manager(generation_config=gen) as m:
         m.add_request(prompt, request_id="j", grammar=Grammar.regex(tok, r"(yes|no)!"), eos_token_id=[])

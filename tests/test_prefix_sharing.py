@@ -35,9 +35,9 @@ def prefills(monkeypatch):
     seen = []
     original = batching._Batch.prefill
 
-    def spy(self, prompts, rows, shared=None):
+    def spy(self, prompts, rows, shared=None, **kw):
         seen.append([p for *_, p in shared] if shared else [0] * len(prompts))
-        return original(self, prompts, rows, shared)
+        return original(self, prompts, rows, shared, **kw)
 
     monkeypatch.setattr(batching._Batch, "prefill", spy)
     return seen
@@ -284,9 +284,9 @@ def test_forwards_keep_their_keys_bound(pair, small_blocks, prefills, monkeypatc
     keys = []
     original = batching._Batch.prefill
 
-    def spy(self, prompts, rows, shared=None):
+    def spy(self, prompts, rows, shared=None, **kw):
         keys.append(sum(len(q) for q in prompts))
-        return original(self, prompts, rows, shared)
+        return original(self, prompts, rows, shared, **kw)
 
     monkeypatch.setattr(batching._Batch, "prefill", spy)
     (results,), stats = run_in_turns(ours, [inputs], 3, {"max_requests_per_batch": 8, "max_batch_tokens": 40})
@@ -354,11 +354,11 @@ def test_a_shared_prefill_out_of_memory_is_retried_in_halves(pair, small_blocks,
     inputs = [system + rand_tokens(rng, 2) for _ in range(5)]
     original, sizes = batching._Batch.prefill, []
 
-    def tight(self, prompts, rows, shared=None):
+    def tight(self, prompts, rows, shared=None, **kw):
         sizes.append(len(prompts))
         if len(prompts) > 1 and shared and any(p for *_, p in shared):
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        return original(self, prompts, rows, shared)
+        return original(self, prompts, rows, shared, **kw)
 
     monkeypatch.setattr(batching._Batch, "prefill", tight)
     (results,), stats = run_in_turns(ours, [inputs], 3, {"max_requests_per_batch": 5})
@@ -378,13 +378,13 @@ def test_an_out_of_memory_retry_computes_a_prefix_moved_within_its_row(pair, sma
     calls = []
     original = batching._Batch.prefill
 
-    def failing(self, prompts, rows, shared=None):
+    def failing(self, prompts, rows, shared=None, **kw):
         shared = shared or [(0, 0, 0)] * len(prompts)
         calls.append([(row, s) for row, s in zip(rows, shared)])
         if len(prompts) > 1:
-            original(self, prompts[:1], rows[:1], shared[:1])  # writes the first prompt's row, then fails
+            original(self, prompts[:1], rows[:1], shared[:1], **kw)  # writes the first prompt's row, then fails
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        return original(self, prompts, rows, shared)
+        return original(self, prompts, rows, shared, **kw)
 
     monkeypatch.setattr(batching._Batch, "prefill", failing)
     m = ours.init_continuous_batching(generation_config=config(3), continuous_batching_config={"return_logprobs": True})

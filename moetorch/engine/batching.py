@@ -27,10 +27,13 @@ Decode runs over the rows below the highest one in use, rounded up to a bucket (
 one CUDA graph per bucket on a GPU. A free row inside that range computes a throwaway token that
 attends only its slot 0.
 
-LongRoPE (PhiMoE): a request whose prompt and new tokens stay within
-`original_max_position_embeddings` runs in the batch with the short factors, as `generate` runs
-it. A longer one switches factors partway, so it runs alone through `generate` between batch
-steps, with the same settings and the same result as a `generate` call.
+LongRoPE (PhiMoE): each row rotates by its own factor set (`_Batch.long`, which the decode
+steps' rotary tables read per row), as its request's own `generate` call would. A prompt past
+`original_max_position_embeddings` takes the long factors from its prefill on. A shorter one
+whose sequence grows past it is computed again, as `generate` does there: in the step that would
+feed the token at that position, its row joins no decode; its whole sequence (prompt and tokens
+so far) runs as one prefill with the long factors into the same slots, whose last logits give its
+next token (`_recompute`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import heapq
 import itertools
 import logging
 import threading
@@ -246,7 +250,7 @@ class _Request:
 
     __slots__ = ("id", "prompt", "max_new", "eos", "streaming", "stamps", "tokens", "logprobs", "status",
                  "created", "started", "start", "since", "error", "sampling", "seed", "first", "top_n", "tops",
-                 "matcher", "sent")
+                 "matcher", "sent", "long")
 
     def __init__(self, request_id: str, prompt: list[int], max_new: int, eos: frozenset[int], streaming: bool,
                  record_timestamps: bool, sampling: Sampling | None = None, top_n: int = 0, matcher=None) -> None:
@@ -268,6 +272,7 @@ class _Request:
         self.error: str | None = None
         self.matcher = matcher  # its place in its grammar (generation/grammar.py), or None
         self.sent = 0  # tokens handed to a handler that takes deltas
+        self.long = False  # its keys take LongRoPE's long factors (its prompt, or it crossed the switch)
 
     def output(self, since: int = 0) -> GenerationOutput:
         """Its result so far: the tokens (and their log-probabilities, ...) from the `since`-th on."""
@@ -307,11 +312,13 @@ class _Batch:
     """The rows of the batch: the cache, the per-row step inputs and the decode steps."""
 
     def __init__(self, model, rows: int, slots: int, graphs: bool, share: bool = False,
-                 prefill_graphs: bool | None = None) -> None:
+                 prefill_graphs: bool | None = None, longrope: bool = False) -> None:
         device, config = model.device, model.config
         self.model, self.R, self.S = model, rows, slots
         self.cache = StaticCache(config, max_cache_len=slots, max_batch_size=rows, device=device, dtype=model.dtype)
         self.cache.records_inputs = False
+        # LongRoPE: each row's factor set (True: long), which its decode steps' rotary tables read
+        self.long = torch.zeros(rows, 1, dtype=torch.bool, device=device) if longrope else None
         self.mask = torch.zeros(rows, slots, dtype=torch.long, device=device)
         self.mask[:, 0] = 1  # a free row attends its slot 0 only
         self.slot_ids = torch.arange(slots, device=device)
@@ -336,12 +343,13 @@ class _Batch:
     def view(self, b: int) -> StaticCache:
         """A StaticCache over the first b rows (the same storage)."""
         if b not in self.views:
-            self.views[b] = self.cache.rows_slice(slice(0, b))
+            self.views[b] = view = self.cache.rows_slice(slice(0, b))
+            view.rope_long_BT = self.long[:b] if self.long is not None else None
         return self.views[b]
 
     def _forward(self, b: int) -> torch.Tensor:
         cache = self.view(b)
-        cache._seen = 0  # the rows' lengths live in `pos`; the count stays 0 (LongRoPE stays short)
+        cache._seen = 0  # the rows' lengths live in `pos` (and LongRoPE's factor sets in `long`)
         out = self.model(self.ids[:b], attention_mask=self.mask[:b], position_ids=self.pos[:b],
                          past_key_values=cache, use_cache=True, cache_position=self.cpos, logits_to_keep=1,
                          return_dict=True)
@@ -370,7 +378,7 @@ class _Batch:
         return logits
 
     def prefill(self, prompts: list[list[int]], rows: list[int],
-                shared: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+                shared: list[tuple[int, int, int]] | None = None, long: list[bool] | None = None) -> torch.Tensor:
         """The prompts' forward, packed in one row, whose keys land in `rows` at `col - L .. col -
         1`; their rows' masks, positions set. The last prompt tokens' logits. A group that a CUDA
         graph serves is padded to its shape and replayed (`GraphedPackedPrefill`); any other runs
@@ -378,23 +386,30 @@ class _Batch:
 
         `shared`: per prompt, (row, first slot, p): its first p tokens' keys and values lie in that
         row of the batch's cache (p = 0: none). The forward computes the rest, which attends over
-        them where they lie, and copies them into the prompt's row."""
+        them where they lie, and copies them into the prompt's row. `long`: per prompt, whether it
+        takes LongRoPE's long factors (`forward`)."""
         device, k = self.model.device, len(prompts)
         lengths = [len(p) for p in prompts]
-        logits = self.forward(prompts, rows, [self.col - n for n in lengths], shared or [(0, 0, 0)] * k)
+        logits = self.forward(prompts, rows, [self.col - n for n in lengths], shared or [(0, 0, 0)] * k, long=long)
         rows_t, lengths_t = to_device(torch.tensor(rows), device), to_device(torch.tensor(lengths), device)
         self.set_starts(rows_t, self.col - lengths_t)
         self.pos[rows_t, 0] = lengths_t
         return logits
 
     def forward(self, prompts: list[list[int]], rows: list[int], starts: list[int],
-                shared: list[tuple[int, int, int]]) -> torch.Tensor:
+                shared: list[tuple[int, int, int]], long: list[bool] | None = None) -> torch.Tensor:
         """The prompts' packed forward alone, their keys landing in `rows` from slots `starts` on
-        (`PackedRows`); masks and positions unchanged. The last prompt tokens' logits."""
+        (`PackedRows`); masks and positions unchanged. The last prompt tokens' logits. With
+        LongRoPE, `long` gives each prompt's factor set (default: the short), and the rows take it."""
+        if self.long is not None:
+            long = long or [False] * len(prompts)
+            self.long[to_device(torch.tensor(rows), self.long.device), 0] = \
+                to_device(torch.tensor(long, dtype=torch.bool), self.long.device)
         graphs = self._packed_graphs()
-        logits = graphs(prompts, rows, starts, shared) if graphs is not None else None
-        if logits is None:  # unpadded, eagerly (`_seen` stays 0, as in decode steps: every row is short for LongRoPE)
-            logits = packed_forward(self.model, self.cache, prompts, rows, starts, shared, self.window)
+        logits = graphs(prompts, rows, starts, shared, long) if graphs is not None else None
+        if logits is None:  # unpadded, eagerly
+            logits = packed_forward(self.model, self.cache, prompts, rows, starts, shared, self.window,
+                                    long if self.long is not None else None)
         return logits
 
     def _packed_graphs(self) -> GraphedPackedPrefill | None:
@@ -415,6 +430,8 @@ class _Batch:
         self.mask[row].zero_()
         self.mask[row, 0] = 1
         self.pos[row] = 0
+        if self.long is not None:
+            self.long[row] = False
 
     def shift(self, new_col: int, starts: dict[int, int], lo: int | None = None) -> None:
         """Move the live slots so that the column becomes `new_col`; `starts`: row -> first slot
@@ -572,7 +589,7 @@ class ContinuousBatchingManager:
         # by forward, cache shifts, requests run alone (LongRoPE), wall seconds in decode steps and
         # in prefills (each ends reading tokens: the GPU's work is in), prompt tokens shared, and
         # requests whose prompts ran in chunks.
-        self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "shifts": 0, "alone": 0,
+        self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "shifts": 0, "recomputed": 0,
                                       "decode_s": 0.0, "prefill_s": 0.0, "shared_tokens": 0,
                                       "chunked": 0}
 
@@ -612,9 +629,13 @@ class ContinuousBatchingManager:
         self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else 0
         self.max_new_tokens = gen.max_new_tokens
 
-    def _runs_alone(self, prompt_len: int, max_new: int) -> bool:
-        """Whether a request passes LongRoPE's switch, so that it runs alone through `generate`."""
-        return self.rope_limit is not None and prompt_len + max_new > self.rope_limit
+    def _crosses(self, req: _Request) -> int | None:
+        """For a request that runs with LongRoPE's short factors and will pass the switch: the
+        decode step that would feed its token at position `rope_limit` (its sequence is then one
+        token longer than the limit), which `_recompute` replaces. Else None."""
+        if self.rope_limit is None or req.long or len(req.prompt) + req.max_new - 1 <= self.rope_limit:
+            return None
+        return req.first + self.rope_limit - len(req.prompt)
 
     def _slots(self, hints: WorkloadHints) -> int:
         cfg = self.continuous_batching_config
@@ -625,8 +646,6 @@ class ContinuousBatchingManager:
                                  f"{cfg.max_cache_len}")
             return int(cfg.max_cache_len)
         need = hints.max_prompt_length + max(hints.max_generated_length, 1)
-        if self.rope_limit is not None:  # longer requests run alone through generate
-            need = min(need, self.rope_limit)
         hinted = -(-2 * need // SLOT_ROUND) * SLOT_ROUND
         if hints.max_prompt_length and hints.max_generated_length:
             return hinted
@@ -686,7 +705,7 @@ class ContinuousBatchingManager:
         if self._batch is None:
             share = self.continuous_batching_config.allow_block_sharing
             self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs, share=bool(share),
-                                 prefill_graphs=self.use_prefill_graphs)
+                                 prefill_graphs=self.use_prefill_graphs, longrope=self.rope_limit is not None)
         return self._batch
 
     def is_running(self) -> bool:
@@ -779,15 +798,11 @@ class ContinuousBatchingManager:
             raise ValueError(f"add_request: request_id must be a non-empty string, got {request_id!r}")
         max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         eos = self.eos if eos_token_id is None else _id_set(eos_token_id)
-        alone = self._runs_alone(len(prompt), max_new or 1)
         if max_new is None:
-            if alone:
-                raise ValueError(f"add_request({request_id!r}): a prompt past original_max_position_embeddings "
-                                 f"({self.rope_limit}) needs max_new_tokens")
             max_new = self.slots - len(prompt) + 1  # until EOS or the row is full
         if not isinstance(max_new, int) or max_new < 1:
             raise ValueError(f"add_request({request_id!r}): max_new_tokens must be a positive int, got {max_new!r}")
-        if not alone and len(prompt) + max_new - 1 > self.slots:
+        if len(prompt) + max_new - 1 > self.slots:
             raise ValueError(
                 f"add_request({request_id!r}): the prompt's {len(prompt)} tokens + max_new_tokens={max_new} exceed "
                 f"a row of the batch's cache ({self.slots} slots): raise continuous_batching_config.max_cache_len")
@@ -795,8 +810,11 @@ class ContinuousBatchingManager:
         # a seed keys the request's draws; children draw from seed + 1, ...
         own = [sampling if sampling is None or sampling.seed is None or i == len(ids) - 1 else
                dataclasses.replace(sampling, seed=(sampling.seed + i + 1) % 2**63) for i in range(len(ids))]
-        return request_id, [_Request(i, prompt, max_new, eos, streaming, record_timestamps, sp, top_n,
-                                     None if grammar is None else grammar.matcher()) for i, sp in zip(ids, own)]
+        reqs = [_Request(i, prompt, max_new, eos, streaming, record_timestamps, sp, top_n,
+                         None if grammar is None else grammar.matcher()) for i, sp in zip(ids, own)]
+        for req in reqs:  # a prompt past LongRoPE's switch takes the long factors from its prefill on
+            req.long = self.rope_limit is not None and len(prompt) > self.rope_limit
+        return request_id, reqs
 
     def _queue(self, request_id: str, requests: list[_Request]) -> str:
         """Queue a request and its children, waiting up to QUEUE_WAIT_S for room."""
@@ -973,6 +991,9 @@ class ContinuousBatchingManager:
         waiting: deque[_Request] = deque()
         running: dict[int, _Request] = {}
         self._pending: deque[_Step] = deque()
+        # (step, order, row, request): requests that pass LongRoPE's switch at that decode step
+        self._crossings: list[tuple[int, int, int, _Request]] = []
+        self._order = itertools.count()
         self._steps = 0
         self._rows_changed += 1
         try:
@@ -1043,11 +1064,6 @@ class ContinuousBatchingManager:
         # requests decoding when the turn began: a prefill holds them up
         chunk = min(self.batch_tokens, self.chunk_tokens) if running and self.chunk_tokens else 0
         while waiting:
-            if self._runs_alone(len(waiting[0].prompt), waiting[0].max_new):
-                self._drain(running, batch)  # its generate syncs anyway; the batch's steps land first
-                self._post()
-                self._alone(waiting.popleft())
-                continue
             free = [r for r in range(batch.R) if r not in running]
             if running and len(free) < max(1, batch.R // ADMIT_SHARE) and \
                     self._steps - waiting[0].since < ADMIT_AFTER_STEPS:
@@ -1056,10 +1072,10 @@ class ContinuousBatchingManager:
             group: list[_Request] = []
             col, work, ahead = batch.col, 0, 0
             for req in waiting:
-                if len(group) == len(free) or self._runs_alone(len(req.prompt), req.max_new):
+                if len(group) == len(free):
                     break
                 # the tokens its prefill computes: those past a prefix that a row holds
-                found = batch.prefixes.find(req.prompt) if batch.prefixes is not None else None
+                found = batch.prefixes.find(req.prompt, mode=req.long) if batch.prefixes is not None else None
                 cost = len(req.prompt) - (found[1] if found is not None else 0)
                 if group and work + cost > budget:
                     break
@@ -1118,7 +1134,7 @@ class ContinuousBatchingManager:
         done = ch.shared[2]
         if ch.shared[0] != ch.row or ch.shared[1] != first:
             self.stats["shared_tokens"] += done  # a prefix that another row (or another place) held
-        batch.forward([prompt[:done + n]], [ch.row], [first], [ch.shared])
+        batch.forward([prompt[:done + n]], [ch.row], [first], [ch.shared], long=[ch.req.long])
         ch.shared = (ch.row, first, done + n)  # from now on its row holds its first tokens
         self.stats["prefill_tokens"].append(n)
         self.stats["prefill_s"] += time.perf_counter() - t0
@@ -1142,7 +1158,7 @@ class ContinuousBatchingManager:
         for n, phase in enumerate(phases):
             if n:  # requests that start from a request of the phase before
                 for i in phase:
-                    f = batch.prefixes.find(group[i].prompt)
+                    f = batch.prefixes.find(group[i].prompt, mode=group[i].long)
                     shared[i] = (f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0)
             rest = [len(group[i].prompt) - shared[i][2] for i in phase]
             # a forward's attention holds each layer's keys of its prompts, shared prefixes
@@ -1154,7 +1170,7 @@ class ContinuousBatchingManager:
                 part = todo.popleft()
                 try:
                     logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part],
-                                           [shared[i] for i in part])
+                                           [shared[i] for i in part], long=[group[i].long for i in part])
                 except torch.OutOfMemoryError:
                     # a forward too wide for the free memory: retried in halves. The rows it
                     # wrote in part are the part's own; a prompt whose prefix lay in its own row
@@ -1237,7 +1253,7 @@ class ContinuousBatchingManager:
         users: collections.Counter = collections.Counter()  # finished rows -> requests that start from them
         found = []
         for req in group:  # spread over rows that hold the same tokens, so that each may go to its user
-            f = index.find(req.prompt, users)
+            f = index.find(req.prompt, users, mode=req.long)
             found.append(f)
             if f is not None and f[0].req is None:
                 users[f[0].row] += 1
@@ -1253,11 +1269,11 @@ class ContinuousBatchingManager:
         rows = [r if r is not None else next(others) for r in rows]
         for r in rows:
             index.drop(r)
-        found = [index.find(req.prompt) if f is not None and f[0].row in rows and f[0].row != row else f
+        found = [index.find(req.prompt, mode=req.long) if f is not None and f[0].row in rows and f[0].row != row else f
                  for req, f, row in zip(group, found, rows)]
         local, follow, gain = PrefixIndex(), [], 0
         for i, req in enumerate(group):
-            mine, have = local.find(req.prompt), found[i][1] if found[i] is not None else 0
+            mine, have = local.find(req.prompt, mode=req.long), found[i][1] if found[i] is not None else 0
             if mine is not None and mine[1] >= have + prefixes.BLOCK:
                 follow.append(i)
                 gain += mine[1] - have
@@ -1299,6 +1315,9 @@ class ContinuousBatchingManager:
         self._rows_changed += 1
         for req, row, tok, lp in zip(group, rows, host, lps):
             running[row] = req
+            due = self._crosses(req)
+            if due is not None:
+                heapq.heappush(self._crossings, (due, next(self._order), row, req))
             self._hand(req, row, tok, lp, running, batch)
 
     def _hand(self, req: _Request, row: int, token: int, logprob: float | None, running: dict,
@@ -1321,7 +1340,8 @@ class ContinuousBatchingManager:
     def _decode(self, running: dict, batch: _Batch) -> None:
         """Launch a step for the running rows; read the tokens of the step READ_LAG steps before
         it: the host reads a step's tokens while the next one runs on the GPU, and a request that
-        ended in the first has its row computed once more, then dropped."""
+        ended in the first has its row computed once more, then dropped. A request that passes
+        LongRoPE's switch at this step leaves it and is computed again after it (`_recompute`)."""
         t0 = time.perf_counter()
         if batch.col >= batch.S:
             # the last column is written: every running request has ended in a step in flight
@@ -1331,19 +1351,74 @@ class ContinuousBatchingManager:
                 return
             raise RuntimeError(f"continuous batching: requests {[r.id for r in running.values()]} still run at the "
                                f"cache's last column {batch.S}")
-        b = batch.bucket(max(running) + 1)
-        logits = batch.step(b)
-        self._steps += 1
-        if self._constrained(running):
-            # a grammar's mask needs the tokens so far: read the steps in flight while this one runs
+        crossing = self._due(running) if self._crossings else {}
+        if crossing:  # their recompute reads every token so far
             self._drain(running, batch)
-        self.stats["decode_rows"].append(len(running))
-        tokens, logprobs = self._choose(logits, self._decode_rows(running, b))
-        batch.ids[:b, 0] = tokens
-        self._pending.append(_Step(sorted(running.items()), tokens, logprobs))
-        while len(self._pending) > READ_LAG:
-            self._collect(self._pending.popleft(), running, batch)
+            crossing = {row: req for row, req in crossing.items() if running.get(row) is req}
+            for row in crossing:
+                del running[row]
+            self._rows_changed += 1
+        if running:
+            b = batch.bucket(max(running) + 1)
+            logits = batch.step(b)
+            self._steps += 1
+            if self._constrained(running):
+                # a grammar's mask needs the tokens so far: read the steps in flight while this one runs
+                self._drain(running, batch)
+            self.stats["decode_rows"].append(len(running))
+            tokens, logprobs = self._choose(logits, self._decode_rows(running, b))
+            batch.ids[:b, 0] = tokens
+            self._pending.append(_Step(sorted(running.items()), tokens, logprobs))
+            while len(self._pending) > READ_LAG:
+                self._collect(self._pending.popleft(), running, batch)
+        else:  # the step of the recomputed rows alone: the column moves on
+            batch.col += 1
+            self._steps += 1
         self.stats["decode_s"] += time.perf_counter() - t0
+        for row, req in crossing.items():
+            self._recompute(row, req, running, batch)
+
+    def _due(self, running: dict) -> dict[int, _Request]:
+        """The running requests (row -> request) whose next step passes LongRoPE's switch."""
+        due = {}
+        while self._crossings and self._crossings[0][0] <= self._steps:
+            _, _, row, req = heapq.heappop(self._crossings)
+            if running.get(row) is req:
+                due[row] = req
+        return due
+
+    def _recompute(self, row: int, req: _Request, running: dict, batch: _Batch) -> None:
+        """A request whose sequence passed LongRoPE's switch: its prompt and tokens so far computed
+        again with the long factors into its row's slots (the step just run wrote a throwaway key
+        in the last), and its next token drawn from the last logits, as `generate` does when its
+        sequence passes `original_max_position_embeddings`. It then runs on with the long factors."""
+        t0 = time.perf_counter()
+        seq = req.prompt + req.tokens
+        if len(seq) != self.rope_limit + 1 or req.start + len(seq) != batch.col:
+            raise RuntimeError(f"continuous batching: request {req.id} passes LongRoPE's switch with {len(seq)} "
+                               f"tokens ending at slot {req.start + len(seq) - 1}, not {self.rope_limit + 1} tokens "
+                               f"ending at the column before {batch.col}")
+        req.long = True
+        if batch.prefixes is not None:
+            batch.prefixes.drop(row)
+        logits = batch.forward([seq], [row], [req.start], [(0, 0, 0)], long=[True])
+        batch.pos[row, 0] = len(seq)
+        if (req.sampling or self.default_sampling).counts:  # the step's throwaway was counted in the row
+            self._track_counts(batch, [req], [row])
+            if req.tokens:
+                device = batch.ids.device
+                batch.counts.add(to_device(torch.tensor([row] * len(req.tokens)), device),
+                                 to_device(torch.tensor(req.tokens), device))
+        tokens, lp = self._choose(logits, [req], [row])
+        batch.ids[row, 0] = tokens[0]
+        running[row] = req
+        self._rows_changed += 1
+        if batch.prefixes is not None:
+            batch.prefixes.running(row, req)
+        self.stats["recomputed"] += 1
+        self.stats["prefill_tokens"].append(len(seq))
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        self._hand(req, row, int(tokens[0]), None if lp is None else lp.tolist()[0], running, batch)
 
     def _constrained(self, running: dict) -> bool:
         """Whether a running request follows a grammar (remembered until the rows change)."""
@@ -1495,56 +1570,6 @@ class ContinuousBatchingManager:
             batch.counts = TokenCounts(batch.R, self.model.config.vocab_size, device)
         batch.counts.reset([row for row, _ in taken], [req.prompt for _, req in taken],
                            lambda values, dtype: to_device(torch.tensor(values, dtype=dtype), device))
-
-    def _alone(self, req: _Request) -> None:
-        """A LongRoPE request past `original_max_position_embeddings`, through `generate`."""
-        from ..generation.grammar import GrammarLogitsProcessor
-        from ..generation.logits_process import FrequencyPresencePenaltyLogitsProcessor, LogitsProcessorList
-
-        req.status, req.started = RequestStatus.DECODING, time.perf_counter()
-        self.stats["alone"] += 1
-        gen, own = self.generation_config, req.sampling
-        do_sample = self.do_sample if own is None else own.do_sample
-        kwargs = dict(max_new_tokens=req.max_new, min_new_tokens=None, do_sample=do_sample,
-                      num_return_sequences=1, eos_token_id=sorted(req.eos) or None, pad_token_id=self.pad_id)
-        settings = own or self.default_sampling
-        kwargs.update(repetition_penalty=settings.repetition_penalty,
-                      sequence_bias={(t,): b for t, b in settings.logit_bias} or None)
-        processors = LogitsProcessorList()
-        if settings.frequency_penalty or settings.presence_penalty:
-            processors.append(FrequencyPresencePenaltyLogitsProcessor(
-                settings.frequency_penalty, settings.presence_penalty, len(req.prompt)))
-        if req.matcher is not None:
-            processors.append(GrammarLogitsProcessor(req.matcher.grammar, sorted(req.eos)))
-        if processors:
-            kwargs["logits_processor"] = processors
-        if own is not None and do_sample:
-            kwargs.update(temperature=own.temperature, top_k=own.top_k or None, top_p=own.top_p,
-                          min_p=own.min_p or None)
-        elif do_sample:
-            kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, min_p=gen.min_p,
-                          typical_p=gen.typical_p, epsilon_cutoff=gen.epsilon_cutoff, eta_cutoff=gen.eta_cutoff,
-                          top_h=gen.top_h)
-        ids = torch.tensor([req.prompt], device=self.model.device)
-        seeded = own is not None and do_sample and own.seed is not None
-        try:
-            with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else [], enabled=seeded):
-                if seeded:
-                    torch.manual_seed(own.seed)
-                out = self.model.generate(ids, **kwargs, output_scores=self.return_logprobs,
-                                          return_dict_in_generate=True)
-        except Exception as e:  # noqa: BLE001 -- this request fails; the batch goes on
-            logger.error("continuous batching: request %s failed alone: %r", req.id, e)
-            self._finish(req, f"{type(e).__name__}: {e}")
-            return
-        new = out.sequences[0, len(req.prompt):].tolist()
-        for i, tok in enumerate(new):
-            lp = None
-            if out.scores is not None:  # (the scores generate drew from: its warpers applied)
-                lp = self._logprobs(out.scores[i].float(), out.sequences[:, len(req.prompt) + i], [req]).tolist()[0]
-            if req.add(tok, lp):
-                break
-        self._finish(req, req.error)
 
 
 def _call_each(items: list) -> None:

@@ -447,13 +447,18 @@ def packed_inputs(prompts: list[list[int]], shared: list[tuple[int, int, int]]
 
 
 def packed_forward(model, cache: StaticCache, prompts: list[list[int]], rows: list[int], starts: list[int],
-                   shared: list[tuple[int, int, int]], window: int | None) -> torch.Tensor:
+                   shared: list[tuple[int, int, int]], window: int | None,
+                   long: list[bool] | None = None) -> torch.Tensor:
     """The prompts' forward packed in one row with no padding, eagerly (`cache.PackedRows(cache,
-    rows, starts, ..., shared)`): the last tokens' logits [len(prompts), V]."""
+    rows, starts, ..., shared)`): the last tokens' logits [len(prompts), V]. `long`: per prompt,
+    LongRoPE's factor set (None: the longest prompt's length picks one for all)."""
     device = model.device
     ids, positions, last = packed_inputs(prompts, shared)
     rest = [len(p) - s for p, (*_, s) in zip(prompts, shared)]
     packed = PackedRows(cache, rows, starts, rest, shared, window=window)
+    if long is not None:
+        flags = torch.repeat_interleave(torch.tensor(long, dtype=torch.bool), torch.tensor(rest))
+        packed.rope_long_BT = to_device(flags, device)[None]
     return model(to_device(ids, device)[None], position_ids=to_device(positions, device)[None],
                  past_key_values=packed, use_cache=True, logits_to_keep=to_device(last, device),
                  return_dict=True).logits[0]
@@ -492,8 +497,8 @@ class GraphedPackedPrefill:
     kernel reads the offsets from a buffer, with the bucket's sizes as its bounds. A shape is
     captured on its `PREFILL_CAPTURE_AFTER`-th use, and runs eagerly, padded alike, before. A
     forward whose prompt moves its prefix within its own row runs eagerly (a capture runs the
-    forward more than once, and a second run would read moved keys). Larger groups, LongRoPE's
-    long factors or a GPU without the varlen kernel: the call returns None and the caller runs
+    forward more than once, and a second run would read moved keys). Larger groups, a prompt with
+    LongRoPE's long factors or a GPU without the varlen kernel: the call returns None and the caller runs
     the forward unpadded. With `enabled=False` (or on the CPU) the padded forward runs eagerly:
     the fallback the tests exercise."""
 
@@ -507,9 +512,9 @@ class GraphedPackedPrefill:
         self.entries: dict[tuple, _PackedEntry] = {}
         self.pool = None
 
-    def key(self, lengths: list[int], rest: list[int]) -> tuple | None:
+    def key(self, lengths: list[int], rest: list[int], long: list[bool] | None = None) -> tuple | None:
         """The shape of a forward of prompts of `lengths` tokens, the last `rest` of each computed
-        (None: it runs unpadded)."""
+        (None: it runs unpadded, as where a prompt takes LongRoPE's long factors, `long`)."""
         tokens = _bucket(sum(rest), PREFILL_BUCKETS)
         if tokens is None or tokens * self.flops_per_token > GRAPHED_FLOPS:
             return None
@@ -517,7 +522,7 @@ class GraphedPackedPrefill:
         prompts = 1 << len(rest).bit_length()  # a power of two with room for the padding's sequence
         if keys is None or prompts > GRAPHED_PROMPTS:
             return None
-        if self.rotary is not None and self.rotary.use_long(max(lengths)):
+        if self.rotary is not None and (self.rotary.use_long(max(lengths)) or any(long or ())):
             return None
         return tokens, keys, prompts
 
@@ -537,14 +542,14 @@ class GraphedPackedPrefill:
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]], rows: list[int], starts: list[int],
-                 shared: list[tuple[int, int, int]]) -> torch.Tensor | None:
+                 shared: list[tuple[int, int, int]], long: list[bool] | None = None) -> torch.Tensor | None:
         """The last tokens' logits [len(prompts), V] of the prompts' forward (`PackedRows(cache,
-        rows, starts, ..., shared)`), or None where this shape runs unpadded."""
+        rows, starts, ..., shared)`), or None where this shape runs unpadded (`key`)."""
         if self.enabled and not varlen_kernel_serves(self.model.device, self.model.dtype, self.head_dim):
             self.enabled = False  # sdpa's flash kernel was turned off since: no more captures
         lengths = [len(p) for p in prompts]
         rest = [n - p for n, (*_, p) in zip(lengths, shared)]
-        key = self.key(lengths, rest)
+        key = self.key(lengths, rest, long)
         if key is None:
             return None
         tokens, keys, seqs = key

@@ -17,6 +17,10 @@ blocks before it, so one dictionary look-up a block finds every source that shar
 to it. The match then goes on token by token into the next block, and is checked token by token
 from the start (a hash names candidates, never decides). A prompt keeps at least its last token
 to compute, whose logits give the first new token.
+
+With LongRoPE (PhiMoE) a row's keys are rotated by one of two factor sets, its request's `long`
+(a prompt past the switch, or a request that crossed it). Each set has its own hash chain, so a
+prompt finds only rows rotated as its own prefill would rotate it.
 """
 
 from __future__ import annotations
@@ -31,21 +35,22 @@ class Source:
     """Tokens whose keys and values lie in slots `start ..` of `row`. A running request's source
     reads its start from the request (which a cache shift moves); a finished one keeps its own."""
 
-    __slots__ = ("row", "tokens", "req", "_start", "hashes", "stamp")
+    __slots__ = ("row", "tokens", "req", "_start", "hashes", "stamp", "mode")
 
-    def __init__(self, row: int, tokens: list[int], stamp: int, req=None, start: int = 0) -> None:
-        self.row, self.tokens, self.req, self._start, self.stamp = row, tokens, req, start, stamp
-        self.hashes = [h for _, h in block_hashes(tokens, len(tokens))]
+    def __init__(self, row: int, tokens: list[int], stamp: int, req=None, start: int = 0, mode: bool = False) -> None:
+        self.row, self.tokens, self.req, self._start, self.stamp, self.mode = row, tokens, req, start, stamp, mode
+        self.hashes = [h for _, h in block_hashes(tokens, len(tokens), mode)]
 
     @property
     def start(self) -> int:
         return self.req.start if self.req is not None else self._start
 
 
-def block_hashes(tokens: list[int], limit: int):
+def block_hashes(tokens: list[int], limit: int, mode: bool = False):
     """(end, chained hash) of each whole block within the first `limit` tokens, in order: each
-    hash covers every token before `end` (computed as consumed, so a search may stop early)."""
-    h = 0
+    hash covers every token before `end` (computed as consumed, so a search may stop early). The
+    chain starts from `mode` (LongRoPE's factor set), so that each set's hashes are its own."""
+    h = int(mode)
     for j in range(BLOCK, limit + 1, BLOCK):
         h = hash((h, tuple(tokens[j - BLOCK:j])))
         yield j, h
@@ -86,12 +91,12 @@ class PrefixIndex:
 
     def running(self, row: int, req) -> None:
         """A request now runs in `row`, its prompt's keys in its slots from `req.start` on."""
-        self._add(Source(row, req.prompt, next(self._clock), req=req))
+        self._add(Source(row, req.prompt, next(self._clock), req=req, mode=getattr(req, "long", False)))
 
     def finished(self, row: int, req) -> None:
         """The request of `row` finished: its prompt and generated tokens but the last stay."""
         tokens = req.prompt + req.tokens[:-1]
-        self._add(Source(row, tokens, next(self._clock), start=req.start))
+        self._add(Source(row, tokens, next(self._clock), start=req.start, mode=getattr(req, "long", False)))
 
     def finished_rows(self) -> dict[int, int]:
         """Finished sources' rows -> their first slot."""
@@ -113,14 +118,15 @@ class PrefixIndex:
             else:
                 self.drop(row)
 
-    def find(self, prompt: list[int], users: dict[int, int] | None = None) -> tuple[Source, int] | None:
+    def find(self, prompt: list[int], users: dict[int, int] | None = None,
+             mode: bool = False) -> tuple[Source, int] | None:
         """The source sharing the longest prefix with `prompt` (at least a block, at most all but
         its last token), and that prefix's length; None if none does. Among sources that share as
         much, the one on the row with the fewest `users` (row -> requests that start from it), then
-        the newest."""
+        the newest. Only sources of LongRoPE factor set `mode` count."""
         limit = len(prompt) - 1
         best = None
-        for j, h in block_hashes(prompt, limit):
+        for j, h in block_hashes(prompt, limit, mode):
             holders = self._by_hash.get(h)
             if not holders:
                 break
@@ -131,7 +137,7 @@ class PrefixIndex:
         found, rank = None, None
         for src in holders.values():
             toks = src.tokens
-            if toks[:j] != prompt[:j]:  # a hash collision
+            if src.mode != mode or toks[:j] != prompt[:j]:  # a hash collision
                 continue
             p, end = j, min(limit, len(toks))
             while p < end and toks[p] == prompt[p]:
