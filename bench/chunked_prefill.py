@@ -51,6 +51,18 @@ def gap_stats(outputs) -> dict:
     return {"gap_p50_ms": pct(gaps, 0.5) * 1e3, "gap_p99_ms": pct(gaps, 0.99) * 1e3, "gap_max_ms": max(gaps) * 1e3}
 
 
+def collect(manager, count: int, timeout: float) -> dict:
+    """The next `count` results of `manager`, by request id; an error (or none in `timeout`
+    seconds) fails the run."""
+    done = {}
+    while len(done) < count:
+        r = manager.get_result(timeout=timeout)
+        if r is None or r.error is not None:
+            raise RuntimeError(f"loop: {None if r is None else r.error}")
+        done[r.request_id] = r
+    return done
+
+
 def keep(out: dict, label: str, arm: int, row: dict) -> None:
     """Log an arm's round and keep it unless it is the untimed one (round -1)."""
     log(f"  {label} {arm}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
@@ -172,12 +184,7 @@ def loop(model, vocab: int, args) -> dict:
 
                 driver = threading.Thread(target=arrive)
                 driver.start()
-                done = {}
-                while len(done) < len(streams) + len(longs):
-                    r = manager.get_result(timeout=300)
-                    if r is None or r.error is not None:
-                        raise RuntimeError(f"loop: {None if r is None else r.error}")
-                    done[r.request_id] = r
+                done = collect(manager, len(streams) + len(longs), 300)
                 driver.join()
                 wall = time.perf_counter() - t0
                 ttft = [done[rid].timestamps[0] - done[rid].created_time for rid in done if rid.startswith("long")]
