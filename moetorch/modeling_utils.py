@@ -1023,8 +1023,7 @@ def decoder_forward(
     segments_BT = packed_segments(position_ids, attention_mask, inp.cache, B)
     # positions given with no mask and no cache: LongRoPE's sequence length is the largest position
     # + 1, as the original code and Transformers read it (packed sequences each count their own)
-    seq_len = (int(position_ids.max()) + 1 if segments_BT is not None and model.rotary_emb.longrope
-               and (inp.cache is None or inp.cache.rope_long_BT is None) else None)
+    seq_len = int(position_ids.max()) + 1 if segments_BT is not None and model.rotary_emb.longrope else None
     inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len)
     writes = _writes_unpadded(past_key_values, inp.cache)
     unpad = unpadded_rows(model, attention_mask, None if writes else inp.cache, sliding_window, output_attentions,

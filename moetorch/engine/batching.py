@@ -586,9 +586,9 @@ class ContinuousBatchingManager:
         self._grammar_rows: tuple = (None, False)
         self._versions: list[int] = []  # the parameters' version counters when prefixes were last used
         # What the loop did: rows decoded each step (the running requests), prompt tokens computed
-        # by forward, cache shifts, requests run alone (LongRoPE), wall seconds in decode steps and
-        # in prefills (each ends reading tokens: the GPU's work is in), prompt tokens shared, and
-        # requests whose prompts ran in chunks.
+        # by forward, cache shifts, requests computed again past LongRoPE's switch, wall seconds in
+        # decode steps and in prefills (each ends reading tokens: the GPU's work is in), prompt
+        # tokens shared, and requests whose prompts ran in chunks.
         self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "shifts": 0, "recomputed": 0,
                                       "decode_s": 0.0, "prefill_s": 0.0, "shared_tokens": 0,
                                       "chunked": 0}
