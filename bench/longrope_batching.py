@@ -17,11 +17,13 @@ in that step (`ContinuousBatchingManager._recompute`).
 - `loop` (random weights at the real size, bf16, LongRoPE at 4096 with random factor lists): one
   manager: `--streams` requests decode while `--past` prompts of `--past-tokens` tokens (past
   the switch) and `--crossing` prompts of `--crossing-tokens` tokens (which pass it after
-  4097 - `--crossing-tokens` new tokens) arrive, one every `--every-ms`. Arms: `batch` (they run in
-  the batch) and `alone` (each through `generate` under `manager.pause()`, holding the batch up
-  between steps as the manager did before they ran in the batch). Per round: the streams' gaps
-  between consecutive tokens, the long requests' time from arrival to first token, generated
-  tokens/s and the recomputes.
+  4097 - `--crossing-tokens` new tokens) arrive, one every `--every-ms`. Arms (`--arms`): `batch`
+  (they run in the batch, a recompute in chunks of `prefill_chunk_tokens` while others decode),
+  `whole` (the same, each recompute in one forward: `batching.RECOMPUTE_CHUNKS = False`) and
+  `alone` (each through `generate` under `manager.pause()`, holding the batch up between steps as
+  the manager did before they ran in the batch). Per round: the streams' gaps between consecutive
+  tokens, the long requests' time from arrival to first token, generated tokens/s and the
+  recomputes (in chunks or whole).
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ def tiny_check() -> dict:
                               for k, t in zip(range(len(p), len(seq)), r.generated_tokens)])
         worst = max(worst, float((torch.tensor(r.logprobs, device="cuda") - expect).abs().max()))
     out = {"requests": len(plan), "same_tokens_as_generate": same, "logprob_max_diff": worst,
-           "recomputed": stats["recomputed"], "chunked": stats["chunked"]}
+           "recomputed": stats["recomputed"], "recomputed_in_chunks": stats["recomputed_in_chunks"],
+           "chunked": stats["chunked"]}
     log(f"tiny float32: {out}")
     model = tiny_phimoe(torch.bfloat16)
     runs = {arm: run(model, plan, dict(cb, use_cuda_graph=arm == "graphs"))[0] for arm in ("graphs", "eager")}
@@ -158,12 +161,14 @@ def logits_check(layers: int = 2) -> dict:
 @torch.no_grad()
 def loop(args) -> dict:
     """One manager; per round, `--streams` requests start decoding and the long requests arrive
-    one every `--every-ms` from `--first-ms` on. Arms: `batch` (they run in the batch) and `alone`
-    (each runs through `generate` under `manager.pause()`, which holds the batch between steps as
-    the manager did before such requests ran in the batch, its tokens delivered at the end)."""
+    one every `--every-ms` from `--first-ms` on. Arms: `batch` (they run in the batch), `whole`
+    (the same with each recompute in one forward) and `alone` (each runs through `generate` under
+    `manager.pause()`, which holds the batch between steps as the manager did before such requests
+    ran in the batch, its tokens delivered at the end); their order turns each round."""
     import threading
 
     import moetorch
+    from moetorch.engine import batching
 
     cfg = dict(SIZES["phimoe"], rope_scaling=longrope(128, ORIGINAL, seed=1))
     log("phimoe: building")
@@ -179,10 +184,12 @@ def loop(args) -> dict:
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config={
         "max_requests_per_batch": args.streams + args.past + args.crossing, "max_cache_len": slots})
     manager.start()
-    out.update(slots=slots, batch=[], alone=[])
+    arms = args.arms.split(",")
+    out.update(slots=slots, **{arm: [] for arm in arms})
     try:
         for rnd in range(-1, args.rounds):  # round -1: each arm once, untimed (compiles, captures)
-            for arm in ("batch", "alone") if rnd % 2 == 0 else ("alone", "batch"):
+            for arm in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:
+                batching.RECOMPUTE_CHUNKS = arm != "whole"
                 streams = [tok(args.stream_prompt) for _ in range(args.streams)]
                 longs = [(tok(args.past_tokens), args.past_new) for _ in range(args.past)]
                 longs += [(tok(args.crossing_tokens), cross_new) for _ in range(args.crossing)]
@@ -195,7 +202,7 @@ def loop(args) -> dict:
                     for i, (p, n) in enumerate(longs):
                         due = t0 + (args.first_ms + i * args.every_ms) / 1e3
                         time.sleep(max(0.0, due - time.perf_counter()))
-                        if arm == "batch":
+                        if arm != "alone":
                             manager.add_request(p, request_id=f"{tag}-{i}", max_new_tokens=n, record_timestamps=True)
                             continue
                         with manager.pause():
@@ -206,10 +213,10 @@ def loop(args) -> dict:
 
                 driver = threading.Thread(target=arrive)
                 driver.start()
-                done = collect(manager, len(streams) + (len(longs) if arm == "batch" else 0), 600)
+                done = collect(manager, len(streams) + (len(longs) if arm != "alone" else 0), 600)
                 driver.join()
                 wall = time.perf_counter() - t0
-                if arm == "batch":
+                if arm != "alone":
                     for rid, r in done.items():
                         if rid.startswith("long"):
                             i = int(rid.rsplit("-", 1)[1])
@@ -221,13 +228,13 @@ def loop(args) -> dict:
                        "streams_done_s": max(done[rid].timestamps[-1] for rid in ids) - t0,
                        "long_first_token_p50_ms": statistics.median(firsts.values()) * 1e3,
                        "long_first_token_max_ms": max(firsts.values()) * 1e3,
-                       "recomputed": manager.stats["recomputed"] - stats0["recomputed"],
-                       "chunked": manager.stats["chunked"] - stats0["chunked"]}
+                       **{k: manager.stats[k] - stats0[k] for k in ("recomputed", "recomputed_in_chunks", "chunked")}}
                 log(f"  {arm} round {rnd}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in row.items()))
                 if rnd >= 0:
                     out[arm].append(row)
     finally:
+        batching.RECOMPUTE_CHUNKS = True
         manager.stop(block=True)
     return out
 
@@ -249,6 +256,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=0, help="the rows' slots (0: the longest request + 64)")
     ap.add_argument("--first-ms", type=float, default=500)
     ap.add_argument("--every-ms", type=float, default=700)
+    ap.add_argument("--arms", default="batch,whole,alone", help="of batch, whole, alone")
     args = ap.parse_args()
     parts = args.parts.split(",")
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}

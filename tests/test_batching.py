@@ -467,12 +467,15 @@ def crosses(prompt: list[int], n: int) -> bool:
     return len(prompt) <= LIMIT < len(prompt) + n - 1
 
 
-def test_longrope_rows_take_their_own_factor_sets(longrope):
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5"])
+def test_longrope_rows_take_their_own_factor_sets(longrope, chunk):
     """PhiMoE with LongRoPE: every request runs in the batch and gives its own `generate` call's
     tokens, whether it stays within original_max_position_embeddings, starts past it (long
     factors from its prefill on) or passes it while decoding (computed again with the long factors
     at that step, as generate drops its cache there). Its log-probabilities are those of a forward
-    over the prompt and the tokens before each (LongRoPE picks its factors by that length)."""
+    over the prompt and the tokens before each (LongRoPE picks its factors by that length). With
+    chunks of 5 tokens, long prompts and recomputes (13 tokens) run in chunks between the other
+    rows' steps."""
     _, ours = longrope
     rng = random.Random(5)
     n = 8
@@ -483,13 +486,14 @@ def test_longrope_rows_take_their_own_factor_sets(longrope):
     assert not crosses(inputs[0], n) and crosses(inputs[1], n) and not crosses(inputs[2], n)
     kinds = {(len(p) > LIMIT, crosses(p, n)) for p in inputs}
     assert kinds == {(False, False), (False, True), (True, False)}
-    cb = {"max_requests_per_batch": 3, "return_logprobs": True}
+    cb = {"max_requests_per_batch": 3, "return_logprobs": True, "prefill_chunk_tokens": chunk}
     with ours.continuous_batching_context_manager(generation_config=config(n, eos_token_id=None),
                                                   continuous_batching_config=cb) as m:
         for i, p in enumerate(inputs):
             m.add_request(p, request_id=str(i), top_logprobs=2)
         out = {r.request_id: r for r in (m.get_result(timeout=60) for _ in inputs)}
     assert m.stats["recomputed"] == sum(crosses(p, n) for p in inputs) and max(m.stats["decode_rows"]) == 3
+    assert (m.stats["recomputed_in_chunks"] > 0) == (chunk is not None) and (m.stats["chunked"] > 0) == bool(chunk)
     for i, p in enumerate(inputs):
         r = out[str(i)]
         assert r.error is None and r.generated_tokens == own_greedy(ours, p, n), f"prompt of {len(p)} tokens"
@@ -500,6 +504,102 @@ def test_longrope_rows_take_their_own_factor_sets(longrope):
         values, ids = lsm.topk(2)
         assert [[t for t, _ in top] for top in r.top_logprobs] == ids.tolist()
         torch.testing.assert_close(torch.tensor(r.logprobs), values[:, 0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("slots", [40, 41])
+def test_longrope_recompute_in_chunks_needs_room(longrope, slots):
+    """A recompute in chunks moves its row's sequence right by a slot a chunk (chunks - 1 = 2 for
+    13 tokens in chunks of 5), so it runs in chunks only where the request's remaining tokens
+    still fit in the row after that (41 slots here: its last token's key lands in the last slot);
+    with one slot fewer it runs in one forward. Both give generate's tokens."""
+    _, ours = longrope
+    rng = random.Random(11)
+    short, crossing = [rng.randint(1, 96) for _ in range(3)], [rng.randint(1, 96) for _ in range(LIMIT - 2)]
+    cb = {"max_requests_per_batch": 2, "prefill_chunk_tokens": 5, "max_cache_len": slots}
+    with ours.continuous_batching_context_manager(generation_config=config(8, eos_token_id=None),
+                                                  continuous_batching_config=cb) as m:
+        m.add_request(short, request_id="short", max_new_tokens=9)  # decoding at the crossing, never crossing
+        m.add_request(crossing, request_id="crossing", max_new_tokens=30)
+        out = {r.request_id: r for r in (m.get_result(timeout=60) for _ in range(2))}
+    assert m.stats["recomputed"] == 1 and m.stats["recomputed_in_chunks"] == (slots == 41) and not m.stats["shifts"]
+    assert out["short"].generated_tokens == own_greedy(ours, short, 9)
+    assert out["crossing"].error is None and out["crossing"].generated_tokens == own_greedy(ours, crossing, 30)
+
+
+def test_longrope_recomputes_in_chunks_one_at_a_time(longrope, monkeypatch):
+    """Two requests that pass the switch at one step: the first runs in chunks, the second in one
+    forward (one request runs in chunks at a time). A request cancelled while its recompute's
+    chunks run comes back cancelled with its tokens so far, its row is freed, and the others run on."""
+    _, ours = longrope
+    rng = random.Random(12)
+    short = [rng.randint(1, 96) for _ in range(3)]
+    pair = [[rng.randint(1, 96) for _ in range(LIMIT - 2)] for _ in range(2)]
+    cb = {"max_requests_per_batch": 3, "prefill_chunk_tokens": 5}
+    got = run_requests(ours, config(6, eos_token_id=None), cb,
+                       {"short": (short, {"max_new_tokens": 9}), "x": (pair[0], {}), "y": (pair[1], {})})
+    for rid, p, n in (("short", short, 9), ("x", pair[0], 6), ("y", pair[1], 6)):
+        assert got[rid].error is None and got[rid].generated_tokens == own_greedy(ours, p, n), rid
+    with ours.continuous_batching_context_manager(generation_config=config(6, eos_token_id=None),
+                                                  continuous_batching_config=cb) as m:
+        for rid, p in (("short", short), ("x", pair[0]), ("y", pair[1])):
+            m.add_request(p, request_id=rid, max_new_tokens=9 if rid == "short" else 6)
+        out = {r.request_id: r for r in (m.get_result(timeout=60) for _ in range(3))}
+    assert m.stats["recomputed"] == 2 and m.stats["recomputed_in_chunks"] == 1
+    assert [out[r].generated_tokens for r in ("x", "y")] == [own_greedy(ours, p, 6) for p in pair]
+
+    original = batching.ContinuousBatchingManager._next_chunk
+    cancelled = []
+
+    def cancel_at_first_chunk(self, running, batch):
+        ch = self._chunked
+        if ch.recompute and not cancelled:
+            cancelled.append((ch.req.id, ch.row))
+            self.cancel_request(ch.req.id)  # taken at the next turn, after this chunk
+        original(self, running, batch)
+
+    monkeypatch.setattr(batching.ContinuousBatchingManager, "_next_chunk", cancel_at_first_chunk)
+    with ours.continuous_batching_context_manager(generation_config=config(6, eos_token_id=None),
+                                                  continuous_batching_config=cb) as m:
+        m.add_request(short, request_id="short", max_new_tokens=9)
+        m.add_request(pair[0], request_id="x")
+        out = {r.request_id: r for r in (m.get_result(timeout=60) for _ in range(2))}
+        row = cancelled[0][1]
+        assert m._batch.mask[row].tolist() == [1] + [0] * (m._batch.S - 1)  # released
+        late = m.get_result(m.add_request(pair[1], request_id="late"), timeout=60)
+    assert cancelled[0][0] == "x" and out["x"].status == moetorch.RequestStatus.FAILED and out["x"].error == "cancelled"
+    assert out["x"].generated_tokens == own_greedy(ours, pair[0], 3)  # the tokens before the switch
+    # x's recompute began in chunks and never rejoined; late's ran alone, so in one forward
+    assert m.stats["recomputed"] == 1 and m.stats["recomputed_in_chunks"] == 1
+    assert out["short"].generated_tokens == own_greedy(ours, short, 9)
+    assert late.generated_tokens == own_greedy(ours, pair[1], 6)
+
+
+def test_longrope_rejoined_row_is_shared(longrope, monkeypatch):
+    """A row that rejoined after a recompute in chunks holds its sequence a slot a chunk further
+    right: a prompt that starts with its prompt (past the switch too) and arrives while it runs
+    shares those keys from where they now lie, and both give generate's tokens."""
+    monkeypatch.setattr(batching.prefixes, "BLOCK", 4)
+    monkeypatch.setattr(batching, "FOLLOW_MIN_TOKENS", 0)
+    _, ours = longrope
+    rng = random.Random(13)
+    short, crossing = [rng.randint(1, 96) for _ in range(3)], [rng.randint(1, 96) for _ in range(LIMIT - 2)]
+    follow = crossing + [rng.randint(1, 96) for _ in range(6)]
+    original = batching.ContinuousBatchingManager._rejoin
+
+    def then_follow(self, ch, running, batch):
+        original(self, ch, running, batch)
+        self.add_request(follow, request_id="follow", max_new_tokens=4)
+
+    monkeypatch.setattr(batching.ContinuousBatchingManager, "_rejoin", then_follow)
+    cb = {"max_requests_per_batch": 3, "prefill_chunk_tokens": 5, "allow_block_sharing": True}
+    with ours.continuous_batching_context_manager(generation_config=config(8, eos_token_id=None),
+                                                  continuous_batching_config=cb) as m:
+        m.add_request(short, request_id="short", max_new_tokens=9)
+        m.add_request(crossing, request_id="crossing", max_new_tokens=20)
+        out = {r.request_id: r for r in (m.get_result(timeout=60) for _ in range(3))}
+    assert m.stats["recomputed_in_chunks"] == 1 and m.stats["shared_tokens"] >= 8
+    for rid, p, n in (("short", short, 9), ("crossing", crossing, 20), ("follow", follow, 4)):
+        assert out[rid].error is None and out[rid].generated_tokens == own_greedy(ours, p, n), rid
 
 
 def test_longrope_batch_matches_transformers(tmp_path):
@@ -518,22 +618,24 @@ def test_longrope_batch_matches_transformers(tmp_path):
         assert r.generated_tokens == ref[0, len(p):].tolist(), f"prompt of {len(p)} tokens"
 
 
-def test_longrope_crossing_keeps_sampling_state(longrope, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5"])
+def test_longrope_crossing_keeps_sampling_state(longrope, monkeypatch, chunk):
     """A request that passes the switch keeps its sampling state through the recompute: a seeded
     request draws the same tokens alone and beside others (its draw counter goes on), top_k=1 is
     greedy, and penalties count the tokens drawn before it (as generate's processors do), not the
-    throwaway token that the step it left computed in its row."""
+    throwaway tokens that the steps it left computed in its row (one, or one a chunk)."""
     _, ours = longrope
     counted = []
-    original = batching.ContinuousBatchingManager._recompute
+    original = batching.ContinuousBatchingManager._resume
 
-    def spy(self, row, req, running, batch):
-        original(self, row, req, running, batch)
+    def spy(self, row, req, logits, running, batch):
+        original(self, row, req, logits, running, batch)
         if req.sampling is not None and req.sampling.counts:  # (only rows with penalties are kept exact)
             want = torch.bincount(torch.tensor(req.tokens), minlength=batch.counts.generated.shape[1]).float()
             counted.append(torch.equal(batch.counts.generated[row], want))
 
-    monkeypatch.setattr(batching.ContinuousBatchingManager, "_recompute", spy)
+    monkeypatch.setattr(batching.ContinuousBatchingManager, "_resume", spy)
+    cb = {"max_requests_per_batch": 4, "prefill_chunk_tokens": chunk}
     rng = random.Random(7)
     prompt = [rng.randint(1, 96) for _ in range(LIMIT - 3)]
     others = [[rng.randint(1, 96) for _ in range(k)] for k in (4, LIMIT + 3, 7)]
@@ -544,14 +646,13 @@ def test_longrope_crossing_keeps_sampling_state(longrope, monkeypatch):
         requests = {"s": (prompt, {"do_sample": True, "temperature": 3.0, "seed": 5}),
                     "k1": (prompt, {"do_sample": True, "top_k": 1})}
         requests.update({f"o{i}": (p, {}) for i, p in enumerate(company)})
-        got = run_requests(ours, config(n), {"max_requests_per_batch": 4}, requests)
+        got = run_requests(ours, config(n), cb, requests)
         assert got["k1"].generated_tokens == own_greedy(ours, prompt, n)
         draws.append(got["s"].generated_tokens)
     assert draws[0] == draws[1]
     kw = {"repetition_penalty": 2.0, "frequency_penalty": 1.0, "presence_penalty": 0.5, "logit_bias": {4: 3.0}}
     # beside another request with penalties, whose counts the steps keep (the row's too)
-    got = run_requests(ours, config(n), {"max_requests_per_batch": 4},
-                       {"pen": (prompt, kw), "pen2": (others[0], kw), "o": (others[1], {})})
+    got = run_requests(ours, config(n), cb, {"pen": (prompt, kw), "pen2": (others[0], kw), "o": (others[1], {})})
     proc = moetorch.FrequencyPresencePenaltyLogitsProcessor(1.0, 0.5, prompt_length=len(prompt))
     want = ours.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
                          repetition_penalty=2.0, sequence_bias={(4,): 3.0},

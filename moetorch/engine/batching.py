@@ -104,6 +104,9 @@ PREFIX_KEYS_SHARE = 0.5
 # False, never; True, the padded forward everywhere, eagerly where no graph can run (the tests'
 # path on the CPU).
 PREFILL_GRAPHS: bool | None = None
+# While requests decode, a request computed again past LongRoPE's switch runs in chunks of
+# `prefill_chunk_tokens` where its row has room (`_recompute`); False: in one forward.
+RECOMPUTE_CHUNKS = True
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -466,13 +469,18 @@ class _Chunked:
     """A request whose prompt is computed in chunks while other rows decode (`_next_chunk`): its
     row, the column at which it joins (its prompt then ending at the slot before), its prefix in
     the cache so far ((row, first slot, tokens), as `PackedRows` takes it), and the tokens each
-    chunk still to run computes."""
+    chunk still to run computes. `tokens`: what the chunks compute (default: the prompt); with
+    `recompute`, a running request's prompt and tokens so far, computed again past LongRoPE's
+    switch (`_rejoin`)."""
 
-    __slots__ = ("req", "row", "join", "shared", "sizes")
+    __slots__ = ("req", "row", "join", "shared", "sizes", "tokens", "recompute")
 
-    def __init__(self, req: _Request, row: int, join: int, shared: tuple[int, int, int], chunks: int) -> None:
+    def __init__(self, req: _Request, row: int, join: int, shared: tuple[int, int, int], chunks: int,
+                 tokens: list[int] | None = None, recompute: bool = False) -> None:
         self.req, self.row, self.join, self.shared = req, row, join, shared
-        cost = len(req.prompt) - shared[2]
+        self.tokens = req.prompt if tokens is None else tokens
+        self.recompute = recompute
+        cost = len(self.tokens) - shared[2]
         # even chunks, the shorter first (a chunk of none only where chunks outnumber the tokens)
         self.sizes = [cost // chunks + (i >= chunks - cost % chunks) for i in range(chunks)]
 
@@ -588,10 +596,10 @@ class ContinuousBatchingManager:
         # What the loop did: rows decoded each step (the running requests), prompt tokens computed
         # by forward, cache shifts, requests computed again past LongRoPE's switch, wall seconds in
         # decode steps and in prefills (each ends reading tokens: the GPU's work is in), prompt
-        # tokens shared, and requests whose prompts ran in chunks.
+        # tokens shared, requests whose prompts ran in chunks, and recomputes that ran in chunks.
         self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "shifts": 0, "recomputed": 0,
                                       "decode_s": 0.0, "prefill_s": 0.0, "shared_tokens": 0,
-                                      "chunked": 0}
+                                      "chunked": 0, "recomputed_in_chunks": 0}
 
     # ---- settings -------------------------------------------------------------------------------
     def _settings(self, gen) -> None:
@@ -1121,6 +1129,9 @@ class ContinuousBatchingManager:
                                    f"{due}, but the batch is at column {batch.col}")
             batch.col = due  # no request decoded since the chunk before: the column moves on alone
         if len(ch.sizes) == 1:  # the last: the request joins as a group of one
+            if ch.recompute:
+                self._rejoin(ch, running, batch)
+                return
             # the prefill counts the tokens in its row as shared: the chunks computed or counted them
             self.stats["shared_tokens"] -= ch.shared[2]
             self._prefill_group([ch.req], [ch.row], [ch.shared], [[0]], running, batch)
@@ -1130,7 +1141,7 @@ class ContinuousBatchingManager:
         if not n:
             return
         t0 = time.perf_counter()
-        prompt, first = ch.req.prompt, ch.join - len(ch.req.prompt)
+        prompt, first = ch.tokens, ch.join - len(ch.tokens)
         done = ch.shared[2]
         if ch.shared[0] != ch.row or ch.shared[1] != first:
             self.stats["shared_tokens"] += done  # a prefix that another row (or another place) held
@@ -1389,10 +1400,14 @@ class ContinuousBatchingManager:
 
     def _recompute(self, row: int, req: _Request, running: dict, batch: _Batch) -> None:
         """A request whose sequence passed LongRoPE's switch: its prompt and tokens so far computed
-        again with the long factors into its row's slots (the step just run wrote a throwaway key
-        in the last), and its next token drawn from the last logits, as `generate` does when its
-        sequence passes `original_max_position_embeddings`. It then runs on with the long factors."""
-        t0 = time.perf_counter()
+        again with the long factors (the step just run wrote a throwaway key in its row's last
+        slot), and its next token drawn from the last logits, as `generate` does when its sequence
+        passes `original_max_position_embeddings`. It then runs on with the long factors.
+
+        While other rows decode, a sequence longer than a chunk runs in chunks, one a turn as a
+        long prompt does (`_next_chunk`, then `_rejoin`), its row rejoining at the column of its
+        last chunk, where its remaining tokens must fit; else (or while another request runs in
+        chunks) in one forward into the same slots, now."""
         seq = req.prompt + req.tokens
         if len(seq) != self.rope_limit + 1 or req.start + len(seq) != batch.col:
             raise RuntimeError(f"continuous batching: request {req.id} passes LongRoPE's switch with {len(seq)} "
@@ -1401,9 +1416,39 @@ class ContinuousBatchingManager:
         req.long = True
         if batch.prefixes is not None:
             batch.prefixes.drop(row)
+        chunk = min(self.batch_tokens, self.chunk_tokens) if running and self.chunk_tokens and RECOMPUTE_CHUNKS else 0
+        chunks = -(-len(seq) // chunk) if chunk else 1
+        join = batch.col + chunks - 1
+        if chunks > 1 and self._chunked is None and join + req.max_new - len(req.tokens) - 1 <= batch.S:
+            self._chunked = _Chunked(req, row, join, (0, 0, 0), chunks, tokens=seq, recompute=True)
+            self.stats["recomputed_in_chunks"] += 1
+            return
+        t0 = time.perf_counter()
         logits = batch.forward([seq], [row], [req.start], [(0, 0, 0)], long=[True])
         batch.pos[row, 0] = len(seq)
-        if (req.sampling or self.default_sampling).counts:  # the step's throwaway was counted in the row
+        self.stats["prefill_tokens"].append(len(seq))
+        self._resume(row, req, logits, running, batch)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+
+    def _rejoin(self, ch: _Chunked, running: dict, batch: _Batch) -> None:
+        """The last chunk of a request computed again past LongRoPE's switch (`_recompute`): its
+        sequence then ends at the column before this one, and the request runs on from there."""
+        t0 = time.perf_counter()
+        req, seq = ch.req, ch.tokens
+        logits = batch.prefill([seq], [ch.row], [ch.shared], long=[True])  # its row's mask and position too
+        req.start = batch.col - len(seq)
+        self.stats["prefill_tokens"].append(len(seq) - ch.shared[2])
+        self._drain(running, batch)  # the steps in flight ran before this forward: their tokens go out first
+        self._chunked = None
+        self._resume(ch.row, req, logits, running, batch)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+
+    def _resume(self, row: int, req: _Request, logits: torch.Tensor, running: dict, batch: _Batch) -> None:
+        """A recomputed request (`_recompute`) runs again in `row`: its token counts rebuilt, its
+        next token drawn from the sequence's last `logits` and handed to it. Its draws go on from
+        its token count (steps it sat out while its chunks ran do not count)."""
+        req.first = self._steps - len(req.tokens)
+        if (req.sampling or self.default_sampling).counts:  # the steps' throwaway tokens were counted in the row
             self._track_counts(batch, [req], [row])
             if req.tokens:
                 device = batch.ids.device
@@ -1416,8 +1461,6 @@ class ContinuousBatchingManager:
         if batch.prefixes is not None:
             batch.prefixes.running(row, req)
         self.stats["recomputed"] += 1
-        self.stats["prefill_tokens"].append(len(seq))
-        self.stats["prefill_s"] += time.perf_counter() - t0
         self._hand(req, row, int(tokens[0]), None if lp is None else lp.tolist()[0], running, batch)
 
     def _constrained(self, running: dict) -> bool:
