@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .ops import fused
-from .ops.attention import Packed
+from .ops.attention import Mixed, Packed
 from .ops.host import to_device
 from .ops.linear import linears_rotated
 from .ops.rope import apply_rotary_qk
@@ -562,6 +562,35 @@ class PackedRows(Cache):
                     store[self.dst_row, :, self.dst_slot] = all_KGd
             out.append(all_KGd.transpose(0, 1)[None])
         return out[0], out[1]
+
+
+class MixedRows(Cache):
+    """The cache of one forward over a prompt chunk packed as `chunk` (a `PackedRows`), then one
+    decode token for each of the first `rows` rows of the same StaticCache (continuous batching's
+    decode step riding along with a chunk): token `n + b` (n the chunk's tokens) writes its key and
+    value into row b at slot `cpos_1` [1] and attends that row under `decode_mask_B11S` [rows, 1, 1,
+    S] (bool). Its `packed` is the forward's mask (`ops.attention.Mixed`). The decode writes come
+    first, then the chunk's update: a chunk reads no slot at the decode column."""
+
+    def __init__(self, chunk: PackedRows, rows: int, cpos_1: torch.Tensor, decode_mask_B11S: torch.Tensor) -> None:
+        super().__init__()
+        if chunk.packed.lens_q is None:
+            raise ValueError("MixedRows: the chunk's PackedRows needs its lengths on the host (not a graph's)")
+        self.records_inputs = False
+        self.chunk, self.rows, self.cpos, self.tokens = chunk, rows, cpos_1, sum(chunk.packed.lens_q)
+        self._layer = 0
+        self.packed = Mixed(chunk.packed, self.tokens, rows, decode_mask_B11S, self._rows_kv)
+
+    def _rows_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        target = self.chunk.target
+        return target.keys[self._layer][:self.rows], target.values[self._layer][:self.rows]
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        n, target = self.tokens, self.chunk.target
+        for states, store in ((key_states, target.keys[layer_idx]), (value_states, target.values[layer_idx])):
+            store[:self.rows].index_copy_(2, self.cpos, states[0, :, n:].transpose(0, 1)[:, :, None])
+        self._layer = layer_idx
+        return self.chunk.update(key_states[:, :, :n], value_states[:, :, :n], layer_idx, cache_kwargs)
 
 
 def rotate_and_update(cache: Cache | None, q, k, v, cos, sin, layer_idx: int, cache_kwargs=None):

@@ -86,6 +86,24 @@ class OpenAIPenalties:
         return out
 
 
+def run_queued(model, generation_config, cb: dict, requests: list[tuple], inside=None) -> tuple[dict, object]:
+    """The requests ((id, prompt, add_request settings)), all queued before the loop starts (so
+    that the first prefill takes them in order, with no race against the loop), through one
+    manager: {id: final output}, and the manager. `inside`, when given, becomes the manager's
+    `inside` attribute (a hook that tests' spies call)."""
+    manager = model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=cb)
+    for rid, ids, kw in requests:
+        manager.add_request(ids, request_id=rid, **kw)
+    if inside is not None:
+        manager.inside = inside
+    manager.start()
+    manager.stop(block=True, timeout=120)
+    out = {}
+    while (r := manager.get_result(timeout=0)) is not None:
+        out[r.request_id] = r
+    return out, manager
+
+
 def run_requests(model, generation_config, cb: dict, requests: dict, timeout: float = 60) -> dict:
     """Each of `requests` ({id: (prompt ids, add_request settings)}) through one continuous
     batching manager: {id: its output}, none with an error."""

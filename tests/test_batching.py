@@ -6,6 +6,7 @@ the batch around it."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
 import threading
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 import transformers
 from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
-from parity import OpenAIPenalties, make_pair, run_requests
+from parity import OpenAIPenalties, make_pair, run_queued, run_requests
 
 import moetorch
 from moetorch.engine import batching, row_sampling
@@ -516,11 +517,9 @@ def test_longrope_recompute_in_chunks_needs_room(longrope, slots):
     rng = random.Random(11)
     short, crossing = [rng.randint(1, 96) for _ in range(3)], [rng.randint(1, 96) for _ in range(LIMIT - 2)]
     cb = {"max_requests_per_batch": 2, "prefill_chunk_tokens": 5, "max_cache_len": slots}
-    with ours.continuous_batching_context_manager(generation_config=config(8, eos_token_id=None),
-                                                  continuous_batching_config=cb) as m:
-        m.add_request(short, request_id="short", max_new_tokens=9)  # decoding at the crossing, never crossing
-        m.add_request(crossing, request_id="crossing", max_new_tokens=30)
-        out = {r.request_id: r for r in (m.get_result(timeout=60) for _ in range(2))}
+    out, m = run_queued(ours, config(8, eos_token_id=None), cb,
+                        [("short", short, {"max_new_tokens": 9}),  # decoding at the crossing, never crossing
+                         ("crossing", crossing, {"max_new_tokens": 30})])
     assert m.stats["recomputed"] == 1 and m.stats["recomputed_in_chunks"] == (slots == 41) and not m.stats["shifts"]
     assert out["short"].generated_tokens == own_greedy(ours, short, 9)
     assert out["crossing"].error is None and out["crossing"].generated_tokens == own_greedy(ours, crossing, 30)
@@ -529,23 +528,18 @@ def test_longrope_recompute_in_chunks_needs_room(longrope, slots):
 def test_longrope_recomputes_in_chunks_one_at_a_time(longrope, monkeypatch):
     """Two requests that pass the switch at one step: the first runs in chunks, the second in one
     forward (one request runs in chunks at a time). A request cancelled while its recompute's
-    chunks run comes back cancelled with its tokens so far, its row is freed, and the others run on."""
+    chunks run comes back cancelled with its tokens so far, and the request waiting for a row
+    takes its row."""
     _, ours = longrope
     rng = random.Random(12)
     short = [rng.randint(1, 96) for _ in range(3)]
     pair = [[rng.randint(1, 96) for _ in range(LIMIT - 2)] for _ in range(2)]
     cb = {"max_requests_per_batch": 3, "prefill_chunk_tokens": 5}
-    got = run_requests(ours, config(6, eos_token_id=None), cb,
-                       {"short": (short, {"max_new_tokens": 9}), "x": (pair[0], {}), "y": (pair[1], {})})
-    for rid, p, n in (("short", short, 9), ("x", pair[0], 6), ("y", pair[1], 6)):
-        assert got[rid].error is None and got[rid].generated_tokens == own_greedy(ours, p, n), rid
-    with ours.continuous_batching_context_manager(generation_config=config(6, eos_token_id=None),
-                                                  continuous_batching_config=cb) as m:
-        for rid, p in (("short", short), ("x", pair[0]), ("y", pair[1])):
-            m.add_request(p, request_id=rid, max_new_tokens=9 if rid == "short" else 6)
-        out = {r.request_id: r for r in (m.get_result(timeout=60) for _ in range(3))}
+    out, m = run_queued(ours, config(6, eos_token_id=None), cb,
+                        [("short", short, {"max_new_tokens": 9}), ("x", pair[0], {}), ("y", pair[1], {})])
     assert m.stats["recomputed"] == 2 and m.stats["recomputed_in_chunks"] == 1
-    assert [out[r].generated_tokens for r in ("x", "y")] == [own_greedy(ours, p, 6) for p in pair]
+    for rid, p, n in (("short", short, 9), ("x", pair[0], 6), ("y", pair[1], 6)):
+        assert out[rid].error is None and out[rid].generated_tokens == own_greedy(ours, p, n), rid
 
     original = batching.ContinuousBatchingManager._next_chunk
     cancelled = []
@@ -553,25 +547,41 @@ def test_longrope_recomputes_in_chunks_one_at_a_time(longrope, monkeypatch):
     def cancel_at_first_chunk(self, running, batch):
         ch = self._chunked
         if ch.recompute and not cancelled:
-            cancelled.append((ch.req.id, ch.row))
+            cancelled.append(ch.req.id)
             self.cancel_request(ch.req.id)  # taken at the next turn, after this chunk
         original(self, running, batch)
 
     monkeypatch.setattr(batching.ContinuousBatchingManager, "_next_chunk", cancel_at_first_chunk)
-    with ours.continuous_batching_context_manager(generation_config=config(6, eos_token_id=None),
-                                                  continuous_batching_config=cb) as m:
-        m.add_request(short, request_id="short", max_new_tokens=9)
-        m.add_request(pair[0], request_id="x")
-        out = {r.request_id: r for r in (m.get_result(timeout=60) for _ in range(2))}
-        row = cancelled[0][1]
-        assert m._batch.mask[row].tolist() == [1] + [0] * (m._batch.S - 1)  # released
-        late = m.get_result(m.add_request(pair[1], request_id="late"), timeout=60)
-    assert cancelled[0][0] == "x" and out["x"].status == moetorch.RequestStatus.FAILED and out["x"].error == "cancelled"
+    out, m = run_queued(ours, config(6, eos_token_id=None), dict(cb, max_requests_per_batch=2),
+                        [("short", short, {"max_new_tokens": 9}), ("x", pair[0], {}), ("late", pair[1], {})])
+    assert cancelled == ["x"] and out["x"].status == moetorch.RequestStatus.FAILED and out["x"].error == "cancelled"
     assert out["x"].generated_tokens == own_greedy(ours, pair[0], 3)  # the tokens before the switch
-    # x's recompute began in chunks and never rejoined; late's ran alone, so in one forward
-    assert m.stats["recomputed"] == 1 and m.stats["recomputed_in_chunks"] == 1
-    assert out["short"].generated_tokens == own_greedy(ours, short, 9)
-    assert late.generated_tokens == own_greedy(ours, pair[1], 6)
+    assert m._chunked is None and m.stats["recomputed_in_chunks"] >= 1
+    for rid, p, n in (("short", short, 9), ("late", pair[1], 6)):
+        assert out[rid].error is None and out[rid].generated_tokens == own_greedy(ours, p, n), rid
+
+
+def test_longrope_chunk_without_a_step_to_ride(longrope, monkeypatch):
+    """A prompt chunk waits for the turn's decode step to carry it (`MIX_CHUNKS`); when the only
+    running request leaves that step to be computed again past the switch, the chunk runs alone,
+    and every request gives generate's tokens."""
+    _, ours = longrope
+    forward, alone = batching._Batch.forward, []
+
+    def spy(self, prompts, *args, **kw):
+        if inspect.stack()[1].function == "_decode":
+            alone.append([len(p) for p in prompts])
+        return forward(self, prompts, *args, **kw)
+
+    monkeypatch.setattr(batching._Batch, "forward", spy)
+    rng = random.Random(14)
+    b, a, long = ([rng.randint(1, 96) for _ in range(k)] for k in (4, 9, 20))
+    requests = [("b", b, {"max_new_tokens": 2}), ("a", a, {"max_new_tokens": 6}), ("long", long, {"max_new_tokens": 3})]
+    out, m = run_queued(ours, config(6, eos_token_id=None), {"max_requests_per_batch": 2, "prefill_chunk_tokens": 5},
+                        requests)
+    assert alone and m.stats["recomputed"] == 1 and m.stats["mixed"] > 0
+    for rid, p, kw in requests:
+        assert out[rid].error is None and out[rid].generated_tokens == own_greedy(ours, p, kw["max_new_tokens"]), rid
 
 
 def test_longrope_rejoined_row_is_shared(longrope, monkeypatch):
@@ -592,11 +602,14 @@ def test_longrope_rejoined_row_is_shared(longrope, monkeypatch):
 
     monkeypatch.setattr(batching.ContinuousBatchingManager, "_rejoin", then_follow)
     cb = {"max_requests_per_batch": 3, "prefill_chunk_tokens": 5, "allow_block_sharing": True}
-    with ours.continuous_batching_context_manager(generation_config=config(8, eos_token_id=None),
-                                                  continuous_batching_config=cb) as m:
-        m.add_request(short, request_id="short", max_new_tokens=9)
-        m.add_request(crossing, request_id="crossing", max_new_tokens=20)
+    m = ours.init_continuous_batching(generation_config=config(8, eos_token_id=None), continuous_batching_config=cb)
+    m.add_request(short, request_id="short", max_new_tokens=9)  # both queued before the loop starts
+    m.add_request(crossing, request_id="crossing", max_new_tokens=20)
+    m.start()
+    try:
         out = {r.request_id: r for r in (m.get_result(timeout=60) for _ in range(3))}
+    finally:
+        m.stop(block=True, timeout=60)
     assert m.stats["recomputed_in_chunks"] == 1 and m.stats["shared_tokens"] >= 8
     for rid, p, n in (("short", short, 9), ("crossing", crossing, 20), ("follow", follow, 4)):
         assert out[rid].error is None and out[rid].generated_tokens == own_greedy(ours, p, n), rid

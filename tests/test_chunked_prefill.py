@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from archs import ARCH_IDS, ARCHS
-from parity import make_pair
+from parity import make_pair, run_queued
 
 import moetorch
 from moetorch.engine import batching
@@ -38,9 +38,11 @@ def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
 @pytest.fixture
 def events(monkeypatch):
     """What the batch ran, in order: ("forward", tokens computed, column) for each prefill forward
-    and ("step", rows, column) for each decode step."""
-    seen = []
-    forward, step = batching._Batch.forward, batching._Batch.step
+    and ("step", rows, column) for each decode step; a chunk's forward that carries a decode step
+    (`_Batch.mixed`) counts as both, in that order, as the two run without it. `mixed` lists the
+    columns of those forwards."""
+    seen = _Events()
+    forward, step, mixed = batching._Batch.forward, batching._Batch.step, batching._Batch.mixed
 
     def spy_forward(self, prompts, rows, starts, shared, **kw):
         seen.append(("forward", sum(len(p) - s[2] for p, s in zip(prompts, shared)), self.col))
@@ -50,9 +52,21 @@ def events(monkeypatch):
         seen.append(("step", b, self.col))
         return step(self, b)
 
+    def spy_mixed(self, prompt, row, start, shared, long, b):
+        seen.extend([("forward", len(prompt) - shared[2], self.col), ("step", b, self.col)])
+        seen.mixed.append(self.col)
+        return mixed(self, prompt, row, start, shared, long, b)
+
     monkeypatch.setattr(batching._Batch, "forward", spy_forward)
     monkeypatch.setattr(batching._Batch, "step", spy_step)
+    monkeypatch.setattr(batching._Batch, "mixed", spy_mixed)
     return seen
+
+
+class _Events(list):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixed: list[int] = []
 
 
 def chunk_runs(events: list, sizes: set[int]) -> list[list[tuple]]:
@@ -76,30 +90,28 @@ def run_manager(model, cb: dict, requests: list[tuple], n: int = 8, inside=None)
     """The requests ((id, prompt, add_request settings)), all queued before the loop starts, through
     one manager: {id: final output}, and the manager. `inside(manager, batch)` runs in the loop's
     thread at each prefill forward, with the forward's prompts."""
-    manager = model.init_continuous_batching(generation_config=config(n), continuous_batching_config=cb)
-    for rid, ids, kw in requests:
-        manager.add_request(ids, request_id=rid, **kw)
-    if inside is not None:
-        manager.inside = inside
-    manager.start()
-    manager.stop(block=True, timeout=120)
-    out = {}
-    while (r := manager.get_result(timeout=0)) is not None:
-        out[r.request_id] = r
-    return out, manager
+    return run_queued(model, config(n), cb, requests, inside)
 
 
 @pytest.fixture
 def hooked(monkeypatch):
-    """Calls a manager's `inside(manager, batch, prompts)` (when set) at each prefill forward."""
-    forward = batching._Batch.forward
+    """Calls a manager's `inside(manager, batch, prompts)` (when set) at each prefill forward (a
+    chunk's forward that carries a decode step too)."""
+    forward, mixed = batching._Batch.forward, batching._Batch.mixed
     managers = []
 
-    def spy(self, prompts, *args, **kw):
+    def look(batch, prompts):
         for m in managers:
-            if getattr(m, "inside", None) is not None and m._batch is self:
-                m.inside(m, self, prompts)
+            if getattr(m, "inside", None) is not None and m._batch is batch:
+                m.inside(m, batch, prompts)
+
+    def spy(self, prompts, *args, **kw):
+        look(self, prompts)
         return forward(self, prompts, *args, **kw)
+
+    def spy_mixed(self, prompt, *args):
+        look(self, [prompt])
+        return mixed(self, prompt, *args)
 
     original_init = batching.ContinuousBatchingManager.__init__
 
@@ -108,6 +120,7 @@ def hooked(monkeypatch):
         managers.append(self)
 
     monkeypatch.setattr(batching._Batch, "forward", spy)
+    monkeypatch.setattr(batching._Batch, "mixed", spy_mixed)
     monkeypatch.setattr(batching.ContinuousBatchingManager, "__init__", init)
     return managers
 
@@ -119,13 +132,16 @@ def around(long_request: tuple, a_new: int = 12, **a_settings) -> list[tuple]:
             long_request]
 
 
+@pytest.mark.parametrize("mix", [True, False], ids=["mixed", "apart"])
 @pytest.mark.parametrize("lag", [0, 1])
-def test_a_long_prompt_joins_in_chunks(pair, events, padded, lag, monkeypatch):
+def test_a_long_prompt_joins_in_chunks(pair, events, padded, lag, mix, monkeypatch):
     """When b ends, a 29-token prompt joins in chunks of at most 6 tokens (5 chunks of 5-6) while
     a decodes, one decode step between each two; every request gives Transformers' greedy tokens
-    and the log-probabilities of Transformers' forward."""
+    and the log-probabilities of Transformers' forward. The chunks that run eagerly (unpadded)
+    carry that decode step in their forward (`MIX_CHUNKS`), all but the last."""
     hf, ours = pair
     monkeypatch.setattr(batching, "READ_LAG", lag)
+    monkeypatch.setattr(batching, "MIX_CHUNKS", mix)
     requests = around(("long", prompt(3, 29), {"max_new_tokens": 5}))
     cb = {"max_requests_per_batch": 2, "max_cache_len": 64, "prefill_chunk_tokens": 6, "return_logprobs": True}
     got, manager = run_manager(ours, cb, requests)
@@ -144,6 +160,8 @@ def test_a_long_prompt_joins_in_chunks(pair, events, padded, lag, monkeypatch):
     assert [e[0] for e in run] == ["forward", "step"] * 4 + ["forward"]
     cols = [e[2] for e in run if e[0] == "forward"]
     assert cols == list(range(cols[0], cols[0] + 5))
+    mixes = mix and not padded
+    assert events.mixed == (cols[:4] if mixes else []) and manager.stats["mixed"] == len(events.mixed)
 
 
 def test_nothing_decoding_means_no_chunks(pair, events):
@@ -296,3 +314,25 @@ def test_chunk_sizes():
     assert sizes(12, 3) == [4, 4, 4]
     assert sizes(10, 3, shared=16) == [3, 3, 4]
     assert sizes(2, 3) == [0, 1, 1]
+
+
+def test_mixed_forward_refuses_bad_input(pair):
+    """A Mixed forward's attention refuses queries that are not its packed + decode tokens in one
+    row, weights and kv_rows; MixedRows refuses a graph's PackedRows (no host lengths)."""
+    from moetorch.cache import MixedRows, PackedRows, StaticCache
+    from moetorch.ops.attention import Mixed, Packed, attention
+
+    k = v = torch.randn(2, 2, 8, 4)
+    mixed = Mixed(Packed.of([3], [3], torch.device("cpu")), 3, 2, torch.ones(2, 1, 1, 8, dtype=torch.bool),
+                  lambda: (k, v))
+    with pytest.raises(ValueError, match=r"one row of 3 packed \+ 2 decode tokens, got queries of shape \(1, 4, 4, 4\)"):
+        attention(torch.randn(1, 4, 4, 4), k[:1], v[:1], mixed, True, 0.5)
+    with pytest.raises(ValueError, match="no weights, takes no kv_rows"):
+        attention(torch.randn(1, 4, 5, 4), k[:1], v[:1], mixed, True, 0.5, need_weights=True)
+    _, ours = pair
+    cache = StaticCache(ours.config, max_cache_len=16, max_batch_size=2)
+    cu = torch.zeros(2, 3, dtype=torch.int32)
+    graph_rows = PackedRows.static(cache, torch.zeros(5, 4, dtype=torch.long),
+                                   Packed.static(cu[0], cu[1], 4, 4, 4), 4)
+    with pytest.raises(ValueError, match="lengths on the host"):
+        MixedRows(graph_rows, 2, torch.zeros(1, dtype=torch.long), torch.ones(2, 1, 1, 16, dtype=torch.bool))

@@ -17,7 +17,8 @@ together are prefilled in one forward (at most `max_batch_tokens` computed token
 packed in one row without padding, each attending its own keys (`cache.PackedRows`). While
 requests decode, a forward computes at most `prefill_chunk_tokens` (2048): a longer prompt is
 computed in chunks, one decode step of the running rows between them, so that no prefill holds them
-up for longer than one chunk. A request
+up for longer than one chunk. A chunk that runs eagerly carries that step in its own forward
+(`MIX_CHUNKS`, `cache.MixedRows`). A request
 needs `col + max_new_tokens - 1 <= S` to finish in place; when a waiting request would not fit,
 the cache's live columns move in one shift (keys are rotated by position, not slot, so moving
 them changes nothing they compute), to the left when the batch has run far, or to the right to
@@ -55,7 +56,8 @@ from typing import Any
 
 import torch
 
-from ..cache import StaticCache, _kv_shape
+from ..cache import MixedRows, PackedRows, StaticCache, _kv_shape
+from ..ops.attention import build_mask
 from ..ops.host import on_device, to_device
 from . import prefixes
 from .cuda_graph import (
@@ -65,6 +67,7 @@ from .cuda_graph import (
     capture,
     own_forward,
     packed_forward,
+    packed_inputs,
 )
 from .prefixes import PrefixIndex
 from .row_sampling import RowSettings, Sampling, TokenCounts, draw_rows, penalize_rows, single_token_bias
@@ -107,6 +110,11 @@ PREFILL_GRAPHS: bool | None = None
 # While requests decode, a request computed again past LongRoPE's switch runs in chunks of
 # `prefill_chunk_tokens` where its row has room (`_recompute`); False: in one forward.
 RECOMPUTE_CHUNKS = True
+# While requests decode, a prompt chunk that no prefill graph serves (it runs eagerly: LongRoPE's
+# long factors, prefill graphs off, the CPU) carries the running rows' decode step in its forward
+# (`_Batch.mixed`, eagerly) instead of a step of their own after it; "always": every chunk, those
+# that a graph would serve too; False: the rows' step runs on its own.
+MIX_CHUNKS: bool | str = True
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -415,6 +423,34 @@ class _Batch:
                                     long if self.long is not None else None)
         return logits
 
+    def mixed(self, prompt: list[int], row: int, start: int, shared: tuple[int, int, int], long: bool,
+              b: int) -> torch.Tensor:
+        """A prompt chunk's forward, as `forward` runs it eagerly, with the decode step of the first
+        b rows at column `col` in it (`cache.MixedRows`): the rows' next-token logits [b, V], and the
+        column moves on, as after `step`."""
+        device, rest = self.model.device, len(prompt) - shared[2]
+        if self.long is not None:
+            self.long[row, 0] = long
+        ids, positions, _ = packed_inputs([prompt], [shared])
+        self.cpos.fill_(self.col)
+        mask = build_mask(self.mask[:b], self.cpos, self.S, self.window, b, queries_at_end=False)[0]
+        cache = MixedRows(PackedRows(self.cache, [row], [start], [rest], [shared], window=self.window), b, self.cpos,
+                          mask)
+        if self.long is not None:
+            cache.rope_long_BT = torch.cat([self.long.new_full((rest,), long), self.long[:b, 0]])[None]
+        out = self.model(torch.cat([to_device(ids, device), self.ids[:b, 0]])[None],
+                         position_ids=torch.cat([to_device(positions, device), self.pos[:b, 0]])[None],
+                         past_key_values=cache, use_cache=True,
+                         logits_to_keep=torch.arange(rest, rest + b, device=device), return_dict=True)
+        self.col += 1
+        self.pos[:b] += 1
+        return out.logits[0]
+
+    def eager_chunk(self, prompt: list[int], shared: tuple[int, int, int], long: bool) -> bool:
+        """Whether a chunk's forward runs eagerly (no prefill graph serves its shape)."""
+        graphs = self._packed_graphs()
+        return graphs is None or graphs.key([len(prompt)], [len(prompt) - shared[2]], [long]) is None
+
     def _packed_graphs(self) -> GraphedPackedPrefill | None:
         """The prefill's graph runner, where `PREFILL_GRAPHS` says to use one."""
         mode = PREFILL_GRAPHS
@@ -596,10 +632,11 @@ class ContinuousBatchingManager:
         # What the loop did: rows decoded each step (the running requests), prompt tokens computed
         # by forward, cache shifts, requests computed again past LongRoPE's switch, wall seconds in
         # decode steps and in prefills (each ends reading tokens: the GPU's work is in), prompt
-        # tokens shared, requests whose prompts ran in chunks, and recomputes that ran in chunks.
+        # tokens shared, requests whose prompts ran in chunks, recomputes that ran in chunks, and
+        # decode steps that rode along with a prompt chunk (`MIX_CHUNKS`).
         self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "shifts": 0, "recomputed": 0,
                                       "decode_s": 0.0, "prefill_s": 0.0, "shared_tokens": 0,
-                                      "chunked": 0, "recomputed_in_chunks": 0}
+                                      "chunked": 0, "recomputed_in_chunks": 0, "mixed": 0}
 
     # ---- settings -------------------------------------------------------------------------------
     def _settings(self, gen) -> None:
@@ -999,6 +1036,7 @@ class ContinuousBatchingManager:
         waiting: deque[_Request] = deque()
         running: dict[int, _Request] = {}
         self._pending: deque[_Step] = deque()
+        self._ride: tuple | None = None
         # (step, order, row, request): requests that pass LongRoPE's switch at that decode step
         self._crossings: list[tuple[int, int, int, _Request]] = []
         self._order = itertools.count()
@@ -1145,7 +1183,11 @@ class ContinuousBatchingManager:
         done = ch.shared[2]
         if ch.shared[0] != ch.row or ch.shared[1] != first:
             self.stats["shared_tokens"] += done  # a prefix that another row (or another place) held
-        batch.forward([prompt[:done + n]], [ch.row], [first], [ch.shared], long=[ch.req.long])
+        chunk = (prompt[:done + n], ch.row, first, ch.shared, ch.req.long)
+        if running and MIX_CHUNKS and (MIX_CHUNKS == "always" or batch.eager_chunk(chunk[0], ch.shared, ch.req.long)):
+            self._ride = chunk  # the turn's decode step runs it (`_decode`)
+        else:
+            batch.forward([chunk[0]], [ch.row], [first], [ch.shared], long=[ch.req.long])
         ch.shared = (ch.row, first, done + n)  # from now on its row holds its first tokens
         self.stats["prefill_tokens"].append(n)
         self.stats["prefill_s"] += time.perf_counter() - t0
@@ -1352,8 +1394,11 @@ class ContinuousBatchingManager:
         """Launch a step for the running rows; read the tokens of the step READ_LAG steps before
         it: the host reads a step's tokens while the next one runs on the GPU, and a request that
         ended in the first has its row computed once more, then dropped. A request that passes
-        LongRoPE's switch at this step leaves it and is computed again after it (`_recompute`)."""
+        LongRoPE's switch at this step leaves it and is computed again after it (`_recompute`).
+        A prompt chunk left to ride (`_next_chunk`) runs in the step's forward (`_Batch.mixed`),
+        or alone where no row is left to step."""
         t0 = time.perf_counter()
+        ride, self._ride = self._ride, None  # a prompt chunk that this step carries (`_next_chunk`)
         if batch.col >= batch.S:
             # the last column is written: every running request has ended in a step in flight
             # (each joined where its last token's key fits), which reading them now shows
@@ -1369,9 +1414,17 @@ class ContinuousBatchingManager:
             for row in crossing:
                 del running[row]
             self._rows_changed += 1
-        if running:
+        if running and ride is not None:
+            b = batch.bucket(max(running) + 1)
+            logits = batch.mixed(*ride, b)
+            self.stats["mixed"] += 1
+        elif running:
             b = batch.bucket(max(running) + 1)
             logits = batch.step(b)
+        elif ride is not None:  # every row left the step: the chunk runs alone
+            prompt, row, first, shared, long = ride
+            batch.forward([prompt], [row], [first], [shared], long=[long])
+        if running:
             self._steps += 1
             if self._constrained(running):
                 # a grammar's mask needs the tokens so far: read the steps in flight while this one runs

@@ -79,6 +79,46 @@ class Packed:
         return cls(cu_q, cu_k, None, None, window, max_q, max_k, rope_len)
 
 
+@dataclass(eq=False)
+class Mixed:
+    """Packed sequences, then one decode token for each of the first `rows` rows of a static cache,
+    in one forward (continuous batching's prompt chunk with a decode step riding along), given to
+    `attention` as its mask. The first `tokens` queries attend as `packed` says, over the keys and
+    values that the cache's update returns; query `tokens + b` attends row b's keys and values,
+    which `kv()` gives for the layer in progress ([rows, G, S, d]), under `decode_mask` [rows, 1,
+    1, S] (bool, True = attend), as a decode step does."""
+
+    packed: Packed
+    tokens: int
+    rows: int
+    decode_mask: torch.Tensor
+    kv: object  # () -> (keys, values) of the rows, the layer in progress
+
+    @property
+    def rope_len(self) -> int:
+        return self.packed.rope_len
+
+
+def _mixed_attention(q_BHTd, k_BGSd, v_BGSd, mixed: Mixed, scale: float, impl: str, kv_layout: str,
+                     rope_q) -> torch.Tensor:
+    """`attention` over a `Mixed` forward: the packed queries over the packed keys, the decode
+    queries each over its row of the cache; out [1, tokens + rows, H, d]."""
+    n = mixed.tokens
+    if q_BHTd.shape[0] != 1 or q_BHTd.shape[2] != n + mixed.rows:
+        raise ValueError(f"a Mixed forward runs one row of {n} packed + {mixed.rows} decode tokens, got queries of "
+                         f"shape {tuple(q_BHTd.shape)}")
+    rope_packed = rope_rows = None
+    if rope_q is not None:  # (cos, sin) [1, T, d]: the decode tokens' as [rows, 1, d]
+        rope_packed = tuple(t[:, :n] for t in rope_q)
+        rope_rows = tuple(t[0, n:, None] for t in rope_q)
+    out_packed, _ = attention(q_BHTd[:, :, :n], k_BGSd, v_BGSd, mixed.packed, True, scale, impl,
+                              kv_layout=kv_layout, rope_q=rope_packed)
+    k_rows, v_rows = mixed.kv()
+    out_rows, _ = attention(q_BHTd[0, :, n:, None].transpose(0, 1), k_rows, v_rows, mixed.decode_mask, False,
+                            scale, impl, kv_layout=kv_layout, rope_q=rope_rows)
+    return torch.cat([out_packed, out_rows.transpose(0, 1)], dim=1)
+
+
 def token_runs(mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(first real token [B], real tokens [B]) of a host bool mask [B, T] whose rows each hold
     their real tokens in one run (left or right padding, or both; an empty row counts 0 tokens);
@@ -254,8 +294,12 @@ def attention(
     `kv_rows` [B, S] (a cache's `slot_rows`): key and value slot s of row b are in row kv_rows[b, s]
     of k and v; the decode kernel reads them there, the other paths gather them first.
     `mask` a `Packed`: sequences packed along the B x T tokens taken in order (`packed_attention`),
-    whatever `impl` says.
+    whatever `impl` says; a `Mixed`: packed sequences, then decode tokens over a cache's rows.
     """
+    if isinstance(mask, Mixed):
+        if need_weights or kv_rows is not None or dropout_p:
+            raise ValueError("attention over a Mixed forward returns no weights, takes no kv_rows and no dropout")
+        return _mixed_attention(q_BHTd, k_BGSd, v_BGSd, mask, scale, impl, kv_layout, rope_q), None
     G = k_BGSd.shape[1]
     packed = mask if isinstance(mask, Packed) else None
     if packed is not None and (need_weights or kv_rows is not None):
