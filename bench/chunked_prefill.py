@@ -14,8 +14,10 @@ chunks.
 - `loop` (random weights at the real sizes, bf16): one manager; `--streams` requests of
   `--stream-prompt` tokens start decoding `--stream-new` tokens each, and `--long` prompts of
   `--long-tokens` tokens (`--long-new` new tokens) arrive one every `--every-ms` from
-  `--first-ms` on. Arms: `prefill_chunk_tokens` values (0: whole prompts); after an untimed round
-  of each, rounds alternate the arms' order. Per arm: the decoding requests' gaps between
+  `--first-ms` on. Arms: `prefill_chunk_tokens` values (0: whole prompts), each optionally with
+  `:eager`, `:always` or `:off` for `batching.MIX_CHUNKS` (a chunk's forward carrying the running
+  rows' decode step: where the chunk runs eagerly, the default; for every chunk; never); after
+  an untimed round of each, rounds alternate the arms' order. Per arm: the decoding requests' gaps between
   consecutive tokens (p50, p99, max: how long a prefill held them up), the long prompts' time
   to first token, generated tokens/s, prefill seconds and forwards.
 - `closed`: the same arms on short prompts arriving as others finish (`--concurrency` requests in
@@ -71,10 +73,11 @@ def keep(out: dict, label: str, arm: int, row: dict) -> None:
         out[str(arm)].append(row)
 
 
-def tiny_run(model, plan: list[tuple]) -> tuple[dict, int, int]:
+def tiny_run(model, plan: list[tuple]) -> tuple[dict, int, dict]:
     """The tiny workload `plan` ((id, prompt, new tokens)) through one manager, every request
     queued before the loop starts (four rows, chunks of 16): {id: output}, the prefill graphs
-    captured, the requests that ran in chunks."""
+    captured, and the requests that ran in chunks and the chunk forwards that carried a decode
+    step ({"chunked", "mixed"})."""
     import moetorch
 
     gen = moetorch.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -89,7 +92,7 @@ def tiny_run(model, plan: list[tuple]) -> tuple[dict, int, int]:
     graphs = manager._batch.packed_graphs
     captured = sum(e.graph is not None for e in graphs.entries.values()) if graphs is not None else 0
     manager.stop(block=True, timeout=300)
-    return got, captured, manager.stats["chunked"]
+    return got, captured, {k: manager.stats[k] for k in ("chunked", "mixed")}
 
 
 def tiny_plan(rng: random.Random) -> list[tuple]:
@@ -118,7 +121,7 @@ def tiny_check() -> dict:
             expect = lsm.gather(1, seq[0, len(p):, None]).squeeze(1)
             worst = max(worst, float((torch.tensor(r.logprobs, device="cuda") - expect).abs().max()))
         out[name] = {"requests": len(plan), "same_tokens_as_generate": same, "logprob_max_diff": worst,
-                     "chunked": chunked, "graphs_captured": captured}
+                     **chunked, "graphs_captured": captured}
         log(f"tiny {name}: {out[name]}")
     return out
 
@@ -147,11 +150,25 @@ def graph_check() -> dict:
             finally:
                 cuda_graph.PREFILL_CAPTURE_AFTER = capture_after
         (a, captured, chunked), (b, _, _) = runs["graphs"], runs["eager_padded"]
-        out[name] = {"requests": len(plan), "chunked": chunked, "graphs_captured": captured,
+        out[name] = {"requests": len(plan), **chunked, "graphs_captured": captured,
                      "same_tokens": sum(a[k].generated_tokens == b[k].generated_tokens for k in a),
                      "same_logprobs": sum(a[k].logprobs == b[k].logprobs for k in a)}
         log(f"graph check {name}: {out[name]}")
     return out
+
+
+MIX = {"": True, "eager": True, "always": "always", "off": False}
+
+
+def arm_settings(manager, arm: str) -> None:
+    """Set up an arm, "<prefill_chunk_tokens>[:<mix>]", on an idle manager."""
+    from moetorch.engine import batching
+
+    chunk, _, mix = arm.partition(":")
+    if mix not in MIX:
+        raise SystemExit(f"--arms: {arm!r}: the mix is one of eager, always, off")
+    manager.chunk_tokens = int(chunk)  # the loop is idle: no request is queued or running
+    batching.MIX_CHUNKS = MIX[mix]
 
 
 @torch.no_grad()
@@ -159,7 +176,7 @@ def loop(model, vocab: int, args) -> dict:
     import moetorch
 
     rng = random.Random(7)
-    arms = [int(a) for a in args.arms.split(",")]
+    arms = args.arms.split(",")
     gen = moetorch.GenerationConfig(max_new_tokens=args.stream_new, do_sample=False, eos_token_id=None, pad_token_id=0)
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config={
         "max_requests_per_batch": args.streams + args.long,
@@ -169,7 +186,7 @@ def loop(model, vocab: int, args) -> dict:
     try:
         for rnd in range(-1, args.rounds):  # round -1: each arm once, untimed (compiles, captures)
             for arm in arms if rnd % 2 == 0 else arms[::-1]:
-                manager.chunk_tokens = arm  # the loop is idle: no request is queued or running
+                arm_settings(manager, arm)
                 streams = [[rng.randrange(1, vocab) for _ in range(args.stream_prompt)] for _ in range(args.streams)]
                 longs = [[rng.randrange(1, vocab) for _ in range(args.long_tokens)] for _ in range(args.long)]
                 stats0 = {k: (len(v) if isinstance(v, list) else v) for k, v in manager.stats.items()}
@@ -195,7 +212,8 @@ def loop(model, vocab: int, args) -> dict:
                        "long_ttft_p50_ms": statistics.median(ttft) * 1e3, "long_ttft_max_ms": max(ttft) * 1e3,
                        "prefill_s": manager.stats["prefill_s"] - stats0["prefill_s"],
                        "prefill_forwards": len(manager.stats["prefill_tokens"]) - stats0["prefill_tokens"],
-                       "chunked": manager.stats["chunked"] - stats0["chunked"]}
+                       "chunked": manager.stats["chunked"] - stats0["chunked"],
+                       "mixed": manager.stats["mixed"] - stats0["mixed"]}
                 keep(out, "chunk", arm, row)
     finally:
         manager.stop(block=True)
@@ -207,7 +225,7 @@ def closed(model, vocab: int, args) -> dict:
     import moetorch
 
     rng = random.Random(3)
-    arms = [int(a) for a in args.arms.split(",")]
+    arms = args.arms.split(",")
     gen = moetorch.GenerationConfig(max_new_tokens=224, do_sample=False, eos_token_id=None, pad_token_id=0)
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config={
         "max_requests_per_batch": 2 * args.concurrency, "max_cache_len": 512 + 224 + 512})
@@ -216,7 +234,7 @@ def closed(model, vocab: int, args) -> dict:
     try:
         for rnd in range(-1, args.rounds):
             for arm in arms if rnd % 2 == 0 else arms[::-1]:
-                manager.chunk_tokens = arm
+                arm_settings(manager, arm)
                 work = [([rng.randrange(1, vocab) for _ in range(rng.randint(32, 512))], rng.randint(32, 224))
                         for _ in range(args.closed_requests)]
                 forwards = len(manager.stats["prefill_tokens"])
@@ -234,7 +252,8 @@ def closed(model, vocab: int, args) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="jetmoe,phimoe")
-    p.add_argument("--arms", default="0,2048", help="prefill_chunk_tokens values (0: whole prompts)")
+    p.add_argument("--arms", default="0,2048", help="prefill_chunk_tokens values (0: whole prompts), each with "
+                   "an optional :eager, :always or :off (batching.MIX_CHUNKS)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--stream-prompt", type=int, default=128)

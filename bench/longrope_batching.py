@@ -19,7 +19,8 @@ in that step (`ContinuousBatchingManager._recompute`).
   the switch) and `--crossing` prompts of `--crossing-tokens` tokens (which pass it after
   4097 - `--crossing-tokens` new tokens) arrive, one every `--every-ms`. Arms (`--arms`): `batch`
   (they run in the batch, a recompute in chunks of `prefill_chunk_tokens` while others decode),
-  `whole` (the same, each recompute in one forward: `batching.RECOMPUTE_CHUNKS = False`) and
+  `whole` (the same, each recompute in one forward: `batching.RECOMPUTE_CHUNKS = False`), `apart`
+  (the same, the chunks' forwards carrying no decode step: `batching.MIX_CHUNKS = False`) and
   `alone` (each through `generate` under `manager.pause()`, holding the batch up between steps as
   the manager did before they ran in the batch). Per round: the streams' gaps between consecutive
   tokens, the long requests' time from arrival to first token, generated tokens/s and the
@@ -115,7 +116,7 @@ def tiny_check() -> dict:
         worst = max(worst, float((torch.tensor(r.logprobs, device="cuda") - expect).abs().max()))
     out = {"requests": len(plan), "same_tokens_as_generate": same, "logprob_max_diff": worst,
            "recomputed": stats["recomputed"], "recomputed_in_chunks": stats["recomputed_in_chunks"],
-           "chunked": stats["chunked"]}
+           "chunked": stats["chunked"], "mixed": stats["mixed"]}
     log(f"tiny float32: {out}")
     model = tiny_phimoe(torch.bfloat16)
     runs = {arm: run(model, plan, dict(cb, use_cuda_graph=arm == "graphs"))[0] for arm in ("graphs", "eager")}
@@ -162,7 +163,8 @@ def logits_check(layers: int = 2) -> dict:
 def loop(args) -> dict:
     """One manager; per round, `--streams` requests start decoding and the long requests arrive
     one every `--every-ms` from `--first-ms` on. Arms: `batch` (they run in the batch), `whole`
-    (the same with each recompute in one forward) and `alone` (each runs through `generate` under
+    (the same with each recompute in one forward), `apart` (the same with no decode step riding in
+    a chunk's forward) and `alone` (each runs through `generate` under
     `manager.pause()`, which holds the batch between steps as the manager did before such requests
     ran in the batch, its tokens delivered at the end); their order turns each round."""
     import threading
@@ -189,7 +191,7 @@ def loop(args) -> dict:
     try:
         for rnd in range(-1, args.rounds):  # round -1: each arm once, untimed (compiles, captures)
             for arm in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:
-                batching.RECOMPUTE_CHUNKS = arm != "whole"
+                batching.RECOMPUTE_CHUNKS, batching.MIX_CHUNKS = arm != "whole", arm != "apart"
                 streams = [tok(args.stream_prompt) for _ in range(args.streams)]
                 longs = [(tok(args.past_tokens), args.past_new) for _ in range(args.past)]
                 longs += [(tok(args.crossing_tokens), cross_new) for _ in range(args.crossing)]
@@ -228,13 +230,14 @@ def loop(args) -> dict:
                        "streams_done_s": max(done[rid].timestamps[-1] for rid in ids) - t0,
                        "long_first_token_p50_ms": statistics.median(firsts.values()) * 1e3,
                        "long_first_token_max_ms": max(firsts.values()) * 1e3,
-                       **{k: manager.stats[k] - stats0[k] for k in ("recomputed", "recomputed_in_chunks", "chunked")}}
+                       **{k: manager.stats[k] - stats0[k]
+                          for k in ("recomputed", "recomputed_in_chunks", "chunked", "mixed")}}
                 log(f"  {arm} round {rnd}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in row.items()))
                 if rnd >= 0:
                     out[arm].append(row)
     finally:
-        batching.RECOMPUTE_CHUNKS = True
+        batching.RECOMPUTE_CHUNKS, batching.MIX_CHUNKS = True, True
         manager.stop(block=True)
     return out
 
@@ -256,7 +259,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=0, help="the rows' slots (0: the longest request + 64)")
     ap.add_argument("--first-ms", type=float, default=500)
     ap.add_argument("--every-ms", type=float, default=700)
-    ap.add_argument("--arms", default="batch,whole,alone", help="of batch, whole, alone")
+    ap.add_argument("--arms", default="batch,whole,apart,alone", help="of batch, whole, apart, alone")
     args = ap.parse_args()
     parts = args.parts.split(",")
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
