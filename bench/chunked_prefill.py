@@ -15,11 +15,12 @@ chunks.
   `--stream-prompt` tokens start decoding `--stream-new` tokens each, and `--long` prompts of
   `--long-tokens` tokens (`--long-new` new tokens) arrive one every `--every-ms` from
   `--first-ms` on. Arms: `prefill_chunk_tokens` values (0: whole prompts), each optionally with
-  `:eager`, `:always` or `:off` for `batching.MIX_CHUNKS` (a chunk's forward carrying the running
-  rows' decode step: where the chunk runs eagerly, the default; for every chunk; never); after
-  an untimed round of each, rounds alternate the arms' order. Per arm: the decoding requests' gaps between
-  consecutive tokens (p50, p99, max: how long a prefill held them up), the long prompts' time
-  to first token, generated tokens/s, prefill seconds and forwards.
+  `:eager`, `:on` or `:off` for `batching.MIX_CHUNKS` (a chunk's forward carrying the running
+  rows' decode step: only chunks that run eagerly, the default; every chunk, from a graph where
+  one serves it; never); after an untimed round of each, rounds alternate the arms' order.
+  Per arm: the decoding requests' gaps between consecutive tokens (p50, p99, max: how long a
+  prefill held them up), the long prompts' time to first token, generated tokens/s, prefill
+  seconds and forwards.
 - `closed`: the same arms on short prompts arriving as others finish (`--concurrency` requests in
   flight, `--closed-requests` in all, prompts of 32-512 tokens, 32-224 new tokens), where no
   prompt is longer than a chunk but, while requests decode, a turn runs one prefill forward:
@@ -157,7 +158,7 @@ def graph_check() -> dict:
     return out
 
 
-MIX = {"": True, "eager": True, "always": "always", "off": False}
+MIX = {"": "eager", "eager": "eager", "on": True, "off": False}  # "": the library's default
 
 
 def arm_settings(manager, arm: str) -> None:
@@ -166,7 +167,7 @@ def arm_settings(manager, arm: str) -> None:
 
     chunk, _, mix = arm.partition(":")
     if mix not in MIX:
-        raise SystemExit(f"--arms: {arm!r}: the mix is one of eager, always, off")
+        raise SystemExit(f"--arms: {arm!r}: the mix is one of on, eager, off")
     manager.chunk_tokens = int(chunk)  # the loop is idle: no request is queued or running
     batching.MIX_CHUNKS = MIX[mix]
 
@@ -253,7 +254,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="jetmoe,phimoe")
     p.add_argument("--arms", default="0,2048", help="prefill_chunk_tokens values (0: whole prompts), each with "
-                   "an optional :eager, :always or :off (batching.MIX_CHUNKS)")
+                   "an optional :eager, :on or :off (batching.MIX_CHUNKS)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--stream-prompt", type=int, default=128)

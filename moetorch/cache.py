@@ -570,14 +570,18 @@ class MixedRows(Cache):
     decode step riding along with a chunk): token `n + b` (n the chunk's tokens) writes its key and
     value into row b at slot `cpos_1` [1] and attends that row under `decode_mask_B11S` [rows, 1, 1,
     S] (bool). Its `packed` is the forward's mask (`ops.attention.Mixed`). The decode writes come
-    first, then the chunk's update: a chunk reads no slot at the decode column."""
+    first, then the chunk's update: a chunk reads no slot at the decode column. `tokens`: the
+    chunk's token count (default: from its host lengths; a graph's padded count otherwise)."""
 
-    def __init__(self, chunk: PackedRows, rows: int, cpos_1: torch.Tensor, decode_mask_B11S: torch.Tensor) -> None:
+    def __init__(self, chunk: PackedRows, rows: int, cpos_1: torch.Tensor, decode_mask_B11S: torch.Tensor,
+                 tokens: int | None = None) -> None:
         super().__init__()
-        if chunk.packed.lens_q is None:
-            raise ValueError("MixedRows: the chunk's PackedRows needs its lengths on the host (not a graph's)")
+        if tokens is None:
+            if chunk.packed.lens_q is None:
+                raise ValueError("MixedRows: a graph's PackedRows (no host lengths) needs its token count, `tokens`")
+            tokens = sum(chunk.packed.lens_q)
         self.records_inputs = False
-        self.chunk, self.rows, self.cpos, self.tokens = chunk, rows, cpos_1, sum(chunk.packed.lens_q)
+        self.chunk, self.rows, self.cpos, self.tokens = chunk, rows, cpos_1, tokens
         self._layer = 0
         self.packed = Mixed(chunk.packed, self.tokens, rows, decode_mask_B11S, self._rows_kv)
 

@@ -132,13 +132,14 @@ def around(long_request: tuple, a_new: int = 12, **a_settings) -> list[tuple]:
             long_request]
 
 
-@pytest.mark.parametrize("mix", [True, False], ids=["mixed", "apart"])
+@pytest.mark.parametrize("mix", ["eager", True, False], ids=["mixed-eager", "mixed", "apart"])
 @pytest.mark.parametrize("lag", [0, 1])
 def test_a_long_prompt_joins_in_chunks(pair, events, padded, lag, mix, monkeypatch):
     """When b ends, a 29-token prompt joins in chunks of at most 6 tokens (5 chunks of 5-6) while
     a decodes, one decode step between each two; every request gives Transformers' greedy tokens
-    and the log-probabilities of Transformers' forward. The chunks that run eagerly (unpadded)
-    carry that decode step in their forward (`MIX_CHUNKS`), all but the last."""
+    and the log-probabilities of Transformers' forward. The chunks but the last carry that decode
+    step in their forward (`MIX_CHUNKS`): by default those that run unpadded (eagerly), with True
+    those padded to a graph's shape too."""
     hf, ours = pair
     monkeypatch.setattr(batching, "READ_LAG", lag)
     monkeypatch.setattr(batching, "MIX_CHUNKS", mix)
@@ -160,7 +161,7 @@ def test_a_long_prompt_joins_in_chunks(pair, events, padded, lag, mix, monkeypat
     assert [e[0] for e in run] == ["forward", "step"] * 4 + ["forward"]
     cols = [e[2] for e in run if e[0] == "forward"]
     assert cols == list(range(cols[0], cols[0] + 5))
-    mixes = mix and not padded
+    mixes = mix is True or (mix == "eager" and not padded)  # padded: a graph's shape (run eagerly on the CPU)
     assert events.mixed == (cols[:4] if mixes else []) and manager.stats["mixed"] == len(events.mixed)
 
 
@@ -318,7 +319,7 @@ def test_chunk_sizes():
 
 def test_mixed_forward_refuses_bad_input(pair):
     """A Mixed forward's attention refuses queries that are not its packed + decode tokens in one
-    row, weights and kv_rows; MixedRows refuses a graph's PackedRows (no host lengths)."""
+    row, weights and kv_rows; MixedRows needs a graph's PackedRows' token count (no host lengths)."""
     from moetorch.cache import MixedRows, PackedRows, StaticCache
     from moetorch.ops.attention import Mixed, Packed, attention
 
@@ -334,5 +335,5 @@ def test_mixed_forward_refuses_bad_input(pair):
     cu = torch.zeros(2, 3, dtype=torch.int32)
     graph_rows = PackedRows.static(cache, torch.zeros(5, 4, dtype=torch.long),
                                    Packed.static(cu[0], cu[1], 4, 4, 4), 4)
-    with pytest.raises(ValueError, match="lengths on the host"):
+    with pytest.raises(ValueError, match="needs its token count"):
         MixedRows(graph_rows, 2, torch.zeros(1, dtype=torch.long), torch.ones(2, 1, 1, 16, dtype=torch.bool))

@@ -56,15 +56,16 @@ from typing import Any
 
 import torch
 
-from ..cache import MixedRows, PackedRows, StaticCache, _kv_shape
-from ..ops.attention import build_mask
+from ..cache import PackedRows, StaticCache, _kv_shape
 from ..ops.host import on_device, to_device
 from . import prefixes
 from .cuda_graph import (
     PREFILL_BUCKETS,
     PREFILL_CAPTURE_AFTER,
+    DecodeRows,
     GraphedPackedPrefill,
     capture,
+    mixed_forward,
     own_forward,
     packed_forward,
     packed_inputs,
@@ -110,11 +111,12 @@ PREFILL_GRAPHS: bool | None = None
 # While requests decode, a request computed again past LongRoPE's switch runs in chunks of
 # `prefill_chunk_tokens` where its row has room (`_recompute`); False: in one forward.
 RECOMPUTE_CHUNKS = True
-# While requests decode, a prompt chunk that no prefill graph serves (it runs eagerly: LongRoPE's
-# long factors, prefill graphs off, the CPU) carries the running rows' decode step in its forward
-# (`_Batch.mixed`, eagerly) instead of a step of their own after it; "always": every chunk, those
-# that a graph would serve too; False: the rows' step runs on its own.
-MIX_CHUNKS: bool | str = True
+# While requests decode, a prompt chunk that runs eagerly (no prefill graph serves its shape:
+# past GRAPHED_FLOPS, LongRoPE's long factors, prefill graphs off, the CPU) carries the running
+# rows' decode step in its forward (`_Batch.mixed`) instead of a step of their own after it.
+# True: every chunk, a graph-served one from a CUDA graph per chunk shape and row count (on the
+# H200, JetMoE 0.5-1% more tokens/s once captured, for more captures); False: never.
+MIX_CHUNKS: bool | str = "eager"
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -425,26 +427,25 @@ class _Batch:
 
     def mixed(self, prompt: list[int], row: int, start: int, shared: tuple[int, int, int], long: bool,
               b: int) -> torch.Tensor:
-        """A prompt chunk's forward, as `forward` runs it eagerly, with the decode step of the first
-        b rows at column `col` in it (`cache.MixedRows`): the rows' next-token logits [b, V], and the
-        column moves on, as after `step`."""
-        device, rest = self.model.device, len(prompt) - shared[2]
+        """A prompt chunk's forward, as `forward` runs it, with the decode step of the first b rows
+        at column `col` in it (`cuda_graph.mixed_forward`): from a CUDA graph where one serves the
+        chunk's shape (`GraphedPackedPrefill.mixed`), else eagerly. The rows' next-token logits
+        [b, V]; the column moves on, as after `step`."""
         if self.long is not None:
             self.long[row, 0] = long
-        ids, positions, _ = packed_inputs([prompt], [shared])
         self.cpos.fill_(self.col)
-        mask = build_mask(self.mask[:b], self.cpos, self.S, self.window, b, queries_at_end=False)[0]
-        cache = MixedRows(PackedRows(self.cache, [row], [start], [rest], [shared], window=self.window), b, self.cpos,
-                          mask)
-        if self.long is not None:
-            cache.rope_long_BT = torch.cat([self.long.new_full((rest,), long), self.long[:b, 0]])[None]
-        out = self.model(torch.cat([to_device(ids, device), self.ids[:b, 0]])[None],
-                         position_ids=torch.cat([to_device(positions, device), self.pos[:b, 0]])[None],
-                         past_key_values=cache, use_cache=True,
-                         logits_to_keep=torch.arange(rest, rest + b, device=device), return_dict=True)
+        step = DecodeRows(self.ids, self.pos, self.mask, self.long, self.cpos, b)
+        graphs = self._packed_graphs()
+        logits = graphs.mixed(prompt, row, start, shared, long, step) if graphs is not None else None
+        if logits is None:  # unpadded, eagerly
+            device, rest = self.model.device, len(prompt) - shared[2]
+            ids, positions, _ = packed_inputs([prompt], [shared])
+            chunk = PackedRows(self.cache, [row], [start], [rest], [shared], window=self.window)
+            logits = mixed_forward(self.model, chunk, to_device(ids, device), to_device(positions, device), step,
+                                   self.window, long)
         self.col += 1
         self.pos[:b] += 1
-        return out.logits[0]
+        return logits
 
     def eager_chunk(self, prompt: list[int], shared: tuple[int, int, int], long: bool) -> bool:
         """Whether a chunk's forward runs eagerly (no prefill graph serves its shape)."""
@@ -1184,7 +1185,7 @@ class ContinuousBatchingManager:
         if ch.shared[0] != ch.row or ch.shared[1] != first:
             self.stats["shared_tokens"] += done  # a prefix that another row (or another place) held
         chunk = (prompt[:done + n], ch.row, first, ch.shared, ch.req.long)
-        if running and MIX_CHUNKS and (MIX_CHUNKS == "always" or batch.eager_chunk(chunk[0], ch.shared, ch.req.long)):
+        if running and MIX_CHUNKS and (MIX_CHUNKS != "eager" or batch.eager_chunk(chunk[0], ch.shared, ch.req.long)):
             self._ride = chunk  # the turn's decode step runs it (`_decode`)
         else:
             batch.forward([chunk[0]], [ch.row], [first], [ch.shared], long=[ch.req.long])

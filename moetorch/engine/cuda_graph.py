@@ -20,11 +20,12 @@ import contextlib
 import dataclasses
 import logging
 import weakref
+from typing import NamedTuple
 
 import torch
 
-from ..cache import PackedRows, StaticCache, _kv_shape, pack_plan
-from ..ops.attention import Packed, token_runs, varlen_kernel_serves
+from ..cache import MixedRows, PackedRows, StaticCache, _kv_shape, pack_plan
+from ..ops.attention import Packed, build_mask, token_runs, varlen_kernel_serves
 from ..ops.host import to_device
 
 logger = logging.getLogger("moetorch")
@@ -468,9 +469,40 @@ def _bucket(n: int, buckets) -> int | None:
     return next((b for b in buckets if b >= n), None)
 
 
+class DecodeRows(NamedTuple):
+    """A decode step's inputs on the device, for a chunk's forward to carry (`GraphedPackedPrefill.mixed`,
+    `cache.MixedRows`): the rows' next ids [R, 1], positions [R, 1], masks [R, S] (1 = attend),
+    LongRoPE flags [R, 1] (None: no LongRoPE), the column [1] their keys go to, and the rows
+    stepped (the first `rows`)."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    long: torch.Tensor | None
+    cpos: torch.Tensor
+    rows: int
+
+
+def mixed_forward(model, chunk: PackedRows, ids_T: torch.Tensor, positions_T: torch.Tensor, step: DecodeRows,
+                  window: int | None, long: bool = False) -> torch.Tensor:
+    """The forward of a chunk (`chunk`, its tokens' `ids_T` and `positions_T` on the device) with
+    the decode step of `step`'s rows riding along (`cache.MixedRows`): the rows' next-token logits
+    [rows, V]. `long`: the chunk's LongRoPE factor set."""
+    b, n, S = step.rows, ids_T.shape[0], step.mask.shape[1]
+    mask = build_mask(step.mask[:b], step.cpos, S, window, b, queries_at_end=False)[0]
+    cache = MixedRows(chunk, b, step.cpos, mask, tokens=n)
+    if step.long is not None:
+        cache.rope_long_BT = torch.cat([step.long.new_full((n,), long), step.long[:b, 0]])[None]
+    out = model(torch.cat([ids_T, step.ids[:b, 0]])[None], position_ids=torch.cat([positions_T, step.pos[:b, 0]])[None],
+                past_key_values=cache, use_cache=True, logits_to_keep=torch.arange(n, n + b, device=ids_T.device),
+                return_dict=True)
+    return out.logits[0]
+
+
 @dataclasses.dataclass(eq=False)
 class _PackedEntry:
-    """One shape of `GraphedPackedPrefill`: its buffers, its cache view, and its graph once captured."""
+    """One shape of `GraphedPackedPrefill`: its buffers, its cache view, and its graph once captured
+    (`mixed`: per decode rows b, the same forward carrying their step, sharing the buffers)."""
 
     key: tuple  # (tokens, keys, prompts)
     plan: torch.Tensor  # int64: the key index [5, keys], then ids and positions [tokens], last tokens [prompts]
@@ -479,6 +511,7 @@ class _PackedEntry:
     uses: int = 0
     graph: object = None
     logits: torch.Tensor | None = None
+    mixed: dict = dataclasses.field(default_factory=dict)
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, positions, last tokens): views of the plan buffer."""
@@ -500,7 +533,8 @@ class GraphedPackedPrefill:
     forward more than once, and a second run would read moved keys). Larger groups, a prompt with
     LongRoPE's long factors or a GPU without the varlen kernel: the call returns None and the caller runs
     the forward unpadded. With `enabled=False` (or on the CPU) the padded forward runs eagerly:
-    the fallback the tests exercise."""
+    the fallback the tests exercise. `mixed` runs a chunk's forward that carries a decode step
+    (`mixed_forward`), with a graph of its own per shape and number of decode rows."""
 
     def __init__(self, model, cache: StaticCache, window: int | None, enabled: bool | None = None) -> None:
         self.model, self.cache, self.window = model, cache, window
@@ -545,6 +579,33 @@ class GraphedPackedPrefill:
                  shared: list[tuple[int, int, int]], long: list[bool] | None = None) -> torch.Tensor | None:
         """The last tokens' logits [len(prompts), V] of the prompts' forward (`PackedRows(cache,
         rows, starts, ..., shared)`), or None where this shape runs unpadded (`key`)."""
+        filled = self._fill(prompts, rows, starts, shared, long)
+        if filled is None:
+            return None
+        entry, view, moves = filled
+        return self._serve(entry, lambda rows_view: self._run(entry, rows_view), view, moves)[:len(prompts)]
+
+    @torch.no_grad()
+    def mixed(self, prompt: list[int], row: int, start: int, shared: tuple[int, int, int], long: bool,
+              step: DecodeRows) -> torch.Tensor | None:
+        """A prompt chunk's forward as `__call__` runs it, carrying the decode step of `step`'s rows
+        (`mixed_forward`; one graph per shape and row count): the rows' next-token logits [rows, V],
+        or None where the chunk runs unpadded."""
+        filled = self._fill([prompt], [row], [start], [shared], [long])
+        if filled is None:
+            return None
+        entry, view, moves = filled
+        holder = entry.mixed.get(step.rows)
+        if holder is None:
+            holder = entry.mixed[step.rows] = dataclasses.replace(entry, uses=0, graph=None, logits=None, mixed={})
+        ids, positions, _ = entry.inputs()
+        return self._serve(holder, lambda rows_view: mixed_forward(self.model, rows_view, ids, positions, step,
+                                                                   self.window), view, moves)
+
+    def _fill(self, prompts, rows, starts, shared, long) -> tuple[_PackedEntry, PackedRows, bool] | None:
+        """The entry of the prompts' shape with its buffers filled for them, the cache view an
+        eager run reads, and whether a prefix moves within its own row (then nothing is replayed);
+        None where this shape runs unpadded (`key`)."""
         if self.enabled and not varlen_kernel_serves(self.model.device, self.model.dtype, self.head_dim):
             self.enabled = False  # sdpa's flash kernel was turned off since: no more captures
         lengths = [len(p) for p in prompts]
@@ -567,23 +628,6 @@ class GraphedPackedPrefill:
             plan, cu = plan.pin_memory(), cu.pin_memory()
         entry.plan.copy_(plan, non_blocking=True)
         entry.cu.copy_(cu, non_blocking=True)
-        entry.uses += 1
-        # a prefix that moves within its own row (a prefix kept in place, as a prompt's later
-        # chunks read theirs, reads the same keys at every run)
-        moves = any(p and row == r and first != s for (row, first, p), r, s in zip(shared, rows, starts))
-        if entry.graph is None and self.enabled and entry.uses >= PREFILL_CAPTURE_AFTER and not moves:
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            try:
-                entry.graph, entry.logits = capture(lambda: self._run(entry, entry.rows), pool=self.pool,
-                                                    mode="thread_local")
-            except RuntimeError as e:  # out of memory too: the prefills go on eagerly, the batch does not fail
-                logger.warning("continuous batching: capturing a prefill of shape %s failed (%s); prefills run "
-                               "eagerly from now on", key, e)
-                self.enabled = False
-        if entry.graph is not None and not moves:
-            entry.graph.replay()
-            return entry.logits[:len(prompts)]
         # eagerly, over the same buffers: where a graph could run, as it runs (the same kernels);
         # elsewhere with the padded forward's lengths on the host, for the per-sequence attention
         view = entry.rows
@@ -591,4 +635,25 @@ class GraphedPackedPrefill:
             packed = dataclasses.replace(view.packed, lens_q=tuple(lens_q), lens_k=tuple(lens_k),
                                          max_q=max(lens_q), max_k=max(lens_k), rope_len=max(lengths))
             view = PackedRows.static(self.cache, entry.plan[:5 * keys].view(5, keys), packed, tokens)
-        return self._run(entry, view)[:len(prompts)]
+        # a prefix that moves within its own row (a prefix kept in place, as a prompt's later
+        # chunks read theirs, reads the same keys at every run)
+        moves = any(p and row == r and first != s for (row, first, p), r, s in zip(shared, rows, starts))
+        return entry, view, moves
+
+    def _serve(self, holder: _PackedEntry, run, view: PackedRows, moves: bool) -> torch.Tensor:
+        """`run(cache view)`'s output: replayed from `holder`'s graph, which is captured on its
+        `PREFILL_CAPTURE_AFTER`-th use, or run eagerly over `view`."""
+        holder.uses += 1
+        if holder.graph is None and self.enabled and holder.uses >= PREFILL_CAPTURE_AFTER and not moves:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            try:
+                holder.graph, holder.logits = capture(lambda: run(holder.rows), pool=self.pool, mode="thread_local")
+            except RuntimeError as e:  # out of memory too: the prefills go on eagerly, the batch does not fail
+                logger.warning("continuous batching: capturing a prefill of shape %s failed (%s); prefills run "
+                               "eagerly from now on", holder.key, e)
+                self.enabled = False
+        if holder.graph is not None and not moves:
+            holder.graph.replay()
+            return holder.logits
+        return run(view)
