@@ -634,7 +634,8 @@ class ContinuousBatchingManager:
         # by forward, cache shifts, requests computed again past LongRoPE's switch, wall seconds in
         # decode steps and in prefills (each ends reading tokens: the GPU's work is in), prompt
         # tokens shared, requests whose prompts ran in chunks, recomputes that ran in chunks, and
-        # decode steps that rode along with a prompt chunk (`MIX_CHUNKS`).
+        # decode steps that rode along with a prompt chunk (`MIX_CHUNKS`; such a forward's time
+        # counts as decode time).
         self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "shifts": 0, "recomputed": 0,
                                       "decode_s": 0.0, "prefill_s": 0.0, "shared_tokens": 0,
                                       "chunked": 0, "recomputed_in_chunks": 0, "mixed": 0}
