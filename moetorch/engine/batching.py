@@ -1503,12 +1503,7 @@ class ContinuousBatchingManager:
         next token drawn from the sequence's last `logits` and handed to it. Its draws go on from
         its token count (steps it sat out while its chunks ran do not count)."""
         req.first = self._steps - len(req.tokens)
-        if (req.sampling or self.default_sampling).counts:  # the steps' throwaway tokens were counted in the row
-            self._track_counts(batch, [req], [row])
-            if req.tokens:
-                device = batch.ids.device
-                batch.counts.add(to_device(torch.tensor([row] * len(req.tokens)), device),
-                                 to_device(torch.tensor(req.tokens), device))
+        self._track_counts(batch, [req], [row])  # the steps' throwaway tokens were counted in the row
         tokens, lp = self._choose(logits, [req], [row])
         batch.ids[row, 0] = tokens[0]
         running[row] = req
@@ -1659,7 +1654,8 @@ class ContinuousBatchingManager:
         return penalize_rows(scores_BV, counts.generated[rows_B], counts.prompt[rows_B], settings), rows_B
 
     def _track_counts(self, batch: _Batch, group: list[_Request], rows: list[int]) -> None:
-        """Reset the token counts of the rows that requests with penalties take."""
+        """Reset the token counts of the rows that requests with penalties take: their prompts and
+        the tokens they generated so far."""
         taken = [(row, req) for row, req in zip(rows, group) if (req.sampling or self.default_sampling).counts]
         if not taken:
             return
@@ -1667,7 +1663,8 @@ class ContinuousBatchingManager:
         if batch.counts is None:
             batch.counts = TokenCounts(batch.R, self.model.config.vocab_size, device)
         batch.counts.reset([row for row, _ in taken], [req.prompt for _, req in taken],
-                           lambda values, dtype: to_device(torch.tensor(values, dtype=dtype), device))
+                           lambda values, dtype: to_device(torch.tensor(values, dtype=dtype), device),
+                           [req.tokens for _, req in taken])
 
 
 def _call_each(items: list) -> None:

@@ -297,15 +297,19 @@ class TokenCounts:
         self.generated = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
         self.prompt = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
 
-    def reset(self, rows: list[int], prompts: list[list[int]], put) -> None:
-        """Rows that requests take, with their prompts (`put`: a host list to a device tensor)."""
+    def reset(self, rows: list[int], prompts: list[list[int]], put, generated: list[list[int]] | None = None) -> None:
+        """Rows that requests take, with their prompts and the tokens they generated so far
+        (`generated`, default none; `put`: a host list to a device tensor)."""
         rows_t = put(rows, torch.long)
         self.generated[rows_t] = 0
         self.prompt[rows_t] = False
         flat_rows = put([row for row, p in zip(rows, prompts) for _ in p], torch.long)
         self.prompt[flat_rows, put([t for p in prompts for t in p], torch.long)] = True
+        if generated and any(generated):
+            self.add(put([row for row, g in zip(rows, generated) for _ in g], torch.long),
+                     put([t for g in generated for t in g], torch.long))
 
     def add(self, rows_B: torch.Tensor, tokens_B: torch.Tensor) -> None:
-        """Count a step's tokens in their rows (distinct rows)."""
+        """Count tokens in their rows (a row may repeat)."""
         self.generated.index_put_((rows_B, tokens_B), torch.ones_like(tokens_B, dtype=torch.float32),
                                   accumulate=True)
