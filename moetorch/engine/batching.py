@@ -1110,7 +1110,7 @@ class ContinuousBatchingManager:
             self._next_chunk(running, batch)
             return
         # requests decoding when the turn began: a prefill holds them up
-        chunk = min(self.batch_tokens, self.chunk_tokens) if running and self.chunk_tokens else 0
+        chunk = self._chunk(running)
         while waiting:
             free = [r for r in range(batch.R) if r not in running]
             if running and len(free) < max(1, batch.R // ADMIT_SHARE) and \
@@ -1154,6 +1154,11 @@ class ContinuousBatchingManager:
             self._prefill_group(group, rows, shared, phases, running, batch, waiting)
             if chunk:
                 return  # one forward a turn while requests decode
+
+    def _chunk(self, running: dict) -> int:
+        """The most tokens of a prefill forward in chunks while `running` requests decode (0: none
+        decode, or chunks are off, so a prompt runs whole)."""
+        return min(self.batch_tokens, self.chunk_tokens) if running and self.chunk_tokens else 0
 
     def _next_chunk(self, running: dict, batch: _Batch) -> None:
         """Compute the next chunk of the prompt in `_chunked`; with its last, the request joins
@@ -1471,7 +1476,7 @@ class ContinuousBatchingManager:
         req.long = True
         if batch.prefixes is not None:
             batch.prefixes.drop(row)
-        chunk = min(self.batch_tokens, self.chunk_tokens) if running and self.chunk_tokens and RECOMPUTE_CHUNKS else 0
+        chunk = self._chunk(running) if RECOMPUTE_CHUNKS else 0
         chunks = -(-len(seq) // chunk) if chunk else 1
         join = batch.col + chunks - 1
         if chunks > 1 and self._chunked is None and join + req.max_new - len(req.tokens) - 1 <= batch.S:
