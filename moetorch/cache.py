@@ -134,6 +134,28 @@ class Cache:
         return None
 
 
+def slot_major_bytes(layers: int, rows: int, slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of a slot-major cache (`slot_major`)."""
+    return rows * slots * 2 * layers * kv_heads * head_dim * dtype.itemsize
+
+
+def slot_major(storage: torch.Tensor, layers: int, rows: int, slots: int, kv_heads: int, head_dim: int,
+               dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [layers, rows, kv heads, slots, head_dim] as views of `storage` (flat uint8)
+    laid out [rows, slots, 2, layers, kv heads, head_dim]: each slot's keys and values for every
+    layer lie together, and a row's slots follow each other, so that the slots a row uses are one
+    range of bytes (`engine.pages` backs only those)."""
+    need = slot_major_bytes(layers, rows, slots, kv_heads, head_dim, dtype)
+    if storage.numel() < need:
+        raise ValueError(f"StaticCache: storage holds {storage.numel()} bytes, {rows} rows x {slots} slots x "
+                         f"{layers} layers x 2 x {kv_heads} heads x {head_dim} of {dtype} need {need}")
+    device = torch.device(device)
+    if storage.device.type != device.type or device.index not in (None, storage.device.index):
+        raise ValueError(f"StaticCache: storage is on {storage.device}, the keys on {device}")
+    x = storage[:need].view(dtype).view(rows, slots, 2, layers, kv_heads, head_dim)
+    return x[:, :, 0].permute(2, 0, 3, 1, 4), x[:, :, 1].permute(2, 0, 3, 1, 4)
+
+
 class CacheLayer(NamedTuple):
     keys: torch.Tensor
     values: torch.Tensor
@@ -225,6 +247,7 @@ class StaticCache(Cache):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         num_layers: int | None = None,
+        storage: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if max_cache_len is None:
@@ -237,6 +260,10 @@ class StaticCache(Cache):
         self._rows: torch.Tensor | None = None  # slot_rows' storage, once used (graphs keep its address)
         self.num_layers = num_layers or (config.num_hidden_layers if config is not None else None)
         self._config = config
+        if storage is not None and (storage.dtype != torch.uint8 or storage.dim() != 1):
+            raise ValueError(f"StaticCache: storage must be a flat uint8 tensor, got {storage.dtype} "
+                             f"{tuple(storage.shape)}")
+        self._storage = storage
         if max_batch_size is not None and device is not None and dtype is not None and config is not None:
             kv_heads, head_dim = _kv_shape(config)
             self._allocate(max_batch_size, kv_heads, head_dim, torch.device(device), dtype)
@@ -249,10 +276,13 @@ class StaticCache(Cache):
         n = self.num_layers
         if n is None:
             raise ValueError("StaticCache needs `config` or `num_layers` to allocate its storage")
-        # One tensor each for all layers' keys and values (a layer's are views of it): reordering
-        # and zeroing them take a launch or two, not one per layer.
-        shape = (n, B, G, self.max_cache_len, d)
-        self._all = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        if self._storage is not None:
+            self._all = slot_major(self._storage, n, B, self.max_cache_len, G, d, dtype, device)
+        else:
+            # One tensor each for all layers' keys and values (a layer's are views of it): reordering
+            # and zeroing them take a launch or two, not one per layer.
+            shape = (n, B, G, self.max_cache_len, d)
+            self._all = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         self.keys, self.values = list(self._all[0].unbind(0)), list(self._all[1].unbind(0))
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:

@@ -197,7 +197,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SystemExit(f"moetorch serve needs fastapi and uvicorn ({e}): pip install 'moetorch[serve]'") from None
     sizes = dict(max_model_len=args.max_model_len, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens,
-                 prefix_sharing=args.prefix_sharing, prefill_chunk_tokens=args.prefill_chunk_tokens)
+                 prefix_sharing=args.prefix_sharing, prefill_chunk_tokens=args.prefill_chunk_tokens,
+                 paged=args.paged_cache)
     path, is_random = _resolve(args.model)
     tok = _tokenizer(path)
     name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
@@ -284,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="the most tokens of prompt + completion a "
                        "request may have: each of the batch's rows holds that many (default: 4096, within the "
                        "model's max_position_embeddings)")
-    serve.add_argument("--max-batch", type=int, default=None, help="requests decoding at once (default: as many as "
-                       "the GPU's free memory holds, at most 256; 64 on the CPU)")
+    serve.add_argument("--max-batch", type=int, default=None, help="requests decoding at once (default: 256 on a GPU, "
+                       "as many as its free memory holds with --no-paged-cache; 64 on the CPU)")
     serve.add_argument("--max-batch-tokens", type=int, default=None, help="prompt tokens of one prefill (16384)")
     serve.add_argument("--prefill-chunk-tokens", type=int, default=None, help="while requests decode, the most "
                        "prompt tokens one prefill computes; a longer prompt runs in chunks, a decode step between "
@@ -294,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a prompt that starts with tokens a batch row holds (another request's prompt, a finished "
                        "request's prompt and reply) copies their keys and values instead of computing them (default; "
                        "--no-prefix-sharing: every prompt computed whole)")
+    serve.add_argument("--paged-cache", action=argparse.BooleanOptionalAction, default=None,
+                       help="memory for the slots each running request uses, not whole rows of --max-model-len "
+                       "slots, so that rows are bound by requests and pages rather than memory (default: on a GPU "
+                       "where the free memory would hold fewer than --max-batch whole rows; --no-paged-cache: "
+                       "rows of whole slots)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--switch-interval", type=float, default=0.0005, help="seconds between the Python threads' "
                        "turns at the interpreter lock (sys.setswitchinterval; Python's default is 0.005): the batch's "

@@ -46,3 +46,17 @@ def padded(request, monkeypatch):
 
     monkeypatch.setattr(batching, "PREFILL_GRAPHS", request.param)
     return request.param
+
+
+@pytest.fixture(params=["static", "paged"])
+def cache_layout(request, monkeypatch):
+    """Runs a test on the continuous batch's static cache and on its paged one. Paged, on the CPU,
+    a page is one slot (`engine.pages.HostPages`), and before every forward each page that no
+    request holds is poisoned: a read of a slot that the manager did not hold shows as wrong
+    tokens."""
+    from moetorch.engine import batching
+
+    if request.param == "paged":
+        monkeypatch.setattr(batching, "PAGED", True)
+        monkeypatch.setattr(batching, "PAGE_SLOTS", 1)
+    return request.param

@@ -19,6 +19,9 @@ from parity import OpenAIPenalties, make_pair, run_queued, run_requests
 import moetorch
 from moetorch.engine import batching, row_sampling
 
+# every test on the static cache and on the paged one (conftest.cache_layout)
+pytestmark = pytest.mark.usefixtures("cache_layout")
+
 
 @pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
 def pair(request, tmp_path_factory):

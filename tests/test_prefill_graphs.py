@@ -343,7 +343,7 @@ def test_use_cuda_graph_is_transformers_pair(model, monkeypatch, setting, prefil
     (prefill, decode) pair; on a GPU only (the device is a stand-in here: nothing runs)."""
     from moetorch.engine.batching import ContinuousBatchingConfig, ContinuousBatchingManager
 
-    cfg = ContinuousBatchingConfig(max_requests_per_batch=2, max_cache_len=32, use_cuda_graph=setting)
+    cfg = ContinuousBatchingConfig(max_requests_per_batch=2, max_cache_len=32, use_cuda_graph=setting, paged=False)
     cpu = ContinuousBatchingManager(model, model.generation_config, cfg)
     assert (cpu.use_prefill_graphs, cpu.use_graphs) == (False, False)
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))

@@ -15,6 +15,9 @@ import moetorch
 from moetorch.engine import batching, prefixes
 from moetorch.engine.prefixes import PrefixIndex
 
+# every test on the static cache and on the paged one (conftest.cache_layout)
+pytestmark = pytest.mark.usefixtures("cache_layout")
+
 
 @pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
 def pair(request, tmp_path_factory):

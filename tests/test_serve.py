@@ -799,3 +799,24 @@ def test_engine_without_an_event_loop_thread_is_not_needed():
                           pad_token_id=0)[0, len(tok.encode("import os")):].tolist()
     assert ids == want[:len(ids)] and pieces[-1].finish_reason in ("stop", "length")
     assert "".join(p.text for p in pieces) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_engine_with_a_paged_cache():
+    """`paged=True` (the CLI's --paged-cache) reaches the manager, and the engine serves the same
+    tokens with it as with the static cache (the CPU's default)."""
+    model = moetorch.AutoModelForCausalLM.from_pretrained("tiny-jetmoe", dtype=torch.float32)
+    tok = moetorch.AutoTokenizer.from_pretrained("tiny-jetmoe")
+    out = {}
+    for paged in (True, None):
+        engine = Engine(model, tok, "jet", max_model_len=64, max_batch=3, paged=paged)
+        engine.start()
+        try:
+            async def run(engine=engine):
+                return [p async for p in engine.generate(tok.encode("def f(x):"), 6, {"do_sample": False}, [],
+                                                         engine.eos, True)]
+            pieces = asyncio.run(run())
+            assert engine.manager.paged is bool(paged) and (engine.manager._batch.pages is not None) is bool(paged)
+        finally:
+            engine.stop()
+        out[paged] = [t for p in pieces for t in p.token_ids]
+    assert out[True] == out[None] and len(out[True]) == 6

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from ..cache import PackedRows, StaticCache, _kv_shape
+from ..cache import PackedRows, StaticCache, _kv_shape, slot_major_bytes
 from ..ops.host import on_device, to_device
 from . import prefixes
 from .cuda_graph import (
@@ -70,6 +70,7 @@ from .cuda_graph import (
     packed_forward,
     packed_inputs,
 )
+from .pages import DevicePages, HostPages, Pages, granularity
 from .prefixes import PrefixIndex
 from .row_sampling import RowSettings, Sampling, TokenCounts, draw_rows, penalize_rows, single_token_bias
 
@@ -117,6 +118,16 @@ RECOMPUTE_CHUNKS = True
 # True: every chunk, a graph-served one from a CUDA graph per chunk shape and row count (on the
 # H200, JetMoE 0.5-1% more tokens/s once captured, for more captures); False: never.
 MIX_CHUNKS: bool | str = "eager"
+# A manager's cache is paged (`ContinuousBatchingConfig.paged`) unless its config says: None, on a
+# GPU where the free memory holds fewer rows of `max_cache_len` slots than the requests (or
+# `max_requests_per_batch`) ask for.
+PAGED: bool | None = None
+# Slots a page of a paged cache (None: the config's `page_size`).
+PAGE_SLOTS: int | None = None
+# The batch cache's layout: False, [layers, rows, kv heads, slots, head_dim] per keys and values;
+# True, one range [rows, slots, 2, layers, kv heads, head_dim] (`cache.slot_major`), in which
+# the slots a row uses are one run of bytes (what a cache backed page by page needs).
+SLOT_MAJOR = False
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -195,8 +206,17 @@ class ContinuousBatchingConfig:
     `drop_unsupported_processors`: generation settings the batch does not apply (repetition
     penalty, stop strings, ...) are dropped with a warning; False makes them an error.
 
-    The paged-cache, compile and distributed fields of Transformers' class (`page_size`,
-    `num_blocks`, `use_async_batching`, ...) are accepted and have no effect here.
+    `paged` (moetorch): the cache's memory follows what the running requests use (below);
+    default `batching.PAGED`. `page_size`: its slots a page (rounded up to the GPU's 2 MB mapping
+    unit). `num_blocks`: the most pages with memory at once (default: what `max_memory_percent`
+    of the free GPU memory holds).
+
+    Paged, the cache of R rows x S slots is one range of addresses (`engine.pages`): a running
+    request holds memory for its prompt and new tokens' slots only, so that rows are not bound by
+    memory (R defaults to the requests, at most 256), and a request waits for pages, not rows.
+
+    The compile and distributed fields of Transformers' class (`use_async_batching`, ...) are
+    accepted and have no effect here.
     """
 
     max_requests_per_batch: int | None = None
@@ -210,8 +230,9 @@ class ContinuousBatchingConfig:
     max_queue_size: int = 0
     scheduler_type: str = "fifo"
     drop_unsupported_processors: bool = True
-    # Transformers' paged-cache, compile and distributed settings: no effect here
+    paged: bool | None = None
     page_size: int = 256
+    # Transformers' other paged-cache, compile and distributed settings: no effect here
     num_blocks: int | None = None
     max_blocks_per_request: int | None = None
     allow_block_sharing: bool = True
@@ -325,10 +346,18 @@ class _Batch:
     """The rows of the batch: the cache, the per-row step inputs and the decode steps."""
 
     def __init__(self, model, rows: int, slots: int, graphs: bool, share: bool = False,
-                 prefill_graphs: bool | None = None, longrope: bool = False) -> None:
+                 prefill_graphs: bool | None = None, longrope: bool = False, pages: Pages | None = None) -> None:
         device, config = model.device, model.config
         self.model, self.R, self.S = model, rows, slots
-        self.cache = StaticCache(config, max_cache_len=slots, max_batch_size=rows, device=device, dtype=model.dtype)
+        # paged: the cache lies slot-major in `pages`, and only the pages of `hold`'s slots have memory
+        self.pages, self.slot_bytes, self._held = pages, _slot_bytes(config, model.dtype), set()
+        storage = pages.tensor if pages is not None else None
+        if SLOT_MAJOR and pages is None:
+            layers, (kv_heads, head_dim) = config.num_hidden_layers, _kv_shape(config)
+            nbytes = slot_major_bytes(layers, rows, slots, kv_heads, head_dim, model.dtype)
+            storage = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.cache = StaticCache(config, max_cache_len=slots, max_batch_size=rows, device=device, dtype=model.dtype,
+                                 storage=storage)
         self.cache.records_inputs = False
         # LongRoPE: each row's factor set (True: long), which its decode steps' rotary tables read
         self.long = torch.zeros(rows, 1, dtype=torch.bool, device=device) if longrope else None
@@ -350,6 +379,37 @@ class _Batch:
         # the rows whose cached prompts (and finished requests' tokens) new prompts may start from
         self.prefixes = PrefixIndex() if share else None
 
+    def pages_of(self, spans: dict[int, list[tuple[int, int]]]) -> set[int]:
+        """The pages that hold slots `spans` (row -> [first, end) slot ranges) of the rows."""
+        need: set[int] = set()
+        sb, S = self.slot_bytes, self.S
+        for row, ranges in spans.items():
+            for first, end in ranges:
+                first, end = max(first, 0), min(end, S)
+                if end > first:
+                    need.update(self.pages.covering((row * S + first) * sb, (row * S + end) * sb))
+        return need
+
+    def hold(self, spans: dict[int, list[tuple[int, int]]]) -> None:
+        """Paged: memory behind exactly the pages of `spans` (row -> slot ranges) from now on.
+        Pages no longer held are released once the work launched so far is done; new ones are
+        mapped with the GPU idle (mapping is not ordered with a stream's work), so this waits for
+        the work in flight when it maps."""
+        need = self.pages_of(spans)
+        gone, new = self._held - need, need - self._held
+        on_gpu = self.model.device.type == "cuda"
+        if gone:
+            event = None
+            if on_gpu:
+                event = torch.cuda.Event()
+                event.record()
+            self.pages.release(sorted(gone), after=event)
+        if new:
+            if on_gpu:
+                torch.cuda.current_stream().synchronize()
+            self.pages.back(sorted(new))
+        self._held = need
+
     def bucket(self, rows_in_use: int) -> int:
         return next((b for b in DECODE_BUCKETS if b >= rows_in_use and b <= self.R), self.R)
 
@@ -360,7 +420,14 @@ class _Batch:
             view.rope_long_BT = self.long[:b] if self.long is not None else None
         return self.views[b]
 
+    def scrub(self) -> None:
+        """Paged: before a forward, pages without memory hold nothing anyone wrote
+        (`Pages.scrub`; on the CPU, a read of a slot no request holds shows)."""
+        if self.pages is not None:
+            self.pages.scrub()
+
     def _forward(self, b: int) -> torch.Tensor:
+        self.scrub()
         cache = self.view(b)
         cache._seen = 0  # the rows' lengths live in `pos` (and LongRoPE's factor sets in `long`)
         out = self.model(self.ids[:b], attention_mask=self.mask[:b], position_ids=self.pos[:b],
@@ -418,6 +485,7 @@ class _Batch:
             long = long or [False] * len(prompts)
             self.long[to_device(torch.tensor(rows), self.long.device), 0] = \
                 to_device(torch.tensor(long, dtype=torch.bool), self.long.device)
+        self.scrub()
         graphs = self._packed_graphs()
         logits = graphs(prompts, rows, starts, shared, long) if graphs is not None else None
         if logits is None:  # unpadded, eagerly
@@ -435,6 +503,7 @@ class _Batch:
             self.long[row, 0] = long
         self.cpos.fill_(self.col)
         step = DecodeRows(self.ids, self.pos, self.mask, self.long, self.cpos, b)
+        self.scrub()
         graphs = self._packed_graphs()
         logits = graphs.mixed(prompt, row, start, shared, long, step) if graphs is not None else None
         if logits is None:  # unpadded, eagerly
@@ -591,8 +660,11 @@ class ContinuousBatchingManager:
         # LongRoPE's original_max_position_embeddings, where it switches factors (None: no switch)
         self.rope_limit = rotary.original_max if rotary is not None and rotary.longrope else None
         hints = workload_hints or WorkloadHints()
+        paged = PAGED if cfg.paged is None else cfg.paged
+        self.paged: bool | None = None if paged is None else bool(paged)
         self.slots = self._slots(hints)
-        self.rows = self._rows(hints)
+        self.rows = self._rows(hints)  # (decides `paged` where it was left open)
+        self._pages_plan: tuple[int, int, int] | None = None  # paged: (page bytes, pages, capacity), once asked
         self.batch_tokens = cfg.max_batch_tokens or DEFAULT_BATCH_TOKENS
         if self.batch_tokens < 1:
             raise ValueError("continuous_batching_config.max_batch_tokens must be positive, got "
@@ -603,6 +675,7 @@ class ContinuousBatchingManager:
                              f"chunks), got {cfg.prefill_chunk_tokens!r}")
         self.chunk_tokens = chunk
         self._chunked: _Chunked | None = None  # the request whose prompt is being computed in chunks
+        self._recomputing: dict[int, _Request] = {}
         if cfg.scheduler_type not in ("fifo",):
             raise ValueError(f"continuous_batching_config.scheduler_type: only 'fifo' is supported, got "
                              f"{cfg.scheduler_type!r}")
@@ -635,10 +708,10 @@ class ContinuousBatchingManager:
         # decode steps and in prefills (each ends reading tokens: the GPU's work is in), prompt
         # tokens shared, requests whose prompts ran in chunks, recomputes that ran in chunks, and
         # decode steps that rode along with a prompt chunk (`MIX_CHUNKS`; such a forward's time
-        # counts as decode time).
+        # counts as decode time), and requests a paged cache's pages held back from a prefill group.
         self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "shifts": 0, "recomputed": 0,
                                       "decode_s": 0.0, "prefill_s": 0.0, "shared_tokens": 0,
-                                      "chunked": 0, "recomputed_in_chunks": 0, "mixed": 0}
+                                      "chunked": 0, "recomputed_in_chunks": 0, "mixed": 0, "waited_for_pages": 0}
 
     # ---- settings -------------------------------------------------------------------------------
     def _settings(self, gen) -> None:
@@ -700,25 +773,75 @@ class ContinuousBatchingManager:
 
     def _rows(self, hints: WorkloadHints) -> int:
         cfg = self.continuous_batching_config
-        if cfg.max_requests_per_batch is not None:
-            if cfg.max_requests_per_batch < 1:
-                raise ValueError("continuous_batching_config.max_requests_per_batch must be positive, got "
-                                 f"{cfg.max_requests_per_batch}")
-            return int(cfg.max_requests_per_batch)
-        want = min(MAX_ROWS, hints.num_requests or MAX_ROWS)
+        asked = cfg.max_requests_per_batch
+        if asked is not None and asked < 1:
+            raise ValueError(f"continuous_batching_config.max_requests_per_batch must be positive, got {asked}")
+        want = int(asked) if asked is not None else min(MAX_ROWS, hints.num_requests or MAX_ROWS)
         if self.model.device.type != "cuda":
-            return min(want, DEFAULT_ROWS)
+            self.paged = bool(self.paged)
+            return want if asked is not None else min(want, DEFAULT_ROWS)
+        fits = None if self.paged or (self.paged is False and asked is not None) else self._static_rows()
+        if self.paged is None:  # paged where the free memory holds fewer rows of all their slots
+            self.paged = fits < want
+        if self.paged or asked is not None:
+            return want
+        if fits < 1:
+            row = self.slots * _slot_bytes(self.model.config, self.model.dtype)
+            raise RuntimeError(f"continuous batching: one row of {self.slots} cache slots ({row / 2**30:.2f} GiB) is "
+                               "more than the free GPU memory holds within max_memory_percent; lower max_cache_len, "
+                               "or leave `paged` on")
+        return min(want, fits)
+
+    def _static_rows(self) -> int:
+        """Rows of `slots` slots each that the free GPU memory holds (within `max_memory_percent`)."""
+        cfg = self.continuous_batching_config
         row_bytes = self.slots * _slot_bytes(self.model.config, self.model.dtype)
         free = _free_memory(self.model.device)
         share = cfg.max_memory_percent or (0.8 if self.do_sample else 0.9)
         # a step's float32 logits and their softmax, per row
         row_bytes += 3 * 4 * self.model.config.vocab_size
-        fits = int(free * share) // row_bytes
-        if fits < 1:
-            raise RuntimeError(f"continuous batching: one row of {self.slots} cache slots needs "
-                               f"{row_bytes / 2**30:.2f} GiB, more than {share:.0%} of the free GPU memory "
-                               f"({free / 2**30:.2f} GiB); lower max_cache_len")
-        return max(1, min(want, fits))
+        return int(free * share) // row_bytes
+
+    def _plan_pages(self) -> tuple[int, int, int]:
+        """A paged cache's page size (bytes), its pages, and how many of them may have memory at
+        once (worked out on first use: the GPU's mapping unit and free memory)."""
+        if self._pages_plan is not None:
+            return self._pages_plan
+        cfg, model = self.continuous_batching_config, self.model
+        slots = PAGE_SLOTS or cfg.page_size
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise ValueError(f"continuous_batching_config.page_size must be a positive int, got {slots!r}")
+        sb = _slot_bytes(model.config, model.dtype)
+        page = slots * sb
+        if model.device.type == "cuda":
+            unit = granularity(model.device)
+            page = -(-page // unit) * unit
+        count = -(-self.rows * self.slots * sb // page)
+        if cfg.num_blocks is not None:
+            if not isinstance(cfg.num_blocks, int) or isinstance(cfg.num_blocks, bool) or cfg.num_blocks < 1:
+                raise ValueError("continuous_batching_config.num_blocks must be a positive int, got "
+                                 f"{cfg.num_blocks!r}")
+            capacity = cfg.num_blocks
+        elif model.device.type == "cuda":
+            share = cfg.max_memory_percent or (0.8 if self.do_sample else 0.9)
+            logits = self.rows * 3 * 4 * model.config.vocab_size  # a step's float32 logits and their softmax
+            capacity = (int(_free_memory(model.device) * share) - logits) // page
+        else:
+            capacity = count
+        self._pages_plan = (page, count, min(capacity, count))
+        need = self._request_pages(self.slots)
+        if need > self._pages_plan[2]:
+            self._pages_plan = None
+            raise RuntimeError(f"continuous batching: a request of {self.slots} slots (max_cache_len) needs {need} "
+                               f"pages of {page / 2**20:.1f} MiB, and the paged cache may hold {min(capacity, count)}; "
+                               "lower max_cache_len or raise num_blocks / max_memory_percent")
+        return self._pages_plan
+
+    def _request_pages(self, slots: int) -> int:
+        """The most pages a request of `slots` slots holds in its row (its first and last pages
+        partly used)."""
+        page, count, _ = self._plan_pages()
+        return min(-(-slots * _slot_bytes(self.model.config, self.model.dtype) // page) + 1, count)
 
     # ---- control ----------------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -751,8 +874,15 @@ class ContinuousBatchingManager:
     def _ensure_batch(self) -> _Batch:
         if self._batch is None:
             share = self.continuous_batching_config.allow_block_sharing
+            pages = None
+            if self.paged:
+                device = self.model.device
+                page, count, capacity = self._plan_pages()
+                pages = (DevicePages(count, capacity, device, page) if device.type == "cuda" else
+                         HostPages(count, page, capacity, device=device))
             self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs, share=bool(share),
-                                 prefill_graphs=self.use_prefill_graphs, longrope=self.rope_limit is not None)
+                                 prefill_graphs=self.use_prefill_graphs, longrope=self.rope_limit is not None,
+                                 pages=pages)
         return self._batch
 
     def is_running(self) -> bool:
@@ -809,6 +939,9 @@ class ContinuousBatchingManager:
         """Stop and let the cache and graphs go."""
         if self.is_running():
             self.stop(block=True)
+        if self._batch is not None and self._batch.pages is not None:
+            self._batch.graphs.clear()
+            self._batch.pages.close()
         self._batch, self.warmed_up = None, False
 
     # ---- requests ---------------------------------------------------------------------------------
@@ -849,6 +982,8 @@ class ContinuousBatchingManager:
             max_new = self.slots - len(prompt) + 1  # until EOS or the row is full
         if not isinstance(max_new, int) or max_new < 1:
             raise ValueError(f"add_request({request_id!r}): max_new_tokens must be a positive int, got {max_new!r}")
+        if self.paged:
+            self._plan_pages()  # (a request of a whole row's slots must fit in its pages)
         if len(prompt) + max_new - 1 > self.slots:
             raise ValueError(
                 f"add_request({request_id!r}): the prompt's {len(prompt)} tokens + max_new_tokens={max_new} exceed "
@@ -1039,6 +1174,7 @@ class ContinuousBatchingManager:
         running: dict[int, _Request] = {}
         self._pending: deque[_Step] = deque()
         self._ride: tuple | None = None
+        self._recomputing = {}  # row -> request computed again past LongRoPE's switch, now
         # (step, order, row, request): requests that pass LongRoPE's switch at that decode step
         self._crossings: list[tuple[int, int, int, _Request]] = []
         self._order = itertools.count()
@@ -1137,6 +1273,8 @@ class ContinuousBatchingManager:
                 col, work = c, work + cost
                 if ahead:
                     break
+            if batch.pages is not None:
+                group, col = self._fit_pages(batch, running, group, col, ahead)
             if not group:
                 return
             if col != batch.col:
@@ -1149,11 +1287,31 @@ class ContinuousBatchingManager:
                 req.status, req.started = RequestStatus.PREFILLING, time.perf_counter()
                 self._chunked = _Chunked(req, rows[0], batch.col + ahead, shared[0], ahead + 1)
                 self.stats["chunked"] += 1
+                self._hold(batch, running)
                 self._next_chunk(running, batch)
                 return
             self._prefill_group(group, rows, shared, phases, running, batch, waiting)
             if chunk:
                 return  # one forward a turn while requests decode
+
+    def _fit_pages(self, batch: _Batch, running: dict, group: list[_Request], col: int,
+                   ahead: int) -> tuple[list[_Request], int]:
+        """Paged: the first requests of `group` that the cache's pages hold, and their column.
+        Finished rows that prompts may start from give their pages up first, the oldest first,
+        those that the group's prompts start from last."""
+        index = batch.prefixes
+        while group and not self._room(batch, running, group, col, ahead):
+            finished = index.finished_rows() if index is not None else {}
+            used = {f[0].row for f in (index.find(r.prompt, mode=r.long) for r in group) if f is not None} \
+                if finished else set()
+            spare = [row for row in finished if row not in used]
+            if spare or (finished and len(group) == 1):
+                index.drop(min(spare or finished, key=index.age))
+                continue
+            group = group[:-1]
+            self.stats["waited_for_pages"] += 1
+            col = self._column(batch, running, group) if group else batch.col
+        return group, col
 
     def _chunk(self, running: dict) -> int:
         """The most tokens of a prefill forward in chunks while `running` requests decode (0: none
@@ -1213,6 +1371,13 @@ class ContinuousBatchingManager:
             req.first = self._steps
             own = req.sampling.seed if req.sampling is not None else None
             req.seed = own if own is not None else int(torch.randint(0, 2**62, ()))
+        if batch.pages is not None:  # the group's slots, and the prefixes it copies, before it writes
+            extra = collections.defaultdict(list)
+            for req, row, (src, first, n) in zip(group, rows, shared):
+                extra[row].append((req.start, batch.col + req.max_new))
+                if n:
+                    extra[src].append((first, first + n))
+            self._hold(batch, running, extra)
         tokens = torch.empty(len(group), dtype=torch.long, device=batch.ids.device)
         logprobs: list | None = [] if self.return_logprobs else None  # (part, its log-probabilities)
         for n, phase in enumerate(phases):
@@ -1274,10 +1439,52 @@ class ContinuousBatchingManager:
         lo = min(starts.values(), default=batch.col)
         if batch.prefixes is not None:
             lo = min([lo, *(s for s in batch.prefixes.finished_rows().values() if s - d >= 0)])
+        if batch.pages is not None:  # the slots moved from and to, while they move
+            spans = self._spans(batch, running)
+            batch.hold({row: ranges + [(a - d, e - d) for a, e in ranges] for row, ranges in spans.items()})
+        if batch.prefixes is not None:
             batch.prefixes.shift(lo, d)
         batch.shift(col, starts, lo=lo)
         for r in running.values():
             r.start -= d
+        self._hold(batch, running)
+
+    def _spans(self, batch: _Batch, running: dict, extra: dict | None = None) -> dict[int, list[tuple[int, int]]]:
+        """Paged: the slots that hold or will hold keys and values someone reads, row -> [first,
+        end) ranges: each running request's prompt and new tokens, the request in chunks, the
+        finished rows that prompts may start from, and `extra` (row -> ranges)."""
+        spans: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+        for row, req in [*running.items(), *self._recomputing.items()]:
+            spans[row].append((req.start, req.start + len(req.prompt) + req.max_new))
+        ch = self._chunked
+        if ch is not None:
+            spans[ch.row].append((ch.join - len(ch.tokens), ch.join + ch.req.max_new - len(ch.req.tokens)))
+            src_row, first, n = ch.shared
+            if n:
+                spans[src_row].append((first, first + n))
+        if batch.prefixes is not None:
+            for row, (first, end) in batch.prefixes.finished_spans().items():
+                spans[row].append((first, end))
+        for row, ranges in (extra or {}).items():
+            spans[row].extend(ranges)
+        return spans
+
+    def _hold(self, batch: _Batch, running: dict, extra: dict | None = None) -> None:
+        """Paged: memory behind the pages `_spans` names, and only those."""
+        if batch.pages is not None:
+            batch.hold(self._spans(batch, running, extra))
+
+    def _room(self, batch: _Batch, running: dict, group: list[_Request], col: int, ahead: int) -> bool:
+        """Paged: whether the cache's pages hold `group` joining at column `col` (+ `ahead`) with
+        what is held now, through the cache shift to `col` that holds the old and new slots at once."""
+        spans = self._spans(batch, running)
+        d = batch.col - col
+        if d:
+            for row, ranges in list(spans.items()):
+                spans[row] = ranges + [(a - d, e - d) for a, e in ranges]
+        join = col + ahead
+        new = sum(self._request_pages(min(join + r.max_new, batch.S) - (join - len(r.prompt))) for r in group)
+        return len(batch.pages_of(spans)) + new <= batch.pages.capacity
 
     def _keys_room(self) -> int:
         """Keys (with their values) of one layer that PREFIX_KEYS_SHARE of the free GPU memory holds
@@ -1446,8 +1653,10 @@ class ContinuousBatchingManager:
             batch.col += 1
             self._steps += 1
         self.stats["decode_s"] += time.perf_counter() - t0
+        self._recomputing = crossing  # their rows keep their slots (`_spans`) until they run again
         for row, req in crossing.items():
             self._recompute(row, req, running, batch)
+        self._recomputing = {}
 
     def _due(self, running: dict) -> dict[int, _Request]:
         """The running requests (row -> request) whose next step passes LongRoPE's switch."""
@@ -1482,6 +1691,7 @@ class ContinuousBatchingManager:
         if chunks > 1 and self._chunked is None and join + req.max_new - len(req.tokens) - 1 <= batch.S:
             self._chunked = _Chunked(req, row, join, (0, 0, 0), chunks, tokens=seq, recompute=True)
             self.stats["recomputed_in_chunks"] += 1
+            self._hold(batch, running)  # its sequence moves right with each chunk after the first
             return
         t0 = time.perf_counter()
         logits = batch.forward([seq], [row], [req.start], [(0, 0, 0)], long=[True])

@@ -102,6 +102,10 @@ class PrefixIndex:
         """Finished sources' rows -> their first slot."""
         return {row: s.start for row, s in self._rows.items() if s.req is None}
 
+    def finished_spans(self) -> dict[int, tuple[int, int]]:
+        """Finished sources' rows -> the [first, end) slots of their tokens."""
+        return {row: (s.start, s.start + len(s.tokens)) for row, s in self._rows.items() if s.req is None}
+
     def age(self, row: int) -> int:
         """How recently the row's source was added (-1: no source): the oldest go first."""
         src = self._rows.get(row)

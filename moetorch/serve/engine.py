@@ -116,7 +116,8 @@ class EngineError(RuntimeError):
 
 def build_manager(model, eos: list[int], pad: int | None, max_model_len: int | None = None,
                   max_batch: int | None = None, max_batch_tokens: int | None = None,
-                  prefix_sharing: bool = True, prefill_chunk_tokens: int | None = None) -> tuple[Any, dict]:
+                  prefix_sharing: bool = True, prefill_chunk_tokens: int | None = None,
+                  paged: bool | None = None) -> tuple[Any, dict]:
     """The server's continuous-batching manager for `model` (greedy by default, log-probabilities
     returned, rows of `max_model_len` slots, prompts starting from cached prefixes unless
     `prefix_sharing` is False, long prompts computed in chunks of `prefill_chunk_tokens` while
@@ -134,7 +135,8 @@ def build_manager(model, eos: list[int], pad: int | None, max_model_len: int | N
     gen = GenerationConfig(do_sample=False, max_new_tokens=None, eos_token_id=eos or None, pad_token_id=pad)
     cfg = ContinuousBatchingConfig(max_requests_per_batch=max_batch, max_cache_len=max_model_len,
                                    max_batch_tokens=max_batch_tokens, return_logprobs=True,
-                                   allow_block_sharing=prefix_sharing, prefill_chunk_tokens=prefill_chunk_tokens)
+                                   allow_block_sharing=prefix_sharing, prefill_chunk_tokens=prefill_chunk_tokens,
+                                   paged=paged)
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cfg)
     return manager, {"max_model_len": max_model_len, "eos": eos, "vocab_size": model.config.vocab_size,
                      "rows": manager.rows, "batch_tokens": manager.batch_tokens, "device": model.device.type}
@@ -224,16 +226,20 @@ class Engine:
     """A model and its tokenizer behind a running continuous-batching manager.
 
     `max_model_len`: slots of a batch row, the longest prompt + completion a request may have.
-    `max_batch`: rows (requests decoding at once); None: as many as the GPU's memory holds, at
-    most 256 (64 on the CPU). `Engine.spawn` runs the model and its manager in a process of
-    their own instead (`worker.py`)."""
+    `max_batch`: rows (requests decoding at once); None: at most 256 (64 on the CPU), as many as
+    the GPU's memory holds at `max_model_len` slots each, or all 256 with a paged cache. `paged`:
+    the cache's memory follows what running requests use (`ContinuousBatchingConfig.paged`; None:
+    on a GPU where the memory would hold fewer than `max_batch` rows of whole slots).
+    `Engine.spawn` runs the model and its manager in a process of their own instead
+    (`worker.py`)."""
 
     def __init__(self, model, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
                  max_batch_tokens: int | None = None, prefix_sharing: bool = True,
-                 prefill_chunk_tokens: int | None = None) -> None:
+                 prefill_chunk_tokens: int | None = None, paged: bool | None = None) -> None:
         manager, info = build_manager(model, **_tokenizer_ids(tokenizer), max_model_len=max_model_len,
                                       max_batch=max_batch, max_batch_tokens=max_batch_tokens,
-                                      prefix_sharing=prefix_sharing, prefill_chunk_tokens=prefill_chunk_tokens)
+                                      prefix_sharing=prefix_sharing, prefill_chunk_tokens=prefill_chunk_tokens,
+                                      paged=paged)
         self._setup(model, manager, tokenizer, name, info)
 
     def _setup(self, model, manager, tokenizer, name: str, info: dict) -> None:
@@ -254,7 +260,8 @@ class Engine:
     @classmethod
     def spawn(cls, loader, tokenizer, name: str, max_model_len: int | None = None, max_batch: int | None = None,
               max_batch_tokens: int | None = None, prefix_sharing: bool = True,
-              prefill_chunk_tokens: int | None = None, start_method: str = "spawn") -> Engine:
+              prefill_chunk_tokens: int | None = None, paged: bool | None = None,
+              start_method: str = "spawn") -> Engine:
         """An engine whose model and manager run in a process of their own: `loader()` (a
         picklable callable, e.g. `functools.partial(worker.load_pretrained, path, device, dtype)`)
         builds the model there, which then warms its prefills and starts its manager. This process
@@ -265,7 +272,7 @@ class Engine:
         client = ManagerClient(loader, dict(**_tokenizer_ids(tokenizer), max_model_len=max_model_len,
                                             max_batch=max_batch, max_batch_tokens=max_batch_tokens,
                                             prefix_sharing=prefix_sharing,
-                                            prefill_chunk_tokens=prefill_chunk_tokens), start_method)
+                                            prefill_chunk_tokens=prefill_chunk_tokens, paged=paged), start_method)
         engine = cls.__new__(cls)
         engine._setup(None, client, tokenizer, name, client.info)
         return engine

@@ -1,0 +1,101 @@
+"""A paged batch cache against the static one (`ContinuousBatchingConfig.paged`), H200.
+
+The workload is bench/batching.py's (random weights at the real size, bf16; prompts of 32-512
+random tokens, 128 greedy tokens each, no EOS), with rows of `--slots` slots (4096, the server's
+default `--max-model-len`). Static, the rows are what the free memory holds at that many slots
+a row; paged, every request gets a row (at most 256) and memory follows the slots each uses. The
+arms alternate over `--rounds`, each a warm run and a timed one in its own manager. A tiny float32
+model checks the paged arm's tokens against per-request `generate` on the GPU (DevicePages, one
+page a row's 256 slots).
+
+    PYTHONPATH=.:bench python bench/paged_batching.py --out bench/results/h200-<date>-paged-batching.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+import moetorch.engine.batching as cb
+from moetorch.benchmark import SIZES, build, log
+
+
+def run(model, prompts, new: int, cfg: dict) -> dict:
+    import moetorch
+
+    gen = moetorch.GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cfg, persistent_manager=True)
+    manager = model._cached_continuous_batching_manager
+    manager.stats.update(decode_rows=[], prefill_tokens=[], shifts=0, decode_s=0.0, prefill_s=0.0,
+                         waited_for_pages=0)
+    free_before = torch.cuda.mem_get_info()[0]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cfg,
+                               persistent_manager=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    st = manager.stats
+    tokens = sum(len(r.generated_tokens) for r in out.values())
+    batch = manager._batch
+    row = {"tokens_per_s": tokens / seconds, "seconds": seconds, "rows": manager.rows, "slots": manager.slots,
+           "failed": sum(r.error is not None for r in out.values()), "decode_steps": len(st["decode_rows"]),
+           "mean_rows": sum(st["decode_rows"]) / max(len(st["decode_rows"]), 1), "decode_s": st["decode_s"],
+           "prefill_s": st["prefill_s"], "prefill_forwards": len(st["prefill_tokens"]), "shifts": st["shifts"],
+           "waited_for_pages": st["waited_for_pages"], "free_gib_at_start": free_before / 2**30,
+           "outputs": [r.generated_tokens for r in out.values()]}
+    if batch.pages is not None:
+        p = batch.pages
+        row.update(page_mib=p.page / 2**20, pages=p.count, page_capacity=p.capacity, pages_in_use_at_end=p.in_use)
+    else:
+        row["cache_gib"] = sum(t.numel() * t.element_size() for t in batch.cache._all) / 2**30
+    model.destroy_cached_continuous_batching_manager()
+    return row
+
+
+def main() -> int:
+    from batching import agreement, tiny_check, workload  # bench/batching.py
+    from moe_layer import save_json
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="jetmoe,phimoe")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--prompt", default="32:512")
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--slots", type=int, default=4096)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    lo, hi = (int(x) for x in args.prompt.split(":"))
+    cb.PAGED = True
+    result = {"device": torch.cuda.get_device_name(), "args": vars(args), "tiny_check_paged": tiny_check(),
+              "models": {}}
+    cb.PAGED = False
+    for name in args.models.split(","):
+        cfg = dict(SIZES[name])
+        prompts = workload(args.requests, lo, hi, cfg["vocab_size"])
+        model = build(name, "moetorch", cfg)
+        rows: dict = {"static": [], "paged": []}
+        outputs = {}
+        for r in range(args.rounds):
+            for arm in (("static", "paged") if r % 2 == 0 else ("paged", "static")):
+                got = run(model, prompts, args.new, {"max_cache_len": args.slots, "paged": arm == "paged"})
+                outputs[arm] = got.pop("outputs")
+                rows[arm].append(got)
+                log(f"{name} {arm}: {got['tokens_per_s']:.0f} tok/s, {got['rows']} rows (mean {got['mean_rows']:.0f}), "
+                    f"decode {got['decode_s']:.2f} s in {got['decode_steps']} steps, prefill {got['prefill_s']:.2f} s "
+                    f"in {got['prefill_forwards']}, waited for pages {got['waited_for_pages']}, failed {got['failed']}")
+        rows["agreement"] = agreement(outputs["static"], outputs["paged"])
+        result["models"][name] = rows
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    save_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

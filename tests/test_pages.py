@@ -1,0 +1,227 @@
+"""engine.pages: a range backed page by page. HostPages gives the interface on the CPU, with
+released pages poisoned; DevicePages (CUDA's virtual memory calls) is checked on the GPU by
+bench/vmm_probe.py."""
+
+import pytest
+import torch
+
+from moetorch.engine.pages import DevicePages, HostPages, PagesExhausted
+
+
+class FakeEvent:
+    """An event that completes when the test says so; synchronize() completes it."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = 0
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited += 1
+        self.done = True
+
+
+def test_back_and_release_move_memory_and_poison():
+    pages = HostPages(count=6, page=8, capacity=4, poison=0x5A)
+    assert pages.tensor.shape == (48,) and pages.tensor.eq(0x5A).all()
+    pages.back([1, 2, 2])
+    assert pages.in_use == 2 and pages.free == 2 and pages.backed(1) and not pages.backed(0)
+    assert pages.tensor[8:24].eq(0).all() and pages.tensor[:8].eq(0x5A).all() and pages.tensor[24:].eq(0x5A).all()
+    pages.tensor[8:24] = 3
+    pages.back([2])  # already backed: kept as it is
+    assert pages.tensor[16:24].eq(3).all() and pages.in_use == 2
+    pages.release([1, 5])  # 5 was never backed
+    assert pages.in_use == 1 and not pages.backed(1) and pages.tensor[8:16].eq(0x5A).all()
+    assert pages.tensor[16:24].eq(3).all()
+
+
+def test_capacity_is_enforced_with_a_message():
+    pages = HostPages(count=8, page=4, capacity=3)
+    pages.back(range(3))
+    with pytest.raises(PagesExhausted, match="2 pages asked for, 0 of 3 free"):
+        pages.back([3, 4])
+    assert pages.in_use == 3 and not pages.backed(3)  # nothing changed
+    with pytest.raises(IndexError, match="page 8 is outside the range's 8 pages"):
+        pages.back([8])
+    with pytest.raises(IndexError, match="page -1"):
+        pages.release([-1])
+
+
+def test_a_deferred_release_waits_for_its_event():
+    pages = HostPages(count=4, page=4, capacity=2)
+    pages.back([0, 1])
+    pages.tensor[:8] = 7
+    event = FakeEvent()
+    pages.release([0], after=event)
+    # released to its caller at once, its memory kept until the event completes
+    assert not pages.backed(0) and pages.free == 1 and pages.in_use == 2 and pages.tensor[:4].eq(7).all()
+    # taking it again before then keeps its memory and its contents
+    pages.back([0])
+    assert pages.backed(0) and pages.in_use == 2 and pages.tensor[:4].eq(7).all()
+    pages.release([0], after=event)
+    event.done = True
+    pages.back([2])  # the pool is full: the completed release gives its page first
+    assert pages.in_use == 2 and pages.backed(2) and pages.tensor[:4].eq(pages.poison).all()
+    assert event.waited == 0
+
+
+def test_back_waits_on_a_pending_release_only_when_it_must():
+    pages = HostPages(count=6, page=2, capacity=3)
+    pages.back([0, 1])
+    first, second = FakeEvent(), FakeEvent()
+    pages.release([0], after=first)
+    pages.release([1], after=second)
+    pages.back([2])  # a page is free without waiting
+    assert first.waited == 0 and second.waited == 0 and pages.in_use == 3
+    pages.back([3])  # needs one: waits on the oldest release only
+    assert first.waited == 1 and second.waited == 0 and pages.backed(3) and pages.in_use == 3
+    assert pages.free == 1  # page 1's memory, once its release completes
+    second.done = True
+    pages.back([4])
+    assert second.waited == 0 and pages.backed(4) and not pages.backed(1)
+
+
+def test_covering_and_bad_arguments():
+    pages = HostPages(count=10, page=16)
+    assert pages.covering(0, 16) == range(0, 1)
+    assert pages.covering(15, 17) == range(0, 2)
+    assert pages.covering(32, 32) == range(0)
+    assert pages.capacity == 10
+    with pytest.raises(ValueError, match="count and page size must be positive"):
+        HostPages(count=0, page=4)
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        HostPages(count=2, page=4, capacity=-1)
+    with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
+        DevicePages(4, 4, torch.device("cpu"))
+
+
+def test_views_of_the_range_see_the_pages():
+    # what a cache does with the range: typed views over it, written and read through the pages
+    pages = HostPages(count=4, page=64, poison=0)
+    x = pages.tensor.view(torch.float32).view(4, 16)
+    pages.back([1, 3])
+    x[1] = 1.5
+    x[3] = -2.0
+    pages.release([3])
+    assert x[1].eq(1.5).all() and x[3].eq(0).all() and x[0].eq(0).all()
+
+
+# ---- the paged batch cache in the continuous-batching manager ---------------------------------
+
+import random  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import moetorch  # noqa: E402
+from moetorch.engine import batching  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def phimoe(tmp_path_factory):
+    from archs import PHIMOE
+    from parity import make_pair
+
+    return make_pair(PHIMOE, tmp_path_factory.mktemp("phimoe"))[1]
+
+
+def greedy(n: int) -> moetorch.GenerationConfig:
+    return moetorch.GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+
+def own_greedy(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def manager(model, **cb):
+    return model.init_continuous_batching(generation_config=greedy(4), continuous_batching_config=cb)
+
+
+def test_the_cpu_default_is_the_static_cache_and_paged_is_asked_for(phimoe):
+    assert manager(phimoe, max_cache_len=32).paged is False
+    m = manager(phimoe, max_cache_len=32, max_requests_per_batch=3, paged=True, page_size=4)
+    assert m.paged is True
+    batch = m._ensure_batch()
+    slot = batching._slot_bytes(phimoe.config, phimoe.dtype)
+    assert isinstance(batch.pages, HostPages) and batch.pages.page == 4 * slot
+    assert batch.pages.count == 3 * 32 // 4 and batch.pages.in_use == 0
+    # the cache's keys and values lie slot-major in the pages' range
+    assert batch.cache.keys[0].untyped_storage().data_ptr() == batch.pages.tensor.untyped_storage().data_ptr()
+
+
+def test_spans_are_what_requests_write_and_read(phimoe, monkeypatch):
+    """A running request holds its prompt's and new tokens' slots, [start, start + prompt + max_new);
+    the request in chunks those from its first chunk's slot to its join column + max_new, and the
+    prefix it copies; a finished row that prompts may start from, its tokens' slots."""
+    monkeypatch.setattr(batching, "PAGE_SLOTS", 1)
+    m = manager(phimoe, max_cache_len=40, max_requests_per_batch=4, paged=True)
+    batch = m._ensure_batch()
+    run = SimpleNamespace(start=5, prompt=[1, 2, 3], max_new=4, tokens=[9])
+    assert m._spans(batch, {2: run}) == {2: [(5, 12)]}
+    waiting = SimpleNamespace(start=0, prompt=[7] * 6, max_new=3, tokens=[])
+    m._chunked = batching._Chunked(waiting, 1, 20, (3, 4, 2), 2)
+    finished = SimpleNamespace(start=0, prompt=list(range(1, 21)), max_new=5, tokens=[50, 51], long=False)
+    batch.prefixes.finished(3, finished)
+    assert m._spans(batch, {2: run}) == {2: [(5, 12)], 1: [(14, 23)], 3: [(4, 6), (0, 21)]}
+    batch.hold(m._spans(batch, {2: run}))
+    S = batch.S
+    want = {2 * S + s for s in range(5, 12)} | {S + s for s in range(14, 23)} | {3 * S + s for s in range(21)}
+    assert batch._held == want and batch.pages.in_use == len(want)
+    assert all(batch.pages.backed(i) == (i in want) for i in range(batch.pages.count))
+    m._chunked = None
+    batch.hold(m._spans(batch, {}))  # the chunked and running ones gone: their pages go back
+    assert batch.pages.in_use == 21
+
+
+def test_requests_wait_for_pages_and_finished_rows_give_theirs_up(phimoe, monkeypatch):
+    """With fewer pages than rows need, requests wait for pages (not rows), the finished rows that
+    prompts could start from give their pages up first, and every request still gives its own
+    `generate` tokens."""
+    monkeypatch.setattr(batching, "PAGE_SLOTS", 2)
+    rng = random.Random(3)
+    system = [rng.randint(1, 96) for _ in range(17)]
+    inputs = [system + [rng.randint(1, 96) for _ in range(rng.randint(1, 5))] for _ in range(6)]
+    inputs += [[rng.randint(1, 96) for _ in range(rng.randint(2, 9))] for _ in range(4)]
+    cb = {"max_cache_len": 64, "max_requests_per_batch": 6, "paged": True, "num_blocks": 40,
+          "prefill_chunk_tokens": 8}
+    m = phimoe.init_continuous_batching(generation_config=greedy(7), continuous_batching_config=cb)
+    peak, evicted = [], []
+    back, fit = HostPages.back, batching.ContinuousBatchingManager._fit_pages
+
+    def spy_back(self, pages):
+        back(self, pages)
+        peak.append(self.in_use)
+
+    def spy_fit(self, batch, *args):
+        before = len(batch.prefixes.finished_rows())
+        out = fit(self, batch, *args)
+        evicted.append(before - len(batch.prefixes.finished_rows()))
+        return out
+
+    monkeypatch.setattr(HostPages, "back", spy_back)
+    monkeypatch.setattr(batching.ContinuousBatchingManager, "_fit_pages", spy_fit)
+    m.start()
+    got = {}
+    first = m.add_request(system + [5])  # finished first: its row holds the system prompt
+    got[first] = m.get_result(first, timeout=60)
+    ids = [m.add_request(p) for p in inputs]
+    while len(got) < len(ids) + 1:
+        r = m.get_result(timeout=60)
+        got[r.request_id] = r
+    m.stop(block=True)
+    for rid, p in zip([first, *ids], [system + [5], *inputs]):
+        assert got[rid].error is None and got[rid].generated_tokens == own_greedy(phimoe, p, 7), rid
+    assert m.stats["waited_for_pages"] > 0 and max(peak) <= 40
+    assert m.stats["shared_tokens"] > 0 and sum(evicted) > 0
+
+
+def test_page_settings_are_checked(phimoe):
+    with pytest.raises(RuntimeError, match=r"a request of 40 slots \(max_cache_len\) needs \d+ pages .* may hold 3"):
+        manager(phimoe, max_cache_len=40, paged=True, page_size=4, num_blocks=3).add_request([1, 2, 3])
+    with pytest.raises(ValueError, match="page_size must be a positive int, got 0"):
+        manager(phimoe, max_cache_len=40, paged=True, page_size=0).add_request([1, 2, 3])
+    with pytest.raises(ValueError, match="num_blocks must be a positive int, got 0"):
+        manager(phimoe, max_cache_len=40, paged=True, num_blocks=0).add_request([1, 2, 3])
+    # nothing was paged where paged is off: the page settings are not read
+    manager(phimoe, max_cache_len=40, page_size=0).add_request([1, 2, 3])
