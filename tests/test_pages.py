@@ -225,3 +225,27 @@ def test_page_settings_are_checked(phimoe):
         manager(phimoe, max_cache_len=40, paged=True, num_blocks=0).add_request([1, 2, 3])
     # nothing was paged where paged is off: the page settings are not read
     manager(phimoe, max_cache_len=40, page_size=0).add_request([1, 2, 3])
+
+
+def test_pages_larger_than_rows_still_batch(phimoe):
+    """Pages coarser than the requests (a tiny model on a GPU: the whole cache on one 2 MB page):
+    a request that would land on pages already held needs none, so prompts still join running
+    requests, in chunks, as with the static cache."""
+    rng = random.Random(5)
+    plan = [[rng.randint(1, 96) for _ in range(rng.randint(3, 8))] for _ in range(2)]
+    plan += [[rng.randint(1, 96) for _ in range(rng.randint(30, 40))] for _ in range(3)]
+    cb = {"max_cache_len": 96, "max_requests_per_batch": 2, "paged": True, "page_size": 10_000,
+          "prefill_chunk_tokens": 8}
+    m = phimoe.init_continuous_batching(generation_config=greedy(6), continuous_batching_config=cb)
+    new = [12, 40, 6, 6, 6]  # the long prompts join while the second short one decodes
+    ids = [m.add_request(p, max_new_tokens=n) for p, n in zip(plan, new)]
+    m.start()
+    got = {}
+    while len(got) < len(ids):
+        r = m.get_result(timeout=60)
+        got[r.request_id] = r
+    count = m._batch.pages.count
+    m.stop(block=True)
+    assert count == 1 and m.stats["chunked"] > 0 and m.stats["waited_for_pages"] == 0
+    for rid, p, n in zip(ids, plan, new):
+        assert got[rid].generated_tokens == own_greedy(phimoe, p, n), rid

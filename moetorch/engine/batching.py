@@ -1482,9 +1482,11 @@ class ContinuousBatchingManager:
         if d:
             for row, ranges in list(spans.items()):
                 spans[row] = ranges + [(a - d, e - d) for a, e in ranges]
-        join = col + ahead
+        held, join = len(batch.pages_of(spans)), col + ahead
+        # each request's most pages, and no more than the pages not held (the row it takes is not
+        # known yet: it may share a page with a row's held slots)
         new = sum(self._request_pages(min(join + r.max_new, batch.S) - (join - len(r.prompt))) for r in group)
-        return len(batch.pages_of(spans)) + new <= batch.pages.capacity
+        return held + min(new, batch.pages.count - held) <= batch.pages.capacity
 
     def _keys_room(self) -> int:
         """Keys (with their values) of one layer that PREFIX_KEYS_SHARE of the free GPU memory holds
