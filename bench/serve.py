@@ -80,6 +80,12 @@ def word_tokenizer(vocab: int):
 
 
 # ---- the server process ------------------------------------------------------------------------
+def engine_sizes(args) -> dict:
+    """The server's row length and cache mode from the arguments."""
+    paged = {"on": True, "off": False, "": None}[args.paged]
+    return {"max_model_len": args.max_model_len or args.prompt[1] + args.new, "paged": paged}
+
+
 def serve(args) -> int:
     import torch
     import uvicorn
@@ -98,19 +104,20 @@ def serve(args) -> int:
         import functools
 
         engine = Engine.spawn(functools.partial(build, name, "moetorch", cfg, device=device, dtype=dtype), tok, name,
-                              max_model_len=args.prompt[1] + args.new)
+                              **engine_sizes(args))
         with open(args.baseline_out, "w") as f:
             json.dump({}, f)
         uvicorn.run(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning")
         return 0
     model = build(name, "moetorch", cfg, device=device, dtype=dtype)
     prompts = workload(args.requests, *args.prompt, cfg["vocab_size"])
-    engine = Engine(model, tok, name, max_model_len=args.prompt[1] + args.new)
+    engine = Engine(model, tok, name, **engine_sizes(args))
     # the baseline: the same requests through generate_batch, as many rows as the server has
     import moetorch
 
     gen = moetorch.GenerationConfig(max_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0)
-    cb = {"max_requests_per_batch": engine.manager.rows, "max_cache_len": engine.max_model_len}
+    cb = {"max_requests_per_batch": engine.manager.rows, "max_cache_len": engine.max_model_len,
+          "paged": engine.manager.paged}
     base = {}
     for run in range(2 if args.baseline else 0):
         sync()
@@ -122,6 +129,12 @@ def serve(args) -> int:
         base = {"requests": len(prompts), "seconds": seconds, "generated_tokens": tokens,
                 "tokens_per_s": tokens / seconds, "rows": engine.manager.rows}
         log(f"{name}: generate_batch run {run}: {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.0f} tok/s")
+        del out
+    if not args.smoke:  # the baseline's cache back to the GPU, whole, before the server allocates its own
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     with open(args.baseline_out, "w") as f:
         json.dump(base, f)
     uvicorn.run(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning")
@@ -246,7 +259,8 @@ def bench_model(name: str, args, switch_interval: float | None, baseline: bool, 
            "--requests", str(args.requests), "--prompt", f"{args.prompt[0]}:{args.prompt[1]}", "--new", str(args.new),
            *(["--smoke"] if args.smoke else []), *(["--baseline"] if baseline else []),
            *(["--switch-interval", str(switch_interval)] if switch_interval else []),
-           *(["--engine-process"] if engine_process else [])]
+           *(["--engine-process"] if engine_process else []),
+           "--max-model-len", str(args.max_model_len), "--paged", args.paged]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         wait_ready(url, proc, 900)
@@ -347,6 +361,10 @@ def main() -> int:
     p.add_argument("--switch-interval", type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument("--sampling", default="greedy", help="greedy, sampled or greedy,sampled: the requests' settings "
                    f"(sampled: {SAMPLED}), each over every load")
+    p.add_argument("--max-model-len", type=int, default=0, help="the server's --max-model-len (0: the longest prompt "
+                   "+ --new)")
+    p.add_argument("--paged", default="", help="the server's cache: on, off, or '' (its default: paged where whole "
+                   "rows would not fit)")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="small models on the CPU: checks the script, measures nothing")
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
