@@ -249,3 +249,21 @@ def test_pages_larger_than_rows_still_batch(phimoe):
     assert count == 1 and m.stats["chunked"] > 0 and m.stats["waited_for_pages"] == 0
     for rid, p, n in zip(ids, plan, new):
         assert got[rid].generated_tokens == own_greedy(phimoe, p, n), rid
+
+
+def test_a_paged_cache_that_cannot_be_made_falls_back_only_by_default(phimoe, monkeypatch, caplog):
+    """Where the driver refuses the range (no virtual memory management, say), a cache paged by
+    default becomes whole rows, with a warning; one paged on request raises the driver's error."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cuMemAddressReserve failed: CUDA driver error 801 (operation not supported)")
+
+    monkeypatch.setattr(batching, "HostPages", refuse)
+    asked = manager(phimoe, max_cache_len=32, max_requests_per_batch=3, paged=True)
+    with pytest.raises(RuntimeError, match="operation not supported"):
+        asked._ensure_batch()
+    fallback = manager(phimoe, max_cache_len=32, max_requests_per_batch=3, paged=True)
+    fallback._paged_by_default = True  # as where the GPU default chose it
+    monkeypatch.setattr(batching, "_free_memory", lambda device: 10**12)
+    batch = fallback._ensure_batch()
+    assert fallback.paged is False and batch.pages is None and fallback.rows == 3
+    assert "no paged cache" in caplog.text and "operation not supported" in caplog.text

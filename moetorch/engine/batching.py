@@ -24,6 +24,12 @@ the cache's live columns move in one shift (keys are rotated by position, not sl
 them changes nothing they compute), to the left when the batch has run far, or to the right to
 make room for a long prompt.
 
+Paged (`ContinuousBatchingConfig.paged`; by default on a GPU where whole rows would not fit),
+the cache lies slot-major in one reserved range (`engine.pages`), and memory is mapped only behind
+the slots that requests hold (`_spans`): a running request's prompt and new tokens, a request in
+chunks, and finished rows that prompts may start from. A prefill group takes the requests whose
+pages are free (`_fit_pages`).
+
 Decode runs over the rows below the highest one in use, rounded up to a bucket (powers of two),
 one CUDA graph per bucket on a GPU. A free row inside that range computes a throwaway token that
 attends only its slot 0.
@@ -207,9 +213,11 @@ class ContinuousBatchingConfig:
     penalty, stop strings, ...) are dropped with a warning; False makes them an error.
 
     `paged` (moetorch): the cache's memory follows what the running requests use (below);
-    default `batching.PAGED`. `page_size`: its slots a page (rounded up to the GPU's 2 MB mapping
-    unit). `num_blocks`: the most pages with memory at once (default: what `max_memory_percent`
-    of the free GPU memory holds).
+    default (None, `batching.PAGED`): paged on a GPU where the free memory would hold fewer rows
+    of `max_cache_len` slots than the requests (or `max_requests_per_batch`) ask for.
+    `page_size`: its slots a page (rounded up to the GPU's 2 MB mapping unit). `num_blocks`: the
+    most pages with memory at once (default: what `max_memory_percent` of the free GPU memory
+    holds).
 
     Paged, the cache of R rows x S slots is one range of addresses (`engine.pages`): a running
     request holds memory for its prompt and new tokens' slots only, so that rows are not bound by
@@ -662,6 +670,7 @@ class ContinuousBatchingManager:
         hints = workload_hints or WorkloadHints()
         paged = PAGED if cfg.paged is None else cfg.paged
         self.paged: bool | None = None if paged is None else bool(paged)
+        self._paged_by_default = paged is None
         self.slots = self._slots(hints)
         self.rows = self._rows(hints)  # (decides `paged` where it was left open)
         self._pages_plan: tuple[int, int, int] | None = None  # paged: (page bytes, pages, capacity), once asked
@@ -878,8 +887,14 @@ class ContinuousBatchingManager:
             if self.paged:
                 device = self.model.device
                 page, count, capacity = self._plan_pages()
-                pages = (DevicePages(count, capacity, device, page) if device.type == "cuda" else
-                         HostPages(count, page, capacity, device=device))
+                try:
+                    pages = (DevicePages(count, capacity, device, page) if device.type == "cuda" else
+                             HostPages(count, page, capacity, device=device))
+                except RuntimeError as e:  # a driver without virtual memory management, say
+                    if not self._paged_by_default:
+                        raise
+                    logger.warning("continuous batching: no paged cache (%s); rows of whole slots instead", e)
+                    self.paged, self.rows = False, max(1, min(self.rows, self._static_rows()))
             self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs, share=bool(share),
                                  prefill_graphs=self.use_prefill_graphs, longrope=self.rope_limit is not None,
                                  pages=pages)
