@@ -194,6 +194,48 @@ def logprob_check(model, prompts, new: int, cb: dict | None = None) -> dict:
     return worst
 
 
+def ab_parser() -> argparse.ArgumentParser:
+    """The arguments of an A/B on the workload above (`alternating`)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="jetmoe,phimoe")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--prompt", default="32:512")
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default=None)
+    return p
+
+
+def alternating(args, arms: tuple[str, str], run) -> dict:
+    """An A/B on the workload above, per model of `args.models` (a random-weight model at the real
+    size; `args.requests`, `args.prompt`, `args.new`): the two `arms` alternating over
+    `args.rounds`, `run(model, prompts, arm)` giving a row with the requests' `outputs`.
+    {model: {arm: [rows], "agreement": the arms' tokens compared}}."""
+    lo, hi = (int(x) for x in args.prompt.split(":"))
+    out = {}
+    for name in args.models.split(","):
+        cfg = dict(SIZES[name])
+        prompts = workload(args.requests, lo, hi, cfg["vocab_size"])
+        model = build(name, "moetorch", cfg)
+        rows: dict = {arm: [] for arm in arms}
+        outputs = {}
+        for r in range(args.rounds):
+            for arm in arms if r % 2 == 0 else arms[::-1]:
+                got = run(model, prompts, arm)
+                outputs[arm] = got.pop("outputs")
+                got.pop("stats", None)
+                rows[arm].append(got)
+                log(f"{name} {arm}: {got['tokens_per_s']:.0f} tok/s, {got['rows']} rows (mean {got['mean_rows']:.0f}), "
+                    f"decode {got['decode_s']:.2f} s in {got['decode_steps']} steps, prefill {got['prefill_s']:.2f} s "
+                    f"in {got['prefill_forwards']}")
+        rows["agreement"] = agreement(outputs[arms[0]], outputs[arms[1]])
+        out[name] = rows
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="jetmoe,phimoe")

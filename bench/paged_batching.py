@@ -13,14 +13,11 @@ page a row's 256 slots).
 
 from __future__ import annotations
 
-import argparse
-import gc
 import time
 
 import torch
 
 import moetorch.engine.batching as cb
-from moetorch.benchmark import SIZES, build, log
 
 
 def run(model, prompts, new: int, cfg: dict) -> dict:
@@ -57,42 +54,17 @@ def run(model, prompts, new: int, cfg: dict) -> dict:
 
 
 def main() -> int:
-    from batching import agreement, tiny_check, workload  # bench/batching.py
+    from batching import ab_parser, alternating, tiny_check  # bench/batching.py
     from moe_layer import save_json
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--models", default="jetmoe,phimoe")
-    p.add_argument("--requests", type=int, default=256)
-    p.add_argument("--prompt", default="32:512")
-    p.add_argument("--new", type=int, default=128)
+    p = ab_parser()
     p.add_argument("--slots", type=int, default=4096)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", default=None)
     args = p.parse_args()
-    lo, hi = (int(x) for x in args.prompt.split(":"))
     cb.PAGED = True
-    result = {"device": torch.cuda.get_device_name(), "args": vars(args), "tiny_check_paged": tiny_check(),
-              "models": {}}
-    cb.PAGED = False
-    for name in args.models.split(","):
-        cfg = dict(SIZES[name])
-        prompts = workload(args.requests, lo, hi, cfg["vocab_size"])
-        model = build(name, "moetorch", cfg)
-        rows: dict = {"static": [], "paged": []}
-        outputs = {}
-        for r in range(args.rounds):
-            for arm in (("static", "paged") if r % 2 == 0 else ("paged", "static")):
-                got = run(model, prompts, args.new, {"max_cache_len": args.slots, "paged": arm == "paged"})
-                outputs[arm] = got.pop("outputs")
-                rows[arm].append(got)
-                log(f"{name} {arm}: {got['tokens_per_s']:.0f} tok/s, {got['rows']} rows (mean {got['mean_rows']:.0f}), "
-                    f"decode {got['decode_s']:.2f} s in {got['decode_steps']} steps, prefill {got['prefill_s']:.2f} s "
-                    f"in {got['prefill_forwards']}, waited for pages {got['waited_for_pages']}, failed {got['failed']}")
-        rows["agreement"] = agreement(outputs["static"], outputs["paged"])
-        result["models"][name] = rows
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+    result = {"device": torch.cuda.get_device_name(), "args": vars(args), "tiny_check_paged": tiny_check()}
+    cb.PAGED = None
+    result["models"] = alternating(args, ("static", "paged"), lambda model, prompts, arm: run(
+        model, prompts, args.new, {"max_cache_len": args.slots, "paged": arm == "paged"}))
     save_json(args.out, result)
     return 0
 

@@ -11,51 +11,25 @@ float32 model checks the on arm against per-request `generate`.
 
 from __future__ import annotations
 
-import argparse
-import gc
-
 import torch
 
 import moetorch.engine.batching as cb
-from moetorch.benchmark import SIZES, build, log
 
 
 def main() -> int:
-    from batching import agreement, timed_run, tiny_check, workload  # bench/batching.py
+    from batching import ab_parser, alternating, timed_run, tiny_check  # bench/batching.py
     from moe_layer import save_json
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--models", default="jetmoe,phimoe")
-    p.add_argument("--requests", type=int, default=256)
-    p.add_argument("--prompt", default="32:512")
-    p.add_argument("--new", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", default=None)
+    p = ab_parser()
     args = p.parse_args()
-    lo, hi = (int(x) for x in args.prompt.split(":"))
     cb.SLOT_MAJOR = True
-    result = {"device": torch.cuda.get_device_name(), "args": vars(args), "tiny_check_slot_major": tiny_check(),
-              "models": {}}
-    for name in args.models.split(","):
-        cfg = dict(SIZES[name])
-        prompts = workload(args.requests, lo, hi, cfg["vocab_size"])
-        model = build(name, "moetorch", cfg)
-        rows: dict = {"off": [], "on": []}
-        outputs = {}
-        for r in range(args.rounds):
-            for arm in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                cb.SLOT_MAJOR = arm == "on"
-                got = timed_run(model, "moetorch", prompts, args.new)
-                outputs[arm] = got.pop("outputs")
-                got.pop("stats", None)
-                rows[arm].append(got)
-                log(f"{name} slot-major {arm}: {got['tokens_per_s']:.0f} tok/s, decode {got['decode_s']:.2f} s in "
-                    f"{got['decode_steps']} steps, prefill {got['prefill_s']:.2f} s, {got['rows']} rows")
-        rows["same_tokens"] = agreement(outputs["off"], outputs["on"])
-        result["models"][name] = rows
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+    result = {"device": torch.cuda.get_device_name(), "args": vars(args), "tiny_check_slot_major": tiny_check()}
+
+    def run(model, prompts, arm):
+        cb.SLOT_MAJOR = arm == "on"
+        return timed_run(model, "moetorch", prompts, args.new)
+
+    result["models"] = alternating(args, ("off", "on"), run)
     cb.SLOT_MAJOR = False
     save_json(args.out, result)
     return 0

@@ -27,67 +27,34 @@ import time
 
 import torch
 
-CU = None
+from moetorch.engine.pages import _READ_WRITE, _AccessDesc, _call, _prop, granularity
 
-
-class _Loc(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class _Flags(ctypes.Structure):
-    _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
-                ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
-
-
-class _Prop(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", _Loc),
-                ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", _Flags)]
-
-
-class _Access(ctypes.Structure):
-    _fields_ = [("location", _Loc), ("flags", ctypes.c_int)]
-
-
-def check(rc, what):
-    if rc != 0:
-        name = ctypes.c_char_p()
-        CU.cuGetErrorName(rc, ctypes.byref(name))
-        raise RuntimeError(f"{what}: CUDA driver error {rc} ({name.value})")
+U64, SIZE = ctypes.c_ulonglong, ctypes.c_size_t
 
 
 def setup(device: int):
-    global CU
-    CU = ctypes.CDLL("libcuda.so.1")
-    for f in ("cuMemAddressReserve", "cuMemMap", "cuMemSetAccess", "cuMemUnmap", "cuMemCreate"):
-        getattr(CU, f).restype = ctypes.c_int
     torch.zeros(1, device=f"cuda:{device}")  # the primary context, current
-    prop = _Prop()
-    prop.type = 1  # CU_MEM_ALLOCATION_TYPE_PINNED
-    prop.location = _Loc(1, device)  # CU_MEM_LOCATION_TYPE_DEVICE
-    access = _Access(_Loc(1, device), 3)  # CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-    gran = ctypes.c_size_t()
-    check(CU.cuMemGetAllocationGranularity(ctypes.byref(gran), ctypes.byref(prop), 0), "granularity")
-    return prop, access, gran.value
+    dev = torch.device("cuda", device)
+    prop = _prop(dev)
+    return prop, _AccessDesc(prop.location, _READ_WRITE), granularity(dev)
 
 
 def create(prop, size):
-    h = ctypes.c_ulonglong()
-    check(CU.cuMemCreate(ctypes.byref(h), ctypes.c_size_t(size), ctypes.byref(prop), ctypes.c_ulonglong(0)), "create")
+    h = U64()
+    _call("cuMemCreate", ctypes.byref(h), SIZE(size), ctypes.byref(prop), U64(0))
     return h.value
 
 
 def cmap(ptr, size, handle):
-    check(CU.cuMemMap(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size), ctypes.c_size_t(0), ctypes.c_ulonglong(handle),
-                      ctypes.c_ulonglong(0)), "map")
+    _call("cuMemMap", U64(ptr), SIZE(size), SIZE(0), U64(handle), U64(0))
 
 
 def unmap(ptr, size):
-    check(CU.cuMemUnmap(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size)), "unmap")
+    _call("cuMemUnmap", U64(ptr), SIZE(size))
 
 
 def set_access(ptr, size, access):
-    check(CU.cuMemSetAccess(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size), ctypes.byref(access), ctypes.c_size_t(1)),
-          "access")
+    _call("cuMemSetAccess", U64(ptr), SIZE(size), ctypes.byref(access), SIZE(1))
 
 
 class _Array:
@@ -102,8 +69,7 @@ def probe_vmm(out: dict, pages: int) -> None:
     size = pages * P
     ptr = ctypes.c_ulonglong()
     t = time.perf_counter()
-    check(CU.cuMemAddressReserve(ctypes.byref(ptr), ctypes.c_size_t(size), ctypes.c_size_t(0), ctypes.c_ulonglong(0),
-                                 ctypes.c_ulonglong(0)), "reserve")
+    _call("cuMemAddressReserve", ctypes.byref(ptr), SIZE(size), SIZE(0), U64(0), U64(0))
     out["reserve_s"] = time.perf_counter() - t
     base = ptr.value
     dummy = create(prop, P)
