@@ -528,6 +528,28 @@ def test_longrope_recompute_in_chunks_needs_room(longrope, slots):
     assert out["crossing"].error is None and out["crossing"].generated_tokens == own_greedy(ours, crossing, 30)
 
 
+def test_longrope_recompute_runs_whole_where_its_chunks_have_no_pages(longrope, monkeypatch):
+    """Paged, a recompute in chunks moves its sequence right by a slot a chunk, onto slots its row
+    does not hold yet. Where the pages cannot hold them, it runs in one forward instead (before,
+    the manager failed on it), with the same tokens."""
+    _, ours = longrope
+    rng = random.Random(21)
+    short = [rng.randint(1, 96) for _ in range(3)]
+    crossing = [rng.randint(1, 96) for _ in range(LIMIT - 2)]
+    work = [("short", short, {"max_new_tokens": 9}), ("x", crossing, {})]
+    peaks = []
+    hold = batching._Batch.hold
+    monkeypatch.setattr(batching._Batch, "hold", lambda self, spans: (hold(self, spans),
+                                                                      peaks.append(len(self._held)))[0])
+    cb = {"max_requests_per_batch": 2, "max_cache_len": 20, "prefill_chunk_tokens": 5, "paged": True, "page_size": 1}
+    out, m = run_queued(ours, config(6, eos_token_id=None), cb, work)
+    assert m.stats["recomputed_in_chunks"] == 1
+    out, m = run_queued(ours, config(6, eos_token_id=None), {**cb, "num_blocks": max(peaks) - 1}, work)
+    assert m.stats["recomputed"] == 1 and m.stats["recomputed_in_chunks"] == 0
+    for rid, p, n in (("short", short, 9), ("x", crossing, 6)):
+        assert out[rid].error is None and out[rid].generated_tokens == own_greedy(ours, p, n), rid
+
+
 def test_longrope_recomputes_in_chunks_one_at_a_time(longrope, monkeypatch):
     """Two requests that pass the switch at one step: the first runs in chunks, the second in one
     forward (one request runs in chunks at a time). A request cancelled while its recompute's

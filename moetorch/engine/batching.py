@@ -847,10 +847,14 @@ class ContinuousBatchingManager:
         return self._pages_plan
 
     def _request_pages(self, slots: int) -> int:
-        """The most pages a request of `slots` slots holds in its row (its first and last pages
-        partly used)."""
+        """The most pages that `slots` slots in a row lie on, wherever they start (their first and
+        last pages partly used)."""
         page, count, _ = self._plan_pages()
-        return min(-(-slots * _slot_bytes(self.model.config, self.model.dtype) // page) + 1, count)
+        sb = _slot_bytes(self.model.config, self.model.dtype)
+        if page % sb == 0:  # k whole slots a page: n slots from any slot lie on (n + k - 2) // k + 1
+            k = page // sb
+            return min((slots + k - 2) // k + 1, count)
+        return min(-(-slots * sb // page) + 1, count)
 
     # ---- control ----------------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -1489,6 +1493,17 @@ class ContinuousBatchingManager:
         if batch.pages is not None:
             batch.hold(self._spans(batch, running, extra))
 
+    def _pages_hold(self, batch: _Batch, running: dict, chunked: _Chunked) -> bool:
+        """Whether the cache's pages hold what is held now with `chunked` as the request in chunks
+        (always, unpaged)."""
+        if batch.pages is None:
+            return True
+        saved, self._chunked = self._chunked, chunked
+        try:
+            return len(batch.pages_of(self._spans(batch, running))) <= batch.pages.capacity
+        finally:
+            self._chunked = saved
+
     def _room(self, batch: _Batch, running: dict, group: list[_Request], col: int, ahead: int) -> bool:
         """Paged: whether the cache's pages hold `group` joining at column `col` (+ `ahead`) with
         what is held now, through the cache shift to `col` that holds the old and new slots at once."""
@@ -1705,8 +1720,10 @@ class ContinuousBatchingManager:
         chunk = self._chunk(running) if RECOMPUTE_CHUNKS else 0
         chunks = -(-len(seq) // chunk) if chunk else 1
         join = batch.col + chunks - 1
-        if chunks > 1 and self._chunked is None and join + req.max_new - len(req.tokens) - 1 <= batch.S:
-            self._chunked = _Chunked(req, row, join, (0, 0, 0), chunks, tokens=seq, recompute=True)
+        ch = _Chunked(req, row, join, (0, 0, 0), chunks, tokens=seq, recompute=True)
+        if chunks > 1 and self._chunked is None and join + req.max_new - len(req.tokens) - 1 <= batch.S and \
+                self._pages_hold(batch, running, ch):
+            self._chunked = ch
             self.stats["recomputed_in_chunks"] += 1
             self._hold(batch, running)  # its sequence moves right with each chunk after the first
             return
