@@ -272,6 +272,7 @@ class DevicePages(Pages):
             self._access = _AccessDesc(self._prop.location, _READ_WRITE)
             self._m = m = _Mapping()
             self._finalizer = weakref.finalize(self, m.release, device)
+            self._finalizer.atexit = False  # at exit the driver takes everything back itself
             ptr = _U64()
             _call("cuMemAddressReserve", ctypes.byref(ptr), _SIZE(count * page), _SIZE(unit), _U64(0), _U64(0))
             m.base, m.size, m.page = ptr.value, count * page, page
