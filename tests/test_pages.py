@@ -267,3 +267,31 @@ def test_a_paged_cache_that_cannot_be_made_falls_back_only_by_default(phimoe, mo
     batch = fallback._ensure_batch()
     assert fallback.paged is False and batch.pages is None and fallback.rows == 3
     assert "no paged cache" in caplog.text and "operation not supported" in caplog.text
+
+
+def test_a_prompt_in_chunks_holds_the_prefix_it_copies(phimoe, monkeypatch):
+    """A long prompt that starts from a finished request's tokens takes that request's row, and its
+    chunks copy the prefix from where the row held it: those slots stay held until it is copied
+    (one slot a page, the others poisoned)."""
+    monkeypatch.setattr(batching, "PAGE_SLOTS", 1)
+    rng = random.Random(8)
+    first = [rng.randint(1, 96) for _ in range(20)]
+    other = [rng.randint(1, 96) for _ in range(4)]
+    cb = {"max_cache_len": 160, "max_requests_per_batch": 2, "paged": True, "prefill_chunk_tokens": 8}
+    m = phimoe.init_continuous_batching(generation_config=greedy(3), continuous_batching_config=cb)
+    m.start()
+    a = m.add_request(first, max_new_tokens=3)
+    b = m.add_request(other, max_new_tokens=120, streaming=True)  # decodes throughout: the long prompt chunks
+    done = {a: m.get_result(a, timeout=60)}
+    while len(m.get_result(b, timeout=60).generated_tokens) < 25:
+        pass  # the column moves on, so that the new prompt's slots start past the prefix's first
+    follow = first + done[a].generated_tokens[:-1] + [rng.randint(1, 96) for _ in range(14)]
+    c = m.add_request(follow, max_new_tokens=5)
+    done[c] = m.get_result(c, timeout=60)
+    while (r := m.get_result(b, timeout=60)).status != moetorch.RequestStatus.FINISHED:
+        pass
+    done[b] = r
+    m.stop(block=True)
+    assert m.stats["chunked"] == 1 and m.stats["shared_tokens"] >= 16
+    for rid, p, n in ((a, first, 3), (b, other, 120), (c, follow, 5)):
+        assert done[rid].error is None and done[rid].generated_tokens == own_greedy(phimoe, p, n), rid
