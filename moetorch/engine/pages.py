@@ -12,9 +12,11 @@ page holds (whatever was last written there), never a fault.
 `HostPages` is the same interface over an ordinary tensor, for the CPU and for tests: a released
 page is filled with a poison value, so that a computation that reads a slot nobody backed shows it.
 
-A page released while the GPU may still read it (a decode step in flight) goes back to the pool
-only once `release`'s event has completed; `back` collects such pages, waiting on the oldest
-only when no page is free otherwise.
+Mapping is not ordered with the work on a stream, so no work in flight may touch a page while it
+is remapped. A page released while the GPU may still read it (a decode step in flight) stays
+mapped until `release`'s event has completed, and `back` gives such pages back (waiting on the
+oldest only when no page is free otherwise). `back` is called with the GPU idle on the range
+(`batching._Batch.hold` synchronizes first).
 
 Measured on the H200 (`bench/vmm_probe.py`, `bench/results/h200-2026-12-04-vmm-probe.json`):
 mapping the shared page takes about 2.6 us a page, setting access over a range about 28 us a
@@ -71,8 +73,8 @@ class Pages:
 
     def back(self, pages) -> None:
         """Give each page in `pages` memory of its own, where it has none (its contents are then
-        undefined). The GPU must not be touching those pages meanwhile (no work in flight reads or
-        writes them): mapping is not ordered with the work on a stream."""
+        undefined), after giving back released pages whose event has completed. Call it with no
+        work in flight on the range: mapping is not ordered with the work on a stream."""
         want = [i for i in dict.fromkeys(pages) if not self._backed[self._index(i)]]
         if not want:
             return
