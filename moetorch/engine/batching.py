@@ -801,15 +801,19 @@ class ContinuousBatchingManager:
                                "or leave `paged` on")
         return min(want, fits)
 
+    def _memory(self) -> int:
+        """The GPU memory the batch may take: `max_memory_percent` of the free memory (0.9, or 0.8
+        with sampling)."""
+        share = self.continuous_batching_config.max_memory_percent or (0.8 if self.do_sample else 0.9)
+        return int(_free_memory(self.model.device) * share)
+
+    def _logits_bytes(self) -> int:
+        """A row's share of a step's float32 logits and their softmax."""
+        return 3 * 4 * self.model.config.vocab_size
+
     def _static_rows(self) -> int:
         """Rows of `slots` slots each that the free GPU memory holds (within `max_memory_percent`)."""
-        cfg = self.continuous_batching_config
-        row_bytes = self.slots * _slot_bytes(self.model.config, self.model.dtype)
-        free = _free_memory(self.model.device)
-        share = cfg.max_memory_percent or (0.8 if self.do_sample else 0.9)
-        # a step's float32 logits and their softmax, per row
-        row_bytes += 3 * 4 * self.model.config.vocab_size
-        return int(free * share) // row_bytes
+        return self._memory() // (self.slots * _slot_bytes(self.model.config, self.model.dtype) + self._logits_bytes())
 
     def _plan_pages(self) -> tuple[int, int, int]:
         """A paged cache's page size (bytes), its pages, and how many of them may have memory at
@@ -832,9 +836,7 @@ class ContinuousBatchingManager:
                                  f"{cfg.num_blocks!r}")
             capacity = cfg.num_blocks
         elif model.device.type == "cuda":
-            share = cfg.max_memory_percent or (0.8 if self.do_sample else 0.9)
-            logits = self.rows * 3 * 4 * model.config.vocab_size  # a step's float32 logits and their softmax
-            capacity = (int(_free_memory(model.device) * share) - logits) // page
+            capacity = (self._memory() - self.rows * self._logits_bytes()) // page
         else:
             capacity = count
         self._pages_plan = (page, count, min(capacity, count))
@@ -1393,7 +1395,7 @@ class ContinuousBatchingManager:
         if batch.pages is not None:  # the group's slots, and the prefixes it copies, before it writes
             extra = collections.defaultdict(list)
             for req, row, (src, first, n) in zip(group, rows, shared):
-                extra[row].append((req.start, batch.col + req.max_new))
+                extra[row].append(_request_span(req))
                 if n:
                     extra[src].append((first, first + n))
             self._hold(batch, running, extra)
@@ -1459,8 +1461,7 @@ class ContinuousBatchingManager:
         if batch.prefixes is not None:
             lo = min([lo, *(s for s in batch.prefixes.finished_rows().values() if s - d >= 0)])
         if batch.pages is not None:  # the slots moved from and to, while they move
-            spans = self._spans(batch, running)
-            batch.hold({row: ranges + [(a - d, e - d) for a, e in ranges] for row, ranges in spans.items()})
+            batch.hold(_and_moved(self._spans(batch, running), d))
         if batch.prefixes is not None:
             batch.prefixes.shift(lo, d)
         batch.shift(col, starts, lo=lo)
@@ -1474,13 +1475,10 @@ class ContinuousBatchingManager:
         finished rows that prompts may start from, and `extra` (row -> ranges)."""
         spans: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
         for row, req in [*running.items(), *self._recomputing.items()]:
-            spans[row].append((req.start, req.start + len(req.prompt) + req.max_new))
-        ch = self._chunked
-        if ch is not None:
-            spans[ch.row].append((ch.join - len(ch.tokens), ch.join + ch.req.max_new - len(ch.req.tokens)))
-            src_row, first, n = ch.shared
-            if n:
-                spans[src_row].append((first, first + n))
+            spans[row].append(_request_span(req))
+        if self._chunked is not None:
+            for row, ranges in _chunk_spans(self._chunked).items():
+                spans[row].extend(ranges)
         if batch.prefixes is not None:
             for row, (first, end) in batch.prefixes.finished_spans().items():
                 spans[row].append((first, end))
@@ -1494,25 +1492,17 @@ class ContinuousBatchingManager:
             batch.hold(self._spans(batch, running, extra))
 
     def _pages_hold(self, batch: _Batch, running: dict, chunked: _Chunked) -> bool:
-        """Whether the cache's pages hold what is held now with `chunked` as the request in chunks
-        (always, unpaged)."""
+        """Whether the cache's pages hold what is held now with `chunked` (none runs in chunks
+        now) as the request in chunks (always, unpaged)."""
         if batch.pages is None:
             return True
-        saved, self._chunked = self._chunked, chunked
-        try:
-            return len(batch.pages_of(self._spans(batch, running))) <= batch.pages.capacity
-        finally:
-            self._chunked = saved
+        return len(batch.pages_of(self._spans(batch, running, _chunk_spans(chunked)))) <= batch.pages.capacity
 
     def _room(self, batch: _Batch, running: dict, group: list[_Request], col: int, ahead: int) -> bool:
         """Paged: whether the cache's pages hold `group` joining at column `col` (+ `ahead`) with
         what is held now, through the cache shift to `col` that holds the old and new slots at once."""
-        spans = self._spans(batch, running)
-        d = batch.col - col
-        if d:
-            for row, ranges in list(spans.items()):
-                spans[row] = ranges + [(a - d, e - d) for a, e in ranges]
-        held, join = len(batch.pages_of(spans)), col + ahead
+        held = len(batch.pages_of(_and_moved(self._spans(batch, running), batch.col - col)))
+        join = col + ahead
         # each request's most pages, and no more than the pages not held (the row it takes is not
         # known yet: it may share a page with a row's held slots)
         new = sum(self._request_pages(min(join + r.max_new, batch.S) - (join - len(r.prompt))) for r in group)
@@ -1914,6 +1904,30 @@ class ContinuousBatchingManager:
         batch.counts.reset([row for row, _ in taken], [req.prompt for _, req in taken],
                            lambda values, dtype: to_device(torch.tensor(values, dtype=dtype), device),
                            [req.tokens for _, req in taken])
+
+
+def _request_span(req: _Request) -> tuple[int, int]:
+    """A running request's slots: its prompt's and its new tokens' keys (the last one's written by
+    the step in flight when it ends), [start, start + prompt + max_new)."""
+    return req.start, req.start + len(req.prompt) + req.max_new
+
+
+def _chunk_spans(ch: _Chunked) -> dict[int, list[tuple[int, int]]]:
+    """The slots of a request in chunks: from its first chunk's to its join column + the tokens
+    it has still to make, and the prefix its chunks copy."""
+    spans = {ch.row: [(ch.join - len(ch.tokens), ch.join + ch.req.max_new - len(ch.req.tokens))]}
+    src, first, n = ch.shared
+    if n:
+        spans.setdefault(src, []).append((first, first + n))
+    return spans
+
+
+def _and_moved(spans: dict[int, list[tuple[int, int]]], d: int) -> dict[int, list[tuple[int, int]]]:
+    """`spans` and the same slots after a cache shift by -d, together (what a shift holds while it
+    moves them)."""
+    if not d:
+        return spans
+    return {row: ranges + [(a - d, e - d) for a, e in ranges] for row, ranges in spans.items()}
 
 
 def _call_each(items: list) -> None:
