@@ -295,3 +295,59 @@ def test_a_prompt_in_chunks_holds_the_prefix_it_copies(phimoe, monkeypatch):
     assert m.stats["chunked"] == 1 and m.stats["shared_tokens"] >= 16
     for rid, p, n in ((a, first, 3), (b, other, 120), (c, follow, 5)):
         assert done[rid].error is None and done[rid].generated_tokens == own_greedy(phimoe, p, n), rid
+
+
+def test_slot_major_storage_lays_each_rows_slots_out_in_one_run(phimoe):
+    """`StaticCache(storage=)`: keys and values are views of the range laid out [rows, slots, 2,
+    layers, kv heads, head_dim]; bad storage is refused by name."""
+    from moetorch.cache import StaticCache, _kv_shape, slot_major_bytes
+
+    cfg = phimoe.config
+    L, (G, d) = cfg.num_hidden_layers, _kv_shape(cfg)
+    nbytes = slot_major_bytes(L, 3, 8, G, d, torch.float32)
+    storage = torch.zeros(nbytes + 16, dtype=torch.uint8)
+    cache = StaticCache(cfg, max_cache_len=8, max_batch_size=3, device="cpu", dtype=torch.float32, storage=storage)
+    flat = storage[:nbytes].view(torch.float32).view(3, 8, 2, L, G, d)
+    cache.keys[1][2, 0, 5].fill_(7.0)
+    cache.values[0][1, G - 1, 3].fill_(-2.0)
+    assert flat[2, 5, 0, 1, 0].eq(7.0).all() and flat[1, 3, 1, 0, G - 1].eq(-2.0).all()
+    assert flat.count_nonzero() == 2 * d and cache.keys[0].shape == (3, G, 8, d)
+    with pytest.raises(ValueError, match=r"storage must be a flat uint8 tensor, got torch.float32 \(4,\)"):
+        StaticCache(cfg, max_cache_len=8, storage=torch.zeros(4))
+    with pytest.raises(ValueError, match=rf"storage holds {nbytes - 1} bytes, .* need {nbytes}"):
+        StaticCache(cfg, max_cache_len=8, max_batch_size=3, device="cpu", dtype=torch.float32,
+                    storage=torch.zeros(nbytes - 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="storage is on cpu, the keys on meta"):
+        StaticCache(cfg, max_cache_len=8, max_batch_size=3, device="meta", dtype=torch.float32, storage=storage)
+
+
+@pytest.mark.parametrize("free_rows, asked, paged, want_paged, want_rows", [
+    (1000, None, None, False, 256),  # whole rows of every request fit: static
+    (256, None, None, False, 256),  # just
+    (100, None, None, True, 256),  # they do not: paged, a row a request
+    (100, 200, None, True, 200),  # nor do max_requests_per_batch's
+    (300, 200, None, False, 200),
+    (100, None, False, False, 100),  # static asked for: as many rows as fit
+    (100, None, True, True, 256),
+])
+def test_on_a_gpu_the_cache_is_paged_where_whole_rows_would_not_fit(phimoe, monkeypatch, free_rows, asked, paged,
+                                                                    want_paged, want_rows):
+    """The row count and the cache's kind on a GPU (the device a stand-in: nothing is allocated)."""
+    monkeypatch.setattr(type(phimoe), "device", property(lambda self: torch.device("cuda")))
+    row = 64 * batching._slot_bytes(phimoe.config, phimoe.dtype) + 3 * 4 * phimoe.config.vocab_size
+    monkeypatch.setattr(batching, "_free_memory", lambda device: int(free_rows * row / 0.9) + 1)
+    cb = {"max_cache_len": 64, "max_requests_per_batch": asked, "paged": paged}
+    m = phimoe.init_continuous_batching(generation_config=greedy(4), continuous_batching_config=cb)
+    assert (m.paged, m.rows) == (want_paged, want_rows)
+
+
+def test_static_rows_that_do_not_fit_one_row_are_an_error(phimoe, monkeypatch):
+    monkeypatch.setattr(type(phimoe), "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(batching, "_free_memory", lambda device: 1000)
+    with pytest.raises(RuntimeError, match=r"one row of 64 cache slots \(0.00 GiB\) is more than the free GPU memory "
+                       r"holds within max_memory_percent; lower max_cache_len, or leave `paged` on"):
+        phimoe.init_continuous_batching(generation_config=greedy(4),
+                                        continuous_batching_config={"max_cache_len": 64, "paged": False})
+    # left to the default, such a GPU pages the cache
+    m = phimoe.init_continuous_batching(generation_config=greedy(4), continuous_batching_config={"max_cache_len": 64})
+    assert m.paged is True
