@@ -531,7 +531,9 @@ def test_longrope_recompute_in_chunks_needs_room(longrope, slots):
 def test_longrope_recompute_runs_whole_where_its_chunks_have_no_pages(longrope, monkeypatch):
     """Paged, a recompute in chunks moves its sequence right by a slot a chunk, onto slots its row
     does not hold yet. Where the pages cannot hold them, it runs in one forward instead (before,
-    the manager failed on it), with the same tokens."""
+    the manager failed on it), with the same tokens. (Pages held for each request's whole length,
+    so that the recompute's chunks set the peak.)"""
+    monkeypatch.setattr(batching, "PAGES_ON_DEMAND", False)
     _, ours = longrope
     rng = random.Random(21)
     short = [rng.randint(1, 96) for _ in range(3)]

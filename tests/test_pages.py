@@ -155,6 +155,7 @@ def test_spans_are_what_requests_write_and_read(phimoe, monkeypatch):
     the request in chunks those from its first chunk's slot to its join column + max_new, and the
     prefix it copies; a finished row that prompts may start from, its tokens' slots."""
     monkeypatch.setattr(batching, "PAGE_SLOTS", 1)
+    monkeypatch.setattr(batching, "PAGES_ON_DEMAND", False)
     m = manager(phimoe, max_cache_len=40, max_requests_per_batch=4, paged=True)
     batch = m._ensure_batch()
     run = SimpleNamespace(start=5, prompt=[1, 2, 3], max_new=4, tokens=[9])
@@ -164,6 +165,17 @@ def test_spans_are_what_requests_write_and_read(phimoe, monkeypatch):
     finished = SimpleNamespace(start=0, prompt=list(range(1, 21)), max_new=5, tokens=[50, 51], long=False)
     batch.prefixes.finished(3, finished)
     assert m._spans(batch, {2: run}) == {2: [(5, 12)], 1: [(14, 23)], 3: [(4, 6), (0, 21)]}
+    # pages on demand: running requests' new tokens only below the horizon (at least the column),
+    # the request in chunks at least to its join column
+    monkeypatch.setattr(batching, "PAGES_ON_DEMAND", True)
+    batch.col, m._horizon = 8, 10
+    assert m._spans(batch, {2: run}) == {2: [(5, 10)], 1: [(14, 20)], 3: [(4, 6), (0, 21)]}
+    m._horizon = 3
+    assert m._spans(batch, {2: run})[2] == [(5, 8)]
+    m._horizon = 22
+    assert m._spans(batch, {2: run}) == {2: [(5, 12)], 1: [(14, 22)], 3: [(4, 6), (0, 21)]}
+    monkeypatch.setattr(batching, "PAGES_ON_DEMAND", False)
+    batch.col = 0
     batch.hold(m._spans(batch, {2: run}))
     S = batch.S
     want = {2 * S + s for s in range(5, 12)} | {S + s for s in range(14, 23)} | {3 * S + s for s in range(21)}

@@ -28,7 +28,10 @@ Paged (`ContinuousBatchingConfig.paged`; by default on a GPU where whole rows wo
 the cache lies slot-major in one reserved range (`engine.pages`), and memory is mapped only behind
 the slots that requests hold (`_spans`): a running request's prompt and new tokens, a request in
 chunks, and finished rows that prompts may start from. A prefill group takes the requests whose
-pages are free (`_fit_pages`).
+pages are free (`_fit_pages`). A running request's pages reach the batch's horizon, a page past
+the column, and grow a page at a time as it decodes (`_grow`); where no page is left, the latest
+request gives its pages up and is computed again later (`_preempt`), as vLLM's recompute
+preemption does.
 
 Decode runs over the rows below the highest one in use, rounded up to a bucket (powers of two),
 one CUDA graph per bucket on a GPU. A free row inside that range computes a throwaway token that
@@ -134,6 +137,12 @@ PAGE_SLOTS: int | None = None
 # True, one range [rows, slots, 2, layers, kv heads, head_dim] (`cache.slot_major`), in which
 # the slots a row uses are one run of bytes (what a cache backed page by page needs).
 SLOT_MAJOR = False
+# Paged, a running request holds pages up to the batch's horizon, the first page boundary past the
+# column, which moves on by a page as the rows decode (`_grow`); where the pages run out, the
+# request that came last gives its pages up and waits at the queue's head, to be computed again
+# (its prompt and tokens so far) once pages are free (`_preempt`). False: a request holds the
+# pages of all its new tokens (`max_new_tokens`) from its prefill on.
+PAGES_ON_DEMAND = True
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -325,6 +334,11 @@ class _Request:
             created_time=self.created,
             lifespan=(self.started, finished), timestamps=None if self.stamps is None else self.stamps[since:],
         )
+
+    def sequence(self) -> list[int]:
+        """The tokens its prefill computes: its prompt, and once it gave its pages up while it ran
+        (`_preempt`), its tokens so far too."""
+        return self.prompt + self.tokens if self.tokens else self.prompt
 
     def add(self, token: int, logprob) -> bool:
         """Take a generated token (`logprob`: None, its log-probability, or a step's row of it
@@ -709,6 +723,7 @@ class ContinuousBatchingManager:
         self.warmed_up = False
         self._rows_changed = 0  # counts changes of the running rows, which key _decode_rows' memo
         self._steps = 0  # decode steps the loop has run (a request's draw index counts from its first)
+        self._horizon = 0  # paged, pages on demand: running requests hold their slots below this column
         self._rows_of: tuple = (None, [], {})
         self._grammar_rows: tuple = (None, False)
         self._versions: list[int] = []  # the parameters' version counters when prefixes were last used
@@ -717,10 +732,12 @@ class ContinuousBatchingManager:
         # decode steps and in prefills (each ends reading tokens: the GPU's work is in), prompt
         # tokens shared, requests whose prompts ran in chunks, recomputes that ran in chunks, and
         # decode steps that rode along with a prompt chunk (`MIX_CHUNKS`; such a forward's time
-        # counts as decode time), and requests a paged cache's pages held back from a prefill group.
+        # counts as decode time), requests a paged cache's pages held back from a prefill group,
+        # and running requests that gave their pages up (`_preempt`).
         self.stats: dict[str, Any] = {"decode_rows": [], "prefill_tokens": [], "shifts": 0, "recomputed": 0,
                                       "decode_s": 0.0, "prefill_s": 0.0, "shared_tokens": 0,
-                                      "chunked": 0, "recomputed_in_chunks": 0, "mixed": 0, "waited_for_pages": 0}
+                                      "chunked": 0, "recomputed_in_chunks": 0, "mixed": 0, "waited_for_pages": 0,
+                                      "preempted": 0}
 
     # ---- settings -------------------------------------------------------------------------------
     def _settings(self, gen) -> None:
@@ -1200,6 +1217,7 @@ class ContinuousBatchingManager:
         self._crossings: list[tuple[int, int, int, _Request]] = []
         self._order = itertools.count()
         self._steps = 0
+        self._horizon = 0
         self._rows_changed += 1
         try:
             with torch.no_grad(), own_forward(self.model), on_device(self.model.device):
@@ -1230,7 +1248,7 @@ class ContinuousBatchingManager:
                         continue
                     self._admit(waiting, running, batch)
                     if running:
-                        self._decode(running, batch)
+                        self._decode(running, batch, waiting)
                     else:
                         self._drain(running, batch)
         except BaseException as e:  # noqa: BLE001 -- every request gets the error, then the caller
@@ -1280,8 +1298,9 @@ class ContinuousBatchingManager:
                 if len(group) == len(free):
                     break
                 # the tokens its prefill computes: those past a prefix that a row holds
-                found = batch.prefixes.find(req.prompt, mode=req.long) if batch.prefixes is not None else None
-                cost = len(req.prompt) - (found[1] if found is not None else 0)
+                seq = req.sequence()
+                found = batch.prefixes.find(seq, mode=req.long) if batch.prefixes is not None else None
+                cost = len(seq) - (found[1] if found is not None else 0)
                 if group and work + cost > budget:
                     break
                 # a prompt longer than a chunk, alone: its chunks run a column apart, and it joins
@@ -1306,7 +1325,7 @@ class ContinuousBatchingManager:
             if ahead:
                 req = waiting.popleft()
                 req.status, req.started = RequestStatus.PREFILLING, time.perf_counter()
-                self._chunked = _Chunked(req, rows[0], batch.col + ahead, shared[0], ahead + 1)
+                self._chunked = _Chunked(req, rows[0], batch.col + ahead, shared[0], ahead + 1, tokens=req.sequence())
                 self.stats["chunked"] += 1
                 self._hold(batch, running)
                 self._next_chunk(running, batch)
@@ -1323,7 +1342,7 @@ class ContinuousBatchingManager:
         index = batch.prefixes
         while group and not self._room(batch, running, group, col, ahead):
             finished = index.finished_rows() if index is not None else {}
-            used = {f[0].row for f in (index.find(r.prompt, mode=r.long) for r in group) if f is not None} \
+            used = {f[0].row for f in (index.find(r.sequence(), mode=r.long) for r in group) if f is not None} \
                 if finished else set()
             spare = [row for row in finished if row not in used]
             if spare or (finished and len(group) == 1):
@@ -1385,17 +1404,23 @@ class ContinuousBatchingManager:
         first phase. Its requests then run (and leave `waiting`, where given)."""
         now = t0 = time.perf_counter()
         self._track_counts(batch, group, rows)
-        for req in group:
-            if req.status < RequestStatus.PREFILLING:
-                req.status, req.started = RequestStatus.PREFILLING, now
-            req.start = batch.col - len(req.prompt)
-            req.first = self._steps
-            own = req.sampling.seed if req.sampling is not None else None
-            req.seed = own if own is not None else int(torch.randint(0, 2**62, ()))
+        seqs = [req.sequence() for req in group]
+        for req, seq in zip(group, seqs):
+            req.status = RequestStatus.PREFILLING
+            if req.started < 0:
+                req.started = now
+            req.start = batch.col - len(seq)
+            # its n-th token draws at counter n: a request that gave its pages up while it ran
+            # (`_preempt`) goes on from its token count, under the key it had
+            req.first = self._steps - len(req.tokens)
+            if not req.tokens:
+                own = req.sampling.seed if req.sampling is not None else None
+                req.seed = own if own is not None else int(torch.randint(0, 2**62, ()))
         if batch.pages is not None:  # the group's slots, and the prefixes it copies, before it writes
             extra = collections.defaultdict(list)
+            cap = self._cap(batch)
             for req, row, (src, first, n) in zip(group, rows, shared):
-                extra[row].append(_request_span(req))
+                extra[row].append(_request_span(req, cap))
                 if n:
                     extra[src].append((first, first + n))
             self._hold(batch, running, extra)
@@ -1404,9 +1429,9 @@ class ContinuousBatchingManager:
         for n, phase in enumerate(phases):
             if n:  # requests that start from a request of the phase before
                 for i in phase:
-                    f = batch.prefixes.find(group[i].prompt, mode=group[i].long)
+                    f = batch.prefixes.find(seqs[i], mode=group[i].long)
                     shared[i] = (f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0)
-            rest = [len(group[i].prompt) - shared[i][2] for i in phase]
+            rest = [len(seqs[i]) - shared[i][2] for i in phase]
             # a forward's attention holds each layer's keys of its prompts, shared prefixes
             # included: as many as a forward computes, or a share of the free memory
             limit = max(self.batch_tokens, self._keys_room())
@@ -1415,7 +1440,7 @@ class ContinuousBatchingManager:
             while todo:
                 part = todo.popleft()
                 try:
-                    logits = batch.prefill([group[i].prompt for i in part], [rows[i] for i in part],
+                    logits = batch.prefill([seqs[i] for i in part], [rows[i] for i in part],
                                            [shared[i] for i in part], long=[group[i].long for i in part])
                 except torch.OutOfMemoryError:
                     # a forward too wide for the free memory: retried in halves. The rows it
@@ -1430,7 +1455,7 @@ class ContinuousBatchingManager:
                                    "halves", len(part))
                     todo.extendleft([part[len(part) // 2:], part[:len(part) // 2]])
                     continue
-                computed = [len(group[i].prompt) - shared[i][2] for i in part]
+                computed = [len(seqs[i]) - shared[i][2] for i in part]
                 self.stats["prefill_tokens"].append(sum(computed))
                 self.stats["shared_tokens"] += sum(shared[i][2] for i in part)
                 t, lp = self._choose(logits, [group[i] for i in part], [rows[i] for i in part])
@@ -1467,17 +1492,20 @@ class ContinuousBatchingManager:
         batch.shift(col, starts, lo=lo)
         for r in running.values():
             r.start -= d
+        self._horizon = max(self._horizon - d, 0)
         self._hold(batch, running)
 
     def _spans(self, batch: _Batch, running: dict, extra: dict | None = None) -> dict[int, list[tuple[int, int]]]:
         """Paged: the slots that hold or will hold keys and values someone reads, row -> [first,
-        end) ranges: each running request's prompt and new tokens, the request in chunks, the
-        finished rows that prompts may start from, and `extra` (row -> ranges)."""
+        end) ranges: each running request's prompt and new tokens (below the horizon, `_cap`), the
+        request in chunks, the finished rows that prompts may start from, and `extra` (row ->
+        ranges)."""
         spans: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+        cap = self._cap(batch)
         for row, req in [*running.items(), *self._recomputing.items()]:
-            spans[row].append(_request_span(req))
+            spans[row].append(_request_span(req, cap))
         if self._chunked is not None:
-            for row, ranges in _chunk_spans(self._chunked).items():
+            for row, ranges in _chunk_spans(self._chunked, cap).items():
                 spans[row].extend(ranges)
         if batch.prefixes is not None:
             for row, (first, end) in batch.prefixes.finished_spans().items():
@@ -1496,17 +1524,83 @@ class ContinuousBatchingManager:
         now) as the request in chunks (always, unpaged)."""
         if batch.pages is None:
             return True
-        return len(batch.pages_of(self._spans(batch, running, _chunk_spans(chunked)))) <= batch.pages.capacity
+        spans = self._spans(batch, running, _chunk_spans(chunked, self._cap(batch)))
+        return len(batch.pages_of(spans)) <= batch.pages.capacity
 
     def _room(self, batch: _Batch, running: dict, group: list[_Request], col: int, ahead: int) -> bool:
         """Paged: whether the cache's pages hold `group` joining at column `col` (+ `ahead`) with
-        what is held now, through the cache shift to `col` that holds the old and new slots at once."""
-        held = len(batch.pages_of(_and_moved(self._spans(batch, running), batch.col - col)))
+        what is held now, through the cache shift to `col` that holds the old and new slots at once;
+        with pages on demand, through the horizon's next move too (a page more for each request
+        that will grow past it)."""
+        d = batch.col - col
+        spans = self._spans(batch, running)
+        held = len(batch.pages_of(_and_moved(spans, d)))
         join = col + ahead
+        end, grow = batch.S, 0
+        if self._cap(batch) is not None:
+            end = self._grown(batch, max(self._horizon - d, join))
+            grow = sum(r.start + len(r.prompt) + r.max_new > self._cap(batch) for r in running.values())
+            grow += sum(join + r.max_new - len(r.tokens) > end for r in group)
         # each request's most pages, and no more than the pages not held (the row it takes is not
         # known yet: it may share a page with a row's held slots)
-        new = sum(self._request_pages(min(join + r.max_new, batch.S) - (join - len(r.prompt))) for r in group)
-        return held + min(new, batch.pages.count - held) <= batch.pages.capacity
+        new = sum(self._request_pages(min(join + r.max_new - len(r.tokens), batch.S, end) -
+                                      (join - len(r.prompt) - len(r.tokens))) for r in group)
+        return held + min(new + grow, batch.pages.count - held) <= batch.pages.capacity
+
+    def _cap(self, batch: _Batch) -> int | None:
+        """Paged, pages on demand (`PAGES_ON_DEMAND`): the slot below which running requests hold
+        their slots, the horizon (at least the column: a prompt's slots are below it); else None."""
+        if batch.pages is None or not PAGES_ON_DEMAND:
+            return None
+        return max(self._horizon, batch.col)
+
+    def _grown(self, batch: _Batch, col: int) -> int:
+        """The horizon that holds column `col`: the first page boundary past it (in a row's slots)."""
+        k = max(1, batch.pages.page // batch.slot_bytes)
+        return min((col // k + 1) * k, batch.S)
+
+    def _grow(self, waiting: deque, running: dict, batch: _Batch, extra: dict | None = None) -> None:
+        """Paged, pages on demand: before a step writes the column, the horizon moves past it and
+        the running rows take the pages up to it. Where the pages would run out: requests that
+        ended in the steps in flight give theirs up first, then finished rows that prompts may
+        start from (the oldest first), then the running requests that came last (`_preempt`).
+        `extra`: more slots to hold (row -> ranges)."""
+        if self._cap(batch) is None or batch.col < self._horizon:
+            return
+        before, self._horizon = self._horizon, self._grown(batch, batch.col)
+        index = batch.prefixes
+        while len(batch.pages_of(self._spans(batch, running, extra))) > batch.pages.capacity:
+            if self._pending:
+                self._drain(running, batch)
+                continue
+            finished = index.finished_rows() if index is not None else {}
+            if finished:
+                index.drop(min(finished, key=index.age))
+                continue
+            if not running:  # no step writes the column now: the horizon stays where it was
+                self._horizon = before
+                return
+            self._preempt(max(running, key=lambda row: (running[row].created, row)), waiting, running, batch)
+        self._hold(batch, running, extra)
+
+    def _preempt(self, row: int, waiting: deque, running: dict, batch: _Batch) -> None:
+        """A running request gives its row and pages up and waits at the head of the queue: its
+        prompt and tokens so far are computed again when it joins (`_Request.sequence`), its
+        draws going on from its token count, as a request computed again past LongRoPE's switch
+        does (`_recompute`)."""
+        req = running.pop(row)
+        self._rows_changed += 1
+        batch.release(row)
+        if batch.prefixes is not None:
+            batch.prefixes.drop(row)
+        if any(c[3] is req for c in self._crossings):  # its crossing step follows its token count when it joins
+            self._crossings = [c for c in self._crossings if c[3] is not req]
+            heapq.heapify(self._crossings)
+        if self.rope_limit is not None and len(req.prompt) + len(req.tokens) > self.rope_limit:
+            req.long = True
+        req.status = RequestStatus.PENDING
+        waiting.appendleft(req)
+        self.stats["preempted"] += 1
 
     def _keys_room(self) -> int:
         """Keys (with their values) of one layer that PREFIX_KEYS_SHARE of the free GPU memory holds
@@ -1542,7 +1636,7 @@ class ContinuousBatchingManager:
         users: collections.Counter = collections.Counter()  # finished rows -> requests that start from them
         found = []
         for req in group:  # spread over rows that hold the same tokens, so that each may go to its user
-            f = index.find(req.prompt, users, mode=req.long)
+            f = index.find(req.sequence(), users, mode=req.long)
             found.append(f)
             if f is not None and f[0].req is None:
                 users[f[0].row] += 1
@@ -1558,11 +1652,11 @@ class ContinuousBatchingManager:
         rows = [r if r is not None else next(others) for r in rows]
         for r in rows:
             index.drop(r)
-        found = [index.find(req.prompt, mode=req.long) if f is not None and f[0].row in rows and f[0].row != row else f
-                 for req, f, row in zip(group, found, rows)]
+        found = [index.find(req.sequence(), mode=req.long) if f is not None and f[0].row in rows and f[0].row != row
+                 else f for req, f, row in zip(group, found, rows)]
         local, follow, gain = PrefixIndex(), [], 0
         for i, req in enumerate(group):
-            mine, have = local.find(req.prompt, mode=req.long), found[i][1] if found[i] is not None else 0
+            mine, have = local.find(req.sequence(), mode=req.long), found[i][1] if found[i] is not None else 0
             if mine is not None and mine[1] >= have + prefixes.BLOCK:
                 follow.append(i)
                 gain += mine[1] - have
@@ -1579,13 +1673,13 @@ class ContinuousBatchingManager:
         (a prompt in chunks): the current one if they all fit there, else the lowest that holds
         every running request's past; None if none."""
         S = batch.S
-        longest = max(len(r.prompt) for r in group)
+        longest = max(len(r.prompt) + len(r.tokens) for r in group)
 
         def fits(col: int) -> bool:
             # every request must be able to write its remaining tokens' keys by slot S - 1 (a
             # running request's count may lag the device by the step in flight: one more write
             # than needed is allowed for)
-            if col + ahead < longest or any(col + ahead + r.max_new - 1 > S for r in group):
+            if col + ahead < longest or any(col + ahead + r.max_new - len(r.tokens) - 1 > S for r in group):
                 return False
             return all(col + (r.max_new - len(r.tokens)) <= S for r in running.values())
 
@@ -1626,7 +1720,7 @@ class ContinuousBatchingManager:
             batch.prefixes.finished(row, req)
         self._finish(req, error)
 
-    def _decode(self, running: dict, batch: _Batch) -> None:
+    def _decode(self, running: dict, batch: _Batch, waiting: deque) -> None:
         """Launch a step for the running rows; read the tokens of the step READ_LAG steps before
         it: the host reads a step's tokens while the next one runs on the GPU, and a request that
         ended in the first has its row computed once more, then dropped. A request that passes
@@ -1650,6 +1744,14 @@ class ContinuousBatchingManager:
             for row in crossing:
                 del running[row]
             self._rows_changed += 1
+        self._recomputing = crossing  # their rows keep their slots (`_spans`) until they run again
+        if running or crossing:  # (a recompute rewrites the slot that this step writes)
+            # a riding chunk copies its prefix from where it lay before the chunk (`_next_chunk`)
+            src, first, n = ride[3] if ride is not None else (0, 0, 0)
+            self._grow(waiting, running, batch, {src: [(first, first + n)]} if n else None)
+            if not running and not crossing and ride is None:  # every running request gave its pages up
+                self.stats["decode_s"] += time.perf_counter() - t0
+                return
         if running and ride is not None:
             b = batch.bucket(max(running) + 1)
             logits = batch.mixed(*ride, b)
@@ -1675,7 +1777,6 @@ class ContinuousBatchingManager:
             batch.col += 1
             self._steps += 1
         self.stats["decode_s"] += time.perf_counter() - t0
-        self._recomputing = crossing  # their rows keep their slots (`_spans`) until they run again
         for row, req in crossing.items():
             self._recompute(row, req, running, batch)
         self._recomputing = {}
@@ -1906,16 +2007,20 @@ class ContinuousBatchingManager:
                            [req.tokens for _, req in taken])
 
 
-def _request_span(req: _Request) -> tuple[int, int]:
+def _request_span(req: _Request, cap: int | None = None) -> tuple[int, int]:
     """A running request's slots: its prompt's and its new tokens' keys (the last one's written by
-    the step in flight when it ends), [start, start + prompt + max_new)."""
-    return req.start, req.start + len(req.prompt) + req.max_new
+    the step in flight when it ends), [start, start + prompt + max_new), below `cap` if given."""
+    end = req.start + len(req.prompt) + req.max_new
+    return req.start, end if cap is None else min(end, cap)
 
 
-def _chunk_spans(ch: _Chunked) -> dict[int, list[tuple[int, int]]]:
+def _chunk_spans(ch: _Chunked, cap: int | None = None) -> dict[int, list[tuple[int, int]]]:
     """The slots of a request in chunks: from its first chunk's to its join column + the tokens
-    it has still to make, and the prefix its chunks copy."""
-    spans = {ch.row: [(ch.join - len(ch.tokens), ch.join + ch.req.max_new - len(ch.req.tokens))]}
+    it has still to make (below `cap` if given, but its chunks' own), and the prefix its chunks copy."""
+    end = ch.join + ch.req.max_new - len(ch.req.tokens)
+    if cap is not None:
+        end = min(end, max(cap, ch.join))
+    spans = {ch.row: [(ch.join - len(ch.tokens), end)]}
     src, first, n = ch.shared
     if n:
         spans.setdefault(src, []).append((first, first + n))

@@ -1,0 +1,222 @@
+"""A paged batch cache whose pages follow the tokens (`batching.PAGES_ON_DEMAND`): a running
+request holds pages up to the batch's horizon, a page past the column, and takes more as it
+decodes; where no page is left, the request that came last gives its pages up and is computed
+again once pages are free (`ContinuousBatchingManager._preempt`). Every request still gives the
+tokens and log-probabilities of its own `generate` call, and seeded draws and penalties go on as
+if nothing happened. On the CPU a page is a few slots (`engine.pages.HostPages`), and every page
+that no request holds is poisoned before each forward, so a read of a slot the manager did not
+hold shows as wrong tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
+from parity import make_pair, run_queued
+
+import moetorch
+from moetorch.engine import batching
+from moetorch.engine.pages import HostPages
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
+def model(request, tmp_path_factory):
+    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name))[1]
+
+
+@pytest.fixture(autouse=True)
+def pages_of_four_slots(monkeypatch):
+    monkeypatch.setattr(batching, "PAGE_SLOTS", 4)
+
+
+def config(n: int, **kw) -> moetorch.GenerationConfig:
+    return moetorch.GenerationConfig(**{"max_new_tokens": n, "do_sample": False, "pad_token_id": 0,
+                                        "eos_token_id": None, **kw})
+
+
+def own_greedy(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def forward_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Each token's log-probability under a forward over the prompt and the tokens before it."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    return logits.log_softmax(-1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+
+
+def pages_in_use(monkeypatch) -> list[int]:
+    """The cache's pages with memory after every `back`."""
+    seen, back = [], HostPages.back
+
+    def spy(self, pages):
+        back(self, pages)
+        seen.append(self.in_use)
+
+    monkeypatch.setattr(HostPages, "back", spy)
+    return seen
+
+
+def test_pages_follow_the_tokens(model, monkeypatch):
+    """Running requests hold pages for their prompts and the tokens so far, a page ahead, not for
+    all of `max_new_tokens` from the start: the first prefill maps a few pages a request, and the
+    pages grow as the rows decode. The tokens are each request's own `generate` tokens either way."""
+    rng = random.Random(1)
+    inputs = [[rng.randint(1, 96) for _ in range(rng.randint(3, 7))] for _ in range(3)]
+    cb = {"max_cache_len": 64, "max_requests_per_batch": 3, "paged": True}
+    peaks = {}
+    for on_demand in (True, False):
+        monkeypatch.setattr(batching, "PAGES_ON_DEMAND", on_demand)
+        seen = pages_in_use(monkeypatch)
+        out, m = run_queued(model, config(40), cb, [(str(i), p, {}) for i, p in enumerate(inputs)])
+        for i, p in enumerate(inputs):
+            assert out[str(i)].error is None and out[str(i)].generated_tokens == own_greedy(model, p, 40)
+        peaks[on_demand] = (seen[0], max(seen), len(seen))
+        assert m.stats["preempted"] == 0
+    (first, peak, maps), (first_all, peak_all, maps_all) = peaks[True], peaks[False]
+    # on demand: each request's prompt and the column's page (prompts of 3-7 tokens: at most 3
+    # pages each), then a page a request each time the column passes a page boundary
+    assert first <= 3 * 3 and maps > 8
+    # held whole: each request's 40 + prompt slots from its prefill on
+    assert first_all >= 3 * 11 and maps_all == 1
+    assert peak <= peak_all
+
+
+def test_requests_give_their_pages_up_and_resume(model):
+    """Fewer pages than the running requests grow into: the latest requests give theirs up
+    (`stats["preempted"]`), wait at the queue's head and are computed again (prompt and tokens so
+    far) once pages are free. Every request gives its own `generate` tokens, its log-probabilities
+    those of a forward, and a streamed one sees each token once, in order."""
+    rng = random.Random(2)
+    inputs = [[rng.randint(1, 96) for _ in range(rng.randint(3, 9))] for _ in range(5)]
+    n = 30
+    cb = {"max_cache_len": 48, "max_requests_per_batch": 4, "paged": True, "num_blocks": 20,
+          "return_logprobs": True}
+    m = model.init_continuous_batching(generation_config=config(n), continuous_batching_config=cb)
+    streamed = []
+    m.start()
+    ids = [m.add_request(p, request_id=str(i), streaming=i == 3) for i, p in enumerate(inputs)]
+    out = {}
+    while len(out) < len(ids):
+        r = m.get_result(timeout=60)
+        assert r is not None
+        if r.request_id == "3":
+            streamed.append(list(r.generated_tokens))
+        if r.is_finished():
+            out[r.request_id] = r
+    m.stop(block=True)
+    assert m.stats["preempted"] >= 1 and max(m.stats["decode_rows"]) >= 2
+    for i, p in enumerate(inputs):
+        r = out[str(i)]
+        assert r.error is None and r.status == moetorch.RequestStatus.FINISHED
+        assert r.generated_tokens == own_greedy(model, p, n), f"request {i}"
+        torch.testing.assert_close(torch.tensor(r.logprobs), forward_logprobs(model, p, r.generated_tokens),
+                                   atol=1e-4, rtol=0)
+    assert [len(s) for s in streamed] == list(range(1, n + 1))
+    assert all(s == out["3"].generated_tokens[:len(s)] for s in streamed)
+
+
+def test_seeded_draws_and_penalties_go_on_after_a_preemption(model):
+    """A request's draws are keyed by its seed and its token's index, and its penalties count its
+    prompt and tokens: with pages enough (no preemption) and with few (preemptions), each request
+    draws the same tokens."""
+    rng = random.Random(3)
+    inputs = [[rng.randint(1, 96) for _ in range(rng.randint(3, 9))] for _ in range(4)]
+    settings = [{"do_sample": True, "temperature": 1.3, "seed": 11},
+                {"do_sample": True, "top_p": 0.8, "seed": 12, "repetition_penalty": 1.8},
+                {"do_sample": True, "top_k": 20, "seed": 13, "frequency_penalty": 0.7, "presence_penalty": 0.4},
+                {"do_sample": True, "seed": 14, "logit_bias": {5: 3.0}}]
+    requests = [(str(i), p, kw) for i, (p, kw) in enumerate(zip(inputs, settings))]
+    runs = {}
+    for blocks in (None, 20):
+        cb = {"max_cache_len": 48, "max_requests_per_batch": 4, "paged": True, "num_blocks": blocks}
+        out, m = run_queued(model, config(30), cb, requests)
+        assert all(r.error is None for r in out.values())
+        runs[blocks] = ({k: r.generated_tokens for k, r in out.items()}, m.stats["preempted"])
+    assert runs[None][1] == 0 and runs[20][1] >= 1
+    assert runs[20][0] == runs[None][0]
+
+
+def test_a_preempted_request_resumes_in_chunks_and_from_a_prefix(model):
+    """While other rows decode, a preempted request whose sequence is longer than a chunk is
+    computed again in chunks, its prompt's prefix shared from a running request with the same
+    system prompt. Every request gives its own `generate` tokens."""
+    rng = random.Random(4)
+    system = [rng.randint(1, 96) for _ in range(17)]
+    inputs = [system + [rng.randint(1, 96) for _ in range(3)], [rng.randint(1, 96) for _ in range(4)],
+              system + [rng.randint(1, 96) for _ in range(2)], system + [rng.randint(1, 96) for _ in range(2)]]
+    news = [20, 8, 40, 30]
+    cb = {"max_cache_len": 64, "max_requests_per_batch": 4, "paged": True, "num_blocks": 24,
+          "prefill_chunk_tokens": 8}
+    resumed = []
+    chunked = batching._Chunked.__init__
+
+    def spy(self, req, *args, **kw):
+        chunked(self, req, *args, **kw)
+        resumed.append((len(req.tokens), self.shared[2]))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batching._Chunked, "__init__", spy)
+        out, m = run_queued(model, config(40), cb, [(str(i), p, {"max_new_tokens": k})
+                                                    for i, (p, k) in enumerate(zip(inputs, news))])
+    assert m.stats["preempted"] >= 1 and m.stats["shared_tokens"] >= 2 * len(system)
+    assert any(tokens and shared >= len(system) for tokens, shared in resumed)  # in chunks, from the prefix
+    for i, (p, k) in enumerate(zip(inputs, news)):
+        assert out[str(i)].error is None and out[str(i)].generated_tokens == own_greedy(model, p, k), f"request {i}"
+
+
+def test_a_preempted_request_can_be_cancelled(model):
+    """A request waiting to be computed again after it gave its pages up is cancelled like any
+    waiting one: it comes back with its tokens so far and the error "cancelled"."""
+    rng = random.Random(5)
+    inputs = [[rng.randint(1, 96) for _ in range(5)] for _ in range(3)]
+    cb = {"max_cache_len": 48, "max_requests_per_batch": 3, "paged": True, "num_blocks": 14}
+    m = model.init_continuous_batching(generation_config=config(40), continuous_batching_config=cb)
+    preempt = batching.ContinuousBatchingManager._preempt
+    cancelled = []
+
+    def spy(self, row, waiting, running, batch):
+        req = running[row]
+        preempt(self, row, waiting, running, batch)
+        if not cancelled:
+            cancelled.append((req.id, list(req.tokens)))
+            self.cancel_request(req.id)
+
+    m._preempt = spy.__get__(m)
+    for i, p in enumerate(inputs):
+        m.add_request(p, request_id=str(i))
+    m.start()
+    m.stop(block=True, timeout=120)
+    out = {}
+    while (r := m.get_result(timeout=0)) is not None:
+        out[r.request_id] = r
+    (rid, tokens), = cancelled
+    assert out[rid].error == "cancelled" and out[rid].generated_tokens == tokens and tokens
+    assert out[rid].generated_tokens == own_greedy(model, inputs[int(rid)], len(tokens))
+    for i, p in enumerate(inputs):
+        if str(i) != rid:
+            assert out[str(i)].error is None and out[str(i)].generated_tokens == own_greedy(model, p, 40)
+
+
+LIMIT = 12  # original_max_position_embeddings of the LongRoPE model below
+
+
+@pytest.fixture(scope="module")
+def longrope(tmp_path_factory):
+    return make_pair(PHIMOE, tmp_path_factory.mktemp("longrope"), rope_scaling=longrope_scaling(8, original=LIMIT),
+                     max_position_embeddings=96)[1]
+
+
+def test_preemption_around_longrope_switch(longrope):
+    """PhiMoE with LongRoPE: requests preempted before their sequence passes the switch, and after
+    it (their keys computed again with the long factors), give their own `generate` tokens."""
+    rng = random.Random(6)
+    inputs = [[rng.randint(1, 96) for _ in range(k)] for k in (4, 9, 3, 14, 6)]
+    cb = {"max_cache_len": 48, "max_requests_per_batch": 4, "paged": True, "num_blocks": 20}
+    out, m = run_queued(longrope, config(26), cb, [(str(i), p, {}) for i, p in enumerate(inputs)])
+    assert m.stats["preempted"] >= 1 and m.stats["recomputed"] >= 1
+    for i, p in enumerate(inputs):
+        assert out[str(i)].error is None and out[str(i)].generated_tokens == own_greedy(longrope, p, 26), f"request {i}"
