@@ -4,10 +4,11 @@ against one that holds each request's pages for all of its `max_new_tokens` from
 Where requests stop at EOS, a server cannot know their lengths: a chat request without
 `max_tokens` may run to its row's end (4096 slots at the server's default `--max-model-len`),
 and holding that many pages for it bounds the batch as whole rows do. The workload here: random
-weights at the real size, bf16; `--requests` prompts of 32-512 random tokens, each sampled
-(temperature `--temperature`, its own seed, so that both arms draw the same tokens where their
-logits agree) with no limit of its own but its row's end, and `--eos` random token ids as EOS,
-V / `--mean-len` of them, so that lengths spread as a chat's do (the realized lengths are in the
+weights at the real size, bf16, the LM head scaled down so that next tokens are near uniform;
+`--requests` prompts of 32-512 random tokens, each sampled (temperature `--temperature`, its own
+seed, so that both arms draw the same tokens where their logits agree) with no limit of its own
+but its row's end, and V / `--mean-len` random token ids as EOS: lengths geometric with mean
+about `--mean-len`, as unknown to the manager as a chat's (the realized lengths are in the
 results). The arms alternate over `--rounds`, each a warm run of a few requests and a timed one,
 in a manager of their own.
 
@@ -19,6 +20,7 @@ checks that requests preempted and computed again give their own `generate` toke
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 
@@ -48,6 +50,11 @@ def run(model, prompts, arm: str, args, eos: list[int]) -> dict:
                 got[r.request_id] = r
         return m, [got[i] for i in ids]
 
+    head = model.lm_head.weight
+    if not getattr(model, "_flat_head", False):  # near-uniform next tokens: lengths geometric, mean --mean-len
+        with torch.no_grad():
+            head.mul_(1e-3)
+        model._flat_head = True
     once(list(enumerate(prompts))[:8])  # sizes the manager and captures its graphs
     manager = model._cached_continuous_batching_manager
     manager.stats.update(decode_rows=[], prefill_tokens=[], shifts=0, decode_s=0.0, prefill_s=0.0,
@@ -71,13 +78,16 @@ def run(model, prompts, arm: str, args, eos: list[int]) -> dict:
            "page_capacity": p.capacity, "pages": p.count, "outputs": [r.generated_tokens for r in out]}
     model.destroy_cached_continuous_batching_manager()
     cb.PAGES_ON_DEMAND = True
+    print(f"{arm}: lengths mean {row['length_mean']:.0f} p90 {row['length_p90']} max {row['length_max']}, "
+          f"max rows {row['max_rows']}, preempted {row['preempted']}, waited {row['waited_for_pages']}, "
+          f"{p.capacity} pages of {p.page / 2**20:.0f} MiB", flush=True)
     return row
 
 
 @torch.no_grad()
 def tiny_check() -> dict:
     """Small float32 JetMoE and PhiMoE (2 layers, 8 kv heads of 128: 16 KB a slot, 128 slots a
-    2 MB page) on the GPU: 12 requests through 5 rows of 1024 slots and 12 pages, so that running
+    2 MB page) on the GPU: 12 requests through 5 rows of 1024 slots and 9 pages, so that running
     requests give their pages up and are computed again, against per-request `generate`."""
     from batching import agreement, randomize_
 
@@ -101,20 +111,22 @@ def tiny_check() -> dict:
         prompts = [[rng.randrange(1, 97) for _ in range(rng.randint(1, 40))] for _ in range(12)]
         news = [rng.randint(100, 300) for _ in prompts]
         gen = moetorch.GenerationConfig(max_new_tokens=max(news), do_sample=False, eos_token_id=None, pad_token_id=0)
-        config = {"max_requests_per_batch": 5, "max_cache_len": 1024, "paged": True, "num_blocks": 12}
+        config = {"max_requests_per_batch": 5, "max_cache_len": 1024, "paged": True, "num_blocks": 9,
+                  "page_size": 128}
         with model.continuous_batching_context_manager(gen, continuous_batching_config=config) as m:
             ids = [m.add_request(p, max_new_tokens=n) for p, n in zip(prompts, news)]
             got = {}
             while len(got) < len(ids):
                 r = m.get_result(timeout=300)
                 got[r.request_id] = r
+            page_slots = m._batch.pages.page // cb._slot_bytes(model.config, model.dtype)
         mine = [got[i].generated_tokens for i in ids]
         ref = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, do_sample=False, pad_token_id=0,
                               eos_token_id=None)[0, len(p):].tolist() for p, n in zip(prompts, news)]
         out[name] = {**agreement(mine, ref), "preempted": m.stats["preempted"],
                      "waited_for_pages": m.stats["waited_for_pages"],
                      "errors": sum(got[i].error is not None for i in ids),
-                     "page_slots": m._batch.pages.page // cb._slot_bytes(model.config, model.dtype)}
+                     "page_slots": page_slots}
         print(f"tiny {name}: {out[name]}", flush=True)
         del model
     return out
@@ -128,10 +140,10 @@ def main() -> int:
 
     p = ab_parser()
     p.add_argument("--slots", type=int, default=4096)
-    p.add_argument("--mean-len", type=int, default=200)
+    p.add_argument("--mean-len", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--no-tiny", action="store_true")
-    p.set_defaults(requests=512)
+    p.set_defaults(requests=256)
     args = p.parse_args()
     result = {"device": torch.cuda.get_device_name(), "args": vars(args)}
     if not args.no_tiny:
@@ -146,8 +158,11 @@ def main() -> int:
         name = "jetmoe" if type(model).__name__.startswith("JetMoe") else "phimoe"
         return run(model, prompts, arm, args, eos_of[name])
 
-    result["models"] = alternating(args, ("reserved", "on-demand"), arm_run)
-    save_json(args.out, result)
+    result["models"] = {}
+    for name in args.models.split(","):  # saved after each model
+        one = argparse.Namespace(**{**vars(args), "models": name})
+        result["models"].update(alternating(one, ("reserved", "on-demand"), arm_run))
+        save_json(args.out, result)
     return 0
 
 
