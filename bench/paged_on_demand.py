@@ -87,7 +87,7 @@ def run(model, prompts, arm: str, args, eos: list[int]) -> dict:
 @torch.no_grad()
 def tiny_check() -> dict:
     """Small float32 JetMoE and PhiMoE (2 layers, 8 kv heads of 128: 16 KB a slot, 128 slots a
-    2 MB page) on the GPU: 12 requests through 5 rows of 1024 slots and 9 pages, so that running
+    2 MB page) on the GPU: 12 requests through 5 rows of 512 slots and 5 pages, so that running
     requests give their pages up and are computed again, against per-request `generate`."""
     from batching import agreement, randomize_
 
@@ -98,12 +98,12 @@ def tiny_check() -> dict:
         if name == "jetmoe":
             cfg = moetorch.JetMoeConfig(vocab_size=97, hidden_size=256, num_hidden_layers=2, num_key_value_heads=8,
                                         kv_channels=128, intermediate_size=64, num_local_experts=4,
-                                        max_position_embeddings=1024)
+                                        max_position_embeddings=512)
             model = moetorch.JetMoeForCausalLM(cfg)
         else:
             cfg = moetorch.PhimoeConfig(vocab_size=97, hidden_size=1024, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=8, num_key_value_heads=8, num_local_experts=4,
-                                        max_position_embeddings=1024)
+                                        max_position_embeddings=512)
             model = moetorch.PhimoeForCausalLM(cfg)
         model = model.cuda().eval()
         randomize_(model, std=0.05)
@@ -111,7 +111,7 @@ def tiny_check() -> dict:
         prompts = [[rng.randrange(1, 97) for _ in range(rng.randint(1, 40))] for _ in range(12)]
         news = [rng.randint(100, 300) for _ in prompts]
         gen = moetorch.GenerationConfig(max_new_tokens=max(news), do_sample=False, eos_token_id=None, pad_token_id=0)
-        config = {"max_requests_per_batch": 5, "max_cache_len": 1024, "paged": True, "num_blocks": 9,
+        config = {"max_requests_per_batch": 5, "max_cache_len": 512, "paged": True, "num_blocks": 5,
                   "page_size": 128}
         with model.continuous_batching_context_manager(gen, continuous_batching_config=config) as m:
             ids = [m.add_request(p, max_new_tokens=n) for p, n in zip(prompts, news)]
