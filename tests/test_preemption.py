@@ -119,24 +119,32 @@ def test_requests_give_their_pages_up_and_resume(model):
     assert all(s == out["3"].generated_tokens[:len(s)] for s in streamed)
 
 
-def test_seeded_draws_and_penalties_go_on_after_a_preemption(model):
+def test_seeded_draws_and_penalties_go_on_after_a_preemption(model, monkeypatch):
     """A request's draws are keyed by its seed and its token's index, and its penalties count its
     prompt and tokens: with pages enough (no preemption) and with few (preemptions), each request
     draws the same tokens."""
     rng = random.Random(3)
-    inputs = [[rng.randint(1, 96) for _ in range(rng.randint(3, 9))] for _ in range(4)]
+    inputs = [[rng.randint(1, 96) for _ in range(rng.randint(3, 9))] for _ in range(5)]
     settings = [{"do_sample": True, "temperature": 1.3, "seed": 11},
                 {"do_sample": True, "top_p": 0.8, "seed": 12, "repetition_penalty": 1.8},
                 {"do_sample": True, "top_k": 20, "seed": 13, "frequency_penalty": 0.7, "presence_penalty": 0.4},
+                {"do_sample": True, "temperature": 0.9},  # its seed drawn when it first joins, then kept
                 {"do_sample": True, "seed": 14, "logit_bias": {5: 3.0}}]
     requests = [(str(i), p, kw) for i, (p, kw) in enumerate(zip(inputs, settings))]
+    preempted, preempt = [], batching.ContinuousBatchingManager._preempt
+
+    def spy(self, row, waiting, running, batch):
+        preempted.append(running[row].id)
+        preempt(self, row, waiting, running, batch)
+
+    monkeypatch.setattr(batching.ContinuousBatchingManager, "_preempt", spy)
     runs = {}
     for blocks in (None, 20):
-        cb = {"max_cache_len": 48, "max_requests_per_batch": 4, "paged": True, "num_blocks": blocks}
+        cb = {"max_cache_len": 48, "max_requests_per_batch": 4, "paged": True, "num_blocks": blocks, "seed": 5}
         out, m = run_queued(model, config(30), cb, requests)
         assert all(r.error is None for r in out.values())
         runs[blocks] = ({k: r.generated_tokens for k, r in out.items()}, m.stats["preempted"])
-    assert runs[None][1] == 0 and runs[20][1] >= 1
+    assert runs[None][1] == 0 and runs[20][1] >= 1 and "3" in preempted
     assert runs[20][0] == runs[None][0]
 
 
@@ -210,13 +218,24 @@ def longrope(tmp_path_factory):
                      max_position_embeddings=96)[1]
 
 
-def test_preemption_around_longrope_switch(longrope):
-    """PhiMoE with LongRoPE: requests preempted before their sequence passes the switch, and after
-    it (their keys computed again with the long factors), give their own `generate` tokens."""
-    rng = random.Random(6)
-    inputs = [[rng.randint(1, 96) for _ in range(k)] for k in (4, 9, 3, 14, 6)]
-    cb = {"max_cache_len": 48, "max_requests_per_batch": 4, "paged": True, "num_blocks": 20}
+def test_preemption_around_longrope_switch(longrope, monkeypatch):
+    """PhiMoE with LongRoPE: requests preempted before their sequence passes the switch (their
+    crossing step then follows their token count when they join again), and after it (their keys
+    computed again with the long factors), give their own `generate` tokens."""
+    rng = random.Random(2)
+    lengths = [rng.randint(2, 8) for _ in range(5)]
+    inputs = [[rng.randint(1, 96) for _ in range(k)] for k in lengths]
+    seen, preempt = [], batching.ContinuousBatchingManager._preempt
+
+    def spy(self, row, waiting, running, batch):
+        req = running[row]
+        seen.append(len(req.prompt) + len(req.tokens) <= LIMIT)  # before the switch
+        preempt(self, row, waiting, running, batch)
+        assert all(c[3] is not req for c in self._crossings)  # its old crossing step would fire early
+
+    monkeypatch.setattr(batching.ContinuousBatchingManager, "_preempt", spy)
+    cb = {"max_cache_len": 48, "max_requests_per_batch": 4, "paged": True, "num_blocks": 16}
     out, m = run_queued(longrope, config(26), cb, [(str(i), p, {}) for i, p in enumerate(inputs)])
-    assert m.stats["preempted"] >= 1 and m.stats["recomputed"] >= 1
+    assert True in seen and False in seen and m.stats["recomputed"] >= 1
     for i, p in enumerate(inputs):
         assert out[str(i)].error is None and out[str(i)].generated_tokens == own_greedy(longrope, p, 26), f"request {i}"

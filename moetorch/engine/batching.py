@@ -1596,8 +1596,6 @@ class ContinuousBatchingManager:
         if any(c[3] is req for c in self._crossings):  # its crossing step follows its token count when it joins
             self._crossings = [c for c in self._crossings if c[3] is not req]
             heapq.heapify(self._crossings)
-        if self.rope_limit is not None and len(req.prompt) + len(req.tokens) > self.rope_limit:
-            req.long = True
         req.status = RequestStatus.PENDING
         waiting.appendleft(req)
         self.stats["preempted"] += 1
