@@ -9,8 +9,9 @@ weights at the real size, bf16, the LM head scaled down so that next tokens are 
 seed, so that both arms draw the same tokens where their logits agree) with no limit of its own
 but its row's end, and V / `--mean-len` random token ids as EOS: lengths geometric with mean
 about `--mean-len`, as unknown to the manager as a chat's (the realized lengths are in the
-results). The arms alternate over `--rounds`, each a warm run of a few requests and a timed one,
-in a manager of their own.
+results). The arms (`--arms`, two of `reserved`, `on-demand` and `spanK`: on demand, rows of K
+times `--slots` slots, `batching.PAGED_ROW_SPAN`) alternate over `--rounds`, each a warm run of a
+few requests and a timed one, in a manager of their own.
 
 On the GPU (DevicePages), a small float32 model with wide slots (128 a 2 MB page) and few pages
 checks that requests preempted and computed again give their own `generate` tokens.
@@ -33,7 +34,8 @@ def run(model, prompts, arm: str, args, eos: list[int]) -> dict:
     import moetorch
     from moetorch.engine.batching import WorkloadHints
 
-    cb.PAGES_ON_DEMAND = arm == "on-demand"
+    cb.PAGES_ON_DEMAND = arm != "reserved"
+    cb.PAGED_ROW_SPAN = int(arm[len("span"):]) if arm.startswith("span") else 1
     longest = max(map(len, prompts))
     gen = moetorch.GenerationConfig(max_new_tokens=args.slots - longest, do_sample=True, temperature=args.temperature,
                                     top_k=0, eos_token_id=eos, pad_token_id=0)
@@ -75,9 +77,10 @@ def run(model, prompts, arm: str, args, eos: list[int]) -> dict:
            "max_rows": max(st["decode_rows"], default=0), "decode_s": st["decode_s"], "prefill_s": st["prefill_s"],
            "prefill_forwards": len(st["prefill_tokens"]), "prefill_tokens": sum(st["prefill_tokens"]),
            "waited_for_pages": st["waited_for_pages"], "preempted": st["preempted"], "page_mib": p.page / 2**20,
-           "page_capacity": p.capacity, "pages": p.count, "outputs": [r.generated_tokens for r in out]}
+           "page_capacity": p.capacity, "pages": p.count, "row_slots": manager._batch.S,
+           "outputs": [r.generated_tokens for r in out]}
     model.destroy_cached_continuous_batching_manager()
-    cb.PAGES_ON_DEMAND = True
+    cb.PAGES_ON_DEMAND, cb.PAGED_ROW_SPAN = True, 1
     print(f"{arm}: lengths mean {row['length_mean']:.0f} p90 {row['length_p90']} max {row['length_max']}, "
           f"max rows {row['max_rows']}, preempted {row['preempted']}, waited {row['waited_for_pages']}, "
           f"{p.capacity} pages of {p.page / 2**20:.0f} MiB", flush=True)
@@ -143,6 +146,9 @@ def main() -> int:
     p.add_argument("--mean-len", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--no-tiny", action="store_true")
+    p.add_argument("--arms", default="reserved,on-demand",
+                   help="two of: reserved (pages for all of max_new_tokens), on-demand, spanK (on demand, rows of "
+                        "K x --slots slots)")
     p.set_defaults(requests=256)
     args = p.parse_args()
     result = {"device": torch.cuda.get_device_name(), "args": vars(args)}
@@ -161,7 +167,7 @@ def main() -> int:
     result["models"] = {}
     for name in args.models.split(","):  # saved after each model
         one = argparse.Namespace(**{**vars(args), "models": name})
-        result["models"].update(alternating(one, ("reserved", "on-demand"), arm_run))
+        result["models"].update(alternating(one, tuple(args.arms.split(",")), arm_run))
         save_json(args.out, result)
     return 0
 

@@ -239,3 +239,37 @@ def test_preemption_around_longrope_switch(longrope, monkeypatch):
     assert True in seen and False in seen and m.stats["recomputed"] >= 1
     for i, p in enumerate(inputs):
         assert out[str(i)].error is None and out[str(i)].generated_tokens == own_greedy(longrope, p, 26), f"request {i}"
+
+
+def test_rows_longer_than_the_longest_request(model, monkeypatch):
+    """With pages on demand, rows of PAGED_ROW_SPAN x max_cache_len slots cost addresses only. All
+    rows write one column, and a request joins where its row has room right of it for every token
+    it may make: with rows of twice the longest request, requests that may run to max_cache_len
+    join while others are far along, and the same requests (sampled with seeds, stopping at EOS)
+    take fewer decode steps. Requests stay bounded by max_cache_len."""
+    rng = random.Random(9)
+    inputs = [[rng.randint(1, 96) for _ in range(rng.randint(4, 16))] for _ in range(60)]
+    eos = sorted(random.Random(7).sample(range(1, 97), 6))
+    gen = moetorch.GenerationConfig(max_new_tokens=48, do_sample=True, temperature=4.0, top_k=0, eos_token_id=eos,
+                                    pad_token_id=0)
+    cb = {"max_cache_len": 64, "max_requests_per_batch": 16, "paged": True}
+    runs = {}
+    for span in (1, 2):
+        monkeypatch.setattr(batching, "PAGED_ROW_SPAN", span)
+        with model.continuous_batching_context_manager(gen, continuous_batching_config=cb) as m:
+            assert m._batch.S == 64 * span and m.slots == 64
+            with pytest.raises(ValueError, match="max_cache_len"):
+                m.add_request([1] * 20, max_new_tokens=46)  # 20 + 46 - 1 > 64, whatever the rows
+            ids = [m.add_request(p, seed=i) for i, p in enumerate(inputs)]
+            got = {}
+            while len(got) < len(ids):
+                r = m.get_result(timeout=60)
+                got[r.request_id] = r
+        assert all(r.error is None for r in got.values())
+        runs[span] = ([got[i].generated_tokens for i in ids], len(m.stats["decode_rows"]))
+    (tokens1, steps1), (tokens2, steps2) = runs[1], runs[2]
+    assert tokens2 == tokens1 and any(len(t) < 48 for t in tokens1) and any(len(t) > 30 for t in tokens1)
+    assert steps2 < 0.75 * steps1, (steps1, steps2)
+    monkeypatch.setattr(batching, "PAGED_ROW_SPAN", 0)
+    with pytest.raises(ValueError, match="PAGED_ROW_SPAN"):
+        model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)._ensure_batch()

@@ -143,6 +143,13 @@ SLOT_MAJOR = False
 # (its prompt and tokens so far) once pages are free (`_preempt`). False: a request holds the
 # pages of all its new tokens (`max_new_tokens`) from its prefill on.
 PAGES_ON_DEMAND = True
+# Paged with pages on demand, a row has this many times `max_cache_len` slots (`row_slots`): their
+# addresses only, as memory follows the tokens. All rows write one column, and a request joins only
+# where its row has room right of the column for every token it may make; with rows of the longest
+# request's slots, a request that may run to the row's end (a chat without max_tokens) waits until
+# no running request is far along. Requests stay bounded by `max_cache_len`. 1: rows of
+# `max_cache_len` slots.
+PAGED_ROW_SPAN = 1
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -229,8 +236,10 @@ class ContinuousBatchingConfig:
     holds).
 
     Paged, the cache of R rows x S slots is one range of addresses (`engine.pages`): a running
-    request holds memory for its prompt and new tokens' slots only, so that rows are not bound by
-    memory (R defaults to the requests, at most 256), and a request waits for pages, not rows.
+    request holds memory for its prompt's and its tokens' slots only, a page ahead as it decodes
+    (`PAGES_ON_DEMAND`), so that rows are not bound by memory (R defaults to the requests, at most
+    256), and a request waits for pages, not rows; where pages run out, the latest request gives
+    its pages up and is computed again later (`stats["preempted"]`).
 
     The compile and distributed fields of Transformers' class (`use_async_batching`, ...) are
     accepted and have no effect here.
@@ -818,6 +827,14 @@ class ContinuousBatchingManager:
                                "or leave `paged` on")
         return min(want, fits)
 
+    @property
+    def row_slots(self) -> int:
+        """Slots of a batch row: `slots` (the longest request), times PAGED_ROW_SPAN with pages on demand."""
+        span = PAGED_ROW_SPAN if self.paged and PAGES_ON_DEMAND else 1
+        if not isinstance(span, int) or span < 1:
+            raise ValueError(f"batching.PAGED_ROW_SPAN must be a positive int, got {span!r}")
+        return self.slots * span
+
     def _memory(self) -> int:
         """The GPU memory the batch may take: `max_memory_percent` of the free memory (0.9, or 0.8
         with sampling)."""
@@ -846,7 +863,7 @@ class ContinuousBatchingManager:
         if model.device.type == "cuda":
             unit = granularity(model.device)
             page = -(-page // unit) * unit
-        count = -(-self.rows * self.slots * sb // page)
+        count = -(-self.rows * self.row_slots * sb // page)
         if cfg.num_blocks is not None:
             if not isinstance(cfg.num_blocks, int) or isinstance(cfg.num_blocks, bool) or cfg.num_blocks < 1:
                 raise ValueError("continuous_batching_config.num_blocks must be a positive int, got "
@@ -918,7 +935,7 @@ class ContinuousBatchingManager:
                         raise
                     logger.warning("continuous batching: no paged cache (%s); rows of whole slots instead", e)
                     self.paged, self.rows = False, max(1, min(self.rows, self._static_rows()))
-            self._batch = _Batch(self.model, self.rows, self.slots, self.use_graphs, share=bool(share),
+            self._batch = _Batch(self.model, self.rows, self.row_slots, self.use_graphs, share=bool(share),
                                  prefill_graphs=self.use_prefill_graphs, longrope=self.rope_limit is not None,
                                  pages=pages)
         return self._batch
