@@ -86,6 +86,20 @@ class OpenAIPenalties:
         return out
 
 
+def greedy_config(n: int, **kw):
+    """A moetorch GenerationConfig of n greedy tokens, pad 0, no EOS (`kw` overrides)."""
+    import moetorch
+
+    return moetorch.GenerationConfig(**{"max_new_tokens": n, "do_sample": False, "pad_token_id": 0,
+                                        "eos_token_id": None, **kw})
+
+
+def own_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The n greedy tokens of the model's own `generate` call on one prompt, with no EOS."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
 def run_queued(model, generation_config, cb: dict, requests: list[tuple], inside=None) -> tuple[dict, object]:
     """The requests ((id, prompt, add_request settings)), all queued before the loop starts (so
     that the first prefill takes them in order, with no race against the loop), through one

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from archs import ARCH_IDS, ARCHS
+from parity import greedy_config as config
 from parity import make_pair, run_queued
 
 import moetorch
@@ -26,11 +27,6 @@ def pair(request, tmp_path_factory):
 def prompt(seed: int, n: int, vocab: int = 97) -> list[int]:
     rng = random.Random(seed)
     return [rng.randint(1, vocab - 1) for _ in range(n)]
-
-
-def config(n: int, **kw) -> moetorch.GenerationConfig:
-    return moetorch.GenerationConfig(**{"max_new_tokens": n, "do_sample": False, "pad_token_id": 0,
-                                        "eos_token_id": None, **kw})
 
 
 def hf_greedy(hf, ids: list[int], n: int) -> list[int]:

@@ -113,6 +113,8 @@ def test_views_of_the_range_see_the_pages():
 import random  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+from parity import own_greedy  # noqa: E402
+
 import moetorch  # noqa: E402
 from moetorch.engine import batching  # noqa: E402
 
@@ -127,11 +129,6 @@ def phimoe(tmp_path_factory):
 
 def greedy(n: int) -> moetorch.GenerationConfig:
     return moetorch.GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-
-
-def own_greedy(model, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
 
 
 def manager(model, **cb):

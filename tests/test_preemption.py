@@ -14,7 +14,8 @@ import random
 import pytest
 import torch
 from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
-from parity import make_pair, run_queued
+from parity import greedy_config as config
+from parity import make_pair, own_greedy, run_queued
 
 import moetorch
 from moetorch.engine import batching
@@ -29,16 +30,6 @@ def model(request, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def pages_of_four_slots(monkeypatch):
     monkeypatch.setattr(batching, "PAGE_SLOTS", 4)
-
-
-def config(n: int, **kw) -> moetorch.GenerationConfig:
-    return moetorch.GenerationConfig(**{"max_new_tokens": n, "do_sample": False, "pad_token_id": 0,
-                                        "eos_token_id": None, **kw})
-
-
-def own_greedy(model, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
 
 
 def forward_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
