@@ -76,7 +76,7 @@ def test_pages_follow_the_tokens(model, monkeypatch):
     assert peak <= peak_all
 
 
-def test_requests_give_their_pages_up_and_resume(model):
+def test_requests_give_their_pages_up_and_resume(model, monkeypatch):
     """Fewer pages than the running requests grow into: the latest requests give theirs up
     (`stats["preempted"]`), wait at the queue's head and are computed again (prompt and tokens so
     far) once pages are free. Every request gives its own `generate` tokens, its log-probabilities
@@ -87,7 +87,13 @@ def test_requests_give_their_pages_up_and_resume(model):
     cb = {"max_cache_len": 48, "max_requests_per_batch": 4, "paged": True, "num_blocks": 20,
           "return_logprobs": True}
     m = model.init_continuous_batching(generation_config=config(n), continuous_batching_config=cb)
-    streamed = []
+    streamed, started, preempt = [], {}, batching.ContinuousBatchingManager._preempt
+
+    def spy(self, row, waiting, running, batch):
+        started.setdefault(running[row].id, running[row].started)
+        preempt(self, row, waiting, running, batch)
+
+    monkeypatch.setattr(batching.ContinuousBatchingManager, "_preempt", spy)
     m.start()
     ids = [m.add_request(p, request_id=str(i), streaming=i == 3) for i, p in enumerate(inputs)]
     out = {}
@@ -106,6 +112,7 @@ def test_requests_give_their_pages_up_and_resume(model):
         assert r.generated_tokens == own_greedy(model, p, n), f"request {i}"
         torch.testing.assert_close(torch.tensor(r.logprobs), forward_logprobs(model, p, r.generated_tokens),
                                    atol=1e-4, rtol=0)
+    assert started and all(out[rid].lifespan[0] == t for rid, t in started.items())  # when it first left the queue
     assert [len(s) for s in streamed] == list(range(1, n + 1))
     assert all(s == out["3"].generated_tokens[:len(s)] for s in streamed)
 
@@ -150,19 +157,25 @@ def test_a_preempted_request_resumes_in_chunks_and_from_a_prefix(model):
     news = [20, 8, 40, 30]
     cb = {"max_cache_len": 64, "max_requests_per_batch": 4, "paged": True, "num_blocks": 24,
           "prefill_chunk_tokens": 8}
-    resumed = []
-    chunked = batching._Chunked.__init__
+    resumed, started = [], {}
+    chunked, preempt = batching._Chunked.__init__, batching.ContinuousBatchingManager._preempt
 
     def spy(self, req, *args, **kw):
         chunked(self, req, *args, **kw)
         resumed.append((len(req.tokens), self.shared[2]))
 
+    def spy_preempt(self, row, waiting, running, batch):
+        started.setdefault(running[row].id, running[row].started)
+        preempt(self, row, waiting, running, batch)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(batching._Chunked, "__init__", spy)
+        mp.setattr(batching.ContinuousBatchingManager, "_preempt", spy_preempt)
         out, m = run_queued(model, config(40), cb, [(str(i), p, {"max_new_tokens": k})
                                                     for i, (p, k) in enumerate(zip(inputs, news))])
     assert m.stats["preempted"] >= 1 and m.stats["shared_tokens"] >= 2 * len(system)
     assert any(tokens and shared >= len(system) for tokens, shared in resumed)  # in chunks, from the prefix
+    assert all(out[rid].lifespan[0] == t for rid, t in started.items())  # its start is when it first left the queue
     for i, (p, k) in enumerate(zip(inputs, news)):
         assert out[str(i)].error is None and out[str(i)].generated_tokens == own_greedy(model, p, k), f"request {i}"
 
@@ -230,6 +243,29 @@ def test_preemption_around_longrope_switch(longrope, monkeypatch):
     assert True in seen and False in seen and m.stats["recomputed"] >= 1
     for i, p in enumerate(inputs):
         assert out[str(i)].error is None and out[str(i)].generated_tokens == own_greedy(longrope, p, 26), f"request {i}"
+
+
+def test_a_request_passing_longrope_switch_gives_its_pages_up_where_none_is_left(longrope):
+    """A step that only computes a request again past LongRoPE's switch moves the horizon on too
+    (the recompute writes the column's slot). Where its next page is not there (a prompt in chunks
+    holds the rest), that request gives its pages up, with the long factors from then on, and the
+    step computes nothing."""
+    m = longrope.init_continuous_batching(generation_config=config(20), continuous_batching_config={
+        "max_cache_len": 32, "max_requests_per_batch": 2, "paged": True, "num_blocks": 9})
+    batch = m._ensure_batch()
+    (_, (a,)), (_, (b,)) = m._requests([3] * 10, "a", 20, False, False, None, {}), \
+        m._requests([4] * 30, "b", 2, False, False, None, {})
+    a.tokens, a.start = [5, 6, 7], 0  # 13 tokens: past the switch at 12
+    batch.col = m._horizon = 12
+    m._chunked = batching._Chunked(b, 1, 30, (0, 0, 0), 2)  # its slots 0 .. 31 of row 1: 8 pages
+    m._pending, m._crossings = batching.deque(), []
+    waiting, crossing = batching.deque(), {0: a}
+    m._recomputing = crossing
+    assert len(batch.pages_of(m._spans(batch, {}))) == 8 + 3  # a's 12 slots and b's 32 on pages of 4
+    m._grow(waiting, {}, batch)
+    assert list(waiting) == [a] and not crossing and a.long and a.status == moetorch.RequestStatus.PENDING
+    assert m.stats["preempted"] == 1 and m._horizon == 16 and batch.pages.in_use == 8
+    m._chunked = None
 
 
 def test_rows_longer_than_the_longest_request(model, monkeypatch):

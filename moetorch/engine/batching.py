@@ -1341,7 +1341,9 @@ class ContinuousBatchingManager:
             shared = [(f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0) for f in found]
             if ahead:
                 req = waiting.popleft()
-                req.status, req.started = RequestStatus.PREFILLING, time.perf_counter()
+                req.status = RequestStatus.PREFILLING
+                if req.started < 0:
+                    req.started = time.perf_counter()
                 self._chunked = _Chunked(req, rows[0], batch.col + ahead, shared[0], ahead + 1, tokens=req.sequence())
                 self.stats["chunked"] += 1
                 self._hold(batch, running)
@@ -1594,17 +1596,20 @@ class ContinuousBatchingManager:
             if finished:
                 index.drop(min(finished, key=index.age))
                 continue
-            if not running:  # no step writes the column now: the horizon stays where it was
+            # the running requests first, then those that this step computes again (`_recompute`)
+            rows = running or self._recomputing
+            if not rows:  # nothing writes the column now: the horizon stays where it was
                 self._horizon = before
                 return
-            self._preempt(max(running, key=lambda row: (running[row].created, row)), waiting, running, batch)
+            self._preempt(max(rows, key=lambda row: (rows[row].created, row)), waiting, rows, batch)
         self._hold(batch, running, extra)
 
     def _preempt(self, row: int, waiting: deque, running: dict, batch: _Batch) -> None:
-        """A running request gives its row and pages up and waits at the head of the queue: its
-        prompt and tokens so far are computed again when it joins (`_Request.sequence`), its
-        draws going on from its token count, as a request computed again past LongRoPE's switch
-        does (`_recompute`)."""
+        """A running request (of `running`: the running rows, or those computed again past
+        LongRoPE's switch at this step) gives its row and pages up and waits at the head of the
+        queue: its prompt and tokens so far are computed again when it joins (`_Request.sequence`),
+        with the long factors past the switch, its draws going on from its token count, as a
+        request computed again past LongRoPE's switch does (`_recompute`)."""
         req = running.pop(row)
         self._rows_changed += 1
         batch.release(row)
@@ -1613,6 +1618,8 @@ class ContinuousBatchingManager:
         if any(c[3] is req for c in self._crossings):  # its crossing step follows its token count when it joins
             self._crossings = [c for c in self._crossings if c[3] is not req]
             heapq.heapify(self._crossings)
+        if self.rope_limit is not None and len(req.prompt) + len(req.tokens) > self.rope_limit:
+            req.long = True  # (one that passes the switch at this step)
         req.status = RequestStatus.PENDING
         waiting.appendleft(req)
         self.stats["preempted"] += 1
