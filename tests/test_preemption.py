@@ -94,8 +94,9 @@ def test_requests_give_their_pages_up_and_resume(model, monkeypatch):
         preempt(self, row, waiting, running, batch)
 
     monkeypatch.setattr(batching.ContinuousBatchingManager, "_preempt", spy)
-    m.start()
+    # all queued before the loop starts: the first prefill takes them in order, as in every run
     ids = [m.add_request(p, request_id=str(i), streaming=i == 3) for i, p in enumerate(inputs)]
+    m.start()
     out = {}
     while len(out) < len(ids):
         r = m.get_result(timeout=60)
