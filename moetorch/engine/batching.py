@@ -344,6 +344,13 @@ class _Request:
             lifespan=(self.started, finished), timestamps=None if self.stamps is None else self.stamps[since:],
         )
 
+    def prefilling(self, now: float) -> None:
+        """Its prompt (or, after a preemption, its sequence) is being computed; `started` stays the
+        time it first left the queue."""
+        self.status = RequestStatus.PREFILLING
+        if self.started < 0:
+            self.started = now
+
     def sequence(self) -> list[int]:
         """The tokens its prefill computes: its prompt, and once it gave its pages up while it ran
         (`_preempt`), its tokens so far too."""
@@ -708,6 +715,7 @@ class ContinuousBatchingManager:
         self.chunk_tokens = chunk
         self._chunked: _Chunked | None = None  # the request whose prompt is being computed in chunks
         self._recomputing: dict[int, _Request] = {}
+        self._ride: tuple | None = None  # a prompt chunk that the next decode step carries (`_next_chunk`)
         if cfg.scheduler_type not in ("fifo",):
             raise ValueError(f"continuous_batching_config.scheduler_type: only 'fifo' is supported, got "
                              f"{cfg.scheduler_type!r}")
@@ -1341,9 +1349,7 @@ class ContinuousBatchingManager:
             shared = [(f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0) for f in found]
             if ahead:
                 req = waiting.popleft()
-                req.status = RequestStatus.PREFILLING
-                if req.started < 0:
-                    req.started = time.perf_counter()
+                req.prefilling(time.perf_counter())
                 self._chunked = _Chunked(req, rows[0], batch.col + ahead, shared[0], ahead + 1, tokens=req.sequence())
                 self.stats["chunked"] += 1
                 self._hold(batch, running)
@@ -1425,9 +1431,7 @@ class ContinuousBatchingManager:
         self._track_counts(batch, group, rows)
         seqs = [req.sequence() for req in group]
         for req, seq in zip(group, seqs):
-            req.status = RequestStatus.PREFILLING
-            if req.started < 0:
-                req.started = now
+            req.prefilling(now)
             req.start = batch.col - len(seq)
             # its n-th token draws at counter n: a request that gave its pages up while it ran
             # (`_preempt`) goes on from its token count, under the key it had
@@ -1517,8 +1521,8 @@ class ContinuousBatchingManager:
     def _spans(self, batch: _Batch, running: dict, extra: dict | None = None) -> dict[int, list[tuple[int, int]]]:
         """Paged: the slots that hold or will hold keys and values someone reads, row -> [first,
         end) ranges: each running request's prompt and new tokens (below the horizon, `_cap`), the
-        request in chunks, the finished rows that prompts may start from, and `extra` (row ->
-        ranges)."""
+        request in chunks and the prefix its riding chunk copies, the finished rows that prompts may
+        start from, and `extra` (row -> ranges)."""
         spans: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
         cap = self._cap(batch)
         for row, req in [*running.items(), *self._recomputing.items()]:
@@ -1526,6 +1530,10 @@ class ContinuousBatchingManager:
         if self._chunked is not None:
             for row, ranges in _chunk_spans(self._chunked, cap).items():
                 spans[row].extend(ranges)
+        if self._ride is not None:  # a chunk waiting for its step copies its prefix from where it lay before it
+            src, first, n = self._ride[3]
+            if n:
+                spans[src].append((first, first + n))
         if batch.prefixes is not None:
             for row, (first, end) in batch.prefixes.finished_spans().items():
                 spans[row].append((first, end))
@@ -1555,10 +1563,10 @@ class ContinuousBatchingManager:
         spans = self._spans(batch, running)
         held = len(batch.pages_of(_and_moved(spans, d)))
         join = col + ahead
-        end, grow = batch.S, 0
-        if self._cap(batch) is not None:
+        end, grow, cap = batch.S, 0, self._cap(batch)
+        if cap is not None:
             end = self._grown(batch, max(self._horizon - d, join))
-            grow = sum(r.start + len(r.prompt) + r.max_new > self._cap(batch) for r in running.values())
+            grow = sum(_request_span(r)[1] > cap for r in running.values())
             grow += sum(join + r.max_new - len(r.tokens) > end for r in group)
         # each request's most pages, and no more than the pages not held (the row it takes is not
         # known yet: it may share a page with a row's held slots)
@@ -1578,17 +1586,16 @@ class ContinuousBatchingManager:
         k = max(1, batch.pages.page // batch.slot_bytes)
         return min((col // k + 1) * k, batch.S)
 
-    def _grow(self, waiting: deque, running: dict, batch: _Batch, extra: dict | None = None) -> None:
+    def _grow(self, waiting: deque, running: dict, batch: _Batch) -> None:
         """Paged, pages on demand: before a step writes the column, the horizon moves past it and
         the running rows take the pages up to it. Where the pages would run out: requests that
         ended in the steps in flight give theirs up first, then finished rows that prompts may
-        start from (the oldest first), then the running requests that came last (`_preempt`).
-        `extra`: more slots to hold (row -> ranges)."""
+        start from (the oldest first), then the running requests that came last (`_preempt`)."""
         if self._cap(batch) is None or batch.col < self._horizon:
             return
         before, self._horizon = self._horizon, self._grown(batch, batch.col)
         index = batch.prefixes
-        while len(batch.pages_of(self._spans(batch, running, extra))) > batch.pages.capacity:
+        while len(batch.pages_of(spans := self._spans(batch, running))) > batch.pages.capacity:
             if self._pending:
                 self._drain(running, batch)
                 continue
@@ -1602,7 +1609,7 @@ class ContinuousBatchingManager:
                 self._horizon = before
                 return
             self._preempt(max(rows, key=lambda row: (rows[row].created, row)), waiting, rows, batch)
-        self._hold(batch, running, extra)
+        batch.hold(spans)
 
     def _preempt(self, row: int, waiting: deque, running: dict, batch: _Batch) -> None:
         """A running request (of `running`: the running rows, or those computed again past
@@ -1750,8 +1757,9 @@ class ContinuousBatchingManager:
         A prompt chunk left to ride (`_next_chunk`) runs in the step's forward (`_Batch.mixed`),
         or alone where no row is left to step."""
         t0 = time.perf_counter()
-        ride, self._ride = self._ride, None  # a prompt chunk that this step carries (`_next_chunk`)
+        ride = self._ride  # a prompt chunk that this step carries (`_next_chunk`), held until it ran (`_spans`)
         if batch.col >= batch.S:
+            self._ride = None
             # the last column is written: every running request has ended in a step in flight
             # (each joined where its last token's key fits), which reading them now shows
             self._drain(running, batch)
@@ -1768,9 +1776,7 @@ class ContinuousBatchingManager:
             self._rows_changed += 1
         self._recomputing = crossing  # their rows keep their slots (`_spans`) until they run again
         if running or crossing:  # (a recompute rewrites the slot that this step writes)
-            # a riding chunk copies its prefix from where it lay before the chunk (`_next_chunk`)
-            src, first, n = ride[3] if ride is not None else (0, 0, 0)
-            self._grow(waiting, running, batch, {src: [(first, first + n)]} if n else None)
+            self._grow(waiting, running, batch)
             if not running and not crossing and ride is None:  # every running request gave its pages up
                 self.stats["decode_s"] += time.perf_counter() - t0
                 return
@@ -1784,6 +1790,7 @@ class ContinuousBatchingManager:
         elif ride is not None:  # every row left the step: the chunk runs alone
             prompt, row, first, shared, long = ride
             batch.forward([prompt], [row], [first], [shared], long=[long])
+        self._ride = None
         if running:
             self._steps += 1
             if self._constrained(running):
