@@ -6,22 +6,28 @@ default `--max-model-len`). Static, the rows are what the free memory holds at t
 a row; paged, every request gets a row (at most 256) and memory follows the slots each uses. The
 arms alternate over `--rounds`, each a warm run and a timed one in its own manager. A tiny float32
 model checks the paged arm's tokens against per-request `generate` on the GPU (DevicePages, one
-page a row's 256 slots).
+page a row's 256 slots). `--arms static,paged` (the default), or two of those and `spanK`: paged,
+with rows of K times `--slots` slots (`batching.PAGED_ROW_SPAN`).
 
     PYTHONPATH=.:bench python bench/paged_batching.py --out bench/results/h200-<date>-paged-batching.json
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
 
 import moetorch.engine.batching as cb
 
+SPAN = cb.PAGED_ROW_SPAN
 
-def run(model, prompts, new: int, cfg: dict) -> dict:
+
+def run(model, prompts, new: int, cfg: dict, span: int | None = SPAN) -> dict:
     import moetorch
+
+    cb.PAGED_ROW_SPAN = span
 
     gen = moetorch.GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cfg, persistent_manager=True)
@@ -39,6 +45,7 @@ def run(model, prompts, new: int, cfg: dict) -> dict:
     tokens = sum(len(r.generated_tokens) for r in out.values())
     batch = manager._batch
     row = {"tokens_per_s": tokens / seconds, "seconds": seconds, "rows": manager.rows, "slots": manager.slots,
+           "row_slots": manager._batch.S,
            "failed": sum(r.error is not None for r in out.values()), "decode_steps": len(st["decode_rows"]),
            "mean_rows": sum(st["decode_rows"]) / max(len(st["decode_rows"]), 1), "decode_s": st["decode_s"],
            "prefill_s": st["prefill_s"], "prefill_forwards": len(st["prefill_tokens"]), "shifts": st["shifts"],
@@ -50,6 +57,7 @@ def run(model, prompts, new: int, cfg: dict) -> dict:
     else:
         row["cache_gib"] = sum(t.numel() * t.element_size() for t in batch.cache._all) / 2**30
     model.destroy_cached_continuous_batching_manager()
+    cb.PAGED_ROW_SPAN = SPAN
     return row
 
 
@@ -59,13 +67,25 @@ def main() -> int:
 
     p = ab_parser()
     p.add_argument("--slots", type=int, default=4096)
+    p.add_argument("--arms", default="static,paged", help="two of: static, paged (rows of the default "
+                   "batching.PAGED_ROW_SPAN), spanK (paged, rows of K x --slots slots)")
+    p.add_argument("--no-tiny", action="store_true")
     args = p.parse_args()
-    cb.PAGED = True
-    result = {"device": torch.cuda.get_device_name(), "args": vars(args), "tiny_check_paged": tiny_check()}
-    cb.PAGED = None
-    result["models"] = alternating(args, ("static", "paged"), lambda model, prompts, arm: run(
-        model, prompts, args.new, {"max_cache_len": args.slots, "paged": arm == "paged"}))
-    save_json(args.out, result)
+    result = {"device": torch.cuda.get_device_name(), "args": vars(args)}
+    if not args.no_tiny:
+        cb.PAGED = True
+        result["tiny_check_paged"] = tiny_check()
+        cb.PAGED = None
+
+    def arm_run(model, prompts, arm):
+        span = int(arm[len("span"):]) if arm.startswith("span") else SPAN
+        return run(model, prompts, args.new, {"max_cache_len": args.slots, "paged": arm != "static"}, span)
+
+    result["models"] = {}
+    for name in args.models.split(","):  # saved after each model
+        one = argparse.Namespace(**{**vars(args), "models": name})
+        result["models"].update(alternating(one, tuple(args.arms.split(",")), arm_run))
+        save_json(args.out, result)
     return 0
 
 

@@ -9,9 +9,10 @@ weights at the real size, bf16, the LM head scaled down so that next tokens are 
 seed, so that both arms draw the same tokens where their logits agree) with no limit of its own
 but its row's end, and V / `--mean-len` random token ids as EOS: lengths geometric with mean
 about `--mean-len`, as unknown to the manager as a chat's (the realized lengths are in the
-results). The arms (`--arms`, two of `reserved`, `on-demand` and `spanK`: on demand, rows of K
-times `--slots` slots, `batching.PAGED_ROW_SPAN`) alternate over `--rounds`, each a warm run of a
-few requests and a timed one, in a manager of their own.
+results). The arms (`--arms`, two of `reserved`, `on-demand`, rows of `--slots` slots, and
+`spanK`, on demand with rows of K times `--slots` slots, `batching.PAGED_ROW_SPAN`) alternate
+over `--rounds`, each a warm run of a few requests (which sets the manager up: `warm_s`) and a
+timed one, in a manager of their own.
 
 On the GPU (DevicePages), a small float32 model with wide slots (128 a 2 MB page) and few pages
 checks that requests preempted and computed again give their own `generate` tokens.
@@ -28,6 +29,8 @@ import time
 import torch
 
 import moetorch.engine.batching as cb
+
+DEFAULTS = cb.PAGES_ON_DEMAND, cb.PAGED_ROW_SPAN
 
 
 def run(model, prompts, arm: str, args, eos: list[int]) -> dict:
@@ -56,7 +59,10 @@ def run(model, prompts, arm: str, args, eos: list[int]) -> dict:
         with torch.no_grad():
             model.lm_head.weight.mul_(1e-3)
         model._flat_head = True
-    once(list(enumerate(prompts))[:8])  # sizes the manager and captures its graphs
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    once(list(enumerate(prompts))[:8])  # sizes the manager, maps its range and captures its graphs
+    warm_s = time.perf_counter() - t0
     manager = model._cached_continuous_batching_manager
     manager.stats.update(decode_rows=[], prefill_tokens=[], shifts=0, decode_s=0.0, prefill_s=0.0,
                          waited_for_pages=0, preempted=0)
@@ -68,7 +74,7 @@ def run(model, prompts, arm: str, args, eos: list[int]) -> dict:
     st, p = manager.stats, manager._batch.pages
     lengths = sorted(len(r.generated_tokens) for r in out)
     tokens = sum(lengths)
-    row = {"tokens_per_s": tokens / seconds, "seconds": seconds, "generated_tokens": tokens,
+    row = {"tokens_per_s": tokens / seconds, "seconds": seconds, "warm_s": warm_s, "generated_tokens": tokens,
            "length_mean": tokens / len(lengths), "length_p50": lengths[len(lengths) // 2],
            "length_p90": lengths[len(lengths) * 9 // 10], "length_max": lengths[-1],
            "failed": sum(r.error is not None for r in out), "rows": manager.rows, "slots": manager.slots,
@@ -77,12 +83,14 @@ def run(model, prompts, arm: str, args, eos: list[int]) -> dict:
            "prefill_forwards": len(st["prefill_tokens"]), "prefill_tokens": sum(st["prefill_tokens"]),
            "waited_for_pages": st["waited_for_pages"], "preempted": st["preempted"], "page_mib": p.page / 2**20,
            "page_capacity": p.capacity, "pages": p.count, "row_slots": manager._batch.S,
+           "shifts": st["shifts"],
            "outputs": [r.generated_tokens for r in out]}
     model.destroy_cached_continuous_batching_manager()
-    cb.PAGES_ON_DEMAND, cb.PAGED_ROW_SPAN = True, 1
+    cb.PAGES_ON_DEMAND, cb.PAGED_ROW_SPAN = DEFAULTS
     print(f"{arm}: lengths mean {row['length_mean']:.0f} p90 {row['length_p90']} max {row['length_max']}, "
           f"max rows {row['max_rows']}, preempted {row['preempted']}, waited {row['waited_for_pages']}, "
-          f"{p.capacity} pages of {p.page / 2**20:.0f} MiB", flush=True)
+          f"{p.capacity} pages of {p.page / 2**20:.0f} MiB, {row['shifts']} shifts, set up and warm in {warm_s:.1f} s",
+          flush=True)
     return row
 
 
