@@ -301,3 +301,25 @@ def test_rows_longer_than_the_longest_request(model, monkeypatch):
     monkeypatch.setattr(batching, "PAGED_ROW_SPAN", 0)
     with pytest.raises(ValueError, match="PAGED_ROW_SPAN"):
         model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)._ensure_batch()
+
+
+def test_rows_span_twice_the_longest_request_on_a_gpu_by_default(model, monkeypatch):
+    """PAGED_ROW_SPAN None (the default): rows of 2 x max_cache_len slots where the cache's pages are
+    the GPU's (addresses only until tokens arrive), 1 x on the host, where the range is one tensor
+    with memory for every page; whole rows (static, or pages held for all of max_new_tokens) stay
+    at max_cache_len."""
+    assert batching.PAGED_ROW_SPAN is None
+    gen = moetorch.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for paged, on_demand, gpu, want in [(True, True, True, 128), (True, True, False, 64), (True, False, True, 64),
+                                        (False, True, True, 64)]:
+        m = model.init_continuous_batching(generation_config=gen, continuous_batching_config={
+            "max_cache_len": 64, "max_requests_per_batch": 4, "paged": paged})
+        m.paged = paged
+        with monkeypatch.context() as patch:
+            patch.setattr(batching, "PAGES_ON_DEMAND", on_demand)
+            if gpu:
+                patch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+            assert m.row_slots == want, (paged, on_demand, gpu)
+    with model.continuous_batching_context_manager(gen, continuous_batching_config={
+            "max_cache_len": 64, "max_requests_per_batch": 4, "paged": True}) as m:
+        assert m._batch.S == 64

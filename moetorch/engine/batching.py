@@ -143,13 +143,14 @@ SLOT_MAJOR = False
 # (its prompt and tokens so far) once pages are free (`_preempt`). False: a request holds the
 # pages of all its new tokens (`max_new_tokens`) from its prefill on.
 PAGES_ON_DEMAND = True
-# Paged with pages on demand, a row has this many times `max_cache_len` slots (`row_slots`): their
-# addresses only, as memory follows the tokens. All rows write one column, and a request joins only
-# where its row has room right of the column for every token it may make; with rows of the longest
-# request's slots, a request that may run to the row's end (a chat without max_tokens) waits until
-# no running request is far along. Requests stay bounded by `max_cache_len`. 1: rows of
-# `max_cache_len` slots.
-PAGED_ROW_SPAN = 1
+# Paged with pages on demand, a row has this many times `max_cache_len` slots (`row_slots`). All
+# rows write one column, and a request joins only where its row has room right of the column for
+# every token it may make: with rows of the longest request's slots, a request that may run to the
+# row's end (a chat without max_tokens) waits until no running request is far along; with twice
+# that, it joins after a cache shift to the longest running sequence. Requests stay bounded by
+# `max_cache_len`. None: 2 on a GPU, where slots without tokens cost addresses only, and 1 on the
+# host, where every page of the range has memory (`HostPages`).
+PAGED_ROW_SPAN: int | None = None
 # A cache shift moves its slots in place in at most this many chunks, else through a copy.
 SHIFT_CHUNKS = 8
 # The most top log-probabilities a request may ask for per token (OpenAI's limit).
@@ -839,8 +840,10 @@ class ContinuousBatchingManager:
     def row_slots(self) -> int:
         """Slots of a batch row: `slots` (the longest request), times PAGED_ROW_SPAN with pages on demand."""
         span = PAGED_ROW_SPAN if self.paged and PAGES_ON_DEMAND else 1
+        if span is None:
+            span = 2 if self.model.device.type == "cuda" else 1
         if not isinstance(span, int) or span < 1:
-            raise ValueError(f"batching.PAGED_ROW_SPAN must be a positive int, got {span!r}")
+            raise ValueError(f"batching.PAGED_ROW_SPAN must be a positive int or None, got {span!r}")
         return self.slots * span
 
     def _memory(self) -> int:
