@@ -1,12 +1,13 @@
 """Decode attention over a static cache (`ops.triton_fused.decode_attention`) per model layout,
 batch and block configuration, against the bytes of the keys and values it must read.
 
-    PYTHONPATH=. python bench/decode_attn.py --out r.json [--batches 1,16,64] [--visible 150]
+    PYTHONPATH=. python bench/decode_attn.py --out r.json [--batches 1,16,64] [--visible 150] [--offset 0]
 
-The cache has the decode benchmark's shape (128-token prompt + 40 slots); `--visible` keys of each
-row are unmasked. Each case is a CUDA-graph replay timed with `triton.testing.do_bench` (median, L2
-flushed). Floor: visible K and V bytes (+ queries and outputs) over the copy bandwidth measured in
-the same run. Every configuration's output is checked against the default one's.
+The cache has the decode benchmark's shape (128-token prompt + 40 slots, `--slots`); `--visible`
+keys of each row from slot `--offset` on are unmasked (a batch row's keys lie far into its slots).
+Each case is a CUDA-graph replay timed with `triton.testing.do_bench` (median, L2 flushed).
+Floor: visible K and V bytes (+ queries and outputs) over the copy bandwidth measured in the same
+run. Every configuration's output is checked against the default one's.
 
 `--b module:attribute=off|<int>`: instead of the sweep, the default configuration as the code
 stands (A) and with that attribute set (B), alternating for `--rounds` rounds (medians).
@@ -38,6 +39,7 @@ def main() -> int:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--slots", type=int, default=168)
     p.add_argument("--visible", type=int, default=150)
+    p.add_argument("--offset", type=int, default=0, help="the first visible slot")
     p.add_argument("--b", default=None, metavar="MODULE:ATTR=off|INT",
                    help="instead of the config sweep: the default config with and without this setting, "
                         "interleaved for --rounds rounds")
@@ -81,13 +83,16 @@ def main() -> int:
 def cases(args, bw: float):
     """(layout, B, tiled, q, k, v, mask, floor ms) per layout and batch: the decode bench's cache
     shape; the floor at copy bandwidth `bw`."""
-    S, vis = args.slots, args.visible
+    S, vis, at = args.slots, args.visible, args.offset
+    if not 0 <= at <= S - vis:
+        raise SystemExit(f"--offset {at} and --visible {vis} must lie inside --slots {S}")
     for name, (G, R, d, tiled) in LAYOUTS.items():
         for B in map(int, args.batches.split(",")):
             q = torch.randn(B, G * R, 1, d, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(B, G, S, d, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(B, G, S, d, device="cuda", dtype=torch.bfloat16)
-            mask = (torch.arange(S, device="cuda") < vis).view(1, 1, 1, S).expand(B, 1, 1, S)
+            slot = torch.arange(S, device="cuda")
+            mask = ((slot >= at) & (slot < at + vis)).view(1, 1, 1, S).expand(B, 1, 1, S)
             floor_ms = (2 * B * G * vis * d + 2 * B * G * R * d) * 2 / bw * 1e3
             yield name, B, tiled, q, k, v, mask, floor_ms
 
@@ -99,7 +104,8 @@ def ab_main(args) -> int:
     module, attr, b_value = patch(args.b)
     a_value = getattr(module, attr)
     bw = ceilings()["copy_bytes_per_s"]
-    result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "b": args.b, "rows": []}
+    result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "b": args.b, "args": vars(args),
+              "rows": []}
     for name, B, tiled, q, k, v, mask, floor_ms in cases(args, bw):
         run = functools.partial(triton_fused.decode_attention, q, k, v, mask, q.shape[-1] ** -0.5, tiled)
         times = {"A": [], "B": []}
