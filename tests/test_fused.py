@@ -1024,6 +1024,34 @@ def test_decode_attention_combines_many_splits(monkeypatch, combine_splits, layo
     close(out, _reference_attention(q, k, v, mask, d**-0.5, layout), torch.float32, "many-split decode attention")
 
 
+@pytest.mark.parametrize("interleaved", [1, 0], ids=["interleaved", "contiguous"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_short_span_far_into_long_rows(monkeypatch, interleaved, dtype):
+    # A batch row's few keys far into its slots (a long paged row): 19 splits of 3 blocks of 16
+    # keys, each split reading every 19th block (interleaved) or a run of 3; the rows' spans start
+    # and end inside blocks, one row's span is a single key, and the slots around the spans hold
+    # inf and nan, which must not reach the output.
+    monkeypatch.setattr(triton_fused, "DECODE_PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(triton_fused, "DECODE_MIN_SPLIT_KEYS", 48)
+    monkeypatch.setattr(triton_fused, "DECODE_INTERLEAVED_SPLITS", interleaved)
+    B, H, G, S, d = 3, 4, 2, 19 * 3 * 16 - 7, 32
+    q, k, v, mask = _decode_inputs(B, H, G, S, d, dtype, seed=21)
+    for b, (lo, hi) in enumerate([(613, 700), (5, 123), (S - 1, S)]):
+        mask[b, ..., lo:hi] = True
+    mask[0, ..., 640:645] = False  # a hole inside a span
+    want = _reference_attention(q, k, v, mask, d**-0.5, "grouped")
+    hidden = ~mask[:, 0, 0]
+    for t in (k, v):
+        t.masked_fill_(hidden[:, None, :, None] & (torch.arange(S) % 2 == 0)[None, None, :, None], float("nan"))
+        t.masked_fill_(hidden[:, None, :, None] & (torch.arange(S) % 2 == 1)[None, None, :, None], float("inf"))
+    k[0, :, 640:645], v[0, :, 640:645] = 0.5, -2.0  # a hole holds finite stale keys: read, hidden by the mask
+    with torch.no_grad():
+        out = triton_fused.decode_attention(q, k, v, mask, d**-0.5, tiled=False,
+                                            config=dict(BLOCK_N=16, num_warps=2, num_stages=2))
+    assert torch.isfinite(out).all()
+    close(out, want, dtype, "decode attention over a short span far into long rows")
+
+
 def test_decode_attention_config():
     # 32 keys per step; 2 warps once batch x kv heads gives every SM a program
     assert triton_fused.decode_attn_config(128, 1024, 132) == dict(BLOCK_N=32, num_warps=2, num_stages=2)

@@ -1091,12 +1091,15 @@ def _decode_attn_kernel(
     sq_b, sq_h, sk_b, sk_g, sk_s, sv_b, sv_g, sv_s, sm_b, sm_s, so_b, so_h, sc_b, sr_b,
     G: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, TILED: tl.constexpr, HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROPE_Q: tl.constexpr,
-    ROUND: tl.constexpr, ONE_BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    MASK_BLOCKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROPE_Q: tl.constexpr,
+    ROUND: tl.constexpr, ONE_BLOCK: tl.constexpr, ROWS: tl.constexpr, INTERLEAVE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_start(PDL)
-    # Program (b*G + g, split): the R query heads that read kv head g, over keys [split*chunk, +chunk).
+    # Program (b*G + g, split): the R query heads that read kv head g, over `chunk` blocks of
+    # BLOCK_N keys at most: split, split + num_splits, split + 2 * num_splits, ... (INTERLEAVE,
+    # so that a row's visible keys spread over every split wherever they lie in S), else
+    # [split * chunk, (split + 1) * chunk).
     # One pass of online softmax; K/V are read once per kv head, never repeated per query head.
     # ROWS: key slot n of row b lies in row rows[b, n] of K and V (a beam-search cache's slot_rows).
     pid = tl.program_id(0)
@@ -1129,8 +1132,6 @@ def _decode_attn_kernel(
     m_i = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((R_PAD,), dtype=tl.float32)
     acc = tl.zeros((R_PAD, D_PAD), dtype=tl.float32)
-    start = split * chunk
-    end = tl.minimum(start + chunk, S)
     if ROWS:
         k_base = k_ptr + g.to(tl.int64) * sk_g
         v_base = v_ptr + g.to(tl.int64) * sv_g
@@ -1138,25 +1139,35 @@ def _decode_attn_kernel(
         k_base = k_ptr + b * sk_b + g.to(tl.int64) * sk_g
         v_base = v_ptr + b * sv_b + g.to(tl.int64) * sv_g
     m_row = mask_ptr + b * sm_b
+    t = tl.arange(0, BLOCK_N)
+    lo_n = 0
+    hi_n = S
+    first = 0
+    last = chunk
     if HAS_MASK and not ONE_BLOCK:
-        # First a pass over the mask bytes alone for the span [lo, hi) of visible keys: the K/V
-        # loads below then depend on nothing but the loop index, so they pipeline, and the slots
-        # of a static cache past its filled part are never read. A split of one block (ONE_BLOCK)
-        # skips it: its mask, K and V then load together, one round trip instead of two.
-        lo = end
-        hi = start
-        for n0 in range(start, end, MASK_BLOCK):
-            n = n0 + tl.arange(0, MASK_BLOCK)
-            seen = (tl.load(m_row + n.to(tl.int64) * sm_s, mask=n < end, other=0) != 0) & (n < end)
-            lo = tl.minimum(lo, tl.min(tl.where(seen, n, end), axis=0))
-            hi = tl.maximum(hi, tl.max(tl.where(seen, n + 1, start), axis=0))
-        lo = start + (lo - start) // BLOCK_N * BLOCK_N
-    else:
-        lo = start
-        hi = end
-    for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        inside = n < hi
+        # First a pass over the mask bytes of this program's blocks alone, for the blocks [first,
+        # last) and keys [lo_n, hi_n) it sees: the K/V loads below then depend on nothing but the
+        # loop index, so they pipeline, and the slots of a static cache past its filled part are
+        # never read. A split of one block (ONE_BLOCK) skips it: its mask, K and V then load
+        # together, one round trip instead of two.
+        first = chunk
+        last = 0
+        lo_n = S
+        hi_n = 0
+        for j0 in range(0, chunk, MASK_BLOCKS):
+            j = j0 + tl.arange(0, MASK_BLOCKS)
+            blk = j * num_splits + split if INTERLEAVE else split * chunk + j
+            n = blk[:, None] * BLOCK_N + t[None, :]
+            ok = (j < chunk)[:, None] & (n < S)
+            seen = (tl.load(m_row + n.to(tl.int64) * sm_s, mask=ok, other=0) != 0) & ok
+            lo_n = tl.minimum(lo_n, tl.min(tl.min(tl.where(seen, n, S), axis=1), axis=0))
+            hi_n = tl.maximum(hi_n, tl.max(tl.max(tl.where(seen, n + 1, 0), axis=1), axis=0))
+            any_j = tl.max(seen.to(tl.int32), axis=1) != 0
+            first = tl.minimum(first, tl.min(tl.where(any_j, j, chunk), axis=0))
+            last = tl.maximum(last, tl.max(tl.where(any_j, j + 1, 0), axis=0))
+    for jb in range(first, last):
+        n = (jb * num_splits + split if INTERLEAVE else split * chunk + jb) * BLOCK_N + t
+        inside = (n >= lo_n) & (n < hi_n)
         kv_ok = inside[:, None] & d_ok[None, :]
         if ROWS:
             src = tl.load(rows_ptr + b * sr_b + n, mask=inside, other=0).to(tl.int64)[:, None]
@@ -1269,6 +1280,11 @@ DECODE_COMBINE_SPLITS = 16
 # first (0: the span pass in every split, for an A/B).
 DECODE_ONE_BLOCK_LOADS = 1
 
+# A split reads every num_splits-th key block (1), so that a row's visible keys spread over all the
+# splits wherever they lie among its S slots (a batch row's few keys far into a long paged row, or
+# a long static cache's filled start); 0: each split a contiguous run of blocks, for an A/B.
+DECODE_INTERLEAVED_SPLITS = 1
+
 
 def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool, config: dict | None = None,
                      rope_q=None, kv_rows=None):
@@ -1290,8 +1306,9 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
     block_n = cfg["BLOCK_N"]
     programs = DECODE_PROGRAMS_PER_SM * sms
     splits = max(1, min(cdiv(S, max(block_n, DECODE_MIN_SPLIT_KEYS)), cdiv(programs, B * G)))
-    chunk = cdiv(cdiv(S, splits), block_n) * block_n
-    splits = cdiv(S, chunk)
+    blocks = cdiv(S, block_n)
+    chunk = cdiv(blocks, splits)  # blocks a split, interleaved (the kernel's note)
+    splits = cdiv(blocks, chunk)
     r_pad = max(16, next_power_of_2(R))
     d_pad = max(16, next_power_of_2(d))
     out = torch.empty(B, 1, H, d, dtype=q_BH1d.dtype, device=q_BH1d.device)
@@ -1324,10 +1341,11 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
         v_BGSd.stride(0), v_BGSd.stride(1), v_BGSd.stride(2), sm_b, sm_s, out.stride(0), out.stride(2), sc_b,
         rows.stride(0) if kv_rows is not None else 0,
         G=G, R=R, R_PAD=r_pad, TILED=tiled, HAS_MASK=mask_B11S is not None, SPLIT=splits > 1,
-        HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCK=min(1024, next_power_of_2(chunk)),
+        HEAD_D=d, D_PAD=d_pad, BLOCK_N=block_n, MASK_BLOCKS=min(max(1, 1024 // block_n), next_power_of_2(chunk)),
         UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32", ROPE_Q=rope_q is not None,
-        ROUND=round_code(q_BH1d.dtype), ONE_BLOCK=bool(DECODE_ONE_BLOCK_LOADS) and chunk <= block_n,
-        ROWS=kv_rows is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        ROUND=round_code(q_BH1d.dtype), ONE_BLOCK=bool(DECODE_ONE_BLOCK_LOADS) and chunk == 1,
+        ROWS=kv_rows is not None, INTERLEAVE=bool(DECODE_INTERLEAVED_SPLITS), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
         **pdl_meta(q_BH1d.device, B * G * splits, B),
     )
     if splits > 1:
