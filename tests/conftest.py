@@ -53,10 +53,12 @@ def cache_layout(request, monkeypatch):
     """Runs a test on the continuous batch's static cache and on its paged one. Paged, on the CPU,
     a page is one slot (`engine.pages.HostPages`), and before every forward each page that no
     request holds is poisoned: a read of a slot that the manager did not hold shows as wrong
-    tokens."""
+    tokens. Paged rows have twice `max_cache_len` slots, as on a GPU (`PAGED_ROW_SPAN`;
+    tests/test_preemption.py runs rows of `max_cache_len` too)."""
     from moetorch.engine import batching
 
     if request.param == "paged":
         monkeypatch.setattr(batching, "PAGED", True)
         monkeypatch.setattr(batching, "PAGE_SLOTS", 1)
+        monkeypatch.setattr(batching, "PAGED_ROW_SPAN", 2)
     return request.param

@@ -511,11 +511,13 @@ def test_longrope_rows_take_their_own_factor_sets(longrope, chunk):
 
 
 @pytest.mark.parametrize("slots", [40, 41])
-def test_longrope_recompute_in_chunks_needs_room(longrope, slots):
+def test_longrope_recompute_in_chunks_needs_room(longrope, slots, monkeypatch):
     """A recompute in chunks moves its row's sequence right by a slot a chunk (chunks - 1 = 2 for
     13 tokens in chunks of 5), so it runs in chunks only where the request's remaining tokens
     still fit in the row after that (41 slots here: its last token's key lands in the last slot);
-    with one slot fewer it runs in one forward. Both give generate's tokens."""
+    with one slot fewer it runs in one forward. Both give generate's tokens. (Rows of
+    max_cache_len slots, paged too: the row's end is the boundary under test.)"""
+    monkeypatch.setattr(batching, "PAGED_ROW_SPAN", 1)
     _, ours = longrope
     rng = random.Random(11)
     short, crossing = [rng.randint(1, 96) for _ in range(3)], [rng.randint(1, 96) for _ in range(LIMIT - 2)]

@@ -76,17 +76,21 @@ def test_pages_follow_the_tokens(model, monkeypatch):
     assert peak <= peak_all
 
 
-def test_requests_give_their_pages_up_and_resume(model, monkeypatch):
+@pytest.mark.parametrize("span", [1, 2], ids=["rows-of-max-cache-len", "rows-of-twice"])
+def test_requests_give_their_pages_up_and_resume(model, monkeypatch, span):
     """Fewer pages than the running requests grow into: the latest requests give theirs up
     (`stats["preempted"]`), wait at the queue's head and are computed again (prompt and tokens so
     far) once pages are free. Every request gives its own `generate` tokens, its log-probabilities
-    those of a forward, and a streamed one sees each token once, in order."""
+    those of a forward, and a streamed one sees each token once, in order; with rows of
+    max_cache_len slots and with rows of twice that (`PAGED_ROW_SPAN`, a GPU's default)."""
+    monkeypatch.setattr(batching, "PAGED_ROW_SPAN", span)
     rng = random.Random(2)
     inputs = [[rng.randint(1, 96) for _ in range(rng.randint(3, 9))] for _ in range(5)]
     n = 30
     cb = {"max_cache_len": 48, "max_requests_per_batch": 4, "paged": True, "num_blocks": 20,
           "return_logprobs": True}
     m = model.init_continuous_batching(generation_config=config(n), continuous_batching_config=cb)
+    assert m.row_slots == 48 * span
     streamed, started, preempt = [], {}, batching.ContinuousBatchingManager._preempt
 
     def spy(self, row, waiting, running, batch):
