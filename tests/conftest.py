@@ -48,17 +48,17 @@ def padded(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["static", "paged"])
+@pytest.fixture(params=["static", "paged", "paged-rows-of-max-cache-len"])
 def cache_layout(request, monkeypatch):
     """Runs a test on the continuous batch's static cache and on its paged one. Paged, on the CPU,
     a page is one slot (`engine.pages.HostPages`), and before every forward each page that no
     request holds is poisoned: a read of a slot that the manager did not hold shows as wrong
-    tokens. Paged rows have twice `max_cache_len` slots, as on a GPU (`PAGED_ROW_SPAN`;
-    tests/test_preemption.py runs rows of `max_cache_len` too)."""
+    tokens. Paged rows have twice `max_cache_len` slots, as on a GPU (`PAGED_ROW_SPAN`), or
+    `max_cache_len` slots, as on the host by default."""
     from moetorch.engine import batching
 
-    if request.param == "paged":
+    if request.param.startswith("paged"):
         monkeypatch.setattr(batching, "PAGED", True)
         monkeypatch.setattr(batching, "PAGE_SLOTS", 1)
-        monkeypatch.setattr(batching, "PAGED_ROW_SPAN", 2)
+        monkeypatch.setattr(batching, "PAGED_ROW_SPAN", 2 if request.param == "paged" else 1)
     return request.param

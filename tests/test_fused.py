@@ -1029,14 +1029,15 @@ def test_decode_attention_combines_many_splits(monkeypatch, combine_splits, layo
 def test_decode_attention_short_span_far_into_long_rows(monkeypatch, interleaved, dtype):
     # A batch row's few keys far into its slots (a long paged row): 19 splits of 3 blocks of 16
     # keys, each split reading every 19th block (interleaved) or a run of 3; the rows' spans start
-    # and end inside blocks, one row's span is a single key, and the slots around the spans hold
-    # inf and nan, which must not reach the output.
+    # and end inside blocks, one spans 25 blocks (splits whose first and last blocks lie apart),
+    # one is a single key, and the slots around the spans hold inf and nan, which must not reach
+    # the output.
     monkeypatch.setattr(triton_fused, "DECODE_PROGRAMS_PER_SM", 64)
     monkeypatch.setattr(triton_fused, "DECODE_MIN_SPLIT_KEYS", 48)
     monkeypatch.setattr(triton_fused, "DECODE_INTERLEAVED_SPLITS", interleaved)
     B, H, G, S, d = 3, 4, 2, 19 * 3 * 16 - 7, 32
     q, k, v, mask = _decode_inputs(B, H, G, S, d, dtype, seed=21)
-    for b, (lo, hi) in enumerate([(613, 700), (5, 123), (S - 1, S)]):
+    for b, (lo, hi) in enumerate([(613, 700), (5, 400), (S - 1, S)]):  # row 1: 2 blocks a split
         mask[b, ..., lo:hi] = True
     mask[0, ..., 640:645] = False  # a hole inside a span
     want = _reference_attention(q, k, v, mask, d**-0.5, "grouped")
