@@ -206,11 +206,17 @@ def ab_parser() -> argparse.ArgumentParser:
     return p
 
 
-def alternating(args, arms: tuple[str, str], run) -> dict:
+def row_span(arm: str, default: int | None) -> int | None:
+    """`batching.PAGED_ROW_SPAN` for an arm named `spanK` (K), else `default`."""
+    return int(arm[len("span"):]) if arm.startswith("span") else default
+
+
+def alternating(args, arms: tuple[str, str], run, done=None) -> dict:
     """An A/B on the workload above, per model of `args.models` (a random-weight model at the real
     size; `args.requests`, `args.prompt`, `args.new`): the two `arms` alternating over
     `args.rounds`, `run(model, prompts, arm)` giving a row with the requests' `outputs`.
-    {model: {arm: [rows], "agreement": the arms' tokens compared}}."""
+    {model: {arm: [rows], "agreement": the arms' tokens compared}}, passed to `done` after each
+    model too (to save what a later model's time limit would lose)."""
     lo, hi = (int(x) for x in args.prompt.split(":"))
     out = {}
     for name in args.models.split(","):
@@ -230,6 +236,8 @@ def alternating(args, arms: tuple[str, str], run) -> dict:
                     f"in {got['prefill_forwards']}")
         rows["agreement"] = agreement(outputs[arms[0]], outputs[arms[1]])
         out[name] = rows
+        if done is not None:
+            done(out)
         del model
         gc.collect()
         torch.cuda.empty_cache()

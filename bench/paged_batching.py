@@ -14,7 +14,6 @@ with rows of K times `--slots` slots (`batching.PAGED_ROW_SPAN`).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -62,7 +61,7 @@ def run(model, prompts, new: int, cfg: dict, span: int | None = SPAN) -> dict:
 
 
 def main() -> int:
-    from batching import ab_parser, alternating, tiny_check  # bench/batching.py
+    from batching import ab_parser, alternating, row_span, tiny_check  # bench/batching.py
     from moe_layer import save_json
 
     p = ab_parser()
@@ -78,14 +77,11 @@ def main() -> int:
         cb.PAGED = None
 
     def arm_run(model, prompts, arm):
-        span = int(arm[len("span"):]) if arm.startswith("span") else SPAN
-        return run(model, prompts, args.new, {"max_cache_len": args.slots, "paged": arm != "static"}, span)
+        return run(model, prompts, args.new, {"max_cache_len": args.slots, "paged": arm != "static"},
+                   row_span(arm, SPAN))
 
-    result["models"] = {}
-    for name in args.models.split(","):  # saved after each model
-        one = argparse.Namespace(**{**vars(args), "models": name})
-        result["models"].update(alternating(one, tuple(args.arms.split(",")), arm_run))
-        save_json(args.out, result)
+    alternating(args, tuple(args.arms.split(",")), arm_run,
+                done=lambda models: save_json(args.out, {**result, "models": models}))
     return 0
 
 

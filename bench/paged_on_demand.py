@@ -22,7 +22,6 @@ checks that requests preempted and computed again give their own `generate` toke
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 
@@ -34,11 +33,13 @@ DEFAULTS = cb.PAGES_ON_DEMAND, cb.PAGED_ROW_SPAN
 
 
 def run(model, prompts, arm: str, args, eos: list[int]) -> dict:
+    from batching import row_span  # bench/batching.py
+
     import moetorch
     from moetorch.engine.batching import WorkloadHints
 
     cb.PAGES_ON_DEMAND = arm != "reserved"
-    cb.PAGED_ROW_SPAN = int(arm[len("span"):]) if arm.startswith("span") else 1
+    cb.PAGED_ROW_SPAN = row_span(arm, 1)
     longest = max(map(len, prompts))
     gen = moetorch.GenerationConfig(max_new_tokens=args.slots - longest, do_sample=True, temperature=args.temperature,
                                     top_k=0, eos_token_id=eos, pad_token_id=0)
@@ -171,11 +172,8 @@ def main() -> int:
         name = "jetmoe" if type(model).__name__.startswith("JetMoe") else "phimoe"
         return run(model, prompts, arm, args, eos_of[name])
 
-    result["models"] = {}
-    for name in args.models.split(","):  # saved after each model
-        one = argparse.Namespace(**{**vars(args), "models": name})
-        result["models"].update(alternating(one, tuple(args.arms.split(",")), arm_run))
-        save_json(args.out, result)
+    alternating(args, tuple(args.arms.split(",")), arm_run,
+                done=lambda models: save_json(args.out, {**result, "models": models}))
     return 0
 
 
