@@ -1,13 +1,48 @@
-"""Model outputs with Transformers' field names, usable as attributes, by key and as tuples."""
+"""Model outputs with Transformers' field names, usable as attributes, by key and as tuples; and
+the cache's two names.
+
+Transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`,
+keeping the old name as an alias (until 5.40 for a forward, 6.0 for `generate`). Scripts of
+either version run on moetorch: forwards, `prepare_inputs_for_generation` and `generate` take
+either name (`takes_cache_name`), and outputs answer to both (`out.cache`, `out["cache"]`).
+Outputs keep `past_key_values` as their field, the name the models' documentation gives.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+
+OLD, NEW = "past_key_values", "cache"
+
+
+def takes_cache_name(fn):
+    """`fn` (a method with a `past_key_values` parameter or **kwargs that take it) also takes the
+    cache as `cache=`. Both at once is a ValueError, as in Transformers."""
+    params = list(inspect.signature(fn).parameters)
+    at = params.index(OLD) if OLD in params else None  # its place among the positional arguments
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if NEW in kwargs:
+            if OLD in kwargs or (at is not None and len(args) > at):
+                raise ValueError(f"{fn.__qualname__}(): the cache was given as both `cache` and `past_key_values`; "
+                                 "pass one (`cache` is Transformers' name since 5.24)")
+            kwargs[OLD] = kwargs.pop(NEW)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _field_name(self, key):
+    """`key`, or the cache's field where `key` is its new name and the output has the field."""
+    return OLD if key == NEW and OLD in self.__dataclass_fields__ else key
 
 
 class ModelOutput(OrderedDict):
@@ -37,8 +72,21 @@ class ModelOutput(OrderedDict):
 
     def __getitem__(self, k: Any) -> Any:
         if isinstance(k, str):
-            return dict(self.items())[k]
+            return dict(self.items())[_field_name(self, k)]
         return self.to_tuple()[k]
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(_field_name(self, key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(_field_name(self, key), default)
+
+    @property
+    def cache(self) -> Any:
+        """The cache (`past_key_values`), by Transformers' name since 5.24."""
+        if OLD not in self.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__} has no cache")
+        return self.past_key_values
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)

@@ -192,6 +192,63 @@ def test_cache_built_and_read_as_transformers_does(arch):
         DynamicCache(offloading=True)
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", ["model", "causal_lm", "seq_cls"])
+@torch.no_grad()
+def test_cache_by_its_transformers_5_24_name(arch, head):
+    """Transformers 5.24 calls the cache `cache` (argument and output field), keeping
+    `past_key_values` as an alias: a forward takes either, an output answers to both, and both
+    at once is an error that names them. The logits are Transformers' (its own name for it)."""
+    model = arch.ours[head](arch.our_config(pad_token_id=0))
+    randomize_(model, 5)
+    model.eval()
+    hf = arch.hf[head](arch.hf_config(pad_token_id=0)).eval()
+    hf.load_state_dict(model.state_dict())
+    ids, _ = make_inputs(arch.base["vocab_size"], 2, 7, None, seed=int(torch.randint(1 << 20, ())))
+    theirs = transformers.DynamicCache(config=hf.config)
+    hf(ids[:, :4], past_key_values=theirs, use_cache=True)
+    want = hf(ids[:, 4:], past_key_values=theirs)
+    first = model(ids[:, :4], cache=DynamicCache(), use_cache=True)
+    assert first.cache is first.past_key_values and first["cache"] is first.past_key_values
+    assert "cache" in first and first.get("cache") is first.past_key_values and first.get("nothing", 3) == 3
+    assert first.cache.get_seq_length() == 4
+    got = model(ids[:, 4:], cache=first.cache)
+    field = "last_hidden_state" if head == "model" else "logits"
+    close(getattr(got, field), getattr(want, field), f"{head} through cache=")
+    with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+        model(ids, cache=DynamicCache(), past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+        model(ids, None, None, DynamicCache(), cache=DynamicCache())  # the old name by position
+    plain = model(ids, use_cache=False)
+    assert plain.cache is None and "cache" not in plain and plain.get("cache") is None
+    with pytest.raises(KeyError):
+        plain["cache"]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_generate_and_step_inputs_take_the_cache_as_cache(arch):
+    """`generate(..., cache=)` continues from a cache as `past_key_values=` does in Transformers
+    (the same tokens as its generate), and `prepare_inputs_for_generation(..., cache=)` passes it
+    on; a generate output answers to `cache` too."""
+    model = tiny(arch, seed=13)
+    hf = arch.hf["causal_lm"](arch.hf_config()).eval()
+    hf.load_state_dict(model.state_dict())
+    ids, _ = make_inputs(arch.base["vocab_size"], 1, 6, None, seed=int(torch.randint(1 << 20, ())))
+    theirs = transformers.DynamicCache(config=hf.config)
+    hf(ids[:, :5], past_key_values=theirs, use_cache=True)
+    want = hf.generate(ids, past_key_values=theirs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ours = DynamicCache()
+    model(ids[:, :5], cache=ours, use_cache=True)
+    out = model.generate(ids, cache=ours, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want) and out.cache is ours and out["cache"] is ours
+    step = model.prepare_inputs_for_generation(ids[:, -1:], cache=ours)
+    assert step["past_key_values"] is ours
+    with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+        model.generate(ids, cache=ours, past_key_values=ours, max_new_tokens=2)
+
+
 @pytest.mark.parametrize("arch", [*ARCHS, "longrope"], ids=[*ARCH_IDS, "phimoe-longrope"])
 @torch.no_grad()
 def test_static_cache_slot_rows_match_moving_the_cache(arch):

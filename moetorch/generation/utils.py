@@ -28,7 +28,7 @@ from ..cache import Cache, DynamicCache, StaticCache
 from ..engine.batching import ContinuousBatchingMixin
 from ..engine.cuda_graph import CHUNK_BUCKETS, GraphedChunk, GraphedDecodeStep, GraphedPrefill, own_forward
 from ..ops import fused
-from ..outputs import ModelOutput
+from ..outputs import ModelOutput, takes_cache_name
 from .configuration import DEFAULTS, GenerationConfig, as_generation_config
 from .custom import (
     PeerSync,
@@ -361,6 +361,7 @@ class GenerationMixin(ContinuousBatchingMixin):
     def generation_config(self, value: GenerationConfig) -> None:
         self.__dict__["_generation_config"] = as_generation_config(value)
 
+    @takes_cache_name
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -410,6 +411,7 @@ class GenerationMixin(ContinuousBatchingMixin):
             inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         return inputs
 
+    @takes_cache_name
     @torch.no_grad()
     def generate(
         self,

@@ -28,7 +28,7 @@ from ..ops.moe import expert_map, expert_reduce, experts_forward
 from ..ops.norms import Residual, RMSNorm
 from ..ops.rope import RotaryEmbedding
 from ..ops.routing import route_topk, switch_aux_loss, z_loss
-from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, takes_cache_name
 from .heads import causal_lm, classify, loss_positions
 
 # Transformers builds the per-layer norms with its default eps, whatever `rms_norm_eps` says (only
@@ -253,6 +253,7 @@ class JetMoeModel(JetMoePreTrainedModel):
     def base_model(self) -> nn.Module:
         return self
 
+    @takes_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -312,6 +313,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @takes_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -358,6 +360,7 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @takes_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

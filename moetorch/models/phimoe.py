@@ -23,7 +23,7 @@ from ..ops.moe import experts_forward
 from ..ops.norms import LayerNorm, Residual
 from ..ops.rope import RotaryEmbedding
 from ..ops.routing import sparsemixer, switch_aux_loss
-from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from ..outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, takes_cache_name
 from .heads import causal_lm, classify, loss_positions
 
 
@@ -152,6 +152,7 @@ class PhimoeModel(PhimoePreTrainedModel):
     def base_model(self) -> nn.Module:
         return self
 
+    @takes_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -195,6 +196,7 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
     def router_aux_loss_coef(self) -> float:
         return self.config.router_aux_loss_coef
 
+    @takes_cache_name
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, position_ids=None,
         use_cache=True, logits_to_keep=0, **kwargs,
@@ -213,6 +215,7 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
             position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
         )
 
+    @takes_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -260,6 +263,7 @@ class PhimoeForSequenceClassification(PhimoePreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @takes_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
