@@ -24,17 +24,25 @@ OLD, NEW = "past_key_values", "cache"
 
 def takes_cache_name(fn):
     """`fn` (a method with a `past_key_values` parameter or **kwargs that take it) also takes the
-    cache as `cache=`. Both at once is a ValueError, as in Transformers."""
+    cache as `cache=`. Two different caches under both names are a ValueError; one cache under
+    both (as a decoding loop handed both names passes it on, `GenerationMixin._loop_inputs`), or
+    one name None, is one cache."""
     params = list(inspect.signature(fn).parameters)
     at = params.index(OLD) if OLD in params else None  # its place among the positional arguments
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if NEW in kwargs:
-            if OLD in kwargs or (at is not None and len(args) > at):
-                raise ValueError(f"{fn.__qualname__}(): the cache was given as both `cache` and `past_key_values`; "
+            new = kwargs.pop(NEW)
+            positional = at is not None and len(args) > at
+            given = args[at] if positional else kwargs.get(OLD)
+            if new is not None and given is not None and given is not new:
+                raise ValueError(f"{fn.__qualname__}(): two caches were given, as `cache` and as `past_key_values`; "
                                  "pass one (`cache` is Transformers' name since 5.24)")
-            kwargs[OLD] = kwargs.pop(NEW)
+            if new is not None and positional:
+                args = (*args[:at], new, *args[at + 1:])
+            elif new is not None:
+                kwargs[OLD] = new
         return fn(*args, **kwargs)
 
     return wrapper

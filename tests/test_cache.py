@@ -212,13 +212,24 @@ def test_cache_by_its_transformers_5_24_name(arch, head):
     assert first.cache is first.past_key_values and first["cache"] is first.past_key_values
     assert "cache" in first and first.get("cache") is first.past_key_values and first.get("nothing", 3) == 3
     assert first.cache.get_seq_length() == 4
+    prompt_cache = copy.deepcopy(first.cache)
     got = model(ids[:, 4:], cache=first.cache)
     field = "last_hidden_state" if head == "model" else "logits"
     close(getattr(got, field), getattr(want, field), f"{head} through cache=")
-    with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+    with pytest.raises(ValueError, match="two caches were given, as `cache` and as `past_key_values`"):
         model(ids, cache=DynamicCache(), past_key_values=DynamicCache())
-    with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+    with pytest.raises(ValueError, match="two caches were given"):
         model(ids, None, None, DynamicCache(), cache=DynamicCache())  # the old name by position
+    # one cache under both names (a decoding loop handed both passes both on), or beside a None: one cache
+    for kwargs in (dict(cache=1, past_key_values=1), dict(cache=1, past_key_values=None),
+                   dict(cache=None, past_key_values=1)):
+        again = copy.deepcopy(prompt_cache)
+        kwargs = {k: again if v is not None else None for k, v in kwargs.items()}
+        close(getattr(model(ids[:, 4:], **kwargs), field), getattr(want, field), f"{head}, {list(kwargs)}")
+        assert again.get_seq_length() == 7
+    positional = copy.deepcopy(prompt_cache)
+    close(getattr(model(ids[:, 4:], None, None, positional, cache=positional), field), getattr(want, field),
+          f"{head}, the old name by position")
     plain = model(ids, use_cache=False)
     assert plain.cache is None and "cache" not in plain and plain.get("cache") is None
     with pytest.raises(KeyError):
@@ -245,8 +256,8 @@ def test_generate_and_step_inputs_take_the_cache_as_cache(arch):
     assert torch.equal(out.sequences, want) and out.cache is ours and out["cache"] is ours
     step = model.prepare_inputs_for_generation(ids[:, -1:], cache=ours)
     assert step["past_key_values"] is ours
-    with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
-        model.generate(ids, cache=ours, past_key_values=ours, max_new_tokens=2)
+    with pytest.raises(ValueError, match="two caches were given"):
+        model.generate(ids, cache=ours, past_key_values=DynamicCache(), max_new_tokens=2)
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "longrope"], ids=[*ARCH_IDS, "phimoe-longrope"])

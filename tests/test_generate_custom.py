@@ -33,15 +33,27 @@ def greedy_loop(model, input_ids, logits_processor, stopping_criteria, generatio
     """A decoding loop as a user writes one: the model's own forward with the cache it was handed
     (positions counted from the mask, so left padding is skipped), the processors, and the stopping
     criteria (each row's flag), EOS rows padded."""
+    return loop_with_the_cache_as("past_key_values", model, input_ids, logits_processor, stopping_criteria,
+                                  generation_config, **model_kwargs)
+
+
+def greedy_loop_new_name(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+    """`greedy_loop` as written for Transformers 5.24 on, which names the cache `cache`."""
+    return loop_with_the_cache_as("cache", model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                  **model_kwargs)
+
+
+def loop_with_the_cache_as(name, model, input_ids, logits_processor, stopping_criteria, generation_config,
+                           **model_kwargs):
     mask = model_kwargs.pop("attention_mask")
-    cache = model_kwargs.pop("past_key_values")
+    cache = model_kwargs.pop(name)
     model_kwargs.pop("position_ids", None)  # Transformers 5.23 also hands over the prompt's
     running = torch.ones(input_ids.shape[0], dtype=torch.bool)
     pad = generation_config.pad_token_id or 0
     step_ids = input_ids
     while True:
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **{name: cache},
                        **model_kwargs).logits
         scores = logits_processor(input_ids, logits[:, -1].float())
         nxt = torch.where(running, scores.argmax(dim=-1), pad)
@@ -64,6 +76,9 @@ def test_custom_callable_matches_transformers(pair):
     assert int(outs[1][1, 6 + 3]) == eos and (outs[1][1, 6 + 4 :] == 0).all()
     # the callable's loop gives what the built-in greedy search gives
     assert torch.equal(outs[1], ours.generate(ids, eos_token_id=eos, **settings))
+    # so does a loop that reads the cache by its Transformers 5.24 name (and passes on the old one
+    # with the other keywords)
+    assert torch.equal(outs[1], ours.generate(ids, custom_generate=greedy_loop_new_name, eos_token_id=eos, **settings))
 
 
 def test_custom_callable_receives_the_prepared_loop_inputs(pair):
@@ -83,6 +98,7 @@ def test_custom_callable_receives_the_prepared_loop_inputs(pair):
     assert torch.equal(seen["ids"], ids.repeat_interleave(2, dim=0))  # expanded for the returned sequences
     assert torch.equal(seen["kwargs"]["attention_mask"], mask.repeat_interleave(2, dim=0))
     assert isinstance(seen["kwargs"]["past_key_values"], moetorch.DynamicCache)
+    assert seen["kwargs"]["cache"] is seen["kwargs"]["past_key_values"]  # its Transformers 5.24 name too
     assert seen["kwargs"]["use_cache"] is True and seen["kwargs"]["logits_to_keep"] == 1
     assert any(isinstance(p, TopKLogitsWarper) and p.top_k == 4 for p in seen["procs"])
     assert any(isinstance(c, MaxLengthCriteria) and c.max_length == 5 + 3 for c in seen["crit"])
@@ -94,7 +110,8 @@ def test_custom_callable_receives_the_prepared_loop_inputs(pair):
     plain, _ = make_inputs(VOCAB, 2, 5, None, seed=5)
     ours.generate(plain, custom_generate=probe, use_cache=False, max_new_tokens=2)
     assert torch.equal(seen["kwargs"]["attention_mask"], torch.ones_like(plain))
-    assert "past_key_values" not in seen["kwargs"] and seen["kwargs"]["use_cache"] is False
+    assert "past_key_values" not in seen["kwargs"] and "cache" not in seen["kwargs"]
+    assert seen["kwargs"]["use_cache"] is False
     ours.generate(ids, custom_generate=probe, cache_implementation="static", max_new_tokens=2)
     assert isinstance(seen["kwargs"]["past_key_values"], moetorch.StaticCache)
     # a keyword the callable does not name is still an error
