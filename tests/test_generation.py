@@ -327,6 +327,27 @@ def test_logits_processors_match_transformers(pair):
         assert len(set(row[6:])) == 8, "no_repeat_ngram_size=1 repeats no token"
 
 
+@pytest.mark.parametrize("settings", [dict(do_sample=True, top_k=5), dict(num_beams=3), dict(num_beams=3, do_sample=True)],
+                         ids=["sampling", "beams", "beam-sampling"])
+def test_prefix_allowed_tokens_fn_gets_the_prompt_index_with_several_sequences(pair, settings):
+    """`prefix_allowed_tokens_fn(batch_id, ids)`: batch_id is the prompt's index in the batch, for
+    each of the sequences it returns (num_return_sequences, sampled or beam), as Transformers 5.24
+    fixed it (5.23 handed sampled rows their expanded row index)."""
+    _, ours = pair
+    ids, mask = prompts(batch=2)
+    seen = []
+
+    def only_by_prompt(batch_id, row_ids):
+        seen.append(batch_id)
+        return [10 + batch_id, 20 + batch_id]
+
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=4, num_return_sequences=3,
+                        prefix_allowed_tokens_fn=only_by_prompt, pad_token_id=VOCAB - 1, **settings)
+    assert set(seen) == {0, 1}
+    for row, new in enumerate(out[:, ids.shape[1]:].tolist()):
+        assert set(new) <= {10 + row // 3, 20 + row // 3}, f"row {row} (prompt {row // 3}): {new}"
+
+
 def test_more_processors_and_warpers_match_transformers_on_random_scores():
     """Each of Transformers' other processors and warpers against its own, on random scores with
     -inf entries (and a NaN for the invalid-values one), at sequence lengths around their triggers."""

@@ -810,7 +810,9 @@ class GenerationMixin(ContinuousBatchingMixin):
         if eos is not None and gen.min_new_tokens:
             procs.append(MinNewTokensLengthLogitsProcessor(L, gen.min_new_tokens, eos))
         if prefix_fn is not None:
-            procs.append(PrefixConstrainedLogitsProcessor(prefix_fn, gen.num_beams))
+            # rows a prompt expands to, so that batch_id is the prompt's index with num_return_sequences
+            # too (as Transformers 5.24 fixed it; 5.23 handed sampled rows their own row index)
+            procs.append(PrefixConstrainedLogitsProcessor(prefix_fn, max(gen.num_beams, gen.num_return_sequences)))
         if gen.forced_bos_token_id is not None:
             procs.append(ForcedBOSTokenLogitsProcessor(gen.forced_bos_token_id))
         if gen.forced_eos_token_id is not None:
