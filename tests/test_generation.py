@@ -905,6 +905,33 @@ def test_streamers_yield_the_decoded_text(text_pair, capsys):
         AsyncTextIteratorStreamer(mine)
 
 
+@pytest.mark.parametrize("text", ["def f(x):\n    return x\n\n  if x:\n\tpass\nend", "a\n b\n\n   c", "\n  lead"])
+def test_streamed_lines_keep_their_leading_spaces_with_a_sentencepiece_tokenizer(tmp_path, text):
+    """Phi-3.5-MoE's and JetMoE's tokenizers are SentencePiece (Llama): a decode drops the leading
+    space of its first token. A line streamed after a newline is decoded with the token before it,
+    so indented code streams as the whole decode gives it (Transformers 5.23's streamer lost one
+    space per indented line; 5.24 fixed it)."""
+    from tok_util import build_llama_tokenizer
+
+    tok = moetorch.AutoTokenizer.from_pretrained(build_llama_tokenizer(tmp_path))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+
+    class Recorded(TextStreamer):
+        def on_finalized_text(self, chunk, stream_end=False):
+            self.printed.append(chunk)
+
+    for split in (1, 3):  # a token a put, or several
+        streamer, queue = Recorded(tok), TextIteratorStreamer(tok)
+        streamer.printed = []
+        for at in range(0, len(ids), split):
+            for s in (streamer, queue):
+                s.put(torch.tensor([ids[at:at + split]]))
+        streamer.end()
+        queue.end()
+        assert "".join(streamer.printed) == text and "".join(queue) == text
+
+
 # ---- GenerationConfig -------------------------------------------------------------------------
 
 

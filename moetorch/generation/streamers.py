@@ -48,8 +48,12 @@ class TextStreamer(BaseStreamer):
         self.token_cache.extend(value.tolist())
         text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
         if text.endswith("\n"):
+            # a line is out: the cache starts again from its last token, kept as the decoding context
+            # of the next line (a SentencePiece tokenizer drops the leading space of a text's first
+            # token, so the next line's indentation would lose one; as Transformers 5.24 fixed it)
             printable = text[self.print_len :]
-            self.token_cache, self.print_len = [], 0
+            self.token_cache = self.token_cache[-1:]
+            self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
         elif text and _is_cjk(ord(text[-1])):
             printable = text[self.print_len :]
             self.print_len += len(printable)
