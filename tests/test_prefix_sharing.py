@@ -247,6 +247,64 @@ def test_index_checks_tokens_and_drops_rows(monkeypatch):
     assert index.find([7, 8, 9, 10, 11]) is None and not index._by_hash and len(index) == 0
 
 
+def test_index_skips_a_collision_that_would_share_the_most(monkeypatch):
+    """Holders are ranked before their first tokens are checked: a collided source that would
+    rank first (it shares the most past the block, and is the newest) is passed over for the
+    best true one, and with several true ones the ranking (fewest users, then newest) holds."""
+    monkeypatch.setattr(prefixes, "BLOCK", 2)
+    index = PrefixIndex()
+    # the prompt's deepest held block is its second (7, 8, 9, 10): rows 1, 2 and later 5 hold it
+    index.finished(1, _Req([7, 8, 9, 10, 5], tokens=[0]))  # shares 4 of the prompt
+    index.finished(2, _Req([7, 8, 9, 10, 11], tokens=[0]))  # shares 5 and is newer: the best, once collided
+    index.finished(4, _Req([7, 8, 5, 5], tokens=[0]))  # shares 2 (the first block only)
+    index._rows[2].tokens = [7, 0, 9, 10, 11, 12]  # its hashes say 7, 8, 9, 10: as a collision leaves it
+    src, p = index.find([7, 8, 9, 10, 11, 12, 13])
+    assert (src.row, p) == (1, 4)
+    index.finished(5, _Req([7, 8, 9, 10, 6], tokens=[0]))  # shares 4 too, newer than row 1
+    assert index.find([7, 8, 9, 10, 11, 12, 13])[0].row == 5
+    assert index.find([7, 8, 9, 10, 11, 12, 13], users={5: 1})[0].row == 1
+    index._rows[1].tokens = index._rows[5].tokens = [0, 0, 0, 0, 0]
+    assert index.find([7, 8, 9, 10, 11, 12, 13]) is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_index_finds_what_a_search_of_every_source_finds(monkeypatch, seed):
+    """On random sources (prompts from a few shared stems, running and finished, both LongRoPE
+    factor sets) and random users, `find` gives the source and length that checking every source
+    token by token gives: the longest shared prefix of at least a block and at most all but the
+    prompt's last token, then the fewest users, then the newest."""
+    monkeypatch.setattr(prefixes, "BLOCK", 4)
+    g = random.Random(seed)
+    stems = [[g.randrange(6) for _ in range(g.randrange(4, 40))] for _ in range(3)]
+
+    def sequence():
+        return g.choice(stems)[:g.randrange(0, 40)] + [g.randrange(6) for _ in range(g.randrange(0, 12))]
+
+    index, sources = PrefixIndex(), {}
+    for row in range(40):
+        req = _Req(sequence(), tokens=[g.randrange(6) for _ in range(g.randrange(1, 5))])
+        req.long = g.random() < 0.3
+        if g.random() < 0.5:
+            index.running(row, req)
+        else:
+            index.finished(row, req)
+        sources[row] = index._rows[row]
+    for _ in range(200):
+        prompt, mode = sequence(), g.random() < 0.3
+        users = {row: g.randrange(3) for row in g.sample(range(40), 10)}
+        want, rank = None, None
+        for row, src in sources.items():
+            if src.mode != mode:
+                continue
+            p, limit = 0, min(len(prompt) - 1, len(src.tokens))
+            while p < limit and src.tokens[p] == prompt[p]:
+                p += 1
+            if p >= prefixes.BLOCK and (rank is None or (p, -users.get(row, 0), src.stamp) > rank):
+                want, rank = (row, p), (p, -users.get(row, 0), src.stamp)
+        got = index.find(prompt, users, mode=mode)
+        assert (None if got is None else (got[0].row, got[1])) == want, (prompt, mode)
+
+
 def test_index_follows_a_shift(monkeypatch):
     monkeypatch.setattr(prefixes, "BLOCK", 2)
     index = PrefixIndex()

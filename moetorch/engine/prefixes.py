@@ -138,15 +138,21 @@ class PrefixIndex:
         if best is None:
             return None
         j, holders = best
-        found, rank = None, None
+        # rank the holders by what they would share, then check the first j tokens of the best
+        # alone (a hash collision drops it for the next): many rows holding one long system
+        # prompt each cost a few token compares, not a compare of the whole prefix
+        ranked, users = [], users or {}
         for src in holders.values():
-            toks = src.tokens
-            if src.mode != mode or toks[:j] != prompt[:j]:  # a hash collision
+            if src.mode != mode:
                 continue
-            p, end = j, min(limit, len(toks))
-            while p < end and toks[p] == prompt[p]:
-                p += 1
-            mine = (p, -(users or {}).get(src.row, 0), src.stamp)
-            if rank is None or mine > rank:
-                found, rank = (src, p), mine
-        return found
+            toks, p = src.tokens, j
+            if len(toks) > j and toks[j] == prompt[j]:  # it shares tokens past the block (else: j)
+                end = min(limit, len(toks))
+                while p < end and toks[p] == prompt[p]:
+                    p += 1
+            ranked.append(((p, -users.get(src.row, 0), src.stamp), src))
+        ranked.sort(key=lambda item: item[0], reverse=True)
+        for (p, _, _), src in ranked:
+            if src.tokens[:j] == prompt[:j]:
+                return src, p
+        return None
