@@ -37,14 +37,34 @@ def greedy_loop(model, input_ids, logits_processor, stopping_criteria, generatio
                                   generation_config, **model_kwargs)
 
 
-def greedy_loop_new_name(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
-    """`greedy_loop` as written for Transformers 5.24 on, which names the cache `cache`."""
+def greedy_loop_own_cache(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+    """`greedy_loop` on a cache of its own, the one it was handed set aside."""
+    model_kwargs.pop("past_key_values")
     return loop_with_the_cache_as("cache", model, input_ids, logits_processor, stopping_criteria, generation_config,
-                                  **model_kwargs)
+                                  cache=moetorch.DynamicCache(), **model_kwargs)
+
+
+def greedy_loop_no_cache(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+    """Greedy search that computes the whole sequence each step, the cache it was handed set aside."""
+    mask = model_kwargs.pop("attention_mask")
+    model_kwargs.pop("past_key_values")
+    model_kwargs.update(use_cache=False, logits_to_keep=1)
+    running = torch.ones(input_ids.shape[0], dtype=torch.bool)
+    while True:
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        scores = logits_processor(input_ids, model(input_ids, attention_mask=mask, position_ids=positions,
+                                                   **model_kwargs).logits[:, -1].float())
+        nxt = torch.where(running, scores.argmax(dim=-1), generation_config.pad_token_id or 0)
+        input_ids = torch.cat([input_ids, nxt[:, None]], dim=-1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        running &= ~stopping_criteria(input_ids, scores)
+        if not running.any():
+            return input_ids
 
 
 def loop_with_the_cache_as(name, model, input_ids, logits_processor, stopping_criteria, generation_config,
                            **model_kwargs):
+    """Greedy decoding that passes the cache to the model by `name` (its 5.24 name: `cache`)."""
     mask = model_kwargs.pop("attention_mask")
     cache = model_kwargs.pop(name)
     model_kwargs.pop("position_ids", None)  # Transformers 5.23 also hands over the prompt's
@@ -76,9 +96,10 @@ def test_custom_callable_matches_transformers(pair):
     assert int(outs[1][1, 6 + 3]) == eos and (outs[1][1, 6 + 4 :] == 0).all()
     # the callable's loop gives what the built-in greedy search gives
     assert torch.equal(outs[1], ours.generate(ids, eos_token_id=eos, **settings))
-    # so does a loop that reads the cache by its Transformers 5.24 name (and passes on the old one
-    # with the other keywords)
-    assert torch.equal(outs[1], ours.generate(ids, custom_generate=greedy_loop_new_name, eos_token_id=eos, **settings))
+    # so do loops that set the cache they were handed aside (and pass the other keywords on): one
+    # on a cache of its own, passed as `cache`, and one that computes every step without a cache
+    for loop in (greedy_loop_own_cache, greedy_loop_no_cache):
+        assert torch.equal(outs[1], ours.generate(ids, custom_generate=loop, eos_token_id=eos, **settings)), loop
 
 
 def test_custom_callable_receives_the_prepared_loop_inputs(pair):
@@ -98,7 +119,7 @@ def test_custom_callable_receives_the_prepared_loop_inputs(pair):
     assert torch.equal(seen["ids"], ids.repeat_interleave(2, dim=0))  # expanded for the returned sequences
     assert torch.equal(seen["kwargs"]["attention_mask"], mask.repeat_interleave(2, dim=0))
     assert isinstance(seen["kwargs"]["past_key_values"], moetorch.DynamicCache)
-    assert seen["kwargs"]["cache"] is seen["kwargs"]["past_key_values"]  # its Transformers 5.24 name too
+    assert "cache" not in seen["kwargs"]  # under one name: a loop passing the rest on passes it no more
     assert seen["kwargs"]["use_cache"] is True and seen["kwargs"]["logits_to_keep"] == 1
     assert any(isinstance(p, TopKLogitsWarper) and p.top_k == 4 for p in seen["procs"])
     assert any(isinstance(c, MaxLengthCriteria) and c.max_length == 5 + 3 for c in seen["crit"])

@@ -695,16 +695,15 @@ class GenerationMixin(ContinuousBatchingMixin):
         """The model inputs a custom decoding loop receives beside the ids, as Transformers hands
         them over: the 2D attention mask (ones without padding), the prompt's embeddings, the
         cache, `use_cache`, `logits_to_keep=1` and the outputs the settings ask for. The cache
-        goes under both its names, `past_key_values` (Transformers up to 5.23) and `cache` (5.24
-        on), so that a loop written for either finds it; the model takes one cache under both
-        names as one (`outputs.takes_cache_name`)."""
+        goes as `past_key_values`, Transformers 5.23's name (5.24 hands it over as `cache`): a
+        loop that takes it out and passes the rest on must not pass it on a second time."""
         end = ctx.offset + seq.shape[1]
         mask = ctx.mask(end)
         out = {"attention_mask": mask if mask is not None else seq.new_ones(seq.shape[0], end)}
         if ctx.embeds is not None:
             out["inputs_embeds"] = ctx.embeds
         if cache is not None:
-            out["past_key_values"] = out["cache"] = cache
+            out["past_key_values"] = cache
         out["use_cache"] = gen.use_cache
         out["logits_to_keep"] = 1
         for name in ("output_attentions", "output_hidden_states"):
