@@ -348,6 +348,29 @@ def test_prefix_allowed_tokens_fn_gets_the_prompt_index_with_several_sequences(p
         assert set(new) <= {10 + row // 3, 20 + row // 3}, f"row {row} (prompt {row // 3}): {new}"
 
 
+def test_a_sampled_row_left_no_allowed_token_falls_back_alone(pair):
+    """Sampled rows of one prompt (num_return_sequences) are independent: where one row's allowed
+    tokens are all -inf (EOS under min_new_tokens) and its sibling's are not, that row alone falls
+    back to the bare constraint, as in Transformers 5.23 (same seed, same tokens); the constraint
+    does not read batch_id, which 5.23 gives otherwise."""
+    ids, _ = make_inputs(VOCAB, 2, 4, None, seed=int(torch.randint(1 << 20, ())))
+    eos, first = 2, (10, 11)
+
+    def fn(batch_id, row):
+        new = row[ids.shape[1]:].tolist()
+        return list(first) if not new else [eos] if new[0] == first[0] else [12]
+
+    diverged = 0
+    for seed in range(6):
+        a, b = both(pair, ids, do_sample=True, num_return_sequences=2, max_new_tokens=4, min_new_tokens=3,
+                    eos_token_id=eos, pad_token_id=0, prefix_allowed_tokens_fn=fn, seed=seed)
+        assert_same_tokens(a, b, f"seed {seed}")
+        diverged += any(len(set(b[r:r + 2, ids.shape[1]].tolist())) == 2 for r in (0, 2))
+    assert diverged, "no prompt's two rows took different first tokens"
+    with pytest.raises(ValueError, match=r"beams \(2\) must divide num_beams \(3\)"):
+        moetorch.generation.PrefixConstrainedLogitsProcessor(fn, 3, beams=2)
+
+
 def test_more_processors_and_warpers_match_transformers_on_random_scores():
     """Each of Transformers' other processors and warpers against its own, on random scores with
     -inf entries (and a NaN for the invalid-values one), at sequence lengths around their triggers."""

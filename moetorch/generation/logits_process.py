@@ -273,15 +273,23 @@ class NoBadWordsLogitsProcessor(SequenceBiasLogitsProcessor):
 
 
 class PrefixConstrainedLogitsProcessor(LogitsProcessor):
-    """Allow only `prefix_allowed_tokens_fn(batch_id, row_ids)` at each step (calls Python per row)."""
+    """Allow only `prefix_allowed_tokens_fn(batch_id, row_ids)` at each step (calls Python per row).
 
-    def __init__(self, prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]], num_beams: int):
+    `num_beams`: the rows of one prompt (batch_id = row // num_beams). Where every allowed token of
+    a prompt's beams is already -inf, the beams fall back to the bare constraint. `beams`: the rows
+    that fall back together, where they are fewer (1: sampled rows of `num_return_sequences`,
+    each its own); default `num_beams`."""
+
+    def __init__(self, prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]], num_beams: int,
+                 beams: int | None = None):
         self._fn = prefix_allowed_tokens_fn
         self._num_beams = num_beams
+        self._beams = num_beams if beams is None else beams
+        if num_beams % self._beams:
+            raise ValueError(f"PrefixConstrainedLogitsProcessor: beams ({beams}) must divide num_beams ({num_beams})")
 
     def __call__(self, input_ids, scores):
         mask = torch.full_like(scores, NEG_INF)
-        batch = input_ids.shape[0] // self._num_beams
         for row in range(input_ids.shape[0]):
             allowed = self._fn(row // self._num_beams, input_ids[row])
             if len(allowed) == 0:
@@ -290,8 +298,8 @@ class PrefixConstrainedLogitsProcessor(LogitsProcessor):
             mask[row, allowed] = 0
         out = scores + mask
         # When every beam's allowed tokens are already -inf, fall back to the bare constraint.
-        stuck = out.amax(-1).isneginf().view(batch, -1).all(-1, keepdim=True)
-        return torch.where(stuck.repeat_interleave(self._num_beams, 0), mask, out)
+        stuck = out.amax(-1).isneginf().view(-1, self._beams).all(-1, keepdim=True)
+        return torch.where(stuck.repeat_interleave(self._beams, 0), mask, out)
 
 
 def _only(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -809,9 +809,11 @@ class GenerationMixin(ContinuousBatchingMixin):
         if eos is not None and gen.min_new_tokens:
             procs.append(MinNewTokensLengthLogitsProcessor(L, gen.min_new_tokens, eos))
         if prefix_fn is not None:
-            # rows a prompt expands to, so that batch_id is the prompt's index with num_return_sequences
-            # too (as Transformers 5.24 fixed it; 5.23 handed sampled rows their own row index)
-            procs.append(PrefixConstrainedLogitsProcessor(prefix_fn, max(gen.num_beams, gen.num_return_sequences)))
+            # batch_id by the rows a prompt expands to, so that it is the prompt's index with
+            # num_return_sequences too (as Transformers 5.24 fixed it; 5.23 handed sampled rows their
+            # own row index); a sampled row that no allowed token is left to falls back alone
+            procs.append(PrefixConstrainedLogitsProcessor(prefix_fn, max(gen.num_beams, gen.num_return_sequences),
+                                                          beams=gen.num_beams))
         if gen.forced_bos_token_id is not None:
             procs.append(ForcedBOSTokenLogitsProcessor(gen.forced_bos_token_id))
         if gen.forced_eos_token_id is not None:
