@@ -97,11 +97,13 @@ class ModelOutput(OrderedDict):
         return self.past_key_values
 
     def __setattr__(self, name: str, value: Any) -> None:
+        name = _field_name(self, name)
         super().__setattr__(name, value)
         if name in self.__dataclass_fields__ and value is not None:
             super().__setitem__(name, value)
 
     def __setitem__(self, key: str, value: Any) -> None:
+        key = _field_name(self, key)
         super().__setitem__(key, value)
         super().__setattr__(key, value)
 

@@ -234,6 +234,11 @@ def test_cache_by_its_transformers_5_24_name(arch, head):
     assert plain.cache is None and "cache" not in plain and plain.get("cache") is None
     with pytest.raises(KeyError):
         plain["cache"]
+    plain["cache"] = first.cache  # set by either name: the one field
+    assert plain.past_key_values is first.cache and list(plain.keys())[-1] == "past_key_values"
+    plain.cache = prompt_cache
+    assert plain["past_key_values"] is prompt_cache and plain.to_tuple()[-1] is prompt_cache
+    assert list(plain.keys()).count("past_key_values") == 1 and "cache" not in plain.keys()
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
