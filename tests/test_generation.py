@@ -939,20 +939,26 @@ def test_streamed_lines_keep_their_leading_spaces_with_a_sentencepiece_tokenizer
     tok = moetorch.AutoTokenizer.from_pretrained(build_llama_tokenizer(tmp_path))
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
+    # a special token after a newline, skipped in the decode: the next line keeps its spaces too
+    end = tok.convert_tokens_to_ids("<|end|>")
+    marked = [t for i in ids for t in ([i, end, end] if tok.decode([i]).endswith("\n") else [i])]
+    assert len(marked) > len(ids)
 
     class Recorded(TextStreamer):
         def on_finalized_text(self, chunk, stream_end=False):
             self.printed.append(chunk)
 
-    for split in (1, 3):  # a token a put, or several
-        streamer, queue = Recorded(tok), TextIteratorStreamer(tok)
-        streamer.printed = []
-        for at in range(0, len(ids), split):
-            for s in (streamer, queue):
-                s.put(torch.tensor([ids[at:at + split]]))
-        streamer.end()
-        queue.end()
-        assert "".join(streamer.printed) == text and "".join(queue) == text
+    for tokens, kwargs in ((ids, {}), (marked, dict(skip_special_tokens=True))):
+        for split in (1, 3):  # a token a put, or several
+            streamer, queue = Recorded(tok, **kwargs), TextIteratorStreamer(tok, **kwargs)
+            streamer.printed = []
+            for at in range(0, len(tokens), split):
+                for s in (streamer, queue):
+                    s.put(torch.tensor([tokens[at:at + split]]))
+            streamer.end()
+            queue.end()
+            want = tok.decode(tokens, **kwargs)  # byte tokens are special in this tokenizer: skipped too
+            assert "".join(streamer.printed) == want and "".join(queue) == want, (kwargs, split)
 
 
 # ---- GenerationConfig -------------------------------------------------------------------------

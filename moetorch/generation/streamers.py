@@ -51,8 +51,14 @@ class TextStreamer(BaseStreamer):
             # a line is out: the cache starts again from its last token, kept as the decoding context
             # of the next line (a SentencePiece tokenizer drops the leading space of a text's first
             # token, so the next line's indentation would lose one; as Transformers 5.24 fixed it)
+            # (from the last token that decodes to text: a special token skipped in the decode
+            # would leave the next line's first token first again)
             printable = text[self.print_len :]
-            self.token_cache = self.token_cache[-1:]
+            keep = 1
+            while keep < len(self.token_cache) and not self.tokenizer.decode(self.token_cache[-keep:],
+                                                                              **self.decode_kwargs):
+                keep += 1
+            self.token_cache = self.token_cache[-keep:]
             self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
         elif text and _is_cjk(ord(text[-1])):
             printable = text[self.print_len :]
