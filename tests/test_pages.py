@@ -117,6 +117,7 @@ from parity import own_greedy  # noqa: E402
 
 import moetorch  # noqa: E402
 from moetorch.engine import batching  # noqa: E402
+from moetorch.engine.prefixes import PrefixIndex  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -195,21 +196,30 @@ def test_requests_wait_for_pages_and_finished_rows_give_theirs_up(phimoe, monkey
     cb = {"max_cache_len": 64, "max_requests_per_batch": 6, "paged": True, "num_blocks": 40,
           "prefill_chunk_tokens": 8}
     m = phimoe.init_continuous_batching(generation_config=greedy(7), continuous_batching_config=cb)
-    peak, evicted = [], []
+    peak, evicted, looked = [], [], []
     back, fit = HostPages.back, batching.ContinuousBatchingManager._fit_pages
 
     def spy_back(self, pages):
         back(self, pages)
         peak.append(self.in_use)
 
-    def spy_fit(self, batch, *args):
-        before = len(batch.prefixes.finished_rows())
-        out = fit(self, batch, *args)
+    finds, find = [], PrefixIndex.find
+
+    def spy_find(self, *args, **kwargs):
+        finds.append(1)
+        return find(self, *args, **kwargs)
+
+    def spy_fit(self, batch, running, group, *args):
+        before, finds[:] = len(batch.prefixes.finished_rows()), []
+        out = fit(self, batch, running, group, *args)
         evicted.append(before - len(batch.prefixes.finished_rows()))
+        # the group's prompts are looked up once per group it tries, not once per row it frees
+        looked.append((len(finds), len(group) * (len(group) - len(out[0]) + 1), evicted[-1]))
         return out
 
     monkeypatch.setattr(HostPages, "back", spy_back)
     monkeypatch.setattr(batching.ContinuousBatchingManager, "_fit_pages", spy_fit)
+    monkeypatch.setattr(PrefixIndex, "find", spy_find)
     m.start()
     got = {}
     first = m.add_request(system + [5])  # finished first: its row holds the system prompt
@@ -223,6 +233,7 @@ def test_requests_wait_for_pages_and_finished_rows_give_theirs_up(phimoe, monkey
         assert got[rid].error is None and got[rid].generated_tokens == own_greedy(phimoe, p, 7), rid
     assert m.stats["waited_for_pages"] > 0 and max(peak) <= 40
     assert m.stats["shared_tokens"] > 0 and sum(evicted) > 0
+    assert all(n <= bound for n, bound, _ in looked), looked
 
 
 def test_page_settings_are_checked(phimoe):

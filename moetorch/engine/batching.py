@@ -1368,15 +1368,19 @@ class ContinuousBatchingManager:
         Finished rows that prompts may start from give their pages up first, the oldest first,
         those that the group's prompts start from last."""
         index = batch.prefixes
+        used = None  # the rows the group's prompts start from: dropping another row changes none
         while group and not self._room(batch, running, group, col, ahead):
             finished = index.finished_rows() if index is not None else {}
-            used = {f[0].row for f in (index.find(r.sequence(), mode=r.long) for r in group) if f is not None} \
-                if finished else set()
-            spare = [row for row in finished if row not in used]
+            if finished and used is None:
+                used = {f[0].row for f in (index.find(r.sequence(), mode=r.long) for r in group) if f is not None}
+            spare = [row for row in finished if row not in (used or ())]
             if spare or (finished and len(group) == 1):
-                index.drop(min(spare or finished, key=index.age))
+                gone = min(spare or finished, key=index.age)
+                index.drop(gone)
+                if gone in (used or ()):
+                    used = None
                 continue
-            group = group[:-1]
+            group, used = group[:-1], None
             self.stats["waited_for_pages"] += 1
             col = self._column(batch, running, group) if group else batch.col
         return group, col
