@@ -959,6 +959,23 @@ def test_streamed_lines_keep_their_leading_spaces_with_a_sentencepiece_tokenizer
             queue.end()
             want = tok.decode(tokens, **kwargs)  # byte tokens are special in this tokenizer: skipped too
             assert "".join(streamer.printed) == want and "".join(queue) == want, (kwargs, split)
+    # a long run of skipped tokens after a newline (EOS held back by min_new_tokens): a few decodes a
+    # token, not a search back over the run at each
+    calls = []
+
+    class Counted:
+        def decode(self, ids, **kwargs):
+            calls.append(len(ids))
+            return tok.decode(ids, **kwargs)
+
+    run = Recorded(Counted(), skip_special_tokens=True)
+    run.printed = []
+    tokens = tok("a\n", add_special_tokens=False)["input_ids"] + [end] * 300 + ids
+    for t in tokens:
+        run.put(torch.tensor([t]))
+    run.end()
+    assert "".join(run.printed) == tok.decode(tokens, skip_special_tokens=True)
+    assert len(calls) <= 4 * len(tokens), len(calls)
 
 
 # ---- GenerationConfig -------------------------------------------------------------------------

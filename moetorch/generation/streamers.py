@@ -45,20 +45,19 @@ class TextStreamer(BaseStreamer):
             self.next_tokens_are_prompt = False
             return
         self.next_tokens_are_prompt = False
-        self.token_cache.extend(value.tolist())
+        new = value.tolist()
+        self.token_cache.extend(new)
         text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
         if text.endswith("\n"):
-            # a line is out: the cache starts again from its last token, kept as the decoding context
-            # of the next line (a SentencePiece tokenizer drops the leading space of a text's first
-            # token, so the next line's indentation would lose one; as Transformers 5.24 fixed it)
-            # (from the last token that decodes to text: a special token skipped in the decode
-            # would leave the next line's first token first again)
+            # a line is out: the cache starts again from its last token that decodes to text, kept
+            # as the decoding context of the next line (a SentencePiece tokenizer drops the leading
+            # space of a text's first token, so the next line's indentation would lose one; as
+            # Transformers 5.24 fixed it). Past special tokens that the decode skips: among this
+            # put's tokens, else the cache keeps its start (the context an earlier line left).
             printable = text[self.print_len :]
-            keep = 1
-            while keep < len(self.token_cache) and not self.tokenizer.decode(self.token_cache[-keep:],
-                                                                              **self.decode_kwargs):
-                keep += 1
-            self.token_cache = self.token_cache[-keep:]
+            start = next((i for i in range(len(self.token_cache) - 1, len(self.token_cache) - len(new) - 1, -1)
+                          if self.tokenizer.decode([self.token_cache[i]], **self.decode_kwargs)), 0)
+            self.token_cache = self.token_cache[start:]
             self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
         elif text and _is_cjk(ord(text[-1])):
             printable = text[self.print_len :]
