@@ -110,6 +110,7 @@ def test_views_of_the_range_see_the_pages():
 
 # ---- the paged batch cache in the continuous-batching manager ---------------------------------
 
+import collections  # noqa: E402
 import random  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -205,16 +206,19 @@ def test_requests_wait_for_pages_and_finished_rows_give_theirs_up(phimoe, monkey
 
     finds, find = [], PrefixIndex.find
 
-    def spy_find(self, *args, **kwargs):
-        finds.append(1)
-        return find(self, *args, **kwargs)
+    def spy_find(self, prompt, *args, **kwargs):
+        out = find(self, prompt, *args, **kwargs)
+        finds.append((tuple(prompt), out is not None))
+        return out
 
     def spy_fit(self, batch, running, group, *args):
         before, finds[:] = len(batch.prefixes.finished_rows()), []
         out = fit(self, batch, running, group, *args)
         evicted.append(before - len(batch.prefixes.finished_rows()))
-        # the group's prompts are looked up once per group it tries, not once per row it frees
-        looked.append((len(finds), len(group) * (len(group) - len(out[0]) + 1), evicted[-1]))
+        # a prompt that starts from a row is looked up once per group tried, not once per row freed
+        # (one that found none is looked up again after each: a freed row may have hidden a source)
+        found = collections.Counter(key for key, hit in finds if hit)
+        looked.append((max(found.values(), default=0), len(group) - len(out[0]) + 1, evicted[-1]))
         return out
 
     monkeypatch.setattr(HostPages, "back", spy_back)
@@ -371,3 +375,34 @@ def test_static_rows_that_do_not_fit_one_row_are_an_error(phimoe, monkeypatch):
     # left to the default, such a GPU pages the cache
     m = phimoe.init_continuous_batching(generation_config=greedy(4), continuous_batching_config={"max_cache_len": 64})
     assert m.paged is True
+
+
+def test_finished_rows_that_prompts_start_from_are_freed_last_after_a_collision():
+    """`_fit_pages` frees finished rows that no prompt of the group starts from, oldest first. A
+    row whose hashes match a prompt's deepest blocks but whose tokens do not (a hash collision)
+    hides the shallower source the prompt does share; once that row is freed, the source is found
+    and kept, and the unrelated row goes next."""
+    from moetorch.engine import prefixes
+
+    class Req:
+        def __init__(self, prompt, tokens=()):
+            self.prompt, self.tokens, self.start, self.long = list(prompt), list(tokens), 0, False
+
+        def sequence(self):
+            return self.prompt + self.tokens
+
+    B = prefixes.BLOCK
+    prompt = list(range(1, 3 * B + 2))
+    index = PrefixIndex()
+    index.finished(0, Req(prompt[:3 * B] + [900], [1]))  # the oldest: holds all three blocks ...
+    index._rows[0].tokens = [777] + index._rows[0].tokens[1:]  # ... by hash only, as a collision leaves it
+    index.finished(1, Req(prompt[:2 * B] + [901], [1]))  # shares two blocks with the prompt
+    index.finished(2, Req([5] * 40, [1]))  # shares nothing, the newest
+    dropped, drop = [], index.drop
+    index.drop = lambda row: (dropped.append(row), drop(row))
+    manager = SimpleNamespace(stats={"waited_for_pages": 0}, _room=lambda *a: len(dropped) >= 2,
+                              _column=lambda *a: 0)
+    group = [Req(prompt), Req([9] * 20)]
+    out, _ = batching.ContinuousBatchingManager._fit_pages(manager, SimpleNamespace(prefixes=index, col=0), {},
+                                                           group, 0, 0)
+    assert dropped == [0, 2] and out == group and index.find(prompt)[0].row == 1
