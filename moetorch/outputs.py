@@ -25,8 +25,7 @@ OLD, NEW = "past_key_values", "cache"
 def takes_cache_name(fn):
     """`fn` (a method with a `past_key_values` parameter or **kwargs that take it) also takes the
     cache as `cache=`. Two different caches under both names are a ValueError; one cache under
-    both (as a decoding loop handed both names passes it on, `GenerationMixin._loop_inputs`), or
-    one name None, is one cache."""
+    both, or beside a None under the other, is one cache."""
     params = list(inspect.signature(fn).parameters)
     at = params.index(OLD) if OLD in params else None  # its place among the positional arguments
 
