@@ -1368,29 +1368,27 @@ class ContinuousBatchingManager:
         Finished rows that prompts may start from give their pages up first, the oldest first,
         those that the group's prompts start from last."""
         index = batch.prefixes
-        # the rows the group's prompts start from, and the prompts that found none: dropping a row
-        # no prompt starts from changes no look-up but those that found none (a hash collision at
-        # the deepest shared block hides shallower sources until the colliding row goes)
-        used, unmatched = None, []
+        # the rows the group's prompts start from, and the prompts that found none (None: look the
+        # whole group up). Dropping a row no prompt starts from changes no look-up but those that
+        # found none (a hash collision at the deepest shared block hides shallower sources until
+        # the colliding row goes): only those are looked up again.
+        used, unmatched = set(), None
         while group and not self._room(batch, running, group, col, ahead):
             finished = index.finished_rows() if index is not None else {}
-            if finished and used is None:
-                used, unmatched = set(), []
-                for r in group:
-                    f = index.find(r.sequence(), mode=r.long)
-                    used.add(f[0].row) if f is not None else unmatched.append(r)
-            spare = [row for row in finished if row not in (used or ())]
+            if finished:
+                if unmatched is None:
+                    used, unmatched = set(), group
+                found = [(r, index.find(r.sequence(), mode=r.long)) for r in unmatched]
+                used.update(f[0].row for _, f in found if f is not None)
+                unmatched = [r for r, f in found if f is None]
+            spare = [row for row in finished if row not in used]
             if spare or (finished and len(group) == 1):
                 gone = min(spare or finished, key=index.age)
                 index.drop(gone)
-                if gone in (used or ()):
-                    used = None
-                else:
-                    found = [(r, index.find(r.sequence(), mode=r.long)) for r in unmatched]
-                    used.update(f[0].row for _, f in found if f is not None)
-                    unmatched = [r for r, f in found if f is None]
+                if gone in used:
+                    unmatched = None
                 continue
-            group, used = group[:-1], None
+            group, unmatched = group[:-1], None
             self.stats["waited_for_pages"] += 1
             col = self._column(batch, running, group) if group else batch.col
         return group, col
