@@ -46,25 +46,16 @@ def greedy_loop_own_cache(model, input_ids, logits_processor, stopping_criteria,
 
 def greedy_loop_no_cache(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
     """Greedy search that computes the whole sequence each step, the cache it was handed set aside."""
-    mask = model_kwargs.pop("attention_mask")
     model_kwargs.pop("past_key_values")
-    model_kwargs.update(use_cache=False, logits_to_keep=1)
-    running = torch.ones(input_ids.shape[0], dtype=torch.bool)
-    while True:
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        scores = logits_processor(input_ids, model(input_ids, attention_mask=mask, position_ids=positions,
-                                                   **model_kwargs).logits[:, -1].float())
-        nxt = torch.where(running, scores.argmax(dim=-1), generation_config.pad_token_id or 0)
-        input_ids = torch.cat([input_ids, nxt[:, None]], dim=-1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        running &= ~stopping_criteria(input_ids, scores)
-        if not running.any():
-            return input_ids
+    model_kwargs["use_cache"] = False
+    return loop_with_the_cache_as("past_key_values", model, input_ids, logits_processor, stopping_criteria,
+                                  generation_config, past_key_values=None, **model_kwargs)
 
 
 def loop_with_the_cache_as(name, model, input_ids, logits_processor, stopping_criteria, generation_config,
                            **model_kwargs):
-    """Greedy decoding that passes the cache to the model by `name` (its 5.24 name: `cache`)."""
+    """Greedy decoding that passes the cache to the model by `name` (its 5.24 name: `cache`);
+    without one (None), each step computes the whole sequence."""
     mask = model_kwargs.pop("attention_mask")
     cache = model_kwargs.pop(name)
     model_kwargs.pop("position_ids", None)  # Transformers 5.23 also hands over the prompt's
@@ -82,7 +73,7 @@ def loop_with_the_cache_as(name, model, input_ids, logits_processor, stopping_cr
         running &= ~stopping_criteria(input_ids, scores)
         if not running.any():
             return input_ids
-        step_ids = nxt[:, None]
+        step_ids = nxt[:, None] if cache is not None else input_ids
 
 
 def test_custom_callable_matches_transformers(pair):
