@@ -617,3 +617,71 @@ def test_assisted_decoding_on_the_static_cache_across_the_longrope_switch():
         got = [model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, cache_implementation=c, **kw)
                for c in ("static", "dynamic")]
         assert torch.equal(*got) and got[0].shape[1] == 62
+
+
+def test_capture_holds_the_garbage_collector_off(monkeypatch):
+    """A collection during a capture may destroy an unreachable CUDA graph, which invalidates the
+    capture; `capture` holds Python's collector off while the graph is captured, in every thread,
+    and puts it back as it was."""
+    import contextlib
+    import gc
+    import threading
+
+    from moetorch.engine import cuda_graph
+
+    seen = []
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None, capture_error_mode="global"):
+        seen.append(("capture", gc.isenabled()))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+
+    def fn():
+        seen.append(("run", gc.isenabled()))
+        return 7
+
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        graph, out = cuda_graph.capture(fn, warmups=2)
+        assert out == 7 and seen == [("run", True), ("run", True), ("capture", False), ("run", False)]
+        assert gc.isenabled()
+        gc.disable()  # off before: off after
+        cuda_graph.capture(fn, warmups=0)
+        assert not gc.isenabled()
+        gc.enable()
+
+        # two threads capturing at once: the collector stays off until the last one leaves
+        inside, leave = threading.Event(), threading.Event()
+
+        def other():
+            with cuda_graph.gc_held():
+                inside.set()
+                leave.wait(10)
+
+        t = threading.Thread(target=other)
+        t.start()
+        assert inside.wait(10)
+        with cuda_graph.gc_held():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the other thread still holds it
+        leave.set()
+        t.join(10)
+        assert gc.isenabled()
+
+        # an error inside lets go as well
+        with pytest.raises(ZeroDivisionError), cuda_graph.gc_held():
+            raise ZeroDivisionError
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -52,6 +52,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import gc
 import heapq
 import itertools
 import logging
@@ -850,6 +851,7 @@ class ContinuousBatchingManager:
         """The GPU memory the batch may take: `max_memory_percent` of the free memory (0.9, or 0.8
         with sampling)."""
         share = self.continuous_batching_config.max_memory_percent or (0.8 if self.do_sample else 0.9)
+        gc.collect()  # an earlier manager's cache and graphs, left in a reference cycle, are free memory
         return int(_free_memory(self.model.device) * share)
 
     def _logits_bytes(self) -> int:

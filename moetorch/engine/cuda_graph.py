@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
+import threading
 import weakref
 from typing import NamedTuple
 
@@ -31,6 +33,35 @@ from ..ops.host import to_device
 logger = logging.getLogger("moetorch")
 
 
+_gc_lock = threading.Lock()
+_gc_holds = 0  # captures running now (a batch's loop thread may capture while another thread does)
+_gc_was_on = False
+
+
+@contextlib.contextmanager
+def gc_held():
+    """Python's cyclic garbage collector held off, in every thread, while inside.
+
+    A collection may destroy an unreachable CUDA graph (of an earlier batch, or a `generate` call
+    whose objects sit in a reference cycle), and destroying a graph while another is being captured
+    invalidates that capture (`cudaErrorStreamCaptureInvalidated`). torch.cuda.graph collected
+    before each capture up to torch 2.8; later versions do not. Nested and concurrent holds
+    count: the collector is back on (if it was on) when the last one leaves."""
+    global _gc_holds, _gc_was_on
+    with _gc_lock:
+        if _gc_holds == 0:
+            _gc_was_on = gc.isenabled()
+            gc.disable()
+        _gc_holds += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_holds -= 1
+            if _gc_holds == 0 and _gc_was_on:
+                gc.enable()
+
+
 def capture(fn, warmups: int = 2, rewind: tuple[StaticCache, int] | None = None, pool=None,
             mode: str = "global"):
     """(graph, output) of `fn()` captured in a CUDA graph, after `warmups` runs on a side stream
@@ -38,7 +69,8 @@ def capture(fn, warmups: int = 2, rewind: tuple[StaticCache, int] | None = None,
     `rewind=(cache, seen)`: each run and the capture start from the cache's host count `seen` (a
     forward advances it; the runs write the same slots with the same values, so the repeats are
     harmless). `pool`: a graph memory pool to share. `mode`: CUDA's capture mode ("thread_local":
-    other threads may call CUDA meanwhile)."""
+    other threads may call CUDA meanwhile). The garbage collector is held off during the capture
+    (`gc_held`)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -50,7 +82,7 @@ def capture(fn, warmups: int = 2, rewind: tuple[StaticCache, int] | None = None,
     graph = torch.cuda.CUDAGraph()
     if rewind is not None:
         rewind[0]._seen = rewind[1]
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
+    with gc_held(), torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
         out = fn()
     return graph, out
 
