@@ -1153,6 +1153,75 @@ def check_loss_kernel(results) -> bool:
     return ok
 
 
+class _Cycle:
+    """An object in a reference cycle: only the cyclic garbage collector frees it."""
+
+    def __init__(self, held) -> None:
+        self.held, self.me = held, self
+
+
+def _stray_graph() -> None:
+    """A captured CUDA graph left unreachable in a reference cycle (as an earlier batch's graphs
+    may be), for the next collection to destroy."""
+    x = torch.zeros(8, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.add_(1)
+    _Cycle((graph, x))
+
+
+def check_graph_gc(results) -> bool:
+    """A capture during which the garbage collector's counters run out, with stray graphs to
+    destroy: `engine.capture` holds the collector off and captures. The bare torch.cuda.graph, for
+    comparison, is recorded (torch >= 2.9 no longer collects before a capture)."""
+    import gc
+
+    from .engine.cuda_graph import capture
+
+    x = torch.arange(4.0, device="cuda")
+
+    def work():
+        if torch.cuda.is_current_stream_capturing():  # a collection is due now, not before the capture
+            gc.set_threshold(1, 1, 1)
+            junk = [[i] for i in range(2000)]
+            del junk
+        return x * 2
+
+    keep, was_on = gc.get_threshold(), gc.isenabled()
+    ok = True
+    try:
+        for how in ("capture", "bare"):
+            gc.collect()
+            gc.set_threshold(10**9, 10**9, 10**9)  # the strays stay young and uncollected until work()
+            gc.enable()
+            for _ in range(3):
+                _stray_graph()
+            try:
+                if how == "capture":
+                    graph, out = capture(work)
+                else:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        out = work()
+                x.add_(1)
+                graph.replay()
+                torch.cuda.synchronize()
+                right = torch.equal(out, x * 2)
+                results[f"graph_gc.{how}"] = "captured" if right else "wrong output"
+            except RuntimeError as e:
+                right = False
+                results[f"graph_gc.{how}"] = f"failed: {str(e).splitlines()[0][:160]}"
+            finally:
+                gc.set_threshold(*keep)
+            if how == "capture":
+                ok &= right
+    finally:
+        gc.set_threshold(*keep)
+        (gc.enable if was_on else gc.disable)()
+        gc.collect()
+    return ok
+
+
 def check_models(results) -> bool:
     ok = True
     for name, (cfg, cls) in configs().items():
@@ -1168,7 +1237,7 @@ CHECKS = {
     "device_map": check_device_map, "assisted_graphs": check_assisted_graphs,
     "scaled_rope_and_chunked_prefill": check_scaled_rope_and_chunked_prefill, "head_dim": check_head_dim,
     "checkpointing": check_checkpointing, "packed_training": check_packed_training,
-    "loss_kernel": check_loss_kernel,
+    "loss_kernel": check_loss_kernel, "graph_gc": check_graph_gc,
 }
 
 
