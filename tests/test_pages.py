@@ -387,6 +387,7 @@ def test_finished_rows_that_prompts_start_from_are_freed_last_after_a_collision(
     class Req:
         def __init__(self, prompt, tokens=()):
             self.prompt, self.tokens, self.start, self.long = list(prompt), list(tokens), 0, False
+            self.hash_memo = {}
 
         def sequence(self):
             return self.prompt + self.tokens

@@ -104,6 +104,22 @@ def test_running_requests_share_a_system_prompt(pair, small_blocks, prefills, pa
     assert sum(m.stats["prefill_tokens"]) == sum(map(len, inputs)) - sum(shared)
 
 
+def test_the_batch_hashes_each_request_block_once(pair, small_blocks, monkeypatch):
+    """Admission looks a waiting request up several times (its cost, its rows, its pages) and
+    adds its row as a source; its blocks are hashed once: at most the blocks of its prompt and
+    tokens, over every request."""
+    hf, ours = pair
+    calls = []
+    monkeypatch.setattr(prefixes, "hash", lambda x: calls.append(x) or hash(x), raising=False)
+    rng = random.Random(3)
+    system = rand_tokens(rng, 17)
+    inputs = [system + rand_tokens(rng, rng.randint(1, 9)) for _ in range(7)]
+    ((*results,),), _ = run_in_turns(ours, [inputs], 5, {"max_requests_per_batch": 3})
+    for p, r in zip(inputs, results):
+        check_against_transformers(hf, p, r, 5)
+    assert calls and len(calls) <= sum((len(p) + 5) // 4 for p in inputs)
+
+
 def test_a_follow_up_turn_starts_from_the_finished_request(pair, small_blocks, prefills, padded):
     """A chat's second turn (the first turn's prompt, its reply and a new message) starts from
     every token the first turn's row holds: its prompt and its tokens but the last."""
@@ -303,6 +319,57 @@ def test_index_finds_what_a_search_of_every_source_finds(monkeypatch, seed):
                 want, rank = (row, p), (p, -users.get(row, 0), src.stamp)
         got = index.find(prompt, users, mode=mode)
         assert (None if got is None else (got[0].row, got[1])) == want, (prompt, mode)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kept_block_hashes_give_what_hashing_anew_gives(monkeypatch, seed):
+    """A sequence that grows between look-ups, looked up with its kept hashes (`memo`) under
+    both LongRoPE factor sets and at random limits (consumed in full or stopped early), gets the
+    hashes and the look-ups that hashing anew gets."""
+    monkeypatch.setattr(prefixes, "BLOCK", 4)
+    g = random.Random(seed)
+    stem = [g.randrange(5) for _ in range(30)]
+    index = PrefixIndex()
+    for row in range(12):
+        req = _Req(stem[:g.randrange(0, 31)] + [g.randrange(5) for _ in range(g.randrange(0, 9))], tokens=[1])
+        req.long = g.random() < 0.3
+        index.running(row, req) if g.random() < 0.5 else index.finished(row, req)
+    for _ in range(40):
+        seq, memo = stem[:g.randrange(0, 31)], {}
+        for _ in range(6):
+            seq += [g.randrange(5) for _ in range(g.randrange(0, 7))]
+            mode = g.random() < 0.3
+            limit = g.randrange(0, len(seq) + 1)
+            stop = g.randrange(0, 12)
+            kept = list(prefixes.block_hashes(seq, limit, mode, memo))[:stop]
+            assert kept == list(prefixes.block_hashes(seq, limit, mode))[:stop]
+            got, want = index.find(seq, mode=mode, memo=memo), index.find(seq, mode=mode)
+            assert (got and (got[0].row, got[1])) == (want and (want[0].row, want[1]))
+            for m, hashes in memo.items():  # what is kept is the sequence's own first blocks
+                assert hashes == [h for _, h in prefixes.block_hashes(seq, len(hashes) * 4, m)]
+
+
+def test_a_request_hashes_each_of_its_blocks_once(monkeypatch):
+    """Look-ups of a waiting request, then its row as a running and a finished source, hash each
+    block of its sequence once."""
+    monkeypatch.setattr(prefixes, "BLOCK", 4)
+    calls = []
+    monkeypatch.setattr(prefixes, "hash", lambda x: calls.append(x) or hash(x), raising=False)
+    index = PrefixIndex()
+    index.running(0, _Req(list(range(40))))
+    calls.clear()
+    req = _Req(list(range(30)) + [99, 98, 97])
+    req.long, req.hash_memo = False, {}
+    for _ in range(3):
+        assert index.find(req.prompt, mode=False, memo=req.hash_memo)[1] == 30
+    index.running(1, req)
+    assert len(calls) == len(req.prompt) // 4  # 8 blocks
+    req.tokens = [5, 6, 7, 8, 9, 10]
+    index.finished(1, req)  # its prompt and tokens but the last: 38 tokens, one block more
+    assert len(calls) == 9
+    calls.clear()
+    index.running(2, _Req(list(range(30))))  # no memo: hashed anew
+    assert len(calls) == 7
 
 
 def test_index_follows_a_shift(monkeypatch):

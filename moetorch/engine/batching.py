@@ -312,7 +312,7 @@ class _Request:
 
     __slots__ = ("id", "prompt", "max_new", "eos", "streaming", "stamps", "tokens", "logprobs", "status",
                  "created", "started", "start", "since", "error", "sampling", "seed", "first", "top_n", "tops",
-                 "matcher", "sent", "long")
+                 "matcher", "sent", "long", "hash_memo")
 
     def __init__(self, request_id: str, prompt: list[int], max_new: int, eos: frozenset[int], streaming: bool,
                  record_timestamps: bool, sampling: Sampling | None = None, top_n: int = 0, matcher=None) -> None:
@@ -335,6 +335,7 @@ class _Request:
         self.matcher = matcher  # its place in its grammar (generation/grammar.py), or None
         self.sent = 0  # tokens handed to a handler that takes deltas
         self.long = False  # its keys take LongRoPE's long factors (its prompt, or it crossed the switch)
+        self.hash_memo: dict = {}  # its sequence's block hashes, kept between prefix look-ups (prefixes.block_hashes)
 
     def output(self, since: int = 0) -> GenerationOutput:
         """Its result so far: the tokens (and their log-probabilities, ...) from the `since`-th on."""
@@ -662,6 +663,11 @@ def _slot_bytes(config, dtype: torch.dtype) -> int:
 def _keys_in(nbytes: int, config, dtype: torch.dtype) -> int:
     """Tokens whose keys and values of one layer `nbytes` hold."""
     return nbytes * config.num_hidden_layers // _slot_bytes(config, dtype)
+
+
+def _find(index: PrefixIndex, req: _Request, users: dict[int, int] | None = None):
+    """`index.find` for a waiting request's sequence, its block hashes kept on the request."""
+    return index.find(req.sequence(), users, mode=req.long, memo=req.hash_memo)
 
 
 def _free_memory(device: torch.device) -> int:
@@ -1329,7 +1335,7 @@ class ContinuousBatchingManager:
                     break
                 # the tokens its prefill computes: those past a prefix that a row holds
                 seq = req.sequence()
-                found = batch.prefixes.find(seq, mode=req.long) if batch.prefixes is not None else None
+                found = _find(batch.prefixes, req) if batch.prefixes is not None else None
                 cost = len(seq) - (found[1] if found is not None else 0)
                 if group and work + cost > budget:
                     break
@@ -1380,7 +1386,7 @@ class ContinuousBatchingManager:
             if finished:
                 if unmatched is None:
                     used, unmatched = set(), group
-                found = [(r, index.find(r.sequence(), mode=r.long)) for r in unmatched]
+                found = [(r, _find(index, r)) for r in unmatched]
                 used.update(f[0].row for _, f in found if f is not None)
                 unmatched = [r for r, f in found if f is None]
             spare = [row for row in finished if row not in used]
@@ -1469,7 +1475,7 @@ class ContinuousBatchingManager:
         for n, phase in enumerate(phases):
             if n:  # requests that start from a request of the phase before
                 for i in phase:
-                    f = batch.prefixes.find(seqs[i], mode=group[i].long)
+                    f = _find(batch.prefixes, group[i])
                     shared[i] = (f[0].row, f[0].start, f[1]) if f is not None else (0, 0, 0)
             rest = [len(seqs[i]) - shared[i][2] for i in phase]
             # a forward's attention holds each layer's keys of its prompts, shared prefixes
@@ -1682,7 +1688,7 @@ class ContinuousBatchingManager:
         users: collections.Counter = collections.Counter()  # finished rows -> requests that start from them
         found = []
         for req in group:  # spread over rows that hold the same tokens, so that each may go to its user
-            f = index.find(req.sequence(), users, mode=req.long)
+            f = _find(index, req, users)
             found.append(f)
             if f is not None and f[0].req is None:
                 users[f[0].row] += 1
@@ -1698,11 +1704,11 @@ class ContinuousBatchingManager:
         rows = [r if r is not None else next(others) for r in rows]
         for r in rows:
             index.drop(r)
-        found = [index.find(req.sequence(), mode=req.long) if f is not None and f[0].row in rows and f[0].row != row
+        found = [_find(index, req) if f is not None and f[0].row in rows and f[0].row != row
                  else f for req, f, row in zip(group, found, rows)]
         local, follow, gain = PrefixIndex(), [], 0
         for i, req in enumerate(group):
-            mine, have = local.find(req.sequence(), mode=req.long), found[i][1] if found[i] is not None else 0
+            mine, have = _find(local, req), found[i][1] if found[i] is not None else 0
             if mine is not None and mine[1] >= have + prefixes.BLOCK:
                 follow.append(i)
                 gain += mine[1] - have

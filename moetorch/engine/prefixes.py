@@ -37,22 +37,35 @@ class Source:
 
     __slots__ = ("row", "tokens", "req", "_start", "hashes", "stamp", "mode")
 
-    def __init__(self, row: int, tokens: list[int], stamp: int, req=None, start: int = 0, mode: bool = False) -> None:
+    def __init__(self, row: int, tokens: list[int], stamp: int, req=None, start: int = 0, mode: bool = False,
+                 memo: dict | None = None) -> None:
         self.row, self.tokens, self.req, self._start, self.stamp, self.mode = row, tokens, req, start, stamp, mode
-        self.hashes = [h for _, h in block_hashes(tokens, len(tokens), mode)]
+        self.hashes = [h for _, h in block_hashes(tokens, len(tokens), mode, memo)]
 
     @property
     def start(self) -> int:
         return self.req.start if self.req is not None else self._start
 
 
-def block_hashes(tokens: list[int], limit: int, mode: bool = False):
+def block_hashes(tokens: list[int], limit: int, mode: bool = False, memo: dict | None = None):
     """(end, chained hash) of each whole block within the first `limit` tokens, in order: each
     hash covers every token before `end` (computed as consumed, so a search may stop early). The
-    chain starts from `mode` (LongRoPE's factor set), so that each set's hashes are its own."""
-    h = int(mode)
-    for j in range(BLOCK, limit + 1, BLOCK):
+    chain starts from `mode` (LongRoPE's factor set), so that each set's hashes are its own.
+
+    `memo`: a dict that the owner of a sequence that only grows keeps for it ({mode: the hashes
+    of its first blocks}); `tokens` must be a prefix of that sequence. Hashes it holds are read
+    back, and those computed are added: a request looked up several times, then added as a
+    source, hashes each of its blocks once."""
+    known = memo.setdefault(mode, []) if memo is not None else None
+    h, done = int(mode), 0
+    if known:
+        for h in known[:limit // BLOCK]:
+            done += BLOCK
+            yield done, h
+    for j in range(done + BLOCK, limit + 1, BLOCK):
         h = hash((h, tuple(tokens[j - BLOCK:j])))
+        if known is not None:
+            known.append(h)
         yield j, h
 
 
@@ -91,12 +104,14 @@ class PrefixIndex:
 
     def running(self, row: int, req) -> None:
         """A request now runs in `row`, its prompt's keys in its slots from `req.start` on."""
-        self._add(Source(row, req.prompt, next(self._clock), req=req, mode=getattr(req, "long", False)))
+        self._add(Source(row, req.prompt, next(self._clock), req=req, mode=getattr(req, "long", False),
+                         memo=getattr(req, "hash_memo", None)))
 
     def finished(self, row: int, req) -> None:
         """The request of `row` finished: its prompt and generated tokens but the last stay."""
         tokens = req.prompt + req.tokens[:-1]
-        self._add(Source(row, tokens, next(self._clock), start=req.start, mode=getattr(req, "long", False)))
+        self._add(Source(row, tokens, next(self._clock), start=req.start, mode=getattr(req, "long", False),
+                         memo=getattr(req, "hash_memo", None)))
 
     def finished_rows(self) -> dict[int, int]:
         """Finished sources' rows -> their first slot."""
@@ -123,14 +138,15 @@ class PrefixIndex:
                 self.drop(row)
 
     def find(self, prompt: list[int], users: dict[int, int] | None = None,
-             mode: bool = False) -> tuple[Source, int] | None:
+             mode: bool = False, memo: dict | None = None) -> tuple[Source, int] | None:
         """The source sharing the longest prefix with `prompt` (at least a block, at most all but
         its last token), and that prefix's length; None if none does. Among sources that share as
         much, the one on the row with the fewest `users` (row -> requests that start from it), then
-        the newest. Only sources of LongRoPE factor set `mode` count."""
+        the newest. Only sources of LongRoPE factor set `mode` count. `memo`: the prompt's
+        hashes kept between look-ups (`block_hashes`)."""
         limit = len(prompt) - 1
         best = None
-        for j, h in block_hashes(prompt, limit, mode):
+        for j, h in block_hashes(prompt, limit, mode, memo):
             holders = self._by_hash.get(h)
             if not holders:
                 break
@@ -141,18 +157,23 @@ class PrefixIndex:
         # rank the holders by what they would share, then check the first j tokens of the best
         # alone (a hash collision drops it for the next): many rows holding one long system
         # prompt each cost a few token compares, not a compare of the whole prefix
-        ranked, users = [], users or {}
+        get, nxt, ranked = (users or {}).get, prompt[j], []
         for src in holders.values():
             if src.mode != mode:
                 continue
             toks, p = src.tokens, j
-            if len(toks) > j and toks[j] == prompt[j]:  # it shares tokens past the block (else: j)
+            if len(toks) > j and toks[j] == nxt:  # it shares tokens past the block (else: j)
                 end = min(limit, len(toks))
                 while p < end and toks[p] == prompt[p]:
                     p += 1
-            ranked.append(((p, -users.get(src.row, 0), src.stamp), src))
-        ranked.sort(key=lambda item: item[0], reverse=True)
-        for (p, _, _), src in ranked:
+            ranked.append((p, -get(src.row, 0), src.stamp, src))  # (stamps differ: sources never compared)
+        if not ranked:
+            return None
+        best = max(ranked)
+        if best[3].tokens[:j] == prompt[:j]:
+            return best[3], best[0]
+        ranked.sort(reverse=True)  # a hash collision: the next ones in order
+        for p, _, _, src in ranked[1:]:
             if src.tokens[:j] == prompt[:j]:
                 return src, p
         return None
