@@ -156,6 +156,12 @@ def slot_major(storage: torch.Tensor, layers: int, rows: int, slots: int, kv_hea
     return x[:, :, 0].permute(2, 0, 3, 1, 4), x[:, :, 1].permute(2, 0, 3, 1, 4)
 
 
+def _per_layer(t: torch.Tensor) -> list[torch.Tensor]:
+    """A layer's view each of `t` [layers, ...]: one `select` view apiece, not `unbind`'s, whose
+    views autograd never lets a forward with gradients on write in place."""
+    return [t[i] for i in range(t.shape[0])]
+
+
 class CacheLayer(NamedTuple):
     keys: torch.Tensor
     values: torch.Tensor
@@ -283,7 +289,7 @@ class StaticCache(Cache):
             # and zeroing them take a launch or two, not one per layer.
             shape = (n, B, G, self.max_cache_len, d)
             self._all = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        self.keys, self.values = list(self._all[0].unbind(0)), list(self._all[1].unbind(0))
+        self.keys, self.values = _per_layer(self._all[0]), _per_layer(self._all[1])
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len
@@ -312,6 +318,10 @@ class StaticCache(Cache):
         cache_position = self._positions(T, key_states.device, cache_kwargs)
         if layer_idx == 0:
             self._seen += T
+        if torch.is_grad_enabled():
+            # a forward with gradients on (no torch.no_grad()) writes the storage in place through
+            # a view, after which autograd rejects the views made before: make this layer's anew
+            self.keys[layer_idx], self.values[layer_idx] = self._all[0][layer_idx], self._all[1][layer_idx]
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if k.shape[0] != B:
             raise ValueError(f"StaticCache holds batch {k.shape[0]}, got keys for batch {B}")
@@ -442,7 +452,7 @@ class StaticCache(Cache):
         count and LongRoPE state, and this one's `records_inputs`."""
         view = StaticCache(self._config, max_cache_len=self.max_cache_len, num_layers=self.num_layers)
         view._all = tuple(t[:, rows] for t in self._all)
-        view.keys, view.values = list(view._all[0].unbind(0)), list(view._all[1].unbind(0))
+        view.keys, view.values = _per_layer(view._all[0]), _per_layer(view._all[1])
         view.records_inputs = self.records_inputs
         return view
 

@@ -11,6 +11,7 @@ import transformers
 from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling, randomize_
 from parity import close, make_inputs
 
+import moetorch
 import moetorch.cache
 from moetorch import DynamicCache, StaticCache
 
@@ -44,6 +45,33 @@ def test_prefill_then_decode_equals_full_forward(arch, kind, padding):
         close(out.logits[:, 0], full[:, t], f"decode step {t}")
     assert cache.get_seq_length() == 10
 
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_static_cache_with_gradients_on(arch, tmp_path):
+    """A forward outside torch.no_grad() fills a StaticCache as Transformers' does: prefill, then
+    a decode step, the same logits, and the loss of both steps backpropagates to the same
+    gradients (the keys written into the cache carry theirs)."""
+    from parity import make_pair
+
+    hf, ours = make_pair(arch, tmp_path, seed=4)
+    ids, _ = make_inputs(ours.config.vocab_size, 2, 7, None, seed=5)
+    grads = []
+    for model, lib in ((hf, transformers), (ours, moetorch)):
+        model.zero_grad()
+        cache = lib.StaticCache(config=model.config, max_cache_len=12)
+        first = model(ids[:, :6], past_key_values=cache, use_cache=True)
+        step = model(ids[:, 6:], past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 7 and step.logits.requires_grad
+        (first.logits.logsumexp(-1).mean() + step.logits.logsumexp(-1).mean()).backward()
+        grads.append((first.logits.detach(), step.logits.detach(),
+                      {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (hf_first, hf_step, hf_grads), (our_first, our_step, our_grads) = grads
+    close(our_first, hf_first, "prefill logits")
+    close(our_step, hf_step, "decode logits")
+    assert our_grads.keys() == hf_grads.keys()
+    for name, g in hf_grads.items():
+        close(our_grads[name], g, f"grad of {name}", atol=1e-4, rtol=1e-4)
 
 WINDOWED = [a for a in ARCHS if "sliding_window" in a.variants]
 
