@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "cache_implementation": None,
     "max_cache_len": None,  # a static cache's length, at least what the call needs
     "prefill_chunk_size": None,  # the prompt's forward in chunks of this many tokens (less memory)
+    # Transformers' arguments of its quantized cache, which moetorch does not offer: kept, unused
+    "cache_config": None,
     # moetorch compiles nothing by itself (decode steps replay CUDA graphs): kept, no effect
     "disable_compile": None,
     "compile_config": None,
@@ -77,6 +79,8 @@ DEFAULTS: dict[str, Any] = {
     "pad_token_id": None,
     "bos_token_id": None,
     "eos_token_id": None,
+    # the decoder's first token of an encoder-decoder model: kept for config files, unused here
+    "decoder_start_token_id": None,
     # assisted decoding
     "num_assistant_tokens": 20,
     "num_assistant_tokens_schedule": "constant",
@@ -93,11 +97,33 @@ DEFAULTS: dict[str, Any] = {
 ASSISTANT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+# Transformers' deprecated names of its static cache, read as "static"; "hybrid", which its older
+# config files set for models with a sliding window, it reads as unset, and so does moetorch.
+CACHE_ALIASES = {"sliding_window": "static", "hybrid_chunked": "static", "hybrid": None}
 # Arguments of generate() itself, which a config must not carry.
 _GENERATE_ARGUMENTS = (
     "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
     "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
 )
+
+
+# Fields whose None is a setting of its own rather than "unset" (top_k=None turns top-k off, where
+# its default is 50); every other field set to None takes its default.
+_NONE_IS_A_VALUE = {name for name, default in DEFAULTS.items() if default is None} | {
+    "top_k", "assistant_confidence_threshold"}
+
+
+def _plain(value: Any) -> Any:
+    """A 0-d tensor or a numpy scalar as the Python number it holds (`max_new_tokens=np.int64(4)`,
+    `pad_token_id=torch.tensor(5)`), also inside a list or tuple; anything else as it is."""
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 else value
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
 
 
 def _is_int(x: Any) -> bool:
@@ -126,6 +152,15 @@ class GenerationConfig(PushToHubMixin):
         self.validate()
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in DEFAULTS:
+            value = _plain(value)
+            if name == "cache_implementation" and value in CACHE_ALIASES:
+                value = CACHE_ALIASES[value]
+            if value is None and name not in _NONE_IS_A_VALUE:
+                # None means unset, as in Transformers: the field's default, which is also "off"
+                object.__setattr__(self, name, copy.deepcopy(DEFAULTS[name]))
+                self._explicit.discard(name)
+                return
         object.__setattr__(self, name, value)
         if name in DEFAULTS:
             self._explicit.add(name)
@@ -175,8 +210,8 @@ class GenerationConfig(PushToHubMixin):
             fail("early_stopping", f"must be True, False or 'never', got {self.early_stopping!r}")
         if self.cache_implementation not in (None, *CACHE_IMPLEMENTATIONS):
             fail("cache_implementation", f"must be one of {CACHE_IMPLEMENTATIONS}, got {self.cache_implementation!r}")
-        if self.max_time is not None and not (_is_number(self.max_time) and self.max_time > 0):
-            fail("max_time", f"must be a positive number of seconds, got {self.max_time!r}")
+        if self.max_time is not None and not (_is_number(self.max_time) and self.max_time >= 0):
+            fail("max_time", f"must be a non-negative number of seconds, got {self.max_time!r}")
         if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
             fail("repetition_penalty", f"must be a positive number, got {self.repetition_penalty!r}")
         penalty = self.encoder_repetition_penalty
@@ -212,6 +247,8 @@ class GenerationConfig(PushToHubMixin):
                      "(use num_beams > 1 or do_sample=True)")
             if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
                 fail("num_return_sequences", f"({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
+        if self.cache_config is not None and not isinstance(self.cache_config, dict):
+            fail("cache_config", f"must be a dict, got {self.cache_config!r}")
         for name in ("pad_token_id", "bos_token_id", "forced_bos_token_id"):
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v >= 0):
@@ -246,7 +283,7 @@ class GenerationConfig(PushToHubMixin):
                     fail(name, f"({sorted(forced)}) is suppressed too (suppress_tokens): the forced step "
                          "would leave no token to pick")
         decay = self.exponential_decay_length_penalty
-        if decay is not None and not (isinstance(decay, (list, tuple)) and len(decay) == 2 and _is_int(decay[0])
+        if decay is not None and not (isinstance(decay, (list, tuple)) and len(decay) == 2 and _is_number(decay[0])
                                       and decay[0] >= 0 and _is_number(decay[1]) and decay[1] > 0):
             fail("exponential_decay_length_penalty",
                  f"must be (start index >= 0, decay factor > 0), got {decay!r}")

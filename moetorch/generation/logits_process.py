@@ -215,10 +215,13 @@ class SequenceBiasLogitsProcessor(LogitsProcessor):
         if isinstance(sequence_bias, dict):
             items = list(sequence_bias.items())
         elif isinstance(sequence_bias, list):
-            items = [(tuple(seq), bias) for seq, bias in sequence_bias]
+            items = [(seq, bias) for seq, bias in sequence_bias]
         else:
             raise ValueError(f"`sequence_bias` must be a list of [token ids, bias] pairs, got {sequence_bias!r}")
         for seq, bias in items:
+            if not isinstance(seq, (tuple, list)):
+                raise ValueError(f"`sequence_bias`: each sequence is a tuple or list of token ids, e.g. ({seq!r},), "
+                                 f"got {seq!r}")
             if not (seq and all(isinstance(t, int) and t >= 0 for t in seq) and isinstance(bias, (int, float))):
                 raise ValueError(f"`sequence_bias`: {list(seq)!r} -> {bias!r} is not (non-empty token ids, number)")
         self.sequence_bias = {tuple(seq): float(bias) for seq, bias in items}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -89,7 +90,7 @@ _UNSUPPORTED = {
     "assistant_early_exit": None, "low_memory": None,
 }
 # Model inputs Transformers hands to every forward that change nothing generate returns: accepted.
-_IGNORED_INPUTS = ("output_router_logits",)
+_IGNORED_INPUTS = ("output_router_logits", "logits_to_keep")
 # Transformers' "impossible" score: large enough to never win, small enough to stay finite.
 _NEVER = -1.0e9
 
@@ -305,13 +306,21 @@ class _Record:
             self.hidden_states += (out.hidden_states,)
 
 
+def _same_kind(custom: Any, built: Any) -> bool:
+    """Whether `custom` is of the built-in's class, or of Transformers' class of that name (which a
+    script may still import): either replaces the built-in, as in Transformers."""
+    kind = type(custom)
+    return kind is type(built) or (kind.__name__ == type(built).__name__
+                                   and kind.__module__.startswith("transformers."))
+
+
 def _merge(default: list, custom: list | None, kind: str) -> list:
     """Transformers' merge: a custom item replaces the default of the same class, the rest follow."""
     if not custom:
         return default
     merged = type(default)()
     for item in default:
-        same = next((c for c in custom if type(c) is type(item)), None)
+        same = next((c for c in custom if _same_kind(c, item)), None)
         if same is not None:
             logger.warning("a custom %s %s replaces the one generate() built from its settings",
                            kind, type(item).__name__)
@@ -487,8 +496,10 @@ class GenerationMixin(ContinuousBatchingMixin):
         mask, positions = _padding(seq, embeds, mask, pad_id, eos)
 
         expand = max(gen.num_beams, gen.num_return_sequences)
+        _check_token_ids(gen, getattr(self.config, "vocab_size", None))
         if cache is not None:
             _check_user_cache(cache, gen, expand)
+            _uncache_the_last_prompt_token(cache, offset + seq.shape[1])
             if isinstance(cache, StaticCache) and self.spans_devices:
                 raise ValueError("a StaticCache holds every layer's keys on one device, but this model is placed "
                                  f"over {', '.join(map(str, self.parameter_devices()))}: pass a DynamicCache, or none")
@@ -662,6 +673,8 @@ class GenerationMixin(ContinuousBatchingMixin):
         (`uses_model_defaults`), a passed config takes only the model's special tokens."""
         if generation_config is not None:
             generation_config = as_generation_config(generation_config)
+        else:
+            _check_config_holds_no_generation_settings(self.config, self.generation_config)
         gen = GenerationConfig()
         use_defaults = uses_model_defaults(use_model_defaults, self.generation_config)
         model_layer = model_defaults_layer(self.generation_config, generation_config, use_defaults)
@@ -1529,6 +1542,49 @@ def _padding(seq, embeds, mask, pad_id, eos):
     return mask, positions
 
 
+def _check_config_holds_no_generation_settings(config, model_generation_config: GenerationConfig) -> None:
+    """Transformers' rule: generation settings set on `model.config` (rather than on
+    `model.generation_config`) are an error, not silently ignored. Those a checkpoint's config.json
+    carried, and which `model.generation_config` took over, are fine."""
+    declared = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    stray = {}
+    for name in DEFAULTS:
+        if name == "use_cache" or name in declared:
+            continue
+        value = getattr(config, name, None)
+        if value is not None and value != getattr(model_generation_config, name):
+            stray[name] = value
+    if stray:
+        raise ValueError(f"generation settings are set on the model config: {stray}. Set them on "
+                         "model.generation_config (or pass them to generate()) instead; moetorch, like "
+                         "Transformers, does not read them from model.config")
+
+
+def _check_token_ids(gen: GenerationConfig, vocab_size: int | None) -> None:
+    """Token ids that a processor forces or bans must be in the vocabulary (a forced id past its end
+    would come out as another token)."""
+    if vocab_size is None:
+        return
+    for name in ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):
+        value = getattr(gen, name)
+        ids = [] if value is None else [value] if isinstance(value, int) else list(value)
+        outside = [i for i in ids if i >= vocab_size]
+        if outside:
+            raise ValueError(f"generate(): `{name}` holds {outside}, outside the vocabulary of {vocab_size} tokens")
+
+
+def _uncache_the_last_prompt_token(cache, prompt_length: int) -> None:
+    """A cache that already holds the whole prompt (a forward over it, then generate with the same
+    prompt) gives up the prompt's last token, whose forward then gives the first new token's
+    logits. One that holds more than the prompt is an error."""
+    held = cache.get_seq_length()
+    if held > prompt_length:
+        raise ValueError(f"past_key_values holds {held} tokens but the prompt has {prompt_length}: pass the whole "
+                         "sequence the cache holds, followed by the tokens it does not hold yet")
+    if held == prompt_length:
+        cache.crop(held - 1)
+
+
 def _check_user_cache(cache, gen: GenerationConfig, expand: int) -> None:
     if not isinstance(cache, Cache):
         kind = type(cache)
@@ -1539,8 +1595,9 @@ def _check_user_cache(cache, gen: GenerationConfig, expand: int) -> None:
         raise ValueError("pass either past_key_values or cache_implementation, not both")
     if not gen.use_cache:
         raise ValueError("past_key_values was given with use_cache=False")
-    if expand > 1:
-        raise ValueError("past_key_values cannot be combined with num_beams or num_return_sequences > 1")
+    if expand > 1 and cache.get_seq_length() > 0:
+        raise ValueError("a past_key_values that holds tokens cannot be combined with num_beams or "
+                         "num_return_sequences > 1 (an empty one can)")
 
 
 __all__ = ["GenerateBeamDecoderOnlyOutput", "GenerateDecoderOnlyOutput", "GenerationMixin"]

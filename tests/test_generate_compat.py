@@ -1,0 +1,210 @@
+"""generate() takes what Transformers' generate takes, token for token: settings passed as None
+(unset), numpy and 0-d tensor numbers, Transformers' own processor and criterion classes
+replacing the built-ins, deprecated cache names, an empty cache with several rows a prompt, a
+cache that holds the whole prompt; and the errors Transformers raises, clearer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from archs import ARCH_IDS, ARCHS
+from parity import make_inputs, make_pair
+
+import moetorch
+from moetorch import GenerationConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
+def pair(request, tmp_path_factory):
+    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name), seed=3)
+
+
+def prompt(pair, seed=7):
+    ids, mask = make_inputs(pair[1].config.vocab_size, 2, 6, "left", seed=seed)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def both(pair, seed=0, **kwargs):
+    outs = []
+    for model in pair:
+        torch.manual_seed(seed)
+        outs.append(model.generate(**kwargs))
+    return outs
+
+
+def same(pair, seed=0, **kwargs):
+    hf, ours = both(pair, seed, **kwargs)
+    assert torch.equal(ours, hf), f"{kwargs}: Transformers {hf.tolist()}, moetorch {ours.tolist()}"
+    return ours
+
+
+@pytest.mark.parametrize("settings", [
+    {"do_sample": True, "temperature": None}, {"do_sample": True, "top_p": None},
+    {"do_sample": True, "top_k": None}, {"do_sample": True, "typical_p": None},
+    {"do_sample": True, "epsilon_cutoff": None, "eta_cutoff": None}, {"repetition_penalty": None},
+    {"num_beams": 2, "early_stopping": None}, {"max_length": None},
+    {"remove_invalid_values": None, "renormalize_logits": None}, {"use_cache": True, "min_length": None},
+])
+def test_a_setting_passed_as_none_is_unset(pair, settings):
+    """A script forwarding `top_p=args.top_p` with a None default gets what Transformers gives:
+    the setting's default, which also turns its processor off (top_k=None: no top-k)."""
+    same(pair, **prompt(pair), max_new_tokens=5, **settings)
+
+
+def test_none_on_a_model_setting_falls_back_to_the_default(pair):
+    """None passed to generate() turns a setting the model's generation config holds back to the
+    default, as in Transformers; None in a passed config leaves the model's value."""
+    hf, ours = pair
+    for model in pair:
+        model.generation_config.temperature = 0.3
+        model.generation_config.do_sample = True
+    try:
+        same(pair, seed=2, **prompt(pair), max_new_tokens=5, temperature=None)
+        for model, lib in ((hf, transformers), (ours, moetorch)):
+            torch.manual_seed(2)
+            model._out = model.generate(**prompt(pair), max_new_tokens=5,
+                                        generation_config=lib.GenerationConfig(temperature=None, do_sample=True))
+        assert torch.equal(ours._out, hf._out)
+    finally:
+        for model in pair:
+            model.generation_config.temperature = 1.0
+            model.generation_config.do_sample = False
+            del model._out
+    config = GenerationConfig(temperature=None, max_length=None, top_k=None)
+    assert (config.temperature, config.max_length, config.top_k) == (1.0, 20, None)
+    assert not config.is_set("temperature") and not config.is_set("max_length") and config.is_set("top_k")
+
+
+@pytest.mark.parametrize("settings", [
+    {"max_new_tokens": np.int64(4)}, {"max_new_tokens": torch.tensor(4)},
+    {"max_new_tokens": 4, "num_beams": np.int64(2)}, {"max_new_tokens": 4, "eos_token_id": np.int64(11)},
+    {"max_new_tokens": 4, "pad_token_id": torch.tensor(5), "eos_token_id": 11},
+    {"max_new_tokens": 4, "do_sample": True, "temperature": np.float64(0.5), "top_k": 7},
+    {"max_new_tokens": 4, "suppress_tokens": [np.int64(3), np.int64(4)]},
+])
+def test_numpy_and_tensor_numbers_are_numbers(pair, settings):
+    same(pair, seed=1, **prompt(pair), **settings)
+    assert GenerationConfig(**settings).to_json_string()  # plain Python numbers, which json writes
+
+
+@pytest.mark.parametrize("settings", [
+    {"decoder_start_token_id": 3}, {"logits_to_keep": 1}, {"cache_config": {"max_cache_len": 40}},
+    {"max_time": 0.0}, {"exponential_decay_length_penalty": (1.0, 2.0), "eos_token_id": 11},
+    {"cache_implementation": "sliding_window"}, {"cache_implementation": "hybrid_chunked"},
+    {"cache_implementation": "hybrid"},
+])
+def test_settings_transformers_takes(pair, settings):
+    """Settings of encoder-decoder models and of Transformers' quantized cache (kept, unused), the
+    per-step `logits_to_keep` (generate keeps the last position's anyway), `max_time=0` (one
+    token), a float start of the decay, and Transformers' deprecated static-cache names."""
+    same(pair, **prompt(pair), max_new_tokens=4, **settings)
+
+
+def test_deprecated_cache_names_read_as_static_or_unset():
+    assert GenerationConfig(cache_implementation="sliding_window").cache_implementation == "static"
+    assert GenerationConfig(cache_implementation="hybrid").cache_implementation is None
+    config = GenerationConfig()
+    config.cache_implementation = "hybrid_chunked"
+    assert config.cache_implementation == "static"
+    with pytest.raises(ValueError, match="cache_implementation"):
+        GenerationConfig(cache_implementation="offloaded")
+    with pytest.raises(ValueError, match="cache_config"):
+        GenerationConfig(cache_config=3)
+
+
+def test_transformers_processor_and_criterion_classes_replace_the_built_ins(pair):
+    """Transformers' class of a built-in's name replaces the built-in, as Transformers' own does:
+    its MaxLengthCriteria(20) outlasts max_new_tokens=5, its SuppressTokensLogitsProcessor
+    replaces suppress_tokens."""
+    T = transformers
+    for criteria in (T.StoppingCriteriaList, list):
+        out = same(pair, **prompt(pair), max_new_tokens=5,
+                   stopping_criteria=criteria([T.MaxLengthCriteria(max_length=14)]))
+        assert out.shape[1] == 14
+    banned = [int(t) for t in same(pair, **prompt(pair), max_new_tokens=6)[:, 6:].flatten()[:2]]
+    kwargs = dict(**prompt(pair), max_new_tokens=6, suppress_tokens=[1, 2])
+    out = same(pair, logits_processor=T.LogitsProcessorList([T.SuppressTokensLogitsProcessor(banned)]), **kwargs)
+    assert not set(out[:, 6:].flatten().tolist()) & set(banned)
+    out = same(pair, logits_processor=[moetorch.SuppressTokensLogitsProcessor(banned)], **kwargs)
+    assert not set(out[:, 6:].flatten().tolist()) & set(banned)
+
+
+def test_generation_settings_on_the_model_config_are_an_error(pair):
+    hf, ours = pair
+    ours.config.temperature = 0.5
+    try:
+        with pytest.raises(ValueError, match=r"model config: \{'temperature': 0.5\}.*model.generation_config"):
+            ours.generate(**prompt(pair), max_new_tokens=3)
+        ours.generation_config.temperature = 0.5  # where the checkpoint's config.json carried it, say
+        ours.generate(**prompt(pair), max_new_tokens=3)
+        ours.generation_config.temperature = 1.0
+        # a passed generation config is Transformers' way out too
+        ours.generate(**prompt(pair), max_new_tokens=3, generation_config=GenerationConfig())
+    finally:
+        del ours.config.temperature
+    hf.config.temperature = 0.5
+    try:
+        with pytest.raises(ValueError, match="model configuration to control generation"):
+            hf.generate(**prompt(pair), max_new_tokens=3)
+    finally:
+        del hf.config.temperature
+
+
+@pytest.mark.parametrize("settings", [{"num_beams": 2}, {"num_beams": 3, "num_return_sequences": 2},
+                                      {"do_sample": True, "num_return_sequences": 2}])
+def test_an_empty_cache_with_several_rows_a_prompt(pair, settings):
+    hf, ours = pair
+    outs = []
+    for model, lib in ((hf, transformers), (ours, moetorch)):
+        torch.manual_seed(4)
+        cache = lib.DynamicCache()
+        outs.append(model.generate(**prompt(pair), max_new_tokens=4, past_key_values=cache, **settings))
+        assert cache.get_seq_length() > 0
+    assert torch.equal(outs[1], outs[0])
+    torch.manual_seed(4)
+    assert torch.equal(ours.generate(**prompt(pair), max_new_tokens=4, **settings), outs[1])
+    cache = moetorch.DynamicCache()
+    ours(prompt(pair)["input_ids"][:, :3], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="holds tokens cannot be combined with num_beams"):
+        ours.generate(**prompt(pair), max_new_tokens=4, past_key_values=cache, **settings)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_cache_that_holds_the_whole_prompt(pair, kind):
+    """A forward over the prompt, then generate with that prompt and cache: the continuation is the
+    one generate gives without a cache (the cache gives the prompt's last token back and computes
+    it again). Transformers feeds the prompt again after its own cached copy, which is no
+    continuation of it, so the oracle here is generate without a cache."""
+    _, ours = pair
+    ids = prompt(pair)["input_ids"][:1]
+    want = ours.generate(ids, max_new_tokens=5)
+    cache = moetorch.DynamicCache() if kind == "dynamic" else moetorch.StaticCache(ours.config, max_cache_len=16)
+    with torch.no_grad():
+        ours(ids, past_key_values=cache, use_cache=True)
+    assert torch.equal(ours.generate(ids, max_new_tokens=5, past_key_values=cache), want)
+    assert cache.get_seq_length() == ids.shape[1] + 4
+    with pytest.raises(ValueError, match="past_key_values holds 10 tokens but the prompt has 6"):
+        ours.generate(ids, max_new_tokens=2, past_key_values=cache)
+
+
+def test_bad_token_ids_are_named(pair):
+    _, ours = pair
+    V = ours.config.vocab_size
+    for name, value in (("forced_eos_token_id", V + 3), ("forced_bos_token_id", V), ("suppress_tokens", [1, V]),
+                        ("begin_suppress_tokens", [V + 1])):
+        with pytest.raises(ValueError, match=f"`{name}` holds .* outside the vocabulary of {V} tokens"):
+            ours.generate(**prompt(pair), max_new_tokens=3, **{name: value})
+    for bias in ({11: -5.0}, [[11, -5.0]]):
+        with pytest.raises(ValueError, match=r"sequence_bias`: each sequence is a tuple or list of token ids, e.g. \(11,\)"):
+            ours.generate(**prompt(pair), max_new_tokens=3, sequence_bias=bias)
+    same(pair, **prompt(pair), max_new_tokens=4, sequence_bias={(11,): -5.0, (3, 4): 2.0})
