@@ -208,3 +208,29 @@ def test_bad_token_ids_are_named(pair):
         with pytest.raises(ValueError, match=r"sequence_bias`: each sequence is a tuple or list of token ids, e.g. \(11,\)"):
             ours.generate(**prompt(pair), max_new_tokens=3, sequence_bias=bias)
     same(pair, **prompt(pair), max_new_tokens=4, sequence_bias={(11,): -5.0, (3, 4): 2.0})
+
+
+@pytest.mark.parametrize("settings", [{}, {"do_sample": True}, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2},
+                                      {"max_length": 8, "min_length": 6}])
+def test_continuing_with_only_the_tokens_the_cache_lacks(pair, settings):
+    """Transformers' other way to continue from a cache: the ids the cache does not hold yet, with
+    the mask of the whole sequence. The same tokens as Transformers (its max_length and the
+    processors count the passed ids only), and the same new tokens as passing the whole sequence."""
+    hf, ours = pair
+    p = prompt(pair)
+    outs = []
+    for model in (hf, ours):
+        first = model.generate(**p, max_new_tokens=3, return_dict_in_generate=True)
+        turn = torch.tensor([[5, 6], [8, 9]])
+        held = first.past_key_values.get_seq_length()
+        seq = torch.cat([first.sequences, turn], 1)
+        mask = torch.cat([p["attention_mask"], torch.ones(2, seq.shape[1] - 6, dtype=torch.long)], 1)
+        torch.manual_seed(5)
+        kw = settings if "max_length" in settings else {"max_new_tokens": 4, **settings}
+        outs.append(model.generate(seq[:, held:], attention_mask=mask, past_key_values=first.past_key_values, **kw))
+        if model is ours and not settings:
+            again = ours.generate(**p, max_new_tokens=3, return_dict_in_generate=True)
+            whole = ours.generate(seq, attention_mask=mask, past_key_values=again.past_key_values, max_new_tokens=4)
+            assert torch.equal(whole[:, seq.shape[1]:], outs[-1][:, seq.shape[1] - held:])
+    assert torch.equal(outs[1], outs[0]), f"Transformers {outs[0].tolist()}, moetorch {outs[1].tolist()}"
+    assert outs[1].shape[0] == 2

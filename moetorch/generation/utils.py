@@ -484,7 +484,8 @@ class GenerationMixin(ContinuousBatchingMixin):
         sync = synced(synced_gpus, self)
         gen, model_inputs = self._generation_settings(generation_config, kwargs, use_model_defaults)
         tokenizer = model_inputs.pop("tokenizer", None)
-        seq, embeds, offset, mask = self._prompt(inputs, gen, model_inputs)
+        cache = model_inputs.get("past_key_values")
+        seq, embeds, offset, mask = self._prompt(inputs, gen, model_inputs, _held_tokens(cache))
         cache = model_inputs.pop("past_key_values", None)
         user_cache = cache is not None
         device = seq.device
@@ -508,7 +509,8 @@ class GenerationMixin(ContinuousBatchingMixin):
             mask, positions, embeds = (
                 None if t is None else t.repeat_interleave(expand, dim=0) for t in (mask, positions, embeds)
             )
-        max_length, min_length = self._lengths(gen, seq.shape[1], offset)
+        # an embeddings-only prompt counts in max_length and min_length, a cache's tokens do not
+        max_length, min_length = self._lengths(gen, seq.shape[1], offset, counted=embeds is not None)
         drafted = assistant_model is not None or gen.prompt_lookup_num_tokens is not None
         if cache is None and gen.use_cache:
             # On a GPU, greedy search, sampling, beam search and assisted decoding default to the
@@ -724,8 +726,11 @@ class GenerationMixin(ContinuousBatchingMixin):
                 out[name] = True
         return out
 
-    def _prompt(self, inputs, gen: GenerationConfig, model_inputs: dict):
-        """(ids [B, L], embeds or None, offset, mask or None) from the caller's prompt arguments."""
+    def _prompt(self, inputs, gen: GenerationConfig, model_inputs: dict, held: int = 0):
+        """(ids [B, L], embeds or None, offset, mask or None) from the caller's prompt arguments.
+        `offset`: the context before the ids, an embeddings-only prompt's tokens or, where the ids
+        are the tokens after the `held` ones a passed cache holds and the mask covers both (as
+        Transformers takes them), the cache's."""
         ids = model_inputs.pop("input_ids", None)
         if inputs is not None and ids is not None:
             raise ValueError("pass the prompt as `inputs` or as `input_ids`, not both")
@@ -756,6 +761,9 @@ class GenerationMixin(ContinuousBatchingMixin):
                 raise ValueError("generate() needs input_ids, inputs_embeds or a bos_token_id to start from")
             ids = torch.full((1, 1), gen.bos_token_id, dtype=torch.long, device=device)
         if mask is not None:
+            if (held and embeds is None and torch.is_tensor(mask)
+                    and mask.shape == (ids.shape[0], held + ids.shape[1])):
+                offset = held
             if not (torch.is_tensor(mask) and mask.shape == (ids.shape[0], offset + ids.shape[1])):
                 raise ValueError(f"attention_mask must be 2D [batch, seq] like the prompt "
                                  f"{(ids.shape[0], offset + ids.shape[1])}, got {getattr(mask, 'shape', mask)}")
@@ -764,8 +772,9 @@ class GenerationMixin(ContinuousBatchingMixin):
             raise ValueError("the prompt is empty")
         return ids, embeds, offset, mask
 
-    def _lengths(self, gen: GenerationConfig, L: int, offset: int) -> tuple[int, int]:
-        """(max_length, min_length) of the id sequence, as Transformers derives them."""
+    def _lengths(self, gen: GenerationConfig, L: int, offset: int, counted: bool = True) -> tuple[int, int]:
+        """(max_length, min_length) of the id sequence, as Transformers derives them; `counted`:
+        whether the `offset` tokens before the ids count in max_length and min_length."""
         max_pos = getattr(self.config, "max_position_embeddings", None)
         if max_pos is not None and L + offset > max_pos:
             raise ValueError(f"the prompt has {L + offset} tokens, more than the model's "
@@ -778,14 +787,14 @@ class GenerationMixin(ContinuousBatchingMixin):
             if max_pos is not None:
                 max_length = min(max_length, max_pos)
         else:
-            max_length = gen.max_length - offset
+            max_length = gen.max_length - (offset if counted else 0)
         if L >= max_length:
             raise ValueError(f"the prompt has {L} tokens but max_length is {max_length}: nothing to generate "
                              "(set max_new_tokens, or a larger max_length)")
         if gen.min_new_tokens is not None:
             min_length = gen.min_new_tokens + L
         else:
-            min_length = max((gen.min_length or 0) - offset, 0)
+            min_length = max((gen.min_length or 0) - (offset if counted else 0), 0)
         return max_length, min_length
 
     def _logits_processors(self, gen, prompt, min_length, max_length, mask, eos, prefix_fn, custom, neg_ids,
@@ -1123,8 +1132,10 @@ class GenerationMixin(ContinuousBatchingMixin):
             raise ValueError(f"assisted decoding supports batch size 1 only, got {seq.shape[0]}")
         if cache is None:
             raise ValueError("assisted decoding needs a cache (use_cache=True)")
-        if ctx.offset or ctx.embeds is not None:
+        if ctx.embeds is not None:
             raise ValueError("assisted decoding needs input_ids (inputs_embeds cannot be shared with the assistant)")
+        if ctx.offset:
+            raise ValueError("assisted decoding needs the whole sequence as input_ids, the cached tokens too")
         if gen.output_attentions or gen.output_hidden_states:
             raise ValueError("assisted decoding does not return attentions or hidden states")
         if assistant is not None and (
@@ -1571,6 +1582,11 @@ def _check_token_ids(gen: GenerationConfig, vocab_size: int | None) -> None:
         outside = [i for i in ids if i >= vocab_size]
         if outside:
             raise ValueError(f"generate(): `{name}` holds {outside}, outside the vocabulary of {vocab_size} tokens")
+
+
+def _held_tokens(cache) -> int:
+    """The tokens a passed cache holds (0 for anything else, which `_check_user_cache` rejects)."""
+    return cache.get_seq_length() if isinstance(cache, Cache) else 0
 
 
 def _uncache_the_last_prompt_token(cache, prompt_length: int) -> None:
