@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from .adapters import adapter_only_base
-from .configuration import ConfigError, read_config_dict
+from .configuration import ConfigError, MoeConfig, read_config_dict
 from .defaults import checkpoint_path
 from .hub import CONFIG_PATTERNS, HUB_OPTIONS
 
@@ -60,18 +60,42 @@ class _Auto:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
         """Load the checkpoint (a directory, an embedded model or a Hub repository) with the
-        class its config.json names."""
+        class its config.json names, or that `config` names (a config, or where to read one)."""
         hub = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
-        return cls.class_for(pretrained_model_name_or_path, **hub).from_pretrained(pretrained_model_name_or_path,
-                                                                                    **kwargs)
+        config = kwargs.get("config") if cls.role != "config" else None
+        if isinstance(config, MoeConfig):
+            model_class = cls.class_of(config)
+        else:
+            model_class = cls.class_for(pretrained_model_name_or_path if config is None else config, **hub)
+        return model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
-    def from_config(cls, config):
-        return registry()[config.model_type][cls.role](config)
+    def class_of(cls, config: MoeConfig) -> type:
+        if not isinstance(config, MoeConfig) or config.model_type not in registry():
+            raise TypeError(f"{cls.__name__}: config must be a moetorch config ({sorted(registry())}), got "
+                            f"{type(config).__name__}")
+        return registry()[config.model_type][cls.role]
+
+    @classmethod
+    def from_config(cls, config: MoeConfig, **kwargs: Any):
+        """A new model of `config`'s architecture, as Transformers' `from_config`: `dtype` (or
+        `torch_dtype`) and `attn_implementation` as `_from_config` takes them; `trust_remote_code`
+        is taken and changes nothing (no remote code here)."""
+        kwargs.pop("trust_remote_code", None)
+        return cls.class_of(config)._from_config(config, **kwargs)
 
 
 class AutoConfig(_Auto):
     role = "config"
+
+    @classmethod
+    def for_model(cls, model_type: str, **kwargs: Any) -> MoeConfig:
+        """A config of `model_type` ("phimoe", "jetmoe") built with `kwargs`, as Transformers'."""
+        reg = registry()
+        if model_type not in reg:
+            raise ValueError(f"AutoConfig.for_model: model_type {model_type!r} is not supported by moetorch; "
+                             f"supported: {sorted(reg)}")
+        return reg[model_type]["config"](**kwargs)
 
 
 class AutoModel(_Auto):

@@ -82,6 +82,11 @@ class Cache:
     def is_static(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """As Transformers' caches: True for a static cache (its steps can be captured), else False."""
+        return self.is_static
+
     def record_inputs(
         self, embeds_BTD: torch.Tensor, position_ids_BT: torch.Tensor, cache_position_T: torch.Tensor, limit: int
     ) -> None:

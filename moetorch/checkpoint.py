@@ -241,7 +241,7 @@ def parse_size(size: int | str, what: str = "max_shard_size") -> int:
 
 
 def save_into(
-    model: torch.nn.Module, save_directory: str | os.PathLike, config, max_shard_size: int | str = "5GB",
+    model: torch.nn.Module, save_directory: str | os.PathLike, config, max_shard_size: int | str = "50GB",
     state_dict: dict[str, torch.Tensor] | None = None, variant: str | None = None,
 ) -> None:
     """Write the model's tensors (or `state_dict`, in the model's names) as (sharded) safetensors
@@ -279,7 +279,9 @@ def save_into(
         os.replace(tmp, os.path.join(save_directory, name))
     if len(shards) > 1:
         index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            # as Transformers' index: the model's parameter count (`num_parameters()`) and the tensors' bytes
+            "metadata": {"total_parameters": model.num_parameters(),
+                         "total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
             "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s},
         }
         with open(os.path.join(save_directory, index_name), "w", encoding="utf-8") as f:

@@ -17,8 +17,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from .defaults import checkpoint_path
-from .hub import CONFIG_PATTERNS, PushToHubMixin, hub_options
+from .hub import CONFIG_PATTERNS, PUSH_OPTIONS, PushToHubMixin, hub_options, upload
 from .ops.activations import ACTIVATIONS
 from .ops.rope import SCALED_ROPE_TYPES
 
@@ -49,6 +51,27 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def as_torch_dtype(value: Any, what: str = "dtype") -> torch.dtype | None:
+    """`value` as a torch.dtype, as Transformers keeps a config's `dtype` in memory: a torch.dtype,
+    or its name ("bfloat16", "torch.float16"); None stays None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    found = getattr(torch, str(value).removeprefix("torch."), None) if isinstance(value, str) else None
+    _check(isinstance(found, torch.dtype), what, f"must be a torch dtype or its name (e.g. 'bfloat16'), got {value!r}")
+    return found
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` with every torch.dtype in it (in dicts and lists too) as its name, as config.json holds it."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def check_positive_ints(cfg: Any, names: list[str]) -> None:
     for name in names:
         v = getattr(cfg, name)
@@ -73,6 +96,7 @@ def takes_any_key(cls):
         extra = dict(kwargs.pop("extra", None) or {})
         extra.update({k: v for k, v in kwargs.items() if k not in names and k not in _IGNORED_KEYS})
         init(self, **{k: v for k, v in kwargs.items() if k in names}, extra=extra)
+        object.__setattr__(self, "_built", True)  # from here on, `MoeConfig.__setattr__` applies its rules
 
     cls.__init__ = __init__
     return cls
@@ -90,7 +114,8 @@ class MoeConfig(PushToHubMixin):
     # `_name_or_path`, which tools read (TRL makes its reference model from it). Not a field: never saved.
     _name_or_path: ClassVar[str] = ""
     architectures: list[str] | None = None
-    dtype: str | None = None
+    # a torch.dtype in memory (given as one or by name), its name in config.json, as in Transformers
+    dtype: torch.dtype | str | None = None
     output_attentions: bool = False
     output_hidden_states: bool = False
     return_dict: bool = True
@@ -129,8 +154,7 @@ class MoeConfig(PushToHubMixin):
             "attn_implementation",
             f"must be one of {allowed_attn[1:]}, got {self.attn_implementation!r}",
         )
-        if self.dtype is not None and not isinstance(self.dtype, str):
-            self.dtype = str(self.dtype).removeprefix("torch.")
+        self.dtype = as_torch_dtype(self.dtype)
         act = getattr(self, "hidden_act", None)
         if act is not None:
             _check(act in ACTIVATIONS, "hidden_act", f"unknown activation {act!r}; allowed: {sorted(ACTIVATIONS)}")
@@ -215,9 +239,41 @@ class MoeConfig(PushToHubMixin):
         return self.return_dict
 
     @property
-    def torch_dtype(self) -> str | None:
+    def torch_dtype(self) -> torch.dtype | None:
         """Transformers' older name of `dtype`."""
         return self.dtype
+
+    @torch_dtype.setter
+    def torch_dtype(self, value: torch.dtype | str | None) -> None:
+        self.dtype = value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """As Transformers' configs: an attribute set after construction that is no field joins the
+        unknown keys (`extra`: read back, written by `to_dict` and `save_pretrained`); `dtype` is kept
+        as a torch.dtype; a new `num_labels` makes new `id2label` / `label2id`, and a new `id2label`
+        sets `num_labels`. Private names (`_x`) are plain attributes, never saved."""
+        built = self.__dict__.get("_built", False)  # constructed and validated (`takes_any_key`)
+        if not built or name.startswith("_") or name in self.__dataclass_fields__ or hasattr(type(self), name):
+            if built and name == "dtype":
+                value = as_torch_dtype(value)
+            elif built and name == "num_labels" and value != len(self.id2label):
+                _check(_is_int(value) and value > 0, "num_labels", f"must be a positive integer, got {value!r}")
+                labels = {i: f"LABEL_{i}" for i in range(value)}
+                object.__setattr__(self, "id2label", labels)
+                object.__setattr__(self, "label2id", {v: k for k, v in labels.items()})
+            elif built and name == "id2label" and value is not None:
+                value = {int(k): v for k, v in value.items()}
+                object.__setattr__(self, "num_labels", len(value))
+            object.__setattr__(self, name, value)
+        else:
+            self.extra[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra and name not in self.__dict__:
+            del extra[name]
+        else:
+            object.__delattr__(self, name)
 
     def get_text_config(self, *args: Any, **kwargs: Any) -> MoeConfig:
         return self
@@ -271,11 +327,11 @@ class MoeConfig(PushToHubMixin):
         if out.get("id2label") is not None and len(out["id2label"]) != self.num_labels:
             out["id2label"] = {i: f"LABEL_{i}" for i in range(self.num_labels)}
             out["label2id"] = {v: k for k, v in out["id2label"].items()}
-        if out.get("id2label") is not None:
-            out["id2label"] = {str(k): v for k, v in out["id2label"].items()}
         out["model_type"] = self.model_type
         out.update(copy.deepcopy(self.extra))
-        return dict(sorted(out.items()))
+        # id2label keeps its int keys, as Transformers' to_dict (JSON writes them as strings);
+        # torch dtypes are written by name
+        return _jsonable(dict(sorted(out.items())))
 
     def to_diff_dict(self) -> dict[str, Any]:
         """`to_dict` less the fields every model shares (output flags, labels, dtype, ...) where
@@ -299,8 +355,14 @@ class MoeConfig(PushToHubMixin):
         with open(json_file_path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string(use_diff))
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write `config.json` into `save_directory` (created if missing)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write `config.json` into `save_directory` (created if missing). As in Transformers,
+        `push_to_hub=True` then uploads the directory to `repo_id` (default: the directory's name;
+        with `token`, `private`, `commit_message`, `commit_description`, `create_pr`, `revision`)."""
+        push = {k: kwargs.pop(k) for k in PUSH_OPTIONS if k in kwargs}
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unknown keyword arguments {sorted(kwargs)}; it takes "
+                            f"push_to_hub and its options {list(PUSH_OPTIONS)}")
         if os.path.isfile(save_directory):
             raise ConfigError(f"save_pretrained expects a directory, but {save_directory} is a file")
         os.makedirs(save_directory, exist_ok=True)
@@ -309,6 +371,9 @@ class MoeConfig(PushToHubMixin):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
         os.replace(tmp, path)
+        if push_to_hub:
+            repo_id = push.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            upload(save_directory, repo_id, what=type(self).__name__, **push)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> MoeConfig:
@@ -318,6 +383,16 @@ class MoeConfig(PushToHubMixin):
         config = cls.from_dict(read_config_dict(path, **hub), **overrides)
         (config[0] if isinstance(config, tuple) else config).name_or_path = path
         return config
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike,
+                        **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(config.json's dict, the keywords left once the Hub's options are taken), as Transformers'
+        `PretrainedConfig.get_config_dict` returns them."""
+        hub = hub_options(kwargs)
+        for key in ("trust_remote_code", "proxies", "_from_auto", "_from_pipeline"):
+            kwargs.pop(key, None)
+        return read_config_dict(pretrained_model_name_or_path, **hub), kwargs
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> MoeConfig:
@@ -507,9 +582,10 @@ class JetMoeConfig(MoeConfig):
     """Configuration of a JetMoE model. Field names and defaults match Transformers' `JetMoeConfig`.
 
     `num_attention_heads` is derived (`num_key_value_heads * num_experts_per_tok`: each of a token's
-    K attention experts brings `num_key_value_heads` query heads) and cannot be set. The original
-    JetMoE names `ffn_hidden_size`, `moe_num_experts` and `moe_top_k` are read as aliases of
-    `intermediate_size`, `num_local_experts` and `num_experts_per_tok`; `head_dim` of `kv_channels`.
+    K attention experts brings `num_key_value_heads` query heads): setting another value is an
+    AttributeError. The original JetMoE names `ffn_hidden_size`, `moe_num_experts` and `moe_top_k` are read
+    as aliases of `intermediate_size`, `num_local_experts` and `num_experts_per_tok`; `head_dim` of
+    `kv_channels` (read and set, as Transformers' `attribute_map` makes it).
 
     `router_loss_recipe` picks the router loss behind `aux_loss` (a moetorch option, written to
     config.json only when not the default):
@@ -602,9 +678,23 @@ class JetMoeConfig(MoeConfig):
         """Query heads per token: K attention experts of `num_key_value_heads` heads each."""
         return self.num_key_value_heads * self.num_experts_per_tok
 
+    @num_attention_heads.setter
+    def num_attention_heads(self, value: int) -> None:
+        # Transformers stores any value and its model never reads it; here it is derived (read-only), so
+        # only its own value is taken (scripts that copy it back), and another one is an error that says why
+        if value != self.num_attention_heads:
+            raise AttributeError(
+                f"config field `num_attention_heads` is read-only: JetMoE derives it as num_key_value_heads * "
+                f"num_experts_per_tok = {self.num_attention_heads}; set those instead of {value!r}")
+
     @property
     def head_dim(self) -> int:
+        """`kv_channels` under Transformers' other name (its `attribute_map`), read and set."""
         return self.kv_channels
+
+    @head_dim.setter
+    def head_dim(self, value: int) -> None:
+        self.kv_channels = value
 
     @classmethod
     def _rename_legacy_keys(cls, data: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Any
 # Transformers' `from_pretrained` options that say where and how to fetch a repository (and where in it:
 # `subfolder`, for a local directory too)
 HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
+# what save_pretrained(push_to_hub=True) takes for the upload, as in Transformers
+PUSH_OPTIONS = ("repo_id", "token", "private", "commit_message", "commit_description", "create_pr", "revision", "tags")
 PATTERNS = ["*.json", "*.safetensors", "*.jinja", "custom_generate/*"]  # a model's (the default)
 CONFIG_PATTERNS = ["*.json"]  # configs, generation configs
 TOKENIZER_PATTERNS = ["*.json", "*.jinja"]

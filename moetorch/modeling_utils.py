@@ -24,7 +24,7 @@ from .configuration import MoeConfig
 from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
 from .generation.custom import install_checkpoint_generate
-from .hub import PushToHubMixin, hub_options, upload
+from .hub import PUSH_OPTIONS, PushToHubMixin, hub_options, upload
 from .ops.attention import Packed, build_mask, check_attn_implementation, token_runs, varlen_kernel_serves
 from .ops.losses import causal_lm_loss_function, sequence_classification_loss
 from .ops.moe import training_paths
@@ -150,7 +150,8 @@ _LOADER_ONLY_KWARGS = {
     "trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "resume_download", "proxies",
     "offload_folder", "offload_state_dict", "offload_buffers",  # disk offload: moetorch never offloads to disk
     "weights_only", "disable_mmap", "tqdm_class", "use_kernels", "allow_all_kernels",
-    "_from_auto", "_from_pipeline", "_commit_hash", "_fast_init",
+    "_from_auto", "_from_pipeline", "_commit_hash", "_fast_init", "mirror",
+    "experts_implementation",  # moetorch picks its experts' kernels itself (ops.moe)
 }
 # Transformers' loading options moetorch lacks, with the value that asks for nothing: another value is
 # an error that names the option (rather than a key that lands in config.json).
@@ -161,8 +162,6 @@ _LOADER_UNSUPPORTED = {
 }
 # save_pretrained's options that change nothing for a local safetensors save
 _SAVE_NO_OPS = {"save_function", "save_peft_format", "save_original_format", "safe_serialization"}
-_PUSH_OPTIONS = ("repo_id", "token", "private", "commit_message", "commit_description", "create_pr", "revision",
-                 "tags")
 
 
 def _tied_head_copied(module: PreTrainedModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -448,7 +447,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *,
-        config: MoeConfig | None = None,
+        config: MoeConfig | str | os.PathLike | None = None,
         dtype: Any = None,
         torch_dtype: Any = None,
         device: Any = None,
@@ -475,7 +474,10 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         model's `generate`, as in Transformers. As there: `variant` reads `model.{variant}.safetensors`
         (or its shards), `output_loading_info=True` returns `(model, info)`, `ignore_mismatched_sizes`
         newly initialises tensors of another shape (a classifier of another label count), and
-        `generation_config` replaces the checkpoint's. Other keywords override config fields.
+        `generation_config` replaces the checkpoint's. `config` is a config, or where to read one (a
+        directory, its config.json, a Hub name) instead of the checkpoint's. Other keywords set
+        attributes of the config; one that is neither a loading option nor a config attribute is a
+        TypeError, as in Transformers.
 
         A directory that holds a PEFT adapter (adapter_config.json) loads it after the model, as
         `load_adapter(path, adapter_name, **adapter_kwargs)` would; with no config.json there, the
@@ -497,11 +499,21 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         base = adapter_only_base(path, None, hub)
         if base is not None:  # the model is the adapter's base, as in Transformers
             pretrained_model_name_or_path, path = base
-        if config is None:
-            config = cls.config_class.from_pretrained(path, **config_overrides)
-        elif config_overrides:
-            config = config.copy()
-            config.update(config_overrides)
+        if config is None or isinstance(config, (str, os.PathLike)):
+            source, where = (path, {}) if config is None else (config, hub)  # where: a Hub name's options
+            config, unused = cls.config_class.from_pretrained(source, return_unused_kwargs=True, **where,
+                                                              **config_overrides)
+        elif not isinstance(config, cls.config_class):
+            raise TypeError(f"{cls.__name__}.from_pretrained: config must be a {cls.config_class.__name__} or the "
+                            f"path of a config.json (or its directory), got {type(config).__name__}")
+        else:
+            unused = {k: v for k, v in config_overrides.items() if not hasattr(config, k)}
+            if config_overrides:
+                config = config.copy()
+                config.update({k: v for k, v in config_overrides.items() if k not in unused})
+        if unused:
+            raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments {sorted(unused)}: "
+                            f"neither loading options nor attributes of {cls.config_class.__name__}")
         if attn_implementation is not None:
             config.attn_implementation = attn_implementation
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
@@ -535,7 +547,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             model.generation_config = generation_config
         elif hasattr(model, "generate") and os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(path)
-        model.config.dtype = str(target_dtype).removeprefix("torch.")
+        model.config.dtype = target_dtype
         model.name_or_path = model.config.name_or_path = os.fspath(pretrained_model_name_or_path)  # as given
         if device_map is not None:
             model.hf_device_map = placement.hf_device_map(where)
@@ -545,13 +557,39 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             info = model.load_adapter(adapter, adapter_name=adapter_name, adapter_kwargs=adapter_kwargs)
         return (model.eval(), info) if output_loading_info else model.eval()
 
+    @classmethod
+    def _from_config(cls, config: MoeConfig, **kwargs: Any) -> PreTrainedModel:
+        """A new, randomly initialised model of `config`, as Transformers' `_from_config`: built in
+        `dtype` (or `torch_dtype`; default: the config's, else torch's default), which the config then
+        records, with `attn_implementation` set on the config. Another keyword is a TypeError."""
+        if not isinstance(config, cls.config_class):
+            raise TypeError(f"{cls.__name__}._from_config: config must be a {cls.config_class.__name__}, got "
+                            f"{type(config).__name__}")
+        dtype = kwargs.pop("dtype", config.dtype)
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        if torch_dtype is not None and dtype == config.dtype:  # both given: dtype wins, as in Transformers
+            dtype = torch_dtype
+        if "attn_implementation" in kwargs:
+            config.attn_implementation = check_attn_implementation(kwargs.pop("attn_implementation"))
+        kwargs.pop("experts_implementation", None)  # moetorch picks its experts' kernels itself
+        if kwargs:
+            raise TypeError(f"{cls.__name__}._from_config() got unexpected keyword arguments {sorted(kwargs)}")
+        dtype = None if dtype is None else resolve_dtype(dtype, config)
+        config.dtype = dtype
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype or previous)
+        try:
+            return cls(config)
+        finally:
+            torch.set_default_dtype(previous)
+
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
         is_main_process: bool = True,
         state_dict: dict[str, torch.Tensor] | None = None,
         push_to_hub: bool = False,
-        max_shard_size: int | str = "5GB",
+        max_shard_size: int | str = "50GB",
         variant: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -564,7 +602,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         `private`, `commit_message`, `commit_description`, `create_pr`, `revision`)."""
         if kwargs.get("safe_serialization", True) is False:
             raise ValueError("moetorch writes safetensors only (safe_serialization=False is not supported)")
-        push = {k: kwargs.pop(k) for k in _PUSH_OPTIONS if k in kwargs}
+        push = {k: kwargs.pop(k) for k in PUSH_OPTIONS if k in kwargs}
         unknown = sorted(kwargs.keys() - _SAVE_NO_OPS)
         if unknown:
             raise TypeError(f"save_pretrained() got unknown keyword arguments {unknown}")
@@ -576,7 +614,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         if self._hf_peft_config_loaded:  # the adapter alone, as Transformers saves a model with adapters
             self.save_adapter(save_directory, state_dict, save_peft_format=kwargs.get("save_peft_format", True))
         else:
-            self.config.dtype = str(self.dtype).removeprefix("torch.")
+            self.config.dtype = self.dtype
             self.config.architectures = [type(self).__name__]
             checkpoint.save_into(self, save_directory, self.config, max_shard_size, state_dict, variant)
             self.config.save_pretrained(save_directory)
@@ -597,15 +635,20 @@ PACKING_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_
 # `add_router_probs` / `output_router_probs`) and do nothing with it: router logits come back for
 # `output_router_logits` alone. moetorch takes it the same way, and says so once a model class.
 IGNORED_KWARGS = {"output_router_probs"}
-_told_ignored: set[str] = set()
+# What has been warned about once: model class names (output_router_probs) and (class, keyword) pairs
+_told_ignored: set = set()
 
 
 def check_packing_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
-    """A forward's extra keywords: flash-attention's packing ones and IGNORED_KWARGS; any other
-    is a TypeError that names it."""
-    unknown = sorted(kwargs.keys() - PACKING_KWARGS - IGNORED_KWARGS)
+    """A forward's extra keywords: flash-attention's packing ones and IGNORED_KWARGS are taken; any
+    other is ignored, as Transformers' forwards ignore what their **kwargs do not read (a batch's
+    `token_type_ids`, ...), with one warning that names it (a class, a keyword), so that a misspelt
+    argument does not pass unseen."""
+    unknown = sorted(k for k in kwargs.keys() - PACKING_KWARGS - IGNORED_KWARGS if (owner, k) not in _told_ignored)
     if unknown:
-        raise TypeError(f"{owner}.forward() got unexpected keyword arguments {unknown}")
+        _told_ignored.update((owner, k) for k in unknown)
+        logger.warning("%s.forward() ignores the keyword arguments %s, which it does not take (as Transformers "
+                       "ignores them)", owner, unknown)
     if kwargs.get("output_router_probs") and owner not in _told_ignored:
         _told_ignored.add(owner)
         logger.warning("%s.forward(): output_router_probs does nothing, as in Transformers; pass "
@@ -1060,7 +1103,8 @@ def decoder_forward(
     x, hidden, attns, routers = drop_prefix(x, hidden, attns, routers, prefix, B)
     out = MoeModelOutputWithPast(
         last_hidden_state=x,
-        past_key_values=inp.cache if use_cache else None,
+        # the cache passed in is returned (and filled) with use_cache=False too, as in Transformers
+        past_key_values=inp.cache,
         router_logits=routers if output_router_logits else None,
     )
     # Transformers' base models record the hidden states and attentions after the router logits:

@@ -101,7 +101,8 @@ def test_original_phi35_config_json(tmp_path):
     }
     (tmp_path / "config.json").write_text(json.dumps(original))
     cfg = PhimoeConfig.from_pretrained(tmp_path)
-    assert cfg.attention_bias and cfg.lm_head_bias and cfg.dtype == "bfloat16"
+    assert cfg.attention_bias and cfg.lm_head_bias and cfg.dtype == transformers.PhimoeConfig.from_pretrained(
+        tmp_path).dtype  # a torch.dtype in memory, as Transformers keeps it
     assert cfg.rope_parameters["original_max_position_embeddings"] == 4096
     assert cfg.hidden_dropout == 0.0  # unknown keys survive as attributes
     cfg.save_pretrained(tmp_path / "out")
@@ -157,7 +158,9 @@ def test_constructors_take_any_keyword_as_transformers(name, tmp_path):
     ours, theirs = {"phimoe": (PhimoeConfig, transformers.PhimoeConfig),
                     "jetmoe": (JetMoeConfig, transformers.JetMoeConfig)}[name]
     cfg = ours(vocab_size=100, foo_bar=[1, 2], is_decoder=True, torch_dtype="bfloat16", model_type=name)
-    assert (cfg.foo_bar, cfg.is_decoder, cfg.dtype, cfg.torch_dtype) == ([1, 2], True, "bfloat16", "bfloat16")
+    oracle = theirs(vocab_size=100, foo_bar=[1, 2], is_decoder=True, torch_dtype="bfloat16", model_type=name)
+    assert (cfg.foo_bar, cfg.is_decoder, cfg.dtype, cfg.torch_dtype) == (
+        oracle.foo_bar, oracle.is_decoder, oracle.dtype, oracle.dtype)
     cfg.save_pretrained(tmp_path)
     hf = theirs.from_pretrained(tmp_path)
     assert (hf.foo_bar, hf.is_decoder, hf.vocab_size) == ([1, 2], True, 100)

@@ -232,6 +232,8 @@ class JetMoeDecoderLayer(nn.Module):
 class JetMoePreTrainedModel(PreTrainedModel):
     config_class = JetMoeConfig
     base_model_prefix = "model"
+    # what accelerate / PEFT read, as Transformers defines them: a decoder layer is never split over devices
+    _no_split_modules = ["JetMoeDecoderLayer"]
 
 
 class JetMoeModel(JetMoePreTrainedModel):
@@ -306,6 +308,8 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
     """JetMoE with a language-modelling head, tied to the input embeddings when `tie_word_embeddings`."""
 
     loss_type = "ForCausalLM"
+    # as Transformers 5.23 (the head shares the embeddings' weight where tie_word_embeddings is set)
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: JetMoeConfig) -> None:
         super().__init__(config)
@@ -352,6 +356,9 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
     """JetMoE with a linear classifier on the last non-padding token."""
 
     loss_type = "ForSequenceClassification"
+    # Transformers' Trainer reads this before the forward's **kwargs: it then passes no loss keywords and
+    # averages accumulated losses (docs/differences.md)
+    accepts_loss_kwargs = False
 
     def __init__(self, config: JetMoeConfig) -> None:
         super().__init__(config)
@@ -376,12 +383,12 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
         return_dict: bool | None = None,
         output_router_logits: bool | None = None,
         output_router_probs: bool | None = None,
+        **kwargs: Any,
     ):
         # output_router_logits is accepted as Transformers accepts it; the classifier's output has no
-        # router logits, so they are not computed. output_router_probs: as the base model takes it.
-        # No **kwargs: Transformers' Trainer then passes no loss keywords and averages accumulated
-        # losses (docs/differences.md)
-        check_packing_kwargs(type(self).__name__, {"output_router_probs": output_router_probs})
+        # router logits, so they are not computed. output_router_probs, and other keywords: as the
+        # base model takes them (`check_packing_kwargs`)
+        check_packing_kwargs(type(self).__name__, {"output_router_probs": output_router_probs, **kwargs})
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, False, cache_position, return_dict=True,

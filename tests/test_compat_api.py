@@ -1,0 +1,323 @@
+"""The Transformers 5.23 API around the models, checked against Transformers itself: config dtypes,
+attributes set after construction, labels, JetMoE's `head_dim`, `from_config` / `_from_config` /
+`AutoConfig.for_model` / `get_config_dict`, `from_pretrained(config=path)` and its unknown keywords,
+save options, forwards' extra keywords, a cache passed with `use_cache=False`, and the class
+attributes tools read (`_no_split_modules`, `_tied_weights_keys`, `is_compileable`)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+import transformers
+from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE, randomize_
+from parity import close, make_inputs, make_pair
+
+import moetorch
+from moetorch import ConfigError, modeling_utils
+
+HEADS = ["model", "causal_lm", "seq_cls"]
+AUTOS = {"model": "AutoModel", "causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification"}
+
+
+def hf_checkpoint(arch, path, seed=0, **overrides):
+    model = arch.hf["causal_lm"](arch.hf_config(**overrides))
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+def saved_json(config, path):
+    config.save_pretrained(path)
+    return json.loads((path / "config.json").read_text())
+
+
+# ---- r02: config.dtype ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("value", ["bfloat16", torch.float16, "float32", None])
+def test_config_dtype_is_a_torch_dtype_written_by_name(arch, value, tmp_path):
+    ours, theirs = arch.our_config(dtype=value), arch.hf_config(dtype=value)
+    assert ours.dtype == theirs.dtype and type(ours.dtype) is type(theirs.dtype)
+    old = arch.our_config(torch_dtype=value), arch.hf_config(torch_dtype=value)
+    assert old[0].dtype == old[1].dtype and old[0].torch_dtype == old[1].dtype
+    assert saved_json(ours, tmp_path / "o").get("dtype") == saved_json(theirs, tmp_path / "t").get("dtype")
+    assert ours.to_dict().get("dtype") == theirs.to_dict().get("dtype")
+    assert arch.ours["config"].from_pretrained(tmp_path / "t").dtype == theirs.dtype
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_loaded_config_dtype_as_transformers(arch, tmp_path):
+    path = hf_checkpoint(arch, tmp_path / "ck")
+    for kwargs in ({}, {"dtype": torch.bfloat16}, {"dtype": "auto"}, {"torch_dtype": torch.float16}):
+        ours = arch.ours["causal_lm"].from_pretrained(path, **kwargs)
+        theirs = arch.hf["causal_lm"].from_pretrained(path, **kwargs)
+        assert (ours.dtype, ours.config.dtype, ours.config.torch_dtype) == (
+            theirs.dtype, theirs.config.dtype, theirs.config.dtype), kwargs
+        ours.save_pretrained(tmp_path / "o")
+        theirs.save_pretrained(tmp_path / "t")
+        read = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("o", "t")]
+        assert read[0]["dtype"] == read[1]["dtype"], kwargs
+
+
+def test_config_json_writes_any_torch_dtype_attribute_by_name(tmp_path):
+    cfg = PHIMOE.our_config()
+    cfg.compute_dtype = torch.float16
+    cfg.update({"dtypes": {"a": torch.bfloat16}})
+    saved = saved_json(cfg, tmp_path)
+    assert saved["compute_dtype"] == "float16" and saved["dtypes"] == {"a": "bfloat16"}
+    with pytest.raises(ConfigError, match="`dtype`"):
+        PHIMOE.our_config(dtype="bf17")
+
+
+# ---- r03: from_config, _from_config, AutoConfig.for_model, get_config_dict --------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", HEADS)
+def test_auto_from_config_takes_transformers_keywords(arch, head):
+    ours_auto, hf_auto = getattr(moetorch, AUTOS[head]), getattr(transformers, AUTOS[head])
+    for kwargs in ({}, {"dtype": torch.bfloat16}, {"torch_dtype": torch.float16}, {"dtype": "bfloat16"},
+                   {"attn_implementation": "eager"}, {"trust_remote_code": True},
+                   {"dtype": torch.bfloat16, "torch_dtype": torch.float16}):
+        ours, theirs = ours_auto.from_config(arch.our_config(), **kwargs), hf_auto.from_config(arch.hf_config(), **kwargs)
+        assert type(ours).__name__ == type(theirs).__name__, kwargs
+        assert (ours.dtype, ours.config.dtype) == (theirs.dtype, theirs.config.dtype), kwargs
+        if "attn_implementation" in kwargs:
+            assert ours.config._attn_implementation == theirs.config._attn_implementation
+    # the config's own dtype builds the model in it, as in Transformers
+    ours, theirs = (auto.from_config(arch.our_config(dtype="bfloat16") if auto is ours_auto
+                                     else arch.hf_config(dtype="bfloat16")) for auto in (ours_auto, hf_auto))
+    assert (ours.dtype, ours.config.dtype) == (theirs.dtype, theirs.config.dtype)
+    with pytest.raises(TypeError):
+        hf_auto.from_config(arch.hf_config(), no_such_option=1)
+    with pytest.raises(TypeError, match="no_such_option"):
+        ours_auto.from_config(arch.our_config(), no_such_option=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", HEADS)
+def test_private_from_config(arch, head):
+    ours = arch.ours[head]._from_config(arch.our_config(), dtype=torch.float16)
+    theirs = arch.hf[head]._from_config(arch.hf_config(), dtype=torch.float16)
+    assert (ours.dtype, ours.config.dtype) == (theirs.dtype, theirs.config.dtype)
+    ours, theirs = arch.ours[head]._from_config(arch.our_config()), arch.hf[head]._from_config(arch.hf_config())
+    assert (ours.dtype, ours.config.dtype) == (theirs.dtype, theirs.config.dtype)
+    assert torch.get_default_dtype() == torch.float32
+    other = JETMOE if arch is PHIMOE else PHIMOE
+    with pytest.raises(TypeError, match="config"):
+        arch.ours[head]._from_config(other.our_config())
+
+
+def test_auto_config_for_model_and_get_config_dict(tmp_path):
+    for name, arch in (("phimoe", PHIMOE), ("jetmoe", JETMOE)):
+        ours = moetorch.AutoConfig.for_model(name, **arch.base)
+        theirs = transformers.AutoConfig.for_model(name, **arch.base)
+        assert type(ours).__name__ == type(theirs).__name__
+        common = ours.to_dict().keys() & theirs.to_dict().keys()
+        assert {k: ours.to_dict()[k] for k in common} == {k: theirs.to_dict()[k] for k in common}
+    with pytest.raises(ValueError):
+        transformers.AutoConfig.for_model("no-such-model")
+    with pytest.raises(ValueError, match="no-such-model"):
+        moetorch.AutoConfig.for_model("no-such-model")
+    path = hf_checkpoint(PHIMOE, tmp_path)
+    ours = moetorch.PhimoeConfig.get_config_dict(path, foo=1, cache_dir=None, revision=None)
+    theirs = transformers.PhimoeConfig.get_config_dict(path, foo=1, cache_dir=None, revision=None)
+    assert ours == theirs
+
+
+# ---- r04: attributes set later, labels -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_attributes_set_after_construction_are_saved(arch, tmp_path):
+    configs = arch.our_config(), arch.hf_config()
+    for cfg in configs:
+        cfg.my_flag = 3
+        cfg.update({"other_key": "x", "vocab_size": 101})
+    (ours, theirs) = configs
+    assert (ours.my_flag, ours.other_key, ours.vocab_size) == (theirs.my_flag, theirs.other_key, theirs.vocab_size)
+    for key in ("my_flag", "other_key", "vocab_size"):
+        assert ours.to_dict()[key] == theirs.to_dict()[key]
+        assert json.loads(ours.to_json_string())[key] == json.loads(theirs.to_json_string())[key]
+        assert saved_json(ours, tmp_path / "o")[key] == saved_json(theirs, tmp_path / "t")[key]
+    back = arch.hf["config"].from_pretrained(tmp_path / "o")
+    assert (back.my_flag, back.other_key) == (3, "x")
+    del ours.my_flag
+    assert "my_flag" not in ours.to_dict() and not hasattr(ours, "my_flag")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_num_labels_and_id2label_set_later_as_transformers(arch, tmp_path):
+    ours, theirs = arch.our_config(), arch.hf_config()
+    assert ours.to_dict()["id2label"] == theirs.to_dict()["id2label"]  # int keys
+    for change in ({"num_labels": 4}, {"num_labels": 4}, {"id2label": {0: "neg", 1: "pos", 2: "mid"}},
+                   {"num_labels": 3}, {"num_labels": 5}):
+        for cfg in (ours, theirs):
+            cfg.update(change)
+        assert (ours.num_labels, ours.id2label, ours.label2id) == (theirs.num_labels, theirs.id2label,
+                                                                   theirs.label2id), change
+        assert ours.to_dict()["id2label"] == theirs.to_dict()["id2label"], change
+        assert saved_json(ours, tmp_path / "o")["id2label"] == saved_json(theirs, tmp_path / "t")["id2label"]  # str keys
+    model, oracle = arch.ours["seq_cls"](ours), arch.hf["seq_cls"](theirs)
+    assert model.score.out_features == oracle.score.out_features
+    with pytest.raises(ConfigError, match="num_labels"):
+        ours.num_labels = 0
+
+
+# ---- r05: JetMoE head_dim / num_attention_heads ----------------------------------------------------
+
+
+def test_jetmoe_head_dim_is_kv_channels_read_and_set(tmp_path):
+    ours, theirs = JETMOE.our_config(), JETMOE.hf_config()
+    for cfg in (ours, theirs):
+        cfg.head_dim = 16
+    assert (ours.kv_channels, ours.head_dim) == (theirs.kv_channels, theirs.head_dim)
+    assert saved_json(ours, tmp_path / "o")["kv_channels"] == saved_json(theirs, tmp_path / "t")["kv_channels"]
+    shapes = [{n: p.shape for n, p in m.named_parameters()}
+              for m in (JETMOE.ours["causal_lm"](ours), JETMOE.hf["causal_lm"](theirs))]
+    assert shapes[0] == shapes[1]
+    # num_attention_heads is derived (docs/differences.md): its own value is taken, another is an error
+    ours.num_attention_heads = theirs.num_attention_heads
+    assert ours.num_attention_heads == theirs.num_attention_heads
+    with pytest.raises(AttributeError, match="num_attention_heads"):
+        ours.num_attention_heads = ours.num_attention_heads + 1
+
+
+# ---- r06 / r13: from_pretrained's config and keywords ----------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_from_pretrained_reads_config_from_a_path(arch, tmp_path):
+    path = hf_checkpoint(arch, tmp_path / "ck")
+    other = arch.hf_config(output_router_logits=True, initializer_range=0.5)
+    other.save_pretrained(tmp_path / "cfg")
+    for config in (tmp_path / "cfg", str(tmp_path / "cfg"), str(tmp_path / "cfg" / "config.json")):
+        # Transformers' Auto classes read the checkpoint's config.json whatever config= names (its model
+        # classes read config=): moetorch's read config= in both (docs/differences.md)
+        for ours_cls in (arch.ours["causal_lm"], moetorch.AutoModelForCausalLM):
+            ours = ours_cls.from_pretrained(path, config=config, attention_dropout=0.25)
+            theirs = arch.hf["causal_lm"].from_pretrained(path, config=config, attention_dropout=0.25)
+            assert type(ours).__name__ == type(theirs).__name__
+            for key in ("output_router_logits", "initializer_range", "attention_dropout"):
+                assert getattr(ours.config, key) == getattr(theirs.config, key), key
+    ids, _ = make_inputs(arch.base["vocab_size"], 1, 5, None)
+    with torch.no_grad():
+        close(ours(ids).logits, theirs.eval()(ids).logits, "weights from the checkpoint, config from config=")
+    other_arch = JETMOE if arch is PHIMOE else PHIMOE
+    for wrong in (other_arch.our_config(), {"vocab_size": 97}):
+        with pytest.raises(TypeError, match="config"):
+            arch.ours["causal_lm"].from_pretrained(path, config=wrong)
+    other_arch.hf_config().save_pretrained(tmp_path / "wrong")
+    with pytest.raises(ConfigError, match="model_type"):
+        arch.ours["causal_lm"].from_pretrained(path, config=tmp_path / "wrong")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_from_pretrained_unknown_keywords_are_errors_as_in_transformers(arch, tmp_path):
+    extra = arch.hf_config(my_flag=1)
+    path = hf_checkpoint(arch, tmp_path / "ck", my_flag=1)
+    assert extra.my_flag == 1
+    for ours_cls, hf_cls in ((arch.ours["causal_lm"], arch.hf["causal_lm"]),
+                             (moetorch.AutoModelForCausalLM, transformers.AutoModelForCausalLM)):
+        for bad in ({"torch_dtyp": torch.bfloat16}, {"no_such_option": 1}):
+            with pytest.raises(TypeError):
+                hf_cls.from_pretrained(path, **bad)
+            with pytest.raises(TypeError, match=next(iter(bad))):
+                ours_cls.from_pretrained(path, **bad)
+        # config attributes (fields, and keys of the config.json) are set
+        kwargs = {"my_flag": 5, "router_jitter_noise" if arch is PHIMOE else "aux_loss_coef": 0.5}
+        ours, theirs = ours_cls.from_pretrained(path, **kwargs), hf_cls.from_pretrained(path, **kwargs)
+        for key in kwargs:
+            assert getattr(ours.config, key) == getattr(theirs.config, key), key
+        ours.save_pretrained(tmp_path / "again")
+    with pytest.raises(TypeError):
+        arch.hf["causal_lm"].from_pretrained(path, config=arch.hf_config(), no_such_option=1)
+    with pytest.raises(TypeError, match="no_such_option"):
+        arch.ours["causal_lm"].from_pretrained(path, config=arch.our_config(), no_such_option=1)
+
+
+# ---- r07: save options -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_save_options_as_transformers(arch, tmp_path):
+    listed = []
+    for cfg, d in ((arch.our_config(), tmp_path / "o"), (arch.hf_config(), tmp_path / "t")):
+        cfg.save_pretrained(d, push_to_hub=False)
+        listed.append(sorted(p.name for p in d.iterdir()))
+    assert listed[0] == listed[1]
+    with pytest.raises(TypeError, match="no_such_option"):
+        arch.our_config().save_pretrained(tmp_path / "x", no_such_option=1)
+    default = [inspect.signature(c.save_pretrained).parameters["max_shard_size"].default
+               for c in (arch.ours["causal_lm"], arch.hf["causal_lm"])]
+    assert default[0] == default[1]
+    hf, ours = make_pair(arch, tmp_path, "causal_lm", "hf_to_ours", seed=3)
+    ours.save_pretrained(tmp_path / "so", max_shard_size="20KB")
+    hf.save_pretrained(tmp_path / "st", max_shard_size="20KB")
+    index = [json.loads((tmp_path / d / "model.safetensors.index.json").read_text())["metadata"] for d in ("so", "st")]
+    assert index[0].keys() == index[1].keys() and index[0]["total_parameters"] == index[1]["total_parameters"]
+
+
+# ---- r09: forwards' extra keywords -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", HEADS)
+def test_forward_ignores_unknown_keywords_with_one_warning(arch, head, tmp_path, caplog):
+    hf, ours = make_pair(arch, tmp_path, head, "hf_to_ours", seed=4)
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 6, "left")
+    extra = {"token_type_ids": torch.zeros_like(ids), "head_mask": None, "foo": 1}
+    modeling_utils._told_ignored.clear()
+    with torch.no_grad(), caplog.at_level("WARNING", logger="moetorch"):
+        theirs = hf(ids, attention_mask=mask, **extra)
+        got = ours(ids, attention_mask=mask, **extra)
+        ours(ids, attention_mask=mask, **extra)
+    first = "last_hidden_state" if head == "model" else "logits"
+    real = mask.bool() if head == "model" else slice(None)
+    close(got[first][real], theirs[first][real], first)
+    told = [r.getMessage() for r in caplog.records if "ignores the keyword arguments" in r.getMessage()]
+    assert len(told) == 1 and all(k in told[0] for k in extra)
+    # Transformers' Trainer: loss keywords for the causal LM, none for the classifier (docs/differences.md)
+    accepts = getattr(ours, "accepts_loss_kwargs", None)
+    if accepts is None:
+        accepts = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(ours.forward).parameters.values())
+    assert accepts is (head != "seq_cls")
+
+
+# ---- r11: a cache passed with use_cache=False ------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", HEADS)
+def test_cache_passed_with_use_cache_false_is_returned_and_filled(arch, head, tmp_path):
+    hf, ours = make_pair(arch, tmp_path, head, "hf_to_ours", seed=5)
+    ids, _ = make_inputs(arch.base["vocab_size"], 2, 6, None)
+    got = []
+    with torch.no_grad():
+        for model, cache in ((hf, transformers.DynamicCache()), (ours, moetorch.DynamicCache())):
+            out = model(ids, past_key_values=cache, use_cache=False)
+            plain = model(ids, use_cache=False)
+            got.append((out.past_key_values is cache, cache.get_seq_length(), plain.past_key_values is None))
+            if out.past_key_values is not None:
+                k = out.past_key_values.layers[0].keys
+                got[-1] += (tuple(k.shape),)
+    assert got[0] == got[1]
+
+
+# ---- class attributes tools read ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", HEADS)
+def test_class_attributes_tools_read(arch, head):
+    ours, theirs = arch.ours[head], arch.hf[head]
+    assert ours._no_split_modules == theirs._no_split_modules
+    assert getattr(ours, "_tied_weights_keys", None) == theirs._tied_weights_keys
+    config = PHIMOE.hf_config()
+    assert moetorch.DynamicCache().is_compileable == transformers.DynamicCache().is_compileable
+    assert (moetorch.StaticCache(PHIMOE.our_config(), max_cache_len=8).is_compileable
+            == transformers.StaticCache(config=config, max_cache_len=8).is_compileable)
