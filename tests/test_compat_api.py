@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE, randomize_
-from parity import close, make_inputs, make_pair
+from parity import close, compare_outputs, make_inputs, make_pair
 
 import moetorch
 from moetorch import ConfigError, modeling_utils
@@ -321,3 +321,30 @@ def test_class_attributes_tools_read(arch, head):
     assert moetorch.DynamicCache().is_compileable == transformers.DynamicCache().is_compileable
     assert (moetorch.StaticCache(PHIMOE.our_config(), max_cache_len=8).is_compileable
             == transformers.StaticCache(config=config, max_cache_len=8).is_compileable)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_activation_is_transformers_own(dtype):
+    """Each `hidden_act` name computes what Transformers' ACT2FN computes for it, bit for bit; its
+    two with learned parameters are the only names left out, and a config that names one is an
+    error that lists the names there are."""
+    from transformers.activations import ACT2CLS, ACT2FN
+
+    from moetorch.ops.activations import ACTIVATIONS
+
+    assert set(ACT2CLS) - set(ACTIVATIONS) == {"prelu", "xielu"}
+    x = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 6).to(dtype)
+    for name, fn in ACTIVATIONS.items():
+        assert torch.equal(fn(x), ACT2FN[name](x)), name
+    with pytest.raises(ValueError, match="hidden_act.*'prelu'.*allowed"):
+        moetorch.PhimoeConfig(hidden_act="prelu")
+
+
+@pytest.mark.parametrize("arch,act", [(PHIMOE, "relu2"), (JETMOE, "quick_gelu"), (PHIMOE, "gelu_fast")],
+                         ids=["phimoe-relu2", "jetmoe-quick_gelu", "phimoe-gelu_fast"])
+def test_a_model_of_an_unfused_activation_matches_transformers(arch, act, tmp_path):
+    key = "hidden_act" if arch.name == "phimoe" else "activation_function"
+    hf, ours = make_pair(arch, tmp_path, **{key: act})
+    ids, mask = make_inputs(ours.config.vocab_size, 2, 9, "left", seed=3)
+    with torch.no_grad():
+        compare_outputs(hf(ids, attention_mask=mask), ours(ids, attention_mask=mask), mask, fields=("logits",))
