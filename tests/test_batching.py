@@ -918,6 +918,7 @@ def test_errors_name_the_problem(pair):
                             ({"top_p": 1.5}, ValueError, "top_p must be in"), ({"top_k": -1}, ValueError, "top_k"),
                             ({"top_k": 2.0}, TypeError, "top_k must be an int"),
                             ({"temperature": "hot"}, TypeError, "temperature must be a finite number"),
+                            ({"temperature": 1e39}, TypeError, "temperature must be a finite number within float32"),
                             ({"seed": -3}, ValueError, "seed"), ({"do_sample": 1}, TypeError, "do_sample"),
                             ({"min_p": 1.5}, ValueError, r"min_p must be in \[0, 1\]"),
                             ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be positive"),
@@ -926,11 +927,19 @@ def test_errors_name_the_problem(pair):
                             ({"logit_bias": {97: 1.0}}, ValueError, r"logit_bias: 97 is not a token id .*0 \.\. 96"),
                             ({"logit_bias": {"5": 1.0}}, ValueError, "logit_bias: '5' is not a token id"),
                             ({"logit_bias": {5: float("inf")}}, ValueError, r"logit_bias\[5\] must be a finite"),
+                            ({"logit_bias": {5: -1e39}}, ValueError, r"logit_bias\[5\] must be a finite"),
                             ({"logit_bias": [(5, 1.0)]}, TypeError, "logit_bias must be a dict")]:
         with pytest.raises(err, match=match):
             m.add_request([1], request_id="bad", **{"do_sample": True, **bad})
     with pytest.raises(ValueError, match=r"\['min_p'\] apply to sampling"):
         m.add_request([1], min_p=0.1)  # greedy: penalties and bias apply, min_p does not
+    # a top_k past the vocabulary (past int64 too) keeps every token, as top_k=0 does
+    runs = []
+    for k in (0, 97, 10**20):
+        torch.manual_seed(5)
+        out = ours.generate_batch([[1, 2, 3]], generation_config=config(6, do_sample=True, top_k=k))
+        runs.append(out["req_0"].generated_tokens)
+    assert runs[0] == runs[1] == runs[2]
     m.add_request([1, 2], request_id="a")
     with pytest.raises(ValueError, match="already queued"):
         m.add_request([3], request_id="a")

@@ -21,13 +21,13 @@ them takes a row and updated after each step with the tokens drawn, so no step w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 # the settings that only sampling reads
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "seed")
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,17 @@ class Sampling:
             raise TypeError(f"{where}: unknown per-request settings {unknown}; a request may set "
                             f"{', '.join(cls.KEYS)} (other settings go in the manager's GenerationConfig)")
         v = {k: kwargs.get(k, getattr(default, k)) for k in cls.KEYS}
+        # the step holds them in float32 and int64 tensors: a value past those would fail the step of
+        # every row, not this request alone
         for k in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
-            if isinstance(v[k], bool) or not isinstance(v[k], (int, float)) or not math.isfinite(v[k]):
-                raise TypeError(f"{where}: {k} must be a finite number, got {v[k]!r}")
+            if isinstance(v[k], bool) or not isinstance(v[k], (int, float)) or not abs(v[k]) <= _FLOAT32_MAX:
+                raise TypeError(f"{where}: {k} must be a finite number within float32's range, got {v[k]!r}")
             v[k] = float(v[k])
         for k in ("top_k", "seed"):
             if v[k] is not None and (isinstance(v[k], bool) or not isinstance(v[k], int)):
                 raise TypeError(f"{where}: {k} must be an int, got {v[k]!r}")
+        if v["top_k"] >= vocab:  # keeps every token, as top_k=0 does (and fits the step's int64s)
+            v["top_k"] = 0
         if not isinstance(v["do_sample"], bool):
             raise TypeError(f"{where}: do_sample must be a bool, got {v['do_sample']!r}")
         if not v["temperature"] > 0:
@@ -111,7 +115,7 @@ def _bias_items(bias, vocab: int, where: str) -> tuple[tuple[int, float], ...]:
     for tok, b in bias.items():
         if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab:
             raise ValueError(f"{where}: logit_bias: {tok!r} is not a token id of the vocabulary (0 .. {vocab - 1})")
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not abs(b) <= _FLOAT32_MAX:
             raise ValueError(f"{where}: logit_bias[{tok}] must be a finite number, got {b!r}")
         items.append((tok, float(b)))
     return tuple(sorted(items))
