@@ -12,6 +12,8 @@ Without --model, the embedded default model is used (see moetorch.defaults).
 from __future__ import annotations
 
 import argparse
+import math
+import socket
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,86 @@ import torch
 
 from .defaults import DEFAULT_MODEL, EMBEDDED, RANDOM_MODEL, resolve_model
 from .ops.moe import triton_available
+
+
+# ---- flag values (argparse types: a bad one is a usage error naming the flag, before anything loads) ----
+def _int_at_least(low: int, what: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{what}, got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0 (any free port) to 65535, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _dtype(text: str) -> str:
+    from .modeling_utils import _DTYPES
+
+    if text != "auto" and text.removeprefix("torch.") not in _DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype: auto, bfloat16, float16 or float32")
+    return text
+
+
+def _device(text: str) -> str:
+    from .placement import STRATEGIES, as_device
+
+    if text in STRATEGIES:
+        return text
+    try:
+        device = as_device(text, "--device")
+    except ValueError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda, cuda:N, or a placement: "
+                                         f"{', '.join(STRATEGIES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there is no such GPU ({torch.cuda.device_count()} here)")
+    return text
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def _check_address(host: str, port: int) -> None:
+    """Bind (host, port) as the server will (every address `host` resolves to), then let go: an
+    address in use, or a host that is not this machine's, is an error before the model loads."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SystemExit(f"moetorch serve: --host {host}: {e.strerror}") from None
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise SystemExit(f"moetorch serve: cannot listen at --host {host} --port {port}: "
+                                 f"{e.strerror or e}") from None
 
 
 def _resolve(model_arg: str | None) -> tuple[Path, bool]:
@@ -199,6 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sizes = dict(max_model_len=args.max_model_len, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens,
                  prefix_sharing=args.prefix_sharing, prefill_chunk_tokens=args.prefill_chunk_tokens,
                  paged=args.paged_cache)
+    _check_address(args.host, args.port)
     path, is_random = _resolve(args.model)
     tok = _tokenizer(path)
     name = args.served_model_name or args.model or (RANDOM_MODEL if is_random else path.name)
@@ -217,7 +300,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"moetorch serve: {e}") from None
     if args.switch_interval > 0:
         sys.setswitchinterval(args.switch_interval)
-    print(f"[moetorch] serving {name!r} at http://{args.host}:{args.port}/v1 ({engine.manager.rows} rows of "
+    where = f"http://{args.host}:{args.port}/v1" if args.port else f"{args.host}, any free port (uvicorn's line below)"
+    print(f"[moetorch] serving {name!r} at {where} ({engine.manager.rows} rows of "
           f"{engine.max_model_len} tokens)", file=sys.stderr)
     uvicorn.run(create_app(engine, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -249,9 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=None, help=f"checkpoint directory, Hub name or embedded model name: "
                        f"{', '.join([*EMBEDDED, RANDOM_MODEL])} (default: {DEFAULT_MODEL})")
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or how to place the layers: auto (default: "
-                       "one GPU when the model fits, else spread over the GPUs and the CPU), balanced or sequential")
-        p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), bfloat16, float16 or float32")
+        p.add_argument("--device", default="auto", type=_device, help="cpu, cuda, cuda:N, or how to place the layers: "
+                       "auto (default: one GPU when the model fits, else spread over the GPUs and the CPU), balanced "
+                       "or sequential")
+        p.add_argument("--dtype", default="auto", type=_dtype,
+                       help="auto (checkpoint dtype), bfloat16, float16 or float32")
 
     def sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
@@ -279,17 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     common(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free port)")
     serve.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: the "
                        "--model argument)")
-    serve.add_argument("--max-model-len", type=int, default=None, help="the most tokens of prompt + completion a "
+    serve.add_argument("--max-model-len", type=_int_at_least(2, " (a prompt token and a completion token)"),
+                       default=None, help="the most tokens of prompt + completion a "
                        "request may have: each of the batch's rows holds that many (default: 4096, within the "
                        "model's max_position_embeddings)")
-    serve.add_argument("--max-batch", type=int, default=None, help="requests decoding at once (default: 256 on a GPU, "
-                       "as many as its free memory holds with --no-paged-cache; 64 on the CPU)")
-    serve.add_argument("--max-batch-tokens", type=int, default=None, help="prompt tokens of one prefill (16384)")
-    serve.add_argument("--prefill-chunk-tokens", type=int, default=None, help="while requests decode, the most "
-                       "prompt tokens one prefill computes; a longer prompt runs in chunks, a decode step between "
+    serve.add_argument("--max-batch", type=_int_at_least(1), default=None, help="requests decoding at once (default: "
+                       "256 on a GPU, as many as its free memory holds with --no-paged-cache; 64 on the CPU)")
+    serve.add_argument("--max-batch-tokens", type=_int_at_least(1), default=None,
+                       help="prompt tokens of one prefill (16384)")
+    serve.add_argument("--prefill-chunk-tokens", type=_int_at_least(0), default=None, help="while requests decode, the "
+                       "most prompt tokens one prefill computes; a longer prompt runs in chunks, a decode step between "
                        "them (2048; 0: whole prompts)")
     serve.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
                        help="a prompt that starts with tokens a batch row holds (another request's prompt, a finished "
@@ -301,13 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "where the free memory would hold fewer than --max-batch whole rows; --no-paged-cache: "
                        "rows of whole slots)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    serve.add_argument("--switch-interval", type=float, default=0.0005, help="seconds between the Python threads' "
+    serve.add_argument("--switch-interval", type=_seconds, default=0.0005, help="seconds between the Python threads' "
                        "turns at the interpreter lock (sys.setswitchinterval; Python's default is 0.005): the batch's "
                        "loop waits at most this long for the HTTP thread")
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                        help="run the model and its batch in a process of their own, apart from the HTTP server's, so "
                        "that they share no interpreter lock (default; --no-engine-process: one process)")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS, help="uvicorn's log level")
     serve.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="print a checkpoint's architecture and size")

@@ -20,6 +20,7 @@ import transformers
 from fastapi.testclient import TestClient
 from grammar_oracle import SCHEMA, check_schema, hf_constrained
 from parity import OpenAIPenalties
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import moetorch
 from moetorch.defaults import ASSETS
@@ -58,6 +59,25 @@ def hf_greedy(hf, ids: list[int], n: int, eos: list[int]) -> tuple[list[int], li
         if t in eos:
             return new[:i + 1], lps[:i + 1]
     return new, lps
+
+
+_BYTE_OF = {ch: b for b, ch in bytes_to_unicode().items()}
+
+
+def shown(tok, t: int, completions: bool = False) -> str:
+    """A token as log-probabilities show it: its own bytes (its byte-level BPE symbols read back
+    through GPT-2's alphabet), as text where they are UTF-8, else each byte as \\xNN (after
+    "bytes:" on completions)."""
+    raw = bytes(_BYTE_OF[ch] for ch in tok.convert_ids_to_tokens(t))
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return ("bytes:" if completions else "") + raw.decode(errors="backslashreplace")
+
+
+def within(want: list[int], eos: list[int]) -> list[int]:
+    """The tokens whose text the reply holds: an EOS at the end adds none."""
+    return want[:-1] if want and want[-1] in eos else want
 
 
 def sse(lines) -> list:
@@ -144,14 +164,17 @@ def test_chat_greedy_equals_transformers(served):
     assert choice["message"] == {"role": "assistant", "content": tok.decode(want, skip_special_tokens=True)}
     assert choice["finish_reason"] == ("stop" if want[-1] in engine.chat_eos else "length")
     content = choice["logprobs"]["content"]
-    assert [c["token"] for c in content] == [tok.decode([t]) for t in want]
-    torch.testing.assert_close(torch.tensor([c["logprob"] for c in content]), torch.tensor(lps), atol=1e-4, rtol=0)
+    kept = within(want, engine.chat_eos)
+    assert [c["token"] for c in content] == [shown(tok, t) for t in kept]
+    assert b"".join(bytes(c["bytes"]) for c in content) == choice["message"]["content"].encode()
+    torch.testing.assert_close(torch.tensor([c["logprob"] for c in content]), torch.tensor(lps[:len(kept)]),
+                               atol=1e-4, rtol=0)
     # the two likeliest tokens of each step, from Transformers' logits over prompt + reply
     with torch.no_grad():
         logits = hf(torch.tensor([ids + want])).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
-    values, top_ids = logits.topk(2)
+    values, top_ids = logits[:len(kept)].topk(2)
     assert [[t["token"] for t in c["top_logprobs"]] for c in content] == \
-        [[tok.decode([i]) for i in row] for row in top_ids.tolist()]
+        [[shown(tok, i) for i in row] for row in top_ids.tolist()]
     torch.testing.assert_close(torch.tensor([[t["logprob"] for t in c["top_logprobs"]] for c in content]), values,
                                atol=1e-4, rtol=0)
     assert r.json()["usage"]["prompt_tokens"] == len(ids)
@@ -308,9 +331,13 @@ def test_completion_logprobs(served):
     choice = client.post("/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0,
                                                   "logprobs": 0}).json()["choices"][0]
     lp = choice["logprobs"]
-    assert lp["tokens"] == [tok.decode([t]) for t in want] and lp["top_logprobs"] is None
-    torch.testing.assert_close(torch.tensor(lp["token_logprobs"]), torch.tensor(lps), atol=1e-4, rtol=0)
-    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    kept = within(want, engine.eos)
+    assert lp["tokens"] == [shown(tok, t, completions=True) for t in kept] and lp["top_logprobs"] is None
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"]), torch.tensor(lps[:len(kept)]), atol=1e-4, rtol=0)
+    # each token's offset: where its text starts in Transformers' decode of the tokens (a piece of a
+    # character starts where the character does)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(ASSETS / engine.name))
+    assert lp["text_offset"] == [len(hf_tok.decode(kept[:i]).rstrip("\ufffd")) for i in range(len(kept))]
     # logprobs=3: each step's three likeliest tokens, by their text
     top = client.post("/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0,
                                                "logprobs": 3}).json()["choices"][0]["logprobs"]["top_logprobs"]
@@ -320,7 +347,7 @@ def test_completion_logprobs(served):
     for step, row, vals in zip(top, top_ids.tolist(), values.tolist()):
         want_step = {}
         for i, v in zip(row, vals):
-            want_step.setdefault(tok.decode([i]), v)
+            want_step.setdefault(shown(tok, i, completions=True), v)
         assert step.keys() == want_step.keys()
         assert all(abs(step[k] - want_step[k]) < 1e-4 for k in step)
 
@@ -340,13 +367,13 @@ def test_echo_scores_the_prompt(served):
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
     assert choice["text"] == tok.decode(ids, skip_special_tokens=True) and choice["finish_reason"] == "length"
-    assert lp["tokens"] == [tok.decode([t]) for t in ids]
+    assert lp["tokens"] == [shown(tok, t, completions=True) for t in ids]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-4, rtol=0)
     values, top_ids = lsm.topk(2)
     for step, row, vals in zip(lp["top_logprobs"][1:], top_ids.tolist(), values.tolist()):
-        assert list(step) == list(dict.fromkeys(tok.decode([i]) for i in row))
-        assert abs(step[tok.decode([row[0]])] - vals[0]) < 1e-4
+        assert list(step) == list(dict.fromkeys(shown(tok, i, completions=True) for i in row))
+        assert abs(step[shown(tok, row[0], completions=True)] - vals[0]) < 1e-4
     assert r.json()["usage"]["completion_tokens"] == 0
     # with tokens generated after it: the prompt's entries, then the completion's; streamed alike
     body = {"prompt": text, "max_tokens": 5, "echo": True, "logprobs": 1, "temperature": 0}
@@ -394,9 +421,9 @@ def test_echo_scores_the_prompt(served):
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "does not exist"),
     ("/v1/completions", {}, 400, "prompt", "required"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", ""),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", ""),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", ""),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     400, "messages.0.content", "only text"),
+     400, "messages[0].content", "only text"),
     *[("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], **fields}, 400, param, match)
       for fields, param, match in (
           ({"tools": TOOLS}, "tool_choice", "'auto' (the default with tools) is not supported"),
@@ -416,8 +443,11 @@ def test_echo_scores_the_prompt(served):
            "tools[0].function.parameters", "a JSON Schema object"),
           ({"tools": [{"type": "function", "function": {"name": "f", "params": {}}}], "tool_choice": "required"},
            "tools[0]", "unknown field(s) ['params']"),
-          ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
+          ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+              "type": "object", "properties": {"a": {"type": "objekt"}}}}}],
             "tool_choice": "required"}, "tools", "Invalid type: objekt"),
+          ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+            "tool_choice": "required"}, "tools[0].function.parameters", "must describe an object"),
           ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
            "both set what the output is"))],
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, 400,
@@ -753,7 +783,7 @@ def test_the_serve_command(monkeypatch):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     with pytest.raises(SystemExit, match="max_position_embeddings"):
         cli.main(["serve", "--model", "tiny-jetmoe", "--max-model-len", "100000", "--no-engine-process"])
-    with pytest.raises(SystemExit, match="prefill_chunk_tokens"):
+    with pytest.raises(SystemExit, match="2"):  # a usage error naming the flag: tests/test_serve_validation.py
         cli.main(["serve", "--model", "tiny-jetmoe", "--prefill-chunk-tokens", "-1", "--no-engine-process"])
     assert engine.manager.chunk_tokens == 2048  # the default
     assert cli.main(["serve", "--model", "tiny-jetmoe", "--no-engine-process", "--no-prefix-sharing",

@@ -217,6 +217,13 @@ def _token_texts(tokenizer, mode: str | None) -> dict[int, str | bytes]:
     return texts
 
 
+def token_texts(tokenizer) -> dict[int, str | bytes]:
+    """Each vocabulary id -> its token's own text inside a word: bytes where the tokenizer decodes
+    bytes (byte-level BPE, SentencePiece's byte fallback), so that a piece of a character is its
+    byte rather than U+FFFD; a word-start token keeps its space."""
+    return _token_texts(tokenizer, _matching_mode(tokenizer))
+
+
 class _StopTables:
     """Per token of a vocabulary, for stop strings s of lengths m_s (padded to M):
     `tail[t, s, k]`: t can be the last token of a match, closing the last k characters of s

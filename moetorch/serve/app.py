@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import logging
+import math
 import re
 import time
 import uuid
@@ -29,19 +32,102 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
-from .engine import Engine, EngineError, Piece, PromptError
+from ..generation.stopping_criteria import token_texts
+from .engine import Detokenizer, Engine, EngineError, Piece, PromptError, admit
 from .errors import BadRequest
 from .tools import forced_calls
 
 
-def _error(message: str, status: int, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+def _finite(obj):
+    """`obj` with every float that is not finite replaced: -inf and NaN by -9999.0, inf by 9999.0
+    (OpenAI sends -9999.0 for a log-probability of -inf)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return 9999.0 if obj > 0 else -9999.0
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _dumps(obj, **kw) -> str:
+    """JSON text, never with NaN or Infinity in it (`_finite`: only where some float is not finite)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError:
+        return json.dumps(_finite(obj), allow_nan=False, **kw)
+
+
+class _JSON(JSONResponse):
+    """The server's JSON responses (`_dumps`)."""
+
+    def render(self, content: Any) -> bytes:
+        return _dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _error(message: str, status: int, param: str | None = None, kind: str = "invalid_request_error",
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return _JSON({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
+                 headers=headers)
+
+
+logger = logging.getLogger("moetorch")
+# a union's branches, as pydantic names them in an error's location
+_BRANCHES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+             "list[str]": "an array of strings", "list[int]": "an array of token ids (integers)",
+             "list[list[int]]": "an array of arrays of token ids", "list[dict[str,any]]": "an array of content parts",
+             "dict[str,any]": "an object"}
+
+
+def _is_branch(part) -> bool:
+    return isinstance(part, str) and (part in _BRANCHES or "[" in part)
+
+
+def _param(loc) -> str | None:
+    """A location in the body as the API names it: `messages[0].content`, not pydantic's
+    `messages.0.content.str` (its union branches left out)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _is_branch(part):
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def _validation_error(errors: list[dict], content_type: str | None) -> tuple[str, int, str | None]:
+    """(message, status, param) of a request body that failed to parse or validate."""
+    first = errors[0]
+    loc, kind = tuple(first.get("loc", ()))[1:], first.get("type")  # (after "body")
+    if kind == "json_invalid":
+        why, at = (first.get("ctx") or {}).get("error", "decode error"), f" at character {loc[0]}" if loc else ""
+        return f"the request body is not valid JSON: {why}{at}", 400, None
+    if not loc:  # the body as a whole
+        media = (content_type or "").split(";")[0].strip().lower()
+        if kind == "missing":
+            return "the request body is empty: send a JSON object (Content-Type: application/json)", 400, None
+        if media != "application/json" and not media.endswith("+json"):
+            return (f"the request body must be a JSON object sent with Content-Type: application/json (got "
+                    f"{repr(content_type) if content_type else 'no Content-Type'})"), 415, None
+        return "the request body must be a JSON object", 400, None
+    cut = next((i for i, part in enumerate(loc) if _is_branch(part)), None)
+    if cut is not None:  # a value that none of a union's branches takes
+        param = _param(loc[:cut])
+        branches = dict.fromkeys(e["loc"][cut + 1] for e in errors
+                                 if tuple(e["loc"][1:cut + 1]) == loc[:cut] and len(e["loc"]) > cut + 1)
+        return f"{param}: must be {' or '.join(_BRANCHES.get(b, b) for b in branches)}", 400, param
+    param = _param(loc)
+    if kind == "extra_forbidden":
+        return f"unknown field {param!r}", 400, param
+    return f"{param}: {first.get('msg')}", 400, param
 
 
 # ---- requests ------------------------------------------------------------------------------------
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # OpenAI's types: no "2" for 2, 2.0 for an int, 1 or "yes" for true; no Infinity or NaN
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -50,28 +136,28 @@ class StreamOptions(_Strict):
 
 class _Common(_Strict):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1, lt=2**63)
+    temperature: float | None = Field(None, ge=0)  # below SAMPLING_EPS (1e-5): greedy
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1)  # at most the vocabulary's size (_sampling)
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # an int64, as vLLM takes it
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     # as other OpenAI-compatible servers
     ignore_eos: bool = False  # run to max_tokens (benchmarks)
-    repetition_penalty: float | None = Field(None, gt=0)  # Transformers': over the prompt and the output
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # Transformers': over the prompt and the output
     min_p: float | None = Field(None, ge=0, le=1)
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt scored, nothing generated
+    max_tokens: int | None = Field(None, ge=0, lt=2**63)  # 0 with echo: the prompt scored, nothing generated
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = Field(None, ge=1, le=128)  # candidates a prompt; the n best are returned
@@ -87,7 +173,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, lt=2**63)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
@@ -119,6 +205,12 @@ def _refuse_unsupported(body: _Common) -> None:
             raise BadRequest(f"{name} is not supported by this server (moetorch): leave it out", name)
     if isinstance(body, ChatRequest) and body.top_logprobs is not None and not body.logprobs:
         raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    if body.stream_options is not None and not body.stream:
+        raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
+    _stops(body)  # (checked before a stream starts)
+    for i, m in enumerate(body.messages if isinstance(body, ChatRequest) else []):
+        if m.content is None and m.role != "assistant":
+            raise BadRequest(f"messages[{i}].content: a {m.role} message needs content", f"messages[{i}].content")
 
 
 def _stops(body: _Common) -> list[str]:
@@ -136,10 +228,9 @@ def _logit_bias(body: _Common, vocab: int) -> dict[int, float]:
     """`logit_bias` with its keys as token ids, checked."""
     out = {}
     for key, bias in (body.logit_bias or {}).items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise BadRequest(f"logit_bias: {key!r} is not a token id", "logit_bias") from None
+        if not re.fullmatch(r"-?[0-9]{1,20}", key):
+            raise BadRequest(f"logit_bias: {key!r} is not a token id", "logit_bias")
+        tok = int(key)
         if not 0 <= tok < vocab:
             raise BadRequest(f"logit_bias: token id {tok} is outside the vocabulary (0 .. {vocab - 1})", "logit_bias")
         if not -100 <= bias <= 100:
@@ -162,15 +253,19 @@ def _sampling(body: _Common, choice: int, vocab: int, grammar=None) -> dict[str,
             settings[name] = getattr(body, name)
     if body.logit_bias:
         settings["logit_bias"] = _logit_bias(body, vocab)
+    if body.top_k is not None and body.top_k > vocab:
+        raise BadRequest(f"top_k: at most the vocabulary's size ({vocab}), or 0 or -1 for no top-k; got {body.top_k}",
+                         "top_k")
     temperature = 1.0 if body.temperature is None else body.temperature
     if temperature == 0:
-        return {"do_sample": False, **settings}
+        return admit({"do_sample": False, **settings}, vocab)
     seed = None if body.seed is None else (body.seed + choice) % 2**63
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
     if body.min_p:
         settings["min_p"] = body.min_p
-    return {"do_sample": True, "temperature": temperature, "top_p": 1.0 if body.top_p is None else body.top_p,
-            "top_k": top_k, "seed": seed, **settings}
+    # (admit: a temperature below SAMPLING_EPS decodes greedily)
+    return admit({"do_sample": True, "temperature": temperature, "top_p": 1.0 if body.top_p is None else body.top_p,
+                  "top_k": top_k, "seed": seed, **settings}, vocab)
 
 
 _JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
@@ -264,20 +359,32 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         finally:
             await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="moetorch", lifespan=lifespan)
+    app = FastAPI(title="moetorch", lifespan=lifespan, default_response_class=_JSON)
     app.state.engine = engine
     vocab = engine.vocab_size
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        if first.get("type") == "extra_forbidden":
-            message = f"unknown field {param!r}"
+        message, status, param = _validation_error(exc.errors(), request.headers.get("content-type"))
+        return _error(message, status, param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = f"no route {where}: this server has POST /v1/completions, POST /v1/chat/completions, " \
+                      "GET /v1/models and GET /health"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path} (allowed: " \
+                      f"{(exc.headers or {}).get('Allow', '?')})"
         else:
-            message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return _error(message, 400, param)
+            message = str(exc.detail)
+        return _error(message, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):  # (the server's log has the traceback)
+        return _error(f"the server failed on this request ({type(exc).__name__}); its log has the details", 500,
+                      kind="server_error")
 
     @app.exception_handler(BadRequest)
     async def bad(request: Request, exc: BadRequest):
@@ -323,7 +430,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         check_model(body)
         _refuse_unsupported(body)
-        prompts = _completion_prompts(engine, body.prompt)
+        prompts = await asyncio.to_thread(_completion_prompts, engine, body.prompt)  # (off the event loop)
         limit = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
         if limit == 0 and not body.echo:
             raise BadRequest("max_tokens=0 generates nothing: it takes echo=true (to score the prompt)", "max_tokens")
@@ -343,14 +450,14 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if body.echo and want_lp:
             by_prompt = [await engine.prompt_logprobs(ids, body.logprobs) for ids in prompts]
             scored = {job.index: (job.ids, *by_prompt[job.index // best]) for job in jobs}
-        offsets: dict[int, int] = {}
+        if want_lp:  # the vocabulary's token bytes, read once, off the event loop
+            await asyncio.to_thread(_token_bytes, engine)
+        tracks = {job.index: _Tokens(engine, job.ids, len(echo.get(job.index, ""))) for job in jobs} if want_lp else {}
 
         def choice(index: int, text: str, pieces: list[Piece], reason: str | None, first: bool) -> dict[str, Any]:
             lp = None
             if want_lp:
-                lp = _completion_logprobs(engine, pieces, offsets.get(index, 0), top, scored.get(index) if first
-                                          else None)
-                offsets[index] = lp.pop("end")
+                lp = _completion_logprobs(tracks[index], pieces, top, scored.get(index) if first else None)
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 
         if body.stream:
@@ -382,7 +489,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         check_model(body)
         _refuse_unsupported(body)
         calls = forced_calls(body.tools, body.tool_choice, body.parallel_tool_calls)
-        ids = _chat_prompt(engine, body)
+        ids = await asyncio.to_thread(_chat_prompt, engine, body)  # (off the event loop)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         grammar = _grammar(body, engine)
         if calls is not None:
@@ -395,14 +502,21 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": engine.name}
 
-        def logprobs(pieces: list[Piece]) -> dict[str, Any] | None:
+        if body.logprobs:  # the vocabulary's token bytes, read once, off the event loop
+            await asyncio.to_thread(_token_bytes, engine)
+        tracks = {job.index: _Tokens(engine, ids) for job in jobs} if body.logprobs else {}
+
+        def logprobs(index: int, pieces: list[Piece]) -> dict[str, Any] | None:
             if not body.logprobs:
                 return None
-            def entry(text: str, lp: float) -> dict[str, Any]:
-                return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+            track = tracks[index]
+
+            def entry(token: int, lp: float) -> dict[str, Any]:
+                text, raw = track.shown(token)
+                return {"token": text, "logprob": lp, "bytes": list(raw)}
 
             return {"content": [{**entry(t, lp), "top_logprobs": [entry(u, v) for u, v in top]}
-                                for t, lp, top in _token_texts(engine, pieces)]}
+                                for t, lp, top, _ in track.of(pieces)]}
 
         if body.stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
@@ -425,7 +539,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                     if not delta and reason is None and not body.logprobs:
                         yield {"choices": [{"index": index}], "skip": True}, piece  # a call's JSON so far
                         continue
-                    yield {**chunk_head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs([piece]),
+                    yield {**chunk_head, "choices": [{"index": index, "delta": delta,
+                                                      "logprobs": logprobs(index, [piece]),
                                                       "finish_reason": reason}]}, piece
             return _sse(chunks(), body, len(ids))
         done = await _collect(engine, jobs, _stops(body), _eos(body, engine.chat_eos), request)
@@ -437,8 +552,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 return {"role": "assistant", "content": None, "tool_calls": made}, "tool_calls"
             return {"role": "assistant", "content": text}, pieces[-1].finish_reason
 
-        choices = [{"index": job.index, "message": msg, "logprobs": logprobs(pieces), "finish_reason": reason}
-                   for job, pieces in done for msg, reason in [message(pieces)]]
+        choices = [{"index": job.index, "message": msg, "logprobs": logprobs(job.index, pieces),
+                    "finish_reason": reason} for job, pieces in done for msg, reason in [message(pieces)]]
         return {**head, "choices": choices,
                 "usage": _usage(len(ids), sum(pieces[-1].completion_tokens for _, pieces in done))}
 
@@ -446,16 +561,17 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
 
 class _ApiKey:
-    """ASGI middleware: /v1 routes need `Authorization: Bearer <key>`. (Plain ASGI: Starlette's
-    BaseHTTPMiddleware would pass every streamed chunk through a memory stream of its own.)"""
+    """ASGI middleware: /v1 routes need `Authorization: Bearer <key>` (the scheme in any case, as
+    RFC 7235 has it). (Plain ASGI: Starlette's BaseHTTPMiddleware would pass every streamed chunk
+    through a memory stream of its own.)"""
 
     def __init__(self, app, key: str) -> None:
-        self.app, self.expected = app, f"Bearer {key}".encode()
+        self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope.get("headers") or []).get(b"authorization")
-            if given != self.expected:
+            scheme, _, given = (dict(scope.get("headers") or []).get(b"authorization") or b"").strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
                 response = _error("invalid or missing API key (Authorization: Bearer ...)", 401,
                                   kind="authentication_error")
                 await response(scope, receive, send)
@@ -554,13 +670,21 @@ def _sse(chunks: AsyncIterator[tuple[dict, Piece | None]], body: _Common, prompt
                 if usage:
                     chunk = {**chunk, "usage": None}
                 last = chunk
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {_dumps(chunk)}\n\n"
             if usage and last is not None:
                 total = _usage(prompt_tokens, sum(completion.values()))
-                yield f"data: {json.dumps({**last, 'choices': [], 'usage': total})}\n\n"
+                yield f"data: {_dumps({**last, 'choices': [], 'usage': total})}\n\n"
         except EngineError as e:
             error = {"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
                                "code": None}}
+            yield f"data: {json.dumps(error)}\n\n"
+        except (BadRequest, PromptError) as e:  # (checked before the stream starts: not expected here)
+            error = {"error": {"message": str(e), "type": "invalid_request_error", "param": e.param, "code": None}}
+            yield f"data: {json.dumps(error)}\n\n"
+        except Exception as e:  # noqa: BLE001 -- the stream ends with an error event, not a broken connection
+            logger.exception("serve: a stream failed")
+            error = {"error": {"message": f"the server failed on this request ({type(e).__name__}); its log has "
+                               "the details", "type": "server_error", "param": None, "code": None}}
             yield f"data: {json.dumps(error)}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -593,6 +717,7 @@ def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
     if getattr(tok, "chat_template", None) is None:
         raise BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
     messages = []
+    template = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template)
     for i, m in enumerate(body.messages):
         message = m.model_dump(exclude_none=True)
         content = m.content
@@ -600,10 +725,10 @@ def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
             kinds = sorted({part.get("type") for part in content} - {"text"}, key=str)
             if kinds:
                 raise BadRequest(f"messages[{i}].content: only text parts are supported, got {kinds}",
-                                 f"messages.{i}.content")
+                                 f"messages[{i}].content")
             content = "".join(str(part.get("text", "")) for part in content)
         message["content"] = content or ""
-        messages.append(message)
+        messages.append(_as_the_template_reads(message, template))
     template_kwargs = dict(body.chat_template_kwargs or {})
     if body.tools:  # the request's tools, for templates that render them
         template_kwargs["tools"] = body.tools
@@ -615,38 +740,116 @@ def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
         raise BadRequest(f"messages: the chat template failed: {e}", "messages") from e
 
 
-def _token_texts(engine: Engine, pieces: list[Piece]) -> list[tuple[str, float, list[tuple[str, float]]]]:
-    """(text, log-probability, [(text, log-probability)] of the likeliest) of each generated token."""
-    decode = engine.tokenizer.decode
-    ids = [t for p in pieces for t in p.token_ids]
-    lps = [lp for p in pieces for lp in p.logprobs]
-    tops = [top for p in pieces for top in p.top_logprobs] or [[]] * len(ids)
-    return [(decode([t]), lp, [(decode([u]), v) for u, v in top]) for t, lp, top in zip(ids, lps, tops)]
+def _as_the_template_reads(message: dict[str, Any], template: str) -> dict[str, Any]:
+    """A message in a form the chat template renders, where it has no place for its role (as
+    Phi-3.5-MoE's, which renders system, user and assistant turns alone), so that nothing is
+    dropped without a word: `developer` (OpenAI's newer name for the system prompt) as `system`;
+    a `tool` result as a `user` turn of its content; an assistant's `tool_calls` as its content,
+    the calls' JSON (`[{"name", "arguments"}]`, the form a forced "required" call takes)."""
+    def renders(word: str) -> bool:
+        return f"'{word}'" in template or f'"{word}"' in template
+
+    role = message["role"]
+    if role == "developer" and not renders("developer"):
+        return {**message, "role": "system"}
+    if role == "tool" and not renders("tool"):
+        return {k: v for k, v in message.items() if k not in ("tool_call_id", "name")} | {"role": "user"}
+    calls = message.get("tool_calls")
+    if role == "assistant" and calls and "tool_calls" not in template:
+        def arguments(call: dict) -> Any:
+            raw = (call.get("function") or {}).get("arguments")
+            try:
+                return json.loads(raw) if isinstance(raw, str) else raw
+            except ValueError:
+                return raw
+
+        said = json.dumps([{"name": (c.get("function") or {}).get("name"), "arguments": arguments(c)}
+                           for c in calls if isinstance(c, dict)], ensure_ascii=False)
+        text = message.get("content") or ""
+        return {k: v for k, v in message.items() if k != "tool_calls"} | {"content": f"{text}{said}"}
+    return message
 
 
-def _completion_logprobs(engine: Engine, pieces: list[Piece], offset: int, top: bool,
+class _Tokens:
+    """One choice's tokens as log-probabilities show them. A token's text and `bytes` are its own
+    (a word-start token with its space; a piece of a character its byte, shown as `\\xNN`), not
+    its decode alone (which turns such a piece into U+FFFD). Where its text starts in the choice's
+    text is counted as a decode of the tokens so far gives it: a piece of a character adds nothing
+    until its last. Tokens that start past the end of the text returned (the EOS, tokens after a
+    stop string) are left out. `start`: characters before the generated text (an echoed prompt)."""
+
+    def __init__(self, engine: Engine, prompt: list[int], start: int = 0) -> None:
+        self.engine, self.prompt = engine, prompt
+        self.detok = Detokenizer(engine.tokenizer, prompt[-4:])
+        self.at = self.end = start  # where the next token's text starts; where the text so far ends
+
+    def shown(self, token: int) -> tuple[str, bytes]:
+        raw = _token_bytes(self.engine).get(token)
+        if raw is None:  # not in the vocabulary's table (an added token): its decode
+            raw = self.engine.tokenizer.decode([token]).encode()
+        return raw.decode("utf-8", errors="backslashreplace"), raw
+
+    def of(self, pieces: list[Piece]) -> list[tuple[int, float, list[tuple[int, float]], int]]:
+        """(token, log-probability, likeliest [(token, log-probability)], start) of the tokens of
+        `pieces` (the next of the choice) that lie within its text."""
+        rows = []
+        for piece in pieces:
+            tops = piece.top_logprobs or [[]] * len(piece.token_ids)
+            for token, lp, top in zip(piece.token_ids, piece.logprobs, tops):
+                rows.append((token, lp, top, self.at))
+                self.at += len(self.detok.add([token]))
+            self.end += len(piece.text)
+        if pieces and pieces[-1].finish_reason is not None:
+            rows = [row for row in rows if row[3] < self.end]
+        return rows
+
+    def prompt_widths(self) -> list[int]:
+        """The characters each prompt token adds to the prompt's decode (its echo)."""
+        detok = Detokenizer(self.engine.tokenizer)
+        widths = [len(detok.add([t])) for t in self.prompt]
+        if widths:
+            widths[-1] += len(detok.flush())
+        return widths
+
+
+def _token_bytes(engine: Engine) -> dict[int, bytes]:
+    """Each vocabulary id's bytes inside a word, read once per engine (the stop strings' table)."""
+    table = getattr(engine, "_token_bytes", None)
+    if table is None:
+        texts = token_texts(engine.tokenizer)
+        table = {i: t if isinstance(t, bytes) else t.encode() for i, t in texts.items()}
+        engine._token_bytes = table
+    return table
+
+
+def _completion_logprobs(track: _Tokens, pieces: list[Piece], top: bool,
                          prompt: tuple | None = None) -> dict[str, Any]:
-    """Completions' `logprobs` of the tokens of `pieces` (after the prompt's, scored: (ids,
-    log-probabilities, top log-probabilities), the first token's None), text offsets from
-    `offset`; "end" holds the offset after them."""
-    decode = engine.tokenizer.decode
-    entries = []  # (token text, its length in the choice's text, log-probability, likeliest or None)
-    if prompt is not None:
-        for t, lp, likeliest in zip(*prompt):
-            entries.append((decode([t]), len(decode([t], skip_special_tokens=True)), lp,
-                            None if likeliest is None else [(decode([u]), v) for u, v in likeliest]))
-    entries += [(text, len(text), lp, likeliest) for text, lp, likeliest in _token_texts(engine, pieces)]
+    """Completions' `logprobs` of the tokens of `pieces` (the choice's next; after the prompt's,
+    scored: (ids, log-probabilities, top log-probabilities), the first token's None), with
+    `text_offset` in the choice's text (`_Tokens`)."""
     tokens, logprobs, tops, offsets = [], [], [], []
-    for text, width, lp, likeliest in entries:
-        tokens.append(text)
+
+    def label(token: int) -> str:  # a piece of a character as "bytes:\\xNN", as OpenAI shows one
+        text, raw = track.shown(token)
+        return text if raw.decode("utf-8", errors="ignore") == text else "bytes:" + text
+
+    def add(token: int, lp: float | None, likeliest, offset: int) -> None:
+        tokens.append(label(token))
         logprobs.append(lp)
         step: dict[str, float] | None = None
         if likeliest is not None:
             step = {}
-            for text_u, v in likeliest:  # tokens of one text: the likeliest's
-                step.setdefault(text_u, v)
+            for u, v in likeliest:  # tokens of one text: the likeliest's
+                step.setdefault(label(u), v)
         tops.append(step)
         offsets.append(offset)
-        offset += width
+
+    if prompt is not None:
+        offset = 0
+        for (t, lp, likeliest), width in zip(zip(*prompt), track.prompt_widths()):
+            add(t, lp, likeliest, offset)
+            offset += width
+    for t, lp, likeliest, start in track.of(pieces):
+        add(t, lp, likeliest, start)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops if top else None,
-            "text_offset": offsets, "end": offset}
+            "text_offset": offsets}

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.batching import ContinuousBatchingConfig, RequestStatus
+from ..engine.row_sampling import SAMPLING_ONLY
 from ..generation.grammar import Grammar
 from ..generation.utils import chat_eos_ids, eos_ids
 
 logger = logging.getLogger("moetorch")
 GRAMMAR_CACHE = 64  # compiled response_format schemas kept
+SAMPLING_EPS = 1e-5  # a temperature below it decodes greedily (as vLLM's _SAMPLING_EPS): scores / it overflow
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 class Detokenizer:
@@ -112,6 +115,33 @@ class PromptError(ValueError):
 
 class EngineError(RuntimeError):
     """The manager failed a request (not a cancellation by the engine)."""
+
+
+def admit(settings: dict[str, Any], vocab: int) -> dict[str, Any]:
+    """A request's settings (`add_request`'s keywords) as the batch's loop will hold them, checked
+    here so that a bad one fails its own request (PromptError naming the setting), never the loop
+    that every request shares: numbers must fit the batch's tensors (float32, int64); a temperature
+    below SAMPLING_EPS decodes greedily; a top_k of the vocabulary's size or more filters nothing."""
+    out = dict(settings)
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+        value = out.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not abs(value) <= _FLOAT32_MAX):
+            raise PromptError(f"{name}: {value!r} is not a finite number within float32's range", name)
+    for tok, bias in (out.get("logit_bias") or {}).items():
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not abs(bias) <= _FLOAT32_MAX:
+            raise PromptError(f"logit_bias[{tok!r}]: {bias!r} is not a finite number", "logit_bias")
+    for name in ("top_k", "seed", "top_logprobs"):
+        value = out.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not -2**63 <= value < 2**63):
+            raise PromptError(f"{name}: {value!r} is not an integer within int64's range", name)
+    if out.get("do_sample") and out.get("temperature", 1.0) < SAMPLING_EPS:
+        out = {k: v for k, v in out.items() if k not in SAMPLING_ONLY}
+        out["do_sample"] = False
+    if (out.get("top_k") or 0) >= vocab:
+        out["top_k"] = 0
+    return out
 
 
 def build_manager(model, eos: list[int], pad: int | None, max_model_len: int | None = None,
@@ -306,9 +336,10 @@ class Engine:
         param = param or where
         if not ids:
             raise PromptError(f"{where}: the prompt is empty", param)
-        room = self.max_model_len - len(ids) + 1
-        if room < 1:
-            raise PromptError(f"{where}: the prompt has {len(ids)} tokens; this server takes at most "
+        room = self.max_model_len - len(ids)  # prompt + completion <= max_model_len
+        if room < 0 or (room == 0 and max_tokens != 0):
+            raise PromptError(f"{where}: the prompt has {len(ids)} tokens, "
+                             f"{'which leaves no room for a completion in' if room == 0 else 'past'} this server's "
                              f"{self.max_model_len} tokens of prompt and completion (--max-model-len)", param)
         if max_tokens is not None and max_tokens > room:
             raise PromptError(f"{where}: the prompt's {len(ids)} tokens + max_tokens={max_tokens} exceed this server's "
@@ -329,6 +360,7 @@ class Engine:
             sofar.extend(out.status, out.generated_tokens, out.logprobs, out.top_logprobs, out.error)
             queue.put_nowait(sofar)
 
+        sampling = admit(sampling, self.vocab_size)  # (a setting the batch cannot hold fails here, not in its loop)
         self.manager.register_result_handler(rid, take, deltas=True)
         try:
             # streaming results let a stop string end the request early; without stops, the last will do

@@ -38,15 +38,31 @@ class ToolCalls:
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
         """OpenAI's `tool_calls` from the output, or None where it is not the whole JSON (cut by
-        max_tokens or a stop string)."""
+        max_tokens or a stop string). Numbers keep the model's digits (a float past the double
+        range would otherwise come back as `Infinity`, which is no JSON)."""
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_float=_Number, parse_int=_Number)
         except ValueError:
             return None
         items = [{"name": self.named, "arguments": value}] if self.named is not None else value
         return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                 "function": {"name": item["name"], "arguments": json.dumps(item["arguments"], ensure_ascii=False)}}
+                 "function": {"name": item["name"], "arguments": _dumps(item["arguments"])}}
                 for item in items]
+
+
+class _Number(str):
+    """A JSON number as the output wrote it."""
+
+
+def _dumps(value: Any) -> str:
+    """JSON of a value read with `_Number`s, as `json.dumps` writes it otherwise."""
+    if isinstance(value, _Number):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_dumps(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def tools_of(tools: list[dict[str, Any]] | None) -> dict[str, dict]:
@@ -73,7 +89,11 @@ def tools_of(tools: list[dict[str, Any]] | None) -> dict[str, dict]:
         if not isinstance(params, dict):
             raise BadRequest(f"{where}.function.parameters must be a JSON Schema object",
                              f"{where}.function.parameters")
-        out[name] = params
+        if params.get("type", "object") != "object":
+            raise BadRequest(f"{where}.function.parameters must describe an object (the call's arguments), got "
+                             f"type {params['type']!r}", f"{where}.function.parameters")
+        # the arguments are an object, as OpenAI's always are: `{}` (a function of no arguments) too
+        out[name] = {**NO_ARGUMENTS, **params} if params else NO_ARGUMENTS
     return out
 
 
