@@ -7,26 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import test_generation
 import torch
 import transformers
-from archs import ARCH_IDS, ARCHS
-from parity import make_inputs, make_pair
+from parity import make_inputs
 
 import moetorch
 from moetorch import GenerationConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
-def pair(request, tmp_path_factory):
-    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name), seed=3)
+_one_thread, pair = test_generation._one_thread, test_generation.pair  # the same fixtures
 
 
 def prompt(pair, seed=7):
