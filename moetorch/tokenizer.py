@@ -7,25 +7,36 @@ chat_template, padding side), special_tokens_map.json and chat_template.jinja wh
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
+import warnings
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tokenizers import AddedToken
 
 from .defaults import checkpoint_path
 from .hub import TOKENIZER_PATTERNS, PushToHubMixin, hub_options
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
 TEMPLATE_FILE = "chat_template.jinja"
-SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Transformers 5's named special tokens, in its order (all_special_tokens lists them so)
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Tokenizer-loading options that have no meaning for a local fast tokenizer.
 _IGNORED_KWARGS = {"trust_remote_code", "use_fast"}  # the Hub's options go to moetorch.hub
+# Per-token keys that pad() pads besides input_ids and attention_mask, with their pad values (Transformers')
+_PAD_VALUES = {"token_type_ids": 0, "special_tokens_mask": 1}
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 # A Phi-3.5-style template, used by `moetorch train-tokenizer` and tests.
 PHI35_CHAT_TEMPLATE = (
@@ -39,24 +50,83 @@ PHI35_CHAT_TEMPLATE = (
 
 
 class BatchEncoding(dict):
-    """`input_ids` and `attention_mask` (lists or tensors), readable as keys and attributes."""
+    """`input_ids` and `attention_mask` (lists, tensors or numpy arrays), readable as keys and
+    attributes; from a tokenizer call it also keeps the `tokenizers.Encoding` of each row
+    (`enc[i]`, `enc.tokens(i)`, `enc.word_ids(i)`), as Transformers' fast tokenizers do."""
+
+    def __init__(self, data: Mapping | None = None, encodings: list | None = None, **kwargs: Any) -> None:
+        super().__init__(data or {}, **kwargs)
+        self._encodings = encodings
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
         try:
             return self[name]
         except KeyError as e:
             raise AttributeError(name) from e
 
-    def to(self, device: torch.device | str) -> BatchEncoding:
-        return BatchEncoding({k: v.to(device) if torch.is_tensor(v) else v for k, v in self.items()})
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, str):
+            return super().__getitem__(item)
+        if self._encodings is not None:  # an int or slice gives the rows' Encodings, as Transformers
+            return self._encodings[item]
+        if isinstance(item, slice):
+            return {k: v[item] for k, v in self.items()}
+        raise KeyError(f"BatchEncoding keys are strings (input_ids, ...), slices, or integers for the rows' "
+                       f"tokenizers.Encoding (only from a tokenizer call); got {item!r}")
+
+    @property
+    def data(self) -> BatchEncoding:
+        return self
+
+    @property
+    def encodings(self) -> list | None:
+        return self._encodings
+
+    def _encoding(self, batch_index: int, method: str):
+        if not self._encodings:
+            raise ValueError(f"{method}() needs the encodings of a tokenizer call; this BatchEncoding has none")
+        return self._encodings[batch_index]
+
+    def tokens(self, batch_index: int = 0) -> list[str]:
+        return self._encoding(batch_index, "tokens").tokens
+
+    def word_ids(self, batch_index: int = 0) -> list[int | None]:
+        return self._encoding(batch_index, "word_ids").word_ids
+
+    def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
+        return self._encoding(batch_index, "sequence_ids").sequence_ids
+
+    def to(self, device: torch.device | str | int, *, non_blocking: bool = False) -> BatchEncoding:
+        """Move the tensors to `device` in place and return self; a dtype is refused with a warning
+        (token ids must stay integers), as Transformers does."""
+        if not isinstance(device, (str, int, torch.device)):
+            logger.warning(f"Attempting to cast a BatchEncoding to type {device}. This is not supported.")
+            return self
+        for k, v in self.items():
+            if torch.is_tensor(v):
+                self[k] = v.to(device=device, non_blocking=non_blocking)
+        return self
 
 
 def _token_text(tok: Any) -> str | None:
     if tok is None or isinstance(tok, str):
         return tok
+    if isinstance(tok, AddedToken):
+        return tok.content
     if isinstance(tok, dict):  # {"content": "<s>", "lstrip": ..., ...} as Transformers writes
         return tok.get("content")
     raise ValueError(f"special token must be a string or a dict with 'content', got {tok!r}")
+
+
+def _to_py(x: Any) -> Any:
+    # tensors, numpy arrays and scalars as Python ints / lists
+    if torch.is_tensor(x) or isinstance(x, (np.ndarray, np.generic)):
+        return x.tolist()
+    if isinstance(x, (list, tuple)):
+        return [_to_py(v) for v in x]
+    return x
 
 
 class Tokenizer(PushToHubMixin):
@@ -66,15 +136,21 @@ class Tokenizer(PushToHubMixin):
 
     model_input_names = ["input_ids", "attention_mask"]
     is_fast = True
+    pad_token_type_id = 0
+    split_special_tokens = False
 
     def __init__(
         self,
         tokenizer_object,
         *,
-        bos_token: str | None = None,
-        eos_token: str | None = None,
-        unk_token: str | None = None,
-        pad_token: str | None = None,
+        bos_token: str | AddedToken | None = None,
+        eos_token: str | AddedToken | None = None,
+        unk_token: str | AddedToken | None = None,
+        pad_token: str | AddedToken | None = None,
+        sep_token: str | AddedToken | None = None,
+        cls_token: str | AddedToken | None = None,
+        mask_token: str | AddedToken | None = None,
+        extra_special_tokens: list[str | AddedToken] | None = None,
         chat_template: str | None = None,
         padding_side: str = "right",
         truncation_side: str = "right",
@@ -86,7 +162,12 @@ class Tokenizer(PushToHubMixin):
         self._tok = tokenizer_object
         self._tok.no_padding()
         self._tok.no_truncation()
-        self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
+        self._special: dict[str, Any] = {}
+        self._add_bos_token = self._add_eos_token = False  # as Transformers reports them unless set
+        for name, value in zip(SPECIAL_NAMES, (bos_token, eos_token, unk_token, sep_token, pad_token, cls_token,
+                                               mask_token)):
+            setattr(self, name, value)
+        self.extra_special_tokens = extra_special_tokens
         self.chat_template = chat_template
         self.padding_side = padding_side
         self.truncation_side = truncation_side
@@ -94,6 +175,8 @@ class Tokenizer(PushToHubMixin):
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.name_or_path = name_or_path
         self._extra_config = dict(extra_config or {})
+        self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = bool(
+            self._extra_config.pop("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
 
     # ---- loading and saving ------------------------------------------------------------------
     @classmethod
@@ -123,31 +206,51 @@ class Tokenizer(PushToHubMixin):
         config.update(kwargs)
         if config.get("tokenizer_class") in LLAMA_CLASSES:
             _as_llama_tokenizer(rust, config, json.loads(text).get("model", {}), file)
-        known = {"chat_template", "padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces"}
+        known = {"chat_template", "padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces",
+                 "extra_special_tokens", "additional_special_tokens", "add_bos_token", "add_eos_token"}
         specials = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
+        # Transformers 5 writes `extra_special_tokens`; older files (and Transformers 4) `additional_special_tokens`
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        if not isinstance(extra, (list, tuple)):
+            raise ValueError(f"extra_special_tokens must be a list of tokens, got {extra!r} "
+                             "(named model-specific special tokens are not supported by moetorch)")
+        extra = [_token_text(t) for t in extra]
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: use "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-        extra = {k: v for k, v in config.items() if k not in known and k not in SPECIAL_NAMES}
-        return cls(
+        rest = {k: v for k, v in config.items() if k not in known and k not in SPECIAL_NAMES}
+        tok = cls(
             rust,
             **specials,
+            extra_special_tokens=extra,
             chat_template=template,
             padding_side=config.get("padding_side", _CLASS_PADDING_SIDE.get(config.get("tokenizer_class"), "right")),
             truncation_side=config.get("truncation_side", "right"),
             model_max_length=config.get("model_max_length"),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             name_or_path=str(path),
-            extra_config=extra,
+            extra_config=rest,
         )
+        # special tokens named here but missing from the vocabulary are added, as Transformers adds them
+        missing = [t for t in tok.all_special_tokens if rust.token_to_id(t) is None]
+        if missing:
+            rust.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        if "add_bos_token" in config or "add_eos_token" in config:  # Transformers: both then default to False
+            tok._add_bos_token = bool(config.get("add_bos_token", False))
+            tok._add_eos_token = bool(config.get("add_eos_token", False))
+            tok.update_post_processor()
+        return tok
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json (Transformers reads both)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> tuple[str, ...]:
+        """Write tokenizer.json and tokenizer_config.json as Transformers 5 writes them (the extra
+        special tokens as `extra_special_tokens`); returns the files written."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / TOKENIZER_FILE))
         config = {k: v for k, v in self._extra_config.items() if k not in ("added_tokens_decoder",)}
-        config.update({name: getattr(self, name) for name in SPECIAL_NAMES if getattr(self, name) is not None})
+        config.update(self.special_tokens_map)
+        if self._extra_special:
+            config["extra_special_tokens"] = self.extra_special_tokens
         config.update(
             tokenizer_class="PreTrainedTokenizerFast", padding_side=self.padding_side,
             truncation_side=self.truncation_side, clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
@@ -157,6 +260,39 @@ class Tokenizer(PushToHubMixin):
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return str(directory / CONFIG_FILE), str(directory / TOKENIZER_FILE)
+
+    # ---- BOS / EOS added by the post-processor ------------------------------------------------
+    @property
+    def add_bos_token(self) -> bool:
+        return self._add_bos_token
+
+    @add_bos_token.setter
+    def add_bos_token(self, value: bool) -> None:
+        self._add_bos_token = bool(value)
+        self.update_post_processor()
+
+    @property
+    def add_eos_token(self) -> bool:
+        return self._add_eos_token
+
+    @add_eos_token.setter
+    def add_eos_token(self, value: bool) -> None:
+        self._add_eos_token = bool(value)
+        self.update_post_processor()
+
+    def update_post_processor(self) -> None:
+        """Make the post-processor add bos_token / eos_token as `add_bos_token` / `add_eos_token`
+        say (each dropped when that token is unset), as Transformers' fast tokenizers do."""
+        from tokenizers import processors
+
+        bos = self.bos_token if self._add_bos_token else None
+        eos = self.eos_token if self._add_eos_token else None
+        self._add_bos_token, self._add_eos_token = bos is not None, eos is not None
+        single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
+        pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
+        specials = [(t, self.convert_tokens_to_ids(t)) for t in (bos, eos) if t is not None]
+        self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
     # ---- vocabulary and special tokens -------------------------------------------------------
     @property
@@ -170,90 +306,136 @@ class Tokenizer(PushToHubMixin):
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=False)
 
+    @property
+    def max_len_single_sentence(self) -> int:
+        return self.model_max_length - self.num_special_tokens_to_add(pair=False)
+
+    @property
+    def max_len_sentences_pair(self) -> int:
+        return self.model_max_length - self.num_special_tokens_to_add(pair=True)
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return self._tok.num_special_tokens_to_add(pair)
+
     def get_vocab(self) -> dict[str, int]:
         return self._tok.get_vocab(with_added_tokens=True)
 
+    def get_chat_template(self, chat_template: str | None = None, tools: Any = None) -> str:
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this tokenizer has no chat_template: pass chat_template= or set tokenizer.chat_template")
+        return template
+
+    def _token_to_id(self, token: str) -> int | None:
+        # the unknown token's id for a token outside the vocabulary, as Transformers' fast tokenizers
+        i = self._tok.token_to_id(token)
+        unk = _token_text(self._special.get("unk_token"))
+        return self._tok.token_to_id(unk) if i is None and unk is not None else i
+
     def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
         if isinstance(tokens, str):
-            return self._tok.token_to_id(tokens)
-        return [self._tok.token_to_id(t) for t in tokens]
+            return self._token_to_id(tokens)
+        return [self._token_to_id(t) for t in tokens]
 
-    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | None | list[str | None]:
+    def convert_ids_to_tokens(self, ids: int | list[int], skip_special_tokens: bool = False) -> str | None | list:
+        ids = _to_py(ids)
         if isinstance(ids, int):
             return self._tok.id_to_token(ids)
-        return [self._tok.id_to_token(int(i)) for i in ids]
-
-    def _id_of(self, token: str | None) -> int | None:
-        return None if token is None else self._tok.token_to_id(token)
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._tok.id_to_token(int(i)) for i in ids if int(i) not in skip]
 
     @property
-    def bos_token_id(self) -> int | None:
-        return self._id_of(self.bos_token)
+    def extra_special_tokens(self) -> list[str]:
+        return [str(t) for t in self._extra_special]
+
+    @extra_special_tokens.setter
+    def extra_special_tokens(self, value: list[str | AddedToken] | None) -> None:
+        if value is not None and not (isinstance(value, (list, tuple))
+                                      and all(isinstance(t, (str, AddedToken)) for t in value)):
+            raise ValueError(f"extra_special_tokens must be a list of strings or AddedTokens, got {value!r}")
+        self._extra_special = list(value or [])
 
     @property
-    def eos_token_id(self) -> int | None:
-        return self._id_of(self.eos_token)
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._id_of(self.unk_token)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._id_of(self.pad_token)
+    def extra_special_tokens_ids(self) -> list[int | None]:
+        return self.convert_tokens_to_ids(self.extra_special_tokens)
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens that are set (Transformers 5: not the extra ones)."""
         return {name: getattr(self, name) for name in SPECIAL_NAMES if getattr(self, name) is not None}
 
     @property
-    def all_special_ids(self) -> list[int]:
-        """Ids of the named special tokens, then any `additional_special_tokens` (Transformers' order)."""
-        tokens = [*self.special_tokens_map.values(), *self._extra_config.get("additional_special_tokens", [])]
-        ids = [self._id_of(_token_text(t)) for t in tokens]
-        return list(dict.fromkeys(i for i in ids if i is not None))
+    def all_special_tokens(self) -> list[str]:
+        """The named special tokens, then the extra ones, each once (Transformers' order)."""
+        return list(dict.fromkeys([*self.special_tokens_map.values(), *self.extra_special_tokens]))
 
     @property
-    def all_special_tokens(self) -> list[str]:
-        return self.convert_ids_to_tokens(self.all_special_ids)
+    def all_special_ids(self) -> list[int]:
+        return self.convert_tokens_to_ids(self.all_special_tokens)
 
     @property
     def added_tokens_decoder(self) -> dict[int, Any]:
         """id -> `tokenizers.AddedToken` of every added token (special ones included)."""
         return dict(sorted(self._tok.get_added_tokens_decoder().items()))
 
-    def get_added_vocab(self) -> dict[str, int]:
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
         return {token.content: i for i, token in self.added_tokens_decoder.items()}
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return self.added_tokens_encoder
 
     def add_tokens(self, new_tokens: Any, special_tokens: bool = False) -> int:
         """Add tokens (strings or `tokenizers.AddedToken`) to the vocabulary, as Transformers' fast
         tokenizers do; returns how many were new (then resize the model's embeddings)."""
-        from tokenizers import AddedToken
-
+        if not new_tokens:
+            return 0
         if isinstance(new_tokens, (str, AddedToken)):
             new_tokens = [new_tokens]
+        if not all(isinstance(t, (str, AddedToken)) for t in new_tokens):
+            raise TypeError(f"add_tokens: new_tokens must be strings or tokenizers.AddedToken, got {new_tokens!r}")
         tokens = [t if isinstance(t, AddedToken) else
                   AddedToken(t, special=special_tokens, normalized=not special_tokens) for t in new_tokens]
         return self._tok.add_special_tokens(tokens) if special_tokens else self._tok.add_tokens(tokens)
 
-    def add_special_tokens(self, special_tokens: dict[str, str]) -> int:
-        """Add and assign special tokens, e.g. {"pad_token": "<pad>"}; returns how many were new."""
-        from tokenizers import AddedToken
-
-        before = len(self)
-        for name, token in special_tokens.items():
-            if name not in SPECIAL_NAMES:
-                raise ValueError(f"unknown special token name {name!r}; allowed: {SPECIAL_NAMES}")
-            self._tok.add_special_tokens([AddedToken(token, special=True, normalized=False)])
-            setattr(self, name, token)
-        return len(self) - before
+    def add_special_tokens(self, special_tokens_dict: dict[str, Any], replace_extra_special_tokens: bool = True) -> int:
+        """Add and assign special tokens, e.g. {"pad_token": "<pad>"} or {"extra_special_tokens":
+        [...]} (or its old name "additional_special_tokens"); values are strings or AddedTokens.
+        Returns how many were new to the vocabulary."""
+        special_tokens_dict = dict(special_tokens_dict)
+        if "additional_special_tokens" in special_tokens_dict and not special_tokens_dict.get("extra_special_tokens"):
+            special_tokens_dict["extra_special_tokens"] = special_tokens_dict.pop("additional_special_tokens")
+        to_add = []
+        for key, value in special_tokens_dict.items():
+            if key not in (*SPECIAL_NAMES, "extra_special_tokens"):
+                raise ValueError(f"add_special_tokens: unknown key {key!r}; allowed: "
+                                 f"{(*SPECIAL_NAMES, 'extra_special_tokens', 'additional_special_tokens')}")
+            as_added = (lambda t: AddedToken(t, special=True, normalized=False) if isinstance(t, str) else t)
+            if key == "extra_special_tokens":
+                if not (isinstance(value, (list, tuple)) and all(isinstance(t, (str, AddedToken)) for t in value)):
+                    raise ValueError(f"add_special_tokens: {key} must be a list of strings or AddedTokens, "
+                                     f"got {value!r}")
+                new = [as_added(t) for t in value if replace_extra_special_tokens or str(t) not in
+                       self.extra_special_tokens]
+                if replace_extra_special_tokens and new:
+                    self._extra_special = list(new)
+                else:
+                    self._extra_special.extend(new)
+                to_add.extend(new)
+            else:
+                if not isinstance(value, (str, AddedToken)):
+                    raise ValueError(f"add_special_tokens: {key} must be a string or an AddedToken, got {value!r}")
+                setattr(self, key, as_added(value))
+                to_add.append(as_added(value))
+        return self.add_tokens(to_add, special_tokens=True)
 
     # ---- encoding ----------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> list[int]:
-        return self(text, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+    def encode(self, text: str, text_pair: str | None = None, add_special_tokens: bool = True, **kwargs: Any):
+        return self(text, text_pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
 
-    def tokenize(self, text: str, add_special_tokens: bool = False, **kwargs: Any) -> list[str]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).tokens
+    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False,
+                 **kwargs: Any) -> list[str]:
+        return self._tok.encode(text, pair, add_special_tokens=add_special_tokens).tokens
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         decoder = self._tok.decoder
@@ -265,26 +447,37 @@ class Tokenizer(PushToHubMixin):
         text_pair: str | list[str] | None = None,
         add_special_tokens: bool = True,
         padding: bool | str = False,
-        truncation: bool | str = False,
+        truncation: bool | str | None = None,
         max_length: int | None = None,
         return_tensors: str | None = None,
-        return_attention_mask: bool = True,
+        return_attention_mask: bool | None = None,
         padding_side: str | None = None,
         pad_to_multiple_of: int | None = None,
+        return_token_type_ids: bool | None = None,
+        return_special_tokens_mask: bool = False,
+        return_offsets_mapping: bool = False,
+        return_length: bool = False,
+        split_special_tokens: bool | None = None,
+        verbose: bool = True,
         **kwargs: Any,
     ) -> BatchEncoding:
-        """Tokenise one text or a batch (with `text_pair`: pairs, joined as the post-processor's
-        pair template joins them); truncate to `max_length` as Transformers' fast tokenizers do
-        (True / "longest_first", "only_first", "only_second"; the special tokens kept); pad
-        ("longest"/True or "max_length", up to a multiple of `pad_to_multiple_of`) left or right."""
+        """Tokenise one text or a batch (with `text_pair`, or a list of (text, pair) tuples: pairs,
+        joined as the post-processor's pair template joins them); truncate to `max_length` as
+        Transformers' fast tokenizers do (True / "longest_first", "only_first", "only_second"; the
+        special tokens kept; `max_length` alone truncates too); pad ("longest"/True or "max_length",
+        up to a multiple of `pad_to_multiple_of`) left or right."""
         kwargs.pop("sanitize_control_tokens", None)
         if kwargs:
             raise TypeError(f"unexpected tokenizer arguments: {sorted(kwargs)}")
         batched = isinstance(text, (list, tuple))
         texts = list(text) if batched else [text]
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("text must be a string or a list of strings")
         inputs: list = texts
+        if batched and text_pair is None and texts and all(isinstance(t, (list, tuple)) and len(t) == 2
+                                                           for t in texts):
+            inputs = [tuple(t) for t in texts]  # a batch of (text, pair)
+            texts = [t for pair in inputs for t in pair]
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("text must be a string, a list of strings or a list of (text, text_pair) tuples")
         if text_pair is not None:
             pairs = list(text_pair) if isinstance(text_pair, (list, tuple)) else [text_pair]
             if isinstance(text_pair, (list, tuple)) != batched or len(pairs) != len(texts):
@@ -292,6 +485,11 @@ class Tokenizer(PushToHubMixin):
             if not all(isinstance(t, str) for t in pairs):
                 raise TypeError("text_pair must be a string or a list of strings")
             inputs = list(zip(texts, pairs))
+        if max_length is not None and padding is False and truncation is None:
+            truncation = "longest_first"  # Transformers: max_length alone truncates
+        if padding is True and max_length is not None and truncation in (None, False, "do_not_truncate") and verbose:
+            warnings.warn("`max_length` is ignored when `padding`=`True` and there is no truncation strategy. "
+                          "To pad to max length, use `padding='max_length'`.", stacklevel=2)
         strategy = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
                     "only_second": "only_second"}.get(truncation)
         if truncation not in (False, None, "do_not_truncate") and strategy is None:
@@ -300,15 +498,30 @@ class Tokenizer(PushToHubMixin):
         if strategy is not None:
             limit = max_length or self.model_max_length
             self._tok.enable_truncation(min(limit, 2**31 - 1), strategy=strategy, direction=self.truncation_side)
+        split = self.split_special_tokens if split_special_tokens is None else bool(split_special_tokens)
+        self._tok.encode_special_tokens = split
         try:
-            ids = [e.ids for e in self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)]
+            encodings = self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
         finally:
             self._tok.no_truncation()
-        masks = [[1] * len(x) for x in ids]
-        self._pad_rows(ids, masks, padding, max_length, pad_to_multiple_of, padding_side)
-        out = BatchEncoding(input_ids=ids if batched else ids[0])
-        if return_attention_mask:
-            out["attention_mask"] = masks if batched else masks[0]
+            self._tok.encode_special_tokens = self.split_special_tokens
+        target = self._padding_target([len(e.ids) for e in encodings], padding, max_length, pad_to_multiple_of)
+        if target is not None:
+            side = self._padding_side(padding_side)
+            for e in encodings:
+                e.pad(target, direction=side, pad_id=self.pad_token_id, pad_type_id=self.pad_token_type_id,
+                      pad_token=self.pad_token)
+        fields = {"input_ids": True, "token_type_ids": return_token_type_ids,
+                  "attention_mask": return_attention_mask is not False,
+                  "special_tokens_mask": return_special_tokens_mask, "offset_mapping": return_offsets_mapping}
+        getters = {"input_ids": "ids", "token_type_ids": "type_ids", "offset_mapping": "offsets"}
+        out = BatchEncoding(encodings=encodings)
+        for key, wanted in fields.items():
+            if wanted:
+                rows = [getattr(e, getters.get(key, key)) for e in encodings]
+                out[key] = rows if batched else rows[0]
+        if return_length:
+            out["length"] = [len(e.ids) for e in encodings]  # a list even for one text, as Transformers
         return _as_tensors(out, return_tensors, batched)
 
     def pad(
@@ -320,81 +533,98 @@ class Tokenizer(PushToHubMixin):
         padding_side: str | None = None,
         return_attention_mask: bool | None = None,
         return_tensors: str | None = None,
-        **kwargs: Any,
+        verbose: bool = True,
     ) -> BatchEncoding:
         """Pad encoded rows (a list of dicts, or a dict of lists) as `__call__` pads: what data
-        collators call. Keys other than input_ids and attention_mask are kept as they are."""
+        collators call. token_type_ids and special_tokens_mask are padded as Transformers pads them;
+        other keys are kept as they are."""
         if isinstance(encoded_inputs, (list, tuple)):
             if not encoded_inputs or not all(isinstance(e, Mapping) for e in encoded_inputs):
                 raise TypeError("pad() takes encodings: a dict of lists, or a non-empty list of dicts")
             encoded_inputs = {k: [e[k] for e in encoded_inputs] for k in encoded_inputs[0]}
-        kwargs.pop("verbose", None)
-        if kwargs:
-            raise TypeError(f"pad() got unexpected arguments {sorted(kwargs)}")
         if "input_ids" not in encoded_inputs:
             raise ValueError(f"pad() needs input_ids among the encodings' keys, got {sorted(encoded_inputs)}")
-        encoded_inputs = {k: v.tolist() if torch.is_tensor(v) else v for k, v in encoded_inputs.items()}
+        encoded_inputs = {k: _to_py(v) for k, v in encoded_inputs.items()}
         rows = encoded_inputs["input_ids"]
         batched = len(rows) > 0 and not isinstance(rows[0], int)
-        ids = [list(map(int, x)) for x in (rows if batched else [rows])]
-        given = encoded_inputs.get("attention_mask")
-        masks = [list(map(int, m)) for m in (given if batched else [given])] if given is not None else \
-            [[1] * len(x) for x in ids]
-        self._pad_rows(ids, masks, padding, max_length, pad_to_multiple_of, padding_side)
-        out = BatchEncoding({k: v for k, v in encoded_inputs.items() if k not in ("input_ids", "attention_mask")})
-        out["input_ids"] = ids if batched else ids[0]
-        if return_attention_mask is not False:
-            out["attention_mask"] = masks if batched else masks[0]
+        columns = {k: [list(map(int, x)) for x in (v if batched else [v])] for k, v in encoded_inputs.items()
+                   if k in ("input_ids", "attention_mask", *_PAD_VALUES)}
+        ids = columns["input_ids"]
+        if return_attention_mask is not False and "attention_mask" not in columns:
+            columns["attention_mask"] = [[1] * len(x) for x in ids]
+        target = self._padding_target([len(x) for x in ids], padding, max_length, pad_to_multiple_of)
+        if target is not None:
+            side = self._padding_side(padding_side)
+            values = {"input_ids": self.pad_token_id, "attention_mask": 0, **_PAD_VALUES}
+            for key, rows_ in columns.items():
+                for row in rows_:
+                    fill = [values[key]] * (target - len(row))
+                    if side == "left":
+                        row[:0] = fill
+                    else:
+                        row.extend(fill)
+        out = BatchEncoding({k: v for k, v in encoded_inputs.items() if k not in columns})
+        out.update({k: v if batched else v[0] for k, v in columns.items()})
+        if return_attention_mask is False:
+            out.pop("attention_mask", None)
         return _as_tensors(out, return_tensors, batched, batch_axis=False)
 
-    def _pad_rows(self, ids, masks, padding, max_length, multiple, side) -> None:
-        # rows padded in place to the longest (or max_length), rounded up to `multiple`
+    def _padding_side(self, side: str | None) -> str:
+        side = side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        return side
+
+    def _padding_target(self, lengths: list[int], padding, max_length, multiple) -> int | None:
+        # the length rows are padded to (the longest, or max_length, rounded up to `multiple`); None: no padding
         if padding in (False, None, "do_not_pad"):
-            return
+            return None
         if padding not in (True, "longest", "max_length"):
             raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
-        target = max_length if padding == "max_length" else max(len(x) for x in ids)
-        if target is None:
-            raise ValueError("padding='max_length' needs max_length")
+        if padding == "max_length" and max_length is None:
+            if self.model_max_length > int(1e29):
+                return None  # Transformers: no max_length and no model_max_length -> no padding
+            max_length = self.model_max_length
+        target = max_length if padding == "max_length" else max(lengths)
         if multiple is not None:
             if not (isinstance(multiple, int) and multiple > 0):
                 raise ValueError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
             target = -(-target // multiple) * multiple
-        pad_id = self.pad_token_id
-        if pad_id is None:
+        if self.pad_token is None:
             raise ValueError("this tokenizer has no pad_token; set tokenizer.pad_token = tokenizer.eos_token")
-        side = side or self.padding_side
-        for x, m in zip(ids, masks):
-            n = target - len(x)
-            if n > 0:
-                if side == "left":
-                    x[:0], m[:0] = [pad_id] * n, [0] * n
-                else:
-                    x.extend([pad_id] * n)
-                    m.extend([0] * n)
+        return target
 
     # ---- decoding ----------------------------------------------------------------------------
     def decode(
         self,
-        token_ids: int | list[int] | torch.Tensor,
+        token_ids: Any,
         skip_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool | None = None,
         **kwargs: Any,
-    ) -> str:
-        if torch.is_tensor(token_ids):
-            token_ids = token_ids.tolist()
+    ) -> str | list[str]:
+        """Decode ids (a list, tensor, numpy array or scalar); a batch (nested list, 2-D tensor)
+        gives a list of strings, as Transformers 5."""
+        kwargs.pop("use_source_tokenizer", None)
+        token_ids = _to_py(token_ids)
+        if isinstance(token_ids, Mapping):
+            token_ids = token_ids["input_ids"]
+        if isinstance(token_ids, list) and token_ids and isinstance(token_ids[0], list):
+            return [self.decode(x, skip_special_tokens, clean_up_tokenization_spaces) for x in token_ids]
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         text = self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
         clean = clean_up_tokenization_spaces
         if clean is None:
             clean = self.clean_up_tokenization_spaces
+        # Transformers 5.23 skips the clean-up (meant for WordPiece) for a BPE model
+        if clean and type(self._tok.model).__name__ == "BPE" and \
+                not self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output:
+            clean = False
         return _clean_up(text) if clean else text
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs: Any) -> list[str]:
-        if torch.is_tensor(sequences):
-            sequences = sequences.tolist()
-        return [self.decode(s, skip_special_tokens=skip_special_tokens, **kwargs) for s in sequences]
+        out = self.decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+        return [out] if isinstance(out, str) else out
 
     # ---- chat --------------------------------------------------------------------------------
     def apply_chat_template(
@@ -402,7 +632,7 @@ class Tokenizer(PushToHubMixin):
         conversation: list[dict[str, Any]] | list[list[dict[str, Any]]],
         chat_template: str | None = None,
         add_generation_prompt: bool = False,
-        continue_final_message: bool = False,
+        continue_final_message: bool | str = False,
         tokenize: bool = True,
         padding: bool | str = False,
         truncation: bool = False,
@@ -427,9 +657,7 @@ class Tokenizer(PushToHubMixin):
                 raise TypeError(f"apply_chat_template: {what} must be a list of dicts (JSON schemas for tools; "
                                 f"Python functions are not converted), got {items!r}")
         template_kwargs.update({k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None})
-        template = chat_template or self.chat_template
-        if template is None:
-            raise ValueError("this tokenizer has no chat_template: pass chat_template= or set tokenizer.chat_template")
+        template = self.get_chat_template(chat_template)
         if not conversation:
             raise ValueError("cannot apply a chat template to an empty conversation")
         if add_generation_prompt and continue_final_message:
@@ -449,22 +677,73 @@ class Tokenizer(PushToHubMixin):
         return out if return_dict else out["input_ids"]
 
 
+def _special_token_property(name: str) -> property:
+    def get(self: Tokenizer) -> str | None:
+        value = self._special.get(name)
+        return None if value is None else str(value)
+
+    def set_(self: Tokenizer, value: str | AddedToken | None) -> None:
+        if value is not None and not isinstance(value, (str, AddedToken)):
+            raise ValueError(f"{name} must be a string, a tokenizers.AddedToken or None, got {value!r}")
+        self._special[name] = value
+
+    return property(get, set_, doc=f"The {name} (a string), or None.")
+
+
+def _special_id_property(name: str) -> property:
+    def get(self: Tokenizer) -> int | None:
+        token = getattr(self, name)
+        return None if token is None else self.convert_tokens_to_ids(token)
+
+    def set_(self: Tokenizer, value: int | None) -> None:  # sets the token of that id, as Transformers
+        setattr(self, name, None if value is None else self.convert_ids_to_tokens(int(value)))
+
+    return property(get, set_, doc=f"The id of the {name}, or None; setting it sets {name} to that id's token.")
+
+
+for _name in SPECIAL_NAMES:
+    setattr(Tokenizer, _name, _special_token_property(_name))
+    setattr(Tokenizer, f"{_name}_id", _special_id_property(_name))
+
+
 def render_chat(
-    template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, continue_final_message: bool,
+    template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, continue_final_message: bool | str,
     variables: dict[str, Any],
 ) -> str:
+    """Render one chat. With `continue_final_message` (True: the final message's "content", or a
+    field's name) the text is cut right after that content, as Transformers 5 cuts it: the content
+    (or its last text block) is marked with a tag, and the text is cut at the tag's last place
+    (whitespace before it dropped when the template trimmed the content)."""
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
-    text = _compile(template).render(
-        messages=[{k: v for k, v in m.items() if v is not None} for m in messages],
-        add_generation_prompt=add_generation_prompt, **variables,
-    )
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     if continue_final_message:
-        last = messages[-1].get("content")
-        if not isinstance(last, str) or last.strip() not in text:
-            raise ValueError("continue_final_message: the final message's content is not in the rendered chat")
-        text = text[: text.rindex(last.strip()) + len(last.strip())]
+        field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        last = messages[-1] = copy.deepcopy(messages[-1])
+        final = last.get(field)
+        if final is None:
+            raise ValueError(f"continue_final_message: the final message has no {field!r} to continue")
+        if field not in template:
+            raise ValueError(f"continue_final_message: the chat template does not read the messages' {field!r}")
+        if isinstance(final, (list, tuple)):
+            block = next((b for b in reversed(final) if isinstance(b, dict) and "text" in b), None)
+            if block is None:
+                raise ValueError("continue_final_message: the final message has no text block to continue")
+            final, block["text"] = block["text"], block["text"] + _CONTINUE_TAG
+        elif isinstance(final, str):
+            last[field] = final + _CONTINUE_TAG
+        else:
+            raise ValueError(f"continue_final_message: the final message's {field!r} must be a string or a list "
+                             f"of text blocks, got {type(final).__name__}")
+    text = _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    if continue_final_message:
+        tag = _CONTINUE_TAG.strip()
+        if final.strip() not in text or tag not in text:
+            raise ValueError("continue_final_message: the final message's content is not in the rendered chat "
+                             "(the chat template dropped part of it)")
+        at = text.rindex(tag)
+        text = text[:at] if text.startswith(_CONTINUE_TAG, at) else text[:at].rstrip()
     return text
 
 
@@ -497,18 +776,20 @@ def _compile(template: str):
 
 def _as_tensors(out: BatchEncoding, return_tensors: str | None, batched: bool,
                 batch_axis: bool = True) -> BatchEncoding:
-    # an unbatched encoding gets a batch axis of 1 (as a tokenizer call returns it), unless not
-    # `batch_axis` (as pad returns it)
+    # "pt" (torch tensors) or "np" (numpy arrays); an unbatched encoding gets a batch axis of 1 (as
+    # a tokenizer call returns it), unless not `batch_axis` (as pad returns it)
     if return_tensors is None:
         return out
-    if return_tensors != "pt":
-        raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+    if return_tensors not in ("pt", "np"):
+        raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
     if batched and len({len(x) for x in out["input_ids"]}) > 1:
         raise ValueError("sequences have different lengths: pass padding=True to return tensors")
+    make = torch.tensor if return_tensors == "pt" else np.asarray
     try:
-        return BatchEncoding({k: torch.tensor(v if batched or not batch_axis else [v]) for k, v in out.items()})
+        data = {k: make(v if batched or not batch_axis or k == "length" else [v]) for k, v in out.items()}
     except (ValueError, TypeError) as e:
         raise ValueError(f"cannot make tensors of the encodings' {sorted(out)}: {e}") from e
+    return BatchEncoding(data, encodings=out.encodings)
 
 
 def _clean_up(text: str) -> str:

@@ -110,7 +110,7 @@ def test_errors_are_clear(pair, tmp_path):
     with pytest.raises(ValueError, match="padding=True"):
         ours(TEXTS, return_tensors="pt")
     with pytest.raises(ValueError, match="return_tensors"):
-        ours(TEXTS[0], return_tensors="np")
+        ours(TEXTS[0], return_tensors="tf")
     with pytest.raises(ValueError, match="empty conversation"):
         ours.apply_chat_template([])
     no_pad = Tokenizer.from_pretrained(path, pad_token=None)

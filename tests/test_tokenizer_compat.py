@@ -1,0 +1,360 @@
+"""The tokenizer's Transformers-5 behaviours against Transformers' own tokenizer loaded from the
+same files: chat prefill (continue_final_message), max_length, clean-up, special-token setters
+and extra special tokens, BatchEncoding, decoding, pad(), call options and add_bos/eos_token."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from tok_util import build_llama_tokenizer, build_tokenizer
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as RustTokenizer
+
+from moetorch import Tokenizer
+
+TEXTS = ["Honey routes two dragonfruits, then experts.", "Sparse: a few!", "x = 7 so 3x - 1 = 20 ✓"]
+EXTRA = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def extra_path(tmp_path_factory):
+    # additional special tokens in the config, as Transformers 4 (and Phi-3.5) write them
+    directory = build_tokenizer(tmp_path_factory.mktemp("tok_extra"))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "additional_special_tokens": EXTRA}))
+    return directory
+
+
+def both(path, **kwargs):
+    return transformers.AutoTokenizer.from_pretrained(path, **kwargs), Tokenizer.from_pretrained(path, **kwargs)
+
+
+def raises_both(fn, *toks):
+    for tok in toks:
+        with pytest.raises((ValueError, TypeError)):
+            fn(tok)
+
+
+# ---- 1. continue_final_message ------------------------------------------------------------------
+LIST_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for b in m.content %}{% if b.type == 'text' %}{{ b.text }}{% endif %}{% endfor %}{% endif %}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TRIM_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content | trim }}<|end|>\n{% endfor %}"
+
+
+@pytest.mark.parametrize("content", ["y = ", "Steps:\n", "end", "s", "<|end|>", "  both sides  ", "two\n\n", "a"])
+def test_continue_final_message_matches_transformers(path, content):
+    hf, ours = both(path)
+    chat = [{"role": "user", "content": "Add 2 and 5."}, {"role": "assistant", "content": content}]
+    for template in (None, LIST_TEMPLATE, TRIM_TEMPLATE):
+        want = hf.apply_chat_template(chat, chat_template=template, continue_final_message=True, tokenize=False)
+        got = ours.apply_chat_template(chat, chat_template=template, continue_final_message=True, tokenize=False)
+        assert got == want, (template, content)
+    want = hf.apply_chat_template(chat, continue_final_message=True, return_dict=False)
+    assert ours.apply_chat_template(chat, continue_final_message=True, return_dict=False) == want
+    assert chat[-1]["content"] == content  # the caller's message is left alone
+
+
+def test_continue_final_message_text_blocks_and_batches(path):
+    hf, ours = both(path)
+    blocks = [{"type": "text", "text": "First: "}, {"type": "image"}, {"type": "text", "text": "then s"}]
+    chats = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": blocks}],
+             [{"role": "user", "content": "end"}, {"role": "assistant", "content": [{"type": "text", "text": "end"}]}]]
+    kw = dict(chat_template=LIST_TEMPLATE, continue_final_message=True)
+    assert ours.apply_chat_template(chats, tokenize=False, **kw) == hf.apply_chat_template(chats, tokenize=False, **kw)
+    a = hf.apply_chat_template(chats, padding=True, return_tensors="pt", **kw)
+    b = ours.apply_chat_template(chats, padding=True, return_tensors="pt", **kw)
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    no_text = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "image"}]}]
+    raises_both(lambda t: t.apply_chat_template(no_text, tokenize=False, **kw), hf, ours)
+    dropped = "{% for m in messages %}{{ m.role }}{% endfor %}"  # the template leaves the content out
+    raises_both(lambda t: t.apply_chat_template(chats[0], chat_template=dropped, tokenize=False,
+                                                continue_final_message=True), hf, ours)
+
+
+# ---- 2. max_length without truncation -------------------------------------------------------------
+def test_max_length_alone_truncates_as_transformers(path):
+    hf, ours = both(path)
+    for n in (3, 6):
+        assert ours(TEXTS[0], max_length=n)["input_ids"] == hf(TEXTS[0], max_length=n)["input_ids"]
+        assert ours.encode(TEXTS[2], max_length=n) == hf.encode(TEXTS[2], max_length=n)
+        assert ours(TEXTS[0], TEXTS[1], max_length=n)["input_ids"] == hf(TEXTS[0], TEXTS[1], max_length=n)["input_ids"]
+        a, b = hf(TEXTS, max_length=n, return_tensors="pt"), ours(TEXTS, max_length=n, return_tensors="pt")
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    # padding="longest" or truncation=False: max_length is ignored; padding=True also warns
+    for kw in (dict(padding="longest"), dict(truncation=False), dict(padding="max_length")):
+        assert ours(TEXTS, max_length=5, **kw)["input_ids"] == hf(TEXTS, max_length=5, **kw)["input_ids"], kw
+    with pytest.warns(UserWarning, match="max_length"):
+        want = hf(TEXTS, max_length=5, padding=True)["input_ids"]
+    with pytest.warns(UserWarning, match="max_length"):
+        assert ours(TEXTS, max_length=5, padding=True)["input_ids"] == want
+
+
+# ---- 3. clean_up_tokenization_spaces ------------------------------------------------------------
+def _wordpiece(directory):
+    words = ["[UNK]", "[PAD]", "hello", "world", "it", "'", "s", ".", ",", "!", "?", "n", "t", "don"]
+    tok = RustTokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(cleanup=False)
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]", "pad_token": "[PAD]",
+              "clean_up_tokenization_spaces": True}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_clean_up_tokenization_spaces_only_for_non_bpe(path, tmp_path):
+    text = "print(a , b) ; x . y ! It 's , don 't ?"
+    hf, ours = both(path)
+    ids = hf.encode(text, add_special_tokens=False)
+    for clean in (None, True, False):
+        assert ours.decode(ids, clean_up_tokenization_spaces=clean) == hf.decode(ids, clean_up_tokenization_spaces=clean)
+        assert ours.batch_decode([ids, ids[:4]], clean_up_tokenization_spaces=clean) == \
+            hf.batch_decode([ids, ids[:4]], clean_up_tokenization_spaces=clean)
+    hf, ours = both(path, clean_up_tokenization_spaces=True)
+    assert ours.decode(ids) == hf.decode(ids) and ours.batch_decode([ids]) == hf.batch_decode([ids])
+    # a WordPiece tokenizer is cleaned up
+    hf, ours = both(_wordpiece(tmp_path / "wp"))
+    ids = hf.encode("hello , world . it ' s ! don ' t ?", add_special_tokens=False)
+    for clean in (None, True, False):
+        assert ours.decode(ids, clean_up_tokenization_spaces=clean) == hf.decode(ids, clean_up_tokenization_spaces=clean)
+    assert ours.decode(ids) != ours.decode(ids, clean_up_tokenization_spaces=False)
+
+
+# ---- 4. special-token setters and add_special_tokens -----------------------------------------------
+def test_special_token_id_setters_match_transformers(path):
+    hf, ours = both(path)
+    for tok in (hf, ours):
+        tok.pad_token_id = tok.eos_token_id
+    assert (ours.pad_token, ours.pad_token_id) == (hf.pad_token, hf.pad_token_id)
+    assert ours(TEXTS, padding=True)["input_ids"] == hf(TEXTS, padding=True)["input_ids"]
+    for tok in (hf, ours):
+        tok.bos_token_id = 5
+        tok.mask_token = "<|user|>"
+        tok.sep_token_id = None
+    for name in ("bos_token", "mask_token", "sep_token", "cls_token"):
+        assert (getattr(ours, name), getattr(ours, name + "_id")) == (getattr(hf, name), getattr(hf, name + "_id"))
+    assert ours.all_special_tokens == hf.all_special_tokens and ours.special_tokens_map == hf.special_tokens_map
+    raises_both(lambda t: setattr(t, "eos_token", 3), hf, ours)
+
+
+@pytest.mark.parametrize("key", ["additional_special_tokens", "extra_special_tokens"])
+def test_add_special_tokens_extra_matches_transformers(path, key):
+    hf, ours = both(path)
+    text = "a<tool>call</tool> b"
+    for replace in (True, False):
+        for tok in (hf, ours):
+            tok.n = tok.add_special_tokens({key: ["<tool>", AddedToken("</tool>", special=True)]})
+            tok.m = tok.add_special_tokens({key: ["<tool>", "<obs>"]}, replace_extra_special_tokens=replace)
+        assert (ours.n, ours.m, len(ours)) == (hf.n, hf.m, len(hf))
+        assert ours.extra_special_tokens == hf.extra_special_tokens
+        assert ours.all_special_ids == hf.all_special_ids
+        assert ours.encode(text) == hf.encode(text)
+        ids = hf.encode(text)
+        assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    raises_both(lambda t: t.add_special_tokens({"not_a_token": "<x>"}), hf, ours)
+    raises_both(lambda t: t.add_special_tokens({key: "<x>"}), hf, ours)
+
+
+def test_added_token_values_match_transformers(path):
+    hf, ours = both(path)
+    for tok in (hf, ours):
+        tok.n = tok.add_special_tokens({"pad_token": AddedToken("<PADX>", special=True)})
+        tok.k = tok.add_tokens([AddedToken(" fancy", lstrip=False), "plain", AddedToken("<b>", special=True)])
+        tok.eos_token = AddedToken("<|end|>", special=True)
+    assert (ours.n, ours.k, len(ours)) == (hf.n, hf.k, len(hf))
+    for name in ("pad_token", "eos_token"):
+        assert (getattr(ours, name), getattr(ours, name + "_id")) == (getattr(hf, name), getattr(hf, name + "_id"))
+    text = "so fancy plain<b> end"
+    assert ours.encode(text) == hf.encode(text)
+    assert ours.get_added_vocab() == hf.get_added_vocab() and ours.added_tokens_encoder == hf.added_tokens_encoder
+
+
+# ---- 5. extra special tokens: load, kwargs and save --------------------------------------------------
+def _specials(tok):
+    return (tok.all_special_tokens, tok.all_special_ids, tok.extra_special_tokens, tok.extra_special_tokens_ids,
+            tok.special_tokens_map, len(tok), hasattr(tok, "additional_special_tokens"))
+
+
+def test_extra_special_tokens_load_and_save_match_transformers(extra_path, tmp_path):
+    hf, ours = both(extra_path)
+    assert _specials(ours) == _specials(hf)
+    hf.save_pretrained(tmp_path / "hf")  # Transformers 5 writes extra_special_tokens
+    assert _specials(Tokenizer.from_pretrained(tmp_path / "hf")) == _specials(hf)
+    ours.save_pretrained(tmp_path / "ours")
+    written = [json.loads((tmp_path / d / "tokenizer_config.json").read_text()).get("extra_special_tokens")
+               for d in ("hf", "ours")]
+    assert written[0] == written[1] == EXTRA
+    for d in ("hf", "ours"):
+        assert _specials(Tokenizer.from_pretrained(tmp_path / d)) == \
+            _specials(transformers.AutoTokenizer.from_pretrained(tmp_path / d)), d
+
+
+def test_extra_special_tokens_kwarg_matches_transformers(extra_path, path):
+    for p in (extra_path, path):
+        for extra in (["<|user|>"], ["<|user|>", "<new_special>"]):
+            hf, ours = both(p, extra_special_tokens=extra)
+            assert _specials(ours) == _specials(hf)
+            text = "a<new_special>b<|user|>"
+            assert ours.encode(text) == hf.encode(text)
+
+
+# ---- 6. BatchEncoding ------------------------------------------------------------------------------
+def test_batch_encoding_to_data_and_encodings_match_transformers(path, caplog):
+    hf, ours = both(path)
+    a, b = hf(TEXTS, padding=True, return_tensors="pt"), ours(TEXTS, padding=True, return_tensors="pt")
+    assert b.to("meta") is b and b["input_ids"].device.type == "meta"  # in place, as Transformers
+    a.to("meta")
+    assert a["input_ids"].device == b["input_ids"].device
+    a, b = hf(TEXTS[0], return_tensors="pt"), ours(TEXTS[0], return_tensors="pt")
+    with caplog.at_level(logging.WARNING):
+        assert b.to(torch.float16) is b
+    assert b["input_ids"].dtype == a.to(torch.float16)["input_ids"].dtype == torch.int64
+    assert "cast" in caplog.text
+    assert b.to("cpu", non_blocking=True) is b and torch.equal(b["input_ids"], a["input_ids"])
+    a, b = hf(TEXTS[1]), ours(TEXTS[1])
+    assert dict(b.data) == dict(a.data)
+    for side in ("left", "right"):
+        a = hf(TEXTS, padding=True, padding_side=side)
+        b = ours(TEXTS, padding=True, padding_side=side)
+        for i in range(len(TEXTS)):
+            assert type(b[i]) is type(a[i]) and b[i].ids == a[i].ids
+            assert b.tokens(i) == a.tokens(i) and b.word_ids(i) == a.word_ids(i)
+        assert [e.ids for e in b[1:]] == [e.ids for e in a[1:]]
+    assert ours.pad([{"input_ids": [5, 6]}, {"input_ids": [5]}])[1:] == hf.pad([{"input_ids": [5, 6]}, {"input_ids": [5]}])[1:]
+    pad = ours.pad([{"input_ids": [5, 6]}])
+    with pytest.raises(ValueError, match="tokens"):
+        pad.tokens()
+
+
+# ---- 7. decoding and ids -------------------------------------------------------------------------
+def test_decode_inputs_and_ids_match_transformers(path):
+    hf, ours = both(path)
+    rows = [hf.encode(t) for t in TEXTS[:2]]
+    ids = rows[0]
+    for value in (rows, torch.tensor([ids, ids]), np.array([ids]), np.int64(ids[2]), torch.tensor(ids[3]), ids,
+                  torch.tensor(ids), np.array(ids), {"input_ids": ids}):
+        for skip in (False, True):
+            assert ours.decode(value, skip_special_tokens=skip) == hf.decode(value, skip_special_tokens=skip)
+        if not isinstance(value, dict):
+            assert ours.batch_decode(value) == hf.batch_decode(value)
+    for token in ("notatoken", ["<s>", "zzzzqq", "<|end|>"]):
+        assert ours.convert_tokens_to_ids(token) == hf.convert_tokens_to_ids(token)
+    for skip in (False, True):
+        assert ours.convert_ids_to_tokens(ids, skip_special_tokens=skip) == \
+            hf.convert_ids_to_tokens(ids, skip_special_tokens=skip)
+        assert ours.convert_ids_to_tokens(torch.tensor(ids), skip_special_tokens=skip) == \
+            hf.convert_ids_to_tokens(torch.tensor(ids), skip_special_tokens=skip)
+    for tok in (hf, ours):
+        tok.pad_token = "<NOT-IN-VOCAB>"
+    assert (ours.pad_token, ours.pad_token_id) == (hf.pad_token, hf.pad_token_id)
+    assert ours.all_special_ids == hf.all_special_ids
+
+
+# ---- 8. pad() of other per-token keys ---------------------------------------------------------------
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pad_other_keys_matches_transformers(path, side):
+    hf, ours = both(path)
+    rows = [{"input_ids": [7, 8, 9, 10], "special_tokens_mask": [1, 0, 0, 0], "token_type_ids": [0, 0, 1, 1],
+             "labels": 3},
+            {"input_ids": [7], "special_tokens_mask": [1], "token_type_ids": [0], "labels": 4}]
+    for kw in (dict(), dict(padding="max_length", max_length=6), dict(pad_to_multiple_of=3),
+               dict(return_attention_mask=False)):
+        kw = dict(kw, padding_side=side)
+        assert dict(ours.pad(rows, **kw)) == dict(hf.pad(rows, **kw)), kw
+        for kind in ("pt", "np"):
+            a, b = hf.pad(rows, return_tensors=kind, **kw), ours.pad(rows, return_tensors=kind, **kw)
+            assert sorted(a) == sorted(b)
+            for key in a:
+                assert type(a[key]) is type(b[key]) and np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+    single = {"input_ids": [5, 6], "special_tokens_mask": [1, 0]}
+    kw = dict(padding="max_length", max_length=4, padding_side=side)
+    assert dict(ours.pad(single, **kw)) == dict(hf.pad(single, **kw))
+
+
+# ---- 9. call options -------------------------------------------------------------------------------
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_call_options_match_transformers(path, side):
+    hf, ours = both(path)
+    options = dict(return_length=True, return_special_tokens_mask=True, return_token_type_ids=True,
+                   return_offsets_mapping=True, verbose=False)
+    for kw in (dict(), dict(padding=True), dict(padding="max_length", max_length=20, truncation=True),
+               dict(padding=True, pad_to_multiple_of=8)):
+        kw = dict(kw, padding_side=side, **options)
+        assert dict(ours(TEXTS, **kw)) == dict(hf(TEXTS, **kw)), kw
+        assert dict(ours(TEXTS[0], TEXTS[1], **kw)) == dict(hf(TEXTS[0], TEXTS[1], **kw)), kw
+        if kw.get("padding"):
+            for kind in ("pt", "np"):
+                a, b = hf(TEXTS, return_tensors=kind, **kw), ours(TEXTS, return_tensors=kind, **kw)
+                assert sorted(a) == sorted(b)
+                for key in a:
+                    assert type(a[key]) is type(b[key]) and a[key].dtype == b[key].dtype, key
+                    assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+    for kind in ("pt", "np"):
+        a, b = hf(TEXTS[1], return_tensors=kind, **options), ours(TEXTS[1], return_tensors=kind, **options)
+        assert sorted(a) == sorted(b)
+        for key in a:
+            assert a[key].shape == b[key].shape and np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+    chat = [{"role": "user", "content": TEXTS[0]}]
+    a, b = hf.apply_chat_template(chat, return_tensors="np"), ours.apply_chat_template(chat, return_tensors="np")
+    assert type(b["input_ids"]) is np.ndarray and np.array_equal(a["input_ids"], b["input_ids"])
+
+
+def test_pairs_and_split_special_tokens_match_transformers(path):
+    hf, ours = both(path)
+    text = "<s>x<|end|> honey"
+    for split in (None, False, True):
+        assert ours(text, split_special_tokens=split)["input_ids"] == hf(text, split_special_tokens=split)["input_ids"]
+    assert ours.encode(text) == hf.encode(text)  # the split is not kept
+    assert ours.encode(TEXTS[0], TEXTS[1]) == hf.encode(TEXTS[0], TEXTS[1])
+    assert ours.encode(TEXTS[0], TEXTS[1], False) == hf.encode(TEXTS[0], TEXTS[1], False)
+    assert ours.tokenize(TEXTS[0], TEXTS[1]) == hf.tokenize(TEXTS[0], TEXTS[1])
+    pairs = [(TEXTS[0], TEXTS[1]), (TEXTS[2], "b")]
+    assert ours(pairs)["input_ids"] == hf(pairs)["input_ids"]
+
+
+# ---- 10. add_bos_token / add_eos_token and smaller API pieces -------------------------------------------
+@pytest.mark.parametrize("kw", [dict(add_eos_token=True), dict(add_bos_token=False), dict(add_bos_token=True),
+                                dict(add_bos_token=True, add_eos_token=True)])
+def test_add_bos_eos_token_match_transformers(path, tmp_path, kw):
+    for p in (path, build_llama_tokenizer(tmp_path / "llama")):
+        hf, ours = both(p, **kw)
+        assert (ours.add_bos_token, ours.add_eos_token) == (hf.add_bos_token, hf.add_eos_token)
+        assert ours.encode(TEXTS[0]) == hf.encode(TEXTS[0])
+        assert ours.encode(TEXTS[0], TEXTS[1]) == hf.encode(TEXTS[0], TEXTS[1])
+        for tok in (hf, ours):
+            tok.add_eos_token = not tok.add_eos_token
+        assert ours.encode(TEXTS[1]) == hf.encode(TEXTS[1])
+        assert ours.num_special_tokens_to_add(pair=True) == hf.num_special_tokens_to_add(pair=True)
+    hf, ours = both(path)
+    for tok in (hf, ours):
+        tok.add_bos_token = True
+    assert ours.encode(TEXTS[2]) == hf.encode(TEXTS[2])
+
+
+def test_smaller_api_pieces_match_transformers(path, tmp_path):
+    hf, ours = both(path, model_max_length=64)
+    for name in ("sep_token", "cls_token", "mask_token", "sep_token_id", "pad_token_type_id", "max_len_single_sentence",
+                 "max_len_sentences_pair", "split_special_tokens", "add_bos_token", "add_eos_token"):
+        assert getattr(ours, name) == getattr(hf, name), name
+    for pair in (False, True):
+        assert ours.num_special_tokens_to_add(pair) == hf.num_special_tokens_to_add(pair)
+    assert ours.get_chat_template() == hf.get_chat_template()
+    files = ours.save_pretrained(tmp_path / "saved")
+    assert isinstance(files, tuple) and all((tmp_path / "saved" / f).exists() for f in files)
+    raises_both(lambda t: t(TEXTS, padding=True, padding_side="middle"), hf, ours)
+    with pytest.raises(ValueError, match="padding_side"):
+        ours.pad([{"input_ids": [1]}, {"input_ids": [1, 2]}], padding_side="up")
