@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
+import types
+import warnings
 from typing import Any
 
 import torch
@@ -30,16 +33,21 @@ def pipeline(
     token: str | bool | None = None,
     trust_remote_code: bool | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    use_fast: bool = True,
     **kwargs: Any,
 ) -> TextGenerationPipeline:
     """Build a pipeline; `model` is a loaded model, or a checkpoint directory, embedded model or
     Hub repository that `AutoModelForCausalLM.from_pretrained` loads with `model_kwargs` (and
-    `revision`, `token`), as in Transformers; the tokenizer then comes from the same place."""
+    `revision`, `token`), as in Transformers; the tokenizer then comes from the same place. `use_fast`
+    is accepted and ignored: moetorch has one tokenizer implementation. Other keywords are the
+    pipeline's defaults for every call (generation parameters, return_full_text, prefix, batch_size...)."""
     if task not in TASKS:
         raise ValueError(f"unsupported task {task!r}; moetorch pipelines support {TASKS}")
     if model is None:
         raise ValueError("pipeline needs model= (a loaded moetorch model or a checkpoint directory)")
     model_kwargs = dict(model_kwargs or {})
+    if isinstance(device, int) and device < 0:  # Transformers' spelling of the CPU
+        device = "cpu"
     hub = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
     hub.update({k: model_kwargs[k] for k in HUB_OPTIONS if k in model_kwargs})  # the tokenizer's too
     if isinstance(model, (str, os.PathLike)):
@@ -77,15 +85,81 @@ def _is_chat(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
 
 
+def _sanitize(return_full_text=None, return_tensors=None, return_text=None, clean_up_tokenization_spaces=None,
+              prefix=None, handle_long_generation=None, stop_sequence=None, truncation=None, max_length=None,
+              continue_final_message=None, skip_special_tokens=None, tokenizer_encode_kwargs=None, tools=None,
+              documents=None, pipe_tokenizer=None, **generate_kwargs):
+    """Split the arguments of a call (or the pipeline's own) into (preprocess, generate, postprocess)
+    parameters, as Transformers' `TextGenerationPipeline._sanitize_parameters` does."""
+    pre = {k: generate_kwargs.pop(k) for k in ("add_special_tokens", "padding") if k in generate_kwargs}
+    named = dict(truncation=truncation, max_length=max_length, tools=tools, documents=documents, prefix=prefix,
+                 continue_final_message=continue_final_message, tokenizer_encode_kwargs=tokenizer_encode_kwargs)
+    pre.update({k: v for k, v in named.items() if v is not None})
+    if max_length is not None:
+        generate_kwargs["max_length"] = max_length
+    if prefix:  # a total length given to generate() must count the prefix's tokens too
+        ids = pipe_tokenizer(prefix, add_special_tokens=pre.get("add_special_tokens", False))["input_ids"]
+        generate_kwargs["prefix_length"] = len(ids)
+    if handle_long_generation is not None:
+        if handle_long_generation != "hole":
+            raise ValueError(f"{handle_long_generation} is not a valid value for `handle_long_generation` "
+                             "parameter expected [None, 'hole']")
+        pre["handle_long_generation"] = handle_long_generation
+    pre.update(generate_kwargs)  # what 'hole' needs to know how many tokens will be generated
+    if stop_sequence is not None:
+        generate_kwargs["stop_strings"] = [stop_sequence] if isinstance(stop_sequence, str) else stop_sequence
+        generate_kwargs["tokenizer"] = pipe_tokenizer
+    post = {}
+    if tools is not None:
+        post["tools"] = tools
+    return_type = None
+    if return_full_text is not None:
+        if return_text is not None:
+            raise ValueError("`return_text` is mutually exclusive with `return_full_text`")
+        if return_tensors is not None:
+            raise ValueError("`return_full_text` is mutually exclusive with `return_tensors`")
+        return_type = "full_text" if return_full_text else "new_text"
+    if return_tensors is not None and return_type is None:
+        if return_text is not None:
+            raise ValueError("`return_text` is mutually exclusive with `return_tensors`")
+        return_type = "tensors"
+    named = dict(return_type=return_type, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                 continue_final_message=continue_final_message, skip_special_tokens=skip_special_tokens)
+    post.update({k: v for k, v in named.items() if v is not None})
+    return pre, generate_kwargs, post
+
+
 class TextGenerationPipeline:
     """Generate continuations; returns [{"generated_text": ...}] per input, as Transformers does."""
 
-    def __init__(self, model, tokenizer: Tokenizer, **generate_defaults: Any) -> None:
+    task = "text-generation"
+
+    def __init__(self, model, tokenizer: Tokenizer, batch_size: int | None = None, num_workers: int | None = None,
+                 **kwargs: Any) -> None:
+        from .generation.configuration import DEFAULTS as GENERATION_FIELDS
+
         self.model = model
         self.tokenizer = tokenizer
-        self.generate_defaults = generate_defaults
         if getattr(tokenizer, "padding_side", None) == "right":  # as Transformers' pipeline sets it
             tokenizer.padding_side = "left"
+        # generation parameters apply to every call unless it passes a generation_config; the rest are
+        # the pipeline's own defaults (return_full_text, prefix, ...), as in Transformers
+        keys = {*GENERATION_FIELDS, "generation_config"} & kwargs.keys()
+        self.generate_defaults = {k: kwargs.pop(k) for k in keys}
+        self._batch_size = batch_size
+        self._params = _sanitize(pipe_tokenizer=tokenizer, **kwargs)
+        config_prefix = getattr(model.config, "prefix", None)
+        if "prefix" not in self._params[0] and config_prefix is not None:
+            pre, gen, _ = _sanitize(pipe_tokenizer=tokenizer, prefix=config_prefix, **self._params[1])
+            self._params = ({**self._params[0], **pre}, {**self._params[1], **gen}, self._params[2])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return getattr(self.model, "dtype", None)
 
     def generate_kwargs(self, call: dict) -> dict:
         """The `generate` arguments of a call: the call's, on top of the pipeline's own (unless the
@@ -93,8 +167,7 @@ class TextGenerationPipeline:
         pad id too), as Transformers' pipeline adds them."""
         kwargs = call if "generation_config" in call else {**self.generate_defaults, **call}
         given = kwargs.get("generation_config")
-        set_params = {**self.model.generation_config.to_diff_dict(),
-                      **(given.to_diff_dict() if given is not None else {}), **kwargs}
+        set_params = self._set_params(kwargs)
         defaults = dict(DEFAULTS)
         if getattr(self.tokenizer, "pad_token_id", None) is not None:
             defaults["pad_token_id"] = self.tokenizer.pad_token_id
@@ -108,61 +181,179 @@ class TextGenerationPipeline:
         given.update(**added)
         return {**kwargs, "generation_config": given}
 
-    def __call__(
-        self,
-        text_inputs: str | list[str] | list[dict] | list[list[dict]],
-        return_full_text: bool = True,
-        return_tensors: bool = False,
-        skip_special_tokens: bool = True,
-        clean_up_tokenization_spaces: bool | None = None,
-        continue_final_message: bool | None = None,
-        **generate_kwargs: Any,
-    ):
-        if isinstance(text_inputs, str) or _is_chat(text_inputs):
-            return self._one(text_inputs, return_full_text, return_tensors, skip_special_tokens,
-                             clean_up_tokenization_spaces, continue_final_message, generate_kwargs)
-        if isinstance(text_inputs, (list, tuple)) and text_inputs:
-            return [
-                self._one(x, return_full_text, return_tensors, skip_special_tokens, clean_up_tokenization_spaces,
-                          continue_final_message, generate_kwargs)
-                for x in text_inputs
-            ]
-        raise TypeError("text_inputs must be a string, a chat (list of {'role', 'content'} dicts) or a list of those")
+    def _set_params(self, kwargs: dict) -> dict:
+        """The generation parameters set by the model's generation config, a generation_config
+        in `kwargs` and `kwargs` themselves."""
+        given = kwargs.get("generation_config")
+        return {**self.model.generation_config.to_diff_dict(),
+                **(given.to_diff_dict() if given is not None else {}), **kwargs}
 
-    @torch.no_grad()
-    def _one(self, prompt, return_full_text, return_tensors, skip_special_tokens, clean_up, continue_final, gen_kwargs):
+    def __call__(self, text_inputs, *args: Any, num_workers: int | None = None, batch_size: int | None = None,
+                 **kwargs: Any):
+        """Complete a prompt or chat, a list of them (a list of results), or a generator of them (an
+        iterator of results, run as they are asked for); `batch_size` > 1 generates that many
+        prompts together, left-padded."""
+        if isinstance(text_inputs, types.GeneratorType):
+            try:  # a generator of messages is one chat, as in Transformers
+                first = next(text_inputs)
+            except StopIteration:
+                text_inputs = []
+            else:
+                text_inputs = itertools.chain([first], text_inputs)
+                if isinstance(first, dict) and "role" in first:
+                    text_inputs = list(text_inputs)
+        if args:
+            warnings.warn(f"Ignoring args : {args}", stacklevel=2)  # as Transformers' pipelines do
+        batch_size = (self._batch_size or 1) if batch_size is None else batch_size
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        pre, gen, post = (({**own, **call}) for own, call in
+                          zip(self._params, _sanitize(pipe_tokenizer=self.tokenizer, **kwargs)))
+        if isinstance(text_inputs, str) or _is_chat(text_inputs):
+            return self._run([self.preprocess(text_inputs, **pre)], gen, post)[0]
+        if isinstance(text_inputs, itertools.chain):
+            return self._iterate(text_inputs, batch_size, pre, gen, post)
+        if isinstance(text_inputs, (list, tuple)):
+            return list(self._iterate(text_inputs, batch_size, pre, gen, post))
+        raise TypeError("text_inputs must be a string, a chat (list of {'role', 'content'} dicts), a list of those "
+                        f"or a generator of those, got {type(text_inputs).__name__}")
+
+    def _iterate(self, inputs, batch_size: int, pre: dict, gen: dict, post: dict):
+        if batch_size > 1 and self.tokenizer.pad_token_id is None:
+            raise ValueError("batch_size > 1 needs a tokenizer with a pad token; you can set one with "
+                             "`pipe.tokenizer.pad_token_id = model.config.eos_token_id`")
+        return self._batches(inputs, batch_size, pre, gen, post)
+
+    def _batches(self, inputs, batch_size: int, pre: dict, gen: dict, post: dict):
+        # Transformers runs lists and generators through a torch DataLoader, whose iterator takes its
+        # base seed from torch's global RNG: one draw per call, before the first prompt is encoded.
+        torch.empty((), dtype=torch.int64).random_()
+        batch = []
+        for x in inputs:
+            batch.append(self.preprocess(x, **pre))
+            if len(batch) == batch_size:
+                yield from self._run(batch, gen, post)
+                batch = []
+        if batch:
+            yield from self._run(batch, gen, post)
+
+    def preprocess(self, prompt, prefix="", handle_long_generation=None, add_special_tokens=None, truncation=None,
+                   padding=None, max_length=None, continue_final_message=None, tokenizer_encode_kwargs=None,
+                   tools=None, documents=None, **generate_kwargs) -> dict:
+        """Encode one prompt (prefix + text) or chat, as Transformers' `preprocess`."""
         tok = self.tokenizer
-        if isinstance(prompt, str):
-            enc = tok(prompt, return_tensors="pt")
-        elif _is_chat(prompt):
-            if continue_final is None:
-                continue_final = prompt[-1]["role"] == "assistant"
+        named = dict(add_special_tokens=add_special_tokens, truncation=truncation, padding=padding,
+                     max_length=max_length)
+        tok_kwargs = {k: v for k, v in named.items() if v is not None}
+        tok_kwargs.update(tokenizer_encode_kwargs or {})
+        if _is_chat(prompt):
+            tok_kwargs.pop("add_special_tokens", None)  # the template places the special tokens
+            if continue_final_message is None:
+                continue_final_message = prompt[-1]["role"] == "assistant"
             enc = tok.apply_chat_template(
-                list(prompt), add_generation_prompt=not continue_final, continue_final_message=continue_final,
-                return_tensors="pt",
-            )
+                list(prompt), add_generation_prompt=not continue_final_message,
+                continue_final_message=continue_final_message, return_dict=True, return_tensors="pt",
+                tools=tools, documents=documents, **tok_kwargs)
+        elif isinstance(prompt, str):
+            enc = tok(prefix + prompt, return_tensors="pt", **tok_kwargs)
         else:
             raise TypeError(f"each input must be a string or a chat, got {type(prompt).__name__}")
-        input_ids = enc["input_ids"].to(self.model.device)
+        enc = {"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask")}
+        if handle_long_generation == "hole":
+            cur_len = enc["input_ids"].shape[-1]
+            # as in Transformers, a call's max_length went to the tokenizer: it is not counted here
+            params = self._set_params(self.generate_kwargs(generate_kwargs))
+            new_tokens = params.get("max_new_tokens")
+            if new_tokens is None:
+                new_tokens = params["max_length"] - cur_len
+                if new_tokens < 0:
+                    raise ValueError(f"handle_long_generation='hole': we cannot infer how many new tokens are "
+                                     f"expected (max_length {params['max_length']} < the prompt's {cur_len} tokens)")
+            if cur_len + new_tokens > tok.model_max_length:
+                keep_length = tok.model_max_length - new_tokens
+                if keep_length <= 0:
+                    raise ValueError(f"handle_long_generation='hole': the {new_tokens} new tokens asked for exceed "
+                                     f"the model's max length (tokenizer.model_max_length={tok.model_max_length})")
+                enc = {k: v[:, -keep_length:] if v is not None else None for k, v in enc.items()}
+        enc["prompt"] = prompt
+        return enc
+
+    def _pad(self, items: list[dict], key: str, value: int) -> torch.Tensor:
+        """Left- (or right-) pad the [1, L] tensors of `items` into one [B, max L] tensor."""
+        width = max(x[key].shape[1] for x in items)
+        out = torch.full((len(items), width), value, dtype=items[0][key].dtype)
+        for i, x in enumerate(items):
+            n = x[key].shape[1]
+            if n:
+                if self.tokenizer.padding_side == "left":
+                    out[i, width - n:] = x[key][0]
+                else:
+                    out[i, :n] = x[key][0]
+        return out
+
+    @torch.no_grad()
+    def _run(self, items: list[dict], gen_kwargs: dict, post: dict) -> list:
+        """Generate for a batch of encoded prompts; one list of records per prompt."""
+        if len(items) == 1:
+            input_ids, mask = items[0]["input_ids"], items[0]["attention_mask"]
+        else:
+            input_ids = self._pad(items, "input_ids", self.tokenizer.pad_token_id)
+            mask = None if items[0]["attention_mask"] is None else self._pad(items, "attention_mask", 0)
+        in_b = input_ids.shape[0]
+        if input_ids.shape[1] == 0:  # an empty prompt: generate() starts from the BOS token
+            input_ids = mask = None
+            in_b = 1
+        else:
+            input_ids = input_ids.to(self.device)
+            mask = None if mask is None else mask.to(self.device)
+        gen_kwargs = dict(gen_kwargs)
+        prefix_length = gen_kwargs.pop("prefix_length", 0)
         kwargs = self.generate_kwargs(gen_kwargs)
-        kwargs.setdefault("tokenizer", tok)
-        sequences = self.model.generate(input_ids, attention_mask=enc["attention_mask"].to(input_ids.device), **kwargs)
-        if not torch.is_tensor(sequences):
-            sequences = sequences.sequences
-        results = []
-        for seq in sequences.tolist():
-            if return_tensors:
-                results.append({"generated_token_ids": seq})
+        if prefix_length:  # a total length (rather than a number of new tokens) includes the prefix
+            params = self._set_params(kwargs)
+            for length, new_tokens in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+                if length in params and new_tokens not in params:
+                    kwargs[length] = params[length] + prefix_length
+        kwargs.setdefault("tokenizer", self.tokenizer)
+        output = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        sequences = output if torch.is_tensor(output) else output.sequences
+        out_b = sequences.shape[0]
+        extras = {}  # with return_dict_in_generate: the other per-sequence tensors, as Transformers adds them
+        if not torch.is_tensor(output):
+            for key, value in output.items():
+                if key in ("sequences", "past_key_values"):
+                    continue
+                if isinstance(value, tuple) and value and torch.is_tensor(value[0]) and len(value[0]) == out_b:
+                    value = torch.stack(value).swapaxes(0, 1)
+                if torch.is_tensor(value) and value.shape[0] == out_b:
+                    extras[key] = value.reshape(in_b, out_b // in_b, *value.shape[1:]).cpu()
+        sequences = sequences.reshape(in_b, out_b // in_b, -1).cpu()
+        prompt_len = 0 if input_ids is None else input_ids.shape[1]
+        return [self.postprocess(items[i]["prompt"], sequences[i].tolist(), prompt_len,
+                                 {k: v[i].tolist() for k, v in extras.items()}, **post) for i in range(in_b)]
+
+    def postprocess(self, prompt, sequences: list, prompt_len: int, extras: dict, return_type="full_text",
+                    clean_up_tokenization_spaces=None, continue_final_message=None, skip_special_tokens=None,
+                    tools=None) -> list[dict]:
+        """Decode each returned sequence of one prompt, as Transformers' `postprocess`."""
+        skip = True if skip_special_tokens is None else skip_special_tokens
+        records = []
+        for idx, seq in enumerate(sequences):
+            if return_type == "tensors":
+                records.append({"generated_token_ids": seq})
                 continue
-            new_text = tok.decode(seq[input_ids.shape[1]:], skip_special_tokens=skip_special_tokens,
-                                  clean_up_tokenization_spaces=clean_up)
-            if not return_full_text:
-                results.append({"generated_text": new_text})
-            elif isinstance(prompt, str):
-                results.append({"generated_text": prompt + new_text})
-            elif continue_final:
-                last = dict(prompt[-1], content=prompt[-1]["content"] + new_text)
-                results.append({"generated_text": [*prompt[:-1], last]})
-            else:
-                results.append({"generated_text": [*prompt, {"role": "assistant", "content": new_text}]})
-        return results
+            text = self.tokenizer.decode(seq[prompt_len:], skip_special_tokens=skip,
+                                         clean_up_tokenization_spaces=clean_up_tokenization_spaces)
+            if return_type == "full_text":
+                if isinstance(prompt, str):
+                    text = prompt + text
+                else:
+                    final = continue_final_message
+                    if final is None:
+                        final = prompt[-1]["role"] == "assistant"
+                    if final:
+                        text = [*prompt[:-1], dict(role=prompt[-1]["role"], content=prompt[-1]["content"] + text)]
+                    else:
+                        text = [*prompt, {"role": "assistant", "content": text}]
+            records.append({"generated_text": text, **{k: v[idx] for k, v in extras.items()}})
+        return records
