@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import test_generation
 import torch
 import transformers
 
@@ -21,12 +22,7 @@ PROMPTS = ["The experts", "Bananas and dragonfruits are", "A", "Routing tokens t
 GREEDY = dict(max_new_tokens=4, do_sample=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = test_generation._one_thread  # one intra-op thread for tiny models
 
 
 def make_pipes(name, **kw):
