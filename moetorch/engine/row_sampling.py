@@ -27,7 +27,14 @@ import torch
 
 # the settings that only sampling reads
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "seed")
+# the per-request settings the step holds in float32 tensors
+FLOAT_SETTINGS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def fits_float32(x) -> bool:
+    """Whether `x` is a number (not a bool) that a float32 tensor holds as a finite value."""
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and abs(x) <= _FLOAT32_MAX
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,8 @@ class Sampling:
         v = {k: kwargs.get(k, getattr(default, k)) for k in cls.KEYS}
         # the step holds them in float32 and int64 tensors: a value past those would fail the step of
         # every row, not this request alone
-        for k in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
-            if isinstance(v[k], bool) or not isinstance(v[k], (int, float)) or not abs(v[k]) <= _FLOAT32_MAX:
+        for k in FLOAT_SETTINGS:
+            if not fits_float32(v[k]):
                 raise TypeError(f"{where}: {k} must be a finite number within float32's range, got {v[k]!r}")
             v[k] = float(v[k])
         for k in ("top_k", "seed"):
@@ -115,7 +122,7 @@ def _bias_items(bias, vocab: int, where: str) -> tuple[tuple[int, float], ...]:
     for tok, b in bias.items():
         if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab:
             raise ValueError(f"{where}: logit_bias: {tok!r} is not a token id of the vocabulary (0 .. {vocab - 1})")
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not abs(b) <= _FLOAT32_MAX:
+        if not fits_float32(b):
             raise ValueError(f"{where}: logit_bias[{tok}] must be a finite number, got {b!r}")
         items.append((tok, float(b)))
     return tuple(sorted(items))

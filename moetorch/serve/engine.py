@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.batching import ContinuousBatchingConfig, RequestStatus
-from ..engine.row_sampling import SAMPLING_ONLY
+from ..engine.row_sampling import FLOAT_SETTINGS, SAMPLING_ONLY, fits_float32
 from ..generation.grammar import Grammar
 from ..generation.utils import chat_eos_ids, eos_ids
 
 logger = logging.getLogger("moetorch")
 GRAMMAR_CACHE = 64  # compiled response_format schemas kept
 SAMPLING_EPS = 1e-5  # a temperature below it decodes greedily (as vLLM's _SAMPLING_EPS): scores / it overflow
-_FLOAT32_MAX = 3.4028234663852886e38
 
 
 class Detokenizer:
@@ -123,13 +122,12 @@ def admit(settings: dict[str, Any], vocab: int) -> dict[str, Any]:
     that every request shares: numbers must fit the batch's tensors (float32, int64); a temperature
     below SAMPLING_EPS decodes greedily; a top_k of the vocabulary's size or more filters nothing."""
     out = dict(settings)
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+    for name in FLOAT_SETTINGS:
         value = out.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not abs(value) <= _FLOAT32_MAX):
+        if value is not None and not fits_float32(value):
             raise PromptError(f"{name}: {value!r} is not a finite number within float32's range", name)
     for tok, bias in (out.get("logit_bias") or {}).items():
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not abs(bias) <= _FLOAT32_MAX:
+        if not fits_float32(bias):
             raise PromptError(f"logit_bias[{tok!r}]: {bias!r} is not a finite number", "logit_bias")
     for name in ("top_k", "seed", "top_logprobs"):
         value = out.get(name)
