@@ -484,9 +484,8 @@ class GenerationMixin(ContinuousBatchingMixin):
         sync = synced(synced_gpus, self)
         gen, model_inputs = self._generation_settings(generation_config, kwargs, use_model_defaults)
         tokenizer = model_inputs.pop("tokenizer", None)
-        cache = model_inputs.get("past_key_values")
-        seq, embeds, offset, mask = self._prompt(inputs, gen, model_inputs, _held_tokens(cache))
         cache = model_inputs.pop("past_key_values", None)
+        seq, embeds, offset, mask = self._prompt(inputs, gen, model_inputs, _held_tokens(cache))
         user_cache = cache is not None
         device = seq.device
 
