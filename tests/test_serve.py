@@ -75,6 +75,11 @@ def shown(tok, t: int, completions: bool = False) -> str:
         return ("bytes:" if completions else "") + raw.decode(errors="backslashreplace")
 
 
+def hf_tokenizer(engine):
+    """Transformers' tokenizer of the engine's embedded model (the oracle)."""
+    return transformers.AutoTokenizer.from_pretrained(str(ASSETS / engine.name))
+
+
 def within(want: list[int], eos: list[int]) -> list[int]:
     """The tokens whose text the reply holds: an EOS at the end adds none."""
     return want[:-1] if want and want[-1] in eos else want
@@ -336,7 +341,7 @@ def test_completion_logprobs(served):
     torch.testing.assert_close(torch.tensor(lp["token_logprobs"]), torch.tensor(lps[:len(kept)]), atol=1e-4, rtol=0)
     # each token's offset: where its text starts in Transformers' decode of the tokens (a piece of a
     # character starts where the character does)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(ASSETS / engine.name))
+    hf_tok = hf_tokenizer(engine)
     assert lp["text_offset"] == [len(hf_tok.decode(kept[:i]).rstrip("\ufffd")) for i in range(len(kept))]
     # logprobs=3: each step's three likeliest tokens, by their text
     top = client.post("/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0,

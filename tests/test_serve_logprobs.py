@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 
 import test_serve
-import transformers
-from test_serve import shown, sse
-
-from moetorch.defaults import ASSETS
+from test_serve import hf_tokenizer, shown, sse
 
 WORD = "😀世界"  # 4 + 3 + 3 bytes: pieces of characters in a byte-level vocabulary
 FORCED = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "string", "enum": [WORD]}}}
@@ -20,10 +17,6 @@ TEXT = json.dumps(WORD, ensure_ascii=False)
 served = test_serve.served  # the module's fixture: an app over each embedded model
 
 
-def _hf_tok(engine):
-    return transformers.AutoTokenizer.from_pretrained(str(ASSETS / engine.name))
-
-
 def test_chat_bytes_rebuild_characters_split_over_tokens(served):
     client, _, tok, engine = served
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 20, "temperature": 0, "logprobs": True,
@@ -31,7 +24,7 @@ def test_chat_bytes_rebuild_characters_split_over_tokens(served):
     choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
     assert choice["message"]["content"] == TEXT
     content = choice["logprobs"]["content"]
-    ids = _hf_tok(engine).encode(TEXT, add_special_tokens=False)
+    ids = hf_tokenizer(engine).encode(TEXT, add_special_tokens=False)
     assert [c["token"] for c in content] == [shown(tok, t) for t in ids]
     assert any(c["token"].startswith("\\x") for c in content)  # the pieces show as their bytes
     assert b"".join(bytes(c["bytes"]) for c in content) == TEXT.encode()
@@ -51,7 +44,7 @@ def test_completion_offsets_count_characters(served):
                                                   "response_format": FORCED}).json()["choices"][0]
     assert choice["text"] == TEXT
     lp = choice["logprobs"]
-    hf_tok = _hf_tok(engine)
+    hf_tok = hf_tokenizer(engine)
     ids = hf_tok.encode(TEXT, add_special_tokens=False)
     assert lp["tokens"] == [shown(tok, t, completions=True) for t in ids]
     assert any(t.startswith("bytes:\\x") for t in lp["tokens"])

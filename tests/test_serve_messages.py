@@ -8,9 +8,7 @@ import json
 
 import pytest
 import test_serve
-import transformers
 
-from moetorch.defaults import ASSETS
 from moetorch.serve.tools import forced_calls
 
 served = test_serve.served  # the module's fixture: an app over each embedded model
@@ -25,7 +23,7 @@ def _ask(client, messages, **extra):
 
 def _prompt_tokens(engine, messages) -> int:
     """Transformers' tokenizer's count of the chat template's prompt."""
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(ASSETS / engine.name))
+    hf_tok = test_serve.hf_tokenizer(engine)
     return len(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
