@@ -97,7 +97,11 @@ class Cache:
             self.replay_embeds = embeds_BTD.new_zeros(B, limit + 1, D)
             self.replay_positions = torch.zeros(B, limit + 1, dtype=torch.long, device=embeds_BTD.device)
         slot_T = cache_position_T.clamp(max=limit)
-        self.replay_embeds.index_copy_(1, slot_T, embeds_BTD.detach().to(self.replay_embeds.dtype))
+        if torch.is_grad_enabled() and embeds_BTD.requires_grad:
+            # kept with their gradients, so that a rebuild's loss reaches the embeddings it replays
+            self.replay_embeds = self.replay_embeds.index_copy(1, slot_T, embeds_BTD.to(self.replay_embeds.dtype))
+        else:
+            self.replay_embeds.index_copy_(1, slot_T, embeds_BTD.detach().to(self.replay_embeds.dtype))
         self.replay_positions.index_copy_(1, slot_T, position_ids_BT.expand(B, -1))
 
     def replay(self, past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,6 +273,10 @@ class StaticCache(Cache):
             raise ValueError(f"StaticCache: max_cache_len must be positive, got {max_cache_len}")
         self.max_cache_len = int(max_cache_len)
         self._rows: torch.Tensor | None = None  # slot_rows' storage, once used (graphs keep its address)
+        # layer -> (keys, values) carrying gradients, from forwards with gradients on (`_write_tracked`),
+        # and the token count after the last of them: valid while no other write came after it
+        self._grad_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grad_seen: int | None = None
         self.num_layers = num_layers or (config.num_hidden_layers if config is not None else None)
         self._config = config
         if storage is not None and (storage.dtype != torch.uint8 or storage.dim() != 1):
@@ -322,11 +330,9 @@ class StaticCache(Cache):
             self._allocate(B, G, d, key_states.device, key_states.dtype)
         cache_position = self._positions(T, key_states.device, cache_kwargs)
         if layer_idx == 0:
+            if self._grad_seen != self._seen:  # other writes came after the last tracked step
+                self._grad_kv.clear()
             self._seen += T
-        if torch.is_grad_enabled():
-            # a forward with gradients on (no torch.no_grad()) writes the storage in place through
-            # a view, after which autograd rejects the views made before: make this layer's anew
-            self.keys[layer_idx], self.values[layer_idx] = self._all[0][layer_idx], self._all[1][layer_idx]
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if k.shape[0] != B:
             raise ValueError(f"StaticCache holds batch {k.shape[0]}, got keys for batch {B}")
@@ -338,7 +344,7 @@ class StaticCache(Cache):
             q = fused.kernels().rope_qk_cache(query_states, key_states, value_states, cos, sin, k, v, cache_position)
             return q, k, v
         query_states, key_states = apply_rotary_qk(query_states, key_states, cos, sin)
-        return (query_states, *self._write(key_states, value_states, k, v, cache_position))
+        return (query_states, *self._write(key_states, value_states, k, v, cache_position, layer_idx))
 
     def project_rotated(self, x_BTD, layers, head_dim, cos, sin, layer_idx, cache_kwargs=None, experts=None):
         B, T, _ = x_BTD.shape
@@ -356,15 +362,33 @@ class StaticCache(Cache):
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         k, v, cache_position = self._slots(key_states, layer_idx, cache_kwargs)
-        return self._write(key_states, value_states, k, v, cache_position)
+        return self._write(key_states, value_states, k, v, cache_position, layer_idx)
 
-    @staticmethod
-    def _write(key_states, value_states, k, v, cache_position):
+    def _write(self, key_states, value_states, k, v, cache_position, layer_idx):
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad
+                                        or layer_idx in self._grad_kv):
+            return self._write_tracked(key_states, value_states, cache_position, layer_idx)
         if fused.active(key_states, value_states, k):
             fused.kernels().kv_write(key_states, value_states, k, v, cache_position)
         else:
             k.index_copy_(2, cache_position, key_states.to(k.dtype))
             v.index_copy_(2, cache_position, value_states.to(v.dtype))
+        return k, v
+
+    def _write_tracked(self, key_states, value_states, cache_position, layer_idx):
+        # With gradients on: this layer's keys and values as new tensors that carry them, where
+        # an in-place write would fail the backward (all layers' views share one storage, and
+        # autograd rejects a saved tensor whose storage was written after). The next tracked step
+        # continues from them, so a loss over several steps reaches every step's keys, as
+        # Transformers' own in-place writes do. The storage gets the new slots' values.
+        k, v = self._grad_kv.get(layer_idx, (self.keys[layer_idx], self.values[layer_idx]))
+        k = k.index_copy(2, cache_position, key_states.to(k.dtype))
+        v = v.index_copy(2, cache_position, value_states.to(v.dtype))
+        with torch.no_grad():
+            self.keys[layer_idx].index_copy_(2, cache_position, key_states.to(k.dtype))
+            self.values[layer_idx].index_copy_(2, cache_position, value_states.to(v.dtype))
+        self._grad_kv[layer_idx] = (k, v)
+        self._grad_seen = self._seen
         return k, v
 
     def crop(self, max_length: int) -> None:
@@ -377,6 +401,7 @@ class StaticCache(Cache):
         With `slot_rows` in use only that index table moves. Otherwise the filled slots move: the
         others hold nothing a later step reads. All layers move at once, in groups whose copy stays
         within REORDER_CHUNK_BYTES."""
+        self._grad_kv.clear()
         n = self._seen
         if self.slot_rows is not None:
             if n:
@@ -412,6 +437,7 @@ class StaticCache(Cache):
         values through it. A step writes every row's new slot into that row's own storage, and no
         slot is written twice, so rows share the slots of their common past. `settle_slot_rows`
         moves the slots into their own rows and ends it."""
+        self._grad_kv.clear()
         if not self.keys:
             raise RuntimeError("StaticCache.use_slot_rows: no storage yet (it is allocated by the first update)")
         if self._rows is None:
@@ -425,6 +451,7 @@ class StaticCache(Cache):
     def settle_slot_rows(self) -> None:
         """Move each filled slot's key and value (and LongRoPE's record) into the row that reads it,
         so that every row's slots are its own again (what `reorder_cache` would have left)."""
+        self._grad_kv.clear()
         rows = self.slot_rows
         if rows is None:
             return
@@ -480,6 +507,7 @@ class StaticCache(Cache):
     def clear(self) -> None:
         """Forget the cached keys and values (the replay record stays); rows read their own slots."""
         super().clear()
+        self._grad_kv.clear()
         if self.slot_rows is not None:  # the LongRoPE rebuild rewrites every slot in its own row
             self.slot_rows.copy_(self._identity_rows())
 
@@ -487,6 +515,7 @@ class StaticCache(Cache):
         """Forget the cached tokens, keeping the storage (no reallocation)."""
         self._seen = 0
         self.rope_long = False
+        self._grad_kv.clear()
         for t in self._all if self.keys else ():
             t.zero_()
         if self._rows is not None:

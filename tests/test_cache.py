@@ -47,31 +47,78 @@ def test_prefill_then_decode_equals_full_forward(arch, kind, padding):
 
 
 
+def _grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _same_grads(ours, oracle):
+    assert ours.keys() == oracle.keys()
+    for name, g in oracle.items():
+        close(ours[name], g, f"grad of {name}", atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
-def test_static_cache_with_gradients_on(arch, tmp_path):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_static_cache_with_gradients_on(arch, attn, tmp_path):
     """A forward outside torch.no_grad() fills a StaticCache as Transformers' does: prefill, then
-    a decode step, the same logits, and the loss of both steps backpropagates to the same
-    gradients (the keys written into the cache carry theirs)."""
+    two decode steps, the same logits, and the loss of every step backpropagates to the same
+    gradients (the keys written into the cache carry theirs into the later steps). Under sdpa
+    too, whose backward keeps the keys it read (Transformers' own sdpa fails here on PhiMoE, so
+    its eager forward is the oracle)."""
     from parity import make_pair
 
     hf, ours = make_pair(arch, tmp_path, seed=4)
-    ids, _ = make_inputs(ours.config.vocab_size, 2, 7, None, seed=5)
-    grads = []
+    ours.set_attn_implementation(attn)
+    ids, _ = make_inputs(ours.config.vocab_size, 2, 8, None, seed=5)
+    runs = []
     for model, lib in ((hf, transformers), (ours, moetorch)):
         model.zero_grad()
         cache = lib.StaticCache(config=model.config, max_cache_len=12)
-        first = model(ids[:, :6], past_key_values=cache, use_cache=True)
-        step = model(ids[:, 6:], past_key_values=cache, use_cache=True)
-        assert cache.get_seq_length() == 7 and step.logits.requires_grad
-        (first.logits.logsumexp(-1).mean() + step.logits.logsumexp(-1).mean()).backward()
-        grads.append((first.logits.detach(), step.logits.detach(),
-                      {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (hf_first, hf_step, hf_grads), (our_first, our_step, our_grads) = grads
-    close(our_first, hf_first, "prefill logits")
-    close(our_step, hf_step, "decode logits")
-    assert our_grads.keys() == hf_grads.keys()
-    for name, g in hf_grads.items():
-        close(our_grads[name], g, f"grad of {name}", atol=1e-4, rtol=1e-4)
+        logits = [model(ids[:, s:e], past_key_values=cache, use_cache=True).logits for s, e in ((0, 6), (6, 7), (7, 8))]
+        assert cache.get_seq_length() == 8 and all(x.requires_grad for x in logits)
+        sum(x.logsumexp(-1).mean() for x in logits).backward()
+        runs.append(([x.detach() for x in logits], _grads(model)))
+    (hf_logits, hf_grads), (our_logits, our_grads) = runs
+    for i, (a, b) in enumerate(zip(our_logits, hf_logits)):
+        close(a, b, f"logits of step {i}")
+    _same_grads(our_grads, hf_grads)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_longrope_rebuild_with_gradients_on(kind):
+    """A cached forward with gradients on that crosses PhiMoE's LongRoPE threshold rebuilds the
+    cache from the recorded inputs, and the loss reaches what a forward from scratch reaches: the
+    replayed tokens' embeddings included. Oracle: Transformers without a cache, the first step
+    with the short factors and the whole sequence with the long ones (Transformers' own model with
+    the long factors put in place of the short, as test_long_factors_match_the_original_model_rule)."""
+    ours = longrope_model(seed=3)
+    ours.set_attn_implementation("sdpa")
+    scaling = ours.config.rope_parameters
+    oracles = []
+    for factors in ((), ("factor", "mscale")):
+        rope = {**longrope_scaling(8, original=8), **{f"short_{f}": scaling[f"long_{f}"] for f in factors}}
+        hf = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**PHIMOE.config_kwargs(
+            max_position_embeddings=64, rope_scaling=rope))).eval()
+        hf.load_state_dict(ours.state_dict())
+        hf.set_attn_implementation("eager")
+        oracles.append(hf)
+    ids, _ = make_inputs(64, 2, 11, None, seed=6)
+    short, long = oracles
+    for m in (short, long):
+        m.zero_grad()
+    hf_first, hf_rest = short(ids[:, :6]).logits, long(ids[:, :11]).logits[:, 6:]
+    (hf_first.logsumexp(-1).mean() + hf_rest.logsumexp(-1).mean()).backward()
+    hf_grads = {n: _grads(short)[n] + _grads(long)[n] for n in _grads(long)}
+
+    ours.zero_grad()
+    cache = new_cache(kind, ours, max_len=16)
+    first = ours(ids[:, :6], past_key_values=cache, use_cache=True).logits
+    rest = ours(ids[:, 6:11], past_key_values=cache, use_cache=True).logits  # 11 > 8: rebuilt
+    assert cache.rope_long and cache.get_seq_length() == 11
+    (first.logsumexp(-1).mean() + rest.logsumexp(-1).mean()).backward()
+    close(first, hf_first, "first step")
+    close(rest, hf_rest, "the step that crossed")
+    _same_grads(_grads(ours), hf_grads)
 
 WINDOWED = [a for a in ARCHS if "sliding_window" in a.variants]
 
