@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import operator
 import os
 import warnings
 from collections.abc import Mapping
@@ -430,12 +431,25 @@ class Tokenizer(PushToHubMixin):
         return self.add_tokens(to_add, special_tokens=True)
 
     # ---- encoding ----------------------------------------------------------------------------
-    def encode(self, text: str, text_pair: str | None = None, add_special_tokens: bool = True, **kwargs: Any):
-        return self(text, text_pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+    def encode(self, text: Any, text_pair: Any = None, add_special_tokens: bool = True, padding: bool | str = False,
+               truncation: bool | str | None = None, max_length: int | None = None, stride: int = 0,
+               padding_side: str | None = None, return_tensors: str | None = None, **kwargs: Any):
+        """The input_ids of `self(text, text_pair, ...)`; `text_target` and `text_pair_target` are
+        ignored here, as in Transformers."""
+        for key in ("text_target", "text_pair_target", "max_target_length"):
+            kwargs.pop(key, None)
+        return self(text, text_pair, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                    max_length=max_length, stride=stride, padding_side=padding_side, return_tensors=return_tensors,
+                    **kwargs)["input_ids"]
 
-    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False,
-                 **kwargs: Any) -> list[str]:
-        return self._tok.encode(text, pair, add_special_tokens=add_special_tokens).tokens
+    def tokenize(self, text: Any, pair: Any = None, add_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+        """The tokens of `text` (of its first text, for a batch, as in Transformers). Of the keywords
+        only `is_split_into_words` and `split_special_tokens` take effect; Transformers' fast
+        tokenizers ignore the others here (no padding or truncation), and so does this."""
+        enc = self(text, pair, add_special_tokens=add_special_tokens,
+                   is_split_into_words=kwargs.get("is_split_into_words", False),
+                   split_special_tokens=kwargs.get("split_special_tokens"))
+        return enc.encodings[0].tokens
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         decoder = self._tok.decoder
@@ -443,17 +457,22 @@ class Tokenizer(PushToHubMixin):
 
     def __call__(
         self,
-        text: str | list[str],
-        text_pair: str | list[str] | None = None,
+        text: Any = None,
+        text_pair: Any = None,
+        text_target: Any = None,
+        text_pair_target: Any = None,
         add_special_tokens: bool = True,
         padding: bool | str = False,
         truncation: bool | str | None = None,
         max_length: int | None = None,
-        return_tensors: str | None = None,
-        return_attention_mask: bool | None = None,
-        padding_side: str | None = None,
+        stride: int = 0,
+        is_split_into_words: bool = False,
         pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
         return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
+        return_overflowing_tokens: bool = False,
         return_special_tokens_mask: bool = False,
         return_offsets_mapping: bool = False,
         return_length: bool = False,
@@ -461,67 +480,118 @@ class Tokenizer(PushToHubMixin):
         verbose: bool = True,
         **kwargs: Any,
     ) -> BatchEncoding:
-        """Tokenise one text or a batch (with `text_pair`, or a list of (text, pair) tuples: pairs,
-        joined as the post-processor's pair template joins them); truncate to `max_length` as
-        Transformers' fast tokenizers do (True / "longest_first", "only_first", "only_second"; the
-        special tokens kept; `max_length` alone truncates too); pad ("longest"/True or "max_length",
-        up to a multiple of `pad_to_multiple_of`) left or right."""
+        """Tokenise one text or a batch, in Transformers' argument order and as its fast tokenizers do.
+
+        Pairs: `text_pair`, or a batch of (text, pair) tuples, joined as the post-processor's pair
+        template joins them. Truncation to `max_length` (True / "longest_first", "only_first",
+        "only_second"; the special tokens kept; `max_length` alone truncates too); padding
+        ("longest"/True or "max_length", up to a multiple of `pad_to_multiple_of`) left or right.
+        `return_overflowing_tokens=True`: each text's truncated-off tokens come back as more rows
+        (windows overlapping by `stride` tokens), right after its row, padded like it; the result is
+        a batch even for one text, with `overflow_to_sample_mapping` (each row's text).
+        `is_split_into_words=True`: each text is a list of words (a batch: a list of such lists),
+        each word tokenised on its own; `word_ids()` gives each token's word.
+        `text_target` / `text_pair_target`: encoded with the same settings (`max_target_length`
+        in place of `max_length` where given); their input_ids become `labels`, or, without `text`,
+        their encoding is the result."""
         kwargs.pop("sanitize_control_tokens", None)
+        max_target_length = kwargs.pop("max_target_length", None)
         if kwargs:
             raise TypeError(f"unexpected tokenizer arguments: {sorted(kwargs)}")
-        batched = isinstance(text, (list, tuple))
-        texts = list(text) if batched else [text]
-        inputs: list = texts
-        if batched and text_pair is None and texts and all(isinstance(t, (list, tuple)) and len(t) == 2
-                                                           for t in texts):
-            inputs = [tuple(t) for t in texts]  # a batch of (text, pair)
-            texts = [t for pair in inputs for t in pair]
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("text must be a string, a list of strings or a list of (text, text_pair) tuples")
-        if text_pair is not None:
-            pairs = list(text_pair) if isinstance(text_pair, (list, tuple)) else [text_pair]
-            if isinstance(text_pair, (list, tuple)) != batched or len(pairs) != len(texts):
-                raise ValueError(f"text_pair must match text: {len(texts)} text(s) and {len(pairs)} pair(s)")
-            if not all(isinstance(t, str) for t in pairs):
-                raise TypeError("text_pair must be a string or a list of strings")
-            inputs = list(zip(texts, pairs))
+        if text is None and text_target is None:
+            raise ValueError("the tokenizer needs text or text_target; both are None")
+        padding, strategy, max_length = self._strategies(padding, truncation, max_length, pad_to_multiple_of, verbose)
+        if strategy is not None:  # stride is read only when truncating, as in Transformers
+            try:
+                stride = operator.index(stride)
+            except TypeError:
+                raise TypeError(f"stride must be an integer, got {stride!r}") from None
+            if stride < 0:  # Transformers: the OverflowError of its conversion to an unsigned integer
+                raise OverflowError(f"stride must not be negative, got {stride}")
+        fields = {"input_ids": True, "token_type_ids": return_token_type_ids,
+                  "attention_mask": return_attention_mask is not False,
+                  "special_tokens_mask": return_special_tokens_mask, "offset_mapping": return_offsets_mapping}
+        options = dict(
+            words=bool(is_split_into_words), add_special_tokens=add_special_tokens, strategy=strategy, stride=stride,
+            overflow=bool(return_overflowing_tokens), padding=padding, pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side, fields=fields, return_length=return_length, return_tensors=return_tensors,
+            split=self.split_special_tokens if split_special_tokens is None else bool(split_special_tokens),
+        )
+        out = None if text is None else self._encode(text, text_pair, max_length, **options)
+        if text_target is None:
+            return out
+        target_length = max_length if max_target_length is None else max_target_length
+        target = self._encode(text_target, text_pair_target, target_length, **options)
+        if out is None:
+            return target
+        out["labels"] = target["input_ids"]
+        return out
+
+    def _strategies(self, padding, truncation, max_length, pad_to_multiple_of, verbose):
+        # Transformers' reading of padding, truncation and max_length, once for texts and targets:
+        # (padding, the `tokenizers` truncation strategy or None, max_length)
         if max_length is not None and padding is False and truncation is None:
             truncation = "longest_first"  # Transformers: max_length alone truncates
         if padding is True and max_length is not None and truncation in (None, False, "do_not_truncate") and verbose:
             warnings.warn("`max_length` is ignored when `padding`=`True` and there is no truncation strategy. "
-                          "To pad to max length, use `padding='max_length'`.", stacklevel=2)
+                          "To pad to max length, use `padding='max_length'`.", stacklevel=3)
         strategy = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
                     "only_second": "only_second"}.get(truncation)
         if truncation not in (False, None, "do_not_truncate") and strategy is None:
             raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'only_second', "
                              f"got {truncation!r}")
-        if strategy is not None:
-            limit = max_length or self.model_max_length
-            self._tok.enable_truncation(min(limit, 2**31 - 1), strategy=strategy, direction=self.truncation_side)
-        split = self.split_special_tokens if split_special_tokens is None else bool(split_special_tokens)
+        if max_length is None and (strategy is not None or padding == "max_length"):
+            if self.model_max_length > int(1e29):  # no length to truncate or pad to: neither happens
+                strategy, padding = None, (False if padding == "max_length" else padding)
+            else:
+                max_length = self.model_max_length
+        multiple = pad_to_multiple_of
+        if strategy is not None and padding not in (False, None, "do_not_pad") and isinstance(multiple, int) and \
+                multiple > 0 and max_length % multiple:
+            raise ValueError(f"truncation and padding are both on, but max_length ({max_length}) is not a multiple "
+                             f"of pad_to_multiple_of ({multiple})")
+        return padding, strategy, max_length
+
+    def _encode(self, text, text_pair, max_length, *, words, add_special_tokens, strategy, stride, overflow, padding,
+                pad_to_multiple_of, padding_side, fields, return_length, return_tensors, split) -> BatchEncoding:
+        # one encoding pass of __call__ (its texts, or its targets)
+        batched, inputs = _encode_inputs(text, text_pair, words)
         self._tok.encode_special_tokens = split
         try:
-            encodings = self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+            if strategy is not None:
+                self._tok.enable_truncation(min(max_length, 2**31 - 1), stride=stride, strategy=strategy,
+                                            direction=self.truncation_side)
+            encodings = self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens, is_pretokenized=words)
+        except BaseException as e:
+            # `tokenizers` checks stride against max_length less the special tokens (a ValueError), and
+            # panics on encoding where it is not below the length a sequence is truncated to
+            if "stride" not in str(e) or not (isinstance(e, ValueError) or type(e).__name__ == "PanicException"):
+                raise
+            raise ValueError(f"stride ({stride}) must be less than the length each sequence is truncated to: "
+                             f"max_length ({max_length}) less the special tokens added (for a pair truncated "
+                             f"'longest_first', that sequence's share of it). tokenizers: {e}") from None
         finally:
             self._tok.no_truncation()
             self._tok.encode_special_tokens = self.split_special_tokens
         target = self._padding_target([len(e.ids) for e in encodings], padding, max_length, pad_to_multiple_of)
-        if target is not None:
+        if target is not None:  # an encoding's overflowing rows are padded with it
             side = self._padding_side(padding_side)
             for e in encodings:
                 e.pad(target, direction=side, pad_id=self.pad_token_id, pad_type_id=self.pad_token_type_id,
                       pad_token=self.pad_token)
-        fields = {"input_ids": True, "token_type_ids": return_token_type_ids,
-                  "attention_mask": return_attention_mask is not False,
-                  "special_tokens_mask": return_special_tokens_mask, "offset_mapping": return_offsets_mapping}
+        groups = [[e, *e.overflowing] if overflow else [e] for e in encodings]
+        rows = [row for group in groups for row in group]
+        batched = batched or overflow  # overflowing rows make a batch of one text too
         getters = {"input_ids": "ids", "token_type_ids": "type_ids", "offset_mapping": "offsets"}
-        out = BatchEncoding(encodings=encodings)
+        out = BatchEncoding(encodings=rows)
         for key, wanted in fields.items():
             if wanted:
-                rows = [getattr(e, getters.get(key, key)) for e in encodings]
-                out[key] = rows if batched else rows[0]
+                values = [getattr(row, getters.get(key, key)) for row in rows]
+                out[key] = values if batched else values[0]
         if return_length:
-            out["length"] = [len(e.ids) for e in encodings]  # a list even for one text, as Transformers
+            out["length"] = [len(row.ids) for row in rows]  # a list even for one text, as Transformers
+        if overflow:
+            out["overflow_to_sample_mapping"] = [i for i, group in enumerate(groups) for _ in group]
         return _as_tensors(out, return_tensors, batched)
 
     def pad(
@@ -772,6 +842,49 @@ def _compile(template: str):
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ValueError(f"chat_template is not a valid jinja template: {e}") from e
     return _TEMPLATES[template]
+
+
+def _first_is_text(value: Any, depth: int = 3) -> bool:
+    # Transformers' check of a text argument's shape: a string, or (up to three deep) lists whose
+    # first element is one
+    return isinstance(value, str) or isinstance(value, (list, tuple)) and (
+        not value or depth > 0 and _first_is_text(value[0], depth - 1))
+
+
+def _encode_inputs(text: Any, text_pair: Any, words: bool) -> tuple[bool, list]:
+    """(batched, the inputs of `tokenizers`' encode_batch) for a tokenizer call's text and
+    text_pair, as Transformers reads them: a batch is a list (with `words`, is_split_into_words: a
+    list of lists of words); one text's empty text_pair is no pair."""
+    for name, value in (("text", text), ("text_pair", text_pair)):
+        if value is not None and not _first_is_text(value):
+            raise ValueError(f"{name} must be a string, a list of strings (a batch, or with is_split_into_words=True "
+                             f"one text's words) or a list of such lists, got {value!r}")
+    batched = isinstance(text, (list, tuple)) and (not words or bool(text) and isinstance(text[0], (list, tuple)))
+    if batched:
+        if text_pair is not None and not isinstance(text_pair, (list, tuple)):
+            raise TypeError(f"text_pair must match text: a batch of texts takes a list of pairs, got {text_pair!r}")
+        if text_pair is not None and len(text_pair) != len(text):
+            raise ValueError(f"text_pair must match text: {len(text)} text(s) and {len(text_pair)} pair(s)")
+        rows = list(zip(text, text_pair)) if text_pair is not None else list(text)
+    else:
+        rows = [(text, text_pair)] if text_pair else [text]
+
+    def sequence(x: Any) -> bool:  # one text: a string, or with `words` a list of words
+        return (isinstance(x, (list, tuple)) and all(isinstance(w, str) for w in x)) if words else isinstance(x, str)
+
+    inputs = []
+    for row in rows:
+        if sequence(row):
+            inputs.append(row)
+        elif isinstance(row, (list, tuple)) and len(row) == 2 and all(sequence(x) for x in row):
+            inputs.append(tuple(row))  # a (text, pair)
+        elif words:
+            raise TypeError(f"with is_split_into_words=True each text is a list of words (strings), and a pair two "
+                            f"such lists; got {row!r}")
+        else:
+            raise TypeError(f"text must be a string, a list of strings or a list of (text, text_pair) pairs (a list of "
+                            f"words needs is_split_into_words=True); got {row!r}")
+    return batched, inputs
 
 
 def _as_tensors(out: BatchEncoding, return_tensors: str | None, batched: bool,

@@ -1,6 +1,7 @@
 """The tokenizer's Transformers-5 behaviours against Transformers' own tokenizer loaded from the
 same files: chat prefill (continue_final_message), max_length, clean-up, special-token setters
-and extra special tokens, BatchEncoding, decoding, pad(), call options and add_bos/eos_token."""
+and extra special tokens, BatchEncoding, decoding, pad(), call options, add_bos/eos_token, and
+stride / overflowing tokens, is_split_into_words and text_target."""
 
 from __future__ import annotations
 
@@ -358,3 +359,261 @@ def test_smaller_api_pieces_match_transformers(path, tmp_path):
     raises_both(lambda t: t(TEXTS, padding=True, padding_side="middle"), hf, ours)
     with pytest.raises(ValueError, match="padding_side"):
         ours.pad([{"input_ids": [1]}, {"input_ids": [1, 2]}], padding_side="up")
+
+
+# ---- 11. stride / return_overflowing_tokens, is_split_into_words, text_target ----------------------
+WORDS = [t.split() for t in TEXTS]
+
+
+@pytest.fixture(scope="module", params=["bpe", "llama", "llama_legacy", "llama_no_prefix"])
+def any_path(request, tmp_path_factory):
+    # the byte-level BPE, and Phi-3.5-MoE's / JetMoE's LlamaTokenizer pipeline with its prefix-space variants
+    directory = tmp_path_factory.mktemp(request.param)
+    if request.param == "bpe":
+        return build_tokenizer(directory)
+    extra = {"llama": {}, "llama_legacy": {"legacy": True}, "llama_no_prefix": {"add_prefix_space": False}}
+    return build_llama_tokenizer(directory, **extra[request.param])
+
+
+def assert_same_encoding(got, want):
+    assert type(got).__name__ == "BatchEncoding" and sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert type(got[key]) is type(value), key
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+            assert np.array_equal(np.asarray(got[key]), np.asarray(value)), key
+        else:
+            assert got[key] == value, key
+    rows = [[(e.ids, e.word_ids, e.sequence_ids, e.offsets) for e in enc.encodings] for enc in (got, want)]
+    assert rows[0] == rows[1]
+    for i in range(len(want.encodings)):
+        assert (got.word_ids(i), got.tokens(i)) == (want.word_ids(i), want.tokens(i))
+
+
+def call_both(hf, ours, *args, **kwargs):
+    """Compare a call of both tokenizers: the same BatchEncoding (returned), or the same exception
+    type. Where `tokenizers` panics (a PanicException, a BaseException) on a stride too large, moetorch
+    raises a ValueError naming stride; where Transformers makes numpy object arrays of rows of
+    different lengths, moetorch a ValueError (docs/differences.md)."""
+    try:
+        want = hf(*args, **kwargs)
+    except Exception as e:
+        with pytest.raises(Exception) as info:
+            ours(*args, **kwargs)
+        assert type(info.value) is type(e), (kwargs, e, info.value)
+        return None
+    except BaseException as e:
+        assert type(e).__name__ == "PanicException" and "stride" in str(e), e
+        with pytest.raises(ValueError, match=r"stride \(\d+\) must be less than"):
+            ours(*args, **kwargs)
+        return None
+    if any(isinstance(v, np.ndarray) and v.dtype.kind == "O" for v in want.values()):
+        with pytest.raises(ValueError, match="padding=True"):
+            ours(*args, **kwargs)
+        return None
+    got = ours(*args, **kwargs)
+    assert_same_encoding(got, want)
+    return got
+
+
+OVERFLOW_INPUTS = [(TEXTS[0],), (TEXTS[1],), (TEXTS,), (TEXTS[0], TEXTS[1]), (TEXTS[:2], TEXTS[1:]),
+                   ([(TEXTS[0], TEXTS[2]), (TEXTS[1], TEXTS[0])],)]
+
+
+@pytest.mark.parametrize("inputs", OVERFLOW_INPUTS, ids=["one", "short", "batch", "pair", "batch_pairs", "tuples"])
+def test_overflowing_tokens_match_transformers(any_path, inputs):
+    hf, ours = both(any_path)
+    extras = dict(return_length=True, return_offsets_mapping=True, return_special_tokens_mask=True,
+                  return_token_type_ids=True)
+    seen = set()
+    for truncation in (None, True, "only_first", "only_second"):
+        for max_length, stride in ((8, 0), (8, 2), (8, 6), (12, 3), (3, 1), (1, 0), (None, 0)):
+            for padding, side in ((False, "right"), (True, "right"), (True, "left"), ("max_length", "left")):
+                for kind in (None, "pt", "np"):
+                    kw = dict(truncation=truncation, max_length=max_length, stride=stride, padding=padding,
+                              padding_side=side, return_tensors=kind, return_overflowing_tokens=True, verbose=False)
+                    got = call_both(hf, ours, *inputs, **kw)
+                    if got is not None and kind is None:
+                        seen.add(len(got["input_ids"]) > len(set(got["overflow_to_sample_mapping"])))
+                    if kind is None:
+                        call_both(hf, ours, *inputs, **kw, **extras)
+                        call_both(hf, ours, *inputs, **dict(kw, return_overflowing_tokens=False))
+                    if padding:
+                        call_both(hf, ours, *inputs, **kw, pad_to_multiple_of=4)
+    assert seen == {True, False}  # some calls overflowed, some did not
+
+
+def test_overflowing_rows_match_transformers(path):
+    hf, ours = both(path)
+    kw = dict(max_length=8, stride=2, truncation=True, return_overflowing_tokens=True)
+    # one text becomes a batch of its windows, each overlapping the last by `stride` tokens
+    got = call_both(hf, ours, TEXTS[0], **kw)
+    assert len(got["input_ids"]) > 1 and set(got["overflow_to_sample_mapping"]) == {0}
+    assert got["input_ids"][1][1:3] == got["input_ids"][0][-2:]
+    # a batch: each text's rows follow it; padded rows, tensors, lengths and offsets with them
+    got = call_both(hf, ours, TEXTS, padding=True, return_tensors="pt", return_length=True,
+                    return_offsets_mapping=True, **kw)
+    assert got["input_ids"].shape[0] == len(got["overflow_to_sample_mapping"]) == len(got.encodings)
+    # no overflow: one row for each text, still batched with a mapping
+    got = call_both(hf, ours, TEXTS[1], return_overflowing_tokens=True)
+    assert got["input_ids"] == [got["input_ids"][0]] and got["overflow_to_sample_mapping"] == [0]
+    call_both(hf, ours, TEXTS[1], return_overflowing_tokens=True, return_tensors="np")
+    # a pair truncated longest_first: the windows of both texts crossed, as tokenizers gives them
+    got = call_both(hf, ours, TEXTS[0], TEXTS[1], **kw)
+    assert len(got["input_ids"]) > 10
+    # the truncation side and model_max_length (no max_length) are read as in Transformers
+    for side in ("left", "right"):
+        hf.truncation_side = ours.truncation_side = side
+        call_both(hf, ours, TEXTS, **kw)
+    hf, ours = both(path, model_max_length=10)
+    call_both(hf, ours, TEXTS, truncation=True, stride=3, return_overflowing_tokens=True, padding="max_length")
+    assert hf.encode(TEXTS[0], truncation=True, stride=3, return_overflowing_tokens=True) == \
+        ours.encode(TEXTS[0], truncation=True, stride=3, return_overflowing_tokens=True)
+
+
+def test_stride_errors_match_transformers(path):
+    hf, ours = both(path)
+    kw = dict(truncation=True, return_overflowing_tokens=True)
+    # past max_length less the special tokens: tokenizers' ValueError; at the truncated length (of
+    # one text, or of each text of a pair) its panic: a ValueError naming stride here
+    for args, more in (((TEXTS[0],), dict(max_length=8, stride=8)), ((TEXTS[0],), dict(max_length=8, stride=7)),
+                       ((TEXTS[0], TEXTS[1]), dict(max_length=8, stride=6)),
+                       ((TEXTS[0],), dict(max_length=8, stride=7, return_overflowing_tokens=False))):
+        call_both(hf, ours, *args, **{**kw, **more})
+        with pytest.raises(ValueError, match="stride"):
+            ours(*args, **{**kw, **more})
+    # a stride a short text never reaches, or without truncation, is not checked (in both)
+    call_both(hf, ours, TEXTS[1], max_length=40, stride=39, **kw)
+    for stride in (-1, 2.5, "2", None, 10**6):
+        call_both(hf, ours, TEXTS[0], stride=stride)
+        call_both(hf, ours, TEXTS[0], stride=stride, padding=True, max_length=4, verbose=False)
+    call_both(hf, ours, TEXTS[0], stride=np.int64(2), max_length=6, **kw)
+    call_both(hf, ours, TEXTS[0], stride=True, max_length=6, **kw)
+    # a stride that is not a non-negative integer: Transformers' TypeError / OverflowError, naming it
+    for stride, error in ((-1, OverflowError), (2.5, TypeError), ("2", TypeError), (None, TypeError)):
+        with pytest.raises(error):
+            hf(TEXTS[0], stride=stride, max_length=6, **kw)
+        with pytest.raises(error, match="stride"):
+            ours(TEXTS[0], stride=stride, max_length=6, **kw)
+    # truncating a text that is missing or too short for the strategy, and padding to a length that
+    # truncation would not keep a multiple of pad_to_multiple_of
+    call_both(hf, ours, TEXTS[0], max_length=8, stride=2, truncation="only_second", return_overflowing_tokens=True)
+    call_both(hf, ours, TEXTS[0], TEXTS[1], max_length=12, stride=2, truncation="only_second",
+              return_overflowing_tokens=True)
+    call_both(hf, ours, TEXTS, max_length=6, stride=2, padding=True, pad_to_multiple_of=4, **kw)
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        ours(TEXTS, max_length=6, stride=2, padding=True, pad_to_multiple_of=4, **kw)
+    # ragged rows as numpy: Transformers makes object arrays, moetorch refuses (docs/differences.md)
+    for kind in ("np", "pt"):
+        call_both(hf, ours, TEXTS[0], max_length=8, return_tensors=kind, **kw)
+        with pytest.raises(ValueError, match="padding=True"):
+            ours(TEXTS[0], max_length=8, return_tensors=kind, **kw)
+    assert ours.encode(TEXTS[0], max_length=8) == hf.encode(TEXTS[0], max_length=8)  # the tokenizer is left clean
+
+
+WORD_INPUTS = [(WORDS[0],), (WORDS,), (WORDS[0], WORDS[1]), (WORDS[:2], WORDS[1:]), ([(WORDS[0], WORDS[2])],),
+               ([tuple(WORDS[1])],), ([],), ([[]],), ([[], WORDS[0]],), (WORDS[0], []),
+               ([" leading", "trailing ", "two words", "ünï", "<|end|>", ""],)]
+
+
+@pytest.mark.parametrize("inputs", WORD_INPUTS, ids=["one", "batch", "pair", "batch_pairs", "tuples", "tuple_words",
+                                                     "empty", "empty_batch", "empty_row", "empty_pair", "spaces"])
+def test_is_split_into_words_matches_transformers(any_path, inputs):
+    hf, ours = both(any_path)
+    kw = dict(is_split_into_words=True)
+    got = call_both(hf, ours, *inputs, **kw)
+    assert any(w is not None for i in range(len(got.encodings)) for w in got.word_ids(i)) or not any(inputs[0])
+    for more in (dict(return_offsets_mapping=True, return_special_tokens_mask=True, return_length=True),
+                 dict(add_special_tokens=False), dict(padding=True, return_tensors="pt"),
+                 dict(padding="max_length", max_length=24, padding_side="left", return_tensors="np"),
+                 dict(max_length=5, stride=1, return_overflowing_tokens=True, padding=True, return_tensors="pt"),
+                 dict(max_length=6, truncation="only_first"), dict(split_special_tokens=True)):
+        call_both(hf, ours, *inputs, **kw, **more)
+    assert ours.encode(*inputs, **kw) == hf.encode(*inputs, **kw)
+    assert ours.tokenize(*inputs, **kw) == hf.tokenize(*inputs, **kw)
+
+
+def test_is_split_into_words_errors_match_transformers(path):
+    hf, ours = both(path)
+    # a string where words are expected: Transformers' TypeError, naming is_split_into_words
+    for args in (("Honey routes",), (["Honey"], "routes"), ([["a", 3]],), (["a", ["b"]],), ([["a"], "b"],),
+                 ([(["a"], ["b"], ["c"])],)):
+        with pytest.raises(TypeError):
+            hf(*args, is_split_into_words=True)
+        with pytest.raises(TypeError, match="is_split_into_words"):
+            ours(*args, is_split_into_words=True)
+    with pytest.raises(TypeError):
+        hf.tokenize("Honey routes", is_split_into_words=True)
+    with pytest.raises(TypeError, match="is_split_into_words"):
+        ours.tokenize("Honey routes", is_split_into_words=True)
+    # a text that is no string or list of strings: Transformers' ValueError
+    for args in (([1],), ([[1]],), (3,)):
+        call_both(hf, ours, *args, is_split_into_words=True)
+        call_both(hf, ours, *args)
+    call_both(hf, ours, [["a", "b"]], [["c"], ["d"]], is_split_into_words=True)  # batch lengths differ
+    # without is_split_into_words a list is a batch of texts: a list of 3 words is no (text, pair)
+    call_both(hf, ours, WORDS[1])
+    call_both(hf, ours, [WORDS[0][:3]])
+    with pytest.raises(TypeError, match="is_split_into_words=True"):
+        ours([WORDS[0][:3]])
+
+
+TARGET_INPUTS = [((TEXTS[0],), dict(text_target=TEXTS[1])), ((), dict(text_target=TEXTS[1])),
+                 ((), dict(text_target=TEXTS[1:])), ((TEXTS[:2],), dict(text_target=TEXTS[1:])),
+                 ((TEXTS[0], TEXTS[1]), dict(text_target=TEXTS[1], text_pair_target=TEXTS[2])),
+                 ((TEXTS[:2],), dict(text_target=TEXTS, text_pair_target=TEXTS[::-1])),
+                 ((TEXTS[:2],), dict(text_target=TEXTS[:1])), ((TEXTS[0],), dict(text_target=TEXTS[:2])),
+                 ((TEXTS[0],), dict(text_pair_target=TEXTS[2])),
+                 ((WORDS[0],), dict(text_target=WORDS[1], is_split_into_words=True)),
+                 ((), dict(text_target=WORDS, is_split_into_words=True))]
+
+
+@pytest.mark.parametrize("inputs,targets", TARGET_INPUTS)
+def test_text_target_matches_transformers(path, inputs, targets):
+    hf, ours = both(path)
+    got = call_both(hf, ours, *inputs, **targets)
+    assert ("labels" in got) == (bool(inputs) and "text_target" in targets)
+    for more in (dict(padding=True), dict(max_length=5), dict(max_length=5, max_target_length=3),
+                 dict(max_target_length=3), dict(max_target_length=3, truncation=True),
+                 dict(padding="max_length", max_length=12, pad_to_multiple_of=4),
+                 dict(max_length=6, stride=2, return_overflowing_tokens=True, padding=True),
+                 dict(add_special_tokens=False, return_length=True, padding_side="left", padding=True),
+                 dict(return_attention_mask=False, return_token_type_ids=True, return_special_tokens_mask=True)):
+        for kind in (None, "pt", "np"):
+            call_both(hf, ours, *inputs, **targets, **more, return_tensors=kind)
+    if inputs:  # encode() gives the texts' ids, the targets ignored
+        assert ours.encode(*inputs, **targets) == hf.encode(*inputs, **targets)
+
+
+def test_text_target_errors_match_transformers(path):
+    hf, ours = both(path)
+    for args, kw in (((), dict()), ((None,), dict(text_target=None)), ((), dict(text_pair_target=TEXTS[0])),
+                     ((TEXTS[0],), dict(text_target=3)), ((TEXTS[:2],), dict(text_target=TEXTS, text_pair_target=TEXTS[:1]))):
+        call_both(hf, ours, *args, **kw)
+    with pytest.raises(ValueError, match="text_target"):
+        ours()
+    with pytest.raises(ValueError, match="text_target"):
+        ours.encode(None, text_target=TEXTS[0])
+    with pytest.raises(ValueError):
+        hf.encode(None, text_target=TEXTS[0])
+
+
+def test_call_argument_order_and_inputs_match_transformers(path):
+    hf, ours = both(path)
+    # Transformers' positional order: text, text_pair, text_target, text_pair_target, add_special_tokens,
+    # padding, truncation, max_length, stride, is_split_into_words, pad_to_multiple_of, padding_side, return_tensors
+    args = (TEXTS[:2], None, TEXTS[1:], None, True, True, True, 8, 2, False, None, "left", "pt")
+    call_both(hf, ours, *args)
+    args = (TEXTS[0], None, True, "max_length", True, 10, 3, "left", "pt")
+    assert torch.equal(ours.encode(*args, return_overflowing_tokens=True), hf.encode(*args, return_overflowing_tokens=True))
+    # one text's empty text_pair is no pair; a batch may mix texts and (text, pair) tuples
+    for args in ((TEXTS[0], ""), ([TEXTS[0]], [""]), ([TEXTS[0], (TEXTS[1], TEXTS[2])],), ([TEXTS[0], 3],),
+                 ([TEXTS[0]], TEXTS[1]), (TEXTS[0], [TEXTS[1]])):
+        call_both(hf, ours, *args)
+    assert ours.tokenize(TEXTS[0], "") == hf.tokenize(TEXTS[0], "")
+    text = "<s>x<|end|> honey"
+    for split in (None, False, True):
+        assert ours.tokenize(text, split_special_tokens=split) == hf.tokenize(text, split_special_tokens=split)
+    # tokenize() ignores padding and truncation, as Transformers'
+    kw = dict(max_length=3, truncation=True, padding=True, stride=1)
+    assert ours.tokenize(TEXTS[0], **kw) == hf.tokenize(TEXTS[0], **kw)
