@@ -52,6 +52,7 @@ import contextlib
 import copy
 import functools
 import json
+import subprocess
 import sys
 
 import torch
@@ -1173,7 +1174,25 @@ def _stray_graph() -> None:
 def check_graph_gc(results) -> bool:
     """A capture during which the garbage collector's counters run out, with stray graphs to
     destroy: `engine.capture` holds the collector off and captures. The bare torch.cuda.graph, for
-    comparison, is recorded (torch >= 2.9 no longer collects before a capture)."""
+    comparison, is recorded (torch >= 2.9 no longer collects before a capture). The bare arm runs
+    in a child process: its failed capture leaves CUDA's random generator marked as capturing, and
+    every later draw of the process that ran it fails."""
+    results["graph_gc.capture"] = capture_arm = graph_gc_arm("capture")
+    code = "import moetorch.gpu_check as c; print(c.graph_gc_arm('bare'))"
+    try:
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        lines = child.stdout.strip().splitlines()
+        bare = lines[-1] if child.returncode == 0 and lines else \
+            f"failed: the child process exited {child.returncode}: {child.stderr.strip()[-160:]}"
+    except subprocess.TimeoutExpired:
+        bare = "failed: the child process timed out"
+    results["graph_gc.bare"] = bare
+    return capture_arm == "captured"
+
+
+def graph_gc_arm(how: str) -> str:
+    """One arm of `check_graph_gc` ("capture": `engine.capture`; "bare": torch.cuda.graph):
+    "captured", "wrong output" or "failed: <error>"."""
     import gc
 
     from .engine.cuda_graph import capture
@@ -1188,36 +1207,29 @@ def check_graph_gc(results) -> bool:
         return x * 2
 
     keep, was_on = gc.get_threshold(), gc.isenabled()
-    ok = True
     try:
-        for how in ("capture", "bare"):
-            gc.collect()
-            gc.set_threshold(10**9, 10**9, 10**9)  # the strays stay young and uncollected until work()
-            gc.enable()
-            for _ in range(3):
-                _stray_graph()
-            try:
-                if how == "capture":
-                    graph, out = capture(work)
-                else:
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        out = work()
-                x.add_(1)
-                graph.replay()
-                torch.cuda.synchronize()
-                right = torch.equal(out, x * 2)
-                results[f"graph_gc.{how}"] = "captured" if right else "wrong output"
-            except RuntimeError as e:
-                right = False
-                results[f"graph_gc.{how}"] = f"failed: {str(e).splitlines()[0][:160]}"
+        gc.collect()
+        gc.set_threshold(10**9, 10**9, 10**9)  # the strays stay young and uncollected until work()
+        gc.enable()
+        for _ in range(3):
+            _stray_graph()
+        try:
             if how == "capture":
-                ok &= right
+                graph, out = capture(work)
+            else:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = work()
+            x.add_(1)
+            graph.replay()
+            torch.cuda.synchronize()
+            return "captured" if torch.equal(out, x * 2) else "wrong output"
+        except RuntimeError as e:
+            return f"failed: {str(e).splitlines()[0][:160]}"
     finally:
         gc.set_threshold(*keep)
         (gc.enable if was_on else gc.disable)()
         gc.collect()
-    return ok
 
 
 def check_models(results) -> bool:
