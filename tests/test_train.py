@@ -321,7 +321,7 @@ def test_pretokenized_npy_and_bin(tmp_path):
         assert (held == tokens[113 * 32 : 114 * 32]).all()  # the tail is held out
         assert math.isfinite(trainer.train()["eval_ppl"])
     bad = TrainingConfig(model={**PHI, "vocab_size": 32}, data=str(tmp_path / "tokens.npy"),
-                         output_dir=str(tmp_path / "bad"), progress=False)
+                         output_dir=str(tmp_path / "bad"), seq_len=32, progress=False)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         Trainer(bad)
 
@@ -364,6 +364,147 @@ def test_errors_name_the_option(tmp_path, tok_dir, corpus):
     Trainer(cfg).train()
     with pytest.raises(FileExistsError, match="output_dir"):
         Trainer(cfg)
+
+
+def _tiny_run(out: Path, tmp: Path, steps: int = 2, **kw) -> TrainingConfig:
+    """A 1-layer PhiMoE on random token ids (no tokenizer): a fast run to get checkpoints from."""
+    tokens = tmp / "ids.npy"
+    if not tokens.exists():
+        np.save(tokens, np.random.default_rng(0).integers(0, 64, 2000))
+    base = dict(model={**PHI, "vocab_size": 64, "num_hidden_layers": 1}, data=str(tokens), output_dir=str(out),
+                seq_len=16, batch_size=2, max_steps=steps, warmup_steps=0, save_every=1, eval_every=0,
+                eval_fraction=0.1, progress=False)
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def test_bad_numbers_and_paths_are_refused_naming_the_option(tmp_path):
+    with pytest.raises(TrainingConfigError, match="lr must be positive"):
+        TrainingConfig(lr=0.0)  # trains nothing, yet wrote checkpoints as if it had
+    with pytest.raises(TrainingConfigError, match="seed"):
+        TrainingConfig(seed=-1)  # numpy's "Seed must be between 0 and 2**32 - 1" named no option
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FileExistsError, match="output_dir: .* is a file"):
+        Trainer(_tiny_run(tmp_path / "a_file", tmp_path))
+    # Positions past max_position_embeddings (64 here): refused rather than trained on silently.
+    with pytest.raises(TrainingConfigError, match="seq_len 128 .* max_position_embeddings 64"):
+        Trainer(_tiny_run(tmp_path / "long", tmp_path, seq_len=128))
+    # A --set key that is no config field would be kept as an unused extra: the run would ignore it.
+    with pytest.raises(ValueError, match=r"model_overrides .*\['router_aux_loss_coeff'\]"):
+        Trainer(_tiny_run(tmp_path / "typo", tmp_path, model_overrides={"router_aux_loss_coeff": 0.1}))
+
+
+def test_bad_token_arrays_are_refused_naming_the_option(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 64, 2000)
+    ids[100] = -5  # inside a training window: an index error deep in torch when its batch comes
+    np.save(tmp_path / "neg.npy", ids)
+    with pytest.raises(ValueError, match=r"data: token id -5 is outside the model's vocabulary"):
+        Trainer(_tiny_run(tmp_path / "neg", tmp_path, data=str(tmp_path / "neg.npy")))
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    with pytest.raises(ValueError, match="data: cannot read .*junk.npy"):
+        Trainer(_tiny_run(tmp_path / "junk", tmp_path, data=str(tmp_path / "junk.npy")))
+    np.arange(1001, dtype=np.uint16).tofile(tmp_path / "odd.bin")  # 2002 bytes: no whole uint32s
+    with pytest.raises(ValueError, match="data: cannot read .*odd.bin.*data_dtype"):
+        Trainer(_tiny_run(tmp_path / "odd", tmp_path, data=str(tmp_path / "odd.bin"), data_dtype="uint32"))
+    np.save(tmp_path / "short.npy", np.arange(10))
+    with pytest.raises(ValueError, match="eval_data: 10 held-out tokens make no sequence"):
+        Trainer(_tiny_run(tmp_path / "short", tmp_path, eval_data=str(tmp_path / "short.npy")))
+
+
+def test_resume_refusals_name_the_fault(tmp_path):
+    from moetorch.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    Trainer(_tiny_run(run, tmp_path, steps=3)).train()
+    # max_steps below the checkpoint's step: it used to return at once, with nothing trained or said.
+    with pytest.raises(TrainingConfigError, match="max_steps 2 is below step 3"):
+        Trainer(_tiny_run(run, tmp_path, steps=2, resume=True))
+    # A resume from another run's checkpoint would overwrite this directory's checkpoints step for step.
+    other = tmp_path / "other"
+    Trainer(_tiny_run(other, tmp_path, steps=2)).train()
+    with pytest.raises(FileExistsError, match="output_dir: .* holds checkpoints of its own run"):
+        Trainer(_tiny_run(run, tmp_path, steps=4, resume=str(other / "checkpoint-2")))
+    assert ckpt.latest_checkpoint(run).name == "checkpoint-3"
+    # Into an empty output_dir it is allowed (a branch of that run).
+    assert Trainer(_tiny_run(tmp_path / "branch", tmp_path, steps=4, resume=str(other / "checkpoint-2"))).step == 2
+    # A trainer state cut short: the file is named, not torch's unpickler internals.
+    (run / "checkpoint-3" / ckpt.STATE_FILE).write_bytes(b"half a trainer state")
+    with pytest.raises(CheckpointError, match="resume: cannot read .*checkpoint-3.*trainer_state.pt"):
+        Trainer(_tiny_run(run, tmp_path, steps=4, resume=True))
+
+
+def test_resume_applies_model_overrides(tmp_path):
+    run = tmp_path / "run"
+    Trainer(_tiny_run(run, tmp_path, steps=1)).train()
+    resumed = Trainer(_tiny_run(run, tmp_path, steps=2, resume=True, model_overrides={"router_aux_loss_coef": 0.25}))
+    assert resumed.model.config.router_aux_loss_coef == 0.25 and resumed.aux_coef == 0.25  # was ignored
+    resumed.train()
+    assert json.loads((run / "checkpoint-2" / "config.json").read_text())["router_aux_loss_coef"] == 0.25
+    with pytest.raises(ValueError, match=r"model_overrides .*\['typo'\]"):
+        Trainer(_tiny_run(run, tmp_path, steps=3, resume=True, model_overrides={"typo": 1}))
+
+
+def test_missing_evaluation_and_short_warmup_warn(tmp_path, tok_dir, corpus, caplog):
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copyfile(corpus / "story.txt", one / "story.txt")
+    with caplog.at_level("WARNING", logger="moetorch"):
+        trainer = Trainer(make_config(tmp_path / "run", tok_dir, one, max_steps=3, warmup_steps=10))
+    assert trainer.data.eval is None
+    assert "no held-out data" in caplog.text and "--eval-split" in caplog.text
+    assert "warmup_steps 10 > max_steps 3" in caplog.text
+
+
+def test_cli_resume_keeps_the_flags_of_an_earlier_resume(tmp_path, capsys):
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 2000))
+    (tmp_path / "model.json").write_text(json.dumps({**PHI, "vocab_size": 64}))
+    out = str(tmp_path / "run")
+    common = ["--output-dir", out, "--progress", "false", "--log-every", "1"]
+    assert cli_main(["train", *common, "--model", str(tmp_path / "model.json"), "--data", str(tmp_path / "ids.npy"),
+                     "--seq-len", "16", "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "0",
+                     "--lr", "1e-3", "--min-lr-ratio", "0.5", "--set", "num_hidden_layers=1"]) == 0
+    assert cli_main(["train", *common, "--resume", "--max-steps", "3", "--lr", "0.02"]) == 0
+    assert cli_main(["train", *common, "--resume", "--max-steps", "4"]) == 0
+    capsys.readouterr()
+    # Step 4 (0-based 3) of a cosine from lr 0.02 to 0.5 x lr over 4 steps, no warmup: the lr of the
+    # second resume, which the third keeps (it read the first run's 1e-3 from the output dir).
+    lr = [r["lr"] for r in records(Path(out), "train") if r["step"] == 4]
+    assert lr == [pytest.approx(0.02 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * 3 / 4))))]
+
+
+def test_cli_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 2000))
+    (tmp_path / "model.json").write_text(json.dumps({**PHI, "vocab_size": 64, "num_hidden_layers": 1}))
+    real = Trainer._train_step
+
+    def interrupted(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupted)
+    out = tmp_path / "run"
+    try:
+        code = cli_main(["train", "--output-dir", str(out), "--model", str(tmp_path / "model.json"), "--data",
+                         str(tmp_path / "ids.npy"), "--seq-len", "16", "--batch-size", "2", "--max-steps", "6",
+                         "--save-every", "2", "--progress", "false"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C came out of `moetorch train` as a traceback")
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert "interrupted at step 3" in err and "checkpoint-2" in err and "--resume" in err
+
+
+def test_cli_train_tokenizer_refuses_bad_output_and_max_files(tmp_path, corpus, caplog):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="output: .*a_file is a file"):
+        cli_main(["train-tokenizer", "--data", str(corpus), "--output", str(tmp_path / "a_file"), "--vocab-size", "300"])
+    with pytest.raises(SystemExit, match="max_files must be a positive integer"):
+        cli_main(["train-tokenizer", "--data", str(corpus), "--output", str(tmp_path / "t"), "--max-files", "0"])
+    with caplog.at_level("WARNING", logger="moetorch"):
+        train_tokenizer(str(corpus / "story.txt"), tmp_path / "small", vocab_size=5000, show_progress=False)
+    n = len(Tokenizer.from_pretrained(tmp_path / "small"))
+    assert n < 5000 and f"the tokenizer has {n} tokens, fewer than vocab_size 5000" in caplog.text
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import CheckpointError
+
 logger = logging.getLogger("moetorch")
 
 STATE_FILE = "trainer_state.pt"
@@ -216,7 +218,16 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     file = checkpoint / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"resume: {checkpoint} has no {STATE_FILE} (not a training checkpoint)")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # cut short, overwritten or not ours: say which file, not torch's internals
+        raise CheckpointError(f"resume: cannot read {file} ({type(e).__name__}): cut short or not a trainer "
+                              "state; resume from an earlier checkpoint (--resume DIR)") from e
+    missing = [k for k in ("step", "data_position", "tokens_seen", "optimizer", "scheduler", "rng")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"resume: {file} is not a moetorch trainer state (no {missing})")
+    return state
 
 
 def drop_later_checkpoints(output_dir: Path, step: int) -> None:

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import CheckpointError
+from . import checkpointing as ckpt
 from .config import CONFIG_FILE, TrainingConfig, TrainingConfigError
 
 
@@ -104,7 +106,12 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     resume = given.get("resume", False)
     if resume:
         in_output_dir = resume is True or resume in ("latest", "auto")
-        saved = (Path(args.output_dir) if in_output_dir else Path(resume)) / CONFIG_FILE
+        # The config the resumed checkpoint was saved with (it holds the flags an earlier resume
+        # changed); the output dir's copy is the first run's.
+        source = ckpt.latest_checkpoint(Path(args.output_dir)) if in_output_dir else Path(resume)
+        saved = (source if source is not None else Path(args.output_dir)) / CONFIG_FILE
+        if not saved.is_file() and in_output_dir:
+            saved = Path(args.output_dir) / CONFIG_FILE
         if saved.is_file():
             base = TrainingConfig.from_json(saved).to_dict()
     if args.train_config:
@@ -127,9 +134,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         trainer = Trainer(config)
-    except (TrainingConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (TrainingConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
         raise SystemExit(f"moetorch train: {e}") from e
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        last = trainer.last_checkpoint
+        print(f"\n[moetorch] interrupted at step {trainer.step}; "
+              + (f"the last checkpoint is {last}: continue with "
+                 f"`moetorch train --output-dir {trainer.output_dir} --resume`" if last else "no checkpoint was saved"),
+              file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     if summary.get("eval_ppl") is not None:
         print(f"[moetorch] held-out perplexity {summary['eval_ppl']:.3f} at step {summary['step']}; "
@@ -143,7 +158,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     try:
         out = train_tokenizer(args.data, args.output, args.vocab_size, args.min_frequency, args.max_files,
                               args.model_max_length)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise SystemExit(f"moetorch train-tokenizer: {e}") from e
     print(f"[moetorch] tokenizer written to {out}", file=sys.stderr)
     return 0

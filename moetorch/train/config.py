@@ -95,6 +95,10 @@ class TrainingConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
                 raise TrainingConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if self.lr == 0:
+            raise TrainingConfigError("lr must be positive, got 0 (nothing would be trained)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise TrainingConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TrainingConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not 0 <= self.eval_fraction < 1:

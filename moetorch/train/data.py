@@ -133,10 +133,17 @@ def load_token_file(path: str | os.PathLike, dtype: str, arg: str = "data") -> n
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{arg}: no such token file {path}")
-    if path.suffix == ".npy":
-        tokens = np.load(path, mmap_mode="r")
-    else:
-        tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    try:
+        if path.suffix == ".npy":
+            tokens = np.load(path, mmap_mode="r")
+        else:
+            size, itemsize = path.stat().st_size, np.dtype(dtype).itemsize
+            if size % itemsize:
+                raise ValueError(f"its {size} bytes are not a whole number of {dtype} ids ({itemsize} bytes "
+                                 "each): is data_dtype (--data-dtype) right?")
+            tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r") if size else np.zeros(0, dtype)
+    except ValueError as e:  # not an .npy file, a pickled one, a .bin of another element size
+        raise ValueError(f"{arg}: cannot read {path} as token ids: {e}") from e
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"{arg}: {path} must hold a 1-D integer array, got {tokens.dtype} {tokens.shape}")
     return tokens
@@ -339,18 +346,25 @@ def build_data(cfg, tokenizer, vocab_size: int, cache_dir: Path | None, tokenize
                                          cache_dir and cache_dir / "eval", tokenizer_files, "none", 0.0)
         info = {**info, "eval_source": eval_info}
     for name, tokens in (("data", train), ("eval_data" if cfg.eval_data is not None else "data", held)):
-        if tokens is not None and len(tokens) and int(tokens.max()) >= vocab_size:
-            raise ValueError(f"{name}: token id {int(tokens.max())} is outside the model's vocabulary ({vocab_size})")
+        if tokens is not None and len(tokens) and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
+            bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+            raise ValueError(f"{name}: token id {bad} is outside the model's vocabulary [0, {vocab_size})")
     data = TrainData(
         PackedSequences(train, cfg.seq_len, "train"),
         PackedSequences(held, cfg.seq_len, "eval") if held is not None else None,
     )
     if len(data.train) == 0:
         raise ValueError(f"data: {len(train)} training tokens make no sequence of seq_len {cfg.seq_len}")
+    if data.eval is not None and len(data.eval) == 0 and cfg.eval_data is not None:
+        raise ValueError(f"eval_data: {len(held)} held-out tokens make no sequence of seq_len {cfg.seq_len}")
     if data.eval is not None and len(data.eval) == 0:
         logger.warning("the held-out set (%d tokens) is shorter than seq_len %d: no evaluation", len(held),
                        cfg.seq_len)
         data.eval = None
+    if held is None and fraction > 0:
+        logger.warning("no held-out data: eval_split %r holds out nothing of %s (one file?), so there is no "
+                       "evaluation; use eval_split 'fraction' (--eval-split) or eval_data (--eval-data)", split,
+                       cfg.data)
     data.info = {
         **info, "split": split, "train_tokens": data.train.num_tokens, "train_sequences": len(data.train),
         "eval_tokens": data.eval.num_tokens if data.eval else 0, "eval_sequences": len(data.eval) if data.eval else 0,

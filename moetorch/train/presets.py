@@ -8,6 +8,7 @@ channels in both. Vocabulary size and special-token ids are left out: they come 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -83,6 +84,16 @@ def has_weights(spec: Any) -> bool:
     return any(f.endswith(".safetensors") for f in os.listdir(spec))
 
 
+def check_overrides(model_type: str, overrides: dict[str, Any]) -> None:
+    """Raise unless every `overrides` key names a field of `model_type`'s config (or an alias of one):
+    an unknown key would only be kept as an unused extra, and the run would silently train without it."""
+    config_class = registry()[model_type]["config"]
+    names = {f.name for f in dataclasses.fields(config_class)} | set(getattr(config_class, "aliases", None) or {})
+    unknown = sorted(k for k in overrides if k not in names and not hasattr(config_class, k))
+    if unknown:
+        raise ConfigError(f"model_overrides (--set): unknown {model_type} config field(s) {unknown}")
+
+
 def build_model(spec: str | dict[str, Any], tokenizer, overrides: dict[str, Any], seed: int, device):
     """A float32 causal-LM model for `spec` on `device`: loaded from a checkpoint directory with
     weights, or freshly initialised (seeded with `seed`) from a preset or config.
@@ -93,13 +104,14 @@ def build_model(spec: str | dict[str, Any], tokenizer, overrides: dict[str, Any]
     data, source = _config_dict(spec)
     model_type = model_type_of(data, source)
     classes = registry()[model_type]
+    check_overrides(model_type, overrides)
     if tokenizer is not None:
         n = len(tokenizer)
         data.setdefault("vocab_size", n)
-        if data["vocab_size"] < n:
-            raise ConfigError(
-                f"model: {source} has vocab_size {data['vocab_size']}, smaller than the tokenizer's {n} tokens"
-            )
+        vocab = overrides.get("vocab_size", data["vocab_size"])
+        if isinstance(vocab, int) and vocab < n:
+            where = "model_overrides (--set)" if "vocab_size" in overrides else f"model: {source}"
+            raise ConfigError(f"{where} has vocab_size {vocab}, smaller than the tokenizer's {n} tokens")
         # An explicit preset/config value wins; otherwise the tokenizer's ids.
         for name, token_id in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
                                ("pad_token_id", tokenizer.pad_token_id)):

@@ -15,12 +15,15 @@ generation on <|end|> as well (Phi-3.5 lists both as eos ids in its generation c
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..tokenizer import PHI35_CHAT_TEMPLATE
 from .data import read_text, text_corpus
+
+logger = logging.getLogger("moetorch")
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -79,6 +82,11 @@ def train_tokenizer(
 ) -> Path:
     """Train a byte-level BPE tokenizer on text `data` ("stdlib", a directory, a glob, files) and
     write tokenizer.json and tokenizer_config.json to `output_dir`. Deterministic for fixed input."""
+    if max_files is not None and max_files < 1:
+        raise ValueError(f"max_files must be a positive integer, got {max_files}")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output: {out} is a file, not a directory")
     corpus = text_corpus(data, "data", max_files)
 
     def texts():
@@ -86,7 +94,9 @@ def train_tokenizer(
             yield read_text(f)
 
     tok = build_bpe_tokenizer(texts(), vocab_size, min_frequency, show_progress, length=len(corpus.files))
-    out = Path(output_dir)
+    if tok.get_vocab_size() < vocab_size:
+        logger.warning("the tokenizer has %d tokens, fewer than vocab_size %d: the corpus has no more pairs seen "
+                       "at least min_frequency (%d) times", tok.get_vocab_size(), vocab_size, min_frequency)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(model_max_length), indent=2) + "\n")

@@ -30,7 +30,7 @@ from ..tokenizer import Tokenizer
 from . import checkpointing as ckpt
 from .config import CONFIG_FILE, TrainingConfig, TrainingConfigError
 from .data import ShuffledStream, build_data
-from .presets import aux_loss_coef, build_model, has_weights
+from .presets import aux_loss_coef, build_model, check_overrides, has_weights
 
 logger = logging.getLogger("moetorch")
 
@@ -104,6 +104,8 @@ class Trainer:
         cfg = config if isinstance(config, TrainingConfig) else TrainingConfig.from_dict(config)
         self.config = cfg
         self.output_dir = Path(cfg.output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise FileExistsError(f"output_dir: {self.output_dir} is a file, not a directory")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_temporary(self.output_dir)
         self.log_path = self.output_dir / LOG_FILE
@@ -116,6 +118,13 @@ class Trainer:
                 f"output_dir: {self.output_dir} already holds checkpoints; pass resume=True (--resume) to "
                 "continue that run, or choose another output_dir"
             )
+        if (resume_dir is not None and resume_dir.resolve().parent != self.output_dir.resolve()
+                and ckpt.list_checkpoints(self.output_dir)):
+            # Its checkpoints would be overwritten, step for step, by those of the run resumed here.
+            raise FileExistsError(
+                f"output_dir: {self.output_dir} holds checkpoints of its own run; resume {resume_dir} (from "
+                "elsewhere) into another output_dir, or resume this one's with resume=True (--resume)"
+            )
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -126,13 +135,27 @@ class Trainer:
                 raise ValueError("model: a resumed run loads its model from the checkpoint; pass no model")
             self.model = model.to(self.device)
         elif resume_dir is not None:
-            from ..auto import AutoModelForCausalLM
+            from ..auto import AutoModelForCausalLM, model_type_of
+            from ..configuration import read_config_dict
 
-            self.model = AutoModelForCausalLM.from_pretrained(resume_dir, dtype=torch.float32, device=self.device)
+            # --set on resume changes the checkpoint's config (say, an aux-loss coefficient), as it
+            # would a fresh run's; a field the checkpoint's weights fix fails to load, naming it.
+            check_overrides(model_type_of(read_config_dict(resume_dir), str(resume_dir)), cfg.model_overrides)
+            self.model = AutoModelForCausalLM.from_pretrained(resume_dir, dtype=torch.float32, device=self.device,
+                                                              **cfg.model_overrides)
         else:
             self.model = build_model(cfg.model, self.tokenizer, cfg.model_overrides, cfg.seed, self.device)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(max_positions, int) and cfg.seq_len > max_positions:
+            raise TrainingConfigError(
+                f"seq_len {cfg.seq_len} is longer than the model's max_position_embeddings {max_positions}; "
+                f"shorten it, or train a longer model (--set max_position_embeddings={cfg.seq_len})"
+            )
+        if cfg.warmup_steps > cfg.max_steps:
+            logger.warning("warmup_steps %d > max_steps %d: the learning rate never reaches lr %g nor decays",
+                           cfg.warmup_steps, cfg.max_steps, cfg.lr)
         self.model.train()
         self.aux_coef = aux_loss_coef(self.model.config)
         self.eos_id = end_of_text(self.tokenizer, self.model.config) if cfg.document_attention else None
@@ -220,6 +243,9 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         cfg = self.config
         state = ckpt.load_state(path)
+        if cfg.max_steps < state["step"]:
+            raise TrainingConfigError(f"max_steps {cfg.max_steps} is below step {state['step']} of the checkpoint "
+                                      f"{path}: nothing to train (raise max_steps to continue)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.data_position, self.tokens_seen = state["step"], state["data_position"], state["tokens_seen"]
