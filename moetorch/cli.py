@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError
 from .defaults import DEFAULT_MODEL, EMBEDDED, RANDOM_MODEL, resolve_model
 from .ops.moe import triton_available
 
@@ -61,6 +62,27 @@ def _dtype(text: str) -> str:
     if text != "auto" and text.removeprefix("torch.") not in _DTYPES:
         raise argparse.ArgumentTypeError(f"{text!r} is not a dtype: auto, bfloat16, float16 or float32")
     return text
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a temperature: 0 (greedy) or a finite number > 0")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in (0, 1]")
+    return value
+
+
+def _top_k(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of tokens >= 0 (0: no top-k)")
+    return value
 
 
 def _device(text: str) -> str:
@@ -126,6 +148,8 @@ def _from_pretrained(path: Path, device: str, dtype: str):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     except (ValueError, torch.OutOfMemoryError) as e:  # a bad --device or --dtype, or no room: no traceback
         raise SystemExit(f"moetorch: {e}") from None
+    except (FileNotFoundError, CheckpointError) as e:  # not a checkpoint, or a broken one
+        raise SystemExit(f"moetorch: --model {path}: {e}") from None
 
 
 def _load_for_engine(path: str, device: str, dtype: str, is_random: bool):
@@ -341,9 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--top-k", type=int, default=50)
+        p.add_argument("--temperature", type=_temperature, default=0.0, help="0 (default): greedy; > 0: sample")
+        p.add_argument("--top-p", type=_top_p, default=1.0, help="sampling: nucleus probability in (0, 1]")
+        p.add_argument("--top-k", type=_top_k, default=50, help="sampling: the k likeliest tokens (0: all)")
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--json", action="store_true", help="hold the output to a JSON object (needs llguidance)")
         p.add_argument("--json-schema", default=None, metavar="SCHEMA",
@@ -421,8 +445,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "max_new_tokens", 1) < 1:
         raise SystemExit("moetorch: --max-new-tokens must be at least 1")
-    if getattr(args, "temperature", 0.0) < 0:
-        raise SystemExit("moetorch: --temperature must be >= 0")
     return args.func(args)
 
 

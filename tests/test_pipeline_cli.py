@@ -240,7 +240,14 @@ def test_cli_errors(tmp_path, capsys):
         cli.main(["generate", "--model", "someone/nothing", "hi"])
     with pytest.raises(SystemExit, match="max-new-tokens"):
         cli.main(["generate", "hi", "--max-new-tokens", "0"])
-    for flag, value in (("--device", "gpu0"), ("--dtype", "int8")):  # usage errors, before anything loads
+    with pytest.raises(SystemExit, match=f"--model {tmp_path}: no config.json found"):  # a directory, no checkpoint
+        cli.main(["generate", "--model", str(tmp_path), "hi"])
+    (tmp_path / "config.json").write_text('{"model_type": "phimoe"}')
+    with pytest.raises(SystemExit, match=f"--model {tmp_path}: no model.safetensors"):
+        cli.main(["generate", "--model", str(tmp_path), "hi"])
+    bad = (("--device", "gpu0"), ("--dtype", "int8"), ("--temperature", "-1"), ("--temperature", "nan"),
+           ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-1"))
+    for flag, value in bad:  # usage errors, before anything loads
         capsys.readouterr()
         with pytest.raises(SystemExit) as exited:
             cli.main(["generate", "hi", flag, value])
