@@ -766,3 +766,20 @@ def test_transformers_trainer_over_two_processes(strategy):
     for arch in ("tiny-phimoe", "tiny-jetmoe"):
         want, got = losses[f"{arch}/transformers"], losses[f"{arch}/moetorch"]
         assert len(got) == 2 and got == pytest.approx(want, rel=1e-5), arch
+
+
+def test_token_cache_is_keyed_by_the_tokenizer_object(tmp_path, tok_dir, corpus):
+    """A tokenizer passed as an object (no files to hash) keys the tokenized-corpus cache by its
+    own vocabulary: another tokenizer with the same EOS id tokenizes again instead of reading the
+    first one's tokens. Oracle: the second tokenizer's own tokenization, with no cache."""
+    from moetorch.train import data as train_data
+
+    first = Tokenizer.from_pretrained(tok_dir)
+    other = Tokenizer.from_pretrained(train_tokenizer(str(corpus), tmp_path / "tok2", vocab_size=300, show_progress=False))
+    assert first.eos_token_id == other.eos_token_id and len(first) != len(other)
+    text = train_data.text_corpus(str(corpus))
+    cache = tmp_path / "cache"
+    for tok in (first, other):
+        got, _, _ = train_data._tokenized_text(text, tok, "none", 0.0, cache, [], False)
+        want = train_data.tokenize_files(text.files, tok, "Tokenizing", False)
+        np.testing.assert_array_equal(np.asarray(got), want)

@@ -254,6 +254,15 @@ class TrainData:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _tokenizer_state(tokenizer) -> str:
+    # the tokenizer's whole pipeline and vocabulary as `tokenizers` serializes it (moetorch's
+    # Tokenizer, or Transformers' fast one), so that a tokenizer object with no files on disk
+    # still keys the cache; "" where there is no such backend
+    backend = getattr(tokenizer, "_tok", None) or getattr(tokenizer, "backend_tokenizer", None)
+    to_str = getattr(backend, "to_str", None)
+    return hashlib.sha256(to_str().encode()).hexdigest() if callable(to_str) else ""
+
+
 def _fingerprint(corpus: TextCorpus, tokenizer_files: list[Path], extra: dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps({"version": _CACHE_VERSION, **extra}, sort_keys=True).encode())
     for f in tokenizer_files:
@@ -279,7 +288,8 @@ def _tokenized_text(
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """(train tokens, held-out tokens or None, info) of a text corpus, from the cache when it matches."""
     names = [corpus.name(f) for f in corpus.files]
-    key = _fingerprint(corpus, tokenizer_files, {"split": split, "fraction": fraction, "eos": tokenizer.eos_token_id})
+    key = _fingerprint(corpus, tokenizer_files, {"split": split, "fraction": fraction, "eos": tokenizer.eos_token_id,
+                                                 "tokenizer": _tokenizer_state(tokenizer)})
     if cache_dir is not None and (cache_dir / "meta.json").exists():
         meta = json.loads((cache_dir / "meta.json").read_text())
         if meta.get("fingerprint") == key:
