@@ -472,6 +472,23 @@ def test_cli_resume_keeps_the_flags_of_an_earlier_resume(tmp_path, capsys):
     assert lr == [pytest.approx(0.02 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * 3 / 4))))]
 
 
+def test_cli_resume_keeps_the_checkpoints_model(tmp_path, caplog):
+    """--model given with --resume names another model: the run continues the checkpoint's, says
+    so, and its saved config keeps naming the model it trains."""
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 2000))
+    (tmp_path / "model.json").write_text(json.dumps({**PHI, "vocab_size": 64, "num_hidden_layers": 1}))
+    out = tmp_path / "run"
+    common = ["--output-dir", str(out), "--progress", "false"]
+    assert cli_main(["train", *common, "--model", str(tmp_path / "model.json"), "--data", str(tmp_path / "ids.npy"),
+                     "--seq-len", "16", "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "0"]) == 0
+    with caplog.at_level("WARNING", logger="moetorch"):
+        assert cli_main(["train", *common, "--resume", "--max-steps", "3", "--model", "tiny-jetmoe"]) == 0
+    assert "--model tiny-jetmoe is not used" in caplog.text
+    saved = TrainingConfig.from_json(ckpt.latest_checkpoint(out) / "training_config.json")
+    assert saved.model == str(tmp_path / "model.json")
+    assert AutoModelForCausalLM.from_pretrained(out / "latest").config.model_type == "phimoe"
+
+
 def test_cli_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 2000))
     (tmp_path / "model.json").write_text(json.dumps({**PHI, "vocab_size": 64, "num_hidden_layers": 1}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from ..checkpoint import CheckpointError
 from . import checkpointing as ckpt
 from .config import CONFIG_FILE, TrainingConfig, TrainingConfigError
+
+logger = logging.getLogger("moetorch")
 
 
 def _model_value(text: str) -> Any:
@@ -114,6 +117,10 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
             saved = Path(args.output_dir) / CONFIG_FILE
         if saved.is_file():
             base = TrainingConfig.from_json(saved).to_dict()
+            for key in ("model", "tokenizer"):  # a resumed run continues the checkpoint's own
+                if key in given and given[key] != base.get(key):
+                    logger.warning("--%s %s is not used: the resumed run continues its checkpoint's model and "
+                                   "tokenizer (--%s %s)", key, given.pop(key), key, base.get(key))
     if args.train_config:
         base.update(TrainingConfig.from_json(args.train_config).to_dict())
     base.update(given)
