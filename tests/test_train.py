@@ -409,6 +409,12 @@ def test_bad_token_arrays_are_refused_naming_the_option(tmp_path):
     np.save(tmp_path / "short.npy", np.arange(10))
     with pytest.raises(ValueError, match="eval_data: 10 held-out tokens make no sequence"):
         Trainer(_tiny_run(tmp_path / "short", tmp_path, eval_data=str(tmp_path / "short.npy")))
+    # the runs that could not start left no output directories of their own; one that existed stays
+    assert not any((tmp_path / name).exists() for name in ("neg", "junk", "odd", "short"))
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match="data: cannot read"):
+        Trainer(_tiny_run(tmp_path / "mine", tmp_path, data=str(tmp_path / "junk.npy")))
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_resume_refusals_name_the_fault(tmp_path):

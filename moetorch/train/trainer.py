@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -106,7 +107,18 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise FileExistsError(f"output_dir: {self.output_dir} is a file, not a directory")
+        made = not self.output_dir.exists()
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._setup(model, tokenizer)
+        except BaseException:
+            # a run that could not start leaves no empty output directory of its own behind
+            if made and not any(p.is_file() for p in self.output_dir.rglob("*")):
+                shutil.rmtree(self.output_dir, ignore_errors=True)
+            raise
+
+    def _setup(self, model, tokenizer) -> None:
+        cfg = self.config
         ckpt.clean_temporary(self.output_dir)
         self.log_path = self.output_dir / LOG_FILE
         self.device = _resolve_device(cfg.device)
