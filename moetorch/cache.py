@@ -382,11 +382,11 @@ class StaticCache(Cache):
         # continues from them, so a loss over several steps reaches every step's keys, as
         # Transformers' own in-place writes do. The storage gets the new slots' values.
         k, v = self._grad_kv.get(layer_idx, (self.keys[layer_idx], self.values[layer_idx]))
-        k = k.index_copy(2, cache_position, key_states.to(k.dtype))
-        v = v.index_copy(2, cache_position, value_states.to(v.dtype))
+        key_states, value_states = key_states.to(k.dtype), value_states.to(v.dtype)
+        k, v = k.index_copy(2, cache_position, key_states), v.index_copy(2, cache_position, value_states)
         with torch.no_grad():
-            self.keys[layer_idx].index_copy_(2, cache_position, key_states.to(k.dtype))
-            self.values[layer_idx].index_copy_(2, cache_position, value_states.to(v.dtype))
+            self.keys[layer_idx].index_copy_(2, cache_position, key_states)
+            self.values[layer_idx].index_copy_(2, cache_position, value_states)
         self._grad_kv[layer_idx] = (k, v)
         self._grad_seen = self._seen
         return k, v

@@ -112,10 +112,10 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         # The config the resumed checkpoint was saved with (it holds the flags an earlier resume
         # changed); the output dir's copy is the first run's.
         source = ckpt.latest_checkpoint(Path(args.output_dir)) if in_output_dir else Path(resume)
-        saved = (source if source is not None else Path(args.output_dir)) / CONFIG_FILE
-        if not saved.is_file() and in_output_dir:
-            saved = Path(args.output_dir) / CONFIG_FILE
-        if saved.is_file():
+        candidates = ([source / CONFIG_FILE] if source is not None else []) + \
+            ([Path(args.output_dir) / CONFIG_FILE] if in_output_dir else [])
+        saved = next((path for path in candidates if path.is_file()), None)
+        if saved is not None:
             base = TrainingConfig.from_json(saved).to_dict()
             for key in ("model", "tokenizer"):  # a resumed run continues the checkpoint's own
                 if key in given and given[key] != base.get(key):

@@ -356,8 +356,11 @@ def build_data(cfg, tokenizer, vocab_size: int, cache_dir: Path | None, tokenize
                                          cache_dir and cache_dir / "eval", tokenizer_files, "none", 0.0)
         info = {**info, "eval_source": eval_info}
     for name, tokens in (("data", train), ("eval_data" if cfg.eval_data is not None else "data", held)):
-        if tokens is not None and len(tokens) and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
-            bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+        if tokens is None or not len(tokens):
+            continue
+        low, high = int(tokens.min()), int(tokens.max())  # a pass each over a memory-mapped file
+        if low < 0 or high >= vocab_size:
+            bad = high if high >= vocab_size else low
             raise ValueError(f"{name}: token id {bad} is outside the model's vocabulary [0, {vocab_size})")
     data = TrainData(
         PackedSequences(train, cfg.seq_len, "train"),
