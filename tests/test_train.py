@@ -518,6 +518,103 @@ def test_cli_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkey
     assert "interrupted at step 3" in err and "checkpoint-2" in err and "--resume" in err
 
 
+def _signal_at(monkeypatch, steps: dict[int, list[int]]) -> None:
+    """Trainer._train_step sends this process the signals listed for the step it is about to take
+    (delivered in the middle of that step, as a Ctrl-C would be)."""
+    real = Trainer._train_step
+
+    def step_with_signals(self):
+        for signum in steps.get(self.step + 1, []):
+            os.kill(os.getpid(), signum)
+        real(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", step_with_signals)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, tok_dir, corpus, monkeypatch, signum):
+    """Ctrl-C or SIGTERM (preemption) in step 3: the step finishes, checkpoint-3 is saved (save_every
+    is 4), train() returns early naming the signal, the handlers are restored, and the run resumed from
+    it gives the uninterrupted run's losses and weights."""
+    kw = dict(batch_size=2, save_every=4, model_overrides={"router_jitter_noise": 0.5})
+    whole = Trainer(make_config(tmp_path / "whole", tok_dir, corpus, **kw))
+    whole.train()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    _signal_at(monkeypatch, {3: [signum]})
+    cut = Trainer(make_config(tmp_path / "cut", tok_dir, corpus, **kw))
+    summary = cut.train()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert summary["interrupted"] == signal.Signals(signum).name and summary["step"] == 3
+    assert summary["checkpoint"] == str(tmp_path / "cut" / "checkpoint-3")
+    assert ckpt.latest_checkpoint(tmp_path / "cut").name == "checkpoint-3"
+    assert [r["step"] for r in records(tmp_path / "cut", "interrupted")] == [3] and not records(tmp_path / "cut", "end")
+    monkeypatch.undo()
+    resumed = Trainer(make_config(tmp_path / "cut", tok_dir, corpus, resume=True, **kw))
+    assert resumed.step == 3
+    assert resumed.train()["step"] == 6
+    keys = ("step", "loss", "aux_loss", "grad_norm", "lr")
+    trace = [[tuple(r[k] for k in keys) for r in records(out, "train")] for out in (tmp_path / "cut", tmp_path / "whole")]
+    assert trace[0] == trace[1] and [t[0] for t in trace[0]] == [1, 2, 3, 4, 5, 6]
+    for name, p in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], p), name
+
+
+def test_a_second_signal_stops_at_once_and_save_on_interrupt_false_leaves_signals_alone(
+        tmp_path, tok_dir, corpus, monkeypatch):
+    _signal_at(monkeypatch, {2: [signal.SIGINT, signal.SIGINT]})
+    trainer = Trainer(make_config(tmp_path / "twice", tok_dir, corpus, save_every=0))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.step == 1 and not ckpt.list_checkpoints(tmp_path / "twice")  # stopped in step 2, nothing saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    _signal_at(monkeypatch, {2: [signal.SIGINT]})
+    trainer = Trainer(make_config(tmp_path / "off", tok_dir, corpus, save_every=0, save_on_interrupt=False))
+    with pytest.raises(KeyboardInterrupt):  # Python's own Ctrl-C, in the middle of step 2
+        trainer.train()
+    assert trainer.step == 1 and not ckpt.list_checkpoints(tmp_path / "off")
+    with pytest.raises(TrainingConfigError, match="save_on_interrupt must be true or false"):
+        make_config(tmp_path, tok_dir, corpus, save_on_interrupt="yes")
+
+
+def test_a_signal_in_the_last_step_ends_the_run_as_usual(tmp_path, tok_dir, corpus, monkeypatch):
+    _signal_at(monkeypatch, {6: [signal.SIGTERM]})
+    summary = Trainer(make_config(tmp_path, tok_dir, corpus, save_every=0)).train()
+    assert summary["step"] == 6 and "interrupted" not in summary and "eval_loss" in summary
+    assert len(records(tmp_path, "end")) == 1 and not records(tmp_path, "interrupted")
+
+
+def test_a_trainer_outside_the_main_thread_leaves_signals_alone(tmp_path, tok_dir, corpus):
+    import threading
+
+    result, before = {}, signal.getsignal(signal.SIGINT)
+    trainer = Trainer(make_config(tmp_path, tok_dir, corpus, max_steps=2))
+    thread = threading.Thread(target=lambda: result.update(trainer.train()))
+    thread.start()
+    thread.join()
+    assert result["step"] == 2 and signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_cli_signal_saves_and_names_the_resume_command(tmp_path, capfd, monkeypatch, signum, code):
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 2000))
+    (tmp_path / "model.json").write_text(json.dumps({**PHI, "vocab_size": 64, "num_hidden_layers": 1}))
+    _signal_at(monkeypatch, {3: [signum]})
+    out = tmp_path / "run"
+    args = ["train", "--output-dir", str(out), "--model", str(tmp_path / "model.json"), "--data",
+            str(tmp_path / "ids.npy"), "--seq-len", "16", "--batch-size", "2", "--max-steps", "6",
+            "--save-every", "5", "--progress", "false"]
+    assert cli_main(args) == code
+    err = capfd.readouterr().err  # the handler's notice goes straight to file descriptor 2
+    name = signal.Signals(signum).name
+    assert f"{name}: stopping after the step in progress" in err and "Traceback" not in err
+    assert f"{name}: stopped at step 3 with checkpoint {out / 'checkpoint-3'}" in err and "--resume" in err
+    monkeypatch.undo()
+    assert cli_main(["train", "--output-dir", str(out), "--resume", "--progress", "false"]) == 0
+    assert [r["step"] for r in records(out, "resume")] == [3] and records(out, "end")[0]["step"] == 6
+    with pytest.raises(SystemExit):
+        cli_main(args[:-2] + ["--save-on-interrupt", "maybe"])
+
+
 def test_cli_train_tokenizer_refuses_bad_output_and_max_files(tmp_path, corpus, caplog):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit, match="output: .*a_file is a file"):

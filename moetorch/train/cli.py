@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept (the newest)"),
     ("--log-every", "log_every", int, "log every N steps"),
     ("--progress", "progress", _bool, "show a progress bar (true/false)"),
+    ("--save-on-interrupt", "save_on_interrupt", _bool,
+     "true (default): Ctrl-C or SIGTERM finishes the step, saves a checkpoint and stops (a second stops at once)"),
     ("--seed", "seed", int, "seed of model init, data order and sampling"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
     ("--precision", "precision", str, "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32"),
@@ -152,6 +155,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                  f"`moetorch train --output-dir {trainer.output_dir} --resume`" if last else "no checkpoint was saved"),
               file=sys.stderr)
         return 130
+    if summary.get("interrupted"):
+        print(f"[moetorch] {summary['interrupted']}: stopped at step {summary['step']} with checkpoint "
+              f"{summary['checkpoint']}: continue with `moetorch train --output-dir {trainer.output_dir} --resume`",
+              file=sys.stderr)
+        return 128 + int(getattr(signal, summary["interrupted"]))
     print(json.dumps(summary))
     if summary.get("eval_ppl") is not None:
         print(f"[moetorch] held-out perplexity {summary['eval_ppl']:.3f} at step {summary['step']}; "

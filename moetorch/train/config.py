@@ -70,6 +70,10 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     progress: bool = True  # tqdm progress bar on stderr
+    # Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) during train(): finish the step in
+    # progress, save a checkpoint and stop; a second signal stops at once. False: the signals act
+    # as they would without the trainer (Ctrl-C raises KeyboardInterrupt in the step).
+    save_on_interrupt: bool = True
     # runtime
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu
@@ -114,8 +118,9 @@ class TrainingConfig:
             raise TrainingConfigError(
                 f"data_dtype must be one of uint16, uint32, int32, int64, got {self.data_dtype!r}"
             )
-        if not isinstance(self.document_attention, bool):
-            raise TrainingConfigError(f"document_attention must be true or false, got {self.document_attention!r}")
+        for name in ("document_attention", "save_on_interrupt", "progress", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise TrainingConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.model_overrides, dict):
             raise TrainingConfigError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
 

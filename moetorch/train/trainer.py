@@ -17,9 +17,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +379,10 @@ class Trainer:
 
         Logs every `log_every` steps, evaluates every `eval_every` steps and checkpoints every
         `save_every` steps, and always evaluates and checkpoints after the last step. Returns a
-        summary: step, last held-out loss/perplexity, last checkpoint.
+        summary: step, last held-out loss/perplexity, last checkpoint. With `save_on_interrupt`
+        (the default), Ctrl-C or SIGTERM ends the step in progress, saves a checkpoint and returns
+        early; the summary's `interrupted` names the signal (a second signal raises
+        KeyboardInterrupt at once).
         """
         cfg = self.config
         stop = cfg.max_steps if until_step is None else min(until_step, cfg.max_steps)
@@ -390,20 +395,27 @@ class Trainer:
                 f"{cfg.grad_accum * cfg.batch_size * cfg.seq_len:,} tokens; log {self.log_path}"
             )
         self._reset_interval()
-        with tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
-                  disable=not cfg.progress, dynamic_ncols=True) as bar:
-            while self.step < stop:
+        self.interrupted = None
+        with self._stop_signals(), tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
+                                        file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True) as bar:
+            while self.step < stop and self.interrupted is None:
                 self._train_step()
                 bar.update(1)
                 last = self.step == cfg.max_steps
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     self._log_train(bar)
                 paused = time.perf_counter()
-                if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                if last or (cfg.eval_every and self.step % cfg.eval_every == 0 and self.interrupted is None):
                     self.evaluate()
                 if last or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save_checkpoint()
                 self._paused += time.perf_counter() - paused
+            if self.interrupted is not None and self.step < stop:  # else the run ended anyway
+                if self.last_checkpoint is None or ckpt.checkpoint_step(self.last_checkpoint) != self.step:
+                    self.save_checkpoint()
+                self._log({"event": "interrupted", "step": self.step, "signal": self.interrupted,
+                           "checkpoint": str(self.last_checkpoint)})
+                self._write(f"{self.interrupted}: stopped after step {self.step}; checkpoint {self.last_checkpoint}")
         if self.step == cfg.max_steps:
             if self.last_eval is None or self.last_eval["step"] != self.step:
                 self.evaluate()
@@ -414,9 +426,37 @@ class Trainer:
         if self.last_eval is not None:
             summary.update({k: v for k, v in self.last_eval.items() if k != "event"})
             summary["step"] = self.step
-        if self.step == cfg.max_steps:
+        if self.interrupted is not None and self.step < stop:
+            summary["interrupted"] = self.interrupted
+        elif self.step == cfg.max_steps:
             self._log({"event": "end", **summary})
         return summary
+
+    @contextmanager
+    def _stop_signals(self):
+        """While training: the first SIGINT or SIGTERM sets `self.interrupted` (the loop then saves
+        and stops after the step in progress); a second raises KeyboardInterrupt. The previous
+        handlers come back afterwards. Signals are only handled in the main thread, so a trainer in
+        another thread (or with `save_on_interrupt=False`) leaves them alone."""
+        if not self.config.save_on_interrupt or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.interrupted is not None:
+                raise KeyboardInterrupt
+            self.interrupted = signal.Signals(signum).name
+            # os.write, not print: the handler may run inside a write to sys.stderr
+            os.write(2, f"\n[moetorch] {self.interrupted}: stopping after the step in progress, then saving a "
+                        f"checkpoint (Ctrl-C again stops at once)\n".encode())
+
+        kinds = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+        previous = {kind: signal.signal(kind, handler) for kind in kinds}
+        try:
+            yield
+        finally:
+            for kind, old in previous.items():
+                signal.signal(kind, old)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
