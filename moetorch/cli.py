@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import socket
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -218,17 +221,62 @@ def _banner(path: Path, model, is_random: bool) -> None:
           file=sys.stderr)
 
 
+class _Stopped(Exception):
+    """Raised out of `generate` by the CLI's streamer after a Ctrl-C."""
+
+
+@contextmanager
+def _ctrl_c_stops(stop: list[bool]):
+    """While a reply streams, the first Ctrl-C sets stop[0] (the streamer ends the reply at its
+    next tokens); a second raises KeyboardInterrupt at once. Main thread only; the previous
+    handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop[0]:
+            raise KeyboardInterrupt
+        stop[0] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @torch.no_grad()
-def _stream(model, tok, input_ids: torch.Tensor, kwargs: dict) -> tuple[str, int, float]:
-    """Generate after `input_ids`, printing text as it arrives; returns (text, tokens, seconds)."""
+def _stream(model, tok, input_ids: torch.Tensor, kwargs: dict) -> tuple[str, int, float, bool]:
+    """Generate after `input_ids`, printing text as it arrives; returns (text shown, tokens,
+    seconds, whether Ctrl-C stopped it). A stopped reply ends at the tokens already shown."""
     from .generation import TextStreamer
 
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    stop, shown, tokens = [False], [], [0]
+
+    class Streamer(TextStreamer):
+        def put(self, value):
+            if not self.next_tokens_are_prompt:
+                if stop[0]:
+                    self.end()  # show the text held back for a word's end
+                    raise _Stopped
+                tokens[0] += value.numel()
+            super().put(value)
+
+        def on_finalized_text(self, text, stream_end=False):
+            shown.append(text)
+            super().on_finalized_text(text, stream_end)
+
+    streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+    try:
+        with _ctrl_c_stops(stop):
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+    except _Stopped:
+        return "".join(shown), tokens[0], time.perf_counter() - start, True
     elapsed = time.perf_counter() - start
     new = out[0, input_ids.shape[1]:]
-    return tok.decode(new, skip_special_tokens=True), int(new.numel()), elapsed
+    return tok.decode(new, skip_special_tokens=True), int(new.numel()), elapsed, False
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -245,7 +293,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eos = eos_ids(model.generation_config.eos_token_id) or None
     kwargs = _hold_to(_sampling_kwargs(args, tok), _grammar(args, tok, model), eos)
     print(args.prompt, end="", flush=True)
-    _, n, elapsed = _stream(model, tok, torch.tensor([ids], device=model.device), kwargs)
+    _, n, elapsed, stopped = _stream(model, tok, torch.tensor([ids], device=model.device), kwargs)
+    if stopped:
+        print(f"\n[moetorch] stopped (Ctrl-C) after {n} tokens in {elapsed:.2f}s", file=sys.stderr)
+        return 130
     print(f"[moetorch] {n} tokens in {elapsed:.2f}s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
 
@@ -260,7 +311,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("[moetorch] chat: type a message; /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+        print("[moetorch] chat: type a message; /reset clears the history, /exit or Ctrl-D quits; Ctrl-C stops a "
+              "reply", file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     kwargs = _sampling_kwargs(args, tok)
@@ -288,8 +340,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         enc = tok.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt")
         print("assistant> ", end="", flush=True)
         # (a grammar's processor follows one call: a new one each turn)
-        reply, _, _ = _stream(model, tok, enc["input_ids"].to(model.device),
-                              _hold_to(kwargs, grammar, kwargs["eos_token_id"]))
+        reply, _, _, stopped = _stream(model, tok, enc["input_ids"].to(model.device),
+                                       _hold_to(kwargs, grammar, kwargs["eos_token_id"]))
+        if stopped:  # the history keeps the part of the reply that was shown
+            print("\n[moetorch] reply stopped (Ctrl-C); Ctrl-C at the prompt quits", file=sys.stderr)
         history.append({"role": "assistant", "content": reply})
     return 0
 
@@ -445,7 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "max_new_tokens", 1) < 1:
         raise SystemExit("moetorch: --max-new-tokens must be at least 1")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # loading a model, a chat's prompt, a second Ctrl-C: no traceback
+        print("\n[moetorch] interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -222,6 +222,74 @@ def test_cli_chat_keeps_history(checkpoint, capsys, monkeypatch):
     assert out.out.count("assistant> ") == 3 and "history cleared" in out.err
 
 
+def _ctrl_c_after(monkeypatch, tokens: int) -> None:
+    """Sends this process SIGINT once the streamer has shown `tokens` generated tokens' puts."""
+    import os
+    import signal
+
+    from moetorch.generation import TextStreamer
+
+    real, seen = TextStreamer.put, [0]
+
+    def put(self, value):
+        prompt = self.next_tokens_are_prompt
+        real(self, value)
+        if not prompt:
+            seen[0] += 1
+            if seen[0] == tokens:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TextStreamer, "put", put)
+
+
+def test_cli_ctrl_c_stops_a_reply(capsys, monkeypatch):
+    """generate: Ctrl-C ends the output at the tokens shown (exit 130, no traceback, the handler
+    restored). chat: it ends the reply, which stays in the history, and the next turn runs; Ctrl-C
+    at the prompt quits."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    _ctrl_c_after(monkeypatch, 3)
+    assert cli.main(["generate", "def fibonacci(n):", "--max-new-tokens", "40"]) == 130
+    out = capsys.readouterr()
+    assert "stopped (Ctrl-C) after 3 tokens" in out.err and "Traceback" not in out.err
+    tok = moetorch.AutoTokenizer.from_pretrained("tiny-phimoe")
+    model = moetorch.AutoModelForCausalLM.from_pretrained("tiny-phimoe")
+    enc = tok("def fibonacci(n):", return_tensors="pt")
+    full = tok.decode(model.generate(**enc, max_new_tokens=40, do_sample=False)[0, enc["input_ids"].shape[1]:],
+                      skip_special_tokens=True)
+    shown = out.out[len("def fibonacci(n):"):].rstrip("\n")
+    assert shown and full.startswith(shown) and len(shown) < len(full)
+    assert signal.getsignal(signal.SIGINT) is before
+
+    calls = []
+    real_stream = cli._stream
+
+    def stream(model, tok, input_ids, kwargs):
+        result = real_stream(model, tok, input_ids, kwargs)
+        calls.append((tok.decode(input_ids[0]), result))
+        return result
+
+    monkeypatch.setattr(cli, "_stream", stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\nAgain\n/exit\n"))
+    _ctrl_c_after(monkeypatch, 2)
+    assert cli.main(["chat", "--max-new-tokens", "30"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("assistant> ") == 2 and out.err.count("reply stopped (Ctrl-C)") == 1
+    (_, (first, n, _, stopped)), (prompt2, (_, _, _, stopped2)) = calls
+    assert stopped and n == 2 and first and not stopped2
+    assert first in prompt2  # the shown part of the stopped reply is the history's assistant turn
+
+    class Interrupted(io.StringIO):
+        def readline(self, *args):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdin", Interrupted())
+    assert cli.main(["chat", "--max-new-tokens", "4"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+
+
 def test_cli_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
