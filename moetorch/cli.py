@@ -492,14 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own argument parser: see moetorch/benchmark.py
-        from .benchmark import main as bench_main
-
-        return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    if getattr(args, "max_new_tokens", 1) < 1:
-        raise SystemExit("moetorch: --max-new-tokens must be at least 1")
     try:
+        if argv[:1] == ["bench"]:  # its own argument parser: see moetorch/benchmark.py
+            from .benchmark import main as bench_main
+
+            return bench_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        if getattr(args, "max_new_tokens", 1) < 1:
+            raise SystemExit("moetorch: --max-new-tokens must be at least 1")
         return args.func(args)
     except KeyboardInterrupt:  # loading a model, a chat's prompt, a second Ctrl-C: no traceback
         print("\n[moetorch] interrupted", file=sys.stderr)
