@@ -888,6 +888,86 @@ def test_transformers_trainer_over_two_processes(strategy):
         assert len(got) == 2 and got == pytest.approx(want, rel=1e-5), arch
 
 
+@pytest.mark.parametrize("arch", ["phimoe", "jetmoe"])
+def test_trainer_over_two_processes(tmp_path, arch):
+    """moetorch's Trainer under torchrun (2 CPU processes, gloo; tests/dist_train.py): the losses,
+    held-out losses and weights of one process at twice the batch size; a run stopped and resumed
+    equals the uninterrupted one exactly, each process's random draws included; SIGTERM to one
+    process stops both after the same step with a checkpoint; a process that cannot start stops
+    the other, which names its error."""
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 3000))
+    (tmp_path / "model.json").write_text(json.dumps({**ARCHS[arch], "vocab_size": 64}))
+    script = Path(__file__).parent / "dist_train.py"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                          str(tmp_path / "runs"), str(tmp_path / "ids.npy"), str(tmp_path / "model.json"), arch],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = dict(line.split(" ", 2)[1:] for line in run.stdout.splitlines() if line.startswith("RESULT "))
+    results = {int(rank): json.loads(text) for rank, text in results.items()}
+    assert set(results) == {0, 1}
+    runs = tmp_path / "runs"
+
+    # A: one process, batch 4 = two processes of batch 2 (the data order is global)
+    quiet = {"router_aux_loss_coef": 0.0, "router_jitter_noise": 0.0} if arch == "phimoe" else {"aux_loss_coef": 0.0}
+    one = Trainer(TrainingConfig(
+        model=str(tmp_path / "model.json"), data=str(tmp_path / "ids.npy"), output_dir=str(tmp_path / "one"), seq_len=16,
+        batch_size=4, grad_accum=2, max_steps=4, warmup_steps=1, lr=3e-3, eval_every=2, save_every=2, log_every=1,
+        progress=False, eval_fraction=0.2, model_overrides=quiet))
+    one.train()
+    for event, keys in (("train", ("loss", "grad_norm", "lr", "tokens")), ("eval", ("eval_loss",))):
+        ours, single = records(runs / "A", event), records(tmp_path / "one", event)
+        assert [r["step"] for r in ours] == [r["step"] for r in single] and ours
+        for a, b in zip(ours, single):
+            for k in keys:
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (event, a["step"], k)
+    assert [r["expert_load"] for r in records(runs / "A", "train")] == \
+        [r["expert_load"] for r in records(tmp_path / "one", "train")]
+    weights = AutoModelForCausalLM.from_pretrained(runs / "A" / "latest").state_dict()
+    for name, p in one.model.state_dict().items():
+        torch.testing.assert_close(weights[name], p, rtol=1e-4, atol=1e-6, msg=name)
+    assert records(runs / "A", "start")[0]["processes"] == 2
+
+    # B and C: stopped after step 3, resumed at the checkpoint of step 2, and equal to B bit for bit
+    assert results[0]["C_resumed_at"] == results[1]["C_resumed_at"] == 2
+    keys = ("step", "loss", "aux_loss", "grad_norm", "lr", "expert_load")
+    assert [tuple(r[k] for k in keys) for r in records(runs / "C", "train")] == \
+        [tuple(r[k] for k in keys) for r in records(runs / "B", "train")]
+    b = AutoModelForCausalLM.from_pretrained(runs / "B" / "latest").state_dict()
+    for name, p in AutoModelForCausalLM.from_pretrained(runs / "C" / "latest").state_dict().items():
+        assert torch.equal(b[name], p), name
+    state = torch.load(runs / "B" / "latest" / ckpt.STATE_FILE, weights_only=True)
+    assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
+
+    # D: SIGTERM to process 1 in step 2
+    for rank in (0, 1):
+        assert results[rank]["D"]["interrupted"] == "SIGTERM" and results[rank]["D"]["step"] == 2
+        assert results[rank]["D_handlers_restored"]
+    assert ckpt.latest_checkpoint(runs / "D").name == "checkpoint-2"
+
+    # E: process 1's data is missing
+    assert results[1]["E"].startswith("FileNotFoundError") and "missing.npy" in results[1]["E"]
+    assert results[0]["E"].startswith("PeerFailed: process 1 of 2 failed: FileNotFoundError") and \
+        "missing.npy" in results[0]["E"]
+
+
+def test_cli_train_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m moetorch train ...`: one summary line (process 0's), one
+    copy of each warning, a checkpoint both processes trained."""
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 2000))
+    (tmp_path / "model.json").write_text(json.dumps({**PHI, "vocab_size": 64}))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "moetorch", "train",
+         "--output-dir", str(tmp_path / "run"), "--model", str(tmp_path / "model.json"), "--data",
+         str(tmp_path / "ids.npy"), "--seq-len", "16", "--batch-size", "2", "--max-steps", "2", "--progress", "false"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(summary) == 1 and summary[0]["step"] == 2 and summary[0]["tokens"] == 2 * 2 * 2 * 16
+    assert run.stderr.count("warmup_steps 100 > max_steps 2") == 1 and run.stderr.count("training PhimoeForCausalLM") == 1
+    assert "on 2 processes (cpu)" in run.stderr
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "checkpoint-2"
+
+
 def test_token_cache_is_keyed_by_the_tokenizer_object(tmp_path, tok_dir, corpus):
     """A tokenizer passed as an object (no files to hash) keys the tokenized-corpus cache by its
     own vocabulary: another tokenizer with the same EOS id tokenizes again instead of reading the

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from ..checkpoint import CheckpointError
 from . import checkpointing as ckpt
 from .config import CONFIG_FILE, TrainingConfig, TrainingConfigError
+from .distributed import PeerFailed
 
 logger = logging.getLogger("moetorch")
 
@@ -141,29 +143,42 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
+    if int(os.environ.get("RANK") or 0) > 0:  # under torchrun, process 0 alone warns (each would say the same)
+        logger.setLevel(logging.ERROR)
     try:
         config = config_from_args(args)
         trainer = Trainer(config)
-    except (TrainingConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
+    except (TrainingConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError, PeerFailed) as e:
         raise SystemExit(f"moetorch train: {e}") from e
+    try:
+        return _run(trainer)
+    finally:
+        trainer.group.close()
+
+
+def _run(trainer) -> int:
+    main = trainer.group.main  # under torchrun, process 0 speaks for the run
     try:
         summary = trainer.train()
     except KeyboardInterrupt:
         last = trainer.last_checkpoint
-        print(f"\n[moetorch] interrupted at step {trainer.step}; "
-              + (f"the last checkpoint is {last}: continue with "
-                 f"`moetorch train --output-dir {trainer.output_dir} --resume`" if last else "no checkpoint was saved"),
-              file=sys.stderr)
+        resume = f"`moetorch train --output-dir {trainer.output_dir} --resume`"
+        if main:
+            print(f"\n[moetorch] interrupted at step {trainer.step}; "
+                  + (f"the last checkpoint is {last}: continue with {resume}" if last else "no checkpoint was saved"),
+                  file=sys.stderr)
         return 130
     if summary.get("interrupted"):
-        print(f"[moetorch] {summary['interrupted']}: stopped at step {summary['step']} with checkpoint "
-              f"{summary['checkpoint']}: continue with `moetorch train --output-dir {trainer.output_dir} --resume`",
-              file=sys.stderr)
+        if main:
+            print(f"[moetorch] {summary['interrupted']}: stopped at step {summary['step']} with checkpoint "
+                  f"{summary['checkpoint']}: continue with `moetorch train --output-dir {trainer.output_dir} --resume`",
+                  file=sys.stderr)
         return 128 + int(getattr(signal, summary["interrupted"]))
-    print(json.dumps(summary))
-    if summary.get("eval_ppl") is not None:
-        print(f"[moetorch] held-out perplexity {summary['eval_ppl']:.3f} at step {summary['step']}; "
-              f"checkpoint {summary['checkpoint']}", file=sys.stderr)
+    if main:
+        print(json.dumps(summary))
+        if summary.get("eval_ppl") is not None:
+            print(f"[moetorch] held-out perplexity {summary['eval_ppl']:.3f} at step {summary['step']}; "
+                  f"checkpoint {summary['checkpoint']}", file=sys.stderr)
     return 0
 
 

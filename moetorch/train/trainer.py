@@ -1,4 +1,5 @@
-"""`Trainer`: causal-LM training of PhiMoE and JetMoE models on one device.
+"""`Trainer`: causal-LM training of PhiMoE and JetMoE models on one device, or data-parallel over
+the processes torchrun starts (`distributed.py`: each process its own GPU and share of each batch).
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` packed sequences; each micro-batch's
 loss is the model's own `loss` (cross-entropy + its router aux-loss coefficient times `aux_loss`,
@@ -33,6 +34,7 @@ from ..tokenizer import Tokenizer
 from . import checkpointing as ckpt
 from .config import CONFIG_FILE, TrainingConfig, TrainingConfigError
 from .data import ShuffledStream, build_data
+from .distributed import Group, PeerFailed
 from .presets import aux_loss_coef, build_model, check_overrides, has_weights
 
 logger = logging.getLogger("moetorch")
@@ -83,29 +85,22 @@ def document_positions(ids: torch.Tensor, eos: int) -> torch.Tensor:
     return t - torch.where(starts, t, 0).cummax(dim=1).values
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device: {name!r} is not a device name (cpu, cuda, cuda:N or auto)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} asked for, but CUDA is not available")
-    return device
-
-
 class Trainer:
     """Trains a causal-LM model as `config` (a `TrainingConfig` or its dict) says.
 
     `model` and `tokenizer` (a `moetorch.Tokenizer` or a directory) replace the ones the config
     names. With `config.resume`, the model, optimizer, scheduler, data position and RNG states come
     from a checkpoint, and training continues exactly where that checkpoint left off.
+
+    Under torchrun (`WORLD_SIZE` > 1) every process builds a Trainer with the same config: each
+    trains on `batch_size` sequences of every micro-batch step, so a step reads `processes x
+    grad_accum x batch_size` sequences; process 0 logs, reports and writes the checkpoints.
     """
 
     def __init__(self, config: TrainingConfig | dict[str, Any], model=None, tokenizer=None) -> None:
         cfg = config if isinstance(config, TrainingConfig) else TrainingConfig.from_dict(config)
         self.config = cfg
+        self.group = Group.from_environment(cfg.device)
         self.output_dir = Path(cfg.output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise FileExistsError(f"output_dir: {self.output_dir} is a file, not a directory")
@@ -113,17 +108,20 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._setup(model, tokenizer)
-        except BaseException:
+        except BaseException as e:
             # a run that could not start leaves no empty output directory of its own behind
-            if made and not any(p.is_file() for p in self.output_dir.rglob("*")):
+            if self.group.main and made and not any(p.is_file() for p in self.output_dir.rglob("*")):
                 shutil.rmtree(self.output_dir, ignore_errors=True)
+            if isinstance(e, Exception) and not isinstance(e, PeerFailed):
+                self.group.agree(e)  # the other processes stop too, naming this one's error
             raise
 
     def _setup(self, model, tokenizer) -> None:
-        cfg = self.config
-        ckpt.clean_temporary(self.output_dir)
+        cfg, group = self.config, self.group
+        if group.main:
+            ckpt.clean_temporary(self.output_dir)
         self.log_path = self.output_dir / LOG_FILE
-        self.device = _resolve_device(cfg.device)
+        self.device = group.device(cfg.device)
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
         resume_dir = self._resume_dir()
@@ -159,6 +157,8 @@ class Trainer:
                                                               **cfg.model_overrides)
         else:
             self.model = build_model(cfg.model, self.tokenizer, cfg.model_overrides, cfg.seed, self.device)
+        if group.rank:  # the same initial weights everywhere; each process its own random draws
+            torch.manual_seed(cfg.seed + group.rank)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
@@ -175,8 +175,16 @@ class Trainer:
         self.eos_id = end_of_text(self.tokenizer, self.model.config) if cfg.document_attention else None
 
         tokenizer_files = [self.tokenizer_dir / n for n in ckpt.TOKENIZER_FILES] if self.tokenizer_dir else []
-        self.data = build_data(cfg, self.tokenizer, self.model.config.vocab_size, self.output_dir / "data",
-                               tokenizer_files)
+
+        def data():
+            return build_data(cfg, self.tokenizer, self.model.config.vocab_size, self.output_dir / "data",
+                              tokenizer_files)
+
+        if group.main:  # the others then read its tokenized cache
+            self.data = data()
+        group.agree()
+        if not group.main:
+            self.data = data()
         self.order = ShuffledStream(len(self.data.train), cfg.seed)
 
         self.params = list(dict.fromkeys(p for p in self.model.parameters() if p.requires_grad))
@@ -199,10 +207,17 @@ class Trainer:
         self._reset_interval()
         if resume_dir is not None:
             self._restore(resume_dir)  # restores the RNGs last: nothing may draw after it
-        else:
+        elif group.main:
             (self.output_dir / CONFIG_FILE).write_text(cfg.replace(resume=False).to_json(), encoding="utf-8")
             self.log_path.write_text("")
             self._log({"event": "start", **self._describe()})
+        group.agree()
+        self.forward_model = self.model  # what training steps call: under several processes, DDP around it
+        if group.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---- setup helpers ---------------------------------------------------------------------------
     def _resume_dir(self) -> Path | None:
@@ -249,7 +264,7 @@ class Trainer:
         m = self.model
         return {
             "step": self.step, "model_type": m.config.model_type, "model_class": type(m).__name__,
-            "parameters": m.num_parameters(), "device": str(self.device),
+            "parameters": m.num_parameters(), "device": str(self.device), "processes": self.group.world,
             "precision": "bf16-autocast" if self.amp_dtype else "fp32", "data": self.data.info,
             "config": self.config.to_dict(),
         }
@@ -270,12 +285,25 @@ class Trainer:
             group.update(lr=cfg.lr * factor, weight_decay=wd, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.last_checkpoint = path
-        if path.resolve().parent == self.output_dir.resolve():
-            ckpt.drop_later_checkpoints(self.output_dir, self.step)
-        self._truncate_log(self.step)
+        group = self.group
+        if group.main:
+            if path.resolve().parent == self.output_dir.resolve():
+                ckpt.drop_later_checkpoints(self.output_dir, self.step)
+            self._truncate_log(self.step)
         self._log({"event": "resume", "step": self.step, "checkpoint": str(path)})
         self._write(f"resumed from {path} at step {self.step}")
-        ckpt.restore_rng(state["rng"])
+        saved = state.get("rng_ranks") or [state["rng"]]
+        if len(saved) == group.world:
+            ckpt.restore_rng(saved[group.rank])
+        else:
+            if group.main:
+                logger.warning("%s was saved by %d process(es) and resumes in %d: the data goes on where it stopped, "
+                               "%d sequences a step now, but random draws (PhiMoE's sparsemixer, jitter) do not "
+                               "replay", path, len(saved), group.world,
+                               group.world * cfg.grad_accum * cfg.batch_size)
+            ckpt.restore_rng(saved[min(group.rank, len(saved) - 1)])
+            if group.rank >= len(saved):
+                torch.manual_seed(cfg.seed + group.rank + 7919 * self.step)
 
     def _truncate_log(self, step: int) -> None:
         """Drop log records after `step`: they describe steps the resumed run redoes."""
@@ -295,11 +323,14 @@ class Trainer:
 
     # ---- logging ---------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.group.main:
+            return
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
     def _write(self, message: str) -> None:
-        tqdm.write(f"[moetorch] {message}", file=sys.stderr)
+        if self.group.main:
+            tqdm.write(f"[moetorch] {message}", file=sys.stderr)
 
     def _reset_interval(self) -> None:
         self._acc = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, aux, grad norm
@@ -319,10 +350,17 @@ class Trainer:
             self._load[i].scatter_add_(0, ids_N, torch.ones_like(ids_N, dtype=self._load.dtype))
 
     def _log_train(self, bar: tqdm) -> None:
+        group = self.group
+        if group.world > 1:  # the processes' mean loss (each its own share of the batch) and summed loads
+            group.sum_(self._acc).div_(group.world)
+            group.sum_(self._load)
+            if not group.main:
+                self._reset_interval()
+                return
         loss, aux, norm = (x / self._acc_steps for x in self._acc.tolist())  # one host sync per record
         seconds = max(time.perf_counter() - self._t0 - self._paused, 1e-9)
         cfg = self.config
-        tokens = self._acc_steps * cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        tokens = self._acc_steps * group.world * cfg.grad_accum * cfg.batch_size * cfg.seq_len
         record = {
             "event": "train", "step": self.step, "loss": loss, "ce": loss - self.aux_coef * aux, "aux_loss": aux,
             "lr": self._lr, "grad_norm": norm, "tokens": self.tokens_seen, "tokens_per_s": round(tokens / seconds, 1),
@@ -352,16 +390,20 @@ class Trainer:
         return {"position_ids": document_positions(ids, self.eos_id)}
 
     def _train_step(self) -> None:
-        cfg, model = self.config, self.model
+        cfg, model, group = self.config, self.forward_model, self.group
         model.train()
         self._lr = self.scheduler.get_last_lr()[0]
-        for _ in range(cfg.grad_accum):
-            idx = self.order.take(self.data_position, cfg.batch_size)
-            self.data_position += cfg.batch_size
+        B = cfg.batch_size
+        for a in range(cfg.grad_accum):
+            # micro-batch a of the step: the next processes x B sequences, B of them this process's
+            idx = self.order.take(self.data_position + (a * group.world + group.rank) * B, B)
             ids = self.data.train.get(idx).to(self.device, non_blocking=True)
-            with self._autocast():
-                out = model(ids, labels=ids, output_router_logits=True, use_cache=False, **self._positions(ids))
-            (out.loss / cfg.grad_accum).backward()
+            last = a == cfg.grad_accum - 1
+            # (DDP averages the gradients over the processes in the last micro-batch's backward)
+            with nullcontext() if last or group.world == 1 else model.no_sync():
+                with self._autocast():
+                    out = model(ids, labels=ids, output_router_logits=True, use_cache=False, **self._positions(ids))
+                (out.loss / cfg.grad_accum).backward()
             self._acc[0] += out.loss.detach().double() / cfg.grad_accum
             self._acc[1] += out.aux_loss.detach().double() / cfg.grad_accum
             self._count_load(out.router_logits)
@@ -372,7 +414,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._acc_steps += 1
         self.step += 1
-        self.tokens_seen += cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        self.data_position += group.world * cfg.grad_accum * B
+        self.tokens_seen += group.world * cfg.grad_accum * B * cfg.seq_len
 
     def train(self, until_step: int | None = None) -> dict[str, Any]:
         """Train to `config.max_steps` (or stop after step `until_step`, keeping the schedule).
@@ -388,18 +431,22 @@ class Trainer:
         stop = cfg.max_steps if until_step is None else min(until_step, cfg.max_steps)
         if self.step == 0:
             m = self.model
+            world = self.group.world
+            where = f"{world} processes ({self.device.type})" if world > 1 else str(self.device)
             self._write(
-                f"training {type(m).__name__} ({m.num_parameters() / 1e6:.2f}M parameters) on {self.device}"
+                f"training {type(m).__name__} ({m.num_parameters() / 1e6:.2f}M parameters) on {where}"
                 f"{' with bf16 autocast' if self.amp_dtype else ' in fp32'}: {self.data.info['train_tokens']:,} "
                 f"training tokens, {self.data.info['eval_tokens']:,} held-out; {cfg.max_steps} steps of "
-                f"{cfg.grad_accum * cfg.batch_size * cfg.seq_len:,} tokens; log {self.log_path}"
+                f"{world * cfg.grad_accum * cfg.batch_size * cfg.seq_len:,} tokens; log {self.log_path}"
             )
         self._reset_interval()
-        self.interrupted = None
+        self.interrupted, self._signal = None, 0
         with self._stop_signals(), tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
-                                        file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True) as bar:
-            while self.step < stop and self.interrupted is None:
+                                        file=sys.stderr, disable=not (cfg.progress and self.group.main),
+                                        dynamic_ncols=True) as bar:
+            while self.step < stop and not self._stop_requested():
                 self._train_step()
+                self._stop_requested()  # a signal during the step: no periodic evaluation after it
                 bar.update(1)
                 last = self.step == cfg.max_steps
                 if self.step % cfg.log_every == 0 or self.step == stop:
@@ -432,10 +479,19 @@ class Trainer:
             self._log({"event": "end", **summary})
         return summary
 
+    def _stop_requested(self) -> bool:
+        """Whether a signal asks to stop; under torchrun the processes agree (the largest signal
+        number any of them got), so that all stop after the same step."""
+        if self.interrupted is None:
+            signum = self.group.max_int(self._signal, self.device)
+            if signum:
+                self.interrupted = signal.Signals(signum).name
+        return self.interrupted is not None
+
     @contextmanager
     def _stop_signals(self):
-        """While training: the first SIGINT or SIGTERM sets `self.interrupted` (the loop then saves
-        and stops after the step in progress); a second raises KeyboardInterrupt. The previous
+        """While training: the first SIGINT or SIGTERM is noted (the loop then saves and stops after
+        the step in progress, `self.interrupted` naming it); a second raises KeyboardInterrupt. The previous
         handlers come back afterwards. Signals are only handled in the main thread, so a trainer in
         another thread (or with `save_on_interrupt=False`) leaves them alone."""
         if not self.config.save_on_interrupt or threading.current_thread() is not threading.main_thread():
@@ -443,12 +499,12 @@ class Trainer:
             return
 
         def handler(signum, frame):
-            if self.interrupted is not None:
+            if self._signal:
                 raise KeyboardInterrupt
-            self.interrupted = signal.Signals(signum).name
-            # os.write, not print: the handler may run inside a write to sys.stderr
-            os.write(2, f"\n[moetorch] {self.interrupted}: stopping after the step in progress, then saving a "
-                        f"checkpoint (Ctrl-C again stops at once)\n".encode())
+            self._signal = signum  # read after each step (by every process, under torchrun)
+            if self.group.main:  # os.write, not print: the handler may run inside a write to sys.stderr
+                os.write(2, f"\n[moetorch] {signal.Signals(signum).name}: stopping after the step in progress, "
+                            "then saving a checkpoint (Ctrl-C again stops at once)\n".encode())
 
         kinds = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
         previous = {kind: signal.signal(kind, handler) for kind in kinds}
@@ -467,21 +523,23 @@ class Trainer:
         held = self.data.eval
         if held is None:
             return None
-        cfg, model = self.config, self.model
+        cfg, model, group = self.config, self.model, self.group
         bs = cfg.eval_batch_size or cfg.batch_size
         n = len(held) if cfg.eval_max_batches is None else min(len(held), bs * cfg.eval_max_batches)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         was_training = model.training
         model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
+        starts = range(0, n, bs)[group.rank::group.world]  # under torchrun each process a share of the batches
         with torch.random.fork_rng(devices=devices):
-            for start in tqdm(range(0, n, bs), desc="eval", leave=False, file=sys.stderr,
-                              disable=not cfg.progress or n <= bs):
+            for start in tqdm(starts, desc="eval", leave=False, file=sys.stderr,
+                              disable=not (cfg.progress and group.main) or n <= bs):
                 ids = held.get(np.arange(start, min(start + bs, n))).to(self.device)
                 with self._autocast():
                     out = model(ids, labels=ids, output_router_logits=False, use_cache=False, **self._positions(ids))
                 total += out.loss.double() * ids.shape[0] * (cfg.seq_len - 1)
         model.train(was_training)
+        group.sum_(total)
         count = n * (cfg.seq_len - 1)
         loss = total.item() / count
         self.last_eval = {"event": "eval", "step": self.step, "eval_loss": loss,
@@ -493,15 +551,23 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write `checkpoint-<step>` (model, tokenizer, trainer state) atomically; see `checkpointing`."""
+        group = self.group
+        rngs = group.gather(ckpt.capture_rng())  # each process's own draws, restored to it on resume
         state = {
             "version": 1, "step": self.step, "data_position": self.data_position, "tokens_seen": self.tokens_seen,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": ckpt.capture_rng(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rngs[0],
+            **({"rng_ranks": rngs} if group.world > 1 else {}),
         }
-        path = ckpt.save_checkpoint(
-            self.output_dir, self.step, self.model, state, self.config.replace(resume=False).to_json(),
-            self.tokenizer, self.tokenizer_dir, self.config.keep_checkpoints,
-        )
+        path, error = self.output_dir / f"checkpoint-{self.step}", None
+        if group.main:
+            try:
+                path = ckpt.save_checkpoint(
+                    self.output_dir, self.step, self.model, state, self.config.replace(resume=False).to_json(),
+                    self.tokenizer, self.tokenizer_dir, self.config.keep_checkpoints,
+                )
+            except Exception as e:
+                error = e
+        group.agree(error)  # the others go on once it is written
         self.last_checkpoint = path
         self._log({"event": "checkpoint", "step": self.step, "path": str(path)})
         return path

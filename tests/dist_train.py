@@ -1,0 +1,70 @@
+"""Run by tests/test_train.py under torchrun (2 CPU processes, gloo): moetorch's own Trainer,
+data-parallel. Writes its runs under OUT; each process prints one line `RESULT <rank> <json>`.
+
+  A   deterministic routing (no jitter, no router loss), 4 steps: the test compares it with one
+      process at twice the batch size.
+  B   sampled routing (PhiMoE's jitter), 4 steps, uninterrupted.
+  C   the same, stopped after step 3 and resumed by a new Trainer: must equal B exactly.
+  D   process 1 alone gets SIGTERM in step 2: both stop after step 2, with checkpoint-2.
+  E   process 1 alone fails to start (its data is missing): process 0 stops too, naming it.
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from moetorch.train import Trainer, TrainingConfig
+from moetorch.train.distributed import PeerFailed
+
+
+def main(out: Path, data: str, model: str, arch: str) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    noisy = {"router_jitter_noise": 0.5} if arch == "phimoe" else {}
+    quiet = ({"router_aux_loss_coef": 0.0, "router_jitter_noise": 0.0} if arch == "phimoe" else {"aux_loss_coef": 0.0})
+
+    def config(name: str, overrides: dict, **kw) -> TrainingConfig:
+        return TrainingConfig(**{**dict(
+            model=model, data=data, output_dir=str(out / name), seq_len=16, batch_size=2, grad_accum=2, max_steps=4,
+            warmup_steps=1, lr=3e-3, eval_every=2, save_every=2, log_every=1, progress=False, eval_fraction=0.2,
+            model_overrides=overrides), **kw})
+
+    result = {}
+    result["A"] = Trainer(config("A", quiet)).train()
+    result["B"] = Trainer(config("B", noisy)).train()
+    Trainer(config("C", noisy)).train(until_step=3)
+    resumed = Trainer(config("C", noisy, resume=True))
+    result["C_resumed_at"] = resumed.step
+    result["C"] = resumed.train()
+
+    trainer = Trainer(config("D", noisy, save_every=0))
+    real = Trainer._train_step
+
+    def step(self):
+        if rank == 1 and self.step + 1 == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(self)
+
+    Trainer._train_step = step
+    try:
+        result["D"] = trainer.train()
+    finally:
+        Trainer._train_step = real
+    result["D_handlers_restored"] = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    try:
+        Trainer(config("E", noisy, data=data if rank == 0 else str(out / "missing.npy")))
+        result["E"] = "started"
+    except PeerFailed as e:
+        result["E"] = f"PeerFailed: {e}"
+    except FileNotFoundError as e:
+        result["E"] = f"FileNotFoundError: {e}"
+    print(f"RESULT {rank} {json.dumps(result)}", flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
