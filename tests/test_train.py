@@ -950,6 +950,27 @@ def test_trainer_over_two_processes(tmp_path, arch):
         "missing.npy" in results[0]["E"]
 
 
+def test_process_group_devices_and_environment(monkeypatch):
+    """What each process trains on, and the options that cannot work under torchrun, named."""
+    from moetorch.train.distributed import Group
+
+    two = Group(rank=1, world=2, local_rank=1)
+    assert two.device("cpu") == torch.device("cpu") and Group.single().device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="device: 'cuda:0' with 2 processes; pass auto or cuda"):
+        two.device("cuda:0")
+    if not torch.cuda.is_available():
+        assert two.device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="device: 'cuda' asked for, but CUDA is not available"):
+            two.device("cuda")
+    with pytest.raises(KeyError):
+        Group.single().agree(KeyError("raised where it happened"))
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="environment variable WORLD_SIZE='two' is not an integer"):
+        Group.from_environment("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert Group.from_environment("cpu") == Group.single()
+
+
 def test_cli_train_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m moetorch train ...`: one summary line (process 0's), one
     copy of each warning, a checkpoint both processes trained."""
