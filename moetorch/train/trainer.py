@@ -281,8 +281,8 @@ class Trainer:
         # The config in force wins over the saved hyperparameters (identical unless changed on resume).
         self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
         factor = lr_factor(self.step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        for group, wd in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0)):
-            group.update(lr=cfg.lr * factor, weight_decay=wd, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+        for param_group, wd in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            param_group.update(lr=cfg.lr * factor, weight_decay=wd, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.last_checkpoint = path
         group = self.group
