@@ -230,7 +230,7 @@ def _ctrl_c_stops(stop: list[bool]):
     """While a reply streams, the first Ctrl-C sets stop[0] (the streamer ends the reply at its
     next tokens); a second raises KeyboardInterrupt at once. Main thread only; the previous
     handler comes back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
 

@@ -62,3 +62,14 @@ def cache_layout(request, monkeypatch):
         monkeypatch.setattr(batching, "PAGE_SLOTS", 1)
         monkeypatch.setattr(batching, "PAGED_ROW_SPAN", 2 if request.param == "paged" else 1)
     return request.param
+
+
+@pytest.fixture
+def python_ctrl_c():
+    """SIGINT as Python sets it up in a foreground process: a job started in the background (as CI
+    may start the suite) ignores it, and moetorch then leaves it ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

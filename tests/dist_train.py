@@ -50,11 +50,12 @@ def main(out: Path, data: str, model: str, arch: str) -> None:
         real(self)
 
     Trainer._train_step = step
+    before = signal.getsignal(signal.SIGTERM)
     try:
         result["D"] = trainer.train()
     finally:
         Trainer._train_step = real
-    result["D_handlers_restored"] = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    result["D_handlers_restored"] = signal.getsignal(signal.SIGTERM) is before
 
     try:
         Trainer(config("E", noisy, data=data if rank == 0 else str(out / "missing.npy")))

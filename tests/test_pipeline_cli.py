@@ -242,7 +242,7 @@ def _ctrl_c_after(monkeypatch, tokens: int) -> None:
     monkeypatch.setattr(TextStreamer, "put", put)
 
 
-def test_cli_ctrl_c_stops_a_reply(capsys, monkeypatch):
+def test_cli_ctrl_c_stops_a_reply(capsys, monkeypatch, python_ctrl_c):
     """generate: Ctrl-C ends the output at the tokens shown (exit 130, no traceback, the handler
     restored). chat: it ends the reply, which stays in the history, and the next turn runs; Ctrl-C
     at the prompt quits."""

@@ -532,7 +532,8 @@ def _signal_at(monkeypatch, steps: dict[int, list[int]]) -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, tok_dir, corpus, monkeypatch, signum):
+def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, tok_dir, corpus, monkeypatch, signum,
+                                                              python_ctrl_c):
     """Ctrl-C or SIGTERM (preemption) in step 3: the step finishes, checkpoint-3 is saved (save_every
     is 4), train() returns early naming the signal, the handlers are restored, and the run resumed from
     it gives the uninterrupted run's losses and weights."""
@@ -560,7 +561,7 @@ def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, tok_dir,
 
 
 def test_a_second_signal_stops_at_once_and_save_on_interrupt_false_leaves_signals_alone(
-        tmp_path, tok_dir, corpus, monkeypatch):
+        tmp_path, tok_dir, corpus, monkeypatch, python_ctrl_c):
     _signal_at(monkeypatch, {2: [signal.SIGINT, signal.SIGINT]})
     trainer = Trainer(make_config(tmp_path / "twice", tok_dir, corpus, save_every=0))
     with pytest.raises(KeyboardInterrupt):
@@ -583,6 +584,18 @@ def test_a_signal_in_the_last_step_ends_the_run_as_usual(tmp_path, tok_dir, corp
     assert len(records(tmp_path, "end")) == 1 and not records(tmp_path, "interrupted")
 
 
+def test_an_ignored_sigint_stays_ignored(tmp_path, tok_dir, corpus, monkeypatch):
+    """A job started in the background ignores SIGINT: the trainer does not take it up."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _signal_at(monkeypatch, {2: [signal.SIGINT]})
+        summary = Trainer(make_config(tmp_path, tok_dir, corpus, max_steps=3)).train()
+        assert summary["step"] == 3 and "interrupted" not in summary
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_trainer_outside_the_main_thread_leaves_signals_alone(tmp_path, tok_dir, corpus):
     import threading
 
@@ -595,7 +608,7 @@ def test_a_trainer_outside_the_main_thread_leaves_signals_alone(tmp_path, tok_di
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_cli_signal_saves_and_names_the_resume_command(tmp_path, capfd, monkeypatch, signum, code):
+def test_cli_signal_saves_and_names_the_resume_command(tmp_path, capfd, monkeypatch, signum, code, python_ctrl_c):
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 2000))
     (tmp_path / "model.json").write_text(json.dumps({**PHI, "vocab_size": 64, "num_hidden_layers": 1}))
     _signal_at(monkeypatch, {3: [signum]})

@@ -493,7 +493,8 @@ class Trainer:
         """While training: the first SIGINT or SIGTERM is noted (the loop then saves and stops after
         the step in progress, `self.interrupted` naming it); a second raises KeyboardInterrupt. The previous
         handlers come back afterwards. Signals are only handled in the main thread, so a trainer in
-        another thread (or with `save_on_interrupt=False`) leaves them alone."""
+        another thread (or with `save_on_interrupt=False`) leaves them alone, as it does a signal
+        the process ignores."""
         if not self.config.save_on_interrupt or threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -506,7 +507,9 @@ class Trainer:
                 os.write(2, f"\n[moetorch] {signal.Signals(signum).name}: stopping after the step in progress, "
                             "then saving a checkpoint (Ctrl-C again stops at once)\n".encode())
 
-        kinds = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+        # a signal the process ignores (SIGINT in a job started in the background) stays ignored
+        kinds = [kind for kind in (signal.SIGINT, getattr(signal, "SIGTERM", None))
+                 if kind is not None and signal.getsignal(kind) is not signal.SIG_IGN]
         previous = {kind: signal.signal(kind, handler) for kind in kinds}
         try:
             yield
