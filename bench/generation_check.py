@@ -81,7 +81,7 @@ def check(name, config, cls, results) -> bool:
         "beam4": dict(max_new_tokens=16, num_beams=4, num_return_sequences=2),
         "static": dict(max_new_tokens=24, cache_implementation="static"),
         # token suppression, a forced EOS and the length penalty, through the graphed decode steps
-        "processors": dict(max_new_tokens=16, suppress_tokens=list(range(1, 64)),
+        "processors": dict(max_new_tokens=16, suppress_tokens=list(range(10, 64)),
                            begin_suppress_tokens=list(range(64, 128)), forced_eos_token_id=3,
                            exponential_decay_length_penalty=(4, 1.5), eos_token_id=[7, 9]),
     }
