@@ -342,8 +342,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         # (a grammar's processor follows one call: a new one each turn)
         reply, _, _, stopped = _stream(model, tok, enc["input_ids"].to(model.device),
                                        _hold_to(kwargs, grammar, kwargs["eos_token_id"]))
-        if stopped:  # the history keeps the part of the reply that was shown
+        if stopped:  # the history keeps the part of the reply that was shown (none: the turn is dropped)
             print("\n[moetorch] reply stopped (Ctrl-C); Ctrl-C at the prompt quits", file=sys.stderr)
+            if not reply:
+                history.pop()
+                continue
         history.append({"role": "assistant", "content": reply})
     return 0
 
