@@ -280,6 +280,23 @@ def test_cli_ctrl_c_stops_a_reply(capsys, monkeypatch, python_ctrl_c):
     assert stopped and n == 2 and first and not stopped2
     assert first in prompt2  # the shown part of the stopped reply is the history's assistant turn
 
+    # a reply stopped before any text was shown leaves no turn behind
+    calls.clear()
+    first = [True]
+
+    def stream_stopped_first(model, tok, input_ids, kwargs):
+        if first[0]:
+            first[0] = False
+            calls.append((tok.decode(input_ids[0]), None))
+            return "", 0, 0.1, True
+        return stream(model, tok, input_ids, kwargs)
+
+    monkeypatch.setattr(cli, "_stream", stream_stopped_first)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Question one\nQuestion two\n/exit\n"))
+    assert cli.main(["chat", "--max-new-tokens", "4"]) == 0
+    assert "Question one" in calls[0][0] and "Question two" in calls[1][0] and "Question one" not in calls[1][0]
+    capsys.readouterr()
+
     class Interrupted(io.StringIO):
         def readline(self, *args):
             raise KeyboardInterrupt
