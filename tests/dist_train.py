@@ -64,7 +64,14 @@ def main(out: Path, data: str, model: str, arch: str) -> None:
         result["E"] = f"PeerFailed: {e}"
     except FileNotFoundError as e:
         result["E"] = f"FileNotFoundError: {e}"
-    print(f"RESULT {rank} {json.dumps(result)}", flush=True)
+    # one write (print writes the newline apart, and the two processes share the pipe)
+    os.write(1, f"RESULT {rank} {json.dumps(result)}\n".encode())
+    # Leave the group the first Trainer made, as `moetorch train` does, then skip the interpreter's
+    # teardown, where gloo's threads behind five DDP models can still abort a process now and then
+    # (`terminate called without an active exception`; the CLI test covers the command's own exit).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ trainer: no group, no collectives.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -49,7 +51,10 @@ class Group:
         if gpu:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if gpu else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, owned=True)
+        group = cls(dist.get_rank(), dist.get_world_size(), local_rank, owned=True)
+        # left to the interpreter's exit, a group's threads can abort the process as it ends
+        atexit.register(group.close)
+        return group
 
     @property
     def main(self) -> bool:
@@ -119,10 +124,19 @@ class Group:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group this trainer made."""
-        if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owned = False
+        """Leave the process group this trainer made (also at the interpreter's exit). Over gloo the
+        processes first wait for each other, for at most a minute: one that tears its group down
+        while a peer's last messages are in flight can abort as it exits (`terminate called without
+        an active exception`, seen here with DDP)."""
+        if not (self.owned and dist.is_initialized()):
+            return
+        self.owned = False
+        if self.world > 1 and dist.get_backend() == "gloo":
+            try:
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            except RuntimeError:  # a peer that failed or left: nothing left to wait for
+                pass
+        dist.destroy_process_group()
 
 
 def resolve_device(name: str) -> torch.device:
