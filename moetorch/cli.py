@@ -16,9 +16,7 @@ import math
 import signal
 import socket
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ import torch
 from .checkpoint import CheckpointError
 from .defaults import DEFAULT_MODEL, EMBEDDED, RANDOM_MODEL, resolve_model
 from .ops.moe import triton_available
+from .utils import handling_signals
 
 
 # ---- flag values (argparse types: a bad one is a usage error naming the flag, before anything loads) ----
@@ -225,27 +224,6 @@ class _Stopped(Exception):
     """Raised out of `generate` by the CLI's streamer after a Ctrl-C."""
 
 
-@contextmanager
-def _ctrl_c_stops(stop: list[bool]):
-    """While a reply streams, the first Ctrl-C sets stop[0] (the streamer ends the reply at its
-    next tokens); a second raises KeyboardInterrupt at once. Main thread only; the previous
-    handler comes back afterwards."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield
-        return
-
-    def handler(signum, frame):
-        if stop[0]:
-            raise KeyboardInterrupt
-        stop[0] = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 @torch.no_grad()
 def _stream(model, tok, input_ids: torch.Tensor, kwargs: dict) -> tuple[str, int, float, bool]:
     """Generate after `input_ids`, printing text as it arrives; returns (text shown, tokens,
@@ -253,6 +231,11 @@ def _stream(model, tok, input_ids: torch.Tensor, kwargs: dict) -> tuple[str, int
     from .generation import TextStreamer
 
     stop, shown, tokens = [False], [], [0]
+
+    def ctrl_c(signum, frame):  # the first ends the reply at its next tokens, a second at once
+        if stop[0]:
+            raise KeyboardInterrupt
+        stop[0] = True
 
     class Streamer(TextStreamer):
         def put(self, value):
@@ -270,7 +253,7 @@ def _stream(model, tok, input_ids: torch.Tensor, kwargs: dict) -> tuple[str, int
     streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
     try:
-        with _ctrl_c_stops(stop):
+        with handling_signals(ctrl_c, signal.SIGINT):
             out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
     except _Stopped:
         return "".join(shown), tokens[0], time.perf_counter() - start, True

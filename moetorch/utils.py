@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -26,3 +30,19 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+
+
+@contextmanager
+def handling_signals(handler: Callable, *signums: int) -> Iterator[None]:
+    """Within the block, `handler` handles each of `signums`, and the previous handlers come back
+    after it. Only in the main thread (elsewhere Python cannot set handlers), and not for a signal
+    the process ignores (SIGINT in a job started in the background stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in signums if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)

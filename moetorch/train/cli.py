@@ -158,11 +158,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _run(trainer) -> int:
     main = trainer.group.main  # under torchrun, process 0 speaks for the run
+    resume = f"`moetorch train --output-dir {trainer.output_dir} --resume`"
     try:
         summary = trainer.train()
     except KeyboardInterrupt:
         last = trainer.last_checkpoint
-        resume = f"`moetorch train --output-dir {trainer.output_dir} --resume`"
         if main:
             print(f"\n[moetorch] interrupted at step {trainer.step}; "
                   + (f"the last checkpoint is {last}: continue with {resume}" if last else "no checkpoint was saved"),
@@ -171,8 +171,7 @@ def _run(trainer) -> int:
     if summary.get("interrupted"):
         if main:
             print(f"[moetorch] {summary['interrupted']}: stopped at step {summary['step']} with checkpoint "
-                  f"{summary['checkpoint']}: continue with `moetorch train --output-dir {trainer.output_dir} --resume`",
-                  file=sys.stderr)
+                  f"{summary['checkpoint']}: continue with {resume}", file=sys.stderr)
         return 128 + int(getattr(signal, summary["interrupted"]))
     if main:
         print(json.dumps(summary))

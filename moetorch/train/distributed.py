@@ -119,10 +119,6 @@ class Group:
         dist.all_gather_object(out, obj)
         return out
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
     def close(self) -> None:
         """Leave the process group this trainer made (also at the interpreter's exit). Over gloo the
         processes first wait for each other, for at most a minute: one that tears its group down

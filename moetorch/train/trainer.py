@@ -20,9 +20,8 @@ import random
 import shutil
 import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..tokenizer import Tokenizer
+from ..utils import handling_signals
 from . import checkpointing as ckpt
 from .config import CONFIG_FILE, TrainingConfig, TrainingConfigError
 from .data import ShuffledStream, build_data
@@ -488,16 +488,13 @@ class Trainer:
                 self.interrupted = signal.Signals(signum).name
         return self.interrupted is not None
 
-    @contextmanager
     def _stop_signals(self):
         """While training: the first SIGINT or SIGTERM is noted (the loop then saves and stops after
-        the step in progress, `self.interrupted` naming it); a second raises KeyboardInterrupt. The previous
-        handlers come back afterwards. Signals are only handled in the main thread, so a trainer in
-        another thread (or with `save_on_interrupt=False`) leaves them alone, as it does a signal
-        the process ignores."""
-        if not self.config.save_on_interrupt or threading.current_thread() is not threading.main_thread():
-            yield
-            return
+        the step in progress, `self.interrupted` naming it); a second raises KeyboardInterrupt. The
+        previous handlers come back afterwards. With `save_on_interrupt=False`, in a thread other
+        than the main one, and for a signal the process ignores, the signals are left alone."""
+        if not self.config.save_on_interrupt:
+            return nullcontext()
 
         def handler(signum, frame):
             if self._signal:
@@ -507,15 +504,7 @@ class Trainer:
                 os.write(2, f"\n[moetorch] {signal.Signals(signum).name}: stopping after the step in progress, "
                             "then saving a checkpoint (Ctrl-C again stops at once)\n".encode())
 
-        # a signal the process ignores (SIGINT in a job started in the background) stays ignored
-        kinds = [kind for kind in (signal.SIGINT, getattr(signal, "SIGTERM", None))
-                 if kind is not None and signal.getsignal(kind) is not signal.SIG_IGN]
-        previous = {kind: signal.signal(kind, handler) for kind in kinds}
-        try:
-            yield
-        finally:
-            for kind, old in previous.items():
-                signal.signal(kind, old)
+        return handling_signals(handler, signal.SIGINT, signal.SIGTERM)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
