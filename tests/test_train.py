@@ -984,6 +984,22 @@ def test_process_group_devices_and_environment(monkeypatch):
     assert Group.from_environment("cpu") == Group.single()
 
 
+def test_resume_with_another_process_count_warns(tmp_path, tok_dir, corpus, caplog):
+    """A checkpoint saved by two processes (its `rng_ranks`) resumed by one: the data goes on from
+    its position, and a warning says the random draws do not replay."""
+    cfg = make_config(tmp_path, tok_dir, corpus, save_every=2)
+    Trainer(cfg).train(until_step=2)
+    state_file = tmp_path / "checkpoint-2" / ckpt.STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    state["rng_ranks"] = [state["rng"], state["rng"]]
+    torch.save(state, state_file)
+    with caplog.at_level("WARNING", logger="moetorch"):
+        resumed = Trainer(cfg.replace(resume=True))
+    assert "saved by 2 process(es) and resumes in 1" in caplog.text and "do not replay" in caplog.text
+    assert resumed.step == 2 and resumed.data_position == state["data_position"]
+    assert resumed.train()["step"] == 6
+
+
 def test_cli_train_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m moetorch train ...`: one summary line (process 0's), one
     copy of each warning, a checkpoint both processes trained."""
