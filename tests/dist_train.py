@@ -7,6 +7,7 @@ data-parallel. Writes its runs under OUT; each process prints one line `RESULT <
   C   the same, stopped after step 3 and resumed by a new Trainer: must equal B exactly.
   D   process 1 alone gets SIGTERM in step 2: both stop after step 2, with checkpoint-2.
   E   process 1 alone fails to start (its data is missing): process 0 stops too, naming it.
+  F   process 1 sees no checkpoint where process 0 resumes one: both refuse, naming what each saw.
 """
 
 import json
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from moetorch.train import Trainer, TrainingConfig
+from moetorch.train import Trainer, TrainingConfig, TrainingConfigError
+from moetorch.train import checkpointing as ckpt
 from moetorch.train.distributed import PeerFailed
 
 
@@ -64,6 +66,19 @@ def main(out: Path, data: str, model: str, arch: str) -> None:
         result["E"] = f"PeerFailed: {e}"
     except FileNotFoundError as e:
         result["E"] = f"FileNotFoundError: {e}"
+    Trainer(config("F", quiet, max_steps=2, eval_every=0)).train()
+    if rank == 1:  # an output_dir of its own, without the checkpoint
+        real_latest, real_list = ckpt.latest_checkpoint, ckpt.list_checkpoints
+        ckpt.latest_checkpoint, ckpt.list_checkpoints = (lambda d: None), (lambda d: [])
+    try:
+        Trainer(config("F", quiet, resume="auto"))
+        result["F"] = "started"
+    except TrainingConfigError as e:
+        result["F"] = f"TrainingConfigError: {e}"
+    finally:
+        if rank == 1:
+            ckpt.latest_checkpoint, ckpt.list_checkpoints = real_latest, real_list
+
     # one write (print writes the newline apart, and the two processes share the pipe)
     os.write(1, f"RESULT {rank} {json.dumps(result)}\n".encode())
     # Leave the group the first Trainer made, as `moetorch train` does, then skip the interpreter's

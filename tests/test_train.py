@@ -907,7 +907,7 @@ def test_trainer_over_two_processes(tmp_path, arch):
     held-out losses and weights of one process at twice the batch size; a run stopped and resumed
     equals the uninterrupted one exactly, each process's random draws included; SIGTERM to one
     process stops both after the same step with a checkpoint; a process that cannot start stops
-    the other, which names its error."""
+    the other, which names its error; processes that would resume different checkpoints refuse to."""
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 3000))
     (tmp_path / "model.json").write_text(json.dumps({**ARCHS[arch], "vocab_size": 64}))
     script = Path(__file__).parent / "dist_train.py"
@@ -957,6 +957,11 @@ def test_trainer_over_two_processes(tmp_path, arch):
         assert results[rank]["D_handlers_restored"]
     assert ckpt.latest_checkpoint(runs / "D").name == "checkpoint-2"
 
+    # F: process 1 sees an output_dir without the checkpoint (another machine, no shared file system)
+    for rank in (0, 1):
+        assert results[rank]["F"].startswith("TrainingConfigError: the processes did not resume the same checkpoint")
+        assert "process 0: checkpoint-2 (step 2, data position 16); process 1: no checkpoint" in results[rank]["F"]
+
     # E: process 1's data is missing
     assert results[1]["E"].startswith("FileNotFoundError") and "missing.npy" in results[1]["E"]
     assert results[0]["E"].startswith("PeerFailed: process 1 of 2 failed: FileNotFoundError") and \
@@ -982,6 +987,84 @@ def test_process_group_devices_and_environment(monkeypatch):
         Group.from_environment("cpu")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert Group.from_environment("cpu") == Group.single()
+
+
+def test_process_group_joined_by_one_rule(monkeypatch):
+    """Joining torchrun's group: NCCL for a process on a GPU (made current first), gloo on the
+    CPU, the timeout passed on, host messages over a gloo group of their own; a process whose
+    LOCAL_RANK has no GPU fails before joining, naming the counts. A group the program made itself
+    with NCCL: its GPU made current, and `cpu` refused. (Mocked CUDA and torch.distributed.)"""
+    from datetime import timedelta
+
+    import moetorch.train.distributed as D
+
+    calls = []
+    monkeypatch.setattr(D, "_control", None)
+    monkeypatch.setattr(D.atexit, "register", lambda f: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(D.dist, "init_process_group",
+                        lambda backend, timeout: calls.append(("init", backend, timeout)))
+    monkeypatch.setattr(D.dist, "new_group", lambda backend, timeout: calls.append(("new_group", backend)) or "g")
+    monkeypatch.setattr(D.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(D.dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+    group = D.Group.from_environment("auto", timeout=120)
+    assert (group.rank, group.world, group.local_rank, group.owned, group.control) == (1, 2, 1, True, "g")
+    assert calls == [("set_device", torch.device("cuda:1")), ("init", "nccl", timedelta(seconds=120)),
+                     ("new_group", "gloo")]
+    assert group.device("auto") == torch.device("cuda:1")
+    calls.clear()
+    monkeypatch.setattr(D, "_control", None)
+    D.Group.from_environment("cpu")
+    assert calls == [("init", "gloo", timedelta(seconds=D.DEFAULT_TIMEOUT_S)), ("new_group", "gloo")]
+    calls.clear()
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(ValueError, match="process 1 has LOCAL_RANK 3, but 2 GPU.s. are visible to it"):
+        D.Group.from_environment("auto")
+    with pytest.raises(ValueError, match="device: 'cuda:1' with 2 processes"):
+        D.Group.from_environment("cuda:1")
+    assert calls == []  # neither joined
+
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(D, "_control", None)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    group = D.Group.from_environment("auto")
+    assert (group.rank, group.local_rank, group.owned) == (1, 1, False)
+    assert calls == [("set_device", torch.device("cuda:1")), ("new_group", "gloo")]
+    with pytest.raises(ValueError, match="device: 'cpu' with the NCCL process group this program made"):
+        D.Group.from_environment("cpu")
+
+
+def test_ddp_timeout_option(tmp_path, tok_dir, corpus):
+    assert make_config(tmp_path, tok_dir, corpus).ddp_timeout == 1800
+    for bad in (0, -5, float("inf"), float("nan"), "60", True):
+        with pytest.raises(TrainingConfigError, match="ddp_timeout must be a positive number of seconds"):
+            make_config(tmp_path, tok_dir, corpus, ddp_timeout=bad)
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--output-dir", str(tmp_path / "r"), "--ddp-timeout", "soon"])
+
+
+def test_rng_of_the_training_device_only(caplog):
+    """A checkpoint keeps the RNG state of the GPU it trained on (not of every visible GPU); one
+    trained on a GPU and resumed on the CPU says that the GPU's draws do not replay."""
+    state = ckpt.capture_rng(torch.device("cpu"))
+    assert "cuda_device" not in state and "cuda" not in state
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    state = ckpt.capture_rng(torch.device("cpu"))
+    torch.rand(7)
+    with caplog.at_level("WARNING", logger="moetorch"):
+        ckpt.restore_rng({**state, "cuda_device": torch.zeros(16, dtype=torch.uint8)}, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), want)
+    assert "trained on a GPU and resumes on cpu: the GPU's random draws do not replay" in caplog.text
 
 
 def test_resume_with_another_process_count_warns(tmp_path, tok_dir, corpus, caplog):

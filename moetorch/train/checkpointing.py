@@ -42,8 +42,9 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # ---- RNG ----------------------------------------------------------------------------------------
 
 
-def capture_rng() -> dict[str, Any]:
-    """The state of every RNG a training step may draw from: torch (CPU and CUDA), Python, numpy.
+def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
+    """The state of every RNG a training step may draw from: torch's CPU generator and, training on
+    a GPU, that GPU's (`device`), Python's, numpy's.
 
     numpy's state is stored as plain values so that `torch.load(weights_only=True)` reads it.
     """
@@ -54,18 +55,24 @@ def capture_rng() -> dict[str, Any]:
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"].cpu())
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda_device" in state:
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_device"].cpu(), device)
+        else:
+            logger.warning("the checkpoint was trained on a GPU and resumes on %s: the GPU's random draws do not "
+                           "replay", device)
+    elif "cuda" in state and torch.cuda.is_available():  # checkpoints that saved every visible GPU's state
         if len(state["cuda"]) != torch.cuda.device_count():
             logger.warning("the checkpoint saved RNG states for %d GPUs, this machine has %d: CUDA RNG not restored",
                            len(state["cuda"]), torch.cuda.device_count())

@@ -76,6 +76,8 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--seed", "seed", int, "seed of model init, data order and sampling"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
     ("--precision", "precision", str, "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32"),
+    ("--ddp-timeout", "ddp_timeout", float,
+     "under torchrun: seconds a process waits for the others (default 1800; process 0 alone tokenizes the data)"),
 ]
 
 

@@ -80,6 +80,9 @@ class TrainingConfig:
     precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     resume: bool | str = False  # True: the latest checkpoint in output_dir; or a checkpoint directory
+    # Under torchrun: seconds a process waits in a collective for the others (process 0 alone
+    # tokenizes the data and writes each checkpoint meanwhile; raise it for a large corpus).
+    ddp_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "keep_checkpoints", "log_every")
@@ -121,6 +124,9 @@ class TrainingConfig:
         for name in ("document_attention", "save_on_interrupt", "progress", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise TrainingConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.ddp_timeout, (int, float)) or isinstance(self.ddp_timeout, bool) \
+                or not 0 < self.ddp_timeout < float("inf"):
+            raise TrainingConfigError(f"ddp_timeout must be a positive number of seconds, got {self.ddp_timeout!r}")
         if not isinstance(self.model_overrides, dict):
             raise TrainingConfigError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
 

@@ -100,11 +100,12 @@ class Trainer:
     def __init__(self, config: TrainingConfig | dict[str, Any], model=None, tokenizer=None) -> None:
         cfg = config if isinstance(config, TrainingConfig) else TrainingConfig.from_dict(config)
         self.config = cfg
-        self.group = Group.from_environment(cfg.device)
+        self.group = Group.from_environment(cfg.device, cfg.ddp_timeout)
         self.output_dir = Path(cfg.output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise FileExistsError(f"output_dir: {self.output_dir} is a file, not a directory")
         made = not self.output_dir.exists()
+        self._building_ddp = False
         self.output_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._setup(model, tokenizer)
@@ -112,8 +113,10 @@ class Trainer:
             # a run that could not start leaves no empty output directory of its own behind
             if self.group.main and made and not any(p.is_file() for p in self.output_dir.rglob("*")):
                 shutil.rmtree(self.output_dir, ignore_errors=True)
-            if isinstance(e, Exception) and not isinstance(e, PeerFailed):
-                self.group.agree(e)  # the other processes stop too, naming this one's error
+            # The other processes stop too, naming this one's error; not once DDP is being built,
+            # whose own messages the others are then waiting in (torchrun stops them).
+            if isinstance(e, Exception) and not isinstance(e, PeerFailed) and not self._building_ddp:
+                self.group.agree(e)
             raise
 
     def _setup(self, model, tokenizer) -> None:
@@ -211,13 +214,26 @@ class Trainer:
             (self.output_dir / CONFIG_FILE).write_text(cfg.replace(resume=False).to_json(), encoding="utf-8")
             self.log_path.write_text("")
             self._log({"event": "start", **self._describe()})
-        group.agree()
+        # Every process must go on from the same state: a process that sees another output_dir
+        # (a machine without the shared file system) would resume another checkpoint, or none.
+        states = group.agree(same=(resume_dir.name if resume_dir else None, self.step, self.data_position))
+        if any(state != states[0] for state in states):
+            seen = "; ".join(f"process {rank}: {name} (step {step}, data position {pos})" if name else
+                             f"process {rank}: no checkpoint" for rank, (name, step, pos) in enumerate(states))
+            raise TrainingConfigError(
+                f"the processes did not resume the same checkpoint of {self.output_dir} ({seen}); every process "
+                "must see the same output_dir (on several machines, a shared file system)"
+            )
         self.forward_model = self.model  # what training steps call: under several processes, DDP around it
         if group.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            self._building_ddp = True
+            # (the rotary tables, the models' only buffers, are the same everywhere: not re-sent each forward)
             self.forward_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+            self._building_ddp = False
 
     # ---- setup helpers ---------------------------------------------------------------------------
     def _resume_dir(self) -> Path | None:
@@ -294,14 +310,14 @@ class Trainer:
         self._write(f"resumed from {path} at step {self.step}")
         saved = state.get("rng_ranks") or [state["rng"]]
         if len(saved) == group.world:
-            ckpt.restore_rng(saved[group.rank])
+            ckpt.restore_rng(saved[group.rank], self.device)
         else:
             if group.main:
                 logger.warning("%s was saved by %d process(es) and resumes in %d: the data goes on where it stopped, "
                                "%d sequences a step now, but random draws (PhiMoE's sparsemixer, jitter) do not "
                                "replay", path, len(saved), group.world,
                                group.world * cfg.grad_accum * cfg.batch_size)
-            ckpt.restore_rng(saved[min(group.rank, len(saved) - 1)])
+            ckpt.restore_rng(saved[min(group.rank, len(saved) - 1)], self.device)
             if group.rank >= len(saved):
                 torch.manual_seed(cfg.seed + group.rank + 7919 * self.step)
 
@@ -483,7 +499,7 @@ class Trainer:
         """Whether a signal asks to stop; under torchrun the processes agree (the largest signal
         number any of them got), so that all stop after the same step."""
         if self.interrupted is None:
-            signum = self.group.max_int(self._signal, self.device)
+            signum = self.group.max_int(self._signal)
             if signum:
                 self.interrupted = signal.Signals(signum).name
         return self.interrupted is not None
@@ -511,6 +527,7 @@ class Trainer:
         """Held-out loss (mean token cross-entropy, no router loss) and perplexity (its exp).
 
         Runs in eval mode under a forked RNG, so it changes nothing a later training step draws.
+        Under torchrun every process must call it (each evaluates its share of the batches).
         """
         held = self.data.eval
         if held is None:
@@ -542,9 +559,10 @@ class Trainer:
         return self.last_eval
 
     def save_checkpoint(self) -> Path:
-        """Write `checkpoint-<step>` (model, tokenizer, trainer state) atomically; see `checkpointing`."""
+        """Write `checkpoint-<step>` (model, tokenizer, trainer state) atomically; see `checkpointing`.
+        Under torchrun every process must call it (process 0 writes, with every process's RNG state)."""
         group = self.group
-        rngs = group.gather(ckpt.capture_rng())  # each process's own draws, restored to it on resume
+        rngs = group.gather(ckpt.capture_rng(self.device))  # each process's own draws, restored to it on resume
         state = {
             "version": 1, "step": self.step, "data_position": self.data_position, "tokens_seen": self.tokens_seen,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rngs[0],
