@@ -417,6 +417,36 @@ def test_bad_token_arrays_are_refused_naming_the_option(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_rewind_sets_the_later_checkpoints_aside(tmp_path, caplog):
+    """`resume=OUTPUT_DIR/checkpoint-K` of an older step: the later checkpoints move, whole and
+    loadable, into abandoned-after-K with their log records; nothing is deleted; a second rewind to
+    the same step gets abandoned-after-K-2; the resumed run then saves and rotates as usual."""
+    run = tmp_path / "run"
+    Trainer(_tiny_run(run, tmp_path, steps=5, keep_checkpoints=3, log_every=1)).train()
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
+    first = AutoModelForCausalLM.from_pretrained(run / "checkpoint-5").state_dict()
+    with caplog.at_level("WARNING", logger="moetorch"):
+        trainer = Trainer(_tiny_run(run, tmp_path, steps=5, keep_checkpoints=3, resume=str(run / "checkpoint-3")))
+    aside = run / "abandoned-after-3"
+    assert "the later checkpoint-4, checkpoint-5 moved to" in caplog.text and str(aside) in caplog.text
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-4", "checkpoint-5", "train_log.jsonl"]
+    for name, p in AutoModelForCausalLM.from_pretrained(aside / "checkpoint-5").state_dict().items():
+        assert torch.equal(first[name], p), name
+    moved = [json.loads(line) for line in (aside / "train_log.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in moved if r["event"] == "train"} == {4, 5} and any(r["event"] == "end" for r in moved)
+    assert max(r["step"] for r in records(run, "train")) == 3 and ckpt.latest_checkpoint(run).name == "checkpoint-3"
+    assert trainer.train()["step"] == 5
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
+    assert (aside / "checkpoint-5").is_dir()  # the rotation left it alone
+    Trainer(_tiny_run(run, tmp_path, steps=5, keep_checkpoints=3, resume=str(run / "checkpoint-3")))
+    assert sorted(p.name for p in (run / "abandoned-after-3-2").iterdir()) == \
+        ["checkpoint-4", "checkpoint-5", "train_log.jsonl"]
+    # resuming the latest checkpoint sets nothing aside
+    Trainer(_tiny_run(run, tmp_path, steps=6, keep_checkpoints=3, resume=True))
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("abandoned")) == \
+        ["abandoned-after-3", "abandoned-after-3-2"]
+
+
 def test_resume_refusals_name_the_fault(tmp_path):
     from moetorch.checkpoint import CheckpointError
 

@@ -237,13 +237,24 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
-def drop_later_checkpoints(output_dir: Path, step: int) -> None:
-    """Resuming from `step` abandons checkpoints of a later step (their future is being redone)."""
-    removed = False
-    for path in list_checkpoints(output_dir):
-        if checkpoint_step(path) > step:
-            logger.warning("resuming from step %d: removing %s", step, path)
-            _remove(path)
-            removed = True
-    if removed and (output_dir / f"checkpoint-{step}").is_dir():
+def set_aside_later_checkpoints(output_dir: Path, step: int) -> Path | None:
+    """Resuming from `step` abandons the checkpoints of later steps (their future is being redone).
+    They move, whole, into `output_dir/abandoned-after-<step>` (`-2`, `-3`, ... beside an earlier
+    one), out of the run's way but not lost; `latest` then names `checkpoint-<step>`. Returns that
+    directory, or None when no later checkpoint was there."""
+    later = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+    if not later:
+        return None
+    aside, n = output_dir / f"abandoned-after-{step}", 2
+    while aside.exists():
+        aside, n = output_dir / f"abandoned-after-{step}-{n}", n + 1
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)
+    fsync_dir(aside)
+    fsync_dir(output_dir)
+    logger.warning("resuming from step %d: the later %s moved to %s (delete it when it is no longer needed)",
+                   step, ", ".join(p.name for p in later), aside)
+    if (output_dir / f"checkpoint-{step}").is_dir():
         _point_latest(output_dir, f"checkpoint-{step}")
+    return aside

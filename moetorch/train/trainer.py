@@ -303,9 +303,10 @@ class Trainer:
         self.last_checkpoint = path
         group = self.group
         if group.main:
+            aside = None
             if path.resolve().parent == self.output_dir.resolve():
-                ckpt.drop_later_checkpoints(self.output_dir, self.step)
-            self._truncate_log(self.step)
+                aside = ckpt.set_aside_later_checkpoints(self.output_dir, self.step)
+            self._truncate_log(self.step, aside)
         self._log({"event": "resume", "step": self.step, "checkpoint": str(path)})
         self._write(f"resumed from {path} at step {self.step}")
         saved = state.get("rng_ranks") or [state["rng"]]
@@ -321,11 +322,12 @@ class Trainer:
             if group.rank >= len(saved):
                 torch.manual_seed(cfg.seed + group.rank + 7919 * self.step)
 
-    def _truncate_log(self, step: int) -> None:
-        """Drop log records after `step`: they describe steps the resumed run redoes."""
+    def _truncate_log(self, step: int, aside: Path | None = None) -> None:
+        """Drop log records after `step`: they describe steps the resumed run redoes. `aside` (the
+        abandoned checkpoints' directory of a rewind) gets them, in a log of its own."""
         if not self.log_path.exists():
             return
-        kept = []
+        kept, dropped = [], []
         for line in self.log_path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
@@ -333,6 +335,10 @@ class Trainer:
                 continue
             if record.get("step", 0) <= step and record.get("event") != "end":
                 kept.append(line)
+            else:
+                dropped.append(line)
+        if aside is not None:
+            (aside / LOG_FILE).write_text("".join(line + "\n" for line in dropped), encoding="utf-8")
         tmp = self.log_path.with_name(f"{ckpt.TMP_PREFIX}{LOG_FILE}")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.log_path)
