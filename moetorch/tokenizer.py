@@ -151,7 +151,8 @@ class Tokenizer(PushToHubMixin):
         sep_token: str | AddedToken | None = None,
         cls_token: str | AddedToken | None = None,
         mask_token: str | AddedToken | None = None,
-        extra_special_tokens: list[str | AddedToken] | None = None,
+        extra_special_tokens: list[str | AddedToken] | dict[str, str | AddedToken] | None = None,
+        model_specific_special_tokens: dict[str, str | AddedToken] | None = None,
         chat_template: str | None = None,
         padding_side: str = "right",
         truncation_side: str = "right",
@@ -164,11 +165,19 @@ class Tokenizer(PushToHubMixin):
         self._tok.no_padding()
         self._tok.no_truncation()
         self._special: dict[str, Any] = {}
+        # named model-specific special tokens ({"image_token": "<image>"}): attributes `image_token`
+        # and `image_token_id`, in special_tokens_map, as Transformers 5 keeps them
+        self._named: dict[str, Any] = {}
         self._add_bos_token = self._add_eos_token = False  # as Transformers reports them unless set
         for name, value in zip(SPECIAL_NAMES, (bos_token, eos_token, unk_token, sep_token, pad_token, cls_token,
                                                mask_token)):
             setattr(self, name, value)
+        if isinstance(extra_special_tokens, dict):  # Transformers 5: a dict names its tokens
+            model_specific_special_tokens = {**(model_specific_special_tokens or {}), **extra_special_tokens}
+            extra_special_tokens = None
         self.extra_special_tokens = extra_special_tokens
+        for name, value in (model_specific_special_tokens or {}).items():
+            self._set_named(name, value)
         self.chat_template = chat_template
         self.padding_side = padding_side
         self.truncation_side = truncation_side
@@ -208,22 +217,38 @@ class Tokenizer(PushToHubMixin):
         if config.get("tokenizer_class") in LLAMA_CLASSES:
             _as_llama_tokenizer(rust, config, json.loads(text).get("model", {}), file)
         known = {"chat_template", "padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces",
-                 "extra_special_tokens", "additional_special_tokens", "add_bos_token", "add_eos_token"}
+                 "extra_special_tokens", "additional_special_tokens", "add_bos_token", "add_eos_token",
+                 "model_specific_special_tokens"}
         specials = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
+        # Named model-specific tokens, as Transformers 5 reads them: other `*_token` keys holding a
+        # token, then an `extra_special_tokens` dict, then the `model_specific_special_tokens` it
+        # writes (beside the keys, which win: it leaves that dict as loaded when a token changes).
+        named = {k: v for k, v in config.items()
+                 if k.endswith("_token") and k not in SPECIAL_NAMES and isinstance(v, (str, AddedToken))}
         # Transformers 5 writes `extra_special_tokens`; older files (and Transformers 4) `additional_special_tokens`
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        for key in ("extra_special_tokens", "model_specific_special_tokens"):
+            value = config.get(key)
+            if isinstance(value, dict) and key == "extra_special_tokens":
+                named.update(value)
+                extra = config.get("additional_special_tokens") or []
+            elif isinstance(value, dict):
+                named.update({k: v for k, v in value.items() if k not in named})
+            elif value is not None and key == "model_specific_special_tokens":
+                raise ValueError(f"model_specific_special_tokens must be a dict of named tokens, got {value!r}")
         if not isinstance(extra, (list, tuple)):
-            raise ValueError(f"extra_special_tokens must be a list of tokens, got {extra!r} "
-                             "(named model-specific special tokens are not supported by moetorch)")
+            raise ValueError(f"extra_special_tokens must be a list of tokens or a dict of named tokens, got {extra!r}")
         extra = [_token_text(t) for t in extra]
+        named = {k: _token_text(v) for k, v in named.items()}
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: use "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-        rest = {k: v for k, v in config.items() if k not in known and k not in SPECIAL_NAMES}
+        rest = {k: v for k, v in config.items() if k not in known and k not in SPECIAL_NAMES and k not in named}
         tok = cls(
             rust,
             **specials,
             extra_special_tokens=extra,
+            model_specific_special_tokens=named,
             chat_template=template,
             padding_side=config.get("padding_side", _CLASS_PADDING_SIDE.get(config.get("tokenizer_class"), "right")),
             truncation_side=config.get("truncation_side", "right"),
@@ -252,6 +277,8 @@ class Tokenizer(PushToHubMixin):
         config.update(self.special_tokens_map)
         if self._extra_special:
             config["extra_special_tokens"] = self.extra_special_tokens
+        if self._named:  # each as a key of its own too (above), as Transformers 5 writes them
+            config["model_specific_special_tokens"] = {k: str(v) for k, v in self._named.items()}
         config.update(
             tokenizer_class="PreTrainedTokenizerFast", padding_side=self.padding_side,
             truncation_side=self.truncation_side, clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
@@ -362,8 +389,34 @@ class Tokenizer(PushToHubMixin):
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
-        """The named special tokens that are set (Transformers 5: not the extra ones)."""
-        return {name: getattr(self, name) for name in SPECIAL_NAMES if getattr(self, name) is not None}
+        """The named special tokens that are set, the model-specific ones after the standard ones
+        (Transformers 5: not the extra ones)."""
+        standard = {name: getattr(self, name) for name in SPECIAL_NAMES if getattr(self, name) is not None}
+        return {**standard, **{name: str(value) for name, value in self._named.items()}}
+
+    def _set_named(self, name: str, value: str | AddedToken) -> None:
+        if not (isinstance(name, str) and name.endswith("_token") and name.isidentifier()):
+            raise ValueError(f"a named special token's name must end in _token, got {name!r}")
+        if name in SPECIAL_NAMES or name in ("extra_special_tokens",) or hasattr(type(self), name):
+            raise ValueError(f"{name!r} cannot name a model-specific special token (it is an attribute already)")
+        if not isinstance(value, (str, AddedToken)):
+            raise ValueError(f"special token {name} must be a string or an AddedToken, got {value!r}")
+        self._named[name] = value
+
+    def __getattr__(self, name: str) -> Any:
+        # a named model-specific special token (`image_token`) and its id (`image_token_id`)
+        named = self.__dict__.get("_named", {})
+        if name in named:
+            return str(named[name])
+        if name.endswith("_id") and name[:-3] in named:
+            return self.convert_tokens_to_ids(str(named[name[:-3]]))
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("_named", {}):
+            self._set_named(name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def all_special_tokens(self) -> list[str]:
@@ -408,9 +461,9 @@ class Tokenizer(PushToHubMixin):
             special_tokens_dict["extra_special_tokens"] = special_tokens_dict.pop("additional_special_tokens")
         to_add = []
         for key, value in special_tokens_dict.items():
-            if key not in (*SPECIAL_NAMES, "extra_special_tokens"):
-                raise ValueError(f"add_special_tokens: unknown key {key!r}; allowed: "
-                                 f"{(*SPECIAL_NAMES, 'extra_special_tokens', 'additional_special_tokens')}")
+            if key not in (*SPECIAL_NAMES, *self._named, "extra_special_tokens"):
+                allowed = (*SPECIAL_NAMES, *self._named, "extra_special_tokens", "additional_special_tokens")
+                raise ValueError(f"add_special_tokens: unknown key {key!r}; allowed: {allowed}")
             as_added = (lambda t: AddedToken(t, special=True, normalized=False) if isinstance(t, str) else t)
             if key == "extra_special_tokens":
                 if not (isinstance(value, (list, tuple)) and all(isinstance(t, (str, AddedToken)) for t in value)):

@@ -213,6 +213,49 @@ def test_extra_special_tokens_kwarg_matches_transformers(extra_path, path):
             assert ours.encode(text) == hf.encode(text)
 
 
+def test_named_model_specific_special_tokens_match_transformers(path, tmp_path):
+    """Transformers 5's named special tokens: an `extra_special_tokens` dict and other `*_token`
+    keys in tokenizer_config.json. Attributes and ids, the special-token lists, the ids they get
+    when added, encoding and decoding, and saving both ways."""
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "tokenizer.json").write_text((path / "tokenizer.json").read_text())
+    (named / "tokenizer_config.json").write_text(json.dumps({
+        **config, "extra_special_tokens": {"image_token": "<image>", "audio_token": "<|user|>"},
+        "video_token": "<video>"}))
+    hf, ours = both(named)
+
+    def view(tok):
+        text = "a<image>b <video> c<|user|>"
+        ids = tok.encode(text)
+        return (_specials(tok), tok.image_token, tok.image_token_id, tok.video_token_id, tok.audio_token_id, ids,
+                tok.decode(ids), tok.decode(ids, skip_special_tokens=True))
+
+    assert view(ours) == view(hf)
+    with pytest.raises(AttributeError):
+        ours.mask_token_idx  # noqa: B018
+    ours.image_token = "<|assistant|>"
+    hf.image_token = "<|assistant|>"
+    assert (ours.image_token_id, ours.special_tokens_map) == (hf.image_token_id, hf.special_tokens_map)
+    assert ours.add_special_tokens({"image_token": "<img2>"}) == hf.add_special_tokens({"image_token": "<img2>"})
+    assert view(ours) == view(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours")
+    for d in ("hf", "ours"):
+        again = transformers.AutoTokenizer.from_pretrained(tmp_path / d), Tokenizer.from_pretrained(tmp_path / d)
+        assert view(again[1]) == view(again[0]), d
+        # a save writes the named tokens in sorted order: the same tokens and ids, listed so
+        assert sorted(again[1].special_tokens_map.items()) == sorted(hf.special_tokens_map.items()), d
+        assert view(again[1])[1:] == view(hf)[1:], d
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text((path / "tokenizer.json").read_text())
+    (bad / "tokenizer_config.json").write_text(json.dumps({**config, "extra_special_tokens": {"image_token": 5}}))
+    with pytest.raises(ValueError, match="special token must be a string"):
+        Tokenizer.from_pretrained(bad)
+
+
 # ---- 6. BatchEncoding ------------------------------------------------------------------------------
 def test_batch_encoding_to_data_and_encodings_match_transformers(path, caplog):
     hf, ours = both(path)
