@@ -26,14 +26,24 @@ dominate, the cost is the dependency's round trip, which only fewer links remove
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 
 import torch
 import triton
 import triton.language as tl
-from moe_layer import ceilings, graph_ms, save_json  # bench/ is the script's directory
-from persistent_chain import _arrive, _wait, resident_per_sm
+from moe_layer import graph_ms, save_json  # bench/ is the script's directory
+from persistent_chain import (
+    _arrive,
+    _tile_walk,
+    _wait,
+    checked_error,
+    copy_rate,
+    each_chain,
+    resident_per_sm,
+    timed_configs,
+)
 
 from moetorch.ops.triton_moe import _pdl_release, _pdl_start, pdl_meta, sm_count
 
@@ -60,11 +70,7 @@ def _timed_links(w_ptr, y_ptr, count_ptr, st_ptr, st_rows, l0, L, N, K, S, P,
     # stamps[l, pid, :] = start, first step's data (STAMPS 2), last store, arrival, SM id
     _pdl_start(PDL)
     pid = tl.program_id(0)
-    n_tiles = N // BLOCK_N
-    steps = K // BLOCK_K
-    mine = tl.cdiv(n_tiles - pid, P)
-    i = tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_K)
+    n_tiles, steps, mine, i, kk = _tile_walk(pid, N, K, P, BLOCK_N, BLOCK_K)
     zero = pid.to(tl.float32) * 0.0
     for l in range(l0, l0 + L):
         st = st_ptr + (l.to(tl.int64) * st_rows + pid) * 5
@@ -247,49 +253,32 @@ def main(argv=None) -> int:
                    help="2: also stamp the first K step's data (perturbs the loop's pipeline)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    bw = ceilings()["copy_bytes_per_s"]
-    print(f"copy {bw / 1e12:.2f} TB/s", flush=True)
+    bw = copy_rate()
     rows = []
-    for shape in args.shapes.split(","):
-        N, K = (int(v) for v in shape.split("x"))
-        L = args.links
-        g = torch.Generator(device="cuda").manual_seed(0)
-        ws = (torch.randn(L, N, K, device="cuda", generator=g) * 0.02).bfloat16()
-        S = max(N, K)
-        y = torch.zeros(L + 1, S, device="cuda", dtype=torch.bfloat16)
-        y[0].normal_(generator=g)
-        count = torch.zeros(1, device="cuda", dtype=torch.int32)
+    for shape, N, K, L, ws, y, ref, count, floor_us in each_chain(args.shapes, args.links, bw):
         stamps = torch.zeros(L, max(N // 4, 4 * sm_count(0)), 5, device="cuda", dtype=torch.int64)
-        ref = y.clone()
-        for l in range(L):
-            ref[l + 1, :N] = (ws[l].float() @ ref[l, :K].float()).bfloat16()
-        floor_us = N * K * 2 / bw * 1e6
         for arm in args.arms.split(","):
             if arm.startswith("dataflow"):
                 continue  # below
-            best = None
-            for cfg in configs(N, K, arm):
-                fn, P = chain(arm, ws, y, count, stamps, cfg, with_stamps=0)
-                if fn is None:
-                    continue
-                ms = graph_ms(fn, warmup=5, rep=30)
-                if ms is not None and (best is None or ms < best[0]):
-                    best = (ms, cfg)
-            if best is None:
+            def unstamped(cfg, arm=arm, ws=ws, y=y, count=count, stamps=stamps):
+                return chain(arm, ws, y, count, stamps, cfg, with_stamps=0)[0]
+
+            timed = timed_configs(unstamped, configs(N, K, arm), y, ref, N, f"{shape} {arm}")
+            if not timed:
                 continue
-            ms, cfg = best
+            ms, cfg, _ = timed[0]
             fn, P = chain(arm, ws, y, count, stamps, cfg, with_stamps=args.stamps)
             ms_stamped = graph_ms(fn, warmup=5, rep=30)
-            # one replay of the stamped chain in a graph, as timed
+            err = checked_error(fn, y, ref, N, f"{shape} {arm} {cfg} (stamped)")
+            if err is None:
+                continue
+            # replays of the stamped chain in a graph, as timed: the stamps are the last one's
             graph = torch.cuda.CUDAGraph()
-            fn()
-            torch.cuda.synchronize()
             with torch.cuda.graph(graph):
                 fn()
             for _ in range(3):
                 graph.replay()
             torch.cuda.synchronize()
-            err = ((y[L, :N].float() - ref[L, :N].float()).norm() / ref[L, :N].float().norm()).item()
             phases = summarize(stamps.cpu(), P)
             if args.stamps == 1:
                 del phases["first_tile"]  # not stamped
@@ -307,31 +296,17 @@ def main(argv=None) -> int:
         for arm in ("dataflow", "dataflow-barrier"):
             if arm not in args.arms.split(","):
                 continue
-            best = None
-            for cfg in dataflow_configs(N, K):
-                fn = dataflow_chain(ws, y, cfg, flow=int(arm == "dataflow"))
-                if fn is None:
-                    continue
-                y[1:].zero_()
-                fn()
-                torch.cuda.synchronize()
-                err = ((y[L, :N].float() - ref[L, :N].float()).norm() / ref[L, :N].float().norm()).item()
-                if not err < 2e-2:
-                    print(f"  {shape} {arm} {cfg}: wrong result (rel err {err:.2e})", flush=True)
-                    continue
-                ms = graph_ms(fn, warmup=5, rep=30)
-                if ms is not None and (best is None or ms < best[0]):
-                    best = (ms, cfg, err)
-            if best is None:
+            flow = int(arm == "dataflow")
+            timed = timed_configs(functools.partial(dataflow_chain, ws, y, flow=flow), dataflow_configs(N, K), y, ref,
+                                  N, f"{shape} {arm}")
+            if not timed:
                 continue
-            ms, cfg, err = best
-            ms = min(ms, graph_ms(dataflow_chain(ws, y, cfg, flow=int(arm == "dataflow")), warmup=5, rep=50))
+            ms, cfg, err = timed[0]
+            ms = min(ms, graph_ms(dataflow_chain(ws, y, cfg, flow), warmup=5, rep=50))
             rows.append({"shape": shape, "arm": arm, "config": cfg, "programs": N // cfg["R"],
                          "floor_us": floor_us, "us_per_link": ms * 1e3 / L, "rel_err": err})
             print(f"{shape:11s} {arm:16s} {ms * 1e3 / L:6.2f} us a link, floor {floor_us:5.2f}  "
                   f"err {err:.1e}  {cfg}", flush=True)
-        del ws, y, stamps
-        torch.cuda.empty_cache()
     save_json(args.out, {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "rows": rows})
     return 0
 

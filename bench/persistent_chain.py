@@ -35,6 +35,7 @@ helped only at 2 MB and cost up to 50% at 92 MB.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -128,6 +129,14 @@ def _wait(count_ptr, target):
     tl.debug_barrier()
 
 
+@triton.jit
+def _tile_walk(pid, N, K, P, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program pid of P takes column tiles pid, pid + P, ...: the tile count, K steps a tile, this
+    # program's tile count, and the tile's row and K offsets
+    n_tiles = N // BLOCK_N
+    return n_tiles, K // BLOCK_K, tl.cdiv(n_tiles - pid, P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+
+
 @triton.jit(do_not_specialize=["l0", "L"])
 def _gemv_links(w_ptr, y_ptr, count_ptr, l0, L, N, K, S, P,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
@@ -137,11 +146,7 @@ def _gemv_links(w_ptr, y_ptr, count_ptr, l0, L, N, K, S, P,
     # tiles. L > 1: a grid barrier between links (all P programs must be resident).
     _pdl_start(PDL)
     pid = tl.program_id(0)
-    n_tiles = N // BLOCK_N
-    steps = K // BLOCK_K
-    mine = tl.cdiv(n_tiles - pid, P)
-    i = tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_K)
+    n_tiles, steps, mine, i, kk = _tile_walk(pid, N, K, P, BLOCK_N, BLOCK_K)
     if PREFETCH == 2:
         _prefetch_slice(w_ptr + l0.to(tl.int64) * N * K, pid, P, n_tiles, K, BLOCK_N)
     first = (pid * BLOCK_N + i).to(tl.int64)[:, None] * K + kk[None, :]  # a link's first tile of this program
@@ -221,6 +226,67 @@ def chain(arm: str, ws, y, count, cfg: dict):
     return run
 
 
+def copy_rate() -> float:
+    """The device copy rate (bytes read + written a second), measured and printed."""
+    bw = ceilings()["copy_bytes_per_s"]
+    print(f"copy {bw / 1e12:.2f} TB/s", flush=True)
+    return bw
+
+
+def each_chain(shapes: str, links: int, bw: float):
+    """For each "NxK" of `shapes`: the shape, N, K, the link count, `chain_buffers`, a zeroed
+    barrier counter and the floor of one link (its weight bytes at the copy rate, us)."""
+    for shape in shapes.split(","):
+        N, K = (int(v) for v in shape.split("x"))
+        ws, y, ref = chain_buffers(links, N, K)
+        count = torch.zeros(1, device="cuda", dtype=torch.int32)
+        yield shape, N, K, links, ws, y, ref, count, N * K * 2 / bw * 1e6
+        del ws, y, ref
+        torch.cuda.empty_cache()
+
+
+def chain_buffers(L: int, N: int, K: int):
+    """Weights [L, N, K] of a chain's links, its activations y [L + 1, max(N, K)] (y[0] the
+    input; link l reads the first K values of y[l] and writes N values of y[l + 1]) and the chain
+    computed in torch (float32 sums of bf16 inputs), to check an arm's last output against."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ws = (torch.randn(L, N, K, device="cuda", generator=g) * 0.02).bfloat16()
+    y = torch.zeros(L + 1, max(N, K), device="cuda", dtype=torch.bfloat16)
+    y[0].normal_(generator=g)
+    ref = y.clone()
+    for l in range(L):
+        ref[l + 1, :N] = (ws[l].float() @ ref[l, :K].float()).bfloat16()
+    return ws, y, ref
+
+
+def timed_configs(make, configs: list, y, ref, N: int, what: str) -> list[tuple[float, dict, float]]:
+    """(ms a replay, config, relative error) of each config whose chain `make(config)` builds
+    (None: it cannot run) and computes right, fastest first."""
+    timed = []
+    for cfg in configs:
+        fn = make(cfg)
+        if fn is None:
+            continue
+        err = checked_error(fn, y, ref, N, f"{what} {cfg}")
+        ms = None if err is None else graph_ms(fn, warmup=5, rep=30)
+        if ms is not None:
+            timed.append((ms, cfg, err))
+    return sorted(timed, key=lambda t: t[0])
+
+
+def checked_error(fn, y, ref, N: int, what: str) -> float | None:
+    """Run a chain once from zeroed outputs: the relative error of its last link's output (which
+    depends on every link) against torch's, or None (said) where it is wrong."""
+    y[1:].zero_()
+    fn()
+    torch.cuda.synchronize()
+    err = ((y[-1, :N].float() - ref[-1, :N].float()).norm() / ref[-1, :N].float().norm()).item()
+    if not err < 2e-2:
+        print(f"  {what}: wrong result (rel err {err:.2e})", flush=True)
+        return None
+    return err
+
+
 def resident_per_sm(kernel, num_warps: int) -> int:
     """How many programs of a compiled kernel one H100/H200 SM holds at once (registers, shared
     memory, warps, blocks)."""
@@ -252,23 +318,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the arms")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    ceil = ceilings()
-    bw = ceil["copy_bytes_per_s"]
-    print(f"copy {bw / 1e12:.2f} TB/s", flush=True)
+    bw = copy_rate()
     rows = []
-    for shape in args.shapes.split(","):
-        N, K = (int(v) for v in shape.split("x"))
-        L = args.links
-        g = torch.Generator(device="cuda").manual_seed(0)
-        ws = (torch.randn(L, N, K, device="cuda", generator=g) * 0.02).bfloat16()
-        S = max(N, K)
-        y = torch.zeros(L + 1, S, device="cuda", dtype=torch.bfloat16)
-        y[0].normal_(generator=g)
-        count = torch.zeros(1, device="cuda", dtype=torch.int32)
-        floor_us = N * K * 2 / bw * 1e6
-        ref = y.clone()
-        for l in range(L):  # the chain in torch, float32 sums of bf16 inputs
-            ref[l + 1, :N] = (ws[l].float() @ ref[l, :K].float()).bfloat16()
+    for shape, N, K, L, ws, y, ref, count, floor_us in each_chain(args.shapes, args.links, bw):
         # every arm: the best of its configurations (one round), then `rounds` interleaved rounds
         best = {}
         for arm in args.arms.split(","):
@@ -277,24 +329,9 @@ def main(argv=None) -> int:
             cands = [None] if arm == "linear_small" else configs(N, K)
             if arm == "launches":
                 cands = [c for c in cands if c["per_sm"] == 1]
-            timed = []
-            for cfg in cands:
-                fn = chain(arm, ws, y, count, cfg)
-                if fn is None:
-                    continue
-                y[1:].zero_()
-                fn()
-                torch.cuda.synchronize()
-                err = ((y[L, :N].float() - ref[L, :N].float()).norm() / ref[L, :N].float().norm()).item()
-                if not err < 2e-2:  # the last link's output, which depends on every link
-                    print(f"  {shape} {arm} {cfg}: wrong result (rel err {err:.2e})", flush=True)
-                    continue
-                ms = graph_ms(fn, warmup=5, rep=30)
-                if ms is not None:
-                    timed.append((ms, cfg, err))
+            timed = timed_configs(functools.partial(chain, arm, ws, y, count), cands, y, ref, N, f"{shape} {arm}")
             if not timed:
                 continue
-            timed.sort(key=lambda t: t[0])
             best[arm] = timed[0]
             print(f"  {shape} {arm:20s} best {timed[0][0] * 1e3 / L:6.2f} us a link  cfg {timed[0][1]}", flush=True)
         medians = {arm: [] for arm in best}
@@ -308,8 +345,6 @@ def main(argv=None) -> int:
                          "rel_err": err, "rounds_ms": medians[arm]})
             print(f"{shape:11s} {arm:20s} {us:7.2f} us a link  floor {floor_us:6.2f}  "
                   f"{100 * floor_us / us:5.1f}%  err {err:.1e}", flush=True)
-        del ws, y
-        torch.cuda.empty_cache()
     if args.out:
         save_json(args.out, {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "rows": rows})
     return 0
