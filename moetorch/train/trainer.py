@@ -229,10 +229,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self._building_ddp = True
-            # (the rotary tables, the models' only buffers, are the same everywhere: not re-sent each forward)
+            # The rotary tables, the models' only buffers, are the same everywhere: not re-sent each
+            # forward. The gradients live in DDP's buckets, not in a second copy beside them.
             self.forward_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                broadcast_buffers=False, gradient_as_bucket_view=True)
             self._building_ddp = False
 
     # ---- setup helpers ---------------------------------------------------------------------------
