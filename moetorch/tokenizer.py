@@ -177,7 +177,10 @@ class Tokenizer(PushToHubMixin):
             extra_special_tokens = None
         self.extra_special_tokens = extra_special_tokens
         for name, value in (model_specific_special_tokens or {}).items():
-            self._set_named(name, value)
+            if name in SPECIAL_NAMES:  # {"pad_token": ...} in such a dict sets that token, as in Transformers
+                setattr(self, name, value)
+            else:
+                self._set_named(name, value)
         self.chat_template = chat_template
         self.padding_side = padding_side
         self.truncation_side = truncation_side
@@ -221,21 +224,21 @@ class Tokenizer(PushToHubMixin):
                  "model_specific_special_tokens"}
         specials = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
         # Named model-specific tokens, as Transformers 5 reads them: other `*_token` keys holding a
-        # token, then an `extra_special_tokens` dict, then the `model_specific_special_tokens` it
-        # writes (beside the keys, which win: it leaves that dict as loaded when a token changes).
-        named = {k: v for k, v in config.items()
-                 if k.endswith("_token") and k not in SPECIAL_NAMES and isinstance(v, (str, AddedToken))}
+        # token (a string, or an AddedToken written with its "__type"), then an `extra_special_tokens`
+        # dict; the `model_specific_special_tokens` dict it also writes counts only without either
+        # (it keeps that dict as loaded when a token changes, and the keys are then the truth).
+        named = {k: v for k, v in config.items() if k.endswith("_token") and k not in SPECIAL_NAMES and
+                 (isinstance(v, (str, AddedToken)) or (isinstance(v, dict) and v.get("__type") == "AddedToken"))}
         # Transformers 5 writes `extra_special_tokens`; older files (and Transformers 4) `additional_special_tokens`
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
-        for key in ("extra_special_tokens", "model_specific_special_tokens"):
-            value = config.get(key)
-            if isinstance(value, dict) and key == "extra_special_tokens":
-                named.update(value)
-                extra = config.get("additional_special_tokens") or []
-            elif isinstance(value, dict):
-                named.update({k: v for k, v in value.items() if k not in named})
-            elif value is not None and key == "model_specific_special_tokens":
-                raise ValueError(f"model_specific_special_tokens must be a dict of named tokens, got {value!r}")
+        if isinstance(config.get("extra_special_tokens"), dict):
+            named.update(config["extra_special_tokens"])
+            extra = config.get("additional_special_tokens") or []
+        saved = config.get("model_specific_special_tokens")
+        if saved is not None and not isinstance(saved, dict):
+            raise ValueError(f"model_specific_special_tokens must be a dict of named tokens, got {saved!r}")
+        if not named and saved:
+            named = dict(saved)
         if not isinstance(extra, (list, tuple)):
             raise ValueError(f"extra_special_tokens must be a list of tokens or a dict of named tokens, got {extra!r}")
         extra = [_token_text(t) for t in extra]
@@ -278,7 +281,7 @@ class Tokenizer(PushToHubMixin):
         if self._extra_special:
             config["extra_special_tokens"] = self.extra_special_tokens
         if self._named:  # each as a key of its own too (above), as Transformers 5 writes them
-            config["model_specific_special_tokens"] = {k: str(v) for k, v in self._named.items()}
+            config["model_specific_special_tokens"] = {k: str(v) for k, v in self._named.items() if v is not None}
         config.update(
             tokenizer_class="PreTrainedTokenizerFast", padding_side=self.padding_side,
             truncation_side=self.truncation_side, clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
@@ -392,31 +395,47 @@ class Tokenizer(PushToHubMixin):
         """The named special tokens that are set, the model-specific ones after the standard ones
         (Transformers 5: not the extra ones)."""
         standard = {name: getattr(self, name) for name in SPECIAL_NAMES if getattr(self, name) is not None}
-        return {**standard, **{name: str(value) for name, value in self._named.items()}}
+        return {**standard, **{name: str(value) for name, value in self._named.items() if value is not None}}
 
-    def _set_named(self, name: str, value: str | AddedToken) -> None:
+    def _set_named(self, name: str, value: str | AddedToken | None) -> None:
         if not (isinstance(name, str) and name.endswith("_token") and name.isidentifier()):
             raise ValueError(f"a named special token's name must end in _token, got {name!r}")
         if name in SPECIAL_NAMES or name in ("extra_special_tokens",) or hasattr(type(self), name):
             raise ValueError(f"{name!r} cannot name a model-specific special token (it is an attribute already)")
-        if not isinstance(value, (str, AddedToken)):
-            raise ValueError(f"special token {name} must be a string or an AddedToken, got {value!r}")
-        self._named[name] = value
+        if value is not None and not isinstance(value, (str, AddedToken)):
+            raise ValueError(f"special token {name} must be a string, an AddedToken or None, got {value!r}")
+        self._named[name] = value  # None: unset (the name stays known)
+
+    @staticmethod
+    def _named_key(name: str) -> tuple[str, bool]:
+        # `image_token_id` / `image_token_ids` -> ("image_token", True), as Transformers' suffixes
+        for suffix in ("_ids", "_id"):
+            if name.endswith(suffix):
+                return name[: -len(suffix)], True
+        return name, False
 
     def __getattr__(self, name: str) -> Any:
         # a named model-specific special token (`image_token`) and its id (`image_token_id`)
         named = self.__dict__.get("_named", {})
-        if name in named:
-            return str(named[name])
-        if name.endswith("_id") and name[:-3] in named:
-            return self.convert_tokens_to_ids(str(named[name[:-3]]))
+        key, as_id = self._named_key(name)
+        if key in named:
+            value = named[key]
+            if value is None:
+                return None
+            return self.convert_tokens_to_ids(str(value)) if as_id else str(value)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in self.__dict__.get("_named", {}):
-            self._set_named(name, value)
+        key, as_id = self._named_key(name)
+        if key in self.__dict__.get("_named", {}):  # the token, or (an id) that id's token
+            self._set_named(key, self.convert_ids_to_tokens(int(value)) if as_id and value is not None else value)
         else:
             super().__setattr__(name, value)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a Tokenizer pickled before named tokens existed has no `_named`
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_named", {})
 
     @property
     def all_special_tokens(self) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -213,6 +214,9 @@ def test_extra_special_tokens_kwarg_matches_transformers(extra_path, path):
             assert ours.encode(text) == hf.encode(text)
 
 
+SPECIAL = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+
+
 def test_named_model_specific_special_tokens_match_transformers(path, tmp_path):
     """Transformers 5's named special tokens: an `extra_special_tokens` dict and other `*_token`
     keys in tokenizer_config.json. Attributes and ids, the special-token lists, the ids they get
@@ -248,6 +252,43 @@ def test_named_model_specific_special_tokens_match_transformers(path, tmp_path):
         # a save writes the named tokens in sorted order: the same tokens and ids, listed so
         assert sorted(again[1].special_tokens_map.items()) == sorted(hf.special_tokens_map.items()), d
         assert view(again[1])[1:] == view(hf)[1:], d
+    # an id sets its token; None unsets one; `_ids` reads the id too
+    for tok in (hf, ours):
+        tok.image_token_id = tok.convert_tokens_to_ids("<video>")
+    assert (ours.image_token, ours.image_token_id, ours.image_token_ids) == \
+        (hf.image_token, hf.image_token_id, hf.image_token_ids)
+    for tok in (hf, ours):
+        tok.audio_token = None
+    assert (ours.audio_token, ours.audio_token_id, ours.special_tokens_map) == \
+        (hf.audio_token, hf.audio_token_id, hf.special_tokens_map)
+
+    def written(name, extra):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "tokenizer.json").write_text((path / "tokenizer.json").read_text())
+        (d / "tokenizer_config.json").write_text(json.dumps({**config, **extra}))
+        return both(d)
+
+    # a key written as an AddedToken; a stale model_specific_special_tokens beside the keys; a
+    # standard name inside an extra_special_tokens dict
+    for name, extra in (
+            ("added", {"image_token": {"__type": "AddedToken", "content": "<image>", "special": True}}),
+            ("stale", {"video_token": "<video>", "model_specific_special_tokens": {"image_token": "<image>",
+                                                                                   "video_token": "<video>"}}),
+            ("alone", {"model_specific_special_tokens": {"image_token": "<image>"}}),
+            ("standard", {"extra_special_tokens": {"pad_token": "<|user|>", "image_token": "<image>"}})):
+        hf_w, ours_w = written(name, extra)
+        assert (_specials(ours_w), ours_w.pad_token) == (_specials(hf_w), hf_w.pad_token), name
+        assert hasattr(ours_w, "image_token") == hasattr(hf_w, "image_token"), name
+
+    # pickled (a server's worker process), and pickled before named tokens existed
+    again = pickle.loads(pickle.dumps(ours))
+    assert view(again) == view(ours)
+    state = {k: v for k, v in ours.__getstate__().items() if k != "_named"}
+    old = Tokenizer.__new__(Tokenizer)
+    old.__setstate__(state)
+    assert old.special_tokens_map == {k: v for k, v in ours.special_tokens_map.items() if k.startswith(SPECIAL)}
+
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "tokenizer.json").write_text((path / "tokenizer.json").read_text())

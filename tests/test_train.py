@@ -420,7 +420,8 @@ def test_bad_token_arrays_are_refused_naming_the_option(tmp_path):
 def test_rewind_sets_the_later_checkpoints_aside(tmp_path, caplog):
     """`resume=OUTPUT_DIR/checkpoint-K` of an older step: the later checkpoints move, whole and
     loadable, into abandoned-after-K with their log records; nothing is deleted; a second rewind to
-    the same step gets abandoned-after-K-2; the resumed run then saves and rotates as usual."""
+    the same step gets the next free name (a dangling link holds one), and takes a later checkpoint
+    cut short along; the resumed run then saves and rotates as usual."""
     run = tmp_path / "run"
     Trainer(_tiny_run(run, tmp_path, steps=5, keep_checkpoints=3, log_every=1)).train()
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
@@ -438,13 +439,16 @@ def test_rewind_sets_the_later_checkpoints_aside(tmp_path, caplog):
     assert trainer.train()["step"] == 5
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
     assert (aside / "checkpoint-5").is_dir()  # the rotation left it alone
+    # a later checkpoint cut short goes aside too; a dangling link holds its name
+    (run / "checkpoint-9").mkdir()
+    (run / "abandoned-after-3-2").symlink_to(tmp_path / "gone")
     Trainer(_tiny_run(run, tmp_path, steps=5, keep_checkpoints=3, resume=str(run / "checkpoint-3")))
-    assert sorted(p.name for p in (run / "abandoned-after-3-2").iterdir()) == \
-        ["checkpoint-4", "checkpoint-5", "train_log.jsonl"]
+    assert sorted(p.name for p in (run / "abandoned-after-3-3").iterdir()) == \
+        ["checkpoint-4", "checkpoint-5", "checkpoint-9", "train_log.jsonl"]
     # resuming the latest checkpoint sets nothing aside
     Trainer(_tiny_run(run, tmp_path, steps=6, keep_checkpoints=3, resume=True))
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("abandoned")) == \
-        ["abandoned-after-3", "abandoned-after-3-2"]
+        ["abandoned-after-3", "abandoned-after-3-2", "abandoned-after-3-3"]
 
 
 def test_resume_refusals_name_the_fault(tmp_path):
@@ -1063,7 +1067,8 @@ def test_process_group_joined_by_one_rule(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setattr(D, "_control", None)
     monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(D.dist, "get_backend", lambda: "nccl")
+    # a group made without naming a backend: gloo for CPU tensors, NCCL for CUDA ones
+    monkeypatch.setattr(D.dist, "get_backend_config", lambda: "cpu:gloo,cuda:nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     group = D.Group.from_environment("auto")
     assert (group.rank, group.local_rank, group.owned) == (1, 1, False)

@@ -242,11 +242,13 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> Path | None:
     They move, whole, into `output_dir/abandoned-after-<step>` (`-2`, `-3`, ... beside an earlier
     one), out of the run's way but not lost; `latest` then names `checkpoint-<step>`. Returns that
     directory, or None when no later checkpoint was there."""
-    later = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+    # (incomplete ones too: a later save of that step would replace one)
+    later = sorted((p for p in output_dir.iterdir() if p.is_dir() and not p.is_symlink()
+                    and (checkpoint_step(p) or 0) > step), key=checkpoint_step)
     if not later:
         return None
     aside, n = output_dir / f"abandoned-after-{step}", 2
-    while aside.exists():
+    while aside.exists() or aside.is_symlink():
         aside, n = output_dir / f"abandoned-after-{step}-{n}", n + 1
     aside.mkdir()
     for path in later:

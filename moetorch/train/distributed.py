@@ -27,7 +27,7 @@ class PeerFailed(RuntimeError):
 # minutes): process 0 alone tokenizes the data and writes each checkpoint while the others wait.
 DEFAULT_TIMEOUT_S = 1800.0
 
-_control: tuple[Any, Any] | None = None  # (the default group, its gloo group for host messages)
+_control: tuple[Any, float, Any] | None = None  # (the default group, timeout, its gloo group for host messages)
 
 
 @dataclass
@@ -72,8 +72,9 @@ class Group:
 
     @classmethod
     def _made_by_caller(cls, device: str, timeout: float) -> Group:
-        backend = dist.get_backend()
-        if backend == "nccl":
+        # "nccl", or a group made without naming one ("undefined": NCCL for CUDA tensors where CUDA
+        # is there), or "cpu:gloo,cuda:nccl"
+        if "nccl" in dist.get_backend_config():
             if device == "cpu":
                 raise ValueError("device: 'cpu' with the NCCL process group this program made; NCCL needs "
                                  "each process on a GPU: pass auto or cuda, or make a gloo group")
@@ -176,9 +177,9 @@ def _control_group(timeout: float):
     must call this, as every process builds its Trainer)."""
     global _control
     world = dist.group.WORLD
-    if _control is None or _control[0] is not world:
-        _control = (world, dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)))
-    return _control[1]
+    if _control is None or _control[0] is not world or _control[1] != timeout:
+        _control = (world, timeout, dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)))
+    return _control[2]
 
 
 def resolve_device(name: str) -> torch.device:

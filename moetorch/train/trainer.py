@@ -434,7 +434,9 @@ class Trainer:
         self._acc[2] += torch.nn.utils.clip_grad_norm_(self.params, max_norm).double()
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # Under DDP the gradients stay the views of its buckets (freed, the next micro-batches
+        # would accumulate into new tensors beside them).
+        self.optimizer.zero_grad(set_to_none=group.world == 1)
         self._acc_steps += 1
         self.step += 1
         self.data_position += group.world * cfg.grad_accum * B
