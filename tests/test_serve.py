@@ -20,6 +20,7 @@ import transformers
 from fastapi.testclient import TestClient
 from grammar_oracle import SCHEMA, check_schema, hf_constrained
 from parity import OpenAIPenalties
+from tok_util import build_llama_tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import moetorch
@@ -637,9 +638,10 @@ def test_concurrent_requests_each_get_their_own(served):
         assert results[i]["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
 
 
-def test_detokenizer_and_stop_text():
-    """Text pieces add up to the whole decode, an incomplete character held back; stop strings
-    end the text before them, found across pieces."""
+def test_detokenizer_and_stop_text(tmp_path):
+    """Text pieces add up to the whole decode, an incomplete character held back, a prompt's
+    tail giving the first piece its context; stop strings end the text before them, found across
+    pieces."""
     tok = moetorch.AutoTokenizer.from_pretrained("tiny-phimoe")
     rng = random.Random(3)
     for text in ["déjà vu — naïve café ✓ 🙂 end", "def f(x):\n    return x  # ümlaut"]:
@@ -653,6 +655,20 @@ def test_detokenizer_and_stop_text():
                 out += piece
                 i += k
             assert out + d.flush() == tok.decode(ids, skip_special_tokens=True)
+    # after a prompt, its tail is the first piece's context: SentencePiece's word-start space stays
+    # (its decoder strips the leading space of a decode, so the piece decoded alone lost it)
+    llama = moetorch.Tokenizer.from_pretrained(build_llama_tokenizer(tmp_path / "llama"))
+    for text in ["Hello world, how are you?", "x = 2, so 2x + 3 = 7: two words here"]:
+        ids = llama.encode(text, add_special_tokens=False)
+        for k in range(1, len(ids)):
+            d, out, i = Detokenizer(llama, ids[:k][-4:]), "", k
+            while i < len(ids):
+                n = rng.randint(1, 3)
+                out += d.add(ids[i:i + n])
+                i += n
+            whole, prompt = (llama.decode(x, skip_special_tokens=True) for x in (ids, ids[:k]))
+            if not prompt.endswith("\ufffd"):  # (a prompt cut inside a character: its end is the completion's)
+                assert prompt + out + d.flush() == whole, (text, k)
     s = StopText(["END", "xyz"])  # holds back the last 2 characters: they may start a stop string
     assert s.add("abcE") == ("ab", False)
     assert s.add("N") == ("c", False)
@@ -834,6 +850,45 @@ def test_engine_without_an_event_loop_thread_is_not_needed():
                           pad_token_id=0)[0, len(tok.encode("import os")):].tolist()
     assert ids == want[:len(ids)] and pieces[-1].finish_reason in ("stop", "length")
     assert "".join(p.text for p in pieces) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_batch_loop_that_dies_answers_every_later_request():
+    """In the server's process (--no-engine-process): a forward that raises fails the request in
+    flight with a 500, and every later request, streamed or not, gets a 500 that names the error
+    (it used to wait forever on the stopped loop); /health says 503. Only the exception's type and
+    message reach the client."""
+    model = moetorch.AutoModelForCausalLM.from_pretrained("tiny-jetmoe", dtype=torch.float32)
+    tok = moetorch.AutoTokenizer.from_pretrained("tiny-jetmoe")
+    engine = Engine(model, tok, "jet", max_model_len=64, max_batch=2)
+    real = model.forward
+
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out.logits.shape[1] == 1:  # the first decode step
+            raise RuntimeError("a poisoned step")
+        return out
+
+    model.forward = forward
+    with TestClient(create_app(engine)) as client:
+        def ask(route, body, answer):
+            answer.append(client.post(route, json=body))
+
+        r = client.post("/v1/completions", json={"prompt": "import os", "max_tokens": 5})
+        assert r.status_code == 500 and "a poisoned step" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 503
+        for route, body in (("/v1/completions", {"prompt": "import os"}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            for stream in (False, True):
+                answer = []  # (in a thread: a request that waits forever fails the test, not the suite)
+                asker = threading.Thread(target=ask, args=(route, {**body, "max_tokens": 5, "stream": stream}, answer),
+                                         daemon=True)
+                asker.start()
+                asker.join(60)
+                assert answer, f"{route} (stream={stream}) got no answer in 60 s"
+                r = answer[0]
+                message = r.json()["error"]["message"]
+                assert r.status_code == 500 and "the batch's loop is not running (RuntimeError: a poisoned step)" \
+                    in message and "Traceback" not in message, (route, stream)
 
 
 def test_engine_with_a_paged_cache():

@@ -185,8 +185,8 @@ def test_a_client_that_leaves_cancels_its_request(both):
 
 
 def test_an_engine_process_that_dies():
-    """Requests in flight fail with the reason, /health says 503, and new requests get a 500 that
-    names the engine process."""
+    """Requests in flight fail with the reason, /health says 503, and new requests, streamed or
+    not, get a 500 that names the engine process."""
     engine = spawn(max_model_len=1000)  # (room for a request that outlasts the kill)
     with TestClient(create_app(engine)) as client:
         assert client.get("/health").status_code == 200
@@ -203,6 +203,10 @@ def test_an_engine_process_that_dies():
         assert r.status_code == 500 and "engine process is not running" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 0, "echo": True, "logprobs": 1})
         assert r.status_code == 500 and "engine process" in r.json()["error"]["message"]
+        for route, body in (("/v1/completions", {"prompt": PROMPTS[0]}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            r = client.post(route, json={**body, "max_tokens": 5, "stream": True})  # a 500, not a 200 that errs
+            assert r.status_code == 500 and "engine process is not running" in r.json()["error"]["message"], route
     with pytest.raises(EngineError):
         engine.manager.score([5, 6], 0)
 

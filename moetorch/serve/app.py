@@ -472,6 +472,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                     return
                 async for index, piece in _run_all(engine, jobs, _stops(body), _eos(body, engine.eos), True):
                     yield {**head, "choices": [choice(index, piece.text, [piece], piece.finish_reason, False)]}, piece
+            engine.ensure_running()  # a stream to a stopped engine: a 500, not a 200 that errs
             return _sse(chunks(), body, sum(len(p) for p in prompts))
         if all(job.max_tokens == 0 for job in jobs):  # echo alone: the prompts scored, nothing generated
             done = [(job, [Piece("", finish_reason="length")]) for job in jobs]
@@ -542,6 +543,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                     yield {**chunk_head, "choices": [{"index": index, "delta": delta,
                                                       "logprobs": logprobs(index, [piece]),
                                                       "finish_reason": reason}]}, piece
+            engine.ensure_running()  # a stream to a stopped engine: a 500, not a 200 that errs
             return _sse(chunks(), body, len(ids))
         done = await _collect(engine, jobs, _stops(body), _eos(body, engine.chat_eos), request)
 

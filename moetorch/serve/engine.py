@@ -36,7 +36,9 @@ class Detokenizer:
     def __init__(self, tokenizer, prompt_tail: list[int] | None = None) -> None:
         self.tok = tokenizer
         self.ids: list[int] = list(prompt_tail or [])
-        self.prefix = self.read = len(self.ids)  # decoded context starts at prefix; text is out up to read
+        # decoded context starts at prefix; text is out up to read: the prompt's tail is the first
+        # window's context (a SentencePiece decode strips the space of its first piece alone)
+        self.prefix, self.read = 0, len(self.ids)
 
     def _text(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -328,6 +330,19 @@ class Engine:
         if self.manager.is_running():
             self.manager.stop(block=True, hard_stop=True)
 
+    def ensure_running(self) -> None:
+        """EngineError (a 500 that says why) where the batch's loop, or the engine process, has
+        stopped: a request queued there would wait forever. (A loop not started yet is fine: it
+        serves what was queued when it starts.)"""
+        manager = self.manager
+        if self.model is None:  # the engine process
+            if not manager.is_running():
+                raise EngineError(f"the engine process is not running{manager._why()}")
+        elif manager._thread is not None and not manager.is_running():
+            why = manager.fatal_error
+            raise EngineError("the batch's loop is not running" +
+                              (f" ({type(why).__name__}: {why})" if why is not None else " (stopped)"))
+
     def check_prompt(self, ids: list[int], max_tokens: int | None, where: str, param: str | None = None) -> int:
         """The completion's token limit, or PromptError naming the field at fault (`where` in the
         message, e.g. "prompt[1]"; `param` the request's field, default `where`)."""
@@ -350,6 +365,7 @@ class Engine:
         when the caller stops iterating early (a client that went away). `sampling`: the
         manager's per-request settings (`do_sample`, `temperature`, `top_k`, `top_p`, `seed`,
         `top_logprobs`)."""
+        self.ensure_running()
         rid = f"srv-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         sofar = StreamedOutput(rid)  # results come as deltas (a whole one would copy every token so far)

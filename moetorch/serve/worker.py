@@ -340,9 +340,11 @@ def _worker_main(conn, loader, setup: dict) -> None:
             if manager.fatal_error is not None:
                 raise RuntimeError(f"the batch's loop failed: {manager.fatal_error!r}")
     except BaseException as e:  # noqa: BLE001 -- reported, then the process ends
+        # the traceback to the server's log; clients see the exception's type and message
+        logger.error("serve: the engine process failed\n%s", traceback.format_exc())
         try:
             with lock:
-                conn.send(("fatal", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"))
+                conn.send(("fatal", f"{type(e).__name__}: {e}"))
         except (OSError, EOFError):
             pass
     finally:
