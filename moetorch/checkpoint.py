@@ -107,6 +107,27 @@ def with_variant(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def stored_dtype(path: str | os.PathLike, variant: str | None = None) -> torch.dtype | None:
+    """The dtype of a checkpoint's first floating-point tensor (what Transformers' `dtype="auto"`
+    takes when config.json names none), or None (no weights there, or none floating)."""
+    try:
+        files = checkpoint_files(path, variant)
+        with safe_open(files[0], framework="pt", device="cpu") as f:
+            for key in f.keys():
+                dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                if dtype is not None:
+                    return dtype
+    except (CheckpointError, OSError, IndexError):
+        return None  # (loading names what is wrong)
+    except Exception:  # noqa: BLE001 -- safetensors' own errors for a corrupt file: loading names the file
+        return None
+    return None
+
+
 def checkpoint_files(path: str | os.PathLike, variant: str | None = None) -> list[str]:
     """The safetensors files of a checkpoint directory (of one `variant`), in index order."""
     path = os.fspath(path)
@@ -128,9 +149,13 @@ def checkpoint_files(path: str | os.PathLike, variant: str | None = None) -> lis
     if variant is not None:
         raise CheckpointError(f"variant={variant!r}: no {os.path.basename(single)} or {os.path.basename(index)} "
                               f"found in {path}")
-    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
+    names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
+    shards = [f for f in names if _SHARD.match(f)]  # model-00001-of-00002.safetensors without its index
     if shards:
         return [os.path.join(path, f) for f in shards]
+    if names:
+        raise CheckpointError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path}, only {names[:4]}; "
+                              "for model.VARIANT.safetensors pass variant=VARIANT")
     if any(os.path.exists(os.path.join(path, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise CheckpointError(f"{path} holds PyTorch .bin weights; moetorch reads safetensors only")
     raise CheckpointError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} found in {path}")
@@ -173,8 +198,11 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_pref
                 for key in f.keys():
                     target = from_disk(_adapt_prefix(key, own, base_prefix), config)
                     name = _adapt_prefix(target.name, own, base_prefix)
-                    if name not in own or (tied and name == "lm_head.weight"):
-                        unexpected.append(key)
+                    if tied and name == "lm_head.weight":
+                        continue  # the embedding's copy (tied): the one parameter is loaded from the embedding
+                    if name not in own:
+                        if not _STALE.search(key):  # old rotary buffers: dropped, as Transformers drops them
+                            unexpected.append(key)
                         continue
                     dst = own[name] if target.index is None else own[name][target.index]
                     src = f.get_tensor(key)
@@ -221,6 +249,10 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_pref
                        "(ignore_mismatched_sizes)", path, name, tuple(src), tuple(dst))
     return {"missing_keys": set(heads_missing), "unexpected_keys": set(heads_extra),
             "mismatched_keys": set(mismatched), "error_msgs": []}
+
+
+# Buffers that older checkpoints saved and the models compute instead
+_STALE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 # ---- writing ------------------------------------------------------------------------------------

@@ -380,6 +380,8 @@ class MoeConfig(PushToHubMixin):
         """Read `config.json` from a checkpoint directory (or a path to the json file itself, or a
         Hub repository: `revision`, `cache_dir`, `token`, ... as in Transformers)."""
         hub = hub_options(overrides)
+        for key in _LOADER_KEYS:  # loading options, not fields: never written to config.json
+            overrides.pop(key, None)
         config = cls.from_dict(read_config_dict(path, **hub), **overrides)
         (config[0] if isinstance(config, tuple) else config).name_or_path = path
         return config
@@ -390,7 +392,7 @@ class MoeConfig(PushToHubMixin):
         """(config.json's dict, the keywords left once the Hub's options are taken), as Transformers'
         `PretrainedConfig.get_config_dict` returns them."""
         hub = hub_options(kwargs)
-        for key in ("trust_remote_code", "proxies", "_from_auto", "_from_pipeline"):
+        for key in _LOADER_KEYS:
             kwargs.pop(key, None)
         return read_config_dict(pretrained_model_name_or_path, **hub), kwargs
 
@@ -423,6 +425,10 @@ class MoeConfig(PushToHubMixin):
         return copy.deepcopy(self)
 
 
+# from_pretrained's options that a config takes along from a model's call (AutoConfig, pipelines)
+_LOADER_KEYS = ("trust_remote_code", "proxies", "_from_auto", "_from_pipeline", "_commit_hash", "resume_download")
+
+
 def read_config_dict(path: str | os.PathLike, **hub: Any) -> dict[str, Any]:
     """Load a config.json as a dict, with errors that name the file. `path`: a directory, the
     file, an embedded model's name or a Hub repository (`hub`: its options, `moetorch.hub`)."""
@@ -435,6 +441,8 @@ def read_config_dict(path: str | os.PathLike, **hub: Any) -> dict[str, Any]:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:  # a weights file, say
+        raise ConfigError(f"{file} is not a config.json (not text); pass the checkpoint's directory") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -506,17 +506,19 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         elif not isinstance(config, cls.config_class):
             raise TypeError(f"{cls.__name__}.from_pretrained: config must be a {cls.config_class.__name__} or the "
                             f"path of a config.json (or its directory), got {type(config).__name__}")
-        else:
+        else:  # a copy, as in Transformers: the model's settings (dtype, attention) never reach the caller's
             unused = {k: v for k, v in config_overrides.items() if not hasattr(config, k)}
-            if config_overrides:
-                config = config.copy()
-                config.update({k: v for k, v in config_overrides.items() if k not in unused})
+            config = config.copy()
+            config.update({k: v for k, v in config_overrides.items() if k not in unused})
         if unused:
             raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments {sorted(unused)}: "
                             f"neither loading options nor attributes of {cls.config_class.__name__}")
         if attn_implementation is not None:
             config.attn_implementation = attn_implementation
-        target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+        asked = dtype if dtype is not None else torch_dtype
+        if asked in (None, "auto") and config.dtype is None:  # "auto" with no dtype in config.json: the weights'
+            asked = checkpoint.stored_dtype(path, variant) or "auto"
+        target_dtype = resolve_dtype(asked, config)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(target_dtype)
         try:
@@ -600,8 +602,9 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         tensors, and `variant` names the files `model.{variant}.safetensors`. `push_to_hub=True`
         then uploads the directory to `repo_id` (default: the directory's name; with `token`,
         `private`, `commit_message`, `commit_description`, `create_pr`, `revision`)."""
-        if kwargs.get("safe_serialization", True) is False:
-            raise ValueError("moetorch writes safetensors only (safe_serialization=False is not supported)")
+        if kwargs.get("safe_serialization", True) is False:  # as Transformers 5, which dropped .bin saving
+            logger.warning("save_pretrained: safe_serialization=False is ignored; the weights are written as "
+                           "safetensors (as Transformers 5 writes them)")
         push = {k: kwargs.pop(k) for k in PUSH_OPTIONS if k in kwargs}
         unknown = sorted(kwargs.keys() - _SAVE_NO_OPS)
         if unknown:

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 import transformers
-from archs import ARCH_IDS, ARCHS, PHIMOE, randomize_
+from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE, randomize_
 from parity import close, make_inputs
 from safetensors.torch import load_file, save_file
 
@@ -258,7 +258,7 @@ def test_variant_files_both_libraries(tmp_path):
         "model.safetensors", "model.v1.safetensors"]
 
 
-def test_save_options_as_transformers(tmp_path):
+def test_save_options_as_transformers(tmp_path, caplog):
     ours = our_model(PHIMOE, seed=1)
     ours.save_pretrained(tmp_path / "rank1", is_main_process=False)
     assert not (tmp_path / "rank1").exists()
@@ -269,8 +269,14 @@ def test_save_options_as_transformers(tmp_path):
     with torch.no_grad():
         close(hf(ids).logits, other(ids).logits, "the state_dict given is what is written")
     ours.save_pretrained(tmp_path / "ok", token=None, safe_serialization=True, save_original_format=True)
-    with pytest.raises(ValueError, match="safe_serialization"):
-        ours.save_pretrained(tmp_path / "x", safe_serialization=False)
+    # Transformers 5 dropped .bin saving and ignores safe_serialization=False: so does moetorch, saying so
+    with caplog.at_level(logging.WARNING, logger="moetorch"):
+        ours.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert "safe_serialization=False is ignored" in caplog.text
+    assert (tmp_path / "bin" / "model.safetensors").is_file()
+    hf.save_pretrained(tmp_path / "hf_bin", safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "bin").glob("*.safetensors")) == \
+        sorted(p.name for p in (tmp_path / "hf_bin").glob("*.safetensors"))
     with pytest.raises(TypeError, match="max_shard"):
         ours.save_pretrained(tmp_path / "x", max_shard="1GB")
 
@@ -294,3 +300,63 @@ def test_loading_options_never_land_in_the_config(tmp_path):
                        ("tp_plan", "auto"), ("gguf_file", "m.gguf"), ("from_tf", True)):
         with pytest.raises(ValueError, match=f"`{key}`"):
             PhimoeForCausalLM.from_pretrained(tmp_path, **{key: value})
+
+
+def test_loading_details_as_transformers(tmp_path, caplog):
+    """What Transformers does and users meet: a config object passed in is copied (a model's dtype
+    never reaches the caller's object or another model); dtype "auto" without a dtype in
+    config.json takes the weights' own; a config read with loading options writes none of them;
+    old rotary buffers in a checkpoint are dropped; a tied checkpoint that also stores the head
+    loads without a word; weights files of a variant only are not taken without `variant`; a
+    weights file given as the config is named."""
+    from moetorch import AutoConfig, JetMoeForCausalLM
+
+    hf = hf_phimoe().to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16")
+    cfg = AutoConfig.from_pretrained(tmp_path / "bf16")
+    first = PhimoeForCausalLM.from_pretrained(tmp_path / "bf16", config=cfg, dtype=torch.float32)
+    second = PhimoeForCausalLM.from_pretrained(tmp_path / "bf16", config=cfg)
+    assert first.config is not cfg and second.config is not first.config and cfg.dtype == torch.bfloat16
+    assert (first.dtype, second.dtype) == (torch.float32, torch.bfloat16)
+
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(config))
+    want = transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "bf16").dtype
+    assert want == torch.bfloat16
+    assert PhimoeForCausalLM.from_pretrained(tmp_path / "bf16").dtype == want
+    assert PhimoeForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == want
+
+    AutoConfig.from_pretrained(tmp_path / "bf16", trust_remote_code=True, _from_auto=True).save_pretrained(tmp_path / "c")
+    assert not {"trust_remote_code", "_from_auto"} & json.loads((tmp_path / "c" / "config.json").read_text()).keys()
+
+    ours = our_model(PHIMOE)
+    ours.save_pretrained(tmp_path / "rope")
+    tensors = load_file(tmp_path / "rope" / "model.safetensors")
+    for i in range(PHIMOE.our_config().num_hidden_layers):
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(tensors, tmp_path / "rope" / "model.safetensors", metadata={"format": "pt"})
+    for lib in (transformers.PhimoeForCausalLM, PhimoeForCausalLM):
+        _, info = lib.from_pretrained(tmp_path / "rope", output_loading_info=True)
+        assert not info["unexpected_keys"], lib
+
+    jet = our_model(JETMOE)
+    assert jet.config.tie_word_embeddings
+    jet.save_pretrained(tmp_path / "tied")
+    tensors = load_file(tmp_path / "tied" / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "tied" / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moetorch"):
+        _, info = JetMoeForCausalLM.from_pretrained(tmp_path / "tied", output_loading_info=True)
+    _, hf_info = transformers.JetMoeForCausalLM.from_pretrained(tmp_path / "tied", output_loading_info=True)
+    assert info["unexpected_keys"] == hf_info["unexpected_keys"] == set() and "unused" not in caplog.text
+
+    ours.save_pretrained(tmp_path / "variant_only", variant="fp16")
+    with pytest.raises(CheckpointError, match="pass variant=VARIANT"):
+        PhimoeForCausalLM.from_pretrained(tmp_path / "variant_only")
+    with pytest.raises(OSError):
+        transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "variant_only")
+    with pytest.raises(ConfigError, match="not a config.json .not text.; pass the checkpoint's directory"):
+        PhimoeForCausalLM.from_pretrained(tmp_path / "rope" / "model.safetensors")
