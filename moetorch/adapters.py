@@ -114,6 +114,40 @@ def _tuner_layers(model: torch.nn.Module, with_saved_modules: bool = False):
     return [m for m in model.modules() if isinstance(m, kinds)]
 
 
+def _inject(model, peft, config, name: str, **kwargs) -> None:
+    """PEFT's injection of adapter `name`; where it fails (target modules that match nothing), the
+    name it registered first goes again, so that it neither passes for loaded nor blocks a retry."""
+    had = name in model.__dict__.get("peft_config", {})
+    try:
+        peft.inject_adapter_in_model(config, model, name, **kwargs)
+    except BaseException:
+        if not had:
+            model.__dict__.get("peft_config", {}).pop(name, None)
+        raise
+
+
+def _pad_config(config, target_rank: int) -> None:
+    """A LoRA config padded to `target_rank` (as hotswapping pads its weights with zeros): every
+    rank becomes `target_rank`, and each alpha grows with it, so that alpha / r (or alpha / sqrt(r)
+    with rsLoRA), the scaling the model runs with, stays what it was."""
+    import math
+
+    def grown(alpha: float, r: int) -> float:
+        ratio = target_rank / r
+        return alpha * (math.sqrt(ratio) if config.use_rslora else ratio)
+
+    r, alpha = config.r, config.lora_alpha
+    alphas = dict(config.alpha_pattern or {})
+    for key, rank in (config.rank_pattern or {}).items():
+        alphas[key] = grown(alphas.get(key, alpha), rank)
+        config.rank_pattern[key] = target_rank
+    for key in set(alphas) - set(config.rank_pattern or {}):
+        alphas[key] = grown(alphas[key], r)
+    config.alpha_pattern = alphas
+    config.lora_alpha = grown(alpha, r)
+    config.r = target_rank
+
+
 class AdapterMixin:
     """What Transformers' models offer for PEFT adapters, with Transformers' names and behaviour."""
 
@@ -189,10 +223,16 @@ class AdapterMixin:
 
             check_hotswap_configs_compatible(loaded[name], peft_config)
             hotswap_adapter_from_state_dict(self, _named(state, name, "lora_"), name, peft_config)
+            # the adapter is now this one: its config goes with it (a save then reloads what runs),
+            # at the padded rank where the first adapter was padded
+            padded = loaded[name].r
+            self.peft_config[name] = peft_config
+            if peft_config.r != padded:
+                _pad_config(peft_config, padded)
             unexpected: list[str] = []
             missing: list[str] = []
         else:
-            peft.inject_adapter_in_model(peft_config, self, name, low_cpu_mem_usage=low_cpu_mem_usage)
+            _inject(self, peft, peft_config, name, low_cpu_mem_usage=low_cpu_mem_usage)
             self._hf_peft_config_loaded = True
             result = peft.set_peft_model_state_dict(self, state, adapter_name=name, low_cpu_mem_usage=low_cpu_mem_usage)
             unexpected = list(result.unexpected_keys)
@@ -200,8 +240,10 @@ class AdapterMixin:
             if getattr(self, "_prepare_peft_hotswap_kwargs", None) and len(self.peft_config) == 1:
                 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-                # pad the first adapter to the highest rank, so that later ones replace it in place
-                prepare_model_for_compiled_hotswap(self, config=peft_config, **self._prepare_peft_hotswap_kwargs)
+                # pad the first adapter to the highest rank, so that later ones replace it in place; its
+                # config's rank follows, and its alpha with it (the scaling PEFT keeps: a save reloads alike)
+                prepare_model_for_compiled_hotswap(self, **self._prepare_peft_hotswap_kwargs)
+                _pad_config(peft_config, self._prepare_peft_hotswap_kwargs["target_rank"])
         if peft_config.inference_mode:
             self.eval()
             for module in _tuner_layers(self):
@@ -245,7 +287,7 @@ class AdapterMixin:
             raise ValueError(f"add_adapter: {adapter_config.peft_type.value} is a prompt-learning method, which "
                              "adds virtual tokens rather than layers; use peft.get_peft_model")
         adapter_config.base_model_name_or_path = self.__dict__.get("name_or_path") or None
-        peft.inject_adapter_in_model(adapter_config, self, name)
+        _inject(self, peft, adapter_config, name)
         self._hf_peft_config_loaded = True
         self.set_adapter(name)
 
@@ -268,7 +310,7 @@ class AdapterMixin:
     def enable_adapters(self) -> None:
         """Run the active adapters again after `disable_adapters`."""
         self._check_adapters("enable_adapters")
-        for module in _tuner_layers(self):
+        for module in _tuner_layers(self, with_saved_modules=True):  # the modules_to_save copies too
             module.enable_adapters(enabled=True)
 
     def active_adapters(self) -> list[str]:

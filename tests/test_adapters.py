@@ -255,6 +255,23 @@ def test_hotswap_replaces_an_adapter_as_a_fresh_load_would(arch_name, tmp_path):
     with pytest.raises(RuntimeError, match="before loading the first adapter"):
         ours.enable_peft_hotswap(target_rank=8)
 
+    # What is saved after a swap, padded or not, reloads as the model runs: the config of the
+    # adapter swapped in, at the padded rank with its alpha grown alike (alpha / r kept)
+    ours.save_pretrained(tmp_path / "saved-higher")
+    close(fresh(tmp_path / "saved-higher"), logits(ours, ids, mask), "the swapped, padded adapter saved and reloaded")
+    _, padded = make_pair(arch, tmp_path / "padded-only", seed=3)
+    padded.enable_peft_hotswap(target_rank=8)
+    padded.load_adapter(first)
+    padded.save_pretrained(tmp_path / "saved-first")
+    saved = json.loads((tmp_path / "saved-first" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (8, 16)
+    close(fresh(tmp_path / "saved-first"), fresh(first), "the padded first adapter saved and reloaded")
+    _, swapped = make_pair(arch, tmp_path / "swapped", seed=3)
+    swapped.load_adapter(first)
+    swapped.load_adapter(same_rank, hotswap=True)
+    swapped.save_pretrained(tmp_path / "saved-same")
+    close(fresh(tmp_path / "saved-same"), want, "the swapped adapter saved and reloaded")
+
 
 def test_sequence_classifier_adapter_with_modules_to_save_loads_as_in_transformers(tmp_path):
     hf, ours = make_pair(PHIMOE, tmp_path, head="seq_cls", seed=3)
@@ -272,6 +289,11 @@ def test_sequence_classifier_adapter_with_modules_to_save_loads_as_in_transforme
     assert trainable(ours) == [] and trainable(hf) == ["score.modules_to_save.default.weight"]
     ids, mask = make_inputs(PHIMOE.base["vocab_size"], 2, 7, "left", seed=5)
     close(logits(ours, ids, mask), logits(made.eval(), ids, mask), "PEFT's own model")
+    # enable_adapters brings the saved classifier copy back too (Transformers' leaves it off:
+    # docs/differences.md)
+    ours.disable_adapters()
+    ours.enable_adapters()
+    close(logits(ours, ids, mask), logits(made.eval(), ids, mask), "disabled, then enabled again")
 
 
 def test_bad_adapter_calls_are_errors_that_name_the_problem(tmp_path, monkeypatch):
@@ -329,3 +351,39 @@ def test_bad_adapter_calls_are_errors_that_name_the_problem(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(ImportError, match="pip install peft"):
         ours.load_adapter(tmp_path / "a", adapter_name="seven")
+
+
+def test_adapter_edge_cases_left_no_trace(tmp_path):
+    """An adapter whose target modules match nothing leaves no name behind (set_adapter would run
+    the base model, a retry would be "already loaded"); after PEFT's prompt-learning generate
+    raised, the base model still generates; PEFT's per-row adapters (`adapter_names`) generate
+    left-padded prompts with a static cache as Transformers + PEFT do."""
+    hf, ours = make_pair(JETMOE, tmp_path, seed=3)
+    first = make_adapter(hf, tmp_path / "a", "jetmoe", seed=4)
+    ours.load_adapter(first, adapter_name="a")
+    with pytest.raises(ValueError):
+        ours.add_adapter(peft.LoraConfig(r=4, target_modules=["nonexistent"]), adapter_name="bad")
+    assert list(ours.peft_config) == ["a"]
+    with pytest.raises(ValueError):
+        ours.set_adapter("bad")
+    ours.add_adapter(peft.LoraConfig(r=4, target_modules=["kv_proj"]), adapter_name="bad")  # the name is free
+    assert list(ours.peft_config) == ["a", "bad"]
+
+    _, base = make_pair(JETMOE, tmp_path / "prompt", seed=3)
+    wrapped = peft.get_peft_model(base, peft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    ids, _ = make_inputs(JETMOE.base["vocab_size"], 1, 4, None, seed=5)
+    with pytest.raises(NotImplementedError, match="virtual tokens"):
+        wrapped.generate(input_ids=ids, max_new_tokens=2)
+    assert wrapped.get_base_model().generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (1, 6)
+
+    hf, ours = make_pair(JETMOE, tmp_path / "rows", seed=3)
+    second = make_adapter(hf, tmp_path / "b", "jetmoe", seed=5)
+    wrapped = []
+    for model in (hf, ours):
+        w = peft.PeftModel.from_pretrained(model, str(first))
+        w.load_adapter(str(second), adapter_name="b")
+        wrapped.append(w)
+    ids, mask = make_inputs(JETMOE.base["vocab_size"], 3, 6, "left", seed=6)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+              adapter_names=["default", "b", "__base__"], cache_implementation="static")
+    assert torch.equal(wrapped[1].generate(input_ids=ids, **kw), wrapped[0].generate(input_ids=ids, **kw))

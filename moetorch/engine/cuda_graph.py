@@ -286,7 +286,10 @@ class GraphedPrefill:
         T = ids_BT.shape[1]
         if self.cache.get_seq_length() != 0 or ids_BT.shape[0] != self.B or self.cache.slot_rows is not None:
             return None
-        if attention_mask_BT is not None and PACK_PADDED_PROMPTS:
+        from ..generation.utils import _foreign_modules  # (it imports this module)
+
+        # (not with another library's modules in the model: PEFT's per-row adapters see one packed row)
+        if attention_mask_BT is not None and PACK_PADDED_PROMPTS and not _foreign_modules(self.model):
             logits = self._packed(ids_BT, attention_mask_BT, position_ids_BT)
             if logits is not None:
                 self.cache._seen = T  # the padded length, as the padded forward leaves it

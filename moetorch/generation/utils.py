@@ -1502,6 +1502,9 @@ def _check_no_input_hook(model) -> None:
     DoRA, IA3, ...) it only calls moetorch's, so it may stay. Prompt learning (prompt tuning,
     p-tuning, prefix tuning) adds its virtual tokens there and cannot."""
     hook = model.__dict__.get("prepare_inputs_for_generation")
+    if getattr(hook, "__self__", None) is model and \
+            getattr(hook, "__func__", None) is type(model).prepare_inputs_for_generation:
+        return  # its own method, put back as an attribute (PEFT's generate does so when it ends)
     if hook is None:
         if type(model).prepare_inputs_for_generation.__module__.startswith("moetorch."):
             return
