@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import socket
 import sys
@@ -66,22 +67,29 @@ def _dtype(text: str) -> str:
     return text
 
 
+def _number(text: str, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
 def _temperature(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a temperature: 0 (greedy) or a finite number > 0")
     return value
 
 
 def _top_p(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a probability in (0, 1]")
     return value
 
 
 def _top_k(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a count of tokens >= 0 (0: no top-k)")
     return value
@@ -275,6 +283,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     eos = eos_ids(model.generation_config.eos_token_id) or None
     kwargs = _hold_to(_sampling_kwargs(args, tok), _grammar(args, tok, model), eos)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and len(ids) > limit:
+        raise SystemExit(f"moetorch: the prompt has {len(ids)} tokens, more than the model's {limit}-token "
+                         "context (max_position_embeddings)")
     print(args.prompt, end="", flush=True)
     _, n, elapsed, stopped = _stream(model, tok, torch.tensor([ids], device=model.device), kwargs)
     if stopped:
@@ -282,6 +294,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 130
     print(f"[moetorch] {n} tokens in {elapsed:.2f}s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
+
+
+def _fit(tok, system: list[dict], history: list[dict], model, max_new_tokens: int):
+    """The chat's prompt, the oldest turns dropped (with a notice) until it leaves the reply room in
+    the model's context (`max_position_embeddings`; at least the prompt fits); None (said) when the
+    last message alone does not fit."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    room = None if limit is None else limit - min(max_new_tokens, limit // 2)
+    dropped = 0
+    while True:
+        enc = tok.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt")
+        n = enc["input_ids"].shape[1]
+        if room is None or n <= room or len(history) == 1:
+            break
+        del history[:2]  # the oldest exchange (a user turn and its reply)
+        dropped += 2
+    if limit is not None and n > limit:
+        print(f"[moetorch] that message makes a {n}-token prompt, more than the model's {limit}-token context; "
+              "it was not sent", file=sys.stderr)
+        return None
+    if dropped:
+        print(f"[moetorch] the conversation outgrew the model's {limit}-token context: the {dropped} oldest "
+              "turns were dropped", file=sys.stderr)
+    return enc
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -320,7 +356,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("[moetorch] history cleared", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        enc = tok.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt")
+        enc = _fit(tok, system, history, model, args.max_new_tokens)
+        if enc is None:
+            history.pop()
+            continue
         print("assistant> ", end="", flush=True)
         # (a grammar's processor follows one call: a new one each turn)
         reply, _, _, stopped = _stream(model, tok, enc["input_ids"].to(model.device),
@@ -404,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto (checkpoint dtype), bfloat16, float16 or float32")
 
     def sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+        p.add_argument("--max-new-tokens", type=_int_at_least(1), default=max_new_tokens)
         p.add_argument("--temperature", type=_temperature, default=0.0, help="0 (default): greedy; > 0: sample")
         p.add_argument("--top-p", type=_top_p, default=1.0, help="sampling: nucleus probability in (0, 1]")
         p.add_argument("--top-k", type=_top_k, default=50, help="sampling: the k likeliest tokens (0: all)")
@@ -484,12 +523,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_main(argv[1:])
         args = build_parser().parse_args(argv)
-        if getattr(args, "max_new_tokens", 1) < 1:
-            raise SystemExit("moetorch: --max-new-tokens must be at least 1")
         return args.func(args)
     except KeyboardInterrupt:  # loading a model, a chat's prompt, a second Ctrl-C: no traceback
         print("\n[moetorch] interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a pipe's writer does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (so that the interpreter's final flush fails no more)
+        return 141
 
 
 if __name__ == "__main__":

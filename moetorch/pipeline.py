@@ -85,10 +85,13 @@ def _is_chat(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
 
 
+_RETURN_TYPES = {0: "tensors", 1: "new_text", 2: "full_text"}
+
+
 def _sanitize(return_full_text=None, return_tensors=None, return_text=None, clean_up_tokenization_spaces=None,
               prefix=None, handle_long_generation=None, stop_sequence=None, truncation=None, max_length=None,
               continue_final_message=None, skip_special_tokens=None, tokenizer_encode_kwargs=None, tools=None,
-              documents=None, pipe_tokenizer=None, **generate_kwargs):
+              documents=None, return_type=None, pipe_tokenizer=None, **generate_kwargs):
     """Split the arguments of a call (or the pipeline's own) into (preprocess, generate, postprocess)
     parameters, as Transformers' `TextGenerationPipeline._sanitize_parameters` does."""
     pre = {k: generate_kwargs.pop(k) for k in ("add_special_tokens", "padding") if k in generate_kwargs}
@@ -112,8 +115,11 @@ def _sanitize(return_full_text=None, return_tensors=None, return_text=None, clea
     post = {}
     if tools is not None:
         post["tools"] = tools
-    return_type = None
-    if return_full_text is not None:
+    # Transformers' `ReturnType` (TENSORS 0, NEW_TEXT 1, FULL_TEXT 2), which wins over the flags below
+    return_type = _RETURN_TYPES.get(getattr(return_type, "value", return_type), return_type)
+    if return_type not in (None, *_RETURN_TYPES.values()):
+        raise ValueError(f"return_type must be a transformers ReturnType (or 0, 1, 2), got {return_type!r}")
+    if return_full_text is not None and return_type is None:
         if return_text is not None:
             raise ValueError("`return_text` is mutually exclusive with `return_full_text`")
         if return_tensors is not None:
@@ -213,10 +219,14 @@ class TextGenerationPipeline:
             return self._run([self.preprocess(text_inputs, **pre)], gen, post)[0]
         if isinstance(text_inputs, itertools.chain):
             return self._iterate(text_inputs, batch_size, pre, gen, post)
+        if isinstance(text_inputs, torch.utils.data.Dataset):  # (Transformers' KeyDataset, say): lazily, as there
+            items = iter(text_inputs) if isinstance(text_inputs, torch.utils.data.IterableDataset) else \
+                (text_inputs[i] for i in range(len(text_inputs)))
+            return self._iterate(items, batch_size, pre, gen, post)
         if isinstance(text_inputs, (list, tuple)):
             return list(self._iterate(text_inputs, batch_size, pre, gen, post))
-        raise TypeError("text_inputs must be a string, a chat (list of {'role', 'content'} dicts), a list of those "
-                        f"or a generator of those, got {type(text_inputs).__name__}")
+        raise TypeError("text_inputs must be a string, a chat (list of {'role', 'content'} dicts), a list of those, "
+                        f"a generator of those or a torch Dataset of those, got {type(text_inputs).__name__}")
 
     def _iterate(self, inputs, batch_size: int, pre: dict, gen: dict, post: dict):
         if batch_size > 1 and self.tokenizer.pad_token_id is None:

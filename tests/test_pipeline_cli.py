@@ -105,6 +105,15 @@ def test_pipeline_inputs_and_outputs(checkpoint):
     assert sampled[0]["generated_text"].startswith("The experts")
     with pytest.raises(ValueError, match="unsupported task"):
         moetorch.pipeline("summarization", model=str(checkpoint))
+    # a torch Dataset (Transformers' KeyDataset) runs lazily; `return_type` as Transformers takes it
+    from transformers.pipelines.pt_utils import KeyDataset
+    from transformers.pipelines.text_generation import ReturnType
+
+    data = KeyDataset([{"text": "The experts"}, {"text": "Solve 2x"}], "text")
+    ours = pipe(data, **args)
+    assert not isinstance(ours, list) and list(ours) == list(hf_pipe(data, **args))
+    for kind in ReturnType:
+        assert pipe("The experts", return_type=kind, **args) == hf_pipe("The experts", return_type=kind, **args), kind
 
 
 def test_pipeline_model_kwargs_load_the_model_as_transformers_does(checkpoint):
@@ -323,20 +332,44 @@ def test_cli_errors(tmp_path, capsys):
         cli.main(["generate", "--model", str(tmp_path / "nope"), "hi"])
     with pytest.raises(SystemExit, match="--model someone/nothing: .*could not be had.*Embedded models"):
         cli.main(["generate", "--model", "someone/nothing", "hi"])
-    with pytest.raises(SystemExit, match="max-new-tokens"):
-        cli.main(["generate", "hi", "--max-new-tokens", "0"])
     with pytest.raises(SystemExit, match=f"--model {tmp_path}: no config.json found"):  # a directory, no checkpoint
         cli.main(["generate", "--model", str(tmp_path), "hi"])
     (tmp_path / "config.json").write_text('{"model_type": "phimoe"}')
     with pytest.raises(SystemExit, match=f"--model {tmp_path}: no model.safetensors"):
         cli.main(["generate", "--model", str(tmp_path), "hi"])
     bad = (("--device", "gpu0"), ("--dtype", "int8"), ("--temperature", "-1"), ("--temperature", "nan"),
-           ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-1"))
+           ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-1"), ("--temperature", "abc"), ("--top-k", "x"))
     for flag, value in bad:  # usage errors, before anything loads
         capsys.readouterr()
         with pytest.raises(SystemExit) as exited:
             cli.main(["generate", "hi", flag, value])
         assert exited.value.code == 2 and f"argument {flag}: '{value}' is not a" in capsys.readouterr().err
+    for value in ("0", "-3"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["chat", "--max-new-tokens", value])
+        assert exited.value.code == 2 and "argument --max-new-tokens: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="the prompt has 1502 tokens, more than the model's 1024-token context"):
+        cli.main(["generate", "def f(x): " * 300])
+
+
+def test_cli_chat_outgrowing_the_context_and_a_closed_pipe(capsys, monkeypatch):
+    """A chat longer than the model's context drops its oldest turns (saying so) and goes on; a
+    message too long alone is not sent, and the chat goes on. `moetorch generate ... | head` ends
+    quietly when the reader goes away (exit 141, no traceback)."""
+    turns = [f"message {i}: " + "tell me more about experts " * 12 for i in range(10)]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns + ["def f(x): " * 300, "hi"]) + "\n"))
+    assert cli.main(["chat", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("assistant> ") == 11 and "oldest turns were dropped" in out.err
+    assert "more than the model's 1024-token context; it was not sent" in out.err
+    monkeypatch.undo()
+    run = subprocess.run(f"{sys.executable} -m moetorch generate 'def f(' --max-new-tokens 64 | head -c 10",
+                         shell=True, capture_output=True, text=True, timeout=300,
+                         executable="/bin/bash")
+    assert len(run.stdout) == 10 and "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr
+    code = subprocess.run(f"set -o pipefail; {sys.executable} -m moetorch generate 'def f(' --max-new-tokens 64 "
+                          "| head -c 10 > /dev/null", shell=True, timeout=300, executable="/bin/bash").returncode
+    assert code == 141
 
 
 def test_cli_device_takes_a_placement(tmp_path, monkeypatch, capsys):
