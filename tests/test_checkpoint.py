@@ -360,3 +360,13 @@ def test_loading_details_as_transformers(tmp_path, caplog):
         transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "variant_only")
     with pytest.raises(ConfigError, match="not a config.json .not text.; pass the checkpoint's directory"):
         PhimoeForCausalLM.from_pretrained(tmp_path / "rope" / "model.safetensors")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_model_attributes_transformers_has(arch, tmp_path):
+    from parity import make_pair
+
+    hf, ours = make_pair(arch, tmp_path, seed=0)
+    assert ours.model.padding_idx == hf.model.padding_idx
+    coef = "router_aux_loss_coef" if arch is PHIMOE else "aux_loss_coef"
+    assert getattr(ours, coef) == getattr(hf, coef)

@@ -255,6 +255,10 @@ class JetMoeModel(JetMoePreTrainedModel):
     def base_model(self) -> nn.Module:
         return self
 
+    @property
+    def padding_idx(self) -> int | None:
+        return self.config.pad_token_id
+
     @takes_cache_name
     def forward(
         self,
@@ -316,6 +320,10 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         self.model = JetMoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @property
+    def aux_loss_coef(self) -> float:
+        return self.config.aux_loss_coef
 
     @takes_cache_name
     def forward(

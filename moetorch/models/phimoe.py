@@ -154,6 +154,10 @@ class PhimoeModel(PhimoePreTrainedModel):
     def base_model(self) -> nn.Module:
         return self
 
+    @property
+    def padding_idx(self) -> int | None:
+        return self.config.pad_token_id
+
     @takes_cache_name
     def forward(
         self,
