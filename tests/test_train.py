@@ -1151,3 +1151,51 @@ def test_token_cache_is_keyed_by_the_tokenizer_object(tmp_path, tok_dir, corpus)
         got, _, _ = train_data._tokenized_text(text, tok, "none", 0.0, cache, [], False)
         want = train_data.tokenize_files(text.files, tok, "Tokenizing", False)
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_resume_options_logs_and_data_edges(tmp_path, tok_dir, corpus, monkeypatch, caplog, python_ctrl_c):
+    """A --train-config on resume changes its own keys only (the others keep the resumed run's, not
+    the defaults); `--resume auto` with no checkpoint starts afresh from the flags given; a stop
+    by signal logs the steps since the last record; a fraction split keeps a training window; a
+    glob takes text files only; train-tokenizer names bad numbers."""
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 2000))
+    (tmp_path / "model.json").write_text(json.dumps({**PHI, "vocab_size": 64, "num_hidden_layers": 1}))
+    run = tmp_path / "run"
+    base = ["train", "--output-dir", str(run), "--model", str(tmp_path / "model.json"), "--data",
+            str(tmp_path / "ids.npy"), "--seq-len", "16", "--batch-size", "2", "--max-steps", "3",
+            "--warmup-steps", "1", "--progress", "false"]
+    assert cli_main(base) == 0
+    (tmp_path / "tc.json").write_text(json.dumps({"lr": 0.002, "max_steps": 5}))
+    assert cli_main(["train", "--output-dir", str(run), "--resume", "--train-config", str(tmp_path / "tc.json"),
+                     "--progress", "false"]) == 0
+    saved = json.loads((ckpt.latest_checkpoint(run) / "training_config.json").read_text())
+    assert (saved["seq_len"], saved["batch_size"], saved["warmup_steps"], saved["lr"], saved["max_steps"]) == \
+        (16, 2, 1, 0.002, 5)
+
+    fresh = tmp_path / "fresh"  # an attempt that saved no checkpoint left its config behind
+    fresh.mkdir()
+    (fresh / "training_config.json").write_text(TrainingConfig(model="tiny-jetmoe", data="stdlib").to_json())
+    with caplog.at_level("WARNING", logger="moetorch"):
+        assert cli_main([*base[:2], str(fresh), *base[3:], "--resume", "auto", "--max-steps", "1"]) == 0
+    assert "is not used" not in caplog.text
+    assert records(fresh, "start")[0]["model_type"] == "phimoe"
+
+    _signal_at(monkeypatch, {2: [signal.SIGTERM]})
+    stopped = tmp_path / "stopped"
+    assert cli_main([*base[:2], str(stopped), *base[3:], "--log-every", "1000"]) == 143
+    monkeypatch.undo()
+    assert [r["step"] for r in records(stopped, "train")] == [2]
+
+    np.save(tmp_path / "short.npy", np.arange(31 * 16) % 64)
+    trainer = Trainer(_tiny_run(tmp_path / "frac", tmp_path, data=str(tmp_path / "short.npy"), eval_split="fraction",
+                                eval_fraction=0.999))
+    assert len(trainer.data.train) == 1 and len(trainer.data.eval) == 30
+
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.txt").write_text("text " * 50)
+    np.save(tmp_path / "mixed" / "b.npy", np.arange(10))
+    assert [f.name for f in text_corpus(str(tmp_path / "mixed" / "*"), "data").files] == ["a.txt"]
+    for flag, value, message in (("--min-frequency", "-3", "min_frequency must be a non-negative integer"),
+                                 ("--model-max-length", "-5", "model_max_length must be a positive integer")):
+        with pytest.raises(SystemExit, match=message):
+            cli_main(["train-tokenizer", "--data", str(corpus), "--output", str(tmp_path / "tok"), flag, value])

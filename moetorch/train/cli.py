@@ -119,8 +119,9 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         # The config the resumed checkpoint was saved with (it holds the flags an earlier resume
         # changed); the output dir's copy is the first run's.
         source = ckpt.latest_checkpoint(Path(args.output_dir)) if in_output_dir else Path(resume)
-        candidates = ([source / CONFIG_FILE] if source is not None else []) + \
-            ([Path(args.output_dir) / CONFIG_FILE] if in_output_dir else [])
+        # (no checkpoint: `auto` starts afresh from the flags, whatever an attempt that saved none left)
+        candidates = [] if source is None else \
+            [source / CONFIG_FILE] + ([Path(args.output_dir) / CONFIG_FILE] if in_output_dir else [])
         saved = next((path for path in candidates if path.is_file()), None)
         if saved is not None:
             base = TrainingConfig.from_json(saved).to_dict()
@@ -128,8 +129,9 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
                 if key in given and given[key] != base.get(key):
                     logger.warning("--%s %s is not used: the resumed run continues its checkpoint's model and "
                                    "tokenizer (--%s %s)", key, given.pop(key), key, base.get(key))
-    if args.train_config:
-        base.update(TrainingConfig.from_json(args.train_config).to_dict())
+    if args.train_config:  # its own keys only: a field it leaves out keeps the resumed run's value
+        from_file = TrainingConfig.from_json(args.train_config).to_dict()  # (checked whole)
+        base.update({k: from_file[k] for k in json.loads(Path(args.train_config).read_text(encoding="utf-8"))})
     base.update(given)
     base["output_dir"] = args.output_dir
     overrides = dict(base.get("model_overrides") or {})

@@ -111,7 +111,8 @@ def text_corpus(spec: str | list[str], arg: str = "data", max_files: int | None 
     elif Path(spec).is_file():
         root, files = Path(spec).resolve().parent, [Path(spec).resolve()]
     elif glob.has_magic(spec):
-        files = [Path(f).resolve() for f in glob.glob(spec, recursive=True) if os.path.isfile(f)]
+        files = [Path(f).resolve() for f in glob.glob(spec, recursive=True)
+                 if os.path.isfile(f) and f.endswith(TEXT_SUFFIXES)]  # as a directory's: text files only
         root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
     else:
         raise FileNotFoundError(f"{arg}: {spec!r} is not 'stdlib', a file, a directory or a glob pattern")
@@ -316,7 +317,7 @@ def _tokenized_text(
 
 def _tail_split(tokens: np.ndarray, seq_len: int, fraction: float) -> tuple[np.ndarray, np.ndarray | None]:
     n = len(tokens) // seq_len
-    n_eval = round(n * fraction) if fraction > 0 else 0
+    n_eval = min(round(n * fraction), n - 1) if fraction > 0 else 0  # at least one window trains
     if fraction > 0 and n_eval == 0 and n > 1:
         n_eval = 1
     cut = (n - n_eval) * seq_len
@@ -375,9 +376,10 @@ def build_data(cfg, tokenizer, vocab_size: int, cache_dir: Path | None, tokenize
                        cfg.seq_len)
         data.eval = None
     if held is None and fraction > 0:
-        logger.warning("no held-out data: eval_split %r holds out nothing of %s (one file?), so there is no "
-                       "evaluation; use eval_split 'fraction' (--eval-split) or eval_data (--eval-data)", split,
-                       cfg.data)
+        why, other = (("one file?", "eval_split 'fraction' (--eval-split)") if split == "file" else
+                      ("one window of seq_len?", "more data"))
+        logger.warning("no held-out data: eval_split %r holds out nothing of %s (%s), so there is no "
+                       "evaluation; use %s or eval_data (--eval-data)", split, cfg.data, why, other)
     data.info = {
         **info, "split": split, "train_tokens": data.train.num_tokens, "train_sequences": len(data.train),
         "eval_tokens": data.eval.num_tokens if data.eval else 0, "eval_sequences": len(data.eval) if data.eval else 0,

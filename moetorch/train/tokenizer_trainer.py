@@ -84,6 +84,10 @@ def train_tokenizer(
     write tokenizer.json and tokenizer_config.json to `output_dir`. Deterministic for fixed input."""
     if max_files is not None and max_files < 1:
         raise ValueError(f"max_files must be a positive integer, got {max_files}")
+    if not isinstance(min_frequency, int) or min_frequency < 0:
+        raise ValueError(f"min_frequency must be a non-negative integer, got {min_frequency!r}")
+    if model_max_length is not None and (not isinstance(model_max_length, int) or model_max_length < 1):
+        raise ValueError(f"model_max_length must be a positive integer, got {model_max_length!r}")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output: {out} is a file, not a directory")

@@ -474,7 +474,8 @@ class Trainer:
                 self._stop_requested()  # a signal during the step: no periodic evaluation after it
                 bar.update(1)
                 last = self.step == cfg.max_steps
-                if self.step % cfg.log_every == 0 or self.step == stop:
+                # (a stop by signal logs the steps since the last record: a resume does not redo them)
+                if self.step % cfg.log_every == 0 or self.step == stop or self.interrupted is not None:
                     self._log_train(bar)
                 paused = time.perf_counter()
                 if last or (cfg.eval_every and self.step % cfg.eval_every == 0 and self.interrupted is None):
