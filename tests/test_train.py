@@ -1195,6 +1195,17 @@ def test_resume_options_logs_and_data_edges(tmp_path, tok_dir, corpus, monkeypat
     (tmp_path / "mixed" / "a.txt").write_text("text " * 50)
     np.save(tmp_path / "mixed" / "b.npy", np.arange(10))
     assert [f.name for f in text_corpus(str(tmp_path / "mixed" / "*"), "data").files] == ["a.txt"]
+    # document_attention with a document end that never occurs in the data: said, not silently ignored
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moetorch"):
+        Trainer(_tiny_run(tmp_path / "docs", tmp_path, data=str(tmp_path / "short.npy"), document_attention=True,
+                          model_overrides={"eos_token_id": 99}, model={**PHI, "vocab_size": 128, "num_hidden_layers": 1}))
+    assert "the document end (token 99, the model config's eos_token_id) never occurs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moetorch"):
+        Trainer(_tiny_run(tmp_path / "docs2", tmp_path, data=str(tmp_path / "short.npy"), document_attention=True,
+                          model_overrides={"eos_token_id": 5}))
+    assert "never occurs" not in caplog.text
     for flag, value, message in (("--min-frequency", "-3", "min_frequency must be a non-negative integer"),
                                  ("--model-max-length", "-5", "model_max_length must be a positive integer")):
         with pytest.raises(SystemExit, match=message):

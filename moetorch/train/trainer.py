@@ -185,6 +185,13 @@ class Trainer:
 
         if group.main:  # the others then read its tokenized cache
             self.data = data()
+            if self.eos_id is not None and not np.any(np.asarray(self.data.train.tokens) == self.eos_id):
+                logger.warning(
+                    "document_attention: the document end (token %d, the %s) never occurs in the training data, "
+                    "so each window attends as one document; pass the tokenizer the data was made with "
+                    "(--tokenizer), or the model's eos_token_id (--set eos_token_id=N)", self.eos_id,
+                    "tokenizer's eos_token" if self.tokenizer is not None and self.tokenizer.eos_token_id is not None
+                    else "model config's eos_token_id")
         group.agree()
         if not group.main:
             self.data = data()
