@@ -108,6 +108,8 @@ def with_variant(name: str, variant: str | None) -> str:
 
 
 _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# Buffers that older checkpoints saved and the models compute instead
+_STALE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -121,9 +123,7 @@ def stored_dtype(path: str | os.PathLike, variant: str | None = None) -> torch.d
                 dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
                 if dtype is not None:
                     return dtype
-    except (CheckpointError, OSError, IndexError):
-        return None  # (loading names what is wrong)
-    except Exception:  # noqa: BLE001 -- safetensors' own errors for a corrupt file: loading names the file
+    except Exception:  # noqa: BLE001 -- no weights, or a corrupt file: loading then names what is wrong
         return None
     return None
 
@@ -249,10 +249,6 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_pref
                        "(ignore_mismatched_sizes)", path, name, tuple(src), tuple(dst))
     return {"missing_keys": set(heads_missing), "unexpected_keys": set(heads_extra),
             "mismatched_keys": set(mismatched), "error_msgs": []}
-
-
-# Buffers that older checkpoints saved and the models compute instead
-_STALE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 # ---- writing ------------------------------------------------------------------------------------

@@ -1206,6 +1206,9 @@ def test_resume_options_logs_and_data_edges(tmp_path, tok_dir, corpus, monkeypat
         Trainer(_tiny_run(tmp_path / "docs2", tmp_path, data=str(tmp_path / "short.npy"), document_attention=True,
                           model_overrides={"eos_token_id": 5}))
     assert "never occurs" not in caplog.text
+    from moetorch.train.data import contains
+
+    assert contains(np.arange(10), 9, chunk=3) and not contains(np.arange(10), 10, chunk=3)
     for flag, value, message in (("--min-frequency", "-3", "min_frequency must be a non-negative integer"),
                                  ("--model-max-length", "-5", "model_max_length must be a positive integer")):
         with pytest.raises(SystemExit, match=message):

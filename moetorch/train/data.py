@@ -129,6 +129,12 @@ def is_token_file(spec: Any) -> bool:
     return isinstance(spec, (str, os.PathLike)) and str(spec).endswith(TOKEN_SUFFIXES)
 
 
+def contains(tokens: np.ndarray, value: int, chunk: int = 1 << 24) -> bool:
+    """Whether `value` occurs in a (memory-mapped) token array: read a chunk at a time, stopping at
+    the first that holds it."""
+    return any(np.any(tokens[i:i + chunk] == value) for i in range(0, len(tokens), chunk))
+
+
 def load_token_file(path: str | os.PathLike, dtype: str, arg: str = "data") -> np.ndarray:
     """A 1-D array of token ids, memory-mapped: `.npy` as saved, `.bin` as raw `dtype`."""
     path = Path(path)

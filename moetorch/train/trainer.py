@@ -33,7 +33,7 @@ from ..tokenizer import Tokenizer
 from ..utils import handling_signals
 from . import checkpointing as ckpt
 from .config import CONFIG_FILE, TrainingConfig, TrainingConfigError
-from .data import ShuffledStream, build_data
+from .data import ShuffledStream, build_data, contains
 from .distributed import Group, PeerFailed
 from .presets import aux_loss_coef, build_model, check_overrides, has_weights
 
@@ -185,7 +185,7 @@ class Trainer:
 
         if group.main:  # the others then read its tokenized cache
             self.data = data()
-            if self.eos_id is not None and not np.any(np.asarray(self.data.train.tokens) == self.eos_id):
+            if self.eos_id is not None and not contains(self.data.train.tokens, self.eos_id):
                 logger.warning(
                     "document_attention: the document end (token %d, the %s) never occurs in the training data, "
                     "so each window attends as one document; pass the tokenizer the data was made with "
