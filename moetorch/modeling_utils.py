@@ -985,6 +985,21 @@ def to_device(tensors: Any, device: torch.device, on_device: contextlib.ExitStac
     return tensors
 
 
+def rope_length(rotary, position_ids: torch.Tensor | None, attention_mask, cache: Cache | None) -> int | None:
+    """LongRoPE's sequence length where the caller's positions decide it: positions given with no
+    mask (packed sequences, a window scored at an offset, a hand-written decode loop) read their
+    largest value + 1, as Transformers does, with or without a cache (one read to the host). None
+    (the cached + new tokens decide) for the library's own callers: they give a mask with their
+    positions, or a packed cache that carries its sequences' lengths; and inside a graph capture."""
+    if not rotary.longrope or position_ids is None or attention_mask is not None:
+        return None
+    if cache is not None and (cache.packed is not None or cache.rope_long_BT is not None):
+        return None
+    if position_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return int(position_ids.max()) + 1
+
+
 def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -> tuple[DecoderInputs, bool, int]:
     """Choose LongRoPE's factor set for this step; rebuild the cache if it was computed with the other.
 
@@ -1067,10 +1082,8 @@ def decoder_forward(
     )
     B, T = inp.embeds_BTD.shape[:2]
     segments_BT = packed_segments(position_ids, attention_mask, inp.cache, B)
-    # positions given with no mask and no cache: LongRoPE's sequence length is the largest position
-    # + 1, as the original code and Transformers read it (packed sequences each count their own)
-    seq_len = int(position_ids.max()) + 1 if segments_BT is not None and model.rotary_emb.longrope else None
-    inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len)
+    inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, rope_length(model.rotary_emb, position_ids,
+                                                                          attention_mask, inp.cache))
     writes = _writes_unpadded(past_key_values, inp.cache)
     unpad = unpadded_rows(model, attention_mask, None if writes else inp.cache, sliding_window, output_attentions,
                           inp.embeds_BTD, loss_positions_BT) if prefix == 0 else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE
+from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE, longrope_scaling
 from parity import close, make_pair
 
 from moetorch import DynamicCache, modeling_utils
@@ -142,6 +142,31 @@ def test_longrope_reads_the_largest_packed_position(varlen, tmp_path):
         # positions past the original length switch the whole forward to the long factors
         far = ours(ids, position_ids=pos + 8, use_cache=False).logits
         assert not torch.allclose(far, b, atol=1e-3)
+
+
+@pytest.mark.parametrize("use_cache", [None, True], ids=["default", "cache"])
+def test_longrope_reads_the_largest_position_with_a_cache(use_cache, tmp_path):
+    """Positions given with no mask pick LongRoPE's factor set by their largest value + 1 also
+    when the forward makes a cache (the default `use_cache`): packed rows of 24 tokens whose
+    sequences stay under the original length (16) keep the short factors, as in Transformers (which
+    then attends across the row, not per sequence); positions past the original length take the
+    long ones from their first step. The cached keys then serve the next step. (Both factor lists
+    alike, so the mscales show the switch: Transformers never applies `long_factor`.)"""
+    scaling = longrope_scaling(8, original=16)
+    scaling["short_factor"] = scaling["long_factor"]
+    hf, ours = sdpa_pair(PHIMOE, tmp_path, 14, rope_scaling=scaling, max_position_embeddings=64)
+    lengths = [[12, 12], [5, 12, 7]]
+    ids, pos = packed_batch(hf.config.vocab_size, lengths, seed=6)
+    with torch.no_grad():
+        for shift in (0, 8):
+            a = hf(ids, position_ids=pos + shift, use_cache=use_cache)
+            b = ours(ids, position_ids=pos + shift, use_cache=use_cache)
+            close(a.logits, b.logits, f"packed LongRoPE logits, positions + {shift}")
+            nxt = torch.randint(0, hf.config.vocab_size, (2, 1), generator=torch.Generator().manual_seed(shift))
+            step = pos[:, -1:] + 1 + shift
+            a = hf(nxt, position_ids=step, past_key_values=a.past_key_values)
+            b = ours(nxt, position_ids=step, past_key_values=b.past_key_values)
+            close(a.logits, b.logits, f"the next step, positions + {shift}")
 
 
 def test_varlen_packing_reads_the_sequences_and_stands_aside(monkeypatch, tmp_path):

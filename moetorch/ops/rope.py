@@ -4,8 +4,9 @@ factors and mscales).
 
 Legend: B batch, T new tokens, S cached tokens, H heads, d head_dim.
 LongRoPE follows the original Phi-3.5-MoE code: the long factors and mscale are used once the
-sequence length (cached + new tokens) exceeds `original_max_position_embeddings`. Transformers 5
-switches only the mscale there; see docs/differences.md.
+sequence length exceeds `original_max_position_embeddings`: the cached + new tokens, or where a
+forward is given positions with no mask, their largest value + 1 (`modeling_utils.rope_length`).
+Transformers 5 switches only the mscale there; see docs/differences.md.
 """
 
 from __future__ import annotations
