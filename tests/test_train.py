@@ -473,6 +473,104 @@ def test_resume_refusals_name_the_fault(tmp_path):
         Trainer(_tiny_run(run, tmp_path, steps=4, resume=True))
 
 
+def test_a_branch_into_an_empty_output_dir_is_a_run_of_its_own(tmp_path, capsys):
+    """`--resume A/checkpoint-K --output-dir B` (B empty) writes B's training_config.json and a
+    `start` record that names the checkpoint and step it branched from; `--resume auto` in B then
+    continues B's own checkpoints, and before B has one it branches again from the same checkpoint
+    (it used to start a fresh run from the defaults). A's directory is left as it was."""
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 64, 2000))
+    (tmp_path / "model.json").write_text(json.dumps({**PHI, "vocab_size": 64, "num_hidden_layers": 1}))
+    a, b = tmp_path / "a", tmp_path / "b"
+    flags = ["--progress", "false", "--log-every", "1"]
+    assert cli_main(["train", "--output-dir", str(a), "--model", str(tmp_path / "model.json"), "--data",
+                     str(tmp_path / "ids.npy"), "--seq-len", "16", "--batch-size", "2", "--max-steps", "2",
+                     "--warmup-steps", "0", "--save-every", "1", "--eval-max-batches", "1", *flags]) == 0
+    a_log = (a / "train_log.jsonl").read_text()
+    source = a / "checkpoint-1"
+    # the branch is set up but stopped before its first checkpoint (killed, preempted)
+    config = TrainingConfig.from_json(source / "training_config.json")
+    Trainer(config.replace(output_dir=str(b), resume=str(source), max_steps=3))
+    saved = TrainingConfig.from_json(b / "training_config.json")
+    assert saved.resume == str(source.resolve()) and saved.max_steps == 3 and saved.data == config.data
+    start = records(b, "start")
+    assert len(start) == 1 and start[0]["step"] == 1
+    assert start[0]["resumed_from"] == {"checkpoint": str(source.resolve()), "step": 1}
+    assert start[0]["data"]["train_sequences"] > 0 and start[0]["config"]["max_steps"] == 3
+    # --resume auto in B, no other flag: B has no checkpoint yet, so it branches from A's again
+    assert cli_main(["train", "--output-dir", str(b), "--resume", "auto", *flags]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 3
+    assert [p.name for p in ckpt.list_checkpoints(b)] == ["checkpoint-2", "checkpoint-3"]
+    assert [r["event"] for r in map(json.loads, (b / "train_log.jsonl").read_text().splitlines())][:2] == \
+        ["start", "resume"]  # the earlier attempt's records replaced, not doubled
+    assert [r["step"] for r in records(b, "train")] == [2, 3]
+    # then --resume auto continues B's own checkpoints, keeping B's start record
+    assert cli_main(["train", "--output-dir", str(b), "--resume", "auto", "--max-steps", "4", *flags]) == 0
+    assert [r["step"] for r in records(b, "train")] == [2, 3, 4]
+    assert [r["resumed_from"] for r in records(b, "start")] == [{"checkpoint": str(source.resolve()), "step": 1}]
+    assert [r["checkpoint"] for r in records(b, "resume")] == [str(source), str(b / "checkpoint-3")]
+    assert (a / "train_log.jsonl").read_text() == a_log and ckpt.latest_checkpoint(a).name == "checkpoint-2"
+    # a fresh run's start record says it resumed from nothing
+    assert records(a, "start")[0]["resumed_from"] is None
+    # A's checkpoint again into B, which now holds checkpoints of its own: refused, B's records kept
+    log = (b / "train_log.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="holds checkpoints of its own"):
+        Trainer(config.replace(output_dir=str(b), resume=str(source), max_steps=3))
+    assert (b / "train_log.jsonl").read_text() == log
+
+
+def test_eval_and_start_records_count_tokens_each_their_own_way(tmp_path):
+    """The `start` record's data.eval_tokens counts the held-out windows' tokens (as train_tokens
+    counts the training windows'); the `eval` record's eval_label_tokens counts the label tokens the
+    held-out loss averages over (seq_len - 1 a window, of the windows eval_max_batches lets in).
+    Both used to be called eval_tokens."""
+    out = tmp_path / "run"
+    summary = Trainer(_tiny_run(out, tmp_path, eval_batch_size=2, eval_max_batches=2)).train()
+    data = records(out, "start")[0]["data"]
+    assert data["eval_sequences"] == 12 and data["eval_tokens"] == 12 * 16
+    assert data["train_sequences"] == 113 and data["train_tokens"] == 113 * 16
+    (evaluation,) = records(out, "eval")
+    assert evaluation["eval_label_tokens"] == 4 * 15 and "eval_tokens" not in evaluation
+    (end,) = records(out, "end")
+    assert end["eval_label_tokens"] == summary["eval_label_tokens"] == 4 * 15 and "eval_tokens" not in end
+
+
+def test_eval_data_overlapping_the_training_data_is_warned_about(tmp_path, tok_dir, corpus, caplog):
+    """eval_data that resolves to any file of the training data (the same file, a link to it, a file
+    of the training directory) makes the held-out loss optimistic: a warning names both sources and
+    the shared files, and the run still starts (a smoke test may want that). With eval_data nothing
+    is split off data: an eval_split or eval_fraction given is said to be unused, and the start
+    record's data.split is "eval_data"."""
+    def build(name, **kw):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="moetorch"):
+            return Trainer(_tiny_run(tmp_path / name, tmp_path, **kw))
+
+    ids = tmp_path / "ids.npy"
+    trainer = build("same", eval_data=str(ids))
+    assert trainer.data.eval is not None and trainer.data.info["eval_source"]["shared_files"] == 1
+    assert trainer.data.info["split"] == "eval_data"
+    assert f"eval_data (--eval-data) '{ids}' overlaps data (--data) '{ids}'" in caplog.text
+    assert "the same file" in caplog.text and "optimistic" in caplog.text
+    (tmp_path / "link.npy").symlink_to(ids)
+    build("link", eval_data=str(tmp_path / "link.npy"))
+    assert "overlaps data (--data)" in caplog.text and "the same file" in caplog.text
+    np.save(tmp_path / "other.npy", np.random.default_rng(1).integers(0, 64, 400))
+    trainer = build("other", eval_data=str(tmp_path / "other.npy"), eval_fraction=TrainingConfig().eval_fraction)
+    assert "overlaps" not in caplog.text and "not used" not in caplog.text
+    assert trainer.data.info["eval_source"]["shared_files"] == 0
+    # an explicit split with eval_data: nothing is split off data, and the warning says so
+    trainer = build("split", eval_data=str(tmp_path / "other.npy"), eval_split="fraction", eval_fraction=0.3)
+    assert "eval_split 'fraction' and eval_fraction 0.3 are not used" in caplog.text
+    assert len(trainer.data.train) == 2000 // 16 and len(trainer.data.eval) == 400 // 16
+    # text: one file of the training directory as eval_data
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moetorch"):
+        trainer = Trainer(make_config(tmp_path / "text", tok_dir, corpus, eval_data=str(corpus / "story.txt")))
+    assert f"overlaps data (--data) '{corpus}'" in caplog.text and "1 of its 1 file(s)" in caplog.text
+    assert str((corpus / "story.txt").resolve()) in caplog.text
+    assert trainer.data.info["eval_source"]["shared_files"] == 1
+
+
 def test_resume_applies_model_overrides(tmp_path):
     run = tmp_path / "run"
     Trainer(_tiny_run(run, tmp_path, steps=1)).train()

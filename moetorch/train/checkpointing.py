@@ -17,6 +17,7 @@ previous checkpoint, and `latest`, intact.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError
+from .config import CONFIG_FILE
 
 logger = logging.getLogger("moetorch")
 
@@ -163,6 +165,23 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         logger.warning("%s points to %s, which is not a complete checkpoint; scanning", link, target)
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def branch_point(output_dir: Path) -> Path | None:
+    """The checkpoint of another run that the run in `output_dir` branched from (`resume=CHECKPOINT`
+    into it), as its `training_config.json` names it; None for a run of its own, or where that
+    checkpoint is gone."""
+    try:
+        resume = json.loads((output_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("resume")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(resume, str) or resume in ("", "latest", "auto"):
+        return None
+    path = Path(resume)
+    if path.is_dir() and is_complete(path):
+        return path
+    logger.warning("%s is a branch of %s, which is no longer a complete checkpoint", output_dir, path)
+    return None
 
 
 def _point_latest(output_dir: Path, name: str) -> None:

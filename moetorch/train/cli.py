@@ -46,7 +46,8 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "preset (tiny-phimoe, tiny-jetmoe), model config .json, or checkpoint dir"),
     ("--data", "data", str, "'stdlib', a directory, a glob of .txt/.py/.md files, or a .npy/.bin token file"),
     ("--tokenizer", "tokenizer", str, "tokenizer directory (tokenizer.json); needed for text data"),
-    ("--eval-data", "eval_data", str, "separate held-out data (then nothing is split off --data)"),
+    ("--eval-data", "eval_data", str, "separate held-out data (then nothing is split off --data, and "
+     "--eval-split/--eval-fraction are unused); files --data also holds are warned about"),
     ("--seq-len", "seq_len", int, "tokens per packed sequence"),
     ("--data-dtype", "data_dtype", str, "element type of a raw .bin token file (uint16, uint32, int32, int64)"),
     ("--max-files", "max_files", int, "use only the first N text files (sorted): quick runs"),
@@ -119,9 +120,12 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         # The config the resumed checkpoint was saved with (it holds the flags an earlier resume
         # changed); the output dir's copy is the first run's.
         source = ckpt.latest_checkpoint(Path(args.output_dir)) if in_output_dir else Path(resume)
-        # (no checkpoint: `auto` starts afresh from the flags, whatever an attempt that saved none left)
+        # (no checkpoint: `auto` starts afresh from the flags, whatever an attempt that saved none left;
+        # except in a branch of another run, whose config the Trainer resumes from its branch point again)
         candidates = [] if source is None else \
             [source / CONFIG_FILE] + ([Path(args.output_dir) / CONFIG_FILE] if in_output_dir else [])
+        if source is None and ckpt.branch_point(Path(args.output_dir)) is not None:
+            candidates = [Path(args.output_dir) / CONFIG_FILE]
         saved = next((path for path in candidates if path.is_file()), None)
         if saved is not None:
             base = TrainingConfig.from_json(saved).to_dict()

@@ -1,7 +1,8 @@
 """`TrainingConfig`: every knob of a training run, as a plain dataclass that round-trips through JSON.
 
 A run writes its config to `<output_dir>/training_config.json` and into every checkpoint, so that
-`moetorch train --resume --output-dir DIR` needs no other argument.
+`moetorch train --resume --output-dir DIR` needs no other argument. (The output_dir's copy of a
+branch, a run resumed from another run's checkpoint, keeps `resume`: the checkpoint it started from.)
 """
 
 from __future__ import annotations

@@ -18,10 +18,15 @@ Held-out split, deterministic and machine-independent:
   below `eval_fraction` (at least one file is held out, at least one kept). Adding or removing
   files never moves another file across the split.
 - "fraction": the last `eval_fraction` of the windows of the token stream.
+A separate `eval_data` source replaces the split: nothing is split off `data` (an `eval_split` or
+`eval_fraction` given is warned about as unused), and an `eval_data` that shares files with `data`
+(the same file, a link to one, a file of the training directory) is warned about: its loss is
+measured on training data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -348,6 +353,43 @@ def load_source(spec, cfg, tokenizer, arg: str, cache_dir: Path | None, tokenize
     return train, held, info
 
 
+def source_files(spec, cfg, arg: str) -> list[Path]:
+    """The files a source reads (a token file, or the text files `text_corpus` finds)."""
+    if is_token_file(spec):
+        return [Path(spec)]
+    return text_corpus(spec, arg, cfg.max_files).files
+
+
+def _file_key(path: Path) -> tuple[int, int] | str:
+    # the file itself, whatever the name: links followed, hard links and bind mounts included
+    try:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return str(Path(path).resolve())
+
+
+def check_eval_overlap(cfg) -> int:
+    """How many of `eval_data`'s files `data` trains on too; warns, naming both sources, when any.
+
+    Not refused: evaluating on the training data is what a smoke test may want.
+    """
+    train = {_file_key(f) for f in source_files(cfg.data, cfg, "data")}
+    held = source_files(cfg.eval_data, cfg, "eval_data")
+    shared = [f for f in held if _file_key(f) in train]
+    if shared:
+        if len(shared) == len(held) == len(train):
+            what = "the same file" + ("s" if len(held) > 1 else "")
+        else:
+            names = ", ".join(str(Path(f).resolve()) for f in shared[:3]) + (", ..." if len(shared) > 3 else "")
+            what = f"{len(shared)} of its {len(held)} file(s) are training files too: {names}"
+        logger.warning(
+            "eval_data (--eval-data) %r overlaps data (--data) %r (%s): the model is evaluated on data it trains "
+            "on, so the held-out loss is optimistic (nothing is split off data when eval_data is given; for a real "
+            "held-out loss give eval_data that data does not hold)", cfg.eval_data, cfg.data, what)
+    return len(shared)
+
+
 def build_data(cfg, tokenizer, vocab_size: int, cache_dir: Path | None, tokenizer_files: list[Path]) -> TrainData:
     """The training and held-out sequences of a `TrainingConfig`; checks every id is < vocab_size."""
     split = cfg.eval_split
@@ -361,7 +403,13 @@ def build_data(cfg, tokenizer, vocab_size: int, cache_dir: Path | None, tokenize
     if cfg.eval_data is not None:
         held, _, eval_info = load_source(cfg.eval_data, cfg, tokenizer, "eval_data",
                                          cache_dir and cache_dir / "eval", tokenizer_files, "none", 0.0)
-        info = {**info, "eval_source": eval_info}
+        info = {**info, "eval_source": {**eval_info, "shared_files": check_eval_overlap(cfg)}}
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in ("eval_split", "eval_fraction")}
+        unused = [f"{name} {getattr(cfg, name)!r}" for name in defaults if getattr(cfg, name) != defaults[name]]
+        if unused:
+            logger.warning("%s %s not used: eval_data (--eval-data) %r is the held-out set, and nothing is split "
+                           "off data (--data)", " and ".join(unused), "is" if len(unused) == 1 else "are",
+                           cfg.eval_data)
     for name, tokens in (("data", train), ("eval_data" if cfg.eval_data is not None else "data", held)):
         if tokens is None or not len(tokens):
             continue
@@ -387,7 +435,8 @@ def build_data(cfg, tokenizer, vocab_size: int, cache_dir: Path | None, tokenize
         logger.warning("no held-out data: eval_split %r holds out nothing of %s (%s), so there is no "
                        "evaluation; use %s or eval_data (--eval-data)", split, cfg.data, why, other)
     data.info = {
-        **info, "split": split, "train_tokens": data.train.num_tokens, "train_sequences": len(data.train),
+        **info, "split": "eval_data" if cfg.eval_data is not None else split,
+        "train_tokens": data.train.num_tokens, "train_sequences": len(data.train),
         "eval_tokens": data.eval.num_tokens if data.eval else 0, "eval_sequences": len(data.eval) if data.eval else 0,
     }
     return data

@@ -218,9 +218,7 @@ class Trainer:
         if resume_dir is not None:
             self._restore(resume_dir)  # restores the RNGs last: nothing may draw after it
         elif group.main:
-            (self.output_dir / CONFIG_FILE).write_text(cfg.replace(resume=False).to_json(), encoding="utf-8")
-            self.log_path.write_text("")
-            self._log({"event": "start", **self._describe()})
+            self._start_log(cfg.replace(resume=False), None)
         # Every process must go on from the same state: a process that sees another output_dir
         # (a machine without the shared file system) would resume another checkpoint, or none.
         states = group.agree(same=(resume_dir.name if resume_dir else None, self.step, self.data_position))
@@ -250,6 +248,12 @@ class Trainer:
             return None
         if resume is True or resume in ("latest", "auto"):
             found = ckpt.latest_checkpoint(self.output_dir)
+            if found is None:
+                # a branch of another run that saved no checkpoint yet: from its branch point again
+                found = ckpt.branch_point(self.output_dir)
+                if found is not None:
+                    logger.warning("resume: %s has no checkpoint yet; it is a branch of %s (its %s says so), which "
+                                   "it resumes from again", self.output_dir, found, CONFIG_FILE)
             if found is None and resume != "auto":
                 raise FileNotFoundError(f"resume: no complete checkpoint in {self.output_dir}")
             return found
@@ -284,6 +288,13 @@ class Trainer:
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"tokenizer: {e}") from e
 
+    def _start_log(self, config: TrainingConfig, resumed_from: dict[str, Any] | None) -> None:
+        """A run of this output_dir starts: its training_config.json, and a log that holds its
+        `start` record (`resumed_from`: the checkpoint and step a branch starts from, else None)."""
+        (self.output_dir / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
+        self.log_path.write_text("")
+        self._log({"event": "start", **self._describe(), "resumed_from": resumed_from})
+
     def _describe(self) -> dict[str, Any]:
         m = self.model
         return {
@@ -311,10 +322,15 @@ class Trainer:
         self.last_checkpoint = path
         group = self.group
         if group.main:
-            aside = None
             if path.resolve().parent == self.output_dir.resolve():
-                aside = ckpt.set_aside_later_checkpoints(self.output_dir, self.step)
-            self._truncate_log(self.step, aside)
+                self._truncate_log(self.step, ckpt.set_aside_later_checkpoints(self.output_dir, self.step))
+            else:
+                # A branch: another run's checkpoint into an output_dir with none of its own. It starts
+                # this directory's config (whose `resume` names the branch point, absolute, so that a
+                # resume here before the first checkpoint branches again) and log (an earlier attempt's
+                # records, which saved no checkpoint, go).
+                source = str(path.resolve())
+                self._start_log(cfg.replace(resume=source), {"checkpoint": source, "step": self.step})
         self._log({"event": "resume", "step": self.step, "checkpoint": str(path)})
         self._write(f"resumed from {path} at step {self.step}")
         saved = state.get("rng_ranks") or [state["rng"]]
@@ -568,11 +584,13 @@ class Trainer:
         group.sum_(total)
         count = n * (cfg.seq_len - 1)
         loss = total.item() / count
+        # label tokens: the ones the loss averages over (seq_len - 1 a window); the start record's
+        # data.eval_tokens counts the held-out windows' tokens, as data.train_tokens the training ones'
         self.last_eval = {"event": "eval", "step": self.step, "eval_loss": loss,
-                          "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": count}
+                          "eval_ppl": math.exp(min(loss, 700.0)), "eval_label_tokens": count}
         self._log(self.last_eval)
         self._write(f"step {self.step}: held-out loss {loss:.4f}, perplexity {self.last_eval['eval_ppl']:.2f} "
-                    f"({count:,} tokens)")
+                    f"({count:,} label tokens)")
         return self.last_eval
 
     def save_checkpoint(self) -> Path:
