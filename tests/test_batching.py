@@ -1056,3 +1056,187 @@ def test_config_sizes(pair):
     cfg = batching.ContinuousBatchingConfig.of(transformers.ContinuousBatchingConfig(max_requests_per_batch=3))
     assert cfg.max_requests_per_batch == 3
     assert moetorch.ContinuousMixin is moetorch.ContinuousBatchingMixin
+
+
+class PoisonedSteps:
+    """Decode steps (`_Batch.step`) that raise inside the model's last decoder layer: the layers
+    before it have written their keys and values for the step's column, as a forward that fails
+    midway leaves them. `errors[n]`: what the n-th step (from 1) raises; `every`: what each step
+    raises otherwise (None: nothing)."""
+
+    def __init__(self, monkeypatch, model) -> None:
+        self.steps, self.errors, self.every = 0, {}, None
+        self._error = None
+        step, last = batching._Batch.step, model.model.layers[-1]
+        layer_type = type(last)
+        forward = layer_type.forward
+
+        def counted(batch, b):
+            self.steps += 1
+            self._error = self.errors.pop(self.steps, self.every)
+            try:
+                return step(batch, b)
+            finally:
+                self._error = None
+
+        def poisoned(layer, *args, **kwargs):
+            if layer is last and self._error is not None:
+                raise self._error
+            return forward(layer, *args, **kwargs)
+
+        monkeypatch.setattr(batching._Batch, "step", counted)
+        monkeypatch.setattr(layer_type, "forward", poisoned)
+
+    def next(self, error: BaseException) -> None:
+        """The next decode step raises `error` (call it while the loop takes no step)."""
+        self.errors[self.steps + 1] = error
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(pair, monkeypatch, caplog):
+    """A decode step that raises once: the requests it ran come back FAILED naming the error (the
+    traceback logged once), while a request queued behind them and one added afterwards run in the
+    batch built afresh, with the tokens a fresh manager gives them."""
+    _, ours = pair
+    a, b, c, d = prompts(20, 4, lo=3)
+    fresh = ours.generate_batch([c, d], generation_config=config(6, eos_token_id=None))
+    poison = PoisonedSteps(monkeypatch, ours)
+    poison.errors[3] = RuntimeError("device on fire")
+    m = ours.init_continuous_batching(generation_config=config(6, eos_token_id=None),
+                                      continuous_batching_config={"max_requests_per_batch": 2})
+    # queued before the start: a and b fill both rows, c waits for one
+    for rid, p in (("a", a), ("b", b), ("c", c)):
+        m.add_request(p, request_id=rid)
+    with caplog.at_level("ERROR", logger="moetorch"):
+        m.start()
+        try:
+            failed = [m.get_result(rid, timeout=60) for rid in ("a", "b")]
+            queued = m.get_result("c", timeout=60)
+            m.add_request(d, request_id="d")
+            later = m.get_result("d", timeout=60)
+            assert m.is_running()
+        finally:
+            m.stop(timeout=30)
+    for r in failed:
+        assert r.status == moetorch.RequestStatus.FAILED and r.is_finished()
+        assert r.error == "a step of the batch failed: RuntimeError: device on fire"
+        assert len(r.generated_tokens) < 6
+    assert queued.status == later.status == moetorch.RequestStatus.FINISHED and queued.error is later.error is None
+    assert [queued.generated_tokens, later.generated_tokens] == [r.generated_tokens for r in fresh.values()] == \
+        [own_greedy(ours, p, 6) for p in (c, d)]
+    assert m.recovered_errors == 1 and m.fatal_error is None
+    assert caplog.text.count("Traceback") == 1 and "device on fire" in caplog.text
+
+
+def test_an_out_of_memory_step_is_survived(pair, monkeypatch):
+    """torch.cuda.OutOfMemoryError in a step fails that step's request only; the next run."""
+    _, ours = pair
+    inputs = prompts(21, 3, lo=3)
+    poison = PoisonedSteps(monkeypatch, ours)
+    poison.errors[2] = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    m = ours.init_continuous_batching(generation_config=config(4, eos_token_id=None),
+                                      continuous_batching_config={"max_requests_per_batch": 1})
+    ids = m.add_requests(inputs)
+    m.start()
+    try:
+        out = [m.get_result(rid, timeout=60) for rid in ids]
+    finally:
+        m.stop(timeout=30)
+    assert out[0].status == moetorch.RequestStatus.FAILED and "OutOfMemoryError: CUDA out of memory" in out[0].error
+    assert [r.generated_tokens for r in out[1:]] == [own_greedy(ours, p, 4) for p in inputs[1:]]
+    assert m.recovered_errors == 1 and m.fatal_error is None
+
+
+def test_a_step_that_always_fails_stops_the_loop(pair, monkeypatch):
+    """A failure on every step: the loop survives MAX_STEP_FAILURES - 1 failed turns in a row, then
+    stops for good, every request left failed with the reason, and the server's engine says so."""
+    from moetorch.serve.engine import Engine, EngineError
+
+    _, ours = pair
+    poison = PoisonedSteps(monkeypatch, ours)
+    poison.every = RuntimeError("device on fire")
+    m = ours.init_continuous_batching(generation_config=config(4, eos_token_id=None),
+                                      continuous_batching_config={"max_requests_per_batch": 1})
+    ids = m.add_requests(prompts(22, batching.MAX_STEP_FAILURES + 2, lo=3))
+    m.start()
+    out = [m.get_result(rid, timeout=60) for rid in ids]
+    m._thread.join(30)  # (the thread ended by itself: `join()` would forget it, as after a stop)
+    assert not m.is_running() and isinstance(m.fatal_error, RuntimeError) and str(m.fatal_error) == "device on fire"
+    assert m.recovered_errors == batching.MAX_STEP_FAILURES - 1
+    assert all(r.status == moetorch.RequestStatus.FAILED for r in out)
+    n = batching.MAX_STEP_FAILURES - 1
+    assert all(r.error == "a step of the batch failed: RuntimeError: device on fire" for r in out[:n])
+    assert all(r.error == "the manager failed: RuntimeError('device on fire')" for r in out[n:])
+    engine = Engine.__new__(Engine)
+    engine.model, engine.manager = ours, m
+    with pytest.raises(EngineError, match=r"the batch's loop is not running \(RuntimeError: device on fire\)"):
+        engine.ensure_running()
+
+
+def test_a_cuda_error_stops_the_loop_at_once(pair, monkeypatch):
+    """After a recovered out-of-memory step and a request served, a CUDA error (the context is
+    unusable after one) stops the loop at its first occurrence."""
+    _, ours = pair
+    first, second, third, fourth = prompts(23, 4, lo=3)
+    poison = PoisonedSteps(monkeypatch, ours)
+    m = ours.init_continuous_batching(generation_config=config(4, eos_token_id=None),
+                                      continuous_batching_config={"max_requests_per_batch": 1})
+    m.start()
+    try:
+        poison.next(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        m.add_request(first, request_id="oom")
+        assert "OutOfMemoryError" in m.get_result("oom", timeout=60).error
+        m.add_request(second, request_id="ok")
+        assert m.get_result("ok", timeout=60).generated_tokens == own_greedy(ours, second, 4)
+        sticky = RuntimeError("CUDA error: an illegal memory access was encountered")
+        poison.next(sticky)
+        m.add_request(third, request_id="sticky")
+        m.add_request(fourth, request_id="behind")
+        out = [m.get_result(rid, timeout=60) for rid in ("sticky", "behind")]
+        m.join(30)
+    finally:
+        if m.is_running():
+            m.stop(timeout=30)
+    assert not m.is_running() and m.fatal_error is sticky and m.recovered_errors == 1
+    assert all(r.status == moetorch.RequestStatus.FAILED and "illegal memory access" in r.error and
+               r.error.startswith("the manager failed") for r in out)
+
+
+def test_a_failing_step_with_a_prompt_in_chunks(pair, monkeypatch):
+    """A step that fails while a long prompt runs in chunks (its chunk riding the running rows'
+    decode step, `_Batch.mixed`): the running request and the one in chunks fail; a request
+    waiting behind them and a later one run from a clean batch."""
+    _, ours = pair
+    short, long, behind, later = prompts(24, 4, lo=3, hi=5)
+    long = long * 4  # 12+ tokens: chunks of 4 while `short` decodes
+    mixed, calls = batching._Batch.mixed, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RuntimeError("a chunk on fire")
+        return mixed(self, *args, **kwargs)
+
+    monkeypatch.setattr(batching._Batch, "mixed", failing)
+    m = ours.init_continuous_batching(generation_config=config(6, eos_token_id=None),
+                                      continuous_batching_config={"max_requests_per_batch": 3,
+                                                                  "prefill_chunk_tokens": 4})
+    m.start()
+    try:
+        m.add_request(short, request_id="short", max_new_tokens=40, streaming=True)
+        assert m.get_result("short", timeout=60).status == moetorch.RequestStatus.DECODING
+        with m.pause():  # both queued at once: `long` joins in chunks, `behind` waits for it
+            m.add_request(long, request_id="long")
+            m.add_request(behind, request_id="behind")
+        failed = []
+        while not failed or not failed[-1].is_finished():
+            failed.append(m.get_result("short", timeout=60))
+        failed = [failed[-1], m.get_result("long", timeout=60)]
+        done = m.get_result("behind", timeout=60)
+        m.add_request(later, request_id="later")
+        done = [done, m.get_result("later", timeout=60)]
+    finally:
+        m.stop(timeout=30)
+    assert len(calls) >= 2 and m.recovered_errors == 1
+    assert all(r.status == moetorch.RequestStatus.FAILED and r.error ==
+               "a step of the batch failed: RuntimeError: a chunk on fire" for r in failed)
+    assert [r.generated_tokens for r in done] == [own_greedy(ours, p, 6) for p in (behind, later)]

@@ -852,11 +852,52 @@ def test_engine_without_an_event_loop_thread_is_not_needed():
     assert "".join(p.text for p in pieces) == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_a_failed_step_fails_its_request_and_the_server_goes_on():
+    """In the server's process: a forward that raises once fails the request in its step (a 500
+    that names the error; streamed, an error event), and the batch's loop goes on from a clean
+    batch: /health stays 200 and the next request gets the text it got before the failure."""
+    model = moetorch.AutoModelForCausalLM.from_pretrained("tiny-jetmoe", dtype=torch.float32)
+    tok = moetorch.AutoTokenizer.from_pretrained("tiny-jetmoe")
+    engine = Engine(model, tok, "jet", max_model_len=64, max_batch=2)
+    real, armed = model.forward, []
+
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if armed and out.logits.shape[1] == 1:  # (once the forward wrote its keys and values)
+            armed.pop()
+            raise RuntimeError("a poisoned step")
+        return out
+
+    model.forward = forward
+    body = {"prompt": "import os", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with TestClient(create_app(engine)) as client:
+        before = client.post("/v1/completions", json=body)
+        assert before.status_code == 200, before.text
+        armed.append(True)
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 500, r.text
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and \
+            error["message"] == "generation failed: a step of the batch failed: RuntimeError: a poisoned step"
+        assert client.get("/health").status_code == 200
+        armed.append(True)
+        events = sse(client.post("/v1/completions", json={**body, "stream": True}).iter_lines())
+        assert events[-1] == "[DONE]" and \
+            events[-2]["error"]["message"] == "generation failed: a step of the batch failed: RuntimeError: a poisoned step"
+        after = client.post("/v1/completions", json=body)
+        assert after.status_code == 200, after.text
+        assert after.json()["choices"] == before.json()["choices"]
+        assert engine.manager.recovered_errors == 2 and engine.manager.is_running()
+
+
 def test_a_batch_loop_that_dies_answers_every_later_request():
-    """In the server's process (--no-engine-process): a forward that raises fails the request in
-    flight with a 500, and every later request, streamed or not, gets a 500 that names the error
-    (it used to wait forever on the stopped loop); /health says 503. Only the exception's type and
-    message reach the client."""
+    """In the server's process (--no-engine-process): a forward that raises on every step fails
+    each request with a 500 naming the error; the loop survives the first failures
+    (`batching.MAX_STEP_FAILURES` in a row stop it), then stops, and every later request, streamed
+    or not, gets a 500 that names the error (it used to wait forever on the stopped loop); /health
+    says 503. Only the exception's type and message reach the client."""
+    from moetorch.engine import batching
+
     model = moetorch.AutoModelForCausalLM.from_pretrained("tiny-jetmoe", dtype=torch.float32)
     tok = moetorch.AutoTokenizer.from_pretrained("tiny-jetmoe")
     engine = Engine(model, tok, "jet", max_model_len=64, max_batch=2)
@@ -873,9 +914,14 @@ def test_a_batch_loop_that_dies_answers_every_later_request():
         def ask(route, body, answer):
             answer.append(client.post(route, json=body))
 
-        r = client.post("/v1/completions", json={"prompt": "import os", "max_tokens": 5})
-        assert r.status_code == 500 and "a poisoned step" in r.json()["error"]["message"]
-        assert client.get("/health").status_code == 503
+        for _ in range(batching.MAX_STEP_FAILURES):
+            assert client.get("/health").status_code == 200  # (the failures before: survived)
+            r = client.post("/v1/completions", json={"prompt": "import os", "max_tokens": 5})
+            assert r.status_code == 500 and "a poisoned step" in r.json()["error"]["message"]
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code != 503:  # (the loop's thread ends right after)
+            assert time.monotonic() < deadline, "/health still says 200"
+            time.sleep(0.05)
         for route, body in (("/v1/completions", {"prompt": "import os"}),
                             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
             for stream in (False, True):

@@ -211,6 +211,42 @@ def test_an_engine_process_that_dies():
         engine.manager.score([5, 6], 0)
 
 
+def poisoned_loader(name: str):
+    """A loader for the engine process whose model's first decode-shaped forward raises once."""
+    model = load_pretrained(name, "cpu", "float32")
+    real, armed = model.forward, [True]
+
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if armed and out.logits.shape[1] == 1:
+            armed.pop()
+            raise RuntimeError("a poisoned step")
+        return out
+
+    model.forward = forward
+    return model
+
+
+def test_a_failed_step_in_the_engine_process():
+    """A step that fails in the engine process fails its request with a 500 naming the error;
+    the batch's loop there goes on, and the next request gets its text."""
+    tok = moetorch.AutoTokenizer.from_pretrained(NAME)
+    engine = Engine.spawn(functools.partial(poisoned_loader, NAME), tok, NAME, max_model_len=128, max_batch=4)
+    body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with TestClient(create_app(engine)) as client:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 500 and r.json()["error"]["message"] == \
+            "generation failed: a step of the batch failed: RuntimeError: a poisoned step"
+        assert client.get("/health").status_code == 200
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(ASSETS / NAME), dtype=torch.float32).eval()
+        ids = tok.encode(PROMPTS[0])
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                           pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
+
+
 def test_a_bad_model_fails_at_spawn():
     tok = moetorch.AutoTokenizer.from_pretrained(NAME)
     with pytest.raises(RuntimeError, match="failed to start: .*max_model_len=9999 is past"):

@@ -158,6 +158,13 @@ SHIFT_CHUNKS = 8
 MAX_TOP_LOGPROBS = 20
 # How long `add_request` waits for room in a full queue (max_queue_size).
 QUEUE_WAIT_S = 10.0
+# A turn of the loop that raises fails the requests it held, and the loop resets its batch and goes
+# on (`ContinuousBatchingManager.recovered_errors`); it stops for good at this many failed turns in
+# a row (no turn that did its work between them), or at once on a CUDA error other than running out
+# of memory (`_STICKY_ERRORS`: the CUDA context is unusable after one).
+MAX_STEP_FAILURES = 3
+_STICKY_ERRORS = ("CUDA error", "Triton Error [CUDA]")
+_ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", RuntimeError)
 
 # Generation settings the batch does not apply (Transformers' continuous batching drops their
 # processors too), with their no-op values.
@@ -694,7 +701,17 @@ def _keys_bound(shared: list[int], rest: list[int], limit: int) -> list[list[int
 class ContinuousBatchingManager:
     """Runs requests in a continuous batch on a background thread. Made by the model's
     `init_continuous_batching`; `start()`, then `add_request(s)`, `get_result` / iteration, and
-    `stop()`."""
+    `stop()`.
+
+    A turn of the loop that raises an `Exception` (a forward out of GPU memory, a bug that one odd
+    request sets off) fails the requests it held: the running rows, the request whose prompt runs
+    in chunks, and those whose prefill it began, each FAILED with an error naming the exception
+    ("a step of the batch failed: RuntimeError: ..."). The batch is then built afresh (every row
+    free, no step in flight, no shared prefix; its GPU memory given back first), and the loop goes
+    on with the requests still waiting and new ones. `recovered_errors` counts the failures it
+    survived. It stops for good, as on any other error, at MAX_STEP_FAILURES failed turns in a row,
+    on a CUDA error other than running out of memory, or where the reset itself fails:
+    `fatal_error` then holds the exception, and every request left fails with it."""
 
     def __init__(self, model, generation_config, continuous_batching_config: ContinuousBatchingConfig,
                  workload_hints: WorkloadHints | None = None) -> None:
@@ -745,6 +762,8 @@ class ContinuousBatchingManager:
         self._thread: threading.Thread | None = None
         self._stop: int = 0  # 0 run, 1 finish what was added, 2 fail what is left
         self.fatal_error: BaseException | None = None
+        self.recovered_errors = 0  # failed steps the loop survived (its requests failed, the batch reset)
+        self._owned: dict[int, _Request] = {}  # the loop's requests not finished yet, by id()
         self.warmed_up = False
         self._rows_changed = 0  # counts changes of the running rows, which key _decode_rows' memo
         self._steps = 0  # decode steps the loop has run (a request's draw index counts from its first)
@@ -1237,6 +1256,7 @@ class ContinuousBatchingManager:
             batch.prefixes.clear()
 
     def _finish(self, req: _Request, error: str | None = None) -> None:
+        self._owned.pop(id(req), None)
         req.status = RequestStatus.FAILED if error is not None else RequestStatus.FINISHED
         req.error = error
         if req.started < 0:
@@ -1246,6 +1266,7 @@ class ContinuousBatchingManager:
     def _loop(self) -> None:
         waiting: deque[_Request] = deque()
         running: dict[int, _Request] = {}
+        self._owned = {}  # id(request) -> request: every request the loop took and has not finished
         self._pending: deque[_Step] = deque()
         self._ride: tuple | None = None
         self._recomputing = {}  # row -> request computed again past LongRoPE's switch, now
@@ -1255,41 +1276,67 @@ class ContinuousBatchingManager:
         self._steps = 0
         self._horizon = 0
         self._rows_changed += 1
+        failures = 0  # turns that failed since the last one that did its work
+        logged: BaseException | None = None  # (a failure whose traceback is in the log already)
         try:
             with torch.no_grad(), own_forward(self.model), on_device(self.model.device):
                 batch = self._ensure_batch()
                 if batch.prefixes is not None:  # each run starts afresh: the weights may have changed since
                     batch.prefixes.clear()
                 while True:
-                    self._post()
-                    with self._lock:
-                        for req in self._incoming:
-                            req.since = self._steps
-                        waiting.extend(self._incoming)
-                        self._incoming.clear()
-                        self._lock.notify_all()  # room in the queue
-                        cancels, stop = set(self._cancels), self._stop
-                    if cancels:
-                        self._cancel(cancels, waiting, running, batch)
-                    self._hold_while_paused(running, batch)
-                    if stop == 2:
-                        break
-                    if not waiting and not running and self._chunked is None:
-                        self._drain(running, batch)
-                        if stop:
-                            break
+                    failed = None
+                    try:
+                        self._post()
                         with self._lock:
-                            if not self._incoming and not self._stop and not self._cancels:
-                                self._lock.wait(0.1)
-                        continue
-                    self._admit(waiting, running, batch)
-                    if running:
-                        self._decode(running, batch, waiting)
-                    else:
-                        self._drain(running, batch)
+                            for req in self._incoming:
+                                req.since = self._steps
+                                self._owned[id(req)] = req
+                            waiting.extend(self._incoming)
+                            self._incoming.clear()
+                            self._lock.notify_all()  # room in the queue
+                            cancels, stop = set(self._cancels), self._stop
+                        if cancels:
+                            self._cancel(cancels, waiting, running, batch)
+                        self._hold_while_paused(running, batch)
+                        if stop == 2:
+                            break
+                        if not waiting and not running and self._chunked is None:
+                            self._drain(running, batch)
+                            if stop:
+                                break
+                            with self._lock:
+                                if not self._incoming and not self._stop and not self._cancels:
+                                    self._lock.wait(0.1)
+                            continue
+                        self._admit(waiting, running, batch)
+                        if running:
+                            self._decode(running, batch, waiting)
+                        else:
+                            self._drain(running, batch)
+                        failures = 0
+                    except Exception as e:  # noqa: BLE001 -- the step's requests fail; the loop goes on if it can
+                        failures += 1
+                        fatal = self._fatal_step_error(e, failures)
+                        logger.exception("continuous batching: a step failed (%s: %s); %s", type(e).__name__, e,
+                                         f"the loop stops ({fatal})" if fatal else
+                                         "its requests fail, the batch is reset and the loop goes on")
+                        if fatal:
+                            logged = e
+                            raise
+                        failed = f"a step of the batch failed: {type(e).__name__}: {e}"
+                        self._fail_step(failed, waiting, running)
+                        # (leaving the handler drops the exception: its traceback's frames hold the
+                        # step's tensors, whose memory the reset gives back)
+                    if failed is not None:
+                        batch = None
+                        batch = self._reset_batch(failed)
+                        self.recovered_errors += 1
         except BaseException as e:  # noqa: BLE001 -- every request gets the error, then the caller
             self.fatal_error = e
-            logger.error("continuous batching stopped on an error: %r", e)
+            if e is logged:
+                logger.error("continuous batching stopped on an error: %r", e)
+            else:
+                logger.error("continuous batching stopped on an error: %r", e, exc_info=e)
         finally:
             reason = (f"the manager failed: {self.fatal_error!r}" if self.fatal_error is not None
                       else "the manager was stopped (hard_stop) before the request finished")
@@ -1298,9 +1345,82 @@ class ContinuousBatchingManager:
                 self._incoming.clear()
             chunked = [self._chunked.req] if self._chunked is not None else []
             self._chunked = None
-            for req in [*running.values(), *chunked, *waiting]:
-                self._finish(req, reason)
+            seen: set[int] = set()
+            # the running, the one in chunks, the waiting, and any the loop held elsewhere when it failed
+            for req in [*running.values(), *chunked, *waiting, *self._owned.values()]:
+                if id(req) not in seen and req.status < RequestStatus.FINISHED:
+                    seen.add(id(req))
+                    self._finish(req, reason)
+            self._owned = {}
             self._post()
+
+    def _fatal_step_error(self, error: Exception, failures: int) -> str | None:
+        """Why a failed step stops the loop for good (None: the loop resets the batch and goes on):
+        a CUDA error other than running out of memory (it leaves the CUDA context unusable), or
+        the MAX_STEP_FAILURES-th failed turn in a row."""
+        if not isinstance(error, torch.OutOfMemoryError) and isinstance(error, (RuntimeError, _ACCELERATOR_ERROR)):
+            text = str(error)
+            if any(s in text for s in _STICKY_ERRORS) and "out of memory" not in text:
+                return "a CUDA error that leaves the device unusable"
+        if failures >= MAX_STEP_FAILURES:
+            return f"{failures} steps failed in a row"
+        return None
+
+    def _fail_step(self, error: str, waiting: deque, running: dict) -> None:
+        """A step raised: every request that it held fails with `error`. Those are the running
+        rows, the request in chunks, the requests computed again past LongRoPE's switch, and those
+        that left the queue or began their prefill in this turn (wherever the error caught them);
+        the requests still waiting untouched stay queued."""
+        untouched = [req for req in waiting if req.status == RequestStatus.PENDING]
+        keep = {id(req) for req in untouched}
+        victims = [*running.values(), *([self._chunked.req] if self._chunked is not None else []),
+                   *self._recomputing.values(), *self._owned.values()]
+        running.clear()
+        self._chunked = None
+        self._recomputing = {}
+        waiting.clear()
+        waiting.extend(untouched)
+        seen: set[int] = set()
+        for req in victims:
+            if id(req) not in keep and id(req) not in seen and req.status < RequestStatus.FINISHED:
+                seen.add(id(req))
+                self._finish(req, error)
+
+    def _reset_batch(self, error: str) -> _Batch:
+        """After a failed step (`_fail_step`): a batch built afresh, every row free, and nothing
+        left of the old one's steps in flight, chunk to ride, LongRoPE crossings, horizon or shared
+        prefixes; on a GPU its memory (an out-of-memory forward's too) goes back to the device
+        before the new one is made. A reset that fails stops the loop."""
+        try:
+            self._pending.clear()
+            self._ride = None
+            self._recomputing = {}
+            self._crossings = []
+            self._horizon = 0
+            self._rows_changed += 1
+            self._rows_of = (None, [], {})
+            self._grammar_rows = (None, False)
+            self._versions = []
+            old, self._batch = self._batch, None
+            on_gpu = self.model.device.type == "cuda"
+            if old is not None:
+                if on_gpu:
+                    torch.cuda.synchronize(self.model.device)  # (the old batch's work done before its memory goes)
+                old.graphs.clear()
+                if old.pages is not None:
+                    old.pages.close()
+                del old
+            gc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
+            batch = self._ensure_batch()
+            if batch.graphs_on and self.warmed_up:  # the decode graphs captured again, as `warmup` did
+                for b in sorted({batch.bucket(n) for n in DECODE_BUCKETS}):
+                    batch.graph(b)
+            return batch
+        except Exception as e:
+            raise RuntimeError(f"continuous batching could not reset its batch after {error}: "
+                               f"{type(e).__name__}: {e}") from e
 
     def _cancel(self, ids: set[str], waiting: deque, running: dict, batch: _Batch) -> None:
         if self._chunked is not None and self._chunked.req.id in ids:

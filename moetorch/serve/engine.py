@@ -333,7 +333,9 @@ class Engine:
     def ensure_running(self) -> None:
         """EngineError (a 500 that says why) where the batch's loop, or the engine process, has
         stopped: a request queued there would wait forever. (A loop not started yet is fine: it
-        serves what was queued when it starts.)"""
+        serves what was queued when it starts. A step that failed and that the loop survived,
+        `ContinuousBatchingManager.recovered_errors`, failed its own requests only, each an
+        EngineError from `generate`.)"""
         manager = self.manager
         if self.model is None:  # the engine process
             if not manager.is_running():
