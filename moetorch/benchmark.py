@@ -259,7 +259,7 @@ def _hf_decode(model, ids, steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="moetorch bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="moetorch bench", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--models", default="jetmoe,phimoe", type=model_names)
     p.add_argument("--batches", default="1,16,64", type=counts)
     p.add_argument("--prefill", default="2048,8192", type=counts, help="prefill token counts (empty: none)")

@@ -437,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help=f"checkpoint directory, Hub name or embedded model name: "
                        f"{', '.join([*EMBEDDED, RANDOM_MODEL])} (default: {DEFAULT_MODEL})")
         p.add_argument("--device", default="auto", type=_device, help="cpu, cuda, cuda:N, or how to place the layers: "
-                       "auto (default: one GPU when the model fits, else spread over the GPUs and the CPU), balanced "
-                       "or sequential")
+                       "auto (default: one GPU when the model fits, else spread over the GPUs and the CPU), balanced, "
+                       "balanced_low_0 or sequential")
         p.add_argument("--dtype", default="auto", type=_dtype,
                        help="auto (checkpoint dtype), bfloat16, float16 or float32")
 
