@@ -51,6 +51,11 @@ class Cache:
     # have their own): a tensor broadcastable to the forward's positions, nonzero where the long
     # factors apply. None: chosen from the sequence's length (`modeling_utils.sync_rope_cache`).
     rope_long_BT: torch.Tensor | None = None
+    # Slots past the largest position + 1 (LongRoPE's sequence length): left-padding columns that
+    # every row has, set by `generate` before each forward, or by a forward that starts the cache
+    # with positions (`modeling_utils.rope_length`; negative for positions past the slots). The
+    # steps after it count the sequence length on the host: cached + new tokens less these.
+    rope_pad: int | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -96,6 +101,12 @@ class Cache:
         if self.replay_embeds is None or self.replay_embeds.shape[0] != B:
             self.replay_embeds = embeds_BTD.new_zeros(B, limit + 1, D)
             self.replay_positions = torch.zeros(B, limit + 1, dtype=torch.long, device=embeds_BTD.device)
+        elif self.replay_embeds.shape[1] < limit + 1:  # a longer limit (a padded batch's): the record grows
+            old_embeds, old_positions, n = self.replay_embeds, self.replay_positions, self.replay_embeds.shape[1] - 1
+            self.replay_embeds = old_embeds.new_zeros(B, limit + 1, D)
+            self.replay_positions = old_positions.new_zeros(B, limit + 1)
+            self.replay_embeds[:, :n] = old_embeds[:, :n]
+            self.replay_positions[:, :n] = old_positions[:, :n]
         slot_T = cache_position_T.clamp(max=limit)
         if torch.is_grad_enabled() and embeds_BTD.requires_grad:
             # kept with their gradients, so that a rebuild's loss reaches the embeddings it replays

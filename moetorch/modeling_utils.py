@@ -985,19 +985,26 @@ def to_device(tensors: Any, device: torch.device, on_device: contextlib.ExitStac
     return tensors
 
 
-def rope_length(rotary, position_ids: torch.Tensor | None, attention_mask, cache: Cache | None) -> int | None:
-    """LongRoPE's sequence length where the caller's positions decide it: positions given with no
-    mask (packed sequences, a window scored at an offset, a hand-written decode loop) read their
-    largest value + 1, as Transformers does, with or without a cache (one read to the host). None
-    (the cached + new tokens decide) for the library's own callers: they give a mask with their
-    positions, or a packed cache that carries its sequences' lengths; and inside a graph capture."""
-    if not rotary.longrope or position_ids is None or attention_mask is not None:
+def rope_length(rotary, position_ids: torch.Tensor | None, cache: Cache | None, past_len: int) -> int | None:
+    """LongRoPE's sequence length where the caller's positions decide it: positions given to a
+    forward that starts a sequence (no cache, or an empty one: packed sequences, a window scored at
+    an offset, a padded batch) read their largest value + 1, as Transformers does (one read to the
+    host). None (the cached + new tokens decide, less the cache's `rope_pad`, which this first
+    forward sets) without positions, for the steps after it (no host read on a decode step), for
+    continuous batching's caches (their rows' factor sets or sequences' lengths), and inside a
+    graph capture."""
+    if not rotary.longrope or position_ids is None:
         return None
-    if cache is not None and (cache.packed is not None or cache.rope_long_BT is not None):
+    if cache is not None and (cache.packed is not None or cache.rope_long_BT is not None or past_len > 0):
         return None
-    if position_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _capturing(position_ids):
         return None
     return int(position_ids.max()) + 1
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the stream `t`'s work goes to."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -> tuple[DecoderInputs, bool, int]:
@@ -1013,7 +1020,8 @@ def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -
         return inputs, cache.rope_long_BT, 0  # the caller's choice per position (continuous batching's rows)
     packed = cache.packed if cache is not None else None  # packed sequences: the longest decides
     if seq_len is None:
-        seq_len = packed.rope_len if packed is not None else inputs.past_len + T
+        pad = (cache.rope_pad or 0) if cache is not None else 0  # columns every row pads (`generate`)
+        seq_len = packed.rope_len if packed is not None else inputs.past_len + T - pad
     long = rotary.use_long(seq_len)
     prefix = 0
     if cache is not None and rotary.longrope:
@@ -1033,7 +1041,7 @@ def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -
         cache.rope_long = long
         if cache.records_inputs:
             cache.record_inputs(inputs.embeds_BTD, inputs.position_ids_BT, inputs.cache_position_T,
-                                rotary.original_max)
+                                max(1, rotary.original_max + (cache.rope_pad or 0)))
     return inputs, long, prefix
 
 
@@ -1082,8 +1090,10 @@ def decoder_forward(
     )
     B, T = inp.embeds_BTD.shape[:2]
     segments_BT = packed_segments(position_ids, attention_mask, inp.cache, B)
-    inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, rope_length(model.rotary_emb, position_ids,
-                                                                          attention_mask, inp.cache))
+    seq_len = rope_length(model.rotary_emb, position_ids, inp.cache, inp.past_len)
+    if inp.cache is not None and inp.past_len == 0 and not _capturing(inp.embeds_BTD):
+        inp.cache.rope_pad = 0 if seq_len is None else T - seq_len  # the later steps count from it on the host
+    inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len)
     writes = _writes_unpadded(past_key_values, inp.cache)
     unpad = unpadded_rows(model, attention_mask, None if writes else inp.cache, sliding_window, output_attentions,
                           inp.embeds_BTD, loss_positions_BT) if prefix == 0 else None

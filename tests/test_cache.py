@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling, randomize_
-from parity import close, make_inputs
+from parity import close, make_inputs, make_pair
 
 import moetorch
 import moetorch.cache
@@ -386,3 +386,67 @@ def test_static_cache_slot_rows_match_moving_the_cache(arch):
     for step in (0, 2):
         with pytest.raises(ValueError, match="positive divisor of the 3 rows"):
             rows_cache.rows_view(step, 3, "cpu", torch.float32)
+
+
+def _padded(ids_rows: list[list[int]], width: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask of `width` columns."""
+    ids = torch.full((len(ids_rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(ids_rows), width, dtype=torch.long)
+    for b, row in enumerate(ids_rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+        mask[b, width - len(row):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+@torch.no_grad()
+def test_longrope_counts_the_batch_real_tokens_not_its_padding(cache_implementation):
+    """LongRoPE's factor set follows the largest position + 1: padding that every row of a batch
+    has (a tokenizer's pad_to_multiple_of, padding="max_length") changes no token. Rows of 10 and
+    13 tokens, padded to 13 or to 21 columns, cross the threshold (16) at the same step of
+    `generate`: the row's length (21 from the start) used to switch the padded batch at once."""
+    model = longrope_model(seed=6, original=16)
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (10, 13)]
+    outs = []
+    for width in (13, 21):
+        ids, mask = _padded(rows, width)
+        seq = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, cache_implementation=cache_implementation)
+        outs.append(seq[:, width:])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_longrope_forward_with_a_mask_reads_the_largest_position(tmp_path):
+    """A forward given a mask and positions (Transformers' generate passes both) picks the factor
+    set by the largest position + 1, as Transformers does: rows of 9 and 12 tokens padded to 20
+    columns keep the short factors (threshold 16) where the row's length would take the long ones;
+    the same with a cache, and a step after it."""
+    hf, ours = make_pair(PHIMOE, tmp_path, seed=7, rope_scaling=longrope_scaling(8, original=16),
+                         max_position_embeddings=64)
+    g = torch.Generator().manual_seed(7)
+    ids, mask = _padded([torch.randint(1, 64, (n,), generator=g).tolist() for n in (9, 12)], 20)
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    real = mask.bool()
+    with torch.no_grad():
+        for use_cache in (False, True):
+            a = hf(ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+            b = ours(ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+            close(a.logits[real], b.logits[real], f"padded LongRoPE logits, use_cache={use_cache}")
+        nxt = torch.tensor([[5], [7]])
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        step = pos[:, -1:] + 1
+        a = hf(nxt, attention_mask=step_mask, position_ids=step, past_key_values=a.past_key_values)
+        b = ours(nxt, attention_mask=step_mask, position_ids=step, past_key_values=b.past_key_values)
+        close(a.logits, b.logits, "the next step")
+
+
+def test_the_longrope_record_grows_with_its_limit():
+    """The replay record (inputs of the first `limit` slots) keeps what it holds when a later
+    forward records with a longer limit (a padded batch's switch comes later)."""
+    cache = DynamicCache()
+    embeds = torch.randn(2, 6, 4)
+    cache.record_inputs(embeds[:, :3], torch.arange(3)[None], torch.arange(3), 4)
+    cache.record_inputs(embeds[:, 3:], torch.arange(3, 6)[None], torch.arange(3, 6), 8)
+    got, positions = cache.replay(6)
+    assert torch.equal(got, embeds) and positions.tolist() == [list(range(6))] * 2

@@ -179,7 +179,7 @@ class GraphedDecodeStep(_CacheMask):
         return out.logits[:, -1]
 
     def _regime(self, past: int) -> bool:
-        return self.rotary is not None and self.rotary.use_long(past + 1)
+        return self.rotary is not None and self.rotary.use_long(past + 1 - (self.cache.rope_pad or 0))
 
     @torch.no_grad()
     def __call__(self, ids_B1, attention_mask_BS, position_ids_B1, cache_position_1) -> torch.Tensor:

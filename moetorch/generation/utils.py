@@ -27,7 +27,7 @@ import torch
 
 from ..cache import Cache, DynamicCache, StaticCache
 from ..engine.batching import ContinuousBatchingMixin
-from ..engine.cuda_graph import CHUNK_BUCKETS, GraphedChunk, GraphedDecodeStep, GraphedPrefill, own_forward
+from ..engine.cuda_graph import CHUNK_BUCKETS, GraphedChunk, GraphedDecodeStep, GraphedPrefill, _longrope, own_forward
 from ..ops import fused
 from ..outputs import ModelOutput, takes_cache_name
 from .configuration import DEFAULTS, GenerationConfig, as_generation_config
@@ -144,6 +144,16 @@ class _Context:
         self.step = None  # a GraphedDecodeStep for single-token steps, when one is in use
         self.prefill = None  # a GraphedPrefill for the prompt, when one is in use
         self.chunk = None  # a GraphedChunk for verify forwards (assisted decoding), when one is in use
+        self._pad: int | None = None
+
+    @property
+    def rope_pad(self) -> int:
+        """Columns of the prompt that every row pads (0 without a mask; read once): the largest
+        position + 1, LongRoPE's sequence length, is the cached + new tokens less these."""
+        if self._pad is None:
+            m = self.mask_BP
+            self._pad = 0 if m is None else int((m == 0).sum(-1).min())
+        return self._pad
 
     def mask(self, end: int) -> torch.Tensor | None:
         m = self.mask_BP
@@ -179,6 +189,8 @@ def _forward(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache | None, ke
                     logits_to_keep=keep, return_dict=True)
         cache.inner = out.past_key_values
         return out
+    if cache is not None and _longrope(model) is not None:
+        cache.rope_pad = ctx.rope_pad  # (LongRoPE counts the batch's real tokens, as its positions do)
     # the graphed runs take token ids, record nothing, and serve the cache they were made for (not,
     # say, an assistant's draft cache)
     graphs = ids is not None and not (output_attentions or output_hidden_states)
@@ -511,6 +523,12 @@ class GenerationMixin(ContinuousBatchingMixin):
         # an embeddings-only prompt counts in max_length and min_length, a cache's tokens do not
         max_length, min_length = self._lengths(gen, seq.shape[1], offset, counted=embeds is not None)
         drafted = assistant_model is not None or gen.prompt_lookup_num_tokens is not None
+        # LongRoPE switching within a batch whose every row pads: the switch comes at the largest
+        # position + 1, past `original_max_position_embeddings` slots, so the replay record that
+        # rebuilds the cache grows beyond what a held cache's graphs write: a fresh cache, eagerly
+        rotary = _longrope(self)
+        padded_switch = (rotary is not None and mask is not None and max_length + offset > rotary.original_max
+                         and bool((mask[:, 0] == 0).all()))
         if cache is None and gen.use_cache:
             # On a GPU, greedy search, sampling, beam search and assisted decoding default to the
             # static cache, whose steps replay as CUDA graphs.
@@ -525,7 +543,7 @@ class GenerationMixin(ContinuousBatchingMixin):
                 # The last token is never fed back, hence the -1; assisted decoding feeds every
                 # token, and pads its verify chunks past the last (GraphedChunk). A cache that is
                 # not handed back may be the last call's, with its captured decode graphs.
-                reuse = custom_generate is None and not gen.return_dict_in_generate
+                reuse = custom_generate is None and not gen.return_dict_in_generate and not padded_switch
                 room = CHUNK_BUCKETS[-1] if drafted else -1
                 cache = self._static_cache(seq.shape[0], _cache_length(gen, max_length + offset, room), reuse)
             else:
@@ -545,7 +563,7 @@ class GenerationMixin(ContinuousBatchingMixin):
             return custom_generate(self, seq, logits_processor=processors, stopping_criteria=criteria,
                                    generation_config=gen, **own, **self._loop_inputs(seq, ctx, cache, gen))
 
-        if isinstance(cache, StaticCache) and self.decode_graphs and not sync and not (
+        if isinstance(cache, StaticCache) and self.decode_graphs and not sync and not padded_switch and not (
             gen.output_attentions or gen.output_hidden_states
         ):
             held, R = self._held_decode(), seq.shape[0]
@@ -1235,6 +1253,8 @@ class GenerationMixin(ContinuousBatchingMixin):
         draft_ctx = _Context(*(None if t is None else t.to(device) for t in (ctx.mask_BP, ctx.positions_BP)), None, 0)
         if assistant is not None and not isinstance(assistant, GenerationMixin):
             return _OwnCache(), draft_ctx  # a model of another library drafts on a cache of its own
+        if _longrope(assistant) is not None and draft_ctx.rope_pad:
+            return DynamicCache(), draft_ctx  # (a padded prompt's LongRoPE record: see `padded_switch`)
         if not (isinstance(cache, StaticCache) and isinstance(assistant, GenerationMixin) and assistant is not self
                 and assistant.decode_graphs and not assistant.spans_devices):
             return DynamicCache(), draft_ctx
