@@ -187,6 +187,16 @@ class MoeConfig(PushToHubMixin):
         if params["rope_type"] in SCALED_ROPE_TYPES:
             self._validate_scaled_rope(params)
 
+    def validate_rope(self, ignore_keys: set[str] | None = None) -> None:
+        """Check `rope_parameters` again, as the config checked them when made (Transformers' method,
+        for parameters changed since): a ConfigError naming the field at fault, else None.
+        `ignore_keys` is taken for Transformers' signature; every key a kind reads is checked."""
+        self.rope_scaling = None  # `rope_parameters` is the source (rope_scaling names the same dict)
+        self._check_rope()
+
+    def _check_rope(self) -> None:
+        raise NotImplementedError
+
     def _validate_scaled_rope(self, p: dict) -> None:
         """The fields a linear, yarn or llama3 `rope_type` reads (`ops.rope.scaled_inv_freq`), with
         Transformers' fill-in: the original context defaults to max_position_embeddings."""
@@ -538,6 +548,9 @@ class PhimoeConfig(MoeConfig):
             v = getattr(self, name)
             _check(_is_number(v) and v >= 0, name, f"must be a non-negative number, got {v!r}")
         _check(0 <= self.attention_dropout < 1, "attention_dropout", "must be in [0, 1)")
+        self._check_rope()
+
+    def _check_rope(self) -> None:
         self._normalize_rope(("default", "longrope"))  # Transformers' PhiMoE takes no other scaled kind
         if self.rope_parameters["rope_type"] == "longrope":
             self._validate_longrope()
@@ -679,6 +692,9 @@ class JetMoeConfig(MoeConfig):
             "router_loss_recipe",
             f"must be one of {self.router_loss_recipes}, got {self.router_loss_recipe!r}",
         )
+        self._check_rope()
+
+    def _check_rope(self) -> None:
         self._normalize_rope(("default", *SCALED_ROPE_TYPES))
 
     @property

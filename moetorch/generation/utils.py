@@ -81,7 +81,7 @@ logger = logging.getLogger("moetorch")
 # Slots a static cache's length rounds up to, so that calls of nearby lengths share a kept one.
 STATIC_CACHE_BUCKET = 256
 # Keyword arguments of generate() that are model inputs rather than GenerationConfig fields.
-MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values", "tokenizer")
+MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values", "tokenizer")
 # Transformers settings moetorch does not implement, with their no-op values: a config file that
 # sets them otherwise gets a warning (as keyword arguments of generate() they are an error).
 _UNSUPPORTED = {
@@ -148,11 +148,12 @@ class _Context:
 
     @property
     def rope_pad(self) -> int:
-        """Columns of the prompt that every row pads (0 without a mask; read once): the largest
-        position + 1, LongRoPE's sequence length, is the cached + new tokens less these."""
+        """Prompt columns past the largest position + 1 (read once; 0 without positions): every
+        row's left padding, or positions the caller gave. LongRoPE's sequence length, that largest
+        position + 1, is the cached + new tokens less these."""
         if self._pad is None:
-            m = self.mask_BP
-            self._pad = 0 if m is None else int((m == 0).sum(-1).min())
+            p = self.positions_BP
+            self._pad = 0 if p is None else p.shape[1] - 1 - int(p.max())
         return self._pad
 
     def mask(self, end: int) -> torch.Tensor | None:
@@ -497,6 +498,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         gen, model_inputs = self._generation_settings(generation_config, kwargs, use_model_defaults)
         tokenizer = model_inputs.pop("tokenizer", None)
         cache = model_inputs.pop("past_key_values", None)
+        given_positions = model_inputs.pop("position_ids", None)
         seq, embeds, offset, mask = self._prompt(inputs, gen, model_inputs, _held_tokens(cache))
         user_cache = cache is not None
         device = seq.device
@@ -506,6 +508,8 @@ class GenerationMixin(ContinuousBatchingMixin):
         )
         pad_id = gen.pad_token_id if gen.pad_token_id is not None else _first_eos(gen)
         mask, positions = _padding(seq, embeds, mask, pad_id, eos)
+        if given_positions is not None:  # the prompt's positions as given; later tokens count on from each row's last
+            positions = _given_positions(given_positions, seq.shape[0], offset + seq.shape[1]).to(device)
 
         expand = max(gen.num_beams, gen.num_return_sequences)
         _check_token_ids(gen, getattr(self.config, "vocab_size", None))
@@ -527,8 +531,8 @@ class GenerationMixin(ContinuousBatchingMixin):
         # position + 1, past `original_max_position_embeddings` slots, so the replay record that
         # rebuilds the cache grows beyond what a held cache's graphs write: a fresh cache, eagerly
         rotary = _longrope(self)
-        padded_switch = (rotary is not None and mask is not None and max_length + offset > rotary.original_max
-                         and bool((mask[:, 0] == 0).all()))
+        padded_switch = (rotary is not None and positions is not None and max_length + offset > rotary.original_max
+                         and positions.shape[1] - 1 - int(positions.max()) > 0)
         if cache is None and gen.use_cache:
             # On a GPU, greedy search, sampling, beam search and assisted decoding default to the
             # static cache, whose steps replay as CUDA graphs.
@@ -1554,6 +1558,17 @@ def _first_eos(gen: GenerationConfig) -> int | None:
     if eos is None:
         return None
     return eos if isinstance(eos, int) else eos[0]
+
+
+def _given_positions(position_ids, batch: int, length: int) -> torch.Tensor:
+    """`generate(position_ids=...)`: the prompt's positions, [batch, length] or one row for all."""
+    if not torch.is_tensor(position_ids) or position_ids.dim() not in (1, 2) or position_ids.is_floating_point():
+        raise ValueError(f"position_ids must be an integer tensor [batch, seq] like the prompt {(batch, length)}, "
+                         f"got {getattr(position_ids, 'shape', type(position_ids).__name__)}")
+    p = position_ids if position_ids.dim() == 2 else position_ids[None]
+    if p.shape[1] != length or p.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids must be [batch, seq] like the prompt {(batch, length)}, got {tuple(p.shape)}")
+    return p.long().expand(batch, length).contiguous()
 
 
 def _padding(seq, embeds, mask, pad_id, eos):

@@ -1,0 +1,115 @@
+"""Spec items no other test pins, each against Transformers 5.23 on tiny models: `generate`'s
+model keyword `position_ids` (forwarded to the forward, as the spec's `**kwargs` says),
+`PhimoeConfig.validate_rope` (a method the 5.0 spec lists), classifier-free guidance with a padded
+negative prompt and its `negative_prompt_attention_mask`, and the attentions and hidden states a
+`return_dict_in_generate` call returns, compared by value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
+from parity import close, make_inputs, make_pair
+
+import moetorch
+
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
+def pair(request, tmp_path_factory):
+    """(Transformers model, moetorch model) with the same random weights, eager attention."""
+    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name), seed=0)
+
+
+def test_generate_forwards_position_ids_as_transformers(pair):
+    """`generate(ids, position_ids=...)`: Transformers runs the prompt at the given positions and
+    counts on from each row's last one; positions with a gap give other tokens than the default."""
+    hf, ours = pair
+    ids, _ = make_inputs(VOCAB, 2, 6, None, seed=1)
+    positions = torch.tensor([[0, 1, 2, 10, 11, 12], [0, 1, 2, 3, 4, 5]])
+    want = hf.generate(ids, position_ids=positions, max_new_tokens=6)
+    assert not torch.equal(want, hf.generate(ids, max_new_tokens=6))  # the positions matter
+    got = ours.generate(ids, position_ids=positions, max_new_tokens=6)
+    assert torch.equal(got, want), f"\nTransformers:\n{want}\nmoetorch:\n{got}"
+
+
+@pytest.mark.parametrize("rope", ["default", "longrope"])
+def test_phimoe_config_validate_rope(rope):
+    """`PhimoeConfig.validate_rope()` (the spec's "Validate the `rope_parameters` configuration")
+    is there and passes a valid configuration, as Transformers' does."""
+    kwargs = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if rope == "longrope":
+        kwargs["rope_scaling"] = longrope_scaling(8, original=16)
+    theirs, ours = transformers.PhimoeConfig(**kwargs), moetorch.PhimoeConfig(**kwargs)
+    assert theirs.validate_rope() is None
+    assert ours.validate_rope() is None
+    assert PHIMOE.our_config().validate_rope() is None
+
+
+def test_classifier_free_guidance_with_a_padded_negative_prompt(pair):
+    """Left-padded prompts and negative prompts with `negative_prompt_attention_mask`: the tokens
+    of Transformers, and the mask is read (what the padding holds changes nothing, the mask
+    itself does)."""
+    hf, ours = pair
+    ids, mask = make_inputs(VOCAB, 3, 6, "left", seed=1)
+    negative, negative_mask = make_inputs(VOCAB, 3, 4, "left", seed=5)
+    other_padding = negative.masked_fill(negative_mask == 0, 50)
+    settings = dict(attention_mask=mask, max_new_tokens=6, guidance_scale=1.5)
+    want = hf.generate(ids, negative_prompt_ids=negative, negative_prompt_attention_mask=negative_mask, **settings)
+    got = ours.generate(ids, negative_prompt_ids=negative, negative_prompt_attention_mask=negative_mask, **settings)
+    assert torch.equal(got, want), f"\nTransformers:\n{want}\nmoetorch:\n{got}"
+    again = ours.generate(ids, negative_prompt_ids=other_padding, negative_prompt_attention_mask=negative_mask,
+                          **settings)
+    assert torch.equal(again, got)
+    assert not torch.equal(ours.generate(ids, negative_prompt_ids=negative, **settings), got)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(num_beams=2)], ids=["greedy", "beams"])
+def test_generate_attentions_and_hidden_states_match_transformers(pair, settings):
+    """`return_dict_in_generate=True, output_attentions=True, output_hidden_states=True`: the
+    same output class and fields, and every step's attentions and hidden states by value."""
+    hf, ours = pair
+    ids, mask = make_inputs(VOCAB, 3, 6, "left", seed=1)
+    kw = dict(attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, output_attentions=True,
+              output_hidden_states=True, output_scores=True, **settings)
+    a, b = hf.generate(ids, **kw), ours.generate(ids, **kw)
+    assert type(a).__name__ == type(b).__name__
+    assert torch.equal(a.sequences, b.sequences)
+    for field in ("attentions", "hidden_states"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert len(x) == len(y) == 3, field
+        for step, (xs, ys) in enumerate(zip(x, y)):
+            assert len(xs) == len(ys), f"{field}[{step}]"
+            for layer, (u, v) in enumerate(zip(xs, ys)):
+                assert u.shape == v.shape, f"{field}[{step}][{layer}]: {tuple(u.shape)} vs {tuple(v.shape)}"
+                # the prompt step: compare the real rows only (padding rows differ by backend)
+                rows = mask.repeat_interleave(u.shape[0] // mask.shape[0], 0).bool() if step == 0 else None
+                if rows is not None and field == "hidden_states":
+                    u, v = u[rows], v[rows]
+                elif rows is not None:
+                    u, v = u.transpose(1, 2)[rows], v.transpose(1, 2)[rows]
+                close(u, v, f"{field}[{step}][{layer}]", atol=1e-4, rtol=1e-4)
+
+
+def test_generate_refuses_position_ids_unlike_the_prompt(pair):
+    """position_ids of another length than the prompt, or not integers, are refused by name; one
+    row serves every row of the batch."""
+    hf, ours = pair
+    ids, _ = make_inputs(VOCAB, 2, 6, None, seed=2)
+    with pytest.raises(ValueError, match="position_ids must be"):
+        ours.generate(ids, position_ids=torch.arange(5)[None], max_new_tokens=2)
+    with pytest.raises(ValueError, match="position_ids must be"):
+        ours.generate(ids, position_ids=torch.zeros(2, 6), max_new_tokens=2)
+    one = torch.arange(3, 9)[None]
+    assert torch.equal(ours.generate(ids, position_ids=one, max_new_tokens=3, do_sample=False),
+                       ours.generate(ids, position_ids=one.expand(2, 6), max_new_tokens=3, do_sample=False))
