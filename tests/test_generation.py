@@ -472,6 +472,12 @@ def test_transformers_settings_of_the_cache_prefill_and_ids(pair):
     assert_same_tokens(a, b, "an EOS id tensor and the no-ops")
     with pytest.raises(TypeError, match=r"\['token_healing'\] are Transformers settings moetorch does not implement"):
         ours.generate(ids, max_new_tokens=2, token_healing=True)
+    # an unknown keyword: Transformers' ValueError, which a TypeError catches too
+    with pytest.raises(ValueError, match="model_kwargs"):
+        hf.generate(ids, max_new_tokens=2, not_an_argument=1)
+    for error in (ValueError, TypeError):
+        with pytest.raises(error, match=r"unknown keyword arguments \['not_an_argument'\]"):
+            ours.generate(ids, max_new_tokens=2, not_an_argument=1)
     with pytest.raises(ValueError, match="prefill_chunk_size runs the prompt's ids"):
         ours.generate(inputs_embeds=ours.get_input_embeddings()(ids), max_new_tokens=2, prefill_chunk_size=2)
     with pytest.raises(ValueError, match="encoder_repetition_penalty"):

@@ -91,6 +91,12 @@ _UNSUPPORTED = {
 }
 # Model inputs Transformers hands to every forward that change nothing generate returns: accepted.
 _IGNORED_INPUTS = ("output_router_logits", "logits_to_keep")
+class GenerateArgumentError(TypeError, ValueError):
+    """An unknown or unsupported keyword argument to `generate()`: a TypeError, as Python raises for
+    a keyword a function does not take, and a ValueError, as Transformers raises for model keywords
+    the model does not use, so that either `except` catches it."""
+
+
 # Transformers' "impossible" score: large enough to never win, small enough to stay finite.
 _NEVER = -1.0e9
 
@@ -713,10 +719,10 @@ class GenerationMixin(ContinuousBatchingMixin):
             elif k not in _IGNORED_INPUTS and not (k in _UNSUPPORTED and v in (None, _UNSUPPORTED[k])):
                 unknown.append(k)
         if any(k in _UNSUPPORTED for k in unknown):
-            raise TypeError(f"generate(): {[k for k in unknown if k in _UNSUPPORTED]} are Transformers settings "
-                            "moetorch does not implement (docs/generation.md lists them)")
+            raise GenerateArgumentError(f"generate(): {[k for k in unknown if k in _UNSUPPORTED]} are Transformers "
+                                        "settings moetorch does not implement (docs/generation.md lists them)")
         if unknown:
-            raise TypeError(
+            raise GenerateArgumentError(
                 f"generate() got unknown keyword arguments {unknown}: they are neither GenerationConfig fields "
                 f"nor model inputs {list(MODEL_INPUTS)}"
             )
