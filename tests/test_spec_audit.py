@@ -7,28 +7,17 @@ negative prompt and its `negative_prompt_attention_mask`, and the attentions and
 from __future__ import annotations
 
 import pytest
+import test_generation
 import torch
 import transformers
-from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling
-from parity import close, make_inputs, make_pair
+from archs import PHIMOE, longrope_scaling
+from parity import close, make_inputs
 
 import moetorch
 
-VOCAB = 97
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)
-def pair(request, tmp_path_factory):
-    """(Transformers model, moetorch model) with the same random weights, eager attention."""
-    return make_pair(request.param, tmp_path_factory.mktemp(request.param.name), seed=0)
+VOCAB = test_generation.VOCAB
+_one_thread = test_generation._one_thread  # one intra-op thread for tiny models
+pair = test_generation.pair  # (Transformers model, moetorch model), the same random weights
 
 
 def test_generate_forwards_position_ids_as_transformers(pair):
