@@ -1041,7 +1041,7 @@ def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -
         cache.rope_long = long
         if cache.records_inputs:
             cache.record_inputs(inputs.embeds_BTD, inputs.position_ids_BT, inputs.cache_position_T,
-                                max(1, rotary.original_max + (cache.rope_pad or 0)))
+                                rotary.original_max + max(cache.rope_pad or 0, 0))
     return inputs, long, prefix
 
 

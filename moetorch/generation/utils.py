@@ -533,11 +533,11 @@ class GenerationMixin(ContinuousBatchingMixin):
         # an embeddings-only prompt counts in max_length and min_length, a cache's tokens do not
         max_length, min_length = self._lengths(gen, seq.shape[1], offset, counted=embeds is not None)
         drafted = assistant_model is not None or gen.prompt_lookup_num_tokens is not None
-        # LongRoPE switching within a batch whose every row pads: the switch comes at the largest
-        # position + 1, past `original_max_position_embeddings` slots, so the replay record that
-        # rebuilds the cache grows beyond what a held cache's graphs write: a fresh cache, eagerly
-        rotary = _longrope(self)
-        padded_switch = (rotary is not None and positions is not None and max_length + offset > rotary.original_max
+        # LongRoPE with a batch whose every row pads (or positions given that stop short of the
+        # slots): its switch comes past `original_max_position_embeddings` slots, so the replay
+        # record that rebuilds the cache is longer than a held cache's graphs write: a fresh cache,
+        # eagerly (a held cache's record always ends at that many slots)
+        padded_switch = (_longrope(self) is not None and positions is not None
                          and positions.shape[1] - 1 - int(positions.max()) > 0)
         if cache is None and gen.use_cache:
             # On a GPU, greedy search, sampling, beam search and assisted decoding default to the
