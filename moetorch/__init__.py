@@ -69,7 +69,7 @@ from .models.jetmoe import (
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel, PhimoePreTrainedModel
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from .pipeline import TextGenerationPipeline, pipeline
-from .tokenizer import AutoTokenizer, BatchEncoding, Tokenizer
+from .tokenizer import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, Tokenizer
 from .utils import set_seed
 
 # Transformers' base-class names, for the isinstance checks and annotations of scripts that import them
@@ -91,6 +91,8 @@ __all__ = [
     "AutoModelForCausalLM",
     "AutoModelForSequenceClassification",
     "AutoTokenizer",
+    "LlamaTokenizer",
+    "LlamaTokenizerFast",
     "BatchEncoding",
     "TextGenerationPipeline",
     "Tokenizer",

@@ -1027,6 +1027,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+class LlamaTokenizer(Tokenizer):
+    """Transformers 5's `LlamaTokenizer` (`LlamaTokenizerFast` is the same class), which the
+    PhiMoE docs name as that model's tokenizer: a checkpoint's tokenizer.json read with the Llama
+    pipeline rebuilt from its vocabulary and merges (`_as_llama_tokenizer`: byte-fallback BPE, "▁"
+    before the text's first word, no normalizer), whatever `tokenizer_class` its config names, and
+    left padding unless the config says otherwise."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> LlamaTokenizer:
+        return super().from_pretrained(path, **{**kwargs, "tokenizer_class": "LlamaTokenizer"})
+
+
+LlamaTokenizerFast = LlamaTokenizer
+
+
 class AutoTokenizer:
     """`AutoTokenizer.from_pretrained(dir)` returns a moetorch `Tokenizer`."""
 

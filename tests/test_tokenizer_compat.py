@@ -701,3 +701,27 @@ def test_call_argument_order_and_inputs_match_transformers(path):
     # tokenize() ignores padding and truncation, as Transformers'
     kw = dict(max_length=3, truncation=True, padding=True, stride=1)
     assert ours.tokenize(TEXTS[0], **kw) == hf.tokenize(TEXTS[0], **kw)
+
+
+@pytest.mark.parametrize("config_class", ["LlamaTokenizer", "PreTrainedTokenizerFast", None])
+def test_llama_tokenizer_class_as_transformers(config_class, tmp_path):
+    """`LlamaTokenizer.from_pretrained` (the class the PhiMoE docs name; `LlamaTokenizerFast` is
+    the same) builds the Llama pipeline whatever tokenizer_class the config names, as Transformers
+    5's does: the same ids, decoded text, padding side and padded batch as Transformers'
+    `LlamaTokenizer` on the same files, and what it saves reloads to the same ids."""
+    import moetorch
+
+    directory = build_llama_tokenizer(tmp_path / "tok", tokenizer_class=config_class)
+    hf = transformers.LlamaTokenizer.from_pretrained(directory)
+    ours = moetorch.LlamaTokenizer.from_pretrained(directory)
+    assert moetorch.LlamaTokenizerFast is moetorch.LlamaTokenizer and isinstance(ours, Tokenizer)
+    assert ours.padding_side == hf.padding_side == "left"
+    for text in [*TEXTS, "  two spaces\tand a tab\n\nnew lines", "<|user|>hi<|end|>", "ünïcödé ✓", ""]:
+        want = hf(text).input_ids
+        assert ours(text).input_ids == want, text
+        assert ours.decode(want) == hf.decode(want)
+        assert ours.decode(want, skip_special_tokens=True) == hf.decode(want, skip_special_tokens=True)
+    a, b = hf(TEXTS, padding=True), ours(TEXTS, padding=True)
+    assert a.input_ids == b.input_ids and a.attention_mask == b.attention_mask
+    ours.save_pretrained(tmp_path / "saved")
+    assert moetorch.AutoTokenizer.from_pretrained(tmp_path / "saved")(TEXTS).input_ids == hf(TEXTS).input_ids
