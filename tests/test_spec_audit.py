@@ -11,7 +11,7 @@ import test_generation
 import torch
 import transformers
 from archs import PHIMOE, longrope_scaling
-from parity import close, make_inputs
+from parity import close, make_inputs, make_pair
 
 import moetorch
 
@@ -102,3 +102,21 @@ def test_generate_refuses_position_ids_unlike_the_prompt(pair):
     one = torch.arange(3, 9)[None]
     assert torch.equal(ours.generate(ids, position_ids=one, max_new_tokens=3, do_sample=False),
                        ours.generate(ids, position_ids=one.expand(2, 6), max_new_tokens=3, do_sample=False))
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_generate_position_ids_past_the_slots_pick_longrope_factors_as_transformers(cache_implementation, tmp_path):
+    """Positions given past the prompt's slots (a negative count of padding): the prompt of 5
+    tokens at positions 10-14 keeps LongRoPE's short factors (threshold 16), as in Transformers,
+    also where the static cache's prefill pads the prompt to a bucket whose positions run past 16."""
+    hf, ours = make_pair(PHIMOE, tmp_path, seed=7, rope_scaling=longrope_scaling(8, original=16),
+                         max_position_embeddings=64)
+    ids, pos = torch.tensor([[3, 9, 4, 22, 17]]), torch.arange(10, 15)[None]
+    with torch.no_grad():
+        want = hf(ids, position_ids=pos).logits[:, -1]
+        out = ours.generate(ids, position_ids=pos, max_new_tokens=3, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True, pad_token_id=0, eos_token_id=None,
+                            cache_implementation=cache_implementation)
+    close(out.logits[0], want, "the first step's logits")
+    with pytest.raises(ValueError, match="position_ids must be"):
+        ours.generate(ids, position_ids=torch.ones(1, 5, dtype=torch.bool), max_new_tokens=1)

@@ -258,7 +258,9 @@ class GraphedPrefill:
         Tb = next((b for b in PREFILL_BUCKETS if b >= T), None)
         if Tb is None or Tb > self.cache.max_cache_len:
             return None
-        if self.rotary is not None and self.rotary.use_long(Tb):
+        # (the padded positions run on past the prompt's: with positions past the slots, a negative
+        # `rope_pad`, they may reach LongRoPE's long factors where the prompt's do not)
+        if self.rotary is not None and self.rotary.use_long(Tb - min(self.cache.rope_pad or 0, 0)):
             return None
         return Tb
 

@@ -1568,7 +1568,8 @@ def _first_eos(gen: GenerationConfig) -> int | None:
 
 def _given_positions(position_ids, batch: int, length: int) -> torch.Tensor:
     """`generate(position_ids=...)`: the prompt's positions, [batch, length] or one row for all."""
-    if not torch.is_tensor(position_ids) or position_ids.dim() not in (1, 2) or position_ids.is_floating_point():
+    if (not torch.is_tensor(position_ids) or position_ids.dim() not in (1, 2) or position_ids.is_floating_point()
+            or position_ids.dtype == torch.bool):
         raise ValueError(f"position_ids must be an integer tensor [batch, seq] like the prompt {(batch, length)}, "
                          f"got {getattr(position_ids, 'shape', type(position_ids).__name__)}")
     p = position_ids if position_ids.dim() == 2 else position_ids[None]
