@@ -55,7 +55,7 @@ class Cache:
     # every row has, set by `generate` before each forward, or by a forward that starts the cache
     # with positions (`modeling_utils.rope_length`; negative for positions past the slots). The
     # steps after it count the sequence length on the host: cached + new tokens less these.
-    rope_pad: int | None = None
+    rope_pad: int = 0
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -1020,7 +1020,7 @@ def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -
         return inputs, cache.rope_long_BT, 0  # the caller's choice per position (continuous batching's rows)
     packed = cache.packed if cache is not None else None  # packed sequences: the longest decides
     if seq_len is None:
-        pad = (cache.rope_pad or 0) if cache is not None else 0  # columns every row pads (`generate`)
+        pad = cache.rope_pad if cache is not None else 0  # slots past the largest position + 1
         seq_len = packed.rope_len if packed is not None else inputs.past_len + T - pad
     long = rotary.use_long(seq_len)
     prefix = 0
@@ -1041,7 +1041,7 @@ def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -
         cache.rope_long = long
         if cache.records_inputs:
             cache.record_inputs(inputs.embeds_BTD, inputs.position_ids_BT, inputs.cache_position_T,
-                                rotary.original_max + max(cache.rope_pad or 0, 0))
+                                rotary.original_max + max(cache.rope_pad, 0))
     return inputs, long, prefix
 
 

@@ -179,7 +179,7 @@ class GraphedDecodeStep(_CacheMask):
         return out.logits[:, -1]
 
     def _regime(self, past: int) -> bool:
-        return self.rotary is not None and self.rotary.use_long(past + 1 - (self.cache.rope_pad or 0))
+        return self.rotary is not None and self.rotary.use_long(past + 1 - self.cache.rope_pad)
 
     @torch.no_grad()
     def __call__(self, ids_B1, attention_mask_BS, position_ids_B1, cache_position_1) -> torch.Tensor:
@@ -260,7 +260,7 @@ class GraphedPrefill:
             return None
         # (the padded positions run on past the prompt's: with positions past the slots, a negative
         # `rope_pad`, they may reach LongRoPE's long factors where the prompt's do not)
-        if self.rotary is not None and self.rotary.use_long(Tb - min(self.cache.rope_pad or 0, 0)):
+        if self.rotary is not None and self.rotary.use_long(Tb - min(self.cache.rope_pad, 0)):
             return None
         return Tb
 

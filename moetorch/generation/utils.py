@@ -537,8 +537,8 @@ class GenerationMixin(ContinuousBatchingMixin):
         # slots): its switch comes past `original_max_position_embeddings` slots, so the replay
         # record that rebuilds the cache is longer than a held cache's graphs write: a fresh cache,
         # eagerly (a held cache's record always ends at that many slots)
-        padded_switch = (_longrope(self) is not None and positions is not None
-                         and positions.shape[1] - 1 - int(positions.max()) > 0)
+        ctx = _Context(mask, positions, embeds, offset)
+        padded_switch = _longrope(self) is not None and ctx.rope_pad > 0
         if cache is None and gen.use_cache:
             # On a GPU, greedy search, sampling, beam search and assisted decoding default to the
             # static cache, whose steps replay as CUDA graphs.
@@ -564,7 +564,6 @@ class GenerationMixin(ContinuousBatchingMixin):
             negative_prompt_ids, negative_prompt_attention_mask,
         )
         criteria = self._stopping_criteria(gen, max_length, eos, tokenizer, stopping_criteria)
-        ctx = _Context(mask, positions, embeds, offset)
         if streamer is not None:
             if gen.num_beams > 1:
                 raise ValueError("`streamer` cannot be used with beam search: set num_beams=1")

@@ -4,8 +4,9 @@ factors and mscales).
 
 Legend: B batch, T new tokens, S cached tokens, H heads, d head_dim.
 LongRoPE follows the original Phi-3.5-MoE code: the long factors and mscale are used once the
-sequence length exceeds `original_max_position_embeddings`: the cached + new tokens, or where a
-forward is given positions with no mask, their largest value + 1 (`modeling_utils.rope_length`).
+sequence length, the largest position + 1, exceeds `original_max_position_embeddings`: read from
+the positions a forward that starts a sequence is given, and counted on the host from there
+(`modeling_utils.rope_length`, `Cache.rope_pad`).
 Transformers 5 switches only the mscale there; see docs/differences.md.
 """
 
