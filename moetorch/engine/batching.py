@@ -1032,10 +1032,16 @@ class ContinuousBatchingManager:
         """Stop and let the cache and graphs go."""
         if self.is_running():
             self.stop(block=True)
-        if self._batch is not None and self._batch.pages is not None:
-            self._batch.graphs.clear()
-            self._batch.pages.close()
-        self._batch, self.warmed_up = None, False
+        self._drop_batch()
+        self.warmed_up = False
+
+    def _drop_batch(self) -> None:
+        """Let the batch go: its graphs, and the memory its paged cache maps."""
+        old, self._batch = self._batch, None
+        if old is not None:
+            old.graphs.clear()
+            if old.pages is not None:
+                old.pages.close()
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, input_ids, request_id: str | None = None, max_new_tokens: int | None = None,
@@ -1401,15 +1407,10 @@ class ContinuousBatchingManager:
             self._rows_of = (None, [], {})
             self._grammar_rows = (None, False)
             self._versions = []
-            old, self._batch = self._batch, None
             on_gpu = self.model.device.type == "cuda"
-            if old is not None:
-                if on_gpu:
-                    torch.cuda.synchronize(self.model.device)  # (the old batch's work done before its memory goes)
-                old.graphs.clear()
-                if old.pages is not None:
-                    old.pages.close()
-                del old
+            if on_gpu:
+                torch.cuda.synchronize(self.model.device)  # (the old batch's work done before its memory goes)
+            self._drop_batch()
             gc.collect()
             if on_gpu:
                 torch.cuda.empty_cache()
