@@ -120,3 +120,27 @@ def test_generate_position_ids_past_the_slots_pick_longrope_factors_as_transform
     close(out.logits[0], want, "the first step's logits")
     with pytest.raises(ValueError, match="position_ids must be"):
         ours.generate(ids, position_ids=torch.ones(1, 5, dtype=torch.bool), max_new_tokens=1)
+
+
+def test_validate_rope_names_parameters_changed_since():
+    """`validate_rope()` checks `rope_parameters` as they are now: a value changed after the config
+    was made is named (Transformers raises too), for PhiMoE's LongRoPE and JetMoE's scaled kinds."""
+    def kwargs():  # (each config its own dict: Transformers keeps the one passed)
+        return dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    rope_scaling=longrope_scaling(8, original=16))
+
+    theirs, ours = transformers.PhimoeConfig(**kwargs()), moetorch.PhimoeConfig(**kwargs())
+    theirs.rope_parameters["long_mscale"] = ours.rope_parameters["long_mscale"] = "x"
+    with pytest.raises(TypeError):
+        theirs.validate_rope()
+    with pytest.raises(ValueError, match=r"rope_parameters.long_mscale"):
+        ours.validate_rope()
+    ours = moetorch.PhimoeConfig(**kwargs())
+    ours.rope_parameters["short_factor"] = [1.0]
+    with pytest.raises(ValueError, match=r"rope_parameters.short_factor.*4 entries"):
+        ours.validate_rope()
+    jet = moetorch.JetMoeConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert jet.validate_rope() is None
+    jet.rope_parameters["factor"] = -1.0
+    with pytest.raises(ValueError, match=r"rope_parameters.factor"):
+        jet.validate_rope()
