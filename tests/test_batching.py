@@ -1172,6 +1172,32 @@ def test_a_step_that_always_fails_stops_the_loop(pair, monkeypatch):
         engine.ensure_running()
 
 
+def test_failures_an_idle_stretch_apart_are_not_a_row(pair, monkeypatch):
+    """Failed turns further apart than STEP_FAILURE_WINDOW_S (here: any two) each start a new row,
+    so a failure on every step, past MAX_STEP_FAILURES of them, leaves the loop running, and a
+    request after them gives its tokens."""
+    _, ours = pair
+    inputs = prompts(24, batching.MAX_STEP_FAILURES + 2, lo=3)
+    monkeypatch.setattr(batching, "STEP_FAILURE_WINDOW_S", -1.0)
+    poison = PoisonedSteps(monkeypatch, ours)
+    poison.every = RuntimeError("device on fire")
+    m = ours.init_continuous_batching(generation_config=config(4, eos_token_id=None),
+                                      continuous_batching_config={"max_requests_per_batch": 1})
+    m.start()
+    try:
+        ids = m.add_requests(inputs[:-1])
+        out = [m.get_result(rid, timeout=60) for rid in ids]
+        poison.every = None
+        m.add_request(inputs[-1], request_id="after")
+        after = m.get_result("after", timeout=60)
+        assert m.is_running() and m.fatal_error is None
+    finally:
+        m.stop(timeout=30)
+    assert all(r.error == "a step of the batch failed: RuntimeError: device on fire" for r in out)
+    assert m.recovered_errors == len(out) > batching.MAX_STEP_FAILURES
+    assert after.status == moetorch.RequestStatus.FINISHED and after.generated_tokens == own_greedy(ours, inputs[-1], 4)
+
+
 def test_a_cuda_error_stops_the_loop_at_once(pair, monkeypatch):
     """After a recovered out-of-memory step and a request served, a CUDA error (the context is
     unusable after one) stops the loop at its first occurrence."""

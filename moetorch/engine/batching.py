@@ -160,9 +160,12 @@ MAX_TOP_LOGPROBS = 20
 QUEUE_WAIT_S = 10.0
 # A turn of the loop that raises fails the requests it held, and the loop resets its batch and goes
 # on (`ContinuousBatchingManager.recovered_errors`); it stops for good at this many failed turns in
-# a row (no turn that did its work between them), or at once on a CUDA error other than running out
-# of memory (`_STICKY_ERRORS`: the CUDA context is unusable after one).
+# a row (no turn that did its work between them, and each within STEP_FAILURE_WINDOW_S seconds of
+# the one before: failures an idle stretch apart, one bad request now and then, are not a row), or at
+# once on a CUDA error other than running out of memory (`_STICKY_ERRORS`: the CUDA context is
+# unusable after one).
 MAX_STEP_FAILURES = 3
+STEP_FAILURE_WINDOW_S = 60.0
 _STICKY_ERRORS = ("CUDA error", "Triton Error [CUDA]")
 _ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", RuntimeError)
 
@@ -709,9 +712,10 @@ class ContinuousBatchingManager:
     ("a step of the batch failed: RuntimeError: ..."). The batch is then built afresh (every row
     free, no step in flight, no shared prefix; its GPU memory given back first), and the loop goes
     on with the requests still waiting and new ones. `recovered_errors` counts the failures it
-    survived. It stops for good, as on any other error, at MAX_STEP_FAILURES failed turns in a row,
-    on a CUDA error other than running out of memory, or where the reset itself fails:
-    `fatal_error` then holds the exception, and every request left fails with it."""
+    survived. It stops for good, as on any other error, at MAX_STEP_FAILURES failed turns in a row
+    (each within STEP_FAILURE_WINDOW_S of the one before), on a CUDA error other than running out
+    of memory, or where the reset itself fails: `fatal_error` then holds the exception, and every
+    request left fails with it."""
 
     def __init__(self, model, generation_config, continuous_batching_config: ContinuousBatchingConfig,
                  workload_hints: WorkloadHints | None = None) -> None:
@@ -1283,6 +1287,7 @@ class ContinuousBatchingManager:
         self._horizon = 0
         self._rows_changed += 1
         failures = 0  # turns that failed since the last one that did its work
+        last_failure = -float("inf")  # when the last of them failed (time.monotonic)
         logged: BaseException | None = None  # (a failure whose traceback is in the log already)
         try:
             with torch.no_grad(), own_forward(self.model), on_device(self.model.device):
@@ -1321,7 +1326,9 @@ class ContinuousBatchingManager:
                             self._drain(running, batch)
                         failures = 0
                     except Exception as e:  # noqa: BLE001 -- the step's requests fail; the loop goes on if it can
-                        failures += 1
+                        now = time.monotonic()
+                        failures = 1 if now - last_failure > STEP_FAILURE_WINDOW_S else failures + 1
+                        last_failure = now
                         fatal = self._fatal_step_error(e, failures)
                         logger.exception("continuous batching: a step failed (%s: %s); %s", type(e).__name__, e,
                                          f"the loop stops ({fatal})" if fatal else
