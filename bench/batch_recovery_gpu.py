@@ -68,7 +68,11 @@ def run_model(name: str, layers: int, headroom_mb: int, new: int) -> dict:
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     result["failed_step"] = failed
+    deadline = time.monotonic() + 30  # (the loop fails the step's requests, then rebuilds the batch and counts it)
+    while failed and manager.recovered_errors == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     result["recovered_errors"] = manager.recovered_errors
+    result["reserved_after_reset_gib"] = torch.cuda.memory_reserved(device) / 2**30
     result["running_after"] = manager.is_running()
     t0 = time.perf_counter()
     after = greedy(manager, short, new)
