@@ -9,12 +9,14 @@ safetensors with an index, so that Transformers loads our checkpoints unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -113,6 +115,31 @@ _STALE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
+class _MappingTensors:
+    """A state_dict read as `safe_open` reads a file (`keys`, `get_tensor`)."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self.state_dict = state_dict
+
+    def keys(self):
+        return self.state_dict.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.state_dict[key]
+
+
+def check_state_dict(state_dict: Any) -> Mapping[str, torch.Tensor]:
+    """`from_pretrained(state_dict=...)`: a mapping of tensor names (as a checkpoint names them) to
+    tensors; anything else is a TypeError that says what it got."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"from_pretrained: state_dict must be a mapping of tensor names to tensors (a model's "
+                        f"state_dict()), got {type(state_dict).__name__}")
+    bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise TypeError(f"from_pretrained: state_dict must map tensor names to tensors; not so for {bad[:5]}")
+    return state_dict
+
+
 def stored_dtype(path: str | os.PathLike, variant: str | None = None) -> torch.dtype | None:
     """The dtype of a checkpoint's first floating-point tensor (what Transformers' `dtype="auto"`
     takes when config.json names none), or None (no weights there, or none floating)."""
@@ -173,11 +200,13 @@ def _adapt_prefix(key: str, own: dict[str, torch.Tensor], prefix: str) -> str:
 
 
 @torch.no_grad()
-def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_prefix: str = "model",
-              variant: str | None = None, ignore_mismatched_sizes: bool = False) -> dict[str, set]:
+def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, base_prefix: str = "model",
+              variant: str | None = None, ignore_mismatched_sizes: bool = False,
+              state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, set]:
     """Copy a checkpoint's tensors into `model`'s (already allocated) parameters and buffers, and
     return Transformers' loading info: `missing_keys` and `unexpected_keys` (head weights only),
-    `mismatched_keys` ((name, checkpoint shape, model shape)), `error_msgs`.
+    `mismatched_keys` ((name, checkpoint shape, model shape)), `error_msgs`. The tensors come from
+    the safetensors files in `path`, or from `state_dict` (a mapping of the same names) where given.
 
     Every parameter must be written exactly once, with the right shape; anything else raises
     `CheckpointError` naming the tensor and file. Only a task head may be absent (a classifier
@@ -185,7 +214,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_pref
     shape is left out (a classifier of another label count). The caller initialises what is left
     out (the missing and mismatched keys).
     """
-    files = checkpoint_files(path, variant)
+    files = checkpoint_files(path, variant) if state_dict is None else ["state_dict"]
+    if state_dict is not None:
+        path = "state_dict"
     from_disk, _ = name_maps(config.model_type)
     own = dict(model.state_dict(keep_vars=True))
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in own
@@ -194,7 +225,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, config, base_pref
     mismatched: list[tuple[str, torch.Size, torch.Size]] = []
     for file in tqdm(files, desc="Loading checkpoint shards", disable=len(files) < 2, unit="shard"):
         try:
-            with safe_open(file, framework="pt", device="cpu") as f:
+            opened = (contextlib.nullcontext(_MappingTensors(state_dict)) if state_dict is not None
+                      else safe_open(file, framework="pt", device="cpu"))
+            with opened as f:
                 for key in f.keys():
                     target = from_disk(_adapt_prefix(key, own, base_prefix), config)
                     name = _adapt_prefix(target.name, own, base_prefix)

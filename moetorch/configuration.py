@@ -14,6 +14,7 @@ import json
 import logging
 import numbers
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -108,6 +109,9 @@ class MoeConfig(PushToHubMixin):
 
     model_type: ClassVar[str] = ""
     is_encoder_decoder: ClassVar[bool] = False
+    # derived values (properties) that Transformers' config of the same model keeps as attributes
+    # (iterated with the fields: `__iter__`)
+    derived_keys: ClassVar[tuple[str, ...]] = ()
     # output fields Transformers' Trainer leaves out of its predictions, as for Transformers' models
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
     # Where the config was loaded from, as `from_pretrained` was given it ("" for a new config): Transformers'
@@ -287,6 +291,13 @@ class MoeConfig(PushToHubMixin):
 
     def get_text_config(self, *args: Any, **kwargs: Any) -> MoeConfig:
         return self
+
+    def __iter__(self) -> Iterator[str]:
+        """The config's attribute names, as Transformers 5's configs iterate (`for key in config`,
+        `"hidden_size" in config`): the fields, then the unknown keys (`extra`); no private names."""
+        yield from (k for k in self.__dict__ if not k.startswith("_") and k != "extra")
+        yield from self.derived_keys
+        yield from self.extra
 
     def __getattr__(self, name: str) -> Any:
         # Unknown keys from config.json read as attributes, as in Transformers.
@@ -617,6 +628,7 @@ class JetMoeConfig(MoeConfig):
       `router_z_loss_coef` times its z-loss; the router terms are summed.
     """
 
+    derived_keys: ClassVar[tuple[str, ...]] = ("num_attention_heads",)
     model_type: ClassVar[str] = "jetmoe"
     default_rope_theta: ClassVar[float] = 10000.0
     # Other names for fields: the original JetMoE code's, and Transformers' `head_dim` attribute.

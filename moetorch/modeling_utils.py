@@ -156,12 +156,14 @@ _LOADER_ONLY_KWARGS = {
 # Transformers' loading options moetorch lacks, with the value that asks for nothing: another value is
 # an error that names the option (rather than a key that lands in config.json).
 _LOADER_UNSUPPORTED = {
-    "quantization_config": None, "state_dict": None, "gguf_file": None, "key_mapping": None, "tp_plan": None,
+    "quantization_config": None, "gguf_file": None, "key_mapping": None, "tp_plan": None,
     "tp_size": None, "distributed_config": None, "device_mesh": None,
     "kernel_config": None, "fusion_config": None, "from_tf": False, "from_flax": False,
 }
 # save_pretrained's options that change nothing for a local safetensors save
 _SAVE_NO_OPS = {"save_function", "save_peft_format", "save_original_format", "safe_serialization"}
+# A module's flag, as Transformers names it: init_weights has filled it, or a checkpoint has.
+_INITIALISED = "_is_hf_initialized"
 
 
 def _tied_head_copied(module: PreTrainedModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -196,6 +198,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        config.validate_rope()  # (RoPE settings changed since the config was made: refused, not run as default)
         self.config = config
         self.name_or_path = config.name_or_path  # the checkpoint directory or name, once loaded
         self.model_tags: list[str] | None = None  # what trainers tag a model with (add_model_tags)
@@ -205,13 +208,28 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
 
     # ---- initialisation --------------------------------------------------------------------
     def post_init(self) -> None:
+        """The end of every model's `__init__`, as Transformers': `init_weights`, then gradient
+        checkpointing on where the config asks for it (`gradient_checkpointing: true`, an older
+        config.json key, which is then dropped from the config)."""
         self.init_weights()
+        if getattr(self.config, "gradient_checkpointing", False):
+            self.gradient_checkpointing_enable()
+            del self.config.gradient_checkpointing
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Random init as Transformers does: normal(0, initializer_range), zero biases, unit norms."""
-        for module in self.modules():
-            self._init_module(module)
+        """Random init as Transformers does: normal(0, initializer_range), zero biases, unit norms,
+        the rotary tables computed. Each module once: a module already initialised, or loaded from a
+        checkpoint, is left as it is (`_is_hf_initialized`), so a second `post_init` changes nothing.
+        Under a `torch.device("meta")` context nothing is initialised (there is nothing to fill):
+        after `to_empty`, `init_weights()` then initialises every module."""
+        if torch.get_default_device().type != "meta":
+            for module in self.modules():
+                if not getattr(module, _INITIALISED, False):
+                    self._init_module(module)
+                    if hasattr(module, "init_buffers"):
+                        module.init_buffers()
+                    setattr(module, _INITIALISED, True)
         self.tie_weights()
 
     def _init_module(self, module: nn.Module) -> None:
@@ -323,8 +341,11 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         if head is not None and self.config.tie_word_embeddings:
             head.weight = self.get_input_embeddings().weight
 
-    def can_generate(self) -> bool:
-        return self.get_output_embeddings() is not None
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether the class generates text (`generate`): the causal LMs, not the base models or
+        the classifiers. A class method, as in Transformers."""
+        return hasattr(cls, "generate")
 
     @property
     def loss_function(self) -> Callable[..., torch.Tensor]:
@@ -437,6 +458,8 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             if head.bias is not None:
                 _resize_rows(head.bias[:, None], new_head.bias[:, None], mean_resizing, 0.0)
             self.lm_head = new_head
+            setattr(new_head, _INITIALISED, True)
+        setattr(new, _INITIALISED, True)  # (a later post_init keeps the resized rows)
         self.config.vocab_size = n
         self.tie_weights()
         return new
@@ -445,9 +468,10 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        pretrained_model_name_or_path: str | os.PathLike,
+        pretrained_model_name_or_path: str | os.PathLike | None,
         *,
         config: MoeConfig | str | os.PathLike | None = None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
         dtype: Any = None,
         torch_dtype: Any = None,
         device: Any = None,
@@ -482,6 +506,10 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         A directory that holds a PEFT adapter (adapter_config.json) loads it after the model, as
         `load_adapter(path, adapter_name, **adapter_kwargs)` would; with no config.json there, the
         model is the base model that the adapter's config names (`base_model_name_or_path`).
+
+        `state_dict` (a mapping of tensor names, as a checkpoint or a model's `state_dict()` names
+        them, to tensors) gives the weights instead of the directory's files, as in Transformers;
+        `from_pretrained(None, config=config, state_dict=sd)` then needs no directory at all.
         """
         hub = hub_options(config_overrides)
         trust_remote_code = bool(config_overrides.get("trust_remote_code"))
@@ -494,11 +522,19 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
                                  f"support (got {value!r})")
         if generation_config is not None:
             generation_config = as_generation_config(generation_config, "from_pretrained: generation_config")
-        path = checkpoint_path(pretrained_model_name_or_path, **hub)  # a Hub name is fetched (moetorch.hub)
-        adapter = adapter_dir(path)
-        base = adapter_only_base(path, None, hub)
-        if base is not None:  # the model is the adapter's base, as in Transformers
-            pretrained_model_name_or_path, path = base
+        if state_dict is not None:
+            state_dict = checkpoint.check_state_dict(state_dict)
+        path = adapter = None
+        if pretrained_model_name_or_path is None:  # the weights from `state_dict`, the config from `config`
+            if state_dict is None or config is None:
+                raise ValueError(f"{cls.__name__}.from_pretrained(None, ...) needs both `config` and `state_dict` "
+                                 f"(got {'no config' if config is None else 'no state_dict'})")
+        else:
+            path = checkpoint_path(pretrained_model_name_or_path, **hub)  # a Hub name is fetched (moetorch.hub)
+            adapter = adapter_dir(path)
+            base = adapter_only_base(path, None, hub)
+            if base is not None:  # the model is the adapter's base, as in Transformers
+                pretrained_model_name_or_path, path = base
         if config is None or isinstance(config, (str, os.PathLike)):
             source, where = (path, {}) if config is None else (config, hub)  # where: a Hub name's options
             config, unused = cls.config_class.from_pretrained(source, return_unused_kwargs=True, **where,
@@ -517,7 +553,9 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             config.attn_implementation = attn_implementation
         asked = dtype if dtype is not None else torch_dtype
         if asked in (None, "auto") and config.dtype is None:  # "auto" with no dtype in config.json: the weights'
-            asked = checkpoint.stored_dtype(path, variant) or "auto"
+            stored = (checkpoint.stored_dtype(path, variant) if state_dict is None else
+                      next((t.dtype for t in state_dict.values() if t.is_floating_point()), None))
+            asked = stored or "auto"
         target_dtype = resolve_dtype(asked, config)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(target_dtype)
@@ -528,32 +566,38 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             torch.set_default_dtype(previous)
         where = place(model, device, device_map, max_memory)
         devices = set(where.values())
+        source = path if path is not None else "state_dict"  # (for messages)
         if len(devices) == 1:
-            check_fits(model, next(iter(devices)), path)
+            check_fits(model, next(iter(devices)), source)
             model.to_empty(device=next(iter(devices)))
         else:
-            check_fits(model, where, path)
+            check_fits(model, where, source)
             modules = dict(placement.units(model))
             for name, d in where.items():
                 modules[name].to_empty(device=d)
             model.get_decoder().spread_over_devices = True  # `run_layers` moves the inputs of each layer
-            logger.info("%s: placed over %s: %s", path, ", ".join(sorted(map(str, devices))),
+            logger.info("%s: placed over %s: %s", source, ", ".join(sorted(map(str, devices))),
                         placement.hf_device_map(where))
         for m in model.modules():
             if hasattr(m, "init_buffers"):
                 m.init_buffers()
         model.tie_weights()
-        info = checkpoint.load_into(model, path, config, cls.base_model_prefix, variant, ignore_mismatched_sizes)
+        info = checkpoint.load_into(model, path, config, cls.base_model_prefix, variant, ignore_mismatched_sizes,
+                                    state_dict)
         model._init_left_out(info["missing_keys"] | {name for name, _, _ in info["mismatched_keys"]})
+        for m in model.modules():  # loaded or initialised: a later post_init leaves them (init_weights)
+            setattr(m, _INITIALISED, True)
         if hasattr(model, "generate") and generation_config is not None:
             model.generation_config = generation_config
-        elif hasattr(model, "generate") and os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
+        elif (hasattr(model, "generate") and path is not None
+              and os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME))):
             model.generation_config = GenerationConfig.from_pretrained(path)
         model.config.dtype = target_dtype
-        model.name_or_path = model.config.name_or_path = os.fspath(pretrained_model_name_or_path)  # as given
+        if pretrained_model_name_or_path is not None:
+            model.name_or_path = model.config.name_or_path = os.fspath(pretrained_model_name_or_path)  # as given
         if device_map is not None:
             model.hf_device_map = placement.hf_device_map(where)
-        if trust_remote_code and hasattr(model, "generate"):
+        if trust_remote_code and hasattr(model, "generate") and path is not None:
             install_checkpoint_generate(model, path)
         if adapter is not None:
             info = model.load_adapter(adapter, adapter_name=adapter_name, adapter_kwargs=adapter_kwargs)

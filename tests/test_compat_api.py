@@ -348,3 +348,148 @@ def test_a_model_of_an_unfused_activation_matches_transformers(arch, act, tmp_pa
     ids, mask = make_inputs(ours.config.vocab_size, 2, 9, "left", seed=3)
     with torch.no_grad():
         compare_outputs(hf(ids, attention_mask=mask), ours(ids, attention_mask=mask), mask, fields=("logits",))
+
+
+# ---- Transformers' own model tests, run against moetorch: the differences they found -------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", HEADS)
+def test_can_generate_is_a_class_method(arch, head):
+    assert arch.ours[head].can_generate() == arch.hf[head].can_generate() == (head == "causal_lm")
+    assert arch.ours[head](arch.our_config()).can_generate() == (head == "causal_lm")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_config_iterates_over_its_keys(arch):
+    ours, theirs = arch.our_config(foo_extra=3), arch.hf_config(foo_extra=3)
+    keys = list(ours)
+    assert "hidden_size" in ours and "foo_extra" in ours and "no_such_key" not in ours
+    assert not any(k.startswith("_") for k in keys) and len(keys) == len(set(keys))
+    public = {k for k in theirs if not k.startswith("_")}
+    assert public - {"transformers_version", "chunk_size_feed_forward", "is_encoder_decoder"} <= set(keys)
+    for key in keys:  # every key names an attribute
+        getattr(ours, key)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_post_init_again_keeps_every_weight(arch, tmp_path):
+    """Transformers initialises each module once: post_init on a loaded model (or after a resize)
+    changes nothing; a fresh model's post_init does not draw its weights again."""
+    path = hf_checkpoint(arch, tmp_path / "ck")
+    ids = torch.randint(1, arch.base["vocab_size"], (2, 7))
+    for model in (arch.ours["causal_lm"].from_pretrained(path), arch.ours["causal_lm"](arch.our_config()).eval()):
+        with torch.no_grad():
+            before = model(ids).logits
+            model.post_init()
+            assert torch.equal(model(ids).logits, before)
+    untied = hf_checkpoint(arch, tmp_path / "untied", tie_word_embeddings=False)
+    model, theirs = arch.ours["causal_lm"].from_pretrained(untied), arch.hf["causal_lm"].from_pretrained(untied)
+    for m in (model, theirs):
+        m.resize_token_embeddings(arch.base["vocab_size"] + 5, mean_resizing=False)
+        m.post_init()
+    V = arch.base["vocab_size"]
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert torch.equal(model.state_dict()[name][:V], theirs.state_dict()[name][:V]), name
+    resized = {k: v.clone() for k, v in model.state_dict().items()}
+    model.post_init()
+    assert all(torch.equal(v, resized[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_meta_init_then_init_weights_as_a_load(arch, tmp_path):
+    """Built under `torch.device("meta")` (nothing initialised), `to_empty`, `init_weights()`, then
+    the checkpoint's state_dict: the rotary tables are computed, so the logits equal a normal load
+    and Transformers'."""
+    overrides = {"rope_scaling": arch_longrope(arch)} if arch.name == "phimoe" else {}
+    path = hf_checkpoint(arch, tmp_path / "ck", **overrides)
+    loaded = arch.ours["causal_lm"].from_pretrained(path)
+    with torch.device("meta"):
+        model = arch.ours["causal_lm"](loaded.config.copy())
+    model.to_empty(device="cpu")
+    for b in model.buffers():
+        b.fill_(float("nan"))  # (what `to_empty` leaves is arbitrary)
+    model.init_weights()
+    model.load_state_dict(loaded.state_dict())
+    model.eval()
+    ids = torch.randint(1, arch.base["vocab_size"], (2, 7))
+    theirs = arch.hf["causal_lm"].from_pretrained(path)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+        close(model(ids).logits, theirs(ids).logits, "logits")
+
+
+def arch_longrope(arch):
+    from archs import longrope_scaling
+
+    return longrope_scaling(arch.base["hidden_size"] // arch.base["num_attention_heads"], original=16)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_gradient_checkpointing_in_the_config_turns_it_on(arch, tmp_path):
+    """`gradient_checkpointing: true` (an older config.json key) turns checkpointing on at
+    construction and through from_pretrained, and is dropped from the config, as in Transformers
+    (whose JetMoE has no checkpointing: moetorch's has)."""
+    model = arch.ours["causal_lm"](arch.our_config(gradient_checkpointing=True))
+    assert model.is_gradient_checkpointing and not hasattr(model.config, "gradient_checkpointing")
+    path = hf_checkpoint(arch, tmp_path / "ck")
+    data = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**data, "gradient_checkpointing": True}))
+    loaded = arch.ours["causal_lm"].from_pretrained(path)
+    assert loaded.is_gradient_checkpointing
+    loaded.save_pretrained(tmp_path / "saved")
+    assert "gradient_checkpointing" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+    if arch.name == "phimoe":
+        assert arch.hf["causal_lm"].from_pretrained(path).is_gradient_checkpointing
+    assert not arch.ours["causal_lm"].from_pretrained(tmp_path / "saved").is_gradient_checkpointing
+
+
+def test_jetmoe_rope_changed_after_the_config_to_a_kind_not_supported_is_refused():
+    """A config whose rope_parameters were set afterwards to a kind moetorch does not run
+    ("dynamic") makes no model (it would silently run the default RoPE)."""
+    config = JETMOE.our_config()
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    with pytest.raises(ConfigError, match=r"rope_parameters.rope_type.*'dynamic' is not supported"):
+        moetorch.JetMoeModel(config)
+    config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    theirs = JETMOE.hf_config()
+    theirs.rope_parameters = dict(config.rope_parameters)
+    model, hf_model = moetorch.JetMoeModel(config), transformers.JetMoeModel(theirs)
+    hf_model.load_state_dict(model.state_dict())
+    ids = torch.randint(1, JETMOE.base["vocab_size"], (1, 40))
+    with torch.no_grad():
+        close(model(ids).last_hidden_state, hf_model.eval()(ids).last_hidden_state, "hidden")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", HEADS)
+def test_from_pretrained_state_dict(arch, head, tmp_path):
+    """`from_pretrained(None, config=, state_dict=)` and `from_pretrained(dir, state_dict=)`: the
+    weights from the mapping (a Transformers model's state_dict), as Transformers loads them."""
+    path = hf_checkpoint(arch, tmp_path / "ck")
+    source = arch.hf[head].from_pretrained(path)
+    randomize_(source, 7)
+    sd = source.state_dict()
+    config = arch.ours["config"].from_pretrained(path)
+    ids = torch.randint(1, arch.base["vocab_size"], (2, 6))
+    with torch.no_grad():
+        want = source.eval()(ids)
+    for model in (arch.ours[head].from_pretrained(None, config=config, state_dict=sd),
+                  arch.ours[head].from_pretrained(path, state_dict=sd),
+                  arch.ours[head].from_pretrained(None, config=str(path), state_dict=sd)):
+        with torch.no_grad():
+            got = model(ids)
+        key = "last_hidden_state" if head == "model" else "logits"
+        close(got[key], want[key], key)
+        assert model.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"from_pretrained\(None, \.\.\.\) needs both `config` and `state_dict`"):
+        arch.ours[head].from_pretrained(None, config=config)
+    with pytest.raises(ValueError, match="needs both"):
+        arch.ours[head].from_pretrained(None, state_dict=sd)
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        arch.ours[head].from_pretrained(path, state_dict=[1, 2])
+    with pytest.raises(TypeError, match="state_dict must map tensor names to tensors"):
+        arch.ours[head].from_pretrained(path, state_dict={"x": 1})
+    partial = dict(list(sd.items())[1:])  # a tensor the model needs is missing: named, as from files
+    with pytest.raises(moetorch.CheckpointError, match="checkpoint state_dict lacks 1 tensor"):
+        arch.ours[head].from_pretrained(path, state_dict=partial)
