@@ -162,6 +162,8 @@ _LOADER_UNSUPPORTED = {
 }
 # save_pretrained's options that change nothing for a local safetensors save
 _SAVE_NO_OPS = {"save_function", "save_peft_format", "save_original_format", "safe_serialization"}
+# Transformers' experts kernels (`set_experts_implementation`): names taken, none of them changes moetorch's
+_EXPERTS_IMPLEMENTATIONS = {"eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe"}
 # A module's flag, as Transformers names it: init_weights has filled it, or a checkpoint has.
 _INITIALISED = "_is_hf_initialized"
 
@@ -372,6 +374,16 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         for m in self.modules():
             if hasattr(m, "attn_implementation"):
                 m.attn_implementation = impl
+
+    def set_experts_implementation(self, experts_implementation: str | Mapping[str, str]) -> None:
+        """Transformers' switch of the experts' kernels: taken, and changes nothing. moetorch picks
+        the experts' kernel itself, per device and token count (`ops.moe.pick_backend`), each one
+        computing the same function. A name Transformers does not know is a ValueError."""
+        impl = (experts_implementation.get("", "eager") if isinstance(experts_implementation, Mapping)
+                else experts_implementation)
+        if impl not in _EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(f"set_experts_implementation: {impl!r} is not an experts implementation; "
+                             f"Transformers' are {sorted(_EXPERTS_IMPLEMENTATIONS)}")
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False,

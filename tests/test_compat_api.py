@@ -493,3 +493,22 @@ def test_from_pretrained_state_dict(arch, head, tmp_path):
     partial = dict(list(sd.items())[1:])  # a tensor the model needs is missing: named, as from files
     with pytest.raises(moetorch.CheckpointError, match="checkpoint state_dict lacks 1 tensor"):
         arch.ours[head].from_pretrained(path, state_dict=partial)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_set_experts_implementation_is_taken(arch):
+    """Transformers' switch of the experts' kernels: taken with its names (a str, or a dict by
+    sub-config), changing no logit; an unknown name is a ValueError, as there."""
+    model, theirs = arch.ours["causal_lm"](arch.our_config()).eval(), arch.hf["causal_lm"](arch.hf_config())
+    ids = torch.randint(1, arch.base["vocab_size"], (2, 5))
+    with torch.no_grad():
+        before = model(ids).logits
+        for impl in ("eager", "grouped_mm", "batched_mm", {"": "grouped_mm"}):
+            model.set_experts_implementation(impl)
+            assert torch.equal(model(ids).logits, before)
+    with pytest.raises(ValueError, match="'foo' is not an experts implementation"):
+        model.set_experts_implementation("foo")
+    if arch.name == "phimoe":  # (Transformers' JetMoE has no such switch: a ValueError for any name)
+        theirs.set_experts_implementation("grouped_mm")
+        with pytest.raises((ValueError, KeyError)):
+            theirs.set_experts_implementation("foo")
