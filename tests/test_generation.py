@@ -1037,7 +1037,7 @@ INVALID = [
     (dict(cache_implementation="paged"), ValueError, "cache_implementation"),
     (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
     (dict(bad_words_ids=[[]]), ValueError, "bad_words_ids"),
-    (dict(eos_token_id=-3), ValueError, "eos_token_id"),
+    (dict(eos_token_id=2.5), ValueError, "eos_token_id"),  # a negative id is taken, as Transformers takes it
     (dict(max_new_token=3), TypeError, "max_new_token"),
     (dict(generation_config={"max_new_tokens": 3}), TypeError, "generation_config"),
     (dict(num_beams=2, streamer=TextStreamer(None)), ValueError, "streamer"),
@@ -1396,3 +1396,215 @@ def test_a_transformers_generation_config_is_taken_for_its_set_fields(tmp_path):
         ours.generate(ids, generation_config={"max_new_tokens": 2})
     with pytest.raises(TypeError, match=r"moetorch Cache .*got transformers\.cache_utils\.DynamicCache"):
         ours.generate(ids, attention_mask=mask, past_key_values=transformers.DynamicCache(), max_new_tokens=2)
+
+
+# ---- negative EOS and pad ids -------------------------------------------------------------------
+
+
+def first_ends(new: torch.Tensor, eos: list[int]) -> list[int]:
+    """Each row's count of new tokens through its first EOS (one past the row where none)."""
+    return [next((i + 1 for i, t in enumerate(row) if t in eos), len(row) + 1) for row in new.tolist()]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(), dict(pad_token_id=-1), dict(cache_implementation="static", pad_token_id=-1),
+     dict(do_sample=True, top_k=10, num_return_sequences=2, pad_token_id=-1), dict(num_beams=2),
+     dict(num_beams=3, num_return_sequences=2, pad_token_id=-1), dict(use_cache=False, pad_token_id=-1)],
+    ids=["greedy", "pad", "static", "sampling", "beams", "beams-pad", "no-cache"],
+)
+def test_a_negative_eos_id_never_comes(pair, settings, caplog, monkeypatch):
+    """`eos_token_id=-1` (Transformers' own tests pass it to generate to the maximum length), with a
+    pad id of -1 too: taken, and no token matches it; Transformers' tokens, with its warnings."""
+    from moetorch.generation import utils
+
+    monkeypatch.setattr(utils, "_WARNED", set())  # the pad id's warning comes once per process
+    ids, mask = prompts()
+    seed = 4 if settings.get("do_sample") else None
+    with caplog.at_level("WARNING", logger="moetorch"):
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=7, eos_token_id=-1, seed=seed, **settings)
+    assert_same_tokens(a, b, f"eos_token_id=-1, {settings}")
+    assert b.shape[1] == ids.shape[1] + 7
+    assert "`eos_token_id` [-1] holds negative ids" in caplog.text
+    assert ("`pad_token_id` is negative (-1)" in caplog.text) == ("pad_token_id" in settings)
+    if not settings.get("do_sample"):  # as without an EOS id
+        assert_same_tokens(pair[1].generate(ids, attention_mask=mask, max_new_tokens=7, eos_token_id=None,
+                                            **{k: v for k, v in settings.items() if k != "pad_token_id"}), b, "no EOS")
+    # among other EOS ids: those stop rows, as they do alone
+    new = greedy_new_tokens(pair, ids, mask, n=7)
+    eos = [-1, int(new[1, 2])]
+    a, b = both(pair, ids, attention_mask=mask, max_new_tokens=7, eos_token_id=eos, seed=seed,
+                **{**settings, "pad_token_id": VOCAB - 1})
+    assert_same_tokens(a, b, f"eos_token_id={eos}, {settings}")
+
+
+def test_a_negative_eos_and_pad_id_set_on_the_generation_config(pair):
+    hf, ours = pair
+    ids, mask = prompts()
+    saved = [(m.generation_config.eos_token_id, m.generation_config.pad_token_id) for m in pair]
+    try:
+        for model in pair:
+            model.generation_config.eos_token_id = -1
+            model.generation_config.pad_token_id = -1
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=6)
+        assert_same_tokens(a, b, "eos and pad -1 on the generation config")
+        assert b.shape[1] == ids.shape[1] + 6
+        # a passed config: Transformers' (which moetorch takes too), or moetorch's
+        settings = dict(eos_token_id=[-1], pad_token_id=-1, do_sample=False, max_new_tokens=6)
+        a, b = both(pair, ids, attention_mask=mask, generation_config=transformers.GenerationConfig(**settings))
+        assert_same_tokens(a, b, "a passed Transformers config with eos and pad -1")
+        c = ours.generate(ids, attention_mask=mask, generation_config=GenerationConfig(**settings))
+        assert_same_tokens(a, c, "a passed config with eos and pad -1")
+    finally:
+        for model, (eos, pad) in zip(pair, saved):
+            model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, pad
+
+
+def test_negative_pad_and_eos_ids_in_the_config_and_what_stays_invalid(tmp_path):
+    gen = GenerationConfig(eos_token_id=-1, pad_token_id=-1)
+    assert (gen.eos_token_id, gen.pad_token_id) == (-1, -1)
+    assert GenerationConfig(eos_token_id=torch.tensor([2, -1])).eos_token_id == [2, -1]
+    # a negative EOS id is saved and read back, as Transformers saves it; a negative pad id is not saved
+    GenerationConfig(eos_token_id=[2, -1]).save_pretrained(tmp_path / "eos")
+    assert GenerationConfig.from_pretrained(tmp_path / "eos").eos_token_id == [2, -1]
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "eos").eos_token_id == [2, -1]
+    with pytest.raises(ValueError, match="Fix these issues"):
+        transformers.GenerationConfig(pad_token_id=-1).save_pretrained(tmp_path / "theirs")
+    with pytest.raises(ValueError, match="`pad_token_id` is -1"):
+        gen.save_pretrained(tmp_path / "ours")
+    for settings, field in [(dict(pad_token_id=1.5), "pad_token_id"), (dict(pad_token_id=True), "pad_token_id"),
+                            (dict(pad_token_id="0"), "pad_token_id"), (dict(eos_token_id=2.5), "eos_token_id"),
+                            (dict(eos_token_id=[2, True]), "eos_token_id"), (dict(eos_token_id=[]), "eos_token_id"),
+                            (dict(eos_token_id="2"), "eos_token_id"), (dict(forced_eos_token_id=-1), "forced_eos_token_id"),
+                            (dict(bos_token_id=-1), "bos_token_id"), (dict(forced_bos_token_id=-1), "forced_bos_token_id")]:
+        with pytest.raises(ValueError, match=f"`{field}`"):
+            GenerationConfig(**settings)
+
+
+@contextlib.contextmanager
+def fed_ids(model):
+    """The smallest token id each forward of `model` is given."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.numel():
+            seen.append(int(ids.min()))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(cache_implementation="static"), dict(use_cache=False),
+                                      dict(lagged=True)], ids=["dynamic", "static", "no-cache", "lagged"])
+def test_a_negative_pad_id_is_returned_and_never_fed_to_the_model(pair, settings, monkeypatch):
+    """A row that stops before the others, with pad_token_id=-1: Transformers writes -1 into its
+    next token. Where that is the last step, the -1s come back, as Transformers returns them; where
+    a later step would feed -1 to the model (Transformers: an IndexError from the embedding; a
+    device-side assert on a GPU), moetorch raises a ValueError naming pad_token_id before it
+    does. The model never sees a negative id, with the one-step-late stop check too."""
+    hf, ours = pair
+    ids, mask = prompts()
+    settings = dict(settings)
+    lagged = settings.pop("lagged", False)
+    new = greedy_new_tokens(pair, ids, mask, n=8)
+    # an EOS id that stops a row at least two steps before another stops
+    eos = next([t] for t in new[:, :3].flatten().tolist()
+               if min(first_ends(new, [t])) + 2 < max(first_ends(new, [t])))
+    first = min(first_ends(new, eos))
+    with contextlib.ExitStack() as stack:
+        reads = stack.enter_context(lagged_stop(ours, monkeypatch)) if lagged else None
+        seen = stack.enter_context(fed_ids(ours))
+        # the step after the first row stops is the last: its -1 is returned
+        a, b = both(pair, ids, attention_mask=mask, max_new_tokens=first + 1, eos_token_id=eos, pad_token_id=-1,
+                    **settings)
+        assert_same_tokens(a, b, f"pad -1 in the last step, {settings}")
+        assert (b[:, -1] == -1).any() and (b[:, -1] != -1).any()
+        # another step after it would feed the -1
+        with pytest.raises(IndexError):
+            hf.generate(ids, attention_mask=mask, max_new_tokens=first + 2, eos_token_id=eos, pad_token_id=-1,
+                        **settings)
+        with pytest.raises(ValueError, match="pad_token_id=-1"):
+            ours.generate(ids, attention_mask=mask, max_new_tokens=first + 2, eos_token_id=eos, pad_token_id=-1,
+                          **settings)
+        assert seen and min(seen) >= 0
+        if lagged:
+            assert reads == []  # the stop is read as it comes: no step computed ahead of it
+    # a pad id of the vocabulary: on to max_new_tokens, as before
+    a, b = both(pair, ids, attention_mask=mask, max_new_tokens=first + 2, eos_token_id=eos, pad_token_id=VOCAB - 1,
+                **settings)
+    assert_same_tokens(a, b, f"pad {VOCAB - 1}")
+
+
+def test_finished_beams_padded_with_a_negative_pad_id(pair):
+    """Beam search never feeds a finished beam: its padding is -1 in the output, as in Transformers."""
+    ids, mask = prompts(batch=2)
+    new = greedy_new_tokens(pair, ids, mask, n=6)
+    eos = [int(new[0, 1]), int(new[1, 3])]
+    a, b = both(pair, ids, attention_mask=mask, max_new_tokens=8, num_beams=3, num_return_sequences=3,
+                eos_token_id=eos, pad_token_id=-1)
+    assert_same_tokens(a, b, "beam search, pad_token_id=-1")
+    assert (b[:, -1] == -1).any()
+
+
+def test_assisted_and_prompt_lookup_decoding_with_a_negative_eos_id(pair):
+    hf, ours = pair
+    arch = next(a for a in ARCHS if isinstance(ours, a.ours["causal_lm"]))
+    assistant = arch.ours["causal_lm"](arch.our_config(num_hidden_layers=1)).eval()
+    assistant.load_state_dict(ours.state_dict(), strict=False)
+    ids, _ = prompts(batch=1, padding=None)
+    kwargs = dict(max_new_tokens=12, eos_token_id=-1, pad_token_id=-1)
+    want = hf.generate(ids, **kwargs)
+    assert want.shape[1] == ids.shape[1] + 12
+    looked_up = hf.generate(ids, prompt_lookup_num_tokens=2, **kwargs)  # (Transformers': dynamic caches only)
+    for cache in (None, "static"):
+        got = ours.generate(ids, assistant_model=assistant, num_assistant_tokens=4, cache_implementation=cache,
+                            **kwargs)
+        assert_same_tokens(want, got, f"assisted, eos -1, {cache}")
+        got = ours.generate(ids, prompt_lookup_num_tokens=2, cache_implementation=cache, **kwargs)
+        assert_same_tokens(looked_up, got, f"prompt lookup, eos -1, {cache}")
+        assert_same_tokens(want, got, "prompt lookup equals greedy")
+
+
+def test_continuous_batching_takes_a_negative_eos_id_as_one_that_never_comes(pair):
+    hf, ours = pair
+    inputs = [[5, 6, 7, 8], [9, 10, 11, 12, 13], [20, 21]]
+    want = [hf.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, eos_token_id=-1)[0, len(p):].tolist()
+            for p in inputs]
+    for eos in (-1, [-1]):
+        out = ours.generate_batch(inputs, generation_config=GenerationConfig(
+            max_new_tokens=5, do_sample=False, eos_token_id=eos, pad_token_id=-1))
+        assert [r.generated_tokens for r in out.values()] == want
+    # beside an EOS id that comes: that one ends its request
+    stop = want[0][1]
+    out = ours.generate_batch(inputs, generation_config=GenerationConfig(
+        max_new_tokens=5, do_sample=False, eos_token_id=[stop, -1], pad_token_id=-1))
+    assert [r.generated_tokens for r in out.values()] == [
+        w[: w.index(stop) + 1] if stop in w else w for w in want]
+
+
+def test_the_server_manager_takes_a_model_whose_eos_id_is_negative(pair):
+    """`moetorch serve` builds its manager from the model's generation config: an EOS id of -1 (and
+    the pad id it falls back to) there runs each request to its max_new_tokens."""
+    from moetorch.serve.engine import build_manager
+
+    hf, ours = pair
+    saved = ours.generation_config.eos_token_id, ours.generation_config.pad_token_id
+    prompt = [5, 6, 7, 8]
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=-1)[0, 4:].tolist()
+    try:
+        ours.generation_config.eos_token_id, ours.generation_config.pad_token_id = -1, None
+        manager, info = build_manager(ours, eos=[], pad=None, max_model_len=32, max_batch=2)
+        assert info["eos"] == [-1]
+        manager.start()
+        try:
+            manager.add_request(prompt, request_id="r", max_new_tokens=5, eos_token_id=info["eos"])
+            result = manager.get_result("r", timeout=120)
+        finally:
+            manager.stop()
+    finally:
+        ours.generation_config.eos_token_id, ours.generation_config.pad_token_id = saved
+    assert result.error is None and result.generated_tokens == want

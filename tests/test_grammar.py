@@ -267,3 +267,24 @@ def test_bad_grammars_and_grammar_arguments_are_errors_that_name_them(loaded):
     scores = torch.zeros(1, len(tok) + 64)
     with pytest.raises(ValueError, match="build it with vocab_size"):
         GrammarLogitsProcessor(narrow)(torch.tensor([[5]]), scores)
+
+
+def test_a_negative_eos_id_is_no_token_to_allow():
+    """A negative EOS id (one that never comes, which generate takes as Transformers does, and which
+    `moetorch generate --grammar` passes on from the model's generation config) sets no bit: it is
+    not read as a word counted from the end of the mask (the last token of a vocabulary that fills
+    its words)."""
+    tok = moetorch.AutoTokenizer.from_pretrained("tiny-phimoe")
+    gr = Grammar.regex(tok, r"(x|y)z?", vocab_size=32 * 1003)  # whole words: bit -1 is a real token
+    m = gr.matcher()
+    bm = torch.empty(1, gr.vocab.words, dtype=torch.int32)
+    fill_rows([m], [[]], bm)
+    m.consume(next(t for t in (apply_bitmask(torch.zeros(1, gr.vocab.size), bm)[0] == 0).nonzero().flatten().tolist()
+                   if tok.decode([t]) == "y"))  # the grammar may end here
+    for eos in ([], [7]):
+        with_negative, without = (torch.empty(1, gr.vocab.words, dtype=torch.int32) for _ in range(2))
+        fill_rows([m], [[*eos, -1]], with_negative)
+        fill_rows([m], [eos], without)
+        assert torch.equal(with_negative, without), eos
+        assert not (apply_bitmask(torch.zeros(1, gr.vocab.size), with_negative)[0, -1] == 0)
+    assert GrammarLogitsProcessor(gr, [-1, 7]).eos == {7} and GrammarLogitsProcessor(gr, -1).eos == frozenset()

@@ -249,7 +249,12 @@ class GenerationConfig(PushToHubMixin):
                 fail("num_return_sequences", f"({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
         if self.cache_config is not None and not isinstance(self.cache_config, dict):
             fail("cache_config", f"must be a dict, got {self.cache_config!r}")
-        for name in ("pad_token_id", "bos_token_id", "forced_bos_token_id"):
+        # A negative pad or EOS id is taken, as Transformers takes it (its own tests pass -1 to
+        # generate to the maximum length): an EOS id that no token matches, a pad id that `generate`
+        # writes into the output but never feeds to the model (`GenerationMixin._sample`).
+        if self.pad_token_id is not None and not _is_int(self.pad_token_id):
+            fail("pad_token_id", f"must be an integer, got {self.pad_token_id!r}")
+        for name in ("bos_token_id", "forced_bos_token_id"):
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v >= 0):
                 fail(name, f"must be a non-negative integer, got {v!r}")
@@ -260,8 +265,10 @@ class GenerationConfig(PushToHubMixin):
                 object.__setattr__(self, name, eos)
             if eos is not None:
                 ids = [eos] if _is_int(eos) else eos
-                if not (isinstance(ids, (list, tuple)) and ids and all(_is_int(i) and i >= 0 for i in ids)):
-                    fail(name, f"must be a non-negative integer or a non-empty list of them, got {eos!r}")
+                signed = name == "eos_token_id"
+                if not (isinstance(ids, (list, tuple)) and ids and all(_is_int(i) and (signed or i >= 0) for i in ids)):
+                    kind = "an integer" if signed else "a non-negative integer"
+                    fail(name, f"must be {kind} or a non-empty list of them, got {eos!r}")
         for name in ("suppress_tokens", "begin_suppress_tokens"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (list, tuple)) and all(_is_int(i) and i >= 0 for i in v)):
@@ -346,8 +353,12 @@ class GenerationConfig(PushToHubMixin):
         return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> None:
-        """Write `generation_config.json` (non-default fields only) into `save_directory`."""
+        """Write `generation_config.json` (non-default fields only) into `save_directory`. A negative
+        `pad_token_id`, which `generate` takes, is not saved: Transformers refuses it there too."""
         self.validate()
+        if self.pad_token_id is not None and self.pad_token_id < 0:
+            raise ValueError(f"GenerationConfig: `pad_token_id` is {self.pad_token_id}: generate takes a negative "
+                             "pad id, but it is not saved (Transformers refuses it too)")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained expects a directory, but {save_directory} is a file")
         os.makedirs(save_directory, exist_ok=True)

@@ -185,8 +185,11 @@ class PeerSync:
     def idle(self, seq_RL: torch.Tensor) -> None:
         """After this process's last step: forwards on its last token (no cache, nothing kept),
         each followed by the step's all-reduce, until every process is done."""
+        # nothing is kept: a negative pad id there (Transformers takes one) goes in as id 0, never as
+        # an index out of the embedding's range
+        last = seq_RL[:, -1:].clamp(min=0)
         while True:
-            self.model(input_ids=seq_RL[:, -1:], use_cache=False, logits_to_keep=1)
+            self.model(input_ids=last, use_cache=False, logits_to_keep=1)
             if self.all_done(True):
                 return
 

@@ -191,7 +191,7 @@ def fill_rows(matchers: list[Matcher], eos: list, bitmask: torch.Tensor) -> None
         may_end = bool((int(row[end // WORD]) >> (end % WORD)) & 1)
         _set_bit(row, end, False)
         for t in ends:
-            if t < vocab.size:
+            if 0 <= t < vocab.size:  # a negative EOS id (one that never comes) has no bit
                 _set_bit(row, t, may_end)
 
 
@@ -231,7 +231,8 @@ class GrammarLogitsProcessor(LogitsProcessor):
             raise TypeError(f"GrammarLogitsProcessor: grammar must be a moetorch Grammar, got {type(grammar).__name__}")
         self.grammar = grammar
         eos = grammar.vocab.eos if eos_token_id is None else eos_token_id
-        self.eos = frozenset([eos] if isinstance(eos, int) else [int(t) for t in eos])
+        # a negative id (an EOS that never comes, as generate takes one) is no token to allow
+        self.eos = frozenset(t for t in ([eos] if isinstance(eos, int) else [int(t) for t in eos]) if t >= 0)
         self._prompt: int | None = None
         self._states: dict[tuple, Matcher | None] = {}  # generated tokens -> their matcher (None: ended)
 

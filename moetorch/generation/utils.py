@@ -513,6 +513,7 @@ class GenerationMixin(ContinuousBatchingMixin):
             [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id), device=device
         )
         pad_id = gen.pad_token_id if gen.pad_token_id is not None else _first_eos(gen)
+        _warn_negative_ids(gen)
         mask, positions = _padding(seq, embeds, mask, pad_id, eos)
         if given_positions is not None:  # the prompt's positions as given; later tokens count on from each row's last
             positions = _given_positions(given_positions, seq.shape[0], offset + seq.shape[1]).to(device)
@@ -913,6 +914,15 @@ class GenerationMixin(ContinuousBatchingMixin):
         eos_criteria = [c for c in criteria if hasattr(c, "eos_token_id")]
         if eos_criteria and pad_id is None:
             pad_id = int(eos_criteria[0].eos_token_id.reshape(-1)[0])
+        # A negative pad id (Transformers takes one) is written into the output for a row that has
+        # stopped; where a step after that would feed it to the model (an embedding lookup out of
+        # range: Transformers' IndexError, a device-side assert on a GPU), that step raises
+        # instead, before the model sees it. Each step's stop is read as it comes: a step computed
+        # ahead of the read (`lag`) would feed it first.
+        negative_pad = bool(eos_criteria) and pad_id is not None and pad_id < 0
+        padded = False
+        if negative_pad:
+            lag = None
         # With max_length the only rule, the host knows when to stop without reading the device.
         max_length = criteria.max_length
         host_only = max_length is not None and all(isinstance(c, MaxLengthCriteria) for c in criteria)
@@ -933,6 +943,12 @@ class GenerationMixin(ContinuousBatchingMixin):
             if once:  # the first step: each prompt once for the N rows that repeat it
                 out, once = self._prompt_once(seq, ctx, cache, N), False
             else:
+                if padded:
+                    raise ValueError(
+                        f"generate(): a row stopped before the others and was padded with pad_token_id={pad_id}, "
+                        "a negative id, which the next step would feed to the model (Transformers fails there "
+                        "with an IndexError): set pad_token_id to an id of the vocabulary"
+                    )
                 out = _forward(self, seq, ctx, cache, 1, record.attentions is not None,
                                record.hidden_states is not None)
             if plain_argmax:
@@ -952,6 +968,8 @@ class GenerationMixin(ContinuousBatchingMixin):
                         rng = _rng_state(seq.device)
                     next_R = torch.multinomial(scores_RV.softmax(dim=-1), num_samples=1).squeeze(1)
             if eos_criteria:
+                if negative_pad:
+                    padded = not bool(running_R.all())
                 next_R = torch.where(running_R, next_R, pad_id)
             seq = torch.cat([seq, next_R[:, None]], dim=-1)
             if lag is None:
@@ -1555,6 +1573,22 @@ def _check_no_input_hook(model) -> None:
         "model.prepare_inputs_for_generation was replaced, and moetorch's generate() does not call it "
         "(it builds each step's inputs itself)"
     )
+
+
+_WARNED: set[str] = set()  # the warnings given once per process
+
+
+def _warn_negative_ids(gen: GenerationConfig) -> None:
+    """Transformers' warnings for the negative special ids it takes: an EOS id that never comes
+    (each call), a negative pad id (once)."""
+    eos, pad_id = eos_ids(gen.eos_token_id), gen.pad_token_id
+    if any(i < 0 for i in eos):
+        logger.warning("generate(): `eos_token_id` %s holds negative ids, which no token matches: generation "
+                       "will not stop at them, only at the maximum length or another stopping rule", eos)
+    if pad_id is not None and pad_id < 0 and "pad_token_id" not in _WARNED:
+        _WARNED.add("pad_token_id")
+        logger.warning("generate(): `pad_token_id` is negative (%d): a row that stops before the others is "
+                       "padded with it, and a step that would then feed it to the model is an error", pad_id)
 
 
 def _first_eos(gen: GenerationConfig) -> int | None:
