@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from archs import JETMOE, randomize_
-from parity import close, make_inputs
+from parity import close, make_inputs, make_pair
 from safetensors import safe_open
 
 from moetorch import (
@@ -364,3 +364,36 @@ def test_expert_map_and_reduce_backends_match_reference(backend, case, K):
             a.grad = None
     for i, (a, b) in enumerate(zip(grads["reference"], grads[backend])):
         close(b.float(), a.float(), f"{backend} vs reference, output/grad {i}", atol=tol, rtol=tol)
+
+
+# ---- attention weights in the graph -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_returned_attentions_get_gradients_as_in_transformers(padding, tmp_path):
+    """output_attentions=True: the returned weights are the tensor the output is computed from (with
+    the tiled heads too), so after retain_grad() a backward from the output reaches them, as in
+    Transformers (its test_retain_grad_hidden_states_attentions); the gradients are Transformers'."""
+    hf, ours = make_pair(JETMOE, tmp_path, "model", "hf_to_ours", seed=9)
+    assert ours.config.num_attention_heads > ours.config.num_key_value_heads > 1  # the tiled layout
+    ids, mask = make_inputs(hf.config.vocab_size, 3, 7, padding, seed=5)
+    valid = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
+    g = torch.Generator().manual_seed(3)
+    probe = torch.randn(*ids.shape, hf.config.hidden_size, generator=g) * valid[..., None]
+    grads = []
+    for model in (hf, ours):
+        out = model(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        kept = [*out.attentions, *out.hidden_states]
+        for t in kept:
+            t.retain_grad()
+        (out.last_hidden_state * probe).sum().backward()
+        assert all(t.grad is not None for t in kept)
+        grads.append((out.attentions, [t.grad for t in out.attentions], [t.grad for t in out.hidden_states[:-1]]))
+    (hf_attn, hf_attn_grads, hf_hidden_grads), (attn, attn_grads, hidden_grads) = grads
+    for layer, (a, b, ga, gb) in enumerate(zip(hf_attn, attn, hf_attn_grads, attn_grads)):
+        # [B, H, T, S], the real queries' rows
+        a, b, ga, gb = (t.transpose(1, 2)[valid] for t in (a.detach(), b.detach(), ga, gb))
+        close(b, a, f"attentions[{layer}]")  # the same numbers as before
+        close(gb, ga, f"attentions[{layer}].grad", atol=1e-5, rtol=1e-4)
+    for layer, (ga, gb) in enumerate(zip(hf_hidden_grads, hidden_grads)):
+        close(gb[valid], ga[valid], f"hidden_states[{layer}].grad", atol=1e-5, rtol=1e-4)

@@ -330,7 +330,10 @@ def attention(
                                packed, scale, dropout_p).view(B, T, H, d).transpose(1, 2)
         weights = None
     elif need_weights or impl == "eager":
-        out, weights = _eager(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, scale, dropout_p)
+        # weights returned with the tiled layout: _eager gives them in the tiled order, the tensor the
+        # output is computed from (so that a gradient reaches them, as Transformers' do)
+        out, weights = _eager(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, scale, dropout_p,
+                              tiled_groups=G if tiled and need_weights else 1)
     elif impl == "flash_attention_2" and mask is None:
         out, weights = _flash(q_BHTd, k_BGSd, v_BGSd, is_causal, scale, dropout_p), None
     else:
@@ -350,7 +353,9 @@ def attention(
         else:
             B, H, T, d = out.shape
             out = out.transpose(1, 2).unflatten(2, (G, H // G)).transpose(2, 3).reshape(B, T, H, d)
-        return out, (_from_grouped(weights, G) if weights is not None else None)
+        if weights is not None and not need_weights:  # eager, weights not asked for: as they always were
+            weights = _from_grouped(weights, G)
+        return out, weights
     return out.transpose(1, 2), weights
 
 
@@ -384,7 +389,10 @@ def _decode_fusable(q, k, v, mask, is_causal, impl, dropout_p, need_weights) -> 
     return q.shape[1] % k.shape[1] == 0 and fused.active(q, k, v)
 
 
-def _eager(q, k, v, mask, is_causal, scale, dropout_p):
+def _eager(q, k, v, mask, is_causal, scale, dropout_p, tiled_groups: int = 1):
+    """(out, weights) with the query heads in the grouped order. `tiled_groups` > 1: the weights are
+    returned in the tiled head order (`_from_grouped`), and the output is computed from that tensor,
+    brought back to the grouped order: the same numbers, and the returned weights are in the graph."""
     H, G = q.shape[1], k.shape[1]
     k = k.repeat_interleave(H // G, dim=1)
     v = v.repeat_interleave(H // G, dim=1)
@@ -398,6 +406,9 @@ def _eager(q, k, v, mask, is_causal, scale, dropout_p):
         scores = scores + torch.where(mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
+    if tiled_groups > 1:
+        weights = _from_grouped(weights, tiled_groups)
+        return torch.matmul(_to_grouped(weights, tiled_groups), v), weights
     return torch.matmul(weights, v), weights
 
 
