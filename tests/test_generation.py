@@ -728,12 +728,17 @@ def test_inputs_embeds_and_cache_continuation(pair):
     assert_same_tokens(ours.generate(ids[:1], max_new_tokens=9), cont, "cache continuation")
 
 
-def test_assisted_decoding_equals_greedy(pair):
-    hf, ours = pair
+def one_layer_assistant(ours):
+    """A one-layer assistant sharing the embeddings, first layer and head: it agrees often, not always."""
     arch = next(a for a in ARCHS if isinstance(ours, a.ours["causal_lm"]))
-    # A one-layer assistant sharing the embeddings, first layer and head: it agrees often, not always.
     assistant = arch.ours["causal_lm"](arch.our_config(num_hidden_layers=1)).eval()
     assistant.load_state_dict(ours.state_dict(), strict=False)
+    return assistant
+
+
+def test_assisted_decoding_equals_greedy(pair):
+    hf, ours = pair
+    assistant = one_layer_assistant(ours)
     ids, _ = prompts(batch=2, padding=None)
     calls, new_tokens = [], 0
     for row in range(2):
@@ -1552,9 +1557,7 @@ def test_finished_beams_padded_with_a_negative_pad_id(pair):
 
 def test_assisted_and_prompt_lookup_decoding_with_a_negative_eos_id(pair):
     hf, ours = pair
-    arch = next(a for a in ARCHS if isinstance(ours, a.ours["causal_lm"]))
-    assistant = arch.ours["causal_lm"](arch.our_config(num_hidden_layers=1)).eval()
-    assistant.load_state_dict(ours.state_dict(), strict=False)
+    assistant = one_layer_assistant(ours)
     ids, _ = prompts(batch=1, padding=None)
     kwargs = dict(max_new_tokens=12, eos_token_id=-1, pad_token_id=-1)
     want = hf.generate(ids, **kwargs)
