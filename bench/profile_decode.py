@@ -34,7 +34,7 @@ def _step_fn(model, B: int, prompt: int, graphs: bool):
     slot = torch.tensor([prompt], device="cuda")
 
     def run():
-        cache.crop(prompt)
+        cache.truncate(prompt)
         step(tok, None, pos, slot)
 
     return run

@@ -240,7 +240,7 @@ def _ours_decode(model, ids, steps: int):
     slots = [torch.tensor([prompt + t], device=ids.device) for t in range(steps)]
 
     def run():
-        cache.crop(prompt)
+        cache.truncate(prompt)
         for t in range(steps):
             step(tok, None, positions[t], slots[t])
 

@@ -60,6 +60,19 @@ class Cache:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def crop(self, max_length: int) -> None:
+        """Transformers 5's crop: a negative n drops the last -n tokens (all of them, at most), 0
+        drops none. A positive n keeps the first n tokens (Transformers 4's form, which 5 refuses).
+        `truncate` keeps a given length, 0 included."""
+        if max_length < 0:
+            self.truncate(max(self.get_seq_length() + max_length, 0))
+        elif max_length > 0:
+            self.truncate(max_length)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens (none past the cached ones)."""
+        raise NotImplementedError
+
     def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[layer_idx], self.values[layer_idx]
 
@@ -78,6 +91,38 @@ class Cache:
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int | None:
         return None
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        """Transformers 5's name: the slots a layer holds at most, -1 for none (a dynamic cache, or
+        a layer not made yet)."""
+        most = self.get_max_cache_shape()
+        return -1 if most is None or (layer_idx is not None and layer_idx >= len(self)) else most
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(kv_length, kv_offset) of a forward of `query_length` new tokens, as Transformers' mask
+        builders read them: the cached and new tokens of a dynamic cache, every slot of a static one."""
+        if layer_idx >= len(self):
+            return query_length, 0
+        most = self.get_max_cache_shape()
+        return (self.kv_length(query_length) if most is None else most), 0
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        """Whether each layer keeps a sliding window of its keys (none here: the window is a mask)."""
+        return [False] * len(self)
+
+    @property
+    def is_initialized(self) -> bool:
+        return len(self) > 0
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def batch_size(self) -> int:
+        """The rows the cache holds; -1 before its first update."""
+        return self.keys[0].shape[0] if self.keys else -1
 
     def kv_length(self, new_tokens: int) -> int:
         """Key length the attention sees after adding `new_tokens`."""
@@ -218,15 +263,12 @@ class DynamicCache(Cache):
         super().clear()
         self.keys, self.values = [], []
 
-    def crop(self, max_length: int) -> None:
-        """Keep the first `max_length` tokens (negative: drop that many from the end)."""
-        if max_length < 0:
-            max_length = self.get_seq_length() + max_length
-        if self.get_seq_length() <= max_length:
+    def truncate(self, length: int) -> None:
+        if self.get_seq_length() <= length:
             return
-        self._seen = max_length
-        self.keys = [k[..., :max_length, :] for k in self.keys]
-        self.values = [v[..., :max_length, :] for v in self.values]
+        self._seen = length
+        self.keys = [k[..., :length, :] for k in self.keys]
+        self.values = [v[..., :length, :] for v in self.values]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         # the layers (and their keys) of a model placed over several devices sit on several devices
@@ -402,10 +444,8 @@ class StaticCache(Cache):
         self._grad_seen = self._seen
         return k, v
 
-    def crop(self, max_length: int) -> None:
-        if max_length < 0:
-            max_length = self._seen + max_length
-        self._seen = min(self._seen, max_length)
+    def truncate(self, length: int) -> None:
+        self._seen = min(self._seen, length)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch in place (beam search), so that graphs keep reading the same storage.

@@ -154,7 +154,7 @@ def check_model(name, config, cls, results):
     nxt = torch.ones(2, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([48], device="cuda")
     gpu(nxt, past_key_values=cache, cache_position=pos)  # warm-up allocations
-    cache.crop(48)
+    cache.truncate(48)
     torch.cuda.synchronize()
     try:
         torch.cuda.set_sync_debug_mode("error")

@@ -450,3 +450,75 @@ def test_the_longrope_record_grows_with_its_limit():
     cache.record_inputs(embeds[:, 3:], torch.arange(3, 6)[None], torch.arange(3, 6), 8)
     got, positions = cache.replay(6)
     assert torch.equal(got, embeds) and positions.tolist() == [list(range(6))] * 2
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_crop_as_transformers(arch, kind):
+    """`crop(-n)` drops the last n tokens (all of them at most) and `crop(0)` drops none, as
+    Transformers 5's DynamicCache; the next step then gives the logits of a cache that never held
+    the dropped tokens. A positive n keeps the first n (Transformers 4's form); `truncate(0)`
+    empties the cache."""
+    model = tiny(arch, seed=2)
+    ids = torch.randint(1, model.config.vocab_size, (2, 7))
+    nxt = torch.randint(1, model.config.vocab_size, (2, 1))
+    hf = transformers.DynamicCache()
+    for layer in range(model.config.num_hidden_layers):
+        hf.update(torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8), layer)
+    for n, held in ((0, 7), (-2, 5), (-7, 0)):
+        cache = new_cache(kind, model)
+        model(ids, past_key_values=cache, use_cache=True)
+        cache.crop(n)
+        theirs = copy.deepcopy(hf)
+        theirs.crop(n)
+        assert cache.get_seq_length() == theirs.get_seq_length() == held, n
+        if held:
+            want = model(torch.cat([ids[:, :held], nxt], dim=1)).logits[:, -1]
+            close(model(nxt, past_key_values=cache).logits[:, -1], want, f"crop({n}) then a step")
+    cache = new_cache(kind, model)
+    model(ids, past_key_values=cache, use_cache=True)
+    cache.crop(-20)  # more than it holds: empty (Transformers' slice to -20 is empty too)
+    assert cache.get_seq_length() == 0
+    model(ids, past_key_values=cache, use_cache=True)
+    cache.crop(3)
+    assert cache.get_seq_length() == 3
+    cache.truncate(0)
+    assert cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_generate_from_a_cache_holding_a_one_token_prompt(kind):
+    """generate given a cache that holds the whole one-token prompt recomputes that token's logits
+    from an emptied cache: the tokens of a call without the cache."""
+    model = tiny(PHIMOE, seed=3)
+    ids = torch.tensor([[5]])
+    cache = new_cache(kind, model)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    want = model.generate(ids, max_new_tokens=5, do_sample=False)
+    got = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_cache_queries_as_transformers(arch, kind):
+    """Transformers 5's cache queries, after a forward of the same model: get_max_length (-1 for
+    no maximum), get_mask_sizes (the keys a forward of q new tokens sees), is_sliding,
+    is_initialized; and the rows held (batch_size)."""
+    hf_model, ours = arch.hf["causal_lm"](arch.hf_config()).eval(), tiny(arch)
+    ids = torch.randint(1, arch.base["vocab_size"], (2, 5))
+    theirs = transformers.DynamicCache() if kind == "dynamic" else transformers.StaticCache(hf_model.config,
+                                                                                             max_cache_len=16)
+    cache = new_cache(kind, ours, max_len=16)
+    assert cache.get_mask_sizes(3, 0) == (3, 0) and not cache.is_initialized and cache.batch_size == -1
+    hf_model(ids, past_key_values=theirs, use_cache=True)
+    ours(ids, past_key_values=cache, use_cache=True)
+    for q in (1, 3):
+        assert cache.get_mask_sizes(q, 0) == theirs.get_mask_sizes(q, 0), q
+    assert cache.get_max_length() == theirs.get_max_length() == (-1 if kind == "dynamic" else 16)
+    assert cache.get_max_length(0) == theirs.get_max_length(0)
+    assert cache.is_sliding == theirs.is_sliding and cache.is_initialized == theirs.is_initialized is True
+    assert cache.batch_size == 2

@@ -281,7 +281,7 @@ class _HeldDecode:
 
 class _OwnCache:
     """The cache of an assistant of another library (a Transformers model): the assistant makes its
-    own in its first forward, and this holds it; it is cropped as moetorch's caches are."""
+    own in its first forward, and this holds it; it is truncated as moetorch's caches are."""
 
     def __init__(self) -> None:
         self.inner = None
@@ -289,7 +289,7 @@ class _OwnCache:
     def get_seq_length(self) -> int:
         return 0 if self.inner is None else self.inner.get_seq_length()
 
-    def crop(self, length: int) -> None:
+    def truncate(self, length: int) -> None:
         excess = self.get_seq_length() - length
         if excess > 0:
             self.inner.crop(-excess)  # Transformers' caches drop the last -n tokens for a negative n
@@ -1201,7 +1201,7 @@ class GenerationMixin(ContinuousBatchingMixin):
                 L = seq.shape[1]
                 # An assistant's drafts may run past EOS: verification cuts there.
                 cand, draft_q = seq, []
-                draft_cache.crop(L - 1)
+                draft_cache.truncate(L - 1)
                 if assistant is None:
                     begin, count = _prompt_lookup(host, gen.prompt_lookup_num_tokens,
                                                   gen.max_matching_ngram_size or 2, max_length, eos_ids)
@@ -1253,7 +1253,7 @@ class GenerationMixin(ContinuousBatchingMixin):
                 host = torch.cat([host, new_host[0]])
                 if streamer is not None:
                     streamer.put(new_host)
-                cache.crop(L + n_ok)  # drop the rejected drafts; the last new token is fed next round
+                cache.truncate(L + n_ok)  # drop the rejected drafts; the last new token is fed next round
                 if record.scores is not None:
                     record.scores += tuple(scores[:, i] for i in range(n_ok + 1))
                 if record.logits is not None:
@@ -1675,7 +1675,7 @@ def _uncache_the_last_prompt_token(cache, prompt_length: int) -> None:
         raise ValueError(f"past_key_values holds {held} tokens but the prompt has {prompt_length}: pass the whole "
                          "sequence the cache holds, followed by the tokens it does not hold yet")
     if held == prompt_length:
-        cache.crop(held - 1)
+        cache.truncate(held - 1)
 
 
 def _check_user_cache(cache, gen: GenerationConfig, expand: int) -> None:
