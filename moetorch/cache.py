@@ -316,8 +316,13 @@ class StaticCache(Cache):
         dtype: torch.dtype | None = None,
         num_layers: int | None = None,
         storage: torch.Tensor | None = None,
+        offloading: bool = False,
+        offload_only_non_sliding: bool = True,
     ) -> None:
         super().__init__()
+        if offloading:  # (Transformers 5's keywords: `offload_only_non_sliding` means nothing without it)
+            raise ValueError("StaticCache: offloading=True (layers kept in host memory) is not supported; "
+                             "a model placed over several devices uses a DynamicCache instead")
         if max_cache_len is None:
             if config is None:
                 raise ValueError("StaticCache needs `max_cache_len` (or a config with max_position_embeddings)")

@@ -522,3 +522,12 @@ def test_cache_queries_as_transformers(arch, kind):
     assert cache.get_max_length(0) == theirs.get_max_length(0)
     assert cache.is_sliding == theirs.is_sliding and cache.is_initialized == theirs.is_initialized is True
     assert cache.batch_size == 2
+
+
+def test_static_cache_takes_transformers_offloading_keywords():
+    config = PHIMOE.our_config()
+    cache = StaticCache(config, max_cache_len=8, offloading=False, offload_only_non_sliding=True)
+    assert cache.get_max_length() == 8
+    transformers.StaticCache(PHIMOE.hf_config(), max_cache_len=8, offloading=False, offload_only_non_sliding=True)
+    with pytest.raises(ValueError, match="offloading=True .* is not supported"):
+        StaticCache(config, max_cache_len=8, offloading=True)
