@@ -283,7 +283,8 @@ def attention(
     rope_q: tuple[torch.Tensor, torch.Tensor] | None = None,
     kv_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled dot-product attention; returns (out [B, T, H, d], weights [B, H, T, S] or None).
+    """Scaled dot-product attention; returns (out [B, T, H, d], weights [B, H, T, S] where
+    `need_weights`, else None).
 
     `need_weights` forces the eager path, the only one that materialises the weights. One query
     per row (decode) at inference runs the fused decode kernel, which reads the cache in place.
@@ -334,6 +335,7 @@ def attention(
         # output is computed from (so that a gradient reaches them, as Transformers' do)
         out, weights = _eager(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, scale, dropout_p,
                               tiled_groups=G if tiled and need_weights else 1)
+        weights = weights if need_weights else None
     elif impl == "flash_attention_2" and mask is None:
         out, weights = _flash(q_BHTd, k_BGSd, v_BGSd, is_causal, scale, dropout_p), None
     else:
@@ -353,8 +355,6 @@ def attention(
         else:
             B, H, T, d = out.shape
             out = out.transpose(1, 2).unflatten(2, (G, H // G)).transpose(2, 3).reshape(B, T, H, d)
-        if weights is not None and not need_weights:  # eager, weights not asked for: as they always were
-            weights = _from_grouped(weights, G)
         return out, weights
     return out.transpose(1, 2), weights
 
