@@ -140,9 +140,13 @@ def check_state_dict(state_dict: Any) -> Mapping[str, torch.Tensor]:
     return state_dict
 
 
-def stored_dtype(path: str | os.PathLike, variant: str | None = None) -> torch.dtype | None:
+def stored_dtype(path: str | os.PathLike | None, variant: str | None = None,
+                 state_dict: Mapping[str, torch.Tensor] | None = None) -> torch.dtype | None:
     """The dtype of a checkpoint's first floating-point tensor (what Transformers' `dtype="auto"`
-    takes when config.json names none), or None (no weights there, or none floating)."""
+    takes when config.json names none), or None (no weights there, or none floating). The
+    checkpoint is `state_dict` where given, else the files in `path`."""
+    if state_dict is not None:
+        return next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
     try:
         files = checkpoint_files(path, variant)
         with safe_open(files[0], framework="pt", device="cpu") as f:

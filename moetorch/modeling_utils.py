@@ -565,9 +565,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             config.attn_implementation = attn_implementation
         asked = dtype if dtype is not None else torch_dtype
         if asked in (None, "auto") and config.dtype is None:  # "auto" with no dtype in config.json: the weights'
-            stored = (checkpoint.stored_dtype(path, variant) if state_dict is None else
-                      next((t.dtype for t in state_dict.values() if t.is_floating_point()), None))
-            asked = stored or "auto"
+            asked = checkpoint.stored_dtype(path, variant, state_dict) or "auto"
         target_dtype = resolve_dtype(asked, config)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(target_dtype)
