@@ -761,6 +761,68 @@ def test_assisted_decoding_equals_greedy(pair):
     assert len(calls) < new_tokens, "no draft was ever accepted"
 
 
+def assert_same_steps(want: tuple, got: tuple, what: str) -> None:
+    """Per-step tuples of per-layer tensors (a generate output's attentions or hidden states)."""
+    assert len(got) == len(want), f"{what}: {len(got)} steps, want {len(want)}"
+    for step, (w, g) in enumerate(zip(want, got)):
+        assert len(g) == len(w), f"{what}, step {step}: {len(g)} layers, want {len(w)}"
+        for layer, (x, y) in enumerate(zip(w, g)):
+            assert y.shape == x.shape, f"{what}, step {step}, layer {layer}: {tuple(y.shape)}, want {tuple(x.shape)}"
+            close(x, y, f"{what}, step {step}, layer {layer}")
+
+
+def test_assisted_decoding_returns_greedy_attentions_and_hidden_states(pair):
+    """`output_attentions` / `output_hidden_states` with an assistant or prompt lookup: one entry per
+    new token, split out of the verify forwards, equal to greedy search's (the prompt's rows first,
+    then each token's row over the keys it saw), drafts kept or not; on a static cache the same
+    numbers (each entry over the keys the token saw, as Transformers cuts them)."""
+    hf, ours = pair
+    assistant = one_layer_assistant(ours)
+    ids, _ = prompts(batch=2, padding=None)
+    kept, calls = 0, []
+    hook = ours.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for row in range(2):
+            prompt = ids[row : row + 1]
+            kwargs = dict(max_new_tokens=10, eos_token_id=None, return_dict_in_generate=True,
+                          output_attentions=True, output_hidden_states=True, output_scores=True)
+            want = ours.generate(prompt, **kwargs)
+            for drafts in (dict(assistant_model=assistant, num_assistant_tokens=3), dict(prompt_lookup_num_tokens=3),
+                           dict(assistant_model=assistant, num_assistant_tokens=3, cache_implementation="static")):
+                before = len(calls)
+                got = ours.generate(prompt, **drafts, **kwargs)
+                kept += len(got.scores) - (len(calls) - before)
+                assert_same_tokens(want.sequences, got.sequences, f"{drafts}, row {row}")
+                assert_same_steps(want.attentions, got.attentions, f"attentions, {drafts}, row {row}")
+                assert_same_steps(want.hidden_states, got.hidden_states, f"hidden states, {drafts}, row {row}")
+    finally:
+        hook.remove()
+    assert kept > 0, "no draft was ever kept"
+    only = ours.generate(ids[:1], assistant_model=assistant, max_new_tokens=4, return_dict_in_generate=True,
+                         output_hidden_states=True)
+    assert only.attentions is None and len(only.hidden_states) == 4
+
+
+def test_prompt_lookup_attentions_and_hidden_states_match_transformers(pair):
+    """Against Transformers' prompt lookup on a prompt of distinct tokens (nothing to look up in the
+    first round, whose later entries Transformers slices from the prompt's rows; later rounds keep
+    drafts where the random model repeats itself): the same entries, shapes and numbers."""
+    hf, ours = pair
+    prompt = torch.randperm(VOCAB - 1, generator=torch.Generator().manual_seed(8))[None, :7] + 1
+    kwargs = dict(max_new_tokens=16, eos_token_id=None, prompt_lookup_num_tokens=3, return_dict_in_generate=True,
+                  output_attentions=True, output_hidden_states=True)
+    calls = []
+    hook = ours.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        want, got = both(pair, prompt, **kwargs)
+    finally:
+        hook.remove()
+    assert len(calls) < len(got.hidden_states), "no looked-up draft was kept"
+    assert_same_tokens(want.sequences, got.sequences, "prompt lookup")
+    assert_same_steps(want.attentions, got.attentions, "attentions")
+    assert_same_steps(want.hidden_states, got.hidden_states, "hidden states")
+
+
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_a_transformers_model_drafts_for_a_moetorch_model(pair, cache):
     """A Transformers assistant of the same vocabulary (a small draft model of the same family)

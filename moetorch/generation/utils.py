@@ -1180,8 +1180,6 @@ class GenerationMixin(ContinuousBatchingMixin):
             raise ValueError("assisted decoding needs input_ids (inputs_embeds cannot be shared with the assistant)")
         if ctx.offset:
             raise ValueError("assisted decoding needs the whole sequence as input_ids, the cached tokens too")
-        if gen.output_attentions or gen.output_hidden_states:
-            raise ValueError("assisted decoding does not return attentions or hidden states")
         if assistant is not None and (
                 getattr(assistant.config, "vocab_size", None) != getattr(self.config, "vocab_size", None)):
             raise ValueError("assistant_model must share this model's vocabulary (same vocab_size)")
@@ -1222,7 +1220,8 @@ class GenerationMixin(ContinuousBatchingMixin):
                         if float(p) < threshold:
                             break
                 n_cand = cand.shape[1] - L
-                out = _forward(self, cand, ctx, cache, n_cand + 1)
+                out = _forward(self, cand, ctx, cache, n_cand + 1, record.attentions is not None,
+                               record.hidden_states is not None)
                 # a copy: a graphed chunk's logits are its graph's output, which the next round overwrites
                 raw = out.logits[:, -(n_cand + 1) :].to(dtype=torch.float32, copy=True)
                 scores = raw.clone()
@@ -1258,6 +1257,10 @@ class GenerationMixin(ContinuousBatchingMixin):
                     record.scores += tuple(scores[:, i] for i in range(n_ok + 1))
                 if record.logits is not None:
                     record.logits += tuple(raw[:, i] for i in range(n_ok + 1))
+                if record.attentions is not None:
+                    record.attentions += _per_token(out.attentions, L, n_cand, n_ok, attention=True)
+                if record.hidden_states is not None:
+                    record.hidden_states += _per_token(out.hidden_states, L, n_cand, n_ok, attention=False)
                 if stop_on_host(host) if stop_on_host is not None else bool(criteria(seq, record.scores).all()):
                     break
         if schedule == "heuristic" and getattr(assistant, "generation_config", None) is not None:
@@ -1267,6 +1270,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         if not gen.return_dict_in_generate:
             return seq
         return GenerateDecoderOnlyOutput(sequences=seq, scores=record.scores, logits=record.logits,
+                                         attentions=record.attentions, hidden_states=record.hidden_states,
                                          past_key_values=cache)
 
     def _drafting(self, assistant, device, cache: Cache, ctx: _Context, max_length: int) -> tuple[Cache, _Context]:
@@ -1384,6 +1388,26 @@ def _device_stops(criteria: StoppingCriteriaList) -> bool:
     ones, and stop strings matched by their tables (`StopStringCriteria.on_device`)."""
     return all(type(c) in (MaxLengthCriteria, EosTokenCriteria) or (type(c) is StopStringCriteria and c.on_device)
                for c in criteria)
+
+
+def _per_token(layers: tuple, L: int, n_cand: int, n_ok: int, attention: bool) -> tuple:
+    """A verify forward's per-layer attentions ([B, H, rows, keys]) or hidden states ([B, rows, D]) as
+    greedy search records them: one entry per kept token, each a tuple over the layers. The forward
+    ran on the tokens from position L + n_cand - rows on; kept token i comes from position L - 1 + i,
+    whose row attends to the first L + i keys. The round's first entry starts at the forward's first
+    row: in the first round that is the prompt's (greedy search's first entry), later it is the one
+    row. Transformers slices the first round's later entries from the prompt's first rows (the
+    shapes greedy search gives, other numbers); these are the rows the kept tokens came from."""
+    rows = layers[0].shape[-2]
+    past = L + n_cand - rows  # the cache's length before the forward
+    entries = []
+    for i in range(n_ok + 1):
+        start, end = (0 if i == 0 else L - 1 + i - past), L + i - past
+        if attention:
+            entries.append(tuple(a[..., start:end, : L + i] for a in layers))
+        else:
+            entries.append(tuple(h[:, start:end] for h in layers))
+    return tuple(entries)
 
 
 def _host_stop(criteria: StoppingCriteriaList):
