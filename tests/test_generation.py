@@ -843,6 +843,60 @@ def test_a_transformers_model_drafts_for_a_moetorch_model(pair, cache):
     assert sampled.shape == got.shape and int(sampled.max()) < VOCAB
 
 
+def test_assistant_ensemble_weight_matches_transformers(pair):
+    """`assistant_ensemble_weight=w`: greedy verification takes the argmax of w * p + (1 - w) * q at
+    each draft (this model's p, the assistant's q) and p's past the last, as Transformers does with
+    the same Transformers assistant; a small w keeps more of the assistant's tokens than greedy
+    search would. Bad weights, and a weight with prompt lookup (no q), are errors naming it."""
+    hf, ours = pair
+    arch = next(a for a in ARCHS if isinstance(ours, a.ours["causal_lm"]))
+    assistant = arch.hf["causal_lm"](arch.hf_config(num_hidden_layers=1)).eval()
+    randomize_(assistant, seed=7)  # other weights: its drafts differ from the model's choices
+    ids, _ = prompts(batch=2, padding=None)
+    differs = False
+    for row in range(2):
+        prompt = ids[row : row + 1]
+        for weight in (0.2, 0.7):
+            kwargs = dict(max_new_tokens=12, eos_token_id=None, num_assistant_tokens=3, assistant_ensemble_weight=weight)
+            want = hf.generate(prompt, assistant_model=assistant, **kwargs)
+            got = ours.generate(prompt, assistant_model=assistant, **kwargs)
+            assert_same_tokens(want, got, f"row {row}, weight {weight}")
+            differs |= not torch.equal(got, ours.generate(prompt, max_new_tokens=12, eos_token_id=None))
+    assert differs, "the weight never changed a token"
+    torch.manual_seed(0)
+    sampled = ours.generate(ids[:1], assistant_model=assistant, do_sample=True, assistant_ensemble_weight=0.5,
+                            max_new_tokens=8, eos_token_id=None)
+    assert sampled.shape == (1, ids.shape[1] + 8) and int(sampled.max()) < VOCAB
+    for bad in (0, 1, 1.5, -0.1, "0.5"):
+        with pytest.raises(ValueError, match="assistant_ensemble_weight"):
+            ours.generate(ids[:1], assistant_model=assistant, assistant_ensemble_weight=bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="assistant_ensemble_weight.*prompt lookup"):
+        ours.generate(ids[:1], prompt_lookup_num_tokens=2, assistant_ensemble_weight=0.5, max_new_tokens=2)
+
+
+def test_speculative_pick_with_an_ensemble_weight_draws_from_the_mixture():
+    """Speculative sampling's acceptance rule with an ensemble weight w: a draft x ~ q is kept with
+    probability min(1, 1 - w + w p(x) / q(x)), a rejection draws from max(p - q, 0) renormalised,
+    so the token that comes is distributed as w * p + (1 - w) * q (as p itself without a weight)."""
+    from moetorch.generation.utils import _speculative_pick
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(6, generator=g).pow(3).softmax(dim=0) ** 2
+    p, q = p / p.sum(), torch.rand(6, generator=g).softmax(dim=0) ** 3
+    q = q / q.sum()
+    torch.manual_seed(0)
+    n = 20000
+    for weight, want in ((None, p), (0.3, 0.3 * p + 0.7 * q), (0.8, 0.8 * p + 0.2 * q)):
+        counts = torch.zeros(6)
+        drafts = torch.multinomial(q, n, replacement=True)
+        for x in drafts.tolist():
+            kept, _ = _speculative_pick(torch.tensor([[x]]), [q[None]], torch.stack([p, p])[None], weight)
+            counts[kept[0, 0]] += 1
+        assert 0.5 * (counts / n - want).abs().sum() < 0.02, (weight, counts / n, want)
+    kept, k = _speculative_pick(torch.tensor([[2]]), [q[None]], torch.stack([q, p])[None], 0.5)
+    assert k == 1 and kept[0, 0] == 2  # p == q at the draft: always kept
+
+
 def test_classifier_free_guidance(pair):
     ids, _ = prompts(batch=2, padding=None)
     plain = pair[1].generate(ids, max_new_tokens=8)

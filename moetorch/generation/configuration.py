@@ -85,6 +85,11 @@ DEFAULTS: dict[str, Any] = {
     "num_assistant_tokens": 20,
     "num_assistant_tokens_schedule": "constant",
     "assistant_confidence_threshold": 0.4,
+    # verify an assistant's drafts against w * p + (1 - w) * q (this model's p, the assistant's q):
+    # more drafts kept, tokens no longer distributed as this model's (None: lossless)
+    "assistant_ensemble_weight": None,
+    # set by Transformers on its assistant's config while it drafts: kept for config files, unused
+    "is_assistant": None,
     # Transformers reads these only for an assistant with another tokenizer, which moetorch does not
     # take (the assistant must share the vocabulary): kept for its config files, unused
     "assistant_lookbehind": 10,
@@ -201,6 +206,10 @@ class GenerationConfig(PushToHubMixin):
         threshold = self.assistant_confidence_threshold
         if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= 1):
             fail("assistant_confidence_threshold", f"must be a probability in [0, 1] or None, got {threshold!r}")
+        weight = self.assistant_ensemble_weight
+        if weight is not None and not (_is_number(weight) and 0 < weight < 1):
+            fail("assistant_ensemble_weight", f"must be in the open interval (0, 1), or None for lossless "
+                 f"verification, got {weight!r}")
         for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
                      "assistant_lookbehind", "target_lookbehind"):
             v = getattr(self, name)

@@ -87,7 +87,7 @@ MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", 
 _UNSUPPORTED = {
     "penalty_alpha": None, "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None,
     "force_words_ids": None, "dola_layers": None, "token_healing": False,
-    "assistant_early_exit": None, "low_memory": None,
+    "assistant_early_exit": None, "low_memory": None, "use_mtp": False, "speculation_type": None,
 }
 # Model inputs Transformers hands to every forward that change nothing generate returns: accepted.
 _IGNORED_INPUTS = ("output_router_logits", "logits_to_keep")
@@ -1187,6 +1187,10 @@ class GenerationMixin(ContinuousBatchingMixin):
         draft_device = assistant.device if assistant is not None else None
         draft_cache, draft_ctx = self._drafting(assistant, draft_device, cache, ctx, max_length)
         num, schedule, threshold = _draft_settings(gen, assistant) if assistant is not None else (0, "constant", 0)
+        weight = gen.assistant_ensemble_weight
+        if weight is not None and assistant is None:
+            raise ValueError("assistant_ensemble_weight mixes an assistant's distribution into verification: "
+                             "prompt lookup's drafts have none (pass assistant_model, or leave it None)")
         aside = (own_forward(assistant) if draft_ctx.step is not None and draft_ctx.step.enabled
                  else contextlib.nullcontext())
         # The sequence on the host too: prompt lookup searches it there, and a round's bookkeeping (the
@@ -1208,9 +1212,10 @@ class GenerationMixin(ContinuousBatchingMixin):
                     # an assistant on another device reads the tokens there, and gives its logits back
                     logits = _forward(assistant, cand.to(draft_device), draft_ctx, draft_cache, 1).logits[:, -1]
                     logits = logits.to(cand.device)
-                    if gen.do_sample:  # drawn from the assistant's distribution under the same processors
+                    if gen.do_sample or weight is not None:  # the assistant's distribution under the same processors
                         q = processors(cand, logits.to(dtype=torch.float32, copy=True)).softmax(dim=-1)
                         draft_q.append(q)
+                    if gen.do_sample:
                         token = torch.multinomial(q, num_samples=1)
                     else:
                         token = logits.argmax(dim=-1, keepdim=True)
@@ -1231,10 +1236,13 @@ class GenerationMixin(ContinuousBatchingMixin):
                     if assistant is None:  # looked-up drafts: each has probability 1 under its drafter
                         draft_q = list(torch.nn.functional.one_hot(cand[:, L:], scores.shape[-1]).to(scores.dtype)
                                        .unbind(dim=1))
-                    new, n_ok = _speculative_pick(cand[:, L:], draft_q, scores.softmax(dim=-1))
+                    new, n_ok = _speculative_pick(cand[:, L:], draft_q, scores.softmax(dim=-1), weight)
                     new_h = new[0].tolist()
                 else:
                     chosen = scores.argmax(dim=-1)
+                    if weight is not None and n_cand:  # the drafts checked against w * p + (1 - w) * q
+                        mixed = weight * scores[:, :n_cand].softmax(dim=-1) + (1 - weight) * torch.stack(draft_q, 1)
+                        chosen = torch.cat([mixed.argmax(dim=-1), chosen[:, n_cand:]], dim=-1)
                     both = torch.cat([cand[0, L:], chosen[0]]).tolist()  # the round's one read
                     drafts_h, chosen_h = both[:n_cand], both[n_cand:]
                     n_ok = next((i for i, (d, c) in enumerate(zip(drafts_h, chosen_h)) if d != c), n_cand)
@@ -1441,10 +1449,13 @@ def _draft_settings(gen: GenerationConfig, assistant) -> tuple[int, str, float |
             settings.assistant_confidence_threshold)
 
 
-def _speculative_pick(drafts_1C: torch.Tensor, draft_q: list[torch.Tensor], p_1PV: torch.Tensor):
+def _speculative_pick(drafts_1C: torch.Tensor, draft_q: list[torch.Tensor], p_1PV: torch.Tensor,
+                      weight: float | None = None):
     """(the kept tokens [1, n + 1], n): the first n drafts, each kept with probability
     min(1, p(x) / q(x)) until the first rejection, then one token drawn from max(p - q, 0)
-    renormalised at that position (from p itself past the last draft, or where p equals q there)."""
+    renormalised at that position (from p itself past the last draft, or where p equals q there).
+    With an ensemble `weight` w, the drafts are checked against v = w * p + (1 - w) * q, kept with
+    probability min(1, v(x) / q(x)); max(v - q, 0) = w * max(p - q, 0) draws as above."""
     C = drafts_1C.shape[1]
     n = 0
     if C:
@@ -1452,6 +1463,8 @@ def _speculative_pick(drafts_1C: torch.Tensor, draft_q: list[torch.Tensor], p_1P
         x_C = drafts_1C[0]
         idx = torch.arange(C, device=x_C.device)
         ratio_C = p_1PV[0, idx, x_C] / q_CV[idx, x_C]
+        if weight is not None:
+            ratio_C = 1 - weight + weight * ratio_C
         # strictly below: a uniform draw of exactly 0 never keeps a token that p gives 0
         kept_C = torch.rand(C, device=x_C.device) < ratio_C
         n = int((kept_C.long().cumprod(dim=0)).sum())
@@ -1459,7 +1472,8 @@ def _speculative_pick(drafts_1C: torch.Tensor, draft_q: list[torch.Tensor], p_1P
     if n < C:
         residual = (p_V - q_CV[n]).clamp(min=0)
         total = residual.sum()
-        p_V = residual / total if float(total) > 0 else p_V
+        floor = 0.0 if weight is None else torch.finfo(total.dtype).tiny  # (as Transformers for each)
+        p_V = residual / total if float(total) > floor else p_V
     token = torch.multinomial(p_V, num_samples=1)
     return torch.cat([drafts_1C[:, :n], token[None]], dim=-1), n
 
