@@ -14,8 +14,6 @@ hidden states that were themselves computed with the old factors.)
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from .ops import fused
@@ -58,6 +56,7 @@ class Cache:
     rope_pad: int = 0
 
     def __len__(self) -> int:
+        """The layers the cache holds: those made so far (a static cache: its layer count)."""
         return len(self.keys)
 
     def crop(self, max_length: int) -> None:
@@ -74,16 +73,26 @@ class Cache:
         raise NotImplementedError
 
     def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transformers 4's `cache[i]`: layer i's (keys, values)."""
         return self.keys[layer_idx], self.values[layer_idx]
 
     def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        """Transformers 5's iteration: (keys, values, sliding-window tensor) a layer, the last None
+        here (a window is a mask, the cache keeps every position); `DynamicCache(ddp_cache_data=c)`
+        takes these back."""
+        return ((k, v, None) for k, v in zip(self.keys, self.values))
 
     @property
     def layers(self) -> list[CacheLayer]:
-        """Each layer's keys and values as `.keys` / `.values`, as Transformers' `cache.layers[i]`
-        gives them (read-only views: write through `update`)."""
-        return [CacheLayer(k, v) for k, v in zip(self.keys, self.values)]
+        """Each layer as Transformers 5's `cache.layers[i]`: `.keys` / `.values`, which may be set."""
+        return [CacheLayer(self, i) for i in range(len(self.keys))]
+
+    def _set_layer(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
+        """`cache.layers[i].keys = t` (or `.values`): a dynamic cache takes `t` in place of the
+        layer's tensor (layer 0's keys set the cached length)."""
+        getattr(self, name)[layer_idx] = tensor
+        if layer_idx == 0 and name == "keys":
+            self._seen = tensor.shape[-2]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of cached tokens (a host integer; no device read)."""
@@ -92,19 +101,21 @@ class Cache:
     def get_max_cache_shape(self, layer_idx: int = 0) -> int | None:
         return None
 
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Transformers 5's mask builders' position of the first new query: the cached tokens."""
+        return self.get_seq_length(layer_idx)
+
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        """Transformers 5's name: the slots a layer holds at most, -1 for none (a dynamic cache, or
-        a layer not made yet)."""
+        """Transformers 5's name: the slots a layer holds at most, -1 for none (a dynamic cache)."""
         most = self.get_max_cache_shape()
-        return -1 if most is None or (layer_idx is not None and layer_idx >= len(self)) else most
+        return -1 if most is None else most
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         """(kv_length, kv_offset) of a forward of `query_length` new tokens, as Transformers' mask
-        builders read them: the cached and new tokens of a dynamic cache, every slot of a static one."""
-        if layer_idx >= len(self):
-            return query_length, 0
+        builders read them: the cached and new tokens of a dynamic cache, every slot of a static
+        one (before its first update too)."""
         most = self.get_max_cache_shape()
-        return (self.kv_length(query_length) if most is None else most), 0
+        return (self.get_seq_length(layer_idx) + query_length if most is None else most), 0
 
     @property
     def is_sliding(self) -> list[bool]:
@@ -113,7 +124,7 @@ class Cache:
 
     @property
     def is_initialized(self) -> bool:
-        return len(self) > 0
+        return len(self.keys) > 0
 
     @property
     def is_croppable(self) -> bool:
@@ -227,9 +238,36 @@ def _per_layer(t: torch.Tensor) -> list[torch.Tensor]:
     return [t[i] for i in range(t.shape[0])]
 
 
-class CacheLayer(NamedTuple):
-    keys: torch.Tensor
-    values: torch.Tensor
+class CacheLayer:
+    """One layer of a cache, as Transformers 5's `cache.layers[i]`: its `keys` and `values` ([B,
+    kv heads, slots, head dim]), which may be set (a dynamic cache takes the new tensor, a static
+    one copies it into its slots), and its length."""
+
+    def __init__(self, cache: Cache, layer_idx: int) -> None:
+        self._cache, self._idx = cache, layer_idx
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._cache.keys[self._idx]
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor) -> None:
+        self._cache._set_layer(self._idx, "keys", tensor)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._cache.values[self._idx]
+
+    @values.setter
+    def values(self, tensor: torch.Tensor) -> None:
+        self._cache._set_layer(self._idx, "values", tensor)
+
+    @property
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_seq_length(self) -> int:
+        return self._cache.get_seq_length(self._idx)
 
 
 class DynamicCache(Cache):
@@ -349,6 +387,19 @@ class StaticCache(Cache):
     def is_static(self) -> bool:
         return True
 
+    def __len__(self) -> int:
+        return len(self.keys) or self.num_layers or 0
+
+    def _set_layer(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
+        """`cache.layers[i].keys = t`: copied into the layer's slots, which keep their storage
+        (graphs replay from it); `t` must have the slots' shape."""
+        slots = getattr(self, name)[layer_idx]
+        if tensor.shape != slots.shape:
+            raise ValueError(f"StaticCache.layers[{layer_idx}].{name}: expected a tensor of the slots' shape "
+                             f"{tuple(slots.shape)}, got {tuple(tensor.shape)} (a static cache keeps its storage)")
+        slots.copy_(tensor)
+        self._grad_kv.pop(layer_idx, None)
+
     def _allocate(self, B: int, G: int, d: int, device: torch.device, dtype: torch.dtype) -> None:
         n = self.num_layers
         if n is None:
@@ -376,17 +427,21 @@ class StaticCache(Cache):
             )
         return self.max_cache_len
 
-    def _positions(self, T, device, cache_kwargs):
-        # the new tokens' slots: `cache_position` when given, else the next T
+    def _positions(self, T, device, cache_kwargs, layer_idx):
+        # the new tokens' slots: `cache_position` when given, else the T after the cached ones (which
+        # layer 0's write has counted already for the layers after it)
         cache_position = (cache_kwargs or {}).get("cache_position")
-        return cache_position if cache_position is not None else torch.arange(self._seen, self._seen + T, device=device)
+        if cache_position is not None:
+            return cache_position
+        start = self._seen if layer_idx == 0 else self._seen - T
+        return torch.arange(start, start + T, device=device)
 
     def _slots(self, key_states, layer_idx, cache_kwargs):
         # (key storage, value storage, slots of the new tokens), allocating on first use
         B, G, T, d = key_states.shape
         if not self.keys:
             self._allocate(B, G, d, key_states.device, key_states.dtype)
-        cache_position = self._positions(T, key_states.device, cache_kwargs)
+        cache_position = self._positions(T, key_states.device, cache_kwargs, layer_idx)
         if layer_idx == 0:
             if self._grad_seen != self._seen:  # other writes came after the last tracked step
                 self._grad_kv.clear()
@@ -412,7 +467,7 @@ class StaticCache(Cache):
             kv_width = layers[1].out_features if len(layers) == 3 else layers[0].out_features // 2
             self._allocate(B, kv_width // head_dim, head_dim, x_BTD.device, x_BTD.dtype)
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        slots = (k, v, self._positions(T, x_BTD.device, cache_kwargs))
+        slots = (k, v, self._positions(T, x_BTD.device, cache_kwargs, layer_idx))
         out = linears_rotated(x_BTD, layers, head_dim, cos, sin, slots, experts)
         if out is not None and layer_idx == 0:
             self._seen += T

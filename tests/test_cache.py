@@ -268,6 +268,71 @@ def test_cache_built_and_read_as_transformers_does(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_cache_iterated_and_its_layers_set_as_transformers(arch, kind):
+    """Iterating a cache gives Transformers 5's (keys, values, sliding-window tensor) a layer,
+    which both libraries' `DynamicCache(ddp_cache_data=...)` take back. `cache.layers[i].keys = t`
+    (and `.values`): a dynamic cache takes the tensors (layer 0's keys set its length), so cutting
+    every layer to 3 tokens continues as a 3-token cache; a static cache copies them into its slots
+    and refuses another shape, naming it."""
+    model = tiny(arch, seed=12)
+    ids, _ = make_inputs(97, 2, 6, None)
+    cache = new_cache(kind, model, max_len=16)
+    model(ids[:, :5], past_key_values=cache, use_cache=True)
+    hf = arch.hf["causal_lm"](arch.hf_config()).eval()
+    hf.load_state_dict(model.state_dict())
+    theirs = transformers.DynamicCache()
+    hf(ids[:, :5], past_key_values=theirs, use_cache=True)
+    items = list(cache)
+    assert len(items) == len(list(theirs)) == model.config.num_hidden_layers
+    for (k, v, window), (tk, tv, twindow) in zip(items, theirs):
+        assert window is None and twindow is None
+        close(tk, k[..., :5, :], "keys")
+        close(tv, v[..., :5, :], "values")
+    if kind == "dynamic":
+        for again in (DynamicCache(ddp_cache_data=cache), transformers.DynamicCache(ddp_cache_data=cache)):
+            assert again.get_seq_length() == 5
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[..., :3, :], layer.values[..., :3, :]
+        assert cache.get_seq_length() == cache.layers[0].get_seq_length() == 3
+    else:
+        storage = cache.keys[0]
+        for layer in cache.layers:  # zeroed through the setter, then set back: the slots hold each
+            keys, values = layer.keys.clone(), layer.values.clone()
+            layer.keys, layer.values = torch.zeros_like(keys), torch.zeros_like(values)
+            assert not layer.keys.any() and not layer.values.any()
+            layer.keys, layer.values = keys, values
+        assert cache.keys[0] is storage
+        with pytest.raises(ValueError, match=r"layers\[0\]\.keys: expected a tensor of the slots' shape"):
+            cache.layers[0].keys = cache.layers[0].keys[..., :3, :]
+        cache.crop(3)
+    want = model(ids[:, :4]).logits[:, 3:]
+    close(want, model(ids[:, 3:4], past_key_values=cache, use_cache=True).logits, "after setting the layers")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_a_moetorch_cache_serves_a_transformers_model(arch, kind):
+    """A moetorch cache handed to a Transformers model of the same weights: its forward (which
+    writes without cache positions) and generate give what Transformers' own cache gives."""
+    model = tiny(arch, seed=13)
+    hf = arch.hf["causal_lm"](arch.hf_config()).eval()
+    hf.load_state_dict(model.state_dict())
+    ids, _ = make_inputs(97, 2, 6, None)
+    cache = new_cache(kind, model, max_len=16)
+    full = hf(ids).logits
+    close(full[:, :4], hf(ids[:, :4], past_key_values=cache, use_cache=True).logits, "prefill")
+    close(full[:, 4:], hf(ids[:, 4:], past_key_values=cache, use_cache=True).logits, "continued")
+    assert cache.get_seq_length() == 6
+    want = hf.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    got = hf.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                      past_key_values=new_cache(kind, model, max_len=16))
+    assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
 @pytest.mark.parametrize("head", ["model", "causal_lm", "seq_cls"])
 @torch.no_grad()
 def test_cache_by_its_transformers_5_24_name(arch, head):
@@ -505,15 +570,21 @@ def test_generate_from_a_cache_holding_a_one_token_prompt(kind):
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 @torch.no_grad()
 def test_cache_queries_as_transformers(arch, kind):
-    """Transformers 5's cache queries, after a forward of the same model: get_max_length (-1 for
-    no maximum), get_mask_sizes (the keys a forward of q new tokens sees), is_sliding,
-    is_initialized; and the rows held (batch_size)."""
+    """Transformers 5's cache queries, before and after a forward of the same model: get_max_length
+    (-1 for no maximum), get_mask_sizes (the keys a forward of q new tokens sees: a static cache's
+    every slot, before its first update too), is_sliding, is_initialized, len (a static cache's
+    layers from the start); and the rows held (batch_size)."""
     hf_model, ours = arch.hf["causal_lm"](arch.hf_config()).eval(), tiny(arch)
     ids = torch.randint(1, arch.base["vocab_size"], (2, 5))
     theirs = transformers.DynamicCache() if kind == "dynamic" else transformers.StaticCache(hf_model.config,
                                                                                              max_cache_len=16)
     cache = new_cache(kind, ours, max_len=16)
-    assert cache.get_mask_sizes(3, 0) == (3, 0) and not cache.is_initialized and cache.batch_size == -1
+    for q in (1, 3):
+        assert cache.get_mask_sizes(q, 0) == theirs.get_mask_sizes(q, 0) == ((q if kind == "dynamic" else 16), 0)
+    assert cache.is_initialized == theirs.is_initialized is False and cache.batch_size == -1
+    assert len(cache) == len(theirs) and cache.is_sliding == theirs.is_sliding
+    if kind == "static":
+        assert cache.get_max_length() == theirs.get_max_length() == 16
     hf_model(ids, past_key_values=theirs, use_cache=True)
     ours(ids, past_key_values=cache, use_cache=True)
     for q in (1, 3):
