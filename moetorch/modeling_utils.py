@@ -31,6 +31,7 @@ from .ops.moe import training_paths
 from .ops.norms import Residual
 from .outputs import MoeModelOutputWithPast
 from .placement import format_size
+from .utils import WARNED_ONCE, warn_once
 
 logger = logging.getLogger("moetorch")
 
@@ -692,8 +693,6 @@ PACKING_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_
 # `add_router_probs` / `output_router_probs`) and do nothing with it: router logits come back for
 # `output_router_logits` alone. moetorch takes it the same way, and says so once a model class.
 IGNORED_KWARGS = {"output_router_probs"}
-# What has been warned about once: model class names (output_router_probs) and (class, keyword) pairs
-_told_ignored: set = set()
 
 
 def check_packing_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
@@ -701,15 +700,15 @@ def check_packing_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
     other is ignored, as Transformers' forwards ignore what their **kwargs do not read (a batch's
     `token_type_ids`, ...), with one warning that names it (a class, a keyword), so that a misspelt
     argument does not pass unseen."""
-    unknown = sorted(k for k in kwargs.keys() - PACKING_KWARGS - IGNORED_KWARGS if (owner, k) not in _told_ignored)
+    taken = PACKING_KWARGS | IGNORED_KWARGS
+    unknown = sorted(k for k in kwargs.keys() - taken if ("forward", owner, k) not in WARNED_ONCE)
     if unknown:
-        _told_ignored.update((owner, k) for k in unknown)
+        WARNED_ONCE.update(("forward", owner, k) for k in unknown)
         logger.warning("%s.forward() ignores the keyword arguments %s, which it does not take (as Transformers "
                        "ignores them)", owner, unknown)
-    if kwargs.get("output_router_probs") and owner not in _told_ignored:
-        _told_ignored.add(owner)
-        logger.warning("%s.forward(): output_router_probs does nothing, as in Transformers; pass "
-                       "output_router_logits=True for the router logits", owner)
+    if kwargs.get("output_router_probs"):
+        warn_once(("output_router_probs", owner), "%s.forward(): output_router_probs does nothing, as in "
+                  "Transformers; pass output_router_logits=True for the router logits", owner)
 
 
 def packed_segments(position_ids: torch.Tensor | None, attention_mask, cache: Cache | None, batch: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -10,6 +11,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+
+logger = logging.getLogger("moetorch")
+
+# The keys of the warnings given once per process (`warn_once`)
+WARNED_ONCE: set = set()
+
+
+def warn_once(key, msg: str, *args) -> bool:
+    """Log `msg % args` as a warning the first time `key` comes in this process; whether it did."""
+    if key in WARNED_ONCE:
+        return False
+    WARNED_ONCE.add(key)
+    logger.warning(msg, *args)
+    return True
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:

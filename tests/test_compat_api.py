@@ -16,7 +16,7 @@ from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE, randomize_
 from parity import close, compare_outputs, make_inputs, make_pair
 
 import moetorch
-from moetorch import ConfigError, modeling_utils
+from moetorch import ConfigError
 
 HEADS = ["model", "causal_lm", "seq_cls"]
 AUTOS = {"model": "AutoModel", "causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification"}
@@ -271,7 +271,7 @@ def test_forward_ignores_unknown_keywords_with_one_warning(arch, head, tmp_path,
     hf, ours = make_pair(arch, tmp_path, head, "hf_to_ours", seed=4)
     ids, mask = make_inputs(arch.base["vocab_size"], 2, 6, "left")
     extra = {"token_type_ids": torch.zeros_like(ids), "head_mask": None, "foo": 1}
-    modeling_utils._told_ignored.clear()
+    moetorch.utils.WARNED_ONCE.clear()
     with torch.no_grad(), caplog.at_level("WARNING", logger="moetorch"):
         theirs = hf(ids, attention_mask=mask, **extra)
         got = ours(ids, attention_mask=mask, **extra)

@@ -1534,12 +1534,10 @@ def first_ends(new: torch.Tensor, eos: list[int]) -> list[int]:
      dict(num_beams=3, num_return_sequences=2, pad_token_id=-1), dict(use_cache=False, pad_token_id=-1)],
     ids=["greedy", "pad", "static", "sampling", "beams", "beams-pad", "no-cache"],
 )
-def test_a_negative_eos_id_never_comes(pair, settings, caplog, monkeypatch):
+def test_a_negative_eos_id_never_comes(pair, settings, caplog):
     """`eos_token_id=-1` (Transformers' own tests pass it to generate to the maximum length), with a
     pad id of -1 too: taken, and no token matches it; Transformers' tokens, with its warnings."""
-    from moetorch.generation import utils
-
-    monkeypatch.setattr(utils, "_WARNED", set())  # the pad id's warning comes once per process
+    moetorch.utils.WARNED_ONCE.discard("generate: negative pad_token_id")  # the warning comes once per process
     ids, mask = prompts()
     seed = 4 if settings.get("do_sample") else None
     with caplog.at_level("WARNING", logger="moetorch"):

@@ -10,6 +10,7 @@ from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE
 from parity import close, compare_outputs, make_inputs, make_pair
 
 from moetorch import ConfigError, DynamicCache, StaticCache
+from moetorch.utils import WARNED_ONCE
 
 ALL = {"output_hidden_states": True, "output_attentions": True, "output_router_logits": True}
 
@@ -295,9 +296,8 @@ def test_packed_sequences_attend_within_their_own_as_in_transformers(arch, tmp_p
         base = ours.model(ids, position_ids=pos, use_cache=False, **packing).last_hidden_state
         close(base, hf.model(ids, position_ids=pos, use_cache=False, **packing).last_hidden_state, "base model")
     # a keyword the forward does not take is ignored, as Transformers ignores it, with a warning that names it
-    from moetorch import modeling_utils
 
-    modeling_utils._told_ignored.clear()
+    WARNED_ONCE.clear()
     with caplog.at_level("WARNING", logger="moetorch"), torch.no_grad():
         close(ours(ids, position_ids=pos, cu_seqlens=cu).logits, hf(ids, position_ids=pos, cu_seqlens=cu).logits,
               "an unknown keyword changes nothing")
@@ -310,13 +310,12 @@ def test_output_router_probs_is_taken_as_transformers_takes_it(arch, head, tmp_p
     """`output_router_probs=True` (which the MoE outputs' docs name, with the config's
     `add_router_probs`) changes nothing in Transformers' output; moetorch takes it the same way,
     with one warning a class that points to `output_router_logits`."""
-    from moetorch import modeling_utils
 
     hf, ours = make_pair(arch, tmp_path, head, "hf_to_ours", seed=9)
     ids, _ = make_inputs(hf.config.vocab_size, 2, 6, None, seed=5)
     for model in (hf, ours):
         model.config.add_router_probs = True
-    modeling_utils._told_ignored.clear()
+    WARNED_ONCE.clear()
     with torch.no_grad():
         a = hf(ids, output_router_probs=True)
         with caplog.at_level("WARNING", logger="moetorch"):

@@ -30,6 +30,7 @@ from ..engine.batching import ContinuousBatchingMixin
 from ..engine.cuda_graph import CHUNK_BUCKETS, GraphedChunk, GraphedDecodeStep, GraphedPrefill, _longrope, own_forward
 from ..ops import fused
 from ..outputs import ModelOutput, takes_cache_name
+from ..utils import warn_once
 from .configuration import DEFAULTS, GenerationConfig, as_generation_config
 from .custom import (
     PeerSync,
@@ -1613,9 +1614,6 @@ def _check_no_input_hook(model) -> None:
     )
 
 
-_WARNED: set[str] = set()  # the warnings given once per process
-
-
 def _warn_negative_ids(gen: GenerationConfig) -> None:
     """Transformers' warnings for the negative special ids it takes: an EOS id that never comes
     (each call), a negative pad id (once)."""
@@ -1623,10 +1621,10 @@ def _warn_negative_ids(gen: GenerationConfig) -> None:
     if any(i < 0 for i in eos):
         logger.warning("generate(): `eos_token_id` %s holds negative ids, which no token matches: generation "
                        "will not stop at them, only at the maximum length or another stopping rule", eos)
-    if pad_id is not None and pad_id < 0 and "pad_token_id" not in _WARNED:
-        _WARNED.add("pad_token_id")
-        logger.warning("generate(): `pad_token_id` is negative (%d): a row that stops before the others is "
-                       "padded with it, and a step that would then feed it to the model is an error", pad_id)
+    if pad_id is not None and pad_id < 0:
+        warn_once("generate: negative pad_token_id", "generate(): `pad_token_id` is negative (%d): a row that stops "
+                  "before the others is padded with it, and a step that would then feed it to the model is an "
+                  "error", pad_id)
 
 
 def _first_eos(gen: GenerationConfig) -> int | None:
