@@ -24,6 +24,7 @@ from moetorch import (
     DynamicCache,
     GenerationConfig,
     LogitsProcessorList,
+    StaticCache,
     StoppingCriteriaList,
     TextIteratorStreamer,
     TextStreamer,
@@ -67,6 +68,16 @@ def assert_same_tokens(a, b, what=""):
 
 def close(a, b, what):
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"{what}: {m}")
+
+
+def assert_same_steps(want: tuple, got: tuple, what: str) -> None:
+    """Per-step tuples of per-layer tensors (a generate output's attentions or hidden states)."""
+    assert len(got) == len(want), f"{what}: {len(got)} steps, want {len(want)}"
+    for step, (w, g) in enumerate(zip(want, got)):
+        assert len(g) == len(w), f"{what}, step {step}: {len(g)} layers, want {len(w)}"
+        for layer, (x, y) in enumerate(zip(w, g)):
+            assert y.shape == x.shape, f"{what}, step {step}, layer {layer}: {tuple(y.shape)}, want {tuple(x.shape)}"
+            close(x, y, f"{what}, step {step}, layer {layer}")
 
 
 def prompts(batch=3, seq=6, padding="left", seed=1):
@@ -694,6 +705,42 @@ def test_static_cache_and_no_cache_match(pair):
                             return_dict_in_generate=True).past_key_values is None
 
 
+def test_static_cache_attentions_span_transformers_cache(pair):
+    """`output_attentions` with `cache_implementation="static"`: each step's weights span the slots
+    of the cache Transformers would make (the tokens cached, at least `max_cache_len` and the
+    longest such cache of an earlier call on the model), not the wider cache moetorch allocates
+    (rounded up to STATIC_CACHE_BUCKET): the same shapes and numbers as Transformers, for greedy
+    search and beam search, a call after a longer one included. (Unpadded prompts: a padding
+    token's query row, masked whole, spreads its eager weights over every slot of the cache.)"""
+    hf, ours = pair
+    hf._previous_max_cache_length = -1  # (Transformers keeps it on the model between calls)
+    ours.__dict__.pop("_previous_max_cache_length", None)
+    ids, mask = prompts(batch=2, padding=None)
+    for settings in (dict(max_new_tokens=6), dict(max_new_tokens=3), dict(max_new_tokens=3, max_cache_len=20),
+                     dict(max_new_tokens=4, num_beams=2)):
+        want, got = both(pair, ids, attention_mask=mask, eos_token_id=None, cache_implementation="static",
+                         return_dict_in_generate=True, output_attentions=True, **settings)
+        assert_same_tokens(want.sequences, got.sequences, str(settings))
+        assert_same_steps(want.attentions, got.attentions, f"attentions, {settings}")
+    assert want.attentions[0][0].shape[-1] == 20
+
+
+def test_the_default_static_cache_returns_attentions_over_the_cached_tokens(pair):
+    """Where generate picks the static cache itself (a GPU's default, where Transformers decodes on a
+    dynamic cache), the attentions span the tokens cached so far, as a dynamic cache's do."""
+    _, ours = pair
+    cache = StaticCache(ours.config, max_cache_len=64)
+    width = ours._attention_width(GenerationConfig(), 9, cache, default=True)
+    ids, _ = prompts(batch=1, padding=None)
+    out = ours(ids, past_key_values=cache, use_cache=True, output_attentions=True)
+    assert out.attentions[0].shape[-1] == 64 and width() == ids.shape[1]
+    with_width = moetorch.generation.utils._Record(GenerationConfig(return_dict_in_generate=True,
+                                                                    output_attentions=True), width)
+    with_width.add(None, None, out)
+    want = ours(ids, output_attentions=True).attentions
+    assert_same_steps((want,), with_width.attentions, "cut to the cached tokens")
+
+
 def test_return_dict_scores_and_logits_match(pair):
     ids, mask = prompts()
     for settings in (dict(), dict(do_sample=True, top_k=8, temperature=0.8)):
@@ -759,16 +806,6 @@ def test_assisted_decoding_equals_greedy(pair):
                 close(x, y, "assisted scores")
             new_tokens += got.sequences.shape[1] - prompt.shape[1]
     assert len(calls) < new_tokens, "no draft was ever accepted"
-
-
-def assert_same_steps(want: tuple, got: tuple, what: str) -> None:
-    """Per-step tuples of per-layer tensors (a generate output's attentions or hidden states)."""
-    assert len(got) == len(want), f"{what}: {len(got)} steps, want {len(want)}"
-    for step, (w, g) in enumerate(zip(want, got)):
-        assert len(g) == len(w), f"{what}, step {step}: {len(g)} layers, want {len(w)}"
-        for layer, (x, y) in enumerate(zip(w, g)):
-            assert y.shape == x.shape, f"{what}, step {step}, layer {layer}: {tuple(y.shape)}, want {tuple(x.shape)}"
-            close(x, y, f"{what}, step {step}, layer {layer}")
 
 
 def test_assisted_decoding_returns_greedy_attentions_and_hidden_states(pair):

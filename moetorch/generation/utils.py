@@ -151,6 +151,9 @@ class _Context:
         self.step = None  # a GraphedDecodeStep for single-token steps, when one is in use
         self.prefill = None  # a GraphedPrefill for the prompt, when one is in use
         self.chunk = None  # a GraphedChunk for verify forwards (assisted decoding), when one is in use
+        # The key width of the attentions a step returns, where a cache generate made is wider than
+        # Transformers' would be (`_attention_width`); None: as the forward gives them.
+        self.key_width: Callable[[], int] | None = None
         self._pad: int | None = None
 
     @property
@@ -308,12 +311,13 @@ class _StepOutput:
 class _Record:
     """The per-step outputs `return_dict_in_generate` asked for (None where not asked)."""
 
-    def __init__(self, gen: GenerationConfig) -> None:
+    def __init__(self, gen: GenerationConfig, key_width: Callable[[], int] | None = None) -> None:
         on = bool(gen.return_dict_in_generate)
         self.scores = () if on and gen.output_scores else None
         self.logits = () if on and gen.output_logits else None
         self.attentions = () if on and gen.output_attentions else None
         self.hidden_states = () if on and gen.output_hidden_states else None
+        self.key_width = key_width
 
     def add(self, scores, logits, out) -> None:
         if self.scores is not None:
@@ -321,9 +325,20 @@ class _Record:
         if self.logits is not None:
             self.logits += (logits,)
         if self.attentions is not None:
-            self.attentions += (out.attentions,)
+            attentions = out.attentions
+            if self.key_width is not None:
+                width = self.key_width()
+                attentions = tuple(_key_columns(a, width) for a in attentions)
+            self.attentions += (attentions,)
         if self.hidden_states is not None:
             self.hidden_states += (out.hidden_states,)
+
+
+def _key_columns(a: torch.Tensor, width: int) -> torch.Tensor:
+    """Attention weights [..., keys] cut, or padded with zeros (a static cache's unwritten slots,
+    which the mask gives weight 0), to `width` keys."""
+    extra = a.shape[-1] - width
+    return a[..., :width] if extra >= 0 else torch.nn.functional.pad(a, (0, -extra))
 
 
 def _same_kind(custom: Any, built: Any) -> bool:
@@ -558,6 +573,7 @@ class GenerationMixin(ContinuousBatchingMixin):
                 reuse = custom_generate is None and not gen.return_dict_in_generate and not padded_switch
                 room = CHUNK_BUCKETS[-1] if drafted else -1
                 cache = self._static_cache(seq.shape[0], _cache_length(gen, max_length + offset, room), reuse)
+                ctx.key_width = self._attention_width(gen, max_length + offset - 1, cache, default_static)
             else:
                 cache = DynamicCache()
 
@@ -649,6 +665,18 @@ class GenerationMixin(ContinuousBatchingMixin):
         held.clear()  # let the old cache and graphs go before allocating
         held.key, held.cache = key, StaticCache(config=self.config, max_cache_len=S)
         return held.cache
+
+    def _attention_width(self, gen: GenerationConfig, tokens: int, cache: StaticCache, default: bool):
+        """The key width of the attentions a step returns from a static cache generate made, which
+        rounds its slots up (STATIC_CACHE_BUCKET) or is one held from a longer call: where the
+        static cache is only a GPU's default (Transformers decodes on a dynamic cache), the tokens
+        cached so far; where asked for, the slots of Transformers' cache: the `tokens` cached, at
+        least `max_cache_len` and the longest such cache of an earlier call on this model."""
+        if default:
+            return cache.get_seq_length
+        width = max(tokens, gen.max_cache_len or 0, self.__dict__.get("_previous_max_cache_length", -1))
+        self.__dict__["_previous_max_cache_length"] = width
+        return lambda: width
 
     def _held_decode(self) -> _HeldDecode:
         held = self.__dict__.get("_held")
@@ -910,7 +938,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         _OneStepLate) the loop stops one step after the device's flag says so and drops that step,
         and the streamer gets each step's tokens one step late. With `sync` (a PeerSync) every
         step ends with the processes' all-reduce, and a process done first idles until all are."""
-        record = _Record(gen)
+        record = _Record(gen, ctx.key_width)
         running_R = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
         eos_criteria = [c for c in criteria if hasattr(c, "eos_token_id")]
         if eos_criteria and pad_id is None:
@@ -1027,7 +1055,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         B, device = R // N, seq.device
         K = max(2, 1 + (len(eos) if eos is not None else 0)) * N
         first_N_K = torch.arange(K, device=device) < N
-        record = _Record(gen)
+        record = _Record(gen, ctx.key_width)
         # Finished beams shorter than the longest are padded as Transformers pads them: with the pad
         # id, or the first EOS id where the pad id is unset or 0, and with -1 where there is no EOS id.
         fill = (gen.pad_token_id or _first_eos(gen)) if eos is not None else -1
@@ -1184,7 +1212,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         if assistant is not None and (
                 getattr(assistant.config, "vocab_size", None) != getattr(self.config, "vocab_size", None)):
             raise ValueError("assistant_model must share this model's vocabulary (same vocab_size)")
-        record = _Record(gen)
+        record = _Record(gen, ctx.key_width)
         draft_device = assistant.device if assistant is not None else None
         draft_cache, draft_ctx = self._drafting(assistant, draft_device, cache, ctx, max_length)
         num, schedule, threshold = _draft_settings(gen, assistant) if assistant is not None else (0, "constant", 0)
