@@ -14,6 +14,9 @@ from .engine.batching import (
 from .generation import (
     AsyncTextIteratorStreamer,
     BaseStreamer,
+    ClassifierFreeGuidanceLogitsProcessor,
+    CompileConfig,
+    ConfidenceCriteria,
     EncoderNoRepeatNGramLogitsProcessor,
     EncoderRepetitionPenaltyLogitsProcessor,
     EpsilonLogitsWarper,
@@ -80,6 +83,9 @@ ContinuousMixin = ContinuousBatchingMixin
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassifierFreeGuidanceLogitsProcessor",
+    "CompileConfig",
+    "ConfidenceCriteria",
     "ContinuousBatchingConfig",
     "ContinuousBatchingManager",
     "ContinuousBatchingMixin",

@@ -934,6 +934,90 @@ def test_speculative_pick_with_an_ensemble_weight_draws_from_the_mixture():
     assert k == 1 and kept[0, 0] == 2  # p == q at the draft: always kept
 
 
+def test_a_moetorch_model_drafts_for_a_transformers_model(pair):
+    """A moetorch model as the `assistant_model` of a Transformers model's generate: Transformers'
+    greedy tokens, and the same drafting as with the Transformers assistant of the same weights
+    (as many assistant forwards: the confidence stop, `is_assistant` + ConfidenceCriteria, and the
+    cache crops between rounds agree); sampled drafts give tokens of the vocabulary. A moetorch
+    cache handed to a Transformers model's assisted generate serves it too."""
+    hf, ours = pair
+    arch = next(a for a in ARCHS if isinstance(ours, a.ours["causal_lm"]))
+    theirs = arch.hf["causal_lm"](arch.hf_config(num_hidden_layers=1)).eval()
+    theirs.load_state_dict(hf.state_dict(), strict=False)
+    assistant = one_layer_assistant(ours)  # the same weights
+    ids, _ = prompts(batch=1, padding=None)
+    kwargs = dict(max_new_tokens=16, eos_token_id=None, do_sample=False)
+    want = hf.generate(ids, **kwargs)
+    forwards = {}
+    for name, drafter in (("moetorch", assistant), ("transformers", theirs)):
+        calls = []
+        hook = drafter.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        try:
+            got = hf.generate(ids, assistant_model=drafter, **kwargs)
+        finally:
+            hook.remove()
+        assert_same_tokens(want, got, f"Transformers' greedy, with a {name} assistant")
+        forwards[name] = len(calls)
+    assert forwards["moetorch"] == forwards["transformers"] < 16, forwards
+    assert_same_tokens(want, hf.generate(ids, assistant_model=theirs, past_key_values=DynamicCache(), **kwargs),
+                       "a moetorch cache in Transformers' assisted generate")
+    torch.manual_seed(0)
+    sampled = hf.generate(ids, assistant_model=assistant, max_new_tokens=8, do_sample=True, eos_token_id=None)
+    assert sampled.shape == (1, ids.shape[1] + 8) and int(sampled.max()) < VOCAB
+
+
+def test_confidence_criteria_and_batched_guidance_as_transformers():
+    """ConfidenceCriteria (stop where the last token's probability is under the threshold) and
+    ClassifierFreeGuidanceLogitsProcessor (a doubled batch: conditional rows, then unconditional
+    ones) against Transformers' on random scores; their bad input named."""
+    from transformers.generation import ConfidenceCriteria as TheirConfidence
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        ids = torch.randint(0, VOCAB, (1, 5), generator=g)
+        scores = (torch.randn(1, VOCAB, generator=g) * 3,)
+        threshold = float(torch.rand((), generator=g)) * 0.2
+        want = TheirConfidence(threshold)(ids, scores)
+        got = moetorch.ConfidenceCriteria(threshold)(ids, scores)
+        assert bool(got.all()) == bool(want), trial
+    with pytest.raises(ValueError, match="output_scores=True"):
+        moetorch.ConfidenceCriteria(0.4)(ids, None)
+    ids = torch.randint(0, VOCAB, (3, 5), generator=g)
+    scores = torch.randn(6, VOCAB, generator=g)
+    want = transformers.ClassifierFreeGuidanceLogitsProcessor(2.5)(ids, scores.clone())
+    torch.testing.assert_close(moetorch.ClassifierFreeGuidanceLogitsProcessor(2.5)(ids, scores.clone()), want)
+    with pytest.raises(ValueError, match="guidance_scale must be greater than 1"):
+        moetorch.ClassifierFreeGuidanceLogitsProcessor(1)
+    with pytest.raises(ValueError, match="twice the ids'"):
+        moetorch.ClassifierFreeGuidanceLogitsProcessor(2.0)(ids, scores[:3])
+
+
+def test_compile_config_and_transformers_config_updates(pair, tmp_path):
+    """`CompileConfig` (moetorch's or Transformers') is taken by GenerationConfig and generate and,
+    as in Transformers, not written to generation_config.json; anything else there is an error that
+    names it. `update(defaults_only=True)` sets only the fields not set, `allow_custom_entries=True`
+    keeps unknown keys; `_get_default_generation_params` gives defaults that change nothing."""
+    _, ours = pair
+    ids, _ = prompts(batch=1, padding=None)
+    for compile_config in (moetorch.CompileConfig(dynamic=True), transformers.CompileConfig(fullgraph=True)):
+        gen = GenerationConfig(max_new_tokens=3, compile_config=compile_config)
+        gen.save_pretrained(tmp_path)
+        saved = json.loads((tmp_path / "generation_config.json").read_text())
+        assert "compile_config" not in saved and saved["max_new_tokens"] == 3
+        assert torch.equal(ours.generate(ids, generation_config=gen), ours.generate(ids, max_new_tokens=3))
+    assert moetorch.CompileConfig(mode="default").to_dict()["mode"] == "default"
+    with pytest.raises(ValueError, match="compile_config"):
+        GenerationConfig(compile_config={"fullgraph": True})
+    gen = GenerationConfig(top_k=5)
+    unused = gen.update(defaults_only=True, top_k=7, top_p=0.5, flavour="x")
+    assert (gen.top_k, gen.top_p, unused) == (5, 0.5, {"flavour": "x"})
+    assert gen.update(allow_custom_entries=True, flavour="x") == {} and gen.flavour == "x"
+    before = GenerationConfig(max_new_tokens=4)
+    after = copy.deepcopy(before)
+    after.update(**after._get_default_generation_params(), defaults_only=True)
+    assert after.to_dict() == before.to_dict() and after.is_set("max_new_tokens") and not after.is_set("top_k")
+
+
 def test_classifier_free_guidance(pair):
     ids, _ = prompts(batch=2, padding=None)
     plain = pair[1].generate(ids, max_new_tokens=8)

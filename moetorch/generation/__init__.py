@@ -1,9 +1,10 @@
 """Text generation: `GenerationMixin.generate`, its config, logits processors, stopping criteria
 and streamers, with Transformers' names and semantics."""
 
-from .configuration import GenerationConfig
+from .configuration import CompileConfig, GenerationConfig
 from .grammar import Grammar, GrammarLogitsProcessor
 from .logits_process import (
+    ClassifierFreeGuidanceLogitsProcessor,
     EncoderNoRepeatNGramLogitsProcessor,
     EncoderRepetitionPenaltyLogitsProcessor,
     EpsilonLogitsWarper,
@@ -34,6 +35,7 @@ from .logits_process import (
     UnbatchedClassifierFreeGuidanceLogitsProcessor,
 )
 from .stopping_criteria import (
+    ConfidenceCriteria,
     EosTokenCriteria,
     MaxLengthCriteria,
     MaxTimeCriteria,
@@ -46,6 +48,9 @@ from .utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, Gen
 from .watermarking import WatermarkDetector, WatermarkDetectorOutput, WatermarkingConfig, WatermarkLogitsProcessor
 
 __all__ = [
+    "ClassifierFreeGuidanceLogitsProcessor",
+    "CompileConfig",
+    "ConfidenceCriteria",
     "WatermarkDetector",
     "WatermarkDetectorOutput",
     "WatermarkLogitsProcessor",

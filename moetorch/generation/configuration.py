@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
@@ -139,6 +141,22 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
 
+@dataclass
+class CompileConfig:
+    """Transformers' `torch.compile` settings for generate's decode step (`compile_config=`). moetorch
+    compiles nothing: its decode steps replay CUDA graphs of its own kernels. Taken, kept, unused
+    (and, as in Transformers, not written to `generation_config.json`)."""
+
+    fullgraph: bool = False
+    dynamic: bool | None = None
+    backend: str | Callable = "inductor"
+    mode: str = "reduce-overhead"
+    options: dict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(dict(self.__dict__))
+
+
 class GenerationConfig(PushToHubMixin):
     """The parameters of `generate`, with Transformers' names and defaults.
 
@@ -206,6 +224,9 @@ class GenerationConfig(PushToHubMixin):
         threshold = self.assistant_confidence_threshold
         if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= 1):
             fail("assistant_confidence_threshold", f"must be a probability in [0, 1] or None, got {threshold!r}")
+        compile_config = self.compile_config
+        if compile_config is not None and type(compile_config).__name__ != "CompileConfig":
+            fail("compile_config", f"must be a CompileConfig, got {type(compile_config).__name__}")
         weight = self.assistant_ensemble_weight
         if weight is not None and not (_is_number(weight) and 0 < weight < 1):
             fail("assistant_ensemble_weight", f"must be in the open interval (0, 1), or None for lossless "
@@ -359,7 +380,11 @@ class GenerationConfig(PushToHubMixin):
         return {k: v for k, v in self.to_dict().items() if k not in DEFAULTS or v != DEFAULTS[k]}
 
     def to_json_string(self, use_diff: bool = True) -> str:
-        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
+        """The JSON of the fields (the non-default ones with `use_diff`), without `compile_config`,
+        which Transformers does not write either."""
+        fields = self.to_diff_dict() if use_diff else self.to_dict()
+        fields.pop("compile_config", None)
+        return json.dumps(fields, indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> None:
         """Write `generation_config.json` (non-default fields only) into `save_directory`. A negative
@@ -372,19 +397,30 @@ class GenerationConfig(PushToHubMixin):
             raise ValueError(f"save_pretrained expects a directory, but {save_directory} is a file")
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, config_file_name or GENERATION_CONFIG_NAME)
+        text = self.to_json_string()  # (a value JSON cannot hold fails here, before a file is opened)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
+            f.write(text)
         os.replace(path + ".tmp", path)
 
-    def update(self, **kwargs: Any) -> dict[str, Any]:
-        """Set the given fields; return the keys that are not fields (they are left untouched)."""
+    def update(self, defaults_only: bool = False, allow_custom_entries: bool = False, **kwargs: Any) -> dict[str, Any]:
+        """Set the given fields; return the keys that are not fields (they are left untouched).
+        Transformers 5's options: `defaults_only` sets only the fields not set explicitly,
+        `allow_custom_entries` keeps unknown keys too."""
         unused = {}
         for name, value in kwargs.items():
-            if name in DEFAULTS or name in self._extra:
-                setattr(self, name, value)
+            if name in DEFAULTS or name in self._extra or allow_custom_entries:
+                # (a default given for a field that holds it already changes nothing, nor marks it set)
+                if not (defaults_only and (self.is_set(name) or getattr(self, name, None) == value)):
+                    setattr(self, name, value)
             else:
                 unused[name] = value
         return unused
+
+    @staticmethod
+    def _get_default_generation_params() -> dict[str, Any]:
+        """Transformers 5's global defaults of the fields it leaves unset (None): here every field
+        holds its default already, so these are the defaults themselves."""
+        return copy.deepcopy(DEFAULTS)
 
     def copy(self) -> GenerationConfig:
         return copy.deepcopy(self)

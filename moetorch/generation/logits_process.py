@@ -560,6 +560,28 @@ class LogitNormalization(LogitsProcessor):
 # ---- classifier-free guidance ---------------------------------------------------------------
 
 
+class ClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
+    """Classifier-free guidance over a doubled batch: the scores' first half are the conditional
+    rows (the prompts, which `input_ids` hold), the second half the unconditional ones; returns
+    `u + guidance_scale * (c - u)` for the first half. For a model whose forward runs both halves
+    (Transformers' MusicGen-style use); `generate(guidance_scale=...)` on these models runs the
+    unconditional rows itself (`UnbatchedClassifierFreeGuidanceLogitsProcessor`)."""
+
+    def __init__(self, guidance_scale: float):
+        if not (isinstance(guidance_scale, (int, float)) and guidance_scale > 1):
+            raise ValueError(f"ClassifierFreeGuidanceLogitsProcessor: guidance_scale must be greater than 1, "
+                             f"got {guidance_scale!r}")
+        self.guidance_scale = guidance_scale
+
+    def __call__(self, input_ids, scores):
+        if scores.shape[0] != 2 * input_ids.shape[0]:
+            raise ValueError(f"ClassifierFreeGuidanceLogitsProcessor: the scores' batch must be twice the ids' (the "
+                             f"conditional rows, then the unconditional ones), got {scores.shape[0]} scores rows for "
+                             f"{input_ids.shape[0]} sequences")
+        cond, uncond = scores.split(input_ids.shape[0], dim=0)
+        return uncond + (cond - uncond) * self.guidance_scale
+
+
 class UnbatchedClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
     """Classifier-free guidance with a second forward of `model` on the negative prompt.
 
@@ -611,6 +633,7 @@ class UnbatchedClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
 
 
 __all__ = [
+    "ClassifierFreeGuidanceLogitsProcessor",
     "LogitNormalization",
     "LogitsProcessor",
     "LogitsProcessorList",

@@ -67,6 +67,24 @@ class MaxTimeCriteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
+class ConfidenceCriteria(StoppingCriteria):
+    """Done when the last token's probability under the last scores is below
+    `assistant_confidence_threshold`: an assistant's drafting stops at a draft it doubts (batch of
+    one; Transformers adds it to an assistant's own `generate`, and moetorch does where a generation
+    config says `is_assistant`). Reads the probability on the host."""
+
+    def __init__(self, assistant_confidence_threshold: float):
+        self.assistant_confidence_threshold = assistant_confidence_threshold
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if not scores:
+            raise ValueError("ConfidenceCriteria reads the last step's scores: generate must be called with "
+                             "return_dict_in_generate=True and output_scores=True")
+        p = float(scores[-1].softmax(-1)[0, input_ids[0, -1]])
+        done = p < self.assistant_confidence_threshold
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
 class EosTokenCriteria(StoppingCriteria):
     """Done when the last token is one of `eos_token_id`."""
 
@@ -305,6 +323,7 @@ class _StopTables:
 
 
 __all__ = [
+    "ConfidenceCriteria",
     "EosTokenCriteria",
     "MaxLengthCriteria",
     "MaxTimeCriteria",

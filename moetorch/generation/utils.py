@@ -70,6 +70,7 @@ from .logits_process import (
     UnbatchedClassifierFreeGuidanceLogitsProcessor,
 )
 from .stopping_criteria import (
+    ConfidenceCriteria,
     EosTokenCriteria,
     MaxLengthCriteria,
     MaxTimeCriteria,
@@ -678,6 +679,11 @@ class GenerationMixin(ContinuousBatchingMixin):
         self.__dict__["_previous_max_cache_length"] = width
         return lambda: width
 
+    @classmethod
+    def _supports_logits_to_keep(cls) -> bool:
+        """Transformers' query (its assisted decoding asks it of an assistant): forwards take `logits_to_keep`."""
+        return True
+
     def _held_decode(self) -> _HeldDecode:
         held = self.__dict__.get("_held")
         if held is None:
@@ -930,6 +936,8 @@ class GenerationMixin(ContinuousBatchingMixin):
             crit.append(StopStringCriteria(tokenizer, gen.stop_strings))
         if eos is not None:
             crit.append(EosTokenCriteria(eos))
+        if gen.is_assistant and gen.assistant_confidence_threshold:  # drafting for another model's generate
+            crit.append(ConfidenceCriteria(gen.assistant_confidence_threshold))
         return _merge(crit, custom, "stopping criterion")
 
     # ---- strategies --------------------------------------------------------------------------
