@@ -226,12 +226,14 @@ def build_mask(
         causal, _ = build_mask(attention_mask, cache_position_T, kv_len, sliding_window, batch, queries_at_end)
         if causal is None:
             causal = torch.ones(T, kv_len, dtype=torch.bool, device=cache_position_T.device).tril()[None, None]
+        elif causal.is_floating_point():  # an additive 4D mask: its masked places (a large negative value)
+            causal = causal > torch.finfo(causal.dtype).min / 2
         return causal & (segments_BT[:, None, :, None] == segments_BT[:, None, None, :]), False
     if attention_mask is not None and attention_mask.dim() == 4:
+        # as Transformers takes a 4D mask: boolean (or integer) True attends; float is added to the
+        # scores (0 attends, a large negative value masks)
         m = attention_mask
-        if m.dtype != torch.bool:
-            m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m.bool()
-        return m, False
+        return (m if m.dtype == torch.bool or m.is_floating_point() else m.bool()), False
     if attention_mask is None and sliding_window is None:
         if kv_len == T:
             return None, True
@@ -343,6 +345,8 @@ def attention(
         if G != H and mask is not None and not masked_gqa_served(q_BHTd, k_BGSd, v_BGSd, mask, dropout_p):
             # this torch would take the math kernel, which holds [B, H, T, S] for the backward
             k_BGSd, v_BGSd = (t.repeat_interleave(H // G, dim=1) for t in (k_BGSd, v_BGSd))
+        if mask is not None and mask.is_floating_point() and mask.dtype != q_BHTd.dtype:
+            mask = mask.to(q_BHTd.dtype)  # (sdpa adds a float mask of the queries' dtype)
         out = F.scaled_dot_product_attention(
             q_BHTd, k_BGSd, v_BGSd, attn_mask=mask, dropout_p=dropout_p,
             is_causal=is_causal and mask is None, scale=scale, enable_gqa=k_BGSd.shape[1] != H,
@@ -400,7 +404,9 @@ def _eager(q, k, v, mask, is_causal, scale, dropout_p, tiled_groups: int = 1):
     if is_causal and mask is None:
         T, S = q.shape[2], k.shape[2]
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    if mask is not None:
+    if mask is not None and mask.is_floating_point():  # an additive mask, as given
+        scores = scores + mask.to(scores.dtype)
+    elif mask is not None:
         # Add the dtype's minimum rather than -inf, as Transformers does: a fully masked (padding)
         # row stays finite and uniform, and its gradient is the same as Transformers'.
         scores = scores + torch.where(mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
