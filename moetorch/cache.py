@@ -14,6 +14,8 @@ hidden states that were themselves computed with the old factors.)
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 
 from .ops import fused
@@ -389,8 +391,8 @@ class StaticCache(Cache):
             if config is None:
                 raise ValueError("StaticCache needs `max_cache_len` (or a config with max_position_embeddings)")
             max_cache_len = config.max_position_embeddings
-        if max_cache_len <= 0:
-            raise ValueError(f"StaticCache: max_cache_len must be positive, got {max_cache_len}")
+        if not (isinstance(max_cache_len, Integral) and not isinstance(max_cache_len, bool) and max_cache_len > 0):
+            raise ValueError(f"StaticCache: max_cache_len must be a positive integer, got {max_cache_len!r}")
         self.max_cache_len = int(max_cache_len)
         self._rows: torch.Tensor | None = None  # slot_rows' storage, once used (graphs keep its address)
         # layer -> (keys, values) carrying gradients, from forwards with gradients on (`_write_tracked`),

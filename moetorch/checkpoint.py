@@ -221,10 +221,11 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
     files = checkpoint_files(path, variant) if state_dict is None else ["state_dict"]
     if state_dict is not None:
         path = "state_dict"
-    from_disk, _ = name_maps(config.model_type)
+    from_disk, to_disk = name_maps(config.model_type)
     own = dict(model.state_dict(keep_vars=True))
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in own
     written = {name: 0 for name in own}
+    seen: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[tuple[str, torch.Size, torch.Size]] = []
     for file in tqdm(files, desc="Loading checkpoint shards", disable=len(files) < 2, unit="shard"):
@@ -233,6 +234,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
                       else safe_open(file, framework="pt", device="cpu"))
             with opened as f:
                 for key in f.keys():
+                    seen.add(_adapt_prefix(key, own, base_prefix))
                     target = from_disk(_adapt_prefix(key, own, base_prefix), config)
                     name = _adapt_prefix(target.name, own, base_prefix)
                     if tied and name == "lm_head.weight":
@@ -268,8 +270,11 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
     missing = [n for n in missing if n not in HEAD_WEIGHTS]
     unexpected = [k for k in unexpected if k not in HEAD_WEIGHTS]
     if missing:
+        # the missing parts in the original checkpoint naming too, where it differs (one file tensor per expert)
+        absent = [k for n in missing for k, _ in to_disk(n, own[n].detach(), config) if k not in seen and k != n]
+        named = f" (in the original naming, e.g. {absent[:8]})" if absent else ""
         raise CheckpointError(
-            f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:8]}; "
+            f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:8]}{named}; "
             "refusing to leave them randomly initialised"
         )
     if unexpected:

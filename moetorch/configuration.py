@@ -159,6 +159,16 @@ class MoeConfig(PushToHubMixin):
             f"must be one of {allowed_attn[1:]}, got {self.attn_implementation!r}",
         )
         self.dtype = as_torch_dtype(self.dtype)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name, None)
+            ids = v if name == "eos_token_id" and isinstance(v, (list, tuple)) else [v]
+            _check(v is None or all(_is_int(i) for i in ids), name,
+                   f"must be a token id (an integer{', or a list of them' if name == 'eos_token_id' else ''}) or "
+                   f"None, got {v!r}")
+        pad = getattr(self, "pad_token_id", None)
+        vocab = getattr(self, "vocab_size", None)
+        if pad is not None and _is_int(vocab):  # (the embedding's padding row)
+            _check(-vocab <= pad < vocab, "pad_token_id", f"{pad} is outside the vocabulary of {vocab} tokens")
         act = getattr(self, "hidden_act", None)
         if act is not None:
             _check(act in ACTIVATIONS, "hidden_act", f"unknown activation {act!r}; allowed: {sorted(ACTIVATIONS)}")
@@ -419,6 +429,9 @@ class MoeConfig(PushToHubMixin):
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> MoeConfig:
+        """A config from a JSON file (only a file: `from_pretrained` reads directories and the Hub)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"from_json_file: no file at {path}")
         return cls.from_dict(read_config_dict(path))
 
     def update(self, values: dict[str, Any]) -> None:

@@ -46,6 +46,8 @@ def resolve_dtype(dtype: Any, config: MoeConfig) -> torch.dtype:
     if dtype is None or dtype == "auto":
         dtype = config.dtype or "float32"
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype (the weights' type), got {dtype}")
         return dtype
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
@@ -904,14 +906,18 @@ def prepare_decoder_inputs(
     if use_cache and past_key_values is None:
         past_key_values = DynamicCache()
     if inputs_embeds is None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
+        _check_ids(input_ids, getattr(embed, "num_embeddings", None))
         inputs_embeds = embed(input_ids)
-    elif inputs_embeds.dim() != 3:
-        raise ValueError(f"inputs_embeds must have shape [batch, seq, hidden], got {tuple(inputs_embeds.shape)}")
+    else:
+        inputs_embeds = _checked_embeds(inputs_embeds, embed)
     B, T = inputs_embeds.shape[:2]
+    if B == 0:
+        raise ValueError("the input batch is empty (batch size 0)")
     if T == 0:
         raise ValueError("input sequence is empty (sequence length 0)")
+    if type(past_key_values) is DynamicCache and past_key_values.batch_size not in (-1, B):
+        raise ValueError(f"past_key_values holds {past_key_values.batch_size} rows, but the input has {B}: a cache "
+                         "serves the batch it was filled with (pass a new DynamicCache for another batch)")
     past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
     _check_positions(B, T, past_len, cache_position, position_ids, attention_mask)
     if cache_position is None:
@@ -922,6 +928,41 @@ def prepare_decoder_inputs(
         position_ids = position_ids.unsqueeze(0)
     kv_len = past_key_values.kv_length(T) if past_key_values is not None else T
     return DecoderInputs(inputs_embeds, past_key_values, cache_position, position_ids, past_len, kv_len)
+
+
+def _check_ids(input_ids, vocab: int | None) -> None:
+    """input_ids must be an integer tensor [batch, seq] of ids in the vocabulary. The ids' range is
+    read where they are on the CPU (elsewhere it would wait on the device each forward)."""
+    if not isinstance(input_ids, torch.Tensor):
+        hint = " (a tokenizer's output needs return_tensors=\"pt\")" if isinstance(input_ids, (list, tuple)) else ""
+        raise TypeError(f"input_ids must be an integer tensor [batch, seq], got {type(input_ids).__name__}{hint}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor [batch, seq], got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
+    if vocab is not None and input_ids.device.type == "cpu" and input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids hold id {bad}, outside the vocabulary (0 .. {vocab - 1}, vocab_size={vocab}); "
+                             "after adding tokens to a tokenizer, call model.resize_token_embeddings(len(tokenizer))")
+
+
+def _checked_embeds(inputs_embeds, embed: nn.Module) -> torch.Tensor:
+    """inputs_embeds as a float tensor [batch, seq, hidden_size], in the embeddings' dtype (as generate
+    takes them; under autocast as given)."""
+    if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+        kind = inputs_embeds.dtype if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
+        raise TypeError(f"inputs_embeds must be a float tensor [batch, seq, hidden], got {kind}")
+    width = getattr(embed, "embedding_dim", None)
+    if inputs_embeds.dim() != 3 or (width is not None and inputs_embeds.shape[-1] != width):
+        raise ValueError(f"inputs_embeds must have shape [batch, seq, hidden_size] = [batch, seq, {width}], got "
+                         f"{tuple(inputs_embeds.shape)}")
+    weight = getattr(embed, "weight", None)
+    if (isinstance(weight, torch.Tensor) and weight.is_floating_point() and inputs_embeds.dtype != weight.dtype
+            and not torch.is_autocast_enabled(inputs_embeds.device.type)):
+        inputs_embeds = inputs_embeds.to(weight.dtype)
+    return inputs_embeds
 
 
 def _check_positions(B: int, T: int, past: int, cache_position, position_ids, attention_mask) -> None:
@@ -942,8 +983,12 @@ def keep_last(hidden_BTD: torch.Tensor, logits_to_keep: int | torch.Tensor) -> t
     """Slice positions whose logits are wanted, as Transformers does: the last N (0 = all), the
     positions of a 1D tensor for every row, those of an integer [B, n] tensor per row, or the True
     positions of a boolean [B, T] mask (flattened: [count, D])."""
-    if isinstance(logits_to_keep, int):
+    if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool):
         return hidden_BTD if logits_to_keep == 0 else hidden_BTD[:, -logits_to_keep:]
+    if not isinstance(logits_to_keep, torch.Tensor) or logits_to_keep.is_floating_point():
+        kind = logits_to_keep.dtype if isinstance(logits_to_keep, torch.Tensor) else type(logits_to_keep).__name__
+        raise TypeError(f"logits_to_keep must be an int (the last N positions, 0: all), an integer tensor of positions "
+                        f"or a boolean mask, got {kind}")
     if logits_to_keep.dim() == 2:
         if logits_to_keep.dtype == torch.bool:
             return hidden_BTD[logits_to_keep.to(hidden_BTD.device)]

@@ -73,7 +73,7 @@ def pipeline(
         model = model.to(resolve_device(device, device_map))
     if tokenizer is None:
         name = getattr(model, "name_or_path", None)
-        if name is None:
+        if not name:  # (a model built from a config has the name "")
             raise ValueError("pipeline needs tokenizer= when the model was not loaded from a directory")
         tokenizer = name
     if isinstance(tokenizer, (str, os.PathLike)):

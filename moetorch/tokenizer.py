@@ -754,7 +754,12 @@ class Tokenizer(PushToHubMixin):
             return [self.decode(x, skip_special_tokens, clean_up_tokenization_spaces) for x in token_ids]
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        text = self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        token_ids = list(token_ids)
+        negative = [t for t in token_ids if isinstance(t, int) and t < 0]
+        if negative:
+            raise ValueError(f"decode(): token ids must be non-negative, got {negative[:5]} (training labels hold "
+                             "-100 where no loss is taken: replace it with the pad id before decoding)")
+        text = self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
         clean = clean_up_tokenization_spaces
         if clean is None:
             clean = self.clean_up_tokenization_spaces
@@ -800,6 +805,10 @@ class Tokenizer(PushToHubMixin):
                                 f"Python functions are not converted), got {items!r}")
         template_kwargs.update({k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None})
         template = self.get_chat_template(chat_template)
+        if isinstance(conversation, (str, Mapping)):
+            raise TypeError(f"apply_chat_template: the conversation must be a list of messages "
+                            f"([{{\"role\": ..., \"content\": ...}}, ...]), or a list of such lists, got a "
+                            f"{type(conversation).__name__}")
         if not conversation:
             raise ValueError("cannot apply a chat template to an empty conversation")
         if add_generation_prompt and continue_final_message:

@@ -2344,7 +2344,16 @@ class ContinuousBatchingMixin:
         """Generate for every prompt in `inputs` (lists of token ids) by continuous batching.
         Returns {request id: GenerationOutput} in the inputs' order (`req_0`, ...; with
         `num_return_sequences` > 1 each prompt's children `req_0__child#0`, ... before it). Keyword
-        arguments: `max_new_tokens`. A failed request comes back with its `error` set."""
+        arguments: `max_new_tokens`. A failed request comes back with its `error` set. A 2-D tensor
+        of ids is taken as one prompt a row (all of its tokens: no padding is dropped)."""
+        if isinstance(inputs, torch.Tensor):
+            if inputs.dim() != 2:
+                raise ValueError(f"generate_batch(): inputs must be a list of prompts (lists of token ids) or a 2-D "
+                                 f"tensor of them, got a tensor of shape {tuple(inputs.shape)}")
+            inputs = inputs.tolist()
+        if not isinstance(inputs, (list, tuple)):
+            raise TypeError(f"generate_batch(): inputs must be a list of prompts (lists of token ids), got "
+                            f"{type(inputs).__name__}")
         if not inputs:
             return {}
         max_new = kwargs.pop("max_new_tokens", None)

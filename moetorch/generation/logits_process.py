@@ -35,10 +35,16 @@ class LogitsProcessorList(list):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
         for processor in self:
+            vocab = scores.shape[-1]
             if kwargs and len(inspect.signature(processor.__call__).parameters) > 2:
                 scores = processor(input_ids, scores, **kwargs)
             else:
                 scores = processor(input_ids, scores)
+            # (shapes only: no device read; the batch may change, as classifier-free guidance halves it)
+            if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[-1] != vocab:
+                got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+                raise ValueError(f"logits processor {type(processor).__name__} must return scores [batch, vocab] "
+                                 f"over the {vocab} tokens it was given, got {got}")
         return scores
 
 

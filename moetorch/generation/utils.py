@@ -550,6 +550,10 @@ class GenerationMixin(ContinuousBatchingMixin):
             )
         # an embeddings-only prompt counts in max_length and min_length, a cache's tokens do not
         max_length, min_length = self._lengths(gen, seq.shape[1], offset, counted=embeds is not None)
+        if isinstance(cache, StaticCache) and cache.max_cache_len < max_length + offset - 1:
+            raise ValueError(f"past_key_values: the StaticCache's max_cache_len={cache.max_cache_len} is shorter than "
+                             f"the {max_length + offset - 1} tokens this call caches (the prompt and the new tokens "
+                             "but the last): make a longer one, or ask for fewer new tokens")
         drafted = assistant_model is not None or gen.prompt_lookup_num_tokens is not None
         # LongRoPE with a batch whose every row pads (or positions given that stop short of the
         # slots): its switch comes past `original_max_position_embeddings` slots, so the replay
@@ -586,6 +590,10 @@ class GenerationMixin(ContinuousBatchingMixin):
         if streamer is not None:
             if gen.num_beams > 1:
                 raise ValueError("`streamer` cannot be used with beam search: set num_beams=1")
+            missing = [m for m in ("put", "end") if not callable(getattr(streamer, m, None))]
+            if missing:
+                raise TypeError(f"streamer: a {type(streamer).__name__} has no {' or '.join(missing)} method; a "
+                                "streamer takes each step's tokens with put(ids) and is told end() (BaseStreamer)")
             streamer.put(seq.cpu())
         if custom_generate is not None:
             return custom_generate(self, seq, logits_processor=processors, stopping_criteria=criteria,
@@ -805,6 +813,15 @@ class GenerationMixin(ContinuousBatchingMixin):
                 shape = tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__
                 raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {shape} "
                                  "(pass embeddings as inputs_embeds=)")
+            if ids.shape[0] == 0:
+                raise ValueError("generate(): the input batch is empty (input_ids of batch size 0)")
+            vocab = getattr(self.config, "vocab_size", None)
+            if vocab is not None and ids.numel():  # (one read of the prompt, before a GPU would assert on it)
+                lo, hi = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())
+                if lo < 0 or hi >= vocab:
+                    raise ValueError(f"generate(): input_ids hold id {lo if lo < 0 else hi}, outside the vocabulary "
+                                     f"(0 .. {vocab - 1}, vocab_size={vocab}); after adding tokens to a tokenizer, "
+                                     "call model.resize_token_embeddings(len(tokenizer))")
             ids = ids.to(device=device, dtype=torch.long)
         offset = 0
         if embeds is not None:

@@ -39,11 +39,23 @@ def classify(model, out, input_ids, inputs_embeds, labels, return_dict):
 LOSS_KWARGS = {"num_items_in_batch", "ignore_index", "shift_labels"}
 
 
-def loss_positions(labels: torch.Tensor | None, loss_kwargs: dict) -> torch.Tensor | None:
+def loss_positions(labels: torch.Tensor | None, loss_kwargs: dict,
+                   inputs: torch.Tensor | None = None) -> torch.Tensor | None:
     """[B, T] bool: the positions whose logits `causal_lm_loss` reads (position t predicts label
-    t + 1, or `shift_labels[t]`; not where the target is `ignore_index`); None without labels."""
+    t + 1, or `shift_labels[t]`; not where the target is `ignore_index`); None without labels.
+    Labels (and shift_labels) that are no integer tensor of the input's [B, T] are an error that
+    names them (`inputs`: the forward's input_ids or inputs_embeds)."""
     if labels is None:
         return None
+    for name, value in (("labels", labels), ("shift_labels", loss_kwargs.get("shift_labels"))):
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dtype == torch.bool:
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"{name} must be an integer tensor [batch, seq] of token ids (-100: no loss), got {kind}")
+        if isinstance(inputs, torch.Tensor) and tuple(value.shape) != tuple(inputs.shape[:2]):
+            raise ValueError(f"{name} must have the input's shape [batch, seq] = {list(inputs.shape[:2])}, got "
+                             f"{list(value.shape)}")
     ignore = loss_kwargs.get("ignore_index", -100)
     shifted = loss_kwargs.get("shift_labels")
     if shifted is None:

@@ -348,7 +348,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, output_router_logits, cache_position, return_dict=True,
-            _loss_positions=loss_positions(labels, loss_kwargs),
+            _loss_positions=loss_positions(labels, loss_kwargs, input_ids if input_ids is not None else inputs_embeds),
         )
         return causal_lm(
             self, out, attention_mask, labels, logits_to_keep, output_router_logits, loss_kwargs, return_dict,

@@ -28,6 +28,12 @@ def causal_lm_loss(
         shift_labels = shifted_labels(labels_BT, ignore_index)
     logits_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1])
     target = shift_labels.reshape(-1).to(logits_NV.device)
+    V = logits_NV.shape[-1]
+    if target.device.type == "cpu" and target.numel():  # (elsewhere a read would wait on the device)
+        outside = target[(target != ignore_index) & ((target < 0) | (target >= V))]
+        if outside.numel():
+            raise ValueError(f"labels hold {int(outside[0])}, neither a token id (0 .. {V - 1}) nor ignore_index "
+                             f"({ignore_index})")
     if _kernel_serves(logits_NV, target):
         from . import triton_loss
 
