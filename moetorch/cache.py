@@ -277,18 +277,6 @@ class CacheLayer:
         self._cache._set_layer(self._idx, "values", tensor)
 
     @property
-    def is_linear(self) -> list[bool]:
-        """Whether each layer is a linear-attention state (none here)."""
-        return [False] * len(self)
-
-    def activate_past_recording(self) -> None:
-        """Transformers 5's call before a step it may roll back (for layers that drop old states): a
-        no-op, these caches keep every position and `crop` rolls back any step."""
-
-    def is_recording_past(self, layer_idx: int) -> bool:
-        return False
-
-    @property
     def is_initialized(self) -> bool:
         return True
 
