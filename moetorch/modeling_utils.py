@@ -31,7 +31,7 @@ from .ops.moe import training_paths
 from .ops.norms import Residual
 from .outputs import MoeModelOutputWithPast
 from .placement import format_size
-from .utils import WARNED_ONCE, warn_once
+from .utils import WARNED_ONCE, outside_vocabulary, warn_once
 
 logger = logging.getLogger("moetorch")
 
@@ -906,8 +906,8 @@ def prepare_decoder_inputs(
     if use_cache and past_key_values is None:
         past_key_values = DynamicCache()
     if inputs_embeds is None:
-        _check_ids(input_ids, getattr(embed, "num_embeddings", None))
-        inputs_embeds = embed(input_ids)
+        _check_ids(input_ids)
+        inputs_embeds = _embed(embed, input_ids)
     else:
         inputs_embeds = _checked_embeds(inputs_embeds, embed)
     B, T = inputs_embeds.shape[:2]
@@ -930,9 +930,8 @@ def prepare_decoder_inputs(
     return DecoderInputs(inputs_embeds, past_key_values, cache_position, position_ids, past_len, kv_len)
 
 
-def _check_ids(input_ids, vocab: int | None) -> None:
-    """input_ids must be an integer tensor [batch, seq] of ids in the vocabulary. The ids' range is
-    read where they are on the CPU (elsewhere it would wait on the device each forward)."""
+def _check_ids(input_ids) -> None:
+    """input_ids must be an integer tensor [batch, seq] (its type and shape: nothing is read)."""
     if not isinstance(input_ids, torch.Tensor):
         hint = " (a tokenizer's output needs return_tensors=\"pt\")" if isinstance(input_ids, (list, tuple)) else ""
         raise TypeError(f"input_ids must be an integer tensor [batch, seq], got {type(input_ids).__name__}{hint}")
@@ -940,12 +939,19 @@ def _check_ids(input_ids, vocab: int | None) -> None:
         raise TypeError(f"input_ids must be an integer tensor [batch, seq], got dtype {input_ids.dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
-    if vocab is not None and input_ids.device.type == "cpu" and input_ids.numel():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= vocab:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids hold id {bad}, outside the vocabulary (0 .. {vocab - 1}, vocab_size={vocab}); "
-                             "after adding tokens to a tokenizer, call model.resize_token_embeddings(len(tokenizer))")
+
+
+def _embed(embed: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The embeddings of `input_ids`; on the CPU, ids outside the vocabulary are a ValueError that
+    names them (found from the lookup's own error: no read of the ids before it; on a GPU the lookup
+    asserts on the device, as in Transformers)."""
+    vocab = getattr(embed, "num_embeddings", None)
+    if vocab is None or input_ids.device.type != "cpu" or torch.compiler.is_compiling():
+        return embed(input_ids)
+    try:
+        return embed(input_ids)
+    except IndexError as e:
+        raise outside_vocabulary("input_ids", input_ids, vocab) from e
 
 
 def _checked_embeds(inputs_embeds, embed: nn.Module) -> torch.Tensor:

@@ -27,6 +27,15 @@ def warn_once(key, msg: str, *args) -> bool:
     return True
 
 
+def outside_vocabulary(what: str, ids: torch.Tensor, vocab: int) -> ValueError:
+    """The error for ids outside the vocabulary, naming `what` and the first such id (an error
+    path: it reads the ids)."""
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    shown = f"id {int(bad[0])}" if bad.numel() else "ids"
+    return ValueError(f"{what} hold {shown}, outside the vocabulary (0 .. {vocab - 1}, vocab_size={vocab}); after "
+                      "adding tokens to a tokenizer, call model.resize_token_embeddings(len(tokenizer))")
+
+
 def set_seed(seed: int, deterministic: bool = False) -> None:
     """Seed Python's, NumPy's and torch's generators (every CUDA device's too), as Transformers'
     `set_seed` does; `deterministic=True` also asks torch for deterministic algorithms only (and

@@ -95,7 +95,7 @@ def test_shape_errors_name_the_argument(arch):
         for value in values:
             with pytest.raises(ValueError, match=rf"{name} must have shape .*got {re.escape(str(tuple(value.shape)))}"):
                 model(ids, **{name: value})
-    with pytest.raises(ValueError, match=r"inputs_embeds must have shape \[batch, seq, hidden\], got \(5, 32\)"):
+    with pytest.raises(ValueError, match=r"inputs_embeds must have shape \[batch, seq, hidden_size\] = \[batch, seq, 32\], got \(5, 32\)"):
         model(inputs_embeds=torch.randn(5, 32))
     # after 5 cached tokens the mask covers 5 + 1: one of 5 is short
     out = model(ids, attention_mask=mask, use_cache=True)

@@ -742,7 +742,8 @@ def test_mask_kernel_keeps_build_mask_early_returns_and_errors(monkeypatch):
     monkeypatch.setattr(triton_fused, "causal_mask", lambda *a: launched.append(a) or kernel(*a))
     m4 = torch.ones(2, 1, 3, 5)
     with fused.forced():
-        assert build_mask(m4, torch.arange(2, 5), 5, None, 2)[0].dtype == torch.bool  # 4D: as given
+        assert build_mask(m4, torch.arange(2, 5), 5, None, 2)[0] is m4  # 4D float: as given (added to the scores)
+        assert build_mask(m4.long(), torch.arange(2, 5), 5, None, 2)[0].dtype == torch.bool  # integer: True attends
         assert build_mask(None, torch.arange(3), 3, None, 2) == (None, True)
         assert build_mask(None, torch.tensor([5]), 6, None, 2) == (None, False)
         with pytest.raises(ValueError, match="must be 2D"):

@@ -30,7 +30,7 @@ from ..engine.batching import ContinuousBatchingMixin
 from ..engine.cuda_graph import CHUNK_BUCKETS, GraphedChunk, GraphedDecodeStep, GraphedPrefill, _longrope, own_forward
 from ..ops import fused
 from ..outputs import ModelOutput, takes_cache_name
-from ..utils import warn_once
+from ..utils import outside_vocabulary, warn_once
 from .configuration import DEFAULTS, GenerationConfig, as_generation_config
 from .custom import (
     PeerSync,
@@ -817,11 +817,8 @@ class GenerationMixin(ContinuousBatchingMixin):
                 raise ValueError("generate(): the input batch is empty (input_ids of batch size 0)")
             vocab = getattr(self.config, "vocab_size", None)
             if vocab is not None and ids.numel():  # (one read of the prompt, before a GPU would assert on it)
-                lo, hi = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())
-                if lo < 0 or hi >= vocab:
-                    raise ValueError(f"generate(): input_ids hold id {lo if lo < 0 else hi}, outside the vocabulary "
-                                     f"(0 .. {vocab - 1}, vocab_size={vocab}); after adding tokens to a tokenizer, "
-                                     "call model.resize_token_embeddings(len(tokenizer))")
+                if bool(((ids < 0) | (ids >= vocab)).any()):
+                    raise outside_vocabulary("generate(): input_ids", ids, vocab)
             ids = ids.to(device=device, dtype=torch.long)
         offset = 0
         if embeds is not None:

@@ -28,12 +28,6 @@ def causal_lm_loss(
         shift_labels = shifted_labels(labels_BT, ignore_index)
     logits_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1])
     target = shift_labels.reshape(-1).to(logits_NV.device)
-    V = logits_NV.shape[-1]
-    if target.device.type == "cpu" and target.numel():  # (elsewhere a read would wait on the device)
-        outside = target[(target != ignore_index) & ((target < 0) | (target >= V))]
-        if outside.numel():
-            raise ValueError(f"labels hold {int(outside[0])}, neither a token id (0 .. {V - 1}) nor ignore_index "
-                             f"({ignore_index})")
     if _kernel_serves(logits_NV, target):
         from . import triton_loss
 
@@ -42,9 +36,17 @@ def causal_lm_loss(
             return total / (target != ignore_index).sum()
     else:
         logits = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])  # one copy, also of strided logits
+        try:
+            total = F.cross_entropy(logits, target, ignore_index=ignore_index,
+                                    reduction="mean" if num_items_in_batch is None else "sum")
+        except IndexError as e:  # (the CPU's error for a label outside the vocabulary; a GPU asserts)
+            V = logits.shape[-1]
+            bad = target[(target != ignore_index) & ((target < 0) | (target >= V))]
+            shown = int(bad[0]) if bad.numel() else "a value"
+            raise ValueError(f"labels hold {shown}, neither a token id (0 .. {V - 1}) nor ignore_index "
+                             f"({ignore_index})") from e
         if num_items_in_batch is None:
-            return F.cross_entropy(logits, target, ignore_index=ignore_index)
-        total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+            return total
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
