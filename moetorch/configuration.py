@@ -114,6 +114,8 @@ class MoeConfig(PushToHubMixin):
     derived_keys: ClassVar[tuple[str, ...]] = ()
     # output fields Transformers' Trainer leaves out of its predictions, as for Transformers' models
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    # Transformers' map of attribute names read as others (JetMoE: head_dim -> kv_channels, a property here)
+    attribute_map: ClassVar[dict[str, str]] = {}
     # Where the config was loaded from, as `from_pretrained` was given it ("" for a new config): Transformers'
     # `_name_or_path`, which tools read (TRL makes its reference model from it). Not a field: never saved.
     _name_or_path: ClassVar[str] = ""
@@ -643,6 +645,7 @@ class JetMoeConfig(MoeConfig):
 
     derived_keys: ClassVar[tuple[str, ...]] = ("num_attention_heads",)
     model_type: ClassVar[str] = "jetmoe"
+    attribute_map: ClassVar[dict[str, str]] = {"head_dim": "kv_channels"}
     default_rope_theta: ClassVar[float] = 10000.0
     # Other names for fields: the original JetMoE code's, and Transformers' `head_dim` attribute.
     aliases: ClassVar[dict[str, str]] = {

@@ -370,6 +370,12 @@ def test_config_iterates_over_its_keys(arch):
     assert public - {"transformers_version", "chunk_size_feed_forward", "is_encoder_decoder"} <= set(keys)
     for key in keys:  # every key names an attribute
         getattr(ours, key)
+    # Transformers' attribute_map, whose names read and set the attributes they map to
+    assert type(ours).attribute_map == type(theirs).attribute_map
+    for alias, name in type(ours).attribute_map.items():
+        assert getattr(ours, alias) == getattr(ours, name) == getattr(theirs, alias)
+        setattr(ours, alias, 6)
+        assert getattr(ours, name) == 6
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
