@@ -234,8 +234,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
                       else safe_open(file, framework="pt", device="cpu"))
             with opened as f:
                 for key in f.keys():
-                    seen.add(_adapt_prefix(key, own, base_prefix))
-                    target = from_disk(_adapt_prefix(key, own, base_prefix), config)
+                    own_key = _adapt_prefix(key, own, base_prefix)
+                    seen.add(own_key)
+                    target = from_disk(own_key, config)
                     name = _adapt_prefix(target.name, own, base_prefix)
                     if tied and name == "lm_head.weight":
                         continue  # the embedding's copy (tied): the one parameter is loaded from the embedding

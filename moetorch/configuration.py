@@ -647,12 +647,12 @@ class JetMoeConfig(MoeConfig):
     model_type: ClassVar[str] = "jetmoe"
     attribute_map: ClassVar[dict[str, str]] = {"head_dim": "kv_channels"}
     default_rope_theta: ClassVar[float] = 10000.0
-    # Other names for fields: the original JetMoE code's, and Transformers' `head_dim` attribute.
+    # Other names for fields: the original JetMoE code's, and Transformers' (its attribute_map).
     aliases: ClassVar[dict[str, str]] = {
         "ffn_hidden_size": "intermediate_size",
         "moe_num_experts": "num_local_experts",
         "moe_top_k": "num_experts_per_tok",
-        "head_dim": "kv_channels",
+        **attribute_map,
     }
     router_loss_recipes: ClassVar[tuple[str, ...]] = ("transformers", "jetmoe")
     # moetorch-only options, left out of config.json at these values so that the file stays Transformers'.
