@@ -1409,7 +1409,9 @@ def test_prompt_lookup_decoding_equals_greedy(pair):
 def test_prompt_lookup_drafts_are_transformers_candidates(seed):
     """The drafts prompt lookup takes from a sequence, against Transformers' own candidate generator
     on the same sequence: random sequences over a few token ids (so n-grams recur), with and
-    without EOS ids among them, 1- to 3-grams, and a max_length that leaves room for fewer drafts."""
+    without EOS ids among them, 1- to 3-grams, and short max_lengths (Transformers' cap: no draft
+    from index max_length on, none where one token is left, so drafts may run past it); a static
+    cache's free slots cap them further."""
     from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
     from moetorch.generation.utils import _prompt_lookup
@@ -1424,8 +1426,13 @@ def test_prompt_lookup_drafts_are_transformers_candidates(seed):
         want = theirs.get_candidates(row[None])[0][0, L:].tolist()
         begin, count = _prompt_lookup(row, num, ngram, L + 100, set(eos))
         assert row[begin : begin + count].tolist() == want, (row.tolist(), eos, ngram, num)
-        room = int(torch.randint(0, 4, (1,), generator=gen))  # max_length leaves room for `room` drafts
-        begin, count = _prompt_lookup(row, num, ngram, L + 1 + room, set(eos))
+        for max_length in range(L + 1, L + 5):  # (generate calls it while the sequence is shorter)
+            theirs.max_length = max_length
+            short = theirs.get_candidates(row[None])[0][0, L:].tolist()
+            begin, count = _prompt_lookup(row, num, ngram, max_length, set(eos))
+            assert row[begin : begin + count].tolist() == short, (row.tolist(), eos, ngram, num, max_length)
+        room = int(torch.randint(0, 4, (1,), generator=gen))  # a static cache with `room` free slots
+        begin, count = _prompt_lookup(row, num, ngram, L + 100, set(eos), room)
         assert row[begin : begin + count].tolist() == want[:room]
 
 

@@ -576,7 +576,7 @@ class GenerationMixin(ContinuousBatchingMixin):
                 # token, and pads its verify chunks past the last (GraphedChunk). A cache that is
                 # not handed back may be the last call's, with its captured decode graphs.
                 reuse = custom_generate is None and not gen.return_dict_in_generate and not padded_switch
-                room = CHUNK_BUCKETS[-1] if drafted else -1
+                room = max(CHUNK_BUCKETS[-1], gen.prompt_lookup_num_tokens or 0) if drafted else -1
                 cache = self._static_cache(seq.shape[0], _cache_length(gen, max_length + offset, room), reuse)
                 ctx.key_width = self._attention_width(gen, max_length + offset - 1, cache, default_static)
             else:
@@ -1256,8 +1256,9 @@ class GenerationMixin(ContinuousBatchingMixin):
                 cand, draft_q = seq, []
                 draft_cache.truncate(L - 1)
                 if assistant is None:
+                    room = cache.max_cache_len - L if isinstance(cache, StaticCache) else None
                     begin, count = _prompt_lookup(host, gen.prompt_lookup_num_tokens,
-                                                  gen.max_matching_ngram_size or 2, max_length, eos_ids)
+                                                  gen.max_matching_ngram_size or 2, max_length, eos_ids, room)
                     cand = torch.cat([seq, seq[:, begin : begin + count]], dim=-1)
                 for _ in range(min(num, max_length - L - 1)):
                     # an assistant on another device reads the tokens there, and gives its logits back
@@ -1418,20 +1419,25 @@ def _prefill_in_chunks(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache,
 
 
 def _prompt_lookup(row_L: torch.Tensor, max_new: int, max_ngram: int, max_length: int,
-                   eos_ids: set[int]) -> tuple[int, int]:
+                   eos_ids: set[int], room: int | None = None) -> tuple[int, int]:
     """Prompt lookup decoding's drafts in the sequence `row_L` (on the host): (where they begin, how
     many). For n-gram sizes from `max_ngram` down to 1, the first earlier occurrence of the
-    sequence's last n tokens gives the drafts: up to `max_new` of the tokens that followed it, cut
-    before an EOS id, as Transformers' prompt lookup takes them (and no more than `max_length`
-    leaves room for, which verification would drop); no occurrence: no drafts."""
+    sequence's last n tokens gives the drafts: up to `max_new` of the tokens that followed it, none
+    from index `max_length` on, cut before an EOS id, and none where one token is left, as
+    Transformers' prompt lookup takes them. Drafts may run past `max_length` (verification drops
+    them; their positions still reach the verify forward, as in Transformers, which a rotary table
+    picked per forward reads). `room`: a static cache's free slots past the sequence, a further
+    cap; no occurrence: no drafts."""
     L = row_L.shape[0]
-    room = max(max_length - L - 1, 0)
+    if max_length == L + 1:
+        return L, 0
     for n in range(min(max_ngram, L - 1), 0, -1):
         windows = row_L.unfold(0, n, 1)[:-1]  # every earlier n-gram (the last is the pattern itself)
         starts = (windows == row_L[L - n :]).all(dim=1).nonzero()
         if starts.numel():
             begin = int(starts[0]) + n
-            drafts = row_L[begin : begin + min(max_new, room)].tolist()
+            end = min(begin + max_new, max_length, begin + (max_new if room is None else max(room, 0)))
+            drafts = row_L[begin:end].tolist()
             return begin, next((i for i, t in enumerate(drafts) if t in eos_ids), len(drafts))
     return L, 0
 
