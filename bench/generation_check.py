@@ -13,6 +13,8 @@
    tokens, with the default draft settings and with the "heuristic" schedule; and prompt lookup
    decoding.
 4. Decode speed (informative): greedy tokens/s with a dynamic and a static cache, batch 1.
+All of it for PhiMoE, JetMoE, and JetMoE with "dynamic" and "longrope" rotary tables (picked per
+forward from its largest position, past `max_position_embeddings` in these calls).
 Exits non-zero if check 1, 2 or 3 fails.
 """
 
@@ -40,7 +42,21 @@ def configs():
         vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=4, num_key_value_heads=4,
         kv_channels=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024, pad_token_id=0,
     )
-    return {"phimoe": (phi, moetorch.PhimoeForCausalLM), "jetmoe": (jet, moetorch.JetMoeForCausalLM)}
+    # rotary tables picked per forward from its largest position (the prompt and new tokens cross
+    # max_position_embeddings / the original context): the graphed decode step updates them on the device
+    per_forward = {
+        "jetmoe_dynamic": {"rope_type": "dynamic", "factor": 2.0},
+        "jetmoe_longrope": {"rope_type": "longrope", "short_factor": [1.0 + i / 16 for i in range(16)],
+                            "long_factor": [2.0 + i for i in range(16)], "original_max_position_embeddings": 20},
+    }
+    out = {"phimoe": (phi, moetorch.PhimoeForCausalLM), "jetmoe": (jet, moetorch.JetMoeForCausalLM)}
+    for name, rope in per_forward.items():
+        cfg = copy.deepcopy(jet)
+        cfg.max_position_embeddings = 20
+        cfg.rope_parameters = {**rope, "rope_theta": 100.0}
+        cfg.validate_rope()
+        out[name] = (cfg, moetorch.JetMoeForCausalLM)
+    return out
 
 
 class SyncDebugAfterPrefill(LogitsProcessor):

@@ -23,7 +23,7 @@ import torch
 from .defaults import checkpoint_path
 from .hub import CONFIG_PATTERNS, PUSH_OPTIONS, PushToHubMixin, hub_options, upload
 from .ops.activations import ACTIVATIONS
-from .ops.rope import SCALED_ROPE_TYPES
+from .ops.rope import PER_FORWARD_ROPE_TYPES, SCALED_ROPE_TYPES
 
 CONFIG_NAME = "config.json"
 
@@ -232,6 +232,28 @@ class MoeConfig(PushToHubMixin):
         if kind == "llama3":
             _check(p["high_freq_factor"] > p["low_freq_factor"], "rope_parameters.high_freq_factor",
                    f"must exceed low_freq_factor ({p['low_freq_factor']}), got {p['high_freq_factor']}")
+
+    def _validate_longrope_factors(self, omp) -> None:
+        """LongRoPE's original context (written back as an int) and its two factor lists, one entry
+        per rotated pair of a head."""
+        p = self.rope_parameters
+        _check(
+            _is_int(omp) and omp > 0, "rope_parameters.original_max_position_embeddings", "must be a positive integer"
+        )
+        p["original_max_position_embeddings"] = int(omp)
+        half = self.head_dim // 2
+        for name in ("short_factor", "long_factor"):
+            v = p.get(name)
+            _check(
+                isinstance(v, (list, tuple)) and all(_is_number(x) for x in v),
+                f"rope_parameters.{name}",
+                f"must be a list of numbers, got {v!r}",
+            )
+            _check(
+                len(v) == half,
+                f"rope_parameters.{name}",
+                f"must have head_dim // 2 = {half} entries, got {len(v)}",
+            )
 
     # ---- Transformers compatibility ----------------------------------------------------------
     @property
@@ -600,24 +622,8 @@ class PhimoeConfig(MoeConfig):
         # As in Transformers, a top-level original_max_position_embeddings wins over the dict's.
         omp = self.original_max_position_embeddings or p.get("original_max_position_embeddings")
         omp = omp or self.max_position_embeddings
-        _check(
-            _is_int(omp) and omp > 0, "rope_parameters.original_max_position_embeddings", "must be a positive integer"
-        )
-        p["original_max_position_embeddings"] = int(omp)
+        self._validate_longrope_factors(omp)
         self.original_max_position_embeddings = int(omp)
-        half = self.head_dim // 2
-        for name in ("short_factor", "long_factor"):
-            v = p.get(name)
-            _check(
-                isinstance(v, (list, tuple)) and all(_is_number(x) for x in v),
-                f"rope_parameters.{name}",
-                f"must be a list of numbers, got {v!r}",
-            )
-            _check(
-                len(v) == half,
-                f"rope_parameters.{name}",
-                f"must have head_dim // 2 = {half} entries, got {len(v)}",
-            )
         for name in ("short_mscale", "long_mscale"):
             v = p.get(name)
             _check(_is_number(v), f"rope_parameters.{name}", f"must be a number, got {v!r}")
@@ -723,7 +729,20 @@ class JetMoeConfig(MoeConfig):
         self._check_rope()
 
     def _check_rope(self) -> None:
-        self._normalize_rope(("default", *SCALED_ROPE_TYPES))
+        self._normalize_rope(("default", *SCALED_ROPE_TYPES, *PER_FORWARD_ROPE_TYPES))
+        p = self.rope_parameters
+        if p["rope_type"] == "dynamic":  # (Transformers reads `factor` alone; its context is max_position_embeddings)
+            _check(_is_number(p.get("factor")) and p["factor"] > 0, "rope_parameters.factor",
+                   f"must be a positive number for rope_type 'dynamic', got {p.get('factor')!r}")
+            _check(self.kv_channels > 2, "kv_channels",
+                   f"must exceed 2 for rope_type 'dynamic' (its base scales by d / (d - 2)), got {self.kv_channels}")
+        elif p["rope_type"] == "longrope":
+            self._validate_longrope_factors(p.setdefault("original_max_position_embeddings",
+                                                         self.max_position_embeddings))
+            for name in ("factor", "attention_factor"):
+                v = p.get(name)
+                _check(v is None or (_is_number(v) and v > 0), f"rope_parameters.{name}",
+                       f"must be a positive number, got {v!r}")
 
     @property
     def num_attention_heads(self) -> int:

@@ -1193,6 +1193,7 @@ def decoder_forward(
         attention_mask,
     )
     B, T = inp.embeds_BTD.shape[:2]
+    model.rotary_emb.update(inp.position_ids_BT)  # (a table that follows each forward's largest position)
     segments_BT = packed_segments(position_ids, attention_mask, inp.cache, B)
     seq_len = rope_length(model.rotary_emb, position_ids, inp.cache, inp.past_len)
     if inp.cache is not None and inp.past_len == 0 and not _capturing(inp.embeds_BTD):

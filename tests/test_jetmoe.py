@@ -90,8 +90,12 @@ def test_both_rope_forms():
     assert a.rope_parameters == b.rope_parameters == {"rope_type": "default", "rope_theta": 5000.0}
     assert a.rope_theta == 5000.0
     assert JetMoeConfig(rope_parameters={"rope_type": "linear", "factor": 2.0}).rope_parameters["factor"] == 2.0
-    with pytest.raises(ConfigError, match="rope_type"):  # dynamic NTK scaling is not supported
-        JetMoeConfig(rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    assert JetMoeConfig(rope_parameters={"rope_type": "dynamic", "factor": 2.0}).rope_parameters == {
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}  # (no original context filled in)
+    with pytest.raises(ConfigError, match="`kv_channels`"):  # its base scales by d / (d - 2)
+        JetMoeConfig(kv_channels=2, rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ConfigError, match="rope_type"):
+        JetMoeConfig(rope_parameters={"rope_type": "ntk", "factor": 2.0})
 
 
 @pytest.mark.parametrize(

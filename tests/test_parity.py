@@ -127,11 +127,105 @@ def test_scaled_rope_errors_name_the_field():
                           ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, "high_freq_factor"),
                           ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0},
                            "high_freq_factor"),
-                          ({"rope_type": "dynamic", "factor": 2.0}, "rope_type")):
+                          ({"rope_type": "dynamic"}, "factor"), ({"rope_type": "ntk", "factor": 2.0}, "rope_type"),
+                          ({"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 4},
+                           "short_factor"),
+                          ({"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
+                            "attention_factor": -1.0}, "attention_factor")):
         with pytest.raises(ConfigError, match=f"rope_parameters.{field}"):
             JETMOE.our_config(rope_parameters=params)
     with pytest.raises(ConfigError, match="rope_parameters.rope_type"):  # as Transformers' PhiMoE config
         PHIMOE.our_config(rope_parameters={"rope_type": "linear", "factor": 2.0})
+
+
+PER_FORWARD_ROPE = {
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "dynamic-factor-1.5": {"rope_type": "dynamic", "factor": 1.5},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0],
+                 "original_max_position_embeddings": 12},
+    "longrope-factor": {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 2.0],
+                        "long_factor": [3.0, 2.0, 5.0, 9.0], "original_max_position_embeddings": 10, "factor": 4.0},
+}
+
+
+def _rope_state(hf, ours) -> tuple:
+    """(Transformers' longest sequence since a reset, moetorch's) for "dynamic"."""
+    return int(hf.model.rotary_emb.max_seq_len_cached), int(ours.model.rotary_emb.seq_len_cached)
+
+
+@pytest.mark.parametrize("rope", list(PER_FORWARD_ROPE))
+def test_jetmoe_per_forward_rope_types_match_transformers(rope, tmp_path):
+    """JetMoE's "dynamic" and "longrope" `rope_type`s, whose table follows each forward's largest
+    position, as Transformers' `dynamic_rope_update` picks it: whole forwards of growing and
+    shrinking lengths around `max_position_embeddings` (the dynamic table's growth and reset carry
+    from one forward to the next), then greedy search past it with a left-padded batch on a dynamic
+    cache, a static cache, without a cache and by beam search, and prompt lookup, in both directions
+    of save and load. Each library starts from a fresh model (its state: the plain table)."""
+    arch = JETMOE
+    params = dict(PER_FORWARD_ROPE[rope], rope_theta=100.0)
+    kw = dict(rope_parameters=params, max_position_embeddings=16, num_key_value_heads=2, kv_channels=8)
+    for direction in ("hf_to_ours", "ours_to_hf"):
+        hf, ours = make_pair(arch, tmp_path / direction, "causal_lm", direction, seed=7, **kw)
+        plain = arch.ours["causal_lm"](arch.our_config(**{**kw, "rope_parameters": {"rope_theta": 100.0}}))
+        plain.load_state_dict(ours.state_dict())
+        ids = make_inputs(hf.config.vocab_size, 2, 40, None, seed=5)[0]
+        with torch.no_grad():
+            for T in (10, 30, 20, 12, 25, 16, 40, 17):
+                want = hf(ids[:, :T]).logits
+                close(want, ours(ids[:, :T]).logits, f"{rope}, a forward of {T} tokens after the ones before")
+                if rope.startswith("dynamic"):
+                    assert _rope_state(hf, ours)[0] == _rope_state(hf, ours)[1], f"{rope}: state after {T} tokens"
+            assert (want - plain.eval()(ids[:, :T]).logits).abs().max() > 1e-2, "the scaling did nothing"
+        ids, mask = make_inputs(hf.config.vocab_size, 3, 10, "left", seed=11)
+        cases = [dict(), dict(cache_implementation="static"), dict(use_cache=False), dict(num_beams=3)]
+        for case in cases:
+            fresh_hf, fresh = make_pair(arch, tmp_path / direction / "fresh", "causal_lm", direction, seed=7, **kw)
+            settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                            output_logits=True, **case)
+            a = fresh_hf.generate(ids, attention_mask=mask, **settings)
+            b = fresh.generate(ids, attention_mask=mask, **settings)
+            assert torch.equal(a.sequences, b.sequences), f"{rope}, {case}: tokens"
+            if case.get("num_beams") is None:
+                for step, (x, y) in enumerate(zip(a.logits, b.logits)):
+                    close(x, y, f"{rope}, {case}: logits of new token {step}")
+            if rope.startswith("dynamic"):
+                assert _rope_state(fresh_hf, fresh)[0] == _rope_state(fresh_hf, fresh)[1] > 16, f"{rope}, {case}"
+        fresh_hf, fresh = make_pair(arch, tmp_path / direction / "lookup", "causal_lm", direction, seed=7, **kw)
+        row = torch.cat([ids[:1], ids[:1, 2:8]], dim=1)  # repeats, so that drafts are found
+        a, b = (m.generate(row, max_new_tokens=20, do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=3)
+                for m in (fresh_hf, fresh))
+        assert torch.equal(a, b), f"{rope}: prompt lookup"
+
+
+def test_per_forward_rope_state_follows_dtype_and_device_moves(tmp_path):
+    """"dynamic" keeps its longest sequence in the module across forwards and calls (as Transformers
+    does); remaking the tables for a dtype change starts it over; the graphed prompt and verify
+    chunks, whose padding would move the table, leave such a model's forwards unpadded."""
+    from moetorch.engine.cuda_graph import GraphedChunk, GraphedPrefill
+
+    model = JETMOE.ours["causal_lm"](JETMOE.our_config(
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16)).eval()
+    rotary = model.model.rotary_emb
+    plain = rotary.inv_freq.clone()
+    model(torch.randint(1, 50, (1, 30)))
+    assert int(rotary.seq_len_cached) == 30 and not torch.equal(rotary.inv_freq, plain)
+    torch.testing.assert_close(rotary.inv_freq, rotary.dynamic_inv_freq(torch.tensor(30)), rtol=0, atol=0)
+    model(torch.randint(1, 50, (1, 20)))  # shorter, still past the plain length: the table stays
+    assert int(rotary.seq_len_cached) == 30
+    model(torch.randint(1, 50, (1, 5)))  # within it: the plain table again
+    assert int(rotary.seq_len_cached) == 16 and torch.equal(rotary.inv_freq, plain)
+    model(torch.randint(1, 50, (1, 30)))
+    model.to(torch.float64)
+    assert int(rotary.seq_len_cached) == 16 and torch.equal(rotary.inv_freq, plain.double().float())
+    cache = StaticCache(model.config, max_cache_len=64)
+    assert GraphedPrefill(model, cache, 1)(torch.ones(1, 5, dtype=torch.long), None, None) is None
+    assert GraphedChunk(model, cache, 1)(torch.ones(1, 3, dtype=torch.long), None, None, 0) is None
+
+
+def test_continuous_batching_refuses_a_per_forward_rope_table():
+    model = JETMOE.ours["causal_lm"](JETMOE.our_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ValueError, match="rope_type 'dynamic'.*generate"):
+        model.generate_batch([[1, 2, 3]], max_new_tokens=2)
 
 
 @pytest.mark.parametrize(("arch", "variant_name"), VARIANTS, ids=VARIANT_IDS)

@@ -724,6 +724,11 @@ class ContinuousBatchingManager:
         self.continuous_batching_config = cfg = continuous_batching_config
         self._settings(generation_config)
         rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+        if getattr(rotary, "per_forward", None) is not None:  # one table a forward, picked by its largest position
+            raise ValueError(
+                f"continuous batching does not run rope_type {rotary.per_forward!r} with a table per forward "
+                "(config.rope_parameters): its table would follow the other requests in the step. Use "
+                "generate(), which runs it as Transformers does")
         # LongRoPE's original_max_position_embeddings, where it switches factors (None: no switch)
         self.rope_limit = rotary.original_max if rotary is not None and rotary.longrope else None
         hints = workload_hints or WorkloadHints()

@@ -129,6 +129,14 @@ def _longrope(model):
     return rotary if rotary is not None and rotary.longrope else None
 
 
+def _rope_per_forward(model) -> bool:
+    """Whether the model's rotary table follows each forward's largest position (JetMoE's "dynamic"
+    and "longrope", `RotaryEmbedding.per_forward`): a chunk padded to a bucket would move it, so
+    the padded graphs (`GraphedPrefill`, `GraphedChunk`) leave such a model's forwards unpadded."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    return getattr(rotary, "per_forward", None) is not None
+
+
 class _CacheMask:
     """A full-length attention mask buffer [B, S] for steps on a StaticCache of S slots."""
 
@@ -230,7 +238,8 @@ class GraphedPrefill:
     are those of the last prompt token (`logits_to_keep` as an index). A bucket is captured on its
     `PREFILL_CAPTURE_AFTER`-th use and runs eagerly, padded alike, before: one prompt gives the
     same logits on every call. `capture=False` (a cache used once) never captures. Past the last
-    bucket, with LongRoPE's long factors, or past the cache's length, the call returns None and the
+    bucket, with LongRoPE's long factors, past the cache's length, or with a rotary table that
+    follows each forward's positions (`_rope_per_forward`), the call returns None and the
     caller runs the prompt unpadded. On CPU (or `enabled=False`) the padded buffers always run
     eagerly: the fallback the tests exercise. Returns the last prompt token's logits [B, V].
 
@@ -250,6 +259,7 @@ class GraphedPrefill:
         self.graphs: dict[tuple, tuple] = {}  # key -> (graph or None, buffers, logits)
         self.pool = None  # one memory pool for every bucket's graph: they never run at once
         self.rotary = _longrope(model)
+        self.per_forward = _rope_per_forward(model)
         self.window = getattr(model.config, "sliding_window", None)
         self.packed: GraphedPackedPrefill | None = None  # left-padded batches' graphs
 
@@ -286,7 +296,8 @@ class GraphedPrefill:
     @torch.no_grad()
     def __call__(self, ids_BT, attention_mask_BT, position_ids_BT) -> torch.Tensor | None:
         T = ids_BT.shape[1]
-        if self.cache.get_seq_length() != 0 or ids_BT.shape[0] != self.B or self.cache.slot_rows is not None:
+        if (self.cache.get_seq_length() != 0 or ids_BT.shape[0] != self.B or self.cache.slot_rows is not None
+                or self.per_forward):
             return None
         from ..generation.utils import _foreign_modules  # (it imports this module)
 
@@ -390,7 +401,8 @@ class GraphedChunk(_CacheMask):
     padding; the padding's keys land in the slots after the tokens', which later tokens overwrite
     before anything reads them, and the cache's count is set to the real tokens'. Where a chunk
     does not fit (past the last bucket or the cache's end, positions other than the cache's, or a
-    LongRoPE factor set that the padding would change or that the cache does not hold yet), the
+    LongRoPE factor set that the padding would change or that the cache does not hold yet, a
+    rotary table that follows each forward's positions), the
     call returns None and the caller runs the tokens unpadded. On CPU (or `enabled=False`) the
     padded buffers run eagerly: the fallback the tests exercise. Returns logits [B, T, V]."""
 
@@ -423,7 +435,7 @@ class GraphedChunk(_CacheMask):
         past, (B, T) = self.cache.get_seq_length(), ids_BT.shape
         Tb = chunk_bucket(T)
         if (Tb is None or position_ids_BT is not None or start != past or B != self.B
-                or past + Tb > self.cache.max_cache_len):
+                or past + Tb > self.cache.max_cache_len or _rope_per_forward(self.model)):
             return None
         long = self.rotary is not None and self.rotary.use_long(past + Tb)
         if self.rotary is not None and (self.rotary.use_long(past + T) != long or self.cache.rope_long != long):

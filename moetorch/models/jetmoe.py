@@ -248,7 +248,9 @@ class JetMoeModel(JetMoePreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(JetMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = JetMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.kv_channels, config.rope_parameters)
+        # "dynamic" and "longrope" pick their table per forward, as Transformers' JetMoE runs them
+        self.rotary_emb = RotaryEmbedding(config.kv_channels, config.rope_parameters, config.max_position_embeddings,
+                                          per_forward=True)
         self.post_init()
 
     @property

@@ -1,6 +1,7 @@
 """Rotary position embeddings: plain RoPE, the scaled kinds of Transformers' `rope_type` (linear,
-yarn, llama3: a fixed frequency table and attention factor) and Phi-3's LongRoPE (short/long
-factors and mscales).
+yarn, llama3: a fixed frequency table and attention factor), Phi-3's LongRoPE (short/long
+factors and mscales) and the kinds whose table follows each forward's largest position
+("dynamic" NTK scaling, and LongRoPE as Transformers' JetMoE switches it: `per_forward`).
 
 Legend: B batch, T new tokens, S cached tokens, H heads, d head_dim.
 LongRoPE follows the original Phi-3.5-MoE code: the long factors and mscale are used once the
@@ -39,6 +40,9 @@ def apply_rotary_qk(q_BHTd, k_BGTd, cos_BTd, sin_BTd) -> tuple[torch.Tensor | No
 
 
 SCALED_ROPE_TYPES = ("linear", "yarn", "llama3")
+# Kinds whose table a forward's largest position picks (Transformers' `dynamic_rope_update`), where
+# the model asks for that (`RotaryEmbedding(per_forward=True)`: JetMoE).
+PER_FORWARD_ROPE_TYPES = ("dynamic", "longrope")
 
 
 def scaled_inv_freq(params: dict, head_dim: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -85,17 +89,39 @@ def scaled_inv_freq(params: dict, head_dim: int, inv_freq: torch.Tensor) -> tupl
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes (cos, sin) for given positions; holds both LongRoPE factor sets when configured."""
+    """Computes (cos, sin) for given positions; holds both LongRoPE factor sets when configured.
 
-    def __init__(self, head_dim: int, rope_parameters: dict) -> None:
+    `per_forward=True` (JetMoE) runs "dynamic" and "longrope" as Transformers'
+    `dynamic_rope_update` does for every model but PhiMoE: before each forward, `update(positions)`
+    picks the table from the forward's largest position + 1 (`seq`), on the device, so that a
+    CUDA graph replays it. "longrope": the long factors where `seq` exceeds
+    `original_max_position_embeddings`, else the short ones, one attention factor for both; keys
+    cached before keep the rotation they got. "dynamic" (NTK scaling): where `seq` exceeds the
+    longest sequence seen since the last reset (at first `max_position_embeddings`), the base
+    becomes theta * (factor * seq / max_position_embeddings - factor + 1) ** (d / (d - 2)); a
+    forward whose `seq` is below `max_position_embeddings` puts the plain table back. That state
+    lives in the module (`seq_len_cached`), as in Transformers, across forwards and `generate`
+    calls. Without `per_forward`, "longrope" is PhiMoE's: the sequence's length decides, counted
+    on the host, and the cache is rebuilt at the switch (`modeling_utils.sync_rope_cache`)."""
+
+    def __init__(self, head_dim: int, rope_parameters: dict, max_position_embeddings: int | None = None,
+                 per_forward: bool = False) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.params = dict(rope_parameters)
-        self.longrope = self.params["rope_type"] == "longrope"
-        self.original_max = self.params.get("original_max_position_embeddings") if self.longrope else None
+        kind = self.params["rope_type"]
+        self.per_forward = kind if per_forward and kind in PER_FORWARD_ROPE_TYPES else None
+        self.longrope = kind == "longrope" and self.per_forward is None
+        self.max_positions = max_position_embeddings
+        if self.per_forward is not None and max_position_embeddings is None:
+            raise ValueError(f"RotaryEmbedding: rope_type {kind!r} per forward needs max_position_embeddings")
+        self.original_max = self.params.get("original_max_position_embeddings") if kind == "longrope" else None
         self.short_mscale = self.long_mscale = 1.0  # the factors on cos and sin: set with the tables
         self.register_buffer("inv_freq_short", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
         self.register_buffer("inv_freq_long", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
+        if self.per_forward is not None:  # the table in use, and (dynamic) the longest sequence since a reset
+            self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
+            self.register_buffer("seq_len_cached", torch.zeros((), dtype=torch.int64), persistent=False)
         self.init_buffers()
 
     def _apply(self, fn, recurse=True):
@@ -105,32 +131,86 @@ class RotaryEmbedding(nn.Module):
             device = self.inv_freq_short.device
             self.inv_freq_short = torch.empty(self.head_dim // 2, dtype=torch.float32, device=device)
             self.inv_freq_long = torch.empty(self.head_dim // 2, dtype=torch.float32, device=device)
+            if self.per_forward is not None:
+                self.inv_freq = torch.empty(self.head_dim // 2, dtype=torch.float32, device=device)
             self.init_buffers()
         return self
+
+    def _exponents(self, device) -> torch.Tensor:
+        """2i / d for each rotated pair i, in float32 (Transformers' steps)."""
+        return torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+
+    def dynamic_inv_freq(self, seq_len: int | torch.Tensor | None, device=None) -> torch.Tensor:
+        """"dynamic" NTK scaling's table for a sequence of `seq_len` (a host int, or an int64 tensor
+        on the device), in Transformers' float32 steps: at most `max_position_embeddings` gives the
+        plain table."""
+        theta, factor, limit, d = self.params["rope_theta"], self.params["factor"], self.max_positions, self.head_dim
+        if isinstance(seq_len, torch.Tensor):
+            seq_len, device = seq_len.clamp(min=limit), seq_len.device
+        else:
+            seq_len = limit if seq_len is None else max(seq_len, limit)
+        base = theta * ((factor * seq_len / limit) - (factor - 1)) ** (d / (d - 2))
+        return 1.0 / (base ** self._exponents(device))
 
     @torch.no_grad()
     def init_buffers(self) -> None:
         """(Re)compute the frequency tables and the factors on cos and sin (LongRoPE's mscales,
-        yarn's attention factor); called after a model is materialised from `meta`."""
+        yarn's attention factor); called after a model is materialised from `meta`. A per-forward
+        table starts plain (the short factors, or dynamic's table at `max_position_embeddings`)."""
         device = self.inv_freq_short.device
         if device.type == "meta":
             return
         base = float(self.params["rope_theta"])
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        exponents = self._exponents(device)
         inv_freq = 1.0 / (base**exponents)
-        if self.longrope:
+        kind = self.params["rope_type"]
+        if kind == "longrope":
             short = torch.tensor(self.params["short_factor"], dtype=torch.float32, device=device)
             long = torch.tensor(self.params["long_factor"], dtype=torch.float32, device=device)
             self.inv_freq_short.copy_(1.0 / (short * base**exponents))
             self.inv_freq_long.copy_(1.0 / (long * base**exponents))
-            self.short_mscale = float(self.params.get("short_mscale", 1.0))
-            self.long_mscale = float(self.params.get("long_mscale", 1.0))
+            if self.per_forward is None:  # PhiMoE: a factor on cos and sin per set
+                self.short_mscale = float(self.params.get("short_mscale", 1.0))
+                self.long_mscale = float(self.params.get("long_mscale", 1.0))
+            else:
+                self.short_mscale = self.long_mscale = self._longrope_attention_factor()
         else:
-            if self.params["rope_type"] in SCALED_ROPE_TYPES:
+            if kind in SCALED_ROPE_TYPES:
                 inv_freq, attention = scaled_inv_freq(self.params, self.head_dim, inv_freq)
                 self.short_mscale = self.long_mscale = attention
+            elif kind == "dynamic":
+                inv_freq = self.dynamic_inv_freq(None, device)
             self.inv_freq_short.copy_(inv_freq)
             self.inv_freq_long.copy_(inv_freq)
+        if self.per_forward is not None:
+            self.inv_freq.copy_(self.inv_freq_short)
+            self.seq_len_cached.fill_(self.max_positions)
+
+    def _longrope_attention_factor(self) -> float:
+        """Transformers' one LongRoPE factor on cos and sin (both sets): `attention_factor`, else
+        sqrt(1 + ln(factor) / ln(original)), `factor` defaulting to max_position_embeddings / original."""
+        p, original = self.params, self.original_max
+        if p.get("attention_factor") is not None:
+            return float(p["attention_factor"])
+        factor = p.get("factor") or self.max_positions / original
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+    @torch.no_grad()
+    def update(self, position_ids: torch.Tensor) -> None:
+        """Pick a per-forward kind's table from the forward's positions (as the model is given them,
+        padding included, as Transformers reads them): device ops only, no host read."""
+        if self.per_forward is None or position_ids.numel() == 0:
+            return
+        seq = position_ids.max() + 1
+        if self.per_forward == "longrope":
+            self.inv_freq.copy_(torch.where(seq > self.original_max, self.inv_freq_long, self.inv_freq_short))
+            return
+        cached, limit = self.seq_len_cached, self.max_positions
+        grow = seq > cached  # a longer sequence than any since the last reset: its own table
+        reset = (seq < limit) & (cached > limit)  # back within the plain length: the plain table
+        kept = torch.where(reset, self.inv_freq_short, self.inv_freq)
+        self.inv_freq.copy_(torch.where(grow, self.dynamic_inv_freq(seq), kept))
+        self.seq_len_cached.copy_(torch.where(grow, seq, torch.where(reset, limit, cached)))
 
     def use_long(self, seq_len: int) -> bool:
         """Whether a sequence of `seq_len` tokens (cached + new) uses the long factors."""
@@ -145,8 +225,11 @@ class RotaryEmbedding(nn.Module):
         continuous batching's rows each pick their own."""
         if isinstance(long, torch.Tensor):
             return self._per_position(position_ids_BT, dtype, long)
-        inv_freq = self.inv_freq_long if long else self.inv_freq_short
-        mscale = self.long_mscale if long else self.short_mscale
+        if self.per_forward is not None:  # the table `update` picked for this forward
+            inv_freq, mscale = self.inv_freq, self.short_mscale
+        else:
+            inv_freq = self.inv_freq_long if long else self.inv_freq_short
+            mscale = self.long_mscale if long else self.short_mscale
         # one kernel, the same values
         if fused.STEP_INPUT_KERNELS and fused.active(inv_freq) and dtype in fused.KERNEL_DTYPES:
             return fused.kernels().rope_tables(position_ids_BT, inv_freq, mscale, dtype)
