@@ -57,9 +57,14 @@ class Cache:
     # steps after it count the sequence length on the host: cached + new tokens less these.
     rope_pad: int = 0
 
+    # The layers a cache counts before it makes them: a config's (`DynamicCache(config=)`, a
+    # StaticCache's) or those a `reset` emptied; None: the layers made so far.
+    num_layers: int | None = None
+
     def __len__(self) -> int:
-        """The layers the cache holds: those made so far (a static cache: its layer count)."""
-        return len(self.keys)
+        """The layers the cache holds: those made so far, else its layer count (a static cache, a
+        dynamic one made from a config or reset), as Transformers counts its layers."""
+        return len(self.keys) or self.num_layers or 0
 
     def crop(self, max_length: int) -> None:
         """Transformers 5's crop: a negative n drops the last -n tokens (all of them, at most), 0
@@ -86,8 +91,9 @@ class Cache:
 
     @property
     def layers(self) -> list[CacheLayer]:
-        """Each layer as Transformers 5's `cache.layers[i]`: `.keys` / `.values`, which may be set."""
-        return [CacheLayer(self, i) for i in range(len(self.keys))]
+        """Each layer as Transformers 5's `cache.layers[i]`: `.keys` / `.values`, which may be set
+        (None before the layer's first update)."""
+        return [CacheLayer(self, i) for i in range(len(self))]
 
     def _set_layer(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
         """`cache.layers[i].keys = t` (or `.values`): a dynamic cache takes `t` in place of the
@@ -261,16 +267,16 @@ class CacheLayer:
         self._cache, self._idx = cache, layer_idx
 
     @property
-    def keys(self) -> torch.Tensor:
-        return self._cache.keys[self._idx]
+    def keys(self) -> torch.Tensor | None:
+        return self._cache.keys[self._idx] if self.is_initialized else None
 
     @keys.setter
     def keys(self, tensor: torch.Tensor) -> None:
         self._cache._set_layer(self._idx, "keys", tensor)
 
     @property
-    def values(self) -> torch.Tensor:
-        return self._cache.values[self._idx]
+    def values(self) -> torch.Tensor | None:
+        return self._cache.values[self._idx] if self.is_initialized else None
 
     @values.setter
     def values(self, tensor: torch.Tensor) -> None:
@@ -278,7 +284,7 @@ class CacheLayer:
 
     @property
     def is_initialized(self) -> bool:
-        return True
+        return self._idx < len(self._cache.keys)
 
     def get_seq_length(self) -> int:
         return self._cache.get_seq_length(self._idx)
@@ -288,12 +294,13 @@ class DynamicCache(Cache):
     """A cache that grows by concatenation on every update.
 
     Takes Transformers' arguments: `ddp_cache_data`, each layer's (keys, values) to start from;
-    `config`, which this cache does not need (it keeps every position, sliding-window layers too);
-    `offloading`, not supported."""
+    `config`, whose layer count the cache counts before its first update (it keeps every
+    position, sliding-window layers too); `offloading`, not supported."""
 
     def __init__(self, ddp_cache_data=None, config=None, offloading: bool = False,
                  offload_only_non_sliding: bool = False) -> None:
         super().__init__()
+        self.num_layers = getattr(config, "num_hidden_layers", None)
         if offloading:
             raise NotImplementedError("DynamicCache(offloading=True): moetorch has no offloaded cache; "
                                       "use a DynamicCache or a StaticCache on the model's device")
@@ -338,7 +345,10 @@ class DynamicCache(Cache):
         self._batch_apply_replay(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
+        """Empty every layer; the cache still counts them (Transformers' reset keeps its layers)."""
+        layers = len(self)
         self.__init__()
+        self.num_layers = layers or None
 
     def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         return tuple(zip(self.keys, self.values))
@@ -400,9 +410,6 @@ class StaticCache(Cache):
     @property
     def is_static(self) -> bool:
         return True
-
-    def __len__(self) -> int:
-        return len(self.keys) or self.num_layers or 0
 
     def _set_layer(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
         """`cache.layers[i].keys = t`: copied into the layer's slots, which keep their storage

@@ -268,6 +268,34 @@ def test_cache_built_and_read_as_transformers_does(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_dynamic_cache_counts_layers_as_transformers(arch):
+    """`len`, `layers` and `is_initialized` of a DynamicCache made from a config, after a forward
+    and after `reset()` (which keeps the layers, emptied), and of one made bare, against
+    Transformers' DynamicCache on the same model."""
+    model = tiny(arch, seed=13)
+    hf = arch.hf["causal_lm"](arch.hf_config()).eval()
+    hf.load_state_dict(model.state_dict())
+    ids, _ = make_inputs(97, 2, 5, None)
+    n = model.config.num_hidden_layers
+
+    def state(cache):
+        return (len(cache), cache.is_initialized, cache.get_seq_length(),
+                [None if layer.keys is None else tuple(layer.keys.shape) for layer in cache.layers])
+
+    for ours, theirs in ((DynamicCache(config=model.config), transformers.DynamicCache(config=hf.config)),
+                         (DynamicCache(), transformers.DynamicCache())):
+        assert state(ours) == state(theirs)
+        model(ids, past_key_values=ours, use_cache=True)
+        hf(ids, past_key_values=theirs, use_cache=True)
+        assert state(ours) == state(theirs) and len(ours) == n
+        ours.reset()
+        theirs.reset()
+        assert state(ours) == state(theirs) == (n, False, 0, [None] * n)
+        close(model(ids, past_key_values=ours).logits, model(ids).logits, "a forward on the reset cache")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 @torch.no_grad()
 def test_cache_iterated_and_its_layers_set_as_transformers(arch, kind):
