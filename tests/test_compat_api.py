@@ -451,20 +451,28 @@ def test_gradient_checkpointing_in_the_config_turns_it_on(arch, tmp_path):
 
 
 def test_jetmoe_rope_changed_after_the_config_to_a_kind_not_supported_is_refused():
-    """A config whose rope_parameters were set afterwards to a kind moetorch does not run
-    ("dynamic") makes no model (it would silently run the default RoPE)."""
+    """A config whose rope_parameters were set afterwards to a kind moetorch does not run makes no
+    model (it would silently run the default RoPE); one set to a kind it runs ("linear", and
+    "dynamic" past max_position_embeddings) gives Transformers' hidden states."""
     config = JETMOE.our_config()
-    config.rope_parameters = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
-    with pytest.raises(ConfigError, match=r"rope_parameters.rope_type.*'dynamic' is not supported"):
+    config.rope_parameters = {"rope_type": "ntk", "factor": 4.0, "rope_theta": 10000.0}
+    with pytest.raises(ConfigError, match=r"rope_parameters.rope_type.*'ntk' is not supported"):
         moetorch.JetMoeModel(config)
-    config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
-    theirs = JETMOE.hf_config()
-    theirs.rope_parameters = dict(config.rope_parameters)
-    model, hf_model = moetorch.JetMoeModel(config), transformers.JetMoeModel(theirs)
-    hf_model.load_state_dict(model.state_dict())
-    ids = torch.randint(1, JETMOE.base["vocab_size"], (1, 40))
-    with torch.no_grad():
-        close(model(ids).last_hidden_state, hf_model.eval()(ids).last_hidden_state, "hidden")
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    config.kv_channels = 2
+    with pytest.raises(ConfigError, match="`kv_channels`"):
+        moetorch.JetMoeModel(config)
+    config = JETMOE.our_config(max_position_embeddings=16)
+    for params in ({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+                   {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 100.0}):
+        config.rope_parameters = dict(params)
+        theirs = JETMOE.hf_config(max_position_embeddings=16)
+        theirs.rope_parameters = dict(params)
+        model, hf_model = moetorch.JetMoeModel(config), transformers.JetMoeModel(theirs)
+        hf_model.load_state_dict(model.state_dict())
+        ids = torch.randint(1, JETMOE.base["vocab_size"], (1, 40))
+        with torch.no_grad():
+            close(model(ids).last_hidden_state, hf_model.eval()(ids).last_hidden_state, f"hidden, {params}")
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
