@@ -409,7 +409,7 @@ def _eager(q, k, v, mask, is_causal, scale, dropout_p, tiled_groups: int = 1):
     elif mask is not None:
         # Add the dtype's minimum rather than -inf, as Transformers does: a fully masked (padding)
         # row stays finite and uniform, and its gradient is the same as Transformers'.
-        scores = scores + torch.where(mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
+        scores = scores + torch.where(mask, scores.new_zeros(()), torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
     if tiled_groups > 1:
