@@ -11,7 +11,7 @@
    (the stop check) with an EOS id.
 3. Assisted decoding (one row, a one-layer assistant sharing the first layer): greedy search's
    tokens, with the default draft settings and with the "heuristic" schedule; and prompt lookup
-   decoding.
+   decoding (a JetMoE table picked per forward: the CPU's tokens for the same call).
 4. Decode speed (informative): greedy tokens/s with a dynamic and a static cache, batch 1.
 All of it for PhiMoE, JetMoE, and JetMoE with "dynamic" and "longrope" rotary tables (picked per
 forward from its largest position, past `max_position_embeddings` in these calls).
@@ -140,18 +140,29 @@ def check(name, config, cls, results) -> bool:
     small_config.num_hidden_layers = 1
     small = cls(small_config).eval()
     small.load_state_dict(cpu.state_dict(), strict=False)  # the first layer, embeddings and head
+    small_cpu = copy.deepcopy(small)
     small = small.to("cuda")
     row = ids[:1, 5:].cuda()
+    # A rotary table picked per forward reads the verify forwards' positions (drafts included), so
+    # drafted tokens differ from greedy search's there, as in Transformers: such a model's drafted
+    # calls are checked against the same calls on the CPU (the prompt, shorter than
+    # max_position_embeddings, starts both tables over).
+    per_forward = gpu.model.rotary_emb.per_forward is not None
+    what = "equals_cpu" if per_forward else "equals_greedy"
     want = gpu.generate(row, max_new_tokens=24, eos_token_id=None).cpu()
     for case, kwargs in {"default": {}, "heuristic": dict(num_assistant_tokens=2,
                                                           num_assistant_tokens_schedule="heuristic")}.items():
         got = gpu.generate(row, assistant_model=small, max_new_tokens=24, eos_token_id=None, **kwargs).cpu()
+        if per_forward:
+            want = cpu.generate(row.cpu(), assistant_model=small_cpu, max_new_tokens=24, eos_token_id=None, **kwargs)
         same = torch.equal(got, want)
-        results[f"{name}.assisted_{case}.equals_greedy"] = same
+        results[f"{name}.assisted_{case}.{what}"] = same
         ok &= same
     results[f"{name}.assisted_heuristic.draft_length_reached"] = small.generation_config.num_assistant_tokens
     got = gpu.generate(row, prompt_lookup_num_tokens=3, max_new_tokens=24, eos_token_id=None).cpu()
-    results[f"{name}.prompt_lookup.equals_greedy"] = same = torch.equal(got, want)
+    if per_forward:
+        want = cpu.generate(row.cpu(), prompt_lookup_num_tokens=3, max_new_tokens=24, eos_token_id=None)
+    results[f"{name}.prompt_lookup.{what}"] = same = torch.equal(got, want)
     ok &= same
 
     prompt = ids[:1, 5:].cuda()
