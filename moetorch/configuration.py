@@ -743,6 +743,9 @@ class JetMoeConfig(MoeConfig):
                 v = p.get(name)
                 _check(v is None or (_is_number(v) and v > 0), f"rope_parameters.{name}",
                        f"must be a positive number, got {v!r}")
+            omp = p["original_max_position_embeddings"]  # (the default attention factor divides by ln of it)
+            _check(p.get("attention_factor") is not None or omp > 1, "rope_parameters.original_max_position_embeddings",
+                   f"must exceed 1 for LongRoPE's default attention factor (or set attention_factor), got {omp}")
 
     @property
     def num_attention_heads(self) -> int:

@@ -131,7 +131,9 @@ def test_scaled_rope_errors_name_the_field():
                           ({"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 4},
                            "short_factor"),
                           ({"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
-                            "attention_factor": -1.0}, "attention_factor")):
+                            "attention_factor": -1.0}, "attention_factor"),
+                          ({"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
+                            "original_max_position_embeddings": 1}, "original_max_position_embeddings")):
         with pytest.raises(ConfigError, match=f"rope_parameters.{field}"):
             JETMOE.our_config(rope_parameters=params)
     with pytest.raises(ConfigError, match="rope_parameters.rope_type"):  # as Transformers' PhiMoE config
@@ -159,8 +161,9 @@ def test_jetmoe_per_forward_rope_types_match_transformers(rope, tmp_path):
     position, as Transformers' `dynamic_rope_update` picks it: whole forwards of growing and
     shrinking lengths around `max_position_embeddings` (the dynamic table's growth and reset carry
     from one forward to the next), then greedy search past it with a left-padded batch on a dynamic
-    cache, a static cache, without a cache and by beam search, and prompt lookup, in both directions
-    of save and load. Each library starts from a fresh model (its state: the plain table)."""
+    cache, a static cache, without a cache, by beam search and with the prompt in chunks (each
+    chunk's largest position picks its table), and prompt lookup, in both directions of save and
+    load. Each library starts from a fresh model (its state: the plain table)."""
     arch = JETMOE
     params = dict(PER_FORWARD_ROPE[rope], rope_theta=100.0)
     kw = dict(rope_parameters=params, max_position_embeddings=16, num_key_value_heads=2, kv_channels=8)
@@ -177,13 +180,20 @@ def test_jetmoe_per_forward_rope_types_match_transformers(rope, tmp_path):
                     assert _rope_state(hf, ours)[0] == _rope_state(hf, ours)[1], f"{rope}: state after {T} tokens"
             assert (want - plain.eval()(ids[:, :T]).logits).abs().max() > 1e-2, "the scaling did nothing"
         ids, mask = make_inputs(hf.config.vocab_size, 3, 10, "left", seed=11)
-        cases = [dict(), dict(cache_implementation="static"), dict(use_cache=False), dict(num_beams=3)]
-        for case in cases:
+        # the prompt in chunks of 8: one past the length where the table changes, so that the last
+        # chunk's largest position, not the one before it, picks the table of the chunk's keys
+        crossing = params.get("original_max_position_embeddings", 16) + 1
+        chunked = make_inputs(hf.config.vocab_size, 2, crossing, "left", seed=12)
+        cases = [(ids, mask, dict()), (ids, mask, dict(cache_implementation="static")),
+                 (ids, mask, dict(use_cache=False)), (ids, mask, dict(num_beams=3)),
+                 (*chunked, dict(prefill_chunk_size=8)),
+                 (*chunked, dict(prefill_chunk_size=8, cache_implementation="static"))]
+        for prompt, prompt_mask, case in cases:
             fresh_hf, fresh = make_pair(arch, tmp_path / direction / "fresh", "causal_lm", direction, seed=7, **kw)
             settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
                             output_logits=True, **case)
-            a = fresh_hf.generate(ids, attention_mask=mask, **settings)
-            b = fresh.generate(ids, attention_mask=mask, **settings)
+            a = fresh_hf.generate(prompt, attention_mask=prompt_mask, **settings)
+            b = fresh.generate(prompt, attention_mask=prompt_mask, **settings)
             assert torch.equal(a.sequences, b.sequences), f"{rope}, {case}: tokens"
             if case.get("num_beams") is None:
                 for step, (x, y) in enumerate(zip(a.logits, b.logits)):
@@ -198,9 +208,10 @@ def test_jetmoe_per_forward_rope_types_match_transformers(rope, tmp_path):
 
 
 def test_per_forward_rope_state_follows_dtype_and_device_moves(tmp_path):
-    """"dynamic" keeps its longest sequence in the module across forwards and calls (as Transformers
-    does); remaking the tables for a dtype change starts it over; the graphed prompt and verify
-    chunks, whose padding would move the table, leave such a model's forwards unpadded."""
+    """"dynamic" keeps its longest sequence in the module across forwards and calls, and across a
+    dtype change, which remakes the tables in float32 (as Transformers keeps them, against its
+    model on the same calls); the graphed prompt and verify chunks, whose padding would move the
+    table, leave such a model's forwards unpadded."""
     from moetorch.engine.cuda_graph import GraphedChunk, GraphedPrefill
 
     model = JETMOE.ours["causal_lm"](JETMOE.our_config(
@@ -215,8 +226,19 @@ def test_per_forward_rope_state_follows_dtype_and_device_moves(tmp_path):
     model(torch.randint(1, 50, (1, 5)))  # within it: the plain table again
     assert int(rotary.seq_len_cached) == 16 and torch.equal(rotary.inv_freq, plain)
     model(torch.randint(1, 50, (1, 30)))
+    grown = rotary.inv_freq.clone()
     model.to(torch.float64)
-    assert int(rotary.seq_len_cached) == 16 and torch.equal(rotary.inv_freq, plain.double().float())
+    assert int(rotary.seq_len_cached) == 30 and rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(rotary.inv_freq, grown)
+    hf, ours = make_pair(JETMOE, tmp_path, "causal_lm", "ours_to_hf", seed=2, max_position_embeddings=16,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 100.0})
+    ids = make_inputs(hf.config.vocab_size, 1, 30, None, seed=3)[0]
+    with torch.no_grad():
+        for step, T in enumerate((30, 20, 25)):  # the table of 30 kept across the move
+            close(hf(ids[:, :T]).logits, ours(ids[:, :T]).logits, f"{T} tokens")
+            if step == 0:
+                hf.double()
+                ours.double()
     cache = StaticCache(model.config, max_cache_len=64)
     assert GraphedPrefill(model, cache, 1)(torch.ones(1, 5, dtype=torch.long), None, None) is None
     assert GraphedChunk(model, cache, 1)(torch.ones(1, 3, dtype=torch.long), None, None, 0) is None

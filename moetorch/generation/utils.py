@@ -852,7 +852,9 @@ class GenerationMixin(ContinuousBatchingMixin):
         """(max_length, min_length) of the id sequence, as Transformers derives them; `counted`:
         whether the `offset` tokens before the ids count in max_length and min_length."""
         max_pos = getattr(self.config, "max_position_embeddings", None)
-        if max_pos is not None and L + offset > max_pos:
+        # ("dynamic" RoPE scales its table to the sequence's length: past max_position_embeddings is its use)
+        scales = getattr(getattr(getattr(self, "model", self), "rotary_emb", None), "per_forward", None) == "dynamic"
+        if max_pos is not None and L + offset > max_pos and not scales:
             raise ValueError(f"the prompt has {L + offset} tokens, more than the model's "
                              f"max_position_embeddings ({max_pos})")
         if gen.max_new_tokens is not None:
@@ -1409,13 +1411,14 @@ def _cache_length(gen: GenerationConfig, tokens: int, room: int) -> int:
 
 
 def _prefill_in_chunks(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache, size: int) -> None:
-    """The prompt but its last token into `cache`, `size` tokens a forward (`prefill_chunk_size`:
-    a long prompt's forward in less memory); the decoding loop's first forward then runs the last."""
+    """The prompt in chunks of `size` tokens a forward (`prefill_chunk_size`: a long prompt's
+    forward in less memory), as Transformers splits it: all chunks but the last into `cache` here;
+    the decoding loop's first forward runs the last one (1 to `size` tokens) and gives its logits."""
     if ctx.embeds is not None:
         raise ValueError("prefill_chunk_size runs the prompt's ids in chunks: pass input_ids, not inputs_embeds")
     L = seq_RL.shape[1]
-    for end in range(cache.get_seq_length() + size, L - 1 + size, size):
-        _forward(model, seq_RL[:, : min(end, L - 1)], ctx, cache, 1)
+    for end in range(cache.get_seq_length() + size, L, size):
+        _forward(model, seq_RL[:, :end], ctx, cache, 1)
 
 
 def _prompt_lookup(row_L: torch.Tensor, max_new: int, max_ngram: int, max_length: int,

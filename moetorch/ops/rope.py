@@ -131,9 +131,16 @@ class RotaryEmbedding(nn.Module):
             device = self.inv_freq_short.device
             self.inv_freq_short = torch.empty(self.head_dim // 2, dtype=torch.float32, device=device)
             self.inv_freq_long = torch.empty(self.head_dim // 2, dtype=torch.float32, device=device)
-            if self.per_forward is not None:
-                self.inv_freq = torch.empty(self.head_dim // 2, dtype=torch.float32, device=device)
+            if self.per_forward is None:
+                self.init_buffers()
+                return self
+            self.inv_freq = torch.empty(self.head_dim // 2, dtype=torch.float32, device=device)
+            seen = self.seq_len_cached.clone()  # (an integer: the cast left it as it was)
             self.init_buffers()
+            if self.per_forward == "dynamic" and device.type != "meta":  # its table for the longest sequence
+                self.seq_len_cached.copy_(seen)
+                grown = self.dynamic_inv_freq(seen)
+                self.inv_freq.copy_(torch.where(seen > self.max_positions, grown, self.inv_freq_short))
         return self
 
     def _exponents(self, device) -> torch.Tensor:
