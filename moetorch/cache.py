@@ -98,6 +98,10 @@ class Cache:
     def _set_layer(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
         """`cache.layers[i].keys = t` (or `.values`): a dynamic cache takes `t` in place of the
         layer's tensor (layer 0's keys set the cached length)."""
+        if layer_idx >= len(self.keys):
+            raise ValueError(f"cache.layers[{layer_idx}].{name}: the layer holds no keys yet, so there is nothing to "
+                             "replace; fill the cache with a forward first, or start it from tensors with "
+                             "DynamicCache(ddp_cache_data=[(keys, values), ...])")
         getattr(self, name)[layer_idx] = tensor
         if layer_idx == 0 and name == "keys":
             self._seen = tensor.shape[-2]

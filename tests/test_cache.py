@@ -292,6 +292,8 @@ def test_dynamic_cache_counts_layers_as_transformers(arch):
         ours.reset()
         theirs.reset()
         assert state(ours) == state(theirs) == (n, False, 0, [None] * n)
+        with pytest.raises(ValueError, match=r"cache.layers\[1\].keys: the layer holds no keys yet"):
+            ours.layers[1].keys = torch.zeros(2, 2, 3, 4)
         close(model(ids, past_key_values=ours).logits, model(ids).logits, "a forward on the reset cache")
 
 

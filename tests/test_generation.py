@@ -440,6 +440,58 @@ def test_prompt_processors_match_transformers_on_random_scores():
         moetorch.EncoderNoRepeatNGramLogitsProcessor(0, prompt)
 
 
+def _forward_lengths(model) -> tuple[list, object]:
+    """(the new-token count of each forward of `model`'s base model, the hook to remove)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        seen.append(ids.shape[1])
+    return seen, model.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_prefill_chunks_split_the_new_tokens_as_transformers(pair):
+    """`prefill_chunk_size` with a cache passed in that holds the first tokens and ids of the new
+    tokens alone (the mask over both): the chunks start at the first new token, as Transformers
+    splits them (each forward's length), with its tokens and logits; assisted decoding and prompt
+    lookup verify the whole prompt in their first forward, unchunked, as Transformers' do (the
+    main model's forwards; Transformers' assistant chunks its own prompt, moetorch's does not);
+    without a cache the setting is an error, as there."""
+    hf, ours = pair
+    ids, _ = make_inputs(hf.config.vocab_size, 1, 16, None, seed=7)
+    for held, size in ((2, 4), (6, 4), (3, 5)):
+        lengths = []
+        outs = []
+        for model, cache in ((hf, transformers.DynamicCache(config=hf.config)), (ours, DynamicCache())):
+            with torch.no_grad():
+                model(ids[:, :held], past_key_values=cache, use_cache=True)
+            seen, hook = _forward_lengths(model)
+            try:
+                outs.append(model.generate(ids[:, held:], attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                           max_new_tokens=3, pad_token_id=0, prefill_chunk_size=size,
+                                           return_dict_in_generate=True, output_logits=True))
+            finally:
+                hook.remove()
+            lengths.append(seen)
+        assert lengths[0] == lengths[1], (held, size, lengths)
+        assert torch.equal(outs[0].sequences, outs[1].sequences)
+        torch.testing.assert_close(outs[0].logits[0], outs[1].logits[0], atol=1e-4, rtol=1e-4)
+    row = ids[:, :6].repeat(1, 2)  # repeated n-grams, so that prompt lookup finds drafts
+    for drafted in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=True)):
+        lengths = []
+        for model in (hf, ours):
+            kw = dict(drafted, assistant_model=copy.deepcopy(model)) if "assistant_model" in drafted else drafted
+            seen, hook = _forward_lengths(model)
+            try:
+                model.generate(row, max_new_tokens=4, do_sample=False, pad_token_id=0, prefill_chunk_size=4, **kw)
+            finally:
+                hook.remove()
+            lengths.append(seen)
+        assert lengths[0] == lengths[1] and lengths[1][0] >= 12, (drafted, lengths)  # the prompt and drafts
+    with pytest.raises(ValueError, match="prefill_chunk_size.*use_cache=True"):
+        ours.generate(row, max_new_tokens=2, prefill_chunk_size=4, use_cache=False)
+
+
 def test_transformers_settings_of_the_cache_prefill_and_ids(pair):
     """`prefill_chunk_size` (the prompt in chunks: the tokens of one forward), `max_cache_len` (the
     static cache's length, checked against the call's), an EOS id tensor and the accepted no-ops

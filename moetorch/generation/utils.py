@@ -614,7 +614,10 @@ class GenerationMixin(ContinuousBatchingMixin):
         def graphed():
             return own_forward(self) if ctx.step is not None and ctx.step.enabled else contextlib.nullcontext()
 
-        if gen.prefill_chunk_size is not None and cache is not None:
+        # (as Transformers: assisted decoding and prompt lookup verify the whole prompt in their first forward)
+        if gen.prefill_chunk_size is not None and not drafted:
+            if cache is None:
+                raise ValueError("prefill_chunk_size runs the prompt into the cache in chunks: it needs use_cache=True")
             with graphed():
                 _prefill_in_chunks(self, seq, ctx, cache, gen.prefill_chunk_size)
         if drafted:
@@ -1417,7 +1420,8 @@ def _prefill_in_chunks(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache,
     if ctx.embeds is not None:
         raise ValueError("prefill_chunk_size runs the prompt's ids in chunks: pass input_ids, not inputs_embeds")
     L = seq_RL.shape[1]
-    for end in range(cache.get_seq_length() + size, L, size):
+    # (the ids may follow tokens a cache passed in holds: `ctx.offset` of them before the first id)
+    for end in range(cache.get_seq_length() - ctx.offset + size, L, size):
         _forward(model, seq_RL[:, :end], ctx, cache, 1)
 
 
