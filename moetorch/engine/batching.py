@@ -74,6 +74,7 @@ from .cuda_graph import (
     PREFILL_CAPTURE_AFTER,
     DecodeRows,
     GraphedPackedPrefill,
+    _rotary,
     capture,
     mixed_forward,
     own_forward,
@@ -723,7 +724,7 @@ class ContinuousBatchingManager:
         self.generation_config = generation_config
         self.continuous_batching_config = cfg = continuous_batching_config
         self._settings(generation_config)
-        rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+        rotary = _rotary(model)
         if getattr(rotary, "per_forward", None) is not None:  # one table a forward, picked by its largest position
             raise ValueError(
                 f"continuous batching does not run rope_type {rotary.per_forward!r} with a table per forward "

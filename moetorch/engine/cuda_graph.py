@@ -123,9 +123,14 @@ def own_forward(model):
         model.__dict__["forward"] = compiled
 
 
+def _rotary(model):
+    """The model's rotary embedding (`model.model.rotary_emb`, or a base model's own), else None."""
+    return getattr(getattr(model, "model", model), "rotary_emb", None)
+
+
 def _longrope(model):
     """The model's rotary embedding where it switches LongRoPE factors with the length, else None."""
-    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    rotary = _rotary(model)
     return rotary if rotary is not None and rotary.longrope else None
 
 
@@ -133,8 +138,7 @@ def _rope_per_forward(model) -> bool:
     """Whether the model's rotary table follows each forward's largest position (JetMoE's "dynamic"
     and "longrope", `RotaryEmbedding.per_forward`): a chunk padded to a bucket would move it, so
     the padded graphs (`GraphedPrefill`, `GraphedChunk`) leave such a model's forwards unpadded."""
-    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-    return getattr(rotary, "per_forward", None) is not None
+    return getattr(_rotary(model), "per_forward", None) is not None
 
 
 class _CacheMask:
@@ -148,6 +152,7 @@ class _CacheMask:
         self.mask_BS = torch.ones(batch, cache.max_cache_len, dtype=torch.long, device=model.device)
         self._mask_src: object = "ones"  # what mask_BS holds: "ones", or (weakref to a mask, its version)
         self.rotary = _longrope(model)
+        self.per_forward = _rope_per_forward(model)
 
     def _set_mask(self, mask_BP: torch.Tensor | None) -> None:
         # The buffer holds mask_BP's columns, then ones. Rewritten only when the caller's mask is
@@ -435,7 +440,7 @@ class GraphedChunk(_CacheMask):
         past, (B, T) = self.cache.get_seq_length(), ids_BT.shape
         Tb = chunk_bucket(T)
         if (Tb is None or position_ids_BT is not None or start != past or B != self.B
-                or past + Tb > self.cache.max_cache_len or _rope_per_forward(self.model)):
+                or past + Tb > self.cache.max_cache_len or self.per_forward):
             return None
         long = self.rotary is not None and self.rotary.use_long(past + Tb)
         if self.rotary is not None and (self.rotary.use_long(past + T) != long or self.cache.rope_long != long):

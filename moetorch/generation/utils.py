@@ -27,7 +27,15 @@ import torch
 
 from ..cache import Cache, DynamicCache, StaticCache
 from ..engine.batching import ContinuousBatchingMixin
-from ..engine.cuda_graph import CHUNK_BUCKETS, GraphedChunk, GraphedDecodeStep, GraphedPrefill, _longrope, own_forward
+from ..engine.cuda_graph import (
+    CHUNK_BUCKETS,
+    GraphedChunk,
+    GraphedDecodeStep,
+    GraphedPrefill,
+    _longrope,
+    _rotary,
+    own_forward,
+)
 from ..ops import fused
 from ..outputs import ModelOutput, takes_cache_name
 from ..utils import outside_vocabulary, warn_once
@@ -856,7 +864,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         whether the `offset` tokens before the ids count in max_length and min_length."""
         max_pos = getattr(self.config, "max_position_embeddings", None)
         # ("dynamic" RoPE scales its table to the sequence's length: past max_position_embeddings is its use)
-        scales = getattr(getattr(getattr(self, "model", self), "rotary_emb", None), "per_forward", None) == "dynamic"
+        scales = getattr(_rotary(self), "per_forward", None) == "dynamic"
         if max_pos is not None and L + offset > max_pos and not scales:
             raise ValueError(f"the prompt has {L + offset} tokens, more than the model's "
                              f"max_position_embeddings ({max_pos})")
@@ -1443,8 +1451,8 @@ def _prompt_lookup(row_L: torch.Tensor, max_new: int, max_ngram: int, max_length
         starts = (windows == row_L[L - n :]).all(dim=1).nonzero()
         if starts.numel():
             begin = int(starts[0]) + n
-            end = min(begin + max_new, max_length, begin + (max_new if room is None else max(room, 0)))
-            drafts = row_L[begin:end].tolist()
+            most = max_new if room is None else min(max_new, max(room, 0))
+            drafts = row_L[begin : min(begin + most, max_length)].tolist()
             return begin, next((i for i, t in enumerate(drafts) if t in eos_ids), len(drafts))
     return L, 0
 
