@@ -1061,6 +1061,27 @@ def test_decode_attention_config():
     assert triton_fused.decode_attn_config(512, 16, 132)["BLOCK_N"] == 16
 
 
+def test_decode_attention_register_cap(monkeypatch):
+    # Registers capped where 2-warp programs fill the SMs 7 or 8 deep (JetMoE's 1024 at batch 64 on
+    # 132 SMs), so that one wave holds them; not where 6 or fewer, or more than 8, a program, nor for
+    # 4 warps, nor with the cap set to 0
+    cap = triton_fused.decode_attn_maxnreg
+    assert cap(1024, 2, 132) == 128 and cap(8 * 132, 2, 132) == 128 and cap(6 * 132 + 1, 2, 132) == 128
+    assert cap(6 * 132, 2, 132) is None and cap(512, 2, 132) is None and cap(8 * 132 + 1, 2, 132) is None
+    assert cap(1024, 4, 132) is None and cap(4096, 2, 132) is None
+    monkeypatch.setattr(triton_fused, "DECODE_WAVE_MAXNREG", 0)
+    assert cap(1024, 2, 132) is None
+    monkeypatch.undo()
+    # the capped launch computes what the eager path does (the interpreter's 4 "SMs": 28 programs)
+    B, H, G, S, d = 14, 4, 2, 40, 16
+    assert cap(B * G, triton_fused.decode_attn_config(d, B * G, 4)["num_warps"], 4) == 128
+    q, k, v, mask = _decode_inputs(B, H, G, S, d, torch.float32, seed=9)
+    mask[..., : S - 3] = True
+    with torch.no_grad():
+        out = triton_fused.decode_attention(q, k, v, mask, d**-0.5, tiled=True)
+    close(out, _reference_attention(q, k, v, mask, d**-0.5, "tiled"), torch.float32, "capped decode attention")
+
+
 # ---- whole models -----------------------------------------------------------------------------
 
 

@@ -1280,10 +1280,25 @@ DECODE_COMBINE_SPLITS = 16
 # first (0: the span pass in every split, for an A/B).
 DECODE_ONE_BLOCK_LOADS = 1
 
+# Registers a thread of the decode attention may use where its programs of 2 warps would fill the
+# SMs 7 or 8 deep (0: never capped). Uncapped, the compiler takes 142 at 32 keys and 2 warps (sm_90,
+# Triton 3.9), so 6 programs share an SM and JetMoE's 1024 at batch 64 ran in 1.3 waves; at 128 (4
+# registers spilled) 8 fit and they run in one: alone 43.3 against 46.0 us on an H100, graphed
+# decode 8860 against 8756 tok/s (h100-2026-12-06-decode-attn-maxnreg128.json,
+# -ab-maxnreg128-jetmoe-b*.json). At most 6 deep, one wave holds them anyway.
+DECODE_WAVE_MAXNREG = 128
+
 # A split reads every num_splits-th key block (1), so that a row's visible keys spread over all the
 # splits wherever they lie among its S slots (a batch row's few keys far into a long paged row, or
 # a long static cache's filled start); 0: each split a contiguous run of blocks, for an A/B.
 DECODE_INTERLEAVED_SPLITS = 1
+
+
+def decode_attn_maxnreg(programs: int, num_warps: int, sms: int) -> int | None:
+    """The register cap of a decode attention launch of `programs` (DECODE_WAVE_MAXNREG's note)."""
+    if DECODE_WAVE_MAXNREG and num_warps == 2 and 6 * sms < programs <= 8 * sms:
+        return DECODE_WAVE_MAXNREG
+    return None
 
 
 def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: bool, config: dict | None = None,
@@ -1345,7 +1360,7 @@ def decode_attention(q_BH1d, k_BGSd, v_BGSd, mask_B11S, scale: float, tiled: boo
         UPCAST=_interpreting(), PRECISION="ieee" if fp32 else "tf32", ROPE_Q=rope_q is not None,
         ROUND=round_code(q_BH1d.dtype), ONE_BLOCK=bool(DECODE_ONE_BLOCK_LOADS) and chunk == 1,
         ROWS=kv_rows is not None, INTERLEAVE=bool(DECODE_INTERLEAVED_SPLITS), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_stages=cfg["num_stages"], maxnreg=decode_attn_maxnreg(B * G * splits, cfg["num_warps"], sms),
         **pdl_meta(q_BH1d.device, B * G * splits, B),
     )
     if splits > 1:
