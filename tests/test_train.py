@@ -354,6 +354,15 @@ def test_errors_name_the_option(tmp_path, tok_dir, corpus):
         TrainingConfig(precision="fp8")
     with pytest.raises(TrainingConfigError, match="unknown training option"):
         TrainingConfig.from_dict({"learning_rate": 1.0})
+    # a config file: unreadable, not JSON, or not an object, each named
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(TrainingConfigError, match="cannot read training config .*missing.json"):
+        TrainingConfig.from_json(tmp_path / "missing.json")
+    with pytest.raises(TrainingConfigError, match="cannot read training config .*broken.json"):
+        TrainingConfig.read_json(tmp_path / "broken.json")
+    with pytest.raises(TrainingConfigError, match="list.json must hold a JSON object"):
+        TrainingConfig.from_json(tmp_path / "list.json")
     with pytest.raises(FileNotFoundError, match="data"):
         Trainer(make_config(tmp_path / "a", tok_dir, corpus, data=str(tmp_path / "nothing" / "*.txt")))
     with pytest.raises(ValueError, match="model"):

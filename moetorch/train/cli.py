@@ -134,8 +134,9 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
                     logger.warning("--%s %s is not used: the resumed run continues its checkpoint's model and "
                                    "tokenizer (--%s %s)", key, given.pop(key), key, base.get(key))
     if args.train_config:  # its own keys only: a field it leaves out keeps the resumed run's value
-        from_file = TrainingConfig.from_json(args.train_config).to_dict()  # (checked whole)
-        base.update({k: from_file[k] for k in json.loads(Path(args.train_config).read_text(encoding="utf-8"))})
+        written = TrainingConfig.read_json(args.train_config)
+        from_file = TrainingConfig.from_dict(written).to_dict()  # (checked whole)
+        base.update({k: from_file[k] for k in written})
     base.update(given)
     base["output_dir"] = args.output_dir
     overrides = dict(base.get("model_overrides") or {})

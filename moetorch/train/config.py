@@ -141,15 +141,20 @@ class TrainingConfig:
             raise TrainingConfigError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
         return cls(**data)
 
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> TrainingConfig:
+    @staticmethod
+    def read_json(path: str | os.PathLike) -> dict[str, Any]:
+        """The JSON object of a training config file, as written (not checked against the fields)."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise TrainingConfigError(f"cannot read training config {path}: {e}") from e
         if not isinstance(data, dict):
             raise TrainingConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        return data
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> TrainingConfig:
+        return cls.from_dict(cls.read_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
