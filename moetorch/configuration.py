@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import numbers
 import os
 from collections.abc import Iterator
@@ -50,6 +51,11 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_positive(x: Any) -> bool:
+    """A finite number above 0 (not inf: a factor or theta of inf gives nan logits)."""
+    return _is_number(x) and math.isfinite(x) and x > 0
 
 
 def as_torch_dtype(value: Any, what: str = "dtype") -> torch.dtype | None:
@@ -191,12 +197,15 @@ class MoeConfig(PushToHubMixin):
         if theta is None:
             theta = self.default_rope_theta
         params["rope_theta"] = theta
-        _check(_is_number(theta) and theta > 0, "rope_theta", f"must be a positive number, got {theta!r}")
+        _check(_is_positive(theta), "rope_theta", f"must be a positive number, got {theta!r}")
         _check(
             params["rope_type"] in allowed_types,
             "rope_parameters.rope_type",
             f"{params['rope_type']!r} is not supported; allowed: {allowed_types}",
         )
+        partial = params.get("partial_rotary_factor", 1.0)
+        _check(partial == 1.0, "rope_parameters.partial_rotary_factor",
+               f"must be 1.0: this model rotates every dimension of a head, got {partial!r}")
         self.rope_parameters = params
         self.rope_theta = float(theta)
         self.rope_scaling = params  # Transformers 5 reads `rope_scaling` as `rope_parameters`; not saved
@@ -221,14 +230,14 @@ class MoeConfig(PushToHubMixin):
             omp = p.setdefault("original_max_position_embeddings", self.max_position_embeddings)
             _check(_is_int(omp) and omp > 0, "rope_parameters.original_max_position_embeddings",
                    f"must be a positive integer, got {omp!r}")
-        _check(_is_number(p.get("factor")) and p["factor"] > 0, "rope_parameters.factor",
+        _check(_is_positive(p.get("factor")), "rope_parameters.factor",
                f"must be a positive number for rope_type {kind!r}, got {p.get('factor')!r}")
         names = {"llama3": ("low_freq_factor", "high_freq_factor"),
                  "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")}.get(kind, ())
         for name in names:
             v = p.get(name)
             if kind == "llama3" or v is not None:
-                _check(_is_number(v) and v > 0, f"rope_parameters.{name}", f"must be a positive number, got {v!r}")
+                _check(_is_positive(v), f"rope_parameters.{name}", f"must be a positive number, got {v!r}")
         if kind == "llama3":
             _check(p["high_freq_factor"] > p["low_freq_factor"], "rope_parameters.high_freq_factor",
                    f"must exceed low_freq_factor ({p['low_freq_factor']}), got {p['high_freq_factor']}")
@@ -245,9 +254,9 @@ class MoeConfig(PushToHubMixin):
         for name in ("short_factor", "long_factor"):
             v = p.get(name)
             _check(
-                isinstance(v, (list, tuple)) and all(_is_number(x) for x in v),
+                isinstance(v, (list, tuple)) and all(_is_positive(x) for x in v),
                 f"rope_parameters.{name}",
-                f"must be a list of numbers, got {v!r}",
+                f"must be a list of positive numbers (each divides a frequency), got {v!r}",
             )
             _check(
                 len(v) == half,
@@ -351,12 +360,16 @@ class MoeConfig(PushToHubMixin):
             unused = {k: v for k, v in overrides.items() if not hasattr(probe, k)}
             return cls.from_dict(config_dict, **{k: v for k, v in overrides.items() if k not in unused}), unused
         data = {**config_dict, **overrides}
+        stored = config_dict.get("rope_parameters") or {}
+        theta = overrides.get("rope_theta", stored.get("rope_theta", config_dict.get("rope_theta")))
         if overrides.get("rope_scaling") and "rope_parameters" not in overrides:
             # RoPE given in the Transformers-4 form replaces the stored RoPE (as in Transformers),
             # keeping the stored rope_theta unless it sets its own
-            stored = config_dict.get("rope_parameters") or {}
-            theta = overrides.get("rope_theta", stored.get("rope_theta", config_dict.get("rope_theta")))
             data["rope_parameters"] = None if theta is None else {"rope_theta": theta}
+        elif isinstance(overrides.get("rope_parameters"), dict) and "rope_theta" not in overrides["rope_parameters"]:
+            # new RoPE parameters without a theta keep the stored one (not the class default)
+            if theta is not None:
+                data["rope_parameters"] = {"rope_theta": theta, **overrides["rope_parameters"]}
         if "num_labels" in overrides and "id2label" not in overrides:
             # A new label count replaces the stored label names, as in Transformers.
             data.pop("id2label", None)
@@ -626,7 +639,7 @@ class PhimoeConfig(MoeConfig):
         self.original_max_position_embeddings = int(omp)
         for name in ("short_mscale", "long_mscale"):
             v = p.get(name)
-            _check(_is_number(v), f"rope_parameters.{name}", f"must be a number, got {v!r}")
+            _check(_is_positive(v), f"rope_parameters.{name}", f"must be a positive number, got {v!r}")
 
 
 @takes_any_key
@@ -732,7 +745,7 @@ class JetMoeConfig(MoeConfig):
         self._normalize_rope(("default", *SCALED_ROPE_TYPES, *PER_FORWARD_ROPE_TYPES))
         p = self.rope_parameters
         if p["rope_type"] == "dynamic":  # (Transformers reads `factor` alone; its context is max_position_embeddings)
-            _check(_is_number(p.get("factor")) and p["factor"] > 0, "rope_parameters.factor",
+            _check(_is_positive(p.get("factor")), "rope_parameters.factor",
                    f"must be a positive number for rope_type 'dynamic', got {p.get('factor')!r}")
             _check(self.kv_channels > 2, "kv_channels",
                    f"must exceed 2 for rope_type 'dynamic' (its base scales by d / (d - 2)), got {self.kv_channels}")
@@ -741,7 +754,7 @@ class JetMoeConfig(MoeConfig):
                                                          self.max_position_embeddings))
             for name in ("factor", "attention_factor"):
                 v = p.get(name)
-                _check(v is None or (_is_number(v) and v > 0), f"rope_parameters.{name}",
+                _check(v is None or _is_positive(v), f"rope_parameters.{name}",
                        f"must be a positive number, got {v!r}")
             omp = p["original_max_position_embeddings"]  # (the default attention factor divides by ln of it)
             _check(p.get("attention_factor") is not None or omp > 1, "rope_parameters.original_max_position_embeddings",

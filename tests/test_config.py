@@ -68,6 +68,27 @@ def test_rope_scaling_given_to_from_pretrained_replaces_the_stored_rope(tmp_path
     assert PhimoeConfig.from_pretrained(tmp_path).rope_parameters == {"rope_type": "default", "rope_theta": 5000.0}
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_rope_parameters_given_to_from_pretrained_keep_the_stored_theta(arch, tmp_path):
+    """`from_pretrained(path, rope_parameters={...})` without a rope_theta keeps the checkpoint's (as
+    setting them on the loaded config does; Transformers 5.23 keeps none and fails building the
+    model), and one given in the dict or beside it wins."""
+    arch.our_config(rope_parameters={"rope_type": "default", "rope_theta": 100.0}).save_pretrained(tmp_path)
+    cls = type(arch.our_config())
+    half = arch.our_config().head_dim // 2
+    new = ({"rope_type": "dynamic", "factor": 3.0} if arch is ARCHS[1] else
+           {"rope_type": "longrope", "short_factor": [1.0] * half, "long_factor": [2.0] * half,
+            "short_mscale": 1.0, "long_mscale": 1.1, "original_max_position_embeddings": 16})
+    got = cls.from_pretrained(tmp_path, rope_parameters=new).rope_parameters
+    assert got == {**new, "rope_theta": 100.0}
+    set_after = cls.from_pretrained(tmp_path)
+    set_after.rope_parameters = dict(new)
+    set_after.validate_rope()
+    assert set_after.rope_parameters == got
+    assert cls.from_pretrained(tmp_path, rope_parameters={**new, "rope_theta": 7.0}).rope_parameters["rope_theta"] == 7.0
+    assert cls.from_pretrained(tmp_path, rope_parameters=new, rope_theta=9.0).rope_parameters["rope_theta"] == 9.0
+
+
 def test_return_unused_kwargs_as_transformers(tmp_path):
     """`from_pretrained(..., return_unused_kwargs=True)` (configs, AutoConfig): (config, the keyword
     arguments that name no attribute of it, not applied), as Transformers returns them."""
@@ -140,6 +161,13 @@ def test_round_trip_and_transformers_reads_it(tmp_path):
         ({"rope_scaling": {**longrope_scaling(128), "long_factor": ["a"] * 64}}, "long_factor"),
         ({"rope_scaling": {**longrope_scaling(128), "short_mscale": "big"}}, "short_mscale"),
         ({"rope_scaling": {**longrope_scaling(128), "long_mscale": None}}, "long_mscale"),
+        ({"rope_scaling": {**longrope_scaling(128), "short_mscale": 0.0}}, "short_mscale"),
+        ({"rope_scaling": {**longrope_scaling(128), "long_mscale": float("inf")}}, "long_mscale"),
+        ({"rope_scaling": {**longrope_scaling(128), "short_factor": [1.0] * 63 + [0.0]}}, "short_factor"),
+        ({"rope_scaling": {**longrope_scaling(128), "long_factor": [float("nan")] + [1.0] * 63}}, "long_factor"),
+        ({"rope_scaling": {**longrope_scaling(128), "long_factor": [-1.0] * 64}}, "long_factor"),
+        ({"rope_scaling": {**longrope_scaling(128), "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+        ({"rope_theta": float("inf")}, "rope_theta"),
         ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_type"),
         ({"attention_dropout": 1.5}, "attention_dropout"),
         ({"num_labels": 2, "id2label": {0: "a", 1: "b", 2: "c"}}, "num_labels"),

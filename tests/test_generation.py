@@ -580,6 +580,14 @@ def test_more_generation_settings_match_transformers(pair):
     a, b = both(pair, one, **settings)
     assert_same_tokens(a, b, "forced BOS")
     assert int(b[0, 1]) == 7
+    # a prompt given as embeddings alone counts no ids: the forced BOS comes second, and begin
+    # suppression with it, so the first new token is free (Transformers' begin index: 0 + 1)
+    embeds = pair[0].get_input_embeddings()(ids[:1]).detach()
+    first = int(greedy_new_tokens(pair, ids[:1], None, n=1)[0, 0])
+    settings = dict(forced_bos_token_id=7, begin_suppress_tokens=[first], max_new_tokens=3)
+    a, b = both(pair, None, inputs_embeds=embeds, **settings)
+    assert_same_tokens(a, b, "forced BOS after an embeddings-only prompt")
+    assert b[0, :2].tolist() == [first, 7]
 
 
 def test_eos_ids_stop_rows_and_pad(pair):

@@ -133,11 +133,26 @@ def test_scaled_rope_errors_name_the_field():
                           ({"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
                             "attention_factor": -1.0}, "attention_factor"),
                           ({"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
-                            "original_max_position_embeddings": 1}, "original_max_position_embeddings")):
+                            "original_max_position_embeddings": 1}, "original_max_position_embeddings"),
+                          # inf, a zero or nan entry, or partial rotation: nan logits (or, in Transformers,
+                          # a failing model) rather than an error
+                          ({"rope_type": "dynamic", "factor": float("inf")}, "factor"),
+                          ({"rope_type": "yarn", "factor": float("inf")}, "factor"),
+                          ({"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
+                            "factor": float("inf")}, "factor"),
+                          ({"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
+                            "attention_factor": float("inf")}, "attention_factor"),
+                          ({"rope_type": "longrope", "short_factor": [1.0, 0.0, 1.0, 1.0], "long_factor": [1.0] * 4},
+                           "short_factor"),
+                          ({"rope_type": "longrope", "short_factor": [1.0] * 4,
+                            "long_factor": [2.0, float("nan"), 8.0, 16.0]}, "long_factor"),
+                          ({"rope_type": "dynamic", "factor": 2.0, "partial_rotary_factor": 0.5},
+                           "partial_rotary_factor")):
         with pytest.raises(ConfigError, match=f"rope_parameters.{field}"):
             JETMOE.our_config(rope_parameters=params)
     with pytest.raises(ConfigError, match="rope_parameters.rope_type"):  # as Transformers' PhiMoE config
         PHIMOE.our_config(rope_parameters={"rope_type": "linear", "factor": 2.0})
+    assert JETMOE.our_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "partial_rotary_factor": 1.0})
 
 
 PER_FORWARD_ROPE = {

@@ -938,8 +938,9 @@ class GenerationMixin(ContinuousBatchingMixin):
         if gen.suppress_tokens is not None:
             procs.append(SuppressTokensLogitsProcessor(gen.suppress_tokens))
         if gen.begin_suppress_tokens is not None:
-            # the first new token; after a one-token prompt with a forced BOS, the one after it
-            begin = L + 1 if L == 1 and gen.forced_bos_token_id is not None else L
+            # the first new token; after a prompt of at most one token (an embeddings-only prompt
+            # counts none) with a forced BOS, the one after it, as Transformers counts it
+            begin = L + 1 if L <= 1 and gen.forced_bos_token_id is not None else L
             procs.append(SuppressTokensAtBeginLogitsProcessor(gen.begin_suppress_tokens, begin))
         procs = _merge(procs, custom, "logits processor")
         if gen.do_sample:
