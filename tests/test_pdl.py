@@ -97,7 +97,7 @@ def test_pdl_needs_hopper(capability, want, monkeypatch):
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.int64: "i64",
            torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
-_OPTIONS = ("num_warps", "num_stages", "launch_pdl")
+_OPTIONS = ("num_warps", "num_stages", "launch_pdl", "maxnreg")
 
 
 def _launch_specs(calls) -> dict[str, dict]:
@@ -117,7 +117,7 @@ def _launch_specs(calls) -> dict[str, dict]:
             else:
                 sig.append("fp32")
         const = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
-        opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+        opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "maxnreg") and v is not None}
         spec = {"module": module.__name__, "kernel": name, "sig": sig, "const": const, "opts": opts}
         # one compile per kernel (the rule is at its start), one for the decode attention
         # reading a beam-search cache through its slot_rows (a load more, after the wait), and

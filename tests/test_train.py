@@ -1078,7 +1078,11 @@ def test_trainer_over_two_processes(tmp_path, arch):
         [r["expert_load"] for r in records(tmp_path / "one", "train")]
     weights = AutoModelForCausalLM.from_pretrained(runs / "A" / "latest").state_dict()
     for name, p in one.model.state_dict().items():
-        torch.testing.assert_close(weights[name], p, rtol=1e-4, atol=1e-6, msg=name)
+        # A key projection's bias (PhiMoE's) gets no gradient but rounding: it adds q.b to every
+        # score of a query, which the softmax takes away. AdamW turns that noise into updates of up
+        # to lr * |g| / eps a step, and the two runs' gradient sums round otherwise.
+        tol = dict(rtol=0.0, atol=1e-4) if name.endswith("k_proj.bias") else dict(rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(weights[name], p, **tol, msg=name)
     assert records(runs / "A", "start")[0]["processes"] == 2
 
     # B and C: stopped after step 3, resumed at the checkpoint of step 2, and equal to B bit for bit
