@@ -1282,9 +1282,9 @@ DECODE_ONE_BLOCK_LOADS = 1
 
 # Registers a thread of the decode attention may use where its programs of 2 warps would fill the
 # SMs 7 or 8 deep (0: never capped). Uncapped, the compiler takes 142 at 32 keys and 2 warps (sm_90,
-# rotary on the queries), so 6 programs share an SM and JetMoE's 1024 at batch 64 ran in 1.3 waves; at 128 (4
-# registers spilled) 8 fit and they run in one: alone 43.3 against 46.0 us on an H100, graphed
-# decode 8860 against 8756 tok/s (h100-2026-12-06-decode-attn-maxnreg128.json,
+# rotary on the queries), so 6 programs share an SM and JetMoE's 1024 at batch 64 ran in 1.3
+# waves; at 128 (4 registers spilled) 8 fit and they run in one: alone 43.3 against 46.0 us on an
+# H100, graphed decode 8860 against 8756 tok/s (h100-2026-12-06-decode-attn-maxnreg128.json,
 # -ab-maxnreg128-jetmoe-b*.json). At most 6 deep, one wave holds them anyway.
 DECODE_WAVE_MAXNREG = 128
 
