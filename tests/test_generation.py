@@ -870,6 +870,41 @@ def test_assisted_decoding_equals_greedy(pair):
     assert len(calls) < new_tokens, "no draft was ever accepted"
 
 
+def test_assistant_drafts_under_the_logits_processors(pair):
+    """An assistant drafts under the call's logits processors, as Transformers' does: with this
+    model's weights it drafts what verification picks even where a no-repeat rule moves the argmax,
+    so every draft is kept, in as many verify forwards as Transformers makes (its raw argmax would
+    be rejected there). With a repetition penalty too, moetorch keeps every draft; Transformers'
+    assistant applies the penalty twice (once from the generation config it copies, once from the
+    processors it is handed), so its drafts part from the target's and it verifies more often."""
+    hf, ours = pair
+    ids, _ = prompts(batch=2, padding=None)
+
+    def verify_forwards(model, **settings):
+        assistant = copy.deepcopy(model)
+        assistant.generation_config.num_assistant_tokens = 4
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        assistant.generation_config.assistant_confidence_threshold = 0.0
+        calls = []
+        hook = model.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            outs = [model.generate(ids[row : row + 1], assistant_model=assistant, **settings) for row in range(2)]
+        finally:
+            hook.remove()
+        for row, out in enumerate(outs):
+            what = f"{type(model).__name__}, {settings}, row {row}"
+            assert_same_tokens(model.generate(ids[row : row + 1], **settings), out, what)
+        return len(calls)
+
+    no_repeat = dict(max_new_tokens=20, eos_token_id=None, no_repeat_ngram_size=2)
+    raw = [ours.generate(ids[row : row + 1], max_new_tokens=20, eos_token_id=None) for row in range(2)]
+    assert any(not torch.equal(r, ours.generate(ids[row : row + 1], **no_repeat)) for row, r in enumerate(raw)), \
+        "the no-repeat rule must move the argmax somewhere"
+    counts = [verify_forwards(model, **no_repeat) for model in (hf, ours)]
+    assert counts == [2 * 4, 2 * 4], f"verify forwards (Transformers, moetorch): {counts}; 4 rounds of 5 tokens a row"
+    assert verify_forwards(ours, repetition_penalty=4.0, **no_repeat) == 2 * 4
+
+
 def test_assisted_decoding_returns_greedy_attentions_and_hidden_states(pair):
     """`output_attentions` / `output_hidden_states` with an assistant or prompt lookup: one entry per
     new token, split out of the verify forwards, equal to greedy search's (the prompt's rows first,
@@ -1433,6 +1468,50 @@ def test_compute_transition_scores_matches_transformers(pair, settings):
             ours.compute_transition_scores(b.sequences, b.scores)
         with pytest.raises(ValueError, match="beam_indices has 1 rows"):
             ours.compute_transition_scores(b.sequences, b.scores, b.beam_indices[:1])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_prompt_lookup_drafts_pass_the_logits_processors_as_transformers(seed):
+    """Prompt lookup drops a draft the logits processors forbid (and the drafts after it), and where
+    an occurrence's first draft is forbidden takes the next occurrence, as Transformers' candidate
+    generator does: against it on random sequences over a few token ids, under a no-repeat rule
+    and banned words (which forbid many looked-up drafts), and a repetition penalty (none)."""
+    from transformers import LogitsProcessorList as HFList
+    from transformers import NoBadWordsLogitsProcessor as HFBad
+    from transformers import NoRepeatNGramLogitsProcessor as HFNoRepeat
+    from transformers import RepetitionPenaltyLogitsProcessor as HFPenalty
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    from moetorch.generation import (
+        LogitsProcessorList,
+        NoBadWordsLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+    from moetorch.generation.utils import _lookup_allowed, _prompt_lookup
+
+    V = 6
+    gen = torch.Generator().manual_seed(seed)
+    rules = [(lambda: [HFNoRepeat(2)], lambda: [NoRepeatNGramLogitsProcessor(2)]),
+             (lambda: [HFNoRepeat(3), HFBad([[4]], eos_token_id=5)],
+              lambda: [NoRepeatNGramLogitsProcessor(3), NoBadWordsLogitsProcessor([[4]], eos_token_id=5)]),
+             (lambda: [HFPenalty(1.5)], lambda: [RepetitionPenaltyLogitsProcessor(1.5)])]
+    cut = 0
+    for trial in range(30):
+        L = int(torch.randint(3, 30, (1,), generator=gen))
+        row = torch.randint(0, V, (L,), generator=gen)
+        ngram, num = 1 + trial % 3, 1 + trial % 5
+        theirs_list, ours_list = rules[trial % 3]
+        theirs = PromptLookupCandidateGenerator(None, num, ngram, max_length=L + 100,
+                                                logits_processor=HFList(theirs_list()), vocab_size=V)
+        want = theirs.get_candidates(row[None])[0][0, L:].tolist()
+        allowed = _lookup_allowed(LogitsProcessorList(ours_list()), row[None], V)
+        begin, count = _prompt_lookup(row, num, ngram, L + 100, set(), None, allowed)
+        assert row[begin : begin + count].tolist() == want, (row.tolist(), ngram, num, trial % 3)
+        plain = _prompt_lookup(row, num, ngram, L + 100, set())
+        cut += plain != (begin, count)
+    assert cut >= 5, "the processors must forbid some looked-up drafts"
+    assert _lookup_allowed(LogitsProcessorList(), torch.zeros(1, 3, dtype=torch.long), V) is None
 
 
 def test_prompt_lookup_decoding_equals_greedy(pair):

@@ -1272,14 +1272,17 @@ class GenerationMixin(ContinuousBatchingMixin):
                 if assistant is None:
                     room = cache.max_cache_len - L if isinstance(cache, StaticCache) else None
                     begin, count = _prompt_lookup(host, gen.prompt_lookup_num_tokens,
-                                                  gen.max_matching_ngram_size or 2, max_length, eos_ids, room)
+                                                  gen.max_matching_ngram_size or 2, max_length, eos_ids, room,
+                                                  _lookup_allowed(processors, seq, self.config.vocab_size))
                     cand = torch.cat([seq, seq[:, begin : begin + count]], dim=-1)
                 for _ in range(min(num, max_length - L - 1)):
                     # an assistant on another device reads the tokens there, and gives its logits back
                     logits = _forward(assistant, cand.to(draft_device), draft_ctx, draft_cache, 1).logits[:, -1]
                     logits = logits.to(cand.device)
-                    if gen.do_sample or weight is not None:  # the assistant's distribution under the same processors
-                        q = processors(cand, logits.to(dtype=torch.float32, copy=True)).softmax(dim=-1)
+                    if processors or gen.do_sample or weight is not None:  # the assistant drafts under the
+                        logits = processors(cand, logits.to(dtype=torch.float32, copy=True))  # same processors
+                    if gen.do_sample or weight is not None:  # the assistant's distribution
+                        q = logits.softmax(dim=-1)
                         draft_q.append(q)
                     if gen.do_sample:
                         token = torch.multinomial(q, num_samples=1)
@@ -1435,7 +1438,8 @@ def _prefill_in_chunks(model, seq_RL: torch.Tensor, ctx: _Context, cache: Cache,
 
 
 def _prompt_lookup(row_L: torch.Tensor, max_new: int, max_ngram: int, max_length: int,
-                   eos_ids: set[int], room: int | None = None) -> tuple[int, int]:
+                   eos_ids: set[int], room: int | None = None,
+                   allowed: Callable[[int, int], int] | None = None) -> tuple[int, int]:
     """Prompt lookup decoding's drafts in the sequence `row_L` (on the host): (where they begin, how
     many). For n-gram sizes from `max_ngram` down to 1, the first earlier occurrence of the
     sequence's last n tokens gives the drafts: up to `max_new` of the tokens that followed it, none
@@ -1443,19 +1447,43 @@ def _prompt_lookup(row_L: torch.Tensor, max_new: int, max_ngram: int, max_length
     Transformers' prompt lookup takes them. Drafts may run past `max_length` (verification drops
     them; their positions still reach the verify forward, as in Transformers, which a rotary table
     picked per forward reads). `room`: a static cache's free slots past the sequence, a further
-    cap; no occurrence: no drafts."""
+    cap; no occurrence: no drafts. `allowed(begin, count)`: how many of the drafts the logits
+    processors let through (`_lookup_allowed`); an occurrence whose first draft they forbid gives
+    way to the next one."""
     L = row_L.shape[0]
     if max_length == L + 1:
         return L, 0
+    most = max_new if room is None else min(max_new, max(room, 0))
     for n in range(min(max_ngram, L - 1), 0, -1):
         windows = row_L.unfold(0, n, 1)[:-1]  # every earlier n-gram (the last is the pattern itself)
-        starts = (windows == row_L[L - n :]).all(dim=1).nonzero()
-        if starts.numel():
-            begin = int(starts[0]) + n
-            most = max_new if room is None else min(max_new, max(room, 0))
-            drafts = row_L[begin : min(begin + most, max_length)].tolist()
-            return begin, next((i for i, t in enumerate(drafts) if t in eos_ids), len(drafts))
+        for start in (windows == row_L[L - n :]).all(dim=1).nonzero()[:, 0].tolist():
+            begin = start + n
+            count = min(begin + most, max_length, L) - begin
+            if count > 0 and allowed is not None:
+                count = allowed(begin, count)
+            if count > 0:
+                drafts = row_L[begin : begin + count].tolist()
+                return begin, next((i for i, t in enumerate(drafts) if t in eos_ids), count)
     return L, 0
+
+
+def _lookup_allowed(processors: LogitsProcessorList, seq: torch.Tensor, vocab: int) -> Callable[[int, int], int] | None:
+    """For `_prompt_lookup`: how many of the drafts seq[0, begin : begin + count] the logits processors
+    let through, as Transformers' prompt lookup checks them: each draft's score after the processors
+    run on scores of ones and the sequence with the drafts before it, forbidden at -inf or float32's
+    lowest value. One read to the host a check; none without processors."""
+    if not processors:
+        return None
+
+    def allowed(begin: int, count: int) -> int:
+        drafts = seq[:, begin : begin + count]
+        ones = torch.ones((1, vocab), dtype=torch.float32, device=seq.device)
+        kept = torch.stack([processors(torch.cat([seq, drafts[:, :i]], dim=-1), ones.clone())[0, drafts[0, i]]
+                            for i in range(count)])
+        forbidden = ((kept == float("-inf")) | (kept == torch.finfo(torch.float32).min)).tolist()
+        return next((i for i, f in enumerate(forbidden) if f), count)
+
+    return allowed
 
 
 def _builtin_stops(criteria: StoppingCriteriaList) -> bool:
