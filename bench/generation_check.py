@@ -10,8 +10,9 @@
    logits processor after the prefill: none per step when only max_length can stop, one per step
    (the stop check) with an EOS id.
 3. Assisted decoding (one row, a one-layer assistant sharing the first layer): greedy search's
-   tokens, with the default draft settings and with the "heuristic" schedule; and prompt lookup
-   decoding (a JetMoE table picked per forward: the CPU's tokens for the same call).
+   tokens, with the default draft settings and with the "heuristic" schedule, and under a no-repeat
+   rule (drafts through the logits processors); and prompt lookup decoding, also under that rule
+   (a JetMoE table picked per forward: the CPU's tokens for the same call).
 4. Decode speed (informative): greedy tokens/s with a dynamic and a static cache, batch 1.
 All of it for PhiMoE, JetMoE, and JetMoE with "dynamic" and "longrope" rotary tables (picked per
 forward from its largest position, past `max_position_embeddings` in these calls).
@@ -164,6 +165,18 @@ def check(name, config, cls, results) -> bool:
         want = cpu.generate(row.cpu(), prompt_lookup_num_tokens=3, max_new_tokens=24, eos_token_id=None)
     results[f"{name}.prompt_lookup.{what}"] = same = torch.equal(got, want)
     ok &= same
+    # under a logits processor (a no-repeat rule): drafts run through it (assistant) or are
+    # dropped where it forbids them (prompt lookup); greedy search's tokens under the same rule
+    rule = dict(no_repeat_ngram_size=2, max_new_tokens=24, eos_token_id=None)
+    want = gpu.generate(row, **rule).cpu()
+    drafters = {"assisted": dict(assistant_model=small), "prompt_lookup": dict(prompt_lookup_num_tokens=3)}
+    for case, kwargs in drafters.items():
+        got = gpu.generate(row, **kwargs, **rule).cpu()
+        if per_forward:
+            cpu_kwargs = dict(assistant_model=small_cpu) if case == "assisted" else kwargs
+            want = cpu.generate(row.cpu(), **cpu_kwargs, **rule)
+        results[f"{name}.{case}_no_repeat.{what}"] = same = torch.equal(got, want)
+        ok &= same
 
     prompt = ids[:1, 5:].cuda()
     for cache in ("dynamic", "static"):
