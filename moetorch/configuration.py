@@ -32,6 +32,19 @@ logger = logging.getLogger("moetorch")
 
 # Keys that Transformers writes for every model and that carry no meaning here.
 _IGNORED_KEYS = {"transformers_version", "_name_or_path", "auto_map", "torch_dtype", "_commit_hash"}
+# Generation settings a config.json may carry (Transformers' `GenerationConfig._get_default_generation_params`).
+# As in Transformers, they are taken off the config when it is made: a checkpoint without a
+# generation_config.json hands them to `model.generation_config` (`_generation_settings`), and
+# neither config.json nor the config's attributes keep them.
+GENERATION_KEYS = frozenset({
+    "assistant_confidence_threshold", "assistant_lookbehind", "bad_words_ids", "begin_suppress_tokens",
+    "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
+    "encoder_repetition_penalty", "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty",
+    "forced_bos_token_id", "forced_eos_token_id", "length_penalty", "max_length", "min_length",
+    "no_repeat_ngram_size", "num_assistant_tokens", "num_assistant_tokens_schedule", "num_beam_groups", "num_beams",
+    "num_return_sequences", "output_scores", "remove_invalid_values", "repetition_penalty",
+    "return_dict_in_generate", "suppress_tokens", "target_lookbehind", "temperature", "top_k", "top_p", "typical_p",
+})
 # Fields that describe the runtime, not the checkpoint: never written to config.json.
 _RUNTIME_FIELDS = {"attn_implementation", "extra"}
 
@@ -79,6 +92,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+_NUMBER_CHECKS = {"int": (_is_int, "an integer"), "float": (_is_number, "a number")}
+
+
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """A value assigned to a built config's integer or float field has that type (None where the
+    field takes it), as Transformers' strict configs check an assignment."""
+    kind, _, rest = annotation.partition(" | ")
+    if kind in _NUMBER_CHECKS and rest in ("", "None") and not (value is None and rest == "None"):
+        test, what = _NUMBER_CHECKS[kind]
+        _check(test(value), name, f"must be {what}{' or None' if rest else ''}, got {value!r}")
+
+
 def check_positive_ints(cfg: Any, names: list[str]) -> None:
     for name in names:
         v = getattr(cfg, name)
@@ -100,9 +125,23 @@ def takes_any_key(cls):
         kwargs = cls._rename_legacy_keys(kwargs)
         if "torch_dtype" in kwargs and kwargs.get("dtype") is None:
             kwargs["dtype"] = kwargs["torch_dtype"]
+        if "num_experts" in kwargs and "num_local_experts" in names:  # the alias `num_experts` reads and sets
+            experts = kwargs.pop("num_experts")
+            _check(kwargs.setdefault("num_local_experts", experts) == experts, "num_experts",
+                   f"{experts!r} conflicts with num_local_experts = {kwargs['num_local_experts']!r} (same field)")
+        if "use_return_dict" in kwargs:
+            raise ConfigError("invalid config field `use_return_dict`: it reads return_dict; set return_dict instead")
+        # runtime state, as Transformers keeps it: never a field, never saved
+        name_or_path = os.fspath(kwargs.pop("name_or_path", ""))
+        experts_implementation = kwargs.pop("experts_implementation", None)
+        generation = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS and k not in names}
         extra = dict(kwargs.pop("extra", None) or {})
         extra.update({k: v for k, v in kwargs.items() if k not in names and k not in _IGNORED_KEYS})
         init(self, **{k: v for k, v in kwargs.items() if k in names}, extra=extra)
+        object.__setattr__(self, "_generation_settings", generation)
+        object.__setattr__(self, "_experts_implementation", experts_implementation)
+        if name_or_path:
+            object.__setattr__(self, "_name_or_path", name_or_path)
         object.__setattr__(self, "_built", True)  # from here on, `MoeConfig.__setattr__` applies its rules
 
     cls.__init__ = __init__
@@ -120,6 +159,8 @@ class MoeConfig(PushToHubMixin):
     derived_keys: ClassVar[tuple[str, ...]] = ()
     # output fields Transformers' Trainer leaves out of its predictions, as for Transformers' models
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    # Transformers' shared attribute (feed-forward chunking, which neither model uses): read as 0
+    chunk_size_feed_forward: ClassVar[int] = 0
     # Transformers' map of attribute names read as others (JetMoE: head_dim -> kv_channels, a property here)
     attribute_map: ClassVar[dict[str, str]] = {}
     # Where the config was loaded from, as `from_pretrained` was given it ("" for a new config): Transformers'
@@ -160,6 +201,9 @@ class MoeConfig(PushToHubMixin):
             self.label2id = {v: k for k, v in self.id2label.items()}
         allowed = (None, "regression", "single_label_classification", "multi_label_classification")
         _check(self.problem_type in allowed, "problem_type", f"must be one of {allowed}, got {self.problem_type!r}")
+        _check(self.problem_type != "single_label_classification" or self.num_labels > 1, "problem_type",
+               "'single_label_classification' needs num_labels > 1 (its loss over one class is always 0): use "
+               "num_labels=2 for two classes, or problem_type='regression' for one output")
         allowed_attn = (None, "eager", "sdpa", "flash_attention_2")
         _check(
             self.attn_implementation in allowed_attn,
@@ -203,9 +247,17 @@ class MoeConfig(PushToHubMixin):
             "rope_parameters.rope_type",
             f"{params['rope_type']!r} is not supported; allowed: {allowed_types}",
         )
+        if "partial_rotary_factor" in self.extra:  # given as a keyword: RoPE's, as Transformers files it
+            params.setdefault("partial_rotary_factor", self.extra.pop("partial_rotary_factor"))
         partial = params.get("partial_rotary_factor", 1.0)
-        _check(partial == 1.0, "rope_parameters.partial_rotary_factor",
-               f"must be 1.0: this model rotates every dimension of a head, got {partial!r}")
+        if partial != 1.0:
+            # Transformers' models of both families rotate every dimension of a head whatever the
+            # factor says under the default RoPE (kept, read by neither), and fail under the others
+            _check(params["rope_type"] == "default", "rope_parameters.partial_rotary_factor",
+                   f"must be 1.0 for rope_type {params['rope_type']!r}: this model rotates every dimension of "
+                   f"a head, got {partial!r}")
+            logger.warning("rope_parameters.partial_rotary_factor = %r is ignored, as in Transformers: this model "
+                           "rotates every dimension of a head", partial)
         self.rope_parameters = params
         self.rope_theta = float(theta)
         self.rope_scaling = params  # Transformers 5 reads `rope_scaling` as `rope_parameters`; not saved
@@ -311,6 +363,8 @@ class MoeConfig(PushToHubMixin):
         sets `num_labels`. Private names (`_x`) are plain attributes, never saved."""
         built = self.__dict__.get("_built", False)  # constructed and validated (`takes_any_key`)
         if not built or name.startswith("_") or name in self.__dataclass_fields__ or hasattr(type(self), name):
+            if built and name in self.__dataclass_fields__:
+                _check_type(name, str(self.__dataclass_fields__[name].type), value)
             if built and name == "dtype":
                 value = as_torch_dtype(value)
             elif built and name == "num_labels" and value != len(self.id2label):
@@ -331,6 +385,12 @@ class MoeConfig(PushToHubMixin):
             del extra[name]
         else:
             object.__delattr__(self, name)
+
+    def validate(self) -> None:
+        """Check every field again, as the config checked them when made (Transformers' method, for
+        values set since): a ConfigError naming the field at fault, else None. Models check their
+        config so when built."""
+        type(self).from_dict(self.to_dict())
 
     def get_text_config(self, *args: Any, **kwargs: Any) -> MoeConfig:
         return self
@@ -359,6 +419,7 @@ class MoeConfig(PushToHubMixin):
             probe = cls.from_dict(config_dict)
             unused = {k: v for k, v in overrides.items() if not hasattr(probe, k)}
             return cls.from_dict(config_dict, **{k: v for k, v in overrides.items() if k not in unused}), unused
+        config_dict = cls._settle_stored_names(config_dict)
         data = {**config_dict, **overrides}
         stored = config_dict.get("rope_parameters") or {}
         theta = overrides.get("rope_theta", stored.get("rope_theta", config_dict.get("rope_theta")))
@@ -370,6 +431,11 @@ class MoeConfig(PushToHubMixin):
             # new RoPE parameters without a theta keep the stored one (not the class default)
             if theta is not None:
                 data["rope_parameters"] = {"rope_theta": theta, **overrides["rope_parameters"]}
+        elif "rope_theta" in overrides and "rope_parameters" not in overrides and isinstance(stored, dict):
+            # a new theta alone replaces the stored RoPE's (which would otherwise win over it)
+            data["rope_parameters"] = {**stored, "rope_theta": overrides["rope_theta"]}
+        if "num_experts" in overrides and "num_local_experts" not in overrides and "num_experts" not in config_dict:
+            data["num_local_experts"] = data.pop("num_experts")  # the alias overrides the stored field
         if "num_labels" in overrides and "id2label" not in overrides:
             # A new label count replaces the stored label names, as in Transformers.
             data.pop("id2label", None)
@@ -378,6 +444,13 @@ class MoeConfig(PushToHubMixin):
 
     @classmethod
     def _rename_legacy_keys(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    @classmethod
+    def _settle_stored_names(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A config.json's dict before it is read (`from_dict`): where it holds one field under two
+        names that disagree (JetMoE: Transformers writes the original names it was given beside its
+        own and reads its own), the Transformers-5 name's value, with a warning."""
         return data
 
     def to_dict(self) -> dict[str, Any]:
@@ -417,7 +490,7 @@ class MoeConfig(PushToHubMixin):
     def to_json_string(self, use_diff: bool = True) -> str:
         """config.json's text. Every field is written (`use_diff`, Transformers' choice of writing
         only values that differ from its base defaults, is accepted and changes nothing)."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps(encode_special_floats(self.to_dict()), indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
         with open(json_file_path, "w", encoding="utf-8") as f:
@@ -516,7 +589,34 @@ def read_config_dict(path: str | os.PathLike, **hub: Any) -> dict[str, Any]:
         raise ConfigError(f"{file} is not a config.json (not text); pass the checkpoint's directory") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return decode_special_floats(data)
+
+
+_SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def decode_special_floats(value: Any) -> Any:
+    """`value` with Transformers' JSON form of a non-finite float, {"__float__": "Infinity"} (or
+    "-Infinity", "NaN"), read back as the float, in dicts and lists too."""
+    if isinstance(value, dict):
+        if len(value) == 1 and value.get("__float__") in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[value["__float__"]]
+        return {k: decode_special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_special_floats(v) for v in value]
+    return value
+
+
+def encode_special_floats(value: Any) -> Any:
+    """`value` with each non-finite float written as Transformers writes it ({"__float__": "NaN"}, ...),
+    so that config.json stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"}
+    if isinstance(value, dict):
+        return {k: encode_special_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_special_floats(v) for v in value]
+    return value
 
 
 @takes_any_key
@@ -791,6 +891,9 @@ class JetMoeConfig(MoeConfig):
                 continue
             value = data.pop(old)
             if new in data and data[new] != value:
+                if old in cls.attribute_map:  # Transformers' own alias wins over the field, as there
+                    data[new] = value
+                    continue
                 raise ConfigError(
                     f"invalid config field `{old}`: {value!r} conflicts with `{new}` = {data[new]!r} (same field)"
                 )
@@ -805,6 +908,15 @@ class JetMoeConfig(MoeConfig):
                 "config field `num_attention_heads` = %r ignored: JetMoE derives it as "
                 "num_key_value_heads * num_experts_per_tok = %d", heads, kv * k,
             )
+        return data
+
+    @classmethod
+    def _settle_stored_names(cls, data: dict[str, Any]) -> dict[str, Any]:
+        data = dict(data)
+        for old, new in cls.aliases.items():
+            if old in data and new in data and data[old] != data[new] and old not in cls.attribute_map:
+                logger.warning("config field `%s` = %r ignored: `%s` = %r is set too, and Transformers reads it",
+                               old, data.pop(old), new, data[new])
         return data
 
     def to_dict(self) -> dict[str, Any]:

@@ -171,6 +171,7 @@ def test_round_trip_and_transformers_reads_it(tmp_path):
         ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_type"),
         ({"attention_dropout": 1.5}, "attention_dropout"),
         ({"num_labels": 2, "id2label": {0: "a", 1: "b", 2: "c"}}, "num_labels"),
+        ({"problem_type": "single_label_classification", "num_labels": 1}, "problem_type"),  # Transformers too
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
@@ -261,3 +262,128 @@ def test_config_names_tools_read():
     model = moetorch.JetMoeForCausalLM.from_pretrained("tiny-jetmoe")
     assert model.name_or_path == model.config._name_or_path == "tiny-jetmoe"
     assert type(model)(model.config).name_or_path == "tiny-jetmoe"  # a model made from a config takes its name
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_rope_theta_given_to_from_pretrained_is_applied(arch, tmp_path):
+    """`from_pretrained(path, rope_theta=x)` over a config.json in the v5 form gives the RoPE that
+    theta (the stored rope_parameters kept otherwise), as a v4 config did and as setting it in the
+    loaded config's rope_parameters does; Transformers 5.23's configs ignore it and its models
+    refuse it (docs/differences.md)."""
+    arch.our_config(rope_parameters={"rope_type": "default", "rope_theta": 100.0}).save_pretrained(tmp_path)
+    cls = type(arch.our_config())
+    got = cls.from_pretrained(tmp_path, rope_theta=250.0)
+    assert got.rope_parameters == {"rope_type": "default", "rope_theta": 250.0} and got.rope_theta == 250.0
+    assert cls.from_pretrained(tmp_path).rope_theta == 100.0
+    want = arch.hf_config(rope_parameters={"rope_type": "default", "rope_theta": 250.0})
+    assert got.rope_parameters == {k: v for k, v in want.rope_parameters.items() if k != "type"}
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_partial_rotary_factor_as_transformers(arch, tmp_path, caplog):
+    """`partial_rotary_factor`, as a keyword or in rope_parameters: filed in rope_parameters as
+    Transformers files it, and under the default RoPE read by neither library's model (every
+    dimension of a head rotates; a warning says so), so that Transformers' files load; under a
+    scaled RoPE, where Transformers' models fail, an error naming it."""
+    for given in (dict(partial_rotary_factor=0.5),
+                  dict(rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.5})):
+        theirs = arch.hf_config(**given)
+        with caplog.at_level("WARNING", logger="moetorch"):
+            ours = arch.our_config(**given)
+        assert "partial_rotary_factor" in caplog.text
+        assert ours.rope_parameters == {k: v for k, v in theirs.rope_parameters.items() if k != "type"}
+        assert "partial_rotary_factor" not in ours.to_dict()  # (only inside rope_parameters)
+        theirs.save_pretrained(tmp_path)
+        assert type(ours).from_pretrained(tmp_path).rope_parameters == ours.rope_parameters
+    with pytest.raises(ConfigError, match="rope_parameters.partial_rotary_factor"):
+        arch.our_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "partial_rotary_factor": 0.5}
+                        if arch is ARCHS[1] else {"rope_type": "longrope", **longrope_scaling(4),
+                                                  "partial_rotary_factor": 0.5})
+
+
+def test_non_finite_floats_in_config_json_as_transformers(tmp_path):
+    """A non-finite float in a config: Transformers writes {"__float__": "Infinity"} and reads it back;
+    moetorch reads that form, and writes it (valid JSON, which Transformers reads back)."""
+    theirs = transformers.PhimoeConfig(custom_limit=float("inf"), custom_list=[1.0, float("-inf")])
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = PhimoeConfig.from_pretrained(tmp_path / "theirs")
+    assert ours.custom_limit == float("inf") and ours.custom_list == [1.0, float("-inf")]
+    ours.custom_nan = float("nan")
+    ours.save_pretrained(tmp_path / "ours")
+
+    def no_constants(name):
+        raise AssertionError(f"config.json holds {name}, which is no JSON")
+
+    text = (tmp_path / "ours" / "config.json").read_text()
+    assert json.loads(text, parse_constant=no_constants)["custom_limit"] == {"__float__": "Infinity"}
+    back = transformers.PhimoeConfig.from_pretrained(tmp_path / "ours")
+    assert back.custom_limit == float("inf") and back.custom_list == [1.0, float("-inf")]
+    assert back.custom_nan != back.custom_nan  # nan
+
+
+def test_runtime_keywords_are_not_saved(tmp_path):
+    """`name_or_path`, `experts_implementation` and the alias `num_experts` as constructor keywords:
+    the first two are runtime state, as in Transformers (config.json keeps neither), the alias sets
+    the field it names (a conflict is an error); `use_return_dict`, read-only, is an error naming
+    return_dict; `chunk_size_feed_forward` reads 0, as every Transformers config."""
+    cfg = PhimoeConfig(name_or_path="some/model", experts_implementation="eager", num_experts=4)
+    theirs = transformers.PhimoeConfig(name_or_path="some/model", experts_implementation="eager")
+    assert cfg.name_or_path == theirs.name_or_path == "some/model"
+    assert cfg.num_local_experts == cfg.num_experts == 4
+    cfg.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not {"name_or_path", "experts_implementation", "num_experts"} & set(saved)
+    assert saved["num_local_experts"] == 4
+    assert PhimoeConfig.from_pretrained(tmp_path, num_experts=2).num_local_experts == 2
+    with pytest.raises(ConfigError, match="num_experts"):
+        PhimoeConfig(num_experts=4, num_local_experts=8)
+    with pytest.raises(ConfigError, match="return_dict"):
+        PhimoeConfig(use_return_dict=False)
+    assert cfg.chunk_size_feed_forward == theirs.chunk_size_feed_forward == 0
+
+
+def test_jetmoe_names_twice_in_config_json_as_transformers(tmp_path, caplog):
+    """A config.json that holds a field under JetMoE's original name and Transformers' name with
+    different values (Transformers writes the original names it is given beside its own, and reads
+    its own): Transformers' name wins, with a warning; as keywords the conflict stays an error.
+    Transformers' alias head_dim beside kv_channels as keywords: head_dim wins, as there."""
+    transformers.JetMoeConfig(moe_top_k=1, ffn_hidden_size=48, kv_channels=8).save_pretrained(tmp_path)
+    theirs = transformers.JetMoeConfig.from_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="moetorch"):
+        ours = JetMoeConfig.from_pretrained(tmp_path)
+    assert "moe_top_k" in caplog.text
+    assert (ours.num_experts_per_tok, ours.intermediate_size, ours.kv_channels) == \
+        (theirs.num_experts_per_tok, theirs.intermediate_size, theirs.kv_channels) == (2, 5632, 8)
+    with pytest.raises(ConfigError, match="moe_top_k"):
+        JetMoeConfig(moe_top_k=1, num_experts_per_tok=2)
+    for kwargs in (dict(kv_channels=8, head_dim=16), dict(head_dim=16, kv_channels=8)):
+        assert JetMoeConfig(**kwargs).kv_channels == transformers.JetMoeConfig(**kwargs).kv_channels
+
+
+def test_assignment_and_validate_check_the_fields():
+    """As Transformers' strict configs: a built config's integer or float field refuses a value of
+    another type when assigned, naming the field (None where the field takes it); `validate()` checks
+    every field again (values assigned since), as the config checked them when made."""
+    theirs = transformers.PhimoeConfig()
+    for name, value in (("hidden_size", "32"), ("vocab_size", None), ("rms_norm_eps", "x")):
+        cfg = PhimoeConfig()
+        with pytest.raises(ConfigError, match=f"`{name}`"):
+            setattr(cfg, name, value)
+        with pytest.raises(Exception, match=name):
+            setattr(theirs, name, value)
+        assert getattr(cfg, name) == getattr(PhimoeConfig(), name)  # (unchanged)
+    cfg = PhimoeConfig()
+    cfg.num_key_value_heads, cfg.rms_norm_eps, cfg.sliding_window = None, 1, 64  # None, an int for a float
+    cfg.validate()
+    cfg.num_hidden_layers = 0
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        cfg.validate()
+
+
+def test_single_label_classification_needs_two_labels_as_transformers():
+    """`problem_type="single_label_classification"` with one label (a cross-entropy over one class, 0
+    for every input): an error in both libraries, naming problem_type."""
+    for lib in (moetorch, transformers):
+        for cls in (lib.PhimoeConfig, lib.JetMoeConfig):
+            with pytest.raises(ValueError, match="problem_type"):
+                cls(problem_type="single_label_classification", num_labels=1)

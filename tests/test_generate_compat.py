@@ -149,6 +149,31 @@ def test_generation_settings_on_the_model_config_are_an_error(pair):
         del hf.config.temperature
 
 
+def test_generation_settings_in_config_json_as_transformers(pair, tmp_path):
+    """A checkpoint whose config.json carries generation settings (older ones do): as in
+    Transformers, the config does not keep them; with a generation_config.json beside it, that file
+    decides and generate() runs; without one, `model.generation_config` takes them. Same tokens."""
+    import json
+    import os
+
+    hf, ours = pair
+    ours.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "max_length": 9, "temperature": 0.3,
+                                                       "do_sample": True, "top_k": 3}))
+    for with_file in (True, False):
+        if not with_file:
+            os.remove(tmp_path / "generation_config.json")
+        models = (type(hf).from_pretrained(tmp_path), type(ours).from_pretrained(tmp_path))
+        for model in models:
+            assert not hasattr(model.config, "max_length") and "max_length" not in model.config.to_dict()
+        if not with_file:
+            got = [(m.generation_config.max_length, m.generation_config.temperature,
+                    m.generation_config.do_sample, m.generation_config.top_k) for m in models]
+            assert got[0] == got[1] == (9, 0.3, True, 3), got
+        same(models, **prompt(pair), max_new_tokens=4, seed=3)
+
+
 @pytest.mark.parametrize("settings", [{"num_beams": 2}, {"num_beams": 3, "num_return_sequences": 2},
                                       {"do_sample": True, "num_return_sequences": 2}])
 def test_an_empty_cache_with_several_rows_a_prompt(pair, settings):

@@ -80,8 +80,10 @@ def test_original_names_are_aliases(tmp_path):
     out = cfg.to_dict()
     assert out["intermediate_size"] == 40 and out["num_local_experts"] == 6 and out["num_experts_per_tok"] == 3
     assert not {"ffn_hidden_size", "moe_num_experts", "moe_top_k"} & set(out)
+    # both names in a file: Transformers' wins (it reads its own), as keywords an error
+    assert JetMoeConfig.from_dict({"moe_top_k": 1, "num_experts_per_tok": 2}).num_experts_per_tok == 2
     with pytest.raises(ConfigError, match="moe_top_k"):
-        JetMoeConfig.from_dict({"moe_top_k": 1, "num_experts_per_tok": 2})
+        JetMoeConfig(moe_top_k=1, num_experts_per_tok=2)
 
 
 def test_both_rope_forms():

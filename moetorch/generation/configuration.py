@@ -343,6 +343,8 @@ class GenerationConfig(PushToHubMixin):
         """The generation settings a model config carries: its special tokens and any generation
         field it sets to a non-default value."""
         data = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+        # the generation settings its config.json carried, which the config itself does not keep
+        data.update(getattr(model_config, "_generation_settings", None) or {})
         kwargs = {k: data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(k) is not None}
         for name, default in DEFAULTS.items():
             if name not in kwargs and data.get(name) is not None and data[name] != default:
