@@ -193,7 +193,7 @@ class Cache:
             self.replay_embeds = self.replay_embeds.index_copy(1, slot_T, embeds_BTD.to(self.replay_embeds.dtype))
         else:
             self.replay_embeds.index_copy_(1, slot_T, embeds_BTD.detach().to(self.replay_embeds.dtype))
-        self.replay_positions.index_copy_(1, slot_T, position_ids_BT.expand(B, -1))
+        self.replay_positions.index_copy_(1, slot_T, position_ids_BT.expand(B, -1).to(self.replay_positions.dtype))
 
     def replay(self, past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and positions of the `past_len` cached tokens, for rebuilding the cache."""

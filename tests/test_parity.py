@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE
+from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE, longrope_scaling
 from parity import close, compare_outputs, make_inputs, make_pair
 
 from moetorch import ConfigError, DynamicCache, StaticCache
@@ -486,3 +486,42 @@ def test_output_router_probs_is_taken_as_transformers_takes_it(arch, head, tmp_p
     for key in theirs.keys() - {"past_key_values"}:
         close(typo[key], theirs[key], key)
     assert any("output_router_prob'" in r.getMessage() for r in caplog.records)
+
+
+def test_int32_position_ids_on_a_longrope_cache_as_transformers(tmp_path):
+    """int32 `position_ids` on a LongRoPE PhiMoE whose forward fills a cache (the default
+    use_cache=True records the positions for a rebuild): Transformers' logits, as with int64."""
+    head_dim = PHIMOE.our_config().head_dim
+    hf, ours = make_pair(PHIMOE, tmp_path, rope_scaling=longrope_scaling(head_dim, original=16))
+    ids, _ = make_inputs(PHIMOE.base["vocab_size"], 2, 6, None)
+    pos = torch.arange(6, dtype=torch.int32)[None].expand(2, 6)
+    with torch.no_grad():
+        want = hf(ids, position_ids=pos).logits
+        close(ours(ids, position_ids=pos).logits, want, "int32 positions")
+        cache = DynamicCache()
+        ours(ids[:, :4], position_ids=pos[:, :4], past_key_values=cache)
+        close(ours(ids[:, 4:], position_ids=pos[:, 4:], past_key_values=cache).logits, want[:, 4:], "continued")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_aux_loss_reads_the_new_tokens_columns_of_a_cache_long_mask(arch, tmp_path):
+    """A 2D mask that spans a static cache's free slots too (ones for the tokens so far, zeros past
+    them, as a static-cache loop may keep it): the router loss weighs the new tokens by their own
+    columns, as attention reads them, giving Transformers' aux_loss and loss for the mask cut to the
+    tokens (Transformers' own loss has no answer for the long mask: a shape error)."""
+    hf, ours = make_pair(arch, tmp_path)
+    ids, _ = make_inputs(arch.base["vocab_size"], 1, 3, None)
+    long_mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        want = hf(ids, attention_mask=long_mask[:, :3], output_router_logits=True, labels=ids)
+        first = ours(ids, attention_mask=long_mask, past_key_values=StaticCache(ours.config, max_cache_len=8),
+                     output_router_logits=True, labels=ids)
+        steps = []
+        for mask in (long_mask, long_mask[:, :3]):  # a decode step after two tokens: the long mask, the cut one
+            cache = StaticCache(ours.config, max_cache_len=8)
+            ours(ids[:, :2], attention_mask=mask[:, : max(2, mask.shape[1] - 5)], past_key_values=cache)
+            steps.append(ours(ids[:, 2:], attention_mask=mask, past_key_values=cache, output_router_logits=True))
+    close(first.aux_loss, want.aux_loss, "aux_loss")
+    close(first.loss, want.loss, "loss")
+    assert torch.isfinite(steps[0].aux_loss)
+    close(steps[0].aux_loss, steps[1].aux_loss, "a decode step's aux_loss, long mask against the cut one")

@@ -90,7 +90,13 @@ def causal_lm(
     aux_loss = None
     if output_router_logits:
         T = out.last_hidden_state.shape[1]
-        pad_mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        pad_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # the new tokens' columns: they end where the cache's count does (a mask may span a
+            # static cache's free slots too), else at the mask's end
+            cache = out.past_key_values
+            end = cache.get_seq_length() if cache is not None else attention_mask.shape[1]
+            pad_mask = attention_mask[:, end - T : end]
         aux_loss = router_loss(out.router_logits, pad_mask)
         if loss is not None:
             loss = loss + router_loss_coef * aux_loss.to(loss.device)
