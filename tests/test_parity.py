@@ -525,3 +525,27 @@ def test_aux_loss_reads_the_new_tokens_columns_of_a_cache_long_mask(arch, tmp_pa
     close(first.loss, want.loss, "loss")
     assert torch.isfinite(steps[0].aux_loss)
     close(steps[0].aux_loss, steps[1].aux_loss, "a decode step's aux_loss, long mask against the cut one")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_float64_attentions_stay_float64(arch, tmp_path):
+    """float64 with `output_attentions=True` (sdpa: computed eagerly to return the weights) and with
+    eager attention on a left-padded batch: the softmax stays float64, so the real tokens get
+    Transformers' sdpa numbers to float64 precision and no nan (a float32 softmax turns the mask's
+    float64 minimum into -inf: a fully masked padding row is nan, which reaches the real tokens of
+    the next layer; Transformers' eager attention gives those nans, its sdpa does not)."""
+    hf, ours = make_pair(arch, tmp_path, head="model")
+    hf.set_attn_implementation("sdpa")
+    if arch is PHIMOE:
+        hf.set_experts_implementation("eager")  # (its default grouped experts take no float64)
+    hf.double(), ours.double()
+    ids, mask = make_inputs(arch.base["vocab_size"], 3, 6, "left")
+    real = mask.bool()
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask).last_hidden_state
+        for impl in ("sdpa", "eager"):
+            ours.set_attn_implementation(impl)
+            out = ours(ids, attention_mask=mask, output_attentions=True)
+            assert not out.last_hidden_state.isnan().any(), impl
+            close(out.last_hidden_state[real], want[real], f"{impl}, float64", atol=1e-12, rtol=1e-12)
+            assert out.attentions[0].dtype == torch.float64

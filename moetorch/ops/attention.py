@@ -410,7 +410,9 @@ def _eager(q, k, v, mask, is_causal, scale, dropout_p, tiled_groups: int = 1):
         # Add the dtype's minimum rather than -inf, as Transformers does: a fully masked (padding)
         # row stays finite and uniform, and its gradient is the same as Transformers'.
         scores = scores + torch.where(mask, scores.new_zeros(()), torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    # in float32 at least, as Transformers (float64 stays float64: its mask's minimum, cast to float32,
+    # would be -inf, and a fully masked row nan)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
     if tiled_groups > 1:
         weights = _from_grouped(weights, tiled_groups)
