@@ -238,22 +238,23 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
                     seen.add(own_key)
                     target = from_disk(own_key, config)
                     name = _adapt_prefix(target.name, own, base_prefix)
-                    if tied and name == "lm_head.weight":
-                        continue  # the embedding's copy (tied): the one parameter is loaded from the embedding
                     if name not in own:
                         if not _STALE.search(key):  # old rotary buffers: dropped, as Transformers drops them
                             unexpected.append(key)
                         continue
                     dst = own[name] if target.index is None else own[name][target.index]
+                    if tied and name == "lm_head.weight":
+                        # the embedding's copy (tied): the one parameter is loaded from the embedding,
+                        # but one of another shape is a size mismatch, as Transformers reports it
+                        shape = f.get_tensor(key).shape if state_dict is not None else f.get_slice(key).get_shape()
+                        if tuple(shape) != tuple(dst.shape):
+                            _size_mismatch(key, file, name, torch.Size(shape), dst.shape, ignore_mismatched_sizes,
+                                           mismatched)
+                        continue
                     src = f.get_tensor(key)
                     if tuple(src.shape) != tuple(dst.shape):
-                        if ignore_mismatched_sizes:
-                            mismatched.append((name, src.shape, dst.shape))  # left out: initialised by the caller
-                            continue
-                        raise CheckpointError(
-                            f"tensor {key!r} in {file} has shape {tuple(src.shape)}, but the model "
-                            f"expects {tuple(dst.shape)} for {name} (check config.json)"
-                        )
+                        _size_mismatch(key, file, name, src.shape, dst.shape, ignore_mismatched_sizes, mismatched)
+                        continue
                     dst.copy_(src)
                     written[name] += dst.numel()
         except CheckpointError:
@@ -288,10 +289,23 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
     if heads_extra:
         logger.warning("%s: checkpoint head weights %s unused by %s", path, heads_extra, type(model).__name__)
     for name, src, dst in mismatched:
-        logger.warning("%s: %s has shape %s in the checkpoint and %s in the model; newly initialised "
-                       "(ignore_mismatched_sizes)", path, name, tuple(src), tuple(dst))
+        what = "the input embeddings' (tied)" if tied and name == "lm_head.weight" else "newly initialised"
+        logger.warning("%s: %s has shape %s in the checkpoint and %s in the model; %s (ignore_mismatched_sizes)",
+                       path, name, tuple(src), tuple(dst), what)
     return {"missing_keys": set(heads_missing), "unexpected_keys": set(heads_extra),
             "mismatched_keys": set(mismatched), "error_msgs": []}
+
+
+def _size_mismatch(key: str, file: str, name: str, shape: torch.Size, expected: torch.Size, ignore: bool,
+                   mismatched: list[tuple[str, torch.Size, torch.Size]]) -> None:
+    """A checkpoint tensor of another shape than its parameter's: with `ignore`
+    (ignore_mismatched_sizes) recorded in `mismatched` and left out (the caller initialises it),
+    else a CheckpointError naming both."""
+    if ignore:
+        mismatched.append((name, shape, expected))
+        return
+    raise CheckpointError(f"tensor {key!r} in {file} has shape {tuple(shape)}, but the model expects "
+                          f"{tuple(expected)} for {name} (check config.json)")
 
 
 # ---- writing ------------------------------------------------------------------------------------

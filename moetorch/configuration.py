@@ -204,7 +204,9 @@ class MoeConfig(PushToHubMixin):
         _check(self.problem_type != "single_label_classification" or self.num_labels > 1, "problem_type",
                "'single_label_classification' needs num_labels > 1 (its loss over one class is always 0): use "
                "num_labels=2 for two classes, or problem_type='regression' for one output")
-        allowed_attn = (None, "eager", "sdpa", "flash_attention_2")
+        if isinstance(self.attn_implementation, dict):  # by sub-config, as Transformers takes it: the model's
+            self.attn_implementation = self.attn_implementation.get("")
+        allowed_attn = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")  # (flex: sdpa runs)
         _check(
             self.attn_implementation in allowed_attn,
             "attn_implementation",

@@ -40,6 +40,8 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
 }
+# the dtypes a model is built in (torch's default dtype can be each of them)
+_MODEL_DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
 
 
 def resolve_dtype(dtype: Any, config: MoeConfig) -> torch.dtype:
@@ -50,9 +52,14 @@ def resolve_dtype(dtype: Any, config: MoeConfig) -> torch.dtype:
             raise ValueError(f"dtype must be a floating-point dtype (the weights' type), got {dtype}")
         return dtype
     name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto', a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[name]
+    if name in _DTYPES:
+        return _DTYPES[name]
+    # any other name of a dtype torch builds models in ("float64", "double"), as Transformers takes it
+    found = getattr(torch, name, None) if isinstance(dtype, str) else None
+    if not isinstance(found, torch.dtype) or found not in _MODEL_DTYPES:
+        raise ValueError(f"dtype must be 'auto', a torch dtype or its name (one of {sorted(_DTYPES)}, 'float64', "
+                         f"'double'), got {dtype!r}")
+    return found
 
 
 def resolve_device(device: Any, device_map: Any) -> torch.device:
@@ -154,7 +161,6 @@ _LOADER_ONLY_KWARGS = {
     "offload_folder", "offload_state_dict", "offload_buffers",  # disk offload: moetorch never offloads to disk
     "weights_only", "disable_mmap", "tqdm_class", "use_kernels", "allow_all_kernels",
     "_from_auto", "_from_pipeline", "_commit_hash", "_fast_init", "mirror",
-    "experts_implementation",  # moetorch picks its experts' kernels itself (ops.moe)
 }
 # Transformers' loading options moetorch lacks, with the value that asks for nothing: another value is
 # an error that names the option (rather than a key that lands in config.json).
@@ -169,6 +175,17 @@ _SAVE_NO_OPS = {"save_function", "save_peft_format", "save_original_format", "sa
 _EXPERTS_IMPLEMENTATIONS = {"eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe"}
 # A module's flag, as Transformers names it: init_weights has filled it, or a checkpoint has.
 _INITIALISED = "_is_hf_initialized"
+
+
+def check_experts_implementation(experts_implementation: str | Mapping[str, str] | None, where: str) -> None:
+    """A ValueError, naming `where` (the method and argument) and the names taken, unless
+    `experts_implementation` is None or one of Transformers' experts kernels (a str, or a dict by
+    sub-config whose "" entry is the model's). moetorch picks its experts' kernels itself (ops.moe)."""
+    impl = (experts_implementation.get("", "eager") if isinstance(experts_implementation, Mapping)
+            else experts_implementation)
+    if impl is not None and impl not in _EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(f"{where}: {impl!r} is not an experts implementation; Transformers' are "
+                         f"{sorted(_EXPERTS_IMPLEMENTATIONS)}")
 
 
 def _tied_head_copied(module: PreTrainedModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -208,6 +225,8 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         self.name_or_path = config.name_or_path  # the checkpoint directory or name, once loaded
         self.model_tags: list[str] | None = None  # what trainers tag a model with (add_model_tags)
         self.attn_implementation = check_attn_implementation(config.attn_implementation)
+        if config.attn_implementation is not None:  # (set as a dict, or "flex_attention": what the layers run)
+            config.attn_implementation = self.attn_implementation
         self.gradient_checkpointing = False
         self.register_state_dict_post_hook(_tied_head_copied)
 
@@ -337,14 +356,26 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     def get_output_embeddings(self) -> nn.Linear | None:
         return getattr(self, "lm_head", None)
 
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        """Replace the head (`lm_head`), tied to the input embeddings at once where the config ties
+        them. A model without a head (a base model, a classifier) raises, as in Transformers."""
+        if self.get_output_embeddings() is None:
+            raise AttributeError(f"set_output_embeddings: {type(self).__name__} has no output embeddings (lm_head) "
+                                 "to replace with new_embeddings")
+        self.lm_head = new_embeddings
         self.tie_weights()
 
-    def tie_weights(self) -> None:
+    def tie_weights(self, missing_keys: set[str] | None = None, recompute_mapping: bool = True) -> None:
+        """Tie the head to the input embeddings where the config says so, as Transformers does: the
+        head's bias is padded with zeros (or cut) to the weight's rows. `missing_keys` loses the tied
+        head's name; the config is read at every call (`recompute_mapping` changes nothing)."""
         head = self.get_output_embeddings()
-        if head is not None and self.config.tie_word_embeddings:
-            head.weight = self.get_input_embeddings().weight
+        if head is None or not self.config.tie_word_embeddings:
+            return
+        head.weight = self.get_input_embeddings().weight
+        _fit_head(head)
+        if missing_keys is not None:
+            missing_keys.discard("lm_head.weight")
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -370,8 +401,9 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             self.model_tags = []
         self.model_tags.extend(t for t in dict.fromkeys(tags) if t not in self.model_tags)
 
-    def set_attn_implementation(self, attn_implementation: str) -> None:
-        """Switch the attention backend ("eager", "sdpa", "flash_attention_2") of every layer."""
+    def set_attn_implementation(self, attn_implementation: str | Mapping[str, str]) -> None:
+        """Switch the attention backend ("eager", "sdpa", "flash_attention_2"; "flex_attention" runs
+        sdpa; a dict by sub-config as in Transformers, its "" entry the model's) of every layer."""
         impl = check_attn_implementation(attn_implementation)
         self.config.attn_implementation = impl
         for m in self.modules():
@@ -382,11 +414,10 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         """Transformers' switch of the experts' kernels: taken, and changes nothing. moetorch picks
         the experts' kernel itself, per device and token count (`ops.moe.pick_backend`), each one
         computing the same function. A name Transformers does not know is a ValueError."""
-        impl = (experts_implementation.get("", "eager") if isinstance(experts_implementation, Mapping)
-                else experts_implementation)
-        if impl not in _EXPERTS_IMPLEMENTATIONS:
-            raise ValueError(f"set_experts_implementation: {impl!r} is not an experts implementation; "
-                             f"Transformers' are {sorted(_EXPERTS_IMPLEMENTATIONS)}")
+        if experts_implementation is None:
+            raise ValueError("set_experts_implementation: experts_implementation is None; Transformers' are "
+                             f"{sorted(_EXPERTS_IMPLEMENTATIONS)}")
+        check_experts_implementation(experts_implementation, "set_experts_implementation")
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False,
@@ -449,35 +480,39 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
     ) -> nn.Embedding:
-        """Grow or shrink the vocabulary; new rows start at the mean of the old ones (or random)."""
-        old = self.get_input_embeddings()
+        """Grow or shrink the vocabulary in place, as Transformers does: the embeddings and head keep
+        their modules and parameters (hooks, `requires_grad`, a subclass), whose tensors are replaced;
+        new rows start at the mean of the old ones (or random). A tensor of the size asked is left
+        as it is; a head tied to the embeddings stays tied."""
+        embeddings = self.get_input_embeddings()
         if new_num_tokens is None and pad_to_multiple_of is None:
-            return old
-        n = new_num_tokens if new_num_tokens is not None else old.num_embeddings
+            return embeddings
+        n = new_num_tokens if new_num_tokens is not None else embeddings.weight.shape[0]
         if pad_to_multiple_of is not None:
             if not (isinstance(pad_to_multiple_of, int) and pad_to_multiple_of > 0):
                 raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
             n = math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of
-        if not (isinstance(n, int) and n > 0):
-            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
-        new = nn.Embedding(n, old.embedding_dim, old.padding_idx if (old.padding_idx or 0) < n else None,
-                           device=old.weight.device, dtype=old.weight.dtype)
-        _resize_rows(old.weight, new.weight, mean_resizing, self.config.initializer_range)
-        self.base_model.embed_tokens = new
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"new_num_tokens must be a non-negative integer, got {new_num_tokens!r}")
+        std = self.config.initializer_range
         head = self.get_output_embeddings()
-        if head is not None:
-            new_head = nn.Linear(head.in_features, n, bias=head.bias is not None,
-                                 device=head.weight.device, dtype=head.weight.dtype)
-            if not self.config.tie_word_embeddings:
-                _resize_rows(head.weight, new_head.weight, mean_resizing, self.config.initializer_range)
-            if head.bias is not None:
-                _resize_rows(head.bias[:, None], new_head.bias[:, None], mean_resizing, 0.0)
-            self.lm_head = new_head
-            setattr(new_head, _INITIALISED, True)
-        setattr(new, _INITIALISED, True)  # (a later post_init keeps the resized rows)
+        tied = head is not None and head.weight is embeddings.weight
+        if embeddings.weight.shape[0] != n:
+            embeddings.weight.data = _resized(embeddings.weight, n, mean_resizing, std)
+            embeddings.num_embeddings = n
+            if embeddings.padding_idx is not None and embeddings.padding_idx >= n:
+                embeddings.padding_idx = None
+        if tied:  # the embeddings' weight: the bias as tie_weights fits it (new rows zero)
+            _fit_head(head)
+        elif head is not None:
+            if head.weight.shape[0] != n:
+                head.weight.data = _resized(head.weight, n, mean_resizing, std)
+            if head.bias is not None and head.bias.shape[0] != n:
+                head.bias.data = _resized(head.bias, n, mean_resizing, 0.0)
+            head.out_features = n
         self.config.vocab_size = n
         self.tie_weights()
-        return new
+        return embeddings
 
     # ---- loading and saving ----------------------------------------------------------------
     @classmethod
@@ -492,7 +527,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         device: Any = None,
         device_map: Any = None,
         max_memory: Mapping | None = None,
-        attn_implementation: str | None = None,
+        attn_implementation: str | Mapping[str, str] | None = None,
         variant: str | None = None,
         output_loading_info: bool = False,
         ignore_mismatched_sizes: bool = False,
@@ -528,6 +563,8 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         """
         hub = hub_options(config_overrides)
         trust_remote_code = bool(config_overrides.get("trust_remote_code"))
+        check_experts_implementation(config_overrides.pop("experts_implementation", None),
+                                     "from_pretrained: experts_implementation")  # taken, changing nothing
         for key in _LOADER_ONLY_KWARGS & config_overrides.keys():
             config_overrides.pop(key)  # remote-code and memory options: nothing to do here
         for key in _LOADER_UNSUPPORTED.keys() & config_overrides.keys():
@@ -564,8 +601,8 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         if unused:
             raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments {sorted(unused)}: "
                             f"neither loading options nor attributes of {cls.config_class.__name__}")
-        if attn_implementation is not None:
-            config.attn_implementation = attn_implementation
+        if attn_implementation is not None:  # (a dict by sub-config, "flex_attention": what moetorch runs for it)
+            config.attn_implementation = check_attn_implementation(attn_implementation)
         asked = dtype if dtype is not None else torch_dtype
         if asked in (None, "auto") and config.dtype is None:  # "auto" with no dtype in config.json: the weights'
             asked = checkpoint.stored_dtype(path, variant, state_dict) or "auto"
@@ -597,7 +634,10 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         model.tie_weights()
         info = checkpoint.load_into(model, path, config, cls.base_model_prefix, variant, ignore_mismatched_sizes,
                                     state_dict)
-        model._init_left_out(info["missing_keys"] | {name for name, _, _ in info["mismatched_keys"]})
+        left_out = info["missing_keys"] | {name for name, _, _ in info["mismatched_keys"]}
+        if model.config.tie_word_embeddings:  # a tied head of another shape: the embeddings' loaded parameter
+            left_out.discard("lm_head.weight")
+        model._init_left_out(left_out)
         for m in model.modules():  # loaded or initialised: a later post_init leaves them (init_weights)
             setattr(m, _INITIALISED, True)
         if hasattr(model, "generate") and generation_config is not None:
@@ -630,7 +670,8 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             dtype = torch_dtype
         if "attn_implementation" in kwargs:
             config.attn_implementation = check_attn_implementation(kwargs.pop("attn_implementation"))
-        kwargs.pop("experts_implementation", None)  # moetorch picks its experts' kernels itself
+        check_experts_implementation(kwargs.pop("experts_implementation", None),
+                                     "_from_config: experts_implementation")  # taken, changing nothing
         if kwargs:
             raise TypeError(f"{cls.__name__}._from_config() got unexpected keyword arguments {sorted(kwargs)}")
         dtype = None if dtype is None else resolve_dtype(dtype, config)
@@ -828,14 +869,28 @@ def _writes_unpadded(past_key_values, cache: Cache | None) -> bool:
     return past_key_values is None and type(cache) is DynamicCache and len(cache) == 0 and cache.packed is None
 
 
-def _resize_rows(old: torch.Tensor, new: torch.Tensor, mean_resizing: bool, std: float) -> None:
-    n = min(old.shape[0], new.shape[0])
-    new[:n].copy_(old[:n])
-    if new.shape[0] > n:
+def _resized(old: torch.Tensor, n: int, mean_resizing: bool, std: float) -> torch.Tensor:
+    """`old` with `n` rows: its first rows, then new ones at the mean of its rows (mean_resizing)
+    or drawn from normal(0, std)."""
+    new = old.new_empty((n, *old.shape[1:]))
+    k = min(old.shape[0], n)
+    new[:k] = old[:k]
+    if n > k:
         if mean_resizing:
-            new[n:].copy_(old.float().mean(0, keepdim=True).to(new.dtype).expand_as(new[n:]))
+            new[k:] = old.float().mean(0, keepdim=True).to(new.dtype)
         else:
-            new[n:].normal_(0.0, std)
+            new[k:].normal_(0.0, std)
+    return new
+
+
+def _fit_head(head: nn.Module) -> None:
+    """A head's bias padded with zeros (or cut) to its weight's rows and `out_features` set, as
+    Transformers' `_adjust_bias` does after tying the weight to embeddings of another size."""
+    rows = head.weight.shape[0]
+    if getattr(head, "bias", None) is not None and head.bias.shape[0] != rows:
+        head.bias.data = nn.functional.pad(head.bias.data, (0, rows - head.bias.shape[0]))
+    if hasattr(head, "out_features"):
+        head.out_features = rows
 
 
 # ---- shared forward plumbing ----------------------------------------------------------------

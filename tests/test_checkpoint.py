@@ -374,3 +374,30 @@ def test_model_attributes_transformers_has(arch, tmp_path):
     assert ours.model.padding_idx == hf.model.padding_idx
     coef = "router_aux_loss_coef" if arch is PHIMOE else "aux_loss_coef"
     assert getattr(ours, coef) == getattr(hf, coef)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_tied_checkpoint_with_a_head_of_another_shape_is_a_size_mismatch(arch, tmp_path):
+    """A tied model's checkpoint whose stored `lm_head.weight` has another shape than the head: a
+    size mismatch naming the tensor, as Transformers reports it (also with `output_loading_info`),
+    not a silent load. With `ignore_mismatched_sizes` it is reported in `mismatched_keys`, and the
+    head stays tied to the loaded embeddings (Transformers 5.23 fails there, on meta tensors)."""
+    model = our_model(arch, seed=2, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = torch.zeros(3, arch.base["hidden_size"])
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours, theirs = arch.ours["causal_lm"], arch.hf["causal_lm"]
+    for kwargs in ({}, {"output_loading_info": True}):
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            theirs.from_pretrained(tmp_path, **kwargs)
+        with pytest.raises(CheckpointError, match=r"'lm_head.weight' .* has shape \(3, 32\), but the model expects "
+                                                  r"\(97, 32\)"):
+            ours.from_pretrained(tmp_path, **kwargs)
+    loaded, info = ours.from_pretrained(tmp_path, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert info["mismatched_keys"] == {("lm_head.weight", torch.Size([3, 32]), torch.Size([97, 32]))}
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    ids, _ = make_inputs(97, 1, 5, None)
+    with torch.no_grad():
+        close(loaded(ids).logits, model(ids).logits, "the tied model's logits")

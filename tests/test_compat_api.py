@@ -6,8 +6,10 @@ attributes tools read (`_no_split_modules`, `_tied_weights_keys`, `is_compileabl
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
+import logging
 
 import pytest
 import torch
@@ -526,3 +528,185 @@ def test_set_experts_implementation_is_taken(arch):
         theirs.set_experts_implementation("grouped_mm")
         with pytest.raises((ValueError, KeyError)):
             theirs.set_experts_implementation("foo")
+
+
+# ---- embeddings: resized in place, tied heads' biases, models without a head ------------------------
+
+
+class TaggedEmbedding(torch.nn.Embedding):
+    """A user's embedding subclass (set with set_input_embeddings), which a resize keeps."""
+
+
+def _resize_summary(model, new_num_tokens, **kwargs):
+    """What a resize leaves, as comparable between the libraries: module and parameter identity,
+    frozen flags, the input hook, shapes, padding_idx, tying and the kept rows."""
+    embeddings, weight = model.get_input_embeddings(), model.get_input_embeddings().weight
+    V = weight.shape[0]
+    before = weight.detach().clone()
+    returned = model.resize_token_embeddings(new_num_tokens, **kwargs)
+    now, head = model.get_input_embeddings(), model.get_output_embeddings()
+    n = min(V, now.weight.shape[0])
+    return {
+        "returned the embeddings": returned is now,
+        "same module": now is embeddings,
+        "same parameter": now.weight is weight,
+        "class": type(now).__name__,
+        "requires_grad": (now.weight.requires_grad, head.weight.requires_grad if head is not None else None),
+        "shape": tuple(now.weight.shape),
+        "num_embeddings": now.num_embeddings,
+        "padding_idx": now.padding_idx,
+        "vocab_size": model.config.vocab_size,
+        "head": None if head is None else (tuple(head.weight.shape), head.out_features, head.weight is now.weight,
+                                           None if head.bias is None else tuple(head.bias.shape)),
+        "kept rows": torch.equal(now.weight[:n], before[:n]),
+        "hook output requires_grad": model.get_input_embeddings()(torch.tensor([[0]])).requires_grad if n else None,
+    }
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_token_embeddings_in_place_as_transformers(arch, tied, tmp_path):
+    """As Transformers resizes: the embeddings keep their module and parameter (the tensor is
+    replaced), so frozen flags, the `enable_input_require_grads` hook and an embedding subclass
+    survive; a resize to the same size changes nothing; to 0 gives 0 rows (padding_idx dropped);
+    a tied head stays tied, also after the config's flag was turned off; the new rows of a head's
+    bias (tied: zeros, as `tie_weights` pads it)."""
+    path = hf_checkpoint(arch, tmp_path / "ck", tie_word_embeddings=tied,
+                         **({"lm_head_bias": True} if arch is PHIMOE else {}))
+    V = arch.base["vocab_size"]
+    subclass = TaggedEmbedding(V, arch.base["hidden_size"])
+    steps = {
+        "frozen, grown": lambda m: (m.requires_grad_(False), _resize_summary(m, V + 8))[1],
+        "hooked, padded": lambda m: (m.enable_input_require_grads(), m.requires_grad_(False),
+                                     _resize_summary(m, V + 3, pad_to_multiple_of=8))[2],
+        "same size": lambda m: _resize_summary(m, V),
+        "shrunk": lambda m: _resize_summary(m, V - 7, mean_resizing=False),
+        "to zero": lambda m: _resize_summary(m, 0),
+        "subclass": lambda m: (m.set_input_embeddings(copy.deepcopy(subclass)), _resize_summary(m, V + 2))[1],
+        "flag off after tying": lambda m: (setattr(m.config, "tie_word_embeddings", False),
+                                           _resize_summary(m, V + 4))[1],
+    }
+    for step, run in steps.items():
+        ours, theirs = (lib.from_pretrained(path) for lib in (arch.ours["causal_lm"], arch.hf["causal_lm"]))
+        got, want = run(ours), run(theirs)
+        if not tied:  # (Transformers builds a new untied head, moetorch resizes it in place: flags alike)
+            assert got.pop("head") == want.pop("head"), step
+        elif step == "flag off after tying":  # (Transformers leaves the bias at the old size: that model fails)
+            got["head"], want["head"] = got["head"][:3], want["head"][:3]
+        assert got == want, step
+        for name, tensor in theirs.state_dict().items():
+            if "embed_tokens" in name or "lm_head" in name:
+                assert torch.equal(ours.state_dict()[name][:V], tensor[:V]), (step, name)
+        bias = ours.get_output_embeddings().bias
+        if bias is not None and bias.shape[0] > V:  # new rows: zeros where tied (tie_weights' padding), else the mean
+            close(bias[V:], torch.zeros(bias.shape[0] - V) if tied else bias[:V].mean().expand(bias.shape[0] - V),
+                  f"{step}: new rows of the head's bias")
+    model = arch.ours["causal_lm"].from_pretrained(path).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.resize_token_embeddings(V + 8, mean_resizing=False)
+    assert any(p is model.get_input_embeddings().weight for p in optimizer.param_groups[0]["params"])
+    ids = torch.randint(1, V + 8, (2, 6))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()  # the optimizer built before the resize trains the resized parameters
+    with pytest.raises(ValueError, match="new_num_tokens must be a non-negative integer"):
+        model.resize_token_embeddings(-1)
+
+
+@pytest.mark.parametrize("size", [102, 90])
+def test_tie_weights_fits_the_head_bias_as_transformers(size, tmp_path):
+    """A tied PhiMoE head with a bias, given embeddings of another size: `tie_weights()` pads the
+    bias with zeros (or cuts it) to the new rows, as Transformers' does, so the model runs and gives
+    Transformers' logits. Transformers 5.23's signatures are taken: `tie_weights(missing_keys=,
+    recompute_mapping=)` and `set_output_embeddings(new_embeddings=)`."""
+    hf, ours = make_pair(PHIMOE, tmp_path, tie_word_embeddings=True, lm_head_bias=True)
+    new = torch.nn.Embedding(size, PHIMOE.base["hidden_size"])
+    for model in (hf, ours):
+        model.set_input_embeddings(copy.deepcopy(new))
+        missing = {"lm_head.weight", "model.norm.weight"}
+        model.tie_weights(missing_keys=missing, recompute_mapping=False)
+        assert missing == {"model.norm.weight"}
+        model.tie_weights(recompute_mapping=True)
+        head = model.get_output_embeddings()
+        assert head.weight is model.get_input_embeddings().weight and head.bias.shape == (size,)
+    close(ours.lm_head.bias, hf.lm_head.bias, "bias fitted to the new rows")
+    assert ours.lm_head.out_features == size
+    ids = torch.randint(1, 90, (2, 5))
+    with torch.no_grad():
+        close(ours(ids).logits, hf(ids).logits, "logits")
+    for model in (hf, ours):
+        model.set_output_embeddings(new_embeddings=torch.nn.Linear(PHIMOE.base["hidden_size"], size, bias=True))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", ["model", "seq_cls"])
+def test_set_output_embeddings_without_a_head_raises(arch, head):
+    """A model without an output head (a base model, a classifier): `set_output_embeddings` raises
+    an AttributeError, as in Transformers, and adds no `lm_head`."""
+    for lib in (arch.ours, arch.hf):
+        model = lib[head](arch.our_config() if lib is arch.ours else arch.hf_config())
+        with pytest.raises(AttributeError, match="lm_head"):
+            model.set_output_embeddings(torch.nn.Linear(arch.base["hidden_size"], arch.base["vocab_size"]))
+        assert model.get_output_embeddings() is None and not any("lm_head" in k for k in model.state_dict())
+
+
+# ---- from_pretrained: experts_implementation, dtype names, attn_implementation forms ------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_from_pretrained_checks_experts_implementation(arch, tmp_path):
+    """`from_pretrained(experts_implementation=)` and `_from_config(experts_implementation=)`: an
+    unknown name is a ValueError that names the argument, the value and the names taken, as
+    `set_experts_implementation`'s (Transformers raises too); Transformers' names load."""
+    path = hf_checkpoint(arch, tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"from_pretrained: experts_implementation: 'foo' is not an experts "
+                                         r"implementation; Transformers' are \[.*'grouped_mm'"):
+        arch.ours["causal_lm"].from_pretrained(path, experts_implementation="foo")
+    with pytest.raises(ValueError):
+        arch.hf["causal_lm"].from_pretrained(path, experts_implementation="foo")
+    with pytest.raises(ValueError, match="_from_config: experts_implementation: 'foo'"):
+        arch.ours["causal_lm"]._from_config(arch.our_config(), experts_implementation="foo")
+    for impl in ("eager", "grouped_mm", {"": "batched_mm"}):
+        arch.ours["causal_lm"].from_pretrained(path, experts_implementation=impl)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_from_pretrained_dtype_names_and_attn_implementation_forms(arch, tmp_path, caplog):
+    """Loading keywords Transformers takes: any name of a torch dtype models are built in
+    ("float64", "double"), loading in it with Transformers' logits; `attn_implementation` as a dict
+    by sub-config (its "" entry); "flex_attention", which runs moetorch's sdpa with one warning.
+    Other names stay errors that name the argument; `max_memory` without `device_map` too."""
+    path = hf_checkpoint(arch, tmp_path / "ck")
+    ids = torch.randint(1, arch.base["vocab_size"], (2, 6))
+    for kwargs in ({"dtype": "float64"}, {"torch_dtype": "double"}, {"dtype": "half"}):
+        ours, theirs = (lib.from_pretrained(path, **kwargs) for lib in (arch.ours["causal_lm"], arch.hf["causal_lm"]))
+        assert (ours.dtype, ours.config.dtype) == (theirs.dtype, theirs.config.dtype), kwargs
+    ours = arch.ours["causal_lm"].from_pretrained(path, dtype="float64")
+    theirs = arch.hf["causal_lm"].from_pretrained(path, dtype="float64")
+    if arch is PHIMOE:
+        theirs.set_experts_implementation("eager")  # (its grouped experts take no float64)
+    with torch.no_grad():
+        close(ours(ids).logits, theirs(ids).logits, "float64 logits", atol=1e-10, rtol=1e-10)
+    for bad in ("float8", "int8"):
+        with pytest.raises(ValueError, match=f"dtype must be .*got '{bad}'"):
+            arch.ours["causal_lm"].from_pretrained(path, dtype=bad)
+
+    for impl, want in (({"": "eager"}, "eager"), ({"": "eager", "text_config": "sdpa"}, "eager"), ({}, "sdpa")):
+        ours = arch.ours["causal_lm"].from_pretrained(path, attn_implementation=impl)
+        theirs = arch.hf["causal_lm"].from_pretrained(path, attn_implementation=impl)
+        assert ours.config._attn_implementation == theirs.config._attn_implementation == want, impl
+        assert all(m.attn_implementation == want for m in ours.modules() if hasattr(m, "attn_implementation"))
+    moetorch.utils.WARNED_ONCE.discard("flex_attention")
+    sdpa = arch.ours["causal_lm"].from_pretrained(path, attn_implementation="sdpa")
+    with caplog.at_level(logging.WARNING, logger="moetorch"):
+        flex = arch.ours["causal_lm"].from_pretrained(path, attn_implementation="flex_attention")
+        arch.ours["causal_lm"].from_pretrained(path, attn_implementation={"": "flex_attention"})
+        flex.set_attn_implementation("flex_attention")
+    assert caplog.text.count("flex_attention") == 1 and "sdpa" in caplog.text
+    arch.hf["causal_lm"].from_pretrained(path, attn_implementation="flex_attention")  # taken there too
+    assert flex.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(flex(ids).logits, sdpa(ids).logits)
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        arch.ours["causal_lm"].from_pretrained(path, attn_implementation={"": "bogus"})
+    with pytest.raises(ValueError, match="max_memory"):
+        arch.ours["causal_lm"].from_pretrained(path, max_memory={"cpu": "1GB"})

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..utils import warn_once
 from . import fused
 from .host import to_device
 from .rope import apply_rotary
@@ -193,8 +195,17 @@ def packed_attention(q_NHd: torch.Tensor, k_NGd: torch.Tensor, v_NGd: torch.Tens
     return out
 
 
-def check_attn_implementation(impl: str | None) -> str:
+def check_attn_implementation(impl: str | Mapping[str, str | None] | None) -> str:
+    """The implementation a model runs for `attn_implementation`, as Transformers takes it: a name,
+    or a dict by sub-config whose "" entry is the model's; None is sdpa. "flex_attention" runs
+    sdpa (the same function), with a warning once."""
+    if isinstance(impl, Mapping):
+        impl = impl.get("")
     impl = impl or "sdpa"
+    if impl == "flex_attention":
+        warn_once("flex_attention", "attn_implementation='flex_attention': moetorch runs its own sdpa attention "
+                  "for it (the same function; it has no flex-attention kernels)")
+        impl = "sdpa"
     if impl not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {impl!r}")
     if impl == "flash_attention_2" and not flash_attn_available():
