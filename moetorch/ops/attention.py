@@ -346,8 +346,9 @@ def attention(
     elif need_weights or impl == "eager":
         # weights returned with the tiled layout: _eager gives them in the tiled order, the tensor the
         # output is computed from (so that a gradient reaches them, as Transformers' do)
+        # (standing in for sdpa to return the weights, a float64 softmax stays float64, as sdpa computes it)
         out, weights = _eager(q_BHTd, k_BGSd, v_BGSd, mask, is_causal, scale, dropout_p,
-                              tiled_groups=G if tiled and need_weights else 1)
+                              tiled_groups=G if tiled and need_weights else 1, as_sdpa=impl != "eager")
         weights = weights if need_weights else None
     elif impl == "flash_attention_2" and mask is None:
         out, weights = _flash(q_BHTd, k_BGSd, v_BGSd, is_causal, scale, dropout_p), None
@@ -404,14 +405,17 @@ def _decode_fusable(q, k, v, mask, is_causal, impl, dropout_p, need_weights) -> 
     return q.shape[1] % k.shape[1] == 0 and fused.active(q, k, v)
 
 
-def _eager(q, k, v, mask, is_causal, scale, dropout_p, tiled_groups: int = 1):
+def _eager(q, k, v, mask, is_causal, scale, dropout_p, tiled_groups: int = 1, as_sdpa: bool = False):
     """(out, weights) with the query heads in the grouped order. `tiled_groups` > 1: the weights are
     returned in the tiled head order (`_from_grouped`), and the output is computed from that tensor,
-    brought back to the grouped order: the same numbers, and the returned weights are in the graph."""
+    brought back to the grouped order: the same numbers, and the returned weights are in the graph.
+    The softmax runs in float32, as Transformers' eager attention (float64 inputs too, unless
+    `as_sdpa`: then in float64, as sdpa)."""
     H, G = q.shape[1], k.shape[1]
     k = k.repeat_interleave(H // G, dim=1)
     v = v.repeat_interleave(H // G, dim=1)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    softmax_dtype = scores.dtype if as_sdpa and scores.dtype == torch.float64 else torch.float32
     if is_causal and mask is None:
         T, S = q.shape[2], k.shape[2]
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -419,11 +423,12 @@ def _eager(q, k, v, mask, is_causal, scale, dropout_p, tiled_groups: int = 1):
         scores = scores + mask.to(scores.dtype)
     elif mask is not None:
         # Add the dtype's minimum rather than -inf, as Transformers does: a fully masked (padding)
-        # row stays finite and uniform, and its gradient is the same as Transformers'.
-        scores = scores + torch.where(mask, scores.new_zeros(()), torch.finfo(scores.dtype).min)
-    # in float32 at least, as Transformers (float64 stays float64: its mask's minimum, cast to float32,
-    # would be -inf, and a fully masked row nan)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+        # row stays finite and uniform, and its gradient is the same as Transformers'. (Float64
+        # scores under a float32 softmax take float32's minimum: float64's would be -inf there,
+        # and a fully masked row nan, as Transformers' eager attention gives it.)
+        lowest = max(torch.finfo(scores.dtype).min, torch.finfo(softmax_dtype).min)
+        scores = scores + torch.where(mask, scores.new_zeros(()), lowest)
+    weights = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
     weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
     if tiled_groups > 1:
         weights = _from_grouped(weights, tiled_groups)
