@@ -390,8 +390,8 @@ class MoeConfig(PushToHubMixin):
 
     def validate(self) -> None:
         """Check every field again, as the config checked them when made (Transformers' method, for
-        values set since): a ConfigError naming the field at fault, else None. Models check their
-        config so when built."""
+        values set since): a ConfigError naming the field at fault, else None. (A model built from
+        the config checks its RoPE fields, `validate_rope`, not the others.)"""
         type(self).from_dict(self.to_dict())
 
     def get_text_config(self, *args: Any, **kwargs: Any) -> MoeConfig:

@@ -5,6 +5,9 @@ cache that holds the whole prompt; and the errors Transformers raises, clearer."
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import test_generation
@@ -153,9 +156,6 @@ def test_generation_settings_in_config_json_as_transformers(pair, tmp_path):
     """A checkpoint whose config.json carries generation settings (older ones do): as in
     Transformers, the config does not keep them; with a generation_config.json beside it, that file
     decides and generate() runs; without one, `model.generation_config` takes them. Same tokens."""
-    import json
-    import os
-
     hf, ours = pair
     ours.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
