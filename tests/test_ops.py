@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moetorch.ops import moe
 from moetorch.ops.attention import attention, build_mask
 from moetorch.ops.moe import EXPERT_BACKENDS, experts_forward, experts_reference
 from moetorch.ops.norms import Residual
@@ -116,6 +117,31 @@ def test_expert_backends_match_reference(backend, T, dtype):
         got = experts_forward(x, w13, w2, ids, weights, F.silu, backend=backend)
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol, msg=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("T", [1, 40, 200])  # one expert's rows under and over ADD_ROWS_PUT_MAX
+def test_reference_row_adds_match_index_add(T, monkeypatch):
+    """The reference loops add an expert's rows with `index_put_` on the CPU up to ADD_ROWS_PUT_MAX
+    rows (torch's CPU `index_add_` opens a parallel region even for one row): the same bits as
+    `index_add_` for the output and the gradients, on both sides of the bound."""
+    gen = torch.Generator().manual_seed(T)
+    E, K, D, I = 4, 2, 16, 12
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    inputs = [torch.randn(T, D, generator=gen), torch.randn(E, 2 * I, D, generator=gen) * 0.3,
+              torch.randn(E, D, I, generator=gen) * 0.3, torch.rand(T, K, generator=gen),
+              torch.randn(T, K, I, generator=gen), torch.randn(E, D, I, generator=gen) * 0.3]
+
+    def run():
+        x, w13, w2, wts, h, w_red = (t.clone().requires_grad_() for t in inputs)
+        y = experts_reference(x, w13, w2, ids, wts, F.silu) + moe.expert_reduce_reference(h, w_red, ids, wts)
+        y.pow(2).sum().backward()
+        return [y.detach()] + [t.grad for t in (x, w13, w2, wts, h, w_red)]
+
+    got = run()
+    monkeypatch.setattr(moe, "ADD_ROWS_PUT_MAX", -1)  # index_add_ everywhere
+    want = run()
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
 
 
 def test_unknown_expert_backend():
