@@ -622,6 +622,8 @@ class Tokenizer(PushToHubMixin):
                 multiple > 0 and max_length % multiple:
             raise ValueError(f"truncation and padding are both on, but max_length ({max_length}) is not a multiple "
                              f"of pad_to_multiple_of ({multiple})")
+        if padding not in (False, None, "do_not_pad") and self.pad_token is None:  # before encoding, as Transformers
+            raise ValueError(NO_PAD_TOKEN)
         return padding, strategy, max_length
 
     def _encode(self, text, text_pair, max_length, *, words, add_special_tokens, strategy, stride, overflow, padding,
@@ -686,6 +688,8 @@ class Tokenizer(PushToHubMixin):
             encoded_inputs = {k: [e[k] for e in encoded_inputs] for k in encoded_inputs[0]}
         if "input_ids" not in encoded_inputs:
             raise ValueError(f"pad() needs input_ids among the encodings' keys, got {sorted(encoded_inputs)}")
+        if return_tensors is None:  # rows given as tensors or arrays come back as such, as in Transformers
+            return_tensors = _tensor_kind(encoded_inputs["input_ids"])
         encoded_inputs = {k: _to_py(v) for k, v in encoded_inputs.items()}
         rows = encoded_inputs["input_ids"]
         batched = len(rows) > 0 and not isinstance(rows[0], int)
@@ -733,7 +737,7 @@ class Tokenizer(PushToHubMixin):
                 raise ValueError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
             target = -(-target // multiple) * multiple
         if self.pad_token is None:
-            raise ValueError("this tokenizer has no pad_token; set tokenizer.pad_token = tokenizer.eos_token")
+            raise ValueError(NO_PAD_TOKEN)
         return target
 
     # ---- decoding ----------------------------------------------------------------------------
@@ -978,12 +982,29 @@ def _as_tensors(out: BatchEncoding, return_tensors: str | None, batched: bool,
         raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
     if batched and len({len(x) for x in out["input_ids"]}) > 1:
         raise ValueError("sequences have different lengths: pass padding=True to return tensors")
-    make = torch.tensor if return_tensors == "pt" else np.asarray
+    def make(v):  # an empty encoding's ids stay integers (torch and numpy would make them floats)
+        t = torch.tensor(v) if return_tensors == "pt" else np.asarray(v)
+        if t.size == 0 if isinstance(t, np.ndarray) else t.numel() == 0:
+            return t.astype(np.int64) if isinstance(t, np.ndarray) else t.long()
+        return t
+
     try:
         data = {k: make(v if batched or not batch_axis or k == "length" else [v]) for k, v in out.items()}
     except (ValueError, TypeError) as e:
         raise ValueError(f"cannot make tensors of the encodings' {sorted(out)}: {e}") from e
     return BatchEncoding(data, encodings=out.encodings)
+
+
+NO_PAD_TOKEN = "this tokenizer has no pad_token; set tokenizer.pad_token = tokenizer.eos_token"
+
+
+def _tensor_kind(rows: Any) -> str | None:
+    """"pt" or "np" where the first id of `rows` (or its first non-empty row) is held in a torch
+    tensor or a numpy array, else None: the type `pad()` returns by default, as Transformers'."""
+    first = rows[0] if len(rows) else None
+    if isinstance(first, (list, tuple)):
+        first = next((row[0] for row in rows if len(row)), None)
+    return "pt" if isinstance(first, torch.Tensor) else "np" if isinstance(first, np.ndarray) else None
 
 
 def _clean_up(text: str) -> str:

@@ -725,3 +725,47 @@ def test_llama_tokenizer_class_as_transformers(config_class, tmp_path):
     assert a.input_ids == b.input_ids and a.attention_mask == b.attention_mask
     ours.save_pretrained(tmp_path / "saved")
     assert moetorch.AutoTokenizer.from_pretrained(tmp_path / "saved")(TEXTS).input_ids == hf(TEXTS).input_ids
+
+
+# ---- empty encodings, pad() of tensors, a missing pad token ---------------------------------------
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_empty_encodings_are_integers_as_transformers(path, return_tensors):
+    """An encoding with no tokens comes back as int64 tensors (torch and numpy alone make floats)."""
+    cases = [lambda t: t("", add_special_tokens=False, return_tensors=return_tensors),
+             lambda t: t([[]], is_split_into_words=True, add_special_tokens=False, return_tensors=return_tensors),
+             lambda t: {"input_ids": t.encode("", add_special_tokens=False, return_tensors=return_tensors)}]
+    for case in cases:
+        want, got = (case(tok) for tok in both(path))
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype and tuple(got[key].shape) == tuple(want[key].shape), key
+
+
+@pytest.mark.parametrize("make", [torch.tensor, np.array, list], ids=["torch", "numpy", "list"])
+def test_pad_returns_the_rows_type_as_transformers(path, make):
+    """pad() of rows held in tensors or arrays returns that type when return_tensors is not given
+    (a collator over a dataset formatted as torch); of lists, lists."""
+    rows = [{"input_ids": make([0, 5, 6]), "attention_mask": make([1, 1, 1])},
+            {"input_ids": make([0, 7]), "attention_mask": make([1, 1])}]
+    hf, ours = both(path)
+    for batch in (rows, [dict(r) for r in rows[:1]]):
+        want, got = hf.pad(batch), ours.pad(batch)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert type(got[key]) is type(want[key]), key
+            assert np.array_equal(np.asarray(got[key]), np.asarray(want[key])), key
+    if make is not np.array:  # one numpy row: Transformers refuses its numpy integers ("type ... unknown")
+        want, got = hf.pad({"input_ids": make([0, 5, 6])}), ours.pad({"input_ids": make([0, 5, 6])})
+        assert type(got["input_ids"]) is type(want["input_ids"])
+
+
+def test_padding_without_pad_token_fails_before_encoding_as_transformers(path):
+    """Padding asked of a tokenizer without a pad token is a ValueError before any encoding, so an
+    impossible truncation does not fail first (Transformers' order)."""
+    hf, ours = both(path, pad_token=None)
+    for tok in (hf, ours):
+        assert tok.pad_token is None
+        for call in (lambda t: t(["a b c"], padding=True, truncation="only_second", max_length=2),
+                     lambda t: t("a b c", padding="longest"), lambda t: t(["a", "b c"], padding=True)):
+            with pytest.raises(ValueError, match="pad"):
+                call(tok)
