@@ -72,7 +72,7 @@ from .models.jetmoe import (
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel, PhimoePreTrainedModel
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from .pipeline import TextGenerationPipeline, pipeline
-from .tokenizer import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, Tokenizer
+from .tokenizer import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, Tokenizer, get_json_schema
 from .utils import set_seed
 
 # Transformers' base-class names, for the isinstance checks and annotations of scripts that import them
@@ -102,6 +102,7 @@ __all__ = [
     "BatchEncoding",
     "TextGenerationPipeline",
     "Tokenizer",
+    "get_json_schema",
     "pipeline",
     "set_seed",
     "MoeConfig",

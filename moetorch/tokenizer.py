@@ -2,18 +2,26 @@
 chat templates.
 
 `Tokenizer.from_pretrained(dir)` reads tokenizer.json, tokenizer_config.json (special tokens,
-chat_template, padding side), special_tokens_map.json and chat_template.jinja when present.
+chat_template, padding side), special_tokens_map.json, and chat_template.jinja and
+additional_chat_templates/*.jinja (named templates) when present.
 """
 
 from __future__ import annotations
 
-import copy
+import contextvars
+import dataclasses
+import enum
+import functools
+import inspect
 import json
 import logging
 import operator
 import os
+import re
+import types
+import typing
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
 TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_DIR = "additional_chat_templates"  # Transformers 5's named templates besides "default": <name>.jinja
 # Transformers 5's named special tokens, in its order (all_special_tokens lists them so)
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Tokenizer-loading options that have no meaning for a local fast tokenizer.
@@ -153,7 +162,7 @@ class Tokenizer(PushToHubMixin):
         mask_token: str | AddedToken | None = None,
         extra_special_tokens: list[str | AddedToken] | dict[str, str | AddedToken] | None = None,
         model_specific_special_tokens: dict[str, str | AddedToken] | None = None,
-        chat_template: str | None = None,
+        chat_template: str | dict[str, str] | None = None,
         padding_side: str = "right",
         truncation_side: str = "right",
         model_max_length: int | None = None,
@@ -211,8 +220,9 @@ class Tokenizer(PushToHubMixin):
         config = _read_json(directory / CONFIG_FILE)
         for key, value in _read_json(directory / SPECIAL_MAP_FILE).items():
             config.setdefault(key, value)
-        if (directory / TEMPLATE_FILE).exists():
-            config["chat_template"] = (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
+        templates = _read_templates(directory)  # the template files take the config's place, as in Transformers
+        if templates:
+            config["chat_template"] = templates["default"] if list(templates) == ["default"] else templates
         for key in list(kwargs):
             if key in _IGNORED_KWARGS:
                 kwargs.pop(key)
@@ -244,8 +254,8 @@ class Tokenizer(PushToHubMixin):
         extra = [_token_text(t) for t in extra]
         named = {k: _token_text(v) for k, v in named.items()}
         template = config.get("chat_template")
-        if isinstance(template, list):  # several named templates: use "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        if isinstance(template, (list, tuple)):  # several named templates, as tokenizer_config.json lists them
+            template = {t["name"]: t["template"] for t in template}
         rest = {k: v for k, v in config.items() if k not in known and k not in SPECIAL_NAMES and k not in named}
         tok = cls(
             rust,
@@ -288,7 +298,9 @@ class Tokenizer(PushToHubMixin):
         )
         if self.model_max_length < int(1e29):
             config["model_max_length"] = self.model_max_length
-        if self.chat_template is not None:
+        if isinstance(self.chat_template, dict):  # named templates: the list both libraries read back
+            config["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_template.items()]
+        elif self.chat_template is not None:
             config["chat_template"] = self.chat_template
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return str(directory / CONFIG_FILE), str(directory / TOKENIZER_FILE)
@@ -352,10 +364,23 @@ class Tokenizer(PushToHubMixin):
         return self._tok.get_vocab(with_added_tokens=True)
 
     def get_chat_template(self, chat_template: str | None = None, tools: Any = None) -> str:
-        template = chat_template or self.chat_template
-        if template is None:
+        """The template apply_chat_template renders: `chat_template` (a template, or the name of one
+        of the tokenizer's named templates), else the tokenizer's (of named ones "tool_use" when
+        `tools` are given and there is one, else "default")."""
+        own = self.chat_template
+        if isinstance(own, dict):
+            if chat_template is not None:
+                return own.get(chat_template, chat_template)
+            name = "tool_use" if tools is not None and "tool_use" in own else "default"
+            if name not in own:
+                raise ValueError(f"this tokenizer has several chat templates and none named 'default': pass "
+                                 f"chat_template= a template or one of the names {sorted(own)}")
+            return own[name]
+        if chat_template is not None:
+            return chat_template
+        if own is None:
             raise ValueError("this tokenizer has no chat_template: pass chat_template= or set tokenizer.chat_template")
-        return template
+        return own
 
     def _token_to_id(self, token: str) -> int | None:
         # the unknown token's id for a token outside the vocabulary, as Transformers' fast tokenizers
@@ -778,58 +803,158 @@ class Tokenizer(PushToHubMixin):
         return [out] if isinstance(out, str) else out
 
     # ---- chat --------------------------------------------------------------------------------
+    @property
+    def chat_control_tokens(self) -> list[str] | None:
+        """The added tokens besides the special ones that `apply_chat_template(...,
+        sanitize_control_tokens=True)` encodes as text in the inputs (tokenizer_config.json's
+        `chat_control_tokens`); None: the added tokens in the chat template's text."""
+        return self._extra_config.get("chat_control_tokens")
+
+    @chat_control_tokens.setter
+    def chat_control_tokens(self, value: list[str] | None) -> None:
+        if value is not None and not isinstance(value, (list, tuple)):
+            raise TypeError(f"chat_control_tokens must be a list of strings or None, got {value!r}")
+        self._extra_config.pop("chat_control_tokens", None)
+        if value is not None:
+            self._extra_config["chat_control_tokens"] = list(value)
+
     def apply_chat_template(
         self,
         conversation: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        tools: list[dict[str, Any] | Callable] | None = None,
+        documents: list[dict[str, str]] | None = None,
         chat_template: str | None = None,
         add_generation_prompt: bool = False,
         continue_final_message: bool | str = False,
         tokenize: bool = True,
+        sanitize_control_tokens: bool = False,
         padding: bool | str = False,
         truncation: bool = False,
         max_length: int | None = None,
         return_tensors: str | None = None,
         return_dict: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-        documents: list[dict[str, str]] | None = None,
         return_assistant_tokens_mask: bool = False,
         tokenizer_kwargs: dict[str, Any] | None = None,
         **template_kwargs: Any,
     ):
-        """Render messages with the jinja chat template; tokenised (a BatchEncoding, or ids with
-        return_dict=False) unless tokenize=False. Special tokens come from the template only.
-        `tools` (JSON-schema dicts) and `documents` reach the template as in Transformers, and so
-        does any other keyword; `tokenizer_kwargs` go to the tokenizer call."""
-        if return_assistant_tokens_mask:
-            raise ValueError("apply_chat_template: return_assistant_tokens_mask is not supported by moetorch "
-                             "(it needs {% generation %} blocks in the template)")
-        for what, items in (("tools", tools), ("documents", documents)):
-            if items is not None and not (isinstance(items, (list, tuple)) and all(isinstance(t, dict) for t in items)):
-                raise TypeError(f"apply_chat_template: {what} must be a list of dicts (JSON schemas for tools; "
-                                f"Python functions are not converted), got {items!r}")
-        template_kwargs.update({k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None})
-        template = self.get_chat_template(chat_template)
+        """Render messages with the jinja chat template, in Transformers 5's sandbox and argument
+        order; tokenised (a BatchEncoding, or ids with return_dict=False) unless tokenize=False.
+        Special tokens come from the template only. As in Transformers: `tools` (JSON-schema dicts,
+        or functions whose schema `get_json_schema` builds) and `documents` reach the template, and
+        so does any other keyword; `chat_template` may name one of the tokenizer's named templates;
+        keys holding None are dropped and the reasoning fields copied to one another;
+        `return_assistant_tokens_mask=True` adds `assistant_masks` (1 on the tokens of the
+        template's {% generation %} blocks); `sanitize_control_tokens=True` encodes the control
+        tokens typed in the inputs as plain text; `tokenizer_kwargs` go to the tokenizer call."""
+        return_dict = return_dict and tokenize
+        if return_assistant_tokens_mask and not return_dict:
+            raise ValueError("apply_chat_template: return_assistant_tokens_mask=True requires return_dict=True and "
+                             "tokenize=True")
+        template = self.get_chat_template(chat_template, tools)
         if isinstance(conversation, (str, Mapping)):
             raise TypeError(f"apply_chat_template: the conversation must be a list of messages "
                             f"([{{\"role\": ..., \"content\": ...}}, ...]), or a list of such lists, got a "
                             f"{type(conversation).__name__}")
         if not conversation:
             raise ValueError("cannot apply a chat template to an empty conversation")
-        if add_generation_prompt and continue_final_message:
+        batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+        chats = [getattr(chat, "messages", chat) for chat in (conversation if batched else [conversation])]
+        for chat in chats:
+            for i, m in enumerate(chat):
+                if not isinstance(m, Mapping):
+                    raise ValueError(f"message {i} must be a dict (with 'role' and 'content'), got {m!r}")
+        # keys holding None are dropped, as Transformers drops them (APIs send content=None)
+        chats = [[{k: v for k, v in m.items() if v is not None} for m in chat] for chat in chats]
+        if continue_final_message and add_generation_prompt:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be set")
-        batched = isinstance(conversation[0], (list, tuple))
-        chats = conversation if batched else [conversation]
-        rendered = [
-            render_chat(template, chat, add_generation_prompt, continue_final_message,
-                        {**self.special_tokens_map, **template_kwargs})
-            for chat in chats
-        ]
+        if continue_final_message and return_assistant_tokens_mask:
+            raise ValueError("continue_final_message cannot be set with return_assistant_tokens_mask=True")
+        if sanitize_control_tokens:
+            if not tokenize or return_assistant_tokens_mask:
+                raise ValueError("apply_chat_template: sanitize_control_tokens=True requires tokenize=True and "
+                                 "return_assistant_tokens_mask=False")
+            marks = _token_patterns(self._control_tokens(template))[0]
+            chats, tools, documents, template_kwargs = _mark_control_tokens(
+                [chats, tools, documents, template_kwargs], marks)
+        if return_assistant_tokens_mask and not re.search(r"\{%-?\s*generation\s*-?%\}", template):
+            _warn_once("return_assistant_tokens_mask=True, but the chat template has no {% generation %} block: "
+                       "the mask is all 0")
+        _compile(template)  # a syntax error first, as Transformers reports it
+        tools = None if tools is None else [_tool_schema(tool) for tool in tools]
+        for document in documents or ():
+            if not isinstance(document, dict):
+                raise TypeError(f"apply_chat_template: documents must be dicts (with 'title' and 'text'), "
+                                f"got {document!r}")
+        variables = _plain({**self.special_tokens_map, **template_kwargs, "tools": tools, "documents": documents})
+        spans: list | None = [] if return_assistant_tokens_mask else None
+        rendered = [render_chat(template, chat, add_generation_prompt, continue_final_message, variables, spans)
+                    for chat in chats]
         text = rendered if batched else rendered[0]
         if not tokenize:
             return text
-        out = self(text, add_special_tokens=False, padding=padding, truncation=truncation,
-                   max_length=max_length, return_tensors=return_tensors, **(tokenizer_kwargs or {}))
+        if sanitize_control_tokens:
+            out = self._encode_sanitized(rendered, batched, padding, truncation, max_length, return_tensors,
+                                         add_special_tokens=False, **(tokenizer_kwargs or {}))
+        else:
+            out = self(text, add_special_tokens=False, padding=padding, truncation=truncation,
+                       max_length=max_length, return_tensors=return_tensors, **(tokenizer_kwargs or {}))
+        if return_assistant_tokens_mask:
+            out["assistant_masks"] = _assistant_masks(out, spans, batched, return_tensors)
         return out if return_dict else out["input_ids"]
+
+    def _control_tokens(self, template: str) -> tuple[str, ...]:
+        # the tokens sanitize_control_tokens encodes as text in the inputs: the special tokens, and the
+        # added ones in chat_control_tokens, or else (not whitespace) in the template's literal text
+        added = self.added_tokens_decoder.values()
+        if self.chat_control_tokens is not None:
+            listed = set(self.chat_control_tokens)
+            return tuple(t.content for t in added if t.special or t.content in listed)
+        literals = _template_literals(template)
+        return tuple(t.content for t in added if t.special or t.content in literals and not t.content.isspace())
+
+    def _encode_sanitized(self, texts: list[str], batched: bool, padding, truncation, max_length, return_tensors,
+                          add_special_tokens: bool, pad_to_multiple_of: int | None = None,
+                          padding_side: str | None = None, return_attention_mask: bool | None = None,
+                          verbose: bool = True, **_: Any) -> BatchEncoding:
+        """The tokenizer call of apply_chat_template(..., sanitize_control_tokens=True), as Transformers
+        makes it: each chat's ids (`_encode_marked`), cut to max_length when truncating, then padded;
+        input_ids and attention_mask alone (its other keywords take no effect there; add_special_tokens
+        is False, and a TypeError in tokenizer_kwargs, as in the call without sanitizing)."""
+        padding, strategy, max_length = self._strategies(padding, truncation, max_length, pad_to_multiple_of, verbose)
+        rows = [self._encode_marked(text) for text in texts]
+        if strategy is not None:
+            rows = [row[:max_length] if self.truncation_side == "right" else row[-max_length:] for row in rows]
+        return self.pad({"input_ids": rows if batched or return_tensors else rows[0]}, padding=padding,
+                        max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+                        return_attention_mask=return_attention_mask, return_tensors=return_tensors)
+
+    def _encode_marked(self, chat: str) -> list[int]:
+        """The ids of a chat rendered from inputs marked by `_mark_control_tokens`: a marked token as
+        plain text (a ValueError where the text encodes to that token anyway), the rest as usual;
+        each piece after the first is encoded after a newline, then the newline's ids dropped."""
+        pieces = _token_patterns(tuple(self.added_tokens_encoder))[1].split(chat)
+        newline = self.encode("\n", add_special_tokens=False)
+        ids = self.encode(pieces[0], add_special_tokens=False)
+        for i, piece in enumerate(pieces[1:], 1):
+            if not piece:  # a lone marker (None) splits the text and is dropped
+                continue
+            as_text = i % 2 == 1
+            encode = self._encode_as_text if as_text else functools.partial(self.encode, add_special_tokens=False)
+            piece_ids = encode("\n" + piece)
+            piece_ids = piece_ids[len(newline):] if piece_ids[:len(newline)] == newline else encode(piece)
+            if as_text and self.convert_tokens_to_ids(piece) in piece_ids:
+                raise ValueError(f"sanitize_control_tokens: cannot encode {piece!r} as text: this tokenizer "
+                                 f"makes that token of its text")
+            ids += piece_ids
+        return ids
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        # the ids of `text` without the added tokens: normalizer, pre-tokenizer and model alone
+        rust = self._tok
+        if rust.normalizer is not None:
+            text = rust.normalizer.normalize_str(text)
+        splits = [s for s, _ in rust.pre_tokenizer.pre_tokenize_str(text)] if rust.pre_tokenizer else [text]
+        return [token.id for split in splits for token in rust.model.tokenize(split)]
 
 
 def _special_token_property(name: str) -> property:
@@ -863,23 +988,28 @@ for _name in SPECIAL_NAMES:
 
 def render_chat(
     template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, continue_final_message: bool | str,
-    variables: dict[str, Any],
+    variables: dict[str, Any], spans: list | None = None,
 ) -> str:
-    """Render one chat. With `continue_final_message` (True: the final message's "content", or a
-    field's name) the text is cut right after that content, as Transformers 5 cuts it: the content
-    (or its last text block) is marked with a tag, and the text is cut at the tag's last place
-    (whitespace before it dropped when the template trimmed the content)."""
+    """Render one chat as Transformers 5 does: the messages rebuilt of plain data (`_plain`), their
+    reasoning fields aliased, then rendered with `variables`. With `continue_final_message` (True:
+    the final message's "content", or a field's name) the text is cut right after that content:
+    the content (or its last text block) is marked with a tag, and the text is cut at the tag's
+    last place (whitespace before it dropped when the template trimmed the content). With `spans`
+    (a list), the chat's {% generation %} spans (character (start, end) pairs) are appended to it."""
+    messages = _plain(list(messages))
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
-    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        if not isinstance(m, dict):
+            raise TypeError(f"message {i} must be a dict, got {m!r}")
+    messages = [_alias_reasoning(m) for m in messages]
     if continue_final_message:
         field = continue_final_message if isinstance(continue_final_message, str) else "content"
-        last = messages[-1] = copy.deepcopy(messages[-1])
+        last = messages[-1]
         final = last.get(field)
         if final is None:
             raise ValueError(f"continue_final_message: the final message has no {field!r} to continue")
-        if field not in template:
+        # the reasoning is there under several names: each copy is tagged, whichever the template reads
+        fields = [f for f in _REASONING_FIELDS if last.get(f) == final] if field in _REASONING_FIELDS else [field]
+        if not any(f in template for f in fields):
             raise ValueError(f"continue_final_message: the chat template does not read the messages' {field!r}")
         if isinstance(final, (list, tuple)):
             block = next((b for b in reversed(final) if isinstance(b, dict) and "text" in b), None)
@@ -887,11 +1017,27 @@ def render_chat(
                 raise ValueError("continue_final_message: the final message has no text block to continue")
             final, block["text"] = block["text"], block["text"] + _CONTINUE_TAG
         elif isinstance(final, str):
-            last[field] = final + _CONTINUE_TAG
+            for f in fields:
+                last[f] = last[f] + _CONTINUE_TAG
         else:
             raise ValueError(f"continue_final_message: the final message's {field!r} must be a string or a list "
                              f"of text blocks, got {type(final).__name__}")
-    text = _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    compiled = _compile(template)
+    variables = dict(variables, messages=messages, add_generation_prompt=add_generation_prompt)
+    if spans is None:
+        text = compiled.render(**variables)
+    else:  # the generation blocks' spans, at the length rendered so far when each is rendered
+        state: list = [0, []]
+        reset = _GENERATION_SPANS.set(state)
+        try:
+            parts = []
+            for part in compiled.generate(**variables):
+                parts.append(part)
+                state[0] += len(part)
+        finally:
+            _GENERATION_SPANS.reset(reset)
+        text = "".join(parts)
+        spans.append(state[1])
     if continue_final_message:
         tag = _CONTINUE_TAG.strip()
         if final.strip() not in text or tag not in text:
@@ -902,31 +1048,331 @@ def render_chat(
     return text
 
 
+# The names a message's reasoning goes by; templates read the first (gpt-oss's, "thinking")
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# While apply_chat_template tracks {% generation %} blocks: [characters rendered so far, spans]
+_GENERATION_SPANS: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "moetorch_generation_spans", default=None)
+# Private-use characters marking the control tokens typed in the inputs (sanitize_control_tokens)
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
+
+
+def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    # the first reasoning field set, as `reasoning_content` and (where unset) `thinking`, as Transformers
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _plain(value: Any) -> Any:
+    """`value` rebuilt of plain data, as Transformers rebuilds what a template sees (the sandbox
+    does not know other objects' methods): str, int and float subclasses as those, mappings as
+    dicts, lists, tuples, numpy scalars, dataclasses and pydantic models (as dicts); anything else
+    a "<TypeName>" placeholder."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for base in (str, int, float):
+        if isinstance(value, base):
+            return getattr(base, f"__{base.__name__}__")(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _tool_schema(tool: Any) -> dict[str, Any]:
+    # a tool as the template gets it: a dict as it is, a function's schema from get_json_schema
+    if isinstance(tool, dict):
+        return tool
+    if inspect.isfunction(tool) or inspect.ismethod(tool):
+        return get_json_schema(tool)
+    raise ValueError(f"apply_chat_template: tools must be JSON schemas (dicts) or functions with type hints and a "
+                     f"docstring (get_json_schema), got {tool!r}")
+
+
+def _assistant_masks(out: BatchEncoding, spans: list, batched: bool, return_tensors: str | None):
+    """1 on each token holding a character of a {% generation %} span, as Transformers maps the
+    spans: from the token of the span's first character to that of its last (to the row's end
+    where that one is cut off); a span whose first character is cut off ends the row's spans."""
+    rows = out["input_ids"] if batched or return_tensors else [out["input_ids"]]
+    masks = []
+    for i, row in enumerate(rows):
+        mask = [0] * len(row)
+        encoding = out.encodings[i]
+        for start, end in spans[i]:
+            first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+            if first is None:
+                break
+            for t in range(first, last + 1 if last else len(row)):  # (a last token 0 reads as cut off)
+                mask[t] = 1
+        masks.append(mask)
+    if return_tensors:
+        return torch.tensor(masks) if return_tensors == "pt" else np.asarray(masks)
+    return masks if batched else masks[0]
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+@functools.cache
+def _token_patterns(tokens: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
+    # a regex of `tokens` (longest first), and one of a marked token (its group) or a lone marker
+    any_token = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) or "(?!)"
+    return re.compile(any_token), re.compile(f"{_MARK_START}({any_token}){_MARK_END}|[{_MARK_START}{_MARK_END}]")
+
+
+def _mark_control_tokens(value: Any, pattern: re.Pattern) -> Any:
+    """`value` (a string, or lists and dicts of them: messages, tools, documents, template
+    variables) with each control token in its strings wrapped in private-use markers, and markers
+    already there dropped; dict keys are left as they are, tuples become lists."""
+    if isinstance(value, str):
+        value = value.replace(_MARK_START, "").replace(_MARK_END, "")
+        return pattern.sub(lambda m: _MARK_START + m.group(0) + _MARK_END, value)
+    if isinstance(value, dict):
+        return {k: _mark_control_tokens(v, pattern) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mark_control_tokens(v, pattern) for v in value]
+    return value
+
+
+@functools.cache
+def _template_literals(template: str) -> str:
+    # the template's literal text and string constants, joined by NULs (so no token spans two of them)
+    import jinja2.nodes
+
+    tree = _compile(template).environment.parse(template)
+    strings = {n.data for n in tree.find_all(jinja2.nodes.TemplateData)}
+    strings |= {n.value for n in tree.find_all(jinja2.nodes.Const) if isinstance(n.value, str)}
+    return "\0".join(strings)
+
+
+@functools.lru_cache(maxsize=1)
+def _environment():
+    """Transformers' chat-template environment: jinja2's ImmutableSandboxedEnvironment (3.1.6 or
+    later) with trim_blocks, lstrip_blocks, loop controls and {% generation %}; tojson without
+    HTML escaping, raise_exception, strftime_now, a `dict` with no attributes but fromkeys, and a
+    namespace() that refuses underscore-prefixed names."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from packaging.version import Version
+
+    if Version(jinja2.__version__) < Version("3.1.6"):  # older ones have known sandbox escapes
+        raise ImportError(f"chat templates need jinja2>=3.1.6 (its sandbox), got {jinja2.__version__}: "
+                          f"pip install -U jinja2")
+
+    class Generation(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %}: the body, its span recorded while tracked."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_span"), [], [], body).set_lineno(lineno)
+
+        def _span(self, caller) -> str:
+            text, state = caller(), _GENERATION_SPANS.get()
+            if state is not None:
+                state[1].append((state[0], state[0] + len(text)))
+            return text
+
+    class TemplateDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a chat template's namespace cannot hold the underscore-prefixed "
+                                                  f"name {name!r}")
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):  # (no `self` name, so that namespace(self=...) works, as jinja's)
+            attrs = dict(*args[1:], **kwargs)
+            for name in attrs:
+                check_name(name)
+            jinja2.utils.Namespace.__init__(args[0], attrs)
+
+        def __setitem__(self, name, value):
+            check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=TemplateDict(), namespace=Namespace)
+    return env
+
+
 _TEMPLATES: dict[str, Any] = {}
 
 
 def _compile(template: str):
     if template not in _TEMPLATES:
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message: str):
-            raise jinja2.exceptions.TemplateError(message)
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            _TEMPLATES[template] = env.from_string(template)
+            _TEMPLATES[template] = _environment().from_string(template)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ValueError(f"chat_template is not a valid jinja template: {e}") from e
     return _TEMPLATES[template]
+
+
+# ---- tools as JSON schemas ----------------------------------------------------------------------
+class TypeHintParsingException(ValueError):
+    """A tool function's type hint has no JSON schema (get_json_schema)."""
+
+
+class DocstringParsingException(ValueError):
+    """A tool function's docstring lacks its description or an argument's (get_json_schema)."""
+
+
+# Google-style docstrings: the description (up to the first section), the Args section (up to
+# Returns: or Raises:), its "name: description" entries (a deeper-indented line continues one),
+# the Returns section, and an argument's trailing "(choices: [...])"
+_DOC_SECTION = re.compile(r"Args:|Returns:|Raises:")
+_DOC_ARGS = re.compile(r"\n\s*Args:\n(.*?)\s*(?:Returns:|Raises:|\Z)", re.DOTALL)
+_DOC_ARG = re.compile(r"(?:^|\n)([ \t]*)(\w+):\s*(.*?)\s*(?=\n(?!\1[ \t])[ \t]*\w+:|\Z)", re.DOTALL)
+_DOC_RETURNS = re.compile(r"\n\s*Returns:\n\s*(.*?)\s*(?:Raises:|\Z)", re.DOTALL)
+_DOC_CHOICES = re.compile(r"\(choices:\s*(.*?)\)\s*$", re.IGNORECASE)
+_JSON_SCALARS = {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null"}
+
+
+def get_json_schema(func: Callable) -> dict[str, Any]:
+    """The JSON schema of a tool function, as Transformers' `get_json_schema` builds it (what
+    apply_chat_template(tools=[func]) renders): the name, the Google-style docstring's description,
+    each argument's JSON type (from its type hint) and description (from the Args section; a
+    trailing "(choices: [...])" as an enum), the required ones (no default), and the return's type
+    and description where they convert. A missing docstring or argument description raises
+    DocstringParsingException, an argument without a type hint or with one of no JSON type
+    TypeHintParsingException (a `self` / `cls` without one is skipped)."""
+    name = getattr(func, "__name__", "operation")
+    doc = (inspect.getdoc(func) or "").strip()
+    if not doc:
+        raise DocstringParsingException(f"get_json_schema: {name} has no docstring to describe it")
+    section = _DOC_SECTION.search(doc)
+    description = doc[:section.start() if section else len(doc)].strip()
+    args = _DOC_ARGS.search(doc)
+    block = "\n".join(line for line in args.group(1).split("\n") if line.strip()) if args else ""
+    arg_docs = {m[1]: re.sub(r"\s*\n+\s*", " ", m[2].strip()) for m in _DOC_ARG.findall(block)}
+    returns = _DOC_RETURNS.search(doc)
+    params = inspect.signature(func).parameters
+    first = next(iter(params), None)
+    receiver = first if first in ("self", "cls") and params[first].annotation is inspect.Parameter.empty else None
+    required = []
+    for p in params.values():
+        if p.name == receiver:
+            continue
+        if p.annotation is inspect.Parameter.empty:
+            raise TypeHintParsingException(f"get_json_schema: argument {p.name!r} of {name} has no type hint")
+        if p.default is inspect.Parameter.empty:
+            required.append(p.name)
+    properties, result = {}, None
+    for arg, hint in typing.get_type_hints(func).items():
+        if arg == receiver:
+            continue
+        if arg != "return":
+            properties[arg] = _hint_schema(hint)
+            continue
+        try:  # the model never writes the return value: one of no JSON type is left out
+            result = _hint_schema(hint)
+        except TypeHintParsingException:
+            pass
+    for arg, schema in properties.items():
+        if arg not in arg_docs:
+            raise DocstringParsingException(f"get_json_schema: {name}'s docstring has no description of its "
+                                            f"argument {arg!r} (an Args: section line '{arg}: ...')")
+        text = arg_docs[arg]
+        choices = _DOC_CHOICES.search(text)
+        if choices:
+            schema["enum"] = [c.strip() if isinstance(c, str) else c for c in json.loads(choices.group(1))]
+            text = text[:choices.start()].strip()
+        schema["description"] = text
+    parameters = {"type": "object", "properties": properties, **({"required": required} if required else {})}
+    function = {"name": name, "description": description, "parameters": parameters}
+    if result is not None:
+        function["return"] = {**result, **({"description": returns.group(1).strip()} if returns else {})}
+    return {"type": "function", "function": function}
+
+
+def _enum_schema(values: list) -> dict[str, Any]:
+    # a JSON enum; its type: each JSON type of the values, once, in their order (one: a string)
+    kinds = list(dict.fromkeys(_JSON_SCALARS[type(v)] for v in values))
+    return {"type": kinds[0] if len(kinds) == 1 else kinds, "enum": values}
+
+
+def _hint_schema(hint: Any) -> dict[str, Any]:
+    """The JSON schema of a type hint, as Transformers maps them: int, float, str, bool, None,
+    Any, list / tuple / dict (with their item types), Union / Optional (nullable), Literal and Enum
+    (enums), a PIL image ("image") and a torch tensor ("audio")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is None:
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            values = [member.value for member in hint]
+            if not values or any(type(v) not in _JSON_SCALARS for v in values):
+                raise TypeHintParsingException(f"get_json_schema: the Enum {hint.__name__} needs members whose "
+                                               f"values are int, float, str, bool or None")
+            return _enum_schema(values)
+        basic = {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null", list: "array",
+                 tuple: "array", dict: "object", torch.Tensor: "audio"}
+        try:
+            from PIL.Image import Image
+            basic[Image] = "image"
+        except ImportError:
+            pass
+        if hint is typing.Any:
+            return {}
+        if hint not in basic:
+            raise TypeHintParsingException(f"get_json_schema: the type hint {hint!r} has no JSON schema (basic types, "
+                                           f"Enums, Literal, and list, tuple, dict and Union of those have one); "
+                                           f"write the tool's schema by hand")
+        return {"type": basic[hint]}
+    if origin is typing.Union or origin is getattr(types, "UnionType", None):
+        subtypes = [_hint_schema(t) for t in args if t is not type(None)]
+        if len(subtypes) == 1:
+            schema = subtypes[0]
+        elif all(s.keys() == {"type"} and isinstance(s["type"], str) for s in subtypes):
+            names = sorted({s["type"] for s in subtypes})
+            schema = {"type": names[0] if len(names) == 1 else names}
+        else:
+            schema = {"anyOf": subtypes}
+        return {**schema, "nullable": True} if type(None) in args else schema
+    if origin is typing.Literal and args:
+        if any(type(a) not in _JSON_SCALARS for a in args):
+            raise TypeHintParsingException(f"get_json_schema: Literal values must be int, float, str, bool or None, "
+                                           f"got {hint!r}")
+        return _enum_schema(list(args))
+    if origin is list:
+        return {"type": "array", **({"items": _hint_schema(args[0])} if args else {})}
+    if origin is tuple:
+        if len(args) == 1 or ... in args:
+            raise TypeHintParsingException(f"get_json_schema: {hint!r}: a tuple hint needs two or more item types "
+                                           f"(list[...] for one, or for any number)")
+        return {"type": "array", **({"prefixItems": [_hint_schema(t) for t in args]} if args else {})}
+    if origin is dict:
+        return {"type": "object", **({"additionalProperties": _hint_schema(args[1])} if len(args) == 2 else {})}
+    raise TypeHintParsingException(f"get_json_schema: the type hint {hint!r} has no JSON schema")
 
 
 def _first_is_text(value: Any, depth: int = 3) -> bool:
@@ -1043,6 +1489,14 @@ def _as_llama_tokenizer(rust, config: dict[str, Any], model: dict[str, Any], fil
     rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     rust.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+
+
+def _read_templates(directory: Path) -> dict[str, str]:
+    """The chat templates in template files, by name: chat_template.jinja ("default") and
+    additional_chat_templates/<name>.jinja."""
+    files = [directory / TEMPLATE_FILE, *sorted((directory / TEMPLATE_DIR).glob("*.jinja"))]
+    return {("default" if f.parent == directory else f.name.removesuffix(".jinja")): f.read_text(encoding="utf-8")
+            for f in files if f.is_file()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -193,10 +193,11 @@ def test_chat_template_tools_documents_and_options_match_transformers(pair):
     a = hf.apply_chat_template([CHAT, CHAT[:2]], tokenizer_kwargs={"padding_side": "left"}, padding=True)
     b = ours.apply_chat_template([CHAT, CHAT[:2]], tokenizer_kwargs={"padding_side": "left"}, padding=True)
     assert a["input_ids"] == b["input_ids"] and b["input_ids"][1][0] == ours.pad_token_id
-    with pytest.raises(ValueError, match="return_assistant_tokens_mask"):
-        ours.apply_chat_template(CHAT, return_assistant_tokens_mask=True)
-    with pytest.raises(TypeError, match="tools must be a list of dicts"):
-        ours.apply_chat_template(CHAT, tools=[len])
+    for kw in (dict(return_assistant_tokens_mask=True, tokenize=False), dict(tools=[len])):  # refused by both
+        with pytest.raises(ValueError, match="return_assistant_tokens_mask|Tools"):
+            hf.apply_chat_template(CHAT, **kw)
+        with pytest.raises(ValueError, match="return_assistant_tokens_mask|tools"):
+            ours.apply_chat_template(CHAT, **kw)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
