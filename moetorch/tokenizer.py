@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -59,14 +59,38 @@ PHI35_CHAT_TEMPLATE = (
 )
 
 
+class CharSpan(NamedTuple):
+    """Characters [start, end) of the original text (Transformers' CharSpan)."""
+
+    start: int
+    end: int
+
+
+class TokenSpan(NamedTuple):
+    """Tokens [start, end) of an encoding (Transformers' TokenSpan)."""
+
+    start: int
+    end: int
+
+
 class BatchEncoding(dict):
     """`input_ids` and `attention_mask` (lists, tensors or numpy arrays), readable as keys and
     attributes; from a tokenizer call it also keeps the `tokenizers.Encoding` of each row
-    (`enc[i]`, `enc.tokens(i)`, `enc.word_ids(i)`), as Transformers' fast tokenizers do."""
+    (`enc[i]`, `enc.tokens(i)`, `enc.word_ids(i)`, `enc.char_to_token(...)`), as Transformers' fast
+    tokenizers do. Built by hand it takes Transformers' arguments (`tensor_type`, ...)."""
 
-    def __init__(self, data: Mapping | None = None, encodings: list | None = None, **kwargs: Any) -> None:
-        super().__init__(data or {}, **kwargs)
+    def __init__(self, data: Mapping | None = None, encoding: Any = None, tensor_type: str | None = None,
+                 prepend_batch_axis: bool = False, n_sequences: int | None = None, *,
+                 encodings: list | None = None) -> None:
+        super().__init__(data or {})
+        encodings = encoding if encodings is None else encodings
+        if encodings is not None and not isinstance(encodings, (list, tuple)):  # one tokenizers.Encoding
+            encodings = [encodings]
         self._encodings = encodings
+        if n_sequences is None and encodings:
+            n_sequences = encodings[0].n_sequences
+        self._n_sequences = n_sequences
+        self.convert_to_tensors(tensor_type, prepend_batch_axis)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -108,6 +132,90 @@ class BatchEncoding(dict):
     def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
         return self._encoding(batch_index, "sequence_ids").sequence_ids
 
+    @property
+    def is_fast(self) -> bool:
+        """Whether the rows' `tokenizers.Encoding`s are kept (a tokenizer call's result)."""
+        return self._encodings is not None
+
+    @property
+    def n_sequences(self) -> int | None:
+        """1 for single texts, 2 for pairs; None when unknown."""
+        return self.__dict__.get("_n_sequences")
+
+    def _row(self, method: str, batch_or_index: int, index: int | None, token: bool = False):
+        # Transformers' convention: (index) reads the first row, (batch_index, index) another; a
+        # negative token index counts from the row's end (Transformers 5.23 fails on one)
+        batch, index = (0, batch_or_index) if index is None else (batch_or_index, index)
+        encoding = self._encoding(batch, method)
+        return encoding, index + len(encoding.ids) if token and index < 0 else index
+
+    def token_to_sequence(self, batch_or_token_index: int, token_index: int | None = None) -> int | None:
+        """The sequence (0, or 1 for a pair's second text) of a token; None for added special tokens."""
+        encoding, i = self._row("token_to_sequence", batch_or_token_index, token_index, token=True)
+        return encoding.token_to_sequence(i)
+
+    def token_to_word(self, batch_or_token_index: int, token_index: int | None = None) -> int | None:
+        """The index of a token's word in its text; None for added special tokens."""
+        encoding, i = self._row("token_to_word", batch_or_token_index, token_index, token=True)
+        return encoding.token_to_word(i)
+
+    def token_to_chars(self, batch_or_token_index: int, token_index: int | None = None) -> CharSpan | None:
+        """A token's characters in its text; None for added special tokens."""
+        encoding, i = self._row("token_to_chars", batch_or_token_index, token_index, token=True)
+        span = encoding.token_to_chars(i)
+        return None if span is None else CharSpan(*span)
+
+    def word_to_tokens(self, batch_or_word_index: int, word_index: int | None = None,
+                       sequence_index: int = 0) -> TokenSpan | None:
+        """The tokens of a word of text `sequence_index` (1: a pair's second); None when it has none."""
+        encoding, i = self._row("word_to_tokens", batch_or_word_index, word_index)
+        span = encoding.word_to_tokens(i, sequence_index)
+        return None if span is None else TokenSpan(*span)
+
+    def word_to_chars(self, batch_or_word_index: int, word_index: int | None = None,
+                      sequence_index: int = 0) -> CharSpan:
+        """The characters of a word of text `sequence_index` (a TypeError for a word past the end, as
+        in Transformers)."""
+        encoding, i = self._row("word_to_chars", batch_or_word_index, word_index)
+        return CharSpan(*encoding.word_to_chars(i, sequence_index))
+
+    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None,
+                      sequence_index: int = 0) -> int | None:
+        """The token holding a character of text `sequence_index`; None when none does."""
+        encoding, i = self._row("char_to_token", batch_or_char_index, char_index)
+        return encoding.char_to_token(i, sequence_index)
+
+    def char_to_word(self, batch_or_char_index: int, char_index: int | None = None,
+                     sequence_index: int = 0) -> int | None:
+        """The word holding a character of text `sequence_index`; None when none does."""
+        encoding, i = self._row("char_to_word", batch_or_char_index, char_index)
+        return encoding.char_to_word(i, sequence_index)
+
+    def convert_to_tensors(self, tensor_type: str | None = None, prepend_batch_axis: bool = False) -> BatchEncoding:
+        """Make the values torch tensors ("pt") or numpy arrays ("np") in place, each in a batch of
+        one with `prepend_batch_axis`; rows of different lengths are a ValueError (pad them)."""
+        if tensor_type is None:
+            return self
+        tensor_type = getattr(tensor_type, "value", tensor_type)  # Transformers' TensorType
+        if tensor_type not in ("pt", "np"):
+            raise ValueError(f"tensor_type must be 'pt', 'np' or None, got {tensor_type!r}")
+        for key, value in self.items():
+            value = [value] if prepend_batch_axis else value
+            if torch.is_tensor(value) if tensor_type == "pt" else isinstance(value, np.ndarray):
+                continue
+            empty = _no_values(value)  # an empty list of ids is int64, as in Transformers
+            try:
+                if tensor_type == "np":
+                    self[key] = np.asarray(value, dtype=np.int64 if empty else None)
+                elif isinstance(value, list) and value and isinstance(value[0], np.ndarray):
+                    self[key] = torch.from_numpy(np.array(value))
+                else:
+                    self[key] = torch.tensor(value, dtype=torch.int64 if empty else None)
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise ValueError(f"cannot make {tensor_type!r} tensors of {key!r}: rows of different lengths need "
+                                 f"padding=True (and truncation=True); {e}") from e
+        return self
+
     def to(self, device: torch.device | str | int, *, non_blocking: bool = False) -> BatchEncoding:
         """Move the tensors to `device` in place and return self; a dtype is refused with a warning
         (token ids must stay integers), as Transformers does."""
@@ -120,6 +228,12 @@ class BatchEncoding(dict):
         return self
 
 
+def _no_values(value: Any) -> bool:
+    # an empty list, or lists of empty lists (Transformers' test for an int64 dtype)
+    return isinstance(value, (list, tuple)) and (not value or isinstance(value[0], (list, tuple)) and
+                                                 all(_no_values(v) for v in value))
+
+
 def _token_text(tok: Any) -> str | None:
     if tok is None or isinstance(tok, str):
         return tok
@@ -128,6 +242,15 @@ def _token_text(tok: Any) -> str | None:
     if isinstance(tok, dict):  # {"content": "<s>", "lstrip": ..., ...} as Transformers writes
         return tok.get("content")
     raise ValueError(f"special token must be a string or a dict with 'content', got {tok!r}")
+
+
+def _token_value(tok: Any) -> str | AddedToken | None:
+    # a special token as given: a string, or an AddedToken (one written as a dict becomes one), whose
+    # lstrip / rstrip / ... Transformers keeps for a token it adds
+    if isinstance(tok, dict) and tok.get("content") is not None:
+        return AddedToken(tok["content"], **{k: bool(tok[k]) for k in ("single_word", "lstrip", "rstrip", "normalized",
+                                                                      "special") if k in tok})
+    return tok if isinstance(tok, AddedToken) else _token_text(tok)
 
 
 def _to_py(x: Any) -> Any:
@@ -167,6 +290,7 @@ class Tokenizer(PushToHubMixin):
         truncation_side: str = "right",
         model_max_length: int | None = None,
         clean_up_tokenization_spaces: bool = False,
+        split_special_tokens: bool = False,
         name_or_path: str = "",
         extra_config: dict[str, Any] | None = None,
     ) -> None:
@@ -199,11 +323,44 @@ class Tokenizer(PushToHubMixin):
         self._extra_config = dict(extra_config or {})
         self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = bool(
             self._extra_config.pop("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
+        self.split_special_tokens = bool(split_special_tokens)
+        self._tok.encode_special_tokens = self.split_special_tokens
+        # what a Transformers script reads back from init_kwargs (from_pretrained gives the config's)
+        self.init_kwargs = {**self.special_tokens_map, "extra_special_tokens": self.extra_special_tokens,
+                            "chat_template": chat_template, "padding_side": padding_side,
+                            "truncation_side": truncation_side, "model_max_length": model_max_length,
+                            "clean_up_tokenization_spaces": clean_up_tokenization_spaces,
+                            "split_special_tokens": self.split_special_tokens, "name_or_path": name_or_path,
+                            **self._extra_config}
+        self._register_special_tokens()
+
+    def _register_special_tokens(self) -> None:
+        """Make the special tokens added tokens, as Transformers 5 does on construction: a named one
+        (bos_token, ..., a model-specific one) that is an ordinary vocabulary entry, or an added one
+        marked special=false, becomes an added special token; an extra one missing from the added
+        tokens is added (special, unless it is an AddedToken that says otherwise)."""
+        added = {t.content: t for t in self._tok.get_added_tokens_decoder().values()}
+        named = [*(self._special.get(n) for n in SPECIAL_NAMES), *self._named.values()]
+        names = {str(t) for t in named if t is not None}
+        tokens: dict[str, AddedToken] = {}
+        for value in [*named, *self._extra_special]:
+            text = None if value is None else str(value)
+            if text is None or text in tokens or text in added and (added[text].special or text not in names):
+                continue
+            base = added.get(text, value)
+            tokens[text] = AddedToken(text, special=True, normalized=False) if isinstance(base, str) else AddedToken(
+                text, single_word=base.single_word, lstrip=base.lstrip, rstrip=base.rstrip,
+                normalized=base.normalized, special=base.special or text in names)
+        if tokens:
+            self._tok.add_tokens(list(tokens.values()))
 
     # ---- loading and saving ------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Tokenizer:
-        """Load from a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
+        """Load from a directory holding tokenizer.json (and optionally tokenizer_config.json), as
+        Transformers 5 loads it: keywords override the config, tokenizer.json's truncation / padding
+        sections give truncation_side, padding_side and pad_token where the config does not, and every
+        special token becomes an added special token."""
         from tokenizers import Tokenizer as RustTokenizer
 
         directory = Path(checkpoint_path(path, TOKENIZER_PATTERNS, **hub_options(kwargs)))
@@ -227,18 +384,36 @@ class Tokenizer(PushToHubMixin):
             if key in _IGNORED_KWARGS:
                 kwargs.pop(key)
         config.update(kwargs)
+        # tokenizer.json's truncation and padding sections are defaults for what the config does not
+        # set, as in Transformers 5: the sides and pad_token take effect, the rest is only kept (init_kwargs)
+        from_file: dict[str, Any] = {}
+        if rust.truncation:
+            t = rust.truncation
+            from_file.update(max_length=t["max_length"], truncation_side=t["direction"], stride=t["stride"],
+                             truncation_strategy=t["strategy"])
+        if rust.padding:
+            p = rust.padding
+            from_file.update(pad_token=p["pad_token"], pad_token_type_id=p["pad_type_id"],
+                             padding_side=p["direction"], pad_to_multiple_of=p["pad_to_multiple_of"])
+            from_file.setdefault("max_length", p["length"])
+        for key in ("truncation_side", "padding_side", "pad_token"):
+            if key in from_file:
+                config.setdefault(key, from_file[key])
         if config.get("tokenizer_class") in LLAMA_CLASSES:
+            for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
+                config.setdefault(name, default)  # LlamaTokenizer's defaults
             _as_llama_tokenizer(rust, config, json.loads(text).get("model", {}), file)
         known = {"chat_template", "padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces",
                  "extra_special_tokens", "additional_special_tokens", "add_bos_token", "add_eos_token",
-                 "model_specific_special_tokens"}
-        specials = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
+                 "model_specific_special_tokens", "split_special_tokens"}
+        specials = {name: _token_value(config.get(name)) for name in SPECIAL_NAMES}
         # Named model-specific tokens, as Transformers 5 reads them: other `*_token` keys holding a
         # token (a string, or an AddedToken written with its "__type"), then an `extra_special_tokens`
         # dict; the `model_specific_special_tokens` dict it also writes counts only without either
         # (it keeps that dict as loaded when a token changes, and the keys are then the truth).
         named = {k: v for k, v in config.items() if k.endswith("_token") and k not in SPECIAL_NAMES and
                  (isinstance(v, (str, AddedToken)) or (isinstance(v, dict) and v.get("__type") == "AddedToken"))}
+        named_keys = set(named)
         # Transformers 5 writes `extra_special_tokens`; older files (and Transformers 4) `additional_special_tokens`
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
         if isinstance(config.get("extra_special_tokens"), dict):
@@ -251,12 +426,13 @@ class Tokenizer(PushToHubMixin):
             named = dict(saved)
         if not isinstance(extra, (list, tuple)):
             raise ValueError(f"extra_special_tokens must be a list of tokens or a dict of named tokens, got {extra!r}")
-        extra = [_token_text(t) for t in extra]
-        named = {k: _token_text(v) for k, v in named.items()}
+        extra = [_token_value(t) for t in extra]
+        named = {k: _token_value(v) for k, v in named.items()}
         template = config.get("chat_template")
         if isinstance(template, (list, tuple)):  # several named templates, as tokenizer_config.json lists them
             template = {t["name"]: t["template"] for t in template}
         rest = {k: v for k, v in config.items() if k not in known and k not in SPECIAL_NAMES and k not in named}
+        added = dict(sorted(rust.get_added_tokens_decoder().items()))  # as the file has them (init_kwargs)
         tok = cls(
             rust,
             **specials,
@@ -267,18 +443,47 @@ class Tokenizer(PushToHubMixin):
             truncation_side=config.get("truncation_side", "right"),
             model_max_length=config.get("model_max_length"),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            split_special_tokens=bool(config.get("split_special_tokens", False)),
             name_or_path=str(path),
             extra_config=rest,
         )
-        # special tokens named here but missing from the vocabulary are added, as Transformers adds them
-        missing = [t for t in tok.all_special_tokens if rust.token_to_id(t) is None]
-        if missing:
-            rust.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-        if "add_bos_token" in config or "add_eos_token" in config:  # Transformers: both then default to False
-            tok._add_bos_token = bool(config.get("add_bos_token", False))
-            tok._add_eos_token = bool(config.get("add_eos_token", False))
+        flags = ("add_bos_token", "add_eos_token")
+        tokens_set = all(tok._special.get(k[4:]) is not None for k in flags if config.get(k))
+        if any(k in kwargs for k in flags):  # Transformers 5: these replace the config's; one not passed is False
+            tok._add_bos_token, tok._add_eos_token = (bool(kwargs.get(k, False)) for k in flags)
             tok.update_post_processor()
+        elif any(k in config for k in flags) and tokens_set:
+            # moetorch applies the config's where their tokens are set (docs/differences.md), keeping
+            # tokenizer.json's post-processor (its pair template too) where it adds just what they say
+            tok._add_bos_token, tok._add_eos_token = (bool(config.get(k)) for k in flags)
+            if rust.post_processor is None or not tok._post_processor_adds_flags():
+                tok.update_post_processor()
+        elif rust.post_processor is None:  # Transformers 5 builds one (a pair's second text gets type id 1)
+            tok.update_post_processor()
+        # init_kwargs as Transformers 5 keeps them: the config (its own add_bos/eos_token dropped) and
+        # keywords, the extra special tokens under their new name, model-specific ones in a dict
+        init = {k: v for k, v in config.items() if k != "tokenizer_class" and k not in named_keys
+                and (k not in flags or k in kwargs)}
+        init.update({k: v for k, v in specials.items() if k in init})
+        if "additional_special_tokens" in init and not init.get("extra_special_tokens"):
+            init["extra_special_tokens"] = init.pop("additional_special_tokens")
+        if isinstance(init.get("extra_special_tokens"), dict):
+            init.pop("extra_special_tokens")
+        if named:
+            init["model_specific_special_tokens"] = named
+        tok.init_kwargs = {**init, **{k: v for k, v in from_file.items() if k not in init}, "name_or_path": str(path),
+                           "added_tokens_decoder": added}
         return tok
+
+    def _post_processor_adds_flags(self) -> bool:
+        # whether the post-processor puts just bos_token before a text and eos_token after it, as
+        # add_bos_token / add_eos_token say
+        try:
+            plain, full = (self._tok.encode("a", add_special_tokens=special).ids for special in (False, True))
+        except Exception:
+            return False
+        want = [self.bos_token_id] * self._add_bos_token + plain + [self.eos_token_id] * self._add_eos_token
+        return bool(plain) and full == want
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> tuple[str, ...]:
         """Write tokenizer.json and tokenizer_config.json as Transformers 5 writes them (the extra
@@ -296,6 +501,8 @@ class Tokenizer(PushToHubMixin):
             tokenizer_class="PreTrainedTokenizerFast", padding_side=self.padding_side,
             truncation_side=self.truncation_side, clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
         )
+        if self.split_special_tokens:
+            config["split_special_tokens"] = True
         if self.model_max_length < int(1e29):
             config["model_max_length"] = self.model_max_length
         if isinstance(self.chat_template, dict):  # named templates: the list both libraries read back
@@ -362,6 +569,119 @@ class Tokenizer(PushToHubMixin):
 
     def get_vocab(self) -> dict[str, int]:
         return self._tok.get_vocab(with_added_tokens=True)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.get_vocab()
+
+    def get_special_tokens_mask(self, token_ids_0: Any, token_ids_1: Any = None,
+                                already_has_special_tokens: bool = False) -> list[int]:
+        """1 for each special token of ids that hold them already (`already_has_special_tokens=True`,
+        as data collators call it), else 0. Ids without their special tokens are a
+        NotImplementedError, as in Transformers 5's fast tokenizers."""
+        if not already_has_special_tokens:
+            raise NotImplementedError(f"{type(self).__name__}.get_special_tokens_mask needs ids that hold their "
+                                      f"special tokens (already_has_special_tokens=True)")
+        if token_ids_1 is not None:
+            raise ValueError("get_special_tokens_mask: token_ids_1 must be None with already_has_special_tokens=True "
+                             "(the ids hold both sequences already)")
+        special = set(self.all_special_ids)
+        return [int(int(i) in special) for i in _to_py(token_ids_0)]
+
+    def save_vocabulary(self, save_directory: str | os.PathLike,
+                        filename_prefix: str | None = None) -> tuple[str, ...] | None:
+        """Write the model's vocabulary files (a BPE model's vocab.json and merges.txt, named
+        `{filename_prefix}-...` with a prefix) and return their paths; a save_directory that is not a
+        directory is logged and gives None, as in Transformers."""
+        if not os.path.isdir(save_directory):
+            logger.error(f"Vocabulary path ({save_directory}) should be a directory")
+            return None
+        return tuple(self._tok.model.save(str(save_directory), filename_prefix))
+
+    def train_new_from_iterator(self, text_iterator: Any, vocab_size: int, length: int | None = None,
+                                new_special_tokens: list[str | AddedToken] | None = None,
+                                special_tokens_map: dict[str, str] | None = None, **kwargs: Any) -> Tokenizer:
+        """A tokenizer like this one (pipeline, special tokens, settings) with a vocabulary the
+        `tokenizers` library trains on `text_iterator` (batches of texts), as Transformers trains it:
+        this one's special added tokens come first, then `new_special_tokens` (also extra special
+        tokens); `special_tokens_map` renames special tokens ({old: new}); `kwargs` go to the trainer."""
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import pre_tokenizers, trainers
+
+        data = json.loads(self._tok.to_str())
+        added, post = data.pop("added_tokens"), data.pop("post_processor")
+        model, rename = data["model"], special_tokens_map or {}
+        kind = model.get("type")
+        trainer_class = {"BPE": trainers.BpeTrainer, "Unigram": trainers.UnigramTrainer,
+                         "WordLevel": trainers.WordLevelTrainer, "WordPiece": trainers.WordPieceTrainer}.get(kind)
+        if trainer_class is None:
+            raise ValueError(f"train_new_from_iterator: only BPE, Unigram, WordLevel and WordPiece models train; this "
+                             f"tokenizer's is {kind}")
+        if kind == "Unigram" and model.get("unk_id") is not None:
+            unk = model["vocab"][model["unk_id"]][0]
+            kwargs["unk_token"] = unk = rename.get(unk, unk)
+            model["unk_id"], model["vocab"] = 0, [[unk, 0.0]]
+        elif kind != "Unigram":
+            model["vocab"] = {}
+            if kind == "BPE":
+                model["merges"] = []
+                kwargs.update({k: model[k] for k in ("continuing_subword_prefix", "end_of_word_suffix")
+                               if k not in kwargs and model.get(k) is not None})
+        if model.get("unk_token") in rename:
+            model["unk_token"] = rename[model["unk_token"]]
+        pre = data.get("pre_tokenizer") or {}
+        if pre.get("type") == "ByteLevel" or pre.get("type") == "Sequence" and any(
+                p.get("type") == "ByteLevel" for p in pre.get("pretokenizers", [])):
+            kwargs["initial_alphabet"] = pre_tokenizers.ByteLevel.alphabet()
+        tok = RustTokenizer.from_str(json.dumps(data))
+        specials = [AddedToken(**{k: v for k, v in t.items() if k not in ("id", "special", "content")},
+                               content=rename.get(t["content"], t["content"]))
+                    for t in added if t.get("special") or kind == "Unigram"]
+        specials += list(new_special_tokens or [])
+        trainer = trainer_class(vocab_size=vocab_size, special_tokens=specials, **kwargs)
+        tok.train_from_iterator(text_iterator, trainer=trainer, length=length)
+
+        def trained_id(token: str) -> int:
+            i = tok.token_to_id(token)
+            if i is None:
+                raise ValueError(f"train_new_from_iterator: the post-processor's token {token!r} is not in the trained "
+                                 f"vocabulary")
+            return i
+
+        if post is not None:  # its special tokens' ids in the new vocabulary
+            for entry in post.get("special_tokens", {}).values():
+                entry["tokens"] = [rename.get(t, t) for t in entry["tokens"]]
+                entry["ids"] = [trained_id(t) for t in entry["tokens"]]
+            for key in ("cls", "sep"):
+                if key in post:
+                    token = rename.get(post[key][0], post[key][0])
+                    post[key] = [token, trained_id(token)]
+            tok = RustTokenizer.from_str(json.dumps({**json.loads(tok.to_str()), "post_processor": post}))
+        # Transformers re-adds the added tokens this one was loaded with (init_kwargs), renamed ones too
+        loaded = self.init_kwargs.get("added_tokens_decoder") or {}
+        tok.add_tokens([loaded[i] for i in sorted(loaded)])
+
+        def renamed(value: str | AddedToken | None) -> str | AddedToken | None:
+            if value is None or str(value) not in rename:
+                return value
+            if isinstance(value, str):
+                return rename[value]
+            return AddedToken(rename[str(value)], single_word=value.single_word, lstrip=value.lstrip,
+                              rstrip=value.rstrip, normalized=value.normalized, special=True)
+
+        new = type(self)(
+            tok, **{name: renamed(self._special.get(name)) for name in SPECIAL_NAMES},
+            extra_special_tokens=[*self._extra_special, *(new_special_tokens or [])],
+            model_specific_special_tokens=dict(self._named), chat_template=self.chat_template,
+            padding_side=self.padding_side, truncation_side=self.truncation_side,
+            model_max_length=self.model_max_length if self.model_max_length < int(1e29) else None,
+            clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
+            split_special_tokens=self.split_special_tokens, name_or_path=self.name_or_path,
+            extra_config=self._extra_config,
+        )
+        new._add_bos_token, new._add_eos_token = self._add_bos_token, self._add_eos_token  # the post-processor's
+        new.init_kwargs = {**self.init_kwargs, **new.init_kwargs}
+        return new
 
     def get_chat_template(self, chat_template: str | None = None, tools: Any = None) -> str:
         """The template apply_chat_template renders: `chat_template` (a template, or the name of one
@@ -461,6 +781,7 @@ class Tokenizer(PushToHubMixin):
         # a Tokenizer pickled before named tokens existed has no `_named`
         self.__dict__.update(state)
         self.__dict__.setdefault("_named", {})
+        self.__dict__.setdefault("init_kwargs", {})
 
     @property
     def all_special_tokens(self) -> list[str]:
@@ -1515,8 +1836,8 @@ class LlamaTokenizer(Tokenizer):
     """Transformers 5's `LlamaTokenizer` (`LlamaTokenizerFast` is the same class), which the
     PhiMoE docs name as that model's tokenizer: a checkpoint's tokenizer.json read with the Llama
     pipeline rebuilt from its vocabulary and merges (`_as_llama_tokenizer`: byte-fallback BPE, "▁"
-    before the text's first word, no normalizer), whatever `tokenizer_class` its config names, and
-    left padding unless the config says otherwise."""
+    before the text's first word, no normalizer), whatever `tokenizer_class` its config names, left
+    padding and `<s>`, `</s>`, `<unk>` as bos, eos and unk tokens unless the config says otherwise."""
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> LlamaTokenizer:
