@@ -2,6 +2,7 @@
 
 from .auto import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 from .cache import Cache, DynamicCache, StaticCache
+from .chat_template import get_json_schema
 from .checkpoint import CheckpointError
 from .configuration import ConfigError, JetMoeConfig, MoeConfig, PhimoeConfig
 from .engine.batching import (
@@ -72,7 +73,7 @@ from .models.jetmoe import (
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel, PhimoePreTrainedModel
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from .pipeline import TextGenerationPipeline, pipeline
-from .tokenizer import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, Tokenizer, get_json_schema
+from .tokenizer import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, Tokenizer
 from .utils import set_seed
 
 # Transformers' base-class names, for the isinstance checks and annotations of scripts that import them

@@ -21,7 +21,7 @@ from tok_util import build_llama_tokenizer, build_tokenizer
 from transformers.utils import get_json_schema as hf_json_schema
 
 from moetorch import Tokenizer
-from moetorch.tokenizer import DocstringParsingException, TypeHintParsingException, get_json_schema
+from moetorch.chat_template import DocstringParsingException, TypeHintParsingException, get_json_schema
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "moetorch" / "assets" / "tiny-phimoe"
 CHAT = [
