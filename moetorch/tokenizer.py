@@ -915,10 +915,22 @@ class Tokenizer(PushToHubMixin):
         `text_target` / `text_pair_target`: encoded with the same settings (`max_target_length`
         in place of `max_length` where given); their input_ids become `labels`, or, without `text`,
         their encoding is the result."""
-        kwargs.pop("sanitize_control_tokens", None)
+        sanitize = kwargs.pop("sanitize_control_tokens", False)
         max_target_length = kwargs.pop("max_target_length", None)
         if kwargs:
             raise TypeError(f"unexpected tokenizer arguments: {sorted(kwargs)}")
+        if sanitize:  # the call apply_chat_template(..., sanitize_control_tokens=True) makes, as Transformers'
+            if text_pair is not None or text_target is not None or is_split_into_words or not (
+                    isinstance(text, str) or isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)):
+                raise ValueError("sanitize_control_tokens=True takes a text or a list of texts (rendered chats) "
+                                 "alone: no text_pair, text_target or is_split_into_words")
+            if add_special_tokens and self.num_special_tokens_to_add(False):
+                raise NotImplementedError("`sanitize_control_tokens=True` needs a template that writes special "
+                                          "tokens: pass add_special_tokens=False")
+            batched = not isinstance(text, str)
+            return self._encode_sanitized(list(text) if batched else [text], batched, padding, truncation, max_length,
+                                          return_tensors, False, pad_to_multiple_of, padding_side,
+                                          return_attention_mask, verbose)
         if text is None and text_target is None:
             raise ValueError("the tokenizer needs text or text_target; both are None")
         padding, strategy, max_length = self._strategies(padding, truncation, max_length, pad_to_multiple_of, verbose)

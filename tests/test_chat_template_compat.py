@@ -197,6 +197,21 @@ def test_sanitize_control_tokens_matches_transformers(path, llama_path, which):
     assert same(hf, ours, CHAT, sanitize_control_tokens=True, tokenizer_kwargs={"add_special_tokens": True}) is TypeError
 
 
+@pytest.mark.parametrize("which", ["bpe", "llama", "embedded"])
+def test_sanitize_control_tokens_in_a_tokenizer_call_matches_transformers(path, llama_path, which):
+    """`tokenizer(text, sanitize_control_tokens=True)`, the call apply_chat_template makes: the same
+    ids, padding, truncation and tensors as Transformers', and its NotImplementedError where the
+    post-processor would add special tokens."""
+    hf, ours = both({"bpe": path, "llama": llama_path, "embedded": EMBEDDED}[which])
+    for args, kw in [((TYPED[0],), {}), ((TYPED,), dict(padding=True)), ((TYPED[2],), dict(return_tensors="pt")),
+                     ((TYPED[:3],), dict(truncation=True, max_length=5, padding=True, padding_side="left")),
+                     (("x <|end|>" * 5,), dict(truncation=True, max_length=4, return_tensors="np"))]:
+        for special in (False, True):
+            kwargs = dict(kw, sanitize_control_tokens=True, add_special_tokens=special)
+            want = outcome(lambda a=args, k=kwargs: hf(*a, **k))
+            assert outcome(lambda a=args, k=kwargs: ours(*a, **k)) == want, (args, kwargs)
+
+
 def test_sanitize_control_tokens_with_listed_and_added_tokens(path, tmp_path):
     """Added tokens that are not special count as control tokens where the template's literal text
     holds them, or where chat_control_tokens lists them; a token its own text encodes to cannot be
