@@ -41,11 +41,7 @@ def render_chat(
     the content (or its last text block) is marked with a tag, and the text is cut at the tag's
     last place (whitespace before it dropped when the template trimmed the content). With `spans`
     (a list), the chat's {% generation %} spans (character (start, end) pairs) are appended to it."""
-    messages = plain_data(list(messages))
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise TypeError(f"message {i} must be a dict, got {m!r}")
-    messages = [_alias_reasoning(m) for m in messages]
+    messages = [_alias_reasoning(m) for m in plain_data(list(messages))]  # (dicts: apply_chat_template checks)
     if continue_final_message:
         field = continue_final_message if isinstance(continue_final_message, str) else "content"
         last = messages[-1]
@@ -379,8 +375,7 @@ def _hint_schema(hint: Any) -> dict[str, Any]:
                 raise TypeHintParsingException(f"get_json_schema: the Enum {hint.__name__} needs members whose "
                                                f"values are int, float, str, bool or None")
             return _enum_schema(values)
-        basic = {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null", list: "array",
-                 tuple: "array", dict: "object", torch.Tensor: "audio"}
+        basic = {**_JSON_SCALARS, list: "array", tuple: "array", dict: "object", torch.Tensor: "audio"}
         try:
             from PIL.Image import Image
             basic[Image] = "image"

@@ -1375,17 +1375,8 @@ def _as_tensors(out: BatchEncoding, return_tensors: str | None, batched: bool,
         raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
     if batched and len({len(x) for x in out["input_ids"]}) > 1:
         raise ValueError("sequences have different lengths: pass padding=True to return tensors")
-    def make(v):  # an empty encoding's ids stay integers (torch and numpy would make them floats)
-        t = torch.tensor(v) if return_tensors == "pt" else np.asarray(v)
-        if t.size == 0 if isinstance(t, np.ndarray) else t.numel() == 0:
-            return t.astype(np.int64) if isinstance(t, np.ndarray) else t.long()
-        return t
-
-    try:
-        data = {k: make(v if batched or not batch_axis or k == "length" else [v]) for k, v in out.items()}
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"cannot make tensors of the encodings' {sorted(out)}: {e}") from e
-    return BatchEncoding(data, encodings=out.encodings)
+    data = {k: v if batched or not batch_axis or k == "length" else [v] for k, v in out.items()}
+    return BatchEncoding(data, encodings=out.encodings).convert_to_tensors(return_tensors)
 
 
 NO_PAD_TOKEN = "this tokenizer has no pad_token; set tokenizer.pad_token = tokenizer.eos_token"
