@@ -18,3 +18,31 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def on_device(device: torch.device):
     """`device` as the current CUDA device inside, where Triton and torch launch (nothing off the GPU)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# ---- Weights held in host memory, read by a GPU ---------------------------------------------
+# A model that runs on a GPU may keep some expert weights in pinned host memory (from_pretrained's
+# layers placed on the CPU, see `moetorch.placement`): the GPU's kernels read them over the bus
+# through unified addressing. Such a parameter records the address of its pinned storage; a
+# parameter whose storage was since replaced (`model.to(dtype)` makes a plain host copy) no longer
+# counts as mapped, and is copied to the GPU for each use instead.
+_MAPPED = "_moetorch_host_mapped"
+
+
+def host_mapped_parameter(like: torch.nn.Parameter) -> torch.nn.Parameter:
+    """An uninitialised parameter of `like`'s shape and dtype in pinned host memory, marked as read
+    by the GPU in place (`is_host_mapped`)."""
+    p = torch.nn.Parameter(torch.empty(like.shape, dtype=like.dtype, pin_memory=True), like.requires_grad)
+    setattr(p, _MAPPED, p.data_ptr())
+    return p
+
+
+def is_host_mapped(t: torch.Tensor) -> bool:
+    """Whether `t` is a parameter made by `host_mapped_parameter` that still holds its pinned storage."""
+    return t.device.type == "cpu" and getattr(t, _MAPPED, None) == t.data_ptr()
+
+
+def marked_host_mapped(t: torch.Tensor) -> bool:
+    """Whether `t` was made by `host_mapped_parameter` and is still in host memory (pinned or, after
+    a conversion, not): a weight of a module that runs on a GPU."""
+    return t.device.type == "cpu" and hasattr(t, _MAPPED)

@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from .host import is_host_mapped
+
 Act = Callable[[torch.Tensor], torch.Tensor]
 
 # Assignments up to which the sync-free gather path is used when no backend is forced.
@@ -188,6 +190,28 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
+# Tokens up to which the Triton kernels read expert weights held in host memory in place, over the
+# bus (only the routed experts' bytes cross it); past it every expert is routed and its rows are
+# read by several token tiles, so the weights are copied to the GPU first (one pass over the bus).
+HOST_DIRECT_MAX_TOKENS = 64
+
+
+def host_weights(x_TD: torch.Tensor, ids_TK: torch.Tensor, name: str, act: Act | None, *weights: torch.Tensor):
+    """`weights` as the backend `name` reads them on x's device: in place where they are there, or
+    are pinned host memory that the fused Triton kernels read directly (`ops.host.is_host_mapped`;
+    inference, up to HOST_DIRECT_MAX_TOKENS tokens); else copied to it (asynchronously from pinned
+    memory; autograd carries gradients back to them)."""
+    if all(w.device == x_TD.device for w in weights):
+        return weights
+    direct = (
+        name == "triton" and x_TD.is_cuda and ids_TK.shape[0] <= HOST_DIRECT_MAX_TOKENS
+        and all(w.device == x_TD.device or is_host_mapped(w) for w in weights)
+        and not (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
+        and (act is None or _lazy_triton("fuses")(act))
+    )
+    return weights if direct else tuple(w.to(x_TD.device, non_blocking=True) for w in weights)
+
+
 def experts_forward(
     x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act, backend: str | None = None, combine: bool = True
 ) -> torch.Tensor:
@@ -195,12 +219,14 @@ def experts_forward(
 
     combine=False: the result may keep the K axis ([T, K, D], the terms of that sum) where the sum
     would cost a kernel of its own (the Triton backend's sorted path); a residual add (`ops.norms`)
-    sums it in its own kernel. Elsewhere the result is [T, D] either way."""
+    sums it in its own kernel. Elsewhere the result is [T, D] either way. The weights may be held
+    in host memory while x is on a GPU (`host_weights`)."""
     out_dtype = x_TD.dtype  # under autocast, the float32 of the residual stream, as Transformers sums
     x_TD, w13_E2ID, w2_EDI = autocast_inputs(x_TD, w13_E2ID, w2_EDI)
     name = backend or pick_backend(x_TD, ids_TK, w13_E2ID, w2_EDI)
     if name not in EXPERT_BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(EXPERT_BACKENDS)}")
+    w13_E2ID, w2_EDI = host_weights(x_TD, ids_TK, name, act, w13_E2ID, w2_EDI)
     if name == "triton":  # its kernels take one dtype, the routing weights' too, and give it
         args = (x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK.to(x_TD.dtype), act)
         return EXPERT_BACKENDS[name](*args, combine=combine).to(out_dtype)

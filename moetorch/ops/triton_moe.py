@@ -1426,6 +1426,11 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def fuses(act) -> bool:
+    """Whether the expert kernels' epilogue computes `act` (else `experts_triton` runs unfused)."""
+    return act in _ACT_CODES
+
+
 def experts_triton(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act, combine: bool = True) -> torch.Tensor:
     """The "triton" backend of `ops.moe.experts_forward` (same signature and result)."""
     name = _ACT_CODES.get(act)
