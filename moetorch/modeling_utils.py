@@ -26,6 +26,7 @@ from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, 
 from .generation.custom import install_checkpoint_generate
 from .hub import PUSH_OPTIONS, PushToHubMixin, hub_options, upload
 from .ops.attention import Packed, build_mask, check_attn_implementation, token_runs, varlen_kernel_serves
+from .ops.host import host_mapped_parameter, marked_host_mapped
 from .ops.losses import causal_lm_loss_function, sequence_classification_loss
 from .ops.moe import training_paths
 from .ops.norms import Residual
@@ -86,16 +87,19 @@ def resolve_device(device: Any, device_map: Any) -> torch.device:
     return placement.as_device(device if device is not None else "cpu", what)
 
 
-def check_fits(model: PreTrainedModel, where: torch.device | Mapping[str, torch.device], path: str) -> None:
+def check_fits(model: PreTrainedModel, where: torch.device | Mapping[str, torch.device], path: str,
+               host: list[str] = ()) -> None:
     """Raise `torch.OutOfMemoryError` before allocating when the weights (parameters and buffers, at
     their dtype) that go to a CUDA device exceed its free memory, naming both. `where` is the one
-    device of the whole model, or the device of each of `placement.units`."""
+    device of the whole model, or the device of each of `placement.units`; the parameters named in
+    `host` stay in host memory."""
     if isinstance(where, torch.device):
         need = {where: model.get_memory_footprint()}
     else:
-        modules, tied, need = dict(placement.units(model)), _tied_ids(model), {}
+        params = dict(model.named_parameters())
+        modules, skip, need = dict(placement.units(model)), _tied_ids(model) | {id(params[n]) for n in host}, {}
         for name, device in where.items():
-            need[device] = need.get(device, 0) + placement.unit_bytes(modules[name], tied)
+            need[device] = need.get(device, 0) + placement.unit_bytes(modules[name], skip)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     for device, n in need.items():
         if device.type != "cuda":
@@ -116,6 +120,65 @@ def check_fits(model: PreTrainedModel, where: torch.device | Mapping[str, torch.
             f"{path}: the {len(names)} module(s) that device_map places on {device} ({names[0]} to {names[-1]}) "
             f"need {format_size(n)} {room}: give it a smaller max_memory, or place fewer modules there."
         )
+
+
+def materialize(model: PreTrainedModel, planned: Mapping[str, torch.device], source: str) -> None:
+    """Allocate, uninitialised, the weights of a model built on the meta device where `planned` (see
+    `place`) puts each of `placement.units`, after checking that they fit. Where the plan uses a GPU
+    and the CPU, the units on the CPU run on a GPU (`placement.run_on_gpus`) with their experts'
+    weights in pinned host memory; a model left over several devices moves its hidden state
+    between them (`run_layers`). `source` names the checkpoint in messages."""
+    where, held = placement.run_on_gpus(planned, [n for n, _ in placement.units(model)])
+    if _tied_ids(model):  # a head tied to the embeddings runs where they do
+        where["lm_head"] = where[next(n for n in where if n.endswith("embed_tokens"))]
+    mapped = host_mappable(model, held)
+    devices = set(where.values())
+    if len(devices) == 1 and not mapped:
+        check_fits(model, next(iter(devices)), source)
+        model.to_empty(device=next(iter(devices)))
+        return
+    check_fits(model, where, source, mapped)
+    modules = dict(placement.units(model))
+    for name, d in where.items():
+        _materialize(modules[name], d, {p[len(name) + 1:] for p in mapped if p.startswith(name + ".")})
+    if len(devices) > 1:
+        model.get_decoder().spread_over_devices = True  # `run_layers` moves the inputs of each layer
+    logger.info("%s: placed over %s: %s%s", source, ", ".join(sorted(map(str, set(planned.values())))),
+                placement.hf_device_map(planned),
+                f"; the {len(held)} module(s) placed on the CPU run on {', '.join(sorted(map(str, devices)))}, "
+                f"their experts' weights ({format_size(_bytes(model, mapped))}) read from pinned host memory"
+                if mapped else "")
+
+
+def host_mappable(model: nn.Module, units: list[str]) -> list[str]:
+    """The names of the parameters of `units` (see `placement.units`) that may stay in host memory
+    while their module runs on a GPU: the MLP experts' stacked weights of a decoder layer (its
+    `host_mappable`), which the expert kernels read over the bus (`ops.moe.host_weights`)."""
+    modules = dict(placement.units(model))
+    return [f"{u}.{p}" for u in units for p in getattr(modules[u], "host_mappable", ())]
+
+
+def _materialize(module: nn.Module, device: torch.device, mapped: set[str]) -> None:
+    """`module.to_empty(device)`, except that its parameters named in `mapped` become pinned host
+    memory that the GPU reads in place (`ops.host.host_mapped_parameter`)."""
+    owners: dict[str, list[str]] = {}
+    for name in sorted(mapped):
+        owner, _, leaf = name.rpartition(".")
+        owners.setdefault(owner, []).append(leaf)
+    held = {owner: (list(module.get_submodule(owner)._parameters),
+                    {leaf: module.get_submodule(owner)._parameters.pop(leaf) for leaf in leaves})
+            for owner, leaves in owners.items()}
+    module.to_empty(device=device)
+    for owner, (order, taken) in held.items():
+        params = module.get_submodule(owner)._parameters
+        both = {**params, **{leaf: host_mapped_parameter(p) for leaf, p in taken.items()}}
+        params.clear()
+        params.update((n, both[n]) for n in order)  # in their order (an optimizer's state follows it)
+
+
+def _bytes(model: nn.Module, names: list[str]) -> int:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() * params[n].element_size() for n in names)
 
 
 def _tied_ids(model: nn.Module) -> set[int]:
@@ -291,8 +354,9 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         return next(self.parameters()).device
 
     def parameter_devices(self) -> list[torch.device]:
-        """The devices that hold the parameters, in order of first use (the embeddings' first)."""
-        return list(dict.fromkeys(p.device for p in self.parameters()))
+        """The devices that hold the parameters, in order of first use (the embeddings' first); expert
+        weights that a GPU reads from host memory count as the GPU's (`ops.host`)."""
+        return list(dict.fromkeys(p.device for p in self.parameters() if not marked_host_mapped(p)))
 
     @property
     def spans_devices(self) -> bool:
@@ -614,20 +678,9 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
                 model = cls(config)
         finally:
             torch.set_default_dtype(previous)
-        where = place(model, device, device_map, max_memory)
-        devices = set(where.values())
+        planned = place(model, device, device_map, max_memory)
         source = path if path is not None else "state_dict"  # (for messages)
-        if len(devices) == 1:
-            check_fits(model, next(iter(devices)), source)
-            model.to_empty(device=next(iter(devices)))
-        else:
-            check_fits(model, where, source)
-            modules = dict(placement.units(model))
-            for name, d in where.items():
-                modules[name].to_empty(device=d)
-            model.get_decoder().spread_over_devices = True  # `run_layers` moves the inputs of each layer
-            logger.info("%s: placed over %s: %s", source, ", ".join(sorted(map(str, devices))),
-                        placement.hf_device_map(where))
+        materialize(model, planned, source)
         for m in model.modules():
             if hasattr(m, "init_buffers"):
                 m.init_buffers()
@@ -649,7 +702,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         if pretrained_model_name_or_path is not None:
             model.name_or_path = model.config.name_or_path = os.fspath(pretrained_model_name_or_path)  # as given
         if device_map is not None:
-            model.hf_device_map = placement.hf_device_map(where)
+            model.hf_device_map = placement.hf_device_map(planned)
         if trust_remote_code and hasattr(model, "generate") and path is not None:
             install_checkpoint_generate(model, path)
         if adapter is not None:
@@ -1121,9 +1174,10 @@ def _run_stack(layers, x_BTD, rope, mask, is_causal, cache, cache_position_T, no
 
 
 def module_device(module: nn.Module) -> torch.device | None:
-    """The device of a module's first parameter (a walk down its first children: no generator)."""
+    """The device of a module's first parameter (a walk down its first children: no generator);
+    expert weights that a GPU reads from host memory are passed over (`ops.host`)."""
     for p in module._parameters.values():
-        if p is not None:
+        if p is not None and not marked_host_mapped(p):
             return p.device
     for child in module._modules.values():
         if child is not None and (device := module_device(child)) is not None:

@@ -2,8 +2,12 @@
 
 moetorch places whole modules: the embeddings (with the rotary tables), each decoder layer, the
 final norm and the head. A model on one device runs every fast path (the static cache and the
-CUDA-graphed steps). A model placed over several devices runs its layers where they are, moving
-the hidden state between devices, with a dynamic cache: what a model too large for one GPU needs.
+CUDA-graphed steps). Modules that a plan with a GPU puts on the CPU run on a GPU, as accelerate
+runs what it offloads (`run_on_gpus`): a decoder layer's MLP experts' weights stay in pinned host
+memory, which the expert kernels read over the bus (`ops.moe.host_weights`), and the rest of the
+module goes to the GPU. So a model too large for one GPU (Phi-3.5-MoE in bf16 on an 80 GB GPU) runs
+on it with every fast path. A model placed over several GPUs runs its layers where they are,
+moving the hidden state between them, with a dynamic cache.
 
 `device_map` takes what Transformers takes:
 - one device (`"cuda"`, `"cuda:1"`, `1`, `"cpu"`, a `torch.device`): the whole model there;
@@ -182,6 +186,22 @@ def from_dict(device_map: Mapping, names: list[str], optional: Mapping[str, str]
 
 def _holds(key: str, name: str) -> bool:
     return key == "" or name == key or name.startswith(key + ".")
+
+
+def run_on_gpus(placement: Mapping[str, torch.device], order: list[str]) -> tuple[dict[str, torch.device], list[str]]:
+    """Where each unit runs once a placement that uses a GPU has its CPU units run on a GPU, as
+    accelerate runs the modules it offloads to the CPU: on the GPU of the unit before them (the
+    first GPU for those before any), with their expert weights kept in host memory and read from
+    there (`ops.host`), and their other weights on that GPU. Returns ({unit: device it runs on},
+    [the units placed on the CPU, in `order`]); a placement without a GPU and the CPU is returned as it is."""
+    gpus = sorted({d for d in placement.values() if d.type == "cuda"}, key=lambda d: d.index)
+    held = [n for n in order if placement[n].type == "cpu"]
+    if not gpus or not held:
+        return dict(placement), []
+    runs, last = {}, gpus[0]
+    for name in order:
+        runs[name] = last = last if placement[name].type == "cpu" else placement[name]
+    return runs, held
 
 
 def check_devices(placement: Mapping[str, torch.device]) -> None:

@@ -288,3 +288,57 @@ def test_to_device_keeps_the_structure_of_a_layers_inputs():
     assert type(moved[1]) is tuple and moved[2] is None and moved[3] is x
     assert module_device(torch.nn.ReLU()) is None
     assert module_device(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 2))) == CPU
+
+
+def test_the_cpu_units_of_a_plan_with_a_gpu_run_on_the_gpu_before_them():
+    order = [n for n, _ in sizes(layers=4)]
+    plan = dict(zip(order, [CPU, CPU, GPU[0], CPU, GPU[1], CPU, CPU, GPU[1]]))
+    runs, held = placement.run_on_gpus(plan, order)
+    # the units before any GPU's run on the first; later ones on the GPU of the unit before them
+    assert [runs[n] for n in order] == [GPU[0], GPU[0], GPU[0], GPU[0], GPU[1], GPU[1], GPU[1], GPU[1]]
+    assert held == ["model.embed_tokens", "model.rotary_emb", "model.layers.1", "model.layers.3", "model.norm"]
+    assert runs["model.layers.3"] == GPU[1] and plan["model.layers.3"] == CPU  # the plan itself is kept
+    for alone in ({n: CPU for n in order}, {n: GPU[1] for n in order}):
+        assert placement.run_on_gpus(alone, order) == (alone, [])
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_host_mappable_names_the_mlp_experts_of_each_layer(arch):
+    from moetorch.modeling_utils import host_mappable
+
+    model = arch.ours["causal_lm"](arch.our_config())
+    names = host_mappable(model, ["model.layers.1", "model.norm"])
+    params = dict(model.named_parameters())
+    assert len(names) == 2 and all(n.startswith("model.layers.1.mlp.") and params[n].dim() == 3 for n in names)
+    experts = {n for n, p in params.items() if p.dim() == 3 and ".layers.1.mlp." in n}
+    assert set(names) == experts  # every stacked MLP expert weight, nothing of the attention
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_weights_held_in_host_memory_load_and_compute(arch, saved, tmp_path, monkeypatch):
+    """from_pretrained's path for layers placed on the CPU of a model that runs on a GPU, run on the
+    CPU: the held expert weights are new parameters, marked, that the checkpoint loads into. (On a
+    GPU they are pinned and read by the GPU's kernels: `gpu_check`'s `check_device_map`.)"""
+    from moetorch import modeling_utils
+    from moetorch.ops import host
+
+    def unpinned(like):
+        p = torch.nn.Parameter(torch.empty(like.shape, dtype=like.dtype), like.requires_grad)
+        setattr(p, host._MAPPED, p.data_ptr())
+        return p
+
+    saved(arch)
+    want = arch.ours["causal_lm"].from_pretrained(tmp_path)
+    monkeypatch.setattr(modeling_utils, "host_mapped_parameter", unpinned)
+    monkeypatch.setattr(placement, "run_on_gpus", lambda planned, order: (dict(planned), ["model.layers.1"]))
+    model = arch.ours["causal_lm"].from_pretrained(tmp_path)
+    mapped = [n for n, p in model.named_parameters() if host.is_host_mapped(p)]
+    assert mapped == modeling_utils.host_mappable(model, ["model.layers.1"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+    ids, mask = make_inputs(arch.base["vocab_size"], 2, 9, "left")
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, want(ids, attention_mask=mask).logits)
+    held = dict(model.named_parameters())[mapped[0]]
+    held.data = held.data.clone()  # new storage (as model.to(dtype) makes): no longer read in place
+    assert not host.is_host_mapped(held) and host.marked_host_mapped(held)
+    assert model.parameter_devices() == [CPU]

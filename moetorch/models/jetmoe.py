@@ -198,6 +198,10 @@ class JetMoeMoE(nn.Module):
 
 
 class JetMoeDecoderLayer(nn.Module):
+    # the weights that may stay in pinned host memory while the layer runs on a GPU (a layer that
+    # from_pretrained places on the CPU): the MLP experts', read by their kernels over the bus
+    host_mappable = ("mlp.input_linear.weight", "mlp.output_linear.weight")
+
     def __init__(self, config: JetMoeConfig, layer_idx: int) -> None:
         super().__init__()
         # registered in Transformers' order, so that named_parameters() lists the same sequence (an

@@ -113,6 +113,10 @@ class PhimoeSparseMoeBlock(nn.Module):
 
 
 class PhimoeDecoderLayer(nn.Module):
+    # the weights that may stay in pinned host memory while the layer runs on a GPU (a layer that
+    # from_pretrained places on the CPU): the MLP experts', read by their kernels over the bus
+    host_mappable = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
     def __init__(self, config: PhimoeConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = PhimoeAttention(config, layer_idx)
