@@ -7,8 +7,9 @@ Random weights at the real sizes are saved once as a checkpoint, then loaded in 
 - `gpu-dynamic`: the `gpu` model with `cache_implementation="dynamic"`: eager steps, what a model
   over several GPUs runs, without the copies between them;
 - `split`: `device_map="sequential"` with `max_memory={0: --gpu-budget, "cpu": ...}`: the first
-  layers on the GPU, the rest on the CPU, computed there (Transformers' accelerate instead keeps
-  them on the CPU and copies them to the GPU for each forward).
+  layers on the GPU, the rest placed on the CPU. moetorch runs those on the GPU too, their MLP
+  experts' weights read from pinned host memory (static cache, graphed steps); Transformers'
+  accelerate keeps them on the CPU and copies them to the GPU for each forward.
 Each arm times greedy `generate` of 1 and of --new tokens after a --prompt-token prompt (batch
 1), best of --calls (--split-calls for the split arms) after a warm-up call each, and reports the
 call's tokens/s, the decode rate (from the difference of the two) and the load time. Tokens are compared with the

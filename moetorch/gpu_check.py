@@ -36,9 +36,10 @@ has no GPU). Alone: `python -m moetorch.gpu_check [--out results.json]` (or benc
    kernels and without: the warpers alone, after a repetition penalty, with min-p, and the draw only
    (top-p alone).
 12. A model placed over the GPU and the CPU by `device_map` (and by `max_memory` with "sequential")
-   gives the float32 logits, losses and gradients of the model on the GPU alone, and `generate` its
-   tokens (greedy, beam search, a static cache asked for); in bf16 it generates. What it saves
-   loads onto the GPU with the same weights.
+   runs on the GPU, the experts' weights of its CPU layers read from pinned host memory: it gives
+   the float32 logits, losses and gradients of the model on the GPU alone, and `generate` its
+   tokens (greedy, beam search, the static cache); in bf16 the same logits bit for bit, read in
+   place and copied. What it saves loads onto the GPU with the same weights.
 13. Assisted decoding (prompt lookup, an assistant) on the static cache replays its verify forwards
    from CUDA graphs (GraphedChunk); in float32 its tokens are greedy search's and the dynamic
    cache's (in bf16, reported).
@@ -953,11 +954,16 @@ def check_assisted_graphs(results):
 
 def check_device_map(results):
     """A model that `device_map` places over the GPU and the CPU (the layers alternating, the head
-    on the CPU) gives the logits, losses and gradients of the same float32 weights on the GPU alone,
-    and `generate` its tokens: greedy, beam search (the cache reordered on both devices) and a
-    static cache asked for (a dynamic one serves). `max_memory` with "sequential" spills layers to the
-    CPU. In bf16 (the GPU layers on the Triton kernels) generate runs; its tokens are reported."""
+    on the CPU) runs on the GPU with the experts' weights of the CPU's layers in pinned host memory:
+    it gives the logits, losses and gradients of the same float32 weights on the GPU alone, and
+    `generate` its tokens: greedy, beam search and a static cache (graphed steps: the model counts
+    as one device). `max_memory` with "sequential" spills layers to the CPU. In bf16 the expert
+    kernels read the host weights in place for a few tokens and from a copy for more: the same
+    logits bit for bit as the GPU alone, at decode and prefill sizes, and the same tokens."""
     import tempfile
+
+    from .ops.host import is_host_mapped
+    from .ops.moe import HOST_DIRECT_MAX_TOKENS
 
     ok = True
     split = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": "cpu",
@@ -972,6 +978,11 @@ def check_device_map(results):
             two = cls.from_pretrained(path, dtype="float32", device_map=split)
             key = f"device_map.{name}"
             results[f"{key}.devices"] = sorted({str(p.device) for p in two.parameters()})
+            mapped = [n for n, p in two.named_parameters() if is_host_mapped(p) and p.is_pinned()]
+            results[f"{key}.host_mapped"] = mapped
+            one_device = two.parameter_devices() == [torch.device("cuda", 0)] and not two.spans_devices
+            results[f"{key}.runs_on_one_device"] = one_device
+            ok &= one_device and len(mapped) == 4 and all(".layers.1." in n or ".layers.2." in n for n in mapped)
             two.save_pretrained(f"{path}/saved")  # written from both devices, read back onto the GPU
             saved = cls.from_pretrained(f"{path}/saved", device="cuda")
             same = all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), one.state_dict().values()))
@@ -987,8 +998,12 @@ def check_device_map(results):
             for out in outs:
                 out.loss.backward()
             grad = rel_err(two.model.embed_tokens.weight.grad, one.model.embed_tokens.weight.grad)
-            results[f"{key}.embedding_grad_rel_err"] = grad  # through the layers on the CPU
+            results[f"{key}.embedding_grad_rel_err"] = grad  # through the layers placed on the CPU
             ok &= grad < 1e-4
+            held = dict(two.named_parameters())[mapped[0]]
+            grad = rel_err(held.grad.cuda(), dict(one.named_parameters())[mapped[0]].grad)
+            results[f"{key}.host_expert_grad_rel_err"] = grad  # a gradient of a weight in host memory
+            ok &= grad < 1e-4 and held.grad.device.type == "cpu"
             with torch.no_grad():
                 ids = ids[:, :24]
                 ways = (("greedy", {}), ("beam", dict(num_beams=3)), ("static", dict(cache_implementation="static")))
@@ -1012,9 +1027,14 @@ def check_device_map(results):
                 bf16 = [cls.from_pretrained(path, dtype="bfloat16", device="cuda"),
                         cls.from_pretrained(path, dtype="bfloat16", device_map=split)]
                 got = [m.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None) for m in bf16]
+                for T in (1, HOST_DIRECT_MAX_TOKENS, 4 * HOST_DIRECT_MAX_TOKENS):  # read in place; copied
+                    x = torch.randint(1, cfg.vocab_size, (1, T), device="cuda")
+                    same = torch.equal(*(m(x).logits for m in bf16))
+                    results[f"{key}.bf16_logits_equal_T{T}"] = same
+                    ok &= same
             results[f"{key}.bf16_new_tokens"] = got[1].shape[1] - ids.shape[1]
-            results[f"{key}.bf16_same_tokens"] = torch.equal(got[0], got[1])  # informative: CPU bf16 rounds otherwise
-            ok &= got[1].shape[1] - ids.shape[1] == 16
+            results[f"{key}.bf16_same_tokens"] = torch.equal(got[0], got[1])
+            ok &= got[1].shape[1] - ids.shape[1] == 16 and torch.equal(got[0], got[1])
     return ok
 
 

@@ -1,0 +1,136 @@
+"""A model larger than its GPU: the layers that `device_map` places on the CPU run on the GPU with
+their experts' weights in pinned host memory (`moetorch.placement.run_on_gpus`), so generation
+keeps the static cache and the graphed decode steps. Phi-3.5-MoE in bf16 (84 GB) on an 80 GB H100
+is the case this serves.
+
+The model is built at the real size with random weights straight into the placement that
+`from_pretrained(device_map=--device-map, max_memory=...)` makes (no checkpoint: 84 GB does not fit
+the machine's disk), then measured as `moetorch bench` measures one GPU: graphed decode steps at
+each --batches (--prompt-token prompts), a --prefill-token forward, and peak GPU memory. Next to
+each decode rate, its floor: the bytes a step must read, the routed experts' of the host layers
+over the bus at the measured pinned-copy rate plus the rest at the device copy rate.
+
+    PYTHONPATH=. python bench/host_mapped.py --model phimoe --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from moetorch.benchmark import SIZES, _ours_decode, cuda_time, log
+from moetorch.modeling_utils import materialize, place
+from moetorch.ops.host import is_host_mapped
+
+
+def copy_rate(pinned: bool) -> float:
+    """Bytes/s of a 1 GiB copy into the GPU from pinned host memory, or within the GPU."""
+    n = 2**30
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=True) if pinned else torch.empty(n, dtype=torch.uint8,
+                                                                                         device="cuda")
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    return n / cuda_time(lambda: dst.copy_(src, non_blocking=True), repeats=5, warmup=1)
+
+
+def build_placed(name: str, device_map, max_memory):
+    import moetorch
+
+    config = getattr(moetorch, {"jetmoe": "JetMoeConfig", "phimoe": "PhimoeConfig"}[name])(**SIZES[name])
+    cls = getattr(moetorch, {"jetmoe": "JetMoeForCausalLM", "phimoe": "PhimoeForCausalLM"}[name])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    planned = place(model, None, device_map, max_memory)
+    materialize(model, planned, "random weights")
+    for m in model.modules():
+        if hasattr(m, "init_buffers"):
+            m.init_buffers()
+    model.tie_weights()
+    torch.manual_seed(0)
+    model._init_left_out({n for n, _ in model.named_parameters()})
+    return model.eval(), planned
+
+
+def expected_touched(E: int, K: int, B: int) -> float:
+    """Experts of one layer that B rows, each routed to K distinct of E uniformly, touch on average."""
+    return E * (1 - (1 - K / E) ** B)
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/host_mapped.py")
+    p.add_argument("--model", default="phimoe", choices=sorted(SIZES))
+    p.add_argument("--device-map", default="auto")
+    p.add_argument("--gpu-budget", default=None, help="max_memory for GPU 0 (default: the plan's 90%% of free)")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    max_memory = None if args.gpu_budget is None else {0: args.gpu_budget, "cpu": "200GiB"}
+    t0 = time.perf_counter()
+    model, planned = build_placed(args.model, args.device_map, max_memory)
+    cfg = model.config
+    host = {n: p for n, p in model.named_parameters() if is_host_mapped(p)}
+    expert_bytes = {n: p.numel() * p.element_size() for n, p in model.named_parameters() if p.dim() == 3}
+    host_layers = len({n.split(".mlp.")[0] for n in host})
+    E, K, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
+    per_expert = sum(expert_bytes.values()) / L / E  # one expert's bytes (gate/up + down)
+    dense = model.get_memory_footprint(return_buffers=False) - sum(expert_bytes.values()) \
+        - model.model.embed_tokens.weight.numel() * 2
+    result = {
+        "model": args.model, "device": torch.cuda.get_device_name(), "device_map": args.device_map,
+        "gpu_budget": args.gpu_budget, "build_s": time.perf_counter() - t0,
+        "weights_GB": model.get_memory_footprint() / 1e9,
+        "host_mapped_GB": sum(p.numel() * p.element_size() for p in host.values()) / 1e9,
+        "layers_with_host_experts": host_layers, "runs_on": [str(d) for d in model.parameter_devices()],
+        "hf_device_map_cpu": sorted(k for k, v in planned.items() if v.type == "cpu"),
+        "gpu_weights_GB": torch.cuda.memory_allocated() / 1e9,
+    }
+    bus, hbm = copy_rate(pinned=True), copy_rate(pinned=False)
+    result.update(pinned_copy_GBps=bus / 1e9, device_copy_GBps=hbm / 1e9)
+    log(f"{args.model}: {result['weights_GB']:.1f} GB, {result['host_mapped_GB']:.1f} GB of experts in host "
+        f"memory ({host_layers} layers), built in {result['build_s']:.0f} s; bus {bus / 1e9:.1f} GB/s")
+    V = cfg.vocab_size
+    result["decode"] = {}
+    torch.cuda.reset_peak_memory_stats()
+    for B in [int(b) for b in args.batches.split(",")]:
+        ids = torch.randint(0, V, (B, args.prompt), device="cuda")
+        step_s = cuda_time(_ours_decode(model, ids, args.steps), repeats=3, warmup=1) / args.steps
+        touched = expected_touched(E, K, B) * per_expert
+        floor_s = host_layers * touched / bus + ((L - host_layers) * touched + dense) / hbm
+        row = {"tokens_per_s": B / step_s, "ms_per_step": step_s * 1e3, "floor_ms_per_step": floor_s * 1e3,
+               "of_floor": floor_s / step_s, "host_GB_per_step": host_layers * touched / 1e9}
+        result["decode"][B] = row
+        log(f"decode b{B}: {row['tokens_per_s']:.1f} tok/s, {row['ms_per_step']:.1f} ms a step, floor "
+            f"{row['floor_ms_per_step']:.1f} ms ({row['of_floor']:.0%})")
+    ids = torch.randint(0, V, (1, args.prefill), device="cuda")
+    s = cuda_time(lambda: model(ids, logits_to_keep=1), repeats=3, warmup=1)
+    result["prefill"] = {"tokens": args.prefill, "tokens_per_s": args.prefill / s, "s": s,
+                         "host_copy_floor_s": host_layers * E * per_expert / bus}
+    log(f"prefill {args.prefill}: {args.prefill / s:.0f} tok/s ({s * 1e3:.0f} ms; copying the host experts "
+        f"alone takes {result['prefill']['host_copy_floor_s'] * 1e3:.0f} ms)")
+    prompt = torch.randint(0, V, (1, args.prompt), device="cuda")
+    t0 = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None)
+    torch.cuda.synchronize()
+    result["generate_32_s"] = time.perf_counter() - t0  # the first call: graph capture included
+    result["generate_new_tokens"] = out.shape[1] - args.prompt
+    result["peak_gpu_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    print(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
