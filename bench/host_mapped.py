@@ -7,8 +7,9 @@ The model is built at the real size with random weights straight into the placem
 `from_pretrained(device_map=--device-map, max_memory=...)` makes (no checkpoint: 84 GB does not fit
 the machine's disk), then measured as `moetorch bench` measures one GPU: graphed decode steps at
 each --batches (--prompt-token prompts), a --prefill-token forward, and peak GPU memory. Next to
-each decode rate, its floor: the bytes a step must read, the routed experts' of the host layers
-over the bus at the measured pinned-copy rate plus the rest at the device copy rate.
+each decode rate, its floor: the bytes a step must read at the measured copy rates, the host
+layers' over the bus (the routed experts' where the kernels read them in place, else all of them,
+copied: `ops.moe.reads_host_in_place`) and the rest from the GPU's memory.
 
     PYTHONPATH=. python bench/host_mapped.py --model phimoe --out r.json
 """
@@ -24,15 +25,17 @@ import torch
 from moetorch.benchmark import SIZES, _ours_decode, cuda_time, log
 from moetorch.modeling_utils import materialize, place
 from moetorch.ops.host import is_host_mapped
+from moetorch.ops.moe import reads_host_in_place
 
 
 def copy_rate(pinned: bool) -> float:
-    """Bytes/s of a 1 GiB copy into the GPU from pinned host memory, or within the GPU."""
+    """Bytes/s of a 1 GiB copy into the GPU: from pinned host memory, the bytes crossing the bus;
+    within the GPU, the bytes read and written (the device copy bandwidth of `moetorch bench`)."""
     n = 2**30
     src = torch.empty(n, dtype=torch.uint8, pin_memory=True) if pinned else torch.empty(n, dtype=torch.uint8,
                                                                                          device="cuda")
     dst = torch.empty(n, dtype=torch.uint8, device="cuda")
-    return n / cuda_time(lambda: dst.copy_(src, non_blocking=True), repeats=5, warmup=1)
+    return (1 if pinned else 2) * n / cuda_time(lambda: dst.copy_(src, non_blocking=True), repeats=5, warmup=1)
 
 
 def build_placed(name: str, device_map, max_memory):
@@ -106,9 +109,11 @@ def main(argv=None) -> int:
         ids = torch.randint(0, V, (B, args.prompt), device="cuda")
         step_s = cuda_time(_ours_decode(model, ids, args.steps), repeats=3, warmup=1) / args.steps
         touched = expected_touched(E, K, B) * per_expert
-        floor_s = host_layers * touched / bus + ((L - host_layers) * touched + dense) / hbm
+        in_place = reads_host_in_place(B, E, K)  # else every host expert crosses the bus, copied
+        host_bytes = host_layers * (touched if in_place else E * per_expert)
+        floor_s = host_bytes / bus + ((L - host_layers) * touched + dense) / hbm
         row = {"tokens_per_s": B / step_s, "ms_per_step": step_s * 1e3, "floor_ms_per_step": floor_s * 1e3,
-               "of_floor": floor_s / step_s, "host_GB_per_step": host_layers * touched / 1e9}
+               "of_floor": floor_s / step_s, "host_GB_per_step": host_bytes / 1e9, "host_read_in_place": in_place}
         result["decode"][B] = row
         log(f"decode b{B}: {row['tokens_per_s']:.1f} tok/s, {row['ms_per_step']:.1f} ms a step, floor "
             f"{row['floor_ms_per_step']:.1f} ms ({row['of_floor']:.0%})")

@@ -190,21 +190,29 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
-# Tokens up to which the Triton kernels read expert weights held in host memory in place, over the
-# bus (only the routed experts' bytes cross it); past it every expert is routed and its rows are
-# read by several token tiles, so the weights are copied to the GPU first (one pass over the bus).
-HOST_DIRECT_MAX_TOKENS = 64
+# The Triton kernels read expert weights held in host memory in place, over the bus, while the
+# tokens are expected to route to at most this share of the experts (only the routed experts' bytes
+# cross it): PhiMoE up to 10 tokens, JetMoE up to 4. Past it the weights are copied to the GPU
+# first, one pass over the bus at the copy rate (in place, an expert's rows are read by each of
+# its token tiles: JetMoE's 64-token forward read its 13 host layers in 208 ms, copied in 138).
+HOST_DIRECT_MAX_SHARE = 0.75
+
+
+def reads_host_in_place(T: int, E: int, K: int) -> bool:
+    """Whether T tokens, each routed to K distinct of E experts, are expected to route to at most
+    HOST_DIRECT_MAX_SHARE of them (routing taken as uniform)."""
+    return 1 - (1 - K / E) ** T <= HOST_DIRECT_MAX_SHARE
 
 
 def host_weights(x_TD: torch.Tensor, ids_TK: torch.Tensor, name: str, act: Act | None, *weights: torch.Tensor):
     """`weights` as the backend `name` reads them on x's device: in place where they are there, or
     are pinned host memory that the fused Triton kernels read directly (`ops.host.is_host_mapped`;
-    inference, up to HOST_DIRECT_MAX_TOKENS tokens); else copied to it (asynchronously from pinned
+    inference, few tokens: `reads_host_in_place`); else copied to it (asynchronously from pinned
     memory; autograd carries gradients back to them)."""
     if all(w.device == x_TD.device for w in weights):
         return weights
     direct = (
-        name == "triton" and x_TD.is_cuda and ids_TK.shape[0] <= HOST_DIRECT_MAX_TOKENS
+        name == "triton" and x_TD.is_cuda and reads_host_in_place(ids_TK.shape[0], weights[0].shape[0], ids_TK.shape[1])
         and all(w.device == x_TD.device or is_host_mapped(w) for w in weights)
         and not (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
         and (act is None or _lazy_triton("fuses")(act))
