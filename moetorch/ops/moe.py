@@ -192,10 +192,11 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 # The Triton kernels read expert weights held in host memory in place, over the bus, while the
 # tokens are expected to route to at most this share of the experts (only the routed experts' bytes
-# cross it): PhiMoE up to 10 tokens, JetMoE up to 4. Past it the weights are copied to the GPU
-# first, one pass over the bus at the copy rate (in place, an expert's rows are read by each of
-# its token tiles: JetMoE's 64-token forward read its 13 host layers in 208 ms, copied in 138).
-HOST_DIRECT_MAX_SHARE = 0.75
+# cross it): PhiMoE up to 6 tokens, JetMoE up to 3. Past it the weights are copied to the GPU
+# first, one pass over the bus at the copy rate (in place, an expert's rows are read by each of its
+# token tiles; JetMoE, 13 host layers: in place 120.6 / 138.8 / 206.8 ms for 3 / 4 / 64 tokens,
+# copied 133.2 / 133.4 / 136.6: bench/host_in_place.py).
+HOST_DIRECT_MAX_SHARE = 0.6
 
 
 def reads_host_in_place(T: int, E: int, K: int) -> bool:
