@@ -11,7 +11,7 @@ each decode rate, its floor: the bytes a step must read at the measured copy rat
 layers' over the bus (the routed experts' where the kernels read them in place, else all of them,
 copied: `ops.moe.reads_host_in_place`) and the rest from the GPU's memory.
 
-    PYTHONPATH=. python bench/host_mapped.py --model phimoe --out r.json
+    PYTHONPATH=.:bench python bench/host_mapped.py --model phimoe --out r.json
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import json
 import time
 
 import torch
+from moe_layer import save_json  # bench/ is the script's directory
 
 from moetorch.benchmark import SIZES, _ours_decode, cuda_time, log
-from moetorch.modeling_utils import materialize, place
+from moetorch.modeling_utils import materialize, meta_model, place
 from moetorch.ops.host import is_host_mapped
 from moetorch.ops.moe import reads_host_in_place
 
@@ -43,19 +44,9 @@ def build_placed(name: str, device_map, max_memory):
 
     config = getattr(moetorch, {"jetmoe": "JetMoeConfig", "phimoe": "PhimoeConfig"}[name])(**SIZES[name])
     cls = getattr(moetorch, {"jetmoe": "JetMoeForCausalLM", "phimoe": "PhimoeForCausalLM"}[name])
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = meta_model(cls, config, torch.bfloat16)
     planned = place(model, None, device_map, max_memory)
     materialize(model, planned, "random weights")
-    for m in model.modules():
-        if hasattr(m, "init_buffers"):
-            m.init_buffers()
-    model.tie_weights()
     torch.manual_seed(0)
     model._init_left_out({n for n, _ in model.named_parameters()})
     return model.eval(), planned
@@ -130,10 +121,8 @@ def main(argv=None) -> int:
     result["generate_32_s"] = time.perf_counter() - t0  # the first call: graph capture included
     result["generate_new_tokens"] = out.shape[1] - args.prompt
     result["peak_gpu_GB"] = torch.cuda.max_memory_allocated() / 1e9
-    print(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+    print(json.dumps(result, indent=1, default=str))
+    save_json(args.out, result)
     return 0
 
 

@@ -122,9 +122,21 @@ def check_fits(model: PreTrainedModel, where: torch.device | Mapping[str, torch.
         )
 
 
+def meta_model(cls: type, config: MoeConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """`cls(config)` on the meta device, its floating parameters in `dtype` (for `materialize`)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def materialize(model: PreTrainedModel, planned: Mapping[str, torch.device], source: str) -> None:
-    """Allocate, uninitialised, the weights of a model built on the meta device where `planned` (see
-    `place`) puts each of `placement.units`, after checking that they fit. Where the plan uses a GPU
+    """Allocate the weights of a model built on the meta device where `planned` (see `place`) puts
+    each of `placement.units`, after checking that they fit: the parameters uninitialised, the
+    buffers computed, the tied weights tied. Where the plan uses a GPU
     and the CPU, the units on the CPU run on a GPU (`placement.run_on_gpus`) with their experts'
     weights in pinned host memory; a model left over several devices moves its hidden state
     between them (`run_layers`). `source` names the checkpoint in messages."""
@@ -136,18 +148,23 @@ def materialize(model: PreTrainedModel, planned: Mapping[str, torch.device], sou
     if len(devices) == 1 and not mapped:
         check_fits(model, next(iter(devices)), source)
         model.to_empty(device=next(iter(devices)))
-        return
-    check_fits(model, where, source, mapped)
-    modules = dict(placement.units(model))
-    for name, d in where.items():
-        _materialize(modules[name], d, {p[len(name) + 1:] for p in mapped if p.startswith(name + ".")})
+    else:
+        check_fits(model, where, source, mapped)
+        modules = dict(placement.units(model))
+        for name, d in where.items():
+            _materialize(modules[name], d, {p[len(name) + 1:] for p in mapped if p.startswith(name + ".")})
+    for m in model.modules():
+        if hasattr(m, "init_buffers"):
+            m.init_buffers()
+    model.tie_weights()
     if len(devices) > 1:
         model.get_decoder().spread_over_devices = True  # `run_layers` moves the inputs of each layer
-    logger.info("%s: placed over %s: %s%s", source, ", ".join(sorted(map(str, set(planned.values())))),
-                placement.hf_device_map(planned),
-                f"; the {len(held)} module(s) placed on the CPU run on {', '.join(sorted(map(str, devices)))}, "
-                f"their experts' weights ({format_size(_bytes(model, mapped))}) read from pinned host memory"
-                if mapped else "")
+    if len(set(planned.values())) > 1:
+            logger.info("%s: placed over %s: %s%s", source, ", ".join(sorted(map(str, set(planned.values())))),
+                    placement.hf_device_map(planned),
+                    f"; the {len(held)} module(s) placed on the CPU run on {', '.join(sorted(map(str, devices)))}, "
+                    f"their experts' weights ({format_size(_bytes(model, mapped))}) read from pinned host memory"
+                    if mapped else "")
 
 
 def host_mappable(model: nn.Module, units: list[str]) -> list[str]:
@@ -671,20 +688,10 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         if asked in (None, "auto") and config.dtype is None:  # "auto" with no dtype in config.json: the weights'
             asked = checkpoint.stored_dtype(path, variant, state_dict) or "auto"
         target_dtype = resolve_dtype(asked, config)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(target_dtype)
-        try:
-            with torch.device("meta"):
-                model = cls(config)
-        finally:
-            torch.set_default_dtype(previous)
+        model = meta_model(cls, config, target_dtype)
         planned = place(model, device, device_map, max_memory)
         source = path if path is not None else "state_dict"  # (for messages)
         materialize(model, planned, source)
-        for m in model.modules():
-            if hasattr(m, "init_buffers"):
-                m.init_buffers()
-        model.tie_weights()
         info = checkpoint.load_into(model, path, config, cls.base_model_prefix, variant, ignore_mismatched_sizes,
                                     state_dict)
         left_out = info["missing_keys"] | {name for name, _, _ in info["mismatched_keys"]}
