@@ -8,6 +8,7 @@ additional_chat_templates/*.jinja (named templates) when present.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -405,7 +406,7 @@ class Tokenizer(PushToHubMixin):
         if config.get("tokenizer_class") in LLAMA_CLASSES:
             for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
                 config.setdefault(name, default)  # LlamaTokenizer's defaults
-            _as_llama_tokenizer(rust, config, json.loads(text).get("model", {}), file)
+            rust = _as_llama_tokenizer(rust, config, json.loads(text).get("model", {}), file)
         known = {"chat_template", "padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces",
                  "extra_special_tokens", "additional_special_tokens", "add_bos_token", "add_eos_token",
                  "model_specific_special_tokens", "split_special_tokens"}
@@ -435,7 +436,11 @@ class Tokenizer(PushToHubMixin):
         if isinstance(template, (list, tuple)):  # several named templates, as tokenizer_config.json lists them
             template = {t["name"]: t["template"] for t in template}
         rest = {k: v for k, v in config.items() if k not in known and k not in SPECIAL_NAMES and k not in named}
-        added = dict(sorted(rust.get_added_tokens_decoder().items()))  # as the file has them (init_kwargs)
+        listed = _listed_tokens(config, file)
+        if listed:
+            # Transformers 5 adds the config's tokens again, in id order: their lstrip / rstrip / special /
+            # ... flags replace tokenizer.json's (a chat token that strips the whitespace after it)
+            rust.add_tokens([copy.copy(v) for _, v in sorted(listed.items())])
         tok = cls(
             rust,
             **specials,
@@ -474,6 +479,8 @@ class Tokenizer(PushToHubMixin):
             init.pop("extra_special_tokens")
         if named:
             init["model_specific_special_tokens"] = named
+        # the config's tokens as it lists them, else all of them as loaded
+        added = listed or dict(sorted(tok._tok.get_added_tokens_decoder().items()))
         tok.init_kwargs = {**init, **{k: v for k, v in from_file.items() if k not in init}, "name_or_path": str(path),
                            "added_tokens_decoder": added}
         return tok
@@ -1407,26 +1414,42 @@ LLAMA_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast"}
 _CLASS_PADDING_SIDE = dict.fromkeys(LLAMA_CLASSES, "left")
 
 
-def _as_llama_tokenizer(rust, config: dict[str, Any], model: dict[str, Any], file: Path) -> None:
-    """Give `rust` Transformers 5's LlamaTokenizer pipeline: a byte-fallback BPE of the file's
-    vocabulary and merges, no normalizer, a Metaspace pre-tokenizer that puts "▁" before the
-    text's first word only (`legacy=False`, the default; before every piece between special tokens
-    with `legacy=True`; never with `add_prefix_space=False`), and the matching decoder. `model`:
-    tokenizer.json's model section (`file` names it in errors)."""
+def _as_llama_tokenizer(rust, config: dict[str, Any], model: dict[str, Any], file: Path):
+    """Transformers 5's LlamaTokenizer pipeline, built anew as it builds it: a byte-fallback BPE of
+    the file's vocabulary and merges, no normalizer, a Metaspace pre-tokenizer that puts "▁" before
+    the text's first word only (`legacy=False`, the default; before every piece between special
+    tokens with `legacy=True`; never with `add_prefix_space=False`), the matching decoder, `rust`'s
+    post-processor, and as added tokens, in id order, the config's `added_tokens_decoder` where it
+    has one, else tokenizer.json's. `model`: tokenizer.json's model section (`file` names it in errors)."""
+    from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
     if model.get("type") != "BPE":
         raise ValueError(f"{file}: tokenizer_class {config['tokenizer_class']} needs a BPE model, got "
                          f"{model.get('type')!r}")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-    rust.model = models.BPE(vocab=model.get("vocab", {}), merges=merges, fuse_unk=True, byte_fallback=True)
+    fresh = RustTokenizer(models.BPE(vocab=model.get("vocab", {}), merges=merges, fuse_unk=True, byte_fallback=True))
     prefix = config.get("add_prefix_space")
     prefix = True if prefix is None else bool(prefix)
     scheme = ("always" if config.get("legacy") else "first") if prefix else "never"
-    rust.normalizer = None
-    rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    fresh.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    rust.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    fresh.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    if rust.post_processor is not None:
+        fresh.post_processor = rust.post_processor
+    listed = _listed_tokens(config, file) or rust.get_added_tokens_decoder()
+    fresh.add_tokens([copy.copy(t) for _, t in sorted(listed.items())])
+    return fresh
+
+
+def _listed_tokens(config: dict[str, Any], file: Path) -> dict[int, AddedToken]:
+    """The config's `added_tokens_decoder` as {id: AddedToken} (a bare string: a special token)."""
+    listed = config.get("added_tokens_decoder")
+    if listed is not None and not isinstance(listed, dict):
+        raise ValueError(f"{file.parent / CONFIG_FILE}: added_tokens_decoder must be a dict of token ids to tokens, "
+                         f"got {type(listed).__name__}")
+    return {int(k): AddedToken(v, special=True) if isinstance(v, str) else _token_value(v)
+            for k, v in (listed or {}).items()}
 
 
 def _read_templates(directory: Path) -> dict[str, str]:

@@ -67,6 +67,49 @@ def reloads_alike(hf, ours, tmp_path, fn):
     assert all(r == results[0] for r in results), results
 
 
+# ---- 0. the config's added_tokens_decoder ------------------------------------------------------
+def _flags(t):
+    return sorted((i, str(v), v.special, v.lstrip, v.rstrip, v.single_word, v.normalized)
+                  for i, v in t.added_tokens_decoder.items())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_config_added_tokens_decoder_flags_match_transformers(path, tmp_path, seed):
+    # Transformers 5 adds the config's tokens again: their flags replace tokenizer.json's (Phi-3's
+    # chat tokens strip the whitespace after them there), a named special token stays special, and
+    # a token the config lists that tokenizer.json lacks is added
+    rng = np.random.default_rng(seed)
+    data = json.loads((path / "tokenizer.json").read_text())
+    llama = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class") == "LlamaTokenizer"
+    listed = {}
+    for token in data["added_tokens"]:
+        # (a LlamaTokenizer config lists every added token in half the seeds, as real ones do; Transformers
+        # rebuilds that tokenizer's added tokens from the list, so a partial one renumbers them)
+        if (llama and seed < 6) or rng.random() < 0.7:
+            flags = {k: bool(rng.random() < 0.4) for k in ("lstrip", "rstrip", "single_word", "normalized")}
+            listed[str(token["id"])] = {"content": token["content"], **flags, "special": bool(rng.random() < 0.6)}
+    if seed % 3 == 0:  # one the tokenizer lacks
+        listed[str(len(data["added_tokens"]) + 1000)] = {"content": "<|new|>", "lstrip": False, "rstrip": True,
+                                                           "single_word": False, "normalized": False, "special": True}
+    directory = variant(path, tmp_path / "tok", config={"added_tokens_decoder": listed})
+    hf, ours = both(directory)
+    texts = [TEXT, " <|end|>  \n x<|end|>\t<s> y", "a<|system|> <|user|>b <|new|>  c", "<s><s> </s>  <|end|>\n\n"]
+    for t in texts:
+        assert ours(t)["input_ids"] == hf(t)["input_ids"], t
+        ids = hf(t)["input_ids"]
+        assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    assert _flags(ours) == _flags(hf) and len(ours) == len(hf)
+    kept = {k: (str(v), v.special, v.rstrip, v.lstrip) for k, v in ours.init_kwargs["added_tokens_decoder"].items()}
+    assert kept == {k: (str(v), v.special, v.rstrip, v.lstrip) for k, v in hf.init_kwargs["added_tokens_decoder"].items()}
+    reloads_alike(hf, ours, tmp_path, lambda t: (_flags(t), [t(x)["input_ids"] for x in texts]))
+
+
+def test_config_added_tokens_decoder_of_another_type_is_an_error(path, tmp_path):
+    directory = variant(path, tmp_path / "tok", config={"added_tokens_decoder": ["<s>"]})
+    with pytest.raises(ValueError, match="added_tokens_decoder must be a dict"):
+        Tokenizer.from_pretrained(directory)
+
+
 # ---- 1. split_special_tokens ---------------------------------------------------------------------
 def test_split_special_tokens_at_load_matches_transformers(path, tmp_path):
     def state(t):
