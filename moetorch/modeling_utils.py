@@ -26,7 +26,7 @@ from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, 
 from .generation.custom import install_checkpoint_generate
 from .hub import PUSH_OPTIONS, PushToHubMixin, hub_options, upload
 from .ops.attention import Packed, build_mask, check_attn_implementation, token_runs, varlen_kernel_serves
-from .ops.host import host_mapped_parameter, marked_host_mapped
+from .ops.host import host_mapped_parameter, marked_host_mapped, repin
 from .ops.losses import causal_lm_loss_function, sequence_classification_loss
 from .ops.moe import training_paths
 from .ops.norms import Residual
@@ -364,6 +364,12 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             self._init_module(module)
             for n, value in keep.items():
                 getattr(module, n).copy_(value)
+
+    def _apply(self, fn, recurse: bool = True):
+        # `to(dtype)`, `half()`, ...: expert weights held in pinned host memory stay pinned (ops.host)
+        out = super()._apply(fn, recurse)
+        repin(self)
+        return out
 
     # ---- properties and small helpers ------------------------------------------------------
     @property

@@ -342,3 +342,9 @@ def test_weights_held_in_host_memory_load_and_compute(arch, saved, tmp_path, mon
     held.data = held.data.clone()  # new storage (as model.to(dtype) makes): no longer read in place
     assert not host.is_host_mapped(held) and host.marked_host_mapped(held)
     assert model.parameter_devices() == [CPU]
+    # a conversion pins the weights again (on a GPU machine; pinning here is a copy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t.clone())
+    model.to(torch.float64)
+    assert all(host.is_host_mapped(p) and p.dtype == torch.float64 for n, p in model.named_parameters() if n in mapped)
+    assert not any(host.marked_host_mapped(p) for n, p in model.named_parameters() if n not in mapped)

@@ -46,3 +46,13 @@ def marked_host_mapped(t: torch.Tensor) -> bool:
     """Whether `t` was made by `host_mapped_parameter` and is still in host memory (pinned or, after
     a conversion, not): a weight of a module that runs on a GPU."""
     return t.device.type == "cpu" and hasattr(t, _MAPPED)
+
+
+def repin(module: torch.nn.Module) -> None:
+    """Pin again the host-mapped parameters of `module` whose storage a conversion replaced with plain
+    host memory (`module.to(dtype)`), so that the GPU reads them in place again (a copy from plain
+    host memory could not be captured in a CUDA graph)."""
+    for p in module.parameters():
+        if marked_host_mapped(p) and not is_host_mapped(p) and torch.cuda.is_available():
+            p.data = p.data.pin_memory()
+            setattr(p, _MAPPED, p.data_ptr())
