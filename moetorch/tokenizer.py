@@ -387,6 +387,9 @@ class Tokenizer(PushToHubMixin):
         for key in list(kwargs):
             if key in _IGNORED_KWARGS:
                 kwargs.pop(key)
+        # the pipeline and padding side follow the class: LlamaTokenizer's, or the one the config names
+        # (a `tokenizer_class` keyword is only kept, as in Transformers)
+        llama = kwargs.pop(_LLAMA_CLASS_KWARG, False) or config.get("tokenizer_class") in LLAMA_CLASSES
         config.update(kwargs)
         # tokenizer.json's truncation and padding sections are defaults for what the config does not
         # set, as in Transformers 5: the sides and pad_token take effect, the rest is only kept (init_kwargs)
@@ -403,7 +406,7 @@ class Tokenizer(PushToHubMixin):
         for key in ("truncation_side", "padding_side", "pad_token"):
             if key in from_file:
                 config.setdefault(key, from_file[key])
-        if config.get("tokenizer_class") in LLAMA_CLASSES:
+        if llama:
             for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
                 config.setdefault(name, default)  # LlamaTokenizer's defaults
             rust = _as_llama_tokenizer(rust, config, json.loads(text).get("model", {}), file)
@@ -447,7 +450,7 @@ class Tokenizer(PushToHubMixin):
             extra_special_tokens=extra,
             model_specific_special_tokens=named,
             chat_template=template,
-            padding_side=config.get("padding_side", _CLASS_PADDING_SIDE.get(config.get("tokenizer_class"), "right")),
+            padding_side=config.get("padding_side", "left" if llama else "right"),  # LlamaTokenizer's: left
             truncation_side=config.get("truncation_side", "right"),
             model_max_length=config.get("model_max_length"),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
@@ -1411,7 +1414,7 @@ def _clean_up(text: str) -> str:
 # their tokenizer.json spells out (a Prepend("▁") normalizer, which also puts "▁" after every special
 # token): the same text must give the same ids as there.
 LLAMA_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast"}
-_CLASS_PADDING_SIDE = dict.fromkeys(LLAMA_CLASSES, "left")
+_LLAMA_CLASS_KWARG = "_llama_tokenizer_class"  # LlamaTokenizer.from_pretrained's, to Tokenizer.from_pretrained
 
 
 def _as_llama_tokenizer(rust, config: dict[str, Any], model: dict[str, Any], file: Path):
@@ -1425,8 +1428,8 @@ def _as_llama_tokenizer(rust, config: dict[str, Any], model: dict[str, Any], fil
     from tokenizers import decoders, models, pre_tokenizers
 
     if model.get("type") != "BPE":
-        raise ValueError(f"{file}: tokenizer_class {config['tokenizer_class']} needs a BPE model, got "
-                         f"{model.get('type')!r}")
+        kind = config.get("tokenizer_class", "LlamaTokenizer")
+        raise ValueError(f"{file}: tokenizer_class {kind} needs a BPE model, got {model.get('type')!r}")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     fresh = RustTokenizer(models.BPE(vocab=model.get("vocab", {}), merges=merges, fuse_unk=True, byte_fallback=True))
     prefix = config.get("add_prefix_space")
@@ -1481,7 +1484,7 @@ class LlamaTokenizer(Tokenizer):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> LlamaTokenizer:
-        return super().from_pretrained(path, **{**kwargs, "tokenizer_class": "LlamaTokenizer"})
+        return super().from_pretrained(path, **{**kwargs, _LLAMA_CLASS_KWARG: True})
 
 
 LlamaTokenizerFast = LlamaTokenizer

@@ -104,6 +104,24 @@ def test_config_added_tokens_decoder_flags_match_transformers(path, tmp_path, se
     reloads_alike(hf, ours, tmp_path, lambda t: (_flags(t), [t(x)["input_ids"] for x in texts]))
 
 
+@pytest.mark.parametrize("how", ["auto_keyword", "llama_class"])
+def test_the_class_not_a_keyword_picks_the_llama_pipeline(path, tmp_path, how):
+    # AutoTokenizer keeps a tokenizer_class keyword without acting on it; the LlamaTokenizer class
+    # rebuilds any tokenizer.json with its own pipeline
+    if how == "auto_keyword":
+        hf = transformers.AutoTokenizer.from_pretrained(path, tokenizer_class="LlamaTokenizer")
+        ours = Tokenizer.from_pretrained(path, tokenizer_class="LlamaTokenizer")
+    else:
+        hf = transformers.LlamaTokenizer.from_pretrained(path)
+        from moetorch import LlamaTokenizer
+
+        ours = LlamaTokenizer.from_pretrained(path)
+    for text in (TEXT, "  two  spaces <|end|>x", "ünïcode\n\ttabs"):
+        assert ours(text)["input_ids"] == hf(text)["input_ids"], text
+        assert ours.decode(hf(text)["input_ids"]) == hf.decode(hf(text)["input_ids"])
+    assert ours.padding_side == hf.padding_side
+
+
 def test_config_added_tokens_decoder_of_another_type_is_an_error(path, tmp_path):
     directory = variant(path, tmp_path / "tok", config={"added_tokens_decoder": ["<s>"]})
     with pytest.raises(ValueError, match="added_tokens_decoder must be a dict"):
