@@ -330,14 +330,17 @@ def test_weights_held_in_host_memory_load_and_compute(arch, saved, tmp_path, mon
     saved(arch)
     want = arch.ours["causal_lm"].from_pretrained(tmp_path)
     monkeypatch.setattr(modeling_utils, "host_mapped_parameter", unpinned)
-    monkeypatch.setattr(placement, "run_on_gpus", lambda planned, order: (dict(planned), ["model.layers.1"]))
+    held_units = ["model.layers.0", "model.layers.1"]
+    monkeypatch.setattr(placement, "run_on_gpus", lambda planned, order: (dict(planned), held_units))
     model = arch.ours["causal_lm"].from_pretrained(tmp_path)
     mapped = [n for n, p in model.named_parameters() if host.is_host_mapped(p)]
-    assert mapped == modeling_utils.host_mappable(model, ["model.layers.1"])
+    assert mapped == modeling_utils.host_mappable(model, held_units)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
     ids, mask = make_inputs(arch.base["vocab_size"], 2, 9, "left")
     with torch.no_grad():
         assert torch.equal(model(ids, attention_mask=mask).logits, want(ids, attention_mask=mask).logits)
+    layer = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in mapped and ".1." in n)
+    assert host.host_copy_bytes(model) == layer > 0 and host.host_copy_bytes(want) == 0  # one layer's, not both
     held = dict(model.named_parameters())[mapped[0]]
     held.data = held.data.clone()  # new storage (as model.to(dtype) makes): no longer read in place
     assert not host.is_host_mapped(held) and host.marked_host_mapped(held)

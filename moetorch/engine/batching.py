@@ -67,7 +67,7 @@ from typing import Any
 import torch
 
 from ..cache import PackedRows, StaticCache, _kv_shape, slot_major_bytes
-from ..ops.host import on_device, to_device
+from ..ops.host import host_copy_bytes, on_device, to_device
 from . import prefixes
 from .cuda_graph import (
     PREFILL_BUCKETS,
@@ -884,10 +884,11 @@ class ContinuousBatchingManager:
 
     def _memory(self) -> int:
         """The GPU memory the batch may take: `max_memory_percent` of the free memory (0.9, or 0.8
-        with sampling)."""
+        with sampling), less what a layer whose experts are held in host memory copies over
+        (`ops.host.host_copy_bytes`)."""
         share = self.continuous_batching_config.max_memory_percent or (0.8 if self.do_sample else 0.9)
         gc.collect()  # an earlier manager's cache and graphs, left in a reference cycle, are free memory
-        return int(_free_memory(self.model.device) * share)
+        return int(max(0, _free_memory(self.model.device) - host_copy_bytes(self.model)) * share)
 
     def _logits_bytes(self) -> int:
         """A row's share of a step's float32 logits and their softmax."""

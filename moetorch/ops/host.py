@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -56,3 +57,15 @@ def repin(module: torch.nn.Module) -> None:
         if marked_host_mapped(p) and not is_host_mapped(p) and torch.cuda.is_available():
             p.data = p.data.pin_memory()
             setattr(p, _MAPPED, p.data_ptr())
+
+
+def host_copy_bytes(module: torch.nn.Module) -> int:
+    """The most GPU memory that weights held in host memory take at once: a decoder layer's experts,
+    which a forward of many tokens copies to the GPU for the length of the layer (`ops.moe.host_weights`)."""
+    per_layer: dict[str, int] = {}
+    for name, p in module.named_parameters():
+        if marked_host_mapped(p):
+            layer = re.match(r"(.*\.layers\.\d+)\.", name)
+            key = layer.group(1) if layer else name
+            per_layer[key] = per_layer.get(key, 0) + p.numel() * p.element_size()
+    return max(per_layer.values(), default=0)
