@@ -229,7 +229,9 @@ def place(model: PreTrainedModel, device: Any, device_map: Any, max_memory: Any)
             where[n] = where[to]
     else:
         sizes = [(n, placement.unit_bytes(m, tied)) for n, m in named]
-        where = placement.plan(sizes, placement.gpu_budgets(max_memory), device_map, pinned)
+        # a unit placed on the CPU runs on a GPU, which holds all of it but a layer's experts
+        resident = {n: size - _bytes(model, host_mappable(model, [n])) for n, size in sizes if n not in pinned}
+        where = placement.plan(sizes, placement.gpu_budgets(max_memory), device_map, pinned, resident)
     placement.check_devices(where)
     return where
 

@@ -16,8 +16,9 @@ moving the hidden state between them, with a dynamic cache.
   over the GPUs; what fits on no GPU goes to the CPU;
 - `"sequential"`: each GPU filled to its budget in turn, then the CPU;
 - a dict of module names (`"model.layers.3"`, `"lm_head"`, `""` for everything) to devices.
-A GPU's budget is `max_memory[i]` when given, else 90% of its free memory; with `max_memory`
-given, only the devices it names are used. Disk offload is not supported.
+A GPU's budget is `max_memory[i]` when given, else 90% of its free memory, and it covers the parts
+of the units placed on the CPU that the GPU holds to run them; with `max_memory` given, only the
+devices it names are used. Disk offload is not supported.
 """
 
 from __future__ import annotations
@@ -98,10 +99,32 @@ def gpu_budgets(max_memory: Mapping | None) -> dict[torch.device, int | None]:
 
 
 def plan(sizes: list[tuple[str, int]], budgets: dict[torch.device, int | None], strategy: str,
-         pinned: Mapping[str, str] | None = None) -> dict[str, torch.device]:
+         pinned: Mapping[str, str] | None = None, resident: Mapping[str, int] | None = None
+         ) -> dict[str, torch.device]:
     """A device for each unit of `sizes` ([(name, bytes)] in forward order), filling `budgets`'
     devices in order as `strategy` says. `pinned` names units that go where another unit went (a
-    head tied to the embeddings; the rotary tables): they count no bytes."""
+    head tied to the embeddings; the rotary tables): they count no bytes. `resident`: the bytes of
+    a unit that a GPU holds when the plan puts the unit on the CPU (it runs on that GPU,
+    `run_on_gpus`: all but a decoder layer's experts); the plan leaves each GPU room for those of
+    the units it runs."""
+    placed = _plan(sizes, budgets, strategy, pinned)
+    if not resident:
+        return placed
+    order, reserve = [name for name, _ in sizes], {}
+    for _ in range(len(sizes)):  # more room reserved spills more units, whose parts need more room
+        runs, held = run_on_gpus(placed, order)
+        need: dict[torch.device, int] = {}
+        for name in held:
+            need[runs[name]] = need.get(runs[name], 0) + resident.get(name, 0)
+        if all(n <= reserve.get(d, 0) for d, n in need.items()):
+            break
+        reserve = {d: max(reserve.get(d, 0), need.get(d, 0)) for d in {*reserve, *need}}
+        less = {d: b if b is None or d not in reserve else max(0, b - reserve[d]) for d, b in budgets.items()}
+        placed = _plan(sizes, less, strategy, pinned)
+    return placed
+
+
+def _plan(sizes, budgets, strategy, pinned):
     if strategy not in STRATEGIES:
         raise ValueError(f"device_map must be one of {STRATEGIES}, a device or a dict, got {strategy!r}")
     pinned = dict(pinned or {})

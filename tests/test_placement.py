@@ -95,6 +95,35 @@ def test_random_plans_keep_order_and_budgets():
             assert budgets[d] is None or n <= budgets[d]
 
 
+def test_plans_leave_a_gpu_room_for_the_units_it_runs_from_the_cpu():
+    # layers placed on the CPU run on the GPU, which holds their non-expert part (2 of 10 bytes), and
+    # the norm and head whole: the plan spills one more layer to make room for them
+    units = sizes(layers=6)
+    resident = {n: 2 if ".layers." in n else b for n, b in units}
+    budgets = {GPU[0]: 50, CPU: None}
+    naive = placement.plan(units, budgets, "sequential", PIN)
+    plan = placement.plan(units, budgets, "sequential", PIN, resident)
+    def gpu_bytes(p):
+        return per_device(p, units)[GPU[0]] + sum(resident[n] for n, _ in units if p[n] == CPU)
+    assert gpu_bytes(naive) > 50 >= gpu_bytes(plan)
+    assert [plan[f"model.layers.{i}"] for i in range(6)] == [GPU[0]] * 3 + [CPU] * 3
+
+
+def test_random_plans_with_resident_parts_keep_each_gpu_within_budget():
+    rng = random.Random(1)
+    for _ in range(300):
+        units = [(f"u{i}", rng.randint(1, 30)) for i in range(rng.randint(2, 20))]
+        resident = {n: rng.randint(0, b // 4) for n, b in units}
+        gpus = GPU[: rng.randint(1, 3)]
+        budgets = {**{d: rng.randint(2 * sum(resident.values()) + 30, 300) for d in gpus}, CPU: None}
+        strategy = rng.choice(placement.STRATEGIES)
+        plan = placement.plan(units, budgets, strategy, None, resident)
+        runs, held = placement.run_on_gpus(plan, [n for n, _ in units])
+        for d in gpus:
+            used = sum(b for n, b in units if plan[n] == d) + sum(resident[n] for n in held if runs[n] == d)
+            assert used <= budgets[d], (d, used, budgets[d], strategy)
+
+
 def test_a_unit_that_fits_nowhere_is_named():
     with pytest.raises(torch.OutOfMemoryError, match=r"model.layers.4 \(10.0 MiB\) fits on no device"):
         placement.plan(sizes(layer=10 * 2**20), {GPU[0]: 25 * 2**20, GPU[1]: 25 * 2**20}, "sequential", PIN)
