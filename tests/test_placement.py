@@ -380,3 +380,19 @@ def test_weights_held_in_host_memory_load_and_compute(arch, saved, tmp_path, mon
     model.to(torch.float64)
     assert all(host.is_host_mapped(p) and p.dtype == torch.float64 for n, p in model.named_parameters() if n in mapped)
     assert not any(host.marked_host_mapped(p) for n, p in model.named_parameters() if n not in mapped)
+
+
+def test_host_weights_read_in_place_for_few_tokens_else_copied():
+    from moetorch.ops import moe
+
+    # the rule: in place while the tokens are expected to route to at most 60% of the experts
+    assert [T for T in range(1, 20) if moe.reads_host_in_place(T, 16, 2)] == list(range(1, 7))  # PhiMoE
+    assert [T for T in range(1, 20) if moe.reads_host_in_place(T, 8, 2)] == [1, 2, 3]  # JetMoE
+    w13, w2 = torch.randn(4, 6, 3), torch.randn(4, 3, 3)
+    ids = torch.zeros(5, 2, dtype=torch.long)
+    x = torch.randn(5, 3)
+    assert all(a is b for a, b in zip(moe.host_weights(x, ids, "triton", None, w13, w2), (w13, w2)))
+    # weights on another device than x (here x on meta): copied there; on a GPU, pinned host weights
+    # stay where they are for the fused kernels (gpu_check's check_device_map)
+    got = moe.host_weights(x.to("meta"), ids, "reference", None, w13, w2)
+    assert [t.device.type for t in got] == ["meta", "meta"] and [t.shape for t in got] == [w13.shape, w2.shape]
