@@ -406,10 +406,15 @@ class Tokenizer(PushToHubMixin):
         for key in ("truncation_side", "padding_side", "pad_token"):
             if key in from_file:
                 config.setdefault(key, from_file[key])
+        listed = _listed_tokens(config, file)
         if llama:
             for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
                 config.setdefault(name, default)  # LlamaTokenizer's defaults
-            rust = _as_llama_tokenizer(rust, config, json.loads(text).get("model", {}), file)
+            rust = _as_llama_tokenizer(rust, config, json.loads(text).get("model", {}), file, listed)
+        elif listed:
+            # Transformers 5 adds the config's tokens again, in id order: their lstrip / rstrip / special /
+            # ... flags replace tokenizer.json's (a chat token that strips the whitespace after it)
+            rust.add_tokens([copy.copy(v) for _, v in sorted(listed.items())])
         known = {"chat_template", "padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces",
                  "extra_special_tokens", "additional_special_tokens", "add_bos_token", "add_eos_token",
                  "model_specific_special_tokens", "split_special_tokens"}
@@ -439,11 +444,6 @@ class Tokenizer(PushToHubMixin):
         if isinstance(template, (list, tuple)):  # several named templates, as tokenizer_config.json lists them
             template = {t["name"]: t["template"] for t in template}
         rest = {k: v for k, v in config.items() if k not in known and k not in SPECIAL_NAMES and k not in named}
-        listed = _listed_tokens(config, file)
-        if listed:
-            # Transformers 5 adds the config's tokens again, in id order: their lstrip / rstrip / special /
-            # ... flags replace tokenizer.json's (a chat token that strips the whitespace after it)
-            rust.add_tokens([copy.copy(v) for _, v in sorted(listed.items())])
         tok = cls(
             rust,
             **specials,
@@ -1417,13 +1417,15 @@ LLAMA_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast"}
 _LLAMA_CLASS_KWARG = "_llama_tokenizer_class"  # LlamaTokenizer.from_pretrained's, to Tokenizer.from_pretrained
 
 
-def _as_llama_tokenizer(rust, config: dict[str, Any], model: dict[str, Any], file: Path):
+def _as_llama_tokenizer(rust, config: dict[str, Any], model: dict[str, Any], file: Path,
+                        listed: dict[int, AddedToken]):
     """Transformers 5's LlamaTokenizer pipeline, built anew as it builds it: a byte-fallback BPE of
     the file's vocabulary and merges, no normalizer, a Metaspace pre-tokenizer that puts "▁" before
     the text's first word only (`legacy=False`, the default; before every piece between special
     tokens with `legacy=True`; never with `add_prefix_space=False`), the matching decoder, `rust`'s
-    post-processor, and as added tokens, in id order, the config's `added_tokens_decoder` where it
-    has one, else tokenizer.json's. `model`: tokenizer.json's model section (`file` names it in errors)."""
+    post-processor, and as added tokens, in id order, the config's `added_tokens_decoder` (`listed`)
+    where it has one, else tokenizer.json's. `model`: tokenizer.json's model section (`file` names
+    it in errors)."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
@@ -1440,8 +1442,8 @@ def _as_llama_tokenizer(rust, config: dict[str, Any], model: dict[str, Any], fil
     fresh.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     if rust.post_processor is not None:
         fresh.post_processor = rust.post_processor
-    listed = _listed_tokens(config, file) or rust.get_added_tokens_decoder()
-    fresh.add_tokens([copy.copy(t) for _, t in sorted(listed.items())])
+    tokens = listed or rust.get_added_tokens_decoder()
+    fresh.add_tokens([copy.copy(t) for _, t in sorted(tokens.items())])
     return fresh
 
 
