@@ -160,7 +160,7 @@ def materialize(model: PreTrainedModel, planned: Mapping[str, torch.device], sou
     if len(devices) > 1:
         model.get_decoder().spread_over_devices = True  # `run_layers` moves the inputs of each layer
     if len(set(planned.values())) > 1:
-            logger.info("%s: placed over %s: %s%s", source, ", ".join(sorted(map(str, set(planned.values())))),
+        logger.info("%s: placed over %s: %s%s", source, ", ".join(sorted(map(str, set(planned.values())))),
                     placement.hf_device_map(planned),
                     f"; the {len(held)} module(s) placed on the CPU run on {', '.join(sorted(map(str, devices)))}, "
                     f"their experts' weights ({format_size(_bytes(model, mapped))}) read from pinned host memory"

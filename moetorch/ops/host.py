@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 
 import torch
 
@@ -60,12 +59,8 @@ def repin(module: torch.nn.Module) -> None:
 
 
 def host_copy_bytes(module: torch.nn.Module) -> int:
-    """The most GPU memory that weights held in host memory take at once: a decoder layer's experts,
-    which a forward of many tokens copies to the GPU for the length of the layer (`ops.moe.host_weights`)."""
-    per_layer: dict[str, int] = {}
-    for name, p in module.named_parameters():
-        if marked_host_mapped(p):
-            layer = re.match(r"(.*\.layers\.\d+)\.", name)
-            key = layer.group(1) if layer else name
-            per_layer[key] = per_layer.get(key, 0) + p.numel() * p.element_size()
-    return max(per_layer.values(), default=0)
+    """The most GPU memory that weights held in host memory take at once: a decoder layer's experts
+    (the layers that name them `host_mappable`), which a forward of many tokens copies to the GPU
+    for the length of the layer (`ops.moe.host_weights`)."""
+    return max((sum(p.numel() * p.element_size() for p in m.parameters() if marked_host_mapped(p))
+                for m in module.modules() if hasattr(m, "host_mappable")), default=0)
