@@ -114,6 +114,30 @@ def _device(text: str) -> str:
     return text
 
 
+def _max_memory(text: str) -> dict:
+    """`--max-memory 0=70GiB,cpu=200GiB`: from_pretrained's max_memory (GPU index or cpu = size)."""
+    from .checkpoint import parse_size
+
+    out: dict = {}
+    for item in text.split(","):
+        key, eq, size = item.strip().partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise argparse.ArgumentTypeError(f"{item!r} is not DEVICE=SIZE (like 0=70GiB,cpu=200GiB)")
+        if not (key.isdigit() or key == "cpu"):
+            raise argparse.ArgumentTypeError(f"{key!r} is not a GPU index or cpu (like 0=70GiB,cpu=200GiB)")
+        try:
+            if size.strip() != "0":  # 0: nothing on that device
+                parse_size(size.strip(), f"{key}'s size")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        device = int(key) if key.isdigit() else key
+        if device in out:
+            raise argparse.ArgumentTypeError(f"{key!r} is given twice")
+        out[device] = size.strip()
+    return out
+
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
@@ -146,27 +170,27 @@ def _resolve(model_arg: str | None) -> tuple[Path, bool]:
     return path, is_random
 
 
-def _load(model_arg: str | None, device: str, dtype: str):
+def _load(model_arg: str | None, device: str, dtype: str, max_memory: dict | None = None):
     path, is_random = _resolve(model_arg)
-    return path, _from_pretrained(path, device, dtype), is_random
+    return path, _from_pretrained(path, device, dtype, max_memory), is_random
 
 
-def _from_pretrained(path: Path, device: str, dtype: str):
-    from .auto import AutoModelForCausalLM
+def _from_pretrained(path: Path, device: str, dtype: str, max_memory: dict | None = None):
+    from .serve.worker import load_pretrained
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+        return load_pretrained(str(path), device, dtype, max_memory)
     except (ValueError, torch.OutOfMemoryError) as e:  # a bad --device or --dtype, or no room: no traceback
         raise SystemExit(f"moetorch: {e}") from None
     except (FileNotFoundError, CheckpointError) as e:  # not a checkpoint, or a broken one
         raise SystemExit(f"moetorch: --model {path}: {e}") from None
 
 
-def _load_for_engine(path: str, device: str, dtype: str, is_random: bool):
+def _load_for_engine(path: str, device: str, dtype: str, is_random: bool, max_memory: dict | None = None):
     """`moetorch serve --engine-process`'s loader, run in the engine process."""
     from .serve.worker import load_pretrained
 
-    model = load_pretrained(path, device, dtype)
+    model = load_pretrained(path, device, dtype, max_memory)
     _banner(Path(path), model, is_random)
     return model
 
@@ -271,7 +295,7 @@ def _stream(model, tok, input_ids: torch.Tensor, kwargs: dict) -> tuple[str, int
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    path, model, is_random = _load(args.model, args.device, args.dtype)
+    path, model, is_random = _load(args.model, args.device, args.dtype, args.max_memory)
     tok = _tokenizer(path)
     _banner(path, model, is_random)
     if args.seed is not None:
@@ -321,7 +345,7 @@ def _fit(tok, system: list[dict], history: list[dict], model, max_new_tokens: in
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    path, model, is_random = _load(args.model, args.device, args.dtype)
+    path, model, is_random = _load(args.model, args.device, args.dtype, args.max_memory)
     tok = _tokenizer(path)
     if tok.chat_template is None:
         raise SystemExit(f"moetorch: {path} has no chat template (tokenizer_config.json 'chat_template')")
@@ -393,10 +417,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             import functools
 
             print("[moetorch] starting the engine process", file=sys.stderr)
-            loader = functools.partial(_load_for_engine, str(path), args.device, args.dtype, is_random)
+            loader = functools.partial(_load_for_engine, str(path), args.device, args.dtype, is_random,
+                                       args.max_memory)
             engine = Engine.spawn(loader, tok, name, **sizes)
         else:
-            model = _from_pretrained(path, args.device, args.dtype)
+            model = _from_pretrained(path, args.device, args.dtype, args.max_memory)
             _banner(path, model, is_random)
             engine = Engine(model, tok, name, **sizes)
     except (ValueError, RuntimeError) as e:
@@ -411,7 +436,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    path, model, is_random = _load(args.model, args.device, args.dtype)
+    path, model, is_random = _load(args.model, args.device, args.dtype, args.max_memory)
     cfg = model.config
     print(f"checkpoint: {path}{' (random weights)' if is_random else ''}")
     print(f"model_type: {cfg.model_type}  class: {type(model).__name__}  dtype: {model.dtype}  device: {model.device}")
@@ -441,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "balanced_low_0 or sequential")
         p.add_argument("--dtype", default="auto", type=_dtype,
                        help="auto (checkpoint dtype), bfloat16, float16 or float32")
+        p.add_argument("--max-memory", default=None, type=_max_memory, metavar="DEVICE=SIZE,...",
+                       help="what each device may hold under a --device placement, like 0=70GiB,cpu=200GiB: "
+                            "layers past a GPU's share go to the CPU, and run on the GPU with their experts read "
+                            "from host memory (default: 90%% of each GPU's free memory)")
 
     def sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         p.add_argument("--max-new-tokens", type=_int_at_least(1), default=max_new_tokens)
@@ -522,7 +551,14 @@ def main(argv: list[str] | None = None) -> int:
             from .benchmark import main as bench_main
 
             return bench_main(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "max_memory", None) is not None:
+            from .placement import STRATEGIES
+
+            if args.device not in STRATEGIES:
+                parser.error(f"--max-memory applies to a placement (--device {' / '.join(STRATEGIES)}), not to "
+                             f"--device {args.device}")
         return args.func(args)
     except KeyboardInterrupt:  # loading a model, a chat's prompt, a second Ctrl-C: no traceback
         print("\n[moetorch] interrupted", file=sys.stderr)

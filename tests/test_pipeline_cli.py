@@ -379,6 +379,31 @@ def test_cli_device_takes_a_placement(tmp_path, monkeypatch, capsys):
     assert "parameters on cpu" in capsys.readouterr().err
 
 
+def test_cli_max_memory(tmp_path, monkeypatch, capsys):
+    """--max-memory DEVICE=SIZE,... reaches from_pretrained as max_memory with a --device placement;
+    a malformed list, or one with a single device (--device cpu), is a usage error naming it."""
+    from moetorch.serve import worker
+
+    monkeypatch.setenv("MOETORCH_HOME", str(tmp_path))
+    seen = []
+    load = worker.load_pretrained
+    monkeypatch.setattr(worker, "load_pretrained", lambda *a: seen.append(a[1:]) or load(*a))
+    assert cli.main(["generate", "def main():", "--max-new-tokens", "4", "--max-memory", "0=1MiB, cpu=8GiB",
+                     "--device", "sequential"]) == 0
+    assert seen == [("sequential", "auto", {0: "1MiB", "cpu": "8GiB"})]
+    assert "parameters on cpu" in capsys.readouterr().err
+    bad = {"x=3GiB": "'x' is not a GPU index or cpu", "0=abc": "0's size must be a positive size",
+           "0=1GiB,0=2GiB": "'0' is given twice", "cpu": "'cpu' is not DEVICE=SIZE", "0=-1GB": "0's size must be a positive size"}
+    for value, message in bad.items():
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["generate", "hi", "--max-memory", value])
+        assert exited.value.code == 2 and f"argument --max-memory: {message}" in capsys.readouterr().err
+    for argv in (["info", "--device", "cpu"], ["serve", "--port", "0", "--device", "cpu"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([*argv, "--max-memory", "cpu=1GiB"])
+        assert exited.value.code == 2 and "--max-memory applies to a placement" in capsys.readouterr().err
+
+
 def test_cli_default_model_runs_without_download(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOETORCH_HOME", str(tmp_path))
     assert cli.main(["generate", "def main():", "--max-new-tokens", "8"]) == 0

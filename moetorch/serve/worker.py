@@ -41,11 +41,13 @@ logger = logging.getLogger("moetorch")
 READY_TIMEOUT_S = 3600.0  # loading a large checkpoint and warming its kernels
 
 
-def load_pretrained(path: str, device: str, dtype: str):
-    """A loader for `Engine.spawn`: `AutoModelForCausalLM.from_pretrained(path, dtype=, device_map=)`."""
+def load_pretrained(path: str, device: str, dtype: str, max_memory: dict | None = None):
+    """A loader for `Engine.spawn`: `AutoModelForCausalLM.from_pretrained(path, dtype=, device_map=)`
+    (and `max_memory=` where given)."""
     from ..auto import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+    placement = {} if max_memory is None else {"max_memory": max_memory}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, **placement)
 
 
 class ManagerClient:
