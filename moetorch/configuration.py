@@ -32,6 +32,8 @@ logger = logging.getLogger("moetorch")
 
 # Keys that Transformers writes for every model and that carry no meaning here.
 _IGNORED_KEYS = {"transformers_version", "_name_or_path", "auto_map", "torch_dtype", "_commit_hash"}
+# Transformers' shared fields that hold nothing here at these values (`to_dict` writes them so)
+_SHARED_DEFAULTS = {"is_encoder_decoder": False, "chunk_size_feed_forward": 0}
 # Generation settings a config.json may carry (Transformers' `GenerationConfig._get_default_generation_params`).
 # As in Transformers, they are taken off the config when it is made: a checkpoint without a
 # generation_config.json hands them to `model.generation_config` (`_generation_settings`), and
@@ -136,7 +138,8 @@ def takes_any_key(cls):
         experts_implementation = kwargs.pop("experts_implementation", None)
         generation = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS and k not in names}
         extra = dict(kwargs.pop("extra", None) or {})
-        extra.update({k: v for k, v in kwargs.items() if k not in names and k not in _IGNORED_KEYS})
+        extra.update({k: v for k, v in kwargs.items() if k not in names and k not in _IGNORED_KEYS
+                      and not (k in _SHARED_DEFAULTS and v == _SHARED_DEFAULTS[k])})
         init(self, **{k: v for k, v in kwargs.items() if k in names}, extra=extra)
         object.__setattr__(self, "_generation_settings", generation)
         object.__setattr__(self, "_experts_implementation", experts_implementation)
@@ -159,8 +162,6 @@ class MoeConfig(PushToHubMixin):
     derived_keys: ClassVar[tuple[str, ...]] = ()
     # output fields Transformers' Trainer leaves out of its predictions, as for Transformers' models
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
-    # Transformers' shared attribute (feed-forward chunking, which neither model uses): read as 0
-    chunk_size_feed_forward: ClassVar[int] = 0
     # Transformers' map of attribute names read as others (JetMoE: head_dim -> kv_channels, a property here)
     attribute_map: ClassVar[dict[str, str]] = {}
     # Where the config was loaded from, as `from_pretrained` was given it ("" for a new config): Transformers'
@@ -409,6 +410,8 @@ class MoeConfig(PushToHubMixin):
         extra = self.__dict__.get("extra")
         if extra is not None and name in extra:
             return extra[name]
+        if name == "chunk_size_feed_forward":  # Transformers' shared field (feed-forward chunking, unused here)
+            return 0
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     # ---- dict / json I/O ---------------------------------------------------------------------
@@ -470,7 +473,11 @@ class MoeConfig(PushToHubMixin):
         if out.get("id2label") is not None and len(out["id2label"]) != self.num_labels:
             out["id2label"] = {i: f"LABEL_{i}" for i in range(self.num_labels)}
             out["label2id"] = {v: k for k, v in out["id2label"].items()}
+        if out.get("id2label") is not None:  # the labels' count, which Transformers writes as id2label alone
+            out.pop("num_labels", None)
         out["model_type"] = self.model_type
+        # Transformers' shared fields that no field here holds, at the values its configs give them
+        out.update(_SHARED_DEFAULTS, _name_or_path=self._name_or_path)
         out.update(copy.deepcopy(self.extra))
         # id2label keeps its int keys, as Transformers' to_dict (JSON writes them as strings);
         # torch dtypes are written by name
@@ -481,18 +488,21 @@ class MoeConfig(PushToHubMixin):
         they hold their defaults, as Transformers' diff against its base config leaves them out."""
         shared = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                   for f in dataclasses.fields(MoeConfig)}
-        shared.update(num_labels=2, id2label={0: "LABEL_0", 1: "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
+        shared.update(num_labels=2, id2label={0: "LABEL_0", 1: "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1},
+                      is_encoder_decoder=False, chunk_size_feed_forward=0)
         out = self.to_dict()
+        out.pop("_name_or_path")  # where it was loaded from: never written to a file
         for name, default in shared.items():
-            value = getattr(self, name, None)
+            value = getattr(self, name, None) if name in self.__dataclass_fields__ else out.get(name)
             if name in out and value == default:
                 del out[name]
         return out
 
     def to_json_string(self, use_diff: bool = True) -> str:
-        """config.json's text. Every field is written (`use_diff`, Transformers' choice of writing
-        only values that differ from its base defaults, is accepted and changes nothing)."""
-        return json.dumps(encode_special_floats(self.to_dict()), indent=2, sort_keys=True) + "\n"
+        """config.json's text, as Transformers writes it: with `use_diff`, the fields every model
+        shares are left out where they hold their defaults (`to_diff_dict`); else every field."""
+        fields = self.to_diff_dict() if use_diff else self.to_dict()
+        return json.dumps(encode_special_floats(fields), indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
         with open(json_file_path, "w", encoding="utf-8") as f:

@@ -243,10 +243,43 @@ def test_config_helpers_as_transformers(arch, tmp_path):
         ours.update_from_string("hidden_size")
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_config_json_as_transformers_writes_it(arch, tmp_path):
+    """`to_json_string(use_diff=True)` (what save_pretrained writes: the shared fields left out at
+    their defaults), `use_diff=False` (every field, `to_dict`), the saved config.json, and a reload
+    by each library: the same keys and values as Transformers' config of the same arguments, on
+    random sets of the shared fields (transformers_version aside)."""
+    import random
+
+    rng = random.Random()
+    choices = dict(num_labels=[1, 2, 3], output_hidden_states=[True, False], return_dict=[True, False],
+                   tie_word_embeddings=[True, False], dtype=["bfloat16", "float32"], pad_token_id=[None, 0, 5],
+                   bos_token_id=[None, 1], eos_token_id=[None, 2, [2, 3]], use_cache=[True, False],
+                   output_router_logits=[True, False], problem_type=[None, "regression"],
+                   output_attentions=[True, False], chunk_size_feed_forward=[0, 4], is_decoder=[True, False],
+                   architectures=[None, ["X"]], num_hidden_layers=[1, 3], my_key=[1, "x"])
+
+    def text(cfg, use_diff=True):
+        out = json.loads(cfg.to_json_string(use_diff=use_diff))
+        out.pop("transformers_version", None)
+        return out
+
+    for i in range(12):
+        given = {k: rng.choice(v) for k, v in choices.items() if rng.random() < 0.3}
+        ours, theirs = arch.our_config(**given), arch.hf_config(**given)
+        for use_diff in (True, False):
+            assert text(ours, use_diff) == text(theirs, use_diff), (given, use_diff)
+        assert ours.chunk_size_feed_forward == theirs.chunk_size_feed_forward
+        ours.save_pretrained(tmp_path / str(i))
+        assert json.loads((tmp_path / str(i) / "config.json").read_text()) == text(theirs)
+        assert text(type(theirs).from_pretrained(tmp_path / str(i))) == text(theirs)
+        assert text(type(ours).from_pretrained(tmp_path / str(i))) == text(ours)
+
+
 def test_config_names_tools_read():
     """`num_experts` (TRL's MoE loss reads it) is `num_local_experts`, never saved; `name_or_path`
     and `_name_or_path` are where the config was loaded from, as Transformers keeps them (TRL makes
-    its reference model from it), and are not saved either."""
+    its reference model from it): in `to_dict()` as there, never in the saved file."""
     import moetorch
 
     for cls in (moetorch.PhimoeConfig, moetorch.JetMoeConfig):
@@ -258,7 +291,8 @@ def test_config_names_tools_read():
     for load in (moetorch.AutoConfig.from_pretrained, lambda p: moetorch.AutoModelForCausalLM.from_pretrained(p).config):
         cfg = load("tiny-phimoe")
         assert cfg.name_or_path == cfg._name_or_path == "tiny-phimoe"
-        assert "_name_or_path" not in cfg.to_dict()
+        assert cfg.to_dict()["_name_or_path"] == "tiny-phimoe"
+        assert "_name_or_path" not in json.loads(cfg.to_json_string()) and "_name_or_path" not in cfg.to_diff_dict()
     model = moetorch.JetMoeForCausalLM.from_pretrained("tiny-jetmoe")
     assert model.name_or_path == model.config._name_or_path == "tiny-jetmoe"
     assert type(model)(model.config).name_or_path == "tiny-jetmoe"  # a model made from a config takes its name
