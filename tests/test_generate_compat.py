@@ -13,6 +13,7 @@ import pytest
 import test_generation
 import torch
 import transformers
+from archs import ARCH_IDS, ARCHS
 from parity import make_inputs
 
 import moetorch
@@ -248,3 +249,40 @@ def test_continuing_with_only_the_tokens_the_cache_lacks(pair, settings):
             assert torch.equal(whole[:, seq.shape[1]:], outs[-1][:, seq.shape[1] - held:])
     assert torch.equal(outs[1], outs[0]), f"Transformers {outs[0].tolist()}, moetorch {outs[1].tolist()}"
     assert outs[1].shape[0] == 2
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_generation_config_json_as_transformers_writes_it(arch, tmp_path):
+    """generation_config.json of a model saved by each library, from a model config with random
+    generation fields (the first save and a reload's save), and a GenerationConfig of random
+    explicit settings: the same keys and values as Transformers' (`_from_model_config`, the
+    explicitly set fields even at their defaults; transformers_version aside)."""
+    import random
+
+    rng = random.Random()
+
+    def read(path):
+        out = json.loads((path / "generation_config.json").read_text())
+        out.pop("transformers_version", None)
+        return out
+
+    for i in range(3):
+        flags = {k: rng.choice(v) for k, v in dict(output_hidden_states=[True, False], use_cache=[True, False],
+                                                     pad_token_id=[None, 0], eos_token_id=[2, [2, 3]]).items()
+                 if rng.random() < 0.5}
+        got = {}
+        for lib, key in ((arch.ours, "ours"), (arch.hf, "theirs")):
+            model = lib["causal_lm"](arch.our_config(**flags) if key == "ours" else arch.hf_config(**flags))
+            model.save_pretrained(tmp_path / f"{key}{i}")
+            lib["causal_lm"].from_pretrained(tmp_path / f"{key}{i}").save_pretrained(tmp_path / f"{key}{i}again")
+            got[key] = read(tmp_path / f"{key}{i}"), read(tmp_path / f"{key}{i}again")
+        assert got["ours"] == got["theirs"], flags
+    for _ in range(10):
+        given = {k: rng.choice(v) for k, v in dict(do_sample=[True, False], temperature=[1.0, 0.7], top_k=[50, 5],
+                                                     max_new_tokens=[20, 7], num_beams=[1, 2], use_cache=[True],
+                                                     output_scores=[False, True], repetition_penalty=[1.0, 1.2],
+                                                     my_key=["x"]).items() if rng.random() < 0.4}
+        ours = json.loads(GenerationConfig(**given).to_json_string())
+        theirs = json.loads(transformers.GenerationConfig(**given).to_json_string())
+        theirs.pop("transformers_version")
+        assert ours == theirs, given

@@ -340,16 +340,20 @@ class GenerationConfig(PushToHubMixin):
     # ---- construction and I/O --------------------------------------------------------------
     @classmethod
     def from_model_config(cls, model_config: Any) -> GenerationConfig:
-        """The generation settings a model config carries: its special tokens and any generation
-        field it sets to a non-default value."""
+        """The generation settings a model config carries, as Transformers takes them: every
+        generation field it holds a value for (its special tokens, `use_cache`, the output flags,
+        ...), set explicitly (so saved); an output flag that is on turns `return_dict_in_generate`
+        on. Marked as made from the model config (`_from_model_config` in the saved file)."""
         data = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
         # the generation settings its config.json carried, which the config itself does not keep
         data.update(getattr(model_config, "_generation_settings", None) or {})
-        kwargs = {k: data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(k) is not None}
-        for name, default in DEFAULTS.items():
-            if name not in kwargs and data.get(name) is not None and data[name] != default:
-                kwargs[name] = data[name]
-        return cls(**kwargs)
+        config = cls(**{k: data[k] for k in DEFAULTS if data.get(k) is not None})
+        if not config.return_dict_in_generate and any(
+                getattr(config, flag) for flag in ("output_attentions", "output_hidden_states", "output_scores",
+                                                   "output_logits")):
+            config.return_dict_in_generate = True
+        object.__setattr__(config, "_from_model_config", True)
+        return config
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> GenerationConfig:
@@ -366,8 +370,10 @@ class GenerationConfig(PushToHubMixin):
             raise FileNotFoundError(f"no {GENERATION_CONFIG_NAME} at {path}")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        data.pop("_from_model_config", None)
-        return cls.from_dict(data, **kwargs)
+        made_from_model_config = bool(data.pop("_from_model_config", False))
+        config = cls.from_dict(data, **kwargs)
+        object.__setattr__(config, "_from_model_config", made_from_model_config)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """Every field and unknown key."""
@@ -378,14 +384,17 @@ class GenerationConfig(PushToHubMixin):
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:
-        """Fields that differ from the defaults, and the unknown keys (what `save_pretrained` writes)."""
-        return {k: v for k, v in self.to_dict().items() if k not in DEFAULTS or v != DEFAULTS[k]}
+        """The fields set explicitly or holding other values than their defaults, and the unknown
+        keys (what `save_pretrained` writes): Transformers 5 writes each field given a value."""
+        return {k: v for k, v in self.to_dict().items() if k not in DEFAULTS or v != DEFAULTS[k] or self.is_set(k)}
 
     def to_json_string(self, use_diff: bool = True) -> str:
-        """The JSON of the fields (the non-default ones with `use_diff`), without `compile_config`,
-        which Transformers does not write either."""
+        """The JSON of the fields (those of `to_diff_dict` with `use_diff`), without `compile_config`,
+        which Transformers does not write either; `_from_model_config` where the model config made it."""
         fields = self.to_diff_dict() if use_diff else self.to_dict()
         fields.pop("compile_config", None)
+        if getattr(self, "_from_model_config", False):
+            fields["_from_model_config"] = True
         return json.dumps(fields, indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> None:
