@@ -57,6 +57,35 @@ def expected_touched(E: int, K: int, B: int) -> float:
     return E * (1 - (1 - K / E) ** B)
 
 
+def copy_ahead_ab(model, args, rounds: int = 2) -> dict:
+    """Milliseconds of a graphed decode step at each --batches that copies the host experts, and of
+    the --prefill forward, with the copies started ahead (ops.moe.COPY_AHEAD) and without, in
+    alternating rounds."""
+    from moetorch.ops import moe
+
+    cfg, out, shipped = model.config, {}, moe.COPY_AHEAD
+    work = {f"decode_b{B}": (B, args.prompt) for B in map(int, args.batches.split(","))
+            if not reads_host_in_place(B, cfg.num_local_experts, cfg.num_experts_per_tok)}
+    work[f"prefill_{args.prefill}"] = (1, args.prefill)
+    for name, (B, T) in work.items():
+        ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+        times = {"ahead": [], "each_layer": []}
+        for _ in range(rounds):
+            for arm in times:
+                moe.COPY_AHEAD = arm == "ahead"
+                try:
+                    if name.startswith("decode"):  # graphs captured per arm
+                        s = cuda_time(_ours_decode(model, ids, args.steps), repeats=3, warmup=1) / args.steps
+                    else:
+                        s = cuda_time(lambda: model(ids, logits_to_keep=1), repeats=3, warmup=1)  # noqa: B023
+                finally:
+                    moe.COPY_AHEAD = shipped
+                times[arm].append(s * 1e3)
+        out[name] = {arm: {"ms": ms, "best_ms": min(ms)} for arm, ms in times.items()}
+        log(f"copies ahead, {name}: {min(times['ahead']):.1f} ms against {min(times['each_layer']):.1f} ms")
+    return out
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench/host_mapped.py")
@@ -67,6 +96,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--ab-copy-ahead", action="store_true",
+                   help="first time decode (batches that copy) and prefill with and without the copies started "
+                        "ahead (ops.moe.COPY_AHEAD), interleaved")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     max_memory = None if args.gpu_budget is None else {0: args.gpu_budget, "cpu": "200GiB"}
@@ -96,6 +128,8 @@ def main(argv=None) -> int:
     V = cfg.vocab_size
     result["decode"] = {}
     torch.cuda.reset_peak_memory_stats()
+    if args.ab_copy_ahead:
+        result["copy_ahead_ab"] = copy_ahead_ab(model, args)
     for B in [int(b) for b in args.batches.split(",")]:
         ids = torch.randint(0, V, (B, args.prompt), device="cuda")
         step_s = cuda_time(_ours_decode(model, ids, args.steps), repeats=3, warmup=1) / args.steps

@@ -1034,6 +1034,77 @@ def check_device_map(results):
             results[f"{key}.bf16_new_tokens"] = got[1].shape[1] - ids.shape[1]
             results[f"{key}.bf16_same_tokens"] = torch.equal(got[0], got[1])
             ok &= got[1].shape[1] - ids.shape[1] == 16 and torch.equal(got[0], got[1])
+            ok &= _check_host_extras(results, key, path, cls, cfg, split, bf16, mapped)
+    return ok
+
+
+@torch.no_grad()
+def _check_host_extras(results, key, path, cls, cfg, split, bf16, mapped) -> bool:
+    """What `check_device_map` adds for host-held experts: `model.to(dtype)` pins the converted
+    host weights again (`ops.host.repin`: the same logits and static-cache tokens as a bf16 load);
+    continuous batching on such a model (its cache sized to leave room for one layer's copy) gives
+    the GPU-alone model's tokens; and a `max_memory` plan leaves the GPU room for the parts of the
+    layers it places on the CPU (what the GPU then holds stays within the budget)."""
+    import moetorch
+
+    from .ops import moe as moe_ops
+    from .ops.host import is_host_mapped
+
+    ok = True
+    conv = cls.from_pretrained(path, dtype="float32", device_map=split).to(torch.bfloat16)
+    pinned = [n for n, p in conv.named_parameters() if is_host_mapped(p) and p.is_pinned()]
+    results[f"{key}.repinned_after_to"] = pinned == mapped
+    ok &= pinned == mapped
+    for T in (1, 256):
+        x = torch.randint(1, cfg.vocab_size, (1, T), device="cuda")
+        same = torch.equal(conv(x).logits, bf16[1](x).logits)
+        results[f"{key}.converted_logits_equal_T{T}"] = same
+        ok &= same
+    # the copies started ahead of the host layers (ops.moe.CopiesAhead): each layer takes its own
+    taken, take, shipped = [], moe_ops.CopiesAhead.take, moe_ops.COPY_AHEAD
+    moe_ops.CopiesAhead.take = lambda self, weights: taken.append(take(self, weights)) or taken[-1]
+    x = torch.randint(1, cfg.vocab_size, (1, 256), device="cuda")
+    try:
+        moe_ops.COPY_AHEAD = True
+        got = conv(x).logits
+        moe_ops.COPY_AHEAD = False
+        same = torch.equal(got, conv(x).logits)
+    finally:
+        moe_ops.CopiesAhead.take, moe_ops.COPY_AHEAD = take, shipped
+    results[f"{key}.copies_ahead_taken"] = sum(t is not None for t in taken)
+    results[f"{key}.copies_ahead_logits_equal"] = same
+    ok &= same and sum(t is not None for t in taken) == 2
+    ids = torch.randint(1, cfg.vocab_size, (2, 24), device="cuda")
+    got = [m.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, cache_implementation="static")
+           for m in (bf16[0], conv)]
+    same = torch.equal(got[0], got[1])
+    results[f"{key}.converted_static_same_tokens"] = same
+    ok &= same
+    gen = moetorch.GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, cfg.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 40, (9,), generator=g)]
+    outs = [[r.generated_tokens for r in m.generate_batch(prompts, generation_config=gen).values()]
+            for m in (bf16[0], conv)]
+    same = outs[0] == outs[1] and all(len(t) == 12 for t in outs[1])
+    results[f"{key}.generate_batch_same_tokens"] = same
+    ok &= same
+    del conv
+    torch.cuda.empty_cache()
+    full = bf16[0]
+    unit = sum(p.numel() * p.element_size() for p in full.model.layers[0].parameters())
+    budget = sum(p.numel() * p.element_size() for p in full.model.embed_tokens.parameters()) + 2 * unit
+    model = cls.from_pretrained(path, dtype="bfloat16", device_map="auto", max_memory={0: budget, "cpu": "64GiB"})
+    rotary = {id(t) for n, m in model.named_modules() if n.endswith("rotary_emb") for t in m.buffers()}
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+               if t.device.type == "cuda" and id(t) not in rotary)  # the tables count no bytes in a plan
+    results[f"{key}.planned_map"] = model.hf_device_map
+    results[f"{key}.planned_gpu_bytes"] = [held, budget]
+    x = torch.randint(1, cfg.vocab_size, (1, 64), device="cuda")
+    same = torch.equal(model(x).logits, full(x).logits)
+    results[f"{key}.planned_logits_equal"] = same
+    ok &= held <= budget and same and "cpu" in model.hf_device_map.values()
+    return ok
     return ok
 
 

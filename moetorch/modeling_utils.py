@@ -28,7 +28,7 @@ from .hub import PUSH_OPTIONS, PushToHubMixin, hub_options, upload
 from .ops.attention import Packed, build_mask, check_attn_implementation, token_runs, varlen_kernel_serves
 from .ops.host import host_mapped_parameter, marked_host_mapped, repin
 from .ops.losses import causal_lm_loss_function, sequence_classification_loss
-from .ops.moe import training_paths
+from .ops.moe import copies_ahead, training_paths
 from .ops.norms import Residual
 from .outputs import MoeModelOutputWithPast
 from .placement import format_size
@@ -1160,21 +1160,26 @@ def _run_stack(layers, x_BTD, rope, mask, is_causal, cache, cache_position_T, no
     hidden, attns, routers = [], [], []
     r = Residual(x_BTD)
     here = x_BTD.device
-    for index, layer in enumerate(layers):
-        if on_device is not None and (there := module_device(layer)) != here:
-            # the layer's inputs go to its device, which becomes the current one
-            r, rope, mask, cache_position_T = to_device((r, rope, mask, cache_position_T), there, on_device)
-            here = there
-        if output_hidden_states:
-            r = Residual(r.value())
-            hidden.append(r.x)
-        args = (r, rope, mask, is_causal, cache, cache_position_T, output_attentions)
-        if checkpointing is not None:
-            r, w, logits = checkpointing(index, layer, *args)
-        else:
-            r, w, logits = layer(*args)
-        attns.append(w)
-        routers.extend(logits)
+    # the experts of layers placed on the CPU cross the bus while the layers before them compute
+    ahead = copies_ahead(layers, x_BTD)
+    with ahead if ahead is not None else contextlib.nullcontext():
+        for index, layer in enumerate(layers):
+            if on_device is not None and (there := module_device(layer)) != here:
+                # the layer's inputs go to its device, which becomes the current one
+                r, rope, mask, cache_position_T = to_device((r, rope, mask, cache_position_T), there, on_device)
+                here = there
+            if ahead is not None:
+                ahead.before_layer()
+            if output_hidden_states:
+                r = Residual(r.value())
+                hidden.append(r.x)
+            args = (r, rope, mask, is_causal, cache, cache_position_T, output_attentions)
+            if checkpointing is not None:
+                r, w, logits = checkpointing(index, layer, *args)
+            else:
+                r, w, logits = layer(*args)
+            attns.append(w)
+            routers.extend(logits)
     if on_device is not None and (there := module_device(norm)) != here:
         r = to_device(r, there, on_device)
     x_BTD = norm.add_norm(*r)[1]

@@ -382,6 +382,81 @@ def test_weights_held_in_host_memory_load_and_compute(arch, saved, tmp_path, mon
     assert not any(host.marked_host_mapped(p) for n, p in model.named_parameters() if n not in mapped)
 
 
+class _FakeStream:
+    """Stands for a CUDA stream on the CPU: records what it was made to wait for."""
+
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def wait_stream(self, other):
+        self.log.append((self.name, "waits for", other.name))
+
+    def wait_event(self, event):
+        self.log.append((self.name, "waits for", event.name))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_host_experts_copied_ahead_one_layer_at_a_time(arch, saved, tmp_path, monkeypatch):
+    """A forward of many tokens starts the copy of the next layer placed on the CPU on a side stream
+    (`ops.moe.CopiesAhead`), one at a time; the layer's `host_weights` takes it, after its stream
+    waits for the copy. Streams and events are stand-ins here (on a GPU: `gpu_check`'s
+    `check_device_map`, bit-equal logits, graphed steps)."""
+    import contextlib
+
+    from moetorch import modeling_utils
+    from moetorch.ops import host, moe
+
+    def unpinned(like):
+        p = torch.nn.Parameter(torch.empty(like.shape, dtype=like.dtype), like.requires_grad)
+        setattr(p, host._MAPPED, p.data_ptr())
+        return p
+
+    saved(arch)
+    monkeypatch.setattr(modeling_utils, "host_mapped_parameter", unpinned)
+    held_units = ["model.layers.0", "model.layers.1"]
+    monkeypatch.setattr(placement, "run_on_gpus", lambda planned, order: (dict(planned), held_units))
+    model = arch.ours["causal_lm"].from_pretrained(tmp_path)
+    layers = model.model.layers
+    E = layers[0].get_parameter(layers[0].host_mappable[0]).shape[0]
+    K = layers[0].experts_per_token
+    many = next(T for T in range(1, 100) if not moe.reads_host_in_place(T, E, K))
+    with torch.no_grad():
+        held = moe.held_copied(layers, many)
+        assert [w for w, _ in held] == [tuple(lay.get_parameter(n) for n in lay.host_mappable) for lay in layers[:2]]
+        assert [d for _, d in held] == [CPU, CPU]
+        assert moe.held_copied(layers, many - 1) == []  # read in place: nothing to copy
+    assert moe.held_copied(layers, many) == []  # gradients flow to them: autograd copies them
+    log = []
+    main = _FakeStream(log, "main")
+    event = type("Event", (), {"record": lambda self, stream: setattr(self, "name", f"copy {len(log)}")})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream(log, "side"))
+    monkeypatch.setattr(torch.cuda, "Event", event)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(moe, "_COPY_STREAMS", {})
+    ahead = moe.CopiesAhead(held)
+    ahead.before_layer()
+    ahead.before_layer()  # the first copy not taken yet: no second one
+    assert log == [("side", "waits for", "main")]
+    first, second = (w for w, _ in held)
+    assert ahead.take(second) is None
+    x, ids = torch.randn(many, first[0].shape[-1]).to("meta"), torch.zeros(many, K, dtype=torch.long)
+    token = moe._AHEAD.set(ahead)
+    try:
+        copies = moe.host_weights(x, ids, "triton", None, *first)  # the layer takes the copy started ahead
+    finally:
+        moe._AHEAD.reset(token)
+    assert [c.data_ptr() != w.data_ptr() and torch.equal(c, w) for c, w in zip(copies, first)] == [True, True]
+    assert log[-1] == ("main", "waits for", "copy 1")
+    ahead.before_layer()  # the next layer starts: the second layer's copy
+    assert log[-1] == ("side", "waits for", "main") and ahead.pending is not None
+    ahead.close()  # not taken: the reading stream waits for it all the same
+    assert log[-1][:2] == ("main", "waits for") and ahead.pending is None
+    ahead.before_layer()
+    assert ahead.pending is None  # no host layer left
+
+
 def test_host_weights_read_in_place_for_few_tokens_else_copied():
     from moetorch.ops import moe
 

@@ -211,6 +211,10 @@ class JetMoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = JetMoeRMSNorm(config.hidden_size, LAYER_NORM_EPS)
         self.self_attention = JetMoeAttention(config, layer_idx)
 
+    @property
+    def experts_per_token(self) -> int:
+        return self.mlp.router.top_k
+
     def forward(self, r: Residual, rope, mask, is_causal, cache, cache_position_T, need_weights):
         # Each norm with the residual add before it and (at decode) the router reading its output:
         # one kernel at inference. The first adds the previous layer's MLP output.

@@ -116,6 +116,7 @@ class PhimoeDecoderLayer(nn.Module):
     # the weights that may stay in pinned host memory while the layer runs on a GPU (a layer that
     # from_pretrained places on the CPU): the MLP experts', read by their kernels over the bus
     host_mappable = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    experts_per_token = 2  # sparsemixer's top-2
 
     def __init__(self, config: PhimoeConfig, layer_idx: int) -> None:
         super().__init__()

@@ -32,9 +32,15 @@ _MAPPED = "_moetorch_host_mapped"
 def host_mapped_parameter(like: torch.nn.Parameter) -> torch.nn.Parameter:
     """An uninitialised parameter of `like`'s shape and dtype in pinned host memory, marked as read
     by the GPU in place (`is_host_mapped`)."""
+    global MAPPED_MADE
     p = torch.nn.Parameter(torch.empty(like.shape, dtype=like.dtype, pin_memory=True), like.requires_grad)
     setattr(p, _MAPPED, p.data_ptr())
+    MAPPED_MADE = True
     return p
+
+
+# Whether this process has made a host-mapped parameter: until then a forward looks for none.
+MAPPED_MADE = False
 
 
 def is_host_mapped(t: torch.Tensor) -> bool:

@@ -17,12 +17,14 @@ experts: per-(token, slot) query projection, then weighted output projection), s
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 from collections.abc import Callable
 
 import torch
 
+from . import host as _host
 from .host import is_host_mapped
 
 Act = Callable[[torch.Tensor], torch.Tensor]
@@ -208,10 +210,14 @@ def reads_host_in_place(T: int, E: int, K: int) -> bool:
 def host_weights(x_TD: torch.Tensor, ids_TK: torch.Tensor, name: str, act: Act | None, *weights: torch.Tensor):
     """`weights` as the backend `name` reads them on x's device: in place where they are there, or
     are pinned host memory that the fused Triton kernels read directly (`ops.host.is_host_mapped`;
-    inference, few tokens: `reads_host_in_place`); else copied to it (asynchronously from pinned
-    memory; autograd carries gradients back to them)."""
+    inference, few tokens: `reads_host_in_place`); else the copy that the decoder stack started
+    ahead (`copies_ahead`), or copied to it now (asynchronously from pinned memory; autograd
+    carries gradients back to them)."""
     if all(w.device == x_TD.device for w in weights):
         return weights
+    ahead = _AHEAD.get()
+    if ahead is not None and (copies := ahead.take(weights)) is not None:
+        return copies
     direct = (
         name == "triton" and x_TD.is_cuda and reads_host_in_place(ids_TK.shape[0], weights[0].shape[0], ids_TK.shape[1])
         and all(w.device == x_TD.device or is_host_mapped(w) for w in weights)
@@ -219,6 +225,109 @@ def host_weights(x_TD: torch.Tensor, ids_TK: torch.Tensor, name: str, act: Act |
         and (act is None or _lazy_triton("fuses")(act))
     )
     return weights if direct else tuple(w.to(x_TD.device, non_blocking=True) for w in weights)
+
+
+# ---- Host-held experts copied ahead of their layer ----------------------------------------------
+_AHEAD: contextvars.ContextVar[CopiesAhead | None] = contextvars.ContextVar("moetorch_copies_ahead", default=None)
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+# Whether a forward starts its host layers' copies ahead (`CopiesAhead`); False: each layer placed on
+# the CPU copies its experts when it runs. Off until measured on a GPU (bench/host_mapped.py
+# --ab-copy-ahead; gpu_check's check_device_map runs both ways).
+COPY_AHEAD = False
+
+
+def _weights_key(weights) -> tuple:
+    return tuple((w.data_ptr(), tuple(w.shape), w.dtype) for w in weights)
+
+
+class CopiesAhead:
+    """Copies to the GPU of the host-held experts of a forward's layers, each started on a side
+    stream ahead of its layer (`copies_ahead`): the first when the stack starts, so that it crosses
+    the bus while the GPU computes the layers before it; each next one when a layer starts after the
+    copy before was taken. One copy at a time, as when each layer copied its own experts: a forward
+    holds no more GPU memory than it did then."""
+
+    def __init__(self, held: list[tuple[tuple[torch.Tensor, ...], torch.device]]) -> None:
+        self.held = held  # [(a host layer's held weights, the GPU it runs on)], in the layers' order
+        self.next = 0
+        self.pending: tuple | None = None  # (weights' key, copies, event, device)
+
+    def before_layer(self) -> None:
+        """Start the next host layer's copy, unless one is still to be taken."""
+        if self.pending is not None or self.next >= len(self.held):
+            return
+        weights, device = self.held[self.next]
+        self.next += 1
+        main = torch.cuda.current_stream(device)
+        with torch.cuda.device(device):
+            # allocated in the stream that reads and frees them, written by the side stream after it
+            copies = tuple(torch.empty(w.shape, dtype=w.dtype, device=device) for w in weights)
+            if device not in _COPY_STREAMS:
+                _COPY_STREAMS[device] = torch.cuda.Stream(device)
+            side = _COPY_STREAMS[device]
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for c, w in zip(copies, weights):
+                    c.copy_(w, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(side)
+        self.pending = (_weights_key(weights), copies, done, device)
+
+    def take(self, weights) -> tuple[torch.Tensor, ...] | None:
+        """The copies of `weights` when they are the ones started (the reading stream waits for
+        them), else None."""
+        if self.pending is None or self.pending[0] != _weights_key(weights):
+            return None
+        _, copies, done, device = self.pending
+        self.pending = None
+        torch.cuda.current_stream(device).wait_event(done)
+        return copies
+
+    def close(self) -> None:
+        """A copy started and not taken is waited for (a CUDA graph's capture joins the side stream)."""
+        if self.pending is not None:
+            torch.cuda.current_stream(self.pending[3]).wait_event(self.pending[2])
+            self.pending = None
+
+    def __enter__(self) -> CopiesAhead:
+        self._token = _AHEAD.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _AHEAD.reset(self._token)
+        self.close()
+
+
+def copies_ahead(layers, x_BTD: torch.Tensor) -> CopiesAhead | None:
+    """The decoder stack `layers`' copies of the experts of its layers placed on the CPU, to start
+    ahead (`CopiesAhead`; entered, its layers' `host_weights` take them), for a forward on a GPU
+    without gradients to host weights or autocast, of enough tokens that each layer would copy them
+    (`reads_host_in_place`); None where there is nothing to copy ahead."""
+    if not (COPY_AHEAD and _host.MAPPED_MADE) or not x_BTD.is_cuda or torch.is_autocast_enabled(x_BTD.device.type):
+        return None
+    held = [(w, d) for w, d in held_copied(layers, x_BTD.shape[0] * x_BTD.shape[1]) if d.type == "cuda"]
+    return CopiesAhead(held) if held else None
+
+
+def held_copied(layers, T: int) -> list[tuple[tuple[torch.Tensor, ...], torch.device]]:
+    """[(weights, device)]: the host-held experts (`host_mappable`, pinned) of the layers whose
+    experts a forward of T tokens copies (`reads_host_in_place`) and the device each layer runs on;
+    none where a gradient would flow to them (autograd copies them, and carries it back)."""
+    held = []
+    for layer in layers:
+        weights = tuple(layer.get_parameter(n) for n in getattr(layer, "host_mappable", ()))
+        if not weights or not all(is_host_mapped(w) for w in weights):
+            continue
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return []
+        if not reads_host_in_place(T, weights[0].shape[0], layer.experts_per_token):
+            held.append((weights, _host_module_device(layer)))
+    return held
+
+
+def _host_module_device(module) -> torch.device | None:
+    """The device of a module's first parameter that is not held in host memory."""
+    return next((p.device for p in module.parameters() if not _host.marked_host_mapped(p)), None)
 
 
 def experts_forward(
