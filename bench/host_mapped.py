@@ -9,7 +9,8 @@ the machine's disk), then measured as `moetorch bench` measures one GPU: graphed
 each --batches (--prompt-token prompts), a --prefill-token forward, and peak GPU memory. Next to
 each decode rate, its floor: the bytes a step must read at the measured copy rates, the host
 layers' over the bus (the routed experts' where the kernels read them in place, else all of them,
-copied: `ops.moe.reads_host_in_place`) and the rest from the GPU's memory.
+copied: `ops.moe.reads_host_in_place`) and the rest from the GPU's memory; read in place, the two
+in turn, copied, the larger (the copies can cross the bus while the GPU computes).
 
     PYTHONPATH=.:bench python bench/host_mapped.py --model phimoe --out r.json
 """
@@ -136,7 +137,10 @@ def main(argv=None) -> int:
         touched = expected_touched(E, K, B) * per_expert
         in_place = reads_host_in_place(B, E, K)  # else every host expert crosses the bus, copied
         host_bytes = host_layers * (touched if in_place else E * per_expert)
-        floor_s = host_bytes / bus + ((L - host_layers) * touched + dense) / hbm
+        gpu_s = ((L - host_layers) * touched + dense) / hbm
+        # read in place, the bus's bytes are the kernels' own reads, in turn with the rest; copied,
+        # the copy engine can move them while the GPU computes (ops.moe.CopiesAhead)
+        floor_s = host_bytes / bus + gpu_s if in_place else max(host_bytes / bus, gpu_s)
         row = {"tokens_per_s": B / step_s, "ms_per_step": step_s * 1e3, "floor_ms_per_step": floor_s * 1e3,
                "of_floor": floor_s / step_s, "host_GB_per_step": host_bytes / 1e9, "host_read_in_place": in_place}
         result["decode"][B] = row

@@ -231,9 +231,10 @@ def host_weights(x_TD: torch.Tensor, ids_TK: torch.Tensor, name: str, act: Act |
 _AHEAD: contextvars.ContextVar[CopiesAhead | None] = contextvars.ContextVar("moetorch_copies_ahead", default=None)
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # Whether a forward starts its host layers' copies ahead (`CopiesAhead`); False: each layer placed on
-# the CPU copies its experts when it runs. Off until measured on a GPU (bench/host_mapped.py
-# --ab-copy-ahead; gpu_check's check_device_map runs both ways).
-COPY_AHEAD = False
+# the CPU copies its experts when it runs. Phi-3.5-MoE bf16 on an 80 GB H100 (3 host layers):
+# batch-16 decode step 140.1 against 162.3 ms, 2048-token prefill 149.6 against 194.1 ms, the same
+# peak memory (bench/host_mapped.py --ab-copy-ahead).
+COPY_AHEAD = True
 
 
 def _weights_key(weights) -> tuple:
