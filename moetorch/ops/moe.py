@@ -306,7 +306,8 @@ def copies_ahead(layers, x_BTD: torch.Tensor) -> CopiesAhead | None:
     (`reads_host_in_place`); None where there is nothing to copy ahead."""
     if not (COPY_AHEAD and _host.MAPPED_MADE) or not x_BTD.is_cuda or torch.is_autocast_enabled(x_BTD.device.type):
         return None
-    held = [(w, d) for w, d in held_copied(layers, x_BTD.shape[0] * x_BTD.shape[1]) if d.type == "cuda"]
+    T = x_BTD.shape[0] * x_BTD.shape[1]
+    held = [(w, d) for w, d in held_copied(layers, T) if d is not None and d.type == "cuda"]
     return CopiesAhead(held) if held else None
 
 
