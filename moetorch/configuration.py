@@ -488,8 +488,8 @@ class MoeConfig(PushToHubMixin):
         they hold their defaults, as Transformers' diff against its base config leaves them out."""
         shared = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                   for f in dataclasses.fields(MoeConfig)}
-        shared.update(num_labels=2, id2label={0: "LABEL_0", 1: "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1},
-                      is_encoder_decoder=False, chunk_size_feed_forward=0)
+        shared.update(_SHARED_DEFAULTS, num_labels=2, id2label={0: "LABEL_0", 1: "LABEL_1"},
+                      label2id={"LABEL_0": 0, "LABEL_1": 1})
         out = self.to_dict()
         out.pop("_name_or_path")  # where it was loaded from: never written to a file
         for name, default in shared.items():

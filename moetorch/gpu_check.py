@@ -1105,7 +1105,6 @@ def _check_host_extras(results, key, path, cls, cfg, split, bf16, mapped) -> boo
     results[f"{key}.planned_logits_equal"] = same
     ok &= held <= budget and same and "cpu" in model.hf_device_map.values()
     return ok
-    return ok
 
 
 def _loss_and_grads(model, use_cache: bool | None = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:

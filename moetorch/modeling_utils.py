@@ -26,7 +26,7 @@ from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, 
 from .generation.custom import install_checkpoint_generate
 from .hub import PUSH_OPTIONS, PushToHubMixin, hub_options, upload
 from .ops.attention import Packed, build_mask, check_attn_implementation, token_runs, varlen_kernel_serves
-from .ops.host import host_mapped_parameter, marked_host_mapped, repin
+from .ops.host import host_mapped_parameter, marked_host_mapped, module_device, repin
 from .ops.losses import causal_lm_loss_function, sequence_classification_loss
 from .ops.moe import copies_ahead, training_paths
 from .ops.norms import Residual
@@ -1191,18 +1191,6 @@ def _run_stack(layers, x_BTD, rope, mask, is_causal, cache, cache_position_T, no
         tuple(attns) if output_attentions else None,
         tuple(routers),
     )
-
-
-def module_device(module: nn.Module) -> torch.device | None:
-    """The device of a module's first parameter (a walk down its first children: no generator);
-    expert weights that a GPU reads from host memory are passed over (`ops.host`)."""
-    for p in module._parameters.values():
-        if p is not None and not marked_host_mapped(p):
-            return p.device
-    for child in module._modules.values():
-        if child is not None and (device := module_device(child)) is not None:
-            return device
-    return None
 
 
 def to_device(tensors: Any, device: torch.device, on_device: contextlib.ExitStack | None = None) -> Any:

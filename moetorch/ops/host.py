@@ -29,6 +29,10 @@ def on_device(device: torch.device):
 _MAPPED = "_moetorch_host_mapped"
 
 
+# Whether this process has made a host-mapped parameter: until then a forward looks for none.
+MAPPED_MADE = False
+
+
 def host_mapped_parameter(like: torch.nn.Parameter) -> torch.nn.Parameter:
     """An uninitialised parameter of `like`'s shape and dtype in pinned host memory, marked as read
     by the GPU in place (`is_host_mapped`)."""
@@ -37,10 +41,6 @@ def host_mapped_parameter(like: torch.nn.Parameter) -> torch.nn.Parameter:
     setattr(p, _MAPPED, p.data_ptr())
     MAPPED_MADE = True
     return p
-
-
-# Whether this process has made a host-mapped parameter: until then a forward looks for none.
-MAPPED_MADE = False
 
 
 def is_host_mapped(t: torch.Tensor) -> bool:
@@ -62,6 +62,18 @@ def repin(module: torch.nn.Module) -> None:
         if marked_host_mapped(p) and not is_host_mapped(p) and torch.cuda.is_available():
             p.data = p.data.pin_memory()
             setattr(p, _MAPPED, p.data_ptr())
+
+
+def module_device(module: torch.nn.Module) -> torch.device | None:
+    """The device of a module's first parameter (a walk down its first children: no generator);
+    expert weights that a GPU reads from host memory are passed over."""
+    for p in module._parameters.values():
+        if p is not None and not marked_host_mapped(p):
+            return p.device
+    for child in module._modules.values():
+        if child is not None and (device := module_device(child)) is not None:
+            return device
+    return None
 
 
 def host_copy_bytes(module: torch.nn.Module) -> int:

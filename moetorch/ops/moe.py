@@ -323,13 +323,8 @@ def held_copied(layers, T: int) -> list[tuple[tuple[torch.Tensor, ...], torch.de
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return []
         if not reads_host_in_place(T, weights[0].shape[0], layer.experts_per_token):
-            held.append((weights, _host_module_device(layer)))
+            held.append((weights, _host.module_device(layer)))
     return held
-
-
-def _host_module_device(module) -> torch.device | None:
-    """The device of a module's first parameter that is not held in host memory."""
-    return next((p.device for p in module.parameters() if not _host.marked_host_mapped(p)), None)
 
 
 def experts_forward(
