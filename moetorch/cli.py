@@ -248,8 +248,22 @@ def _banner(path: Path, model, is_random: bool) -> None:
     name = RANDOM_MODEL if is_random else (path.name if path.name in EMBEDDED else str(path))
     note = " (random weights: the text is noise)" if is_random else ""
     where = ", ".join(map(str, model.parameter_devices()))
-    print(f"[moetorch] model {name}{note}, {model.num_parameters() / 1e6:.2f}M parameters on {where}",
+    print(f"[moetorch] model {name}{note}, {model.num_parameters() / 1e6:.2f}M parameters on {where}{_held(model)}",
           file=sys.stderr)
+
+
+def _held(model) -> str:
+    """The banner's note on expert weights a GPU reads from host memory (placed on the CPU by
+    --device/--max-memory), or ""."""
+    from .ops.host import marked_host_mapped
+
+    layers = [[p for p in m.parameters() if marked_host_mapped(p)]
+              for m in model.modules() if hasattr(m, "host_mappable")]
+    layers = [held for held in layers if held]
+    if not layers:
+        return ""
+    size = sum(p.numel() * p.element_size() for held in layers for p in held)
+    return f" (the experts of {len(layers)} layers, {size / 2**30:.2f} GiB, in host memory: read over the bus)"
 
 
 class _Stopped(Exception):

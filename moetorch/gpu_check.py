@@ -1074,6 +1074,27 @@ def _check_host_extras(results, key, path, cls, cfg, split, bf16, mapped) -> boo
     results[f"{key}.copies_ahead_taken"] = sum(t is not None for t in taken)
     results[f"{key}.copies_ahead_logits_equal"] = same
     ok &= same and sum(t is not None for t in taken) == 2
+    # graphed decode steps at a batch whose steps copy the host experts: captured with the copies
+    # ahead (each replay runs them on the side stream), the same tokens as without them
+    E, K = cfg.num_local_experts, cfg.num_experts_per_tok
+    B = next(b for b in range(1, 64) if not moe_ops.reads_host_in_place(b, E, K))
+    ids = torch.randint(1, cfg.vocab_size, (B, 24), device="cuda")
+    runs, taken = {}, []
+    moe_ops.CopiesAhead.take = lambda self, weights: taken.append(take(self, weights)) or taken[-1]
+    try:
+        for arm in (True, False):
+            moe_ops.COPY_AHEAD = arm
+            runs[arm] = conv.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                      cache_implementation="static")
+            runs[f"{arm}_taken"] = sum(t is not None for t in taken)
+            taken.clear()
+    finally:
+        moe_ops.CopiesAhead.take, moe_ops.COPY_AHEAD = take, shipped
+    same = torch.equal(runs[True], runs[False])
+    results[f"{key}.copies_ahead_graphed_batch"] = B
+    results[f"{key}.copies_ahead_graphed_taken"] = [runs["True_taken"], runs["False_taken"]]
+    results[f"{key}.copies_ahead_graphed_same_tokens"] = same
+    ok &= same and runs["True_taken"] > 0 and runs["False_taken"] == 0
     ids = torch.randint(1, cfg.vocab_size, (2, 24), device="cuda")
     got = [m.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, cache_implementation="static")
            for m in (bf16[0], conv)]

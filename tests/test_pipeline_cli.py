@@ -432,3 +432,20 @@ def test_cli_info_names_the_expert_kernels_block_sizes_on_a_gpu(tmp_path, monkey
     monkeypatch.setattr(cli, "triton_available", lambda: False)
     assert cli.main(["info", "--model", "tiny-jetmoe"]) == 0
     assert "expert kernels: torch code (triton is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_cli_banner_names_experts_held_in_host_memory(arch, capsys):
+    """A model placed with layers on the CPU keeps those layers' experts in host memory for the GPU
+    to read: the banner counts the layers and their bytes; a model with none says nothing of it."""
+    from moetorch.ops import host
+
+    model = arch.ours["causal_lm"](arch.our_config())
+    cli._banner(cli.Path("m"), model, is_random=False)
+    assert "host memory" not in capsys.readouterr().err
+    held = [model.model.layers[i].get_parameter(n) for i in (0, 1) for n in type(model.model.layers[i]).host_mappable]
+    for p in held:
+        setattr(p, host._MAPPED, p.data_ptr())  # as host_mapped_parameter marks one (it needs CUDA to pin)
+    cli._banner(cli.Path("m"), model, is_random=False)
+    size = sum(p.numel() * p.element_size() for p in held) / 2**30
+    assert f"(the experts of 2 layers, {size:.2f} GiB, in host memory: read over the bus)" in capsys.readouterr().err
