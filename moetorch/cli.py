@@ -252,6 +252,28 @@ def _banner(path: Path, model, is_random: bool) -> None:
           file=sys.stderr)
 
 
+def _placement(device_map: dict) -> str:
+    """`hf_device_map` as runs of modules a device, numbered modules as ranges: "model.embed_tokens,
+    model.layers.0-28 on 0; model.layers.29-31, model.norm, lm_head on cpu"."""
+    runs: list[tuple[object, list[tuple[str, int | None, int | None]]]] = []  # device, [(name, first, last)]
+    for name, device in device_map.items():
+        if not runs or runs[-1][0] != device:
+            runs.append((device, []))
+        names = runs[-1][1]
+        head, _, index = name.rpartition(".")
+        if not index.isdigit():
+            names.append((name, None, None))
+        elif names and names[-1][0] == head and names[-1][2] == int(index) - 1:
+            names[-1] = (head, names[-1][1], int(index))
+        else:
+            names.append((head, int(index), int(index)))
+
+    def show(name: str, first: int | None, last: int | None) -> str:
+        return name if first is None else f"{name}.{first}" + (f"-{last}" if last != first else "")
+
+    return "; ".join(f"{', '.join(show(*n) for n in names)} on {device}" for device, names in runs)
+
+
 def _held(model) -> str:
     """The banner's note on expert weights a GPU reads from host memory (placed on the CPU by
     --device/--max-memory), or ""."""
@@ -457,6 +479,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters: {model.num_parameters():,}")
     print(f"layers: {cfg.num_hidden_layers}  hidden: {cfg.hidden_size}  experts: {cfg.num_local_experts} "
           f"(top-{cfg.num_experts_per_tok})")
+    if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        print(f"placement: {_placement(model.hf_device_map)}{_held(model)}")
     if model.device.type == "cuda":
         if triton_available():
             from .ops.triton_moe import config_file

@@ -449,3 +449,27 @@ def test_cli_banner_names_experts_held_in_host_memory(arch, capsys):
     cli._banner(cli.Path("m"), model, is_random=False)
     size = sum(p.numel() * p.element_size() for p in held) / 2**30
     assert f"(the experts of 2 layers, {size:.2f} GiB, in host memory: read over the bus)" in capsys.readouterr().err
+
+
+def test_cli_info_shows_a_placement_over_devices(tmp_path, monkeypatch, capsys):
+    """`moetorch info` on a model that from_pretrained placed over several devices prints its
+    hf_device_map as runs of modules a device, the decoder layers as ranges; on one device, nothing."""
+    from moetorch.serve import worker
+
+    monkeypatch.setenv("MOETORCH_HOME", str(tmp_path))
+    assert cli.main(["info", "--model", "tiny-phimoe"]) == 0
+    assert "placement:" not in capsys.readouterr().out
+    load = worker.load_pretrained
+
+    def placed(*args):  # this machine may have no GPU: the map is what a GPU + CPU plan gives
+        model = load(*args)
+        n = model.config.num_hidden_layers
+        model.hf_device_map = {"model.embed_tokens": 0, **{f"model.layers.{i}": 0 if i < n - 2 else "cpu" for i in range(n)},
+                               "model.norm": "cpu", "lm_head": "cpu"}
+        return model
+
+    monkeypatch.setattr(worker, "load_pretrained", placed)
+    assert cli.main(["info", "--model", "tiny-phimoe"]) == 0
+    n = json.loads((cli.resolve_model("tiny-phimoe")[0] / "config.json").read_text())["num_hidden_layers"]
+    want = f"placement: model.embed_tokens, model.layers.0-{n - 3} on 0; model.layers.{n - 2}-{n - 1}, model.norm, lm_head on cpu"
+    assert want in capsys.readouterr().out
