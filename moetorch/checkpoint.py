@@ -228,6 +228,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
     seen: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[tuple[str, torch.Size, torch.Size]] = []
+    stored_head = None  # (a tied head's tensor in the checkpoint, its file)
     for file in tqdm(files, desc="Loading checkpoint shards", disable=len(files) < 2, unit="shard"):
         try:
             opened = (contextlib.nullcontext(_MappingTensors(state_dict)) if state_dict is not None
@@ -244,12 +245,15 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
                         continue
                     dst = own[name] if target.index is None else own[name][target.index]
                     if tied and name == "lm_head.weight":
-                        # the embedding's copy (tied): the one parameter is loaded from the embedding,
-                        # but one of another shape is a size mismatch, as Transformers reports it
+                        # the embedding's copy (tied): the one parameter is loaded from the embedding (or
+                        # from the head where the embedding is absent; a head that differs is untied
+                        # below), but one of another shape is a size mismatch, as Transformers reports it
                         shape = f.get_tensor(key).shape if state_dict is not None else f.get_slice(key).get_shape()
                         if tuple(shape) != tuple(dst.shape):
                             _size_mismatch(key, file, name, torch.Size(shape), dst.shape, ignore_mismatched_sizes,
                                            mismatched)
+                        else:
+                            stored_head = (f.get_tensor(key), file)
                         continue
                     src = f.get_tensor(key)
                     if tuple(src.shape) != tuple(dst.shape):
@@ -263,6 +267,8 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
             raise CheckpointError(f"cannot read {file}: {e}") from e
     for name, _, _ in mismatched:
         written[name] = own[name].numel()
+    if stored_head is not None:
+        _tied_head(model, config, own, written, *stored_head)
     over = [n for n, c in written.items() if c > own[n].numel()]
     if over:
         raise CheckpointError(f"checkpoint {path} writes these tensors more than once: {over[:10]}")
@@ -294,6 +300,29 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
                        path, name, tuple(src), tuple(dst), what)
     return {"missing_keys": set(heads_missing), "unexpected_keys": set(heads_extra),
             "mismatched_keys": set(mismatched), "error_msgs": []}
+
+
+def _tied_head(model: torch.nn.Module, config, own: dict, written: dict, head: torch.Tensor, file: str) -> None:
+    """A checkpoint that stores the head its config ties to the input embeddings, as Transformers
+    loads it: where the embeddings are absent, the one parameter takes the head's values; where
+    both are stored with other values, the head is untied and keeps its own (a warning says so, and
+    the config's `tie_word_embeddings` becomes False, so that the model saves and reloads untied)."""
+    embed = model.get_input_embeddings().weight
+    name = next(n for n, t in own.items() if t is embed and n != "lm_head.weight")
+    if written[name] == 0:
+        embed.copy_(head)
+        written[name] = embed.numel()
+        return
+    if torch.equal(head.to(device=embed.device, dtype=embed.dtype), embed):
+        return
+    logger.warning("%s: config.json ties lm_head.weight to %s (tie_word_embeddings), but the checkpoint stores "
+                   "both with different values: they are not tied, and the model's config says "
+                   "tie_word_embeddings=False",
+                   file, name)
+    config.tie_word_embeddings = model.config.tie_word_embeddings = False
+    model.get_output_embeddings().weight = torch.nn.Parameter(
+        head.to(device=embed.device, dtype=embed.dtype, copy=True), requires_grad=embed.requires_grad)
+    written["lm_head.weight"] = embed.numel()
 
 
 def _size_mismatch(key: str, file: str, name: str, shape: torch.Size, expected: torch.Size, ignore: bool,

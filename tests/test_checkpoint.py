@@ -401,3 +401,45 @@ def test_tied_checkpoint_with_a_head_of_another_shape_is_a_size_mismatch(arch, t
     ids, _ = make_inputs(97, 1, 5, None)
     with torch.no_grad():
         close(loaded(ids).logits, model(ids).logits, "the tied model's logits")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_tied_config_over_a_stored_head_loads_as_transformers(arch, tmp_path, caplog):
+    """A config that ties the head to the embeddings over a checkpoint that stores both, as
+    Transformers 5.23 loads it: with other values the head is not tied and keeps its own (a warning
+    names the file and the embedding; the model then saves and reloads untied, in either library);
+    with the embeddings absent, the one tied parameter takes the head's values."""
+    src = our_model(arch, seed=3, tie_word_embeddings=False)
+    src.save_pretrained(tmp_path / "untied")
+    ours, theirs = arch.ours["causal_lm"], arch.hf["causal_lm"]
+    ids, _ = make_inputs(97, 2, 6, None)
+    want = theirs.from_pretrained(tmp_path / "untied", tie_word_embeddings=True)
+    with caplog.at_level(logging.WARNING, logger="moetorch"):
+        got = ours.from_pretrained(tmp_path / "untied", tie_word_embeddings=True)
+    assert "ties lm_head.weight to model.embed_tokens.weight (tie_word_embeddings), but the checkpoint stores " \
+           "both with different values" in caplog.text
+    assert got.lm_head.weight is not got.model.embed_tokens.weight and not got.config.tie_word_embeddings
+    assert torch.equal(got.lm_head.weight, src.lm_head.weight)
+    with torch.no_grad():
+        close(got(ids).logits, want(ids).logits, "untied head's logits")
+        got.save_pretrained(tmp_path / "resaved")
+        for cls in (ours, theirs):
+            close(cls.from_pretrained(tmp_path / "resaved")(ids).logits, want(ids).logits, f"{cls.__module__} reload")
+    # the same values stored under both names: tied, no warning
+    tensors = load_file(tmp_path / "untied" / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "untied" / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moetorch"):
+        got = ours.from_pretrained(tmp_path / "untied", tie_word_embeddings=True)
+    assert got.lm_head.weight is got.model.embed_tokens.weight and "ties lm_head" not in caplog.text
+    # the embeddings absent: the tied parameter is the stored head
+    head = torch.randn_like(tensors["lm_head.weight"])
+    tensors["lm_head.weight"] = head
+    del tensors["model.embed_tokens.weight"]
+    save_file(tensors, tmp_path / "untied" / "model.safetensors", metadata={"format": "pt"})
+    want = theirs.from_pretrained(tmp_path / "untied", tie_word_embeddings=True)
+    got = ours.from_pretrained(tmp_path / "untied", tie_word_embeddings=True)
+    assert got.lm_head.weight is got.model.embed_tokens.weight and torch.equal(got.model.embed_tokens.weight, head)
+    with torch.no_grad():
+        close(got(ids).logits, want(ids).logits, "head-only tied logits")
