@@ -102,6 +102,28 @@ def test_auto_from_config_takes_transformers_keywords(arch, head):
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
 @pytest.mark.parametrize("head", HEADS)
+def test_seeded_random_init_gives_transformers_weights(arch, head):
+    """A model built under a seed (the class, or an Auto class's from_config) draws Transformers'
+    weights bit for bit: the same draws in the same order (PhiMoE's router twice, as there), in
+    each variant of the config."""
+    for variant in [{}, *arch.variants.values()]:
+        seed = int(torch.randint(0, 2**31, (1,)))
+        built = []
+        for lib, config in ((moetorch, arch.our_config(**variant)), (transformers, arch.hf_config(**variant))):
+            torch.manual_seed(seed)
+            one = (arch.ours if lib is moetorch else arch.hf)[head](config)
+            torch.manual_seed(seed)
+            two = getattr(lib, AUTOS[head]).from_config(config)
+            built.append((one.state_dict(), two.state_dict()))
+        (ours, ours_auto), (theirs, theirs_auto) = built
+        assert ours.keys() == theirs.keys(), variant
+        for name in ours:
+            assert torch.equal(ours[name], theirs[name]), (variant, name)
+            assert torch.equal(ours_auto[name], theirs_auto[name]), (variant, name)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("head", HEADS)
 def test_private_from_config(arch, head):
     ours = arch.ours[head]._from_config(arch.our_config(), dtype=torch.float16)
     theirs = arch.hf[head]._from_config(arch.hf_config(), dtype=torch.float16)

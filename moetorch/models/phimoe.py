@@ -87,10 +87,19 @@ class PhimoeExperts(nn.Module):
         )
 
 
+class PhimoeTopKRouter(nn.Linear):
+    """The router's [E, D] projection. Random init draws its weight twice, as Transformers does (once
+    as a Linear, once as the router), so that a seeded model gets Transformers' weights."""
+
+    def init_parameters(self, std: float) -> None:
+        self.weight.normal_(0.0, std)
+        self.weight.normal_(0.0, std)
+
+
 class PhimoeSparseMoeBlock(nn.Module):
     def __init__(self, config: PhimoeConfig) -> None:
         super().__init__()
-        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.router = PhimoeTopKRouter(config.hidden_size, config.num_local_experts, bias=False)
         self.experts = PhimoeExperts(config)
         self.router_jitter = config.router_jitter_noise
         self.input_jitter = config.input_jitter_noise
