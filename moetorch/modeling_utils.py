@@ -571,8 +571,9 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     ) -> nn.Embedding:
         """Grow or shrink the vocabulary in place, as Transformers does: the embeddings and head keep
         their modules and parameters (hooks, `requires_grad`, a subclass), whose tensors are replaced;
-        new rows start at the mean of the old ones (or random). A tensor of the size asked is left
-        as it is; a head tied to the embeddings stays tied."""
+        new rows are drawn about the mean of the old ones (`mean_resizing`) or from normal(0,
+        initializer_range), with Transformers' draws (a seeded resize gives its numbers). A tensor of
+        the size asked is left as it is; a head tied to the embeddings stays tied."""
         embeddings = self.get_input_embeddings()
         if new_num_tokens is None and pad_to_multiple_of is None:
             return embeddings
@@ -586,8 +587,9 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         std = self.config.initializer_range
         head = self.get_output_embeddings()
         tied = head is not None and head.weight is embeddings.weight
-        if embeddings.weight.shape[0] != n:
-            embeddings.weight.data = _resized(embeddings.weight, n, mean_resizing, std)
+        old = embeddings.weight.detach()
+        if old.shape[0] != n:
+            embeddings.weight.data = _resized_embeddings(old, n, mean_resizing, std)
             embeddings.num_embeddings = n
             if embeddings.padding_idx is not None and embeddings.padding_idx >= n:
                 embeddings.padding_idx = None
@@ -595,9 +597,10 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             _fit_head(head)
         elif head is not None:
             if head.weight.shape[0] != n:
-                head.weight.data = _resized(head.weight, n, mean_resizing, std)
-            if head.bias is not None and head.bias.shape[0] != n:
-                head.bias.data = _resized(head.bias, n, mean_resizing, 0.0)
+                bias = head.bias.detach() if head.bias is not None else None
+                head.weight.data, bias = _resized_head(head.weight.detach(), bias, n, mean_resizing, std)
+                if bias is not None:
+                    head.bias.data = bias
             head.out_features = n
         self.config.vocab_size = n
         self.tie_weights()
@@ -937,18 +940,56 @@ def _writes_unpadded(past_key_values, cache: Cache | None) -> bool:
     return past_key_values is None and type(cache) is DynamicCache and len(cache) == 0 and cache.packed is None
 
 
-def _resized(old: torch.Tensor, n: int, mean_resizing: bool, std: float) -> torch.Tensor:
-    """`old` with `n` rows: its first rows, then new ones at the mean of its rows (mean_resizing)
-    or drawn from normal(0, std)."""
-    new = old.new_empty((n, *old.shape[1:]))
+# Resizing draws what Transformers' resize draws, in its order, so that a seeded resize gives its
+# numbers: a new module of the new size (its own init's draws), then the added rows (drawn, or about
+# the old rows' mean), then the old rows copied over its first rows.
+def _resized_embeddings(old: torch.Tensor, n: int, mean_resizing: bool, std: float) -> torch.Tensor:
+    """The input embeddings' [V, D] weight with `n` rows."""
+    new = nn.Embedding(n, old.shape[1], device=old.device, dtype=old.dtype).weight.detach()
+    if n > old.shape[0]:
+        if mean_resizing:
+            _about_the_mean(new, old)
+        else:
+            new.normal_(0.0, std)
     k = min(old.shape[0], n)
     new[:k] = old[:k]
-    if n > k:
-        if mean_resizing:
-            new[k:] = old.float().mean(0, keepdim=True).to(new.dtype)
-        else:
-            new[k:].normal_(0.0, std)
     return new
+
+
+def _resized_head(old: torch.Tensor, bias: torch.Tensor | None, n: int, mean_resizing: bool,
+                  std: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's [V, D] weight and [V] bias (None: none) with `n` rows."""
+    fresh = nn.Linear(old.shape[1], n, bias=bias is not None, device=old.device, dtype=old.dtype)
+    new, new_bias = fresh.weight.detach(), (fresh.bias.detach() if bias is not None else None)
+    added = n - old.shape[0]
+    if added > 0 and not mean_resizing:
+        new.normal_(0.0, std)
+        if bias is not None:
+            new_bias.zero_()
+    elif added > 0:
+        _about_the_mean(new, old)
+        if bias is not None:  # (the mean and spread of the old bias, as Transformers reads them)
+            new_bias[-added:].normal_(mean=float(bias.float().mean()), std=1e-9 * float(bias.std().float()))
+    k = min(old.shape[0], n)
+    new[:k] = old[:k]
+    if bias is not None:
+        new_bias[:k] = bias[:k]
+    return new, new_bias
+
+
+def _about_the_mean(new: torch.Tensor, old: torch.Tensor) -> None:
+    """`new`'s rows past `old`'s drawn from a normal of the old rows' mean and 1e-9 times their
+    covariance (Hewitt, "Initializing new word embeddings"), or set to the mean where that
+    covariance is not positive definite (fewer rows than columns)."""
+    added, rows = new.shape[0] - old.shape[0], old.float()
+    mean = rows.mean(0)
+    centered = rows - mean
+    covariance = 1e-9 * (centered.T @ centered / old.shape[0])
+    if torch.distributions.constraints.positive_definite.check(covariance).all():
+        normal = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance)
+        new[-added:] = normal.sample((added,)).to(new.dtype)
+    else:
+        new[-added:] = mean.expand(added, -1).to(new.dtype)
 
 
 def _fit_head(head: nn.Module) -> None:

@@ -634,6 +634,32 @@ def test_resize_token_embeddings_in_place_as_transformers(arch, tied, tmp_path):
         model.resize_token_embeddings(-1)
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("tied", [True, False])
+def test_seeded_resize_gives_transformers_numbers(arch, tied, tmp_path):
+    """A resize under a seed gives Transformers' tensors bit for bit, grown (rows drawn from
+    normal(0, initializer_range), or about the old rows' mean) or shrunk, with or without a head
+    bias, and leaves the generator where Transformers' leaves it (the same draws in the same order)."""
+    V = arch.base["vocab_size"]
+    biases = [{"lm_head_bias": True}, {}] if arch is PHIMOE else [{}]
+    for bias in biases:
+        path = hf_checkpoint(arch, tmp_path / f"ck{len(bias)}", tie_word_embeddings=tied, **bias)
+        for n, kwargs in ((V + 9, {"mean_resizing": False}), (V + 9, {}), (V - 5, {}), (V + 3, {"pad_to_multiple_of": 16})):
+            seed = int(torch.randint(0, 2**31, (1,)))
+            done = []
+            for cls in (arch.ours["causal_lm"], arch.hf["causal_lm"]):
+                model = cls.from_pretrained(path)
+                torch.manual_seed(seed)
+                model.resize_token_embeddings(n, **kwargs)
+                done.append((model.state_dict(), torch.rand(4), model.config.vocab_size))
+            (ours, after, vocab), (theirs, want_after, want_vocab) = done
+            case = (bias, n, kwargs)
+            assert vocab == want_vocab and torch.equal(after, want_after), case
+            assert ours.keys() == theirs.keys(), case
+            for name in ours:
+                assert torch.equal(ours[name], theirs[name]), (case, name)
+
+
 @pytest.mark.parametrize("size", [102, 90])
 def test_tie_weights_fits_the_head_bias_as_transformers(size, tmp_path):
     """A tied PhiMoE head with a bias, given embeddings of another size: `tie_weights()` pads the
