@@ -72,7 +72,7 @@ from .models.jetmoe import (
 )
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel, PhimoePreTrainedModel
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
-from .pipeline import TextGenerationPipeline, pipeline
+from .pipeline import TextClassificationPipeline, TextGenerationPipeline, pipeline
 from .tokenizer import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, Tokenizer
 from .utils import set_seed
 
@@ -101,6 +101,7 @@ __all__ = [
     "LlamaTokenizer",
     "LlamaTokenizerFast",
     "BatchEncoding",
+    "TextClassificationPipeline",
     "TextGenerationPipeline",
     "Tokenizer",
     "get_json_schema",

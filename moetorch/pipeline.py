@@ -1,4 +1,5 @@
-"""`pipeline("text-generation", model=..., tokenizer=...)`: strings, lists of strings and chats."""
+"""`pipeline("text-generation", model=..., tokenizer=...)`: strings, lists of strings and chats;
+`pipeline("text-classification")` (or "sentiment-analysis"): labels and scores of a classifier."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from .hub import HUB_OPTIONS
 from .tokenizer import Tokenizer
 
-TASKS = ("text-generation",)
+TASKS = ("text-generation", "text-classification", "sentiment-analysis")
+CLASSIFICATION_TASKS = ("text-classification", "sentiment-analysis")
 # Transformers' text-generation pipeline defaults, for the parameters that neither the call, the
 # pipeline's own arguments, a passed generation_config nor the model's generation config set; the
 # temperature only where the call samples.
@@ -35,9 +37,10 @@ def pipeline(
     model_kwargs: dict[str, Any] | None = None,
     use_fast: bool = True,
     **kwargs: Any,
-) -> TextGenerationPipeline:
+) -> TextGenerationPipeline | TextClassificationPipeline:
     """Build a pipeline; `model` is a loaded model, or a checkpoint directory, embedded model or
-    Hub repository that `AutoModelForCausalLM.from_pretrained` loads with `model_kwargs` (and
+    Hub repository that `AutoModelForCausalLM.from_pretrained` (for text classification,
+    `AutoModelForSequenceClassification`) loads with `model_kwargs` (and
     `revision`, `token`), as in Transformers; the tokenizer then comes from the same place. `use_fast`
     is accepted and ignored: moetorch has one tokenizer implementation. Other keywords are the
     pipeline's defaults for every call (generation parameters, return_full_text, prefix, batch_size...)."""
@@ -51,7 +54,7 @@ def pipeline(
     hub = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
     hub.update({k: model_kwargs[k] for k in HUB_OPTIONS if k in model_kwargs})  # the tokenizer's too
     if isinstance(model, (str, os.PathLike)):
-        from .auto import AutoModelForCausalLM
+        from .auto import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         path = model
         # the pipeline's own argument first, as in Transformers
@@ -64,8 +67,9 @@ def pipeline(
         device = model_kwargs.pop("device", device)
         if trust_remote_code is not None:
             model_kwargs["trust_remote_code"] = trust_remote_code
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device=device, device_map=device_map, **{**model_kwargs, **hub})
+        auto = AutoModelForSequenceClassification if task in CLASSIFICATION_TASKS else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=dtype, device=device, device_map=device_map,
+                                     **{**model_kwargs, **hub})
         tokenizer = tokenizer if tokenizer is not None else path
     elif device is not None or device_map is not None:
         from .modeling_utils import resolve_device
@@ -78,6 +82,15 @@ def pipeline(
         tokenizer = name
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer.from_pretrained(tokenizer, **hub)
+    classifier = getattr(model, "loss_type", None) == "ForSequenceClassification"
+    if task in CLASSIFICATION_TASKS:
+        if not classifier:
+            raise ValueError(f"pipeline({task!r}) needs a sequence classifier (PhimoeForSequenceClassification, "
+                             f"JetMoeForSequenceClassification), got {type(model).__name__}")
+        return TextClassificationPipeline(model, tokenizer, **kwargs)
+    if not hasattr(model, "generate"):
+        raise ValueError(f"pipeline({task!r}) needs a causal LM (PhimoeForCausalLM, JetMoeForCausalLM), "
+                         f"got {type(model).__name__}")
     return TextGenerationPipeline(model, tokenizer, **kwargs)
 
 
@@ -367,3 +380,98 @@ class TextGenerationPipeline:
                         text = [*prompt, {"role": "assistant", "content": text}]
             records.append({"generated_text": text, **{k: v[idx] for k, v in extras.items()}})
         return records
+
+
+_SCORE_FUNCTIONS = ("sigmoid", "softmax", "none")
+
+
+class TextClassificationPipeline:
+    """Classify texts with a sequence classifier, as Transformers' text-classification pipeline:
+    `pipe("text")` gives `[{"label", "score"}]` for the likeliest label; `top_k=k` the k likeliest,
+    best first (`None`: every label); a list of inputs gives a list of results. An input is a text
+    or a `{"text", "text_pair"}` dict (a pair). Scores are the logits through `function_to_apply`:
+    by default none for regression, a sigmoid for one label or multi-label classification, else a
+    softmax. Other keywords go to the tokenizer (truncation, max_length, ...). Inputs run one at a
+    time (`batch_size` is taken and changes nothing: the scores are those of unpadded rows)."""
+
+    task = "text-classification"
+
+    def __init__(self, model, tokenizer: Tokenizer, batch_size: int | None = None, num_workers: int | None = None,
+                 **kwargs: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self._params = self._sanitize(**kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @staticmethod
+    def _sanitize(function_to_apply=None, top_k="", **tokenizer_kwargs) -> tuple[dict, dict]:
+        """(tokenizer, postprocess) parameters; `top_k` counts only as an int or None, as there."""
+        post = {}
+        if isinstance(top_k, int) or top_k is None:
+            if isinstance(top_k, bool) or (top_k is not None and top_k < 1):
+                raise ValueError(f"top_k must be a positive integer or None (every label), got {top_k!r}")
+            post.update(top_k=top_k, _legacy=False)
+        if function_to_apply is not None:
+            name = getattr(function_to_apply, "value", function_to_apply)  # (Transformers' ClassificationFunction)
+            if not isinstance(name, str) or name.lower() not in _SCORE_FUNCTIONS:
+                raise ValueError(f"function_to_apply must be one of {_SCORE_FUNCTIONS}, got {function_to_apply!r}")
+            post["function_to_apply"] = name.lower()
+        return tokenizer_kwargs, post
+
+    def __call__(self, inputs, *args: Any, num_workers: int | None = None, batch_size: int | None = None,
+                 **kwargs: Any):
+        if args:
+            warnings.warn(f"Ignoring args : {args}", stacklevel=2)  # as Transformers' pipelines do
+        pre, post = (({**own, **call}) for own, call in zip(self._params, self._sanitize(**kwargs)))
+        if isinstance(inputs, (str, dict, tuple)):  # (a tuple is one tokenizer input, as there)
+            result = self._classify(inputs, pre, post)
+            return [result] if isinstance(inputs, str) and "top_k" not in kwargs else result
+        if isinstance(inputs, (list, types.GeneratorType, torch.utils.data.Dataset)):
+            torch.empty((), dtype=torch.int64).random_()  # the DataLoader's seed draw, as there
+            results = (self._classify(x, pre, post) for x in inputs)
+            return list(results) if isinstance(inputs, list) else results
+        raise TypeError("inputs must be a text, a {'text', 'text_pair'} dict, or a list (or generator) of those, "
+                        f"got {type(inputs).__name__}")
+
+    @torch.no_grad()
+    def _classify(self, x, pre: dict, post: dict):
+        if isinstance(x, dict):
+            encoded = self.tokenizer(**x, return_tensors="pt", **pre)
+        elif isinstance(x, (str, tuple)):
+            encoded = self.tokenizer(x, return_tensors="pt", **pre)
+        else:
+            raise ValueError("The pipeline received invalid inputs, if you are trying to send text pairs, you can try "
+                             'to send a dictionary `{"text": "My text", "text_pair": "My pair"}` in order to send a '
+                             "text pair.")
+        encoded = {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+        logits = self.model(**encoded, use_cache=False).logits[0]
+        return self.postprocess(logits, **post)
+
+    def postprocess(self, logits: torch.Tensor, function_to_apply: str | None = None, top_k: int | None = 1,
+                    _legacy: bool = True):
+        config = self.model.config
+        if function_to_apply is None:
+            if config.problem_type == "regression":
+                function_to_apply = "none"
+            elif config.problem_type == "multi_label_classification" or config.num_labels == 1:
+                function_to_apply = "sigmoid"
+            else:
+                function_to_apply = "softmax"
+        x = logits.float().cpu()
+        if function_to_apply == "sigmoid":
+            scores = 1.0 / (1.0 + torch.exp(-x))
+        elif function_to_apply == "softmax":
+            shifted = torch.exp(x - x.max())
+            scores = shifted / shifted.sum()
+        else:
+            scores = x
+        if top_k == 1 and _legacy:
+            return {"label": config.id2label[int(scores.argmax())], "score": scores.max().item()}
+        ranked = [{"label": config.id2label[i], "score": score} for i, score in enumerate(scores.tolist())]
+        if not _legacy:
+            ranked.sort(key=lambda r: r["score"], reverse=True)
+            ranked = ranked if top_k is None else ranked[:top_k]
+        return ranked
