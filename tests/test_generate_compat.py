@@ -286,3 +286,66 @@ def test_generation_config_json_as_transformers_writes_it(arch, tmp_path):
         theirs = json.loads(transformers.GenerationConfig(**given).to_json_string())
         theirs.pop("transformers_version")
         assert ours == theirs, given
+
+
+def test_generation_mode_validate_strict_and_refused_saves_as_transformers(tmp_path, caplog):
+    """`get_generation_mode` names the decoding as Transformers' does; `validate(strict=True)` lists
+    the same minor issues in its ValueError (flags of another mode, cache settings without a cache,
+    output flags without return_dict_in_generate, a negative pad id), and without `strict` they
+    are a warning; `save_pretrained` refuses a config with such issues made or changed since it
+    was read, and saves one read as it is; beam search's `beam_indices` are int32 there too."""
+    import logging
+    import random
+
+    rng = random.Random()
+    options = {"do_sample": [True, False], "num_beams": [1, 2, 4], "temperature": [0.3, 1.0], "top_k": [5, 50],
+               "top_p": [0.9, 1.0], "min_p": [0.1], "typical_p": [0.5], "early_stopping": [True, "never"],
+               "length_penalty": [0.5, 1.0], "use_cache": [False, True], "cache_implementation": ["static"],
+               "output_scores": [True], "return_dict_in_generate": [True, False], "pad_token_id": [-1, 3],
+               "prompt_lookup_num_tokens": [3], "epsilon_cutoff": [0.01], "eta_cutoff": [0.01]}
+    for _ in range(150):
+        kwargs = {k: rng.choice(v) for k, v in rng.sample(sorted(options.items()), rng.randint(0, 6))}
+        theirs, ours = transformers.GenerationConfig(**kwargs), GenerationConfig(**kwargs)
+        assert ours.get_generation_mode().value == theirs.get_generation_mode().value, kwargs
+        assistant = object()
+        assert ours.get_generation_mode(assistant).value == theirs.get_generation_mode(assistant).value, kwargs
+        errors = []
+        for config in (theirs, ours):
+            try:
+                config.validate(strict=True)
+                errors.append(None)
+            except ValueError as e:
+                errors.append(str(e))
+        assert errors[1] == errors[0], kwargs
+    with caplog.at_level(logging.WARNING, logger="moetorch"):
+        GenerationConfig(temperature=0.25, early_stopping=True)
+    assert "The following generation flags are not valid and may be ignored: ['temperature', 'early_stopping']" \
+        in caplog.text
+    # save_pretrained: refused when made (or changed) with an issue; a file read as it is saves again
+    for lib in (transformers, moetorch):
+        with pytest.raises(ValueError, match="(?s)GenerationConfig is invalid.*Fix these issues to save the configuration"):
+            lib.GenerationConfig(temperature=0.25).save_pretrained(tmp_path / "made")
+    (tmp_path / "read").mkdir()
+    (tmp_path / "read" / "generation_config.json").write_text(json.dumps({"temperature": 0.25, "top_k": 7}))
+    for lib in (transformers, moetorch):
+        read = lib.GenerationConfig.from_pretrained(tmp_path / "read")
+        read.save_pretrained(tmp_path / f"again-{lib.__name__}")
+        read.top_p = 0.5
+        with pytest.raises(ValueError, match="`top_p`: `do_sample` is not set to `True`"):
+            read.save_pretrained(tmp_path / f"changed-{lib.__name__}")
+    assert moetorch.GenerationMode("beam_sample") is moetorch.GenerationMode.BEAM_SAMPLE
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_beam_indices_dtype_as_transformers(arch, tmp_path):
+    from parity import make_pair
+
+    hf, ours = make_pair(arch, tmp_path, seed=0)
+    ids, _ = make_inputs(arch.base["vocab_size"], 1, 5, None)
+    outs = [m.generate(ids, num_beams=2, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                       output_scores=True) for m in (hf, ours)]
+    assert outs[1].beam_indices.dtype == outs[0].beam_indices.dtype == torch.int32
+    assert torch.equal(outs[1].beam_indices, outs[0].beam_indices)
+    for out, model in zip(outs, (hf, ours)):
+        scores = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+        assert scores.shape == (1, out.beam_indices.shape[1])

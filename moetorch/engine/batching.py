@@ -2323,7 +2323,7 @@ class ContinuousBatchingMixin:
 
         gen = as_generation_config(generation_config) if generation_config is not None else self.generation_config
         gen = copy.deepcopy(gen)
-        gen.validate()
+        gen._check_values()
         return gen
 
     def destroy_cached_continuous_batching_manager(self) -> None:

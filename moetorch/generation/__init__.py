@@ -1,7 +1,7 @@
 """Text generation: `GenerationMixin.generate`, its config, logits processors, stopping criteria
 and streamers, with Transformers' names and semantics."""
 
-from .configuration import CompileConfig, GenerationConfig
+from .configuration import CompileConfig, GenerationConfig, GenerationMode
 from .grammar import Grammar, GrammarLogitsProcessor
 from .logits_process import (
     ClassifierFreeGuidanceLogitsProcessor,
@@ -61,6 +61,7 @@ __all__ = [
     "GenerateBeamDecoderOnlyOutput",
     "GenerateDecoderOnlyOutput",
     "GenerationConfig",
+    "GenerationMode",
     "GenerationMixin",
     "LogitNormalization",
     "LogitsProcessor",

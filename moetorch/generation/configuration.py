@@ -9,6 +9,7 @@ fields, and a `max_length` left at its default means "20 new tokens", not "20 in
 from __future__ import annotations
 
 import copy
+import enum
 import json
 import os
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 
 from ..defaults import checkpoint_path
 from ..hub import CONFIG_PATTERNS, PushToHubMixin, hub_options
+from ..utils import warn_once
 from .watermarking import WatermarkingConfig
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -157,6 +159,20 @@ class CompileConfig:
         return copy.deepcopy(dict(self.__dict__))
 
 
+class GenerationMode(str, enum.Enum):
+    """The decoding modes of `GenerationConfig.get_generation_mode`, with Transformers' values."""
+
+    CONTRASTIVE_SEARCH = "contrastive_search"
+    GREEDY_SEARCH = "greedy_search"
+    SAMPLE = "sample"
+    ASSISTED_GENERATION = "assisted_generation"
+    DOLA_GENERATION = "dola_generation"
+    BEAM_SEARCH = "beam_search"
+    BEAM_SAMPLE = "beam_sample"
+    CONSTRAINED_BEAM_SEARCH = "constrained_beam_search"
+    GROUP_BEAM_SEARCH = "group_beam_search"
+
+
 class GenerationConfig(PushToHubMixin):
     """The parameters of `generate`, with Transformers' names and defaults.
 
@@ -172,7 +188,7 @@ class GenerationConfig(PushToHubMixin):
             object.__setattr__(self, name, copy.deepcopy(value))
         for name, value in kwargs.items():
             setattr(self, name, value)
-        self.validate()
+        self.validate(user_set_attributes=set(kwargs))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in DEFAULTS:
@@ -200,8 +216,80 @@ class GenerationConfig(PushToHubMixin):
         return {n: getattr(self, n) for n in names}
 
     # ---- validation ------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Raise `ValueError`, naming the field, for values or combinations that cannot work."""
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None) -> None:
+        """Raise `ValueError`, naming the field, for values or combinations that cannot work. Then
+        the minor issues Transformers lists (a sampling flag without `do_sample`, a beam flag with
+        one beam, a cache setting with `use_cache=False`, an output flag without
+        `return_dict_in_generate`, a negative `pad_token_id`): with `strict` a `ValueError` listing
+        them, else a warning naming them (once a process). `user_set_attributes`: the fields given
+        explicitly, as there (a flag left over from a checkpoint's file, under an explicit
+        `do_sample` or `num_beams`, is no issue); None: every field counts as given."""
+        self._check_values()
+        issues = self._minor_issues(user_set_attributes)
+        if not issues:
+            return
+        listed = "\n".join(f"- `{name}`: {issue}" for name, issue in issues.items())
+        listed += ("\nIf you're using a pretrained model, note that some of these attributes may be set through the "
+                   "model's `generation_config.json` file.")
+        if strict:
+            raise ValueError("GenerationConfig is invalid: \n" + listed)
+        warn_once(("generation flags", tuple(issues)), "The following generation flags are not valid and may be "
+                  "ignored: %s.\n%s", list(issues), listed)
+
+    def _minor_issues(self, given: set[str] | None) -> dict[str, str]:
+        """Transformers' "minor issues" of `validate`: field -> what is wrong."""
+        def counts(outer: str, inner: str) -> bool:  # not when only the mode was given (the flag is inherited)
+            return given is None or not (outer in given and inner not in given)
+
+        issues = {}
+        if self.pad_token_id is not None and self.pad_token_id < 0:
+            issues["pad_token_id"] = (
+                f"`pad_token_id` should be positive but got {self.pad_token_id}. This will cause errors when batch "
+                "generating, if there is padding. Please set `pad_token_id` explicitly as "
+                "`model.generation_config.pad_token_id=PAD_TOKEN_ID` to avoid errors in generation")
+        if self.do_sample is not True:
+            for name, off in (("temperature", 1.0), ("top_p", 1.0), ("min_p", None), ("top_h", None),
+                              ("typical_p", 1.0), ("top_k", 50), ("epsilon_cutoff", 0.0), ("eta_cutoff", 0.0)):
+                value = getattr(self, name)
+                if value is not None and value != off and counts("do_sample", name):
+                    issues[name] = (f"`do_sample` is not set to `True`. However, `{name}` is set to `{value}` -- this "
+                                    "flag is only used in sample-based generation modes. You should set "
+                                    f"`do_sample=True` or unset `{name}`.")
+        if self.num_beams == 1:
+            for name, off in (("early_stopping", False), ("length_penalty", 1.0)):
+                value = getattr(self, name)
+                if value is not None and value is not off and value != off and counts("num_beams", name):
+                    beams = 1 if self.is_set("num_beams") else None  # (unset reads None there)
+                    issues[name] = (f"`num_beams` is set to {beams}. However, `{name}` is set to `{value}` -- this "
+                                    "flag is only used in beam-based generation modes. You should set `num_beams>1` "
+                                    f"or unset `{name}`.")
+        if self.use_cache is False:
+            for name in ("cache_implementation", "cache_config"):
+                if getattr(self, name) is not None:
+                    issues[name] = (f"You have not set `use_cache` to `True`, but {name} is set to "
+                                    f"{getattr(self, name)}.{name} will have no effect.")
+        if self.return_dict_in_generate is not True:
+            for name in ("output_attentions", "output_hidden_states", "output_scores", "output_logits"):
+                if getattr(self, name) is True:
+                    issues[name] = (f"`return_dict_in_generate` is NOT set to `True`, but `{name}` is. When "
+                                    f"`return_dict_in_generate` is not `True`, `{name}` is ignored.")
+        return issues
+
+    def get_generation_mode(self, assistant_model: Any = None) -> GenerationMode:
+        """The decoding `generate` runs for these settings (Transformers' `GenerationMode`):
+        greedy or beam search, sampling or beam sampling, assisted generation with an assistant
+        model or prompt lookup (greedy and sampling only)."""
+        if self.num_beams == 1:
+            mode = GenerationMode.SAMPLE if self.do_sample is True else GenerationMode.GREEDY_SEARCH
+        else:
+            mode = GenerationMode.BEAM_SAMPLE if self.do_sample is True else GenerationMode.BEAM_SEARCH
+        assisted = assistant_model is not None or self.prompt_lookup_num_tokens is not None
+        if assisted and mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+            return GenerationMode.ASSISTED_GENERATION
+        return mode
+
+    def _check_values(self) -> None:
+        """`validate`'s errors."""
 
         def fail(name: str, msg: str) -> None:
             raise ValueError(f"GenerationConfig: `{name}` {msg}")
@@ -353,11 +441,14 @@ class GenerationConfig(PushToHubMixin):
                                                    "output_logits")):
             config.return_dict_in_generate = True
         object.__setattr__(config, "_from_model_config", True)
+        object.__setattr__(config, "_read_as", config.to_json_string())
         return config
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> GenerationConfig:
-        return cls(**{**config_dict, **kwargs})
+        config = cls(**{**config_dict, **kwargs})
+        object.__setattr__(config, "_read_as", config.to_json_string())  # (save_pretrained: changed since?)
+        return config
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name: str | os.PathLike, config_file_name: str | None = None,
@@ -373,6 +464,7 @@ class GenerationConfig(PushToHubMixin):
         made_from_model_config = bool(data.pop("_from_model_config", False))
         config = cls.from_dict(data, **kwargs)
         object.__setattr__(config, "_from_model_config", made_from_model_config)
+        object.__setattr__(config, "_read_as", config.to_json_string())
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -400,10 +492,14 @@ class GenerationConfig(PushToHubMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> None:
         """Write `generation_config.json` (non-default fields only) into `save_directory`. A negative
         `pad_token_id`, which `generate` takes, is not saved: Transformers refuses it there too."""
-        self.validate()
         if self.pad_token_id is not None and self.pad_token_id < 0:
             raise ValueError(f"GenerationConfig: `pad_token_id` is {self.pad_token_id}: generate takes a negative "
                              "pad id, but it is not saved (Transformers refuses it too)")
+        # as Transformers: a config changed since it was read (or made here) saves only without issues
+        try:
+            self.validate(strict=self.__dict__.get("_read_as") != self.to_json_string())
+        except ValueError as e:
+            raise ValueError(f"{e}\n\nFix these issues to save the configuration.") from None
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained expects a directory, but {save_directory} is a file")
         os.makedirs(save_directory, exist_ok=True)

@@ -784,7 +784,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         if ignored:
             logger.warning("generate(): these generation settings are not supported by moetorch and are "
                            "ignored: %s", ignored)
-        gen.validate()
+        gen._check_values()  # (the errors: the minor issues are warned of where a config is made)
         return gen, model_inputs
 
     def _loop_inputs(self, seq: torch.Tensor, ctx: _Context, cache: Cache | None, gen: GenerationConfig) -> dict:
@@ -1190,7 +1190,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         return GenerateBeamDecoderOnlyOutput(
             sequences=sequences,
             sequences_scores=done_lp[:, :n_ret].reshape(-1) if gen.output_scores else None,
-            scores=record.scores, logits=record.logits, beam_indices=beam_indices,
+            scores=record.scores, logits=record.logits, beam_indices=beam_indices.to(torch.int32),  # (its dtype there)
             attentions=record.attentions, hidden_states=record.hidden_states, past_key_values=cache,
         )
 
