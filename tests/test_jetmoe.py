@@ -403,3 +403,29 @@ def test_returned_attentions_get_gradients_as_in_transformers(padding, tmp_path)
         close(gb, ga, f"attentions[{layer}].grad", atol=1e-5, rtol=1e-4)
     for layer, (ga, gb) in enumerate(zip(hf_hidden_grads, hidden_grads)):
         close(gb[valid], ga[valid], f"hidden_states[{layer}].grad", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_attention_dropout_draws_as_transformers(impl, padding, tmp_path):
+    """Training with attention dropout under a seed: the same dropout masks as Transformers (drawn
+    over the query heads in their tiled order, with the keys and values repeated to it), so the
+    same loss and gradients, eager and sdpa, with and without padding."""
+    hf, ours = make_pair(JETMOE, tmp_path, seed=4, attention_dropout=0.3)
+    for model in (hf, ours):
+        model.set_attn_implementation(impl)
+        model.train()
+    ids, mask = make_inputs(JETMOE.base["vocab_size"], 2, 9, padding)
+    seed = int(torch.randint(0, 2**31, (1,)))
+    runs = []
+    for model in (hf, ours):
+        torch.manual_seed(seed)
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                     torch.rand(2)))
+    (want, want_grads, want_rng), (got, got_grads, got_rng) = runs
+    close(got, want, "loss with attention dropout")
+    assert torch.equal(got_rng, want_rng)
+    for name, grad in want_grads.items():
+        close(got_grads[name], grad, f"gradient of {name}", atol=1e-4, rtol=1e-4)

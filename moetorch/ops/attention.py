@@ -329,6 +329,12 @@ def attention(
             return out, None
     if kv_rows is not None:
         k_BGSd, v_BGSd = gather_slot_rows(k_BGSd, kv_rows), gather_slot_rows(v_BGSd, kv_rows)
+    if dropout_p and kv_layout == "tiled" and G > 1 and packed is None:
+        # dropout draws its mask over the query heads in their order: keep the tiled order, with the
+        # keys and values repeated to it (query head h reads kv head h % G), as Transformers draws it
+        H = q_BHTd.shape[1]
+        k_BGSd, v_BGSd = (t.repeat(1, H // G, 1, 1) for t in (k_BGSd, v_BGSd))
+        G, kv_layout = H, "grouped"
     tiled = kv_layout == "tiled" and G > 1
     if rope_q is not None and tiled and q_BHTd.shape[-1] % 2 == 0 and fused.active(q_BHTd, *rope_q):
         # one kernel rotates the queries and writes them in the grouped head order
