@@ -317,8 +317,7 @@ def _tied_head(model: torch.nn.Module, config, own: dict, written: dict, head: t
         return
     logger.warning("%s: config.json ties lm_head.weight to %s (tie_word_embeddings), but the checkpoint stores "
                    "both with different values: they are not tied, and the model's config says "
-                   "tie_word_embeddings=False",
-                   file, name)
+                   "tie_word_embeddings=False", file, name)
     config.tie_word_embeddings = model.config.tie_word_embeddings = False
     model.get_output_embeddings().weight = torch.nn.Parameter(
         head.to(device=embed.device, dtype=embed.dtype, copy=True), requires_grad=embed.requires_grad)
