@@ -271,7 +271,6 @@ class MoeConfig(PushToHubMixin):
         """Check `rope_parameters` again, as the config checked them when made (Transformers' method,
         for parameters changed since): a ConfigError naming the field at fault, else None.
         `ignore_keys` is taken for Transformers' signature; every key a kind reads is checked."""
-        self.rope_scaling = None  # `rope_parameters` is the source (rope_scaling names the same dict)
         self._check_rope()
 
     def _check_rope(self) -> None:
@@ -378,6 +377,15 @@ class MoeConfig(PushToHubMixin):
             elif built and name == "id2label" and value is not None:
                 value = {int(k): v for k, v in value.items()}
                 object.__setattr__(self, "num_labels", len(value))
+            elif built and name in ("rope_parameters", "rope_scaling"):
+                # one dict under both names, as in Transformers 5 (`rope_scaling` its older name), with
+                # its kind and theta filled in as Transformers' `standardize_rope_params` fills them
+                if isinstance(value, dict):
+                    value.setdefault("rope_type", value.get("type", "default"))
+                    value.setdefault("rope_theta", self.rope_theta)
+                    if _is_positive(value["rope_theta"]):
+                        object.__setattr__(self, "rope_theta", float(value["rope_theta"]))
+                object.__setattr__(self, "rope_parameters" if name == "rope_scaling" else "rope_scaling", value)
             object.__setattr__(self, name, value)
         else:
             self.extra[name] = value

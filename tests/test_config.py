@@ -421,3 +421,40 @@ def test_single_label_classification_needs_two_labels_as_transformers():
         for cls in (lib.PhimoeConfig, lib.JetMoeConfig):
             with pytest.raises(ValueError, match="problem_type"):
                 cls(problem_type="single_label_classification", num_labels=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_rope_scaling_is_rope_parameters_under_its_older_name(arch, tmp_path):
+    """As in Transformers 5, `config.rope_scaling` set after the config is made sets `rope_parameters`
+    (its kind and theta filled in), and reads back whatever `rope_parameters` holds: the saved
+    config.json and a model built from the config follow it."""
+    import torch
+    from parity import close
+
+    # (with its theta, as Transformers asks: without one it leaves None there, and moetorch the config's)
+    if arch.name == "jetmoe":
+        scaled, length = {"rope_type": "linear", "factor": 4.0}, 40
+    else:  # (LongRoPE within its original context: past it Transformers 5 differs, docs/differences.md)
+        scaled = {"rope_type": "longrope", **longrope_scaling(arch.base["hidden_size"] // arch.base["num_attention_heads"])}
+        length = 8
+    scaled["rope_theta"] = 5000.0
+    configs = []
+    for config in (arch.our_config(), arch.hf_config()):
+        config.rope_scaling = dict(scaled)
+        configs.append(config)
+    ours, theirs = configs
+    assert ours.rope_parameters == theirs.rope_parameters and ours.rope_scaling is ours.rope_parameters
+    assert ours.to_dict()["rope_parameters"] == theirs.to_dict()["rope_parameters"]
+    ours.save_pretrained(tmp_path)
+    reloaded = type(theirs).from_pretrained(tmp_path)
+    assert reloaded.rope_parameters == theirs.rope_parameters
+    torch.manual_seed(0)
+    hf = arch.hf["causal_lm"](theirs).eval()
+    hf.save_pretrained(tmp_path / "m")
+    mine = arch.ours["causal_lm"].from_pretrained(tmp_path / "m", config=ours).eval()
+    ids = torch.randint(1, arch.base["vocab_size"], (1, length))
+    with torch.no_grad():
+        close(mine(ids).logits, hf(ids).logits, "logits under the scaling set as rope_scaling")
+    for config in configs:
+        config.rope_parameters = {"rope_type": "default", "rope_theta": 500.0}
+        assert config.rope_scaling == {"rope_type": "default", "rope_theta": 500.0}
