@@ -1080,8 +1080,9 @@ def test_trainer_over_two_processes(tmp_path, arch):
     for name, p in one.model.state_dict().items():
         # A key projection's bias (PhiMoE's) gets no gradient but rounding: it adds q.b to every
         # score of a query, which the softmax takes away. AdamW turns that noise into updates of up
-        # to lr * |g| / eps a step, and the two runs' gradient sums round otherwise.
-        tol = dict(rtol=0.0, atol=1e-4) if name.endswith("k_proj.bias") else dict(rtol=1e-4, atol=1e-6)
+        # to lr * |g| / eps a step, and the two runs' gradient sums round otherwise. Elsewhere a weight
+        # whose gradient is small against its rounding moves a few 1e-6 apart in 4 steps at lr 3e-3.
+        tol = dict(rtol=0.0, atol=1e-4) if name.endswith("k_proj.bias") else dict(rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(weights[name], p, **tol, msg=name)
     assert records(runs / "A", "start")[0]["processes"] == 2
 
