@@ -277,15 +277,12 @@ def _placement(device_map: dict) -> str:
 def _held(model) -> str:
     """The banner's note on expert weights a GPU reads from host memory (placed on the CPU by
     --device/--max-memory), or ""."""
-    from .ops.host import marked_host_mapped
+    from .ops.host import held_bytes
 
-    layers = [[p for p in m.parameters() if marked_host_mapped(p)]
-              for m in model.modules() if hasattr(m, "host_mappable")]
-    layers = [held for held in layers if held]
+    layers = held_bytes(model)
     if not layers:
         return ""
-    size = sum(p.numel() * p.element_size() for held in layers for p in held)
-    return f" (the experts of {len(layers)} layers, {size / 2**30:.2f} GiB, in host memory: read over the bus)"
+    return f" (the experts of {len(layers)} layers, {sum(layers) / 2**30:.2f} GiB, in host memory: read over the bus)"
 
 
 class _Stopped(Exception):

@@ -94,6 +94,12 @@ def pipeline(
     return TextGenerationPipeline(model, tokenizer, **kwargs)
 
 
+def _dataloader_seed_draw() -> None:
+    """Transformers runs lists and generators through a torch DataLoader, whose iterator takes its
+    base seed from torch's global RNG: one draw per call, before the first input is encoded."""
+    torch.empty((), dtype=torch.int64).random_()
+
+
 def _is_chat(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
 
@@ -248,9 +254,7 @@ class TextGenerationPipeline:
         return self._batches(inputs, batch_size, pre, gen, post)
 
     def _batches(self, inputs, batch_size: int, pre: dict, gen: dict, post: dict):
-        # Transformers runs lists and generators through a torch DataLoader, whose iterator takes its
-        # base seed from torch's global RNG: one draw per call, before the first prompt is encoded.
-        torch.empty((), dtype=torch.int64).random_()
+        _dataloader_seed_draw()
         batch = []
         for x in inputs:
             batch.append(self.preprocess(x, **pre))
@@ -430,7 +434,7 @@ class TextClassificationPipeline:
             result = self._classify(inputs, pre, post)
             return [result] if isinstance(inputs, str) and "top_k" not in kwargs else result
         if isinstance(inputs, (list, types.GeneratorType, torch.utils.data.Dataset)):
-            torch.empty((), dtype=torch.int64).random_()  # the DataLoader's seed draw, as there
+            _dataloader_seed_draw()
             results = (self._classify(x, pre, post) for x in inputs)
             return list(results) if isinstance(inputs, list) else results
         raise TypeError("inputs must be a text, a {'text', 'text_pair'} dict, or a list (or generator) of those, "

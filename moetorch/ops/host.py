@@ -76,9 +76,16 @@ def module_device(module: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def held_bytes(module: torch.nn.Module) -> list[int]:
+    """Bytes of the weights held in host memory of each decoder layer that holds some (the layers
+    that name them `host_mappable`: their experts), in the layers' order."""
+    layers = (sum(p.numel() * p.element_size() for p in m.parameters() if marked_host_mapped(p))
+              for m in module.modules() if hasattr(m, "host_mappable"))
+    return [n for n in layers if n]
+
+
 def host_copy_bytes(module: torch.nn.Module) -> int:
-    """The most GPU memory that weights held in host memory take at once: a decoder layer's experts
-    (the layers that name them `host_mappable`), which a forward of many tokens copies to the GPU
-    for the length of the layer (`ops.moe.host_weights`)."""
-    return max((sum(p.numel() * p.element_size() for p in m.parameters() if marked_host_mapped(p))
-                for m in module.modules() if hasattr(m, "host_mappable")), default=0)
+    """The most GPU memory that weights held in host memory take at once: a decoder layer's experts,
+    which a forward of many tokens copies to the GPU for the length of the layer
+    (`ops.moe.host_weights`)."""
+    return max(held_bytes(module), default=0)
