@@ -184,6 +184,15 @@ class MoeConfig(PushToHubMixin):
 
     # ---- shared validation -------------------------------------------------------------------
     def _post_init_common(self) -> None:
+        if self.id2label is None and self.label2id is not None:
+            # label2id alone names the labels (Transformers drops it and names them LABEL_i, so that
+            # the two maps disagree); its ids must be 0..n-1
+            ids = list(self.label2id.values())
+            _check(all(_is_int(i) for i in ids) and sorted(ids) == list(range(len(ids))), "label2id",
+                   f"ids must be 0..{len(ids) - 1}, each once, to name the labels without id2label; got {ids}")
+            _check(self.num_labels is None or self.num_labels == len(ids), "num_labels",
+                   f"{self.num_labels} does not match label2id with {len(ids)} entries")
+            self.id2label = {int(i): name for name, i in sorted(self.label2id.items(), key=lambda kv: kv[1])}
         if self.id2label is not None:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
             if self.num_labels is None:

@@ -171,12 +171,37 @@ def test_round_trip_and_transformers_reads_it(tmp_path):
         ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_type"),
         ({"attention_dropout": 1.5}, "attention_dropout"),
         ({"num_labels": 2, "id2label": {0: "a", 1: "b", 2: "c"}}, "num_labels"),
+        ({"num_labels": 3, "label2id": {"a": 0, "b": 1}}, "num_labels"),
+        ({"label2id": {"a": 0, "b": 2}}, "label2id"),
+        ({"label2id": {"a": "0", "b": "1"}}, "label2id"),
         ({"problem_type": "single_label_classification", "num_labels": 1}, "problem_type"),  # Transformers too
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         PhimoeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["phimoe", "jetmoe"])
+def test_label2id_alone_names_the_labels(name, tmp_path):
+    """A label2id given without id2label names the labels (Transformers drops it and keeps LABEL_i,
+    so that its two maps disagree): id2label is its inverse, in id order, and Transformers reads the
+    saved config with the same names."""
+    ours, theirs = {"phimoe": (PhimoeConfig, transformers.PhimoeConfig),
+                    "jetmoe": (JetMoeConfig, transformers.JetMoeConfig)}[name]
+    label2id = {"positive": 2, "negative": 0, "neutral": 1}
+    cfg = ours(label2id=dict(label2id))
+    assert cfg.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert list(cfg.id2label) == [0, 1, 2] and cfg.label2id == label2id and cfg.num_labels == 3
+    assert ours(label2id=dict(label2id), num_labels=3) == cfg
+    cfg.save_pretrained(tmp_path)
+    hf = theirs.from_pretrained(tmp_path)
+    assert (hf.id2label, hf.label2id, hf.num_labels) == (cfg.id2label, label2id, 3)
+    assert ours.from_pretrained(tmp_path) == cfg
+    # both maps given: both kept as given, as in Transformers
+    both = ours(id2label={0: "x", 1: "y"}, label2id={"X": 0, "Y": 1})
+    oracle = theirs(id2label={0: "x", 1: "y"}, label2id={"X": 0, "Y": 1})
+    assert (both.id2label, both.label2id) == (oracle.id2label, oracle.label2id)
 
 
 @pytest.mark.parametrize("name", ["phimoe", "jetmoe"])
