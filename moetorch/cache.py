@@ -57,6 +57,10 @@ class Cache:
     # steps after it count the sequence length on the host: cached + new tokens less these.
     rope_pad: int = 0
 
+    # Layers a dynamic cache made empty, before their first update, because a later layer was
+    # updated first: not yet initialized, as Transformers' lazily made layers.
+    _unset: frozenset[int] = frozenset()
+
     # The layers a cache counts before it makes them: a config's (`DynamicCache(config=)`, a
     # StaticCache's) or those a `reset` emptied; None: the layers made so far.
     num_layers: int | None = None
@@ -98,7 +102,7 @@ class Cache:
     def _set_layer(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
         """`cache.layers[i].keys = t` (or `.values`): a dynamic cache takes `t` in place of the
         layer's tensor (layer 0's keys set the cached length)."""
-        if layer_idx >= len(self.keys):
+        if layer_idx >= len(self.keys) or layer_idx in self._unset:
             raise ValueError(f"cache.layers[{layer_idx}].{name}: the layer holds no keys yet, so there is nothing to "
                              "replace; fill the cache with a forward first, or start it from tensors with "
                              "DynamicCache(ddp_cache_data=[(keys, values), ...])")
@@ -148,7 +152,8 @@ class Cache:
 
     @property
     def is_initialized(self) -> bool:
-        return len(self.keys) > 0
+        """Whether every layer holds keys (as Transformers: a layer not yet updated makes it False)."""
+        return len(self.keys) > 0 and not self._unset
 
     @property
     def is_croppable(self) -> bool:
@@ -288,7 +293,7 @@ class CacheLayer:
 
     @property
     def is_initialized(self) -> bool:
-        return self._idx < len(self._cache.keys)
+        return self._idx < len(self._cache.keys) and self._idx not in self._cache._unset
 
     def get_seq_length(self) -> int:
         return self._cache.get_seq_length(self._idx)
@@ -311,25 +316,43 @@ class DynamicCache(Cache):
         for layer_idx, (keys, values, *_) in enumerate(ddp_cache_data or ()):
             self.update(keys, values, layer_idx)
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of tokens cached in layer `layer_idx` (0 before its first update)."""
+        return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
+
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         if layer_idx == 0:
             self._seen += key_states.shape[-2]
         if len(self.keys) <= layer_idx:
+            # layers before this one not yet updated (a pipeline stage's first layer, say) start
+            # empty, as Transformers' lazily made layers: length 0 until their first update
+            self._unset = self._unset | set(range(len(self.keys), layer_idx))
+            for dst, src in ((self.keys, key_states), (self.values, value_states)):
+                dst.extend(src.new_empty(*src.shape[:-2], 0, src.shape[-1]) for _ in range(layer_idx - len(dst)))
             self.keys.append(key_states)
             self.values.append(value_states)
         else:
+            self._unset = self._unset - {layer_idx}
             self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def clear(self) -> None:
         super().clear()
-        self.keys, self.values = [], []
+        self.keys, self.values, self._unset = [], [], frozenset()
+
+    def crop(self, max_length: int) -> None:
+        """As `Cache.crop`; a negative n drops the last -n tokens of each layer (of its own length)."""
+        if max_length >= 0:
+            return super().crop(max_length)
+        self._seen = max(self._seen + max_length, 0)
+        self.keys = [k[..., :max(k.shape[-2] + max_length, 0), :] for k in self.keys]
+        self.values = [v[..., :max(v.shape[-2] + max_length, 0), :] for v in self.values]
 
     def truncate(self, length: int) -> None:
-        if self.get_seq_length() <= length:
+        if all(k.shape[-2] <= length for k in self.keys):
             return
-        self._seen = length
+        self._seen = min(self._seen, length)
         self.keys = [k[..., :length, :] for k in self.keys]
         self.values = [v[..., :length, :] for v in self.values]
 

@@ -297,6 +297,36 @@ def test_dynamic_cache_counts_layers_as_transformers(arch):
         close(model(ids, past_key_values=ours).logits, model(ids).logits, "a forward on the reset cache")
 
 
+def test_dynamic_cache_updated_out_of_layer_order_as_transformers():
+    """A DynamicCache updated at a layer before the layers below it were (a pipeline stage's first
+    layer, say) keeps those layers empty and uninitialized until their own update, and crops each
+    layer by its own length: random sequences of updates and crops against Transformers'."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        ours, theirs = DynamicCache(), transformers.DynamicCache()
+        for _ in range(int(torch.randint(1, 10, (1,), generator=gen))):
+            if torch.rand((), generator=gen) < 0.25:
+                n = -int(torch.randint(0, 5, (1,), generator=gen))
+                ours.crop(n)
+                theirs.crop(n)
+            else:
+                layer = int(torch.randint(0, 5, (1,), generator=gen))
+                k, v = torch.randn(2, 2, 2, int(torch.randint(1, 4, (1,), generator=gen)), 4, generator=gen)
+                got, want = ours.update(k, v, layer), theirs.update(k, v, layer)
+                assert all(torch.equal(a, b) for a, b in zip(got, want))
+            assert len(ours) == len(theirs) and ours.is_initialized == theirs.is_initialized
+            assert [ours.get_seq_length(i) for i in range(6)] == [theirs.get_seq_length(i) for i in range(6)]
+            assert [layer.is_initialized for layer in ours.layers] == [layer.is_initialized for layer in theirs.layers]
+            for a, b in zip(ours.layers, theirs.layers):
+                assert (a.keys is None) == (b.keys is None)
+                if a.keys is not None:
+                    assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 2)
+    with pytest.raises(ValueError, match=r"cache.layers\[0\].keys: the layer holds no keys yet"):
+        cache.layers[0].keys = torch.zeros(1, 2, 3, 4)
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 @torch.no_grad()
