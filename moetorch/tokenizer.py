@@ -272,6 +272,10 @@ class Tokenizer(PushToHubMixin):
     special-token attributes and padding."""
 
     model_input_names = ["input_ids", "attention_mask"]
+    # the named special-token attributes, as Transformers lists them
+    SPECIAL_TOKENS_ATTRIBUTES = list(SPECIAL_NAMES)
+    # the files a fast tokenizer is read from, by the names Transformers gives them
+    vocab_files_names = {"tokenizer_file": TOKENIZER_FILE}
     is_fast = True
     pad_token_type_id = 0
     split_special_tokens = False
@@ -557,10 +561,22 @@ class Tokenizer(PushToHubMixin):
         specials = [(t, self.convert_tokens_to_ids(t)) for t in (bos, eos) if t is not None]
         self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
+    def __repr__(self) -> str:
+        added = "".join(f"\n\t{i}: {token!r}," for i, token in self.added_tokens_decoder.items())
+        return (f"{type(self).__name__}(name_or_path='{self.name_or_path}', vocab_size={self.vocab_size}, "
+                f"model_max_length={self.model_max_length}, padding_side='{self.padding_side}', "
+                f"truncation_side='{self.truncation_side}', special_tokens={self.special_tokens_map}, "
+                f"added_tokens_decoder={{{added + chr(10) if added else ''}}})")
+
     # ---- vocabulary and special tokens -------------------------------------------------------
     @property
     def backend_tokenizer(self):
         return self._tok
+
+    @property
+    def decoder(self):
+        """The backend tokenizer's decoder (the `tokenizers` object), as Transformers exposes it."""
+        return self._tok.decoder
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -1148,7 +1164,39 @@ class Tokenizer(PushToHubMixin):
         out = self.decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
         return [out] if isinstance(out, str) else out
 
+    def clean_up_tokenization(self, text: str) -> str:
+        """The spaces before punctuation and English contractions removed, as `decode` does with
+        `clean_up_tokenization_spaces=True` (" ." -> ".", " n't" -> "n't", ...)."""
+        return _clean_up(text)
+
     # ---- chat --------------------------------------------------------------------------------
+    def encode_message_with_chat_template(self, message: dict[str, Any],
+                                          conversation_history: list[dict[str, Any]] | None = None,
+                                          **kwargs: Any) -> list[int]:
+        """The ids one message adds to a chat: the chat template applied to the history and the
+        message, less the ids it gives the history alone (from the first id where the two differ,
+        since a template may close the history's last message differently once another follows).
+        For encoding a chat message by message; the generation prompt is not added (apply the
+        template with `add_generation_prompt=True` for it)."""
+        if "add_generation_prompt" in kwargs:
+            raise ValueError("encode_message_with_chat_template does not add a generation prompt: leave out "
+                             "add_generation_prompt, and apply the chat template with it to the whole chat")
+        if not isinstance(message, Mapping):
+            raise TypeError(f"encode_message_with_chat_template: message must be a dict (with 'role' and "
+                            f"'content'), got {message!r}")
+
+        def ids(chat):
+            return self.apply_chat_template(chat, add_generation_prompt=False, tokenize=True, return_dict=False,
+                                            **kwargs)
+
+        history = list(conversation_history or ())
+        whole = ids(history + [message])
+        if not history:
+            return whole
+        before = ids(history)
+        same = next((i for i, (a, b) in enumerate(zip(before, whole)) if a != b), min(len(before), len(whole)))
+        return whole[same:]
+
     @property
     def chat_control_tokens(self) -> list[str] | None:
         """The added tokens besides the special ones that `apply_chat_template(...,

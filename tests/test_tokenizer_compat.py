@@ -769,3 +769,34 @@ def test_padding_without_pad_token_fails_before_encoding_as_transformers(path):
                      lambda t: t("a b c", padding="longest"), lambda t: t(["a", "b c"], padding=True)):
             with pytest.raises(ValueError, match="pad"):
                 call(tok)
+
+
+@pytest.mark.parametrize("build", [build_tokenizer, build_llama_tokenizer], ids=["bpe", "llama"])
+def test_repr_attributes_and_clean_up_as_transformers(build, tmp_path):
+    """`repr` (Transformers' form, with this class's name), `SPECIAL_TOKENS_ATTRIBUTES`,
+    `vocab_files_names`' tokenizer file, `decoder` and `clean_up_tokenization` against Transformers'
+    tokenizer of the same files."""
+    theirs, ours = both(build(tmp_path / "tok"))
+    ours.add_tokens(["<extra>"], special_tokens=True)
+    theirs.add_tokens(["<extra>"], special_tokens=True)
+    assert repr(ours) == repr(theirs).replace(type(theirs).__name__, "Tokenizer", 1)
+    assert ours.SPECIAL_TOKENS_ATTRIBUTES == theirs.SPECIAL_TOKENS_ATTRIBUTES
+    assert ours.vocab_files_names["tokenizer_file"] == theirs.vocab_files_names["tokenizer_file"]
+    assert repr(ours.decoder) == repr(theirs.decoder)
+    for text in ["Hi , there ! It 's  fine . Isn 't it ? We 're , they 've ; I 'm ' quoted ' .", "", " .  ."]:
+        assert ours.clean_up_tokenization(text) == theirs.clean_up_tokenization(text)
+
+
+def test_encode_message_with_chat_template_as_transformers(path):
+    """Message by message, each message's ids as Transformers' `encode_message_with_chat_template`
+    gives them (its history passed or not), and its refusal of `add_generation_prompt`."""
+    theirs, ours = both(path)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two experts?"},
+            {"role": "assistant", "content": "Yes, two."}, {"role": "user", "content": "Why"}]
+    for i, message in enumerate(chat):
+        for history in (chat[:i], None):
+            assert ours.encode_message_with_chat_template(message, history) == \
+                theirs.encode_message_with_chat_template(message, history)
+    raises_both(lambda t: t.encode_message_with_chat_template(chat[0], add_generation_prompt=True), theirs, ours)
+    with pytest.raises(TypeError, match="message must be a dict"):
+        ours.encode_message_with_chat_template("hello")
