@@ -429,3 +429,25 @@ def test_attention_dropout_draws_as_transformers(impl, padding, tmp_path):
     assert torch.equal(got_rng, want_rng)
     for name, grad in want_grads.items():
         close(got_grads[name], grad, f"gradient of {name}", atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sums_k_experts_as_transformers(top_k, dtype, tmp_path):
+    """In half precision a token's K expert terms (MLP and attention experts) are summed in float32
+    and rounded once, as Transformers' one index_add of every term does on the CPU: three or four
+    experts a token give Transformers' outputs bit for bit (adding term by term rounded after each)."""
+    cfg = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+               intermediate_size=16, num_local_experts=5, num_experts_per_tok=top_k, max_position_embeddings=64)
+    src = JetMoeModel(JetMoeConfig(**cfg))
+    gen = torch.Generator().manual_seed(top_k)
+    with torch.no_grad():
+        for name, p in sorted(src.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if "norm" in name else 0.0))
+    src.save_pretrained(tmp_path)
+    hf = transformers.JetMoeModel.from_pretrained(tmp_path, dtype=dtype).eval()
+    ours = JetMoeModel.from_pretrained(tmp_path, dtype=dtype).eval()
+    ids = torch.randint(1, 100, (2, 12), generator=gen)
+    with torch.no_grad():
+        want, got = hf(ids).last_hidden_state, ours(ids).last_hidden_state
+    assert got.dtype == dtype and torch.equal(got, want)

@@ -89,15 +89,23 @@ def _add_rows(out_TD: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) ->
     return out_TD.index_add_(0, rows, values)
 
 
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a token's K expert terms are summed in: float32 for a half-precision output, which
+    the sum rounds to once (as torch's sum over K, and Transformers' JetMoE index_add of all terms,
+    round once: adding term by term would round after each, which differs from three experts on)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def experts_reference(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act, out_dtype=None) -> torch.Tensor:
-    out_TD = torch.zeros_like(x_TD, dtype=out_dtype)
+    dtype = out_dtype or x_TD.dtype
+    out_TD = torch.zeros_like(x_TD, dtype=_sum_dtype(dtype))
     for e in range(w13_E2ID.shape[0]):
         tok, slot = torch.where(ids_TK == e)
         if tok.numel() == 0:
             continue
         h = _swiglu(x_TD[tok] @ w13_E2ID[e].T, act) @ w2_EDI[e].T
-        _add_rows(out_TD, tok, (h * weights_TK[tok, slot, None]).to(out_TD.dtype))
-    return out_TD
+        _add_rows(out_TD, tok, (h * weights_TK[tok, slot, None]).to(dtype).to(out_TD.dtype))
+    return out_TD.to(dtype)
 
 
 def experts_gather(x_TD, w13_E2ID, w2_EDI, ids_TK, weights_TK, act: Act, out_dtype=None) -> torch.Tensor:
@@ -384,14 +392,15 @@ def expert_map_grouped_mm(x_TD, w_EOD, ids_TK) -> torch.Tensor:
 
 def expert_reduce_reference(h_TKC, w_EOC, ids_TK, weights_TK, out_dtype=None) -> torch.Tensor:
     T = ids_TK.shape[0]
-    out_TO = h_TKC.new_zeros(T, w_EOC.shape[1], dtype=out_dtype)
+    dtype = out_dtype or h_TKC.dtype
+    out_TO = h_TKC.new_zeros(T, w_EOC.shape[1], dtype=_sum_dtype(dtype))
     for e in range(w_EOC.shape[0]):
         tok, slot = torch.where(ids_TK == e)
         if tok.numel() == 0:
             continue
         y = (h_TKC[tok, slot] @ w_EOC[e].T) * weights_TK[tok, slot, None]
-        _add_rows(out_TO, tok, y.to(out_TO.dtype))
-    return out_TO
+        _add_rows(out_TO, tok, y.to(dtype).to(out_TO.dtype))
+    return out_TO.to(dtype)
 
 
 def expert_reduce_gather(h_TKC, w_EOC, ids_TK, weights_TK, out_dtype=None) -> torch.Tensor:
