@@ -28,6 +28,14 @@ from .ops.rope import apply_rotary_qk
 REORDER_CHUNK_BYTES = 256 * 2**20
 
 
+def _carry_over_hint(cache) -> str:
+    """For the error refusing another library's cache: how its layers carry over, where they can
+    (Transformers 5's caches iterate as (keys, values, ...) a layer)."""
+    if type(cache).__module__.startswith("transformers") and hasattr(cache, "__iter__"):
+        return " (its layers carry over: moetorch.DynamicCache(ddp_cache_data=cache))"
+    return ""
+
+
 class Cache:
     """Common interface, as in Transformers: `update`, `get_seq_length`, `reorder_cache`, ..."""
 

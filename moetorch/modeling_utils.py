@@ -19,7 +19,7 @@ from torch import nn
 
 from . import checkpoint, placement
 from .adapters import AdapterMixin, adapter_dir, adapter_only_base
-from .cache import Cache, DynamicCache, _kv_shape
+from .cache import Cache, DynamicCache, _carry_over_hint, _kv_shape
 from .configuration import MoeConfig
 from .defaults import checkpoint_path
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
@@ -1066,7 +1066,7 @@ def prepare_decoder_inputs(
         else:
             kind = type(past_key_values)
             raise TypeError(f"past_key_values must be a moetorch Cache (moetorch.DynamicCache or StaticCache), got "
-                            f"{kind.__module__}.{kind.__name__}")
+                            f"{kind.__module__}.{kind.__name__}{_carry_over_hint(past_key_values)}")
     if use_cache and past_key_values is None:
         past_key_values = DynamicCache()
     if inputs_embeds is None:

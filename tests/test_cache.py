@@ -662,3 +662,24 @@ def test_static_cache_takes_transformers_offloading_keywords():
     transformers.StaticCache(PHIMOE.hf_config(), max_cache_len=8, offloading=False, offload_only_non_sliding=True)
     with pytest.raises(ValueError, match="offloading=True .* is not supported"):
         StaticCache(config, max_cache_len=8, offloading=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_a_transformers_cache_is_refused_with_the_way_to_carry_it_over(arch):
+    """A Transformers cache passed to a moetorch forward or generate is refused by a TypeError that
+    names its class and how its layers carry over; carried over, a forward continues from it as from
+    moetorch's own cache."""
+    model = tiny(arch, seed=5)
+    hf = arch.hf["causal_lm"](arch.hf_config()).eval()
+    hf.load_state_dict(model.state_dict())
+    ids, _ = make_inputs(97, 2, 7, None)
+    theirs = hf(ids[:, :5], use_cache=True).past_key_values
+    for call in (lambda: model(ids[:, 5:], past_key_values=theirs),
+                 lambda: model.generate(ids, past_key_values=theirs, max_new_tokens=2)):
+        with pytest.raises(TypeError, match=r"got transformers\.cache_utils\.DynamicCache.*"
+                                            r"moetorch\.DynamicCache\(ddp_cache_data=cache\)"):
+            call()
+    carried = DynamicCache(ddp_cache_data=theirs)
+    assert carried.get_seq_length() == 5 and len(carried) == model.config.num_hidden_layers
+    close(model(ids[:, 5:], past_key_values=carried).logits, model(ids).logits[:, 5:], "a carried-over cache")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..cache import Cache, DynamicCache, StaticCache
+from ..cache import Cache, DynamicCache, StaticCache, _carry_over_hint
 from ..engine.batching import ContinuousBatchingMixin
 from ..engine.cuda_graph import (
     CHUNK_BUCKETS,
@@ -1819,7 +1819,7 @@ def _check_user_cache(cache, gen: GenerationConfig, expand: int) -> None:
         kind = type(cache)
         raise TypeError(f"past_key_values must be a moetorch Cache (moetorch.DynamicCache or StaticCache), got "
                         f"{kind.__module__}.{kind.__qualname__}: moetorch's models keep their keys and values "
-                        "in moetorch's caches")
+                        f"in moetorch's caches{_carry_over_hint(cache)}")
     if gen.cache_implementation is not None:
         raise ValueError("pass either past_key_values or cache_implementation, not both")
     if not gen.use_cache:
