@@ -5,6 +5,7 @@ cache that holds the whole prompt; and the errors Transformers raises, clearer."
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -73,9 +74,49 @@ def test_none_on_a_model_setting_falls_back_to_the_default(pair):
             model.generation_config.temperature = 1.0
             model.generation_config.do_sample = False
             del model._out
-    config = GenerationConfig(temperature=None, max_length=None, top_k=None)
-    assert (config.temperature, config.max_length, config.top_k) == (1.0, 20, None)
-    assert not config.is_set("temperature") and not config.is_set("max_length") and config.is_set("top_k")
+    config = GenerationConfig(temperature=None, max_length=None, top_k=None, eos_token_id=None)
+    assert (config.temperature, config.max_length, config.top_k, config.eos_token_id) == (1.0, 20, 50, None)
+    assert not any(config.is_set(k) for k in ("temperature", "max_length", "top_k", "eos_token_id"))
+
+
+# (the model's value, the settings the field needs to act, new tokens)
+_MODEL_VALUES = {
+    "top_k": (3, {"do_sample": True}), "min_p": (0.3, {"do_sample": True}), "top_p": (0.3, {"do_sample": True}),
+    "top_h": (0.3, {"do_sample": True}), "temperature": (0.2, {"do_sample": True}),
+    "eos_token_id": (2, {"sequence_bias": {(2,): 30.0}, "min_new_tokens": 2}),
+    "max_new_tokens": (3, {}), "min_new_tokens": (4, {"sequence_bias": {(2,): 30.0}}),
+    "forced_eos_token_id": (9, {}), "exponential_decay_length_penalty": ((1, 5.0), {"eos_token_id": 2}),
+    "guidance_scale": (3.0, {}), "repetition_penalty": (5.0, {}),
+}
+
+
+@pytest.mark.parametrize("field", sorted(_MODEL_VALUES))
+def test_none_in_a_config_is_unset_and_as_a_keyword_overrides(pair, field):
+    """A field the model's generation config sets: None in a passed GenerationConfig leaves the
+    model's value, None set on the model's config is the default (top_k: 50), and None as a
+    generate() keyword overrides the model's value (top_k=None: no top-k; eos_token_id=None: no
+    EOS), each as Transformers gives it."""
+    value, needs = _MODEL_VALUES[field]
+    kwargs = {"max_new_tokens": 6, "pad_token_id": 0, **needs}
+    if field == "max_new_tokens":
+        kwargs.pop("max_new_tokens")
+    saved = [copy.deepcopy(model.generation_config) for model in pair]
+    try:
+        for model in pair:
+            setattr(model.generation_config, field, value)
+        for lib_config in (lambda lib: lib.GenerationConfig(**kwargs, **{field: None}),):
+            outs = []
+            for model, lib in zip(pair, (transformers, moetorch)):
+                torch.manual_seed(0)
+                outs.append(model.generate(**prompt(pair), generation_config=lib_config(lib)))
+            assert torch.equal(outs[1], outs[0]), f"{field}=None in a config"
+        same(pair, seed=0, **prompt(pair), **kwargs, **{field: None})
+        for model in pair:
+            setattr(model.generation_config, field, None)
+        same(pair, seed=0, **prompt(pair), **kwargs)
+    finally:
+        for model, config in zip(pair, saved):
+            model.generation_config = config
 
 
 @pytest.mark.parametrize("settings", [

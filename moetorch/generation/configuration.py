@@ -116,9 +116,11 @@ _GENERATE_ARGUMENTS = (
 )
 
 
-# Fields whose None is a setting of its own rather than "unset" (top_k=None turns top-k off, where
-# its default is 50); every other field set to None takes its default.
-_NONE_IS_A_VALUE = {name for name, default in DEFAULTS.items() if default is None} | {
+# Fields whose None passed to generate() as a keyword is a setting of its own rather than "unset"
+# (top_k=None turns top-k off, where its default is 50; eos_token_id=None drops the model's EOS);
+# every other field passed as None takes its default. In a GenerationConfig, None is always unset
+# (the model's value, else the default), as in Transformers.
+NONE_IS_A_VALUE = {name for name, default in DEFAULTS.items() if default is None} | {
     "top_k", "assistant_confidence_threshold"}
 
 
@@ -195,8 +197,9 @@ class GenerationConfig(PushToHubMixin):
             value = _plain(value)
             if name == "cache_implementation" and value in CACHE_ALIASES:
                 value = CACHE_ALIASES[value]
-            if value is None and name not in _NONE_IS_A_VALUE:
-                # None means unset, as in Transformers: the field's default, which is also "off"
+            if value is None:
+                # None means unset, as in Transformers: the field's default (a generate() keyword's
+                # None may mean more: `set_none`)
                 object.__setattr__(self, name, copy.deepcopy(DEFAULTS[name]))
                 self._explicit.discard(name)
                 return
@@ -205,6 +208,15 @@ class GenerationConfig(PushToHubMixin):
             self._explicit.add(name)
         elif not name.startswith("_") and name not in self._extra:
             self._extra.append(name)
+
+    def set_none(self, name: str) -> None:
+        """`name` set to None as generate()'s keyword sets it: explicitly None where None is a
+        setting of its own (`NONE_IS_A_VALUE`: top-k off, no EOS, ...), else unset."""
+        if name in NONE_IS_A_VALUE:
+            object.__setattr__(self, name, None)
+            self._explicit.add(name)
+        else:
+            setattr(self, name, None)
 
     def is_set(self, name: str) -> bool:
         """Whether `name` was given explicitly (as opposed to holding its default)."""

@@ -767,7 +767,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         model_inputs, unknown = {}, []
         for k, v in kwargs.items():
             if k in DEFAULTS:
-                setattr(gen, k, v)
+                gen.set_none(k) if v is None else setattr(gen, k, v)
             elif k in MODEL_INPUTS:
                 model_inputs[k] = v
             elif k not in _IGNORED_INPUTS and not (k in _UNSUPPORTED and v in (None, _UNSUPPORTED[k])):
