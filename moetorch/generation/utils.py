@@ -1543,9 +1543,10 @@ def _draft_settings(gen: GenerationConfig, assistant) -> tuple[int, str, float |
         value = getattr(own, name, None)
         return getattr(gen, name) if value is None else value
 
-    settings = GenerationConfig(num_assistant_tokens=pick("num_assistant_tokens"),
-                                num_assistant_tokens_schedule=pick("num_assistant_tokens_schedule"),
-                                assistant_confidence_threshold=pick("assistant_confidence_threshold"))
+    settings = GenerationConfig()
+    for name in ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold"):
+        value = pick(name)
+        settings.set_none(name) if value is None else setattr(settings, name, value)  # (None: the threshold off)
     return (settings.num_assistant_tokens, settings.num_assistant_tokens_schedule,
             settings.assistant_confidence_threshold)
 
