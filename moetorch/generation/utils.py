@@ -1543,10 +1543,12 @@ def _draft_settings(gen: GenerationConfig, assistant) -> tuple[int, str, float |
         value = getattr(own, name, None)
         return getattr(gen, name) if value is None else value
 
-    settings = GenerationConfig()
-    for name in ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold"):
+    settings, names = GenerationConfig(), ("num_assistant_tokens", "num_assistant_tokens_schedule",
+                                           "assistant_confidence_threshold")
+    for name in names:
         value = pick(name)
         settings.set_none(name) if value is None else setattr(settings, name, value)  # (None: the threshold off)
+    settings.validate(user_set_attributes=set(names))
     return (settings.num_assistant_tokens, settings.num_assistant_tokens_schedule,
             settings.assistant_confidence_threshold)
 
