@@ -302,7 +302,7 @@ def test_dynamic_cache_updated_out_of_layer_order_as_transformers():
     layer, say) keeps those layers empty and uninitialized until their own update, and crops each
     layer by its own length: random sequences of updates and crops against Transformers'."""
     gen = torch.Generator().manual_seed(0)
-    for trial in range(200):
+    for _ in range(200):
         ours, theirs = DynamicCache(), transformers.DynamicCache()
         for _ in range(int(torch.randint(1, 10, (1,), generator=gen))):
             if torch.rand((), generator=gen) < 0.25:

@@ -766,8 +766,10 @@ class GenerationMixin(ContinuousBatchingMixin):
                 setattr(gen, k, copy.deepcopy(v))
         model_inputs, unknown = {}, []
         for k, v in kwargs.items():
-            if k in DEFAULTS:
-                gen.set_none(k) if v is None else setattr(gen, k, v)
+            if k in DEFAULTS and v is None:
+                gen.set_none(k)
+            elif k in DEFAULTS:
+                setattr(gen, k, v)
             elif k in MODEL_INPUTS:
                 model_inputs[k] = v
             elif k not in _IGNORED_INPUTS and not (k in _UNSUPPORTED and v in (None, _UNSUPPORTED[k])):
@@ -1547,7 +1549,10 @@ def _draft_settings(gen: GenerationConfig, assistant) -> tuple[int, str, float |
                                            "assistant_confidence_threshold")
     for name in names:
         value = pick(name)
-        settings.set_none(name) if value is None else setattr(settings, name, value)  # (None: the threshold off)
+        if value is None:  # (the confidence threshold off)
+            settings.set_none(name)
+        else:
+            setattr(settings, name, value)
     settings.validate(user_set_attributes=set(names))
     return (settings.num_assistant_tokens, settings.num_assistant_tokens_schedule,
             settings.assistant_confidence_threshold)
