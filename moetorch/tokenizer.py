@@ -393,7 +393,9 @@ class Tokenizer(PushToHubMixin):
                 kwargs.pop(key)
         # the pipeline and padding side follow the class: LlamaTokenizer's, or the one the config names
         # (a `tokenizer_class` keyword is only kept, as in Transformers)
-        llama = kwargs.pop(_LLAMA_CLASS_KWARG, False) or config.get("tokenizer_class") in LLAMA_CLASSES
+        model_type = _model_type(kwargs.pop("config", None), directory)
+        llama = kwargs.pop(_LLAMA_CLASS_KWARG, False) or (
+            config.get("tokenizer_class") in LLAMA_CLASSES and model_type not in NAMED_CLASS_OVERRIDDEN)
         config.update(kwargs)
         # tokenizer.json's truncation and padding sections are defaults for what the config does not
         # set, as in Transformers 5: the sides and pad_token take effect, the rest is only kept (init_kwargs)
@@ -1462,6 +1464,20 @@ def _clean_up(text: str) -> str:
 # their tokenizer.json spells out (a Prepend("▁") normalizer, which also puts "▁" after every special
 # token): the same text must give the same ids as there.
 LLAMA_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast"}
+# Model types whose checkpoints name a tokenizer class that does not fit their tokenizer.json, so
+# that Transformers 5 reads the file as it is instead (part of its
+# MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS): Phi-3.5-MoE's tokenizer_config.json names
+# LlamaTokenizer, and beside a phimoe config.json its tokenizer.json's own pipeline runs.
+NAMED_CLASS_OVERRIDDEN = {"phimoe", "phi3"}
+
+
+def _model_type(config: Any, directory: Path) -> str | None:
+    """The model type a tokenizer is loaded for: the `config=` keyword's (a config or its dict),
+    else that of the config.json beside tokenizer.json, else None."""
+    if config is not None:
+        return config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    data = _read_json(directory / "config.json")
+    return data.get("model_type") if isinstance(data, dict) else None
 _LLAMA_CLASS_KWARG = "_llama_tokenizer_class"  # LlamaTokenizer.from_pretrained's, to Tokenizer.from_pretrained
 
 

@@ -800,3 +800,26 @@ def test_encode_message_with_chat_template_as_transformers(path):
     raises_both(lambda t: t.encode_message_with_chat_template(chat[0], add_generation_prompt=True), theirs, ours)
     with pytest.raises(TypeError, match="message must be a dict"):
         ours.encode_message_with_chat_template("hello")
+
+
+@pytest.mark.parametrize("model_type", [None, "phimoe", "jetmoe", "llama"])
+@pytest.mark.parametrize("build", [build_tokenizer, build_llama_tokenizer], ids=["bpe", "llama"])
+def test_the_named_class_beside_a_model_config_as_transformers(model_type, build, tmp_path):
+    """A tokenizer_config.json naming LlamaTokenizer gets Llama's pipeline, except beside a
+    config.json of a model type whose checkpoints name a class that does not fit their
+    tokenizer.json (phimoe: Phi-3.5-MoE's names LlamaTokenizer), where tokenizer.json's own pipeline
+    runs, as Transformers' AutoTokenizer decides; a `config=` keyword's model type decides over the
+    file's."""
+    import moetorch
+
+    directory = build(tmp_path / "tok")
+    if model_type is not None:
+        (directory / "config.json").write_text(json.dumps({"model_type": model_type}))
+    texts = [*TEXTS, "Hello <|end|> world  a", "<|user|>hi<|end|>"]
+    for kwargs in ({}, {"config": transformers.JetMoeConfig()}, {"config": transformers.PhimoeConfig()}):
+        hf = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+        ours = moetorch.AutoTokenizer.from_pretrained(directory, **kwargs)
+        assert [ours(t).input_ids for t in texts] == [hf(t).input_ids for t in texts], (model_type, kwargs)
+        assert ours.padding_side == hf.padding_side
+        chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "two experts"}]
+        assert ours.apply_chat_template(chat, return_dict=False) == hf.apply_chat_template(chat, return_dict=False)
