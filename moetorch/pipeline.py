@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import os
 import types
 import warnings
@@ -14,6 +15,8 @@ import torch
 
 from .hub import HUB_OPTIONS
 from .tokenizer import Tokenizer
+
+logger = logging.getLogger("moetorch")
 
 TASKS = ("text-generation", "text-classification", "sentiment-analysis")
 CLASSIFICATION_TASKS = ("text-classification", "sentiment-analysis")
@@ -36,20 +39,40 @@ def pipeline(
     trust_remote_code: bool | None = None,
     model_kwargs: dict[str, Any] | None = None,
     use_fast: bool = True,
+    config: Any = None,
+    feature_extractor: Any = None,
+    image_processor: Any = None,
+    processor: Any = None,
+    video_processor: Any = None,
+    pipeline_class: Any = None,
     **kwargs: Any,
 ) -> TextGenerationPipeline | TextClassificationPipeline:
     """Build a pipeline; `model` is a loaded model, or a checkpoint directory, embedded model or
     Hub repository that `AutoModelForCausalLM.from_pretrained` (for text classification,
     `AutoModelForSequenceClassification`) loads with `model_kwargs` (and
     `revision`, `token`), as in Transformers; the tokenizer then comes from the same place. `use_fast`
-    is accepted and ignored: moetorch has one tokenizer implementation. Other keywords are the
-    pipeline's defaults for every call (generation parameters, return_full_text, prefix, batch_size...)."""
+    is accepted and ignored: moetorch has one tokenizer implementation. `config` (a config or its
+    directory) is the loaded model's config, as in Transformers; the processors of other
+    modalities, a `pipeline_class` and an `assistant_tokenizer` are taken when None (these models
+    have none) and refused otherwise. Other keywords are the pipeline's defaults for every call
+    (generation parameters, return_full_text, prefix, batch_size...)."""
     if task not in TASKS:
         raise ValueError(f"unsupported task {task!r}; moetorch pipelines support {TASKS}")
     if model is None:
         raise ValueError("pipeline needs model= (a loaded moetorch model or a checkpoint directory)")
+    others = {"feature_extractor": feature_extractor, "image_processor": image_processor, "processor": processor,
+              "video_processor": video_processor, "pipeline_class": pipeline_class,
+              "assistant_tokenizer": kwargs.pop("assistant_tokenizer", None)}
+    given = [name for name, value in others.items() if value is not None]
+    if given:
+        raise ValueError(f"pipeline: {given} not supported: moetorch's text pipelines take a model and a tokenizer "
+                         "(an assistant model must share the model's tokenizer)")
     model_kwargs = dict(model_kwargs or {})
     if isinstance(device, int) and device < 0:  # Transformers' spelling of the CPU
+        device = "cpu"
+    elif isinstance(device, int) and not torch.cuda.is_available():
+        logger.warning("pipeline: device=%d, but no CUDA device is available: running on the CPU, as Transformers "
+                       "does", device)
         device = "cpu"
     hub = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
     hub.update({k: model_kwargs[k] for k in HUB_OPTIONS if k in model_kwargs})  # the tokenizer's too
@@ -68,6 +91,8 @@ def pipeline(
         if trust_remote_code is not None:
             model_kwargs["trust_remote_code"] = trust_remote_code
         auto = AutoModelForSequenceClassification if task in CLASSIFICATION_TASKS else AutoModelForCausalLM
+        if config is not None:
+            model_kwargs.setdefault("config", config)
         model = auto.from_pretrained(path, dtype=dtype, device=device, device_map=device_map,
                                      **{**model_kwargs, **hub})
         tokenizer = tokenizer if tokenizer is not None else path

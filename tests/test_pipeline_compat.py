@@ -228,7 +228,11 @@ def test_batching_without_a_pad_token_raises_as_transformers(tmp_path):
 @pytest.mark.parametrize("kw", [dict(return_full_text=False), dict(batch_size=2), dict(prefix="Hi "),
                                 dict(clean_up_tokenization_spaces=True), dict(use_fast=True), dict(device=-1),
                                 dict(max_new_tokens=3, do_sample=False), dict(return_tensors=True),
-                                dict(stop_sequence=".", max_new_tokens=9), dict(add_special_tokens=False)])
+                                dict(stop_sequence=".", max_new_tokens=9), dict(add_special_tokens=False),
+                                dict(device=0),  # (no CUDA: the CPU, as Transformers falls back)
+                                dict(config=str(ASSETS / "tiny-phimoe")),
+                                dict(feature_extractor=None, image_processor=None, processor=None,
+                                     video_processor=None, pipeline_class=None, assistant_tokenizer=None)])
 def test_constructor_arguments_are_the_calls_defaults(kw):
     pipes = make_pipes("tiny-phimoe", **kw)
     assert_same(pipes, lambda p: p(PROMPTS[:2], max_new_tokens=4), seed=1)
@@ -255,3 +259,15 @@ def test_empty_prompt_generates_from_nothing(tmp_path):
     assert_same(pipes, lambda p: p("", **GREEDY))
     assert_same(pipes, lambda p: p("", max_new_tokens=4), seed=9)
     assert_same(pipes, lambda p: p(["", "The experts"], **GREEDY))
+
+
+def test_processors_of_other_modalities_are_refused():
+    """A pipeline of these text models takes no processor of another modality, pipeline class or
+    assistant tokenizer: given (not None), each is named."""
+    for name in ("feature_extractor", "image_processor", "processor", "video_processor", "pipeline_class",
+                 "assistant_tokenizer"):
+        with pytest.raises(ValueError, match=f"'{name}'.*not supported"):
+            moetorch.pipeline("text-generation", model="tiny-phimoe", **{name: object()})
+    config = moetorch.AutoConfig.from_pretrained("tiny-phimoe")
+    pipe = moetorch.pipeline("text-generation", model="tiny-phimoe", config=config)
+    assert pipe.model.config == config
