@@ -109,14 +109,12 @@ class Cache:
 
     def _set_layer(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
         """`cache.layers[i].keys = t` (or `.values`): a dynamic cache takes `t` in place of the
-        layer's tensor (layer 0's keys set the cached length)."""
+        layer's tensor (whose length is then the layer's)."""
         if layer_idx >= len(self.keys) or layer_idx in self._unset:
             raise ValueError(f"cache.layers[{layer_idx}].{name}: the layer holds no keys yet, so there is nothing to "
                              "replace; fill the cache with a forward first, or start it from tensors with "
                              "DynamicCache(ddp_cache_data=[(keys, values), ...])")
         getattr(self, name)[layer_idx] = tensor
-        if layer_idx == 0 and name == "keys":
-            self._seen = tensor.shape[-2]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of cached tokens (a host integer; no device read)."""
@@ -329,8 +327,6 @@ class DynamicCache(Cache):
         return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        if layer_idx == 0:
-            self._seen += key_states.shape[-2]
         if len(self.keys) <= layer_idx:
             # layers before this one not yet updated (a pipeline stage's first layer, say) start
             # empty, as Transformers' lazily made layers: length 0 until their first update
@@ -353,14 +349,12 @@ class DynamicCache(Cache):
         """As `Cache.crop`; a negative n drops the last -n tokens of each layer (of its own length)."""
         if max_length >= 0:
             return super().crop(max_length)
-        self._seen = max(self._seen + max_length, 0)
         self.keys = [k[..., :max(k.shape[-2] + max_length, 0), :] for k in self.keys]
         self.values = [v[..., :max(v.shape[-2] + max_length, 0), :] for v in self.values]
 
     def truncate(self, length: int) -> None:
         if all(k.shape[-2] <= length for k in self.keys):
             return
-        self._seen = min(self._seen, length)
         self.keys = [k[..., :length, :] for k in self.keys]
         self.values = [v[..., :length, :] for v in self.values]
 
