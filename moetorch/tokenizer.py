@@ -35,6 +35,7 @@ from .chat_template import (
     tool_schema,
     warn_once,
 )
+from .configuration import CONFIG_NAME
 from .defaults import checkpoint_path
 from .hub import TOKENIZER_PATTERNS, PushToHubMixin, hub_options
 
@@ -393,9 +394,10 @@ class Tokenizer(PushToHubMixin):
                 kwargs.pop(key)
         # the pipeline and padding side follow the class: LlamaTokenizer's, or the one the config names
         # (a `tokenizer_class` keyword is only kept, as in Transformers)
-        model_type = _model_type(kwargs.pop("config", None), directory)
+        model_config = kwargs.pop("config", None)
         llama = kwargs.pop(_LLAMA_CLASS_KWARG, False) or (
-            config.get("tokenizer_class") in LLAMA_CLASSES and model_type not in NAMED_CLASS_OVERRIDDEN)
+            config.get("tokenizer_class") in LLAMA_CLASSES
+            and _model_type(model_config, directory) not in NAMED_CLASS_OVERRIDDEN)
         config.update(kwargs)
         # tokenizer.json's truncation and padding sections are defaults for what the config does not
         # set, as in Transformers 5: the sides and pad_token take effect, the rest is only kept (init_kwargs)
@@ -565,10 +567,12 @@ class Tokenizer(PushToHubMixin):
 
     def __repr__(self) -> str:
         added = "".join(f"\n\t{i}: {token!r}," for i, token in self.added_tokens_decoder.items())
+        if added:
+            added += "\n"
         return (f"{type(self).__name__}(name_or_path='{self.name_or_path}', vocab_size={self.vocab_size}, "
                 f"model_max_length={self.model_max_length}, padding_side='{self.padding_side}', "
                 f"truncation_side='{self.truncation_side}', special_tokens={self.special_tokens_map}, "
-                f"added_tokens_decoder={{{added + chr(10) if added else ''}}})")
+                f"added_tokens_decoder={{{added}}})")
 
     # ---- vocabulary and special tokens -------------------------------------------------------
     @property
@@ -1476,8 +1480,9 @@ def _model_type(config: Any, directory: Path) -> str | None:
     else that of the config.json beside tokenizer.json, else None."""
     if config is not None:
         return config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
-    data = _read_json(directory / "config.json")
-    return data.get("model_type") if isinstance(data, dict) else None
+    return _read_json(directory / CONFIG_NAME).get("model_type")
+
+
 _LLAMA_CLASS_KWARG = "_llama_tokenizer_class"  # LlamaTokenizer.from_pretrained's, to Tokenizer.from_pretrained
 
 

@@ -199,7 +199,7 @@ class GenerationConfig(PushToHubMixin):
                 value = CACHE_ALIASES[value]
             if value is None:
                 # None means unset, as in Transformers: the field's default (a generate() keyword's
-                # None may mean more: `set_none`)
+                # None may mean more: `set_as_keyword`)
                 object.__setattr__(self, name, copy.deepcopy(DEFAULTS[name]))
                 self._explicit.discard(name)
                 return
@@ -209,14 +209,15 @@ class GenerationConfig(PushToHubMixin):
         elif not name.startswith("_") and name not in self._extra:
             self._extra.append(name)
 
-    def set_none(self, name: str) -> None:
-        """`name` set to None as generate()'s keyword sets it: explicitly None where None is a
-        setting of its own (`NONE_IS_A_VALUE`: top-k off, no EOS, ...), else unset."""
-        if name in NONE_IS_A_VALUE:
+    def set_as_keyword(self, name: str, value: Any) -> None:
+        """`name` set as generate()'s keyword sets it: None is explicitly None where None is a
+        setting of its own (`NONE_IS_A_VALUE`: top-k off, no EOS, ...), else unset; any other value
+        as an attribute."""
+        if value is None and name in NONE_IS_A_VALUE:
             object.__setattr__(self, name, None)
             self._explicit.add(name)
         else:
-            setattr(self, name, None)
+            setattr(self, name, value)
 
     def is_set(self, name: str) -> bool:
         """Whether `name` was given explicitly (as opposed to holding its default)."""

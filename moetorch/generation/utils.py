@@ -766,10 +766,8 @@ class GenerationMixin(ContinuousBatchingMixin):
                 setattr(gen, k, copy.deepcopy(v))
         model_inputs, unknown = {}, []
         for k, v in kwargs.items():
-            if k in DEFAULTS and v is None:
-                gen.set_none(k)
-            elif k in DEFAULTS:
-                setattr(gen, k, v)
+            if k in DEFAULTS:
+                gen.set_as_keyword(k, v)
             elif k in MODEL_INPUTS:
                 model_inputs[k] = v
             elif k not in _IGNORED_INPUTS and not (k in _UNSUPPORTED and v in (None, _UNSUPPORTED[k])):
@@ -1548,11 +1546,7 @@ def _draft_settings(gen: GenerationConfig, assistant) -> tuple[int, str, float |
     settings, names = GenerationConfig(), ("num_assistant_tokens", "num_assistant_tokens_schedule",
                                            "assistant_confidence_threshold")
     for name in names:
-        value = pick(name)
-        if value is None:  # (the confidence threshold off)
-            settings.set_none(name)
-        else:
-            setattr(settings, name, value)
+        settings.set_as_keyword(name, pick(name))  # (a None threshold stays off)
     settings.validate(user_set_attributes=set(names))
     return (settings.num_assistant_tokens, settings.num_assistant_tokens_schedule,
             settings.assistant_confidence_threshold)

@@ -92,7 +92,8 @@ def _add_rows(out_TD: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) ->
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a token's K expert terms are summed in: float32 for a half-precision output, which
     the sum rounds to once (as torch's sum over K, and Transformers' JetMoE index_add of all terms,
-    round once: adding term by term would round after each, which differs from three experts on)."""
+    round once: adding term by term would round after each, which differs from three experts on).
+    Each term is first rounded to the output dtype, as the terms those sums add are."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
