@@ -8,7 +8,6 @@ import itertools
 import logging
 import os
 import types
-import warnings
 from typing import Any
 
 import torch
@@ -112,17 +111,49 @@ def pipeline(
         if not classifier:
             raise ValueError(f"pipeline({task!r}) needs a sequence classifier (PhimoeForSequenceClassification, "
                              f"JetMoeForSequenceClassification), got {type(model).__name__}")
-        return TextClassificationPipeline(model, tokenizer, **kwargs)
+        return TextClassificationPipeline(model, tokenizer, device=device, **kwargs)
     if not hasattr(model, "generate"):
         raise ValueError(f"pipeline({task!r}) needs a causal LM (PhimoeForCausalLM, JetMoeForCausalLM), "
                          f"got {type(model).__name__}")
-    return TextGenerationPipeline(model, tokenizer, **kwargs)
+    return TextGenerationPipeline(model, tokenizer, device=device, **kwargs)
+
+
+def _pipeline_device(model, device: Any) -> torch.device:
+    """The device a pipeline reports and runs its inputs on: `device` as given (an index: that
+    CUDA device, the CPU for -1 or where there is none), the model moved there if it is elsewhere;
+    the model's own device when `device` is None."""
+    if device is None:
+        return model.device
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}" if device >= 0 and torch.cuda.is_available() else "cpu"
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a torch.device, a string such as 'cuda:0' or an index, got {device!r}")
+    device = torch.device(device)
+    here = model.device
+    if here.type != device.type or (device.index is not None and here.index not in (device.index, None)):
+        model.to(device)
+    return device
 
 
 def _dataloader_seed_draw() -> None:
     """Transformers runs lists and generators through a torch DataLoader, whose iterator takes its
     base seed from torch's global RNG: one draw per call, before the first input is encoded."""
     torch.empty((), dtype=torch.int64).random_()
+
+
+def _batch_size(value: Any) -> int:
+    """A call's batch size (the pipeline's when the call gives none; 1 when neither does)."""
+    value = 1 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"batch_size should be a positive integer value, but got batch_size={value!r}")
+    return value
+
+
+def _is_key_dataset_of_chats(x: Any) -> bool:
+    """Transformers' `KeyDataset` (by name: moetorch does not import Transformers) whose first item
+    is a chat, which Transformers' pipelines turn into a list of chats."""
+    return type(x).__name__ == "KeyDataset" and isinstance(x, torch.utils.data.Dataset) and len(x) > 0 \
+        and _is_chat(x[0])
 
 
 def _is_chat(x: Any) -> bool:
@@ -185,11 +216,12 @@ class TextGenerationPipeline:
     task = "text-generation"
 
     def __init__(self, model, tokenizer: Tokenizer, batch_size: int | None = None, num_workers: int | None = None,
-                 **kwargs: Any) -> None:
+                 device: Any = None, **kwargs: Any) -> None:
         from .generation.configuration import DEFAULTS as GENERATION_FIELDS
 
         self.model = model
         self.tokenizer = tokenizer
+        self._device = _pipeline_device(model, device)
         if getattr(tokenizer, "padding_side", None) == "right":  # as Transformers' pipeline sets it
             tokenizer.padding_side = "left"
         # generation parameters apply to every call unless it passes a generation_config; the rest are
@@ -205,7 +237,7 @@ class TextGenerationPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -238,11 +270,12 @@ class TextGenerationPipeline:
         return {**self.model.generation_config.to_diff_dict(),
                 **(given.to_diff_dict() if given is not None else {}), **kwargs}
 
-    def __call__(self, text_inputs, *args: Any, num_workers: int | None = None, batch_size: int | None = None,
+    def __call__(self, text_inputs, *, num_workers: int | None = None, batch_size: int | None = None,
                  **kwargs: Any):
-        """Complete a prompt or chat, a list of them (a list of results), or a generator of them (an
-        iterator of results, run as they are asked for); `batch_size` > 1 generates that many
-        prompts together, left-padded."""
+        """Complete a prompt or chat, a list of them (a list of results), or a generator or torch
+        Dataset of them (an iterator of results, run as they are asked for; a `KeyDataset` of chats
+        gives a list, as in Transformers); `batch_size` > 1 generates that many prompts together,
+        left-padded."""
         if isinstance(text_inputs, types.GeneratorType):
             try:  # a generator of messages is one chat, as in Transformers
                 first = next(text_inputs)
@@ -252,18 +285,16 @@ class TextGenerationPipeline:
                 text_inputs = itertools.chain([first], text_inputs)
                 if isinstance(first, dict) and "role" in first:
                     text_inputs = list(text_inputs)
-        if args:
-            warnings.warn(f"Ignoring args : {args}", stacklevel=2)  # as Transformers' pipelines do
-        batch_size = (self._batch_size or 1) if batch_size is None else batch_size
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = _batch_size(self._batch_size if batch_size is None else batch_size)
         pre, gen, post = (({**own, **call}) for own, call in
                           zip(self._params, _sanitize(pipe_tokenizer=self.tokenizer, **kwargs)))
         if isinstance(text_inputs, str) or _is_chat(text_inputs):
             return self._run([self.preprocess(text_inputs, **pre)], gen, post)[0]
         if isinstance(text_inputs, itertools.chain):
             return self._iterate(text_inputs, batch_size, pre, gen, post)
-        if isinstance(text_inputs, torch.utils.data.Dataset):  # (Transformers' KeyDataset, say): lazily, as there
+        if _is_key_dataset_of_chats(text_inputs):  # Transformers makes it a list of chats: a list of results
+            text_inputs = [text_inputs[i] for i in range(len(text_inputs))]
+        elif isinstance(text_inputs, torch.utils.data.Dataset):  # (Transformers' KeyDataset, say): lazily, as there
             items = iter(text_inputs) if isinstance(text_inputs, torch.utils.data.IterableDataset) else \
                 (text_inputs[i] for i in range(len(text_inputs)))
             return self._iterate(items, batch_size, pre, gen, post)
@@ -426,14 +457,16 @@ class TextClassificationPipeline:
     task = "text-classification"
 
     def __init__(self, model, tokenizer: Tokenizer, batch_size: int | None = None, num_workers: int | None = None,
-                 **kwargs: Any) -> None:
+                 device: Any = None, **kwargs: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self._device = _pipeline_device(model, device)
+        self._batch_size = batch_size
         self._params = self._sanitize(**kwargs)
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self._device
 
     @staticmethod
     def _sanitize(function_to_apply=None, top_k="", **tokenizer_kwargs) -> tuple[dict, dict]:
@@ -450,10 +483,8 @@ class TextClassificationPipeline:
             post["function_to_apply"] = name.lower()
         return tokenizer_kwargs, post
 
-    def __call__(self, inputs, *args: Any, num_workers: int | None = None, batch_size: int | None = None,
-                 **kwargs: Any):
-        if args:
-            warnings.warn(f"Ignoring args : {args}", stacklevel=2)  # as Transformers' pipelines do
+    def __call__(self, inputs, *, num_workers: int | None = None, batch_size: int | None = None, **kwargs: Any):
+        _batch_size(self._batch_size if batch_size is None else batch_size)  # checked, as there
         pre, post = (({**own, **call}) for own, call in zip(self._params, self._sanitize(**kwargs)))
         if isinstance(inputs, (str, dict, tuple)):  # (a tuple is one tokenizer input, as there)
             result = self._classify(inputs, pre, post)

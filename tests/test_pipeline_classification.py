@@ -109,6 +109,16 @@ def test_classification_pipeline_bad_input(tmp_path):
         ours([[TEXTS[0], TEXTS[1]]])
     with pytest.raises(TypeError, match="inputs must be a text"):
         ours(3)
+    # as Transformers: no second positional argument, a positive integer batch size, the device as given
+    theirs = transformers.pipeline("text-classification", model=str(path), device="cpu:0")
+    ours = moetorch.pipeline("text-classification", model=str(path), device="cpu:0")
+    assert ours.device == theirs.device == torch.device("cpu", 0)
+    for p in (theirs, ours):
+        with pytest.raises(TypeError, match="positional"):
+            p(TEXTS[0], 2)
+        for bad in (True, 0):
+            with pytest.raises(ValueError, match=f"batch_size={bad}"):
+                p(TEXTS[:2], batch_size=bad)
     with pytest.raises(ValueError, match=r"pipeline\('text-classification'\) needs a sequence classifier"):
         moetorch.pipeline("text-classification", model=moetorch.AutoModelForCausalLM.from_pretrained("tiny-phimoe"))
     classifier = moetorch.AutoModelForSequenceClassification.from_pretrained(path)

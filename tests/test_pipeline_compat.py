@@ -246,6 +246,31 @@ def test_task_device_dtype(phi):
     assert ours == theirs
 
 
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu", 0), -1])
+def test_the_device_is_the_one_given(device):
+    theirs, ours = make_pipes("tiny-phimoe", device=device)
+    assert ours.device == theirs.device and str(ours.device) == str(theirs.device)
+    assert ours.model.device.type == "cpu"
+
+
+def test_key_datasets_positional_arguments_and_batch_sizes_as_transformers(phi):
+    """A KeyDataset of chats gives a list of results (one of texts, an iterator), a second
+    positional argument is a TypeError, and a batch size that is no positive integer a ValueError
+    that names it, as in Transformers."""
+    from transformers.pipelines.pt_utils import KeyDataset
+
+    chats = KeyDataset([{"c": c} for c in CHATS], "c")
+    assert isinstance(assert_same(phi, lambda p: p(chats, **GREEDY)), list)
+    texts = KeyDataset([{"t": t} for t in PROMPTS[:2]], "t")
+    for p in phi:
+        assert not isinstance(p(texts, **GREEDY), list)
+    assert_same(phi, lambda p: list(p(texts, **GREEDY)))
+    assert "positional" in raises_like(phi, lambda p: p("The experts", 4, **GREEDY))
+    for bad in (True, 0, -2, 1.5):
+        msg = raises_like(phi, lambda p, b=bad: p(PROMPTS[:2], batch_size=b, **GREEDY))
+        assert f"batch_size={bad}" in msg
+
+
 # 3. An empty prompt, with and without a BOS token added
 
 
