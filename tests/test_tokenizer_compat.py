@@ -823,3 +823,6 @@ def test_the_named_class_beside_a_model_config_as_transformers(model_type, build
         assert ours.padding_side == hf.padding_side
         chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "two experts"}]
         assert ours.apply_chat_template(chat, return_dict=False) == hf.apply_chat_template(chat, return_dict=False)
+        if kwargs:  # the config's dict (which Transformers' AutoTokenizer refuses) decides as the config does
+            as_dict = moetorch.AutoTokenizer.from_pretrained(directory, config=kwargs["config"].to_dict())
+            assert [as_dict(t).input_ids for t in texts] == [hf(t).input_ids for t in texts], (model_type, kwargs)
