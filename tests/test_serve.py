@@ -421,7 +421,8 @@ def test_echo_scores_the_prompt(served):
     ("/v1/completions", {"prompt": []}, 400, "prompt", "no prompt"),
     ("/v1/completions", {"prompt": [1, 10**6]}, 400, "prompt", "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal"),
-    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "greater than"),
+    ("/v1/completions", {"prompt": "x", "top_p": -0.1}, 400, "top_p", "greater than or equal to 0"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", ""),
     ("/v1/completions", {"prompt": "x", "stop": ["a", ""]}, 400, "stop", "empty"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "does not exist"),
@@ -579,8 +580,9 @@ def test_forced_tool_calls(served):
         got = [{k: v for k, v in c.items() if k not in ("index", "id")} for c in ends[i]["delta"]["tool_calls"]]
         assert got == [{k: v for k, v in c.items() if k != "id"} for c in choice["message"]["tool_calls"]]
         assert ends[i]["finish_reason"] == "tool_calls"
-    assert all(not e["choices"] or "content" not in e["choices"][0]["delta"] or e["choices"][0]["delta"]["content"] == ""
-               for e in events)
+    # a call's stream carries no content: its first delta's is null, as in the whole response
+    assert all(not e["choices"] or e["choices"][0]["delta"].get("content") is None for e in events)
+    assert sum("role" in e["choices"][0]["delta"] for e in events if e["choices"]) == len(whole)
     assert events[-1]["usage"]["completion_tokens"] == client.post(
         "/v1/chat/completions", json=sampled).json()["usage"]["completion_tokens"]
     # a tool whose parameters refer to their own $defs (as pydantic writes them), beside another
@@ -610,7 +612,10 @@ def test_models_health_and_api_key(served):
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == engine.name and models["data"][0]["max_model_len"] == 160
     assert client.get(f"/v1/models/{engine.name}").json()["id"] == engine.name
-    assert client.get("/v1/models/other").status_code == 404
+    assert models["data"][0]["created"] > 1.7e9  # (when the server started)
+    missing = client.get("/v1/models/other")
+    assert missing.status_code == 404 and missing.json()["error"] | {"message": ""} == {
+        "message": "", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
     app = create_app(engine, api_key="sk-test")  # the same engine, started by the fixture's app
     locked = TestClient(app)
     assert locked.get("/v1/models").status_code == 401

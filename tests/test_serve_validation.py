@@ -277,8 +277,10 @@ def test_max_model_len_bounds_prompt_and_completion(served):
         r = client.post("/v1/completions", json={**body, "prompt": [5] * prompt, "max_tokens": max_tokens})
         if status == 200:
             assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == LEN, r.text
-        else:
-            assert "--max-model-len" in error_of(r, 400, "prompt")
+        else:  # OpenAI's wording and code, which clients read as a context overflow
+            message = error_of(r, 400, "prompt")
+            assert "--max-model-len" in message and f"maximum context length is {LEN} tokens" in message
+            assert r.json()["error"]["code"] == "context_length_exceeded"
     r = client.post("/v1/completions", json={"prompt": [5] * (LEN + 1), "max_tokens": 0, "echo": True})
     error_of(r, 400, "prompt")
     r = client.post("/v1/completions", json={"prompt": [5] * LEN, "max_tokens": 0, "echo": True})
@@ -288,6 +290,92 @@ def test_max_model_len_bounds_prompt_and_completion(served):
     r = client.post("/v1/chat/completions", json={"messages": USER, "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == LEN == len(ids) + \
         r.json()["usage"]["completion_tokens"]
+
+
+def test_a_chat_past_the_context_names_it_as_openai_does(served):
+    client, _ = served
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi " * LEN}]})
+    message = error_of(r, 400, "messages")
+    assert message.startswith(f"messages: This model's maximum context length is {LEN} tokens. However, your "
+                              "messages resulted in ")
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": LEN})
+    assert "However, you requested" in error_of(r, 400, "messages") and "in the completion" in r.text
+
+
+# ---- 7b. OpenAI's optional fields: null is the default, metadata is taken ---------------------------------
+@pytest.mark.parametrize("route,fields", [
+    ("/v1/chat/completions", {"n": None, "stream": None, "logprobs": None, "top_logprobs": None}),
+    ("/v1/completions", {"n": None, "stream": None, "echo": None, "logprobs": None, "best_of": None}),
+    ("/v1/chat/completions", {"max_tokens": None, "max_completion_tokens": None, "temperature": None,
+                              "top_p": None, "seed": None, "stop": None, "ignore_eos": None}),
+])
+def test_null_is_the_default_as_openai_reads_it(served, route, fields):
+    """The official client sends None as null: a field given as null answers as if left out."""
+    client, _ = served
+    body = ({"prompt": "Hello"} if route == "/v1/completions" else {"messages": USER}) | {"temperature": 0,
+                                                                                          "max_tokens": 4}
+    want = client.post(route, json=body).json()
+    got = client.post(route, json={**body, **fields, **{k: body[k] for k in body if k in fields and
+                                                         k in ("temperature", "max_tokens")}})
+    assert got.status_code == 200, got.text
+    strip = ("id", "created")
+    assert {k: v for k, v in got.json().items() if k not in strip} == {k: v for k, v in want.items() if k not in strip}
+    with client.stream("POST", route, json={**body, "stream": True, "stream_options": {"include_usage": None}}) as r:
+        assert r.status_code == 200 and not any('"usage":{' in line for line in r.iter_lines())
+    # a required field stays required
+    required = "prompt" if route == "/v1/completions" else "messages"
+    error_of(client.post(route, json={**body, required: None}), 400, required)
+
+
+def test_openai_metadata_fields_are_taken_and_unsupported_ones_refused(served):
+    client, _ = served
+    taken = {"safety_identifier": "u-1", "prompt_cache_key": "k", "prompt_cache_retention": "24h", "user": "me",
+             "verbosity": "medium", "prediction": None, "audio": None, "web_search_options": None,
+             "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
+    r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, **taken})
+    assert r.status_code == 200, r.text
+    for field, value in (("verbosity", "low"), ("prediction", {"type": "content", "content": "x"}),
+                         ("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {})):
+        r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, field: value})
+        assert "not supported" in error_of(r, 400, field)
+
+
+def test_top_p_zero_is_greedy(served):
+    client, _ = served
+    for route, body in (("/v1/completions", {"prompt": "Hello"}), ("/v1/chat/completions", {"messages": USER})):
+        greedy = client.post(route, json={**body, "max_tokens": 6, "temperature": 0, "ignore_eos": True}).json()
+        for extra in ({"seed": 1}, {"seed": 2, "n": 2}):
+            r = client.post(route, json={**body, "max_tokens": 6, "top_p": 0, "temperature": 1.5, "ignore_eos": True,
+                                         **extra})
+            assert r.status_code == 200, r.text
+            key = "text" if route == "/v1/completions" else "message"
+            assert all(c[key] == greedy["choices"][0][key] for c in r.json()["choices"])
+
+
+@pytest.mark.parametrize("messages,param,match", [
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text", "needs its text"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": 5}]}],
+     "messages[0].content[1].text", "a string"),
+    ([{"role": "user", "content": "hi", "name": 7}], "messages[0].name", "must be a string"),
+    ([*USER, {"role": "assistant", "content": "x"}, {"role": "tool", "content": "4"}], "messages[2].tool_call_id",
+     "the id (a string) of the call it answers"),
+    ([*USER, {"role": "tool", "content": "4", "tool_call_id": 3}], "messages[1].tool_call_id", "a string"),
+])
+def test_messages_are_typed_as_openai_types_them(served, messages, param, match):
+    client, _ = served
+    for stream in (False, True):
+        r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2, "stream": stream})
+        assert match in error_of(r, 400, param)
+
+
+def test_responses_carry_a_system_fingerprint(served):
+    client, _ = served
+    for route, body in (("/v1/completions", {"prompt": "Hello"}), ("/v1/chat/completions", {"messages": USER})):
+        r = client.post(route, json={**body, "max_tokens": 2})
+        assert "system_fingerprint" in r.json() and r.json()["system_fingerprint"] is None
+        with client.stream("POST", route, json={**body, "max_tokens": 2, "stream": True}) as s:
+            assert all("system_fingerprint" in e for e in events(s.iter_lines()))
 
 
 # ---- 8. error shapes ----------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from ..generation.stopping_criteria import token_texts
@@ -68,8 +68,8 @@ class _JSON(JSONResponse):
 
 
 def _error(message: str, status: int, param: str | None = None, kind: str = "invalid_request_error",
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return _JSON({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
+           headers: dict[str, str] | None = None, code: str | None = None) -> JSONResponse:
+    return _JSON({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status,
                  headers=headers)
 
 
@@ -129,16 +129,28 @@ class _Strict(BaseModel):
     # OpenAI's types: no "2" for 2, 2.0 for an int, 1 or "yes" for true; no Infinity or NaN
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """A null for an optional field is its default, as OpenAI's API reads it (`"n": null` is
+        one choice, `"stream": null` no stream); a required field stays required."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if not (v is None and k in fields and not fields[k].is_required() and fields[k].default is not None)}
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # (taken: this server pads no stream events)
 
 
 class _Common(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, lt=2**63)
     temperature: float | None = Field(None, ge=0)  # below SAMPLING_EPS (1e-5): greedy
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0: greedy
     top_k: int | None = Field(None, ge=-1)  # at most the vocabulary's size (_sampling)
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
@@ -187,6 +199,14 @@ class ChatRequest(_Common):
     service_tier: str | None = None
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # request metadata (OpenAI's `user` and its successors): taken and ignored
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
     # as other OpenAI-compatible servers: the template's own switches
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -196,7 +216,8 @@ class ChatRequest(_Common):
 # OpenAI fields the server refuses unless they hold their no-op value
 _NOOP = {"suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"),
          "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
-         "modalities": (None, ["text"]), "reasoning_effort": (None,)}
+         "modalities": (None, ["text"]), "reasoning_effort": (None,), "verbosity": (None, "medium"),
+         "prediction": (None,), "audio": (None,), "web_search_options": (None,)}
 
 
 def _refuse_unsupported(body: _Common) -> None:
@@ -209,8 +230,25 @@ def _refuse_unsupported(body: _Common) -> None:
         raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
     _stops(body)  # (checked before a stream starts)
     for i, m in enumerate(body.messages if isinstance(body, ChatRequest) else []):
-        if m.content is None and m.role != "assistant":
-            raise BadRequest(f"messages[{i}].content: a {m.role} message needs content", f"messages[{i}].content")
+        _check_message(i, m)
+
+
+def _check_message(i: int, m: ChatMessage) -> None:
+    """A message's content, text parts, `name` and a tool result's `tool_call_id`, as OpenAI
+    types them (the other fields a message carries go to the chat template as they are)."""
+    where = f"messages[{i}]"
+    if m.content is None and m.role != "assistant":
+        raise BadRequest(f"{where}.content: a {m.role} message needs content", f"{where}.content")
+    for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+        if part.get("type") == "text" and not isinstance(part.get("text"), str):
+            raise BadRequest(f"{where}.content[{j}].text: a text part needs its text, a string",
+                             f"{where}.content[{j}].text")
+    extra = m.model_extra or {}
+    if "name" in extra and not isinstance(extra["name"], str):
+        raise BadRequest(f"{where}.name: must be a string", f"{where}.name")
+    if m.role == "tool" and not isinstance(extra.get("tool_call_id"), str):
+        raise BadRequest(f"{where}.tool_call_id: a tool message needs the id (a string) of the call it answers",
+                         f"{where}.tool_call_id")
 
 
 def _stops(body: _Common) -> list[str]:
@@ -257,7 +295,7 @@ def _sampling(body: _Common, choice: int, vocab: int, grammar=None) -> dict[str,
         raise BadRequest(f"top_k: at most the vocabulary's size ({vocab}), or 0 or -1 for no top-k; got {body.top_k}",
                          "top_k")
     temperature = 1.0 if body.temperature is None else body.temperature
-    if temperature == 0:
+    if temperature == 0 or body.top_p == 0:  # (top_p 0 keeps the likeliest token alone)
         return admit({"do_sample": False, **settings}, vocab)
     seed = None if body.seed is None else (body.seed + choice) % 2**63
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
@@ -388,7 +426,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(BadRequest)
     async def bad(request: Request, exc: BadRequest):
-        return _error(str(exc), exc.status, exc.param, exc.kind)
+        return _error(str(exc), exc.status, exc.param, exc.kind, code=exc.code)
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError):
@@ -396,13 +434,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(PromptError)
     async def prompt_error(request: Request, exc: PromptError):
-        return _error(str(exc), 400, exc.param)
+        return _error(str(exc), 400, exc.param, code=exc.code)
 
     if api_key is not None:
         app.add_middleware(_ApiKey, key=api_key)
 
+    created = int(time.time())  # (the model card's: when this server started)
+
     def card() -> dict[str, Any]:
-        return {"id": engine.name, "object": "model", "created": 0, "owned_by": "moetorch",
+        return {"id": engine.name, "object": "model", "created": created, "owned_by": "moetorch",
                 "max_model_len": engine.max_model_len}
 
     @app.get("/health")
@@ -418,13 +458,13 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def model(model_id: str):
         if model_id != engine.name:
             return _error(f"the model {model_id!r} does not exist (this server serves {engine.name!r})", 404, "model",
-                          "not_found_error")
+                          code="model_not_found")
         return card()
 
     def check_model(body: _Common) -> None:
         if body.model is not None and body.model != engine.name:
             raise BadRequest(f"the model {body.model!r} does not exist (this server serves {engine.name!r})", "model",
-                             404, "not_found_error")
+                             404, code="model_not_found")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -441,7 +481,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                      _sampling(body, j, vocab, grammar))
                 for i, ids in enumerate(prompts) for j in range(best)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": engine.name}
+                "model": engine.name, "system_fingerprint": None}
         echo = {job.index: engine.tokenizer.decode(job.ids, skip_special_tokens=True) for job in jobs} \
             if body.echo else {}
         want_lp, top = body.logprobs is not None, bool(body.logprobs)
@@ -501,7 +541,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         jobs = [_Job(j, ids, engine.check_prompt(ids, limit, "messages"), _sampling(body, j, vocab, grammar))
                 for j in range(body.n)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": engine.name}
+                "model": engine.name, "system_fingerprint": None}
 
         if body.logprobs:  # the vocabulary's token bytes, read once, off the event loop
             await asyncio.to_thread(_token_bytes, engine)
@@ -523,8 +563,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             chunk_head = {**head, "object": "chat.completion.chunk"}
 
             async def chunks():
+                first = {"role": "assistant", "content": "" if calls is None else None}  # (a call: no content)
                 for job in jobs:  # the role first, as OpenAI sends it
-                    yield {**chunk_head, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
+                    yield {**chunk_head, "choices": [{"index": job.index, "delta": first,
                                                       "logprobs": None, "finish_reason": None}]}, None
                 texts = {job.index: "" for job in jobs}  # a forced call's JSON, sent as tool_calls at its end
                 async for index, piece in _run_all(engine, jobs, _stops(body), _eos(body, engine.chat_eos), True):
@@ -728,7 +769,7 @@ def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
             if kinds:
                 raise BadRequest(f"messages[{i}].content: only text parts are supported, got {kinds}",
                                  f"messages[{i}].content")
-            content = "".join(str(part.get("text", "")) for part in content)
+            content = "".join(part["text"] for part in content)
         message["content"] = content or ""
         messages.append(_as_the_template_reads(message, template))
     template_kwargs = dict(body.chat_template_kwargs or {})

@@ -107,11 +107,12 @@ class Piece:
 
 
 class PromptError(ValueError):
-    """A request the engine cannot take (an empty prompt, one too long); `param`: the field."""
+    """A request the engine cannot take (an empty prompt, one too long); `param`: the field,
+    `code`: OpenAI's error code (`context_length_exceeded`) or None."""
 
-    def __init__(self, message: str, param: str) -> None:
+    def __init__(self, message: str, param: str, code: str | None = None) -> None:
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 class EngineError(RuntimeError):
@@ -352,13 +353,18 @@ class Engine:
         if not ids:
             raise PromptError(f"{where}: the prompt is empty", param)
         room = self.max_model_len - len(ids)  # prompt + completion <= max_model_len
+        # OpenAI's wording and code, which clients (LiteLLM, LangChain) read as a context overflow
+        what = "messages" if param == "messages" else "prompt"
+        limit = f"{where}: This model's maximum context length is {self.max_model_len} tokens"
         if room < 0 or (room == 0 and max_tokens != 0):
-            raise PromptError(f"{where}: the prompt has {len(ids)} tokens, "
-                             f"{'which leaves no room for a completion in' if room == 0 else 'past'} this server's "
-                             f"{self.max_model_len} tokens of prompt and completion (--max-model-len)", param)
+            raise PromptError(f"{limit}. However, your {what} resulted in {len(ids)} tokens"
+                              f"{', which leaves no room for a completion' if room == 0 else ''}. Please reduce the "
+                              f"length of the {what} (this server's --max-model-len)", param, "context_length_exceeded")
         if max_tokens is not None and max_tokens > room:
-            raise PromptError(f"{where}: the prompt's {len(ids)} tokens + max_tokens={max_tokens} exceed this server's "
-                             f"{self.max_model_len} tokens of prompt and completion (--max-model-len)", param)
+            raise PromptError(f"{limit}. However, you requested {len(ids) + max_tokens} tokens ({len(ids)} in the "
+                              f"{what}, {max_tokens} in the completion). Please reduce the length of the {what} or "
+                              "completion (max_tokens; this server's --max-model-len)", param,
+                              "context_length_exceeded")
         return room if max_tokens is None else max_tokens
 
     async def generate(self, ids: list[int], max_tokens: int, sampling: dict[str, Any], stop: list[str],
