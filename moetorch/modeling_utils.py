@@ -1345,6 +1345,16 @@ def decoder_forward(
     output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
     checkpointing = model.gradient_checkpointing if model.training else None
     checkpointing = Checkpointing() if checkpointing is True else checkpointing or None
+    given_cache = None
+    if checkpointing and (past_key_values is not None or use_cache):
+        # as Transformers' checkpointed layers: no cache (a layer recomputed in backward would write it twice)
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError("gradient checkpointing in training runs the layers without a cache: past_key_values "
+                             f"holds {past_key_values.get_seq_length()} earlier tokens that they could not attend "
+                             "to; pass no cache, or train without gradient checkpointing")
+        warn_once("checkpointing-cache", "`use_cache=True` (or a `past_key_values`) is incompatible with gradient "
+                  "checkpointing in training: the layers run without a cache (use_cache=False)")
+        given_cache, past_key_values = past_key_values, None
     use_cache = (cfg.use_cache if use_cache is None else use_cache) and not checkpointing
     inp = prepare_decoder_inputs(
         model.embed_tokens, input_ids, inputs_embeds, past_key_values, use_cache, cache_position, position_ids,
@@ -1393,7 +1403,7 @@ def decoder_forward(
     out = MoeModelOutputWithPast(
         last_hidden_state=x,
         # the cache passed in is returned (and filled) with use_cache=False too, as in Transformers
-        past_key_values=inp.cache,
+        past_key_values=inp.cache if given_cache is None else given_cache,
         router_logits=routers if output_router_logits else None,
     )
     # Transformers' base models record the hidden states and attentions after the router logits:

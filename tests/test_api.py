@@ -188,20 +188,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch, options, monkeypa
     grads, calls = [], []
     checkpoint = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(k) or checkpoint(*a, **k))
-    for ckpt in (False, True):
+    for ckpt, cache in ((False, None), (True, None), (True, DynamicCache())):
         model = tiny(arch, seed=2, num_hidden_layers=3).train()
         if ckpt:
             model.activation_checkpointing_enable(**CHECKPOINT_OPTIONS[options])
             assert model.is_gradient_checkpointing and model.is_activation_checkpointing
         torch.manual_seed(5)
-        out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
-        assert out.past_key_values is None or not ckpt
+        # a cache passed in training under checkpointing: the layers run without it, as Transformers'
+        # (a layer recomputed in backward would write its keys twice), and it comes back empty
+        out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True, past_key_values=cache,
+                    use_cache=cache is not None or None)
+        assert out.past_key_values is cache or not ckpt
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        close(grads[0][n], grads[1][n], f"grad {n}", atol=1e-6, rtol=1e-5)
-    assert len(calls) == (2 if options == "every_2nd" else 3)  # layers 0 and 2 of 3, or all
+        assert cache is None or cache.get_seq_length() == 0
+    for other in grads[1:]:
+        assert grads[0].keys() == other.keys()
+        for n in grads[0]:
+            close(grads[0][n], other[n], f"grad {n}", atol=1e-6, rtol=1e-5)
+    assert len(calls) == 2 * (2 if options == "every_2nd" else 3)  # layers 0 and 2 of 3, or all
     want = CHECKPOINT_OPTIONS[options].get("activation_checkpointing_kwargs", {"use_reentrant": False})
     assert all(k == want for k in calls)
 
@@ -222,6 +227,11 @@ def test_gradient_checkpointing_options_are_checked():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=["use_reentrant"])
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True}, every_n_layers=2)
     assert model.model.gradient_checkpointing.every_n_layers == 2
+    model.train()
+    ids = torch.randint(0, PHIMOE.base["vocab_size"], (1, 4))
+    filled = model.eval()(ids, use_cache=True).past_key_values  # (its layers could not attend to it in training)
+    with pytest.raises(ValueError, match="holds 4 earlier tokens that they could not attend to"):
+        model.train()(ids, past_key_values=filled)
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
 

@@ -93,9 +93,11 @@ def causal_lm(
         pad_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             # the new tokens' columns: they end where the cache's count does (a mask may span a
-            # static cache's free slots too), else at the mask's end
+            # static cache's free slots too), else (no cache, or one the layers did not write under
+            # gradient checkpointing) at the mask's end
             cache = out.past_key_values
-            end = cache.get_seq_length() if cache is not None else attention_mask.shape[1]
+            written = cache.get_seq_length() if cache is not None else 0
+            end = written if written >= T else attention_mask.shape[1]
             pad_mask = attention_mask[:, end - T : end]
         aux_loss = router_loss(out.router_logits, pad_mask)
         if loss is not None:
