@@ -67,6 +67,8 @@ class _Auto:
             model_class = cls.class_of(config)
         else:
             model_class = cls.class_for(pretrained_model_name_or_path if config is None else config, **hub)
+        if cls.role != "config":  # (an Auto class's config keywords do not reach the generation config)
+            kwargs.setdefault("_from_auto", True)
         return model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod

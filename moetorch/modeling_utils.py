@@ -7,6 +7,7 @@ Model files keep their modules small and explicit; what is the same for every mo
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -20,8 +21,9 @@ from torch import nn
 from . import checkpoint, placement
 from .adapters import AdapterMixin, adapter_dir, adapter_only_base
 from .cache import Cache, DynamicCache, _carry_over_hint, _kv_shape
-from .configuration import MoeConfig
+from .configuration import CONFIG_NAME, MoeConfig
 from .defaults import checkpoint_path
+from .generation.configuration import DEFAULTS as GENERATION_FIELDS
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
 from .generation.custom import install_checkpoint_generate
 from .hub import PUSH_OPTIONS, PushToHubMixin, hub_options, upload
@@ -61,6 +63,22 @@ def resolve_dtype(dtype: Any, config: MoeConfig) -> torch.dtype:
         raise ValueError(f"dtype must be 'auto', a torch dtype or its name (one of {sorted(_DTYPES)}, 'float64', "
                          f"'double'), got {dtype!r}")
     return found
+
+
+def checkpoint_generation_config(path: str | os.PathLike, overrides: dict[str, Any],
+                                 built: GenerationConfig) -> GenerationConfig:
+    """A loaded checkpoint's generation config, as Transformers reads it: generation_config.json
+    with `overrides` (the generation fields among a model class's `from_pretrained` keywords; an
+    Auto class's go to the config alone), else one made from config.json as it is on disk (the
+    keywords left out), else `built` (the model's own)."""
+    if os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
+        config = GenerationConfig.from_pretrained(path)
+        config.update(**overrides)
+        return config
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
+            return GenerationConfig.from_model_config(json.load(f))
+    return built
 
 
 def resolve_device(device: Any, device_map: Any) -> torch.device:
@@ -655,6 +673,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         """
         hub = hub_options(config_overrides)
         trust_remote_code = bool(config_overrides.get("trust_remote_code"))
+        from_auto = bool(config_overrides.get("_from_auto"))
         check_experts_implementation(config_overrides.pop("experts_implementation", None),
                                      "from_pretrained: experts_implementation")  # taken, changing nothing
         for key in _LOADER_ONLY_KWARGS & config_overrides.keys():
@@ -666,6 +685,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
                                  f"support (got {value!r})")
         if generation_config is not None:
             generation_config = as_generation_config(generation_config, "from_pretrained: generation_config")
+        generation_overrides = {k: v for k, v in config_overrides.items() if k in GENERATION_FIELDS}
         if state_dict is not None:
             state_dict = checkpoint.check_state_dict(state_dict)
         path = adapter = None
@@ -713,9 +733,9 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             setattr(m, _INITIALISED, True)
         if hasattr(model, "generate") and generation_config is not None:
             model.generation_config = generation_config
-        elif (hasattr(model, "generate") and path is not None
-              and os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME))):
-            model.generation_config = GenerationConfig.from_pretrained(path)
+        elif hasattr(model, "generate") and path is not None:
+            model.generation_config = checkpoint_generation_config(path, {} if from_auto else generation_overrides,
+                                                                   model.generation_config)
         model.config.dtype = target_dtype
         if pretrained_model_name_or_path is not None:
             model.name_or_path = model.config.name_or_path = os.fspath(pretrained_model_name_or_path)  # as given

@@ -443,3 +443,34 @@ def test_tied_config_over_a_stored_head_loads_as_transformers(arch, tmp_path, ca
     assert got.lm_head.weight is got.model.embed_tokens.weight and torch.equal(got.model.embed_tokens.weight, head)
     with torch.no_grad():
         close(got(ids).logits, want(ids).logits, "head-only tied logits")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_load_keywords_reach_the_generation_config_as_transformers(arch, tmp_path):
+    """A model class's from_pretrained keywords that are generation fields (eos_token_id,
+    use_cache, ...) update generation_config.json's settings, an Auto class's do not, and a
+    checkpoint without that file makes them from config.json as stored: generate stops where
+    Transformers' does."""
+    import os
+    import shutil
+
+    import moetorch
+
+    hf = arch.hf["causal_lm"](arch.hf_config(eos_token_id=2, bos_token_id=1))
+    randomize_(hf, 3)
+    hf.save_pretrained(tmp_path / "with")
+    shutil.copytree(tmp_path / "with", tmp_path / "without")
+    os.remove(tmp_path / "without" / "generation_config.json")
+    ids = torch.tensor([[5, 6, 7]])
+    plain = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, 3:].tolist()
+    for folder in ("with", "without"):
+        for kw in ({"eos_token_id": plain[3], "pad_token_id": 9}, {"use_cache": False}, {"bos_token_id": 7}):
+            for name in (arch.hf["causal_lm"].__name__, "AutoModelForCausalLM"):
+                theirs = getattr(transformers, name).from_pretrained(tmp_path / folder, **kw)
+                ours = getattr(moetorch, name).from_pretrained(tmp_path / folder, **kw)
+                for key in kw:
+                    assert getattr(ours.generation_config, key) == getattr(theirs.generation_config, key), \
+                        (folder, name, key)
+                    assert getattr(ours.config, key) == getattr(theirs.config, key)
+                assert ours.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
+                    theirs.generate(ids, max_new_tokens=8, do_sample=False).tolist(), (folder, name, kw)
