@@ -551,3 +551,41 @@ def test_float64_attentions_stay_float64(arch, tmp_path):
             tol = 1e-12 if impl == "sdpa" else 1e-5  # (eager: float32 weights)
             close(out.last_hidden_state[real], want[real], f"{impl}, float64", atol=tol, rtol=tol)
             assert out.attentions[0].dtype == torch.float64
+
+
+def test_bf16_router_loss_and_its_gradients_as_transformers(tmp_path):
+    """A bf16 model's router loss: its softmax and top-k in the router logits' dtype (bf16 for
+    PhiMoE; JetMoE's router gives float32), the sums in float32, as Transformers' loss: on random
+    logits of each dtype, the loss and its gradient bit for bit, masked or not; and a bf16 PhiMoE's
+    aux_loss and router gradients bit for bit."""
+    from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
+
+    from moetorch.ops.routing import switch_aux_loss
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, masked, k in itertools.product((torch.bfloat16, torch.float16, torch.float32, torch.float64),
+                                              (False, True), (1, 2, 3)):
+        logits = [(torch.randn(12, 6, generator=g) * 3).to(dtype).requires_grad_() for _ in range(3)]
+        mask = torch.randint(0, 2, (2, 6), generator=g) if masked else None
+        losses, grads = [], []
+        for fn in (load_balancing_loss_func, switch_aux_loss):
+            loss = fn(tuple(logits), 6, k, mask)
+            losses.append(loss.detach())
+            grads.append(torch.autograd.grad(loss, logits))
+        assert torch.equal(losses[0], losses[1]), (dtype, masked, k)
+        assert all(torch.equal(a, b) for a, b in zip(*grads)), (dtype, masked, k)
+    hf, ours = make_pair(PHIMOE, tmp_path)
+    hf, ours = hf.to(torch.bfloat16), ours.to(torch.bfloat16)
+    for seed in range(3):
+        ids, mask = make_inputs(PHIMOE.base["vocab_size"], 2, 7, "left" if seed else None, seed=seed)
+        outs = []
+        for model in (hf, ours):
+            model.zero_grad()
+            out = model(ids, attention_mask=mask, output_router_logits=True)
+            out.aux_loss.backward()
+            outs.append((out.aux_loss.detach(), {n: p.grad for n, p in model.named_parameters()
+                                                 if "router" in n and p.grad is not None}))
+        assert torch.equal(outs[0][0], outs[1][0]), seed
+        assert outs[1][1].keys() == outs[0][1].keys() and outs[1][1], sorted(outs[1][1])
+        for name, grad in outs[0][1].items():
+            assert torch.equal(outs[1][1][name], grad), (seed, name)

@@ -102,7 +102,9 @@ def switch_aux_loss(
     """Switch-Transformer load-balancing loss over all layers' router logits ([B*T, E] each).
 
     E * sum_e (fraction of top-k assignments to e) * (mean router probability of e), with the
-    fractions and means taken over non-padding tokens when a 2D attention mask is given.
+    fractions and means taken over non-padding tokens when a 2D attention mask is given. The
+    softmax and the top-k run in the logits' dtype (bf16 for a bf16 PhiMoE), the sums in float32,
+    as Transformers' `load_balancing_loss_func`.
     """
     device = router_logits[0].device
     counts_E = torch.zeros(num_experts, dtype=torch.float32, device=device)
@@ -112,8 +114,9 @@ def switch_aux_loss(
     if attention_mask_BT is not None:
         w_N = attention_mask_BT.reshape(-1).to(device=device, dtype=torch.float32)
     for logits_NE in router_logits:
-        p_NE = torch.softmax(logits_NE.to(device).float(), dim=-1)
+        p_NE = torch.softmax(logits_NE.to(device), dim=-1)
         _, ids_NK = torch.topk(p_NE, top_k, dim=-1)
+        p_NE = p_NE.float()
         w = w_N if w_N is not None else torch.ones(p_NE.shape[0], dtype=torch.float32, device=device)
         counts_E = counts_E.scatter_add(0, ids_NK.reshape(-1), w.repeat_interleave(top_k))
         probs_E = probs_E + (p_NE * w[:, None]).sum(0)
