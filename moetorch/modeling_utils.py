@@ -569,18 +569,10 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return self.is_activation_checkpointing
 
-    # attributes Transformers' models carry, read from the config (so a resize keeps them right)
+    # an attribute Transformers' models carry, read from the config (so a resize keeps it right)
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
-
-    @property
-    def num_experts(self) -> int:
-        return self.config.num_local_experts
-
-    @property
-    def num_experts_per_tok(self) -> int:
-        return self.config.num_experts_per_tok
 
     # ---- embeddings resizing ---------------------------------------------------------------
     @torch.no_grad()

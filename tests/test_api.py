@@ -299,8 +299,21 @@ def test_model_attributes_as_transformers(arch):
     hf = arch.hf["causal_lm"](arch.hf_config())
     ours = arch.ours["causal_lm"](arch.our_config())
     names = ["vocab_size", "num_experts", "num_experts_per_tok", "name_or_path"]
-    names += ["router_aux_loss_coef"] if arch is PHIMOE else []
+    names += ["router_aux_loss_coef"] if arch is PHIMOE else ["aux_loss_coef", "tie_word_embeddings"]
     assert {n: getattr(ours, n) for n in names} == {n: getattr(hf, n) for n in names}
+    # the router loss's settings are the model's own, copied from the config when it is built, as
+    # Transformers' are: set on the model they change the loss, set on the config afterwards they do not
+    ours.load_state_dict(hf.state_dict())
+    hf.eval(), ours.eval()
+    coef = "router_aux_loss_coef" if arch is PHIMOE else "aux_loss_coef"
+    ids = torch.randint(1, arch.base["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(3))
+    for change in ((coef, 0.7), ("num_experts_per_tok", 1)):
+        for target in ("config", "model"):
+            losses = []
+            for model in (hf, ours):
+                setattr(model.config if target == "config" else model, *change)
+                losses.append(model(ids, labels=ids, output_router_logits=True).loss)
+            close(losses[1], losses[0], f"{change} set on the {target}")
     ours.activation_checkpointing_enable()
     assert ours.is_activation_checkpointing and ours.is_gradient_checkpointing
     ours.activation_checkpointing_disable()

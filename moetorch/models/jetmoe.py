@@ -298,16 +298,19 @@ class JetMoeModel(JetMoePreTrainedModel):
 
 
 def jetmoe_router_loss(
-    router_logits: tuple[torch.Tensor, ...], config: JetMoeConfig, pad_mask_BT: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...], config: JetMoeConfig, pad_mask_BT: torch.Tensor | None = None,
+    num_experts: int | None = None, top_k: int | None = None,
 ) -> torch.Tensor:
-    """The router loss of `config.router_loss_recipe` over a model's `router_logits` (3 per layer).
+    """The router loss of `config.router_loss_recipe` over a model's `router_logits` (3 per layer);
+    `num_experts` and `top_k` (the model's attributes) default to the config's.
 
     "transformers": one Switch loss over all entries, the attention router counted twice per layer.
     "jetmoe": sum over the 2 routers of each layer of (Switch loss with assignment fractions over all
     T*K assignments + router_z_loss_coef * z-loss), as the original JetMoE code trains.
     Padding tokens (0 in `pad_mask_BT`) count in neither.
     """
-    E, K = config.num_local_experts, config.num_experts_per_tok
+    E = config.num_local_experts if num_experts is None else num_experts
+    K = config.num_experts_per_tok if top_k is None else top_k
     if config.router_loss_recipe == "transformers":
         return switch_aux_loss(router_logits, E, K, pad_mask_BT)
     once = [r for i, r in enumerate(router_logits) if i % 3 != 1]  # drop the attention router's copy
@@ -329,11 +332,13 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = JetMoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # copied from the config as Transformers' model does: set on the model they change the
+        # router loss, set on the config afterwards they do not
+        self.aux_loss_coef = config.aux_loss_coef
+        self.tie_word_embeddings = config.tie_word_embeddings
+        self.num_experts = config.num_local_experts
+        self.num_experts_per_tok = config.num_experts_per_tok
         self.post_init()
-
-    @property
-    def aux_loss_coef(self) -> float:
-        return self.config.aux_loss_coef
 
     @takes_cache_name
     def forward(
@@ -362,12 +367,12 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         )
         return causal_lm(
             self, out, attention_mask, labels, logits_to_keep, output_router_logits, loss_kwargs, return_dict,
-            self.router_loss, cfg.aux_loss_coef,
+            self.router_loss, self.aux_loss_coef,
         )
 
     def router_loss(self, router_logits: tuple[torch.Tensor, ...], pad_mask_BT: torch.Tensor | None) -> torch.Tensor:
         """See `jetmoe_router_loss`."""
-        return jetmoe_router_loss(router_logits, self.config, pad_mask_BT)
+        return jetmoe_router_loss(router_logits, self.config, pad_mask_BT, self.num_experts, self.num_experts_per_tok)
 
 
 class JetMoeForSequenceClassification(JetMoePreTrainedModel):

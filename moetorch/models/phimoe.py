@@ -212,11 +212,12 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = PhimoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        # the router loss's settings, copied from the config as Transformers' model does: set on the
+        # model they change the loss, set on the config afterwards they do not
+        self.router_aux_loss_coef = config.router_aux_loss_coef
+        self.num_experts = config.num_local_experts
+        self.num_experts_per_tok = config.num_experts_per_tok
         self.post_init()
-
-    @property
-    def router_aux_loss_coef(self) -> float:
-        return self.config.router_aux_loss_coef
 
     @takes_cache_name
     def prepare_inputs_for_generation(
@@ -264,13 +265,12 @@ class PhimoeForCausalLM(PhimoePreTrainedModel, GenerationMixin):
         )
         return causal_lm(
             self, out, attention_mask, labels, logits_to_keep, output_router_logits, loss_kwargs, return_dict,
-            self.router_loss, cfg.router_aux_loss_coef,
+            self.router_loss, self.router_aux_loss_coef,
         )
 
     def router_loss(self, router_logits: tuple[torch.Tensor, ...], pad_mask_BT: torch.Tensor | None) -> torch.Tensor:
         """Switch load-balancing loss over every layer's router (plain softmax + top-k, not sparsemixer)."""
-        cfg = self.config
-        return switch_aux_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok, pad_mask_BT)
+        return switch_aux_loss(router_logits, self.num_experts, self.num_experts_per_tok, pad_mask_BT)
 
 
 class PhimoeForSequenceClassification(PhimoePreTrainedModel):
