@@ -127,6 +127,40 @@ class _MappingTensors:
     def get_tensor(self, key: str) -> torch.Tensor:
         return self.state_dict[key]
 
+    def get_slice(self, key: str) -> torch.Tensor:  # (a tensor's get_shape: `_shape_of`)
+        return self.state_dict[key]
+
+
+def _shape_of(f, key: str) -> tuple[int, ...]:
+    """A stored tensor's shape, read without its data."""
+    piece = f.get_slice(key)
+    return tuple(piece.shape) if torch.is_tensor(piece) else tuple(piece.get_shape())
+
+
+def _stored_fused_shapes(files: list, state_dict, config, own: dict, base_prefix: str, from_disk) -> dict:
+    """The shape each parameter that the checkpoint stores in pieces (PhiMoE's experts, one tensor
+    per expert and projection) has there, as Transformers fuses it: experts x (pieces x rows) x
+    columns, e.g. (E, 2 * intermediate, hidden) for gate_up_proj."""
+    pieces: dict[str, dict] = {}
+    for file in files:
+        try:
+            opened = (contextlib.nullcontext(_MappingTensors(state_dict)) if state_dict is not None
+                      else safe_open(file, framework="pt", device="cpu"))
+            with opened as f:
+                for key in f.keys():
+                    target = from_disk(_adapt_prefix(key, own, base_prefix), config)
+                    if target.index is None:
+                        continue
+                    seen = pieces.setdefault(_adapt_prefix(target.name, own, base_prefix), {"experts": set(),
+                                                                                            "slices": set()})
+                    seen["experts"].add(target.index[0])
+                    seen["slices"].add(repr(target.index[1:]))
+                    seen["shape"] = _shape_of(f, key)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"cannot read {file}: {e}") from e
+    return {name: (max(p["experts"]) + 1, len(p["slices"]) * p["shape"][0], *p["shape"][1:])
+            for name, p in pieces.items()}
+
 
 def check_state_dict(state_dict: Any) -> Mapping[str, torch.Tensor]:
     """`from_pretrained(state_dict=...)`: a mapping of tensor names (as a checkpoint names them) to
@@ -229,6 +263,14 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
     unexpected: list[str] = []
     mismatched: list[tuple[str, torch.Size, torch.Size]] = []
     stored_head = None  # (a tied head's tensor in the checkpoint, its file)
+    # parameters stored in pieces whose whole does not fit the model's (another expert count or size):
+    # one size mismatch each, as Transformers reports the fused tensor
+    misfits = {name: shape for name, shape in _stored_fused_shapes(files, state_dict, config, own, base_prefix,
+                                                                   from_disk).items()
+               if name in own and shape != tuple(own[name].shape)}
+    for name, shape in misfits.items():
+        _size_mismatch(name, path, name, torch.Size(shape), own[name].shape, ignore_mismatched_sizes, mismatched,
+                       pieces=True)
     for file in tqdm(files, desc="Loading checkpoint shards", disable=len(files) < 2, unit="shard"):
         try:
             opened = (contextlib.nullcontext(_MappingTensors(state_dict)) if state_dict is not None
@@ -242,6 +284,8 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
                     if name not in own:
                         if not _STALE.search(key):  # old rotary buffers: dropped, as Transformers drops them
                             unexpected.append(key)
+                        continue
+                    if name in misfits:
                         continue
                     dst = own[name] if target.index is None else own[name][target.index]
                     if tied and name == "lm_head.weight":
@@ -325,13 +369,17 @@ def _tied_head(model: torch.nn.Module, config, own: dict, written: dict, head: t
 
 
 def _size_mismatch(key: str, file: str, name: str, shape: torch.Size, expected: torch.Size, ignore: bool,
-                   mismatched: list[tuple[str, torch.Size, torch.Size]]) -> None:
+                   mismatched: list[tuple[str, torch.Size, torch.Size]], pieces: bool = False) -> None:
     """A checkpoint tensor of another shape than its parameter's: with `ignore`
     (ignore_mismatched_sizes) recorded in `mismatched` and left out (the caller initialises it),
-    else a CheckpointError naming both."""
+    else a CheckpointError naming both (`pieces`: a parameter stored in pieces, `shape` their whole's)."""
     if ignore:
         mismatched.append((name, shape, expected))
         return
+    if pieces:
+        raise CheckpointError(f"{file}: {name} has shape {tuple(shape)} there (its pieces put together), but the "
+                              f"model expects {tuple(expected)} (check config.json: num_local_experts, "
+                              "intermediate_size, hidden_size)")
     raise CheckpointError(f"tensor {key!r} in {file} has shape {tuple(shape)}, but the model expects "
                           f"{tuple(expected)} for {name} (check config.json)")
 

@@ -474,3 +474,23 @@ def test_load_keywords_reach_the_generation_config_as_transformers(arch, tmp_pat
                     assert getattr(ours.config, key) == getattr(theirs.config, key)
                 assert ours.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
                     theirs.generate(ids, max_new_tokens=8, do_sample=False).tolist(), (folder, name, kw)
+
+
+@pytest.mark.parametrize("overrides", [{"num_local_experts": 2}, {"num_local_experts": 8},
+                                       {"intermediate_size": 40}, {"hidden_size": 48}])
+def test_experts_of_another_size_are_one_mismatch_as_transformers(overrides, tmp_path, caplog):
+    """PhiMoE's experts, stored one tensor per expert and projection, loaded into a model of
+    another expert count or size: with `ignore_mismatched_sizes` each fused parameter is one
+    mismatched key with the shape Transformers gives the stored whole (and is newly initialised),
+    else an error that names it; never an error from inside the copy."""
+    our_model(PHIMOE, seed=2).save_pretrained(tmp_path / "lm")
+    if "hidden_size" in overrides:  # (the heads must still divide it)
+        overrides = {**overrides, "num_attention_heads": 4, "num_key_value_heads": 2}
+    ours, info = PhimoeForCausalLM.from_pretrained(tmp_path / "lm", ignore_mismatched_sizes=True,
+                                                   output_loading_info=True, **overrides)
+    _, hf_info = transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "lm", ignore_mismatched_sizes=True,
+                                                                output_loading_info=True, **overrides)
+    assert info == hf_info and any("experts" in name for name, _, _ in info["mismatched_keys"])
+    assert ours.model.layers[0].mlp.experts.gate_up_proj.isfinite().all()
+    with pytest.raises(CheckpointError, match=r"(gate_up_proj|down_proj|weight).* has shape"):
+        PhimoeForCausalLM.from_pretrained(tmp_path / "lm", **overrides)
