@@ -27,6 +27,8 @@ logger = logging.getLogger("moetorch")
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "pytorch_model.bin"  # PyTorch's pickled state dicts, as older checkpoints store them
+WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 # Classifier / LM heads that may legitimately be absent or extra when a checkpoint of one head
 # type is loaded into another (e.g. fine-tuning a classifier from a causal-LM checkpoint).
 HEAD_WEIGHTS = ("score.weight", "lm_head.weight", "lm_head.bias")
@@ -131,6 +133,22 @@ class _MappingTensors:
         return self.state_dict[key]
 
 
+def _open(file: str, state_dict: Mapping[str, torch.Tensor] | None = None):
+    """A checkpoint file (or `state_dict`) to read tensors from by name: safetensors memory-mapped,
+    a PyTorch .bin through `torch.load(weights_only=True)` (tensors only: no code runs)."""
+    if state_dict is not None:
+        return contextlib.nullcontext(_MappingTensors(state_dict))
+    if file.endswith(".bin"):
+        try:
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # (a file of the legacy, non-zip format cannot be memory-mapped)
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(tensors, Mapping):
+            raise CheckpointError(f"{file} holds a {type(tensors).__name__}, not a state dict of tensors")
+        return contextlib.nullcontext(_MappingTensors(check_state_dict(tensors, file)))
+    return safe_open(file, framework="pt", device="cpu")
+
+
 def _shape_of(f, key: str) -> tuple[int, ...]:
     """A stored tensor's shape, read without its data."""
     piece = f.get_slice(key)
@@ -144,9 +162,7 @@ def _stored_fused_shapes(files: list, state_dict, config, own: dict, base_prefix
     pieces: dict[str, dict] = {}
     for file in files:
         try:
-            opened = (contextlib.nullcontext(_MappingTensors(state_dict)) if state_dict is not None
-                      else safe_open(file, framework="pt", device="cpu"))
-            with opened as f:
+            with _open(file, state_dict) as f:
                 for key in f.keys():
                     target = from_disk(_adapt_prefix(key, own, base_prefix), config)
                     if target.index is None:
@@ -157,32 +173,36 @@ def _stored_fused_shapes(files: list, state_dict, config, own: dict, base_prefix
                     seen["slices"].add(repr(target.index[1:]))
                     seen["shape"] = _shape_of(f, key)
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"cannot read {file}: {e}") from e
+            raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}") from e
     return {name: (max(p["experts"]) + 1, len(p["slices"]) * p["shape"][0], *p["shape"][1:])
             for name, p in pieces.items()}
 
 
-def check_state_dict(state_dict: Any) -> Mapping[str, torch.Tensor]:
-    """`from_pretrained(state_dict=...)`: a mapping of tensor names (as a checkpoint names them) to
-    tensors; anything else is a TypeError that says what it got."""
+def check_state_dict(state_dict: Any, where: str = "from_pretrained: state_dict") -> Mapping[str, torch.Tensor]:
+    """`from_pretrained(state_dict=...)` (or a .bin file's, `where`): a mapping of tensor names (as
+    a checkpoint names them) to tensors; anything else is a TypeError that says what it got."""
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"from_pretrained: state_dict must be a mapping of tensor names to tensors (a model's "
+        raise TypeError(f"{where} must be a mapping of tensor names to tensors (a model's "
                         f"state_dict()), got {type(state_dict).__name__}")
     bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
-        raise TypeError(f"from_pretrained: state_dict must map tensor names to tensors; not so for {bad[:5]}")
+        raise TypeError(f"{where} must map tensor names to tensors; not so for {bad[:5]}")
     return state_dict
 
 
 def stored_dtype(path: str | os.PathLike | None, variant: str | None = None,
-                 state_dict: Mapping[str, torch.Tensor] | None = None) -> torch.dtype | None:
+                 state_dict: Mapping[str, torch.Tensor] | None = None,
+                 use_safetensors: bool | None = None) -> torch.dtype | None:
     """The dtype of a checkpoint's first floating-point tensor (what Transformers' `dtype="auto"`
     takes when config.json names none), or None (no weights there, or none floating). The
     checkpoint is `state_dict` where given, else the files in `path`."""
     if state_dict is not None:
         return next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
     try:
-        files = checkpoint_files(path, variant)
+        files = checkpoint_files(path, variant, use_safetensors)
+        if files[0].endswith(".bin"):
+            with _open(files[0]) as f:
+                return next((f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()), None)
         with safe_open(files[0], framework="pt", device="cpu") as f:
             for key in f.keys():
                 dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
@@ -193,27 +213,27 @@ def stored_dtype(path: str | os.PathLike | None, variant: str | None = None,
     return None
 
 
-def checkpoint_files(path: str | os.PathLike, variant: str | None = None) -> list[str]:
-    """The safetensors files of a checkpoint directory (of one `variant`), in index order."""
+def checkpoint_files(path: str | os.PathLike, variant: str | None = None,
+                     use_safetensors: bool | None = None) -> list[str]:
+    """The weight files of a checkpoint directory (of one `variant`), in index order: its
+    safetensors, else PyTorch .bin files (`pytorch_model.bin` or the shards its index lists), as
+    Transformers picks them; `use_safetensors=False` takes the .bin files, `True` only safetensors."""
     path = os.fspath(path)
-    index = os.path.join(path, with_variant(SAFE_WEIGHTS_INDEX_NAME, variant))
-    single = os.path.join(path, with_variant(SAFE_WEIGHTS_NAME, variant))
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
-        files = list(dict.fromkeys(weight_map.values()))
-        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
-        if missing:
-            raise CheckpointError(f"{index} lists shard(s) that do not exist in {path}: {missing}")
-        return [os.path.join(path, f) for f in files]
-    if os.path.isfile(single):
-        return [single]
+    if use_safetensors is not False:
+        files = _indexed_files(path, variant, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+        if files is None and use_safetensors is None:
+            files = _indexed_files(path, variant, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    else:
+        files = _indexed_files(path, variant, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+        if files is None:
+            raise CheckpointError(f"use_safetensors=False: no {with_variant(WEIGHTS_NAME, variant)} or "
+                                  f"{with_variant(WEIGHTS_INDEX_NAME, variant)} found in {path}")
+    if files is not None:
+        return files
+    single = with_variant(SAFE_WEIGHTS_NAME, variant)
     if variant is not None:
-        raise CheckpointError(f"variant={variant!r}: no {os.path.basename(single)} or {os.path.basename(index)} "
-                              f"found in {path}")
+        raise CheckpointError(f"variant={variant!r}: no {single} or {with_variant(SAFE_WEIGHTS_INDEX_NAME, variant)} "
+                              f"(nor {with_variant(WEIGHTS_NAME, variant)}) found in {path}")
     names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
     shards = [f for f in names if _SHARD.match(f)]  # model-00001-of-00002.safetensors without its index
     if shards:
@@ -221,9 +241,30 @@ def checkpoint_files(path: str | os.PathLike, variant: str | None = None) -> lis
     if names:
         raise CheckpointError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path}, only {names[:4]}; "
                               "for model.VARIANT.safetensors pass variant=VARIANT")
-    if any(os.path.exists(os.path.join(path, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        raise CheckpointError(f"{path} holds PyTorch .bin weights; moetorch reads safetensors only")
-    raise CheckpointError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} found in {path}")
+    if use_safetensors and os.path.exists(os.path.join(path, WEIGHTS_NAME)):
+        raise CheckpointError(f"use_safetensors=True, but {path} holds PyTorch .bin weights only")
+    raise CheckpointError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (nor {WEIGHTS_NAME}) found in {path}")
+
+
+def _indexed_files(path: str, variant: str | None, single_name: str, index_name: str) -> list[str] | None:
+    """The files of one format: those its index lists (in order, each once), or its single file,
+    or None where the directory has neither."""
+    index = os.path.join(path, with_variant(index_name, variant))
+    single = os.path.join(path, with_variant(single_name, variant))
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid weights index (needs a 'weight_map'): {e}") from e
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist in {path}: {missing}")
+        return [os.path.join(path, f) for f in files]
+    if os.path.isfile(single):
+        return [single]
+    return None
 
 
 def _adapt_prefix(key: str, own: dict[str, torch.Tensor], prefix: str) -> str:
@@ -240,11 +281,13 @@ def _adapt_prefix(key: str, own: dict[str, torch.Tensor], prefix: str) -> str:
 @torch.no_grad()
 def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, base_prefix: str = "model",
               variant: str | None = None, ignore_mismatched_sizes: bool = False,
-              state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, set]:
+              state_dict: Mapping[str, torch.Tensor] | None = None,
+              use_safetensors: bool | None = None) -> dict[str, set]:
     """Copy a checkpoint's tensors into `model`'s (already allocated) parameters and buffers, and
     return Transformers' loading info: `missing_keys` and `unexpected_keys` (head weights only),
     `mismatched_keys` ((name, checkpoint shape, model shape)), `error_msgs`. The tensors come from
-    the safetensors files in `path`, or from `state_dict` (a mapping of the same names) where given.
+    the weight files in `path` (safetensors, else .bin: `checkpoint_files`), or from `state_dict` (a mapping
+    of the same names) where given.
 
     Every parameter must be written exactly once, with the right shape; anything else raises
     `CheckpointError` naming the tensor and file. Only a task head may be absent (a classifier
@@ -252,7 +295,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
     shape is left out (a classifier of another label count). The caller initialises what is left
     out (the missing and mismatched keys).
     """
-    files = checkpoint_files(path, variant) if state_dict is None else ["state_dict"]
+    files = checkpoint_files(path, variant, use_safetensors) if state_dict is None else ["state_dict"]
     if state_dict is not None:
         path = "state_dict"
     from_disk, to_disk = name_maps(config.model_type)
@@ -273,9 +316,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
                        pieces=True)
     for file in tqdm(files, desc="Loading checkpoint shards", disable=len(files) < 2, unit="shard"):
         try:
-            opened = (contextlib.nullcontext(_MappingTensors(state_dict)) if state_dict is not None
-                      else safe_open(file, framework="pt", device="cpu"))
-            with opened as f:
+            with _open(file, state_dict) as f:
                 for key in f.keys():
                     own_key = _adapt_prefix(key, own, base_prefix)
                     seen.add(own_key)
@@ -308,7 +349,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"cannot read {file}: {e}") from e
+            raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}") from e
     for name, _, _ in mismatched:
         written[name] = own[name].numel()
     if stored_head is not None:

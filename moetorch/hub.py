@@ -19,6 +19,7 @@ HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_down
 # what save_pretrained(push_to_hub=True) takes for the upload, as in Transformers
 PUSH_OPTIONS = ("repo_id", "token", "private", "commit_message", "commit_description", "create_pr", "revision", "tags")
 PATTERNS = ["*.json", "*.safetensors", "*.jinja", "custom_generate/*"]  # a model's (the default)
+BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]  # where a repository has no safetensors
 CONFIG_PATTERNS = ["*.json"]  # configs, generation configs
 TOKENIZER_PATTERNS = ["*.json", "*.jinja"]
 ADAPTER_PATTERNS = ["*.json", "adapter_model.safetensors", "adapter_model.bin"]
@@ -50,9 +51,13 @@ def snapshot(name: str, *, patterns: list[str] | None = None, revision: str | No
     except HFValidationError as e:
         raise FileNotFoundError(f"{not_local} (nor a Hub repository name: {e})") from e
     try:
-        return huggingface_hub.snapshot_download(
-            name, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-            force_download=force_download, allow_patterns=patterns or PATTERNS, library_name="moetorch")
+        fetch = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                     force_download=force_download, library_name="moetorch")
+        folder = huggingface_hub.snapshot_download(name, allow_patterns=patterns or PATTERNS, **fetch)
+        if patterns is None and not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+            # a repository of PyTorch .bin weights only (older checkpoints): those, as Transformers falls back
+            folder = huggingface_hub.snapshot_download(name, allow_patterns=BIN_PATTERNS, **fetch)
+        return folder
     except Exception as e:  # offline and not cached, unknown, gated, unreachable: each says so
         raise FileNotFoundError(f"{not_local}, and the Hub repository of that name could not be had: "
                                 f"{type(e).__name__}: {e}") from e

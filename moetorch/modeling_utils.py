@@ -257,7 +257,7 @@ def place(model: PreTrainedModel, device: Any, device_map: Any, max_memory: Any)
 # Options of Transformers' from_pretrained with nothing to do here (remote code, memory, formats), accepted
 # and ignored; the Hub's options (revision, token, ...) go to moetorch.hub.
 _LOADER_ONLY_KWARGS = {
-    "trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "resume_download", "proxies",
+    "trust_remote_code", "low_cpu_mem_usage", "resume_download", "proxies",
     "offload_folder", "offload_state_dict", "offload_buffers",  # disk offload: moetorch never offloads to disk
     "weights_only", "disable_mmap", "tqdm_class", "use_kernels", "allow_all_kernels",
     "_from_auto", "_from_pipeline", "_commit_hash", "_fast_init", "mirror",
@@ -666,6 +666,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         hub = hub_options(config_overrides)
         trust_remote_code = bool(config_overrides.get("trust_remote_code"))
         from_auto = bool(config_overrides.get("_from_auto"))
+        use_safetensors = config_overrides.pop("use_safetensors", None)  # (None: safetensors, else .bin)
         check_experts_implementation(config_overrides.pop("experts_implementation", None),
                                      "from_pretrained: experts_implementation")  # taken, changing nothing
         for key in _LOADER_ONLY_KWARGS & config_overrides.keys():
@@ -709,14 +710,14 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             config.attn_implementation = check_attn_implementation(attn_implementation)
         asked = dtype if dtype is not None else torch_dtype
         if asked in (None, "auto") and config.dtype is None:  # "auto" with no dtype in config.json: the weights'
-            asked = checkpoint.stored_dtype(path, variant, state_dict) or "auto"
+            asked = checkpoint.stored_dtype(path, variant, state_dict, use_safetensors) or "auto"
         target_dtype = resolve_dtype(asked, config)
         model = meta_model(cls, config, target_dtype)
         planned = place(model, device, device_map, max_memory)
         source = path if path is not None else "state_dict"  # (for messages)
         materialize(model, planned, source)
         info = checkpoint.load_into(model, path, config, cls.base_model_prefix, variant, ignore_mismatched_sizes,
-                                    state_dict)
+                                    state_dict, use_safetensors)
         left_out = info["missing_keys"] | {name for name, _, _ in info["mismatched_keys"]}
         if model.config.tie_word_embeddings:  # a tied head of another shape: the embeddings' loaded parameter
             left_out.discard("lm_head.weight")

@@ -184,8 +184,8 @@ def test_corrupt_and_missing_files(tmp_path):
         f.unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         PhimoeForCausalLM.from_pretrained(tmp_path)
-    (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="safetensors only"):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")  # (.bin weights load: test_pytorch_bin_checkpoints_...)
+    with pytest.raises(CheckpointError, match="cannot read .*pytorch_model.bin: EOFError"):
         PhimoeForCausalLM.from_pretrained(tmp_path)
 
 
@@ -494,3 +494,59 @@ def test_experts_of_another_size_are_one_mismatch_as_transformers(overrides, tmp
     assert ours.model.layers[0].mlp.experts.gate_up_proj.isfinite().all()
     with pytest.raises(CheckpointError, match=r"(gate_up_proj|down_proj|weight).* has shape"):
         PhimoeForCausalLM.from_pretrained(tmp_path / "lm", **overrides)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_pytorch_bin_checkpoints_load_as_transformers(arch, tmp_path):
+    """PyTorch .bin weights (pytorch_model.bin, or shards and their index, as Transformers'
+    `safe_serialization=False` writes them) load as Transformers loads them, dtype "auto"
+    included; beside safetensors, safetensors win unless `use_safetensors=False`, and
+    `use_safetensors=True` refuses .bin weights alone. The files are read with
+    `weights_only=True`: a pickle of anything but tensors is refused."""
+    import shutil
+
+    import moetorch
+
+    hf = arch.hf["causal_lm"](arch.hf_config())
+    randomize_(hf, 5)
+    hf = hf.to(torch.bfloat16)
+    for folder, size in (("single", "1GB"), ("sharded", "20KB")):  # safetensors turned into .bin files
+        hf.save_pretrained(tmp_path / folder, max_shard_size=size)
+        index = tmp_path / folder / "model.safetensors.index.json"
+        weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+        for f in sorted((tmp_path / folder).glob("*.safetensors")):
+            name = f.name.replace("model", "pytorch_model").replace(".safetensors", ".bin")
+            torch.save(load_file(f), f.with_name(name))
+            f.unlink()
+        if weight_map:
+            index.unlink()
+            (tmp_path / folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+                k: v.replace("model", "pytorch_model").replace(".safetensors", ".bin") for k, v in weight_map.items()}}))
+    assert (tmp_path / "single" / "pytorch_model.bin").exists()
+    assert len(list((tmp_path / "sharded").glob("pytorch_model-*.bin"))) > 1
+    ids, _ = make_inputs(arch.base["vocab_size"], 1, 5, None)
+    ours_cls, hf_cls = getattr(moetorch, arch.hf["causal_lm"].__name__), arch.hf["causal_lm"]
+    for folder in ("single", "sharded"):
+        ours, theirs = ours_cls.from_pretrained(tmp_path / folder), hf_cls.from_pretrained(tmp_path / folder)
+        assert ours.dtype == theirs.dtype == torch.bfloat16
+        with torch.no_grad():
+            assert torch.equal(ours(ids).logits, theirs(ids).logits), folder
+    # beside safetensors of other weights
+    both = tmp_path / "both"
+    shutil.copytree(tmp_path / "single", both)
+    other = arch.hf["causal_lm"](arch.hf_config())
+    randomize_(other, 6)
+    other.save_pretrained(tmp_path / "safe")
+    for f in (tmp_path / "safe").glob("*.safetensors"):
+        shutil.copy(f, both / f.name)
+    for kw in ({}, {"use_safetensors": False}, {"use_safetensors": True}):
+        with torch.no_grad():
+            assert torch.equal(ours_cls.from_pretrained(both, dtype=torch.float32, **kw)(ids).logits,
+                               hf_cls.from_pretrained(both, dtype=torch.float32, **kw)(ids).logits), kw
+    with pytest.raises(CheckpointError, match="use_safetensors=True, but .* holds PyTorch .bin weights only"):
+        ours_cls.from_pretrained(tmp_path / "single", use_safetensors=True)
+    with pytest.raises(CheckpointError, match="use_safetensors=False: no pytorch_model.bin"):
+        ours_cls.from_pretrained(tmp_path / "safe", use_safetensors=False)
+    torch.save({"weights": [1, 2]}, tmp_path / "single" / "pytorch_model.bin")
+    with pytest.raises((CheckpointError, TypeError), match="pytorch_model.bin"):
+        ours_cls.from_pretrained(tmp_path / "single")
