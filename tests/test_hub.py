@@ -260,3 +260,29 @@ def test_subfolders_of_directories_and_hub_repositories(cache, tmp_path):
             transformers.AutoTokenizer.from_pretrained(repo, subfolder="sub")("def f():")["input_ids"]
         assert moetorch.GenerationConfig.from_pretrained(name, subfolder="sub", **kw).to_dict() == \
             moetorch.GenerationConfig.from_pretrained(ASSETS / "tiny-jetmoe").to_dict()
+
+
+def test_a_repository_of_bin_weights_alone_fetches_them(monkeypatch, tmp_path):
+    """A repository without safetensors (an older checkpoint's pytorch_model.bin): after the
+    model's files, its .bin files are fetched, and the model loads from them."""
+    from safetensors.torch import load_file
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ASSETS / "tiny-phimoe", repo)
+    for f in repo.glob("*.safetensors"):
+        torch.save(load_file(f), repo / "pytorch_model.bin")
+        f.unlink()
+    calls = []
+
+    def fake(name, **kw):
+        calls.append(kw["allow_patterns"])
+        return str(repo)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    model = moetorch.PhimoeForCausalLM.from_pretrained("someone/old-phimoe")
+    assert calls == [hub.PATTERNS, hub.BIN_PATTERNS]
+    want = moetorch.PhimoeForCausalLM.from_pretrained(ASSETS / "tiny-phimoe")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+    names = ["pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]
+    assert list(filter_repo_objects([*names, "pytorch_model.bin.index.json.bak", "model.gguf"],
+                                    allow_patterns=hub.BIN_PATTERNS)) == names
