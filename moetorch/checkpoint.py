@@ -444,12 +444,14 @@ def parse_size(size: int | str, what: str = "max_shard_size") -> int:
 
 def save_into(
     model: torch.nn.Module, save_directory: str | os.PathLike, config, max_shard_size: int | str = "50GB",
-    state_dict: dict[str, torch.Tensor] | None = None, variant: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None, variant: str | None = None, original_format: bool = True,
 ) -> None:
     """Write the model's tensors (or `state_dict`, in the model's names) as (sharded) safetensors
-    in the names Transformers loads; `variant` names the files as Transformers' does."""
+    in the names Transformers loads: the checkpoint's original ones (PhiMoE's one tensor per
+    expert), or with `original_format=False` the model's own (fused experts), as Transformers'
+    `save_original_format`; `variant` names the files as Transformers' does."""
     limit = parse_size(max_shard_size)
-    _, to_disk = name_maps(config.model_type)
+    to_disk = name_maps(config.model_type)[1] if original_format else _identity_to_disk
     tied = getattr(config, "tie_word_embeddings", False)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in (model.state_dict() if state_dict is None else state_dict).items():

@@ -48,6 +48,10 @@ _MODEL_DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
 
 
 def resolve_dtype(dtype: Any, config: MoeConfig) -> torch.dtype:
+    if isinstance(dtype, Mapping):  # by sub-config, as Transformers (deprecated there) takes it: the main one's
+        logger.warning("dtype given by module (%s): these models have one, and the whole model takes the main "
+                       "entry's (\"\"; else the default dtype), as in Transformers", dict(dtype))
+        dtype = dtype.get("", torch.get_default_dtype())
     if dtype is None or dtype == "auto":
         dtype = config.dtype or "float32"
     if isinstance(dtype, torch.dtype):
@@ -270,7 +274,7 @@ _LOADER_UNSUPPORTED = {
     "kernel_config": None, "fusion_config": None, "from_tf": False, "from_flax": False,
 }
 # save_pretrained's options that change nothing for a local safetensors save
-_SAVE_NO_OPS = {"save_function", "save_peft_format", "save_original_format", "safe_serialization"}
+_SAVE_NO_OPS = {"save_function", "save_peft_format", "save_original_format", "safe_serialization"}  # (or read)
 # Transformers' experts kernels (`set_experts_implementation`): names taken, none of them changes moetorch's
 _EXPERTS_IMPLEMENTATIONS = {"eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe"}
 # A module's flag, as Transformers names it: init_weights has filled it, or a checkpoint has.
@@ -779,9 +783,11 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     ) -> None:
         """Write config.json and (sharded) safetensors that Transformers and moetorch both load.
 
-        As in Transformers: `is_main_process=False` writes nothing (call it on every process of a
-        distributed run), `state_dict` (in the model's names) is written instead of the model's own
-        tensors, and `variant` names the files `model.{variant}.safetensors`. `push_to_hub=True`
+        As in Transformers: `is_main_process=False` writes nothing but the directory (call it on
+        every process of a distributed run), `save_original_format=False` writes the model's own
+        tensor names (PhiMoE's experts fused) instead of the checkpoint's original ones, `state_dict`
+        (in the model's names) is written instead of the model's own tensors, and `variant` names
+        the files `model.{variant}.safetensors`. `push_to_hub=True`
         then uploads the directory to `repo_id` (default: the directory's name; with `token`,
         `private`, `commit_message`, `commit_description`, `create_pr`, `revision`)."""
         if kwargs.get("safe_serialization", True) is False:  # as Transformers 5, which dropped .bin saving
@@ -791,17 +797,18 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         unknown = sorted(kwargs.keys() - _SAVE_NO_OPS)
         if unknown:
             raise TypeError(f"save_pretrained() got unknown keyword arguments {unknown}")
-        if not is_main_process:
-            return
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained expects a directory, but {save_directory} is a file")
-        os.makedirs(save_directory, exist_ok=True)
+        os.makedirs(save_directory, exist_ok=True)  # (by every process, as Transformers makes it)
+        if not is_main_process:
+            return
         if self._hf_peft_config_loaded:  # the adapter alone, as Transformers saves a model with adapters
             self.save_adapter(save_directory, state_dict, save_peft_format=kwargs.get("save_peft_format", True))
         else:
             self.config.dtype = self.dtype
             self.config.architectures = [type(self).__name__]
-            checkpoint.save_into(self, save_directory, self.config, max_shard_size, state_dict, variant)
+            checkpoint.save_into(self, save_directory, self.config, max_shard_size, state_dict, variant,
+                                 original_format=kwargs.get("save_original_format", True) is not False)
             self.config.save_pretrained(save_directory)
         gen = getattr(self, "generation_config", None)
         if gen is not None and hasattr(gen, "save_pretrained"):

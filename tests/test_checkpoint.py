@@ -265,7 +265,7 @@ def test_variant_files_both_libraries(tmp_path):
 def test_save_options_as_transformers(tmp_path, caplog):
     ours = our_model(PHIMOE, seed=1)
     ours.save_pretrained(tmp_path / "rank1", is_main_process=False)
-    assert not (tmp_path / "rank1").exists()
+    assert list((tmp_path / "rank1").iterdir()) == []  # the directory alone, as Transformers makes it
     other = our_model(PHIMOE, seed=2)
     ours.save_pretrained(tmp_path / "sd", state_dict=other.state_dict())
     hf = transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "sd")
@@ -283,6 +283,19 @@ def test_save_options_as_transformers(tmp_path, caplog):
         sorted(p.name for p in (tmp_path / "hf_bin").glob("*.safetensors"))
     with pytest.raises(TypeError, match="max_shard"):
         ours.save_pretrained(tmp_path / "x", max_shard="1GB")
+    # save_original_format=False: the model's own names (PhiMoE's experts fused), as Transformers writes them
+    ours.save_pretrained(tmp_path / "fused", save_original_format=False)
+    hf.save_pretrained(tmp_path / "hf_fused", save_original_format=False)
+    names = [sorted(load_file(d / "model.safetensors")) for d in (tmp_path / "fused", tmp_path / "hf_fused")]
+    assert names[0] == names[1] and any(n.endswith("mlp.experts.gate_up_proj") for n in names[0])
+    with torch.no_grad():
+        close(transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "fused")(ids).logits, ours(ids).logits,
+              "Transformers reads the fused names moetorch writes")
+    # a generation config read from Transformers' file is saved again without Transformers' version record
+    resaved = PhimoeForCausalLM.from_pretrained(tmp_path / "hf_bin")
+    assert "transformers_version" in json.loads((tmp_path / "hf_bin" / "generation_config.json").read_text())
+    resaved.save_pretrained(tmp_path / "resaved")
+    assert "transformers_version" not in json.loads((tmp_path / "resaved" / "generation_config.json").read_text())
 
 
 def test_loading_options_never_land_in_the_config(tmp_path):
@@ -550,3 +563,16 @@ def test_pytorch_bin_checkpoints_load_as_transformers(arch, tmp_path):
     torch.save({"weights": [1, 2]}, tmp_path / "single" / "pytorch_model.bin")
     with pytest.raises((CheckpointError, TypeError), match="pytorch_model.bin"):
         ours_cls.from_pretrained(tmp_path / "single")
+
+
+def test_dtype_by_module_takes_the_main_entry_as_transformers(tmp_path, caplog):
+    """A dtype dict (Transformers' by sub-config form, deprecated there): the whole model takes the
+    main entry's (""), else the default dtype, with a warning."""
+    our_model(PHIMOE, seed=1).save_pretrained(tmp_path)
+    for dtype in ({"": torch.float16}, {"": "bfloat16"}, {"model": torch.float16}, {"lm_head": "float16",
+                                                                                   "": torch.bfloat16}):
+        with caplog.at_level(logging.WARNING, logger="moetorch"):
+            ours = PhimoeForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+        theirs = transformers.PhimoeForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+        assert ours.dtype == theirs.dtype and ours.lm_head.weight.dtype == theirs.lm_head.weight.dtype, dtype
+        assert "dtype given by module" in caplog.text

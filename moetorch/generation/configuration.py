@@ -475,6 +475,7 @@ class GenerationConfig(PushToHubMixin):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         made_from_model_config = bool(data.pop("_from_model_config", False))
+        data.pop("transformers_version", None)  # (Transformers' record of its writer: moetorch writes none)
         config = cls.from_dict(data, **kwargs)
         object.__setattr__(config, "_from_model_config", made_from_model_config)
         object.__setattr__(config, "_read_as", config.to_json_string())
