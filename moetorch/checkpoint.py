@@ -172,6 +172,8 @@ def _stored_fused_shapes(files: list, state_dict, config, own: dict, base_prefix
                     seen["experts"].add(target.index[0])
                     seen["slices"].add(repr(target.index[1:]))
                     seen["shape"] = _shape_of(f, key)
+        except CheckpointError:
+            raise
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}") from e
     return {name: (max(p["experts"]) + 1, len(p["slices"]) * p["shape"][0], *p["shape"][1:])
@@ -241,7 +243,7 @@ def checkpoint_files(path: str | os.PathLike, variant: str | None = None,
     if names:
         raise CheckpointError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path}, only {names[:4]}; "
                               "for model.VARIANT.safetensors pass variant=VARIANT")
-    if use_safetensors and os.path.exists(os.path.join(path, WEIGHTS_NAME)):
+    if use_safetensors and _indexed_files(path, None, WEIGHTS_NAME, WEIGHTS_INDEX_NAME) is not None:
         raise CheckpointError(f"use_safetensors=True, but {path} holds PyTorch .bin weights only")
     raise CheckpointError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (nor {WEIGHTS_NAME}) found in {path}")
 
@@ -333,7 +335,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
                         # the embedding's copy (tied): the one parameter is loaded from the embedding (or
                         # from the head where the embedding is absent; a head that differs is untied
                         # below), but one of another shape is a size mismatch, as Transformers reports it
-                        shape = f.get_tensor(key).shape if state_dict is not None else f.get_slice(key).get_shape()
+                        shape = _shape_of(f, key)
                         if tuple(shape) != tuple(dst.shape):
                             _size_mismatch(key, file, name, torch.Size(shape), dst.shape, ignore_mismatched_sizes,
                                            mismatched)

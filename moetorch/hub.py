@@ -19,7 +19,8 @@ HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_down
 # what save_pretrained(push_to_hub=True) takes for the upload, as in Transformers
 PUSH_OPTIONS = ("repo_id", "token", "private", "commit_message", "commit_description", "create_pr", "revision", "tags")
 PATTERNS = ["*.json", "*.safetensors", "*.jinja", "custom_generate/*"]  # a model's (the default)
-BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]  # where a repository has no safetensors
+# PyTorch .bin weights (at any depth: a subfolder's too), where a repository has no safetensors
+BIN_PATTERNS = ["*pytorch_model*.bin", "*pytorch_model*.bin.index.json"]
 CONFIG_PATTERNS = ["*.json"]  # configs, generation configs
 TOKENIZER_PATTERNS = ["*.json", "*.jinja"]
 ADAPTER_PATTERNS = ["*.json", "adapter_model.safetensors", "adapter_model.bin"]
@@ -33,9 +34,11 @@ def hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def snapshot(name: str, *, patterns: list[str] | None = None, revision: str | None = None,
              cache_dir: str | os.PathLike | None = None, token: bool | str | None = None,
-             local_files_only: bool = False, force_download: bool = False) -> str:
+             local_files_only: bool = False, force_download: bool = False,
+             use_safetensors: bool | None = None) -> str:
     """The local directory of Hub repository `name` at `revision` (cached, or downloaded now),
-    with the files that match `patterns` (default: a model's, `PATTERNS`).
+    with the files that match `patterns` (default: a model's, `PATTERNS`; their PyTorch .bin
+    weights instead of safetensors with `use_safetensors=False`, or where it has no safetensors).
     Raises FileNotFoundError that says why where `name` is neither a local directory nor a
     repository that can be had."""
     not_local = f"{name!r} is not a local directory"
@@ -53,8 +56,11 @@ def snapshot(name: str, *, patterns: list[str] | None = None, revision: str | No
     try:
         fetch = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
                      force_download=force_download, library_name="moetorch")
+        if patterns is None and use_safetensors is False:
+            patterns = [p for p in PATTERNS if p != "*.safetensors"] + BIN_PATTERNS
         folder = huggingface_hub.snapshot_download(name, allow_patterns=patterns or PATTERNS, **fetch)
-        if patterns is None and not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+        if patterns is None and use_safetensors is None and not any(
+                f.endswith(".safetensors") for _, _, files in os.walk(folder) for f in files):
             # a repository of PyTorch .bin weights only (older checkpoints): those, as Transformers falls back
             folder = huggingface_hub.snapshot_download(name, allow_patterns=BIN_PATTERNS, **fetch)
         return folder

@@ -691,7 +691,8 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
                 raise ValueError(f"{cls.__name__}.from_pretrained(None, ...) needs both `config` and `state_dict` "
                                  f"(got {'no config' if config is None else 'no state_dict'})")
         else:
-            path = checkpoint_path(pretrained_model_name_or_path, **hub)  # a Hub name is fetched (moetorch.hub)
+            # a Hub name is fetched (moetorch.hub)
+            path = checkpoint_path(pretrained_model_name_or_path, use_safetensors=use_safetensors, **hub)
             adapter = adapter_dir(path)
             base = adapter_only_base(path, None, hub)
             if base is not None:  # the model is the adapter's base, as in Transformers

@@ -150,10 +150,10 @@ def _batch_size(value: Any) -> int:
 
 
 def _is_key_dataset_of_chats(x: Any) -> bool:
-    """Transformers' `KeyDataset` (by name: moetorch does not import Transformers) whose first item
-    is a chat, which Transformers' pipelines turn into a list of chats."""
+    """Transformers' `KeyDataset` (by name: moetorch does not import Transformers) whose items are
+    chats, which Transformers' pipelines turn into a list of chats."""
     return type(x).__name__ == "KeyDataset" and isinstance(x, torch.utils.data.Dataset) and len(x) > 0 \
-        and _is_chat(x[0])
+        and all(_is_chat(x[i]) for i in range(len(x)))
 
 
 def _is_chat(x: Any) -> bool:
@@ -285,11 +285,11 @@ class TextGenerationPipeline:
                 text_inputs = itertools.chain([first], text_inputs)
                 if isinstance(first, dict) and "role" in first:
                     text_inputs = list(text_inputs)
-        batch_size = _batch_size(self._batch_size if batch_size is None else batch_size)
         pre, gen, post = (({**own, **call}) for own, call in
                           zip(self._params, _sanitize(pipe_tokenizer=self.tokenizer, **kwargs)))
-        if isinstance(text_inputs, str) or _is_chat(text_inputs):
+        if isinstance(text_inputs, str) or _is_chat(text_inputs):  # one input: no batches (nor their size)
             return self._run([self.preprocess(text_inputs, **pre)], gen, post)[0]
+        batch_size = _batch_size(self._batch_size if batch_size is None else batch_size)
         if isinstance(text_inputs, itertools.chain):
             return self._iterate(text_inputs, batch_size, pre, gen, post)
         if _is_key_dataset_of_chats(text_inputs):  # Transformers makes it a list of chats: a list of results
@@ -484,11 +484,11 @@ class TextClassificationPipeline:
         return tokenizer_kwargs, post
 
     def __call__(self, inputs, *, num_workers: int | None = None, batch_size: int | None = None, **kwargs: Any):
-        _batch_size(self._batch_size if batch_size is None else batch_size)  # checked, as there
         pre, post = (({**own, **call}) for own, call in zip(self._params, self._sanitize(**kwargs)))
         if isinstance(inputs, (str, dict, tuple)):  # (a tuple is one tokenizer input, as there)
             result = self._classify(inputs, pre, post)
             return [result] if isinstance(inputs, str) and "top_k" not in kwargs else result
+        _batch_size(self._batch_size if batch_size is None else batch_size)  # checked for batches, as there
         if isinstance(inputs, (list, types.GeneratorType, torch.utils.data.Dataset)):
             _dataloader_seed_draw()
             results = (self._classify(x, pre, post) for x in inputs)

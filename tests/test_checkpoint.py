@@ -529,7 +529,12 @@ def test_pytorch_bin_checkpoints_load_as_transformers(arch, tmp_path):
         weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
         for f in sorted((tmp_path / folder).glob("*.safetensors")):
             name = f.name.replace("model", "pytorch_model").replace(".safetensors", ".bin")
-            torch.save(load_file(f), f.with_name(name))
+            tensors = load_file(f)
+            if "model.embed_tokens.weight" in tensors and hf.config.tie_word_embeddings:
+                tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # as older .bin files
+                if weight_map is not None:
+                    weight_map["lm_head.weight"] = f.name
+            torch.save(tensors, f.with_name(name))
             f.unlink()
         if weight_map:
             index.unlink()
@@ -537,6 +542,9 @@ def test_pytorch_bin_checkpoints_load_as_transformers(arch, tmp_path):
                 k: v.replace("model", "pytorch_model").replace(".safetensors", ".bin") for k, v in weight_map.items()}}))
     assert (tmp_path / "single" / "pytorch_model.bin").exists()
     assert len(list((tmp_path / "sharded").glob("pytorch_model-*.bin"))) > 1
+    from moetorch.train.presets import has_weights
+
+    assert has_weights(tmp_path / "single") and has_weights(tmp_path / "sharded")  # (training goes on from them)
     ids, _ = make_inputs(arch.base["vocab_size"], 1, 5, None)
     ours_cls, hf_cls = getattr(moetorch, arch.hf["causal_lm"].__name__), arch.hf["causal_lm"]
     for folder in ("single", "sharded"):

@@ -281,6 +281,9 @@ def test_a_repository_of_bin_weights_alone_fetches_them(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     model = moetorch.PhimoeForCausalLM.from_pretrained("someone/old-phimoe")
     assert calls == [hub.PATTERNS, hub.BIN_PATTERNS]
+    calls.clear()  # use_safetensors=False: the .bin weights in place of safetensors, at once
+    moetorch.PhimoeForCausalLM.from_pretrained("someone/old-phimoe", use_safetensors=False)
+    assert len(calls) == 1 and "*.safetensors" not in calls[0] and set(hub.BIN_PATTERNS) <= set(calls[0])
     want = moetorch.PhimoeForCausalLM.from_pretrained(ASSETS / "tiny-phimoe")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
     names = ["pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]

@@ -119,6 +119,7 @@ def test_classification_pipeline_bad_input(tmp_path):
         for bad in (True, 0):
             with pytest.raises(ValueError, match=f"batch_size={bad}"):
                 p(TEXTS[:2], batch_size=bad)
+            p(TEXTS[0], batch_size=bad)  # one input: no batches
     with pytest.raises(ValueError, match=r"pipeline\('text-classification'\) needs a sequence classifier"):
         moetorch.pipeline("text-classification", model=moetorch.AutoModelForCausalLM.from_pretrained("tiny-phimoe"))
     classifier = moetorch.AutoModelForSequenceClassification.from_pretrained(path)

@@ -269,6 +269,7 @@ def test_key_datasets_positional_arguments_and_batch_sizes_as_transformers(phi):
     for bad in (True, 0, -2, 1.5):
         msg = raises_like(phi, lambda p, b=bad: p(PROMPTS[:2], batch_size=b, **GREEDY))
         assert f"batch_size={bad}" in msg
+        assert_same(phi, lambda p, b=bad: p(PROMPTS[0], batch_size=b, **GREEDY))  # one input: no batches
 
 
 # 3. An empty prompt, with and without a BOS token added

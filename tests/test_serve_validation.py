@@ -330,6 +330,9 @@ def test_null_is_the_default_as_openai_reads_it(served, route, fields):
 
 def test_openai_metadata_fields_are_taken_and_unsupported_ones_refused(served):
     client, _ = served
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi", "name": None}],
+                                                  "max_tokens": 2})
+    assert r.status_code == 200, r.text  # (a null name is no name)
     taken = {"safety_identifier": "u-1", "prompt_cache_key": "k", "prompt_cache_retention": "24h", "user": "me",
              "verbosity": "medium", "prediction": None, "audio": None, "web_search_options": None,
              "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}

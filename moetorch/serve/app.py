@@ -244,7 +244,7 @@ def _check_message(i: int, m: ChatMessage) -> None:
             raise BadRequest(f"{where}.content[{j}].text: a text part needs its text, a string",
                              f"{where}.content[{j}].text")
     extra = m.model_extra or {}
-    if "name" in extra and not isinstance(extra["name"], str):
+    if extra.get("name") is not None and not isinstance(extra["name"], str):
         raise BadRequest(f"{where}.name: must be a string", f"{where}.name")
     if m.role == "tool" and not isinstance(extra.get("tool_call_id"), str):
         raise BadRequest(f"{where}.tool_call_id: a tool message needs the id (a string) of the call it answers",

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..auto import model_type_of, registry
+from ..checkpoint import CheckpointError, checkpoint_files
 from ..configuration import ConfigError, read_config_dict
 
 logger = logging.getLogger("moetorch")
@@ -55,11 +56,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def aux_loss_coef(config) -> float:
-    """The coefficient the model multiplies its router loss by before adding it to `loss`."""
-    if config.model_type == "phimoe":
-        return float(config.router_aux_loss_coef)
-    return float(config.aux_loss_coef)
+def aux_loss_coef(model) -> float:
+    """The coefficient the model multiplies its router loss by before adding it to `loss` (its
+    own attribute, which its config gave it when it was built)."""
+    if model.config.model_type == "phimoe":
+        return float(model.router_aux_loss_coef)
+    return float(model.aux_loss_coef)
 
 
 def _config_dict(spec: str | dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -78,10 +80,14 @@ def _config_dict(spec: str | dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 
 def has_weights(spec: Any) -> bool:
-    """Whether `spec` is a checkpoint directory with weights (training continues from them)."""
+    """Whether `spec` is a checkpoint directory with weights, safetensors or PyTorch .bin files
+    (training continues from them)."""
     if not isinstance(spec, (str, os.PathLike)) or not Path(spec).is_dir():
         return False
-    return any(f.endswith(".safetensors") for f in os.listdir(spec))
+    try:
+        return bool(checkpoint_files(spec))
+    except CheckpointError:
+        return False
 
 
 def check_overrides(model_type: str, overrides: dict[str, Any]) -> None:

@@ -174,7 +174,7 @@ class Trainer:
             logger.warning("warmup_steps %d > max_steps %d: the learning rate never reaches lr %g nor decays",
                            cfg.warmup_steps, cfg.max_steps, cfg.lr)
         self.model.train()
-        self.aux_coef = aux_loss_coef(self.model.config)
+        self.aux_coef = aux_loss_coef(self.model)
         self.eos_id = end_of_text(self.tokenizer, self.model.config) if cfg.document_attention else None
 
         tokenizer_files = [self.tokenizer_dir / n for n in ckpt.TOKENIZER_FILES] if self.tokenizer_dir else []
