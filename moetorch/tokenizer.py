@@ -755,6 +755,14 @@ class Tokenizer(PushToHubMixin):
         skip = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._tok.id_to_token(int(i)) for i in ids if int(i) not in skip]
 
+    # Transformers' private per-token converters, which its own helpers call on any tokenizer they
+    # are handed (StopStringCriteria builds its tables with `_convert_id_to_token`)
+    def _convert_id_to_token(self, index: int) -> str | None:
+        return self._tok.id_to_token(int(index))
+
+    def _convert_token_to_id(self, token: str) -> int | None:
+        return self._token_to_id(token)
+
     @property
     def extra_special_tokens(self) -> list[str]:
         return [str(t) for t in self._extra_special]

@@ -129,3 +129,21 @@ def test_generate_with_stop_strings_equals_transformers_read_late_or_not(model_p
             ours.lagged_stop = None
         assert torch.equal(got, want), late
     assert want.shape[1] < prompt["input_ids"].shape[1] + 30  # a stop string ended it
+
+
+@pytest.mark.parametrize("name", ["tiny-phimoe", "tiny-jetmoe"])
+def test_transformers_stop_string_criteria_take_a_moetorch_tokenizer(name):
+    """Transformers' own StopStringCriteria (its generate's stop_strings, or built by hand) reads a
+    moetorch tokenizer as it reads its own: the same tables, the same stopping points."""
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(ASSETS / name)
+    theirs, ours = (lib.AutoTokenizer.from_pretrained(ASSETS / name) for lib in (transformers, moetorch))
+    ids = theirs(["The quick brown fox", "Hello"], return_tensors="pt", padding=True)
+    for stops in (["the"], [" a", "e"], ["\n", "xy"]):
+        want = hf_model.generate(**ids, max_new_tokens=20, do_sample=False, stop_strings=stops, tokenizer=theirs)
+        got = hf_model.generate(**ids, max_new_tokens=20, do_sample=False, stop_strings=stops, tokenizer=ours)
+        assert torch.equal(got, want), stops
+        criteria = [transformers.StopStringCriteria(tok, stops) for tok in (theirs, ours)]
+        for a, b in zip(vars(criteria[0]).items(), vars(criteria[1]).items()):
+            assert a[0] == b[0] and (torch.equal(a[1], b[1]) if torch.is_tensor(a[1]) else a[1] == b[1]), a[0]
+    assert ours._convert_id_to_token(5) == theirs._convert_id_to_token(5)
+    assert ours._convert_token_to_id(theirs._convert_id_to_token(7)) == 7
