@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from .adapters import adapter_only_base
-from .configuration import ConfigError, MoeConfig, read_config_dict
+from .configuration import ConfigError, MoeConfig, as_moetorch_config, read_config_dict
 from .defaults import checkpoint_path
 from .hub import CONFIG_PATTERNS, HUB_OPTIONS
 
@@ -62,8 +62,9 @@ class _Auto:
         """Load the checkpoint (a directory, an embedded model or a Hub repository) with the
         class its config.json names, or that `config` names (a config, or where to read one)."""
         hub = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
-        config = kwargs.get("config") if cls.role != "config" else None
+        config = as_moetorch_config(kwargs.get("config")) if cls.role != "config" else None
         if isinstance(config, MoeConfig):
+            kwargs["config"] = config  # (Transformers' own PhimoeConfig: its values)
             model_class = cls.class_of(config)
         else:
             model_class = cls.class_for(pretrained_model_name_or_path if config is None else config, **hub)
@@ -73,6 +74,7 @@ class _Auto:
 
     @classmethod
     def class_of(cls, config: MoeConfig) -> type:
+        config = as_moetorch_config(config)
         if not isinstance(config, MoeConfig) or config.model_type not in registry():
             raise TypeError(f"{cls.__name__}: config must be a moetorch config ({sorted(registry())}), got "
                             f"{type(config).__name__}")
@@ -84,6 +86,7 @@ class _Auto:
         `torch_dtype`) and `attn_implementation` as `_from_config` takes them; `trust_remote_code`
         is taken and changes nothing (no remote code here)."""
         kwargs.pop("trust_remote_code", None)
+        config = as_moetorch_config(config)
         return cls.class_of(config)._from_config(config, **kwargs)
 
 

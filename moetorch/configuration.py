@@ -602,6 +602,21 @@ class MoeConfig(PushToHubMixin):
 _LOADER_KEYS = ("trust_remote_code", "proxies", "_from_auto", "_from_pipeline", "_commit_hash", "resume_download")
 
 
+def as_moetorch_config(config: Any) -> Any:
+    """A Transformers config of a model moetorch runs (`transformers.PhimoeConfig`, a script may
+    still import that one) as moetorch's config of the same values (its `to_dict()`, as config.json
+    holds them); anything else as it is (the caller checks it)."""
+    if isinstance(config, MoeConfig) or not type(config).__module__.startswith("transformers.") \
+            or not hasattr(config, "to_dict"):
+        return config
+    from .auto import registry
+
+    data = config.to_dict()
+    if data.get("model_type") not in registry():
+        return config
+    return registry()[data["model_type"]]["config"].from_dict(data)
+
+
 def read_config_dict(path: str | os.PathLike, **hub: Any) -> dict[str, Any]:
     """Load a config.json as a dict, with errors that name the file. `path`: a directory, the
     file, an embedded model's name or a Hub repository (`hub`: its options, `moetorch.hub`)."""

@@ -7,6 +7,7 @@ Model files keep their modules small and explicit; what is the same for every mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from torch import nn
 from . import checkpoint, placement
 from .adapters import AdapterMixin, adapter_dir, adapter_only_base
 from .cache import Cache, DynamicCache, _carry_over_hint, _kv_shape
-from .configuration import CONFIG_NAME, MoeConfig
+from .configuration import CONFIG_NAME, MoeConfig, as_moetorch_config
 from .defaults import checkpoint_path
 from .generation.configuration import DEFAULTS as GENERATION_FIELDS
 from .generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig, as_generation_config
@@ -320,10 +321,26 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     # the tokens of `labels[..., 1:]` for `num_items_in_batch`.
     loss_type: str | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each model class takes Transformers' own config of its model too (a script may still
+        import `transformers.PhimoeConfig`): its values, as moetorch's config, reach the class's
+        `__init__` and everything it builds."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_takes_transformers_config", False):
+            @functools.wraps(init)
+            def __init__(self, config, *args, **kw):
+                init(self, as_moetorch_config(config), *args, **kw)
+
+            __init__._takes_transformers_config = True
+            cls.__init__ = __init__
+
     def __init__(self, config: MoeConfig) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+            kind = type(config)
+            raise TypeError(f"{type(self).__name__} needs a moetorch.{self.config_class.__name__}, got "
+                            f"{kind.__module__}.{kind.__qualname__}")
         config.validate_rope()  # (RoPE settings changed since the config was made: refused, not run as default)
         self.config = config
         self.name_or_path = config.name_or_path  # the checkpoint directory or name, once loaded
@@ -697,6 +714,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             base = adapter_only_base(path, None, hub)
             if base is not None:  # the model is the adapter's base, as in Transformers
                 pretrained_model_name_or_path, path = base
+        config = as_moetorch_config(config)  # (Transformers' own PhimoeConfig: its values)
         if config is None or isinstance(config, (str, os.PathLike)):
             source, where = (path, {}) if config is None else (config, hub)  # where: a Hub name's options
             config, unused = cls.config_class.from_pretrained(source, return_unused_kwargs=True, **where,

@@ -761,3 +761,27 @@ def test_from_pretrained_dtype_names_and_attn_implementation_forms(arch, tmp_pat
         arch.ours["causal_lm"].from_pretrained(path, attn_implementation={"": "bogus"})
     with pytest.raises(ValueError, match="max_memory"):
         arch.ours["causal_lm"].from_pretrained(path, max_memory={"cpu": "1GB"})
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_a_transformers_config_object_builds_and_loads_moetorch_models(arch, tmp_path):
+    """A script that still imports its config class from Transformers: `transformers.PhimoeConfig`
+    (or JetMoE's) handed to a moetorch model class, `from_pretrained(config=)`, an Auto class or
+    `from_config` stands for moetorch's config of its values, as Transformers takes its own."""
+    path = hf_checkpoint(arch, tmp_path / "ck")
+    hf_config = transformers.AutoConfig.from_pretrained(path)
+    hf_config.rms_norm_eps = 0.25  # (a setting that moves the logits)
+    name = arch.hf["causal_lm"].__name__
+    ids = torch.randint(1, arch.base["vocab_size"], (2, 6))
+    with torch.no_grad():
+        want = getattr(transformers, name).from_pretrained(path, config=hf_config)(ids).logits
+        for model in (getattr(moetorch, name).from_pretrained(path, config=hf_config),
+                      moetorch.AutoModelForCausalLM.from_pretrained(path, config=hf_config)):
+            assert isinstance(model.config, arch.ours["config"]) and model.config.rms_norm_eps == 0.25
+            close(model(ids).logits, want, "logits")
+        for model in (getattr(moetorch, name)(hf_config), moetorch.AutoModelForCausalLM.from_config(hf_config)):
+            assert isinstance(model.config, arch.ours["config"]) and model.config.rms_norm_eps == 0.25
+            assert model.model.config is model.config  # (the modules it builds read the converted config)
+    assert hf_config.rms_norm_eps == 0.25 and type(hf_config).__module__.startswith("transformers.")
+    with pytest.raises(TypeError, match=r"needs a moetorch\.\w+Config, got"):
+        (JETMOE if arch is PHIMOE else PHIMOE).ours["causal_lm"](hf_config)
