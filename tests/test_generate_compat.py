@@ -390,3 +390,30 @@ def test_beam_indices_dtype_as_transformers(arch, tmp_path):
     for out, model in zip(outs, (hf, ours)):
         scores = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
         assert scores.shape == (1, out.beam_indices.shape[1])
+
+
+@pytest.mark.parametrize("settings", [{}, {"do_sample": True, "top_k": 5, "temperature": 0.8},
+                                      {"num_beams": 2, "num_return_sequences": 2}, {"repetition_penalty": 1.3}])
+def test_transformers_generate_takes_a_moetorch_generation_config(pair, settings):
+    """A moetorch GenerationConfig handed to a Transformers model's generate (a script half
+    migrated): the tokens of Transformers' own config of the same settings, the fields Transformers
+    reads that moetorch does not run reading as their unset None."""
+    hf = pair[0]
+    theirs = transformers.GenerationConfig(max_new_tokens=5, pad_token_id=0, **settings)
+    ours = GenerationConfig(max_new_tokens=5, pad_token_id=0, **settings)
+    outs = []
+    for config in (theirs, ours):
+        torch.manual_seed(3)
+        outs.append(hf.generate(**prompt(pair), generation_config=config))
+    assert torch.equal(outs[1], outs[0])
+    assert ours.num_beam_groups is None and ours.token_healing is None
+    with pytest.raises(AttributeError, match="no attribute 'not_a_field'"):
+        ours.not_a_field  # noqa: B018
+
+
+def test_to_json_file_writes_the_json_string(tmp_path):
+    config = GenerationConfig(max_new_tokens=7, top_k=3)
+    config.to_json_file(tmp_path / "g.json")
+    assert (tmp_path / "g.json").read_text() == config.to_json_string()
+    config.to_json_file(tmp_path / "full.json", use_diff=False)
+    assert json.loads((tmp_path / "full.json").read_text())["max_new_tokens"] == 7

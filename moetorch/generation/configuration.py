@@ -120,6 +120,15 @@ _GENERATE_ARGUMENTS = (
 # (top_k=None turns top-k off, where its default is 50; eos_token_id=None drops the model's EOS);
 # every other field passed as None takes its default. In a GenerationConfig, None is always unset
 # (the model's value, else the default), as in Transformers.
+# Transformers' GenerationConfig fields that moetorch's generate has no use for (strategies that
+# Transformers 5 moved to the Hub, its own bookkeeping): read as None, their unset value there, so
+# that Transformers' generate takes a moetorch config as it takes its own.
+TRANSFORMERS_ONLY_FIELDS = frozenset({
+    "_from_model_config", "assistant_early_exit", "constraints", "continuous_batching_config", "diversity_penalty",
+    "dola_layers", "force_words_ids", "low_memory", "num_beam_groups", "penalty_alpha", "speculation_type",
+    "token_healing", "transformers_version", "use_mtp",
+})
+
 NONE_IS_A_VALUE = {name for name, default in DEFAULTS.items() if default is None} | {
     "top_k", "assistant_confidence_threshold"}
 
@@ -208,6 +217,12 @@ class GenerationConfig(PushToHubMixin):
             self._explicit.add(name)
         elif not name.startswith("_") and name not in self._extra:
             self._extra.append(name)
+
+    def __getattr__(self, name: str) -> Any:
+        # (called only for names the config does not hold)
+        if name in TRANSFORMERS_ONLY_FIELDS:
+            return None
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def set_as_keyword(self, name: str, value: Any) -> None:
         """`name` set as generate()'s keyword sets it: None is explicitly None where None is a
@@ -493,6 +508,11 @@ class GenerationConfig(PushToHubMixin):
         """The fields set explicitly or holding other values than their defaults, and the unknown
         keys (what `save_pretrained` writes): Transformers 5 writes each field given a value."""
         return {k: v for k, v in self.to_dict().items() if k not in DEFAULTS or v != DEFAULTS[k] or self.is_set(k)}
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        """Write `to_json_string(use_diff)` to a file, as Transformers' method."""
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string(use_diff=use_diff))
 
     def to_json_string(self, use_diff: bool = True) -> str:
         """The JSON of the fields (those of `to_diff_dict` with `use_diff`), without `compile_config`,
