@@ -490,7 +490,6 @@ class GenerationConfig(PushToHubMixin):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         made_from_model_config = bool(data.pop("_from_model_config", False))
-        data.pop("transformers_version", None)  # (Transformers' record of its writer: moetorch writes none)
         config = cls.from_dict(data, **kwargs)
         object.__setattr__(config, "_from_model_config", made_from_model_config)
         object.__setattr__(config, "_read_as", config.to_json_string())
@@ -516,9 +515,12 @@ class GenerationConfig(PushToHubMixin):
 
     def to_json_string(self, use_diff: bool = True) -> str:
         """The JSON of the fields (those of `to_diff_dict` with `use_diff`), without `compile_config`,
-        which Transformers does not write either; `_from_model_config` where the model config made it."""
+        which Transformers does not write either, nor the `transformers_version` of a file read (kept
+        for what it decides, `uses_model_defaults`: moetorch writes no version of Transformers);
+        `_from_model_config` where the model config made it."""
         fields = self.to_diff_dict() if use_diff else self.to_dict()
         fields.pop("compile_config", None)
+        fields.pop("transformers_version", None)
         if getattr(self, "_from_model_config", False):
             fields["_from_model_config"] = True
         return json.dumps(fields, indent=2, sort_keys=True) + "\n"
