@@ -20,8 +20,12 @@ def test_embedded_model_matches_its_recorded_perplexity(name):
     assert (path / "model.safetensors").stat().st_size <= 16_000_000
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     tok = Tokenizer.from_pretrained(path)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the recorded number was measured single-threaded too
-    ppl = heldout_perplexity(model, tok, HELDOUT_SAMPLE.read_text(encoding="utf-8"))
+    try:
+        ppl = heldout_perplexity(model, tok, HELDOUT_SAMPLE.read_text(encoding="utf-8"))
+    finally:
+        torch.set_num_threads(threads)  # (the tests after it keep theirs)
     assert ppl == pytest.approx(recipe["heldout_sample_ppl"], rel=1e-4)
     assert ppl < 40  # a trained model: a uniform guess over 4096 tokens would be 4096
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 
 import pytest
@@ -506,3 +507,44 @@ def test_log_level_and_port_zero_reach_uvicorn(monkeypatch):
     assert cli.main(["serve", "--model", "tiny-jetmoe", "--port", "0", "--log-level", "WARNING",
                      "--max-model-len", "32", "--max-batch", "1", "--no-engine-process"]) == 0
     assert seen["port"] == 0 and seen["log_level"] == "warning"
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_stop_string_ends_the_count_at_its_token_however_far_the_host_lags(served, monkeypatch, route):
+    """Results may reach the request several tokens at once (the host read late): a stop string
+    still ends the completion, its usage and its log-probabilities at the token that completes it,
+    as when every token is read as it comes."""
+    client, engine = served
+    from moetorch.serve import engine as engine_module
+
+    body = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 0 if "chat" not in route else True}
+    body |= {"prompt": "def fibonacci(n):"} if "chat" not in route else {"messages": USER}
+    lp = client.post(route, json=body).json()["choices"][0]["logprobs"]
+    pieces = lp["tokens"] if "chat" not in route else [e["token"] for e in lp["content"]]
+    k = next(i for i in range(1, len(pieces)) if pieces[i].strip() and pieces[i] not in "".join(pieces[:i]))
+    real = engine_module.StreamedOutput.extend
+    results = []
+    for burst in (1, 5):
+        held: dict = {}
+
+        def extend(self, status, tokens, logprobs, tops, error, burst=burst, held=held):
+            buf = held.setdefault(self.request_id, ([], [], []))
+            buf[0].extend(tokens), buf[1].extend(logprobs), buf[2].extend(tops)
+            if len(buf[0]) >= burst or engine_module.RequestStatus(status) >= engine_module.RequestStatus.FINISHED:
+                real(self, status, list(buf[0]), list(buf[1]), list(buf[2]), error)
+                held[self.request_id] = ([], [], [])
+            else:  # (held back: the request sees no new token yet)
+                real(self, engine_module.RequestStatus.DECODING, [], [], [], None)
+
+        monkeypatch.setattr(engine_module.StreamedOutput, "extend", extend)
+        r = client.post(route, json={**body, "stop": [pieces[k]]})
+        assert r.status_code == 200, r.text
+        results.append(r.json())
+    for r in results:
+        assert r["usage"]["completion_tokens"] == k + 1 and r["choices"][0]["finish_reason"] == "stop"
+    # the same text and tokens; log-probabilities within float32 rounding (the second request may
+    # reuse the first's cached prompt)
+    texts = [json.dumps(r["choices"], sort_keys=True) for r in results]
+    assert re.sub(r"-?\d+\.\d+(e-?\d+)?", "N", texts[0]) == re.sub(r"-?\d+\.\d+(e-?\d+)?", "N", texts[1])
+    numbers = [[float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", t)] for t in texts]
+    assert numbers[0] == pytest.approx(numbers[1], abs=1e-4)

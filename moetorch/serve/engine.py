@@ -403,12 +403,19 @@ class Engine:
                     out = queue.get_nowait()
                 if out.status == RequestStatus.FAILED:
                     raise EngineError(out.error or "the request failed")
-                new = out.generated_tokens[seen:]
-                new_ids += new
-                new_lps += out.logprobs[seen:seen + len(new)]
-                new_tops += out.top_logprobs[seen:seen + len(new)]
-                seen = len(out.generated_tokens)
-                chunk, stopped = text.add(detok.add(new))
+                # the new tokens one at a time: at a stop string the request ends with the token that
+                # completes it, however many the batch decoded past it before this read (usage and
+                # log-probabilities do not depend on how far the host lagged)
+                chunk, stopped, used = "", False, 0
+                for token in out.generated_tokens[seen:]:
+                    piece, stopped = text.add(detok.add([token]))
+                    chunk, used = chunk + piece, used + 1
+                    if stopped:
+                        break
+                new_ids += out.generated_tokens[seen:seen + used]
+                new_lps += out.logprobs[seen:seen + used]
+                new_tops += out.top_logprobs[seen:seen + used]
+                seen += used
                 reason = None
                 if stopped:
                     reason = "stop"
