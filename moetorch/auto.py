@@ -74,7 +74,6 @@ class _Auto:
 
     @classmethod
     def class_of(cls, config: MoeConfig) -> type:
-        config = as_moetorch_config(config)
         if not isinstance(config, MoeConfig) or config.model_type not in registry():
             raise TypeError(f"{cls.__name__}: config must be a moetorch config ({sorted(registry())}), got "
                             f"{type(config).__name__}")

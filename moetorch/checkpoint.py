@@ -149,6 +149,19 @@ def _open(file: str, state_dict: Mapping[str, torch.Tensor] | None = None):
     return safe_open(file, framework="pt", device="cpu")
 
 
+@contextlib.contextmanager
+def _reading(file: str, state_dict: Mapping[str, torch.Tensor] | None = None):
+    """`_open(file, state_dict)`, with any error that is not already a CheckpointError (safetensors
+    raises its own types for corrupt files) made one that names the file."""
+    try:
+        with _open(file, state_dict) as f:
+            yield f
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}") from e
+
+
 def _shape_of(f, key: str) -> tuple[int, ...]:
     """A stored tensor's shape, read without its data."""
     piece = f.get_slice(key)
@@ -158,24 +171,22 @@ def _shape_of(f, key: str) -> tuple[int, ...]:
 def _stored_fused_shapes(files: list, state_dict, config, own: dict, base_prefix: str, from_disk) -> dict:
     """The shape each parameter that the checkpoint stores in pieces (PhiMoE's experts, one tensor
     per expert and projection) has there, as Transformers fuses it: experts x (pieces x rows) x
-    columns, e.g. (E, 2 * intermediate, hidden) for gate_up_proj."""
+    columns, e.g. (E, 2 * intermediate, hidden) for gate_up_proj. Empty for a checkpoint whose names
+    map one to one (no file is opened for them)."""
+    if from_disk is _identity_from_disk:
+        return {}
     pieces: dict[str, dict] = {}
     for file in files:
-        try:
-            with _open(file, state_dict) as f:
-                for key in f.keys():
-                    target = from_disk(_adapt_prefix(key, own, base_prefix), config)
-                    if target.index is None:
-                        continue
-                    seen = pieces.setdefault(_adapt_prefix(target.name, own, base_prefix), {"experts": set(),
-                                                                                            "slices": set()})
-                    seen["experts"].add(target.index[0])
-                    seen["slices"].add(repr(target.index[1:]))
-                    seen["shape"] = _shape_of(f, key)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}") from e
+        with _reading(file, state_dict) as f:
+            for key in f.keys():
+                target = from_disk(_adapt_prefix(key, own, base_prefix), config)
+                if target.index is None:
+                    continue
+                seen = pieces.setdefault(_adapt_prefix(target.name, own, base_prefix), {"experts": set(),
+                                                                                        "slices": set()})
+                seen["experts"].add(target.index[0])
+                seen["slices"].add(repr(target.index[1:]))
+                seen["shape"] = _shape_of(f, key)
     return {name: (max(p["experts"]) + 1, len(p["slices"]) * p["shape"][0], *p["shape"][1:])
             for name, p in pieces.items()}
 
@@ -204,7 +215,7 @@ def stored_dtype(path: str | os.PathLike | None, variant: str | None = None,
         files = checkpoint_files(path, variant, use_safetensors)
         if files[0].endswith(".bin"):
             with _open(files[0]) as f:
-                return next((f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()), None)
+                return next((t.dtype for t in map(f.get_tensor, f.keys()) if t.is_floating_point()), None)
         with safe_open(files[0], framework="pt", device="cpu") as f:
             for key in f.keys():
                 dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
@@ -317,41 +328,36 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
         _size_mismatch(name, path, name, torch.Size(shape), own[name].shape, ignore_mismatched_sizes, mismatched,
                        pieces=True)
     for file in tqdm(files, desc="Loading checkpoint shards", disable=len(files) < 2, unit="shard"):
-        try:
-            with _open(file, state_dict) as f:
-                for key in f.keys():
-                    own_key = _adapt_prefix(key, own, base_prefix)
-                    seen.add(own_key)
-                    target = from_disk(own_key, config)
-                    name = _adapt_prefix(target.name, own, base_prefix)
-                    if name not in own:
-                        if not _STALE.search(key):  # old rotary buffers: dropped, as Transformers drops them
-                            unexpected.append(key)
-                        continue
-                    if name in misfits:
-                        continue
-                    dst = own[name] if target.index is None else own[name][target.index]
-                    if tied and name == "lm_head.weight":
-                        # the embedding's copy (tied): the one parameter is loaded from the embedding (or
-                        # from the head where the embedding is absent; a head that differs is untied
-                        # below), but one of another shape is a size mismatch, as Transformers reports it
-                        shape = _shape_of(f, key)
-                        if tuple(shape) != tuple(dst.shape):
-                            _size_mismatch(key, file, name, torch.Size(shape), dst.shape, ignore_mismatched_sizes,
-                                           mismatched)
-                        else:
-                            stored_head = (f.get_tensor(key), file)
-                        continue
-                    src = f.get_tensor(key)
-                    if tuple(src.shape) != tuple(dst.shape):
-                        _size_mismatch(key, file, name, src.shape, dst.shape, ignore_mismatched_sizes, mismatched)
-                        continue
-                    dst.copy_(src)
-                    written[name] += dst.numel()
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}") from e
+        with _reading(file, state_dict) as f:
+            for key in f.keys():
+                own_key = _adapt_prefix(key, own, base_prefix)
+                seen.add(own_key)
+                target = from_disk(own_key, config)
+                name = _adapt_prefix(target.name, own, base_prefix)
+                if name not in own:
+                    if not _STALE.search(key):  # old rotary buffers: dropped, as Transformers drops them
+                        unexpected.append(key)
+                    continue
+                if name in misfits:
+                    continue
+                dst = own[name] if target.index is None else own[name][target.index]
+                if tied and name == "lm_head.weight":
+                    # the embedding's copy (tied): the one parameter is loaded from the embedding (or
+                    # from the head where the embedding is absent; a head that differs is untied
+                    # below), but one of another shape is a size mismatch, as Transformers reports it
+                    shape = _shape_of(f, key)
+                    if tuple(shape) != tuple(dst.shape):
+                        _size_mismatch(key, file, name, torch.Size(shape), dst.shape, ignore_mismatched_sizes,
+                                       mismatched)
+                    else:
+                        stored_head = (f.get_tensor(key), file)
+                    continue
+                src = f.get_tensor(key)
+                if tuple(src.shape) != tuple(dst.shape):
+                    _size_mismatch(key, file, name, src.shape, dst.shape, ignore_mismatched_sizes, mismatched)
+                    continue
+                dst.copy_(src)
+                written[name] += dst.numel()
     for name, _, _ in mismatched:
         written[name] = own[name].numel()
     if stored_head is not None:

@@ -274,8 +274,9 @@ _LOADER_UNSUPPORTED = {
     "tp_size": None, "distributed_config": None, "device_mesh": None,
     "kernel_config": None, "fusion_config": None, "from_tf": False, "from_flax": False,
 }
-# save_pretrained's options that change nothing for a local safetensors save
-_SAVE_NO_OPS = {"save_function", "save_peft_format", "save_original_format", "safe_serialization"}  # (or read)
+# save_pretrained's options taken besides its named ones: each changes nothing for a local safetensors save
+# or is read from the keywords below (save_peft_format, save_original_format)
+_SAVE_OPTIONS = {"save_function", "save_peft_format", "save_original_format", "safe_serialization"}
 # Transformers' experts kernels (`set_experts_implementation`): names taken, none of them changes moetorch's
 _EXPERTS_IMPLEMENTATIONS = {"eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe"}
 # A module's flag, as Transformers names it: init_weights has filled it, or a checkpoint has.
@@ -813,7 +814,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             logger.warning("save_pretrained: safe_serialization=False is ignored; the weights are written as "
                            "safetensors (as Transformers 5 writes them)")
         push = {k: kwargs.pop(k) for k in PUSH_OPTIONS if k in kwargs}
-        unknown = sorted(kwargs.keys() - _SAVE_NO_OPS)
+        unknown = sorted(kwargs.keys() - _SAVE_OPTIONS)
         if unknown:
             raise TypeError(f"save_pretrained() got unknown keyword arguments {unknown}")
         if os.path.isfile(save_directory):

@@ -149,11 +149,15 @@ def _batch_size(value: Any) -> int:
     return value
 
 
-def _is_key_dataset_of_chats(x: Any) -> bool:
-    """Transformers' `KeyDataset` (by name: moetorch does not import Transformers) whose items are
-    chats, which Transformers' pipelines turn into a list of chats."""
-    return type(x).__name__ == "KeyDataset" and isinstance(x, torch.utils.data.Dataset) and len(x) > 0 \
-        and all(_is_chat(x[i]) for i in range(len(x)))
+def _key_dataset_chats(x: Any) -> list | None:
+    """The items of Transformers' `KeyDataset` (by name: moetorch does not import Transformers)
+    where they are chats, which Transformers' pipelines turn into a list of chats; else None (a
+    dataset of texts stays lazy: only its first item is read here)."""
+    if type(x).__name__ != "KeyDataset" or not isinstance(x, torch.utils.data.Dataset) or len(x) == 0 \
+            or not _is_chat(x[0]):
+        return None
+    items = [x[i] for i in range(len(x))]
+    return items if all(_is_chat(item) for item in items) else None
 
 
 def _is_chat(x: Any) -> bool:
@@ -292,8 +296,8 @@ class TextGenerationPipeline:
         batch_size = _batch_size(self._batch_size if batch_size is None else batch_size)
         if isinstance(text_inputs, itertools.chain):
             return self._iterate(text_inputs, batch_size, pre, gen, post)
-        if _is_key_dataset_of_chats(text_inputs):  # Transformers makes it a list of chats: a list of results
-            text_inputs = [text_inputs[i] for i in range(len(text_inputs))]
+        if (chats := _key_dataset_chats(text_inputs)) is not None:  # a list of chats there: a list of results
+            text_inputs = chats
         elif isinstance(text_inputs, torch.utils.data.Dataset):  # (Transformers' KeyDataset, say): lazily, as there
             items = iter(text_inputs) if isinstance(text_inputs, torch.utils.data.IterableDataset) else \
                 (text_inputs[i] for i in range(len(text_inputs)))

@@ -758,10 +758,10 @@ class Tokenizer(PushToHubMixin):
     # Transformers' private per-token converters, which its own helpers call on any tokenizer they
     # are handed (StopStringCriteria builds its tables with `_convert_id_to_token`)
     def _convert_id_to_token(self, index: int) -> str | None:
-        return self._tok.id_to_token(int(index))
+        return self.convert_ids_to_tokens(int(index))
 
     def _convert_token_to_id(self, token: str) -> int | None:
-        return self._token_to_id(token)
+        return self.convert_tokens_to_ids(token)
 
     @property
     def extra_special_tokens(self) -> list[str]:

@@ -253,6 +253,12 @@ def test_the_device_is_the_one_given(device):
     assert ours.model.device.type == "cpu"
 
 
+def test_a_device_of_another_type_is_refused_by_name(phi):
+    for bad in (1.5, [0], object()):
+        with pytest.raises(TypeError, match="device must be a torch.device, a string such as 'cuda:0' or an index"):
+            moetorch.TextGenerationPipeline(phi[1].model, phi[1].tokenizer, device=bad)
+
+
 def test_key_datasets_positional_arguments_and_batch_sizes_as_transformers(phi):
     """A KeyDataset of chats gives a list of results (one of texts, an iterator), a second
     positional argument is a TypeError, and a batch size that is no positive integer a ValueError

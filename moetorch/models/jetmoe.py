@@ -298,19 +298,18 @@ class JetMoeModel(JetMoePreTrainedModel):
 
 
 def jetmoe_router_loss(
-    router_logits: tuple[torch.Tensor, ...], config: JetMoeConfig, pad_mask_BT: torch.Tensor | None = None,
-    num_experts: int | None = None, top_k: int | None = None,
+    router_logits: tuple[torch.Tensor, ...], config: JetMoeConfig, pad_mask_BT: torch.Tensor | None,
+    num_experts: int, top_k: int,
 ) -> torch.Tensor:
-    """The router loss of `config.router_loss_recipe` over a model's `router_logits` (3 per layer);
-    `num_experts` and `top_k` (the model's attributes) default to the config's.
+    """The router loss of `config.router_loss_recipe` over a model's `router_logits` (3 per layer),
+    for `num_experts` experts and `top_k` a token (the model's attributes of those names).
 
     "transformers": one Switch loss over all entries, the attention router counted twice per layer.
     "jetmoe": sum over the 2 routers of each layer of (Switch loss with assignment fractions over all
     T*K assignments + router_z_loss_coef * z-loss), as the original JetMoE code trains.
     Padding tokens (0 in `pad_mask_BT`) count in neither.
     """
-    E = config.num_local_experts if num_experts is None else num_experts
-    K = config.num_experts_per_tok if top_k is None else top_k
+    E, K = num_experts, top_k
     if config.router_loss_recipe == "transformers":
         return switch_aux_loss(router_logits, E, K, pad_mask_BT)
     once = [r for i, r in enumerate(router_logits) if i % 3 != 1]  # drop the attention router's copy
