@@ -591,10 +591,15 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return self.is_activation_checkpointing
 
-    # an attribute Transformers' models carry, read from the config (so a resize keeps it right)
+    # an attribute Transformers' models carry: the config's until set (a plain attribute there,
+    # which nothing reads back), and a resize sets it to the new size
     @property
     def vocab_size(self) -> int:
-        return self.config.vocab_size
+        return self.__dict__.get("_vocab_size", self.config.vocab_size)
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:
+        self.__dict__["_vocab_size"] = value
 
     # ---- embeddings resizing ---------------------------------------------------------------
     @torch.no_grad()
@@ -634,7 +639,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
                 if bias is not None:
                     head.bias.data = bias
             head.out_features = n
-        self.config.vocab_size = n
+        self.config.vocab_size = self.vocab_size = n
         self.tie_weights()
         return embeddings
 

@@ -318,8 +318,11 @@ def test_model_attributes_as_transformers(arch):
     assert ours.is_activation_checkpointing and ours.is_gradient_checkpointing
     ours.activation_checkpointing_disable()
     assert not ours.is_activation_checkpointing
-    ours.resize_token_embeddings(arch.base["vocab_size"] + 5)
-    assert ours.vocab_size == arch.base["vocab_size"] + 5
+    for model in (hf, ours):  # a plain attribute there: set, it leaves the config; a resize sets it
+        model.vocab_size = 7
+        assert (model.vocab_size, model.config.vocab_size) == (7, arch.base["vocab_size"])
+        model.resize_token_embeddings(arch.base["vocab_size"] + 5)
+        assert (model.vocab_size, model.config.vocab_size) == (arch.base["vocab_size"] + 5,) * 2
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
