@@ -177,7 +177,8 @@ def _compile_jobs(jobs: list[tuple[str, int, str, dict]]) -> int:
     for name, T, op, cfg in jobs:
         key = (name, T)
         if key not in inputs:
-            inputs.clear()  # one shape at a time: weights are gigabytes
+            inputs.clear()  # one shape at a time: weights are gigabytes, handed back for the next
+            torch.cuda.empty_cache()
             inputs[key] = (make_inputs(SPECS[name], T, fill=False), {})
         inp, aligned = inputs[key]
         try:
@@ -187,6 +188,24 @@ def _compile_jobs(jobs: list[tuple[str, int, str, dict]]) -> int:
             print(f"compile failed: {name} T={T} {op} {cfg}: {e}", file=sys.stderr)
     torch.cuda.synchronize()
     return done
+
+
+def job_bytes(name: str, T: int) -> int:
+    """About what a compile worker allocates for one (shape, T): the weights, the tokens and the
+    largest intermediate (2 bytes an element), with its CUDA context."""
+    spec, N = SPECS[name], T * K
+    if spec["kind"] == "experts":
+        elements = spec["E"] * 3 * spec["I"] * spec["D"] + 2 * N * 2 * spec["I"]
+    else:
+        elements = spec["E"] * 2 * spec["C"] * spec["D"] + 2 * N * spec["C"]
+    return 2 * (elements + N * spec["D"]) + (1 << 29)
+
+
+def workers_that_fit(jobs, workers: int, free_bytes: int) -> int:
+    """`workers`, or fewer where that many would not fit the GPU's free memory at once (each worker
+    holds one (shape, T)'s tensors: 15 at PhiMoE's size need more than an 80 GB H100 holds)."""
+    largest = max((job_bytes(name, T) for name, T, _, _ in jobs), default=1)
+    return max(1, min(workers, int(0.75 * free_bytes) // (largest + largest // 4)))
 
 
 def precompile(jobs, workers: int, worker=None) -> None:
@@ -273,7 +292,10 @@ def main() -> int:
             for T in tokens for op, o, _, g in ops_of(SPECS[n]) for cfg in candidates(T, g, o)}
     jobs = list(jobs.values())
     try:
-        precompile(jobs, args.workers)
+        workers = workers_that_fit(jobs, args.workers, torch.cuda.mem_get_info()[0])
+        if workers < args.workers:
+            print(f"compiling in {workers} workers, not {args.workers}: what more would hold does not fit", flush=True)
+        precompile(jobs, workers)
     except Exception as e:  # compiling in the timing process instead is slower, not wrong
         print(f"precompile failed ({type(e).__name__}: {e}); compiling while timing", flush=True)
     print(f"compiled in {time.time() - start:.0f} s", flush=True)

@@ -911,3 +911,11 @@ def test_tuner_offers_both_splits(tm):
             assert by_expert, "decode sizes: split candidates expected"
         if not tm.use_small_kernel(T * K, K):
             assert not by_expert and not flat
+    # its compile workers each hold one shape's tensors: as many as fit the GPU's free memory
+    jobs = [(name, T, "op", {}) for name in tune.SPECS for T in (1, 16384)]
+    phimoe = 2 * (16 * 3 * 6400 * 4096 + 2 * 32768 * 2 * 6400 + 32768 * 4096) + (1 << 29)
+    assert tune.job_bytes("phimoe", 16384) == phimoe == max(tune.job_bytes(n, T) for n, T, _, _ in jobs)
+    gb = 1 << 30
+    assert tune.workers_that_fit(jobs, 15, 79 * gb) == int(0.75 * 79 * gb) // (phimoe * 5 // 4) < 15
+    assert tune.workers_that_fit(jobs, 12, 140 * gb) == 12
+    assert tune.workers_that_fit(jobs, 12, gb) == 1
