@@ -1031,7 +1031,12 @@ class Tokenizer(PushToHubMixin):
                 pad_to_multiple_of, padding_side, fields, return_length, return_tensors, split) -> BatchEncoding:
         # one encoding pass of __call__ (its texts, or its targets)
         batched, inputs = _encode_inputs(text, text_pair, words)
-        self._tok.encode_special_tokens = split
+        # the `tokenizers` object is shared: a write to it waits, holding the interpreter lock, for
+        # any encode running in another thread (a huge prompt stalled every thread of a server), so
+        # only a call that needs other settings writes them, and puts them back after
+        switched = self._tok.encode_special_tokens != split
+        if switched:
+            self._tok.encode_special_tokens = split
         try:
             if strategy is not None:
                 self._tok.enable_truncation(min(max_length, 2**31 - 1), stride=stride, strategy=strategy,
@@ -1046,8 +1051,10 @@ class Tokenizer(PushToHubMixin):
                              f"max_length ({max_length}) less the special tokens added (for a pair truncated "
                              f"'longest_first', that sequence's share of it). tokenizers: {e}") from None
         finally:
-            self._tok.no_truncation()
-            self._tok.encode_special_tokens = self.split_special_tokens
+            if strategy is not None:
+                self._tok.no_truncation()
+            if switched:
+                self._tok.encode_special_tokens = self.split_special_tokens
         target = self._padding_target([len(e.ids) for e in encodings], padding, max_length, pad_to_multiple_of)
         if target is not None:  # an encoding's overflowing rows are padded with it
             side = self._padding_side(padding_side)

@@ -38,6 +38,50 @@ def test_encode_decode_match_transformers(pair):
     assert ours.batch_decode([hf.encode(t) for t in TEXTS]) == hf.batch_decode([hf.encode(t) for t in TEXTS])
 
 
+class _Recording:
+    """The `tokenizers` object, with every write to it recorded (settings set, truncation turned on or off)."""
+
+    def __init__(self, real):
+        object.__setattr__(self, "real", real)
+        object.__setattr__(self, "writes", [])
+
+    def __getattr__(self, name):
+        value = getattr(self.real, name)
+        if name in ("enable_truncation", "no_truncation", "enable_padding", "no_padding"):
+            def call(*args, **kwargs):
+                self.writes.append(name)
+                return value(*args, **kwargs)
+            return call
+        return value
+
+    def __setattr__(self, name, value):
+        self.writes.append(name)
+        setattr(self.real, name, value)
+
+
+def test_a_plain_call_writes_nothing_to_the_shared_tokenizer(pair):
+    """Threads share the `tokenizers` object, and a write to it waits, holding the interpreter lock,
+    for an encode running in another thread: a server tokenizing a huge prompt in one worker thread
+    stalled every thread once a second prompt was tokenized. A call with the tokenizer's own
+    settings writes nothing; one that needs others (truncation, split_special_tokens) puts them back."""
+    hf, ours, _ = pair
+    recording = ours._tok = _Recording(ours._tok)
+    try:
+        assert ours.encode(TEXTS[2]) == hf.encode(TEXTS[2]) and ours(TEXTS)["input_ids"] == hf(TEXTS)["input_ids"]
+        assert ours.apply_chat_template(CHAT)["input_ids"] == hf.apply_chat_template(CHAT)["input_ids"]
+        assert recording.writes == []
+        assert ours(TEXTS, truncation=True, max_length=4)["input_ids"] == hf(TEXTS, truncation=True, max_length=4)["input_ids"]
+        assert recording.writes == ["enable_truncation", "no_truncation"] and recording.real.truncation is None
+        recording.writes.clear()
+        text = TEXTS[0] + hf.eos_token
+        split = ours(text, split_special_tokens=True)["input_ids"]
+        assert split == hf(text, split_special_tokens=True)["input_ids"] != hf(text)["input_ids"]
+        assert recording.writes == ["encode_special_tokens"] * 2 and recording.real.encode_special_tokens is False
+        assert ours(text)["input_ids"] == hf(text)["input_ids"]
+    finally:
+        ours._tok = recording.real
+
+
 def test_special_tokens_match_transformers(pair):
     hf, ours, _ = pair
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
