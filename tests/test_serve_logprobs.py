@@ -87,3 +87,31 @@ def test_logprobs_end_with_the_returned_text(served):
                         ).json()["choices"][0]
     if ended["finish_reason"] == "stop":  # ended by EOS: no entry for it
         assert "".join(t["token"] for t in ended["logprobs"]["content"]) == ended["message"]["content"]
+
+
+def test_streamed_logprobs_end_with_the_returned_text(served):
+    """A token whose text is held back while it may start a stop string goes out with the text
+    after it, so a stream whose stop string begins at a token's start sends no entry for that token:
+    the streamed entries are the whole reply's."""
+    client, _, tok, engine = served
+    for route, body, text_of, tokens_of, streamed_of in (
+        ("/v1/completions", {"prompt": "# Copyright", "logprobs": 0}, lambda c: c["text"],
+         lambda c: c["logprobs"]["tokens"], lambda c: (c.get("logprobs") or {}).get("tokens") or []),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Sort a list"}], "logprobs": True},
+         lambda c: c["message"]["content"], lambda c: [t["token"] for t in c["logprobs"]["content"]],
+         lambda c: [t["token"] for t in (c.get("logprobs") or {}).get("content") or []]),
+    ):
+        body = {**body, "max_tokens": 24, "temperature": 0}
+        reply = client.post(route, json=body).json()["choices"][0]
+        full, tokens = text_of(reply), tokens_of(reply)
+        # a stop string of two tokens' text, found first where the first of them starts
+        starts = [len("".join(tokens[:j])) for j in range(len(tokens))]
+        j = next(j for j in range(1, len(tokens) - 1) if tokens[j].isascii() and tokens[j + 1][:1].isascii()
+                 and tokens[j + 1][:1].strip() and full.find(tokens[j] + tokens[j + 1][:1]) == starts[j])
+        stop = tokens[j] + tokens[j + 1][:1]
+        whole = client.post(route, json={**body, "stop": [stop]}).json()["choices"][0]
+        assert text_of(whole) == full[:starts[j]] and tokens_of(whole) == tokens[:j], (route, stop)
+        with client.stream("POST", route, json={**body, "stop": [stop], "stream": True}) as r:
+            events = sse(r.iter_lines())
+        streamed = [t for e in events[:-1] if e["choices"] for t in streamed_of(e["choices"][0])]
+        assert streamed == tokens[:j], (route, stop, streamed)

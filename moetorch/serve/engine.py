@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,9 +45,13 @@ class Detokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def _new_text(self) -> str:
-        # the text of the tokens past `read`, decoded in the window from `prefix`
+        # the text of the tokens past `read`, decoded in the window from `prefix`. The text before
+        # is a prefix of the text after, but where a prompt ends inside a character (token ids cut
+        # there): its U+FFFD becomes the character the new tokens complete, which is theirs
         before = self._text(self.ids[self.prefix:self.read])
         after = self._text(self.ids[self.prefix:])
+        if not after.startswith(before):
+            before = os.path.commonprefix([before, after])
         return after[len(before):] if len(after) > len(before) else ""
 
     def add(self, new_ids: list[int]) -> str:
@@ -393,9 +398,13 @@ class Engine:
             raise
         detok, text = Detokenizer(self.tokenizer, ids[-4:]), StopText(stop)
         seen, done = 0, False
-        new_ids: list[int] = []  # tokens (and their log-probabilities) whose text is held back go with the next piece
+        # tokens (and their log-probabilities) go out with the first piece whose text reaches where
+        # theirs starts: one whose text is held back (a stop string's start, perhaps) waits with it
+        new_ids: list[int] = []
         new_lps: list[float] = []
         new_tops: list = []
+        starts: list[int] = []  # where each of new_ids' text starts in the completion's text
+        made = sent = 0  # characters decoded; characters sent
         try:
             while not done:
                 out = await queue.get()
@@ -408,7 +417,10 @@ class Engine:
                 # log-probabilities do not depend on how far the host lagged)
                 chunk, stopped, used = "", False, 0
                 for token in out.generated_tokens[seen:]:
-                    piece, stopped = text.add(detok.add([token]))
+                    starts.append(made)
+                    decoded = detok.add([token])
+                    made += len(decoded)
+                    piece, stopped = text.add(decoded)
                     chunk, used = chunk + piece, used + 1
                     if stopped:
                         break
@@ -428,8 +440,10 @@ class Engine:
                     reason = "stop" if stopped or last in eos or short else "length"
                 done = reason is not None
                 if chunk or done:
-                    yield Piece(chunk, new_ids, new_lps, new_tops, reason, len(ids), seen)
-                    new_ids, new_lps, new_tops = [], [], []
+                    sent += len(chunk)
+                    out_n = len(new_ids) if done else sum(start < sent for start in starts)
+                    yield Piece(chunk, new_ids[:out_n], new_lps[:out_n], new_tops[:out_n], reason, len(ids), seen)
+                    del new_ids[:out_n], new_lps[:out_n], new_tops[:out_n], starts[:out_n]
         finally:
             if not done:
                 self.manager.cancel_request(rid)
