@@ -407,3 +407,25 @@ def test_finished_rows_that_prompts_start_from_are_freed_last_after_a_collision(
     out, _ = batching.ContinuousBatchingManager._fit_pages(manager, SimpleNamespace(prefixes=index, col=0), {},
                                                            group, 0, 0)
     assert dropped == [0, 2] and out == group and index.find(prompt)[0].row == 1
+
+
+def test_a_sampled_batch_with_a_free_row_on_pages(phimoe):
+    """A decode step's bucket holds a free row (3 requests in a bucket of 4): its slot 0 lies on a
+    page no request holds (poisoned on the CPU), so its logits are NaN. A config that samples draws
+    every row at once; the free row's draw, discarded, must not fail the requests beside it."""
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    config = moetorch.GenerationConfig(max_new_tokens=10, do_sample=True, top_k=20, pad_token_id=0, eos_token_id=None)
+    results = {}
+    for paged in (False, True):
+        m = phimoe.init_continuous_batching(generation_config=config, continuous_batching_config=dict(
+            paged=paged, page_size=1, allow_block_sharing=False, max_cache_len=32, seed=0))
+        for i, p in enumerate(prompts):
+            m.add_request(p, request_id=f"r{i}")
+        m.start()
+        m.stop(block=True)
+        out = {}
+        while (r := m.get_result(timeout=0)) is not None:
+            out[r.request_id] = r
+        assert all(r.error is None and len(r.generated_tokens) == 10 for r in out.values()), (paged, out)
+        results[paged] = {rid: r.generated_tokens for rid, r in out.items()}
+    assert results[True] == results[False]  # the same draws: a free row's logits reach no request's

@@ -2088,6 +2088,12 @@ class ContinuousBatchingManager:
         if not self.do_sample and not want_lp and not processes:
             return logits_BV.argmax(dim=-1), None
         scores, settings, rows_B = logits_BV.float(), None, None
+        if self.do_sample:
+            if "free" not in memo:
+                free = [i for i, r in enumerate(reqs) if r is None]
+                memo["free"] = to_device(torch.tensor(free), scores.device) if free else None
+            if memo["free"] is not None:  # a free row's logits may be anything, NaN too (its slots hold
+                scores = scores.index_fill(0, memo["free"], 0.0)  # no request's keys): a draw, discarded
         if processes:
             settings, _, _ = self._row_settings(reqs, logits_BV.device)
             scores, rows_B = self._penalize(scores, settings, reqs, rows)
