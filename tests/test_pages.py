@@ -429,3 +429,24 @@ def test_a_sampled_batch_with_a_free_row_on_pages(phimoe):
         assert all(r.error is None and len(r.generated_tokens) == 10 for r in out.values()), (paged, out)
         results[paged] = {rid: r.generated_tokens for rid, r in out.items()}
     assert results[True] == results[False]  # the same draws: a free row's logits reach no request's
+
+
+@pytest.mark.parametrize("page", [4, 16])
+def test_a_whole_row_request_runs_on_the_fewest_pages_allowed(phimoe, page):
+    """num_blocks at the least that one request of max_cache_len slots needs (fewer is an error when
+    a request is added): a request that fills its whole row is admitted and runs (the scheduler
+    counted a page more for the horizon's growth than a whole row can take, and never admitted it)."""
+    slots = 32
+    fewest = (slots + page - 2) // page + 1  # the pages `slots` slots may lie on
+    with pytest.raises(RuntimeError, match="needs"):
+        manager(phimoe, max_cache_len=slots, paged=True, page_size=page, num_blocks=fewest - 1).add_request([1, 2])
+    config = moetorch.GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    m = phimoe.init_continuous_batching(generation_config=config, continuous_batching_config=dict(
+        paged=True, page_size=page, num_blocks=fewest, max_cache_len=slots))
+    prompt = list(range(1, slots - 8 + 2))  # its prompt and new tokens fill the row
+    m.add_request(prompt, request_id="whole")
+    m.start()
+    result = m.get_result("whole", timeout=60)
+    m.stop(block=True, hard_stop=result is None, timeout=10)
+    assert result is not None and result.error is None
+    assert result.generated_tokens == own_greedy(phimoe, prompt, 8)

@@ -1725,11 +1725,15 @@ class ContinuousBatchingManager:
         if cap is not None:
             end = self._grown(batch, max(self._horizon - d, join))
             grow = sum(_request_span(r)[1] > cap for r in running.values())
-            grow += sum(join + r.max_new - len(r.tokens) > end for r in group)
-        # each request's most pages, and no more than the pages not held (the row it takes is not
-        # known yet: it may share a page with a row's held slots)
-        new = sum(self._request_pages(min(join + r.max_new - len(r.tokens), batch.S, end) -
-                                      (join - len(r.prompt) - len(r.tokens))) for r in group)
+        # each request's most pages (a page more where it will grow past the horizon, but never
+        # more than its whole span's: a lone request of a whole row fits the fewest pages allowed),
+        # and no more than the pages not held (the row it takes is not known yet: it may share a
+        # page with a row's held slots)
+        new = 0
+        for r in group:
+            first, last = join - len(r.prompt) - len(r.tokens), min(join + r.max_new - len(r.tokens), batch.S)
+            now = self._request_pages(min(last, end) - first) + (last > end)
+            new += min(now, self._request_pages(last - first))
         return held + min(new + grow, batch.pages.count - held) <= batch.pages.capacity
 
     def _cap(self, batch: _Batch) -> int | None:
