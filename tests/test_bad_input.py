@@ -176,6 +176,9 @@ def test_tokenizer_pipeline_and_batch_inputs(pair, tmp_path):
     assert [r.generated_tokens for r in out.values()] == [r.generated_tokens for r in want.values()]
     with pytest.raises(TypeError, match="inputs must be a list of prompts"):
         ours.generate_batch("hello", max_new_tokens=2)
+    for bad in (4.0, 0, True, "4"):  # named before it sizes the cache (a float failed there, naming max_cache_len)
+        with pytest.raises(ValueError, match=rf"generate_batch\(\): max_new_tokens must be a positive int, got {bad!r}"):
+            ours.generate_batch(prompts.tolist(), max_new_tokens=bad)
 
 
 def test_transformers_takes_the_same_inputs(pair):

@@ -2380,6 +2380,8 @@ class ContinuousBatchingMixin:
         gen = self._continuous_settings(generation_config)
         if max_new is None:
             max_new = gen.max_new_tokens
+        elif isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:  # (before it sizes the cache)
+            raise ValueError(f"generate_batch(): max_new_tokens must be a positive int, got {max_new!r}")
         prompts = [_prompt_list(p, self.config.vocab_size, f"inputs[{i}]") for i, p in enumerate(inputs)]
         n = gen.num_return_sequences or 1
         hints = WorkloadHints(max(map(len, prompts)), max_new or 0, len(prompts) * n)
