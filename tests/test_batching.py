@@ -449,6 +449,12 @@ def test_per_request_settings_against_the_config(pair):
     m = ours.init_continuous_batching(generation_config=config(4, do_sample=True, typical_p=0.9))
     with pytest.raises(ValueError, match="TypicalLogitsWarper"):
         m.add_request(inputs[0], temperature=0.5)
+    # a greedy request's own settings too: a step holding it would draw every row by row settings,
+    # and the config-sampled requests beside it would lose the typical warper
+    for own in ({"do_sample": False, "repetition_penalty": 1.5}, {"logit_bias": {3: -5.0}}):
+        with pytest.raises(ValueError, match="TypicalLogitsWarper"):
+            m.add_request(inputs[1], **own)
+    m.add_request(inputs[1], do_sample=True)  # the config's own setting: taken
     with ours.continuous_batching_context_manager(generation_config=config(4, do_sample=True, temperature=1.7)) as m:
         m.add_request(inputs[0], request_id="g", do_sample=False)
         m.add_request(inputs[1], request_id="k1", top_k=1)  # sampled (the config's do_sample), top-1

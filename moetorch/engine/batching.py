@@ -1078,7 +1078,7 @@ class ContinuousBatchingManager:
                                    self.model.config.vocab_size)
             if sampling == self.default_sampling:
                 sampling = None  # the config's own: the batch's plain path
-            elif sampling.do_sample and self._other_warpers:
+            elif self._other_warpers:  # (greedy too: a step with such a row draws every row by row settings)
                 raise ValueError(f"add_request: per-request settings combine with the generation config's temperature, "
                                  f"top_k and top_p, but it also sets {self._other_warpers}")
         prompt = _prompt_list(input_ids, self.model.config.vocab_size, request_id)
