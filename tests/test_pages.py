@@ -450,3 +450,33 @@ def test_a_whole_row_request_runs_on_the_fewest_pages_allowed(phimoe, page):
     m.stop(block=True, hard_stop=result is None, timeout=10)
     assert result is not None and result.error is None
     assert result.generated_tokens == own_greedy(phimoe, prompt, 8)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_a_request_in_a_row_freed_on_pages_reads_nothing_the_free_row_wrote(phimoe, share):
+    """A request ends and its row is free while another decodes; a free row's step attends its slot 0
+    on a page nobody holds (poisoned on the CPU) and writes a throwaway key at the column into its
+    row, on a page still held (the finished request's tokens, kept for prompts to start from, or the
+    page a new request takes). A request that takes the row later has those slots masked; masked or
+    not, what they hold must not reach its tokens (NaN there did: its tokens were garbage)."""
+    config = moetorch.GenerationConfig(max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None)
+    m = phimoe.init_continuous_batching(generation_config=config, continuous_batching_config=dict(
+        max_requests_per_batch=2, paged=True, page_size=16, allow_block_sharing=share, max_cache_len=64))
+    first, long = [5, 6, 7, 8], list(range(10, 30))
+    m.add_request(first, request_id="first", max_new_tokens=2)  # its row is free from its 2nd token on
+    m.add_request(long, request_id="long", max_new_tokens=30, streaming=True)
+    m.start()
+    try:
+        for out in m.request_id_iter("long"):  # steps run with the first row free
+            if len(out.generated_tokens) >= 8:
+                break
+        later = [40, 41]
+        with m.pause():
+            m.add_request(later, request_id="later", max_new_tokens=6)
+        result = m.get_result("later", timeout=60)
+        done = next(out for out in m.request_id_iter("long") if out.is_finished())
+    finally:
+        m.stop(block=True, timeout=10)
+    assert result is not None and result.error is None
+    assert result.generated_tokens == own_greedy(phimoe, later, 6)
+    assert done.error is None and done.generated_tokens == own_greedy(phimoe, long, 30)

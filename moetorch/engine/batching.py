@@ -35,7 +35,9 @@ preemption does.
 
 Decode runs over the rows below the highest one in use, rounded up to a bucket (powers of two),
 one CUDA graph per bucket on a GPU. A free row inside that range computes a throwaway token that
-attends only its slot 0.
+attends only its slot 0 and writes its key at the column; paged, a request that takes the row has
+the slots before its first one on its first page zeroed (`_Batch.clear_before`), since masked slots
+still enter its attention.
 
 LongRoPE (PhiMoE): each row rotates by its own factor set (`_Batch.long`, which the decode
 steps' rotary tables read per row), as its request's own `generate` call would. A prompt past
@@ -543,6 +545,7 @@ class _Batch:
         if logits is None:  # unpadded, eagerly
             logits = packed_forward(self.model, self.cache, prompts, rows, starts, shared, self.window,
                                     long if self.long is not None else None)
+        self.clear_before(rows, starts)
         return logits
 
     def mixed(self, prompt: list[int], row: int, start: int, shared: tuple[int, int, int], long: bool,
@@ -564,6 +567,7 @@ class _Batch:
             chunk = PackedRows(self.cache, [row], [start], [rest], [shared], window=self.window)
             logits = mixed_forward(self.model, chunk, to_device(ids, device), to_device(positions, device), step,
                                    self.window, long)
+        self.clear_before([row], [start])
         self.col += 1
         self.pos[:b] += 1
         return logits
@@ -582,6 +586,23 @@ class _Batch:
             self.packed_graphs = GraphedPackedPrefill(self.model, self.cache, self.window,
                                                       enabled=self.prefill_graphs_on)
         return self.packed_graphs if mode or self.packed_graphs.enabled else None
+
+    def clear_before(self, rows: list[int], starts: list[int]) -> None:
+        """Paged: zero each row's slots that lie before its first one (`starts`) on the page that
+        holds that slot. The row's request masks them, but masked slots still enter its attention
+        with weight 0, and 0 x NaN is NaN: a free row's step (which attends its slot 0, where no
+        page may be held: the poison on the CPU) writes its throwaway key and value at the column
+        into the row, onto a page that stays held (a finished request's tokens kept for prompts to
+        start from, or the page a request now takes). Called after the forward that copied any
+        prefix the row's prompt starts from."""
+        if self.pages is None:
+            return
+        sb, S, page = self.slot_bytes, self.S, self.pages.page
+        for row, start in zip(rows, starts):
+            lo = max((row * S + start) * sb // page * page // sb - row * S, 0)
+            if lo < start:
+                for t in self.cache._all:
+                    t[:, row, :, lo:start].zero_()
 
     def set_starts(self, rows_R: torch.Tensor, starts_R: torch.Tensor) -> None:
         """The rows' masks: each attends its slots from its first one (`starts_R`) on."""
