@@ -266,6 +266,27 @@ def test_bad_token_ids_are_named(pair):
     same(pair, **prompt(pair), max_new_tokens=4, sequence_bias={(11,): -5.0, (3, 4): 2.0})
 
 
+def test_a_sequence_bias_config_prints_saves_and_reads_back(pair, tmp_path):
+    """`sequence_bias={tuple: bias}` in a GenerationConfig: repr and JSON work (a tuple key is no
+    JSON key), the saved file holds [[token ids], bias] pairs that Transformers and moetorch both
+    read and generate with as with the dict; a file Transformers wrote (its keys "(3, 4)") reads
+    back here with those tuples."""
+    bias = {(11,): -5.0, (3, 4): 2.0}
+    config = GenerationConfig(sequence_bias=bias, max_new_tokens=4)
+    assert "sequence_bias" in repr(config)
+    config.save_pretrained(tmp_path / "ours")
+    theirs = transformers.GenerationConfig.from_pretrained(tmp_path / "ours")
+    assert sorted((tuple(seq), b) for seq, b in theirs.sequence_bias) == sorted(bias.items())
+    hf, ours = pair
+    p = prompt(pair)
+    want = both(pair, **p, max_new_tokens=4, sequence_bias=bias)[0]
+    assert torch.equal(hf.generate(**p, generation_config=theirs), want)
+    assert torch.equal(ours.generate(**p, generation_config=GenerationConfig.from_pretrained(tmp_path / "ours")), want)
+    transformers.GenerationConfig(sequence_bias=bias, max_new_tokens=4).save_pretrained(tmp_path / "theirs")
+    read = GenerationConfig.from_pretrained(tmp_path / "theirs")
+    assert torch.equal(ours.generate(**p, generation_config=read), want)
+
+
 @pytest.mark.parametrize("settings", [{}, {"do_sample": True}, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2},
                                       {"max_length": 8, "min_length": 6}])
 def test_continuing_with_only_the_tokens_the_cache_lacks(pair, settings):

@@ -523,7 +523,11 @@ class GenerationConfig(PushToHubMixin):
         fields.pop("transformers_version", None)
         if getattr(self, "_from_model_config", False):
             fields["_from_model_config"] = True
-        return json.dumps(fields, indent=2, sort_keys=True) + "\n"
+        bias = fields.get("sequence_bias")
+        if isinstance(bias, dict):  # {tuple: bias} as the [[token ids], bias] pairs both libraries read back
+            fields["sequence_bias"] = [[list(seq) if isinstance(seq, (tuple, list)) else seq, b]
+                                       for seq, b in bias.items()]
+        return json.dumps(_string_keys(fields), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> None:
         """Write `generation_config.json` (non-default fields only) into `save_directory`. A negative
@@ -573,6 +577,15 @@ class GenerationConfig(PushToHubMixin):
 
     def __repr__(self) -> str:
         return f"GenerationConfig {self.to_json_string()}"
+
+
+def _string_keys(value: Any) -> Any:
+    """`value` with every dict key written as a string (JSON's keys), as Transformers writes them."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): _string_keys(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_string_keys(v) for v in value]
+    return value
 
 
 def as_generation_config(config: Any, what: str = "generation_config") -> GenerationConfig:

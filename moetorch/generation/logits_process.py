@@ -7,6 +7,8 @@ penalties, is moetorch's own). All work on the device; only `PrefixConstrainedLo
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterable
@@ -209,17 +211,28 @@ class EncoderNoRepeatNGramLogitsProcessor(LogitsProcessor):
         return _ban_completions(input_ids, prompt.unfold(1, n, 1), scores)
 
 
+def _tuple_key(seq):
+    """A `sequence_bias` key as given, or the tuple that a string key such as "(3, 4)" spells."""
+    if isinstance(seq, str):
+        with contextlib.suppress(ValueError, SyntaxError):
+            value = ast.literal_eval(seq)
+            if isinstance(value, tuple):
+                return value
+    return seq
+
+
 class SequenceBiasLogitsProcessor(LogitsProcessor):
     """Add a bias to the token that would complete a given sequence.
 
-    `sequence_bias`: `[[token ids], bias]` pairs (or a `{tuple: bias}` dict). A one-token
-    sequence biases that token always; a longer one biases its last token when the sequence ends
-    with the rest of it.
+    `sequence_bias`: `[[token ids], bias]` pairs (or a `{tuple: bias}` dict; keys written as
+    Transformers writes them to JSON, `"(3, 4)"`, are read back as tuples). A one-token sequence
+    biases that token always; a longer one biases its last token when the sequence ends with the
+    rest of it.
     """
 
     def __init__(self, sequence_bias):
         if isinstance(sequence_bias, dict):
-            items = list(sequence_bias.items())
+            items = [(_tuple_key(seq), bias) for seq, bias in sequence_bias.items()]
         elif isinstance(sequence_bias, list):
             items = [(seq, bias) for seq, bias in sequence_bias]
         else:
