@@ -179,6 +179,13 @@ def test_tokenizer_pipeline_and_batch_inputs(pair, tmp_path):
     for bad in (4.0, 0, True, "4"):  # named before it sizes the cache (a float failed there, naming max_cache_len)
         with pytest.raises(ValueError, match=rf"generate_batch\(\): max_new_tokens must be a positive int, got {bad!r}"):
             ours.generate_batch(prompts.tolist(), max_new_tokens=bad)
+    manager = ours.init_continuous_batching(continuous_batching_config={"max_cache_len": 16})
+    for bad in (4.0, 0, True, "4"):  # (True was taken as 1)
+        with pytest.raises(ValueError, match=rf"add_request\('r'\): max_new_tokens must be a positive int, got {bad!r}"):
+            manager.add_request([5, 6], request_id="r", max_new_tokens=bad)
+    for bad in (0, -3, True, 2.5):  # (0 became the default)
+        with pytest.raises(ValueError, match=rf"max_batch_tokens must be a positive int \(None: \d+\), got {bad!r}"):
+            ours.init_continuous_batching(continuous_batching_config={"max_batch_tokens": bad})
 
 
 def test_transformers_takes_the_same_inputs(pair):

@@ -760,10 +760,10 @@ class ContinuousBatchingManager:
         self.slots = self._slots(hints)
         self.rows = self._rows(hints)  # (decides `paged` where it was left open)
         self._pages_plan: tuple[int, int, int] | None = None  # paged: (page bytes, pages, capacity), once asked
-        self.batch_tokens = cfg.max_batch_tokens or DEFAULT_BATCH_TOKENS
-        if self.batch_tokens < 1:
-            raise ValueError("continuous_batching_config.max_batch_tokens must be positive, got "
-                             f"{cfg.max_batch_tokens}")
+        self.batch_tokens = DEFAULT_BATCH_TOKENS if cfg.max_batch_tokens is None else cfg.max_batch_tokens
+        if not isinstance(self.batch_tokens, int) or isinstance(self.batch_tokens, bool) or self.batch_tokens < 1:
+            raise ValueError("continuous_batching_config.max_batch_tokens must be a positive int (None: "
+                             f"{DEFAULT_BATCH_TOKENS}), got {cfg.max_batch_tokens!r}")
         chunk = DEFAULT_CHUNK_TOKENS if cfg.prefill_chunk_tokens is None else cfg.prefill_chunk_tokens
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
             raise ValueError("continuous_batching_config.prefill_chunk_tokens must be a non-negative int (0: no "
@@ -1111,7 +1111,7 @@ class ContinuousBatchingManager:
         eos = self.eos if eos_token_id is None else _id_set(eos_token_id)
         if max_new is None:
             max_new = self.slots - len(prompt) + 1  # until EOS or the row is full
-        if not isinstance(max_new, int) or max_new < 1:
+        if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
             raise ValueError(f"add_request({request_id!r}): max_new_tokens must be a positive int, got {max_new!r}")
         if self.paged:
             self._plan_pages()  # (a request of a whole row's slots must fit in its pages)
