@@ -796,6 +796,41 @@ def test_a_client_that_leaves_cancels_its_request(live):
     assert r.status_code == 200
 
 
+def test_a_client_that_leaves_a_plain_request_cancels_it_at_once(live):
+    """A request answered whole (not streamed) whose client gives up: the request is cancelled as
+    the connection closes (the server awaits the disconnect), not at a poll's next turn, and its row
+    is free for the next."""
+    import httpx
+
+    url, engine, tok = live
+    manager = engine.manager
+    cancelled = []
+    cancel, decode = manager.cancel_request, manager._decode
+
+    def slow_decode(*args):  # 20 ms a step: the request outlives the client's patience
+        time.sleep(0.02)
+        return decode(*args)
+
+    manager.cancel_request = lambda rid: (cancelled.append(time.monotonic()), cancel(rid))
+    manager._decode = slow_decode
+    try:
+        body = {"prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        with httpx.Client(headers={"Authorization": "Bearer sk-x"}) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(f"{url}/v1/completions", json=body, timeout=0.3)
+        left = time.monotonic()
+        deadline = left + 20
+        while manager._known or not cancelled:
+            assert time.monotonic() < deadline, f"still held: {manager._known}"
+            time.sleep(0.01)
+    finally:
+        del manager.cancel_request, manager._decode
+    assert len(cancelled) == 1 and cancelled[0] - left < 0.5, cancelled[0] - left
+    with httpx.Client(headers={"Authorization": "Bearer sk-x"}) as http:
+        r = http.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200
+
+
 def test_the_serve_command(monkeypatch):
     """`moetorch serve --no-engine-process` builds the engine and app for uvicorn, with its flags
     (the default, an engine process: tests/test_serve_process.py)."""

@@ -672,6 +672,12 @@ async def _run_all(engine: Engine, jobs: list[_Job], stops: list[str], eos: list
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the ASGI server's `http.disconnect`; the body was read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _collect(engine: Engine, jobs: list[_Job], stops: list[str], eos: list[int],
                    request: Request) -> list[tuple[_Job, list[Piece]]]:
     """Every job's pieces, in job order; the jobs are cancelled if the client disconnects."""
@@ -682,12 +688,15 @@ async def _collect(engine: Engine, jobs: list[_Job], stops: list[str], eos: list
             pieces[index].append(piece)
 
     task = asyncio.create_task(gather())
-    while not task.done():
-        await asyncio.wait([task], timeout=1.0)
-        if not task.done() and await request.is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise BadRequest("the client disconnected", status=499)
+    left = asyncio.create_task(_disconnect(request))
+    try:
+        await asyncio.wait([task, left], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+    if not task.done():  # the client left: its rows are freed at once
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise BadRequest("the client disconnected", status=499)
     try:
         task.result()
     except EngineError as e:
