@@ -173,6 +173,26 @@ def test_transformers_processor_and_criterion_classes_replace_the_built_ins(pair
     assert not set(out[:, 6:].flatten().tolist()) & set(banned)
 
 
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_a_longer_max_length_criterion_holds_in_assisted_decoding(pair, cache):
+    """A custom MaxLengthCriteria past max_new_tokens replaces generate's own there too: assisted
+    decoding and prompt lookup go on past max_length (a round a token, undrafted) to the same tokens
+    as plain greedy search (they looped forever once max_length left no room; Transformers raises
+    for an assistant, and loops for prompt lookup)."""
+    T = transformers
+    _, ours = pair
+    ids = prompt(pair)["input_ids"][:1]
+    assistant = type(ours)(copy.deepcopy(ours.config)).eval()  # other weights: drafts it gets wrong too
+    kw = dict(max_new_tokens=2, **({"cache_implementation": cache} if cache else {}))
+    for stop in (10, 19):
+        plain = ours.generate(ids, stopping_criteria=T.StoppingCriteriaList([T.MaxLengthCriteria(stop)]), **kw)
+        assert plain.shape[1] == stop
+        for extra in (dict(assistant_model=assistant), dict(prompt_lookup_num_tokens=3)):
+            out = ours.generate(ids, stopping_criteria=T.StoppingCriteriaList([T.MaxLengthCriteria(stop)]), **kw,
+                                **extra)
+            assert torch.equal(out, plain), (stop, extra)
+
+
 def test_generation_settings_on_the_model_config_are_an_error(pair):
     hf, ours = pair
     ours.config.temperature = 0.5

@@ -831,6 +831,10 @@ def test_inputs_embeds_and_cache_continuation(pair):
     assert_same_tokens(a, b, "inputs_embeds")
     assert b.shape == (3, 7)  # new tokens only
     assert_same_tokens(b, greedy_new_tokens(pair, ids, mask, n=7), "embeddings prompt = ids prompt")
+    # ids with the embeddings and no mask: the padding is inferred from the ids' pad id, as from ids alone
+    a, b = both(pair, ids, inputs_embeds=embeds, max_new_tokens=7)
+    assert_same_tokens(a, b, "ids + inputs_embeds, no mask")
+    assert_same_tokens(b[:, ids.shape[1]:], greedy_new_tokens(pair, ids, mask, n=7), "padding inferred")
     # Continue from the cache a first call returned: the same tokens as one longer call.
     first = ours.generate(ids[:1], max_new_tokens=4, return_dict_in_generate=True)
     cont = ours.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=5)

@@ -539,7 +539,7 @@ class GenerationMixin(ContinuousBatchingMixin):
         )
         pad_id = gen.pad_token_id if gen.pad_token_id is not None else _first_eos(gen)
         _warn_negative_ids(gen)
-        mask, positions = _padding(seq, embeds, mask, pad_id, eos)
+        mask, positions = _padding(seq, mask, pad_id, eos)
         if given_positions is not None:  # the prompt's positions as given; later tokens count on from each row's last
             positions = _given_positions(given_positions, seq.shape[0], offset + seq.shape[1]).to(device)
 
@@ -1266,16 +1266,19 @@ class GenerationMixin(ContinuousBatchingMixin):
         with aside:
             while True:
                 L = seq.shape[1]
+                # the round's length cap: max_length, or one token a round past it, undrafted, where a
+                # custom MaxLengthCriteria (which replaces generate's own) lets the sequence run on
+                limit = max(max_length, L + 1)
                 # An assistant's drafts may run past EOS: verification cuts there.
                 cand, draft_q = seq, []
                 draft_cache.truncate(L - 1)
                 if assistant is None:
                     room = cache.max_cache_len - L if isinstance(cache, StaticCache) else None
                     begin, count = _prompt_lookup(host, gen.prompt_lookup_num_tokens,
-                                                  gen.max_matching_ngram_size or 2, max_length, eos_ids, room,
+                                                  gen.max_matching_ngram_size or 2, limit, eos_ids, room,
                                                   _lookup_allowed(processors, seq, self.config.vocab_size))
                     cand = torch.cat([seq, seq[:, begin : begin + count]], dim=-1)
-                for _ in range(min(num, max_length - L - 1)):
+                for _ in range(min(num, limit - L - 1)):
                     # an assistant on another device reads the tokens there, and gives its logits back
                     logits = _forward(assistant, cand.to(draft_device), draft_ctx, draft_cache, 1).logits[:, -1]
                     logits = logits.to(cand.device)
@@ -1319,7 +1322,7 @@ class GenerationMixin(ContinuousBatchingMixin):
                     new = torch.cat([cand[:, L : L + n_ok], chosen[:, n_ok : n_ok + 1]], dim=-1)
                 if schedule != "constant":  # Transformers' heuristic: 2 more after a round with every draft kept
                     num = num + 2 if n_ok == n_cand else max(1, num - 1)
-                new_h = new_h[: max_length - L]
+                new_h = new_h[: limit - L]
                 at_eos = next((i for i, t in enumerate(new_h) if t in eos_ids), None)
                 if at_eos is not None:
                     new_h = new_h[: at_eos + 1]
@@ -1749,13 +1752,14 @@ def _given_positions(position_ids, batch: int, length: int) -> torch.Tensor:
     return p.long().expand(batch, length).contiguous()
 
 
-def _padding(seq, embeds, mask, pad_id, eos):
+def _padding(seq, mask, pad_id, eos):
     """(mask, positions) for the prompt, both None when nothing is padded.
 
     Without a mask, padding is inferred from `pad_id` in the ids (unless it is an EOS id), as in
-    Transformers. Positions count real tokens only: cumsum(mask) - 1 (0 on padding).
+    Transformers, also where inputs_embeds come with them (embeds alone tell nothing). Positions
+    count real tokens only: cumsum(mask) - 1 (0 on padding).
     """
-    if mask is None and embeds is None and pad_id is not None:
+    if mask is None and pad_id is not None:
         pad_is_eos = eos is not None and bool(torch.isin(eos, torch.tensor(pad_id, device=eos.device)).any())
         if not pad_is_eos and bool((seq == pad_id).any()):
             mask = (seq != pad_id).long()
