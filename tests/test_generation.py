@@ -30,7 +30,7 @@ from moetorch import (
     TextStreamer,
 )
 from moetorch.generation import MaxLengthCriteria, TopKLogitsWarper
-from moetorch.generation.utils import STATIC_CACHE_BUCKET
+from moetorch.generation.utils import STATIC_CACHE_BUCKET, GenerateArgumentError
 
 VOCAB = 97
 
@@ -535,7 +535,7 @@ def test_transformers_settings_of_the_cache_prefill_and_ids(pair):
     a = hf.generate(ids, attention_mask=mask, **kw)  # its router-logits aux loss fails on cached steps with a mask
     b = ours.generate(ids, attention_mask=mask, **kw, output_router_logits=True)
     assert_same_tokens(a, b, "an EOS id tensor and the no-ops")
-    with pytest.raises(TypeError, match=r"\['token_healing'\] are Transformers settings moetorch does not implement"):
+    with pytest.raises(TypeError, match=r"\['token_healing'\] pick a decoding mode of Transformers' that moetorch"):
         ours.generate(ids, max_new_tokens=2, token_healing=True)
     # an unknown keyword: Transformers' ValueError, which a TypeError catches too
     with pytest.raises(ValueError, match="model_kwargs"):
@@ -547,6 +547,41 @@ def test_transformers_settings_of_the_cache_prefill_and_ids(pair):
         ours.generate(inputs_embeds=ours.get_input_embeddings()(ids), max_new_tokens=2, prefill_chunk_size=2)
     with pytest.raises(ValueError, match="encoder_repetition_penalty"):
         ours.generate(ids, max_new_tokens=2, encoder_repetition_penalty=-1.0)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(penalty_alpha=0.6), dict(penalty_alpha=0.6, top_k=4), dict(num_beams=2, num_beam_groups=2),
+    dict(num_beams=2, force_words_ids=[[5]]), dict(dola_layers="low"), dict(token_healing=True), dict(use_mtp=True),
+    # what picks no other mode: Transformers decodes as without them
+    dict(penalty_alpha=0.6, top_k=1), dict(penalty_alpha=0.6, do_sample=True, top_k=4), dict(num_beam_groups=2),
+    dict(num_beams=2, diversity_penalty=0.5), dict(num_beams=2, dola_layers="low"), dict(low_memory=True),
+    dict(assistant_early_exit=1), dict(speculation_type="dflash"), dict(penalty_alpha=0.0, token_healing=False)])
+def test_settings_of_other_decoding_modes_are_refused_where_transformers_refuses_them(pair, settings):
+    """Transformers 5 settings moetorch does not implement: those that pick a decoding mode of its own
+    (contrastive, group beam, constrained, DoLa, token healing, MTP) are refused, as keyword
+    arguments or in a passed GenerationConfig, where Transformers refuses them; the rest (hints, or
+    a setting another one makes inert) decode to Transformers' tokens."""
+    hf, ours = pair
+    ids, mask = prompts(batch=1, padding=None)
+    kw = dict(max_new_tokens=4, **({"top_k": 50} if "top_k" not in settings else {}))
+    outs = []
+    for model, config in ((hf, transformers.GenerationConfig), (ours, moetorch.GenerationConfig)):
+        for how in ("keywords", "config"):
+            torch.manual_seed(0)
+            try:
+                if how == "keywords":
+                    outs.append(model.generate(ids, **kw, **settings))
+                else:
+                    outs.append(model.generate(ids, generation_config=config(**kw, **settings)))
+            except ValueError as e:  # (Transformers: trust_remote_code, a tokenizer, MTP layers it lacks)
+                outs.append(type(e))
+    theirs, ours_ = outs[:2], outs[2:]
+    for a, b in zip(theirs, ours_):
+        if isinstance(a, type):
+            assert b is GenerateArgumentError, settings
+        else:
+            assert torch.is_tensor(b), (settings, b)
+            assert_same_tokens(a, b, str(settings))
 
 
 def test_more_generation_settings_match_transformers(pair):

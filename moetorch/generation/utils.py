@@ -92,8 +92,10 @@ logger = logging.getLogger("moetorch")
 STATIC_CACHE_BUCKET = 256
 # Keyword arguments of generate() that are model inputs rather than GenerationConfig fields.
 MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values", "tokenizer")
-# Transformers settings moetorch does not implement, with their no-op values: a config file that
-# sets them otherwise gets a warning (as keyword arguments of generate() they are an error).
+# Transformers settings moetorch does not implement, with their no-op values. Those that pick a decoding
+# mode of Transformers' that moetorch lacks (`_other_modes`) are an error where the caller sets them (a
+# keyword argument, or the generation_config passed), a warning where the model's own config does;
+# the rest change no token (hints, or no effect with the other settings): a warning.
 _UNSUPPORTED = {
     "penalty_alpha": None, "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None,
     "force_words_ids": None, "dola_layers": None, "token_healing": False,
@@ -765,21 +767,26 @@ class GenerationMixin(ContinuousBatchingMixin):
             for k, v in layer.items():
                 setattr(gen, k, copy.deepcopy(v))
         model_inputs, unknown = {}, []
+        callers = {k for k in _UNSUPPORTED if generation_config is not None and k in generation_config._extra}
         for k, v in kwargs.items():
             if k in DEFAULTS:
                 gen.set_as_keyword(k, v)
             elif k in MODEL_INPUTS:
                 model_inputs[k] = v
-            elif k not in _IGNORED_INPUTS and not (k in _UNSUPPORTED and v in (None, _UNSUPPORTED[k])):
+            elif k in _UNSUPPORTED:
+                setattr(gen, k, v)
+                callers.add(k)
+            elif k not in _IGNORED_INPUTS:
                 unknown.append(k)
-        if any(k in _UNSUPPORTED for k in unknown):
-            raise GenerateArgumentError(f"generate(): {[k for k in unknown if k in _UNSUPPORTED]} are Transformers "
-                                        "settings moetorch does not implement (docs/generation.md lists them)")
         if unknown:
             raise GenerateArgumentError(
                 f"generate() got unknown keyword arguments {unknown}: they are neither GenerationConfig fields "
                 f"nor model inputs {list(MODEL_INPUTS)}"
             )
+        modes = _other_modes(gen)
+        if set(modes) & callers:
+            raise GenerateArgumentError(f"generate(): {modes} pick a decoding mode of Transformers' that moetorch does "
+                                        "not implement (docs/generation.md lists them)")
         ignored = [k for k, noop in _UNSUPPORTED.items() if getattr(gen, k, noop) not in (None, noop)]
         if ignored:
             logger.warning("generate(): these generation settings are not supported by moetorch and are "
@@ -1750,6 +1757,25 @@ def _given_positions(position_ids, batch: int, length: int) -> torch.Tensor:
     if p.shape[1] != length or p.shape[0] not in (1, batch):
         raise ValueError(f"position_ids must be [batch, seq] like the prompt {(batch, length)}, got {tuple(p.shape)}")
     return p.long().expand(batch, length).contiguous()
+
+
+def _other_modes(gen: GenerationConfig) -> list[str]:
+    """The `_UNSUPPORTED` settings of `gen` that pick one of Transformers' decoding modes moetorch
+    lacks, by Transformers' rules (`get_generation_mode`): constrained beam search, contrastive search
+    (penalty_alpha > 0 with top_k > 1, greedy), group beam search (groups > 1 with beams), DoLa
+    (greedy or sampling), token healing and multi-token prediction."""
+    value = {k: getattr(gen, k, noop) for k, noop in _UNSUPPORTED.items()}
+    one, greedy = gen.num_beams == 1, gen.num_beams == 1 and not gen.do_sample
+    picked = {
+        "constraints": value["constraints"] is not None,
+        "force_words_ids": value["force_words_ids"] is not None,
+        "penalty_alpha": greedy and (value["penalty_alpha"] or 0) > 0 and (gen.top_k or 0) > 1,
+        "num_beam_groups": not one and (value["num_beam_groups"] or 1) > 1,
+        "dola_layers": one and value["dola_layers"] is not None,
+        "token_healing": bool(value["token_healing"]),
+        "use_mtp": bool(value["use_mtp"]),
+    }
+    return [k for k, on in picked.items() if on]
 
 
 def _padding(seq, mask, pad_id, eos):
