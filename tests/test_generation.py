@@ -129,9 +129,10 @@ def test_left_padded_batch_equals_each_prompt_alone(pair):
         dict(epsilon_cutoff=0.01, top_k=0),
         dict(eta_cutoff=0.02, temperature=1.5, top_k=0),
         dict(top_h=0.5, top_k=0),
+        dict(top_p=0.0, top_k=0),
     ],
     ids=["temperature-top_k", "top_p", "min_p", "num_return_sequences", "typical_p", "epsilon_cutoff",
-         "eta_cutoff", "top_h"],
+         "eta_cutoff", "top_h", "top_p-zero"],
 )
 def test_sampling_matches_transformers_random_stream(pair, settings):
     ids, mask = prompts()
@@ -145,7 +146,10 @@ def test_sampling_matches_transformers_random_stream(pair, settings):
     # Both drew exactly the same random numbers from the global generator.
     assert torch.equal(after_hf, after_ours)
     greedy = pair[1].generate(ids, attention_mask=mask, max_new_tokens=10)
-    assert not torch.equal(b[:: settings.get("num_return_sequences", 1)], greedy), "sampling drew nothing"
+    if settings.get("top_p") == 0.0:  # the top token alone is kept: greedy's tokens
+        assert_same_tokens(greedy, b, "top_p=0")
+    else:
+        assert not torch.equal(b[:: settings.get("num_return_sequences", 1)], greedy), "sampling drew nothing"
 
 
 @contextlib.contextmanager
@@ -173,6 +177,7 @@ def sampling_kernel(monkeypatch):
 KERNEL_SAMPLING = {
     "temperature-top_k": (dict(temperature=0.5, top_k=10), (0.5, 10, None, None)),
     "top_k-top_p": (dict(top_k=20, top_p=0.9, num_return_sequences=2), (None, 20, 0.9, None)),
+    "top_p-zero": (dict(top_k=20, top_p=0.0), (None, 20, 0.0, None)),  # the top token alone
     "no-warpers": (dict(top_k=0), (None, None, None, None)),
     "top_k-beyond-vocab": (dict(top_k=VOCAB + 5, top_p=0.7, temperature=2.0), (2.0, VOCAB + 5, 0.7, None)),
     "repetition-penalty-first": (dict(repetition_penalty=1.3, top_k=10, top_p=0.8), (None, 10, 0.8, None)),
@@ -1405,7 +1410,7 @@ def test_generation_config_io_and_overrides(pair, tmp_path):
 INVALID = [
     (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
     (dict(do_sample=True, top_p=1.5), ValueError, "top_p"),
-    (dict(do_sample=True, top_p=0.0), ValueError, "top_p"),
+    (dict(do_sample=True, top_p=-0.1), ValueError, "top_p"),
     (dict(do_sample=True, min_p=2.0), ValueError, "min_p"),
     (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
     (dict(num_return_sequences=2), ValueError, "num_return_sequences"),

@@ -373,8 +373,8 @@ class GenerationConfig(PushToHubMixin):
             if not (_is_number(self.temperature) and self.temperature > 0):
                 hint = " (for greedy decoding set do_sample=False)" if self.temperature == 0 else ""
                 fail("temperature", f"must be a positive number when do_sample=True, got {self.temperature!r}{hint}")
-            if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-                fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
+            if not (_is_number(self.top_p) and 0 <= self.top_p <= 1):  # (0: the top token, as Transformers)
+                fail("top_p", f"must be in [0, 1], got {self.top_p!r}")
             if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 0):
                 fail("top_k", f"must be a non-negative integer (0 disables it), got {self.top_k!r}")
             if self.min_p is not None and not (_is_number(self.min_p) and 0 <= self.min_p <= 1):

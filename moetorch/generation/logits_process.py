@@ -457,8 +457,8 @@ class TopPLogitsWarper(LogitsProcessor):
 
     def __init__(self, top_p: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
         top_p = float(top_p)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
+        if not 0 <= top_p <= 1:  # (0 keeps the min_tokens_to_keep most likely, as Transformers' does)
+            raise ValueError(f"`top_p` must be in [0, 1], got {top_p!r}")
         _check_keep(min_tokens_to_keep)
         self.top_p, self.filter_value, self.min_tokens_to_keep = top_p, filter_value, min_tokens_to_keep
 
