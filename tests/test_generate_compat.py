@@ -193,6 +193,21 @@ def test_a_longer_max_length_criterion_holds_in_assisted_decoding(pair, cache):
             assert torch.equal(out, plain), (stop, extra)
 
 
+def test_assisted_decoding_refuses_guidance_and_embeddings_by_name(pair):
+    """Combinations Transformers runs to other tokens than its plain decoding (guidance) or that
+    drafting cannot read (embeddings): an error that names them (docs/differences.md)."""
+    _, ours = pair
+    ids = prompt(pair)["input_ids"][:1]
+    embeds = ours.get_input_embeddings()(ids).detach()
+    for draft in (dict(prompt_lookup_num_tokens=2), dict(assistant_model=ours)):
+        name = next(iter(draft))
+        with pytest.raises(ValueError, match=f"{name} cannot be combined with guidance_scale != 1"):
+            ours.generate(ids, max_new_tokens=3, guidance_scale=1.5, **draft)
+        for inputs in (dict(input_ids=ids, inputs_embeds=embeds), dict(inputs_embeds=embeds)):
+            with pytest.raises(ValueError, match="prompt lookup need input_ids alone"):
+                ours.generate(**inputs, max_new_tokens=3, **draft)
+
+
 def test_generation_settings_on_the_model_config_are_an_error(pair):
     hf, ours = pair
     ours.config.temperature = 0.5

@@ -1249,7 +1249,9 @@ class GenerationMixin(ContinuousBatchingMixin):
         if cache is None:
             raise ValueError("assisted decoding needs a cache (use_cache=True)")
         if ctx.embeds is not None:
-            raise ValueError("assisted decoding needs input_ids (inputs_embeds cannot be shared with the assistant)")
+            raise ValueError("assisted decoding and prompt lookup need input_ids alone (an assistant cannot read this "
+                             "model's inputs_embeds, and prompt lookup searches ids): pass input_ids without "
+                             "inputs_embeds")
         if ctx.offset:
             raise ValueError("assisted decoding needs the whole sequence as input_ids, the cached tokens too")
         if assistant is not None and (
