@@ -68,7 +68,8 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=4096)
     p.add_argument("--arms", default="static,paged", help="two of: static, paged (rows of the default "
                    "batching.PAGED_ROW_SPAN), spanK (paged, rows of K x --slots slots), paged-unzeroed (paged, "
-                   "without zeroing the slots before a request's first on its first page: `_Batch.clear_before`)")
+                   "never zeroing the slots before a request's first on its first page, `_Batch.clear_before`, "
+                   "as the GPU's mapped pages do now)")
     p.add_argument("--no-tiny", action="store_true")
     args = p.parse_args()
     result = {"device": torch.cuda.get_device_name(), "args": vars(args)}

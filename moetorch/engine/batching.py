@@ -35,9 +35,9 @@ preemption does.
 
 Decode runs over the rows below the highest one in use, rounded up to a bucket (powers of two),
 one CUDA graph per bucket on a GPU. A free row inside that range computes a throwaway token that
-attends only its slot 0 and writes its key at the column; paged, a request that takes the row has
-the slots before its first one on its first page zeroed (`_Batch.clear_before`), since masked slots
-still enter its attention.
+attends only its slot 0 and writes its key at the column; paged on poisoned host pages, a request
+that takes the row has the slots before its first one on its first page zeroed
+(`_Batch.clear_before`), since masked slots still enter its attention.
 
 LongRoPE (PhiMoE): each row rotates by its own factor set (`_Batch.long`, which the decode
 steps' rotary tables read per row), as its request's own `generate` call would. A prompt past
@@ -588,14 +588,16 @@ class _Batch:
         return self.packed_graphs if mode or self.packed_graphs.enabled else None
 
     def clear_before(self, rows: list[int], starts: list[int]) -> None:
-        """Paged: zero each row's slots that lie before its first one (`starts`) on the page that
-        holds that slot. The row's request masks them, but masked slots still enter its attention
-        with weight 0, and 0 x NaN is NaN: a free row's step (which attends its slot 0, where no
-        page may be held: the poison on the CPU) writes its throwaway key and value at the column
-        into the row, onto a page that stays held (a finished request's tokens kept for prompts to
-        start from, or the page a request now takes). Called after the forward that copied any
-        prefix the row's prompt starts from."""
-        if self.pages is None:
+        """Paged on poisoned pages (`HostPages`): zero each row's slots that lie before its first one
+        (`starts`) on the page that holds that slot. The row's request masks them, but masked slots
+        still enter its attention with weight 0, and 0 x NaN is NaN: a free row's step attends its
+        slot 0, where no page may be held (the poison, whose large values make its key and value
+        non-finite), and writes them at the column into the row, onto a page that stays held (a
+        finished request's tokens kept for prompts to start from, or the page a request now takes).
+        On a GPU's mapped pages (`DevicePages`) an unheld slot reads the shared page, which holds
+        keys and values some step wrote, finite, so masked slots add 0 and nothing is cleared.
+        Called after the forward that copied any prefix the row's prompt starts from."""
+        if self.pages is None or not self.pages.poisons:
             return
         sb, S, page = self.slot_bytes, self.S, self.pages.page
         for row, start in zip(rows, starts):

@@ -41,6 +41,10 @@ class Pages:
     """Pages 0 .. count - 1 of `page` bytes each over `tensor` (uint8, count * page bytes); at most
     `capacity` of them with memory of their own at once."""
 
+    # whether a page without memory of its own reads as a poison (HostPages) rather than as values
+    # that some caller wrote (DevicePages' shared page)
+    poisons = False
+
     def __init__(self, count: int, page: int, capacity: int) -> None:
         if count <= 0 or page <= 0:
             raise ValueError(f"Pages: count and page size must be positive, got {count} and {page}")
@@ -143,6 +147,8 @@ class HostPages(Pages):
     """The interface over an ordinary tensor (any device): a page backed is zeroed, a page
     released is filled with `poison` (a float pattern of large finite values by default), so that
     an unmasked read of it changes what a computation returns."""
+
+    poisons = True
 
     def __init__(self, count: int, page: int, capacity: int | None = None, device="cpu", poison: int = 0x71) -> None:
         super().__init__(count, page, count if capacity is None else capacity)
