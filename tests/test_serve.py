@@ -831,6 +831,30 @@ def test_a_client_that_leaves_a_plain_request_cancels_it_at_once(live):
     assert r.status_code == 200
 
 
+def test_the_disconnect_watch_reads_only_a_disconnect_as_one():
+    """What a whole answer's handler waits on beside the generation: the ASGI disconnect returns it;
+    other messages do not, and a receive that fails leaves the request running (no disconnect)."""
+    from types import SimpleNamespace
+
+    from moetorch.serve.app import _disconnect
+
+    def request(messages):
+        async def receive():
+            item = messages.pop(0)
+            if isinstance(item, Exception):
+                raise item
+            return item
+        return SimpleNamespace(receive=receive)
+
+    async def check():
+        await asyncio.wait_for(_disconnect(request([{"type": "http.request", "body": b""},
+                                                     {"type": "http.disconnect"}])), 5)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(_disconnect(request([RuntimeError("receive after the body")])), 0.2)
+
+    asyncio.run(check())
+
+
 def test_the_serve_command(monkeypatch):
     """`moetorch serve --no-engine-process` builds the engine and app for uvicorn, with its flags
     (the default, an engine process: tests/test_serve_process.py)."""

@@ -673,9 +673,14 @@ async def _run_all(engine: Engine, jobs: list[_Job], stops: list[str], eos: list
 
 
 async def _disconnect(request: Request) -> None:
-    """Returns when the client disconnects (the ASGI server's `http.disconnect`; the body was read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    """Returns when the client disconnects (the ASGI server's `http.disconnect`; the body was read).
+    A server whose receive fails once the body is read shows no disconnect: this never returns, and
+    the request runs to its end."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 -- not a disconnect: the answer is still wanted
+        await asyncio.Event().wait()
 
 
 async def _collect(engine: Engine, jobs: list[_Job], stops: list[str], eos: list[int],
