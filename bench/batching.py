@@ -123,8 +123,8 @@ def randomize_(model, std: float = 0.2) -> None:
             p.copy_((torch.randn(p.shape, generator=g) * std + shift).to(p.device, p.dtype))
 
 
-def tiny_models(max_positions: int):
-    """(name, model): a tiny float32 JetMoE and PhiMoE on the GPU with peaked random weights."""
+def tiny_models(max_positions: int, device: str = "cuda"):
+    """(name, model): a tiny float32 JetMoE and PhiMoE on `device` (the GPU) with peaked random weights."""
     import moetorch
 
     for name, cfg in {"jetmoe": moetorch.JetMoeConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
@@ -135,7 +135,7 @@ def tiny_models(max_positions: int):
                                                       num_key_value_heads=2, num_local_experts=4,
                                                       max_position_embeddings=max_positions)}.items():
         cls = moetorch.JetMoeForCausalLM if name == "jetmoe" else moetorch.PhimoeForCausalLM
-        model = cls(cfg).cuda().eval()
+        model = cls(cfg).to(device).eval()
         randomize_(model)
         yield name, model
 

@@ -3,12 +3,13 @@ decode get the tokens of their own `generate` call.
 
 A free row inside a decode step's bucket computes a throwaway token and writes its key and value at
 the column into its row, where a page may still be held (a finished request's tokens kept for
-prompts to start from); a request that takes the row later has those slots masked, and
-`_Batch.clear_before` zeroes them. On the CPU the unheld pages are poisoned and the bug showed as
-NaN tokens (tests/test_pages.py); this runs the same pattern, and random waves of requests, on the
-GPU's mapped pages, with tiny float32 models of both architectures, sharing on and off.
+prompts to start from); a request that takes the row later has those slots masked. On the CPU the
+unheld pages are poisoned, the free row wrote NaN there and the request's tokens were garbage, so
+`_Batch.clear_before` zeroes those slots on poisoned pages (tests/test_pages.py). On the GPU's mapped
+pages nothing is zeroed: this runs the same pattern, and random waves of requests, there, with the
+tiny float32 models of bench/batching.py, sharing on and off.
 
-    PYTHONPATH=. python3 bench/paged_reuse_check.py --out bench/results/<gpu>-<date>-paged-reuse-check.json
+    PYTHONPATH=.:bench python3 bench/paged_reuse_check.py --out bench/results/<gpu>-<date>-paged-reuse-check.json
 """
 
 from __future__ import annotations
@@ -21,24 +22,6 @@ import time
 import torch
 
 import moetorch
-
-
-def tiny(arch: str, device: str):
-    torch.manual_seed(0)
-    if arch == "phimoe":
-        config = moetorch.PhimoeConfig(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                       max_position_embeddings=512, pad_token_id=0)
-        model = moetorch.PhimoeForCausalLM(config)
-    else:
-        config = moetorch.JetMoeConfig(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
-                                       num_key_value_heads=2, kv_channels=16, num_local_experts=4,
-                                       num_experts_per_tok=2, max_position_embeddings=512, pad_token_id=0)
-        model = moetorch.JetMoeForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model.to(device, torch.float32).eval()
 
 
 def alone(model, prompt: list[int], n: int) -> list[int]:
@@ -114,9 +97,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: the same on HostPages (poisoned unheld pages)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from batching import tiny_models  # bench/ is the script's directory
+
     rows = []
-    for arch in ("jetmoe", "phimoe"):
-        model = tiny(arch, args.device)
+    for arch, model in tiny_models(512, args.device):
         for share in (True, False):
             row = {"arch": arch, "share": share, "freed_row": freed_row(model, share),
                    "waves": [waves(model, share, seed) for seed in range(args.seeds)]}
