@@ -67,9 +67,7 @@ def main() -> int:
     p = ab_parser()
     p.add_argument("--slots", type=int, default=4096)
     p.add_argument("--arms", default="static,paged", help="two of: static, paged (rows of the default "
-                   "batching.PAGED_ROW_SPAN), spanK (paged, rows of K x --slots slots), paged-unzeroed (paged, "
-                   "never zeroing the slots before a request's first on its first page, `_Batch.clear_before`, "
-                   "as the GPU's mapped pages do now)")
+                   "batching.PAGED_ROW_SPAN), spanK (paged, rows of K x --slots slots)")
     p.add_argument("--no-tiny", action="store_true")
     args = p.parse_args()
     result = {"device": torch.cuda.get_device_name(), "args": vars(args)}
@@ -79,14 +77,8 @@ def main() -> int:
         cb.PAGED = None
 
     def arm_run(model, prompts, arm):
-        clear = cb._Batch.clear_before
-        if arm == "paged-unzeroed":
-            cb._Batch.clear_before = lambda self, rows, starts: None
-        try:
-            return run(model, prompts, args.new, {"max_cache_len": args.slots, "paged": arm != "static"},
-                       row_span(arm, SPAN))
-        finally:
-            cb._Batch.clear_before = clear
+        return run(model, prompts, args.new, {"max_cache_len": args.slots, "paged": arm != "static"},
+                   row_span(arm, SPAN))
 
     alternating(args, tuple(args.arms.split(",")), arm_run,
                 done=lambda models: save_json(args.out, {**result, "models": models}))
