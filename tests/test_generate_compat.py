@@ -320,6 +320,11 @@ def test_a_sequence_bias_config_prints_saves_and_reads_back(pair, tmp_path):
     transformers.GenerationConfig(sequence_bias=bias, max_new_tokens=4).save_pretrained(tmp_path / "theirs")
     read = GenerationConfig.from_pretrained(tmp_path / "theirs")
     assert torch.equal(ours.generate(**p, generation_config=read), want)
+    read.save_pretrained(tmp_path / "theirs-again")  # its "(3, 4)" keys saved again: as token ids
+    again = transformers.GenerationConfig.from_pretrained(tmp_path / "theirs-again")
+    assert torch.equal(hf.generate(**p, generation_config=again), want)
+    assert torch.equal(ours.generate(**p, generation_config=GenerationConfig.from_pretrained(tmp_path / "theirs-again")),
+                       want)
 
 
 @pytest.mark.parametrize("settings", [{}, {"do_sample": True}, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2},

@@ -22,6 +22,7 @@ import torch
 from ..defaults import checkpoint_path
 from ..hub import CONFIG_PATTERNS, PushToHubMixin, hub_options
 from ..utils import warn_once
+from .logits_process import sequence_bias_key
 from .watermarking import WatermarkingConfig
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -525,8 +526,9 @@ class GenerationConfig(PushToHubMixin):
             fields["_from_model_config"] = True
         bias = fields.get("sequence_bias")
         if isinstance(bias, dict):  # {tuple: bias} as the [[token ids], bias] pairs both libraries read back
-            fields["sequence_bias"] = [[list(seq) if isinstance(seq, (tuple, list)) else seq, b]
-                                       for seq, b in bias.items()]
+            keys = [sequence_bias_key(seq) for seq in bias]
+            fields["sequence_bias"] = [[list(k) if isinstance(k, (tuple, list)) else k, b]
+                                       for k, b in zip(keys, bias.values())]
         return json.dumps(_string_keys(fields), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> None:

@@ -211,8 +211,9 @@ class EncoderNoRepeatNGramLogitsProcessor(LogitsProcessor):
         return _ban_completions(input_ids, prompt.unfold(1, n, 1), scores)
 
 
-def _tuple_key(seq):
-    """A `sequence_bias` key as given, or the tuple that a string key such as "(3, 4)" spells."""
+def sequence_bias_key(seq):
+    """A `sequence_bias` key as given, or the tuple that a string key such as "(3, 4)" spells (the
+    keys Transformers writes to JSON)."""
     if isinstance(seq, str):
         with contextlib.suppress(ValueError, SyntaxError):
             value = ast.literal_eval(seq)
@@ -232,7 +233,7 @@ class SequenceBiasLogitsProcessor(LogitsProcessor):
 
     def __init__(self, sequence_bias):
         if isinstance(sequence_bias, dict):
-            items = [(_tuple_key(seq), bias) for seq, bias in sequence_bias.items()]
+            items = [(sequence_bias_key(seq), bias) for seq, bias in sequence_bias.items()]
         elif isinstance(sequence_bias, list):
             items = [(seq, bias) for seq, bias in sequence_bias]
         else:
