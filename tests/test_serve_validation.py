@@ -365,12 +365,93 @@ def test_top_p_zero_is_greedy(served):
     ([*USER, {"role": "assistant", "content": "x"}, {"role": "tool", "content": "4"}], "messages[2].tool_call_id",
      "the id (a string) of the call it answers"),
     ([*USER, {"role": "tool", "content": "4", "tool_call_id": 3}], "messages[1].tool_call_id", "a string"),
+    ([*USER, {"role": "assistant", "content": None, "tool_calls": 5}, *USER], "messages[1].tool_calls", "an array"),
+    ([*USER, {"role": "assistant", "tool_calls": {"a": 1}}, *USER], "messages[1].tool_calls", "an array"),
+    ([*USER, {"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": "add"}]}, *USER],
+     "messages[1].tool_calls[0].function", "an object with name and arguments"),
+    ([*USER, {"role": "assistant", "tool_calls": [5]}], "messages[1].tool_calls[0]", "must be an object"),
+    ([*USER, {"role": "assistant", "tool_calls": [{"function": {"name": 3, "arguments": "{}"}}]}],
+     "messages[1].tool_calls[0].function.name", "a string"),
+    ([*USER, {"role": "assistant", "tool_calls": [{"function": {"name": "add", "arguments": 4}}]}],
+     "messages[1].tool_calls[0].function.arguments", "a string"),
+    ([*USER, {"role": "assistant", "tool_calls": [{"id": 1, "function": {"name": "add", "arguments": "{}"}}]}],
+     "messages[1].tool_calls[0].id", "a string"),
+    ([*USER, {"role": "assistant", "tool_calls": [{"type": "custom", "function": {"name": "a", "arguments": ""}}]}],
+     "messages[1].tool_calls[0].type", "only function calls"),
 ])
 def test_messages_are_typed_as_openai_types_them(served, messages, param, match):
     client, _ = served
     for stream in (False, True):
         r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2, "stream": stream})
         assert match in error_of(r, 400, param)
+
+
+def test_well_formed_tool_calls_are_taken(served):
+    client, _ = served
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "2"}]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    call["function"]["arguments"] = {"a": 1}  # (the arguments as an object, as some clients send them)
+    assert client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("route,raw,param", [
+    ("/v1/completions", '{"prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", '{"prompt": ["ok", "a\\udfff"]}', "prompt[1]"),
+    ("/v1/completions", '{"prompt": "x", "stop": ["\\udc00"]}', "stop[0]"),
+    ("/v1/completions", '{"prompt": "x", "logit_bias": {"\\ud800": 1}}', "logit_bias"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800"}]}', "messages[0].content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages[0].content[0].text"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi", "name": "\\ud800"}]}',
+     "messages[0].name"),
+    ("/v1/completions", '{"prompt": "x", "\\ud800": 1}', None),
+])
+def test_a_lone_surrogate_is_a_400_naming_its_field(served, route, raw, param):
+    """JSON's `\\ud800` escape parses to a lone UTF-16 surrogate, which is no Unicode text: refused,
+    streamed or not, and the server serves the next request."""
+    client, _ = served
+    for stream in ("false", "true"):
+        body = raw[:-1] + f', "max_tokens": 1, "stream": {stream}}}'
+        r = client.post(route, content=body, headers={"Content-Type": "application/json"})
+        message = error_of(r, 400, param)
+        assert "not valid Unicode" in message and "surrogate" in message
+    assert ok(client, route)
+
+
+@pytest.mark.parametrize("kwargs,param,match", [
+    ({"tokenize": False}, "chat_template_kwargs.tokenize", "renders and tokenizes the messages itself"),
+    ({"return_tensors": "pt"}, "chat_template_kwargs.return_tensors", "renders and tokenizes"),
+    ({"return_dict": True}, "chat_template_kwargs.return_dict", "renders and tokenizes"),
+    ({"add_generation_prompt": False}, "chat_template_kwargs.add_generation_prompt", "as a field of the request"),
+    ({"chat_template": "{{ raise_exception('no') }}"}, "chat_template_kwargs.chat_template", "of its own"),
+])
+def test_chat_template_kwargs_are_the_templates_variables_alone(served, kwargs, param, match):
+    client, _ = served
+    for stream in (False, True):
+        r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "stream": stream,
+                                                      "chat_template_kwargs": kwargs})
+        assert match in error_of(r, 400, param)
+    r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2,
+                                                  "chat_template_kwargs": {"documents": [], "anything": 1}})
+    assert r.status_code == 200, r.text
+
+
+def test_a_template_that_raises_is_a_400_naming_messages(served, monkeypatch):
+    """A chat template's own check (`raise_exception`, as templates that want alternating roles
+    call it) or a runtime error in it is the request's error, as its syntax errors are."""
+    client, engine = served
+    alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+                   "{% endif %}{{ m['content'] }}{% endfor %}{{ messages[0].missing.attribute }}")
+    monkeypatch.setattr(engine.tokenizer, "chat_template", alternating)
+    for stream in (False, True):
+        body = {"messages": [*USER, *USER], "max_tokens": 2, "stream": stream}
+        assert "roles must alternate" in error_of(client.post("/v1/chat/completions", json=body), 400, "messages")
+        body["messages"] = USER  # (past the check: the template reads an undefined attribute)
+        assert "chat template failed" in error_of(client.post("/v1/chat/completions", json=body), 400, "messages")
 
 
 def test_responses_carry_a_system_fingerprint(served):

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -104,6 +105,8 @@ def _validation_error(errors: list[dict], content_type: str | None) -> tuple[str
     if kind == "json_invalid":
         why, at = (first.get("ctx") or {}).get("error", "decode error"), f" at character {loc[0]}" if loc else ""
         return f"the request body is not valid JSON: {why}{at}", 400, None
+    if kind == "string_unicode" and not loc:  # (pydantic reads the keys so: a key's lone surrogate)
+        return "the request body has a field name that is not valid Unicode (a lone UTF-16 surrogate)", 400, None
     if not loc:  # the body as a whole
         media = (content_type or "").split(";")[0].strip().lower()
         if kind == "missing":
@@ -229,8 +232,58 @@ def _refuse_unsupported(body: _Common) -> None:
     if body.stream_options is not None and not body.stream:
         raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
     _stops(body)  # (checked before a stream starts)
+    for name in type(body).model_fields:
+        _check_text(getattr(body, name), name)
     for i, m in enumerate(body.messages if isinstance(body, ChatRequest) else []):
         _check_message(i, m)
+    if isinstance(body, ChatRequest):
+        _check_template_kwargs(body.chat_template_kwargs)
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Every string in a request value (keys too) must be Unicode text: JSON's `\\ud800` escapes
+    parse to a lone UTF-16 surrogate, which no tokenizer or template can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRequest(f"{where}: the text holds a lone UTF-16 surrogate ({value[e.start]!r} at character "
+                             f"{e.start}), which is not valid Unicode", where) from None
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            _check_text(getattr(value, name), f"{where}.{name}")
+        for name, v in (value.model_extra or {}).items():
+            _check_text(name, where)
+            _check_text(v, f"{where}.{name}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where)
+            _check_text(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, f"{where}[{i}]")
+
+
+# apply_chat_template's own arguments, which set what it returns or are the request's fields
+_TEMPLATE_ARGUMENTS = {"conversation", "add_generation_prompt", "continue_final_message", "tokenize", "padding",
+                       "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+                       "tokenizer_kwargs", "sanitize_control_tokens"}
+
+
+def _check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
+    """`chat_template_kwargs` go to the template as its variables (`tools` and `documents` too); the
+    arguments that change what the rendering returns are the server's, and a request may not bring
+    a template of its own (a template is code: the server runs its tokenizer's)."""
+    for key in kwargs or {}:
+        where = f"chat_template_kwargs.{key}"
+        if key in ("add_generation_prompt", "continue_final_message"):
+            raise BadRequest(f"{where}: pass {key} as a field of the request", where)
+        if key in _TEMPLATE_ARGUMENTS:
+            raise BadRequest(f"{where}: the server renders and tokenizes the messages itself; chat_template_kwargs "
+                             "are the template's variables", where)
+        if key == "chat_template":
+            raise BadRequest(f"{where}: a request cannot bring a chat template of its own; the server renders "
+                             "its tokenizer's", where)
 
 
 def _check_message(i: int, m: ChatMessage) -> None:
@@ -246,9 +299,37 @@ def _check_message(i: int, m: ChatMessage) -> None:
     extra = m.model_extra or {}
     if extra.get("name") is not None and not isinstance(extra["name"], str):
         raise BadRequest(f"{where}.name: must be a string", f"{where}.name")
+    _check_tool_calls(extra.get("tool_calls"), f"{where}.tool_calls")
     if m.role == "tool" and not isinstance(extra.get("tool_call_id"), str):
         raise BadRequest(f"{where}.tool_call_id: a tool message needs the id (a string) of the call it answers",
                          f"{where}.tool_call_id")
+
+
+def _check_tool_calls(calls: Any, where: str) -> None:
+    """An assistant message's `tool_calls`, as OpenAI types them: an array of
+    `{"id", "type": "function", "function": {"name", "arguments"}}` (the arguments a JSON string,
+    or the object itself, as some clients send them)."""
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise BadRequest(f"{where}: must be an array of tool calls", where)
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        if not isinstance(call, dict):
+            raise BadRequest(f"{at}: a tool call must be an object with its function", at)
+        if call.get("type", "function") not in ("function", None):
+            raise BadRequest(f"{at}.type: only function calls are supported, got {call['type']!r}", f"{at}.type")
+        if call.get("id") is not None and not isinstance(call["id"], str):
+            raise BadRequest(f"{at}.id: must be a string", f"{at}.id")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise BadRequest(f"{at}.function: a tool call needs its function, an object with name and arguments",
+                             f"{at}.function")
+        if not isinstance(function.get("name"), str):
+            raise BadRequest(f"{at}.function.name: must be a string", f"{at}.function.name")
+        if not isinstance(function.get("arguments"), (str, dict)):
+            raise BadRequest(f"{at}.function.arguments: must be the arguments' JSON, a string",
+                             f"{at}.function.arguments")
 
 
 def _stops(body: _Common) -> list[str]:
@@ -793,7 +874,7 @@ def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
         return tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt and not
                                        body.continue_final_message, continue_final_message=body.continue_final_message,
                                        return_dict=False, **template_kwargs)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, jinja2.TemplateError) as e:  # (raise_exception in a template: TemplateError)
         raise BadRequest(f"messages: the chat template failed: {e}", "messages") from e
 
 
