@@ -611,6 +611,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         check_model(body)
         _refuse_unsupported(body)
         calls = forced_calls(body.tools, body.tool_choice, body.parallel_tool_calls)
+        if calls is not None and _stops(body):
+            raise BadRequest("stop with a forced tool_choice: the output is the call's JSON, which a stop string "
+                             "would cut; leave stop out", "stop")
         ids = await asyncio.to_thread(_chat_prompt, engine, body)  # (off the event loop)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         grammar = _grammar(body, engine)
