@@ -149,6 +149,11 @@ class Cache:
         """Whether each layer is a linear-attention state (none here)."""
         return [False] * len(self)
 
+    @property
+    def is_dummy(self) -> list[bool]:
+        """Whether each layer shares another's keys and stores none (none here)."""
+        return [False] * len(self)
+
     def activate_past_recording(self) -> None:
         """Transformers 5's call before a step it may roll back (for layers that drop old states): a
         no-op, these caches keep every position and `crop` rolls back any step."""
@@ -304,6 +309,66 @@ class CacheLayer:
     def get_seq_length(self) -> int:
         return self._cache.get_seq_length(self._idx)
 
+    # Transformers 5's other layer members, read from the cache
+    @property
+    def is_sliding(self) -> bool:
+        return False  # (a sliding window is a mask here: the layer keeps every position)
+
+    @property
+    def is_compileable(self) -> bool:
+        return self._cache.is_compileable
+
+    @property
+    def is_croppable(self) -> bool:
+        return not self._cache.is_static
+
+    @property
+    def max_cache_len(self) -> int:
+        if not self._cache.is_static:
+            raise AttributeError("a dynamic cache's layer has no max_cache_len (it grows): see get_max_length()")
+        return self._cache.max_cache_len
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.keys.dtype if self.is_initialized else None
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.keys.device if self.is_initialized else None
+
+    def get_max_length(self) -> int:
+        return self._cache.get_max_length(self._idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._cache.get_mask_sizes(query_length, self._idx)
+
+    def reset(self) -> None:
+        """Empty this layer (a dynamic cache's) or zero its slots (a static cache's, whose token
+        count all layers share: `cache.reset()` forgets them)."""
+        if not self.is_initialized:
+            return
+        if self._cache.is_static:
+            self.keys.zero_()
+            self.values.zero_()
+            return
+        empty = self.keys[..., :0, :]
+        self._cache.keys[self._idx], self._cache.values[self._idx] = empty, self.values[..., :0, :]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Transformers 5's layer crop: drop this layer's last `-tokens_to_remove` tokens (a dynamic
+        cache's; a static cache's layers have none, as Transformers' have not)."""
+        if self._cache.is_static:
+            raise AttributeError("a static cache's layer has no crop (its token count is the cache's): use "
+                                 "cache.crop(-n)")
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): a layer's crop takes the negative count of the tokens to "
+                             "drop, as Transformers' does")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        keep = max(self.keys.shape[-2] + tokens_to_remove, 0)
+        self._cache.keys[self._idx] = self.keys[..., :keep, :]
+        self._cache.values[self._idx] = self.values[..., :keep, :]
+
 
 class DynamicCache(Cache):
     """A cache that grows by concatenation on every update.
@@ -395,7 +460,11 @@ class StaticCache(Cache):
 
     Decode steps write without allocating or reading device values, so a step can be captured in
     a CUDA graph. Storage is allocated at the first update (batch, heads, dtype and device taken
-    from the keys) unless `max_batch_size`, `device` and `dtype` are given up front.
+    from the keys), as Transformers 5 allocates it, or up front by `early_initialization`, or by
+    Transformers 4's `max_batch_size` (`batch_size`), `device` and `dtype` together; storage made
+    up front that the first keys do not fit (another batch, dtype or device) is made again from
+    them, as Transformers 5, which ignores those three, allocates. Transformers 4's `layer_device_map`
+    and `tp_size` are taken and mean nothing here.
     """
 
     def __init__(
@@ -409,8 +478,16 @@ class StaticCache(Cache):
         storage: torch.Tensor | None = None,
         offloading: bool = False,
         offload_only_non_sliding: bool = True,
+        batch_size: int | None = None,
+        layer_device_map: dict | None = None,
+        tp_size: int | None = None,
     ) -> None:
         super().__init__()
+        if batch_size is not None:  # (Transformers 4.4x's name of max_batch_size)
+            if max_batch_size is not None and max_batch_size != batch_size:
+                raise ValueError(f"StaticCache: batch_size={batch_size} and max_batch_size={max_batch_size} differ "
+                                 "(batch_size is the older name of max_batch_size: pass one)")
+            max_batch_size = batch_size
         if offloading:  # (Transformers 5's keywords: `offload_only_non_sliding` means nothing without it)
             raise ValueError("StaticCache: offloading=True (layers kept in host memory) is not supported; "
                              "a model placed over several devices uses a DynamicCache instead")
@@ -432,9 +509,34 @@ class StaticCache(Cache):
             raise ValueError(f"StaticCache: storage must be a flat uint8 tensor, got {storage.dtype} "
                              f"{tuple(storage.shape)}")
         self._storage = storage
+        self._early = False  # storage made up front, before any keys: made again if they do not fit it
         if max_batch_size is not None and device is not None and dtype is not None and config is not None:
             kv_heads, head_dim = _kv_shape(config)
             self._allocate(max_batch_size, kv_heads, head_dim, torch.device(device), dtype)
+            self._early = True
+
+    def early_initialization(self, batch_size: int, num_heads: int | list[int], head_dim: int | list[int],
+                             dtype: torch.dtype, device: torch.device | str) -> None:
+        """Transformers 5's allocation ahead of the first update (for `torch.export` and compiled
+        prefills): `num_heads` and `head_dim` the kv heads' count and width, one value or one per
+        layer (these models' layers all share them)."""
+        n = self.num_layers
+        if n is None:
+            raise ValueError("StaticCache.early_initialization needs the cache's layer count (config or num_layers)")
+        shape = []
+        for name, value in (("num_heads", num_heads), ("head_dim", head_dim)):
+            values = [value] * n if isinstance(value, int) else list(value)
+            if len(values) != n:
+                raise ValueError(f"StaticCache.early_initialization: {name} has {len(values)} entries for a cache "
+                                 f"of {n} layers")
+            if len(set(values)) != 1:
+                raise ValueError(f"StaticCache.early_initialization: {name} differs between layers ({values}); a "
+                                 "StaticCache here holds one shape for every layer")
+            shape.append(values[0])
+        if self.keys:
+            return  # (initialized already: Transformers leaves such layers as they are)
+        self._allocate(batch_size, *shape, torch.device(device), dtype)
+        self._early = True
 
     @property
     def is_static(self) -> bool:
@@ -451,6 +553,7 @@ class StaticCache(Cache):
         self._grad_kv.pop(layer_idx, None)
 
     def _allocate(self, B: int, G: int, d: int, device: torch.device, dtype: torch.dtype) -> None:
+        self._early = False  # (set again by the callers that allocate up front)
         n = self.num_layers
         if n is None:
             raise ValueError("StaticCache needs `config` or `num_layers` to allocate its storage")
@@ -462,6 +565,15 @@ class StaticCache(Cache):
             shape = (n, B, G, self.max_cache_len, d)
             self._all = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         self.keys, self.values = _per_layer(self._all[0]), _per_layer(self._all[1])
+
+    def _fits(self, B: int, G: int, d: int, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether the storage takes keys of this shape, device and dtype; storage made up front that
+        does not, before anything is written, is made again (False), as Transformers makes it from the
+        first keys. Otherwise True (a batch that does not fit is then `_slots`' error)."""
+        if not self._early or self._seen:
+            return True
+        k = self.keys[0]
+        return (k.shape[0], k.shape[1], k.shape[-1], k.device, k.dtype) == (B, G, d, device, dtype)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len
@@ -489,8 +601,9 @@ class StaticCache(Cache):
     def _slots(self, key_states, layer_idx, cache_kwargs):
         # (key storage, value storage, slots of the new tokens), allocating on first use
         B, G, T, d = key_states.shape
-        if not self.keys:
+        if not self.keys or not self._fits(B, G, d, key_states.device, key_states.dtype):
             self._allocate(B, G, d, key_states.device, key_states.dtype)
+        self._early = False  # (the storage holds keys now: kept from here on, through `reset` too)
         cache_position = self._positions(T, key_states.device, cache_kwargs, layer_idx)
         if layer_idx == 0:
             if self._grad_seen != self._seen:  # other writes came after the last tracked step
@@ -511,11 +624,12 @@ class StaticCache(Cache):
 
     def project_rotated(self, x_BTD, layers, head_dim, cos, sin, layer_idx, cache_kwargs=None, experts=None):
         B, T, _ = x_BTD.shape
-        if not self.keys:
+        kv_width = layers[1].out_features if len(layers) == 3 else layers[0].out_features // 2
+        if not self.keys or not self._fits(B, kv_width // head_dim, head_dim, x_BTD.device, x_BTD.dtype):
             if not fused.active(x_BTD):
                 return None  # `update` allocates
-            kv_width = layers[1].out_features if len(layers) == 3 else layers[0].out_features // 2
             self._allocate(B, kv_width // head_dim, head_dim, x_BTD.device, x_BTD.dtype)
+        self._early = False
         k, v = self.keys[layer_idx], self.values[layer_idx]
         slots = (k, v, self._positions(T, x_BTD.device, cache_kwargs, layer_idx))
         out = linears_rotated(x_BTD, layers, head_dim, cos, sin, slots, experts)
@@ -564,6 +678,8 @@ class StaticCache(Cache):
         within REORDER_CHUNK_BYTES."""
         self._grad_kv.clear()
         n = self._seen
+        if self.keys and len(beam_idx) != self.keys[0].shape[0]:
+            return self._resize_batch(beam_idx)
         if self.slot_rows is not None:
             if n:
                 self.slot_rows[:, :n] = self.slot_rows[beam_idx, :n]
@@ -572,6 +688,21 @@ class StaticCache(Cache):
             filled.copy_(filled.index_select(1, beam_idx))
         for t in self._replay_record(n):
             t.copy_(t.index_select(0, beam_idx))
+
+    def _resize_batch(self, index: torch.LongTensor) -> None:
+        """`reorder_cache` with an index of another length: the batch becomes those rows, in new
+        storage (as Transformers' static layers take `index_select`'s tensors). Graphs captured on
+        the old storage no longer read this cache."""
+        rows = self.keys[0].shape[0]
+        if self._storage is not None or self.slot_rows is not None:
+            raise ValueError(f"StaticCache.reorder_cache: {len(index)} indices for a cache of {rows} rows; this "
+                             "cache's storage is shared (a batching engine's or one under beam search) and keeps "
+                             "its row count")
+        index = torch.as_tensor(index, device=self.keys[0].device)
+        self._all = tuple(t.index_select(1, index) for t in self._all)
+        self.keys, self.values = _per_layer(self._all[0]), _per_layer(self._all[1])
+        self._early, self._rows = False, None
+        self._batch_apply_replay(lambda t: t.index_select(0, index.to(t.device)))
 
     def _filled(self, n: int):
         # the keys' and values' first n slots, [layers, B, G, n, d] views of groups of layers whose

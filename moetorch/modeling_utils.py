@@ -1129,6 +1129,10 @@ def prepare_decoder_inputs(
                          "serves the batch it was filled with (pass a new DynamicCache for another batch)")
     past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
     _check_positions(B, T, past_len, cache_position, position_ids, attention_mask)
+    if past_key_values is None and attention_mask is not None and attention_mask.dim() == 2 and \
+            attention_mask.shape[1] != T:  # (a cache's mask may be wider: a static cache's covers its slots)
+        raise ValueError(f"attention_mask must have shape [batch, seq] = [{B}, {T}] for a forward without a cache, "
+                         f"got {tuple(attention_mask.shape)}")
     if cache_position is None:
         cache_position = torch.arange(past_len, past_len + T, device=inputs_embeds.device)
     if position_ids is None:
@@ -1314,13 +1318,17 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -> tuple[DecoderInputs, bool, int]:
+def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None,
+                    attention_mask: torch.Tensor | None = None) -> tuple[DecoderInputs, bool, int]:
     """Choose LongRoPE's factor set for this step; rebuild the cache if it was computed with the other.
 
     Returns (inputs, long, prefix): when the cache is rebuilt, `inputs` is extended by the replayed
     `prefix` cached tokens and the caller drops their outputs. Decided from host integers: the
     cached and new tokens, the longest of packed sequences, or `seq_len` where the caller read it.
     A cache with `rope_long_BT` set gives the set per position instead (a tensor, nonzero: long).
+    The rebuilt forward reads the prefix under the step's 2D `attention_mask` (its columns cover
+    the cached tokens); a 4D mask, which holds the new tokens' rows alone, is an error there, raised
+    before the cache is touched.
     """
     cache, T = inputs.cache, inputs.embeds_BTD.shape[1]
     if cache is not None and cache.rope_long_BT is not None and rotary.longrope:
@@ -1333,6 +1341,12 @@ def sync_rope_cache(rotary, inputs: DecoderInputs, seq_len: int | None = None) -
     prefix = 0
     if cache is not None and rotary.longrope:
         if cache.rope_long != long and inputs.past_len > 0:
+            if attention_mask is not None and attention_mask.dim() == 4:
+                raise ValueError(
+                    f"attention_mask: this step takes the sequence to {seq_len} tokens, across LongRoPE's switch "
+                    f"at original_max_position_embeddings={rotary.original_max}, so the {inputs.past_len} cached "
+                    f"tokens are computed again under the other factors; a 4D mask holds the rows of the {T} new "
+                    "tokens alone: pass the 2D mask (batch x all tokens) for this step, as generate does")
             prefix = inputs.past_len
             embeds, positions = cache.replay(prefix)
             cache.clear()
@@ -1411,7 +1425,7 @@ def decoder_forward(
     seq_len = rope_length(model.rotary_emb, position_ids, inp.cache, inp.past_len)
     if inp.cache is not None and inp.past_len == 0 and not _capturing(inp.embeds_BTD):
         inp.cache.rope_pad = 0 if seq_len is None else T - seq_len  # the later steps count from it on the host
-    inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len)
+    inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len, attention_mask)
     writes = _writes_unpadded(past_key_values, inp.cache)
     unpad = unpadded_rows(model, attention_mask, None if writes else inp.cache, sliding_window, output_attentions,
                           inp.embeds_BTD, loss_positions_BT) if prefix == 0 else None

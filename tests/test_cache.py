@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import transformers
-from archs import ARCH_IDS, ARCHS, PHIMOE, longrope_scaling, randomize_
+from archs import ARCH_IDS, ARCHS, JETMOE, PHIMOE, longrope_scaling, randomize_
 from parity import close, make_inputs, make_pair
 
 import moetorch
@@ -683,3 +683,148 @@ def test_a_transformers_cache_is_refused_with_the_way_to_carry_it_over(arch):
     carried = DynamicCache(ddp_cache_data=theirs)
     assert carried.get_seq_length() == 5 and len(carried) == model.config.num_hidden_layers
     close(model(ids[:, 5:], past_key_values=carried).logits, model(ids).logits[:, 5:], "a carried-over cache")
+
+
+# ---- Transformers 5's cache API around the caches, against Transformers itself ---------------------------
+def _pair_caches(arch, hf, ours, kind: str, **kwargs):
+    lib = {"hf": transformers, "ours": moetorch}
+    if kind == "dynamic":
+        return lib["hf"].DynamicCache(config=hf.config), lib["ours"].DynamicCache(config=ours.config)
+    return (lib["hf"].StaticCache(config=hf.config, max_cache_len=12, **kwargs),
+            lib["ours"].StaticCache(config=ours.config, max_cache_len=12, **kwargs))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("kwargs", [
+    {"max_batch_size": 2, "device": "cpu", "dtype": torch.bfloat16},  # (a float32 model: its keys decide)
+    {"max_batch_size": 1, "device": "cpu", "dtype": torch.float32},  # (a batch of 2: its keys decide)
+    {"batch_size": 2}, {"layer_device_map": None}, {"tp_size": 1},
+])
+@torch.no_grad()
+def test_static_cache_takes_transformers_4_keywords_as_transformers_5_does(arch, kwargs, tmp_path):
+    """Transformers 5 takes Transformers 4's StaticCache keywords and allocates from the first keys;
+    storage made up front that those keys do not fit is made again from them."""
+    hf, ours = make_pair(arch, tmp_path)
+    ids, _ = make_inputs(hf.config.vocab_size, 2, 7, None, seed=5)
+    theirs, mine = _pair_caches(arch, hf, ours, "static", **kwargs)
+    for chunk in (ids[:, :5], ids[:, 5:6], ids[:, 6:]):
+        close(ours(chunk, past_key_values=mine).logits, hf(chunk, past_key_values=theirs).logits, str(kwargs))
+    assert mine.layers[0].keys.dtype == theirs.layers[0].keys.dtype == torch.float32
+    assert mine.layers[0].keys.shape == theirs.layers[0].keys.shape
+
+
+def test_static_cache_batch_size_and_max_batch_size_must_agree():
+    config = PHIMOE.our_config()
+    with pytest.raises(ValueError, match="batch_size=2 and max_batch_size=3 differ"):
+        StaticCache(config, max_cache_len=8, batch_size=2, max_batch_size=3)
+    cache = StaticCache(config, max_cache_len=8, batch_size=2, max_batch_size=2, device="cpu", dtype=torch.float32)
+    assert cache.layers[0].keys.shape[0] == 2
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_early_initialization_as_transformers(arch, tmp_path):
+    hf, ours = make_pair(arch, tmp_path)
+    ids, _ = make_inputs(hf.config.vocab_size, 2, 6, None, seed=2)
+    theirs, mine = _pair_caches(arch, hf, ours, "static")
+    heads, width = (hf.config.num_key_value_heads, hf.config.kv_channels) if arch is JETMOE else \
+        (hf.config.num_key_value_heads, hf.config.hidden_size // hf.config.num_attention_heads)
+    for cache in (theirs, mine):
+        cache.early_initialization(2, heads, width, torch.float32, "cpu")
+    assert mine.layers[0].keys.shape == theirs.layers[0].keys.shape and mine.layers[0].is_initialized
+    storage = mine.layers[1].keys
+    close(ours(ids, past_key_values=mine).logits, hf(ids, past_key_values=theirs).logits, "after early init")
+    assert mine.layers[1].keys.data_ptr() == storage.data_ptr()  # (the storage made up front serves)
+    layers = len(mine)
+    with pytest.raises(ValueError, match="differs between layers"):
+        StaticCache(ours.config, max_cache_len=8).early_initialization(1, [heads] * (layers - 1) + [heads + 1],
+                                                                        width, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=f"3 entries for a cache of {layers} layers"):
+        StaticCache(ours.config, max_cache_len=8).early_initialization(1, [heads] * 3, width, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_cache_layer_members_as_transformers(arch, kind, tmp_path):
+    hf, ours = make_pair(arch, tmp_path)
+    ids, _ = make_inputs(hf.config.vocab_size, 2, 6, None, seed=4)
+    theirs, mine = _pair_caches(arch, hf, ours, kind)
+    hf(ids, past_key_values=theirs)
+    ours(ids, past_key_values=mine)
+    assert mine.is_dummy == theirs.is_dummy == [False] * len(theirs)
+    for a, b in zip(theirs.layers, mine.layers):
+        assert (b.get_max_length(), b.get_mask_sizes(3), b.is_sliding, b.dtype, b.device, b.is_compileable,
+                b.is_croppable) == (a.get_max_length(), a.get_mask_sizes(3), a.is_sliding, a.dtype, a.device,
+                                    a.is_compileable, a.is_croppable)
+        if kind == "static":
+            assert b.max_cache_len == a.max_cache_len == 12
+            with pytest.raises(AttributeError):
+                a.crop(-1)
+            with pytest.raises(AttributeError, match="cache.crop"):
+                b.crop(-1)
+    if kind == "dynamic":
+        for cache in (theirs, mine):
+            cache.layers[0].crop(-2)
+            with pytest.raises(ValueError):
+                cache.layers[0].crop(2)
+        assert [(b.get_seq_length(), b.keys.shape) for b in mine.layers] == \
+            [(a.get_seq_length(), a.keys.shape) for a in theirs.layers]
+        close(mine.layers[0].keys, theirs.layers[0].keys, "layer 0 cropped")
+    for cache in (theirs, mine):
+        cache.layers[1].reset()
+    if kind == "static":  # (its token count is the cache's, which a layer's reset leaves: `cache.reset()` clears it)
+        assert not mine.layers[1].keys.any() and not theirs.layers[1].keys.any()
+    else:
+        assert [b.get_seq_length() for b in mine.layers] == [a.get_seq_length() for a in theirs.layers]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("index", [[1], [0, 1, 1]])
+@torch.no_grad()
+def test_static_reorder_to_another_batch_as_transformers(arch, index, tmp_path):
+    hf, ours = make_pair(arch, tmp_path)
+    ids, _ = make_inputs(hf.config.vocab_size, 2, 6, None, seed=6)
+    theirs, mine = _pair_caches(arch, hf, ours, "static")
+    hf(ids[:, :5], past_key_values=theirs)
+    ours(ids[:, :5], past_key_values=mine)
+    for cache in (theirs, mine):
+        cache.reorder_cache(torch.tensor(index))
+    step = ids[index, 5:6]
+    close(ours(step, past_key_values=mine).logits, hf(step, past_key_values=theirs).logits, f"after {index}")
+    assert mine.layers[0].keys.shape == theirs.layers[0].keys.shape
+
+
+@torch.no_grad()
+def test_a_4d_mask_at_the_longrope_switch_is_refused_and_the_cache_kept(tmp_path):
+    """Crossing LongRoPE's switch recomputes the cached tokens under the other factors, with the
+    step's mask over them: a 4D mask has the new tokens' rows alone, so it is refused, before the
+    cache changes, and the 2D mask then gives Transformers' numbers."""
+    rope = longrope_scaling(8, original=8, seed=3)
+    rope["short_factor"], rope["short_mscale"] = rope["long_factor"], rope["long_mscale"]  # (Transformers: exact)
+    hf, ours = make_pair(PHIMOE, tmp_path, rope_scaling=rope, max_position_embeddings=64)
+    ids, _ = make_inputs(hf.config.vocab_size, 1, 11, None, seed=8)
+    theirs, mine = transformers.DynamicCache(), DynamicCache()
+    hf(ids[:, :8], past_key_values=theirs)
+    ours(ids[:, :8], past_key_values=mine)
+    q, k = torch.arange(8, 11)[:, None], torch.arange(11)[None]
+    mask_4d = torch.zeros(1, 1, 3, 11).masked_fill(k > q, torch.finfo(torch.float32).min)
+    with pytest.raises(ValueError, match="4D mask holds the rows of the 3 new tokens alone: pass the 2D mask"):
+        ours(ids[:, 8:], past_key_values=mine, attention_mask=mask_4d)
+    assert mine.get_seq_length() == 8 and not mine.rope_long
+    expected = hf(ids[:, 8:], past_key_values=theirs, attention_mask=mask_4d).logits
+    close(ours(ids[:, 8:], past_key_values=mine, attention_mask=torch.ones(1, 11, dtype=torch.long)).logits,
+          expected, "2D mask across the switch")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_a_mask_of_another_width_without_a_cache_is_refused_as_transformers_refuses_it(arch, tmp_path):
+    hf, ours = make_pair(arch, tmp_path)
+    ids, _ = make_inputs(hf.config.vocab_size, 2, 5, None, seed=2)
+    wide = torch.ones(2, 7, dtype=torch.long)
+    with pytest.raises(Exception):  # noqa: B017 -- (Transformers' error is a shape error from its mask code)
+        hf(ids, attention_mask=wide, use_cache=False)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[batch, seq\] = \[2, 5\] for a forward "
+                                         r"without a cache, got \(2, 7\)"):
+        ours(ids, attention_mask=wide, use_cache=False)
