@@ -896,9 +896,13 @@ class Tokenizer(PushToHubMixin):
                truncation: bool | str | None = None, max_length: int | None = None, stride: int = 0,
                padding_side: str | None = None, return_tensors: str | None = None, **kwargs: Any):
         """The input_ids of `self(text, text_pair, ...)`; `text_target` and `text_pair_target` are
-        ignored here, as in Transformers."""
+        ignored here, as in Transformers, and so is `tokenizer_kwargs` (with a warning: Transformers'
+        encode takes it among the keywords it ignores)."""
         for key in ("text_target", "text_pair_target", "max_target_length"):
             kwargs.pop(key, None)
+        if kwargs.pop("tokenizer_kwargs", None):
+            warn_once("encode ignores tokenizer_kwargs, as Transformers' encode does: pass the arguments by name, or "
+                      "call the tokenizer")
         return self(text, text_pair, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
                     max_length=max_length, stride=stride, padding_side=padding_side, return_tensors=return_tensors,
                     **kwargs)["input_ids"]
@@ -939,6 +943,7 @@ class Tokenizer(PushToHubMixin):
         return_length: bool = False,
         split_special_tokens: bool | None = None,
         verbose: bool = True,
+        tokenizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> BatchEncoding:
         """Tokenise one text or a batch, in Transformers' argument order and as its fast tokenizers do.
@@ -954,11 +959,19 @@ class Tokenizer(PushToHubMixin):
         each word tokenised on its own; `word_ids()` gives each token's word.
         `text_target` / `text_pair_target`: encoded with the same settings (`max_target_length`
         in place of `max_length` where given); their input_ids become `labels`, or, without `text`,
-        their encoding is the result."""
+        their encoding is the result.
+        `tokenizer_kwargs`: more of these arguments as a dict, which replace those given by name, as
+        Transformers 5 merges them. Other keywords are ignored with a warning that names them (as
+        Transformers ignores them, silently)."""
+        if tokenizer_kwargs:
+            given = {name: value for name, value in locals().items()
+                     if name not in ("self", "tokenizer_kwargs", "kwargs", "__class__")}
+            return self(**{**given, **dict(tokenizer_kwargs), **kwargs})
         sanitize = kwargs.pop("sanitize_control_tokens", False)
         max_target_length = kwargs.pop("max_target_length", None)
         if kwargs:
-            raise TypeError(f"unexpected tokenizer arguments: {sorted(kwargs)}")
+            warn_once(f"the tokenizer ignores the arguments {sorted(kwargs)}, which it does not have (as "
+                      "Transformers' tokenizers ignore them)")
         if sanitize:  # the call apply_chat_template(..., sanitize_control_tokens=True) makes, as Transformers'
             if text_pair is not None or text_target is not None or is_split_into_words or not (
                     isinstance(text, str) or isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)):
@@ -1139,8 +1152,8 @@ class Tokenizer(PushToHubMixin):
             if self.model_max_length > int(1e29):
                 return None  # Transformers: no max_length and no model_max_length -> no padding
             max_length = self.model_max_length
-        target = max_length if padding == "max_length" else max(lengths)
-        if multiple is not None:
+        target = max_length if padding == "max_length" else max(lengths, default=0)
+        if multiple:  # (0, as None: no multiple, as Transformers reads it)
             if not (isinstance(multiple, int) and multiple > 0):
                 raise ValueError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
             target = -(-target // multiple) * multiple

@@ -826,3 +826,31 @@ def test_the_named_class_beside_a_model_config_as_transformers(model_type, build
         if kwargs:  # the config's dict (which Transformers' AutoTokenizer refuses) decides as the config does
             as_dict = moetorch.AutoTokenizer.from_pretrained(directory, config=kwargs["config"].to_dict())
             assert [as_dict(t).input_ids for t in texts] == [hf(t).input_ids for t in texts], (model_type, kwargs)
+
+
+# ---- call keywords: tokenizer_kwargs, and keywords the tokenizer does not have ----------------------------
+@pytest.mark.parametrize("call", [
+    dict(tokenizer_kwargs={"add_special_tokens": False}),
+    dict(add_special_tokens=True, tokenizer_kwargs={"add_special_tokens": False}),  # (the dict's value wins)
+    dict(tokenizer_kwargs={"padding": True, "return_tensors": "pt"}),
+    dict(padding="max_length", max_length=12, tokenizer_kwargs={"truncation": True, "max_length": 5}),
+    dict(tokenizer_kwargs={"return_offsets_mapping": True}, return_length=True),
+    dict(foo=1, tokenizer_kwargs={"bar": 2}),
+])
+def test_call_keywords_as_transformers_merges_them(path, call):
+    theirs, ours = both(path)
+    expected, got = theirs(TEXTS, **call), ours(TEXTS, **call)
+    assert set(got.keys()) == set(expected.keys())
+    for key in expected:
+        a, b = expected[key], got[key]
+        assert (a.tolist() if torch.is_tensor(a) else a) == (b.tolist() if torch.is_tensor(b) else b), key
+    assert ours.encode(TEXTS[0], tokenizer_kwargs={"add_special_tokens": False}) == \
+        theirs.encode(TEXTS[0], tokenizer_kwargs={"add_special_tokens": False})
+
+
+def test_pad_to_multiple_of_zero_is_none_and_an_empty_batch_pads_to_nothing(path):
+    theirs, ours = both(path)
+    assert ours(TEXTS, padding=True, pad_to_multiple_of=0) == dict(theirs(TEXTS, padding=True, pad_to_multiple_of=0))
+    assert ours([], padding=True) == ours([]) == {"input_ids": [], "attention_mask": []}  # (Transformers: IndexError)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive integer"):
+        ours(TEXTS, padding=True, pad_to_multiple_of=-8)
