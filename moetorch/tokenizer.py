@@ -1182,7 +1182,7 @@ class Tokenizer(PushToHubMixin):
         token_ids = list(token_ids)
         negative = [t for t in token_ids if isinstance(t, int) and t < 0]
         if negative:
-            raise ValueError(f"decode(): token ids must be non-negative, got {negative[:5]} (training labels hold "
+            raise NegativeTokenId(f"decode(): token ids must be non-negative, got {negative[:5]} (training labels hold "
                              "-100 where no loss is taken: replace it with the pad id before decoding)")
         text = self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
         clean = clean_up_tokenization_spaces
@@ -1469,6 +1469,11 @@ def _as_tensors(out: BatchEncoding, return_tensors: str | None, batched: bool,
         raise ValueError("sequences have different lengths: pass padding=True to return tensors")
     data = {k: v if batched or not batch_axis or k == "length" else [v] for k, v in out.items()}
     return BatchEncoding(data, encodings=out.encodings).convert_to_tensors(return_tensors)
+
+
+class NegativeTokenId(ValueError, OverflowError):
+    """decode() of a negative id: a ValueError that names it, and the OverflowError Transformers'
+    fast tokenizers raise there (so that code catching either catches it)."""
 
 
 NO_PAD_TOKEN = "this tokenizer has no pad_token; set tokenizer.pad_token = tokenizer.eos_token"

@@ -854,3 +854,11 @@ def test_pad_to_multiple_of_zero_is_none_and_an_empty_batch_pads_to_nothing(path
     assert ours([], padding=True) == ours([]) == {"input_ids": [], "attention_mask": []}  # (Transformers: IndexError)
     with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive integer"):
         ours(TEXTS, padding=True, pad_to_multiple_of=-8)
+
+
+def test_a_negative_id_in_decode_is_the_overflow_error_transformers_raises(path):
+    for tok in both(path):  # (and moetorch's is a ValueError that says what to do with -100 labels)
+        with pytest.raises(OverflowError):
+            tok.decode([5, -1])
+    with pytest.raises(ValueError, match="labels hold -100"):
+        both(path)[1].decode([5, -100])
