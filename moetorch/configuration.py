@@ -95,14 +95,20 @@ def _jsonable(value: Any) -> Any:
 
 
 _NUMBER_CHECKS = {"int": (_is_int, "an integer"), "float": (_is_number, "a number")}
+_PLAIN_CHECKS = {"bool": (lambda x: isinstance(x, bool), "true or false (a bool)"),
+                 "str": (lambda x: isinstance(x, str), "a string"),
+                 "dict[str, Any]": (lambda x: isinstance(x, dict), "a dict")}
 
 
-def _check_type(name: str, annotation: str, value: Any) -> None:
-    """A value assigned to a built config's integer or float field has that type (None where the
-    field takes it), as Transformers' strict configs check an assignment."""
+def _check_type(name: str, annotation: str, value: Any, numbers_too: bool = True) -> None:
+    """A config field's value has its type (None where the field takes it), as Transformers'
+    strict configs check it: a bool field takes no "False" (a string, which reads as true), a
+    string field no None. `numbers_too`: integer and float fields as well (on assignment; at
+    construction `__post_init__` checks them with their ranges)."""
     kind, _, rest = annotation.partition(" | ")
-    if kind in _NUMBER_CHECKS and rest in ("", "None") and not (value is None and rest == "None"):
-        test, what = _NUMBER_CHECKS[kind]
+    checks = {**_NUMBER_CHECKS, **_PLAIN_CHECKS} if numbers_too else _PLAIN_CHECKS
+    if kind in checks and rest in ("", "None") and not (value is None and rest == "None"):
+        test, what = checks[kind]
         _check(test(value), name, f"must be {what}{' or None' if rest else ''}, got {value!r}")
 
 
@@ -140,6 +146,9 @@ def takes_any_key(cls):
         extra = dict(kwargs.pop("extra", None) or {})
         extra.update({k: v for k, v in kwargs.items() if k not in names and k not in _IGNORED_KEYS
                       and not (k in _SHARED_DEFAULTS and v == _SHARED_DEFAULTS[k])})
+        for f in dataclasses.fields(cls):  # (before __post_init__ reads them)
+            if f.name in kwargs:
+                _check_type(f.name, str(f.type), kwargs[f.name], numbers_too=False)
         init(self, **{k: v for k, v in kwargs.items() if k in names}, extra=extra)
         object.__setattr__(self, "_generation_settings", generation)
         object.__setattr__(self, "_experts_implementation", experts_implementation)
@@ -170,9 +179,9 @@ class MoeConfig(PushToHubMixin):
     architectures: list[str] | None = None
     # a torch.dtype in memory (given as one or by name), its name in config.json, as in Transformers
     dtype: torch.dtype | str | None = None
-    output_attentions: bool = False
-    output_hidden_states: bool = False
-    return_dict: bool = True
+    output_attentions: bool | None = False  # (None taken, as Transformers' strict fields take it)
+    output_hidden_states: bool | None = False
+    return_dict: bool | None = True
     num_labels: int | None = None
     id2label: dict[int, str] | None = None
     label2id: dict[str, int] | None = None
@@ -776,8 +785,9 @@ class PhimoeConfig(MoeConfig):
 
     def _validate_longrope(self) -> None:
         p = self.rope_parameters
-        # As in Transformers, a top-level original_max_position_embeddings wins over the dict's.
-        omp = self.original_max_position_embeddings or p.get("original_max_position_embeddings")
+        # As in Transformers 5, the dict's original_max_position_embeddings wins over a top-level one,
+        # which is then set to it; a dict without one takes the top-level value.
+        omp = p.get("original_max_position_embeddings") or self.original_max_position_embeddings
         omp = omp or self.max_position_embeddings
         self._validate_longrope_factors(omp)
         self.original_max_position_embeddings = int(omp)

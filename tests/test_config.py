@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -133,6 +134,27 @@ def test_original_phi35_config_json(tmp_path):
     assert hf.rope_parameters["rope_type"] == "longrope" and hf.hidden_size == 4096
 
 
+def test_longrope_original_context_disagreeing_with_the_top_level_as_transformers(tmp_path):
+    """A top-level original_max_position_embeddings that disagrees with rope_scaling's: the dict's
+    value holds, in both places, as in Transformers 5 (config.json and keywords alike). A dict
+    without one takes the top-level value (Transformers takes max_position_embeddings there:
+    docs/differences.md)."""
+    rope = longrope_scaling(8, original=16)
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, num_local_experts=4, max_position_embeddings=64)
+    (tmp_path / "config.json").write_text(json.dumps({**kw, "model_type": "phimoe", "rope_scaling": rope,
+                                                      "original_max_position_embeddings": 32}))
+    for make in (lambda lib: lib.PhimoeConfig.from_pretrained(tmp_path),
+                 lambda lib: lib.PhimoeConfig(**kw, rope_scaling=dict(rope), original_max_position_embeddings=32)):
+        ours, theirs = make(moetorch), make(transformers)
+        assert (ours.original_max_position_embeddings, ours.rope_parameters["original_max_position_embeddings"]) \
+            == (theirs.original_max_position_embeddings, theirs.rope_parameters["original_max_position_embeddings"]) \
+            == (16, 16)
+    no_dict_value = {k: v for k, v in rope.items() if k != "original_max_position_embeddings"}
+    ours = PhimoeConfig(**kw, rope_scaling=no_dict_value, original_max_position_embeddings=32)
+    assert ours.original_max_position_embeddings == ours.rope_parameters["original_max_position_embeddings"] == 32
+
+
 def test_round_trip_and_transformers_reads_it(tmp_path):
     cfg = PhimoeConfig(vocab_size=100, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
                        sliding_window=16, num_labels=3, problem_type="single_label_classification")
@@ -180,6 +202,26 @@ def test_round_trip_and_transformers_reads_it(tmp_path):
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         PhimoeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("field,value", [
+    ("attention_bias", "False"), ("lm_head_bias", 0), ("tie_word_embeddings", "False"), ("use_cache", "no"),
+    ("output_router_logits", 1), ("hidden_act", None), ("activation_function", 3),
+    ("rope_parameters", "bad"),
+])
+def test_bool_string_and_dict_fields_are_typed_as_transformers_types_them(arch, field, value):
+    """A "False" for a bool field (which would read as true), a None for a string field: refused
+    at construction and on assignment, naming the field, where Transformers' strict configs refuse
+    them."""
+    ours, theirs = arch.ours["config"], arch.hf["config"]
+    if field not in {f.name for f in dataclasses.fields(ours)}:
+        return  # (a field of the other model)
+    for build in (lambda cls: cls(**{field: value}), lambda cls: setattr(cls(), field, value)):
+        with pytest.raises(Exception):  # noqa: B017 -- (Transformers' StrictDataclassFieldValidationError)
+            build(theirs)
+        with pytest.raises(ConfigError, match=f"`{field}`: must be"):
+            build(ours)
 
 
 @pytest.mark.parametrize("name", ["phimoe", "jetmoe"])
