@@ -6,6 +6,7 @@ Model files keep their modules small and explicit; what is the same for every mo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -309,6 +310,38 @@ def _tied_head_copied(module: PreTrainedModel, state_dict: dict, prefix: str, lo
         state_dict[key] = value.clone()
 
 
+def _from_checkpoint_names(model: PreTrainedModel, state_dict: Mapping[str, torch.Tensor],
+                           strict: bool) -> Mapping[str, torch.Tensor]:
+    """`state_dict` with the names a checkpoint stores (PhiMoE's original per-expert
+    `block_sparse_moe.experts.E.w1/w2/w3` and `gate`, as Transformers' `save_pretrained` and its
+    Trainer write them) as this model's parameters: each piece copied into its place in a copy of
+    the fused parameter. A state dict of the model's own names comes back as it is."""
+    from_disk = checkpoint.name_maps(model.config.model_type)[0]
+    targets = {key: from_disk(key, model.config) for key in state_dict}
+    if all(t.name == key and t.index is None for key, t in targets.items()):
+        return state_dict
+    own, out, pieces = model.state_dict(), collections.OrderedDict(), {}
+    if hasattr(state_dict, "_metadata"):  # (what nn.Module's loading reads beside the tensors)
+        out._metadata = state_dict._metadata
+    for key, t in targets.items():
+        if t.index is None:
+            out[t.name] = state_dict[key]
+            continue
+        if t.name not in own:  # (left for load_state_dict to report as unexpected)
+            out[key] = state_dict[key]
+            continue
+        if t.name not in out:
+            out[t.name] = own[t.name].detach().clone()
+        out[t.name][t.index] = state_dict[key]
+        pieces.setdefault(t.name, set()).add(repr(t.index))
+    for name, seen in pieces.items():
+        whole = own[name].shape[0] * (2 if name.endswith("gate_up_proj") else 1)
+        if strict and len(seen) != whole:
+            raise RuntimeError(f"load_state_dict: {name} is stored as {whole} per-expert pieces, of which the state "
+                               f"dict holds {len(seen)}")
+    return out
+
+
 class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     """Base of every moetorch model: `from_pretrained`, `save_pretrained`, Transformers' helpers and
     its adapter methods (`load_adapter`, ...; see `moetorch.adapters`)."""
@@ -321,6 +354,16 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
     # base model). Its Trainer reads it: a causal LM's loss shifts the labels, so the Trainer counts
     # the tokens of `labels[..., 1:]` for `num_items_in_batch`.
     loss_type: str | None = None
+    # Transformers' tensors a save leaves out (none here: a tied head is left out by its tie). Its
+    # Trainer reads this when a checkpoint it resumes from lacks tensors.
+    _keys_to_ignore_on_save: set[str] | None = None
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, which also takes the names a checkpoint stores (PhiMoE's
+        original per-expert names, as Transformers' `save_pretrained` and its Trainer's checkpoints
+        write them): Transformers' Trainer resumes a checkpoint that Transformers' model wrote this
+        way, where that model's own `load_state_dict` leaves its experts as they were."""
+        return super().load_state_dict(_from_checkpoint_names(self, state_dict, strict), strict=strict, assign=assign)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each model class takes Transformers' own config of its model too (a script may still

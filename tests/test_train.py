@@ -1325,3 +1325,53 @@ def test_resume_options_logs_and_data_edges(tmp_path, tok_dir, corpus, monkeypat
                                  ("--model-max-length", "-5", "model_max_length must be a positive integer")):
         with pytest.raises(SystemExit, match=message):
             cli_main(["train-tokenizer", "--data", str(corpus), "--output", str(tmp_path / "tok"), flag, value])
+
+
+@pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])
+def test_transformers_trainer_resumes_a_checkpoint_transformers_wrote(arch_name, tmp_path):
+    """Transformers' Trainer resuming, with a moetorch model, a checkpoint that Transformers' model
+    wrote (its save_pretrained: PhiMoE's original per-expert names, JetMoE without the tied head):
+    the Trainer loads it with load_state_dict(strict=False), which takes those names, and reads
+    `_keys_to_ignore_on_save` where a tensor is missing. The resumed run ends where an
+    uninterrupted run of the same model ends."""
+    import sys as _sys
+
+    import safetensors.torch
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from archs import JETMOE, PHIMOE
+    from parity import make_pair
+
+    arch = PHIMOE if arch_name == "phimoe" else JETMOE
+    hf, ours = make_pair(arch, tmp_path, seed=3, **({"router_jitter_noise": 0.0} if arch is PHIMOE else {}))
+    start = {k: v.clone() for k, v in ours.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": (t := torch.randint(1, 97, (10,), generator=g).tolist()), "labels": t} for _ in range(8)]
+
+    def args(out, steps):
+        return transformers.TrainingArguments(
+            output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=steps, report_to=[],
+            use_cpu=True, save_strategy="steps", save_steps=1, learning_rate=1e-1, seed=0, disable_tqdm=True,
+            optim="sgd")  # (AdamW would blow rounding noise up to full steps where a gradient is zero)
+
+    transformers.Trainer(model=hf.train(), args=args("hf", 2), train_dataset=rows).train()
+    written = safetensors.torch.load_file(tmp_path / "hf" / "checkpoint-1" / "model.safetensors")
+    assert arch is JETMOE or any(".block_sparse_moe.experts.0.w1." in k for k in written)
+    loaded = type(ours)(ours.config)
+    if arch is PHIMOE:  # (a piece missing is an error that names the parameter, where strict)
+        short = {k: v for k, v in written.items() if ".layers.1.block_sparse_moe.experts.2.w3." not in k}
+        with pytest.raises(RuntimeError, match=r"model.layers.1.mlp.experts.gate_up_proj is stored as 8 per-expert "
+                                               r"pieces, of which the state dict holds 7"):
+            loaded.load_state_dict(short)
+    loaded.load_state_dict(written, strict=arch is PHIMOE)
+    hf_at_1 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "checkpoint-1")
+    for name, value in hf_at_1.state_dict().items():  # (Transformers' model holds the fused names in memory)
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    resumed = type(ours)(ours.config)
+    resumed.load_state_dict(start)
+    trainer = transformers.Trainer(model=resumed.train(), args=args("resumed", 2), train_dataset=rows)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-1"))
+    ours.load_state_dict(start)
+    transformers.Trainer(model=ours.train(), args=args("whole", 2), train_dataset=rows).train()
+    for name, value in ours.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
