@@ -37,6 +37,10 @@ def model_type_of(config_dict: dict[str, Any], source: str) -> str:
             model_type = ARCHITECTURE_ALIASES.get(arch) or names.get(arch)
             if model_type:
                 break
+    if model_type is None:
+        raise ConfigError(f"{source}: the config names no model_type (nor an architecture moetorch knows), so no "
+                          f"config class can be picked; supported: {sorted(reg)} (or build PhimoeConfig / "
+                          "JetMoeConfig directly)")
     if model_type not in reg:
         raise ConfigError(
             f"{source}: model_type {model_type!r} is not supported by moetorch; supported: {sorted(reg)}"

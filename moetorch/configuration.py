@@ -157,7 +157,14 @@ def takes_any_key(cls):
         object.__setattr__(self, "_built", True)  # from here on, `MoeConfig.__setattr__` applies its rules
 
     cls.__init__ = __init__
+    cls.__repr__ = _json_repr
     return cls
+
+
+def _json_repr(self) -> str:
+    """`print(config)` as Transformers prints it: the class name, then the JSON of the values that
+    differ from the defaults."""
+    return f"{type(self).__name__} {self.to_json_string()}"
 
 
 @dataclass(kw_only=True)
@@ -446,6 +453,10 @@ class MoeConfig(PushToHubMixin):
         """Build a config from a `config.json`-style dict; unknown keys are kept in `extra`. With
         `return_unused_kwargs=True`, (config, the overrides that name no attribute of it), those not
         applied, as Transformers returns them."""
+        if cls is MoeConfig:  # (`PretrainedConfig.from_dict` / `.from_pretrained`: the base class holds no model's
+            from .auto import model_type_of, registry  # fields, so the config.json's model_type picks the class)
+            model_type = model_type_of(config_dict, "PretrainedConfig.from_dict")
+            return registry()[model_type]["config"].from_dict(config_dict, **overrides)
         if overrides.pop("return_unused_kwargs", False):
             probe = cls.from_dict(config_dict)
             unused = {k: v for k, v in overrides.items() if not hasattr(probe, k)}

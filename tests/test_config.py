@@ -525,3 +525,26 @@ def test_rope_scaling_is_rope_parameters_under_its_older_name(arch, tmp_path):
     for config in configs:
         config.rope_parameters = {"rope_type": "default", "rope_theta": 500.0}
         assert config.rope_scaling == {"rope_type": "default", "rope_theta": 500.0}
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_print_of_a_config_as_transformers_prints_it(arch):
+    kwargs = dict(vocab_size=100, num_hidden_layers=3, tie_word_embeddings=arch is PHIMOE)
+    theirs = [line for line in repr(arch.hf["config"](**kwargs)).splitlines() if '"transformers_version"' not in line]
+    assert repr(arch.ours["config"](**kwargs)).splitlines() == theirs  # (moetorch writes no Transformers version)
+    assert str(arch.ours["config"]()).startswith(f"{arch.ours['config'].__name__} {{\n")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_the_base_config_class_reads_a_checkpoint_as_its_model_types_class(arch, tmp_path):
+    """`PretrainedConfig.from_pretrained` / `.from_dict` (the base class, which holds no model's
+    fields): the config of the model_type the file names, with its values (Transformers gives a
+    generic config holding them)."""
+    arch.hf["config"](vocab_size=100).save_pretrained(tmp_path)
+    for config in (moetorch.PretrainedConfig.from_pretrained(tmp_path),
+                   moetorch.PreTrainedConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))):
+        assert type(config) is arch.ours["config"] and config.vocab_size == 100
+    with pytest.raises(ConfigError, match="names no model_type"):
+        moetorch.PretrainedConfig.from_dict({"vocab_size": 3})
+    with pytest.raises(ConfigError, match="model_type 'llama' is not supported"):
+        moetorch.PretrainedConfig.from_dict({"model_type": "llama"})
