@@ -168,7 +168,38 @@ def _shape_of(f, key: str) -> tuple[int, ...]:
     return tuple(piece.shape) if torch.is_tensor(piece) else tuple(piece.get_shape())
 
 
-def _stored_fused_shapes(files: list, state_dict, config, own: dict, base_prefix: str, from_disk) -> dict:
+def key_renamer(key_mapping: Mapping[str, str] | None):
+    """Transformers' `from_pretrained(key_mapping={pattern: replacement})`: each stored name is
+    rewritten by the first pattern (a regular expression) that matches it, as `re.sub` rewrites it,
+    before it is read as the model's names. A mapping that is not of strings, or a pattern that does
+    not compile, is a ValueError naming it."""
+    if not key_mapping:
+        return lambda key: key
+    if not isinstance(key_mapping, Mapping):
+        raise ValueError(f"from_pretrained: key_mapping must be a dict of regular expressions to replacements, got "
+                         f"{type(key_mapping).__name__}")
+    rules = []
+    for pattern, replacement in key_mapping.items():
+        if not (isinstance(pattern, str) and isinstance(replacement, str)):
+            raise ValueError(f"from_pretrained: key_mapping maps strings to strings, got {pattern!r}: {replacement!r}")
+        try:
+            rules.append((re.compile(pattern), replacement))
+        except re.error as e:
+            raise ValueError(f"from_pretrained: key_mapping pattern {pattern!r} is no regular expression: "
+                             f"{e}") from None
+
+    def rename(key: str) -> str:
+        for rule, replacement in rules:
+            new, count = rule.subn(replacement, key)
+            if count:
+                return new
+        return key
+
+    return rename
+
+
+def _stored_fused_shapes(files: list, state_dict, config, own: dict, base_prefix: str, from_disk,
+                         rename=lambda key: key) -> dict:
     """The shape each parameter that the checkpoint stores in pieces (PhiMoE's experts, one tensor
     per expert and projection) has there, as Transformers fuses it: experts x (pieces x rows) x
     columns, e.g. (E, 2 * intermediate, hidden) for gate_up_proj. Empty for a checkpoint whose names
@@ -179,7 +210,7 @@ def _stored_fused_shapes(files: list, state_dict, config, own: dict, base_prefix
     for file in files:
         with _reading(file, state_dict) as f:
             for key in f.keys():
-                target = from_disk(_adapt_prefix(key, own, base_prefix), config)
+                target = from_disk(_adapt_prefix(rename(key), own, base_prefix), config)
                 if target.index is None:
                     continue
                 seen = pieces.setdefault(_adapt_prefix(target.name, own, base_prefix), {"experts": set(),
@@ -295,7 +326,7 @@ def _adapt_prefix(key: str, own: dict[str, torch.Tensor], prefix: str) -> str:
 def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, base_prefix: str = "model",
               variant: str | None = None, ignore_mismatched_sizes: bool = False,
               state_dict: Mapping[str, torch.Tensor] | None = None,
-              use_safetensors: bool | None = None) -> dict[str, set]:
+              use_safetensors: bool | None = None, key_mapping: Mapping[str, str] | None = None) -> dict[str, set]:
     """Copy a checkpoint's tensors into `model`'s (already allocated) parameters and buffers, and
     return Transformers' loading info: `missing_keys` and `unexpected_keys` (head weights only),
     `mismatched_keys` ((name, checkpoint shape, model shape)), `error_msgs`. The tensors come from
@@ -306,8 +337,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
     `CheckpointError` naming the tensor and file. Only a task head may be absent (a classifier
     loaded from a language model) or extra, and with `ignore_mismatched_sizes` a tensor of another
     shape is left out (a classifier of another label count). The caller initialises what is left
-    out (the missing and mismatched keys).
+    out (the missing and mismatched keys). `key_mapping` renames the stored names first (`key_renamer`).
     """
+    rename = key_renamer(key_mapping)
     files = checkpoint_files(path, variant, use_safetensors) if state_dict is None else ["state_dict"]
     if state_dict is not None:
         path = "state_dict"
@@ -322,14 +354,15 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
     # parameters stored in pieces whose whole does not fit the model's (another expert count or size):
     # one size mismatch each, as Transformers reports the fused tensor
     misfits = {name: shape for name, shape in _stored_fused_shapes(files, state_dict, config, own, base_prefix,
-                                                                   from_disk).items()
+                                                                   from_disk, rename).items()
                if name in own and shape != tuple(own[name].shape)}
     for name, shape in misfits.items():
         _size_mismatch(name, path, name, torch.Size(shape), own[name].shape, ignore_mismatched_sizes, mismatched,
                        pieces=True)
     for file in tqdm(files, desc="Loading checkpoint shards", disable=len(files) < 2, unit="shard"):
         with _reading(file, state_dict) as f:
-            for key in f.keys():
+            for stored in f.keys():
+                key = rename(stored)
                 own_key = _adapt_prefix(key, own, base_prefix)
                 seen.add(own_key)
                 target = from_disk(own_key, config)
@@ -345,14 +378,14 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike | None, config, ba
                     # the embedding's copy (tied): the one parameter is loaded from the embedding (or
                     # from the head where the embedding is absent; a head that differs is untied
                     # below), but one of another shape is a size mismatch, as Transformers reports it
-                    shape = _shape_of(f, key)
+                    shape = _shape_of(f, stored)
                     if tuple(shape) != tuple(dst.shape):
                         _size_mismatch(key, file, name, torch.Size(shape), dst.shape, ignore_mismatched_sizes,
                                        mismatched)
                     else:
-                        stored_head = (f.get_tensor(key), file)
+                        stored_head = (f.get_tensor(stored), file)
                     continue
-                src = f.get_tensor(key)
+                src = f.get_tensor(stored)
                 if tuple(src.shape) != tuple(dst.shape):
                     _size_mismatch(key, file, name, src.shape, dst.shape, ignore_mismatched_sizes, mismatched)
                     continue

@@ -271,7 +271,7 @@ _LOADER_ONLY_KWARGS = {
 # Transformers' loading options moetorch lacks, with the value that asks for nothing: another value is
 # an error that names the option (rather than a key that lands in config.json).
 _LOADER_UNSUPPORTED = {
-    "quantization_config": None, "gguf_file": None, "key_mapping": None, "tp_plan": None,
+    "quantization_config": None, "gguf_file": None, "tp_plan": None,
     "tp_size": None, "distributed_config": None, "device_mesh": None,
     "kernel_config": None, "fusion_config": None, "from_tf": False, "from_flax": False,
 }
@@ -737,6 +737,8 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         trust_remote_code = bool(config_overrides.get("trust_remote_code"))
         from_auto = bool(config_overrides.get("_from_auto"))
         use_safetensors = config_overrides.pop("use_safetensors", None)  # (None: safetensors, else .bin)
+        key_mapping = config_overrides.pop("key_mapping", None)
+        checkpoint.key_renamer(key_mapping)  # (a bad mapping: an error before anything loads)
         check_experts_implementation(config_overrides.pop("experts_implementation", None),
                                      "from_pretrained: experts_implementation")  # taken, changing nothing
         for key in _LOADER_ONLY_KWARGS & config_overrides.keys():
@@ -789,7 +791,7 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         source = path if path is not None else "state_dict"  # (for messages)
         materialize(model, planned, source)
         info = checkpoint.load_into(model, path, config, cls.base_model_prefix, variant, ignore_mismatched_sizes,
-                                    state_dict, use_safetensors)
+                                    state_dict, use_safetensors, key_mapping)
         left_out = info["missing_keys"] | {name for name, _, _ in info["mismatched_keys"]}
         if model.config.tie_word_embeddings:  # a tied head of another shape: the embeddings' loaded parameter
             left_out.discard("lm_head.weight")
