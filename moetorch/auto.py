@@ -38,9 +38,9 @@ def model_type_of(config_dict: dict[str, Any], source: str) -> str:
             if model_type:
                 break
     if model_type is None:
-        raise ConfigError(f"{source}: the config names no model_type (nor an architecture moetorch knows), so no "
-                          f"config class can be picked; supported: {sorted(reg)} (or build PhimoeConfig / "
-                          "JetMoeConfig directly)")
+        raise ConfigError(f"{source}: a config with no model_type (nor an architecture moetorch knows) is not "
+                          f"supported: the model_type picks the class; supported: {sorted(reg)} (or build "
+                          "PhimoeConfig / JetMoeConfig directly)")
     if model_type not in reg:
         raise ConfigError(
             f"{source}: model_type {model_type!r} is not supported by moetorch; supported: {sorted(reg)}"

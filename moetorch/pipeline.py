@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -79,7 +80,8 @@ def pipeline(
         from .auto import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         path = model
-        # the pipeline's own argument first, as in Transformers
+        if {"dtype", "torch_dtype"} & model_kwargs.keys() and (dtype is not None or torch_dtype is not None):
+            raise ValueError("pipeline: the dtype is given both as an argument and in model_kwargs; pass one")
         candidates = (dtype, torch_dtype, model_kwargs.pop("dtype", None), model_kwargs.pop("torch_dtype", None))
         dtype = next((d for d in candidates if d is not None), None)
         for name, given in (("device_map", device_map), ("device", device)):
@@ -104,6 +106,10 @@ def pipeline(
         if not name:  # (a model built from a config has the name "")
             raise ValueError("pipeline needs tokenizer= when the model was not loaded from a directory")
         tokenizer = name
+    if isinstance(tokenizer, tuple):  # (name, its from_pretrained keywords), as Transformers takes it
+        if len(tokenizer) != 2 or not isinstance(tokenizer[1], dict):
+            raise ValueError(f"pipeline: a tokenizer given as a tuple is (name, keywords), got {tokenizer!r}")
+        tokenizer = Tokenizer.from_pretrained(tokenizer[0], **{**hub, **tokenizer[1]})
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer.from_pretrained(tokenizer, **hub)
     classifier = getattr(model, "loss_type", None) == "ForSequenceClassification"
@@ -214,7 +220,66 @@ def _sanitize(return_full_text=None, return_tensors=None, return_text=None, clea
     return pre, generate_kwargs, post
 
 
-class TextGenerationPipeline:
+class _Pipeline:
+    """What every pipeline has, as Transformers' `Pipeline`: `device`, `dtype` (`torch_dtype`),
+    `save_pretrained` / `push_to_hub` of its model and tokenizer, `device_placement()`, scikit's
+    `predict` / `transform` (a call), and `call_count`."""
+
+    model: Any
+    tokenizer: Tokenizer
+    _device: torch.device
+    call_count = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return getattr(self.model, "dtype", None)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return self.dtype
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """The model and the tokenizer into one directory, as Transformers' pipelines save them."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"pipeline.save_pretrained: {save_directory} is a file; give a directory")
+        os.makedirs(save_directory, exist_ok=True)
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.tokenizer.save_pretrained(save_directory, **{k: v for k, v in kwargs.items() if k == "push_to_hub"})
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """The model and the tokenizer to one Hub repository."""
+        self.tokenizer.push_to_hub(repo_id, **kwargs)
+        return self.model.push_to_hub(repo_id, **kwargs)
+
+    @contextlib.contextmanager
+    def device_placement(self):
+        """Transformers' context for work on the pipeline's device: its CUDA device made current."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                yield
+        else:
+            yield
+
+    def __repr__(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.") if self.dtype is not None else None
+        return f"{type(self).__name__}: {{'model': {type(self.model).__name__!r}, 'dtype': {dtype!r}, " \
+               f"'device': {str(self.device)!r}}}"
+
+    def predict(self, X):
+        return self(X)
+
+    def transform(self, X):
+        return self(X)
+
+    def _count(self) -> None:
+        self.call_count += 1
+
+
+class TextGenerationPipeline(_Pipeline):
     """Generate continuations; returns [{"generated_text": ...}] per input, as Transformers does."""
 
     task = "text-generation"
@@ -226,6 +291,7 @@ class TextGenerationPipeline:
         self.model = model
         self.tokenizer = tokenizer
         self._device = _pipeline_device(model, device)
+        self.binary_output = bool(kwargs.pop("binary_output", False))  # (Transformers' serving flag: no effect here)
         if getattr(tokenizer, "padding_side", None) == "right":  # as Transformers' pipeline sets it
             tokenizer.padding_side = "left"
         # generation parameters apply to every call unless it passes a generation_config; the rest are
@@ -238,14 +304,6 @@ class TextGenerationPipeline:
         if "prefix" not in self._params[0] and config_prefix is not None:
             pre, gen, _ = _sanitize(pipe_tokenizer=tokenizer, prefix=config_prefix, **self._params[1])
             self._params = ({**self._params[0], **pre}, {**self._params[1], **gen}, self._params[2])
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return getattr(self.model, "dtype", None)
 
     def generate_kwargs(self, call: dict) -> dict:
         """The `generate` arguments of a call: the call's, on top of the pipeline's own (unless the
@@ -280,6 +338,7 @@ class TextGenerationPipeline:
         Dataset of them (an iterator of results, run as they are asked for; a `KeyDataset` of chats
         gives a list, as in Transformers); `batch_size` > 1 generates that many prompts together,
         left-padded."""
+        self._count()
         if isinstance(text_inputs, types.GeneratorType):
             try:  # a generator of messages is one chat, as in Transformers
                 first = next(text_inputs)
@@ -449,7 +508,7 @@ class TextGenerationPipeline:
 _SCORE_FUNCTIONS = ("sigmoid", "softmax", "none")
 
 
-class TextClassificationPipeline:
+class TextClassificationPipeline(_Pipeline):
     """Classify texts with a sequence classifier, as Transformers' text-classification pipeline:
     `pipe("text")` gives `[{"label", "score"}]` for the likeliest label; `top_k=k` the k likeliest,
     best first (`None`: every label); a list of inputs gives a list of results. An input is a text
@@ -468,10 +527,6 @@ class TextClassificationPipeline:
         self._batch_size = batch_size
         self._params = self._sanitize(**kwargs)
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
     @staticmethod
     def _sanitize(function_to_apply=None, top_k="", **tokenizer_kwargs) -> tuple[dict, dict]:
         """(tokenizer, postprocess) parameters; `top_k` counts only as an int or None, as there."""
@@ -488,6 +543,7 @@ class TextClassificationPipeline:
         return tokenizer_kwargs, post
 
     def __call__(self, inputs, *, num_workers: int | None = None, batch_size: int | None = None, **kwargs: Any):
+        self._count()
         pre, post = (({**own, **call}) for own, call in zip(self._params, self._sanitize(**kwargs)))
         if isinstance(inputs, (str, dict, tuple)):  # (a tuple is one tokenizer input, as there)
             result = self._classify(inputs, pre, post)
@@ -502,6 +558,8 @@ class TextClassificationPipeline:
 
     @torch.no_grad()
     def _classify(self, x, pre: dict, post: dict):
+        if isinstance(x, list) and len(x) == 1 and isinstance(x[0], list) and len(x[0]) == 2:
+            x = {"text": x[0][0], "text_pair": x[0][1]}  # ([[text, pair]], Transformers' older form of a pair)
         if isinstance(x, dict):
             encoded = self.tokenizer(**x, return_tensors="pt", **pre)
         elif isinstance(x, (str, tuple)):

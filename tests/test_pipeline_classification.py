@@ -125,3 +125,19 @@ def test_classification_pipeline_bad_input(tmp_path):
     classifier = moetorch.AutoModelForSequenceClassification.from_pretrained(path)
     with pytest.raises(ValueError, match=r"pipeline\('text-generation'\) needs a causal LM"):
         moetorch.pipeline("text-generation", model=classifier, tokenizer=str(path))
+
+
+def test_classification_pipeline_older_forms_as_transformers(tmp_path):
+    """A pair as [[text, pair]] (Transformers' older form), a tokenizer given as (name, keywords),
+    and the dtype the pipeline reports."""
+    path = classifier_dir(tmp_path, "tiny-jetmoe", num_labels=3)
+    theirs = transformers.pipeline("text-classification", model=str(path), tokenizer=(str(path), {"truncation_side":
+                                                                                                "left"}))
+    ours = moetorch.pipeline("text-classification", model=str(path), tokenizer=(str(path), {"truncation_side": "left"}))
+    assert ours.tokenizer.truncation_side == theirs.tokenizer.truncation_side == "left"
+    pair = [[[TEXTS[0], TEXTS[1]]]]
+    same(ours(pair), theirs(pair))
+    same(ours(pair), theirs({"text": TEXTS[0], "text_pair": TEXTS[1]}))  # (the same pair, as there)
+    assert ours.dtype == theirs.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"a tokenizer given as a tuple is \(name, keywords\)"):
+        moetorch.pipeline("text-classification", model=str(path), tokenizer=(str(path),))

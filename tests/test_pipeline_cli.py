@@ -117,16 +117,17 @@ def test_pipeline_inputs_and_outputs(checkpoint):
 
 
 def test_pipeline_model_kwargs_load_the_model_as_transformers_does(checkpoint):
-    """model_kwargs reach from_pretrained (dtype, device_map), as in Transformers; the pipeline's
-    own dtype comes first, and a device_map given twice is an error that names it."""
+    """model_kwargs reach from_pretrained (dtype, device_map), as in Transformers; a dtype or a
+    device_map given both as an argument and in model_kwargs is an error, as there."""
     kw = dict(model_kwargs={"torch_dtype": torch.bfloat16, "device_map": "cpu"})
     pipe = moetorch.pipeline("text-generation", model=str(checkpoint), **kw)
     hf_pipe = transformers.pipeline("text-generation", model=str(checkpoint), **kw)
     assert pipe.model.dtype == hf_pipe.model.dtype == torch.bfloat16
     args = {"max_new_tokens": 6, "do_sample": False}
     assert pipe("The experts", **args) == hf_pipe("The experts", **args)
-    assert moetorch.pipeline("text-generation", model=str(checkpoint), dtype="float32",
-                             model_kwargs={"dtype": torch.bfloat16}).model.dtype == torch.float32
+    for lib in (moetorch, transformers):
+        with pytest.raises(ValueError, match="dtype"):
+            lib.pipeline("text-generation", model=str(checkpoint), dtype="float32", model_kwargs={"dtype": torch.bfloat16})
     with pytest.raises(ValueError, match="device_map"):
         moetorch.pipeline("text-generation", model=str(checkpoint), device_map="cpu", model_kwargs={"device_map": "cpu"})
 

@@ -303,3 +303,32 @@ def test_processors_of_other_modalities_are_refused():
     config = moetorch.AutoConfig.from_pretrained("tiny-phimoe")
     pipe = moetorch.pipeline("text-generation", model="tiny-phimoe", config=config)
     assert pipe.model.config == config
+
+
+def test_the_pipeline_base_api_as_transformers(tmp_path):
+    """What Transformers' `Pipeline` base gives every pipeline: save_pretrained (model and
+    tokenizer, which both libraries load back), dtype / torch_dtype, device_placement, predict /
+    transform, call_count, binary_output taken, its repr; the dtype given twice is an error."""
+    theirs, ours = make_pipes("tiny-phimoe")
+    ours.save_pretrained(tmp_path / "saved")
+    for lib in (transformers, moetorch):
+        again = lib.pipeline("text-generation", model=str(tmp_path / "saved"))
+        assert again("The experts", **GREEDY) == theirs("The experts", **GREEDY)
+    assert ours.torch_dtype == ours.dtype == theirs.dtype == torch.float32
+    with ours.device_placement():  # (predict and transform are calls, sampling as the call samples)
+        torch.manual_seed(0)
+        predicted = ours.predict("A")
+        torch.manual_seed(0)
+        assert predicted == ours("A")
+    before = ours.call_count
+    torch.manual_seed(1)
+    transformed = ours.transform(["A"])
+    torch.manual_seed(1)
+    assert transformed == ours(["A"]) and ours.call_count == before + 2
+    assert repr(ours) == "TextGenerationPipeline: {'model': 'PhimoeForCausalLM', 'dtype': 'float32', 'device': 'cpu'}"
+    assert repr(theirs).startswith(repr(ours)[:-1])
+    binary = moetorch.pipeline("text-generation", model="tiny-phimoe", binary_output=True)
+    assert binary("The experts", **GREEDY) == theirs("The experts", **GREEDY)
+    for lib, path in ((transformers, str(ASSETS / "tiny-phimoe")), (moetorch, "tiny-phimoe")):
+        with pytest.raises(ValueError, match="dtype"):
+            lib.pipeline("text-generation", model=path, dtype=torch.float32, model_kwargs={"dtype": torch.bfloat16})
