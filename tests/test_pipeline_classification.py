@@ -137,7 +137,7 @@ def test_classification_pipeline_older_forms_as_transformers(tmp_path):
     assert ours.tokenizer.truncation_side == theirs.tokenizer.truncation_side == "left"
     pair = [[[TEXTS[0], TEXTS[1]]]]
     same(ours(pair), theirs(pair))
-    same(ours(pair), theirs({"text": TEXTS[0], "text_pair": TEXTS[1]}))  # (the same pair, as there)
+    same(ours(pair), [theirs({"text": TEXTS[0], "text_pair": TEXTS[1]})])  # (the same pair, as there)
     assert ours.dtype == theirs.dtype == torch.float32
     with pytest.raises(ValueError, match=r"a tokenizer given as a tuple is \(name, keywords\)"):
         moetorch.pipeline("text-classification", model=str(path), tokenizer=(str(path),))
