@@ -98,6 +98,7 @@ _NUMBER_CHECKS = {"int": (_is_int, "an integer"), "float": (_is_number, "a numbe
 _PLAIN_CHECKS = {"bool": (lambda x: isinstance(x, bool), "true or false (a bool)"),
                  "str": (lambda x: isinstance(x, str), "a string"),
                  "dict[str, Any]": (lambda x: isinstance(x, dict), "a dict")}
+_ALL_CHECKS = {**_NUMBER_CHECKS, **_PLAIN_CHECKS}
 
 
 def _check_type(name: str, annotation: str, value: Any, numbers_too: bool = True) -> None:
@@ -106,7 +107,7 @@ def _check_type(name: str, annotation: str, value: Any, numbers_too: bool = True
     string field no None. `numbers_too`: integer and float fields as well (on assignment; at
     construction `__post_init__` checks them with their ranges)."""
     kind, _, rest = annotation.partition(" | ")
-    checks = {**_NUMBER_CHECKS, **_PLAIN_CHECKS} if numbers_too else _PLAIN_CHECKS
+    checks = _ALL_CHECKS if numbers_too else _PLAIN_CHECKS
     if kind in checks and rest in ("", "None") and not (value is None and rest == "None"):
         test, what = checks[kind]
         _check(test(value), name, f"must be {what}{' or None' if rest else ''}, got {value!r}")

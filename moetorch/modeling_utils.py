@@ -333,9 +333,9 @@ def _from_checkpoint_names(model: PreTrainedModel, state_dict: Mapping[str, torc
         if t.name not in out:
             out[t.name] = own[t.name].detach().clone()
         out[t.name][t.index] = state_dict[key]
-        pieces.setdefault(t.name, set()).add(repr(t.index))
-    for name, seen in pieces.items():
-        whole = own[name].shape[0] * (2 if name.endswith("gate_up_proj") else 1)
+        pieces.setdefault(t.name, (set(), state_dict[key].numel()))[0].add(repr(t.index))
+    for name, (seen, piece) in pieces.items():
+        whole = own[name].numel() // piece  # (the pieces of one parameter are of one size)
         if strict and len(seen) != whole:
             raise RuntimeError(f"load_state_dict: {name} is stored as {whole} per-expert pieces, of which the state "
                                f"dict holds {len(seen)}")
@@ -1173,11 +1173,7 @@ def prepare_decoder_inputs(
         raise ValueError(f"past_key_values holds {past_key_values.batch_size} rows, but the input has {B}: a cache "
                          "serves the batch it was filled with (pass a new DynamicCache for another batch)")
     past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-    _check_positions(B, T, past_len, cache_position, position_ids, attention_mask)
-    if past_key_values is None and attention_mask is not None and attention_mask.dim() == 2 and \
-            attention_mask.shape[1] != T:  # (a cache's mask may be wider: a static cache's covers its slots)
-        raise ValueError(f"attention_mask must have shape [batch, seq] = [{B}, {T}] for a forward without a cache, "
-                         f"got {tuple(attention_mask.shape)}")
+    _check_positions(B, T, past_len, cache_position, position_ids, attention_mask, past_key_values is not None)
     if cache_position is None:
         cache_position = torch.arange(past_len, past_len + T, device=inputs_embeds.device)
     if position_ids is None:
@@ -1229,9 +1225,11 @@ def _checked_embeds(inputs_embeds, embed: nn.Module) -> torch.Tensor:
     return inputs_embeds
 
 
-def _check_positions(B: int, T: int, past: int, cache_position, position_ids, attention_mask) -> None:
+def _check_positions(B: int, T: int, past: int, cache_position, position_ids, attention_mask,
+                     cached: bool = True) -> None:
     """Errors that name the argument whose shape does not fit B rows of T new tokens after `past`
-    cached ones (shapes only: nothing is read from the device)."""
+    cached ones (shapes only: nothing is read from the device). A 2D mask may be wider with a cache
+    (`cached`: a static cache's covers its slots); without one it is as wide as the tokens."""
     if cache_position is not None and tuple(cache_position.shape) != (T,):
         raise ValueError(f"cache_position must have shape [seq] = [{T}], got {tuple(cache_position.shape)}")
     if position_ids is not None and (position_ids.dim() not in (1, 2) or position_ids.shape[-1] != T
@@ -1241,6 +1239,9 @@ def _check_positions(B: int, T: int, past: int, cache_position, position_ids, at
             attention_mask.shape[0] != B or attention_mask.shape[1] < past + T):
         raise ValueError(f"attention_mask must have shape [batch, past + seq] = [{B}, {past + T}] (the {past} "
                          f"cached tokens and the {T} new ones), got {tuple(attention_mask.shape)}")
+    if not cached and attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != T:
+        raise ValueError(f"attention_mask must have shape [batch, seq] = [{B}, {T}] for a forward without a cache, "
+                         f"got {tuple(attention_mask.shape)}")
 
 
 def keep_last(hidden_BTD: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
