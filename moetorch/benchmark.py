@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import int_at_least
+
 SIZES = {
     "jetmoe": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
                    num_key_value_heads=16, kv_channels=128, num_local_experts=8, num_experts_per_tok=2,
@@ -263,16 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="jetmoe,phimoe", type=model_names)
     p.add_argument("--batches", default="1,16,64", type=counts)
     p.add_argument("--prefill", default="2048,8192", type=counts, help="prefill token counts (empty: none)")
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke runs)")
+    p.add_argument("--prompt", type=int_at_least(1), default=128, help="decode's prompt tokens (128)")
+    p.add_argument("--steps", type=int_at_least(1), default=32, help="decode steps timed (32)")
+    p.add_argument("--layers", type=int_at_least(1), default=None, help="override num_hidden_layers (smoke runs)")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--skip-check", action="store_true", help="do not run the GPU correctness checks first")
     p.add_argument("--layer-tokens", default="1,8,64,512,4096,16384", type=counts,
                    help="one MoE layer of each model per token count against its floors (moetorch.layer_bench); "
                         "empty: none")
-    p.add_argument("--layer-chain", type=int, default=8,
-                   help="each MoE layer also timed as this many back to back in one graph, as a model runs them")
+    p.add_argument("--layer-chain", type=int_at_least(1), default=8,
+                   help="each MoE layer also timed as this many back to back in one graph, as a model runs them "
+                        "(1: alone only)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<gpu>-<date>.json)")
     p.add_argument("--markdown", metavar="RESULTS_JSON", default=None,
                    help="measure nothing: print the README's tables built from a results file")
@@ -285,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"moetorch bench --markdown: cannot read {path}: {e}") from None
         if not isinstance(result, dict) or not isinstance(result.get("models"), dict):
             raise SystemExit(f"moetorch bench --markdown: {path} is not a bench results file (no 'models' table)")
-        print(markdown(result, path.name))
+        try:
+            table = markdown(result, path.name)
+        except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError) as e:
+            # another script's results (bench/*.py), or a table with missing or broken fields
+            raise SystemExit(f"moetorch bench --markdown: {path} is not a `moetorch bench` results file "
+                             f"({type(e).__name__}: {e})") from None
+        print(table)
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("moetorch bench needs a CUDA GPU")

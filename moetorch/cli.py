@@ -12,6 +12,7 @@ Without --model, the embedded default model is used (see moetorch.defaults).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import jinja2
 import torch
 
 from .checkpoint import CheckpointError
@@ -29,7 +31,7 @@ from .utils import handling_signals
 
 
 # ---- flag values (argparse types: a bad one is a usage error naming the flag, before anything loads) ----
-def _int_at_least(low: int, what: str = ""):
+def int_at_least(low: int, what: str = ""):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -43,7 +45,7 @@ def _int_at_least(low: int, what: str = ""):
 
 
 def _port(text: str) -> int:
-    value = _int_at_least(0)(text)
+    value = int_at_least(0)(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"a TCP port is 0 (any free port) to 65535, got {value}")
     return value
@@ -95,6 +97,24 @@ def _top_k(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int_at_least(-(2**63))(text)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be below 2**64 (torch.manual_seed's range), got {value}")
+    return value
+
+
+def _utf8(text: str, what: str) -> str:
+    """Text from argv or stdin, which Python decodes with surrogateescape: bytes that are not UTF-8
+    become lone surrogates, which no tokenizer takes. An error names them and where they are."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise ValueError(f"{what} is not valid UTF-8 (bytes {bad!r} at character {e.start})") from None
+    return text
+
+
 def _device(text: str) -> str:
     from .placement import STRATEGIES, as_device
 
@@ -134,7 +154,7 @@ def _max_memory(text: str) -> dict:
         device = int(key) if key.isdigit() else key
         if device in out:
             raise argparse.ArgumentTypeError(f"{key!r} is given twice")
-        out[device] = size.strip()
+        out[device] = 0 if size.strip() == "0" else size.strip()
     return out
 
 
@@ -200,7 +220,10 @@ def _tokenizer(path: Path):
 
     if not (path / "tokenizer.json").exists():
         raise SystemExit(f"moetorch: {path} has no tokenizer.json")
-    return Tokenizer.from_pretrained(path)
+    try:
+        return Tokenizer.from_pretrained(path)
+    except (ValueError, OSError) as e:  # a broken tokenizer.json or tokenizer_config.json (each names its file)
+        raise SystemExit(f"moetorch: {e}") from None
 
 
 def _sampling_kwargs(args: argparse.Namespace, tok) -> dict:
@@ -333,7 +356,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _banner(path, model, is_random)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    ids = tok(args.prompt)["input_ids"]
+    try:
+        ids = tok(_utf8(args.prompt, "the prompt"))["input_ids"]
+    except ValueError as e:
+        raise SystemExit(f"moetorch: {e}") from None
     if not ids:
         raise SystemExit("moetorch: the prompt encodes to no tokens")
     from .generation.utils import eos_ids
@@ -361,7 +387,12 @@ def _fit(tok, system: list[dict], history: list[dict], model, max_new_tokens: in
     room = None if limit is None else limit - min(max_new_tokens, limit // 2)
     dropped = 0
     while True:
-        enc = tok.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt")
+        try:
+            enc = tok.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt")
+        except (jinja2.TemplateError, ValueError, TypeError) as e:  # the template's raise_exception, say
+            print(f"[moetorch] the chat template refused this conversation ({e}); the message was not sent",
+                  file=sys.stderr)
+            return None
         n = enc["input_ids"].shape[1]
         if room is None or n <= room or len(history) == 1:
             break
@@ -382,6 +413,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tok = _tokenizer(path)
     if tok.chat_template is None:
         raise SystemExit(f"moetorch: {path} has no chat template (tokenizer_config.json 'chat_template')")
+    from .chat_template import compile_template
+
+    try:  # a template that does not compile is named now, not at the first message
+        compile_template(tok.get_chat_template())
+    except ValueError as e:
+        raise SystemExit(f"moetorch: {path}: {e}") from None
     _banner(path, model, is_random)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -405,6 +442,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         line = line.strip()
         if not line:
+            continue
+        try:
+            _utf8(line, "that message")
+        except ValueError as e:
+            print(f"[moetorch] {e}; it was not sent", file=sys.stderr)
             continue
         if line in ("/exit", "/quit"):
             break
@@ -461,11 +503,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"moetorch serve: {e}") from None
     if args.switch_interval > 0:
         sys.setswitchinterval(args.switch_interval)
-    where = f"http://{args.host}:{args.port}/v1" if args.port else f"{args.host}, any free port (uvicorn's line below)"
-    print(f"[moetorch] serving {name!r} at {where} ({engine.manager.rows} rows of "
-          f"{engine.max_model_len} tokens)", file=sys.stderr)
-    uvicorn.run(create_app(engine, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(engine, api_key=args.api_key)
+    # --port 0: the socket is bound here, so that the banner names the port the system chose (uvicorn
+    # says it only at --log-level info)
+    sock = _any_port(args.host) if args.port == 0 else None
+    port = sock.getsockname()[1] if sock else args.port
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"[moetorch] serving {name!r} at http://{host}:{port}/v1 ({engine.manager.rows} rows of "
+          f"{engine.max_model_len} tokens)", file=sys.stderr, flush=True)
+    if sock is None:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    else:
+        with sock, contextlib.suppress(KeyboardInterrupt):  # (uvicorn re-raises the Ctrl-C it shut down on,
+            # which uvicorn.run swallows)
+            uvicorn.Server(uvicorn.Config(app, host=args.host, port=0, log_level=args.log_level)).run(sockets=[sock])
     return 0
+
+
+def _any_port(host: str) -> socket.socket:
+    """A socket bound to a free port of `host`'s first address (as uvicorn binds --port 0)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"moetorch serve: cannot listen at --host {host}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -507,11 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "from host memory (default: 90%% of each GPU's free memory)")
 
     def sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-        p.add_argument("--max-new-tokens", type=_int_at_least(1), default=max_new_tokens)
+        p.add_argument("--max-new-tokens", type=int_at_least(1), default=max_new_tokens,
+                       help=f"the most tokens a reply gets ({max_new_tokens})")
         p.add_argument("--temperature", type=_temperature, default=0.0, help="0 (default): greedy; > 0: sample")
-        p.add_argument("--top-p", type=_top_p, default=1.0, help="sampling: nucleus probability in (0, 1]")
-        p.add_argument("--top-k", type=_top_k, default=50, help="sampling: the k likeliest tokens (0: all)")
-        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--top-p", type=_top_p, default=1.0, help="sampling: nucleus probability in (0, 1] (1.0)")
+        p.add_argument("--top-k", type=_top_k, default=50, help="sampling: the k likeliest tokens (50; 0: all)")
+        p.add_argument("--seed", type=_seed, default=None,
+                       help="seed the sampling (torch.manual_seed), for a reproducible reply")
         p.add_argument("--json", action="store_true", help="hold the output to a JSON object (needs llguidance)")
         p.add_argument("--json-schema", default=None, metavar="SCHEMA",
                        help="hold the output to JSON that this JSON Schema describes (its text, or @file)")
@@ -535,15 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free port)")
     serve.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: the "
                        "--model argument)")
-    serve.add_argument("--max-model-len", type=_int_at_least(2, " (a prompt token and a completion token)"),
+    serve.add_argument("--max-model-len", type=int_at_least(2, " (a prompt token and a completion token)"),
                        default=None, help="the most tokens of prompt + completion a "
                        "request may have: each of the batch's rows holds that many (default: 4096, within the "
                        "model's max_position_embeddings)")
-    serve.add_argument("--max-batch", type=_int_at_least(1), default=None, help="requests decoding at once (default: "
+    serve.add_argument("--max-batch", type=int_at_least(1), default=None, help="requests decoding at once (default: "
                        "256 on a GPU, as many as its free memory holds with --no-paged-cache; 64 on the CPU)")
-    serve.add_argument("--max-batch-tokens", type=_int_at_least(1), default=None,
+    serve.add_argument("--max-batch-tokens", type=int_at_least(1), default=None,
                        help="prompt tokens of one prefill (16384)")
-    serve.add_argument("--prefill-chunk-tokens", type=_int_at_least(0), default=None, help="while requests decode, the "
+    serve.add_argument("--prefill-chunk-tokens", type=int_at_least(0), default=None, help="while requests decode, the "
                        "most prompt tokens one prefill computes; a longer prompt runs in chunks, a decode step between "
                        "them (2048; 0: whole prompts)")
     serve.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=True,

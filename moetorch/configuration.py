@@ -645,16 +645,24 @@ def read_config_dict(path: str | os.PathLike, **hub: Any) -> dict[str, Any]:
     file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise FileNotFoundError(f"no {CONFIG_NAME} found at {file}")
+    return decode_special_floats(read_json_object(file, CONFIG_NAME))
+
+
+def read_json_object(file: str | os.PathLike, kind: str) -> dict[str, Any]:
+    """The JSON object in `file` (a `kind`: config.json, generation_config.json), with errors that
+    name the file: not valid JSON, not text, not an object, or a directory in the file's place."""
     try:
         with open(file, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from e
     except UnicodeDecodeError as e:  # a weights file, say
-        raise ConfigError(f"{file} is not a config.json (not text); pass the checkpoint's directory") from e
+        raise ConfigError(f"{file} is not a {kind} (not text); pass the checkpoint's directory") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{file} is a directory, where a {kind} file belongs") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
-    return decode_special_floats(data)
+    return data
 
 
 _SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}

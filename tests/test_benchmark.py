@@ -160,7 +160,10 @@ def test_bench_arguments_are_checked_before_anything_runs(capsys):
     assert benchmark.counts("1, 16,64") == [1, 16, 64] and benchmark.counts("") == []
     assert benchmark.model_names("phimoe") == ["phimoe"]
     for argv, named in ((["--batches", "1,x"], "'x' in '1,x'"), (["--prefill", "0"], "'0' in '0'"),
-                        (["--layer-tokens", "8,-1"], "'-1' in '8,-1'"), (["--models", "jetmoe,mixtral"], "mixtral")):
+                        (["--layer-tokens", "8,-1"], "'-1' in '8,-1'"), (["--models", "jetmoe,mixtral"], "mixtral"),
+                        (["--steps", "0"], "--steps: must be at least 1"), (["--prompt", "x"], "--prompt: 'x'"),
+                        (["--layers", "0"], "--layers: must be at least 1"),
+                        (["--layer-chain", "-2"], "--layer-chain: must be at least 1")):
         with pytest.raises(SystemExit) as exc:
             benchmark.main(argv)
         assert exc.value.code == 2, argv
@@ -210,6 +213,18 @@ def test_markdown_names_a_file_it_cannot_use(tmp_path):
         with pytest.raises(SystemExit) as exc:
             benchmark.main(["--markdown", str(path)])
         assert name in str(exc.value)
+    # another script's results with a "models" table, or a table with missing or broken fields: named,
+    # where a KeyError / TypeError / ZeroDivisionError came before
+    floors = {"decode_ms_per_step": {"1": 1.0}, "prefill_tokens_per_s": 1.0}
+    for i, models in enumerate(({"jetmoe": {"moetorch": {"decode_tokens_per_s": {"1": 5.0}}}}, {"jetmoe": 5},
+                                {"jetmoe": {"floors": {**floors, "decode_ms_per_step": {"1": 0}}}})):
+        path = tmp_path / f"shape{i}.json"
+        path.write_text(json.dumps({"models": models}))
+        with pytest.raises(SystemExit, match=f"shape{i}.json is not a `moetorch bench` results file"):
+            benchmark.main(["--markdown", str(path)])
+    path.write_text(json.dumps({"models": {"jetmoe": {"floors": floors}}, "moe_layers": [{"layer": "x", "T": 1}]}))
+    with pytest.raises(SystemExit, match=r"is not a `moetorch bench` results file \(KeyError: 'graph_ms'\)"):
+        benchmark.main(["--markdown", str(path)])
     with pytest.raises(SystemExit) as exc:
         benchmark.main(["--markdown", str(tmp_path / "missing.json")])
     assert "missing.json" in str(exc.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -409,6 +410,17 @@ def test_loading_details_as_transformers(tmp_path, caplog):
         transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "variant_only")
     with pytest.raises(ConfigError, match="not a config.json .not text.; pass the checkpoint's directory"):
         PhimoeForCausalLM.from_pretrained(tmp_path / "rope" / "model.safetensors")
+    # a broken generation_config.json, or a directory where config.json belongs: errors naming the file
+    shutil.copytree(tmp_path / "rope", tmp_path / "broken_gen")
+    (tmp_path / "broken_gen" / "generation_config.json").write_text("{")
+    with pytest.raises(ConfigError, match="broken_gen/generation_config.json is not valid JSON"):
+        PhimoeForCausalLM.from_pretrained(tmp_path / "broken_gen")
+    with pytest.raises(OSError):
+        transformers.GenerationConfig.from_pretrained(tmp_path / "broken_gen")
+    (tmp_path / "dir_config").mkdir()
+    (tmp_path / "dir_config" / "config.json").mkdir()
+    with pytest.raises(ConfigError, match="dir_config/config.json is a directory, where a config.json file belongs"):
+        PhimoeForCausalLM.from_pretrained(tmp_path / "dir_config")
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -351,6 +352,57 @@ def test_cli_errors(tmp_path, capsys):
         assert exited.value.code == 2 and "argument --max-new-tokens: must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="the prompt has 1502 tokens, more than the model's 1024-token context"):
         cli.main(["generate", "def f(x): " * 300])
+
+
+def test_cli_broken_files_templates_and_text_are_named(tmp_path, capsys, monkeypatch):
+    """Each of these gave a traceback (and `chat` lost its history): a broken tokenizer file, a chat
+    template that does not compile or that refuses a conversation (its raise_exception), a prompt
+    or chat line that is not UTF-8 (Python decodes such argv and stdin bytes to lone surrogates), a
+    seed past torch's range; and --max-memory's "0" (nothing on that GPU) failed the loader."""
+    from moetorch.defaults import resolve_model
+
+    source, _ = resolve_model(None)
+    for name, file, text in (("tok", "tokenizer.json", "{1}"), ("cfg", "tokenizer_config.json", "{")):
+        shutil.copytree(source, tmp_path / name)
+        (tmp_path / name / file).write_text(text)
+        with pytest.raises(SystemExit, match=f"^moetorch: .*{name}/{file} is not (a )?valid"):
+            cli.main(["generate", "--model", str(tmp_path / name), "hi"])
+
+    def with_template(name, template):
+        shutil.copytree(source, tmp_path / name)
+        config = json.loads((tmp_path / name / "tokenizer_config.json").read_text())
+        (tmp_path / name / "chat_template.jinja").unlink(missing_ok=True)
+        config["chat_template"] = template
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps(config))
+        return str(tmp_path / name)
+
+    broken = with_template("broken", "{% for m in messages %}{{ m.content }")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    with pytest.raises(SystemExit, match="broken: chat_template is not a valid jinja template"):
+        cli.main(["chat", "--model", broken])
+    picky = with_template("picky", "{% for m in messages %}{% if m.content == 'forbidden' %}"
+                                   "{{ raise_exception('no such word') }}{% endif %}{{ m.content }}\n{% endfor %}")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("forbidden\nab\udcffcd\nhi\n"))
+    capsys.readouterr()
+    assert cli.main(["chat", "--model", picky, "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr()
+    assert "the chat template refused this conversation (no such word); the message was not sent" in out.err
+    assert "that message is not valid UTF-8 (bytes b'\\xff' at character 2); it was not sent" in out.err
+    assert out.out.count("assistant> ") == 1  # the chat went on to "hi"
+    with pytest.raises(SystemExit, match=r"the prompt is not valid UTF-8 \(bytes b'\\xff' at character 2\)"):
+        cli.main(["generate", "ab\udcffcd"])
+    for seed, message in (("99999999999999999999", "must be below 2\\*\\*64"),
+                          ("-99999999999999999999", "must be at least -9223372036854775808")):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["generate", "hi", f"--seed={seed}"])
+        assert exited.value.code == 2 and re.search(f"argument --seed: {message}", capsys.readouterr().err)
+    from moetorch.serve import worker
+
+    seen, load = [], worker.load_pretrained
+    monkeypatch.setattr(worker, "load_pretrained", lambda *a: seen.append(a[1:]) or load(*a))
+    assert cli.main(["generate", "hi", "--max-new-tokens", "2", "--max-memory", "0=0,cpu=8GiB",
+                     "--device", "sequential"]) == 0
+    assert seen == [("sequential", "auto", {0: 0, "cpu": "8GiB"})]
 
 
 def test_cli_chat_outgrowing_the_context_and_a_closed_pipe(capsys, monkeypatch):

@@ -580,14 +580,36 @@ def test_a_port_in_use_is_an_error_before_the_model_loads(monkeypatch):
         cli.main(["serve", "--host", "no-such-host.invalid"])
 
 
-def test_log_level_and_port_zero_reach_uvicorn(monkeypatch):
+def test_log_level_and_port_reach_uvicorn(monkeypatch, capsys):
     import uvicorn
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    with socket.socket() as probe:  # a port free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert cli.main(["serve", "--model", "tiny-jetmoe", "--port", str(port), "--log-level", "WARNING",
+                     "--max-model-len", "32", "--max-batch", "1", "--no-engine-process"]) == 0
+    assert seen["port"] == port and seen["log_level"] == "warning"
+    assert f"at http://127.0.0.1:{port}/v1 " in capsys.readouterr().err
+
+
+def test_port_zero_is_bound_first_so_that_the_banner_names_it(monkeypatch, capsys):
+    """--port 0 at --log-level warning: uvicorn names the chosen port only at info, so the server
+    binds the socket itself, names its port, and hands uvicorn the listening socket."""
+    import uvicorn
+
+    seen = {}
+
+    def run(server, sockets=None):
+        (sock,) = sockets
+        seen.update(port=sock.getsockname()[1], level=server.config.log_level, open=sock.fileno() != -1)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     assert cli.main(["serve", "--model", "tiny-jetmoe", "--port", "0", "--log-level", "WARNING",
                      "--max-model-len", "32", "--max-batch", "1", "--no-engine-process"]) == 0
-    assert seen["port"] == 0 and seen["log_level"] == "warning"
+    assert seen["open"] and seen["port"] > 0 and seen["level"] == "warning"
+    assert f"at http://127.0.0.1:{seen['port']}/v1 " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])

@@ -392,6 +392,25 @@ def test_bad_numbers_and_paths_are_refused_naming_the_option(tmp_path):
         TrainingConfig(lr=0.0)  # trains nothing, yet wrote checkpoints as if it had
     with pytest.raises(TrainingConfigError, match="seed"):
         TrainingConfig(seed=-1)  # numpy's "Seed must be between 0 and 2**32 - 1" named no option
+    # Non-finite numbers trained to an all-NaN checkpoint and exited 0 (inf) or failed inside torch (nan);
+    # a number of the wrong type (as a JSON config can hold) failed on a comparison inside Python.
+    for name in ("lr", "weight_decay", "grad_clip", "adam_eps"):
+        for value in (float("inf"), float("nan"), "0.1", None, True):
+            with pytest.raises(TrainingConfigError, match=f"^{name} must be a finite, non-negative number"):
+                TrainingConfig(**{name: value})
+    for name, value in (("beta1", "0.9"), ("beta2", float("nan")), ("min_lr_ratio", "x"),
+                        ("eval_fraction", None), ("min_lr_ratio", float("inf"))):
+        with pytest.raises(TrainingConfigError, match=f"^{name} must be in \\[0, 1"):
+            TrainingConfig(**{name: value})
+    # Fields that name files: a number or null is named here, not by os.path's TypeError.
+    for name, value in (("model", 5), ("data", 5), ("data", []), ("data", ["a.txt", 3]), ("eval_data", 7),
+                        ("tokenizer", 1.0), ("output_dir", None), ("device", 0), ("resume", 1)):
+        with pytest.raises(TrainingConfigError, match=f"^{name} must be "):
+            TrainingConfig(**{name: value})
+    # pathlib paths are taken and kept as text, so the config still round-trips through JSON
+    cfg = TrainingConfig(data=[tmp_path / "a.txt", "b.txt"], output_dir=tmp_path / "out", tokenizer=tmp_path)
+    assert cfg.data == [str(tmp_path / "a.txt"), "b.txt"] and cfg.output_dir == str(tmp_path / "out")
+    assert TrainingConfig.from_dict(json.loads(cfg.to_json())) == cfg
     (tmp_path / "a_file").write_text("")
     with pytest.raises(FileExistsError, match="output_dir: .* is a file"):
         Trainer(_tiny_run(tmp_path / "a_file", tmp_path))
@@ -773,8 +792,8 @@ def test_cli_train_tokenizer_refuses_bad_output_and_max_files(tmp_path, corpus, 
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit, match="output: .*a_file is a file"):
         cli_main(["train-tokenizer", "--data", str(corpus), "--output", str(tmp_path / "a_file"), "--vocab-size", "300"])
-    with pytest.raises(SystemExit, match="max_files must be a positive integer"):
-        cli_main(["train-tokenizer", "--data", str(corpus), "--output", str(tmp_path / "t"), "--max-files", "0"])
+    with pytest.raises(ValueError, match="max_files must be a positive integer"):
+        train_tokenizer(str(corpus), tmp_path / "t", max_files=0, show_progress=False)
     with caplog.at_level("WARNING", logger="moetorch"):
         train_tokenizer(str(corpus / "story.txt"), tmp_path / "small", vocab_size=5000, show_progress=False)
     n = len(Tokenizer.from_pretrained(tmp_path / "small"))
@@ -1265,7 +1284,7 @@ def test_token_cache_is_keyed_by_the_tokenizer_object(tmp_path, tok_dir, corpus)
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_resume_options_logs_and_data_edges(tmp_path, tok_dir, corpus, monkeypatch, caplog, python_ctrl_c):
+def test_resume_options_logs_and_data_edges(tmp_path, tok_dir, corpus, monkeypatch, caplog, capsys, python_ctrl_c):
     """A --train-config on resume changes its own keys only (the others keep the resumed run's, not
     the defaults); `--resume auto` with no checkpoint starts afresh from the flags given; a stop
     by signal logs the steps since the last record; a fraction split keeps a training window; a
@@ -1321,10 +1340,24 @@ def test_resume_options_logs_and_data_edges(tmp_path, tok_dir, corpus, monkeypat
     from moetorch.train.data import contains
 
     assert contains(np.arange(10), 9, chunk=3) and not contains(np.arange(10), 10, chunk=3)
-    for flag, value, message in (("--min-frequency", "-3", "min_frequency must be a non-negative integer"),
-                                 ("--model-max-length", "-5", "model_max_length must be a positive integer")):
-        with pytest.raises(SystemExit, match=message):
+    capsys.readouterr()
+    for flag, value, message in (("--min-frequency", "-3", "must be at least 0, got -3"),
+                                 ("--model-max-length", "-5", "must be at least 1, got -5"),
+                                 ("--max-files", "0", "must be at least 1, got 0"),
+                                 ("--vocab-size", "100", "must be at least 264 (256 byte symbols + 8 special tokens)")):
+        with pytest.raises(SystemExit) as exited:  # usage errors naming the flag
             cli_main(["train-tokenizer", "--data", str(corpus), "--output", str(tmp_path / "tok"), flag, value])
+        assert exited.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="model_max_length must be a positive integer"):  # the library's own check
+        train_tokenizer(str(corpus), tmp_path / "tok", model_max_length=-5, show_progress=False)
+    # an empty corpus trained a tokenizer of the byte symbols alone and exited 0; a missing file is said so
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    with pytest.raises(SystemExit, match="data: .*empty.* holds no text \\(1 file\\(s\\), all empty\\)"):
+        cli_main(["train-tokenizer", "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "tok")])
+    assert not (tmp_path / "tok").exists()
+    with pytest.raises(SystemExit, match="data: .*missing.txt': no such file or directory"):
+        cli_main(["train-tokenizer", "--data", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "tok")])
 
 
 @pytest.mark.parametrize("arch_name", ["phimoe", "jetmoe"])

@@ -488,8 +488,9 @@ class GenerationConfig(PushToHubMixin):
             path = os.path.join(path, config_file_name or GENERATION_CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {GENERATION_CONFIG_NAME} at {path}")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        from ..configuration import read_json_object
+
+        data = read_json_object(path, GENERATION_CONFIG_NAME)
         made_from_model_config = bool(data.pop("_from_model_config", False))
         config = cls.from_dict(data, **kwargs)
         object.__setattr__(config, "_from_model_config", made_from_model_config)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError
+from ..cli import int_at_least
 from . import checkpointing as ckpt
 from .config import CONFIG_FILE, TrainingConfig, TrainingConfigError
 from .distributed import PeerFailed
@@ -102,10 +103,12 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     tok = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
     tok.add_argument("--data", default="stdlib", help="'stdlib' (default), a directory, a glob or a text file")
     tok.add_argument("--output", required=True, help="directory for tokenizer.json and tokenizer_config.json")
-    tok.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size, special tokens included")
-    tok.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge")
-    tok.add_argument("--max-files", type=int, default=None, help="use only the first N files (sorted)")
-    tok.add_argument("--model-max-length", type=int, default=None, help="written to tokenizer_config.json")
+    tok.add_argument("--vocab-size", type=int_at_least(264, " (256 byte symbols + 8 special tokens)"), default=4096,
+                     help="vocabulary size, special tokens included (4096)")
+    tok.add_argument("--min-frequency", type=int_at_least(0), default=2, help="least count of a pair to merge (2)")
+    tok.add_argument("--max-files", type=int_at_least(1), default=None, help="use only the first N files (sorted)")
+    tok.add_argument("--model-max-length", type=int_at_least(1), default=None,
+                     help="written to tokenizer_config.json")
     tok.set_defaults(func=cmd_train_tokenizer)
 
 

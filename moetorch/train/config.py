@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,20 +101,16 @@ class TrainingConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise TrainingConfigError(f"{name} must be a positive integer or None, got {value!r}")
         for name in ("lr", "weight_decay", "grad_clip", "adam_eps"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise TrainingConfigError(f"{name} must be a non-negative number, got {value!r}")
+            self._check_number(name, "a finite, non-negative number", lambda v: v >= 0)
         if self.lr == 0:
             raise TrainingConfigError("lr must be positive, got 0 (nothing would be trained)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise TrainingConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise TrainingConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if not 0 <= self.eval_fraction < 1:
-            raise TrainingConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        self._check_number("min_lr_ratio", "in [0, 1]", lambda v: 0 <= v <= 1)
+        self._check_number("eval_fraction", "in [0, 1)", lambda v: 0 <= v < 1)
         for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise TrainingConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+            self._check_number(name, "in [0, 1)", lambda v: 0 <= v < 1)
+        self._check_paths()
         if self.precision not in PRECISIONS:
             raise TrainingConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.eval_split not in EVAL_SPLITS:
@@ -130,6 +127,45 @@ class TrainingConfig:
             raise TrainingConfigError(f"ddp_timeout must be a positive number of seconds, got {self.ddp_timeout!r}")
         if not isinstance(self.model_overrides, dict):
             raise TrainingConfigError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
+
+    def _check_number(self, name: str, wanted: str, ok) -> None:
+        """A float field: a finite int or float (not a bool, a string or None) for which ok holds."""
+        value = getattr(self, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+            raise TrainingConfigError(f"{name} must be {wanted}, got {value!r}")
+
+    def _check_paths(self) -> None:
+        """The fields that name files, directories or devices: strings or paths (model a dict too, data
+        and eval_data lists of them too), so that a number or null is named here, not by os.path."""
+        def text(value) -> bool:
+            return isinstance(value, str)
+
+        def is_path(value) -> bool:
+            return isinstance(value, os.PathLike)
+
+        def plain(value):
+            return os.fspath(value) if is_path(value) else value
+
+        def texts(value) -> bool:
+            return text(value) or (isinstance(value, list) and bool(value) and all(map(text, value)))
+
+        checks = (
+            ("model", lambda v: text(v) or isinstance(v, dict), "a preset name, a path or a config dict"),
+            ("data", texts, "a path, a glob, 'stdlib' or a non-empty list of paths"),
+            ("eval_data", lambda v: v is None or texts(v), "null, a path or a non-empty list of paths"),
+            ("tokenizer", lambda v: v is None or text(v), "null or a path"),
+            ("output_dir", text, "a path"),
+            ("device", text, "a device name such as 'auto', 'cpu' or 'cuda:0'"),
+            ("resume", lambda v: isinstance(v, bool) or text(v), "true, false or a checkpoint path"),
+        )
+        for name, ok, wanted in checks:
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike) or (isinstance(value, list) and any(map(is_path, value))):
+                # a pathlib.Path is taken, kept as text (the config is written as JSON)
+                value = [plain(v) for v in value] if isinstance(value, list) else plain(value)
+                setattr(self, name, value)
+            if not ok(value):
+                raise TrainingConfigError(f"{name} must be {wanted}, got {value!r}")
 
     # ---- dict / json ---------------------------------------------------------------------------
     @classmethod

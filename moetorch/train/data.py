@@ -120,7 +120,7 @@ def text_corpus(spec: str | list[str], arg: str = "data", max_files: int | None 
                  if os.path.isfile(f) and f.endswith(TEXT_SUFFIXES)]  # as a directory's: text files only
         root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
     else:
-        raise FileNotFoundError(f"{arg}: {spec!r} is not 'stdlib', a file, a directory or a glob pattern")
+        raise FileNotFoundError(f"{arg}: {spec!r}: no such file or directory (nor 'stdlib' or a glob pattern)")
     corpus = TextCorpus(root, files)
     corpus.files = sorted(set(files), key=corpus.name)
     if max_files is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -41,9 +42,10 @@ def build_bpe_tokenizer(texts, vocab_size: int, min_frequency: int = 2, show_pro
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # (tokenizers draws its bars on stdout, which gets a blank line for each when it is not a terminal)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=alphabet, show_progress=show_progress,
+        initial_alphabet=alphabet, show_progress=show_progress and sys.stdout.isatty(),
     )
     tok.train_from_iterator(texts, trainer, length=length)
     bos = tok.token_to_id("<s>")
@@ -93,11 +95,18 @@ def train_tokenizer(
         raise FileExistsError(f"output: {out} is a file, not a directory")
     corpus = text_corpus(data, "data", max_files)
 
+    chars = 0
+
     def texts():
+        nonlocal chars
         for f in tqdm(corpus.files, desc="Reading", unit="file", disable=not show_progress):
-            yield read_text(f)
+            text = read_text(f)
+            chars += len(text)
+            yield text
 
     tok = build_bpe_tokenizer(texts(), vocab_size, min_frequency, show_progress, length=len(corpus.files))
+    if not chars:  # a tokenizer of the 256 byte symbols alone: nothing was learnt
+        raise ValueError(f"data: {data!r} holds no text ({len(corpus.files)} file(s), all empty)")
     if tok.get_vocab_size() < vocab_size:
         logger.warning("the tokenizer has %d tokens, fewer than vocab_size %d: the corpus has no more pairs seen "
                        "at least min_frequency (%d) times", tok.get_vocab_size(), vocab_size, min_frequency)
