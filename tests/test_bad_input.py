@@ -4,6 +4,7 @@ before any work is lost; and inputs Transformers takes (a 4D additive mask), tak
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -186,6 +187,35 @@ def test_tokenizer_pipeline_and_batch_inputs(pair, tmp_path):
     for bad in (0, -3, True, 2.5):  # (0 became the default)
         with pytest.raises(ValueError, match=rf"max_batch_tokens must be a positive int \(None: \d+\), got {bad!r}"):
             ours.init_continuous_batching(continuous_batching_config={"max_batch_tokens": bad})
+    # config values of the wrong type or range: a str was compared deep in the manager, a float
+    # truncated, "no" taken as true, 5 (500%) or a negative queue size taken
+    for name, bad in (("max_requests_per_batch", "2"), ("max_requests_per_batch", 2.5), ("max_cache_len", "30"),
+                      ("max_cache_len", 30.5), ("seed", "x"), ("seed", 2**64), ("return_logprobs", "no"),
+                      ("max_memory_percent", 5), ("max_memory_percent", 0), ("max_queue_size", -1),
+                      ("drop_unsupported_processors", 1), ("paged", "yes"), ("use_cuda_graph", (True,))):
+        with pytest.raises(ValueError, match=rf"^continuous_batching_config\.{name} must be .*, got {re.escape(repr(bad))}$"):
+            ours.init_continuous_batching(continuous_batching_config={name: bad})
+        with pytest.raises(ValueError, match=rf"continuous_batching_config\.{name} must be"):
+            moetorch.ContinuousBatchingConfig(**{name: bad})
+    # add_request's eos_token_id and streaming: named before the request is queued
+    for bad, error, message in (("2", TypeError, "eos_token_id must be a token id or a list of them, got '2'"),
+                                (2.7, TypeError, "eos_token_id must be a token id"),
+                                ([1, None], TypeError, "eos_token_id must be a token id"),
+                                (-5, ValueError, r"eos_token_id -5 is outside the vocabulary \(0\.\.\d+\)"),
+                                (10**6, ValueError, "eos_token_id 1000000 is outside the vocabulary"),
+                                (torch.tensor([1.0]), TypeError, "eos_token_id must hold token ids .ints., got a torch.float32")):
+        with pytest.raises(error, match=rf"add_request\('r'\): {message}"):
+            manager.add_request([5, 6], request_id="r", max_new_tokens=2, eos_token_id=bad)
+    for name in ("streaming", "record_timestamps"):
+        with pytest.raises(TypeError, match=f"add_request\\('r'\\): {name} must be True or False, got 'no'"):
+            manager.add_request([5, 6], request_id="r", max_new_tokens=2, **{name: "no"})
+    # none of them queued anything: the same id is taken now, and ends at its own end token
+    manager.start()
+    try:
+        manager.add_request([5, 6], request_id="r", max_new_tokens=2, eos_token_id=torch.tensor([3, 4]))
+        assert manager.get_result("r", timeout=120).request_id == "r"
+    finally:
+        manager.stop(block=True)
 
 
 def test_transformers_takes_the_same_inputs(pair):

@@ -291,6 +291,41 @@ class ContinuousBatchingConfig:
     disable_nccl_graph_mixing: bool = True
     cpu_group_timeout: float | None = 300.0
     block_size: int | None = None
+    use_default_compile_configs: bool | None = None
+    max_cached_graphs: int | None = None
+
+    def __post_init__(self) -> None:
+        """The fields this engine reads, typed: a string, a float or a bool where an int belongs (a
+        JSON value, say) was compared or truncated deep in the manager, or taken as true."""
+        def fail(name: str, wanted: str):
+            raise ValueError(f"continuous_batching_config.{name} must be {wanted}, got {getattr(self, name)!r}")
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        # (max_batch_tokens and prefill_chunk_tokens: checked with their defaults by the manager; the
+        # page settings where it pages)
+        for name in ("max_requests_per_batch", "max_cache_len"):
+            value = getattr(self, name)
+            if value is not None and not (integer(value) and value > 0):
+                fail(name, "a positive int or None")
+        if not (integer(self.max_queue_size) and self.max_queue_size >= 0):
+            fail("max_queue_size", "a non-negative int (0: no limit)")
+        if self.seed is not None and not (integer(self.seed) and -(2**63) <= self.seed < 2**64):
+            fail("seed", "an int (torch.manual_seed's range) or None")
+        share = self.max_memory_percent
+        if share is not None and not (isinstance(share, (int, float)) and not isinstance(share, bool)
+                                      and 0 < share <= 1):
+            fail("max_memory_percent", "a fraction in (0, 1] or None")
+        for name in ("return_logprobs", "drop_unsupported_processors"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
+        if self.paged is not None and not isinstance(self.paged, bool):
+            fail("paged", "True, False or None")
+        graphs = self.use_cuda_graph
+        pair = isinstance(graphs, (tuple, list)) and len(graphs) == 2 and all(isinstance(g, bool) for g in graphs)
+        if not (graphs is None or isinstance(graphs, bool) or pair):
+            fail("use_cuda_graph", "True, False, None or a (prefill, decode) pair of them")
 
     @classmethod
     def of(cls, config: Any) -> ContinuousBatchingConfig:
@@ -1110,7 +1145,10 @@ class ContinuousBatchingManager:
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError(f"add_request: request_id must be a non-empty string, got {request_id!r}")
         max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        eos = self.eos if eos_token_id is None else _id_set(eos_token_id)
+        eos = self.eos if eos_token_id is None else _request_eos(eos_token_id, self.model.config.vocab_size, request_id)
+        for name, flag in (("streaming", streaming), ("record_timestamps", record_timestamps)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"add_request({request_id!r}): {name} must be True or False, got {flag!r}")
         if max_new is None:
             max_new = self.slots - len(prompt) + 1  # until EOS or the row is full
         if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
@@ -2269,6 +2307,24 @@ def _id_set(eos) -> frozenset[int]:
         return frozenset()
     ids = [eos] if isinstance(eos, int) else list(torch.as_tensor(eos).reshape(-1).tolist())
     return frozenset(int(i) for i in ids if int(i) >= 0)
+
+
+def _request_eos(eos, vocab_size: int, request_id) -> frozenset[int]:
+    """`add_request`'s `eos_token_id`: a token id or a list of them, each in the vocabulary."""
+    if isinstance(eos, torch.Tensor):
+        if eos.is_floating_point() or eos.is_complex() or eos.dtype == torch.bool:
+            raise TypeError(f"add_request({request_id!r}): eos_token_id must hold token ids (ints), got a "
+                            f"{eos.dtype} tensor")
+        eos = eos.reshape(-1).tolist()
+    ids = [eos] if not isinstance(eos, (list, tuple)) else list(eos)
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"add_request({request_id!r}): eos_token_id must be a token id or a list of them, "
+                            f"got {eos!r}")
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"add_request({request_id!r}): eos_token_id {i} is outside the vocabulary "
+                             f"(0..{vocab_size - 1})")
+    return frozenset(ids)
 
 
 def grammar_of(grammar, vocab_size: int, request_id):
