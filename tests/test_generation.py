@@ -1458,6 +1458,22 @@ def test_invalid_settings_raise(pair, settings, error, match):
         pair[1].generate(ids, **settings)
 
 
+def test_a_call_that_may_run_past_max_position_embeddings_warns(pair, caplog, monkeypatch):
+    """As Transformers' MaxLengthCriteria warns once a sequence has run past max_position_embeddings
+    (here said up front, when max_length reaches past it); greedy tokens still equal Transformers'."""
+    hf, ours = pair
+    monkeypatch.setattr(moetorch.utils, "WARNED_ONCE", set())
+    n = ours.config.max_position_embeddings
+    ids = torch.randint(3, ours.config.vocab_size, (1, n - 2), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="moetorch"):
+        ours.generate(ids, max_new_tokens=2, do_sample=False)
+        assert "max_position_embeddings" not in caplog.text  # ends at n tokens: within
+        out = ours.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert f"this call may run to {n + 3} tokens, past the model's max_position_embeddings ({n})" in caplog.text
+    want = hf.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.tolist() == want.tolist()
+
+
 def test_invalid_prompts_and_configs_raise(pair):
     ours = pair[1]
     with pytest.raises(ValueError, match="max_position_embeddings"):

@@ -887,6 +887,12 @@ class GenerationMixin(ContinuousBatchingMixin):
         if L >= max_length:
             raise ValueError(f"the prompt has {L} tokens but max_length is {max_length}: nothing to generate "
                              "(set max_new_tokens, or a larger max_length)")
+        if max_pos is not None and max_length + offset > max_pos and not scales:  # (offset: positions before the ids)
+            # (Transformers says so once a sequence has run past it; here the length is known up front,
+            # and the decode loop reads nothing back to the host)
+            warn_once(("generate: past max_position_embeddings", max_pos),
+                      "generate(): this call may run to %d tokens, past the model's max_position_embeddings (%d): "
+                      "positions beyond it are outside what the model was made for", max_length + offset, max_pos)
         if gen.min_new_tokens is not None:
             min_length = gen.min_new_tokens + L
         else:
