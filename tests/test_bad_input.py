@@ -201,8 +201,6 @@ def test_tokenizer_pipeline_and_batch_inputs(pair, tmp_path):
     for bad, error, message in (("2", TypeError, "eos_token_id must be a token id or a list of them, got '2'"),
                                 (2.7, TypeError, "eos_token_id must be a token id"),
                                 ([1, None], TypeError, "eos_token_id must be a token id"),
-                                (-5, ValueError, r"eos_token_id -5 is outside the vocabulary \(0\.\.\d+\)"),
-                                (10**6, ValueError, "eos_token_id 1000000 is outside the vocabulary"),
                                 (torch.tensor([1.0]), TypeError, "eos_token_id must hold token ids .ints., got a torch.float32")):
         with pytest.raises(error, match=rf"add_request\('r'\): {message}"):
             manager.add_request([5, 6], request_id="r", max_new_tokens=2, eos_token_id=bad)

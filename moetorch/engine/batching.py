@@ -1145,7 +1145,7 @@ class ContinuousBatchingManager:
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError(f"add_request: request_id must be a non-empty string, got {request_id!r}")
         max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        eos = self.eos if eos_token_id is None else _request_eos(eos_token_id, self.model.config.vocab_size, request_id)
+        eos = self.eos if eos_token_id is None else _request_eos(eos_token_id, request_id)
         for name, flag in (("streaming", streaming), ("record_timestamps", record_timestamps)):
             if not isinstance(flag, bool):
                 raise TypeError(f"add_request({request_id!r}): {name} must be True or False, got {flag!r}")
@@ -2309,8 +2309,9 @@ def _id_set(eos) -> frozenset[int]:
     return frozenset(int(i) for i in ids if int(i) >= 0)
 
 
-def _request_eos(eos, vocab_size: int, request_id) -> frozenset[int]:
-    """`add_request`'s `eos_token_id`: a token id or a list of them, each in the vocabulary."""
+def _request_eos(eos, request_id) -> frozenset[int]:
+    """`add_request`'s `eos_token_id`: a token id or a list of them (ints). As in `generate`, an id no
+    token has (-1, say: a model without an end token) ends nothing."""
     if isinstance(eos, torch.Tensor):
         if eos.is_floating_point() or eos.is_complex() or eos.dtype == torch.bool:
             raise TypeError(f"add_request({request_id!r}): eos_token_id must hold token ids (ints), got a "
@@ -2321,10 +2322,7 @@ def _request_eos(eos, vocab_size: int, request_id) -> frozenset[int]:
         if not isinstance(i, int) or isinstance(i, bool):
             raise TypeError(f"add_request({request_id!r}): eos_token_id must be a token id or a list of them, "
                             f"got {eos!r}")
-        if not 0 <= i < vocab_size:
-            raise ValueError(f"add_request({request_id!r}): eos_token_id {i} is outside the vocabulary "
-                             f"(0..{vocab_size - 1})")
-    return frozenset(ids)
+    return frozenset(i for i in ids if i >= 0)
 
 
 def grammar_of(grammar, vocab_size: int, request_id):

@@ -280,11 +280,9 @@ class Engine:
 
     def _setup(self, model, manager, tokenizer, name: str, info: dict) -> None:
         self.model, self.manager, self.tokenizer, self.name = model, manager, tokenizer, name
-        self.max_model_len, self.vocab_size, self.device = info["max_model_len"], info["vocab_size"], info["device"]
-        # (an id past the model's vocabulary, a tokenizer's added token, say, is never generated: the
-        # manager refuses it as an end token)
-        self.eos = [i for i in info["eos"] if 0 <= i < self.vocab_size]
-        self.chat_eos = [i for i in chat_eos_ids(self.eos, tokenizer) if 0 <= i < self.vocab_size]
+        self.max_model_len, self.eos, self.vocab_size = info["max_model_len"], info["eos"], info["vocab_size"]
+        self.device = info["device"]
+        self.chat_eos = chat_eos_ids(self.eos, tokenizer)
         self._ids = itertools.count()
         self._grammars: dict[str, Grammar] = {}  # JSON schemas' grammars, the latest used last
 
