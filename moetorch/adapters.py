@@ -11,6 +11,7 @@ when one of these methods is called.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -126,6 +127,52 @@ def _inject(model, peft, config, name: str, **kwargs) -> None:
         raise
 
 
+def _base_weights(model, weights: dict[str, torch.Tensor], name: str) -> list:
+    """(parameter, value) for the base weights an adapter's file holds beside its LoRA weights (the
+    embeddings, where a LoRA targets them); one the model lacks, or of another shape, is an error
+    before anything changes."""
+    params = dict(model.named_parameters())
+    pairs = []
+    for key, value in weights.items():
+        param = params.get(key)
+        if param is None or param.shape != value.shape:
+            have = "no such weight" if param is None else f"the model's is {tuple(param.shape)}"
+            raise ValueError(f"load_adapter: hotswap of adapter {name!r}: its files hold {key} of shape "
+                             f"{tuple(value.shape)}, and {have}")
+        pairs.append((param, value))
+    return pairs
+
+
+def _parameter_swaps(model, weights: dict[str, torch.Tensor], name: str) -> list:
+    """(parameter, value) for LoRA weights kept as parameters (`<module>.lora_embedding_A.<name>`),
+    checked before anything changes: each must exist, and fit its parameter (a smaller rank is padded
+    with zeros, as PEFT pads layers)."""
+    swaps = []
+    for key, value in weights.items():
+        module_name, kind, _ = key.rsplit(".", 2)
+        try:
+            module = model.get_submodule(module_name)
+            param = getattr(module, kind)[name]
+        except (AttributeError, KeyError):
+            raise RuntimeError(f"load_adapter: hotswap of adapter {name!r}: the loaded adapter has no {key}") from None
+        if value.dim() != param.dim() or any(n > m for n, m in zip(value.shape, param.shape)):
+            raise ValueError(f"load_adapter: hotswap of adapter {name!r}: {key} has shape {tuple(value.shape)}, past "
+                             f"the loaded {tuple(param.shape)} (enable_peft_hotswap(target_rank) pads the first)")
+        swaps.append((param, value.to(param.device, param.dtype)))
+    return swaps
+
+
+def _scaling(config, key: str) -> float:
+    """LoRA's scaling for the module named `key`, from the config's rank and alpha (and their patterns)."""
+    import math
+
+    from peft.utils.hotswap import get_pattern_key
+
+    rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
+    return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+
+
 def _pad_config(config, target_rank: int) -> None:
     """A LoRA config padded to `target_rank` (as hotswapping pads its weights with zeros): every
     rank becomes `target_rank`, and each alpha grows with it, so that alpha / r (or alpha / sqrt(r)
@@ -218,26 +265,68 @@ class AdapterMixin:
         if hasattr(peft_config, "inference_mode"):
             peft_config.inference_mode = not is_trainable
 
+        # the configs as their files give them, before any padding: what a hotswap compares
+        as_given = self.__dict__.setdefault("_adapter_configs_as_given", {})
+        pad = getattr(self, "_prepare_peft_hotswap_kwargs", None) and not loaded
+        if pad and getattr(peft_config, "target_parameters", None):
+            raise ValueError(f"load_adapter: enable_peft_hotswap pads the adapter's LoRA layers, and PEFT cannot pad "
+                             f"the experts' stacked weights that target_parameters {peft_config.target_parameters} "
+                             "names; load it without enable_peft_hotswap (same-rank adapters still swap in place)")
         if hotswap:
             from peft.utils.hotswap import check_hotswap_configs_compatible, hotswap_adapter_from_state_dict
 
-            check_hotswap_configs_compatible(loaded[name], peft_config)
-            hotswap_adapter_from_state_dict(self, _named(state, name, "lora_"), name, peft_config)
+            named = _named(state, name, "lora_")
+            # PEFT's swap parses `<module>.lora_A.<name>.weight`; the embeddings' LoRA weights are
+            # parameters, `<module>.lora_embedding_A.<name>`, swapped here, and their files also hold
+            # the embeddings' own weights
+            layers = {k: v for k, v in named.items() if "lora_" in k and not k.endswith(f".{name}")}
+            params = {k: v for k, v in named.items() if "lora_" in k and k.endswith(f".{name}")}
+            base = _base_weights(self, {k: v for k, v in named.items() if "lora_" not in k}, name)
+            swaps = _parameter_swaps(self, params, name)
+            check_hotswap_configs_compatible(as_given.get(name, loaded[name]), peft_config)
+            given = copy.deepcopy(peft_config)
+            hotswap_adapter_from_state_dict(self, layers, name, peft_config)
+            with torch.no_grad():
+                for param, value in swaps:
+                    param.zero_()
+                    param[tuple(slice(0, n) for n in value.shape)].copy_(value)
+                for param, value in base:
+                    param.copy_(value)
+                # each layer's scaling from its module's name (PEFT's swap matches rank_pattern and
+                # alpha_pattern against weight names, which they never match)
+                for module_name, module in self.named_modules():
+                    scaling = getattr(module, "scaling", None)
+                    if isinstance(scaling, dict) and name in scaling:
+                        value = _scaling(peft_config, module_name)
+                        if isinstance(scaling[name], torch.Tensor):  # (as padding for hotswap leaves it)
+                            scaling[name].fill_(value)
+                        else:
+                            scaling[name] = value
             # the adapter is now this one: its config goes with it (a save then reloads what runs),
             # at the padded rank where the first adapter was padded
             padded = loaded[name].r
             self.peft_config[name] = peft_config
+            as_given[name] = given
             if peft_config.r != padded:
                 _pad_config(peft_config, padded)
             unexpected: list[str] = []
             missing: list[str] = []
         else:
+            before = self.active_adapters() if loaded else []
             _inject(self, peft, peft_config, name, low_cpu_mem_usage=low_cpu_mem_usage)
             self._hf_peft_config_loaded = True
-            result = peft.set_peft_model_state_dict(self, state, adapter_name=name, low_cpu_mem_usage=low_cpu_mem_usage)
+            try:
+                result = peft.set_peft_model_state_dict(self, state, adapter_name=name,
+                                                        low_cpu_mem_usage=low_cpu_mem_usage)
+            except BaseException:  # weights of another shape, say: the adapter goes again, the model as it was
+                self.delete_adapter(name)
+                if before:
+                    self.set_adapter(before if len(before) > 1 else before[0])
+                raise
             unexpected = list(result.unexpected_keys)
             missing = [k for k in result.missing_keys if name in k.split(".")]  # this adapter's, not the base's
-            if getattr(self, "_prepare_peft_hotswap_kwargs", None) and len(self.peft_config) == 1:
+            as_given[name] = copy.deepcopy(peft_config)
+            if pad and len(self.peft_config) == 1:
                 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
                 # pad the first adapter to the highest rank, so that later ones replace it in place; its
@@ -299,7 +388,12 @@ class AdapterMixin:
         if not layers:
             raise ValueError("set_adapter: the model holds no adapter layers")
         for module in layers:
-            module.set_adapter(adapter_name)
+            if hasattr(module, "check_set_adapter"):  # a saved copy (modules_to_save), as PEFT's own set_adapter:
+                # another adapter's copy is switched off where the one named has none
+                chosen = module.check_set_adapter(adapter_name)
+                module.set_adapter(chosen if chosen in module._adapters else [])
+            else:
+                module.set_adapter(adapter_name)
 
     def disable_adapters(self) -> None:
         """Run the base model alone, the adapters kept (`enable_adapters` brings them back)."""
@@ -342,6 +436,8 @@ class AdapterMixin:
         if not self.peft_config:
             del self.peft_config
             self._hf_peft_config_loaded = False
+        for name in names:
+            self.__dict__.get("_adapter_configs_as_given", {}).pop(name, None)
 
     def save_adapter(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                      save_peft_format: bool = True) -> None:

@@ -387,3 +387,101 @@ def test_adapter_edge_cases_left_no_trace(tmp_path):
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
               adapter_names=["default", "b", "__base__"], cache_implementation="static")
     assert torch.equal(wrapped[1].generate(input_ids=ids, **kw), wrapped[0].generate(input_ids=ids, **kw))
+
+
+def _lora(hf, directory, seed: int, **config):
+    """A LoRA adapter of `config` with random weights, made by PEFT on a copy of Transformers' model."""
+    torch.manual_seed(seed)
+    made = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM",
+                                                                  **config))
+    made.save_pretrained(directory)
+    return directory
+
+
+def test_hotswap_of_embedding_lora_and_rank_patterns_and_what_cannot_be_padded(tmp_path):
+    """A LoRA on the embeddings (its file also holds the embeddings' weights, and PEFT keeps its
+    weights as parameters) and a rank_pattern after enable_peft_hotswap both failed to swap; an
+    adapter on the experts' stacked weights (target_parameters), which PEFT cannot pad, was half
+    padded and its config misdescribed its weights: now an error before anything changes."""
+    hf, ours = make_pair(JETMOE, tmp_path, seed=3)
+    ids, mask = make_inputs(JETMOE.base["vocab_size"], 2, 7, "left", seed=5)
+
+    def fresh(path):
+        _, model = make_pair(JETMOE, tmp_path / f"fresh-{path.name}", seed=3)
+        model.load_adapter(path)
+        return logits(model, ids, mask)
+
+    embed = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "kv_proj"])
+    first, second = _lora(hf, tmp_path / "e1", 1, **embed), _lora(hf, tmp_path / "e2", 2, **embed)
+    lower = _lora(hf, tmp_path / "e3", 3, **{**embed, "r": 2, "lora_alpha": 6})
+    ours.load_adapter(first)
+    ours.load_adapter(second, hotswap=True)
+    close(logits(ours, ids, mask), fresh(second), "embedding LoRA hotswapped")
+    hf.load_adapter(str(first))
+    hf.load_adapter(str(second), adapter_name="default", hotswap=True)
+    close(logits(ours, ids, mask), logits(hf, ids, mask), "Transformers' hotswap of the same rank")
+    _, padded = make_pair(JETMOE, tmp_path / "padded", seed=3)
+    padded.enable_peft_hotswap(target_rank=8)
+    padded.load_adapter(first)
+    before = [p.data_ptr() for p in padded.parameters()]
+    padded.load_adapter(lower, adapter_name="default")  # (hotswap: the default once enabled)
+    assert [p.data_ptr() for p in padded.parameters()] == before  # in place
+    close(logits(padded, ids, mask), fresh(lower), "embedding LoRA of a lower rank, hotswapped into the padded one")
+
+    hf, ours = make_pair(PHIMOE, tmp_path / "phi", seed=3)
+    ids, mask = make_inputs(PHIMOE.base["vocab_size"], 2, 7, "left", seed=5)
+    pattern = dict(r=2, lora_alpha=8, rank_pattern={"q_proj": 3}, target_modules=["q_proj", "v_proj"])
+    a, b = _lora(hf, tmp_path / "p1", 1, **pattern), _lora(hf, tmp_path / "p2", 2, **pattern)
+    ours.enable_peft_hotswap(target_rank=8)
+    ours.load_adapter(a)
+    ours.load_adapter(b, adapter_name="default")  # failed: the padded config's alpha_pattern was compared with the file's
+    _, plain = make_pair(PHIMOE, tmp_path / "plain", seed=3)
+    plain.load_adapter(b)
+    close(logits(ours, ids, mask), logits(plain, ids, mask), "rank_pattern adapter hotswapped into the padded one")
+
+    _, experts = make_pair(PHIMOE, tmp_path / "experts", seed=3)
+    base = logits(experts, ids, mask)
+    experts.enable_peft_hotswap(target_rank=8)
+    stacked = _lora(hf, tmp_path / "x1", 1, r=2, lora_alpha=4, target_modules=[],
+                    target_parameters=["experts.gate_up_proj"])
+    with pytest.raises(ValueError, match=r"PEFT cannot pad the experts' stacked weights that target_parameters "
+                                         r"\['experts.gate_up_proj'\] names"):
+        experts.load_adapter(stacked)
+    assert not experts._hf_peft_config_loaded and torch.equal(logits(experts, ids, mask), base)
+
+
+def test_a_failed_load_leaves_the_model_as_it_was_and_set_adapter_skips_saved_copies_it_lacks(tmp_path):
+    """An adapter whose weights do not fit (made on a wider model) was left injected and active with
+    random weights, and blocked a retry; set_adapter raised (after switching) where only another
+    adapter has a saved module copy (modules_to_save), where PEFT's own set_adapter switches."""
+    hf, ours = make_pair(PHIMOE, tmp_path, seed=3)
+    ids, mask = make_inputs(PHIMOE.base["vocab_size"], 2, 7, "left", seed=5)
+    wide, _ = make_pair(PHIMOE, tmp_path / "wide", seed=3, hidden_size=48)
+    bad = _lora(wide, tmp_path / "bad", 1, r=2, lora_alpha=4, target_modules=["q_proj"])
+    good = _lora(hf, tmp_path / "good", 2, r=2, lora_alpha=4, target_modules=["q_proj"])
+    base = logits(ours, ids, mask)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ours.load_adapter(bad)
+    assert not ours._hf_peft_config_loaded and torch.equal(logits(ours, ids, mask), base)
+    ours.load_adapter(good)
+    with_good = logits(ours, ids, mask)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ours.load_adapter(bad, adapter_name="other")
+    assert list(ours.peft_config) == ["default"] and ours.active_adapters() == ["default"]
+    close(logits(ours, ids, mask), with_good, "the adapter loaded before, still active")
+
+    saved = _lora(hf, tmp_path / "saved", 3, r=2, lora_alpha=4, target_modules=["v_proj"],
+                  modules_to_save=["lm_head"])
+    plain = _lora(hf, tmp_path / "plain", 4, r=2, lora_alpha=4, target_modules=["v_proj"])
+    _, ours = make_pair(PHIMOE, tmp_path / "two", seed=3)
+    ours.load_adapter(saved, adapter_name="a")
+    ours.load_adapter(plain, adapter_name="b")
+    ours.set_adapter("b")
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(saved), adapter_name="a")
+    reference.load_adapter(str(plain), adapter_name="b")
+    reference.set_adapter("b")
+    assert ours.active_adapters() == ["b"]
+    close(logits(ours, ids, mask), logits(reference.eval(), ids, mask), "PEFT's set_adapter('b')")
+    ours.set_adapter("a")
+    reference.set_adapter("a")
+    close(logits(ours, ids, mask), logits(reference.eval(), ids, mask), "PEFT's set_adapter('a')")
