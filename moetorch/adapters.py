@@ -127,20 +127,23 @@ def _inject(model, peft, config, name: str, **kwargs) -> None:
         raise
 
 
-def _base_weights(model, weights: dict[str, torch.Tensor], name: str) -> list:
+def _base_weights(model, weights: dict[str, torch.Tensor], name: str) -> tuple[list, list[str]]:
     """(parameter, value) for the base weights an adapter's file holds beside its LoRA weights (the
-    embeddings, where a LoRA targets them); one the model lacks, or of another shape, is an error
+    embeddings, where a LoRA targets them or the head tied to them), and the names that match no
+    weight of the model (left out, as a fresh load leaves them). One of another shape is an error
     before anything changes."""
-    params = dict(model.named_parameters())
-    pairs = []
+    params = dict(model.named_parameters(remove_duplicate=False))  # (a tied head's weight too)
+    pairs, unmatched = [], []
     for key, value in weights.items():
         param = params.get(key)
-        if param is None or param.shape != value.shape:
-            have = "no such weight" if param is None else f"the model's is {tuple(param.shape)}"
+        if param is None:
+            unmatched.append(key)
+        elif param.shape != value.shape:
             raise ValueError(f"load_adapter: hotswap of adapter {name!r}: its files hold {key} of shape "
-                             f"{tuple(value.shape)}, and {have}")
-        pairs.append((param, value))
-    return pairs
+                             f"{tuple(value.shape)}, and the model's is {tuple(param.shape)}")
+        else:
+            pairs.append((param, value))
+    return pairs, unmatched
 
 
 def _parameter_swaps(model, weights: dict[str, torch.Tensor], name: str) -> list:
@@ -171,6 +174,42 @@ def _scaling(config, key: str) -> float:
     rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
     alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
     return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+
+
+class _Undo:
+    """What a failed `load_adapter` puts back: the modules PEFT wrapped (the originals, which its
+    wrappers hold), the new adapter's part of layers that held others, which parameters train, the
+    adapter configs and the active adapters."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+        self.modules = dict(model.named_modules())
+        self.grads = {p: p.requires_grad for p in model.parameters()}
+        self.configs = dict(model.__dict__.get("peft_config", {}))
+        self.loaded = model._hf_peft_config_loaded
+        self.active = model.active_adapters() if self.loaded and _tuner_layers(model) else []
+
+    def __call__(self) -> None:
+        from peft.functional import delete_adapter
+
+        model, name = self.model, self.name
+        config = model.__dict__.get("peft_config", {}).get(name)
+        if config is not None:
+            delete_adapter(model, adapter_name=name, prefix=f"{config.peft_type.value.lower()}_")
+        for path, module in list(model.named_modules()):
+            original = self.modules.get(path)
+            if path and original is not None and original is not module:
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent), child, original)
+        if self.configs:
+            model.peft_config = self.configs
+        else:
+            model.__dict__.pop("peft_config", None)
+        model._hf_peft_config_loaded = self.loaded
+        if self.active:
+            model.set_adapter(self.active if len(self.active) > 1 else self.active[0])
+        for param, grad in self.grads.items():
+            param.requires_grad_(grad)
 
 
 def _pad_config(config, target_rank: int) -> None:
@@ -279,9 +318,9 @@ class AdapterMixin:
             # PEFT's swap parses `<module>.lora_A.<name>.weight`; the embeddings' LoRA weights are
             # parameters, `<module>.lora_embedding_A.<name>`, swapped here, and their files also hold
             # the embeddings' own weights
-            layers = {k: v for k, v in named.items() if "lora_" in k and not k.endswith(f".{name}")}
-            params = {k: v for k, v in named.items() if "lora_" in k and k.endswith(f".{name}")}
-            base = _base_weights(self, {k: v for k, v in named.items() if "lora_" not in k}, name)
+            layers = {k: v for k, v in named.items() if "lora_" in k and "lora_embedding_" not in k}
+            params = {k: v for k, v in named.items() if "lora_embedding_" in k}
+            base, unexpected = _base_weights(self, {k: v for k, v in named.items() if "lora_" not in k}, name)
             swaps = _parameter_swaps(self, params, name)
             check_hotswap_configs_compatible(as_given.get(name, loaded[name]), peft_config)
             given = copy.deepcopy(peft_config)
@@ -303,25 +342,24 @@ class AdapterMixin:
                         else:
                             scaling[name] = value
             # the adapter is now this one: its config goes with it (a save then reloads what runs),
-            # at the padded rank where the first adapter was padded
-            padded = loaded[name].r
+            # at the padded rank where the first adapter was padded (its rank_pattern too), else at
+            # the rank of the weights it was copied into
+            padded = self.__dict__.get("_hotswap_padded_rank") or (loaded[name].r if peft_config.r != loaded[name].r
+                                                                    else None)
             self.peft_config[name] = peft_config
             as_given[name] = given
-            if peft_config.r != padded:
+            if padded:
                 _pad_config(peft_config, padded)
-            unexpected: list[str] = []
             missing: list[str] = []
         else:
-            before = self.active_adapters() if loaded else []
+            undo = _Undo(self, name)
             _inject(self, peft, peft_config, name, low_cpu_mem_usage=low_cpu_mem_usage)
             self._hf_peft_config_loaded = True
             try:
                 result = peft.set_peft_model_state_dict(self, state, adapter_name=name,
                                                         low_cpu_mem_usage=low_cpu_mem_usage)
-            except BaseException:  # weights of another shape, say: the adapter goes again, the model as it was
-                self.delete_adapter(name)
-                if before:
-                    self.set_adapter(before if len(before) > 1 else before[0])
+            except BaseException:  # weights of another shape, say: the model as it was, the name free
+                undo()
                 raise
             unexpected = list(result.unexpected_keys)
             missing = [k for k in result.missing_keys if name in k.split(".")]  # this adapter's, not the base's
@@ -333,6 +371,7 @@ class AdapterMixin:
                 # config's rank follows, and its alpha with it (the scaling PEFT keeps: a save reloads alike)
                 prepare_model_for_compiled_hotswap(self, **self._prepare_peft_hotswap_kwargs)
                 _pad_config(peft_config, self._prepare_peft_hotswap_kwargs["target_rank"])
+                self._hotswap_padded_rank = self._prepare_peft_hotswap_kwargs["target_rank"]
         if peft_config.inference_mode:
             self.eval()
             for module in _tuner_layers(self):
@@ -436,6 +475,7 @@ class AdapterMixin:
         if not self.peft_config:
             del self.peft_config
             self._hf_peft_config_loaded = False
+            self.__dict__.pop("_hotswap_padded_rank", None)
         for name in names:
             self.__dict__.get("_adapter_configs_as_given", {}).pop(name, None)
 

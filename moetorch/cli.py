@@ -386,17 +386,18 @@ def _fit(tok, system: list[dict], history: list[dict], model, max_new_tokens: in
     limit = getattr(model.config, "max_position_embeddings", None)
     room = None if limit is None else limit - min(max_new_tokens, limit // 2)
     dropped = 0
+    kept = list(history)  # (history loses its oldest turns only once a prompt is made)
     while True:
         try:
-            enc = tok.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt")
+            enc = tok.apply_chat_template(system + kept, add_generation_prompt=True, return_tensors="pt")
         except (jinja2.TemplateError, ValueError, TypeError) as e:  # the template's raise_exception, say
             print(f"[moetorch] the chat template refused this conversation ({e}); the message was not sent",
                   file=sys.stderr)
             return None
         n = enc["input_ids"].shape[1]
-        if room is None or n <= room or len(history) == 1:
+        if room is None or n <= room or len(kept) == 1:
             break
-        del history[:2]  # the oldest exchange (a user turn and its reply)
+        del kept[:2]  # the oldest exchange (a user turn and its reply)
         dropped += 2
     if limit is not None and n > limit:
         print(f"[moetorch] that message makes a {n}-token prompt, more than the model's {limit}-token context; "
@@ -405,6 +406,7 @@ def _fit(tok, system: list[dict], history: list[dict], model, max_new_tokens: in
     if dropped:
         print(f"[moetorch] the conversation outgrew the model's {limit}-token context: the {dropped} oldest "
               "turns were dropped", file=sys.stderr)
+    history[:] = kept
     return enc
 
 
@@ -426,7 +428,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if interactive:
         print("[moetorch] chat: type a message; /reset clears the history, /exit or Ctrl-D quits; Ctrl-C stops a "
               "reply", file=sys.stderr)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    try:
+        system = [{"role": "system", "content": _utf8(args.system, "--system")}] if args.system else []
+    except ValueError as e:
+        raise SystemExit(f"moetorch: {e}") from None
     history: list[dict] = []
     kwargs = _sampling_kwargs(args, tok)
     from .generation.utils import chat_eos_ids, eos_ids
@@ -513,21 +518,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{engine.max_model_len} tokens)", file=sys.stderr, flush=True)
     if sock is None:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    else:
-        with sock, contextlib.suppress(KeyboardInterrupt):  # (uvicorn re-raises the Ctrl-C it shut down on,
-            # which uvicorn.run swallows)
-            uvicorn.Server(uvicorn.Config(app, host=args.host, port=0, log_level=args.log_level)).run(sockets=[sock])
-    return 0
+        return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=0, log_level=args.log_level))
+    with sock, contextlib.suppress(KeyboardInterrupt):  # (uvicorn re-raises the Ctrl-C it shut down on,
+        # which uvicorn.run swallows)
+        server.run(sockets=[sock])
+    return 0 if server.started else 3  # (uvicorn.run's status for a server that failed to start)
 
 
 def _any_port(host: str) -> socket.socket:
-    """A socket bound to a free port of `host`'s first address (as uvicorn binds --port 0)."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
+    """A socket bound to a free port of `host`, as uvicorn binds one (IPv6 for an address with a
+    colon, else IPv4)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
+        sock.bind((host, 0))
     except OSError as e:
         sock.close()
         raise SystemExit(f"moetorch serve: cannot listen at --host {host}: {e.strerror or e}") from None

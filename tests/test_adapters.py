@@ -414,12 +414,18 @@ def test_hotswap_of_embedding_lora_and_rank_patterns_and_what_cannot_be_padded(t
     embed = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "kv_proj"])
     first, second = _lora(hf, tmp_path / "e1", 1, **embed), _lora(hf, tmp_path / "e2", 2, **embed)
     lower = _lora(hf, tmp_path / "e3", 3, **{**embed, "r": 2, "lora_alpha": 6})
+    head = dict(r=4, lora_alpha=8, target_modules=["lm_head", "kv_proj"])  # JetMoE ties the head to the embeddings
+    h1, h2 = _lora(hf, tmp_path / "h1", 4, **head), _lora(hf, tmp_path / "h2", 5, **head)
     ours.load_adapter(first)
     ours.load_adapter(second, hotswap=True)
     close(logits(ours, ids, mask), fresh(second), "embedding LoRA hotswapped")
     hf.load_adapter(str(first))
     hf.load_adapter(str(second), adapter_name="default", hotswap=True)
     close(logits(ours, ids, mask), logits(hf, ids, mask), "Transformers' hotswap of the same rank")
+    _, tied = make_pair(JETMOE, tmp_path / "tied", seed=3)
+    tied.load_adapter(h1)
+    tied.load_adapter(h2, hotswap=True)
+    close(logits(tied, ids, mask), fresh(h2), "LoRA on the tied head hotswapped")
     _, padded = make_pair(JETMOE, tmp_path / "padded", seed=3)
     padded.enable_peft_hotswap(target_rank=8)
     padded.load_adapter(first)
@@ -438,6 +444,16 @@ def test_hotswap_of_embedding_lora_and_rank_patterns_and_what_cannot_be_padded(t
     _, plain = make_pair(PHIMOE, tmp_path / "plain", seed=3)
     plain.load_adapter(b)
     close(logits(ours, ids, mask), logits(plain, ids, mask), "rank_pattern adapter hotswapped into the padded one")
+    # an adapter of the padded rank itself, with a rank_pattern: its saved config describes the padded weights
+    full = dict(r=8, lora_alpha=8, rank_pattern={"q_proj": 3}, target_modules=["q_proj", "v_proj"])
+    c = _lora(hf, tmp_path / "p3", 3, **full)
+    ours.load_adapter(c, adapter_name="default")
+    ours.save_pretrained(tmp_path / "p3-saved")
+    _, reloaded = make_pair(PHIMOE, tmp_path / "reloaded", seed=3)
+    reloaded.load_adapter(tmp_path / "p3-saved")
+    _, plain = make_pair(PHIMOE, tmp_path / "plain3", seed=3)
+    plain.load_adapter(c)
+    close(logits(reloaded, ids, mask), logits(plain, ids, mask), "the swapped rank_pattern adapter saved and reloaded")
 
     _, experts = make_pair(PHIMOE, tmp_path / "experts", seed=3)
     base = logits(experts, ids, mask)
@@ -460,14 +476,20 @@ def test_a_failed_load_leaves_the_model_as_it_was_and_set_adapter_skips_saved_co
     bad = _lora(wide, tmp_path / "bad", 1, r=2, lora_alpha=4, target_modules=["q_proj"])
     good = _lora(hf, tmp_path / "good", 2, r=2, lora_alpha=4, target_modules=["q_proj"])
     base = logits(ours, ids, mask)
+    modules = [(n, type(m)) for n, m in ours.named_modules()]
     with pytest.raises(RuntimeError, match="size mismatch"):
         ours.load_adapter(bad)
     assert not ours._hf_peft_config_loaded and torch.equal(logits(ours, ids, mask), base)
+    assert [(n, type(m)) for n, m in ours.named_modules()] == modules  # no LoRA wrapper left behind
+    ours.save_pretrained(tmp_path / "saved-base")  # a plain checkpoint, which loads
+    reloaded = type(ours).from_pretrained(tmp_path / "saved-base", attn_implementation="eager")  # (as make_pair's)
+    close(logits(reloaded, ids, mask), base, "saved after the failed load")
     ours.load_adapter(good)
-    with_good = logits(ours, ids, mask)
+    with_good, frozen = logits(ours, ids, mask), trainable(ours)
     with pytest.raises(RuntimeError, match="size mismatch"):
         ours.load_adapter(bad, adapter_name="other")
     assert list(ours.peft_config) == ["default"] and ours.active_adapters() == ["default"]
+    assert trainable(ours) == frozen == []  # the adapter loaded for inference stays frozen
     close(logits(ours, ids, mask), with_good, "the adapter loaded before, still active")
 
     saved = _lora(hf, tmp_path / "saved", 3, r=2, lora_alpha=4, target_modules=["v_proj"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -192,7 +193,7 @@ def test_tokenizer_pipeline_and_batch_inputs(pair, tmp_path):
     for name, bad in (("max_requests_per_batch", "2"), ("max_requests_per_batch", 2.5), ("max_cache_len", "30"),
                       ("max_cache_len", 30.5), ("seed", "x"), ("seed", 2**64), ("return_logprobs", "no"),
                       ("max_memory_percent", 5), ("max_memory_percent", 0), ("max_queue_size", -1),
-                      ("drop_unsupported_processors", 1), ("paged", "yes"), ("use_cuda_graph", (True,))):
+                      ("drop_unsupported_processors", 2), ("paged", "yes"), ("use_cuda_graph", (True,))):
         with pytest.raises(ValueError, match=rf"^continuous_batching_config\.{name} must be .*, got {re.escape(repr(bad))}$"):
             ours.init_continuous_batching(continuous_batching_config={name: bad})
         with pytest.raises(ValueError, match=rf"continuous_batching_config\.{name} must be"):
@@ -207,11 +208,17 @@ def test_tokenizer_pipeline_and_batch_inputs(pair, tmp_path):
     for name in ("streaming", "record_timestamps"):
         with pytest.raises(TypeError, match=f"add_request\\('r'\\): {name} must be True or False, got 'no'"):
             manager.add_request([5, 6], request_id="r", max_new_tokens=2, **{name: "no"})
+    # numpy's numbers and flags, 0 / 1 for a flag, None for no queue limit: taken, as before the checks
+    taken = moetorch.ContinuousBatchingConfig(max_cache_len=np.int64(16), max_requests_per_batch=np.int32(2), paged=0,
+                                              return_logprobs=np.bool_(True), max_queue_size=None)
+    assert (taken.max_cache_len, taken.max_requests_per_batch, taken.max_queue_size, taken.return_logprobs) == \
+        (16, 2, 0, True) and type(taken.max_cache_len) is int
     # none of them queued anything: the same id is taken now, and ends at its own end token
     manager.start()
     try:
-        manager.add_request([5, 6], request_id="r", max_new_tokens=2, eos_token_id=torch.tensor([3, 4]))
-        assert manager.get_result("r", timeout=120).request_id == "r"
+        for i, eos in enumerate((torch.tensor([3, 4]), np.array([3, 4]), np.int64(3), [np.int32(3), 4], -1)):
+            manager.add_request([5, 6], request_id=f"r{i}", max_new_tokens=2, eos_token_id=eos)
+            assert manager.get_result(f"r{i}", timeout=120).request_id == f"r{i}"
     finally:
         manager.stop(block=True)
 

@@ -391,6 +391,8 @@ def test_cli_broken_files_templates_and_text_are_named(tmp_path, capsys, monkeyp
     assert out.out.count("assistant> ") == 1  # the chat went on to "hi"
     with pytest.raises(SystemExit, match=r"the prompt is not valid UTF-8 \(bytes b'\\xff' at character 2\)"):
         cli.main(["generate", "ab\udcffcd"])
+    with pytest.raises(SystemExit, match=r"--system is not valid UTF-8 \(bytes b'\\xff' at character 0\)"):
+        cli.main(["chat", "--model", picky, "--system", "\udcff"])
     for seed, message in (("99999999999999999999", "must be below 2\\*\\*64"),
                           ("-99999999999999999999", "must be at least -9223372036854775808")):
         with pytest.raises(SystemExit) as exited:

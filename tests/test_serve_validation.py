@@ -585,31 +585,45 @@ def test_log_level_and_port_reach_uvicorn(monkeypatch, capsys):
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
-    with socket.socket() as probe:  # a port free a moment ago
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    assert cli.main(["serve", "--model", "tiny-jetmoe", "--port", str(port), "--log-level", "WARNING",
+    monkeypatch.setattr(cli, "_check_address", lambda host, port: None)  # (the port is not bound here)
+    assert cli.main(["serve", "--model", "tiny-jetmoe", "--port", "8123", "--log-level", "WARNING",
                      "--max-model-len", "32", "--max-batch", "1", "--no-engine-process"]) == 0
-    assert seen["port"] == port and seen["log_level"] == "warning"
-    assert f"at http://127.0.0.1:{port}/v1 " in capsys.readouterr().err
+    assert seen["port"] == 8123 and seen["log_level"] == "warning"
+    assert "at http://127.0.0.1:8123/v1 " in capsys.readouterr().err
+
+
+class _Server:
+    """uvicorn.Server as `moetorch serve --port 0` drives it: run on the sockets given."""
+
+    seen: dict = {}
+
+    def __init__(self, config):
+        self.config, self.started = config, False
+
+    def run(self, sockets=None):
+        (sock,) = sockets
+        _Server.seen.update(port=sock.getsockname()[1], family=sock.family, open=sock.fileno() != -1,
+                            level=self.config["log_level"])
+        self.started = _Server.seen.get("starts", True)
 
 
 def test_port_zero_is_bound_first_so_that_the_banner_names_it(monkeypatch, capsys):
     """--port 0 at --log-level warning: uvicorn names the chosen port only at info, so the server
-    binds the socket itself, names its port, and hands uvicorn the listening socket."""
+    binds the socket itself (IPv4 unless the host has a colon, as uvicorn binds), names its port,
+    and hands uvicorn the listening socket; a server that fails to start exits 3, as uvicorn.run."""
     import uvicorn
 
-    seen = {}
-
-    def run(server, sockets=None):
-        (sock,) = sockets
-        seen.update(port=sock.getsockname()[1], level=server.config.log_level, open=sock.fileno() != -1)
-
-    monkeypatch.setattr(uvicorn.Server, "run", run)
-    assert cli.main(["serve", "--model", "tiny-jetmoe", "--port", "0", "--log-level", "WARNING",
-                     "--max-model-len", "32", "--max-batch", "1", "--no-engine-process"]) == 0
-    assert seen["open"] and seen["port"] > 0 and seen["level"] == "warning"
+    monkeypatch.setattr(uvicorn, "Config", lambda app, **kw: kw)
+    monkeypatch.setattr(uvicorn, "Server", _Server)
+    argv = ["serve", "--model", "tiny-jetmoe", "--port", "0", "--log-level", "WARNING", "--max-model-len", "32",
+            "--max-batch", "1", "--no-engine-process"]
+    _Server.seen = {}
+    assert cli.main(argv) == 0
+    seen = _Server.seen
+    assert seen["open"] and seen["port"] > 0 and seen["level"] == "warning" and seen["family"] == socket.AF_INET
     assert f"at http://127.0.0.1:{seen['port']}/v1 " in capsys.readouterr().err
+    _Server.seen = {"starts": False}
+    assert cli.main(argv) == 3
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])

@@ -411,6 +411,10 @@ def test_bad_numbers_and_paths_are_refused_naming_the_option(tmp_path):
     cfg = TrainingConfig(data=[tmp_path / "a.txt", "b.txt"], output_dir=tmp_path / "out", tokenizer=tmp_path)
     assert cfg.data == [str(tmp_path / "a.txt"), "b.txt"] and cfg.output_dir == str(tmp_path / "out")
     assert TrainingConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    # a tuple of paths and numpy's floats, taken before these checks, are taken still (kept as JSON's types)
+    cfg = TrainingConfig(data=("a.txt", "b.txt"), beta1=np.float32(0.5), lr=np.float64(0.002))
+    assert cfg.data == ["a.txt", "b.txt"] and type(cfg.beta1) is float and cfg.beta1 == 0.5
+    assert TrainingConfig.from_dict(json.loads(cfg.to_json())) == cfg
     (tmp_path / "a_file").write_text("")
     with pytest.raises(FileExistsError, match="output_dir: .* is a file"):
         Trainer(_tiny_run(tmp_path / "a_file", tmp_path))

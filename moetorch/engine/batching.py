@@ -58,6 +58,7 @@ import gc
 import heapq
 import itertools
 import logging
+import numbers
 import threading
 import time
 from collections import deque
@@ -66,6 +67,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..cache import PackedRows, StaticCache, _kv_shape, slot_major_bytes
@@ -300,8 +302,11 @@ class ContinuousBatchingConfig:
         def fail(name: str, wanted: str):
             raise ValueError(f"continuous_batching_config.{name} must be {wanted}, got {getattr(self, name)!r}")
 
-        def integer(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
+        def integer(value) -> bool:  # (numpy's integers too; a bool is no count)
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        def flag(value) -> bool:  # True / False, numpy's too, or 0 / 1
+            return isinstance(value, (bool, np.bool_)) or (integer(value) and value in (0, 1))
 
         # (max_batch_tokens and prefill_chunk_tokens: checked with their defaults by the manager; the
         # page settings where it pages)
@@ -309,18 +314,23 @@ class ContinuousBatchingConfig:
             value = getattr(self, name)
             if value is not None and not (integer(value) and value > 0):
                 fail(name, "a positive int or None")
+            elif value is not None:
+                setattr(self, name, int(value))
+        if self.max_queue_size is None:
+            self.max_queue_size = 0
         if not (integer(self.max_queue_size) and self.max_queue_size >= 0):
-            fail("max_queue_size", "a non-negative int (0: no limit)")
+            fail("max_queue_size", "a non-negative int (0 or None: no limit)")
         if self.seed is not None and not (integer(self.seed) and -(2**63) <= self.seed < 2**64):
             fail("seed", "an int (torch.manual_seed's range) or None")
         share = self.max_memory_percent
-        if share is not None and not (isinstance(share, (int, float)) and not isinstance(share, bool)
+        if share is not None and not (isinstance(share, numbers.Real) and not isinstance(share, bool)
                                       and 0 < share <= 1):
             fail("max_memory_percent", "a fraction in (0, 1] or None")
         for name in ("return_logprobs", "drop_unsupported_processors"):
-            if not isinstance(getattr(self, name), bool):
+            if not flag(getattr(self, name)):
                 fail(name, "True or False")
-        if self.paged is not None and not isinstance(self.paged, bool):
+            setattr(self, name, bool(getattr(self, name)))
+        if self.paged is not None and not flag(self.paged):
             fail("paged", "True, False or None")
         graphs = self.use_cuda_graph
         pair = isinstance(graphs, (tuple, list)) and len(graphs) == 2 and all(isinstance(g, bool) for g in graphs)
@@ -2312,17 +2322,18 @@ def _id_set(eos) -> frozenset[int]:
 def _request_eos(eos, request_id) -> frozenset[int]:
     """`add_request`'s `eos_token_id`: a token id or a list of them (ints). As in `generate`, an id no
     token has (-1, say: a model without an end token) ends nothing."""
-    if isinstance(eos, torch.Tensor):
-        if eos.is_floating_point() or eos.is_complex() or eos.dtype == torch.bool:
+    if isinstance(eos, (torch.Tensor, np.ndarray)):
+        kind = str(eos.dtype)
+        if "int" not in kind:  # (float, bool, complex)
             raise TypeError(f"add_request({request_id!r}): eos_token_id must hold token ids (ints), got a "
-                            f"{eos.dtype} tensor")
+                            f"{kind} {type(eos).__name__}")
         eos = eos.reshape(-1).tolist()
     ids = [eos] if not isinstance(eos, (list, tuple)) else list(eos)
     for i in ids:
-        if not isinstance(i, int) or isinstance(i, bool):
+        if not isinstance(i, numbers.Integral) or isinstance(i, (bool, np.bool_)):
             raise TypeError(f"add_request({request_id!r}): eos_token_id must be a token id or a list of them, "
                             f"got {eos!r}")
-    return frozenset(i for i in ids if i >= 0)
+    return frozenset(int(i) for i in ids if i >= 0)
 
 
 def grammar_of(grammar, vocab_size: int, request_id):

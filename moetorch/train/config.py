@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 CONFIG_FILE = "training_config.json"
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -129,10 +132,14 @@ class TrainingConfig:
             raise TrainingConfigError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
 
     def _check_number(self, name: str, wanted: str, ok) -> None:
-        """A float field: a finite int or float (not a bool, a string or None) for which ok holds."""
+        """A float field: a finite real number (not a bool, a string or None) for which ok holds; kept
+        as a Python number (a numpy float is taken, and written to JSON as a float)."""
         value = getattr(self, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+        if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not math.isfinite(value) \
+                or not ok(value):
             raise TrainingConfigError(f"{name} must be {wanted}, got {value!r}")
+        if not isinstance(value, (int, float)):
+            setattr(self, name, float(value))
 
     def _check_paths(self) -> None:
         """The fields that name files, directories or devices: strings or paths (model a dict too, data
@@ -148,6 +155,10 @@ class TrainingConfig:
 
         def texts(value) -> bool:
             return text(value) or (isinstance(value, list) and bool(value) and all(map(text, value)))
+
+        for name in ("data", "eval_data"):  # a tuple of paths is taken, kept as a list (the config is JSON)
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
 
         checks = (
             ("model", lambda v: text(v) or isinstance(v, dict), "a preset name, a path or a config dict"),
