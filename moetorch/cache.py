@@ -604,15 +604,23 @@ class StaticCache(Cache):
         if not self.keys or not self._fits(B, G, d, key_states.device, key_states.dtype):
             self._allocate(B, G, d, key_states.device, key_states.dtype)
         self._early = False  # (the storage holds keys now: kept from here on, through `reset` too)
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        self._check_rows(k, B, G, d, layer_idx)
         cache_position = self._positions(T, key_states.device, cache_kwargs, layer_idx)
         if layer_idx == 0:
             if self._grad_seen != self._seen:  # other writes came after the last tracked step
                 self._grad_kv.clear()
             self._seen += T
-        k, v = self.keys[layer_idx], self.values[layer_idx]
-        if k.shape[0] != B:
-            raise ValueError(f"StaticCache holds batch {k.shape[0]}, got keys for batch {B}")
         return k, v, cache_position
+
+    @staticmethod
+    def _check_rows(k: torch.Tensor, B: int, G: int, d: int, layer_idx: int) -> None:
+        """Keys of another batch, or of another model's heads, are an error before the cache counts
+        or writes them (a failed step must leave it as it was)."""
+        if (k.shape[0], k.shape[1], k.shape[-1]) != (B, G, d):
+            raise ValueError(f"past_key_values: the StaticCache holds {k.shape[0]} rows of {k.shape[1]} kv heads of "
+                             f"size {k.shape[-1]}, and layer {layer_idx} gives keys of {B} rows of {G} heads of size "
+                             f"{d} (reset() does not change its rows: make a cache for this batch and model)")
 
     def update_rotated(self, query_states, key_states, value_states, cos, sin, layer_idx, cache_kwargs=None):
         k, v, cache_position = self._slots(key_states, layer_idx, cache_kwargs)
@@ -631,6 +639,7 @@ class StaticCache(Cache):
             self._allocate(B, kv_width // head_dim, head_dim, x_BTD.device, x_BTD.dtype)
         self._early = False
         k, v = self.keys[layer_idx], self.values[layer_idx]
+        self._check_rows(k, B, kv_width // head_dim, head_dim, layer_idx)
         slots = (k, v, self._positions(T, x_BTD.device, cache_kwargs, layer_idx))
         out = linears_rotated(x_BTD, layers, head_dim, cos, sin, slots, experts)
         if out is not None and layer_idx == 0:
@@ -886,6 +895,11 @@ class PackedRows(Cache):
 
     def __init__(self, target: StaticCache, rows: list[int], starts: list[int], new: list[int],
                  shared: list[tuple[int, int, int]] | None = None, window: int | None = None) -> None:
+        held = target.keys[0].shape[0] if target.keys else 0
+        if rows and not 0 <= min(rows) <= max(rows) < held:  # (before anything is written)
+            raise ValueError(f"past_key_values: the StaticCache holds {held} rows, and this forward writes rows "
+                             f"{min(rows)} to {max(rows)} (reset() does not change its rows: make a cache for this "
+                             "batch)")
         index, lens_q, lens_k = pack_plan(rows, starts, new, shared, target.max_cache_len)
         device = target._all[0].device
         self._bind(target, to_device(index, device), Packed.of(lens_q, lens_k, device, window),

@@ -828,3 +828,28 @@ def test_a_mask_of_another_width_without_a_cache_is_refused_as_transformers_refu
     with pytest.raises(ValueError, match=r"attention_mask must have shape \[batch, seq\] = \[2, 5\] for a forward "
                                          r"without a cache, got \(2, 7\)"):
         ours(ids, attention_mask=wide, use_cache=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_a_static_cache_of_other_rows_is_refused_before_it_changes(arch, tmp_path):
+    """A StaticCache used for another batch counted the step's tokens before its batch check failed
+    (a reset cache then claimed tokens it did not hold, and refused its own batch after); a
+    left-padded batch larger than its rows failed with a bare IndexError."""
+    _, ours = make_pair(arch, tmp_path, seed=0)
+    V = arch.base["vocab_size"]
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=3)
+    ids2, mask2 = make_inputs(V, 2, 6, "left", seed=3)
+    cache = StaticCache(config=ours.config, max_cache_len=40)
+    ours(ids2, past_key_values=cache)
+    for rows in (1, 3):
+        with pytest.raises(ValueError, match=f"StaticCache holds 2 rows .* gives keys of {rows} rows"):
+            ours(torch.randint(1, V, (rows, 1)), past_key_values=cache)
+        assert cache.get_seq_length() == 6
+    cache.reset()
+    ids4, mask4 = make_inputs(V, 4, 6, "left", seed=4)
+    for ids, mask, match in ((ids2[:1], None, "gives keys of 1 rows"), (ids4, mask4, "writes rows 0 to 3")):
+        with pytest.raises(ValueError, match=f"past_key_values: the StaticCache holds 2 rows.*{match}"):
+            ours.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+        assert cache.get_seq_length() == 0
+    want = ours.generate(ids2, attention_mask=mask2, **kw)  # its own batch still runs on it
+    assert torch.equal(ours.generate(ids2, attention_mask=mask2, past_key_values=cache, **kw), want)

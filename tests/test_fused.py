@@ -531,9 +531,11 @@ def test_project_rotated_allocates_and_takes_the_next_slots():
                 assert all(torch.equal(a, b) for a, b in zip(got, expect))
             assert cache.get_seq_length() == want.get_seq_length() == step + 1
         assert cache.keys[0].shape == (1, G, 6, d) and cache.keys[1][:, :, :2].abs().sum() > 0
-        assert cache.project_rotated(torch.randn(2, 1, D), layers, d, cos, sin, 0) is None  # batch 1 cache
-        with pytest.raises(ValueError, match="StaticCache holds batch 1"):
-            cache.update(torch.zeros(2, G, 1, d), torch.zeros(2, G, 1, d), 0)
+        for call in (lambda: cache.project_rotated(torch.randn(2, 1, D), layers, d, cos, sin, 0),  # batch 1 cache
+                     lambda: cache.update(torch.zeros(2, G, 1, d), torch.zeros(2, G, 1, d), 0)):
+            with pytest.raises(ValueError, match="the StaticCache holds 1 rows of .* layer 0 gives keys of 2 rows"):
+                call()
+            assert cache.get_seq_length() == 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
