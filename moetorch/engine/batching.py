@@ -2333,7 +2333,7 @@ def _request_eos(eos, request_id) -> frozenset[int]:
         if not isinstance(i, numbers.Integral) or isinstance(i, (bool, np.bool_)):
             raise TypeError(f"add_request({request_id!r}): eos_token_id must be a token id or a list of them, "
                             f"got {eos!r}")
-    return frozenset(int(i) for i in ids if i >= 0)
+    return _id_set(ids)
 
 
 def grammar_of(grammar, vocab_size: int, request_id):

@@ -147,18 +147,11 @@ class TrainingConfig:
         def text(value) -> bool:
             return isinstance(value, str)
 
-        def is_path(value) -> bool:
-            return isinstance(value, os.PathLike)
-
         def plain(value):
-            return os.fspath(value) if is_path(value) else value
+            return os.fspath(value) if isinstance(value, os.PathLike) else value
 
         def texts(value) -> bool:
             return text(value) or (isinstance(value, list) and bool(value) and all(map(text, value)))
-
-        for name in ("data", "eval_data"):  # a tuple of paths is taken, kept as a list (the config is JSON)
-            if isinstance(getattr(self, name), tuple):
-                setattr(self, name, list(getattr(self, name)))
 
         checks = (
             ("model", lambda v: text(v) or isinstance(v, dict), "a preset name, a path or a config dict"),
@@ -170,11 +163,10 @@ class TrainingConfig:
             ("resume", lambda v: isinstance(v, bool) or text(v), "true, false or a checkpoint path"),
         )
         for name, ok, wanted in checks:
+            # pathlib paths and tuples of paths are taken, kept as text and lists (the config is JSON)
             value = getattr(self, name)
-            if isinstance(value, os.PathLike) or (isinstance(value, list) and any(map(is_path, value))):
-                # a pathlib.Path is taken, kept as text (the config is written as JSON)
-                value = [plain(v) for v in value] if isinstance(value, list) else plain(value)
-                setattr(self, name, value)
+            value = [plain(v) for v in value] if isinstance(value, (list, tuple)) else plain(value)
+            setattr(self, name, value)
             if not ok(value):
                 raise TrainingConfigError(f"{name} must be {wanted}, got {value!r}")
 
