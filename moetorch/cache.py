@@ -401,8 +401,15 @@ class DynamicCache(Cache):
             self.keys.append(key_states)
             self.values.append(value_states)
         else:
+            held = self.keys[layer_idx]
+            if (held.shape[0], held.shape[1], held.shape[-1]) != (key_states.shape[0], key_states.shape[1],
+                                                                   key_states.shape[-1]):
+                raise ValueError(f"past_key_values: the DynamicCache's layer {layer_idx} holds keys of {held.shape[0]} "
+                                 f"rows of {held.shape[1]} kv heads of size {held.shape[-1]}, and the forward gives "
+                                 f"{key_states.shape[0]} rows of {key_states.shape[1]} heads of size "
+                                 f"{key_states.shape[-1]} (a cache serves the model and batch that filled it)")
             self._unset = self._unset - {layer_idx}
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+            self.keys[layer_idx] = torch.cat([held, key_states], dim=-2)
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
         return self.keys[layer_idx], self.values[layer_idx]
 
@@ -771,14 +778,20 @@ class StaticCache(Cache):
         """A StaticCache over rows 0, step, 2*step, ... of this one's storage (allocated here first
         for `batch` rows if it is not yet), empty, with its own token count and LongRoPE state:
         what a forward writes into it lands in those rows. `take_prompt` then hands the prompt over."""
-        rows = self.keys[0].shape[0] if self.keys else batch
+        device = torch.device(device)
+        if not self.keys or not self._fits(batch, *self._kv_shape(), device, dtype):
+            self._allocate(batch, *self._kv_shape(), device, dtype)
+        rows = self.keys[0].shape[0]
         if step < 1 or rows % step:
             raise ValueError(f"StaticCache.rows_view: step must be a positive divisor of the {rows} rows, got {step}")
-        if not self.keys:
-            if self._config is None:
-                raise ValueError("StaticCache.rows_view needs the config to allocate the storage")
-            self._allocate(batch, *_kv_shape(self._config), torch.device(device), dtype)
         return self.rows_slice(slice(None, None, step))
+
+    def _kv_shape(self) -> tuple[int, int]:
+        if self.keys:
+            return self.keys[0].shape[1], self.keys[0].shape[-1]
+        if self._config is None:
+            raise ValueError("StaticCache.rows_view needs the config to allocate the storage")
+        return _kv_shape(self._config)
 
     def rows_slice(self, rows: slice) -> StaticCache:
         """An empty StaticCache over `rows` of this one's (allocated) storage, with its own token

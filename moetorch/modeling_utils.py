@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint, placement
 from .adapters import AdapterMixin, adapter_dir, adapter_only_base
-from .cache import Cache, DynamicCache, _carry_over_hint, _kv_shape
+from .cache import Cache, DynamicCache, StaticCache, _carry_over_hint, _kv_shape
 from .configuration import CONFIG_NAME, MoeConfig, as_moetorch_config
 from .defaults import checkpoint_path
 from .generation.configuration import DEFAULTS as GENERATION_FIELDS
@@ -1181,6 +1181,8 @@ def prepare_decoder_inputs(
     elif position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
     kv_len = past_key_values.kv_length(T) if past_key_values is not None else T
+    if past_key_values is not None and past_key_values.is_static and cache_position.device.type == "cpu":
+        _check_slots(cache_position, past_key_values.get_max_cache_shape())
     return DecoderInputs(inputs_embeds, past_key_values, cache_position, position_ids, past_len, kv_len)
 
 
@@ -1223,6 +1225,15 @@ def _checked_embeds(inputs_embeds, embed: nn.Module) -> torch.Tensor:
             and not torch.is_autocast_enabled(inputs_embeds.device.type)):
         inputs_embeds = inputs_embeds.to(weight.dtype)
     return inputs_embeds
+
+
+def _check_slots(cache_position: torch.Tensor, slots: int) -> None:
+    """A static cache's slots: `cache_position` on the host (a caller's, read without a device sync)
+    must lie within them, checked before the cache counts or writes anything."""
+    low, high = int(cache_position.min()), int(cache_position.max())
+    if low < 0 or high >= slots:
+        raise ValueError(f"cache_position runs from {low} to {high}, outside the static cache's {slots} slots "
+                         f"(0 to {slots - 1}): make the cache with a larger max_cache_len")
 
 
 def _check_positions(B: int, T: int, past: int, cache_position, position_ids, attention_mask,
@@ -1496,10 +1507,21 @@ def decoder_forward(
             attention_mask, inp.cache_position_T, inp.kv_len, sliding_window, B,
             queries_at_end=inp.cache is None or not inp.cache.is_static, segments_BT=segments_BT,
         )
-    x, hidden, attns, routers = run_layers(
-        model.layers, embeds_BTD, rope, mask, is_causal, layer_cache, inp.cache_position_T, model.norm,
-        output_attentions, output_hidden_states, checkpointing, getattr(model, "spread_over_devices", False),
-    )
+    held = inp.cache.num_layers if inp.cache is not None and inp.cache.is_static else None
+    if held is not None and held < len(model.layers):
+        raise ValueError(f"past_key_values: the StaticCache holds {held} layers, and the model has "
+                         f"{len(model.layers)} (make the cache from this model's config)")
+    try:
+        x, hidden, attns, routers = run_layers(
+            model.layers, embeds_BTD, rope, mask, is_causal, layer_cache, inp.cache_position_T, model.norm,
+            output_attentions, output_hidden_states, checkpointing, getattr(model, "spread_over_devices", False),
+        )
+    except BaseException:
+        if isinstance(inp.cache, (DynamicCache, StaticCache)):
+            # a failed forward (out of memory, an interrupt) adds no tokens (a batching engine's
+            # packed caches write rows whose counts the engine keeps)
+            inp.cache.truncate(inp.past_len)
+        raise
     if unpad is not None:  # back to the padded grid
         x = _scatter_rows(x, index_N, B, T)
         hidden = tuple(_scatter_rows(h, index_N, B, T) for h in hidden) if hidden is not None else None

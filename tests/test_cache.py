@@ -713,6 +713,27 @@ def test_static_cache_takes_transformers_4_keywords_as_transformers_5_does(arch,
     assert mine.layers[0].keys.shape == theirs.layers[0].keys.shape
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("kwargs", [{"num_beams": 3}, {"num_beams": 2, "num_return_sequences": 2},
+                                    {"do_sample": True, "num_return_sequences": 3}])
+@torch.no_grad()
+def test_static_cache_of_one_row_made_up_front_serves_beams_as_transformers(arch, kwargs, tmp_path):
+    """A StaticCache made up front for one row (Transformers 4's max_batch_size) passed to beam search
+    or to several sampled sequences per prompt: Transformers 5 allocates from the first keys, so the
+    rows that generate needs are made then; the tokens are Transformers'."""
+    hf, ours = make_pair(arch, tmp_path)
+    ids, _ = make_inputs(hf.config.vocab_size, 1, 6, None, seed=int(torch.randint(0, 2**31 - 1, ())))
+    theirs, mine = _pair_caches(arch, hf, ours, "static", max_batch_size=1, device="cpu", dtype=torch.float32)
+    gen = {"max_new_tokens": 4, "do_sample": False, **kwargs}
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    torch.manual_seed(seed)
+    want = hf.generate(ids, past_key_values=theirs, **gen)
+    torch.manual_seed(seed)
+    got = ours.generate(ids, past_key_values=mine, **gen)
+    assert torch.equal(got, want), (kwargs, got, want)
+    assert mine.layers[0].keys.shape[0] == kwargs.get("num_beams", kwargs.get("num_return_sequences"))
+
+
 def test_static_cache_batch_size_and_max_batch_size_must_agree():
     config = PHIMOE.our_config()
     with pytest.raises(ValueError, match="batch_size=2 and max_batch_size=3 differ"):
@@ -853,3 +874,60 @@ def test_a_static_cache_of_other_rows_is_refused_before_it_changes(arch, tmp_pat
         assert cache.get_seq_length() == 0
     want = ours.generate(ids2, attention_mask=mask2, **kw)  # its own batch still runs on it
     assert torch.equal(ours.generate(ids2, attention_mask=mask2, past_key_values=cache, **kw), want)
+
+
+# ---- a forward that fails leaves the cache as it was ------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("failing_layer", [0, 1])
+@torch.no_grad()
+def test_failed_forward_adds_no_tokens_to_the_cache(arch, kind, failing_layer, monkeypatch, tmp_path):
+    """A forward that raises inside the layers (out of memory, an interrupt) leaves the cache holding
+    the tokens it held before: the next forward continues from them as Transformers' model does."""
+    hf, ours = make_pair(arch, tmp_path)
+    ids, _ = make_inputs(hf.config.vocab_size, 2, 9, None, seed=int(torch.randint(0, 2**31 - 1, ())))
+    cache = new_cache(kind, ours)
+    ours(ids[:, :5], past_key_values=cache)
+    layer = ours.model.layers[failing_layer]
+    with monkeypatch.context() as m:
+        def fail(*args, **kwargs):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        m.setattr(layer, "forward", fail)
+        with pytest.raises(RuntimeError, match="simulated"):
+            ours(ids[:, 5:7], past_key_values=cache)
+    assert cache.get_seq_length() == 5
+    close(ours(ids[:, 5:], past_key_values=cache).logits, hf(ids).logits[:, 5:], "after the failed forward")
+    assert cache.get_seq_length() == 9
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("positions", [(6, 11), (-1, 4)])
+@torch.no_grad()
+def test_cache_position_outside_static_slots_is_named(arch, positions):
+    model = tiny(arch)
+    ids, _ = make_inputs(model.config.vocab_size, 1, 5, None, seed=1)
+    cache = StaticCache(model.config, max_cache_len=8)
+    with pytest.raises(ValueError, match=rf"cache_position runs from {positions[0]} to {positions[1] - 1}, "
+                                         r"outside the static cache's 8 slots"):
+        model(ids, past_key_values=cache, cache_position=torch.arange(*positions))
+    assert cache.get_seq_length() == 0
+    full = model(ids).logits
+    close(model(ids, past_key_values=cache, cache_position=torch.arange(5)).logits, full, "after the error")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_cache_of_another_model_is_named(arch):
+    small, big = tiny(arch), tiny(arch, num_hidden_layers=3)
+    ids, _ = make_inputs(small.config.vocab_size, 1, 5, None, seed=2)
+    fewer = StaticCache(small.config, max_cache_len=16)
+    with pytest.raises(ValueError, match="the StaticCache holds 2 layers, and the model has 3"):
+        big(ids, past_key_values=fewer)
+    assert fewer.get_seq_length() == 0
+    other = tiny(arch, num_key_value_heads=small.config.num_key_value_heads * 2,
+                 num_attention_heads=small.config.num_attention_heads * 2)
+    filled = DynamicCache()
+    other(ids, past_key_values=filled)
+    with pytest.raises(ValueError, match=r"DynamicCache's layer 0 holds keys of 1 rows of \d+ kv heads"):
+        small(ids, past_key_values=filled)
+    assert filled.get_seq_length() == 5

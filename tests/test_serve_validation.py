@@ -7,7 +7,9 @@ and the `serve` command's flags."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import re
 import socket
 
@@ -624,6 +626,25 @@ def test_port_zero_is_bound_first_so_that_the_banner_names_it(monkeypatch, capsy
     assert f"at http://127.0.0.1:{seen['port']}/v1 " in capsys.readouterr().err
     _Server.seen = {"starts": False}
     assert cli.main(argv) == 3
+
+
+def test_port_zero_that_cannot_be_bound_is_named_and_closes_its_socket(monkeypatch):
+    """The free port of --port 0 is bound after the address check: a bind that fails then (the
+    address gone, no ports left) is a one-line error naming --host, and the socket is closed."""
+    made = []
+
+    class Refusing(socket.socket):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def bind(self, address):
+            raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+
+    monkeypatch.setattr(socket, "socket", Refusing)
+    with pytest.raises(SystemExit, match=f"cannot listen at --host 127.0.0.1: {os.strerror(errno.EADDRNOTAVAIL)}"):
+        cli._any_port("127.0.0.1")
+    assert len(made) == 1 and made[0].family == socket.AF_INET and made[0].fileno() == -1
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
