@@ -659,7 +659,8 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
             return embeddings
         n = new_num_tokens if new_num_tokens is not None else embeddings.weight.shape[0]
         if pad_to_multiple_of is not None:
-            if not (isinstance(pad_to_multiple_of, int) and pad_to_multiple_of > 0):
+            step = pad_to_multiple_of
+            if isinstance(step, bool) or not (isinstance(step, int) and step > 0):
                 raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
             n = math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:

@@ -633,8 +633,13 @@ def test_resize_token_embeddings_in_place_as_transformers(arch, tied, tmp_path):
     ids = torch.randint(1, V + 8, (2, 6))
     model(ids, labels=ids).loss.backward()
     optimizer.step()  # the optimizer built before the resize trains the resized parameters
-    with pytest.raises(ValueError, match="new_num_tokens must be a non-negative integer"):
-        model.resize_token_embeddings(-1)
+    for bad in (-1, 8.0, True):
+        with pytest.raises(ValueError, match="new_num_tokens must be a non-negative integer"):
+            model.resize_token_embeddings(bad)
+    for bad in (0, -3, 8.0, True):
+        with pytest.raises(ValueError, match=f"pad_to_multiple_of must be a positive integer, got {bad!r}"):
+            model.resize_token_embeddings(V + 3, pad_to_multiple_of=bad)
+    assert model.get_input_embeddings().weight.shape[0] == V + 8  # (none of them changed it)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
