@@ -477,7 +477,9 @@ def test_errors_take_openai_shape_everywhere(served):
     assert "empty" in error_of(client.post("/v1/completions", content="", headers=J), 400, None)
     assert "JSON object" in error_of(client.post("/v1/completions", content="[1, 2]", headers=J), 400, None)
     assert "no route" in error_of(client.post("/v1/embeddings", json={"input": "x"}), 404, None)
-    assert "no route" in error_of(client.get("/nothing/here"), 404, None)
+    message = error_of(client.get("/nothing/here"), 404, None)
+    assert message == ("no route GET /nothing/here: this server has GET /health, GET /v1/models, GET /v1/models/{model}, "
+                       "POST /v1/completions and POST /v1/chat/completions")
     r = client.get("/v1/completions")
     assert "not allowed" in error_of(r, 405, None) and r.headers["allow"] == "POST"
     assert "a string or an array of strings" in error_of(client.post("/v1/completions", json={"prompt": "x", "stop": 5}),

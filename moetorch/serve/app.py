@@ -32,6 +32,7 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
@@ -467,6 +468,14 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 
 # ---- the app -------------------------------------------------------------------------------------
+
+def _routes(app: FastAPI) -> str:
+    """The server's routes, as "POST /v1/completions, ..., GET /health" (`{model_id:path}` as `{model}`)."""
+    names = [f"{method} {route.path.replace('{model_id:path}', '{model}')}" for route in app.routes
+             if isinstance(route, APIRoute) for method in sorted(route.methods)]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (started with the app, stopped with it)."""
 
@@ -491,8 +500,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException):
         where = f"{request.method} {request.url.path}"
         if exc.status_code == 404:
-            message = f"no route {where}: this server has POST /v1/completions, POST /v1/chat/completions, " \
-                      "GET /v1/models and GET /health"
+            message = f"no route {where}: this server has {_routes(request.app)}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path} (allowed: " \
                       f"{(exc.headers or {}).get('Allow', '?')})"
