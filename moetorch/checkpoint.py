@@ -494,21 +494,29 @@ def save_into(
     limit = parse_size(max_shard_size)
     to_disk = name_maps(config.model_type)[1] if original_format else _identity_to_disk
     tied = getattr(config, "tie_word_embeddings", False)
-    tensors: dict[str, torch.Tensor] = {}
+    # The model's tensors in its order, each as the file's pieces (PhiMoE's fused experts: one a
+    # expert). They go into shards as Transformers (huggingface_hub) puts its model's tensors: one
+    # larger than the limit in a shard of its own, the others filling shards in turn up to the
+    # limit; a tensor's pieces stay together, as Transformers splits a fused tensor within its shard.
+    shards: list[dict[str, torch.Tensor]] = []
+    filling: dict[str, torch.Tensor] = {}
+    size = 0
     for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         if tied and name == "lm_head.weight":
             continue
-        for key, piece in to_disk(name, t, config):
-            tensors[key] = piece.detach().to("cpu").contiguous()
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key in sorted(tensors):
-        n = tensors[key].numel() * tensors[key].element_size()
-        if shards[-1] and size + n > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensors[key]
+        pieces = {key: piece.detach().to("cpu").contiguous() for key, piece in to_disk(name, t, config)}
+        n = sum(p.numel() * p.element_size() for p in pieces.values())
+        if n > limit:
+            shards.append(pieces)
+            continue
+        if filling and size + n > limit:
+            shards.append(filling)
+            filling, size = {}, 0
+        filling.update(pieces)
         size += n
+    if filling or not shards:
+        shards.append(filling)
+    tensors = {k: t for shard in shards for k, t in shard.items()}
     os.makedirs(save_directory, exist_ok=True)
     stem = with_variant(SAFE_WEIGHTS_NAME, variant).removesuffix(".safetensors")
     names = (

@@ -72,6 +72,21 @@ def test_sharded_round_trip_both_libraries(arch, tmp_path):
     ids, _ = make_inputs(arch.base["vocab_size"], 2, 5, None)
     with torch.no_grad():
         close(hf(ids).logits, again(ids).logits, "Transformers on our shards")
+    # Shards as Transformers fills them: in the model's order, a fused tensor's pieces together
+    # (JetMoE's tensors are the file's: Transformers' save of the same weights gives the same shards;
+    # a model of its own tensors: Transformers groups tensors of one storage, as a loaded file's are).
+    fresh = arch.hf["causal_lm"](hf.config)
+    fresh.load_state_dict(hf.state_dict())
+    fresh.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    theirs = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    if arch is JETMOE:
+        assert index["weight_map"] == theirs
+    assert index["weight_map"].keys() == theirs.keys()
+    if arch is PHIMOE:  # each layer's experts (one fused tensor here) in one shard
+        for layer in range(ours.config.num_hidden_layers):
+            for w in ("w1", "w2", "w3"):
+                prefix = f"model.layers.{layer}.block_sparse_moe.experts."
+                assert len({f for k, f in index["weight_map"].items() if k.startswith(prefix) and w in k}) == 1
     # Saving again unsharded removes the stale shards.
     again.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not (tmp_path / shards[0]).exists()
