@@ -262,7 +262,7 @@ class MoeConfig(PushToHubMixin):
             for k, v in self.rope_scaling.items():
                 params.setdefault(k, v)
         if "type" in params:
-            params.setdefault("rope_type", params.pop("type"))
+            params.setdefault("rope_type", params["type"])  # ("type" kept, as Transformers keeps it)
         params.setdefault("rope_type", "default")
         if params["rope_type"] == "su":  # Phi-3's earlier name for LongRoPE
             params["rope_type"] = "longrope"

@@ -1182,8 +1182,6 @@ def prepare_decoder_inputs(
     elif position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
     kv_len = past_key_values.kv_length(T) if past_key_values is not None else T
-    if past_key_values is not None and past_key_values.is_static and cache_position.device.type == "cpu":
-        _check_slots(cache_position, past_key_values.get_max_cache_shape())
     return DecoderInputs(inputs_embeds, past_key_values, cache_position, position_ids, past_len, kv_len)
 
 
@@ -1228,13 +1226,17 @@ def _checked_embeds(inputs_embeds, embed: nn.Module) -> torch.Tensor:
     return inputs_embeds
 
 
-def _check_slots(cache_position: torch.Tensor, slots: int) -> None:
-    """A static cache's slots: `cache_position` on the host (a caller's, read without a device sync)
-    must lie within them, checked before the cache counts or writes anything."""
-    low, high = int(cache_position.min()), int(cache_position.max())
-    if low < 0 or high >= slots:
-        raise ValueError(f"cache_position runs from {low} to {high}, outside the static cache's {slots} slots "
-                         f"(0 to {slots - 1}): make the cache with a larger max_cache_len")
+def _outside_slots(cache: Cache | None, cache_position: torch.Tensor) -> ValueError | None:
+    """After a forward failed: the error to raise instead when `cache_position` (on the host) lies
+    outside a static cache's slots, which the cache's write then failed on. (Read only on failure:
+    a forward reads no positions back; on a GPU such a write is a device-side assert.)"""
+    if not isinstance(cache, StaticCache) or cache_position.device.type != "cpu" or not cache_position.numel():
+        return None
+    low, high, slots = int(cache_position.min()), int(cache_position.max()), cache.max_cache_len
+    if low >= 0 and high < slots:
+        return None
+    return ValueError(f"cache_position runs from {low} to {high}, outside the static cache's {slots} slots "
+                      f"(0 to {slots - 1}): make the cache with a larger max_cache_len")
 
 
 def _check_positions(B: int, T: int, past: int, cache_position, position_ids, attention_mask,
@@ -1517,11 +1519,13 @@ def decoder_forward(
             model.layers, embeds_BTD, rope, mask, is_causal, layer_cache, inp.cache_position_T, model.norm,
             output_attentions, output_hidden_states, checkpointing, getattr(model, "spread_over_devices", False),
         )
-    except BaseException:
+    except BaseException as e:
         if isinstance(inp.cache, (DynamicCache, StaticCache)):
             # a failed forward (out of memory, an interrupt) adds no tokens (a batching engine's
             # packed caches write rows whose counts the engine keeps)
             inp.cache.truncate(inp.past_len)
+        if isinstance(e, IndexError) and (named := _outside_slots(inp.cache, inp.cache_position_T)) is not None:
+            raise named from e
         raise
     if unpad is not None:  # back to the padded grid
         x = _scatter_rows(x, index_N, B, T)

@@ -52,7 +52,8 @@ def test_v5_form_equals_v4_form():
     scaling = longrope_scaling(128, original=4096)
     v4 = PhimoeConfig(rope_theta=10000.0, rope_scaling=scaling)
     v5 = PhimoeConfig(rope_parameters={**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "longrope", "rope_theta": 10000.0})
-    assert v4.rope_parameters == v5.rope_parameters
+    assert v4.rope_parameters == {**v5.rope_parameters, "type": "longrope"}  # (the v4 key kept, as Transformers keeps it)
+    assert v4.rope_parameters == transformers.PhimoeConfig(rope_theta=10000.0, rope_scaling=scaling).rope_parameters
 
 
 def test_rope_scaling_given_to_from_pretrained_replaces_the_stored_rope(tmp_path):
@@ -63,7 +64,6 @@ def test_rope_scaling_given_to_from_pretrained_replaces_the_stored_rope(tmp_path
     scaling = longrope_scaling(128, original=4096)
     theirs = transformers.AutoConfig.from_pretrained(tmp_path, rope_scaling=scaling).rope_parameters
     ours = PhimoeConfig.from_pretrained(tmp_path, rope_scaling=scaling).rope_parameters
-    theirs = {k: v for k, v in theirs.items() if k != "type"}  # (Transformers keeps the v4 key beside rope_type)
     assert ours == {**theirs, "rope_theta": 5000.0} and ours["rope_type"] == "longrope"
     assert PhimoeConfig.from_pretrained(tmp_path, rope_scaling=scaling, rope_theta=7.0).rope_parameters["rope_theta"] == 7.0
     assert PhimoeConfig.from_pretrained(tmp_path).rope_parameters == {"rope_type": "default", "rope_theta": 5000.0}
@@ -288,7 +288,7 @@ def test_config_helpers_as_transformers(arch, tmp_path):
     kwargs = {"rope_scaling": longrope_scaling(8, original=16)} if arch is PHIMOE else {}
     ours, hf = arch.our_config(**kwargs), arch.hf_config(**kwargs)
     assert hf.rope_scaling is hf.rope_parameters and ours.rope_scaling is ours.rope_parameters  # one dict, two names
-    assert ours.rope_scaling == {k: v for k, v in hf.rope_scaling.items() if k != "type"}  # (its v4 key kept)
+    assert ours.rope_scaling == hf.rope_scaling  # (the v4 key "type" kept beside rope_type)
     assert ours.is_encoder_decoder is hf.is_encoder_decoder is False
     assert ours.keys_to_ignore_at_inference == hf.keys_to_ignore_at_inference  # Trainer.predict reads it
     assert "keys_to_ignore_at_inference" not in ours.to_dict()
@@ -377,7 +377,7 @@ def test_rope_theta_given_to_from_pretrained_is_applied(arch, tmp_path):
     assert got.rope_parameters == {"rope_type": "default", "rope_theta": 250.0} and got.rope_theta == 250.0
     assert cls.from_pretrained(tmp_path).rope_theta == 100.0
     want = arch.hf_config(rope_parameters={"rope_type": "default", "rope_theta": 250.0})
-    assert got.rope_parameters == {k: v for k, v in want.rope_parameters.items() if k != "type"}
+    assert got.rope_parameters == want.rope_parameters
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
@@ -392,7 +392,7 @@ def test_partial_rotary_factor_as_transformers(arch, tmp_path, caplog):
         with caplog.at_level("WARNING", logger="moetorch"):
             ours = arch.our_config(**given)
         assert "partial_rotary_factor" in caplog.text
-        assert ours.rope_parameters == {k: v for k, v in theirs.rope_parameters.items() if k != "type"}
+        assert ours.rope_parameters == theirs.rope_parameters
         assert "partial_rotary_factor" not in ours.to_dict()  # (only inside rope_parameters)
         theirs.save_pretrained(tmp_path)
         assert type(ours).from_pretrained(tmp_path).rope_parameters == ours.rope_parameters
