@@ -68,7 +68,8 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
             out.extend((f"{prefix}{name}.{i}", layer) for i, layer in enumerate(child))
         else:
             out.append((prefix + name, child))
-    out.extend((name, m) for name, m in model.named_children() if m is not base)
+    if base is not model:  # (a base model has no heads: its children are listed above)
+        out.extend((name, m) for name, m in model.named_children() if m is not base)
     return out
 
 

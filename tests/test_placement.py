@@ -259,6 +259,22 @@ def test_tied_head_goes_with_the_embeddings(saved, tmp_path):
     assert list(units)[0] == "model.embed_tokens" and list(units)[-1] == "lm_head" and "model.rotary_emb" in units
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_a_base_model_places_each_module_once(arch, saved, tmp_path):
+    """A base model (no head) is placed by its own children, each once (they were counted twice:
+    a plan read its embeddings' bytes twice, an error listed its modules twice)."""
+    with torch.device("meta"):
+        meta = arch.ours["model"](arch.our_config())
+    names = [n for n, _ in placement.units(meta)]
+    L = meta.config.num_hidden_layers
+    assert names == ["embed_tokens", *(f"layers.{i}" for i in range(L)), "norm", "rotary_emb"]
+    saved(arch)
+    with pytest.raises(ValueError, match=r"device_map gives no device for embed_tokens, layers.1, norm$"):
+        arch.ours["model"].from_pretrained(tmp_path, device_map={"layers.0": "cpu"})
+    model = arch.ours["model"].from_pretrained(tmp_path, device_map={"": "cpu"})
+    assert model.device.type == "cpu"
+
+
 def test_memory_check_per_device(monkeypatch):
     with torch.device("meta"):
         meta = PHIMOE.ours["causal_lm"](PHIMOE.our_config()).to(torch.bfloat16)
