@@ -42,7 +42,9 @@ class Cache:
     def __init__(self) -> None:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.rope_long = False  # cached K/V were computed with the LongRoPE long factors
+        # cached K/V were computed with the LongRoPE long factors (None: with neither set throughout,
+        # after a failed forward that was computing them again: the next one recomputes them)
+        self.rope_long: bool | None = False
         self.replay_embeds: torch.Tensor | None = None  # [B, L, D] inputs of the first L tokens
         self.replay_positions: torch.Tensor | None = None  # [B, L] their rotary positions
         self._seen = 0
@@ -227,6 +229,17 @@ class Cache:
     def clear(self) -> None:
         """Forget the cached keys and values (the replay record stays)."""
         self._seen = 0
+
+    def snapshot(self) -> tuple:
+        """What `restore` puts back after a forward that failed inside its layers (out of memory, an
+        interrupt): the token count and LongRoPE's state."""
+        return self._seen, self.rope_long, self.rope_pad
+
+    def restore(self, state: tuple, recomputing: bool) -> None:
+        """Back to `state` (`snapshot`'s) after a failed forward: the tokens cached before it, none of
+        its own. `recomputing`: the forward was computing the cached tokens again under LongRoPE's
+        other factors (`modeling_utils.sync_rope_cache`)."""
+        self._seen, self.rope_long, self.rope_pad = state
 
     def _batch_apply_replay(self, fn) -> None:
         if self.replay_embeds is not None:
@@ -417,6 +430,14 @@ class DynamicCache(Cache):
         super().clear()
         self.keys, self.values, self._unset = [], [], frozenset()
 
+    def snapshot(self) -> tuple:
+        # (the layers' tensors too: an update concatenates into new ones, so these stay as they are)
+        return super().snapshot(), list(self.keys), list(self.values), self._unset
+
+    def restore(self, state: tuple, recomputing: bool) -> None:
+        base, self.keys, self.values, self._unset = state
+        super().restore(base, recomputing)
+
     def crop(self, max_length: int) -> None:
         """As `Cache.crop`; a negative n drops the last -n tokens of each layer (of its own length)."""
         if max_length >= 0:
@@ -561,6 +582,7 @@ class StaticCache(Cache):
 
     def _allocate(self, B: int, G: int, d: int, device: torch.device, dtype: torch.dtype) -> None:
         self._early = False  # (set again by the callers that allocate up front)
+        self._rows, self.slot_rows = None, None  # (a slot-row table of the storage it replaces)
         n = self.num_layers
         if n is None:
             raise ValueError("StaticCache needs `config` or `num_layers` to allocate its storage")
@@ -777,11 +799,18 @@ class StaticCache(Cache):
     def rows_view(self, step: int, batch: int, device, dtype) -> StaticCache:
         """A StaticCache over rows 0, step, 2*step, ... of this one's storage (allocated here first
         for `batch` rows if it is not yet), empty, with its own token count and LongRoPE state:
-        what a forward writes into it lands in those rows. `take_prompt` then hands the prompt over."""
+        what a forward writes into it lands in those rows. `take_prompt` then hands the prompt over.
+        Storage made up front for another batch is made again, as the first keys would make it;
+        storage that held keys keeps its rows (through `reset` too), as `update` keeps them."""
         device = torch.device(device)
         if not self.keys or not self._fits(batch, *self._kv_shape(), device, dtype):
             self._allocate(batch, *self._kv_shape(), device, dtype)
+        self._early = False  # (the view writes into the storage)
         rows = self.keys[0].shape[0]
+        if rows != batch:
+            raise ValueError(f"past_key_values: the StaticCache holds {rows} rows, and generate runs {batch} (the "
+                             "batch times num_beams or num_return_sequences; reset() does not change its rows: make a "
+                             "cache for this batch)")
         if step < 1 or rows % step:
             raise ValueError(f"StaticCache.rows_view: step must be a positive divisor of the {rows} rows, got {step}")
         return self.rows_slice(slice(None, None, step))
@@ -824,6 +853,16 @@ class StaticCache(Cache):
         self._grad_kv.clear()
         if self.slot_rows is not None:  # the LongRoPE rebuild rewrites every slot in its own row
             self.slot_rows.copy_(self._identity_rows())
+
+    def restore(self, state: tuple, recomputing: bool) -> None:
+        """As `Cache.restore`. A forward that was recomputing the cached tokens under LongRoPE's other
+        factors has rewritten some layers' slots in place: `rope_long` None then says that the
+        slots hold neither set, and the next forward with cached tokens computes them again from
+        the replay record, whichever set it needs."""
+        super().restore(state, recomputing)
+        self._grad_kv.clear()
+        if recomputing:
+            self.rope_long = None
 
     def reset(self) -> None:
         """Forget the cached tokens, keeping the storage (no reallocation)."""

@@ -1483,47 +1483,50 @@ def decoder_forward(
     model.rotary_emb.update(inp.position_ids_BT)  # (a table that follows each forward's largest position)
     segments_BT = packed_segments(position_ids, attention_mask, inp.cache, B)
     seq_len = rope_length(model.rotary_emb, position_ids, inp.cache, inp.past_len)
-    if inp.cache is not None and inp.past_len == 0 and not _capturing(inp.embeds_BTD):
-        inp.cache.rope_pad = 0 if seq_len is None else T - seq_len  # the later steps count from it on the host
-    inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len, attention_mask)
-    writes = _writes_unpadded(past_key_values, inp.cache)
-    unpad = unpadded_rows(model, attention_mask, None if writes else inp.cache, sliding_window, output_attentions,
-                          inp.embeds_BTD, loss_positions_BT) if prefix == 0 else None
-    embeds_BTD, positions_BT, layer_cache = inp.embeds_BTD, inp.position_ids_BT, inp.cache
-    if unpad is not None:  # the real tokens alone, packed in one row
-        index_N, _ = unpad
-        embeds_BTD = embeds_BTD.reshape(B * T, -1)[index_N][None]
-        positions_BT = positions_BT.expand(B, T).reshape(-1)[index_N][None]
-        if isinstance(long, torch.Tensor):
-            long = long.expand(B, T).reshape(-1)[index_N][None]
-        if writes:
-            layer_cache = UnpaddedCacheWrites(inp.cache, index_N, B, T)
-    rope = model.rotary_emb(positions_BT, inp.embeds_BTD.dtype, long)
-    if unpad is not None:
-        mask, is_causal = unpad[1], True
-    elif inp.cache is not None and inp.cache.packed is not None:  # sequences packed in one row
-        mask, is_causal = inp.cache.packed, True
-    elif (varlen := varlen_packing(model, segments_BT, sliding_window, output_attentions, inp.embeds_BTD)) is not None:
-        mask, is_causal = varlen, True
-    else:
-        mask, is_causal = build_mask(
-            attention_mask, inp.cache_position_T, inp.kv_len, sliding_window, B,
-            queries_at_end=inp.cache is None or not inp.cache.is_static, segments_BT=segments_BT,
-        )
     held = inp.cache.num_layers if inp.cache is not None and inp.cache.is_static else None
     if held is not None and held < len(model.layers):
         raise ValueError(f"past_key_values: the StaticCache holds {held} layers, and the model has "
                          f"{len(model.layers)} (make the cache from this model's config)")
+    # what a failure from here on puts back (a batching engine's packed caches write rows whose
+    # counts the engine keeps)
+    before = inp.cache.snapshot() if isinstance(inp.cache, (DynamicCache, StaticCache)) else None
+    prefix = 0
     try:
+        if inp.cache is not None and inp.past_len == 0 and not _capturing(inp.embeds_BTD):
+            inp.cache.rope_pad = 0 if seq_len is None else T - seq_len  # the later steps count from it on the host
+        inp, long, prefix = sync_rope_cache(model.rotary_emb, inp, seq_len, attention_mask)
+        writes = _writes_unpadded(past_key_values, inp.cache)
+        unpad = unpadded_rows(model, attention_mask, None if writes else inp.cache, sliding_window, output_attentions,
+                              inp.embeds_BTD, loss_positions_BT) if prefix == 0 else None
+        embeds_BTD, positions_BT, layer_cache = inp.embeds_BTD, inp.position_ids_BT, inp.cache
+        if unpad is not None:  # the real tokens alone, packed in one row
+            index_N, _ = unpad
+            embeds_BTD = embeds_BTD.reshape(B * T, -1)[index_N][None]
+            positions_BT = positions_BT.expand(B, T).reshape(-1)[index_N][None]
+            if isinstance(long, torch.Tensor):
+                long = long.expand(B, T).reshape(-1)[index_N][None]
+            if writes:
+                layer_cache = UnpaddedCacheWrites(inp.cache, index_N, B, T)
+        rope = model.rotary_emb(positions_BT, inp.embeds_BTD.dtype, long)
+        if unpad is not None:
+            mask, is_causal = unpad[1], True
+        elif inp.cache is not None and inp.cache.packed is not None:  # sequences packed in one row
+            mask, is_causal = inp.cache.packed, True
+        elif (varlen := varlen_packing(model, segments_BT, sliding_window, output_attentions,
+                                       inp.embeds_BTD)) is not None:
+            mask, is_causal = varlen, True
+        else:
+            mask, is_causal = build_mask(
+                attention_mask, inp.cache_position_T, inp.kv_len, sliding_window, B,
+                queries_at_end=inp.cache is None or not inp.cache.is_static, segments_BT=segments_BT,
+            )
         x, hidden, attns, routers = run_layers(
             model.layers, embeds_BTD, rope, mask, is_causal, layer_cache, inp.cache_position_T, model.norm,
             output_attentions, output_hidden_states, checkpointing, getattr(model, "spread_over_devices", False),
         )
     except BaseException as e:
-        if isinstance(inp.cache, (DynamicCache, StaticCache)):
-            # a failed forward (out of memory, an interrupt) adds no tokens (a batching engine's
-            # packed caches write rows whose counts the engine keeps)
-            inp.cache.truncate(inp.past_len)
+        if before is not None:  # a failed forward (out of memory, an interrupt) adds no tokens
+            inp.cache.restore(before, recomputing=prefix > 0)
         if isinstance(e, IndexError) and (named := _outside_slots(inp.cache, inp.cache_position_T)) is not None:
             raise named from e
         raise

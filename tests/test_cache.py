@@ -931,3 +931,79 @@ def test_cache_of_another_model_is_named(arch):
     with pytest.raises(ValueError, match=r"DynamicCache's layer 0 holds keys of 1 rows of \d+ kv heads"):
         small(ids, past_key_values=filled)
     assert filled.get_seq_length() == 5
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("retry", [5, 1])
+@torch.no_grad()
+def test_failed_forward_across_longrope_switch_leaves_the_cache_as_it_was(kind, retry, monkeypatch, tmp_path):
+    """A forward across LongRoPE's switch computes the cached tokens again under the long factors;
+    when it fails inside its layers, the cache holds its 14 tokens still (a static cache's slots,
+    part rewritten, are computed again by the next forward), and the next forward, across the
+    switch (5 tokens) or not (1 token), gives the logits of a forward over all tokens (Transformers'
+    own, or past the switch Transformers' with the long factors in place of the short, as
+    test_long_factors_match_the_original_model_rule)."""
+    hf, ours = make_pair(PHIMOE, tmp_path, seed=11, rope_scaling=longrope_scaling(8, original=16),
+                         max_position_embeddings=64)
+    if retry == 5:
+        rope = dict(hf.config.rope_parameters)
+        rope["short_factor"], rope["short_mscale"] = rope["long_factor"], rope["long_mscale"]
+        state, hf = hf.state_dict(), transformers.PhimoeForCausalLM(
+            transformers.PhimoeConfig(**{**hf.config.to_dict(), "rope_parameters": rope})).eval()
+        hf.load_state_dict(state)
+        hf.set_attn_implementation("eager")
+    ids, _ = make_inputs(hf.config.vocab_size, 1, 19, None, seed=int(torch.randint(0, 2**31 - 1, ())))
+    cache = new_cache(kind, ours, max_len=32)
+    ours(ids[:, :14], past_key_values=cache)
+    with monkeypatch.context() as m:
+        def fail(*args, **kwargs):
+            raise torch.OutOfMemoryError("simulated")
+        m.setattr(ours.model.layers[1], "forward", fail)
+        with pytest.raises(torch.OutOfMemoryError):
+            ours(ids[:, 14:], past_key_values=cache)  # 19 tokens: past the switch at 16
+    assert cache.get_seq_length() == 14
+    want = hf(ids[:, :14 + retry]).logits[:, 14:]
+    close(ours(ids[:, 14:14 + retry], past_key_values=cache).logits, want, f"the next forward ({retry} tokens)")
+    assert cache.get_seq_length() == 14 + retry
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_failed_first_forward_leaves_a_dynamic_cache_empty(arch, monkeypatch, tmp_path):
+    """An empty DynamicCache whose first forward fails (out of memory at batch 4) is empty still:
+    a retry at a smaller batch, the usual answer to running out of memory, is taken."""
+    hf, ours = make_pair(arch, tmp_path)
+    ids, _ = make_inputs(hf.config.vocab_size, 4, 6, None, seed=int(torch.randint(0, 2**31 - 1, ())))
+    cache = DynamicCache()
+    with monkeypatch.context() as m:
+        def fail(*args, **kwargs):
+            raise torch.OutOfMemoryError("simulated")
+        m.setattr(ours.model.layers[1], "forward", fail)
+        with pytest.raises(torch.OutOfMemoryError):
+            ours(ids, past_key_values=cache)
+    assert len(cache) == 0 and not cache.is_initialized and cache.get_seq_length() == 0
+    close(ours(ids[:2], past_key_values=cache).logits, hf(ids[:2]).logits, "the retry at batch 2")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+@torch.no_grad()
+def test_static_cache_keeps_its_rows_after_generate(arch, tmp_path):
+    """A StaticCache made up front for 2 rows serves 2 sampled sequences per prompt (Transformers'
+    tokens for the same seed); after reset() it keeps those rows, as a cache that held keys keeps
+    them through reset (Transformers' fails inside torch at 4): 4 sequences are a ValueError that
+    says so, with a prompt alone generated (one token) too, and 2 are served again."""
+    hf, ours = make_pair(arch, tmp_path)
+    ids, _ = make_inputs(hf.config.vocab_size, 1, 5, None, seed=int(torch.randint(0, 2**31 - 1, ())))
+    theirs, mine = _pair_caches(arch, hf, ours, "static", max_batch_size=2, device="cpu", dtype=torch.float32)
+    for new in (3, 1):
+        gen = {"max_new_tokens": new, "do_sample": True, "num_return_sequences": 2}
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+        torch.manual_seed(seed)
+        want = hf.generate(ids, past_key_values=theirs, **gen)
+        torch.manual_seed(seed)
+        got = ours.generate(ids, past_key_values=mine, **gen)
+        assert torch.equal(got, want), (new, got, want)
+        theirs.reset(), mine.reset()
+        with pytest.raises(ValueError, match="the StaticCache holds 2 rows, and generate runs 4"):
+            ours.generate(ids, past_key_values=mine, **{**gen, "num_return_sequences": 4})
+        mine.reset()
