@@ -713,6 +713,16 @@ def test_static_cache_takes_transformers_4_keywords_as_transformers_5_does(arch,
     assert mine.layers[0].keys.shape == theirs.layers[0].keys.shape
 
 
+def _same_generate(hf, ours, ids, theirs, mine, **gen) -> None:
+    """Both libraries' generate from the same seed, each with its cache: the same tokens."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    torch.manual_seed(seed)
+    want = hf.generate(ids, past_key_values=theirs, **gen)
+    torch.manual_seed(seed)
+    got = ours.generate(ids, past_key_values=mine, **gen)
+    assert torch.equal(got, want), (gen, got, want)
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
 @pytest.mark.parametrize("kwargs", [{"num_beams": 3}, {"num_beams": 2, "num_return_sequences": 2},
                                     {"do_sample": True, "num_return_sequences": 3}])
@@ -724,13 +734,7 @@ def test_static_cache_of_one_row_made_up_front_serves_beams_as_transformers(arch
     hf, ours = make_pair(arch, tmp_path)
     ids, _ = make_inputs(hf.config.vocab_size, 1, 6, None, seed=int(torch.randint(0, 2**31 - 1, ())))
     theirs, mine = _pair_caches(arch, hf, ours, "static", max_batch_size=1, device="cpu", dtype=torch.float32)
-    gen = {"max_new_tokens": 4, "do_sample": False, **kwargs}
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    torch.manual_seed(seed)
-    want = hf.generate(ids, past_key_values=theirs, **gen)
-    torch.manual_seed(seed)
-    got = ours.generate(ids, past_key_values=mine, **gen)
-    assert torch.equal(got, want), (kwargs, got, want)
+    _same_generate(hf, ours, ids, theirs, mine, **{"max_new_tokens": 4, "do_sample": False, **kwargs})
     assert mine.layers[0].keys.shape[0] == kwargs.get("num_beams", kwargs.get("num_return_sequences"))
 
 
@@ -996,14 +1000,8 @@ def test_static_cache_keeps_its_rows_after_generate(arch, tmp_path):
     ids, _ = make_inputs(hf.config.vocab_size, 1, 5, None, seed=int(torch.randint(0, 2**31 - 1, ())))
     theirs, mine = _pair_caches(arch, hf, ours, "static", max_batch_size=2, device="cpu", dtype=torch.float32)
     for new in (3, 1):
-        gen = {"max_new_tokens": new, "do_sample": True, "num_return_sequences": 2}
-        seed = int(torch.randint(0, 2**31 - 1, ()))
-        torch.manual_seed(seed)
-        want = hf.generate(ids, past_key_values=theirs, **gen)
-        torch.manual_seed(seed)
-        got = ours.generate(ids, past_key_values=mine, **gen)
-        assert torch.equal(got, want), (new, got, want)
+        _same_generate(hf, ours, ids, theirs, mine, max_new_tokens=new, do_sample=True, num_return_sequences=2)
         theirs.reset(), mine.reset()
         with pytest.raises(ValueError, match="the StaticCache holds 2 rows, and generate runs 4"):
-            ours.generate(ids, past_key_values=mine, **{**gen, "num_return_sequences": 4})
+            ours.generate(ids, past_key_values=mine, max_new_tokens=new, do_sample=True, num_return_sequences=4)
         mine.reset()
