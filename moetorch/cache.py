@@ -802,9 +802,9 @@ class StaticCache(Cache):
         what a forward writes into it lands in those rows. `take_prompt` then hands the prompt over.
         Storage made up front for another batch is made again, as the first keys would make it;
         storage that held keys keeps its rows (through `reset` too), as `update` keeps them."""
-        device = torch.device(device)
-        if not self.keys or not self._fits(batch, *self._kv_shape(), device, dtype):
-            self._allocate(batch, *self._kv_shape(), device, dtype)
+        device, heads = torch.device(device), self._kv_heads()
+        if not self.keys or not self._fits(batch, *heads, device, dtype):
+            self._allocate(batch, *heads, device, dtype)
         self._early = False  # (the view writes into the storage)
         rows = self.keys[0].shape[0]
         if rows != batch:
@@ -815,7 +815,8 @@ class StaticCache(Cache):
             raise ValueError(f"StaticCache.rows_view: step must be a positive divisor of the {rows} rows, got {step}")
         return self.rows_slice(slice(None, None, step))
 
-    def _kv_shape(self) -> tuple[int, int]:
+    def _kv_heads(self) -> tuple[int, int]:
+        """(kv heads, head size): the storage's, else the config's."""
         if self.keys:
             return self.keys[0].shape[1], self.keys[0].shape[-1]
         if self._config is None:

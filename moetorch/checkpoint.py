@@ -516,7 +516,6 @@ def save_into(
         size += n
     if filling or not shards:
         shards.append(filling)
-    tensors = {k: t for shard in shards for k, t in shard.items()}
     os.makedirs(save_directory, exist_ok=True)
     stem = with_variant(SAFE_WEIGHTS_NAME, variant).removesuffix(".safetensors")
     names = (
@@ -534,7 +533,7 @@ def save_into(
         index = {
             # as Transformers' index: the model's parameter count (`num_parameters()`) and the tensors' bytes
             "metadata": {"total_parameters": model.num_parameters(),
-                         "total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                         "total_size": sum(t.numel() * t.element_size() for shard in shards for t in shard.values())},
             "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s},
         }
         with open(os.path.join(save_directory, index_name), "w", encoding="utf-8") as f:

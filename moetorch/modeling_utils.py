@@ -661,8 +661,8 @@ class PreTrainedModel(PushToHubMixin, AdapterMixin, nn.Module):
         if pad_to_multiple_of is not None:
             step = pad_to_multiple_of
             if isinstance(step, bool) or not (isinstance(step, int) and step > 0):
-                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
-            n = math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of
+                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {step!r}")
+            n = math.ceil(n / step) * step
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"new_num_tokens must be a non-negative integer, got {new_num_tokens!r}")
         std = self.config.initializer_range
